@@ -1,0 +1,3 @@
+from flight_server.cli import main
+
+main()

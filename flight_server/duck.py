@@ -1,0 +1,99 @@
+"""The DuckDB engine that executes reads: one database, one cursor per request.
+
+Extensions come from their PyPI wheels (`duckdb-extension-*`), never from `INSTALL`, which
+needs the internet. Object-storage credentials are taken from the catalog's (or the table's)
+FileIO properties, so DuckDB reads exactly what pyiceberg would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import threading
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlparse
+
+import duckdb
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("avro", "httpfs", "iceberg")
+
+
+def extension_path(name: str) -> Path:
+    """The `.duckdb_extension` file shipped in the `duckdb-extension-<name>` wheel."""
+    module = importlib.import_module(f"duckdb_extension_{name}")
+    path = Path(module.__file__).parent / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
+    if not path.exists():
+        raise RuntimeError(
+            f"{path} is missing: install duckdb-extension-{name}=={duckdb.__version__} (matching duckdb)"
+        )
+    return path
+
+
+def local_path(location: str) -> str:
+    """A location DuckDB can open: `file://` URIs become paths, `s3a://` becomes `s3://`."""
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return parsed.path
+    if parsed.scheme in ("s3a", "s3n"):
+        return "s3://" + location.split("://", 1)[1]
+    return location
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class Engine:
+    """A DuckDB database configured for this server; hand out cursors with `cursor()`."""
+
+    def __init__(self, memory_limit: str = "4GB", threads: int | None = None, temp_dir: str | None = None):
+        config: dict[str, str | bool | int] = {
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "memory_limit": memory_limit,
+        }
+        if threads:
+            config["threads"] = threads
+        if temp_dir:
+            config["temp_directory"] = temp_dir
+        self._con = duckdb.connect(config=config)
+        for name in EXTENSIONS:
+            self._con.execute(f"LOAD {_literal(str(extension_path(name)))}")
+        self._secrets: set[str] = set()
+        self._lock = threading.Lock()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor for one request (a DuckDB connection is not safe to share between threads)."""
+        cursor = self._con.cursor()
+        cursor.execute("SET TimeZone = 'UTC'")
+        return cursor
+
+    def use_storage(self, properties: Mapping[str, str]) -> None:
+        """Make the S3 credentials in pyiceberg FileIO `properties` available to DuckDB (idempotent)."""
+        key_id = properties.get("s3.access-key-id")
+        endpoint = properties.get("s3.endpoint")
+        if not key_id and not endpoint:
+            return
+        fingerprint = hashlib.sha256(repr(sorted(properties.items())).encode()).hexdigest()[:16]
+        with self._lock:
+            if fingerprint in self._secrets:
+                return
+            options = ["TYPE s3", f"REGION {_literal(properties.get('s3.region', 'us-east-1'))}"]
+            if key_id:
+                options.append(f"KEY_ID {_literal(key_id)}")
+                options.append(f"SECRET {_literal(properties.get('s3.secret-access-key', ''))}")
+            if token := properties.get("s3.session-token"):
+                options.append(f"SESSION_TOKEN {_literal(token)}")
+            if endpoint:
+                url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+                options.append(f"ENDPOINT {_literal(url.netloc)}")
+                options.append(f"USE_SSL {'true' if url.scheme == 'https' else 'false'}")
+                style = "vhost" if properties.get("s3.force-virtual-addressing") == "true" else "path"
+                options.append(f"URL_STYLE {_literal(style)}")
+            self._con.execute(f"CREATE OR REPLACE SECRET s3_{fingerprint} ({', '.join(options)})")
+            self._secrets.add(fingerprint)
+            log.info("DuckDB: S3 credentials registered for endpoint %s", endpoint or "AWS default")

@@ -1,0 +1,266 @@
+"""The wire protocol: JSON tickets, descriptors and action bodies, versioned.
+
+Both the server and `flight_client` build and parse requests here, so the two can never
+disagree about a field. `docs/protocol.md` describes the same format for clients written in
+other languages.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAX_REQUEST_BYTES = 1 << 20
+WRITE_MODES = ("append", "overwrite")
+_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
+
+
+class ProtocolError(ValueError):
+    """A request that is not well formed; the message says what is wrong."""
+
+
+def parse_table_name(name: Any, default_namespace: str = "default") -> tuple[str, ...]:
+    """Split `ns.table` (or `table`, which lands in the default namespace) into an identifier."""
+    if not isinstance(name, str) or not _TABLE_NAME.match(name):
+        raise ProtocolError(
+            f"invalid table name {name!r}: use 'namespace.table' with letters, digits, '_' or '-'"
+        )
+    parts = tuple(name.split("."))
+    return parts if len(parts) > 1 else (default_namespace, parts[0])
+
+
+def parse_timestamp(value: Any, what: str) -> dt.datetime:
+    """An ISO-8601 string or epoch milliseconds, as an aware UTC datetime (naive means UTC)."""
+    if isinstance(value, bool):
+        raise ProtocolError(f"{what} must be an ISO-8601 timestamp or epoch milliseconds, got {value!r}")
+    if isinstance(value, (int, float)):
+        return dt.datetime.fromtimestamp(value / 1000, tz=dt.timezone.utc)
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ProtocolError(f"{what} is not an ISO-8601 timestamp: {value!r}") from None
+        return parsed.replace(tzinfo=dt.timezone.utc) if parsed.tzinfo is None else parsed
+    raise ProtocolError(f"{what} must be an ISO-8601 timestamp or epoch milliseconds, got {value!r}")
+
+
+def format_timestamp(value: dt.datetime) -> str:
+    """ISO-8601 in UTC, the form the protocol sends."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc).isoformat()
+
+
+def decode(raw: bytes, what: str) -> dict[str, Any]:
+    """Parse a JSON request body, checking size, shape and protocol version."""
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise ProtocolError(f"{what} is {len(raw)} bytes; the limit is {MAX_REQUEST_BYTES}")
+    if not raw:
+        raise ProtocolError(f"{what} is empty: expected a JSON object")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{what} must be a JSON object, got {type(body).__name__}")
+    version = body.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what} has protocol version {version!r}; this server speaks {PROTOCOL_VERSION}")
+    return body
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """Serialise a request or reply, dropping unset optional fields."""
+    return json.dumps({"v": PROTOCOL_VERSION, **{k: v for k, v in body.items() if v is not None}}).encode()
+
+
+class _Fields:
+    """Typed access to a request's fields, with errors that name the field."""
+
+    def __init__(self, body: dict[str, Any], what: str, allowed: set[str]):
+        unknown = sorted(set(body) - allowed - {"v", "kind"})
+        if unknown:
+            raise ProtocolError(f"{what}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        self.body, self.what = body, what
+
+    def _bad(self, name: str, expected: str) -> ProtocolError:
+        return ProtocolError(f"{self.what}: field {name!r} must be {expected}, got {self.body[name]!r}")
+
+    def str(self, name: str, required: bool = False) -> str | None:
+        value = self.body.get(name)
+        if value is None:
+            if required:
+                raise ProtocolError(f"{self.what}: field {name!r} is required")
+            return None
+        if not isinstance(value, str) or not value:
+            raise self._bad(name, "a non-empty string")
+        return value
+
+    def int(self, name: str, minimum: int = 0) -> int | None:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self._bad(name, f"an integer >= {minimum}")
+        return value
+
+    def bool(self, name: str) -> bool:
+        value = self.body.get(name, False)
+        if not isinstance(value, bool):
+            raise self._bad(name, "true or false")
+        return value
+
+    def str_list(self, name: str) -> list[str] | None:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self._bad(name, "a list of non-empty strings")
+        if len(set(value)) != len(value):
+            raise self._bad(name, "a list without duplicates")
+        return value
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """`do_get` / `get_flight_info` request for rows of one table."""
+
+    table: str
+    columns: list[str] | None = None
+    filter: str | None = None
+    snapshot_id: int | None = None
+    as_of: str | None = None
+    limit: int | None = None
+    kind: str = field(default="scan", init=False)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ScanRequest:
+        f = _Fields(body, "scan request", {"table", "columns", "filter", "snapshot_id", "as_of", "limit"})
+        as_of = body.get("as_of")
+        if as_of is not None:
+            as_of = format_timestamp(parse_timestamp(as_of, "scan request: field 'as_of'"))
+        request = cls(
+            table=f.str("table", required=True),  # type: ignore[arg-type]
+            columns=f.str_list("columns"),
+            filter=f.str("filter"),
+            snapshot_id=f.int("snapshot_id", minimum=-(1 << 63)),
+            as_of=as_of,
+            limit=f.int("limit"),
+        )
+        if request.snapshot_id is not None and request.as_of is not None:
+            raise ProtocolError("scan request: give either 'snapshot_id' or 'as_of', not both")
+        return request
+
+    def to_bytes(self) -> bytes:
+        return encode(asdict(self))
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    """`do_put` descriptor: where the stream goes and how it is committed."""
+
+    table: str
+    mode: str = "append"
+    entity_keys: list[str] | None = None
+    event_time: str | None = None
+    created_time: str | None = None
+    ttl_seconds: int | None = None
+    partition_by: list[str] | None = None
+    write_id: str | None = None
+    evolve: bool = False
+    end_marker: bool = False
+    kind: str = field(default="write", init=False)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> WriteRequest:
+        f = _Fields(
+            body,
+            "write request",
+            {
+                "table", "mode", "entity_keys", "event_time", "created_time", "ttl_seconds",
+                "partition_by", "write_id", "evolve", "end_marker",
+            },
+        )
+        mode = f.str("mode") or "append"
+        if mode not in WRITE_MODES:
+            raise ProtocolError(f"write request: unknown mode {mode!r}; use one of {list(WRITE_MODES)}")
+        partition_by = body.get("partition_by")
+        if partition_by is not None and not (
+            isinstance(partition_by, list) and all(isinstance(p, str) for p in partition_by)
+        ):
+            raise ProtocolError("write request: field 'partition_by' must be a list of strings")
+        return cls(
+            table=f.str("table", required=True),  # type: ignore[arg-type]
+            mode=mode,
+            entity_keys=f.str_list("entity_keys"),
+            event_time=f.str("event_time"),
+            created_time=f.str("created_time"),
+            ttl_seconds=f.int("ttl_seconds", minimum=1),
+            partition_by=partition_by,
+            write_id=f.str("write_id"),
+            evolve=f.bool("evolve"),
+            end_marker=f.bool("end_marker"),
+        )
+
+    def to_bytes(self) -> bytes:
+        body = asdict(self)
+        for flag in ("evolve", "end_marker"):
+            if not body[flag]:
+                body[flag] = None
+        return encode(body)
+
+
+@dataclass(frozen=True)
+class TableRequest:
+    """Action body naming one table (`describe`)."""
+
+    table: str
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> TableRequest:
+        f = _Fields(body, "action body", {"table"})
+        return cls(table=f.str("table", required=True))  # type: ignore[arg-type]
+
+
+def parse_ticket(raw: bytes) -> ScanRequest:
+    """A `do_get` ticket; the `kind` field chooses the query (only `scan` so far)."""
+    body = decode(raw, "ticket")
+    kind = body.get("kind", "scan")
+    if kind != "scan":
+        raise ProtocolError(f"ticket: unknown kind {kind!r}; expected 'scan'")
+    return ScanRequest.from_body(body)
+
+
+def parse_write(raw: bytes) -> WriteRequest:
+    """A `do_put` descriptor command."""
+    body = decode(raw, "write descriptor")
+    kind = body.get("kind", "write")
+    if kind != "write":
+        raise ProtocolError(f"write descriptor: unknown kind {kind!r}; expected 'write'")
+    return WriteRequest.from_body(body)
+
+
+END_OF_STREAM_KEY = "end_of_stream"
+
+
+def end_marker(rows: int) -> bytes:
+    """The metadata message a writer sends after its last batch (see docs/protocol.md)."""
+    return json.dumps({END_OF_STREAM_KEY: True, "rows": rows}).encode()
+
+
+def parse_end_marker(raw: bytes) -> int:
+    """Rows the writer says it sent; raises ProtocolError on anything else."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ProtocolError("write stream: app metadata is not valid JSON") from None
+    if not isinstance(body, dict) or body.get(END_OF_STREAM_KEY) is not True:
+        raise ProtocolError(f"write stream: unexpected app metadata {body!r}; expected the end-of-stream marker")
+    rows = body.get("rows")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ProtocolError("write stream: end-of-stream marker needs a non-negative integer 'rows'")
+    return rows

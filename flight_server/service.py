@@ -1,0 +1,172 @@
+"""The Flight service: routes each RPC to the module that does the work.
+
+Every handler turns client mistakes into Flight errors that carry only the explanation
+(`errors.to_flight_error`), so one bad request never disturbs anyone else.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from typing import Any, Callable, Iterator, TypeVar
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server import __version__
+from flight_server.catalog import FeatureCatalog, FeatureSpec, describe, table_name
+from flight_server.config import ServerConfig
+from flight_server.duck import Engine
+from flight_server.errors import RequestError, to_flight_error
+from flight_server.protocol import (
+    ProtocolError,
+    ScanRequest,
+    TableRequest,
+    decode,
+    parse_ticket,
+    parse_write,
+)
+from flight_server.scans import ScanPlan, open_scan, plan_scan
+from flight_server.writes import Writer
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ACTIONS = {
+    "list_tables": "List every table with its feature definition. Body: none.",
+    "describe": 'Describe one table: schema, keys, event time, TTL, partitioning, snapshots. Body: {"table": "ns.t"}.',
+    "health": "Server status, version and catalog. Body: none.",
+}
+SNAPSHOT_METADATA_KEY = b"flight.snapshot_id"
+TABLE_METADATA_KEY = b"flight.table"
+
+
+def _flight_errors(handler: F) -> F:
+    """Answer exceptions as Flight errors; log the unexpected ones with their traceback."""
+
+    @functools.wraps(handler)
+    def wrapper(self: FeatureFlightServer, context: flight.ServerCallContext, *args: Any) -> Any:
+        try:
+            return handler(self, context, *args)
+        except ProtocolError as exc:
+            raise to_flight_error(RequestError(str(exc))) from None
+        except (RequestError, flight.FlightError) as exc:
+            log.info("%s refused: %s", handler.__name__, exc)
+            raise to_flight_error(exc) from None
+        except Exception as exc:
+            log.exception("%s failed", handler.__name__)
+            raise to_flight_error(exc) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class FeatureFlightServer(flight.FlightServerBase):
+    """Arrow Flight over Iceberg feature tables."""
+
+    def __init__(self, config: ServerConfig, **kwargs: Any):
+        location = f"grpc://{config.host}:{config.port}"
+        super().__init__(location, **kwargs)
+        self.config = config
+        self.catalog = FeatureCatalog(config.catalog_name, config.resolved_catalog_properties(),
+                                      config.default_namespace)
+        self.engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
+        self.engine.use_storage(self.catalog.properties)
+        self.writer = Writer(self.catalog, config.write_chunk_bytes, config.commit_timeout_seconds)
+        log.info("serving Flight on grpc://%s:%d", config.host, self.port)
+
+    def _scan_plan(self, descriptor: flight.FlightDescriptor) -> ScanPlan:
+        if descriptor.descriptor_type == flight.DescriptorType.PATH:
+            if len(descriptor.path) != 1:
+                raise RequestError("a path descriptor names one table: ['namespace.table']")
+            request = ScanRequest(table=descriptor.path[0].decode())
+        else:
+            request = parse_ticket(descriptor.command)
+        return plan_scan(self.catalog, request)
+
+    def _schema(self, plan: ScanPlan) -> pa.Schema:
+        metadata = {TABLE_METADATA_KEY: plan.name.encode(), SNAPSHOT_METADATA_KEY: str(plan.snapshot_id).encode()}
+        return plan.schema.with_metadata(metadata)
+
+    @_flight_errors
+    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        plan = self._scan_plan(descriptor)
+        request = plan.request
+        # The ticket pins the snapshot, so fetching it later returns exactly what was described.
+        ticket = ScanRequest(request.table, request.columns, request.filter, plan.snapshot_id, None, request.limit)
+        endpoint = flight.FlightEndpoint(ticket.to_bytes(), [])
+        return flight.FlightInfo(self._schema(plan), descriptor, [endpoint], plan.estimated_rows(), -1,
+                                 app_metadata=json.dumps(plan.metadata()).encode())
+
+    @_flight_errors
+    def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        return flight.SchemaResult(self._schema(self._scan_plan(descriptor)))
+
+    @_flight_errors
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
+        plan = plan_scan(self.catalog, parse_ticket(ticket.ticket))
+        reader = open_scan(plan, self.engine, self.config.batch_rows)
+        log.debug("scan %s at snapshot %s", plan.name, plan.snapshot_id)
+        return flight.RecordBatchStream(reader.cast(self._schema(plan)))
+
+    @_flight_errors
+    def do_put(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.FlightMetadataWriter,
+    ) -> None:
+        if descriptor.descriptor_type != flight.DescriptorType.CMD:
+            raise RequestError("do_put needs a command descriptor holding a write request (see docs/protocol.md)")
+        request = parse_write(descriptor.command)
+        result = self.writer.write(request, reader, context.is_cancelled)
+        writer.write(pa.py_buffer(result.to_bytes()))
+
+    @_flight_errors
+    def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
+        prefix = criteria.decode() if criteria else ""
+        infos = []
+        for name in self.catalog.table_names():
+            if name.startswith(prefix):
+                summary = self._table_summary(name)
+                plan = plan_scan(self.catalog, ScanRequest(table=name))
+                infos.append(flight.FlightInfo(
+                    self._schema(plan),
+                    flight.FlightDescriptor.for_path(name),
+                    [flight.FlightEndpoint(ScanRequest(table=name).to_bytes(), [])],
+                    summary["rows"],
+                    -1,
+                    app_metadata=json.dumps(summary).encode(),
+                ))
+        return iter(infos)
+
+    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
+        return list(ACTIONS.items())
+
+    @_flight_errors
+    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
+        if action.type not in ACTIONS:
+            raise RequestError(f"unknown action {action.type!r}; available: {sorted(ACTIONS)}")
+        body = action.body.to_pybytes() if action.body is not None else b""
+        if action.type == "health":
+            self.catalog.catalog.list_namespaces()
+            result: Any = {"status": "ok", "version": __version__, "catalog": self.catalog.name,
+                           "catalog_type": self.catalog.properties.get("type", "")}
+        elif action.type == "list_tables":
+            result = [self._table_summary(name) for name in self.catalog.table_names()]
+        else:
+            request = TableRequest.from_body(decode(body, "describe body"))
+            result = describe(self.catalog.load(request.table))
+        return iter([json.dumps(result).encode()])
+
+    def _table_summary(self, name: str) -> dict[str, Any]:
+        table = self.catalog.load(name)
+        spec = FeatureSpec.from_properties(table.metadata.properties)
+        snapshot = table.current_snapshot()
+        return {
+            "table": table_name(table),
+            "feature": spec.as_dict() if spec else None,
+            "current_snapshot_id": snapshot.snapshot_id if snapshot else None,
+            "rows": int(snapshot.summary["total-records"]) if snapshot and snapshot.summary else 0,
+        }
