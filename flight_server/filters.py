@@ -29,7 +29,7 @@ def quote(identifier: str) -> str:
 
 
 def parse_filter(text: str | None, schema: Schema) -> BooleanExpression:
-    """The filter bound to `schema`; a `RequestError` that says what is wrong otherwise."""
+    """The parsed filter, checked against `schema`; a `RequestError` that says what is wrong otherwise."""
     if text is None or not text.strip():
         return AlwaysTrue()
     try:
@@ -41,18 +41,19 @@ def parse_filter(text: str | None, schema: Schema) -> BooleanExpression:
             f"cannot parse filter {text!r}{hint}; expected e.g. \"driver_id = 5 and ts >= '2024-01-01T00:00:00+00:00'\""
         ) from None
     try:
-        return bind(schema, expression, case_sensitive=True)
+        bind(schema, expression, case_sensitive=True)
     except ValueError as exc:
         message = str(exc)
         if message.startswith("Could not find field"):
             raise NotFoundError(f"filter {text!r}: {message.split(',')[0].lower()} (columns: {schema.column_names})") from None
         raise RequestError(f"filter {text!r}: {message}") from None
+    return expression
 
 
 def to_sql(expression: BooleanExpression, schema: Schema) -> tuple[str, list[Any]]:
     """A SQL condition with `?` placeholders and the values to bind to them."""
     params: list[Any] = []
-    sql = visit(expression, _SqlBuilder(schema, params))
+    sql = visit(bind(schema, expression, case_sensitive=True), _SqlBuilder(schema, params))
     return sql, params
 
 

@@ -152,7 +152,8 @@ class FeatureFlightServer(flight.FlightServerBase):
         if action.type == "health":
             self.catalog.catalog.list_namespaces()
             result: Any = {"status": "ok", "version": __version__, "catalog": self.catalog.name,
-                           "catalog_type": self.catalog.properties.get("type", "")}
+                           "catalog_type": self.catalog.properties.get("type", ""),
+                      "writes_in_progress": self.writer.in_progress}
         elif action.type == "list_tables":
             result = [self._table_summary(name) for name in self.catalog.table_names()]
         else:

