@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -49,7 +50,9 @@ def _batches(data: Any) -> tuple[pa.Schema, Iterable[pa.RecordBatch]]:
         except ImportError:  # pragma: no cover - pandas is a dependency
             pd = None
         if pd is None or not isinstance(data, pd.DataFrame):
-            raise TypeError(f"expected a pandas DataFrame, Arrow Table/RecordBatch or RecordBatchReader, got {type(data)}")
+            raise TypeError(
+                f"expected a pandas DataFrame, Arrow Table/RecordBatch or RecordBatchReader, got {type(data)}"
+            )
         data = pa.Table.from_pandas(data, preserve_index=False)
     return data.schema, data.to_batches(max_chunksize=WRITE_BATCH_ROWS)
 
@@ -94,8 +97,16 @@ class FeatureClient:
         """
         ttl_seconds = int(ttl.total_seconds()) if isinstance(ttl, dt.timedelta) else ttl
         request = WriteRequest(
-            table=table, mode=mode, entity_keys=entity_keys, event_time=event_time, created_time=created_time,
-            ttl_seconds=ttl_seconds, partition_by=partition_by, write_id=write_id, evolve=evolve, end_marker=True,
+            table=table,
+            mode=mode,
+            entity_keys=entity_keys,
+            event_time=event_time,
+            created_time=created_time,
+            ttl_seconds=ttl_seconds,
+            partition_by=partition_by,
+            write_id=write_id,
+            evolve=evolve,
+            end_marker=True,
         )
         schema, batches = _batches(data)
         descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
@@ -154,7 +165,7 @@ class FeatureClient:
     def _get(self, ticket: bytes) -> pa.RecordBatchReader:
         try:
             stream = self._client.do_get(flight.Ticket(ticket), self._options)
-            stream.schema  # surfaces request errors now; see apache/arrow#34731 for why first
+            _ = stream.schema  # surfaces request errors now; see apache/arrow#34731 for why first
             return stream.to_reader()
         except flight.FlightError as exc:
             raise from_flight_error(exc) from None

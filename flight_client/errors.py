@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pyarrow.flight as flight
@@ -43,10 +44,8 @@ def from_flight_error(exc: Exception) -> FeatureServerError:
     code = "INTERNAL"
     extra = getattr(exc, "extra_info", None)
     if extra:
-        try:
+        with contextlib.suppress(ValueError, AttributeError):
             code = json.loads(extra).get("code", code)
-        except (ValueError, AttributeError):
-            pass
     elif isinstance(exc, flight.FlightUnavailableError):
         code = "UNAVAILABLE"
     return _BY_CODE.get(code, FeatureServerError)(message, code)

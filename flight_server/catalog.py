@@ -7,13 +7,14 @@ so every replica, and every other engine, sees the same definitions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from pyiceberg.catalog import Catalog, load_catalog
-from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchNamespaceError, NoSuchTableError
+from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
@@ -100,15 +101,22 @@ def partition_spec(fields: list[str], schema: Schema) -> PartitionSpec:
             raise RequestError(f"partition field {text!r} is not of the form transform(column) or bucket(N, column)")
         name, width, column = match.groups()
         transform: Transform[Any, Any]
-        simple = {"identity": IdentityTransform, "year": YearTransform, "month": MonthTransform,
-                  "day": DayTransform, "hour": HourTransform}
+        simple = {
+            "identity": IdentityTransform,
+            "year": YearTransform,
+            "month": MonthTransform,
+            "day": DayTransform,
+            "hour": HourTransform,
+        }
         if name in simple and width is None:
             transform = simple[name]()
         elif name in ("bucket", "truncate") and width is not None:
             transform = BucketTransform(int(width)) if name == "bucket" else TruncateTransform(int(width))
         else:
-            raise RequestError(f"partition field {text!r}: unknown transform; use identity, year, month, day, "
-                               "hour, bucket(N, col) or truncate(N, col)")
+            raise RequestError(
+                f"partition field {text!r}: unknown transform; use identity, year, month, day, "
+                "hour, bucket(N, col) or truncate(N, col)"
+            )
         try:
             source = schema.find_field(column)
         except ValueError:
@@ -116,8 +124,9 @@ def partition_spec(fields: list[str], schema: Schema) -> PartitionSpec:
         if not transform.can_transform(source.field_type):
             raise RequestError(f"partition field {text!r}: cannot apply {name} to a {source.field_type} column")
         partition_fields.append(
-            PartitionField(source_id=source.field_id, field_id=1000 + index, transform=transform,
-                           name=f"{column}_{name}")
+            PartitionField(
+                source_id=source.field_id, field_id=1000 + index, transform=transform, name=f"{column}_{name}"
+            )
         )
     return PartitionSpec(*partition_fields)
 
@@ -150,22 +159,21 @@ class FeatureCatalog:
         return self.catalog.table_exists(self.identifier(table))
 
     def ensure_namespace(self, namespace: tuple[str, ...]) -> None:
-        try:
-            self.catalog.create_namespace(namespace)
-        except NamespaceAlreadyExistsError:
-            pass
+        self.catalog.create_namespace_if_not_exists(namespace)
 
     def table_names(self) -> list[str]:
         """Every table in every namespace, as `ns.table`."""
         names: list[str] = []
         pending = list(self.catalog.list_namespaces())
+        seen: set[tuple[str, ...]] = set()
         while pending:
-            namespace = pending.pop()
+            namespace = tuple(pending.pop())
+            if namespace in seen:
+                continue
+            seen.add(namespace)
             names.extend(".".join(identifier) for identifier in self.catalog.list_tables(namespace))
-            try:
+            with contextlib.suppress(NotImplementedError, NoSuchNamespaceError):
                 pending.extend(self.catalog.list_namespaces(namespace))
-            except (NotImplementedError, NoSuchNamespaceError):
-                pass
         return sorted(set(names))
 
 

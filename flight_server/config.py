@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 ENV_CATALOG_PREFIX = "FLIGHT_SERVER_CATALOG__"
 _SECRET_KEY = re.compile(r"secret|password|token|credential|session", re.IGNORECASE)
@@ -72,7 +73,7 @@ def catalog_properties_from_env(environ: Mapping[str, str] = os.environ) -> dict
     props = {}
     for name, value in environ.items():
         if name.startswith(ENV_CATALOG_PREFIX):
-            key = name[len(ENV_CATALOG_PREFIX):].lower().replace("__", ".").replace("_", "-")
+            key = name[len(ENV_CATALOG_PREFIX) :].lower().replace("__", ".").replace("_", "-")
             props[key] = value
     return props
 

@@ -24,14 +24,16 @@ def driver_stats(drivers: int = 1000, hours: int = 48, seed: int = 7) -> pa.Tabl
     start = int(DEMO_START.timestamp() * 1_000_000)
     event_ts = start + offsets
     conv_rate = rng.random(len(driver_id))
-    return pa.table({
-        "driver_id": driver_id,
-        "event_timestamp": pa.array(event_ts, pa.timestamp("us", tz="UTC")),
-        "created": pa.array(event_ts + 60_000_000, pa.timestamp("us", tz="UTC")),
-        "conv_rate": pa.array(conv_rate, mask=conv_rate < 0.02),
-        "acc_rate": rng.random(len(driver_id)),
-        "avg_daily_trips": rng.integers(0, 1000, len(driver_id)).astype(np.int32),
-    })
+    return pa.table(
+        {
+            "driver_id": driver_id,
+            "event_timestamp": pa.array(event_ts, pa.timestamp("us", tz="UTC")),
+            "created": pa.array(event_ts + 60_000_000, pa.timestamp("us", tz="UTC")),
+            "conv_rate": pa.array(conv_rate, mask=conv_rate < 0.02),
+            "acc_rate": rng.random(len(driver_id)),
+            "avg_daily_trips": rng.integers(0, 1000, len(driver_id)).astype(np.int32),
+        }
+    )
 
 
 def customer_profile(customers: int = 500, days: int = 7, seed: int = 11) -> pa.Table:
@@ -40,12 +42,14 @@ def customer_profile(customers: int = 500, days: int = 7, seed: int = 11) -> pa.
     ids = [f"C{i:05d}" for i in range(customers) for _ in range(days)]
     day = np.tile(np.arange(days, dtype=np.int64), customers) * 86_400_000_000
     start = int(DEMO_START.timestamp() * 1_000_000)
-    return pa.table({
-        "customer_id": ids,
-        "event_timestamp": pa.array(start + day, pa.timestamp("us", tz="UTC")),
-        "segment": pa.array(rng.choice(["new", "regular", "vip"], len(ids))),
-        "lifetime_value": rng.gamma(2.0, 150.0, len(ids)),
-    })
+    return pa.table(
+        {
+            "customer_id": ids,
+            "event_timestamp": pa.array(start + day, pa.timestamp("us", tz="UTC")),
+            "segment": pa.array(rng.choice(["new", "regular", "vip"], len(ids))),
+            "lifetime_value": rng.gamma(2.0, 150.0, len(ids)),
+        }
+    )
 
 
 def load_demo(location: str) -> None:
@@ -55,11 +59,22 @@ def load_demo(location: str) -> None:
     with FeatureClient(location) as client:
         existing = {t["table"] for t in client.tables()}
         if "demo.driver_stats" not in existing:
-            result = client.write("demo.driver_stats", driver_stats(), entity_keys=["driver_id"],
-                                  event_time="event_timestamp", created_time="created", ttl=dt.timedelta(days=1),
-                                  write_id="demo-driver-stats")
+            result = client.write(
+                "demo.driver_stats",
+                driver_stats(),
+                entity_keys=["driver_id"],
+                event_time="event_timestamp",
+                created_time="created",
+                ttl=dt.timedelta(days=1),
+                write_id="demo-driver-stats",
+            )
             log.info("demo: wrote %d rows to demo.driver_stats (snapshot %s)", result.rows, result.snapshot_id)
         if "demo.customer_profile" not in existing:
-            result = client.write("demo.customer_profile", customer_profile(), entity_keys=["customer_id"],
-                                  event_time="event_timestamp", write_id="demo-customer-profile")
+            result = client.write(
+                "demo.customer_profile",
+                customer_profile(),
+                entity_keys=["customer_id"],
+                event_time="event_timestamp",
+                write_id="demo-customer-profile",
+            )
             log.info("demo: wrote %d rows to demo.customer_profile (snapshot %s)", result.rows, result.snapshot_id)

@@ -11,8 +11,8 @@ import hashlib
 import importlib
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 from urllib.parse import urlparse
 
 import duckdb

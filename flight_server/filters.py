@@ -36,7 +36,7 @@ def parse_filter(text: str | None, schema: Schema) -> BooleanExpression:
         expression = parse(text)
     except Exception as exc:  # pyparsing's message lists the whole grammar: keep the position only
         where = getattr(exc, "loc", None)
-        hint = f" near {text[where:where + 20]!r} (character {where})" if isinstance(where, int) else ""
+        hint = f" near {text[where : where + 20]!r} (character {where})" if isinstance(where, int) else ""
         raise RequestError(
             f"cannot parse filter {text!r}{hint}; expected e.g. \"driver_id = 5 and ts >= '2024-01-01T00:00:00+00:00'\""
         ) from None
@@ -45,7 +45,9 @@ def parse_filter(text: str | None, schema: Schema) -> BooleanExpression:
     except ValueError as exc:
         message = str(exc)
         if message.startswith("Could not find field"):
-            raise NotFoundError(f"filter {text!r}: {message.split(',')[0].lower()} (columns: {schema.column_names})") from None
+            raise NotFoundError(
+                f"filter {text!r}: {message.split(',')[0].lower()} (columns: {schema.column_names})"
+            ) from None
         raise RequestError(f"filter {text!r}: {message}") from None
     return expression
 
@@ -64,7 +66,9 @@ class _SqlBuilder(BoundBooleanExpressionVisitor[str]):
     def _column(self, term: Any) -> str:
         field = term.ref().field
         if all(field.field_id != top.field_id for top in self.schema.fields):
-            raise RequestError(f"filters on nested field {self.schema.find_column_name(field.field_id)!r} are not supported")
+            raise RequestError(
+                f"filters on nested field {self.schema.find_column_name(field.field_id)!r} are not supported"
+            )
         return quote(field.name)
 
     def _value(self, term: Any, literal: Literal[Any] | Any) -> str:

@@ -26,9 +26,7 @@ class ProtocolError(ValueError):
 def parse_table_name(name: Any, default_namespace: str = "default") -> tuple[str, ...]:
     """Split `ns.table` (or `table`, which lands in the default namespace) into an identifier."""
     if not isinstance(name, str) or not _TABLE_NAME.match(name):
-        raise ProtocolError(
-            f"invalid table name {name!r}: use 'namespace.table' with letters, digits, '_' or '-'"
-        )
+        raise ProtocolError(f"invalid table name {name!r}: use 'namespace.table' with letters, digits, '_' or '-'")
     parts = tuple(name.split("."))
     return parts if len(parts) > 1 else (default_namespace, parts[0])
 
@@ -181,8 +179,16 @@ class WriteRequest:
             body,
             "write request",
             {
-                "table", "mode", "entity_keys", "event_time", "created_time", "ttl_seconds",
-                "partition_by", "write_id", "evolve", "end_marker",
+                "table",
+                "mode",
+                "entity_keys",
+                "event_time",
+                "created_time",
+                "ttl_seconds",
+                "partition_by",
+                "write_id",
+                "evolve",
+                "end_marker",
             },
         )
         mode = f.str("mode") or "append"

@@ -7,7 +7,7 @@ precision, with naive values taken as UTC. Anything else is a `RequestError` nam
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -61,9 +61,7 @@ def table_arrow_schema(schema: Schema) -> pa.Schema:
 def new_table_schema(stream: pa.Schema, required: Iterable[str]) -> pa.Schema:
     """The schema of a table created from a write stream; key and time columns become required."""
     required = set(required)
-    return pa.schema(
-        [pa.field(f.name, normalise_type(f.type, f.name), f.name not in required) for f in stream]
-    )
+    return pa.schema([pa.field(f.name, normalise_type(f.type, f.name), f.name not in required) for f in stream])
 
 
 def _castable(source: pa.DataType, target: pa.DataType) -> bool:
@@ -75,9 +73,7 @@ def _castable(source: pa.DataType, target: pa.DataType) -> bool:
     if pa.types.is_integer(target):
         return pa.types.is_integer(source)
     if pa.types.is_floating(target):
-        return pa.types.is_integer(source) or (
-            pa.types.is_floating(source) and source.bit_width <= target.bit_width
-        )
+        return pa.types.is_integer(source) or (pa.types.is_floating(source) and source.bit_width <= target.bit_width)
     if pa.types.is_timestamp(target):
         return pa.types.is_timestamp(source)
     if pa.types.is_time(target):
@@ -100,8 +96,7 @@ class Conformer:
         unknown = [name for name in stream.names if target.get_field_index(name) < 0]
         if unknown:
             raise RequestError(
-                f"column(s) {unknown} are not in the table (columns: {target.names}); "
-                "pass evolve=true to add them"
+                f"column(s) {unknown} are not in the table (columns: {target.names}); pass evolve=true to add them"
             )
         if len(set(stream.names)) != len(stream.names):
             raise RequestError(f"the stream has duplicate column names: {stream.names}")
@@ -121,7 +116,7 @@ class Conformer:
 
     def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         columns = []
-        for f, index in zip(self.target, self._sources):
+        for f, index in zip(self.target, self._sources, strict=True):
             if index is None:
                 columns.append(pa.nulls(batch.num_rows, f.type))
                 continue

@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -68,8 +69,9 @@ class FeatureFlightServer(flight.FlightServerBase):
         location = f"grpc://{config.host}:{config.port}"
         super().__init__(location, **kwargs)
         self.config = config
-        self.catalog = FeatureCatalog(config.catalog_name, config.resolved_catalog_properties(),
-                                      config.default_namespace)
+        self.catalog = FeatureCatalog(
+            config.catalog_name, config.resolved_catalog_properties(), config.default_namespace
+        )
         self.engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
         self.engine.use_storage(self.catalog.properties)
         self.writer = Writer(self.catalog, config.write_chunk_bytes, config.commit_timeout_seconds)
@@ -89,14 +91,22 @@ class FeatureFlightServer(flight.FlightServerBase):
         return plan.schema.with_metadata(metadata)
 
     @_flight_errors
-    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+    def get_flight_info(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> flight.FlightInfo:
         plan = self._scan_plan(descriptor)
         request = plan.request
         # The ticket pins the snapshot, so fetching it later returns exactly what was described.
         ticket = ScanRequest(request.table, request.columns, request.filter, plan.snapshot_id, None, request.limit)
         endpoint = flight.FlightEndpoint(ticket.to_bytes(), [])
-        return flight.FlightInfo(self._schema(plan), descriptor, [endpoint], plan.estimated_rows(), -1,
-                                 app_metadata=json.dumps(plan.metadata()).encode())
+        return flight.FlightInfo(
+            self._schema(plan),
+            descriptor,
+            [endpoint],
+            plan.estimated_rows(),
+            -1,
+            app_metadata=json.dumps(plan.metadata()).encode(),
+        )
 
     @_flight_errors
     def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
@@ -131,14 +141,16 @@ class FeatureFlightServer(flight.FlightServerBase):
             if name.startswith(prefix):
                 summary = self._table_summary(name)
                 plan = plan_scan(self.catalog, ScanRequest(table=name))
-                infos.append(flight.FlightInfo(
-                    self._schema(plan),
-                    flight.FlightDescriptor.for_path(name),
-                    [flight.FlightEndpoint(ScanRequest(table=name).to_bytes(), [])],
-                    summary["rows"],
-                    -1,
-                    app_metadata=json.dumps(summary).encode(),
-                ))
+                infos.append(
+                    flight.FlightInfo(
+                        self._schema(plan),
+                        flight.FlightDescriptor.for_path(name),
+                        [flight.FlightEndpoint(ScanRequest(table=name).to_bytes(), [])],
+                        summary["rows"],
+                        -1,
+                        app_metadata=json.dumps(summary).encode(),
+                    )
+                )
         return iter(infos)
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
@@ -151,9 +163,13 @@ class FeatureFlightServer(flight.FlightServerBase):
         body = action.body.to_pybytes() if action.body is not None else b""
         if action.type == "health":
             self.catalog.catalog.list_namespaces()
-            result: Any = {"status": "ok", "version": __version__, "catalog": self.catalog.name,
-                           "catalog_type": self.catalog.properties.get("type", ""),
-                      "writes_in_progress": self.writer.in_progress}
+            result: Any = {
+                "status": "ok",
+                "version": __version__,
+                "catalog": self.catalog.name,
+                "catalog_type": self.catalog.properties.get("type", ""),
+                "writes_in_progress": self.writer.in_progress,
+            }
         elif action.type == "list_tables":
             result = [self._table_summary(name) for name in self.catalog.table_names()]
         else:

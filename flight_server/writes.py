@@ -16,8 +16,8 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -136,8 +136,12 @@ class Writer:
                 prior = find_write(self.catalog.load(request.table), request.write_id)
                 if prior is not None:
                     _drain(reader)
-                    log.info("write %s to %s already committed as snapshot %s", request.write_id,
-                             prior.table, prior.snapshot_id)
+                    log.info(
+                        "write %s to %s already committed as snapshot %s",
+                        request.write_id,
+                        prior.table,
+                        prior.snapshot_id,
+                    )
                     return prior
             return self._write(request, reader, is_cancelled)
 
@@ -157,9 +161,12 @@ class Writer:
             if pending:
                 chunk = pa.Table.from_batches(pending, schema=staged.target)
                 if staged.spec is not None:
-                    chunk = chunk.sort_by([(c, "ascending") for c in (*staged.spec.entity_keys, staged.spec.event_time)])
-                files.extend(_dataframe_to_data_files(staged.transaction.table_metadata, chunk, staged.io,
-                                                      write_uuid, counter))
+                    chunk = chunk.sort_by(
+                        [(c, "ascending") for c in (*staged.spec.entity_keys, staged.spec.event_time)]
+                    )
+                files.extend(
+                    _dataframe_to_data_files(staged.transaction.table_metadata, chunk, staged.io, write_uuid, counter)
+                )
             pending, pending_bytes = [], 0
 
         try:
@@ -169,7 +176,9 @@ class Writer:
                 except StopIteration:
                     break
                 except (flight.FlightError, pa.ArrowException) as exc:
-                    raise RequestError(f"the write stream broke after {rows} rows: {exc}; nothing was committed") from None
+                    raise RequestError(
+                        f"the write stream broke after {rows} rows: {exc}; nothing was committed"
+                    ) from None
                 if chunk.app_metadata is not None:
                     try:
                         declared_rows = parse_end_marker(chunk.app_metadata.to_pybytes())
@@ -187,10 +196,14 @@ class Writer:
             if is_cancelled():
                 raise RequestError(f"the client cancelled the write after {rows} rows; nothing was committed")
             if request.end_marker and declared_rows is None:
-                raise RequestError(f"the write stream ended after {rows} rows without its end-of-stream marker "
-                                   "(the client was cut off?); nothing was committed")
+                raise RequestError(
+                    f"the write stream ended after {rows} rows without its end-of-stream marker "
+                    "(the client was cut off?); nothing was committed"
+                )
             if declared_rows is not None and declared_rows != rows:
-                raise RequestError(f"the client says it sent {declared_rows} rows but {rows} arrived; nothing was committed")
+                raise RequestError(
+                    f"the client says it sent {declared_rows} rows but {rows} arrived; nothing was committed"
+                )
             if rows == 0:
                 raise RequestError("the write stream is empty: nothing to write")
             flush()
@@ -208,7 +221,9 @@ class Writer:
         spec = FeatureSpec.from_properties(table.metadata.properties)
         _check_declared_spec(request, spec, table_name(table))
         if request.partition_by is not None:
-            raise RequestError(f"table {table_name(table)!r} exists; partition_by applies only when a write creates a table")
+            raise RequestError(
+                f"table {table_name(table)!r} exists; partition_by applies only when a write creates a table"
+            )
         transaction = table.transaction()
         if request.evolve:
             new_columns = [f for f in stream if f.name not in table.schema().column_names]
@@ -249,8 +264,14 @@ class Writer:
             return done.result
         snapshot = table.current_snapshot()
         assert snapshot is not None
-        log.info("%s %d rows in %d files to %s: snapshot %s", request.mode, rows, len(files), table_name(table),
-                 snapshot.snapshot_id)
+        log.info(
+            "%s %d rows in %d files to %s: snapshot %s",
+            request.mode,
+            rows,
+            len(files),
+            table_name(table),
+            snapshot.snapshot_id,
+        )
         return WriteResult(table_name(table), snapshot.snapshot_id, rows, len(files), request.write_id)
 
     def _commit_loop(
@@ -264,12 +285,15 @@ class Writer:
                 transaction = self._retry_transaction(request, staged, files, created_concurrently=True)
             except CommitFailedException:
                 if time.monotonic() > deadline:
-                    raise ConflictError(f"could not commit to {request.table!r} within {self.commit_timeout:.0f}s "
-                                        "of concurrent writes; nothing was committed") from None
+                    raise ConflictError(
+                        f"could not commit to {request.table!r} within {self.commit_timeout:.0f}s "
+                        "of concurrent writes; nothing was committed"
+                    ) from None
                 transaction = self._retry_transaction(request, staged, files, created_concurrently=False)
             except ValidationException as exc:
-                raise ConflictError(f"a concurrent change conflicts with this {request.mode}: {exc}; "
-                                    "nothing was committed") from None
+                raise ConflictError(
+                    f"a concurrent change conflicts with this {request.mode}: {exc}; nothing was committed"
+                ) from None
 
     def _retry_transaction(
         self, request: WriteRequest, staged: _Staged, files: list[DataFile], created_concurrently: bool

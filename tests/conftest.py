@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -45,8 +45,13 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 def start_server(properties: dict[str, str], **overrides: object) -> FeatureFlightServer:
-    config = ServerConfig(port=0, catalog_properties=properties, write_chunk_bytes=TEST_CHUNK_BYTES,
-                          duckdb_memory_limit="1GB", duckdb_threads=2)
+    config = ServerConfig(
+        port=0,
+        catalog_properties=properties,
+        write_chunk_bytes=TEST_CHUNK_BYTES,
+        duckdb_memory_limit="1GB",
+        duckdb_threads=2,
+    )
     for key, value in overrides.items():
         setattr(config, key, value)
     server = FeatureFlightServer(config)
@@ -95,4 +100,4 @@ def local_files(location: str) -> set[Path] | None:
     """Parquet files under a table location on local disk (None for object storage)."""
     if not location.startswith("file://"):
         return None
-    return set(Path(location[len("file://"):]).rglob("*.parquet"))
+    return set(Path(location[len("file://") :]).rglob("*.parquet"))

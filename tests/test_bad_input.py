@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -37,58 +37,118 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
     "malformed json": (lambda c, t: raw_get(c, b"{not json"), InvalidRequestError, "not valid JSON"),
     "ticket not an object": (lambda c, t: raw_get(c, b"[1, 2]"), InvalidRequestError, "must be a JSON object"),
     "empty ticket": (lambda c, t: raw_get(c, b""), InvalidRequestError, "empty"),
-    "wrong protocol version": (lambda c, t: raw_get(c, json.dumps({"v": 99, "table": t}).encode()),
-                               InvalidRequestError, "protocol version 99"),
-    "unknown ticket kind": (lambda c, t: raw_get(c, ticket(kind="teleport", table=t)), InvalidRequestError,
-                            "unknown kind 'teleport'"),
-    "unknown field": (lambda c, t: raw_get(c, ticket(table=t, colums=["a"])), InvalidRequestError,
-                      r"unknown field\(s\) \['colums'\]"),
-    "wrong type": (lambda c, t: raw_get(c, ticket(table=t, limit="ten")), InvalidRequestError,
-                   "'limit' must be an integer"),
+    "wrong protocol version": (
+        lambda c, t: raw_get(c, json.dumps({"v": 99, "table": t}).encode()),
+        InvalidRequestError,
+        "protocol version 99",
+    ),
+    "unknown ticket kind": (
+        lambda c, t: raw_get(c, ticket(kind="teleport", table=t)),
+        InvalidRequestError,
+        "unknown kind 'teleport'",
+    ),
+    "unknown field": (
+        lambda c, t: raw_get(c, ticket(table=t, colums=["a"])),
+        InvalidRequestError,
+        r"unknown field\(s\) \['colums'\]",
+    ),
+    "wrong type": (
+        lambda c, t: raw_get(c, ticket(table=t, limit="ten")),
+        InvalidRequestError,
+        "'limit' must be an integer",
+    ),
     "negative limit": (lambda c, t: c.scan(t, limit=-1), InvalidRequestError, "'limit' must be an integer >= 0"),
     "unparseable filter": (lambda c, t: c.scan(t, filter="user_id >"), InvalidRequestError, "cannot parse filter"),
     "filter on unknown column": (lambda c, t: c.scan(t, filter="nope = 1"), NotFoundError, "nope"),
-    "filter with wrong literal type": (lambda c, t: c.scan(t, filter="user_id = 'abc'"), InvalidRequestError,
-                                       "Could not convert abc into a long"),
-    "snapshot and as_of": (lambda c, t: c.scan(t, snapshot_id=1, as_of="2025-01-01T00:00:00"),
-                           InvalidRequestError, "either 'snapshot_id' or 'as_of'"),
+    "filter with wrong literal type": (
+        lambda c, t: c.scan(t, filter="user_id = 'abc'"),
+        InvalidRequestError,
+        "Could not convert abc into a long",
+    ),
+    "snapshot and as_of": (
+        lambda c, t: c.scan(t, snapshot_id=1, as_of="2025-01-01T00:00:00"),
+        InvalidRequestError,
+        "either 'snapshot_id' or 'as_of'",
+    ),
     "unknown snapshot": (lambda c, t: c.scan(t, snapshot_id=12345), NotFoundError, "no snapshot 12345"),
     "bad as_of": (lambda c, t: c.scan(t, as_of="yesterday"), InvalidRequestError, "not an ISO-8601 timestamp"),
-    "as_of before the table": (lambda c, t: c.scan(t, as_of="1999-01-01T00:00:00"), NotFoundError,
-                               "no snapshot at or before 1999"),
+    "as_of before the table": (
+        lambda c, t: c.scan(t, as_of="1999-01-01T00:00:00"),
+        NotFoundError,
+        "no snapshot at or before 1999",
+    ),
     "invalid table name": (lambda c, t: c.scan("bad name; drop table"), InvalidRequestError, "invalid table name"),
-    "oversized ticket": (lambda c, t: raw_get(c, ticket(table=t, filter="x" * (2 << 20))), InvalidRequestError,
-                         "the limit is 1048576"),
-    "unknown mode": (lambda c, t: write(c, t, features(3), mode="upsert"), InvalidRequestError,
-                     "unknown mode 'upsert'"),
+    "oversized ticket": (
+        lambda c, t: raw_get(c, ticket(table=t, filter="x" * (2 << 20))),
+        InvalidRequestError,
+        "the limit is 1048576",
+    ),
+    "unknown mode": (
+        lambda c, t: write(c, t, features(3), mode="upsert"),
+        InvalidRequestError,
+        "unknown mode 'upsert'",
+    ),
     "empty stream": (lambda c, t: write(c, t, features(3).slice(0, 0)), InvalidRequestError, "stream is empty"),
-    "mistyped column": (lambda c, t: write(c, t, features(3).set_column(3, "i32", pa.array(["a", "b", "c"]))),
-                        InvalidRequestError, "column 'i32' has type string but the table stores int32"),
-    "unknown column in write": (lambda c, t: write(c, t, features(3, extra={"zzz": pa.array([1, 2, 3])})),
-                                InvalidRequestError, "evolve"),
-    "missing key column": (lambda c, t: c.write(t, features(3).drop_columns(["region"])), InvalidRequestError,
-                           "required column 'region' is missing"),
-    "null in key": (lambda c, t: write(c, t, features(3).set_column(0, "user_id", pa.array([1, None, 3]))),
-                    InvalidRequestError, "'user_id' is required but has 1 null"),
-    "new table without keys": (lambda c, t: c.write(t + "_new", features(3)), InvalidRequestError,
-                               "name its entity_keys and event_time"),
-    "key not in stream": (lambda c, t: c.write(t + "_new", features(3), entity_keys=["uid"], event_time="ts"),
-                          InvalidRequestError, "'uid' named as a key"),
-    "event time not a timestamp": (lambda c, t: c.write(t + "_new", features(3), entity_keys=["user_id"],
-                                                        event_time="f64"), InvalidRequestError, "must be a timestamp"),
-    "contradicting keys": (lambda c, t: c.write(t, features(3), entity_keys=["user_id"], event_time="ts"),
-                           InvalidRequestError, "has entity_keys=\\('user_id', 'region'\\)"),
-    "bad partition transform": (lambda c, t: c.write(t + "_new", features(3), entity_keys=["user_id"],
-                                                     event_time="ts", partition_by=["weekly(ts)"]),
-                                InvalidRequestError, "unknown transform"),
-    "put with path descriptor": (lambda c, t: c._client.do_put(flight.FlightDescriptor.for_path(t),
-                                                               features(3).schema)[0].close(),
-                                 InvalidRequestError, "needs a command descriptor"),
+    "mistyped column": (
+        lambda c, t: write(c, t, features(3).set_column(3, "i32", pa.array(["a", "b", "c"]))),
+        InvalidRequestError,
+        "column 'i32' has type string but the table stores int32",
+    ),
+    "unknown column in write": (
+        lambda c, t: write(c, t, features(3, extra={"zzz": pa.array([1, 2, 3])})),
+        InvalidRequestError,
+        "evolve",
+    ),
+    "missing key column": (
+        lambda c, t: c.write(t, features(3).drop_columns(["region"])),
+        InvalidRequestError,
+        "required column 'region' is missing",
+    ),
+    "null in key": (
+        lambda c, t: write(c, t, features(3).set_column(0, "user_id", pa.array([1, None, 3]))),
+        InvalidRequestError,
+        "'user_id' is required but has 1 null",
+    ),
+    "new table without keys": (
+        lambda c, t: c.write(t + "_new", features(3)),
+        InvalidRequestError,
+        "name its entity_keys and event_time",
+    ),
+    "key not in stream": (
+        lambda c, t: c.write(t + "_new", features(3), entity_keys=["uid"], event_time="ts"),
+        InvalidRequestError,
+        "'uid' named as a key",
+    ),
+    "event time not a timestamp": (
+        lambda c, t: c.write(t + "_new", features(3), entity_keys=["user_id"], event_time="f64"),
+        InvalidRequestError,
+        "must be a timestamp",
+    ),
+    "contradicting keys": (
+        lambda c, t: c.write(t, features(3), entity_keys=["user_id"], event_time="ts"),
+        InvalidRequestError,
+        "has entity_keys=\\('user_id', 'region'\\)",
+    ),
+    "bad partition transform": (
+        lambda c, t: c.write(
+            t + "_new", features(3), entity_keys=["user_id"], event_time="ts", partition_by=["weekly(ts)"]
+        ),
+        InvalidRequestError,
+        "unknown transform",
+    ),
+    "put with path descriptor": (
+        lambda c, t: c._client.do_put(flight.FlightDescriptor.for_path(t), features(3).schema)[0].close(),
+        InvalidRequestError,
+        "needs a command descriptor",
+    ),
     "bad end marker": (lambda c, t: _bad_marker(c, t), InvalidRequestError, "expected the end-of-stream marker"),
     "row count mismatch": (lambda c, t: _short_marker(c, t), InvalidRequestError, "says it sent 99 rows but 3"),
     "unknown action": (lambda c, t: c._action("explode"), InvalidRequestError, "unknown action 'explode'"),
-    "describe without table": (lambda c, t: c._action("describe", {}), InvalidRequestError,
-                               "field 'table' is required"),
+    "describe without table": (
+        lambda c, t: c._action("describe", {}),
+        InvalidRequestError,
+        "field 'table' is required",
+    ),
 }
 
 

@@ -47,16 +47,31 @@ def test_serve_demo_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
     log = (tmp_path / "server.log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flight_server", "serve", "--demo", "--port", str(port), "--warehouse",
-         str(tmp_path / "wh")],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "flight_server",
+            "serve",
+            "--demo",
+            "--port",
+            str(port),
+            "--warehouse",
+            str(tmp_path / "wh"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     try:
         wait_until(lambda: proc.poll() is not None or _healthy(location), timeout=60, what="the server")
         assert proc.poll() is None, (tmp_path / "server.log").read_text()
-        wait_until(lambda: {"demo.driver_stats", "demo.customer_profile"} <= {t["table"] for t in
-                                                                              FeatureClient(location).tables()},
-                   timeout=60, what="the demo tables")
+        wait_until(
+            lambda: (
+                {"demo.driver_stats", "demo.customer_profile"} <= {t["table"] for t in FeatureClient(location).tables()}
+            ),
+            timeout=60,
+            what="the demo tables",
+        )
         frame = read_flight(location, "demo.driver_stats", filter="driver_id = 1001")
         assert len(frame) == 48 and frame["driver_id"].eq(1001).all()
         proc.send_signal(signal.SIGTERM)

@@ -24,10 +24,13 @@ def test_environment_variables_follow_pyiceberg_naming() -> None:
     assert catalog_properties_from_env(env) == {"uri": "http://rest:8181", "s3.access-key-id": "key"}
 
 
-@pytest.mark.parametrize("name, text", [
-    ("catalog.yaml", "type: rest\nuri: http://rest:8181\ns3.endpoint: http://s3:8333\n"),
-    ("catalog.json", '{"type": "rest", "uri": "http://rest:8181", "s3.endpoint": "http://s3:8333"}'),
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("catalog.yaml", "type: rest\nuri: http://rest:8181\ns3.endpoint: http://s3:8333\n"),
+        ("catalog.json", '{"type": "rest", "uri": "http://rest:8181", "s3.endpoint": "http://s3:8333"}'),
+    ],
+)
 def test_catalog_file(tmp_path: Path, name: str, text: str) -> None:
     path = tmp_path / name
     path.write_text(text)
@@ -42,8 +45,11 @@ def test_property_flags() -> None:
 
 def test_embedded_default_is_sqlite_in_the_warehouse(tmp_path: Path) -> None:
     props = ServerConfig(warehouse=str(tmp_path / "wh")).resolved_catalog_properties()
-    assert props == {"type": "sql", "uri": f"sqlite:///{tmp_path / 'wh' / 'catalog.db'}",
-                     "warehouse": (tmp_path / "wh").as_uri()}
+    assert props == {
+        "type": "sql",
+        "uri": f"sqlite:///{tmp_path / 'wh' / 'catalog.db'}",
+        "warehouse": (tmp_path / "wh").as_uri(),
+    }
     assert (tmp_path / "wh").is_dir()
 
 

@@ -44,8 +44,14 @@ def _lit(value: object) -> str:
 
 
 COLUMNS = {"a": ints, "s": strs, "x": floats, "ts": times, '"select"': ints}
-OPS = {"=": lambda v, w: v == w, "!=": lambda v, w: v != w, "<": lambda v, w: v < w,
-       "<=": lambda v, w: v <= w, ">": lambda v, w: v > w, ">=": lambda v, w: v >= w}
+OPS = {
+    "=": lambda v, w: v == w,
+    "!=": lambda v, w: v != w,
+    "<": lambda v, w: v < w,
+    "<=": lambda v, w: v <= w,
+    ">": lambda v, w: v > w,
+    ">=": lambda v, w: v >= w,
+}
 INDEX = {"a": 0, "s": 1, "x": 2, "ts": 3, '"select"': 4}
 
 
@@ -54,8 +60,11 @@ def predicates(draw: st.DrawFn) -> tuple[str, object]:
     """A filter string and a reference evaluator with SQL's three-valued logic (None = unknown)."""
     column = draw(st.sampled_from(sorted(COLUMNS)))
     i = INDEX[column]
-    kind = draw(st.sampled_from(["cmp", "in", "null", "notnull", "starts"] if column == "s" else
-                                ["cmp", "in", "null", "notnull"]))
+    kind = draw(
+        st.sampled_from(
+            ["cmp", "in", "null", "notnull", "starts"] if column == "s" else ["cmp", "in", "null", "notnull"]
+        )
+    )
     if kind == "cmp":
         op = draw(st.sampled_from(sorted(OPS)))
         value = draw(COLUMNS[column])
@@ -85,10 +94,12 @@ def _or(p: object, q: object) -> object:
 expressions = st.recursive(
     predicates(),
     lambda inner: st.one_of(
-        st.tuples(inner, inner).map(lambda pq: (f"({pq[0][0]}) and ({pq[1][0]})",
-                                                lambda r, p=pq[0][1], q=pq[1][1]: _and(p(r), q(r)))),
-        st.tuples(inner, inner).map(lambda pq: (f"({pq[0][0]}) or ({pq[1][0]})",
-                                                lambda r, p=pq[0][1], q=pq[1][1]: _or(p(r), q(r)))),
+        st.tuples(inner, inner).map(
+            lambda pq: (f"({pq[0][0]}) and ({pq[1][0]})", lambda r, p=pq[0][1], q=pq[1][1]: _and(p(r), q(r)))
+        ),
+        st.tuples(inner, inner).map(
+            lambda pq: (f"({pq[0][0]}) or ({pq[1][0]})", lambda r, p=pq[0][1], q=pq[1][1]: _or(p(r), q(r)))
+        ),
         inner.map(lambda p: (f"not ({p[0]})", lambda r, f=p[1]: None if f(r) is None else not f(r))),
     ),
     max_leaves=4,

@@ -11,6 +11,7 @@ import threading
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.flight  # noqa: F401  (pa.flight below)
 import pytest
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError, read_flight
@@ -75,7 +76,9 @@ def test_types_are_normalised_on_the_way_in(client: FeatureClient, table: str) -
 
 
 def test_pandas_in_and_out(server: str, table: str) -> None:
-    frame = pd.DataFrame({"k": ["a", "b"], "ts": pd.to_datetime(["2025-01-01", "2025-01-02"], utc=True), "x": [1.5, 2.5]})
+    frame = pd.DataFrame(
+        {"k": ["a", "b"], "ts": pd.to_datetime(["2025-01-01", "2025-01-02"], utc=True), "x": [1.5, 2.5]}
+    )
     with FeatureClient(server) as client:
         client.write(table, frame, entity_keys=["k"], event_time="ts")
     out = read_flight(server, table, columns=["k", "x"], filter="x > 2")
@@ -96,6 +99,8 @@ def test_scan_options(client: FeatureClient, table: str) -> None:
     assert len(info.endpoints) == 1
     fetched = client._client.do_get(info.endpoints[0].ticket).read_all()
     assert fetched.num_rows == 10
+    descriptor = pa.flight.FlightDescriptor.for_path(table)
+    assert client._client.get_schema(descriptor).schema.names == features(1).schema.names
 
 
 def test_time_travel_by_snapshot_and_time(client: FeatureClient, table: str) -> None:
@@ -204,8 +209,13 @@ def test_broken_stream_commits_nothing(client: FeatureClient, server: str, table
     location = client.describe(table)["location"]
     files_before = local_files(location)
     if how == "killed":
-        proc = subprocess.Popen([sys.executable, "-c", BROKEN_WRITER, server, table], stdin=subprocess.PIPE, cwd=ROOT,
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BROKEN_WRITER, server, table],
+            stdin=subprocess.PIPE,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline().strip() == "sent"
         wait_until(lambda: _health(server)["writes_in_progress"] == 1, what="the server to receive the stream")
@@ -250,11 +260,21 @@ def test_batch_failing_validation_midstream_leaves_nothing(client: FeatureClient
 
 
 def test_list_flights_and_actions(client: FeatureClient, table: str) -> None:
-    result = client.write(table, features(5), entity_keys=["user_id", "region"], event_time="ts",
-                          created_time=None, ttl=dt.timedelta(hours=6))
+    result = client.write(
+        table,
+        features(5),
+        entity_keys=["user_id", "region"],
+        event_time="ts",
+        created_time=None,
+        ttl=dt.timedelta(hours=6),
+    )
     listed = {t["table"]: t for t in client.tables()}
-    assert listed[table]["feature"] == {"entity_keys": ["user_id", "region"], "event_time": "ts",
-                                        "created_time": None, "ttl_seconds": 21600}
+    assert listed[table]["feature"] == {
+        "entity_keys": ["user_id", "region"],
+        "event_time": "ts",
+        "created_time": None,
+        "ttl_seconds": 21600,
+    }
     assert listed[table]["rows"] == 5
     infos = {info.descriptor.path[0].decode(): info for info in client._client.list_flights(b"tests.")}
     assert infos[table].total_records == 5
