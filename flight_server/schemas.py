@@ -53,9 +53,18 @@ def _unsupported(t: pa.DataType, column: str) -> pa.DataType:
 
 
 def table_arrow_schema(schema: Schema) -> pa.Schema:
-    """The Arrow schema a table's rows are written with and served as."""
+    """The Arrow schema a table's rows are written with and served as.
+
+    Timestamps keep the Iceberg type's zone: `timestamptz` is UTC, `timestamp` (as other engines
+    may create) stays zone-naive, so writes to such tables store the same values.
+    """
     raw = schema_to_pyarrow(schema, include_field_ids=False)
-    return pa.schema([pa.field(f.name, normalise_type(f.type, f.name), f.nullable) for f in raw])
+    return pa.schema(
+        [
+            pa.field(f.name, f.type if pa.types.is_timestamp(f.type) else normalise_type(f.type, f.name), f.nullable)
+            for f in raw
+        ]
+    )
 
 
 def new_table_schema(stream: pa.Schema, required: Iterable[str]) -> pa.Schema:

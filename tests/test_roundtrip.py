@@ -51,7 +51,7 @@ def sorted_rows(t: pa.Table) -> list[dict[str, object]]:
     return t.sort_by([("user_id", "ascending")]).to_pylist()
 
 
-def test_round_trip_keeps_values_and_types(client: FeatureClient, table: str) -> None:
+def test_round_trip_keeps_values_and_types(client: FeatureClient, backend: dict[str, str], table: str) -> None:
     data = features(3000)
     result = write(client, table, data)
     assert result.rows == 3000 and result.files >= 1 and result.snapshot_id > 0
@@ -62,6 +62,11 @@ def test_round_trip_keeps_values_and_types(client: FeatureClient, table: str) ->
         assert read.schema.field(f.name).type == f.type, f.name
     assert sorted_rows(read) == sorted_rows(data)
     assert read.schema.metadata[b"flight.snapshot_id"] == str(result.snapshot_id).encode()
+    # Another engine reads the same rows from the same catalog: the table is plain Iceberg.
+    from pyiceberg.catalog import load_catalog
+
+    theirs = load_catalog("default", **backend).load_table(table).scan().to_arrow()
+    assert sorted_rows(theirs.cast(read.schema)) == sorted_rows(data)
 
 
 def test_types_are_normalised_on_the_way_in(client: FeatureClient, table: str) -> None:
@@ -283,3 +288,25 @@ def test_list_flights_and_actions(client: FeatureClient, table: str) -> None:
     assert description["partition_spec"] == ["month(ts)", "bucket[8](user_id)"]
     assert [c["name"] for c in description["schema"]][:3] == ["user_id", "region", "ts"]
     assert client.health()["status"] == "ok"
+
+
+def test_tables_made_by_other_engines(client: FeatureClient, backend: dict[str, str], table: str) -> None:
+    """A plain Iceberg table (no feature properties, a zone-naive timestamp) is read and appended to."""
+    from pyiceberg.catalog import load_catalog
+
+    catalog = load_catalog("default", **backend)
+    namespace, name = table.split(".")
+    catalog.create_namespace_if_not_exists(namespace)
+    schema = pa.schema([("id", pa.int64()), ("at", pa.timestamp("us")), ("note", pa.string())])
+    theirs = pa.table({"id": [1], "at": [dt.datetime(2025, 1, 1)], "note": ["from pyiceberg"]}, schema=schema)
+    catalog.create_table((namespace, name), schema=schema).append(theirs)
+
+    ours = pa.table({"id": [2], "at": pa.array([T0], pa.timestamp("us", tz="UTC")), "note": ["from flight"]})
+    client.write(table, ours)
+    read = client.scan(table).read_all().sort_by("id")
+    assert read.schema.field("at").type == pa.timestamp("us")
+    assert read.to_pylist() == [
+        {"id": 1, "at": dt.datetime(2025, 1, 1), "note": "from pyiceberg"},
+        {"id": 2, "at": T0.replace(tzinfo=None), "note": "from flight"},
+    ]
+    assert catalog.load_table((namespace, name)).scan().to_arrow().num_rows == 2
