@@ -5,31 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_client.errors import FeatureServerError, from_flight_error
-from flight_server.protocol import ScanRequest, WriteRequest, encode, end_marker, format_timestamp
+from flight_server.protocol import ScanRequest, WriteRequest, WriteResult, encode, end_marker, format_timestamp
 
 if TYPE_CHECKING:
     import pandas as pd
 
 WRITE_BATCH_ROWS = 65_536
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    """What a write committed: one snapshot (or, for a retried `write_id`, the original one)."""
-
-    table: str
-    snapshot_id: int
-    rows: int
-    files: int
-    write_id: str | None = None
-    duplicate: bool = False
 
 
 def _as_of(value: dt.datetime | str | int | None) -> str | int | None:
@@ -132,7 +119,7 @@ class FeatureClient:
             raise from_flight_error(exc) from None
         if reply is None:
             raise FeatureServerError("the server closed the write without a result", "INTERNAL")
-        return WriteResult(**json.loads(reply.to_pybytes()))
+        return WriteResult.from_bytes(reply.to_pybytes())
 
     # Reads
 

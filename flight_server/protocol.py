@@ -250,6 +250,26 @@ def parse_write(raw: bytes) -> WriteRequest:
     return WriteRequest.from_body(body)
 
 
+@dataclass(frozen=True)
+class WriteResult:
+    """The `do_put` reply (PutResult metadata): the one snapshot the write committed, or the original
+    one when a retried `write_id` had already been committed (`duplicate`)."""
+
+    table: str
+    snapshot_id: int
+    rows: int
+    files: int
+    write_id: str | None = None
+    duplicate: bool = False
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> WriteResult:
+        return cls(**json.loads(raw))
+
+
 END_OF_STREAM_KEY = "end_of_stream"
 
 

@@ -11,7 +11,6 @@ makes retries idempotent.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import threading
 import time
@@ -30,27 +29,12 @@ from pyiceberg.table import Table, Transaction
 
 from flight_server.catalog import FeatureCatalog, FeatureSpec, default_partitioning, partition_spec, table_name
 from flight_server.errors import ConflictError, RequestError
-from flight_server.protocol import ProtocolError, WriteRequest, parse_end_marker
+from flight_server.protocol import ProtocolError, WriteRequest, WriteResult, parse_end_marker
 from flight_server.schemas import Conformer, new_table_schema, table_arrow_schema
 
 log = logging.getLogger(__name__)
 
 WRITE_ID_PROPERTY = "flight.write-id"
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    """The PutResult metadata: what the write committed."""
-
-    table: str
-    snapshot_id: int
-    rows: int
-    files: int
-    write_id: str | None = None
-    duplicate: bool = False
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
 
 
 def find_write(table: Table, write_id: str) -> WriteResult | None:

@@ -141,8 +141,16 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         InvalidRequestError,
         "needs a command descriptor",
     ),
-    "bad end marker": (lambda c, t: _bad_marker(c, t), InvalidRequestError, "expected the end-of-stream marker"),
-    "row count mismatch": (lambda c, t: _short_marker(c, t), InvalidRequestError, "says it sent 99 rows but 3"),
+    "bad end marker": (
+        lambda c, t: _put_with_metadata(c, t, b'{"hello": 1}'),
+        InvalidRequestError,
+        "expected the end-of-stream marker",
+    ),
+    "row count mismatch": (
+        lambda c, t: _put_with_metadata(c, t, b'{"end_of_stream": true, "rows": 99}'),
+        InvalidRequestError,
+        "says it sent 99 rows but 3",
+    ),
     "unknown action": (lambda c, t: c._action("explode"), InvalidRequestError, "unknown action 'explode'"),
     "describe without table": (
         lambda c, t: c._action("describe", {}),
@@ -152,19 +160,11 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
 }
 
 
-def _bad_marker(c: FeatureClient, t: str) -> None:
+def _put_with_metadata(c: FeatureClient, t: str, metadata: bytes) -> None:
     data = features(3)
     writer, _ = c._client.do_put(flight.FlightDescriptor.for_command(WriteRequest(table=t).to_bytes()), data.schema)
     writer.write_table(data)
-    writer.write_metadata(pa.py_buffer(b'{"hello": 1}'))
-    writer.close()
-
-
-def _short_marker(c: FeatureClient, t: str) -> None:
-    data = features(3)
-    writer, _ = c._client.do_put(flight.FlightDescriptor.for_command(WriteRequest(table=t).to_bytes()), data.schema)
-    writer.write_table(data)
-    writer.write_metadata(pa.py_buffer(b'{"end_of_stream": true, "rows": 99}'))
+    writer.write_metadata(pa.py_buffer(metadata))
     writer.close()
 
 
