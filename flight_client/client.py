@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_client.errors import FeatureServerError, from_flight_error
-from flight_server.protocol import ScanRequest, WriteRequest, WriteResult, encode, end_marker, format_timestamp
+from flight_server.protocol import (
+    EntitySource,
+    HistoricalRequest,
+    ScanRequest,
+    WriteRequest,
+    WriteResult,
+    encode,
+    end_marker,
+    format_timestamp,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,6 +33,17 @@ WRITE_BATCH_ROWS = 65_536
 def _as_of(value: dt.datetime | str | int | None) -> str | int | None:
     if isinstance(value, dt.datetime):
         return format_timestamp(value)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    """Inline entity values as JSON: datetimes become ISO-8601 (naive means UTC)."""
+    if isinstance(value, dt.datetime):
+        return format_timestamp(value)
+    if hasattr(value, "item"):  # numpy scalars
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):  # pandas' missing value; JSON has no NaN
+        return None
     return value
 
 
@@ -157,6 +179,125 @@ class FeatureClient:
         except flight.FlightError as exc:
             raise from_flight_error(exc) from None
 
+    # Training sets
+
+    def get_historical_features(
+        self,
+        entity_rows: Any,
+        features: list[str],
+        *,
+        full_feature_names: bool = False,
+        snapshot_ids: dict[str, int] | None = None,
+        as_of: dt.datetime | str | int | None = None,
+        entity_time: str = "event_timestamp",
+        entity_filter: str | None = None,
+        partitions: int | None = None,
+    ) -> pa.Table:
+        """Join `features` (`"table:feature"`) to each entity row as of its timestamp.
+
+        `entity_rows` is a pandas DataFrame, Arrow Table or RecordBatchReader (streamed to the
+        server), a dict of column lists (sent inline), or the name of a table on the server
+        (optionally with `entity_filter`), whose parts are fetched in parallel. The result has one
+        row per entity row, in order; its schema metadata `flight.snapshots` names the snapshots
+        it was computed from: pass them back as `snapshot_ids` to get the same result again.
+        """
+        request = self._historical_request(
+            entity_rows, features, full_feature_names, snapshot_ids, as_of, entity_time, entity_filter, partitions
+        )
+        if request.entities is None:
+            return self._exchange(request, entity_rows)
+        info = self._info(request)
+        with ThreadPoolExecutor(max_workers=max(1, len(info.endpoints))) as pool:
+            parts = list(pool.map(lambda e: self._get(e.ticket.ticket).read_all(), info.endpoints))
+        return pa.concat_tables(parts).replace_schema_metadata(info.schema.metadata)
+
+    def iter_historical_features(
+        self,
+        entity_rows: Any,
+        features: list[str],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        full_feature_names: bool = False,
+        snapshot_ids: dict[str, int] | None = None,
+        as_of: dt.datetime | str | int | None = None,
+        entity_time: str = "event_timestamp",
+        entity_filter: str | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream a training set batch by batch, for training loops; worker `rank` of `world_size`
+        gets a disjoint share (an entity table is split by key on the server, local rows by position).
+
+        Pin `snapshot_ids` (from the `flight.snapshots` metadata of an earlier result) so every worker reads
+        the same snapshots.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if isinstance(entity_rows, (str, dict)):
+            request = self._historical_request(
+                entity_rows, features, full_feature_names, snapshot_ids, as_of, entity_time, entity_filter, world_size
+            )
+            endpoints = self._info(request).endpoints
+            for endpoint in endpoints[rank::world_size]:
+                yield from self._get(endpoint.ticket.ticket)
+            return
+        schema, batches = _batches(entity_rows)
+        table = pa.Table.from_batches(list(batches), schema=schema)
+        share = table.slice(
+            rank * table.num_rows // world_size,
+            (rank + 1) * table.num_rows // world_size - rank * table.num_rows // world_size,
+        )
+        request = self._historical_request(
+            share, features, full_feature_names, snapshot_ids, as_of, entity_time, None, None
+        )
+        yield from self._exchange(request, share).to_batches()
+
+    def _historical_request(
+        self,
+        entity_rows: Any,
+        features: list[str],
+        full_feature_names: bool,
+        snapshot_ids: dict[str, int] | None,
+        as_of: Any,
+        entity_time: str,
+        entity_filter: str | None,
+        partitions: int | None,
+    ) -> HistoricalRequest:
+        entities = None
+        if isinstance(entity_rows, str):
+            entities = EntitySource(table=entity_rows, filter=entity_filter)
+        elif isinstance(entity_rows, dict):
+            rows = {k: [_jsonable(v) for v in values] for k, values in entity_rows.items()}
+            entities = EntitySource(rows=rows)
+        return HistoricalRequest(
+            features=list(features),
+            entities=entities,
+            entity_time=entity_time,
+            full_feature_names=full_feature_names,
+            snapshot_ids=snapshot_ids,
+            as_of=_as_of(as_of),
+            partitions=partitions,
+        )  # type: ignore[arg-type]
+
+    def _info(self, request: HistoricalRequest) -> flight.FlightInfo:
+        try:
+            return self._client.get_flight_info(flight.FlightDescriptor.for_command(request.to_bytes()), self._options)
+        except flight.FlightError as exc:
+            raise from_flight_error(exc) from None
+
+    def _exchange(self, request: HistoricalRequest, entity_rows: Any) -> pa.Table:
+        schema, batches = _batches(entity_rows)
+        descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
+        try:
+            writer, reader = self._client.do_exchange(descriptor, self._options)
+            with writer:
+                writer.begin(schema)
+                for batch in batches:
+                    writer.write_batch(batch)
+                writer.done_writing()
+                return reader.read_all()
+        except (pa.ArrowException, flight.FlightError) as exc:
+            raise from_flight_error(exc) from None
+
     # Catalog
 
     def tables(self) -> list[dict[str, Any]]:
@@ -179,7 +320,13 @@ class FeatureClient:
             raise from_flight_error(exc) from None
 
 
-def read_flight(location: str, table: str, **scan_options: Any) -> pd.DataFrame:
-    """Read a table (or a filtered, time-travelled part of it) into pandas in one call."""
+def read_flight(location: str, table: str | None = None, **options: Any) -> pd.DataFrame:
+    """Read into pandas in one call: a table (with `scan` options), or a training set when
+    `features=[...]` and `entity_rows=...` are given (with `get_historical_features` options)."""
     with FeatureClient(location) as client:
-        return client.scan(table, **scan_options).read_pandas()
+        if "features" in options:
+            entity_rows = options.pop("entity_rows", table)
+            return client.get_historical_features(entity_rows, options.pop("features"), **options).to_pandas()
+        if table is None:
+            raise TypeError("read_flight needs a table, or features= and entity_rows= for a training set")
+        return client.scan(table, **options).read_pandas()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,10 @@ from urllib.parse import urlparse
 import duckdb
 
 log = logging.getLogger(__name__)
+
+# DuckDB scans registered Arrow data through Acero, which warns about (and would otherwise pass on)
+# the unaligned buffers Flight hands over; copying just those buffers is what it should do.
+os.environ.setdefault("ACERO_ALIGNMENT_HANDLING", "reallocate")
 
 EXTENSIONS = ("avro", "httpfs", "iceberg")
 

@@ -220,6 +220,117 @@ class WriteRequest:
         return encode(body)
 
 
+def parse_feature_ref(ref: str) -> tuple[str, str]:
+    """`namespace.table:feature` into (table, feature)."""
+    table, sep, feature = ref.rpartition(":")
+    if not sep or not table or not feature:
+        raise ProtocolError(
+            f"feature reference {ref!r} is not of the form 'table:feature' (or 'namespace.table:feature')"
+        )
+    return table, feature
+
+
+@dataclass(frozen=True)
+class EntitySource:
+    """Where a training set's entity rows come from: a table on the server, or rows inline."""
+
+    table: str | None = None
+    filter: str | None = None
+    snapshot_id: int | None = None
+    rows: dict[str, list[Any]] | None = None
+
+    @classmethod
+    def from_body(cls, body: Any) -> EntitySource:
+        if not isinstance(body, dict):
+            raise ProtocolError("historical request: field 'entities' must be an object")
+        f = _Fields(body, "historical request: entities", {"table", "filter", "snapshot_id", "rows"})
+        rows = body.get("rows")
+        source = cls(f.str("table"), f.str("filter"), f.int("snapshot_id", minimum=-(1 << 63)), rows)
+        if (source.table is None) == (rows is None):
+            raise ProtocolError("historical request: 'entities' needs either 'table' or 'rows'")
+        if rows is not None:
+            if not isinstance(rows, dict) or not rows or not all(isinstance(v, list) for v in rows.values()):
+                raise ProtocolError("historical request: 'entities.rows' must map column names to lists of values")
+            if len({len(v) for v in rows.values()}) != 1:
+                raise ProtocolError("historical request: the lists in 'entities.rows' must have equal lengths")
+            if source.filter is not None or source.snapshot_id is not None:
+                raise ProtocolError("historical request: 'filter' and 'snapshot_id' apply to an entity table only")
+        return source
+
+
+@dataclass(frozen=True)
+class HistoricalRequest:
+    """A point-in-time correct training set: entity rows joined to features as of their timestamps."""
+
+    features: list[str]
+    entities: EntitySource | None = None
+    entity_time: str = "event_timestamp"
+    full_feature_names: bool = False
+    snapshot_ids: dict[str, int] | None = None
+    as_of: str | None = None
+    partitions: int | None = None
+    partition: list[int] | None = None
+    kind: str = field(default="historical", init=False)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> HistoricalRequest:
+        f = _Fields(
+            body,
+            "historical request",
+            {
+                "features",
+                "entities",
+                "entity_time",
+                "full_feature_names",
+                "snapshot_ids",
+                "as_of",
+                "partitions",
+                "partition",
+            },
+        )
+        features = f.str_list("features")
+        if not features:
+            raise ProtocolError("historical request: field 'features' must list at least one 'table:feature'")
+        for ref in features:
+            parse_feature_ref(ref)
+        snapshot_ids = body.get("snapshot_ids")
+        if snapshot_ids is not None and not (
+            isinstance(snapshot_ids, dict)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in snapshot_ids.values())
+        ):
+            raise ProtocolError("historical request: 'snapshot_ids' must map table names to snapshot ids")
+        as_of = body.get("as_of")
+        if as_of is not None:
+            as_of = format_timestamp(parse_timestamp(as_of, "historical request: field 'as_of'"))
+        partition = body.get("partition")
+        if partition is not None and not (
+            isinstance(partition, list)
+            and len(partition) == 2
+            and all(type(p) is int for p in partition)
+            and 0 <= partition[0] < partition[1]
+        ):
+            raise ProtocolError("historical request: 'partition' must be [index, count] with 0 <= index < count")
+        entities = body.get("entities")
+        return cls(
+            features=features,
+            entities=EntitySource.from_body(entities) if entities is not None else None,
+            entity_time=f.str("entity_time") or "event_timestamp",
+            full_feature_names=f.bool("full_feature_names"),
+            snapshot_ids=snapshot_ids,
+            as_of=as_of,
+            partitions=f.int("partitions", minimum=1),
+            partition=partition,
+        )
+
+    def to_bytes(self) -> bytes:
+        body = asdict(self)
+        if self.entities is not None:
+            body["entities"] = {k: v for k, v in asdict(self.entities).items() if v is not None}
+        if not body["full_feature_names"]:
+            body["full_feature_names"] = None
+        return encode(body)
+
+
 @dataclass(frozen=True)
 class TableRequest:
     """Action body naming one table (`describe`)."""
@@ -232,13 +343,15 @@ class TableRequest:
         return cls(table=f.str("table", required=True))  # type: ignore[arg-type]
 
 
-def parse_ticket(raw: bytes) -> ScanRequest:
-    """A `do_get` ticket; the `kind` field chooses the query (only `scan` so far)."""
-    body = decode(raw, "ticket")
+def parse_ticket(raw: bytes, what: str = "ticket") -> ScanRequest | HistoricalRequest:
+    """A `do_get` ticket or `get_flight_info` command; its `kind` chooses the query."""
+    body = decode(raw, what)
     kind = body.get("kind", "scan")
-    if kind != "scan":
-        raise ProtocolError(f"ticket: unknown kind {kind!r}; expected 'scan'")
-    return ScanRequest.from_body(body)
+    if kind == "scan":
+        return ScanRequest.from_body(body)
+    if kind == "historical":
+        return HistoricalRequest.from_body(body)
+    raise ProtocolError(f"{what}: unknown kind {kind!r}; expected 'scan' or 'historical'")
 
 
 def parse_write(raw: bytes) -> WriteRequest:

@@ -20,7 +20,9 @@ from flight_server.catalog import FeatureCatalog, FeatureSpec, describe, table_n
 from flight_server.config import ServerConfig
 from flight_server.duck import Engine
 from flight_server.errors import RequestError, to_flight_error
+from flight_server.historical import endpoint_requests, exchange_historical, open_historical, plan_request
 from flight_server.protocol import (
+    HistoricalRequest,
     ProtocolError,
     ScanRequest,
     TableRequest,
@@ -66,8 +68,7 @@ class FeatureFlightServer(flight.FlightServerBase):
     """Arrow Flight over Iceberg feature tables."""
 
     def __init__(self, config: ServerConfig, **kwargs: Any):
-        location = f"grpc://{config.host}:{config.port}"
-        super().__init__(location, **kwargs)
+        # Everything a handler needs exists before the base class opens the port.
         self.config = config
         self.catalog = FeatureCatalog(
             config.catalog_name, config.resolved_catalog_properties(), config.default_namespace
@@ -75,16 +76,15 @@ class FeatureFlightServer(flight.FlightServerBase):
         self.engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
         self.engine.use_storage(self.catalog.properties)
         self.writer = Writer(self.catalog, config.write_chunk_bytes, config.commit_timeout_seconds)
+        super().__init__(f"grpc://{config.host}:{config.port}", **kwargs)
         log.info("serving Flight on grpc://%s:%d", config.host, self.port)
 
-    def _scan_plan(self, descriptor: flight.FlightDescriptor) -> ScanPlan:
+    def _request(self, descriptor: flight.FlightDescriptor) -> ScanRequest | HistoricalRequest:
         if descriptor.descriptor_type == flight.DescriptorType.PATH:
             if len(descriptor.path) != 1:
                 raise RequestError("a path descriptor names one table: ['namespace.table']")
-            request = ScanRequest(table=descriptor.path[0].decode())
-        else:
-            request = parse_ticket(descriptor.command)
-        return plan_scan(self.catalog, request)
+            return ScanRequest(table=descriptor.path[0].decode())
+        return parse_ticket(descriptor.command, "descriptor")
 
     def _schema(self, plan: ScanPlan) -> pa.Schema:
         metadata = {TABLE_METADATA_KEY: plan.name.encode(), SNAPSHOT_METADATA_KEY: str(plan.snapshot_id).encode()}
@@ -94,8 +94,10 @@ class FeatureFlightServer(flight.FlightServerBase):
     def get_flight_info(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
-        plan = self._scan_plan(descriptor)
-        request = plan.request
+        request = self._request(descriptor)
+        if isinstance(request, HistoricalRequest):
+            return self._historical_info(descriptor, request)
+        plan = plan_scan(self.catalog, request)
         # The ticket pins the snapshot, so fetching it later returns exactly what was described.
         ticket = ScanRequest(request.table, request.columns, request.filter, plan.snapshot_id, None, request.limit)
         endpoint = flight.FlightEndpoint(ticket.to_bytes(), [])
@@ -108,13 +110,28 @@ class FeatureFlightServer(flight.FlightServerBase):
             app_metadata=json.dumps(plan.metadata()).encode(),
         )
 
+    def _historical_info(self, descriptor: flight.FlightDescriptor, request: HistoricalRequest) -> flight.FlightInfo:
+        plan, inline = plan_request(self.catalog, request)
+        parts = endpoint_requests(plan, request.partitions or self.config.historical_partitions)
+        endpoints = [flight.FlightEndpoint(part.to_bytes(), []) for part in parts]
+        rows = inline.num_rows if inline is not None else -1
+        return flight.FlightInfo(
+            plan.schema, descriptor, endpoints, rows, -1, app_metadata=json.dumps(plan.snapshots()).encode()
+        )
+
     @_flight_errors
     def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
-        return flight.SchemaResult(self._schema(self._scan_plan(descriptor)))
+        request = self._request(descriptor)
+        if isinstance(request, HistoricalRequest):
+            return flight.SchemaResult(plan_request(self.catalog, request)[0].schema)
+        return flight.SchemaResult(self._schema(plan_scan(self.catalog, request)))
 
     @_flight_errors
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
-        plan = plan_scan(self.catalog, parse_ticket(ticket.ticket))
+        request = parse_ticket(ticket.ticket)
+        if isinstance(request, HistoricalRequest):
+            return flight.RecordBatchStream(open_historical(self.catalog, self.engine, request, self.config.batch_rows))
+        plan = plan_scan(self.catalog, request)
         reader = open_scan(plan, self.engine, self.config.batch_rows)
         log.debug("scan %s at snapshot %s", plan.name, plan.snapshot_id)
         return flight.RecordBatchStream(reader.cast(self._schema(plan)))
@@ -132,6 +149,22 @@ class FeatureFlightServer(flight.FlightServerBase):
         request = parse_write(descriptor.command)
         result = self.writer.write(request, reader, context.is_cancelled)
         writer.write(pa.py_buffer(result.to_bytes()))
+
+    @_flight_errors
+    def do_exchange(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+    ) -> None:
+        request = self._request(descriptor)
+        if not isinstance(request, HistoricalRequest):
+            raise RequestError("do_exchange takes a historical request (see docs/protocol.md)")
+        rows = exchange_historical(
+            self.catalog, self.engine, request, reader, writer, context.is_cancelled, self.config.batch_rows
+        )
+        log.info("training set of %d entity rows streamed", rows)
 
     @_flight_errors
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:

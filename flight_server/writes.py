@@ -74,7 +74,7 @@ class _Staged:
     io: FileIO
     target: pa.Schema
     spec: FeatureSpec | None
-    created: bool
+    base_location: str | None  # the table metadata the transaction started from; None when creating
 
 
 class Writer:
@@ -85,6 +85,7 @@ class Writer:
         self.chunk_bytes = chunk_bytes
         self.commit_timeout = commit_timeout
         self._id_locks = [threading.Lock() for _ in range(64)]
+        self._commit_locks = [threading.Lock() for _ in range(64)]
         self._active = 0
         self._active_lock = threading.Lock()
 
@@ -216,7 +217,8 @@ class Writer:
                 with transaction.update_schema() as update:
                     update.union_by_name(added)
                 log.info("write to %s adds columns %s", table_name(table), added.names)
-        return _Staged(transaction, table.io, table_arrow_schema(transaction.table_metadata.schema()), spec, False)
+        target = table_arrow_schema(transaction.table_metadata.schema())
+        return _Staged(transaction, table.io, target, spec, table.metadata_location)
 
     def _stage_new(self, request: WriteRequest, identifier: tuple[str, ...], stream: pa.Schema) -> _Staged:
         if not request.entity_keys or not request.event_time:
@@ -235,14 +237,18 @@ class Writer:
             identifier, schema=schema, partition_spec=partitioning, properties=spec.to_properties()
         )
         io = transaction._table.io  # the staged table's FileIO: where the catalog wants the files
-        return _Staged(transaction, io, table_arrow_schema(transaction.table_metadata.schema()), spec, True)
+        return _Staged(transaction, io, table_arrow_schema(transaction.table_metadata.schema()), spec, None)
 
     def _commit(self, request: WriteRequest, staged: _Staged, files: list[DataFile], rows: int) -> WriteResult:
         """Commit the files as one snapshot; on a lost race, retry on the new table state."""
         properties = {WRITE_ID_PROPERTY: request.write_id} if request.write_id else {}
         deadline = time.monotonic() + self.commit_timeout
+        # Writers on this server take turns to commit to a table: each commits on the latest state at
+        # once, instead of failing and sleeping through pyiceberg's retry back-off.
+        identifier = self.catalog.identifier(request.table)
         try:
-            table = self._commit_loop(request, staged, files, properties, deadline)
+            with self._commit_locks[hash(identifier) % len(self._commit_locks)]:
+                table = self._commit_loop(request, staged, files, properties, deadline)
         except _AlreadyCommitted as done:
             _delete_files(staged.io, files)
             return done.result
@@ -262,6 +268,11 @@ class Writer:
         self, request: WriteRequest, staged: _Staged, files: list[DataFile], properties: dict[str, str], deadline: float
     ) -> Table:
         transaction = staged.transaction
+        if (
+            staged.base_location is not None
+            and self.catalog.load(request.table).metadata_location != staged.base_location
+        ):
+            transaction = self._retry_transaction(request, staged, files, created_concurrently=False)
         while True:
             try:
                 return _commit_files(transaction, request.mode, files, properties)

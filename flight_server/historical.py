@@ -1,0 +1,415 @@
+"""Point-in-time correct training sets: entity rows joined to features as they were known then.
+
+For every entity row and feature table, the row chosen has equal keys (a null key matches
+nothing), an event time at or before the entity's timestamp and, when the table has a TTL, no
+older than the TTL; the latest event time wins and ties go to the latest created time. One row
+comes out per entity row, in input order, with every entity column unchanged.
+
+DuckDB runs it as one query: a chain of ASOF LEFT JOINs. ASOF allows a single inequality, so the
+created-time tie-break rides in it as a (event time, created time) struct, and the TTL is applied
+afterwards by nulling matches that are too old.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.flight as flight
+from pyiceberg.expressions import AlwaysTrue, BooleanExpression
+from pyiceberg.table import Table
+
+from flight_server.catalog import FeatureCatalog, FeatureSpec, table_name
+from flight_server.duck import Engine, local_path
+from flight_server.errors import NotFoundError, RequestError
+from flight_server.filters import parse_filter, quote, to_sql
+from flight_server.protocol import HistoricalRequest, ProtocolError, parse_feature_ref, parse_timestamp
+from flight_server.scans import resolve_snapshot, snapshot_schema
+from flight_server.schemas import UTC_MICROS, table_arrow_schema
+
+ROW = "__pit_row"
+TS = "__pit_ts"
+SNAPSHOTS_METADATA_KEY = b"flight.snapshots"
+
+
+@dataclass(frozen=True)
+class FeatureGroup:
+    """The features a request takes from one table, at one snapshot."""
+
+    table: Table
+    spec: FeatureSpec
+    snapshot_id: int | None
+    features: list[str]
+    types: list[pa.DataType]
+
+    @property
+    def name(self) -> str:
+        return table_name(self.table)
+
+
+@dataclass(frozen=True)
+class HistoricalPlan:
+    """A checked training-set request: where entities come from, and what joins to them."""
+
+    request: HistoricalRequest
+    entity_schema: pa.Schema
+    groups: list[FeatureGroup]
+    columns: list[tuple[int, int, str]]  # per requested feature: group, feature index, output name
+    entity_table: Table | None = None
+    entity_snapshot_id: int | None = None
+    entity_filter: BooleanExpression = field(default_factory=AlwaysTrue)
+
+    def snapshots(self) -> dict[str, Any]:
+        """What the result was computed from; passing these back reproduces it exactly."""
+        entities = None
+        if self.entity_table is not None:
+            entities = {"table": table_name(self.entity_table), "snapshot_id": self.entity_snapshot_id}
+        return {"features": {g.name: g.snapshot_id for g in self.groups}, "entities": entities}
+
+    @property
+    def schema(self) -> pa.Schema:
+        fields = list(self.entity_schema)
+        for group_index, feature_index, name in self.columns:
+            fields.append(pa.field(name, self.groups[group_index].types[feature_index]))
+        metadata = {SNAPSHOTS_METADATA_KEY: json.dumps(self.snapshots()).encode()}
+        return pa.schema(fields, metadata=metadata)
+
+
+def _compatible(entity: pa.DataType, feature: pa.DataType) -> bool:
+    """Key types that join without surprises (DuckDB casts within these families)."""
+    families = (
+        pa.types.is_integer,
+        pa.types.is_string,
+        pa.types.is_large_string,
+        pa.types.is_timestamp,
+        pa.types.is_date,
+        pa.types.is_binary,
+        pa.types.is_decimal,
+    )
+    if entity == feature:
+        return True
+    text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+    if any(t(entity) for t in text) and any(t(feature) for t in text):
+        return True
+    return any(family(entity) and family(feature) for family in families)
+
+
+def plan_historical(
+    catalog: FeatureCatalog, request: HistoricalRequest, entity_schema: pa.Schema | None = None
+) -> HistoricalPlan:
+    """Check the request against the catalog and the entity columns; nothing is read yet."""
+    entity_table = entity_snapshot = None
+    entity_filter: BooleanExpression = AlwaysTrue()
+    source = request.entities
+    if source is not None and source.table is not None:
+        entity_table = catalog.load(source.table)
+        pinned = (request.snapshot_ids or {}).get(source.table, source.snapshot_id)
+        entity_snapshot = resolve_snapshot(entity_table, pinned, None)
+        schema = snapshot_schema(entity_table, entity_snapshot)
+        entity_schema = table_arrow_schema(schema)
+        entity_filter = parse_filter(source.filter, schema)
+    if entity_schema is None:
+        raise RequestError("a historical request needs entity rows: a table, inline rows, or a do_exchange stream")
+    for name in entity_schema.names:
+        if name.startswith("__pit_"):
+            raise RequestError(f"entity column {name!r}: names starting with '__pit_' are reserved")
+    time_index = entity_schema.get_field_index(request.entity_time)
+    if time_index < 0:
+        raise RequestError(
+            f"the entity rows have no timestamp column {request.entity_time!r} "
+            f"(columns: {entity_schema.names}); name it with entity_time"
+        )
+    if not pa.types.is_timestamp(entity_schema.field(time_index).type):
+        raise RequestError(
+            f"entity column {request.entity_time!r} must be a timestamp, got {entity_schema.field(time_index).type}"
+        )
+
+    groups: list[FeatureGroup] = []
+    by_table: dict[str, int] = {}
+    columns: list[tuple[int, int, str]] = []
+    as_of = request.as_of
+    for ref in request.features:
+        table_ref, feature = parse_feature_ref(ref)
+        table = catalog.load(table_ref)
+        name = table_name(table)
+        if name not in by_table:
+            spec = FeatureSpec.from_properties(table.metadata.properties)
+            if spec is None:
+                raise RequestError(f"table {name!r} is not a feature table (it has no entity keys and event time)")
+            for key in spec.entity_keys:
+                if entity_schema.get_field_index(key) < 0:
+                    raise RequestError(
+                        f"the entity rows lack key column {key!r} of {name!r} (columns: {entity_schema.names})"
+                    )
+            pins = request.snapshot_ids or {}
+            pinned = pins.get(name, pins.get(table_ref))
+            snapshot_id = resolve_snapshot(table, pinned, None if pinned is not None else as_of)
+            schema = table_arrow_schema(snapshot_schema(table, snapshot_id))
+            for key in spec.entity_keys:
+                entity_type, feature_type = entity_schema.field(key).type, schema.field(key).type
+                if not _compatible(entity_type, feature_type):
+                    raise RequestError(
+                        f"entity column {key!r} is {entity_type} but {name!r} keys it as {feature_type}; cast it first"
+                    )
+            by_table[name] = len(groups)
+            groups.append(FeatureGroup(table, spec, snapshot_id, [], []))
+        group = groups[by_table[name]]
+        schema = table_arrow_schema(snapshot_schema(group.table, group.snapshot_id))
+        if schema.get_field_index(feature) < 0:
+            raise NotFoundError(f"feature {ref!r}: {name!r} has no column {feature!r} (columns: {schema.names})")
+        if feature not in group.features:
+            group.features.append(feature)
+            group.types.append(schema.field(feature).type)
+        output = f"{name.split('.')[-1]}__{feature}" if request.full_feature_names else feature
+        columns.append((by_table[name], group.features.index(feature), output))
+
+    names = entity_schema.names + [c[2] for c in columns]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        hint = "" if request.full_feature_names else "; full_feature_names=true prefixes features with their table"
+        raise RequestError(f"output column name(s) {clashes} would appear twice{hint}")
+    return HistoricalPlan(request, entity_schema, groups, columns, entity_table, entity_snapshot, entity_filter)
+
+
+def prepare_entities(batch: pa.RecordBatch | pa.Table, entity_time: str, first_row: int) -> pa.Table:
+    """Entity rows with their position and their timestamp as UTC microseconds for the join."""
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    rows = pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
+    ts = pc.cast(table.column(entity_time), UTC_MICROS, safe=False)
+    return table.append_column(ROW, rows).append_column(TS, ts)
+
+
+def inline_entities(rows: dict[str, list[Any]], entity_time: str) -> pa.Table:
+    """Inline rows from a ticket; the timestamp column holds ISO-8601 strings or epoch milliseconds."""
+    if entity_time not in rows:
+        raise RequestError(f"the inline entity rows have no column {entity_time!r}; name it with entity_time")
+    columns: dict[str, pa.Array] = {}
+    for name, values in rows.items():
+        try:
+            if name == entity_time:
+                parsed = [None if v is None else parse_timestamp(v, f"entity {name!r}") for v in values]
+                columns[name] = pa.array(parsed, UTC_MICROS)
+            else:
+                columns[name] = pa.array(values)
+        except (pa.ArrowException, ProtocolError) as exc:
+            raise RequestError(f"inline entity column {name!r}: {exc}") from None
+    return pa.table(columns)
+
+
+def entity_bounds(cursor: Any, relation: str, params: list[Any]) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """The earliest and latest entity timestamps: feature rows outside them are never read."""
+    sql = f"SELECT min({TS}) AS low, max({TS}) AS high FROM {relation}"
+    bounds = cursor.execute(sql, params).to_arrow_table().to_pylist()[0]
+    return bounds["low"], bounds["high"]
+
+
+def server_entities(plan: HistoricalPlan) -> tuple[str, list[Any]]:
+    """The entity-table relation, partitioned by a hash of the key columns when asked for.
+
+    Rows are numbered in (timestamp, keys, other columns) order, so the output order is the same
+    every time the same snapshot is read.
+    """
+    assert plan.entity_table is not None
+    schema = snapshot_schema(plan.entity_table, plan.entity_snapshot_id)
+    where, params = to_sql(plan.entity_filter, schema)
+    keys = list(dict.fromkeys(k for g in plan.groups for k in g.spec.entity_keys))
+    time = plan.request.entity_time
+    partition = plan.request.partition
+    if partition is not None:
+        where += f" AND hash({', '.join(quote(k) for k in keys)}) % ? = ?"
+        params += [partition[1], partition[0]]
+    order = [time, *keys, *(n for n in plan.entity_schema.names if n != time and n not in keys)]
+    columns = ", ".join(quote(n) for n in plan.entity_schema.names)
+    sql = (
+        f"(SELECT {columns}, row_number() OVER (ORDER BY {', '.join(quote(c) for c in order)}) AS {ROW}, "
+        f"CAST({quote(time)} AS TIMESTAMPTZ) AS {TS} "
+        f"FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {where})"
+    )
+    if plan.entity_snapshot_id is None:
+        raise RequestError(f"entity table {table_name(plan.entity_table)!r} has no rows")
+    return sql, [local_path(plan.entity_table.metadata_location), plan.entity_snapshot_id, *params]
+
+
+def join_sql(
+    plan: HistoricalPlan, relation: str, params: list[Any], low: dt.datetime | None, high: dt.datetime | None
+) -> tuple[str, list[Any]]:
+    """The whole point-in-time join as one query over the entity `relation`."""
+    args = list(params)
+    ctes = [f"ent AS (SELECT * FROM {relation})"]
+    joins: list[str] = []
+    selected = {}
+    for i, group in enumerate(plan.groups):
+        spec, alias = group.spec, f"f{i}"
+        keys = ", ".join(quote(k) for k in spec.entity_keys)
+        features = ", ".join(f"{quote(f)} AS __pit_{i}_{j}" for j, f in enumerate(group.features))
+        created = f", {quote(spec.created_time)} AS __pit_created" if spec.created_time else ""
+        if group.snapshot_id is None or high is None:
+            # An empty feature table (or no entity rows): keep the shape, match nothing.
+            nulls = ", ".join(f"NULL AS __pit_{i}_{j}" for j in range(len(group.features)))
+            ctes.append(
+                f"{alias} AS (SELECT {keys}, NULL::TIMESTAMPTZ AS {TS}, NULL::TIMESTAMPTZ AS __pit_created, "
+                f"{nulls} FROM ent WHERE FALSE)"
+            )
+        else:
+            bound = f"{quote(spec.event_time)} <= ?"
+            args_here: list[Any] = [local_path(group.table.metadata_location), group.snapshot_id, high]
+            if spec.ttl_seconds and low is not None:
+                bound += f" AND {quote(spec.event_time)} >= ?"
+                args_here.append(low - dt.timedelta(seconds=spec.ttl_seconds))
+            ctes.append(
+                f"{alias} AS (SELECT {keys}, CAST({quote(spec.event_time)} AS TIMESTAMPTZ) AS {TS}{created}, "
+                f"{features} FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {bound})"
+            )
+            args += args_here
+        on = " AND ".join(f"ent.{quote(k)} = {alias}.{quote(k)}" for k in spec.entity_keys)
+        if spec.created_time:
+            inequality = (
+                f"struct_pack(t := ent.{TS}, c := 'infinity'::TIMESTAMPTZ) >= struct_pack(t := {alias}.{TS}, "
+                f"c := coalesce({alias}.__pit_created, '-infinity'::TIMESTAMPTZ))"
+            )
+        else:
+            inequality = f"ent.{TS} >= {alias}.{TS}"
+        joins.append(f"ASOF LEFT JOIN {alias} ON {on} AND {inequality}")
+        fresh = f"{alias}.{TS} >= ent.{TS} - to_seconds({int(spec.ttl_seconds)})" if spec.ttl_seconds else None
+        for j in range(len(group.features)):
+            value = f"{alias}.__pit_{i}_{j}"
+            selected[(i, j)] = f"CASE WHEN {fresh} THEN {value} END" if fresh else value
+    outputs = [f"ent.{quote(n)}" for n in plan.entity_schema.names]
+    outputs += [f"{selected[(i, j)]} AS {quote(name)}" for i, j, name in plan.columns]
+    sql = f"WITH {', '.join(ctes)} SELECT {', '.join(outputs)} FROM ent {' '.join(joins)} ORDER BY ent.{ROW}"
+    return sql, args
+
+
+def run_historical(
+    plan: HistoricalPlan, cursor: Any, relation: str, params: list[Any], batch_rows: int
+) -> pa.RecordBatchReader:
+    """Execute the join over `relation` (registered or created on `cursor`) and stream the result."""
+    low, high = entity_bounds(cursor, relation, params)
+    sql, args = join_sql(plan, relation, params, low, high)
+    return cursor.execute(sql, args).to_arrow_reader(batch_rows).cast(plan.schema)
+
+
+def plan_request(catalog: FeatureCatalog, request: HistoricalRequest) -> tuple[HistoricalPlan, pa.Table | None]:
+    """Plan a request whose entities are on the server or inline (not a do_exchange stream)."""
+    if request.entities is None:
+        raise RequestError(
+            "this request has no 'entities': stream the entity rows with do_exchange, "
+            "or name an entity table or inline rows"
+        )
+    if request.entities.rows is not None:
+        entities = inline_entities(request.entities.rows, request.entity_time)
+        return plan_historical(catalog, request, entities.schema), entities
+    return plan_historical(catalog, request), None
+
+
+def open_historical(
+    catalog: FeatureCatalog, engine: Engine, request: HistoricalRequest, batch_rows: int
+) -> pa.RecordBatchReader:
+    """Stream the training set for a `do_get` ticket."""
+    plan, inline = plan_request(catalog, request)
+    _use_storage(engine, plan)
+    cursor = engine.cursor()
+    if inline is None:
+        relation, params = server_entities(plan)
+        return run_historical(plan, cursor, relation, params, batch_rows)
+    _append_entities(cursor, prepare_entities(inline, request.entity_time, 0), create=True)
+    return _keep_alive(run_historical(plan, cursor, "__pit_entities", [], batch_rows), cursor)
+
+
+def exchange_historical(
+    catalog: FeatureCatalog,
+    engine: Engine,
+    request: HistoricalRequest,
+    reader: flight.MetadataRecordBatchReader,
+    writer: flight.MetadataRecordBatchWriter,
+    is_cancelled: Callable[[], bool],
+    batch_rows: int,
+) -> int:
+    """`do_exchange`: take the client's entity stream, answer with the joined rows on the same call.
+
+    Entity rows go into a DuckDB temporary table (which spills to disk beyond the memory limit),
+    so the server holds no state between calls and any replica can answer.
+    """
+    if request.entities is not None:
+        raise RequestError("a do_exchange request takes its entity rows from the stream: drop 'entities'")
+    plan = plan_historical(catalog, request, reader.schema)
+    _use_storage(engine, plan)
+    cursor = engine.cursor()
+    rows = 0
+    _append_entities(cursor, prepare_entities(reader.schema.empty_table(), request.entity_time, 0), create=True)
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            break
+        except (flight.FlightError, pa.ArrowException) as exc:
+            raise RequestError(f"the entity stream broke after {rows} rows: {exc}") from None
+        if chunk.data is not None and chunk.data.num_rows:
+            _append_entities(cursor, prepare_entities(chunk.data, request.entity_time, rows))
+            rows += chunk.data.num_rows
+    if is_cancelled():
+        return 0
+    result = run_historical(plan, cursor, "__pit_entities", [], batch_rows)
+    writer.begin(result.schema)
+    for batch in result:
+        writer.write_batch(batch)
+    cursor.close()
+    return rows
+
+
+def endpoint_requests(plan: HistoricalPlan, partitions: int) -> list[HistoricalRequest]:
+    """Tickets for the parts of a training set: snapshots pinned, entity keys split by hash.
+
+    Their union is exactly the whole result, so clients may fetch them in parallel, anywhere.
+    """
+    request = plan.request
+    pins = {g.name: g.snapshot_id for g in plan.groups if g.snapshot_id is not None}
+    entities = request.entities
+    if entities is not None and entities.table is not None:
+        entities = replace(entities, snapshot_id=plan.entity_snapshot_id)
+    else:
+        partitions = 1
+    return [
+        replace(
+            request,
+            entities=entities,
+            snapshot_ids=pins,
+            as_of=None,
+            partitions=None,
+            partition=[i, partitions] if partitions > 1 else None,
+        )
+        for i in range(partitions)
+    ]
+
+
+def _append_entities(cursor: Any, rows: pa.Table, create: bool = False) -> None:
+    """Add entity rows to the cursor's temporary table `__pit_entities` (DuckDB spills it if large)."""
+    cursor.register("__pit_batch", rows)
+    if create:
+        cursor.execute("CREATE TEMP TABLE __pit_entities AS SELECT * FROM __pit_batch")
+    else:
+        cursor.execute("INSERT INTO __pit_entities SELECT * FROM __pit_batch")
+    cursor.unregister("__pit_batch")
+
+
+def _use_storage(engine: Engine, plan: HistoricalPlan) -> None:
+    for table in [g.table for g in plan.groups] + ([plan.entity_table] if plan.entity_table else []):
+        engine.use_storage(table.io.properties)
+
+
+def _keep_alive(reader: pa.RecordBatchReader, cursor: Any) -> pa.RecordBatchReader:
+    """A reader that holds `cursor` (and the entities registered on it) until it is consumed."""
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from reader
+        finally:
+            cursor.close()
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())
