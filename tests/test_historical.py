@@ -1,0 +1,299 @@
+"""Training sets: the point-in-time contract against a plain reference, reproducibility, endpoints."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute below)
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flight_client import FeatureClient, InvalidRequestError, NotFoundError, read_flight
+from tests.conftest import start_server
+
+UTC = dt.timezone.utc
+BASE = dt.datetime(2025, 6, 1, tzinfo=UTC)
+TTL_HOURS = 2
+
+
+def hours(h: int | None) -> dt.datetime | None:
+    return None if h is None else BASE + dt.timedelta(hours=h)
+
+
+@pytest.fixture(scope="module")
+def catalog_properties(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root: Path = tmp_path_factory.mktemp("historical")
+    return {"type": "sql", "uri": f"sqlite:///{root / 'c.db'}", "warehouse": root.as_uri()}
+
+
+@pytest.fixture(scope="module")
+def location(catalog_properties: dict[str, str]) -> Iterator[str]:
+    server = start_server(catalog_properties)
+    yield f"grpc://127.0.0.1:{server.port}"
+    server.shutdown()
+
+
+# Table A: composite key (k1 int, k2 string), a created time, a TTL of two hours.
+# Table B: key k1 only, no created time, no TTL. Keys and hours are tiny so that ties, TTL edges,
+# unknown entities and duplicates happen all the time.
+k1s = st.integers(0, 3)
+k2s = st.sampled_from(["x", "y"])
+a_rows = st.lists(
+    st.tuples(k1s, k2s, st.integers(0, 6), st.none() | st.integers(0, 3), st.none() | st.floats(-9, 9)),
+    min_size=1,
+    max_size=25,
+    unique_by=lambda r: (r[0], r[1], r[2], r[3]),
+)
+b_rows = st.lists(
+    st.tuples(k1s, st.integers(0, 6), st.none() | st.sampled_from(["p", "q", "r"])),
+    min_size=1,
+    max_size=15,
+    unique_by=lambda r: (r[0], r[1]),
+)
+entity_rows = st.lists(
+    st.tuples(
+        st.none() | st.integers(0, 4),
+        st.none() | st.sampled_from(["x", "y", "z"]),
+        st.integers(-1, 9),
+        st.integers(0, 1),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+def reference(entities: list[tuple[Any, ...]], a: list[tuple[Any, ...]], b: list[tuple[Any, ...]]) -> list[dict]:
+    """The contract, written as plainly as possible."""
+    out = []
+    for k1, k2, h, label in entities:
+        row = {"k1": k1, "k2": k2, "ts": hours(h), "label": label, "a_value": None, "b_value": None}
+        if k1 is not None and k2 is not None:
+            matches = [r for r in a if r[0] == k1 and r[1] == k2 and h - TTL_HOURS <= r[2] <= h]
+            if matches:
+                best = max(matches, key=lambda r: (r[2], -1 if r[3] is None else r[3]))
+                row["a_value"] = best[4]
+        if k1 is not None:
+            matches = [r for r in b if r[0] == k1 and r[1] <= h]
+            if matches:
+                row["b_value"] = max(matches, key=lambda r: r[1])[2]
+        out.append(row)
+    return out
+
+
+def write_tables(client: FeatureClient, a: list[tuple[Any, ...]], b: list[tuple[Any, ...]]) -> tuple[str, str]:
+    suffix = uuid.uuid4().hex[:10]
+    table_a, table_b = f"pit.a_{suffix}", f"pit.b_{suffix}"
+    client.write(
+        table_a,
+        pa.table(
+            {
+                "k1": pa.array([r[0] for r in a], pa.int64()),
+                "k2": [r[1] for r in a],
+                "ts": pa.array([hours(r[2]) for r in a], pa.timestamp("us", tz="UTC")),
+                "created": pa.array([hours(r[3]) for r in a], pa.timestamp("us", tz="UTC")),
+                "value": pa.array([r[4] for r in a], pa.float64()),
+            }
+        ),
+        entity_keys=["k1", "k2"],
+        event_time="ts",
+        created_time="created",
+        ttl=dt.timedelta(hours=TTL_HOURS),
+    )
+    client.write(
+        table_b,
+        pa.table(
+            {
+                "k1": pa.array([r[0] for r in b], pa.int32()),  # a different integer width than the entities
+                "when": pa.array([hours(r[1]) for r in b], pa.timestamp("us", tz="UTC")),
+                "value": pa.array([r[2] for r in b], pa.string()),
+            }
+        ),
+        entity_keys=["k1"],
+        event_time="when",
+    )
+    return table_a, table_b
+
+
+def entity_table(entities: list[tuple[Any, ...]]) -> pa.Table:
+    return pa.table(
+        {
+            "k1": pa.array([e[0] for e in entities], pa.int64()),
+            "k2": pa.array([e[1] for e in entities], pa.string()),
+            "ts": pa.array([hours(e[2]) for e in entities], pa.timestamp("us", tz="UTC")),
+            "label": pa.array([e[3] for e in entities], pa.int64()),
+        }
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(a=a_rows, b=b_rows, entities=entity_rows)
+def test_training_set_matches_reference(location: str, a: list, b: list, entities: list) -> None:
+    with FeatureClient(location) as client:
+        table_a, table_b = write_tables(client, a, b)
+        result = client.get_historical_features(
+            entity_table(entities),
+            [f"{table_a}:value", f"{table_b}:value"],
+            entity_time="ts",
+            full_feature_names=True,
+        )
+    got = result.rename_columns(["k1", "k2", "ts", "label", "a_value", "b_value"]).to_pylist()
+    assert got == reference(entities, a, b)
+
+
+def _demo(client: FeatureClient) -> tuple[str, str, pd.DataFrame]:
+    suffix = uuid.uuid4().hex[:10]
+    drivers, customers = f"pit.drivers_{suffix}", f"pit.customers_{suffix}"
+    client.write(
+        drivers,
+        pd.DataFrame(
+            {
+                "driver_id": [1, 1, 2, 2],
+                "event_timestamp": [hours(0), hours(5), hours(1), hours(3)],
+                "rate": [0.1, 0.5, 0.2, 0.3],
+            }
+        ),
+        entity_keys=["driver_id"],
+        event_time="event_timestamp",
+    )
+    client.write(
+        customers,
+        pd.DataFrame({"customer_id": ["a", "b"], "event_timestamp": [hours(0), hours(0)], "tier": ["gold", "silver"]}),
+        entity_keys=["customer_id"],
+        event_time="event_timestamp",
+    )
+    entities = pd.DataFrame(
+        {
+            "driver_id": [2, 1, 1, 3, 2, 1],
+            "customer_id": ["a", "b", "a", "a", "b", None],
+            "event_timestamp": [hours(2), hours(6), hours(4), hours(6), hours(9), hours(5)],
+            "label": [1, 0, 1, 1, 0, 1],
+        }
+    )
+    return drivers, customers, entities
+
+
+EXPECTED_RATE = [0.2, 0.5, 0.1, None, 0.3, 0.5]
+EXPECTED_TIER = ["gold", "silver", "gold", "gold", "silver", None]
+
+
+def test_entity_sources_agree(location: str) -> None:
+    with FeatureClient(location) as client:
+        drivers, customers, entities = _demo(client)
+        features = [f"{drivers}:rate", f"{customers}:tier"]
+        streamed = client.get_historical_features(entities, features)
+        assert streamed.column("rate").to_pylist() == EXPECTED_RATE
+        assert streamed.column("tier").to_pylist() == EXPECTED_TIER
+        assert streamed.select(list(entities.columns)).to_pandas().equals(entities)
+
+        inline = client.get_historical_features(entities.to_dict("list"), features)
+        assert inline.to_pylist() == streamed.to_pylist()
+
+        table = f"{drivers}_entities"
+        client.write(table, entities.dropna(), entity_keys=["driver_id"], event_time="event_timestamp")
+        server_side = client.get_historical_features(table, features, partitions=3)
+        key = [("driver_id", "ascending"), ("event_timestamp", "ascending")]
+        expected = streamed.filter(pa.compute.is_valid(streamed.column("customer_id")))
+        assert server_side.sort_by(key).to_pylist() == expected.sort_by(key).to_pylist()
+        meta = json.loads(server_side.schema.metadata[b"flight.snapshots"])
+        assert meta["entities"]["table"] == table and set(meta["features"]) == {drivers, customers}
+
+        filtered = read_flight(location, table, features=features, entity_filter="label = 1")
+        assert filtered["label"].eq(1).all() and len(filtered) == 3
+
+
+def test_endpoints_partition_the_result(location: str) -> None:
+    with FeatureClient(location) as client:
+        drivers, customers, entities = _demo(client)
+        table = f"{drivers}_entities"
+        client.write(table, entities.dropna(), entity_keys=["driver_id"], event_time="event_timestamp")
+        features = [f"{drivers}:rate"]
+        whole = client.get_historical_features(table, features, partitions=1).to_pylist()
+        shards = [list(client.iter_historical_features(table, features, rank=r, world_size=3)) for r in range(3)]
+        rows = [row for shard in shards for batch in shard for row in batch.to_pylist()]
+        key = lambda r: (r["event_timestamp"], r["driver_id"])  # noqa: E731
+        assert sorted(rows, key=key) == sorted(whole, key=key)
+        local = [list(client.iter_historical_features(entities, features, rank=r, world_size=2)) for r in range(2)]
+        assert sum(b.num_rows for shard in local for b in shard) == len(entities)
+
+
+def test_pinned_snapshots_reproduce_the_result(location: str) -> None:
+    with FeatureClient(location) as client:
+        drivers, customers, entities = _demo(client)
+        features = [f"{drivers}:rate", f"{customers}:tier"]
+        first = client.get_historical_features(entities, features)
+        pins = json.loads(first.schema.metadata[b"flight.snapshots"])["features"]
+        client.write(drivers, pd.DataFrame({"driver_id": [2], "event_timestamp": [hours(2)], "rate": [9.9]}))
+        client.write(customers, pd.DataFrame({"customer_id": ["a"], "event_timestamp": [hours(1)], "tier": ["x"]}))
+        assert client.get_historical_features(entities, features).to_pylist() != first.to_pylist()
+        again = client.get_historical_features(entities, features, snapshot_ids=pins)
+        assert again.to_pylist() == first.to_pylist()
+
+
+def test_feature_names(location: str) -> None:
+    with FeatureClient(location) as client:
+        drivers, customers, entities = _demo(client)
+        named = client.get_historical_features(entities, [f"{drivers}:rate"], full_feature_names=True)
+        assert named.column_names[-1] == f"{drivers.split('.')[-1]}__rate"
+        client.write(
+            drivers, pd.DataFrame({"driver_id": [1], "event_timestamp": [hours(0)], "label": [1]}), evolve=True
+        )
+        with pytest.raises(InvalidRequestError, match=r"\['label'\] would appear twice"):
+            client.get_historical_features(entities, [f"{drivers}:label"])
+
+
+BAD = {
+    "unknown feature": (lambda d, c: [f"{d}:nope"], None, NotFoundError, "has no column 'nope'"),
+    "unknown table": (lambda d, c: ["pit.nowhere:x"], None, NotFoundError, "does not exist"),
+    "malformed ref": (lambda d, c: ["no-colon"], None, InvalidRequestError, "not of the form 'table:feature'"),
+    "missing timestamp": (lambda d, c: [f"{d}:rate"], "when", InvalidRequestError, "no timestamp column 'when'"),
+    "missing key": (
+        lambda d, c: [f"{c}:tier"],
+        "drop customer_id",
+        InvalidRequestError,
+        "lack key column 'customer_id'",
+    ),
+    "wrong key type": (
+        lambda d, c: [f"{d}:rate"],
+        "string driver_id",
+        InvalidRequestError,
+        "'driver_id' is (large_)?string but",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_requests(location: str, case: str) -> None:
+    features, change, error, message = BAD[case]
+    with FeatureClient(location) as client:
+        drivers, customers, entities = _demo(client)
+        entity_time = "event_timestamp"
+        if change == "when":
+            entity_time = "when"
+        elif change == "drop customer_id":
+            entities = entities.drop(columns=["customer_id"])
+        elif change == "string driver_id":
+            entities = entities.assign(driver_id=entities["driver_id"].astype(str))
+        with pytest.raises(error, match=message):
+            client.get_historical_features(entities, features(drivers, customers), entity_time=entity_time)
+        assert client.health()["status"] == "ok"
+
+
+def test_plain_table_is_not_a_feature_table(location: str, catalog_properties: dict[str, str]) -> None:
+    from pyiceberg.catalog import load_catalog
+
+    catalog = load_catalog("default", **catalog_properties)
+    catalog.create_namespace_if_not_exists("pit")
+    name = f"pit.plain_{uuid.uuid4().hex[:8]}"
+    catalog.create_table(name, schema=pa.schema([("driver_id", pa.int64()), ("x", pa.float64())]))
+    with FeatureClient(location) as client:
+        _, _, entities = _demo(client)
+        with pytest.raises(InvalidRequestError, match="not a feature table"):
+            client.get_historical_features(entities, [f"{name}:x"])
