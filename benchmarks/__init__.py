@@ -1,0 +1,1 @@
+"""`flight-bench`: reproducible throughput benchmarks of the feature server, each next to its ceiling or baseline."""

@@ -1,0 +1,71 @@
+"""The raw Flight ceiling: a minimal server streaming an in-memory Arrow table, in its own process.
+
+Its own process, like the feature server, so both pay the same process boundary and neither
+shares an allocator or gRPC threads with the client (in the benchmark's process the ceiling
+measured 5-25% lower here). Run as `python -m benchmarks.ceiling FILE BATCH_ROWS`: it loads the
+Arrow IPC file into memory and prints its port once it serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+START_TIMEOUT_SECONDS = 60.0
+
+
+class MemoryFlightServer(flight.FlightServerBase):
+    """The least work a Flight `do_get` can do: stream a table already in memory, from C++."""
+
+    def __init__(self, table: pa.Table, batch_rows: int):
+        super().__init__("grpc://127.0.0.1:0")
+        # Rebatched like the feature server's results, so only the work behind the stream differs.
+        self._table = pa.Table.from_batches(table.combine_chunks().to_batches(max_chunksize=batch_rows), table.schema)
+
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
+        return flight.RecordBatchStream(self._table)
+
+
+@contextlib.contextmanager
+def ceiling_server(table: pa.Table, batch_rows: int) -> Iterator[str]:
+    """Serve `table` from a separate process; yields its location and stops it afterwards."""
+    with tempfile.TemporaryDirectory(prefix="flight-bench-ceiling-") as tmp:
+        path = Path(tmp) / "table.arrow"
+        with pa.ipc.new_file(path, table.schema) as sink:
+            sink.write_table(table)
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ceiling", str(path), str(batch_rows)],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # the child prints its port only once it serves, or exits
+            if not line.strip().isdigit():
+                raise RuntimeError(f"the ceiling server did not start (exit code {proc.wait(START_TIMEOUT_SECONDS)})")
+            yield f"grpc://127.0.0.1:{int(line)}"
+        finally:
+            proc.terminate()
+            proc.wait(START_TIMEOUT_SECONDS)
+
+
+def read(client: flight.FlightClient) -> pa.Table:
+    """One full read of the ceiling table: what the feature server's scan is compared with."""
+    return client.do_get(flight.Ticket(b"table")).read_all()
+
+
+def main(argv: list[str]) -> None:
+    path, batch_rows = argv
+    with pa.OSFile(path) as source:
+        table = pa.ipc.open_file(source).read_all()  # copied into memory, not mapped: no disk in the stream
+    server = MemoryFlightServer(table, int(batch_rows))
+    print(server.port, flush=True)
+    server.serve()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

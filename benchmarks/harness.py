@@ -1,0 +1,225 @@
+"""Where and how benchmarks run: a throwaway server process, repeated timing, and the machine they ran on.
+
+The server runs in its own process, exactly as users start it, so a benchmark measures the
+real process boundary, gRPC on loopback and the server's own GIL, never a shortcut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from benchmarks.report import progress
+from flight_client import FeatureClient, FeatureServerError
+
+START_TIMEOUT_SECONDS = 90.0
+STOP_TIMEOUT_SECONDS = 30.0
+_VERSIONED = ("iceberg-feature-flight", "pyarrow", "duckdb", "pyiceberg", "numpy", "pandas")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall times of the measured repeats (warm-up runs excluded)."""
+
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"median_s": self.median, "min_s": min(self.seconds), "max_s": max(self.seconds),
+                "repeat": len(self.seconds), "times_s": self.seconds}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One thing to time; `setup` runs untimed before each run (e.g. to create a fresh table)."""
+
+    run: Callable[[], object]
+    setup: Callable[[], None] | None = None
+
+
+def measure(cases: Mapping[str, Case], repeat: int, warmup: int, label: str) -> dict[str, Timing]:
+    """Time each case `repeat` times after `warmup` untimed runs, interleaving the cases round by round.
+
+    Interleaving spreads the bursts of a shared, noisy machine over all cases, so their ratios stay
+    fair; the median resists those bursts and min/max show the spread. Each round is announced on
+    stderr as `label: round i/n`, since a round of a full-size benchmark can take a minute.
+    """
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    for run in range(warmup + repeat):
+        progress(f"{label}: round {run + 1}/{warmup + repeat}{' (warm-up)' if run < warmup else ''}")
+        for name, case in cases.items():
+            if case.setup is not None:
+                case.setup()
+            start = time.perf_counter()
+            case.run()
+            elapsed = time.perf_counter() - start
+            if run >= warmup:
+                seconds[name].append(elapsed)
+    return {name: Timing(times) for name, times in seconds.items()}
+
+
+@dataclass
+class Target:
+    """The server under test; `warehouse` and `pid` are known only for a server this run started."""
+
+    location: str
+    warehouse: Path | None = None
+    pid: int | None = None
+
+    def catalog_properties(self) -> dict[str, str] | None:
+        """The embedded default catalog the local server uses, so baselines can read the same tables."""
+        if self.warehouse is None:
+            return None
+        uri = f"sqlite:///{self.warehouse / 'catalog.db'}"
+        return {"type": "sql", "uri": uri, "warehouse": self.warehouse.as_uri()}
+
+    def peak_rss_bytes(self) -> int | None:
+        """The server's peak resident memory so far (VmHWM), when it is a local Linux process."""
+        if self.pid is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def is_healthy(location: str) -> bool:
+    try:
+        with FeatureClient(location, timeout=2) as client:
+            return client.health().get("status") == "ok"
+    except (FeatureServerError, OSError):
+        return False
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def local_server() -> Iterator[Target]:
+    """A server on a fresh temporary warehouse and a free loopback port, stopped with SIGTERM at the end."""
+    with tempfile.TemporaryDirectory(prefix="flight-bench-") as tmp:
+        warehouse = Path(tmp) / "warehouse"
+        log_path = Path(tmp) / "server.log"
+        port = free_port()
+        location = f"grpc://127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
+        command = [sys.executable, "-m", "flight_server", "serve", "--port", str(port), "--warehouse", str(warehouse),
+                   "--log-level", "WARNING"]
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_SECONDS
+            while not is_healthy(location):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with code {proc.returncode}:\n{_tail(log_path)}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not answer health within {START_TIMEOUT_SECONDS:.0f}s:\n"
+                                       f"{_tail(log_path)}")
+                time.sleep(0.05)
+            yield Target(location, warehouse.resolve(), proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def target(location: str | None) -> Iterator[Target]:
+    """The server given by `--location`, or a fresh local one."""
+    if location is None:
+        with local_server() as started:
+            yield started
+        return
+    if not is_healthy(location):
+        raise RuntimeError(f"no healthy feature server at {location}")
+    yield Target(location)
+
+
+def _memory_bytes() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on; a benchmark result means little without it."""
+    versions = {}
+    for package in _VERSIONED:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_bytes": _memory_bytes(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The knobs every benchmark shares, after `--quick` and per-benchmark defaults are applied."""
+
+    rows: int
+    entities: int
+    seed: int
+    features: int
+    repeat: int
+    warmup: int
+
+
+def table_name(prefix: str) -> str:
+    """A table name no earlier run used, so runs against a long-lived server never collide."""
+    return f"bench.{prefix}_{uuid.uuid4().hex[:10]}"

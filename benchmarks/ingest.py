@@ -1,0 +1,125 @@
+"""`flight-bench ingest`: how fast `FeatureClient.write` lands rows in Iceberg, next to a plain Parquet write.
+
+Every run appends the whole generated table to a fresh table that already exists (created
+untimed with one row), so runs are comparable and the figure is steady-state append speed.
+With several writers, each sends an equal slice at the same time, to the same table: the
+figure then includes the server retrying the commits that lost the race.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from benchmarks import report
+from benchmarks.baselines import PARQUET_WRITE, parquet_write
+from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_table
+from benchmarks.harness import Case, Settings, Target, measure, table_name
+from flight_client import FeatureClient
+
+NARROW_FEATURES = 1  # with the key and the two time columns: 4 columns
+BATCH_ROWS = (16_384, 131_072)
+WRITERS = (1, 4)
+FEATURE_SPEC: dict[str, Any] = {"entity_keys": [ENTITY_KEY], "event_time": EVENT_TIME, "created_time": CREATED_TIME}
+
+
+class Appends:
+    """Appends `data` in batches of `batch_rows` from `writers` clients at once, to a fresh table each run."""
+
+    def __init__(self, location: str, data: pa.Table, batch_rows: int, writers: int):
+        self.clients = [FeatureClient(location) for _ in range(writers)]
+        self.pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="bench-writer")
+        size = -(-data.num_rows // writers)
+        self.parts = [data.slice(i * size, size) for i in range(writers)]
+        self.data, self.batch_rows = data, batch_rows
+        self.table = ""
+
+    def setup(self) -> None:
+        self.table = table_name("ingest")
+        self.clients[0].write(self.table, self.data.slice(0, 1), **FEATURE_SPEC)
+
+    def run(self) -> None:
+        futures = [
+            self.pool.submit(client.write, self.table,
+                             pa.RecordBatchReader.from_batches(part.schema, part.to_batches(self.batch_rows)))
+            for client, part in zip(self.clients, self.parts, strict=True)
+        ]
+        for future in futures:
+            future.result()
+
+    def check(self) -> None:
+        """The last run's table holds every row exactly once: a fast write that loses rows is no result."""
+        rows = self.clients[0].describe(self.table)["rows"]
+        if rows != self.data.num_rows + 1:
+            raise RuntimeError(f"{self.table} holds {rows} rows after appending {self.data.num_rows} to 1")
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        for client in self.clients:
+            client.close()
+
+
+def _key(variant: dict[str, Any]) -> str:
+    return "/".join(str(v) for v in variant.values())
+
+
+def run(target: Target, settings: Settings) -> dict[str, Any]:
+    shapes = {
+        "narrow": feature_table(settings.rows, settings.entities, settings.seed, NARROW_FEATURES),
+        "wide": feature_table(settings.rows, settings.entities, settings.seed, settings.features),
+    }
+    variants: list[dict[str, Any]] = []
+    cases: dict[str, Case] = {}
+    appends: list[Appends] = []
+    with tempfile.TemporaryDirectory(prefix="flight-bench-parquet-") as tmp, contextlib.ExitStack() as cleanup:
+        for shape, data in shapes.items():
+            for batch_rows in BATCH_ROWS:
+                for writers in WRITERS:
+                    append = Appends(target.location, data, batch_rows, writers)
+                    cleanup.callback(append.close)
+                    appends.append(append)
+                    variants.append({"shape": shape, "method": "flight", "batch_rows": batch_rows, "writers": writers})
+                    cases[_key(variants[-1])] = Case(append.run, append.setup)
+            path = Path(tmp) / f"{shape}.parquet"
+            variants.append({"shape": shape, "method": "parquet", "batch_rows": None, "writers": None})
+            cases[_key(variants[-1])] = Case(lambda data=data, path=path: parquet_write(data, path))
+        report.progress(f"ingest: timing {len(cases)} kinds of write of {settings.rows:,} rows, interleaved")
+        timings = measure(cases, settings.repeat, settings.warmup, "ingest")
+        for append in appends:
+            append.check()
+    results = []
+    for variant in variants:
+        data, timing = shapes[variant["shape"]], timings[_key(variant)]
+        baseline = timings[_key({**variant, "method": "parquet", "batch_rows": None, "writers": None})]
+        results.append({
+            **variant,
+            "columns": data.num_columns,
+            **timing.as_dict(),
+            "rows_per_s": data.num_rows / timing.median,
+            "mb_per_s": data.nbytes / report.MB / timing.median,
+            "ratio_to_parquet": baseline.median / timing.median,
+        })
+    return {
+        "rows": settings.rows,
+        "arrow_mb": {shape: data.nbytes / report.MB for shape, data in shapes.items()},
+        "baseline": PARQUET_WRITE,
+        "results": results,
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    sizes = ", ".join(f"{shape} {mb:.1f} MB" for shape, mb in result["arrow_mb"].items())
+    header = (f"ingest: {result['rows']:,} rows per write ({sizes} of Arrow), appended to an existing table "
+              f"with the default partitioning; baseline: {result['baseline']}")
+    rows = []
+    for r in result["results"]:
+        how = ("local Parquet file (baseline)" if r["method"] == "parquet"
+               else f"{r['batch_rows'] // 1024}K-row batches, {r['writers']} writer{'s' if r['writers'] > 1 else ''}")
+        rows.append([f"{r['shape']} ({r['columns']} cols), {how}", *report.timing_cells(r),
+                     report.ratio(r["ratio_to_parquet"])])
+    return "\n".join([header, report.table(["write", *report.TIMING_HEADERS, "vs Parquet"], rows)])

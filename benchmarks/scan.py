@@ -1,0 +1,82 @@
+"""`flight-bench scan`: how fast a whole table reaches a client, next to the raw Flight ceiling.
+
+The ceiling is the same Arrow table served from memory by a minimal Flight server in the same
+run, batched like ours: the ratio says what share of the transport's capacity our scan uses.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pyarrow.flight as flight
+
+from benchmarks import ceiling, report
+from benchmarks.baselines import LocalReaders
+from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_table
+from benchmarks.harness import Case, Settings, Target, measure, table_name
+from flight_client import FeatureClient
+from flight_server.config import ServerConfig
+
+SERVER_BATCH_ROWS = ServerConfig.batch_rows
+CEILING = "raw_flight_ceiling"
+LABELS = {
+    CEILING: "raw Flight do_get of the table in memory (ceiling)",
+    "flight_arrow": "Flight scan -> Arrow",
+    "flight_pandas": "Flight scan -> pandas",
+    "duckdb_local": "DuckDB iceberg_scan, in process (no Flight)",
+    "pyiceberg_local": "pyiceberg scan().to_arrow(), in process (no Flight)",
+}
+
+
+def run(target: Target, settings: Settings) -> dict[str, Any]:
+    data = feature_table(settings.rows, settings.entities, settings.seed, settings.features)
+    name = table_name("scan")
+    with FeatureClient(target.location) as client:
+        report.progress(f"scan: writing {settings.rows:,} rows to {name}")
+        start = time.perf_counter()
+        client.write(name, data, entity_keys=[ENTITY_KEY], event_time=EVENT_TIME, created_time=CREATED_TIME)
+        write_seconds = time.perf_counter() - start
+        received = client.scan(name).read_all()
+        if received.num_rows != data.num_rows:
+            raise RuntimeError(f"the scan returned {received.num_rows} rows; {data.num_rows} were written")
+        properties = target.catalog_properties()
+        local = LocalReaders(properties) if properties else None
+        with ceiling.ceiling_server(received, SERVER_BATCH_ROWS) as location, flight.FlightClient(location) as raw:
+            cases = {
+                CEILING: Case(lambda: ceiling.read(raw)),
+                "flight_arrow": Case(lambda: client.scan(name).read_all()),
+                "flight_pandas": Case(lambda: client.scan(name).read_pandas()),
+            }
+            if local is not None:
+                cases["duckdb_local"] = Case(lambda: local.duckdb(name))
+                cases["pyiceberg_local"] = Case(lambda: local.pyiceberg(name))
+            report.progress(f"scan: timing {len(cases)} read paths, interleaved")
+            timings = measure(cases, settings.repeat, settings.warmup, "scan")
+    ceiling_s = timings[CEILING].median
+    results = {}
+    for key, timing in timings.items():
+        results[key] = {
+            "label": LABELS[key],
+            **timing.as_dict(),
+            "rows_per_s": received.num_rows / timing.median,
+            "mb_per_s": received.nbytes / report.MB / timing.median,
+            "ratio_to_ceiling": ceiling_s / timing.median,
+        }
+    return {
+        "table": name,
+        "rows": received.num_rows,
+        "columns": received.num_columns,
+        "arrow_mb": received.nbytes / report.MB,
+        "server_batch_rows": SERVER_BATCH_ROWS,
+        "write_s": write_seconds,
+        "results": results,
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    header = (f"scan: {result['rows']:,} rows x {result['columns']} columns = {result['arrow_mb']:.1f} MB of Arrow; "
+              f"ceiling batches {result['server_batch_rows']:,} rows (the server's default)")
+    rows = [[r["label"], *report.timing_cells(r), report.ratio(r["ratio_to_ceiling"])]
+            for r in result["results"].values()]
+    return "\n".join([header, report.table(["read path", *report.TIMING_HEADERS, "vs ceiling"], rows)])

@@ -1,0 +1,111 @@
+"""`flight-bench --quick` end to end, so the benchmarks never rot: every subcommand runs and reports sane figures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from benchmarks.cli import main
+from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_table
+from benchmarks.harness import Target, local_server
+
+pytestmark = pytest.mark.timeout(300)
+
+TIMING_KEYS = {"median_s", "min_s", "max_s", "repeat", "times_s"}
+
+
+@pytest.fixture(scope="module")
+def running_server() -> Iterator[Target]:
+    """One server for the `--location` runs, so they do not each pay a start-up."""
+    with local_server() as server:
+        yield server
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """Run `flight-bench ARGS --quick --json FILE` and return the parsed file after checking its machine part."""
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(main, [*args, "--quick", "--json", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    payload = json.loads(out.read_text())
+    assert {"cores", "memory_bytes", "python", "versions"} <= payload["machine"].keys()
+    assert payload["machine"]["versions"]["pyarrow"]
+    return payload
+
+
+def positive(*values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and v > 0 for v in values)
+
+
+def check_scan(result: dict[str, Any], local: bool) -> None:
+    paths = {"raw_flight_ceiling", "flight_arrow", "flight_pandas"}
+    assert set(result["results"]) == paths | ({"duckdb_local", "pyiceberg_local"} if local else set())
+    for entry in result["results"].values():
+        assert entry.keys() >= TIMING_KEYS
+        assert positive(entry["rows_per_s"], entry["mb_per_s"], entry["ratio_to_ceiling"])
+    assert result["results"]["raw_flight_ceiling"]["ratio_to_ceiling"] == 1.0
+
+
+def check_ingest(result: dict[str, Any]) -> None:
+    flight = {(r["shape"], r["batch_rows"], r["writers"]) for r in result["results"] if r["method"] == "flight"}
+    assert flight == {(shape, batch, writers) for shape in ("narrow", "wide") for batch in (16_384, 131_072)
+                      for writers in (1, 4)}
+    assert {r["columns"] for r in result["results"]} == {4, 50}
+    for entry in result["results"]:
+        assert entry.keys() >= TIMING_KEYS
+        assert positive(entry["rows_per_s"], entry["mb_per_s"], entry["ratio_to_parquet"])
+
+
+def check_partitioning(result: dict[str, Any]) -> None:
+    entries = {(r["operation"], r["layout"]): r for r in result["results"]}
+    assert set(entries) == {(op, layout) for op in ("write", "key lookup", "one-week range")
+                            for layout in ("default", "unpartitioned")}
+    for entry in entries.values():
+        assert entry.keys() >= TIMING_KEYS
+        assert positive(entry["median_s"], entry["rows"], entry["ratio_to_unpartitioned"])
+    # The default layout splits the data by month and key bucket, and so reads fewer files for both queries.
+    assert entries["write", "default"]["files"] > entries["write", "unpartitioned"]["files"] == 1
+    for query in ("key lookup", "one-week range"):
+        assert entries[query, "default"]["rows"] == entries[query, "unpartitioned"]["rows"]
+        assert entries[query, "default"]["planned_rows"] < entries[query, "unpartitioned"]["planned_rows"]
+
+
+def test_generator_is_deterministic_skewed_and_tied() -> None:
+    table = feature_table(5_000, 200, seed=7, feature_columns=5)
+    assert table.equals(feature_table(5_000, 200, seed=7, feature_columns=5))
+    assert not table.equals(feature_table(5_000, 200, seed=8, feature_columns=5))
+    assert table.column_names[:3] == [ENTITY_KEY, EVENT_TIME, CREATED_TIME]
+    assert {str(t) for t in table.schema.types} >= {"int64", "double", "float", "string", "timestamp[us, tz=UTC]"}
+    assert table["f00_float64"].null_count > 0
+    counts = table[ENTITY_KEY].value_counts().field("counts").to_numpy()
+    assert counts.max() > 10 * counts.mean()  # a few hot keys
+    assert table.group_by([ENTITY_KEY, EVENT_TIME]).aggregate([]).num_rows < table.num_rows  # ties to break
+
+
+def test_scan_on_its_own_server(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "scan")["benchmarks"]["scan"]
+    check_scan(result, local=True)
+    assert result["rows"] == 20_000 and result["settings"]["repeat"] == 2
+    assert result["server"]["peak_rss_bytes"] > 0
+
+
+def test_ingest(tmp_path: Path, running_server: Target) -> None:
+    check_ingest(run_bench(tmp_path, "ingest", "--location", running_server.location)["benchmarks"]["ingest"])
+
+
+def test_partitioning(tmp_path: Path, running_server: Target) -> None:
+    result = run_bench(tmp_path, "partitioning", "--location", running_server.location)["benchmarks"]["partitioning"]
+    check_partitioning(result)
+
+
+def test_all_in_one_report(tmp_path: Path, running_server: Target) -> None:
+    payload = run_bench(tmp_path, "all", "--location", running_server.location, "--repeat", "1")
+    assert list(payload["benchmarks"]) == ["scan", "ingest", "partitioning"]
+    check_scan(payload["benchmarks"]["scan"], local=False)  # no warehouse at hand: in-process baselines skipped
+    check_ingest(payload["benchmarks"]["ingest"])
+    check_partitioning(payload["benchmarks"]["partitioning"])
+    assert all(b["server"]["peak_rss_bytes"] is None for b in payload["benchmarks"].values())
