@@ -183,12 +183,12 @@ def serve(
     log = logging.getLogger("flight_server")
     log.info("catalog properties: %s", redact(config.resolved_catalog_properties()))
     location = f"grpc://{'127.0.0.1' if host == '0.0.0.0' else host}:{server.port}"
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     if demo:
         from flight_server.demo import load_demo
 
         load_demo(location)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     log.info(
         'ready: try  python -c "from flight_client import read_flight; '
         "print(read_flight('%s', 'demo.driver_stats', limit=5))\"",

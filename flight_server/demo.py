@@ -52,6 +52,21 @@ def customer_profile(customers: int = 500, days: int = 7, seed: int = 11) -> pa.
     )
 
 
+def trips(rows: int = 5000, seed: int = 13) -> pa.Table:
+    """Labelled entity rows for training sets: which driver took which customer when, and the outcome."""
+    rng = np.random.default_rng(seed)
+    start = int(DEMO_START.timestamp() * 1_000_000)
+    offsets = rng.integers(0, 3 * 86_400, rows) * 1_000_000
+    return pa.table(
+        {
+            "driver_id": rng.integers(1001, 2001, rows),
+            "customer_id": [f"C{i:05d}" for i in rng.integers(0, 500, rows)],
+            "event_timestamp": pa.array(start + offsets, pa.timestamp("us", tz="UTC")),
+            "label": rng.integers(0, 2, rows),
+        }
+    )
+
+
 def load_demo(location: str) -> None:
     """Write the demo tables into namespace `demo` unless they are already there."""
     from flight_client import FeatureClient
@@ -78,3 +93,8 @@ def load_demo(location: str) -> None:
                 write_id="demo-customer-profile",
             )
             log.info("demo: wrote %d rows to demo.customer_profile (snapshot %s)", result.rows, result.snapshot_id)
+        if "demo.trips" not in existing:
+            result = client.write(
+                "demo.trips", trips(), entity_keys=["driver_id"], event_time="event_timestamp", write_id="demo-trips"
+            )
+            log.info("demo: wrote %d rows to demo.trips (snapshot %s)", result.rows, result.snapshot_id)

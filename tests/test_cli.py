@@ -67,7 +67,8 @@ def test_serve_demo_end_to_end(tmp_path: Path) -> None:
         assert proc.poll() is None, (tmp_path / "server.log").read_text()
         wait_until(
             lambda: (
-                {"demo.driver_stats", "demo.customer_profile"} <= {t["table"] for t in FeatureClient(location).tables()}
+                {"demo.driver_stats", "demo.customer_profile", "demo.trips"}
+                <= {t["table"] for t in FeatureClient(location).tables()}
             ),
             timeout=60,
             what="the demo tables",

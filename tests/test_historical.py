@@ -196,6 +196,12 @@ def test_entity_sources_agree(location: str) -> None:
         inline = client.get_historical_features(entities.to_dict("list"), features)
         assert inline.to_pylist() == streamed.to_pylist()
 
+        naive = entities.assign(event_timestamp=entities["event_timestamp"].dt.tz_localize(None))
+        as_utc = client.get_historical_features(naive, features)
+        assert as_utc.column("rate").to_pylist() == EXPECTED_RATE
+        assert as_utc.column("event_timestamp").type.tz is None  # passed through unchanged
+        assert as_utc.column("event_timestamp").to_pylist() == naive["event_timestamp"].tolist()
+
         table = f"{drivers}_entities"
         client.write(table, entities.dropna(), entity_keys=["driver_id"], event_time="event_timestamp")
         server_side = client.get_historical_features(table, features, partitions=3)
