@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 
 import click
 
-from benchmarks import ingest, partitioning, report, scan
-from benchmarks.harness import Settings, Target, machine, target
+from benchmarks import historical, ingest, partitioning, report, scan
+from benchmarks.harness import Settings, machine, target
 from flight_client import FeatureServerError
 
 QUICK_ROWS = 20_000
@@ -21,10 +21,11 @@ REPEAT = 5
 class Benchmark(NamedTuple):
     """A benchmark's entry points and its default sizes."""
 
-    run: Callable[[Target, Settings], dict[str, Any]]
+    run: Callable[..., dict[str, Any]]  # (Target, Settings, **options of its own subcommand)
     render: Callable[[dict[str, Any]], str]
     rows: int
     features: int
+    rows_per_entity: int = 20  # the default --entities is rows / this
 
 
 # Default sizes keep each benchmark within a few minutes on a 2-core machine.
@@ -32,6 +33,9 @@ BENCHMARKS = {
     "scan": Benchmark(scan.run, scan.render, rows=2_000_000, features=8),
     "ingest": Benchmark(ingest.run, ingest.render, rows=500_000, features=47),
     "partitioning": Benchmark(partitioning.run, partitioning.render, rows=1_000_000, features=8),
+    # rows: of the largest of its 3 feature tables (the others get 1/4 and 1/2); features: per table.
+    "historical": Benchmark(historical.run, historical.render, rows=historical.FEATURE_ROWS, features=3,
+                            rows_per_entity=historical.ROWS_PER_ENTITY),
 }
 
 
@@ -53,7 +57,7 @@ class Options:
         rows = self.rows or (QUICK_ROWS if self.quick else benchmark.rows)
         return Settings(
             rows=rows,
-            entities=self.entities or max(1, rows // 20),
+            entities=self.entities or max(1, rows // benchmark.rows_per_entity),
             seed=self.seed,
             features=benchmark.features if self.features is None else self.features,
             repeat=self.repeat or (QUICK_REPEAT if self.quick else REPEAT),
@@ -64,10 +68,12 @@ class Options:
 _OPTIONS = [
     click.option("--rows", type=click.IntRange(1), help="Rows per generated table [default: per benchmark; "
                  f"{QUICK_ROWS:,} with --quick]."),
-    click.option("--entities", type=click.IntRange(1), help="Distinct entity keys [default: rows / 20]."),
+    click.option("--entities", type=click.IntRange(1),
+                 help="Distinct entity keys [default: rows / 20; historical rows / 100]."),
     click.option("--seed", type=int, default=42, show_default=True, help="Seed of the data generator."),
     click.option("--features", type=click.IntRange(0),
-                 help="Feature columns (ingest: of the wide table) [default: 8; ingest 47]."),
+                 help="Feature columns (ingest: of the wide table; historical: per table) [default: 8; ingest 47; "
+                      "historical 3]."),
     click.option("--repeat", type=click.IntRange(1),
                  help=f"Timed runs of each measurement [default: {REPEAT}; {QUICK_REPEAT} with --quick]."),
     click.option("--warmup", type=click.IntRange(0), help="Untimed runs first [default: 1; 0 with --quick]."),
@@ -95,7 +101,7 @@ def machine_line(info: dict[str, Any]) -> str:
             f"Python {info['python']}, {versions}")
 
 
-def execute(names: list[str], options: Options) -> None:
+def execute(names: list[str], options: Options, extra: dict[str, dict[str, Any]] | None = None) -> None:
     """Run the named benchmarks, each against its own fresh server unless `--location` names one."""
     info = machine()
     click.echo(machine_line(info))
@@ -106,7 +112,7 @@ def execute(names: list[str], options: Options) -> None:
         report.progress(f"{name}: {'using ' + options.location if options.location else 'starting a server'}")
         try:
             with target(options.location) as server:
-                result = benchmark.run(server, settings)
+                result = benchmark.run(server, settings, **(extra or {}).get(name, {}))
                 peak = server.peak_rss_bytes()
         except (RuntimeError, FeatureServerError) as exc:
             raise click.ClickException(f"{name}: {exc}") from exc
@@ -124,7 +130,8 @@ def execute(names: list[str], options: Options) -> None:
 
 @click.group()
 def main() -> None:
-    """Benchmarks of the feature Flight server: scans, ingest and partitioning, each next to its ceiling or baseline.
+    """Benchmarks of the feature Flight server: scans, ingest, partitioning and training sets, each next to its
+    ceiling or baseline.
 
     Each subcommand starts its own server on a temporary warehouse unless --location names one.
     Results go to stdout as a table, progress to stderr.
@@ -150,6 +157,15 @@ def ingest_command(**kwargs: Any) -> None:
 def partitioning_command(**kwargs: Any) -> None:
     """Writes, key lookups and time-range scans with the default partitioning, against an unpartitioned table."""
     execute(["partitioning"], Options(**kwargs))
+
+
+@main.command("historical")
+@common_options
+@click.option("--entity-rows", type=click.IntRange(1),
+              help="Entity rows to join [default: rows / 10, so 1,000,000; 2,000 with --quick].")
+def historical_command(entity_rows: int | None, **kwargs: Any) -> None:
+    """Point-in-time training sets (3 feature tables) into pandas, against DuckDB and pandas merge_asof in process."""
+    execute(["historical"], Options(**kwargs), {"historical": {"entity_rows": entity_rows}})
 
 
 @main.command("all")

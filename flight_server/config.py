@@ -37,7 +37,7 @@ class ServerConfig:
     duckdb_threads: int | None = None
     duckdb_temp_dir: str | None = None
     commit_timeout_seconds: float = 120.0
-    historical_partitions: int = 2
+    historical_partitions: int = 1
 
     def resolved_catalog_properties(self) -> dict[str, str]:
         """The catalog properties to load, filling in the embedded default where unset."""

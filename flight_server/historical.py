@@ -47,10 +47,21 @@ class FeatureGroup:
     snapshot_id: int | None
     features: list[str]
     types: list[pa.DataType]
+    key_types: list[pa.DataType]
 
     @property
     def name(self) -> str:
         return table_name(self.table)
+
+
+def partition_predicate(alias: str, keys: tuple[str, ...], types: list[pa.DataType]) -> str:
+    """`hash(keys) % ? = ?` over keys cast to one type per kind, so that an int32 entity key and
+    an int64 feature key of equal value land in the same part."""
+    cast = [
+        f"CAST({alias}{quote(k)} AS BIGINT)" if pa.types.is_integer(t) else f"{alias}{quote(k)}"
+        for k, t in zip(keys, types, strict=True)
+    ]
+    return f"hash({', '.join(cast)}) % ? = ?"
 
 
 @dataclass(frozen=True)
@@ -158,7 +169,8 @@ def plan_historical(
                         f"entity column {key!r} is {entity_type} but {name!r} keys it as {feature_type}; cast it first"
                     )
             by_table[name] = len(groups)
-            groups.append(FeatureGroup(table, spec, snapshot_id, [], []))
+            key_types = [schema.field(k).type for k in spec.entity_keys]
+            groups.append(FeatureGroup(table, spec, snapshot_id, [], [], key_types))
         group = groups[by_table[name]]
         schema = table_arrow_schema(snapshot_schema(group.table, group.snapshot_id))
         if schema.get_field_index(feature) < 0:
@@ -222,7 +234,9 @@ def server_entities(plan: HistoricalPlan) -> tuple[str, list[Any]]:
     time = plan.request.entity_time
     partition = plan.request.partition
     if partition is not None:
-        where += f" AND hash({', '.join(quote(k) for k in keys)}) % ? = ?"
+        # Split by the first table's keys; tables keyed the same way are split alike in join_sql.
+        split = plan.groups[0].spec.entity_keys
+        where += " AND " + partition_predicate("", split, [plan.entity_schema.field(k).type for k in split])
         params += [partition[1], partition[0]]
     order = [time, *keys, *(n for n in plan.entity_schema.names if n != time and n not in keys)]
     columns = ", ".join(quote(n) for n in plan.entity_schema.names)
@@ -262,6 +276,10 @@ def join_sql(
             if spec.ttl_seconds and low is not None:
                 bound += f" AND {quote(spec.event_time)} >= ?"
                 args_here.append(low - dt.timedelta(seconds=spec.ttl_seconds))
+            partition = plan.request.partition
+            if partition is not None and spec.entity_keys == plan.groups[0].spec.entity_keys:
+                bound += " AND " + partition_predicate("", spec.entity_keys, group.key_types)
+                args_here += [partition[1], partition[0]]
             ctes.append(
                 f"{alias} AS (SELECT {keys}, CAST({quote(spec.event_time)} AS TIMESTAMPTZ) AS {TS}{created}, "
                 f"{features} FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {bound})"

@@ -7,11 +7,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute below)
 import pytest
 from click.testing import CliRunner
 
 from benchmarks.cli import main
-from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_table
+from benchmarks.datagen import (
+    CHANNEL,
+    CREATED_TIME,
+    ENTITY_KEY,
+    ENTITY_TIME,
+    EVENT_TIME,
+    LABEL,
+    entity_rows,
+    feature_table,
+    pit_feature_table,
+)
 from benchmarks.harness import Target, local_server
 
 pytestmark = pytest.mark.timeout(300)
@@ -52,8 +64,9 @@ def check_scan(result: dict[str, Any], local: bool) -> None:
 
 def check_ingest(result: dict[str, Any]) -> None:
     flight = {(r["shape"], r["batch_rows"], r["writers"]) for r in result["results"] if r["method"] == "flight"}
-    assert flight == {(shape, batch, writers) for shape in ("narrow", "wide") for batch in (16_384, 131_072)
-                      for writers in (1, 4)}
+    assert flight == {
+        (shape, batch, writers) for shape in ("narrow", "wide") for batch in (16_384, 131_072) for writers in (1, 4)
+    }
     assert {r["columns"] for r in result["results"]} == {4, 50}
     for entry in result["results"]:
         assert entry.keys() >= TIMING_KEYS
@@ -62,8 +75,9 @@ def check_ingest(result: dict[str, Any]) -> None:
 
 def check_partitioning(result: dict[str, Any]) -> None:
     entries = {(r["operation"], r["layout"]): r for r in result["results"]}
-    assert set(entries) == {(op, layout) for op in ("write", "key lookup", "one-week range")
-                            for layout in ("default", "unpartitioned")}
+    assert set(entries) == {
+        (op, layout) for op in ("write", "key lookup", "one-week range") for layout in ("default", "unpartitioned")
+    }
     for entry in entries.values():
         assert entry.keys() >= TIMING_KEYS
         assert positive(entry["median_s"], entry["rows"], entry["ratio_to_unpartitioned"])
@@ -72,6 +86,49 @@ def check_partitioning(result: dict[str, Any]) -> None:
     for query in ("key lookup", "one-week range"):
         assert entries[query, "default"]["rows"] == entries[query, "unpartitioned"]["rows"]
         assert entries[query, "default"]["planned_rows"] < entries[query, "unpartitioned"]["planned_rows"]
+
+
+HISTORICAL_PATHS = {"flight_exchange", "flight_entity_table", "duckdb_memory", "pandas_merge_asof"}
+
+
+def check_historical(result: dict[str, Any], local: bool) -> None:
+    assert set(result["results"]) == HISTORICAL_PATHS | ({"server_join_local"} if local else set())
+    for entry in result["results"].values():
+        assert entry.keys() >= TIMING_KEYS
+        assert positive(entry["rows_per_s"], entry["mb_per_s"], entry["ratio_to_exchange"])
+    assert result["results"]["flight_exchange"]["ratio_to_exchange"] == 1.0
+    assert result["entity_rows"] == 2_000 and result["features"] == 9
+    assert [t["rows"] for t in result["tables"]] == [20_000, 5_000, 10_000]
+    assert [t["ttl_s"] for t in result["tables"]] == [None, 7 * 86_400, None]
+    # Every path was checked against the DuckDB baseline on real matches, not just on nulls.
+    checks = result["checks"]
+    assert checks["sampled_rows"] == 2_000
+    assert set(checks["values_compared"]) == set(result["results"]) - {"duckdb_memory"}
+    assert all(n > 2_000 * 4 for n in checks["values_compared"].values())
+
+
+def test_historical_generator_shares_keys_and_breaks_ties() -> None:
+    txn = pit_feature_table(20_000, 200, 7, 3, prefix="txn", table_seed=1)
+    assert txn.equals(pit_feature_table(20_000, 200, 7, 3, prefix="txn", table_seed=1))
+    assert txn.column_names == [ENTITY_KEY, EVENT_TIME, CREATED_TIME, "txn_f00_float64", "txn_f01_category",
+                                "txn_f02_int64"]
+    # Ties on (key, event time), each broken by a distinct created time.
+    assert txn.group_by([ENTITY_KEY, EVENT_TIME]).aggregate([]).num_rows < txn.num_rows
+    assert txn.group_by([ENTITY_KEY, EVENT_TIME, CREATED_TIME]).aggregate([]).num_rows == txn.num_rows
+    device = pit_feature_table(10_000, 200, 7, 3, prefix="device", table_seed=3, created=False, composite=True)
+    assert device.column_names[:3] == [ENTITY_KEY, CHANNEL, EVENT_TIME]
+    assert device.group_by([ENTITY_KEY, CHANNEL, EVENT_TIME]).aggregate([]).num_rows == device.num_rows
+    # One key space, with the same hot keys in every table; a few entity keys are unknown to all.
+    entities = entity_rows(2_000, 200, 7, exact=txn)
+    assert entities.column_names == [ENTITY_KEY, CHANNEL, ENTITY_TIME, LABEL]
+    def hottest(table: pa.Table) -> int:
+        counts = table[ENTITY_KEY].value_counts()
+        top = pa.compute.index(counts.field("counts"), pa.compute.max(counts.field("counts"))).as_py()
+        return counts.field("values")[top].as_py()
+
+    assert hottest(txn) == hottest(device) == hottest(entities)
+    known = pa.compute.is_in(entities[ENTITY_KEY], value_set=txn[ENTITY_KEY].unique())
+    assert 0 < pa.compute.sum(pa.compute.invert(known)).as_py() < 200
 
 
 def test_generator_is_deterministic_skewed_and_tied() -> None:
@@ -102,10 +159,18 @@ def test_partitioning(tmp_path: Path, running_server: Target) -> None:
     check_partitioning(result)
 
 
+def test_historical_on_its_own_server(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "historical")["benchmarks"]["historical"]
+    check_historical(result, local=True)
+    assert result["settings"]["rows"] == 20_000 and result["settings"]["entities"] == 200
+    assert result["server"]["peak_rss_bytes"] > 0
+
+
 def test_all_in_one_report(tmp_path: Path, running_server: Target) -> None:
     payload = run_bench(tmp_path, "all", "--location", running_server.location, "--repeat", "1")
-    assert list(payload["benchmarks"]) == ["scan", "ingest", "partitioning"]
+    assert list(payload["benchmarks"]) == ["scan", "ingest", "partitioning", "historical"]
     check_scan(payload["benchmarks"]["scan"], local=False)  # no warehouse at hand: in-process baselines skipped
     check_ingest(payload["benchmarks"]["ingest"])
     check_partitioning(payload["benchmarks"]["partitioning"])
+    check_historical(payload["benchmarks"]["historical"], local=False)
     assert all(b["server"]["peak_rss_bytes"] is None for b in payload["benchmarks"].values())

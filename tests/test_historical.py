@@ -226,6 +226,24 @@ def test_endpoints_partition_the_result(location: str) -> None:
         rows = [row for shard in shards for batch in shard for row in batch.to_pylist()]
         key = lambda r: (r["event_timestamp"], r["driver_id"])  # noqa: E731
         assert sorted(rows, key=key) == sorted(whole, key=key)
+        # A feature table keyed by int32 splits the same way as the int64 entity keys.
+        narrow = f"{drivers}_int32"
+        client.write(
+            narrow,
+            pa.table(
+                {
+                    "driver_id": pa.array([1, 2, 3], pa.int32()),
+                    "event_timestamp": pa.array([hours(0)] * 3, pa.timestamp("us", tz="UTC")),
+                    "score": [10, 20, 30],
+                }
+            ),
+            entity_keys=["driver_id"],
+            event_time="event_timestamp",
+        )
+        parts = client.get_historical_features(table, [f"{narrow}:score"], partitions=4)
+        assert sorted(parts.column("score").to_pylist()) == sorted(
+            {1: 10, 2: 20, 3: 30}[d] for d in entities.dropna()["driver_id"]
+        )
         local = [list(client.iter_historical_features(entities, features, rank=r, world_size=2)) for r in range(2)]
         assert sum(b.num_rows for shard in local for b in shard) == len(entities)
 
