@@ -14,7 +14,7 @@ from pyiceberg.catalog import load_catalog
 
 from flight_server.duck import Engine, local_path
 
-CATALOG_NAME = "default"  # the name the local server's embedded catalog uses
+CATALOG_NAME = "default"  # the catalog name the local server uses (SQL catalogs keep tables per name)
 PARQUET_WRITE = "pyarrow.parquet.write_table, default options (snappy compression)"
 
 
@@ -32,8 +32,11 @@ class LocalReaders:
         return self._catalog.load_table(table).scan().to_arrow()
 
     def duckdb(self, table: str) -> pa.Table:
-        """DuckDB `iceberg_scan`, as the server runs it, minus the Flight stream."""
-        metadata = local_path(self._catalog.load_table(table).metadata_location)
+        """DuckDB `iceberg_scan`, as the server runs it (object-storage credentials included), minus the Flight
+        stream."""
+        loaded = self._catalog.load_table(table)
+        self._engine.use_storage(loaded.io.properties)
+        metadata = local_path(loaded.metadata_location)
         return self._engine.cursor().execute("SELECT * FROM iceberg_scan(?)", [metadata]).to_arrow_table()
 
 

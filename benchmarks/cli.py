@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import click
+import strictyaml
 
-from benchmarks import historical, ingest, partitioning, report, scan
+from benchmarks import historical, ingest, partitioning, plots, report, scan
 from benchmarks.harness import Settings, machine, target
 from flight_client import FeatureServerError
+from flight_server.config import read_catalog_file
 
 QUICK_ROWS = 20_000
 QUICK_REPEAT = 2
@@ -52,6 +55,8 @@ class Options:
     quick: bool
     json_path: Path | None
     location: str | None
+    plot_dir: Path | None
+    catalog_config: Path | None
 
     def settings(self, benchmark: Benchmark) -> Settings:
         rows = self.rows or (QUICK_ROWS if self.quick else benchmark.rows)
@@ -84,6 +89,15 @@ _OPTIONS = [
     click.option("--location", metavar="URI",
                  help="Measure a running server (e.g. grpc://host:8815) instead of starting one; its bench.* tables "
                       "stay behind, and baselines that need its warehouse are skipped."),
+    click.option("--catalog-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
+                 help="Start the benchmark's server on the catalog described by this YAML or JSON file of pyiceberg "
+                      "catalog properties (type, uri, warehouse, s3.endpoint, ...; as flight-server serve "
+                      "--catalog-config) instead of the embedded default on a temporary warehouse. The in-process "
+                      "baselines read through the same catalog, DuckDB with its S3 credentials. Its bench.* tables "
+                      "stay behind. Not with --location."),
+    click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                 help="Also draw the results as PNG charts into DIR (created if missing), one per benchmark: "
+                      f"scan.png, ingest.png, ... Needs matplotlib: {plots.INSTALL_HINT}."),
 ]
 
 
@@ -93,25 +107,51 @@ def common_options(command: Callable[..., None]) -> Callable[..., None]:
     return command
 
 
-def machine_line(info: dict[str, Any]) -> str:
-    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if k != "iceberg-feature-flight")
-    memory = f"{info['memory_bytes'] / 2**30:.1f} GiB" if info["memory_bytes"] else "? GiB"
-    load = f"{info['load_average_1m']:.2f}" if info["load_average_1m"] is not None else "?"
-    return (f"machine: {info['cpu']}, {info['usable_cores']} cores, {memory}, load average {load}; "
-            f"Python {info['python']}, {versions}")
+def check_options(options: Options) -> None:
+    """Refuse what would fail only after the benchmarks ran (or would quietly mean something else), up front."""
+    if options.catalog_config is not None:
+        if options.location is not None:
+            raise click.UsageError("--catalog-config configures the server the benchmark starts; a server given by "
+                                   "--location already has its catalog: use one or the other")
+        try:
+            read_catalog_file(options.catalog_config)
+        except (OSError, ValueError, strictyaml.YAMLError) as exc:
+            raise click.BadParameter(f"{options.catalog_config}: {exc}", param_hint="--catalog-config") from None
+    if options.plot_dir is not None:
+        plots.require()
+        prepare_plot_dir(options.plot_dir)
+
+
+def prepare_plot_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot create {directory}: {exc}", param_hint="--plot") from None
+
+
+def write_plots(payload: dict[str, Any], directory: Path) -> None:
+    try:
+        written = plots.write(payload, directory)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the charts to {directory}: {exc}") from None
+    report.progress(f"charts written: {', '.join(str(path) for path in written)}")
 
 
 def execute(names: list[str], options: Options, extra: dict[str, dict[str, Any]] | None = None) -> None:
     """Run the named benchmarks, each against its own fresh server unless `--location` names one."""
+    check_options(options)
     info = machine()
-    click.echo(machine_line(info))
+    click.echo(report.machine_line(info))
     payload: dict[str, Any] = {"machine": info, "benchmarks": {}}
     for name in names:
         benchmark = BENCHMARKS[name]
         settings = options.settings(benchmark)
-        report.progress(f"{name}: {'using ' + options.location if options.location else 'starting a server'}")
+        where = (f"using {options.location}" if options.location else
+                 f"starting a server on the catalog of {options.catalog_config}" if options.catalog_config else
+                 "starting a server")
+        report.progress(f"{name}: {where}")
         try:
-            with target(options.location) as server:
+            with target(options.location, options.catalog_config) as server:
                 result = benchmark.run(server, settings, **(extra or {}).get(name, {}))
                 peak = server.peak_rss_bytes()
         except (RuntimeError, FeatureServerError) as exc:
@@ -126,6 +166,8 @@ def execute(names: list[str], options: Options, extra: dict[str, dict[str, Any]]
     if options.json_path is not None:
         report.write_json(options.json_path, payload)
         report.progress(f"results written to {options.json_path}")
+    if options.plot_dir is not None:
+        write_plots(payload, options.plot_dir)
 
 
 @click.group()
@@ -133,8 +175,9 @@ def main() -> None:
     """Benchmarks of the feature Flight server: scans, ingest, partitioning and training sets, each next to its
     ceiling or baseline.
 
-    Each subcommand starts its own server on a temporary warehouse unless --location names one.
-    Results go to stdout as a table, progress to stderr.
+    Each subcommand starts its own server on a temporary warehouse (or on the catalog of --catalog-config)
+    unless --location names one. Results go to stdout as a table, progress to stderr; --json and --plot
+    also save them as JSON and as PNG charts, and `plot` redraws the charts of saved JSON files.
     """
 
 
@@ -173,3 +216,34 @@ def historical_command(entity_rows: int | None, **kwargs: Any) -> None:
 def all_command(**kwargs: Any) -> None:
     """Every benchmark, one after the other, into one report."""
     execute(list(BENCHMARKS), Options(**kwargs))
+
+
+@main.command("plot")
+@click.argument("json_files", nargs=-1, required=True, metavar="JSON...",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--plot", "plot_dir", required=True, type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Folder to draw the PNG charts into (created if missing): one per benchmark, as <benchmark>.png.")
+def plot_command(json_files: tuple[Path, ...], plot_dir: Path) -> None:
+    """Draw the charts of earlier runs from their --json files, without running anything.
+
+    Each chart is titled with the machine of the file it comes from; a benchmark may appear in one file only.
+    """
+    plots.require()
+    payloads = []
+    seen: dict[str, Path] = {}
+    for path in json_files:
+        try:
+            payload = json.loads(path.read_text())
+            names = list(payload["benchmarks"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise click.BadParameter(f"{path} is not a flight-bench --json file: {exc!r}",
+                                     param_hint="JSON...") from None
+        for name in names:
+            if name in seen:
+                raise click.BadParameter(f"{name} is in both {seen[name]} and {path}: its chart would be drawn twice",
+                                         param_hint="JSON...")
+            seen[name] = path
+        payloads.append(payload)
+    prepare_plot_dir(plot_dir)
+    for payload in payloads:
+        write_plots(payload, plot_dir)

@@ -26,6 +26,7 @@ from typing import Any
 
 from benchmarks.report import progress
 from flight_client import FeatureClient, FeatureServerError
+from flight_server.config import ServerConfig, read_catalog_file
 
 START_TIMEOUT_SECONDS = 90.0
 STOP_TIMEOUT_SECONDS = 30.0
@@ -80,18 +81,23 @@ def measure(cases: Mapping[str, Case], repeat: int, warmup: int, label: str) -> 
 
 @dataclass
 class Target:
-    """The server under test; `warehouse` and `pid` are known only for a server this run started."""
+    """The server under test; `warehouse`, `pid` and `catalog` are known only for a server this run started.
+
+    `catalog` holds the properties of `--catalog-config` the server was given, if any.
+    """
 
     location: str
     warehouse: Path | None = None
     pid: int | None = None
+    catalog: dict[str, str] | None = None
 
     def catalog_properties(self) -> dict[str, str] | None:
-        """The embedded default catalog the local server uses, so baselines can read the same tables."""
+        """The catalog the local server uses (`--catalog-config`'s, or the embedded default), so baselines can
+        read the same tables; resolved as the server resolves it."""
         if self.warehouse is None:
             return None
-        uri = f"sqlite:///{self.warehouse / 'catalog.db'}"
-        return {"type": "sql", "uri": uri, "warehouse": self.warehouse.as_uri()}
+        config = ServerConfig(warehouse=str(self.warehouse), catalog_properties=dict(self.catalog or {}))
+        return config.resolved_catalog_properties()
 
     def peak_rss_bytes(self) -> int | None:
         """The server's peak resident memory so far (VmHWM), when it is a local Linux process."""
@@ -128,8 +134,14 @@ def _tail(path: Path, chars: int = 4000) -> str:
 
 
 @contextlib.contextmanager
-def local_server() -> Iterator[Target]:
-    """A server on a fresh temporary warehouse and a free loopback port, stopped with SIGTERM at the end."""
+def local_server(catalog_config: Path | None = None) -> Iterator[Target]:
+    """A server on a fresh temporary warehouse and a free loopback port, stopped with SIGTERM at the end.
+
+    With `catalog_config` (a YAML/JSON file of pyiceberg catalog properties) the server uses that
+    catalog, as `flight-server serve --catalog-config` does, instead of the embedded default; the
+    temporary warehouse then only serves a SQL catalog whose properties name no warehouse.
+    """
+    catalog = read_catalog_file(catalog_config) if catalog_config is not None else None
     with tempfile.TemporaryDirectory(prefix="flight-bench-") as tmp:
         warehouse = Path(tmp) / "warehouse"
         log_path = Path(tmp) / "server.log"
@@ -138,6 +150,8 @@ def local_server() -> Iterator[Target]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
         command = [sys.executable, "-m", "flight_server", "serve", "--port", str(port), "--warehouse", str(warehouse),
                    "--log-level", "WARNING"]
+        if catalog_config is not None:
+            command += ["--catalog-config", str(Path(catalog_config).resolve())]
         with log_path.open("wb") as log:
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
@@ -149,7 +163,7 @@ def local_server() -> Iterator[Target]:
                     raise RuntimeError(f"the server did not answer health within {START_TIMEOUT_SECONDS:.0f}s:\n"
                                        f"{_tail(log_path)}")
                 time.sleep(0.05)
-            yield Target(location, warehouse.resolve(), proc.pid)
+            yield Target(location, warehouse.resolve(), proc.pid, catalog)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -160,12 +174,14 @@ def local_server() -> Iterator[Target]:
 
 
 @contextlib.contextmanager
-def target(location: str | None) -> Iterator[Target]:
-    """The server given by `--location`, or a fresh local one."""
+def target(location: str | None, catalog_config: Path | None = None) -> Iterator[Target]:
+    """The server given by `--location`, or a fresh local one (on `catalog_config`'s catalog, if given)."""
     if location is None:
-        with local_server() as started:
+        with local_server(catalog_config) as started:
             yield started
         return
+    if catalog_config is not None:
+        raise ValueError("a catalog configuration applies only to a server the benchmark starts, not to --location")
     if not is_healthy(location):
         raise RuntimeError(f"no healthy feature server at {location}")
     yield Target(location)

@@ -162,6 +162,8 @@ class ServerJoinLocal:
 
     def run(self) -> pd.DataFrame:
         plan = plan_historical(self.catalog, HistoricalRequest(features=self.features), self.entities.schema)
+        for group in plan.groups:  # object-storage credentials, as the server registers them per request
+            self.engine.use_storage(group.table.io.properties)
         cursor = self.engine.cursor()
         try:
             cursor.register("__bench_entities", prepare_entities(self.entities, ENTITY_TIME, 0))

@@ -52,6 +52,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
+def machine_line(info: dict[str, Any]) -> str:
+    """One line on the machine of a run (`harness.machine()`), for the report and the charts' titles."""
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if k != "iceberg-feature-flight")
+    memory = f"{info['memory_bytes'] / 2**30:.1f} GiB" if info["memory_bytes"] else "? GiB"
+    load = f"{info['load_average_1m']:.2f}" if info["load_average_1m"] is not None else "?"
+    return (f"machine: {info['cpu']}, {info['usable_cores']} cores, {memory}, load average {load}; "
+            f"Python {info['python']}, {versions}")
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")

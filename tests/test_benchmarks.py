@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute below)
 import pytest
 from click.testing import CliRunner
+from pyiceberg.catalog import load_catalog
 
 from benchmarks.cli import main
 from benchmarks.datagen import (
@@ -29,6 +31,8 @@ from benchmarks.harness import Target, local_server
 pytestmark = pytest.mark.timeout(300)
 
 TIMING_KEYS = {"median_s", "min_s", "max_s", "repeat", "times_s"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CHARTS = ("scan.png", "ingest.png", "partitioning.png", "historical.png")
 
 
 @pytest.fixture(scope="module")
@@ -166,11 +170,68 @@ def test_historical_on_its_own_server(tmp_path: Path) -> None:
     assert result["server"]["peak_rss_bytes"] > 0
 
 
-def test_all_in_one_report(tmp_path: Path, running_server: Target) -> None:
-    payload = run_bench(tmp_path, "all", "--location", running_server.location, "--repeat", "1")
+@pytest.fixture(scope="module")
+def all_run(tmp_path_factory: pytest.TempPathFactory, running_server: Target) -> tuple[dict[str, Any], Path]:
+    """One `flight-bench all --quick --plot DIR` run, shared by the report and the chart tests."""
+    tmp = tmp_path_factory.mktemp("all")
+    payload = run_bench(tmp, "all", "--location", running_server.location, "--repeat", "1",
+                        "--plot", str(tmp / "charts" / "new"))
+    return payload, tmp
+
+
+def check_charts(directory: Path, names: tuple[str, ...] = CHARTS) -> None:
+    assert sorted(p.name for p in directory.iterdir()) == sorted(names)
+    for name in names:
+        data = (directory / name).read_bytes()
+        assert len(data) > 10_000 and data.startswith(PNG_SIGNATURE), name
+
+
+def test_all_in_one_report(all_run: tuple[dict[str, Any], Path]) -> None:
+    payload, _ = all_run
     assert list(payload["benchmarks"]) == ["scan", "ingest", "partitioning", "historical"]
     check_scan(payload["benchmarks"]["scan"], local=False)  # no warehouse at hand: in-process baselines skipped
     check_ingest(payload["benchmarks"]["ingest"])
     check_partitioning(payload["benchmarks"]["partitioning"])
     check_historical(payload["benchmarks"]["historical"], local=False)
     assert all(b["server"]["peak_rss_bytes"] is None for b in payload["benchmarks"].values())
+
+
+def test_plot_writes_a_chart_per_benchmark(all_run: tuple[dict[str, Any], Path]) -> None:
+    _, tmp = all_run
+    check_charts(tmp / "charts" / "new")  # --plot created the missing folders
+    # The same charts again from the saved JSON, without running anything.
+    result = CliRunner().invoke(main, ["plot", str(tmp / "results.json"), "--plot", str(tmp / "redrawn")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    check_charts(tmp / "redrawn")
+    twice = CliRunner().invoke(main, ["plot", str(tmp / "results.json"), str(tmp / "results.json"),
+                                      "--plot", str(tmp / "twice")])
+    assert twice.exit_code == 2 and "would be drawn twice" in twice.output
+
+
+def test_options_are_checked_before_any_benchmark_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without matplotlib, --plot fails at once with what to install; so does a bad --catalog-config."""
+    config = tmp_path / "catalog.json"
+    config.write_text(json.dumps({"type": "sql", "uri": f"sqlite:///{tmp_path / 'c.db'}"}))
+    with_location = CliRunner().invoke(main, ["scan", "--quick", "--catalog-config", str(config),
+                                              "--location", "grpc://127.0.0.1:1"])
+    assert with_location.exit_code == 2 and "--catalog-config" in with_location.output
+    config.write_text("[1, 2]")
+    not_a_mapping = CliRunner().invoke(main, ["scan", "--quick", "--catalog-config", str(config)])
+    assert not_a_mapping.exit_code == 2 and "mapping of catalog properties" in not_a_mapping.output
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    no_matplotlib = CliRunner().invoke(main, ["all", "--quick", "--plot", str(tmp_path / "charts")])
+    assert no_matplotlib.exit_code == 1
+    assert "pip install 'iceberg-feature-flight[plot]'" in no_matplotlib.output
+    assert "machine:" not in no_matplotlib.output and not (tmp_path / "charts").exists()
+
+
+def test_scan_on_a_catalog_config(tmp_path: Path) -> None:
+    """The benchmark's server, and the in-process baselines, use the catalog of --catalog-config."""
+    properties = {"type": "sql", "uri": f"sqlite:///{tmp_path / 'c.db'}", "warehouse": (tmp_path / "wh").as_uri()}
+    config = tmp_path / "catalog.json"
+    config.write_text(json.dumps(properties))
+    result = run_bench(tmp_path, "scan", "--catalog-config", str(config))["benchmarks"]["scan"]
+    check_scan(result, local=True)
+    namespace, table = result["table"].split(".")
+    assert (namespace, table) in load_catalog("default", **properties).list_tables(namespace)
+    assert any((tmp_path / "wh").rglob("*.parquet"))  # the data went to that catalog's warehouse
