@@ -40,8 +40,9 @@ def ceiling_server(table: pa.Table, batch_rows: int) -> Iterator[str]:
         path = Path(tmp) / "table.arrow"
         with pa.ipc.new_file(path, table.schema) as sink:
             sink.write_table(table)
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.ceiling", str(path), str(batch_rows)],
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.ceiling", str(path), str(batch_rows)], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()  # the child prints its port only once it serves, or exits

@@ -37,8 +37,13 @@ BENCHMARKS = {
     "ingest": Benchmark(ingest.run, ingest.render, rows=500_000, features=47),
     "partitioning": Benchmark(partitioning.run, partitioning.render, rows=1_000_000, features=8),
     # rows: of the largest of its 3 feature tables (the others get 1/4 and 1/2); features: per table.
-    "historical": Benchmark(historical.run, historical.render, rows=historical.FEATURE_ROWS, features=3,
-                            rows_per_entity=historical.ROWS_PER_ENTITY),
+    "historical": Benchmark(
+        historical.run,
+        historical.render,
+        rows=historical.FEATURE_ROWS,
+        features=3,
+        rows_per_entity=historical.ROWS_PER_ENTITY,
+    ),
 }
 
 
@@ -71,33 +76,62 @@ class Options:
 
 
 _OPTIONS = [
-    click.option("--rows", type=click.IntRange(1), help="Rows per generated table [default: per benchmark; "
-                 f"{QUICK_ROWS:,} with --quick]."),
-    click.option("--entities", type=click.IntRange(1),
-                 help="Distinct entity keys [default: rows / 20; historical rows / 100]."),
+    click.option(
+        "--rows",
+        type=click.IntRange(1),
+        help=f"Rows per generated table [default: per benchmark; {QUICK_ROWS:,} with --quick].",
+    ),
+    click.option(
+        "--entities", type=click.IntRange(1), help="Distinct entity keys [default: rows / 20; historical rows / 100]."
+    ),
     click.option("--seed", type=int, default=42, show_default=True, help="Seed of the data generator."),
-    click.option("--features", type=click.IntRange(0),
-                 help="Feature columns (ingest: of the wide table; historical: per table) [default: 8; ingest 47; "
-                      "historical 3]."),
-    click.option("--repeat", type=click.IntRange(1),
-                 help=f"Timed runs of each measurement [default: {REPEAT}; {QUICK_REPEAT} with --quick]."),
+    click.option(
+        "--features",
+        type=click.IntRange(0),
+        help="Feature columns (ingest: of the wide table; historical: per table) [default: 8; ingest 47; "
+        "historical 3].",
+    ),
+    click.option(
+        "--repeat",
+        type=click.IntRange(1),
+        help=f"Timed runs of each measurement [default: {REPEAT}; {QUICK_REPEAT} with --quick].",
+    ),
     click.option("--warmup", type=click.IntRange(0), help="Untimed runs first [default: 1; 0 with --quick]."),
-    click.option("--quick", is_flag=True,
-                 help="Tiny data and few runs: proves the benchmarks work (the tests use it), measures nothing."),
-    click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-                 help="Also write the results and a description of the machine to this JSON file."),
-    click.option("--location", metavar="URI",
-                 help="Measure a running server (e.g. grpc://host:8815) instead of starting one; its bench.* tables "
-                      "stay behind, and baselines that need its warehouse are skipped."),
-    click.option("--catalog-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
-                 help="Start the benchmark's server on the catalog described by this YAML or JSON file of pyiceberg "
-                      "catalog properties (type, uri, warehouse, s3.endpoint, ...; as flight-server serve "
-                      "--catalog-config) instead of the embedded default on a temporary warehouse. The in-process "
-                      "baselines read through the same catalog, DuckDB with its S3 credentials. Its bench.* tables "
-                      "stay behind. Not with --location."),
-    click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-                 help="Also draw the results as PNG charts into DIR (created if missing), one per benchmark: "
-                      f"scan.png, ingest.png, ... Needs matplotlib: {plots.INSTALL_HINT}."),
+    click.option(
+        "--quick",
+        is_flag=True,
+        help="Tiny data and few runs: proves the benchmarks work (the tests use it), measures nothing.",
+    ),
+    click.option(
+        "--json",
+        "json_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Also write the results and a description of the machine to this JSON file.",
+    ),
+    click.option(
+        "--location",
+        metavar="URI",
+        help="Measure a running server (e.g. grpc://host:8815) instead of starting one; its bench.* tables "
+        "stay behind, and baselines that need its warehouse are skipped.",
+    ),
+    click.option(
+        "--catalog-config",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        metavar="FILE",
+        help="Start the benchmark's server on the catalog described by this YAML or JSON file of pyiceberg "
+        "catalog properties (type, uri, warehouse, s3.endpoint, ...; as flight-server serve "
+        "--catalog-config) instead of the embedded default on a temporary warehouse. The in-process "
+        "baselines read through the same catalog, DuckDB with its S3 credentials. Its bench.* tables "
+        "stay behind. Not with --location.",
+    ),
+    click.option(
+        "--plot",
+        "plot_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        metavar="DIR",
+        help="Also draw the results as PNG charts into DIR (created if missing), one per benchmark: "
+        f"scan.png, ingest.png, ... Needs matplotlib: {plots.INSTALL_HINT}.",
+    ),
 ]
 
 
@@ -111,8 +145,10 @@ def check_options(options: Options) -> None:
     """Refuse what would fail only after the benchmarks ran (or would quietly mean something else), up front."""
     if options.catalog_config is not None:
         if options.location is not None:
-            raise click.UsageError("--catalog-config configures the server the benchmark starts; a server given by "
-                                   "--location already has its catalog: use one or the other")
+            raise click.UsageError(
+                "--catalog-config configures the server the benchmark starts; a server given by "
+                "--location already has its catalog: use one or the other"
+            )
         try:
             read_catalog_file(options.catalog_config)
         except (OSError, ValueError, strictyaml.YAMLError) as exc:
@@ -146,9 +182,13 @@ def execute(names: list[str], options: Options, extra: dict[str, dict[str, Any]]
     for name in names:
         benchmark = BENCHMARKS[name]
         settings = options.settings(benchmark)
-        where = (f"using {options.location}" if options.location else
-                 f"starting a server on the catalog of {options.catalog_config}" if options.catalog_config else
-                 "starting a server")
+        where = (
+            f"using {options.location}"
+            if options.location
+            else f"starting a server on the catalog of {options.catalog_config}"
+            if options.catalog_config
+            else "starting a server"
+        )
         report.progress(f"{name}: {where}")
         try:
             with target(options.location, options.catalog_config) as server:
@@ -204,8 +244,11 @@ def partitioning_command(**kwargs: Any) -> None:
 
 @main.command("historical")
 @common_options
-@click.option("--entity-rows", type=click.IntRange(1),
-              help="Entity rows to join [default: rows / 10, so 1,000,000; 2,000 with --quick].")
+@click.option(
+    "--entity-rows",
+    type=click.IntRange(1),
+    help="Entity rows to join [default: rows / 10, so 1,000,000; 2,000 with --quick].",
+)
 def historical_command(entity_rows: int | None, **kwargs: Any) -> None:
     """Point-in-time training sets (3 feature tables) into pandas, against DuckDB and pandas merge_asof in process."""
     execute(["historical"], Options(**kwargs), {"historical": {"entity_rows": entity_rows}})
@@ -219,10 +262,21 @@ def all_command(**kwargs: Any) -> None:
 
 
 @main.command("plot")
-@click.argument("json_files", nargs=-1, required=True, metavar="JSON...",
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--plot", "plot_dir", required=True, type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-              help="Folder to draw the PNG charts into (created if missing): one per benchmark, as <benchmark>.png.")
+@click.argument(
+    "json_files",
+    nargs=-1,
+    required=True,
+    metavar="JSON...",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.option(
+    "--plot",
+    "plot_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Folder to draw the PNG charts into (created if missing): one per benchmark, as <benchmark>.png.",
+)
 def plot_command(json_files: tuple[Path, ...], plot_dir: Path) -> None:
     """Draw the charts of earlier runs from their --json files, without running anything.
 
@@ -236,12 +290,14 @@ def plot_command(json_files: tuple[Path, ...], plot_dir: Path) -> None:
             payload = json.loads(path.read_text())
             names = list(payload["benchmarks"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise click.BadParameter(f"{path} is not a flight-bench --json file: {exc!r}",
-                                     param_hint="JSON...") from None
+            raise click.BadParameter(
+                f"{path} is not a flight-bench --json file: {exc!r}", param_hint="JSON..."
+            ) from None
         for name in names:
             if name in seen:
-                raise click.BadParameter(f"{name} is in both {seen[name]} and {path}: its chart would be drawn twice",
-                                         param_hint="JSON...")
+                raise click.BadParameter(
+                    f"{name} is in both {seen[name]} and {path}: its chart would be drawn twice", param_hint="JSON..."
+                )
             seen[name] = path
         payloads.append(payload)
     prepare_plot_dir(plot_dir)

@@ -125,8 +125,17 @@ def _unique_last(columns: list[np.ndarray], last: np.ndarray) -> None:
         last[repeated] += 1
 
 
-def pit_feature_table(rows: int, entities: int, seed: int, feature_columns: int, *, prefix: str,
-                      table_seed: int, created: bool = True, composite: bool = False) -> pa.Table:
+def pit_feature_table(
+    rows: int,
+    entities: int,
+    seed: int,
+    feature_columns: int,
+    *,
+    prefix: str,
+    table_seed: int,
+    created: bool = True,
+    composite: bool = False,
+) -> pa.Table:
     """`rows` feature rows for point-in-time joins: keys of the shared key space (`zipf_keys` with `seed`),
     `event_ts` over `SPAN_DAYS` days, and `feature_columns` features named `{prefix}_f00_float64`, ...
 
@@ -192,9 +201,11 @@ def entity_rows(rows: int, entities: int, seed: int, exact: pa.Table | None = No
     duplicates = duplicates[duplicates > 0]
     for column in (keys, channels, ts_us, labels):
         column[duplicates] = column[duplicates - 1]
-    return pa.table({
-        ENTITY_KEY: pa.array(keys),
-        CHANNEL: pa.array(channels),
-        ENTITY_TIME: pa.array(ts_us).cast(TIMESTAMP),
-        LABEL: pa.array(labels),
-    })
+    return pa.table(
+        {
+            ENTITY_KEY: pa.array(keys),
+            CHANNEL: pa.array(channels),
+            ENTITY_TIME: pa.array(ts_us).cast(TIMESTAMP),
+            LABEL: pa.array(labels),
+        }
+    )

@@ -44,8 +44,13 @@ class Timing:
         return statistics.median(self.seconds)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"median_s": self.median, "min_s": min(self.seconds), "max_s": max(self.seconds),
-                "repeat": len(self.seconds), "times_s": self.seconds}
+        return {
+            "median_s": self.median,
+            "min_s": min(self.seconds),
+            "max_s": max(self.seconds),
+            "repeat": len(self.seconds),
+            "times_s": self.seconds,
+        }
 
 
 @dataclass(frozen=True)
@@ -148,8 +153,18 @@ def local_server(catalog_config: Path | None = None) -> Iterator[Target]:
         port = free_port()
         location = f"grpc://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
-        command = [sys.executable, "-m", "flight_server", "serve", "--port", str(port), "--warehouse", str(warehouse),
-                   "--log-level", "WARNING"]
+        command = [
+            sys.executable,
+            "-m",
+            "flight_server",
+            "serve",
+            "--port",
+            str(port),
+            "--warehouse",
+            str(warehouse),
+            "--log-level",
+            "WARNING",
+        ]
         if catalog_config is not None:
             command += ["--catalog-config", str(Path(catalog_config).resolve())]
         with log_path.open("wb") as log:
@@ -160,8 +175,9 @@ def local_server(catalog_config: Path | None = None) -> Iterator[Target]:
                 if proc.poll() is not None:
                     raise RuntimeError(f"the server exited with code {proc.returncode}:\n{_tail(log_path)}")
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not answer health within {START_TIMEOUT_SECONDS:.0f}s:\n"
-                                       f"{_tail(log_path)}")
+                    raise RuntimeError(
+                        f"the server did not answer health within {START_TIMEOUT_SECONDS:.0f}s:\n{_tail(log_path)}"
+                    )
                 time.sleep(0.05)
             yield Target(location, warehouse.resolve(), proc.pid, catalog)
         finally:

@@ -97,8 +97,10 @@ def duckdb_sql(names: list[str], tables: dict[FeatureShape, pa.Table]) -> str:
         alias = f"f{i}"
         on = " AND ".join(f"e.{k} = {alias}.{k}" for k in shape.keys)
         if shape.created:
-            inequality = (f"struct_pack(t := e.{ENTITY_TIME}, c := 'infinity'::TIMESTAMPTZ) >= "
-                          f"struct_pack(t := {alias}.{EVENT_TIME}, c := {alias}.{CREATED_TIME})")
+            inequality = (
+                f"struct_pack(t := e.{ENTITY_TIME}, c := 'infinity'::TIMESTAMPTZ) >= "
+                f"struct_pack(t := {alias}.{EVENT_TIME}, c := {alias}.{CREATED_TIME})"
+            )
         else:
             inequality = f"e.{ENTITY_TIME} >= {alias}.{EVENT_TIME}"
         joins.append(f"ASOF LEFT JOIN {name} {alias} ON {on} AND {inequality}")
@@ -147,8 +149,15 @@ def pandas_merge_asof(entities: pd.DataFrame, frames: dict[FeatureShape, pd.Data
         right = frame.sort_values([EVENT_TIME, CREATED_TIME] if shape.created else EVENT_TIME, kind="stable")
         right = right[[*shape.keys, EVENT_TIME, *feature_columns(list(frame.columns))]]
         right = right.rename(columns={EVENT_TIME: "__ts"})
-        out = pd.merge_asof(out, right, left_on=ENTITY_TIME, right_on="__ts", by=shape.keys, direction="backward",
-                            tolerance=pd.Timedelta(shape.ttl) if shape.ttl else None).drop(columns="__ts")
+        out = pd.merge_asof(
+            out,
+            right,
+            left_on=ENTITY_TIME,
+            right_on="__ts",
+            by=shape.keys,
+            direction="backward",
+            tolerance=pd.Timedelta(shape.ttl) if shape.ttl else None,
+        ).drop(columns="__ts")
     return out.sort_values("__row").drop(columns="__row").reset_index(drop=True)
 
 
@@ -185,9 +194,11 @@ def compare(result: pd.DataFrame, expected: pd.DataFrame, sample: np.ndarray, wh
         differ = (got_na != want_na) | (both & (got.to_numpy() != want.to_numpy()))
         if differ.any():
             row = int(sample[np.flatnonzero(differ)[0]])
-            raise RuntimeError(f"{what}: {int(differ.sum())} of {len(sample)} sampled values of {column!r} differ "
-                               f"from the DuckDB baseline; first at row {row}: {result.iloc[row].to_dict()} "
-                               f"vs {expected.iloc[row].to_dict()}")
+            raise RuntimeError(
+                f"{what}: {int(differ.sum())} of {len(sample)} sampled values of {column!r} differ "
+                f"from the DuckDB baseline; first at row {row}: {result.iloc[row].to_dict()} "
+                f"vs {expected.iloc[row].to_dict()}"
+            )
         compared += int(both.sum())
     return compared
 
@@ -200,8 +211,7 @@ def check(results: dict[str, pd.DataFrame], entities: pd.DataFrame, seed: int) -
     """
     expected = results["duckdb_memory"]
     label_checksum = checksum(entities[LABEL])
-    sample = np.sort(np.random.default_rng(seed).choice(len(entities), min(len(entities), SAMPLE_ROWS),
-                                                       replace=False))
+    sample = np.sort(np.random.default_rng(seed).choice(len(entities), min(len(entities), SAMPLE_ROWS), replace=False))
     if checksum(expected[LABEL]) != label_checksum or len(expected) != len(entities):
         raise RuntimeError("the DuckDB baseline lost the entity rows' order")
     compared = {}
@@ -225,13 +235,24 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
     rows = {shape: max(1, round(settings.rows * shape.share)) for shape in SHAPES}
     n_entities = entity_rows or max(1, settings.rows // ENTITY_ROWS_SHARE)
     per_table = max(1, settings.features)
-    report.progress(f"historical: generating {sum(rows.values()):,} feature rows in {len(SHAPES)} tables and "
-                    f"{n_entities:,} entity rows over {settings.entities:,} keys")
+    report.progress(
+        f"historical: generating {sum(rows.values()):,} feature rows in {len(SHAPES)} tables and "
+        f"{n_entities:,} entity rows over {settings.entities:,} keys"
+    )
     start = time.perf_counter()
-    tables = {shape: pit_feature_table(rows[shape], settings.entities, settings.seed, per_table, prefix=shape.name,
-                                       table_seed=shape.table_seed, created=shape.created,
-                                       composite=shape.composite)
-              for shape in SHAPES}
+    tables = {
+        shape: pit_feature_table(
+            rows[shape],
+            settings.entities,
+            settings.seed,
+            per_table,
+            prefix=shape.name,
+            table_seed=shape.table_seed,
+            created=shape.created,
+            composite=shape.composite,
+        )
+        for shape in SHAPES
+    }
     entities = datagen.entity_rows(n_entities, settings.entities, settings.seed, exact=tables[SHAPES[0]])
     generate_s = time.perf_counter() - start
     names = {shape: table_name(f"hist_{shape.name}") for shape in SHAPES}
@@ -241,16 +262,23 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
         for shape, table in tables.items():
             report.progress(f"historical: writing {table.num_rows:,} rows to {names[shape]}")
             start = time.perf_counter()
-            client.write(names[shape], table, entity_keys=shape.keys, event_time=EVENT_TIME,
-                         created_time=CREATED_TIME if shape.created else None, ttl=shape.ttl)
+            client.write(
+                names[shape],
+                table,
+                entity_keys=shape.keys,
+                event_time=EVENT_TIME,
+                created_time=CREATED_TIME if shape.created else None,
+                ttl=shape.ttl,
+            )
             write_s[names[shape]] = time.perf_counter() - start
         report.progress(f"historical: writing {entities.num_rows:,} entity rows to {entity_table}")
         start = time.perf_counter()
         client.write(entity_table, entities, entity_keys=[ENTITY_KEY], event_time=ENTITY_TIME)
         write_s[entity_table] = time.perf_counter() - start
 
-        features = [f"{names[shape]}:{f}" for shape, table in tables.items()
-                    for f in feature_columns(table.column_names)]
+        features = [
+            f"{names[shape]}:{f}" for shape, table in tables.items() for f in feature_columns(table.column_names)
+        ]
         entity_df = entities.to_pandas()
         frames = {shape: table.to_pandas() for shape, table in tables.items()}
         memory = DuckDBMemory(tables, entities)
@@ -260,6 +288,7 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
         def keep(name: str, produce: Callable[[], pd.DataFrame]) -> Case:
             def run_case() -> None:
                 last[name] = produce()
+
             return Case(run_case)
 
         def exchange() -> pd.DataFrame:
@@ -269,17 +298,19 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
 
         cases = {
             EXCHANGE: keep(EXCHANGE, exchange),
-            "flight_entity_table": keep("flight_entity_table",
-                                        lambda: client.get_historical_features(entity_table, features).to_pandas()),
+            "flight_entity_table": keep(
+                "flight_entity_table", lambda: client.get_historical_features(entity_table, features).to_pandas()
+            ),
         }
         properties = target.catalog_properties()
         if properties is not None:
-            cases["server_join_local"] = keep("server_join_local",
-                                              ServerJoinLocal(properties, features, entities).run)
+            cases["server_join_local"] = keep("server_join_local", ServerJoinLocal(properties, features, entities).run)
         cases["duckdb_memory"] = keep("duckdb_memory", memory.run)
         cases["pandas_merge_asof"] = keep("pandas_merge_asof", lambda: pandas_merge_asof(entity_df, frames))
-        report.progress(f"historical: timing {len(cases)} ways to join {n_entities:,} entity rows to "
-                        f"{len(features)} features, interleaved")
+        report.progress(
+            f"historical: timing {len(cases)} ways to join {n_entities:,} entity rows to "
+            f"{len(features)} features, interleaved"
+        )
         timings = measure(cases, settings.repeat, settings.warmup, "historical")
     report.progress("historical: checking the results against the DuckDB baseline")
     checks = check(last, entity_df, settings.seed)
@@ -298,9 +329,17 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
         "entity_table": entity_table,
         "entities": settings.entities,
         "features": len(features),
-        "tables": [{"table": names[shape], "rows": table.num_rows, "keys": shape.keys,
-                    "created_time": shape.created, "ttl_s": int(shape.ttl.total_seconds()) if shape.ttl else None,
-                    "features": feature_columns(table.column_names)} for shape, table in tables.items()],
+        "tables": [
+            {
+                "table": names[shape],
+                "rows": table.num_rows,
+                "keys": shape.keys,
+                "created_time": shape.created,
+                "ttl_s": int(shape.ttl.total_seconds()) if shape.ttl else None,
+                "features": feature_columns(table.column_names),
+            }
+            for shape, table in tables.items()
+        ],
         "result_arrow_mb": arrow_bytes[0] / report.MB,
         "setup_s": {"generate": generate_s, "write": write_s},
         "checks": checks,
@@ -316,14 +355,19 @@ def short(table: str) -> str:
 def render(result: dict[str, Any]) -> str:
     tables = ", ".join(
         f"{short(t['table'])} {t['rows']:,}"
-        + (f" (TTL {t['ttl_s'] // 86_400}d)" if t["ttl_s"] else "") + (" (2 keys)" if len(t["keys"]) > 1 else "")
-        for t in result["tables"])
+        + (f" (TTL {t['ttl_s'] // 86_400}d)" if t["ttl_s"] else "")
+        + (" (2 keys)" if len(t["keys"]) > 1 else "")
+        for t in result["tables"]
+    )
     setup = result["setup_s"]
-    header = (f"historical: {result['entity_rows']:,} entity rows x {len(result['tables'])} feature tables "
-              f"({tables} rows; {result['entities']:,} keys), {result['features']} features "
-              f"= {result['result_arrow_mb']:.1f} MB of Arrow; rows/s = entity rows / s")
-    rows = [[r["label"], *report.timing_cells(r), report.ratio(r["ratio_to_exchange"])]
-            for r in result["results"].values()]
+    header = (
+        f"historical: {result['entity_rows']:,} entity rows x {len(result['tables'])} feature tables "
+        f"({tables} rows; {result['entities']:,} keys), {result['features']} features "
+        f"= {result['result_arrow_mb']:.1f} MB of Arrow; rows/s = entity rows / s"
+    )
+    rows = [
+        [r["label"], *report.timing_cells(r), report.ratio(r["ratio_to_exchange"])] for r in result["results"].values()
+    ]
     checks = result["checks"]
     footer = [
         f"setup (untimed): generate {setup['generate']:.1f}s, write "

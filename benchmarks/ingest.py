@@ -45,8 +45,11 @@ class Appends:
 
     def run(self) -> None:
         futures = [
-            self.pool.submit(client.write, self.table,
-                             pa.RecordBatchReader.from_batches(part.schema, part.to_batches(self.batch_rows)))
+            self.pool.submit(
+                client.write,
+                self.table,
+                pa.RecordBatchReader.from_batches(part.schema, part.to_batches(self.batch_rows)),
+            )
             for client, part in zip(self.clients, self.parts, strict=True)
         ]
         for future in futures:
@@ -96,14 +99,16 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
     for variant in variants:
         data, timing = shapes[variant["shape"]], timings[_key(variant)]
         baseline = timings[_key({**variant, "method": "parquet", "batch_rows": None, "writers": None})]
-        results.append({
-            **variant,
-            "columns": data.num_columns,
-            **timing.as_dict(),
-            "rows_per_s": data.num_rows / timing.median,
-            "mb_per_s": data.nbytes / report.MB / timing.median,
-            "ratio_to_parquet": baseline.median / timing.median,
-        })
+        results.append(
+            {
+                **variant,
+                "columns": data.num_columns,
+                **timing.as_dict(),
+                "rows_per_s": data.num_rows / timing.median,
+                "mb_per_s": data.nbytes / report.MB / timing.median,
+                "ratio_to_parquet": baseline.median / timing.median,
+            }
+        )
     return {
         "rows": settings.rows,
         "arrow_mb": {shape: data.nbytes / report.MB for shape, data in shapes.items()},
@@ -114,12 +119,18 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
 
 def render(result: dict[str, Any]) -> str:
     sizes = ", ".join(f"{shape} {mb:.1f} MB" for shape, mb in result["arrow_mb"].items())
-    header = (f"ingest: {result['rows']:,} rows per write ({sizes} of Arrow), appended to an existing table "
-              f"with the default partitioning; baseline: {result['baseline']}")
+    header = (
+        f"ingest: {result['rows']:,} rows per write ({sizes} of Arrow), appended to an existing table "
+        f"with the default partitioning; baseline: {result['baseline']}"
+    )
     rows = []
     for r in result["results"]:
-        how = ("local Parquet file (baseline)" if r["method"] == "parquet"
-               else f"{r['batch_rows'] // 1024}K-row batches, {r['writers']} writer{'s' if r['writers'] > 1 else ''}")
-        rows.append([f"{r['shape']} ({r['columns']} cols), {how}", *report.timing_cells(r),
-                     report.ratio(r["ratio_to_parquet"])])
+        how = (
+            "local Parquet file (baseline)"
+            if r["method"] == "parquet"
+            else f"{r['batch_rows'] // 1024}K-row batches, {r['writers']} writer{'s' if r['writers'] > 1 else ''}"
+        )
+        rows.append(
+            [f"{r['shape']} ({r['columns']} cols), {how}", *report.timing_cells(r), report.ratio(r["ratio_to_parquet"])]
+        )
     return "\n".join([header, report.table(["write", *report.TIMING_HEADERS, "vs Parquet"], rows)])

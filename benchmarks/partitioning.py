@@ -35,20 +35,30 @@ class TableWrites:
 
     def run(self) -> None:
         self.table = table_name(self.prefix)
-        result = self.client.write(self.table, self.data, entity_keys=[ENTITY_KEY], event_time=EVENT_TIME,
-                                   created_time=CREATED_TIME, partition_by=self.partition_by)
+        result = self.client.write(
+            self.table,
+            self.data,
+            entity_keys=[ENTITY_KEY],
+            event_time=EVENT_TIME,
+            created_time=CREATED_TIME,
+            partition_by=self.partition_by,
+        )
         self.files = result.files
 
 
 def queries(data: pa.Table) -> dict[str, tuple[str, int]]:
     """Each query's filter and the row count it must return, computed from the generated data."""
     key = data[ENTITY_KEY][data.num_rows // 2].as_py()  # an existing key, picked as the data's own skew picks
-    in_week = pc.and_(pc.greater_equal(data[EVENT_TIME], pa.scalar(WEEK_START, TIMESTAMP)),
-                      pc.less(data[EVENT_TIME], pa.scalar(WEEK_END, TIMESTAMP)))
+    in_week = pc.and_(
+        pc.greater_equal(data[EVENT_TIME], pa.scalar(WEEK_START, TIMESTAMP)),
+        pc.less(data[EVENT_TIME], pa.scalar(WEEK_END, TIMESTAMP)),
+    )
     return {
         "key lookup": (f"{ENTITY_KEY} = {key}", pc.sum(pc.equal(data[ENTITY_KEY], key)).as_py()),
-        "one-week range": (f"{EVENT_TIME} >= '{WEEK_START.isoformat()}' and {EVENT_TIME} < '{WEEK_END.isoformat()}'",
-                           pc.sum(in_week).as_py()),
+        "one-week range": (
+            f"{EVENT_TIME} >= '{WEEK_START.isoformat()}' and {EVENT_TIME} < '{WEEK_END.isoformat()}'",
+            pc.sum(in_week).as_py(),
+        ),
     }
 
 
@@ -56,13 +66,22 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
     data = feature_table(settings.rows, settings.entities, settings.seed, settings.features)
     checks = queries(data)
     with FeatureClient(target.location) as client:
-        writes = {layout: TableWrites(client, data, partition_by, f"part_{layout}")
-                  for layout, partition_by in LAYOUTS.items()}
+        writes = {
+            layout: TableWrites(client, data, partition_by, f"part_{layout}")
+            for layout, partition_by in LAYOUTS.items()
+        }
         report.progress(f"partitioning: timing writes of {settings.rows:,} rows with each layout, interleaved")
-        timings = measure({f"write|{layout}": Case(w.run) for layout, w in writes.items()},
-                          settings.repeat, settings.warmup, "partitioning: writes")
-        scans = {f"{query}|{layout}": Case(lambda t=w.table, f=text: client.scan(t, filter=f).read_all())
-                 for query, (text, _) in checks.items() for layout, w in writes.items()}
+        timings = measure(
+            {f"write|{layout}": Case(w.run) for layout, w in writes.items()},
+            settings.repeat,
+            settings.warmup,
+            "partitioning: writes",
+        )
+        scans = {
+            f"{query}|{layout}": Case(lambda t=w.table, f=text: client.scan(t, filter=f).read_all())
+            for query, (text, _) in checks.items()
+            for layout, w in writes.items()
+        }
         report.progress(f"partitioning: timing {len(scans)} filtered scans, interleaved")
         timings.update(measure(scans, settings.repeat, settings.warmup, "partitioning: scans"))
         results = []
@@ -86,17 +105,37 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
-    header = (f"partitioning: {result['rows']:,} rows; default layout {result['default_layout']} vs unpartitioned; "
-              "time ratio < 1 means the default is faster")
-    filters = "\n".join(f"  {r['operation']}: {r['filter']}" for r in result["results"]
-                        if r["layout"] == "default" and "filter" in r)
+    header = (
+        f"partitioning: {result['rows']:,} rows; default layout {result['default_layout']} vs unpartitioned; "
+        "time ratio < 1 means the default is faster"
+    )
+    filters = "\n".join(
+        f"  {r['operation']}: {r['filter']}" for r in result["results"] if r["layout"] == "default" and "filter" in r
+    )
     rows = [
-        [f"{r['operation']}, {r['layout']}", report.seconds(r["median_s"]), report.seconds(r["min_s"]),
-         report.seconds(r["max_s"]), f"{r['rows']:,}",
-         f"{r['planned_rows']:,}" if "planned_rows" in r else "-", str(r["files"]) if "files" in r else "-",
-         report.ratio(r["ratio_to_unpartitioned"])]
+        [
+            f"{r['operation']}, {r['layout']}",
+            report.seconds(r["median_s"]),
+            report.seconds(r["min_s"]),
+            report.seconds(r["max_s"]),
+            f"{r['rows']:,}",
+            f"{r['planned_rows']:,}" if "planned_rows" in r else "-",
+            str(r["files"]) if "files" in r else "-",
+            report.ratio(r["ratio_to_unpartitioned"]),
+        ]
         for r in result["results"]
     ]
-    table = report.table(["operation, layout", "median s", "min s", "max s", "rows", "rows in planned files",
-                          "files", "time vs unpartitioned"], rows)
+    table = report.table(
+        [
+            "operation, layout",
+            "median s",
+            "min s",
+            "max s",
+            "rows",
+            "rows in planned files",
+            "files",
+            "time vs unpartitioned",
+        ],
+        rows,
+    )
     return "\n".join([header, table, "filters:", filters])

@@ -38,8 +38,9 @@ def require() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise click.ClickException(f"--plot draws its charts with matplotlib, which is not installed: "
-                                   f"{INSTALL_HINT}") from None
+        raise click.ClickException(
+            f"--plot draws its charts with matplotlib, which is not installed: {INSTALL_HINT}"
+        ) from None
 
 
 def _figure(height: float) -> Figure:
@@ -85,28 +86,56 @@ def _rate_spread(entry: dict[str, Any]) -> tuple[float, float]:
     return per_second / entry["max_s"], per_second / entry["min_s"]
 
 
-def _rate_bars(axes: Axes, entries: Sequence[dict[str, Any]], labels: Sequence[str], colors: Sequence[str],
-               ratios: Sequence[str], reference: float, reference_label: str) -> None:
+def _rate_bars(
+    axes: Axes,
+    entries: Sequence[dict[str, Any]],
+    labels: Sequence[str],
+    colors: Sequence[str],
+    ratios: Sequence[str],
+    reference: float,
+    reference_label: str,
+) -> None:
     """Horizontal bars of rows/s, top to bottom, with min/max whiskers, a text label each and the reference line."""
     medians = [e["rows_per_s"] for e in entries]
     spreads = [_rate_spread(e) for e in entries]
     lower = [m - lo for m, (lo, _) in zip(medians, spreads, strict=True)]
     upper = [hi - m for m, (_, hi) in zip(medians, spreads, strict=True)]
     positions = list(range(len(entries)))
-    axes.barh(positions, medians, color=colors, height=0.65, xerr=[lower, upper],
-              error_kw={"ecolor": "#333333", "elinewidth": 0.9, "capsize": 3})
+    axes.barh(
+        positions,
+        medians,
+        color=colors,
+        height=0.65,
+        xerr=[lower, upper],
+        error_kw={"ecolor": "#333333", "elinewidth": 0.9, "capsize": 3},
+    )
     axes.set_yticks(positions, [textwrap.fill(label, 42) for label in labels], fontsize=8.5)
     axes.invert_yaxis()  # the first entry on top, as in the text table
     axes.axvline(reference, color="#222222", linestyle="--", linewidth=1)
-    axes.annotate(reference_label, (reference, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
-                  textcoords="offset points", va="top", fontsize=8, color="#222222")
+    axes.annotate(
+        reference_label,
+        (reference, 1.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(3, -3),
+        textcoords="offset points",
+        va="top",
+        fontsize=8,
+        color="#222222",
+    )
     right = max(hi for _, hi in spreads)
     for position, entry, (_, hi), text in zip(positions, entries, spreads, ratios, strict=True):
         label = f"{report.rate(entry['rows_per_s'])} rows/s"
         if "mb_per_s" in entry:
             label += f", {report.megabytes(entry['mb_per_s'])} MB/s"
-        axes.annotate(f"{label}  {text}", (hi, position), xytext=(4, 0), textcoords="offset points",
-                      va="center", fontsize=8, bbox=LABEL_BOX)
+        axes.annotate(
+            f"{label}  {text}",
+            (hi, position),
+            xytext=(4, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+            bbox=LABEL_BOX,
+        )
     axes.set_xlim(0, right * 1.5)
 
 
@@ -115,8 +144,15 @@ def _legend(axes: Axes, entries: Sequence[tuple[str, str]], used: Sequence[str])
     from matplotlib.patches import Patch
 
     handles = [Patch(color=color, label=label) for label, color in entries if color in used]
-    axes.legend(handles=handles, fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=len(handles),
-                frameon=False, borderaxespad=0.2)
+    axes.legend(
+        handles=handles,
+        fontsize=8,
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        ncols=len(handles),
+        frameon=False,
+        borderaxespad=0.2,
+    )
 
 
 def scan(result: dict[str, Any], machine: dict[str, Any] | None = None) -> Figure:
@@ -127,14 +163,25 @@ def scan(result: dict[str, Any], machine: dict[str, Any] | None = None) -> Figur
     colors = [REFERENCE if k == "raw_flight_ceiling" else FLIGHT if k.startswith("flight") else LOCAL for k in keys]
     figure = _figure(1.6 + 0.55 * len(entries))
     axes = figure.subplots()
-    _rate_bars(axes, entries, [e["label"] for e in entries], colors,
-               [f"{report.ratio(e['ratio_to_ceiling'])} ceiling" for e in entries],
-               ceiling["rows_per_s"] if ceiling else 0.0, "ceiling")
+    _rate_bars(
+        axes,
+        entries,
+        [e["label"] for e in entries],
+        colors,
+        [f"{report.ratio(e['ratio_to_ceiling'])} ceiling" for e in entries],
+        ceiling["rows_per_s"] if ceiling else 0.0,
+        "ceiling",
+    )
     _rate_axis(axes, "rows/s")
-    _legend(axes, [("raw Flight ceiling", REFERENCE), ("Flight server", FLIGHT), ("in process, no Flight", LOCAL)],
-            colors)
-    _title(figure, f"scan: {result['rows']:,} rows x {result['columns']} columns = {result['arrow_mb']:.1f} MB of "
-                   f"Arrow, a full-table read", machine)
+    _legend(
+        axes, [("raw Flight ceiling", REFERENCE), ("Flight server", FLIGHT), ("in process, no Flight", LOCAL)], colors
+    )
+    _title(
+        figure,
+        f"scan: {result['rows']:,} rows x {result['columns']} columns = {result['arrow_mb']:.1f} MB of "
+        f"Arrow, a full-table read",
+        machine,
+    )
     return figure
 
 
@@ -154,16 +201,29 @@ def ingest(result: dict[str, Any], machine: dict[str, Any] | None = None) -> Fig
     for axes, shape in zip(panels, shapes, strict=True):
         entries = per_shape[shape]
         baseline = next((e for e in entries if e["method"] == "parquet"), None)
-        _rate_bars(axes, entries, [_write_case(e) for e in entries],
-                   [REFERENCE if e["method"] == "parquet" else FLIGHT for e in entries],
-                   [f"{report.ratio(e['ratio_to_parquet'])} Parquet" for e in entries],
-                   baseline["rows_per_s"] if baseline else 0.0, "Parquet")
+        _rate_bars(
+            axes,
+            entries,
+            [_write_case(e) for e in entries],
+            [REFERENCE if e["method"] == "parquet" else FLIGHT for e in entries],
+            [f"{report.ratio(e['ratio_to_parquet'])} Parquet" for e in entries],
+            baseline["rows_per_s"] if baseline else 0.0,
+            "Parquet",
+        )
         _rate_axis(axes, "rows/s")
         mb = result["arrow_mb"].get(shape)
-        axes.set_title(f"{shape} table: {entries[0]['columns']} columns"
-                       + (f", {mb:.1f} MB of Arrow per write" if mb is not None else ""), fontsize=9.5, loc="left")
-    _title(figure, f"ingest: {result['rows']:,} rows appended per write to an existing table (default partitioning), "
-                   "vs a local Parquet write", machine)
+        axes.set_title(
+            f"{shape} table: {entries[0]['columns']} columns"
+            + (f", {mb:.1f} MB of Arrow per write" if mb is not None else ""),
+            fontsize=9.5,
+            loc="left",
+        )
+    _title(
+        figure,
+        f"ingest: {result['rows']:,} rows appended per write to an existing table (default partitioning), "
+        "vs a local Parquet write",
+        machine,
+    )
     return figure
 
 
@@ -181,15 +241,29 @@ def partitioning(result: dict[str, Any], machine: dict[str, Any] | None = None) 
         upper = [e["max_s"] - e["median_s"] for e in entries]
         colors = [REFERENCE if e["layout"] == "unpartitioned" else FLIGHT for e in entries]
         positions = list(range(len(entries)))
-        axes.bar(positions, medians, color=colors, width=0.6, yerr=[lower, upper],
-                 error_kw={"ecolor": "#333333", "elinewidth": 0.9, "capsize": 4})
+        axes.bar(
+            positions,
+            medians,
+            color=colors,
+            width=0.6,
+            yerr=[lower, upper],
+            error_kw={"ecolor": "#333333", "elinewidth": 0.9, "capsize": 4},
+        )
         axes.set_xticks(positions, [e["layout"] for e in entries], fontsize=8.5)
         for position, entry in zip(positions, entries, strict=True):
             text = f"{entry['median_s']:.3f} s"
             if entry["layout"] != "unpartitioned":
                 text += f"\n{report.ratio(entry['ratio_to_unpartitioned'])} the time"
-            axes.annotate(text, (position, entry["max_s"]), xytext=(0, 3), textcoords="offset points",
-                          ha="center", va="bottom", fontsize=8, bbox=LABEL_BOX)
+            axes.annotate(
+                text,
+                (position, entry["max_s"]),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                bbox=LABEL_BOX,
+            )
         axes.set_ylim(0, max(e["max_s"] for e in entries) * 1.3)
         axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         axes.grid(axis="y", color="#dddddd", linewidth=0.6)
@@ -197,13 +271,18 @@ def partitioning(result: dict[str, Any], machine: dict[str, Any] | None = None) 
         axes.tick_params(labelsize=8.5)
         files = [f"{e['files']} file{'s' if e['files'] != 1 else ''}" for e in entries if "files" in e]
         planned = [f"{e['planned_rows']:,}" for e in entries if "planned_rows" in e]
-        detail = (" vs ".join(files) if files else "") + (f"rows in planned files: {' vs '.join(planned)}"
-                                                            if planned else "")
+        detail = (" vs ".join(files) if files else "") + (
+            f"rows in planned files: {' vs '.join(planned)}" if planned else ""
+        )
         axes.set_title(f"{operation}\n{detail}" if detail else operation, fontsize=9.5)
     panels[0].set_ylabel("seconds (lower is better)", fontsize=8.5)
     figure.supxlabel(f"{WHISKERS}; ratio: time with the default layout / time unpartitioned", fontsize=8.5)
-    _title(figure, f"partitioning: {result['rows']:,} rows; default layout {result['default_layout']} "
-                   "vs unpartitioned (ratio < 1: the default is faster)", machine)
+    _title(
+        figure,
+        f"partitioning: {result['rows']:,} rows; default layout {result['default_layout']} "
+        "vs unpartitioned (ratio < 1: the default is faster)",
+        machine,
+    )
     return figure
 
 
@@ -215,15 +294,25 @@ def historical(result: dict[str, Any], machine: dict[str, Any] | None = None) ->
     colors = [FLIGHT if k.startswith("flight") else LOCAL for k in keys]
     figure = _figure(1.6 + 0.6 * len(entries))
     axes = figure.subplots()
-    _rate_bars(axes, entries, [e["label"] for e in entries], colors,
-               [f"{report.ratio(e['ratio_to_exchange'])} (a)" for e in entries],
-               exchange["rows_per_s"] if exchange else 0.0, "(a)")
+    _rate_bars(
+        axes,
+        entries,
+        [e["label"] for e in entries],
+        colors,
+        [f"{report.ratio(e['ratio_to_exchange'])} (a)" for e in entries],
+        exchange["rows_per_s"] if exchange else 0.0,
+        "(a)",
+    )
     _rate_axis(axes, "entity rows/s")
     _legend(axes, [("Flight server", FLIGHT), ("in process, no Flight", LOCAL)], colors)
     tables = ", ".join(f"{short(t['table'])} {t['rows']:,}" for t in result["tables"])
-    _title(figure, f"historical: point-in-time training set of {result['entity_rows']:,} entity rows x "
-                   f"{len(result['tables'])} feature tables ({tables} rows; {result['entities']:,} keys), "
-                   f"{result['features']} features = {result['result_arrow_mb']:.1f} MB of Arrow", machine)
+    _title(
+        figure,
+        f"historical: point-in-time training set of {result['entity_rows']:,} entity rows x "
+        f"{len(result['tables'])} feature tables ({tables} rows; {result['entities']:,} keys), "
+        f"{result['features']} features = {result['result_arrow_mb']:.1f} MB of Arrow",
+        machine,
+    )
     return figure
 
 

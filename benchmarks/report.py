@@ -57,8 +57,10 @@ def machine_line(info: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if k != "iceberg-feature-flight")
     memory = f"{info['memory_bytes'] / 2**30:.1f} GiB" if info["memory_bytes"] else "? GiB"
     load = f"{info['load_average_1m']:.2f}" if info["load_average_1m"] is not None else "?"
-    return (f"machine: {info['cpu']}, {info['usable_cores']} cores, {memory}, load average {load}; "
-            f"Python {info['python']}, {versions}")
+    return (
+        f"machine: {info['cpu']}, {info['usable_cores']} cores, {memory}, load average {load}; "
+        f"Python {info['python']}, {versions}"
+    )
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -71,5 +73,10 @@ TIMING_HEADERS = ("median s", "min s", "max s", "rows/s", "MB/s")
 
 def timing_cells(result: dict[str, Any]) -> list[str]:
     """The cells under `TIMING_HEADERS` for one measured result."""
-    return [seconds(result["median_s"]), seconds(result["min_s"]), seconds(result["max_s"]),
-            rate(result["rows_per_s"]), megabytes(result["mb_per_s"])]
+    return [
+        seconds(result["median_s"]),
+        seconds(result["min_s"]),
+        seconds(result["max_s"]),
+        rate(result["rows_per_s"]),
+        megabytes(result["mb_per_s"]),
+    ]

@@ -75,8 +75,11 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
 
 
 def render(result: dict[str, Any]) -> str:
-    header = (f"scan: {result['rows']:,} rows x {result['columns']} columns = {result['arrow_mb']:.1f} MB of Arrow; "
-              f"ceiling batches {result['server_batch_rows']:,} rows (the server's default)")
-    rows = [[r["label"], *report.timing_cells(r), report.ratio(r["ratio_to_ceiling"])]
-            for r in result["results"].values()]
+    header = (
+        f"scan: {result['rows']:,} rows x {result['columns']} columns = {result['arrow_mb']:.1f} MB of Arrow; "
+        f"ceiling batches {result['server_batch_rows']:,} rows (the server's default)"
+    )
+    rows = [
+        [r["label"], *report.timing_cells(r), report.ratio(r["ratio_to_ceiling"])] for r in result["results"].values()
+    ]
     return "\n".join([header, report.table(["read path", *report.TIMING_HEADERS, "vs ceiling"], rows)])

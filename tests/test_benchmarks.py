@@ -114,8 +114,14 @@ def check_historical(result: dict[str, Any], local: bool) -> None:
 def test_historical_generator_shares_keys_and_breaks_ties() -> None:
     txn = pit_feature_table(20_000, 200, 7, 3, prefix="txn", table_seed=1)
     assert txn.equals(pit_feature_table(20_000, 200, 7, 3, prefix="txn", table_seed=1))
-    assert txn.column_names == [ENTITY_KEY, EVENT_TIME, CREATED_TIME, "txn_f00_float64", "txn_f01_category",
-                                "txn_f02_int64"]
+    assert txn.column_names == [
+        ENTITY_KEY,
+        EVENT_TIME,
+        CREATED_TIME,
+        "txn_f00_float64",
+        "txn_f01_category",
+        "txn_f02_int64",
+    ]
     # Ties on (key, event time), each broken by a distinct created time.
     assert txn.group_by([ENTITY_KEY, EVENT_TIME]).aggregate([]).num_rows < txn.num_rows
     assert txn.group_by([ENTITY_KEY, EVENT_TIME, CREATED_TIME]).aggregate([]).num_rows == txn.num_rows
@@ -125,6 +131,7 @@ def test_historical_generator_shares_keys_and_breaks_ties() -> None:
     # One key space, with the same hot keys in every table; a few entity keys are unknown to all.
     entities = entity_rows(2_000, 200, 7, exact=txn)
     assert entities.column_names == [ENTITY_KEY, CHANNEL, ENTITY_TIME, LABEL]
+
     def hottest(table: pa.Table) -> int:
         counts = table[ENTITY_KEY].value_counts()
         top = pa.compute.index(counts.field("counts"), pa.compute.max(counts.field("counts"))).as_py()
@@ -174,8 +181,9 @@ def test_historical_on_its_own_server(tmp_path: Path) -> None:
 def all_run(tmp_path_factory: pytest.TempPathFactory, running_server: Target) -> tuple[dict[str, Any], Path]:
     """One `flight-bench all --quick --plot DIR` run, shared by the report and the chart tests."""
     tmp = tmp_path_factory.mktemp("all")
-    payload = run_bench(tmp, "all", "--location", running_server.location, "--repeat", "1",
-                        "--plot", str(tmp / "charts" / "new"))
+    payload = run_bench(
+        tmp, "all", "--location", running_server.location, "--repeat", "1", "--plot", str(tmp / "charts" / "new")
+    )
     return payload, tmp
 
 
@@ -203,8 +211,9 @@ def test_plot_writes_a_chart_per_benchmark(all_run: tuple[dict[str, Any], Path])
     result = CliRunner().invoke(main, ["plot", str(tmp / "results.json"), "--plot", str(tmp / "redrawn")])
     assert result.exit_code == 0, result.output + repr(result.exception)
     check_charts(tmp / "redrawn")
-    twice = CliRunner().invoke(main, ["plot", str(tmp / "results.json"), str(tmp / "results.json"),
-                                      "--plot", str(tmp / "twice")])
+    twice = CliRunner().invoke(
+        main, ["plot", str(tmp / "results.json"), str(tmp / "results.json"), "--plot", str(tmp / "twice")]
+    )
     assert twice.exit_code == 2 and "would be drawn twice" in twice.output
 
 
@@ -212,8 +221,9 @@ def test_options_are_checked_before_any_benchmark_runs(tmp_path: Path, monkeypat
     """Without matplotlib, --plot fails at once with what to install; so does a bad --catalog-config."""
     config = tmp_path / "catalog.json"
     config.write_text(json.dumps({"type": "sql", "uri": f"sqlite:///{tmp_path / 'c.db'}"}))
-    with_location = CliRunner().invoke(main, ["scan", "--quick", "--catalog-config", str(config),
-                                              "--location", "grpc://127.0.0.1:1"])
+    with_location = CliRunner().invoke(
+        main, ["scan", "--quick", "--catalog-config", str(config), "--location", "grpc://127.0.0.1:1"]
+    )
     assert with_location.exit_code == 2 and "--catalog-config" in with_location.output
     config.write_text("[1, 2]")
     not_a_mapping = CliRunner().invoke(main, ["scan", "--quick", "--catalog-config", str(config)])
