@@ -8,11 +8,14 @@ produces a C++ `RecordBatchReader` that Flight streams without touching Python p
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression
+from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 
@@ -22,6 +25,8 @@ from flight_server.errors import NotFoundError
 from flight_server.filters import parse_filter, quote, to_sql
 from flight_server.protocol import ScanRequest, parse_timestamp
 from flight_server.schemas import table_arrow_schema
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,10 +98,55 @@ def plan_scan(catalog: FeatureCatalog, request: ScanRequest) -> ScanPlan:
     return ScanPlan(table, request, snapshot_id, arrow, expression)
 
 
+def _renamed(table: Table) -> bool:
+    """Whether any column ever had another name: files are then matched by field id, not name."""
+    names: dict[int, str] = {}
+    for schema in table.schemas().values():
+        for f in schema.fields:
+            if names.setdefault(f.field_id, f.name) != f.name:
+                return True
+    return False
+
+
+def direct_reader(plan: ScanPlan, batch_rows: int) -> pa.RecordBatchReader | None:
+    """The copy-on-write fast path: Arrow's own multi-threaded Parquet reader over the planned files.
+
+    Taken for whole-table reads (no filter, no limit: the bulk case) when no planned file has delete
+    files and no column was ever renamed (files are matched by column name); otherwise None, and
+    DuckDB's `iceberg_scan` reads, so that filters have one semantics (SQL's) whatever the path.
+    """
+    if (
+        plan.request.limit is not None
+        or not isinstance(plan.expression, AlwaysTrue)
+        or _renamed(plan.table)
+        or not isinstance(plan.table.io, PyArrowFileIO)
+    ):
+        return None
+    schema = snapshot_schema(plan.table, plan.snapshot_id)
+    tasks = list(plan.table.scan(snapshot_id=plan.snapshot_id).plan_files())
+    if any(task.delete_files for task in tasks):
+        return None
+    if not tasks:
+        return pa.RecordBatchReader.from_batches(plan.schema, [])
+    io = plan.table.io
+    scheme, netloc, _ = io.parse_location(tasks[0].file.file_path)
+    paths = [io.parse_location(task.file.file_path)[2] for task in tasks]
+    dataset = ds.dataset(
+        paths, schema=table_arrow_schema(schema), format="parquet", filesystem=io.fs_by_scheme(scheme, netloc)
+    )
+    scanner = dataset.scanner(columns=plan.schema.names, batch_size=batch_rows)
+    return scanner.to_reader()
+
+
 def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> pa.RecordBatchReader:
-    """Stream the planned rows; memory stays bounded by DuckDB's limit whatever the table size."""
+    """Stream the planned rows; memory stays bounded whatever the table size."""
     if plan.snapshot_id is None or plan.request.limit == 0:
         return pa.RecordBatchReader.from_batches(plan.schema, [])
+    direct = direct_reader(plan, batch_rows)
+    if direct is not None:
+        log.debug("scan %s: direct Parquet path", plan.name)
+        return direct if direct.schema == plan.schema else direct.cast(plan.schema)
+    log.debug("scan %s: iceberg_scan path (a filter, a limit, delete files or renamed columns)", plan.name)
     engine.use_storage(plan.table.io.properties)
     schema = snapshot_schema(plan.table, plan.snapshot_id)
     where, params = to_sql(plan.expression, schema)
