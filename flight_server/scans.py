@@ -1,9 +1,11 @@
 """Scan queries: resolve a `ScanRequest` against a table and stream its rows.
 
 Planning (`plan_scan`) checks everything the client asked for before any byte moves: the table,
-the snapshot (by id or by time), the columns and the filter. Execution (`open_scan`) hands the
-work to DuckDB's `iceberg_scan`, which prunes files and row groups, applies delete files, and
-produces a C++ `RecordBatchReader` that Flight streams without touching Python per batch.
+the snapshot (by id or by time), the columns and the filter. Execution (`open_scan`) takes one of
+two paths, both producing a C++ `RecordBatchReader` that Flight streams without touching Python per
+batch: `direct` (Arrow's Parquet reader over the planned files, for whole-table reads of tables
+without delete files) or `iceberg_scan` (DuckDB, which prunes files and row groups for filters and
+applies delete files).
 """
 
 from __future__ import annotations
@@ -138,14 +140,14 @@ def direct_reader(plan: ScanPlan, batch_rows: int) -> pa.RecordBatchReader | Non
     return scanner.to_reader()
 
 
-def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> pa.RecordBatchReader:
-    """Stream the planned rows; memory stays bounded whatever the table size."""
+def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> tuple[pa.RecordBatchReader, str]:
+    """Stream the planned rows, and say which read path does it; memory stays bounded."""
     if plan.snapshot_id is None or plan.request.limit == 0:
-        return pa.RecordBatchReader.from_batches(plan.schema, [])
+        return pa.RecordBatchReader.from_batches(plan.schema, []), "empty"
     direct = direct_reader(plan, batch_rows)
     if direct is not None:
         log.debug("scan %s: direct Parquet path", plan.name)
-        return direct if direct.schema == plan.schema else direct.cast(plan.schema)
+        return (direct if direct.schema == plan.schema else direct.cast(plan.schema)), "direct"
     log.debug("scan %s: iceberg_scan path (a filter, a limit, delete files or renamed columns)", plan.name)
     engine.use_storage(plan.table.io.properties)
     schema = snapshot_schema(plan.table, plan.snapshot_id)
@@ -157,4 +159,4 @@ def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> pa.RecordBatch
         sql += " LIMIT ?"
         args.append(plan.request.limit)
     reader = engine.cursor().execute(sql, args).to_arrow_reader(batch_rows)
-    return reader if reader.schema == plan.schema else reader.cast(plan.schema)
+    return (reader if reader.schema == plan.schema else reader.cast(plan.schema)), "iceberg_scan"

@@ -43,6 +43,7 @@ ACTIONS = {
 }
 SNAPSHOT_METADATA_KEY = b"flight.snapshot_id"
 TABLE_METADATA_KEY = b"flight.table"
+READ_PATH_METADATA_KEY = b"flight.read_path"
 
 
 def _flight_errors(handler: F) -> F:
@@ -86,8 +87,10 @@ class FeatureFlightServer(flight.FlightServerBase):
             return ScanRequest(table=descriptor.path[0].decode())
         return parse_ticket(descriptor.command, "descriptor")
 
-    def _schema(self, plan: ScanPlan) -> pa.Schema:
+    def _schema(self, plan: ScanPlan, read_path: str | None = None) -> pa.Schema:
         metadata = {TABLE_METADATA_KEY: plan.name.encode(), SNAPSHOT_METADATA_KEY: str(plan.snapshot_id).encode()}
+        if read_path is not None:
+            metadata[READ_PATH_METADATA_KEY] = read_path.encode()
         return plan.schema.with_metadata(metadata)
 
     @_flight_errors
@@ -132,9 +135,9 @@ class FeatureFlightServer(flight.FlightServerBase):
         if isinstance(request, HistoricalRequest):
             return flight.RecordBatchStream(open_historical(self.catalog, self.engine, request, self.config.batch_rows))
         plan = plan_scan(self.catalog, request)
-        reader = open_scan(plan, self.engine, self.config.batch_rows)
+        reader, path = open_scan(plan, self.engine, self.config.batch_rows)
         log.debug("scan %s at snapshot %s", plan.name, plan.snapshot_id)
-        return flight.RecordBatchStream(reader.cast(self._schema(plan)))
+        return flight.RecordBatchStream(reader.cast(self._schema(plan, path)))
 
     @_flight_errors
     def do_put(

@@ -62,6 +62,10 @@ def test_round_trip_keeps_values_and_types(client: FeatureClient, backend: dict[
         assert read.schema.field(f.name).type == f.type, f.name
     assert sorted_rows(read) == sorted_rows(data)
     assert read.schema.metadata[b"flight.snapshot_id"] == str(result.snapshot_id).encode()
+    assert read.schema.metadata[b"flight.read_path"] == b"direct"  # a whole, delete-free table
+    filtered = client.scan(table, filter="user_id < 100")
+    assert filtered.schema.metadata[b"flight.read_path"] == b"iceberg_scan"
+    assert sorted_rows(filtered.read_all()) == sorted_rows(data.slice(0, 100))
     # Another engine reads the same rows from the same catalog: the table is plain Iceberg.
     from pyiceberg.catalog import load_catalog
 
