@@ -164,12 +164,7 @@ class FeatureClient:
     def flight_info(self, table: str, **scan_options: Any) -> flight.FlightInfo:
         """Schema, row estimate and endpoints of a scan, without reading it."""
         scan_options["as_of"] = _as_of(scan_options.get("as_of"))
-        request = ScanRequest(table, **scan_options)
-        descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
-        try:
-            return self._client.get_flight_info(descriptor, self._options)
-        except flight.FlightError as exc:
-            raise from_flight_error(exc) from None
+        return self._info(ScanRequest(table, **scan_options))
 
     def _get(self, ticket: bytes) -> pa.RecordBatchReader:
         try:
@@ -242,10 +237,8 @@ class FeatureClient:
             return
         schema, batches = _batches(entity_rows)
         table = pa.Table.from_batches(list(batches), schema=schema)
-        share = table.slice(
-            rank * table.num_rows // world_size,
-            (rank + 1) * table.num_rows // world_size - rank * table.num_rows // world_size,
-        )
+        start, stop = rank * table.num_rows // world_size, (rank + 1) * table.num_rows // world_size
+        share = table.slice(start, stop - start)
         request = self._historical_request(
             share, features, full_feature_names, snapshot_ids, as_of, entity_time, None, None
         )
@@ -278,7 +271,7 @@ class FeatureClient:
             partitions=partitions,
         )  # type: ignore[arg-type]
 
-    def _info(self, request: HistoricalRequest) -> flight.FlightInfo:
+    def _info(self, request: ScanRequest | HistoricalRequest) -> flight.FlightInfo:
         try:
             return self._client.get_flight_info(flight.FlightDescriptor.for_command(request.to_bytes()), self._options)
         except flight.FlightError as exc:

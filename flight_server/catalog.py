@@ -155,8 +155,12 @@ class FeatureCatalog:
         except (NoSuchTableError, NoSuchNamespaceError):
             raise NotFoundError(f"table {'.'.join(identifier)!r} does not exist") from None
 
-    def exists(self, table: str) -> bool:
-        return self.catalog.table_exists(self.identifier(table))
+    def find(self, table: str) -> Table | None:
+        """The table, or None when it does not exist (yet)."""
+        try:
+            return self.load(table)
+        except NotFoundError:
+            return None
 
     def ensure_namespace(self, namespace: tuple[str, ...]) -> None:
         self.catalog.create_namespace_if_not_exists(namespace)

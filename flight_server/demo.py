@@ -71,30 +71,23 @@ def load_demo(location: str) -> None:
     """Write the demo tables into namespace `demo` unless they are already there."""
     from flight_client import FeatureClient
 
+    tables = {
+        "demo.driver_stats": (
+            driver_stats,
+            {"entity_keys": ["driver_id"], "created_time": "created", "ttl": dt.timedelta(days=1)},
+        ),
+        "demo.customer_profile": (customer_profile, {"entity_keys": ["customer_id"]}),
+        "demo.trips": (trips, {"entity_keys": ["driver_id"]}),
+    }
     with FeatureClient(location) as client:
         existing = {t["table"] for t in client.tables()}
-        if "demo.driver_stats" not in existing:
-            result = client.write(
-                "demo.driver_stats",
-                driver_stats(),
-                entity_keys=["driver_id"],
-                event_time="event_timestamp",
-                created_time="created",
-                ttl=dt.timedelta(days=1),
-                write_id="demo-driver-stats",
-            )
-            log.info("demo: wrote %d rows to demo.driver_stats (snapshot %s)", result.rows, result.snapshot_id)
-        if "demo.customer_profile" not in existing:
-            result = client.write(
-                "demo.customer_profile",
-                customer_profile(),
-                entity_keys=["customer_id"],
-                event_time="event_timestamp",
-                write_id="demo-customer-profile",
-            )
-            log.info("demo: wrote %d rows to demo.customer_profile (snapshot %s)", result.rows, result.snapshot_id)
-        if "demo.trips" not in existing:
-            result = client.write(
-                "demo.trips", trips(), entity_keys=["driver_id"], event_time="event_timestamp", write_id="demo-trips"
-            )
-            log.info("demo: wrote %d rows to demo.trips (snapshot %s)", result.rows, result.snapshot_id)
+        for name, (make, definition) in tables.items():
+            if name not in existing:
+                result = client.write(
+                    name,
+                    make(),
+                    event_time="event_timestamp",
+                    write_id="demo-" + name.split(".")[1].replace("_", "-"),
+                    **definition,
+                )
+                log.info("demo: wrote %d rows to %s (snapshot %s)", result.rows, name, result.snapshot_id)

@@ -32,6 +32,7 @@ from flight_server.filters import parse_filter, quote, to_sql
 from flight_server.protocol import HistoricalRequest, ProtocolError, parse_feature_ref, parse_timestamp
 from flight_server.scans import resolve_snapshot, snapshot_schema
 from flight_server.schemas import UTC_MICROS, table_arrow_schema
+from flight_server.streams import chunks
 
 ROW = "__pit_row"
 TS = "__pit_ts"
@@ -361,13 +362,7 @@ def exchange_historical(
     cursor = engine.cursor()
     rows = 0
     _append_entities(cursor, prepare_entities(reader.schema.empty_table(), request.entity_time, 0), create=True)
-    while True:
-        try:
-            chunk = reader.read_chunk()
-        except StopIteration:
-            break
-        except (flight.FlightError, pa.ArrowException) as exc:
-            raise RequestError(f"the entity stream broke after {rows} rows: {exc}") from None
+    for chunk in chunks(reader, "entity"):
         if chunk.data is not None and chunk.data.num_rows:
             _append_entities(cursor, prepare_entities(chunk.data, request.entity_time, rows))
             rows += chunk.data.num_rows

@@ -87,7 +87,11 @@ def snapshot_schema(table: Table, snapshot_id: int | None) -> Schema:
 
 
 def plan_scan(catalog: FeatureCatalog, request: ScanRequest) -> ScanPlan:
-    table = catalog.load(request.table)
+    return plan_table_scan(catalog.load(request.table), request)
+
+
+def plan_table_scan(table: Table, request: ScanRequest) -> ScanPlan:
+    """`plan_scan` for a table already loaded."""
     snapshot_id = resolve_snapshot(table, request.snapshot_id, request.as_of)
     schema = snapshot_schema(table, snapshot_id)
     arrow = table_arrow_schema(schema)

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
+from pyiceberg.table import Table
 
 from flight_server import __version__
 from flight_server.catalog import FeatureCatalog, FeatureSpec, describe, table_name
@@ -30,7 +31,7 @@ from flight_server.protocol import (
     parse_ticket,
     parse_write,
 )
-from flight_server.scans import ScanPlan, open_scan, plan_scan
+from flight_server.scans import ScanPlan, open_scan, plan_scan, plan_table_scan
 from flight_server.writes import Writer
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,9 @@ class FeatureFlightServer(flight.FlightServerBase):
         infos = []
         for name in self.catalog.table_names():
             if name.startswith(prefix):
-                summary = self._table_summary(name)
-                plan = plan_scan(self.catalog, ScanRequest(table=name))
+                table = self.catalog.load(name)
+                summary = self._table_summary(table)
+                plan = plan_table_scan(table, ScanRequest(table=name))
                 infos.append(
                     flight.FlightInfo(
                         self._schema(plan),
@@ -207,14 +209,13 @@ class FeatureFlightServer(flight.FlightServerBase):
                 "writes_in_progress": self.writer.in_progress,
             }
         elif action.type == "list_tables":
-            result = [self._table_summary(name) for name in self.catalog.table_names()]
+            result = [self._table_summary(self.catalog.load(name)) for name in self.catalog.table_names()]
         else:
             request = TableRequest.from_body(decode(body, "describe body"))
             result = describe(self.catalog.load(request.table))
         return iter([json.dumps(result).encode()])
 
-    def _table_summary(self, name: str) -> dict[str, Any]:
-        table = self.catalog.load(name)
+    def _table_summary(self, table: Table) -> dict[str, Any]:
         spec = FeatureSpec.from_properties(table.metadata.properties)
         snapshot = table.current_snapshot()
         return {

@@ -31,6 +31,7 @@ from flight_server.catalog import FeatureCatalog, FeatureSpec, default_partition
 from flight_server.errors import ConflictError, RequestError
 from flight_server.protocol import ProtocolError, WriteRequest, WriteResult, parse_end_marker
 from flight_server.schemas import Conformer, new_table_schema, table_arrow_schema
+from flight_server.streams import chunks
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,9 @@ class Writer:
         # Serialise retries of one write_id on this server, so a retry arriving while the first
         # attempt still streams waits for it and then answers with its snapshot.
         with self._id_locks[hash((identifier, request.write_id)) % len(self._id_locks)]:
-            if self.catalog.exists(request.table):
-                prior = find_write(self.catalog.load(request.table), request.write_id)
+            table = self.catalog.find(request.table)
+            if table is not None:
+                prior = find_write(table, request.write_id)
                 if prior is not None:
                     _drain(reader)
                     log.info(
@@ -155,15 +157,7 @@ class Writer:
             pending, pending_bytes = [], 0
 
         try:
-            while True:
-                try:
-                    chunk = reader.read_chunk()
-                except StopIteration:
-                    break
-                except (flight.FlightError, pa.ArrowException) as exc:
-                    raise RequestError(
-                        f"the write stream broke after {rows} rows: {exc}; nothing was committed"
-                    ) from None
+            for chunk in chunks(reader, "write", "; nothing was committed"):
                 if chunk.app_metadata is not None:
                     try:
                         declared_rows = parse_end_marker(chunk.app_metadata.to_pybytes())
@@ -200,9 +194,9 @@ class Writer:
     def _stage(self, request: WriteRequest, stream: pa.Schema) -> _Staged:
         """Open the transaction the write commits: create the table, or load and maybe evolve it."""
         identifier = self.catalog.identifier(request.table)
-        if not self.catalog.exists(request.table):
+        table = self.catalog.find(request.table)
+        if table is None:
             return self._stage_new(request, identifier, stream)
-        table = self.catalog.load(request.table)
         spec = FeatureSpec.from_properties(table.metadata.properties)
         _check_declared_spec(request, spec, table_name(table))
         if request.partition_by is not None:
@@ -369,11 +363,8 @@ def _check_declared_spec(request: WriteRequest, spec: FeatureSpec | None, name: 
 
 def _drain(reader: flight.MetadataRecordBatchReader) -> None:
     """Read and drop a stream whose rows are already committed, so the client can finish."""
-    while True:
-        try:
-            reader.read_chunk()
-        except StopIteration:
-            return
+    for _ in chunks(reader, "write"):
+        pass
 
 
 def _delete_files(io: FileIO, files: list[DataFile]) -> None:
