@@ -1,7 +1,13 @@
 """Client for the feature Flight server: `FeatureClient` and the pandas helper `read_flight`."""
 
 from flight_client.client import FeatureClient, WriteResult, read_flight
-from flight_client.errors import ConflictError, FeatureServerError, InvalidRequestError, NotFoundError
+from flight_client.errors import (
+    ConflictError,
+    FeatureServerError,
+    InvalidRequestError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 
 __all__ = [
     "ConflictError",
@@ -9,6 +15,7 @@ __all__ = [
     "FeatureServerError",
     "InvalidRequestError",
     "NotFoundError",
+    "ResourceExhaustedError",
     "WriteResult",
     "read_flight",
 ]

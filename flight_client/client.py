@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -14,8 +15,10 @@ import pyarrow.flight as flight
 
 from flight_client.errors import FeatureServerError, from_flight_error
 from flight_server.protocol import (
+    MAX_INLINE_ENTITIES,
     EntitySource,
     HistoricalRequest,
+    OnlineRequest,
     ScanRequest,
     WriteRequest,
     WriteResult,
@@ -271,13 +274,50 @@ class FeatureClient:
             partitions=partitions,
         )  # type: ignore[arg-type]
 
+    # Online serving
+
+    def get_online_features(
+        self,
+        entities: Any,
+        features: list[str],
+        *,
+        as_of: dt.datetime | str | int | None = None,
+        full_feature_names: bool = False,
+        request_time: dt.datetime | str | int | None = None,
+        apply_ttl: bool = True,
+    ) -> pa.Table:
+        """The latest `features` (`"table:feature"`) of each entity, one row per entity in order.
+
+        `entities` maps key columns to values (a dict of lists) or is a pandas DataFrame / Arrow
+        Table of key columns. Up to 10,000 entities travel inline in one `do_get`; more are streamed
+        with `do_exchange`. Each table adds a `<table>__<event time>` column: when the returned row
+        was valid. Unknown entities, and rows older than the table's TTL at `request_time` (now by
+        default; `apply_ttl=False` keeps them), are nulls. `as_of` looks into history instead: the
+        latest rows at or before that time (slower: it reads the table).
+        """
+        request = OnlineRequest(
+            list(features), None, full_feature_names, _as_of(as_of), _as_of(request_time), apply_ttl
+        )  # type: ignore[arg-type]
+        if isinstance(entities, dict):
+            columns = {k: list(v) if not isinstance(v, list) else v for k, v in entities.items()}
+            rows = len(next(iter(columns.values()), []))
+            if rows <= MAX_INLINE_ENTITIES:
+                inline = {k: [_jsonable(v) for v in values] for k, values in columns.items()}
+                ticket = flight.Ticket(replace(request, entities=inline).to_bytes())
+                try:
+                    return self._client.do_get(ticket, self._options).read_all()
+                except flight.FlightError as exc:
+                    raise from_flight_error(exc) from None
+            entities = pa.table(columns)
+        return self._exchange(request, entities)
+
     def _info(self, request: ScanRequest | HistoricalRequest) -> flight.FlightInfo:
         try:
             return self._client.get_flight_info(flight.FlightDescriptor.for_command(request.to_bytes()), self._options)
         except flight.FlightError as exc:
             raise from_flight_error(exc) from None
 
-    def _exchange(self, request: HistoricalRequest, entity_rows: Any) -> pa.Table:
+    def _exchange(self, request: HistoricalRequest | OnlineRequest, entity_rows: Any) -> pa.Table:
         schema, batches = _batches(entity_rows)
         descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
         try:

@@ -31,10 +31,15 @@ class ConflictError(FeatureServerError):
     """The request lost a race with a concurrent change; nothing was done and a retry is safe."""
 
 
+class ResourceExhaustedError(FeatureServerError):
+    """The request would exceed a limit the server is configured with; the message names it."""
+
+
 _BY_CODE: dict[str, type[FeatureServerError]] = {
     "INVALID_ARGUMENT": InvalidRequestError,
     "NOT_FOUND": NotFoundError,
     "CONFLICT": ConflictError,
+    "RESOURCE_EXHAUSTED": ResourceExhaustedError,
 }
 
 

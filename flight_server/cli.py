@@ -124,6 +124,33 @@ def main() -> None:
     help="Memory a write may buffer before it writes Parquet files; bounds memory per concurrent put.",
 )
 @click.option(
+    "--online-table",
+    "online_tables",
+    multiple=True,
+    envvar="FLIGHT_SERVER_ONLINE_TABLES",
+    show_envvar=True,
+    help="Build this table's online index at start-up (repeatable; the variable takes a space-separated "
+    "list). Other tables are indexed on their first online request.",
+)
+@click.option(
+    "--online-refresh-seconds",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0.01),
+    envvar="FLIGHT_SERVER_ONLINE_REFRESH_SECONDS",
+    show_envvar=True,
+    help="How often the online indexes poll the catalog for new snapshots (freshness of online reads).",
+)
+@click.option(
+    "--online-max-mb",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(1),
+    envvar="FLIGHT_SERVER_ONLINE_MAX_MB",
+    show_envvar=True,
+    help="Memory all online indexes together may take; a table that would pass it is refused.",
+)
+@click.option(
     "--demo/--no-demo",
     default=False,
     show_default=True,
@@ -153,6 +180,9 @@ def serve(
     duckdb_temp_dir: str | None,
     batch_rows: int,
     write_chunk_mb: int,
+    online_tables: tuple[str, ...],
+    online_refresh_seconds: float,
+    online_max_mb: int,
     demo: bool,
     log_level: str,
 ) -> None:
@@ -176,6 +206,9 @@ def serve(
         duckdb_memory_limit=duckdb_memory_limit,
         duckdb_threads=duckdb_threads,
         duckdb_temp_dir=duckdb_temp_dir,
+        online_tables=list(online_tables),
+        online_refresh_seconds=online_refresh_seconds,
+        online_max_bytes=online_max_mb << 20,
     )
     from flight_server.service import FeatureFlightServer
 

@@ -38,6 +38,9 @@ class ServerConfig:
     duckdb_temp_dir: str | None = None
     commit_timeout_seconds: float = 120.0
     historical_partitions: int = 1
+    online_tables: list[str] = field(default_factory=list)
+    online_refresh_seconds: float = 0.5
+    online_max_bytes: int = 2 << 30
 
     def resolved_catalog_properties(self) -> dict[str, str]:
         """The catalog properties to load, filling in the embedded default where unset."""

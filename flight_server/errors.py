@@ -30,6 +30,13 @@ class ConflictError(RequestError):
     code = "CONFLICT"
 
 
+class LimitError(RequestError):
+    """The request would exceed a configured limit (such as the online index memory cap).
+    Code `RESOURCE_EXHAUSTED`."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 def to_flight_error(exc: Exception) -> flight.FlightError:
     """The Flight error a client sees for `exc`: its message, and its code in `extra_info`."""
     if isinstance(exc, flight.FlightError):

@@ -76,6 +76,7 @@ class HistoricalPlan:
     entity_table: Table | None = None
     entity_snapshot_id: int | None = None
     entity_filter: BooleanExpression = field(default_factory=AlwaysTrue)
+    apply_ttl: bool = True
 
     def snapshots(self) -> dict[str, Any]:
         """What the result was computed from; passing these back reproduces it exactly."""
@@ -274,7 +275,7 @@ def join_sql(
         else:
             bound = f"{quote(spec.event_time)} <= ?"
             args_here: list[Any] = [local_path(group.table.metadata_location), group.snapshot_id, high]
-            if spec.ttl_seconds and low is not None:
+            if spec.ttl_seconds and plan.apply_ttl and low is not None:
                 bound += f" AND {quote(spec.event_time)} >= ?"
                 args_here.append(low - dt.timedelta(seconds=spec.ttl_seconds))
             partition = plan.request.partition
@@ -295,7 +296,8 @@ def join_sql(
         else:
             inequality = f"ent.{TS} >= {alias}.{TS}"
         joins.append(f"ASOF LEFT JOIN {alias} ON {on} AND {inequality}")
-        fresh = f"{alias}.{TS} >= ent.{TS} - to_seconds({int(spec.ttl_seconds)})" if spec.ttl_seconds else None
+        ttl = spec.ttl_seconds if plan.apply_ttl else None
+        fresh = f"{alias}.{TS} >= ent.{TS} - to_seconds({int(ttl)})" if ttl else None
         for j in range(len(group.features)):
             value = f"{alias}.__pit_{i}_{j}"
             selected[(i, j)] = f"CASE WHEN {fresh} THEN {value} END" if fresh else value
@@ -332,12 +334,18 @@ def open_historical(
 ) -> pa.RecordBatchReader:
     """Stream the training set for a `do_get` ticket."""
     plan, inline = plan_request(catalog, request)
+    if inline is not None:
+        return run_inline(engine, plan, inline, batch_rows)
+    _use_storage(engine, plan)
+    relation, params = server_entities(plan)
+    return run_historical(plan, engine.cursor(), relation, params, batch_rows)
+
+
+def run_inline(engine: Engine, plan: HistoricalPlan, entities: pa.Table, batch_rows: int) -> pa.RecordBatchReader:
+    """Join entity rows held in memory (inline in a ticket, or an online `as_of` lookup)."""
     _use_storage(engine, plan)
     cursor = engine.cursor()
-    if inline is None:
-        relation, params = server_entities(plan)
-        return run_historical(plan, cursor, relation, params, batch_rows)
-    _append_entities(cursor, prepare_entities(inline, request.entity_time, 0), create=True)
+    _append_entities(cursor, prepare_entities(entities, plan.request.entity_time, 0), create=True)
     return _keep_alive(run_historical(plan, cursor, "__pit_entities", [], batch_rows), cursor)
 
 

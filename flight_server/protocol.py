@@ -15,6 +15,7 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 1 << 20
+MAX_INLINE_ENTITIES = 10_000
 WRITE_MODES = ("append", "overwrite")
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
 
@@ -332,6 +333,67 @@ class HistoricalRequest:
 
 
 @dataclass(frozen=True)
+class OnlineRequest:
+    """The latest features of a few entities: keys inline (`do_get`) or streamed (`do_exchange`)."""
+
+    features: list[str]
+    entities: dict[str, list[Any]] | None = None
+    full_feature_names: bool = False
+    as_of: str | None = None
+    request_time: str | None = None
+    apply_ttl: bool = True
+    kind: str = field(default="online", init=False)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> OnlineRequest:
+        f = _Fields(
+            body, "online request", {"features", "entities", "full_feature_names", "as_of", "request_time", "apply_ttl"}
+        )
+        features = f.str_list("features")
+        if not features:
+            raise ProtocolError("online request: field 'features' must list at least one 'table:feature'")
+        for ref in features:
+            parse_feature_ref(ref)
+        entities = body.get("entities")
+        if entities is not None:
+            if (
+                not isinstance(entities, dict)
+                or not entities
+                or not all(isinstance(k, str) and isinstance(v, list) for k, v in entities.items())
+            ):
+                raise ProtocolError("online request: 'entities' must map key columns to lists of values")
+            lengths = {len(v) for v in entities.values()}
+            if len(lengths) != 1:
+                raise ProtocolError("online request: the lists in 'entities' must have equal lengths")
+            if lengths.pop() > MAX_INLINE_ENTITIES:
+                raise ProtocolError(
+                    f"online request: more than {MAX_INLINE_ENTITIES} entities inline; stream them with do_exchange"
+                )
+        times = {}
+        for name in ("as_of", "request_time"):
+            value = body.get(name)
+            parsed = None if value is None else parse_timestamp(value, f"online request: {name!r}")
+            times[name] = None if parsed is None else format_timestamp(parsed)
+        apply_ttl = body.get("apply_ttl", True)
+        if not isinstance(apply_ttl, bool):
+            raise ProtocolError(f"online request: field 'apply_ttl' must be true or false, got {apply_ttl!r}")
+        return cls(features, entities, f.bool("full_feature_names"), times["as_of"], times["request_time"], apply_ttl)
+
+    def to_bytes(self) -> bytes:
+        return encode(
+            {
+                "kind": self.kind,
+                "features": self.features,
+                "entities": self.entities,
+                "full_feature_names": self.full_feature_names or None,
+                "as_of": self.as_of,
+                "request_time": self.request_time,
+                "apply_ttl": None if self.apply_ttl else False,
+            }
+        )
+
+
+@dataclass(frozen=True)
 class TableRequest:
     """Action body naming one table (`describe`)."""
 
@@ -343,7 +405,7 @@ class TableRequest:
         return cls(table=f.str("table", required=True))  # type: ignore[arg-type]
 
 
-def parse_ticket(raw: bytes, what: str = "ticket") -> ScanRequest | HistoricalRequest:
+def parse_ticket(raw: bytes, what: str = "ticket") -> ScanRequest | HistoricalRequest | OnlineRequest:
     """A `do_get` ticket or `get_flight_info` command; its `kind` chooses the query."""
     body = decode(raw, what)
     kind = body.get("kind", "scan")
@@ -351,7 +413,9 @@ def parse_ticket(raw: bytes, what: str = "ticket") -> ScanRequest | HistoricalRe
         return ScanRequest.from_body(body)
     if kind == "historical":
         return HistoricalRequest.from_body(body)
-    raise ProtocolError(f"{what}: unknown kind {kind!r}; expected 'scan' or 'historical'")
+    if kind == "online":
+        return OnlineRequest.from_body(body)
+    raise ProtocolError(f"{what}: unknown kind {kind!r}; expected 'scan', 'historical' or 'online'")
 
 
 def parse_write(raw: bytes) -> WriteRequest:

@@ -22,8 +22,11 @@ from flight_server.config import ServerConfig
 from flight_server.duck import Engine
 from flight_server.errors import RequestError, to_flight_error
 from flight_server.historical import endpoint_requests, exchange_historical, open_historical, plan_request
+from flight_server.lookups import OnlineService
+from flight_server.online import OnlineStore
 from flight_server.protocol import (
     HistoricalRequest,
+    OnlineRequest,
     ProtocolError,
     ScanRequest,
     TableRequest,
@@ -78,10 +81,18 @@ class FeatureFlightServer(flight.FlightServerBase):
         self.engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
         self.engine.use_storage(self.catalog.properties)
         self.writer = Writer(self.catalog, config.write_chunk_bytes, config.commit_timeout_seconds)
+        self.store = OnlineStore(
+            self.catalog, self.engine, config.online_refresh_seconds, config.online_max_bytes, config.online_tables
+        )
+        self.online = OnlineService(self.store, self.catalog, self.engine)
         super().__init__(f"grpc://{config.host}:{config.port}", **kwargs)
         log.info("serving Flight on grpc://%s:%d", config.host, self.port)
 
-    def _request(self, descriptor: flight.FlightDescriptor) -> ScanRequest | HistoricalRequest:
+    def shutdown(self) -> None:
+        self.store.close()
+        super().shutdown()
+
+    def _request(self, descriptor: flight.FlightDescriptor) -> ScanRequest | HistoricalRequest | OnlineRequest:
         if descriptor.descriptor_type == flight.DescriptorType.PATH:
             if len(descriptor.path) != 1:
                 raise RequestError("a path descriptor names one table: ['namespace.table']")
@@ -101,6 +112,9 @@ class FeatureFlightServer(flight.FlightServerBase):
         request = self._request(descriptor)
         if isinstance(request, HistoricalRequest):
             return self._historical_info(descriptor, request)
+        if isinstance(request, OnlineRequest):
+            schema = self.online.plan(request).schema
+            return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(request.to_bytes(), [])], -1, -1)
         plan = plan_scan(self.catalog, request)
         # The ticket pins the snapshot, so fetching it later returns exactly what was described.
         ticket = ScanRequest(request.table, request.columns, request.filter, plan.snapshot_id, None, request.limit)
@@ -128,6 +142,8 @@ class FeatureFlightServer(flight.FlightServerBase):
         request = self._request(descriptor)
         if isinstance(request, HistoricalRequest):
             return flight.SchemaResult(plan_request(self.catalog, request)[0].schema)
+        if isinstance(request, OnlineRequest):
+            return flight.SchemaResult(self.online.plan(request).schema)
         return flight.SchemaResult(self._schema(plan_scan(self.catalog, request)))
 
     @_flight_errors
@@ -135,6 +151,8 @@ class FeatureFlightServer(flight.FlightServerBase):
         request = parse_ticket(ticket.ticket)
         if isinstance(request, HistoricalRequest):
             return flight.RecordBatchStream(open_historical(self.catalog, self.engine, request, self.config.batch_rows))
+        if isinstance(request, OnlineRequest):
+            return flight.RecordBatchStream(self.online.get(request))
         plan = plan_scan(self.catalog, request)
         reader, path = open_scan(plan, self.engine, self.config.batch_rows)
         log.debug("scan %s at snapshot %s", plan.name, plan.snapshot_id)
@@ -152,6 +170,7 @@ class FeatureFlightServer(flight.FlightServerBase):
             raise RequestError("do_put needs a command descriptor holding a write request (see docs/protocol.md)")
         request = parse_write(descriptor.command)
         result = self.writer.write(request, reader, context.is_cancelled)
+        self.store.notify(result.table)
         writer.write(pa.py_buffer(result.to_bytes()))
 
     @_flight_errors
@@ -163,8 +182,12 @@ class FeatureFlightServer(flight.FlightServerBase):
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
         request = self._request(descriptor)
+        if isinstance(request, OnlineRequest):
+            rows = self.online.exchange(request, reader, writer)
+            log.debug("online lookup of %d streamed entities", rows)
+            return
         if not isinstance(request, HistoricalRequest):
-            raise RequestError("do_exchange takes a historical request (see docs/protocol.md)")
+            raise RequestError("do_exchange takes a historical or an online request (see docs/protocol.md)")
         rows = exchange_historical(
             self.catalog, self.engine, request, reader, writer, context.is_cancelled, self.config.batch_rows
         )
@@ -207,12 +230,15 @@ class FeatureFlightServer(flight.FlightServerBase):
                 "catalog": self.catalog.name,
                 "catalog_type": self.catalog.properties.get("type", ""),
                 "writes_in_progress": self.writer.in_progress,
+                "online": self.store.stats(),
             }
         elif action.type == "list_tables":
             result = [self._table_summary(self.catalog.load(name)) for name in self.catalog.table_names()]
         else:
             request = TableRequest.from_body(decode(body, "describe body"))
             result = describe(self.catalog.load(request.table))
+            index = self.store.peek(request.table)
+            result["online"] = index.stats() if index is not None else None
         return iter([json.dumps(result).encode()])
 
     def _table_summary(self, table: Table) -> dict[str, Any]:

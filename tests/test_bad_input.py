@@ -151,6 +151,59 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         InvalidRequestError,
         "says it sent 99 rows but 3",
     ),
+    "online unknown table": (
+        lambda c, t: c.get_online_features({"user_id": [1], "region": ["r1"]}, ["tests.no_such_table:f64"]),
+        NotFoundError,
+        "does not exist",
+    ),
+    "online unknown feature": (
+        lambda c, t: c.get_online_features({"user_id": [1], "region": ["r1"]}, [f"{t}:nope"]),
+        NotFoundError,
+        "has no column 'nope'",
+    ),
+    "online malformed feature": (
+        lambda c, t: c.get_online_features({"user_id": [1], "region": ["r1"]}, ["f64"]),
+        InvalidRequestError,
+        "not of the form 'table:feature'",
+    ),
+    "online missing key column": (
+        lambda c, t: c.get_online_features({"user_id": [1]}, [f"{t}:f64"]),
+        InvalidRequestError,
+        r"lack key column\(s\) \['region'\]",
+    ),
+    "online extra key column": (
+        lambda c, t: c.get_online_features({"user_id": [1], "region": ["r1"], "zone": [2]}, [f"{t}:f64"]),
+        InvalidRequestError,
+        r"\['zone'\] are not keys",
+    ),
+    "online wrong key type": (
+        lambda c, t: c.get_online_features({"user_id": ["one"], "region": ["r1"]}, [f"{t}:f64"]),
+        InvalidRequestError,
+        "'user_id' is int64: expected int values, got 'one'",
+    ),
+    "online wrong key type streamed": (
+        lambda c, t: c.get_online_features(pa.table({"user_id": ["one"], "region": ["r1"]}), [f"{t}:f64"]),
+        InvalidRequestError,
+        "entity column 'user_id' is string; the tables key it as int64",
+    ),
+    "online too many keys inline": (
+        lambda c, t: raw_get(
+            c,
+            ticket(kind="online", features=[f"{t}:f64"], entities={"user_id": [1] * 10_001, "region": ["r"] * 10_001}),
+        ),
+        InvalidRequestError,
+        "more than 10000 entities inline; stream them with do_exchange",
+    ),
+    "online without entities": (
+        lambda c, t: raw_get(c, ticket(kind="online", features=[f"{t}:f64"])),
+        InvalidRequestError,
+        "no 'entities'",
+    ),
+    "online bad apply_ttl": (
+        lambda c, t: raw_get(c, ticket(kind="online", features=[f"{t}:f64"], entities={"user_id": [1]}, apply_ttl=1)),
+        InvalidRequestError,
+        "'apply_ttl' must be true or false",
+    ),
     "unknown action": (lambda c, t: c._action("explode"), InvalidRequestError, "unknown action 'explode'"),
     "describe without table": (
         lambda c, t: c._action("describe", {}),

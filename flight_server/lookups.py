@@ -1,0 +1,274 @@
+"""Online requests: the latest features of the entities a request names, as one Arrow table.
+
+Without `as_of` the answer comes from the online indexes (`online.py`): no catalog, Parquet or
+DuckDB work happens per request. With `as_of` it is a point lookup into history: a training set
+of one row per entity at that time (`historical.py`), computed by DuckDB.
+
+The answer has one row per requested entity, in request order, duplicates kept: the key columns,
+each requested feature, and per table `<table>__<event time column>` (the event time of the row
+returned). Unknown entities, null keys, and rows older than the table's TTL relative to the
+request time (now unless the request says; `as_of` when given; `apply_ttl: false` switches it
+off) come back as nulls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server.catalog import FeatureCatalog, FeatureSpec, table_name
+from flight_server.duck import Engine
+from flight_server.errors import NotFoundError, RequestError
+from flight_server.historical import plan_historical, run_inline
+from flight_server.online import MISSING, OnlineIndex, OnlineStore, key_kind, key_values
+from flight_server.protocol import HistoricalRequest, OnlineRequest, parse_feature_ref, parse_timestamp
+from flight_server.schemas import UTC_MICROS, table_arrow_schema
+from flight_server.streams import chunks
+
+AS_OF_COLUMN = "__online_as_of"
+PLAN_CACHE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Source:
+    """One feature table as a request sees it."""
+
+    name: str
+    spec: FeatureSpec
+    schema: pa.Schema
+    index: OnlineIndex | None = None
+
+    @property
+    def time_column(self) -> str:
+        return f"{short_name(self.name)}__{self.spec.event_time}"
+
+
+def short_name(name: str) -> str:
+    return name.split(".")[-1]
+
+
+@dataclass(frozen=True)
+class OnlinePlan:
+    """A checked online request: the tables, the output columns, the key columns and their types."""
+
+    request: OnlineRequest
+    sources: list[Source]
+    columns: list[tuple[int, str, str]]  # per requested feature: source, column, output name
+    key_types: dict[str, pa.DataType]
+
+    @cached_property
+    def wanted(self) -> list[list[str]]:
+        """Per source, the columns a lookup takes from its index: the features and the event time."""
+        return [
+            list(dict.fromkeys([*(c for i, c, _ in self.columns if i == n), s.spec.event_time]))
+            for n, s in enumerate(self.sources)
+        ]
+
+    @cached_property
+    def schema(self) -> pa.Schema:
+        fields = [pa.field(k, t) for k, t in self.key_types.items()]
+        fields += [pa.field(out, self.sources[i].schema.field(col).type) for i, col, out in self.columns]
+        fields += [pa.field(s.time_column, s.schema.field(s.spec.event_time).type) for s in self.sources]
+        return pa.schema(fields)
+
+
+def plan_online(request: OnlineRequest, resolve: Callable[[str], Source]) -> OnlinePlan:
+    """Check the features against their tables; `resolve` finds a table (an index, or the catalog)."""
+    sources: list[Source] = []
+    by_name: dict[str, int] = {}
+    columns = []
+    for ref in request.features:
+        table_ref, feature = parse_feature_ref(ref)
+        source = resolve(table_ref)
+        if source.name not in by_name:
+            by_name[source.name] = len(sources)
+            sources.append(source)
+        if source.schema.get_field_index(feature) < 0:
+            raise NotFoundError(
+                f"feature {ref!r}: {source.name!r} has no column {feature!r} (columns: {source.schema.names})"
+            )
+        output = f"{short_name(source.name)}__{feature}" if request.full_feature_names else feature
+        columns.append((by_name[source.name], feature, output))
+    key_types: dict[str, pa.DataType] = {}
+    owners: dict[str, str] = {}
+    for source in sources:
+        for key in source.spec.entity_keys:
+            kind = source.schema.field(key).type
+            if key in key_types and key_kind(key_types[key]) != key_kind(kind):
+                raise RequestError(
+                    f"key {key!r} is {key_types[key]} in {owners[key]!r} but {kind} in {source.name!r}: "
+                    "request them separately"
+                )
+            key_types.setdefault(key, kind)
+            owners.setdefault(key, source.name)
+    names = [*key_types, *(c[2] for c in columns), *(s.time_column for s in sources)]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        hint = "" if request.full_feature_names else "; full_feature_names=true prefixes features with their table"
+        raise RequestError(f"output column name(s) {clashes} would appear twice{hint}")
+    return OnlinePlan(request, sources, columns, key_types)
+
+
+def index_source(store: OnlineStore) -> Callable[[str], Source]:
+    def resolve(ref: str) -> Source:
+        index = store.get(ref)
+        return Source(index.name, index.spec, index.schema, index)
+
+    return resolve
+
+
+def catalog_source(catalog: FeatureCatalog) -> Callable[[str], Source]:
+    def resolve(ref: str) -> Source:
+        table = catalog.load(ref)
+        spec = FeatureSpec.from_properties(table.metadata.properties)
+        if spec is None:
+            raise RequestError(f"table {table_name(table)!r} is not a feature table (no entity keys and event time)")
+        return Source(table_name(table), spec, table_arrow_schema(table.schema()))
+
+    return resolve
+
+
+def _check_columns(plan: OnlinePlan, given: list[str]) -> None:
+    missing = [k for k in plan.key_types if k not in given]
+    if missing:
+        raise RequestError(f"the entities lack key column(s) {missing}; the tables are keyed by {list(plan.key_types)}")
+    extra = [c for c in given if c not in plan.key_types]
+    if extra:
+        raise RequestError(f"entity column(s) {extra} are not keys of the tables (keys: {list(plan.key_types)})")
+
+
+def inline_keys(plan: OnlinePlan, entities: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Key values from a ticket, checked against the key types (JSON has ints and strings)."""
+    _check_columns(plan, list(entities))
+    for key, values in entities.items():
+        expected = int if key_kind(plan.key_types[key]) == "int" else str
+        for value in values:
+            if value is not None and type(value) is not expected:
+                raise RequestError(
+                    f"entity key {key!r} is {plan.key_types[key]}: expected {expected.__name__} values, got {value!r}"
+                )
+    return {k: entities[k] for k in plan.key_types}
+
+
+def stream_keys(plan: OnlinePlan, batch: pa.RecordBatch) -> dict[str, list[Any]]:
+    """Key values from a `do_exchange` batch, checked against the key types."""
+    _check_columns(plan, batch.schema.names)
+    keys = {}
+    for key, expected in plan.key_types.items():
+        column = batch.column(key)
+        if key_kind(column.type) != key_kind(expected):
+            raise RequestError(f"entity column {key!r} is {column.type}; the tables key it as {expected}")
+        keys[key] = column.to_pylist()
+    return keys
+
+
+def _key_arrays(plan: OnlinePlan, keys: dict[str, list[Any]]) -> list[pa.Array]:
+    arrays = []
+    for key, values in keys.items():
+        try:
+            arrays.append(pa.array(values, plan.key_types[key]))
+        except (pa.ArrowException, OverflowError) as exc:
+            raise RequestError(f"entity key {key!r}: {exc}") from None
+    return arrays
+
+
+def lookup(plan: OnlinePlan, keys: dict[str, list[Any]]) -> pa.Table:
+    """Answer from the online indexes: a dict lookup per key, then one Arrow `take` per table."""
+    request = plan.request
+    if request.request_time:
+        now = int(parse_timestamp(request.request_time, "request_time").timestamp() * 1_000_000)
+    else:
+        now = time.time_ns() // 1000
+    arrays: list[Any] = _key_arrays(plan, keys)
+    taken = []
+    for source, wanted in zip(plan.sources, plan.wanted, strict=True):
+        spec, index = source.spec, source.index
+        assert index is not None
+        rows, positions = index.lookup(key_values([keys[k] for k in spec.entity_keys]))
+        missing = positions == MISSING
+        if request.apply_ttl and spec.ttl_seconds and len(rows.event_us):
+            missing |= rows.event_us[positions] < now - spec.ttl_seconds * 1_000_000
+        taken.append(rows.table.select(wanted).take(pa.array(positions, mask=missing)))
+    arrays += [taken[i].column(column) for i, column, _ in plan.columns]
+    arrays += [t.column(s.spec.event_time) for s, t in zip(plan.sources, taken, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=plan.schema)
+
+
+def lookup_as_of(catalog: FeatureCatalog, engine: Engine, plan: OnlinePlan, keys: dict[str, list[Any]]) -> pa.Table:
+    """Answer from history: the latest rows at or before `as_of`, through a point-in-time join."""
+    request = plan.request
+    assert request.as_of is not None
+    key_arrays = _key_arrays(plan, keys)
+    rows = len(key_arrays[0])
+    entities = pa.Table.from_arrays(
+        [*key_arrays, pa.array([parse_timestamp(request.as_of, "as_of")] * rows, UTC_MICROS)],
+        names=[*plan.key_types, AS_OF_COLUMN],
+    )
+    refs = [f"{plan.sources[i].name}:{column}" for i, column, _ in plan.columns]
+    refs += [f"{s.name}:{s.spec.event_time}" for s in plan.sources]
+    historical = HistoricalRequest(list(dict.fromkeys(refs)), entity_time=AS_OF_COLUMN, full_feature_names=True)
+    joined_plan = replace(plan_historical(catalog, historical, entities.schema), apply_ttl=request.apply_ttl)
+    joined = run_inline(engine, joined_plan, entities, max(rows, 1)).read_all()
+    arrays = [joined.column(k) for k in plan.key_types]
+    arrays += [joined.column(f"{short_name(plan.sources[i].name)}__{column}") for i, column, _ in plan.columns]
+    arrays += [joined.column(s.time_column) for s in plan.sources]
+    return pa.Table.from_arrays(arrays, schema=plan.schema)
+
+
+class OnlineService:
+    """Online requests over one server's indexes, catalog and engine."""
+
+    def __init__(self, store: OnlineStore, catalog: FeatureCatalog, engine: Engine):
+        self.store, self.catalog, self.engine = store, catalog, engine
+        self._plans: dict[tuple[Any, ...], tuple[OnlinePlan, list[Any]]] = {}
+
+    def plan(self, request: OnlineRequest) -> OnlinePlan:
+        """The checked plan; index plans are reused while their indexes keep the same generation."""
+        if request.as_of:
+            return plan_online(request, catalog_source(self.catalog))
+        key = (tuple(request.features), request.full_feature_names, request.apply_ttl, request.request_time)
+        cached = self._plans.get(key)
+        if cached is not None:
+            plan, states = cached
+            current = [self.store.peek(s.name) for s in plan.sources]
+            if all(i is s.index and i.state is st for i, s, st in zip(current, plan.sources, states, strict=True)):
+                return plan
+        plan = plan_online(request, index_source(self.store))
+        if len(self._plans) >= PLAN_CACHE_SIZE:
+            self._plans.clear()
+        self._plans[key] = (plan, [s.index.state for s in plan.sources if s.index is not None])
+        return plan
+
+    def answer(self, plan: OnlinePlan, keys: dict[str, list[Any]]) -> pa.Table:
+        if plan.request.as_of:
+            return lookup_as_of(self.catalog, self.engine, plan, keys)
+        return lookup(plan, keys)
+
+    def get(self, request: OnlineRequest) -> pa.Table:
+        """`do_get`: the keys are inline in the ticket."""
+        if request.entities is None:
+            raise RequestError("this online request has no 'entities': put keys inline or stream them (do_exchange)")
+        plan = self.plan(request)
+        return self.answer(plan, inline_keys(plan, request.entities))
+
+    def exchange(
+        self, request: OnlineRequest, reader: flight.MetadataRecordBatchReader, writer: flight.MetadataRecordBatchWriter
+    ) -> int:
+        """`do_exchange`: answer each batch of keys the client streams with a batch of features."""
+        if request.entities is not None:
+            raise RequestError("a do_exchange online request takes its keys from the stream: drop 'entities'")
+        plan = self.plan(request)
+        writer.begin(plan.schema)
+        rows = 0
+        for chunk in chunks(reader, "entity key"):
+            if chunk.data is not None and chunk.data.num_rows:
+                for batch in self.answer(plan, stream_keys(plan, chunk.data)).to_batches():
+                    writer.write_batch(batch)
+                rows += chunk.data.num_rows
+        return rows

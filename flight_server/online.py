@@ -1,0 +1,432 @@
+"""The online index: every entity's latest feature row, in memory, for millisecond lookups.
+
+`OnlineIndex` holds one feature table's latest row per entity (latest event time, ties to the
+latest created time, as for training sets; rows with a null key or event time never count) as an
+Arrow table, and a dict from key to row. `OnlineStore` builds an index on first use (or at
+start-up), polls the catalog, and refreshes in the background: snapshots that only appended data
+are applied from their added files alone; anything else (overwrite, delete, compaction, a schema or
+definition change) rebuilds from the whole table through DuckDB's `iceberg_scan`, which also
+applies delete files.
+
+Readers never wait for a refresh and never see a half-built index. A rebuild publishes a new
+`IndexState` in one assignment. An incremental refresh first publishes the longer row table, then
+points the dict at the new rows; a reader looks keys up before it reads the row table, so every
+key it finds maps to a complete row.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.manifest import ManifestContent, ManifestEntryStatus
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Operation
+
+from flight_server.catalog import FeatureCatalog, FeatureSpec, table_name
+from flight_server.duck import Engine, local_path
+from flight_server.errors import LimitError, RequestError
+from flight_server.filters import quote
+from flight_server.schemas import table_arrow_schema
+
+log = logging.getLogger(__name__)
+
+MISSING = -1
+NULL_MICROS = np.iinfo(np.int64).min
+MAX_CHUNKS = 64  # incremental refreshes add a chunk each; past this, the rows are compacted
+
+
+def key_kind(t: pa.DataType) -> str | None:
+    """'int' or 'str': the key types an index can hold (and compare across int widths)."""
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "str"
+    return None
+
+
+def key_values(columns: list[list[Any]]) -> list[Any]:
+    """Python keys from key columns' values: the value for one key, a tuple for composite keys."""
+    if len(columns) == 1:
+        return columns[0]
+    return list(zip(*columns, strict=True))
+
+
+def table_keys(rows: pa.Table, spec: FeatureSpec) -> list[Any]:
+    return key_values([rows.column(k).to_pylist() for k in spec.entity_keys])
+
+
+def micros(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Timestamps as int64 UTC microseconds, nulls as the smallest int64 (they lose every tie)."""
+    values = pc.cast(column, pa.int64())
+    return np.asarray(pc.fill_null(values, NULL_MICROS).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def latest_sql(spec: FeatureSpec, columns: list[str], source: str) -> str:
+    """The latest row per key of `source`: the same choice a training-set join makes."""
+    keys = ", ".join(quote(k) for k in spec.entity_keys)
+    order = f"{quote(spec.event_time)} DESC"
+    if spec.created_time:
+        order += f", {quote(spec.created_time)} DESC NULLS LAST"
+    present = " AND ".join(f"{quote(c)} IS NOT NULL" for c in (*spec.entity_keys, spec.event_time))
+    return (
+        f"SELECT {', '.join(quote(c) for c in columns)} FROM {source} WHERE {present} "
+        f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1"
+    )
+
+
+def appended_files(table: Table, since: int, until: int) -> list[str] | None:
+    """Data files added after snapshot `since` up to `until` if every commit between them only
+    appended; None when anything else happened (or `since` is no longer an ancestor)."""
+    chain = []
+    snapshot = table.snapshot_by_id(until)
+    while snapshot is not None and snapshot.snapshot_id != since:
+        if snapshot.summary is None or snapshot.summary.operation != Operation.APPEND:
+            return None
+        chain.append(snapshot)
+        parent = snapshot.parent_snapshot_id
+        snapshot = table.snapshot_by_id(parent) if parent is not None else None
+    if snapshot is None:
+        return None
+    files = []
+    for appended in reversed(chain):
+        for manifest in appended.manifests(table.io):
+            if manifest.added_snapshot_id != appended.snapshot_id:
+                continue
+            if manifest.content != ManifestContent.DATA:
+                return None
+            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
+                if entry.status == ManifestEntryStatus.ADDED:
+                    files.append(entry.data_file.file_path)
+    return files
+
+
+def _key_bytes(key: Any) -> int:
+    if isinstance(key, tuple):
+        return sys.getsizeof(key) + sum(sys.getsizeof(k) for k in key)
+    return sys.getsizeof(key)
+
+
+def estimate_bytes(rows: pa.Table, sample_key: Any) -> int:
+    """Memory an index over `rows` takes: the Arrow rows, the dict (slots, key object, row int) and
+    the two time arrays."""
+    per_entry = 3 * 8 * 2 + _key_bytes(sample_key) + 32 + 16
+    return rows.nbytes + rows.num_rows * per_entry
+
+
+class Rows(NamedTuple):
+    """An index's rows with their event and created times as UTC microseconds (for TTL checks
+    and refresh comparisons without Arrow calls); replaced whole, never mutated."""
+
+    table: pa.Table
+    event_us: np.ndarray
+    created_us: np.ndarray
+
+    @classmethod
+    def of(cls, table: pa.Table, spec: FeatureSpec) -> Rows:
+        created = micros(table.column(spec.created_time)) if spec.created_time else np.zeros(table.num_rows, np.int64)
+        return cls(table, micros(table.column(spec.event_time)), created)
+
+    def extend(self, more: Rows) -> Rows:
+        return Rows(
+            pa.concat_tables([self.table, more.table]),
+            np.concatenate([self.event_us, more.event_us]),
+            np.concatenate([self.created_us, more.created_us]),
+        )
+
+    def take(self, positions: np.ndarray) -> Rows:
+        return Rows(
+            self.table.take(pa.array(positions)).combine_chunks(),
+            self.event_us[positions],
+            self.created_us[positions],
+        )
+
+
+class IndexState:
+    """One generation of an index: `positions[key]` is the row of `rows` holding the key's latest
+    features. Incremental refreshes replace `rows` (before they touch `positions`); rebuilds
+    replace the whole state."""
+
+    def __init__(
+        self, snapshot_id: int | None, schema_id: int, spec: FeatureSpec, rows: Rows, positions: dict[Any, int]
+    ):
+        self.snapshot_id = snapshot_id
+        self.schema_id = schema_id
+        self.spec = spec
+        self.rows = rows
+        self.positions = positions
+        self.dead = 0
+        self.refreshed_at = time.time()
+
+
+class OnlineIndex:
+    """The latest row per entity of one feature table."""
+
+    def __init__(self, name: str, state: IndexState, build_seconds: float):
+        self.name = name
+        self.state = state
+        self.build_seconds = build_seconds
+        self.error: str | None = None
+        self.appends = 0  # refreshes applied from appended files alone
+        self.rebuilds = 0  # refreshes that rebuilt from the whole table
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return self.state.spec
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.state.rows.table.schema
+
+    def lookup(self, keys: list[Any]) -> tuple[Rows, np.ndarray]:
+        """The rows, and the position of each key in them (`MISSING` for unknown keys)."""
+        state = self.state
+        get = state.positions.get
+        found = np.fromiter((get(k, MISSING) for k in keys), np.int64, len(keys))
+        return state.rows, found  # rows read after the lookups: see the module docstring
+
+    def nbytes(self) -> int:
+        state = self.state
+        return estimate_bytes(state.rows.table, next(iter(state.positions), None))
+
+    def stats(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            "entities": len(state.positions),
+            "bytes": self.nbytes(),
+            "snapshot_id": state.snapshot_id,
+            "refreshed_at": state.refreshed_at,
+            "build_seconds": round(self.build_seconds, 3),
+            "appends": self.appends,
+            "rebuilds": self.rebuilds,
+            "error": self.error,
+        }
+
+    def apply(self, latest: pa.Table, snapshot_id: int) -> int:
+        """Fold the latest rows of newly appended files in; returns how many keys changed."""
+        state = self.state
+        new = Rows.of(latest.cast(self.schema), state.spec)
+        keys = table_keys(new.table, state.spec)
+        get = state.positions.get
+        old = np.fromiter((get(k, MISSING) for k in keys), np.int64, len(keys))
+        wins = old == MISSING
+        present = ~wins
+        if present.any():
+            before = old[present]
+            new_ts, old_ts = new.event_us[present], state.rows.event_us[before]
+            newer = (new_ts > old_ts) | (
+                (new_ts == old_ts) & (new.created_us[present] >= state.rows.created_us[before])
+            )
+            wins[present] = newer
+        winners = np.flatnonzero(wins)
+        if len(winners):
+            first = len(state.rows.event_us)
+            state.rows = state.rows.extend(new.take(winners))
+            state.positions.update(zip([keys[i] for i in winners], range(first, first + len(winners)), strict=True))
+            state.dead += int(present[winners].sum())
+        state.snapshot_id = snapshot_id
+        state.refreshed_at = time.time()
+        if state.dead > len(state.positions) or state.rows.table.column(0).num_chunks > MAX_CHUNKS:
+            self.compact()
+        return len(winners)
+
+    def compact(self) -> None:
+        """Drop rows that newer ones replaced, into one contiguous table (published as a new state)."""
+        state = self.state
+        live = np.fromiter(state.positions.values(), np.int64, len(state.positions))
+        positions = dict(zip(state.positions, range(len(live)), strict=True))
+        compacted = IndexState(state.snapshot_id, state.schema_id, state.spec, state.rows.take(live), positions)
+        compacted.refreshed_at = state.refreshed_at
+        self.state = compacted
+
+
+class OnlineStore:
+    """The online indexes of one server, refreshed by a background thread."""
+
+    def __init__(
+        self,
+        catalog: FeatureCatalog,
+        engine: Engine,
+        refresh_seconds: float = 0.5,
+        max_bytes: int = 2 << 30,
+        preload: tuple[str, ...] | list[str] = (),
+    ):
+        self.catalog = catalog
+        self.engine = engine
+        self.refresh_seconds = refresh_seconds
+        self.max_bytes = max_bytes
+        self._indexes: dict[str, OnlineIndex] = {}
+        self._building: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._preload = list(preload)
+        self._thread = threading.Thread(target=self._run, name="online-refresh", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def name(self, ref: str) -> str:
+        return ".".join(self.catalog.identifier(ref))
+
+    def get(self, ref: str) -> OnlineIndex:
+        """The table's index, built now if this is its first use (later callers wait for that one build)."""
+        name = self.name(ref)
+        index = self._indexes.get(name)
+        if index is not None:
+            return index
+        with self._build_lock(name):
+            index = self._indexes.get(name)
+            if index is None:
+                index = self._build(self.catalog.load(name))
+                self._indexes[name] = index
+            return index
+
+    def peek(self, ref: str) -> OnlineIndex | None:
+        """The index if the table has one; never builds."""
+        return self._indexes.get(ref) or self._indexes.get(self.name(ref))
+
+    def notify(self, ref: str) -> None:
+        """A write through this server committed: refresh now rather than at the next poll."""
+        if self.name(ref) in self._indexes:
+            self._wake.set()
+
+    def stats(self) -> dict[str, Any]:
+        indexes = list(self._indexes.values())
+        return {
+            "tables": len(indexes),
+            "bytes": sum(i.nbytes() for i in indexes),
+            "max_bytes": self.max_bytes,
+            "refresh_seconds": self.refresh_seconds,
+        }
+
+    @contextmanager
+    def _build_lock(self, name: str) -> Iterator[None]:
+        with self._lock:
+            lock = self._building.setdefault(name, threading.Lock())
+        with lock:
+            yield
+
+    def _room(self, name: str) -> int:
+        """Bytes an index of `name` may take without the indexes together passing `max_bytes`."""
+        others = sum(i.nbytes() for n, i in list(self._indexes.items()) if n != name)
+        return self.max_bytes - others
+
+    def _read_latest(self, table: Table, spec: FeatureSpec, schema: pa.Schema, files: list[str] | None) -> pa.Table:
+        """The latest row per key of the whole snapshot, or of just `files` (appended Parquet files)."""
+        self.engine.use_storage(table.io.properties)
+        cursor = self.engine.cursor()
+        try:
+            if files is None:
+                sql = latest_sql(spec, schema.names, "iceberg_scan(?, snapshot_from_id => ?)")
+                snapshot = table.current_snapshot()
+                params: list[Any] = [local_path(table.metadata_location), snapshot.snapshot_id if snapshot else None]
+            else:
+                sql = latest_sql(spec, schema.names, "read_parquet(?, union_by_name => true)")
+                params = [[local_path(f) for f in files]]
+            return cursor.execute(sql, params).to_arrow_table().cast(schema)
+        finally:
+            cursor.close()
+
+    def _build(self, table: Table) -> OnlineIndex:
+        name = table_name(table)
+        spec = FeatureSpec.from_properties(table.metadata.properties)
+        if spec is None:
+            raise RequestError(f"table {name!r} is not a feature table (it has no entity keys and event time)")
+        schema = table_arrow_schema(table.schema())
+        for key in spec.entity_keys:
+            if key_kind(schema.field(key).type) is None:
+                raise RequestError(
+                    f"table {name!r}: online lookups need integer or string keys; {key!r} is {schema.field(key).type}"
+                )
+        started = time.perf_counter()
+        snapshot = table.current_snapshot()
+        if snapshot is None:
+            rows = schema.empty_table()
+        else:
+            rows = self._read_latest(table, spec, schema, None).combine_chunks()
+        keys = table_keys(rows, spec)
+        if keys:
+            needed, room = estimate_bytes(rows, keys[0]), self._room(name)
+            if needed > room:
+                raise LimitError(
+                    f"the online index of {name!r} would take about {needed >> 20} MiB ({len(keys)} entities); "
+                    f"the memory cap leaves {max(room, 0) >> 20} MiB (raise --online-max-mb)"
+                )
+        state = IndexState(
+            snapshot.snapshot_id if snapshot else None,
+            table.metadata.current_schema_id,
+            spec,
+            Rows.of(rows, spec),
+            dict(zip(keys, range(len(keys)), strict=True)),
+        )
+        seconds = time.perf_counter() - started
+        log.info("online index %s: %d entities from snapshot %s in %.2f s", name, len(keys), state.snapshot_id, seconds)
+        return OnlineIndex(name, state, seconds)
+
+    def refresh(self, name: str) -> str:
+        """Bring one index up to its table's current snapshot; says what it did."""
+        index = self._indexes[name]
+        table = self.catalog.load(name)
+        state = index.state
+        snapshot = table.current_snapshot()
+        current = snapshot.snapshot_id if snapshot else None
+        spec = FeatureSpec.from_properties(table.metadata.properties)
+        if current == state.snapshot_id and spec == state.spec and table.metadata.current_schema_id == state.schema_id:
+            return "current"
+        files = None
+        same_shape = spec == state.spec and table.metadata.current_schema_id == state.schema_id
+        if state.snapshot_id is not None and current is not None and same_shape:
+            files = appended_files(table, state.snapshot_id, current)
+        if files is not None:
+            latest = self._read_latest(table, state.spec, index.schema, files) if files else index.schema.empty_table()
+            needed = estimate_bytes(latest, None) if latest.num_rows else 0
+            if needed > self._room(name) - index.nbytes():
+                raise LimitError(f"the online index of {name!r} would pass the memory cap; dropped")
+            changed = index.apply(latest, current)  # type: ignore[arg-type]
+            index.appends += 1
+            return f"appended {len(files)} file(s), {changed} key(s) changed"
+        rebuilt = self._build(table)
+        index.state, index.build_seconds = rebuilt.state, rebuilt.build_seconds
+        index.rebuilds += 1
+        return "rebuilt"
+
+    def _run(self) -> None:
+        for ref in self._preload:
+            try:
+                self.get(ref)
+            except Exception as exc:
+                log.error("online index %s: not built at start-up: %s", ref, exc)
+        while not self._stop.is_set():
+            self._wake.wait(self.refresh_seconds)
+            self._wake.clear()
+            for name in list(self._indexes):
+                if self._stop.is_set():
+                    return
+                self._refresh_one(name)
+
+    def _refresh_one(self, name: str) -> None:
+        index = self._indexes[name]
+        try:
+            with self._build_lock(name):
+                outcome = self.refresh(name)
+            index.error = None
+            if outcome != "current":
+                log.info("online index %s: %s (snapshot %s)", name, outcome, index.state.snapshot_id)
+        except LimitError as exc:
+            log.error("online index %s: %s", name, exc)
+            self._indexes.pop(name, None)
+        except Exception as exc:
+            index.error = f"{type(exc).__name__}: {exc}"
+            log.exception("online index %s: refresh failed; serving snapshot %s", name, index.state.snapshot_id)

@@ -1,0 +1,358 @@
+"""Online serving: latest features per entity from the in-memory index, kept fresh by refreshes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from flight_client import FeatureClient, InvalidRequestError, ResourceExhaustedError
+from tests.conftest import start_server, wait_until
+
+UTC = dt.timezone.utc
+BASE = dt.datetime(2025, 6, 1, tzinfo=UTC)
+TTL_HOURS = 2
+REFRESH_SECONDS = 0.05
+
+
+def hours(h: int | None) -> dt.datetime | None:
+    return None if h is None else BASE + dt.timedelta(hours=h)
+
+
+@pytest.fixture(scope="module")
+def catalog_properties(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root: Path = tmp_path_factory.mktemp("online")
+    return {"type": "sql", "uri": f"sqlite:///{root / 'c.db'}", "warehouse": root.as_uri()}
+
+
+@pytest.fixture(scope="module")
+def location(catalog_properties: dict[str, str]) -> Iterator[str]:
+    server = start_server(catalog_properties, online_refresh_seconds=REFRESH_SECONDS)
+    yield f"grpc://127.0.0.1:{server.port}"
+    server.shutdown()
+
+
+def suffix() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+# Table A: composite key (k1 int, k2 string), a created time and a two-hour TTL.
+# Table B: key k1 only (int32), no created time, no TTL. Tiny domains make ties, TTL edges,
+# unknown and duplicate entities common.
+a_rows = st.lists(
+    st.tuples(
+        st.integers(0, 3),
+        st.sampled_from(["x", "y"]),
+        st.integers(0, 6),
+        st.none() | st.integers(0, 3),
+        st.none() | st.floats(-9, 9),
+    ),
+    min_size=1,
+    max_size=25,
+    unique_by=lambda r: (r[0], r[1], r[2], r[3]),
+)
+b_rows = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(0, 6), st.none() | st.sampled_from(["p", "q"])),
+    min_size=1,
+    max_size=15,
+    unique_by=lambda r: (r[0], r[1]),
+)
+entities = st.lists(
+    st.tuples(st.none() | st.integers(0, 4), st.none() | st.sampled_from(["x", "y", "z"])), min_size=1, max_size=20
+)
+
+
+def latest(rows: list[tuple[Any, ...]], until: int | None, ttl: int | None, now: int) -> Any:
+    """The reference: among one entity's rows (key, ts, created, value) that have an event time,
+    at or before `until` and no older than the TTL before `now`, the latest; the created time
+    breaks ties and a null created time loses."""
+    found = [r for r in rows if r[1] is not None and (until is None or r[1] <= until)]
+    if ttl is not None:
+        found = [r for r in found if r[1] >= now - ttl]
+    return max(found, key=lambda r: (r[1], -1 if r[2] is None else r[2]), default=None)
+
+
+def reference(
+    keys: list[tuple[Any, Any]], a: list, b: list, now: int, until: int | None = None, ttl: bool = True
+) -> list[dict[str, Any]]:
+    out = []
+    for k1, k2 in keys:
+        a_match = [((r[0], r[1]), r[2], r[3], r[4]) for r in a if (r[0], r[1]) == (k1, k2)]
+        b_match = [(r[0], r[1], None, r[2]) for r in b if r[0] == k1]
+        best_a = latest(a_match, until, TTL_HOURS if ttl else None, now)
+        best_b = latest(b_match, until, None, now)
+        out.append(
+            {
+                "k1": k1,
+                "k2": k2,
+                "a_value": best_a[3] if best_a else None,
+                "b_value": best_b[3] if best_b else None,
+                "a__ts": hours(best_a[1]) if best_a else None,
+                "b__when": hours(best_b[1]) if best_b else None,
+            }
+        )
+    return out
+
+
+def write_pair(client: FeatureClient, a: list, b: list, name: str) -> tuple[str, str]:
+    table_a, table_b = f"online.a_{name}", f"online.b_{name}"
+    half = len(a) // 2
+    for part in (a[:half], a[half:]):  # two snapshots
+        if part:
+            client.write(
+                table_a,
+                pa.table(
+                    {
+                        "k1": pa.array([r[0] for r in part], pa.int64()),
+                        "k2": [r[1] for r in part],
+                        "ts": pa.array([hours(r[2]) for r in part], pa.timestamp("us", tz="UTC")),
+                        "created": pa.array([hours(r[3]) for r in part], pa.timestamp("us", tz="UTC")),
+                        "value": pa.array([r[4] for r in part], pa.float64()),
+                    }
+                ),
+                entity_keys=["k1", "k2"],
+                event_time="ts",
+                created_time="created",
+                ttl=dt.timedelta(hours=TTL_HOURS),
+            )
+    client.write(
+        table_b,
+        pa.table(
+            {
+                "k1": pa.array([r[0] for r in b], pa.int32()),
+                "when": pa.array([hours(r[1]) for r in b], pa.timestamp("us", tz="UTC")),
+                "value": pa.array([r[2] for r in b], pa.string()),
+            }
+        ),
+        entity_keys=["k1"],
+        event_time="when",
+    )
+    return table_a, table_b
+
+
+def as_rows(result: pa.Table) -> list[dict[str, Any]]:
+    return result.rename_columns(["k1", "k2", "a_value", "b_value", "a__ts", "b__when"]).to_pylist()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(a=a_rows, b=b_rows, keys=entities, now=st.integers(0, 9), as_of=st.integers(-1, 7))
+# Always tried: a row exactly at the TTL bound, and a tie on event time broken by the created time.
+@example(a=[(0, "x", 3, None, 1.5)], b=[(0, 0, "p")], keys=[(0, "x")], now=5, as_of=5)
+@example(
+    a=[(1, "y", 2, 1, 1.0), (1, "y", 2, 0, 2.0), (1, "y", 2, None, 3.0)],
+    b=[(1, 2, "q")],
+    keys=[(1, "y")] * 2,
+    now=2,
+    as_of=2,
+)
+def test_online_matches_reference(location: str, a: list, b: list, keys: list, now: int, as_of: int) -> None:
+    with FeatureClient(location) as client:
+        table_a, table_b = write_pair(client, a, b, suffix())
+        features = [f"{table_a}:value", f"{table_b}:value"]
+        request = {"k1": [k[0] for k in keys], "k2": [k[1] for k in keys]}
+        kwargs: dict[str, Any] = {"full_feature_names": True, "request_time": hours(now)}
+        got = client.get_online_features(request, features, **kwargs)
+        assert got.schema.names == [
+            "k1",
+            "k2",
+            f"a_{table_a.split('_', 1)[1]}__value",
+            f"b_{table_b.split('_', 1)[1]}__value",
+            f"a_{table_a.split('_', 1)[1]}__ts",
+            f"b_{table_b.split('_', 1)[1]}__when",
+        ]
+        assert as_rows(got) == reference(keys, a, b, now)
+        assert as_rows(client.get_online_features(request, features, apply_ttl=False, **kwargs)) == reference(
+            keys, a, b, now, ttl=False
+        )
+        # A point lookup into history: the TTL counts back from as_of.
+        past = client.get_online_features(request, features, as_of=hours(as_of), full_feature_names=True)
+        assert as_rows(past) == reference(keys, a, b, as_of, until=as_of)
+
+
+def driver_rows(ids: list[int], hour: int, value: float, created: int = 0) -> pa.Table:
+    return pa.table(
+        {
+            "driver_id": pa.array(ids, pa.int64()),
+            "ts": pa.array([hours(hour)] * len(ids), pa.timestamp("us", tz="UTC")),
+            "created": pa.array([hours(created)] * len(ids), pa.timestamp("us", tz="UTC")),
+            "rate": pa.array([value + i for i in ids], pa.float64()),
+        }
+    )
+
+
+def write_drivers(client: FeatureClient, table: str, data: pa.Table, **kwargs: Any) -> int:
+    result = client.write(table, data, entity_keys=["driver_id"], event_time="ts", created_time="created", **kwargs)
+    return result.snapshot_id
+
+
+def rates(client: FeatureClient, table: str, ids: list[int]) -> list[Any]:
+    got = client.get_online_features({"driver_id": ids}, [f"{table}:rate"], apply_ttl=False)
+    return got.column("rate").to_pylist()
+
+
+def indexed_snapshot(client: FeatureClient, table: str) -> int | None:
+    online = client.describe(table)["online"]
+    return online["snapshot_id"] if online else None
+
+
+def test_refreshes_apply_appends_incrementally_and_rebuild_otherwise(server: str, backend: dict[str, str]) -> None:
+    table = f"tests.online_{suffix()}"
+    ids = list(range(50))
+    with FeatureClient(server) as client:
+        write_drivers(client, table, driver_rows(ids, 1, 100.0))
+        assert rates(client, table, [0, 49, 50]) == [100.0, 149.0, None]
+        built = client.describe(table)["online"]
+        assert built["entities"] == 50 and built["rebuilds"] == 0 and built["appends"] == 0
+
+        # Appends: newer rows win, older ones do not, equal times go to the later created time.
+        write_drivers(client, table, driver_rows(ids[:10], 2, 200.0))
+        write_drivers(client, table, driver_rows(ids[10:20], 0, 300.0))
+        write_drivers(client, table, driver_rows(ids[20:30], 1, 400.0, created=1))
+        last = write_drivers(client, table, driver_rows([60, 61], 1, 500.0))
+        wait_until(lambda: indexed_snapshot(client, table) == last, what="the index to reach the last append")
+        expected = [200.0 + i for i in ids[:10]] + [100.0 + i for i in ids[10:20]]
+        expected += [400.0 + i for i in ids[20:30]] + [100.0 + i for i in ids[30:]] + [560.0, 561.0]
+        assert rates(client, table, ids + [60, 61]) == expected
+        online = client.describe(table)["online"]
+        assert online["rebuilds"] == 0 and online["appends"] >= 1 and online["entities"] == 52
+
+        # The incremental result equals a full build on a fresh server.
+        fresh = start_server(backend)
+        try:
+            with FeatureClient(f"grpc://127.0.0.1:{fresh.port}") as other:
+                assert rates(other, table, ids + [60, 61]) == expected
+        finally:
+            fresh.shutdown()
+
+        # An overwrite replaces everything: the index is rebuilt, vanished entities read as nulls.
+        last = write_drivers(client, table, driver_rows([1, 2], 3, 700.0), mode="overwrite")
+        wait_until(lambda: indexed_snapshot(client, table) == last, what="the index to reach the overwrite")
+        assert rates(client, table, [1, 2, 3]) == [701.0, 702.0, None]
+        assert client.describe(table)["online"]["rebuilds"] >= 1
+
+
+def test_a_put_through_another_replica_is_visible(server: str, second_server: str) -> None:
+    table = f"tests.online_{suffix()}"
+    with FeatureClient(server) as reader, FeatureClient(second_server) as writer:
+        write_drivers(writer, table, driver_rows([1, 2], 1, 10.0))
+        assert rates(reader, table, [1, 2]) == [11.0, 12.0]
+        write_drivers(writer, table, driver_rows([2, 3], 2, 20.0))
+        wait_until(lambda: rates(reader, table, [1, 2, 3]) == [11.0, 22.0, 23.0], what="the other replica's put")
+
+
+def test_reads_during_writes_see_complete_rows(location: str) -> None:
+    table = f"online.busy_{suffix()}"
+    ids = list(range(200))
+    errors: list[str] = []
+    done = threading.Event()
+    with FeatureClient(location) as client:
+        write_drivers(client, table, driver_rows(ids, 0, 0.0))
+
+        def read() -> None:
+            with FeatureClient(location) as mine:
+                while not done.is_set():
+                    got = mine.get_online_features({"driver_id": ids}, [f"{table}:rate"], apply_ttl=False)
+                    for i, rate, ts in zip(ids, got.column("rate").to_pylist(), got.column(2).to_pylist(), strict=True):
+                        # The write at hour h sets rate = 1000 h + id: value and time must come from one row.
+                        if rate is None or ts != hours(round((rate - i) / 1000)):
+                            errors.append(f"driver {i}: rate {rate} with time {ts}")
+
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        for thread in readers:
+            thread.start()
+        for hour in range(1, 8):
+            final = write_drivers(client, table, driver_rows(ids[hour * 10 :], hour, 1000.0 * hour))
+        wait_until(lambda: indexed_snapshot(client, table) == final, what="the last write")
+        done.set()
+        for thread in readers:
+            thread.join()
+        assert errors == []
+        assert rates(client, table, [0, 199]) == [0.0, 7199.0]
+
+
+def test_the_memory_cap_refuses_a_table(catalog_properties: dict[str, str]) -> None:
+    server = start_server(catalog_properties, online_max_bytes=10_000)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            small, large = f"online.small_{suffix()}", f"online.large_{suffix()}"
+            write_drivers(client, small, driver_rows([1], 1, 1.0))
+            write_drivers(client, large, driver_rows(list(range(5000)), 1, 1.0))
+            assert rates(client, small, [1]) == [2.0]
+            with pytest.raises(ResourceExhaustedError, match="memory cap"):
+                rates(client, large, [1])
+            assert rates(client, small, [1]) == [2.0]  # the server still serves the rest
+            assert client.health()["online"]["tables"] == 1
+    finally:
+        server.shutdown()
+
+
+def test_tables_named_at_start_are_indexed_before_any_request(
+    location: str, catalog_properties: dict[str, str]
+) -> None:
+    table = f"online.preload_{suffix()}"
+    with FeatureClient(location) as writer:
+        write_drivers(writer, table, driver_rows([1, 2, 3], 1, 1.0))
+    server = start_server(catalog_properties, online_tables=[table])
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            wait_until(lambda: client.describe(table)["online"] is not None, what="the start-up build")
+            assert client.describe(table)["online"]["entities"] == 3
+    finally:
+        server.shutdown()
+
+
+def test_large_batches_stream_and_match_inline(location: str) -> None:
+    table = f"online.many_{suffix()}"
+    with FeatureClient(location) as client:
+        write_drivers(client, table, driver_rows(list(range(0, 30_000, 2)), 1, 0.0))
+        keys = list(range(25_000))  # more than fit inline: streamed over do_exchange
+        streamed = client.get_online_features({"driver_id": keys}, [f"{table}:rate"], apply_ttl=False)
+        assert streamed.num_rows == 25_000
+        assert streamed.column("rate").to_pylist() == [float(k) if k % 2 == 0 else None for k in keys]
+        inline = client.get_online_features({"driver_id": keys[:1000]}, [f"{table}:rate"], apply_ttl=False)
+        assert inline.to_pylist() == streamed.slice(0, 1000).to_pylist()
+
+
+def test_ttl_counts_from_now_unless_switched_off(location: str) -> None:
+    table = f"online.ttl_{suffix()}"
+    now = dt.datetime.now(UTC)
+    with FeatureClient(location) as client:
+        data = pa.table(
+            {
+                "driver_id": pa.array([1, 2], pa.int64()),
+                "ts": pa.array([now - dt.timedelta(minutes=5), now - dt.timedelta(hours=3)], pa.timestamp("us", "UTC")),
+                "rate": [1.0, 2.0],
+            }
+        )
+        client.write(table, data, entity_keys=["driver_id"], event_time="ts", ttl=dt.timedelta(hours=1))
+        fresh = client.get_online_features({"driver_id": [1, 2]}, [f"{table}:rate"])
+        assert fresh.column("rate").to_pylist() == [1.0, None]
+        kept = client.get_online_features({"driver_id": [1, 2]}, [f"{table}:rate"], apply_ttl=False)
+        assert kept.column("rate").to_pylist() == [1.0, 2.0]
+
+
+def test_tables_must_agree_on_key_types(location: str) -> None:
+    name = suffix()
+    with FeatureClient(location) as client:
+        client.write(
+            f"online.ints_{name}",
+            pa.table({"id": [1], "ts": pa.array([hours(0)], pa.timestamp("us", "UTC")), "x": [1.0]}),
+            entity_keys=["id"],
+            event_time="ts",
+        )
+        client.write(
+            f"online.strs_{name}",
+            pa.table({"id": ["1"], "ts": pa.array([hours(0)], pa.timestamp("us", "UTC")), "y": [1.0]}),
+            entity_keys=["id"],
+            event_time="ts",
+        )
+        with pytest.raises(InvalidRequestError, match="key 'id' is int64 in .* but string in"):
+            client.get_online_features({"id": [1]}, [f"online.ints_{name}:x", f"online.strs_{name}:y"])
