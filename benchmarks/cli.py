@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import click
 import strictyaml
 
-from benchmarks import historical, ingest, partitioning, plots, report, scan
+from benchmarks import historical, ingest, online, partitioning, plots, report, scan
 from benchmarks.harness import Settings, machine, target
 from flight_client import FeatureServerError
 from flight_server.config import read_catalog_file
@@ -44,6 +44,7 @@ BENCHMARKS = {
         features=3,
         rows_per_entity=historical.ROWS_PER_ENTITY,
     ),
+    "online": Benchmark(online.run, online.render, rows=1_000_000, features=8, rows_per_entity=10),
 }
 
 
@@ -254,11 +255,29 @@ def historical_command(entity_rows: int | None, **kwargs: Any) -> None:
     execute(["historical"], Options(**kwargs), {"historical": {"entity_rows": entity_rows}})
 
 
+@main.command("online")
+@common_options
+@click.option(
+    "--requests",
+    type=click.IntRange(1),
+    help=f"Lookups per batch size [default: {online.REQUESTS:,} (a tenth for batches of 1000); "
+    f"{online.QUICK_REQUESTS} with --quick].",
+)
+def online_command(requests: int | None, **kwargs: Any) -> None:
+    """Online lookups of 1-1000 entities: latency percentiles alone and beside a writer, against the raw Flight
+    floor and DuckDB without the index; freshness after a put."""
+    options = Options(**kwargs)
+    requests = requests or (online.QUICK_REQUESTS if options.quick else online.REQUESTS)
+    execute(["online"], options, {"online": {"requests": requests}})
+
+
 @main.command("all")
 @common_options
 def all_command(**kwargs: Any) -> None:
     """Every benchmark, one after the other, into one report."""
-    execute(list(BENCHMARKS), Options(**kwargs))
+    options = Options(**kwargs)
+    requests = online.QUICK_REQUESTS if options.quick else online.REQUESTS
+    execute(list(BENCHMARKS), options, {"online": {"requests": requests}})
 
 
 @main.command("plot")

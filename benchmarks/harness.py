@@ -95,6 +95,7 @@ class Target:
     warehouse: Path | None = None
     pid: int | None = None
     catalog: dict[str, str] | None = None
+    catalog_config: Path | None = None
 
     def catalog_properties(self) -> dict[str, str] | None:
         """The catalog the local server uses (`--catalog-config`'s, or the embedded default), so baselines can
@@ -139,16 +140,17 @@ def _tail(path: Path, chars: int = 4000) -> str:
 
 
 @contextlib.contextmanager
-def local_server(catalog_config: Path | None = None) -> Iterator[Target]:
+def local_server(catalog_config: Path | None = None, warehouse: Path | None = None) -> Iterator[Target]:
     """A server on a fresh temporary warehouse and a free loopback port, stopped with SIGTERM at the end.
 
     With `catalog_config` (a YAML/JSON file of pyiceberg catalog properties) the server uses that
     catalog, as `flight-server serve --catalog-config` does, instead of the embedded default; the
-    temporary warehouse then only serves a SQL catalog whose properties name no warehouse.
+    temporary warehouse then only serves a SQL catalog whose properties name no warehouse. With
+    `warehouse` (another local server's) it is a replica sharing that server's catalog.
     """
     catalog = read_catalog_file(catalog_config) if catalog_config is not None else None
     with tempfile.TemporaryDirectory(prefix="flight-bench-") as tmp:
-        warehouse = Path(tmp) / "warehouse"
+        warehouse = warehouse or Path(tmp) / "warehouse"
         log_path = Path(tmp) / "server.log"
         port = free_port()
         location = f"grpc://127.0.0.1:{port}"
@@ -179,7 +181,7 @@ def local_server(catalog_config: Path | None = None) -> Iterator[Target]:
                         f"the server did not answer health within {START_TIMEOUT_SECONDS:.0f}s:\n{_tail(log_path)}"
                     )
                 time.sleep(0.05)
-            yield Target(location, warehouse.resolve(), proc.pid, catalog)
+            yield Target(location, warehouse.resolve(), proc.pid, catalog, catalog_config)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:

@@ -1,0 +1,240 @@
+"""`flight-bench online`: latency of latest-feature lookups, and how fresh they are after a write.
+
+For batches of 1, 10, 100 and 1000 entities: latency percentiles of `get_online_features` over
+Flight on loopback, answered from the server's in-memory index, once alone and once while another
+process keeps writing to the table. In the same run: the floor (a raw Flight `do_get` of the same
+answer from a minimal server in its own process) and the path without the index (the same lookup
+as a DuckDB query over the Iceberg table, in process, and the server's own `as_of` lookup, which
+takes that path). Freshness: the time from a put's acknowledgement to the first lookup that sees
+it, for a put through the same server and through another replica on the same catalog.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from multiprocessing.synchronize import Event
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+from pyiceberg.catalog import load_catalog
+
+from benchmarks import ceiling, report
+from benchmarks.baselines import CATALOG_NAME
+from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_names, feature_table
+from benchmarks.harness import Settings, Target, local_server, table_name
+from flight_client import FeatureClient
+from flight_server.duck import Engine, local_path
+from flight_server.filters import quote
+
+BATCHES = (1, 10, 100, 1000)
+PERCENTILES = (50, 95, 99, 99.9)
+REQUESTS = 2000  # lookups per batch size (fewer for batches of 1000 and for the slow paths)
+QUICK_REQUESTS = 20  # with --quick
+SLOW_REQUESTS = 20  # for the paths without the index: each takes tens of milliseconds
+FRESHNESS_PUTS = 20
+WRITER_ROWS = 1000  # rows per put of the concurrent writer
+LABELS = {
+    "index": "Flight, online index",
+    "index_writing": "Flight, online index, writer running",
+    "floor": "raw Flight do_get of the same answer (floor)",
+    "as_of": "Flight, as_of lookup (DuckDB, no index)",
+    "duckdb": "DuckDB query over the Iceberg table, in process",
+}
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    values = np.asarray(seconds) * 1000
+    result = {f"p{p:g}_ms": float(np.percentile(values, p)) for p in PERCENTILES}
+    result["mean_ms"] = float(values.mean())
+    result["requests"] = len(values)
+    return result
+
+
+def timed(call: Any, requests: int) -> list[float]:
+    seconds = []
+    for _ in range(requests):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def keys_for(ids: np.ndarray, batch: int, rng: np.random.Generator) -> list[int]:
+    return [int(k) for k in rng.choice(ids, size=batch)]
+
+
+def write_loop(location: str, table: str, ids: list[int], features: list[str], stop: Event, puts: Any) -> None:
+    """The concurrent writer (its own process): puts of `WRITER_ROWS` new rows until told to stop."""
+    rng = np.random.default_rng(7)
+    with FeatureClient(location) as client:
+        while not stop.is_set():
+            client.write(table, new_rows(rng.choice(ids, WRITER_ROWS).tolist(), features))
+            puts.value += 1
+
+
+def new_rows(entities: list[int], features: list[str]) -> pa.Table:
+    """Rows for `entities` stamped now (so they are the latest), with generated feature values."""
+    now = pa.array([time.time_ns() // 1000] * len(entities), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+    values = feature_table(len(entities), 10, len(entities), len(features))
+    columns = {ENTITY_KEY: pa.array(entities, pa.int64()), EVENT_TIME: now, CREATED_TIME: now}
+    return pa.table({**columns, **{f: values.column(f) for f in features}})
+
+
+def freshness(
+    writer: FeatureClient, reader: FeatureClient, table: str, entity: int, features: list[str], puts: int
+) -> list[float]:
+    """Seconds from each put's acknowledgement until `reader` returns the put's row."""
+    lags = []
+    for _ in range(puts):
+        row = new_rows([entity], features)
+        writer.write(table, row)
+        acknowledged = time.perf_counter()
+        stamp = row.column(EVENT_TIME)[0].as_py()
+        while (
+            reader.get_online_features({ENTITY_KEY: [entity]}, [f"{table}:{EVENT_TIME}"], apply_ttl=False)
+            .column(EVENT_TIME)[0]
+            .as_py()
+            != stamp
+        ):
+            time.sleep(0.002)
+        lags.append(time.perf_counter() - acknowledged)
+    return lags
+
+
+class DuckDBLookup:
+    """The lookup without an index: the latest row per requested key, queried from the Iceberg table
+    in process with the server's own engine (needs the catalog of a server this run started)."""
+
+    def __init__(self, target: Target, table: str, columns: list[str]):
+        properties = target.catalog_properties()
+        self.available = properties is not None
+        if properties is None:
+            return
+        loaded = load_catalog(CATALOG_NAME, **properties).load_table(table)
+        self.engine = Engine()
+        self.engine.use_storage(loaded.io.properties)
+        self.metadata = local_path(loaded.metadata_location)
+        self.sql = (
+            f"SELECT {', '.join(quote(c) for c in columns)} FROM iceberg_scan(?) "
+            f"WHERE {quote(ENTITY_KEY)} IN (SELECT unnest(?)) "
+            f"QUALIFY row_number() OVER (PARTITION BY {quote(ENTITY_KEY)} "
+            f"ORDER BY {quote(EVENT_TIME)} DESC, {quote(CREATED_TIME)} DESC NULLS LAST) = 1"
+        )
+
+    def __call__(self, keys: list[int]) -> pa.Table:
+        return self.engine.cursor().execute(self.sql, [self.metadata, keys]).to_arrow_table()
+
+
+def warm_timed(call: Any, requests: int) -> list[float]:
+    """`timed` after a tenth as many untimed calls (at most 100): connections and caches are warm."""
+    timed(call, min(requests // 10 + 1, 100))
+    return timed(call, requests)
+
+
+def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[str, Any]:
+    data = feature_table(settings.rows, settings.entities, settings.seed, settings.features)
+    features = feature_names(settings.features)
+    name = table_name("online")
+    ids = np.unique(data.column(ENTITY_KEY).to_numpy())
+    rng = np.random.default_rng(settings.seed)
+    refs = [f"{name}:{f}" for f in features]
+    counts = {batch: max(requests // (10 if batch >= 1000 else 1), 5) for batch in BATCHES}
+    latency: dict[str, dict[str, Any]] = {key: {} for key in LABELS}
+    with FeatureClient(target.location) as client:
+        report.progress(f"online: writing {settings.rows:,} rows ({len(ids):,} entities) to {name}")
+        client.write(name, data, entity_keys=[ENTITY_KEY], event_time=EVENT_TIME, created_time=CREATED_TIME)
+        start = time.perf_counter()
+        client.get_online_features({ENTITY_KEY: [int(ids[0])]}, refs)
+        first_lookup_s = time.perf_counter() - start
+        index = client.describe(name)["online"]
+
+        def lookup(batch: int, **options: Any) -> Any:
+            keys = [int(k) for k in rng.choice(ids, size=batch)]
+            return lambda: client.get_online_features({ENTITY_KEY: keys}, refs, **options)
+
+        without_index = DuckDBLookup(target, name, [ENTITY_KEY, EVENT_TIME, *features])
+        latest_time = data.column(EVENT_TIME).to_pylist()[-1]
+        for batch, count in counts.items():
+            report.progress(f"online: {count} lookups of {batch} entities, and the same over raw Flight")
+            call = lookup(batch)
+            latency["index"][str(batch)] = percentiles(warm_timed(call, count))
+            with ceiling.ceiling_server(call(), max(batch, 1)) as location, flight.FlightClient(location) as raw:
+                latency["floor"][str(batch)] = percentiles(warm_timed(lambda r=raw: ceiling.read(r), count))
+            slow = max(3, min(SLOW_REQUESTS, requests // 4))
+            report.progress(f"online: {slow} lookups of {batch} entities without the index")
+            latency["as_of"][str(batch)] = percentiles(timed(lookup(batch, as_of=latest_time), slow))
+            if without_index.available:
+                keys = [int(k) for k in rng.choice(ids, size=batch)]
+                latency["duckdb"][str(batch)] = percentiles(timed(lambda k=keys: without_index(k), slow))
+
+        context = multiprocessing.get_context("spawn")
+        stop, puts = context.Event(), context.Value("i", 0)
+        hot = [int(i) for i in ids[:1000]]
+        writer = context.Process(target=write_loop, args=(target.location, name, hot, features, stop, puts))
+        writer.start()
+        try:
+            deadline = time.monotonic() + 120
+            while puts.value == 0 and writer.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the writer process starts (imports, first put) before lookups are timed
+            started = time.perf_counter()
+            first_puts = puts.value
+            for batch, count in counts.items():
+                report.progress(f"online: {count} lookups of {batch} entities, a writer putting meanwhile")
+                latency["index_writing"][str(batch)] = percentiles(timed(lookup(batch), count))
+            puts_per_s = (puts.value - first_puts) / (time.perf_counter() - started)
+        finally:
+            stop.set()
+            writer.join(60)
+
+        puts_timed = max(3, min(FRESHNESS_PUTS, requests // 4))
+        report.progress(f"online: freshness of {puts_timed} puts")
+        fresh = {"same_server": percentiles(freshness(client, client, name, int(ids[1]), features, puts_timed))}
+        if target.warehouse is not None:
+            with (
+                local_server(target.catalog_config, target.warehouse) as replica,
+                FeatureClient(replica.location) as other,
+            ):
+                fresh["other_replica"] = percentiles(freshness(other, client, name, int(ids[2]), features, puts_timed))
+    return {
+        "table": name,
+        "rows": settings.rows,
+        "entities": len(ids),
+        "features": len(features),
+        "first_lookup_s": first_lookup_s,
+        "index": index,
+        "writer_puts_per_s": puts_per_s,
+        "writer_rows_per_put": WRITER_ROWS,
+        "latency": {k: v for k, v in latency.items() if v},
+        "freshness": fresh,
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    header = (
+        f"online: {result['entities']:,} entities ({result['rows']:,} rows), {result['features']} features; "
+        f"index built in {result['index']['build_seconds']:.2f} s ({result['index']['bytes'] / 2**20:.1f} MiB); "
+        f"concurrent writer: {result['writer_puts_per_s']:.1f} puts/s of {result['writer_rows_per_put']} rows"
+    )
+    rows = []
+    for key, by_batch in result["latency"].items():
+        for batch, p in by_batch.items():
+            floor = result["latency"]["floor"][batch]["p50_ms"]
+            rows.append(
+                [
+                    f"{LABELS[key]}, batch {batch}",
+                    *(f"{p[f'p{q:g}_ms']:.3f}" for q in PERCENTILES),
+                    str(p["requests"]),
+                    report.ratio(p["p50_ms"] / floor),
+                ]
+            )
+    latency = report.table(["lookup", *(f"p{q:g} ms" for q in PERCENTILES), "requests", "p50 / floor"], rows)
+    lag_rows = [
+        [f"put through the {where.replace('_', ' ')}", *(f"{p[f'p{q:g}_ms']:.1f}" for q in (50, 95, 99))]
+        + [str(p["requests"])]
+        for where, p in result["freshness"].items()
+    ]
+    lag = report.table(["freshness: put acknowledged -> visible", "p50 ms", "p95 ms", "p99 ms", "puts"], lag_rows)
+    return "\n".join([header, latency, "", lag])
