@@ -205,6 +205,7 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
         "features": len(features),
         "first_lookup_s": first_lookup_s,
         "index": index,
+        "writer_puts": puts.value,
         "writer_puts_per_s": puts_per_s,
         "writer_rows_per_put": WRITER_ROWS,
         "latency": {k: v for k, v in latency.items() if v},

@@ -316,11 +316,58 @@ def historical(result: dict[str, Any], machine: dict[str, Any] | None = None) ->
     return figure
 
 
+ONLINE_COLORS = {
+    "index": FLIGHT,
+    "index_writing": "#55A868",
+    "floor": REFERENCE,
+    "as_of": "#C44E52",
+    "duckdb": LOCAL,
+}
+
+
+def online(result: dict[str, Any], machine: dict[str, Any] | None = None) -> Figure:
+    """Latency against batch size, p50 solid and p99 dashed, one colour per path, log-log."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    from benchmarks.online import LABELS
+
+    figure = _figure(5.0)
+    axes = figure.subplots()
+    for key, by_batch in result["latency"].items():
+        batches = [int(b) for b in by_batch]
+        color = ONLINE_COLORS.get(key, "#333333")
+        axes.plot(batches, [p["p50_ms"] for p in by_batch.values()], color=color, marker="o", label=LABELS[key])
+        axes.plot(batches, [p["p99_ms"] for p in by_batch.values()], color=color, marker=".", linestyle="--")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axes.set_xlabel("entities per lookup", fontsize=8.5)
+    axes.set_ylabel("latency, ms (lower is better)", fontsize=8.5)
+    axes.grid(color="#dddddd", linewidth=0.6)
+    axes.tick_params(labelsize=8.5)
+    handles, _ = axes.get_legend_handles_labels()
+    handles += [
+        Line2D([], [], color="#333333", label="p50"),
+        Line2D([], [], color="#333333", linestyle="--", label="p99"),
+    ]
+    axes.legend(handles=handles, fontsize=8, loc="upper left", frameon=False)
+    lags = ", ".join(f"{k.replace('_', ' ')} p50 {v['p50_ms']:.0f} ms" for k, v in result["freshness"].items())
+    _title(
+        figure,
+        f"online: latest {result['features']} features of 1-1000 of {result['entities']:,} entities over Flight "
+        f"on loopback; freshness after a put: {lags}",
+        machine,
+    )
+    return figure
+
+
 PLOTS: dict[str, Callable[[dict[str, Any], dict[str, Any] | None], Figure]] = {
     "scan": scan,
     "ingest": ingest,
     "partitioning": partitioning,
     "historical": historical,
+    "online": online,
 }
 
 

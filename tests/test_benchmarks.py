@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(300)
 
 TIMING_KEYS = {"median_s", "min_s", "max_s", "repeat", "times_s"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-CHARTS = ("scan.png", "ingest.png", "partitioning.png", "historical.png")
+CHARTS = ("scan.png", "ingest.png", "partitioning.png", "historical.png", "online.png")
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +177,23 @@ def test_historical_on_its_own_server(tmp_path: Path) -> None:
     assert result["server"]["peak_rss_bytes"] > 0
 
 
+def check_online(result: dict[str, Any], local: bool) -> None:
+    paths = {"index", "index_writing", "floor", "as_of"} | ({"duckdb"} if local else set())
+    assert set(result["latency"]) == paths
+    for by_batch in result["latency"].values():
+        assert list(by_batch) == ["1", "10", "100", "1000"]
+        for p in by_batch.values():
+            assert positive(p["p50_ms"], p["p99_ms"], p["requests"]) and p["p50_ms"] <= p["p99_ms"] <= p["p99.9_ms"]
+    assert result["writer_puts"] >= 1  # the lookups beside the writer really had one beside them
+    assert set(result["freshness"]) == ({"same_server", "other_replica"} if local else {"same_server"})
+    assert all(positive(lag["p50_ms"]) for lag in result["freshness"].values())
+    assert result["index"]["entities"] == result["entities"] > 0
+
+
+def test_online_on_its_own_server(tmp_path: Path) -> None:
+    check_online(run_bench(tmp_path, "online")["benchmarks"]["online"], local=True)
+
+
 @pytest.fixture(scope="module")
 def all_run(tmp_path_factory: pytest.TempPathFactory, running_server: Target) -> tuple[dict[str, Any], Path]:
     """One `flight-bench all --quick --plot DIR` run, shared by the report and the chart tests."""
@@ -196,11 +213,12 @@ def check_charts(directory: Path, names: tuple[str, ...] = CHARTS) -> None:
 
 def test_all_in_one_report(all_run: tuple[dict[str, Any], Path]) -> None:
     payload, _ = all_run
-    assert list(payload["benchmarks"]) == ["scan", "ingest", "partitioning", "historical"]
+    assert list(payload["benchmarks"]) == ["scan", "ingest", "partitioning", "historical", "online"]
     check_scan(payload["benchmarks"]["scan"], local=False)  # no warehouse at hand: in-process baselines skipped
     check_ingest(payload["benchmarks"]["ingest"])
     check_partitioning(payload["benchmarks"]["partitioning"])
     check_historical(payload["benchmarks"]["historical"], local=False)
+    check_online(payload["benchmarks"]["online"], local=False)
     assert all(b["server"]["peak_rss_bytes"] is None for b in payload["benchmarks"].values())
 
 
