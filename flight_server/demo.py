@@ -16,13 +16,21 @@ log = logging.getLogger(__name__)
 DEMO_START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 
-def driver_stats(drivers: int = 1000, hours: int = 48, seed: int = 7) -> pa.Table:
-    """Hourly statistics per driver (like Feast's tutorial): int key, floats, an int, some nulls."""
+def driver_stats(drivers: int = 1000, hours: int = 48, seed: int = 7, now: dt.datetime | None = None) -> pa.Table:
+    """Hourly statistics per driver (like Feast's tutorial): int key, floats, an int, some nulls.
+
+    `hours` hours from `DEMO_START` (for training sets), and with `now` one more row per driver at
+    the start of the current hour, so online lookups find fresh features within the one-day TTL.
+    """
     rng = np.random.default_rng(seed)
     driver_id = np.repeat(np.arange(1001, 1001 + drivers, dtype=np.int64), hours)
     offsets = np.tile(np.arange(hours, dtype=np.int64), drivers) * 3_600_000_000
     start = int(DEMO_START.timestamp() * 1_000_000)
     event_ts = start + offsets
+    if now is not None:
+        hour = int(now.timestamp()) // 3600 * 3_600_000_000
+        driver_id = np.concatenate([driver_id, np.arange(1001, 1001 + drivers, dtype=np.int64)])
+        event_ts = np.concatenate([event_ts, np.full(drivers, hour, dtype=np.int64)])
     conv_rate = rng.random(len(driver_id))
     return pa.table(
         {
@@ -73,7 +81,7 @@ def load_demo(location: str) -> None:
 
     tables = {
         "demo.driver_stats": (
-            driver_stats,
+            lambda: driver_stats(now=dt.datetime.now(dt.timezone.utc)),
             {"entity_keys": ["driver_id"], "created_time": "created", "ttl": dt.timedelta(days=1)},
         ),
         "demo.customer_profile": (customer_profile, {"entity_keys": ["customer_id"]}),

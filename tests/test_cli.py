@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import signal
@@ -74,7 +75,11 @@ def test_serve_demo_end_to_end(tmp_path: Path) -> None:
             what="the demo tables",
         )
         frame = read_flight(location, "demo.driver_stats", filter="driver_id = 1001")
-        assert len(frame) == 48 and frame["driver_id"].eq(1001).all()
+        assert len(frame) == 49 and frame["driver_id"].eq(1001).all()  # 48 hours in January, and this hour
+        with FeatureClient(location) as client:
+            latest = client.get_online_features({"driver_id": [1001, 1]}, ["demo.driver_stats:conv_rate"])
+        when = latest.column("driver_stats__event_timestamp").to_pylist()
+        assert when[1] is None and dt.datetime.now(dt.timezone.utc) - when[0] < dt.timedelta(hours=2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -83,7 +88,7 @@ def test_serve_demo_end_to_end(tmp_path: Path) -> None:
             proc.wait()
     output = (tmp_path / "server.log").read_text()
     assert re.search(rf"serving Flight on grpc://127.0.0.1:{port}", output)
-    assert "demo: wrote 48000 rows to demo.driver_stats" in output
+    assert "demo: wrote 49000 rows to demo.driver_stats" in output
     assert "stopped" in output
 
 
