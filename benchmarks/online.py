@@ -11,6 +11,7 @@ it, for a put through the same server and through another replica on the same ca
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import time
 from multiprocessing.synchronize import Event
@@ -36,9 +37,11 @@ QUICK_REQUESTS = 20  # with --quick
 SLOW_REQUESTS = 20  # for the paths without the index: each takes tens of milliseconds
 FRESHNESS_PUTS = 20
 WRITER_ROWS = 1000  # rows per put of the concurrent writer
+WRITER_START_SECONDS = 120.0
 LABELS = {
     "index": "Flight, online index",
-    "index_writing": "Flight, online index, writer running",
+    "index_writing": "Flight, online index, a writer on this server",
+    "index_writing_elsewhere": "Flight, online index, a writer on another replica",
     "floor": "raw Flight do_get of the same answer (floor)",
     "as_of": "Flight, as_of lookup (DuckDB, no index)",
     "duckdb": "DuckDB query over the Iceberg table, in process",
@@ -73,6 +76,33 @@ def write_loop(location: str, table: str, ids: list[int], features: list[str], s
         while not stop.is_set():
             client.write(table, new_rows(rng.choice(ids, WRITER_ROWS).tolist(), features))
             puts.value += 1
+
+
+class Writer:
+    """`write_loop` in its own process for the duration of a `with` block; `rate()` gives its puts/s
+    from its first acknowledged put (the lookups start only then) until now."""
+
+    def __init__(self, location: str, table: str, ids: list[int], features: list[str]):
+        context = multiprocessing.get_context("spawn")
+        self.stop, self.puts = context.Event(), context.Value("i", 0)
+        self.process = context.Process(target=write_loop, args=(location, table, ids, features, self.stop, self.puts))
+
+    def __enter__(self) -> Writer:
+        self.process.start()
+        deadline = time.monotonic() + WRITER_START_SECONDS
+        while self.puts.value == 0 and self.process.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.puts.value == 0:
+            raise RuntimeError("the concurrent writer made no put")
+        self.started, self.first = time.perf_counter(), self.puts.value
+        return self
+
+    def rate(self) -> float:
+        return (self.puts.value - self.first) / (time.perf_counter() - self.started)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.process.join(WRITER_START_SECONDS)
 
 
 def new_rows(entities: list[int], features: list[str]) -> pa.Table:
@@ -170,34 +200,28 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
                 keys = [int(k) for k in rng.choice(ids, size=batch)]
                 latency["duckdb"][str(batch)] = percentiles(timed(lambda k=keys: without_index(k), slow))
 
-        context = multiprocessing.get_context("spawn")
-        stop, puts = context.Event(), context.Value("i", 0)
         hot = [int(i) for i in ids[:1000]]
-        writer = context.Process(target=write_loop, args=(target.location, name, hot, features, stop, puts))
-        writer.start()
-        try:
-            deadline = time.monotonic() + 120
-            while puts.value == 0 and writer.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.05)  # the writer process starts (imports, first put) before lookups are timed
-            started = time.perf_counter()
-            first_puts = puts.value
-            for batch, count in counts.items():
-                report.progress(f"online: {count} lookups of {batch} entities, a writer putting meanwhile")
-                latency["index_writing"][str(batch)] = percentiles(timed(lookup(batch), count))
-            puts_per_s = (puts.value - first_puts) / (time.perf_counter() - started)
-        finally:
-            stop.set()
-            writer.join(60)
-
-        puts_timed = max(3, min(FRESHNESS_PUTS, requests // 4))
-        report.progress(f"online: freshness of {puts_timed} puts")
-        fresh = {"same_server": percentiles(freshness(client, client, name, int(ids[1]), features, puts_timed))}
-        if target.warehouse is not None:
-            with (
-                local_server(target.catalog_config, target.warehouse) as replica,
-                FeatureClient(replica.location) as other,
-            ):
-                fresh["other_replica"] = percentiles(freshness(other, client, name, int(ids[2]), features, puts_timed))
+        writing = {"index_writing": target.location}
+        fresh: dict[str, Any] = {}
+        with contextlib.ExitStack() as stack:
+            replica = None
+            if target.warehouse is not None:
+                replica = stack.enter_context(local_server(target.catalog_config, target.warehouse))
+                writing["index_writing_elsewhere"] = replica.location
+            puts_per_s = {}
+            for key, location in writing.items():
+                with Writer(location, name, hot, features) as writer:
+                    for batch, count in counts.items():
+                        report.progress(f"online: {count} lookups of {batch} entities, {LABELS[key]}")
+                        latency[key][str(batch)] = percentiles(timed(lookup(batch), count))
+                    puts_per_s[key] = writer.rate()
+            puts_timed = max(3, min(FRESHNESS_PUTS, requests // 4))
+            report.progress(f"online: freshness of {puts_timed} puts")
+            fresh["same_server"] = percentiles(freshness(client, client, name, int(ids[1]), features, puts_timed))
+            if replica is not None:
+                with FeatureClient(replica.location) as other:
+                    lags = freshness(other, client, name, int(ids[2]), features, puts_timed)
+                fresh["other_replica"] = percentiles(lags)
     return {
         "table": name,
         "rows": settings.rows,
@@ -205,7 +229,6 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
         "features": len(features),
         "first_lookup_s": first_lookup_s,
         "index": index,
-        "writer_puts": puts.value,
         "writer_puts_per_s": puts_per_s,
         "writer_rows_per_put": WRITER_ROWS,
         "latency": {k: v for k, v in latency.items() if v},
@@ -217,7 +240,9 @@ def render(result: dict[str, Any]) -> str:
     header = (
         f"online: {result['entities']:,} entities ({result['rows']:,} rows), {result['features']} features; "
         f"index built in {result['index']['build_seconds']:.2f} s ({result['index']['bytes'] / 2**20:.1f} MiB); "
-        f"concurrent writer: {result['writer_puts_per_s']:.1f} puts/s of {result['writer_rows_per_put']} rows"
+        "concurrent writer: "
+        + ", ".join(f"{LABELS[k].split(', ')[-1]} {v:.1f} puts/s" for k, v in result["writer_puts_per_s"].items())
+        + f" of {result['writer_rows_per_put']} rows each"
     )
     rows = []
     for key, by_batch in result["latency"].items():

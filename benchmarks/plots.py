@@ -319,6 +319,7 @@ def historical(result: dict[str, Any], machine: dict[str, Any] | None = None) ->
 ONLINE_COLORS = {
     "index": FLIGHT,
     "index_writing": "#55A868",
+    "index_writing_elsewhere": "#8172B3",
     "floor": REFERENCE,
     "as_of": "#C44E52",
     "duckdb": LOCAL,

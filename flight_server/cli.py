@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 
 import click
@@ -16,6 +17,8 @@ from flight_server.config import (
     read_catalog_file,
     redact,
 )
+
+GIL_SWITCH_SECONDS = 0.0005
 
 
 @click.group()
@@ -187,6 +190,9 @@ def serve(
     log_level: str,
 ) -> None:
     """Serve feature tables over Arrow Flight until interrupted (Ctrl-C or SIGTERM)."""
+    # An online lookup takes the GIL a few times for ~0.1 ms each; while a write or an index refresh
+    # runs Python code, the default 5 ms switch interval would make each of those waits up to 5 ms.
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     properties = read_catalog_file(catalog_config) if catalog_config else {}
     properties.update(catalog_properties_from_env())

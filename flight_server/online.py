@@ -371,9 +371,16 @@ class OnlineStore:
             Rows.of(rows, spec),
             dict(zip(keys, range(len(keys)), strict=True)),
         )
-        seconds = time.perf_counter() - started
-        log.info("online index %s: %d entities from snapshot %s in %.2f s", name, len(keys), state.snapshot_id, seconds)
-        return OnlineIndex(name, state, seconds)
+        index = OnlineIndex(name, state, time.perf_counter() - started)
+        log.info(
+            "online index %s: %d entities, %.1f MiB, from snapshot %s in %.2f s",
+            name,
+            len(keys),
+            index.nbytes() / 2**20,
+            state.snapshot_id,
+            index.build_seconds,
+        )
+        return index
 
     def refresh(self, name: str) -> str:
         """Bring one index up to its table's current snapshot; says what it did."""
