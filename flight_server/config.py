@@ -38,6 +38,7 @@ class ServerConfig:
     duckdb_temp_dir: str | None = None
     commit_timeout_seconds: float = 120.0
     historical_partitions: int = 1
+    scan_partitions: int = 1
 
     def resolved_catalog_properties(self) -> dict[str, str]:
         """The catalog properties to load, filling in the embedded default where unset."""
