@@ -10,7 +10,7 @@ import pyarrow.flight as flight
 import pytest
 from pyiceberg.catalog import load_catalog
 
-from flight_client import FeatureClient, InvalidRequestError
+from flight_client import FeatureClient, InvalidRequestError, read_flight
 from tests.conftest import start_server
 from tests.test_roundtrip import features, sorted_rows, write
 
@@ -113,7 +113,17 @@ def test_part_that_can_no_longer_be_read_directly_is_refused(
     with pytest.raises(InvalidRequestError, match="cannot be read in parts"):
         client._get(info.endpoints[0].ticket.ticket).read_all()
     assert len(client.flight_info(multi_file, partitions=2).endpoints) == 1
-    assert client.scan(multi_file).read_all().num_rows == WRITES * ROWS
+    assert client.read_table(multi_file, partitions=2).num_rows == WRITES * ROWS
+
+
+def test_client_reads_parts_in_parallel(client: FeatureClient, server: str, multi_file: str) -> None:
+    whole = client.scan(multi_file).read_all()
+    parallel = client.read_table(multi_file, partitions=3)
+    assert sorted_rows(parallel) == sorted_rows(whole)
+    assert parallel.schema.metadata == whole.schema.metadata
+    frame = read_flight(server, multi_file, columns=["user_id"], partitions=3)
+    assert sorted(frame["user_id"]) == list(range(WRITES * ROWS))
+    assert client.read_table(multi_file, filter="user_id < 10", partitions=3).num_rows == 10
 
 
 def test_server_default_partitions(backend: dict[str, str], multi_file: str) -> None:
@@ -124,5 +134,6 @@ def test_server_default_partitions(backend: dict[str, str], multi_file: str) -> 
             assert len(client.flight_info(multi_file, partitions=1).endpoints) == 1
             path = client._client.get_flight_info(flight.FlightDescriptor.for_path(multi_file))
             assert len(path.endpoints) == 3  # any Flight client gets the parts
+            assert client.read_table(multi_file).num_rows == WRITES * ROWS
     finally:
         server.shutdown()
