@@ -225,7 +225,8 @@ def main() -> None:
 @main.command("scan")
 @common_options
 def scan_command(**kwargs: Any) -> None:
-    """Full-table scan into Arrow and pandas, against the raw Flight ceiling and in-process readers."""
+    """Full-table scan into Arrow (one stream, and parallel endpoints) and pandas, against the raw Flight ceiling
+    and in-process readers."""
     execute(["scan"], Options(**kwargs))
 
 

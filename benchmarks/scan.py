@@ -2,10 +2,12 @@
 
 The ceiling is the same Arrow table served from memory by a minimal Flight server in the same
 run, batched like ours: the ratio says what share of the transport's capacity our scan uses.
+The scan is read over one stream, and over several endpoints fetched in parallel.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -20,6 +22,7 @@ from flight_server.config import ServerConfig
 
 SERVER_BATCH_ROWS = ServerConfig.batch_rows
 CEILING = "raw_flight_ceiling"
+PARALLEL_ENDPOINTS = (2, 4)
 LABELS = {
     CEILING: "raw Flight do_get of the table in memory (ceiling)",
     "flight_arrow": "Flight scan -> Arrow",
@@ -40,12 +43,23 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
         received = client.scan(name).read_all()
         if received.num_rows != data.num_rows:
             raise RuntimeError(f"the scan returned {received.num_rows} rows; {data.num_rows} were written")
+        labels = dict(LABELS)
+        for n in PARALLEL_ENDPOINTS:
+            rows = client.read_table(name, partitions=n).num_rows
+            if rows != data.num_rows:
+                raise RuntimeError(f"the scan over {n} endpoints returned {rows} rows; {data.num_rows} were written")
+            endpoints = len(client.flight_info(name, partitions=n).endpoints)  # fewer when the table has fewer files
+            labels[f"flight_arrow_{n}"] = f"Flight scan -> Arrow over {endpoints} parallel endpoints"
         properties = target.catalog_properties()
         local = LocalReaders(properties) if properties else None
         with ceiling.ceiling_server(received, SERVER_BATCH_ROWS) as location, flight.FlightClient(location) as raw:
             cases = {
                 CEILING: Case(lambda: ceiling.read(raw)),
                 "flight_arrow": Case(lambda: client.scan(name).read_all()),
+                **{
+                    f"flight_arrow_{n}": Case(functools.partial(client.read_table, name, partitions=n))
+                    for n in PARALLEL_ENDPOINTS
+                },
                 "flight_pandas": Case(lambda: client.scan(name).read_pandas()),
             }
             if local is not None:
@@ -57,7 +71,7 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
     results = {}
     for key, timing in timings.items():
         results[key] = {
-            "label": LABELS[key],
+            "label": labels[key],
             **timing.as_dict(),
             "rows_per_s": received.num_rows / timing.median,
             "mb_per_s": received.nbytes / report.MB / timing.median,

@@ -164,6 +164,26 @@ class FeatureClient:
         request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit)  # type: ignore[arg-type]
         return self._get(request.to_bytes())
 
+    def read_table(
+        self,
+        table: str,
+        columns: list[str] | None = None,
+        filter: str | None = None,
+        snapshot_id: int | None = None,
+        as_of: dt.datetime | str | int | None = None,
+        limit: int | None = None,
+        *,
+        partitions: int | None = None,
+    ) -> pa.Table:
+        """Read rows of `table` whole, over up to `partitions` endpoints fetched in parallel.
+
+        The server splits only whole-table reads (no filter or limit), by data file; other scans
+        come back as one endpoint. Default: the server's `--scan-partitions`. Row order across
+        parts is not defined; the schema metadata names the snapshot and read path, as `scan`'s does.
+        """
+        request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit, partitions)  # type: ignore[arg-type]
+        return self._read_endpoints(self._info(request))
+
     def flight_info(self, table: str, **scan_options: Any) -> flight.FlightInfo:
         """Schema, row estimate and endpoints of a scan, without reading it."""
         scan_options["as_of"] = _as_of(scan_options.get("as_of"))
@@ -205,9 +225,7 @@ class FeatureClient:
         if request.entities is None:
             return self._exchange(request, entity_rows)
         info = self._info(request)
-        with ThreadPoolExecutor(max_workers=max(1, len(info.endpoints))) as pool:
-            parts = list(pool.map(lambda e: self._get(e.ticket.ticket).read_all(), info.endpoints))
-        return pa.concat_tables(parts).replace_schema_metadata(info.schema.metadata)
+        return self._read_endpoints(info).replace_schema_metadata(info.schema.metadata)
 
     def iter_historical_features(
         self,
@@ -317,6 +335,12 @@ class FeatureClient:
         except flight.FlightError as exc:
             raise from_flight_error(exc) from None
 
+    def _read_endpoints(self, info: flight.FlightInfo) -> pa.Table:
+        """Every endpoint of `info`, fetched at once and concatenated in endpoint order."""
+        with ThreadPoolExecutor(max_workers=max(1, len(info.endpoints))) as pool:
+            parts = list(pool.map(lambda e: self._get(e.ticket.ticket).read_all(), info.endpoints))
+        return pa.concat_tables(parts)
+
     def _exchange(self, request: HistoricalRequest | OnlineRequest, entity_rows: Any) -> pa.Table:
         schema, batches = _batches(entity_rows)
         descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
@@ -354,7 +378,7 @@ class FeatureClient:
 
 
 def read_flight(location: str, table: str | None = None, **options: Any) -> pd.DataFrame:
-    """Read into pandas in one call: a table (with `scan` options), or a training set when
+    """Read into pandas in one call: a table (with `read_table` options), or a training set when
     `features=[...]` and `entity_rows=...` are given (with `get_historical_features` options)."""
     with FeatureClient(location) as client:
         if "features" in options:
@@ -362,4 +386,4 @@ def read_flight(location: str, table: str | None = None, **options: Any) -> pd.D
             return client.get_historical_features(entity_rows, options.pop("features"), **options).to_pandas()
         if table is None:
             raise TypeError("read_flight needs a table, or features= and entity_rows= for a training set")
-        return client.scan(table, **options).read_pandas()
+        return client.read_table(table, **options).to_pandas()

@@ -118,6 +118,16 @@ def main() -> None:
     help="Rows per record batch in streamed results.",
 )
 @click.option(
+    "--scan-partitions",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    envvar="FLIGHT_SERVER_SCAN_PARTITIONS",
+    show_envvar=True,
+    help="Endpoints get_flight_info splits a whole-table scan into when the request does not ask for a "
+    "number ('partitions'); clients fetch them in parallel.",
+)
+@click.option(
     "--write-chunk-mb",
     default=128,
     show_default=True,
@@ -182,6 +192,7 @@ def serve(
     duckdb_threads: int | None,
     duckdb_temp_dir: str | None,
     batch_rows: int,
+    scan_partitions: int,
     write_chunk_mb: int,
     online_tables: tuple[str, ...],
     online_refresh_seconds: float,
@@ -208,6 +219,7 @@ def serve(
         catalog_properties=properties,
         default_namespace=namespace,
         batch_rows=batch_rows,
+        scan_partitions=scan_partitions,
         write_chunk_bytes=write_chunk_mb << 20,
         duckdb_memory_limit=duckdb_memory_limit,
         duckdb_threads=duckdb_threads,

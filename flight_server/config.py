@@ -41,6 +41,7 @@ class ServerConfig:
     online_tables: list[str] = field(default_factory=list)
     online_refresh_seconds: float = 0.5
     online_max_bytes: int = 2 << 30
+    scan_partitions: int = 1
 
     def resolved_catalog_properties(self) -> dict[str, str]:
         """The catalog properties to load, filling in the embedded default where unset."""

@@ -123,6 +123,20 @@ class _Fields:
             raise self._bad(name, "a list without duplicates")
         return value
 
+    def part(self, name: str) -> list[int] | None:
+        """`[index, count]`: one of `count` endpoint shares of a result."""
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(type(v) is int for v in value)
+            and 0 <= value[0] < value[1]
+        ):
+            raise self._bad(name, "[index, count] with 0 <= index < count")
+        return value
+
 
 @dataclass(frozen=True)
 class ScanRequest:
@@ -134,11 +148,15 @@ class ScanRequest:
     snapshot_id: int | None = None
     as_of: str | None = None
     limit: int | None = None
+    partitions: int | None = None
+    part: list[int] | None = None
     kind: str = field(default="scan", init=False)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> ScanRequest:
-        f = _Fields(body, "scan request", {"table", "columns", "filter", "snapshot_id", "as_of", "limit"})
+        f = _Fields(
+            body, "scan request", {"table", "columns", "filter", "snapshot_id", "as_of", "limit", "partitions", "part"}
+        )
         as_of = body.get("as_of")
         if as_of is not None:
             as_of = format_timestamp(parse_timestamp(as_of, "scan request: field 'as_of'"))
@@ -149,9 +167,15 @@ class ScanRequest:
             snapshot_id=f.int("snapshot_id", minimum=-(1 << 63)),
             as_of=as_of,
             limit=f.int("limit"),
+            partitions=f.int("partitions", minimum=1),
+            part=f.part("part"),
         )
         if request.snapshot_id is not None and request.as_of is not None:
             raise ProtocolError("scan request: give either 'snapshot_id' or 'as_of', not both")
+        if request.partitions is not None and request.part is not None:
+            raise ProtocolError(
+                "scan request: 'partitions' asks get_flight_info for endpoints and 'part' names one of them: not both"
+            )
         return request
 
     def to_bytes(self) -> bytes:
@@ -303,14 +327,6 @@ class HistoricalRequest:
         as_of = body.get("as_of")
         if as_of is not None:
             as_of = format_timestamp(parse_timestamp(as_of, "historical request: field 'as_of'"))
-        partition = body.get("partition")
-        if partition is not None and not (
-            isinstance(partition, list)
-            and len(partition) == 2
-            and all(type(p) is int for p in partition)
-            and 0 <= partition[0] < partition[1]
-        ):
-            raise ProtocolError("historical request: 'partition' must be [index, count] with 0 <= index < count")
         entities = body.get("entities")
         return cls(
             features=features,
@@ -320,7 +336,7 @@ class HistoricalRequest:
             snapshot_ids=snapshot_ids,
             as_of=as_of,
             partitions=f.int("partitions", minimum=1),
-            partition=partition,
+            partition=f.part("partition"),
         )
 
     def to_bytes(self) -> bytes:

@@ -5,7 +5,8 @@ the snapshot (by id or by time), the columns and the filter. Execution (`open_sc
 two paths, both producing a C++ `RecordBatchReader` that Flight streams without touching Python per
 batch: `direct` (Arrow's Parquet reader over the planned files, for whole-table reads of tables
 without delete files) or `iceberg_scan` (DuckDB, which prunes files and row groups for filters and
-applies delete files).
+applies delete files). Direct reads can be split into parts over the files (`scan_parts`), which
+clients fetch in parallel.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression
 from pyiceberg.io.pyarrow import PyArrowFileIO
+from pyiceberg.manifest import DataFile
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 
 from flight_server.catalog import FeatureCatalog, table_name
 from flight_server.duck import Engine, local_path
-from flight_server.errors import NotFoundError
+from flight_server.errors import NotFoundError, RequestError
 from flight_server.filters import parse_filter, quote, to_sql
 from flight_server.protocol import ScanRequest, parse_timestamp
 from flight_server.schemas import table_arrow_schema
@@ -114,12 +116,12 @@ def _renamed(table: Table) -> bool:
     return False
 
 
-def direct_reader(plan: ScanPlan, batch_rows: int) -> pa.RecordBatchReader | None:
-    """The copy-on-write fast path: Arrow's own multi-threaded Parquet reader over the planned files.
+def direct_files(plan: ScanPlan) -> list[DataFile] | None:
+    """The data files for the copy-on-write fast path, or None when DuckDB's `iceberg_scan` must read.
 
-    Taken for whole-table reads (no filter, no limit: the bulk case) when no planned file has delete
-    files and no column was ever renamed (files are matched by column name); otherwise None, and
-    DuckDB's `iceberg_scan` reads, so that filters have one semantics (SQL's) whatever the path.
+    The fast path takes whole-table reads (no filter, no limit: the bulk case) when no planned file
+    has delete files and no column was ever renamed (files are matched by column name); everything
+    else goes through DuckDB, so that filters have one semantics (SQL's) whatever the path.
     """
     if (
         plan.request.limit is not None
@@ -128,15 +130,43 @@ def direct_reader(plan: ScanPlan, batch_rows: int) -> pa.RecordBatchReader | Non
         or not isinstance(plan.table.io, PyArrowFileIO)
     ):
         return None
-    schema = snapshot_schema(plan.table, plan.snapshot_id)
     tasks = list(plan.table.scan(snapshot_id=plan.snapshot_id).plan_files())
     if any(task.delete_files for task in tasks):
         return None
-    if not tasks:
+    return [task.file for task in tasks]
+
+
+def split_files(files: list[DataFile], count: int) -> list[list[DataFile]]:
+    """`count` shares of `files` with similar row counts (largest file first to the lightest share).
+
+    The shares depend only on the set of files, never on their order, so a part ticket needs no
+    state: any replica planning the same snapshot reads the same files for the same part.
+    """
+    shares: list[list[DataFile]] = [[] for _ in range(count)]
+    rows = [0] * count
+    for file in sorted(files, key=lambda f: (-f.record_count, f.file_path)):
+        lightest = rows.index(min(rows))
+        shares[lightest].append(file)
+        rows[lightest] += file.record_count
+    return shares
+
+
+def scan_parts(plan: ScanPlan, partitions: int) -> list[list[int] | None]:
+    """The `part` of each endpoint ticket: up to `partitions` shares (never more than files) when the
+    scan takes the direct path, else one ticket for the whole scan."""
+    files = direct_files(plan) if partitions > 1 and plan.snapshot_id is not None else None
+    count = min(partitions, len(files)) if files else 1
+    return [[index, count] for index in range(count)] if count > 1 else [None]
+
+
+def direct_reader(plan: ScanPlan, files: list[DataFile], batch_rows: int) -> pa.RecordBatchReader:
+    """Arrow's own multi-threaded Parquet reader over `files` (all or a share of `direct_files`)."""
+    if not files:
         return pa.RecordBatchReader.from_batches(plan.schema, [])
     io = plan.table.io
-    scheme, netloc, _ = io.parse_location(tasks[0].file.file_path)
-    paths = [io.parse_location(task.file.file_path)[2] for task in tasks]
+    scheme, netloc, _ = io.parse_location(files[0].file_path)
+    paths = [io.parse_location(file.file_path)[2] for file in files]
+    schema = snapshot_schema(plan.table, plan.snapshot_id)
     dataset = ds.dataset(
         paths, schema=table_arrow_schema(schema), format="parquet", filesystem=io.fs_by_scheme(scheme, netloc)
     )
@@ -148,9 +178,18 @@ def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> tuple[pa.Recor
     """Stream the planned rows, and say which read path does it; memory stays bounded."""
     if plan.snapshot_id is None or plan.request.limit == 0:
         return pa.RecordBatchReader.from_batches(plan.schema, []), "empty"
-    direct = direct_reader(plan, batch_rows)
-    if direct is not None:
-        log.debug("scan %s: direct Parquet path", plan.name)
+    files = direct_files(plan)
+    part = plan.request.part
+    if part is not None:
+        if files is None:
+            raise RequestError(
+                f"scan of {plan.name!r} cannot be read in parts (a filter, a limit, delete files, renamed columns "
+                "or storage Arrow does not read): read it whole, without 'part', or ask get_flight_info again"
+            )
+        files = split_files(files, part[1])[part[0]]
+    if files is not None:
+        log.debug("scan %s: direct Parquet path, part %s", plan.name, part)
+        direct = direct_reader(plan, files, batch_rows)
         return (direct if direct.schema == plan.schema else direct.cast(plan.schema)), "direct"
     log.debug("scan %s: iceberg_scan path (a filter, a limit, delete files or renamed columns)", plan.name)
     engine.use_storage(plan.table.io.properties)

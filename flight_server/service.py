@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -34,7 +35,7 @@ from flight_server.protocol import (
     parse_ticket,
     parse_write,
 )
-from flight_server.scans import ScanPlan, open_scan, plan_scan, plan_table_scan
+from flight_server.scans import ScanPlan, open_scan, plan_scan, plan_table_scan, scan_parts
 from flight_server.writes import Writer
 
 log = logging.getLogger(__name__)
@@ -115,14 +116,16 @@ class FeatureFlightServer(flight.FlightServerBase):
         if isinstance(request, OnlineRequest):
             schema = self.online.plan(request).schema
             return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(request.to_bytes(), [])], -1, -1)
+        if request.part is not None:
+            raise RequestError("scan request: 'part' is for tickets; ask get_flight_info for 'partitions' instead")
         plan = plan_scan(self.catalog, request)
-        # The ticket pins the snapshot, so fetching it later returns exactly what was described.
-        ticket = ScanRequest(request.table, request.columns, request.filter, plan.snapshot_id, None, request.limit)
-        endpoint = flight.FlightEndpoint(ticket.to_bytes(), [])
+        # Tickets pin the snapshot, so fetching them later returns exactly what was described.
+        parts = scan_parts(plan, request.partitions or self.config.scan_partitions)
+        tickets = [replace(request, snapshot_id=plan.snapshot_id, as_of=None, partitions=None, part=p) for p in parts]
         return flight.FlightInfo(
             self._schema(plan),
             descriptor,
-            [endpoint],
+            [flight.FlightEndpoint(ticket.to_bytes(), []) for ticket in tickets],
             plan.estimated_rows(),
             -1,
             app_metadata=json.dumps(plan.metadata()).encode(),

@@ -58,6 +58,41 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         "'limit' must be an integer",
     ),
     "negative limit": (lambda c, t: c.scan(t, limit=-1), InvalidRequestError, "'limit' must be an integer >= 0"),
+    "zero partitions": (
+        lambda c, t: c.flight_info(t, partitions=0),
+        InvalidRequestError,
+        "'partitions' must be an integer >= 1",
+    ),
+    "part out of range": (
+        lambda c, t: raw_get(c, ticket(table=t, part=[2, 2])),
+        InvalidRequestError,
+        r"'part' must be \[index, count\] with 0 <= index < count, got \[2, 2\]",
+    ),
+    "part not a pair": (
+        lambda c, t: raw_get(c, ticket(table=t, part=[0])),
+        InvalidRequestError,
+        r"'part' must be \[index, count\]",
+    ),
+    "negative part": (
+        lambda c, t: raw_get(c, ticket(table=t, part=[-1, 2])),
+        InvalidRequestError,
+        r"'part' must be \[index, count\]",
+    ),
+    "part and partitions": (
+        lambda c, t: raw_get(c, ticket(table=t, part=[0, 2], partitions=2)),
+        InvalidRequestError,
+        "'partitions' asks get_flight_info for endpoints and 'part' names one of them: not both",
+    ),
+    "part of a filtered scan": (
+        lambda c, t: raw_get(c, ticket(table=t, filter="user_id < 5", part=[0, 2])),
+        InvalidRequestError,
+        "cannot be read in parts",
+    ),
+    "part asked of get_flight_info": (
+        lambda c, t: c._client.get_flight_info(flight.FlightDescriptor.for_command(ticket(table=t, part=[0, 2]))),
+        InvalidRequestError,
+        "'part' is for tickets",
+    ),
     "unparseable filter": (lambda c, t: c.scan(t, filter="user_id >"), InvalidRequestError, "cannot parse filter"),
     "filter on unknown column": (lambda c, t: c.scan(t, filter="nope = 1"), NotFoundError, "nope"),
     "filter with wrong literal type": (

@@ -58,7 +58,7 @@ def positive(*values: Any) -> bool:
 
 
 def check_scan(result: dict[str, Any], local: bool) -> None:
-    paths = {"raw_flight_ceiling", "flight_arrow", "flight_pandas"}
+    paths = {"raw_flight_ceiling", "flight_arrow", "flight_arrow_2", "flight_arrow_4", "flight_pandas"}
     assert set(result["results"]) == paths | ({"duckdb_local", "pyiceberg_local"} if local else set())
     for entry in result["results"].values():
         assert entry.keys() >= TIMING_KEYS
