@@ -33,7 +33,7 @@ from pyiceberg.table.snapshots import Operation
 
 from flight_server.catalog import FeatureCatalog, FeatureSpec, table_name
 from flight_server.duck import Engine, local_path
-from flight_server.errors import LimitError, RequestError
+from flight_server.errors import LimitError, NotFoundError, RequestError
 from flight_server.filters import quote
 from flight_server.schemas import table_arrow_schema
 
@@ -431,9 +431,14 @@ class OnlineStore:
             index.error = None
             if outcome != "current":
                 log.info("online index %s: %s (snapshot %s)", name, outcome, index.state.snapshot_id)
+        except NotFoundError:
+            log.info("online index %s: the table is gone; index dropped", name)
+            self._indexes.pop(name, None)
         except LimitError as exc:
             log.error("online index %s: %s", name, exc)
             self._indexes.pop(name, None)
         except Exception as exc:
-            index.error = f"{type(exc).__name__}: {exc}"
-            log.exception("online index %s: refresh failed; serving snapshot %s", name, index.state.snapshot_id)
+            error = f"{type(exc).__name__}: {exc}"
+            if error != index.error:  # once per distinct failure, not at every poll
+                log.exception("online index %s: refresh failed; serving snapshot %s", name, index.state.snapshot_id)
+            index.error = error

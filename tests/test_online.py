@@ -13,8 +13,9 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pyiceberg.catalog import load_catalog
 
-from flight_client import FeatureClient, InvalidRequestError, ResourceExhaustedError
+from flight_client import FeatureClient, InvalidRequestError, NotFoundError, ResourceExhaustedError
 from tests.conftest import start_server, wait_until
 
 UTC = dt.timezone.utc
@@ -356,3 +357,15 @@ def test_tables_must_agree_on_key_types(location: str) -> None:
         )
         with pytest.raises(InvalidRequestError, match="key 'id' is int64 in .* but string in"):
             client.get_online_features({"id": [1]}, [f"online.ints_{name}:x", f"online.strs_{name}:y"])
+
+
+def test_a_dropped_table_loses_its_index(location: str, catalog_properties: dict[str, str]) -> None:
+    table = f"online.dropped_{suffix()}"
+    with FeatureClient(location) as client:
+        write_drivers(client, table, driver_rows([1], 1, 1.0))
+        assert rates(client, table, [1]) == [2.0]
+        indexed = client.health()["online"]["tables"]
+        load_catalog("default", **catalog_properties).drop_table(tuple(table.split(".")))
+        wait_until(lambda: client.health()["online"]["tables"] == indexed - 1, what="the index to be dropped")
+        with pytest.raises(NotFoundError, match="does not exist"):
+            rates(client, table, [1])
