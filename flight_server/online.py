@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 MISSING = -1
 NULL_MICROS = np.iinfo(np.int64).min
 MAX_CHUNKS = 64  # incremental refreshes add a chunk each; past this, the rows are compacted
+READ_BATCH_ROWS = 65_536
+SMALL_KEY_BYTES = 32  # an int key; string and composite keys take more, which the final estimate counts
+ENTRY_BYTES = 100  # per entity beyond its Arrow row and key object: dict slot, row number, two times
 
 
 def key_kind(t: pa.DataType) -> str | None:
@@ -116,10 +119,8 @@ def _key_bytes(key: Any) -> int:
 
 
 def estimate_bytes(rows: pa.Table, sample_key: Any) -> int:
-    """Memory an index over `rows` takes: the Arrow rows, the dict (slots, key object, row int) and
-    the two time arrays."""
-    per_entry = 3 * 8 * 2 + _key_bytes(sample_key) + 32 + 16
-    return rows.nbytes + rows.num_rows * per_entry
+    """Memory an index over `rows` takes: the Arrow rows, and per entity its key object and `ENTRY_BYTES`."""
+    return rows.nbytes + rows.num_rows * (ENTRY_BYTES + _key_bytes(sample_key))
 
 
 class Rows(NamedTuple):
@@ -323,8 +324,14 @@ class OnlineStore:
         others = sum(i.nbytes() for n, i in list(self._indexes.items()) if n != name)
         return self.max_bytes - others
 
-    def _read_latest(self, table: Table, spec: FeatureSpec, schema: pa.Schema, files: list[str] | None) -> pa.Table:
-        """The latest row per key of the whole snapshot, or of just `files` (appended Parquet files)."""
+    def _read_latest(
+        self, table: Table, spec: FeatureSpec, schema: pa.Schema, files: list[str] | None, room: int
+    ) -> pa.Table:
+        """The latest row per key of the whole snapshot, or of just `files` (appended Parquet files).
+
+        Streamed, so that a table whose index would not fit in `room` bytes is refused as soon as
+        that is clear, not after its rows have filled the machine's memory.
+        """
         self.engine.use_storage(table.io.properties)
         cursor = self.engine.cursor()
         try:
@@ -335,7 +342,16 @@ class OnlineStore:
             else:
                 sql = latest_sql(spec, schema.names, "read_parquet(?, union_by_name => true)")
                 params = [[local_path(f) for f in files]]
-            return cursor.execute(sql, params).to_arrow_table().cast(schema)
+            batches, taken = [], 0
+            for batch in cursor.execute(sql, params).to_arrow_reader(READ_BATCH_ROWS):
+                batches.append(batch)
+                taken += batch.nbytes + batch.num_rows * (ENTRY_BYTES + SMALL_KEY_BYTES)
+                if taken > room:
+                    raise LimitError(
+                        f"the online index of {table_name(table)!r} would take more than the memory cap leaves "
+                        f"({max(room, 0) >> 20} MiB; raise --online-max-mb)"
+                    )
+            return pa.Table.from_batches(batches).cast(schema) if batches else schema.empty_table()
         finally:
             cursor.close()
 
@@ -355,15 +371,13 @@ class OnlineStore:
         if snapshot is None:
             rows = schema.empty_table()
         else:
-            rows = self._read_latest(table, spec, schema, None).combine_chunks()
+            rows = self._read_latest(table, spec, schema, None, self._room(name)).combine_chunks()
         keys = table_keys(rows, spec)
-        if keys:
-            needed, room = estimate_bytes(rows, keys[0]), self._room(name)
-            if needed > room:
-                raise LimitError(
-                    f"the online index of {name!r} would take about {needed >> 20} MiB ({len(keys)} entities); "
-                    f"the memory cap leaves {max(room, 0) >> 20} MiB (raise --online-max-mb)"
-                )
+        if keys and estimate_bytes(rows, keys[0]) > self._room(name):
+            raise LimitError(
+                f"the online index of {name!r} would take about {estimate_bytes(rows, keys[0]) >> 20} MiB "
+                f"({len(keys)} entities), more than the memory cap leaves (raise --online-max-mb)"
+            )
         state = IndexState(
             snapshot.snapshot_id if snapshot else None,
             table.metadata.current_schema_id,
@@ -397,11 +411,9 @@ class OnlineStore:
         if state.snapshot_id is not None and current is not None and same_shape:
             files = appended_files(table, state.snapshot_id, current)
         if files is not None:
-            latest = self._read_latest(table, state.spec, index.schema, files) if files else index.schema.empty_table()
-            needed = estimate_bytes(latest, None) if latest.num_rows else 0
-            if needed > self._room(name) - index.nbytes():
-                raise LimitError(f"the online index of {name!r} would pass the memory cap; dropped")
-            changed = index.apply(latest, current)  # type: ignore[arg-type]
+            room = self._room(name) - index.nbytes()
+            latest = self._read_latest(table, state.spec, index.schema, files, room) if files else None
+            changed = index.apply(latest if latest is not None else index.schema.empty_table(), current)  # type: ignore[arg-type]
             index.appends += 1
             return f"appended {len(files)} file(s), {changed} key(s) changed"
         rebuilt = self._build(table)
