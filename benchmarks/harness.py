@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import progress
+from benchmarks.report import steps
 from flight_client import FeatureClient, FeatureServerError
 from flight_server.config import ServerConfig, read_catalog_file
 
@@ -65,14 +65,14 @@ def measure(cases: Mapping[str, Case], repeat: int, warmup: int, label: str) -> 
     """Time each case `repeat` times after `warmup` untimed runs, interleaving the cases round by round.
 
     Interleaving spreads the bursts of a shared, noisy machine over all cases, so their ratios stay
-    fair; the median resists those bursts and min/max show the spread. Each round is announced on
-    stderr as `label: round i/n`, since a round of a full-size benchmark can take a minute.
+    fair; the median resists those bursts and min/max show the spread. A progress bar on stderr
+    follows the rounds, since a round of a full-size benchmark can take a minute.
     """
     if repeat < 1:
         raise ValueError("repeat must be at least 1")
     seconds: dict[str, list[float]] = {name: [] for name in cases}
-    for run in range(warmup + repeat):
-        progress(f"{label}: round {run + 1}/{warmup + repeat}{' (warm-up)' if run < warmup else ''}")
+    rounds = f"{warmup} warm-up and {repeat} timed round(s)" if warmup else f"{repeat} timed round(s)"
+    for run in steps(range(warmup + repeat), f"{label}: {rounds} of {len(cases)} case(s)"):
         for name, case in cases.items():
             if case.setup is not None:
                 case.setup()

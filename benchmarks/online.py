@@ -56,9 +56,9 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
     return result
 
 
-def timed(call: Any, requests: int) -> list[float]:
+def timed(call: Any, requests: int, label: str) -> list[float]:
     seconds = []
-    for _ in range(requests):
+    for _ in report.steps(range(requests), label):
         start = time.perf_counter()
         call()
         seconds.append(time.perf_counter() - start)
@@ -158,10 +158,10 @@ class DuckDBLookup:
         return self.engine.cursor().execute(self.sql, [self.metadata, keys]).to_arrow_table()
 
 
-def warm_timed(call: Any, requests: int) -> list[float]:
+def warm_timed(call: Any, requests: int, label: str) -> list[float]:
     """`timed` after a tenth as many untimed calls (at most 100): connections and caches are warm."""
-    timed(call, min(requests // 10 + 1, 100))
-    return timed(call, requests)
+    timed(call, min(requests // 10 + 1, 100), f"{label} (warm-up)")
+    return timed(call, requests, label)
 
 
 def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[str, Any]:
@@ -188,17 +188,18 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
         without_index = DuckDBLookup(target, name, [ENTITY_KEY, EVENT_TIME, *features])
         latest_time = data.column(EVENT_TIME).to_pylist()[-1]
         for batch, count in counts.items():
-            report.progress(f"online: {count} lookups of {batch} entities, and the same over raw Flight")
             call = lookup(batch)
-            latency["index"][str(batch)] = percentiles(warm_timed(call, count))
+            latency["index"][str(batch)] = percentiles(warm_timed(call, count, f"online: lookups of {batch}"))
             with ceiling.ceiling_server(call(), max(batch, 1)) as location, flight.FlightClient(location) as raw:
-                latency["floor"][str(batch)] = percentiles(warm_timed(lambda r=raw: ceiling.read(r), count))
+                floor = warm_timed(lambda r=raw: ceiling.read(r), count, f"online: raw Flight answers of {batch}")
+                latency["floor"][str(batch)] = percentiles(floor)
             slow = max(3, min(SLOW_REQUESTS, requests // 4))
-            report.progress(f"online: {slow} lookups of {batch} entities without the index")
-            latency["as_of"][str(batch)] = percentiles(timed(lookup(batch, as_of=latest_time), slow))
+            as_of = timed(lookup(batch, as_of=latest_time), slow, f"online: as_of lookups of {batch}")
+            latency["as_of"][str(batch)] = percentiles(as_of)
             if without_index.available:
                 keys = [int(k) for k in rng.choice(ids, size=batch)]
-                latency["duckdb"][str(batch)] = percentiles(timed(lambda k=keys: without_index(k), slow))
+                local = timed(lambda k=keys: without_index(k), slow, f"online: DuckDB queries for {batch}")
+                latency["duckdb"][str(batch)] = percentiles(local)
 
         hot = [int(i) for i in ids[:1000]]
         writing = {"index_writing": target.location}
@@ -212,8 +213,8 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
             for key, location in writing.items():
                 with Writer(location, name, hot, features) as writer:
                     for batch, count in counts.items():
-                        report.progress(f"online: {count} lookups of {batch} entities, {LABELS[key]}")
-                        latency[key][str(batch)] = percentiles(timed(lookup(batch), count))
+                        label = f"online: lookups of {batch}, {LABELS[key].split(', ')[-1]}"
+                        latency[key][str(batch)] = percentiles(timed(lookup(batch), count, label))
                     puts_per_s[key] = writer.rate()
             puts_timed = max(3, min(FRESHNESS_PUTS, requests // 4))
             report.progress(f"online: freshness of {puts_timed} puts")

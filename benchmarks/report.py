@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
+T = TypeVar("T")
 MB = 1e6  # throughput is reported in decimal megabytes of Arrow data (`Table.nbytes`)
 _STARTED = time.monotonic()
 
@@ -17,6 +18,19 @@ _STARTED = time.monotonic()
 def progress(message: str) -> None:
     """A progress line on stderr, so stdout stays the clean result table."""
     click.echo(f"[{time.monotonic() - _STARTED:7.1f}s] {message}", err=True)
+
+
+def steps(items: Sequence[T], label: str) -> Iterator[T]:
+    """`items`, with a progress bar on stderr when it is a terminal; elsewhere (logs, CI) one line."""
+    stream = click.get_text_stream("stderr")
+    if not stream.isatty():
+        progress(f"{label} ({len(items)} steps)")
+        yield from items
+        return
+    with click.progressbar(
+        items, label=f"[{time.monotonic() - _STARTED:7.1f}s] {label}", file=stream, show_pos=True, show_eta=True
+    ) as bar:
+        yield from bar
 
 
 def rate(value: float) -> str:
