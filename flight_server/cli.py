@@ -128,6 +128,16 @@ def main() -> None:
     "number ('partitions'); clients fetch them in parallel.",
 )
 @click.option(
+    "--historical-partitions",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    envvar="FLIGHT_SERVER_HISTORICAL_PARTITIONS",
+    show_envvar=True,
+    help="Endpoints get_flight_info splits a training set over a server-side entity table into (by entity "
+    "key) when the request does not ask for a number ('partitions').",
+)
+@click.option(
     "--write-chunk-mb",
     default=128,
     show_default=True,
@@ -193,6 +203,7 @@ def serve(
     duckdb_temp_dir: str | None,
     batch_rows: int,
     scan_partitions: int,
+    historical_partitions: int,
     write_chunk_mb: int,
     online_tables: tuple[str, ...],
     online_refresh_seconds: float,
@@ -220,6 +231,7 @@ def serve(
         default_namespace=namespace,
         batch_rows=batch_rows,
         scan_partitions=scan_partitions,
+        historical_partitions=historical_partitions,
         write_chunk_bytes=write_chunk_mb << 20,
         duckdb_memory_limit=duckdb_memory_limit,
         duckdb_threads=duckdb_threads,
