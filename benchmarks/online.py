@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import time
 from multiprocessing.synchronize import Event
 from typing import Any
@@ -38,6 +39,8 @@ SLOW_REQUESTS = 20  # for the paths without the index: each takes tens of millis
 FRESHNESS_PUTS = 20
 WRITER_ROWS = 1000  # rows per put of the concurrent writer
 WRITER_START_SECONDS = 120.0
+CONCURRENT_CLIENTS = (1, 2, 4)  # client processes looking up at once
+CONCURRENT_SECONDS = 5.0
 LABELS = {
     "index": "Flight, online index",
     "index_writing": "Flight, online index, a writer on this server",
@@ -103,6 +106,39 @@ class Writer:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.process.join(WRITER_START_SECONDS)
+
+
+def client_loop(location: str, refs: list[str], ids: list[int], seconds: float, start: Any, out: Any) -> None:
+    """One of several concurrent clients (its own process): lookups of one random entity, back to back,
+    for `seconds` after every client is ready; sends its latencies back."""
+    rng = np.random.default_rng(len(ids) + os.getpid())
+    latencies = []
+    with FeatureClient(location) as client:
+        client.get_online_features({ENTITY_KEY: [ids[0]]}, refs)
+        start.wait()
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            keys = [ids[int(rng.integers(len(ids)))]]
+            began = time.perf_counter()
+            client.get_online_features({ENTITY_KEY: keys}, refs)
+            latencies.append(time.perf_counter() - began)
+    out.put(latencies)
+
+
+def concurrent_clients(location: str, refs: list[str], ids: list[int], clients: int, seconds: float) -> dict[str, Any]:
+    """Lookups/s and latency with `clients` processes looking up at once: what one server sustains."""
+    context = multiprocessing.get_context("spawn")
+    start, out = context.Barrier(clients + 1), context.Queue()
+    processes = [
+        context.Process(target=client_loop, args=(location, refs, ids, seconds, start, out)) for _ in range(clients)
+    ]
+    for process in processes:
+        process.start()
+    start.wait(timeout=WRITER_START_SECONDS)
+    latencies = [x for _ in processes for x in out.get(timeout=WRITER_START_SECONDS + seconds)]
+    for process in processes:
+        process.join(WRITER_START_SECONDS)
+    return {"clients": clients, "lookups_per_s": len(latencies) / seconds, **percentiles(latencies)}
 
 
 def new_rows(entities: list[int], features: list[str]) -> pa.Table:
@@ -216,6 +252,11 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
                         label = f"online: lookups of {batch}, {LABELS[key].split(', ')[-1]}"
                         latency[key][str(batch)] = percentiles(timed(lookup(batch), count, label))
                     puts_per_s[key] = writer.rate()
+            seconds = CONCURRENT_SECONDS if requests >= REQUESTS else 0.5
+            concurrency = []
+            for clients in CONCURRENT_CLIENTS:
+                report.progress(f"online: {clients} client process(es) looking up 1 entity for {seconds} s")
+                concurrency.append(concurrent_clients(target.location, refs, [int(i) for i in ids], clients, seconds))
             puts_timed = max(3, min(FRESHNESS_PUTS, requests // 4))
             report.progress(f"online: freshness of {puts_timed} puts")
             fresh["same_server"] = percentiles(freshness(client, client, name, int(ids[1]), features, puts_timed))
@@ -234,6 +275,7 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
         "writer_rows_per_put": WRITER_ROWS,
         "latency": {k: v for k, v in latency.items() if v},
         "freshness": fresh,
+        "concurrency": concurrency,
     }
 
 
@@ -264,4 +306,12 @@ def render(result: dict[str, Any]) -> str:
         for where, p in result["freshness"].items()
     ]
     lag = report.table(["freshness: put acknowledged -> visible", "p50 ms", "p95 ms", "p99 ms", "puts"], lag_rows)
-    return "\n".join([header, latency, "", lag])
+    concurrency = report.table(
+        ["concurrent clients, 1 entity each", "lookups/s", "p50 ms", "p99 ms"],
+        [
+            [f"{c['clients']} client process(es)", f"{c['lookups_per_s']:.0f}"]
+            + [f"{c['p50_ms']:.3f}", f"{c['p99_ms']:.3f}"]
+            for c in result["concurrency"]
+        ],
+    )
+    return "\n".join([header, latency, "", lag, "", concurrency])

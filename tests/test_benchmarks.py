@@ -188,6 +188,8 @@ def check_online(result: dict[str, Any], local: bool) -> None:
     assert set(result["freshness"]) == ({"same_server", "other_replica"} if local else {"same_server"})
     assert all(positive(lag["p50_ms"]) for lag in result["freshness"].values())
     assert result["index"]["entities"] == result["entities"] > 0
+    assert [c["clients"] for c in result["concurrency"]] == [1, 2, 4]
+    assert all(positive(c["lookups_per_s"], c["p50_ms"]) for c in result["concurrency"])
 
 
 def test_online_on_its_own_server(tmp_path: Path) -> None:
