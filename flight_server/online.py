@@ -164,6 +164,7 @@ class IndexState:
         self.spec = spec
         self.rows = rows
         self.positions = positions
+        self.sample_key = next(iter(positions), None)  # for size estimates; iterating later would race refreshes
         self.dead = 0
         self.refreshed_at = time.time()
 
@@ -196,7 +197,7 @@ class OnlineIndex:
 
     def nbytes(self) -> int:
         state = self.state
-        return estimate_bytes(state.rows.table, next(iter(state.positions), None))
+        return estimate_bytes(state.rows.table, state.sample_key)
 
     def stats(self) -> dict[str, Any]:
         state = self.state
@@ -229,6 +230,8 @@ class OnlineIndex:
             wins[present] = newer
         winners = np.flatnonzero(wins)
         if len(winners):
+            if state.sample_key is None:
+                state.sample_key = keys[0]
             first = len(state.rows.event_us)
             state.rows = state.rows.extend(new.take(winners))
             state.positions.update(zip([keys[i] for i in winners], range(first, first + len(winners)), strict=True))
