@@ -306,28 +306,35 @@ class FeatureClient:
     ) -> pa.Table:
         """The latest `features` (`"table:feature"`) of each entity, one row per entity in order.
 
-        `entities` maps key columns to values (a dict of lists) or is a pandas DataFrame / Arrow
-        Table of key columns. Up to 10,000 entities travel inline in one `do_get`; more are streamed
-        with `do_exchange`. Each table adds a `<table>__<event time>` column: when the returned row
-        was valid. Unknown entities, and rows older than the table's TTL at `request_time` (now by
-        default; `apply_ttl=False` keeps them), are nulls. `as_of` looks into history instead: the
-        latest rows at or before that time (slower: it reads the table).
+        `entities` maps key columns to values (a dict of lists) or is a pandas DataFrame, Arrow
+        Table or RecordBatchReader of key columns. Up to 10,000 entities travel inline in one
+        `do_get`; more, and readers, are streamed with `do_exchange`. Each table adds a `<table>__<event time>`
+        column: when the returned row was valid. Unknown entities, and rows older than the table's
+        TTL at `request_time` (now by default; `apply_ttl=False` keeps them), are nulls. `as_of`
+        looks into history instead: the latest rows at or before that time (slower: it reads the
+        table).
         """
         request = OnlineRequest(
             list(features), None, full_feature_names, _as_of(as_of), _as_of(request_time), apply_ttl
         )  # type: ignore[arg-type]
         if isinstance(entities, dict):
             columns = {k: list(v) if not isinstance(v, list) else v for k, v in entities.items()}
-            rows = len(next(iter(columns.values()), []))
-            if rows <= MAX_INLINE_ENTITIES:
-                inline = {k: [_jsonable(v) for v in values] for k, values in columns.items()}
-                ticket = flight.Ticket(replace(request, entities=inline).to_bytes())
-                try:
-                    return self._client.do_get(ticket, self._options).read_all()
-                except flight.FlightError as exc:
-                    raise from_flight_error(exc) from None
-            entities = pa.table(columns)
-        return self._exchange(request, entities)
+            if len(next(iter(columns.values()), [])) > MAX_INLINE_ENTITIES:
+                return self._exchange(request, pa.table(columns))
+        elif isinstance(entities, pa.RecordBatchReader):
+            return self._exchange(request, entities)  # streamed as it comes, whatever its size
+        else:
+            schema, batches = _batches(entities)
+            table = pa.Table.from_batches(list(batches), schema=schema)
+            if table.num_rows > MAX_INLINE_ENTITIES:
+                return self._exchange(request, table)
+            columns = table.to_pydict()
+        inline = {k: [_jsonable(v) for v in values] for k, values in columns.items()}
+        ticket = flight.Ticket(replace(request, entities=inline).to_bytes())
+        try:
+            return self._client.do_get(ticket, self._options).read_all()
+        except flight.FlightError as exc:
+            raise from_flight_error(exc) from None
 
     def _info(self, request: ScanRequest | HistoricalRequest) -> flight.FlightInfo:
         try:

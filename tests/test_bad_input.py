@@ -217,7 +217,9 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         "'user_id' is int64: expected int values, got 'one'",
     ),
     "online wrong key type streamed": (
-        lambda c, t: c.get_online_features(pa.table({"user_id": ["one"], "region": ["r1"]}), [f"{t}:f64"]),
+        lambda c, t: c.get_online_features(  # more entities than go inline: streamed with do_exchange
+            pa.table({"user_id": ["one"] * 10_001, "region": ["r1"] * 10_001}), [f"{t}:f64"]
+        ),
         InvalidRequestError,
         "entity column 'user_id' is string; the tables key it as int64",
     ),

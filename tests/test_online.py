@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -320,6 +321,12 @@ def test_large_batches_stream_and_match_inline(location: str) -> None:
         assert streamed.column("rate").to_pylist() == [float(k) if k % 2 == 0 else None for k in keys]
         inline = client.get_online_features({"driver_id": keys[:1000]}, [f"{table}:rate"], apply_ttl=False)
         assert inline.to_pylist() == streamed.slice(0, 1000).to_pylist()
+        frame = pd.DataFrame({"driver_id": keys[:10]})  # small frames go inline too, readers always stream
+        assert client.get_online_features(frame, [f"{table}:rate"], apply_ttl=False).equals(inline.slice(0, 10))
+        reader = pa.RecordBatchReader.from_batches(
+            pa.schema([("driver_id", pa.int64())]), [pa.record_batch([keys[:10]], names=["driver_id"])]
+        )
+        assert client.get_online_features(reader, [f"{table}:rate"], apply_ttl=False).equals(inline.slice(0, 10))
 
 
 def test_ttl_counts_from_now_unless_switched_off(location: str) -> None:
