@@ -1,0 +1,84 @@
+"""Configured limits: concurrent calls, inline request size; stalled readers give their slot back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pytest
+
+from flight_client import FeatureClient, ResourceExhaustedError
+from flight_server.service import FeatureFlightServer
+from tests.conftest import start_server, wait_until
+
+# Large enough that the stream cannot fit into gRPC's flow-control window: the server blocks writing it.
+BIG_ROWS = 2_000_000
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("limits-warehouse")
+    return {"type": "sql", "uri": f"sqlite:///{root / 'catalog.db'}", "warehouse": root.as_uri()}
+
+
+@pytest.fixture(scope="module")
+def limited(catalog: dict[str, str]) -> Iterator[FeatureFlightServer]:
+    server = start_server(catalog, max_concurrent_requests=1, max_request_bytes=4096, batch_rows=8192)
+    with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+        client.write(
+            "limits.big",
+            pa.table(
+                {
+                    "id": pa.array(range(BIG_ROWS), pa.int64()),
+                    "ts": pa.array([0] * BIG_ROWS, pa.timestamp("us", "UTC")),
+                    "value": pa.array(range(BIG_ROWS), pa.float64()),
+                }
+            ),
+            entity_keys=["id"],
+            event_time="ts",
+            partition_by=[],
+        )
+    yield server
+    server.shutdown()
+
+
+def answers(location: str) -> bool:
+    try:
+        with FeatureClient(location, timeout=5) as client:
+            return client.health()["status"] == "ok"
+    except ResourceExhaustedError:
+        return False
+
+
+def test_inline_requests_above_the_limit_are_refused_and_streaming_works(limited: FeatureFlightServer) -> None:
+    entities = {"id": list(range(1000))}
+    with FeatureClient(f"grpc://127.0.0.1:{limited.port}") as client:
+        with pytest.raises(ResourceExhaustedError, match="at most 4096 bytes inline: stream entity rows"):
+            client.get_online_features(entities, ["limits.big:value"])
+        streamed = client.get_online_features(pa.table(entities), ["limits.big:value"])  # do_exchange
+    assert streamed.column("value").to_pylist() == [float(i) for i in range(1000)]
+
+
+def test_concurrent_calls_above_the_limit_are_refused_until_a_stream_ends(limited: FeatureFlightServer) -> None:
+    location = f"grpc://127.0.0.1:{limited.port}"
+    wait_until(lambda: answers(location), what="no call in progress")
+    with FeatureClient(location) as reader:
+        stream = reader.scan("limits.big")
+        stream.read_next_batch()  # ...and stop reading: the server blocks on flow control, its call still open
+        with FeatureClient(location) as other, pytest.raises(ResourceExhaustedError) as e:
+            other.health()
+        assert "maximum of 1 concurrent requests (--max-concurrent-requests)" in str(e.value)
+        del stream  # dropping an unfinished stream cancels its call: the slot comes back
+        wait_until(lambda: answers(location), what="the slot of the abandoned stream")
+
+
+def test_a_stalled_reader_with_a_deadline_gives_its_slot_back(limited: FeatureFlightServer) -> None:
+    location = f"grpc://127.0.0.1:{limited.port}"
+    wait_until(lambda: answers(location), what="no call in progress")
+    with FeatureClient(location, timeout=1) as stalled:
+        stream = stalled.scan("limits.big")
+        stream.read_next_batch()
+        assert not answers(location)
+        wait_until(lambda: answers(location), timeout=30, what="the deadline to end the stalled stream")
+        with pytest.raises(OSError, match="Deadline Exceeded"):
+            stream.read_all()  # the stream was ended by its deadline, not completed
