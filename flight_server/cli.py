@@ -233,6 +233,16 @@ def main() -> None:
     "refused with RESOURCE_EXHAUSTED (stream rows with do_exchange instead).",
 )
 @click.option(
+    "--max-exchange-mb",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    envvar="FLIGHT_SERVER_MAX_EXCHANGE_MB",
+    show_envvar=True,
+    help="Entity rows (Arrow size) one streamed training set may send; more are refused with "
+    "RESOURCE_EXHAUSTED. They spill to --duckdb-temp-dir beyond the memory limit. 0: no limit.",
+)
+@click.option(
     "--demo/--no-demo",
     default=False,
     show_default=True,
@@ -274,6 +284,7 @@ def serve(
     auth_tokens_file: str | None,
     max_concurrent_requests: int,
     max_request_kb: int,
+    max_exchange_mb: int,
     demo: bool,
     log_level: str,
 ) -> None:
@@ -318,6 +329,7 @@ def serve(
         auth_tokens=tokens,
         max_concurrent_requests=max_concurrent_requests,
         max_request_bytes=max_request_kb << 10,
+        max_exchange_bytes=max_exchange_mb << 20,
     )
     from flight_server.service import FeatureFlightServer
 

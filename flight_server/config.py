@@ -51,6 +51,7 @@ class ServerConfig:
     auth_tokens: list[dict[str, Any]] = field(default_factory=list, repr=False)
     max_concurrent_requests: int = 0
     max_request_bytes: int = 1 << 20
+    max_exchange_bytes: int = 0
 
     @property
     def scheme(self) -> str:

@@ -240,7 +240,14 @@ class FeatureFlightServer(flight.FlightServerBase):
         if not isinstance(request, HistoricalRequest):
             raise RequestError("do_exchange takes a historical or an online request (see docs/protocol.md)")
         rows = exchange_historical(
-            self.catalog, self.engine, request, reader, writer, context.is_cancelled, self.config.batch_rows
+            self.catalog,
+            self.engine,
+            request,
+            reader,
+            writer,
+            context.is_cancelled,
+            self.config.batch_rows,
+            self.config.max_exchange_bytes,
         )
         log.info("training set of %d entity rows streamed", rows)
 

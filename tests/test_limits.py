@@ -23,7 +23,9 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def limited(catalog: dict[str, str]) -> Iterator[FeatureFlightServer]:
-    server = start_server(catalog, max_concurrent_requests=1, max_request_bytes=4096, batch_rows=8192)
+    server = start_server(
+        catalog, max_concurrent_requests=1, max_request_bytes=4096, max_exchange_bytes=1 << 20, batch_rows=8192
+    )
     with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
         client.write(
             "limits.big",
@@ -82,3 +84,19 @@ def test_a_stalled_reader_with_a_deadline_gives_its_slot_back(limited: FeatureFl
         wait_until(lambda: answers(location), timeout=30, what="the deadline to end the stalled stream")
         with pytest.raises(OSError, match="Deadline Exceeded"):
             stream.read_all()  # the stream was ended by its deadline, not completed
+
+
+def test_training_sets_streaming_more_than_the_limit_are_refused(limited: FeatureFlightServer) -> None:
+    def entities(rows: int) -> pa.Table:
+        return pa.table(
+            {
+                "id": pa.array(range(rows), pa.int64()),
+                "event_timestamp": pa.array([1] * rows, pa.timestamp("us", "UTC")),
+            }
+        )
+
+    with FeatureClient(f"grpc://127.0.0.1:{limited.port}") as client:
+        assert client.get_historical_features(entities(1000), ["limits.big:value"]).num_rows == 1000
+        with pytest.raises(ResourceExhaustedError) as e:
+            client.get_historical_features(entities(200_000), ["limits.big:value"])  # 3.2 MB
+    assert "passed 1,048,576 bytes" in str(e.value) and "--max-exchange-mb" in str(e.value)
