@@ -85,7 +85,8 @@ def _batches(data: Any) -> tuple[pa.Schema, Iterable[pa.RecordBatch]]:
 class FeatureClient:
     """A connection to a feature server; keep one open and reuse it (it is thread-safe).
 
-    `token` is sent as `authorization: Bearer <token>` on every call. For a `grpc+tls://` location,
+    `token` is sent as `authorization: Bearer <token>` on every call; `username` and `password` log in
+    with basic authentication for one instead (tokens the server gives a password). For a `grpc+tls://` location,
     `tls_root_certs` is the CA that signed the server's certificate (default: the system's), and
     `cert_chain` / `private_key` the client certificate a mutual-TLS server asks for; each is PEM
     bytes, PEM text or a file path. Endpoints that name other replicas are fetched from them, over
@@ -98,6 +99,8 @@ class FeatureClient:
         *,
         timeout: float | None = None,
         token: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
         tls_root_certs: bytes | str | Path | None = None,
         cert_chain: bytes | str | Path | None = None,
         private_key: bytes | str | Path | None = None,
@@ -111,6 +114,12 @@ class FeatureClient:
         self._replicas: dict[str, flight.FlightClient] = {location: self._client}
         self._replicas_lock = threading.Lock()
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
+        if username is not None:
+            try:
+                headers = [self._client.authenticate_basic_token(username, password or "")]
+            except flight.FlightError as exc:
+                self._client.close()
+                raise from_flight_error(exc) from None
         self._options = flight.FlightCallOptions(timeout=timeout, headers=headers)
 
     def __enter__(self) -> FeatureClient:

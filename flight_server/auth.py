@@ -4,10 +4,14 @@ Every RPC but the handshake must present `authorization: Bearer <token>` when to
 A token grants some of `read` (scans, training sets, online lookups, describe, list, health), `write`
 (`do_put`) and `admin` (maintenance actions: delete, compact, expire snapshots), optionally only in
 some namespaces. Tokens are compared in constant time and never logged: logs name the token's `name`.
+A token with a `password` can also be had through Flight's handshake with basic authentication
+(user name = the token's `name`), for clients such as Flight SQL drivers that log in that way.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
@@ -97,6 +101,7 @@ class TokenStore:
         if not entries:
             raise ValueError("authentication needs at least one token")
         self._tokens: list[tuple[bytes, Principal]] = []
+        self._logins: list[tuple[bytes, str]] = []  # digest of "name:password", the token it is exchanged for
         names = set()
         for i, entry in enumerate(entries):
             principal, token = _parse_entry(entry, i)
@@ -104,6 +109,22 @@ class TokenStore:
                 raise ValueError(f"auth token #{i + 1}: name {principal.name!r} is used twice")
             names.add(principal.name)
             self._tokens.append((_digest(token), principal))
+            if "password" in entry:
+                self._logins.append((_digest(f"{principal.name}:{entry['password']}"), token))
+
+    @property
+    def logins(self) -> bool:
+        """Whether any token can be had with a user name and password."""
+        return bool(self._logins)
+
+    def exchange(self, name: str, password: str) -> str | None:
+        """The token a user name and password log in to, compared in constant time like tokens."""
+        presented = _digest(f"{name}:{password}")
+        found = None
+        for digest, token in self._logins:
+            if hmac.compare_digest(presented, digest):
+                found = token
+        return found
 
     def authenticate(self, token: str) -> Principal | None:
         presented = _digest(token)
@@ -118,7 +139,7 @@ def _parse_entry(entry: Any, index: int) -> tuple[Principal, str]:
     where = f"auth token #{index + 1}"
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where}: expected a mapping with name, token, permissions and optional namespaces")
-    unknown = sorted(set(entry) - {"name", "token", "permissions", "namespaces"})
+    unknown = sorted(set(entry) - {"name", "token", "permissions", "namespaces", "password"})
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}")
     name, token = entry.get("name"), entry.get("token")
@@ -126,6 +147,9 @@ def _parse_entry(entry: Any, index: int) -> tuple[Principal, str]:
         raise ValueError(f"{where}: 'name' must be a non-empty string (it names the token in logs)")
     if not isinstance(token, str) or len(token) < 16:
         raise ValueError(f"{where} ({name}): 'token' must be a string of at least 16 characters")
+    password = entry.get("password")
+    if password is not None and (not isinstance(password, str) or len(password) < 12):
+        raise ValueError(f"{where} ({name}): 'password' must be a string of at least 12 characters")
     permissions = entry.get("permissions")
     if not isinstance(permissions, list) or not permissions or not set(permissions) <= set(PERMISSIONS):
         raise ValueError(f"{where} ({name}): 'permissions' must be a non-empty list of {list(PERMISSIONS)}")
@@ -169,15 +193,39 @@ class AuthMiddleware(flight.ServerMiddleware):
         self.principal = principal
 
 
+class _Issued(flight.ServerMiddleware):
+    """Answers a basic-authentication handshake with the bearer token it logged in to."""
+
+    def __init__(self, token: str):
+        self._token = token
+
+    def sending_headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self._token}"}
+
+
+class _Handshake(flight.ServerAuthHandler):
+    """Lets the handshake through (the middleware checks its credentials) and leaves calls to the middleware."""
+
+    def authenticate(self, outgoing: flight.ServerAuthSender, incoming: flight.ServerAuthReader) -> None:
+        return None
+
+    def is_valid(self, token: bytes) -> str:
+        return ""
+
+
 class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
     """Rejects calls without a valid bearer token, or whose token lacks the RPC's permission."""
 
     def __init__(self, store: TokenStore):
         self.store = store
 
-    def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> AuthMiddleware | None:
+    def server_options(self) -> dict[str, Any]:
+        """`FlightServerBase` arguments: the handshake is served only when tokens have passwords."""
+        return {"auth_handler": _Handshake()} if self.store.logins else {}
+
+    def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> flight.ServerMiddleware | None:
         if info.method == flight.FlightMethod.HANDSHAKE:
-            return None
+            return self._login(headers)
         values = headers.get("authorization") or []
         if not values:
             raise flight.FlightUnauthenticatedError(
@@ -193,6 +241,20 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
         if permission is not None:
             principal.require(permission, info.method.name.lower())
         return AuthMiddleware(principal)
+
+    def _login(self, headers: dict[str, list[str]]) -> _Issued | None:
+        """Basic authentication (`FlightClient.authenticate_basic_token`): the token for a name and password."""
+        scheme, _, credentials = str((headers.get("authorization") or [""])[0]).partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            name, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise flight.FlightUnauthenticatedError("the basic credentials are not base64 of 'name:password'") from None
+        token = self.store.exchange(name, password)
+        if token is None:
+            raise flight.FlightUnauthenticatedError("wrong user name or password")
+        return _Issued(token)
 
 
 def principal(context: flight.ServerCallContext) -> Principal:

@@ -95,7 +95,9 @@ class FeatureFlightServer(flight.FlightServerBase):
         self._turn = itertools.count()
         middleware: dict[str, flight.ServerMiddlewareFactory] = {}
         if config.auth_tokens:  # first: calls without a valid token take no slot of the limit
-            middleware[MIDDLEWARE_KEY] = AuthMiddlewareFactory(TokenStore(config.auth_tokens))
+            auth = AuthMiddlewareFactory(TokenStore(config.auth_tokens))
+            middleware[MIDDLEWARE_KEY] = auth
+            kwargs.update(auth.server_options())
         if config.max_concurrent_requests:
             middleware["limits"] = ConcurrencyLimit(config.max_concurrent_requests)
         self.catalog = FeatureCatalog(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -23,13 +24,14 @@ ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
 READER_TOKEN = "reader-" + uuid.uuid4().hex
 WRITER_TOKEN = "writer-" + uuid.uuid4().hex
 TEAM_TOKEN = "team-" + uuid.uuid4().hex
+READER_PASSWORD = "password-" + uuid.uuid4().hex
 TOKENS = [
     {"name": "ops", "token": ADMIN_TOKEN, "permissions": ["read", "write", "admin"]},
-    {"name": "notebooks", "token": READER_TOKEN, "permissions": ["read"]},
+    {"name": "notebooks", "token": READER_TOKEN, "permissions": ["read"], "password": READER_PASSWORD},
     {"name": "pipeline", "token": WRITER_TOKEN, "permissions": ["write"]},
     {"name": "team-a", "token": TEAM_TOKEN, "permissions": ["read", "write"], "namespaces": ["team_a"]},
 ]
-SECRETS = [t["token"] for t in TOKENS]
+SECRETS = [t["token"] for t in TOKENS] + [READER_PASSWORD]
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 
 
@@ -133,6 +135,17 @@ def test_write_permission_alone_does_not_read(secured: str, call: str) -> None:
             CALLS[call](client)
 
 
+def test_basic_authentication_logs_in_for_the_token(secured: str) -> None:
+    with FeatureClient(secured, username="notebooks", password=READER_PASSWORD) as client:
+        assert client.scan("shared.drivers").read_all().num_rows >= rows().num_rows
+        with pytest.raises(PermissionDeniedError, match="token 'notebooks' lacks the 'write' permission"):
+            client.write("shared.drivers", rows())
+    for name, password in (("notebooks", READER_PASSWORD + "x"), ("ops", READER_PASSWORD), ("pipeline", "")):
+        with pytest.raises(UnauthenticatedError, match="wrong user name or password") as e:
+            FeatureClient(secured, username=name, password=password)
+        assert READER_PASSWORD not in str(e.value)
+
+
 def test_maintenance_actions_need_admin() -> None:
     assert [action_permission(a) for a in ("health", "describe", "list_tables")] == [READ] * 3
     assert [action_permission(a) for a in ("delete", "compact", "expire_snapshots")] == [ADMIN] * 3
@@ -180,6 +193,8 @@ def test_tokens_never_reach_logs_errors_or_replies(catalog: dict[str, str], capl
     try:
         for token in (*SECRETS, ADMIN_TOKEN + "x", None):
             with FeatureClient(location, token=token) as client:
+                with contextlib.suppress(FeatureServerError):
+                    FeatureClient(location, username="notebooks", password=token or "").close()
                 for call in ("health", "describe", "list_tables", "scan", "write"):
                     try:
                         replies.append(json.dumps(CALLS[call](client), default=str))
