@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import pyarrow.flight as flight
 from flight_server.catalog import FeatureCatalog
 from flight_server.protocol import HistoricalRequest, OnlineRequest, ScanRequest, TableRequest, WriteRequest
 
+log = logging.getLogger(__name__)
 READ, WRITE, ADMIN = "read", "write", "admin"
 PERMISSIONS = (READ, WRITE, ADMIN)
 MIDDLEWARE_KEY = "auth"
@@ -224,8 +226,15 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
         return {"auth_handler": _Handshake()} if self.store.logins else {}
 
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> flight.ServerMiddleware | None:
-        if info.method == flight.FlightMethod.HANDSHAKE:
-            return self._login(headers)
+        try:
+            if info.method == flight.FlightMethod.HANDSHAKE:
+                return self._login(headers)
+            return AuthMiddleware(self._caller(info, headers))
+        except flight.FlightError as exc:  # the reason only: never the credentials
+            log.info("%s refused: %s", info.method.name.lower(), exc)
+            raise
+
+    def _caller(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> Principal:
         values = headers.get("authorization") or []
         if not values:
             raise flight.FlightUnauthenticatedError(
@@ -240,7 +249,7 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
         permission = _METHOD_PERMISSIONS.get(info.method)
         if permission is not None:
             principal.require(permission, info.method.name.lower())
-        return AuthMiddleware(principal)
+        return principal
 
     def _login(self, headers: dict[str, list[str]]) -> _Issued | None:
         """Basic authentication (`FlightClient.authenticate_basic_token`): the token for a name and password."""

@@ -203,6 +203,8 @@ def test_tokens_never_reach_logs_errors_or_replies(catalog: dict[str, str], capl
     finally:
         server.shutdown()
     assert "token 'notebooks' lacks" in "\n".join(replies)  # the refusals are in there
+    assert "do_put refused: token 'notebooks' lacks the 'write' permission" in caplog.text  # and logged
+    assert "do_action refused: the bearer token is not valid" in caplog.text
     text = "\n".join(replies) + caplog.text + repr(server.config)
     assert not [secret for secret in SECRETS if secret in text]
 
