@@ -102,11 +102,12 @@ def test_secrets_never_logged(tmp_path: Path, secret_key: str) -> None:
 
 
 def test_health_command_for_container_checks(tmp_path: Path) -> None:
-    from tests.conftest import start_server
+    from tests.conftest import sqlite_catalog, start_server
 
     token = "health-check-token-0123456789"
-    catalog = {"type": "sql", "uri": f"sqlite:///{tmp_path / 'catalog.db'}", "warehouse": tmp_path.as_uri()}
-    server = start_server(catalog, auth_tokens=[{"name": "probe", "token": token, "permissions": ["read"]}])
+    server = start_server(
+        sqlite_catalog(tmp_path), auth_tokens=[{"name": "probe", "token": token, "permissions": ["read"]}]
+    )
     location = f"grpc://127.0.0.1:{server.port}"
     try:
         ok = CliRunner().invoke(main, ["health", "--location", location], env={"FLIGHT_SERVER_HEALTH_TOKEN": token})

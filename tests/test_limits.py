@@ -9,7 +9,7 @@ import pytest
 
 from flight_client import FeatureClient, ResourceExhaustedError
 from flight_server.service import FeatureFlightServer
-from tests.conftest import start_server, wait_until
+from tests.conftest import sqlite_catalog, start_server, wait_until
 
 # Large enough that the stream cannot fit into gRPC's flow-control window: the server blocks writing it.
 BIG_ROWS = 2_000_000
@@ -17,8 +17,7 @@ BIG_ROWS = 2_000_000
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("limits-warehouse")
-    return {"type": "sql", "uri": f"sqlite:///{root / 'catalog.db'}", "warehouse": root.as_uri()}
+    return sqlite_catalog(tmp_path_factory.mktemp("limits-warehouse"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from flight_client import FeatureClient, FeatureServerError
 from flight_server.config import ENV_CATALOG_PREFIX
-from tests.conftest import start_server, wait_until
+from tests.conftest import sqlite_catalog, start_server, wait_until
 from tests.services import _stop_group, free_ports
 
 TOKEN = "replica-test-token-0123456789"
@@ -159,7 +159,7 @@ def test_parallel_endpoints_are_spread_over_both_replicas(replicas: list[tuple[s
 
 
 def test_an_endpoint_whose_replica_is_down_is_read_from_the_next(tmp_path: Path) -> None:
-    catalog = {"type": "sql", "uri": f"sqlite:///{tmp_path / 'catalog.db'}", "warehouse": tmp_path.as_uri()}
+    catalog = sqlite_catalog(tmp_path)
     (port,) = free_ports(1)
     dead = f"grpc://127.0.0.1:{free_ports(1)[0]}"
     server = start_server(catalog, port=port, advertise=f"grpc://127.0.0.1:{port}", peers=[dead])

@@ -18,7 +18,7 @@ from flight_client import FeatureClient, FeatureServerError, PermissionDeniedErr
 from flight_server.auth import ADMIN, READ, TokenStore, action_permission, load_tokens
 from flight_server.config import ServerConfig
 from tests.certs import Authority
-from tests.conftest import start_server
+from tests.conftest import sqlite_catalog, start_server
 
 ADMIN_TOKEN = "admin-" + uuid.uuid4().hex
 READER_TOKEN = "reader-" + uuid.uuid4().hex
@@ -51,8 +51,7 @@ def create(client: FeatureClient, table: str) -> None:
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("auth-warehouse")
-    return {"type": "sql", "uri": f"sqlite:///{root / 'catalog.db'}", "warehouse": root.as_uri()}
+    return sqlite_catalog(tmp_path_factory.mktemp("auth-warehouse"))
 
 
 @pytest.fixture(scope="module")
