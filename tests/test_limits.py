@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pytest
 
-from flight_client import FeatureClient, ResourceExhaustedError
+from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError
 from flight_server.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server, wait_until
 
@@ -99,3 +99,23 @@ def test_training_sets_streaming_more_than_the_limit_are_refused(limited: Featur
         with pytest.raises(ResourceExhaustedError) as e:
             client.get_historical_features(entities(200_000), ["limits.big:value"])  # 3.2 MB
     assert "passed 1,048,576 bytes" in str(e.value) and "--max-exchange-mb" in str(e.value)
+
+
+def test_refused_calls_take_no_slot(catalog: dict[str, str]) -> None:
+    """Calls the authentication or the handler refuses end at once and give their slot back."""
+    token = "limits-writer-token-0123456789"
+    server = start_server(
+        catalog, max_concurrent_requests=1, auth_tokens=[{"name": "writer", "token": token, "permissions": ["write"]}]
+    )
+    location = f"grpc://127.0.0.1:{server.port}"
+    try:
+        for caller in (None, "wrong-token-0123456789", token):  # no token, a wrong one, one without `read`
+            for _ in range(3):
+                with FeatureClient(location, token=caller) as client, pytest.raises(FeatureServerError) as e:
+                    client.health()
+                assert not isinstance(e.value, ResourceExhaustedError)
+        with FeatureClient(location, token=token) as client:
+            data = pa.table({"id": [1], "ts": pa.array([0], pa.timestamp("us", "UTC"))})
+            assert client.write("limits.refused", data, entity_keys=["id"], event_time="ts").rows == 1
+    finally:
+        server.shutdown()
