@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import click
 import strictyaml
 
-from benchmarks import historical, ingest, online, partitioning, plots, report, scan
+from benchmarks import historical, ingest, online, partitioning, plots, report, scale, scan
 from benchmarks.harness import Settings, machine, target
 from flight_client import FeatureServerError
 from flight_server.config import read_catalog_file
@@ -45,7 +45,10 @@ BENCHMARKS = {
         rows_per_entity=historical.ROWS_PER_ENTITY,
     ),
     "online": Benchmark(online.run, online.render, rows=1_000_000, features=8, rows_per_entity=10),
+    "scale": Benchmark(scale.run, scale.render, rows=1_000_000, features=8),
 }
+# `all` leaves out `scale`, which starts servers of its own and cannot measure a server given by --location.
+ALL = ["scan", "ingest", "partitioning", "historical", "online"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,13 +275,36 @@ def online_command(requests: int | None, **kwargs: Any) -> None:
     execute(["online"], options, {"online": {"requests": requests}})
 
 
+@main.command("scale")
+@common_options
+@click.option(
+    "--replicas",
+    metavar="N,N,...",
+    help="Numbers of server processes to measure, comma-separated [default: 1,2,4; 1,2 with --quick].",
+)
+def scale_command(replicas: str | None, **kwargs: Any) -> None:
+    """Whole-table reads by 4 concurrent clients against 1, 2 and 4 server processes sharing one catalog, the
+    endpoints of each read spread over all of them; with the CPU the servers and the client used."""
+    options = Options(**kwargs)
+    if options.location is not None:
+        raise click.UsageError("scale starts its own server processes: it cannot measure --location")
+    if replicas is None:
+        counts = (1, 2) if options.quick else scale.REPLICAS
+    else:
+        try:
+            counts = tuple(int(n) for n in replicas.split(","))
+        except ValueError:
+            raise click.BadParameter(f"{replicas!r} is not a list of numbers", param_hint="--replicas") from None
+    execute(["scale"], options, {"scale": {"replicas": counts}})
+
+
 @main.command("all")
 @common_options
 def all_command(**kwargs: Any) -> None:
     """Every benchmark, one after the other, into one report."""
     options = Options(**kwargs)
     requests = online.QUICK_REQUESTS if options.quick else online.REQUESTS
-    execute(list(BENCHMARKS), options, {"online": {"requests": requests}})
+    execute(ALL, options, {"online": {"requests": requests}})
 
 
 @main.command("plot")

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -140,19 +140,25 @@ def _tail(path: Path, chars: int = 4000) -> str:
 
 
 @contextlib.contextmanager
-def local_server(catalog_config: Path | None = None, warehouse: Path | None = None) -> Iterator[Target]:
+def local_server(
+    catalog_config: Path | None = None,
+    warehouse: Path | None = None,
+    port: int | None = None,
+    args: Sequence[str] = (),
+) -> Iterator[Target]:
     """A server on a fresh temporary warehouse and a free loopback port, stopped with SIGTERM at the end.
 
     With `catalog_config` (a YAML/JSON file of pyiceberg catalog properties) the server uses that
     catalog, as `flight-server serve --catalog-config` does, instead of the embedded default; the
     temporary warehouse then only serves a SQL catalog whose properties name no warehouse. With
-    `warehouse` (another local server's) it is a replica sharing that server's catalog.
+    `warehouse` (another local server's) it is a replica sharing that server's catalog. `port` (default: a
+    free one) and `args` (more `serve` options, such as `--advertise` and `--peer`) start it as a replica would.
     """
     catalog = read_catalog_file(catalog_config) if catalog_config is not None else None
     with tempfile.TemporaryDirectory(prefix="flight-bench-") as tmp:
         warehouse = warehouse or Path(tmp) / "warehouse"
         log_path = Path(tmp) / "server.log"
-        port = free_port()
+        port = port or free_port()
         location = f"grpc://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
         command = [
@@ -166,6 +172,7 @@ def local_server(catalog_config: Path | None = None, warehouse: Path | None = No
             str(warehouse),
             "--log-level",
             "WARNING",
+            *args,
         ]
         if catalog_config is not None:
             command += ["--catalog-config", str(Path(catalog_config).resolve())]

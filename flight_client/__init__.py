@@ -6,7 +6,9 @@ from flight_client.errors import (
     FeatureServerError,
     InvalidRequestError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
+    UnauthenticatedError,
 )
 
 __all__ = [
@@ -15,7 +17,9 @@ __all__ = [
     "FeatureServerError",
     "InvalidRequestError",
     "NotFoundError",
+    "PermissionDeniedError",
     "ResourceExhaustedError",
+    "UnauthenticatedError",
     "WriteResult",
     "read_flight",
 ]

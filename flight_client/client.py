@@ -5,9 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 WRITE_BATCH_ROWS = 65_536
+# A location that means "the server that answered get_flight_info" (Flight's own convention).
+REUSE_CONNECTION = "arrow-flight-reuse-connection://?"
 
 
 def _as_of(value: dt.datetime | str | int | None) -> str | int | None:
@@ -48,6 +52,15 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):  # pandas' missing value; JSON has no NaN
         return None
     return value
+
+
+def _pem(value: bytes | str | Path | None) -> bytes | None:
+    """PEM data given as bytes, as PEM text, or as the path of a PEM file."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    return Path(value).read_bytes()
 
 
 def _batches(data: Any) -> tuple[pa.Schema, Iterable[pa.RecordBatch]]:
@@ -70,12 +83,44 @@ def _batches(data: Any) -> tuple[pa.Schema, Iterable[pa.RecordBatch]]:
 
 
 class FeatureClient:
-    """A connection to a feature server; keep one open and reuse it (it is thread-safe)."""
+    """A connection to a feature server; keep one open and reuse it (it is thread-safe).
 
-    def __init__(self, location: str, *, timeout: float | None = None, **client_options: Any):
+    `token` is sent as `authorization: Bearer <token>` on every call; `username` and `password` log in
+    with basic authentication for one instead (tokens the server gives a password). For a `grpc+tls://` location,
+    `tls_root_certs` is the CA that signed the server's certificate (default: the system's), and
+    `cert_chain` / `private_key` the client certificate a mutual-TLS server asks for; each is PEM
+    bytes, PEM text or a file path. Endpoints that name other replicas are fetched from them, over
+    connections opened with the same options and kept for reuse.
+    """
+
+    def __init__(
+        self,
+        location: str,
+        *,
+        timeout: float | None = None,
+        token: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        tls_root_certs: bytes | str | Path | None = None,
+        cert_chain: bytes | str | Path | None = None,
+        private_key: bytes | str | Path | None = None,
+        **client_options: Any,
+    ):
         self.location = location
+        pems = {"tls_root_certs": tls_root_certs, "cert_chain": cert_chain, "private_key": private_key}
+        client_options.update({name: _pem(value) for name, value in pems.items() if value is not None})
+        self._client_options = client_options
         self._client = flight.FlightClient(location, **client_options)
-        self._options = flight.FlightCallOptions(timeout=timeout)
+        self._replicas: dict[str, flight.FlightClient] = {location: self._client}
+        self._replicas_lock = threading.Lock()
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
+        if username is not None:
+            try:
+                headers = [self._client.authenticate_basic_token(username, password or "")]
+            except flight.FlightError as exc:
+                self._client.close()
+                raise from_flight_error(exc) from None
+        self._options = flight.FlightCallOptions(timeout=timeout, headers=headers)
 
     def __enter__(self) -> FeatureClient:
         return self
@@ -84,7 +129,19 @@ class FeatureClient:
         self.close()
 
     def close(self) -> None:
-        self._client.close()
+        with self._replicas_lock:
+            for client in self._replicas.values():
+                client.close()
+            self._replicas.clear()
+
+    def _connection(self, location: str) -> flight.FlightClient:
+        """The open connection to a replica, opened on first use."""
+        if location == REUSE_CONNECTION:
+            return self._client
+        with self._replicas_lock:
+            if location not in self._replicas:
+                self._replicas[location] = flight.FlightClient(location, **self._client_options)
+            return self._replicas[location]
 
     # Writes
 
@@ -189,13 +246,24 @@ class FeatureClient:
         scan_options["as_of"] = _as_of(scan_options.get("as_of"))
         return self._info(ScanRequest(table, **scan_options))
 
-    def _get(self, ticket: bytes) -> pa.RecordBatchReader:
-        try:
-            stream = self._client.do_get(flight.Ticket(ticket), self._options)
-            _ = stream.schema  # surfaces request errors now; see apache/arrow#34731 for why first
-            return stream.to_reader()
-        except flight.FlightError as exc:
-            raise from_flight_error(exc) from None
+    def _get(self, ticket: bytes, locations: list[str] | None = None) -> pa.RecordBatchReader:
+        """Open the stream of `ticket` at the first of `locations` that answers (default: this server)."""
+        for i, location in enumerate(locations or [self.location]):
+            try:
+                stream = self._connection(location).do_get(flight.Ticket(ticket), self._options)
+                _ = stream.schema  # surfaces request errors now; see apache/arrow#34731 for why first
+                return stream.to_reader()
+            except flight.FlightUnavailableError as exc:  # that replica is down: the ticket is good anywhere
+                if locations is None or i == len(locations) - 1:
+                    raise from_flight_error(exc) from None
+            except flight.FlightError as exc:
+                raise from_flight_error(exc) from None
+        raise AssertionError("unreachable")
+
+    def _fetch(self, endpoint: flight.FlightEndpoint) -> pa.RecordBatchReader:
+        """An endpoint's stream, from the replica it names (or this server when it names none)."""
+        locations = [location.uri.decode() for location in endpoint.locations]
+        return self._get(endpoint.ticket.ticket, locations or None)
 
     # Training sets
 
@@ -254,7 +322,7 @@ class FeatureClient:
             )
             endpoints = self._info(request).endpoints
             for endpoint in endpoints[rank::world_size]:
-                yield from self._get(endpoint.ticket.ticket)
+                yield from self._fetch(endpoint)
             return
         schema, batches = _batches(entity_rows)
         table = pa.Table.from_batches(list(batches), schema=schema)
@@ -345,7 +413,7 @@ class FeatureClient:
     def _read_endpoints(self, info: flight.FlightInfo) -> pa.Table:
         """Every endpoint of `info`, fetched at once and concatenated in endpoint order."""
         with ThreadPoolExecutor(max_workers=max(1, len(info.endpoints))) as pool:
-            parts = list(pool.map(lambda e: self._get(e.ticket.ticket).read_all(), info.endpoints))
+            parts = list(pool.map(lambda e: self._fetch(e).read_all(), info.endpoints))
         return pa.concat_tables(parts)
 
     def _exchange(self, request: HistoricalRequest | OnlineRequest, entity_rows: Any) -> pa.Table:
@@ -384,10 +452,12 @@ class FeatureClient:
             raise from_flight_error(exc) from None
 
 
-def read_flight(location: str, table: str | None = None, **options: Any) -> pd.DataFrame:
+def read_flight(
+    location: str, table: str | None = None, *, token: str | None = None, tls_root_certs: Any = None, **options: Any
+) -> pd.DataFrame:
     """Read into pandas in one call: a table (with `read_table` options), or a training set when
     `features=[...]` and `entity_rows=...` are given (with `get_historical_features` options)."""
-    with FeatureClient(location) as client:
+    with FeatureClient(location, token=token, tls_root_certs=tls_root_certs) as client:
         if "features" in options:
             entity_rows = options.pop("entity_rows", table)
             return client.get_historical_features(entity_rows, options.pop("features"), **options).to_pandas()

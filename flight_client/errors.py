@@ -35,11 +35,21 @@ class ResourceExhaustedError(FeatureServerError):
     """The request would exceed a limit the server is configured with; the message names it."""
 
 
+class UnauthenticatedError(FeatureServerError):
+    """The server requires a valid bearer token (`FeatureClient(..., token=...)`) and got none or a wrong one."""
+
+
+class PermissionDeniedError(FeatureServerError):
+    """The token is valid but lacks the permission or namespace the request needs; the message says which."""
+
+
 _BY_CODE: dict[str, type[FeatureServerError]] = {
     "INVALID_ARGUMENT": InvalidRequestError,
     "NOT_FOUND": NotFoundError,
     "CONFLICT": ConflictError,
     "RESOURCE_EXHAUSTED": ResourceExhaustedError,
+    "UNAUTHENTICATED": UnauthenticatedError,
+    "PERMISSION_DENIED": PermissionDeniedError,
 }
 
 
@@ -53,4 +63,8 @@ def from_flight_error(exc: Exception) -> FeatureServerError:
             code = json.loads(extra).get("code", code)
     elif isinstance(exc, flight.FlightUnavailableError):
         code = "UNAVAILABLE"
+    elif isinstance(exc, flight.FlightUnauthenticatedError):
+        code = "UNAUTHENTICATED"
+    elif isinstance(exc, flight.FlightUnauthorizedError):
+        code = "PERMISSION_DENIED"
     return _BY_CODE.get(code, FeatureServerError)(message, code)

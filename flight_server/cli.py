@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -10,6 +11,7 @@ import threading
 import click
 
 from flight_server import __version__
+from flight_server.auth import READ, WRITE, load_tokens
 from flight_server.config import (
     ServerConfig,
     catalog_properties_from_env,
@@ -174,6 +176,83 @@ def main() -> None:
     help="Memory all online indexes together may take; a table that would pass it is refused.",
 )
 @click.option(
+    "--advertise",
+    metavar="URI",
+    envvar="FLIGHT_SERVER_ADVERTISE",
+    show_envvar=True,
+    help="The address clients reach this server at (e.g. grpc://flight-1:8815). With --peer, get_flight_info "
+    "spreads the endpoints of split scans and training sets over this server and its peers, round robin.",
+)
+@click.option(
+    "--peer",
+    "peers",
+    multiple=True,
+    metavar="URI",
+    envvar="FLIGHT_SERVER_PEERS",
+    show_envvar=True,
+    help="Another replica on the same catalog, as clients reach it (repeatable; the variable takes a "
+    "space-separated list). Needs --advertise.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="FLIGHT_SERVER_TLS_CERT",
+    show_envvar=True,
+    help="PEM certificate (chain) of the server: serve grpc+tls instead of plain grpc. Needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="FLIGHT_SERVER_TLS_KEY",
+    show_envvar=True,
+    help="PEM private key of --tls-cert.",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="FLIGHT_SERVER_TLS_CLIENT_CA",
+    show_envvar=True,
+    help="PEM CA certificate(s): require mutual TLS, accepting only client certificates they signed.",
+)
+@click.option(
+    "--auth-tokens-file",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="FLIGHT_SERVER_AUTH_TOKENS_FILE",
+    show_envvar=True,
+    help="JSON or YAML list of bearer tokens ({name, token, permissions: [read, write, admin], namespaces}); "
+    "FLIGHT_SERVER_AUTH_TOKENS may hold the same list. With any token, every call needs one.",
+)
+@click.option(
+    "--max-concurrent-requests",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    envvar="FLIGHT_SERVER_MAX_CONCURRENT_REQUESTS",
+    show_envvar=True,
+    help="Calls (streams included, until they end) served at once; more are refused with RESOURCE_EXHAUSTED. "
+    "0: no limit.",
+)
+@click.option(
+    "--max-request-kb",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(1),
+    envvar="FLIGHT_SERVER_MAX_REQUEST_KB",
+    show_envvar=True,
+    help="Largest ticket, descriptor or action body (inline entity rows included); larger requests are "
+    "refused with RESOURCE_EXHAUSTED (stream rows with do_exchange instead).",
+)
+@click.option(
+    "--max-exchange-mb",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    envvar="FLIGHT_SERVER_MAX_EXCHANGE_MB",
+    show_envvar=True,
+    help="Entity rows (Arrow size) one streamed training set may send; more are refused with "
+    "RESOURCE_EXHAUSTED. They spill to --duckdb-temp-dir beyond the memory limit. 0: no limit.",
+)
+@click.option(
     "--demo/--no-demo",
     default=False,
     show_default=True,
@@ -208,6 +287,15 @@ def serve(
     online_tables: tuple[str, ...],
     online_refresh_seconds: float,
     online_max_mb: int,
+    advertise: str | None,
+    peers: tuple[str, ...],
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
+    auth_tokens_file: str | None,
+    max_concurrent_requests: int,
+    max_request_kb: int,
+    max_exchange_mb: int,
     demo: bool,
     log_level: str,
 ) -> None:
@@ -222,6 +310,12 @@ def serve(
         properties.update(parse_property_flags(catalog_property))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--catalog-property") from None
+    try:
+        tokens = load_tokens(auth_tokens_file)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--auth-tokens-file / FLIGHT_SERVER_AUTH_TOKENS") from None
+    if demo and tls_cert:
+        raise click.UsageError("--demo loads its tables over plain grpc on loopback: load them without TLS first")
     config = ServerConfig(
         host=host,
         port=port,
@@ -239,19 +333,31 @@ def serve(
         online_tables=list(online_tables),
         online_refresh_seconds=online_refresh_seconds,
         online_max_bytes=online_max_mb << 20,
+        advertise=advertise,
+        peers=[p for value in peers for p in value.split()],
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        auth_tokens=tokens,
+        max_concurrent_requests=max_concurrent_requests,
+        max_request_bytes=max_request_kb << 10,
+        max_exchange_bytes=max_exchange_mb << 20,
     )
     from flight_server.service import FeatureFlightServer
 
-    server = FeatureFlightServer(config)
+    try:
+        server = FeatureFlightServer(config)
+    except ValueError as exc:  # inconsistent settings (TLS, tokens, peers): say which, without a traceback
+        raise click.UsageError(str(exc)) from None
     log = logging.getLogger("flight_server")
     log.info("catalog properties: %s", redact(config.resolved_catalog_properties()))
-    location = f"grpc://{'127.0.0.1' if host == '0.0.0.0' else host}:{server.port}"
+    location = f"{config.scheme}://{'127.0.0.1' if host == '0.0.0.0' else host}:{server.port}"
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     if demo:
         from flight_server.demo import load_demo
 
-        load_demo(location)
+        load_demo(location, _writer_token(tokens))
     log.info(
         'ready: try  python -c "from flight_client import read_flight; '
         "print(read_flight('%s', 'demo.driver_stats', limit=5))\"",
@@ -259,3 +365,50 @@ def serve(
     )
     server.serve()
     log.info("stopped")
+
+
+def _writer_token(tokens: list[dict]) -> str | None:
+    """A token that may read and write namespace `demo`, for loading the demo through the server's own API."""
+    for entry in tokens:
+        if {READ, WRITE} <= set(entry["permissions"]) and "demo" in entry.get("namespaces", ["demo"]):
+            return entry["token"]
+    if tokens:
+        raise click.UsageError("--demo with authentication needs a token with read and write permission on 'demo'")
+    return None
+
+
+@main.command()
+@click.option(
+    "--location",
+    default="grpc://127.0.0.1:8815",
+    show_default=True,
+    envvar="FLIGHT_SERVER_HEALTH_LOCATION",
+    show_envvar=True,
+    help="The server to check.",
+)
+@click.option(
+    "--token",
+    envvar="FLIGHT_SERVER_HEALTH_TOKEN",
+    show_envvar=True,
+    help="Bearer token (any permission) when the server requires authentication.",
+)
+@click.option(
+    "--tls-root-certs",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="FLIGHT_SERVER_HEALTH_TLS_ROOT_CERTS",
+    show_envvar=True,
+    help="PEM CA certificate of a grpc+tls server [default: the system's].",
+)
+@click.option("--timeout", default=5.0, show_default=True, type=float, help="Seconds to wait for the answer.")
+def health(location: str, token: str | None, tls_root_certs: str | None, timeout: float) -> None:
+    """Ask a server for its `health` action; exit 0 when it answers ok (for container health checks)."""
+    from flight_client import FeatureClient, FeatureServerError
+
+    try:
+        with FeatureClient(location, timeout=timeout, token=token, tls_root_certs=tls_root_certs) as client:
+            status = client.health()
+    except (FeatureServerError, OSError) as exc:
+        raise click.ClickException(f"{location}: {exc}") from None
+    click.echo(json.dumps(status))
+    if status.get("status") != "ok":
+        sys.exit(1)

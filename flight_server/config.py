@@ -42,6 +42,27 @@ class ServerConfig:
     online_refresh_seconds: float = 0.5
     online_max_bytes: int = 2 << 30
     scan_partitions: int = 1
+    # Deployment: where replicas are reached, who may call, how much at once.
+    advertise: str | None = None
+    peers: list[str] = field(default_factory=list)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_tokens: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    max_concurrent_requests: int = 0
+    max_request_bytes: int = 1 << 20
+    max_exchange_bytes: int = 0
+
+    @property
+    def scheme(self) -> str:
+        return "grpc+tls" if self.tls_cert else "grpc"
+
+    def endpoint_locations(self) -> list[str]:
+        """The replicas `get_flight_info` spreads endpoints over: this one (as advertised) and its peers."""
+        if self.peers and not self.advertise:
+            raise ValueError("--peer needs --advertise: the address under which clients reach this server")
+        locations = [self.advertise, *self.peers] if self.advertise else []
+        return list(dict.fromkeys(locations))
 
     def resolved_catalog_properties(self) -> dict[str, str]:
         """The catalog properties to load, filling in the embedded default where unset."""

@@ -75,7 +75,7 @@ def trips(rows: int = 5000, seed: int = 13) -> pa.Table:
     )
 
 
-def load_demo(location: str) -> None:
+def load_demo(location: str, token: str | None = None) -> None:
     """Write the demo tables into namespace `demo` unless they are already there."""
     from flight_client import FeatureClient
 
@@ -87,7 +87,7 @@ def load_demo(location: str) -> None:
         "demo.customer_profile": (customer_profile, {"entity_keys": ["customer_id"]}),
         "demo.trips": (trips, {"entity_keys": ["driver_id"]}),
     }
-    with FeatureClient(location) as client:
+    with FeatureClient(location, token=token) as client:
         existing = {t["table"] for t in client.tables()}
         for name, (make, definition) in tables.items():
             if name not in existing:

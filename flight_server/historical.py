@@ -27,7 +27,7 @@ from pyiceberg.table import Table
 
 from flight_server.catalog import FeatureCatalog, FeatureSpec, table_name
 from flight_server.duck import Engine, local_path
-from flight_server.errors import NotFoundError, RequestError
+from flight_server.errors import LimitError, NotFoundError, RequestError
 from flight_server.filters import parse_filter, quote, to_sql
 from flight_server.protocol import HistoricalRequest, ProtocolError, parse_feature_ref, parse_timestamp
 from flight_server.scans import resolve_snapshot, snapshot_schema
@@ -357,21 +357,30 @@ def exchange_historical(
     writer: flight.MetadataRecordBatchWriter,
     is_cancelled: Callable[[], bool],
     batch_rows: int,
+    max_bytes: int = 0,
 ) -> int:
     """`do_exchange`: take the client's entity stream, answer with the joined rows on the same call.
 
     Entity rows go into a DuckDB temporary table (which spills to disk beyond the memory limit),
-    so the server holds no state between calls and any replica can answer.
+    so the server holds no state between calls and any replica can answer. More than `max_bytes`
+    of them (Arrow size; 0: no limit) are refused, so one client cannot fill the spill disk.
     """
     if request.entities is not None:
         raise RequestError("a do_exchange request takes its entity rows from the stream: drop 'entities'")
     plan = plan_historical(catalog, request, reader.schema)
     _use_storage(engine, plan)
     cursor = engine.cursor()
-    rows = 0
+    rows = received = 0
     _append_entities(cursor, prepare_entities(reader.schema.empty_table(), request.entity_time, 0), create=True)
     for chunk in chunks(reader, "entity"):
         if chunk.data is not None and chunk.data.num_rows:
+            received += chunk.data.nbytes
+            if max_bytes and received > max_bytes:
+                cursor.close()
+                raise LimitError(
+                    f"the entity rows passed {max_bytes:,} bytes after {rows:,} rows, this server's limit per "
+                    "training set (--max-exchange-mb): split them, or write them to a table and name it"
+                )
             _append_entities(cursor, prepare_entities(chunk.data, request.entity_time, rows))
             rows += chunk.data.num_rows
     if is_cancelled():

@@ -24,6 +24,10 @@ class ProtocolError(ValueError):
     """A request that is not well formed; the message says what is wrong."""
 
 
+class RequestTooLargeError(ProtocolError):
+    """A request above the size limit: stream its rows (`do_exchange`) instead of sending them inline."""
+
+
 def parse_table_name(name: Any, default_namespace: str = "default") -> tuple[str, ...]:
     """Split `ns.table` (or `table`, which lands in the default namespace) into an identifier."""
     if not isinstance(name, str) or not _TABLE_NAME.match(name):
@@ -54,10 +58,13 @@ def format_timestamp(value: dt.datetime) -> str:
     return value.astimezone(dt.timezone.utc).isoformat()
 
 
-def decode(raw: bytes, what: str) -> dict[str, Any]:
-    """Parse a JSON request body, checking size, shape and protocol version."""
-    if len(raw) > MAX_REQUEST_BYTES:
-        raise ProtocolError(f"{what} is {len(raw)} bytes; the limit is {MAX_REQUEST_BYTES}")
+def decode(raw: bytes, what: str, limit: int = MAX_REQUEST_BYTES) -> dict[str, Any]:
+    """Parse a JSON request body, checking size (at most `limit` bytes), shape and protocol version."""
+    if len(raw) > limit:
+        raise RequestTooLargeError(
+            f"{what} is {len(raw)} bytes; this server accepts at most {limit} bytes inline: "
+            "stream entity rows with do_exchange instead"
+        )
     if not raw:
         raise ProtocolError(f"{what} is empty: expected a JSON object")
     try:
@@ -421,9 +428,11 @@ class TableRequest:
         return cls(table=f.str("table", required=True))  # type: ignore[arg-type]
 
 
-def parse_ticket(raw: bytes, what: str = "ticket") -> ScanRequest | HistoricalRequest | OnlineRequest:
+def parse_ticket(
+    raw: bytes, what: str = "ticket", limit: int = MAX_REQUEST_BYTES
+) -> ScanRequest | HistoricalRequest | OnlineRequest:
     """A `do_get` ticket or `get_flight_info` command; its `kind` chooses the query."""
-    body = decode(raw, what)
+    body = decode(raw, what, limit)
     kind = body.get("kind", "scan")
     if kind == "scan":
         return ScanRequest.from_body(body)
@@ -434,9 +443,9 @@ def parse_ticket(raw: bytes, what: str = "ticket") -> ScanRequest | HistoricalRe
     raise ProtocolError(f"{what}: unknown kind {kind!r}; expected 'scan', 'historical' or 'online'")
 
 
-def parse_write(raw: bytes) -> WriteRequest:
+def parse_write(raw: bytes, limit: int = MAX_REQUEST_BYTES) -> WriteRequest:
     """A `do_put` descriptor command."""
-    body = decode(raw, "write descriptor")
+    body = decode(raw, "write descriptor", limit)
     kind = body.get("kind", "write")
     if kind != "write":
         raise ProtocolError(f"write descriptor: unknown kind {kind!r}; expected 'write'")

@@ -7,6 +7,7 @@ Every handler turns client mistakes into Flight errors that carry only the expla
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -18,17 +19,27 @@ import pyarrow.flight as flight
 from pyiceberg.table import Table
 
 from flight_server import __version__
+from flight_server.auth import (
+    MIDDLEWARE_KEY,
+    AuthMiddlewareFactory,
+    TokenStore,
+    action_permission,
+    principal,
+    request_tables,
+)
 from flight_server.catalog import FeatureCatalog, FeatureSpec, describe, table_name
 from flight_server.config import ServerConfig
 from flight_server.duck import Engine
-from flight_server.errors import RequestError, to_flight_error
+from flight_server.errors import LimitError, RequestError, to_flight_error
 from flight_server.historical import endpoint_requests, exchange_historical, open_historical, plan_request
+from flight_server.limits import ConcurrencyLimit
 from flight_server.lookups import OnlineService
 from flight_server.online import OnlineStore
 from flight_server.protocol import (
     HistoricalRequest,
     OnlineRequest,
     ProtocolError,
+    RequestTooLargeError,
     ScanRequest,
     TableRequest,
     decode,
@@ -36,6 +47,7 @@ from flight_server.protocol import (
     parse_write,
 )
 from flight_server.scans import ScanPlan, open_scan, plan_scan, plan_table_scan, scan_parts
+from flight_server.tls import server_tls_options
 from flight_server.writes import Writer
 
 log = logging.getLogger(__name__)
@@ -58,6 +70,8 @@ def _flight_errors(handler: F) -> F:
     def wrapper(self: FeatureFlightServer, context: flight.ServerCallContext, *args: Any) -> Any:
         try:
             return handler(self, context, *args)
+        except RequestTooLargeError as exc:
+            raise to_flight_error(LimitError(str(exc))) from None
         except ProtocolError as exc:
             raise to_flight_error(RequestError(str(exc))) from None
         except (RequestError, flight.FlightError) as exc:
@@ -74,8 +88,18 @@ class FeatureFlightServer(flight.FlightServerBase):
     """Arrow Flight over Iceberg feature tables."""
 
     def __init__(self, config: ServerConfig, **kwargs: Any):
-        # Everything a handler needs exists before the base class opens the port.
+        # Settings are checked first, and everything a handler needs exists before the base class opens the port.
         self.config = config
+        tls = server_tls_options(config)
+        self._locations = config.endpoint_locations()
+        self._turn = itertools.count()
+        middleware: dict[str, flight.ServerMiddlewareFactory] = {}
+        if config.auth_tokens:  # first: calls without a valid token take no slot of the limit
+            auth = AuthMiddlewareFactory(TokenStore(config.auth_tokens))
+            middleware[MIDDLEWARE_KEY] = auth
+            kwargs.update(auth.server_options())
+        if config.max_concurrent_requests:
+            middleware["limits"] = ConcurrencyLimit(config.max_concurrent_requests)
         self.catalog = FeatureCatalog(
             config.catalog_name, config.resolved_catalog_properties(), config.default_namespace
         )
@@ -86,19 +110,45 @@ class FeatureFlightServer(flight.FlightServerBase):
             self.catalog, self.engine, config.online_refresh_seconds, config.online_max_bytes, config.online_tables
         )
         self.online = OnlineService(self.store, self.catalog, self.engine)
-        super().__init__(f"grpc://{config.host}:{config.port}", **kwargs)
-        log.info("serving Flight on grpc://%s:%d", config.host, self.port)
+        location = f"{config.scheme}://{config.host}:{config.port}"
+        super().__init__(location, middleware=middleware, **tls, **kwargs)
+        log.info(
+            "serving Flight on %s://%s:%d (authentication %s)",
+            config.scheme,
+            config.host,
+            self.port,
+            "on" if config.auth_tokens else "off",
+        )
 
     def shutdown(self) -> None:
         self.store.close()
         super().shutdown()
 
-    def _request(self, descriptor: flight.FlightDescriptor) -> ScanRequest | HistoricalRequest | OnlineRequest:
+    def _request(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> ScanRequest | HistoricalRequest | OnlineRequest:
         if descriptor.descriptor_type == flight.DescriptorType.PATH:
             if len(descriptor.path) != 1:
                 raise RequestError("a path descriptor names one table: ['namespace.table']")
-            return ScanRequest(table=descriptor.path[0].decode())
-        return parse_ticket(descriptor.command, "descriptor")
+            request: ScanRequest | HistoricalRequest | OnlineRequest = ScanRequest(table=descriptor.path[0].decode())
+        else:
+            request = parse_ticket(descriptor.command, "descriptor", self.config.max_request_bytes)
+        return self._authorized(context, request)
+
+    def _authorized(self, context: flight.ServerCallContext, request: Any) -> Any:
+        """`request`, once the caller may use every table it names (the RPC's permission is checked earlier)."""
+        principal(context).check_tables(self.catalog, request_tables(request))
+        return request
+
+    def _endpoints(self, tickets: list[bytes]) -> list[flight.FlightEndpoint]:
+        """Endpoints spread round robin over the replicas, starting one further each call; each lists every
+        replica, its own first, so a client can fall back to the next. No locations: fetch from this server."""
+        n = len(self._locations)
+        start = next(self._turn) if n else 0
+        return [
+            flight.FlightEndpoint(ticket, [self._locations[(start + i + k) % n] for k in range(n)])
+            for i, ticket in enumerate(tickets)
+        ]
 
     def _schema(self, plan: ScanPlan, read_path: str | None = None) -> pa.Schema:
         metadata = {TABLE_METADATA_KEY: plan.name.encode(), SNAPSHOT_METADATA_KEY: str(plan.snapshot_id).encode()}
@@ -110,7 +160,7 @@ class FeatureFlightServer(flight.FlightServerBase):
     def get_flight_info(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
-        request = self._request(descriptor)
+        request = self._request(context, descriptor)
         if isinstance(request, HistoricalRequest):
             return self._historical_info(descriptor, request)
         if isinstance(request, OnlineRequest):
@@ -125,7 +175,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         return flight.FlightInfo(
             self._schema(plan),
             descriptor,
-            [flight.FlightEndpoint(ticket.to_bytes(), []) for ticket in tickets],
+            self._endpoints([ticket.to_bytes() for ticket in tickets]),
             plan.estimated_rows(),
             -1,
             app_metadata=json.dumps(plan.metadata()).encode(),
@@ -134,7 +184,7 @@ class FeatureFlightServer(flight.FlightServerBase):
     def _historical_info(self, descriptor: flight.FlightDescriptor, request: HistoricalRequest) -> flight.FlightInfo:
         plan, inline = plan_request(self.catalog, request)
         parts = endpoint_requests(plan, request.partitions or self.config.historical_partitions)
-        endpoints = [flight.FlightEndpoint(part.to_bytes(), []) for part in parts]
+        endpoints = self._endpoints([part.to_bytes() for part in parts])
         rows = inline.num_rows if inline is not None else -1
         return flight.FlightInfo(
             plan.schema, descriptor, endpoints, rows, -1, app_metadata=json.dumps(plan.snapshots()).encode()
@@ -142,7 +192,7 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     @_flight_errors
     def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
-        request = self._request(descriptor)
+        request = self._request(context, descriptor)
         if isinstance(request, HistoricalRequest):
             return flight.SchemaResult(plan_request(self.catalog, request)[0].schema)
         if isinstance(request, OnlineRequest):
@@ -151,7 +201,7 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     @_flight_errors
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
-        request = parse_ticket(ticket.ticket)
+        request = self._authorized(context, parse_ticket(ticket.ticket, limit=self.config.max_request_bytes))
         if isinstance(request, HistoricalRequest):
             return flight.RecordBatchStream(open_historical(self.catalog, self.engine, request, self.config.batch_rows))
         if isinstance(request, OnlineRequest):
@@ -171,7 +221,7 @@ class FeatureFlightServer(flight.FlightServerBase):
     ) -> None:
         if descriptor.descriptor_type != flight.DescriptorType.CMD:
             raise RequestError("do_put needs a command descriptor holding a write request (see docs/protocol.md)")
-        request = parse_write(descriptor.command)
+        request = self._authorized(context, parse_write(descriptor.command, self.config.max_request_bytes))
         result = self.writer.write(request, reader, context.is_cancelled)
         self.store.notify(result.table)
         writer.write(pa.py_buffer(result.to_bytes()))
@@ -184,7 +234,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
-        request = self._request(descriptor)
+        request = self._request(context, descriptor)
         if isinstance(request, OnlineRequest):
             rows = self.online.exchange(request, reader, writer)
             log.debug("online lookup of %d streamed entities", rows)
@@ -192,7 +242,14 @@ class FeatureFlightServer(flight.FlightServerBase):
         if not isinstance(request, HistoricalRequest):
             raise RequestError("do_exchange takes a historical or an online request (see docs/protocol.md)")
         rows = exchange_historical(
-            self.catalog, self.engine, request, reader, writer, context.is_cancelled, self.config.batch_rows
+            self.catalog,
+            self.engine,
+            request,
+            reader,
+            writer,
+            context.is_cancelled,
+            self.config.batch_rows,
+            self.config.max_exchange_bytes,
         )
         log.info("training set of %d entity rows streamed", rows)
 
@@ -200,7 +257,7 @@ class FeatureFlightServer(flight.FlightServerBase):
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
         prefix = criteria.decode() if criteria else ""
         infos = []
-        for name in self.catalog.table_names():
+        for name in self._visible_tables(context):
             if name.startswith(prefix):
                 table = self.catalog.load(name)
                 summary = self._table_summary(table)
@@ -217,6 +274,11 @@ class FeatureFlightServer(flight.FlightServerBase):
                 )
         return iter(infos)
 
+    def _visible_tables(self, context: flight.ServerCallContext) -> list[str]:
+        """The tables in the namespaces the caller may use."""
+        caller = principal(context)
+        return [name for name in self.catalog.table_names() if caller.may_use(name.rpartition(".")[0])]
+
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return list(ACTIONS.items())
 
@@ -224,6 +286,7 @@ class FeatureFlightServer(flight.FlightServerBase):
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
         if action.type not in ACTIONS:
             raise RequestError(f"unknown action {action.type!r}; available: {sorted(ACTIONS)}")
+        principal(context).require(action_permission(action.type), f"action {action.type!r}")
         body = action.body.to_pybytes() if action.body is not None else b""
         if action.type == "health":
             self.catalog.catalog.list_namespaces()
@@ -236,9 +299,11 @@ class FeatureFlightServer(flight.FlightServerBase):
                 "online": self.store.stats(),
             }
         elif action.type == "list_tables":
-            result = [self._table_summary(self.catalog.load(name)) for name in self.catalog.table_names()]
+            result = [self._table_summary(self.catalog.load(name)) for name in self._visible_tables(context)]
         else:
-            request = TableRequest.from_body(decode(body, "describe body"))
+            request = self._authorized(
+                context, TableRequest.from_body(decode(body, "describe body", self.config.max_request_bytes))
+            )
             result = describe(self.catalog.load(request.table))
             index = self.store.peek(request.table)
             result["online"] = index.stats() if index is not None else None

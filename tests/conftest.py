@@ -36,12 +36,16 @@ def seaweedfs() -> Iterator[dict[str, str]]:
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Catalog properties for one of the three real catalogs."""
     if request.param == "sqlite":
-        root = tmp_path_factory.mktemp("sqlite-warehouse")
-        return {"type": "sql", "uri": f"sqlite:///{root / 'catalog.db'}", "warehouse": root.as_uri()}
+        return sqlite_catalog(tmp_path_factory.mktemp("sqlite-warehouse"))
     if request.param == "postgres":
         root = tmp_path_factory.mktemp("pg-warehouse")
         return {"type": "sql", "uri": request.getfixturevalue("postgres_url"), "warehouse": root.as_uri()}
     return dict(request.getfixturevalue("seaweedfs"))
+
+
+def sqlite_catalog(root: Path) -> dict[str, str]:
+    """Properties of an embedded SQLite catalog with its warehouse under `root`."""
+    return {"type": "sql", "uri": f"sqlite:///{root / 'catalog.db'}", "warehouse": root.as_uri()}
 
 
 def start_server(properties: dict[str, str], **overrides: object) -> FeatureFlightServer:

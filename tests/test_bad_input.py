@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, NotFoundError
+from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, NotFoundError, ResourceExhaustedError
 from flight_client.errors import from_flight_error
 from flight_server.protocol import WriteRequest
 from tests.test_roundtrip import features, write
@@ -115,8 +115,8 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
     "invalid table name": (lambda c, t: c.scan("bad name; drop table"), InvalidRequestError, "invalid table name"),
     "oversized ticket": (
         lambda c, t: raw_get(c, ticket(table=t, filter="x" * (2 << 20))),
-        InvalidRequestError,
-        "the limit is 1048576",
+        ResourceExhaustedError,
+        "accepts at most 1048576 bytes inline",
     ),
     "unknown mode": (
         lambda c, t: write(c, t, features(3), mode="upsert"),

@@ -196,6 +196,17 @@ def test_online_on_its_own_server(tmp_path: Path) -> None:
     check_online(run_bench(tmp_path, "online")["benchmarks"]["online"], local=True)
 
 
+def test_scale_over_replicas(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "scale")["benchmarks"]["scale"]
+    assert list(result["results"]) == ["1", "2"] and result["clients"] == 4 and result["endpoints"] > 1
+    for entry in result["results"].values():
+        assert entry.keys() >= TIMING_KEYS
+        assert positive(entry["rows_per_s"], entry["mb_per_s"], entry["speedup"], entry["server_cpu_cores"])
+    assert result["results"]["1"]["speedup"] == 1.0
+    refused = CliRunner().invoke(main, ["scale", "--quick", "--location", "grpc://127.0.0.1:1"])
+    assert refused.exit_code == 2 and "cannot measure --location" in refused.output
+
+
 @pytest.fixture(scope="module")
 def all_run(tmp_path_factory: pytest.TempPathFactory, running_server: Target) -> tuple[dict[str, Any], Path]:
     """One `flight-bench all --quick --plot DIR` run, shared by the report and the chart tests."""

@@ -99,3 +99,30 @@ def test_secrets_never_logged(tmp_path: Path, secret_key: str) -> None:
     shown = redact({secret_key: "hunter2", "uri": "postgresql://u:hunter2@db/x", "s3.endpoint": "http://s3"})
     assert "hunter2" not in repr(shown)
     assert shown["s3.endpoint"] == "http://s3"
+
+
+def test_health_command_for_container_checks(tmp_path: Path) -> None:
+    from tests.conftest import sqlite_catalog, start_server
+
+    token = "health-check-token-0123456789"
+    server = start_server(
+        sqlite_catalog(tmp_path), auth_tokens=[{"name": "probe", "token": token, "permissions": ["read"]}]
+    )
+    location = f"grpc://127.0.0.1:{server.port}"
+    try:
+        ok = CliRunner().invoke(main, ["health", "--location", location], env={"FLIGHT_SERVER_HEALTH_TOKEN": token})
+        assert ok.exit_code == 0 and '"status": "ok"' in ok.output
+        refused = CliRunner().invoke(main, ["health", "--location", location])
+        assert refused.exit_code == 1 and "requires a bearer token" in refused.output
+    finally:
+        server.shutdown()
+    down = CliRunner().invoke(main, ["health", "--location", location, "--timeout", "2"])
+    assert down.exit_code == 1 and location in down.output
+
+
+def test_settings_that_do_not_fit_together_are_refused(tmp_path: Path) -> None:
+    args = ["serve", "--warehouse", str(tmp_path / "wh"), "--port", "0"]
+    no_advertise = CliRunner().invoke(main, [*args, "--peer", "grpc://other:8815"])
+    assert no_advertise.exit_code == 2 and "--peer needs --advertise" in no_advertise.output
+    bad_tokens = CliRunner().invoke(main, args, env={"FLIGHT_SERVER_AUTH_TOKENS": '[{"name": "x"}]'})
+    assert bad_tokens.exit_code == 2 and "'token' must be a string" in bad_tokens.output

@@ -1,0 +1,121 @@
+"""Configured limits: concurrent calls, inline request size; stalled readers give their slot back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pytest
+
+from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError
+from flight_server.service import FeatureFlightServer
+from tests.conftest import sqlite_catalog, start_server, wait_until
+
+# Large enough that the stream cannot fit into gRPC's flow-control window: the server blocks writing it.
+BIG_ROWS = 2_000_000
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return sqlite_catalog(tmp_path_factory.mktemp("limits-warehouse"))
+
+
+@pytest.fixture(scope="module")
+def limited(catalog: dict[str, str]) -> Iterator[FeatureFlightServer]:
+    server = start_server(
+        catalog, max_concurrent_requests=1, max_request_bytes=4096, max_exchange_bytes=1 << 20, batch_rows=8192
+    )
+    with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+        client.write(
+            "limits.big",
+            pa.table(
+                {
+                    "id": pa.array(range(BIG_ROWS), pa.int64()),
+                    "ts": pa.array([0] * BIG_ROWS, pa.timestamp("us", "UTC")),
+                    "value": pa.array(range(BIG_ROWS), pa.float64()),
+                }
+            ),
+            entity_keys=["id"],
+            event_time="ts",
+            partition_by=[],
+        )
+    yield server
+    server.shutdown()
+
+
+def answers(location: str) -> bool:
+    try:
+        with FeatureClient(location, timeout=5) as client:
+            return client.health()["status"] == "ok"
+    except ResourceExhaustedError:
+        return False
+
+
+def test_inline_requests_above_the_limit_are_refused_and_streaming_works(limited: FeatureFlightServer) -> None:
+    entities = {"id": list(range(1000))}
+    with FeatureClient(f"grpc://127.0.0.1:{limited.port}") as client:
+        with pytest.raises(ResourceExhaustedError, match="at most 4096 bytes inline: stream entity rows"):
+            client.get_online_features(entities, ["limits.big:value"])
+        streamed = client.get_online_features(pa.table(entities), ["limits.big:value"])  # do_exchange
+    assert streamed.column("value").to_pylist() == [float(i) for i in range(1000)]
+
+
+def test_concurrent_calls_above_the_limit_are_refused_until_a_stream_ends(limited: FeatureFlightServer) -> None:
+    location = f"grpc://127.0.0.1:{limited.port}"
+    wait_until(lambda: answers(location), what="no call in progress")
+    with FeatureClient(location) as reader:
+        stream = reader.scan("limits.big")
+        stream.read_next_batch()  # ...and stop reading: the server blocks on flow control, its call still open
+        with FeatureClient(location) as other, pytest.raises(ResourceExhaustedError) as e:
+            other.health()
+        assert "maximum of 1 concurrent requests (--max-concurrent-requests)" in str(e.value)
+        del stream  # dropping an unfinished stream cancels its call: the slot comes back
+        wait_until(lambda: answers(location), what="the slot of the abandoned stream")
+
+
+def test_a_stalled_reader_with_a_deadline_gives_its_slot_back(limited: FeatureFlightServer) -> None:
+    location = f"grpc://127.0.0.1:{limited.port}"
+    wait_until(lambda: answers(location), what="no call in progress")
+    with FeatureClient(location, timeout=1) as stalled:
+        stream = stalled.scan("limits.big")
+        stream.read_next_batch()
+        assert not answers(location)
+        wait_until(lambda: answers(location), timeout=30, what="the deadline to end the stalled stream")
+        with pytest.raises(OSError, match="Deadline Exceeded"):
+            stream.read_all()  # the stream was ended by its deadline, not completed
+
+
+def test_training_sets_streaming_more_than_the_limit_are_refused(limited: FeatureFlightServer) -> None:
+    def entities(rows: int) -> pa.Table:
+        return pa.table(
+            {
+                "id": pa.array(range(rows), pa.int64()),
+                "event_timestamp": pa.array([1] * rows, pa.timestamp("us", "UTC")),
+            }
+        )
+
+    with FeatureClient(f"grpc://127.0.0.1:{limited.port}") as client:
+        assert client.get_historical_features(entities(1000), ["limits.big:value"]).num_rows == 1000
+        with pytest.raises(ResourceExhaustedError) as e:
+            client.get_historical_features(entities(200_000), ["limits.big:value"])  # 3.2 MB
+    assert "passed 1,048,576 bytes" in str(e.value) and "--max-exchange-mb" in str(e.value)
+
+
+def test_refused_calls_take_no_slot(catalog: dict[str, str]) -> None:
+    """Calls the authentication or the handler refuses end at once and give their slot back."""
+    token = "limits-writer-token-0123456789"
+    server = start_server(
+        catalog, max_concurrent_requests=1, auth_tokens=[{"name": "writer", "token": token, "permissions": ["write"]}]
+    )
+    location = f"grpc://127.0.0.1:{server.port}"
+    try:
+        for caller in (None, "wrong-token-0123456789", token):  # no token, a wrong one, one without `read`
+            for _ in range(3):
+                with FeatureClient(location, token=caller) as client, pytest.raises(FeatureServerError) as e:
+                    client.health()
+                assert not isinstance(e.value, ResourceExhaustedError)
+        with FeatureClient(location, token=token) as client:
+            data = pa.table({"id": [1], "ts": pa.array([0], pa.timestamp("us", "UTC"))})
+            assert client.write("limits.refused", data, entity_keys=["id"], event_time="ts").rows == 1
+    finally:
+        server.shutdown()
