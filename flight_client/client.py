@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_client.errors import FeatureServerError, from_flight_error
+from flight_client.errors import FeatureServerError, ResourceExhaustedError, from_flight_error
 from flight_server.protocol import (
     MAX_INLINE_ENTITIES,
     EntitySource,
@@ -402,7 +402,10 @@ class FeatureClient:
         try:
             return self._client.do_get(ticket, self._options).read_all()
         except flight.FlightError as exc:
-            raise from_flight_error(exc) from None
+            error = from_flight_error(exc)
+        if isinstance(error, ResourceExhaustedError) and "bytes inline" in str(error):
+            return self._exchange(request, pa.table(columns))  # the server takes smaller tickets: stream them
+        raise error
 
     def _info(self, request: ScanRequest | HistoricalRequest) -> flight.FlightInfo:
         try:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 
 from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError
+from flight_server.protocol import OnlineRequest
 from flight_server.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server, wait_until
 
@@ -53,10 +55,11 @@ def answers(location: str) -> bool:
 
 def test_inline_requests_above_the_limit_are_refused_and_streaming_works(limited: FeatureFlightServer) -> None:
     entities = {"id": list(range(1000))}
+    request = OnlineRequest(["limits.big:value"], entities)
     with FeatureClient(f"grpc://127.0.0.1:{limited.port}") as client:
-        with pytest.raises(ResourceExhaustedError, match="at most 4096 bytes inline: stream entity rows"):
-            client.get_online_features(entities, ["limits.big:value"])
-        streamed = client.get_online_features(pa.table(entities), ["limits.big:value"])  # do_exchange
+        with pytest.raises(flight.FlightError, match="at most 4096 bytes inline: stream entity rows"):
+            client._client.do_get(flight.Ticket(request.to_bytes())).read_all()
+        streamed = client.get_online_features(entities, ["limits.big:value"])  # refused inline: streamed instead
     assert streamed.column("value").to_pylist() == [float(i) for i in range(1000)]
 
 
