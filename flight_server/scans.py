@@ -5,8 +5,8 @@ the snapshot (by id or by time), the columns and the filter. Execution (`open_sc
 two paths, both producing a C++ `RecordBatchReader` that Flight streams without touching Python per
 batch: `direct` (Arrow's Parquet reader over the planned files, for whole-table reads of tables
 without delete files) or `iceberg_scan` (DuckDB, which prunes files and row groups for filters and
-applies delete files). Direct reads can be split into parts over the files (`scan_parts`), which
-clients fetch in parallel.
+applies position and equality delete files); the log says which, and why. Direct reads can be split
+into parts over the files (`scan_parts`), which clients fetch in parallel.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pyiceberg.expressions import AlwaysTrue, BooleanExpression
 from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.manifest import DataFile
 from pyiceberg.schema import Schema
-from pyiceberg.table import Table
+from pyiceberg.table import FileScanTask, Table
 
 from flight_server.catalog import FeatureCatalog, table_name
 from flight_server.duck import Engine, local_path
@@ -48,15 +48,15 @@ class ScanPlan:
         return table_name(self.table)
 
     def estimated_rows(self) -> int:
-        """Rows the scan will return at most: exact without a filter, an upper bound with one."""
+        """Rows the scan will return at most: exact without a filter or delete files, else an upper bound
+        (the rows of the files the filter may touch, or of the whole snapshot)."""
         if self.snapshot_id is None:
             return 0
-        if isinstance(self.expression, AlwaysTrue):
-            summary = self.table.snapshot_by_id(self.snapshot_id).summary  # type: ignore[union-attr]
-            rows = int(summary["total-records"]) if summary and "total-records" in summary else -1
-        else:
-            scan = self.table.scan(row_filter=self.expression, snapshot_id=self.snapshot_id)
-            rows = sum(task.file.record_count for task in scan.plan_files())
+        summary = self.table.snapshot_by_id(self.snapshot_id).summary  # type: ignore[union-attr]
+        rows = int(summary["total-records"]) if summary and "total-records" in summary else -1
+        if not isinstance(self.expression, AlwaysTrue):
+            tasks = plan_tasks(self.table, self.snapshot_id, self.expression)
+            rows = sum(task.file.record_count for task in tasks) if tasks is not None else rows
         return min(rows, self.request.limit) if self.request.limit is not None and rows >= 0 else rows
 
     def metadata(self) -> dict[str, Any]:
@@ -106,6 +106,17 @@ def plan_table_scan(table: Table, request: ScanRequest) -> ScanPlan:
     return ScanPlan(table, request, snapshot_id, arrow, expression)
 
 
+def plan_tasks(table: Table, snapshot_id: int | None, expression: BooleanExpression) -> list[FileScanTask] | None:
+    """pyiceberg's plan of a read (files pruned by partition and statistics, each with its delete files),
+    or None when pyiceberg cannot plan it: it refuses tables with equality delete files (as Flink
+    writes them), which DuckDB's `iceberg_scan` applies."""
+    try:
+        return list(table.scan(row_filter=expression, snapshot_id=snapshot_id).plan_files())
+    except ValueError as exc:
+        log.debug("pyiceberg cannot plan a read of %s: %s", table_name(table), exc)
+        return None
+
+
 def _renamed(table: Table) -> bool:
     """Whether any column ever had another name: files are then matched by field id, not name."""
     names: dict[int, str] = {}
@@ -116,24 +127,26 @@ def _renamed(table: Table) -> bool:
     return False
 
 
-def direct_files(plan: ScanPlan) -> list[DataFile] | None:
-    """The data files for the copy-on-write fast path, or None when DuckDB's `iceberg_scan` must read.
+def direct_files(plan: ScanPlan) -> tuple[list[DataFile] | None, str]:
+    """The data files for the copy-on-write fast path (or None when DuckDB's `iceberg_scan` must read),
+    and why that path.
 
     The fast path takes whole-table reads (no filter, no limit: the bulk case) when no planned file
     has delete files and no column was ever renamed (files are matched by column name); everything
     else goes through DuckDB, so that filters have one semantics (SQL's) whatever the path.
     """
-    if (
-        plan.request.limit is not None
-        or not isinstance(plan.expression, AlwaysTrue)
-        or _renamed(plan.table)
-        or not isinstance(plan.table.io, PyArrowFileIO)
-    ):
-        return None
-    tasks = list(plan.table.scan(snapshot_id=plan.snapshot_id).plan_files())
+    if plan.request.limit is not None or not isinstance(plan.expression, AlwaysTrue):
+        return None, "a filter or a limit"
+    if _renamed(plan.table):
+        return None, "renamed columns"
+    if not isinstance(plan.table.io, PyArrowFileIO):
+        return None, "storage Arrow does not read"
+    tasks = plan_tasks(plan.table, plan.snapshot_id, AlwaysTrue())
+    if tasks is None:
+        return None, "equality delete files"
     if any(task.delete_files for task in tasks):
-        return None
-    return [task.file for task in tasks]
+        return None, "position delete files"
+    return [task.file for task in tasks], "no delete files"
 
 
 def split_files(files: list[DataFile], count: int) -> list[list[DataFile]]:
@@ -154,7 +167,7 @@ def split_files(files: list[DataFile], count: int) -> list[list[DataFile]]:
 def scan_parts(plan: ScanPlan, partitions: int) -> list[list[int] | None]:
     """The `part` of each endpoint ticket: up to `partitions` shares (never more than files) when the
     scan takes the direct path, else one ticket for the whole scan."""
-    files = direct_files(plan) if partitions > 1 and plan.snapshot_id is not None else None
+    files = direct_files(plan)[0] if partitions > 1 and plan.snapshot_id is not None else None
     count = min(partitions, len(files)) if files else 1
     return [[index, count] for index in range(count)] if count > 1 else [None]
 
@@ -178,20 +191,26 @@ def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> tuple[pa.Recor
     """Stream the planned rows, and say which read path does it; memory stays bounded."""
     if plan.snapshot_id is None or plan.request.limit == 0:
         return pa.RecordBatchReader.from_batches(plan.schema, []), "empty"
-    files = direct_files(plan)
+    files, why = direct_files(plan)
     part = plan.request.part
     if part is not None:
         if files is None:
             raise RequestError(
-                f"scan of {plan.name!r} cannot be read in parts (a filter, a limit, delete files, renamed columns "
-                "or storage Arrow does not read): read it whole, without 'part', or ask get_flight_info again"
+                f"scan of {plan.name!r} cannot be read in parts ({why}): read it whole, without 'part', "
+                "or ask get_flight_info again"
             )
         files = split_files(files, part[1])[part[0]]
+    log.info(
+        "scan %s at snapshot %s: %s path (%s)%s",
+        plan.name,
+        plan.snapshot_id,
+        "direct" if files is not None else "iceberg_scan",
+        why,
+        f", part {part}" if part is not None else "",
+    )
     if files is not None:
-        log.debug("scan %s: direct Parquet path, part %s", plan.name, part)
         direct = direct_reader(plan, files, batch_rows)
         return (direct if direct.schema == plan.schema else direct.cast(plan.schema)), "direct"
-    log.debug("scan %s: iceberg_scan path (a filter, a limit, delete files or renamed columns)", plan.name)
     engine.use_storage(plan.table.io.properties)
     schema = snapshot_schema(plan.table, plan.snapshot_id)
     where, params = to_sql(plan.expression, schema)

@@ -158,7 +158,6 @@ class FeatureFlightServer(flight.FlightServerBase):
             return flight.RecordBatchStream(self.online.get(request))
         plan = plan_scan(self.catalog, request)
         reader, path = open_scan(plan, self.engine, self.config.batch_rows)
-        log.debug("scan %s at snapshot %s", plan.name, plan.snapshot_id)
         return flight.RecordBatchStream(reader.cast(self._schema(plan, path)))
 
     @_flight_errors
