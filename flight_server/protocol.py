@@ -445,7 +445,9 @@ class DeleteRequest:
                 raise ProtocolError("delete request: 'keys' must map key columns to non-empty lists of values")
             if len({len(v) for v in keys.values()}) != 1:
                 raise ProtocolError("delete request: the lists in 'keys' must have equal lengths")
-            if not all(v is None or isinstance(v, (int, str)) for values in keys.values() for v in values):
+            if not all(
+                v is None or (isinstance(v, (int, str)) and not isinstance(v, bool)) for vs in keys.values() for v in vs
+            ):
                 raise ProtocolError("delete request: key values must be integers, strings or null")
         mode = f.str("mode")
         if mode is not None and mode not in DELETE_MODES:

@@ -255,6 +255,11 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         InvalidRequestError,
         "key column 'user_id' is int64",
     ),
+    "delete a boolean key": (
+        lambda c, t: c.delete(t, keys={"user_id": [True]}),
+        InvalidRequestError,
+        "key values must be integers, strings or null",
+    ),
     "delete keys of unequal lengths": (
         lambda c, t: c.delete(t, keys={"user_id": [1, 2], "region": ["r1"]}),
         InvalidRequestError,
