@@ -30,9 +30,10 @@ from pyiceberg.manifest import (
     ManifestWriterV2,
 )
 from pyiceberg.partitioning import PartitionSpec
-from pyiceberg.table import Table, Transaction
+from pyiceberg.table import Table, TableProperties, Transaction
 from pyiceberg.table.snapshots import Operation, Snapshot
 from pyiceberg.table.update.snapshot import _SnapshotProducer
+from pyiceberg.utils.properties import property_as_int
 
 from flight_server.errors import ConflictError
 
@@ -154,7 +155,7 @@ class RewriteFiles(_SnapshotProducer["RewriteFiles"]):
 
     def _manifests(self) -> list[ManifestFile]:
         # New data files are written with the table's current spec; delete files carry their data file's.
-        groups: dict[tuple[ManifestContent, int], list[DataFile]] = {}
+        groups: dict[tuple[ManifestContent, int], list[DataFile]] = {}  # one new manifest each
         default_spec = self._transaction.table_metadata.default_spec_id
         for file in self._added_data_files:
             if file.content == DataFileContent.DATA:
@@ -175,7 +176,36 @@ class RewriteFiles(_SnapshotProducer["RewriteFiles"]):
                         )
                     )
             added.append(writer.to_manifest_file())
-        return added + self._existing_manifests()
+        new_deletes = [spec_id for content, spec_id in groups if content == ManifestContent.DELETES]
+        return added + self._merge_delete_manifests(self._existing_manifests(), new_deletes)
+
+    def _merge_delete_manifests(self, manifests: list[ManifestFile], new: list[int]) -> list[ManifestFile]:
+        """Fold a spec's existing delete manifests into one when the commit would leave
+        `commit.manifest.min-count-to-merge` (100) of them: each merge-on-read delete adds one, and every
+        reader plans through them all (Iceberg's own commits merge manifests likewise)."""
+        limit = property_as_int(
+            self._transaction.table_metadata.properties,
+            TableProperties.MANIFEST_MIN_MERGE_COUNT,
+            TableProperties.MANIFEST_MIN_MERGE_COUNT_DEFAULT,
+        )
+        by_spec: dict[int, list[ManifestFile]] = {}
+        for manifest in manifests:
+            if manifest.content == ManifestContent.DELETES:
+                by_spec.setdefault(manifest.partition_spec_id, []).append(manifest)
+        kept = [m for m in manifests if m.content != ManifestContent.DELETES]
+        for spec_id, group in by_spec.items():
+            if len(group) < 2 or len(group) + new.count(spec_id) < (limit or 0):
+                kept += group
+                continue
+            entries = [e for m in group for e in m.fetch_manifest_entry(self._io, discard_deleted=False)]
+            with self._writer(ManifestContent.DELETES, self.spec(spec_id)) as writer:
+                for entry in entries:
+                    if entry.status != ManifestEntryStatus.DELETED:
+                        writer.existing(entry)
+                    elif entry.snapshot_id == self._snapshot_id:  # removed by this commit: say so
+                        writer.delete(entry)
+            kept.append(writer.to_manifest_file())
+        return kept
 
     def _existing_manifests(self) -> list[ManifestFile]:
         """The parent's manifests: as they are, or rewritten with the removed files marked deleted."""

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pyiceberg.catalog import load_catalog
-from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
+from pyiceberg.manifest import DataFile, DataFileContent, FileFormat, ManifestContent
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation
 
@@ -236,6 +236,24 @@ def test_position_deletes_across_batches_and_row_groups(
     assert read.sort_by("ts").column("ts").equals(data.filter(pa.array(keep)).column("ts"))
     duck, theirs = independent(backend, engine, table)
     assert duck.num_rows == theirs.num_rows == int(keep.sum())  # type: ignore[union-attr]
+
+
+def test_delete_manifests_are_merged(client: FeatureClient, backend: dict[str, str], table: str) -> None:
+    """Each merge-on-read delete adds a delete manifest; past `commit.manifest.min-count-to-merge` they
+    are folded into one, so planning a read does not slow down with every delete."""
+    create(client, table, rows())
+    with load(backend, table).transaction() as transaction:
+        transaction.set_properties({"commit.manifest.min-count-to-merge": "3"})
+    counts = []
+    for k in range(5):
+        client.delete(table, keys={"driver_id": [k]}, mode="merge-on-read")
+        loaded = load(backend, table)
+        manifests = loaded.current_snapshot().manifests(loaded.io)  # type: ignore[union-attr]
+        counts.append(sum(m.content == ManifestContent.DELETES for m in manifests))
+    assert counts == [1, 2, 2, 2, 2]  # the third delete folds the first two into one
+    assert int(summary(client, table)["total-delete-files"]) >= 5
+    assert ordered(client.scan(table).read_all()) == [r for r in ordered(rows()) if r["driver_id"] >= 5]
+    assert load(backend, table).scan().to_arrow().num_rows == (KEYS - 5) * ROWS_PER_KEY
 
 
 def test_merge_on_read_needs_format_v2(client: FeatureClient, backend: dict[str, str], table: str) -> None:
