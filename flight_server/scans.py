@@ -183,14 +183,16 @@ def scan_parts(plan: ScanPlan, partitions: int) -> list[list[int] | None]:
 
 def deleted_positions(io: FileIO, tasks: list[FileScanTask]) -> dict[str, np.ndarray]:
     """Each data file's deleted row positions (sorted, unique), from the position delete files planned for
-    it (read in parallel: they are small and many)."""
-    files = {d.file_path for task in tasks for d in task.delete_files}
+    it (read in parallel, for object storage: they are small and many)."""
+    files = {d.file_path: d for task in tasks for d in task.delete_files}
     if not files:
         return {}
 
     def read(path: str) -> pa.Table:
+        # A delete file of one data file (path bounds say which) needs no file_path column.
+        columns = ["pos"] if referenced_data_file(files[path]) is not None else ["file_path", "pos"]
         with io.new_input(path).open() as stream:
-            return pq.read_table(stream, columns=["file_path", "pos"])
+            return pq.ParquetFile(stream).read(columns=columns)
 
     with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
         tables = dict(zip(files, pool.map(read, files), strict=True))
