@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import click
 import strictyaml
 
-from benchmarks import historical, ingest, online, partitioning, plots, report, scale, scan
+from benchmarks import cow_mor, historical, ingest, online, partitioning, plots, report, scale, scan
 from benchmarks.harness import Settings, machine, target
 from flight_client import FeatureServerError
 from flight_server.config import read_catalog_file
@@ -45,10 +45,11 @@ BENCHMARKS = {
         rows_per_entity=historical.ROWS_PER_ENTITY,
     ),
     "online": Benchmark(online.run, online.render, rows=1_000_000, features=8, rows_per_entity=10),
+    "cow-vs-mor": Benchmark(cow_mor.run, cow_mor.render, rows=1_000_000, features=8),
     "scale": Benchmark(scale.run, scale.render, rows=1_000_000, features=8),
 }
 # `all` leaves out `scale`, which starts servers of its own and cannot measure a server given by --location.
-ALL = ["scan", "ingest", "partitioning", "historical", "online"]
+ALL = ["scan", "ingest", "partitioning", "historical", "online", "cow-vs-mor"]  # `scale` starts its own servers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +217,8 @@ def execute(names: list[str], options: Options, extra: dict[str, dict[str, Any]]
 
 @click.group()
 def main() -> None:
-    """Benchmarks of the feature Flight server: scans, ingest, partitioning and training sets, each next to its
-    ceiling or baseline.
+    """Benchmarks of the feature Flight server: scans, ingest, partitioning, training sets, online lookups and
+    deletes (copy-on-write against merge-on-read), each next to its ceiling or baseline.
 
     Each subcommand starts its own server on a temporary warehouse (or on the catalog of --catalog-config)
     unless --location names one. Results go to stdout as a table, progress to stderr; --json and --plot
@@ -298,13 +299,41 @@ def scale_command(replicas: str | None, **kwargs: Any) -> None:
     execute(["scale"], options, {"scale": {"replicas": counts}})
 
 
+def delete_files_option(value: str | None, quick: bool) -> tuple[int, ...]:
+    if value is None:
+        return cow_mor.QUICK_DELETE_FILES if quick else cow_mor.DELETE_FILES
+    try:
+        counts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise click.BadParameter(f"expected positive integers separated by commas, got {value!r}")
+    return counts
+
+
+@main.command("cow-vs-mor")
+@common_options
+@click.option(
+    "--delete-files",
+    metavar="N,N,...",
+    help="Delete files the merge-on-read deletes are spread over [default: "
+    f"{','.join(map(str, cow_mor.DELETE_FILES))}; {','.join(map(str, cow_mor.QUICK_DELETE_FILES))} with --quick].",
+)
+def cow_vs_mor_command(delete_files: str | None, **kwargs: Any) -> None:
+    """Scans, filtered scans, training sets and online index builds of a table with 1-30 % of its rows deleted
+    copy-on-write, merge-on-read (1-100 delete files) and compacted, next to pyiceberg's reader."""
+    options = Options(**kwargs)
+    execute(["cow-vs-mor"], options, {"cow-vs-mor": {"delete_files": delete_files_option(delete_files, options.quick)}})
+
+
 @main.command("all")
 @common_options
 def all_command(**kwargs: Any) -> None:
     """Every benchmark, one after the other, into one report."""
     options = Options(**kwargs)
     requests = online.QUICK_REQUESTS if options.quick else online.REQUESTS
-    execute(ALL, options, {"online": {"requests": requests}})
+    extra = {"online": {"requests": requests}, "cow-vs-mor": {"delete_files": delete_files_option(None, options.quick)}}
+    execute(ALL, options, extra)
 
 
 @main.command("plot")

@@ -363,12 +363,75 @@ def online(result: dict[str, Any], machine: dict[str, Any] | None = None) -> Fig
     return figure
 
 
+COMPACTED = "#55A868"
+MOR_TARGET = 0.6  # merge-on-read with 10 % deleted should read at least this fast, relative to copy-on-write
+
+
+def cow_vs_mor(result: dict[str, Any], machine: dict[str, Any] | None = None) -> Figure:
+    """Each layout's speed relative to copy-on-write of the same share, one panel per read."""
+    from benchmarks.cow_mor import MEASURES
+
+    entries = list(result["results"].values())
+    measures = [m for m in MEASURES if any(m in e["measures"] for e in entries)]
+    colors = [
+        REFERENCE if e["mode"] == "copy-on-write" else COMPACTED if e["mode"] == "compacted" else FLIGHT
+        for e in entries
+    ]
+    figure = _figure(1.4 + 0.3 * len(entries) * len(measures))
+    panels = figure.subplots(len(measures), 1, squeeze=False)[:, 0]
+    positions = list(range(len(entries)))
+    for axes, key in zip(panels, measures, strict=True):
+        ratios = [e["measures"][key]["ratio_to_cow"] if key in e["measures"] else 0.0 for e in entries]
+        axes.barh(positions, ratios, color=colors, height=0.65)
+        axes.set_yticks(positions, [e["label"] for e in entries], fontsize=7.5)
+        axes.invert_yaxis()
+        axes.axvline(1.0, color="#222222", linestyle="--", linewidth=1)
+        axes.axvline(MOR_TARGET, color="#C44E52", linestyle=":", linewidth=1)
+        for position, entry, ratio in zip(positions, entries, ratios, strict=True):
+            m = entry["measures"].get(key)
+            if m is None:
+                continue
+            value = f"{report.rate(m['rows_per_s'])} rows/s" if "rows_per_s" in m else f"{m['median_s']:.3f} s"
+            axes.annotate(
+                f"{value}  {report.ratio(ratio)}",
+                (ratio, position),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7.5,
+                bbox=LABEL_BOX,
+            )
+        axes.set_xlim(0, max(max(ratios), 1.0) * 1.45)
+        axes.set_title(MEASURES[key], fontsize=9, loc="left")
+        axes.grid(axis="x", color="#dddddd", linewidth=0.6)
+        axes.set_axisbelow(True)
+        axes.tick_params(labelsize=8)
+    panels[-1].set_xlabel(
+        f"speed relative to copy-on-write with the same rows deleted (higher is better; dotted: the {MOR_TARGET}x "
+        "target for merge-on-read)",
+        fontsize=8.5,
+    )
+    _legend(
+        panels[0],
+        [("copy-on-write", REFERENCE), ("merge-on-read", FLIGHT), ("compacted", COMPACTED)],
+        colors,
+    )
+    _title(
+        figure,
+        f"cow-vs-mor: {result['rows']:,} rows with 1-30 % deleted, copy-on-write vs merge-on-read in "
+        f"{', '.join(map(str, result['delete_files']))} delete files vs compacted",
+        machine,
+    )
+    return figure
+
+
 PLOTS: dict[str, Callable[[dict[str, Any], dict[str, Any] | None], Figure]] = {
     "scan": scan,
     "ingest": ingest,
     "partitioning": partitioning,
     "historical": historical,
     "online": online,
+    "cow-vs-mor": cow_vs_mor,
 }
 
 

@@ -8,7 +8,7 @@ import math
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +18,15 @@ import pyarrow.flight as flight
 from flight_client.errors import FeatureServerError, ResourceExhaustedError, from_flight_error
 from flight_server.protocol import (
     MAX_INLINE_ENTITIES,
+    CompactRequest,
+    DeleteRequest,
     EntitySource,
+    ExpireRequest,
     HistoricalRequest,
     OnlineRequest,
+    PinRequest,
     ScanRequest,
+    UnpinRequest,
     WriteRequest,
     WriteResult,
     encode,
@@ -202,6 +207,50 @@ class FeatureClient:
         if reply is None:
             raise FeatureServerError("the server closed the write without a result", "INTERNAL")
         return WriteResult.from_bytes(reply.to_pybytes())
+
+    def delete(
+        self,
+        table: str,
+        keys: dict[str, list[Any]] | None = None,
+        filter: str | None = None,
+        mode: str | None = None,
+    ) -> dict[str, Any]:
+        """Delete the rows of some entities (`keys`: key column -> values, one entity per position) and/or
+        those matching `filter`, in one snapshot.
+
+        `mode` is "copy-on-write" (rewrite the files holding them) or "merge-on-read" (write position
+        delete files; cheaper deletes, slower reads until `compact`); default: the table's
+        `write.delete.mode`, else copy-on-write. Returns the snapshot id and the rows and files changed.
+        """
+        columns = {k: [_jsonable(v) for v in values] for k, values in keys.items()} if keys is not None else None
+        return self._action("delete", asdict(DeleteRequest(table, columns, filter, mode)))
+
+    def compact(self, table: str, filter: str | None = None) -> dict[str, Any]:
+        """Rewrite the table's data and delete files (or those of the data files `filter` touches) into
+        well-sized data files, in one snapshot; afterwards reads apply no delete files."""
+        return self._action("compact", asdict(CompactRequest(table, filter)))
+
+    def expire_snapshots(
+        self,
+        table: str,
+        older_than: dt.datetime | str | int | None = None,
+        retain_last: int | None = None,
+        force: bool = False,
+    ) -> dict[str, Any]:
+        """Forget snapshots older than `older_than` except the `retain_last` newest, and delete the files only
+        they used; defaults: the table's `history.expire.*` properties (5 days, 1). Pinned snapshots are
+        kept (and listed in `kept_pinned`) unless `force`, which drops their pins."""
+        request = ExpireRequest(table, _as_of(older_than), retain_last, force)  # type: ignore[arg-type]
+        return self._action("expire_snapshots", asdict(request))
+
+    def pin(self, table: str, snapshot_id: int | None = None, name: str | None = None) -> dict[str, Any]:
+        """Keep a snapshot (default: the current one) from expiring, under `name` (default `pin-<id>`): an
+        Iceberg tag, so other engines see and keep it too."""
+        return self._action("pin", asdict(PinRequest(table, snapshot_id, name)))
+
+    def unpin(self, table: str, name: str) -> dict[str, Any]:
+        """Drop the pin `name`; its snapshot may then expire."""
+        return self._action("unpin", asdict(UnpinRequest(table, name)))
 
     # Reads
 

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow.flight as flight
 
 from flight_server.catalog import FeatureCatalog
-from flight_server.protocol import HistoricalRequest, OnlineRequest, ScanRequest, TableRequest, WriteRequest
+from flight_server.protocol import HistoricalRequest, OnlineRequest
 
 log = logging.getLogger(__name__)
 READ, WRITE, ADMIN = "read", "write", "admin"
@@ -82,9 +82,9 @@ class Principal:
 EVERYONE = Principal("anonymous", frozenset(PERMISSIONS))
 
 
-def request_tables(request: ScanRequest | TableRequest | WriteRequest | HistoricalRequest | OnlineRequest) -> list[str]:
-    """Every table a request reads or writes."""
-    if isinstance(request, (ScanRequest, TableRequest, WriteRequest)):
+def request_tables(request: Any) -> list[str]:
+    """Every table a request reads or writes: its `table`, or its features' (and entity) tables."""
+    if not isinstance(request, (HistoricalRequest, OnlineRequest)):
         return [request.table]
     tables = [ref.rpartition(":")[0] for ref in request.features]
     if isinstance(request, HistoricalRequest) and request.entities is not None and request.entities.table:

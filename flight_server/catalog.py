@@ -18,6 +18,8 @@ from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
+from pyiceberg.table.metadata import TableMetadata
+from pyiceberg.table.refs import SnapshotRefType
 from pyiceberg.transforms import (
     BucketTransform,
     DayTransform,
@@ -31,7 +33,7 @@ from pyiceberg.transforms import (
 
 from flight_server.config import redact
 from flight_server.errors import NotFoundError, RequestError
-from flight_server.protocol import ProtocolError, parse_table_name
+from flight_server.protocol import DELETE_MODES, ProtocolError, parse_table_name
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ PROP_ENTITY_KEYS = "feature.entity-keys"
 PROP_EVENT_TIME = "feature.event-time"
 PROP_CREATED_TIME = "feature.created-time"
 PROP_TTL_SECONDS = "feature.ttl-seconds"
+PROP_DELETE_MODE = "write.delete.mode"  # Iceberg's own: copy-on-write or merge-on-read
 DEFAULT_BUCKETS = 8
 _TRANSFORM = re.compile(r"^\s*(\w+)\s*\(\s*(?:(\d+)\s*,\s*)?([A-Za-z_][\w\-]*)\s*\)\s*$")
 
@@ -185,6 +188,13 @@ def table_name(table: Table) -> str:
     return ".".join(table.name())
 
 
+def pins(metadata: TableMetadata) -> dict[str, int]:
+    """The table's pins: its Iceberg tags, by name (snapshot expiry keeps their snapshots)."""
+    return {
+        name: ref.snapshot_id for name, ref in metadata.refs.items() if ref.snapshot_ref_type == SnapshotRefType.TAG
+    }
+
+
 def describe(table: Table, max_snapshots: int = 100) -> dict[str, Any]:
     """A table's definition and history, as the `describe` action returns it."""
     metadata = table.metadata
@@ -215,4 +225,6 @@ def describe(table: Table, max_snapshots: int = 100) -> dict[str, Any]:
         ],
         "location": table.location(),
         "format_version": metadata.format_version,
+        "delete_mode": metadata.properties.get(PROP_DELETE_MODE, DELETE_MODES[0]),
+        "pins": pins(metadata),
     }

@@ -293,7 +293,7 @@ class OnlineStore:
         with self._build_lock(name):
             index = self._indexes.get(name)
             if index is None:
-                index = self._build(self.catalog.load(name))
+                index = self.build(self.catalog.load(name))
                 self._indexes[name] = index
             return index
 
@@ -358,7 +358,8 @@ class OnlineStore:
         finally:
             cursor.close()
 
-    def _build(self, table: Table) -> OnlineIndex:
+    def build(self, table: Table) -> OnlineIndex:
+        """An index of the table's current snapshot, read whole through `iceberg_scan` (not registered)."""
         name = table_name(table)
         spec = FeatureSpec.from_properties(table.metadata.properties)
         if spec is None:
@@ -419,7 +420,7 @@ class OnlineStore:
             changed = index.apply(latest if latest is not None else index.schema.empty_table(), current)  # type: ignore[arg-type]
             index.appends += 1
             return f"appended {len(files)} file(s), {changed} key(s) changed"
-        rebuilt = self._build(table)
+        rebuilt = self.build(table)
         index.state, index.build_seconds = rebuilt.state, rebuilt.build_seconds
         index.rebuilds += 1
         return "rebuilt"

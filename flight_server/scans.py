@@ -3,27 +3,34 @@
 Planning (`plan_scan`) checks everything the client asked for before any byte moves: the table,
 the snapshot (by id or by time), the columns and the filter. Execution (`open_scan`) takes one of
 two paths, both producing a C++ `RecordBatchReader` that Flight streams without touching Python per
-batch: `direct` (Arrow's Parquet reader over the planned files, for whole-table reads of tables
-without delete files) or `iceberg_scan` (DuckDB, which prunes files and row groups for filters and
-applies delete files). Direct reads can be split into parts over the files (`scan_parts`), which
-clients fetch in parallel.
+batch: `direct` (Arrow's Parquet reader over the planned files, for whole-table reads, dropping the
+rows of position delete files) or `iceberg_scan` (DuckDB, which prunes files and row groups for
+filters and applies position and equality delete files); the log says which, and why. Direct reads can be split
+into parts over the files (`scan_parts`), which clients fetch in parallel.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression
+from pyiceberg.io import FileIO
 from pyiceberg.io.pyarrow import PyArrowFileIO
-from pyiceberg.manifest import DataFile
+from pyiceberg.manifest import FileFormat
 from pyiceberg.schema import Schema
-from pyiceberg.table import Table
+from pyiceberg.table import FileScanTask, Table
 
 from flight_server.catalog import FeatureCatalog, table_name
+from flight_server.commits import referenced_data_file
 from flight_server.duck import Engine, local_path
 from flight_server.errors import NotFoundError, RequestError
 from flight_server.filters import parse_filter, quote, to_sql
@@ -48,15 +55,15 @@ class ScanPlan:
         return table_name(self.table)
 
     def estimated_rows(self) -> int:
-        """Rows the scan will return at most: exact without a filter, an upper bound with one."""
+        """Rows the scan will return at most: exact without a filter or delete files, else an upper bound
+        (the rows of the files the filter may touch, or of the whole snapshot)."""
         if self.snapshot_id is None:
             return 0
-        if isinstance(self.expression, AlwaysTrue):
-            summary = self.table.snapshot_by_id(self.snapshot_id).summary  # type: ignore[union-attr]
-            rows = int(summary["total-records"]) if summary and "total-records" in summary else -1
-        else:
-            scan = self.table.scan(row_filter=self.expression, snapshot_id=self.snapshot_id)
-            rows = sum(task.file.record_count for task in scan.plan_files())
+        summary = self.table.snapshot_by_id(self.snapshot_id).summary  # type: ignore[union-attr]
+        rows = int(summary["total-records"]) if summary and "total-records" in summary else -1
+        if not isinstance(self.expression, AlwaysTrue):
+            tasks = plan_tasks(self.table, self.snapshot_id, self.expression)
+            rows = sum(task.file.record_count for task in tasks) if tasks is not None else rows
         return min(rows, self.request.limit) if self.request.limit is not None and rows >= 0 else rows
 
     def metadata(self) -> dict[str, Any]:
@@ -106,6 +113,17 @@ def plan_table_scan(table: Table, request: ScanRequest) -> ScanPlan:
     return ScanPlan(table, request, snapshot_id, arrow, expression)
 
 
+def plan_tasks(table: Table, snapshot_id: int | None, expression: BooleanExpression) -> list[FileScanTask] | None:
+    """pyiceberg's plan of a read (files pruned by partition and statistics, each with its delete files),
+    or None when pyiceberg cannot plan it: it refuses tables with equality delete files (as Flink
+    writes them), which DuckDB's `iceberg_scan` applies."""
+    try:
+        return list(table.scan(row_filter=expression, snapshot_id=snapshot_id).plan_files())
+    except ValueError as exc:
+        log.debug("pyiceberg cannot plan a read of %s: %s", table_name(table), exc)
+        return None
+
+
 def _renamed(table: Table) -> bool:
     """Whether any column ever had another name: files are then matched by field id, not name."""
     names: dict[int, str] = {}
@@ -116,82 +134,147 @@ def _renamed(table: Table) -> bool:
     return False
 
 
-def direct_files(plan: ScanPlan) -> list[DataFile] | None:
-    """The data files for the copy-on-write fast path, or None when DuckDB's `iceberg_scan` must read.
+def direct_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, str]:
+    """The planned files (each with its position delete files) for the direct path, or None when DuckDB's
+    `iceberg_scan` must read; and why that path.
 
-    The fast path takes whole-table reads (no filter, no limit: the bulk case) when no planned file
-    has delete files and no column was ever renamed (files are matched by column name); everything
-    else goes through DuckDB, so that filters have one semantics (SQL's) whatever the path.
+    The direct path takes whole-table reads (no filter, no limit: the bulk case) when pyiceberg can
+    plan them (no equality delete files), every delete file is a Parquet position delete file, and
+    no column was ever renamed (files are matched by column name); everything else goes through
+    DuckDB, so that filters have one semantics (SQL's) whatever the path.
     """
-    if (
-        plan.request.limit is not None
-        or not isinstance(plan.expression, AlwaysTrue)
-        or _renamed(plan.table)
-        or not isinstance(plan.table.io, PyArrowFileIO)
-    ):
-        return None
-    tasks = list(plan.table.scan(snapshot_id=plan.snapshot_id).plan_files())
-    if any(task.delete_files for task in tasks):
-        return None
-    return [task.file for task in tasks]
+    if plan.request.limit is not None or not isinstance(plan.expression, AlwaysTrue):
+        return None, "a filter or a limit"
+    if _renamed(plan.table):
+        return None, "renamed columns"
+    if not isinstance(plan.table.io, PyArrowFileIO):
+        return None, "storage Arrow does not read"
+    tasks = plan_tasks(plan.table, plan.snapshot_id, AlwaysTrue())
+    if tasks is None:
+        return None, "equality delete files"
+    deletes = {d.file_path: d for task in tasks for d in task.delete_files}
+    if any(d.file_format != FileFormat.PARQUET for d in deletes.values()):
+        return None, "deletion vectors"
+    return tasks, f"{len(deletes)} position delete file(s) applied" if deletes else "no delete files"
 
 
-def split_files(files: list[DataFile], count: int) -> list[list[DataFile]]:
-    """`count` shares of `files` with similar row counts (largest file first to the lightest share).
+def split_files(tasks: list[FileScanTask], count: int) -> list[list[FileScanTask]]:
+    """`count` shares of the planned files with similar row counts (largest file first to the lightest share).
 
     The shares depend only on the set of files, never on their order, so a part ticket needs no
     state: any replica planning the same snapshot reads the same files for the same part.
     """
-    shares: list[list[DataFile]] = [[] for _ in range(count)]
+    shares: list[list[FileScanTask]] = [[] for _ in range(count)]
     rows = [0] * count
-    for file in sorted(files, key=lambda f: (-f.record_count, f.file_path)):
+    for task in sorted(tasks, key=lambda t: (-t.file.record_count, t.file.file_path)):
         lightest = rows.index(min(rows))
-        shares[lightest].append(file)
-        rows[lightest] += file.record_count
+        shares[lightest].append(task)
+        rows[lightest] += task.file.record_count
     return shares
 
 
 def scan_parts(plan: ScanPlan, partitions: int) -> list[list[int] | None]:
     """The `part` of each endpoint ticket: up to `partitions` shares (never more than files) when the
     scan takes the direct path, else one ticket for the whole scan."""
-    files = direct_files(plan) if partitions > 1 and plan.snapshot_id is not None else None
-    count = min(partitions, len(files)) if files else 1
+    tasks = direct_files(plan)[0] if partitions > 1 and plan.snapshot_id is not None else None
+    count = min(partitions, len(tasks)) if tasks else 1
     return [[index, count] for index in range(count)] if count > 1 else [None]
 
 
-def direct_reader(plan: ScanPlan, files: list[DataFile], batch_rows: int) -> pa.RecordBatchReader:
-    """Arrow's own multi-threaded Parquet reader over `files` (all or a share of `direct_files`)."""
+def deleted_positions(io: FileIO, tasks: list[FileScanTask]) -> dict[str, np.ndarray]:
+    """Each data file's deleted row positions (sorted, unique), from the position delete files planned for
+    it (read in parallel, for object storage: they are small and many)."""
+    files = {d.file_path: d for task in tasks for d in task.delete_files}
     if not files:
+        return {}
+
+    def read(path: str) -> pa.Table:
+        # A delete file of one data file (path bounds say which) needs no file_path column.
+        columns = ["pos"] if referenced_data_file(files[path]) is not None else ["file_path", "pos"]
+        with io.new_input(path).open() as stream:
+            return pq.ParquetFile(stream).read(columns=columns)
+
+    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
+        tables = dict(zip(files, pool.map(read, files), strict=True))
+    deleted = {}
+    for task in tasks:
+        path, positions = task.file.file_path, []
+        for delete_file in task.delete_files:
+            table = tables[delete_file.file_path]
+            if referenced_data_file(delete_file) != path:  # a delete file of several data files
+                table = table.filter(pc.equal(table["file_path"].cast(pa.string()), path))
+            positions.append(table["pos"].to_numpy())
+        if positions:
+            deleted[path] = np.unique(np.concatenate(positions))
+    return deleted
+
+
+def _without_deleted(
+    batches: Iterator[ds.TaggedRecordBatch], deleted: dict[str, np.ndarray]
+) -> Iterator[pa.RecordBatch]:
+    """The batches of a scan without their deleted rows: a fragment's batches arrive in order, so a running
+    count gives each row's position in its file."""
+    offsets: dict[str, int] = {}
+    for tagged in batches:
+        batch, path = tagged.record_batch, tagged.fragment.path
+        start = offsets.get(path, 0)
+        offsets[path] = start + batch.num_rows
+        positions = deleted.get(path)
+        if positions is not None:
+            low, high = np.searchsorted(positions, [start, start + batch.num_rows])
+            if low < high:
+                keep = np.ones(batch.num_rows, dtype=bool)
+                keep[positions[low:high] - start] = False
+                batch = batch.filter(pa.array(keep))
+        yield batch
+
+
+def direct_reader(plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int) -> pa.RecordBatchReader:
+    """Arrow's own multi-threaded Parquet reader over the planned files (all or a share of `direct_files`),
+    without the rows their position delete files delete."""
+    if not tasks:
         return pa.RecordBatchReader.from_batches(plan.schema, [])
     io = plan.table.io
-    scheme, netloc, _ = io.parse_location(files[0].file_path)
-    paths = [io.parse_location(file.file_path)[2] for file in files]
+    scheme, netloc, _ = io.parse_location(tasks[0].file.file_path)
+    paths = {io.parse_location(task.file.file_path)[2]: task.file.file_path for task in tasks}
     schema = snapshot_schema(plan.table, plan.snapshot_id)
     dataset = ds.dataset(
-        paths, schema=table_arrow_schema(schema), format="parquet", filesystem=io.fs_by_scheme(scheme, netloc)
+        list(paths), schema=table_arrow_schema(schema), format="parquet", filesystem=io.fs_by_scheme(scheme, netloc)
     )
     scanner = dataset.scanner(columns=plan.schema.names, batch_size=batch_rows)
-    return scanner.to_reader()
+    deleted = deleted_positions(io, tasks)
+    if not deleted:
+        return scanner.to_reader()
+    by_fragment = {path: deleted[location] for path, location in paths.items() if location in deleted}
+    return pa.RecordBatchReader.from_batches(
+        scanner.projected_schema, _without_deleted(scanner.scan_batches(), by_fragment)
+    )
 
 
 def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> tuple[pa.RecordBatchReader, str]:
     """Stream the planned rows, and say which read path does it; memory stays bounded."""
     if plan.snapshot_id is None or plan.request.limit == 0:
         return pa.RecordBatchReader.from_batches(plan.schema, []), "empty"
-    files = direct_files(plan)
+    files, why = direct_files(plan)
     part = plan.request.part
     if part is not None:
         if files is None:
             raise RequestError(
-                f"scan of {plan.name!r} cannot be read in parts (a filter, a limit, delete files, renamed columns "
-                "or storage Arrow does not read): read it whole, without 'part', or ask get_flight_info again"
+                f"scan of {plan.name!r} cannot be read in parts ({why}): read it whole, without 'part', "
+                "or ask get_flight_info again"
             )
         files = split_files(files, part[1])[part[0]]
+    log.info(
+        "scan %s at snapshot %s: %s path (%s)%s",
+        plan.name,
+        plan.snapshot_id,
+        "direct" if files is not None else "iceberg_scan",
+        why,
+        f", part {part}" if part is not None else "",
+    )
     if files is not None:
-        log.debug("scan %s: direct Parquet path, part %s", plan.name, part)
         direct = direct_reader(plan, files, batch_rows)
         return (direct if direct.schema == plan.schema else direct.cast(plan.schema)), "direct"
-    log.debug("scan %s: iceberg_scan path (a filter, a limit, delete files or renamed columns)", plan.name)
     engine.use_storage(plan.table.io.properties)
     schema = snapshot_schema(plan.table, plan.snapshot_id)
     where, params = to_sql(plan.expression, schema)

@@ -28,20 +28,28 @@ from flight_server.auth import (
     request_tables,
 )
 from flight_server.catalog import FeatureCatalog, FeatureSpec, describe, table_name
+from flight_server.commits import CommitLocks
 from flight_server.config import ServerConfig
+from flight_server.deletes import Deleter
 from flight_server.duck import Engine
 from flight_server.errors import LimitError, RequestError, to_flight_error
 from flight_server.historical import endpoint_requests, exchange_historical, open_historical, plan_request
 from flight_server.limits import ConcurrencyLimit
 from flight_server.lookups import OnlineService
+from flight_server.maintenance import Maintenance
 from flight_server.online import OnlineStore
 from flight_server.protocol import (
+    CompactRequest,
+    DeleteRequest,
+    ExpireRequest,
     HistoricalRequest,
     OnlineRequest,
+    PinRequest,
     ProtocolError,
     RequestTooLargeError,
     ScanRequest,
     TableRequest,
+    UnpinRequest,
     decode,
     parse_ticket,
     parse_write,
@@ -57,6 +65,14 @@ ACTIONS = {
     "list_tables": "List every table with its feature definition. Body: none.",
     "describe": 'Describe one table: schema, keys, event time, TTL, partitioning, snapshots. Body: {"table": "ns.t"}.',
     "health": "Server status, version and catalog. Body: none.",
+    "delete": 'Delete rows by entity keys and/or a filter, copy-on-write or merge-on-read. Body: {"table": "ns.t", '
+    '"keys": {"driver_id": [1, 2]}, "filter": "...", "mode": "merge-on-read"}.',
+    "compact": 'Rewrite data and delete files into well-sized data files, in one snapshot. Body: {"table": "ns.t", '
+    '"filter": "..."}.',
+    "expire_snapshots": "Forget old snapshots and delete the files only they used; pinned ones stay unless forced. "
+    'Body: {"table": "ns.t", "older_than": "2026-01-01T00:00:00Z", "retain_last": 10, "force": false}.',
+    "pin": 'Keep a snapshot from expiring (an Iceberg tag). Body: {"table": "ns.t", "snapshot_id": 1, "name": "..."}.',
+    "unpin": 'Drop a pin. Body: {"table": "ns.t", "name": "..."}.',
 }
 SNAPSHOT_METADATA_KEY = b"flight.snapshot_id"
 TABLE_METADATA_KEY = b"flight.table"
@@ -105,7 +121,20 @@ class FeatureFlightServer(flight.FlightServerBase):
         )
         self.engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
         self.engine.use_storage(self.catalog.properties)
-        self.writer = Writer(self.catalog, config.write_chunk_bytes, config.commit_timeout_seconds)
+        locks = CommitLocks()
+        self.writer = Writer(self.catalog, config.write_chunk_bytes, config.commit_timeout_seconds, locks)
+        # Deletes and maintenance commit through the same per-table locks as writes.
+        limits = (config.write_chunk_bytes, config.commit_timeout_seconds, config.batch_rows)
+        self.deleter = Deleter(self.catalog, self.engine, locks, *limits)
+        self.maintenance = Maintenance(self.catalog, self.engine, locks, *limits)
+        # The actions that change tables: how to parse each body, and what runs it.
+        self._changes: dict[str, tuple[Callable[[dict[str, Any]], Any], Callable[[Any], dict[str, Any]]]] = {
+            "delete": (DeleteRequest.from_body, self.deleter.delete),
+            "compact": (CompactRequest.from_body, self.maintenance.compact),
+            "expire_snapshots": (ExpireRequest.from_body, self.maintenance.expire),
+            "pin": (PinRequest.from_body, self.maintenance.pin),
+            "unpin": (UnpinRequest.from_body, self.maintenance.unpin),
+        }
         self.store = OnlineStore(
             self.catalog, self.engine, config.online_refresh_seconds, config.online_max_bytes, config.online_tables
         )
@@ -208,7 +237,6 @@ class FeatureFlightServer(flight.FlightServerBase):
             return flight.RecordBatchStream(self.online.get(request))
         plan = plan_scan(self.catalog, request)
         reader, path = open_scan(plan, self.engine, self.config.batch_rows)
-        log.debug("scan %s at snapshot %s", plan.name, plan.snapshot_id)
         return flight.RecordBatchStream(reader.cast(self._schema(plan, path)))
 
     @_flight_errors
@@ -300,13 +328,20 @@ class FeatureFlightServer(flight.FlightServerBase):
             }
         elif action.type == "list_tables":
             result = [self._table_summary(self.catalog.load(name)) for name in self._visible_tables(context)]
-        else:
+        elif action.type == "describe":
             request = self._authorized(
                 context, TableRequest.from_body(decode(body, "describe body", self.config.max_request_bytes))
             )
             result = describe(self.catalog.load(request.table))
             index = self.store.peek(request.table)
             result["online"] = index.stats() if index is not None else None
+        else:
+            parse, run = self._changes[action.type]
+            change = self._authorized(
+                context, parse(decode(body, f"{action.type} body", self.config.max_request_bytes))
+            )
+            result = run(change)
+            self.store.notify(change.table)
         return iter([json.dumps(result).encode()])
 
     def _table_summary(self, table: Table) -> dict[str, Any]:

@@ -26,8 +26,10 @@ from pyiceberg.io.pyarrow import _dataframe_to_data_files, _pyarrow_to_schema_wi
 from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import Table, Transaction
+from pyiceberg.table.metadata import TableMetadata
 
 from flight_server.catalog import FeatureCatalog, FeatureSpec, default_partitioning, partition_spec, table_name
+from flight_server.commits import CommitLocks, delete_files, live_files
 from flight_server.errors import ConflictError, RequestError
 from flight_server.protocol import ProtocolError, WriteRequest, WriteResult, parse_end_marker
 from flight_server.schemas import Conformer, new_table_schema, table_arrow_schema
@@ -52,6 +54,48 @@ def find_write(table: Table, write_id: str) -> WriteResult | None:
                 duplicate=True,
             )
     return None
+
+
+def write_data_files(
+    metadata: TableMetadata,
+    chunk: pa.Table,
+    io: FileIO,
+    spec: FeatureSpec | None,
+    write_uuid: uuid.UUID,
+    counter: itertools.count[int],
+) -> list[DataFile]:
+    """Parquet data files of one chunk, split by partition; rows sorted by keys and event time within
+    each file, so that key lookups skip row groups."""
+    if spec is not None:
+        chunk = chunk.sort_by([(c, "ascending") for c in (*spec.entity_keys, spec.event_time)])
+    return list(_dataframe_to_data_files(metadata, chunk, io, write_uuid, counter))
+
+
+def write_reader(
+    metadata: TableMetadata, reader: pa.RecordBatchReader, io: FileIO, spec: FeatureSpec | None, chunk_bytes: int
+) -> list[DataFile]:
+    """`write_data_files` over a stream, in chunks of about `chunk_bytes`: memory stays bounded. Files
+    already written are deleted if it fails."""
+    files: list[DataFile] = []
+    write_uuid, counter = uuid.uuid4(), itertools.count()
+    pending: list[pa.RecordBatch] = []
+
+    def flush() -> None:
+        if pending:
+            chunk = pa.Table.from_batches(pending, schema=reader.schema)
+            files.extend(write_data_files(metadata, chunk, io, spec, write_uuid, counter))
+            pending.clear()
+
+    try:
+        for batch in reader:
+            pending.append(batch)
+            if sum(b.nbytes for b in pending) >= chunk_bytes:
+                flush()
+        flush()
+    except BaseException:
+        delete_files(io, files)
+        raise
+    return files
 
 
 def _check_feature_columns(spec: FeatureSpec, stream: pa.Schema) -> None:
@@ -81,12 +125,12 @@ class _Staged:
 class Writer:
     """Runs `do_put` streams against the catalog."""
 
-    def __init__(self, catalog: FeatureCatalog, chunk_bytes: int, commit_timeout: float):
+    def __init__(self, catalog: FeatureCatalog, chunk_bytes: int, commit_timeout: float, locks: CommitLocks):
         self.catalog = catalog
         self.chunk_bytes = chunk_bytes
         self.commit_timeout = commit_timeout
         self._id_locks = [threading.Lock() for _ in range(64)]
-        self._commit_locks = [threading.Lock() for _ in range(64)]
+        self._commit_locks = locks
         self._active = 0
         self._active_lock = threading.Lock()
 
@@ -147,13 +191,8 @@ class Writer:
             nonlocal pending, pending_bytes
             if pending:
                 chunk = pa.Table.from_batches(pending, schema=staged.target)
-                if staged.spec is not None:
-                    chunk = chunk.sort_by(
-                        [(c, "ascending") for c in (*staged.spec.entity_keys, staged.spec.event_time)]
-                    )
-                files.extend(
-                    _dataframe_to_data_files(staged.transaction.table_metadata, chunk, staged.io, write_uuid, counter)
-                )
+                metadata = staged.transaction.table_metadata
+                files.extend(write_data_files(metadata, chunk, staged.io, staged.spec, write_uuid, counter))
             pending, pending_bytes = [], 0
 
         try:
@@ -188,7 +227,7 @@ class Writer:
             flush()
             return self._commit(request, staged, files, rows)
         except BaseException:
-            _delete_files(staged.io, files)
+            delete_files(staged.io, files)
             raise
 
     def _stage(self, request: WriteRequest, stream: pa.Schema) -> _Staged:
@@ -241,10 +280,10 @@ class Writer:
         # once, instead of failing and sleeping through pyiceberg's retry back-off.
         identifier = self.catalog.identifier(request.table)
         try:
-            with self._commit_locks[hash(identifier) % len(self._commit_locks)]:
+            with self._commit_locks(identifier):
                 table = self._commit_loop(request, staged, files, properties, deadline)
         except _AlreadyCommitted as done:
-            _delete_files(staged.io, files)
+            delete_files(staged.io, files)
             return done.result
         snapshot = table.current_snapshot()
         assert snapshot is not None
@@ -328,17 +367,8 @@ def _commit_files(transaction: Transaction, mode: str, files: list[DataFile], pr
 
 
 def _live_data_files(transaction: Transaction) -> list[DataFile]:
-    metadata = transaction.table_metadata
-    snapshot = metadata.current_snapshot()
-    if snapshot is None:
-        return []
-    io = transaction._table.io
-    return [
-        entry.data_file
-        for manifest in snapshot.manifests(io)
-        for entry in manifest.fetch_manifest_entry(io, discard_deleted=True)
-        if entry.data_file.content == DataFileContent.DATA
-    ]
+    files = live_files(transaction._table.io, transaction.table_metadata.current_snapshot())
+    return [file for file in files if file.content == DataFileContent.DATA]
 
 
 def _same_fields(a: Schema, b: Schema) -> bool:
@@ -365,11 +395,3 @@ def _drain(reader: flight.MetadataRecordBatchReader) -> None:
     """Read and drop a stream whose rows are already committed, so the client can finish."""
     for _ in chunks(reader, "write"):
         pass
-
-
-def _delete_files(io: FileIO, files: list[DataFile]) -> None:
-    for data_file in files:
-        try:
-            io.delete(data_file.file_path)
-        except Exception:  # best effort: the files are unreferenced either way
-            log.warning("could not delete uncommitted file %s", data_file.file_path, exc_info=True)

@@ -241,6 +241,52 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         InvalidRequestError,
         "'apply_ttl' must be true or false",
     ),
+    "delete in an unknown mode": (
+        lambda c, t: c.delete(t, keys={"user_id": [1]}, mode="sideways"),
+        InvalidRequestError,
+        "unknown mode 'sideways'",
+    ),
+    "delete naming no rows": (lambda c, t: c.delete(t), InvalidRequestError, "name the rows to delete"),
+    "delete by a column that is not a key": (
+        lambda c, t: c.delete(t, keys={"name": ["x"]}),
+        InvalidRequestError,
+        r"\['name'\] are not entity keys",
+    ),
+    "delete a key of the wrong type": (
+        lambda c, t: c.delete(t, keys={"user_id": ["one"]}),
+        InvalidRequestError,
+        "key column 'user_id' is int64",
+    ),
+    "delete a boolean key": (
+        lambda c, t: c.delete(t, keys={"user_id": [True]}),
+        InvalidRequestError,
+        "key values must be integers, strings or null",
+    ),
+    "delete keys of unequal lengths": (
+        lambda c, t: c.delete(t, keys={"user_id": [1, 2], "region": ["r1"]}),
+        InvalidRequestError,
+        "must have equal lengths",
+    ),
+    "delete with a bad filter": (lambda c, t: c.delete(t, filter="user_id >"), InvalidRequestError, "cannot parse"),
+    "delete from an unknown table": (
+        lambda c, t: c.delete("tests.no_such_table", filter="user_id = 1"),
+        NotFoundError,
+        "does not exist",
+    ),
+    "compact by a filter on an unknown column": (lambda c, t: c.compact(t, filter="nope = 1"), NotFoundError, "nope"),
+    "expire keeping no snapshot": (
+        lambda c, t: c.expire_snapshots(t, retain_last=0),
+        InvalidRequestError,
+        "'retain_last' must be an integer >= 1",
+    ),
+    "expire before a bad time": (
+        lambda c, t: c.expire_snapshots(t, older_than="soon"),
+        InvalidRequestError,
+        "not an ISO-8601 timestamp",
+    ),
+    "pin an unknown snapshot": (lambda c, t: c.pin(t, 12345), NotFoundError, "no snapshot 12345"),
+    "pin named main": (lambda c, t: c.pin(t, name="main"), InvalidRequestError, "invalid pin name 'main'"),
+    "unpin an unknown pin": (lambda c, t: c.unpin(t, "nope"), NotFoundError, "has no pin 'nope'"),
     "unknown action": (lambda c, t: c._action("explode"), InvalidRequestError, "unknown action 'explode'"),
     "describe without table": (
         lambda c, t: c._action("describe", {}),

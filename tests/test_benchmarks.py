@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(300)
 
 TIMING_KEYS = {"median_s", "min_s", "max_s", "repeat", "times_s"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-CHARTS = ("scan.png", "ingest.png", "partitioning.png", "historical.png", "online.png")
+CHARTS = ("scan.png", "ingest.png", "partitioning.png", "historical.png", "online.png", "cow-vs-mor.png")
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +207,33 @@ def test_scale_over_replicas(tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "cannot measure --location" in refused.output
 
 
+def check_cow_mor(result: dict[str, Any], local: bool) -> None:
+    shares = ("1%", "10%", "30%")
+    layouts = {f"cow_{s}" for s in shares} | {f"mor_{s}_{n}" for s in shares for n in (1, 3)} | {"compacted_10%"}
+    assert set(result["results"]) == layouts
+    measures = {"scan", "filtered", "training"} | ({"online_build", "pyiceberg"} if local else set())
+    for key, entry in result["results"].items():
+        assert set(entry["measures"]) == measures, key
+        for m in entry["measures"].values():
+            assert m.keys() >= TIMING_KEYS and positive(m["ratio_to_cow"])
+        mor = entry["mode"] == "merge-on-read"
+        assert entry["read_path"] == "direct"  # position deletes are applied by Arrow
+        assert entry["delete_files"] == (len(entry["delete_s"]) if mor else 0) and entry["delete_s"]
+        # The same rows deleted in every layout of a share, and every read returned the rest.
+        assert entry["rows_deleted"] == result["results"][f"cow_{key.split('_')[1]}"]["rows_deleted"] > 0
+        assert entry["measures"]["scan"]["rows"] == result["rows"] - entry["rows_deleted"]
+        if entry["mode"] == "copy-on-write":
+            assert all(m["ratio_to_cow"] == 1.0 for m in entry["measures"].values())
+    assert result["results"]["compacted_10%"]["compaction"]["compacted"]
+    assert set(result["checks"]["compared"]) == measures
+
+
+def test_cow_vs_mor_on_its_own_server(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "cow-vs-mor")["benchmarks"]["cow-vs-mor"]
+    check_cow_mor(result, local=True)
+    assert result["delete_files"] == [1, 3] and result["rows"] == 20_000
+
+
 @pytest.fixture(scope="module")
 def all_run(tmp_path_factory: pytest.TempPathFactory, running_server: Target) -> tuple[dict[str, Any], Path]:
     """One `flight-bench all --quick --plot DIR` run, shared by the report and the chart tests."""
@@ -226,12 +253,13 @@ def check_charts(directory: Path, names: tuple[str, ...] = CHARTS) -> None:
 
 def test_all_in_one_report(all_run: tuple[dict[str, Any], Path]) -> None:
     payload, _ = all_run
-    assert list(payload["benchmarks"]) == ["scan", "ingest", "partitioning", "historical", "online"]
+    assert list(payload["benchmarks"]) == ["scan", "ingest", "partitioning", "historical", "online", "cow-vs-mor"]
     check_scan(payload["benchmarks"]["scan"], local=False)  # no warehouse at hand: in-process baselines skipped
     check_ingest(payload["benchmarks"]["ingest"])
     check_partitioning(payload["benchmarks"]["partitioning"])
     check_historical(payload["benchmarks"]["historical"], local=False)
     check_online(payload["benchmarks"]["online"], local=False)
+    check_cow_mor(payload["benchmarks"]["cow-vs-mor"], local=False)
     assert all(b["server"]["peak_rss_bytes"] is None for b in payload["benchmarks"].values())
 
 

@@ -1,0 +1,255 @@
+"""Committing file-level changes (deletes, rewrites, compactions) as one snapshot each, safely under races.
+
+pyiceberg 0.12 commits data files only (its deletes are copy-on-write), so `RewriteFiles` does what
+Iceberg's Java `RowDelta` and `RewriteFiles` do: it removes data and delete files, adds data and
+delete files (the delete files in manifests of their own, as format v2 requires) and keeps every
+other manifest of the parent snapshot. A change is planned on one snapshot (row positions, rows to
+keep); if anything but appends was committed since, the plan may be wrong, so the commit is refused
+(`ValidationException`) and `commit_until` plans again on the new snapshot. Concurrent appends are
+kept and do not force a new plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from pyiceberg.exceptions import CommitFailedException, ValidationException
+from pyiceberg.io import FileIO
+from pyiceberg.manifest import (
+    DataFile,
+    DataFileContent,
+    ManifestContent,
+    ManifestEntry,
+    ManifestEntryStatus,
+    ManifestFile,
+    ManifestWriter,
+    ManifestWriterV2,
+)
+from pyiceberg.partitioning import PartitionSpec
+from pyiceberg.table import Table, TableProperties, Transaction
+from pyiceberg.table.snapshots import Operation, Snapshot
+from pyiceberg.table.update.snapshot import _SnapshotProducer
+from pyiceberg.utils.properties import property_as_int
+
+from flight_server.errors import ConflictError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+PATH_FIELD_ID = 2147483546  # Iceberg's reserved field ids of a position delete file's columns
+POS_FIELD_ID = 2147483545
+
+
+class CommitLocks:
+    """A lock per table (from a fixed pool): commits through this server to one table take turns, each on
+    the latest state, instead of failing and sleeping through pyiceberg's retry back-off."""
+
+    def __init__(self, size: int = 64):
+        self._locks = [threading.Lock() for _ in range(size)]
+
+    def __call__(self, identifier: tuple[str, ...]) -> threading.Lock:
+        return self._locks[hash(identifier) % len(self._locks)]
+
+
+def commit_until(deadline: float, what: str, attempt: Callable[[], T]) -> T:
+    """Run `attempt` (plan, write files, commit) until it commits: a lost race plans again on the new
+    snapshot; past `deadline` the caller gets a `ConflictError` and nothing is committed.
+
+    `attempt` deletes the files it wrote when its commit fails."""
+    while True:
+        try:
+            return attempt()
+        except (CommitFailedException, ValidationException) as exc:
+            if time.monotonic() > deadline:
+                raise ConflictError(
+                    f"could not {what} because of concurrent changes ({exc}); nothing was committed"
+                ) from None
+            log.info("%s: a concurrent commit won (%s); planning again", what, exc)
+
+
+def delete_files(io: FileIO, files: list[DataFile]) -> None:
+    """Delete files a failed change wrote (best effort: nothing references them)."""
+    for data_file in files:
+        try:
+            io.delete(data_file.file_path)
+        except Exception:  # the files are unreferenced either way
+            log.warning("could not delete uncommitted file %s", data_file.file_path, exc_info=True)
+
+
+def commit_rewrite(
+    lock: threading.Lock,
+    table: Table,
+    operation: Operation,
+    removed: list[DataFile],
+    added: list[DataFile],
+    properties: dict[str, str],
+) -> int:
+    """Commit a `RewriteFiles` on `table` (as loaded when the change was planned) as one snapshot, and
+    return its id; the `added` files are deleted when it does not commit."""
+    try:
+        with lock:
+            transaction = table.transaction()
+            RewriteFiles(transaction, operation, removed, added, properties).commit()
+            snapshot = transaction.commit_transaction().current_snapshot()
+    except BaseException:
+        delete_files(table.io, added)
+        raise
+    assert snapshot is not None
+    return snapshot.snapshot_id
+
+
+def live_files(io: FileIO, snapshot: Snapshot | None) -> list[DataFile]:
+    """Every data and delete file of a snapshot."""
+    if snapshot is None:
+        return []
+    return [
+        entry.data_file
+        for manifest in snapshot.manifests(io)
+        for entry in manifest.fetch_manifest_entry(io, discard_deleted=True)
+    ]
+
+
+def referenced_data_file(delete_file: DataFile) -> str | None:
+    """The one data file a position delete file applies to, when its path bounds say so (as ours do)."""
+    if delete_file.content != DataFileContent.POSITION_DELETES:
+        return None
+    lower = (delete_file.lower_bounds or {}).get(PATH_FIELD_ID)
+    upper = (delete_file.upper_bounds or {}).get(PATH_FIELD_ID)
+    return lower.decode() if lower is not None and lower == upper else None
+
+
+class DeleteManifestWriter(ManifestWriterV2):
+    """A v2 manifest of delete files (pyiceberg writes data manifests only)."""
+
+    def content(self) -> ManifestContent:
+        return ManifestContent.DELETES
+
+    @property
+    def _meta(self) -> dict[str, str]:
+        return {**super()._meta, "content": "deletes"}
+
+
+class RewriteFiles(_SnapshotProducer["RewriteFiles"]):
+    """One snapshot that removes `removed` files and adds `added` ones (data or delete files)."""
+
+    def __init__(
+        self,
+        transaction: Transaction,
+        operation: Operation,
+        removed: Iterable[DataFile],
+        added: Iterable[DataFile],
+        properties: dict[str, str],
+    ):
+        super().__init__(operation, transaction, transaction._table.io, snapshot_properties=properties)
+        self._deleted_data_files = set(removed)
+        self._added_data_files = list(added)
+
+    def _writer(self, content: ManifestContent, spec: PartitionSpec) -> ManifestWriter:
+        if content == ManifestContent.DELETES:
+            output = self.new_manifest_output()
+            return DeleteManifestWriter(spec, self.schema(), output, self._snapshot_id, self._compression)
+        return self.new_manifest_writer(spec)
+
+    def _manifests(self) -> list[ManifestFile]:
+        # New data files are written with the table's current spec; delete files carry their data file's.
+        groups: dict[tuple[ManifestContent, int], list[DataFile]] = {}  # one new manifest each
+        default_spec = self._transaction.table_metadata.default_spec_id
+        for file in self._added_data_files:
+            if file.content == DataFileContent.DATA:
+                groups.setdefault((ManifestContent.DATA, default_spec), []).append(file)
+            else:
+                groups.setdefault((ManifestContent.DELETES, file.spec_id), []).append(file)
+        added = []
+        for (content, spec_id), files in groups.items():
+            with self._writer(content, self.spec(spec_id)) as writer:
+                for file in files:
+                    writer.add_entry(
+                        ManifestEntry.from_args(
+                            status=ManifestEntryStatus.ADDED,
+                            snapshot_id=self._snapshot_id,
+                            sequence_number=None,
+                            file_sequence_number=None,
+                            data_file=file,
+                        )
+                    )
+            added.append(writer.to_manifest_file())
+        new_deletes = [spec_id for content, spec_id in groups if content == ManifestContent.DELETES]
+        return added + self._merge_delete_manifests(self._existing_manifests(), new_deletes)
+
+    def _merge_delete_manifests(self, manifests: list[ManifestFile], new: list[int]) -> list[ManifestFile]:
+        """Fold a spec's existing delete manifests into one when the commit would leave
+        `commit.manifest.min-count-to-merge` (100) of them: each merge-on-read delete adds one, and every
+        reader plans through them all (Iceberg's own commits merge manifests likewise)."""
+        limit = property_as_int(
+            self._transaction.table_metadata.properties,
+            TableProperties.MANIFEST_MIN_MERGE_COUNT,
+            TableProperties.MANIFEST_MIN_MERGE_COUNT_DEFAULT,
+        )
+        by_spec: dict[int, list[ManifestFile]] = {}
+        for manifest in manifests:
+            if manifest.content == ManifestContent.DELETES:
+                by_spec.setdefault(manifest.partition_spec_id, []).append(manifest)
+        kept = [m for m in manifests if m.content != ManifestContent.DELETES]
+        for spec_id, group in by_spec.items():
+            if len(group) < 2 or len(group) + new.count(spec_id) < (limit or 0):
+                kept += group
+                continue
+            entries = [e for m in group for e in m.fetch_manifest_entry(self._io, discard_deleted=False)]
+            with self._writer(ManifestContent.DELETES, self.spec(spec_id)) as writer:
+                for entry in entries:
+                    if entry.status != ManifestEntryStatus.DELETED:
+                        writer.existing(entry)
+                    elif entry.snapshot_id == self._snapshot_id:  # removed by this commit: say so
+                        writer.delete(entry)
+            kept.append(writer.to_manifest_file())
+        return kept
+
+    def _existing_manifests(self) -> list[ManifestFile]:
+        """The parent's manifests: as they are, or rewritten with the removed files marked deleted."""
+        parent = self._transaction.table_metadata.snapshot_by_id(self._parent_snapshot_id or -1)
+        if parent is None:
+            return []
+        removed = {file.file_path for file in self._deleted_data_files}
+        found: set[str] = set()
+        manifests = []
+        for manifest in parent.manifests(self._io):
+            if not (manifest.has_added_files() or manifest.has_existing_files()):
+                continue
+            entries = manifest.fetch_manifest_entry(self._io, discard_deleted=True)
+            if not any(entry.data_file.file_path in removed for entry in entries):
+                manifests.append(manifest)
+                continue
+            with self._writer(manifest.content, self.spec(manifest.partition_spec_id)) as writer:
+                for entry in entries:
+                    if entry.data_file.file_path in removed:
+                        writer.delete(entry)
+                        found.add(entry.data_file.file_path)
+                    else:
+                        writer.existing(entry)
+            manifests.append(writer.to_manifest_file())
+        if missing := removed - found:
+            raise ValidationException(f"{len(missing)} file(s) to replace are no longer in the table")
+        return manifests
+
+    def _deleted_entries(self) -> list[ManifestEntry]:
+        return []  # `_existing_manifests` marks them, in manifests of their own content
+
+    def _validate_concurrency(self) -> None:
+        """Refuse when anything but an append was committed since the change was planned."""
+        window = self._commit_window
+        if window is None or window.is_empty():
+            return
+        metadata = self._transaction._table.metadata
+        base = window.base.snapshot_id if window.base is not None else None
+        snapshot = window.head
+        while snapshot is not None and snapshot.snapshot_id != base:
+            operation = snapshot.summary.operation if snapshot.summary else None
+            if operation != Operation.APPEND:
+                raise ValidationException(f"snapshot {snapshot.snapshot_id} ({operation}) was committed concurrently")
+            parent = snapshot.parent_snapshot_id
+            snapshot = metadata.snapshot_by_id(parent) if parent is not None else None
+        if snapshot is None and base is not None:
+            raise ValidationException(f"snapshot {base} the change was planned on is no longer an ancestor")

@@ -1,0 +1,433 @@
+"""Copy-on-write and merge-on-read tables (ours, and equality deletes as Flink writes them): every query
+type returns the rows an independent reader sees; deletes, compaction, snapshot expiry and pins."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyiceberg.catalog import load_catalog
+from pyiceberg.manifest import DataFile, DataFileContent, FileFormat, ManifestContent
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Operation
+
+from flight_client import FeatureClient, InvalidRequestError, NotFoundError
+from flight_server.commits import commit_rewrite, live_files
+from flight_server.duck import Engine, local_path
+from flight_server.schemas import table_arrow_schema
+from tests.conftest import local_files, wait_until
+
+UTC = dt.timezone.utc
+T0 = dt.datetime(2025, 1, 1, tzinfo=UTC)
+KEYS = 40
+ROWS_PER_KEY = 12
+MODES = ("copy-on-write", "merge-on-read")
+
+
+def rows(keys: range = range(KEYS), start: int = 0) -> pa.Table:
+    """Feature rows: every key every 7 days over three months (several partitions and files), some nulls."""
+    pairs = [(k, start + i) for k in keys for i in range(ROWS_PER_KEY)]
+    return pa.table(
+        {
+            "driver_id": pa.array([k for k, _ in pairs], pa.int64()),
+            "ts": pa.array([T0 + dt.timedelta(days=7 * s, hours=k) for k, s in pairs], pa.timestamp("us", "UTC")),
+            "rate": pa.array([None if (k + s) % 5 == 0 else k + s / 100 for k, s in pairs], pa.float64()),
+            "city": pa.array([f"c{k % 3}" for k, _ in pairs]),
+        }
+    )
+
+
+def create(client: FeatureClient, table: str, data: pa.Table | None = None) -> None:
+    client.write(table, rows() if data is None else data, entity_keys=["driver_id"], event_time="ts")
+
+
+def key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["driver_id"], row["ts"])
+
+
+def ordered(table: pa.Table) -> list[dict[str, Any]]:
+    return sorted(table.select(["driver_id", "ts", "rate", "city"]).to_pylist(), key=key)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(memory_limit="512MB", threads=2)
+
+
+def load(backend: dict[str, str], table: str) -> Table:
+    return load_catalog("default", **backend).load_table(table)
+
+
+def independent(backend: dict[str, str], engine: Engine, table: str) -> tuple[pa.Table, pa.Table | None]:
+    """The table as another engine reads it: DuckDB's iceberg_scan, and pyiceberg where it can (it refuses
+    equality deletes)."""
+    loaded = load(backend, table)
+    engine.use_storage(loaded.io.properties)
+    duck = engine.cursor().execute("SELECT * FROM iceberg_scan(?)", [local_path(loaded.metadata_location)])
+    try:
+        theirs = loaded.scan().to_arrow()
+    except ValueError:
+        theirs = None
+    return duck.to_arrow_table(), theirs
+
+
+def training_reference(expected: list[dict[str, Any]], entities: pa.Table) -> list[Any]:
+    """The latest `rate` at or before each entity row's time, from the expected rows."""
+    out = []
+    for driver, when in zip(entities["driver_id"].to_pylist(), entities["ts"].to_pylist(), strict=True):
+        found = [r for r in expected if r["driver_id"] == driver and r["ts"] <= when]
+        out.append(max(found, key=lambda r: r["ts"])["rate"] if found else None)
+    return out
+
+
+def assert_reads_agree(
+    client: FeatureClient,
+    backend: dict[str, str],
+    engine: Engine,
+    table: str,
+    expected: list[dict[str, Any]],
+    read_path: bytes,
+) -> None:
+    """Scans (whole, in parts, filtered), a training set, the online index and two independent readers all
+    return exactly `expected`."""
+    whole = client.scan(table).read_all()
+    assert whole.schema.metadata[b"flight.read_path"] == read_path
+    assert ordered(whole) == expected
+    assert ordered(client.read_table(table, partitions=2)) == expected
+    filtered = client.scan(table, filter="driver_id < 10 and rate > 3").read_all()
+    assert ordered(filtered) == [r for r in expected if r["driver_id"] < 10 and (r["rate"] or 0) > 3]
+    duck, theirs = independent(backend, engine, table)
+    assert ordered(duck) == expected
+    if theirs is not None:
+        assert ordered(theirs) == expected
+
+    times = [T0 + dt.timedelta(days=40), T0 + dt.timedelta(days=200)]
+    entities = pa.table(
+        {
+            "driver_id": pa.array([k for k in range(KEYS) for _ in times], pa.int64()),
+            "ts": pa.array([t for _ in range(KEYS) for t in times], pa.timestamp("us", "UTC")),
+        }
+    )
+    training = client.get_historical_features(entities, [f"{table}:rate"], entity_time="ts")
+    assert training.column("rate").to_pylist() == training_reference(expected, entities)
+
+    latest: dict[int, dict[str, Any]] = {}
+    for row in expected:  # sorted by time within a key
+        latest[row["driver_id"]] = row
+    want = [latest[k]["ts"] if k in latest else None for k in range(KEYS)]
+
+    def online() -> list[Any]:
+        found = client.get_online_features({"driver_id": list(range(KEYS))}, [f"{table}:rate"], apply_ttl=False)
+        return found.column(f"{table.split('.')[-1]}__ts").to_pylist()
+
+    wait_until(lambda: online() == want, what="the online index to show the table's rows")
+
+
+def equality_delete(backend: dict[str, str], table: str, deleted: pa.Table) -> None:
+    """Delete rows as Flink does: an equality delete file (the key columns' values) per partition of the
+    table's data files, committed in one snapshot."""
+    loaded = load(backend, table)
+    schema = table_arrow_schema(loaded.schema())
+    ids = [loaded.schema().find_field(name).field_id for name in deleted.column_names]
+    fields = [
+        schema.field(name).with_metadata({b"PARQUET:field_id": str(i).encode()})
+        for name, i in zip(deleted.column_names, ids, strict=True)
+    ]
+    partitions = {
+        (f.spec_id, f.partition): f
+        for f in live_files(loaded.io, loaded.current_snapshot())
+        if f.content == DataFileContent.DATA
+    }
+    written = []
+    for (spec_id, partition), _ in partitions.items():
+        location = loaded.location_provider().new_data_location(f"{uuid.uuid4()}-eq-deletes.parquet")
+        output = loaded.io.new_output(location)
+        with output.create() as stream:
+            pq.write_table(deleted.cast(pa.schema(fields)), stream)
+        file = DataFile.from_args(
+            content=DataFileContent.EQUALITY_DELETES,
+            file_path=location,
+            file_format=FileFormat.PARQUET,
+            partition=partition,
+            record_count=deleted.num_rows,
+            file_size_in_bytes=len(output),
+            equality_ids=ids,
+        )
+        file.spec_id = spec_id
+        written.append(file)
+    commit_rewrite(threading.Lock(), loaded, Operation.DELETE, [], written, {})
+
+
+def summary(client: FeatureClient, table: str) -> dict[str, str]:
+    return client.describe(table)["snapshots"][-1]["summary"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deletes_read_the_same_everywhere(
+    client: FeatureClient, backend: dict[str, str], engine: Engine, table: str, mode: str
+) -> None:
+    create(client, table)
+    client.get_online_features({"driver_id": [0]}, [f"{table}:rate"])  # the index exists before the deletes
+    expected = ordered(rows())
+
+    # Rows after the first month of keys below 20; null rates do not match (SQL semantics).
+    by_filter = client.delete(table, filter="driver_id < 20 and ts >= '2025-02-01T00:00:00+00:00' and rate > 0")
+    doomed = [r for r in expected if r["driver_id"] < 20 and r["ts"] >= dt.datetime(2025, 2, 1, tzinfo=UTC)]
+    doomed = [r for r in doomed if r["rate"] is not None and r["rate"] > 0]
+    expected = [r for r in expected if r not in doomed]
+    assert by_filter["rows_deleted"] == len(doomed) > 0 and by_filter["mode"] == "copy-on-write"  # the default
+    assert by_filter["data_files_removed"] >= 1 and by_filter["delete_files_added"] == 0
+    assert_reads_agree(client, backend, engine, table, expected, b"direct")
+
+    by_keys = client.delete(table, keys={"driver_id": [3, 25, 99]}, mode=mode)
+    remaining = [r for r in expected if r["driver_id"] not in (3, 25)]
+    assert by_keys["rows_deleted"] == len(expected) - len(remaining) and by_keys["mode"] == mode
+    expected = remaining
+    if mode == "merge-on-read":
+        assert by_keys["delete_files_added"] >= 1 and by_keys["data_files_removed"] == 0
+    else:
+        assert by_keys["data_files_removed"] >= 1 and by_keys["delete_files_added"] == 0
+    path = b"direct"  # Arrow applies position deletes itself
+    assert_reads_agree(client, backend, engine, table, expected, path)
+
+    # The table property sets the default mode, as for Spark.
+    with load(backend, table).transaction() as transaction:
+        transaction.set_properties({"write.delete.mode": mode})
+    assert client.describe(table)["delete_mode"] == mode
+    again = client.delete(table, keys={"driver_id": [30]})
+    expected = [r for r in expected if r["driver_id"] != 30]
+    assert again["mode"] == mode and again["rows_deleted"] == ROWS_PER_KEY
+    assert_reads_agree(client, backend, engine, table, expected, path)
+    nothing = client.delete(table, keys={"driver_id": [30]})
+    assert nothing["rows_deleted"] == 0 and nothing["snapshot_id"] == again["snapshot_id"]
+
+
+def test_position_deletes_across_batches_and_row_groups(
+    client: FeatureClient, backend: dict[str, str], engine: Engine, table: str
+) -> None:
+    """Positions count from the start of each data file, over its row groups and the scan's batches."""
+    n = 300_000  # in files of 65,536 rows (the client's batches), in row groups of 50,000
+    data = pa.table(
+        {
+            "driver_id": pa.array(np.arange(n) % 1000, pa.int64()),
+            "ts": pa.array(np.arange(n) * 1_000_000, pa.int64()).cast(pa.timestamp("us", "UTC")),
+            "rate": pa.array(np.arange(n) / 7, pa.float64()),
+        }
+    )
+    client.write(table, data.slice(0, 1), entity_keys=["driver_id"], event_time="ts", partition_by=[])
+    with load(backend, table).transaction() as transaction:
+        transaction.set_properties({"write.parquet.row-group-limit": "50000"})
+    client.write(table, data.slice(1))
+    deleted = client.delete(table, filter="rate < 20000 and driver_id in (1, 500, 999)", mode="merge-on-read")
+    client.delete(table, filter="ts >= '1970-01-04T00:00:00+00:00'", mode="merge-on-read")  # the last ~40,000
+    keep = np.ones(n, dtype=bool)
+    ids, rates = np.arange(n) % 1000, np.arange(n) / 7
+    keep[np.isin(ids, [1, 500, 999]) & (rates < 20000)] = False
+    keep[np.arange(n) >= 3 * 86400] = False
+    assert deleted["rows_deleted"] == int((np.isin(ids, [1, 500, 999]) & (rates < 20000)).sum())
+    read = client.scan(table).read_all()
+    assert read.schema.metadata[b"flight.read_path"] == b"direct"
+    assert read.sort_by("ts").column("ts").equals(data.filter(pa.array(keep)).column("ts"))
+    duck, theirs = independent(backend, engine, table)
+    assert duck.num_rows == theirs.num_rows == int(keep.sum())  # type: ignore[union-attr]
+
+
+def test_delete_manifests_are_merged(client: FeatureClient, backend: dict[str, str], table: str) -> None:
+    """Each merge-on-read delete adds a delete manifest; past `commit.manifest.min-count-to-merge` they
+    are folded into one, so planning a read does not slow down with every delete."""
+    create(client, table, rows())
+    with load(backend, table).transaction() as transaction:
+        transaction.set_properties({"commit.manifest.min-count-to-merge": "3"})
+    counts = []
+    for k in range(5):
+        client.delete(table, keys={"driver_id": [k]}, mode="merge-on-read")
+        loaded = load(backend, table)
+        manifests = loaded.current_snapshot().manifests(loaded.io)  # type: ignore[union-attr]
+        counts.append(sum(m.content == ManifestContent.DELETES for m in manifests))
+    assert counts == [1, 2, 2, 2, 2]  # the third delete folds the first two into one
+    assert int(summary(client, table)["total-delete-files"]) >= 5
+    assert ordered(client.scan(table).read_all()) == [r for r in ordered(rows()) if r["driver_id"] >= 5]
+    assert load(backend, table).scan().to_arrow().num_rows == (KEYS - 5) * ROWS_PER_KEY
+
+
+def test_merge_on_read_needs_format_v2(client: FeatureClient, backend: dict[str, str], table: str) -> None:
+    catalog = load_catalog("default", **backend)
+    catalog.create_namespace_if_not_exists("tests")
+    data = rows(range(3))
+    properties = {"format-version": "1", "feature.entity-keys": "driver_id", "feature.event-time": "ts"}
+    catalog.create_table(table, schema=data.schema, properties=properties).append(data)
+    before = client.describe(table)["current_snapshot_id"]
+    with pytest.raises(InvalidRequestError, match="merge-on-read deletes need a format v2 table"):
+        client.delete(table, keys={"driver_id": [1]}, mode="merge-on-read")
+    with load(backend, table).transaction() as transaction:
+        transaction.set_properties({"write.delete.mode": "sometimes"})
+    with pytest.raises(InvalidRequestError, match="write.delete.mode='sometimes'"):
+        client.delete(table, keys={"driver_id": [1]})
+    assert client.describe(table)["current_snapshot_id"] == before
+    assert client.delete(table, keys={"driver_id": [1]}, mode="copy-on-write")["rows_deleted"] == ROWS_PER_KEY
+    assert ordered(client.scan(table).read_all()) == [r for r in ordered(data) if r["driver_id"] != 1]
+
+
+def test_equality_deletes_as_flink_writes_them(
+    client: FeatureClient, backend: dict[str, str], engine: Engine, table: str
+) -> None:
+    create(client, table)
+    client.get_online_features({"driver_id": [0]}, [f"{table}:rate"])
+    equality_delete(backend, table, pa.table({"driver_id": pa.array([1, 7], pa.int64())}))
+    expected = [r for r in ordered(rows()) if r["driver_id"] not in (1, 7)]
+    assert int(summary(client, table)["total-equality-deletes"]) > 0
+    assert client.flight_info(table, filter="driver_id < 3").total_records > 0
+    assert_reads_agree(client, backend, engine, table, expected, b"iceberg_scan")
+
+    # Our deletes work on top of them, in both modes.
+    client.delete(table, keys={"driver_id": [2]}, mode="merge-on-read")
+    client.delete(table, keys={"driver_id": [4]}, mode="copy-on-write")
+    expected = [r for r in expected if r["driver_id"] not in (2, 4)]
+    assert_reads_agree(client, backend, engine, table, expected, b"iceberg_scan")
+
+    compacted = client.compact(table)
+    assert compacted["compacted"] and compacted["rows"] == len(expected)
+    assert summary(client, table)["total-delete-files"] == "0"
+    assert_reads_agree(client, backend, engine, table, expected, b"direct")
+
+
+def test_compaction_is_atomic_for_readers(client: FeatureClient, backend: dict[str, str], table: str) -> None:
+    create(client, table)
+    for k in range(0, KEYS, 4):  # many small merge-on-read deletes
+        client.delete(table, keys={"driver_id": [k]}, mode="merge-on-read")
+    expected = [r for r in ordered(rows()) if r["driver_id"] % 4]
+    before = client.describe(table)
+    assert int(before["snapshots"][-1]["summary"]["total-delete-files"]) >= KEYS // 4
+
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.append(client.scan(table, columns=["driver_id"]).read_all().num_rows)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        result = client.compact(table)
+        wait_until(lambda: len(seen) >= 3, what="reads after the compaction")
+    finally:
+        stop.set()
+        reader.join()
+    assert set(seen) == {len(expected)}  # every read saw a whole snapshot, old or new
+    assert result["compacted"] and result["rows"] == len(expected)
+    assert result["delete_files_removed"] >= KEYS // 4
+    after = client.describe(table)
+    assert after["snapshots"][-1]["summary"]["total-delete-files"] == "0"
+    assert after["snapshots"][-1]["summary"]["flight.operation"] == "compact"
+    read = client.scan(table).read_all()
+    assert read.schema.metadata[b"flight.read_path"] == b"direct" and ordered(read) == expected
+    # The old snapshot still reads as it was; a second compaction finds nothing to do.
+    assert ordered(client.scan(table, snapshot_id=before["current_snapshot_id"]).read_all()) == expected
+    assert not client.compact(table)["compacted"]
+
+
+def test_compaction_of_a_filter_touches_only_its_files(client: FeatureClient, table: str) -> None:
+    create(client, table, rows())
+    client.write(table, rows(start=1))  # a second file in every partition
+    client.delete(table, keys={"driver_id": [0, 1]}, mode="merge-on-read")
+    january = "ts < '2025-02-01T00:00:00+00:00'"
+    result = client.compact(table, filter=january)
+    assert result["compacted"] and 0 < result["data_files_removed"] < int(summary(client, table)["total-data-files"])
+    files = client.flight_info(table).total_records
+    expected = ordered(pa.concat_tables([rows(), rows(start=1)]))
+    expected = [r for r in expected if r["driver_id"] not in (0, 1)]
+    assert ordered(client.scan(table).read_all()) == expected and files >= len(expected)
+    assert int(summary(client, table)["total-delete-files"]) > 0  # later months keep theirs
+
+
+def test_concurrent_deletes_and_appends_through_two_replicas(
+    client: FeatureClient, second_server: str, table: str
+) -> None:
+    create(client, table)
+    errors: list[BaseException] = []
+
+    def run(action: Any) -> threading.Thread:
+        def target() -> None:
+            try:
+                action()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread
+
+    with FeatureClient(second_server) as other:
+        threads = [
+            run(lambda: client.delete(table, keys={"driver_id": [1, 2]}, mode="merge-on-read")),
+            run(lambda: other.delete(table, keys={"driver_id": [3]}, mode="copy-on-write")),
+            run(lambda: other.delete(table, filter="driver_id = 4", mode="merge-on-read")),
+            run(lambda: client.write(table, rows(range(KEYS, KEYS + 5)))),
+        ]
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
+    expected = [r for r in ordered(pa.concat_tables([rows(), rows(range(KEYS, KEYS + 5))])) if r["driver_id"] > 4]
+    expected += [r for r in ordered(rows()) if r["driver_id"] == 0]
+    assert ordered(client.scan(table).read_all()) == sorted(expected, key=key)
+
+
+def test_expiry_keeps_pins_and_deletes_unreachable_files(
+    client: FeatureClient, backend: dict[str, str], table: str
+) -> None:
+    first = client.write(table, rows(), entity_keys=["driver_id"], event_time="ts").snapshot_id
+    second = client.write(table, rows(start=1)).snapshot_id
+    client.delete(table, keys={"driver_id": [1]}, mode="merge-on-read")
+    client.compact(table)
+    last = client.write(table, rows(range(KEYS, KEYS + 2))).snapshot_id
+    location = client.describe(table)["location"]
+    files_before = local_files(location)
+
+    pin = client.pin(table, second, name="training-2025-01")
+    assert pin == {"table": table, "name": "training-2025-01", "snapshot_id": second}
+    assert client.pin(table, second, name="training-2025-01") == pin  # idempotent
+    assert client.describe(table)["pins"] == {"training-2025-01": second}
+
+    now = dt.datetime.now(UTC)
+    result = client.expire_snapshots(table, older_than=now, retain_last=1)
+    assert result["kept_pinned"] == [second] and first in result["expired"] and second not in result["expired"]
+    assert result["snapshots_left"] == 2 and result["files_deleted"] > 0
+    snapshots = [s["snapshot_id"] for s in client.describe(table)["snapshots"]]
+    assert sorted(snapshots) == sorted([second, last])
+    # Time travel to the pinned snapshot still works; to an expired one it is refused.
+    both = pa.concat_tables([rows(), rows(start=1)])
+    assert ordered(client.scan(table, snapshot_id=second).read_all()) == ordered(both)
+    with pytest.raises(NotFoundError, match=f"no snapshot {first}"):
+        client.scan(table, snapshot_id=first)
+    if files_before is not None:  # on local disk: the files only expired snapshots used are gone
+        files_after = local_files(location)
+        assert files_after is not None and files_after < files_before
+        loaded = load(backend, table)
+        for snapshot_id in (second, last):
+            for file in live_files(loaded.io, loaded.snapshot_by_id(snapshot_id)):
+                assert local_path(file.file_path) in {str(p) for p in files_after}
+
+    forced = client.expire_snapshots(table, older_than=dt.datetime.now(UTC), retain_last=1, force=True)
+    assert forced["expired"] == [second] and forced["unpinned"] == ["training-2025-01"]
+    assert client.describe(table)["pins"] == {}
+    assert [s["snapshot_id"] for s in client.describe(table)["snapshots"]] == [last]
+    expected = ordered(pa.concat_tables([rows(), rows(start=1), rows(range(KEYS, KEYS + 2))]))
+    assert ordered(client.scan(table).read_all()) == [r for r in expected if r["driver_id"] != 1]
+
+
+def test_unpin_lets_the_snapshot_expire(client: FeatureClient, table: str) -> None:
+    first = client.write(table, rows(), entity_keys=["driver_id"], event_time="ts").snapshot_id
+    client.write(table, rows(start=1))
+    client.pin(table, first)
+    assert client.describe(table)["pins"] == {f"pin-{first}": first}
+    kept = client.expire_snapshots(table, older_than=dt.datetime.now(UTC))
+    assert kept["expired"] == [] and kept["kept_pinned"] == [first]
+    assert client.unpin(table, f"pin-{first}")["snapshot_id"] == first
+    assert client.expire_snapshots(table, older_than=dt.datetime.now(UTC))["expired"] == [first]
