@@ -49,7 +49,7 @@ BENCHMARKS = {
     "scale": Benchmark(scale.run, scale.render, rows=1_000_000, features=8),
 }
 # `all` leaves out `scale`, which starts servers of its own and cannot measure a server given by --location.
-ALL = ["scan", "ingest", "partitioning", "historical", "online", "cow-vs-mor"]  # `scale` starts its own servers
+ALL = ["scan", "ingest", "partitioning", "historical", "online", "cow-vs-mor"]
 
 
 @dataclasses.dataclass(frozen=True)
