@@ -12,6 +12,8 @@ into parts over the files (`scan_parts`), which clients fetch in parallel.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -181,31 +183,66 @@ def scan_parts(plan: ScanPlan, partitions: int) -> list[list[int] | None]:
     return [[index, count] for index in range(count)] if count > 1 else [None]
 
 
-def deleted_positions(io: FileIO, tasks: list[FileScanTask]) -> dict[str, np.ndarray]:
+class PositionCache:
+    """Row positions read from position delete files, by (delete file, data file); the least recently used
+    go past `max_bytes`. The files never change, and a table's readers read the same ones over and over
+    (Iceberg's Spark executors cache them likewise)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> np.ndarray | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[str, str], value: np.ndarray) -> None:
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = value
+                self._bytes += value.nbytes
+            while self._bytes > self.max_bytes:
+                self._bytes -= self._entries.popitem(last=False)[1].nbytes
+
+
+POSITIONS = PositionCache(64 << 20)
+
+
+def deleted_positions(io: FileIO, tasks: list[FileScanTask], cache: PositionCache = POSITIONS) -> dict[str, np.ndarray]:
     """Each data file's deleted row positions (sorted, unique), from the position delete files planned for
-    it (read in parallel, for object storage: they are small and many)."""
-    files = {d.file_path: d for task in tasks for d in task.delete_files}
-    if not files:
-        return {}
+    it: cached, or read in parallel (for object storage: they are small and many)."""
+    wanted = {(d.file_path, task.file.file_path): d for task in tasks for d in task.delete_files}
+    found = {key: cache.get(key) for key in wanted}
+    missing = {key[0]: wanted[key] for key, positions in found.items() if positions is None}
 
     def read(path: str) -> pa.Table:
         # A delete file of one data file (path bounds say which) needs no file_path column.
-        columns = ["pos"] if referenced_data_file(files[path]) is not None else ["file_path", "pos"]
+        columns = ["pos"] if referenced_data_file(missing[path]) is not None else ["file_path", "pos"]
         with io.new_input(path).open() as stream:
             return pq.ParquetFile(stream).read(columns=columns)
 
-    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
-        tables = dict(zip(files, pool.map(read, files), strict=True))
+    if missing:
+        with ThreadPoolExecutor(max_workers=min(8, len(missing))) as pool:
+            tables = dict(zip(missing, pool.map(read, missing), strict=True))
+        for (delete_path, data_path), delete_file in wanted.items():
+            if found[delete_path, data_path] is None:
+                table = tables[delete_path]
+                if referenced_data_file(delete_file) != data_path:  # a delete file of several data files
+                    table = table.filter(pc.equal(table["file_path"].cast(pa.string()), data_path))
+                found[delete_path, data_path] = positions = table["pos"].to_numpy()
+                cache.put((delete_path, data_path), positions)
     deleted = {}
     for task in tasks:
-        path, positions = task.file.file_path, []
-        for delete_file in task.delete_files:
-            table = tables[delete_file.file_path]
-            if referenced_data_file(delete_file) != path:  # a delete file of several data files
-                table = table.filter(pc.equal(table["file_path"].cast(pa.string()), path))
-            positions.append(table["pos"].to_numpy())
-        if positions:
-            deleted[path] = np.unique(np.concatenate(positions))
+        parts = [found[d.file_path, task.file.file_path] for d in task.delete_files]
+        if len(parts) == 1 and np.all(parts[0][1:] > parts[0][:-1]):  # already sorted and unique (ours are)
+            deleted[task.file.file_path] = parts[0]
+        elif parts:
+            deleted[task.file.file_path] = np.unique(np.concatenate(parts))
     return deleted
 
 

@@ -20,6 +20,7 @@ from pyiceberg.table.snapshots import Operation
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError
 from flight_server.commits import commit_rewrite, live_files
 from flight_server.duck import Engine, local_path
+from flight_server.scans import PositionCache
 from flight_server.schemas import table_arrow_schema
 from tests.conftest import local_files, wait_until
 
@@ -254,6 +255,16 @@ def test_delete_manifests_are_merged(client: FeatureClient, backend: dict[str, s
     assert int(summary(client, table)["total-delete-files"]) >= 5
     assert ordered(client.scan(table).read_all()) == [r for r in ordered(rows()) if r["driver_id"] >= 5]
     assert load(backend, table).scan().to_arrow().num_rows == (KEYS - 5) * ROWS_PER_KEY
+
+
+def test_position_cache_keeps_the_recently_used() -> None:
+    cache = PositionCache(max_bytes=3 * 80)  # three arrays of ten int64
+    for name in "abcd":
+        cache.put((name, "data.parquet"), np.arange(10, dtype=np.int64))
+        if name == "b":
+            assert cache.get(("a", "data.parquet")) is not None  # "a" is now the most recently used
+    assert cache.get(("b", "data.parquet")) is None  # the least recently used went
+    assert [cache.get((n, "data.parquet")) is not None for n in "acd"] == [True, True, True]
 
 
 def test_merge_on_read_needs_format_v2(client: FeatureClient, backend: dict[str, str], table: str) -> None:
