@@ -239,11 +239,18 @@ def deleted_positions(io: FileIO, tasks: list[FileScanTask], cache: PositionCach
     deleted = {}
     for task in tasks:
         parts = [found[d.file_path, task.file.file_path] for d in task.delete_files]
-        if len(parts) == 1 and np.all(parts[0][1:] > parts[0][:-1]):  # already sorted and unique (ours are)
-            deleted[task.file.file_path] = parts[0]
-        elif parts:
-            deleted[task.file.file_path] = np.unique(np.concatenate(parts))
+        if parts:
+            deleted[task.file.file_path] = _sorted_unique(parts)
     return deleted
+
+
+def _sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
+    """The positions of several delete files as one sorted array without repeats (a sort: `np.unique` hashes,
+    30x slower here)."""
+    if len(parts) == 1 and np.all(parts[0][1:] > parts[0][:-1]):  # already so (ours are)
+        return parts[0]
+    positions = np.sort(np.concatenate(parts))
+    return positions[np.concatenate(([True], positions[1:] != positions[:-1]))]
 
 
 def _without_deleted(
