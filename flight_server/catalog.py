@@ -184,6 +184,14 @@ class FeatureCatalog:
         return sorted(set(names))
 
 
+def feature_spec(table: Table) -> FeatureSpec:
+    """The table's feature definition; a `RequestError` when it has none (it cannot serve features)."""
+    spec = FeatureSpec.from_properties(table.metadata.properties)
+    if spec is None:
+        raise RequestError(f"table {table_name(table)!r} is not a feature table (it has no entity keys and event time)")
+    return spec
+
+
 def table_name(table: Table) -> str:
     return ".".join(table.name())
 

@@ -25,7 +25,7 @@ import pyarrow.flight as flight
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression
 from pyiceberg.table import Table
 
-from flight_server.catalog import FeatureCatalog, FeatureSpec, table_name
+from flight_server.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
 from flight_server.duck import Engine, local_path
 from flight_server.errors import LimitError, NotFoundError, RequestError
 from flight_server.filters import parse_filter, quote, to_sql
@@ -152,9 +152,7 @@ def plan_historical(
         table = catalog.load(table_ref)
         name = table_name(table)
         if name not in by_table:
-            spec = FeatureSpec.from_properties(table.metadata.properties)
-            if spec is None:
-                raise RequestError(f"table {name!r} is not a feature table (it has no entity keys and event time)")
+            spec = feature_spec(table)
             for key in spec.entity_keys:
                 if entity_schema.get_field_index(key) < 0:
                     raise RequestError(

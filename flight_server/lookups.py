@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server.catalog import FeatureCatalog, FeatureSpec, table_name
+from flight_server.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
 from flight_server.duck import Engine
 from flight_server.errors import NotFoundError, RequestError
 from flight_server.historical import plan_historical, run_inline
@@ -126,10 +126,7 @@ def index_source(store: OnlineStore) -> Callable[[str], Source]:
 def catalog_source(catalog: FeatureCatalog) -> Callable[[str], Source]:
     def resolve(ref: str) -> Source:
         table = catalog.load(ref)
-        spec = FeatureSpec.from_properties(table.metadata.properties)
-        if spec is None:
-            raise RequestError(f"table {table_name(table)!r} is not a feature table (no entity keys and event time)")
-        return Source(table_name(table), spec, table_arrow_schema(table.schema()))
+        return Source(table_name(table), feature_spec(table), table_arrow_schema(table.schema()))
 
     return resolve
 

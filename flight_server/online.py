@@ -31,7 +31,7 @@ from pyiceberg.manifest import ManifestContent, ManifestEntryStatus
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation
 
-from flight_server.catalog import FeatureCatalog, FeatureSpec, table_name
+from flight_server.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
 from flight_server.duck import Engine, local_path
 from flight_server.errors import LimitError, NotFoundError, RequestError
 from flight_server.filters import quote
@@ -361,9 +361,7 @@ class OnlineStore:
     def build(self, table: Table) -> OnlineIndex:
         """An index of the table's current snapshot, read whole through `iceberg_scan` (not registered)."""
         name = table_name(table)
-        spec = FeatureSpec.from_properties(table.metadata.properties)
-        if spec is None:
-            raise RequestError(f"table {name!r} is not a feature table (it has no entity keys and event time)")
+        spec = feature_spec(table)
         schema = table_arrow_schema(table.schema())
         for key in spec.entity_keys:
             if key_kind(schema.field(key).type) is None:
@@ -408,10 +406,10 @@ class OnlineStore:
         snapshot = table.current_snapshot()
         current = snapshot.snapshot_id if snapshot else None
         spec = FeatureSpec.from_properties(table.metadata.properties)
-        if current == state.snapshot_id and spec == state.spec and table.metadata.current_schema_id == state.schema_id:
+        same_shape = spec == state.spec and table.metadata.current_schema_id == state.schema_id
+        if current == state.snapshot_id and same_shape:
             return "current"
         files = None
-        same_shape = spec == state.spec and table.metadata.current_schema_id == state.schema_id
         if state.snapshot_id is not None and current is not None and same_shape:
             files = appended_files(table, state.snapshot_id, current)
         if files is not None:
