@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from pyiceberg.exceptions import CommitFailedException, ValidationException
@@ -35,6 +36,8 @@ from pyiceberg.table.snapshots import Operation, Snapshot
 from pyiceberg.table.update.snapshot import _SnapshotProducer
 from pyiceberg.utils.properties import property_as_int
 
+from flight_server.catalog import FeatureCatalog
+from flight_server.duck import Engine
 from flight_server.errors import ConflictError
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,18 @@ class CommitLocks:
 
     def __call__(self, identifier: tuple[str, ...]) -> threading.Lock:
         return self._locks[hash(identifier) % len(self._locks)]
+
+
+@dataclass
+class TableChanges:
+    """What the actions that rewrite a table's files (`delete`, `compact`, ...) work with."""
+
+    catalog: FeatureCatalog
+    engine: Engine
+    locks: CommitLocks
+    chunk_bytes: int
+    commit_timeout: float
+    batch_rows: int
 
 
 def commit_until(deadline: float, what: str, attempt: Callable[[], T]) -> T:

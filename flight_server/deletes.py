@@ -34,18 +34,18 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation
 from pyiceberg.types import LongType
 
-from flight_server.catalog import PROP_DELETE_MODE, FeatureCatalog, FeatureSpec, table_name
+from flight_server.catalog import PROP_DELETE_MODE, FeatureSpec, table_name
 from flight_server.commits import (
     PATH_FIELD_ID,
     POS_FIELD_ID,
-    CommitLocks,
+    TableChanges,
     commit_rewrite,
     commit_until,
     delete_files,
     live_files,
     referenced_data_file,
 )
-from flight_server.duck import Engine, local_path
+from flight_server.duck import local_path
 from flight_server.errors import RequestError
 from flight_server.filters import parse_filter, quote, to_sql
 from flight_server.protocol import DELETE_MODES, DeleteRequest
@@ -150,24 +150,8 @@ def write_position_deletes(table: Table, data_files: list[DataFile], positions: 
     return written
 
 
-class Deleter:
+class Deleter(TableChanges):
     """Runs `delete` actions against the catalog."""
-
-    def __init__(
-        self,
-        catalog: FeatureCatalog,
-        engine: Engine,
-        locks: CommitLocks,
-        chunk_bytes: int,
-        commit_timeout: float,
-        batch_rows: int,
-    ):
-        self.catalog = catalog
-        self.engine = engine
-        self.locks = locks
-        self.chunk_bytes = chunk_bytes
-        self.commit_timeout = commit_timeout
-        self.batch_rows = batch_rows
 
     def delete(self, request: DeleteRequest) -> dict[str, Any]:
         table = self.catalog.load(request.table)

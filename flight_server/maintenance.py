@@ -21,10 +21,16 @@ from pyiceberg.table.refs import SnapshotRefType
 from pyiceberg.table.snapshots import Operation, Snapshot
 from pyiceberg.table.update.snapshot import ExpireSnapshots, ManageSnapshots
 
-from flight_server.catalog import FeatureCatalog, FeatureSpec, pins, table_name
-from flight_server.commits import CommitLocks, commit_rewrite, commit_until, live_files, referenced_data_file
+from flight_server.catalog import FeatureSpec, pins, table_name
+from flight_server.commits import (
+    TableChanges,
+    commit_rewrite,
+    commit_until,
+    live_files,
+    referenced_data_file,
+)
 from flight_server.deletes import OPERATION_PROPERTY, SCAN_SOURCE
-from flight_server.duck import Engine, local_path
+from flight_server.duck import local_path
 from flight_server.errors import NotFoundError, RequestError
 from flight_server.filters import parse_filter, quote, to_sql
 from flight_server.protocol import CompactRequest, ExpireRequest, PinRequest, UnpinRequest, parse_timestamp
@@ -69,24 +75,8 @@ def unreachable_files(io: FileIO, before: TableMetadata, after: TableMetadata, e
     return gone - kept
 
 
-class Maintenance:
+class Maintenance(TableChanges):
     """Runs the `compact`, `expire_snapshots`, `pin` and `unpin` actions."""
-
-    def __init__(
-        self,
-        catalog: FeatureCatalog,
-        engine: Engine,
-        locks: CommitLocks,
-        chunk_bytes: int,
-        commit_timeout: float,
-        batch_rows: int,
-    ):
-        self.catalog = catalog
-        self.engine = engine
-        self.locks = locks
-        self.chunk_bytes = chunk_bytes
-        self.commit_timeout = commit_timeout
-        self.batch_rows = batch_rows
 
     def _until(self, table: str, what: str, attempt: Any) -> dict[str, Any]:
         deadline = time.monotonic() + self.commit_timeout
