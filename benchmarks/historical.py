@@ -11,6 +11,7 @@ values must match DuckDB's, or the run fails.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import time
@@ -34,7 +35,7 @@ from benchmarks.datagen import (
     LABEL,
     pit_feature_table,
 )
-from benchmarks.harness import Case, Settings, Target, measure, table_name
+from benchmarks.harness import Case, Settings, Target, local_server, measure, table_name
 from flight_client import FeatureClient
 from flight_server.catalog import FeatureCatalog
 from flight_server.config import ServerConfig
@@ -47,9 +48,13 @@ ROWS_PER_ENTITY = 100  # default --entities: 100K keys for 10M rows
 ENTITY_ROWS_SHARE = 10  # default entity rows: --rows / 10, so 1M by default and 2K with --quick
 SAMPLE_ROWS = 10_000  # rows whose feature values are compared with the DuckDB baseline
 EXCHANGE = "flight_exchange"
+COLD = "flight_exchange_cold"
+DUCKDB_SERVER = "flight_exchange_duckdb"
 ENTITY_COLUMNS = (ENTITY_KEY, CHANNEL, ENTITY_TIME, LABEL)
 LABELS = {
     EXCHANGE: "(a) Flight do_exchange, entities streamed from pandas -> pandas",
+    COLD: "(a) on a fresh server: sorting the feature snapshots included",
+    DUCKDB_SERVER: "(a) on a server joining with DuckDB (--historical-cache-mb 0)",
     "flight_entity_table": "(b) Flight, entity table on the server -> pandas",
     "server_join_local": "server's plan + join on the Iceberg files, in process (no Flight) -> pandas",
     "duckdb_memory": "(c) DuckDB ASOF JOINs on Arrow in memory, in process -> pandas",
@@ -159,6 +164,24 @@ def pandas_merge_asof(entities: pd.DataFrame, frames: dict[FeatureShape, pd.Data
             tolerance=pd.Timedelta(shape.ttl) if shape.ttl else None,
         ).drop(columns="__ts")
     return out.sort_values("__row").drop(columns="__row").reset_index(drop=True)
+
+
+class Replica:
+    """A server on the target's catalog, restarted before each run so that its caches start empty."""
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.location = ""
+        self._running = contextlib.ExitStack()
+
+    def restart(self) -> None:
+        self._running.close()
+        self.location = self._running.enter_context(
+            local_server(self.target.catalog_config, self.target.warehouse)
+        ).location
+
+    def stop(self) -> None:
+        self._running.close()
 
 
 class ServerJoinLocal:
@@ -296,6 +319,10 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
             arrow_bytes[:] = [table.nbytes]
             return table.to_pandas()
 
+        def exchange_at(location: str) -> pd.DataFrame:
+            with FeatureClient(location) as other:
+                return other.get_historical_features(entity_df, features).to_pandas()
+
         cases = {
             EXCHANGE: keep(EXCHANGE, exchange),
             "flight_entity_table": keep(
@@ -303,7 +330,16 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
             ),
         }
         properties = target.catalog_properties()
+        replicas = contextlib.ExitStack()
         if properties is not None:
+            # Replicas on the same catalog: one joining with DuckDB, and a fresh one before every cold run.
+            duckdb_server = replicas.enter_context(
+                local_server(target.catalog_config, target.warehouse, args=["--historical-cache-mb", "0"])
+            )
+            cases[DUCKDB_SERVER] = keep(DUCKDB_SERVER, lambda: exchange_at(duckdb_server.location))
+            cold = Replica(target)
+            replicas.callback(cold.stop)
+            cases[COLD] = Case(lambda: last.__setitem__(COLD, exchange_at(cold.location)), cold.restart)
             cases["server_join_local"] = keep("server_join_local", ServerJoinLocal(properties, features, entities).run)
         cases["duckdb_memory"] = keep("duckdb_memory", memory.run)
         cases["pandas_merge_asof"] = keep("pandas_merge_asof", lambda: pandas_merge_asof(entity_df, frames))
@@ -311,7 +347,8 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
             f"historical: timing {len(cases)} ways to join {n_entities:,} entity rows to "
             f"{len(features)} features, interleaved"
         )
-        timings = measure(cases, settings.repeat, settings.warmup, "historical")
+        with replicas:
+            timings = measure(cases, settings.repeat, settings.warmup, "historical")
     report.progress("historical: checking the results against the DuckDB baseline")
     checks = check(last, entity_df, settings.seed)
     exchange_s = timings[EXCHANGE].median

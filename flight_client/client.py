@@ -475,10 +475,14 @@ class FeatureClient:
             writer, reader = self._client.do_exchange(descriptor, self._options)
             with writer:
                 writer.begin(schema)
-                for batch in batches:
-                    writer.write_batch(batch)
-                writer.done_writing()
-                return reader.read_all()
+                # The server answers batches as they arrive: read while writing, or both sides would
+                # stall once the answers fill the connection's flow-control window.
+                sending = _Sender(writer, batches)
+                try:
+                    result = reader.read_all()
+                finally:
+                    sending.finish()
+                return result
         except (pa.ArrowException, flight.FlightError) as exc:
             raise from_flight_error(exc) from None
 
@@ -502,6 +506,30 @@ class FeatureClient:
             return json.loads(b"".join(r.body.to_pybytes() for r in results))
         except flight.FlightError as exc:
             raise from_flight_error(exc) from None
+
+
+class _Sender:
+    """Writes entity batches to a `do_exchange` stream from a thread of its own, then ends the stream."""
+
+    def __init__(self, writer: flight.FlightStreamWriter, batches: Iterable[pa.RecordBatch]):
+        self._writer, self._batches = writer, batches
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._send, name="flight-exchange-writer", daemon=True)
+        self._thread.start()
+
+    def _send(self) -> None:
+        try:
+            for batch in self._batches:
+                self._writer.write_batch(batch)
+            self._writer.done_writing()
+        except BaseException as exc:  # handed to the caller by finish()
+            self._error = exc
+
+    def finish(self) -> None:
+        """Wait for the writes; a failed write is raised unless the answer already failed."""
+        self._thread.join()
+        if self._error is not None and not isinstance(self._error, (pa.ArrowException, flight.FlightError)):
+            raise self._error
 
 
 def read_flight(

@@ -140,6 +140,16 @@ def main() -> None:
     "key) when the request does not ask for a number ('partitions').",
 )
 @click.option(
+    "--historical-cache-mb",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(0),
+    envvar="FLIGHT_SERVER_HISTORICAL_CACHE_MB",
+    show_envvar=True,
+    help="Memory for feature-table snapshots sorted for training sets (kept between requests, least recently "
+    "used dropped first); a table larger than this is joined by DuckDB instead. 0: always DuckDB.",
+)
+@click.option(
     "--write-chunk-mb",
     default=128,
     show_default=True,
@@ -283,6 +293,7 @@ def serve(
     batch_rows: int,
     scan_partitions: int,
     historical_partitions: int,
+    historical_cache_mb: int,
     write_chunk_mb: int,
     online_tables: tuple[str, ...],
     online_refresh_seconds: float,
@@ -326,6 +337,7 @@ def serve(
         batch_rows=batch_rows,
         scan_partitions=scan_partitions,
         historical_partitions=historical_partitions,
+        historical_cache_bytes=historical_cache_mb << 20,
         write_chunk_bytes=write_chunk_mb << 20,
         duckdb_memory_limit=duckdb_memory_limit,
         duckdb_threads=duckdb_threads,

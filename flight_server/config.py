@@ -38,6 +38,7 @@ class ServerConfig:
     duckdb_temp_dir: str | None = None
     commit_timeout_seconds: float = 120.0
     historical_partitions: int = 1
+    historical_cache_bytes: int = 4 << 30
     online_tables: list[str] = field(default_factory=list)
     online_refresh_seconds: float = 0.5
     online_max_bytes: int = 2 << 30

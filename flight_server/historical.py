@@ -5,16 +5,19 @@ nothing), an event time at or before the entity's timestamp and, when the table 
 older than the TTL; the latest event time wins and ties go to the latest created time. One row
 comes out per entity row, in input order, with every entity column unchanged.
 
-DuckDB runs it as one query: a chain of ASOF LEFT JOINs. ASOF allows a single inequality, so the
-created-time tie-break rides in it as a (event time, created time) struct, and the TTL is applied
-afterwards by nulling matches that are too old.
+Two ways to run it, same answer. Usually each feature table's snapshot is sorted once into an
+`AsofIndex` (asof.py, cached between requests) and entity rows are answered batch by batch with a
+binary search and a `take`. A table too large for that cache makes the whole request one DuckDB
+query: a chain of ASOF LEFT JOINs, where the created-time tie-break rides in the single ASOF
+inequality as a (event time, created time) struct and the TTL nulls matches that are too old.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,6 +28,7 @@ import pyarrow.flight as flight
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression
 from pyiceberg.table import Table
 
+from flight_server.asof import AsofCache, AsofIndex, micros
 from flight_server.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
 from flight_server.duck import Engine, local_path
 from flight_server.errors import LimitError, NotFoundError, RequestError
@@ -33,6 +37,8 @@ from flight_server.protocol import HistoricalRequest, ProtocolError, parse_featu
 from flight_server.scans import resolve_snapshot, snapshot_schema
 from flight_server.schemas import UTC_MICROS, table_arrow_schema
 from flight_server.streams import chunks
+
+log = logging.getLogger(__name__)
 
 ROW = "__pit_row"
 TS = "__pit_ts"
@@ -295,10 +301,12 @@ def join_sql(
             inequality = f"ent.{TS} >= {alias}.{TS}"
         joins.append(f"ASOF LEFT JOIN {alias} ON {on} AND {inequality}")
         ttl = spec.ttl_seconds if plan.apply_ttl else None
-        fresh = f"{alias}.{TS} >= ent.{TS} - to_seconds({int(ttl)})" if ttl else None
+        conditions = [f"{alias}.{TS} >= ent.{TS} - to_seconds({int(ttl)})"] if ttl else []
+        if spec.created_time:
+            conditions.append(f"ent.{TS} IS NOT NULL")  # a null time in the struct would compare as latest
         for j in range(len(group.features)):
             value = f"{alias}.__pit_{i}_{j}"
-            selected[(i, j)] = f"CASE WHEN {fresh} THEN {value} END" if fresh else value
+            selected[(i, j)] = f"CASE WHEN {' AND '.join(conditions)} THEN {value} END" if conditions else value
     outputs = [f"ent.{quote(n)}" for n in plan.entity_schema.names]
     outputs += [f"{selected[(i, j)]} AS {quote(name)}" for i, j, name in plan.columns]
     sql = f"WITH {', '.join(ctes)} SELECT {', '.join(outputs)} FROM ent {' '.join(joins)} ORDER BY ent.{ROW}"
@@ -327,68 +335,131 @@ def plan_request(catalog: FeatureCatalog, request: HistoricalRequest) -> tuple[H
     return plan_historical(catalog, request), None
 
 
-def open_historical(
-    catalog: FeatureCatalog, engine: Engine, request: HistoricalRequest, batch_rows: int
-) -> pa.RecordBatchReader:
-    """Stream the training set for a `do_get` ticket."""
-    plan, inline = plan_request(catalog, request)
-    if inline is not None:
-        return run_inline(engine, plan, inline, batch_rows)
-    _use_storage(engine, plan)
-    relation, params = server_entities(plan)
-    return run_historical(plan, engine.cursor(), relation, params, batch_rows)
+def join_batch(plan: HistoricalPlan, indexes: list[AsofIndex], batch: pa.RecordBatch) -> pa.RecordBatch:
+    """One batch of entity rows with their features, in their order, through the sorted indexes."""
+    entity_us, valid = micros(batch.column(plan.request.entity_time))
+    found: dict[tuple[int, int], pa.Array] = {}
+    for i, (group, index) in enumerate(zip(plan.groups, indexes, strict=True)):
+        rows = index.match([batch.column(k) for k in group.spec.entity_keys], entity_us, valid, plan.apply_ttl)
+        for j, feature in enumerate(group.features):
+            found[(i, j)] = index.column(feature).take(rows)
+    arrays = [*batch.columns, *(found[(i, j)] for i, j, _ in plan.columns)]
+    schema = plan.schema
+    arrays = [a if a.type == f.type else a.cast(f.type) for a, f in zip(arrays, schema, strict=True)]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def run_inline(engine: Engine, plan: HistoricalPlan, entities: pa.Table, batch_rows: int) -> pa.RecordBatchReader:
-    """Join entity rows held in memory (inline in a ticket, or an online `as_of` lookup)."""
-    _use_storage(engine, plan)
-    cursor = engine.cursor()
-    _append_entities(cursor, prepare_entities(entities, plan.request.entity_time, 0), create=True)
-    return _keep_alive(run_historical(plan, cursor, "__pit_entities", [], batch_rows), cursor)
+class TrainingSets:
+    """Runs training-set requests: through the sorted per-snapshot indexes (`asof.py`) when every
+    feature table fits their cache, else as one DuckDB query (`join_sql`)."""
 
+    def __init__(
+        self, catalog: FeatureCatalog, engine: Engine, cache: AsofCache, batch_rows: int, max_exchange_bytes: int = 0
+    ):
+        self.catalog, self.engine, self.cache = catalog, engine, cache
+        self.batch_rows = batch_rows
+        self.max_exchange_bytes = max_exchange_bytes
 
-def exchange_historical(
-    catalog: FeatureCatalog,
-    engine: Engine,
-    request: HistoricalRequest,
-    reader: flight.MetadataRecordBatchReader,
-    writer: flight.MetadataRecordBatchWriter,
-    is_cancelled: Callable[[], bool],
-    batch_rows: int,
-    max_bytes: int = 0,
-) -> int:
-    """`do_exchange`: take the client's entity stream, answer with the joined rows on the same call.
+    def open(self, request: HistoricalRequest) -> pa.RecordBatchReader:
+        """Stream the training set for a `do_get` ticket."""
+        plan, inline = plan_request(self.catalog, request)
+        if inline is not None:
+            return self.run_inline(plan, inline)
+        _use_storage(self.engine, plan)
+        relation, params = server_entities(plan)
+        indexes = self._indexes(plan)
+        cursor = self.engine.cursor()
+        if indexes is None:
+            return _keep_alive(run_historical(plan, cursor, relation, params, self.batch_rows), cursor)
+        columns = ", ".join(quote(n) for n in plan.entity_schema.names)
+        sql = f"SELECT {columns} FROM {relation} ORDER BY {ROW}"
+        entities = cursor.execute(sql, params).to_arrow_reader(self.batch_rows)
+        return _keep_alive(_joined(plan, indexes, entities), cursor)
 
-    Entity rows go into a DuckDB temporary table (which spills to disk beyond the memory limit),
-    so the server holds no state between calls and any replica can answer. More than `max_bytes`
-    of them (Arrow size; 0: no limit) are refused, so one client cannot fill the spill disk.
-    """
-    if request.entities is not None:
-        raise RequestError("a do_exchange request takes its entity rows from the stream: drop 'entities'")
-    plan = plan_historical(catalog, request, reader.schema)
-    _use_storage(engine, plan)
-    cursor = engine.cursor()
-    rows = received = 0
-    _append_entities(cursor, prepare_entities(reader.schema.empty_table(), request.entity_time, 0), create=True)
-    for chunk in chunks(reader, "entity"):
-        if chunk.data is not None and chunk.data.num_rows:
-            received += chunk.data.nbytes
-            if max_bytes and received > max_bytes:
-                cursor.close()
-                raise LimitError(
-                    f"the entity rows passed {max_bytes:,} bytes after {rows:,} rows, this server's limit per "
-                    "training set (--max-exchange-mb): split them, or write them to a table and name it"
-                )
-            _append_entities(cursor, prepare_entities(chunk.data, request.entity_time, rows))
-            rows += chunk.data.num_rows
-    if is_cancelled():
-        return 0
-    result = run_historical(plan, cursor, "__pit_entities", [], batch_rows)
-    writer.begin(result.schema)
-    for batch in result:
-        writer.write_batch(batch)
-    cursor.close()
-    return rows
+    def run_inline(self, plan: HistoricalPlan, entities: pa.Table) -> pa.RecordBatchReader:
+        """Join entity rows held in memory (inline in a ticket, or an online `as_of` lookup)."""
+        indexes = self._indexes(plan)
+        if indexes is not None:
+            return _joined(plan, indexes, entities.to_batches(self.batch_rows))
+        _use_storage(self.engine, plan)
+        cursor = self.engine.cursor()
+        _append_entities(cursor, prepare_entities(entities, plan.request.entity_time, 0), create=True)
+        return _keep_alive(run_historical(plan, cursor, "__pit_entities", [], self.batch_rows), cursor)
+
+    def exchange(
+        self,
+        request: HistoricalRequest,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+        is_cancelled: Callable[[], bool],
+    ) -> int:
+        """`do_exchange`: take the client's entity stream, answer with the joined rows on the same call.
+
+        Through the indexes, each entity batch is answered as it arrives, so nothing accumulates
+        and the client must read while it writes. Otherwise the entity rows go into a DuckDB
+        temporary table (which spills to disk beyond the memory limit) and the answer follows the
+        last of them; more than `max_exchange_bytes` of them (Arrow size; 0: no limit) are refused,
+        so one client cannot fill the spill disk. Either way no state outlives the call.
+        """
+        if request.entities is not None:
+            raise RequestError("a do_exchange request takes its entity rows from the stream: drop 'entities'")
+        plan = plan_historical(self.catalog, request, reader.schema)
+        indexes = self._indexes(plan)
+        if indexes is None:
+            return self._exchange_duckdb(plan, reader, writer, is_cancelled)
+        writer.begin(plan.schema)
+        rows = 0
+        for chunk in chunks(reader, "entity"):
+            if is_cancelled():
+                break
+            if chunk.data is not None and chunk.data.num_rows:
+                writer.write_batch(join_batch(plan, indexes, chunk.data))
+                rows += chunk.data.num_rows
+        return rows
+
+    def _exchange_duckdb(
+        self,
+        plan: HistoricalPlan,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+        is_cancelled: Callable[[], bool],
+    ) -> int:
+        _use_storage(self.engine, plan)
+        cursor = self.engine.cursor()
+        rows = received = 0
+        entity_time = plan.request.entity_time
+        _append_entities(cursor, prepare_entities(reader.schema.empty_table(), entity_time, 0), create=True)
+        for chunk in chunks(reader, "entity"):
+            if chunk.data is not None and chunk.data.num_rows:
+                received += chunk.data.nbytes
+                if self.max_exchange_bytes and received > self.max_exchange_bytes:
+                    cursor.close()
+                    raise LimitError(
+                        f"the entity rows passed {self.max_exchange_bytes:,} bytes after {rows:,} rows, this "
+                        "server's limit per training set (--max-exchange-mb): split them, or write them to a "
+                        "table and name it"
+                    )
+                _append_entities(cursor, prepare_entities(chunk.data, entity_time, rows))
+                rows += chunk.data.num_rows
+        if is_cancelled():
+            return 0
+        result = run_historical(plan, cursor, "__pit_entities", [], self.batch_rows)
+        writer.begin(result.schema)
+        for batch in result:
+            writer.write_batch(batch)
+        cursor.close()
+        return rows
+
+    def _indexes(self, plan: HistoricalPlan) -> list[AsofIndex] | None:
+        """Every feature table's sorted index, or None (a DuckDB join) if one of them does not fit."""
+        indexes = []
+        for group in plan.groups:
+            index = self.cache.get(group.table, group.snapshot_id, group.spec)
+            if index is None:
+                log.info("training set: DuckDB join (%s is too large for the index cache)", group.name)
+                return None
+            indexes.append(index)
+        return indexes
 
 
 def endpoint_requests(plan: HistoricalPlan, partitions: int) -> list[HistoricalRequest]:
@@ -424,6 +495,10 @@ def _append_entities(cursor: Any, rows: pa.Table, create: bool = False) -> None:
     else:
         cursor.execute("INSERT INTO __pit_entities SELECT * FROM __pit_batch")
     cursor.unregister("__pit_batch")
+
+
+def _joined(plan: HistoricalPlan, indexes: list[AsofIndex], batches: Iterable[pa.RecordBatch]) -> pa.RecordBatchReader:
+    return pa.RecordBatchReader.from_batches(plan.schema, (join_batch(plan, indexes, b) for b in batches))
 
 
 def _use_storage(engine: Engine, plan: HistoricalPlan) -> None:

@@ -23,9 +23,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_server.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
-from flight_server.duck import Engine
 from flight_server.errors import NotFoundError, RequestError
-from flight_server.historical import plan_historical, run_inline
+from flight_server.historical import TrainingSets, plan_historical
 from flight_server.online import MISSING, OnlineIndex, OnlineStore, key_kind, key_values
 from flight_server.protocol import HistoricalRequest, OnlineRequest, parse_feature_ref, parse_timestamp
 from flight_server.schemas import UTC_MICROS, table_arrow_schema
@@ -197,7 +196,9 @@ def lookup(plan: OnlinePlan, keys: dict[str, list[Any]]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=plan.schema)
 
 
-def lookup_as_of(catalog: FeatureCatalog, engine: Engine, plan: OnlinePlan, keys: dict[str, list[Any]]) -> pa.Table:
+def lookup_as_of(
+    catalog: FeatureCatalog, training: TrainingSets, plan: OnlinePlan, keys: dict[str, list[Any]]
+) -> pa.Table:
     """Answer from history: the latest rows at or before `as_of`, through a point-in-time join."""
     request = plan.request
     assert request.as_of is not None
@@ -211,7 +212,7 @@ def lookup_as_of(catalog: FeatureCatalog, engine: Engine, plan: OnlinePlan, keys
     refs += [f"{s.name}:{s.spec.event_time}" for s in plan.sources]
     historical = HistoricalRequest(list(dict.fromkeys(refs)), entity_time=AS_OF_COLUMN, full_feature_names=True)
     joined_plan = replace(plan_historical(catalog, historical, entities.schema), apply_ttl=request.apply_ttl)
-    joined = run_inline(engine, joined_plan, entities, max(rows, 1)).read_all()
+    joined = training.run_inline(joined_plan, entities).read_all()
     arrays = [joined.column(k) for k in plan.key_types]
     arrays += [joined.column(f"{short_name(plan.sources[i].name)}__{column}") for i, column, _ in plan.columns]
     arrays += [joined.column(s.time_column) for s in plan.sources]
@@ -219,10 +220,10 @@ def lookup_as_of(catalog: FeatureCatalog, engine: Engine, plan: OnlinePlan, keys
 
 
 class OnlineService:
-    """Online requests over one server's indexes, catalog and engine."""
+    """Online requests over one server's indexes and catalog (and its training sets, for `as_of`)."""
 
-    def __init__(self, store: OnlineStore, catalog: FeatureCatalog, engine: Engine):
-        self.store, self.catalog, self.engine = store, catalog, engine
+    def __init__(self, store: OnlineStore, catalog: FeatureCatalog, training: TrainingSets):
+        self.store, self.catalog, self.training = store, catalog, training
         self._plans: dict[tuple[Any, ...], tuple[OnlinePlan, list[Any]]] = {}
 
     def plan(self, request: OnlineRequest) -> OnlinePlan:
@@ -244,7 +245,7 @@ class OnlineService:
 
     def answer(self, plan: OnlinePlan, keys: dict[str, list[Any]]) -> pa.Table:
         if plan.request.as_of:
-            return lookup_as_of(self.catalog, self.engine, plan, keys)
+            return lookup_as_of(self.catalog, self.training, plan, keys)
         return lookup(plan, keys)
 
     def get(self, request: OnlineRequest) -> pa.Table:

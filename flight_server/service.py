@@ -19,6 +19,7 @@ import pyarrow.flight as flight
 from pyiceberg.table import Table
 
 from flight_server import __version__
+from flight_server.asof import AsofCache
 from flight_server.auth import (
     MIDDLEWARE_KEY,
     AuthMiddlewareFactory,
@@ -33,7 +34,7 @@ from flight_server.config import ServerConfig
 from flight_server.deletes import Deleter
 from flight_server.duck import Engine
 from flight_server.errors import LimitError, RequestError, to_flight_error
-from flight_server.historical import endpoint_requests, exchange_historical, open_historical, plan_request
+from flight_server.historical import TrainingSets, endpoint_requests, plan_request
 from flight_server.limits import ConcurrencyLimit
 from flight_server.lookups import OnlineService
 from flight_server.maintenance import Maintenance
@@ -138,7 +139,9 @@ class FeatureFlightServer(flight.FlightServerBase):
         self.store = OnlineStore(
             self.catalog, self.engine, config.online_refresh_seconds, config.online_max_bytes, config.online_tables
         )
-        self.online = OnlineService(self.store, self.catalog, self.engine)
+        cache = AsofCache(self.engine, config.historical_cache_bytes)
+        self.training = TrainingSets(self.catalog, self.engine, cache, config.batch_rows, config.max_exchange_bytes)
+        self.online = OnlineService(self.store, self.catalog, self.training)
         location = f"{config.scheme}://{config.host}:{config.port}"
         super().__init__(location, middleware=middleware, **tls, **kwargs)
         log.info(
@@ -232,7 +235,7 @@ class FeatureFlightServer(flight.FlightServerBase):
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
         request = self._authorized(context, parse_ticket(ticket.ticket, limit=self.config.max_request_bytes))
         if isinstance(request, HistoricalRequest):
-            return flight.RecordBatchStream(open_historical(self.catalog, self.engine, request, self.config.batch_rows))
+            return flight.RecordBatchStream(self.training.open(request))
         if isinstance(request, OnlineRequest):
             return flight.RecordBatchStream(self.online.get(request))
         plan = plan_scan(self.catalog, request)
@@ -269,16 +272,7 @@ class FeatureFlightServer(flight.FlightServerBase):
             return
         if not isinstance(request, HistoricalRequest):
             raise RequestError("do_exchange takes a historical or an online request (see docs/protocol.md)")
-        rows = exchange_historical(
-            self.catalog,
-            self.engine,
-            request,
-            reader,
-            writer,
-            context.is_cancelled,
-            self.config.batch_rows,
-            self.config.max_exchange_bytes,
-        )
+        rows = self.training.exchange(request, reader, writer, context.is_cancelled)
         log.info("training set of %d entity rows streamed", rows)
 
     @_flight_errors
@@ -325,6 +319,7 @@ class FeatureFlightServer(flight.FlightServerBase):
                 "catalog_type": self.catalog.properties.get("type", ""),
                 "writes_in_progress": self.writer.in_progress,
                 "online": self.store.stats(),
+                "training_set_cache": self.training.cache.stats(),
             }
         elif action.type == "list_tables":
             result = [self._table_summary(self.catalog.load(name)) for name in self._visible_tables(context)]

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute below)
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError, read_flight
+from flight_server.config import ServerConfig
 from tests.conftest import start_server
 
 UTC = dt.timezone.utc
@@ -34,9 +36,11 @@ def catalog_properties(tmp_path_factory: pytest.TempPathFactory) -> dict[str, st
     return {"type": "sql", "uri": f"sqlite:///{root / 'c.db'}", "warehouse": root.as_uri()}
 
 
-@pytest.fixture(scope="module")
-def location(catalog_properties: dict[str, str]) -> Iterator[str]:
-    server = start_server(catalog_properties)
+@pytest.fixture(scope="module", params=["sorted index", "duckdb"])
+def location(request: pytest.FixtureRequest, catalog_properties: dict[str, str]) -> Iterator[str]:
+    """A server per join path: feature snapshots sorted and cached (the default), or DuckDB's ASOF join."""
+    cache = ServerConfig.historical_cache_bytes if request.param == "sorted index" else 0
+    server = start_server(catalog_properties, historical_cache_bytes=cache)
     yield f"grpc://127.0.0.1:{server.port}"
     server.shutdown()
 
@@ -62,7 +66,7 @@ entity_rows = st.lists(
     st.tuples(
         st.none() | st.integers(0, 4),
         st.none() | st.sampled_from(["x", "y", "z"]),
-        st.integers(-1, 9),
+        st.none() | st.integers(-1, 9),
         st.integers(0, 1),
     ),
     min_size=1,
@@ -75,6 +79,9 @@ def reference(entities: list[tuple[Any, ...]], a: list[tuple[Any, ...]], b: list
     out = []
     for k1, k2, h, label in entities:
         row = {"k1": k1, "k2": k2, "ts": hours(h), "label": label, "a_value": None, "b_value": None}
+        if h is None:  # no time, no match
+            out.append(row)
+            continue
         if k1 is not None and k2 is not None:
             matches = [r for r in a if r[0] == k1 and r[1] == k2 and h - TTL_HOURS <= r[2] <= h]
             if matches:
@@ -321,3 +328,98 @@ def test_plain_table_is_not_a_feature_table(location: str, catalog_properties: d
         _, _, entities = _demo(client)
         with pytest.raises(InvalidRequestError, match="not a feature table"):
             client.get_historical_features(entities, [f"{name}:x"])
+
+
+def _random_tables(rng: np.random.Generator, rows: int) -> tuple[pa.Table, pa.Table]:
+    """Two feature tables over 2,000 keys: one keyed (k, c) with created-time ties, one keyed by int32 k."""
+    k = rng.integers(0, 2_000, rows)
+    c = rng.choice(np.array(["x", "y", "z"]), rows)
+    ts = rng.integers(0, 5_000, rows)
+    tie = np.flatnonzero(rng.random(rows) < 0.1)
+    tie = tie[tie > 0]
+    k[tie], c[tie], ts[tie] = k[tie - 1], c[tie - 1], ts[tie - 1]
+    created = ts + rng.permutation(rows)  # distinct: every tie has one winner
+    created_null = np.zeros(rows, dtype=bool)
+    created_null[tie] = rng.random(len(tie)) < 0.3  # an unknown created time loses its tie
+    x = pa.table(
+        {
+            "k": pa.array(k),
+            "c": pa.array(c),
+            "ts": pa.array(ts * 60_000_000, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            "created": pa.array(created * 60_000_000, pa.int64(), mask=created_null).cast(pa.timestamp("us", tz="UTC")),
+            "x": pa.array(rng.normal(size=rows), mask=rng.random(rows) < 0.05),
+            "tag": pa.array(rng.choice(np.array(["p", "q", "r"]), rows)),
+        }
+    )
+    yk, yts = np.unique(np.stack([rng.integers(0, 2_000, rows), rng.integers(0, 5_000, rows)]), axis=1)
+    y = pa.table(
+        {
+            "k": pa.array(yk, pa.int32()),
+            "when": pa.array(yts * 60_000_000, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            "y": pa.array(rng.integers(0, 100, len(yk))),
+        }
+    )
+    return x, y
+
+
+def test_sorted_index_equals_duckdb_join_on_larger_data(catalog_properties: dict[str, str]) -> None:
+    """200K streamed entity rows (unknown and null keys, null times, duplicates) against two 50K-row
+    tables: the sorted-index join and DuckDB's agree exactly, also when the cache is too small for
+    one table, and the indexes are built once per snapshot."""
+    rng = np.random.default_rng(7)
+    x, y = _random_tables(rng, 50_000)
+    suffix = uuid.uuid4().hex[:8]
+    names = f"pit.x_{suffix}", f"pit.y_{suffix}"
+    n = 200_000
+    entities = pa.table(
+        {
+            "k": pa.array(rng.integers(-10, 2_010, n), mask=rng.random(n) < 0.01),
+            "c": pa.array(rng.choice(np.array(["x", "y", "z", "w"]), n), mask=rng.random(n) < 0.01),
+            "at": pa.array(rng.integers(-100, 5_100, n) * 60_000_000, pa.int64(), mask=rng.random(n) < 0.01).cast(
+                pa.timestamp("us")  # naive: UTC
+            ),
+            "label": pa.array(np.arange(n)),
+        }
+    )
+    features = [f"{names[1]}:y", f"{names[0]}:x", f"{names[0]}:tag"]
+    servers = [
+        start_server(catalog_properties),
+        start_server(catalog_properties, historical_cache_bytes=0),
+        start_server(catalog_properties, historical_cache_bytes=3 << 20),  # y fits, x does not
+    ]
+    try:
+        locations = [f"grpc://127.0.0.1:{s.port}" for s in servers]
+        with FeatureClient(locations[0]) as client:
+            client.write(names[0], x, entity_keys=["k", "c"], event_time="ts", created_time="created")
+            client.write(names[1], y, entity_keys=["k"], event_time="when", ttl=dt.timedelta(minutes=500))
+        results = []
+        for location in locations:
+            with FeatureClient(location) as client:
+                results.append(client.get_historical_features(entities, features, entity_time="at"))
+                results.append(client.get_historical_features(entities, features, entity_time="at"))
+        assert results[0].column_names == ["k", "c", "at", "label", "y", "x", "tag"]
+        assert results[0].column("label").to_pylist() == list(range(n))
+        assert results[0].column("x").null_count < n // 2  # most rows found a feature row
+        for result in results[1:]:
+            assert result.equals(results[0])
+        with FeatureClient(locations[0]) as client:
+            assert client.health()["training_set_cache"]["builds"] == 2  # once per table, not per request
+        with FeatureClient(locations[2]) as client:
+            cache = client.health()["training_set_cache"]
+            assert cache["snapshots"] == 1 and 0 < cache["bytes"] <= cache["max_bytes"]  # y, not x
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
+def test_new_snapshots_are_indexed_when_asked_for(location: str) -> None:
+    with FeatureClient(location) as client:
+        drivers, customers, entities = _demo(client)
+        features = [f"{drivers}:rate"]
+        before = client.get_historical_features(entities, features)
+        client.write(drivers, pd.DataFrame({"driver_id": [2], "event_timestamp": [hours(2)], "rate": [9.9]}))
+        after = client.get_historical_features(entities, features)
+        assert before.column("rate").to_pylist() == EXPECTED_RATE
+        assert after.column("rate").to_pylist() == [9.9, *EXPECTED_RATE[1:]]
+        pins = json.loads(before.schema.metadata[b"flight.snapshots"])["features"]
+        assert client.get_historical_features(entities, features, snapshot_ids=pins).equals(before)

@@ -1,0 +1,312 @@
+"""Feature tables sorted for point-in-time lookups, kept per snapshot between training-set requests.
+
+A snapshot never changes, so its rows can be sorted once by (keys, event time) and then serve
+every training set asked of it: each entity row finds its feature row with one binary search,
+and the feature values are gathered with Arrow's `take`. That is an order of magnitude cheaper
+than re-reading and re-joining the table for every request, and it answers entity rows batch by
+batch, as they arrive, in their own order, with nothing held between batches.
+
+Keys become dense integer codes (a dictionary per key column; composite keys combine them), event
+times become offsets from the table's earliest time (or ranks among its distinct times when the
+packed value would not fit 62 bits), and a row's stamp `code * span + offset` orders rows by key,
+then time. Rows that tie on (keys, event time) keep only the latest created time. The cache holds
+the most recently used snapshots up to a memory budget; a table that would not fit is left to the
+DuckDB join.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyiceberg.table import Table
+
+from flight_server.catalog import FeatureSpec, table_name
+from flight_server.duck import Engine
+from flight_server.errors import LimitError, RequestError
+from flight_server.protocol import ScanRequest
+from flight_server.scans import open_scan, plan_table_scan
+from flight_server.schemas import UTC_MICROS
+
+log = logging.getLogger(__name__)
+
+_STAMP_LIMIT = 1 << 62
+_READ_BATCH_ROWS = 262_144
+
+
+def micros(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Timestamps as UTC microseconds (naive means UTC) and which of them are not null."""
+    values = pc.cast(column, UTC_MICROS, safe=False).cast(pa.int64())
+    valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
+    return values.fill_null(0).to_numpy(zero_copy_only=False), valid
+
+
+def _canonical(t: pa.DataType) -> pa.DataType:
+    """One key type per family, so an int32 entity key meets an int64 feature key without overflow."""
+    if pa.types.is_integer(t):
+        return pa.int64()
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.large_string()
+    return t
+
+
+def _codes(column: pa.Array | pa.ChunkedArray, dictionary: pa.Array) -> np.ndarray:
+    """Each value's position in `dictionary`, -1 for values not in it and for nulls."""
+    found = pc.index_in(column, value_set=dictionary).fill_null(-1)
+    return found.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+@dataclass(frozen=True)
+class KeyCodes:
+    """Dense integer codes for key tuples: a dictionary per column, and how columns combine."""
+
+    dictionaries: list[pa.Array]
+    combined: list[np.ndarray]  # per column after the first: sorted distinct (code so far, column code) pairs
+
+    @classmethod
+    def build(cls, columns: list[pa.Array | pa.ChunkedArray]) -> tuple[KeyCodes, np.ndarray]:
+        """The codes of feature rows whose keys are all non-null, and how to code entity keys alike."""
+        dictionaries: list[pa.Array] = []
+        combined: list[np.ndarray] = []
+        code = np.zeros(len(columns[0]) if columns else 0, dtype=np.int64)
+        for i, column in enumerate(columns):
+            column = column.cast(_canonical(column.type))
+            dictionary = pc.unique(column)
+            dictionary = dictionary.combine_chunks() if isinstance(dictionary, pa.ChunkedArray) else dictionary
+            own = _codes(column, dictionary)
+            dictionaries.append(dictionary)
+            if i == 0:
+                code = own
+            else:
+                pairs, code = np.unique(code * len(dictionary) + own, return_inverse=True)
+                combined.append(pairs)
+        return cls(dictionaries, combined), code.astype(np.int64, copy=False)
+
+    @property
+    def count(self) -> int:
+        if not self.dictionaries:
+            return 0
+        return len(self.combined[-1]) if self.combined else len(self.dictionaries[0])
+
+    def encode(self, columns: list[pa.Array | pa.ChunkedArray]) -> np.ndarray:
+        """Codes of entity keys: -1 when any key is null or the tuple never occurs in the table."""
+        code = np.empty(0, dtype=np.int64)
+        for i, (column, dictionary) in enumerate(zip(columns, self.dictionaries, strict=True)):
+            try:
+                column = column.cast(dictionary.type)
+            except pa.ArrowInvalid as exc:
+                raise RequestError(f"an entity key cannot be compared with the feature keys: {exc}") from None
+            own = _codes(column, dictionary)
+            if i == 0:
+                code = own
+                continue
+            pairs = self.combined[i - 1]
+            wanted = code * len(dictionary) + own
+            at = np.minimum(np.searchsorted(pairs, wanted), max(len(pairs) - 1, 0))
+            found = (code >= 0) & (own >= 0) & (pairs[at] == wanted) if len(pairs) else np.zeros(len(own), bool)
+            code = np.where(found, at, -1)
+        return code
+
+    def nbytes(self) -> int:
+        return sum(d.nbytes for d in self.dictionaries) + sum(c.nbytes for c in self.combined)
+
+
+@dataclass(frozen=True)
+class TimeAxis:
+    """Event times as small non-negative offsets, so that (key code, offset) packs into one int64.
+
+    Feature offsets are >= 1; an entity time maps to the largest offset at or before it (0: before
+    every feature row), so `feature offset <= entity offset` exactly when `feature time <= entity time`.
+    """
+
+    start: int
+    span: int  # offsets are below it
+    distinct: np.ndarray | None  # sorted distinct event times, when offsets are ranks among them
+
+    @classmethod
+    def build(cls, event_us: np.ndarray, keys: int) -> tuple[TimeAxis, np.ndarray]:
+        if len(event_us) == 0:
+            return cls(0, 1, None), event_us
+        start, end = int(event_us.min()), int(event_us.max())
+        span = end - start + 2
+        if max(keys, 1) * span < _STAMP_LIMIT:
+            return cls(start, span, None), event_us - (start - 1)
+        distinct, rank = np.unique(event_us, return_inverse=True)
+        return cls(start, len(distinct) + 1, distinct), rank.astype(np.int64) + 1
+
+    def offsets(self, entity_us: np.ndarray) -> np.ndarray:
+        if self.distinct is not None:
+            return np.searchsorted(self.distinct, entity_us, side="right").astype(np.int64)
+        return np.clip(entity_us - (self.start - 1), 0, self.span - 1)
+
+
+@dataclass(frozen=True)
+class AsofIndex:
+    """One feature table at one snapshot: its rows, and their stamps sorted for binary search."""
+
+    name: str
+    snapshot_id: int | None
+    spec: FeatureSpec
+    columns: dict[str, pa.Array]  # every column of the snapshot, in read order
+    keys: KeyCodes
+    axis: TimeAxis
+    stamps: np.ndarray  # sorted, one per (keys, event time): code * axis.span + offset
+    positions: np.ndarray  # row of `columns` for each stamp
+    event_us: np.ndarray  # event time for each stamp
+
+    @classmethod
+    def build(cls, name: str, snapshot_id: int | None, spec: FeatureSpec, rows: pa.Table) -> AsofIndex:
+        key_columns = [rows.column(k) for k in spec.entity_keys]
+        event_us, valid = micros(rows.column(spec.event_time))
+        for column in key_columns:
+            valid &= pc.is_valid(column).to_numpy(zero_copy_only=False)
+        usable = np.flatnonzero(valid)  # a null key or event time never matches
+        if len(usable) < rows.num_rows:
+            key_columns = [c.take(usable) for c in key_columns]
+            event_us = event_us[usable]
+        keys, code = KeyCodes.build(key_columns)
+        axis, offset = TimeAxis.build(event_us, keys.count)
+        stamps = code * axis.span + offset
+        order = np.argsort(stamps)
+        stamps = stamps[order]
+        tied = stamps[1:] == stamps[:-1]
+        if spec.created_time and tied.any():
+            created, known = micros(rows.column(spec.created_time))
+            created = np.where(known, created, np.iinfo(np.int64).min)[usable]  # unknown: oldest
+            in_tie = np.zeros(len(stamps), dtype=bool)
+            in_tie[1:] |= tied
+            in_tie[:-1] |= tied
+            runs = np.flatnonzero(in_tie)  # sorting just these by created keeps each run in place
+            order[runs] = order[runs][np.lexsort((created[order[runs]], stamps[runs]))]
+        last = np.ones(len(stamps), dtype=bool)
+        last[:-1] = ~tied  # of rows tied on (keys, event time), the last: the latest created
+        order = order[last]
+        return cls(
+            name,
+            snapshot_id,
+            spec,
+            {name: rows.column(name).combine_chunks() for name in rows.column_names},
+            keys,
+            axis,
+            stamps[last],
+            usable[order],
+            event_us[order],
+        )
+
+    def nbytes(self) -> int:
+        arrays = self.stamps.nbytes + self.positions.nbytes + self.event_us.nbytes
+        return sum(c.nbytes for c in self.columns.values()) + self.keys.nbytes() + arrays
+
+    def column(self, name: str) -> pa.Array:
+        return self.columns[name]
+
+    def match(
+        self, keys: list[pa.Array | pa.ChunkedArray], entity_us: np.ndarray, valid: np.ndarray, ttl: bool
+    ) -> pa.Array:
+        """For each entity row, the row of `columns` it gets (null: none): equal keys, the latest event
+        time at or before the entity's, and within the TTL when `ttl` says to apply it."""
+        code = self.keys.encode(keys)
+        known = valid & (code >= 0)
+        wanted = code * self.axis.span + self.axis.offsets(entity_us)
+        by_stamp = np.argsort(wanted)  # searching in order keeps the binary searches in cache
+        found = np.empty(len(wanted), dtype=np.int64)
+        found[by_stamp] = np.searchsorted(self.stamps, wanted[by_stamp], side="right") - 1
+        at = np.maximum(found, 0)
+        if len(self.stamps):
+            known &= (found >= 0) & (self.stamps[at] > code * self.axis.span)  # same key, not the one before
+        else:
+            known[:] = False
+        if ttl and self.spec.ttl_seconds:
+            known &= self.event_us[at] >= entity_us - int(self.spec.ttl_seconds * 1_000_000)
+        positions = self.positions[at] if len(self.positions) else at
+        return pa.array(positions, mask=~known)
+
+
+class AsofCache:
+    """Indexes of recently used snapshots, together at most `max_bytes`; least recently used go first."""
+
+    def __init__(self, engine: Engine, max_bytes: int):
+        self.engine = engine
+        self.max_bytes = max_bytes
+        self.builds = 0
+        self._indexes: OrderedDict[tuple[str, int | None, FeatureSpec], AsofIndex] = OrderedDict()
+        self._too_large: set[tuple[str, int | None, FeatureSpec]] = set()
+        self._lock = threading.Lock()
+        self._building: dict[tuple[str, int | None, FeatureSpec], threading.Lock] = {}
+
+    def get(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> AsofIndex | None:
+        """The index of `table` at `snapshot_id`, built now if need be; None if it would not fit."""
+        if self.max_bytes <= 0:
+            return None
+        key = (str(table.metadata.table_uuid), snapshot_id, spec)
+        with self._building_lock(key):
+            with self._lock:
+                if key in self._too_large:
+                    return None
+                if key in self._indexes:
+                    self._indexes.move_to_end(key)
+                    return self._indexes[key]
+            try:
+                index = self._build(table, snapshot_id, spec)
+            except LimitError as exc:
+                log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
+                with self._lock:
+                    self._too_large.add(key)
+                return None
+            with self._lock:
+                self._indexes[key] = index
+                self.builds += 1
+                while sum(i.nbytes() for i in self._indexes.values()) > self.max_bytes and len(self._indexes) > 1:
+                    self._indexes.popitem(last=False)
+            return index
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            indexes = list(self._indexes.values())
+        return {
+            "snapshots": len(indexes),
+            "bytes": sum(i.nbytes() for i in indexes),
+            "max_bytes": self.max_bytes,
+            "builds": self.builds,
+        }
+
+    @contextmanager
+    def _building_lock(self, key: tuple[str, int | None, FeatureSpec]) -> Iterator[None]:
+        """One build per snapshot at a time: concurrent requests for it wait for the first."""
+        with self._lock:
+            lock = self._building.setdefault(key, threading.Lock())
+        with lock:
+            yield
+
+    def _build(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> AsofIndex:
+        """Read the snapshot whole (deletes applied) and sort it; refused past `max_bytes`."""
+        started = time.perf_counter()
+        plan = plan_table_scan(table, ScanRequest(table=table_name(table), snapshot_id=snapshot_id))
+        reader, path = open_scan(plan, self.engine, _READ_BATCH_ROWS)
+        batches, taken = [], 0
+        for batch in reader:
+            batches.append(batch)
+            taken += batch.nbytes + batch.num_rows * 24
+            if taken > self.max_bytes:
+                reader.close()
+                raise LimitError(f"its rows pass the training-set cache's {self.max_bytes >> 20} MiB")
+        rows = pa.Table.from_batches(batches, plan.schema)
+        index = AsofIndex.build(table_name(table), snapshot_id, spec, rows)
+        log.info(
+            "training-set index of %s at snapshot %s: %d rows, %.1f MiB, %s read, %.2f s",
+            index.name,
+            snapshot_id,
+            rows.num_rows,
+            index.nbytes() / 2**20,
+            path,
+            time.perf_counter() - started,
+        )
+        return index
