@@ -49,74 +49,148 @@ def micros(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return values.fill_null(0).to_numpy(zero_copy_only=False), valid
 
 
-def _canonical(t: pa.DataType) -> pa.DataType:
-    """One key type per family, so an int32 entity key meets an int64 feature key without overflow."""
-    if pa.types.is_integer(t):
-        return pa.int64()
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return pa.large_string()
-    return t
+_DENSE_MAX = 1 << 26  # entries of a value-indexed code table (256 MiB of int32 at most)
 
 
-def _codes(column: pa.Array | pa.ChunkedArray, dictionary: pa.Array) -> np.ndarray:
-    """Each value's position in `dictionary`, -1 for values not in it and for nulls."""
-    found = pc.index_in(column, value_set=dictionary).fill_null(-1)
-    return found.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+@dataclass(frozen=True)
+class IntCodes:
+    """Codes of int64 values: a table indexed by value when their range is small (a gather), else
+    binary search over the sorted distinct values."""
+
+    low: int
+    table: np.ndarray | None  # code of each value - low, or -1
+    distinct: np.ndarray | None  # sorted distinct values; a value's code is its position
+
+    @classmethod
+    def build(cls, values: np.ndarray) -> tuple[IntCodes, np.ndarray]:
+        """Codes for the distinct `values`, and the code of each of them."""
+        if len(values) == 0:
+            return cls(0, None, values), values
+        low, high = int(values.min()), int(values.max())
+        if high - low < max(4 * len(values), 1 << 16) and high - low < _DENSE_MAX:
+            present = np.zeros(high - low + 1, dtype=bool)
+            present[values - low] = True
+            table = np.where(present, np.cumsum(present, dtype=np.int64) - 1, -1)
+            return cls(low, table, None), table[values - low]
+        distinct, codes = np.unique(values, return_inverse=True)
+        return cls(low, None, distinct), codes.astype(np.int64, copy=False)
+
+    @property
+    def count(self) -> int:
+        if self.table is not None:
+            return int(self.table.max()) + 1 if len(self.table) else 0
+        return len(self.distinct) if self.distinct is not None else 0
+
+    def codes(self, values: np.ndarray) -> np.ndarray:
+        """The code of each value, -1 for values never seen."""
+        if self.table is not None:
+            at = values - self.low
+            inside = (at >= 0) & (at < len(self.table))
+            return np.where(inside, self.table[np.where(inside, at, 0)], -1)
+        distinct = self.distinct if self.distinct is not None else np.empty(0, np.int64)
+        if len(distinct) == 0:
+            return np.full(len(values), -1, dtype=np.int64)
+        at = np.minimum(np.searchsorted(distinct, values), len(distinct) - 1)
+        return np.where(distinct[at] == values, at, -1)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.table, self.distinct) if a is not None)
+
+
+@dataclass(frozen=True)
+class HashCodes:
+    """Codes of values of any other type (strings, dates, decimals): positions in a hashed dictionary."""
+
+    dictionary: pa.Array
+
+    @classmethod
+    def build(cls, column: pa.Array | pa.ChunkedArray) -> tuple[HashCodes, np.ndarray]:
+        dictionary = pc.unique(column)
+        dictionary = dictionary.combine_chunks() if isinstance(dictionary, pa.ChunkedArray) else dictionary
+        codes = cls(dictionary)
+        return codes, codes.codes(column)
+
+    @property
+    def count(self) -> int:
+        return len(self.dictionary)
+
+    def codes(self, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        found = pc.index_in(column, value_set=self.dictionary).fill_null(-1)
+        return found.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+    def nbytes(self) -> int:
+        return self.dictionary.nbytes
+
+
+def _text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _int64(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Integers as int64 (so int32 meets int64 without overflow) and which are not null."""
+    try:
+        values = column.cast(pa.int64())
+    except pa.ArrowInvalid as exc:
+        raise RequestError(f"an entity key cannot be compared with the feature keys: {exc}") from None
+    valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
+    return values.fill_null(0).to_numpy(zero_copy_only=False), valid
 
 
 @dataclass(frozen=True)
 class KeyCodes:
-    """Dense integer codes for key tuples: a dictionary per column, and how columns combine."""
+    """Dense integer codes for key tuples: codes per column, combined column by column."""
 
-    dictionaries: list[pa.Array]
-    combined: list[np.ndarray]  # per column after the first: sorted distinct (code so far, column code) pairs
+    columns: list[IntCodes | HashCodes]
+    steps: list[IntCodes]  # per column after the first: codes of (code so far, column code) pairs
 
     @classmethod
     def build(cls, columns: list[pa.Array | pa.ChunkedArray]) -> tuple[KeyCodes, np.ndarray]:
-        """The codes of feature rows whose keys are all non-null, and how to code entity keys alike."""
-        dictionaries: list[pa.Array] = []
-        combined: list[np.ndarray] = []
+        """The codes of feature rows (whose keys are all non-null), and how to code entity keys alike."""
+        per_column: list[IntCodes | HashCodes] = []
+        steps: list[IntCodes] = []
         code = np.zeros(len(columns[0]) if columns else 0, dtype=np.int64)
         for i, column in enumerate(columns):
-            column = column.cast(_canonical(column.type))
-            dictionary = pc.unique(column)
-            dictionary = dictionary.combine_chunks() if isinstance(dictionary, pa.ChunkedArray) else dictionary
-            own = _codes(column, dictionary)
-            dictionaries.append(dictionary)
+            lookup: IntCodes | HashCodes
+            if pa.types.is_integer(column.type):
+                lookup, own = IntCodes.build(_int64(column)[0])
+            else:
+                lookup, own = HashCodes.build(column.cast(pa.large_string()) if _text(column.type) else column)
+            per_column.append(lookup)
             if i == 0:
                 code = own
             else:
-                pairs, code = np.unique(code * len(dictionary) + own, return_inverse=True)
-                combined.append(pairs)
-        return cls(dictionaries, combined), code.astype(np.int64, copy=False)
+                step, code = IntCodes.build(code * lookup.count + own)
+                steps.append(step)
+        return cls(per_column, steps), code.astype(np.int64, copy=False)
 
     @property
     def count(self) -> int:
-        if not self.dictionaries:
+        if not self.columns:
             return 0
-        return len(self.combined[-1]) if self.combined else len(self.dictionaries[0])
+        return self.steps[-1].count if self.steps else self.columns[0].count
 
     def encode(self, columns: list[pa.Array | pa.ChunkedArray]) -> np.ndarray:
         """Codes of entity keys: -1 when any key is null or the tuple never occurs in the table."""
         code = np.empty(0, dtype=np.int64)
-        for i, (column, dictionary) in enumerate(zip(columns, self.dictionaries, strict=True)):
-            try:
-                column = column.cast(dictionary.type)
-            except pa.ArrowInvalid as exc:
-                raise RequestError(f"an entity key cannot be compared with the feature keys: {exc}") from None
-            own = _codes(column, dictionary)
+        for i, (column, lookup) in enumerate(zip(columns, self.columns, strict=True)):
+            if isinstance(lookup, IntCodes):
+                values, valid = _int64(column)
+                own = np.where(valid, lookup.codes(values), -1)
+            else:
+                try:
+                    own = lookup.codes(column.cast(lookup.dictionary.type))
+                except pa.ArrowInvalid as exc:
+                    raise RequestError(f"an entity key cannot be compared with the feature keys: {exc}") from None
             if i == 0:
                 code = own
-                continue
-            pairs = self.combined[i - 1]
-            wanted = code * len(dictionary) + own
-            at = np.minimum(np.searchsorted(pairs, wanted), max(len(pairs) - 1, 0))
-            found = (code >= 0) & (own >= 0) & (pairs[at] == wanted) if len(pairs) else np.zeros(len(own), bool)
-            code = np.where(found, at, -1)
+            else:
+                both = (code >= 0) & (own >= 0)
+                pairs = self.steps[i - 1].codes(np.where(both, code * lookup.count + own, -1))
+                code = np.where(both, pairs, -1)
         return code
 
     def nbytes(self) -> int:
-        return sum(d.nbytes for d in self.dictionaries) + sum(c.nbytes for c in self.combined)
+        return sum(c.nbytes() for c in self.columns) + sum(s.nbytes() for s in self.steps)
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,8 @@ HISTORICAL_PATHS = {"flight_exchange", "flight_entity_table", "duckdb_memory", "
 
 
 def check_historical(result: dict[str, Any], local: bool) -> None:
-    assert set(result["results"]) == HISTORICAL_PATHS | ({"server_join_local"} if local else set())
+    local_paths = {"server_join_local", "flight_exchange_duckdb", "flight_exchange_cold"}
+    assert set(result["results"]) == HISTORICAL_PATHS | (local_paths if local else set())
     for entry in result["results"].values():
         assert entry.keys() >= TIMING_KEYS
         assert positive(entry["rows_per_s"], entry["mb_per_s"], entry["ratio_to_exchange"])
