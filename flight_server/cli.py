@@ -463,13 +463,41 @@ def _writer_token(tokens: list[dict]) -> str | None:
     show_envvar=True,
     help="PEM CA certificate of a grpc+tls server [default: the system's].",
 )
+@click.option(
+    "--tls-cert-chain",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="FLIGHT_SERVER_HEALTH_TLS_CERT_CHAIN",
+    show_envvar=True,
+    help="PEM client certificate, for a server that requires mutual TLS (with --tls-private-key).",
+)
+@click.option(
+    "--tls-private-key",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="FLIGHT_SERVER_HEALTH_TLS_PRIVATE_KEY",
+    show_envvar=True,
+    help="PEM private key of --tls-cert-chain.",
+)
 @click.option("--timeout", default=5.0, show_default=True, type=float, help="Seconds to wait for the answer.")
-def health(location: str, token: str | None, tls_root_certs: str | None, timeout: float) -> None:
+def health(
+    location: str,
+    token: str | None,
+    tls_root_certs: str | None,
+    tls_cert_chain: str | None,
+    tls_private_key: str | None,
+    timeout: float,
+) -> None:
     """Ask a server for its `health` action; exit 0 when it answers ok (for container health checks)."""
     from flight_client import FeatureClient, FeatureServerError
 
     try:
-        with FeatureClient(location, timeout=timeout, token=token, tls_root_certs=tls_root_certs) as client:
+        with FeatureClient(
+            location,
+            timeout=timeout,
+            token=token,
+            tls_root_certs=tls_root_certs,
+            cert_chain=tls_cert_chain,
+            private_key=tls_private_key,
+        ) as client:
             status = client.health()
     except (FeatureServerError, OSError) as exc:
         raise click.ClickException(f"{location}: {exc}") from None
