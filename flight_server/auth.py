@@ -17,6 +17,8 @@ import hmac
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +117,10 @@ class TokenStore:
                 self._logins.append((_digest(f"{principal.name}:{entry['password']}"), token))
 
     @property
+    def count(self) -> int:
+        return len(self._tokens)
+
+    @property
     def logins(self) -> bool:
         """Whether any token can be had with a user name and password."""
         return bool(self._logins)
@@ -188,6 +194,54 @@ def load_tokens(path: str | None, environ: Mapping[str, str] = os.environ) -> li
     return entries
 
 
+class TokenSource:
+    """The tokens in force: those of `--auth-tokens-file` are read again when the file changes (its
+    modification time, size or inode, checked at most once a second, or at once on `reload`), so
+    operators rotate tokens without a restart. A file that no longer parses leaves the previous tokens."""
+
+    CHECK_SECONDS = 1.0
+
+    def __init__(self, entries: list[dict[str, Any]], path: str | None = None):
+        self.path = path
+        self.store = TokenStore(entries)
+        self._stamp = self._stat()
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def current(self) -> TokenStore:
+        """The tokens to check a call against, re-read first if the file changed since the last check."""
+        if self.path is not None and time.monotonic() - self._checked >= self.CHECK_SECONDS:
+            self.reload(force=False)
+        return self.store
+
+    def reload(self, force: bool = True) -> None:
+        """Read the file again (unless `force` is off and it has not changed); log the outcome, never a token."""
+        if self.path is None:
+            return
+        with self._lock:
+            self._checked = time.monotonic()
+            stamp = self._stat()
+            if not force and stamp == self._stamp:
+                return
+            self._stamp = stamp
+            try:
+                store = TokenStore(load_tokens(self.path))
+            except (OSError, ValueError) as exc:
+                log.error("%s not reloaded, the previous tokens stay in force: %s", self.path, exc)
+                return
+            self.store = store
+            log.info("%s reloaded: %d token(s)", self.path, store.count)
+
+
 class AuthMiddleware(flight.ServerMiddleware):
     """Carries the caller's `Principal` into the handlers (`context.get_middleware("auth")`)."""
 
@@ -218,12 +272,18 @@ class _Handshake(flight.ServerAuthHandler):
 class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
     """Rejects calls without a valid bearer token, or whose token lacks the RPC's permission."""
 
-    def __init__(self, store: TokenStore):
-        self.store = store
+    def __init__(self, tokens: TokenSource):
+        self.tokens = tokens
 
     def server_options(self) -> dict[str, Any]:
-        """`FlightServerBase` arguments: the handshake is served only when tokens have passwords."""
-        return {"auth_handler": _Handshake()} if self.store.logins else {}
+        """`FlightServerBase` arguments: the handshake, when tokens have passwords (or a reload may add some)."""
+        return {"auth_handler": _Handshake()} if self.tokens.store.logins or self.tokens.path else {}
+
+    def caller_name(self, headers: dict[str, list[str]]) -> str:
+        """The name of the token a call presents (start_call has checked it): what per-caller limits count."""
+        scheme, _, token = str((headers.get("authorization") or [""])[0]).partition(" ")
+        found = self.tokens.current().authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        return found.name if found is not None else EVERYONE.name
 
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> flight.ServerMiddleware | None:
         try:
@@ -243,7 +303,7 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
         scheme, _, token = str(values[0]).partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise flight.FlightUnauthenticatedError("the authorization header must be 'Bearer <token>'")
-        principal = self.store.authenticate(token.strip())
+        principal = self.tokens.current().authenticate(token.strip())
         if principal is None:
             raise flight.FlightUnauthenticatedError("the bearer token is not valid")
         permission = _METHOD_PERMISSIONS.get(info.method)
@@ -260,7 +320,7 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
             name, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise flight.FlightUnauthenticatedError("the basic credentials are not base64 of 'name:password'") from None
-        token = self.store.exchange(name, password)
+        token = self.tokens.current().exchange(name, password)
         if token is None:
             raise flight.FlightUnauthenticatedError("wrong user name or password")
         return _Issued(token)

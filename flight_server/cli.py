@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 import click
 
@@ -19,6 +21,9 @@ from flight_server.config import (
     read_catalog_file,
     redact,
 )
+
+if TYPE_CHECKING:
+    from flight_server.service import FeatureFlightServer
 
 GIL_SWITCH_SECONDS = 0.0005
 
@@ -263,6 +268,36 @@ def main() -> None:
     "RESOURCE_EXHAUSTED. They spill to --duckdb-temp-dir beyond the memory limit. 0: no limit.",
 )
 @click.option(
+    "--max-concurrent-per-caller",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    envvar="FLIGHT_SERVER_MAX_CONCURRENT_PER_CALLER",
+    show_envvar=True,
+    help="Calls one token (by its name) may run at once, so that one caller cannot take every slot of "
+    "--max-concurrent-requests; more are refused with RESOURCE_EXHAUSTED. 0: no limit.",
+)
+@click.option(
+    "--max-batch-mb",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    envvar="FLIGHT_SERVER_MAX_BATCH_MB",
+    show_envvar=True,
+    help="Largest record batch (Arrow size) a client may send in a put or an exchange; a larger one ends the "
+    "call with RESOURCE_EXHAUSTED. 0: no limit (gRPC's 2 GiB).",
+)
+@click.option(
+    "--idle-timeout-seconds",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    envvar="FLIGHT_SERVER_IDLE_TIMEOUT_SECONDS",
+    show_envvar=True,
+    help="End a call whose client has not read results (or not sent its stream) for this long, by closing "
+    "its connection: its slot and memory are freed. Linux only. 0: never.",
+)
+@click.option(
     "--demo/--no-demo",
     default=False,
     show_default=True,
@@ -307,6 +342,9 @@ def serve(
     max_concurrent_requests: int,
     max_request_kb: int,
     max_exchange_mb: int,
+    max_concurrent_per_caller: int,
+    max_batch_mb: int,
+    idle_timeout_seconds: float,
     demo: bool,
     log_level: str,
 ) -> None:
@@ -351,9 +389,13 @@ def serve(
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
         auth_tokens=tokens,
+        auth_tokens_file=auth_tokens_file,
         max_concurrent_requests=max_concurrent_requests,
         max_request_bytes=max_request_kb << 10,
         max_exchange_bytes=max_exchange_mb << 20,
+        max_concurrent_per_caller=max_concurrent_per_caller,
+        max_batch_bytes=max_batch_mb << 20,
+        idle_timeout_seconds=idle_timeout_seconds,
     )
     from flight_server.service import FeatureFlightServer
 
@@ -366,6 +408,7 @@ def serve(
     location = f"{config.scheme}://{'127.0.0.1' if host == '0.0.0.0' else host}:{server.port}"
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    _reload_on_sighup(server)
     if demo:
         from flight_server.demo import load_demo
 
@@ -377,6 +420,27 @@ def serve(
     )
     server.serve()
     log.info("stopped")
+
+
+def _reload_on_sighup(server: FeatureFlightServer) -> None:
+    """Re-read the tokens file on every SIGHUP (`kill -HUP`, `docker compose kill -s HUP`).
+
+    The main thread waits in C++ (`serve`) and so never runs a Python signal handler; but Python's
+    C-level handler writes each signal's number to the wakeup descriptor, whichever thread the
+    signal lands on, and a thread of ours reads them there.
+    """
+    signals, wakeup = socket.socketpair()
+    wakeup.setblocking(False)
+    signal.set_wakeup_fd(wakeup.fileno())
+    signal.signal(signal.SIGHUP, lambda *_: None)  # handled below; without a handler SIGHUP would end the process
+
+    def reload(wakeup: socket.socket) -> None:  # holds `wakeup` open: the handler writes to it
+        while numbers := signals.recv(64):
+            if signal.SIGHUP in numbers:
+                logging.getLogger("flight_server").info("SIGHUP: reloading the tokens file")
+                server.reload_tokens()
+
+    threading.Thread(target=reload, args=(wakeup,), name="sighup", daemon=True).start()
 
 
 def _writer_token(tokens: list[dict]) -> str | None:
@@ -411,13 +475,41 @@ def _writer_token(tokens: list[dict]) -> str | None:
     show_envvar=True,
     help="PEM CA certificate of a grpc+tls server [default: the system's].",
 )
+@click.option(
+    "--tls-cert-chain",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="FLIGHT_SERVER_HEALTH_TLS_CERT_CHAIN",
+    show_envvar=True,
+    help="PEM client certificate, for a server that requires mutual TLS (with --tls-private-key).",
+)
+@click.option(
+    "--tls-private-key",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="FLIGHT_SERVER_HEALTH_TLS_PRIVATE_KEY",
+    show_envvar=True,
+    help="PEM private key of --tls-cert-chain.",
+)
 @click.option("--timeout", default=5.0, show_default=True, type=float, help="Seconds to wait for the answer.")
-def health(location: str, token: str | None, tls_root_certs: str | None, timeout: float) -> None:
+def health(
+    location: str,
+    token: str | None,
+    tls_root_certs: str | None,
+    tls_cert_chain: str | None,
+    tls_private_key: str | None,
+    timeout: float,
+) -> None:
     """Ask a server for its `health` action; exit 0 when it answers ok (for container health checks)."""
     from flight_client import FeatureClient, FeatureServerError
 
     try:
-        with FeatureClient(location, timeout=timeout, token=token, tls_root_certs=tls_root_certs) as client:
+        with FeatureClient(
+            location,
+            timeout=timeout,
+            token=token,
+            tls_root_certs=tls_root_certs,
+            cert_chain=tls_cert_chain,
+            private_key=tls_private_key,
+        ) as client:
             status = client.health()
     except (FeatureServerError, OSError) as exc:
         raise click.ClickException(f"{location}: {exc}") from None

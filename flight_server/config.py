@@ -50,9 +50,13 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     auth_tokens: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    auth_tokens_file: str | None = None  # re-read when it changes (token rotation without a restart)
     max_concurrent_requests: int = 0
     max_request_bytes: int = 1 << 20
     max_exchange_bytes: int = 0
+    max_concurrent_per_caller: int = 0
+    max_batch_bytes: int = 0
+    idle_timeout_seconds: float = 0
 
     @property
     def scheme(self) -> str:

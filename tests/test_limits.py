@@ -122,3 +122,52 @@ def test_refused_calls_take_no_slot(catalog: dict[str, str]) -> None:
             assert client.write("limits.refused", data, entity_keys=["id"], event_time="ts").rows == 1
     finally:
         server.shutdown()
+
+
+def test_one_caller_cannot_take_every_slot(catalog: dict[str, str], limited: FeatureFlightServer) -> None:
+    tokens = [
+        {"name": name, "token": f"{name}-limits-token-0123456789", "permissions": ["read"]} for name in ("alice", "bob")
+    ]
+    server = start_server(catalog, max_concurrent_requests=4, max_concurrent_per_caller=1, auth_tokens=tokens)
+    location = f"grpc://127.0.0.1:{server.port}"
+    try:
+        with (
+            FeatureClient(location, token=tokens[0]["token"]) as alice,
+            FeatureClient(location, token=tokens[1]["token"]) as bob,
+        ):
+            stream = alice.scan("limits.big")
+            stream.read_next_batch()  # ...and stop reading: alice's one call stays open
+            with pytest.raises(ResourceExhaustedError) as e:
+                alice.health()
+            assert "'alice' is running its maximum of 1 concurrent requests (--max-concurrent-per-caller)" in str(
+                e.value
+            )
+            assert bob.health()["status"] == "ok"  # other callers keep their share
+            del stream
+            wait_until(lambda: answers_as(alice), what="alice's slot back once her stream is dropped")
+    finally:
+        server.shutdown()
+
+
+def answers_as(client: FeatureClient) -> bool:
+    try:
+        return client.health()["status"] == "ok"
+    except ResourceExhaustedError:
+        return False
+
+
+def test_record_batches_above_the_limit_are_refused(catalog: dict[str, str]) -> None:
+    server = start_server(catalog, max_batch_bytes=1 << 20)
+    rows = 200_000  # 3.2 MB in one batch
+    data = pa.table({"id": pa.array(range(rows), pa.int64()), "ts": pa.array([0] * rows, pa.timestamp("us", "UTC"))})
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            one_batch = pa.RecordBatchReader.from_batches(data.schema, data.combine_chunks().to_batches())
+            with pytest.raises(ResourceExhaustedError) as e:
+                client.write("limits.batches", one_batch, entity_keys=["id"], event_time="ts")
+            assert "a record batch of 3,200,000 bytes passed this server's limit of 1,048,576 bytes" in str(e.value)
+            assert "limits.batches" not in {t["table"] for t in client.tables()}
+            small = pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=20_000))
+            assert client.write("limits.batches", small, entity_keys=["id"], event_time="ts").rows == rows
+    finally:
+        server.shutdown()

@@ -1,0 +1,154 @@
+"""Idle timeout: a real client process that stops reading (or sending) loses its call after
+`--idle-timeout-seconds`; the server gives the slot back, and a slow but steady client is left alone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pytest
+
+from flight_client import FeatureClient, ResourceExhaustedError
+from flight_server.idle import parse_peer
+from flight_server.service import FeatureFlightServer
+from tests.conftest import sqlite_catalog, start_server, wait_until
+
+ROWS = 1_000_000  # far more than gRPC's flow-control window: the server blocks writing to a stalled reader
+# gRPC lets a blocked write go on once the client has read about its flow-control window (~8 MB here):
+# the slow reader below, at ~5 MB/s, waits under 2 s a time; the stalled ones wait for ever.
+IDLE_SECONDS = 4.0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FeatureFlightServer]:
+    catalog = sqlite_catalog(tmp_path_factory.mktemp("idle-warehouse"))
+    server = start_server(catalog, max_concurrent_requests=1, idle_timeout_seconds=IDLE_SECONDS, batch_rows=8192)
+    with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+        client.write(
+            "idle.big",
+            pa.table(
+                {
+                    "id": pa.array(range(ROWS), pa.int64()),
+                    "ts": pa.array([0] * ROWS, pa.timestamp("us", "UTC")),
+                    "value": pa.array(range(ROWS), pa.float64()),
+                }
+            ),
+            entity_keys=["id"],
+            event_time="ts",
+            partition_by=[],
+        )
+    yield server
+    server.shutdown()
+
+
+class Client:
+    """`tests/stalled_client.py` in its own process (its own connection), and its output lines."""
+
+    def __init__(self, mode: str, location: str, table: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.stalled_client", mode, location, table],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+
+    def line(self, timeout: float = 90) -> str:
+        try:
+            return self.lines.get(timeout=timeout).strip()
+        except queue.Empty:
+            pytest.fail(f"the client process said nothing for {timeout}s")
+
+    def resume(self) -> dict[str, object]:
+        self.proc.stdin.write("go\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return json.loads(self.line())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def answers(location: str) -> bool:
+    try:
+        with FeatureClient(location, timeout=5) as client:
+            return client.health()["status"] == "ok"
+    except ResourceExhaustedError:
+        return False
+
+
+def stalled(server: FeatureFlightServer, mode: str, table: str, caplog: pytest.LogCaptureFixture) -> dict[str, object]:
+    """Stall a client, check it holds the only slot until the idle timeout ends its call, then resume it."""
+    location = f"grpc://127.0.0.1:{server.port}"
+    wait_until(lambda: answers(location), what="no call in progress")
+    client = Client(mode, location, table)
+    try:
+        with caplog.at_level(logging.WARNING, logger="flight_server.idle"):
+            assert client.line() == "stalled"
+            assert not answers(location), "the stalled call holds the server's only slot"
+            wait_until(lambda: answers(location), timeout=30, what="the idle timeout to end the stalled call")
+        ended = [r.getMessage() for r in caplog.records if r.name == "flight_server.idle"]
+        assert len(ended) == 1 and f"for {IDLE_SECONDS:.0f} s (--idle-timeout-seconds)" in ended[0], ended
+        wait_until(lambda: server.idle is not None and server.idle.active == 0, what="the ended call to be forgotten")
+        return {"log": ended[0], **client.resume()}
+    finally:
+        client.close()
+
+
+def test_a_client_that_stops_reading_a_scan_loses_its_call(
+    server: FeatureFlightServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    outcome = stalled(server, "scan", "idle.big", caplog)
+    assert "ended do_get of 'anonymous'" in outcome["log"] and "did not read results" in outcome["log"]
+    # Resumed, it reads what had reached it, then learns the call was ended: never a silently short result.
+    assert outcome["error"] is not None and "UNAVAILABLE" in outcome["error"].upper(), outcome
+    assert 0 < outcome["rows"] < ROWS  # type: ignore[operator]
+
+
+def test_a_client_that_stops_sending_a_write_loses_it_and_nothing_is_committed(
+    server: FeatureFlightServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    outcome = stalled(server, "put", "idle.unfinished", caplog)
+    assert "ended do_put" in outcome["log"] and "did not send its stream" in outcome["log"]
+    assert outcome["error"] is not None, outcome
+    with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+        assert "idle.unfinished" not in {t["table"] for t in client.tables()}
+
+
+def test_a_client_that_stops_reading_a_training_set_loses_its_call(
+    server: FeatureFlightServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    outcome = stalled(server, "exchange", "idle.big", caplog)
+    assert "ended do_exchange" in outcome["log"] and "did not read results" in outcome["log"]
+    assert outcome["error"] is not None and 0 < outcome["rows"] < ROWS, outcome  # type: ignore[operator]
+
+
+def test_a_slow_but_steady_reader_is_not_cut(server: FeatureFlightServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The call lasts longer than the timeout (122 batches, 0.04 s apart), but no wait does: it completes."""
+    client = Client("slow", f"grpc://127.0.0.1:{server.port}", "idle.big")
+    try:
+        with caplog.at_level(logging.WARNING, logger="flight_server.idle"):
+            assert json.loads(client.line()) == {"rows": ROWS, "error": None}
+        assert not [r for r in caplog.records if r.name == "flight_server.idle"]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        ("ipv4:127.0.0.1:50123", ("127.0.0.1", 50123)),
+        ("ipv6:[::1]:50123", ("::1", 50123)),
+        ("ipv6:%5B::ffff:10.0.0.7%5D:443", ("10.0.0.7", 443)),  # an IPv4 client of a dual-stack listener
+    ],
+)
+def test_peers_name_their_connection(peer: str, address: tuple[str, int]) -> None:
+    host, port = parse_peer(peer)
+    assert (str(host), port) == address
