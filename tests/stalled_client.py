@@ -8,8 +8,10 @@ training set, reads one result batch, then stops), `slow` (reads every batch, 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -75,8 +77,13 @@ def main(mode: str, location: str, table: str) -> dict[str, object]:
         request = HistoricalRequest(features=[f"{table}:value"])
         writer, reader = client._client.do_exchange(flight.FlightDescriptor.for_command(request.to_bytes()))
         writer.begin(entities.schema)
-        writer.write_table(entities, max_chunksize=65536)
-        writer.done_writing()
+
+        def send() -> None:  # the server answers as batches arrive: write while reading, as FeatureClient does
+            with contextlib.suppress(pa.ArrowException):  # the call may be cut while this still writes
+                writer.write_table(entities, max_chunksize=65536)
+                writer.done_writing()
+
+        threading.Thread(target=send, daemon=True).start()
         rows = reader.read_chunk().data.num_rows
         stall()
         return read_rest(reader, rows)

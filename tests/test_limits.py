@@ -24,8 +24,14 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def limited(catalog: dict[str, str]) -> Iterator[FeatureFlightServer]:
+    # No training-set cache: streamed training sets are joined by DuckDB, which is what --max-exchange-mb limits.
     server = start_server(
-        catalog, max_concurrent_requests=1, max_request_bytes=4096, max_exchange_bytes=1 << 20, batch_rows=8192
+        catalog,
+        max_concurrent_requests=1,
+        max_request_bytes=4096,
+        max_exchange_bytes=1 << 20,
+        batch_rows=8192,
+        historical_cache_bytes=0,
     )
     with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
         client.write(
