@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -287,6 +287,8 @@ class AsofIndex:
     ) -> pa.Array:
         """For each entity row, the row of `columns` it gets (null: none): equal keys, the latest event
         time at or before the entity's, and within the TTL when `ttl` says to apply it."""
+        if len(self.stamps) == 0:
+            return pa.nulls(len(entity_us), pa.int64())
         code = self.keys.encode(keys)
         known = valid & (code >= 0)
         wanted = code * self.axis.span + self.axis.offsets(entity_us)
@@ -294,14 +296,10 @@ class AsofIndex:
         found = np.empty(len(wanted), dtype=np.int64)
         found[by_stamp] = np.searchsorted(self.stamps, wanted[by_stamp], side="right") - 1
         at = np.maximum(found, 0)
-        if len(self.stamps):
-            known &= (found >= 0) & (self.stamps[at] > code * self.axis.span)  # same key, not the one before
-        else:
-            known[:] = False
+        known &= (found >= 0) & (self.stamps[at] > code * self.axis.span)  # same key, not the one before
         if ttl and self.spec.ttl_seconds:
             known &= self.event_us[at] >= entity_us - int(self.spec.ttl_seconds * 1_000_000)
-        positions = self.positions[at] if len(self.positions) else at
-        return pa.array(positions, mask=~known)
+        return pa.array(self.positions[at], mask=~known)
 
 
 class AsofCache:
@@ -364,6 +362,8 @@ class AsofCache:
         """Read the snapshot whole (deletes applied) and sort it; refused past `max_bytes`."""
         started = time.perf_counter()
         plan = plan_table_scan(table, ScanRequest(table=table_name(table), snapshot_id=snapshot_id))
+        if snapshot_id is None:  # no snapshot when planned: stay empty even if a write has since made one
+            plan = replace(plan, snapshot_id=None)
         reader, path = open_scan(plan, self.engine, _READ_BATCH_ROWS)
         batches, taken = [], 0
         for batch in reader:
