@@ -17,7 +17,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -340,9 +343,9 @@ def join_batch(plan: HistoricalPlan, indexes: list[AsofIndex], batch: pa.RecordB
     entity_us, valid = micros(batch.column(plan.request.entity_time))
     found: dict[tuple[int, int], pa.Array] = {}
     for i, (group, index) in enumerate(zip(plan.groups, indexes, strict=True)):
-        rows = index.match([batch.column(k) for k in group.spec.entity_keys], entity_us, valid, plan.apply_ttl)
+        at, known = index.match([batch.column(k) for k in group.spec.entity_keys], entity_us, valid, plan.apply_ttl)
         for j, feature in enumerate(group.features):
-            found[(i, j)] = index.column(feature).take(rows)
+            found[(i, j)] = index.take(feature, at, known)
     arrays = [*batch.columns, *(found[(i, j)] for i, j, _ in plan.columns)]
     schema = plan.schema
     arrays = [a if a.type == f.type else a.cast(f.type) for a, f in zip(arrays, schema, strict=True)]
@@ -359,6 +362,9 @@ class TrainingSets:
         self.catalog, self.engine, self.cache = catalog, engine, cache
         self.batch_rows = batch_rows
         self.max_exchange_bytes = max_exchange_bytes
+        # Batches are joined on every core, a few ahead of the one being sent (numpy and Arrow release the GIL).
+        self._workers = os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="training-set")
 
     def open(self, request: HistoricalRequest) -> pa.RecordBatchReader:
         """Stream the training set for a `do_get` ticket."""
@@ -374,13 +380,13 @@ class TrainingSets:
         columns = ", ".join(quote(n) for n in plan.entity_schema.names)
         sql = f"SELECT {columns} FROM {relation} ORDER BY {ROW}"
         entities = cursor.execute(sql, params).to_arrow_reader(self.batch_rows)
-        return _keep_alive(_joined(plan, indexes, entities), cursor)
+        return _keep_alive(self._joined(plan, indexes, entities), cursor)
 
     def run_inline(self, plan: HistoricalPlan, entities: pa.Table) -> pa.RecordBatchReader:
         """Join entity rows held in memory (inline in a ticket, or an online `as_of` lookup)."""
         indexes = self._indexes(plan)
         if indexes is not None:
-            return _joined(plan, indexes, entities.to_batches(self.batch_rows))
+            return self._joined(plan, indexes, entities.to_batches(self.batch_rows))
         _use_storage(self.engine, plan)
         cursor = self.engine.cursor()
         _append_entities(cursor, prepare_entities(entities, plan.request.entity_time, 0), create=True)
@@ -409,12 +415,18 @@ class TrainingSets:
             return self._exchange_duckdb(plan, reader, writer, is_cancelled)
         writer.begin(plan.schema)
         rows = 0
-        for chunk in chunks(reader, "entity"):
-            if is_cancelled():
-                break
-            if chunk.data is not None and chunk.data.num_rows:
-                writer.write_batch(join_batch(plan, indexes, chunk.data))
-                rows += chunk.data.num_rows
+
+        def entities() -> Iterator[pa.RecordBatch]:
+            nonlocal rows
+            for chunk in chunks(reader, "entity"):
+                if is_cancelled():
+                    return
+                if chunk.data is not None and chunk.data.num_rows:
+                    rows += chunk.data.num_rows
+                    yield chunk.data
+
+        for batch in self._in_order(plan, indexes, entities()):
+            writer.write_batch(batch)
         return rows
 
     def _exchange_duckdb(
@@ -449,6 +461,27 @@ class TrainingSets:
             writer.write_batch(batch)
         cursor.close()
         return rows
+
+    def _joined(
+        self, plan: HistoricalPlan, indexes: list[AsofIndex], batches: Iterable[pa.RecordBatch]
+    ) -> pa.RecordBatchReader:
+        return pa.RecordBatchReader.from_batches(plan.schema, self._in_order(plan, indexes, batches))
+
+    def _in_order(
+        self, plan: HistoricalPlan, indexes: list[AsofIndex], batches: Iterable[pa.RecordBatch]
+    ) -> Iterator[pa.RecordBatch]:
+        """The joined batches, in entity order, computed by the pool up to `workers` batches ahead."""
+        pending: deque[Future[pa.RecordBatch]] = deque()
+        try:
+            for batch in batches:
+                pending.append(self._pool.submit(join_batch, plan, indexes, batch))
+                if len(pending) > self._workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
     def _indexes(self, plan: HistoricalPlan) -> list[AsofIndex] | None:
         """Every feature table's sorted index, or None (a DuckDB join) if one of them does not fit."""
@@ -495,10 +528,6 @@ def _append_entities(cursor: Any, rows: pa.Table, create: bool = False) -> None:
     else:
         cursor.execute("INSERT INTO __pit_entities SELECT * FROM __pit_batch")
     cursor.unregister("__pit_batch")
-
-
-def _joined(plan: HistoricalPlan, indexes: list[AsofIndex], batches: Iterable[pa.RecordBatch]) -> pa.RecordBatchReader:
-    return pa.RecordBatchReader.from_batches(plan.schema, (join_batch(plan, indexes, b) for b in batches))
 
 
 def _use_storage(engine: Engine, plan: HistoricalPlan) -> None:
