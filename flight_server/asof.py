@@ -39,6 +39,7 @@ from flight_server.schemas import UTC_MICROS
 log = logging.getLogger(__name__)
 
 _STAMP_LIMIT = 1 << 62
+_BLOCK = 64  # stamps per fence entry
 _READ_BATCH_ROWS = 262_144
 
 
@@ -310,7 +311,8 @@ class AsofIndex:
     columns: dict[str, Values]  # every column of the snapshot, in stamp order
     keys: KeyCodes
     axis: TimeAxis
-    stamps: np.ndarray  # sorted: code * axis.span + offset
+    stamps: np.ndarray  # sorted: code * axis.span + offset, then _BLOCK padding stamps above any other
+    fence: np.ndarray  # every _BLOCK-th stamp: small enough to stay in cache while searching
     event_us: np.ndarray
 
     @classmethod
@@ -348,12 +350,13 @@ class AsofIndex:
             {n: sorted_values(rows.column(n), rows_in_order) for n in rows.column_names},
             keys,
             axis,
-            stamps[last],
+            np.concatenate([stamps[last], np.full(_BLOCK, np.iinfo(np.int64).max)]),
+            stamps[last][::_BLOCK].copy(),
             event_us[order],
         )
 
     def nbytes(self) -> int:
-        arrays = self.stamps.nbytes + self.event_us.nbytes
+        arrays = self.stamps.nbytes + self.fence.nbytes + self.event_us.nbytes
         return sum(c.nbytes() for c in self.columns.values()) + self.keys.nbytes() + arrays
 
     def match(
@@ -361,24 +364,37 @@ class AsofIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """For each entity row, the index row it gets, and whether it gets one: equal keys, the latest
         event time at or before the entity's, and within the TTL when `ttl` says to apply it."""
-        if len(self.stamps) == 0:
+        if len(self.fence) == 0:
             return np.zeros(len(entity_us), dtype=np.int64), np.zeros(len(entity_us), dtype=bool)
         code = self.keys.encode(keys)
         known = valid & (code >= 0)
         wanted = code * self.axis.span + self.axis.offsets(entity_us)
-        by_stamp = np.argsort(wanted)  # searching in order keeps the binary searches in cache
+        by_stamp = np.argsort(wanted)  # searching in order keeps the searches in cache
         found = np.empty(len(wanted), dtype=np.int64)
-        found[by_stamp] = np.searchsorted(self.stamps, wanted[by_stamp], side="right") - 1
+        found[by_stamp] = self._last_at_or_below(wanted[by_stamp])
         at = np.maximum(found, 0)
         known &= (found >= 0) & (self.stamps[at] > code * self.axis.span)  # same key, not the one before
         if ttl and self.spec.ttl_seconds:
             known &= self.event_us[at] >= entity_us - int(self.spec.ttl_seconds * 1_000_000)
         return at, known
 
+    def _last_at_or_below(self, wanted: np.ndarray) -> np.ndarray:
+        """The position of the last stamp <= each wanted one (-1: none): the block from the fence, then
+        a branch-free binary search inside it, all blocks at once (twice numpy's searchsorted here)."""
+        block = np.searchsorted(self.fence, wanted, side="right") - 1
+        base = np.maximum(block, 0) * _BLOCK
+        size = _BLOCK
+        while size > 1:
+            half = size >> 1
+            middle = base + half
+            base = np.where(self.stamps[middle] <= wanted, middle, base)
+            size -= half
+        return np.where(block >= 0, base, -1)
+
     def take(self, column: str, at: np.ndarray, known: np.ndarray) -> pa.Array:
         """Column `column` at the rows `match` found (null where it found none)."""
         values = self.columns[column]
-        if len(self.stamps) == 0:
+        if len(self.fence) == 0:
             return pa.nulls(len(at), values.type)
         return values.take(at, known)
 
