@@ -284,35 +284,34 @@ def _valid(array: pa.Array) -> np.ndarray | None:
     return array.is_valid().to_numpy(zero_copy_only=False) if array.null_count else None
 
 
-def sorted_values(column: pa.ChunkedArray, order: np.ndarray) -> Values:
-    """Column `column`'s rows `order`, in the form cheapest to gather from (see the three classes above)."""
+def column_values(column: pa.ChunkedArray) -> Values:
+    """A column in the form cheapest to gather from (see the three classes above)."""
     t = column.type
     if (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_temporal(t)) and t.bit_width % 8 == 0:
         array = column.combine_chunks()
         raw = np.frombuffer(array.buffers()[1], dtype=f"u{t.bit_width // 8}", count=len(array), offset=array.offset)
-        valid = _valid(array)
-        return FixedValues(t, raw[order], valid[order] if valid is not None else None)
+        return FixedValues(t, raw, _valid(array))
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
         encoded = column.combine_chunks().dictionary_encode()
         if len(encoded.dictionary) <= len(encoded) // 2:
-            valid = _valid(encoded)
             codes = encoded.indices.fill_null(0).to_numpy(zero_copy_only=False)
-            return DictionaryValues(t, encoded.dictionary, codes[order], valid[order] if valid is not None else None)
-    return ArrowValues(column.take(pa.array(order)).combine_chunks())
+            return DictionaryValues(t, encoded.dictionary, codes, _valid(encoded))
+    return ArrowValues(column.combine_chunks())
 
 
 @dataclass(frozen=True)
 class AsofIndex:
-    """One feature table at one snapshot: one row per (keys, event time), sorted by their stamps."""
+    """One feature table at one snapshot: its columns as read, and a stamp per (keys, event time) sorted for search."""
 
     name: str
     snapshot_id: int | None
     spec: FeatureSpec
-    columns: dict[str, Values]  # every column of the snapshot, in stamp order
+    columns: dict[str, Values]  # every column of the snapshot, in read order
     keys: KeyCodes
     axis: TimeAxis
     stamps: np.ndarray  # sorted: code * axis.span + offset, then _BLOCK padding stamps above any other
     fence: np.ndarray  # every _BLOCK-th stamp: small enough to stay in cache while searching
+    positions: np.ndarray  # the row of `columns` of each stamp
     event_us: np.ndarray
 
     @classmethod
@@ -342,27 +341,27 @@ class AsofIndex:
         last = np.ones(len(stamps), dtype=bool)
         last[:-1] = ~tied  # of rows tied on (keys, event time), the last: the latest created
         order = order[last]
-        rows_in_order = usable[order]
         return cls(
             name,
             snapshot_id,
             spec,
-            {n: sorted_values(rows.column(n), rows_in_order) for n in rows.column_names},
+            {n: column_values(rows.column(n)) for n in rows.column_names},
             keys,
             axis,
             np.concatenate([stamps[last], np.full(_BLOCK, np.iinfo(np.int64).max)]),
             stamps[last][::_BLOCK].copy(),
+            usable[order],
             event_us[order],
         )
 
     def nbytes(self) -> int:
-        arrays = self.stamps.nbytes + self.fence.nbytes + self.event_us.nbytes
+        arrays = self.stamps.nbytes + self.fence.nbytes + self.positions.nbytes + self.event_us.nbytes
         return sum(c.nbytes() for c in self.columns.values()) + self.keys.nbytes() + arrays
 
     def match(
         self, keys: list[pa.Array | pa.ChunkedArray], entity_us: np.ndarray, valid: np.ndarray, ttl: bool
     ) -> tuple[np.ndarray, np.ndarray]:
-        """For each entity row, the index row it gets, and whether it gets one: equal keys, the latest
+        """For each entity row, the row of `columns` it gets, and whether it gets one: equal keys, the latest
         event time at or before the entity's, and within the TTL when `ttl` says to apply it."""
         if len(self.fence) == 0:
             return np.zeros(len(entity_us), dtype=np.int64), np.zeros(len(entity_us), dtype=bool)
@@ -376,7 +375,7 @@ class AsofIndex:
         known &= (found >= 0) & (self.stamps[at] > code * self.axis.span)  # same key, not the one before
         if ttl and self.spec.ttl_seconds:
             known &= self.event_us[at] >= entity_us - int(self.spec.ttl_seconds * 1_000_000)
-        return at, known
+        return self.positions[at], known
 
     def _last_at_or_below(self, wanted: np.ndarray) -> np.ndarray:
         """The position of the last stamp <= each wanted one (-1: none): the block from the fence, then
