@@ -230,13 +230,16 @@ def entity_bounds(cursor: Any, relation: str, params: list[Any]) -> tuple[dt.dat
     return bounds["low"], bounds["high"]
 
 
-def server_entities(plan: HistoricalPlan) -> tuple[str, list[Any]]:
-    """The entity-table relation, partitioned by a hash of the key columns when asked for.
+def server_entities(plan: HistoricalPlan, numbered: bool = True) -> tuple[str, list[Any]]:
+    """The entity-table rows, partitioned by a hash of the key columns when asked for, in (timestamp,
+    keys, other columns) order, so the output order is the same every time the same snapshot is read.
 
-    Rows are numbered in (timestamp, keys, other columns) order, so the output order is the same
-    every time the same snapshot is read.
+    `numbered`: a relation for `join_sql`, with that order as row numbers and the timestamp as UTC;
+    otherwise a query of just the entity columns, sorted.
     """
     assert plan.entity_table is not None
+    if plan.entity_snapshot_id is None:
+        raise RequestError(f"entity table {table_name(plan.entity_table)!r} has no rows")
     schema = snapshot_schema(plan.entity_table, plan.entity_snapshot_id)
     where, params = to_sql(plan.entity_filter, schema)
     keys = list(dict.fromkeys(k for g in plan.groups for k in g.spec.entity_keys))
@@ -247,15 +250,17 @@ def server_entities(plan: HistoricalPlan) -> tuple[str, list[Any]]:
         split = plan.groups[0].spec.entity_keys
         where += " AND " + partition_predicate("", split, [plan.entity_schema.field(k).type for k in split])
         params += [partition[1], partition[0]]
-    order = [time, *keys, *(n for n in plan.entity_schema.names if n != time and n not in keys)]
+    rest = [n for n in plan.entity_schema.names if n != time and n not in keys]
+    order = ", ".join(quote(c) for c in [time, *keys, *rest])
     columns = ", ".join(quote(n) for n in plan.entity_schema.names)
-    sql = (
-        f"(SELECT {columns}, row_number() OVER (ORDER BY {', '.join(quote(c) for c in order)}) AS {ROW}, "
-        f"CAST({quote(time)} AS TIMESTAMPTZ) AS {TS} "
-        f"FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {where})"
-    )
-    if plan.entity_snapshot_id is None:
-        raise RequestError(f"entity table {table_name(plan.entity_table)!r} has no rows")
+    source = f"FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {where}"
+    if numbered:
+        sql = (
+            f"(SELECT {columns}, row_number() OVER (ORDER BY {order}) AS {ROW}, "
+            f"CAST({quote(time)} AS TIMESTAMPTZ) AS {TS} {source})"
+        )
+    else:
+        sql = f"SELECT {columns} {source} ORDER BY {order}"
     return sql, [local_path(plan.entity_table.metadata_location), plan.entity_snapshot_id, *params]
 
 
@@ -372,13 +377,12 @@ class TrainingSets:
         if inline is not None:
             return self.run_inline(plan, inline)
         _use_storage(self.engine, plan)
-        relation, params = server_entities(plan)
         indexes = self._indexes(plan)
         cursor = self.engine.cursor()
         if indexes is None:
+            relation, params = server_entities(plan)
             return _keep_alive(run_historical(plan, cursor, relation, params, self.batch_rows), cursor)
-        columns = ", ".join(quote(n) for n in plan.entity_schema.names)
-        sql = f"SELECT {columns} FROM {relation} ORDER BY {ROW}"
+        sql, params = server_entities(plan, numbered=False)
         entities = cursor.execute(sql, params).to_arrow_reader(self.batch_rows)
         return _keep_alive(self._joined(plan, indexes, entities), cursor)
 
