@@ -410,6 +410,11 @@ class AsofCache:
         self._lock = threading.Lock()
         self._building: dict[tuple[str, int | None, FeatureSpec], threading.Lock] = {}
 
+    def peek(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> AsofIndex | None:
+        """The index if it is built already; never builds."""
+        with self._lock:
+            return self._indexes.get((str(table.metadata.table_uuid), snapshot_id, spec))
+
     def get(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> AsofIndex | None:
         """The index of `table` at `snapshot_id`, built now if need be; None if it would not fit."""
         if self.max_bytes <= 0:

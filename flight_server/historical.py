@@ -368,7 +368,7 @@ class TrainingSets:
         self.batch_rows = batch_rows
         self.max_exchange_bytes = max_exchange_bytes
         # Batches are joined on every core, a few ahead of the one being sent (numpy and Arrow release the GIL).
-        self._workers = os.cpu_count() or 1
+        self._workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="training-set")
 
     def open(self, request: HistoricalRequest) -> pa.RecordBatchReader:
@@ -386,9 +386,13 @@ class TrainingSets:
         entities = cursor.execute(sql, params).to_arrow_reader(self.batch_rows)
         return _keep_alive(self._joined(plan, indexes, entities), cursor)
 
-    def run_inline(self, plan: HistoricalPlan, entities: pa.Table) -> pa.RecordBatchReader:
-        """Join entity rows held in memory (inline in a ticket, or an online `as_of` lookup)."""
-        indexes = self._indexes(plan)
+    def run_inline(self, plan: HistoricalPlan, entities: pa.Table, build: bool = True) -> pa.RecordBatchReader:
+        """Join entity rows held in memory (inline in a ticket, or an online `as_of` lookup).
+
+        Without `build`, snapshots not sorted yet are left to DuckDB: a few online keys should not
+        wait for a whole table to be sorted (a table written often would be sorted again each time).
+        """
+        indexes = self._indexes(plan, build)
         if indexes is not None:
             return self._joined(plan, indexes, entities.to_batches(self.batch_rows))
         _use_storage(self.engine, plan)
@@ -487,13 +491,16 @@ class TrainingSets:
             for future in pending:
                 future.cancel()
 
-    def _indexes(self, plan: HistoricalPlan) -> list[AsofIndex] | None:
-        """Every feature table's sorted index, or None (a DuckDB join) if one of them does not fit."""
+    def _indexes(self, plan: HistoricalPlan, build: bool = True) -> list[AsofIndex] | None:
+        """Every feature table's sorted index, or None (a DuckDB join) if one of them does not fit
+        (or, without `build`, is not sorted yet)."""
         indexes = []
         for group in plan.groups:
-            index = self.cache.get(group.table, group.snapshot_id, group.spec)
+            find = self.cache.get if build else self.cache.peek
+            index = find(group.table, group.snapshot_id, group.spec)
             if index is None:
-                log.info("training set: DuckDB join (%s is too large for the index cache)", group.name)
+                why = "too large for the training-set cache" if build else "not sorted yet"
+                log.info("training set: DuckDB join (%s is %s)", group.name, why)
                 return None
             indexes.append(index)
         return indexes

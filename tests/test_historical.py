@@ -423,3 +423,20 @@ def test_new_snapshots_are_indexed_when_asked_for(location: str) -> None:
         assert after.column("rate").to_pylist() == [9.9, *EXPECTED_RATE[1:]]
         pins = json.loads(before.schema.metadata[b"flight.snapshots"])["features"]
         assert client.get_historical_features(entities, features, snapshot_ids=pins).equals(before)
+
+
+def test_online_as_of_answers_alike_before_and_after_the_snapshot_is_sorted(location: str) -> None:
+    """An online `as_of` lookup never sorts a snapshot itself (DuckDB answers), but uses one a training
+    set has sorted; the answer is the same."""
+    with FeatureClient(location) as client:
+        drivers, _, entities = _demo(client)
+        features = [f"{drivers}:rate"]
+        keys = {"driver_id": [1, 2, 3, 1]}
+        before = client.get_online_features(keys, features, as_of=hours(4)).to_pylist()
+        builds = client.health()["training_set_cache"]["builds"]
+        client.get_historical_features(entities, features)
+        sorted_now = client.health()["training_set_cache"]["builds"] > builds
+        assert sorted_now == (client.health()["training_set_cache"]["max_bytes"] > 0)
+        after = client.get_online_features(keys, features, as_of=hours(4)).to_pylist()
+    assert [r["rate"] for r in before] == [0.1, 0.3, None, 0.1]
+    assert after == before
