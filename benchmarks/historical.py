@@ -46,7 +46,10 @@ from flight_server.protocol import HistoricalRequest
 FEATURE_ROWS = 10_000_000  # rows of the largest feature table; --rows scales every size from here
 ROWS_PER_ENTITY = 100  # default --entities: 100K keys for 10M rows
 ENTITY_ROWS_SHARE = 10  # default entity rows: --rows / 10, so 1M by default and 2K with --quick
-SAMPLE_ROWS = 10_000  # rows whose feature values are compared with the DuckDB baseline
+SAMPLE_ROWS = 10_000
+# Beyond this many entity rows the two replica cases (cold, DuckDB) are left out: two more servers and two
+# more results of that size would not fit next to the others on a 24 GiB machine.
+REPLICA_CASES_MAX_ROWS = 2_000_000  # rows whose feature values are compared with the DuckDB baseline
 EXCHANGE = "flight_exchange"
 COLD = "flight_exchange_cold"
 DUCKDB_SERVER = "flight_exchange_duckdb"
@@ -331,7 +334,7 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
         }
         properties = target.catalog_properties()
         replicas = contextlib.ExitStack()
-        if properties is not None:
+        if properties is not None and n_entities <= REPLICA_CASES_MAX_ROWS:
             # Replicas on the same catalog: one joining with DuckDB, and a fresh one before every cold run.
             duckdb_server = replicas.enter_context(
                 local_server(target.catalog_config, target.warehouse, args=["--historical-cache-mb", "0"])
@@ -340,6 +343,7 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
             cold = Replica(target)
             replicas.callback(cold.stop)
             cases[COLD] = Case(lambda: last.__setitem__(COLD, exchange_at(cold.location)), cold.restart)
+        if properties is not None:
             cases["server_join_local"] = keep("server_join_local", ServerJoinLocal(properties, features, entities).run)
         cases["duckdb_memory"] = keep("duckdb_memory", memory.run)
         cases["pandas_merge_asof"] = keep("pandas_merge_asof", lambda: pandas_merge_asof(entity_df, frames))
