@@ -49,7 +49,7 @@ from flight_server.duck import local_path
 from flight_server.errors import RequestError
 from flight_server.filters import parse_filter, quote, to_sql
 from flight_server.protocol import DELETE_MODES, DeleteRequest
-from flight_server.scans import VIRTUAL_COLUMNS, snapshot_schema
+from flight_server.scans import snapshot_schema
 from flight_server.schemas import table_arrow_schema
 from flight_server.writes import write_reader
 
@@ -59,6 +59,7 @@ COPY_ON_WRITE, MERGE_ON_READ = DELETE_MODES
 OPERATION_PROPERTY = "flight.operation"  # snapshot summary: which server operation made the snapshot
 KEYS_RELATION = "__delete_keys"
 SCAN_SOURCE = "iceberg_scan(?, snapshot_from_id => ?) AS t"
+VIRTUAL_COLUMNS = ("filename", "file_row_number")  # iceberg_scan's, shadowed by table columns of these names
 POSITION_DELETE_SCHEMA = pa.schema(
     [
         pa.field(

@@ -298,7 +298,6 @@ def direct_reader(plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int) ->
 
 
 DELETED_RELATION = "__deleted_positions"
-VIRTUAL_COLUMNS = ("filename", "file_row_number")  # DuckDB's, shadowed by table columns of these names
 
 
 def position_deleted_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, str]:
@@ -309,13 +308,13 @@ def position_deleted_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, s
     a copy-on-write table's speed with 100 delete files): the filter is the same SQL, so the rows are too.
     Only when the table has position delete files (without, `iceberg_scan` is as fast), no equality
     delete files, one schema in its history (files are read by column name) and no column DuckDB's
-    `filename` or `file_row_number` would shadow.
+    `file_row_number` would shadow.
     """
     shapes = {tuple((f.field_id, f.name, f.field_type) for f in s.fields) for s in plan.table.schemas().values()}
     if len(shapes) > 1:
         return None, "a filter or a limit, on a table whose schema changed"
-    if any(c in VIRTUAL_COLUMNS for c in snapshot_schema(plan.table, plan.snapshot_id).column_names):
-        return None, f"a filter or a limit, on a table with a column named like {VIRTUAL_COLUMNS}"
+    if "file_row_number" in snapshot_schema(plan.table, plan.snapshot_id).column_names:
+        return None, "a filter or a limit, on a table with a column DuckDB's file_row_number would shadow"
     tasks = plan_tasks(plan.table, plan.snapshot_id, plan.expression)
     if tasks is None:
         return None, "equality delete files"
@@ -330,36 +329,45 @@ def position_deleted_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, s
 
 
 def deleted_relation(deleted: dict[str, np.ndarray]) -> pa.Table:
-    """The deleted positions as rows (`filename` as DuckDB's `read_parquet` names the file, `pos`)."""
-    files = list(deleted)
-    index = np.repeat(np.arange(len(files), dtype=np.int32), [len(deleted[f]) for f in files])
-    names = pa.DictionaryArray.from_arrays(index, [local_path(f) for f in files])
-    positions = np.concatenate([deleted[f] for f in files]) if files else np.empty(0, np.int64)
-    return pa.table({"filename": names, "pos": pa.array(positions, pa.int64())})
+    """The deleted positions as rows: `file`, the index of the data file in `deleted`, and `pos`."""
+    counts = [len(positions) for positions in deleted.values()]
+    files = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    positions = np.concatenate(list(deleted.values())) if deleted else np.empty(0, np.int64)
+    return pa.table({"file": files, "pos": pa.array(positions, pa.int64())})
 
 
 def read_parquet_reader(
     plan: ScanPlan, tasks: list[FileScanTask], engine: Engine, batch_rows: int
 ) -> pa.RecordBatchReader:
     """DuckDB over the planned files without their deleted rows, filtered (and limited): `file_row_number`
-    counts rows in file order before any filter, so it is each row's position, whatever DuckDB prunes."""
+    counts rows in file order before any filter, so it is each row's position, whatever DuckDB prunes.
+
+    One `read_parquet` per file with deletes, anti-joined with its positions on the row number alone
+    (a join on `filename` too costs a string per row: 25 % slower), and one for the other files."""
     if not tasks:
         return pa.RecordBatchReader.from_batches(plan.schema, [])
     schema = snapshot_schema(plan.table, plan.snapshot_id)
     where, params = to_sql(plan.expression, schema)
     columns = ", ".join(f"t.{quote(name)}" for name in plan.schema.names)
+    deleted = deleted_positions(plan.table.io, tasks)
+    clean = [local_path(task.file.file_path) for task in tasks if task.file.file_path not in deleted]
+    branches, args = [], []
+    if clean:
+        branches.append(f"SELECT {columns} FROM read_parquet(?) AS t WHERE {where}")
+        args += [clean, *params]
+    for index, path in enumerate(deleted):
+        branches.append(
+            f"SELECT {columns} FROM (SELECT * FROM read_parquet(?, file_row_number => true) WHERE {where}) AS t "
+            f"ANTI JOIN (SELECT pos FROM {DELETED_RELATION} WHERE file = {index}) AS d ON d.pos = t.file_row_number"
+        )
+        args += [local_path(path), *params]
+    sql = " UNION ALL ".join(branches)
+    if plan.request.limit is not None:
+        sql = f"SELECT * FROM ({sql}) LIMIT ?"
+        args.append(plan.request.limit)
     engine.use_storage(plan.table.io.properties)
     cursor = engine.cursor()
-    cursor.register(DELETED_RELATION, deleted_relation(deleted_positions(plan.table.io, tasks)))
-    sql = (
-        f"SELECT {columns} FROM (SELECT * FROM read_parquet(?, filename => true, file_row_number => true) "
-        f"WHERE {where}) AS t ANTI JOIN {DELETED_RELATION} AS d "
-        "ON d.filename = t.filename AND d.pos = t.file_row_number"
-    )
-    args: list[Any] = [[local_path(task.file.file_path) for task in tasks], *params]
-    if plan.request.limit is not None:
-        sql += " LIMIT ?"
-        args.append(plan.request.limit)
+    cursor.register(DELETED_RELATION, deleted_relation(deleted))
     return cursor.execute(sql, args).to_arrow_reader(batch_rows)
 
 
