@@ -9,10 +9,10 @@ For each, in the same run, interleaved: a full scan over Flight, a filtered scan
 `scan().to_arrow()` in process as a baseline. Every variant of a share must return the same rows,
 or the run fails.
 
-The compacted table is then timed against its copy-on-write twin once more, in pairs: the two reads
-back to back in ABBA order, `PAIRED_FACTOR` times as many rounds, and the median of the per-round
-ratios reported. A shared machine's load drifts over the seconds a round of 13 layouts
-takes; within a pair it hits both alike. With a local server, the run also checks that the
+The compacted table is then timed against its copy-on-write twin once more, in pairs: one read at
+a time, the two tables back to back in ABBA order, `PAIRED_FACTOR` times as many rounds, and the
+median of the per-round ratios reported (`paired_ratios`). A shared machine's load drifts over the
+seconds a round of 13 layouts takes; within a pair it hits both alike. With a local server, the run also checks that the
 compacted table's data files have the Parquet layout of the copy-on-write table's.
 """
 
@@ -255,19 +255,24 @@ def paired_ratios(pairs: dict[str, tuple[Case, Case]], rounds: int) -> dict[str,
     """For each measure, the first case's time over the second's: the median over `rounds` rounds, and its
     quartiles (above 1: the second is faster).
 
-    A round runs first-second-second-first back to back and takes the geometric mean of its two
-    ratios: which of two identical reads runs first moved their ratio by about 10 % here, the two
-    orders cancel that out, and a median over rounds of alternating order lands anywhere between.
+    One measure at a time, after an untimed read of each, each round runs first-second-second-first
+    back to back and takes the geometric mean of its two ratios, so that each case is as often the
+    first read after the other as after itself. Orders that are not so balanced measured two
+    identical files 5-14 % apart here: the first read after another kind of read runs slower.
     """
     ratios: dict[str, list[float]] = {key: [] for key in pairs}
-    for _ in steps(range(rounds), f"cow-vs-mor: {rounds} ABBA rounds, compacted against copy-on-write"):
-        for key, cases in pairs.items():
-            seconds: list[list[float]] = [[], []]
-            for index in (0, 1, 1, 0):
-                start = time.perf_counter()
-                cases[index].run()
-                seconds[index].append(time.perf_counter() - start)
-            ratios[key].append(math.sqrt((seconds[0][0] / seconds[1][0]) * (seconds[0][1] / seconds[1][1])))
+    label = f"cow-vs-mor: {rounds} ABBA rounds of {len(pairs)} reads, compacted against copy-on-write"
+    for key, round_ in steps([(k, r) for k in pairs for r in range(rounds)], label):
+        cases = pairs[key]
+        if round_ == 0:
+            for case in cases:
+                case.run()
+        seconds: list[list[float]] = [[], []]
+        for index in (0, 1, 1, 0):
+            start = time.perf_counter()
+            cases[index].run()
+            seconds[index].append(time.perf_counter() - start)
+        ratios[key].append(math.sqrt((seconds[0][0] / seconds[1][0]) * (seconds[0][1] / seconds[1][1])))
     out = {}
     for key, values in ratios.items():
         quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
