@@ -8,24 +8,34 @@ For each, in the same run, interleaved: a full scan over Flight, a filtered scan
 (`do_exchange`), the online index build (the server's code, in process) and pyiceberg's own
 `scan().to_arrow()` in process as a baseline. Every variant of a share must return the same rows,
 or the run fails.
+
+The compacted table is then timed against its copy-on-write twin once more, in pairs: one read at
+a time, the two tables back to back in ABBA order, `PAIRED_FACTOR` times as many rounds, and the
+median of the per-round ratios reported (`paired_ratios`). A shared machine's load drifts over the
+seconds a round of 13 layouts takes; within a pair it hits both alike. With a local server, the run also checks that the
+compacted table's data files have the Parquet layout of the copy-on-write table's.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from benchmarks import report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import ENTITY_KEY, EVENT_TIME, entity_rows, feature_names, feature_table
 from benchmarks.harness import Case, Settings, Target, measure, table_name
+from benchmarks.report import steps
 from flight_client import FeatureClient
 from flight_server.catalog import FeatureCatalog
-from flight_server.duck import Engine
+from flight_server.duck import Engine, local_path
 from flight_server.online import OnlineStore
 
 SHARES = (0.01, 0.10, 0.30)  # of the rows, deleted
@@ -42,6 +52,7 @@ MEASURES = {
     "pyiceberg": "pyiceberg scan().to_arrow(), in process",
 }
 ROWS_MEASURES = ("scan", "filtered", "pyiceberg")  # reported as rows/s; the others as seconds
+PAIRED_FACTOR = 2  # rounds of compacted against copy-on-write (4 reads each): this many times --repeat
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,28 @@ class InProcess:
 
     def online_build(self, table: str) -> int:
         return len(self.store.build(self.catalog.load(table)).state.positions)
+
+    def layout(self, table: str) -> list[dict[str, Any]]:
+        """The Parquet layout of the table's data files (local ones): what decides how fast they read."""
+        loaded = self.catalog.load(table)
+        out = []
+        for task in sorted(loaded.scan().plan_files(), key=lambda t: str(t.file.partition)):
+            meta = pq.ParquetFile(local_path(task.file.file_path)).metadata
+            groups = [meta.row_group(i) for i in range(meta.num_row_groups)]
+            columns = [groups[0].column(i) for i in range(meta.num_columns)] if groups else []
+            out.append(
+                {
+                    "rows": meta.num_rows,
+                    "row_groups": [g.num_rows for g in groups],
+                    "bytes": [g.total_byte_size for g in groups],
+                    "schema": str(meta.schema.to_arrow_schema()),
+                    "columns": [(c.path_in_schema, c.compression, c.encodings, c.has_dictionary_page) for c in columns],
+                    "statistics": [c.is_stats_set for c in columns],
+                    "sorting": str(groups[0].sorting_columns) if groups else None,
+                    "delete_files": len(task.delete_files),
+                }
+            )
+        return out
 
     def close(self) -> None:
         self.store.close()
@@ -165,10 +198,20 @@ def run(target: Target, settings: Settings, delete_files: tuple[int, ...] = DELE
                     cases[f"{variant.key}:{measure_key}"] = keep(f"{variant.key}:{measure_key}", read)
             report.progress(f"cow-vs-mor: timing {len(cases)} reads of {len(layouts)} layouts, interleaved")
             timings = measure(cases, settings.repeat, settings.warmup, "cow-vs-mor")
+            compacted, cow = f"compacted_{COMPACTED_SHARE:.0%}", f"cow_{COMPACTED_SHARE:.0%}"
+            paired = paired_ratios(
+                {m: (cases[f"{cow}:{m}"], cases[f"{compacted}:{m}"]) for m in MEASURES if f"{cow}:{m}" in cases},
+                settings.repeat * PAIRED_FACTOR,
+            )
+            layout = {k: local.layout(built[k]["table"]) for k in (cow, compacted)} if local is not None else None
     finally:
         if local is not None:
             local.close()
     checks = check(layouts, built, last, data.num_rows)
+    if layout is not None:
+        if layout[cow] != layout[compacted]:
+            raise RuntimeError(f"the compacted table's files are laid out unlike copy-on-write's: {layout}")
+        checks["same_layout"] = {"compared": [cow, compacted], "files": layout[cow]}
     results = {}
     for variant in layouts:
         cow = f"cow_{variant.share:.0%}"
@@ -183,6 +226,8 @@ def run(target: Target, settings: Settings, delete_files: tuple[int, ...] = DELE
                 entry["rows"] = rows
                 entry["rows_per_s"] = rows / timing.median
             entry["ratio_to_cow"] = timings[f"{cow}:{measure_key}"].median / timing.median
+            if variant.mode == "compacted" and measure_key in paired:
+                entry["paired"] = paired[measure_key]
             measures[measure_key] = entry
         results[variant.key] = {
             "label": variant.label,
@@ -190,6 +235,7 @@ def run(target: Target, settings: Settings, delete_files: tuple[int, ...] = DELE
             "share": variant.share,
             "deletes": variant.deletes,
             "read_path": last[f"{variant.key}:scan"].schema.metadata[b"flight.read_path"].decode(),
+            "filtered_read_path": last[f"{variant.key}:filtered"].schema.metadata[b"flight.read_path"].decode(),
             **built[variant.key],
             "measures": measures,
         }
@@ -203,6 +249,35 @@ def run(target: Target, settings: Settings, delete_files: tuple[int, ...] = DELE
         "checks": checks,
         "results": results,
     }
+
+
+def paired_ratios(pairs: dict[str, tuple[Case, Case]], rounds: int) -> dict[str, dict[str, Any]]:
+    """For each measure, the first case's time over the second's: the median over `rounds` rounds, and its
+    quartiles (above 1: the second is faster).
+
+    One measure at a time, after an untimed read of each, each round runs first-second-second-first
+    back to back and takes the geometric mean of its two ratios, so that each case is as often the
+    first read after the other as after itself. Orders that are not so balanced measured two
+    identical files 5-14 % apart here: the first read after another kind of read runs slower.
+    """
+    ratios: dict[str, list[float]] = {key: [] for key in pairs}
+    label = f"cow-vs-mor: {rounds} ABBA rounds of {len(pairs)} reads, compacted against copy-on-write"
+    for key, round_ in steps([(k, r) for k in pairs for r in range(rounds)], label):
+        cases = pairs[key]
+        if round_ == 0:
+            for case in cases:
+                case.run()
+        seconds: list[list[float]] = [[], []]
+        for index in (0, 1, 1, 0):
+            start = time.perf_counter()
+            cases[index].run()
+            seconds[index].append(time.perf_counter() - start)
+        ratios[key].append(math.sqrt((seconds[0][0] / seconds[1][0]) * (seconds[0][1] / seconds[1][1])))
+    out = {}
+    for key, values in ratios.items():
+        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        out[key] = {"ratio": statistics.median(values), "q1": quartiles[0], "q3": quartiles[2], "rounds": len(values)}
+    return out
 
 
 def _rows(value: Any) -> int:
@@ -253,16 +328,19 @@ def render(result: dict[str, Any]) -> str:
     )
     rows = []
     for entry in result["results"].values():
-        cells = [entry["label"], entry["read_path"], str(entry["delete_files"])]
+        cells = [entry["label"], f"{entry['read_path']} / {entry['filtered_read_path']}", str(entry["delete_files"])]
         for key in MEASURES:
             m = entry["measures"].get(key)
             if m is None:
                 cells.append("-")
                 continue
             value = f"{report.rate(m['rows_per_s'])}/s" if key in ROWS_MEASURES else f"{m['median_s']:.3f}s"
-            cells.append(f"{value} ({report.ratio(m['ratio_to_cow'])})")
+            cell = f"{value} ({report.ratio(m['ratio_to_cow'])})"
+            if "paired" in m:
+                cell += f" paired {report.ratio(m['paired']['ratio'])}"
+            cells.append(cell)
         rows.append(cells)
-    headers = ["layout", "scan path", "delete files", *(k.replace("_", " ") for k in MEASURES)]
+    headers = ["layout", "scan / filtered path", "delete files", *(k.replace("_", " ") for k in MEASURES)]
     setup = []
     for entry in result["results"].values():
         if entry["mode"] == "copy-on-write" or entry["deletes"] == max(result["delete_files"]):
@@ -271,4 +349,8 @@ def render(result: dict[str, Any]) -> str:
                 line += f", then compaction {entry['compact_s']:.2f}s"
             setup.append(line)
     legend = [f"  {k.replace('_', ' ')}: {v}" for k, v in MEASURES.items()]
+    legend.append(
+        f"  paired: compacted against copy-on-write, back to back in ABBA order, median of {PAIRED_FACTOR}x as "
+        "many rounds"
+    )
     return "\n".join([header, report.table(headers, rows), *legend, "setup (untimed):", *setup])

@@ -2,11 +2,13 @@
 
 Planning (`plan_scan`) checks everything the client asked for before any byte moves: the table,
 the snapshot (by id or by time), the columns and the filter. Execution (`open_scan`) takes one of
-two paths, both producing a C++ `RecordBatchReader` that Flight streams without touching Python per
+three paths, each producing a C++ `RecordBatchReader` that Flight streams without touching Python per
 batch: `direct` (Arrow's Parquet reader over the planned files, for whole-table reads, dropping the
-rows of position delete files) or `iceberg_scan` (DuckDB, which prunes files and row groups for
-filters and applies position and equality delete files); the log says which, and why. Direct reads can be split
-into parts over the files (`scan_parts`), which clients fetch in parallel.
+rows of position delete files), `read_parquet` (DuckDB over the files pyiceberg planned, for filtered
+or limited scans of tables with position delete files: the deleted positions, cached, are anti-joined
+by file row number) or `iceberg_scan` (DuckDB, which prunes files and row groups for filters and
+applies position and equality delete files); the log and `flight.read_path` say which, and why. Direct
+reads can be split into parts over the files (`scan_parts`), which clients fetch in parallel.
 """
 
 from __future__ import annotations
@@ -295,6 +297,80 @@ def direct_reader(plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int) ->
     )
 
 
+DELETED_RELATION = "__deleted_positions"
+
+
+def position_deleted_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, str]:
+    """The planned files of a filtered or limited scan for the `read_parquet` path, or None and why not.
+
+    DuckDB reads the files pyiceberg planned (pruned by partition and statistics) instead of planning
+    them itself and reading the position delete files on every scan, as `iceberg_scan` does (0.5x of
+    a copy-on-write table's speed with 100 delete files): the filter is the same SQL, so the rows are too.
+    Only when the table has position delete files (without, `iceberg_scan` is as fast), no equality
+    delete files, one schema in its history (files are read by column name) and no column DuckDB's
+    `file_row_number` would shadow.
+    """
+    shapes = {tuple((f.field_id, f.name, f.field_type) for f in s.fields) for s in plan.table.schemas().values()}
+    if len(shapes) > 1:
+        return None, "a filter or a limit, on a table whose schema changed"
+    if "file_row_number" in snapshot_schema(plan.table, plan.snapshot_id).column_names:
+        return None, "a filter or a limit, on a table with a column DuckDB's file_row_number would shadow"
+    tasks = plan_tasks(plan.table, plan.snapshot_id, plan.expression)
+    if tasks is None:
+        return None, "equality delete files"
+    deletes = {d.file_path: d for task in tasks for d in task.delete_files}
+    summary = plan.table.snapshot_by_id(plan.snapshot_id).summary  # type: ignore[arg-type, union-attr]
+    in_table = int(summary["total-delete-files"]) if summary and "total-delete-files" in summary else len(deletes)
+    if not in_table:
+        return None, "a filter or a limit, no delete files"
+    if any(d.file_format != FileFormat.PARQUET for d in deletes.values()):
+        return None, "deletion vectors"
+    return tasks, f"a filter or a limit, {len(deletes)} position delete file(s) applied"
+
+
+def deleted_relation(deleted: dict[str, np.ndarray]) -> pa.Table:
+    """The deleted positions as rows: `file`, the index of the data file in `deleted`, and `pos`."""
+    counts = [len(positions) for positions in deleted.values()]
+    files = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    positions = np.concatenate(list(deleted.values())) if deleted else np.empty(0, np.int64)
+    return pa.table({"file": files, "pos": pa.array(positions, pa.int64())})
+
+
+def read_parquet_reader(
+    plan: ScanPlan, tasks: list[FileScanTask], engine: Engine, batch_rows: int
+) -> pa.RecordBatchReader:
+    """DuckDB over the planned files without their deleted rows, filtered (and limited): `file_row_number`
+    counts rows in file order before any filter, so it is each row's position, whatever DuckDB prunes.
+
+    One `read_parquet` per file with deletes, anti-joined with its positions on the row number alone
+    (a join on `filename` too costs a string per row: 25 % slower), and one for the other files."""
+    if not tasks:
+        return pa.RecordBatchReader.from_batches(plan.schema, [])
+    schema = snapshot_schema(plan.table, plan.snapshot_id)
+    where, params = to_sql(plan.expression, schema)
+    columns = ", ".join(f"t.{quote(name)}" for name in plan.schema.names)
+    deleted = deleted_positions(plan.table.io, tasks)
+    clean = [local_path(task.file.file_path) for task in tasks if task.file.file_path not in deleted]
+    branches, args = [], []
+    if clean:
+        branches.append(f"SELECT {columns} FROM read_parquet(?) AS t WHERE {where}")
+        args += [clean, *params]
+    for index, path in enumerate(deleted):
+        branches.append(
+            f"SELECT {columns} FROM (SELECT * FROM read_parquet(?, file_row_number => true) WHERE {where}) AS t "
+            f"ANTI JOIN (SELECT pos FROM {DELETED_RELATION} WHERE file = {index}) AS d ON d.pos = t.file_row_number"
+        )
+        args += [local_path(path), *params]
+    sql = " UNION ALL ".join(branches)
+    if plan.request.limit is not None:
+        sql = f"SELECT * FROM ({sql}) LIMIT ?"
+        args.append(plan.request.limit)
+    engine.use_storage(plan.table.io.properties)
+    cursor = engine.cursor()
+    cursor.register(DELETED_RELATION, deleted_relation(deleted))
+    return cursor.execute(sql, args).to_arrow_reader(batch_rows)
+
+
 def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> tuple[pa.RecordBatchReader, str]:
     """Stream the planned rows, and say which read path does it; memory stays bounded."""
     if plan.snapshot_id is None or plan.request.limit == 0:
@@ -308,17 +384,22 @@ def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> tuple[pa.Recor
                 "or ask get_flight_info again"
             )
         files = split_files(files, part[1])[part[0]]
+    positional = None
+    if files is None and (plan.request.limit is not None or not isinstance(plan.expression, AlwaysTrue)):
+        positional, why = position_deleted_files(plan)
     log.info(
         "scan %s at snapshot %s: %s path (%s)%s",
         plan.name,
         plan.snapshot_id,
-        "direct" if files is not None else "iceberg_scan",
+        "direct" if files is not None else "read_parquet" if positional is not None else "iceberg_scan",
         why,
         f", part {part}" if part is not None else "",
     )
     if files is not None:
         direct = direct_reader(plan, files, batch_rows)
         return (direct if direct.schema == plan.schema else direct.cast(plan.schema)), "direct"
+    if positional is not None:
+        return read_parquet_reader(plan, positional, engine, batch_rows).cast(plan.schema), "read_parquet"
     engine.use_storage(plan.table.io.properties)
     schema = snapshot_schema(plan.table, plan.snapshot_id)
     where, params = to_sql(plan.expression, schema)

@@ -219,14 +219,20 @@ def check_cow_mor(result: dict[str, Any], local: bool) -> None:
             assert m.keys() >= TIMING_KEYS and positive(m["ratio_to_cow"])
         mor = entry["mode"] == "merge-on-read"
         assert entry["read_path"] == "direct"  # position deletes are applied by Arrow
+        assert entry["filtered_read_path"] == ("read_parquet" if mor else "iceberg_scan")
         assert entry["delete_files"] == (len(entry["delete_s"]) if mor else 0) and entry["delete_s"]
         # The same rows deleted in every layout of a share, and every read returned the rest.
         assert entry["rows_deleted"] == result["results"][f"cow_{key.split('_')[1]}"]["rows_deleted"] > 0
         assert entry["measures"]["scan"]["rows"] == result["rows"] - entry["rows_deleted"]
         if entry["mode"] == "copy-on-write":
             assert all(m["ratio_to_cow"] == 1.0 for m in entry["measures"].values())
-    assert result["results"]["compacted_10%"]["compaction"]["compacted"]
+    compacted = result["results"]["compacted_10%"]
+    assert compacted["compaction"]["compacted"]
     assert set(result["checks"]["compared"]) == measures
+    for m in compacted["measures"].values():  # timed again in pairs against copy-on-write
+        assert positive(m["paired"]["ratio"]) and m["paired"]["q1"] <= m["paired"]["q3"]
+    if local:  # the compacted file is laid out as the copy-on-write one (checked by the run itself)
+        assert result["checks"]["same_layout"]["files"][0]["rows"] == result["rows"] - compacted["rows_deleted"]
 
 
 def test_cow_vs_mor_on_its_own_server(tmp_path: Path) -> None:

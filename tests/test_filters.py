@@ -1,19 +1,29 @@
-"""Filters: the SQL built from a parsed filter selects exactly the rows a plain evaluator selects."""
+"""Filters: the SQL built from a parsed filter, and scans of a merge-on-read table on every read path that
+filters, select exactly the rows a plain evaluator with SQL's three-valued logic selects."""
 
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pyiceberg.catalog import load_catalog
 from pyiceberg.schema import Schema
+from pyiceberg.table import Table
 from pyiceberg.types import DoubleType, LongType, NestedField, StringType, TimestamptzType
 
+from flight_client import FeatureClient
+from flight_server.duck import Engine
 from flight_server.errors import NotFoundError, RequestError
 from flight_server.filters import parse_filter, quote, to_sql
+from flight_server.protocol import ScanRequest
+from flight_server.scans import open_scan, plan_table_scan
+from flight_server.schemas import table_arrow_schema
+from tests.conftest import sqlite_catalog, start_server
 
 UTC = dt.timezone.utc
 SCHEMA = Schema(
@@ -146,3 +156,63 @@ def test_user_text_never_reaches_sql() -> None:
 def test_bad_filters(text: str, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         parse_filter(text, SCHEMA)
+
+
+STORED_ROWS = 400  # in two data files of row groups of 25 rows; a few batches of 16 rows each
+DELETED = {k for k in range(STORED_ROWS) if k % 7 == 3} | set(range(150, 260, 2))
+
+
+def stored_row(k: int) -> tuple[object, ...]:
+    """Row `k` of the stored table; `a` and `s` follow the key, so row group statistics rule groups out."""
+    return (
+        None if k % 9 == 0 else (k // 40) % 11 - 5,
+        None if k % 11 == 0 else ["", "a", "ab", "b", "ba", "it's"][(k // 70) % 6],
+        None if k % 6 == 0 else [-1.5, 0.0, 0.5, 2.0][k % 4],
+        None if k % 13 == 0 else BASE + dt.timedelta(hours=k // 90),
+        None if k % 5 == 0 else k % 11 - 5,
+    )
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Table, Engine]:
+    """A merge-on-read table (two data files, position deletes in both) holding the rows `stored_row` makes."""
+    catalog = sqlite_catalog(Path(tmp_path_factory.mktemp("filters")))
+    values = [stored_row(k) for k in range(STORED_ROWS)]
+    data = pa.table(
+        {
+            "k": pa.array(range(STORED_ROWS), pa.int64()),
+            "t": pa.array([BASE] * STORED_ROWS, pa.timestamp("us", tz="UTC")),
+            **{f.name: pa.array([r[i] for r in values], f.type) for i, f in enumerate(table_arrow_schema(SCHEMA))},
+        }
+    )
+    server = start_server(catalog)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write("tests.filters", data.slice(0, 1), entity_keys=["k"], event_time="t", partition_by=[])
+            with load_catalog("default", **catalog).load_table("tests.filters").transaction() as transaction:
+                transaction.set_properties({"write.parquet.row-group-limit": "25"})
+            client.write("tests.filters", data.slice(1, 199))
+            client.write("tests.filters", data.slice(200))
+            for keys in ([k for k in DELETED if k % 7 == 3], list(range(150, 260, 2))):
+                client.delete("tests.filters", keys={"k": keys}, mode="merge-on-read")
+    finally:
+        server.shutdown()
+    return load_catalog("default", **catalog).load_table("tests.filters"), Engine(memory_limit="256MB", threads=2)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(expression=expressions)
+def test_scans_of_a_merge_on_read_table_match_reference(
+    stored: tuple[Table, Engine], expression: tuple[str, object]
+) -> None:
+    """Over files with position deletes and row groups DuckDB prunes by their statistics; with a limit too."""
+    (table, engine), (text, reference) = stored, expression
+    expected = [k for k in range(STORED_ROWS) if k not in DELETED and reference(stored_row(k)) is True]  # type: ignore[operator]
+    plan = plan_table_scan(table, ScanRequest(table="tests.filters", columns=["k"], filter=text))
+    reader, path = open_scan(plan, engine, batch_rows=16)
+    assert path == "read_parquet"
+    assert sorted(reader.read_all().column("k").to_pylist()) == expected, text
+    limited = plan_table_scan(table, ScanRequest(table="tests.filters", columns=["k"], filter=text, limit=7))
+    reader, path = open_scan(limited, engine, batch_rows=16)
+    got = reader.read_all().column("k").to_pylist()
+    assert path == "read_parquet" and len(got) == min(7, len(expected)) and set(got) <= set(expected), text
