@@ -34,20 +34,13 @@ from flight_server.duck import Engine
 from flight_server.errors import LimitError, RequestError
 from flight_server.protocol import ScanRequest
 from flight_server.scans import open_scan, plan_table_scan
-from flight_server.schemas import UTC_MICROS
+from flight_server.schemas import micros
 
 log = logging.getLogger(__name__)
 
 _STAMP_LIMIT = 1 << 62
 _BLOCK = 64  # stamps per fence entry
 _READ_BATCH_ROWS = 262_144
-
-
-def micros(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """Timestamps as UTC microseconds (naive means UTC) and which of them are not null."""
-    values = pc.cast(column, UTC_MICROS, safe=False).cast(pa.int64())
-    valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
-    return values.fill_null(0).to_numpy(zero_copy_only=False), valid
 
 
 _DENSE_MAX = 1 << 26  # entries of a value-indexed code table (256 MiB of int32 at most)

@@ -31,14 +31,14 @@ import pyarrow.flight as flight
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression
 from pyiceberg.table import Table
 
-from flight_server.asof import AsofCache, AsofIndex, micros
+from flight_server.asof import AsofCache, AsofIndex
 from flight_server.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
 from flight_server.duck import Engine, local_path
 from flight_server.errors import LimitError, NotFoundError, RequestError
 from flight_server.filters import parse_filter, quote, to_sql
 from flight_server.protocol import HistoricalRequest, ProtocolError, parse_feature_ref, parse_timestamp
 from flight_server.scans import resolve_snapshot, snapshot_schema
-from flight_server.schemas import UTC_MICROS, table_arrow_schema
+from flight_server.schemas import UTC_MICROS, micros, table_arrow_schema
 from flight_server.streams import chunks
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyiceberg.manifest import ManifestContent, ManifestEntryStatus
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation
@@ -35,7 +34,7 @@ from flight_server.catalog import FeatureCatalog, FeatureSpec, feature_spec, tab
 from flight_server.duck import Engine, local_path
 from flight_server.errors import LimitError, NotFoundError, RequestError
 from flight_server.filters import quote
-from flight_server.schemas import table_arrow_schema
+from flight_server.schemas import micros, table_arrow_schema
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +66,10 @@ def table_keys(rows: pa.Table, spec: FeatureSpec) -> list[Any]:
     return key_values([rows.column(k).to_pylist() for k in spec.entity_keys])
 
 
-def micros(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def tie_micros(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Timestamps as int64 UTC microseconds, nulls as the smallest int64 (they lose every tie)."""
-    values = pc.cast(column, pa.int64())
-    return np.asarray(pc.fill_null(values, NULL_MICROS).to_numpy(zero_copy_only=False), dtype=np.int64)
+    values, valid = micros(column)
+    return np.where(valid, values, NULL_MICROS)
 
 
 def latest_sql(spec: FeatureSpec, columns: list[str], source: str) -> str:
@@ -133,8 +132,10 @@ class Rows(NamedTuple):
 
     @classmethod
     def of(cls, table: pa.Table, spec: FeatureSpec) -> Rows:
-        created = micros(table.column(spec.created_time)) if spec.created_time else np.zeros(table.num_rows, np.int64)
-        return cls(table, micros(table.column(spec.event_time)), created)
+        created = (
+            tie_micros(table.column(spec.created_time)) if spec.created_time else np.zeros(table.num_rows, np.int64)
+        )
+        return cls(table, tie_micros(table.column(spec.event_time)), created)
 
     def extend(self, more: Rows) -> Rows:
         return Rows(

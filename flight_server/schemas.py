@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.io.pyarrow import schema_to_pyarrow
@@ -17,6 +18,13 @@ from pyiceberg.schema import Schema
 from flight_server.errors import RequestError
 
 UTC_MICROS = pa.timestamp("us", tz="UTC")
+
+
+def micros(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Timestamps as int64 UTC microseconds (naive means UTC), and which of them are not null."""
+    values = pc.cast(column, UTC_MICROS, safe=False).cast(pa.int64())
+    valid = pc.is_valid(values).to_numpy(zero_copy_only=False)
+    return values.fill_null(0).to_numpy(zero_copy_only=False), valid
 
 
 def normalise_type(t: pa.DataType, column: str) -> pa.DataType:

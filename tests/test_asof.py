@@ -11,8 +11,9 @@ import pyarrow as pa
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from flight_server.asof import AsofIndex, micros
+from flight_server.asof import AsofIndex
 from flight_server.catalog import FeatureSpec
+from flight_server.schemas import micros
 
 YEAR = 365 * 86_400  # times are in seconds here
 # Keys: a few small ones next to huge ones, so that some tables are dense and some are not.
