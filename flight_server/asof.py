@@ -20,8 +20,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -30,6 +28,7 @@ import pyarrow.compute as pc
 from pyiceberg.table import Table
 
 from flight_server.catalog import FeatureSpec, table_name
+from flight_server.commits import LockPool
 from flight_server.duck import Engine
 from flight_server.errors import LimitError, RequestError
 from flight_server.protocol import ScanRequest
@@ -401,7 +400,7 @@ class AsofCache:
         self._indexes: OrderedDict[tuple[str, int | None, FeatureSpec], AsofIndex] = OrderedDict()
         self._too_large: set[tuple[str, int | None, FeatureSpec]] = set()
         self._lock = threading.Lock()
-        self._building: dict[tuple[str, int | None, FeatureSpec], threading.Lock] = {}
+        self._building = LockPool()  # one build per snapshot at a time: requests for it wait for the first
 
     def peek(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> AsofIndex | None:
         """The index if it is built already; never builds."""
@@ -413,7 +412,7 @@ class AsofCache:
         if self.max_bytes <= 0:
             return None
         key = (str(table.metadata.table_uuid), snapshot_id, spec)
-        with self._building_lock(key):
+        with self._building(key):
             with self._lock:
                 if key in self._too_large:
                     return None
@@ -443,14 +442,6 @@ class AsofCache:
             "max_bytes": self.max_bytes,
             "builds": self.builds,
         }
-
-    @contextmanager
-    def _building_lock(self, key: tuple[str, int | None, FeatureSpec]) -> Iterator[None]:
-        """One build per snapshot at a time: concurrent requests for it wait for the first."""
-        with self._lock:
-            lock = self._building.setdefault(key, threading.Lock())
-        with lock:
-            yield
 
     def _build(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> AsofIndex:
         """Read the snapshot whole (deletes applied) and sort it; refused past `max_bytes`."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -46,15 +46,16 @@ PATH_FIELD_ID = 2147483546  # Iceberg's reserved field ids of a position delete 
 POS_FIELD_ID = 2147483545
 
 
-class CommitLocks:
-    """A lock per table (from a fixed pool): commits through this server to one table take turns, each on
-    the latest state, instead of failing and sleeping through pyiceberg's retry back-off."""
+class LockPool:
+    """A lock per key (from a fixed pool, so memory does not grow with the keys). Commits through this
+    server to one table take turns on it, each on the latest state, instead of failing and sleeping
+    through pyiceberg's retry back-off; the in-memory indexes build one table or snapshot at a time."""
 
     def __init__(self, size: int = 64):
         self._locks = [threading.Lock() for _ in range(size)]
 
-    def __call__(self, identifier: tuple[str, ...]) -> threading.Lock:
-        return self._locks[hash(identifier) % len(self._locks)]
+    def __call__(self, key: Hashable) -> threading.Lock:
+        return self._locks[hash(key) % len(self._locks)]
 
 
 @dataclass
@@ -63,7 +64,7 @@ class TableChanges:
 
     catalog: FeatureCatalog
     engine: Engine
-    locks: CommitLocks
+    locks: LockPool
     chunk_bytes: int
     commit_timeout: float
     batch_rows: int

@@ -20,8 +20,6 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -31,6 +29,7 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation
 
 from flight_server.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
+from flight_server.commits import LockPool
 from flight_server.duck import Engine, local_path
 from flight_server.errors import LimitError, NotFoundError, RequestError
 from flight_server.filters import quote
@@ -269,7 +268,7 @@ class OnlineStore:
         self.refresh_seconds = refresh_seconds
         self.max_bytes = max_bytes
         self._indexes: dict[str, OnlineIndex] = {}
-        self._building: dict[str, threading.Lock] = {}
+        self._building = LockPool()  # one build or refresh of a table at a time
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -291,7 +290,7 @@ class OnlineStore:
         index = self._indexes.get(name)
         if index is not None:
             return index
-        with self._build_lock(name):
+        with self._building(name):
             index = self._indexes.get(name)
             if index is None:
                 index = self.build(self.catalog.load(name))
@@ -315,13 +314,6 @@ class OnlineStore:
             "max_bytes": self.max_bytes,
             "refresh_seconds": self.refresh_seconds,
         }
-
-    @contextmanager
-    def _build_lock(self, name: str) -> Iterator[None]:
-        with self._lock:
-            lock = self._building.setdefault(name, threading.Lock())
-        with lock:
-            yield
 
     def _room(self, name: str) -> int:
         """Bytes an index of `name` may take without the indexes together passing `max_bytes`."""
@@ -441,7 +433,7 @@ class OnlineStore:
     def _refresh_one(self, name: str) -> None:
         index = self._indexes[name]
         try:
-            with self._build_lock(name):
+            with self._building(name):
                 outcome = self.refresh(name)
             index.error = None
             if outcome != "current":

@@ -29,7 +29,7 @@ from flight_server.auth import (
     request_tables,
 )
 from flight_server.catalog import FeatureCatalog, FeatureSpec, describe, table_name
-from flight_server.commits import CommitLocks
+from flight_server.commits import LockPool
 from flight_server.config import ServerConfig
 from flight_server.deletes import Deleter
 from flight_server.duck import Engine
@@ -132,7 +132,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         )
         self.engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
         self.engine.use_storage(self.catalog.properties)
-        locks = CommitLocks()
+        locks = LockPool()
         self.writer = Writer(self.catalog, config.write_chunk_bytes, config.commit_timeout_seconds, locks)
         # Deletes and maintenance commit through the same per-table locks as writes.
         limits = (config.write_chunk_bytes, config.commit_timeout_seconds, config.batch_rows)

@@ -29,7 +29,7 @@ from pyiceberg.table import Table, Transaction
 from pyiceberg.table.metadata import TableMetadata
 
 from flight_server.catalog import FeatureCatalog, FeatureSpec, default_partitioning, partition_spec, table_name
-from flight_server.commits import CommitLocks, delete_files, live_files
+from flight_server.commits import LockPool, delete_files, live_files
 from flight_server.errors import ConflictError, RequestError
 from flight_server.protocol import ProtocolError, WriteRequest, WriteResult, parse_end_marker
 from flight_server.schemas import Conformer, new_table_schema, table_arrow_schema
@@ -125,7 +125,7 @@ class _Staged:
 class Writer:
     """Runs `do_put` streams against the catalog."""
 
-    def __init__(self, catalog: FeatureCatalog, chunk_bytes: int, commit_timeout: float, locks: CommitLocks):
+    def __init__(self, catalog: FeatureCatalog, chunk_bytes: int, commit_timeout: float, locks: LockPool):
         self.catalog = catalog
         self.chunk_bytes = chunk_bytes
         self.commit_timeout = commit_timeout
