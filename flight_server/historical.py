@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -94,7 +95,7 @@ class HistoricalPlan:
             entities = {"table": table_name(self.entity_table), "snapshot_id": self.entity_snapshot_id}
         return {"features": {g.name: g.snapshot_id for g in self.groups}, "entities": entities}
 
-    @property
+    @cached_property  # asked for by every joined batch
     def schema(self) -> pa.Schema:
         fields = list(self.entity_schema)
         for group_index, feature_index, name in self.columns:
