@@ -70,9 +70,11 @@ class WatchedCall(flight.ServerMiddleware):
         finally:
             self.waiting_since = None
 
-    def stream(self, reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
+    def stream(self, reader: pa.RecordBatchReader | pa.Table) -> pa.RecordBatchReader:
         """`reader`, marking the time from handing each batch to Flight until Flight asks for the next
         (Flight writes the batch in between, blocking while the client does not read)."""
+        if isinstance(reader, pa.Table):
+            reader = reader.to_reader()
 
         def batches() -> Iterator[pa.RecordBatch]:
             for batch in reader:

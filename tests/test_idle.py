@@ -141,6 +141,14 @@ def test_a_slow_but_steady_reader_is_not_cut(server: FeatureFlightServer, caplog
         client.close()
 
 
+def test_online_lookups_are_answered_under_the_idle_watch(server: FeatureFlightServer) -> None:
+    """Online answers are whole tables, not readers: the watch must stream them as batches."""
+    with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+        wait_until(lambda: answers(f"grpc://127.0.0.1:{server.port}"), what="no call in progress")
+        answer = client.get_online_features({"id": [3, 7, -1]}, ["idle.big:value"], apply_ttl=False)
+    assert answer.column("value").to_pylist() == [3.0, 7.0, None]
+
+
 @pytest.mark.parametrize(
     ("peer", "address"),
     [
