@@ -72,6 +72,8 @@ class Principal:
 
     def check_tables(self, catalog: FeatureCatalog, tables: Iterable[str]) -> None:
         """Refuse tables outside the token's namespaces, whether they exist or not (so nothing leaks)."""
+        if self.namespaces is None:
+            return
         for table in tables:
             namespace = ".".join(catalog.identifier(table)[:-1])
             if not self.may_use(namespace):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -25,7 +25,7 @@ import pyarrow.flight as flight
 from flight_server.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
 from flight_server.errors import NotFoundError, RequestError
 from flight_server.historical import TrainingSets, plan_historical
-from flight_server.online import MISSING, OnlineIndex, OnlineStore, key_kind, key_values
+from flight_server.online import MISSING, OnlineIndex, OnlineStore, Rows, key_kind, key_values
 from flight_server.protocol import HistoricalRequest, OnlineRequest, parse_feature_ref, parse_timestamp
 from flight_server.schemas import UTC_MICROS, table_arrow_schema
 from flight_server.streams import chunks
@@ -60,14 +60,8 @@ class OnlinePlan:
     sources: list[Source]
     columns: list[tuple[int, str, str]]  # per requested feature: source, column, output name
     key_types: dict[str, pa.DataType]
-
-    @cached_property
-    def wanted(self) -> list[list[str]]:
-        """Per source, the columns a lookup takes from its index: the features and the event time."""
-        return [
-            list(dict.fromkeys([*(c for i, c, _ in self.columns if i == n), s.spec.event_time]))
-            for n, s in enumerate(self.sources)
-        ]
+    # Per source, its rows in answer form for the index generation they came from (see `answer_rows`).
+    _answers: dict[int, tuple[Any, pa.Table]] = field(default_factory=dict, compare=False, repr=False)
 
     @cached_property
     def schema(self) -> pa.Schema:
@@ -75,6 +69,37 @@ class OnlinePlan:
         fields += [pa.field(out, self.sources[i].schema.field(col).type) for i, col, out in self.columns]
         fields += [pa.field(s.time_column, s.schema.field(s.spec.event_time).type) for s in self.sources]
         return pa.schema(fields)
+
+    @cached_property
+    def answer_schemas(self) -> list[pa.Schema]:
+        """Per source, the answer columns it gives: its keys, its features in request order, its event time.
+        With one source that is the whole answer's schema."""
+        return [
+            pa.schema(
+                [
+                    *(self.schema.field(k) for k in s.spec.entity_keys),
+                    *(self.schema.field(out) for i, _, out in self.columns if i == n),
+                    self.schema.field(s.time_column),
+                ]
+            )
+            for n, s in enumerate(self.sources)
+        ]
+
+    @cached_property
+    def null_rows(self) -> list[pa.Table]:
+        """Per source, its answer for one entity it does not know (the keys are filled in later)."""
+        return [pa.Table.from_arrays([pa.nulls(1, f.type) for f in s], schema=s) for s in self.answer_schemas]
+
+    def answer_rows(self, n: int, rows: Rows) -> pa.Table:
+        """Source `n`'s index rows as answer columns (zero-copy), made once per index generation."""
+        cached = self._answers.get(n)
+        if cached is not None and cached[0] is rows:
+            return cached[1]
+        spec = self.sources[n].spec
+        names = [*spec.entity_keys, *(c for i, c, _ in self.columns if i == n), spec.event_time]
+        table = pa.Table.from_arrays([rows.table.column(c) for c in names], schema=self.answer_schemas[n])
+        self._answers[n] = (rows, table)  # one assignment: concurrent readers see the old pair or this one
+        return table
 
 
 def plan_online(request: OnlineRequest, resolve: Callable[[str], Source]) -> OnlinePlan:
@@ -175,24 +200,38 @@ def _key_arrays(plan: OnlinePlan, keys: dict[str, list[Any]]) -> list[pa.Array]:
 
 
 def lookup(plan: OnlinePlan, keys: dict[str, list[Any]]) -> pa.Table:
-    """Answer from the online indexes: a dict lookup per key, then one Arrow `take` per table."""
+    """Answer from the online indexes: a dict lookup per key, then one slice or `take` per table.
+
+    This is the serving hot path. The index rows are kept in answer form (`answer_rows`), keys
+    included: a key found in the index equals the requested one, so one known entity of one table
+    is a zero-copy slice, and the wire, not the server, sets the latency.
+    """
     request = plan.request
     if request.request_time:
         now = int(parse_timestamp(request.request_time, "request_time").timestamp() * 1_000_000)
     else:
         now = time.time_ns() // 1000
-    arrays: list[Any] = _key_arrays(plan, keys)
-    taken = []
-    for source, wanted in zip(plan.sources, plan.wanted, strict=True):
+    taken, complete = [], True
+    for n, source in enumerate(plan.sources):
         spec, index = source.spec, source.index
         assert index is not None
         rows, positions = index.lookup(key_values([keys[k] for k in spec.entity_keys]))
         missing = positions == MISSING
         if request.apply_ttl and spec.ttl_seconds and len(rows.event_us):
             missing |= rows.event_us[positions] < now - spec.ttl_seconds * 1_000_000
-        taken.append(rows.table.select(wanted).take(pa.array(positions, mask=missing)))
-    arrays += [taken[i].column(column) for i, column, _ in plan.columns]
-    arrays += [t.column(s.spec.event_time) for s, t in zip(plan.sources, taken, strict=True)]
+        complete = complete and not missing.any()
+        if len(positions) == 1:
+            taken.append(plan.null_rows[n] if missing[0] else plan.answer_rows(n, rows).slice(int(positions[0]), 1))
+        else:
+            taken.append(plan.answer_rows(n, rows).take(pa.array(positions, mask=missing)))
+    if len(taken) == 1 and complete:
+        return taken[0]
+    arrays: list[Any] = _key_arrays(plan, keys)  # nulls where an entity was not found: the request's keys
+    first = [len(s.spec.entity_keys) for s in plan.sources]  # each answer's first feature column
+    for i, _, _ in plan.columns:
+        arrays.append(taken[i].column(first[i]))
+        first[i] += 1
+    arrays += [t.column(t.num_columns - 1) for t in taken]
     return pa.Table.from_arrays(arrays, schema=plan.schema)
 
 

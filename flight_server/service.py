@@ -81,6 +81,8 @@ ACTIONS = {
 SNAPSHOT_METADATA_KEY = b"flight.snapshot_id"
 TABLE_METADATA_KEY = b"flight.table"
 READ_PATH_METADATA_KEY = b"flight.read_path"
+# Passed explicitly: pyarrow reads two environment variables per stream to make the default.
+WRITE_OPTIONS = pa.ipc.IpcWriteOptions()
 
 
 def _flight_errors(handler: F) -> F:
@@ -180,10 +182,12 @@ class FeatureFlightServer(flight.FlightServerBase):
         call = context.get_middleware(IDLE_KEY)
         return call.identify(context) if call is not None else None
 
-    def _stream(self, context: flight.ServerCallContext, reader: pa.RecordBatchReader) -> flight.RecordBatchStream:
+    def _stream(
+        self, context: flight.ServerCallContext, reader: pa.RecordBatchReader | pa.Table
+    ) -> flight.RecordBatchStream:
         """A `do_get` result; with an idle timeout, the time Flight spends writing each batch is watched."""
         call = self._watched(context)
-        return flight.RecordBatchStream(call.stream(reader) if call is not None else reader)
+        return flight.RecordBatchStream(call.stream(reader) if call is not None else reader, WRITE_OPTIONS)
 
     def _client_streams(
         self, context: flight.ServerCallContext, reader: flight.MetadataRecordBatchReader, writer: Any

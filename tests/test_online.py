@@ -177,6 +177,20 @@ def test_online_matches_reference(location: str, a: list, b: list, keys: list, n
         # A point lookup into history: the TTL counts back from as_of.
         past = client.get_online_features(request, features, as_of=hours(as_of), full_feature_names=True)
         assert as_rows(past) == reference(keys, a, b, as_of, until=as_of)
+        # One table at a time, and one entity at a time: the answers the index serves without assembling columns.
+        expected = reference(keys, a, b, now)
+        alone_a = client.get_online_features(request, features[:1], **kwargs)
+        assert alone_a.rename_columns(["k1", "k2", "a_value", "a__ts"]).to_pylist() == [
+            {c: row[c] for c in ("k1", "k2", "a_value", "a__ts")} for row in expected
+        ]
+        for i, (k1, k2) in enumerate(keys[:3]):
+            one_a = client.get_online_features({"k1": [k1], "k2": [k2]}, features[:1], **kwargs)
+            assert one_a.schema == alone_a.schema
+            assert one_a.to_pylist() == alone_a.slice(i, 1).to_pylist()
+            one_b = client.get_online_features({"k1": [k1]}, features[1:], **kwargs)
+            assert one_b.rename_columns(["k1", "b_value", "b__when"]).to_pylist() == [
+                {c: expected[i][c] for c in ("k1", "b_value", "b__when")}
+            ]
 
 
 def driver_rows(ids: list[int], hour: int, value: float, created: int = 0) -> pa.Table:
