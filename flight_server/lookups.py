@@ -215,15 +215,20 @@ def lookup(plan: OnlinePlan, keys: dict[str, list[Any]]) -> pa.Table:
     for n, source in enumerate(plan.sources):
         spec, index = source.spec, source.index
         assert index is not None
-        rows, positions = index.lookup(key_values([keys[k] for k in spec.entity_keys]))
+        cutoff = now - spec.ttl_seconds * 1_000_000 if request.apply_ttl and spec.ttl_seconds else None
+        wanted = key_values([keys[k] for k in spec.entity_keys])
+        if len(wanted) == 1:  # no numpy or take for the commonest request
+            rows, position = index.lookup_one(wanted[0])
+            found = position != MISSING and (cutoff is None or rows.event_us[position] >= cutoff)
+            taken.append(plan.answer_rows(n, rows).slice(position, 1) if found else plan.null_rows[n])
+            complete = complete and found
+            continue
+        rows, positions = index.lookup(wanted)
         missing = positions == MISSING
-        if request.apply_ttl and spec.ttl_seconds and len(rows.event_us):
-            missing |= rows.event_us[positions] < now - spec.ttl_seconds * 1_000_000
+        if cutoff is not None and len(rows.event_us):
+            missing |= rows.event_us[positions] < cutoff
         complete = complete and not missing.any()
-        if len(positions) == 1:
-            taken.append(plan.null_rows[n] if missing[0] else plan.answer_rows(n, rows).slice(int(positions[0]), 1))
-        else:
-            taken.append(plan.answer_rows(n, rows).take(pa.array(positions, mask=missing)))
+        taken.append(plan.answer_rows(n, rows).take(pa.array(positions, mask=missing)))
     if len(taken) == 1 and complete:
         return taken[0]
     arrays: list[Any] = _key_arrays(plan, keys)  # nulls where an entity was not found: the request's keys

@@ -195,6 +195,11 @@ class OnlineIndex:
         found = np.fromiter((get(k, MISSING) for k in keys), np.int64, len(keys))
         return state.rows, found  # rows read after the lookups: see the module docstring
 
+    def lookup_one(self, key: Any) -> tuple[Rows, int]:
+        """`lookup` of a single key."""
+        state = self.state
+        return state.rows, state.positions.get(key, MISSING)
+
     def nbytes(self) -> int:
         state = self.state
         return estimate_bytes(state.rows.table, state.sample_key)
