@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_client.errors import FeatureServerError, ResourceExhaustedError, from_flight_error
+from flight_client.sessions import Sessions
 from flight_server.protocol import (
     MAX_INLINE_ENTITIES,
     CompactRequest,
@@ -32,6 +33,7 @@ from flight_server.protocol import (
     encode,
     end_marker,
     format_timestamp,
+    one_batch,
 )
 
 if TYPE_CHECKING:
@@ -87,6 +89,17 @@ def _batches(data: Any) -> tuple[pa.Schema, Iterable[pa.RecordBatch]]:
     return data.schema, data.to_batches(max_chunksize=WRITE_BATCH_ROWS)
 
 
+def _key_batch(columns: dict[str, list[Any]], table: pa.Table | None) -> pa.RecordBatch | None:
+    """The keys of an online lookup as one record batch; None if Arrow cannot type them (the server's
+    answer to the inline request then says what is wrong with them)."""
+    if table is not None:
+        return one_batch(table)
+    try:
+        return pa.RecordBatch.from_pydict(columns)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return None
+
+
 class FeatureClient:
     """A connection to a feature server; keep one open and reuse it (it is thread-safe).
 
@@ -95,7 +108,8 @@ class FeatureClient:
     `tls_root_certs` is the CA that signed the server's certificate (default: the system's), and
     `cert_chain` / `private_key` the client certificate a mutual-TLS server asks for; each is PEM
     bytes, PEM text or a file path. Endpoints that name other replicas are fetched from them, over
-    connections opened with the same options and kept for reuse.
+    connections opened with the same options and kept for reuse. Online lookups go over streams
+    kept open between calls (`flight_client/sessions.py`; `online_sessions=False`: one call each).
     """
 
     def __init__(
@@ -109,6 +123,7 @@ class FeatureClient:
         tls_root_certs: bytes | str | Path | None = None,
         cert_chain: bytes | str | Path | None = None,
         private_key: bytes | str | Path | None = None,
+        online_sessions: bool = True,
         **client_options: Any,
     ):
         self.location = location
@@ -126,6 +141,7 @@ class FeatureClient:
                 self._client.close()
                 raise from_flight_error(exc) from None
         self._options = flight.FlightCallOptions(timeout=timeout, headers=headers)
+        self._sessions = Sessions(self._client, timeout, headers or []) if online_sessions else None
 
     def __enter__(self) -> FeatureClient:
         return self
@@ -134,6 +150,8 @@ class FeatureClient:
         self.close()
 
     def close(self) -> None:
+        if self._sessions is not None:
+            self._sessions.close()
         with self._replicas_lock:
             for client in self._replicas.values():
                 client.close()
@@ -434,6 +452,7 @@ class FeatureClient:
         request = OnlineRequest(
             list(features), None, full_feature_names, _as_of(as_of), _as_of(request_time), apply_ttl
         )  # type: ignore[arg-type]
+        table: pa.Table | None = None
         if isinstance(entities, dict):
             columns = {k: list(v) if not isinstance(v, list) else v for k, v in entities.items()}
             if len(next(iter(columns.values()), [])) > MAX_INLINE_ENTITIES:
@@ -446,6 +465,13 @@ class FeatureClient:
             if table.num_rows > MAX_INLINE_ENTITIES:
                 return self._exchange(request, table)
             columns = table.to_pydict()
+        if self._sessions is not None and as_of is None and request_time is None:
+            keys = _key_batch(columns, table)
+            if keys is not None:
+                try:
+                    return self._sessions.lookup(request, keys)
+                except (pa.ArrowException, flight.FlightError) as exc:
+                    raise from_flight_error(exc) from None
         inline = {k: [_jsonable(v) for v in values] for k, values in columns.items()}
         ticket = flight.Ticket(replace(request, entities=inline).to_bytes())
         try:

@@ -13,6 +13,9 @@ not yet taken, or a read not yet answered); a watchdog shuts down the connection
 has waited longer than `--idle-timeout-seconds`. Every call multiplexed on that connection ends
 with it (the client sees UNAVAILABLE and reconnects for its next call). Linux only: the call's
 socket is found through /proc.
+
+The same cut ends online sessions when the server shuts down (`OpenSessions`): a session waits for
+its client's next keys by design, and gRPC's shutdown would wait for it for ever.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
@@ -147,6 +151,37 @@ class IdleWatch(flight.ServerMiddlewareFactory):
             call.waiting_for,
             self.timeout,
         )
+
+
+class OpenSessions:
+    """The peers of the online streams open on this server, so that shutdown can end them."""
+
+    def __init__(self) -> None:
+        self._peers: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def open(self, peer: str) -> Iterator[None]:
+        with self._lock:
+            self._peers[peer] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._peers[peer] -= 1
+                if not self._peers[peer]:
+                    del self._peers[peer]
+
+    def cut(self, port: int) -> int:
+        """Shut down the connections of the open sessions (Linux; elsewhere they end when their clients
+        close them); returns how many were cut."""
+        with self._lock:
+            peers = list(self._peers)
+        cut = 0
+        for peer in peers:
+            with contextlib.suppress(OSError):
+                cut += shutdown_connection(peer, port)
+        return cut
 
 
 def parse_peer(peer: str) -> Address:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pyarrow.flight as flight
 
 from flight_server.errors import LimitError, to_flight_error
+from flight_server.protocol import ONLINE_SESSION_HEADER
 
 MIDDLEWARE_KEY = "limits"
 Headers = dict[str, list[str]]
@@ -32,10 +33,20 @@ class _Slot(flight.ServerMiddleware):
         self._limit.release(self._caller)
 
 
+class _Session(flight.ServerMiddleware):
+    """An online session's call: it holds no slot. `do_exchange` refuses it unless it is an online lookup."""
+
+
+def is_session(context: flight.ServerCallContext) -> bool:
+    """Whether the limits let this call through as an online session (only when limits are set)."""
+    return isinstance(context.get_middleware(MIDDLEWARE_KEY), _Session)
+
+
 class ConcurrencyLimit(flight.ServerMiddlewareFactory):
     """Refuses calls beyond `maximum` running at once, or beyond `per_caller` of one caller (0: no such
-    limit), with RESOURCE_EXHAUSTED; a stream counts until it ends. `caller` names a call's caller
-    from its headers (the token's name; without authentication everyone is one caller)."""
+    limit), with RESOURCE_EXHAUSTED; a stream counts until it ends. Online sessions hold no slot.
+    `caller` names a call's caller from its headers (the token's name; without authentication everyone
+    is one caller)."""
 
     def __init__(self, maximum: int, per_caller: int = 0, caller: Callable[[Headers], str] = lambda _: "anonymous"):
         self.maximum = maximum
@@ -45,7 +56,9 @@ class ConcurrencyLimit(flight.ServerMiddlewareFactory):
         self._by_caller: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def start_call(self, info: flight.CallInfo, headers: Headers) -> _Slot:
+    def start_call(self, info: flight.CallInfo, headers: Headers) -> _Slot | _Session:
+        if info.method == flight.FlightMethod.DO_EXCHANGE and headers.get(ONLINE_SESSION_HEADER):
+            return _Session()  # light, and open for as long as its client serves
         caller = self._caller(headers) if self.per_caller else ""
         with self._lock:
             if self.maximum and self.active >= self.maximum:

@@ -26,7 +26,7 @@ from flight_server.catalog import FeatureCatalog, FeatureSpec, feature_spec, tab
 from flight_server.errors import NotFoundError, RequestError
 from flight_server.historical import TrainingSets, plan_historical
 from flight_server.online import MISSING, OnlineIndex, OnlineStore, Rows, key_kind, key_values
-from flight_server.protocol import HistoricalRequest, OnlineRequest, parse_feature_ref, parse_timestamp
+from flight_server.protocol import HistoricalRequest, OnlineRequest, one_batch, parse_feature_ref, parse_timestamp
 from flight_server.schemas import UTC_MICROS, table_arrow_schema
 from flight_server.streams import chunks
 
@@ -183,7 +183,7 @@ def stream_keys(plan: OnlinePlan, batch: pa.RecordBatch) -> dict[str, list[Any]]
     keys = {}
     for key, expected in plan.key_types.items():
         column = batch.column(key)
-        if key_kind(column.type) != key_kind(expected):
+        if key_kind(column.type) != key_kind(expected) and not pa.types.is_null(column.type):
             raise RequestError(f"entity column {key!r} is {column.type}; the tables key it as {expected}")
         keys[key] = column.to_pylist()
     return keys
@@ -302,15 +302,29 @@ class OnlineService:
     def exchange(
         self, request: OnlineRequest, reader: flight.MetadataRecordBatchReader, writer: flight.MetadataRecordBatchWriter
     ) -> int:
-        """`do_exchange`: answer each batch of keys the client streams with a batch of features."""
+        """`do_exchange`: each batch of keys the client writes is answered with exactly one batch.
+
+        So a client may keep the call open as a session, one lookup per batch. The plan is checked
+        again for every batch (it is cached), so a session sees rebuilt and recreated indexes; if the
+        answer's columns change, the call ends with an error and the client opens a new one.
+        """
         if request.entities is not None:
             raise RequestError("a do_exchange online request takes its keys from the stream: drop 'entities'")
         plan = self.plan(request)
-        writer.begin(plan.schema)
+        schema = plan.schema
+        writer.begin(schema)
         rows = 0
         for chunk in chunks(reader, "entity key"):
-            if chunk.data is not None and chunk.data.num_rows:
-                for batch in self.answer(plan, stream_keys(plan, chunk.data)).to_batches():
-                    writer.write_batch(batch)
-                rows += chunk.data.num_rows
+            if chunk.data is None:
+                continue
+            if not request.as_of:
+                plan = self.plan(request)
+                if plan.schema != schema:
+                    raise RequestError(
+                        "the answer's columns changed while this stream was open (a table was altered or "
+                        "recreated): open a new stream"
+                    )
+            answer = self.answer(plan, stream_keys(plan, chunk.data)) if chunk.data.num_rows else schema.empty_table()
+            writer.write_batch(one_batch(answer))
+            rows += chunk.data.num_rows
         return rows

@@ -13,9 +13,14 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 1 << 20
 MAX_INLINE_ENTITIES = 10_000
+# A `do_exchange` online lookup kept open between lookups carries this header (value "1"): it waits on
+# its client by design, so it holds no slot of the concurrency limits and the idle timeout spares it.
+ONLINE_SESSION_HEADER = "x-online-session"
 WRITE_MODES = ("append", "overwrite")
 DELETE_MODES = ("copy-on-write", "merge-on-read")
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
@@ -355,6 +360,14 @@ class HistoricalRequest:
         if not body["full_feature_names"]:
             body["full_feature_names"] = None
         return encode(body)
+
+
+def one_batch(table: pa.Table) -> pa.RecordBatch:
+    """The table as a single record batch: an online stream answers each batch of keys with one."""
+    batches = table.to_batches()
+    if len(batches) == 1:
+        return batches[0]
+    return pa.concat_batches(batches) if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import functools
 import itertools
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -36,12 +37,14 @@ from flight_server.duck import Engine
 from flight_server.errors import LimitError, RequestError, to_flight_error
 from flight_server.historical import TrainingSets, endpoint_requests, plan_request
 from flight_server.idle import MIDDLEWARE_KEY as IDLE_KEY
-from flight_server.idle import IdleWatch, WatchedCall
-from flight_server.limits import ConcurrencyLimit
+from flight_server.idle import IdleWatch, OpenSessions, WatchedCall
+from flight_server.limits import MIDDLEWARE_KEY as LIMITS_KEY
+from flight_server.limits import ConcurrencyLimit, is_session
 from flight_server.lookups import OnlineService
 from flight_server.maintenance import Maintenance
 from flight_server.online import OnlineStore
 from flight_server.protocol import (
+    ONLINE_SESSION_HEADER,
     CompactRequest,
     DeleteRequest,
     ExpireRequest,
@@ -83,6 +86,7 @@ TABLE_METADATA_KEY = b"flight.table"
 READ_PATH_METADATA_KEY = b"flight.read_path"
 # Passed explicitly: pyarrow reads two environment variables per stream to make the default.
 WRITE_OPTIONS = pa.ipc.IpcWriteOptions()
+SHUTDOWN_GRACE_SECONDS = 2.0  # for running calls to end before open online sessions are cut
 
 
 def _flight_errors(handler: F) -> F:
@@ -123,7 +127,7 @@ class FeatureFlightServer(flight.FlightServerBase):
             kwargs.update(self.auth.server_options())
         if config.max_concurrent_requests or config.max_concurrent_per_caller:
             caller = self.auth.caller_name if self.auth else lambda _: "anonymous"
-            middleware["limits"] = ConcurrencyLimit(
+            middleware[LIMITS_KEY] = ConcurrencyLimit(
                 config.max_concurrent_requests, config.max_concurrent_per_caller, caller
             )
         self.idle = IdleWatch(config.idle_timeout_seconds) if config.idle_timeout_seconds else None
@@ -154,6 +158,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         cache = AsofCache(self.engine, config.historical_cache_bytes)
         self.training = TrainingSets(self.catalog, self.engine, cache, config.batch_rows, config.max_exchange_bytes)
         self.online = OnlineService(self.store, self.catalog, self.training)
+        self.sessions = OpenSessions()
         location = f"{config.scheme}://{config.host}:{config.port}"
         super().__init__(location, middleware=middleware, **tls, **kwargs)
         if self.idle is not None:
@@ -167,10 +172,18 @@ class FeatureFlightServer(flight.FlightServerBase):
         )
 
     def shutdown(self) -> None:
+        """Stop taking calls and wait for running ones; online sessions still open after a short grace
+        (their clients keep them open between lookups) have their connections cut."""
         self.store.close()
         if self.idle is not None:
             self.idle.stop()
-        super().shutdown()
+        stopping = threading.Thread(target=super().shutdown, name="flight-shutdown")
+        stopping.start()
+        stopping.join(SHUTDOWN_GRACE_SECONDS)
+        while stopping.is_alive():
+            if self.sessions.cut(self.port):
+                log.info("shutdown: ended the open online sessions")
+            stopping.join(1.0)
 
     def reload_tokens(self) -> None:
         """Read `--auth-tokens-file` again now (SIGHUP); otherwise it is re-read within a second of changing."""
@@ -190,13 +203,19 @@ class FeatureFlightServer(flight.FlightServerBase):
         return flight.RecordBatchStream(call.stream(reader) if call is not None else reader, WRITE_OPTIONS)
 
     def _client_streams(
-        self, context: flight.ServerCallContext, reader: flight.MetadataRecordBatchReader, writer: Any
+        self,
+        context: flight.ServerCallContext,
+        reader: flight.MetadataRecordBatchReader,
+        writer: Any,
+        watch_reads: bool = True,
     ) -> tuple[Any, Any]:
-        """The client's stream and the writer back to it, within `--max-batch-mb` and the idle timeout."""
+        """The client's stream and the writer back to it, within `--max-batch-mb` and the idle timeout
+        (which, without `watch_reads`, counts only the waits for the client to read results)."""
         call = self._watched(context)
         if call is None and not self.config.max_batch_bytes:
             return reader, writer
-        return ClientReader(reader, call, self.config.max_batch_bytes), ClientWriter(writer, call) if call else writer
+        client_reader = ClientReader(reader, call if watch_reads else None, self.config.max_batch_bytes)
+        return client_reader, ClientWriter(writer, call) if call else writer
 
     def _request(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
@@ -309,9 +328,14 @@ class FeatureFlightServer(flight.FlightServerBase):
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
         request = self._request(context, descriptor)
-        reader, writer = self._client_streams(context, reader, writer)
-        if isinstance(request, OnlineRequest):
-            rows = self.online.exchange(request, reader, writer)
+        online = isinstance(request, OnlineRequest)
+        if is_session(context) and not online:
+            raise RequestError(f"the {ONLINE_SESSION_HEADER!r} header is for online lookups only")
+        # An online stream may wait for its client's next keys as long as the client likes: a session.
+        reader, writer = self._client_streams(context, reader, writer, watch_reads=not online)
+        if online:
+            with self.sessions.open(context.peer()):
+                rows = self.online.exchange(request, reader, writer)
             log.debug("online lookup of %d streamed entities", rows)
             return
         if not isinstance(request, HistoricalRequest):

@@ -211,8 +211,20 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         InvalidRequestError,
         r"\['zone'\] are not keys",
     ),
-    "online wrong key type": (
+    "online wrong key type": (  # over a session (a stream kept open)
         lambda c, t: c.get_online_features({"user_id": ["one"], "region": ["r1"]}, [f"{t}:f64"]),
+        InvalidRequestError,
+        "entity column 'user_id' is string; the tables key it as int64",
+    ),
+    "online wrong key type in a ticket": (  # a request time sends the keys inline with do_get
+        lambda c, t: c.get_online_features(
+            {"user_id": ["one"], "region": ["r1"]}, [f"{t}:f64"], request_time="2025-01-01T00:00:00Z"
+        ),
+        InvalidRequestError,
+        "'user_id' is int64: expected int values, got 'one'",
+    ),
+    "online mixed key types": (  # Arrow cannot type them: sent inline, where the server says what is wrong
+        lambda c, t: c.get_online_features({"user_id": [1, "one"], "region": ["r1", "r1"]}, [f"{t}:f64"]),
         InvalidRequestError,
         "'user_id' is int64: expected int values, got 'one'",
     ),

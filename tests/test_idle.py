@@ -9,13 +9,16 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 
 from flight_client import FeatureClient, ResourceExhaustedError
 from flight_server.idle import parse_peer
+from flight_server.protocol import ONLINE_SESSION_HEADER, HistoricalRequest
 from flight_server.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server, wait_until
 
@@ -147,6 +150,38 @@ def test_online_lookups_are_answered_under_the_idle_watch(server: FeatureFlightS
         wait_until(lambda: answers(f"grpc://127.0.0.1:{server.port}"), what="no call in progress")
         answer = client.get_online_features({"id": [3, 7, -1]}, ["idle.big:value"], apply_ttl=False)
     assert answer.column("value").to_pylist() == [3.0, 7.0, None]
+
+
+def test_an_online_session_waits_for_keys_without_a_slot_or_an_idle_clock(
+    server: FeatureFlightServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session (an online do_exchange kept open between lookups) waits on its client by design."""
+    location = f"grpc://127.0.0.1:{server.port}"
+    wait_until(lambda: answers(location), what="no call in progress")
+    with caplog.at_level(logging.WARNING, logger="flight_server.idle"), FeatureClient(location) as client:
+
+        def value(key: int) -> list[float]:
+            return client.get_online_features({"id": [key]}, ["idle.big:value"], apply_ttl=False)["value"].to_pylist()
+
+        assert value(5) == [5.0]
+        assert server.idle is not None and server.idle.active >= 1  # the session's call is open
+        # It holds none of the server's single slot, and its wait for the next keys is not idle time.
+        assert answers(location)
+        wait_until(
+            lambda: all(c.idle_seconds(time.monotonic() + 3600) == 0 for c in list(server.idle._calls)),  # type: ignore[union-attr]
+            timeout=IDLE_SECONDS / 2,  # before the watch could cut a call waiting on its client
+            what="no call waiting on its client",
+        )
+        assert value(6) == [6.0]
+    assert not [r for r in caplog.records if r.name == "flight_server.idle"]
+    # The session header lets only online lookups through without a slot.
+    headers = flight.FlightCallOptions(headers=[(ONLINE_SESSION_HEADER.encode(), b"1")])
+    request = HistoricalRequest(["idle.big:value"], entity_time="ts")
+    with flight.FlightClient(location) as raw:
+        writer, reader = raw.do_exchange(flight.FlightDescriptor.for_command(request.to_bytes()), headers)
+        writer.begin(pa.schema([("id", pa.int64()), ("ts", pa.timestamp("us", "UTC"))]))
+        with pytest.raises(flight.FlightServerError, match="header is for online lookups only"):
+            reader.read_chunk()
 
 
 @pytest.mark.parametrize(

@@ -191,6 +191,14 @@ def test_online_matches_reference(location: str, a: list, b: list, keys: list, n
             assert one_b.rename_columns(["k1", "b_value", "b__when"]).to_pylist() == [
                 {c: expected[i][c] for c in ("k1", "b_value", "b__when")}
             ]
+        # Without a request time, lookups go over sessions (streams kept open): the same answers as calls.
+        lookups = [(request, features), (request, features[:1]), ({"k1": request["k1"]}, features[1:])]
+        lookups += [({"k1": [k1], "k2": [k2]}, features) for k1, k2 in keys[:3]]
+        with FeatureClient(location, online_sessions=False) as calls:
+            for entities, wanted in lookups:
+                options: dict[str, Any] = {"apply_ttl": False, "full_feature_names": True}
+                over_session = client.get_online_features(entities, wanted, **options)
+                assert over_session.equals(calls.get_online_features(entities, wanted, **options), True)
 
 
 def driver_rows(ids: list[int], hour: int, value: float, created: int = 0) -> pa.Table:
@@ -390,3 +398,25 @@ def test_a_dropped_table_loses_its_index(location: str, catalog_properties: dict
         wait_until(lambda: client.health()["online"]["tables"] == indexed - 1, what="the index to be dropped")
         with pytest.raises(NotFoundError, match="does not exist"):
             rates(client, table, [1])
+
+
+def test_sessions_outlive_a_server_restart_and_a_table_recreated(catalog_properties: dict[str, str]) -> None:
+    """A client's open session breaks when its server restarts, or ends when a table's columns change:
+    the next lookup opens a new session and answers, whatever happened in between."""
+    table = f"online.recreated_{suffix()}"
+    server = start_server(catalog_properties, online_refresh_seconds=REFRESH_SECONDS)
+    port = server.port
+    with FeatureClient(f"grpc://127.0.0.1:{port}") as client:
+        write_drivers(client, table, driver_rows([1, 2], 1, 1.0))
+        assert rates(client, table, [1]) == [2.0]
+        server.shutdown()
+        server = start_server(catalog_properties, online_refresh_seconds=REFRESH_SECONDS, port=port)
+        try:
+            assert rates(client, table, [2]) == [3.0]
+            load_catalog("default", **catalog_properties).drop_table(tuple(table.split(".")))
+            recreated = driver_rows([1], 2, 0.0).set_column(3, "rate", pa.array(["fast"]))
+            write_drivers(client, table, recreated)
+            # The open session answered float rates: once the server re-indexes, it ends that call.
+            wait_until(lambda: rates(client, table, [1]) == ["fast"], what="the recreated table's rows")
+        finally:
+            server.shutdown()
