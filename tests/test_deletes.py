@@ -140,16 +140,28 @@ def assert_reads_agree(
     training = client.get_historical_features(entities, [f"{table}:rate"], entity_time="ts")
     assert training.column("rate").to_pylist() == training_reference(expected, entities)
 
-    latest: dict[int, dict[str, Any]] = {}
-    for row in expected:  # sorted by time within a key
-        latest[row["driver_id"]] = row
-    want = [latest[k]["ts"] if k in latest else None for k in range(KEYS)]
-
-    def online() -> list[Any]:
-        found = client.get_online_features({"driver_id": list(range(KEYS))}, [f"{table}:rate"], apply_ttl=False)
-        return found.column(f"{table.split('.')[-1]}__ts").to_pylist()
-
-    wait_until(lambda: online() == want, what="the online index to show the table's rows")
+    # The online index holds DuckDB's latest row per key of the table, built on the whole scan's read path.
+    loaded = load(backend, table)
+    engine.use_storage(loaded.io.properties)
+    latest = engine.cursor().execute(
+        "SELECT driver_id, ts, rate, city, trips FROM iceberg_scan(?) "
+        "QUALIFY row_number() OVER (PARTITION BY driver_id ORDER BY ts DESC) = 1",
+        [local_path(loaded.metadata_location)],
+    )
+    by_key = {row["driver_id"]: row for row in latest.to_arrow_table().to_pylist()}
+    assert by_key == {r["driver_id"]: r for r in expected}  # expected is sorted by time within a key
+    columns = ("ts", "rate", "city", "trips")
+    want = [{c: by_key[k][c] for c in columns} if k in by_key else dict.fromkeys(columns) for k in range(KEYS)]
+    current = loaded.current_snapshot().snapshot_id  # type: ignore[union-attr]
+    wait_until(
+        lambda: client.describe(table)["online"]["snapshot_id"] == current,
+        what="the online index to reach the table's snapshot",
+    )
+    found = client.get_online_features(
+        {"driver_id": list(range(KEYS))}, [f"{table}:{c}" for c in columns[1:]], apply_ttl=False
+    )
+    assert found.rename_columns(["driver_id", *columns[1:], "ts"]).select(columns).to_pylist() == want
+    assert client.describe(table)["online"]["read_path"] == read_path.decode()
 
 
 def equality_delete(backend: dict[str, str], table: str, deleted: pa.Table) -> None:
