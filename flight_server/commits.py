@@ -86,13 +86,13 @@ def commit_until(deadline: float, what: str, attempt: Callable[[], T]) -> T:
             log.info("%s: a concurrent commit won (%s); planning again", what, exc)
 
 
-def delete_files(io: FileIO, files: list[DataFile]) -> None:
+def delete_files(io: FileIO, paths: list[str]) -> None:
     """Delete files a failed change wrote (best effort: nothing references them)."""
-    for data_file in files:
+    for path in paths:
         try:
-            io.delete(data_file.file_path)
+            io.delete(path)
         except Exception:  # the files are unreferenced either way
-            log.warning("could not delete uncommitted file %s", data_file.file_path, exc_info=True)
+            log.warning("could not delete uncommitted file %s", path, exc_info=True)
 
 
 def commit_rewrite(
@@ -111,7 +111,7 @@ def commit_rewrite(
             RewriteFiles(transaction, operation, removed, added, properties).commit()
             snapshot = transaction.commit_transaction().current_snapshot()
     except BaseException:
-        delete_files(table.io, added)
+        delete_files(table.io, [f.file_path for f in added])
         raise
     assert snapshot is not None
     return snapshot.snapshot_id

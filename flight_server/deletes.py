@@ -51,7 +51,7 @@ from flight_server.filters import parse_filter, quote, to_sql
 from flight_server.protocol import DELETE_MODES, DeleteRequest
 from flight_server.scans import snapshot_schema
 from flight_server.schemas import table_arrow_schema
-from flight_server.writes import write_reader
+from flight_server.writes import parquet_bytes_per_row, write_reader
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def write_position_deletes(table: Table, data_files: list[DataFile], positions: 
             delete_file.spec_id = data_file.spec_id  # not a manifest field: the manifest's spec
             written.append(delete_file)
     except BaseException:
-        delete_files(table.io, written)
+        delete_files(table.io, [f.file_path for f in written])
         raise
     return written
 
@@ -221,7 +221,9 @@ class Deleter(TableChanges):
                     [*scan, hits.column("filename").to_pylist(), *params],
                 ).to_arrow_reader(self.batch_rows)
                 spec = FeatureSpec.from_properties(table.metadata.properties)
-                added = write_reader(table.metadata, kept.cast(arrow), table.io, spec, self.chunk_bytes)
+                added = write_reader(
+                    table.metadata, kept.cast(arrow), table.io, spec, self.chunk_bytes, parquet_bytes_per_row(touched)
+                )
                 rewritten = {f.file_path for f in touched}
                 removed = touched + [f for f in files if referenced_data_file(f) in rewritten]
         finally:

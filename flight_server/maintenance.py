@@ -36,7 +36,7 @@ from flight_server.filters import parse_filter, quote, to_sql
 from flight_server.protocol import CompactRequest, ExpireRequest, PinRequest, UnpinRequest, parse_timestamp
 from flight_server.scans import snapshot_schema
 from flight_server.schemas import table_arrow_schema
-from flight_server.writes import write_reader
+from flight_server.writes import parquet_bytes_per_row, write_reader
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,9 @@ class Maintenance(TableChanges):
                 f"SELECT {', '.join(quote(n) for n in arrow.names)} FROM {SCAN_SOURCE} WHERE {where}", [*scan, *params]
             ).to_arrow_reader(self.batch_rows)
             spec = FeatureSpec.from_properties(table.metadata.properties)
-            added = write_reader(table.metadata, reader.cast(arrow), table.io, spec, self.chunk_bytes)
+            added = write_reader(
+                table.metadata, reader.cast(arrow), table.io, spec, self.chunk_bytes, parquet_bytes_per_row(scope)
+            )
         finally:
             cursor.close()
         lock = self.locks(self.catalog.identifier(request.table))

@@ -5,8 +5,9 @@ latest created time, as for training sets; rows with a null key or event time ne
 Arrow table, and a dict from key to row. `OnlineStore` builds an index on first use (or at
 start-up), polls the catalog, and refreshes in the background: snapshots that only appended data
 are applied from their added files alone; anything else (overwrite, delete, compaction, a schema or
-definition change) rebuilds from the whole table through DuckDB's `iceberg_scan`, which also
-applies delete files.
+definition change) rebuilds from the whole table, read as a scan reads it (`scans.scan_relation`:
+Arrow's reader of the data files without the rows of position delete files, or DuckDB's
+`iceberg_scan` where there are equality delete files) into DuckDB's latest-per-key query.
 
 Readers never wait for a refresh and never see a half-built index. A rebuild publishes a new
 `IndexState` in one assignment. An incremental refresh first publishes the longer row table, then
@@ -33,6 +34,8 @@ from flight_server.commits import LockPool
 from flight_server.duck import Engine, local_path
 from flight_server.errors import LimitError, NotFoundError, RequestError
 from flight_server.filters import quote
+from flight_server.protocol import ScanRequest
+from flight_server.scans import plan_table_scan, scan_relation
 from flight_server.schemas import micros, table_arrow_schema
 
 log = logging.getLogger(__name__)
@@ -172,10 +175,11 @@ class IndexState:
 class OnlineIndex:
     """The latest row per entity of one feature table."""
 
-    def __init__(self, name: str, state: IndexState, build_seconds: float):
+    def __init__(self, name: str, state: IndexState, build_seconds: float, read_path: str):
         self.name = name
         self.state = state
         self.build_seconds = build_seconds
+        self.read_path = read_path  # of the last full build: what the rows of a rebuild cost to read
         self.error: str | None = None
         self.appends = 0  # refreshes applied from appended files alone
         self.rebuilds = 0  # refreshes that rebuilt from the whole table
@@ -212,6 +216,7 @@ class OnlineIndex:
             "snapshot_id": state.snapshot_id,
             "refreshed_at": state.refreshed_at,
             "build_seconds": round(self.build_seconds, 3),
+            "read_path": self.read_path,
             "appends": self.appends,
             "rebuilds": self.rebuilds,
             "error": self.error,
@@ -327,8 +332,10 @@ class OnlineStore:
 
     def _read_latest(
         self, table: Table, spec: FeatureSpec, schema: pa.Schema, files: list[str] | None, room: int
-    ) -> pa.Table:
-        """The latest row per key of the whole snapshot, or of just `files` (appended Parquet files).
+    ) -> tuple[pa.Table, str]:
+        """The latest row per key of the current snapshot (read on the path a scan of it takes: the direct
+        one for position deletes, `iceberg_scan` for equality deletes), or of just `files` (appended
+        Parquet files); and the read path.
 
         Streamed, so that a table whose index would not fit in `room` bytes is refused as soon as
         that is clear, not after its rows have filled the machine's memory.
@@ -337,14 +344,21 @@ class OnlineStore:
         cursor = self.engine.cursor()
         try:
             if files is None:
-                sql = latest_sql(spec, schema.names, "iceberg_scan(?, snapshot_from_id => ?)")
                 snapshot = table.current_snapshot()
-                params: list[Any] = [local_path(table.metadata_location), snapshot.snapshot_id if snapshot else None]
+                plan = plan_table_scan(
+                    table, ScanRequest(table=table_name(table), snapshot_id=snapshot.snapshot_id if snapshot else None)
+                )
+                source, params, path = scan_relation(plan, self.engine, cursor, READ_BATCH_ROWS)
             else:
-                sql = latest_sql(spec, schema.names, "read_parquet(?, union_by_name => true)")
-                params = [[local_path(f) for f in files]]
+                source, params, path = (
+                    "read_parquet(?, union_by_name => true)",
+                    [[local_path(f) for f in files]],
+                    "read_parquet",
+                )
             batches, taken = [], 0
-            for batch in cursor.execute(sql, params).to_arrow_reader(READ_BATCH_ROWS):
+            for batch in cursor.execute(latest_sql(spec, schema.names, source), params).to_arrow_reader(
+                READ_BATCH_ROWS
+            ):
                 batches.append(batch)
                 taken += batch.nbytes + batch.num_rows * (ENTRY_BYTES + SMALL_KEY_BYTES)
                 if taken > room:
@@ -352,12 +366,12 @@ class OnlineStore:
                         f"the online index of {table_name(table)!r} would take more than the memory cap leaves "
                         f"({max(room, 0) >> 20} MiB; raise --online-max-mb)"
                     )
-            return pa.Table.from_batches(batches).cast(schema) if batches else schema.empty_table()
+            return (pa.Table.from_batches(batches).cast(schema) if batches else schema.empty_table()), path
         finally:
             cursor.close()
 
     def build(self, table: Table) -> OnlineIndex:
-        """An index of the table's current snapshot, read whole through `iceberg_scan` (not registered)."""
+        """An index of the table's current snapshot, read whole on a scan's read path."""
         name = table_name(table)
         spec = feature_spec(table)
         schema = table_arrow_schema(table.schema())
@@ -368,10 +382,12 @@ class OnlineStore:
                 )
         started = time.perf_counter()
         snapshot = table.current_snapshot()
+        path = "empty"
         if snapshot is None:
             rows = schema.empty_table()
         else:
-            rows = self._read_latest(table, spec, schema, None, self._room(name)).combine_chunks()
+            rows, path = self._read_latest(table, spec, schema, None, self._room(name))
+            rows = rows.combine_chunks()
         keys = table_keys(rows, spec)
         if keys and estimate_bytes(rows, keys[0]) > self._room(name):
             raise LimitError(
@@ -385,13 +401,14 @@ class OnlineStore:
             Rows.of(rows, spec),
             dict(zip(keys, range(len(keys)), strict=True)),
         )
-        index = OnlineIndex(name, state, time.perf_counter() - started)
+        index = OnlineIndex(name, state, time.perf_counter() - started, path)
         log.info(
-            "online index %s: %d entities, %.1f MiB, from snapshot %s in %.2f s",
+            "online index %s: %d entities, %.1f MiB, from snapshot %s (%s path) in %.2f s",
             name,
             len(keys),
             index.nbytes() / 2**20,
             state.snapshot_id,
+            path,
             index.build_seconds,
         )
         return index
@@ -412,12 +429,12 @@ class OnlineStore:
             files = appended_files(table, state.snapshot_id, current)
         if files is not None:
             room = self._room(name) - index.nbytes()
-            latest = self._read_latest(table, state.spec, index.schema, files, room) if files else None
+            latest = self._read_latest(table, state.spec, index.schema, files, room)[0] if files else None
             changed = index.apply(latest if latest is not None else index.schema.empty_table(), current)  # type: ignore[arg-type]
             index.appends += 1
             return f"appended {len(files)} file(s), {changed} key(s) changed"
         rebuilt = self.build(table)
-        index.state, index.build_seconds = rebuilt.state, rebuilt.build_seconds
+        index.state, index.build_seconds, index.read_path = rebuilt.state, rebuilt.build_seconds, rebuilt.read_path
         index.rebuilds += 1
         return "rebuilt"
 

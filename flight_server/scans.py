@@ -9,6 +9,7 @@ or limited scans of tables with position delete files: the deleted positions, ca
 by file row number) or `iceberg_scan` (DuckDB, which prunes files and row groups for filters and
 applies position and equality delete files); the log and `flight.read_path` say which, and why. Direct
 reads can be split into parts over the files (`scan_parts`), which clients fetch in parallel.
+`scan_relation` hands the rows of the same paths to a DuckDB query instead (the online index build).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -336,16 +338,15 @@ def deleted_relation(deleted: dict[str, np.ndarray]) -> pa.Table:
     return pa.table({"file": files, "pos": pa.array(positions, pa.int64())})
 
 
-def read_parquet_reader(
-    plan: ScanPlan, tasks: list[FileScanTask], engine: Engine, batch_rows: int
-) -> pa.RecordBatchReader:
-    """DuckDB over the planned files without their deleted rows, filtered (and limited): `file_row_number`
-    counts rows in file order before any filter, so it is each row's position, whatever DuckDB prunes.
+def read_parquet_sql(
+    plan: ScanPlan, tasks: list[FileScanTask], cursor: duckdb.DuckDBPyConnection
+) -> tuple[str, list[Any]]:
+    """DuckDB's query of the planned files without their deleted rows, filtered (and limited), the deleted
+    positions registered with `cursor`: `file_row_number` counts rows in file order before any filter, so
+    it is each row's position, whatever DuckDB prunes.
 
     One `read_parquet` per file with deletes, anti-joined with its positions on the row number alone
     (a join on `filename` too costs a string per row: 25 % slower), and one for the other files."""
-    if not tasks:
-        return pa.RecordBatchReader.from_batches(plan.schema, [])
     schema = snapshot_schema(plan.table, plan.snapshot_id)
     where, params = to_sql(plan.expression, schema)
     columns = ", ".join(f"t.{quote(name)}" for name in plan.schema.names)
@@ -365,16 +366,40 @@ def read_parquet_reader(
     if plan.request.limit is not None:
         sql = f"SELECT * FROM ({sql}) LIMIT ?"
         args.append(plan.request.limit)
+    cursor.register(DELETED_RELATION, deleted_relation(deleted))
+    return sql, args
+
+
+def read_parquet_reader(
+    plan: ScanPlan, tasks: list[FileScanTask], engine: Engine, batch_rows: int
+) -> pa.RecordBatchReader:
+    """`read_parquet_sql`, streamed."""
+    if not tasks:
+        return pa.RecordBatchReader.from_batches(plan.schema, [])
     engine.use_storage(plan.table.io.properties)
     cursor = engine.cursor()
-    cursor.register(DELETED_RELATION, deleted_relation(deleted))
+    sql, args = read_parquet_sql(plan, tasks, cursor)
     return cursor.execute(sql, args).to_arrow_reader(batch_rows)
 
 
-def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> tuple[pa.RecordBatchReader, str]:
-    """Stream the planned rows, and say which read path does it; memory stays bounded."""
+def iceberg_scan_sql(plan: ScanPlan) -> tuple[str, list[Any]]:
+    """DuckDB's `iceberg_scan` of the plan: it prunes files and row groups and applies every kind of delete file."""
+    schema = snapshot_schema(plan.table, plan.snapshot_id)
+    where, params = to_sql(plan.expression, schema)
+    columns = ", ".join(quote(name) for name in plan.schema.names)
+    sql = f"SELECT {columns} FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {where}"
+    args: list[Any] = [local_path(plan.table.metadata_location), plan.snapshot_id, *params]
+    if plan.request.limit is not None:
+        sql += " LIMIT ?"
+        args.append(plan.request.limit)
+    return sql, args
+
+
+def read_path(plan: ScanPlan) -> tuple[str, list[FileScanTask] | None]:
+    """Which path reads the plan (`empty`, `direct`, `read_parquet` or `iceberg_scan`) and the files the first
+    two read; logged with why, for every read of a snapshot (scans, training sets, online index builds)."""
     if plan.snapshot_id is None or plan.request.limit == 0:
-        return pa.RecordBatchReader.from_batches(plan.schema, []), "empty"
+        return "empty", None
     files, why = direct_files(plan)
     part = plan.request.part
     if part is not None:
@@ -384,30 +409,53 @@ def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> tuple[pa.Recor
                 "or ask get_flight_info again"
             )
         files = split_files(files, part[1])[part[0]]
-    positional = None
-    if files is None and (plan.request.limit is not None or not isinstance(plan.expression, AlwaysTrue)):
-        positional, why = position_deleted_files(plan)
+    path = "direct"
+    if files is None:
+        path = "iceberg_scan"
+        if plan.request.limit is not None or not isinstance(plan.expression, AlwaysTrue):
+            files, why = position_deleted_files(plan)
+            path = "read_parquet" if files is not None else path
     log.info(
         "scan %s at snapshot %s: %s path (%s)%s",
         plan.name,
         plan.snapshot_id,
-        "direct" if files is not None else "read_parquet" if positional is not None else "iceberg_scan",
+        path,
         why,
         f", part {part}" if part is not None else "",
     )
-    if files is not None:
-        direct = direct_reader(plan, files, batch_rows)
-        return (direct if direct.schema == plan.schema else direct.cast(plan.schema)), "direct"
-    if positional is not None:
-        return read_parquet_reader(plan, positional, engine, batch_rows).cast(plan.schema), "read_parquet"
+    return path, files
+
+
+def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> tuple[pa.RecordBatchReader, str]:
+    """Stream the planned rows, and say which read path does it; memory stays bounded."""
+    path, files = read_path(plan)
+    if path == "empty":
+        return pa.RecordBatchReader.from_batches(plan.schema, []), path
+    if path == "direct":
+        reader = direct_reader(plan, files or [], batch_rows)
+    elif path == "read_parquet":
+        reader = read_parquet_reader(plan, files or [], engine, batch_rows)
+    else:
+        engine.use_storage(plan.table.io.properties)
+        reader = engine.cursor().execute(*iceberg_scan_sql(plan)).to_arrow_reader(batch_rows)
+    return (reader if reader.schema == plan.schema else reader.cast(plan.schema)), path
+
+
+SCANNED_RELATION = "__scanned"
+
+
+def scan_relation(
+    plan: ScanPlan, engine: Engine, cursor: duckdb.DuckDBPyConnection, batch_rows: int
+) -> tuple[str, list[Any], str]:
+    """The planned rows as a relation for a query of them on `cursor` (SQL and its parameters), read on the
+    path `open_scan` takes, which it returns too. Arrow's readers are registered with the cursor, so the
+    query consumes them as they stream; DuckDB's own paths stay inside the query (a reader DuckDB made,
+    fed back into DuckDB, can hang)."""
+    path, files = read_path(plan)
     engine.use_storage(plan.table.io.properties)
-    schema = snapshot_schema(plan.table, plan.snapshot_id)
-    where, params = to_sql(plan.expression, schema)
-    columns = ", ".join(quote(name) for name in plan.schema.names)
-    sql = f"SELECT {columns} FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {where}"
-    args: list[Any] = [local_path(plan.table.metadata_location), plan.snapshot_id, *params]
-    if plan.request.limit is not None:
-        sql += " LIMIT ?"
-        args.append(plan.request.limit)
-    reader = engine.cursor().execute(sql, args).to_arrow_reader(batch_rows)
-    return (reader if reader.schema == plan.schema else reader.cast(plan.schema)), "iceberg_scan"
+    if path == "iceberg_scan" or (path == "read_parquet" and files):
+        sql, args = iceberg_scan_sql(plan) if path == "iceberg_scan" else read_parquet_sql(plan, files or [], cursor)
+        return f"({sql})", args, path
+    rows = direct_reader(plan, files, batch_rows) if path == "direct" and files else plan.schema.empty_table()
+    cursor.register(SCANNED_RELATION, rows if rows.schema == plan.schema else rows.cast(plan.schema))
+    return SCANNED_RELATION, [], path

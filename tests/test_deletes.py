@@ -140,16 +140,28 @@ def assert_reads_agree(
     training = client.get_historical_features(entities, [f"{table}:rate"], entity_time="ts")
     assert training.column("rate").to_pylist() == training_reference(expected, entities)
 
-    latest: dict[int, dict[str, Any]] = {}
-    for row in expected:  # sorted by time within a key
-        latest[row["driver_id"]] = row
-    want = [latest[k]["ts"] if k in latest else None for k in range(KEYS)]
-
-    def online() -> list[Any]:
-        found = client.get_online_features({"driver_id": list(range(KEYS))}, [f"{table}:rate"], apply_ttl=False)
-        return found.column(f"{table.split('.')[-1]}__ts").to_pylist()
-
-    wait_until(lambda: online() == want, what="the online index to show the table's rows")
+    # The online index holds DuckDB's latest row per key of the table, built on the whole scan's read path.
+    loaded = load(backend, table)
+    engine.use_storage(loaded.io.properties)
+    latest = engine.cursor().execute(
+        "SELECT driver_id, ts, rate, city, trips FROM iceberg_scan(?) "
+        "QUALIFY row_number() OVER (PARTITION BY driver_id ORDER BY ts DESC) = 1",
+        [local_path(loaded.metadata_location)],
+    )
+    by_key = {row["driver_id"]: row for row in latest.to_arrow_table().to_pylist()}
+    assert by_key == {r["driver_id"]: r for r in expected}  # expected is sorted by time within a key
+    columns = ("ts", "rate", "city", "trips")
+    want = [{c: by_key[k][c] for c in columns} if k in by_key else dict.fromkeys(columns) for k in range(KEYS)]
+    current = loaded.current_snapshot().snapshot_id  # type: ignore[union-attr]
+    wait_until(
+        lambda: client.describe(table)["online"]["snapshot_id"] == current,
+        what="the online index to reach the table's snapshot",
+    )
+    found = client.get_online_features(
+        {"driver_id": list(range(KEYS))}, [f"{table}:{c}" for c in columns[1:]], apply_ttl=False
+    )
+    assert found.rename_columns(["driver_id", *columns[1:], "ts"]).select(columns).to_pylist() == want
+    assert client.describe(table)["online"]["read_path"] == read_path.decode()
 
 
 def equality_delete(backend: dict[str, str], table: str, deleted: pa.Table) -> None:
@@ -403,6 +415,60 @@ def test_compaction_writes_the_files_copy_on_write_writes(
     client.compact(table)
     assert layout(backend, table) == layout(backend, cow)
     assert ordered(client.scan(table).read_all()) == ordered(client.scan(cow).read_all())
+
+
+def data_files(backend: dict[str, str], table: str) -> list[DataFile]:
+    loaded = load(backend, table)
+    return [f for f in live_files(loaded.io, loaded.current_snapshot()) if f.content == DataFileContent.DATA]
+
+
+def test_compaction_packs_files_to_the_target_size(
+    client: FeatureClient, backend: dict[str, str], engine: Engine, table: str
+) -> None:
+    """Many small files of a partition become one; with a small `write.target-file-size-bytes`, files of
+    about that size (Parquet bytes), however the stream was chunked, with every row kept."""
+    n, appends = 60_000, 12
+    by_key_and_time = [("driver_id", "ascending"), ("ts", "ascending")]
+    data = pa.table(
+        {
+            "driver_id": pa.array(np.arange(n) % 5000, pa.int64()),
+            "ts": pa.array(np.arange(n) * 1_000_000, pa.int64()).cast(pa.timestamp("us", "UTC")),
+            "rate": pa.array(np.sin(np.arange(n)), pa.float64()),
+        }
+    )
+    step = n // appends
+    client.write(table, data.slice(0, step), entity_keys=["driver_id"], event_time="ts", partition_by=[])
+    for start in range(step, n, step):
+        client.write(table, data.slice(start, step))
+    before = data_files(backend, table)
+    assert len(before) == appends
+    expected = client.scan(table).read_all().sort_by(by_key_and_time).to_pydict()
+    assert len(expected["ts"]) == n
+
+    packed = client.compact(table)
+    assert packed["data_files_removed"] == appends and packed["data_files_added"] == 1 and packed["rows"] == n
+    assert client.scan(table).read_all().sort_by(by_key_and_time).to_pydict() == expected
+
+    total = data_files(backend, table)[0].file_size_in_bytes
+    target = total // 5
+    with load(backend, table).transaction() as transaction:
+        transaction.set_properties({"write.target-file-size-bytes": str(target)})
+    client.delete(table, keys={"driver_id": [7]}, mode="merge-on-read")  # something to compact
+    expected = {c: [v for v, k in zip(vs, expected["driver_id"], strict=True) if k != 7] for c, vs in expected.items()}
+    split = client.compact(table)
+    files = data_files(backend, table)
+    sizes = sorted(f.file_size_in_bytes for f in files)
+    assert split["data_files_added"] == len(files) >= 4, sizes
+    # The first file is cut on the estimate from the files compacted, the others on the Parquet bytes per row
+    # of those written; the last is smaller.
+    assert all(0.75 * target <= size <= 1.25 * target for size in sizes[1:]), (target, sizes)
+    assert sum(f.record_count for f in files) == len(expected["ts"])
+    read = client.scan(table).read_all()
+    assert read.schema.metadata[b"flight.read_path"] == b"direct"
+    assert read.sort_by(by_key_and_time).to_pydict() == expected
+    duck, theirs = independent(backend, engine, table)
+    assert duck.sort_by(by_key_and_time).to_pydict() == expected
+    assert theirs is not None and theirs.num_rows == len(expected["ts"])
 
 
 def test_compaction_of_a_filter_touches_only_its_files(client: FeatureClient, table: str) -> None:
