@@ -32,6 +32,18 @@ class MemoryFlightServer(flight.FlightServerBase):
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
         return flight.RecordBatchStream(self._table)
 
+    def do_exchange(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+    ) -> None:
+        """Answer every batch the client writes with the table: the floor of a lookup on an open stream."""
+        writer.begin(self._table.schema)
+        for _ in reader:
+            writer.write_table(self._table)
+
 
 @contextlib.contextmanager
 def ceiling_server(table: pa.Table, batch_rows: int) -> Iterator[str]:
@@ -57,6 +69,23 @@ def ceiling_server(table: pa.Table, batch_rows: int) -> Iterator[str]:
 def read(client: flight.FlightClient) -> pa.Table:
     """One full read of the ceiling table: what the feature server's scan is compared with."""
     return client.do_get(flight.Ticket(b"table")).read_all()
+
+
+class Stream:
+    """An open `do_exchange` with the ceiling server: each `ask` writes a batch and reads one answer."""
+
+    def __init__(self, client: flight.FlightClient, keys: pa.RecordBatch):
+        self._keys = keys
+        self._writer, self._reader = client.do_exchange(flight.FlightDescriptor.for_command(b"stream"))
+        self._writer.begin(keys.schema)
+
+    def ask(self) -> pa.Table:
+        self._writer.write_batch(self._keys)
+        return pa.Table.from_batches([self._reader.read_chunk().data])
+
+    def close(self) -> None:
+        self._writer.done_writing()
+        self._writer.close()
 
 
 def main(argv: list[str]) -> None:

@@ -1,12 +1,14 @@
 """`flight-bench online`: latency of latest-feature lookups, and how fresh they are after a write.
 
 For batches of 1, 10, 100 and 1000 entities: latency percentiles of `get_online_features` over
-Flight on loopback, answered from the server's in-memory index, once alone and once while another
-process keeps writing to the table. In the same run: the floor (a raw Flight `do_get` of the same
-answer from a minimal server in its own process) and the path without the index (the same lookup
-as a DuckDB query over the Iceberg table, in process, and the server's own `as_of` lookup, which
-takes that path). Freshness: the time from a put's acknowledgement to the first lookup that sees
-it, for a put through the same server and through another replica on the same catalog.
+Flight on loopback, answered from the server's in-memory index: over the client's sessions
+(streams kept open between lookups, the default), with one `do_get` call per lookup, and over
+sessions while another process keeps writing to the table. In the same run: the floors (a minimal
+server in its own process answering the same table on an open stream, and per `do_get` call) and
+the path without the index (the same lookup as a DuckDB query over the Iceberg table, in process,
+and the server's own `as_of` lookup, which takes that path). Freshness: the time from a put's
+acknowledgement to the first lookup that sees it, for a put through the same server and through
+another replica on the same catalog.
 """
 
 from __future__ import annotations
@@ -43,12 +45,17 @@ CONCURRENT_CLIENTS = (1, 2, 4)  # client processes looking up at once
 CONCURRENT_SECONDS = 5.0
 LABELS = {
     "index": "Flight, online index",
+    "index_calls": "Flight, online index, one do_get per lookup",
     "index_writing": "Flight, online index, a writer on this server",
     "index_writing_elsewhere": "Flight, online index, a writer on another replica",
-    "floor": "raw Flight do_get of the same answer (floor)",
+    "floor_stream": "raw Flight exchange of the same answer on an open stream (floor)",
+    "floor": "raw Flight do_get of the same answer (floor of a call)",
     "as_of": "Flight, as_of lookup (DuckDB, no index)",
     "duckdb": "DuckDB query over the Iceberg table, in process",
 }
+# What each path is compared with: lookups over the client's sessions (streams kept open) with the
+# same exchange on an open stream, one call per lookup with the same do_get.
+FLOORS = {"index_calls": "floor", "as_of": "floor", "duckdb": "floor"}
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
@@ -209,7 +216,7 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
     refs = [f"{name}:{f}" for f in features]
     counts = {batch: max(requests // (10 if batch >= 1000 else 1), 5) for batch in BATCHES}
     latency: dict[str, dict[str, Any]] = {key: {} for key in LABELS}
-    with FeatureClient(target.location) as client:
+    with FeatureClient(target.location) as client, FeatureClient(target.location, online_sessions=False) as calls:
         report.progress(f"online: writing {settings.rows:,} rows ({len(ids):,} entities) to {name}")
         client.write(name, data, entity_keys=[ENTITY_KEY], event_time=EVENT_TIME, created_time=CREATED_TIME)
         start = time.perf_counter()
@@ -217,18 +224,26 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
         first_lookup_s = time.perf_counter() - start
         index = client.describe(name)["online"]
 
-        def lookup(batch: int, **options: Any) -> Any:
+        def lookup(batch: int, through: FeatureClient = client, **options: Any) -> Any:
             keys = [int(k) for k in rng.choice(ids, size=batch)]
-            return lambda: client.get_online_features({ENTITY_KEY: keys}, refs, **options)
+            return lambda: through.get_online_features({ENTITY_KEY: keys}, refs, **options)
 
         without_index = DuckDBLookup(target, name, [ENTITY_KEY, EVENT_TIME, *features])
         latest_time = data.column(EVENT_TIME).to_pylist()[-1]
         for batch, count in counts.items():
             call = lookup(batch)
             latency["index"][str(batch)] = percentiles(warm_timed(call, count, f"online: lookups of {batch}"))
+            one_call = lookup(batch, calls)
+            label = f"online: lookups of {batch}, one call each"
+            latency["index_calls"][str(batch)] = percentiles(warm_timed(one_call, count, label))
+            keys = pa.record_batch({ENTITY_KEY: pa.array(range(batch), pa.int64())})
             with ceiling.ceiling_server(call(), max(batch, 1)) as location, flight.FlightClient(location) as raw:
                 floor = warm_timed(lambda r=raw: ceiling.read(r), count, f"online: raw Flight answers of {batch}")
                 latency["floor"][str(batch)] = percentiles(floor)
+                stream = ceiling.Stream(raw, keys)
+                label = f"online: raw Flight answers of {batch} on a stream"
+                latency["floor_stream"][str(batch)] = percentiles(warm_timed(stream.ask, count, label))
+                stream.close()
             slow = max(3, min(SLOW_REQUESTS, requests // 4))
             as_of = timed(lookup(batch, as_of=latest_time), slow, f"online: as_of lookups of {batch}")
             latency["as_of"][str(batch)] = percentiles(as_of)
@@ -290,7 +305,7 @@ def render(result: dict[str, Any]) -> str:
     rows = []
     for key, by_batch in result["latency"].items():
         for batch, p in by_batch.items():
-            floor = result["latency"]["floor"][batch]["p50_ms"]
+            floor = result["latency"][FLOORS.get(key, "floor_stream")][batch]["p50_ms"]
             rows.append(
                 [
                     f"{LABELS[key]}, batch {batch}",
@@ -299,7 +314,7 @@ def render(result: dict[str, Any]) -> str:
                     report.ratio(p["p50_ms"] / floor),
                 ]
             )
-    latency = report.table(["lookup", *(f"p{q:g} ms" for q in PERCENTILES), "requests", "p50 / floor"], rows)
+    latency = report.table(["lookup", *(f"p{q:g} ms" for q in PERCENTILES), "requests", "p50 / its floor"], rows)
     lag_rows = [
         [f"put through the {where.replace('_', ' ')}", *(f"{p[f'p{q:g}_ms']:.1f}" for q in (50, 95, 99))]
         + [str(p["requests"])]

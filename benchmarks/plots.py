@@ -318,6 +318,8 @@ def historical(result: dict[str, Any], machine: dict[str, Any] | None = None) ->
 
 ONLINE_COLORS = {
     "index": FLIGHT,
+    "index_calls": "#64B5CD",
+    "floor_stream": "#999999",
     "index_writing": "#55A868",
     "index_writing_elsewhere": "#8172B3",
     "floor": REFERENCE,
