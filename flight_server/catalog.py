@@ -11,9 +11,11 @@ import contextlib
 import logging
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
 from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
@@ -30,6 +32,7 @@ from pyiceberg.transforms import (
     TruncateTransform,
     YearTransform,
 )
+from sqlalchemy import Select, bindparam, select
 
 from flight_server.config import redact
 from flight_server.errors import NotFoundError, RequestError
@@ -149,6 +152,34 @@ class FeatureCatalog:
             return parse_table_name(table, self.default_namespace)
         except ProtocolError as exc:
             raise RequestError(str(exc)) from None
+
+    def metadata_location(self, table: str) -> str | None:
+        """Where the catalog points the table now, when it can say so cheaply (SQL catalogs: one indexed
+        row, no metadata file read); None otherwise, or when it has no such table (`load` to know).
+
+        Metadata files are never rewritten, so an unchanged pointer means an unchanged table: the
+        online refresh polls this, which keeps each poll from parsing the table's metadata under the GIL.
+        """
+        if self._pointer is None:
+            return None
+        *namespace, name = self.identifier(table)
+        with self.catalog.engine.connect() as connection:  # type: ignore[attr-defined]
+            bound = {"catalog": self.catalog.name, "namespace": ".".join(namespace), "table": name}
+            return connection.execute(self._pointer, bound).scalar()
+
+    @cached_property
+    def _pointer(self) -> Select[tuple[str]] | None:
+        """The SQL catalog's query for a table's metadata location (built once: building costs more than running)."""
+        if not isinstance(self.catalog, SqlCatalog):
+            return None
+        statement = select(IcebergTables.metadata_location).where(
+            IcebergTables.catalog_name == bindparam("catalog"),
+            IcebergTables.table_namespace == bindparam("namespace"),
+            IcebergTables.table_name == bindparam("table"),
+        )
+        if (kind := self.catalog._iceberg_type_filter()) is not None:  # views share the table
+            statement = statement.where(kind)
+        return statement
 
     def load(self, table: str) -> Table:
         """The table, or `NotFoundError` naming it."""

@@ -180,6 +180,7 @@ class OnlineIndex:
         self.state = state
         self.build_seconds = build_seconds
         self.read_path = read_path  # of the last full build: what the rows of a rebuild cost to read
+        self.metadata_location: str | None = None  # of the table as last refreshed
         self.error: str | None = None
         self.appends = 0  # refreshes applied from appended files alone
         self.rebuilds = 0  # refreshes that rebuilt from the whole table
@@ -402,6 +403,7 @@ class OnlineStore:
             dict(zip(keys, range(len(keys)), strict=True)),
         )
         index = OnlineIndex(name, state, time.perf_counter() - started, path)
+        index.metadata_location = table.metadata_location
         log.info(
             "online index %s: %d entities, %.1f MiB, from snapshot %s (%s path) in %.2f s",
             name,
@@ -414,9 +416,18 @@ class OnlineStore:
         return index
 
     def refresh(self, name: str) -> str:
-        """Bring one index up to its table's current snapshot; says what it did."""
+        """Bring one index up to its table's current snapshot; says what it did. A catalog that tells
+        where the table's metadata is without reading it (SQL) makes polling an unchanged table cheap."""
         index = self._indexes[name]
+        pointer = self.catalog.metadata_location(name)
+        if pointer is not None and pointer == index.metadata_location:
+            return "current"
         table = self.catalog.load(name)
+        outcome = self._catch_up(name, index, table)
+        index.metadata_location = table.metadata_location
+        return outcome
+
+    def _catch_up(self, name: str, index: OnlineIndex, table: Table) -> str:
         state = index.state
         snapshot = table.current_snapshot()
         current = snapshot.snapshot_id if snapshot else None

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError, ResourceExhaustedError
+from flight_server.catalog import FeatureCatalog
 from tests.conftest import start_server, wait_until
 
 UTC = dt.timezone.utc
@@ -261,6 +262,21 @@ def test_refreshes_apply_appends_incrementally_and_rebuild_otherwise(server: str
         wait_until(lambda: indexed_snapshot(client, table) == last, what="the index to reach the overwrite")
         assert rates(client, table, [1, 2, 3]) == [701.0, 702.0, None]
         assert client.describe(table)["online"]["rebuilds"] >= 1
+
+
+def test_the_catalog_pointer_polled_by_refreshes_is_the_tables(server: str, backend: dict[str, str]) -> None:
+    """SQL catalogs say where a table's metadata is without reading it (what each refresh poll asks
+    first); other catalogs say nothing, and refreshes load the table."""
+    table = f"tests.pointer_{suffix()}"
+    catalog = FeatureCatalog("default", backend)
+    assert catalog.metadata_location(table) is None  # no such table yet
+    with FeatureClient(server) as client:
+        write_drivers(client, table, driver_rows([1], 1, 1.0))
+        first = catalog.load(table).metadata_location
+        write_drivers(client, table, driver_rows([1], 2, 1.0))
+    second = catalog.load(table).metadata_location
+    assert first != second
+    assert catalog.metadata_location(table) == (second if backend["type"] == "sql" else None)
 
 
 def test_a_put_through_another_replica_is_visible(server: str, second_server: str) -> None:
