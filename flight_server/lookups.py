@@ -60,6 +60,8 @@ class OnlinePlan:
     sources: list[Source]
     columns: list[tuple[int, str, str]]  # per requested feature: source, column, output name
     key_types: dict[str, pa.DataType]
+    # Per source, the index generation the plan was checked against (index plans only).
+    states: tuple[Any, ...] = field(default=(), compare=False, repr=False)
     # Per source, its rows in answer form for the index generation they came from (see `answer_rows`).
     _answers: dict[int, tuple[Any, pa.Table]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -177,16 +179,15 @@ def inline_keys(plan: OnlinePlan, entities: dict[str, list[Any]]) -> dict[str, l
     return {k: entities[k] for k in plan.key_types}
 
 
-def stream_keys(plan: OnlinePlan, batch: pa.RecordBatch) -> dict[str, list[Any]]:
-    """Key values from a `do_exchange` batch, checked against the key types."""
-    _check_columns(plan, batch.schema.names)
-    keys = {}
+def key_columns(plan: OnlinePlan, stream: pa.Schema) -> list[int]:
+    """Where a `do_exchange` stream carries each key column, checked against the key types once per
+    stream (not per batch: a session's batches are its lookups)."""
+    _check_columns(plan, stream.names)
     for key, expected in plan.key_types.items():
-        column = batch.column(key)
-        if key_kind(column.type) != key_kind(expected) and not pa.types.is_null(column.type):
-            raise RequestError(f"entity column {key!r} is {column.type}; the tables key it as {expected}")
-        keys[key] = column.to_pylist()
-    return keys
+        given = stream.field(key).type
+        if key_kind(given) != key_kind(expected) and not pa.types.is_null(given):
+            raise RequestError(f"entity column {key!r} is {given}; the tables key it as {expected}")
+    return [stream.get_field_index(key) for key in plan.key_types]
 
 
 def _key_arrays(plan: OnlinePlan, keys: dict[str, list[Any]]) -> list[pa.Array]:
@@ -268,7 +269,7 @@ class OnlineService:
 
     def __init__(self, store: OnlineStore, catalog: FeatureCatalog, training: TrainingSets):
         self.store, self.catalog, self.training = store, catalog, training
-        self._plans: dict[tuple[Any, ...], tuple[OnlinePlan, list[Any]]] = {}
+        self._plans: dict[tuple[Any, ...], OnlinePlan] = {}
 
     def plan(self, request: OnlineRequest) -> OnlinePlan:
         """The checked plan; index plans are reused while their indexes keep the same generation."""
@@ -276,16 +277,22 @@ class OnlineService:
             return plan_online(request, catalog_source(self.catalog))
         key = (tuple(request.features), request.full_feature_names, request.apply_ttl, request.request_time)
         cached = self._plans.get(key)
-        if cached is not None:
-            plan, states = cached
-            current = [self.store.peek(s.name) for s in plan.sources]
-            if all(i is s.index and i.state is st for i, s, st in zip(current, plan.sources, states, strict=True)):
-                return plan
+        if cached is not None and self._is_current(cached):
+            return cached
         plan = plan_online(request, index_source(self.store))
+        plan = replace(plan, states=tuple(s.index.state for s in plan.sources if s.index is not None))
         if len(self._plans) >= PLAN_CACHE_SIZE:
             self._plans.clear()
-        self._plans[key] = (plan, [s.index.state for s in plan.sources if s.index is not None])
+        self._plans[key] = plan
         return plan
+
+    def _is_current(self, plan: OnlinePlan) -> bool:
+        """Whether the plan's indexes are still the store's, at the generation it was checked against."""
+        for source, state in zip(plan.sources, plan.states, strict=True):
+            index = self.store.peek(source.name)
+            if index is not source.index or index.state is not state:
+                return False
+        return True
 
     def answer(self, plan: OnlinePlan, keys: dict[str, list[Any]]) -> pa.Table:
         if plan.request.as_of:
@@ -313,18 +320,20 @@ class OnlineService:
         plan = self.plan(request)
         schema = plan.schema
         writer.begin(schema)
+        columns = key_columns(plan, reader.schema)
         rows = 0
         for chunk in chunks(reader, "entity key"):
             if chunk.data is None:
                 continue
-            if not request.as_of:
+            if not request.as_of and not self._is_current(plan):
                 plan = self.plan(request)
                 if plan.schema != schema:
                     raise RequestError(
                         "the answer's columns changed while this stream was open (a table was altered or "
                         "recreated): open a new stream"
                     )
-            answer = self.answer(plan, stream_keys(plan, chunk.data)) if chunk.data.num_rows else schema.empty_table()
+            keys = {key: chunk.data.column(i).to_pylist() for key, i in zip(plan.key_types, columns, strict=True)}
+            answer = self.answer(plan, keys) if chunk.data.num_rows else schema.empty_table()
             writer.write_batch(one_batch(answer))
             rows += chunk.data.num_rows
         return rows
