@@ -40,7 +40,7 @@ from flight_server.filters import parse_filter, quote, to_sql
 from flight_server.protocol import HistoricalRequest, ProtocolError, parse_feature_ref, parse_timestamp
 from flight_server.scans import resolve_snapshot, snapshot_schema
 from flight_server.schemas import UTC_MICROS, micros, table_arrow_schema
-from flight_server.streams import chunks
+from flight_server.streams import chunks, stream_schema
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ class TrainingSets:
         """
         if request.entities is not None:
             raise RequestError("a do_exchange request takes its entity rows from the stream: drop 'entities'")
-        plan = plan_historical(self.catalog, request, reader.schema)
+        plan = plan_historical(self.catalog, request, stream_schema(reader, "entity row"))
         indexes = self._indexes(plan)
         if indexes is None:
             return self._exchange_duckdb(plan, reader, writer, is_cancelled)

@@ -28,7 +28,7 @@ from flight_server.historical import TrainingSets, plan_historical
 from flight_server.online import MISSING, OnlineIndex, OnlineStore, Rows, key_kind, key_values
 from flight_server.protocol import HistoricalRequest, OnlineRequest, one_batch, parse_feature_ref, parse_timestamp
 from flight_server.schemas import UTC_MICROS, table_arrow_schema
-from flight_server.streams import chunks
+from flight_server.streams import chunks, stream_schema
 
 AS_OF_COLUMN = "__online_as_of"
 PLAN_CACHE_SIZE = 1024
@@ -320,7 +320,7 @@ class OnlineService:
         plan = self.plan(request)
         schema = plan.schema
         writer.begin(schema)
-        columns = key_columns(plan, reader.schema)
+        columns = key_columns(plan, stream_schema(reader, "entity key"))
         rows = 0
         for chunk in chunks(reader, "entity key"):
             if chunk.data is None:

@@ -13,6 +13,14 @@ from flight_server.errors import LimitError, RequestError
 from flight_server.idle import WatchedCall
 
 
+def stream_schema(reader: flight.MetadataRecordBatchReader, what: str) -> pa.Schema:
+    """The schema the client began its stream with; a stream ended before it began is a `RequestError`."""
+    try:
+        return reader.schema
+    except (flight.FlightError, pa.ArrowException, OSError) as exc:
+        raise RequestError(f"the {what} stream ended before its schema: begin it with the columns ({exc})") from None
+
+
 def chunks(
     reader: flight.MetadataRecordBatchReader, what: str, consequence: str = ""
 ) -> Iterator[flight.FlightStreamChunk]:

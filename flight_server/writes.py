@@ -46,7 +46,7 @@ from flight_server.commits import LockPool, delete_files, live_files
 from flight_server.errors import ConflictError, RequestError
 from flight_server.protocol import ProtocolError, WriteRequest, WriteResult, parse_end_marker
 from flight_server.schemas import Conformer, new_table_schema, table_arrow_schema
-from flight_server.streams import chunks
+from flight_server.streams import chunks, stream_schema
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +324,9 @@ class Writer:
     def _write(
         self, request: WriteRequest, reader: flight.MetadataRecordBatchReader, is_cancelled: Callable[[], bool]
     ) -> WriteResult:
-        staged = self._stage(request, reader.schema)
-        conform = Conformer(staged.target, reader.schema)
+        schema = stream_schema(reader, "write")
+        staged = self._stage(request, schema)
+        conform = Conformer(staged.target, schema)
         files: list[DataFile] = []
         write_uuid, counter = uuid.uuid4(), itertools.count()
         pending: list[pa.RecordBatch] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Callable
@@ -24,6 +25,17 @@ def raw_put(client: FeatureClient, command: bytes, data: pa.Table) -> None:
     writer, _ = client._client.do_put(flight.FlightDescriptor.for_command(command), data.schema)
     writer.write_table(data)
     writer.close()
+
+
+def unbegun_exchange(client: FeatureClient, command: bytes) -> None:
+    """A `do_exchange` the client ends without ever sending a schema."""
+    writer, reader = client._client.do_exchange(flight.FlightDescriptor.for_command(command))
+    writer.done_writing()
+    try:
+        reader.read_all()
+    finally:
+        with contextlib.suppress(flight.FlightError, pa.ArrowException):
+            writer.close()  # reports the same error again
 
 
 def ticket(**body: object) -> bytes:
@@ -210,6 +222,16 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         lambda c, t: c.get_online_features({"user_id": [1], "region": ["r1"], "zone": [2]}, [f"{t}:f64"]),
         InvalidRequestError,
         r"\['zone'\] are not keys",
+    ),
+    "online stream without a schema": (
+        lambda c, t: unbegun_exchange(c, ticket(kind="online", features=[f"{t}:f64"])),
+        InvalidRequestError,
+        "the entity key stream ended before its schema",
+    ),
+    "training-set stream without a schema": (
+        lambda c, t: unbegun_exchange(c, ticket(kind="historical", features=[f"{t}:f64"], entity_time="ts")),
+        InvalidRequestError,
+        "the entity row stream ended before its schema",
     ),
     "online wrong key type": (  # over a session (a stream kept open)
         lambda c, t: c.get_online_features({"user_id": ["one"], "region": ["r1"]}, [f"{t}:f64"]),
