@@ -32,8 +32,9 @@ from pyiceberg.manifest import (
 )
 from pyiceberg.partitioning import PartitionSpec
 from pyiceberg.table import Table, TableProperties, Transaction
-from pyiceberg.table.snapshots import Operation, Snapshot
+from pyiceberg.table.snapshots import Operation, Snapshot, Summary
 from pyiceberg.table.update.snapshot import _SnapshotProducer
+from pyiceberg.typedef import EMPTY_DICT
 from pyiceberg.utils.properties import property_as_int
 
 from flight_server.catalog import FeatureCatalog
@@ -102,13 +103,18 @@ def commit_rewrite(
     removed: list[DataFile],
     added: list[DataFile],
     properties: dict[str, str],
+    tidy: bool = False,
 ) -> int:
     """Commit a `RewriteFiles` on `table` (as loaded when the change was planned) as one snapshot, and
-    return its id; the `added` files are deleted when it does not commit."""
+    return the table's new current snapshot id; the `added` files are deleted when it does not commit.
+
+    With `tidy`, the same commit adds a `DropRemovedEntries` snapshot after it, which becomes current."""
     try:
         with lock:
             transaction = table.transaction()
             RewriteFiles(transaction, operation, removed, added, properties).commit()
+            if tidy:
+                DropRemovedEntries(transaction, properties).commit()
             snapshot = transaction.commit_transaction().current_snapshot()
     except BaseException:
         delete_files(table.io, [f.file_path for f in added])
@@ -146,6 +152,36 @@ class DeleteManifestWriter(ManifestWriterV2):
     @property
     def _meta(self) -> dict[str, str]:
         return {**super()._meta, "content": "deletes"}
+
+
+class DropRemovedEntries(_SnapshotProducer["DropRemovedEntries"]):
+    """A `replace` snapshot of the parent's files, without the parent's manifests that hold only entries
+    of files it removed.
+
+    Those entries are Iceberg's record of what a snapshot removed (other engines' snapshot expiry reads
+    it), so the parent keeps them; but readers that plan the current snapshot read every manifest, and
+    DuckDB's `iceberg_scan` read a compaction's removed-delete-files manifest on every filtered scan
+    (0.94x of the same files written copy-on-write). Iceberg's next commit would drop them anyway.
+    """
+
+    def __init__(self, transaction: Transaction, properties: dict[str, str]):
+        super().__init__(Operation.REPLACE, transaction, transaction._table.io, snapshot_properties=properties)
+
+    def _existing_manifests(self) -> list[ManifestFile]:
+        parent = self._transaction.table_metadata.snapshot_by_id(self._parent_snapshot_id or -1)
+        if parent is None:
+            return []
+        return [m for m in parent.manifests(self._io) if m.has_added_files() or m.has_existing_files()]
+
+    def _deleted_entries(self) -> list[ManifestEntry]:
+        return []
+
+    def _summary(self, snapshot_properties: dict[str, str] = EMPTY_DICT) -> Summary:
+        """The parent's totals: no file changes (pyiceberg's summaries know no `replace`)."""
+        parent = self._transaction.table_metadata.snapshot_by_id(self._parent_snapshot_id or -1)
+        previous = parent.summary.additional_properties if parent and parent.summary else {}
+        totals = {k: v for k, v in previous.items() if k.startswith("total-")}
+        return Summary(operation=Operation.REPLACE, **totals, **snapshot_properties)
 
 
 class RewriteFiles(_SnapshotProducer["RewriteFiles"]):

@@ -148,7 +148,9 @@ class Maintenance(TableChanges):
         lock = self.locks(self.catalog.identifier(request.table))
         properties = {OPERATION_PROPERTY: "compact"}
         result.update(
-            snapshot_id=commit_rewrite(lock, table, Operation.OVERWRITE, scope + obsolete, added, properties),
+            snapshot_id=commit_rewrite(
+                lock, table, Operation.OVERWRITE, scope + obsolete, added, properties, tidy=True
+            ),
             compacted=True,
             data_files_removed=len(scope),
             delete_files_removed=len(obsolete),

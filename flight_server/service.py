@@ -74,7 +74,7 @@ ACTIONS = {
     "health": "Server status, version and catalog. Body: none.",
     "delete": 'Delete rows by entity keys and/or a filter, copy-on-write or merge-on-read. Body: {"table": "ns.t", '
     '"keys": {"driver_id": [1, 2]}, "filter": "...", "mode": "merge-on-read"}.',
-    "compact": 'Rewrite data and delete files into well-sized data files, in one snapshot. Body: {"table": "ns.t", '
+    "compact": 'Rewrite data and delete files into well-sized data files, in one commit. Body: {"table": "ns.t", '
     '"filter": "..."}.',
     "expire_snapshots": "Forget old snapshots and delete the files only they used; pinned ones stay unless forced. "
     'Body: {"table": "ns.t", "older_than": "2026-01-01T00:00:00Z", "retain_last": 10, "force": false}.',

@@ -417,6 +417,37 @@ def test_compaction_writes_the_files_copy_on_write_writes(
     assert ordered(client.scan(table).read_all()) == ordered(client.scan(cow).read_all())
 
 
+def test_compaction_keeps_its_record_of_removed_files_out_of_the_current_snapshot(
+    client: FeatureClient, backend: dict[str, str], engine: Engine, table: str
+) -> None:
+    """The compaction snapshot records the files it removed (as Iceberg's writers do, for other engines'
+    expiry); a `replace` snapshot in the same commit leaves those manifests out of what readers plan."""
+    create(client, table)
+    client.delete(table, keys={"driver_id": [3, 4]}, mode="merge-on-read")
+    client.get_online_features({"driver_id": [1]}, [f"{table}:rate"])  # indexed before: refreshed after
+    before = ordered(client.scan(table).read_all())
+    compacted = client.compact(table)
+    loaded = load(backend, table)
+    current = loaded.current_snapshot()
+    assert current is not None and current.snapshot_id == compacted["snapshot_id"]
+    assert current.summary is not None and current.summary.operation == Operation.REPLACE
+    parent = loaded.snapshot_by_id(current.parent_snapshot_id)  # type: ignore[arg-type]
+    assert parent is not None and parent.summary is not None and parent.summary.operation == Operation.OVERWRITE
+
+    def removed_only(snapshot: Any) -> list[Any]:
+        return [m for m in snapshot.manifests(loaded.io) if not (m.has_added_files() or m.has_existing_files())]
+
+    assert {m.content for m in removed_only(parent)} == {ManifestContent.DATA, ManifestContent.DELETES}
+    assert removed_only(current) == []
+    for total in ("total-records", "total-data-files", "total-delete-files", "total-files-size"):
+        assert current.summary[total] == parent.summary[total], total
+    assert current.summary["total-delete-files"] == "0"
+    # Both snapshots read the same rows everywhere; the table history stays one commit longer.
+    assert ordered(client.scan(table).read_all()) == before
+    assert ordered(client.scan(table, snapshot_id=parent.snapshot_id).read_all()) == before
+    assert_reads_agree(client, backend, engine, table, before, b"direct", b"iceberg_scan")
+
+
 def data_files(backend: dict[str, str], table: str) -> list[DataFile]:
     loaded = load(backend, table)
     return [f for f in live_files(loaded.io, loaded.current_snapshot()) if f.content == DataFileContent.DATA]
