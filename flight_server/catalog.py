@@ -39,6 +39,7 @@ from flight_server.errors import NotFoundError, RequestError
 from flight_server.protocol import DELETE_MODES, ProtocolError, parse_table_name
 
 log = logging.getLogger(__name__)
+READ_CACHE_TABLES = 256  # tables kept loaded for reading; past it, the cache starts over
 
 PROP_ENTITY_KEYS = "feature.entity-keys"
 PROP_EVENT_TIME = "feature.event-time"
@@ -145,6 +146,7 @@ class FeatureCatalog:
         self.properties = properties
         self.default_namespace = default_namespace
         self.catalog: Catalog = load_catalog(name, **properties)
+        self._read: dict[str, Table] = {}  # by table name: the last loaded for reading (see `read`)
         log.info("catalog %r: %s", name, redact(properties))
 
     def identifier(self, table: str) -> tuple[str, ...]:
@@ -188,6 +190,24 @@ class FeatureCatalog:
             return self.catalog.load_table(identifier)
         except (NoSuchTableError, NoSuchNamespaceError):
             raise NotFoundError(f"table {'.'.join(identifier)!r} does not exist") from None
+
+    def read(self, table: str) -> Table:
+        """The table for reading: the one loaded last while the catalog still points at the same metadata
+        file (SQL catalogs say so from one row), else loaded now. Shared between requests: never commit
+        through it (`load` for changes). Reading a long history's metadata costs tens of milliseconds
+        per request otherwise (30 ms for a table of 101 snapshots)."""
+        pointer = self.metadata_location(table)
+        if pointer is not None:
+            name = ".".join(self.identifier(table))
+            cached = self._read.get(name)
+            if cached is not None and cached.metadata_location == pointer:
+                return cached
+        loaded = self.load(table)
+        if pointer is not None:
+            if len(self._read) >= READ_CACHE_TABLES:
+                self._read.clear()
+            self._read[".".join(self.identifier(table))] = loaded
+        return loaded
 
     def find(self, table: str) -> Table | None:
         """The table, or None when it does not exist (yet)."""

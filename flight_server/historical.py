@@ -131,7 +131,7 @@ def plan_historical(
     entity_filter: BooleanExpression = AlwaysTrue()
     source = request.entities
     if source is not None and source.table is not None:
-        entity_table = catalog.load(source.table)
+        entity_table = catalog.read(source.table)
         pinned = (request.snapshot_ids or {}).get(source.table, source.snapshot_id)
         entity_snapshot = resolve_snapshot(entity_table, pinned, None)
         schema = snapshot_schema(entity_table, entity_snapshot)
@@ -159,7 +159,7 @@ def plan_historical(
     as_of = request.as_of
     for ref in request.features:
         table_ref, feature = parse_feature_ref(ref)
-        table = catalog.load(table_ref)
+        table = catalog.read(table_ref)
         name = table_name(table)
         if name not in by_table:
             spec = feature_spec(table)

@@ -151,7 +151,7 @@ def index_source(store: OnlineStore) -> Callable[[str], Source]:
 
 def catalog_source(catalog: FeatureCatalog) -> Callable[[str], Source]:
     def resolve(ref: str) -> Source:
-        table = catalog.load(ref)
+        table = catalog.read(ref)
         return Source(table_name(table), feature_spec(table), table_arrow_schema(table.schema()))
 
     return resolve

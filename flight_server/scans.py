@@ -102,7 +102,7 @@ def snapshot_schema(table: Table, snapshot_id: int | None) -> Schema:
 
 
 def plan_scan(catalog: FeatureCatalog, request: ScanRequest) -> ScanPlan:
-    return plan_table_scan(catalog.load(request.table), request)
+    return plan_table_scan(catalog.read(request.table), request)
 
 
 def plan_table_scan(table: Table, request: ScanRequest) -> ScanPlan:
