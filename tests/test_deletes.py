@@ -21,7 +21,7 @@ from flight_client import FeatureClient, InvalidRequestError, NotFoundError
 from flight_server.commits import commit_rewrite, live_files
 from flight_server.duck import Engine, local_path
 from flight_server.filters import parse_filter, to_sql
-from flight_server.scans import PositionCache
+from flight_server.scans import PositionCache, _PlanCache, plan_tasks
 from flight_server.schemas import table_arrow_schema
 from tests.conftest import local_files, wait_until
 
@@ -300,6 +300,33 @@ def test_position_cache_keeps_the_recently_used() -> None:
             assert cache.get(("a", "data.parquet")) is not None  # "a" is now the most recently used
     assert cache.get(("b", "data.parquet")) is None  # the least recently used went
     assert [cache.get((n, "data.parquet")) is not None for n in "acd"] == [True, True, True]
+
+
+def test_plans_are_kept_per_table_snapshot_and_filter(
+    client: FeatureClient, backend: dict[str, str], table: str
+) -> None:
+    create(client, table)
+    client.delete(table, keys={"driver_id": [3]}, mode="merge-on-read")
+    loaded = load(backend, table)
+    snapshot = loaded.current_snapshot().snapshot_id  # type: ignore[union-attr]
+    schema = loaded.schema()
+    first = plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema))
+    assert first is not None and plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema)) is first
+    assert plan_tasks(loaded, snapshot, parse_filter("driver_id < 20", schema)) is not first
+    parent = loaded.current_snapshot().parent_snapshot_id  # type: ignore[union-attr]
+    older = plan_tasks(loaded, parent, parse_filter("driver_id < 10", schema))
+    assert older is not first and all(not t.delete_files for t in older or [])
+    # A table dropped and created again under the same name is another table (another uuid).
+    load_catalog("default", **backend).drop_table(tuple(table.split(".")))
+    create(client, table)
+    again = load(backend, table)
+    assert plan_tasks(again, snapshot, parse_filter("driver_id < 10", schema)) is not first
+    cache = _PlanCache(entries=2, max_files=1)
+    cache.put(("t", 1, "a"), [])
+    cache.put(("t", 2, "a"), None)
+    cache.put(("t", 3, "a"), [object(), object()])  # too large to keep  # type: ignore[list-item]
+    cache.put(("t", 4, "a"), [])
+    assert [cache.get(("t", n, "a"))[0] for n in (1, 2, 3, 4)] == [False, True, False, True]
 
 
 def test_merge_on_read_needs_format_v2(client: FeatureClient, backend: dict[str, str], table: str) -> None:
