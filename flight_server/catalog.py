@@ -159,12 +159,14 @@ class FeatureCatalog:
         """Where the catalog points the table now, when it can say so cheaply (SQL catalogs: one indexed
         row, no metadata file read); None otherwise, or when it has no such table (`load` to know).
 
-        Metadata files are never rewritten, so an unchanged pointer means an unchanged table: the
-        online refresh polls this, which keeps each poll from parsing the table's metadata under the GIL.
+        Metadata files are never rewritten, so an unchanged pointer means an unchanged table (`read`).
         """
+        return self._locate(self.identifier(table))
+
+    def _locate(self, identifier: tuple[str, ...]) -> str | None:
         if self._pointer is None:
             return None
-        *namespace, name = self.identifier(table)
+        *namespace, name = identifier
         with self.catalog.engine.connect() as connection:  # type: ignore[attr-defined]
             bound = {"catalog": self.catalog.name, "namespace": ".".join(namespace), "table": name}
             return connection.execute(self._pointer, bound).scalar()
@@ -195,18 +197,20 @@ class FeatureCatalog:
         """The table for reading: the one loaded last while the catalog still points at the same metadata
         file (SQL catalogs say so from one row), else loaded now. Shared between requests: never commit
         through it (`load` for changes). Reading a long history's metadata costs tens of milliseconds
-        per request otherwise (30 ms for a table of 101 snapshots)."""
-        pointer = self.metadata_location(table)
-        if pointer is not None:
-            name = ".".join(self.identifier(table))
-            cached = self._read.get(name)
-            if cached is not None and cached.metadata_location == pointer:
-                return cached
+        per request otherwise (30 ms for a table of 101 snapshots), and under the GIL (every online
+        refresh poll)."""
+        identifier = self.identifier(table)
+        pointer = self._locate(identifier)
+        if pointer is None:
+            return self.load(table)
+        name = ".".join(identifier)
+        cached = self._read.get(name)
+        if cached is not None and cached.metadata_location == pointer:
+            return cached
         loaded = self.load(table)
-        if pointer is not None:
-            if len(self._read) >= READ_CACHE_TABLES:
-                self._read.clear()
-            self._read[".".join(self.identifier(table))] = loaded
+        if len(self._read) >= READ_CACHE_TABLES:
+            self._read.clear()
+        self._read[name] = loaded
         return loaded
 
     def find(self, table: str) -> Table | None:

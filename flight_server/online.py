@@ -304,7 +304,7 @@ class OnlineStore:
         with self._building(name):
             index = self._indexes.get(name)
             if index is None:
-                index = self.build(self.catalog.load(name))
+                index = self.build(self.catalog.read(name))
                 self._indexes[name] = index
             return index
 
@@ -416,13 +416,12 @@ class OnlineStore:
         return index
 
     def refresh(self, name: str) -> str:
-        """Bring one index up to its table's current snapshot; says what it did. A catalog that tells
-        where the table's metadata is without reading it (SQL) makes polling an unchanged table cheap."""
+        """Bring one index up to its table's current snapshot; says what it did. Polling an unchanged
+        table is cheap where the catalog says so without reading its metadata (SQL: `FeatureCatalog.read`)."""
         index = self._indexes[name]
-        pointer = self.catalog.metadata_location(name)
-        if pointer is not None and pointer == index.metadata_location:
+        table = self.catalog.read(name)
+        if table.metadata_location == index.metadata_location:
             return "current"
-        table = self.catalog.load(name)
         outcome = self._catch_up(name, index, table)
         index.metadata_location = table.metadata_location
         return outcome
