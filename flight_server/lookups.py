@@ -73,19 +73,21 @@ class OnlinePlan:
         return pa.schema(fields)
 
     @cached_property
-    def answer_schemas(self) -> list[pa.Schema]:
-        """Per source, the answer columns it gives: its keys, its features in request order, its event time.
-        With one source that is the whole answer's schema."""
+    def answer_columns(self) -> list[list[tuple[str, str]]]:
+        """Per source, the answer columns it gives, as (column of its index, answer name): its keys, its
+        features in request order, its event time. With one source that is the whole answer."""
         return [
-            pa.schema(
-                [
-                    *(self.schema.field(k) for k in s.spec.entity_keys),
-                    *(self.schema.field(out) for i, _, out in self.columns if i == n),
-                    self.schema.field(s.time_column),
-                ]
-            )
+            [
+                *((k, k) for k in s.spec.entity_keys),
+                *((c, out) for i, c, out in self.columns if i == n),
+                (s.spec.event_time, s.time_column),
+            ]
             for n, s in enumerate(self.sources)
         ]
+
+    @cached_property
+    def answer_schemas(self) -> list[pa.Schema]:
+        return [pa.schema([self.schema.field(out) for _, out in columns]) for columns in self.answer_columns]
 
     @cached_property
     def null_rows(self) -> list[pa.Table]:
@@ -97,9 +99,8 @@ class OnlinePlan:
         cached = self._answers.get(n)
         if cached is not None and cached[0] is rows:
             return cached[1]
-        spec = self.sources[n].spec
-        names = [*spec.entity_keys, *(c for i, c, _ in self.columns if i == n), spec.event_time]
-        table = pa.Table.from_arrays([rows.table.column(c) for c in names], schema=self.answer_schemas[n])
+        columns = [rows.table.column(c) for c, _ in self.answer_columns[n]]
+        table = pa.Table.from_arrays(columns, schema=self.answer_schemas[n])
         self._answers[n] = (rows, table)  # one assignment: concurrent readers see the old pair or this one
         return table
 
