@@ -8,9 +8,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
-from flight_client import FeatureClient
+from flight_client import FeatureClient, ResourceExhaustedError
 from flight_server.config import ServerConfig
 from flight_server.service import FeatureFlightServer
 from tests.services import postgres_server, seaweedfs_server
@@ -105,3 +106,29 @@ def local_files(location: str) -> set[Path] | None:
     if not location.startswith("file://"):
         return None
     return set(Path(location[len("file://") :]).rglob("*.parquet"))
+
+
+def write_big(client: FeatureClient, table: str, rows: int) -> None:
+    """A table of `rows` rows (id, ts, value) in one write: far more than gRPC's flow-control window."""
+    client.write(
+        table,
+        pa.table(
+            {
+                "id": pa.array(range(rows), pa.int64()),
+                "ts": pa.array([0] * rows, pa.timestamp("us", "UTC")),
+                "value": pa.array(range(rows), pa.float64()),
+            }
+        ),
+        entity_keys=["id"],
+        event_time="ts",
+        partition_by=[],
+    )
+
+
+def answers(location: str) -> bool:
+    """Whether a server takes a call now (False when its concurrency limit refuses one)."""
+    try:
+        with FeatureClient(location, timeout=5) as client:
+            return client.health()["status"] == "ok"
+    except ResourceExhaustedError:
+        return False

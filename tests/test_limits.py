@@ -11,7 +11,7 @@ import pytest
 from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError
 from flight_server.protocol import OnlineRequest
 from flight_server.service import FeatureFlightServer
-from tests.conftest import sqlite_catalog, start_server, wait_until
+from tests.conftest import answers, sqlite_catalog, start_server, wait_until, write_big
 
 # Large enough that the stream cannot fit into gRPC's flow-control window: the server blocks writing it.
 BIG_ROWS = 2_000_000
@@ -34,29 +34,9 @@ def limited(catalog: dict[str, str]) -> Iterator[FeatureFlightServer]:
         historical_cache_bytes=0,
     )
     with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-        client.write(
-            "limits.big",
-            pa.table(
-                {
-                    "id": pa.array(range(BIG_ROWS), pa.int64()),
-                    "ts": pa.array([0] * BIG_ROWS, pa.timestamp("us", "UTC")),
-                    "value": pa.array(range(BIG_ROWS), pa.float64()),
-                }
-            ),
-            entity_keys=["id"],
-            event_time="ts",
-            partition_by=[],
-        )
+        write_big(client, "limits.big", BIG_ROWS)
     yield server
     server.shutdown()
-
-
-def answers(location: str) -> bool:
-    try:
-        with FeatureClient(location, timeout=5) as client:
-            return client.health()["status"] == "ok"
-    except ResourceExhaustedError:
-        return False
 
 
 def test_inline_requests_above_the_limit_are_refused_and_streaming_works(limited: FeatureFlightServer) -> None:
