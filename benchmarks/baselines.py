@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyiceberg.catalog import load_catalog
 
-from flight_server.duck import Engine, local_path
+from flight_server.reads.duck import Engine, local_path
 
 CATALOG_NAME = "default"  # the catalog name the local server uses (SQL catalogs keep tables per name)
 PARQUET_WRITE = "pyarrow.parquet.write_table, default options (snappy compression)"

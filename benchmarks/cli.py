@@ -14,7 +14,7 @@ import strictyaml
 from benchmarks import cow_mor, historical, ingest, online, partitioning, plots, report, scale, scan
 from benchmarks.harness import Settings, machine, target
 from flight_client import FeatureServerError
-from flight_server.config import read_catalog_file
+from flight_server.base.config import read_catalog_file
 
 QUICK_ROWS = 20_000
 QUICK_REPEAT = 2

@@ -34,9 +34,9 @@ from benchmarks.datagen import ENTITY_KEY, EVENT_TIME, entity_rows, feature_name
 from benchmarks.harness import Case, Settings, Target, measure, table_name
 from benchmarks.report import steps
 from flight_client import FeatureClient
-from flight_server.catalog import FeatureCatalog
-from flight_server.duck import Engine, local_path
-from flight_server.online import OnlineStore
+from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.online.store import OnlineStore
+from flight_server.reads.duck import Engine, local_path
 
 SHARES = (0.01, 0.10, 0.30)  # of the rows, deleted
 DELETE_FILES = (1, 10, 100)

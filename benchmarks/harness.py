@@ -26,7 +26,7 @@ from typing import Any
 
 from benchmarks.report import steps
 from flight_client import FeatureClient, FeatureServerError
-from flight_server.config import ServerConfig, read_catalog_file
+from flight_server.base.config import ServerConfig, read_catalog_file
 
 START_TIMEOUT_SECONDS = 90.0
 STOP_TIMEOUT_SECONDS = 30.0

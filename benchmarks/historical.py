@@ -37,11 +37,13 @@ from benchmarks.datagen import (
 )
 from benchmarks.harness import Case, Settings, Target, local_server, measure, table_name
 from flight_client import FeatureClient
-from flight_server.catalog import FeatureCatalog
-from flight_server.config import ServerConfig
-from flight_server.duck import Engine
-from flight_server.historical import plan_historical, prepare_entities, run_historical
-from flight_server.protocol import HistoricalRequest
+from flight_server.base.config import ServerConfig
+from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.reads.duck import Engine
+from flight_server.training.entities import prepare_entities
+from flight_server.training.join import run_historical
+from flight_server.training.plan import plan_historical
+from flight_server.wire.reads import HistoricalRequest
 
 FEATURE_ROWS = 10_000_000  # rows of the largest feature table; --rows scales every size from here
 ROWS_PER_ENTITY = 100  # default --entities: 100K keys for 10M rows

@@ -30,8 +30,8 @@ from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_names, feature_table
 from benchmarks.harness import Settings, Target, local_server, table_name
 from flight_client import FeatureClient
-from flight_server.duck import Engine, local_path
-from flight_server.filters import quote
+from flight_server.base.filters import quote
+from flight_server.reads.duck import Engine, local_path
 
 BATCHES = (1, 10, 100, 1000)
 PERCENTILES = (50, 95, 99, 99.9)

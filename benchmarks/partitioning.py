@@ -18,7 +18,7 @@ from benchmarks import report
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, START, TIMESTAMP, feature_table
 from benchmarks.harness import Case, Settings, Target, measure, table_name
 from flight_client import FeatureClient
-from flight_server.catalog import DEFAULT_BUCKETS
+from flight_server.iceberg.catalog import DEFAULT_BUCKETS
 
 LAYOUTS: dict[str, list[str] | None] = {"default": None, "unpartitioned": []}
 DEFAULT_LAYOUT = f"month({EVENT_TIME}), bucket({DEFAULT_BUCKETS}, {ENTITY_KEY})"

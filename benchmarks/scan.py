@@ -18,7 +18,7 @@ from benchmarks.baselines import LocalReaders
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_table
 from benchmarks.harness import Case, Settings, Target, measure, table_name
 from flight_client import FeatureClient
-from flight_server.config import ServerConfig
+from flight_server.base.config import ServerConfig
 
 SERVER_BATCH_ROWS = ServerConfig.batch_rows
 CEILING = "raw_flight_ceiling"

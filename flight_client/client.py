@@ -17,24 +17,17 @@ import pyarrow.flight as flight
 
 from flight_client.errors import FeatureServerError, ResourceExhaustedError, from_flight_error
 from flight_client.sessions import Sessions
-from flight_server.protocol import (
+from flight_server.wire.actions import CompactRequest, DeleteRequest, ExpireRequest, PinRequest, UnpinRequest
+from flight_server.wire.codec import encode, format_timestamp
+from flight_server.wire.reads import (
     MAX_INLINE_ENTITIES,
-    CompactRequest,
-    DeleteRequest,
     EntitySource,
-    ExpireRequest,
     HistoricalRequest,
     OnlineRequest,
-    PinRequest,
     ScanRequest,
-    UnpinRequest,
-    WriteRequest,
-    WriteResult,
-    encode,
-    end_marker,
-    format_timestamp,
     one_batch,
 )
+from flight_server.wire.writes import WriteRequest, WriteResult, end_marker
 
 if TYPE_CHECKING:
     import pandas as pd

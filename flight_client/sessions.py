@@ -23,7 +23,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server.protocol import ONLINE_SESSION_HEADER, OnlineRequest
+from flight_server.wire.codec import ONLINE_SESSION_HEADER
+from flight_server.wire.reads import OnlineRequest
 
 IDLE_PER_KIND = 4  # idle sessions kept per kind of lookup; more concurrent lookups close theirs after use
 KINDS = 16  # kinds of lookup with idle sessions kept; the least recently used kind's close first

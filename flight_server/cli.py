@@ -13,17 +13,19 @@ from typing import TYPE_CHECKING
 import click
 
 from flight_server import __version__
-from flight_server.auth import READ, WRITE, load_tokens
-from flight_server.config import (
+from flight_server.base.config import (
     ServerConfig,
     catalog_properties_from_env,
     parse_property_flags,
     read_catalog_file,
     redact,
 )
+from flight_server.transport.auth import READ, WRITE, load_tokens
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from flight_server.service import FeatureFlightServer
+    from flight_server.transport.service import FeatureFlightServer
 
 GIL_SWITCH_SECONDS = 0.0005
 
@@ -397,7 +399,7 @@ def serve(
         max_batch_bytes=max_batch_mb << 20,
         idle_timeout_seconds=idle_timeout_seconds,
     )
-    from flight_server.service import FeatureFlightServer
+    from flight_server.transport.service import FeatureFlightServer
 
     try:
         server = FeatureFlightServer(config)

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 
 from flight_client import FeatureClient, ResourceExhaustedError
-from flight_server.config import ServerConfig
-from flight_server.service import FeatureFlightServer
+from flight_server.base.config import ServerConfig
+from flight_server.transport.service import FeatureFlightServer
 from tests.services import postgres_server, seaweedfs_server
 
 BACKENDS = ["sqlite", "postgres", "rest"]

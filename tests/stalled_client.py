@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_client import FeatureClient
-from flight_server.protocol import HistoricalRequest
+from flight_server.wire.reads import HistoricalRequest
 
 
 def stall() -> None:

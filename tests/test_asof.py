@@ -11,9 +11,9 @@ import pyarrow as pa
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from flight_server.asof import AsofIndex
-from flight_server.catalog import FeatureSpec
-from flight_server.schemas import micros
+from flight_server.base.schemas import micros
+from flight_server.iceberg.catalog import FeatureSpec
+from flight_server.training.asof import AsofIndex
 
 YEAR = 365 * 86_400  # times are in seconds here
 # Keys: a few small ones next to huge ones, so that some tables are dense and some are not.

@@ -13,7 +13,7 @@ import pytest
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, NotFoundError, ResourceExhaustedError
 from flight_client.errors import from_flight_error
-from flight_server.protocol import WriteRequest
+from flight_server.wire.writes import WriteRequest
 from tests.test_roundtrip import features, write
 
 

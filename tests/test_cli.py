@@ -94,7 +94,7 @@ def test_serve_demo_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("secret_key", ["s3.secret-access-key", "credential"])
 def test_secrets_never_logged(tmp_path: Path, secret_key: str) -> None:
-    from flight_server.config import redact
+    from flight_server.base.config import redact
 
     shown = redact({secret_key: "hunter2", "uri": "postgresql://u:hunter2@db/x", "s3.endpoint": "http://s3"})
     assert "hunter2" not in repr(shown)

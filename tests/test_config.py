@@ -6,12 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flight_server.config import (
-    ServerConfig,
-    catalog_properties_from_env,
-    parse_property_flags,
-    read_catalog_file,
-)
+from flight_server.base.config import ServerConfig, catalog_properties_from_env, parse_property_flags, read_catalog_file
 
 
 def test_environment_variables_follow_pyiceberg_naming() -> None:

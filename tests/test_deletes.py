@@ -18,11 +18,12 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError
-from flight_server.commits import commit_rewrite, live_files
-from flight_server.duck import Engine, local_path
-from flight_server.filters import parse_filter, to_sql
-from flight_server.scans import PositionCache, _PlanCache, plan_tasks
-from flight_server.schemas import table_arrow_schema
+from flight_server.base.filters import parse_filter, to_sql
+from flight_server.base.schemas import table_arrow_schema
+from flight_server.changes.commits import commit_rewrite, live_files
+from flight_server.reads.deleted import PositionCache
+from flight_server.reads.duck import Engine, local_path
+from flight_server.reads.plan import _PlanCache, plan_tasks
 from tests.conftest import local_files, wait_until
 
 UTC = dt.timezone.utc

@@ -19,9 +19,9 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from flight_server.auth import ENV_TOKENS, TokenStore, load_tokens
+from flight_server.base.config import catalog_properties_from_env
 from flight_server.cli import health, serve
-from flight_server.config import catalog_properties_from_env
+from flight_server.transport.auth import ENV_TOKENS, TokenStore, load_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

@@ -17,12 +17,13 @@ from pyiceberg.table import Table
 from pyiceberg.types import DoubleType, LongType, NestedField, StringType, TimestamptzType
 
 from flight_client import FeatureClient
-from flight_server.duck import Engine
-from flight_server.errors import NotFoundError, RequestError
-from flight_server.filters import parse_filter, quote, to_sql
-from flight_server.protocol import ScanRequest
-from flight_server.scans import open_scan, plan_table_scan
-from flight_server.schemas import table_arrow_schema
+from flight_server.base.filters import parse_filter, quote, to_sql
+from flight_server.base.schemas import table_arrow_schema
+from flight_server.reads.duck import Engine
+from flight_server.reads.paths import open_scan
+from flight_server.reads.plan import plan_table_scan
+from flight_server.wire.errors import NotFoundError, RequestError
+from flight_server.wire.reads import ScanRequest
 from tests.conftest import sqlite_catalog, start_server
 
 UTC = dt.timezone.utc

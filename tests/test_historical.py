@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError, read_flight
-from flight_server.config import ServerConfig
+from flight_server.base.config import ServerConfig
 from tests.conftest import start_server
 
 UTC = dt.timezone.utc

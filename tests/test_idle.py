@@ -17,9 +17,10 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_client import FeatureClient
-from flight_server.idle import parse_peer
-from flight_server.protocol import ONLINE_SESSION_HEADER, HistoricalRequest
-from flight_server.service import FeatureFlightServer
+from flight_server.transport.idle import parse_peer
+from flight_server.transport.service import FeatureFlightServer
+from flight_server.wire.codec import ONLINE_SESSION_HEADER
+from flight_server.wire.reads import HistoricalRequest
 from tests.conftest import answers, sqlite_catalog, start_server, wait_until, write_big
 
 ROWS = 1_000_000  # far more than gRPC's flow-control window: the server blocks writing to a stalled reader
@@ -73,11 +74,11 @@ def stalled(server: FeatureFlightServer, mode: str, table: str, caplog: pytest.L
     wait_until(lambda: answers(location), what="no call in progress")
     client = Client(mode, location, table)
     try:
-        with caplog.at_level(logging.WARNING, logger="flight_server.idle"):
+        with caplog.at_level(logging.WARNING, logger="flight_server.transport.idle"):
             assert client.line() == "stalled"
             assert not answers(location), "the stalled call holds the server's only slot"
             wait_until(lambda: answers(location), timeout=30, what="the idle timeout to end the stalled call")
-        ended = [r.getMessage() for r in caplog.records if r.name == "flight_server.idle"]
+        ended = [r.getMessage() for r in caplog.records if r.name == "flight_server.transport.idle"]
         assert len(ended) == 1 and f"for {IDLE_SECONDS:.0f} s (--idle-timeout-seconds)" in ended[0], ended
         wait_until(lambda: server.idle is not None and server.idle.active == 0, what="the ended call to be forgotten")
         return {"log": ended[0], **client.resume()}
@@ -117,9 +118,9 @@ def test_a_slow_but_steady_reader_is_not_cut(server: FeatureFlightServer, caplog
     """The call lasts longer than the timeout (122 batches, 0.04 s apart), but no wait does: it completes."""
     client = Client("slow", f"grpc://127.0.0.1:{server.port}", "idle.big")
     try:
-        with caplog.at_level(logging.WARNING, logger="flight_server.idle"):
+        with caplog.at_level(logging.WARNING, logger="flight_server.transport.idle"):
             assert json.loads(client.line()) == {"rows": ROWS, "error": None}
-        assert not [r for r in caplog.records if r.name == "flight_server.idle"]
+        assert not [r for r in caplog.records if r.name == "flight_server.transport.idle"]
     finally:
         client.close()
 
@@ -138,7 +139,7 @@ def test_an_online_session_waits_for_keys_without_a_slot_or_an_idle_clock(
     """A session (an online do_exchange kept open between lookups) waits on its client by design."""
     location = f"grpc://127.0.0.1:{server.port}"
     wait_until(lambda: answers(location), what="no call in progress")
-    with caplog.at_level(logging.WARNING, logger="flight_server.idle"), FeatureClient(location) as client:
+    with caplog.at_level(logging.WARNING, logger="flight_server.transport.idle"), FeatureClient(location) as client:
 
         def value(key: int) -> list[float]:
             return client.get_online_features({"id": [key]}, ["idle.big:value"], apply_ttl=False)["value"].to_pylist()
@@ -153,7 +154,7 @@ def test_an_online_session_waits_for_keys_without_a_slot_or_an_idle_clock(
             what="no call waiting on its client",
         )
         assert value(6) == [6.0]
-    assert not [r for r in caplog.records if r.name == "flight_server.idle"]
+    assert not [r for r in caplog.records if r.name == "flight_server.transport.idle"]
     # The session header lets only online lookups through without a slot.
     headers = flight.FlightCallOptions(headers=[(ONLINE_SESSION_HEADER.encode(), b"1")])
     request = HistoricalRequest(["idle.big:value"], entity_time="ts")

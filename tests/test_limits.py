@@ -9,8 +9,8 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError
-from flight_server.protocol import OnlineRequest
-from flight_server.service import FeatureFlightServer
+from flight_server.transport.service import FeatureFlightServer
+from flight_server.wire.reads import OnlineRequest
 from tests.conftest import answers, sqlite_catalog, start_server, wait_until, write_big
 
 # Large enough that the stream cannot fit into gRPC's flow-control window: the server blocks writing it.

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError, ResourceExhaustedError
-from flight_server.catalog import FeatureCatalog
+from flight_server.iceberg.catalog import FeatureCatalog
 from tests.conftest import start_server, wait_until
 
 UTC = dt.timezone.utc

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from flight_client import FeatureClient, FeatureServerError
-from flight_server.config import ENV_CATALOG_PREFIX
+from flight_server.base.config import ENV_CATALOG_PREFIX
 from tests.conftest import sqlite_catalog, start_server, wait_until
 from tests.services import _stop_group, free_ports
 

@@ -196,7 +196,7 @@ BROKEN_WRITER = textwrap.dedent(
     """
     import os, sys
     import pyarrow as pa, pyarrow.flight as flight
-    from flight_server.protocol import WriteRequest
+    from flight_server.wire.writes import WriteRequest
     from tests.test_roundtrip import features
     location, table = sys.argv[1], sys.argv[2]
     request = WriteRequest(table=table, entity_keys=["user_id", "region"], event_time="ts", end_marker=True)
@@ -236,7 +236,7 @@ def test_broken_stream_commits_nothing(client: FeatureClient, server: str, table
         # the server must not take the partial stream for a whole one.
         import pyarrow.flight as flight
 
-        from flight_server.protocol import WriteRequest
+        from flight_server.wire.writes import WriteRequest
 
         request = WriteRequest(table=table, end_marker=True)
         data = features(40_000)

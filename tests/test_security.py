@@ -15,8 +15,8 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_client import FeatureClient, FeatureServerError, PermissionDeniedError, UnauthenticatedError
-from flight_server.auth import ADMIN, READ, TokenStore, action_permission, load_tokens
-from flight_server.config import ServerConfig
+from flight_server.base.config import ServerConfig
+from flight_server.transport.auth import ADMIN, READ, TokenStore, action_permission, load_tokens
 from tests.certs import Authority
 from tests.conftest import sqlite_catalog, start_server
 

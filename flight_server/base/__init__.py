@@ -1,0 +1,1 @@
+"""Shared primitives of every wing: settings, Arrow schemas, row filters, per-key locks, client streams."""

@@ -1,0 +1,150 @@
+"""Row filters: parsed by pyiceberg's expression parser, checked against the table, then turned
+into a DuckDB WHERE clause whose identifiers are quoted and whose values are bound parameters.
+
+The user's text never reaches SQL: only column names that exist in the table (quoted) and
+operators chosen here do. Comparisons follow SQL semantics: a null never satisfies one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from pyiceberg.expressions import AlwaysTrue, BooleanExpression
+from pyiceberg.expressions.literals import Literal
+from pyiceberg.expressions.parser import parse
+from pyiceberg.expressions.visitors import BoundBooleanExpressionVisitor, bind, visit
+from pyiceberg.schema import Schema
+from pyiceberg.types import DateType, TimestampType, TimestamptzType, TimeType, UUIDType
+
+from flight_server.wire.errors import NotFoundError, RequestError
+
+_EPOCH = dt.datetime(1970, 1, 1)
+
+
+def quote(identifier: str) -> str:
+    """A DuckDB identifier, double-quoted with embedded quotes doubled."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def parse_filter(text: str | None, schema: Schema) -> BooleanExpression:
+    """The parsed filter, checked against `schema`; a `RequestError` that says what is wrong otherwise."""
+    if text is None or not text.strip():
+        return AlwaysTrue()
+    try:
+        expression = parse(text)
+    except Exception as exc:  # pyparsing's message lists the whole grammar: keep the position only
+        where = getattr(exc, "loc", None)
+        hint = f" near {text[where : where + 20]!r} (character {where})" if isinstance(where, int) else ""
+        raise RequestError(
+            f"cannot parse filter {text!r}{hint}; expected e.g. \"driver_id = 5 and ts >= '2024-01-01T00:00:00+00:00'\""
+        ) from None
+    try:
+        bind(schema, expression, case_sensitive=True)
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith("Could not find field"):
+            raise NotFoundError(
+                f"filter {text!r}: {message.split(',')[0].lower()} (columns: {schema.column_names})"
+            ) from None
+        raise RequestError(f"filter {text!r}: {message}") from None
+    return expression
+
+
+def to_sql(expression: BooleanExpression, schema: Schema) -> tuple[str, list[Any]]:
+    """A SQL condition with `?` placeholders and the values to bind to them."""
+    params: list[Any] = []
+    sql = visit(bind(schema, expression, case_sensitive=True), _SqlBuilder(schema, params))
+    return sql, params
+
+
+class _SqlBuilder(BoundBooleanExpressionVisitor[str]):
+    def __init__(self, schema: Schema, params: list[Any]):
+        self.schema, self.params = schema, params
+
+    def _column(self, term: Any) -> str:
+        field = term.ref().field
+        if all(field.field_id != top.field_id for top in self.schema.fields):
+            raise RequestError(
+                f"filters on nested field {self.schema.find_column_name(field.field_id)!r} are not supported"
+            )
+        return quote(field.name)
+
+    def _value(self, term: Any, literal: Literal[Any] | Any) -> str:
+        value = literal.value if isinstance(literal, Literal) else literal
+        field_type = term.ref().field.field_type
+        if isinstance(field_type, TimestamptzType):
+            value = (_EPOCH + dt.timedelta(microseconds=value)).replace(tzinfo=dt.timezone.utc)
+        elif isinstance(field_type, TimestampType):
+            value = _EPOCH + dt.timedelta(microseconds=value)
+        elif isinstance(field_type, DateType):
+            value = _EPOCH.date() + dt.timedelta(days=value)
+        elif isinstance(field_type, TimeType):
+            value = (_EPOCH + dt.timedelta(microseconds=value)).time()
+        elif isinstance(field_type, UUIDType) and isinstance(value, bytes):
+            value = uuid.UUID(bytes=value)
+        self.params.append(value)
+        return "?"
+
+    def _compare(self, term: Any, op: str, literal: Any) -> str:
+        return f"{self._column(term)} {op} {self._value(term, literal)}"
+
+    def visit_true(self) -> str:
+        return "TRUE"
+
+    def visit_false(self) -> str:
+        return "FALSE"
+
+    def visit_not(self, child_result: str) -> str:
+        return f"(NOT {child_result})"
+
+    def visit_and(self, left_result: str, right_result: str) -> str:
+        return f"({left_result} AND {right_result})"
+
+    def visit_or(self, left_result: str, right_result: str) -> str:
+        return f"({left_result} OR {right_result})"
+
+    def visit_in(self, term: Any, literals: set[Any]) -> str:
+        values = ", ".join(self._value(term, v) for v in sorted(literals, key=repr))
+        return f"{self._column(term)} IN ({values})"
+
+    def visit_not_in(self, term: Any, literals: set[Any]) -> str:
+        values = ", ".join(self._value(term, v) for v in sorted(literals, key=repr))
+        return f"{self._column(term)} NOT IN ({values})"
+
+    def visit_is_nan(self, term: Any) -> str:
+        return f"isnan({self._column(term)})"
+
+    def visit_not_nan(self, term: Any) -> str:
+        return f"NOT isnan({self._column(term)})"
+
+    def visit_is_null(self, term: Any) -> str:
+        return f"{self._column(term)} IS NULL"
+
+    def visit_not_null(self, term: Any) -> str:
+        return f"{self._column(term)} IS NOT NULL"
+
+    def visit_equal(self, term: Any, literal: Any) -> str:
+        return self._compare(term, "=", literal)
+
+    def visit_not_equal(self, term: Any, literal: Any) -> str:
+        return self._compare(term, "<>", literal)
+
+    def visit_greater_than_or_equal(self, term: Any, literal: Any) -> str:
+        return self._compare(term, ">=", literal)
+
+    def visit_greater_than(self, term: Any, literal: Any) -> str:
+        return self._compare(term, ">", literal)
+
+    def visit_less_than(self, term: Any, literal: Any) -> str:
+        return self._compare(term, "<", literal)
+
+    def visit_less_than_or_equal(self, term: Any, literal: Any) -> str:
+        return self._compare(term, "<=", literal)
+
+    def visit_starts_with(self, term: Any, literal: Any) -> str:
+        return f"starts_with({self._column(term)}, {self._value(term, literal)})"
+
+    def visit_not_starts_with(self, term: Any, literal: Any) -> str:
+        return f"NOT starts_with({self._column(term)}, {self._value(term, literal)})"

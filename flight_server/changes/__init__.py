@@ -1,0 +1,1 @@
+"""Changing tables: writes, the shared Parquet file writer, deletes, maintenance, and their commits."""

@@ -1,0 +1,117 @@
+"""Committing file-level changes (deletes, rewrites, compactions) as one snapshot each, safely under races.
+
+pyiceberg 0.12 commits data files only (its deletes are copy-on-write), so `RewriteFiles` does what
+Iceberg's Java `RowDelta` and `RewriteFiles` do: it removes data and delete files, adds data and
+delete files (the delete files in manifests of their own, as format v2 requires) and keeps every
+other manifest of the parent snapshot. A change is planned on one snapshot (row positions, rows to
+keep); if anything but appends was committed since, the plan may be wrong, so the commit is refused
+(`ValidationException`) and `commit_until` plans again on the new snapshot. Concurrent appends are
+kept and do not force a new plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pyiceberg.exceptions import CommitFailedException, ValidationException
+from pyiceberg.io import FileIO
+from pyiceberg.manifest import (
+    DataFile,
+)
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Operation, Snapshot
+
+from flight_server.base.locks import LockPool
+from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.iceberg.internals import DropRemovedEntries, RewriteFiles
+from flight_server.reads.duck import Engine
+from flight_server.wire.errors import ConflictError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class TableChanges:
+    """What the actions that rewrite a table's files (`delete`, `compact`, ...) work with."""
+
+    catalog: FeatureCatalog
+    engine: Engine
+    locks: LockPool
+    chunk_bytes: int
+    commit_timeout: float
+    batch_rows: int
+
+
+def commit_until(deadline: float, what: str, attempt: Callable[[], T]) -> T:
+    """Run `attempt` (plan, write files, commit) until it commits: a lost race plans again on the new
+    snapshot; past `deadline` the caller gets a `ConflictError` and nothing is committed.
+
+    `attempt` deletes the files it wrote when its commit fails."""
+    while True:
+        try:
+            return attempt()
+        except (CommitFailedException, ValidationException) as exc:
+            if time.monotonic() > deadline:
+                raise ConflictError(
+                    f"could not {what} because of concurrent changes ({exc}); nothing was committed"
+                ) from None
+            log.info("%s: a concurrent commit won (%s); planning again", what, exc)
+
+
+def delete_files(io: FileIO, paths: list[str]) -> None:
+    """Delete files a failed change wrote (best effort: nothing references them)."""
+    for path in paths:
+        try:
+            io.delete(path)
+        except Exception:  # the files are unreferenced either way
+            log.warning("could not delete uncommitted file %s", path, exc_info=True)
+
+
+def commit_rewrite(
+    lock: threading.Lock,
+    table: Table,
+    operation: Operation,
+    removed: list[DataFile],
+    added: list[DataFile],
+    properties: dict[str, str],
+    tidy: bool = False,
+) -> int:
+    """Commit a `RewriteFiles` on `table` (as loaded when the change was planned) as one snapshot, and
+    return the table's new current snapshot id; the `added` files are deleted when it does not commit.
+
+    With `tidy`, the same commit adds a `DropRemovedEntries` snapshot after it, which becomes current."""
+    try:
+        with lock:
+            transaction = table.transaction()
+            RewriteFiles(transaction, operation, removed, added, properties).commit()
+            if tidy:
+                DropRemovedEntries(transaction, properties).commit()
+            snapshot = transaction.commit_transaction().current_snapshot()
+    except BaseException:
+        delete_files(table.io, [f.file_path for f in added])
+        raise
+    assert snapshot is not None
+    return snapshot.snapshot_id
+
+
+def live_files(io: FileIO, snapshot: Snapshot | None) -> list[DataFile]:
+    """Every data and delete file of a snapshot."""
+    if snapshot is None:
+        return []
+    return [
+        entry.data_file
+        for manifest in snapshot.manifests(io)
+        for entry in manifest.fetch_manifest_entry(io, discard_deleted=True)
+    ]
+
+
+OPERATION_PROPERTY = "flight.operation"  # snapshot summary: which server operation made the snapshot
+
+SCAN_SOURCE = "iceberg_scan(?, snapshot_from_id => ?) AS t"

@@ -1,0 +1,264 @@
+"""Table maintenance: compaction, snapshot expiry, and pins that keep snapshots from expiring.
+
+`compact` rewrites a table's live rows (all of them, or those of the data files a filter touches)
+into new data files and drops the old data files and the delete files that applied to them, in one
+snapshot: readers see the table before or after, never a mix, and the table reads on the direct
+path again. `expire_snapshots` forgets old snapshots (Iceberg's age and count rules) and deletes the
+files that only they used. A pin is an Iceberg tag on a snapshot (a training set's, say): expiry
+keeps pinned snapshots unless told to `force`, which drops the pins first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pyiceberg.io import FileIO
+from pyiceberg.manifest import DataFileContent
+from pyiceberg.table.metadata import TableMetadata
+from pyiceberg.table.refs import SnapshotRefType
+from pyiceberg.table.snapshots import Operation, Snapshot
+from pyiceberg.table.update.snapshot import ExpireSnapshots, ManageSnapshots
+
+from flight_server.base.filters import parse_filter, quote, to_sql
+from flight_server.base.schemas import table_arrow_schema
+from flight_server.changes.commits import (
+    OPERATION_PROPERTY,
+    SCAN_SOURCE,
+    TableChanges,
+    commit_rewrite,
+    commit_until,
+    live_files,
+)
+from flight_server.changes.files import parquet_bytes_per_row, write_reader
+from flight_server.iceberg.catalog import FeatureSpec, pins, table_name
+from flight_server.iceberg.positions import referenced_data_file
+from flight_server.iceberg.snapshots import snapshot_schema
+from flight_server.reads.duck import local_path
+from flight_server.wire.actions import CompactRequest, ExpireRequest, PinRequest, UnpinRequest
+from flight_server.wire.codec import parse_timestamp
+from flight_server.wire.errors import NotFoundError, RequestError
+
+log = logging.getLogger(__name__)
+
+# Iceberg's own expiry properties and defaults: what Spark's expire_snapshots would keep.
+MAX_SNAPSHOT_AGE_PROPERTY = "history.expire.max-snapshot-age-ms"
+
+MIN_SNAPSHOTS_PROPERTY = "history.expire.min-snapshots-to-keep"
+
+DEFAULT_MAX_SNAPSHOT_AGE_MS = 5 * 24 * 3600 * 1000
+
+DEFAULT_MIN_SNAPSHOTS = 1
+
+
+def worth_compacting(files: list[Any], obsolete: list[Any], equality_deletes: bool) -> bool:
+    """Whether a rewrite changes anything: delete files to fold in, or a partition of several files."""
+    if obsolete or equality_deletes:
+        return True
+    partitions = [(f.spec_id, f.partition) for f in files]
+    return len(set(partitions)) < len(partitions)
+
+
+def unreachable_files(io: FileIO, before: TableMetadata, after: TableMetadata, expired: set[int]) -> set[str]:
+    """The manifest lists, manifests, data and delete files that expired snapshots used and no snapshot
+    left in `after` does."""
+    entries: dict[str, list[str]] = {}
+
+    def used(snapshot: Snapshot) -> set[str]:
+        paths = {snapshot.manifest_list}
+        for manifest in snapshot.manifests(io):
+            paths.add(manifest.manifest_path)
+            if manifest.manifest_path not in entries:
+                found = manifest.fetch_manifest_entry(io, discard_deleted=True)
+                entries[manifest.manifest_path] = [entry.data_file.file_path for entry in found]
+            paths.update(entries[manifest.manifest_path])
+        return paths
+
+    kept = set().union(*(used(s) for s in after.snapshots))
+    gone = set().union(*(used(s) for s in before.snapshots if s.snapshot_id in expired))
+    return gone - kept
+
+
+class Maintenance(TableChanges):
+    """Runs the `compact`, `expire_snapshots`, `pin` and `unpin` actions."""
+
+    def _until(self, table: str, what: str, attempt: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + self.commit_timeout
+        return commit_until(deadline, f"{what} {'.'.join(self.catalog.identifier(table))}", attempt)
+
+    # Compaction
+
+    def compact(self, request: CompactRequest) -> dict[str, Any]:
+        result = self._until(request.table, "compact", lambda: self._compact_once(request))
+        if not result["compacted"]:
+            log.info("compaction of %s: nothing to do", result["table"])
+            return result
+        log.info(
+            "compacted %s: %d data and %d delete file(s) into %d data file(s) of %d rows: snapshot %s",
+            result["table"],
+            result["data_files_removed"],
+            result["delete_files_removed"],
+            result["data_files_added"],
+            result["rows"],
+            result["snapshot_id"],
+        )
+        return result
+
+    def _compact_once(self, request: CompactRequest) -> dict[str, Any]:
+        table = self.catalog.load(request.table)
+        snapshot = table.current_snapshot()
+        result: dict[str, Any] = {
+            "table": table_name(table),
+            "snapshot_id": snapshot.snapshot_id if snapshot else None,
+            "compacted": False,
+            "data_files_removed": 0,
+            "delete_files_removed": 0,
+            "data_files_added": 0,
+            "rows": 0,
+        }
+        if snapshot is None:
+            return result
+        schema = snapshot_schema(table, snapshot.snapshot_id)
+        expression = parse_filter(request.filter, schema)
+        files = live_files(table.io, snapshot)
+        data = [f for f in files if f.content == DataFileContent.DATA]
+        deletes = [f for f in files if f.content != DataFileContent.DATA]
+        self.engine.use_storage(table.io.properties)
+        scan = [local_path(table.metadata_location), snapshot.snapshot_id]
+        cursor = self.engine.cursor()
+        try:
+            if request.filter is None:
+                scope, obsolete, where, params = data, deletes, "TRUE", []
+            else:
+                condition, values = to_sql(expression, schema)
+                sql = f"SELECT DISTINCT filename FROM {SCAN_SOURCE} WHERE {condition}"
+                paths = {row[0] for row in cursor.execute(sql, [*scan, *values]).fetchall()}
+                scope = [f for f in data if f.file_path in paths]
+                obsolete = [f for f in deletes if referenced_data_file(f) in paths]
+                where, params = "filename IN (SELECT unnest(?))", [sorted(paths)]
+            equality = any(f.content == DataFileContent.EQUALITY_DELETES for f in deletes)
+            if not scope or not worth_compacting(scope, obsolete, equality):
+                return result
+            arrow = table_arrow_schema(schema)
+            reader = cursor.execute(
+                f"SELECT {', '.join(quote(n) for n in arrow.names)} FROM {SCAN_SOURCE} WHERE {where}", [*scan, *params]
+            ).to_arrow_reader(self.batch_rows)
+            spec = FeatureSpec.from_properties(table.metadata.properties)
+            added = write_reader(
+                table.metadata, reader.cast(arrow), table.io, spec, self.chunk_bytes, parquet_bytes_per_row(scope)
+            )
+        finally:
+            cursor.close()
+        lock = self.locks(self.catalog.identifier(request.table))
+        properties = {OPERATION_PROPERTY: "compact"}
+        result.update(
+            snapshot_id=commit_rewrite(
+                lock, table, Operation.OVERWRITE, scope + obsolete, added, properties, tidy=True
+            ),
+            compacted=True,
+            data_files_removed=len(scope),
+            delete_files_removed=len(obsolete),
+            data_files_added=len(added),
+            rows=sum(f.record_count for f in added),
+        )
+        return result
+
+    # Snapshot expiry and pins
+
+    def expire(self, request: ExpireRequest) -> dict[str, Any]:
+        result = self._until(request.table, "expire snapshots of", lambda: self._expire_once(request))
+        log.info(
+            "expired %d snapshot(s) of %s (%d kept for pins, pins %s dropped), %d file(s) deleted",
+            len(result["expired"]),
+            result["table"],
+            len(result["kept_pinned"]),
+            result["unpinned"],
+            result["files_deleted"],
+        )
+        return result
+
+    def _expire_once(self, request: ExpireRequest) -> dict[str, Any]:
+        table = self.catalog.load(request.table)
+        metadata = table.metadata
+        properties = metadata.properties
+        if request.older_than is not None:
+            older_than = int(parse_timestamp(request.older_than, "older_than").timestamp() * 1000)
+        else:
+            max_age = int(properties.get(MAX_SNAPSHOT_AGE_PROPERTY, DEFAULT_MAX_SNAPSHOT_AGE_MS))
+            older_than = int(time.time() * 1000) - max_age
+        retain_last = request.retain_last or int(properties.get(MIN_SNAPSHOTS_PROPERTY, DEFAULT_MIN_SNAPSHOTS))
+        newest = sorted(metadata.snapshots, key=lambda s: s.timestamp_ms, reverse=True)[:retain_last]
+        kept = {s.snapshot_id for s in newest}
+        kept |= {ref.snapshot_id for ref in metadata.refs.values() if ref.snapshot_ref_type == SnapshotRefType.BRANCH}
+        old = [s.snapshot_id for s in metadata.snapshots if s.timestamp_ms < older_than and s.snapshot_id not in kept]
+        pinned = {name: sid for name, sid in pins(metadata).items() if sid in old}
+        expired = old if request.force else [s for s in old if s not in pinned.values()]
+        result: dict[str, Any] = {
+            "table": table_name(table),
+            "expired": expired,
+            "kept_pinned": [] if request.force else sorted(set(pinned.values())),
+            "unpinned": sorted(pinned) if request.force else [],
+            "files_deleted": 0,
+            "snapshots_left": len(metadata.snapshots) - len(expired),
+        }
+        if not expired:
+            return result
+        transaction = table.transaction()
+        if request.force and pinned:
+            manage = ManageSnapshots(transaction)
+            for name in pinned:
+                manage.remove_tag(name)
+            manage.commit()
+        ExpireSnapshots(transaction).by_ids(expired).commit()
+        with self.locks(self.catalog.identifier(request.table)):
+            committed = transaction.commit_transaction()
+        files = unreachable_files(table.io, metadata, committed.metadata, set(expired))
+        for path in files:
+            try:
+                table.io.delete(path)
+            except Exception:  # the snapshots are gone either way; an orphan file is harmless
+                log.warning("could not delete %s of an expired snapshot", path, exc_info=True)
+        result["files_deleted"] = len(files)
+        return result
+
+    def pin(self, request: PinRequest) -> dict[str, Any]:
+        return self._until(request.table, "pin a snapshot of", lambda: self._pin_once(request))
+
+    def _pin_once(self, request: PinRequest) -> dict[str, Any]:
+        table = self.catalog.load(request.table)
+        name = table_name(table)
+        snapshot_id = request.snapshot_id
+        if snapshot_id is None:
+            current = table.current_snapshot()
+            if current is None:
+                raise RequestError(f"table {name!r} has no snapshot to pin")
+            snapshot_id = current.snapshot_id
+        elif table.snapshot_by_id(snapshot_id) is None:
+            raise NotFoundError(f"table {name!r} has no snapshot {snapshot_id}")
+        pin = request.name or f"pin-{snapshot_id}"
+        ref = table.metadata.refs.get(pin)
+        if ref is not None and (ref.snapshot_ref_type != SnapshotRefType.TAG or ref.snapshot_id != snapshot_id):
+            raise RequestError(
+                f"{pin!r} already names snapshot {ref.snapshot_id} of {name!r} (a {ref.snapshot_ref_type.value}): "
+                "unpin it first, or choose another name"
+            )
+        if ref is None:
+            with self.locks(self.catalog.identifier(request.table)):
+                table.manage_snapshots().create_tag(snapshot_id, pin).commit()
+            log.info("pinned snapshot %s of %s as %r", snapshot_id, name, pin)
+        return {"table": name, "name": pin, "snapshot_id": snapshot_id}
+
+    def unpin(self, request: UnpinRequest) -> dict[str, Any]:
+        return self._until(request.table, "unpin a snapshot of", lambda: self._unpin_once(request))
+
+    def _unpin_once(self, request: UnpinRequest) -> dict[str, Any]:
+        table = self.catalog.load(request.table)
+        name = table_name(table)
+        snapshot_id = pins(table.metadata).get(request.name)
+        if snapshot_id is None:
+            raise NotFoundError(f"table {name!r} has no pin {request.name!r} (pins: {sorted(pins(table.metadata))})")
+        with self.locks(self.catalog.identifier(request.table)):
+            table.manage_snapshots().remove_tag(request.name).commit()
+        log.info("unpinned snapshot %s of %s (%r)", snapshot_id, name, request.name)
+        return {"table": name, "name": request.name, "snapshot_id": snapshot_id}

@@ -1,0 +1,359 @@
+"""Writes: one `do_put` stream becomes exactly one Iceberg snapshot, or nothing at all.
+
+Batches are checked and fitted to the table schema as they arrive, gathered into chunks of
+bounded size and written as Parquet data files. Only after the stream ended intact (no
+cancellation, end-of-stream marker matching when the client promised one) are the files
+committed, in one transaction that also creates the table or evolves its schema when asked.
+Any failure deletes the files written so far. A `write_id` recorded in the snapshot summary
+makes retries idempotent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.flight as flight
+from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError, ValidationException
+from pyiceberg.io import FileIO
+from pyiceberg.io.pyarrow import (
+    _pyarrow_to_schema_without_ids,
+)
+from pyiceberg.manifest import DataFile, DataFileContent
+from pyiceberg.schema import Schema, assign_fresh_schema_ids
+from pyiceberg.table import Table, Transaction
+
+from flight_server.base.locks import LockPool
+from flight_server.base.schemas import Conformer, new_table_schema, table_arrow_schema
+from flight_server.base.streams import chunks, stream_schema
+from flight_server.changes.commits import delete_files, live_files
+from flight_server.changes.files import write_data_files
+from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, default_partitioning, partition_spec, table_name
+from flight_server.wire.errors import ConflictError, ProtocolError, RequestError
+from flight_server.wire.writes import WriteRequest, WriteResult, parse_end_marker
+
+log = logging.getLogger(__name__)
+
+WRITE_ID_PROPERTY = "flight.write-id"
+
+
+def find_write(table: Table, write_id: str) -> WriteResult | None:
+    """The snapshot an earlier put with this `write_id` committed, if any is still retained."""
+    for snapshot in table.metadata.snapshots:
+        summary = snapshot.summary.additional_properties if snapshot.summary else {}
+        if summary.get(WRITE_ID_PROPERTY) == write_id:
+            return WriteResult(
+                table=table_name(table),
+                snapshot_id=snapshot.snapshot_id,
+                rows=int(summary.get("added-records", 0)),
+                files=int(summary.get("added-data-files", 0)),
+                write_id=write_id,
+                duplicate=True,
+            )
+    return None
+
+
+def _check_feature_columns(spec: FeatureSpec, stream: pa.Schema) -> None:
+    for column in spec.columns:
+        if stream.get_field_index(column) < 0:
+            raise RequestError(f"column {column!r} named as a key or time column is not in the stream ({stream.names})")
+    for column in (spec.event_time, spec.created_time):
+        if column and not pa.types.is_timestamp(stream.field(column).type):
+            raise RequestError(f"time column {column!r} must be a timestamp, got {stream.field(column).type}")
+    for key in spec.entity_keys:
+        t = stream.field(key).type
+        if pa.types.is_floating(t) or pa.types.is_nested(t) or pa.types.is_null(t):
+            raise RequestError(f"entity key {key!r} cannot have type {t}: use integers, strings, dates or timestamps")
+
+
+@dataclass
+class _Staged:
+    """A transaction ready to receive data files, and the schema batches must have."""
+
+    transaction: Transaction
+    io: FileIO
+    target: pa.Schema
+    spec: FeatureSpec | None
+    base_location: str | None  # the table metadata the transaction started from; None when creating
+
+
+class Writer:
+    """Runs `do_put` streams against the catalog."""
+
+    def __init__(self, catalog: FeatureCatalog, chunk_bytes: int, commit_timeout: float, locks: LockPool):
+        self.catalog = catalog
+        self.chunk_bytes = chunk_bytes
+        self.commit_timeout = commit_timeout
+        self._id_locks = [threading.Lock() for _ in range(64)]
+        self._commit_locks = locks
+        self._active = 0
+        self._active_lock = threading.Lock()
+
+    @property
+    def in_progress(self) -> int:
+        """Writes being received or committed right now (reported by the `health` action)."""
+        return self._active
+
+    def write(
+        self,
+        request: WriteRequest,
+        reader: flight.MetadataRecordBatchReader,
+        is_cancelled: Callable[[], bool],
+    ) -> WriteResult:
+        with self._active_lock:
+            self._active += 1
+        try:
+            return self._write_once(request, reader, is_cancelled)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def _write_once(
+        self, request: WriteRequest, reader: flight.MetadataRecordBatchReader, is_cancelled: Callable[[], bool]
+    ) -> WriteResult:
+        identifier = self.catalog.identifier(request.table)
+        if request.write_id is None:
+            return self._write(request, reader, is_cancelled)
+        # Serialise retries of one write_id on this server, so a retry arriving while the first
+        # attempt still streams waits for it and then answers with its snapshot.
+        with self._id_locks[hash((identifier, request.write_id)) % len(self._id_locks)]:
+            table = self.catalog.find(request.table)
+            if table is not None:
+                prior = find_write(table, request.write_id)
+                if prior is not None:
+                    _drain(reader)
+                    log.info(
+                        "write %s to %s already committed as snapshot %s",
+                        request.write_id,
+                        prior.table,
+                        prior.snapshot_id,
+                    )
+                    return prior
+            return self._write(request, reader, is_cancelled)
+
+    def _write(
+        self, request: WriteRequest, reader: flight.MetadataRecordBatchReader, is_cancelled: Callable[[], bool]
+    ) -> WriteResult:
+        schema = stream_schema(reader, "write")
+        staged = self._stage(request, schema)
+        conform = Conformer(staged.target, schema)
+        files: list[DataFile] = []
+        write_uuid, counter = uuid.uuid4(), itertools.count()
+        pending: list[pa.RecordBatch] = []
+        pending_bytes = rows = 0
+        declared_rows: int | None = None
+
+        def flush() -> None:
+            nonlocal pending, pending_bytes
+            if pending:
+                chunk = pa.Table.from_batches(pending, schema=staged.target)
+                metadata = staged.transaction.table_metadata
+                files.extend(write_data_files(metadata, chunk, staged.io, staged.spec, write_uuid, counter))
+            pending, pending_bytes = [], 0
+
+        try:
+            for chunk in chunks(reader, "write", "; nothing was committed"):
+                if chunk.app_metadata is not None:
+                    try:
+                        declared_rows = parse_end_marker(chunk.app_metadata.to_pybytes())
+                    except ProtocolError as exc:
+                        raise RequestError(str(exc)) from None
+                if chunk.data is not None and chunk.data.num_rows:
+                    if declared_rows is not None:
+                        raise RequestError("the write stream sent data after its end-of-stream marker")
+                    batch = conform(chunk.data)
+                    pending.append(batch)
+                    rows += batch.num_rows
+                    pending_bytes += batch.nbytes
+                    if pending_bytes >= self.chunk_bytes:
+                        flush()
+            if is_cancelled():
+                raise RequestError(f"the client cancelled the write after {rows} rows; nothing was committed")
+            if request.end_marker and declared_rows is None:
+                raise RequestError(
+                    f"the write stream ended after {rows} rows without its end-of-stream marker "
+                    "(the client was cut off?); nothing was committed"
+                )
+            if declared_rows is not None and declared_rows != rows:
+                raise RequestError(
+                    f"the client says it sent {declared_rows} rows but {rows} arrived; nothing was committed"
+                )
+            if rows == 0:
+                raise RequestError("the write stream is empty: nothing to write")
+            flush()
+            return self._commit(request, staged, files, rows)
+        except BaseException:
+            delete_files(staged.io, [f.file_path for f in files])
+            raise
+
+    def _stage(self, request: WriteRequest, stream: pa.Schema) -> _Staged:
+        """Open the transaction the write commits: create the table, or load and maybe evolve it."""
+        identifier = self.catalog.identifier(request.table)
+        table = self.catalog.find(request.table)
+        if table is None:
+            return self._stage_new(request, identifier, stream)
+        spec = FeatureSpec.from_properties(table.metadata.properties)
+        _check_declared_spec(request, spec, table_name(table))
+        if request.partition_by is not None:
+            raise RequestError(
+                f"table {table_name(table)!r} exists; partition_by applies only when a write creates a table"
+            )
+        transaction = table.transaction()
+        if request.evolve:
+            new_columns = [f for f in stream if f.name not in table.schema().column_names]
+            if new_columns:
+                added = new_table_schema(pa.schema(new_columns), required=())
+                with transaction.update_schema() as update:
+                    update.union_by_name(added)
+                log.info("write to %s adds columns %s", table_name(table), added.names)
+        target = table_arrow_schema(transaction.table_metadata.schema())
+        return _Staged(transaction, table.io, target, spec, table.metadata_location)
+
+    def _stage_new(self, request: WriteRequest, identifier: tuple[str, ...], stream: pa.Schema) -> _Staged:
+        if not request.entity_keys or not request.event_time:
+            raise RequestError(
+                f"table {'.'.join(identifier)!r} does not exist; to create it, name its entity_keys and event_time"
+            )
+        spec = FeatureSpec(tuple(request.entity_keys), request.event_time, request.created_time, request.ttl_seconds)
+        _check_feature_columns(spec, stream)
+        arrow = new_table_schema(stream, required=(*spec.entity_keys, spec.event_time))
+        schema = assign_fresh_schema_ids(_pyarrow_to_schema_without_ids(arrow))
+        partitioning = partition_spec(
+            request.partition_by if request.partition_by is not None else default_partitioning(spec), schema
+        )
+        self.catalog.ensure_namespace(identifier[:-1])
+        transaction = self.catalog.catalog.create_table_transaction(
+            identifier, schema=schema, partition_spec=partitioning, properties=spec.to_properties()
+        )
+        io = transaction._table.io  # the staged table's FileIO: where the catalog wants the files
+        return _Staged(transaction, io, table_arrow_schema(transaction.table_metadata.schema()), spec, None)
+
+    def _commit(self, request: WriteRequest, staged: _Staged, files: list[DataFile], rows: int) -> WriteResult:
+        """Commit the files as one snapshot; on a lost race, retry on the new table state."""
+        properties = {WRITE_ID_PROPERTY: request.write_id} if request.write_id else {}
+        deadline = time.monotonic() + self.commit_timeout
+        # Writers on this server take turns to commit to a table: each commits on the latest state at
+        # once, instead of failing and sleeping through pyiceberg's retry back-off.
+        identifier = self.catalog.identifier(request.table)
+        try:
+            with self._commit_locks(identifier):
+                table = self._commit_loop(request, staged, files, properties, deadline)
+        except _AlreadyCommitted as done:
+            delete_files(staged.io, [f.file_path for f in files])
+            return done.result
+        snapshot = table.current_snapshot()
+        assert snapshot is not None
+        log.info(
+            "%s %d rows in %d files to %s: snapshot %s",
+            request.mode,
+            rows,
+            len(files),
+            table_name(table),
+            snapshot.snapshot_id,
+        )
+        return WriteResult(table_name(table), snapshot.snapshot_id, rows, len(files), request.write_id)
+
+    def _commit_loop(
+        self, request: WriteRequest, staged: _Staged, files: list[DataFile], properties: dict[str, str], deadline: float
+    ) -> Table:
+        transaction = staged.transaction
+        if (
+            staged.base_location is not None
+            and self.catalog.load(request.table).metadata_location != staged.base_location
+        ):
+            transaction = self._retry_transaction(request, staged, files, created_concurrently=False)
+        while True:
+            try:
+                return _commit_files(transaction, request.mode, files, properties)
+            except TableAlreadyExistsError:
+                transaction = self._retry_transaction(request, staged, files, created_concurrently=True)
+            except CommitFailedException:
+                if time.monotonic() > deadline:
+                    raise ConflictError(
+                        f"could not commit to {request.table!r} within {self.commit_timeout:.0f}s "
+                        "of concurrent writes; nothing was committed"
+                    ) from None
+                transaction = self._retry_transaction(request, staged, files, created_concurrently=False)
+            except ValidationException as exc:
+                raise ConflictError(
+                    f"a concurrent change conflicts with this {request.mode}: {exc}; nothing was committed"
+                ) from None
+
+    def _retry_transaction(
+        self, request: WriteRequest, staged: _Staged, files: list[DataFile], created_concurrently: bool
+    ) -> Transaction:
+        """A fresh transaction on the table as it is now, if the written files still fit it."""
+        table = self.catalog.load(request.table)
+        if request.write_id and (prior := find_write(table, request.write_id)) is not None:
+            raise _AlreadyCommitted(prior)
+        transaction = table.transaction()
+        if request.evolve:
+            extra = pa.schema([f for f in staged.target if f.name not in table.schema().column_names])
+            if len(extra):
+                with transaction.update_schema() as update:
+                    update.union_by_name(new_table_schema(extra, required=()))
+        if not _same_fields(transaction.table_metadata.schema(), staged.transaction.table_metadata.schema()):
+            raise ConflictError(
+                f"table {request.table!r} was created or changed concurrently with a different schema; "
+                "nothing was committed"
+            )
+        if created_concurrently:
+            _check_declared_spec(request, FeatureSpec.from_properties(table.metadata.properties), request.table)
+            log.info("table %s was created concurrently; appending to it", request.table)
+        return transaction
+
+
+class _AlreadyCommitted(Exception):
+    def __init__(self, result: WriteResult):
+        self.result = result
+
+
+def _commit_files(transaction: Transaction, mode: str, files: list[DataFile], properties: dict[str, str]) -> Table:
+    update = transaction.update_snapshot(snapshot_properties=properties)
+    if mode == "overwrite":
+        producer = update.overwrite()
+        for data_file in _live_data_files(transaction):
+            producer.delete_data_file(data_file)
+    else:
+        producer = update.fast_append()
+    for data_file in files:
+        producer.append_data_file(data_file)
+    producer.commit()
+    return transaction.commit_transaction()
+
+
+def _live_data_files(transaction: Transaction) -> list[DataFile]:
+    files = live_files(transaction._table.io, transaction.table_metadata.current_snapshot())
+    return [file for file in files if file.content == DataFileContent.DATA]
+
+
+def _same_fields(a: Schema, b: Schema) -> bool:
+    """Whether files written for schema `b` read correctly under `a` (same ids, names and types)."""
+    ids_a = {f.field_id: (f.name, f.field_type) for f in a.fields}
+    return all(ids_a.get(f.field_id) == (f.name, f.field_type) for f in b.fields)
+
+
+def _check_declared_spec(request: WriteRequest, spec: FeatureSpec | None, name: str) -> None:
+    """A write may repeat the table's definition, but not contradict it."""
+    declared = {
+        "entity_keys": tuple(request.entity_keys) if request.entity_keys else None,
+        "event_time": request.event_time,
+        "created_time": request.created_time,
+        "ttl_seconds": request.ttl_seconds,
+    }
+    actual = asdict(spec) if spec else {}
+    for key, value in declared.items():
+        if value is not None and actual.get(key) != value:
+            raise RequestError(f"table {name!r} has {key}={actual.get(key)!r}; the write says {value!r}")
+
+
+def _drain(reader: flight.MetadataRecordBatchReader) -> None:
+    """Read and drop a stream whose rows are already committed, so the client can finish."""
+    for _ in chunks(reader, "write"):
+        pass

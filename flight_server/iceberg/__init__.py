@@ -1,0 +1,1 @@
+"""Iceberg access: the catalog of feature tables, snapshots, position deletes, and pyiceberg's private API."""

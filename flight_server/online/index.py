@@ -1,0 +1,259 @@
+"""The online index: every entity's latest feature row, in memory, for millisecond lookups.
+
+`OnlineIndex` holds one feature table's latest row per entity (latest event time, ties to the
+latest created time, as for training sets; rows with a null key or event time never count) as an
+Arrow table, and a dict from key to row. `OnlineStore` builds an index on first use (or at
+start-up), polls the catalog, and refreshes in the background: snapshots that only appended data
+are applied from their added files alone; anything else (overwrite, delete, compaction, a schema or
+definition change) rebuilds from the whole table, read as a scan reads it (`scans.scan_relation`:
+Arrow's reader of the data files without the rows of position delete files, or DuckDB's
+`iceberg_scan` where there are equality delete files) into DuckDB's latest-per-key query.
+
+Readers never wait for a refresh and never see a half-built index. A rebuild publishes a new
+`IndexState` in one assignment. An incremental refresh first publishes the longer row table, then
+points the dict at the new rows; a reader looks keys up before it reads the row table, so every
+key it finds maps to a complete row.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+from pyiceberg.manifest import ManifestContent, ManifestEntryStatus
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Operation
+
+from flight_server.base.filters import quote
+from flight_server.base.schemas import micros
+from flight_server.iceberg.catalog import FeatureSpec
+
+MISSING = -1
+
+NULL_MICROS = np.iinfo(np.int64).min
+
+MAX_CHUNKS = 64  # incremental refreshes add a chunk each; past this, the rows are compacted
+
+READ_BATCH_ROWS = 65_536
+
+SMALL_KEY_BYTES = 32  # an int key; string and composite keys take more, which the final estimate counts
+
+ENTRY_BYTES = 100  # per entity beyond its Arrow row and key object: dict slot, row number, two times
+
+
+def key_kind(t: pa.DataType) -> str | None:
+    """'int' or 'str': the key types an index can hold (and compare across int widths)."""
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "str"
+    return None
+
+
+def key_values(columns: list[list[Any]]) -> list[Any]:
+    """Python keys from key columns' values: the value for one key, a tuple for composite keys."""
+    if len(columns) == 1:
+        return columns[0]
+    return list(zip(*columns, strict=True))
+
+
+def table_keys(rows: pa.Table, spec: FeatureSpec) -> list[Any]:
+    return key_values([rows.column(k).to_pylist() for k in spec.entity_keys])
+
+
+def tie_micros(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Timestamps as int64 UTC microseconds, nulls as the smallest int64 (they lose every tie)."""
+    values, valid = micros(column)
+    return np.where(valid, values, NULL_MICROS)
+
+
+def latest_sql(spec: FeatureSpec, columns: list[str], source: str) -> str:
+    """The latest row per key of `source`: the same choice a training-set join makes."""
+    keys = ", ".join(quote(k) for k in spec.entity_keys)
+    order = f"{quote(spec.event_time)} DESC"
+    if spec.created_time:
+        order += f", {quote(spec.created_time)} DESC NULLS LAST"
+    present = " AND ".join(f"{quote(c)} IS NOT NULL" for c in (*spec.entity_keys, spec.event_time))
+    return (
+        f"SELECT {', '.join(quote(c) for c in columns)} FROM {source} WHERE {present} "
+        f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1"
+    )
+
+
+def appended_files(table: Table, since: int, until: int) -> list[str] | None:
+    """Data files added after snapshot `since` up to `until` if every commit between them only
+    appended; None when anything else happened (or `since` is no longer an ancestor)."""
+    chain = []
+    snapshot = table.snapshot_by_id(until)
+    while snapshot is not None and snapshot.snapshot_id != since:
+        if snapshot.summary is None or snapshot.summary.operation != Operation.APPEND:
+            return None
+        chain.append(snapshot)
+        parent = snapshot.parent_snapshot_id
+        snapshot = table.snapshot_by_id(parent) if parent is not None else None
+    if snapshot is None:
+        return None
+    files = []
+    for appended in reversed(chain):
+        for manifest in appended.manifests(table.io):
+            if manifest.added_snapshot_id != appended.snapshot_id:
+                continue
+            if manifest.content != ManifestContent.DATA:
+                return None
+            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
+                if entry.status == ManifestEntryStatus.ADDED:
+                    files.append(entry.data_file.file_path)
+    return files
+
+
+def _key_bytes(key: Any) -> int:
+    if isinstance(key, tuple):
+        return sys.getsizeof(key) + sum(sys.getsizeof(k) for k in key)
+    return sys.getsizeof(key)
+
+
+def estimate_bytes(rows: pa.Table, sample_key: Any) -> int:
+    """Memory an index over `rows` takes: the Arrow rows, and per entity its key object and `ENTRY_BYTES`."""
+    return rows.nbytes + rows.num_rows * (ENTRY_BYTES + _key_bytes(sample_key))
+
+
+class Rows(NamedTuple):
+    """An index's rows with their event and created times as UTC microseconds (for TTL checks
+    and refresh comparisons without Arrow calls); replaced whole, never mutated."""
+
+    table: pa.Table
+    event_us: np.ndarray
+    created_us: np.ndarray
+
+    @classmethod
+    def of(cls, table: pa.Table, spec: FeatureSpec) -> Rows:
+        created = (
+            tie_micros(table.column(spec.created_time)) if spec.created_time else np.zeros(table.num_rows, np.int64)
+        )
+        return cls(table, tie_micros(table.column(spec.event_time)), created)
+
+    def extend(self, more: Rows) -> Rows:
+        return Rows(
+            pa.concat_tables([self.table, more.table]),
+            np.concatenate([self.event_us, more.event_us]),
+            np.concatenate([self.created_us, more.created_us]),
+        )
+
+    def take(self, positions: np.ndarray) -> Rows:
+        return Rows(
+            self.table.take(pa.array(positions)).combine_chunks(),
+            self.event_us[positions],
+            self.created_us[positions],
+        )
+
+
+class IndexState:
+    """One generation of an index: `positions[key]` is the row of `rows` holding the key's latest
+    features. Incremental refreshes replace `rows` (before they touch `positions`); rebuilds
+    replace the whole state."""
+
+    def __init__(
+        self, snapshot_id: int | None, schema_id: int, spec: FeatureSpec, rows: Rows, positions: dict[Any, int]
+    ):
+        self.snapshot_id = snapshot_id
+        self.schema_id = schema_id
+        self.spec = spec
+        self.rows = rows
+        self.positions = positions
+        self.sample_key = next(iter(positions), None)  # for size estimates; iterating later would race refreshes
+        self.dead = 0
+        self.refreshed_at = time.time()
+
+
+class OnlineIndex:
+    """The latest row per entity of one feature table."""
+
+    def __init__(self, name: str, state: IndexState, build_seconds: float, read_path: str):
+        self.name = name
+        self.state = state
+        self.build_seconds = build_seconds
+        self.read_path = read_path  # of the last full build: what the rows of a rebuild cost to read
+        self.metadata_location: str | None = None  # of the table as last refreshed
+        self.error: str | None = None
+        self.appends = 0  # refreshes applied from appended files alone
+        self.rebuilds = 0  # refreshes that rebuilt from the whole table
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return self.state.spec
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.state.rows.table.schema
+
+    def lookup(self, keys: list[Any]) -> tuple[Rows, np.ndarray]:
+        """The rows, and the position of each key in them (`MISSING` for unknown keys)."""
+        state = self.state
+        get = state.positions.get
+        found = np.fromiter((get(k, MISSING) for k in keys), np.int64, len(keys))
+        return state.rows, found  # rows read after the lookups: see the module docstring
+
+    def lookup_one(self, key: Any) -> tuple[Rows, int]:
+        """`lookup` of a single key."""
+        state = self.state
+        return state.rows, state.positions.get(key, MISSING)
+
+    def nbytes(self) -> int:
+        state = self.state
+        return estimate_bytes(state.rows.table, state.sample_key)
+
+    def stats(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            "entities": len(state.positions),
+            "bytes": self.nbytes(),
+            "snapshot_id": state.snapshot_id,
+            "refreshed_at": state.refreshed_at,
+            "build_seconds": round(self.build_seconds, 3),
+            "read_path": self.read_path,
+            "appends": self.appends,
+            "rebuilds": self.rebuilds,
+            "error": self.error,
+        }
+
+    def apply(self, latest: pa.Table, snapshot_id: int) -> int:
+        """Fold the latest rows of newly appended files in; returns how many keys changed."""
+        state = self.state
+        new = Rows.of(latest.cast(self.schema), state.spec)
+        keys = table_keys(new.table, state.spec)
+        get = state.positions.get
+        old = np.fromiter((get(k, MISSING) for k in keys), np.int64, len(keys))
+        wins = old == MISSING
+        present = ~wins
+        if present.any():
+            before = old[present]
+            new_ts, old_ts = new.event_us[present], state.rows.event_us[before]
+            newer = (new_ts > old_ts) | (
+                (new_ts == old_ts) & (new.created_us[present] >= state.rows.created_us[before])
+            )
+            wins[present] = newer
+        winners = np.flatnonzero(wins)
+        if len(winners):
+            if state.sample_key is None:
+                state.sample_key = keys[0]
+            first = len(state.rows.event_us)
+            state.rows = state.rows.extend(new.take(winners))
+            state.positions.update(zip([keys[i] for i in winners], range(first, first + len(winners)), strict=True))
+            state.dead += int(present[winners].sum())
+        state.snapshot_id = snapshot_id
+        state.refreshed_at = time.time()
+        if state.dead > len(state.positions) or state.rows.table.column(0).num_chunks > MAX_CHUNKS:
+            self.compact()
+        return len(winners)
+
+    def compact(self) -> None:
+        """Drop rows that newer ones replaced, into one contiguous table (published as a new state)."""
+        state = self.state
+        live = np.fromiter(state.positions.values(), np.int64, len(state.positions))
+        positions = dict(zip(state.positions, range(len(live)), strict=True))
+        compacted = IndexState(state.snapshot_id, state.schema_id, state.spec, state.rows.take(live), positions)
+        compacted.refreshed_at = state.refreshed_at
+        self.state = compacted

@@ -1,0 +1,267 @@
+"""Online requests: the latest features of the entities a request names, as one Arrow table.
+
+Without `as_of` the answer comes from the online indexes (`online.py`): no catalog, Parquet or
+DuckDB work happens per request. With `as_of` it is a point lookup into history: a training set
+of one row per entity at that time (`historical.py`), computed by DuckDB.
+
+The answer has one row per requested entity, in request order, duplicates kept: the key columns,
+each requested feature, and per table `<table>__<event time column>` (the event time of the row
+returned). Unknown entities, null keys, and rows older than the table's TTL relative to the
+request time (now unless the request says; `as_of` when given; `apply_ttl: false` switches it
+off) come back as nulls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+import pyarrow as pa
+
+from flight_server.base.schemas import UTC_MICROS, table_arrow_schema
+from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
+from flight_server.online.index import MISSING, OnlineIndex, Rows, key_kind, key_values
+from flight_server.online.store import OnlineStore
+from flight_server.training.plan import plan_historical
+from flight_server.training.sets import TrainingSets
+from flight_server.wire.codec import parse_timestamp
+from flight_server.wire.errors import NotFoundError, RequestError
+from flight_server.wire.reads import HistoricalRequest, OnlineRequest, parse_feature_ref
+
+AS_OF_COLUMN = "__online_as_of"
+
+PLAN_CACHE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Source:
+    """One feature table as a request sees it."""
+
+    name: str
+    spec: FeatureSpec
+    schema: pa.Schema
+    index: OnlineIndex | None = None
+
+    @property
+    def time_column(self) -> str:
+        return f"{short_name(self.name)}__{self.spec.event_time}"
+
+
+def short_name(name: str) -> str:
+    return name.split(".")[-1]
+
+
+@dataclass(frozen=True)
+class OnlinePlan:
+    """A checked online request: the tables, the output columns, the key columns and their types."""
+
+    request: OnlineRequest
+    sources: list[Source]
+    columns: list[tuple[int, str, str]]  # per requested feature: source, column, output name
+    key_types: dict[str, pa.DataType]
+    # Per source, the index generation the plan was checked against (index plans only).
+    states: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    # Per source, its rows in answer form for the index generation they came from (see `answer_rows`).
+    _answers: dict[int, tuple[Any, pa.Table]] = field(default_factory=dict, compare=False, repr=False)
+
+    @cached_property
+    def schema(self) -> pa.Schema:
+        fields = [pa.field(k, t) for k, t in self.key_types.items()]
+        fields += [pa.field(out, self.sources[i].schema.field(col).type) for i, col, out in self.columns]
+        fields += [pa.field(s.time_column, s.schema.field(s.spec.event_time).type) for s in self.sources]
+        return pa.schema(fields)
+
+    @cached_property
+    def answer_columns(self) -> list[list[tuple[str, str]]]:
+        """Per source, the answer columns it gives, as (column of its index, answer name): its keys, its
+        features in request order, its event time. With one source that is the whole answer."""
+        return [
+            [
+                *((k, k) for k in s.spec.entity_keys),
+                *((c, out) for i, c, out in self.columns if i == n),
+                (s.spec.event_time, s.time_column),
+            ]
+            for n, s in enumerate(self.sources)
+        ]
+
+    @cached_property
+    def answer_schemas(self) -> list[pa.Schema]:
+        return [pa.schema([self.schema.field(out) for _, out in columns]) for columns in self.answer_columns]
+
+    @cached_property
+    def null_rows(self) -> list[pa.Table]:
+        """Per source, its answer for one entity it does not know (the keys are filled in later)."""
+        return [pa.Table.from_arrays([pa.nulls(1, f.type) for f in s], schema=s) for s in self.answer_schemas]
+
+    def answer_rows(self, n: int, rows: Rows) -> pa.Table:
+        """Source `n`'s index rows as answer columns (zero-copy), made once per index generation."""
+        cached = self._answers.get(n)
+        if cached is not None and cached[0] is rows:
+            return cached[1]
+        columns = [rows.table.column(c) for c, _ in self.answer_columns[n]]
+        table = pa.Table.from_arrays(columns, schema=self.answer_schemas[n])
+        self._answers[n] = (rows, table)  # one assignment: concurrent readers see the old pair or this one
+        return table
+
+
+def plan_online(request: OnlineRequest, resolve: Callable[[str], Source]) -> OnlinePlan:
+    """Check the features against their tables; `resolve` finds a table (an index, or the catalog)."""
+    sources: list[Source] = []
+    by_name: dict[str, int] = {}
+    columns = []
+    for ref in request.features:
+        table_ref, feature = parse_feature_ref(ref)
+        source = resolve(table_ref)
+        if source.name not in by_name:
+            by_name[source.name] = len(sources)
+            sources.append(source)
+        if source.schema.get_field_index(feature) < 0:
+            raise NotFoundError(
+                f"feature {ref!r}: {source.name!r} has no column {feature!r} (columns: {source.schema.names})"
+            )
+        output = f"{short_name(source.name)}__{feature}" if request.full_feature_names else feature
+        columns.append((by_name[source.name], feature, output))
+    key_types: dict[str, pa.DataType] = {}
+    owners: dict[str, str] = {}
+    for source in sources:
+        for key in source.spec.entity_keys:
+            kind = source.schema.field(key).type
+            if key in key_types and key_kind(key_types[key]) != key_kind(kind):
+                raise RequestError(
+                    f"key {key!r} is {key_types[key]} in {owners[key]!r} but {kind} in {source.name!r}: "
+                    "request them separately"
+                )
+            key_types.setdefault(key, kind)
+            owners.setdefault(key, source.name)
+    names = [*key_types, *(c[2] for c in columns), *(s.time_column for s in sources)]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        hint = "" if request.full_feature_names else "; full_feature_names=true prefixes features with their table"
+        raise RequestError(f"output column name(s) {clashes} would appear twice{hint}")
+    return OnlinePlan(request, sources, columns, key_types)
+
+
+def index_source(store: OnlineStore) -> Callable[[str], Source]:
+    def resolve(ref: str) -> Source:
+        index = store.get(ref)
+        return Source(index.name, index.spec, index.schema, index)
+
+    return resolve
+
+
+def catalog_source(catalog: FeatureCatalog) -> Callable[[str], Source]:
+    def resolve(ref: str) -> Source:
+        table = catalog.read(ref)
+        return Source(table_name(table), feature_spec(table), table_arrow_schema(table.schema()))
+
+    return resolve
+
+
+def _check_columns(plan: OnlinePlan, given: list[str]) -> None:
+    missing = [k for k in plan.key_types if k not in given]
+    if missing:
+        raise RequestError(f"the entities lack key column(s) {missing}; the tables are keyed by {list(plan.key_types)}")
+    extra = [c for c in given if c not in plan.key_types]
+    if extra:
+        raise RequestError(f"entity column(s) {extra} are not keys of the tables (keys: {list(plan.key_types)})")
+
+
+def inline_keys(plan: OnlinePlan, entities: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Key values from a ticket, checked against the key types (JSON has ints and strings)."""
+    _check_columns(plan, list(entities))
+    for key, values in entities.items():
+        expected = int if key_kind(plan.key_types[key]) == "int" else str
+        for value in values:
+            if value is not None and type(value) is not expected:
+                raise RequestError(
+                    f"entity key {key!r} is {plan.key_types[key]}: expected {expected.__name__} values, got {value!r}"
+                )
+    return {k: entities[k] for k in plan.key_types}
+
+
+def key_columns(plan: OnlinePlan, stream: pa.Schema) -> list[int]:
+    """Where a `do_exchange` stream carries each key column, checked against the key types once per
+    stream (not per batch: a session's batches are its lookups)."""
+    _check_columns(plan, stream.names)
+    for key, expected in plan.key_types.items():
+        given = stream.field(key).type
+        if key_kind(given) != key_kind(expected) and not pa.types.is_null(given):
+            raise RequestError(f"entity column {key!r} is {given}; the tables key it as {expected}")
+    return [stream.get_field_index(key) for key in plan.key_types]
+
+
+def _key_arrays(plan: OnlinePlan, keys: dict[str, list[Any]]) -> list[pa.Array]:
+    arrays = []
+    for key, values in keys.items():
+        try:
+            arrays.append(pa.array(values, plan.key_types[key]))
+        except (pa.ArrowException, OverflowError) as exc:
+            raise RequestError(f"entity key {key!r}: {exc}") from None
+    return arrays
+
+
+def lookup(plan: OnlinePlan, keys: dict[str, list[Any]]) -> pa.Table:
+    """Answer from the online indexes: a dict lookup per key, then one slice or `take` per table.
+
+    This is the serving hot path. The index rows are kept in answer form (`answer_rows`), keys
+    included: a key found in the index equals the requested one, so one known entity of one table
+    is a zero-copy slice, and the wire, not the server, sets the latency.
+    """
+    request = plan.request
+    if request.request_time:
+        now = int(parse_timestamp(request.request_time, "request_time").timestamp() * 1_000_000)
+    else:
+        now = time.time_ns() // 1000
+    taken, complete = [], True
+    for n, source in enumerate(plan.sources):
+        spec, index = source.spec, source.index
+        assert index is not None
+        cutoff = now - spec.ttl_seconds * 1_000_000 if request.apply_ttl and spec.ttl_seconds else None
+        wanted = key_values([keys[k] for k in spec.entity_keys])
+        if len(wanted) == 1:  # no numpy or take for the commonest request
+            rows, position = index.lookup_one(wanted[0])
+            found = position != MISSING and (cutoff is None or rows.event_us[position] >= cutoff)
+            taken.append(plan.answer_rows(n, rows).slice(position, 1) if found else plan.null_rows[n])
+            complete = complete and found
+            continue
+        rows, positions = index.lookup(wanted)
+        missing = positions == MISSING
+        if cutoff is not None and len(rows.event_us):
+            missing |= rows.event_us[positions] < cutoff
+        complete = complete and not missing.any()
+        taken.append(plan.answer_rows(n, rows).take(pa.array(positions, mask=missing)))
+    if len(taken) == 1 and complete:
+        return taken[0]
+    arrays: list[Any] = _key_arrays(plan, keys)  # nulls where an entity was not found: the request's keys
+    first = [len(s.spec.entity_keys) for s in plan.sources]  # each answer's first feature column
+    for i, _, _ in plan.columns:
+        arrays.append(taken[i].column(first[i]))
+        first[i] += 1
+    arrays += [t.column(t.num_columns - 1) for t in taken]
+    return pa.Table.from_arrays(arrays, schema=plan.schema)
+
+
+def lookup_as_of(
+    catalog: FeatureCatalog, training: TrainingSets, plan: OnlinePlan, keys: dict[str, list[Any]]
+) -> pa.Table:
+    """Answer from history: the latest rows at or before `as_of`, through a point-in-time join."""
+    request = plan.request
+    assert request.as_of is not None
+    key_arrays = _key_arrays(plan, keys)
+    rows = len(key_arrays[0])
+    entities = pa.Table.from_arrays(
+        [*key_arrays, pa.array([parse_timestamp(request.as_of, "as_of")] * rows, UTC_MICROS)],
+        names=[*plan.key_types, AS_OF_COLUMN],
+    )
+    refs = [f"{plan.sources[i].name}:{column}" for i, column, _ in plan.columns]
+    refs += [f"{s.name}:{s.spec.event_time}" for s in plan.sources]
+    historical = HistoricalRequest(list(dict.fromkeys(refs)), entity_time=AS_OF_COLUMN, full_feature_names=True)
+    joined_plan = replace(plan_historical(catalog, historical, entities.schema), apply_ttl=request.apply_ttl)
+    joined = training.run_inline(joined_plan, entities, build=False).read_all()
+    arrays = [joined.column(k) for k in plan.key_types]
+    arrays += [joined.column(f"{short_name(plan.sources[i].name)}__{column}") for i, column, _ in plan.columns]
+    arrays += [joined.column(s.time_column) for s in plan.sources]
+    return pa.Table.from_arrays(arrays, schema=plan.schema)

@@ -1,0 +1,255 @@
+"""The online indexes of every table a replica serves, refreshed in the background as snapshots land."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import pyarrow as pa
+from pyiceberg.table import Table
+
+from flight_server.base.locks import LockPool
+from flight_server.base.schemas import table_arrow_schema
+from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
+from flight_server.online.index import (
+    ENTRY_BYTES,
+    READ_BATCH_ROWS,
+    SMALL_KEY_BYTES,
+    IndexState,
+    OnlineIndex,
+    Rows,
+    appended_files,
+    estimate_bytes,
+    key_kind,
+    latest_sql,
+    table_keys,
+)
+from flight_server.reads.duck import Engine, local_path
+from flight_server.reads.paths import scan_relation
+from flight_server.reads.plan import plan_table_scan
+from flight_server.wire.errors import LimitError, NotFoundError, RequestError
+from flight_server.wire.reads import ScanRequest
+
+log = logging.getLogger(__name__)
+
+
+class OnlineStore:
+    """The online indexes of one server, refreshed by a background thread."""
+
+    def __init__(
+        self,
+        catalog: FeatureCatalog,
+        engine: Engine,
+        refresh_seconds: float = 0.5,
+        max_bytes: int = 2 << 30,
+        preload: tuple[str, ...] | list[str] = (),
+    ):
+        self.catalog = catalog
+        self.engine = engine
+        self.refresh_seconds = refresh_seconds
+        self.max_bytes = max_bytes
+        self._indexes: dict[str, OnlineIndex] = {}
+        self._building = LockPool()  # one build or refresh of a table at a time
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._preload = list(preload)
+        self._thread = threading.Thread(target=self._run, name="online-refresh", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def name(self, ref: str) -> str:
+        return ".".join(self.catalog.identifier(ref))
+
+    def get(self, ref: str) -> OnlineIndex:
+        """The table's index, built now if this is its first use (later callers wait for that one build)."""
+        name = self.name(ref)
+        index = self._indexes.get(name)
+        if index is not None:
+            return index
+        with self._building(name):
+            index = self._indexes.get(name)
+            if index is None:
+                index = self.build(self.catalog.read(name))
+                self._indexes[name] = index
+            return index
+
+    def peek(self, ref: str) -> OnlineIndex | None:
+        """The index if the table has one; never builds."""
+        return self._indexes.get(ref) or self._indexes.get(self.name(ref))
+
+    def notify(self, ref: str) -> None:
+        """A write through this server committed: refresh now rather than at the next poll."""
+        if self.name(ref) in self._indexes:
+            self._wake.set()
+
+    def stats(self) -> dict[str, Any]:
+        indexes = list(self._indexes.values())
+        return {
+            "tables": len(indexes),
+            "bytes": sum(i.nbytes() for i in indexes),
+            "max_bytes": self.max_bytes,
+            "refresh_seconds": self.refresh_seconds,
+        }
+
+    def _room(self, name: str) -> int:
+        """Bytes an index of `name` may take without the indexes together passing `max_bytes`."""
+        others = sum(i.nbytes() for n, i in list(self._indexes.items()) if n != name)
+        return self.max_bytes - others
+
+    def _read_latest(
+        self, table: Table, spec: FeatureSpec, schema: pa.Schema, files: list[str] | None, room: int
+    ) -> tuple[pa.Table, str]:
+        """The latest row per key of the current snapshot (read on the path a scan of it takes: the direct
+        one for position deletes, `iceberg_scan` for equality deletes), or of just `files` (appended
+        Parquet files); and the read path.
+
+        Streamed, so that a table whose index would not fit in `room` bytes is refused as soon as
+        that is clear, not after its rows have filled the machine's memory.
+        """
+        self.engine.use_storage(table.io.properties)
+        cursor = self.engine.cursor()
+        try:
+            if files is None:
+                snapshot = table.current_snapshot()
+                plan = plan_table_scan(
+                    table, ScanRequest(table=table_name(table), snapshot_id=snapshot.snapshot_id if snapshot else None)
+                )
+                source, params, path = scan_relation(plan, self.engine, cursor, READ_BATCH_ROWS)
+            else:
+                source, params, path = (
+                    "read_parquet(?, union_by_name => true)",
+                    [[local_path(f) for f in files]],
+                    "read_parquet",
+                )
+            batches, taken = [], 0
+            for batch in cursor.execute(latest_sql(spec, schema.names, source), params).to_arrow_reader(
+                READ_BATCH_ROWS
+            ):
+                batches.append(batch)
+                taken += batch.nbytes + batch.num_rows * (ENTRY_BYTES + SMALL_KEY_BYTES)
+                if taken > room:
+                    raise LimitError(
+                        f"the online index of {table_name(table)!r} would take more than the memory cap leaves "
+                        f"({max(room, 0) >> 20} MiB; raise --online-max-mb)"
+                    )
+            return (pa.Table.from_batches(batches).cast(schema) if batches else schema.empty_table()), path
+        finally:
+            cursor.close()
+
+    def build(self, table: Table) -> OnlineIndex:
+        """An index of the table's current snapshot, read whole on a scan's read path."""
+        name = table_name(table)
+        spec = feature_spec(table)
+        schema = table_arrow_schema(table.schema())
+        for key in spec.entity_keys:
+            if key_kind(schema.field(key).type) is None:
+                raise RequestError(
+                    f"table {name!r}: online lookups need integer or string keys; {key!r} is {schema.field(key).type}"
+                )
+        started = time.perf_counter()
+        snapshot = table.current_snapshot()
+        path = "empty"
+        if snapshot is None:
+            rows = schema.empty_table()
+        else:
+            rows, path = self._read_latest(table, spec, schema, None, self._room(name))
+            rows = rows.combine_chunks()
+        keys = table_keys(rows, spec)
+        if keys and estimate_bytes(rows, keys[0]) > self._room(name):
+            raise LimitError(
+                f"the online index of {name!r} would take about {estimate_bytes(rows, keys[0]) >> 20} MiB "
+                f"({len(keys)} entities), more than the memory cap leaves (raise --online-max-mb)"
+            )
+        state = IndexState(
+            snapshot.snapshot_id if snapshot else None,
+            table.metadata.current_schema_id,
+            spec,
+            Rows.of(rows, spec),
+            dict(zip(keys, range(len(keys)), strict=True)),
+        )
+        index = OnlineIndex(name, state, time.perf_counter() - started, path)
+        index.metadata_location = table.metadata_location
+        log.info(
+            "online index %s: %d entities, %.1f MiB, from snapshot %s (%s path) in %.2f s",
+            name,
+            len(keys),
+            index.nbytes() / 2**20,
+            state.snapshot_id,
+            path,
+            index.build_seconds,
+        )
+        return index
+
+    def refresh(self, name: str) -> str:
+        """Bring one index up to its table's current snapshot; says what it did. Polling an unchanged
+        table is cheap where the catalog says so without reading its metadata (SQL: `FeatureCatalog.read`)."""
+        index = self._indexes[name]
+        table = self.catalog.read(name)
+        if table.metadata_location == index.metadata_location:
+            return "current"
+        outcome = self._catch_up(name, index, table)
+        index.metadata_location = table.metadata_location
+        return outcome
+
+    def _catch_up(self, name: str, index: OnlineIndex, table: Table) -> str:
+        state = index.state
+        snapshot = table.current_snapshot()
+        current = snapshot.snapshot_id if snapshot else None
+        spec = FeatureSpec.from_properties(table.metadata.properties)
+        same_shape = spec == state.spec and table.metadata.current_schema_id == state.schema_id
+        if current == state.snapshot_id and same_shape:
+            return "current"
+        files = None
+        if state.snapshot_id is not None and current is not None and same_shape:
+            files = appended_files(table, state.snapshot_id, current)
+        if files is not None:
+            room = self._room(name) - index.nbytes()
+            latest = self._read_latest(table, state.spec, index.schema, files, room)[0] if files else None
+            changed = index.apply(latest if latest is not None else index.schema.empty_table(), current)  # type: ignore[arg-type]
+            index.appends += 1
+            return f"appended {len(files)} file(s), {changed} key(s) changed"
+        rebuilt = self.build(table)
+        index.state, index.build_seconds, index.read_path = rebuilt.state, rebuilt.build_seconds, rebuilt.read_path
+        index.rebuilds += 1
+        return "rebuilt"
+
+    def _run(self) -> None:
+        for ref in self._preload:
+            try:
+                self.get(ref)
+            except Exception as exc:
+                log.error("online index %s: not built at start-up: %s", ref, exc)
+        while not self._stop.is_set():
+            self._wake.wait(self.refresh_seconds)
+            self._wake.clear()
+            for name in list(self._indexes):
+                if self._stop.is_set():
+                    return
+                self._refresh_one(name)
+
+    def _refresh_one(self, name: str) -> None:
+        index = self._indexes[name]
+        try:
+            with self._building(name):
+                outcome = self.refresh(name)
+            index.error = None
+            if outcome != "current":
+                log.info("online index %s: %s (snapshot %s)", name, outcome, index.state.snapshot_id)
+        except NotFoundError:
+            log.info("online index %s: the table is gone; index dropped", name)
+            self._indexes.pop(name, None)
+        except LimitError as exc:
+            log.error("online index %s: %s", name, exc)
+            self._indexes.pop(name, None)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if error != index.error:  # once per distinct failure, not at every poll
+                log.exception("online index %s: refresh failed; serving snapshot %s", name, index.state.snapshot_id)
+            index.error = error

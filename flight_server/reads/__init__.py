@@ -1,0 +1,1 @@
+"""Read engines: scan planning, the DuckDB engine and the three read paths a scan can take."""

@@ -1,0 +1,133 @@
+"""Scan planning: check a `ScanRequest` against its table (snapshot, columns, filter) and plan its files.
+
+Plans of recent reads are kept per (table, snapshot, filter): a snapshot never changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from pyiceberg.expressions import AlwaysTrue, BooleanExpression
+from pyiceberg.table import FileScanTask, Table
+
+from flight_server.base.filters import parse_filter
+from flight_server.base.schemas import table_arrow_schema
+from flight_server.iceberg.catalog import FeatureCatalog, table_name
+from flight_server.iceberg.snapshots import resolve_snapshot, snapshot_schema
+from flight_server.wire.errors import NotFoundError
+from flight_server.wire.reads import ScanRequest
+
+log = logging.getLogger(__name__)
+
+PLAN_CACHE_ENTRIES = 256  # plans of recent reads kept (by table, snapshot and filter)
+
+PLAN_CACHE_MAX_FILES = 10_000  # larger plans are not kept
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """A checked scan: which snapshot, which columns, which condition."""
+
+    table: Table
+    request: ScanRequest
+    snapshot_id: int | None
+    schema: pa.Schema
+    expression: BooleanExpression
+
+    @property
+    def name(self) -> str:
+        return table_name(self.table)
+
+    def estimated_rows(self) -> int:
+        """Rows the scan will return at most: exact without a filter or delete files, else an upper bound
+        (the rows of the files the filter may touch, or of the whole snapshot)."""
+        if self.snapshot_id is None:
+            return 0
+        summary = self.table.snapshot_by_id(self.snapshot_id).summary  # type: ignore[union-attr]
+        rows = int(summary["total-records"]) if summary and "total-records" in summary else -1
+        if not isinstance(self.expression, AlwaysTrue):
+            tasks = plan_tasks(self.table, self.snapshot_id, self.expression)
+            rows = sum(task.file.record_count for task in tasks) if tasks is not None else rows
+        return min(rows, self.request.limit) if self.request.limit is not None and rows >= 0 else rows
+
+    def metadata(self) -> dict[str, Any]:
+        """What the result was computed from: enough to ask for the identical result again."""
+        return {"table": self.name, "snapshot_id": self.snapshot_id}
+
+
+def plan_scan(catalog: FeatureCatalog, request: ScanRequest) -> ScanPlan:
+    return plan_table_scan(catalog.read(request.table), request)
+
+
+def plan_table_scan(table: Table, request: ScanRequest) -> ScanPlan:
+    """`plan_scan` for a table already loaded."""
+    snapshot_id = resolve_snapshot(table, request.snapshot_id, request.as_of)
+    schema = snapshot_schema(table, snapshot_id)
+    arrow = table_arrow_schema(schema)
+    if request.columns is not None:
+        missing = [c for c in request.columns if arrow.get_field_index(c) < 0]
+        if missing:
+            raise NotFoundError(f"table {table_name(table)!r} has no column(s) {missing} (columns: {arrow.names})")
+        arrow = pa.schema([arrow.field(c) for c in request.columns])
+    expression = parse_filter(request.filter, schema)
+    return ScanPlan(table, request, snapshot_id, arrow, expression)
+
+
+class _PlanCache:
+    """Plans of recent reads by (table, snapshot, filter): a snapshot never changes, and planning reads
+    every manifest in Python (10 delete manifests cost a scan of a 1M-row table 0.70x of copy-on-write)."""
+
+    def __init__(self, entries: int, max_files: int):
+        self._entries, self._max_files = entries, max_files
+        self._plans: OrderedDict[tuple[str, int | None, str], list[FileScanTask] | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int | None, str]) -> tuple[bool, list[FileScanTask] | None]:
+        with self._lock:
+            if key not in self._plans:
+                return False, None
+            self._plans.move_to_end(key)
+            return True, self._plans[key]
+
+    def put(self, key: tuple[str, int | None, str], tasks: list[FileScanTask] | None) -> None:
+        if tasks is not None and len(tasks) > self._max_files:
+            return  # a plan that large is better planned again than kept
+        with self._lock:
+            self._plans[key] = tasks
+            while len(self._plans) > self._entries:
+                self._plans.popitem(last=False)
+
+
+PLANS = _PlanCache(PLAN_CACHE_ENTRIES, PLAN_CACHE_MAX_FILES)
+
+
+def plan_tasks(table: Table, snapshot_id: int | None, expression: BooleanExpression) -> list[FileScanTask] | None:
+    """pyiceberg's plan of a read (files pruned by partition and statistics, each with its delete files),
+    or None when pyiceberg cannot plan it: it refuses tables with equality delete files (as Flink
+    writes them), which DuckDB's `iceberg_scan` applies. Kept for the next read of the same snapshot."""
+    key = (str(table.metadata.table_uuid), snapshot_id, repr(expression))
+    found, tasks = PLANS.get(key)
+    if found:
+        return tasks
+    try:
+        tasks = list(table.scan(row_filter=expression, snapshot_id=snapshot_id).plan_files())
+    except ValueError as exc:
+        log.debug("pyiceberg cannot plan a read of %s: %s", table_name(table), exc)
+        tasks = None
+    PLANS.put(key, tasks)
+    return tasks
+
+
+def renamed(table: Table) -> bool:
+    """Whether any column ever had another name: files are then matched by field id, not name."""
+    names: dict[int, str] = {}
+    for schema in table.schemas().values():
+        for f in schema.fields:
+            if names.setdefault(f.field_id, f.name) != f.name:
+                return True
+    return False

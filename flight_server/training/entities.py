@@ -1,0 +1,113 @@
+"""Entity rows of a training set: sent inline, streamed, or read by the server from a table."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from flight_server.base.filters import quote, to_sql
+from flight_server.base.schemas import UTC_MICROS
+from flight_server.iceberg.catalog import FeatureCatalog, table_name
+from flight_server.iceberg.snapshots import snapshot_schema
+from flight_server.reads.duck import local_path
+from flight_server.training.plan import HistoricalPlan, partition_predicate, plan_historical
+from flight_server.wire.codec import parse_timestamp
+from flight_server.wire.errors import ProtocolError, RequestError
+from flight_server.wire.reads import HistoricalRequest
+
+ROW = "__pit_row"
+
+TS = "__pit_ts"
+
+
+def prepare_entities(batch: pa.RecordBatch | pa.Table, entity_time: str, first_row: int) -> pa.Table:
+    """Entity rows with their position and their timestamp as UTC microseconds for the join."""
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    rows = pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
+    ts = pc.cast(table.column(entity_time), UTC_MICROS, safe=False)
+    return table.append_column(ROW, rows).append_column(TS, ts)
+
+
+def inline_entities(rows: dict[str, list[Any]], entity_time: str) -> pa.Table:
+    """Inline rows from a ticket; the timestamp column holds ISO-8601 strings or epoch milliseconds."""
+    if entity_time not in rows:
+        raise RequestError(f"the inline entity rows have no column {entity_time!r}; name it with entity_time")
+    columns: dict[str, pa.Array] = {}
+    for name, values in rows.items():
+        try:
+            if name == entity_time:
+                parsed = [None if v is None else parse_timestamp(v, f"entity {name!r}") for v in values]
+                columns[name] = pa.array(parsed, UTC_MICROS)
+            else:
+                columns[name] = pa.array(values)
+        except (pa.ArrowException, ProtocolError) as exc:
+            raise RequestError(f"inline entity column {name!r}: {exc}") from None
+    return pa.table(columns)
+
+
+def entity_bounds(cursor: Any, relation: str, params: list[Any]) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """The earliest and latest entity timestamps: feature rows outside them are never read."""
+    sql = f"SELECT min({TS}) AS low, max({TS}) AS high FROM {relation}"
+    bounds = cursor.execute(sql, params).to_arrow_table().to_pylist()[0]
+    return bounds["low"], bounds["high"]
+
+
+def server_entities(plan: HistoricalPlan, numbered: bool = True) -> tuple[str, list[Any]]:
+    """The entity-table rows, partitioned by a hash of the key columns when asked for, in (timestamp,
+    keys, other columns) order, so the output order is the same every time the same snapshot is read.
+
+    `numbered`: a relation for `join_sql`, with that order as row numbers and the timestamp as UTC;
+    otherwise a query of just the entity columns, sorted.
+    """
+    assert plan.entity_table is not None
+    if plan.entity_snapshot_id is None:
+        raise RequestError(f"entity table {table_name(plan.entity_table)!r} has no rows")
+    schema = snapshot_schema(plan.entity_table, plan.entity_snapshot_id)
+    where, params = to_sql(plan.entity_filter, schema)
+    keys = list(dict.fromkeys(k for g in plan.groups for k in g.spec.entity_keys))
+    time = plan.request.entity_time
+    partition = plan.request.partition
+    if partition is not None:
+        # Split by the first table's keys; tables keyed the same way are split alike in join_sql.
+        split = plan.groups[0].spec.entity_keys
+        where += " AND " + partition_predicate("", split, [plan.entity_schema.field(k).type for k in split])
+        params += [partition[1], partition[0]]
+    rest = [n for n in plan.entity_schema.names if n != time and n not in keys]
+    order = ", ".join(quote(c) for c in [time, *keys, *rest])
+    columns = ", ".join(quote(n) for n in plan.entity_schema.names)
+    source = f"FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {where}"
+    if numbered:
+        sql = (
+            f"(SELECT {columns}, row_number() OVER (ORDER BY {order}) AS {ROW}, "
+            f"CAST({quote(time)} AS TIMESTAMPTZ) AS {TS} {source})"
+        )
+    else:
+        sql = f"SELECT {columns} {source} ORDER BY {order}"
+    return sql, [local_path(plan.entity_table.metadata_location), plan.entity_snapshot_id, *params]
+
+
+def plan_request(catalog: FeatureCatalog, request: HistoricalRequest) -> tuple[HistoricalPlan, pa.Table | None]:
+    """Plan a request whose entities are on the server or inline (not a do_exchange stream)."""
+    if request.entities is None:
+        raise RequestError(
+            "this request has no 'entities': stream the entity rows with do_exchange, "
+            "or name an entity table or inline rows"
+        )
+    if request.entities.rows is not None:
+        entities = inline_entities(request.entities.rows, request.entity_time)
+        return plan_historical(catalog, request, entities.schema), entities
+    return plan_historical(catalog, request), None
+
+
+def append_entities(cursor: Any, rows: pa.Table, create: bool = False) -> None:
+    """Add entity rows to the cursor's temporary table `__pit_entities` (DuckDB spills it if large)."""
+    cursor.register("__pit_batch", rows)
+    if create:
+        cursor.execute("CREATE TEMP TABLE __pit_entities AS SELECT * FROM __pit_batch")
+    else:
+        cursor.execute("INSERT INTO __pit_entities SELECT * FROM __pit_batch")
+    cursor.unregister("__pit_batch")

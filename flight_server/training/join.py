@@ -1,0 +1,113 @@
+"""The point-in-time join itself: one DuckDB query of ASOF joins, or a batch against the sorted indexes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from flight_server.base.filters import quote
+from flight_server.base.schemas import micros
+from flight_server.reads.duck import Engine, local_path
+from flight_server.training.asof import AsofIndex
+from flight_server.training.entities import ROW, TS, entity_bounds
+from flight_server.training.plan import HistoricalPlan, partition_predicate
+
+
+def join_sql(
+    plan: HistoricalPlan, relation: str, params: list[Any], low: dt.datetime | None, high: dt.datetime | None
+) -> tuple[str, list[Any]]:
+    """The whole point-in-time join as one query over the entity `relation`."""
+    args = list(params)
+    ctes = [f"ent AS (SELECT * FROM {relation})"]
+    joins: list[str] = []
+    selected = {}
+    for i, group in enumerate(plan.groups):
+        spec, alias = group.spec, f"f{i}"
+        keys = ", ".join(quote(k) for k in spec.entity_keys)
+        features = ", ".join(f"{quote(f)} AS __pit_{i}_{j}" for j, f in enumerate(group.features))
+        created = f", {quote(spec.created_time)} AS __pit_created" if spec.created_time else ""
+        if group.snapshot_id is None or high is None:
+            # An empty feature table (or no entity rows): keep the shape, match nothing.
+            nulls = ", ".join(f"NULL AS __pit_{i}_{j}" for j in range(len(group.features)))
+            ctes.append(
+                f"{alias} AS (SELECT {keys}, NULL::TIMESTAMPTZ AS {TS}, NULL::TIMESTAMPTZ AS __pit_created, "
+                f"{nulls} FROM ent WHERE FALSE)"
+            )
+        else:
+            bound = f"{quote(spec.event_time)} <= ?"
+            args_here: list[Any] = [local_path(group.table.metadata_location), group.snapshot_id, high]
+            if spec.ttl_seconds and plan.apply_ttl and low is not None:
+                bound += f" AND {quote(spec.event_time)} >= ?"
+                args_here.append(low - dt.timedelta(seconds=spec.ttl_seconds))
+            partition = plan.request.partition
+            if partition is not None and spec.entity_keys == plan.groups[0].spec.entity_keys:
+                bound += " AND " + partition_predicate("", spec.entity_keys, group.key_types)
+                args_here += [partition[1], partition[0]]
+            ctes.append(
+                f"{alias} AS (SELECT {keys}, CAST({quote(spec.event_time)} AS TIMESTAMPTZ) AS {TS}{created}, "
+                f"{features} FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {bound})"
+            )
+            args += args_here
+        on = " AND ".join(f"ent.{quote(k)} = {alias}.{quote(k)}" for k in spec.entity_keys)
+        if spec.created_time:
+            inequality = (
+                f"struct_pack(t := ent.{TS}, c := 'infinity'::TIMESTAMPTZ) >= struct_pack(t := {alias}.{TS}, "
+                f"c := coalesce({alias}.__pit_created, '-infinity'::TIMESTAMPTZ))"
+            )
+        else:
+            inequality = f"ent.{TS} >= {alias}.{TS}"
+        joins.append(f"ASOF LEFT JOIN {alias} ON {on} AND {inequality}")
+        ttl = spec.ttl_seconds if plan.apply_ttl else None
+        conditions = [f"{alias}.{TS} >= ent.{TS} - to_seconds({int(ttl)})"] if ttl else []
+        if spec.created_time:
+            conditions.append(f"ent.{TS} IS NOT NULL")  # a null time in the struct would compare as latest
+        for j in range(len(group.features)):
+            value = f"{alias}.__pit_{i}_{j}"
+            selected[(i, j)] = f"CASE WHEN {' AND '.join(conditions)} THEN {value} END" if conditions else value
+    outputs = [f"ent.{quote(n)}" for n in plan.entity_schema.names]
+    outputs += [f"{selected[(i, j)]} AS {quote(name)}" for i, j, name in plan.columns]
+    sql = f"WITH {', '.join(ctes)} SELECT {', '.join(outputs)} FROM ent {' '.join(joins)} ORDER BY ent.{ROW}"
+    return sql, args
+
+
+def run_historical(
+    plan: HistoricalPlan, cursor: Any, relation: str, params: list[Any], batch_rows: int
+) -> pa.RecordBatchReader:
+    """Execute the join over `relation` (registered or created on `cursor`) and stream the result."""
+    low, high = entity_bounds(cursor, relation, params)
+    sql, args = join_sql(plan, relation, params, low, high)
+    return cursor.execute(sql, args).to_arrow_reader(batch_rows).cast(plan.schema)
+
+
+def join_batch(plan: HistoricalPlan, indexes: list[AsofIndex], batch: pa.RecordBatch) -> pa.RecordBatch:
+    """One batch of entity rows with their features, in their order, through the sorted indexes."""
+    entity_us, valid = micros(batch.column(plan.request.entity_time))
+    found: dict[tuple[int, int], pa.Array] = {}
+    for i, (group, index) in enumerate(zip(plan.groups, indexes, strict=True)):
+        at, known = index.match([batch.column(k) for k in group.spec.entity_keys], entity_us, valid, plan.apply_ttl)
+        for j, feature in enumerate(group.features):
+            found[(i, j)] = index.take(feature, at, known)
+    arrays = [*batch.columns, *(found[(i, j)] for i, j, _ in plan.columns)]
+    schema = plan.schema
+    arrays = [a if a.type == f.type else a.cast(f.type) for a, f in zip(arrays, schema, strict=True)]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def use_storage(engine: Engine, plan: HistoricalPlan) -> None:
+    for table in [g.table for g in plan.groups] + ([plan.entity_table] if plan.entity_table else []):
+        engine.use_storage(table.io.properties)
+
+
+def keep_alive(reader: pa.RecordBatchReader, cursor: Any) -> pa.RecordBatchReader:
+    """A reader that holds `cursor` (and the entities registered on it) until it is consumed."""
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from reader
+        finally:
+            cursor.close()
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())

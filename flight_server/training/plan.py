@@ -1,0 +1,208 @@
+"""Point-in-time correct training sets: entity rows joined to features as they were known then.
+
+For every entity row and feature table, the row chosen has equal keys (a null key matches
+nothing), an event time at or before the entity's timestamp and, when the table has a TTL, no
+older than the TTL; the latest event time wins and ties go to the latest created time. One row
+comes out per entity row, in input order, with every entity column unchanged.
+
+Two ways to run it, same answer. Usually each feature table's snapshot is sorted once into an
+`AsofIndex` (asof.py, cached between requests) and entity rows are answered batch by batch with a
+binary search and a `take`. A table too large for that cache makes the whole request one DuckDB
+query: a chain of ASOF LEFT JOINs, where the created-time tie-break rides in the single ASOF
+inequality as a (event time, created time) struct and the TTL nulls matches that are too old.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+import pyarrow as pa
+from pyiceberg.expressions import AlwaysTrue, BooleanExpression
+from pyiceberg.table import Table
+
+from flight_server.base.filters import parse_filter, quote
+from flight_server.base.schemas import table_arrow_schema
+from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
+from flight_server.iceberg.snapshots import resolve_snapshot, snapshot_schema
+from flight_server.wire.errors import NotFoundError, RequestError
+from flight_server.wire.reads import HistoricalRequest, parse_feature_ref
+
+SNAPSHOTS_METADATA_KEY = b"flight.snapshots"
+
+
+@dataclass(frozen=True)
+class FeatureGroup:
+    """The features a request takes from one table, at one snapshot."""
+
+    table: Table
+    spec: FeatureSpec
+    snapshot_id: int | None
+    features: list[str]
+    types: list[pa.DataType]
+    key_types: list[pa.DataType]
+
+    @property
+    def name(self) -> str:
+        return table_name(self.table)
+
+
+def partition_predicate(alias: str, keys: tuple[str, ...], types: list[pa.DataType]) -> str:
+    """`hash(keys) % ? = ?` over keys cast to one type per kind, so that an int32 entity key and
+    an int64 feature key of equal value land in the same part."""
+    cast = [
+        f"CAST({alias}{quote(k)} AS BIGINT)" if pa.types.is_integer(t) else f"{alias}{quote(k)}"
+        for k, t in zip(keys, types, strict=True)
+    ]
+    return f"hash({', '.join(cast)}) % ? = ?"
+
+
+@dataclass(frozen=True)
+class HistoricalPlan:
+    """A checked training-set request: where entities come from, and what joins to them."""
+
+    request: HistoricalRequest
+    entity_schema: pa.Schema
+    groups: list[FeatureGroup]
+    columns: list[tuple[int, int, str]]  # per requested feature: group, feature index, output name
+    entity_table: Table | None = None
+    entity_snapshot_id: int | None = None
+    entity_filter: BooleanExpression = field(default_factory=AlwaysTrue)
+    apply_ttl: bool = True
+
+    def snapshots(self) -> dict[str, Any]:
+        """What the result was computed from; passing these back reproduces it exactly."""
+        entities = None
+        if self.entity_table is not None:
+            entities = {"table": table_name(self.entity_table), "snapshot_id": self.entity_snapshot_id}
+        return {"features": {g.name: g.snapshot_id for g in self.groups}, "entities": entities}
+
+    @cached_property  # asked for by every joined batch
+    def schema(self) -> pa.Schema:
+        fields = list(self.entity_schema)
+        for group_index, feature_index, name in self.columns:
+            fields.append(pa.field(name, self.groups[group_index].types[feature_index]))
+        metadata = {SNAPSHOTS_METADATA_KEY: json.dumps(self.snapshots()).encode()}
+        return pa.schema(fields, metadata=metadata)
+
+
+def _compatible(entity: pa.DataType, feature: pa.DataType) -> bool:
+    """Key types that join without surprises (DuckDB casts within these families)."""
+    families = (
+        pa.types.is_integer,
+        pa.types.is_string,
+        pa.types.is_large_string,
+        pa.types.is_timestamp,
+        pa.types.is_date,
+        pa.types.is_binary,
+        pa.types.is_decimal,
+    )
+    if entity == feature:
+        return True
+    text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+    if any(t(entity) for t in text) and any(t(feature) for t in text):
+        return True
+    return any(family(entity) and family(feature) for family in families)
+
+
+def plan_historical(
+    catalog: FeatureCatalog, request: HistoricalRequest, entity_schema: pa.Schema | None = None
+) -> HistoricalPlan:
+    """Check the request against the catalog and the entity columns; nothing is read yet."""
+    entity_table = entity_snapshot = None
+    entity_filter: BooleanExpression = AlwaysTrue()
+    source = request.entities
+    if source is not None and source.table is not None:
+        entity_table = catalog.read(source.table)
+        pinned = (request.snapshot_ids or {}).get(source.table, source.snapshot_id)
+        entity_snapshot = resolve_snapshot(entity_table, pinned, None)
+        schema = snapshot_schema(entity_table, entity_snapshot)
+        entity_schema = table_arrow_schema(schema)
+        entity_filter = parse_filter(source.filter, schema)
+    if entity_schema is None:
+        raise RequestError("a historical request needs entity rows: a table, inline rows, or a do_exchange stream")
+    for name in entity_schema.names:
+        if name.startswith("__pit_"):
+            raise RequestError(f"entity column {name!r}: names starting with '__pit_' are reserved")
+    time_index = entity_schema.get_field_index(request.entity_time)
+    if time_index < 0:
+        raise RequestError(
+            f"the entity rows have no timestamp column {request.entity_time!r} "
+            f"(columns: {entity_schema.names}); name it with entity_time"
+        )
+    if not pa.types.is_timestamp(entity_schema.field(time_index).type):
+        raise RequestError(
+            f"entity column {request.entity_time!r} must be a timestamp, got {entity_schema.field(time_index).type}"
+        )
+
+    groups: list[FeatureGroup] = []
+    by_table: dict[str, int] = {}
+    columns: list[tuple[int, int, str]] = []
+    as_of = request.as_of
+    for ref in request.features:
+        table_ref, feature = parse_feature_ref(ref)
+        table = catalog.read(table_ref)
+        name = table_name(table)
+        if name not in by_table:
+            spec = feature_spec(table)
+            for key in spec.entity_keys:
+                if entity_schema.get_field_index(key) < 0:
+                    raise RequestError(
+                        f"the entity rows lack key column {key!r} of {name!r} (columns: {entity_schema.names})"
+                    )
+            pins = request.snapshot_ids or {}
+            pinned = pins.get(name, pins.get(table_ref))
+            snapshot_id = resolve_snapshot(table, pinned, None if pinned is not None else as_of)
+            schema = table_arrow_schema(snapshot_schema(table, snapshot_id))
+            for key in spec.entity_keys:
+                entity_type, feature_type = entity_schema.field(key).type, schema.field(key).type
+                if not _compatible(entity_type, feature_type):
+                    raise RequestError(
+                        f"entity column {key!r} is {entity_type} but {name!r} keys it as {feature_type}; cast it first"
+                    )
+            by_table[name] = len(groups)
+            key_types = [schema.field(k).type for k in spec.entity_keys]
+            groups.append(FeatureGroup(table, spec, snapshot_id, [], [], key_types))
+        group = groups[by_table[name]]
+        schema = table_arrow_schema(snapshot_schema(group.table, group.snapshot_id))
+        if schema.get_field_index(feature) < 0:
+            raise NotFoundError(f"feature {ref!r}: {name!r} has no column {feature!r} (columns: {schema.names})")
+        if feature not in group.features:
+            group.features.append(feature)
+            group.types.append(schema.field(feature).type)
+        output = f"{name.split('.')[-1]}__{feature}" if request.full_feature_names else feature
+        columns.append((by_table[name], group.features.index(feature), output))
+
+    names = entity_schema.names + [c[2] for c in columns]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        hint = "" if request.full_feature_names else "; full_feature_names=true prefixes features with their table"
+        raise RequestError(f"output column name(s) {clashes} would appear twice{hint}")
+    return HistoricalPlan(request, entity_schema, groups, columns, entity_table, entity_snapshot, entity_filter)
+
+
+def endpoint_requests(plan: HistoricalPlan, partitions: int) -> list[HistoricalRequest]:
+    """Tickets for the parts of a training set: snapshots pinned, entity keys split by hash.
+
+    Their union is exactly the whole result, so clients may fetch them in parallel, anywhere.
+    """
+    request = plan.request
+    pins = {g.name: g.snapshot_id for g in plan.groups if g.snapshot_id is not None}
+    entities = request.entities
+    if entities is not None and entities.table is not None:
+        entities = replace(entities, snapshot_id=plan.entity_snapshot_id)
+    else:
+        partitions = 1
+    return [
+        replace(
+            request,
+            entities=entities,
+            snapshot_ids=pins,
+            as_of=None,
+            partitions=None,
+            partition=[i, partitions] if partitions > 1 else None,
+        )
+        for i in range(partitions)
+    ]

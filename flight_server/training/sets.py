@@ -1,0 +1,175 @@
+"""Runs training-set requests: through the sorted per-snapshot indexes when every feature table fits their
+cache, else as one DuckDB query.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server.base.streams import chunks, stream_schema
+from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.reads.duck import Engine
+from flight_server.training.asof import AsofCache, AsofIndex
+from flight_server.training.entities import append_entities, plan_request, prepare_entities, server_entities
+from flight_server.training.join import join_batch, keep_alive, run_historical, use_storage
+from flight_server.training.plan import HistoricalPlan, plan_historical
+from flight_server.wire.errors import LimitError, RequestError
+from flight_server.wire.reads import HistoricalRequest
+
+log = logging.getLogger(__name__)
+
+
+class TrainingSets:
+    """Runs training-set requests: through the sorted per-snapshot indexes (`asof.py`) when every
+    feature table fits their cache, else as one DuckDB query (`join_sql`)."""
+
+    def __init__(
+        self, catalog: FeatureCatalog, engine: Engine, cache: AsofCache, batch_rows: int, max_exchange_bytes: int = 0
+    ):
+        self.catalog, self.engine, self.cache = catalog, engine, cache
+        self.batch_rows = batch_rows
+        self.max_exchange_bytes = max_exchange_bytes
+        # Batches are joined on every core, a few ahead of the one being sent (numpy and Arrow release the GIL).
+        self._workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="training-set")
+
+    def open(self, request: HistoricalRequest) -> pa.RecordBatchReader:
+        """Stream the training set for a `do_get` ticket."""
+        plan, inline = plan_request(self.catalog, request)
+        if inline is not None:
+            return self.run_inline(plan, inline)
+        use_storage(self.engine, plan)
+        indexes = self._indexes(plan)
+        cursor = self.engine.cursor()
+        if indexes is None:
+            relation, params = server_entities(plan)
+            return keep_alive(run_historical(plan, cursor, relation, params, self.batch_rows), cursor)
+        sql, params = server_entities(plan, numbered=False)
+        entities = cursor.execute(sql, params).to_arrow_reader(self.batch_rows)
+        return keep_alive(self._joined(plan, indexes, entities), cursor)
+
+    def run_inline(self, plan: HistoricalPlan, entities: pa.Table, build: bool = True) -> pa.RecordBatchReader:
+        """Join entity rows held in memory (inline in a ticket, or an online `as_of` lookup).
+
+        Without `build`, snapshots not sorted yet are left to DuckDB: a few online keys should not
+        wait for a whole table to be sorted (a table written often would be sorted again each time).
+        """
+        indexes = self._indexes(plan, build)
+        if indexes is not None:
+            return self._joined(plan, indexes, entities.to_batches(self.batch_rows))
+        use_storage(self.engine, plan)
+        cursor = self.engine.cursor()
+        append_entities(cursor, prepare_entities(entities, plan.request.entity_time, 0), create=True)
+        return keep_alive(run_historical(plan, cursor, "__pit_entities", [], self.batch_rows), cursor)
+
+    def exchange(
+        self,
+        request: HistoricalRequest,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+        is_cancelled: Callable[[], bool],
+    ) -> int:
+        """`do_exchange`: take the client's entity stream, answer with the joined rows on the same call.
+
+        Through the indexes, each entity batch is answered as it arrives, so nothing accumulates
+        and the client must read while it writes. Otherwise the entity rows go into a DuckDB
+        temporary table (which spills to disk beyond the memory limit) and the answer follows the
+        last of them; more than `max_exchange_bytes` of them (Arrow size; 0: no limit) are refused,
+        so one client cannot fill the spill disk. Either way no state outlives the call.
+        """
+        if request.entities is not None:
+            raise RequestError("a do_exchange request takes its entity rows from the stream: drop 'entities'")
+        plan = plan_historical(self.catalog, request, stream_schema(reader, "entity row"))
+        indexes = self._indexes(plan)
+        if indexes is None:
+            return self._exchange_duckdb(plan, reader, writer, is_cancelled)
+        writer.begin(plan.schema)
+        rows = 0
+
+        def entities() -> Iterator[pa.RecordBatch]:
+            nonlocal rows
+            for chunk in chunks(reader, "entity"):
+                if is_cancelled():
+                    return
+                if chunk.data is not None and chunk.data.num_rows:
+                    rows += chunk.data.num_rows
+                    yield chunk.data
+
+        for batch in self._in_order(plan, indexes, entities()):
+            writer.write_batch(batch)
+        return rows
+
+    def _exchange_duckdb(
+        self,
+        plan: HistoricalPlan,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+        is_cancelled: Callable[[], bool],
+    ) -> int:
+        use_storage(self.engine, plan)
+        cursor = self.engine.cursor()
+        rows = received = 0
+        entity_time = plan.request.entity_time
+        append_entities(cursor, prepare_entities(reader.schema.empty_table(), entity_time, 0), create=True)
+        for chunk in chunks(reader, "entity"):
+            if chunk.data is not None and chunk.data.num_rows:
+                received += chunk.data.nbytes
+                if self.max_exchange_bytes and received > self.max_exchange_bytes:
+                    cursor.close()
+                    raise LimitError(
+                        f"the entity rows passed {self.max_exchange_bytes:,} bytes after {rows:,} rows, this "
+                        "server's limit per training set (--max-exchange-mb): split them, or write them to a "
+                        "table and name it"
+                    )
+                append_entities(cursor, prepare_entities(chunk.data, entity_time, rows))
+                rows += chunk.data.num_rows
+        if is_cancelled():
+            return 0
+        result = run_historical(plan, cursor, "__pit_entities", [], self.batch_rows)
+        writer.begin(result.schema)
+        for batch in result:
+            writer.write_batch(batch)
+        cursor.close()
+        return rows
+
+    def _joined(
+        self, plan: HistoricalPlan, indexes: list[AsofIndex], batches: Iterable[pa.RecordBatch]
+    ) -> pa.RecordBatchReader:
+        return pa.RecordBatchReader.from_batches(plan.schema, self._in_order(plan, indexes, batches))
+
+    def _in_order(
+        self, plan: HistoricalPlan, indexes: list[AsofIndex], batches: Iterable[pa.RecordBatch]
+    ) -> Iterator[pa.RecordBatch]:
+        """The joined batches, in entity order, computed by the pool up to `workers` batches ahead."""
+        pending: deque[Future[pa.RecordBatch]] = deque()
+        try:
+            for batch in batches:
+                pending.append(self._pool.submit(join_batch, plan, indexes, batch))
+                if len(pending) > self._workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _indexes(self, plan: HistoricalPlan, build: bool = True) -> list[AsofIndex] | None:
+        """Every feature table's sorted index, or None (a DuckDB join) if one of them does not fit
+        (or, without `build`, is not sorted yet)."""
+        indexes = []
+        for group in plan.groups:
+            find = self.cache.get if build else self.cache.peek
+            index = find(group.table, group.snapshot_id, group.spec)
+            if index is None:
+                why = "too large for the training-set cache" if build else "not sorted yet"
+                log.info("training set: DuckDB join (%s is %s)", group.name, why)
+                return None
+            indexes.append(index)
+        return indexes

@@ -1,0 +1,1 @@
+"""Flight transport: the service that routes RPCs, authentication, limits, the idle watch and TLS."""

@@ -1,0 +1,89 @@
+"""Limits that keep a few clients from taking a whole server: how many calls run at once, in all and
+per caller (so one stalled or greedy token cannot take every slot).
+
+Request sizes are checked where requests are parsed (`protocol.decode`, `--max-request-kb`), record
+batches from clients where they are read (`streams.ClientReader`, `--max-batch-mb`); memory per call
+is further bounded by the engine (`--duckdb-memory-limit`), the write chunk and Flight's flow control
+(see docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+import pyarrow.flight as flight
+
+from flight_server.transport.errors import to_flight_error
+from flight_server.wire.codec import ONLINE_SESSION_HEADER
+from flight_server.wire.errors import LimitError
+
+MIDDLEWARE_KEY = "limits"
+
+Headers = dict[str, list[str]]
+
+
+class _Slot(flight.ServerMiddleware):
+    """One running call; its slot is given back when the call ends, however it ends."""
+
+    def __init__(self, limit: ConcurrencyLimit, caller: str):
+        self._limit = limit
+        self._caller = caller
+
+    def call_completed(self, exception: Exception | None) -> None:
+        self._limit.release(self._caller)
+
+
+class _Session(flight.ServerMiddleware):
+    """An online session's call: it holds no slot. `do_exchange` refuses it unless it is an online lookup."""
+
+
+def is_session(context: flight.ServerCallContext) -> bool:
+    """Whether the limits let this call through as an online session (only when limits are set)."""
+    return isinstance(context.get_middleware(MIDDLEWARE_KEY), _Session)
+
+
+class ConcurrencyLimit(flight.ServerMiddlewareFactory):
+    """Refuses calls beyond `maximum` running at once, or beyond `per_caller` of one caller (0: no such
+    limit), with RESOURCE_EXHAUSTED; a stream counts until it ends. Online sessions hold no slot.
+    `caller` names a call's caller from its headers (the token's name; without authentication everyone
+    is one caller)."""
+
+    def __init__(self, maximum: int, per_caller: int = 0, caller: Callable[[Headers], str] = lambda _: "anonymous"):
+        self.maximum = maximum
+        self.per_caller = per_caller
+        self.active = 0
+        self._caller = caller
+        self._by_caller: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def start_call(self, info: flight.CallInfo, headers: Headers) -> _Slot | _Session:
+        if info.method == flight.FlightMethod.DO_EXCHANGE and headers.get(ONLINE_SESSION_HEADER):
+            return _Session()  # light, and open for as long as its client serves
+        caller = self._caller(headers) if self.per_caller else ""
+        with self._lock:
+            if self.maximum and self.active >= self.maximum:
+                raise to_flight_error(
+                    LimitError(
+                        f"the server is running its maximum of {self.maximum} concurrent requests "
+                        "(--max-concurrent-requests): retry later or use another replica"
+                    )
+                )
+            if self.per_caller and self._by_caller[caller] >= self.per_caller:
+                raise to_flight_error(
+                    LimitError(
+                        f"{caller!r} is running its maximum of {self.per_caller} concurrent requests "
+                        "(--max-concurrent-per-caller): finish or cancel a call first"
+                    )
+                )
+            self.active += 1
+            self._by_caller[caller] += 1
+        return _Slot(self, caller)
+
+    def release(self, caller: str) -> None:
+        with self._lock:
+            self.active -= 1
+            self._by_caller[caller] -= 1
+            if not self._by_caller[caller]:
+                del self._by_caller[caller]

@@ -1,0 +1,142 @@
+"""The wire protocol: JSON tickets, descriptors and action bodies, versioned.
+
+Both the server and `flight_client` build and parse requests here, so the two can never
+disagree about a field. `docs/protocol.md` describes the same format for clients written in
+other languages.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Any
+
+from flight_server.wire.errors import ProtocolError, RequestTooLargeError
+
+PROTOCOL_VERSION = 1
+
+MAX_REQUEST_BYTES = 1 << 20
+
+# A `do_exchange` online lookup kept open between lookups carries this header (value "1"): it waits on
+# its client by design, so it holds no slot of the concurrency limits and the idle timeout spares it.
+ONLINE_SESSION_HEADER = "x-online-session"
+
+_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
+
+
+def parse_table_name(name: Any, default_namespace: str = "default") -> tuple[str, ...]:
+    """Split `ns.table` (or `table`, which lands in the default namespace) into an identifier."""
+    if not isinstance(name, str) or not _TABLE_NAME.match(name):
+        raise ProtocolError(f"invalid table name {name!r}: use 'namespace.table' with letters, digits, '_' or '-'")
+    parts = tuple(name.split("."))
+    return parts if len(parts) > 1 else (default_namespace, parts[0])
+
+
+def parse_timestamp(value: Any, what: str) -> dt.datetime:
+    """An ISO-8601 string or epoch milliseconds, as an aware UTC datetime (naive means UTC)."""
+    if isinstance(value, bool):
+        raise ProtocolError(f"{what} must be an ISO-8601 timestamp or epoch milliseconds, got {value!r}")
+    if isinstance(value, (int, float)):
+        return dt.datetime.fromtimestamp(value / 1000, tz=dt.timezone.utc)
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ProtocolError(f"{what} is not an ISO-8601 timestamp: {value!r}") from None
+        return parsed.replace(tzinfo=dt.timezone.utc) if parsed.tzinfo is None else parsed
+    raise ProtocolError(f"{what} must be an ISO-8601 timestamp or epoch milliseconds, got {value!r}")
+
+
+def format_timestamp(value: dt.datetime) -> str:
+    """ISO-8601 in UTC, the form the protocol sends."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc).isoformat()
+
+
+def decode(raw: bytes, what: str, limit: int = MAX_REQUEST_BYTES) -> dict[str, Any]:
+    """Parse a JSON request body, checking size (at most `limit` bytes), shape and protocol version."""
+    if len(raw) > limit:
+        raise RequestTooLargeError(
+            f"{what} is {len(raw)} bytes; this server accepts at most {limit} bytes inline: "
+            "stream entity rows with do_exchange instead"
+        )
+    if not raw:
+        raise ProtocolError(f"{what} is empty: expected a JSON object")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{what} must be a JSON object, got {type(body).__name__}")
+    version = body.get("v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what} has protocol version {version!r}; this server speaks {PROTOCOL_VERSION}")
+    return body
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    """Serialise a request or reply, dropping unset optional fields."""
+    return json.dumps({"v": PROTOCOL_VERSION, **{k: v for k, v in body.items() if v is not None}}).encode()
+
+
+class Fields:
+    """Typed access to a request's fields, with errors that name the field."""
+
+    def __init__(self, body: dict[str, Any], what: str, allowed: set[str]):
+        unknown = sorted(set(body) - allowed - {"v", "kind"})
+        if unknown:
+            raise ProtocolError(f"{what}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        self.body, self.what = body, what
+
+    def _bad(self, name: str, expected: str) -> ProtocolError:
+        return ProtocolError(f"{self.what}: field {name!r} must be {expected}, got {self.body[name]!r}")
+
+    def str(self, name: str, required: bool = False) -> str | None:
+        value = self.body.get(name)
+        if value is None:
+            if required:
+                raise ProtocolError(f"{self.what}: field {name!r} is required")
+            return None
+        if not isinstance(value, str) or not value:
+            raise self._bad(name, "a non-empty string")
+        return value
+
+    def int(self, name: str, minimum: int = 0) -> int | None:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self._bad(name, f"an integer >= {minimum}")
+        return value
+
+    def bool(self, name: str) -> bool:
+        value = self.body.get(name, False)
+        if not isinstance(value, bool):
+            raise self._bad(name, "true or false")
+        return value
+
+    def str_list(self, name: str) -> list[str] | None:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self._bad(name, "a list of non-empty strings")
+        if len(set(value)) != len(value):
+            raise self._bad(name, "a list without duplicates")
+        return value
+
+    def part(self, name: str) -> list[int] | None:
+        """`[index, count]`: one of `count` endpoint shares of a result."""
+        value = self.body.get(name)
+        if value is None:
+            return None
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(type(v) is int for v in value)
+            and 0 <= value[0] < value[1]
+        ):
+            raise self._bad(name, "[index, count] with 0 <= index < count")
+        return value

@@ -1,0 +1,244 @@
+"""Read requests on the wire: scans, training sets (historical) and online lookups."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from flight_server.wire.codec import MAX_REQUEST_BYTES, Fields, decode, encode, format_timestamp, parse_timestamp
+from flight_server.wire.errors import ProtocolError
+
+MAX_INLINE_ENTITIES = 10_000
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """`do_get` / `get_flight_info` request for rows of one table."""
+
+    table: str
+    columns: list[str] | None = None
+    filter: str | None = None
+    snapshot_id: int | None = None
+    as_of: str | None = None
+    limit: int | None = None
+    partitions: int | None = None
+    part: list[int] | None = None
+    kind: str = field(default="scan", init=False)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> ScanRequest:
+        f = Fields(
+            body, "scan request", {"table", "columns", "filter", "snapshot_id", "as_of", "limit", "partitions", "part"}
+        )
+        as_of = body.get("as_of")
+        if as_of is not None:
+            as_of = format_timestamp(parse_timestamp(as_of, "scan request: field 'as_of'"))
+        request = cls(
+            table=f.str("table", required=True),  # type: ignore[arg-type]
+            columns=f.str_list("columns"),
+            filter=f.str("filter"),
+            snapshot_id=f.int("snapshot_id", minimum=-(1 << 63)),
+            as_of=as_of,
+            limit=f.int("limit"),
+            partitions=f.int("partitions", minimum=1),
+            part=f.part("part"),
+        )
+        if request.snapshot_id is not None and request.as_of is not None:
+            raise ProtocolError("scan request: give either 'snapshot_id' or 'as_of', not both")
+        if request.partitions is not None and request.part is not None:
+            raise ProtocolError(
+                "scan request: 'partitions' asks get_flight_info for endpoints and 'part' names one of them: not both"
+            )
+        return request
+
+    def to_bytes(self) -> bytes:
+        return encode(asdict(self))
+
+
+def parse_feature_ref(ref: str) -> tuple[str, str]:
+    """`namespace.table:feature` into (table, feature)."""
+    table, sep, feature = ref.rpartition(":")
+    if not sep or not table or not feature:
+        raise ProtocolError(
+            f"feature reference {ref!r} is not of the form 'table:feature' (or 'namespace.table:feature')"
+        )
+    return table, feature
+
+
+@dataclass(frozen=True)
+class EntitySource:
+    """Where a training set's entity rows come from: a table on the server, or rows inline."""
+
+    table: str | None = None
+    filter: str | None = None
+    snapshot_id: int | None = None
+    rows: dict[str, list[Any]] | None = None
+
+    @classmethod
+    def from_body(cls, body: Any) -> EntitySource:
+        if not isinstance(body, dict):
+            raise ProtocolError("historical request: field 'entities' must be an object")
+        f = Fields(body, "historical request: entities", {"table", "filter", "snapshot_id", "rows"})
+        rows = body.get("rows")
+        source = cls(f.str("table"), f.str("filter"), f.int("snapshot_id", minimum=-(1 << 63)), rows)
+        if (source.table is None) == (rows is None):
+            raise ProtocolError("historical request: 'entities' needs either 'table' or 'rows'")
+        if rows is not None:
+            if not isinstance(rows, dict) or not rows or not all(isinstance(v, list) for v in rows.values()):
+                raise ProtocolError("historical request: 'entities.rows' must map column names to lists of values")
+            if len({len(v) for v in rows.values()}) != 1:
+                raise ProtocolError("historical request: the lists in 'entities.rows' must have equal lengths")
+            if source.filter is not None or source.snapshot_id is not None:
+                raise ProtocolError("historical request: 'filter' and 'snapshot_id' apply to an entity table only")
+        return source
+
+
+@dataclass(frozen=True)
+class HistoricalRequest:
+    """A point-in-time correct training set: entity rows joined to features as of their timestamps."""
+
+    features: list[str]
+    entities: EntitySource | None = None
+    entity_time: str = "event_timestamp"
+    full_feature_names: bool = False
+    snapshot_ids: dict[str, int] | None = None
+    as_of: str | None = None
+    partitions: int | None = None
+    partition: list[int] | None = None
+    kind: str = field(default="historical", init=False)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> HistoricalRequest:
+        f = Fields(
+            body,
+            "historical request",
+            {
+                "features",
+                "entities",
+                "entity_time",
+                "full_feature_names",
+                "snapshot_ids",
+                "as_of",
+                "partitions",
+                "partition",
+            },
+        )
+        features = f.str_list("features")
+        if not features:
+            raise ProtocolError("historical request: field 'features' must list at least one 'table:feature'")
+        for ref in features:
+            parse_feature_ref(ref)
+        snapshot_ids = body.get("snapshot_ids")
+        if snapshot_ids is not None and not (
+            isinstance(snapshot_ids, dict)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in snapshot_ids.values())
+        ):
+            raise ProtocolError("historical request: 'snapshot_ids' must map table names to snapshot ids")
+        as_of = body.get("as_of")
+        if as_of is not None:
+            as_of = format_timestamp(parse_timestamp(as_of, "historical request: field 'as_of'"))
+        entities = body.get("entities")
+        return cls(
+            features=features,
+            entities=EntitySource.from_body(entities) if entities is not None else None,
+            entity_time=f.str("entity_time") or "event_timestamp",
+            full_feature_names=f.bool("full_feature_names"),
+            snapshot_ids=snapshot_ids,
+            as_of=as_of,
+            partitions=f.int("partitions", minimum=1),
+            partition=f.part("partition"),
+        )
+
+    def to_bytes(self) -> bytes:
+        body = asdict(self)
+        if self.entities is not None:
+            body["entities"] = {k: v for k, v in asdict(self.entities).items() if v is not None}
+        if not body["full_feature_names"]:
+            body["full_feature_names"] = None
+        return encode(body)
+
+
+def one_batch(table: pa.Table) -> pa.RecordBatch:
+    """The table as a single record batch: an online stream answers each batch of keys with one."""
+    batches = table.to_batches()
+    if len(batches) == 1:
+        return batches[0]
+    return pa.concat_batches(batches) if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
+
+
+@dataclass(frozen=True)
+class OnlineRequest:
+    """The latest features of a few entities: keys inline (`do_get`) or streamed (`do_exchange`)."""
+
+    features: list[str]
+    entities: dict[str, list[Any]] | None = None
+    full_feature_names: bool = False
+    as_of: str | None = None
+    request_time: str | None = None
+    apply_ttl: bool = True
+    kind: str = field(default="online", init=False)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> OnlineRequest:
+        f = Fields(
+            body, "online request", {"features", "entities", "full_feature_names", "as_of", "request_time", "apply_ttl"}
+        )
+        features = f.str_list("features")
+        if not features:
+            raise ProtocolError("online request: field 'features' must list at least one 'table:feature'")
+        for ref in features:
+            parse_feature_ref(ref)
+        entities = body.get("entities")
+        if entities is not None:
+            if (
+                not isinstance(entities, dict)
+                or not entities
+                or not all(isinstance(k, str) and isinstance(v, list) for k, v in entities.items())
+            ):
+                raise ProtocolError("online request: 'entities' must map key columns to lists of values")
+            lengths = {len(v) for v in entities.values()}
+            if len(lengths) != 1:
+                raise ProtocolError("online request: the lists in 'entities' must have equal lengths")
+            if lengths.pop() > MAX_INLINE_ENTITIES:
+                raise ProtocolError(
+                    f"online request: more than {MAX_INLINE_ENTITIES} entities inline; stream them with do_exchange"
+                )
+        times = {}
+        for name in ("as_of", "request_time"):
+            value = body.get(name)
+            parsed = None if value is None else parse_timestamp(value, f"online request: {name!r}")
+            times[name] = None if parsed is None else format_timestamp(parsed)
+        apply_ttl = body.get("apply_ttl", True)
+        if not isinstance(apply_ttl, bool):
+            raise ProtocolError(f"online request: field 'apply_ttl' must be true or false, got {apply_ttl!r}")
+        return cls(features, entities, f.bool("full_feature_names"), times["as_of"], times["request_time"], apply_ttl)
+
+    def to_bytes(self) -> bytes:
+        return encode(
+            {
+                "kind": self.kind,
+                "features": self.features,
+                "entities": self.entities,
+                "full_feature_names": self.full_feature_names or None,
+                "as_of": self.as_of,
+                "request_time": self.request_time,
+                "apply_ttl": None if self.apply_ttl else False,
+            }
+        )
+
+
+def parse_ticket(
+    raw: bytes, what: str = "ticket", limit: int = MAX_REQUEST_BYTES
+) -> ScanRequest | HistoricalRequest | OnlineRequest:
+    """A `do_get` ticket or `get_flight_info` command; its `kind` chooses the query."""
+    body = decode(raw, what, limit)
+    kind = body.get("kind", "scan")
+    if kind == "scan":
+        return ScanRequest.from_body(body)
+    if kind == "historical":
+        return HistoricalRequest.from_body(body)
+    if kind == "online":
+        return OnlineRequest.from_body(body)
+    raise ProtocolError(f"{what}: unknown kind {kind!r}; expected 'scan', 'historical' or 'online'")
