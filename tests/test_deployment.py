@@ -72,9 +72,9 @@ def test_compose_validates_the_file() -> None:
     assert result.returncode == 0, result.stderr
     missing = {k: v for k, v in env.items() if k != "FLIGHT_READER_TOKEN"}
     result = subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE), "config", "--quiet"], env=missing, capture_output=True
+        ["docker-compose", "-f", str(COMPOSE), "config", "--quiet"], env=missing, capture_output=True, text=True
     )
-    assert result.returncode != 0 and b"set FLIGHT_READER_TOKEN" in result.stderr  # secrets have no defaults
+    assert result.returncode != 0 and "set FLIGHT_READER_TOKEN" in result.stderr  # secrets have no defaults
 
 
 def test_required_secrets_have_no_defaults() -> None:

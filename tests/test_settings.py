@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -33,8 +34,8 @@ def no_server_variables(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(setting.envvar, raising=False)
 
 
-def parse(command: click.Command, *args: str) -> dict[str, object]:
-    """The values `command` would be called with, without calling it."""
+def parse(command: click.Command, *args: str) -> dict[str, Any]:
+    """The values `command` would be called with, without calling it (click's values are untyped)."""
     return dict(command.make_context(command.name, list(args)).params)
 
 

@@ -26,7 +26,9 @@ MARKDOWN_END = "<!-- end of settings table -->"
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
-_FIELD_DEFAULTS: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(ServerConfig)}
+_FIELD_DEFAULTS: dict[str, str | int | float | None] = {
+    field.name: field.default for field in dataclasses.fields(ServerConfig) if field.default is not dataclasses.MISSING
+}  # the fields with a default_factory are lists, whose options default to none given
 _FILE = click.Path(exists=True, dir_okay=False)
 _FOLDER = click.Path(file_okay=False)
 
@@ -63,7 +65,7 @@ class Setting:
         if self.field is None or self.multiple:
             return self.default
         default = _FIELD_DEFAULTS[self.field]
-        return default // self.unit if self.unit > 1 else default
+        return default // self.unit if isinstance(default, int) else default
 
     def option(self) -> Callable[[Command], Command]:
         """The click option of this setting, which hands the command the value as the ServerConfig field holds it."""
