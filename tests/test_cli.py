@@ -24,7 +24,7 @@ def test_help_explains_every_option() -> None:
     assert result.exit_code == 0
     for param in serve.params:
         if param.name != "help":
-            assert param.help, f"--{param.name} has no help text"
+            assert param.help, f"{param.opts[0]} has no help text"
             assert param.opts[0] in result.output
 
 

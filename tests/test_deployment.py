@@ -18,10 +18,12 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from flight_server.base.config import catalog_properties_from_env
+from flight_server.base.settings import SETTINGS
 from flight_server.cli import health, serve
-from flight_server.transport.auth import ENV_TOKENS, TokenStore, load_tokens
+from flight_server.transport.auth import TokenStore, load_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -31,6 +33,7 @@ SECRETS = {
     "FLIGHT_ADMIN_TOKEN": "compose-admin-token-0123456789",
     "FLIGHT_READER_TOKEN": "compose-reader-token-0123456789",
 }
+ENVVARS = {setting.envvar for setting in SETTINGS if setting.envvar}
 _VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?::(?P<op>[?-])(?P<arg>[^}]*))?\}")
 
 
@@ -69,9 +72,9 @@ def test_compose_validates_the_file() -> None:
     assert result.returncode == 0, result.stderr
     missing = {k: v for k, v in env.items() if k != "FLIGHT_READER_TOKEN"}
     result = subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE), "config", "--quiet"], env=missing, capture_output=True
+        ["docker-compose", "-f", str(COMPOSE), "config", "--quiet"], env=missing, capture_output=True, text=True
     )
-    assert result.returncode != 0 and b"set FLIGHT_READER_TOKEN" in result.stderr  # secrets have no defaults
+    assert result.returncode != 0 and "set FLIGHT_READER_TOKEN" in result.stderr  # secrets have no defaults
 
 
 def test_required_secrets_have_no_defaults() -> None:
@@ -80,12 +83,24 @@ def test_required_secrets_have_no_defaults() -> None:
             interpolate(COMPOSE.read_text(), {k: v for k, v in SECRETS.items() if k != name})
 
 
-def test_every_server_variable_is_an_option_of_the_server(compose: dict[str, Any]) -> None:
-    known = {param.envvar for command in (serve, health) for param in command.params if param.envvar}
-    known.add("FLIGHT_SERVER_AUTH_TOKENS")
+def settings(environment: dict[str, Any]) -> dict[str, str]:
+    """The FLIGHT_SERVER_* variables of a service that are settings (not catalog properties)."""
+    return {k: str(v) for k, v in environment.items() if k.startswith("FLIGHT_SERVER_") and "CATALOG__" not in k}
+
+
+def test_every_server_variable_is_a_setting_and_its_value_parses(compose: dict[str, Any]) -> None:
     for name, service in replicas(compose).items():
-        unknown = {k for k in service["environment"] if k.startswith("FLIGHT_SERVER_") and "CATALOG__" not in k} - known
-        assert not unknown, f"{name}: {unknown} are read by nothing"
+        env = settings(service["environment"])
+        unknown = env.keys() - ENVVARS
+        assert not unknown, f"{name}: {unknown} are read by nothing (flight_server/base/settings.py lists what is)"
+        clean = {k: None for k in os.environ if k.startswith("FLIGHT_SERVER_")}
+        with CliRunner().isolation(env={**clean, **env}):  # the options read their variables from os.environ
+            for command in (serve, health):
+                command.make_context(command.name, [])  # raises click.BadParameter on a value of the wrong type
+
+
+def test_the_image_sets_only_settings() -> None:
+    assert set(re.findall(r"\bFLIGHT_SERVER_\w+", (ROOT / "Dockerfile").read_text())) <= ENVVARS
 
 
 def test_at_least_two_replicas_share_the_catalog_and_know_each_other(compose: dict[str, Any]) -> None:
@@ -202,10 +217,8 @@ def test_tls_replicas_serve_tls_and_their_health_checks_pass(tmp_path: Path) -> 
         env = service["environment"]
         for key in ("FLIGHT_SERVER_ADVERTISE", "FLIGHT_SERVER_HEALTH_LOCATION", *env["FLIGHT_SERVER_PEERS"].split()):
             assert env.get(key, key).startswith("grpc+tls://"), f"{name}: {key}"
-    known = {param.envvar for command in (serve, health) for param in command.params if param.envvar}
     for name, service in replicas(compose).items():
-        settings = {k for k in service["environment"] if k.startswith("FLIGHT_SERVER_") and "CATALOG__" not in k}
-        assert settings - known <= {ENV_TOKENS}, name
+        assert settings(service["environment"]).keys() <= ENVVARS, name
     first = replicas(compose)["flight-1"]["environment"]
     # Empty settings (mutual TLS off) are unset to click, as to Compose.
     env = {k: str(v).replace(TLS_MOUNT, str(tmp_path)) for k, v in first.items() if v and "CATALOG__" not in k}

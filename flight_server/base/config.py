@@ -25,7 +25,10 @@ _URI_PASSWORD = re.compile(r"(?P<scheme>[a-z0-9+.\-]+://[^:/@\s]+:)[^@\s]+@", re
 
 @dataclass
 class ServerConfig:
-    """Everything the server needs to start; defaults give the embedded laptop setup."""
+    """Everything the server needs to start; defaults give the embedded laptop setup.
+
+    These defaults are also the command line's: base/settings.py gives the fields their flags and variables.
+    """
 
     host: str = "127.0.0.1"
     port: int = 8815
@@ -58,7 +61,7 @@ class ServerConfig:
     max_exchange_bytes: int = 0
     max_concurrent_per_caller: int = 0
     max_batch_bytes: int = 0
-    idle_timeout_seconds: float = 0
+    idle_timeout_seconds: float = 0.0
 
     @property
     def scheme(self) -> str:
