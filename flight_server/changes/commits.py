@@ -48,6 +48,11 @@ class TableChanges:
     commit_timeout: float
     batch_rows: int
 
+    def until(self, table: str, what: str, attempt: Callable[[], T]) -> T:
+        """`commit_until` the commit timeout from now, its messages naming the table (`what` it does to it)."""
+        deadline = time.monotonic() + self.commit_timeout
+        return commit_until(deadline, f"{what} {'.'.join(self.catalog.identifier(table))}", attempt)
+
 
 def commit_until(deadline: float, what: str, attempt: Callable[[], T]) -> T:
     """Run `attempt` (plan, write files, commit) until it commits: a lost race plans again on the new

@@ -19,7 +19,6 @@ plan again.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from typing import Any
 
@@ -36,20 +35,10 @@ from pyiceberg.types import LongType
 
 from flight_server.base.filters import parse_filter, quote, to_sql
 from flight_server.base.schemas import table_arrow_schema
-from flight_server.changes.commits import (
-    OPERATION_PROPERTY,
-    SCAN_SOURCE,
-    TableChanges,
-    commit_rewrite,
-    commit_until,
-    delete_files,
-    live_files,
-)
-from flight_server.changes.files import parquet_bytes_per_row, write_reader
+from flight_server.changes.commits import SCAN_SOURCE, delete_files
+from flight_server.changes.rewrite import Plan, Rewriter, SnapshotRows
 from flight_server.iceberg.catalog import PROP_DELETE_MODE, FeatureSpec, table_name
 from flight_server.iceberg.positions import PATH_FIELD_ID, POS_FIELD_ID, POSITION_DELETE_SCHEMA, referenced_data_file
-from flight_server.iceberg.snapshots import snapshot_schema
-from flight_server.reads.duck import local_path
 from flight_server.wire.actions import DELETE_MODES, DeleteRequest
 from flight_server.wire.errors import RequestError
 
@@ -80,7 +69,9 @@ def row_condition(table: Table, schema: Schema, request: DeleteRequest) -> tuple
     arrow = table_arrow_schema(schema)
     if reserved := [c for c in VIRTUAL_COLUMNS if c in arrow.names]:
         raise RequestError(f"table {name!r} has column(s) {reserved}, which DuckDB reserves: it cannot delete rows")
-    conditions, params, keys = [], [], None
+    conditions: list[str] = []
+    params: list[Any] = []
+    keys: pa.Table | None = None
     if request.filter is not None:
         where, params = to_sql(parse_filter(request.filter, schema), schema)
         conditions.append(where)
@@ -139,7 +130,7 @@ def write_position_deletes(table: Table, data_files: list[DataFile], positions: 
     return written
 
 
-class Deleter(TableChanges):
+class Deleter(Rewriter):
     """Runs `delete` actions against the catalog."""
 
     def delete(self, request: DeleteRequest) -> dict[str, Any]:
@@ -150,83 +141,54 @@ class Deleter(TableChanges):
                 f"merge-on-read deletes need a format v2 table; {table_name(table)!r} is format "
                 f"v{table.metadata.format_version}: use copy-on-write"
             )
-        deadline = time.monotonic() + self.commit_timeout
-        result = commit_until(deadline, f"delete from {table_name(table)}", lambda: self._delete_once(request, mode))
+        done = self.rewrite(
+            request.table, "delete from", f"delete {mode}", lambda rows: self._plan(rows, request, mode)
+        )
         log.info(
             "delete (%s) of %d rows from %s: %d data file(s) removed, %d added, %d delete file(s) added: snapshot %s",
             mode,
-            result["rows_deleted"],
-            result["table"],
-            result["data_files_removed"],
-            result["data_files_added"],
-            result["delete_files_added"],
-            result["snapshot_id"],
+            done.rows,
+            done.table,
+            done.data_files_removed,
+            done.data_files_added,
+            done.delete_files_added,
+            done.snapshot_id,
         )
-        return result
-
-    def _delete_once(self, request: DeleteRequest, mode: str) -> dict[str, Any]:
-        """Plan on the current snapshot, write the files, commit them (or delete them and raise)."""
-        table = self.catalog.load(request.table)
-        snapshot = table.current_snapshot()
-        result: dict[str, Any] = {
-            "table": table_name(table),
+        return {
+            "table": done.table,
             "mode": mode,
-            "snapshot_id": snapshot.snapshot_id if snapshot else None,
-            "rows_deleted": 0,
-            "data_files_removed": 0,
-            "data_files_added": 0,
-            "delete_files_added": 0,
-            "delete_files_removed": 0,
+            "snapshot_id": done.snapshot_id,
+            "rows_deleted": done.rows,
+            "data_files_removed": done.data_files_removed,
+            "data_files_added": done.data_files_added,
+            "delete_files_added": done.delete_files_added,
+            "delete_files_removed": done.delete_files_removed,
         }
-        if snapshot is None:
-            return result
-        schema = snapshot_schema(table, snapshot.snapshot_id)
-        condition, params, keys = row_condition(table, schema, request)
-        self.engine.use_storage(table.io.properties)
-        scan = [local_path(table.metadata_location), snapshot.snapshot_id]
-        cursor = self.engine.cursor()
-        try:
-            if keys is not None:
-                cursor.register(KEYS_RELATION, keys)
-            hits = cursor.execute(
-                "SELECT filename, list(file_row_number ORDER BY file_row_number) AS positions "
-                f"FROM {SCAN_SOURCE} WHERE {condition} GROUP BY filename",
-                [*scan, *params],
-            ).to_arrow_table()
-            if hits.num_rows == 0:
-                return result
-            files = live_files(table.io, snapshot)
-            by_path = {f.file_path: f for f in files if f.content == DataFileContent.DATA}
-            touched = [by_path[path] for path in hits.column("filename").to_pylist()]
-            if mode == MERGE_ON_READ:
-                removed: list[DataFile] = []
-                added = write_position_deletes(table, touched, hits.column("positions"))
-            else:
-                # The touched files' other rows, in new files; their position delete files go with them.
-                arrow = table_arrow_schema(schema)
-                kept = cursor.execute(
-                    f"SELECT {', '.join(quote(n) for n in arrow.names)} FROM {SCAN_SOURCE} "
-                    f"WHERE filename IN (SELECT unnest(?)) AND NOT coalesce({condition}, false)",
-                    [*scan, hits.column("filename").to_pylist(), *params],
-                ).to_arrow_reader(self.batch_rows)
-                spec = FeatureSpec.from_properties(table.metadata.properties)
-                added = write_reader(
-                    table.metadata, kept.cast(arrow), table.io, spec, self.chunk_bytes, parquet_bytes_per_row(touched)
-                )
-                rewritten = {f.file_path for f in touched}
-                removed = touched + [f for f in files if referenced_data_file(f) in rewritten]
-        finally:
-            cursor.close()
-        data_added = sum(f.content == DataFileContent.DATA for f in added)
-        operation = Operation.OVERWRITE if data_added else Operation.DELETE
-        lock = self.locks(self.catalog.identifier(request.table))
-        properties = {OPERATION_PROPERTY: f"delete {mode}"}
-        result.update(
-            snapshot_id=commit_rewrite(lock, table, operation, removed, added, properties),
-            rows_deleted=int(pc.sum(pc.list_value_length(hits.column("positions"))).as_py()),
-            data_files_removed=sum(f.content == DataFileContent.DATA for f in removed),
-            data_files_added=data_added,
-            delete_files_added=len(added) - data_added,
-            delete_files_removed=sum(f.content != DataFileContent.DATA for f in removed),
-        )
-        return result
+
+    def _plan(self, rows: SnapshotRows, request: DeleteRequest, mode: str) -> Plan | None:
+        """Find the matching rows (data file and position) and write the files that delete them."""
+        condition, params, keys = row_condition(rows.table, rows.schema, request)
+        if keys is not None:
+            rows.cursor.register(KEYS_RELATION, keys)
+        hits = rows.query(
+            "SELECT filename, list(file_row_number ORDER BY file_row_number) AS positions "
+            f"FROM {SCAN_SOURCE} WHERE {condition} GROUP BY filename",
+            params,
+        ).to_arrow_table()
+        if hits.num_rows == 0:
+            return None
+        paths = hits.column("filename").to_pylist()
+        by_path = {f.file_path: f for f in rows.files if f.content == DataFileContent.DATA}
+        touched = [by_path[path] for path in paths]
+        if mode == MERGE_ON_READ:
+            removed: list[DataFile] = []
+            added = rows.keep(write_position_deletes(rows.table, touched, hits.column("positions")))
+        else:
+            # The touched files' other rows, in new files; their position delete files go with them.
+            kept = f"filename IN (SELECT unnest(?)) AND NOT coalesce({condition}, false)"
+            added = rows.rewrite(kept, [paths, *params], touched)
+            rewritten = set(paths)
+            removed = touched + [f for f in rows.files if referenced_data_file(f) in rewritten]
+        operation = Operation.OVERWRITE if any(f.content == DataFileContent.DATA for f in added) else Operation.DELETE
+        deleted = int(pc.sum(pc.list_value_length(hits.column("positions"))).as_py())
+        return Plan(operation, removed, added, deleted)

@@ -13,12 +13,7 @@ from typing import NamedTuple
 import pyarrow as pa
 from pyiceberg.io import FileIO, OutputFile
 from pyiceberg.io.fileformat import FileFormatFactory, FileFormatWriter
-from pyiceberg.io.pyarrow import (
-    _dataframe_to_data_files,
-    _determine_partitions,
-    _to_requested_schema,
-    pyarrow_to_schema,
-)
+from pyiceberg.io.pyarrow import pyarrow_to_schema
 from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
 from pyiceberg.partitioning import PartitionKey
 from pyiceberg.schema import sanitize_column_names
@@ -30,6 +25,7 @@ from pyiceberg.utils.properties import property_as_int
 
 from flight_server.changes.commits import delete_files
 from flight_server.iceberg.catalog import FeatureSpec
+from flight_server.iceberg.internals import dataframe_to_data_files, partitions, to_file_schema
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +46,7 @@ def write_data_files(
     counter: itertools.count[int],
 ) -> list[DataFile]:
     """Parquet data files of one chunk, split by partition, rows sorted (`sort_rows`) within each file."""
-    return list(_dataframe_to_data_files(metadata, sort_rows(chunk, spec), io, write_uuid, counter))
+    return list(dataframe_to_data_files(metadata, sort_rows(chunk, spec), io, write_uuid, counter))
 
 
 def target_file_size(metadata: TableMetadata) -> int:
@@ -114,8 +110,7 @@ class RollingFiles:
         if self.metadata.spec().is_unpartitioned():
             parts: list[tuple[PartitionKey | None, pa.Table]] = [(None, chunk)]
         else:
-            found = _determine_partitions(self.metadata.spec(), self.metadata.schema(), chunk)
-            parts = [(p.partition_key, p.arrow_table_partition) for p in found]
+            parts = list(partitions(self.metadata.spec(), self.metadata.schema(), chunk))
         for partition, rows in parts:
             key = partition.to_path() if partition is not None else ""
             while rows.num_rows:
@@ -127,12 +122,7 @@ class RollingFiles:
                     continue
                 taken = rows.slice(0, fits)
                 rows = rows.slice(fits)
-                batches = [
-                    _to_requested_schema(
-                        self._file_schema, chunk_schema, b, include_field_ids=True, format_model=self._format
-                    )
-                    for b in taken.to_batches()
-                ]
+                batches = [to_file_schema(self._file_schema, chunk_schema, b, self._format) for b in taken.to_batches()]
                 file.writer.write(pa.Table.from_batches(batches))
                 self._open[key] = (file, written + taken.num_rows)
                 if (written + taken.num_rows) * per_row >= self.target:

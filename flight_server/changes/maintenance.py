@@ -15,27 +15,17 @@ import time
 from typing import Any
 
 from pyiceberg.io import FileIO
-from pyiceberg.manifest import DataFileContent
+from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.refs import SnapshotRefType
 from pyiceberg.table.snapshots import Operation, Snapshot
 from pyiceberg.table.update.snapshot import ExpireSnapshots, ManageSnapshots
 
-from flight_server.base.filters import parse_filter, quote, to_sql
-from flight_server.base.schemas import table_arrow_schema
-from flight_server.changes.commits import (
-    OPERATION_PROPERTY,
-    SCAN_SOURCE,
-    TableChanges,
-    commit_rewrite,
-    commit_until,
-    live_files,
-)
-from flight_server.changes.files import parquet_bytes_per_row, write_reader
-from flight_server.iceberg.catalog import FeatureSpec, pins, table_name
+from flight_server.base.filters import parse_filter, to_sql
+from flight_server.changes.commits import SCAN_SOURCE
+from flight_server.changes.rewrite import Plan, Rewriter, SnapshotRows
+from flight_server.iceberg.catalog import pins, table_name
 from flight_server.iceberg.positions import referenced_data_file
-from flight_server.iceberg.snapshots import snapshot_schema
-from flight_server.reads.duck import local_path
 from flight_server.wire.actions import CompactRequest, ExpireRequest, PinRequest, UnpinRequest
 from flight_server.wire.codec import parse_timestamp
 from flight_server.wire.errors import NotFoundError, RequestError
@@ -52,7 +42,7 @@ DEFAULT_MAX_SNAPSHOT_AGE_MS = 5 * 24 * 3600 * 1000
 DEFAULT_MIN_SNAPSHOTS = 1
 
 
-def worth_compacting(files: list[Any], obsolete: list[Any], equality_deletes: bool) -> bool:
+def worth_compacting(files: list[DataFile], obsolete: list[DataFile], equality_deletes: bool) -> bool:
     """Whether a rewrite changes anything: delete files to fold in, or a partition of several files."""
     if obsolete or equality_deletes:
         return True
@@ -80,94 +70,59 @@ def unreachable_files(io: FileIO, before: TableMetadata, after: TableMetadata, e
     return gone - kept
 
 
-class Maintenance(TableChanges):
+class Maintenance(Rewriter):
     """Runs the `compact`, `expire_snapshots`, `pin` and `unpin` actions."""
-
-    def _until(self, table: str, what: str, attempt: Any) -> dict[str, Any]:
-        deadline = time.monotonic() + self.commit_timeout
-        return commit_until(deadline, f"{what} {'.'.join(self.catalog.identifier(table))}", attempt)
 
     # Compaction
 
     def compact(self, request: CompactRequest) -> dict[str, Any]:
-        result = self._until(request.table, "compact", lambda: self._compact_once(request))
-        if not result["compacted"]:
-            log.info("compaction of %s: nothing to do", result["table"])
-            return result
-        log.info(
-            "compacted %s: %d data and %d delete file(s) into %d data file(s) of %d rows: snapshot %s",
-            result["table"],
-            result["data_files_removed"],
-            result["delete_files_removed"],
-            result["data_files_added"],
-            result["rows"],
-            result["snapshot_id"],
-        )
-        return result
-
-    def _compact_once(self, request: CompactRequest) -> dict[str, Any]:
-        table = self.catalog.load(request.table)
-        snapshot = table.current_snapshot()
-        result: dict[str, Any] = {
-            "table": table_name(table),
-            "snapshot_id": snapshot.snapshot_id if snapshot else None,
-            "compacted": False,
-            "data_files_removed": 0,
-            "delete_files_removed": 0,
-            "data_files_added": 0,
-            "rows": 0,
-        }
-        if snapshot is None:
-            return result
-        schema = snapshot_schema(table, snapshot.snapshot_id)
-        expression = parse_filter(request.filter, schema)
-        files = live_files(table.io, snapshot)
-        data = [f for f in files if f.content == DataFileContent.DATA]
-        deletes = [f for f in files if f.content != DataFileContent.DATA]
-        self.engine.use_storage(table.io.properties)
-        scan = [local_path(table.metadata_location), snapshot.snapshot_id]
-        cursor = self.engine.cursor()
-        try:
-            if request.filter is None:
-                scope, obsolete, where, params = data, deletes, "TRUE", []
-            else:
-                condition, values = to_sql(expression, schema)
-                sql = f"SELECT DISTINCT filename FROM {SCAN_SOURCE} WHERE {condition}"
-                paths = {row[0] for row in cursor.execute(sql, [*scan, *values]).fetchall()}
-                scope = [f for f in data if f.file_path in paths]
-                obsolete = [f for f in deletes if referenced_data_file(f) in paths]
-                where, params = "filename IN (SELECT unnest(?))", [sorted(paths)]
-            equality = any(f.content == DataFileContent.EQUALITY_DELETES for f in deletes)
-            if not scope or not worth_compacting(scope, obsolete, equality):
-                return result
-            arrow = table_arrow_schema(schema)
-            reader = cursor.execute(
-                f"SELECT {', '.join(quote(n) for n in arrow.names)} FROM {SCAN_SOURCE} WHERE {where}", [*scan, *params]
-            ).to_arrow_reader(self.batch_rows)
-            spec = FeatureSpec.from_properties(table.metadata.properties)
-            added = write_reader(
-                table.metadata, reader.cast(arrow), table.io, spec, self.chunk_bytes, parquet_bytes_per_row(scope)
+        done = self.rewrite(request.table, "compact", "compact", lambda rows: self._plan_compaction(rows, request))
+        if done.committed:
+            log.info(
+                "compacted %s: %d data and %d delete file(s) into %d data file(s) of %d rows: snapshot %s",
+                done.table,
+                done.data_files_removed,
+                done.delete_files_removed,
+                done.data_files_added,
+                done.rows,
+                done.snapshot_id,
             )
-        finally:
-            cursor.close()
-        lock = self.locks(self.catalog.identifier(request.table))
-        properties = {OPERATION_PROPERTY: "compact"}
-        result.update(
-            snapshot_id=commit_rewrite(
-                lock, table, Operation.OVERWRITE, scope + obsolete, added, properties, tidy=True
-            ),
-            compacted=True,
-            data_files_removed=len(scope),
-            delete_files_removed=len(obsolete),
-            data_files_added=len(added),
-            rows=sum(f.record_count for f in added),
-        )
-        return result
+        else:
+            log.info("compaction of %s: nothing to do", done.table)
+        return {
+            "table": done.table,
+            "snapshot_id": done.snapshot_id,
+            "compacted": done.committed,
+            "data_files_removed": done.data_files_removed,
+            "delete_files_removed": done.delete_files_removed,
+            "data_files_added": done.data_files_added,
+            "rows": done.rows,
+        }
+
+    def _plan_compaction(self, rows: SnapshotRows, request: CompactRequest) -> Plan | None:
+        """The data files in scope (all, or those holding a row the filter matches) and the delete files that
+        apply to them, when rewriting them changes anything; their live rows in new data files."""
+        data = [f for f in rows.files if f.content == DataFileContent.DATA]
+        deletes = [f for f in rows.files if f.content != DataFileContent.DATA]
+        if request.filter is None:
+            scope, obsolete, where, params = data, deletes, "TRUE", []
+        else:
+            condition, values = to_sql(parse_filter(request.filter, rows.schema), rows.schema)
+            found = rows.query(f"SELECT DISTINCT filename FROM {SCAN_SOURCE} WHERE {condition}", values).fetchall()
+            paths = {row[0] for row in found}
+            scope = [f for f in data if f.file_path in paths]
+            obsolete = [f for f in deletes if referenced_data_file(f) in paths]
+            where, params = "filename IN (SELECT unnest(?))", [sorted(paths)]
+        equality = any(f.content == DataFileContent.EQUALITY_DELETES for f in deletes)
+        if not scope or not worth_compacting(scope, obsolete, equality):
+            return None
+        added = rows.rewrite(where, params, scope)
+        return Plan(Operation.OVERWRITE, scope + obsolete, added, sum(f.record_count for f in added), tidy=True)
 
     # Snapshot expiry and pins
 
     def expire(self, request: ExpireRequest) -> dict[str, Any]:
-        result = self._until(request.table, "expire snapshots of", lambda: self._expire_once(request))
+        result = self.until(request.table, "expire snapshots of", lambda: self._expire_once(request))
         log.info(
             "expired %d snapshot(s) of %s (%d kept for pins, pins %s dropped), %d file(s) deleted",
             len(result["expired"]),
@@ -223,7 +178,7 @@ class Maintenance(TableChanges):
         return result
 
     def pin(self, request: PinRequest) -> dict[str, Any]:
-        return self._until(request.table, "pin a snapshot of", lambda: self._pin_once(request))
+        return self.until(request.table, "pin a snapshot of", lambda: self._pin_once(request))
 
     def _pin_once(self, request: PinRequest) -> dict[str, Any]:
         table = self.catalog.load(request.table)
@@ -250,7 +205,7 @@ class Maintenance(TableChanges):
         return {"table": name, "name": pin, "snapshot_id": snapshot_id}
 
     def unpin(self, request: UnpinRequest) -> dict[str, Any]:
-        return self._until(request.table, "unpin a snapshot of", lambda: self._unpin_once(request))
+        return self.until(request.table, "unpin a snapshot of", lambda: self._unpin_once(request))
 
     def _unpin_once(self, request: UnpinRequest) -> dict[str, Any]:
         table = self.catalog.load(request.table)

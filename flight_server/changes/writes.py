@@ -22,9 +22,6 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError, ValidationException
 from pyiceberg.io import FileIO
-from pyiceberg.io.pyarrow import (
-    _pyarrow_to_schema_without_ids,
-)
 from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import Table, Transaction
@@ -35,6 +32,7 @@ from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.commits import delete_files, live_files
 from flight_server.changes.files import write_data_files
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, default_partitioning, partition_spec, table_name
+from flight_server.iceberg.internals import schema_without_ids, transaction_io
 from flight_server.wire.errors import ConflictError, ProtocolError, RequestError
 from flight_server.wire.writes import WriteRequest, WriteResult, parse_end_marker
 
@@ -223,7 +221,7 @@ class Writer:
         spec = FeatureSpec(tuple(request.entity_keys), request.event_time, request.created_time, request.ttl_seconds)
         _check_feature_columns(spec, stream)
         arrow = new_table_schema(stream, required=(*spec.entity_keys, spec.event_time))
-        schema = assign_fresh_schema_ids(_pyarrow_to_schema_without_ids(arrow))
+        schema = assign_fresh_schema_ids(schema_without_ids(arrow))
         partitioning = partition_spec(
             request.partition_by if request.partition_by is not None else default_partitioning(spec), schema
         )
@@ -231,7 +229,7 @@ class Writer:
         transaction = self.catalog.catalog.create_table_transaction(
             identifier, schema=schema, partition_spec=partitioning, properties=spec.to_properties()
         )
-        io = transaction._table.io  # the staged table's FileIO: where the catalog wants the files
+        io = transaction_io(transaction)  # where the catalog wants the new table's files
         return _Staged(transaction, io, table_arrow_schema(transaction.table_metadata.schema()), spec, None)
 
     def _commit(self, request: WriteRequest, staged: _Staged, files: list[DataFile], rows: int) -> WriteResult:
@@ -329,7 +327,7 @@ def _commit_files(transaction: Transaction, mode: str, files: list[DataFile], pr
 
 
 def _live_data_files(transaction: Transaction) -> list[DataFile]:
-    files = live_files(transaction._table.io, transaction.table_metadata.current_snapshot())
+    files = live_files(transaction_io(transaction), transaction.table_metadata.current_snapshot())
     return [file for file in files if file.content == DataFileContent.DATA]
 
 

@@ -15,7 +15,7 @@ from functools import cached_property
 from typing import Any
 
 from pyiceberg.catalog import Catalog, load_catalog
-from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
+from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
@@ -32,9 +32,10 @@ from pyiceberg.transforms import (
     TruncateTransform,
     YearTransform,
 )
-from sqlalchemy import Select, bindparam, select
+from sqlalchemy import Select
 
 from flight_server.base.config import redact
+from flight_server.iceberg.internals import metadata_location_query
 from flight_server.wire.actions import DELETE_MODES
 from flight_server.wire.codec import parse_table_name
 from flight_server.wire.errors import NotFoundError, ProtocolError, RequestError
@@ -180,18 +181,9 @@ class FeatureCatalog:
             return connection.execute(self._pointer, bound).scalar()
 
     @cached_property
-    def _pointer(self) -> Select[tuple[str]] | None:
+    def _pointer(self) -> Select[str | None] | None:
         """The SQL catalog's query for a table's metadata location (built once: building costs more than running)."""
-        if not isinstance(self.catalog, SqlCatalog):
-            return None
-        statement = select(IcebergTables.metadata_location).where(
-            IcebergTables.catalog_name == bindparam("catalog"),
-            IcebergTables.table_namespace == bindparam("namespace"),
-            IcebergTables.table_name == bindparam("table"),
-        )
-        if (kind := self.catalog._iceberg_type_filter()) is not None:  # views share the table
-            statement = statement.where(kind)
-        return statement
+        return metadata_location_query(self.catalog) if isinstance(self.catalog, SqlCatalog) else None
 
     def load(self, table: str) -> Table:
         """The table, or `NotFoundError` naming it."""

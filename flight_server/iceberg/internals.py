@@ -1,15 +1,30 @@
-"""pyiceberg's private API, in one place: snapshot producers for deletes, rewrites and replaces.
+"""pyiceberg's private API, in one place: the rest of the server calls the public wrappers here.
 
-pyiceberg 0.12 commits data files only (its deletes are copy-on-write); these classes build on its
-`_SnapshotProducer` and `ManifestWriter`. `tests/test_pyiceberg_internals.py` fails when pyiceberg's
-version changes, naming what to re-check here.
+pyiceberg 0.12 commits data files only (its deletes are copy-on-write), so the snapshot producers for
+deletes, rewrites and replaces build on its `_SnapshotProducer` and `ManifestWriter`. Its helpers for
+writing Parquet data files, partitioning rows and converting schemas are private, as are a transaction's
+table and the SQL catalog's table layout; the functions here wrap them. `PRIVATE_API` lists every
+private name used and what is relied on; `tests/test_pyiceberg_internals.py` checks them, fails when
+pyiceberg's version is not `CHECKED_VERSION`, and fails when another module reaches into pyiceberg.
 """
 
 from __future__ import annotations
 
+import itertools
+import uuid
 from collections.abc import Iterable
 
+import pyarrow as pa
+from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
 from pyiceberg.exceptions import ValidationException
+from pyiceberg.io import FileIO
+from pyiceberg.io.fileformat import FileFormatModel
+from pyiceberg.io.pyarrow import (
+    _dataframe_to_data_files,
+    _determine_partitions,
+    _pyarrow_to_schema_without_ids,
+    _to_requested_schema,
+)
 from pyiceberg.manifest import (
     DataFile,
     DataFileContent,
@@ -20,12 +35,91 @@ from pyiceberg.manifest import (
     ManifestWriter,
     ManifestWriterV2,
 )
-from pyiceberg.partitioning import PartitionSpec
+from pyiceberg.partitioning import PartitionKey, PartitionSpec
+from pyiceberg.schema import Schema
 from pyiceberg.table import TableProperties, Transaction
+from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Operation, Summary
 from pyiceberg.table.update.snapshot import _SnapshotProducer
 from pyiceberg.typedef import EMPTY_DICT
 from pyiceberg.utils.properties import property_as_int
+from sqlalchemy import Select, bindparam, select
+
+CHECKED_VERSION = "0.12.0"  # the pyiceberg release the names below were checked against
+
+PRIVATE_API: dict[str, str] = {
+    "pyiceberg.table.update.snapshot._SnapshotProducer": (
+        "base of RewriteFiles and DropRemovedEntries: __init__(operation, transaction, io, snapshot_properties=); "
+        "they override _manifests, _existing_manifests, _deleted_entries, _summary and _validate_concurrency "
+        "(still called by commit()?), and read _transaction, _snapshot_id, _parent_snapshot_id, _io, _compression, "
+        "_added_data_files, _deleted_data_files, _commit_window (.base, .head, .is_empty()), new_manifest_output(), "
+        "new_manifest_writer(), spec(), schema()"
+    ),
+    "pyiceberg.manifest.ManifestWriter._meta": "DeleteManifestWriter adds content=deletes to this Avro header property",
+    "pyiceberg.table.Transaction._table": (
+        "transaction_io() (the staged table's FileIO) and RewriteFiles._validate_concurrency (the table's metadata "
+        "as refreshed for a retry)"
+    ),
+    "pyiceberg.io.pyarrow._dataframe_to_data_files": (
+        "dataframe_to_data_files(): (table_metadata, df, io, write_uuid, counter) -> data files"
+    ),
+    "pyiceberg.io.pyarrow._determine_partitions": (
+        "partitions(): (spec, schema, arrow_table) -> items with .partition_key and .arrow_table_partition"
+    ),
+    "pyiceberg.io.pyarrow._to_requested_schema": (
+        "to_file_schema(): (requested_schema, file_schema, batch, include_field_ids=, format_model=)"
+    ),
+    "pyiceberg.io.pyarrow._pyarrow_to_schema_without_ids": "schema_without_ids(): (schema) -> Schema without ids",
+    "pyiceberg.catalog.sql.SqlCatalog._iceberg_type_filter": (
+        "metadata_location_query(): () -> the condition that leaves views out, or None (v0 catalog tables)"
+    ),
+    "pyiceberg.catalog.sql.IcebergTables": (
+        "metadata_location_query(): the SQL catalog's ORM table (catalog_name, table_namespace, table_name, "
+        "metadata_location), its storage layout rather than an API"
+    ),
+}
+
+
+def transaction_io(transaction: Transaction) -> FileIO:
+    """The FileIO of the table a transaction changes: where a table being created wants its files."""
+    return transaction._table.io
+
+
+def dataframe_to_data_files(
+    metadata: TableMetadata, rows: pa.Table, io: FileIO, write_uuid: uuid.UUID, counter: itertools.count[int]
+) -> Iterable[DataFile]:
+    """Parquet data files of `rows`, split by partition, written as pyiceberg's appends write them."""
+    return _dataframe_to_data_files(metadata, rows, io, write_uuid, counter)
+
+
+def partitions(spec: PartitionSpec, schema: Schema, rows: pa.Table) -> list[tuple[PartitionKey, pa.Table]]:
+    """The rows of each partition of `spec`, with its key."""
+    return [(part.partition_key, part.arrow_table_partition) for part in _determine_partitions(spec, schema, rows)]
+
+
+def to_file_schema(
+    file_schema: Schema, batch_schema: Schema, batch: pa.RecordBatch, format_model: FileFormatModel
+) -> pa.RecordBatch:
+    """A batch (of `batch_schema`) as a data file stores it: `file_schema`'s columns, with field ids."""
+    return _to_requested_schema(file_schema, batch_schema, batch, include_field_ids=True, format_model=format_model)
+
+
+def schema_without_ids(arrow: pa.Schema) -> Schema:
+    """An Iceberg schema of Arrow fields that carry no field ids (a new table's; assign ids next)."""
+    return _pyarrow_to_schema_without_ids(arrow)
+
+
+def metadata_location_query(catalog: SqlCatalog) -> Select[str | None]:
+    """The SQL catalog's query for a table's metadata location, bound by `catalog`, `namespace` and `table`:
+    one indexed row, no metadata file read."""
+    statement = select(IcebergTables.metadata_location).where(
+        IcebergTables.catalog_name == bindparam("catalog"),
+        IcebergTables.table_namespace == bindparam("namespace"),
+        IcebergTables.table_name == bindparam("table"),
+    )
+    if (kind := catalog._iceberg_type_filter()) is not None:  # views share the table
+        statement = statement.where(kind)
+    return statement
 
 
 class DeleteManifestWriter(ManifestWriterV2):
@@ -50,7 +144,7 @@ class DropRemovedEntries(_SnapshotProducer["DropRemovedEntries"]):
     """
 
     def __init__(self, transaction: Transaction, properties: dict[str, str]):
-        super().__init__(Operation.REPLACE, transaction, transaction._table.io, snapshot_properties=properties)
+        super().__init__(Operation.REPLACE, transaction, transaction_io(transaction), snapshot_properties=properties)
 
     def _existing_manifests(self) -> list[ManifestFile]:
         parent = self._transaction.table_metadata.snapshot_by_id(self._parent_snapshot_id or -1)
@@ -80,7 +174,7 @@ class RewriteFiles(_SnapshotProducer["RewriteFiles"]):
         added: Iterable[DataFile],
         properties: dict[str, str],
     ):
-        super().__init__(operation, transaction, transaction._table.io, snapshot_properties=properties)
+        super().__init__(operation, transaction, transaction_io(transaction), snapshot_properties=properties)
         self._deleted_data_files = set(removed)
         self._added_data_files = list(added)
 

@@ -1,0 +1,252 @@
+"""pyiceberg's private API stays in flight_server/iceberg/internals.py, and still is what that module relies on.
+
+Private names change without notice between pyiceberg releases; keeping them in one module, listed in its
+`PRIVATE_API`, makes an upgrade one file to re-check. These tests fail on any other pyiceberg version than
+the one checked, when a private name or the signature used is gone, and when another module reaches in.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import inspect
+import itertools
+import pathlib
+import uuid
+
+import pyarrow as pa
+import pyiceberg
+import pytest
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.io import FileIO
+from pyiceberg.io.fileformat import FileFormatFactory
+from pyiceberg.io.pyarrow import pyarrow_to_schema
+from pyiceberg.manifest import DataFileContent, FileFormat, ManifestWriter
+from pyiceberg.partitioning import PartitionKey
+from pyiceberg.schema import Schema, assign_fresh_schema_ids
+from pyiceberg.table.update.snapshot import CommitWindow
+
+from flight_server.iceberg import internals
+from flight_server.iceberg.catalog import partition_spec
+from tests.conftest import sqlite_catalog
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "flight_server"
+INTERNALS = PACKAGE / "iceberg" / "internals.py"
+
+# Private attributes that modules other than internals.py may read, as (path under flight_server, attribute):
+# add one only for an object whose private API is known to be stable (none so far).
+ALLOWED_PRIVATE: frozenset[tuple[str, str]] = frozenset()
+
+# Private names that are instance attributes: checked on a real object (`test_a_real_transaction_and_producer`).
+INSTANCE_ATTRIBUTES = {"pyiceberg.table.Transaction._table"}
+
+# The parameters internals.py passes, in order (by position or keyword), of each private callable.
+PARAMETERS = {
+    "pyiceberg.table.update.snapshot._SnapshotProducer": ("operation", "transaction", "io", "snapshot_properties"),
+    "pyiceberg.io.pyarrow._dataframe_to_data_files": ("table_metadata", "df", "io", "write_uuid", "counter"),
+    "pyiceberg.io.pyarrow._determine_partitions": ("spec", "schema", "arrow_table"),
+    "pyiceberg.io.pyarrow._to_requested_schema": (
+        "requested_schema",
+        "file_schema",
+        "batch",
+        "include_field_ids",
+        "format_model",
+    ),
+    "pyiceberg.io.pyarrow._pyarrow_to_schema_without_ids": ("schema",),
+    "pyiceberg.catalog.sql.SqlCatalog._iceberg_type_filter": ("self",),
+}
+
+# What the snapshot producers override, call or read on `_SnapshotProducer` (see its entry in PRIVATE_API).
+PRODUCER_METHODS = (
+    "_manifests",
+    "_existing_manifests",
+    "_deleted_entries",
+    "_summary",
+    "_validate_concurrency",
+    "new_manifest_output",
+    "new_manifest_writer",
+    "spec",
+    "schema",
+)
+PRODUCER_ATTRIBUTES = (
+    "_transaction",
+    "_snapshot_id",
+    "_parent_snapshot_id",
+    "_io",
+    "_compression",
+    "_added_data_files",
+    "_deleted_data_files",
+    "_commit_window",
+)
+
+
+def resolve(dotted: str) -> object:
+    """What a dotted name names: its longest importable module, then attributes."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found: object = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            found = inspect.getattr_static(found, attribute)
+        return found
+    raise ImportError(dotted)
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def owned(node: ast.expr) -> bool:
+    """Whether an attribute is read off the object's own class: `self`, `cls` or `super()`."""
+    if isinstance(node, ast.Name):
+        return node.id in ("self", "cls")
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+
+
+def private_uses(source: str) -> list[tuple[int, str, str]]:
+    """Private pyiceberg names imported, and private attributes read off anything but self, cls or super(),
+    as (line, code, the private name)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pyiceberg":
+            module = node.module or ""
+            private = [part for part in module.split(".") if is_private(part)]
+            private += [alias.name for alias in node.names if is_private(alias.name)]
+            found += [(node.lineno, f"from {module} import ...", name) for name in private]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "pyiceberg":
+                    found += [(node.lineno, f"import {alias.name}", part) for part in parts if is_private(part)]
+        elif isinstance(node, ast.Attribute) and is_private(node.attr) and not owned(node.value):
+            found.append((node.lineno, ast.unparse(node), node.attr))
+    return found
+
+
+def test_pyiceberg_is_the_version_checked() -> None:
+    if pyiceberg.__version__ != internals.CHECKED_VERSION:
+        names = "\n".join(f"  - {name}: {what}" for name, what in internals.PRIVATE_API.items())
+        pytest.fail(
+            f"pyiceberg is {pyiceberg.__version__}; flight_server/iceberg/internals.py was checked against "
+            f"{internals.CHECKED_VERSION}. It uses pyiceberg's private API, which may change in any release: "
+            f"re-check each name below in the new release's source (still there, same parameters, same meaning, "
+            f"still called where the producers expect), run tests/test_deletes.py (it compares the snapshots "
+            f"and manifests the producers commit), then set CHECKED_VERSION.\n{names}"
+        )
+
+
+@pytest.mark.parametrize("name", sorted(set(internals.PRIVATE_API) - INSTANCE_ATTRIBUTES))
+def test_private_name_exists(name: str) -> None:
+    try:
+        resolve(name)
+    except (ImportError, AttributeError) as exc:
+        pytest.fail(f"pyiceberg no longer has {name} ({exc}); internals.py relies on it: {internals.PRIVATE_API[name]}")
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS))
+def test_private_signature(name: str) -> None:
+    target = resolve(name)
+    function = target.__init__ if inspect.isclass(target) else target
+    assert callable(function), f"{name} is no longer callable"
+    parameters = list(inspect.signature(function).parameters)
+    wanted = [p for p in PARAMETERS[name] if p in parameters]
+    positions = [parameters.index(p) for p in wanted]
+    assert wanted == list(PARAMETERS[name]) and positions == sorted(positions), (
+        f"{name}{inspect.signature(function)} no longer takes {PARAMETERS[name]} in that order; "
+        f"internals.py relies on: {internals.PRIVATE_API[name]}"
+    )
+
+
+def test_snapshot_producer_hooks() -> None:
+    producer = resolve("pyiceberg.table.update.snapshot._SnapshotProducer")
+    missing = [m for m in PRODUCER_METHODS if not callable(getattr(producer, m, None))]
+    assert not missing, f"_SnapshotProducer has no {missing}; RewriteFiles and DropRemovedEntries override or call them"
+    assert isinstance(inspect.getattr_static(ManifestWriter, "_meta"), property)
+    assert {"base", "head"} <= {f.name for f in dataclasses.fields(CommitWindow)} and callable(CommitWindow.is_empty)
+
+
+def test_every_private_import_is_listed() -> None:
+    """internals.py's `PRIVATE_API` names each private pyiceberg name it imports (what these tests check)."""
+    imported = set()
+    for node in ast.walk(ast.parse(INTERNALS.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pyiceberg"):
+            imported |= {f"{node.module}.{alias.name}" for alias in node.names if is_private(alias.name)}
+    assert imported - set(internals.PRIVATE_API) == set()
+
+
+def test_a_real_transaction_and_producer(tmp_path: pathlib.Path) -> None:
+    """Each wrapper, and the attributes the producers read, on a real table of an SQL catalog."""
+    catalog = SqlCatalog("internals", **sqlite_catalog(tmp_path))
+    catalog.create_namespace("ns")
+    arrow = pa.schema([pa.field("id", pa.int64(), nullable=False), pa.field("city", pa.string())])
+    schema = assign_fresh_schema_ids(internals.schema_without_ids(arrow))
+    assert isinstance(schema, Schema) and schema.column_names == ["id", "city"]
+    table = catalog.create_table(("ns", "t"), schema=schema, partition_spec=partition_spec(["bucket(2, id)"], schema))
+    with catalog.engine.connect() as connection:
+        bound = {"catalog": catalog.name, "namespace": "ns", "table": "t"}
+        located = connection.execute(internals.metadata_location_query(catalog), bound).scalar()
+    assert located == table.metadata_location
+
+    transaction = table.transaction()
+    assert isinstance(internals.transaction_io(transaction), FileIO)
+    producer = internals.DropRemovedEntries(transaction, {})
+    missing = [a for a in PRODUCER_ATTRIBUTES if a not in vars(producer)]
+    assert not missing, f"_SnapshotProducer no longer sets {missing}; RewriteFiles and DropRemovedEntries read them"
+
+    rows = pa.table({"id": [1, 2, 3, 4], "city": ["a", "b", "c", "d"]}, schema=arrow)
+    parts = internals.partitions(table.spec(), table.schema(), rows)
+    assert all(isinstance(key, PartitionKey) for key, _ in parts) and sum(p.num_rows for _, p in parts) == 4
+    batch_schema = pyarrow_to_schema(rows.schema, name_mapping=table.schema().name_mapping)
+    batch = internals.to_file_schema(
+        table.schema(), batch_schema, rows.to_batches()[0], FileFormatFactory.get(FileFormat.PARQUET)
+    )
+    assert batch.schema.field("id").metadata == {b"PARQUET:field_id": b"1"}
+    files = list(internals.dataframe_to_data_files(table.metadata, rows, table.io, uuid.uuid4(), itertools.count()))
+    assert sum(f.record_count for f in files) == 4 and {f.content for f in files} == {DataFileContent.DATA}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from pyiceberg.io.pyarrow import _determine_partitions",
+        "from pyiceberg.table._private import thing",
+        "import pyiceberg._private",
+        "io = transaction._table.io",
+        "kind = self.catalog._iceberg_type_filter()",
+    ],
+)
+def test_the_check_catches(source: str) -> None:
+    assert private_uses(source)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from pyiceberg.io.pyarrow import pyarrow_to_schema",
+        "self._open = {}",
+        "cls._cache.clear()",
+        "meta = super()._meta",
+        "name = type(x).__name__",
+    ],
+)
+def test_the_check_allows(source: str) -> None:
+    assert not private_uses(source)
+
+
+def test_only_internals_uses_private_api() -> None:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == INTERNALS:
+            continue
+        where = path.relative_to(PACKAGE).as_posix()
+        for line, code, name in private_uses(path.read_text()):
+            if (where, name) not in ALLOWED_PRIVATE:
+                found.append(f"flight_server/{where}:{line}: {code}")
+    assert not found, (
+        "private API used outside flight_server/iceberg/internals.py (wrap it there in a public function, list it "
+        "in PRIVATE_API, or allow it in ALLOWED_PRIVATE if it is not pyiceberg's):\n" + "\n".join(found)
+    )
