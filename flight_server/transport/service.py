@@ -59,7 +59,7 @@ from flight_server.wire.actions import (
     UnpinRequest,
 )
 from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode
-from flight_server.wire.errors import LimitError, ProtocolError, RequestError, RequestTooLargeError
+from flight_server.wire.errors import RequestError
 from flight_server.wire.reads import HistoricalRequest, OnlineRequest, ScanRequest, parse_ticket
 from flight_server.wire.writes import parse_write
 
@@ -100,10 +100,6 @@ def _flight_errors(handler: F) -> F:
     def wrapper(self: FeatureFlightServer, context: flight.ServerCallContext, *args: Any) -> Any:
         try:
             return handler(self, context, *args)
-        except RequestTooLargeError as exc:
-            raise to_flight_error(LimitError(str(exc))) from None
-        except ProtocolError as exc:
-            raise to_flight_error(RequestError(str(exc))) from None
         except (RequestError, flight.FlightError) as exc:
             log.info("%s refused: %s", handler.__name__, exc)
             raise to_flight_error(exc) from None
