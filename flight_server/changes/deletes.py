@@ -50,7 +50,7 @@ from flight_server.iceberg.catalog import PROP_DELETE_MODE, FeatureSpec, table_n
 from flight_server.iceberg.positions import PATH_FIELD_ID, POS_FIELD_ID, POSITION_DELETE_SCHEMA, referenced_data_file
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.duck import local_path
-from flight_server.wire.actions import DELETE_MODES, DeleteRequest
+from flight_server.wire.actions import DELETE_MODES, DeleteRequest, DeleteResult
 from flight_server.wire.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def write_position_deletes(table: Table, data_files: list[DataFile], positions: 
 class Deleter(TableChanges):
     """Runs `delete` actions against the catalog."""
 
-    def delete(self, request: DeleteRequest) -> dict[str, Any]:
+    def delete(self, request: DeleteRequest) -> DeleteResult:
         table = self.catalog.load(request.table)
         mode = request.mode or delete_mode(table)
         if mode == MERGE_ON_READ and table.metadata.format_version != 2:
@@ -162,7 +162,7 @@ class Deleter(TableChanges):
             result["delete_files_added"],
             result["snapshot_id"],
         )
-        return result
+        return DeleteResult(**result)
 
     def _delete_once(self, request: DeleteRequest, mode: str) -> dict[str, Any]:
         """Plan on the current snapshot, write the files, commit them (or delete them and raise)."""

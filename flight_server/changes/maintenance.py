@@ -36,7 +36,15 @@ from flight_server.iceberg.catalog import FeatureSpec, pins, table_name
 from flight_server.iceberg.positions import referenced_data_file
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.duck import local_path
-from flight_server.wire.actions import CompactRequest, ExpireRequest, PinRequest, UnpinRequest
+from flight_server.wire.actions import (
+    CompactRequest,
+    CompactResult,
+    ExpireRequest,
+    ExpireResult,
+    PinRequest,
+    PinResult,
+    UnpinRequest,
+)
 from flight_server.wire.codec import parse_timestamp
 from flight_server.wire.errors import NotFoundError, RequestError
 
@@ -89,11 +97,11 @@ class Maintenance(TableChanges):
 
     # Compaction
 
-    def compact(self, request: CompactRequest) -> dict[str, Any]:
+    def compact(self, request: CompactRequest) -> CompactResult:
         result = self._until(request.table, "compact", lambda: self._compact_once(request))
         if not result["compacted"]:
             log.info("compaction of %s: nothing to do", result["table"])
-            return result
+            return CompactResult(**result)
         log.info(
             "compacted %s: %d data and %d delete file(s) into %d data file(s) of %d rows: snapshot %s",
             result["table"],
@@ -103,7 +111,7 @@ class Maintenance(TableChanges):
             result["rows"],
             result["snapshot_id"],
         )
-        return result
+        return CompactResult(**result)
 
     def _compact_once(self, request: CompactRequest) -> dict[str, Any]:
         table = self.catalog.load(request.table)
@@ -166,7 +174,7 @@ class Maintenance(TableChanges):
 
     # Snapshot expiry and pins
 
-    def expire(self, request: ExpireRequest) -> dict[str, Any]:
+    def expire(self, request: ExpireRequest) -> ExpireResult:
         result = self._until(request.table, "expire snapshots of", lambda: self._expire_once(request))
         log.info(
             "expired %d snapshot(s) of %s (%d kept for pins, pins %s dropped), %d file(s) deleted",
@@ -176,7 +184,7 @@ class Maintenance(TableChanges):
             result["unpinned"],
             result["files_deleted"],
         )
-        return result
+        return ExpireResult(**result)
 
     def _expire_once(self, request: ExpireRequest) -> dict[str, Any]:
         table = self.catalog.load(request.table)
@@ -222,8 +230,8 @@ class Maintenance(TableChanges):
         result["files_deleted"] = len(files)
         return result
 
-    def pin(self, request: PinRequest) -> dict[str, Any]:
-        return self._until(request.table, "pin a snapshot of", lambda: self._pin_once(request))
+    def pin(self, request: PinRequest) -> PinResult:
+        return PinResult(**self._until(request.table, "pin a snapshot of", lambda: self._pin_once(request)))
 
     def _pin_once(self, request: PinRequest) -> dict[str, Any]:
         table = self.catalog.load(request.table)
@@ -249,8 +257,8 @@ class Maintenance(TableChanges):
             log.info("pinned snapshot %s of %s as %r", snapshot_id, name, pin)
         return {"table": name, "name": pin, "snapshot_id": snapshot_id}
 
-    def unpin(self, request: UnpinRequest) -> dict[str, Any]:
-        return self._until(request.table, "unpin a snapshot of", lambda: self._unpin_once(request))
+    def unpin(self, request: UnpinRequest) -> PinResult:
+        return PinResult(**self._until(request.table, "unpin a snapshot of", lambda: self._unpin_once(request)))
 
     def _unpin_once(self, request: UnpinRequest) -> dict[str, Any]:
         table = self.catalog.load(request.table)

@@ -17,48 +17,23 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
-from pyiceberg.table import Table
 
-from flight_server import __version__
 from flight_server.base.config import ServerConfig
-from flight_server.base.locks import LockPool
-from flight_server.changes.deletes import Deleter
-from flight_server.changes.maintenance import Maintenance
-from flight_server.changes.writes import Writer
-from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, describe, table_name
-from flight_server.online.service import OnlineService
-from flight_server.online.store import OnlineStore
-from flight_server.reads.duck import Engine
 from flight_server.reads.paths import open_scan, scan_parts
 from flight_server.reads.plan import ScanPlan, plan_scan, plan_table_scan
-from flight_server.training.asof import AsofCache
 from flight_server.training.entities import plan_request
 from flight_server.training.plan import endpoint_requests
-from flight_server.training.sets import TrainingSets
-from flight_server.transport.auth import (
-    MIDDLEWARE_KEY,
-    AuthMiddlewareFactory,
-    TokenSource,
-    action_permission,
-    principal,
-    request_tables,
-)
+from flight_server.transport.actions import ACTIONS, table_summary, visible_tables
+from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
 from flight_server.transport.client_streams import ClientReader, ClientWriter
+from flight_server.transport.components import Components
 from flight_server.transport.errors import to_flight_error
 from flight_server.transport.idle import MIDDLEWARE_KEY as IDLE_KEY
 from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
 from flight_server.transport.limits import ConcurrencyLimit, is_session
 from flight_server.transport.tls import server_tls_options
-from flight_server.wire.actions import (
-    CompactRequest,
-    DeleteRequest,
-    ExpireRequest,
-    PinRequest,
-    TableRequest,
-    UnpinRequest,
-)
-from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode
+from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, encode_reply
 from flight_server.wire.errors import RequestError
 from flight_server.wire.reads import HistoricalRequest, OnlineRequest, ScanRequest, parse_ticket
 from flight_server.wire.writes import parse_write
@@ -66,20 +41,6 @@ from flight_server.wire.writes import parse_write
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-ACTIONS = {
-    "list_tables": "List every table with its feature definition. Body: none.",
-    "describe": 'Describe one table: schema, keys, event time, TTL, partitioning, snapshots. Body: {"table": "ns.t"}.',
-    "health": "Server status, version and catalog. Body: none.",
-    "delete": 'Delete rows by entity keys and/or a filter, copy-on-write or merge-on-read. Body: {"table": "ns.t", '
-    '"keys": {"driver_id": [1, 2]}, "filter": "...", "mode": "merge-on-read"}.',
-    "compact": 'Rewrite data and delete files into well-sized data files, in one commit. Body: {"table": "ns.t", '
-    '"filter": "..."}.',
-    "expire_snapshots": "Forget old snapshots and delete the files only they used; pinned ones stay unless forced. "
-    'Body: {"table": "ns.t", "older_than": "2026-01-01T00:00:00Z", "retain_last": 10, "force": false}.',
-    "pin": 'Keep a snapshot from expiring (an Iceberg tag). Body: {"table": "ns.t", "snapshot_id": 1, "name": "..."}.',
-    "unpin": 'Drop a pin. Body: {"table": "ns.t", "name": "..."}.',
-}
 
 SNAPSHOT_METADATA_KEY = b"flight.snapshot_id"
 
@@ -133,31 +94,13 @@ class FeatureFlightServer(flight.FlightServerBase):
         self.idle = IdleWatch(config.idle_timeout_seconds) if config.idle_timeout_seconds else None
         if self.idle is not None:
             middleware[IDLE_KEY] = self.idle
-        self.catalog = FeatureCatalog(
-            config.catalog_name, config.resolved_catalog_properties(), config.default_namespace
+        self.parts = Components.build(config)
+        self.catalog, self.engine, self.training, self.online = (
+            self.parts.catalog,
+            self.parts.engine,
+            self.parts.training,
+            self.parts.online,
         )
-        self.engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
-        self.engine.use_storage(self.catalog.properties)
-        locks = LockPool()
-        self.writer = Writer(self.catalog, config.write_chunk_bytes, config.commit_timeout_seconds, locks)
-        # Deletes and maintenance commit through the same per-table locks as writes.
-        limits = (config.write_chunk_bytes, config.commit_timeout_seconds, config.batch_rows)
-        self.deleter = Deleter(self.catalog, self.engine, locks, *limits)
-        self.maintenance = Maintenance(self.catalog, self.engine, locks, *limits)
-        # The actions that change tables: how to parse each body, and what runs it.
-        self._changes: dict[str, tuple[Callable[[dict[str, Any]], Any], Callable[[Any], dict[str, Any]]]] = {
-            "delete": (DeleteRequest.from_body, self.deleter.delete),
-            "compact": (CompactRequest.from_body, self.maintenance.compact),
-            "expire_snapshots": (ExpireRequest.from_body, self.maintenance.expire),
-            "pin": (PinRequest.from_body, self.maintenance.pin),
-            "unpin": (UnpinRequest.from_body, self.maintenance.unpin),
-        }
-        self.store = OnlineStore(
-            self.catalog, self.engine, config.online_refresh_seconds, config.online_max_bytes, config.online_tables
-        )
-        cache = AsofCache(self.engine, config.historical_cache_bytes)
-        self.training = TrainingSets(self.catalog, self.engine, cache, config.batch_rows, config.max_exchange_bytes)
-        self.online = OnlineService(self.store, self.catalog, self.training)
         self.sessions = OpenSessions()
         location = f"{config.scheme}://{config.host}:{config.port}"
         super().__init__(location, middleware=middleware, **tls, **kwargs)
@@ -174,7 +117,7 @@ class FeatureFlightServer(flight.FlightServerBase):
     def shutdown(self) -> None:
         """Stop taking calls and wait for running ones; online sessions still open after a short grace
         (their clients keep them open between lookups) have their connections cut."""
-        self.store.close()
+        self.parts.close()
         if self.idle is not None:
             self.idle.stop()
         stopping = threading.Thread(target=super().shutdown, name="flight-shutdown")
@@ -315,8 +258,8 @@ class FeatureFlightServer(flight.FlightServerBase):
             raise RequestError("do_put needs a command descriptor holding a write request (see docs/protocol.md)")
         request = self._authorized(context, parse_write(descriptor.command, self.config.max_request_bytes))
         reader, writer = self._client_streams(context, reader, writer)
-        result = self.writer.write(request, reader, context.is_cancelled)
-        self.store.notify(result.table)
+        result = self.parts.writer.write(request, reader, context.is_cancelled)
+        self.parts.store.notify(result.table)
         writer.write(pa.py_buffer(result.to_bytes()))
 
     @_flight_errors
@@ -347,72 +290,37 @@ class FeatureFlightServer(flight.FlightServerBase):
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
         prefix = criteria.decode() if criteria else ""
         infos = []
-        for name in self._visible_tables(context):
+        for name in visible_tables(self.catalog, principal(context)):
             if name.startswith(prefix):
                 table = self.catalog.load(name)
-                summary = self._table_summary(table)
+                summary = table_summary(table)
                 plan = plan_table_scan(table, ScanRequest(table=name))
                 infos.append(
                     flight.FlightInfo(
                         self._schema(plan),
                         flight.FlightDescriptor.for_path(name),
                         [flight.FlightEndpoint(ScanRequest(table=name).to_bytes(), [])],
-                        summary["rows"],
+                        summary.rows,
                         -1,
-                        app_metadata=json.dumps(summary).encode(),
+                        app_metadata=summary.to_bytes(),
                     )
                 )
         return iter(infos)
 
-    def _visible_tables(self, context: flight.ServerCallContext) -> list[str]:
-        """The tables in the namespaces the caller may use."""
-        caller = principal(context)
-        return [name for name in self.catalog.table_names() if caller.may_use(name.rpartition(".")[0])]
-
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
-        return list(ACTIONS.items())
+        return [(action.name, action.doc) for action in ACTIONS.values()]
 
     @_flight_errors
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
-        if action.type not in ACTIONS:
+        row = ACTIONS.get(action.type)
+        if row is None:
             raise RequestError(f"unknown action {action.type!r}; available: {sorted(ACTIONS)}")
-        principal(context).require(action_permission(action.type), f"action {action.type!r}")
-        body = action.body.to_pybytes() if action.body is not None else b""
-        if action.type == "health":
-            self.catalog.catalog.list_namespaces()
-            result: Any = {
-                "status": "ok",
-                "version": __version__,
-                "catalog": self.catalog.name,
-                "catalog_type": self.catalog.properties.get("type", ""),
-                "writes_in_progress": self.writer.in_progress,
-                "online": self.store.stats(),
-                "training_set_cache": self.training.cache.stats(),
-            }
-        elif action.type == "list_tables":
-            result = [self._table_summary(self.catalog.load(name)) for name in self._visible_tables(context)]
-        elif action.type == "describe":
+        caller = principal(context)
+        caller.require(row.permission, f"action {action.type!r}")
+        request = None
+        if row.parse is not None:
+            body = action.body.to_pybytes() if action.body is not None else b""
             request = self._authorized(
-                context, TableRequest.from_body(decode(body, "describe body", self.config.max_request_bytes))
+                context, row.parse(decode(body, f"{action.type} body", self.config.max_request_bytes))
             )
-            result = describe(self.catalog.load(request.table))
-            index = self.store.peek(request.table)
-            result["online"] = index.stats() if index is not None else None
-        else:
-            parse, run = self._changes[action.type]
-            change = self._authorized(
-                context, parse(decode(body, f"{action.type} body", self.config.max_request_bytes))
-            )
-            result = run(change)
-            self.store.notify(change.table)
-        return iter([json.dumps(result).encode()])
-
-    def _table_summary(self, table: Table) -> dict[str, Any]:
-        spec = FeatureSpec.from_properties(table.metadata.properties)
-        snapshot = table.current_snapshot()
-        return {
-            "table": table_name(table),
-            "feature": spec.as_dict() if spec else None,
-            "current_snapshot_id": snapshot.snapshot_id if snapshot else None,
-            "rows": int(snapshot.summary["total-records"]) if snapshot and snapshot.summary else 0,
-        }
+        return iter([encode_reply(row.run(self.parts, caller, request))])
