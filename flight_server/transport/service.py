@@ -1,33 +1,29 @@
-"""The Flight service: routes each RPC to the module that does the work.
+"""The Flight service: routes each RPC to the part that does the work. Reads go to the handler of their request's
+kind (`handlers.py`), actions to their row of the action table (`actions.py`), writes to the writer.
 
-Every handler turns client mistakes into Flight errors that carry only the explanation
+Every RPC turns client mistakes into Flight errors that carry only the explanation
 (`errors.to_flight_error`), so one bad request never disturbs anyone else.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_server.base.config import ServerConfig
-from flight_server.reads.paths import open_scan, scan_parts
-from flight_server.reads.plan import ScanPlan, plan_scan, plan_table_scan
-from flight_server.training.entities import plan_request
-from flight_server.training.plan import endpoint_requests
+from flight_server.reads.plan import plan_table_scan
 from flight_server.transport.actions import ACTIONS, table_summary, visible_tables
 from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
 from flight_server.transport.client_streams import ClientReader, ClientWriter
 from flight_server.transport.components import Components
 from flight_server.transport.errors import to_flight_error
+from flight_server.transport.handlers import Endpoints, ReadRequest, handlers, scan_schema
 from flight_server.transport.idle import MIDDLEWARE_KEY as IDLE_KEY
 from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
@@ -35,18 +31,12 @@ from flight_server.transport.limits import ConcurrencyLimit, is_session
 from flight_server.transport.tls import server_tls_options
 from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, encode_reply
 from flight_server.wire.errors import RequestError
-from flight_server.wire.reads import HistoricalRequest, OnlineRequest, ScanRequest, parse_ticket
+from flight_server.wire.reads import ScanRequest, parse_ticket
 from flight_server.wire.writes import parse_write
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-SNAPSHOT_METADATA_KEY = b"flight.snapshot_id"
-
-TABLE_METADATA_KEY = b"flight.table"
-
-READ_PATH_METADATA_KEY = b"flight.read_path"
 
 # Passed explicitly: pyarrow reads two environment variables per stream to make the default.
 WRITE_OPTIONS = pa.ipc.IpcWriteOptions()
@@ -78,8 +68,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         # Settings are checked first, and everything a handler needs exists before the base class opens the port.
         self.config = config
         tls = server_tls_options(config)
-        self._locations = config.endpoint_locations()
-        self._turn = itertools.count()
+        endpoints = Endpoints(config.endpoint_locations())
         middleware: dict[str, flight.ServerMiddlewareFactory] = {}
         self.auth: AuthMiddlewareFactory | None = None
         if config.auth_tokens:  # first: calls without a valid token take no slot of the limit
@@ -95,13 +84,8 @@ class FeatureFlightServer(flight.FlightServerBase):
         if self.idle is not None:
             middleware[IDLE_KEY] = self.idle
         self.parts = Components.build(config)
-        self.catalog, self.engine, self.training, self.online = (
-            self.parts.catalog,
-            self.parts.engine,
-            self.parts.training,
-            self.parts.online,
-        )
         self.sessions = OpenSessions()
+        self._handlers = handlers(self.parts, endpoints, self.sessions)
         location = f"{config.scheme}://{config.host}:{config.port}"
         super().__init__(location, middleware=middleware, **tls, **kwargs)
         if self.idle is not None:
@@ -160,91 +144,36 @@ class FeatureFlightServer(flight.FlightServerBase):
         client_reader = ClientReader(reader, call if watch_reads else None, self.config.max_batch_bytes)
         return client_reader, ClientWriter(writer, call) if call else writer
 
-    def _request(
-        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
-    ) -> ScanRequest | HistoricalRequest | OnlineRequest:
+    def _request(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> ReadRequest:
         if descriptor.descriptor_type == flight.DescriptorType.PATH:
             if len(descriptor.path) != 1:
                 raise RequestError("a path descriptor names one table: ['namespace.table']")
-            request: ScanRequest | HistoricalRequest | OnlineRequest = ScanRequest(table=descriptor.path[0].decode())
+            request: ReadRequest = ScanRequest(table=descriptor.path[0].decode())
         else:
             request = parse_ticket(descriptor.command, "descriptor", self.config.max_request_bytes)
         return self._authorized(context, request)
 
     def _authorized(self, context: flight.ServerCallContext, request: Any) -> Any:
         """`request`, once the caller may use every table it names (the RPC's permission is checked earlier)."""
-        principal(context).check_tables(self.catalog, request_tables(request))
+        principal(context).check_tables(self.parts.catalog, request_tables(request))
         return request
-
-    def _endpoints(self, tickets: list[bytes]) -> list[flight.FlightEndpoint]:
-        """Endpoints spread round robin over the replicas, starting one further each call; each lists every
-        replica, its own first, so a client can fall back to the next. No locations: fetch from this server."""
-        n = len(self._locations)
-        start = next(self._turn) if n else 0
-        return [
-            flight.FlightEndpoint(ticket, [self._locations[(start + i + k) % n] for k in range(n)])
-            for i, ticket in enumerate(tickets)
-        ]
-
-    def _schema(self, plan: ScanPlan, read_path: str | None = None) -> pa.Schema:
-        metadata = {TABLE_METADATA_KEY: plan.name.encode(), SNAPSHOT_METADATA_KEY: str(plan.snapshot_id).encode()}
-        if read_path is not None:
-            metadata[READ_PATH_METADATA_KEY] = read_path.encode()
-        return plan.schema.with_metadata(metadata)
 
     @_flight_errors
     def get_flight_info(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         request = self._request(context, descriptor)
-        if isinstance(request, HistoricalRequest):
-            return self._historical_info(descriptor, request)
-        if isinstance(request, OnlineRequest):
-            schema = self.online.plan(request).schema
-            return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(request.to_bytes(), [])], -1, -1)
-        if request.part is not None:
-            raise RequestError("scan request: 'part' is for tickets; ask get_flight_info for 'partitions' instead")
-        plan = plan_scan(self.catalog, request)
-        # Tickets pin the snapshot, so fetching them later returns exactly what was described.
-        parts = scan_parts(plan, request.partitions or self.config.scan_partitions)
-        tickets = [replace(request, snapshot_id=plan.snapshot_id, as_of=None, partitions=None, part=p) for p in parts]
-        return flight.FlightInfo(
-            self._schema(plan),
-            descriptor,
-            self._endpoints([ticket.to_bytes() for ticket in tickets]),
-            plan.estimated_rows(),
-            -1,
-            app_metadata=json.dumps(plan.metadata()).encode(),
-        )
-
-    def _historical_info(self, descriptor: flight.FlightDescriptor, request: HistoricalRequest) -> flight.FlightInfo:
-        plan, inline = plan_request(self.catalog, request)
-        parts = endpoint_requests(plan, request.partitions or self.config.historical_partitions)
-        endpoints = self._endpoints([part.to_bytes() for part in parts])
-        rows = inline.num_rows if inline is not None else -1
-        return flight.FlightInfo(
-            plan.schema, descriptor, endpoints, rows, -1, app_metadata=json.dumps(plan.snapshots()).encode()
-        )
+        return self._handlers[type(request)].info(descriptor, request)
 
     @_flight_errors
     def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         request = self._request(context, descriptor)
-        if isinstance(request, HistoricalRequest):
-            return flight.SchemaResult(plan_request(self.catalog, request)[0].schema)
-        if isinstance(request, OnlineRequest):
-            return flight.SchemaResult(self.online.plan(request).schema)
-        return flight.SchemaResult(self._schema(plan_scan(self.catalog, request)))
+        return flight.SchemaResult(self._handlers[type(request)].schema(request))
 
     @_flight_errors
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
         request = self._authorized(context, parse_ticket(ticket.ticket, limit=self.config.max_request_bytes))
-        if isinstance(request, HistoricalRequest):
-            return self._stream(context, self.training.open(request))
-        if isinstance(request, OnlineRequest):
-            return self._stream(context, self.online.get(request))
-        plan = plan_scan(self.catalog, request)
-        reader, path = open_scan(plan, self.engine, self.config.batch_rows)
-        return self._stream(context, reader.cast(self._schema(plan, path)))
+        return self._stream(context, self._handlers[type(request)].open(request))
 
     @_flight_errors
     def do_put(
@@ -271,33 +200,24 @@ class FeatureFlightServer(flight.FlightServerBase):
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
         request = self._request(context, descriptor)
-        online = isinstance(request, OnlineRequest)
-        if is_session(context) and not online:
+        handler = self._handlers[type(request)]
+        if is_session(context) and not handler.waits_on_client:
             raise RequestError(f"the {ONLINE_SESSION_HEADER!r} header is for online lookups only")
-        # An online stream may wait for its client's next keys as long as the client likes: a session.
-        reader, writer = self._client_streams(context, reader, writer, watch_reads=not online)
-        if online:
-            with self.sessions.open(context.peer()):
-                rows = self.online.exchange(request, reader, writer)
-            log.debug("online lookup of %d streamed entities", rows)
-            return
-        if not isinstance(request, HistoricalRequest):
-            raise RequestError("do_exchange takes a historical or an online request (see docs/protocol.md)")
-        rows = self.training.exchange(request, reader, writer, context.is_cancelled)
-        log.info("training set of %d entity rows streamed", rows)
+        reader, writer = self._client_streams(context, reader, writer, watch_reads=not handler.waits_on_client)
+        handler.exchange(request, reader, writer, context)
 
     @_flight_errors
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
         prefix = criteria.decode() if criteria else ""
         infos = []
-        for name in visible_tables(self.catalog, principal(context)):
+        for name in visible_tables(self.parts.catalog, principal(context)):
             if name.startswith(prefix):
-                table = self.catalog.load(name)
+                table = self.parts.catalog.load(name)
                 summary = table_summary(table)
                 plan = plan_table_scan(table, ScanRequest(table=name))
                 infos.append(
                     flight.FlightInfo(
-                        self._schema(plan),
+                        scan_schema(plan),
                         flight.FlightDescriptor.for_path(name),
                         [flight.FlightEndpoint(ScanRequest(table=name).to_bytes(), [])],
                         summary.rows,
