@@ -1,5 +1,5 @@
 """What the RPCs work with, built once per server from its settings: the catalog, the query engine, the
-writers and the read services. The service routes to them; `close` stops what runs in the background."""
+writers and the read services. The service routes to them, and closes them when it shuts down."""
 
 from __future__ import annotations
 
@@ -58,5 +58,7 @@ class Components:
         )
 
     def close(self) -> None:
-        """Stop the background work (the online store's refresh thread)."""
+        """Stop the background work, once the server takes no more calls: the online store's refresh thread
+        and the training sets' join workers."""
         self.store.close()
+        self.training.close()

@@ -100,8 +100,7 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     def shutdown(self) -> None:
         """Stop taking calls and wait for running ones; online sessions still open after a short grace
-        (their clients keep them open between lookups) have their connections cut."""
-        self.parts.close()
+        (their clients keep them open between lookups) have their connections cut. Then the server's parts close."""
         if self.idle is not None:
             self.idle.stop()
         stopping = threading.Thread(target=super().shutdown, name="flight-shutdown")
@@ -111,6 +110,7 @@ class FeatureFlightServer(flight.FlightServerBase):
             if self.sessions.cut(self.port):
                 log.info("shutdown: ended the open online sessions")
             stopping.join(1.0)
+        self.parts.close()
 
     def reload_tokens(self) -> None:
         """Read `--auth-tokens-file` again now (SIGHUP); otherwise it is re-read within a second of changing."""
