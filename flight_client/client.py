@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import threading
 from collections.abc import Iterable, Iterator
@@ -18,7 +17,7 @@ import pyarrow.flight as flight
 from flight_client.errors import FeatureServerError, ResourceExhaustedError, from_flight_error
 from flight_client.sessions import Sessions
 from flight_server.wire.actions import CompactRequest, DeleteRequest, ExpireRequest, PinRequest, UnpinRequest
-from flight_server.wire.codec import encode, format_timestamp
+from flight_server.wire.codec import decode_reply, encode, format_timestamp
 from flight_server.wire.reads import (
     MAX_INLINE_ENTITIES,
     EntitySource,
@@ -516,13 +515,14 @@ class FeatureClient:
         return self._action("describe", {"table": table})
 
     def health(self) -> dict[str, Any]:
+        """Whether the server and its catalog answer: version, writes in progress, online index and cache memory."""
         return self._action("health")
 
     def _action(self, name: str, body: dict[str, Any] | None = None) -> Any:
         payload = encode(body) if body is not None else b""
         try:
             results: Iterator[flight.Result] = self._client.do_action(flight.Action(name, payload), self._options)
-            return json.loads(b"".join(r.body.to_pybytes() for r in results))
+            return decode_reply(b"".join(r.body.to_pybytes() for r in results))
         except flight.FlightError as exc:
             raise from_flight_error(exc) from None
 

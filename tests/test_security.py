@@ -16,7 +16,8 @@ import pytest
 
 from flight_client import FeatureClient, FeatureServerError, PermissionDeniedError, UnauthenticatedError
 from flight_server.base.config import ServerConfig
-from flight_server.transport.auth import ADMIN, READ, TokenStore, action_permission, load_tokens
+from flight_server.transport.actions import ACTIONS
+from flight_server.transport.auth import ADMIN, READ, TokenStore, load_tokens
 from tests.certs import Authority
 from tests.conftest import sqlite_catalog, start_server
 
@@ -146,8 +147,9 @@ def test_basic_authentication_logs_in_for_the_token(secured: str) -> None:
 
 
 def test_maintenance_actions_need_admin() -> None:
-    assert [action_permission(a) for a in ("health", "describe", "list_tables")] == [READ] * 3
-    assert [action_permission(a) for a in ("delete", "compact", "expire_snapshots")] == [ADMIN] * 3
+    assert [ACTIONS[a].permission for a in ("health", "describe", "list_tables")] == [READ] * 3
+    maintenance = ("delete", "compact", "expire_snapshots", "pin", "unpin")
+    assert [ACTIONS[a].permission for a in maintenance] == [ADMIN] * 5
 
 
 def test_namespaced_token_uses_its_namespace_only(secured: str) -> None:

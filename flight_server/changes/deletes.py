@@ -39,7 +39,7 @@ from flight_server.changes.commits import SCAN_SOURCE, delete_files
 from flight_server.changes.rewrite import Plan, Rewriter, SnapshotRows
 from flight_server.iceberg.catalog import PROP_DELETE_MODE, FeatureSpec, table_name
 from flight_server.iceberg.positions import PATH_FIELD_ID, POS_FIELD_ID, POSITION_DELETE_SCHEMA, referenced_data_file
-from flight_server.wire.actions import DELETE_MODES, DeleteRequest
+from flight_server.wire.actions import DELETE_MODES, DeleteRequest, DeleteResult
 from flight_server.wire.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def write_position_deletes(table: Table, data_files: list[DataFile], positions: 
 class Deleter(Rewriter):
     """Runs `delete` actions against the catalog."""
 
-    def delete(self, request: DeleteRequest) -> dict[str, Any]:
+    def delete(self, request: DeleteRequest) -> DeleteResult:
         table = self.catalog.load(request.table)
         mode = request.mode or delete_mode(table)
         if mode == MERGE_ON_READ and table.metadata.format_version != 2:
@@ -154,16 +154,16 @@ class Deleter(Rewriter):
             done.delete_files_added,
             done.snapshot_id,
         )
-        return {
-            "table": done.table,
-            "mode": mode,
-            "snapshot_id": done.snapshot_id,
-            "rows_deleted": done.rows,
-            "data_files_removed": done.data_files_removed,
-            "data_files_added": done.data_files_added,
-            "delete_files_added": done.delete_files_added,
-            "delete_files_removed": done.delete_files_removed,
-        }
+        return DeleteResult(
+            table=done.table,
+            mode=mode,
+            snapshot_id=done.snapshot_id,
+            rows_deleted=done.rows,
+            data_files_removed=done.data_files_removed,
+            data_files_added=done.data_files_added,
+            delete_files_added=done.delete_files_added,
+            delete_files_removed=done.delete_files_removed,
+        )
 
     def _plan(self, rows: SnapshotRows, request: DeleteRequest, mode: str) -> Plan | None:
         """Find the matching rows (data file and position) and write the files that delete them."""

@@ -26,7 +26,15 @@ from flight_server.changes.commits import SCAN_SOURCE
 from flight_server.changes.rewrite import Plan, Rewriter, SnapshotRows
 from flight_server.iceberg.catalog import pins, table_name
 from flight_server.iceberg.positions import referenced_data_file
-from flight_server.wire.actions import CompactRequest, ExpireRequest, PinRequest, UnpinRequest
+from flight_server.wire.actions import (
+    CompactRequest,
+    CompactResult,
+    ExpireRequest,
+    ExpireResult,
+    PinRequest,
+    PinResult,
+    UnpinRequest,
+)
 from flight_server.wire.codec import parse_timestamp
 from flight_server.wire.errors import NotFoundError, RequestError
 
@@ -75,7 +83,7 @@ class Maintenance(Rewriter):
 
     # Compaction
 
-    def compact(self, request: CompactRequest) -> dict[str, Any]:
+    def compact(self, request: CompactRequest) -> CompactResult:
         done = self.rewrite(request.table, "compact", "compact", lambda rows: self._plan_compaction(rows, request))
         if done.committed:
             log.info(
@@ -89,15 +97,15 @@ class Maintenance(Rewriter):
             )
         else:
             log.info("compaction of %s: nothing to do", done.table)
-        return {
-            "table": done.table,
-            "snapshot_id": done.snapshot_id,
-            "compacted": done.committed,
-            "data_files_removed": done.data_files_removed,
-            "delete_files_removed": done.delete_files_removed,
-            "data_files_added": done.data_files_added,
-            "rows": done.rows,
-        }
+        return CompactResult(
+            table=done.table,
+            snapshot_id=done.snapshot_id,
+            compacted=done.committed,
+            data_files_removed=done.data_files_removed,
+            delete_files_removed=done.delete_files_removed,
+            data_files_added=done.data_files_added,
+            rows=done.rows,
+        )
 
     def _plan_compaction(self, rows: SnapshotRows, request: CompactRequest) -> Plan | None:
         """The data files in scope (all, or those holding a row the filter matches) and the delete files that
@@ -121,7 +129,7 @@ class Maintenance(Rewriter):
 
     # Snapshot expiry and pins
 
-    def expire(self, request: ExpireRequest) -> dict[str, Any]:
+    def expire(self, request: ExpireRequest) -> ExpireResult:
         result = self.until(request.table, "expire snapshots of", lambda: self._expire_once(request))
         log.info(
             "expired %d snapshot(s) of %s (%d kept for pins, pins %s dropped), %d file(s) deleted",
@@ -131,7 +139,7 @@ class Maintenance(Rewriter):
             result["unpinned"],
             result["files_deleted"],
         )
-        return result
+        return ExpireResult(**result)
 
     def _expire_once(self, request: ExpireRequest) -> dict[str, Any]:
         table = self.catalog.load(request.table)
@@ -177,8 +185,8 @@ class Maintenance(Rewriter):
         result["files_deleted"] = len(files)
         return result
 
-    def pin(self, request: PinRequest) -> dict[str, Any]:
-        return self.until(request.table, "pin a snapshot of", lambda: self._pin_once(request))
+    def pin(self, request: PinRequest) -> PinResult:
+        return PinResult(**self.until(request.table, "pin a snapshot of", lambda: self._pin_once(request)))
 
     def _pin_once(self, request: PinRequest) -> dict[str, Any]:
         table = self.catalog.load(request.table)
@@ -204,8 +212,8 @@ class Maintenance(Rewriter):
             log.info("pinned snapshot %s of %s as %r", snapshot_id, name, pin)
         return {"table": name, "name": pin, "snapshot_id": snapshot_id}
 
-    def unpin(self, request: UnpinRequest) -> dict[str, Any]:
-        return self.until(request.table, "unpin a snapshot of", lambda: self._unpin_once(request))
+    def unpin(self, request: UnpinRequest) -> PinResult:
+        return PinResult(**self.until(request.table, "unpin a snapshot of", lambda: self._unpin_once(request)))
 
     def _unpin_once(self, request: UnpinRequest) -> dict[str, Any]:
         table = self.catalog.load(request.table)

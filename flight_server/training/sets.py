@@ -40,6 +40,10 @@ class TrainingSets:
         self._workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="training-set")
 
+    def close(self) -> None:
+        """Stop the join workers, once no call uses them (the server has stopped)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def open(self, request: HistoricalRequest) -> pa.RecordBatchReader:
         """Stream the training set for a `do_get` ticket."""
         plan, inline = plan_request(self.catalog, request)

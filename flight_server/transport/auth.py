@@ -39,7 +39,7 @@ MIDDLEWARE_KEY = "auth"
 
 ENV_TOKENS = "FLIGHT_SERVER_AUTH_TOKENS"
 
-# What each RPC needs before its body is read; do_action depends on the action (ACTION_PERMISSIONS).
+# What each RPC needs before its body is read; do_action depends on the action (its row in transport/actions.py).
 _METHOD_PERMISSIONS = {
     flight.FlightMethod.DO_PUT: WRITE,
     flight.FlightMethod.DO_GET: READ,
@@ -49,13 +49,6 @@ _METHOD_PERMISSIONS = {
     flight.FlightMethod.LIST_FLIGHTS: READ,
     flight.FlightMethod.LIST_ACTIONS: READ,
 }
-
-ACTION_PERMISSIONS = {"health": READ, "list_tables": READ, "describe": READ}
-
-
-def action_permission(action: str) -> str:
-    """Reading actions need `read`; every other action (delete, compact, expire_snapshots, ...) `admin`."""
-    return ACTION_PERMISSIONS.get(action, ADMIN)
 
 
 @dataclass(frozen=True)

@@ -1,91 +1,42 @@
-"""The Flight service: routes each RPC to the module that does the work.
+"""The Flight service: routes each RPC to the part that does the work. Reads go to the handler of their request's
+kind (`handlers.py`), actions to their row of the action table (`actions.py`), writes to the writer.
 
-Every handler turns client mistakes into Flight errors that carry only the explanation
+Every RPC turns client mistakes into Flight errors that carry only the explanation
 (`errors.to_flight_error`), so one bad request never disturbs anyone else.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
-from pyiceberg.table import Table
 
-from flight_server import __version__
 from flight_server.base.config import ServerConfig
-from flight_server.base.locks import LockPool
-from flight_server.changes.deletes import Deleter
-from flight_server.changes.maintenance import Maintenance
-from flight_server.changes.writes import Writer
-from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, describe, table_name
-from flight_server.online.service import OnlineService
-from flight_server.online.store import OnlineStore
-from flight_server.reads.duck import Engine
-from flight_server.reads.paths import open_scan, scan_parts
-from flight_server.reads.plan import ScanPlan, plan_scan, plan_table_scan
-from flight_server.training.asof import AsofCache
-from flight_server.training.entities import plan_request
-from flight_server.training.plan import endpoint_requests
-from flight_server.training.sets import TrainingSets
-from flight_server.transport.auth import (
-    MIDDLEWARE_KEY,
-    AuthMiddlewareFactory,
-    TokenSource,
-    action_permission,
-    principal,
-    request_tables,
-)
+from flight_server.reads.plan import plan_table_scan
+from flight_server.transport.actions import ACTIONS, table_summary, visible_tables
+from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
 from flight_server.transport.client_streams import ClientReader, ClientWriter
+from flight_server.transport.components import Components
 from flight_server.transport.errors import to_flight_error
+from flight_server.transport.handlers import Endpoints, ReadRequest, handlers, scan_schema
 from flight_server.transport.idle import MIDDLEWARE_KEY as IDLE_KEY
 from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
 from flight_server.transport.limits import ConcurrencyLimit, is_session
 from flight_server.transport.tls import server_tls_options
-from flight_server.wire.actions import (
-    CompactRequest,
-    DeleteRequest,
-    ExpireRequest,
-    PinRequest,
-    TableRequest,
-    UnpinRequest,
-)
-from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode
-from flight_server.wire.errors import LimitError, ProtocolError, RequestError, RequestTooLargeError
-from flight_server.wire.reads import HistoricalRequest, OnlineRequest, ScanRequest, parse_ticket
+from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, encode_reply
+from flight_server.wire.errors import RequestError
+from flight_server.wire.reads import ScanRequest, parse_ticket
 from flight_server.wire.writes import parse_write
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-ACTIONS = {
-    "list_tables": "List every table with its feature definition. Body: none.",
-    "describe": 'Describe one table: schema, keys, event time, TTL, partitioning, snapshots. Body: {"table": "ns.t"}.',
-    "health": "Server status, version and catalog. Body: none.",
-    "delete": 'Delete rows by entity keys and/or a filter, copy-on-write or merge-on-read. Body: {"table": "ns.t", '
-    '"keys": {"driver_id": [1, 2]}, "filter": "...", "mode": "merge-on-read"}.',
-    "compact": 'Rewrite data and delete files into well-sized data files, in one commit. Body: {"table": "ns.t", '
-    '"filter": "..."}.',
-    "expire_snapshots": "Forget old snapshots and delete the files only they used; pinned ones stay unless forced. "
-    'Body: {"table": "ns.t", "older_than": "2026-01-01T00:00:00Z", "retain_last": 10, "force": false}.',
-    "pin": 'Keep a snapshot from expiring (an Iceberg tag). Body: {"table": "ns.t", "snapshot_id": 1, "name": "..."}.',
-    "unpin": 'Drop a pin. Body: {"table": "ns.t", "name": "..."}.',
-}
-
-SNAPSHOT_METADATA_KEY = b"flight.snapshot_id"
-
-TABLE_METADATA_KEY = b"flight.table"
-
-READ_PATH_METADATA_KEY = b"flight.read_path"
 
 # Passed explicitly: pyarrow reads two environment variables per stream to make the default.
 WRITE_OPTIONS = pa.ipc.IpcWriteOptions()
@@ -100,10 +51,6 @@ def _flight_errors(handler: F) -> F:
     def wrapper(self: FeatureFlightServer, context: flight.ServerCallContext, *args: Any) -> Any:
         try:
             return handler(self, context, *args)
-        except RequestTooLargeError as exc:
-            raise to_flight_error(LimitError(str(exc))) from None
-        except ProtocolError as exc:
-            raise to_flight_error(RequestError(str(exc))) from None
         except (RequestError, flight.FlightError) as exc:
             log.info("%s refused: %s", handler.__name__, exc)
             raise to_flight_error(exc) from None
@@ -121,8 +68,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         # Settings are checked first, and everything a handler needs exists before the base class opens the port.
         self.config = config
         tls = server_tls_options(config)
-        self._locations = config.endpoint_locations()
-        self._turn = itertools.count()
+        endpoints = Endpoints(config.endpoint_locations())
         middleware: dict[str, flight.ServerMiddlewareFactory] = {}
         self.auth: AuthMiddlewareFactory | None = None
         if config.auth_tokens:  # first: calls without a valid token take no slot of the limit
@@ -137,32 +83,9 @@ class FeatureFlightServer(flight.FlightServerBase):
         self.idle = IdleWatch(config.idle_timeout_seconds) if config.idle_timeout_seconds else None
         if self.idle is not None:
             middleware[IDLE_KEY] = self.idle
-        self.catalog = FeatureCatalog(
-            config.catalog_name, config.resolved_catalog_properties(), config.default_namespace
-        )
-        self.engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
-        self.engine.use_storage(self.catalog.properties)
-        locks = LockPool()
-        self.writer = Writer(self.catalog, config.write_chunk_bytes, config.commit_timeout_seconds, locks)
-        # Deletes and maintenance commit through the same per-table locks as writes.
-        limits = (config.write_chunk_bytes, config.commit_timeout_seconds, config.batch_rows)
-        self.deleter = Deleter(self.catalog, self.engine, locks, *limits)
-        self.maintenance = Maintenance(self.catalog, self.engine, locks, *limits)
-        # The actions that change tables: how to parse each body, and what runs it.
-        self._changes: dict[str, tuple[Callable[[dict[str, Any]], Any], Callable[[Any], dict[str, Any]]]] = {
-            "delete": (DeleteRequest.from_body, self.deleter.delete),
-            "compact": (CompactRequest.from_body, self.maintenance.compact),
-            "expire_snapshots": (ExpireRequest.from_body, self.maintenance.expire),
-            "pin": (PinRequest.from_body, self.maintenance.pin),
-            "unpin": (UnpinRequest.from_body, self.maintenance.unpin),
-        }
-        self.store = OnlineStore(
-            self.catalog, self.engine, config.online_refresh_seconds, config.online_max_bytes, config.online_tables
-        )
-        cache = AsofCache(self.engine, config.historical_cache_bytes)
-        self.training = TrainingSets(self.catalog, self.engine, cache, config.batch_rows, config.max_exchange_bytes)
-        self.online = OnlineService(self.store, self.catalog, self.training)
+        self.parts = Components.build(config)
         self.sessions = OpenSessions()
+        self._handlers = handlers(self.parts, endpoints, self.sessions)
         location = f"{config.scheme}://{config.host}:{config.port}"
         super().__init__(location, middleware=middleware, **tls, **kwargs)
         if self.idle is not None:
@@ -177,8 +100,7 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     def shutdown(self) -> None:
         """Stop taking calls and wait for running ones; online sessions still open after a short grace
-        (their clients keep them open between lookups) have their connections cut."""
-        self.store.close()
+        (their clients keep them open between lookups) have their connections cut. Then the server's parts close."""
         if self.idle is not None:
             self.idle.stop()
         stopping = threading.Thread(target=super().shutdown, name="flight-shutdown")
@@ -188,6 +110,7 @@ class FeatureFlightServer(flight.FlightServerBase):
             if self.sessions.cut(self.port):
                 log.info("shutdown: ended the open online sessions")
             stopping.join(1.0)
+        self.parts.close()
 
     def reload_tokens(self) -> None:
         """Read `--auth-tokens-file` again now (SIGHUP); otherwise it is re-read within a second of changing."""
@@ -221,91 +144,36 @@ class FeatureFlightServer(flight.FlightServerBase):
         client_reader = ClientReader(reader, call if watch_reads else None, self.config.max_batch_bytes)
         return client_reader, ClientWriter(writer, call) if call else writer
 
-    def _request(
-        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
-    ) -> ScanRequest | HistoricalRequest | OnlineRequest:
+    def _request(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> ReadRequest:
         if descriptor.descriptor_type == flight.DescriptorType.PATH:
             if len(descriptor.path) != 1:
                 raise RequestError("a path descriptor names one table: ['namespace.table']")
-            request: ScanRequest | HistoricalRequest | OnlineRequest = ScanRequest(table=descriptor.path[0].decode())
+            request: ReadRequest = ScanRequest(table=descriptor.path[0].decode())
         else:
             request = parse_ticket(descriptor.command, "descriptor", self.config.max_request_bytes)
         return self._authorized(context, request)
 
     def _authorized(self, context: flight.ServerCallContext, request: Any) -> Any:
         """`request`, once the caller may use every table it names (the RPC's permission is checked earlier)."""
-        principal(context).check_tables(self.catalog, request_tables(request))
+        principal(context).check_tables(self.parts.catalog, request_tables(request))
         return request
-
-    def _endpoints(self, tickets: list[bytes]) -> list[flight.FlightEndpoint]:
-        """Endpoints spread round robin over the replicas, starting one further each call; each lists every
-        replica, its own first, so a client can fall back to the next. No locations: fetch from this server."""
-        n = len(self._locations)
-        start = next(self._turn) if n else 0
-        return [
-            flight.FlightEndpoint(ticket, [self._locations[(start + i + k) % n] for k in range(n)])
-            for i, ticket in enumerate(tickets)
-        ]
-
-    def _schema(self, plan: ScanPlan, read_path: str | None = None) -> pa.Schema:
-        metadata = {TABLE_METADATA_KEY: plan.name.encode(), SNAPSHOT_METADATA_KEY: str(plan.snapshot_id).encode()}
-        if read_path is not None:
-            metadata[READ_PATH_METADATA_KEY] = read_path.encode()
-        return plan.schema.with_metadata(metadata)
 
     @_flight_errors
     def get_flight_info(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         request = self._request(context, descriptor)
-        if isinstance(request, HistoricalRequest):
-            return self._historical_info(descriptor, request)
-        if isinstance(request, OnlineRequest):
-            schema = self.online.plan(request).schema
-            return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(request.to_bytes(), [])], -1, -1)
-        if request.part is not None:
-            raise RequestError("scan request: 'part' is for tickets; ask get_flight_info for 'partitions' instead")
-        plan = plan_scan(self.catalog, request)
-        # Tickets pin the snapshot, so fetching them later returns exactly what was described.
-        parts = scan_parts(plan, request.partitions or self.config.scan_partitions)
-        tickets = [replace(request, snapshot_id=plan.snapshot_id, as_of=None, partitions=None, part=p) for p in parts]
-        return flight.FlightInfo(
-            self._schema(plan),
-            descriptor,
-            self._endpoints([ticket.to_bytes() for ticket in tickets]),
-            plan.estimated_rows(),
-            -1,
-            app_metadata=json.dumps(plan.metadata()).encode(),
-        )
-
-    def _historical_info(self, descriptor: flight.FlightDescriptor, request: HistoricalRequest) -> flight.FlightInfo:
-        plan, inline = plan_request(self.catalog, request)
-        parts = endpoint_requests(plan, request.partitions or self.config.historical_partitions)
-        endpoints = self._endpoints([part.to_bytes() for part in parts])
-        rows = inline.num_rows if inline is not None else -1
-        return flight.FlightInfo(
-            plan.schema, descriptor, endpoints, rows, -1, app_metadata=json.dumps(plan.snapshots()).encode()
-        )
+        return self._handlers[type(request)].info(descriptor, request)
 
     @_flight_errors
     def get_schema(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         request = self._request(context, descriptor)
-        if isinstance(request, HistoricalRequest):
-            return flight.SchemaResult(plan_request(self.catalog, request)[0].schema)
-        if isinstance(request, OnlineRequest):
-            return flight.SchemaResult(self.online.plan(request).schema)
-        return flight.SchemaResult(self._schema(plan_scan(self.catalog, request)))
+        return flight.SchemaResult(self._handlers[type(request)].schema(request))
 
     @_flight_errors
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
         request = self._authorized(context, parse_ticket(ticket.ticket, limit=self.config.max_request_bytes))
-        if isinstance(request, HistoricalRequest):
-            return self._stream(context, self.training.open(request))
-        if isinstance(request, OnlineRequest):
-            return self._stream(context, self.online.get(request))
-        plan = plan_scan(self.catalog, request)
-        reader, path = open_scan(plan, self.engine, self.config.batch_rows)
-        return self._stream(context, reader.cast(self._schema(plan, path)))
+        return self._stream(context, self._handlers[type(request)].open(request))
 
     @_flight_errors
     def do_put(
@@ -319,8 +187,8 @@ class FeatureFlightServer(flight.FlightServerBase):
             raise RequestError("do_put needs a command descriptor holding a write request (see docs/protocol.md)")
         request = self._authorized(context, parse_write(descriptor.command, self.config.max_request_bytes))
         reader, writer = self._client_streams(context, reader, writer)
-        result = self.writer.write(request, reader, context.is_cancelled)
-        self.store.notify(result.table)
+        result = self.parts.writer.write(request, reader, context.is_cancelled)
+        self.parts.store.notify(result.table)
         writer.write(pa.py_buffer(result.to_bytes()))
 
     @_flight_errors
@@ -332,91 +200,47 @@ class FeatureFlightServer(flight.FlightServerBase):
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
         request = self._request(context, descriptor)
-        online = isinstance(request, OnlineRequest)
-        if is_session(context) and not online:
+        handler = self._handlers[type(request)]
+        if is_session(context) and not handler.waits_on_client:
             raise RequestError(f"the {ONLINE_SESSION_HEADER!r} header is for online lookups only")
-        # An online stream may wait for its client's next keys as long as the client likes: a session.
-        reader, writer = self._client_streams(context, reader, writer, watch_reads=not online)
-        if online:
-            with self.sessions.open(context.peer()):
-                rows = self.online.exchange(request, reader, writer)
-            log.debug("online lookup of %d streamed entities", rows)
-            return
-        if not isinstance(request, HistoricalRequest):
-            raise RequestError("do_exchange takes a historical or an online request (see docs/protocol.md)")
-        rows = self.training.exchange(request, reader, writer, context.is_cancelled)
-        log.info("training set of %d entity rows streamed", rows)
+        reader, writer = self._client_streams(context, reader, writer, watch_reads=not handler.waits_on_client)
+        handler.exchange(request, reader, writer, context)
 
     @_flight_errors
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
         prefix = criteria.decode() if criteria else ""
         infos = []
-        for name in self._visible_tables(context):
+        for name in visible_tables(self.parts.catalog, principal(context)):
             if name.startswith(prefix):
-                table = self.catalog.load(name)
-                summary = self._table_summary(table)
+                table = self.parts.catalog.load(name)
+                summary = table_summary(table)
                 plan = plan_table_scan(table, ScanRequest(table=name))
                 infos.append(
                     flight.FlightInfo(
-                        self._schema(plan),
+                        scan_schema(plan),
                         flight.FlightDescriptor.for_path(name),
                         [flight.FlightEndpoint(ScanRequest(table=name).to_bytes(), [])],
-                        summary["rows"],
+                        summary.rows,
                         -1,
-                        app_metadata=json.dumps(summary).encode(),
+                        app_metadata=summary.to_bytes(),
                     )
                 )
         return iter(infos)
 
-    def _visible_tables(self, context: flight.ServerCallContext) -> list[str]:
-        """The tables in the namespaces the caller may use."""
-        caller = principal(context)
-        return [name for name in self.catalog.table_names() if caller.may_use(name.rpartition(".")[0])]
-
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
-        return list(ACTIONS.items())
+        return [(action.name, action.doc) for action in ACTIONS.values()]
 
     @_flight_errors
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
-        if action.type not in ACTIONS:
+        row = ACTIONS.get(action.type)
+        if row is None:
             raise RequestError(f"unknown action {action.type!r}; available: {sorted(ACTIONS)}")
-        principal(context).require(action_permission(action.type), f"action {action.type!r}")
-        body = action.body.to_pybytes() if action.body is not None else b""
-        if action.type == "health":
-            self.catalog.catalog.list_namespaces()
-            result: Any = {
-                "status": "ok",
-                "version": __version__,
-                "catalog": self.catalog.name,
-                "catalog_type": self.catalog.properties.get("type", ""),
-                "writes_in_progress": self.writer.in_progress,
-                "online": self.store.stats(),
-                "training_set_cache": self.training.cache.stats(),
-            }
-        elif action.type == "list_tables":
-            result = [self._table_summary(self.catalog.load(name)) for name in self._visible_tables(context)]
-        elif action.type == "describe":
+        caller = principal(context)
+        caller.require(row.permission, f"action {action.type!r}")
+        request = None
+        if row.parse is not None:
+            body = action.body.to_pybytes() if action.body is not None else b""
             request = self._authorized(
-                context, TableRequest.from_body(decode(body, "describe body", self.config.max_request_bytes))
+                context, row.parse(decode(body, f"{action.type} body", self.config.max_request_bytes))
             )
-            result = describe(self.catalog.load(request.table))
-            index = self.store.peek(request.table)
-            result["online"] = index.stats() if index is not None else None
-        else:
-            parse, run = self._changes[action.type]
-            change = self._authorized(
-                context, parse(decode(body, f"{action.type} body", self.config.max_request_bytes))
-            )
-            result = run(change)
-            self.store.notify(change.table)
-        return iter([json.dumps(result).encode()])
-
-    def _table_summary(self, table: Table) -> dict[str, Any]:
-        spec = FeatureSpec.from_properties(table.metadata.properties)
-        snapshot = table.current_snapshot()
-        return {
-            "table": table_name(table),
-            "feature": spec.as_dict() if spec else None,
-            "current_snapshot_id": snapshot.snapshot_id if snapshot else None,
-            "rows": int(snapshot.summary["total-records"]) if snapshot and snapshot.summary else 0,
-        }
+        return iter([encode_reply(row.run(self.parts, caller, request))])

@@ -1,4 +1,4 @@
-"""Action bodies on the wire: describe, delete, compact, expire, pin and unpin."""
+"""Actions on the wire: the bodies of describe, delete, compact, expire, pin and unpin, and every action's reply."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from flight_server.wire.codec import Fields, format_timestamp, parse_timestamp
+from flight_server.wire.codec import Fields, Reply, format_timestamp, parse_timestamp
 from flight_server.wire.errors import ProtocolError
 
 DELETE_MODES = ("copy-on-write", "merge-on-read")
@@ -136,3 +136,95 @@ class UnpinRequest:
     def from_body(cls, body: dict[str, Any]) -> UnpinRequest:
         f = Fields(body, "unpin request", {"table", "name"})
         return cls(f.str("table", required=True), _pin_name(f, required=True))  # type: ignore[arg-type]
+
+
+# Replies: one JSON message per action (`Reply.to_bytes`); flight_client hands them to its callers as dicts.
+
+
+@dataclass(frozen=True)
+class Health(Reply):
+    """`health`: the server answers and its catalog is reachable; what it holds in memory."""
+
+    status: str
+    version: str
+    catalog: str
+    catalog_type: str
+    writes_in_progress: int
+    online: dict[str, Any]
+    training_set_cache: dict[str, int]
+
+
+@dataclass(frozen=True)
+class TableSummary(Reply):
+    """One table of `list_tables` (and the `app_metadata` of its `list_flights` entry)."""
+
+    table: str
+    feature: dict[str, Any] | None
+    current_snapshot_id: int | None
+    rows: int
+
+
+@dataclass(frozen=True)
+class TableDescription(Reply):
+    """`describe`: a table's definition and recent history, and its online index (None if it has none)."""
+
+    table: str
+    feature: dict[str, Any] | None
+    schema: list[dict[str, Any]]
+    partition_spec: list[str]
+    current_snapshot_id: int | None
+    rows: int
+    snapshots: list[dict[str, Any]]
+    location: str
+    format_version: int
+    delete_mode: str
+    pins: dict[str, int]
+    online: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class DeleteResult(Reply):
+    """`delete`: the snapshot committed (the current one when nothing matched) and what changed."""
+
+    table: str
+    mode: str
+    snapshot_id: int | None
+    rows_deleted: int
+    data_files_removed: int
+    data_files_added: int
+    delete_files_added: int
+    delete_files_removed: int
+
+
+@dataclass(frozen=True)
+class CompactResult(Reply):
+    """`compact`: the snapshot committed (`compacted` false: nothing to do, the current one) and the files."""
+
+    table: str
+    snapshot_id: int | None
+    compacted: bool
+    data_files_removed: int
+    delete_files_removed: int
+    data_files_added: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class ExpireResult(Reply):
+    """`expire_snapshots`: the snapshots expired, those kept for their pins, the pins `force` dropped."""
+
+    table: str
+    expired: list[int]
+    kept_pinned: list[int]
+    unpinned: list[str]
+    files_deleted: int
+    snapshots_left: int
+
+
+@dataclass(frozen=True)
+class PinResult(Reply):
+    """`pin` and `unpin`: the pin and the snapshot it names (or named)."""
+
+    table: str
+    name: str
+    snapshot_id: int

@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import Field, asdict
+from typing import Any, ClassVar, TypeVar
 
 from flight_server.wire.errors import ProtocolError, RequestTooLargeError
 
@@ -79,6 +81,34 @@ def decode(raw: bytes, what: str, limit: int = MAX_REQUEST_BYTES) -> dict[str, A
 def encode(body: dict[str, Any]) -> bytes:
     """Serialise a request or reply, dropping unset optional fields."""
     return json.dumps({"v": PROTOCOL_VERSION, **{k: v for k, v in body.items() if v is not None}}).encode()
+
+
+ReplyT = TypeVar("ReplyT", bound="Reply")
+
+
+class Reply:
+    """Base of the server's replies (dataclasses), all serialised alike: a JSON object with every field (null
+    when unset) and, unlike requests, no protocol version: the request it answers carried that."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    def to_bytes(self) -> bytes:
+        return encode_reply(self)
+
+    @classmethod
+    def from_bytes(cls: type[ReplyT], raw: bytes) -> ReplyT:
+        return cls(**decode_reply(raw))
+
+
+def encode_reply(reply: Reply | Sequence[Reply]) -> bytes:
+    """One reply, or a list of them (`list_tables`), as the JSON message the client reads."""
+    value = asdict(reply) if isinstance(reply, Reply) else [asdict(r) for r in reply]
+    return json.dumps(value).encode()
+
+
+def decode_reply(raw: bytes) -> Any:
+    """A reply as plain JSON values (objects as dicts): what `flight_client` hands its callers."""
+    return json.loads(raw)
 
 
 class Fields:

@@ -31,9 +31,9 @@ class LimitError(RequestError):
     code = "RESOURCE_EXHAUSTED"
 
 
-class ProtocolError(ValueError):
-    """A request that is not well formed; the message says what is wrong."""
+class ProtocolError(RequestError):
+    """A request that is not well formed (bad JSON, unknown field, wrong type); the message says what is wrong."""
 
 
-class RequestTooLargeError(ProtocolError):
+class RequestTooLargeError(LimitError):
     """A request above the size limit: stream its rows (`do_exchange`) instead of sending them inline."""

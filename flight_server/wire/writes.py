@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from flight_server.wire.codec import MAX_REQUEST_BYTES, Fields, decode, encode
+from flight_server.wire.codec import MAX_REQUEST_BYTES, Fields, Reply, decode, encode
 from flight_server.wire.errors import ProtocolError
 
 WRITE_MODES = ("append", "overwrite")
@@ -85,7 +85,7 @@ def parse_write(raw: bytes, limit: int = MAX_REQUEST_BYTES) -> WriteRequest:
 
 
 @dataclass(frozen=True)
-class WriteResult:
+class WriteResult(Reply):
     """The `do_put` reply (PutResult metadata): the one snapshot the write committed, or the original
     one when a retried `write_id` had already been committed (`duplicate`)."""
 
@@ -95,13 +95,6 @@ class WriteResult:
     files: int
     write_id: str | None = None
     duplicate: bool = False
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> WriteResult:
-        return cls(**json.loads(raw))
 
 
 END_OF_STREAM_KEY = "end_of_stream"

@@ -1,0 +1,64 @@
+"""What the RPCs work with, built once per server from its settings: the catalog, the query engine, the
+writers and the read services. The service routes to them, and closes them when it shuts down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flight_server.base.config import ServerConfig
+from flight_server.base.locks import LockPool
+from flight_server.changes.deletes import Deleter
+from flight_server.changes.maintenance import Maintenance
+from flight_server.changes.writes import Writer
+from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.online.service import OnlineService
+from flight_server.online.store import OnlineStore
+from flight_server.reads.duck import Engine
+from flight_server.training.asof import AsofCache
+from flight_server.training.sets import TrainingSets
+
+
+@dataclass(frozen=True)
+class Components:
+    """The server's working parts; one instance per server, so two servers in a process share nothing."""
+
+    config: ServerConfig
+    catalog: FeatureCatalog
+    engine: Engine
+    writer: Writer
+    deleter: Deleter
+    maintenance: Maintenance
+    store: OnlineStore
+    training: TrainingSets
+    online: OnlineService
+
+    @classmethod
+    def build(cls, config: ServerConfig) -> Components:
+        catalog = FeatureCatalog(config.catalog_name, config.resolved_catalog_properties(), config.default_namespace)
+        engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
+        engine.use_storage(catalog.properties)
+        # Deletes and maintenance commit through the same per-table locks as writes.
+        locks = LockPool()
+        limits = (config.write_chunk_bytes, config.commit_timeout_seconds, config.batch_rows)
+        store = OnlineStore(
+            catalog, engine, config.online_refresh_seconds, config.online_max_bytes, config.online_tables
+        )
+        cache = AsofCache(engine, config.historical_cache_bytes)
+        training = TrainingSets(catalog, engine, cache, config.batch_rows, config.max_exchange_bytes)
+        return cls(
+            config=config,
+            catalog=catalog,
+            engine=engine,
+            writer=Writer(catalog, config.write_chunk_bytes, config.commit_timeout_seconds, locks),
+            deleter=Deleter(catalog, engine, locks, *limits),
+            maintenance=Maintenance(catalog, engine, locks, *limits),
+            store=store,
+            training=training,
+            online=OnlineService(store, catalog, training),
+        )
+
+    def close(self) -> None:
+        """Stop the background work, once the server takes no more calls: the online store's refresh thread
+        and the training sets' join workers."""
+        self.store.close()
+        self.training.close()

@@ -1,0 +1,204 @@
+"""One handler per read request kind (scan, training set, online lookup): what `get_flight_info`, `get_schema`,
+`do_get` and `do_exchange` do with it. The service finds the handler in `handlers(...)` by the request's type,
+so adding a kind is a handler and a row, not a branch in every RPC.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, TypeVar
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server.reads.paths import open_scan, scan_parts
+from flight_server.reads.plan import ScanPlan, plan_scan
+from flight_server.training.entities import plan_request
+from flight_server.training.plan import endpoint_requests
+from flight_server.transport.components import Components
+from flight_server.transport.idle import OpenSessions
+from flight_server.wire.errors import RequestError
+from flight_server.wire.reads import HistoricalRequest, OnlineRequest, ScanRequest
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_METADATA_KEY = b"flight.snapshot_id"
+
+TABLE_METADATA_KEY = b"flight.table"
+
+READ_PATH_METADATA_KEY = b"flight.read_path"
+
+ReadRequest = ScanRequest | HistoricalRequest | OnlineRequest
+
+R = TypeVar("R", contravariant=True)
+
+
+class RequestHandler(Protocol[R]):
+    """What the read RPCs do with one kind of request; a kind that does not support an RPC says so (RequestError)."""
+
+    @property
+    def waits_on_client(self) -> bool:
+        """Whether its `do_exchange` waits on the client between lookups by design (an online session): it may
+        carry the session header, and the idle timeout counts only its waits for the client to read results."""
+        ...
+
+    def schema(self, request: R) -> pa.Schema: ...
+
+    def info(self, descriptor: flight.FlightDescriptor, request: R) -> flight.FlightInfo: ...
+
+    def open(self, request: R) -> pa.RecordBatchReader | pa.Table:
+        """The `do_get` result of a ticket."""
+        ...
+
+    def exchange(
+        self,
+        request: R,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+        context: flight.ServerCallContext,
+    ) -> None: ...
+
+
+class Endpoints:
+    """Endpoints spread round robin over the replicas, starting one further each call; each lists every
+    replica, its own first, so a client can fall back to the next. No locations: fetch from this server."""
+
+    def __init__(self, locations: list[str]):
+        self._locations = locations
+        self._turn = itertools.count()
+
+    def __call__(self, tickets: list[bytes]) -> list[flight.FlightEndpoint]:
+        n = len(self._locations)
+        start = next(self._turn) if n else 0
+        return [
+            flight.FlightEndpoint(ticket, [self._locations[(start + i + k) % n] for k in range(n)])
+            for i, ticket in enumerate(tickets)
+        ]
+
+
+def scan_schema(plan: ScanPlan, read_path: str | None = None) -> pa.Schema:
+    """A scan's schema, with the table and snapshot it reads (and how, once known) in its metadata."""
+    metadata = {TABLE_METADATA_KEY: plan.name.encode(), SNAPSHOT_METADATA_KEY: str(plan.snapshot_id).encode()}
+    if read_path is not None:
+        metadata[READ_PATH_METADATA_KEY] = read_path.encode()
+    return plan.schema.with_metadata(metadata)
+
+
+@dataclass(frozen=True)
+class Scans:
+    """Rows of one table; a whole-table scan is split by data file over several endpoints."""
+
+    parts: Components
+    endpoints: Endpoints
+    waits_on_client: bool = False
+
+    def schema(self, request: ScanRequest) -> pa.Schema:
+        return scan_schema(plan_scan(self.parts.catalog, request))
+
+    def info(self, descriptor: flight.FlightDescriptor, request: ScanRequest) -> flight.FlightInfo:
+        if request.part is not None:
+            raise RequestError("scan request: 'part' is for tickets; ask get_flight_info for 'partitions' instead")
+        plan = plan_scan(self.parts.catalog, request)
+        # Tickets pin the snapshot, so fetching them later returns exactly what was described.
+        parts = scan_parts(plan, request.partitions or self.parts.config.scan_partitions)
+        tickets = [replace(request, snapshot_id=plan.snapshot_id, as_of=None, partitions=None, part=p) for p in parts]
+        return flight.FlightInfo(
+            scan_schema(plan),
+            descriptor,
+            self.endpoints([ticket.to_bytes() for ticket in tickets]),
+            plan.estimated_rows(),
+            -1,
+            app_metadata=json.dumps(plan.metadata()).encode(),
+        )
+
+    def open(self, request: ScanRequest) -> pa.RecordBatchReader:
+        plan = plan_scan(self.parts.catalog, request)
+        reader, path = open_scan(plan, self.parts.engine, self.parts.config.batch_rows)
+        return reader.cast(scan_schema(plan, path))
+
+    def exchange(
+        self,
+        request: ScanRequest,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+        context: flight.ServerCallContext,
+    ) -> None:
+        raise RequestError("do_exchange takes a historical or an online request (see docs/protocol.md)")
+
+
+@dataclass(frozen=True)
+class TrainingSetRequests:
+    """Training sets: entity rows joined point-in-time to features, from a table, inline or streamed."""
+
+    parts: Components
+    endpoints: Endpoints
+    waits_on_client: bool = False
+
+    def schema(self, request: HistoricalRequest) -> pa.Schema:
+        return plan_request(self.parts.catalog, request)[0].schema
+
+    def info(self, descriptor: flight.FlightDescriptor, request: HistoricalRequest) -> flight.FlightInfo:
+        plan, inline = plan_request(self.parts.catalog, request)
+        parts = endpoint_requests(plan, request.partitions or self.parts.config.historical_partitions)
+        endpoints = self.endpoints([part.to_bytes() for part in parts])
+        rows = inline.num_rows if inline is not None else -1
+        return flight.FlightInfo(
+            plan.schema, descriptor, endpoints, rows, -1, app_metadata=json.dumps(plan.snapshots()).encode()
+        )
+
+    def open(self, request: HistoricalRequest) -> pa.RecordBatchReader:
+        return self.parts.training.open(request)
+
+    def exchange(
+        self,
+        request: HistoricalRequest,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+        context: flight.ServerCallContext,
+    ) -> None:
+        rows = self.parts.training.exchange(request, reader, writer, context.is_cancelled)
+        log.info("training set of %d entity rows streamed", rows)
+
+
+@dataclass(frozen=True)
+class OnlineLookups:
+    """The latest features of some entities: keys inline in a ticket, or streamed, often over a session."""
+
+    parts: Components
+    sessions: OpenSessions
+    waits_on_client: bool = True
+
+    def schema(self, request: OnlineRequest) -> pa.Schema:
+        return self.parts.online.plan(request).schema
+
+    def info(self, descriptor: flight.FlightDescriptor, request: OnlineRequest) -> flight.FlightInfo:
+        endpoint = flight.FlightEndpoint(request.to_bytes(), [])
+        return flight.FlightInfo(self.schema(request), descriptor, [endpoint], -1, -1)
+
+    def open(self, request: OnlineRequest) -> pa.Table:
+        return self.parts.online.get(request)
+
+    def exchange(
+        self,
+        request: OnlineRequest,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+        context: flight.ServerCallContext,
+    ) -> None:
+        with self.sessions.open(context.peer()):
+            rows = self.parts.online.exchange(request, reader, writer)
+        log.debug("online lookup of %d streamed entities", rows)
+
+
+def handlers(
+    parts: Components, endpoints: Endpoints, sessions: OpenSessions
+) -> dict[type[ReadRequest], RequestHandler[Any]]:
+    """The one table from request type to its handler."""
+    return {
+        ScanRequest: Scans(parts, endpoints),
+        HistoricalRequest: TrainingSetRequests(parts, endpoints),
+        OnlineRequest: OnlineLookups(parts, sessions),
+    }
