@@ -289,6 +289,7 @@ def scale_command(replicas: str | None, **kwargs: Any) -> None:
     options = Options(**kwargs)
     if options.location is not None:
         raise click.UsageError("scale starts its own server processes: it cannot measure --location")
+    counts: tuple[int, ...]
     if replicas is None:
         counts = (1, 2) if options.quick else scale.REPLICAS
     else:
@@ -332,7 +333,10 @@ def all_command(**kwargs: Any) -> None:
     """Every benchmark, one after the other, into one report."""
     options = Options(**kwargs)
     requests = online.QUICK_REQUESTS if options.quick else online.REQUESTS
-    extra = {"online": {"requests": requests}, "cow-vs-mor": {"delete_files": delete_files_option(None, options.quick)}}
+    extra: dict[str, dict[str, Any]] = {
+        "online": {"requests": requests},
+        "cow-vs-mor": {"delete_files": delete_files_option(None, options.quick)},
+    }
     execute(ALL, options, extra)
 
 

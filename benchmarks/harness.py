@@ -230,7 +230,7 @@ def _cpu_model() -> str:
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on; a benchmark result means little without it."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in _VERSIONED:
         try:
             versions[package] = metadata.version(package)

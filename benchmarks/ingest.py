@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
                     cases[_key(variants[-1])] = Case(append.run, append.setup)
             path = Path(tmp) / f"{shape}.parquet"
             variants.append({"shape": shape, "method": "parquet", "batch_rows": None, "writers": None})
-            cases[_key(variants[-1])] = Case(lambda data=data, path=path: parquet_write(data, path))
+            cases[_key(variants[-1])] = Case(partial(parquet_write, data, path))
         report.progress(f"ingest: timing {len(cases)} kinds of write of {settings.rows:,} rows, interleaved")
         timings = measure(cases, settings.repeat, settings.warmup, "ingest")
         for append in appends:

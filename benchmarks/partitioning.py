@@ -9,6 +9,7 @@ generated data, or the run fails.
 from __future__ import annotations
 
 import datetime as dt
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -77,8 +78,12 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
             settings.warmup,
             "partitioning: writes",
         )
+
+        def scan(table: str, text: str) -> pa.Table:
+            return client.scan(table, filter=text).read_all()
+
         scans = {
-            f"{query}|{layout}": Case(lambda t=w.table, f=text: client.scan(t, filter=f).read_all())
+            f"{query}|{layout}": Case(partial(scan, w.table, text))
             for query, (text, _) in checks.items()
             for layout, w in writes.items()
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ def progress(message: str) -> None:
 
 def steps(items: Sequence[T], label: str) -> Iterator[T]:
     """`items`, with a progress bar on stderr when it is a terminal; elsewhere (logs, CI) one line."""
-    stream = click.get_text_stream("stderr")
+    stream = sys.stderr  # click.get_text_stream is deprecated (removed in Click 9)
     if not stream.isatty():
         progress(f"{label} ({len(items)} steps)")
         yield from items

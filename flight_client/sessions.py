@@ -18,7 +18,6 @@ import contextlib
 import threading
 import time
 from collections import OrderedDict
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -28,13 +27,15 @@ from flight_server.wire.reads import OnlineRequest
 
 IDLE_PER_KIND = 4  # idle sessions kept per kind of lookup; more concurrent lookups close theirs after use
 KINDS = 16  # kinds of lookup with idle sessions kept; the least recently used kind's close first
-Kind = tuple[Any, ...]
+Kind = tuple[tuple[str, ...], bool, bool, pa.Schema]  # features, full_feature_names, apply_ttl, key columns
 
 
 class Session:
     """One open `do_exchange`: write a batch of keys, read its answer."""
 
-    def __init__(self, client: flight.FlightClient, request: OnlineRequest, keys: pa.Schema, options: Any):
+    def __init__(
+        self, client: flight.FlightClient, request: OnlineRequest, keys: pa.Schema, options: flight.FlightCallOptions
+    ):
         descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
         self.writer, self.reader = client.do_exchange(descriptor, options)
         self.writer.begin(keys)

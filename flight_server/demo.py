@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
+from typing import TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +16,14 @@ import pyarrow as pa
 log = logging.getLogger(__name__)
 
 DEMO_START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+class Definition(TypedDict, total=False):
+    """How a demo table is created: keyword arguments of `FeatureClient.write`."""
+
+    entity_keys: list[str]
+    created_time: str
+    ttl: dt.timedelta
 
 
 def driver_stats(drivers: int = 1000, hours: int = 48, seed: int = 7, now: dt.datetime | None = None) -> pa.Table:
@@ -79,7 +89,7 @@ def load_demo(location: str, token: str | None = None) -> None:
     """Write the demo tables into namespace `demo` unless they are already there."""
     from flight_client import FeatureClient
 
-    tables = {
+    tables: dict[str, tuple[Callable[[], pa.Table], Definition]] = {
         "demo.driver_stats": (
             lambda: driver_stats(now=dt.datetime.now(dt.timezone.utc)),
             {"entity_keys": ["driver_id"], "created_time": "created", "ttl": dt.timedelta(days=1)},

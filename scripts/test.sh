@@ -29,4 +29,5 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy  # files and settings: [tool.mypy] in pyproject.toml
 exec .venv/bin/python -m pytest "$@"

@@ -11,7 +11,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from pyiceberg.expressions import AlwaysTrue, BooleanExpression
+from pyiceberg.expressions import AlwaysTrue, BooleanExpression, BoundTerm
 from pyiceberg.expressions.literals import Literal
 from pyiceberg.expressions.parser import parse
 from pyiceberg.expressions.visitors import BoundBooleanExpressionVisitor, bind, visit
@@ -63,7 +63,7 @@ class _SqlBuilder(BoundBooleanExpressionVisitor[str]):
     def __init__(self, schema: Schema, params: list[Any]):
         self.schema, self.params = schema, params
 
-    def _column(self, term: Any) -> str:
+    def _column(self, term: BoundTerm) -> str:
         field = term.ref().field
         if all(field.field_id != top.field_id for top in self.schema.fields):
             raise RequestError(
@@ -71,7 +71,8 @@ class _SqlBuilder(BoundBooleanExpressionVisitor[str]):
             )
         return quote(field.name)
 
-    def _value(self, term: Any, literal: Literal[Any] | Any) -> str:
+    def _value(self, term: BoundTerm, literal: Literal[Any] | Any) -> str:
+        """A `?` placeholder for a literal (or a value of an IN set), its value in `params`."""
         value = literal.value if isinstance(literal, Literal) else literal
         field_type = term.ref().field.field_type
         if isinstance(field_type, TimestamptzType):
@@ -87,7 +88,7 @@ class _SqlBuilder(BoundBooleanExpressionVisitor[str]):
         self.params.append(value)
         return "?"
 
-    def _compare(self, term: Any, op: str, literal: Any) -> str:
+    def _compare(self, term: BoundTerm, op: str, literal: Literal[Any]) -> str:
         return f"{self._column(term)} {op} {self._value(term, literal)}"
 
     def visit_true(self) -> str:
@@ -105,46 +106,46 @@ class _SqlBuilder(BoundBooleanExpressionVisitor[str]):
     def visit_or(self, left_result: str, right_result: str) -> str:
         return f"({left_result} OR {right_result})"
 
-    def visit_in(self, term: Any, literals: set[Any]) -> str:
+    def visit_in(self, term: BoundTerm, literals: set[Any]) -> str:
         values = ", ".join(self._value(term, v) for v in sorted(literals, key=repr))
         return f"{self._column(term)} IN ({values})"
 
-    def visit_not_in(self, term: Any, literals: set[Any]) -> str:
+    def visit_not_in(self, term: BoundTerm, literals: set[Any]) -> str:
         values = ", ".join(self._value(term, v) for v in sorted(literals, key=repr))
         return f"{self._column(term)} NOT IN ({values})"
 
-    def visit_is_nan(self, term: Any) -> str:
+    def visit_is_nan(self, term: BoundTerm) -> str:
         return f"isnan({self._column(term)})"
 
-    def visit_not_nan(self, term: Any) -> str:
+    def visit_not_nan(self, term: BoundTerm) -> str:
         return f"NOT isnan({self._column(term)})"
 
-    def visit_is_null(self, term: Any) -> str:
+    def visit_is_null(self, term: BoundTerm) -> str:
         return f"{self._column(term)} IS NULL"
 
-    def visit_not_null(self, term: Any) -> str:
+    def visit_not_null(self, term: BoundTerm) -> str:
         return f"{self._column(term)} IS NOT NULL"
 
-    def visit_equal(self, term: Any, literal: Any) -> str:
+    def visit_equal(self, term: BoundTerm, literal: Literal[Any]) -> str:
         return self._compare(term, "=", literal)
 
-    def visit_not_equal(self, term: Any, literal: Any) -> str:
+    def visit_not_equal(self, term: BoundTerm, literal: Literal[Any]) -> str:
         return self._compare(term, "<>", literal)
 
-    def visit_greater_than_or_equal(self, term: Any, literal: Any) -> str:
+    def visit_greater_than_or_equal(self, term: BoundTerm, literal: Literal[Any]) -> str:
         return self._compare(term, ">=", literal)
 
-    def visit_greater_than(self, term: Any, literal: Any) -> str:
+    def visit_greater_than(self, term: BoundTerm, literal: Literal[Any]) -> str:
         return self._compare(term, ">", literal)
 
-    def visit_less_than(self, term: Any, literal: Any) -> str:
+    def visit_less_than(self, term: BoundTerm, literal: Literal[Any]) -> str:
         return self._compare(term, "<", literal)
 
-    def visit_less_than_or_equal(self, term: Any, literal: Any) -> str:
+    def visit_less_than_or_equal(self, term: BoundTerm, literal: Literal[Any]) -> str:
         return self._compare(term, "<=", literal)
 
-    def visit_starts_with(self, term: Any, literal: Any) -> str:
+    def visit_starts_with(self, term: BoundTerm, literal: Literal[Any]) -> str:
         return f"starts_with({self._column(term)}, {self._value(term, literal)})"
 
-    def visit_not_starts_with(self, term: Any, literal: Any) -> str:
+    def visit_not_starts_with(self, term: BoundTerm, literal: Literal[Any]) -> str:
         return f"NOT starts_with({self._column(term)}, {self._value(term, literal)})"

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from flight_server.base.schemas import UTC_MICROS, table_arrow_schema
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
-from flight_server.online.index import MISSING, OnlineIndex, Rows, key_kind, key_values
+from flight_server.online.index import MISSING, IndexState, OnlineIndex, Rows, key_kind, key_values
 from flight_server.online.store import OnlineStore
 from flight_server.training.plan import plan_historical
 from flight_server.training.sets import TrainingSets
@@ -63,9 +63,9 @@ class OnlinePlan:
     columns: list[tuple[int, str, str]]  # per requested feature: source, column, output name
     key_types: dict[str, pa.DataType]
     # Per source, the index generation the plan was checked against (index plans only).
-    states: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+    states: tuple[IndexState, ...] = field(default=(), compare=False, repr=False)
     # Per source, its rows in answer form for the index generation they came from (see `answer_rows`).
-    _answers: dict[int, tuple[Any, pa.Table]] = field(default_factory=dict, compare=False, repr=False)
+    _answers: dict[int, tuple[Rows, pa.Table]] = field(default_factory=dict, compare=False, repr=False)
 
     @cached_property
     def schema(self) -> pa.Schema:

@@ -32,7 +32,7 @@ class OnlineService:
 
     def __init__(self, store: OnlineStore, catalog: FeatureCatalog, training: TrainingSets):
         self.store, self.catalog, self.training = store, catalog, training
-        self._plans: dict[tuple[Any, ...], OnlinePlan] = {}
+        self._plans: dict[tuple[tuple[str, ...], bool, bool, str | None], OnlinePlan] = {}
 
     def plan(self, request: OnlineRequest) -> OnlinePlan:
         """The checked plan; index plans are reused while their indexes keep the same generation."""
@@ -53,7 +53,7 @@ class OnlineService:
         """Whether the plan's indexes are still the store's, at the generation it was checked against."""
         for source, state in zip(plan.sources, plan.states, strict=True):
             index = self.store.peek(source.name)
-            if index is not source.index or index.state is not state:
+            if index is None or index is not source.index or index.state is not state:
                 return False
         return True
 

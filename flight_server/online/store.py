@@ -210,9 +210,10 @@ class OnlineStore:
         if state.snapshot_id is not None and current is not None and same_shape:
             files = appended_files(table, state.snapshot_id, current)
         if files is not None:
+            assert current is not None, "files are appended up to a current snapshot"
             room = self._room(name) - index.nbytes()
             latest = self._read_latest(table, state.spec, index.schema, files, room)[0] if files else None
-            changed = index.apply(latest if latest is not None else index.schema.empty_table(), current)  # type: ignore[arg-type]
+            changed = index.apply(latest if latest is not None else index.schema.empty_table(), current)
             index.appends += 1
             return f"appended {len(files)} file(s), {changed} key(s) changed"
         rebuilt = self.build(table)

@@ -74,9 +74,11 @@ def deleted_positions(io: FileIO, tasks: list[FileScanTask], cache: PositionCach
                     table = table.filter(pc.equal(table["file_path"].cast(pa.string()), data_path))
                 found[delete_path, data_path] = positions = table["pos"].to_numpy()
                 cache.put((delete_path, data_path), positions)
+    known = {key: positions for key, positions in found.items() if positions is not None}
+    assert len(known) == len(found), "every delete file was cached or has been read"
     deleted = {}
     for task in tasks:
-        parts = [found[d.file_path, task.file.file_path] for d in task.delete_files]
+        parts = [known[d.file_path, task.file.file_path] for d in task.delete_files]
         if parts:
             deleted[task.file.file_path] = _sorted_unique(parts)
     return deleted
@@ -133,8 +135,11 @@ def position_deleted_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, s
     if tasks is None:
         return None, "equality delete files"
     deletes = {d.file_path: d for task in tasks for d in task.delete_files}
-    summary = plan.table.snapshot_by_id(plan.snapshot_id).summary  # type: ignore[arg-type, union-attr]
-    in_table = int(summary["total-delete-files"]) if summary and "total-delete-files" in summary else len(deletes)
+    assert plan.snapshot_id is not None, "read_path reads an empty table without planning"
+    snapshot = plan.table.snapshot_by_id(plan.snapshot_id)
+    assert snapshot is not None, "resolved against this table"
+    delete_files = snapshot.summary.get("total-delete-files") if snapshot.summary else None
+    in_table = int(delete_files) if delete_files is not None else len(deletes)
     if not in_table:
         return None, "a filter or a limit, no delete files"
     if any(d.file_format != FileFormat.PARQUET for d in deletes.values()):

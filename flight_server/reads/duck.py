@@ -30,6 +30,7 @@ EXTENSIONS = ("avro", "httpfs", "iceberg")
 def extension_path(name: str) -> Path:
     """The `.duckdb_extension` file shipped in the `duckdb-extension-<name>` wheel."""
     module = importlib.import_module(f"duckdb_extension_{name}")
+    assert module.__file__ is not None, f"duckdb_extension_{name} is a regular package"
     path = Path(module.__file__).parent / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
     if not path.exists():
         raise RuntimeError(
@@ -56,7 +57,7 @@ class Engine:
     """A DuckDB database configured for this server; hand out cursors with `cursor()`."""
 
     def __init__(self, memory_limit: str = "4GB", threads: int | None = None, temp_dir: str | None = None):
-        config: dict[str, str | bool | int] = {
+        config: dict[str, str | bool | int | float | list[str]] = {
             "autoinstall_known_extensions": False,
             "autoload_known_extensions": False,
             "memory_limit": memory_limit,

@@ -95,6 +95,7 @@ def direct_reader(plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int) ->
     if not tasks:
         return pa.RecordBatchReader.from_batches(plan.schema, [])
     io = plan.table.io
+    assert isinstance(io, PyArrowFileIO), "direct_files plans only tables Arrow reads"
     scheme, netloc, _ = io.parse_location(tasks[0].file.file_path)
     paths = {io.parse_location(task.file.file_path)[2]: task.file.file_path for task in tasks}
     schema = snapshot_schema(plan.table, plan.snapshot_id)

@@ -48,8 +48,10 @@ class ScanPlan:
         (the rows of the files the filter may touch, or of the whole snapshot)."""
         if self.snapshot_id is None:
             return 0
-        summary = self.table.snapshot_by_id(self.snapshot_id).summary  # type: ignore[union-attr]
-        rows = int(summary["total-records"]) if summary and "total-records" in summary else -1
+        snapshot = self.table.snapshot_by_id(self.snapshot_id)
+        assert snapshot is not None, "resolved against this table"
+        records = snapshot.summary.get("total-records") if snapshot.summary else None
+        rows = int(records) if records is not None else -1
         if not isinstance(self.expression, AlwaysTrue):
             tasks = plan_tasks(self.table, self.snapshot_id, self.expression)
             rows = sum(task.file.record_count for task in tasks) if tasks is not None else rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -49,7 +50,9 @@ def inline_entities(rows: dict[str, list[Any]], entity_time: str) -> pa.Table:
     return pa.table(columns)
 
 
-def entity_bounds(cursor: Any, relation: str, params: list[Any]) -> tuple[dt.datetime | None, dt.datetime | None]:
+def entity_bounds(
+    cursor: duckdb.DuckDBPyConnection, relation: str, params: list[Any]
+) -> tuple[dt.datetime | None, dt.datetime | None]:
     """The earliest and latest entity timestamps: feature rows outside them are never read."""
     sql = f"SELECT min({TS}) AS low, max({TS}) AS high FROM {relation}"
     bounds = cursor.execute(sql, params).to_arrow_table().to_pylist()[0]
@@ -103,7 +106,7 @@ def plan_request(catalog: FeatureCatalog, request: HistoricalRequest) -> tuple[H
     return plan_historical(catalog, request), None
 
 
-def append_entities(cursor: Any, rows: pa.Table, create: bool = False) -> None:
+def append_entities(cursor: duckdb.DuckDBPyConnection, rows: pa.Table, create: bool = False) -> None:
     """Add entity rows to the cursor's temporary table `__pit_entities` (DuckDB spills it if large)."""
     cursor.register("__pit_batch", rows)
     if create:

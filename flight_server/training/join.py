@@ -6,6 +6,7 @@ import datetime as dt
 from collections.abc import Iterator
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 
 from flight_server.base.filters import quote
@@ -74,7 +75,7 @@ def join_sql(
 
 
 def run_historical(
-    plan: HistoricalPlan, cursor: Any, relation: str, params: list[Any], batch_rows: int
+    plan: HistoricalPlan, cursor: duckdb.DuckDBPyConnection, relation: str, params: list[Any], batch_rows: int
 ) -> pa.RecordBatchReader:
     """Execute the join over `relation` (registered or created on `cursor`) and stream the result."""
     low, high = entity_bounds(cursor, relation, params)
@@ -101,7 +102,7 @@ def use_storage(engine: Engine, plan: HistoricalPlan) -> None:
         engine.use_storage(table.io.properties)
 
 
-def keep_alive(reader: pa.RecordBatchReader, cursor: Any) -> pa.RecordBatchReader:
+def keep_alive(reader: pa.RecordBatchReader, cursor: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
     """A reader that holds `cursor` (and the entities registered on it) until it is consumed."""
 
     def batches() -> Iterator[pa.RecordBatch]:

@@ -118,9 +118,9 @@ def plan_historical(
         entity_table = catalog.read(source.table)
         pinned = (request.snapshot_ids or {}).get(source.table, source.snapshot_id)
         entity_snapshot = resolve_snapshot(entity_table, pinned, None)
-        schema = snapshot_schema(entity_table, entity_snapshot)
-        entity_schema = table_arrow_schema(schema)
-        entity_filter = parse_filter(source.filter, schema)
+        iceberg_schema = snapshot_schema(entity_table, entity_snapshot)
+        entity_schema = table_arrow_schema(iceberg_schema)
+        entity_filter = parse_filter(source.filter, iceberg_schema)
     if entity_schema is None:
         raise RequestError("a historical request needs entity rows: a table, inline rows, or a do_exchange stream")
     for name in entity_schema.names:

@@ -45,15 +45,15 @@ class ClientWriter:
 
     def begin(self, schema: pa.Schema, options: pa.ipc.IpcWriteOptions | None = None) -> None:
         with self._call.waiting("read results"):
-            self._writer.begin(schema, options)  # type: ignore[union-attr]
+            self._writer.begin(schema, options)
 
     def write_batch(self, batch: pa.RecordBatch) -> None:
         with self._call.waiting("read results"):
-            self._writer.write_batch(batch)  # type: ignore[union-attr]
+            self._writer.write_batch(batch)
 
     def write(self, buffer: pa.Buffer) -> None:
         with self._call.waiting("read results"):
-            self._writer.write(buffer)  # type: ignore[union-attr]
+            self._writer.write(buffer)
 
 
 def _waiting(call: WatchedCall | None, what: str) -> contextlib.AbstractContextManager[None]:
