@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,12 @@ WRITE_BATCH_ROWS = 65_536
 REUSE_CONNECTION = "arrow-flight-reuse-connection://?"
 
 
-def _as_of(value: dt.datetime | str | int | None) -> str | int | None:
+def _as_of(value: dt.datetime | str | int | None) -> str | None:
+    """A time as the protocol's ISO-8601 string; epoch milliseconds converted, strings checked by the server."""
+    if isinstance(value, bool):
+        raise TypeError(f"expected a datetime, an ISO-8601 string or epoch milliseconds, got {value!r}")
+    if isinstance(value, int):
+        value = dt.datetime.fromtimestamp(value / 1000, tz=dt.timezone.utc)
     if isinstance(value, dt.datetime):
         return format_timestamp(value)
     return value
@@ -69,10 +75,7 @@ def _batches(data: Any) -> tuple[pa.Schema, Iterable[pa.RecordBatch]]:
     if isinstance(data, pa.RecordBatch):
         data = pa.Table.from_batches([data])
     if not isinstance(data, pa.Table):
-        try:
-            import pandas as pd
-        except ImportError:  # pragma: no cover - pandas is a dependency
-            pd = None
+        pd = sys.modules.get("pandas")  # a DataFrame given means pandas is imported
         if pd is None or not isinstance(data, pd.DataFrame):
             raise TypeError(
                 f"expected a pandas DataFrame, Arrow Table/RecordBatch or RecordBatchReader, got {type(data)}"
@@ -250,7 +253,7 @@ class FeatureClient:
         """Forget snapshots older than `older_than` except the `retain_last` newest, and delete the files only
         they used; defaults: the table's `history.expire.*` properties (5 days, 1). Pinned snapshots are
         kept (and listed in `kept_pinned`) unless `force`, which drops their pins."""
-        request = ExpireRequest(table, _as_of(older_than), retain_last, force)  # type: ignore[arg-type]
+        request = ExpireRequest(table, _as_of(older_than), retain_last, force)
         return self._action("expire_snapshots", asdict(request))
 
     def pin(self, table: str, snapshot_id: int | None = None, name: str | None = None) -> dict[str, Any]:
@@ -277,7 +280,7 @@ class FeatureClient:
 
         The schema metadata says which snapshot was read (`flight.snapshot_id`).
         """
-        request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit)  # type: ignore[arg-type]
+        request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit)
         return self._get(request.to_bytes())
 
     def read_table(
@@ -297,7 +300,7 @@ class FeatureClient:
         come back as one endpoint. Default: the server's `--scan-partitions`. Row order across
         parts is not defined; the schema metadata names the snapshot and read path, as `scan`'s does.
         """
-        request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit, partitions)  # type: ignore[arg-type]
+        request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit, partitions)
         return self._read_endpoints(self._info(request))
 
     def flight_info(self, table: str, **scan_options: Any) -> flight.FlightInfo:
@@ -417,7 +420,7 @@ class FeatureClient:
             snapshot_ids=snapshot_ids,
             as_of=_as_of(as_of),
             partitions=partitions,
-        )  # type: ignore[arg-type]
+        )
 
     # Online serving
 
@@ -443,7 +446,7 @@ class FeatureClient:
         """
         request = OnlineRequest(
             list(features), None, full_feature_names, _as_of(as_of), _as_of(request_time), apply_ttl
-        )  # type: ignore[arg-type]
+        )
         table: pa.Table | None = None
         if isinstance(entities, dict):
             columns = {k: list(v) if not isinstance(v, list) else v for k, v in entities.items()}

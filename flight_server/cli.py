@@ -106,7 +106,7 @@ def _reload_on_sighup(server: FeatureFlightServer) -> None:
     threading.Thread(target=reload, args=(wakeup,), name="sighup", daemon=True).start()
 
 
-def _writer_token(tokens: list[dict]) -> str | None:
+def _writer_token(tokens: list[dict[str, Any]]) -> str | None:
     """A token that may read and write namespace `demo`, for loading the demo through the server's own API."""
     for entry in tokens:
         if {READ, WRITE} <= set(entry["permissions"]) and "demo" in entry.get("namespaces", ["demo"]):

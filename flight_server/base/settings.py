@@ -42,7 +42,7 @@ class Setting:
     section: str  # the heading it is listed under in docs/configuration.md
     help: str
     field: str | None = None  # the ServerConfig field it fills; the setting's default is that field's
-    type: click.ParamType = click.STRING
+    type: click.ParamType[Any] = click.STRING
     default: str | float | None = None  # only for a setting that fills no ServerConfig field
     default_text: str | None = None  # a default that is no single value ("number of cores")
     unit: int = 1  # the field holds the value times this: MB for an option in megabytes that fills bytes

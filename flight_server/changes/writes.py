@@ -33,7 +33,7 @@ from flight_server.changes.commits import delete_files, live_files
 from flight_server.changes.files import write_data_files
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, default_partitioning, partition_spec, table_name
 from flight_server.iceberg.internals import schema_without_ids, transaction_io
-from flight_server.wire.errors import ConflictError, ProtocolError, RequestError
+from flight_server.wire.errors import ConflictError, RequestError
 from flight_server.wire.writes import WriteRequest, WriteResult, parse_end_marker
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,9 @@ def _check_feature_columns(spec: FeatureSpec, stream: pa.Schema) -> None:
     for column in spec.columns:
         if stream.get_field_index(column) < 0:
             raise RequestError(f"column {column!r} named as a key or time column is not in the stream ({stream.names})")
-    for column in (spec.event_time, spec.created_time):
-        if column and not pa.types.is_timestamp(stream.field(column).type):
-            raise RequestError(f"time column {column!r} must be a timestamp, got {stream.field(column).type}")
+    for time_column in (spec.event_time, spec.created_time):
+        if time_column and not pa.types.is_timestamp(stream.field(time_column).type):
+            raise RequestError(f"time column {time_column!r} must be a timestamp, got {stream.field(time_column).type}")
     for key in spec.entity_keys:
         t = stream.field(key).type
         if pa.types.is_floating(t) or pa.types.is_nested(t) or pa.types.is_null(t):
@@ -158,10 +158,7 @@ class Writer:
         try:
             for chunk in chunks(reader, "write", "; nothing was committed"):
                 if chunk.app_metadata is not None:
-                    try:
-                        declared_rows = parse_end_marker(chunk.app_metadata.to_pybytes())
-                    except ProtocolError as exc:
-                        raise RequestError(str(exc)) from None
+                    declared_rows = parse_end_marker(chunk.app_metadata.to_pybytes())
                 if chunk.data is not None and chunk.data.num_rows:
                     if declared_rows is not None:
                         raise RequestError("the write stream sent data after its end-of-stream marker")
@@ -315,14 +312,17 @@ class _AlreadyCommitted(Exception):
 def _commit_files(transaction: Transaction, mode: str, files: list[DataFile], properties: dict[str, str]) -> Table:
     update = transaction.update_snapshot(snapshot_properties=properties)
     if mode == "overwrite":
-        producer = update.overwrite()
+        overwrite = update.overwrite()
         for data_file in _live_data_files(transaction):
-            producer.delete_data_file(data_file)
+            overwrite.delete_data_file(data_file)
+        for data_file in files:
+            overwrite.append_data_file(data_file)
+        overwrite.commit()
     else:
-        producer = update.fast_append()
-    for data_file in files:
-        producer.append_data_file(data_file)
-    producer.commit()
+        append = update.fast_append()
+        for data_file in files:
+            append.append_data_file(data_file)
+        append.commit()
     return transaction.commit_transaction()
 
 

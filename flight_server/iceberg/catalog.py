@@ -38,7 +38,7 @@ from flight_server.base.config import redact
 from flight_server.iceberg.internals import metadata_location_query
 from flight_server.wire.actions import DELETE_MODES
 from flight_server.wire.codec import parse_table_name
-from flight_server.wire.errors import NotFoundError, ProtocolError, RequestError
+from flight_server.wire.errors import NotFoundError, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,7 @@ class FeatureCatalog:
         log.info("catalog %r: %s", name, redact(properties))
 
     def identifier(self, table: str) -> tuple[str, ...]:
-        try:
-            return parse_table_name(table, self.default_namespace)
-        except ProtocolError as exc:
-            raise RequestError(str(exc)) from None
+        return parse_table_name(table, self.default_namespace)
 
     def metadata_location(self, table: str) -> str | None:
         """Where the catalog points the table now, when it can say so cheaply (SQL catalogs: one indexed
@@ -173,10 +170,10 @@ class FeatureCatalog:
         return self._locate(self.identifier(table))
 
     def _locate(self, identifier: tuple[str, ...]) -> str | None:
-        if self._pointer is None:
+        if self._pointer is None or not isinstance(self.catalog, SqlCatalog):
             return None
         *namespace, name = identifier
-        with self.catalog.engine.connect() as connection:  # type: ignore[attr-defined]
+        with self.catalog.engine.connect() as connection:
             bound = {"catalog": self.catalog.name, "namespace": ".".join(namespace), "table": name}
             return connection.execute(self._pointer, bound).scalar()
 
@@ -275,7 +272,7 @@ def describe(table: Table, max_snapshots: int = 100) -> dict[str, Any]:
             f"{f.transform}({table.schema().find_column_name(f.source_id)})" for f in table.spec().fields
         ],
         "current_snapshot_id": current.snapshot_id if current else None,
-        "rows": int(current.summary["total-records"]) if current and current.summary else 0,
+        "rows": int(current.summary.get("total-records") or 0) if current and current.summary else 0,
         "snapshots": [
             {
                 "snapshot_id": s.snapshot_id,

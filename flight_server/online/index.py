@@ -5,7 +5,7 @@ latest created time, as for training sets; rows with a null key or event time ne
 Arrow table, and a dict from key to row. `OnlineStore` builds an index on first use (or at
 start-up), polls the catalog, and refreshes in the background: snapshots that only appended data
 are applied from their added files alone; anything else (overwrite, delete, compaction, a schema or
-definition change) rebuilds from the whole table, read as a scan reads it (`scans.scan_relation`:
+definition change) rebuilds from the whole table, read as a scan reads it (`reads.paths.scan_relation`:
 Arrow's reader of the data files without the rows of position delete files, or DuckDB's
 `iceberg_scan` where there are equality delete files) into DuckDB's latest-per-key query.
 

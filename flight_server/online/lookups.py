@@ -1,8 +1,8 @@
 """Online requests: the latest features of the entities a request names, as one Arrow table.
 
-Without `as_of` the answer comes from the online indexes (`online.py`): no catalog, Parquet or
+Without `as_of` the answer comes from the online indexes (`online/index.py`): no catalog, Parquet or
 DuckDB work happens per request. With `as_of` it is a point lookup into history: a training set
-of one row per entity at that time (`historical.py`), computed by DuckDB.
+of one row per entity at that time (`training/`), computed by DuckDB.
 
 The answer has one row per requested entity, in request order, duplicates kept: the key columns,
 each requested feature, and per table `<table>__<event time column>` (the event time of the row

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class TrainingSets:
-    """Runs training-set requests: through the sorted per-snapshot indexes (`asof.py`) when every
+    """Runs training-set requests: through the sorted per-snapshot indexes (`training/asof.py`) when every
     feature table fits their cache, else as one DuckDB query (`join_sql`)."""
 
     def __init__(

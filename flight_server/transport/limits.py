@@ -1,8 +1,8 @@
 """Limits that keep a few clients from taking a whole server: how many calls run at once, in all and
 per caller (so one stalled or greedy token cannot take every slot).
 
-Request sizes are checked where requests are parsed (`protocol.decode`, `--max-request-kb`), record
-batches from clients where they are read (`streams.ClientReader`, `--max-batch-mb`); memory per call
+Request sizes are checked where requests are parsed (`wire.codec.decode`, `--max-request-kb`), record
+batches from clients where they are read (`transport.client_streams.ClientReader`, `--max-batch-mb`); memory per call
 is further bounded by the engine (`--duckdb-memory-limit`), the write chunk and Flight's flow control
 (see docs/operations.md).
 """

@@ -11,7 +11,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -58,7 +58,7 @@ def _flight_errors(handler: F) -> F:
             log.exception("%s failed", handler.__name__)
             raise to_flight_error(exc) from None
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)
 
 
 class FeatureFlightServer(flight.FlightServerBase):

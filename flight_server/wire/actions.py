@@ -23,7 +23,7 @@ class TableRequest:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> TableRequest:
         f = Fields(body, "action body", {"table"})
-        return cls(table=f.str("table", required=True))  # type: ignore[arg-type]
+        return cls(table=f.required_str("table"))
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class DeleteRequest:
         mode = f.str("mode")
         if mode is not None and mode not in DELETE_MODES:
             raise ProtocolError(f"delete request: unknown mode {mode!r}; use one of {list(DELETE_MODES)}")
-        request = cls(f.str("table", required=True), keys, f.str("filter"), mode)  # type: ignore[arg-type]
+        request = cls(f.required_str("table"), keys, f.str("filter"), mode)
         if request.keys is None and request.filter is None:
             raise ProtocolError("delete request: name the rows to delete with 'keys', 'filter' or both")
         return request
@@ -72,7 +72,7 @@ class CompactRequest:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> CompactRequest:
         f = Fields(body, "compact request", {"table", "filter"})
-        return cls(f.str("table", required=True), f.str("filter"))  # type: ignore[arg-type]
+        return cls(f.required_str("table"), f.str("filter"))
 
 
 @dataclass(frozen=True)
@@ -92,17 +92,16 @@ class ExpireRequest:
         if older_than is not None:
             older_than = format_timestamp(parse_timestamp(older_than, "expire_snapshots request: 'older_than'"))
         return cls(
-            f.str("table", required=True),  # type: ignore[arg-type]
+            f.required_str("table"),
             older_than,
             f.int("retain_last", minimum=1),
             f.bool("force"),
         )
 
 
-def _pin_name(f: Fields, required: bool) -> str | None:
-    name = f.str("name", required=required)
-    if name is not None and (not _PIN_NAME.match(name) or name == "main"):
-        raise ProtocolError(f"{f.what}: invalid pin name {name!r}: use letters, digits, '_', '-' or '.', not 'main'")
+def _pin_name(what: str, name: str) -> str:
+    if not _PIN_NAME.match(name) or name == "main":
+        raise ProtocolError(f"{what}: invalid pin name {name!r}: use letters, digits, '_', '-' or '.', not 'main'")
     return name
 
 
@@ -118,11 +117,8 @@ class PinRequest:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> PinRequest:
         f = Fields(body, "pin request", {"table", "snapshot_id", "name"})
-        return cls(
-            f.str("table", required=True),  # type: ignore[arg-type]
-            f.int("snapshot_id", minimum=-(1 << 63)),
-            _pin_name(f, required=False),
-        )
+        table, snapshot_id, name = f.required_str("table"), f.int("snapshot_id", minimum=-(1 << 63)), f.str("name")
+        return cls(table, snapshot_id, _pin_name(f.what, name) if name is not None else None)
 
 
 @dataclass(frozen=True)
@@ -135,7 +131,7 @@ class UnpinRequest:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> UnpinRequest:
         f = Fields(body, "unpin request", {"table", "name"})
-        return cls(f.str("table", required=True), _pin_name(f, required=True))  # type: ignore[arg-type]
+        return cls(f.required_str("table"), _pin_name(f.what, f.required_str("name")))
 
 
 # Replies: one JSON message per action (`Reply.to_bytes`); flight_client hands them to its callers as dicts.

@@ -7,6 +7,7 @@ other languages.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import json
 import re
@@ -133,7 +134,13 @@ class Fields:
             raise self._bad(name, "a non-empty string")
         return value
 
-    def int(self, name: str, minimum: int = 0) -> int | None:
+    def required_str(self, name: builtins.str) -> builtins.str:
+        """A field that must be given, as a non-empty string."""
+        value = self.str(name, required=True)
+        assert value is not None  # str() raises for a missing required field
+        return value
+
+    def int(self, name: builtins.str, minimum: builtins.int = 0) -> builtins.int | None:
         value = self.body.get(name)
         if value is None:
             return None
@@ -141,13 +148,13 @@ class Fields:
             raise self._bad(name, f"an integer >= {minimum}")
         return value
 
-    def bool(self, name: str) -> bool:
+    def bool(self, name: builtins.str) -> bool:
         value = self.body.get(name, False)
         if not isinstance(value, bool):
             raise self._bad(name, "true or false")
         return value
 
-    def str_list(self, name: str) -> list[str] | None:
+    def str_list(self, name: builtins.str) -> list[builtins.str] | None:
         value = self.body.get(name)
         if value is None:
             return None
@@ -157,7 +164,7 @@ class Fields:
             raise self._bad(name, "a list without duplicates")
         return value
 
-    def part(self, name: str) -> list[int] | None:
+    def part(self, name: builtins.str) -> list[builtins.int] | None:
         """`[index, count]`: one of `count` endpoint shares of a result."""
         value = self.body.get(name)
         if value is None:

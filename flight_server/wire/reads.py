@@ -36,7 +36,7 @@ class ScanRequest:
         if as_of is not None:
             as_of = format_timestamp(parse_timestamp(as_of, "scan request: field 'as_of'"))
         request = cls(
-            table=f.str("table", required=True),  # type: ignore[arg-type]
+            table=f.required_str("table"),
             columns=f.str_list("columns"),
             filter=f.str("filter"),
             snapshot_id=f.int("snapshot_id", minimum=-(1 << 63)),

@@ -55,7 +55,7 @@ class WriteRequest:
         ):
             raise ProtocolError("write request: field 'partition_by' must be a list of strings")
         return cls(
-            table=f.str("table", required=True),  # type: ignore[arg-type]
+            table=f.required_str("table"),
             mode=mode,
             entity_keys=f.str_list("entity_keys"),
             event_time=f.str("event_time"),
