@@ -36,6 +36,7 @@ from benchmarks.report import steps
 from flight_client import FeatureClient
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.online.store import OnlineStore
+from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine, local_path
 
 SHARES = (0.01, 0.10, 0.30)  # of the rows, deleted
@@ -102,7 +103,7 @@ class InProcess:
 
     def __init__(self, properties: dict[str, str]):
         self.catalog = FeatureCatalog(CATALOG_NAME, properties)
-        self.store = OnlineStore(self.catalog, Engine(), refresh_seconds=3600)
+        self.store = OnlineStore(self.catalog, Engine(), ReadCaches(), refresh_seconds=3600)
 
     def pyiceberg(self, table: str) -> pa.Table:
         return self.catalog.load(table).scan().to_arrow()

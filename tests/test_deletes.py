@@ -21,9 +21,9 @@ from flight_client import FeatureClient, InvalidRequestError, NotFoundError
 from flight_server.base.filters import parse_filter, to_sql
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.changes.commits import commit_rewrite, live_files
-from flight_server.reads.deleted import PositionCache
+from flight_server.reads.caches import PlanCache, PositionCache
 from flight_server.reads.duck import Engine, local_path
-from flight_server.reads.plan import _PlanCache, plan_tasks
+from flight_server.reads.plan import plan_tasks
 from tests.conftest import local_files, wait_until
 
 UTC = dt.timezone.utc
@@ -311,18 +311,19 @@ def test_plans_are_kept_per_table_snapshot_and_filter(
     loaded = load(backend, table)
     snapshot = loaded.current_snapshot().snapshot_id  # type: ignore[union-attr]
     schema = loaded.schema()
-    first = plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema))
-    assert first is not None and plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema)) is first
-    assert plan_tasks(loaded, snapshot, parse_filter("driver_id < 20", schema)) is not first
+    plans = PlanCache(entries=8, max_files=100)
+    first = plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema), plans)
+    assert first is not None and plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema), plans) is first
+    assert plan_tasks(loaded, snapshot, parse_filter("driver_id < 20", schema), plans) is not first
     parent = loaded.current_snapshot().parent_snapshot_id  # type: ignore[union-attr]
-    older = plan_tasks(loaded, parent, parse_filter("driver_id < 10", schema))
+    older = plan_tasks(loaded, parent, parse_filter("driver_id < 10", schema), plans)
     assert older is not first and all(not t.delete_files for t in older or [])
     # A table dropped and created again under the same name is another table (another uuid).
     load_catalog("default", **backend).drop_table(tuple(table.split(".")))
     create(client, table)
     again = load(backend, table)
-    assert plan_tasks(again, snapshot, parse_filter("driver_id < 10", schema)) is not first
-    cache = _PlanCache(entries=2, max_files=1)
+    assert plan_tasks(again, snapshot, parse_filter("driver_id < 10", schema), plans) is not first
+    cache = PlanCache(entries=2, max_files=1)
     cache.put(("t", 1, "a"), [])
     cache.put(("t", 2, "a"), None)
     cache.put(("t", 3, "a"), [object(), object()])  # too large to keep  # type: ignore[list-item]

@@ -19,6 +19,7 @@ from pyiceberg.types import DoubleType, LongType, NestedField, StringType, Times
 from flight_client import FeatureClient
 from flight_server.base.filters import parse_filter, quote, to_sql
 from flight_server.base.schemas import table_arrow_schema
+from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
 from flight_server.reads.paths import open_scan
 from flight_server.reads.plan import plan_table_scan
@@ -209,11 +210,13 @@ def test_scans_of_a_merge_on_read_table_match_reference(
     """Over files with position deletes and row groups DuckDB prunes by their statistics; with a limit too."""
     (table, engine), (text, reference) = stored, expression
     expected = [k for k in range(STORED_ROWS) if k not in DELETED and reference(stored_row(k)) is True]  # type: ignore[operator]
-    plan = plan_table_scan(table, ScanRequest(table="tests.filters", columns=["k"], filter=text))
+    plan = plan_table_scan(table, ScanRequest(table="tests.filters", columns=["k"], filter=text), ReadCaches())
     reader, path = open_scan(plan, engine, batch_rows=16)
     assert path == "read_parquet"
     assert sorted(reader.read_all().column("k").to_pylist()) == expected, text
-    limited = plan_table_scan(table, ScanRequest(table="tests.filters", columns=["k"], filter=text, limit=7))
+    limited = plan_table_scan(
+        table, ScanRequest(table="tests.filters", columns=["k"], filter=text, limit=7), plan.caches
+    )
     reader, path = open_scan(limited, engine, batch_rows=16)
     got = reader.read_all().column("k").to_pylist()
     assert path == "read_parquet" and len(got) == min(7, len(expected)) and set(got) <= set(expected), text

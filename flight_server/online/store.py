@@ -26,6 +26,7 @@ from flight_server.online.index import (
     latest_sql,
     table_keys,
 )
+from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine, local_path
 from flight_server.reads.paths import scan_relation
 from flight_server.reads.plan import plan_table_scan
@@ -42,12 +43,13 @@ class OnlineStore:
         self,
         catalog: FeatureCatalog,
         engine: Engine,
+        caches: ReadCaches,
         refresh_seconds: float = 0.5,
         max_bytes: int = 2 << 30,
         preload: tuple[str, ...] | list[str] = (),
     ):
         self.catalog = catalog
-        self.engine = engine
+        self.engine, self.caches = engine, caches
         self.refresh_seconds = refresh_seconds
         self.max_bytes = max_bytes
         self._indexes: dict[str, OnlineIndex] = {}
@@ -118,9 +120,8 @@ class OnlineStore:
         try:
             if files is None:
                 snapshot = table.current_snapshot()
-                plan = plan_table_scan(
-                    table, ScanRequest(table=table_name(table), snapshot_id=snapshot.snapshot_id if snapshot else None)
-                )
+                request = ScanRequest(table=table_name(table), snapshot_id=snapshot.snapshot_id if snapshot else None)
+                plan = plan_table_scan(table, request, self.caches)
                 source, params, path = scan_relation(plan, self.engine, cursor, READ_BATCH_ROWS)
             else:
                 source, params, path = (

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,40 +16,11 @@ from pyiceberg.table import FileScanTask
 
 from flight_server.iceberg.positions import referenced_data_file
 from flight_server.iceberg.snapshots import snapshot_schema
+from flight_server.reads.caches import PositionCache
 from flight_server.reads.plan import ScanPlan, plan_tasks
 
 
-class PositionCache:
-    """Row positions read from position delete files, by (delete file, data file); the least recently used
-    go past `max_bytes`. The files never change, and a table's readers read the same ones over and over
-    (Iceberg's Spark executors cache them likewise)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str]) -> np.ndarray | None:
-        with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
-
-    def put(self, key: tuple[str, str], value: np.ndarray) -> None:
-        with self._lock:
-            if key not in self._entries:
-                self._entries[key] = value
-                self._bytes += value.nbytes
-            while self._bytes > self.max_bytes:
-                self._bytes -= self._entries.popitem(last=False)[1].nbytes
-
-
-POSITIONS = PositionCache(64 << 20)
-
-
-def deleted_positions(io: FileIO, tasks: list[FileScanTask], cache: PositionCache = POSITIONS) -> dict[str, np.ndarray]:
+def deleted_positions(io: FileIO, tasks: list[FileScanTask], cache: PositionCache) -> dict[str, np.ndarray]:
     """Each data file's deleted row positions (sorted, unique), from the position delete files planned for
     it: cached, or read in parallel (for object storage: they are small and many)."""
     wanted = {(d.file_path, task.file.file_path): d for task in tasks for d in task.delete_files}
@@ -131,7 +100,7 @@ def position_deleted_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, s
         return None, "a filter or a limit, on a table whose schema changed"
     if "file_row_number" in snapshot_schema(plan.table, plan.snapshot_id).column_names:
         return None, "a filter or a limit, on a table with a column DuckDB's file_row_number would shadow"
-    tasks = plan_tasks(plan.table, plan.snapshot_id, plan.expression)
+    tasks = plan_tasks(plan.table, plan.snapshot_id, plan.expression, plan.caches.plans)
     if tasks is None:
         return None, "equality delete files"
     deletes = {d.file_path: d for task in tasks for d in task.delete_files}

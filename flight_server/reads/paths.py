@@ -57,7 +57,7 @@ def direct_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, str]:
         return None, "renamed columns"
     if not isinstance(plan.table.io, PyArrowFileIO):
         return None, "storage Arrow does not read"
-    tasks = plan_tasks(plan.table, plan.snapshot_id, AlwaysTrue())
+    tasks = plan_tasks(plan.table, plan.snapshot_id, AlwaysTrue(), plan.caches.plans)
     if tasks is None:
         return None, "equality delete files"
     deletes = {d.file_path: d for task in tasks for d in task.delete_files}
@@ -103,7 +103,7 @@ def direct_reader(plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int) ->
         list(paths), schema=table_arrow_schema(schema), format="parquet", filesystem=io.fs_by_scheme(scheme, netloc)
     )
     scanner = dataset.scanner(columns=plan.schema.names, batch_size=batch_rows)
-    deleted = deleted_positions(io, tasks)
+    deleted = deleted_positions(io, tasks, plan.caches.positions)
     if not deleted:
         return scanner.to_reader()
     by_fragment = {path: deleted[location] for path, location in paths.items() if location in deleted}
@@ -124,7 +124,7 @@ def read_parquet_sql(
     schema = snapshot_schema(plan.table, plan.snapshot_id)
     where, params = to_sql(plan.expression, schema)
     columns = ", ".join(f"t.{quote(name)}" for name in plan.schema.names)
-    deleted = deleted_positions(plan.table.io, tasks)
+    deleted = deleted_positions(plan.table.io, tasks, plan.caches.positions)
     clean = [local_path(task.file.file_path) for task in tasks if task.file.file_path not in deleted]
     branches, args = [], []
     if clean:

@@ -6,8 +6,6 @@ Plans of recent reads are kept per (table, snapshot, filter): a snapshot never c
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,14 +17,11 @@ from flight_server.base.filters import parse_filter
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.iceberg.catalog import FeatureCatalog, table_name
 from flight_server.iceberg.snapshots import resolve_snapshot, snapshot_schema
+from flight_server.reads.caches import PlanCache, ReadCaches
 from flight_server.wire.errors import NotFoundError
 from flight_server.wire.reads import ScanRequest
 
 log = logging.getLogger(__name__)
-
-PLAN_CACHE_ENTRIES = 256  # plans of recent reads kept (by table, snapshot and filter)
-
-PLAN_CACHE_MAX_FILES = 10_000  # larger plans are not kept
 
 
 @dataclass(frozen=True)
@@ -38,6 +33,7 @@ class ScanPlan:
     snapshot_id: int | None
     schema: pa.Schema
     expression: BooleanExpression
+    caches: ReadCaches
 
     @property
     def name(self) -> str:
@@ -53,7 +49,7 @@ class ScanPlan:
         records = snapshot.summary.get("total-records") if snapshot.summary else None
         rows = int(records) if records is not None else -1
         if not isinstance(self.expression, AlwaysTrue):
-            tasks = plan_tasks(self.table, self.snapshot_id, self.expression)
+            tasks = plan_tasks(self.table, self.snapshot_id, self.expression, self.caches.plans)
             rows = sum(task.file.record_count for task in tasks) if tasks is not None else rows
         return min(rows, self.request.limit) if self.request.limit is not None and rows >= 0 else rows
 
@@ -62,11 +58,11 @@ class ScanPlan:
         return {"table": self.name, "snapshot_id": self.snapshot_id}
 
 
-def plan_scan(catalog: FeatureCatalog, request: ScanRequest) -> ScanPlan:
-    return plan_table_scan(catalog.read(request.table), request)
+def plan_scan(catalog: FeatureCatalog, request: ScanRequest, caches: ReadCaches) -> ScanPlan:
+    return plan_table_scan(catalog.read(request.table), request, caches)
 
 
-def plan_table_scan(table: Table, request: ScanRequest) -> ScanPlan:
+def plan_table_scan(table: Table, request: ScanRequest, caches: ReadCaches) -> ScanPlan:
     """`plan_scan` for a table already loaded."""
     snapshot_id = resolve_snapshot(table, request.snapshot_id, request.as_of)
     schema = snapshot_schema(table, snapshot_id)
@@ -77,43 +73,17 @@ def plan_table_scan(table: Table, request: ScanRequest) -> ScanPlan:
             raise NotFoundError(f"table {table_name(table)!r} has no column(s) {missing} (columns: {arrow.names})")
         arrow = pa.schema([arrow.field(c) for c in request.columns])
     expression = parse_filter(request.filter, schema)
-    return ScanPlan(table, request, snapshot_id, arrow, expression)
+    return ScanPlan(table, request, snapshot_id, arrow, expression, caches)
 
 
-class _PlanCache:
-    """Plans of recent reads by (table, snapshot, filter): a snapshot never changes, and planning reads
-    every manifest in Python (10 delete manifests cost a scan of a 1M-row table 0.70x of copy-on-write)."""
-
-    def __init__(self, entries: int, max_files: int):
-        self._entries, self._max_files = entries, max_files
-        self._plans: OrderedDict[tuple[str, int | None, str], list[FileScanTask] | None] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, int | None, str]) -> tuple[bool, list[FileScanTask] | None]:
-        with self._lock:
-            if key not in self._plans:
-                return False, None
-            self._plans.move_to_end(key)
-            return True, self._plans[key]
-
-    def put(self, key: tuple[str, int | None, str], tasks: list[FileScanTask] | None) -> None:
-        if tasks is not None and len(tasks) > self._max_files:
-            return  # a plan that large is better planned again than kept
-        with self._lock:
-            self._plans[key] = tasks
-            while len(self._plans) > self._entries:
-                self._plans.popitem(last=False)
-
-
-PLANS = _PlanCache(PLAN_CACHE_ENTRIES, PLAN_CACHE_MAX_FILES)
-
-
-def plan_tasks(table: Table, snapshot_id: int | None, expression: BooleanExpression) -> list[FileScanTask] | None:
+def plan_tasks(
+    table: Table, snapshot_id: int | None, expression: BooleanExpression, plans: PlanCache
+) -> list[FileScanTask] | None:
     """pyiceberg's plan of a read (files pruned by partition and statistics, each with its delete files),
     or None when pyiceberg cannot plan it: it refuses tables with equality delete files (as Flink
     writes them), which DuckDB's `iceberg_scan` applies. Kept for the next read of the same snapshot."""
     key = (str(table.metadata.table_uuid), snapshot_id, repr(expression))
-    found, tasks = PLANS.get(key)
+    found, tasks = plans.get(key)
     if found:
         return tasks
     try:
@@ -121,7 +91,7 @@ def plan_tasks(table: Table, snapshot_id: int | None, expression: BooleanExpress
     except ValueError as exc:
         log.debug("pyiceberg cannot plan a read of %s: %s", table_name(table), exc)
         tasks = None
-    PLANS.put(key, tasks)
+    plans.put(key, tasks)
     return tasks
 
 

@@ -16,6 +16,7 @@ from pyiceberg.table import Table
 from flight_server.base.locks import LockPool
 from flight_server.base.schemas import micros
 from flight_server.iceberg.catalog import FeatureSpec, table_name
+from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
 from flight_server.reads.paths import open_scan
 from flight_server.reads.plan import plan_table_scan
@@ -132,8 +133,8 @@ class AsofIndex:
 class AsofCache:
     """Indexes of recently used snapshots, together at most `max_bytes`; least recently used go first."""
 
-    def __init__(self, engine: Engine, max_bytes: int):
-        self.engine = engine
+    def __init__(self, engine: Engine, caches: ReadCaches, max_bytes: int):
+        self.engine, self.caches = engine, caches
         self.max_bytes = max_bytes
         self.builds = 0
         self._indexes: OrderedDict[tuple[str, int | None, FeatureSpec], AsofIndex] = OrderedDict()
@@ -185,7 +186,7 @@ class AsofCache:
     def _build(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> AsofIndex:
         """Read the snapshot whole (deletes applied) and sort it; refused past `max_bytes`."""
         started = time.perf_counter()
-        plan = plan_table_scan(table, ScanRequest(table=table_name(table), snapshot_id=snapshot_id))
+        plan = plan_table_scan(table, ScanRequest(table=table_name(table), snapshot_id=snapshot_id), self.caches)
         if snapshot_id is None:  # no snapshot when planned: stay empty even if a write has since made one
             plan = replace(plan, snapshot_id=None)
         reader, path = open_scan(plan, self.engine, _READ_BATCH_ROWS)

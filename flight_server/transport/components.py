@@ -13,6 +13,7 @@ from flight_server.changes.writes import Writer
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.online.service import OnlineService
 from flight_server.online.store import OnlineStore
+from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache
 from flight_server.training.sets import TrainingSets
@@ -25,6 +26,7 @@ class Components:
     config: ServerConfig
     catalog: FeatureCatalog
     engine: Engine
+    caches: ReadCaches
     writer: Writer
     deleter: Deleter
     maintenance: Maintenance
@@ -37,18 +39,20 @@ class Components:
         catalog = FeatureCatalog(config.catalog_name, config.resolved_catalog_properties(), config.default_namespace)
         engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
         engine.use_storage(catalog.properties)
+        caches = ReadCaches()
         # Deletes and maintenance commit through the same per-table locks as writes.
         locks = LockPool()
         limits = (config.write_chunk_bytes, config.commit_timeout_seconds, config.batch_rows)
         store = OnlineStore(
-            catalog, engine, config.online_refresh_seconds, config.online_max_bytes, config.online_tables
+            catalog, engine, caches, config.online_refresh_seconds, config.online_max_bytes, config.online_tables
         )
-        cache = AsofCache(engine, config.historical_cache_bytes)
+        cache = AsofCache(engine, caches, config.historical_cache_bytes)
         training = TrainingSets(catalog, engine, cache, config.batch_rows, config.max_exchange_bytes)
         return cls(
             config=config,
             catalog=catalog,
             engine=engine,
+            caches=caches,
             writer=Writer(catalog, config.write_chunk_bytes, config.commit_timeout_seconds, locks),
             deleter=Deleter(catalog, engine, locks, *limits),
             maintenance=Maintenance(catalog, engine, locks, *limits),
@@ -62,3 +66,4 @@ class Components:
         and the training sets' join workers."""
         self.store.close()
         self.training.close()
+        self.engine.close()

@@ -96,12 +96,12 @@ class Scans:
     waits_on_client: bool = False
 
     def schema(self, request: ScanRequest) -> pa.Schema:
-        return scan_schema(plan_scan(self.parts.catalog, request))
+        return scan_schema(plan_scan(self.parts.catalog, request, self.parts.caches))
 
     def info(self, descriptor: flight.FlightDescriptor, request: ScanRequest) -> flight.FlightInfo:
         if request.part is not None:
             raise RequestError("scan request: 'part' is for tickets; ask get_flight_info for 'partitions' instead")
-        plan = plan_scan(self.parts.catalog, request)
+        plan = plan_scan(self.parts.catalog, request, self.parts.caches)
         # Tickets pin the snapshot, so fetching them later returns exactly what was described.
         parts = scan_parts(plan, request.partitions or self.parts.config.scan_partitions)
         tickets = [replace(request, snapshot_id=plan.snapshot_id, as_of=None, partitions=None, part=p) for p in parts]
@@ -115,7 +115,7 @@ class Scans:
         )
 
     def open(self, request: ScanRequest) -> pa.RecordBatchReader:
-        plan = plan_scan(self.parts.catalog, request)
+        plan = plan_scan(self.parts.catalog, request, self.parts.caches)
         reader, path = open_scan(plan, self.parts.engine, self.parts.config.batch_rows)
         return reader.cast(scan_schema(plan, path))
 

@@ -214,7 +214,7 @@ class FeatureFlightServer(flight.FlightServerBase):
             if name.startswith(prefix):
                 table = self.parts.catalog.load(name)
                 summary = table_summary(table)
-                plan = plan_table_scan(table, ScanRequest(table=name))
+                plan = plan_table_scan(table, ScanRequest(table=name), self.parts.caches)
                 infos.append(
                     flight.FlightInfo(
                         scan_schema(plan),
