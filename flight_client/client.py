@@ -17,7 +17,14 @@ import pyarrow.flight as flight
 
 from flight_client.errors import FeatureServerError, ResourceExhaustedError, from_flight_error
 from flight_client.sessions import Sessions
-from flight_server.wire.actions import CompactRequest, DeleteRequest, ExpireRequest, PinRequest, UnpinRequest
+from flight_server.wire.actions import (
+    CompactRequest,
+    DeleteRequest,
+    ExpireRequest,
+    OrphanFilesRequest,
+    PinRequest,
+    UnpinRequest,
+)
 from flight_server.wire.codec import decode_reply, encode, format_timestamp
 from flight_server.wire.reads import (
     MAX_INLINE_ENTITIES,
@@ -264,6 +271,16 @@ class FeatureClient:
     def unpin(self, table: str, name: str) -> dict[str, Any]:
         """Drop the pin `name`; its snapshot may then expire."""
         return self._action("unpin", asdict(UnpinRequest(table, name)))
+
+    def remove_orphan_files(
+        self, table: str, older_than: dt.datetime | str | int | None = None, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """Delete the files under the table's data and metadata folders that no snapshot or metadata file
+        references (left by a server that died during a put, say) and that are older than `older_than`
+        (default: 3 days ago, so that changes still running keep their files); `dry_run` only lists them.
+        Returns their count and bytes, what was deleted, and the first 1000 of them."""
+        request = OrphanFilesRequest(table, _as_of(older_than), dry_run)
+        return self._action("remove_orphan_files", asdict(request))
 
     # Reads
 

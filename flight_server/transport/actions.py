@@ -12,6 +12,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from pyiceberg.table import Table
 
 from flight_server import __version__
+from flight_server.changes.orphans import remove_orphan_files
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, describe, table_name
 from flight_server.transport.auth import ADMIN, READ, Principal
 from flight_server.transport.components import Components
@@ -20,6 +21,8 @@ from flight_server.wire.actions import (
     DeleteRequest,
     ExpireRequest,
     Health,
+    OrphanFilesRequest,
+    OrphanFilesResult,
     PinRequest,
     TableDescription,
     TableRequest,
@@ -92,6 +95,10 @@ def _describe(parts: Components, caller: Principal, request: TableRequest) -> Ta
     return TableDescription(**describe(parts.catalog.load(request.table)), online=online)
 
 
+def _remove_orphan_files(parts: Components, caller: Principal, request: OrphanFilesRequest) -> OrphanFilesResult:
+    return remove_orphan_files(parts.catalog, request)
+
+
 def _change(
     runner: Callable[[Components], Callable[[Change], Result]],
 ) -> Callable[[Components, Principal, Change], Result]:
@@ -158,6 +165,14 @@ _ROWS: list[Action[Any]] = [
         ADMIN,
         UnpinRequest.from_body,
         _change(lambda parts: parts.maintenance.unpin),
+    ),
+    Action[OrphanFilesRequest](
+        "remove_orphan_files",
+        "Delete files under the table's folders that no metadata references and older than the margin (default "
+        '3 days), or list them. Body: {"table": "ns.t", "older_than": "2026-01-01T00:00:00Z", "dry_run": false}.',
+        ADMIN,
+        OrphanFilesRequest.from_body,
+        _remove_orphan_files,
     ),
 ]
 

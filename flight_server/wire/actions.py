@@ -224,3 +224,37 @@ class PinResult(Reply):
     table: str
     name: str
     snapshot_id: int
+
+
+@dataclass(frozen=True)
+class OrphanFilesRequest:
+    """`remove_orphan_files` action: delete the files under the table's data and metadata folders that no
+    metadata references and that are older than `older_than` (default: 3 days ago); `dry_run` only lists them."""
+
+    table: str
+    older_than: str | None = None
+    dry_run: bool = False
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> OrphanFilesRequest:
+        f = Fields(body, "remove_orphan_files request", {"table", "older_than", "dry_run"})
+        older_than = body.get("older_than")
+        if older_than is not None:
+            older_than = format_timestamp(parse_timestamp(older_than, "remove_orphan_files request: 'older_than'"))
+        return cls(f.required_str("table"), older_than, f.bool("dry_run"))
+
+
+@dataclass(frozen=True)
+class OrphanFilesResult(Reply):
+    """`remove_orphan_files`: the orphan files found (deleted unless `dry_run`; `files` names the first
+    1000), what was deleted, and the unreferenced files kept because they are newer than `older_than`."""
+
+    table: str
+    older_than: str
+    dry_run: bool
+    orphan_files: int
+    orphan_bytes: int
+    files_deleted: int
+    bytes_deleted: int
+    files: list[str]
+    recent_files: int
