@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 
 GIL_SWITCH_SECONDS = 0.0005
 
+# The options that name the catalog, for commands that open it as `serve` does.
+CATALOG_SETTINGS = tuple(setting for setting in SERVE_SETTINGS if setting.section == "Catalog")
+
 
 @click.group()
 @click.version_option(__version__, prog_name="flight-server")
@@ -47,13 +51,7 @@ def serve(
     # runs Python code, the default 5 ms switch interval would make each of those waits up to 5 ms.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(**fields)  # the options that fill a field are named after it, and in its unit
-    config.catalog_properties = read_catalog_file(catalog_config) if catalog_config else {}
-    config.catalog_properties.update(catalog_properties_from_env())
-    try:
-        config.catalog_properties.update(parse_property_flags(catalog_property))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--catalog-property") from None
+    config = _config(catalog_config, catalog_property, fields)
     try:
         config.auth_tokens = load_tokens(config.auth_tokens_file)
     except (OSError, ValueError) as exc:
@@ -83,6 +81,18 @@ def serve(
     )
     server.serve()
     log.info("stopped")
+
+
+def _config(catalog_config: str | None, catalog_property: tuple[str, ...], fields: dict[str, Any]) -> ServerConfig:
+    """The settings, catalog properties from the file, then the environment, then the flags."""
+    config = ServerConfig(**fields)  # the options that fill a field are named after it, and in its unit
+    config.catalog_properties = read_catalog_file(catalog_config) if catalog_config else {}
+    config.catalog_properties.update(catalog_properties_from_env())
+    try:
+        config.catalog_properties.update(parse_property_flags(catalog_property))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--catalog-property") from None
+    return config
 
 
 def _reload_on_sighup(server: FeatureFlightServer) -> None:
@@ -144,6 +154,37 @@ def health(
     click.echo(json.dumps(status))
     if status.get("status") != "ok":
         sys.exit(1)
+
+
+@main.command("remove-orphan-files")
+@click.argument("table")
+@click.option("--older-than", help="Delete only files last modified before this ISO-8601 time.  [default: 3 days ago]")
+@click.option("--dry-run", is_flag=True, help="List the orphan files; delete nothing.")
+@options(CATALOG_SETTINGS)
+def remove_orphan_files(
+    table: str,
+    older_than: str | None,
+    dry_run: bool,
+    catalog_config: str | None,
+    catalog_property: tuple[str, ...],
+    **fields: Any,
+) -> None:
+    """Delete the files under TABLE's folders that its metadata does not reference (left by a server that
+    died during a put), opening the catalog as `serve` does; prints what it found and deleted as JSON."""
+    from flight_server.changes.orphans import remove_orphan_files
+    from flight_server.iceberg.catalog import FeatureCatalog
+    from flight_server.wire.actions import OrphanFilesRequest
+    from flight_server.wire.errors import RequestError
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _config(catalog_config, catalog_property, fields)
+    catalog = FeatureCatalog(config.catalog_name, config.resolved_catalog_properties(), config.default_namespace)
+    try:
+        request = OrphanFilesRequest.from_body({"table": table, "older_than": older_than, "dry_run": dry_run})
+        result = remove_orphan_files(catalog, request)
+    except RequestError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(asdict(result)))
 
 
 @main.command()
