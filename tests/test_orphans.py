@@ -1,0 +1,318 @@
+"""Orphan files: a server killed during a put leaves Parquet files no metadata references; `remove_orphan_files`
+deletes exactly those (older than its margin), never a file the table's metadata references."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+from pyiceberg.catalog import load_catalog
+
+from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, NotFoundError, PermissionDeniedError
+from flight_server.cli import main
+from flight_server.transport.actions import ACTIONS
+from flight_server.transport.auth import ADMIN
+from tests.conftest import sqlite_catalog, start_server, wait_until
+from tests.services import _stop_group, free_ports
+
+UTC = dt.timezone.utc
+T0 = dt.datetime(2025, 6, 1, tzinfo=UTC)
+NOW = dt.datetime.now(UTC)
+MARGIN = dt.timedelta(days=1)
+
+
+def rows(ids: range | list[int]) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array(list(ids), pa.int64()),
+            "ts": pa.array([T0 + dt.timedelta(seconds=i) for i in ids], pa.timestamp("us", "UTC")),
+            "value": pa.array([i / 7 for i in ids], pa.float64()),
+        }
+    )
+
+
+def create(client: FeatureClient, table: str, data: pa.Table, partition_by: list[str] | None = None) -> None:
+    client.write(table, data, entity_keys=["id"], event_time="ts", partition_by=partition_by)
+
+
+def folder(client: FeatureClient, table: str) -> Path:
+    location = client.describe(table)["location"]
+    assert location.startswith("file://")
+    return Path(location[len("file://") :])
+
+
+def stored(root: Path) -> set[Path]:
+    return {path for path in root.rglob("*") if path.is_file()}
+
+
+def referenced(properties: dict[str, str], table: str) -> set[Path]:
+    """Every file the table's metadata references, found with pyiceberg alone (not the code under test)."""
+    loaded = load_catalog("default", **properties).load_table(table)
+    metadata = loaded.metadata
+    locations = {loaded.metadata_location, *(entry.metadata_file for entry in metadata.metadata_log)}
+    locations |= {snapshot.manifest_list for snapshot in metadata.snapshots}
+    locations |= set(loaded.inspect.all_manifests().column("path").to_pylist())
+    locations |= set(loaded.inspect.all_files().column("file_path").to_pylist())
+    return {Path(location.removeprefix("file://")) for location in locations}
+
+
+def paths(locations: list[str]) -> set[Path]:
+    """Files of a reply as paths (pyiceberg writes `file://` locations without percent-encoding)."""
+    return {Path(location.removeprefix("file://")) for location in locations}
+
+
+def age(path: Path, by: dt.timedelta) -> None:
+    stamp = (NOW - by).timestamp()
+    os.utime(path, (stamp, stamp))
+
+
+def scanned_ids(client: FeatureClient, table: str) -> list[int]:
+    return sorted(client.read_table(table).column("id").to_pylist())
+
+
+# The crash
+
+
+@contextmanager
+def serving(warehouse: Path, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`flight-server serve` on the embedded SQLite catalog in `warehouse`, writing 1 MB chunks as files."""
+    port = free_ports(1)[0]
+    location = f"grpc://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
+    command = ["serve", "--port", str(port), "--warehouse", str(warehouse), "--write-chunk-mb", "1"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flight_server", *command],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: proc.poll() is not None or answers(location), timeout=60, what="the server")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        yield proc, location
+    finally:
+        _stop_group(proc)
+
+
+def answers(location: str) -> bool:
+    try:
+        with FeatureClient(location, timeout=2) as client:
+            return client.health()["status"] == "ok"
+    except (FeatureServerError, OSError):
+        return False
+
+
+def test_a_server_killed_during_a_put_leaks_files_that_remove_orphan_files_removes(tmp_path: Path) -> None:
+    warehouse, table = tmp_path / "warehouse", "crash.features"
+    properties = sqlite_catalog(warehouse)  # the catalog `serve --warehouse` makes
+    acknowledged: list[int] = []
+    with serving(warehouse, tmp_path / "first.log") as (proc, location), FeatureClient(location) as client:
+        for put in range(5):
+            ids = range(put * 20_000, (put + 1) * 20_000)
+            create(client, table, rows(ids))
+            acknowledged += ids
+        root = folder(client, table)
+        before = stored(root)
+        # The last put streams batches of 1.5 MB, then waits for the kill: the server has written files by then.
+        killed, failure = threading.Event(), []
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for i in range(12):
+                yield from rows(range(10**6 + i * 65_536, 10**6 + (i + 1) * 65_536)).to_batches()
+            killed.wait(timeout=120)
+
+        def put() -> None:
+            try:
+                client.write(table, pa.RecordBatchReader.from_batches(rows([]).schema, batches()))
+            except FeatureServerError as exc:
+                failure.append(exc)
+
+        writer = threading.Thread(target=put)
+        writer.start()
+        wait_until(lambda: len(stored(root) - before) >= 5, timeout=120, what="the put's files on disk")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed.set()
+        writer.join(timeout=60)
+        assert failure and not writer.is_alive(), "the put was never acknowledged"
+
+    leaked = stored(root) - referenced(properties, table)
+    assert leaked and all(root / "data" in path.parents and path.suffix == ".parquet" for path in leaked)
+    leaked_bytes = sum(path.stat().st_size for path in leaked)
+
+    with serving(warehouse, tmp_path / "second.log") as (_, location), FeatureClient(location) as client:
+        listed = client.remove_orphan_files(table, dry_run=True)  # the default margin: the files are too new
+        assert (listed["orphan_files"], listed["recent_files"]) == (0, len(leaked))
+        now = dt.datetime.now(UTC)
+        dry = client.remove_orphan_files(table, older_than=now, dry_run=True)
+        assert paths(dry["files"]) == leaked
+        assert (dry["orphan_files"], dry["orphan_bytes"], dry["files_deleted"]) == (len(leaked), leaked_bytes, 0)
+        assert leaked <= stored(root)
+        removed = client.remove_orphan_files(table, older_than=now)
+        assert (removed["files_deleted"], removed["bytes_deleted"]) == (len(leaked), leaked_bytes)
+        assert stored(root) == referenced(properties, table)
+        assert scanned_ids(client, table) == sorted(acknowledged)
+        assert client.remove_orphan_files(table, older_than=dt.datetime.now(UTC))["orphan_files"] == 0
+
+
+# One server in this process for the rest
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return sqlite_catalog(tmp_path_factory.mktemp("orphans"))
+
+
+@pytest.fixture(scope="module")
+def location(catalog: dict[str, str]) -> Iterator[str]:
+    server = start_server(catalog)
+    yield f"grpc://127.0.0.1:{server.port}"
+    server.shutdown()
+
+
+def plant(path: Path, size: int, old: bool) -> Path:
+    """An unreferenced file, older than the margin or newer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(os.urandom(size))
+    age(path, MARGIN * 3 if old else MARGIN / 2)
+    return path
+
+
+def test_dry_run_deletes_nothing_and_newer_files_stay(location: str) -> None:
+    table = f"tests.t_{uuid.uuid4().hex[:12]}"
+    with FeatureClient(location) as client:
+        create(client, table, rows(range(100)))
+        root = folder(client, table)
+        old = plant(root / "data" / "old.parquet", 100, old=True)
+        new = plant(root / "metadata" / "new-m0.avro", 10, old=False)
+        before = stored(root)
+        older_than = NOW - MARGIN
+        dry = client.remove_orphan_files(table, older_than=older_than, dry_run=True)
+        assert paths(dry["files"]) == {old} and (dry["orphan_bytes"], dry["files_deleted"]) == (100, 0)
+        assert stored(root) == before
+        done = client.remove_orphan_files(table, older_than=older_than)
+        assert (paths(done["files"]), done["files_deleted"], done["recent_files"]) == ({old}, 1, 1)
+        assert stored(root) == before - {old}
+        kept = client.remove_orphan_files(table)  # the default margin, 3 days, keeps a file of 12 hours
+        assert (kept["orphan_files"], kept["recent_files"]) == (0, 1) and new.exists()
+        assert scanned_ids(client, table) == list(range(100))
+
+
+ORPHAN_NAMES = [
+    "data/{u}.parquet",
+    "data/00000-0-{u}.parquet",
+    "data/ts_month=2025-06/id_bucket=3/00001-1-{u}.parquet",
+    "metadata/{u}-m0.avro",
+    "metadata/snap-123-0-{u}.avro",
+    "metadata/00042-{u}.metadata.json",
+    "metadata/{u}.stats",
+]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_referenced_files_are_never_deleted(location: str, catalog: dict[str, str], seed: int) -> None:
+    """Random histories (puts, deletes, compactions, expiry) and random orphan files, every file aged past the
+    margin: the old orphans go, the new ones stay, every referenced file stays and the table reads the same."""
+    rng = random.Random(seed)
+    table = f"tests.t_{uuid.uuid4().hex[:12]}"
+    ids: set[int] = set()
+    with FeatureClient(location) as client:
+        for put in range(rng.randint(1, 4)):
+            batch = range(put * 1000, put * 1000 + rng.randint(1, 300))
+            create(client, table, rows(batch), partition_by=rng.choice([None, []]) if put == 0 else None)
+            ids |= set(batch)
+            if rng.random() < 0.4:
+                gone = rng.sample(sorted(ids), k=min(3, len(ids)))
+                client.delete(table, keys={"id": gone}, mode=rng.choice(["copy-on-write", "merge-on-read"]))
+                ids -= set(gone)
+        if rng.random() < 0.4:
+            client.compact(table)
+        if rng.random() < 0.3:
+            client.expire_snapshots(table, older_than=dt.datetime.now(UTC), retain_last=1)
+        root = folder(client, table)
+        kept = referenced(catalog, table)
+        assert kept <= stored(root)
+        for path in stored(root):
+            age(path, MARGIN * 10)  # age protects no referenced file
+        orphans = {
+            plant(root / rng.choice(ORPHAN_NAMES).format(u=uuid.uuid4()), rng.randint(0, 5000), rng.random() < 0.6)
+            for _ in range(rng.randint(0, 12))
+        }
+        old = {path for path in orphans if path.stat().st_mtime < (NOW - MARGIN).timestamp()}
+        dry = client.remove_orphan_files(table, older_than=NOW - MARGIN, dry_run=True)
+        assert paths(dry["files"]) == old and dry["orphan_files"] == len(old)
+        assert stored(root) == kept | orphans
+        done = client.remove_orphan_files(table, older_than=NOW - MARGIN)
+        assert done["files_deleted"] == len(old) and done["recent_files"] == len(orphans - old)
+        assert done["bytes_deleted"] == dry["orphan_bytes"]
+        assert stored(root) == kept | (orphans - old)
+        assert scanned_ids(client, table) == sorted(ids)
+
+
+def test_bad_requests_are_refused(location: str) -> None:
+    with FeatureClient(location) as client:
+        with pytest.raises(NotFoundError, match="does not exist"):
+            client.remove_orphan_files("tests.no_such_table")
+        with pytest.raises(InvalidRequestError, match="'older_than' is not an ISO-8601 timestamp"):
+            client.remove_orphan_files("tests.no_such_table", older_than="yesterday")
+
+
+ADMIN_TOKEN, WRITER_TOKEN, TEAM_ADMIN_TOKEN = (f"{name}-{uuid.uuid4().hex}" for name in ("admin", "writer", "team"))
+
+
+def test_removing_orphan_files_needs_admin(tmp_path: Path) -> None:
+    assert ACTIONS["remove_orphan_files"].permission == ADMIN
+    tokens = [
+        {"name": "ops", "token": ADMIN_TOKEN, "permissions": ["read", "write", "admin"]},
+        {"name": "pipeline", "token": WRITER_TOKEN, "permissions": ["read", "write"]},
+        {"name": "team-ops", "token": TEAM_ADMIN_TOKEN, "permissions": ["read", "admin"], "namespaces": ["team_a"]},
+    ]
+    server = start_server(sqlite_catalog(tmp_path), auth_tokens=tokens)
+    location = f"grpc://127.0.0.1:{server.port}"
+    try:
+        with FeatureClient(location, token=ADMIN_TOKEN) as admin:
+            create(admin, "shared.t", rows(range(10)))
+            orphan = plant(folder(admin, "shared.t") / "data" / "x.parquet", 10, old=True)
+            assert admin.remove_orphan_files("shared.t", dry_run=True)["orphan_files"] == 1
+        writer = FeatureClient(location, token=WRITER_TOKEN)
+        with writer, pytest.raises(PermissionDeniedError, match="lacks the 'admin' permission"):
+            writer.remove_orphan_files("shared.t")
+        team = FeatureClient(location, token=TEAM_ADMIN_TOKEN)
+        with team, pytest.raises(PermissionDeniedError, match="may not use namespace 'shared'"):
+            team.remove_orphan_files("shared.t")
+        assert orphan.exists()
+    finally:
+        server.shutdown()
+
+
+def test_the_command_opens_the_catalog_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("FLIGHT_SERVER_")]:
+        monkeypatch.delenv(name)
+    server = start_server(sqlite_catalog(tmp_path))  # the catalog `--warehouse tmp_path` opens
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            create(client, "ops.t", rows(range(10)))
+            orphan = plant(folder(client, "ops.t") / "data" / "x.parquet", 10, old=True)
+    finally:
+        server.shutdown()
+    command = ["remove-orphan-files", "ops.t", "--warehouse", str(tmp_path)]
+    listed = CliRunner().invoke(main, [*command, "--dry-run"])
+    assert listed.exit_code == 0 and f'"files": ["file://{orphan}"]' in listed.output and orphan.exists()
+    removed = CliRunner().invoke(main, command)
+    assert removed.exit_code == 0 and '"files_deleted": 1' in removed.output and not orphan.exists()
+    missing = CliRunner().invoke(main, ["remove-orphan-files", "ops.nope", "--warehouse", str(tmp_path)])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
