@@ -128,11 +128,12 @@ def test_a_server_killed_during_a_put_leaks_files_that_remove_orphan_files_remov
         root = folder(client, table)
         before = stored(root)
         # The last put streams batches of 1.5 MB, then waits for the kill: the server has written files by then.
-        killed, failure = threading.Event(), []
+        sent, killed, failure = threading.Event(), threading.Event(), []
 
         def batches() -> Iterator[pa.RecordBatch]:
             for i in range(12):
                 yield from rows(range(10**6 + i * 65_536, 10**6 + (i + 1) * 65_536)).to_batches()
+            sent.set()
             killed.wait(timeout=120)
 
         def put() -> None:
@@ -143,7 +144,7 @@ def test_a_server_killed_during_a_put_leaks_files_that_remove_orphan_files_remov
 
         writer = threading.Thread(target=put)
         writer.start()
-        wait_until(lambda: len(stored(root) - before) >= 5, timeout=120, what="the put's files on disk")
+        wait_until(lambda: sent.is_set() and len(stored(root) - before) >= 5, timeout=120, what="the put's files")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         killed.set()
@@ -153,6 +154,7 @@ def test_a_server_killed_during_a_put_leaks_files_that_remove_orphan_files_remov
     leaked = stored(root) - referenced(properties, table)
     assert leaked and all(root / "data" in path.parents and path.suffix == ".parquet" for path in leaked)
     leaked_bytes = sum(path.stat().st_size for path in leaked)
+    assert leaked_bytes > 0
 
     with serving(warehouse, tmp_path / "second.log") as (_, location), FeatureClient(location) as client:
         listed = client.remove_orphan_files(table, dry_run=True)  # the default margin: the files are too new
