@@ -78,10 +78,6 @@ class Engine:
         cursor.execute("SET TimeZone = 'UTC'")
         return cursor
 
-    def close(self) -> None:
-        """Close the database (and its temporary files) once no request uses it."""
-        self._con.close()
-
     def use_storage(self, properties: Mapping[str, str]) -> None:
         """Make the S3 credentials in pyiceberg FileIO `properties` available to DuckDB (idempotent)."""
         key_id = properties.get("s3.access-key-id")

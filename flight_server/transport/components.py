@@ -66,4 +66,3 @@ class Components:
         and the training sets' join workers."""
         self.store.close()
         self.training.close()
-        self.engine.close()
