@@ -1,6 +1,6 @@
 """Exactly once: the same `write_id` put through two server processes at the same moment commits one snapshot,
-on a SQLite catalog file both share and on PostgreSQL; different ids put at the same moment all land. An
-overwrite that loses a race to an append is refused and deletes its files."""
+on a SQLite catalog file both share and on PostgreSQL; different ids put at the same moment all land. A put
+that fails after writing files (a lost overwrite race, a full disk) deletes them."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from flight_client import ConflictError, FeatureClient, FeatureServerError
+from flight_client import ConflictError, FeatureClient, FeatureServerError, ResourceExhaustedError
 from flight_server.base.config import ENV_CATALOG_PREFIX
 from flight_server.wire.writes import WriteResult
 from tests.conftest import TEST_CHUNK_BYTES, local_files, sqlite_catalog, start_server, wait_until
@@ -187,3 +188,38 @@ def test_an_overwrite_that_loses_to_an_append_deletes_its_files(tmp_path: Path) 
             assert files_after > files_before and len(files_after) == len(files_before) + appended[0].files
     finally:
         server.shutdown()
+
+
+def test_a_full_disk_is_resource_exhausted_and_leaves_no_files(tmp_path: Path) -> None:
+    """A warehouse on a 4 MiB tmpfs: a put of 16 MB runs out of space midway; the client gets RESOURCE_EXHAUSTED,
+    the files it wrote are deleted, and the next put has the room back."""
+    warehouse = tmp_path / "small-disk"
+    warehouse.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(warehouse)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    server = start_server(
+        {"type": "sql", "uri": f"sqlite:///{tmp_path / 'catalog.db'}", "warehouse": warehouse.as_uri()}
+    )
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            first = client.write("disk.full", rows(0), entity_keys=["driver_id"], event_time="event_timestamp")
+            where = client.describe("disk.full")["location"]
+            files_before = local_files(where)
+            n = 2_000_000
+            big = pa.table(
+                {
+                    "driver_id": pa.array(range(n), pa.int64()),
+                    "event_timestamp": pa.array([T0] * n, pa.timestamp("us", "UTC")),
+                    "rate": pa.array(np.random.default_rng(0).random(n), pa.float64()),
+                }
+            )
+            with pytest.raises(ResourceExhaustedError, match="the warehouse ran out of space .* files were deleted"):
+                client.write("disk.full", big)
+            assert local_files(where) == files_before
+            assert client.describe("disk.full")["current_snapshot_id"] == first.snapshot_id
+            second = client.write("disk.full", rows(ROWS))
+            assert client.scan("disk.full").read_all().num_rows == 2 * ROWS and second.snapshot_id != first.snapshot_id
+    finally:
+        server.shutdown()
+        subprocess.run(["umount", str(warehouse)], check=True)

@@ -11,8 +11,10 @@ checked for the id, so the same id put through several replicas at once commits 
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -34,7 +36,7 @@ from flight_server.changes.commits import delete_files, live_files
 from flight_server.changes.files import write_data_files
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, default_partitioning, partition_spec, table_name
 from flight_server.iceberg.internals import commit_on_base, schema_without_ids, transaction_io
-from flight_server.wire.errors import ConflictError, RequestError
+from flight_server.wire.errors import ConflictError, LimitError, RequestError
 from flight_server.wire.writes import WriteRequest, WriteResult, parse_end_marker
 
 log = logging.getLogger(__name__)
@@ -187,8 +189,13 @@ class Writer:
         except CommitStateUnknownException:
             log.warning("commit to %s may have landed; keeping its %d data files", request.table, len(files))
             raise
-        except BaseException:
+        except BaseException as exc:
             delete_files(staged.io, [f.file_path for f in files])
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise LimitError(
+                    f"the warehouse ran out of space after {rows} rows of the write to {request.table!r} "
+                    f"({os.strerror(exc.errno)}); nothing was committed and its files were deleted"
+                ) from exc
             raise
 
     def _stage(self, request: WriteRequest, stream: pa.Schema) -> _Staged:
