@@ -14,17 +14,20 @@ import inspect
 import itertools
 import pathlib
 import uuid
+from typing import Any
 
 import pyarrow as pa
 import pyiceberg
 import pytest
 from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io import FileIO
 from pyiceberg.io.fileformat import FileFormatFactory
 from pyiceberg.io.pyarrow import pyarrow_to_schema
 from pyiceberg.manifest import DataFileContent, FileFormat, ManifestWriter
 from pyiceberg.partitioning import PartitionKey
 from pyiceberg.schema import Schema, assign_fresh_schema_ids
+from pyiceberg.table import Table, Transaction
 from pyiceberg.table.update.snapshot import CommitWindow
 
 from flight_server.iceberg import internals
@@ -56,10 +59,13 @@ PARAMETERS = {
     ),
     "pyiceberg.io.pyarrow._pyarrow_to_schema_without_ids": ("schema",),
     "pyiceberg.catalog.sql.SqlCatalog._iceberg_type_filter": ("self",),
+    "pyiceberg.table.Transaction._apply": ("self", "updates", "requirements"),
 }
 
 # What the snapshot producers override, call or read on `_SnapshotProducer` (see its entry in PRIVATE_API).
 PRODUCER_METHODS = (
+    "_commit",
+    "_clean_all_uncommitted",
     "_manifests",
     "_existing_manifests",
     "_deleted_entries",
@@ -207,6 +213,37 @@ def test_a_real_transaction_and_producer(tmp_path: pathlib.Path) -> None:
     assert batch.schema.field("id").metadata == {b"PARQUET:field_id": b"1"}
     files = list(internals.dataframe_to_data_files(table.metadata, rows, table.io, uuid.uuid4(), itertools.count()))
     assert sum(f.record_count for f in files) == 4 and {f.content for f in files} == {DataFileContent.DATA}
+
+
+def test_commit_on_base_is_not_rebuilt_on_a_newer_snapshot(tmp_path: pathlib.Path) -> None:
+    """A snapshot committed through `commit_on_base` fails when another commit won, where pyiceberg's own retry
+    would rebuild it on the winner; a retry-free commit deletes its manifests, and commits on a fresh base."""
+    catalog = SqlCatalog("internals", **sqlite_catalog(tmp_path))
+    catalog.create_namespace("ns")
+    rows = pa.table({"id": pa.array([1, 2], pa.int64())})
+    table = catalog.create_table(("ns", "t"), schema=rows.schema)
+
+    def appending(table: Table) -> tuple[Transaction, Any]:
+        transaction = table.transaction()
+        append = transaction.update_snapshot().fast_append()
+        for data_file in internals.dataframe_to_data_files(
+            table.metadata, rows, table.io, uuid.uuid4(), itertools.count()
+        ):
+            append.append_data_file(data_file)
+        return transaction, append
+
+    transaction, loser = appending(table)
+    winner = catalog.load_table(("ns", "t"))
+    winner.append(rows)
+    with pytest.raises(CommitFailedException):
+        internals.commit_on_base(transaction, loser)
+    assert [s.snapshot_id for s in catalog.load_table(("ns", "t")).snapshots()] == [winner.snapshots()[0].snapshot_id]
+    manifests = {p.name for p in tmp_path.rglob("*.avro")}
+    assert not any(str(loser.commit_uuid) in name for name in manifests)
+
+    transaction, fresh = appending(catalog.load_table(("ns", "t")))
+    committed = internals.commit_on_base(transaction, fresh)
+    assert len(committed.snapshots()) == 2 and committed.current_snapshot().snapshot_id == fresh.snapshot_id
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,12 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import threading
 import uuid
 from typing import NamedTuple
 
 import pyarrow as pa
-from pyiceberg.io import FileIO, OutputFile
+from pyiceberg.io import FileIO, InputFile, OutputFile
 from pyiceberg.io.fileformat import FileFormatFactory, FileFormatWriter
 from pyiceberg.io.pyarrow import pyarrow_to_schema
 from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
@@ -45,8 +46,47 @@ def write_data_files(
     write_uuid: uuid.UUID,
     counter: itertools.count[int],
 ) -> list[DataFile]:
-    """Parquet data files of one chunk, split by partition, rows sorted (`sort_rows`) within each file."""
-    return list(dataframe_to_data_files(metadata, sort_rows(chunk, spec), io, write_uuid, counter))
+    """Parquet data files of one chunk, split by partition, rows sorted (`sort_rows`) within each file.
+
+    pyiceberg writes a chunk's files in parallel and names none of them when one fails (a full disk): the
+    files it created are deleted then, so that a failed chunk leaves nothing behind."""
+    created = _CreatedFiles(io)
+    try:
+        return list(dataframe_to_data_files(metadata, sort_rows(chunk, spec), created, write_uuid, counter))
+    except BaseException:
+        created.abandon()
+        raise
+
+
+class _CreatedFiles(FileIO):
+    """A FileIO that remembers each file it creates, so that an abandoned write can delete them all."""
+
+    def __init__(self, io: FileIO):
+        super().__init__(io.properties)
+        self.io = io
+        self._created: list[str] = []
+        self._abandoned = False
+        self._lock = threading.Lock()
+
+    def new_input(self, location: str) -> InputFile:
+        return self.io.new_input(location)
+
+    def new_output(self, location: str) -> OutputFile:
+        with self._lock:
+            if self._abandoned:  # a parallel file of a failed chunk that had not started yet
+                raise OSError(f"the write of {location} was abandoned")
+            self._created.append(location)
+        return self.io.new_output(location)
+
+    def delete(self, location: str | InputFile | OutputFile) -> None:
+        self.io.delete(location)
+
+    def abandon(self) -> None:
+        """Refuse new files and delete those created (one still being written vanishes with it on a local disk)."""
+        with self._lock:
+            self._abandoned = True
+            created, self._created = self._created, []
+        delete_files(self.io, created)
 
 
 def target_file_size(metadata: TableMetadata) -> int:

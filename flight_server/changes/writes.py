@@ -5,13 +5,16 @@ bounded size and written as Parquet data files. Only after the stream ended inta
 cancellation, end-of-stream marker matching when the client promised one) are the files
 committed, in one transaction that also creates the table or evolves its schema when asked.
 Any failure deletes the files written so far. A `write_id` recorded in the snapshot summary
-makes retries idempotent.
+makes retries idempotent: every commit attempt is conditional on the table state whose history was
+checked for the id, so the same id put through several replicas at once commits once.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -20,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.flight as flight
-from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError, ValidationException
+from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException, TableAlreadyExistsError
 from pyiceberg.io import FileIO
 from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.schema import Schema, assign_fresh_schema_ids
@@ -32,8 +35,8 @@ from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.commits import delete_files, live_files
 from flight_server.changes.files import write_data_files
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, default_partitioning, partition_spec, table_name
-from flight_server.iceberg.internals import schema_without_ids, transaction_io
-from flight_server.wire.errors import ConflictError, RequestError
+from flight_server.iceberg.internals import commit_on_base, schema_without_ids, transaction_io
+from flight_server.wire.errors import ConflictError, LimitError, RequestError
 from flight_server.wire.writes import WriteRequest, WriteResult, parse_end_marker
 
 log = logging.getLogger(__name__)
@@ -78,7 +81,7 @@ class _Staged:
     io: FileIO
     target: pa.Schema
     spec: FeatureSpec | None
-    base_location: str | None  # the table metadata the transaction started from; None when creating
+    table: Table | None  # the table as the transaction started from it; None when creating
 
 
 class Writer:
@@ -183,8 +186,16 @@ class Writer:
                 raise RequestError("the write stream is empty: nothing to write")
             flush()
             return self._commit(request, staged, files, rows)
-        except BaseException:
+        except CommitStateUnknownException:
+            log.warning("commit to %s may have landed; keeping its %d data files", request.table, len(files))
+            raise
+        except BaseException as exc:
             delete_files(staged.io, [f.file_path for f in files])
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise LimitError(
+                    f"the warehouse ran out of space after {rows} rows of the write to {request.table!r} "
+                    f"({os.strerror(exc.errno)}); nothing was committed and its files were deleted"
+                ) from exc
             raise
 
     def _stage(self, request: WriteRequest, stream: pa.Schema) -> _Staged:
@@ -208,7 +219,7 @@ class Writer:
                     update.union_by_name(added)
                 log.info("write to %s adds columns %s", table_name(table), added.names)
         target = table_arrow_schema(transaction.table_metadata.schema())
-        return _Staged(transaction, table.io, target, spec, table.metadata_location)
+        return _Staged(transaction, table.io, target, spec, table)
 
     def _stage_new(self, request: WriteRequest, identifier: tuple[str, ...], stream: pa.Schema) -> _Staged:
         if not request.entity_keys or not request.event_time:
@@ -234,7 +245,7 @@ class Writer:
         properties = {WRITE_ID_PROPERTY: request.write_id} if request.write_id else {}
         deadline = time.monotonic() + self.commit_timeout
         # Writers on this server take turns to commit to a table: each commits on the latest state at
-        # once, instead of failing and sleeping through pyiceberg's retry back-off.
+        # once, instead of failing and reloading. Writers elsewhere make a commit fail; it is retried here.
         identifier = self.catalog.identifier(request.table)
         try:
             with self._commit_locks(identifier):
@@ -257,36 +268,30 @@ class Writer:
     def _commit_loop(
         self, request: WriteRequest, staged: _Staged, files: list[DataFile], properties: dict[str, str], deadline: float
     ) -> Table:
-        transaction = staged.transaction
-        if (
-            staged.base_location is not None
-            and self.catalog.load(request.table).metadata_location != staged.base_location
-        ):
-            transaction = self._retry_transaction(request, staged, files, created_concurrently=False)
+        """Check the table's history, then commit on exactly that state; when another commit won meanwhile (on
+        any replica or engine), load the table and do both again."""
+        table, transaction = staged.table, staged.transaction
         while True:
+            if table is not None:
+                _check_history(request, staged, table)
             try:
                 return _commit_files(transaction, request.mode, files, properties)
             except TableAlreadyExistsError:
-                transaction = self._retry_transaction(request, staged, files, created_concurrently=True)
+                created_concurrently = True
             except CommitFailedException:
                 if time.monotonic() > deadline:
                     raise ConflictError(
                         f"could not commit to {request.table!r} within {self.commit_timeout:.0f}s "
                         "of concurrent writes; nothing was committed"
                     ) from None
-                transaction = self._retry_transaction(request, staged, files, created_concurrently=False)
-            except ValidationException as exc:
-                raise ConflictError(
-                    f"a concurrent change conflicts with this {request.mode}: {exc}; nothing was committed"
-                ) from None
+                created_concurrently = False
+            table = self.catalog.load(request.table)
+            transaction = self._retry_transaction(request, staged, table, created_concurrently)
 
     def _retry_transaction(
-        self, request: WriteRequest, staged: _Staged, files: list[DataFile], created_concurrently: bool
+        self, request: WriteRequest, staged: _Staged, table: Table, created_concurrently: bool
     ) -> Transaction:
         """A fresh transaction on the table as it is now, if the written files still fit it."""
-        table = self.catalog.load(request.table)
-        if request.write_id and (prior := find_write(table, request.write_id)) is not None:
-            raise _AlreadyCommitted(prior)
         transaction = table.transaction()
         if request.evolve:
             extra = pa.schema([f for f in staged.target if f.name not in table.schema().column_names])
@@ -309,7 +314,22 @@ class _AlreadyCommitted(Exception):
         self.result = result
 
 
+def _check_history(request: WriteRequest, staged: _Staged, table: Table) -> None:
+    """Whether the put may commit on `table`: not if its `write_id` is already there, nor for an overwrite
+    if rows were added since it started (it would drop them unseen)."""
+    if request.write_id and (prior := find_write(table, request.write_id)) is not None:
+        raise _AlreadyCommitted(prior)
+    if request.mode == "overwrite" and table is not staged.table:
+        base = staged.table.current_snapshot() if staged.table is not None else None
+        if (added := _added_since(table, base.snapshot_id if base else None)) is not None:
+            raise ConflictError(
+                f"snapshot {added} added rows to {request.table!r} while this overwrite was written; "
+                "nothing was committed"
+            )
+
+
 def _commit_files(transaction: Transaction, mode: str, files: list[DataFile], properties: dict[str, str]) -> Table:
+    """One snapshot of the files, committed only on the state the transaction was opened on (`commit_on_base`)."""
     update = transaction.update_snapshot(snapshot_properties=properties)
     if mode == "overwrite":
         overwrite = update.overwrite()
@@ -317,13 +337,26 @@ def _commit_files(transaction: Transaction, mode: str, files: list[DataFile], pr
             overwrite.delete_data_file(data_file)
         for data_file in files:
             overwrite.append_data_file(data_file)
-        overwrite.commit()
-    else:
-        append = update.fast_append()
-        for data_file in files:
-            append.append_data_file(data_file)
-        append.commit()
-    return transaction.commit_transaction()
+        return commit_on_base(transaction, overwrite)
+    append = update.fast_append()
+    for data_file in files:
+        append.append_data_file(data_file)
+    return commit_on_base(transaction, append)
+
+
+def _added_since(table: Table, base: int | None) -> int | None:
+    """The latest snapshot that added data files on top of snapshot `base` (the current one when `base` is no
+    longer its ancestor), or None."""
+    current = snapshot = table.current_snapshot()
+    while snapshot is not None and snapshot.snapshot_id != base:
+        summary = snapshot.summary.additional_properties if snapshot.summary else {}
+        if int(summary.get("added-data-files", 0)):
+            return snapshot.snapshot_id
+        parent = snapshot.parent_snapshot_id
+        snapshot = table.snapshot_by_id(parent) if parent is not None else None
+    if snapshot is None and base is not None and current is not None:
+        return current.snapshot_id
+    return None
 
 
 def _live_data_files(transaction: Transaction) -> list[DataFile]:

@@ -3,9 +3,11 @@
 pyiceberg 0.12 commits data files only (its deletes are copy-on-write), so the snapshot producers for
 deletes, rewrites and replaces build on its `_SnapshotProducer` and `ManifestWriter`. Its helpers for
 writing Parquet data files, partitioning rows and converting schemas are private, as are a transaction's
-table and the SQL catalog's table layout; the functions here wrap them. `PRIVATE_API` lists every
-private name used and what is relied on; `tests/test_pyiceberg_internals.py` checks them, fails when
-pyiceberg's version is not `CHECKED_VERSION`, and fails when another module reaches into pyiceberg.
+table and the SQL catalog's table layout; the functions here wrap them. `commit_on_base` stages a
+snapshot without pyiceberg's commit retry, which would rebuild it on a newer snapshot than the one the
+caller checked. `PRIVATE_API` lists every private name used and what is relied on;
+`tests/test_pyiceberg_internals.py` checks them, fails when pyiceberg's version is not
+`CHECKED_VERSION`, and fails when another module reaches into pyiceberg.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
-from pyiceberg.exceptions import ValidationException
+from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError, ValidationException
 from pyiceberg.io import FileIO
 from pyiceberg.io.fileformat import FileFormatModel
 from pyiceberg.io.pyarrow import (
@@ -37,7 +40,7 @@ from pyiceberg.manifest import (
 )
 from pyiceberg.partitioning import PartitionKey, PartitionSpec
 from pyiceberg.schema import Schema
-from pyiceberg.table import TableProperties, Transaction
+from pyiceberg.table import Table, TableProperties, Transaction
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Operation, Summary
 from pyiceberg.table.update.snapshot import _SnapshotProducer
@@ -51,11 +54,17 @@ PRIVATE_API: dict[str, str] = {
     "pyiceberg.table.update.snapshot._SnapshotProducer": (
         "base of RewriteFiles and DropRemovedEntries: __init__(operation, transaction, io, snapshot_properties=); "
         "they override _manifests, _existing_manifests, _deleted_entries, _summary and _validate_concurrency "
-        "(still called by commit()?), and read _transaction, _snapshot_id, _parent_snapshot_id, _io, _compression, "
+        "(still called by commit()?); commit_on_base() calls _commit() (the snapshot's updates and its "
+        "AssertRefSnapshotId requirement on the head it was built on) and _clean_all_uncommitted(); "
+        "they read _transaction, _snapshot_id, _parent_snapshot_id, _io, _compression, "
         "_added_data_files, _deleted_data_files, _commit_window (.base, .head, .is_empty()), new_manifest_output(), "
         "new_manifest_writer(), spec(), schema()"
     ),
     "pyiceberg.manifest.ManifestWriter._meta": "DeleteManifestWriter adds content=deletes to this Avro header property",
+    "pyiceberg.table.Transaction._apply": (
+        "commit_on_base(): (updates, requirements) stages a producer's snapshot without registering the producer "
+        "for commit_transaction's retry, which rebuilds only registered producers"
+    ),
     "pyiceberg.table.Transaction._table": (
         "transaction_io() (the staged table's FileIO) and RewriteFiles._validate_concurrency (the table's metadata "
         "as refreshed for a retry)"
@@ -83,6 +92,28 @@ PRIVATE_API: dict[str, str] = {
 def transaction_io(transaction: Transaction) -> FileIO:
     """The FileIO of the table a transaction changes: where a table being created wants its files."""
     return transaction._table.io
+
+
+def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -> Table:
+    """Commit `transaction` with `producer`'s snapshot on the branch head the transaction was opened on, or not
+    at all: a lost race raises `CommitFailedException` (`TableAlreadyExistsError` when creating).
+
+    `producer.commit()` would register the producer, and `commit_transaction` would then rebuild its snapshot
+    on whatever head won the race (`commit.retry.num-retries`): past any check the caller made on the state it
+    opened the transaction on (a write id not yet committed, say). Staged unregistered, the snapshot keeps its
+    `AssertRefSnapshotId` requirement, which every catalog checks atomically. The manifests it wrote are deleted
+    when it surely did not commit."""
+    try:
+        updates, requirements = producer._commit()
+    except BaseException:  # a manifest could not be written: nothing was sent
+        producer._clean_all_uncommitted()
+        raise
+    try:
+        transaction._apply(updates, requirements)
+        return transaction.commit_transaction()
+    except (CommitFailedException, TableAlreadyExistsError):
+        producer._clean_all_uncommitted()
+        raise
 
 
 def dataframe_to_data_files(

@@ -1,0 +1,225 @@
+"""Exactly once: the same `write_id` put through two server processes at the same moment commits one snapshot,
+on a SQLite catalog file both share and on PostgreSQL; different ids put at the same moment all land. A put
+that fails after writing files (a lost overwrite race, a full disk) deletes them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from flight_client import ConflictError, FeatureClient, FeatureServerError, ResourceExhaustedError
+from flight_server.base.config import ENV_CATALOG_PREFIX
+from flight_server.wire.writes import WriteResult
+from tests.conftest import TEST_CHUNK_BYTES, local_files, sqlite_catalog, start_server, wait_until
+from tests.services import _stop_group, free_ports
+
+ROUNDS = 20
+ROWS = 500
+T0 = dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc)
+WRITE_ID = "flight.write-id"
+
+
+def healthy(location: str) -> bool:
+    try:
+        with FeatureClient(location, timeout=2) as client:
+            return client.health()["status"] == "ok"
+    except (FeatureServerError, OSError):
+        return False
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def replicas(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """Two `flight-server serve` processes on one catalog: a SQLite file both open, or PostgreSQL."""
+    tmp = tmp_path_factory.mktemp(f"exactly-once-{request.param}")
+    if request.param == "sqlite":
+        properties = sqlite_catalog(tmp)
+    else:
+        properties = {"type": "sql", "uri": request.getfixturevalue("postgres_url"), "warehouse": tmp.as_uri()}
+    locations = [f"grpc://127.0.0.1:{port}" for port in free_ports(2)]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
+    catalog = {ENV_CATALOG_PREFIX + k.upper().replace(".", "__").replace("-", "_"): v for k, v in properties.items()}
+    processes = []
+    try:
+        for i, location in enumerate(locations):
+            env = {
+                **base,
+                **catalog,
+                "FLIGHT_SERVER_PORT": location.rsplit(":", 1)[1],
+                "FLIGHT_SERVER_DUCKDB_MEMORY_LIMIT": "1GB",
+                "FLIGHT_SERVER_WAREHOUSE": str(tmp / f"unused-{i}"),
+            }
+            with (tmp / f"replica-{i}.log").open("wb") as out:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "flight_server", "serve"],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        for i, (location, proc) in enumerate(zip(locations, processes, strict=True)):
+            wait_until(lambda: healthy(location) or proc.poll() is not None, timeout=90, what=location)  # noqa: B023
+            assert proc.poll() is None, (tmp / f"replica-{i}.log").read_text()[-3000:]
+        with FeatureClient(locations[0]) as client:  # the namespace exists before the races
+            client.write("races.seed", rows(0), entity_keys=["driver_id"], event_time="event_timestamp")
+        yield locations
+    finally:
+        for proc in processes:
+            _stop_group(proc)
+
+
+def rows(start: int) -> pa.Table:
+    ids = list(range(start, start + ROWS))
+    return pa.table(
+        {
+            "driver_id": pa.array(ids, pa.int64()),
+            "event_timestamp": pa.array([T0 + dt.timedelta(seconds=i) for i in ids], pa.timestamp("us", "UTC")),
+            "rate": pa.array([i / 7 for i in ids], pa.float64()),
+        }
+    )
+
+
+def put_together(locations: list[str], table: str, puts: list[tuple[pa.Table, str | None]]) -> list[WriteResult]:
+    """Each put through its own replica, all released at the same moment by a barrier."""
+    barrier = threading.Barrier(len(puts))
+    definition = {"entity_keys": ["driver_id"], "event_time": "event_timestamp"}
+
+    def put(location: str, data: pa.Table, write_id: str | None) -> WriteResult:
+        with FeatureClient(location) as client:
+            client.health()  # connected before the race starts
+            barrier.wait(timeout=30)
+            return client.write(table, data, write_id=write_id, **definition)
+
+    with ThreadPoolExecutor(len(puts)) as pool:
+        futures = [pool.submit(put, loc, data, wid) for loc, (data, wid) in zip(locations, puts, strict=True)]
+        return [future.result() for future in futures]
+
+
+def history(location: str, table: str) -> list[dict[str, Any]]:
+    with FeatureClient(location) as client:
+        snapshots: list[dict[str, Any]] = client.describe(table)["snapshots"]
+        return snapshots
+
+
+def scanned_ids(location: str, table: str) -> list[int]:
+    with FeatureClient(location) as client:
+        return sorted(client.scan(table).read_all().column("driver_id").to_pylist())
+
+
+def test_the_same_write_id_on_two_replicas_at_once_commits_once(replicas: list[str]) -> None:
+    table = f"races.same_{uuid.uuid4().hex[:8]}"
+    committed = 0
+    for round_ in range(ROUNDS):  # round 0 races to create the table as well
+        write_id = f"run-{round_}"
+        results = put_together(replicas, table, [(rows(round_ * ROWS), write_id)] * 2)
+        first, again = sorted(results, key=lambda r: r.duplicate)
+        assert (first.duplicate, again.duplicate) == (False, True), f"round {round_}: {results}"
+        assert again.snapshot_id == first.snapshot_id and again.rows == first.rows == ROWS, f"round {round_}"
+        committed += first.files
+    snapshots = history(replicas[0], table)
+    ids = Counter(s["summary"].get(WRITE_ID) for s in snapshots)
+    assert ids == Counter({f"run-{r}": 1 for r in range(ROUNDS)})
+    assert scanned_ids(replicas[1], table) == list(range(ROUNDS * ROWS))
+    with FeatureClient(replicas[0]) as client:
+        files = local_files(client.describe(table)["location"])
+    assert files is not None and len(files) == committed  # the duplicates' files are deleted
+
+
+def test_different_write_ids_and_none_on_two_replicas_at_once_all_land(replicas: list[str]) -> None:
+    table = f"races.different_{uuid.uuid4().hex[:8]}"
+    for round_ in range(ROUNDS // 2):
+        start = round_ * 3 * ROWS
+        puts = [(rows(start), f"a-{round_}"), (rows(start + ROWS), f"b-{round_}")]
+        results = put_together(replicas, table, puts)
+        assert not any(r.duplicate for r in results) and len({r.snapshot_id for r in results}) == 2
+        results = put_together(replicas, table, [(rows(start + 2 * ROWS), None), (rows(start + 2 * ROWS), None)])
+        assert not any(r.duplicate for r in results) and len({r.snapshot_id for r in results}) == 2
+    assert len(history(replicas[0], table)) == 4 * (ROUNDS // 2)
+    expected = sorted(
+        [
+            *range(ROUNDS // 2 * 3 * ROWS),
+            *(i for r in range(ROUNDS // 2) for i in range((3 * r + 2) * ROWS, (3 * r + 3) * ROWS)),
+        ]
+    )
+    assert scanned_ids(replicas[1], table) == expected
+
+
+def test_an_overwrite_that_loses_to_an_append_deletes_its_files(tmp_path: Path) -> None:
+    """An overwrite staged before a concurrent append commits would drop the appended rows unseen: it is
+    refused with CONFLICT, and the files it had written are deleted."""
+    server = start_server(sqlite_catalog(tmp_path))
+    location, table = f"grpc://127.0.0.1:{server.port}", "races.overwrite"
+    try:
+        with FeatureClient(location) as client, FeatureClient(location) as other:
+            client.write(table, rows(0), entity_keys=["driver_id"], event_time="event_timestamp", partition_by=[])
+            where = client.describe(table)["location"]
+            files_before = local_files(where)
+            assert files_before is not None
+            data = rows(0)
+            while data.nbytes < 4 * TEST_CHUNK_BYTES:  # several chunks, so files are written mid-stream
+                data = pa.concat_tables([data, data])
+            appended: list[WriteResult] = []
+
+            def overwrite_racing_an_append() -> Iterator[pa.RecordBatch]:
+                yield from data.to_batches(max_chunksize=ROWS)
+                wait_until(lambda: local_files(where) != files_before, what="the overwrite to write files")
+                appended.append(other.write(table, rows(ROWS)))
+
+            stream = pa.RecordBatchReader.from_batches(data.schema, overwrite_racing_an_append())
+            with pytest.raises(ConflictError, match="added rows .* while this overwrite was written"):
+                client.write(table, stream, mode="overwrite")
+            assert client.describe(table)["current_snapshot_id"] == appended[0].snapshot_id
+            assert client.scan(table).read_all().num_rows == 2 * ROWS
+            files_after = local_files(where) or set()
+            assert files_after > files_before and len(files_after) == len(files_before) + appended[0].files
+    finally:
+        server.shutdown()
+
+
+def test_a_full_disk_is_resource_exhausted_and_leaves_no_files(tmp_path: Path) -> None:
+    """A warehouse on a 4 MiB tmpfs: a put of 16 MB runs out of space midway; the client gets RESOURCE_EXHAUSTED,
+    the files it wrote are deleted, and the next put has the room back."""
+    warehouse = tmp_path / "small-disk"
+    warehouse.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(warehouse)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    server = start_server(
+        {"type": "sql", "uri": f"sqlite:///{tmp_path / 'catalog.db'}", "warehouse": warehouse.as_uri()}
+    )
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            first = client.write("disk.full", rows(0), entity_keys=["driver_id"], event_time="event_timestamp")
+            where = client.describe("disk.full")["location"]
+            files_before = local_files(where)
+            n = 2_000_000
+            big = pa.table(
+                {
+                    "driver_id": pa.array(range(n), pa.int64()),
+                    "event_timestamp": pa.array([T0] * n, pa.timestamp("us", "UTC")),
+                    "rate": pa.array(np.random.default_rng(0).random(n), pa.float64()),
+                }
+            )
+            with pytest.raises(ResourceExhaustedError, match="the warehouse ran out of space .* files were deleted"):
+                client.write("disk.full", big)
+            assert local_files(where) == files_before
+            assert client.describe("disk.full")["current_snapshot_id"] == first.snapshot_id
+            second = client.write("disk.full", rows(ROWS))
+            assert client.scan("disk.full").read_all().num_rows == 2 * ROWS and second.snapshot_id != first.snapshot_id
+    finally:
+        server.shutdown()
+        subprocess.run(["umount", str(warehouse)], check=True)
