@@ -1,0 +1,108 @@
+"""Bounded request cost: filters too large to parse cheaply are refused before parsing, and pinned
+snapshots must name tables the request uses."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from pyiceberg.schema import Schema
+from pyiceberg.types import LongType, NestedField, StringType
+
+from flight_client import FeatureClient, ResourceExhaustedError
+from flight_server.base.filters import (
+    MAX_FILTER_CHARS,
+    MAX_FILTER_DEPTH,
+    MAX_FILTER_OPERATORS,
+    MAX_FILTER_VALUES,
+    check_filter_cost,
+    parse_filter,
+)
+from flight_server.wire.errors import LimitError
+from tests.conftest import sqlite_catalog, start_server
+
+UTC = dt.timezone.utc
+T0 = dt.datetime(2025, 1, 1, tzinfo=UTC)
+SCHEMA = Schema(NestedField(1, "a", LongType()), NestedField(2, "s", StringType()))
+
+
+def in_list(n: int) -> str:
+    """A valid filter of `n` key values, as a client with a key set might write it (100,000 keys: 0.8 MB)."""
+    return "a in (" + ", ".join(str(1_000_000 + i) for i in range(n)) + ")"
+
+
+def or_chain(n: int) -> str:
+    return " or ".join(f"a = {i}" for i in range(n))
+
+
+@pytest.fixture(scope="module")
+def location(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server holding `tests.drivers` (keys 0-99) and `tests.trips` (entity rows)."""
+    server = start_server(sqlite_catalog(Path(tmp_path_factory.mktemp("bounded"))))
+    location = f"grpc://127.0.0.1:{server.port}"
+    with FeatureClient(location) as client:
+        n = 100
+        times = pa.array([T0] * n, pa.timestamp("us", "UTC"))
+        drivers = pa.table({"a": pa.array(range(n), pa.int64()), "ts": times, "rate": pa.array(range(n), pa.float64())})
+        client.write("tests.drivers", drivers, entity_keys=["a"], event_time="ts", partition_by=[])
+        trips = pa.table({"a": pa.array(range(n), pa.int64()), "event_timestamp": times})
+        client.write("tests.trips", trips, entity_keys=["a"], event_time="event_timestamp", partition_by=[])
+    yield location
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "text, what",
+    [
+        (in_list(MAX_FILTER_VALUES + 1), f"{MAX_FILTER_VALUES + 1:,} values"),
+        (or_chain(MAX_FILTER_OPERATORS + 2), f"{MAX_FILTER_OPERATORS + 1:,} and/or/not operators"),
+        ("(" * (MAX_FILTER_DEPTH + 1) + "a = 1" + ")" * (MAX_FILTER_DEPTH + 1), "levels of parentheses"),
+        ("s = '" + "x" * MAX_FILTER_CHARS + "'", f"filter of {MAX_FILTER_CHARS + 6:,} characters"),
+    ],
+)
+def test_filters_over_a_limit_are_refused_with_the_numbers(text: str, what: str) -> None:
+    with pytest.raises(LimitError, match=what) as refused:
+        parse_filter(text, SCHEMA)
+    assert "entity rows" in str(refused.value) and "delete(keys=...)" in str(refused.value)
+
+
+def test_filters_at_the_limits_parse() -> None:
+    """The largest filters allowed are legitimate: they parse, and words inside strings count as values."""
+    for text in (
+        in_list(MAX_FILTER_VALUES),
+        or_chain(MAX_FILTER_OPERATORS + 1),
+        "(" * MAX_FILTER_DEPTH + "a = 1" + ")" * MAX_FILTER_DEPTH,
+        "s in (" + ", ".join(f"'{i} and ( or not'" for i in range(MAX_FILTER_VALUES)) + ")",
+    ):
+        parse_filter(text, SCHEMA)
+
+
+def test_the_check_is_cheap() -> None:
+    """Counting a 0.8 MB filter's values takes milliseconds; parsing it took 33 s of server CPU."""
+    started = time.perf_counter()
+    with pytest.raises(LimitError):
+        check_filter_cost(in_list(100_000)[: MAX_FILTER_CHARS - 1])
+    assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.scan("tests.drivers", filter=in_list(100_000)).read_all(),
+        lambda c: c.scan("tests.drivers", filter=or_chain(30_000)).read_all(),
+        lambda c: c.get_historical_features("tests.trips", ["tests.drivers:rate"], entity_filter=in_list(100_000)),
+        lambda c: c.delete("tests.drivers", filter=in_list(100_000)),
+    ],
+    ids=["scan IN list", "scan OR chain", "training set entity filter", "delete"],
+)
+def test_huge_filters_are_refused_at_once(location: str, call: Callable[[FeatureClient], object]) -> None:
+    """A 0.4-0.8 MB filter (under the request size limit) is refused before any parsing: at once, not after
+    30-60 s of server CPU."""
+    started = time.monotonic()
+    with FeatureClient(location) as client, pytest.raises(ResourceExhaustedError, match="entity rows"):
+        call(client)
+    assert time.monotonic() - started < 5
