@@ -4,6 +4,7 @@ snapshots must name tables the request uses."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from pyiceberg.schema import Schema
 from pyiceberg.types import LongType, NestedField, StringType
 
-from flight_client import FeatureClient, ResourceExhaustedError
+from flight_client import FeatureClient, InvalidRequestError, PermissionDeniedError, ResourceExhaustedError
 from flight_server.base.filters import (
     MAX_FILTER_CHARS,
     MAX_FILTER_DEPTH,
@@ -106,3 +107,49 @@ def test_huge_filters_are_refused_at_once(location: str, call: Callable[[Feature
     with FeatureClient(location) as client, pytest.raises(ResourceExhaustedError, match="entity rows"):
         call(client)
     assert time.monotonic() - started < 5
+
+
+def test_pins_of_tables_the_request_does_not_use_are_refused(location: str) -> None:
+    """A typo in a pin would otherwise give an unpinned training set that cannot be reproduced."""
+    features = ["tests.drivers:rate"]
+    entities = {"a": [1, 2], "event_timestamp": [T0.isoformat(), T0.isoformat()]}
+    with FeatureClient(location) as client:
+        pins = json.loads(client.get_historical_features("tests.trips", features).schema.metadata[b"flight.snapshots"])
+        good = {**pins["features"], "tests.trips": pins["entities"]["snapshot_id"]}
+        assert client.get_historical_features("tests.trips", features, snapshot_ids=good).num_rows == 100
+        typos = {"tests.driver": 1, "drivers": 1}  # a misspelt table; another namespace's (the default one)
+        streamed = pa.table({"a": [1], "event_timestamp": pa.array([T0])})
+        for rows, unused, used in (
+            ("tests.trips", "['default.drivers', 'tests.driver']", "['tests.drivers', 'tests.trips']"),
+            (entities, "['default.drivers', 'tests.driver', 'tests.trips']", "['tests.drivers']"),
+            (streamed, "['default.drivers', 'tests.driver', 'tests.trips']", "['tests.drivers']"),
+        ):
+            with pytest.raises(InvalidRequestError) as refused:
+                client.get_historical_features(rows, features, snapshot_ids={**good, **typos})
+            expected = f"snapshot_ids pin table(s) {unused} that this request does not use; it uses {used}"
+            assert str(refused.value).startswith(expected), refused.value
+        with pytest.raises(InvalidRequestError, match="pin 'default.drivers' twice"):
+            client.get_historical_features(entities, features, snapshot_ids={"default.drivers": 1, "drivers": 2})
+
+
+def test_pins_count_as_tables_for_the_token_namespaces(tmp_path: Path) -> None:
+    """A token of one namespace may not name another namespace's table in a pin either."""
+    tokens = [
+        {"name": "ops", "token": "ops-token-0123456789", "permissions": ["read", "write"]},
+        {"name": "team", "token": "team-token-0123456789", "permissions": ["read"], "namespaces": ["team_a"]},
+    ]
+    server = start_server(sqlite_catalog(tmp_path), auth_tokens=tokens)
+    location = f"grpc://127.0.0.1:{server.port}"
+    rows = pa.table({"a": pa.array([1], pa.int64()), "ts": pa.array([T0]), "rate": [0.5]})
+    try:
+        with FeatureClient(location, token="ops-token-0123456789") as ops:
+            for name in ("team_a.drivers", "team_b.drivers"):
+                ops.write(name, rows, entity_keys=["a"], event_time="ts", partition_by=[])
+            other = ops.describe("team_b.drivers")["current_snapshot_id"]
+        entities = {"a": [1], "event_timestamp": [T0.isoformat()]}
+        with FeatureClient(location, token="team-token-0123456789") as team:
+            assert team.get_historical_features(entities, ["team_a.drivers:rate"]).column("rate").to_pylist() == [0.5]
+            with pytest.raises(PermissionDeniedError, match="may not use namespace 'team_b'"):
+                team.get_historical_features(entities, ["team_a.drivers:rate"], snapshot_ids={"team_b.drivers": other})
+    finally:
+        server.shutdown()
