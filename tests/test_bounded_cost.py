@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import duckdb
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 from pyiceberg.schema import Schema
 from pyiceberg.types import LongType, NestedField, StringType
@@ -23,7 +27,10 @@ from flight_server.base.filters import (
     check_filter_cost,
     parse_filter,
 )
+from flight_server.training import join, sets
+from flight_server.transport.service import FeatureFlightServer
 from flight_server.wire.errors import LimitError
+from flight_server.wire.reads import EntitySource, HistoricalRequest
 from tests.conftest import sqlite_catalog, start_server
 
 UTC = dt.timezone.utc
@@ -41,9 +48,14 @@ def or_chain(n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def location(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return sqlite_catalog(Path(tmp_path_factory.mktemp("bounded")))
+
+
+@pytest.fixture(scope="module")
+def location(catalog: dict[str, str]) -> Iterator[str]:
     """A server holding `tests.drivers` (keys 0-99) and `tests.trips` (entity rows)."""
-    server = start_server(sqlite_catalog(Path(tmp_path_factory.mktemp("bounded"))))
+    server = start_server(catalog)
     location = f"grpc://127.0.0.1:{server.port}"
     with FeatureClient(location) as client:
         n = 100
@@ -153,3 +165,79 @@ def test_pins_count_as_tables_for_the_token_namespaces(tmp_path: Path) -> None:
                 team.get_historical_features(entities, ["team_a.drivers:rate"], snapshot_ids={"team_b.drivers": other})
     finally:
         server.shutdown()
+
+
+class SlowJoin:
+    """Makes every DuckDB training-set join take minutes (a cross join of 6 billion rows in front of it) and
+    reports, with events, when one starts and how it ends."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.started, self.finished = threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+        real_sql, real_run = join.join_sql, sets.run_historical
+
+        def slow_sql(*args: Any) -> tuple[str, list[Any]]:
+            sql, params = real_sql(*args)
+            self.started.set()
+            slow = "SELECT count(*) AS n FROM range(100000000) a, range(60) b WHERE (a.range * b.range) % 1000003 = 7"
+            return f"WITH __slow AS ({slow}) SELECT q.* FROM ({sql}) q, __slow WHERE __slow.n >= 0", params
+
+        def run(*args: Any) -> pa.RecordBatchReader:
+            try:
+                return real_run(*args)
+            except BaseException as exc:
+                self.error = exc
+                raise
+            finally:
+                self.finished.set()
+
+        monkeypatch.setattr(join, "join_sql", slow_sql)
+        monkeypatch.setattr(sets, "run_historical", run)
+
+
+@pytest.fixture
+def duckdb_joins(
+    catalog: dict[str, str], location: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[FeatureFlightServer, SlowJoin]]:
+    """A server whose training sets all take the DuckDB join (no sorted indexes), made slow."""
+    server = start_server(catalog, historical_cache_bytes=0)
+    slow = SlowJoin(monkeypatch)
+    yield server, slow
+    server.shutdown()
+
+
+def test_a_cancelled_exchange_interrupts_its_duckdb_join(duckdb_joins: tuple[FeatureFlightServer, SlowJoin]) -> None:
+    """The client cancels a streamed training set while the server runs its join: the query stops within a
+    poll, instead of running on for minutes, and the server answers the next call."""
+    server, slow = duckdb_joins
+    location = f"grpc://127.0.0.1:{server.port}"
+    request = HistoricalRequest(["tests.drivers:rate"])
+    entities = pa.table({"a": pa.array(range(1000), pa.int64()), "event_timestamp": pa.array([T0] * 1000)})
+    with flight.connect(location) as raw:
+        writer, reader = raw.do_exchange(flight.FlightDescriptor.for_command(request.to_bytes()))
+        writer.begin(entities.schema)
+        writer.write_table(entities)
+        writer.done_writing()
+        assert slow.started.wait(30), "the join never started"
+        reader.cancel()
+        cancelled = time.monotonic()
+        assert slow.finished.wait(30), "the join went on after the client cancelled"
+    assert isinstance(slow.error, duckdb.InterruptException)
+    assert time.monotonic() - cancelled < 5
+    with FeatureClient(location) as client:
+        assert client.health()["status"] == "ok"
+
+
+def test_a_cancelled_training_set_ticket_interrupts_its_duckdb_join(
+    duckdb_joins: tuple[FeatureFlightServer, SlowJoin],
+) -> None:
+    """`do_get` of a training set: the join it runs before the first batch stops once the call is cancelled."""
+    server, slow = duckdb_joins
+    cancelled = threading.Event()
+    request = HistoricalRequest(["tests.drivers:rate"], entities=EntitySource(table="tests.trips"))
+    opened = threading.Thread(target=lambda: slow.started.wait(30) and cancelled.set())
+    opened.start()
+    with pytest.raises(flight.FlightCancelledError, match="client cancelled"):
+        server.parts.training.open(request, cancelled.is_set)
+    opened.join()
+    assert isinstance(slow.error, duckdb.InterruptException)
