@@ -3,11 +3,16 @@ into a DuckDB WHERE clause whose identifiers are quoted and whose values are bou
 
 The user's text never reaches SQL: only column names that exist in the table (quoted) and
 operators chosen here do. Comparisons follow SQL semantics: a null never satisfies one.
+
+Parsing is the costly part (pyparsing, superlinear in the number of values: 1,000 values in an IN list
+take 0.1 s, 10,000 take 0.6 s, 100,000 take 33 s), so `check_filter_cost` counts values, operators and
+nesting with one regular expression first and refuses a filter above the limits before pyiceberg sees it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from typing import Any
 
@@ -18,9 +23,24 @@ from pyiceberg.expressions.visitors import BoundBooleanExpressionVisitor, bind, 
 from pyiceberg.schema import Schema
 from pyiceberg.types import DateType, TimestampType, TimestamptzType, TimeType, UUIDType
 
-from flight_server.wire.errors import NotFoundError, RequestError
+from flight_server.wire.errors import LimitError, NotFoundError, RequestError
 
 _EPOCH = dt.datetime(1970, 1, 1)
+
+# The largest filter these allow parses, binds and becomes SQL in about 0.2 s on one core.
+MAX_FILTER_CHARS = 64 * 1024
+MAX_FILTER_VALUES = 1_000  # literals: strings, numbers, true/false
+MAX_FILTER_OPERATORS = 200  # and, or, not
+MAX_FILTER_DEPTH = 50  # parentheses
+
+# Quoted strings and identifiers (unterminated ones too), words, numbers, parentheses; anything else is skipped.
+_TOKENS = re.compile(
+    r"""'(?:[^'\\]|''|\\.)*'?|"(?:[^"\\]|\\.)*"?|[A-Za-z_][\w$]*|[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[()]"""
+)
+_ENTITY_STREAMS = (
+    "a large key set belongs in entity rows, which are streamed and joined instead of parsed: "
+    "a training set's entities, an online lookup's keys, or delete(keys=...)"
+)
 
 
 def quote(identifier: str) -> str:
@@ -32,6 +52,7 @@ def parse_filter(text: str | None, schema: Schema) -> BooleanExpression:
     """The parsed filter, checked against `schema`; a `RequestError` that says what is wrong otherwise."""
     if text is None or not text.strip():
         return AlwaysTrue()
+    check_filter_cost(text)
     try:
         expression = parse(text)
     except Exception as exc:  # pyparsing's message lists the whole grammar: keep the position only
@@ -50,6 +71,38 @@ def parse_filter(text: str | None, schema: Schema) -> BooleanExpression:
             ) from None
         raise RequestError(f"filter {text!r}: {message}") from None
     return expression
+
+
+def check_filter_cost(text: str) -> None:
+    """Refuse a filter too large to parse in reasonable time (a `LimitError` with the numbers), before parsing."""
+    if len(text) > MAX_FILTER_CHARS:
+        raise LimitError(
+            f"filter of {len(text):,} characters: this server parses at most {MAX_FILTER_CHARS:,}; {_ENTITY_STREAMS}"
+        )
+    values = operators = depth = deepest = 0
+    for token in _TOKENS.findall(text):
+        first = token[0]
+        if first == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif first == ")":
+            depth -= 1
+        elif first == "'" or not (first.isalpha() or first in '_"'):
+            values += 1
+        elif (word := token.lower()) in ("and", "or", "not"):
+            operators += 1
+        elif word in ("true", "false"):
+            values += 1
+    for count, limit, what in (
+        (values, MAX_FILTER_VALUES, "values"),
+        (operators, MAX_FILTER_OPERATORS, "and/or/not operators"),
+        (deepest, MAX_FILTER_DEPTH, "levels of parentheses"),
+    ):
+        if count > limit:
+            raise LimitError(
+                f"filter with {count:,} {what}: this server takes at most {limit:,} (a filter's cost grows faster "
+                f"than its size: 1,000 values parse in 0.1 s, 100,000 in 30 s); {_ENTITY_STREAMS}"
+            )
 
 
 def to_sql(expression: BooleanExpression, schema: Schema) -> tuple[str, list[Any]]:

@@ -2,21 +2,25 @@
 
 Extensions come from their PyPI wheels (`duckdb-extension-*`), never from `INSTALL`, which
 needs the internet. Object-storage credentials are taken from the catalog's (or the table's)
-FileIO properties, so DuckDB reads exactly what pyiceberg would.
+FileIO properties, so DuckDB reads exactly what pyiceberg would. A query run for a call whose
+client has cancelled or gone is interrupted (`Engine.interruptible`), so it stops costing CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import itertools
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
 import duckdb
+import pyarrow.flight as flight
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,57 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+CANCEL_POLL_SECONDS = 0.05
+
+
+class CancelWatch:
+    """One thread that interrupts the cursors of watched calls once their client has cancelled or gone.
+
+    Polling is the only way to learn of it (Flight signals nothing), and one thread for every call keeps
+    the common path to two dict operations; it sleeps while no query is watched. `is_cancelled` is
+    never called after its watch ends, when the call (and its context) may be gone.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[int, tuple[duckdb.DuckDBPyConnection, Callable[[], bool]]] = {}
+        self._keys = itertools.count()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @contextlib.contextmanager
+    def watch(self, cursor: duckdb.DuckDBPyConnection, is_cancelled: Callable[[], bool]) -> Iterator[None]:
+        """Interrupt `cursor`'s queries while the block runs, once `is_cancelled()`; the interrupted query
+        raises `FlightCancelledError` out of the block."""
+        key = next(self._keys)
+        with self._changed:
+            self._calls[key] = (cursor, is_cancelled)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="duckdb-cancel-watch", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield
+        except duckdb.InterruptException:
+            raise flight.FlightCancelledError("the client cancelled the call: its query was interrupted") from None
+        finally:
+            with self._changed:
+                del self._calls[key]
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+
+    def _run(self) -> None:
+        with self._changed:
+            while not self._closed:
+                for cursor, is_cancelled in self._calls.values():
+                    if is_cancelled():  # interrupted again each poll: a later query on the cursor stops too
+                        cursor.interrupt()
+                self._changed.wait(CANCEL_POLL_SECONDS if self._calls else None)
+
+
 class Engine:
     """A DuckDB database configured for this server; hand out cursors with `cursor()`."""
 
@@ -71,12 +126,26 @@ class Engine:
             self._con.execute(f"LOAD {_literal(str(extension_path(name)))}")
         self._secrets: set[str] = set()
         self._lock = threading.Lock()
+        self._cancel_watch = CancelWatch()
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor for one request (a DuckDB connection is not safe to share between threads)."""
         cursor = self._con.cursor()
         cursor.execute("SET TimeZone = 'UTC'")
         return cursor
+
+    def interruptible(
+        self, cursor: duckdb.DuckDBPyConnection, is_cancelled: Callable[[], bool] | None
+    ) -> contextlib.AbstractContextManager[None]:
+        """A block whose queries on `cursor` are interrupted once the call's client has cancelled or gone
+        (`is_cancelled`, e.g. Flight's `context.is_cancelled`; None: no call to watch). The call must outlive
+        the block: results streamed after it are not watched."""
+        return self._cancel_watch.watch(cursor, is_cancelled) if is_cancelled else contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Stop the cancel watch. The database itself is left to the process's exit: DuckDB aborts the process
+        when a database closes under cursors that other threads still hold."""
+        self._cancel_watch.close()
 
     def use_storage(self, properties: Mapping[str, str]) -> None:
         """Make the S3 credentials in pyiceberg FileIO `properties` available to DuckDB (idempotent)."""

@@ -15,6 +15,7 @@ reads can be split into parts over the files (`scan_parts`), which clients fetch
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import duckdb
@@ -145,7 +146,11 @@ def read_parquet_sql(
 
 
 def read_parquet_reader(
-    plan: ScanPlan, tasks: list[FileScanTask], engine: Engine, batch_rows: int
+    plan: ScanPlan,
+    tasks: list[FileScanTask],
+    engine: Engine,
+    batch_rows: int,
+    is_cancelled: Callable[[], bool] | None = None,
 ) -> pa.RecordBatchReader:
     """`read_parquet_sql`, streamed."""
     if not tasks:
@@ -153,7 +158,8 @@ def read_parquet_reader(
     engine.use_storage(plan.table.io.properties)
     cursor = engine.cursor()
     sql, args = read_parquet_sql(plan, tasks, cursor)
-    return cursor.execute(sql, args).to_arrow_reader(batch_rows)
+    with engine.interruptible(cursor, is_cancelled):
+        return cursor.execute(sql, args).to_arrow_reader(batch_rows)
 
 
 def iceberg_scan_sql(plan: ScanPlan) -> tuple[str, list[Any]]:
@@ -200,18 +206,24 @@ def read_path(plan: ScanPlan) -> tuple[str, list[FileScanTask] | None]:
     return path, files
 
 
-def open_scan(plan: ScanPlan, engine: Engine, batch_rows: int) -> tuple[pa.RecordBatchReader, str]:
-    """Stream the planned rows, and say which read path does it; memory stays bounded."""
+def open_scan(
+    plan: ScanPlan, engine: Engine, batch_rows: int, is_cancelled: Callable[[], bool] | None = None
+) -> tuple[pa.RecordBatchReader, str]:
+    """Stream the planned rows, and say which read path does it; memory stays bounded. DuckDB's work up to
+    the first batch (a selective filter may scan much for it) is interrupted once `is_cancelled()`; later
+    batches are computed only as the client takes them."""
     path, files = read_path(plan)
     if path == "empty":
         return pa.RecordBatchReader.from_batches(plan.schema, []), path
     if path == "direct":
         reader = direct_reader(plan, files or [], batch_rows)
     elif path == "read_parquet":
-        reader = read_parquet_reader(plan, files or [], engine, batch_rows)
+        reader = read_parquet_reader(plan, files or [], engine, batch_rows, is_cancelled)
     else:
         engine.use_storage(plan.table.io.properties)
-        reader = engine.cursor().execute(*iceberg_scan_sql(plan)).to_arrow_reader(batch_rows)
+        cursor = engine.cursor()
+        with engine.interruptible(cursor, is_cancelled):
+            reader = cursor.execute(*iceberg_scan_sql(plan)).to_arrow_reader(batch_rows)
     return (reader if reader.schema == plan.schema else reader.cast(plan.schema)), path
 
 

@@ -114,9 +114,10 @@ def plan_historical(
     entity_table = entity_snapshot = None
     entity_filter: BooleanExpression = AlwaysTrue()
     source = request.entities
+    pins = _pins(catalog, request)
     if source is not None and source.table is not None:
         entity_table = catalog.read(source.table)
-        pinned = (request.snapshot_ids or {}).get(source.table, source.snapshot_id)
+        pinned = pins.get(_full_name(catalog, source.table), source.snapshot_id)
         entity_snapshot = resolve_snapshot(entity_table, pinned, None)
         iceberg_schema = snapshot_schema(entity_table, entity_snapshot)
         entity_schema = table_arrow_schema(iceberg_schema)
@@ -152,8 +153,7 @@ def plan_historical(
                     raise RequestError(
                         f"the entity rows lack key column {key!r} of {name!r} (columns: {entity_schema.names})"
                     )
-            pins = request.snapshot_ids or {}
-            pinned = pins.get(name, pins.get(table_ref))
+            pinned = pins.get(name)
             snapshot_id = resolve_snapshot(table, pinned, None if pinned is not None else as_of)
             schema = table_arrow_schema(snapshot_schema(table, snapshot_id))
             for key in spec.entity_keys:
@@ -181,6 +181,29 @@ def plan_historical(
         hint = "" if request.full_feature_names else "; full_feature_names=true prefixes features with their table"
         raise RequestError(f"output column name(s) {clashes} would appear twice{hint}")
     return HistoricalPlan(request, entity_schema, groups, columns, entity_table, entity_snapshot, entity_filter)
+
+
+def _full_name(catalog: FeatureCatalog, table: str) -> str:
+    return ".".join(catalog.identifier(table))
+
+
+def _pins(catalog: FeatureCatalog, request: HistoricalRequest) -> dict[str, int]:
+    """`snapshot_ids` by full table name, each a table the request uses: a pin of any other table would pin
+    nothing, and a typo would silently give an unpinned, irreproducible training set."""
+    pins: dict[str, int] = {}
+    for table, snapshot_id in (request.snapshot_ids or {}).items():
+        name = _full_name(catalog, table)
+        if pins.setdefault(name, snapshot_id) != snapshot_id:
+            raise RequestError(f"snapshot_ids pin {name!r} twice, to different snapshots")
+    used = [_full_name(catalog, parse_feature_ref(ref)[0]) for ref in request.features]
+    if request.entities is not None and request.entities.table is not None:
+        used.append(_full_name(catalog, request.entities.table))
+    unknown = sorted(set(pins) - set(used))
+    if unknown:
+        raise RequestError(
+            f"snapshot_ids pin table(s) {unknown} that this request does not use; it uses {sorted(set(used))}"
+        )
+    return pins
 
 
 def endpoint_requests(plan: HistoricalPlan, partitions: int) -> list[HistoricalRequest]:

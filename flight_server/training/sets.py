@@ -44,22 +44,30 @@ class TrainingSets:
         """Stop the join workers, once no call uses them (the server has stopped)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def open(self, request: HistoricalRequest) -> pa.RecordBatchReader:
-        """Stream the training set for a `do_get` ticket."""
+    def open(self, request: HistoricalRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader:
+        """Stream the training set for a `do_get` ticket; the query that computes it before the first batch
+        is interrupted once `is_cancelled()` (the client cancelled or went away)."""
         plan, inline = plan_request(self.catalog, request)
         if inline is not None:
-            return self.run_inline(plan, inline)
+            return self.run_inline(plan, inline, is_cancelled=is_cancelled)
         use_storage(self.engine, plan)
         indexes = self._indexes(plan)
         cursor = self.engine.cursor()
-        if indexes is None:
-            relation, params = server_entities(plan)
-            return keep_alive(run_historical(plan, cursor, relation, params, self.batch_rows), cursor)
-        sql, params = server_entities(plan, numbered=False)
-        entities = cursor.execute(sql, params).to_arrow_reader(self.batch_rows)
+        with self.engine.interruptible(cursor, is_cancelled):
+            if indexes is None:
+                relation, params = server_entities(plan)
+                return keep_alive(run_historical(plan, cursor, relation, params, self.batch_rows), cursor)
+            sql, params = server_entities(plan, numbered=False)
+            entities = cursor.execute(sql, params).to_arrow_reader(self.batch_rows)
         return keep_alive(self._joined(plan, indexes, entities), cursor)
 
-    def run_inline(self, plan: HistoricalPlan, entities: pa.Table, build: bool = True) -> pa.RecordBatchReader:
+    def run_inline(
+        self,
+        plan: HistoricalPlan,
+        entities: pa.Table,
+        build: bool = True,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> pa.RecordBatchReader:
         """Join entity rows held in memory (inline in a ticket, or an online `as_of` lookup).
 
         Without `build`, snapshots not sorted yet are left to DuckDB: a few online keys should not
@@ -71,7 +79,8 @@ class TrainingSets:
         use_storage(self.engine, plan)
         cursor = self.engine.cursor()
         append_entities(cursor, prepare_entities(entities, plan.request.entity_time, 0), create=True)
-        return keep_alive(run_historical(plan, cursor, "__pit_entities", [], self.batch_rows), cursor)
+        with self.engine.interruptible(cursor, is_cancelled):
+            return keep_alive(run_historical(plan, cursor, "__pit_entities", [], self.batch_rows), cursor)
 
     def exchange(
         self,
@@ -136,10 +145,11 @@ class TrainingSets:
                 rows += chunk.data.num_rows
         if is_cancelled():
             return 0
-        result = run_historical(plan, cursor, "__pit_entities", [], self.batch_rows)
-        writer.begin(result.schema)
-        for batch in result:
-            writer.write_batch(batch)
+        with self.engine.interruptible(cursor, is_cancelled):
+            result = run_historical(plan, cursor, "__pit_entities", [], self.batch_rows)
+            writer.begin(result.schema)
+            for batch in result:
+                writer.write_batch(batch)
         cursor.close()
         return rows
 

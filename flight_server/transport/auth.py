@@ -86,12 +86,15 @@ EVERYONE = Principal("anonymous", frozenset(PERMISSIONS))
 
 
 def request_tables(request: Any) -> list[str]:
-    """Every table a request reads or writes: its `table`, or its features' (and entity) tables."""
+    """Every table a request reads, writes or names: its `table`, or its features' (and entity) tables and the
+    tables it pins (a pin of a table outside the caller's namespaces is refused like a read of it)."""
     if not isinstance(request, (HistoricalRequest, OnlineRequest)):
         return [request.table]
     tables = [ref.rpartition(":")[0] for ref in request.features]
-    if isinstance(request, HistoricalRequest) and request.entities is not None and request.entities.table:
-        tables.append(request.entities.table)
+    if isinstance(request, HistoricalRequest):
+        if request.entities is not None and request.entities.table:
+            tables.append(request.entities.table)
+        tables += list(request.snapshot_ids or {})
     return tables
 
 

@@ -62,7 +62,8 @@ class Components:
         )
 
     def close(self) -> None:
-        """Stop the background work, once the server takes no more calls: the online store's refresh thread
-        and the training sets' join workers."""
+        """Stop the background work, once the server takes no more calls: the online store's refresh thread,
+        the training sets' join workers and the engine's cancel watch."""
         self.store.close()
         self.training.close()
+        self.engine.close()

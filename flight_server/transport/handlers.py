@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -49,8 +50,9 @@ class RequestHandler(Protocol[R]):
 
     def info(self, descriptor: flight.FlightDescriptor, request: R) -> flight.FlightInfo: ...
 
-    def open(self, request: R) -> pa.RecordBatchReader | pa.Table:
-        """The `do_get` result of a ticket."""
+    def open(self, request: R, is_cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader | pa.Table:
+        """The `do_get` result of a ticket; DuckDB work before the first batch stops once `is_cancelled()`
+        (`context.is_cancelled`: the client cancelled or went away)."""
         ...
 
     def exchange(
@@ -114,9 +116,9 @@ class Scans:
             app_metadata=json.dumps(plan.metadata()).encode(),
         )
 
-    def open(self, request: ScanRequest) -> pa.RecordBatchReader:
+    def open(self, request: ScanRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader:
         plan = plan_scan(self.parts.catalog, request, self.parts.caches)
-        reader, path = open_scan(plan, self.parts.engine, self.parts.config.batch_rows)
+        reader, path = open_scan(plan, self.parts.engine, self.parts.config.batch_rows, is_cancelled)
         return reader.cast(scan_schema(plan, path))
 
     def exchange(
@@ -149,8 +151,8 @@ class TrainingSetRequests:
             plan.schema, descriptor, endpoints, rows, -1, app_metadata=json.dumps(plan.snapshots()).encode()
         )
 
-    def open(self, request: HistoricalRequest) -> pa.RecordBatchReader:
-        return self.parts.training.open(request)
+    def open(self, request: HistoricalRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader:
+        return self.parts.training.open(request, is_cancelled)
 
     def exchange(
         self,
@@ -178,7 +180,7 @@ class OnlineLookups:
         endpoint = flight.FlightEndpoint(request.to_bytes(), [])
         return flight.FlightInfo(self.schema(request), descriptor, [endpoint], -1, -1)
 
-    def open(self, request: OnlineRequest) -> pa.Table:
+    def open(self, request: OnlineRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.Table:
         return self.parts.online.get(request)
 
     def exchange(

@@ -173,7 +173,7 @@ class FeatureFlightServer(flight.FlightServerBase):
     @_flight_errors
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
         request = self._authorized(context, parse_ticket(ticket.ticket, limit=self.config.max_request_bytes))
-        return self._stream(context, self._handlers[type(request)].open(request))
+        return self._stream(context, self._handlers[type(request)].open(request, context.is_cancelled))
 
     @_flight_errors
     def do_put(
