@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow.flight as flight
 import pytest
 
+from flight_client import FeatureClient
 from flight_server.base.config import redact
 from flight_server.iceberg.catalog import FeatureCatalog
-from tests.conftest import sqlite_catalog
+from flight_server.transport.limits import ACTION_HEADROOM, ConcurrencyLimit
+from tests.conftest import answers, sqlite_catalog, start_server, wait_until, write_big
+from tests.test_idle import Client
 
 SECRET_KEYS = [
     "s3.access-key-id",
@@ -45,3 +50,42 @@ def test_access_key_id_not_logged_at_start(tmp_path: Path, caplog: pytest.LogCap
     with caplog.at_level(logging.INFO, logger="flight_server.iceberg.catalog"):
         FeatureCatalog("hardening", properties)
     assert "s3.region" in caplog.text and "AKIAEXAMPLEKEYID" not in caplog.text
+
+
+def test_health_answers_while_stalled_streams_hold_every_slot(tmp_path: Path) -> None:
+    server = start_server(sqlite_catalog(tmp_path), max_concurrent_requests=2, batch_rows=8192)
+    location = f"grpc://127.0.0.1:{server.port}"
+    try:
+        with FeatureClient(location) as client:
+            write_big(client, "busy.big", 1_000_000)
+        stalled = [Client("scan", location, "busy.big") for _ in range(2)]
+        try:
+            assert [c.line() for c in stalled] == ["stalled", "stalled"]
+            assert not answers(location), "the stalled scans hold both slots"
+            with FeatureClient(location, timeout=5) as probe:
+                assert all(probe.health()["status"] == "ok" for _ in range(20))
+                with ThreadPoolExecutor(ACTION_HEADROOM) as pool:  # probes at once, as many as the headroom
+                    statuses = list(pool.map(lambda _: probe.health()["status"], range(4 * ACTION_HEADROOM)))
+                assert statuses == ["ok"] * 4 * ACTION_HEADROOM
+        finally:
+            for c in stalled:
+                c.close()
+        wait_until(lambda: answers(location), what="the slots of the killed clients")
+    finally:
+        server.shutdown()
+
+
+def test_actions_beyond_the_limits_are_bounded_by_the_headroom() -> None:
+    limit = ConcurrencyLimit(1)
+    get, action = flight.CallInfo(flight.FlightMethod.DO_GET), flight.CallInfo(flight.FlightMethod.DO_ACTION)
+    stream = limit.start_call(get, {})
+    beyond = [limit.start_call(action, {}) for _ in range(ACTION_HEADROOM)]
+    with pytest.raises(flight.FlightError, match="maximum of 1 concurrent requests"):
+        limit.start_call(action, {})
+    beyond.pop().call_completed(None)
+    beyond.append(limit.start_call(action, {}))  # its place came back
+    with pytest.raises(flight.FlightError, match="maximum of 1 concurrent requests"):
+        limit.start_call(get, {})  # streams never use the headroom
+    stream.call_completed(None)
+    limit.start_call(action, {}).call_completed(None)  # a free slot is taken before the headroom
+    assert (limit.active, limit.headroom) == (0, ACTION_HEADROOM)
