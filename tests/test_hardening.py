@@ -9,10 +9,12 @@ from pathlib import Path
 import pyarrow.flight as flight
 import pytest
 
-from flight_client import FeatureClient
+from flight_client import FeatureClient, ResourceExhaustedError, UnauthenticatedError
 from flight_server.base.config import redact
 from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.transport.auth import LOGIN_FAILURES, LOGIN_WINDOW_SECONDS, LoginThrottle
 from flight_server.transport.limits import ACTION_HEADROOM, ConcurrencyLimit
+from flight_server.wire.errors import LimitError
 from tests.conftest import answers, sqlite_catalog, start_server, wait_until, write_big
 from tests.test_idle import Client
 
@@ -89,3 +91,56 @@ def test_actions_beyond_the_limits_are_bounded_by_the_headroom() -> None:
     stream.call_completed(None)
     limit.start_call(action, {}).call_completed(None)  # a free slot is taken before the headroom
     assert (limit.active, limit.headroom) == (0, ACTION_HEADROOM)
+
+
+PASSWORD = "the-right-password-0123"
+LOGINS = [
+    {"name": "notebooks", "token": "notebooks-token-0123456789", "permissions": ["read"], "password": PASSWORD},
+    {"name": "analyst", "token": "analyst-token-0123456789ab", "permissions": ["read"], "password": PASSWORD},
+]
+
+
+def login(location: str, name: str, password: str) -> str:
+    """How a basic-authentication login ends: "ok", or the class of the error."""
+    try:
+        FeatureClient(location, username=name, password=password).close()
+    except (UnauthenticatedError, ResourceExhaustedError) as exc:
+        return type(exc).__name__
+    return "ok"
+
+
+def test_password_guessing_is_throttled_per_name(tmp_path: Path) -> None:
+    server = start_server(sqlite_catalog(tmp_path), auth_tokens=LOGINS)
+    location = f"grpc://127.0.0.1:{server.port}"
+    assert server.auth is not None
+    now = [0.0]
+    server.auth.logins.clock = lambda: now[0]
+    try:
+        guesses = [login(location, "notebooks", f"guess-{i:012d}") for i in range(200)]
+        refused = 200 - LOGIN_FAILURES
+        assert guesses == ["UnauthenticatedError"] * LOGIN_FAILURES + ["ResourceExhaustedError"] * refused
+        with pytest.raises(ResourceExhaustedError, match=r"too many failed logins for 'notebooks'; retry in 60 s"):
+            FeatureClient(location, username="notebooks", password=PASSWORD)  # the right password waits too
+        assert login(location, "analyst", PASSWORD) == "ok"  # other names are not held back
+        now[0] = LOGIN_WINDOW_SECONDS - 1
+        assert login(location, "notebooks", PASSWORD) == "ResourceExhaustedError"
+        now[0] = LOGIN_WINDOW_SECONDS  # the window has passed: the right password logs in
+        assert login(location, "notebooks", PASSWORD) == "ok"
+    finally:
+        server.shutdown()
+
+
+def test_login_throttle_window_and_concurrent_guesses() -> None:
+    now = [100.0]
+    throttle = LoginThrottle(failures=3, window=10.0, clock=lambda: now[0])
+    stamps = [throttle.attempt("a") for _ in range(3)]  # in flight at once: each counts until it succeeds
+    with pytest.raises(LimitError, match=r"too many failed logins for 'a'; retry in 10 s"):
+        throttle.attempt("a")
+    throttle.succeeded("a", stamps[0])
+    throttle.attempt("a")  # the successful one is not held against the name
+    now[0] = 109.5
+    with pytest.raises(LimitError, match="retry in 1 s"):
+        throttle.attempt("a")
+    now[0] = 110.0
+    throttle.attempt("a")  # the oldest failure has left the window
+    throttle.attempt("b")
