@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from flight_client import FeatureClient, ResourceExhaustedError, UnauthenticatedError
 from flight_server.base.config import redact
@@ -144,3 +148,71 @@ def test_login_throttle_window_and_concurrent_guesses() -> None:
     now[0] = 110.0
     throttle.attempt("a")  # the oldest failure has left the window
     throttle.attempt("b")
+
+
+# Feature rows (key, event time in whole microseconds, as Iceberg stores them): one key after 1970, one
+# before (where truncating toward zero is not rounding down), a few microseconds apart.
+TTL_SECONDS = 1
+TTL_NS = TTL_SECONDS * 1_000_000_000
+BASES_US = {1: 1_700_000_000_000_000, 2: -1_000_000_000}
+FEATURES = [(k, base + d) for k, base in BASES_US.items() for d in (0, 1, 2, 5, 1000, 1001)]
+
+
+def expected_value(key: int, entity_ns: int) -> int | None:
+    """The contract in plain integers: equal key, `feature.ts <= entity.ts`, `feature.ts >= entity.ts - ttl`,
+    latest wins (the value is the row's event time in microseconds)."""
+    times = [us for k, us in FEATURES if k == key and entity_ns - TTL_NS <= us * 1000 <= entity_ns]
+    return max(times, default=None)
+
+
+@pytest.fixture(scope="module")
+def ns_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A server joining through the sorted indexes and one through DuckDB, on one catalog with a TTL table."""
+    catalog = sqlite_catalog(tmp_path_factory.mktemp("ns-warehouse"))
+    servers = {"index": start_server(catalog), "duckdb": start_server(catalog, historical_cache_bytes=0)}
+    locations = {path: f"grpc://127.0.0.1:{server.port}" for path, server in servers.items()}
+    rows = pa.table(
+        {
+            "k": pa.array([k for k, _ in FEATURES], pa.int64()),
+            "ts": pa.array([us for _, us in FEATURES], pa.int64()).cast(pa.timestamp("us", "UTC")),
+            "value": pa.array([us for _, us in FEATURES], pa.int64()),
+        }
+    )
+    with FeatureClient(locations["index"]) as client:
+        client.write("ns.features", rows, entity_keys=["k"], event_time="ts", ttl=TTL_SECONDS, partition_by=[])
+    yield locations
+    for server in servers.values():
+        server.shutdown()
+
+
+# An entity time: near a feature time (the `<=` bound) or a TTL after one (the TTL bound), to the nanosecond.
+entity_times = st.builds(
+    lambda key, us, after, ns: (key, (us + after) * 1000 + ns),
+    st.sampled_from([1, 2]),
+    st.sampled_from([us for _, us in FEATURES]),
+    st.sampled_from([0, TTL_NS // 1000]),
+    st.integers(-2500, 2500),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entities=st.lists(entity_times, min_size=1, max_size=20), naive=st.booleans())
+@example(entities=[(1, (BASES_US[1] + 1001 + 1_000_000) * 1000 + 999)], naive=False)  # the latest: 999 ns too old
+@example(entities=[(2, (BASES_US[2] + 1001 + 1_000_000) * 1000 + 1)], naive=True)  # 1 ns too old, before 1970
+@example(entities=[(2, (BASES_US[2] + 5) * 1000 - 1)], naive=False)  # 1 ns before a feature, before 1970
+def test_ttl_bound_is_exact_for_nanosecond_entity_times(
+    ns_servers: dict[str, str], entities: list[tuple[int, int]], naive: bool
+) -> None:
+    rows = pa.table(
+        {
+            "k": pa.array([k for k, _ in entities], pa.int64()),
+            "event_timestamp": pa.array([ns for _, ns in entities], pa.int64()).cast(
+                pa.timestamp("ns", None if naive else "UTC")
+            ),
+        }
+    )
+    want = [expected_value(k, ns) for k, ns in entities]
+    for path, location in ns_servers.items():
+        with FeatureClient(location) as client:
+            got = client.get_historical_features(rows, ["ns.features:value"]).column("value").to_pylist()
+        assert got == want, path
