@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import os
+import subprocess
+import sys
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,14 +19,16 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from flight_client import FeatureClient, ResourceExhaustedError, UnauthenticatedError
+from flight_client import ConflictError, FeatureClient, FeatureServerError, ResourceExhaustedError, UnauthenticatedError
 from flight_server.base.config import redact
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.transport.auth import LOGIN_FAILURES, LOGIN_WINDOW_SECONDS, LoginThrottle
 from flight_server.transport.limits import ACTION_HEADROOM, ConcurrencyLimit
 from flight_server.wire.errors import LimitError
 from tests.conftest import answers, sqlite_catalog, start_server, wait_until, write_big
+from tests.services import _stop_group, free_ports
 from tests.test_idle import Client
+from tests.test_replicas import catalog_env
 
 SECRET_KEYS = [
     "s3.access-key-id",
@@ -216,3 +224,84 @@ def test_ttl_bound_is_exact_for_nanosecond_entity_times(
         with FeatureClient(location) as client:
             got = client.get_historical_features(rows, ["ns.features:value"]).column("value").to_pylist()
         assert got == want, path
+
+
+@pytest.fixture(scope="module")
+def sqlite_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """Two `flight-server serve` processes on one SQLite catalog file."""
+    tmp = tmp_path_factory.mktemp("sqlite-replicas")
+    catalog = sqlite_catalog(tmp)
+    locations = [f"grpc://127.0.0.1:{port}" for port in free_ports(2)]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
+    processes = []
+    try:
+        for i, location in enumerate(locations):
+            env = {
+                **base,
+                **catalog_env(catalog),
+                "FLIGHT_SERVER_PORT": location.rsplit(":", 1)[1],
+                "FLIGHT_SERVER_DUCKDB_MEMORY_LIMIT": "512MB",
+                "FLIGHT_SERVER_WAREHOUSE": str(tmp / f"unused-{i}"),
+            }
+            with (tmp / f"replica-{i}.log").open("wb") as out:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "flight_server", "serve"],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        for location, proc in zip(locations, processes, strict=True):
+            wait_until(lambda: answers_or_died(location, proc), timeout=90, what=location)  # noqa: B023
+            assert proc.poll() is None, (tmp / "replica-0.log").read_text()[-3000:]
+        yield locations
+    finally:
+        for proc in processes:
+            _stop_group(proc)
+
+
+def answers_or_died(location: str, proc: subprocess.Popen[bytes]) -> bool:
+    try:
+        return answers(location)
+    except (flight.FlightError, OSError):  # not listening yet
+        return proc.poll() is not None
+
+
+def racing_write(location: str, table: str, barrier: threading.Barrier) -> str:
+    """Create `table` by writing to it once all racers are ready: "ok", "conflict", or the error."""
+    rows = pa.table(
+        {
+            "id": pa.array([1, 2], pa.int64()),
+            "ts": pa.array([dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)] * 2, pa.timestamp("us", "UTC")),
+        }
+    )
+    with FeatureClient(location) as client:
+        barrier.wait()
+        try:
+            client.write(table, rows, entity_keys=["id"], event_time="ts", partition_by=[])
+        except ConflictError:
+            return "conflict"  # nothing was committed: safe to retry
+        except FeatureServerError as exc:
+            return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+@pytest.mark.parametrize("same_table", [False, True])
+def test_replicas_racing_to_create_a_namespace_and_table(sqlite_replicas: list[str], same_table: bool) -> None:
+    """Two replicas create the first table of a new namespace at the same moment (the same table, or two
+    tables): both succeed, or the loser gets a conflict that is safe to retry; never INTERNAL."""
+    for round in range(8):
+        namespace = f"race_{'same' if same_table else 'two'}_{round}"
+        tables = [f"{namespace}.t"] * 2 if same_table else [f"{namespace}.a", f"{namespace}.b"]
+        barrier = threading.Barrier(2)
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(racing_write, sqlite_replicas, tables, [barrier] * 2))
+        if same_table:  # the loser appends to the winner's table, or may retry
+            assert set(outcomes) <= {"ok", "conflict"} and "ok" in outcomes, (round, outcomes)
+        else:
+            assert outcomes == ["ok", "ok"], (round, outcomes)
+        written = Counter(table for table, outcome in zip(tables, outcomes, strict=True) if outcome == "ok")
+        with FeatureClient(sqlite_replicas[1]) as client:
+            assert {t: client.scan(t).read_all().num_rows for t in written} == {t: 2 * n for t, n in written.items()}
