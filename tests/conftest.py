@@ -9,9 +9,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 
 from flight_client import FeatureClient, ResourceExhaustedError
+from flight_client.errors import from_flight_error
 from flight_server.base.config import ServerConfig
 from flight_server.transport.service import FeatureFlightServer
 from tests.services import postgres_server, seaweedfs_server
@@ -126,9 +128,18 @@ def write_big(client: FeatureClient, table: str, rows: int) -> None:
 
 
 def answers(location: str) -> bool:
-    """Whether a server takes a call now (False when its concurrency limit refuses one)."""
+    """Whether a server takes a call now (False when its concurrency limit refuses one). It asks
+    `list_actions`, not `health`: actions may run beyond the limits."""
+    with FeatureClient(location, timeout=5) as client:
+        return takes_calls(client)
+
+
+def takes_calls(client: FeatureClient) -> bool:
+    """Whether the server gives `client` a slot now."""
     try:
-        with FeatureClient(location, timeout=5) as client:
-            return client.health()["status"] == "ok"
-    except ResourceExhaustedError:
-        return False
+        list(client._client.list_actions(client._options))
+    except flight.FlightError as exc:
+        if isinstance(from_flight_error(exc), ResourceExhaustedError):
+            return False
+        raise
+    return True

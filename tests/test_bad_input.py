@@ -46,6 +46,11 @@ Case = Callable[[FeatureClient, str], object]
 CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
     "unknown table": (lambda c, t: c.scan("tests.no_such_table"), NotFoundError, "does not exist"),
     "unknown column": (lambda c, t: c.scan(t, columns=["nope"]), NotFoundError, r"no column\(s\) \['nope'\]"),
+    "no columns": (
+        lambda c, t: c.scan(t, columns=[]),
+        InvalidRequestError,
+        "columns: give at least one column, or leave it out for all",
+    ),
     "malformed json": (lambda c, t: raw_get(c, b"{not json"), InvalidRequestError, "not valid JSON"),
     "ticket not an object": (lambda c, t: raw_get(c, b"[1, 2]"), InvalidRequestError, "must be a JSON object"),
     "empty ticket": (lambda c, t: raw_get(c, b""), InvalidRequestError, "empty"),

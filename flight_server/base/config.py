@@ -18,7 +18,8 @@ from typing import Any
 
 ENV_CATALOG_PREFIX = "FLIGHT_SERVER_CATALOG__"
 
-_SECRET_KEY = re.compile(r"secret|password|token|credential|session", re.IGNORECASE)
+# Any key naming a credential: access-key ids and secret keys, session tokens, passwords, account keys.
+_SECRET_KEY = re.compile(r"secret|passw|token|credential|session|key", re.IGNORECASE)
 
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-z0-9+.\-]+://[^:/@\s]+:)[^@\s]+@", re.IGNORECASE)
 
@@ -125,12 +126,16 @@ def parse_property_flags(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
     return props
 
 
-def redact(props: Mapping[str, str]) -> dict[str, str]:
-    """Properties safe to log or return from `describe`: secrets and URI passwords masked."""
-    safe = {}
-    for key, value in props.items():
-        if _SECRET_KEY.search(key):
-            safe[key] = "***"
-        else:
-            safe[key] = _URI_PASSWORD.sub(r"\g<scheme>***@", str(value))
-    return safe
+def redact(props: Mapping[str, Any]) -> dict[str, Any]:
+    """Properties safe to log or return from `describe`: values of secret-looking keys masked at any depth
+    (a nested mapping or a list of them), URI passwords masked everywhere else. An access-key id is masked
+    too: it names the account a leaked secret would open."""
+    return {key: "***" if _SECRET_KEY.search(str(key)) else _redact_value(value) for key, value in props.items()}
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return redact(value)
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return _URI_PASSWORD.sub(r"\g<scheme>***@", str(value))

@@ -33,6 +33,7 @@ from pyiceberg.transforms import (
     YearTransform,
 )
 from sqlalchemy import Select
+from sqlalchemy.exc import IntegrityError
 
 from flight_server.base.config import redact
 from flight_server.iceberg.internals import metadata_location_query
@@ -218,7 +219,15 @@ class FeatureCatalog:
             return None
 
     def ensure_namespace(self, namespace: tuple[str, ...]) -> None:
-        self.catalog.create_namespace_if_not_exists(namespace)
+        """Create the namespace unless it exists, also when another replica creates it at the same moment:
+        both see it missing, and the SQL catalog refuses the second insert with an IntegrityError (other
+        catalogs say it already exists, which pyiceberg takes as success). Either way it exists now."""
+        try:
+            self.catalog.create_namespace_if_not_exists(namespace)
+        except IntegrityError:
+            if not self.catalog.namespace_exists(namespace):
+                raise
+            log.debug("namespace %s was created concurrently", ".".join(namespace))
 
     def table_names(self) -> list[str]:
         """Every table in every namespace, as `ns.table`."""

@@ -18,7 +18,7 @@ from flight_server.base.schemas import table_arrow_schema
 from flight_server.iceberg.catalog import FeatureCatalog, table_name
 from flight_server.iceberg.snapshots import resolve_snapshot, snapshot_schema
 from flight_server.reads.caches import PlanCache, ReadCaches
-from flight_server.wire.errors import NotFoundError
+from flight_server.wire.errors import NotFoundError, RequestError
 from flight_server.wire.reads import ScanRequest
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ def plan_table_scan(table: Table, request: ScanRequest, caches: ReadCaches) -> S
     schema = snapshot_schema(table, snapshot_id)
     arrow = table_arrow_schema(schema)
     if request.columns is not None:
+        if not request.columns:  # zero columns would read zero rows, which no caller means
+            raise RequestError("columns: give at least one column, or leave it out for all")
         missing = [c for c in request.columns if arrow.get_field_index(c) < 0]
         if missing:
             raise NotFoundError(f"table {table_name(table)!r} has no column(s) {missing} (columns: {arrow.names})")

@@ -91,10 +91,17 @@ class AsofIndex:
         return sum(c.nbytes() for c in self.columns.values()) + self.keys.nbytes() + arrays
 
     def match(
-        self, keys: list[pa.Array | pa.ChunkedArray], entity_us: np.ndarray, valid: np.ndarray, ttl: bool
+        self,
+        keys: list[pa.Array | pa.ChunkedArray],
+        entity_us: np.ndarray,
+        valid: np.ndarray,
+        ttl: bool,
+        entity_up_us: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """For each entity row, the row of `columns` it gets, and whether it gets one: equal keys, the latest
-        event time at or before the entity's, and within the TTL when `ttl` says to apply it."""
+        event time at or before the entity's, and within the TTL when `ttl` says to apply it. Entity times
+        in nanoseconds come rounded down (`entity_us`) and up (`entity_up_us`, `codes.entity_micros`):
+        the TTL counts from the latter, so that its bound is exact."""
         if len(self.fence) == 0:
             return np.zeros(len(entity_us), dtype=np.int64), np.zeros(len(entity_us), dtype=bool)
         code = self.keys.encode(keys)
@@ -106,7 +113,8 @@ class AsofIndex:
         at = np.maximum(found, 0)
         known &= (found >= 0) & (self.stamps[at] > code * self.axis.span)  # same key, not the one before
         if ttl and self.spec.ttl_seconds:
-            known &= self.event_us[at] >= entity_us - int(self.spec.ttl_seconds * 1_000_000)
+            since = entity_us if entity_up_us is None else entity_up_us
+            known &= self.event_us[at] >= since - int(self.spec.ttl_seconds * 1_000_000)
         return self.positions[at], known
 
     def _last_at_or_below(self, wanted: np.ndarray) -> np.ndarray:

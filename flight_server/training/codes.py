@@ -8,11 +8,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flight_server.base.schemas import micros
 from flight_server.wire.errors import RequestError
 
 _STAMP_LIMIT = 1 << 62
 
 _DENSE_MAX = 1 << 26  # entries of a value-indexed code table (256 MiB of int32 at most)
+
+
+def entity_micros(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entity timestamps as int64 UTC microseconds rounded down and rounded up, and which are not null.
+
+    Feature times are whole microseconds (Iceberg's unit), so for an entity time `t` in nanoseconds
+    `feature <= t` holds exactly when `feature <= floor(t)`, and the TTL's `feature >= t - ttl` exactly
+    when `feature >= ceil(t) - ttl`: with `t` truncated, rows up to 999 ns too old passed the TTL.
+    """
+    if not (pa.types.is_timestamp(column.type) and column.type.unit == "ns"):
+        values, valid = micros(column)
+        return values, values, valid
+    raw = pc.cast(column, pa.int64())
+    nanos = raw.fill_null(0).to_numpy(zero_copy_only=False)
+    return nanos // 1000, -(-nanos // 1000), pc.is_valid(raw).to_numpy(zero_copy_only=False)
 
 
 @dataclass(frozen=True)

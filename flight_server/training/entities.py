@@ -8,13 +8,13 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from flight_server.base.filters import quote, to_sql
 from flight_server.base.schemas import UTC_MICROS
 from flight_server.iceberg.catalog import FeatureCatalog, table_name
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.duck import local_path
+from flight_server.training.codes import entity_micros
 from flight_server.training.plan import HistoricalPlan, partition_predicate, plan_historical
 from flight_server.wire.codec import parse_timestamp
 from flight_server.wire.errors import ProtocolError, RequestError
@@ -24,13 +24,17 @@ ROW = "__pit_row"
 
 TS = "__pit_ts"
 
+TS_UP = "__pit_ts_up"  # the entity time rounded up to whole microseconds: the TTL counts from it (join_sql)
+
 
 def prepare_entities(batch: pa.RecordBatch | pa.Table, entity_time: str, first_row: int) -> pa.Table:
-    """Entity rows with their position and their timestamp as UTC microseconds for the join."""
+    """Entity rows with their position and their timestamp as UTC microseconds for the join, rounded down
+    and, for the TTL, up (`entity_micros`)."""
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
     rows = pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
-    ts = pc.cast(table.column(entity_time), UTC_MICROS, safe=False)
-    return table.append_column(ROW, rows).append_column(TS, ts)
+    down, up, valid = entity_micros(table.column(entity_time))
+    ts, ts_up = (pa.array(values, UTC_MICROS, mask=~valid) for values in (down, up))
+    return table.append_column(ROW, rows).append_column(TS, ts).append_column(TS_UP, ts_up)
 
 
 def inline_entities(rows: dict[str, list[Any]], entity_time: str) -> pa.Table:
@@ -86,7 +90,7 @@ def server_entities(plan: HistoricalPlan, numbered: bool = True) -> tuple[str, l
     if numbered:
         sql = (
             f"(SELECT {columns}, row_number() OVER (ORDER BY {order}) AS {ROW}, "
-            f"CAST({quote(time)} AS TIMESTAMPTZ) AS {TS} {source})"
+            f"CAST({quote(time)} AS TIMESTAMPTZ) AS {TS}, CAST({quote(time)} AS TIMESTAMPTZ) AS {TS_UP} {source})"
         )
     else:
         sql = f"SELECT {columns} {source} ORDER BY {order}"

@@ -10,10 +10,10 @@ import duckdb
 import pyarrow as pa
 
 from flight_server.base.filters import quote
-from flight_server.base.schemas import micros
 from flight_server.reads.duck import Engine, local_path
 from flight_server.training.asof import AsofIndex
-from flight_server.training.entities import ROW, TS, entity_bounds
+from flight_server.training.codes import entity_micros
+from flight_server.training.entities import ROW, TS, TS_UP, entity_bounds
 from flight_server.training.plan import HistoricalPlan, partition_predicate
 
 
@@ -62,7 +62,7 @@ def join_sql(
             inequality = f"ent.{TS} >= {alias}.{TS}"
         joins.append(f"ASOF LEFT JOIN {alias} ON {on} AND {inequality}")
         ttl = spec.ttl_seconds if plan.apply_ttl else None
-        conditions = [f"{alias}.{TS} >= ent.{TS} - to_seconds({int(ttl)})"] if ttl else []
+        conditions = [f"{alias}.{TS} >= ent.{TS_UP} - to_seconds({int(ttl)})"] if ttl else []
         if spec.created_time:
             conditions.append(f"ent.{TS} IS NOT NULL")  # a null time in the struct would compare as latest
         for j in range(len(group.features)):
@@ -85,10 +85,11 @@ def run_historical(
 
 def join_batch(plan: HistoricalPlan, indexes: list[AsofIndex], batch: pa.RecordBatch) -> pa.RecordBatch:
     """One batch of entity rows with their features, in their order, through the sorted indexes."""
-    entity_us, valid = micros(batch.column(plan.request.entity_time))
+    entity_us, entity_up_us, valid = entity_micros(batch.column(plan.request.entity_time))
     found: dict[tuple[int, int], pa.Array] = {}
     for i, (group, index) in enumerate(zip(plan.groups, indexes, strict=True)):
-        at, known = index.match([batch.column(k) for k in group.spec.entity_keys], entity_us, valid, plan.apply_ttl)
+        keys = [batch.column(k) for k in group.spec.entity_keys]
+        at, known = index.match(keys, entity_us, valid, plan.apply_ttl, entity_up_us)
         for j, feature in enumerate(group.features):
             found[(i, j)] = index.take(feature, at, known)
     arrays = [*batch.columns, *(found[(i, j)] for i, j, _ in plan.columns)]

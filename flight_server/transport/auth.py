@@ -5,7 +5,8 @@ A token grants some of `read` (scans, training sets, online lookups, describe, l
 (`do_put`) and `admin` (maintenance actions: delete, compact, expire snapshots), optionally only in
 some namespaces. Tokens are compared in constant time and never logged: logs name the token's `name`.
 A token with a `password` can also be had through Flight's handshake with basic authentication
-(user name = the token's `name`), for clients such as Flight SQL drivers that log in that way.
+(user name = the token's `name`), for clients such as Flight SQL drivers that log in that way; failed
+logins are throttled per user name (`LoginThrottle`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,8 @@ from typing import Any
 import pyarrow.flight as flight
 
 from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.transport.errors import to_flight_error
+from flight_server.wire.errors import LimitError
 from flight_server.wire.reads import HistoricalRequest, OnlineRequest
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,12 @@ PERMISSIONS = (READ, WRITE, ADMIN)
 MIDDLEWARE_KEY = "auth"
 
 ENV_TOKENS = "FLIGHT_SERVER_AUTH_TOKENS"
+
+LOGIN_FAILURES = 5  # failed password logins a user name may have within LOGIN_WINDOW_SECONDS
+
+LOGIN_WINDOW_SECONDS = 60.0
+
+LOGIN_NAMES = 10_000  # user names whose failures are remembered; past it, the least recent is forgotten
 
 # What each RPC needs before its body is read; do_action depends on the action (its row in transport/actions.py).
 _METHOD_PERMISSIONS = {
@@ -246,6 +257,51 @@ class TokenSource:
             log.info("%s reloaded: %d token(s)", self.path, store.count)
 
 
+class LoginThrottle:
+    """Failed password logins per user name: after `failures` within `window` seconds, the name's logins
+    (the right password's too) are refused until the oldest of them is `window` seconds old, so a
+    password is guessed at `failures` tries a minute at most. Each attempt counts as failed until it
+    succeeds, so guesses sent at once are bounded too. By name only: pyarrow shows the handshake's
+    middleware the headers, not the peer's address."""
+
+    def __init__(
+        self,
+        failures: int = LOGIN_FAILURES,
+        window: float = LOGIN_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.failures = failures
+        self.window = window
+        self.clock = clock
+        self._failed: OrderedDict[str, deque[float]] = OrderedDict()  # by name, least recently failed first
+        self._lock = threading.Lock()
+
+    def attempt(self, name: str) -> float:
+        """Count a login of `name` as failed, or raise `LimitError` when it has failed too often; the
+        returned stamp is what `succeeded` takes back."""
+        now = self.clock()
+        with self._lock:
+            stamps = self._failed.setdefault(name, deque())
+            while stamps and stamps[0] <= now - self.window:
+                stamps.popleft()
+            if len(stamps) >= self.failures:
+                wait = max(1, math.ceil(stamps[0] + self.window - now))
+                raise LimitError(f"too many failed logins for {name!r}; retry in {wait} s")
+            stamps.append(now)
+            self._failed.move_to_end(name)
+            if len(self._failed) > LOGIN_NAMES:
+                self._failed.popitem(last=False)
+        return now
+
+    def succeeded(self, name: str, stamp: float) -> None:
+        with self._lock:
+            stamps = self._failed.get(name)
+            if stamps is not None and stamp in stamps:
+                stamps.remove(stamp)
+                if not stamps:
+                    del self._failed[name]
+
+
 class AuthMiddleware(flight.ServerMiddleware):
     """Carries the caller's `Principal` into the handlers (`context.get_middleware("auth")`)."""
 
@@ -278,6 +334,7 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
 
     def __init__(self, tokens: TokenSource):
         self.tokens = tokens
+        self.logins = LoginThrottle()
 
     def server_options(self) -> dict[str, Any]:
         """`FlightServerBase` arguments: the handshake, when tokens have passwords (or a reload may add some)."""
@@ -324,9 +381,14 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
             name, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise flight.FlightUnauthenticatedError("the basic credentials are not base64 of 'name:password'") from None
+        try:
+            stamp = self.logins.attempt(name)
+        except LimitError as exc:
+            raise to_flight_error(exc) from None
         token = self.tokens.current().exchange(name, password)
         if token is None:
             raise flight.FlightUnauthenticatedError("wrong user name or password")
+        self.logins.succeeded(name, stamp)
         return _Issued(token)
 
 
