@@ -22,7 +22,7 @@ from flight_server.transport.actions import ACTIONS, table_summary, visible_tabl
 from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
 from flight_server.transport.client_streams import ClientReader, ClientWriter
 from flight_server.transport.components import Components
-from flight_server.transport.errors import to_flight_error
+from flight_server.transport.errors import plain_error_messages, to_flight_error
 from flight_server.transport.handlers import Endpoints, ReadRequest, handlers, scan_schema
 from flight_server.transport.idle import MIDDLEWARE_KEY as IDLE_KEY
 from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
@@ -45,7 +45,8 @@ SHUTDOWN_GRACE_SECONDS = 2.0  # for running calls to end before open online sess
 
 
 def _flight_errors(handler: F) -> F:
-    """Answer exceptions as Flight errors; log the unexpected ones with their traceback."""
+    """Answer exceptions as Flight errors with their kind's gRPC status (`errors.ROUTES`); log the unexpected ones
+    (bugs, answered INTERNAL with no more than their class) with their traceback."""
 
     @functools.wraps(handler)
     def wrapper(self: FeatureFlightServer, context: flight.ServerCallContext, *args: Any) -> Any:
@@ -67,6 +68,7 @@ class FeatureFlightServer(flight.FlightServerBase):
     def __init__(self, config: ServerConfig, **kwargs: Any):
         # Settings are checked first, and everything a handler needs exists before the base class opens the port.
         self.config = config
+        plain_error_messages()
         tls = server_tls_options(config)
         endpoints = Endpoints(config.endpoint_locations())
         middleware: dict[str, flight.ServerMiddlewareFactory] = {}
@@ -232,15 +234,14 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     @_flight_errors
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
-        row = ACTIONS.get(action.type)
+        name = action.type
+        row = ACTIONS.get(name)
         if row is None:
-            raise RequestError(f"unknown action {action.type!r}; available: {sorted(ACTIONS)}")
+            raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")
         caller = principal(context)
-        caller.require(row.permission, f"action {action.type!r}")
+        caller.require(row.permission, f"action {name!r}")
         request = None
         if row.parse is not None:
             body = action.body.to_pybytes() if action.body is not None else b""
-            request = self._authorized(
-                context, row.parse(decode(body, f"{action.type} body", self.config.max_request_bytes))
-            )
+            request = self._authorized(context, row.parse(decode(body, f"{name} body", self.config.max_request_bytes)))
         return iter([encode_reply(row.run(self.parts, caller, request))])
