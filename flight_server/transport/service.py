@@ -29,7 +29,7 @@ from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
 from flight_server.transport.limits import ConcurrencyLimit, is_session
 from flight_server.transport.tls import server_tls_options
-from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, encode_reply
+from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, decode_text, encode_reply
 from flight_server.wire.errors import RequestError
 from flight_server.wire.reads import ScanRequest, parse_ticket
 from flight_server.wire.writes import parse_write
@@ -150,7 +150,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         if descriptor.descriptor_type == flight.DescriptorType.PATH:
             if len(descriptor.path) != 1:
                 raise RequestError("a path descriptor names one table: ['namespace.table']")
-            request: ReadRequest = ScanRequest(table=descriptor.path[0].decode())
+            request: ReadRequest = ScanRequest(table=decode_text(descriptor.path[0], "the descriptor's path"))
         else:
             request = parse_ticket(descriptor.command, "descriptor", self.config.max_request_bytes)
         return self._authorized(context, request)
@@ -210,7 +210,7 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     @_flight_errors
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
-        prefix = criteria.decode() if criteria else ""
+        prefix = decode_text(criteria, "list_flights criteria")
         infos = []
         for name in visible_tables(self.parts.catalog, principal(context)):
             if name.startswith(prefix):
@@ -234,7 +234,10 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     @_flight_errors
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
-        name = action.type
+        try:
+            name = action.type
+        except UnicodeDecodeError:
+            raise RequestError("the action type is not UTF-8 text") from None
         row = ACTIONS.get(name)
         if row is None:
             raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")
