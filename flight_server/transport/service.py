@@ -150,7 +150,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         if descriptor.descriptor_type == flight.DescriptorType.PATH:
             if len(descriptor.path) != 1:
                 raise RequestError("a path descriptor names one table: ['namespace.table']")
-            request: ReadRequest = ScanRequest(table=decode_text(descriptor.path[0], "the descriptor's path"))
+            request: ReadRequest = ScanRequest(table=descriptor.path[0].decode())
         else:
             request = parse_ticket(descriptor.command, "descriptor", self.config.max_request_bytes)
         return self._authorized(context, request)
@@ -234,10 +234,7 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     @_flight_errors
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
-        try:
-            name = action.type
-        except UnicodeDecodeError:
-            raise RequestError("the action type is not UTF-8 text") from None
+        name = action.type
         row = ACTIONS.get(name)
         if row is None:
             raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")

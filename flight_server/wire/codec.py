@@ -76,7 +76,7 @@ def parse_snapshot_id(value: Any, what: str) -> int:
 
 
 def decode_text(raw: bytes, what: str) -> str:
-    """Request bytes that hold text (a path descriptor, list_flights criteria) as a string."""
+    """Request bytes that hold text (list_flights criteria) as a string."""
     try:
         return raw.decode()
     except UnicodeDecodeError:
