@@ -473,9 +473,9 @@ class FeatureClient:
             return self._client.do_get(ticket, self._options).read_all()
         except SERVER_ERRORS as exc:
             error = from_flight_error(exc)
-        if isinstance(error, ResourceExhaustedError) and "bytes inline" in str(error):
-            return self._exchange(request, pa.table(columns))  # the server takes smaller tickets: stream them
-        raise error
+            if not (isinstance(error, ResourceExhaustedError) and "bytes inline" in str(error)):
+                raise error from None
+        return self._exchange(request, pa.table(columns))  # the server takes smaller tickets: stream them
 
     def _info(self, request: ScanRequest | HistoricalRequest) -> flight.FlightInfo:
         try:

@@ -41,7 +41,6 @@ ROUTES: dict[str, Route] = {
     "NOT_FOUND": Route("NOT_FOUND", pa.ArrowKeyError),
     "CONFLICT": Route("UNAVAILABLE", flight.FlightUnavailableError),
     "RESOURCE_EXHAUSTED": Route("UNAVAILABLE", flight.FlightUnavailableError),
-    "UNAVAILABLE": Route("UNAVAILABLE", flight.FlightUnavailableError),
     "UNAUTHENTICATED": Route("UNAUTHENTICATED", flight.FlightUnauthenticatedError),
     "PERMISSION_DENIED": Route("PERMISSION_DENIED", flight.FlightUnauthorizedError),
     "CANCELLED": Route("CANCELLED", flight.FlightCancelledError),
