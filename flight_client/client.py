@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_client.errors import FeatureServerError, ResourceExhaustedError, from_flight_error
+from flight_client.errors import SERVER_ERRORS, FeatureServerError, ResourceExhaustedError, from_flight_error
 from flight_client.sessions import Sessions
 from flight_server.wire.actions import (
     CompactRequest,
@@ -139,7 +139,7 @@ class FeatureClient:
         if username is not None:
             try:
                 headers = [self._client.authenticate_basic_token(username, password or "")]
-            except flight.FlightError as exc:
+            except SERVER_ERRORS as exc:
                 self._client.close()
                 raise from_flight_error(exc) from None
         self._options = flight.FlightCallOptions(timeout=timeout, headers=headers)
@@ -206,7 +206,7 @@ class FeatureClient:
         descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
         try:
             writer, results = self._client.do_put(descriptor, schema, self._options)
-        except flight.FlightError as exc:
+        except SERVER_ERRORS as exc:
             raise from_flight_error(exc) from None
         rows = 0
         try:
@@ -217,11 +217,11 @@ class FeatureClient:
             writer.done_writing()
             reply = results.read()
             writer.close()
-        except (pa.ArrowException, flight.FlightError) as exc:
+        except SERVER_ERRORS as exc:
             # The server's explanation arrives when the call is closed.
             try:
                 writer.close()
-            except (pa.ArrowException, flight.FlightError) as closed:
+            except SERVER_ERRORS as closed:
                 raise from_flight_error(closed) from None
             raise from_flight_error(exc) from None
         if reply is None:
@@ -332,10 +332,10 @@ class FeatureClient:
                 stream = self._connection(location).do_get(flight.Ticket(ticket), self._options)
                 _ = stream.schema  # surfaces request errors now; see apache/arrow#34731 for why first
                 return stream.to_reader()
-            except flight.FlightUnavailableError as exc:  # that replica is down: the ticket is good anywhere
+            except flight.FlightUnavailableError as exc:  # that replica is down or busy: the ticket is good anywhere
                 if locations is None or i == len(locations) - 1:
                     raise from_flight_error(exc) from None
-            except flight.FlightError as exc:
+            except SERVER_ERRORS as exc:
                 raise from_flight_error(exc) from None
         raise AssertionError("unreachable")
 
@@ -482,22 +482,22 @@ class FeatureClient:
             if keys is not None:
                 try:
                     return self._sessions.lookup(request, keys)
-                except (pa.ArrowException, flight.FlightError) as exc:
+                except SERVER_ERRORS as exc:
                     raise from_flight_error(exc) from None
         inline = {k: [_jsonable(v) for v in values] for k, values in columns.items()}
         ticket = flight.Ticket(replace(request, entities=inline).to_bytes())
         try:
             return self._client.do_get(ticket, self._options).read_all()
-        except flight.FlightError as exc:
+        except SERVER_ERRORS as exc:
             error = from_flight_error(exc)
-        if isinstance(error, ResourceExhaustedError) and "bytes inline" in str(error):
-            return self._exchange(request, pa.table(columns))  # the server takes smaller tickets: stream them
-        raise error
+            if not (isinstance(error, ResourceExhaustedError) and "bytes inline" in str(error)):
+                raise error from None
+        return self._exchange(request, pa.table(columns))  # the server takes smaller tickets: stream them
 
     def _info(self, request: ScanRequest | HistoricalRequest) -> flight.FlightInfo:
         try:
             return self._client.get_flight_info(flight.FlightDescriptor.for_command(request.to_bytes()), self._options)
-        except flight.FlightError as exc:
+        except SERVER_ERRORS as exc:
             raise from_flight_error(exc) from None
 
     def _read_endpoints(self, info: flight.FlightInfo) -> pa.Table:
@@ -521,7 +521,7 @@ class FeatureClient:
                 finally:
                     sending.finish()
                 return result
-        except (pa.ArrowException, flight.FlightError) as exc:
+        except SERVER_ERRORS as exc:
             raise from_flight_error(exc) from None
 
     # Catalog
@@ -543,7 +543,7 @@ class FeatureClient:
         try:
             results: Iterator[flight.Result] = self._client.do_action(flight.Action(name, payload), self._options)
             return decode_reply(b"".join(r.body.to_pybytes() for r in results))
-        except flight.FlightError as exc:
+        except SERVER_ERRORS as exc:
             raise from_flight_error(exc) from None
 
 
@@ -567,7 +567,7 @@ class _Sender:
     def finish(self) -> None:
         """Wait for the writes; a failed write is raised unless the answer already failed."""
         self._thread.join()
-        if self._error is not None and not isinstance(self._error, (pa.ArrowException, flight.FlightError)):
+        if self._error is not None and not isinstance(self._error, SERVER_ERRORS):
             raise self._error
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 
+import pyarrow as pa
 import pyarrow.flight as flight
 
 
@@ -52,19 +53,33 @@ _BY_CODE: dict[str, type[FeatureServerError]] = {
     "PERMISSION_DENIED": PermissionDeniedError,
 }
 
+# The kind each gRPC status means when the error carries no code of its own: INVALID_ARGUMENT and NOT_FOUND never
+# do (pyarrow raises them as ArrowInvalid and ArrowKeyError), nor do errors from gRPC itself (a server that is down).
+_BY_CLASS: tuple[tuple[type[Exception], str], ...] = (
+    (pa.ArrowInvalid, "INVALID_ARGUMENT"),
+    (pa.ArrowKeyError, "NOT_FOUND"),
+    (flight.FlightUnavailableError, "UNAVAILABLE"),
+    (flight.FlightUnauthenticatedError, "UNAUTHENTICATED"),
+    (flight.FlightUnauthorizedError, "PERMISSION_DENIED"),
+    (flight.FlightCancelledError, "CANCELLED"),
+    (flight.FlightTimedOutError, "DEADLINE_EXCEEDED"),
+)
 
-def from_flight_error(exc: Exception) -> FeatureServerError:
-    """Strip gRPC's decorations from a Flight error and pick the exception class from its code."""
-    message = str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context:", 1)[0]
-    code = "INTERNAL"
+# What pyarrow's client raises for a server's error: Flight errors, and Arrow errors for INVALID_ARGUMENT and NOT_FOUND.
+SERVER_ERRORS = (flight.FlightError, pa.ArrowException)
+
+
+def error_code(exc: Exception) -> str:
+    """The kind of a Flight call's error: the code in its structured detail, else what its gRPC status means."""
     extra = getattr(exc, "extra_info", None)
     if extra:
-        with contextlib.suppress(ValueError, AttributeError):
-            code = json.loads(extra).get("code", code)
-    elif isinstance(exc, flight.FlightUnavailableError):
-        code = "UNAVAILABLE"
-    elif isinstance(exc, flight.FlightUnauthenticatedError):
-        code = "UNAUTHENTICATED"
-    elif isinstance(exc, flight.FlightUnauthorizedError):
-        code = "PERMISSION_DENIED"
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # not our detail: go by the status
+            return str(json.loads(extra)["code"])
+    return next((code for cls, code in _BY_CLASS if isinstance(exc, cls)), "INTERNAL")
+
+
+def from_flight_error(exc: Exception) -> FeatureServerError:
+    """Strip gRPC's decorations from a Flight error and pick the exception class from its kind."""
+    message = str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context:", 1)[0]
+    code = error_code(exc)
     return _BY_CODE.get(code, FeatureServerError)(message, code)

@@ -332,7 +332,75 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         InvalidRequestError,
         "field 'table' is required",
     ),
+    "deeply nested json": (
+        lambda c, t: raw_get(c, b'{"v": 1, "table": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        InvalidRequestError,
+        "nests arrays or objects too deeply",
+    ),
+    "number of thousands of digits": (
+        lambda c, t: raw_get(c, b'{"v": 1, "limit": ' + b"9" * 5000 + b"}"),
+        InvalidRequestError,
+        "not valid JSON",
+    ),
+    "limit beyond 64 bits": (
+        lambda c, t: raw_get(c, ticket(table=t, limit=10**30)),
+        InvalidRequestError,
+        "'limit' must be an integer <= 9223372036854775807",
+    ),
+    "as_of in epoch milliseconds far beyond year 9999": (
+        lambda c, t: raw_get(c, ticket(table=t, as_of=10**20)),
+        InvalidRequestError,
+        "out of range",
+    ),
+    "as_of past year 9999 in UTC": (
+        lambda c, t: raw_get(c, ticket(table=t, as_of="9999-12-31T23:00:00-05:00")),
+        InvalidRequestError,
+        "out of range",
+    ),
+    "snapshot id neither number nor digits": (
+        lambda c, t: raw_get(c, ticket(table=t, snapshot_id="latest")),
+        InvalidRequestError,
+        r"'snapshot_id' must be a snapshot id \(a 64-bit integer, as a number or a string\)",
+    ),
+    "snapshot id as a string that names none": (
+        lambda c, t: raw_get(c, ticket(table=t, snapshot_id="12345")),
+        NotFoundError,
+        "no snapshot 12345",
+    ),
+    "non-UTF-8 list_flights criteria": (
+        lambda c, t: list(c._client.list_flights(b"\xff\xfe")),
+        InvalidRequestError,
+        "list_flights criteria is not UTF-8 text",
+    ),
+    "bucket of zero": (
+        lambda c, t: c.write(
+            t + "_new", features(3), entity_keys=["user_id"], event_time="ts", partition_by=["bucket(0, user_id)"]
+        ),
+        InvalidRequestError,
+        r"'bucket\(0, user_id\)': N must be from 1 to 2147483647",
+    ),
+    "truncate too wide": (
+        lambda c, t: c.write(
+            t + "_new",
+            features(3),
+            entity_keys=["user_id"],
+            event_time="ts",
+            partition_by=["truncate(99999999999, name)"],
+        ),
+        InvalidRequestError,
+        "N must be from 1 to 2147483647",
+    ),
 }
+
+# What a plain pyarrow client raises for each kind: the gRPC status (docs/protocol.md, "Errors").
+STATUS_CLASSES: dict[type[FeatureServerError], type[Exception]] = {
+    InvalidRequestError: pa.ArrowInvalid,  # INVALID_ARGUMENT
+    NotFoundError: pa.ArrowKeyError,  # NOT_FOUND
+    ResourceExhaustedError: flight.FlightUnavailableError,  # UNAVAILABLE, RESOURCE_EXHAUSTED in the detail
+}
+
+# What an error message must never hold: a traceback, or a path on the server.
+LEAKS = ("Traceback", "/work", '.py"', 'File "', "/tmp/")
 
 
 def _put_with_metadata(c: FeatureClient, t: str, metadata: bytes) -> None:
@@ -356,11 +424,30 @@ def test_bad_input_is_a_clear_error(client: FeatureClient, seeded: str, case: st
     with pytest.raises((error, flight.FlightError, pa.ArrowException)) as caught:
         action(client, seeded)
     exc = caught.value
+    # What pyarrow raised: the gRPC status. FeatureClient raises its own class from it.
+    raw = exc.__context__ if isinstance(exc, FeatureServerError) else exc
+    assert type(raw) is STATUS_CLASSES[error], f"{type(raw).__name__}: {raw}"
     if not isinstance(exc, FeatureServerError):  # raised by the raw pyarrow client in a helper above
         exc = from_flight_error(exc)
     assert isinstance(exc, error), f"{type(exc).__name__}: {exc}"
-    assert "Traceback" not in str(exc)
     assert re.search(message, str(exc)), str(exc)
+    assert not [leak for leak in LEAKS if leak in str(raw)], str(raw)
     # Nothing was committed, and the server still serves.
     assert client.describe(seeded)["current_snapshot_id"] == before
+    assert client.scan(seeded).read_all().num_rows == 20
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c, t: c._client.get_flight_info(flight.FlightDescriptor.for_path(b"\xff")),
+        lambda c, t: list(c._client.do_action(flight.Action(b"\xff", b""))),
+    ],
+    ids=["descriptor path", "action type"],
+)
+def test_non_utf8_protobuf_strings_are_refused_by_grpc(client: FeatureClient, seeded: str, call: Case) -> None:
+    """Paths and action types are protobuf strings: gRPC refuses a message with bytes that are not UTF-8 as
+    INTERNAL before any server code runs (documented in docs/protocol.md). The server serves on."""
+    with pytest.raises(flight.FlightInternalError):
+        call(client, seeded)
     assert client.scan(seeded).read_all().num_rows == 20

@@ -299,3 +299,17 @@ def test_tls_settings_must_be_complete(catalog: dict[str, str], pki: dict[str, o
     with pytest.raises(ValueError, match="needs both a certificate"):
         start_server(catalog, tls_cert=str(pki["server"].cert))  # type: ignore[attr-defined]
     assert ServerConfig(tls_cert="x", tls_key="y").scheme == "grpc+tls"
+
+
+@pytest.mark.parametrize("rpc", ["get_schema", "get_flight_info"])
+def test_namespace_refusals_carry_no_traceback(secured: str, rpc: str) -> None:
+    """get_schema can send only INVALID_ARGUMENT and NOT_FOUND (docs/protocol.md, "Errors"): its refusal arrives as
+    UNKNOWN, but like every other one its message is the explanation, without a traceback or a server path."""
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {TEAM_TOKEN}".encode())])
+    descriptor = flight.FlightDescriptor.for_path("shared.drivers")
+    with flight.connect(secured) as raw, pytest.raises(pa.ArrowException) as e:
+        getattr(raw, rpc)(descriptor, options)
+    if rpc == "get_flight_info":
+        assert type(e.value) is flight.FlightUnauthorizedError  # PERMISSION_DENIED
+    assert "may not use namespace 'shared'" in str(e.value)
+    assert not [leak for leak in ("Traceback", "/work", '.py"', 'File "', "/tmp/") if leak in str(e.value)], e.value

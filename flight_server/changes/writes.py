@@ -36,7 +36,7 @@ from flight_server.changes.commits import delete_files, live_files
 from flight_server.changes.files import write_data_files
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, default_partitioning, partition_spec, table_name
 from flight_server.iceberg.internals import commit_on_base, schema_without_ids, transaction_io
-from flight_server.wire.errors import ConflictError, LimitError, RequestError
+from flight_server.wire.errors import CancelledError, ConflictError, LimitError, RequestError
 from flight_server.wire.writes import WriteRequest, WriteResult, parse_end_marker
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class Writer:
                     if pending_bytes >= self.chunk_bytes:
                         flush()
             if is_cancelled():
-                raise RequestError(f"the client cancelled the write after {rows} rows; nothing was committed")
+                raise CancelledError(f"the client cancelled the write after {rows} rows; nothing was committed")
             if request.end_marker and declared_rows is None:
                 raise RequestError(
                     f"the write stream ended after {rows} rows without its end-of-stream marker "

@@ -103,6 +103,9 @@ class FeatureSpec:
         }
 
 
+MAX_TRANSFORM_WIDTH = (1 << 31) - 1
+
+
 def default_partitioning(spec: FeatureSpec) -> list[str]:
     """Month of the event time (time ranges prune whole months) and a bucket of the first key
     (a key lookup reads one bucket in eight). docs/configuration.md explains the choice."""
@@ -128,7 +131,10 @@ def partition_spec(fields: list[str], schema: Schema) -> PartitionSpec:
         if name in simple and width is None:
             transform = simple[name]()
         elif name in ("bucket", "truncate") and width is not None:
-            transform = BucketTransform(int(width)) if name == "bucket" else TruncateTransform(int(width))
+            size = int(width) if len(width) <= 10 else 0  # Iceberg keeps N as a 32-bit int; 0 would divide by zero
+            if not 1 <= size <= MAX_TRANSFORM_WIDTH:
+                raise RequestError(f"partition field {text!r}: N must be from 1 to {MAX_TRANSFORM_WIDTH}")
+            transform = BucketTransform(size) if name == "bucket" else TruncateTransform(size)
         else:
             raise RequestError(
                 f"partition field {text!r}: unknown transform; use identity, year, month, day, "

@@ -31,7 +31,7 @@ import pyarrow.flight as flight
 
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.transport.errors import to_flight_error
-from flight_server.wire.errors import LimitError
+from flight_server.wire.errors import LimitError, PermissionDeniedError, RequestError, UnauthenticatedError
 from flight_server.wire.reads import HistoricalRequest, OnlineRequest
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Principal:
 
     def require(self, permission: str, what: str) -> None:
         if permission not in self.permissions:
-            raise flight.FlightUnauthorizedError(
+            raise PermissionDeniedError(
                 f"token {self.name!r} lacks the {permission!r} permission that {what} needs "
                 f"(it has: {sorted(self.permissions) or 'none'})"
             )
@@ -87,7 +87,7 @@ class Principal:
         for table in tables:
             namespace = ".".join(catalog.identifier(table)[:-1])
             if not self.may_use(namespace):
-                raise flight.FlightUnauthorizedError(
+                raise PermissionDeniedError(
                     f"token {self.name!r} may not use namespace {namespace!r} "
                     f"(it may use: {sorted(self.namespaces or [])})"
                 )
@@ -351,22 +351,22 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
             if info.method == flight.FlightMethod.HANDSHAKE:
                 return self._login(headers)
             return AuthMiddleware(self._caller(info, headers))
-        except flight.FlightError as exc:  # the reason only: never the credentials
+        except RequestError as exc:  # the reason only: never the credentials
             log.info("%s refused: %s", info.method.name.lower(), exc)
-            raise
+            raise to_flight_error(exc) from None  # middleware must raise a Flight error to set the status
 
     def _caller(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> Principal:
         values = headers.get("authorization") or []
         if not values:
-            raise flight.FlightUnauthenticatedError(
+            raise UnauthenticatedError(
                 "this server requires a bearer token: send the header 'authorization: Bearer <token>'"
             )
         scheme, _, token = str(values[0]).partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise flight.FlightUnauthenticatedError("the authorization header must be 'Bearer <token>'")
+            raise UnauthenticatedError("the authorization header must be 'Bearer <token>'")
         principal = self.tokens.current().authenticate(token.strip())
         if principal is None:
-            raise flight.FlightUnauthenticatedError("the bearer token is not valid")
+            raise UnauthenticatedError("the bearer token is not valid")
         permission = _METHOD_PERMISSIONS.get(info.method)
         if permission is not None:
             principal.require(permission, info.method.name.lower())
@@ -380,14 +380,11 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
         try:
             name, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
-            raise flight.FlightUnauthenticatedError("the basic credentials are not base64 of 'name:password'") from None
-        try:
-            stamp = self.logins.attempt(name)
-        except LimitError as exc:
-            raise to_flight_error(exc) from None
+            raise UnauthenticatedError("the basic credentials are not base64 of 'name:password'") from None
+        stamp = self.logins.attempt(name)  # a LimitError once the name has failed too often
         token = self.tokens.current().exchange(name, password)
         if token is None:
-            raise flight.FlightUnauthenticatedError("wrong user name or password")
+            raise UnauthenticatedError("wrong user name or password")
         self.logins.succeeded(name, stamp)
         return _Issued(token)
 

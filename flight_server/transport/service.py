@@ -22,14 +22,14 @@ from flight_server.transport.actions import ACTIONS, table_summary, visible_tabl
 from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
 from flight_server.transport.client_streams import ClientReader, ClientWriter
 from flight_server.transport.components import Components
-from flight_server.transport.errors import to_flight_error
+from flight_server.transport.errors import plain_error_messages, to_flight_error
 from flight_server.transport.handlers import Endpoints, ReadRequest, handlers, scan_schema
 from flight_server.transport.idle import MIDDLEWARE_KEY as IDLE_KEY
 from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
 from flight_server.transport.limits import ConcurrencyLimit, is_session
 from flight_server.transport.tls import server_tls_options
-from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, encode_reply
+from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, decode_text, encode_reply
 from flight_server.wire.errors import RequestError
 from flight_server.wire.reads import ScanRequest, parse_ticket
 from flight_server.wire.writes import parse_write
@@ -45,7 +45,8 @@ SHUTDOWN_GRACE_SECONDS = 2.0  # for running calls to end before open online sess
 
 
 def _flight_errors(handler: F) -> F:
-    """Answer exceptions as Flight errors; log the unexpected ones with their traceback."""
+    """Answer exceptions as Flight errors with their kind's gRPC status (`errors.ROUTES`); log the unexpected ones
+    (bugs, answered INTERNAL with no more than their class) with their traceback."""
 
     @functools.wraps(handler)
     def wrapper(self: FeatureFlightServer, context: flight.ServerCallContext, *args: Any) -> Any:
@@ -67,6 +68,7 @@ class FeatureFlightServer(flight.FlightServerBase):
     def __init__(self, config: ServerConfig, **kwargs: Any):
         # Settings are checked first, and everything a handler needs exists before the base class opens the port.
         self.config = config
+        plain_error_messages()
         tls = server_tls_options(config)
         endpoints = Endpoints(config.endpoint_locations())
         middleware: dict[str, flight.ServerMiddlewareFactory] = {}
@@ -208,7 +210,7 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     @_flight_errors
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
-        prefix = criteria.decode() if criteria else ""
+        prefix = decode_text(criteria, "list_flights criteria")
         infos = []
         for name in visible_tables(self.parts.catalog, principal(context)):
             if name.startswith(prefix):
@@ -232,15 +234,14 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     @_flight_errors
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
-        row = ACTIONS.get(action.type)
+        name = action.type
+        row = ACTIONS.get(name)
         if row is None:
-            raise RequestError(f"unknown action {action.type!r}; available: {sorted(ACTIONS)}")
+            raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")
         caller = principal(context)
-        caller.require(row.permission, f"action {action.type!r}")
+        caller.require(row.permission, f"action {name!r}")
         request = None
         if row.parse is not None:
             body = action.body.to_pybytes() if action.body is not None else b""
-            request = self._authorized(
-                context, row.parse(decode(body, f"{action.type} body", self.config.max_request_bytes))
-            )
+            request = self._authorized(context, row.parse(decode(body, f"{name} body", self.config.max_request_bytes)))
         return iter([encode_reply(row.run(self.parts, caller, request))])

@@ -117,7 +117,7 @@ class PinRequest:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> PinRequest:
         f = Fields(body, "pin request", {"table", "snapshot_id", "name"})
-        table, snapshot_id, name = f.required_str("table"), f.int("snapshot_id", minimum=-(1 << 63)), f.str("name")
+        table, snapshot_id, name = f.required_str("table"), f.snapshot_id("snapshot_id"), f.str("name")
         return cls(table, snapshot_id, _pin_name(f.what, name) if name is not None else None)
 
 

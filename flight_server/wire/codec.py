@@ -25,6 +25,10 @@ MAX_REQUEST_BYTES = 1 << 20
 # its client by design, so it holds no slot of the concurrency limits and the idle timeout spares it.
 ONLINE_SESSION_HEADER = "x-online-session"
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+_INTEGER = re.compile(r"^-?[0-9]{1,19}$")
+
 _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
 
 
@@ -41,14 +45,42 @@ def parse_timestamp(value: Any, what: str) -> dt.datetime:
     if isinstance(value, bool):
         raise ProtocolError(f"{what} must be an ISO-8601 timestamp or epoch milliseconds, got {value!r}")
     if isinstance(value, (int, float)):
-        return dt.datetime.fromtimestamp(value / 1000, tz=dt.timezone.utc)
+        try:
+            return dt.datetime.fromtimestamp(value / 1000, tz=dt.timezone.utc)
+        except (OverflowError, ValueError, OSError):
+            raise ProtocolError(f"{what} is out of range (years 1 to 9999): {value!r} epoch milliseconds") from None
     if isinstance(value, str):
         try:
             parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             raise ProtocolError(f"{what} is not an ISO-8601 timestamp: {value!r}") from None
-        return parsed.replace(tzinfo=dt.timezone.utc) if parsed.tzinfo is None else parsed
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=dt.timezone.utc)
+        try:  # in UTC now: an offset can carry a time past year 9999 (or before year 1)
+            return parsed.astimezone(dt.timezone.utc)
+        except OverflowError:
+            raise ProtocolError(f"{what} is out of range (years 1 to 9999 in UTC): {value!r}") from None
     raise ProtocolError(f"{what} must be an ISO-8601 timestamp or epoch milliseconds, got {value!r}")
+
+
+def parse_snapshot_id(value: Any, what: str) -> int:
+    """A snapshot id as a request may send it: a 64-bit integer, as a JSON number or a string of decimal digits.
+
+    Iceberg's snapshot ids use all 63 bits, and JSON decoders that read numbers as doubles (JavaScript, jq, Go's
+    generic decoding) round them; a string keeps every digit."""
+    if isinstance(value, str) and _INTEGER.match(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not INT64_MIN <= value <= INT64_MAX:
+        raise ProtocolError(f"{what} must be a snapshot id (a 64-bit integer, as a number or a string), got {value!r}")
+    return value
+
+
+def decode_text(raw: bytes, what: str) -> str:
+    """Request bytes that hold text (list_flights criteria) as a string."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} is not UTF-8 text") from None
 
 
 def format_timestamp(value: dt.datetime) -> str:
@@ -69,8 +101,10 @@ def decode(raw: bytes, what: str, limit: int = MAX_REQUEST_BYTES) -> dict[str, A
         raise ProtocolError(f"{what} is empty: expected a JSON object")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, or a number of thousands of digits
         raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} nests arrays or objects too deeply") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"{what} must be a JSON object, got {type(body).__name__}")
     version = body.get("v", PROTOCOL_VERSION)
@@ -141,12 +175,20 @@ class Fields:
         return value
 
     def int(self, name: builtins.str, minimum: builtins.int = 0) -> builtins.int | None:
+        """A 64-bit integer (what the server stores and computes with) of at least `minimum`."""
         value = self.body.get(name)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self._bad(name, f"an integer >= {minimum}")
+        if value > INT64_MAX:
+            raise self._bad(name, f"an integer <= {INT64_MAX}")
         return value
+
+    def snapshot_id(self, name: builtins.str) -> builtins.int | None:
+        """A snapshot id: a JSON number, or a string of digits for clients whose JSON numbers are doubles."""
+        value = self.body.get(name)
+        return None if value is None else parse_snapshot_id(value, f"{self.what}: field {name!r}")
 
     def bool(self, name: builtins.str) -> bool:
         value = self.body.get(name, False)

@@ -1,6 +1,7 @@
-"""Errors a client can cause: one root, `RequestError`, whose subclasses name the gRPC-style code.
+"""Errors a client can cause: one root, `RequestError`, whose subclasses name the kind of error in `code`.
 
-Both the server and `flight_client` use these; `transport.errors` turns them into Flight errors.
+Both the server and `flight_client` use these; `transport.errors` sends each kind with its gRPC status and the code in
+the structured detail (docs/protocol.md, "Errors").
 """
 
 from __future__ import annotations
@@ -29,6 +30,24 @@ class LimitError(RequestError):
     Code `RESOURCE_EXHAUSTED`."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class UnauthenticatedError(RequestError):
+    """The call has no valid credentials (bearer token, or name and password). Code `UNAUTHENTICATED`."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(RequestError):
+    """The token lacks the permission or the namespace the request needs. Code `PERMISSION_DENIED`."""
+
+    code = "PERMISSION_DENIED"
+
+
+class CancelledError(RequestError):
+    """The client cancelled the call or went away; nothing was committed. Code `CANCELLED`."""
+
+    code = "CANCELLED"
 
 
 class ProtocolError(RequestError):

@@ -7,7 +7,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from flight_server.wire.codec import MAX_REQUEST_BYTES, Fields, decode, encode, format_timestamp, parse_timestamp
+from flight_server.wire.codec import (
+    MAX_REQUEST_BYTES,
+    Fields,
+    decode,
+    encode,
+    format_timestamp,
+    parse_snapshot_id,
+    parse_timestamp,
+)
 from flight_server.wire.errors import ProtocolError
 
 MAX_INLINE_ENTITIES = 10_000
@@ -39,7 +47,7 @@ class ScanRequest:
             table=f.required_str("table"),
             columns=f.str_list("columns"),
             filter=f.str("filter"),
-            snapshot_id=f.int("snapshot_id", minimum=-(1 << 63)),
+            snapshot_id=f.snapshot_id("snapshot_id"),
             as_of=as_of,
             limit=f.int("limit"),
             partitions=f.int("partitions", minimum=1),
@@ -82,7 +90,7 @@ class EntitySource:
             raise ProtocolError("historical request: field 'entities' must be an object")
         f = Fields(body, "historical request: entities", {"table", "filter", "snapshot_id", "rows"})
         rows = body.get("rows")
-        source = cls(f.str("table"), f.str("filter"), f.int("snapshot_id", minimum=-(1 << 63)), rows)
+        source = cls(f.str("table"), f.str("filter"), f.snapshot_id("snapshot_id"), rows)
         if (source.table is None) == (rows is None):
             raise ProtocolError("historical request: 'entities' needs either 'table' or 'rows'")
         if rows is not None:
@@ -131,11 +139,13 @@ class HistoricalRequest:
         for ref in features:
             parse_feature_ref(ref)
         snapshot_ids = body.get("snapshot_ids")
-        if snapshot_ids is not None and not (
-            isinstance(snapshot_ids, dict)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in snapshot_ids.values())
-        ):
-            raise ProtocolError("historical request: 'snapshot_ids' must map table names to snapshot ids")
+        if snapshot_ids is not None:
+            if not isinstance(snapshot_ids, dict):
+                raise ProtocolError("historical request: 'snapshot_ids' must map table names to snapshot ids")
+            snapshot_ids = {
+                table: parse_snapshot_id(value, f"historical request: 'snapshot_ids' of {table!r}")
+                for table, value in snapshot_ids.items()
+            }
         as_of = body.get("as_of")
         if as_of is not None:
             as_of = format_timestamp(parse_timestamp(as_of, "historical request: field 'as_of'"))

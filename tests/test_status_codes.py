@@ -1,0 +1,114 @@
+"""Each kind of error reaches clients with its gRPC status (one row of `transport.errors.ROUTES` each), its
+structured code where pyarrow can send one, and a message without tracebacks or server paths."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from flight_client.errors import SERVER_ERRORS, error_code, from_flight_error
+from flight_server.transport.errors import ROUTES, plain_error_messages, to_flight_error
+from flight_server.wire import errors
+
+LEAKS = ("Traceback", "/work", '.py"', 'File "', "/tmp/")
+
+# An exception of each kind, the message a client sees, and what pyarrow's client raises (the gRPC status).
+KINDS: dict[str, tuple[Exception, str, type[Exception]]] = {
+    "INVALID_ARGUMENT": (errors.ProtocolError("bad field"), "bad field", pa.ArrowInvalid),
+    "NOT_FOUND": (errors.NotFoundError("no table 'x'"), "no table 'x'", pa.ArrowKeyError),
+    "CONFLICT": (errors.ConflictError("lost a race"), "lost a race", flight.FlightUnavailableError),
+    "RESOURCE_EXHAUSTED": (errors.LimitError("too big"), "too big", flight.FlightUnavailableError),
+    "UNAUTHENTICATED": (errors.UnauthenticatedError("no token"), "no token", flight.FlightUnauthenticatedError),
+    "PERMISSION_DENIED": (errors.PermissionDeniedError("not yours"), "not yours", flight.FlightUnauthorizedError),
+    "CANCELLED": (concurrent.futures.CancelledError(), "the request was cancelled", flight.FlightCancelledError),
+    "DEADLINE_EXCEEDED": (
+        TimeoutError("/work/secret/path"),
+        "the server timed out working on the request",
+        flight.FlightTimedOutError,
+    ),
+    "INTERNAL": (
+        FileNotFoundError("/work/secret/file.py"),
+        "internal error (FileNotFoundError); the server's log has the details",
+        flight.FlightInternalError,
+    ),
+}
+
+
+class Raising(flight.FlightServerBase):
+    """Answers every action, get_flight_info and do_get with the error of the kind it names."""
+
+    def _raise(self, kind: str) -> Any:
+        try:
+            raise KINDS[kind][0]
+        except Exception as exc:
+            logging.getLogger("tests.raising").exception("failed")
+            raise to_flight_error(exc) from None
+
+    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Any:
+        return self._raise(action.type)
+
+    def get_flight_info(self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor) -> Any:
+        return self._raise(descriptor.command.decode())
+
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> Any:
+        return self._raise(ticket.ticket.decode())
+
+
+@pytest.fixture(scope="module")
+def raising() -> Iterator[flight.FlightClient]:
+    plain_error_messages()  # as FeatureFlightServer does
+    server = Raising("grpc://127.0.0.1:0")
+    with flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        yield client
+    server.shutdown()
+
+
+CALLS = {
+    "do_action": lambda c, kind: list(c.do_action(flight.Action(kind, b""))),
+    "get_flight_info": lambda c, kind: c.get_flight_info(flight.FlightDescriptor.for_command(kind)),
+    "do_get": lambda c, kind: c.do_get(flight.Ticket(kind.encode())).read_all(),
+}
+
+
+def test_every_kind_has_a_row() -> None:
+    assert set(KINDS) == set(ROUTES)
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_kind_travels_with_its_status(
+    raising: flight.FlightClient, kind: str, call: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, message, status = KINDS[kind]
+    with caplog.at_level(logging.ERROR, logger="tests.raising"), pytest.raises(SERVER_ERRORS) as caught:
+        CALLS[call](raising, kind)
+    exc = caught.value
+    assert type(exc) is status is ROUTES[kind].error
+    assert str(exc).startswith(message), str(exc)
+    assert not [leak for leak in LEAKS if leak in str(exc)], str(exc)
+    assert error_code(exc) == kind  # from the structured detail, or (INVALID_ARGUMENT, NOT_FOUND) from the status
+    client_error = from_flight_error(exc)
+    assert (client_error.code, str(client_error)) == (kind, message)
+    # The server's log keeps the whole traceback, whatever sys.tracebacklimit says.
+    assert 'File "' in caplog.text and "in _raise" in caplog.text
+
+
+def test_a_server_that_is_down_is_unavailable() -> None:
+    with flight.connect("grpc://127.0.0.1:9") as client, pytest.raises(flight.FlightUnavailableError) as caught:
+        list(client.do_action(flight.Action("health", b""), flight.FlightCallOptions(timeout=5)))
+    assert error_code(caught.value) == "UNAVAILABLE"
+
+
+def test_the_documented_table_is_the_one_in_the_code() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    section = text.split("## Errors", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Z_]+)` \| ([A-Z_]+) \|", section, re.MULTILINE)
+    assert dict(rows) == {kind: route.status for kind, route in ROUTES.items()}
