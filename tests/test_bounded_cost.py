@@ -30,7 +30,7 @@ from flight_server.base.filters import (
 from flight_server.training import join, sets
 from flight_server.transport.service import FeatureFlightServer
 from flight_server.wire.errors import LimitError
-from flight_server.wire.reads import EntitySource, HistoricalRequest
+from flight_server.wire.reads import EntitySource, HistoricalRequest, OnlineRequest
 from tests.conftest import sqlite_catalog, start_server
 
 UTC = dt.timezone.utc
@@ -241,3 +241,29 @@ def test_a_cancelled_training_set_ticket_interrupts_its_duckdb_join(
         server.parts.training.open(request, cancelled.is_set)
     opened.join()
     assert isinstance(slow.error, duckdb.InterruptException)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        HistoricalRequest(["tests.drivers:rate"], entities=EntitySource(table="tests.trips")),
+        OnlineRequest(["tests.drivers:rate"], entities={"a": [1, 2]}, as_of=T0.isoformat()),
+    ],
+    ids=["training set", "online lookup as of a time"],
+)
+def test_a_cancelled_ticket_interrupts_its_duckdb_join(
+    duckdb_joins: tuple[FeatureFlightServer, SlowJoin], request_: HistoricalRequest | OnlineRequest
+) -> None:
+    """A `do_get` whose client gives up (its deadline passes) while the server joins before the first batch:
+    through the service, the query stops within a poll and the server answers the next call."""
+    server, slow = duckdb_joins
+    location = f"grpc://127.0.0.1:{server.port}"
+    with flight.connect(location) as raw, pytest.raises(flight.FlightTimedOutError):
+        raw.do_get(flight.Ticket(request_.to_bytes()), flight.FlightCallOptions(timeout=3)).read_all()
+    gave_up = time.monotonic()
+    assert slow.started.is_set(), "the join never started"
+    assert slow.finished.wait(30), "the join went on after the client gave up"
+    assert isinstance(slow.error, duckdb.InterruptException)
+    assert time.monotonic() - gave_up < 5
+    with FeatureClient(location) as client:
+        assert client.health()["status"] == "ok"

@@ -245,7 +245,11 @@ def lookup(plan: OnlinePlan, keys: dict[str, list[Any]]) -> pa.Table:
 
 
 def lookup_as_of(
-    catalog: FeatureCatalog, training: TrainingSets, plan: OnlinePlan, keys: dict[str, list[Any]]
+    catalog: FeatureCatalog,
+    training: TrainingSets,
+    plan: OnlinePlan,
+    keys: dict[str, list[Any]],
+    is_cancelled: Callable[[], bool] | None = None,
 ) -> pa.Table:
     """Answer from history: the latest rows at or before `as_of`, through a point-in-time join."""
     request = plan.request
@@ -260,7 +264,7 @@ def lookup_as_of(
     refs += [f"{s.name}:{s.spec.event_time}" for s in plan.sources]
     historical = HistoricalRequest(list(dict.fromkeys(refs)), entity_time=AS_OF_COLUMN, full_feature_names=True)
     joined_plan = replace(plan_historical(catalog, historical, entities.schema), apply_ttl=request.apply_ttl)
-    joined = training.run_inline(joined_plan, entities, build=False).read_all()
+    joined = training.run_inline(joined_plan, entities, build=False, is_cancelled=is_cancelled).read_all()
     arrays = [joined.column(k) for k in plan.key_types]
     arrays += [joined.column(f"{short_name(plan.sources[i].name)}__{column}") for i, column, _ in plan.columns]
     arrays += [joined.column(s.time_column) for s in plan.sources]

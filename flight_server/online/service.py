@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -57,20 +58,27 @@ class OnlineService:
                 return False
         return True
 
-    def answer(self, plan: OnlinePlan, keys: dict[str, list[Any]]) -> pa.Table:
+    def answer(
+        self, plan: OnlinePlan, keys: dict[str, list[Any]], is_cancelled: Callable[[], bool] | None = None
+    ) -> pa.Table:
+        """The answer for `keys`; a lookup into history (`as_of`) runs DuckDB, interrupted once `is_cancelled()`."""
         if plan.request.as_of:
-            return lookup_as_of(self.catalog, self.training, plan, keys)
+            return lookup_as_of(self.catalog, self.training, plan, keys, is_cancelled)
         return lookup(plan, keys)
 
-    def get(self, request: OnlineRequest) -> pa.Table:
+    def get(self, request: OnlineRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.Table:
         """`do_get`: the keys are inline in the ticket."""
         if request.entities is None:
             raise RequestError("this online request has no 'entities': put keys inline or stream them (do_exchange)")
         plan = self.plan(request)
-        return self.answer(plan, inline_keys(plan, request.entities))
+        return self.answer(plan, inline_keys(plan, request.entities), is_cancelled)
 
     def exchange(
-        self, request: OnlineRequest, reader: flight.MetadataRecordBatchReader, writer: flight.MetadataRecordBatchWriter
+        self,
+        request: OnlineRequest,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+        is_cancelled: Callable[[], bool] | None = None,
     ) -> int:
         """`do_exchange`: each batch of keys the client writes is answered with exactly one batch.
 
@@ -96,7 +104,7 @@ class OnlineService:
                         "recreated): open a new stream"
                     )
             keys = {key: chunk.data.column(i).to_pylist() for key, i in zip(plan.key_types, columns, strict=True)}
-            answer = self.answer(plan, keys) if chunk.data.num_rows else schema.empty_table()
+            answer = self.answer(plan, keys, is_cancelled) if chunk.data.num_rows else schema.empty_table()
             writer.write_batch(one_batch(answer))
             rows += chunk.data.num_rows
         return rows

@@ -181,7 +181,7 @@ class OnlineLookups:
         return flight.FlightInfo(self.schema(request), descriptor, [endpoint], -1, -1)
 
     def open(self, request: OnlineRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.Table:
-        return self.parts.online.get(request)
+        return self.parts.online.get(request, is_cancelled)
 
     def exchange(
         self,
@@ -191,7 +191,7 @@ class OnlineLookups:
         context: flight.ServerCallContext,
     ) -> None:
         with self.sessions.open(context.peer()):
-            rows = self.parts.online.exchange(request, reader, writer)
+            rows = self.parts.online.exchange(request, reader, writer, context.is_cancelled)
         log.debug("online lookup of %d streamed entities", rows)
 
 
