@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import click
 import strictyaml
 
-from benchmarks import cow_mor, historical, ingest, online, partitioning, plots, report, scale, scan
+from benchmarks import cow_mor, historical, history, ingest, online, partitioning, plots, report, scale, scan
 from benchmarks.harness import Settings, machine, target
 from flight_client import FeatureServerError
 from flight_server.base.config import read_catalog_file
@@ -47,8 +47,11 @@ BENCHMARKS = {
     "online": Benchmark(online.run, online.render, rows=1_000_000, features=8, rows_per_entity=10),
     "cow-vs-mor": Benchmark(cow_mor.run, cow_mor.render, rows=1_000_000, features=8),
     "scale": Benchmark(scale.run, scale.render, rows=1_000_000, features=8),
+    # rows: the one-row puts (--quick: history.QUICK_PUTS, set by its subcommand).
+    "history": Benchmark(history.run, history.render, rows=history.PUTS, features=8, rows_per_entity=10),
 }
-# `all` leaves out `scale`, which starts servers of its own and cannot measure a server given by --location.
+# `all` leaves out `scale`, which starts servers of its own and cannot measure a server given by --location, and
+# `history`, which measures how a table's history grows rather than a steady state.
 ALL = ["scan", "ingest", "partitioning", "historical", "online", "cow-vs-mor"]
 
 
@@ -298,6 +301,25 @@ def scale_command(replicas: str | None, **kwargs: Any) -> None:
         except ValueError:
             raise click.BadParameter(f"{replicas!r} is not a list of numbers", param_hint="--replicas") from None
     execute(["scale"], options, {"scale": {"replicas": counts}})
+
+
+@main.command("history")
+@common_options
+@click.option(
+    "--puts-per-writer",
+    type=click.IntRange(1),
+    help=f"One-row puts of each of the {history.WRITERS[-1]} concurrent writers [default: "
+    f"{history.PUTS_PER_WRITER}; {history.QUICK_PUTS_PER_WRITER} with --quick].",
+)
+def history_command(puts_per_writer: int | None, **kwargs: Any) -> None:
+    """One-row puts back to back as a table's history grows (--rows of them [default: 2,000; 200 with --quick]):
+    put latency first against last, reads of the table against the same rows in one put, each on a freshly
+    started server, its metadata, and 16 concurrent writers; against pyiceberg's own appends in process."""
+    options = Options(**kwargs)
+    if options.rows is None and options.quick:
+        options = dataclasses.replace(options, rows=history.QUICK_PUTS)
+    quick_writers = history.QUICK_PUTS_PER_WRITER if options.quick else history.PUTS_PER_WRITER
+    execute(["history"], options, {"history": {"puts_per_writer": puts_per_writer or quick_writers}})
 
 
 def delete_files_option(value: str | None, quick: bool) -> tuple[int, ...]:
