@@ -90,7 +90,9 @@ _OPTIONS = [
         help=f"Rows per generated table [default: per benchmark; {QUICK_ROWS:,} with --quick].",
     ),
     click.option(
-        "--entities", type=click.IntRange(1), help="Distinct entity keys [default: rows / 20; historical rows / 100]."
+        "--entities",
+        type=click.IntRange(1),
+        help="Distinct entity keys [default: rows / 20; historical rows / 100; history rows / 10].",
     ),
     click.option("--seed", type=int, default=42, show_default=True, help="Seed of the data generator."),
     click.option(
@@ -220,8 +222,9 @@ def execute(names: list[str], options: Options, extra: dict[str, dict[str, Any]]
 
 @click.group()
 def main() -> None:
-    """Benchmarks of the feature Flight server: scans, ingest, partitioning, training sets, online lookups and
-    deletes (copy-on-write against merge-on-read), each next to its ceiling or baseline.
+    """Benchmarks of the feature Flight server: scans, ingest, partitioning, training sets, online lookups,
+    deletes (copy-on-write against merge-on-read) and a table's growing history, each next to its ceiling or
+    baseline.
 
     Each subcommand starts its own server on a temporary warehouse (or on the catalog of --catalog-config)
     unless --location names one. Results go to stdout as a table, progress to stderr; --json and --plot
@@ -314,7 +317,8 @@ def scale_command(replicas: str | None, **kwargs: Any) -> None:
 def history_command(puts_per_writer: int | None, **kwargs: Any) -> None:
     """One-row puts back to back as a table's history grows (--rows of them [default: 2,000; 200 with --quick]):
     put latency first against last, reads of the table against the same rows in one put, each on a freshly
-    started server, its metadata, and 16 concurrent writers; against pyiceberg's own appends in process."""
+    started server, its metadata, and 16 concurrent writers; against pyiceberg's own appends in process.
+    --repeat: warm reads after each first one; --warmup does not apply (the first read is the measurement)."""
     options = Options(**kwargs)
     if options.rows is None and options.quick:
         options = dataclasses.replace(options, rows=history.QUICK_PUTS)
