@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import click
 import strictyaml
 
-from benchmarks import cow_mor, historical, ingest, online, partitioning, plots, report, scale, scan
+from benchmarks import cow_mor, historical, history, ingest, online, partitioning, plots, report, scale, scan
 from benchmarks.harness import Settings, machine, target
 from flight_client import FeatureServerError
 from flight_server.base.config import read_catalog_file
@@ -47,8 +47,11 @@ BENCHMARKS = {
     "online": Benchmark(online.run, online.render, rows=1_000_000, features=8, rows_per_entity=10),
     "cow-vs-mor": Benchmark(cow_mor.run, cow_mor.render, rows=1_000_000, features=8),
     "scale": Benchmark(scale.run, scale.render, rows=1_000_000, features=8),
+    # rows: the one-row puts (--quick: history.QUICK_PUTS, set by its subcommand).
+    "history": Benchmark(history.run, history.render, rows=history.PUTS, features=8, rows_per_entity=10),
 }
-# `all` leaves out `scale`, which starts servers of its own and cannot measure a server given by --location.
+# `all` leaves out `scale`, which starts servers of its own and cannot measure a server given by --location, and
+# `history`, which measures how a table's history grows rather than a steady state.
 ALL = ["scan", "ingest", "partitioning", "historical", "online", "cow-vs-mor"]
 
 
@@ -87,7 +90,9 @@ _OPTIONS = [
         help=f"Rows per generated table [default: per benchmark; {QUICK_ROWS:,} with --quick].",
     ),
     click.option(
-        "--entities", type=click.IntRange(1), help="Distinct entity keys [default: rows / 20; historical rows / 100]."
+        "--entities",
+        type=click.IntRange(1),
+        help="Distinct entity keys [default: rows / 20; historical rows / 100; history rows / 10].",
     ),
     click.option("--seed", type=int, default=42, show_default=True, help="Seed of the data generator."),
     click.option(
@@ -217,8 +222,9 @@ def execute(names: list[str], options: Options, extra: dict[str, dict[str, Any]]
 
 @click.group()
 def main() -> None:
-    """Benchmarks of the feature Flight server: scans, ingest, partitioning, training sets, online lookups and
-    deletes (copy-on-write against merge-on-read), each next to its ceiling or baseline.
+    """Benchmarks of the feature Flight server: scans, ingest, partitioning, training sets, online lookups,
+    deletes (copy-on-write against merge-on-read) and a table's growing history, each next to its ceiling or
+    baseline.
 
     Each subcommand starts its own server on a temporary warehouse (or on the catalog of --catalog-config)
     unless --location names one. Results go to stdout as a table, progress to stderr; --json and --plot
@@ -298,6 +304,26 @@ def scale_command(replicas: str | None, **kwargs: Any) -> None:
         except ValueError:
             raise click.BadParameter(f"{replicas!r} is not a list of numbers", param_hint="--replicas") from None
     execute(["scale"], options, {"scale": {"replicas": counts}})
+
+
+@main.command("history")
+@common_options
+@click.option(
+    "--puts-per-writer",
+    type=click.IntRange(1),
+    help=f"One-row puts of each of the {history.WRITERS[-1]} concurrent writers [default: "
+    f"{history.PUTS_PER_WRITER}; {history.QUICK_PUTS_PER_WRITER} with --quick].",
+)
+def history_command(puts_per_writer: int | None, **kwargs: Any) -> None:
+    """One-row puts back to back as a table's history grows (--rows of them [default: 2,000; 200 with --quick]):
+    put latency first against last, reads of the table against the same rows in one put, each on a freshly
+    started server, its metadata, and 16 concurrent writers; against pyiceberg's own appends in process.
+    --repeat: warm reads after each first one; --warmup does not apply (the first read is the measurement)."""
+    options = Options(**kwargs)
+    if options.rows is None and options.quick:
+        options = dataclasses.replace(options, rows=history.QUICK_PUTS)
+    quick_writers = history.QUICK_PUTS_PER_WRITER if options.quick else history.PUTS_PER_WRITER
+    execute(["history"], options, {"history": {"puts_per_writer": puts_per_writer or quick_writers}})
 
 
 def delete_files_option(value: str | None, quick: bool) -> tuple[int, ...]:

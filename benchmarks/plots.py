@@ -433,6 +433,42 @@ def cow_vs_mor(result: dict[str, Any], machine: dict[str, Any] | None = None) ->
     return figure
 
 
+HISTORY_COLORS = {"server": FLIGHT, "pyiceberg_fast": LOCAL, "pyiceberg_merge": "#55A868"}
+
+
+def history(result: dict[str, Any], machine: dict[str, Any] | None = None) -> Figure:
+    """p50 latency of one-row appends against the appends before them: the server's puts next to pyiceberg's."""
+    from matplotlib.ticker import FuncFormatter
+
+    figure = _figure(5.0)
+    axes = figure.subplots()
+    for key, entry in result["appends"].items():
+        points = entry["curve"]
+        axes.plot(
+            [p["puts_before"] for p in points],
+            [p["p50_ms"] for p in points],
+            color=HISTORY_COLORS.get(key, "#333333"),
+            marker="o",
+            markersize=3,
+            label=f"{entry['label']}: last/first {report.ratio(entry['last_to_first'])}",
+        )
+    axes.set_ylim(bottom=0)
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    axes.set_xlabel("appends (snapshots) already in the table", fontsize=8.5)
+    axes.set_ylabel("p50 latency of the next appends, ms (lower is better)", fontsize=8.5)
+    axes.grid(color="#dddddd", linewidth=0.6)
+    axes.tick_params(labelsize=8.5)
+    axes.legend(fontsize=8, loc="upper left", frameon=False)
+    reads = ", ".join(f"{read} {report.ratio(e['first_ratio'])}" for read, e in result["reads"].items())
+    _title(
+        figure,
+        f"history: {result['puts']:,} one-row appends to one table; goal: last tenth's p50 <= "
+        f"{result['goals']['last_to_first']}x the first's; first reads of it against the same rows in one put: {reads}",
+        machine,
+    )
+    return figure
+
+
 PLOTS: dict[str, Callable[[dict[str, Any], dict[str, Any] | None], Figure]] = {
     "scan": scan,
     "ingest": ingest,
@@ -440,6 +476,7 @@ PLOTS: dict[str, Callable[[dict[str, Any], dict[str, Any] | None], Figure]] = {
     "historical": historical,
     "online": online,
     "cow-vs-mor": cow_vs_mor,
+    "history": history,
 }
 
 

@@ -1,0 +1,337 @@
+"""`flight-bench history`: how the server behaves as a table's history grows, one small put at a time.
+
+Feature pipelines often append a few rows at a time; every put is one Iceberg snapshot, with its own
+metadata file, manifest list and manifest. This measures what that history costs: put latency from
+the first puts to the last (the goal: the last tenth at most 1.5x the first), reads of the resulting
+table against the same rows written in one put (the goal: at most 2x), each on a freshly started
+server so no cache of the running one hides the cost, the metadata left on disk, and 16 concurrent
+writers of one-row puts (today: one snapshot per put; group commit, not built yet, is to make them
+10x faster). The baseline is pyiceberg's own `append` of one-row tables in a loop, in process, with
+and without its manifest merging (`commit.manifest-merge.enabled`, which makes `Table.append` a merge
+append in pyiceberg 0.12).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pyiceberg.catalog import load_catalog
+from pyiceberg.table import Table, TableProperties
+
+from benchmarks import report
+from benchmarks.baselines import CATALOG_NAME
+from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, TIMESTAMP, feature_names, feature_table
+from benchmarks.harness import Settings, Target, local_server, table_name
+from flight_client import FeatureClient
+from flight_server.reads.duck import local_path
+
+PUTS = 2_000
+QUICK_PUTS = 200
+EDGE_SHARE = 0.1  # the first and the last tenth of the puts are compared
+BUCKETS = 20  # points of the latency curve
+LOOKUP_ENTITIES = 10
+WRITERS = (1, 16)
+PUTS_PER_WRITER = 10  # of each of the 16 concurrent writers; the single writer makes as many puts as all of them
+QUICK_PUTS_PER_WRITER = 2
+HISTORY_GOAL = 1.5  # last tenth's p50 / first tenth's
+READ_GOAL = 2.0  # read of the many-snapshot table / read of the one-put table
+GROUP_COMMIT_GOAL = 10.0  # 16 writers' puts/s / one writer's, once group commit exists
+FEATURE_SPEC: dict[str, Any] = {"entity_keys": [ENTITY_KEY], "event_time": EVENT_TIME, "created_time": CREATED_TIME}
+READS = {
+    "scan": "whole-table scan",
+    "online": f"online lookup of {LOOKUP_ENTITIES} entities",
+    "training": f"training set of {LOOKUP_ENTITIES} entity rows",
+}
+APPENDS = {
+    "server": "Flight put of 1 row",
+    "pyiceberg_fast": "pyiceberg append, in process (fast append)",
+    "pyiceberg_merge": "pyiceberg append, in process, manifest merging on",
+}
+
+
+def profile(seconds: list[float]) -> dict[str, Any]:
+    """p50 of the first and the last tenth, their ratio, and the p50 of each of `BUCKETS` runs of puts."""
+    edge = max(1, int(len(seconds) * EDGE_SHARE))
+    first, last = statistics.median(seconds[:edge]) * 1000, statistics.median(seconds[-edge:]) * 1000
+    size = max(1, len(seconds) // BUCKETS)
+    curve = [
+        {"puts_before": start, "p50_ms": statistics.median(seconds[start : start + size]) * 1000}
+        for start in range(0, len(seconds) - size + 1, size)
+    ]
+    return {
+        "puts": len(seconds),
+        "first_p50_ms": first,
+        "last_p50_ms": last,
+        "last_to_first": last / first,
+        "total_s": sum(seconds),
+        "curve": curve,
+    }
+
+
+def timed_each(items: list[Any], call: Callable[[Any], object], label: str) -> list[float]:
+    seconds = []
+    for item in report.steps(items, label):
+        start = time.perf_counter()
+        call(item)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def rows_of(data: pa.Table) -> list[pa.Table]:
+    return [data.slice(i, 1) for i in range(data.num_rows)]
+
+
+def concurrent_puts(location: str, data: pa.Table, writers: int, puts_per_writer: int) -> dict[str, Any]:
+    """`writers` threads, each with its own client, making `puts_per_writer` one-row puts to one fresh table."""
+    name = table_name(f"history_writers{writers}")
+    clients = [FeatureClient(location) for _ in range(writers)]
+    try:
+        clients[0].write(name, data.slice(0, 1), **FEATURE_SPEC)
+        start_line = threading.Barrier(writers + 1)
+
+        def write(index: int) -> list[int]:
+            rows = [data.slice((index * puts_per_writer + i) % data.num_rows, 1) for i in range(puts_per_writer)]
+            start_line.wait()
+            return [clients[index].write(name, row).snapshot_id for row in rows]
+
+        with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="bench-history") as pool:
+            futures = [pool.submit(write, i) for i in range(writers)]
+            start_line.wait()
+            start = time.perf_counter()
+            snapshots = [s for future in futures for s in future.result()]
+            elapsed = time.perf_counter() - start
+    finally:
+        for client in clients:
+            client.close()
+    puts = writers * puts_per_writer
+    return {
+        "writers": writers,
+        "puts": puts,
+        "seconds": elapsed,
+        "puts_per_s": puts / elapsed,
+        "snapshots_per_put": len(set(snapshots)) / puts,
+    }
+
+
+@contextlib.contextmanager
+def fresh_server(target: Target) -> Iterator[tuple[str, bool]]:
+    """A newly started server on the target's catalog (so nothing is cached), or the target itself when it is
+    a server given by `--location`; yields its location and whether it is fresh."""
+    if target.warehouse is None:
+        yield target.location, False
+        return
+    with local_server(target.catalog_config, warehouse=target.warehouse) as started:
+        yield started.location, True
+
+
+def measure_reads(
+    target: Target, tables: dict[str, str], refs: dict[str, list[str]], keys: list[int], repeat: int
+) -> dict[str, Any]:
+    """Each read of each table, first on a freshly started server (cold), then `repeat` more times there (warm);
+    with the ratio of the many-snapshot table to the one-put table."""
+    at = pa.array([int(time.time() * 1e6)] * len(keys), type=pa.int64()).cast(TIMESTAMP)
+    entities = pa.table({ENTITY_KEY: pa.array(keys, pa.int64()), "event_timestamp": at})
+    calls: dict[str, Callable[[FeatureClient, list[str], str], object]] = {
+        "scan": lambda client, _, name: client.scan(name).read_all(),
+        "online": lambda client, features, _: client.get_online_features({ENTITY_KEY: keys}, features),
+        "training": lambda client, features, _: client.get_historical_features(entities, features),
+    }
+    results: dict[str, Any] = {}
+    for read, call in calls.items():
+        entry: dict[str, Any] = {"label": READS[read]}
+        for kind, name in tables.items():
+            report.progress(f"history: {READS[read]} of the {kind} table")
+            with fresh_server(target) as (location, fresh), FeatureClient(location) as client:
+                repeats = [partial(call, client, refs[kind], name)] * (repeat + 1)
+                first, *warm = timed_each(repeats, lambda bound: bound(), f"history: {read}")
+            entry[kind] = {"first_s": first, "warm_median_s": statistics.median(warm), "fresh_server": fresh}
+        entry["first_ratio"] = entry["history"]["first_s"] / entry["one_put"]["first_s"]
+        entry["warm_ratio"] = entry["history"]["warm_median_s"] / entry["one_put"]["warm_median_s"]
+        results[read] = entry
+    return results
+
+
+def on_disk(table: Table) -> dict[str, Any]:
+    """The table's snapshots, its metadata files (when on a local disk) and the manifests its current snapshot
+    reads: what every commit and every cold read has to go through."""
+    current = table.current_snapshot()
+    found: dict[str, Any] = {
+        "snapshots": len(table.metadata.snapshots),
+        "current_manifests": len(current.manifests(table.io)) if current else 0,
+    }
+    folder = Path(local_path(table.location())) / "metadata"
+    if folder.is_dir():
+        files = list(folder.iterdir())
+        json_files = [f for f in files if f.name.endswith(".metadata.json")]
+        found |= {
+            "metadata_json_files": len(json_files),
+            "metadata_json_bytes": sum(f.stat().st_size for f in json_files),
+            "newest_metadata_json_bytes": Path(local_path(table.metadata_location)).stat().st_size,
+            "metadata_dir_files": len(files),
+            "metadata_dir_bytes": sum(f.stat().st_size for f in files),
+        }
+    return found
+
+
+def pyiceberg_appends(
+    properties: dict[str, str], like: Table, rows: list[pa.Table], merge: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One-row appends by pyiceberg in a loop to a fresh table with the server table's schema and partitioning;
+    their latency profile and the table's metadata at the end."""
+    catalog = load_catalog(CATALOG_NAME, **properties)
+    name = table_name(f"history_pyiceberg_{'merge' if merge else 'fast'}")
+    table = catalog.create_table(
+        name,
+        schema=like.schema(),
+        partition_spec=like.spec(),
+        properties={TableProperties.MANIFEST_MERGE_ENABLED: str(merge).lower()},
+    )
+    schema = like.schema().as_arrow()
+    label = f"history: pyiceberg appends, merge {'on' if merge else 'off'}"
+    seconds = timed_each([row.cast(schema) for row in rows], table.append, label)
+    table.refresh()
+    return profile(seconds), on_disk(table)
+
+
+def run(target: Target, settings: Settings, puts_per_writer: int = PUTS_PER_WRITER) -> dict[str, Any]:
+    data = feature_table(settings.rows + 1, settings.entities, settings.seed, settings.features)
+    rows = rows_of(data.slice(1))
+    features = feature_names(settings.features)
+    tables = {"history": table_name("history_puts"), "one_put": table_name("history_one_put")}
+    refs = {kind: [f"{name}:{f}" for f in features] for kind, name in tables.items()}
+    appends: dict[str, Any] = {}
+    with FeatureClient(target.location) as client:
+        client.write(tables["history"], data.slice(0, 1), **FEATURE_SPEC)  # creating the table is not timed
+        seconds = timed_each(rows, lambda row: client.write(tables["history"], row), "history: 1-row puts")
+        appends["server"] = profile(seconds)
+        client.write(tables["one_put"], data, **FEATURE_SPEC)
+        for name in tables.values():
+            if client.describe(name)["rows"] != data.num_rows:
+                raise RuntimeError(f"{name} does not hold the {data.num_rows} rows written to it")
+    keys = [int(k) for k in np.random.default_rng(settings.seed).choice(data[ENTITY_KEY].to_numpy(), LOOKUP_ENTITIES)]
+    reads = measure_reads(target, tables, refs, keys, settings.repeat)
+    report.progress(f"history: {WRITERS[-1]} concurrent writers, {puts_per_writer} puts each, and 1 writer")
+    writers = [concurrent_puts(target.location, data, n, puts_per_writer * WRITERS[-1] // n) for n in WRITERS]
+    for entry in writers:
+        entry["speedup"] = entry["puts_per_s"] / writers[0]["puts_per_s"]
+    metadata: dict[str, Any] = {}
+    properties = target.catalog_properties()
+    if properties is not None:
+        catalog = load_catalog(CATALOG_NAME, **properties)
+        loaded = {kind: catalog.load_table(name) for kind, name in tables.items()}
+        metadata = {kind: on_disk(table) for kind, table in loaded.items()}
+        for merge in (False, True):
+            key = f"pyiceberg_{'merge' if merge else 'fast'}"
+            appends[key], metadata[key] = pyiceberg_appends(properties, loaded["history"], rows, merge)
+    for key, entry in appends.items():
+        entry["label"] = APPENDS[key]
+    return {
+        "puts": len(rows),
+        "features": settings.features,
+        "goals": {"last_to_first": HISTORY_GOAL, "read_ratio": READ_GOAL, "group_commit_speedup": GROUP_COMMIT_GOAL},
+        "appends": appends,
+        "reads": reads,
+        "metadata": metadata,
+        "writers": writers,
+    }
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def _kib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1024:,.0f}"
+
+
+def render(result: dict[str, Any]) -> str:
+    goals = result["goals"]
+    puts = report.table(
+        ["one-row append", "appends", "p50 first 10% ms", "p50 last 10% ms", "last/first", "total s"],
+        [
+            [
+                a["label"],
+                f"{a['puts']:,}",
+                f"{a['first_p50_ms']:.1f}",
+                f"{a['last_p50_ms']:.1f}",
+                report.ratio(a["last_to_first"]),
+                f"{a['total_s']:.1f}",
+            ]
+            for a in result["appends"].values()
+        ],
+    )
+    fresh = all(e[k]["fresh_server"] for e in result["reads"].values() for k in ("history", "one_put"))
+    reads = report.table(
+        ["read", "first ms, history", "first ms, one put", "ratio", "warm ms, history", "warm ms, one put", "ratio"],
+        [
+            [
+                e["label"],
+                _ms(e["history"]["first_s"]),
+                _ms(e["one_put"]["first_s"]),
+                report.ratio(e["first_ratio"]),
+                _ms(e["history"]["warm_median_s"]),
+                _ms(e["one_put"]["warm_median_s"]),
+                report.ratio(e["warm_ratio"]),
+            ]
+            for e in result["reads"].values()
+        ],
+    )
+    parts = [
+        f"history: {result['puts']:,} one-row puts back to back to one table ({result['features']} features), "
+        f"through one client; goal: last/first <= {goals['last_to_first']}x",
+        puts,
+        "",
+        f"reads of that table (history) and of the same rows written in one put; 'first': the first call "
+        f"{'on a freshly started server' if fresh else 'on the running server (--location: not restarted)'}, "
+        f"'warm': median of the next calls there; goal: ratio <= {goals['read_ratio']}x",
+        reads,
+    ]
+    if result["metadata"]:
+        parts += [
+            "",
+            "metadata at the end",
+            report.table(
+                ["table", "snapshots", "manifests now", "metadata.json files", "KiB", "newest KiB", "all metadata KiB"],
+                [
+                    [
+                        kind,
+                        f"{m['snapshots']:,}",
+                        f"{m['current_manifests']:,}",
+                        f"{m.get('metadata_json_files', '-')}",
+                        _kib(m.get("metadata_json_bytes")),
+                        _kib(m.get("newest_metadata_json_bytes")),
+                        _kib(m.get("metadata_dir_bytes")),
+                    ]
+                    for kind, m in result["metadata"].items()
+                ],
+            ),
+        ]
+    parts += [
+        "",
+        f"one-row puts from concurrent writers, each its own client, to one table; group commit (goal: "
+        f">= {goals['group_commit_speedup']}x one writer's puts/s) is not built yet",
+        report.table(
+            ["writers", "puts", "puts/s", "snapshots per put", "vs 1 writer"],
+            [
+                [
+                    str(w["writers"]),
+                    f"{w['puts']:,}",
+                    f"{w['puts_per_s']:.1f}",
+                    f"{w['snapshots_per_put']:.2f}",
+                    report.ratio(w["speedup"]),
+                ]
+                for w in result["writers"]
+            ],
+        ),
+    ]
+    return "\n".join(parts)
