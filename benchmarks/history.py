@@ -36,7 +36,7 @@ from flight_client import FeatureClient
 from flight_server.reads.duck import local_path
 
 PUTS = 2_000
-QUICK_PUTS = 200
+QUICK_PUTS = 120  # past pyiceberg's commit.manifest.min-count-to-merge (100), so merging shows
 EDGE_SHARE = 0.1  # the first and the last tenth of the puts are compared
 BUCKETS = 20  # points of the latency curve
 LOOKUP_ENTITIES = 10

@@ -27,6 +27,7 @@ from benchmarks.datagen import (
     pit_feature_table,
 )
 from benchmarks.harness import Target, local_server
+from benchmarks.history import QUICK_PUTS
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -242,14 +243,14 @@ def test_cow_vs_mor_on_its_own_server(tmp_path: Path) -> None:
     assert result["delete_files"] == [1, 3] and result["rows"] == 20_000
 
 
-@pytest.mark.timeout(600)  # 3 x 200 one-row appends, 6 server starts and 2 x 32 concurrent puts
+@pytest.mark.timeout(600)  # 3 x 120 one-row appends, 6 server starts and 2 x 32 concurrent puts
 def test_history_on_its_own_server(tmp_path: Path) -> None:
     result = run_bench(tmp_path, "history", "--plot", str(tmp_path / "charts"))["benchmarks"]["history"]
     check_charts(tmp_path / "charts", ("history.png",))
-    assert result["puts"] == 200 and result["settings"]["rows"] == 200
+    assert result["puts"] == QUICK_PUTS and result["settings"]["rows"] == QUICK_PUTS
     assert set(result["appends"]) == {"server", "pyiceberg_fast", "pyiceberg_merge"}
     for entry in result["appends"].values():
-        assert entry["puts"] == 200 and len(entry["curve"]) == 20
+        assert entry["puts"] == QUICK_PUTS and len(entry["curve"]) == 20
         assert positive(entry["first_p50_ms"], entry["last_p50_ms"], entry["last_to_first"], entry["total_s"])
         assert all(positive(p["p50_ms"]) for p in entry["curve"])
     assert set(result["reads"]) == {"scan", "online", "training"}
@@ -259,10 +260,12 @@ def test_history_on_its_own_server(tmp_path: Path) -> None:
             assert read[kind]["fresh_server"] and positive(read[kind]["first_s"], read[kind]["warm_median_s"])
     metadata = result["metadata"]
     assert set(metadata) == {"history", "one_put", "pyiceberg_fast", "pyiceberg_merge"}
-    assert metadata["history"]["snapshots"] == 201 and metadata["one_put"]["snapshots"] == 1
+    assert metadata["history"]["snapshots"] == QUICK_PUTS + 1 and metadata["one_put"]["snapshots"] == 1
     assert metadata["history"]["metadata_json_files"] > 1 and metadata["history"]["newest_metadata_json_bytes"] > 0
     # Without merging, pyiceberg's current snapshot reads a manifest per append; merging keeps them few.
-    assert metadata["pyiceberg_fast"]["current_manifests"] == 200 > metadata["pyiceberg_merge"]["current_manifests"]
+    assert (
+        metadata["pyiceberg_fast"]["current_manifests"] == QUICK_PUTS > metadata["pyiceberg_merge"]["current_manifests"]
+    )
     assert [w["writers"] for w in result["writers"]] == [1, 16] and [w["puts"] for w in result["writers"]] == [32, 32]
     assert all(positive(w["puts_per_s"], w["speedup"]) and 0 < w["snapshots_per_put"] <= 1 for w in result["writers"])
 
