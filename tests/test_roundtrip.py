@@ -148,6 +148,17 @@ def test_overwrite_is_one_snapshot(client: FeatureClient, table: str) -> None:
     assert snapshots[-1]["operation"] == "overwrite"
 
 
+def test_a_write_may_repeat_the_partitioning_but_not_change_it(client: FeatureClient, table: str) -> None:
+    """A pipeline sends its table's definition with every write (and a replica that lost the race to create
+    the table does the same): the same partitioning is a no-op, another one is refused."""
+    write(client, table, features(10), partition_by=["month(ts)", "bucket(4, user_id)"])
+    write(client, table, features(10, start=10), partition_by=["month(ts)", "bucket(4, user_id)"])
+    assert client.describe(table)["partition_spec"] == ["month(ts)", "bucket[4](user_id)"]
+    with pytest.raises(InvalidRequestError, match="exists with another partitioning"):
+        write(client, table, features(10, start=20), partition_by=["day(ts)"])
+    assert client.scan(table).read_all().num_rows == 20
+
+
 def test_schema_evolution(client: FeatureClient, table: str) -> None:
     first = write(client, table, features(10))
     wider = features(5, start=10, extra={"score": pa.array([0.5] * 5)})

@@ -26,6 +26,7 @@ import pyarrow.flight as flight
 from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException, TableAlreadyExistsError
 from pyiceberg.io import FileIO
 from pyiceberg.manifest import DataFile, DataFileContent
+from pyiceberg.partitioning import PartitionSpec
 from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import Table, Transaction
 
@@ -206,10 +207,7 @@ class Writer:
             return self._stage_new(request, identifier, stream)
         spec = FeatureSpec.from_properties(table.metadata.properties)
         _check_declared_spec(request, spec, table_name(table))
-        if request.partition_by is not None:
-            raise RequestError(
-                f"table {table_name(table)!r} exists; partition_by applies only when a write creates a table"
-            )
+        _check_declared_layout(request, table)
         transaction = table.transaction()
         if request.evolve:
             new_columns = [f for f in stream if f.name not in table.schema().column_names]
@@ -305,6 +303,7 @@ class Writer:
             )
         if created_concurrently:
             _check_declared_spec(request, FeatureSpec.from_properties(table.metadata.properties), request.table)
+            _check_declared_layout(request, table)
             log.info("table %s was created concurrently; appending to it", request.table)
         return transaction
 
@@ -382,6 +381,22 @@ def _check_declared_spec(request: WriteRequest, spec: FeatureSpec | None, name: 
     for key, value in declared.items():
         if value is not None and actual.get(key) != value:
             raise RequestError(f"table {name!r} has {key}={actual.get(key)!r}; the write says {value!r}")
+
+
+def _check_declared_layout(request: WriteRequest, table: Table) -> None:
+    """A write to an existing table may repeat its partitioning (a pipeline that always sends its definition,
+    or one that lost the race to create the table), but not ask for another."""
+    if request.partition_by is None:
+        return
+
+    def layout(spec: PartitionSpec) -> list[tuple[int, str]]:
+        return [(f.source_id, str(f.transform)) for f in spec.fields]
+
+    if layout(table.spec()) != layout(partition_spec(request.partition_by, table.schema())):
+        raise RequestError(
+            f"table {table_name(table)!r} exists with another partitioning ({table.spec()}); partition_by "
+            "applies only when a write creates a table (or repeats its partitioning)"
+        )
 
 
 def _drain(reader: flight.MetadataRecordBatchReader) -> None:
