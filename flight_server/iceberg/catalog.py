@@ -57,6 +57,18 @@ PROP_DELETE_MODE = "write.delete.mode"  # Iceberg's own: copy-on-write or merge-
 
 DEFAULT_BUCKETS = 8
 
+# Iceberg's own table properties, set on the tables the server creates so that a put's cost does not grow with
+# the table's history (docs/operations.md, "Long histories"). Tables created elsewhere keep theirs.
+NEW_TABLE_HISTORY = {
+    # Appends fold the table's small manifests into one once this many would be live: every read plans through
+    # each manifest (about 1.5 ms each), and merging 10 small ones costs less than a put (docs/operations.md).
+    "commit.manifest-merge.enabled": "true",
+    "commit.manifest.min-count-to-merge": "10",
+    # Each commit writes a metadata file; keep the last 100 and delete older ones as commits drop them from the log.
+    "write.metadata.delete-after-commit.enabled": "true",
+    "write.metadata.previous-versions-max": "100",
+}
+
 _TRANSFORM = re.compile(r"^\s*(\w+)\s*\(\s*(?:(\d+)\s*,\s*)?([A-Za-z_][\w\-]*)\s*\)\s*$")
 
 
@@ -83,6 +95,7 @@ class FeatureSpec:
         )
 
     def to_properties(self) -> dict[str, str]:
+        """The table properties that define it (a new table also gets `NEW_TABLE_HISTORY`)."""
         props = {PROP_ENTITY_KEYS: ",".join(self.entity_keys), PROP_EVENT_TIME: self.event_time}
         if self.created_time:
             props[PROP_CREATED_TIME] = self.created_time
