@@ -111,11 +111,11 @@ class Writer:
     ) -> WriteResult:
         identifier = self.catalog.identifier(request.table)
         if request.write_id is None:
-            return self._write(request, reader, is_cancelled, self.catalog.find(request.table))
+            return self._write(request, reader, is_cancelled, self.catalog.find_for_change(request.table))
         # Serialise retries of one write_id on this server, so a retry arriving while the first
         # attempt still streams waits for it and then answers with its snapshot.
         with self._id_locks[hash((identifier, request.write_id)) % len(self._id_locks)]:
-            table = self.catalog.find(request.table)
+            table = self.catalog.find_for_change(request.table)
             if table is not None:
                 prior = self._write_ids.find(table, request.write_id)
                 if prior is not None:
@@ -251,6 +251,7 @@ class Writer:
         except _AlreadyCommitted as done:
             delete_files(staged.io, [f.file_path for f in files])
             return done.result
+        self.catalog.remember(request.table, table)
         snapshot = table.current_snapshot()
         assert snapshot is not None
         log.info(

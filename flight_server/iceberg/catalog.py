@@ -225,10 +225,28 @@ class FeatureCatalog:
         if cached is not None and cached.metadata_location == pointer:
             return cached
         loaded = self.load(table)
+        self._keep(name, loaded)
+        return loaded
+
+    def _keep(self, name: str, table: Table) -> None:
         if len(self._read) >= READ_CACHE_TABLES:
             self._read.clear()
-        self._read[name] = loaded
-        return loaded
+        self._read[name] = table
+
+    def find_for_change(self, table: str) -> Table | None:
+        """The table to change, or None when it does not exist (yet): from the metadata `read` holds while the
+        catalog still points at it (a put then parses no metadata file before its commit), as a `Table` of its
+        own, since a commit replaces the metadata of the object it went through."""
+        try:
+            return _copy(self.read(table))
+        except NotFoundError:
+            return None
+
+    def remember(self, table: str, committed: Table) -> None:
+        """Keep the table as a commit through this server left it for `read` (it points at what the commit
+        wrote), so the next put or read of an unchanged table parses no metadata file."""
+        if self._pointer is not None:
+            self._keep(".".join(self.identifier(table)), _copy(committed))
 
     def find(self, table: str) -> Table | None:
         """The table, or None when it does not exist (yet)."""
@@ -262,6 +280,10 @@ class FeatureCatalog:
             with contextlib.suppress(NotImplementedError, NoSuchNamespaceError):
                 pending.extend(self.catalog.list_namespaces(namespace))
         return sorted(set(names))
+
+
+def _copy(table: Table) -> Table:
+    return Table(table.name(), table.metadata, table.metadata_location, table.io, table.catalog, table.config)
 
 
 def feature_spec(table: Table) -> FeatureSpec:
