@@ -43,7 +43,7 @@ from flight_server.iceberg.catalog import (
     partition_spec,
     table_name,
 )
-from flight_server.iceberg.internals import commit_on_base, schema_without_ids, transaction_io
+from flight_server.iceberg.internals import MemoTransaction, commit_on_base, schema_without_ids, transaction_io
 from flight_server.wire.errors import CancelledError, ConflictError, LimitError, RequestError
 from flight_server.wire.writes import WriteRequest, WriteResult, parse_end_marker
 
@@ -205,7 +205,7 @@ class Writer:
             raise RequestError(
                 f"table {table_name(table)!r} exists; partition_by applies only when a write creates a table"
             )
-        transaction = table.transaction()
+        transaction = MemoTransaction(table)
         if request.evolve:
             new_columns = [f for f in stream if f.name not in table.schema().column_names]
             if new_columns:
@@ -291,7 +291,7 @@ class Writer:
         self, request: WriteRequest, staged: _Staged, table: Table, created_concurrently: bool
     ) -> Transaction:
         """A fresh transaction on the table as it is now, if the written files still fit it."""
-        transaction = table.transaction()
+        transaction = MemoTransaction(table)
         if request.evolve:
             extra = pa.schema([f for f in staged.target if f.name not in table.schema().column_names])
             if len(extra):
