@@ -61,7 +61,7 @@ DEFAULT_BUCKETS = 8
 # the table's history (docs/operations.md, "Long histories"). Tables created elsewhere keep theirs.
 NEW_TABLE_HISTORY = {
     # Appends fold the table's small manifests into one once this many would be live: every read plans through
-    # each manifest (about 1.5 ms each), and merging 10 small ones costs less than a put (docs/operations.md).
+    # each manifest (about 1.5 ms each), and a merge every few puts did not slow puts (docs/operations.md).
     "commit.manifest-merge.enabled": "true",
     "commit.manifest.min-count-to-merge": "10",
     # Each commit writes a metadata file; keep the last 100 and delete older ones as commits drop them from the log.
@@ -213,9 +213,9 @@ class FeatureCatalog:
     def read(self, table: str) -> Table:
         """The table for reading: the one loaded last while the catalog still points at the same metadata
         file (SQL catalogs say so from one row), else loaded now. Shared between requests: never commit
-        through it (`load` for changes). Reading a long history's metadata costs tens of milliseconds
-        per request otherwise (30 ms for a table of 101 snapshots), and under the GIL (every online
-        refresh poll)."""
+        through it (`find_for_change` gives a copy to change). Reading a long history's metadata costs
+        tens of milliseconds per request otherwise (30 ms for a table of 101 snapshots), and under the GIL
+        (every online refresh poll)."""
         identifier = self.identifier(table)
         pointer = self._locate(identifier)
         if pointer is None:
