@@ -43,7 +43,7 @@ INTERNALS = PACKAGE / "iceberg" / "internals.py"
 ALLOWED_PRIVATE: frozenset[tuple[str, str]] = frozenset()
 
 # Private names that are instance attributes: checked on a real object (`test_a_real_transaction_and_producer`).
-INSTANCE_ATTRIBUTES = {"pyiceberg.table.Transaction._table"}
+INSTANCE_ATTRIBUTES = {"pyiceberg.table.Transaction._table", "pyiceberg.table.Transaction._updates"}
 
 # The parameters internals.py passes, in order (by position or keyword), of each private callable.
 PARAMETERS = {
@@ -244,6 +244,26 @@ def test_commit_on_base_is_not_rebuilt_on_a_newer_snapshot(tmp_path: pathlib.Pat
     transaction, fresh = appending(catalog.load_table(("ns", "t")))
     committed = internals.commit_on_base(transaction, fresh)
     assert len(committed.snapshots()) == 2 and committed.current_snapshot().snapshot_id == fresh.snapshot_id
+
+
+def test_memo_transaction_follows_staged_updates_and_commits(tmp_path: pathlib.Path) -> None:
+    """`MemoTransaction.table_metadata` is computed once per state, and is what pyiceberg's property gives."""
+    catalog = SqlCatalog("internals", **sqlite_catalog(tmp_path))
+    catalog.create_namespace("ns")
+    rows = pa.table({"id": pa.array([1, 2], pa.int64())})
+    table = catalog.create_table(("ns", "t"), schema=rows.schema)
+    transaction = internals.MemoTransaction(table)
+    assert isinstance(transaction._updates, tuple)
+    first = transaction.table_metadata
+    assert transaction.table_metadata is first and first == Transaction(table).table_metadata
+    transaction.set_properties({"a": "1"})
+    assert transaction.table_metadata.properties["a"] == "1"
+    append = transaction.update_snapshot().fast_append()
+    for data_file in internals.dataframe_to_data_files(first, rows, table.io, uuid.uuid4(), itertools.count()):
+        append.append_data_file(data_file)
+    committed = internals.commit_on_base(transaction, append)
+    assert transaction.table_metadata == committed.metadata and committed.current_snapshot() is not None
+    assert catalog.load_table(("ns", "t")).metadata.properties["a"] == "1"
 
 
 @pytest.mark.parametrize(

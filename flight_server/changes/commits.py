@@ -28,7 +28,7 @@ from pyiceberg.table.snapshots import Operation, Snapshot
 
 from flight_server.base.locks import LockPool
 from flight_server.iceberg.catalog import FeatureCatalog
-from flight_server.iceberg.internals import DropRemovedEntries, RewriteFiles
+from flight_server.iceberg.internals import DropRemovedEntries, MemoTransaction, RewriteFiles
 from flight_server.reads.duck import Engine
 from flight_server.wire.errors import ConflictError
 
@@ -94,7 +94,7 @@ def commit_rewrite(
     With `tidy`, the same commit adds a `DropRemovedEntries` snapshot after it, which becomes current."""
     try:
         with lock:
-            transaction = table.transaction()
+            transaction = MemoTransaction(table)
             RewriteFiles(transaction, operation, removed, added, properties).commit()
             if tidy:
                 DropRemovedEntries(transaction, properties).commit()

@@ -35,30 +35,20 @@ from flight_server.base.schemas import Conformer, new_table_schema, table_arrow_
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.commits import delete_files, live_files
 from flight_server.changes.files import write_data_files
-from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, default_partitioning, partition_spec, table_name
-from flight_server.iceberg.internals import commit_on_base, schema_without_ids, transaction_io
+from flight_server.changes.history import WRITE_ID_PROPERTY, WriteIds, commit_append
+from flight_server.iceberg.catalog import (
+    NEW_TABLE_HISTORY,
+    FeatureCatalog,
+    FeatureSpec,
+    default_partitioning,
+    partition_spec,
+    table_name,
+)
+from flight_server.iceberg.internals import MemoTransaction, commit_on_base, schema_without_ids, transaction_io
 from flight_server.wire.errors import CancelledError, ConflictError, LimitError, RequestError
 from flight_server.wire.writes import WriteRequest, WriteResult, parse_end_marker
 
 log = logging.getLogger(__name__)
-
-WRITE_ID_PROPERTY = "flight.write-id"
-
-
-def find_write(table: Table, write_id: str) -> WriteResult | None:
-    """The snapshot an earlier put with this `write_id` committed, if any is still retained."""
-    for snapshot in table.metadata.snapshots:
-        summary = snapshot.summary.additional_properties if snapshot.summary else {}
-        if summary.get(WRITE_ID_PROPERTY) == write_id:
-            return WriteResult(
-                table=table_name(table),
-                snapshot_id=snapshot.snapshot_id,
-                rows=int(summary.get("added-records", 0)),
-                files=int(summary.get("added-data-files", 0)),
-                write_id=write_id,
-                duplicate=True,
-            )
-    return None
 
 
 def _check_feature_columns(spec: FeatureSpec, stream: pa.Schema) -> None:
@@ -93,6 +83,7 @@ class Writer:
         self.chunk_bytes = chunk_bytes
         self.commit_timeout = commit_timeout
         self._id_locks = [threading.Lock() for _ in range(64)]
+        self._write_ids = WriteIds()
         self._commit_locks = locks
         self._active = 0
         self._active_lock = threading.Lock()
@@ -121,13 +112,13 @@ class Writer:
     ) -> WriteResult:
         identifier = self.catalog.identifier(request.table)
         if request.write_id is None:
-            return self._write(request, reader, is_cancelled)
+            return self._write(request, reader, is_cancelled, self.catalog.find_for_change(request.table))
         # Serialise retries of one write_id on this server, so a retry arriving while the first
         # attempt still streams waits for it and then answers with its snapshot.
         with self._id_locks[hash((identifier, request.write_id)) % len(self._id_locks)]:
-            table = self.catalog.find(request.table)
+            table = self.catalog.find_for_change(request.table)
             if table is not None:
-                prior = find_write(table, request.write_id)
+                prior = self._write_ids.find(table, request.write_id)
                 if prior is not None:
                     _drain(reader)
                     log.info(
@@ -137,13 +128,18 @@ class Writer:
                         prior.snapshot_id,
                     )
                     return prior
-            return self._write(request, reader, is_cancelled)
+            return self._write(request, reader, is_cancelled, table)
 
     def _write(
-        self, request: WriteRequest, reader: flight.MetadataRecordBatchReader, is_cancelled: Callable[[], bool]
+        self,
+        request: WriteRequest,
+        reader: flight.MetadataRecordBatchReader,
+        is_cancelled: Callable[[], bool],
+        table: Table | None,
     ) -> WriteResult:
+        """Write the stream to `table` (as loaded for this put; None when it does not exist yet)."""
         schema = stream_schema(reader, "write")
-        staged = self._stage(request, schema)
+        staged = self._stage(request, schema, table)
         conform = Conformer(staged.target, schema)
         files: list[DataFile] = []
         write_uuid, counter = uuid.uuid4(), itertools.count()
@@ -199,16 +195,15 @@ class Writer:
                 ) from exc
             raise
 
-    def _stage(self, request: WriteRequest, stream: pa.Schema) -> _Staged:
-        """Open the transaction the write commits: create the table, or load and maybe evolve it."""
+    def _stage(self, request: WriteRequest, stream: pa.Schema, table: Table | None) -> _Staged:
+        """Open the transaction the write commits: create the table, or maybe evolve it."""
         identifier = self.catalog.identifier(request.table)
-        table = self.catalog.find(request.table)
         if table is None:
             return self._stage_new(request, identifier, stream)
         spec = FeatureSpec.from_properties(table.metadata.properties)
         _check_declared_spec(request, spec, table_name(table))
         _check_declared_layout(request, table)
-        transaction = table.transaction()
+        transaction = MemoTransaction(table)
         if request.evolve:
             new_columns = [f for f in stream if f.name not in table.schema().column_names]
             if new_columns:
@@ -233,7 +228,10 @@ class Writer:
         )
         self.catalog.ensure_namespace(identifier[:-1])
         transaction = self.catalog.catalog.create_table_transaction(
-            identifier, schema=schema, partition_spec=partitioning, properties=spec.to_properties()
+            identifier,
+            schema=schema,
+            partition_spec=partitioning,
+            properties={**NEW_TABLE_HISTORY, **spec.to_properties()},
         )
         io = transaction_io(transaction)  # where the catalog wants the new table's files
         return _Staged(transaction, io, table_arrow_schema(transaction.table_metadata.schema()), spec, None)
@@ -251,6 +249,7 @@ class Writer:
         except _AlreadyCommitted as done:
             delete_files(staged.io, [f.file_path for f in files])
             return done.result
+        self.catalog.remember(request.table, table)
         snapshot = table.current_snapshot()
         assert snapshot is not None
         log.info(
@@ -271,7 +270,7 @@ class Writer:
         table, transaction = staged.table, staged.transaction
         while True:
             if table is not None:
-                _check_history(request, staged, table)
+                _check_history(request, staged, table, self._write_ids)
             try:
                 return _commit_files(transaction, request.mode, files, properties)
             except TableAlreadyExistsError:
@@ -290,7 +289,7 @@ class Writer:
         self, request: WriteRequest, staged: _Staged, table: Table, created_concurrently: bool
     ) -> Transaction:
         """A fresh transaction on the table as it is now, if the written files still fit it."""
-        transaction = table.transaction()
+        transaction = MemoTransaction(table)
         if request.evolve:
             extra = pa.schema([f for f in staged.target if f.name not in table.schema().column_names])
             if len(extra):
@@ -313,10 +312,10 @@ class _AlreadyCommitted(Exception):
         self.result = result
 
 
-def _check_history(request: WriteRequest, staged: _Staged, table: Table) -> None:
+def _check_history(request: WriteRequest, staged: _Staged, table: Table, write_ids: WriteIds) -> None:
     """Whether the put may commit on `table`: not if its `write_id` is already there, nor for an overwrite
     if rows were added since it started (it would drop them unseen)."""
-    if request.write_id and (prior := find_write(table, request.write_id)) is not None:
+    if request.write_id and (prior := write_ids.find(table, request.write_id)) is not None:
         raise _AlreadyCommitted(prior)
     if request.mode == "overwrite" and table is not staged.table:
         base = staged.table.current_snapshot() if staged.table is not None else None
@@ -329,18 +328,14 @@ def _check_history(request: WriteRequest, staged: _Staged, table: Table) -> None
 
 def _commit_files(transaction: Transaction, mode: str, files: list[DataFile], properties: dict[str, str]) -> Table:
     """One snapshot of the files, committed only on the state the transaction was opened on (`commit_on_base`)."""
-    update = transaction.update_snapshot(snapshot_properties=properties)
-    if mode == "overwrite":
-        overwrite = update.overwrite()
-        for data_file in _live_data_files(transaction):
-            overwrite.delete_data_file(data_file)
-        for data_file in files:
-            overwrite.append_data_file(data_file)
-        return commit_on_base(transaction, overwrite)
-    append = update.fast_append()
+    if mode != "overwrite":
+        return commit_append(transaction, files, properties)
+    overwrite = transaction.update_snapshot(snapshot_properties=properties).overwrite()
+    for data_file in _live_data_files(transaction):
+        overwrite.delete_data_file(data_file)
     for data_file in files:
-        append.append_data_file(data_file)
-    return commit_on_base(transaction, append)
+        overwrite.append_data_file(data_file)
+    return commit_on_base(transaction, overwrite)
 
 
 def _added_since(table: Table, base: int | None) -> int | None:

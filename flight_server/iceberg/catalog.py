@@ -57,6 +57,18 @@ PROP_DELETE_MODE = "write.delete.mode"  # Iceberg's own: copy-on-write or merge-
 
 DEFAULT_BUCKETS = 8
 
+# Iceberg's own table properties, set on the tables the server creates so that a put's cost does not grow with
+# the table's history (docs/operations.md, "Long histories"). Tables created elsewhere keep theirs.
+NEW_TABLE_HISTORY = {
+    # Appends fold the table's small manifests into one once this many would be live: every read plans through
+    # each manifest (about 1.5 ms each), and a merge every few puts did not slow puts (docs/operations.md).
+    "commit.manifest-merge.enabled": "true",
+    "commit.manifest.min-count-to-merge": "10",
+    # Each commit writes a metadata file; keep the last 100 and delete older ones as commits drop them from the log.
+    "write.metadata.delete-after-commit.enabled": "true",
+    "write.metadata.previous-versions-max": "100",
+}
+
 _TRANSFORM = re.compile(r"^\s*(\w+)\s*\(\s*(?:(\d+)\s*,\s*)?([A-Za-z_][\w\-]*)\s*\)\s*$")
 
 
@@ -83,6 +95,7 @@ class FeatureSpec:
         )
 
     def to_properties(self) -> dict[str, str]:
+        """The table properties that define it (a new table also gets `NEW_TABLE_HISTORY`)."""
         props = {PROP_ENTITY_KEYS: ",".join(self.entity_keys), PROP_EVENT_TIME: self.event_time}
         if self.created_time:
             props[PROP_CREATED_TIME] = self.created_time
@@ -200,9 +213,9 @@ class FeatureCatalog:
     def read(self, table: str) -> Table:
         """The table for reading: the one loaded last while the catalog still points at the same metadata
         file (SQL catalogs say so from one row), else loaded now. Shared between requests: never commit
-        through it (`load` for changes). Reading a long history's metadata costs tens of milliseconds
-        per request otherwise (30 ms for a table of 101 snapshots), and under the GIL (every online
-        refresh poll)."""
+        through it (`find_for_change` gives a copy to change). Reading a long history's metadata costs
+        tens of milliseconds per request otherwise (30 ms for a table of 101 snapshots), and under the GIL
+        (every online refresh poll)."""
         identifier = self.identifier(table)
         pointer = self._locate(identifier)
         if pointer is None:
@@ -212,10 +225,28 @@ class FeatureCatalog:
         if cached is not None and cached.metadata_location == pointer:
             return cached
         loaded = self.load(table)
+        self._keep(name, loaded)
+        return loaded
+
+    def _keep(self, name: str, table: Table) -> None:
         if len(self._read) >= READ_CACHE_TABLES:
             self._read.clear()
-        self._read[name] = loaded
-        return loaded
+        self._read[name] = table
+
+    def find_for_change(self, table: str) -> Table | None:
+        """The table to change, or None when it does not exist (yet): from the metadata `read` holds while the
+        catalog still points at it (a put then parses no metadata file before its commit), as a `Table` of its
+        own, since a commit replaces the metadata of the object it went through."""
+        try:
+            return _copy(self.read(table))
+        except NotFoundError:
+            return None
+
+    def remember(self, table: str, committed: Table) -> None:
+        """Keep the table as a commit through this server left it for `read` (it points at what the commit
+        wrote), so the next put or read of an unchanged table parses no metadata file."""
+        if self._pointer is not None:
+            self._keep(".".join(self.identifier(table)), _copy(committed))
 
     def find(self, table: str) -> Table | None:
         """The table, or None when it does not exist (yet)."""
@@ -249,6 +280,10 @@ class FeatureCatalog:
             with contextlib.suppress(NotImplementedError, NoSuchNamespaceError):
                 pending.extend(self.catalog.list_namespaces(namespace))
         return sorted(set(names))
+
+
+def _copy(table: Table) -> Table:
+    return Table(table.name(), table.metadata, table.metadata_location, table.io, table.catalog, table.config)
 
 
 def feature_spec(table: Table) -> FeatureSpec:
