@@ -12,7 +12,7 @@ import uuid
 from typing import NamedTuple
 
 import pyarrow as pa
-from pyiceberg.io import FileIO, InputFile, OutputFile
+from pyiceberg.io import FileIO, InputFile, OutputFile, OutputStream
 from pyiceberg.io.fileformat import FileFormatFactory, FileFormatWriter
 from pyiceberg.io.pyarrow import pyarrow_to_schema
 from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
@@ -72,11 +72,17 @@ class _CreatedFiles(FileIO):
         return self.io.new_input(location)
 
     def new_output(self, location: str) -> OutputFile:
+        return _TrackedOutput(self, self.io.new_output(location))
+
+    def created(self, output: OutputFile, overwrite: bool) -> OutputStream:
+        """Create the file and remember it, or refuse once the write is abandoned. One lock around both, so
+        that no file comes into being after `abandon` has taken the list to delete."""
         with self._lock:
             if self._abandoned:  # a parallel file of a failed chunk that had not started yet
-                raise OSError(f"the write of {location} was abandoned")
-            self._created.append(location)
-        return self.io.new_output(location)
+                raise OSError(f"the write of {output.location} was abandoned")
+            stream = output.create(overwrite)
+            self._created.append(output.location)
+        return stream
 
     def delete(self, location: str | InputFile | OutputFile) -> None:
         self.io.delete(location)
@@ -87,6 +93,27 @@ class _CreatedFiles(FileIO):
             self._abandoned = True
             created, self._created = self._created, []
         delete_files(self.io, created)
+
+
+class _TrackedOutput(OutputFile):
+    """An output file whose creation `_CreatedFiles` records (pyiceberg names a file's location well before it
+    creates it, from another thread)."""
+
+    def __init__(self, files: _CreatedFiles, output: OutputFile):
+        super().__init__(output.location)
+        self.files, self.output = files, output
+
+    def __len__(self) -> int:
+        return len(self.output)
+
+    def exists(self) -> bool:
+        return self.output.exists()
+
+    def to_input_file(self) -> InputFile:
+        return self.output.to_input_file()
+
+    def create(self, overwrite: bool = False) -> OutputStream:
+        return self.files.created(self.output, overwrite)
 
 
 def target_file_size(metadata: TableMetadata) -> int:
