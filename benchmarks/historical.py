@@ -203,7 +203,7 @@ class ServerJoinLocal:
             self.engine.use_storage(group.table.io.properties)
         cursor = self.engine.cursor()
         try:
-            cursor.register("__bench_entities", prepare_entities(self.entities, ENTITY_TIME, 0))
+            cursor.register("__bench_entities", prepare_entities(self.entities, plan, 0))
             reader = run_historical(plan, cursor, "__bench_entities", [], ServerConfig.batch_rows)
             return reader.read_all().to_pandas()
         finally:

@@ -222,8 +222,11 @@ def test_ttl_bound_is_exact_for_nanosecond_entity_times(
     want = [expected_value(k, ns) for k, ns in entities]
     for path, location in ns_servers.items():
         with FeatureClient(location) as client:
-            got = client.get_historical_features(rows, ["ns.features:value"]).column("value").to_pylist()
-        assert got == want, path
+            result = client.get_historical_features(rows, ["ns.features:value"])
+        assert result.column("value").to_pylist() == want, path
+        # Entity columns come back unchanged, nanoseconds included (DuckDB keeps aware timestamps in microseconds).
+        assert result.schema.field("event_timestamp").type == rows.schema.field("event_timestamp").type, path
+        assert result.column("event_timestamp").cast(pa.int64()).to_pylist() == [ns for _, ns in entities], path
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,21 @@ TS = "__pit_ts"
 TS_UP = "__pit_ts_up"  # the entity time rounded up to whole microseconds: the TTL counts from it (join_sql)
 
 
-def prepare_entities(batch: pa.RecordBatch | pa.Table, entity_time: str, first_row: int) -> pa.Table:
-    """Entity rows with their position and their timestamp as UTC microseconds for the join, rounded down
-    and, for the TTL, up (`entity_micros`)."""
+def prepare_entities(batch: pa.RecordBatch | pa.Table, plan: HistoricalPlan, first_row: int) -> pa.Table:
+    """Entity rows for the DuckDB join: with their position and their timestamp as UTC microseconds, rounded
+    down and, for the TTL, up (`entity_micros`).
+
+    DuckDB keeps time-zone-aware timestamps in microseconds only, so such a column in nanoseconds (not a key,
+    which must match the feature tables' keys) goes through the join as its int64 values; the plan's schema
+    casts it back, so it comes out unchanged, as the contract says of every entity column."""
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    keys = {key for group in plan.groups for key in group.spec.entity_keys}
+    for i, field in enumerate(table.schema):
+        kind = field.type
+        if pa.types.is_timestamp(kind) and kind.unit == "ns" and kind.tz is not None and field.name not in keys:
+            table = table.set_column(i, field.name, table.column(i).cast(pa.int64()))
     rows = pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
-    down, up, valid = entity_micros(table.column(entity_time))
+    down, up, valid = entity_micros(batch.column(plan.request.entity_time))
     ts, ts_up = (pa.array(values, UTC_MICROS, mask=~valid) for values in (down, up))
     return table.append_column(ROW, rows).append_column(TS, ts).append_column(TS_UP, ts_up)
 

@@ -78,7 +78,7 @@ class TrainingSets:
             return self._joined(plan, indexes, entities.to_batches(self.batch_rows))
         use_storage(self.engine, plan)
         cursor = self.engine.cursor()
-        append_entities(cursor, prepare_entities(entities, plan.request.entity_time, 0), create=True)
+        append_entities(cursor, prepare_entities(entities, plan, 0), create=True)
         with self.engine.interruptible(cursor, is_cancelled):
             return keep_alive(run_historical(plan, cursor, "__pit_entities", [], self.batch_rows), cursor)
 
@@ -129,8 +129,7 @@ class TrainingSets:
         use_storage(self.engine, plan)
         cursor = self.engine.cursor()
         rows = received = 0
-        entity_time = plan.request.entity_time
-        append_entities(cursor, prepare_entities(reader.schema.empty_table(), entity_time, 0), create=True)
+        append_entities(cursor, prepare_entities(reader.schema.empty_table(), plan, 0), create=True)
         for chunk in chunks(reader, "entity"):
             if chunk.data is not None and chunk.data.num_rows:
                 received += chunk.data.nbytes
@@ -141,7 +140,7 @@ class TrainingSets:
                         "server's limit per training set (--max-exchange-mb): split them, or write them to a "
                         "table and name it"
                     )
-                append_entities(cursor, prepare_entities(chunk.data, entity_time, rows))
+                append_entities(cursor, prepare_entities(chunk.data, plan, rows))
                 rows += chunk.data.num_rows
         if is_cancelled():
             return 0
