@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -12,11 +16,11 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from flight_client import FeatureClient, ResourceExhaustedError
+from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError
 from flight_client.errors import from_flight_error
-from flight_server.base.config import ServerConfig
+from flight_server.base.config import ENV_CATALOG_PREFIX, ServerConfig
 from flight_server.transport.service import FeatureFlightServer
-from tests.services import postgres_server, seaweedfs_server
+from tests.services import _stop_group, free_ports, postgres_server, seaweedfs_server
 
 BACKENDS = ["sqlite", "postgres", "rest"]
 # Small chunks so that tests of multi-megabyte streams exercise several file flushes.
@@ -143,3 +147,59 @@ def takes_calls(client: FeatureClient) -> bool:
             return False
         raise
     return True
+
+
+def healthy(location: str, token: str | None = None) -> bool:
+    """Whether a server answers `health` (False while it is not listening yet)."""
+    try:
+        with FeatureClient(location, timeout=2, token=token) as client:
+            return client.health()["status"] == "ok"
+    except (FeatureServerError, OSError):
+        return False
+
+
+def catalog_env(properties: dict[str, str]) -> dict[str, str]:
+    """`s3.access-key-id` -> FLIGHT_SERVER_CATALOG__S3__ACCESS_KEY_ID, and so on."""
+    return {ENV_CATALOG_PREFIX + k.upper().replace(".", "__").replace("-", "_"): v for k, v in properties.items()}
+
+
+@contextlib.contextmanager
+def serve_replicas(
+    tmp: Path,
+    properties: dict[str, str],
+    settings: Callable[[str, list[str]], dict[str, str]] = lambda location, locations: {},
+    token: str | None = None,
+    count: int = 2,
+) -> Iterator[list[str]]:
+    """`count` `flight-server serve` processes on one catalog, each logging to `tmp/replica-<i>.log`; `settings`
+    gives a replica's extra FLIGHT_SERVER_* variables from its location and all of them. Yields the locations
+    once every replica answers `health`."""
+    locations = [f"grpc://127.0.0.1:{port}" for port in free_ports(count)]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, location in enumerate(locations):
+            env = {
+                **base,
+                **catalog_env(properties),
+                "FLIGHT_SERVER_PORT": location.rsplit(":", 1)[1],
+                "FLIGHT_SERVER_WAREHOUSE": str(tmp / f"unused-{i}"),
+                **settings(location, locations),
+            }
+            with (tmp / f"replica-{i}.log").open("wb") as out:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "flight_server", "serve"],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        for i, (location, proc) in enumerate(zip(locations, processes, strict=True)):
+            wait_until(lambda: healthy(location, token) or proc.poll() is not None, timeout=90, what=location)  # noqa: B023
+            assert proc.poll() is None, (tmp / f"replica-{i}.log").read_text()[-3000:]
+        yield locations
+    finally:
+        for proc in processes:
+            _stop_group(proc)

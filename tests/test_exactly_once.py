@@ -5,9 +5,7 @@ that fails after writing files (a lost overwrite race, a full disk) deletes them
 from __future__ import annotations
 
 import datetime as dt
-import os
 import subprocess
-import sys
 import threading
 import uuid
 from collections import Counter
@@ -20,24 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from flight_client import ConflictError, FeatureClient, FeatureServerError, ResourceExhaustedError
-from flight_server.base.config import ENV_CATALOG_PREFIX
+from flight_client import ConflictError, FeatureClient, ResourceExhaustedError
 from flight_server.wire.writes import WriteResult
-from tests.conftest import TEST_CHUNK_BYTES, local_files, sqlite_catalog, start_server, wait_until
-from tests.services import _stop_group, free_ports
+from tests.conftest import TEST_CHUNK_BYTES, local_files, serve_replicas, sqlite_catalog, start_server, wait_until
 
 ROUNDS = 20
 ROWS = 500
 T0 = dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc)
 WRITE_ID = "flight.write-id"
-
-
-def healthy(location: str) -> bool:
-    try:
-        with FeatureClient(location, timeout=2) as client:
-            return client.health()["status"] == "ok"
-    except (FeatureServerError, OSError):
-        return False
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
@@ -48,38 +36,10 @@ def replicas(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         properties = sqlite_catalog(tmp)
     else:
         properties = {"type": "sql", "uri": request.getfixturevalue("postgres_url"), "warehouse": tmp.as_uri()}
-    locations = [f"grpc://127.0.0.1:{port}" for port in free_ports(2)]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
-    catalog = {ENV_CATALOG_PREFIX + k.upper().replace(".", "__").replace("-", "_"): v for k, v in properties.items()}
-    processes = []
-    try:
-        for i, location in enumerate(locations):
-            env = {
-                **base,
-                **catalog,
-                "FLIGHT_SERVER_PORT": location.rsplit(":", 1)[1],
-                "FLIGHT_SERVER_DUCKDB_MEMORY_LIMIT": "1GB",
-                "FLIGHT_SERVER_WAREHOUSE": str(tmp / f"unused-{i}"),
-            }
-            with (tmp / f"replica-{i}.log").open("wb") as out:
-                processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "flight_server", "serve"],
-                        env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
-        for i, (location, proc) in enumerate(zip(locations, processes, strict=True)):
-            wait_until(lambda: healthy(location) or proc.poll() is not None, timeout=90, what=location)  # noqa: B023
-            assert proc.poll() is None, (tmp / f"replica-{i}.log").read_text()[-3000:]
+    with serve_replicas(tmp, properties, lambda *_: {"FLIGHT_SERVER_DUCKDB_MEMORY_LIMIT": "1GB"}) as locations:
         with FeatureClient(locations[0]) as client:  # the namespace exists before the races
             client.write("races.seed", rows(0), entity_keys=["driver_id"], event_time="event_timestamp")
         yield locations
-    finally:
-        for proc in processes:
-            _stop_group(proc)
 
 
 def rows(start: int) -> pa.Table:

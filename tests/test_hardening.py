@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -25,10 +22,8 @@ from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.transport.auth import LOGIN_FAILURES, LOGIN_WINDOW_SECONDS, LoginThrottle
 from flight_server.transport.limits import ACTION_HEADROOM, ConcurrencyLimit
 from flight_server.wire.errors import LimitError
-from tests.conftest import answers, sqlite_catalog, start_server, wait_until, write_big
-from tests.services import _stop_group, free_ports
+from tests.conftest import answers, serve_replicas, sqlite_catalog, start_server, wait_until, write_big
 from tests.test_idle import Client
-from tests.test_replicas import catalog_env
 
 SECRET_KEYS = [
     "s3.access-key-id",
@@ -233,43 +228,10 @@ def test_ttl_bound_is_exact_for_nanosecond_entity_times(
 def sqlite_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """Two `flight-server serve` processes on one SQLite catalog file."""
     tmp = tmp_path_factory.mktemp("sqlite-replicas")
-    catalog = sqlite_catalog(tmp)
-    locations = [f"grpc://127.0.0.1:{port}" for port in free_ports(2)]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
-    processes = []
-    try:
-        for i, location in enumerate(locations):
-            env = {
-                **base,
-                **catalog_env(catalog),
-                "FLIGHT_SERVER_PORT": location.rsplit(":", 1)[1],
-                "FLIGHT_SERVER_DUCKDB_MEMORY_LIMIT": "512MB",
-                "FLIGHT_SERVER_WAREHOUSE": str(tmp / f"unused-{i}"),
-            }
-            with (tmp / f"replica-{i}.log").open("wb") as out:
-                processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "flight_server", "serve"],
-                        env=env,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
-        for location, proc in zip(locations, processes, strict=True):
-            wait_until(lambda: answers_or_died(location, proc), timeout=90, what=location)  # noqa: B023
-            assert proc.poll() is None, (tmp / "replica-0.log").read_text()[-3000:]
+    with serve_replicas(
+        tmp, sqlite_catalog(tmp), lambda *_: {"FLIGHT_SERVER_DUCKDB_MEMORY_LIMIT": "512MB"}
+    ) as locations:
         yield locations
-    finally:
-        for proc in processes:
-            _stop_group(proc)
-
-
-def answers_or_died(location: str, proc: subprocess.Popen[bytes]) -> bool:
-    try:
-        return answers(location)
-    except (flight.FlightError, OSError):  # not listening yet
-        return proc.poll() is not None
 
 
 def racing_write(location: str, table: str, barrier: threading.Barrier) -> str:

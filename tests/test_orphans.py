@@ -24,7 +24,7 @@ from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
 from flight_server.cli import main
 from flight_server.transport.actions import ACTIONS
 from flight_server.transport.auth import ADMIN
-from tests.conftest import sqlite_catalog, start_server, wait_until
+from tests.conftest import healthy, sqlite_catalog, start_server, wait_until
 from tests.services import _stop_group, free_ports
 
 UTC = dt.timezone.utc
@@ -101,19 +101,11 @@ def serving(warehouse: Path, log: Path) -> Iterator[tuple[subprocess.Popen[bytes
             start_new_session=True,
         )
     try:
-        wait_until(lambda: proc.poll() is not None or answers(location), timeout=60, what="the server")
+        wait_until(lambda: proc.poll() is not None or healthy(location), timeout=60, what="the server")
         assert proc.poll() is None, log.read_text()[-3000:]
         yield proc, location
     finally:
         _stop_group(proc)
-
-
-def answers(location: str) -> bool:
-    try:
-        with FeatureClient(location, timeout=2) as client:
-            return client.health()["status"] == "ok"
-    except (FeatureServerError, OSError):
-        return False
 
 
 def test_a_server_killed_during_a_put_leaks_files_that_remove_orphan_files_removes(tmp_path: Path) -> None:

@@ -5,77 +5,39 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from flight_client import FeatureClient, FeatureServerError
-from flight_server.base.config import ENV_CATALOG_PREFIX
-from tests.conftest import sqlite_catalog, start_server, wait_until
-from tests.services import _stop_group, free_ports
+from flight_client import FeatureClient
+from tests.conftest import serve_replicas, sqlite_catalog, start_server, wait_until
+from tests.services import free_ports
 
 TOKEN = "replica-test-token-0123456789"
 UTC = dt.timezone.utc
 T0 = dt.datetime(2025, 3, 1, tzinfo=UTC)
 
 
-def catalog_env(properties: dict[str, str]) -> dict[str, str]:
-    """`s3.access-key-id` -> FLIGHT_SERVER_CATALOG__S3__ACCESS_KEY_ID, and so on."""
-    return {ENV_CATALOG_PREFIX + k.upper().replace(".", "__").replace("-", "_"): v for k, v in properties.items()}
-
-
-def healthy(location: str) -> bool:
-    try:
-        with FeatureClient(location, timeout=2, token=TOKEN) as client:
-            return client.health()["status"] == "ok"
-    except (FeatureServerError, OSError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def replicas(seaweedfs: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[tuple[str, Path]]]:
     """Two `flight-server serve` processes on SeaweedFS's REST catalog; yields (location, log file) pairs."""
     tmp = tmp_path_factory.mktemp("replicas")
-    locations = [f"grpc://127.0.0.1:{port}" for port in free_ports(2)]
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
     tokens = [{"name": "replica-test", "token": TOKEN, "permissions": ["read", "write"]}]
-    processes = []
-    try:
-        for i, location in enumerate(locations):
-            env = {
-                **base,
-                **catalog_env(seaweedfs),
-                "FLIGHT_SERVER_PORT": location.rsplit(":", 1)[1],
-                "FLIGHT_SERVER_ADVERTISE": location,
-                "FLIGHT_SERVER_PEERS": " ".join(loc for loc in locations if loc != location),
-                "FLIGHT_SERVER_AUTH_TOKENS": json.dumps(tokens),
-                "FLIGHT_SERVER_ONLINE_REFRESH_SECONDS": "0.2",
-                "FLIGHT_SERVER_DUCKDB_MEMORY_LIMIT": "1GB",
-                "FLIGHT_SERVER_WAREHOUSE": str(tmp / f"unused-{i}"),
-                "FLIGHT_SERVER_LOG_LEVEL": "DEBUG",
-            }
-            log = tmp / f"replica-{i}.log"
-            with log.open("wb") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "flight_server", "serve"],
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            processes.append(proc)
-        for location, proc in zip(locations, processes, strict=True):
-            wait_until(lambda: healthy(location) or proc.poll() is not None, timeout=90, what=f"{location}")  # noqa: B023
-            assert proc.poll() is None, (tmp / "replica-0.log").read_text()[-3000:]
+
+    def settings(location: str, locations: list[str]) -> dict[str, str]:
+        return {
+            "FLIGHT_SERVER_ADVERTISE": location,
+            "FLIGHT_SERVER_PEERS": " ".join(loc for loc in locations if loc != location),
+            "FLIGHT_SERVER_AUTH_TOKENS": json.dumps(tokens),
+            "FLIGHT_SERVER_ONLINE_REFRESH_SECONDS": "0.2",
+            "FLIGHT_SERVER_DUCKDB_MEMORY_LIMIT": "1GB",
+            "FLIGHT_SERVER_LOG_LEVEL": "DEBUG",
+        }
+
+    with serve_replicas(tmp, seaweedfs, settings, token=TOKEN) as locations:
         yield [(location, tmp / f"replica-{i}.log") for i, location in enumerate(locations)]
-    finally:
-        for proc in processes:
-            _stop_group(proc)
 
 
 def drivers(ids: range, hour: int, rate: float) -> pa.Table:
