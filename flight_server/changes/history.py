@@ -49,7 +49,6 @@ def commit_append(transaction: Transaction, files: list[DataFile], properties: d
 class _Seen:
     """What one table's history said about write ids, up to the snapshot list's first `count` entries."""
 
-    table_uuid: str
     count: int = 0
     last: int | None = None  # the id of the snapshot at `count - 1`
     ids: dict[str, Snapshot] = field(default_factory=dict)
@@ -92,7 +91,7 @@ class WriteIds:
         if seen is None or not _extends(seen, snapshots):
             if len(self._tables) >= MAX_TABLES:
                 self._tables.clear()
-            seen = self._tables[uuid] = _Seen(uuid)
+            seen = self._tables[uuid] = _Seen()
         for snapshot in snapshots[seen.count :]:
             summary = snapshot.summary.additional_properties if snapshot.summary else {}
             if (write_id := summary.get(WRITE_ID_PROPERTY)) is not None:

@@ -248,13 +248,6 @@ class FeatureCatalog:
         if self._pointer is not None:
             self._keep(".".join(self.identifier(table)), _copy(committed))
 
-    def find(self, table: str) -> Table | None:
-        """The table, or None when it does not exist (yet)."""
-        try:
-            return self.load(table)
-        except NotFoundError:
-            return None
-
     def ensure_namespace(self, namespace: tuple[str, ...]) -> None:
         """Create the namespace unless it exists, also when another replica creates it at the same moment:
         both see it missing, and the SQL catalog refuses the second insert with an IntegrityError (other
