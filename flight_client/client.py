@@ -325,6 +325,32 @@ class FeatureClient:
         scan_options["as_of"] = _as_of(scan_options.get("as_of"))
         return self._info(ScanRequest(table, **scan_options))
 
+    def training_set_info(
+        self,
+        entity_rows: str | dict[str, list[Any]],
+        features: list[str],
+        *,
+        full_feature_names: bool = False,
+        snapshot_ids: dict[str, int] | None = None,
+        as_of: dt.datetime | str | int | None = None,
+        entity_time: str = "event_timestamp",
+        entity_filter: str | None = None,
+        partitions: int | None = None,
+    ) -> flight.FlightInfo:
+        """Schema and endpoints of a training set, without reading it: entity rows in a server table are split
+        by key into `partitions` endpoints, inline rows (a dict of column lists) are one. Their tickets pin
+        every snapshot; redeem each with `read_endpoint`, in any process."""
+        if not isinstance(entity_rows, (str, dict)):
+            raise TypeError(f"training_set_info takes a table name or a dict of column lists, got {type(entity_rows)}")
+        request = self._historical_request(
+            entity_rows, features, full_feature_names, snapshot_ids, as_of, entity_time, entity_filter, partitions
+        )
+        return self._info(request)
+
+    def read_endpoint(self, endpoint: flight.FlightEndpoint) -> pa.RecordBatchReader:
+        """The rows of one endpoint of `flight_info` or `training_set_info`, from its first replica that answers."""
+        return self._fetch(endpoint)
+
     def _get(self, ticket: bytes, locations: list[str] | None = None) -> pa.RecordBatchReader:
         """Open the stream of `ticket` at the first of `locations` that answers (default: this server)."""
         for i, location in enumerate(locations or [self.location]):

@@ -1,0 +1,239 @@
+"""PyTorch: `FlightDataset`, an `IterableDataset` over a table scan or a training set whose endpoints
+are dealt out to DataLoader workers and distributed ranks, so that each reads a disjoint share and
+no process holds the whole set.
+
+    dataset = FlightDataset.training_set("grpc://server:8815", "ml.trips", ["demo.driver_stats:conv_rate"],
+                                         columns=["driver_id", "conv_rate"], batch_size=4096)
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        for batch in DataLoader(dataset, batch_size=None, num_workers=2):
+            ...  # batch: {"driver_id": tensor, "conv_rate": tensor}
+
+Needs the `torch` extra (`pip install 'iceberg-feature-flight[torch]'`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, TypeAlias
+
+import pyarrow as pa
+import torch
+import torch.distributed
+from torch.utils.data import IterableDataset, get_worker_info
+
+from flight_client.plans import Endpoint, ReadPlan, plan_table, plan_training_set, rebatch
+
+Batch: TypeAlias = "dict[str, torch.Tensor] | pa.RecordBatch"
+# Endpoints planned per rank when `partitions` is not given: enough for 8 DataLoader workers each.
+PARTS_PER_RANK = 8
+
+
+def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
+    """(rank, world_size, whether they come from an initialised torch.distributed process group)."""
+    if rank is not None or world_size is not None:
+        rank, world_size = rank or 0, world_size or 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        return rank, world_size, False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), True
+    return 0, 1, False
+
+
+def _tensor_type(field: pa.Field) -> pa.DataType | None:
+    """The Arrow type a column is viewed as before it becomes a tensor, or None if it cannot become one."""
+    t = field.type
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        return t
+    if pa.types.is_timestamp(t) or pa.types.is_duration(t) or pa.types.is_date64(t) or pa.types.is_time64(t):
+        return pa.int64()
+    if pa.types.is_date32(t) or pa.types.is_time32(t):
+        return pa.int32()
+    return None
+
+
+def _check_tensor_schema(schema: pa.Schema) -> None:
+    bad = [f"{f.name} ({f.type})" for f in schema if _tensor_type(f) is None]
+    if bad:
+        raise TypeError(
+            f"columns {bad} cannot become tensors: leave them out with columns=[...], or use format='arrow'"
+        )
+
+
+def to_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
+    """A record batch as one 1-D tensor per column, sharing the Arrow buffers where the layout allows
+    (numeric columns without nulls). Timestamps, dates, times and durations become their integer
+    values (timestamps: in the column's unit since the epoch, UTC). Float nulls become NaN; an integer
+    or boolean column holding nulls is an error."""
+    tensors: dict[str, torch.Tensor] = {}
+    for field, column in zip(batch.schema, batch.columns, strict=True):
+        target = _tensor_type(field)
+        if target is None:
+            raise TypeError(f"column {field.name!r} ({field.type}) cannot become a tensor")
+        if column.null_count and not pa.types.is_floating(target):
+            raise ValueError(
+                f"column {field.name!r} ({field.type}) holds nulls, which an integer tensor cannot: "
+                "fill them on the server side, leave the column out, or use format='arrow'"
+            )
+        values = column.cast(target) if target != field.type else column
+        array = values.to_numpy(zero_copy_only=False)
+        with warnings.catch_warnings():
+            # Arrow's buffers are read-only to numpy; the batch is ours alone, so the tensor may own them.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensors[field.name] = torch.from_numpy(array)
+    return tensors
+
+
+class FlightDataset(IterableDataset[Batch]):
+    """Batches of a planned read (`FlightDataset.table`, `FlightDataset.training_set`).
+
+    The read is planned once, when the dataset is made; pickling it (to DataLoader workers) carries
+    only the tickets. Iterating deals the endpoints to the global workers, worker `w` of rank `r`
+    being `r * num_workers + w` of `world_size * num_workers`, and streams each worker's endpoints
+    over a connection it opens itself. Each row comes once per epoch, from exactly one worker. Use
+    `DataLoader(dataset, batch_size=None, ...)`: the dataset yields whole batches.
+
+    `format` "torch" yields dicts of tensors (see `to_tensors`), "arrow" yields `pyarrow.RecordBatch`.
+    `batch_size` re-cuts each worker's stream into batches of that many rows (the last of a worker
+    may be shorter); None keeps the server's batches. `shuffle_endpoints` permutes the endpoints with
+    `seed + epoch` (call `set_epoch` before each epoch, as with `DistributedSampler`); rows within an
+    endpoint keep their order. `rank` and `world_size` come from `torch.distributed` when it is
+    initialised, else from the arguments (default: one rank).
+    """
+
+    def __init__(
+        self,
+        plan: ReadPlan,
+        *,
+        batch_size: int | None = None,
+        format: Literal["torch", "arrow"] = "torch",
+        shuffle_endpoints: bool = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        if format not in ("torch", "arrow"):
+            raise ValueError(f"format must be 'torch' or 'arrow', got {format!r}")
+        if format == "torch":
+            _check_tensor_schema(plan.schema)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.plan = plan
+        self.batch_size = batch_size
+        self.format = format
+        self.shuffle_endpoints = shuffle_endpoints
+        self.seed = seed
+        self.epoch = 0
+        self.rank, self.world_size, _ = _distributed(rank, world_size)
+
+    @classmethod
+    def table(
+        cls,
+        location: str,
+        table: str,
+        *,
+        columns: Sequence[str] | None = None,
+        snapshot_id: int | None = None,
+        as_of: dt.datetime | str | int | None = None,
+        partitions: int | None = None,
+        client_options: dict[str, Any] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **options: Any,
+    ) -> FlightDataset:
+        """A whole-table scan, split by data file into up to `partitions` endpoints (default: 8 per
+        rank; never more than the snapshot has files). `options`: those of `FlightDataset`."""
+        rank, world_size, shared = _distributed(rank, world_size)
+        parts = partitions or PARTS_PER_RANK * world_size
+        plan = _planned_once(
+            shared,
+            lambda: plan_table(
+                location,
+                table,
+                columns=columns,
+                snapshot_id=snapshot_id,
+                as_of=as_of,
+                partitions=parts,
+                client_options=client_options,
+            ),
+        )
+        return cls(plan, rank=rank, world_size=world_size, **options)
+
+    @classmethod
+    def training_set(
+        cls,
+        location: str,
+        entity_rows: str | dict[str, list[Any]],
+        features: list[str],
+        *,
+        columns: Sequence[str] | None = None,
+        partitions: int | None = None,
+        entity_filter: str | None = None,
+        snapshot_ids: dict[str, int] | None = None,
+        as_of: dt.datetime | str | int | None = None,
+        entity_time: str = "event_timestamp",
+        full_feature_names: bool = False,
+        client_options: dict[str, Any] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **options: Any,
+    ) -> FlightDataset:
+        """A training set whose entity rows are a server table (`entity_rows`: its name), split by
+        entity key into `partitions` endpoints (default: 8 per rank). `columns` picks output columns,
+        e.g. to leave out string keys. `options`: those of `FlightDataset`."""
+        rank, world_size, shared = _distributed(rank, world_size)
+        parts = partitions or PARTS_PER_RANK * world_size
+        plan = _planned_once(
+            shared,
+            lambda: plan_training_set(
+                location,
+                entity_rows,
+                features,
+                columns=columns,
+                partitions=parts,
+                entity_filter=entity_filter,
+                snapshot_ids=snapshot_ids,
+                as_of=as_of,
+                entity_time=entity_time,
+                full_feature_names=full_feature_names,
+                client_options=client_options,
+            ),
+        )
+        return cls(plan, rank=rank, world_size=world_size, **options)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose endpoint order `shuffle_endpoints` uses; every rank must set the same."""
+        self.epoch = epoch
+
+    def endpoints(self, worker: int = 0, num_workers: int = 1) -> list[Endpoint]:
+        """The endpoints DataLoader worker `worker` of `num_workers` on this rank reads this epoch."""
+        order = list(self.plan.endpoints)
+        if self.shuffle_endpoints:
+            random.Random(self.seed + self.epoch).shuffle(order)
+        return order[self.rank * num_workers + worker :: self.world_size * num_workers]
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        mine = self.endpoints(info.id, info.num_workers) if info is not None else self.endpoints()
+        if not mine:
+            return
+        for batch in rebatch(self.plan.batches(mine), self.batch_size):
+            yield to_tensors(batch) if self.format == "torch" else batch
+
+
+def _planned_once(shared: bool, plan: Callable[[], ReadPlan]) -> ReadPlan:
+    """`plan()` on rank 0, broadcast to every rank of the initialised process group (`shared`), so
+    that all ranks split the same endpoints even if the table changes between their starts."""
+    if not shared or torch.distributed.get_world_size() == 1:
+        return plan()
+    box = [plan() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    assert isinstance(box[0], ReadPlan)
+    return box[0]
+
+
+__all__ = ["FlightDataset", "to_tensors"]
