@@ -15,6 +15,9 @@ import pyarrow.flight as flight
 
 from flight_client.client import FeatureClient
 
+# Endpoints a read is split into when the caller does not say (per rank, for PyTorch): enough for 8 workers each.
+DEFAULT_PARTITIONS = 8
+
 # The process whose plans and reads opened Flight connections. gRPC does not survive fork: a forked copy of that
 # process hangs on its first call, so it is refused with an explanation instead.
 _connected_in: int | None = None

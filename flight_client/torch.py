@@ -25,11 +25,9 @@ import torch
 import torch.distributed
 from torch.utils.data import IterableDataset, get_worker_info
 
-from flight_client.plans import Endpoint, ReadPlan, plan_table, plan_training_set, rebatch
+from flight_client.plans import DEFAULT_PARTITIONS, Endpoint, ReadPlan, plan_table, plan_training_set, rebatch
 
 Batch: TypeAlias = "dict[str, torch.Tensor] | pa.RecordBatch"
-# Endpoints planned per rank when `partitions` is not given: enough for 8 DataLoader workers each.
-PARTS_PER_RANK = 8
 
 
 def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
@@ -148,7 +146,7 @@ class FlightDataset(IterableDataset[Batch]):
         """A whole-table scan, split by data file into up to `partitions` endpoints (default: 8 per
         rank; never more than the snapshot has files). `options`: those of `FlightDataset`."""
         rank, world_size, shared = _distributed(rank, world_size)
-        parts = partitions or PARTS_PER_RANK * world_size
+        parts = partitions or DEFAULT_PARTITIONS * world_size
         plan = _planned_once(
             shared,
             lambda: plan_table(
@@ -186,7 +184,7 @@ class FlightDataset(IterableDataset[Batch]):
         entity key into `partitions` endpoints (default: 8 per rank). `columns` picks output columns,
         e.g. to leave out string keys. `options`: those of `FlightDataset`."""
         rank, world_size, shared = _distributed(rank, world_size)
-        parts = partitions or PARTS_PER_RANK * world_size
+        parts = partitions or DEFAULT_PARTITIONS * world_size
         plan = _planned_once(
             shared,
             lambda: plan_training_set(

@@ -1,0 +1,67 @@
+"""`flight_client.ray` on a local Ray cluster against two real server replicas: a table and a training
+set read as `ray.data.Dataset`s, one read task per endpoint, equal the client's plain reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import ray
+
+from flight_client import FeatureClient
+from flight_client.plans import plan_table
+from flight_client.ray import FlightDatasource, read_table, read_training_set
+from tests.conftest import serve_replicas, sqlite_catalog
+from tests.feature_sets import SCAN_ROWS, TRIPS, write_scan_table, write_training_set
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """Two `flight-server serve` processes on one SQLite catalog, each naming both in its endpoints."""
+    tmp: Path = tmp_path_factory.mktemp("ray")
+
+    def settings(location: str, locations: list[str]) -> dict[str, str]:
+        peers = " ".join(other for other in locations if other != location)
+        return {"FLIGHT_SERVER_ADVERTISE": location, "FLIGHT_SERVER_PEERS": peers}
+
+    with serve_replicas(tmp, sqlite_catalog(tmp), settings) as locations:
+        yield locations
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    """One local Ray cluster of two CPUs for the module."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def collect(dataset: ray.data.Dataset) -> pa.Table:
+    return pa.concat_tables(ray.get(dataset.to_arrow_refs())).replace_schema_metadata(None)
+
+
+def test_table_is_read_by_one_task_per_endpoint(cluster: None, replicas: list[str]) -> None:
+    with FeatureClient(replicas[0]) as client:
+        table = write_scan_table(client)
+        plain = client.read_table(table).replace_schema_metadata(None)
+    plan = plan_table(replicas[0], table, partitions=4)
+    assert {e.locations[0] for e in plan.endpoints} == set(replicas), "the tasks spread over both replicas"
+    source = FlightDatasource(plan)
+    assert len(source.get_read_tasks(200)) == 4 and len(source.get_read_tasks(3)) == 3
+    dataset = ray.data.read_datasource(source)
+    got = collect(dataset)
+    assert "4 tasks executed" in dataset.stats()
+    assert got.num_rows == SCAN_ROWS and got.sort_by("id").equals(plain.sort_by("id"))
+
+    columns = collect(read_table(replicas[1], table, columns=["id", "name"], partitions=2))
+    assert columns.sort_by("id").equals(plain.select(["id", "name"]).sort_by("id"))
+
+
+def test_training_set_equals_the_plain_read(cluster: None, replicas: list[str]) -> None:
+    with FeatureClient(replicas[0]) as client:
+        trips, features = write_training_set(client)
+        plain = client.get_historical_features(trips, features).replace_schema_metadata(None)
+    got = collect(read_training_set(replicas[0], trips, features, partitions=4))
+    assert got.num_rows == TRIPS and got.sort_by("trip_id").equals(plain.sort_by("trip_id"))
