@@ -11,7 +11,19 @@ from typing import Any, NamedTuple
 import click
 import strictyaml
 
-from benchmarks import cow_mor, historical, history, ingest, online, partitioning, plots, report, scale, scan
+from benchmarks import (
+    cow_mor,
+    historical,
+    history,
+    ingest,
+    integrations,
+    online,
+    partitioning,
+    plots,
+    report,
+    scale,
+    scan,
+)
 from benchmarks.harness import Settings, machine, target
 from flight_client import FeatureServerError
 from flight_server.base.config import read_catalog_file
@@ -49,6 +61,8 @@ BENCHMARKS = {
     "scale": Benchmark(scale.run, scale.render, rows=1_000_000, features=8),
     # rows: the one-row puts (--quick: history.QUICK_PUTS, set by its subcommand).
     "history": Benchmark(history.run, history.render, rows=history.PUTS, features=8, rows_per_entity=10),
+    # rows: of the feature table; entity rows: as many, at most integrations.ENTITY_ROWS. Needs the torch, ray extras.
+    "integrations": Benchmark(integrations.run, integrations.render, rows=1_000_000, features=8, rows_per_entity=10),
 }
 # `all` leaves out `scale`, which starts servers of its own and cannot measure a server given by --location, and
 # `history`, which measures how a table's history grows rather than a steady state.
@@ -324,6 +338,19 @@ def history_command(puts_per_writer: int | None, **kwargs: Any) -> None:
         options = dataclasses.replace(options, rows=history.QUICK_PUTS)
     quick_writers = history.QUICK_PUTS_PER_WRITER if options.quick else history.PUTS_PER_WRITER
     execute(["history"], options, {"history": {"puts_per_writer": puts_per_writer or quick_writers}})
+
+
+@main.command("integrations")
+@common_options
+@click.option(
+    "--entity-rows",
+    type=click.IntRange(1),
+    help=f"Training rows to read [default: --rows, at most {integrations.ENTITY_ROWS:,}].",
+)
+def integrations_command(entity_rows: int | None, **kwargs: Any) -> None:
+    """One epoch of a training set through PyTorch's DataLoader (2 workers) and Ray Data (2 CPUs), against the
+    plain client into pandas. Needs the torch and ray extras."""
+    execute(["integrations"], Options(**kwargs), {"integrations": {"entity_rows_count": entity_rows}})
 
 
 def delete_files_option(value: str | None, quick: bool) -> tuple[int, ...]:

@@ -62,6 +62,12 @@ def _read(plan: ReadPlan, endpoints: Sequence[Endpoint]) -> Iterator[pa.Table]:
             yield pa.Table.from_batches([batch])
 
 
+def _read_datasource(plan: ReadPlan, read_args: dict[str, Any]) -> ray.data.Dataset:
+    # As many blocks as endpoints: Ray would otherwise ask for 200 and cut every task's output to match.
+    read_args.setdefault("override_num_blocks", max(1, len(plan.endpoints)))
+    return ray.data.read_datasource(FlightDatasource(plan), **read_args)
+
+
 def read_table(
     location: str,
     table: str,
@@ -85,7 +91,7 @@ def read_table(
         partitions=partitions,
         client_options=client_options,
     )
-    return ray.data.read_datasource(FlightDatasource(plan), **read_args)
+    return _read_datasource(plan, read_args)
 
 
 def read_training_set(
@@ -118,7 +124,7 @@ def read_training_set(
         full_feature_names=full_feature_names,
         client_options=client_options,
     )
-    return ray.data.read_datasource(FlightDatasource(plan), **read_args)
+    return _read_datasource(plan, read_args)
 
 
 __all__ = ["FlightDatasource", "read_table", "read_training_set"]

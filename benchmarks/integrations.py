@@ -1,0 +1,173 @@
+"""`flight-bench integrations`: one epoch of a training set through PyTorch's DataLoader (2 worker
+processes) and through Ray Data (a local cluster of 2 CPUs), next to the plain client into pandas.
+
+The training set's entity rows are a table on the server, split by key into `PARTITIONS` endpoints
+that every path reads: the plain client fetches them in parallel into one DataFrame (`read_flight`),
+the DataLoader deals them to its workers, Ray runs a read task per endpoint. Every column is numeric,
+so the DataLoader yields dicts of tensors with all of them. Each path must return every entity row
+once (row count and the sum of the labels), or the run fails. Needs the `torch` and `ray` extras.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from benchmarks import report
+from benchmarks.datagen import ENTITY_KEY, EVENT_TIME, LABEL, SPAN_DAYS, START, TIMESTAMP, entity_rows, zipf_keys
+from benchmarks.harness import Case, Settings, Target, measure, table_name
+from flight_client import FeatureClient, read_flight
+
+ENTITY_ROWS = 1_000_000
+PARTITIONS = 8
+WORKERS = 2
+PANDAS = "pandas_read_flight"
+LABELS = {
+    PANDAS: "(a) read_flight: endpoints in parallel -> pandas",
+    "torch_dataloader": f"DataLoader epoch, {WORKERS} workers started per epoch -> tensors",
+    "torch_persistent": f"DataLoader epoch, {WORKERS} persistent workers -> tensors",
+    "torch_in_process": "FlightDataset in process (num_workers=0) -> tensors",
+    "ray_data": f"Ray Data read_training_set, {WORKERS} CPUs -> Arrow batches",
+}
+
+
+def feature_table(rows: int, entities: int, seed: int, features: int) -> pa.Table:
+    """`rows` rows of float features over the benchmark's key space and days (a tenth of them NaN)."""
+    rng = np.random.default_rng([seed, 11])
+    event_us = int(START.timestamp() * 1e6) + rng.integers(0, SPAN_DAYS * 86_400_000_000, size=rows)
+    columns: dict[str, Any] = {
+        ENTITY_KEY: pa.array(zipf_keys(seed, rows, entities, rng)),
+        EVENT_TIME: pa.array(event_us).cast(TIMESTAMP),
+    }
+    for i in range(features):
+        values = rng.normal(size=rows)
+        values[rng.random(rows) < 0.1] = np.nan
+        columns[f"f{i:02d}"] = pa.array(values)
+    return pa.table(columns)
+
+
+def summary(counts: Iterable[tuple[int, float]]) -> tuple[int, float]:
+    """Rows and the sum of the labels over (rows, label sum) pairs."""
+    rows, labels = 0, 0.0
+    for n, total in counts:
+        rows, labels = rows + n, labels + total
+    return rows, labels
+
+
+def tensor_counts(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[int, float]]:
+    for batch in batches:
+        yield len(batch[LABEL]), float(batch[LABEL].sum())
+
+
+def arrow_counts(batches: Iterable[Any]) -> Iterator[tuple[int, float]]:
+    for batch in batches:
+        yield batch.num_rows, float(pc.sum(batch[LABEL]).as_py() or 0)
+
+
+def run(target: Target, settings: Settings, entity_rows_count: int | None = None) -> dict[str, Any]:
+    import ray
+    import ray.data
+    from torch.utils.data import DataLoader
+
+    from flight_client.ray import read_training_set
+    from flight_client.torch import FlightDataset
+
+    n_entities = entity_rows_count or min(settings.rows, ENTITY_ROWS)
+    report.progress(f"integrations: writing {settings.rows:,} feature rows and {n_entities:,} entity rows")
+    features_name, entities_name = table_name("int_features"), table_name("int_entities")
+    entities = entity_rows(n_entities, settings.entities, settings.seed)
+    expected = summary(arrow_counts([entities]))
+    with FeatureClient(target.location) as client:
+        client.write(
+            features_name,
+            feature_table(settings.rows, settings.entities, settings.seed, settings.features),
+            entity_keys=[ENTITY_KEY],
+            event_time=EVENT_TIME,
+        )
+        client.write(entities_name, entities, entity_keys=[ENTITY_KEY], event_time="event_timestamp")
+    features = [f"{features_name}:f{i:02d}" for i in range(settings.features)]
+    location = target.location
+    got: dict[str, tuple[int, float]] = {}
+    arrow_bytes: list[int] = []
+
+    def pandas_case() -> None:
+        frame = read_flight(location, entities_name, features=features, partitions=PARTITIONS)
+        got[PANDAS] = (len(frame), float(frame[LABEL].sum()))
+
+    def dataset() -> FlightDataset:
+        return FlightDataset.training_set(location, entities_name, features, partitions=PARTITIONS)
+
+    def loader_case(name: str, loader: Callable[[], Iterable[dict[str, Any]]]) -> Case:
+        return Case(lambda: got.__setitem__(name, summary(tensor_counts(loader()))))
+
+    def ray_case() -> None:
+        ds = read_training_set(location, entities_name, features, partitions=PARTITIONS)
+        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        got["ray_data"] = summary(arrow_counts(batches))
+
+    # Workers fork from a server process that imported torch once, instead of importing it each.
+    multiprocessing.set_forkserver_preload(["torch", "flight_client.torch"])
+    persistent = DataLoader(
+        dataset(), batch_size=None, num_workers=WORKERS, multiprocessing_context="forkserver", persistent_workers=True
+    )
+    cases = {
+        PANDAS: Case(pandas_case),
+        "torch_dataloader": loader_case(
+            "torch_dataloader",
+            lambda: DataLoader(dataset(), batch_size=None, num_workers=WORKERS, multiprocessing_context="forkserver"),
+        ),
+        "torch_persistent": loader_case("torch_persistent", lambda: persistent),
+        "torch_in_process": loader_case("torch_in_process", dataset),
+        "ray_data": Case(ray_case),
+    }
+    with FeatureClient(location) as client:
+        arrow_bytes.append(client.get_historical_features(entities_name, features, partitions=PARTITIONS).nbytes)
+    ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        report.progress(f"integrations: timing {len(cases)} ways to read {n_entities:,} training rows, interleaved")
+        timings = measure(cases, settings.repeat, settings.warmup, "integrations")
+    finally:
+        ray.shutdown()
+    for name, counts in got.items():
+        if counts[0] != expected[0] or not np.isclose(counts[1], expected[1]):
+            raise RuntimeError(f"{name}: {counts[0]:,} rows, label sum {counts[1]:.3f}; expected {expected}")
+    baseline = timings[PANDAS].median
+    results = {
+        name: {
+            "label": LABELS[name],
+            **timing.as_dict(),
+            "rows_per_s": n_entities / timing.median,
+            "mb_per_s": arrow_bytes[0] / report.MB / timing.median,
+            "ratio_to_pandas": baseline / timing.median,
+        }
+        for name, timing in timings.items()
+    }
+    return {
+        "entity_rows": n_entities,
+        "feature_rows": settings.rows,
+        "features": len(features),
+        "partitions": PARTITIONS,
+        "result_arrow_mb": arrow_bytes[0] / report.MB,
+        "results": results,
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    header = (
+        f"integrations: a training set of {result['entity_rows']:,} entity rows x {result['features']} features "
+        f"({result['feature_rows']:,} feature rows; {result['result_arrow_mb']:.1f} MB of Arrow) in "
+        f"{result['partitions']} endpoints; rows/s = training rows / s"
+    )
+    rows = [
+        [r["label"], *report.timing_cells(r), report.ratio(r["ratio_to_pandas"])] for r in result["results"].values()
+    ]
+    footer = "checks: every path returned every entity row once (row count and label sum)"
+    return "\n".join([header, report.table(["path", *report.TIMING_HEADERS, "vs (a)"], rows), footer])
