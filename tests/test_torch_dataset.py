@@ -3,6 +3,7 @@ real server process: every row of a scan or a training set exactly once, across 
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from flight_client import FeatureClient
 from flight_client.torch import FlightDataset
 from tests.conftest import serve_replicas, sqlite_catalog
 from tests.feature_sets import SCAN_ROWS, TRIPS, write_scan_table, write_training_set
+from tests.services import free_ports
+from tests.torch_ranks import read_share
 
 NUMERIC = ["id", "ts", "value", "small", "ratio", "flag", "day"]
 TRAINING = ["trip_id", "driver_id", "event_timestamp", "label", "rate"]
@@ -122,6 +125,19 @@ def test_two_ranks_together_read_every_row_once_in_any_epoch(
         assert [r[0] for r in rows(batches, TRAINING)] == list(range(TRIPS))
         orders.append(ranks[0].endpoints(0, 2))
     assert orders[0] != orders[1], "each epoch deals the endpoints anew"
+
+
+def test_ranks_of_a_process_group_share_one_plan(
+    location: str, training_set: tuple[str, list[str]], tmp_path: Path
+) -> None:
+    trips, features = training_set
+    init_method = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    args = (init_method, location, trips, features, tmp_path)
+    torch.multiprocessing.start_processes(read_share, args, nprocs=2, start_method="forkserver")
+    seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [(s["rank"], s["world_size"]) for s in seen] == [(0, 2), (1, 2)]
+    assert seen[0]["tickets"] == seen[1]["tickets"] and len(seen[0]["tickets"]) == 16
+    assert sorted(seen[0]["ids"] + seen[1]["ids"]) == list(range(TRIPS))
 
 
 def test_tensor_types(location: str, scan_table: str) -> None:
