@@ -243,6 +243,20 @@ def test_cow_vs_mor_on_its_own_server(tmp_path: Path) -> None:
     assert result["delete_files"] == [1, 3] and result["rows"] == 20_000
 
 
+def test_integrations_on_its_own_server(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "integrations")["benchmarks"]["integrations"]
+    assert result["entity_rows"] == 20_000 and result["partitions"] == 8
+    assert set(result["results"]) == {
+        "pandas_read_flight",
+        "torch_dataloader",
+        "torch_persistent",
+        "torch_in_process",
+        "ray_data",
+    }
+    for entry in result["results"].values():
+        assert entry.keys() >= TIMING_KEYS and positive(entry["rows_per_s"], entry["ratio_to_pandas"])
+
+
 @pytest.mark.timeout(600)  # 3 x 120 one-row appends, 6 server starts and 2 x 32 concurrent puts
 def test_history_on_its_own_server(tmp_path: Path) -> None:
     result = run_bench(tmp_path, "history", "--plot", str(tmp_path / "charts"))["benchmarks"]["history"]
