@@ -99,8 +99,8 @@ class FlightDataset(IterableDataset[Batch]):
     `batch_size` re-cuts each worker's stream into batches of that many rows (the last of a worker
     may be shorter); None keeps the server's batches. `shuffle_endpoints` permutes the endpoints with
     `seed + epoch` (call `set_epoch` before each epoch, as with `DistributedSampler`); rows within an
-    endpoint keep their order. `rank` and `world_size` come from `torch.distributed` when it is
-    initialised, else from the arguments (default: one rank).
+    endpoint keep their order. `rank` and `world_size` are the arguments when given, else those of
+    `torch.distributed` when it is initialised, else one rank.
     """
 
     def __init__(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -167,6 +169,11 @@ def test_forked_workers_are_refused_not_hung(location: str, scan_table: str) -> 
     dataset = FlightDataset.table(location, scan_table, columns=["id"], partitions=2)
     with pytest.raises(RuntimeError, match="multiprocessing_context='forkserver'"):
         list(DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="fork"))
+
+
+def test_the_client_imports_neither_torch_nor_ray() -> None:
+    code = "import sys, flight_client; assert not {'torch', 'ray'} & set(sys.modules), sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_local_entity_rows_are_refused(location: str, training_set: tuple[str, list[str]]) -> None:
