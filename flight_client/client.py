@@ -25,7 +25,7 @@ from flight_server.wire.actions import (
     PinRequest,
     UnpinRequest,
 )
-from flight_server.wire.codec import decode_reply, encode, format_timestamp
+from flight_server.wire.codec import REQUEST_ID_HEADER, decode_reply, encode, format_timestamp
 from flight_server.wire.reads import (
     MAX_INLINE_ENTITIES,
     EntitySource,
@@ -112,6 +112,7 @@ class FeatureClient:
     bytes, PEM text or a file path. Endpoints that name other replicas are fetched from them, over
     connections opened with the same options and kept for reuse. Online lookups go over streams
     kept open between calls (`flight_client/sessions.py`; `online_sessions=False`: one call each).
+    `request_id` is sent as `x-request-id` on every call: the server's log lines of those calls carry it.
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class FeatureClient:
         cert_chain: bytes | str | Path | None = None,
         private_key: bytes | str | Path | None = None,
         online_sessions: bool = True,
+        request_id: str | None = None,
         **client_options: Any,
     ):
         self.location = location
@@ -142,6 +144,8 @@ class FeatureClient:
             except SERVER_ERRORS as exc:
                 self._client.close()
                 raise from_flight_error(exc) from None
+        if request_id is not None:
+            headers = [*(headers or []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
         self._options = flight.FlightCallOptions(timeout=timeout, headers=headers)
         self._sessions = Sessions(self._client, timeout, headers or []) if online_sessions else None
 

@@ -63,6 +63,8 @@ class ServerConfig:
     max_concurrent_per_caller: int = 0
     max_batch_bytes: int = 0
     idle_timeout_seconds: float = 0.0
+    metrics_port: int = 0  # 0: no metrics endpoint
+    metrics_host: str | None = None  # None: --host
 
     @property
     def scheme(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from flight_server.base.config import ServerConfig
+from flight_server.base.logs import LOG_FORMATS
 
 KB = 1 << 10
 MB = 1 << 20
@@ -109,6 +110,15 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "Logging detail.",
         type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
         default="INFO",
+    ),
+    Setting(
+        "--log-format",
+        "FLIGHT_SERVER_LOG_FORMAT",
+        "Server",
+        "Log lines as text, or as JSON objects (one a line: ts, level, logger, msg, request_id, trace_id; a "
+        "call's own line adds method, kind, code, duration_ms, peer).",
+        type=click.Choice(LOG_FORMATS),
+        default="text",
     ),
     Setting(
         "--demo/--no-demo",
@@ -359,6 +369,22 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "its connection: its slot and memory are freed. Linux only. 0: never.",
         "idle_timeout_seconds",
         click.FloatRange(0),
+    ),
+    Setting(
+        "--metrics-port",
+        "FLIGHT_SERVER_METRICS_PORT",
+        "Metrics",
+        "Serve Prometheus metrics over HTTP on this port (GET /metrics; docs/operations.md lists them). 0: none.",
+        "metrics_port",
+        click.IntRange(0, 65535),
+    ),
+    Setting(
+        "--metrics-host",
+        "FLIGHT_SERVER_METRICS_HOST",
+        "Metrics",
+        "Address the metrics endpoint listens on (it has no authentication).",
+        "metrics_host",
+        default_text="--host",
     ),
 )
 

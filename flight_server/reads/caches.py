@@ -24,13 +24,19 @@ class PlanCache:
         self._entries, self._max_files = entries, max_files
         self._plans: OrderedDict[tuple[str, int | None, str], list[FileScanTask] | None] = OrderedDict()
         self._lock = threading.Lock()
+        self.hits = self.misses = 0  # for the server's metrics
 
     def get(self, key: tuple[str, int | None, str]) -> tuple[bool, list[FileScanTask] | None]:
         with self._lock:
             if key not in self._plans:
+                self.misses += 1
                 return False, None
+            self.hits += 1
             self._plans.move_to_end(key)
             return True, self._plans[key]
+
+    def __len__(self) -> int:
+        return len(self._plans)
 
     def put(self, key: tuple[str, int | None, str], tasks: list[FileScanTask] | None) -> None:
         if tasks is not None and len(tasks) > self._max_files:
@@ -51,13 +57,24 @@ class PositionCache:
         self._entries: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self.hits = self.misses = 0  # for the server's metrics
 
     def get(self, key: tuple[str, str]) -> np.ndarray | None:
         with self._lock:
             value = self._entries.get(key)
             if value is not None:
                 self._entries.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
             return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
     def put(self, key: tuple[str, str], value: np.ndarray) -> None:
         with self._lock:

@@ -20,6 +20,8 @@ from flight_server.base.config import ServerConfig
 from flight_server.reads.plan import plan_table_scan
 from flight_server.transport.actions import ACTIONS, table_summary, visible_tables
 from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
+from flight_server.transport.calls import KINDS, CallLog, tag
+from flight_server.transport.calls import MIDDLEWARE_KEY as CALLS_KEY
 from flight_server.transport.client_streams import ClientReader, ClientWriter
 from flight_server.transport.components import Components
 from flight_server.transport.errors import plain_error_messages, to_flight_error
@@ -28,6 +30,7 @@ from flight_server.transport.idle import MIDDLEWARE_KEY as IDLE_KEY
 from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
 from flight_server.transport.limits import ConcurrencyLimit, is_session
+from flight_server.transport.metrics import CountedReader, CountedWriter, ServerMetrics, sending
 from flight_server.transport.tls import server_tls_options
 from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, decode_text, encode_reply
 from flight_server.wire.errors import RequestError
@@ -71,7 +74,11 @@ class FeatureFlightServer(flight.FlightServerBase):
         plain_error_messages()
         tls = server_tls_options(config)
         endpoints = Endpoints(config.endpoint_locations())
-        middleware: dict[str, flight.ServerMiddlewareFactory] = {}
+        self.metrics = ServerMetrics() if config.metrics_port else None
+        if self.metrics is not None:  # a port in use stops the start before anything is built
+            self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
+        # First: it ends the calls that the middleware after it refuses, too.
+        middleware: dict[str, flight.ServerMiddlewareFactory] = {CALLS_KEY: CallLog(self.metrics)}
         self.auth: AuthMiddlewareFactory | None = None
         if config.auth_tokens:  # first: calls without a valid token take no slot of the limit
             self.auth = AuthMiddlewareFactory(TokenSource(config.auth_tokens, config.auth_tokens_file))
@@ -88,6 +95,8 @@ class FeatureFlightServer(flight.FlightServerBase):
         self.parts = Components.build(config)
         self.sessions = OpenSessions()
         self._handlers = handlers(self.parts, endpoints, self.sessions)
+        if self.metrics is not None:
+            self.metrics.watch(self.parts)
         location = f"{config.scheme}://{config.host}:{config.port}"
         super().__init__(location, middleware=middleware, **tls, **kwargs)
         if self.idle is not None:
@@ -113,6 +122,8 @@ class FeatureFlightServer(flight.FlightServerBase):
                 log.info("shutdown: ended the open online sessions")
             stopping.join(1.0)
         self.parts.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def reload_tokens(self) -> None:
         """Read `--auth-tokens-file` again now (SIGHUP); otherwise it is re-read within a second of changing."""
@@ -129,6 +140,8 @@ class FeatureFlightServer(flight.FlightServerBase):
     ) -> flight.RecordBatchStream:
         """A `do_get` result; with an idle timeout, the time Flight spends writing each batch is watched."""
         call = self._watched(context)
+        if self.metrics is not None:
+            reader = sending(self.metrics.sent(context.get_middleware(CALLS_KEY).kind), reader)
         return flight.RecordBatchStream(call.stream(reader) if call is not None else reader, WRITE_OPTIONS)
 
     def _client_streams(
@@ -140,6 +153,10 @@ class FeatureFlightServer(flight.FlightServerBase):
     ) -> tuple[Any, Any]:
         """The client's stream and the writer back to it, within `--max-batch-mb` and the idle timeout
         (which, without `watch_reads`, counts only the waits for the client to read results)."""
+        if self.metrics is not None:
+            kind = context.get_middleware(CALLS_KEY).kind
+            reader = CountedReader(reader, self.metrics.received(kind))
+            writer = CountedWriter(writer, self.metrics.sent(kind))
         call = self._watched(context)
         if call is None and not self.config.max_batch_bytes:
             return reader, writer
@@ -157,6 +174,8 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     def _authorized(self, context: flight.ServerCallContext, request: Any) -> Any:
         """`request`, once the caller may use every table it names (the RPC's permission is checked earlier)."""
+        if type(request) in KINDS:
+            tag(context, KINDS[type(request)])
         principal(context).check_tables(self.parts.catalog, request_tables(request))
         return request
 
@@ -238,6 +257,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         row = ACTIONS.get(name)
         if row is None:
             raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")
+        tag(context, name)
         caller = principal(context)
         caller.require(row.permission, f"action {name!r}")
         request = None
