@@ -19,7 +19,7 @@ import pyarrow.flight as flight
 
 from flight_server.base.logs import bind, current, unbind
 from flight_server.transport.errors import ROUTES, error_kind
-from flight_server.transport.metrics import ServerMetrics
+from flight_server.transport.metrics import Flow, ServerMetrics
 from flight_server.wire.codec import REQUEST_ID_HEADER
 from flight_server.wire.errors import RequestError
 from flight_server.wire.reads import HistoricalRequest, OnlineRequest, ScanRequest
@@ -86,6 +86,7 @@ class Call(flight.ServerMiddleware):
         self.peer: str | None = None
         self.started = time.perf_counter()
         self.ended = False
+        self.flows: list[Flow] = []
 
     def sending_headers(self) -> dict[str, str]:
         return {REQUEST_ID_HEADER: self.request_id}
@@ -112,6 +113,8 @@ class CallLog(flight.ServerMiddlewareFactory):
             return
         call.ended = True
         seconds = time.perf_counter() - call.started
+        for flow in call.flows:
+            flow.flush()
         if self.metrics is not None:
             self.metrics.completed(call.method, call.kind, code, seconds)
         level = logging.DEBUG if code == "OK" else logging.INFO
@@ -137,6 +140,14 @@ def tag(context: flight.ServerCallContext, kind: str) -> Call | None:
         call.kind = kind
         call.peer = context.peer()
     return call
+
+
+def flows(context: flight.ServerCallContext, metrics: ServerMetrics) -> tuple[Flow, Flow]:
+    """What the running call receives and sends, counted by its kind (`tag` it first) until it ends."""
+    call: Call = context.get_middleware(MIDDLEWARE_KEY)
+    received, sent = metrics.received(call.kind), metrics.sent(call.kind)
+    call.flows += (received, sent)
+    return received, sent
 
 
 def refused(exc: RequestError) -> None:

@@ -20,7 +20,7 @@ from flight_server.base.config import ServerConfig
 from flight_server.reads.plan import plan_table_scan
 from flight_server.transport.actions import ACTIONS, table_summary, visible_tables
 from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
-from flight_server.transport.calls import KINDS, CallLog, tag
+from flight_server.transport.calls import KINDS, CallLog, flows, tag
 from flight_server.transport.calls import MIDDLEWARE_KEY as CALLS_KEY
 from flight_server.transport.client_streams import ClientReader, ClientWriter
 from flight_server.transport.components import Components
@@ -141,7 +141,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         """A `do_get` result; with an idle timeout, the time Flight spends writing each batch is watched."""
         call = self._watched(context)
         if self.metrics is not None:
-            reader = sending(self.metrics.sent(context.get_middleware(CALLS_KEY).kind), reader)
+            reader = sending(flows(context, self.metrics)[1], reader)
         return flight.RecordBatchStream(call.stream(reader) if call is not None else reader, WRITE_OPTIONS)
 
     def _client_streams(
@@ -154,9 +154,8 @@ class FeatureFlightServer(flight.FlightServerBase):
         """The client's stream and the writer back to it, within `--max-batch-mb` and the idle timeout
         (which, without `watch_reads`, counts only the waits for the client to read results)."""
         if self.metrics is not None:
-            kind = context.get_middleware(CALLS_KEY).kind
-            reader = CountedReader(reader, self.metrics.received(kind))
-            writer = CountedWriter(writer, self.metrics.sent(kind))
+            received, sent = flows(context, self.metrics)
+            reader, writer = CountedReader(reader, received), CountedWriter(writer, sent)
         call = self._watched(context)
         if call is None and not self.config.max_batch_bytes:
             return reader, writer
