@@ -45,18 +45,13 @@ def main() -> None:
 @main.command()
 @options(SERVE_SETTINGS)
 def serve(
-    catalog_config: str | None,
-    catalog_property: tuple[str, ...],
-    demo: bool,
-    log_level: str,
-    log_format: str,
-    **fields: Any,
+    catalog_config: str | None, catalog_property: tuple[str, ...], demo: bool, log_level: str, **fields: Any
 ) -> None:
     """Serve feature tables over Arrow Flight until interrupted (Ctrl-C or SIGTERM)."""
     # An online lookup takes the GIL a few times for ~0.1 ms each; while a write or an index refresh
     # runs Python code, the default 5 ms switch interval would make each of those waits up to 5 ms.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
-    setup_logging(log_level, log_format)
+    setup_logging(log_level, fields["log_format"])
     config = _config(catalog_config, catalog_property, fields)
     try:
         config.auth_tokens = load_tokens(config.auth_tokens_file)

@@ -63,6 +63,7 @@ class ServerConfig:
     max_concurrent_per_caller: int = 0
     max_batch_bytes: int = 0
     idle_timeout_seconds: float = 0.0
+    log_format: str = "text"  # or "json"; JSON logs and metrics both track every call (request ids)
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str | None = None  # None: --host
 

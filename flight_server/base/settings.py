@@ -117,8 +117,8 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "Server",
         "Log lines as text, or as JSON objects (one a line: ts, level, logger, msg, request_id, trace_id; a "
         "call's own line adds method, kind, code, duration_ms, peer).",
-        type=click.Choice(LOG_FORMATS),
-        default="text",
+        "log_format",
+        click.Choice(LOG_FORMATS),
     ),
     Setting(
         "--demo/--no-demo",

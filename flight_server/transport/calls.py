@@ -1,10 +1,12 @@
 """Every call, from start to end: its request id and trace id, its status code, its line in the log and its metrics.
 
-`CallLog` is the server's first middleware. A call takes the client's `x-request-id` (or gets a fresh one, sent back
-in the same response header) and the trace id of a W3C `traceparent` header; every log line of it carries them
-(`base/logs.py`). Handlers `tag` it with its request kind. When it ends it is counted (`ServerMetrics`) and logged
-with its code: DEBUG when it succeeded, INFO when it failed. Calls that the later middleware (authentication,
-concurrency limits) refuses never reach `call_completed`, so those middleware report them (`refused`).
+`CallLog` is the server's first middleware when metrics or JSON logs are on; without them calls are not tracked
+(a Python middleware costs every call three trips into Python). A call takes the client's `x-request-id` (or gets a
+fresh one, sent back in the same response header) and the trace id of a W3C `traceparent` header; every log line of
+it carries them (`base/logs.py`). Handlers `tag` it with its request kind. When it ends it is counted
+(`ServerMetrics`) and logged with its code: DEBUG when it succeeded, INFO when it failed. Calls that the later
+middleware (authentication, concurrency limits) refuses never reach `call_completed`, so those middleware report
+them (`refused`).
 """
 
 from __future__ import annotations

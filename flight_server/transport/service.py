@@ -77,8 +77,9 @@ class FeatureFlightServer(flight.FlightServerBase):
         self.metrics = ServerMetrics() if config.metrics_port else None
         if self.metrics is not None:  # a port in use stops the start before anything is built
             self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
-        # First: it ends the calls that the middleware after it refuses, too.
-        middleware: dict[str, flight.ServerMiddlewareFactory] = {CALLS_KEY: CallLog(self.metrics)}
+        middleware: dict[str, flight.ServerMiddlewareFactory] = {}
+        if self.metrics is not None or config.log_format == "json":  # a Python middleware costs every call
+            middleware[CALLS_KEY] = CallLog(self.metrics)  # first: it ends the calls the others refuse, too
         self.auth: AuthMiddlewareFactory | None = None
         if config.auth_tokens:  # first: calls without a valid token take no slot of the limit
             self.auth = AuthMiddlewareFactory(TokenSource(config.auth_tokens, config.auth_tokens_file))
