@@ -125,6 +125,7 @@ def test_every_kind_of_call_is_counted(server: tuple[str, int, Path]) -> None:
     assert value(samples, "flight_commit_retries_total") == 0
     assert value(samples, "flight_commit_conflicts_total") == 0
     assert value(samples, "flight_writes_in_progress") == 0
+    assert value(samples, "process_resident_memory_bytes") > 0
 
     text = log.read_text()  # a failed call's line, its request id in text logs too
     assert "get_flight_info scan NOT_FOUND in" in text and "[metrics-test]" in text

@@ -17,7 +17,7 @@ from wsgiref.simple_server import WSGIServer
 
 import pyarrow as pa
 import pyarrow.flight as flight
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -92,6 +92,7 @@ class ServerMetrics:
         self.rows_received = flow("flight_rows_received", "Rows received from clients")
         self.bytes_received = flow("flight_bytes_received", "Bytes received from clients (as Arrow IPC messages)")
         self.registry.register(COMMIT_RETRIES)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open files
         self._calls: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # labelled children, looked up once
         self._http: tuple[WSGIServer, Thread] | None = None
 
