@@ -27,6 +27,7 @@ from flight_server.wire.actions import (
 )
 from flight_server.wire.codec import decode_reply, encode, format_timestamp
 from flight_server.wire.reads import (
+    COMPRESSIONS,
     MAX_INLINE_ENTITIES,
     EntitySource,
     HistoricalRequest,
@@ -112,6 +113,8 @@ class FeatureClient:
     bytes, PEM text or a file path. Endpoints that name other replicas are fetched from them, over
     connections opened with the same options and kept for reuse. Online lookups go over streams
     kept open between calls (`flight_client/sessions.py`; `online_sessions=False`: one call each).
+    `compression` (`"lz4"` or `"zstd"`) asks for scans and training sets compressed on the wire: for
+    networks slower than about 1 GB/s, at the server's and this process's CPU cost.
     """
 
     def __init__(
@@ -126,9 +129,13 @@ class FeatureClient:
         cert_chain: bytes | str | Path | None = None,
         private_key: bytes | str | Path | None = None,
         online_sessions: bool = True,
+        compression: str | None = None,
         **client_options: Any,
     ):
+        if compression is not None and compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {list(COMPRESSIONS)} or None, got {compression!r}")
         self.location = location
+        self.compression = compression
         pems = {"tls_root_certs": tls_root_certs, "cert_chain": cert_chain, "private_key": private_key}
         client_options.update({name: _pem(value) for name, value in pems.items() if value is not None})
         self._client_options = client_options
@@ -297,7 +304,7 @@ class FeatureClient:
 
         The schema metadata says which snapshot was read (`flight.snapshot_id`).
         """
-        request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit)
+        request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit, compression=self.compression)
         return self._get(request.to_bytes())
 
     def read_table(
@@ -317,12 +324,15 @@ class FeatureClient:
         come back as one endpoint. Default: the server's `--scan-partitions`. Row order across
         parts is not defined; the schema metadata names the snapshot and read path, as `scan`'s does.
         """
-        request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit, partitions)
+        request = ScanRequest(
+            table, columns, filter, snapshot_id, _as_of(as_of), limit, partitions, compression=self.compression
+        )
         return self._read_endpoints(self._info(request))
 
     def flight_info(self, table: str, **scan_options: Any) -> flight.FlightInfo:
         """Schema, row estimate and endpoints of a scan, without reading it."""
         scan_options["as_of"] = _as_of(scan_options.get("as_of"))
+        scan_options.setdefault("compression", self.compression)
         return self._info(ScanRequest(table, **scan_options))
 
     def _get(self, ticket: bytes, locations: list[str] | None = None) -> pa.RecordBatchReader:
@@ -437,6 +447,7 @@ class FeatureClient:
             snapshot_ids=snapshot_ids,
             as_of=_as_of(as_of),
             partitions=partitions,
+            compression=self.compression,
         )
 
     # Online serving
@@ -572,11 +583,17 @@ class _Sender:
 
 
 def read_flight(
-    location: str, table: str | None = None, *, token: str | None = None, tls_root_certs: Any = None, **options: Any
+    location: str,
+    table: str | None = None,
+    *,
+    token: str | None = None,
+    tls_root_certs: Any = None,
+    compression: str | None = None,
+    **options: Any,
 ) -> pd.DataFrame:
     """Read into pandas in one call: a table (with `read_table` options), or a training set when
     `features=[...]` and `entity_rows=...` are given (with `get_historical_features` options)."""
-    with FeatureClient(location, token=token, tls_root_certs=tls_root_certs) as client:
+    with FeatureClient(location, token=token, tls_root_certs=tls_root_certs, compression=compression) as client:
         if "features" in options:
             entity_rows = options.pop("entity_rows", table)
             return client.get_historical_features(entity_rows, options.pop("features"), **options).to_pandas()
