@@ -49,6 +49,7 @@ class ServerConfig:
     online_refresh_seconds: float = 0.5
     online_max_bytes: int = 2 << 30
     scan_partitions: int = 1
+    scan_cache_bytes: int = 1 << 30
     # Deployment: where replicas are reached, who may call, how much at once.
     advertise: str | None = None
     peers: list[str] = field(default_factory=list)

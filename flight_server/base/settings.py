@@ -209,6 +209,16 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         click.IntRange(1),
     ),
     Setting(
+        "--scan-cache-mb",
+        "FLIGHT_SERVER_SCAN_CACHE_MB",
+        "Parallel reads",
+        "Memory for the decoded rows of data files that whole-table scans read (least recently used dropped "
+        "first): repeated reads of a snapshot, every epoch and from every worker, stream from memory. 0: off.",
+        "scan_cache_bytes",
+        click.IntRange(0),
+        unit=MB,
+    ),
+    Setting(
         "--historical-partitions",
         "FLIGHT_SERVER_HISTORICAL_PARTITIONS",
         "Parallel reads",
