@@ -153,6 +153,12 @@ def test_unknown_catalog_name_is_an_error(tmp_path: Path) -> None:
     assert not (tmp_path / "unused").exists()  # no embedded catalog was made in its place
 
 
+def test_remove_orphan_files_opens_the_catalog_as_serve_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYICEBERG_HOME", str(tmp_path))
+    result = CliRunner().invoke(main, ["remove-orphan-files", TABLE, "--catalog-name", "nowhere"])
+    assert result.exit_code == 2 and result.output.startswith("Error: no catalog named 'nowhere'"), result.output
+
+
 def test_embedded_default_needs_no_configuration(tmp_path: Path) -> None:
     """No catalog options at all: the embedded SQLite catalog, even with a `.pyiceberg.yaml` around."""
     (tmp_path / ".pyiceberg.yaml").write_text(_yaml({"default": {"uri": "postgresql://nowhere:1/x"}}))
