@@ -131,8 +131,8 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "--catalog-config",
         "FLIGHT_SERVER_CATALOG_CONFIG",
         "Catalog",
-        "YAML or JSON file of pyiceberg catalog properties (type, uri, warehouse, s3.endpoint, ...). "
-        "Without it (and without FLIGHT_SERVER_CATALOG__* variables) the embedded default is used.",
+        "YAML or JSON file of pyiceberg catalog properties (type, uri, warehouse, s3.endpoint, ...), flat or in"
+        " .pyiceberg.yaml's layout (catalog: NAME: properties). Without any catalog option: the embedded default.",
         type=_FILE,
     ),
     Setting(
@@ -147,7 +147,9 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "--catalog-name",
         "FLIGHT_SERVER_CATALOG_NAME",
         "Catalog",
-        "Name of the catalog (pyiceberg's SQL catalogs keep tables per name).",
+        "Name of the catalog; given, its properties start from pyiceberg's own configuration (.pyiceberg.yaml, "
+        "PYICEBERG_CATALOG__NAME__* variables), and a name nothing configures is an error. SQL catalogs keep tables "
+        "per name.",
         "catalog_name",
     ),
     Setting(

@@ -35,7 +35,7 @@ from pyiceberg.transforms import (
 from sqlalchemy import Select
 from sqlalchemy.exc import IntegrityError
 
-from flight_server.base.config import redact
+from flight_server.base.config import CatalogError, catalog_failure, redact
 from flight_server.iceberg.internals import metadata_location_query
 from flight_server.wire.actions import DELETE_MODES
 from flight_server.wire.codec import parse_table_name
@@ -174,7 +174,10 @@ class FeatureCatalog:
         self.name = name
         self.properties = properties
         self.default_namespace = default_namespace
-        self.catalog: Catalog = load_catalog(name, **properties)
+        try:
+            self.catalog: Catalog = load_catalog(name, **properties)
+        except Exception as exc:  # whatever the catalog library raises, the operator needs one line, no secret
+            raise CatalogError(catalog_failure(name, properties, exc)) from exc
         self._read: dict[str, Table] = {}  # by table name: the last loaded for reading (see `read`)
         log.info("catalog %r: %s", name, redact(properties))
 
