@@ -2,11 +2,14 @@
 
 The ceiling is the same Arrow table served from memory by a minimal Flight server in the same
 run, batched like ours: the ratio says what share of the transport's capacity our scan uses.
-The scan is read over one stream, and over several endpoints fetched in parallel.
+The scan is read over one stream, and over several endpoints fetched in parallel. Repeated reads
+stream from the server's scan cache (warm); when the benchmark started the server, a replica on
+the same catalog with the cache off measures the cold read, which decodes the Parquet every time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from typing import Any
@@ -17,7 +20,7 @@ import pyarrow.flight as flight
 from benchmarks import ceiling, report
 from benchmarks.baselines import LocalReaders
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_table
-from benchmarks.harness import Case, Settings, Target, measure, table_name
+from benchmarks.harness import Case, Settings, Target, local_server, measure, table_name
 from flight_client import FeatureClient
 from flight_server.base.config import ServerConfig
 
@@ -27,7 +30,8 @@ PARALLEL_ENDPOINTS = (2, 4)
 CODECS = ("lz4", "zstd")  # `compression` a client may ask for: loopback pays their CPU, real networks gain
 LABELS = {
     CEILING: "raw Flight do_get of the table in memory (ceiling)",
-    "flight_arrow": "Flight scan -> Arrow",
+    "flight_arrow": "Flight scan -> Arrow (scan cache warm)",
+    "flight_arrow_cold": "Flight scan -> Arrow, no scan cache (cold: decodes every time)",
     "flight_pandas": "Flight scan -> pandas",
     **{f"flight_arrow_{codec}": f"Flight scan -> Arrow, {codec} on the wire" for codec in CODECS},
     "duckdb_local": "DuckDB iceberg_scan, in process (no Flight)",
@@ -56,7 +60,14 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
         properties = target.catalog_properties()
         local = LocalReaders(properties) if properties else None
         compressed = {codec: FeatureClient(target.location, compression=codec) for codec in CODECS}
-        with ceiling.ceiling_server(received, SERVER_BATCH_ROWS) as location, flight.FlightClient(location) as raw:
+        with contextlib.ExitStack() as stack:
+            location = stack.enter_context(ceiling.ceiling_server(received, SERVER_BATCH_ROWS))
+            raw = stack.enter_context(flight.FlightClient(location))
+            cold = None
+            if target.warehouse is not None:
+                report.progress("scan: starting a replica without a scan cache for the cold reads")
+                uncached = local_server(target.catalog_config, target.warehouse, args=["--scan-cache-mb", "0"])
+                cold = stack.enter_context(FeatureClient(stack.enter_context(uncached).location))
             cases = {
                 CEILING: Case(lambda: ceiling.read(raw)),
                 "flight_arrow": Case(lambda: client.scan(name).read_all()),
@@ -67,6 +78,8 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
                 "flight_pandas": Case(lambda: client.scan(name).read_pandas()),
                 **{f"flight_arrow_{c}": Case(functools.partial(_read_all, compressed[c], name)) for c in CODECS},
             }
+            if cold is not None:
+                cases["flight_arrow_cold"] = Case(functools.partial(_read_all, cold, name))
             if local is not None:
                 cases["duckdb_local"] = Case(lambda: local.duckdb(name))
                 cases["pyiceberg_local"] = Case(lambda: local.pyiceberg(name))
