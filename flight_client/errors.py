@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -44,6 +45,11 @@ class PermissionDeniedError(FeatureServerError):
     """The token is valid but lacks the permission or namespace the request needs; the message says which."""
 
 
+class UnavailableError(FeatureServerError, ConnectionError):
+    """The server could not be reached, or ended the call (shutting down, or the call was idle too long):
+    retry, at another replica or once it is back."""
+
+
 _BY_CODE: dict[str, type[FeatureServerError]] = {
     "INVALID_ARGUMENT": InvalidRequestError,
     "NOT_FOUND": NotFoundError,
@@ -51,6 +57,7 @@ _BY_CODE: dict[str, type[FeatureServerError]] = {
     "RESOURCE_EXHAUSTED": ResourceExhaustedError,
     "UNAUTHENTICATED": UnauthenticatedError,
     "PERMISSION_DENIED": PermissionDeniedError,
+    "UNAVAILABLE": UnavailableError,
 }
 
 # The kind each gRPC status means when the error carries no code of its own: INVALID_ARGUMENT and NOT_FOUND never
@@ -78,8 +85,16 @@ def error_code(exc: Exception) -> str:
     return next((code for cls, code in _BY_CLASS if isinstance(exc, cls)), "INTERNAL")
 
 
+# gRPC's words for a server it could not reach, and the address and reason after them.
+_UNREACHABLE = re.compile(r"(?:failed to connect to all addresses|DNS resolution failed)[;:]?\s*(?:last error: )?(.*)")
+
+
 def from_flight_error(exc: Exception) -> FeatureServerError:
     """Strip gRPC's decorations from a Flight error and pick the exception class from its kind."""
     message = str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context:", 1)[0]
     code = error_code(exc)
+    unreachable = _UNREACHABLE.search(message) if code == "UNAVAILABLE" else None
+    if unreachable:
+        reason = unreachable.group(1).removeprefix("UNKNOWN: ").strip() or "no answer"
+        message = f"cannot reach the feature server ({reason}): is it running, and is the location right?"
     return _BY_CODE.get(code, FeatureServerError)(message, code)
