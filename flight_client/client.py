@@ -6,7 +6,7 @@ import datetime as dt
 import math
 import re
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -82,8 +82,10 @@ def _pem(value: bytes | str | Path | None) -> bytes | None:
     return Path(value).read_bytes()
 
 
-def _location(location: str) -> str:
+def _location(location: str | flight.Location) -> str:
     """`host:port` means `grpc://host:port`; HTTP is refused with the schemes Flight speaks."""
+    if isinstance(location, flight.Location):
+        location = location.uri.decode()
     scheme, separator, _ = location.partition("://")
     if not separator:
         return f"grpc://{location}"
@@ -106,7 +108,8 @@ def _key_batch(columns: dict[str, list[Any]], table: pa.Table | None) -> pa.Reco
 
 
 def _feature_refs(value: Any) -> bool:
-    """Whether `value` looks like feature references (`"table:feature"`), to catch swapped arguments."""
+    """Whether `value` looks like feature references (`"table:feature"`): entities never do, which tells
+    Feast's argument order (features first) from ours."""
     refs = [value] if isinstance(value, str) else value
     return isinstance(refs, (list, tuple)) and bool(refs) and all(isinstance(r, str) and ":" in r for r in refs)
 
@@ -140,7 +143,7 @@ class FeatureClient:
 
     def __init__(
         self,
-        location: str,
+        location: str | flight.Location,
         *,
         timeout: float | None = None,
         token: str | None = None,
@@ -520,12 +523,39 @@ class FeatureClient:
         apply_ttl: bool = True,
     ) -> pa.Table: ...
 
+    # Feast's order (features first): by name, by position, or features by position and entity_rows by name.
     @overload
     def get_online_features(
         self,
         *,
         features: str | Sequence[str],
-        entity_rows: Any,
+        entity_rows: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+        full_feature_names: bool = False,
+        as_of: dt.datetime | str | int | None = None,
+        request_time: dt.datetime | str | int | None = None,
+        apply_ttl: bool = True,
+    ) -> OnlineResult: ...
+
+    @overload
+    def get_online_features(
+        self,
+        features: str | Sequence[str],
+        entity_rows: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+        /,
+        *,
+        full_feature_names: bool = False,
+        as_of: dt.datetime | str | int | None = None,
+        request_time: dt.datetime | str | int | None = None,
+        apply_ttl: bool = True,
+    ) -> OnlineResult: ...
+
+    @overload
+    def get_online_features(
+        self,
+        features: str | Sequence[str],
+        /,
+        *,
+        entity_rows: Sequence[Mapping[str, Any]] | Mapping[str, Any],
         full_feature_names: bool = False,
         as_of: dt.datetime | str | int | None = None,
         request_time: dt.datetime | str | int | None = None,
@@ -535,7 +565,7 @@ class FeatureClient:
     def get_online_features(
         self,
         entities: Any = None,
-        features: str | Sequence[str] | None = None,
+        features: Any = None,  # or, in Feast's order, the entity rows
         *,
         entity_rows: Any = None,
         as_of: dt.datetime | str | int | None = None,
@@ -552,9 +582,14 @@ class FeatureClient:
         column: when the returned row was valid. Unknown entities, and rows older than the table's
         TTL at `request_time` (now by default; `apply_ttl=False` keeps them), are nulls. `as_of`
         looks into history instead: the latest rows at or before that time (slower: it reads the
-        table). Feast's form, `get_online_features(features=..., entity_rows=[{...}])`, returns an
-        `OnlineResult` (`.to_dict()`, `.to_df()`, `.to_arrow()`) instead of the Table.
+        table). Feast's form, features first (`get_online_features(features, entity_rows=[{...}])`, by
+        position or by name), returns an `OnlineResult` (`.to_dict()`, `.to_df()`, `.to_arrow()`) instead of
+        the Table.
         """
+        if entity_rows is None and _feature_refs(entities) and features is not None and not _feature_refs(features):
+            entities, features, entity_rows = None, entities, features  # Feast's order, given by position
+        elif entity_rows is not None and features is None:
+            entities, features = None, entities  # Feast's features by position, entity_rows by name
         if features is None:
             raise TypeError('get_online_features needs features=["table:feature", ...]')
         if entity_rows is not None:
@@ -565,11 +600,6 @@ class FeatureClient:
             return OnlineResult(table, table.column_names[table.num_columns - len(tables) :])
         if entities is None:
             raise TypeError("get_online_features needs the entities: a dict of key columns, rows or a DataFrame")
-        if _feature_refs(entities) and not _feature_refs(features):
-            raise TypeError(
-                "get_online_features takes (entities, features): the features came first; for Feast's order "
-                "name both: get_online_features(features=[...], entity_rows=[...])"
-            )
         return self._online(entities, features, as_of, full_feature_names, request_time, apply_ttl)
 
     def _online(

@@ -85,16 +85,28 @@ def error_code(exc: Exception) -> str:
     return next((code for cls, code in _BY_CLASS if isinstance(exc, cls)), "INTERNAL")
 
 
-# gRPC's words for a server it could not reach, and the address and reason after them.
-_UNREACHABLE = re.compile(r"(?:failed to connect to all addresses|DNS resolution failed)[;:]?\s*(?:last error: )?(.*)")
+# gRPC's words for a server it could not reach (the reason follows them), and for a host name that did not resolve.
+_UNREACHABLE = re.compile(r"failed to connect to all addresses[;:]?\s*(?:last error: )?(?:UNKNOWN: )?(.*)")
+_UNRESOLVED = re.compile(r"(?:errors resolving|DNS resolution failed for) (\S+?):? .*?([^:\[\]]*)\]?$")
 
 
 def from_flight_error(exc: Exception) -> FeatureServerError:
     """Strip gRPC's decorations from a Flight error and pick the exception class from its kind."""
     message = str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context:", 1)[0]
     code = error_code(exc)
-    unreachable = _UNREACHABLE.search(message) if code == "UNAVAILABLE" else None
-    if unreachable:
-        reason = unreachable.group(1).removeprefix("UNKNOWN: ").strip() or "no answer"
-        message = f"cannot reach the feature server ({reason}): is it running, and is the location right?"
+    if code == "UNAVAILABLE":
+        message = _unreachable(message) or message
     return _BY_CODE.get(code, FeatureServerError)(message, code)
+
+
+def _unreachable(message: str) -> str | None:
+    """One line for a server that cannot be reached, or None when the message says something else."""
+    unresolved = _UNRESOLVED.search(message)
+    if unresolved:
+        host, reason = unresolved.group(1), unresolved.group(2).strip() or "no address"
+        return f"cannot reach the feature server: host {host} does not resolve ({reason}); is the location right?"
+    unreachable = _UNREACHABLE.search(message)
+    if unreachable:
+        reason = unreachable.group(1).strip() or "no answer"
+        return f"cannot reach the feature server ({reason}): is it running, and is the location right?"
+    return None

@@ -46,6 +46,11 @@ def python_columns(data: Any) -> dict[str, list[Any]] | None:
     """Rows given as Python values (a dict of columns or a list of row dicts) as column lists; None
     for every other input. These can travel inline as JSON, where the server types them."""
     if isinstance(data, Mapping):
+        columns = [_is_column(values) for values in data.values()]
+        if data and not any(columns):  # one row: {"driver_id": 1001}
+            return {str(name): [value] for name, value in data.items()}
+        if not all(columns):
+            raise TypeError(f"give every column of the rows as a list, or one value per column for one row: {data!r}")
         return {str(name): list(values) for name, values in data.items()}
     if isinstance(data, list) and data and all(isinstance(row, Mapping) for row in data):
         names = list(dict.fromkeys(name for row in data for name in row))
@@ -74,9 +79,14 @@ def to_table(data: Any) -> pa.Table:
         return data.read_all()
     if _is_pandas(data):
         return _from_pandas(data)
-    if python_columns(data) is not None:
-        try:  # lists, NumPy arrays and Series as Arrow types them
-            return pa.table(dict(data)) if isinstance(data, Mapping) else pa.Table.from_pylist(data)
+    columns = python_columns(data)
+    if columns is not None:
+        try:
+            if isinstance(data, list):
+                return pa.Table.from_pylist(data)
+            if all(_is_column(values) for values in data.values()):
+                return pa.table(dict(data))  # NumPy arrays and Series without a detour through Python values
+            return pa.table(columns)  # one row
         except (pa.ArrowException, TypeError, ValueError) as exc:
             raise TypeError(f"the rows cannot be read as Arrow columns: {exc}") from None
     if hasattr(data, "__arrow_c_stream__") or hasattr(data, "__arrow_c_array__"):
@@ -105,6 +115,11 @@ def null_keys_message(name: str, kind: pa.DataType) -> str:
         f"key column {name!r} has nulls, which turned its integers into {kind} (pandas stores a missing "
         "integer as NaN): drop those rows, or use pandas' nullable 'Int64' dtype"
     )
+
+
+def _is_column(values: Any) -> bool:
+    """A list, tuple, NumPy array, Series or Arrow array: not a single value (a string is one value)."""
+    return hasattr(values, "__len__") and not isinstance(values, (str, bytes, Mapping))
 
 
 def _sized(batches: Iterator[pa.RecordBatch] | pa.RecordBatchReader) -> Iterator[pa.RecordBatch]:

@@ -299,6 +299,9 @@ def test_get_online_features_in_feasts_form(client: FeatureClient, migrated: lis
     columns = {k: [r[k] for r in rows] for k in rows[0]}
     assert client.get_online_features(features=FEATURES, entity_rows=columns, apply_ttl=False).to_dict() == expected
     assert response.to_polars().columns == list(expected)
+    # Feast's order by position, or features by position and entity_rows by name.
+    assert client.get_online_features(FEATURES, rows, apply_ttl=False).to_dict() == expected
+    assert client.get_online_features(FEATURES, entity_rows=rows, apply_ttl=False).to_dict() == expected
 
 
 def test_the_entities_are_given_once(client: FeatureClient) -> None:

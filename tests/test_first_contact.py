@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, UnavailableError
@@ -49,6 +50,8 @@ def test_a_location_without_a_scheme_means_grpc(port: int) -> None:
     with FeatureClient(f"127.0.0.1:{port}") as client:
         assert client.location == f"grpc://127.0.0.1:{port}"
         assert client.health()["status"] == "ok"
+    with FeatureClient(flight.Location.for_grpc_tcp("127.0.0.1", port)) as client:
+        assert client.health()["status"] == "ok"
 
 
 @pytest.mark.parametrize("scheme", ["http", "https", "HTTP"])
@@ -67,6 +70,13 @@ def test_a_server_that_is_not_there_is_one_clear_line() -> None:
     assert "\n" not in message and "gRPC client debug context" not in message
     assert isinstance(caught.value, ConnectionError) and isinstance(caught.value, FeatureServerError)
     assert caught.value.code == "UNAVAILABLE"
+
+
+def test_a_host_that_does_not_resolve_is_one_clear_line() -> None:
+    with FeatureClient("grpc://no-such-host.invalid:8815", timeout=10) as client, pytest.raises(UnavailableError) as e:
+        client.tables()
+    assert str(e.value).startswith("cannot reach the feature server: host no-such-host.invalid:8815 does not resolve")
+    assert "\n" not in str(e.value)
 
 
 def entity_frame(driver_ids: list[int | None]) -> pd.DataFrame:
@@ -109,9 +119,11 @@ def test_features_given_as_one_string_are_one_feature(port: int, features: str) 
             client.get_online_features({"driver_id": [1]}, not_names)
 
 
-def test_swapped_online_arguments_say_how_to_pass_feasts_order(port: int, features: str) -> None:
-    with (
-        FeatureClient(f"grpc://127.0.0.1:{port}") as client,
-        pytest.raises(TypeError, match=r"takes \(entities, features\).*features=\[\.\.\.\], entity_rows="),
-    ):
-        client.get_online_features([f"{features}:rate"], [{"driver_id": 1}])
+def test_one_entity_as_a_dict_of_values_is_one_row(port: int, features: str) -> None:
+    with FeatureClient(f"grpc://127.0.0.1:{port}") as client:
+        online = client.get_online_features({"driver_id": 2}, f"{features}:rate")
+        assert online.column("rate").to_pylist() == [0.7]
+        row = {"driver_id": 1, "event_timestamp": BASE + dt.timedelta(hours=1)}
+        assert client.get_historical_features(row, f"{features}:rate").column("rate").to_pylist() == [0.5]
+        with pytest.raises(TypeError, match="give every column of the rows as a list"):
+            client.get_online_features({"driver_id": [1, 2], "region": "eu"}, f"{features}:rate")
