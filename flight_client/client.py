@@ -222,11 +222,11 @@ class FeatureClient:
         request = WriteRequest(
             table=table,
             mode=mode,
-            entity_keys=None if entity_keys is None else inputs.feature_names(entity_keys, "entity_keys"),
+            entity_keys=None if entity_keys is None else inputs.name_list(entity_keys, "entity_keys"),
             event_time=event_time,
             created_time=created_time,
             ttl_seconds=ttl_seconds,
-            partition_by=None if partition_by is None else inputs.feature_names(partition_by, "partition_by"),
+            partition_by=None if partition_by is None else inputs.name_list(partition_by, "partition_by"),
             write_id=write_id,
             evolve=evolve,
             end_marker=True,
@@ -500,7 +500,7 @@ class FeatureClient:
         elif columns is not None:
             entities = EntitySource(rows={k: [_jsonable(v) for v in values] for k, values in columns.items()})
         return HistoricalRequest(
-            features=inputs.feature_names(features),
+            features=inputs.name_list(features),
             entities=entities,
             entity_time=entity_time,
             full_feature_names=full_feature_names,
@@ -596,7 +596,7 @@ class FeatureClient:
             if entities is not None:
                 raise TypeError("get_online_features takes the entities once: entities, or Feast's entity_rows")
             table = self._online(entity_rows, features, as_of, full_feature_names, request_time, apply_ttl)
-            tables = {ref.partition(":")[0].split(".")[-1] for ref in inputs.feature_names(features)}
+            tables = {ref.partition(":")[0].split(".")[-1] for ref in inputs.name_list(features)}
             return OnlineResult(table, table.column_names[table.num_columns - len(tables) :])
         if entities is None:
             raise TypeError("get_online_features needs the entities: a dict of key columns, rows or a DataFrame")
@@ -612,7 +612,7 @@ class FeatureClient:
         apply_ttl: bool,
     ) -> pa.Table:
         request = OnlineRequest(
-            inputs.feature_names(features), None, full_feature_names, _as_of(as_of), _as_of(request_time), apply_ttl
+            inputs.name_list(features), None, full_feature_names, _as_of(as_of), _as_of(request_time), apply_ttl
         )
         table: pa.Table | None = None
         columns = inputs.python_columns(entities)

@@ -26,7 +26,7 @@ import pyarrow as pa
 BATCH_ROWS = 65_536  # rows per batch sent: small enough for gRPC's message limits
 
 
-def feature_names(names: str | Sequence[str], what: str = "features") -> list[str]:
+def name_list(names: str | Sequence[str], what: str = "features") -> list[str]:
     """A list of names; one name given as a string means that name, not its characters."""
     if isinstance(names, str):
         return [names]
@@ -50,7 +50,8 @@ def python_columns(data: Any) -> dict[str, list[Any]] | None:
         if data and not any(columns):  # one row: {"driver_id": 1001}
             return {str(name): [value] for name, value in data.items()}
         if not all(columns):
-            raise TypeError(f"give every column of the rows as a list, or one value per column for one row: {data!r}")
+            single = [name for name, column in zip(data, columns, strict=True) if not column]
+            raise TypeError(f"give every column of the rows as a list (or all as single values, for one row): {single}")
         return {str(name): list(values) for name, values in data.items()}
     if isinstance(data, list) and data and all(isinstance(row, Mapping) for row in data):
         names = list(dict.fromkeys(name for row in data for name in row))
