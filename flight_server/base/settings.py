@@ -141,8 +141,8 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "--catalog-config",
         "FLIGHT_SERVER_CATALOG_CONFIG",
         "Catalog",
-        "YAML or JSON file of pyiceberg catalog properties (type, uri, warehouse, s3.endpoint, ...). "
-        "Without it (and without FLIGHT_SERVER_CATALOG__* variables) the embedded default is used.",
+        "YAML or JSON file of pyiceberg catalog properties (type, uri, warehouse, s3.endpoint, ...), flat or in"
+        " .pyiceberg.yaml's layout (catalog: NAME: properties). Without any catalog option: the embedded default.",
         type=_FILE,
     ),
     Setting(
@@ -157,7 +157,9 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "--catalog-name",
         "FLIGHT_SERVER_CATALOG_NAME",
         "Catalog",
-        "Name of the catalog (pyiceberg's SQL catalogs keep tables per name).",
+        "Name of the catalog; given, its properties start from pyiceberg's own configuration (.pyiceberg.yaml, "
+        "PYICEBERG_CATALOG__NAME__* variables), and a name nothing configures is an error. SQL catalogs keep tables "
+        "per name.",
         "catalog_name",
     ),
     Setting(
@@ -217,6 +219,16 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "number ('partitions'); clients fetch them in parallel.",
         "scan_partitions",
         click.IntRange(1),
+    ),
+    Setting(
+        "--scan-cache-mb",
+        "FLIGHT_SERVER_SCAN_CACHE_MB",
+        "Parallel reads",
+        "Memory for the decoded rows of data files that whole-table scans read (least recently used dropped "
+        "first): repeated reads of a snapshot, every epoch and from every worker, stream from memory. 0: off.",
+        "scan_cache_bytes",
+        click.IntRange(0),
+        unit=MB,
     ),
     Setting(
         "--historical-partitions",

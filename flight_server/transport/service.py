@@ -22,7 +22,7 @@ from flight_server.transport.actions import ACTIONS, table_summary, visible_tabl
 from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
 from flight_server.transport.calls import KINDS, CallLog, flows, tag
 from flight_server.transport.calls import MIDDLEWARE_KEY as CALLS_KEY
-from flight_server.transport.client_streams import ClientReader, ClientWriter
+from flight_server.transport.client_streams import ClientReader, ClientWriter, CompressedWriter
 from flight_server.transport.components import Components
 from flight_server.transport.errors import plain_error_messages, to_flight_error
 from flight_server.transport.handlers import Endpoints, ReadRequest, handlers, scan_schema
@@ -34,7 +34,7 @@ from flight_server.transport.metrics import CountedReader, CountedWriter, Server
 from flight_server.transport.tls import server_tls_options
 from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, decode_text, encode_reply
 from flight_server.wire.errors import RequestError
-from flight_server.wire.reads import ScanRequest, parse_ticket
+from flight_server.wire.reads import COMPRESSIONS, ScanRequest, parse_ticket
 from flight_server.wire.writes import parse_write
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Passed explicitly: pyarrow reads two environment variables per stream to make the default.
 WRITE_OPTIONS = pa.ipc.IpcWriteOptions()
+# Results a reader asked compressed (`compression` in its request): buffers compressed on several threads.
+COMPRESSED_OPTIONS = {codec: pa.ipc.IpcWriteOptions(compression=codec) for codec in COMPRESSIONS}
+
+
+def write_options(request: object) -> pa.ipc.IpcWriteOptions:
+    """The IPC options of a request's results: compressed when it asks (scans and training sets)."""
+    codec = getattr(request, "compression", None)
+    return WRITE_OPTIONS if codec is None else COMPRESSED_OPTIONS[codec]
+
 
 SHUTDOWN_GRACE_SECONDS = 2.0  # for running calls to end before open online sessions are cut
 
@@ -137,13 +146,16 @@ class FeatureFlightServer(flight.FlightServerBase):
         return call.identify(context) if call is not None else None
 
     def _stream(
-        self, context: flight.ServerCallContext, reader: pa.RecordBatchReader | pa.Table
+        self,
+        context: flight.ServerCallContext,
+        reader: pa.RecordBatchReader | pa.Table,
+        options: pa.ipc.IpcWriteOptions,
     ) -> flight.RecordBatchStream:
         """A `do_get` result; with an idle timeout, the time Flight spends writing each batch is watched."""
         call = self._watched(context)
         if self.metrics is not None:
             reader = sending(flows(context, self.metrics)[1], reader)
-        return flight.RecordBatchStream(call.stream(reader) if call is not None else reader, WRITE_OPTIONS)
+        return flight.RecordBatchStream(call.stream(reader) if call is not None else reader, options)
 
     def _client_streams(
         self,
@@ -194,7 +206,9 @@ class FeatureFlightServer(flight.FlightServerBase):
     @_flight_errors
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
         request = self._authorized(context, parse_ticket(ticket.ticket, limit=self.config.max_request_bytes))
-        return self._stream(context, self._handlers[type(request)].open(request, context.is_cancelled))
+        return self._stream(
+            context, self._handlers[type(request)].open(request, context.is_cancelled), write_options(request)
+        )
 
     @_flight_errors
     def do_put(
@@ -225,7 +239,10 @@ class FeatureFlightServer(flight.FlightServerBase):
         if is_session(context) and not handler.waits_on_client:
             raise RequestError(f"the {ONLINE_SESSION_HEADER!r} header is for online lookups only")
         reader, writer = self._client_streams(context, reader, writer, watch_reads=not handler.waits_on_client)
-        handler.exchange(request, reader, writer, context)
+        options = write_options(request)
+        handler.exchange(
+            request, reader, writer if options is WRITE_OPTIONS else CompressedWriter(writer, options), context
+        )
 
     @_flight_errors
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:

@@ -200,6 +200,13 @@ class Fields:
             raise self._bad(name, "true or false")
         return value
 
+    def choice(self, name: builtins.str, choices: tuple[builtins.str, ...]) -> builtins.str | None:
+        """One of `choices`, or None when the field is absent."""
+        value = self.body.get(name)
+        if value is not None and value not in choices:
+            raise self._bad(name, f"one of {list(choices)}")
+        return value
+
     def str_list(self, name: builtins.str) -> list[builtins.str] | None:
         value = self.body.get(name)
         if value is None:
