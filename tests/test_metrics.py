@@ -119,6 +119,7 @@ def test_every_kind_of_call_is_counted(server: tuple[str, int, Path]) -> None:
     assert value(samples, "flight_cache_misses_total", cache="training_set") == 1
     assert value(samples, "flight_cache_bytes", cache="online_index") > 0
     assert value(samples, "flight_cache_max_bytes", cache="positions") == 64 << 20
+    assert value(samples, "flight_cache_misses_total", cache="scan") is not None
     assert value(samples, "flight_online_index_entities", table=TABLE) == ROWS
     assert 0 <= value(samples, "flight_online_index_lag_seconds", table=TABLE) < 30
     assert value(samples, "flight_online_index_refresh_failing", table=TABLE) == 0

@@ -88,9 +88,11 @@ class ServerMetrics:
             return Counter(name, f"{doc}, by request kind.", ["kind"], registry=self.registry)
 
         self.rows_sent = flow("flight_rows_sent", "Rows sent to clients")
-        self.bytes_sent = flow("flight_bytes_sent", "Bytes sent to clients (as Arrow IPC messages)")
+        self.bytes_sent = flow("flight_bytes_sent", "Bytes sent to clients (as uncompressed Arrow IPC messages)")
         self.rows_received = flow("flight_rows_received", "Rows received from clients")
-        self.bytes_received = flow("flight_bytes_received", "Bytes received from clients (as Arrow IPC messages)")
+        self.bytes_received = flow(
+            "flight_bytes_received", "Bytes received from clients (as uncompressed Arrow IPC messages)"
+        )
         self.registry.register(COMMIT_RETRIES)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open files
         self._calls: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # labelled children, looked up once
@@ -149,21 +151,31 @@ class PartsCollector(Collector):
         misses = CounterMetricFamily(
             "flight_cache_misses", "Lookups that did not find their entry, by cache.", labels=["cache"]
         )
-        plans, positions = caches.plans, caches.positions
-        for name, held in (("plans", len(plans)), ("positions", len(positions))):
+        plans, positions, files = caches.plans, caches.positions, caches.files.stats()
+        for name, held in (
+            ("plans", len(plans)),
+            ("positions", len(positions)),
+            ("scan", files["files"]),
+            ("training_set", stats["snapshots"]),
+            ("online_index", len(indexes)),
+        ):
             entries.add_metric([name], held)
-        entries.add_metric(["training_set"], stats["snapshots"])
-        entries.add_metric(["online_index"], len(indexes))
         for name, nbytes, max_bytes in (
             ("positions", positions.nbytes, positions.max_bytes),
+            ("scan", files["bytes"], files["max_bytes"]),
             ("training_set", stats["bytes"], training.max_bytes),
             ("online_index", sum(online_bytes.values()), store.max_bytes),
         ):
             size.add_metric([name], nbytes)
             limit.add_metric([name], max_bytes)
-        for name, counts in (("plans", plans), ("positions", positions), ("training_set", training)):
-            hits.add_metric([name], counts.hits)
-            misses.add_metric([name], counts.misses)
+        for name, hit, missed in (
+            ("plans", plans.hits, plans.misses),
+            ("positions", positions.hits, positions.misses),
+            ("scan", files["hits"], files["misses"]),
+            ("training_set", training.hits, training.misses),
+        ):
+            hits.add_metric([name], hit)
+            misses.add_metric([name], missed)
         yield from (entries, size, limit, hits, misses)
         yield from _online(indexes, online_bytes)
         yield GaugeMetricFamily(
