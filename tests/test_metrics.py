@@ -4,6 +4,7 @@ scraped over HTTP and every count is checked against what the calls did."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -17,12 +18,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pyiceberg.exceptions import CommitFailedException
 
-from flight_client import FeatureClient, NotFoundError, UnauthenticatedError
+from flight_client import FeatureClient, NotFoundError, ResourceExhaustedError, UnauthenticatedError
 from flight_server.base.config import ServerConfig
 from flight_server.base.metrics import COMMIT_RETRIES
 from flight_server.changes.commits import commit_until
+from flight_server.transport.calls import code_of
+from flight_server.transport.metrics import ServerMetrics
 from flight_server.transport.service import FeatureFlightServer
-from tests.conftest import healthy, sqlite_catalog, start_server, wait_until
+from tests.conftest import healthy, sqlite_catalog, start_server, wait_until, write_big
 from tests.services import _stop_group, free_ports
 
 UTC = dt.timezone.utc
@@ -159,7 +162,8 @@ def test_commit_retries_are_counted() -> None:
 
 
 def test_servers_in_one_process_count_apart_and_refusals_count(tmp_path: Path) -> None:
-    """Two servers in one process keep their own metrics; a call that authentication refuses is counted too."""
+    """Two servers in one process keep their own metrics; calls that authentication or the concurrency limit
+    refuse (in their middleware, before any handler) are counted too."""
     token = "metrics-reader-token-0123456789"
     for name in "ab":
         (tmp_path / name).mkdir()
@@ -169,24 +173,46 @@ def test_servers_in_one_process_count_apart_and_refusals_count(tmp_path: Path) -
         metrics_port=ports[0],
         auth_tokens=[{"name": "reader", "token": token, "permissions": ["read"]}],
     )
-    plain = start_server(sqlite_catalog(tmp_path / "b"), metrics_port=ports[1])
+    limited = start_server(sqlite_catalog(tmp_path / "b"), metrics_port=ports[1], max_concurrent_requests=1)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{secured.port}") as client, pytest.raises(UnauthenticatedError):
             client.health()
-        with FeatureClient(f"grpc://127.0.0.1:{plain.port}") as client:
+        with FeatureClient(f"grpc://127.0.0.1:{limited.port}") as client, FeatureClient(client.location) as other:
             client.health()
+            write_big(client, "tests.big", 2_000_000)  # far beyond flow control
+            stream = client.scan("tests.big")
+            stream.read_next_batch()  # ...and stop reading: the call holds the only slot
+            with pytest.raises(ResourceExhaustedError):
+                other.flight_info("tests.big")
+            del stream
         unauthenticated = value(
             scrape(ports[0]), "flight_requests_total", method="do_action", kind="", code="UNAUTHENTICATED"
         )
         assert unauthenticated == 1
-        plain_samples = scrape(ports[1])
-        assert value(plain_samples, "flight_requests_total", method="do_action", kind="health", code="OK") == 1
-        assert not any(labels and dict(labels).get("code") == "UNAUTHENTICATED" for _, labels in plain_samples)
+        samples = scrape(ports[1])
+        assert value(samples, "flight_requests_total", method="do_action", kind="health", code="OK") == 1
+        exhausted = value(
+            samples, "flight_requests_total", method="get_flight_info", kind="", code="RESOURCE_EXHAUSTED"
+        )
+        assert exhausted == 1
+        assert not any(dict(labels).get("code") == "UNAUTHENTICATED" for _, labels in samples)
     finally:
         secured.shutdown()
-        plain.shutdown()
+        limited.shutdown()
     with pytest.raises(OSError):
         scrape(ports[1])  # closed with its server
+
+
+def test_conflicts_are_told_apart_from_other_unavailable_errors() -> None:
+    """CONFLICT and RESOURCE_EXHAUSTED both travel as UNAVAILABLE; the code label takes the kind from the detail."""
+    conflict = flight.FlightUnavailableError("lost", extra_info=json.dumps({"code": "CONFLICT"}).encode())
+    assert code_of(conflict) == "CONFLICT"
+    assert code_of(flight.FlightUnavailableError("gone")) == "UNAVAILABLE"
+    assert code_of(pa.ArrowKeyError("no table")) == "NOT_FOUND"
+    assert code_of(None) == "OK"
+    metrics = ServerMetrics()
+    metrics.completed("do_put", "write", code_of(conflict), 0.1)
+    assert metrics.registry.get_sample_value("flight_commit_conflicts_total") == 1
 
 
 def test_a_metrics_port_in_use_is_refused(tmp_path: Path) -> None:
