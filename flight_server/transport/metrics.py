@@ -22,11 +22,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from flight_server.base.metrics import COMMIT_RETRIES
+from flight_server.online.index import OnlineIndex
 from flight_server.transport.components import Components
 
-# From an online lookup (a fraction of a millisecond) to a training set or a put (minutes).
 FLUSH_SECONDS = 1.0
 
+# From an online lookup (a fraction of a millisecond) to a training set or a put (minutes).
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -95,7 +96,9 @@ class ServerMetrics:
         )
         self.registry.register(COMMIT_RETRIES)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open files
-        self._calls: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # labelled children, looked up once
+        # Labelled children, looked up once (`labels` takes a lock): by method, kind and code; by direction and kind.
+        self._calls: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._flows: dict[tuple[bool, str], tuple[Any, Any]] = {}
         self._http: tuple[WSGIServer, Thread] | None = None
 
     def completed(self, method: str, kind: str, code: str, seconds: float) -> None:
@@ -110,10 +113,17 @@ class ServerMetrics:
             self.conflicts.inc()
 
     def sent(self, kind: str) -> Flow:
-        return Flow(self.rows_sent.labels(kind), self.bytes_sent.labels(kind))
+        return self._flow(True, kind)
 
     def received(self, kind: str) -> Flow:
-        return Flow(self.rows_received.labels(kind), self.bytes_received.labels(kind))
+        return self._flow(False, kind)
+
+    def _flow(self, sent: bool, kind: str) -> Flow:
+        children = self._flows.get((sent, kind))
+        if children is None:
+            rows, nbytes = (self.rows_sent, self.bytes_sent) if sent else (self.rows_received, self.bytes_received)
+            children = self._flows[(sent, kind)] = (rows.labels(kind), nbytes.labels(kind))
+        return Flow(*children)
 
     def watch(self, parts: Components) -> None:
         """Read `parts` at each scrape from now on."""
@@ -183,7 +193,7 @@ class PartsCollector(Collector):
         )
 
 
-def _online(indexes: dict[str, Any], nbytes: dict[str, int]) -> Iterator[Metric]:
+def _online(indexes: dict[str, OnlineIndex], nbytes: dict[str, int]) -> Iterator[Metric]:
     """Per online index: how stale it may be, its size, its refreshes."""
     now = time.time()
     lag = GaugeMetricFamily(
