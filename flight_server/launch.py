@@ -8,7 +8,9 @@ import sys
 from collections.abc import Callable
 
 # Top-level modules of the `server` extra (pyiceberg brings sqlalchemy, pyiceberg-core and the rest).
-SERVER_MODULES = frozenset({"click", "duckdb", "pandas", "pyiceberg", "sqlalchemy", "pyiceberg_core"})
+SERVER_MODULES = frozenset(
+    {"click", "duckdb", "pandas", "pyiceberg", "sqlalchemy", "pyiceberg_core", "prometheus_client"}
+)
 INSTALL_HINT = "pip install 'iceberg-feature-flight[server]'"
 
 
