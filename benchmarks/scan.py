@@ -2,31 +2,38 @@
 
 The ceiling is the same Arrow table served from memory by a minimal Flight server in the same
 run, batched like ours: the ratio says what share of the transport's capacity our scan uses.
-The scan is read over one stream, and over several endpoints fetched in parallel.
+The scan is read over one stream, and over several endpoints fetched in parallel. Repeated reads
+stream from the server's scan cache (warm); when the benchmark started the server, a replica on
+the same catalog with the cache off measures the cold read, which decodes the Parquet every time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.flight as flight
 
 from benchmarks import ceiling, report
 from benchmarks.baselines import LocalReaders
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_table
-from benchmarks.harness import Case, Settings, Target, measure, table_name
+from benchmarks.harness import Case, Settings, Target, local_server, measure, table_name
 from flight_client import FeatureClient
 from flight_server.base.config import ServerConfig
 
 SERVER_BATCH_ROWS = ServerConfig.batch_rows
 CEILING = "raw_flight_ceiling"
 PARALLEL_ENDPOINTS = (2, 4)
+CODECS = ("lz4", "zstd")  # `compression` a client may ask for: loopback pays their CPU, real networks gain
 LABELS = {
     CEILING: "raw Flight do_get of the table in memory (ceiling)",
-    "flight_arrow": "Flight scan -> Arrow",
+    "flight_arrow": "Flight scan -> Arrow (scan cache warm)",
+    "flight_arrow_cold": "Flight scan -> Arrow, no scan cache (cold: decodes every time)",
     "flight_pandas": "Flight scan -> pandas",
+    **{f"flight_arrow_{codec}": f"Flight scan -> Arrow, {codec} on the wire" for codec in CODECS},
     "duckdb_local": "DuckDB iceberg_scan, in process (no Flight)",
     "pyiceberg_local": "pyiceberg scan().to_arrow(), in process (no Flight)",
 }
@@ -52,7 +59,15 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
             labels[f"flight_arrow_{n}"] = f"Flight scan -> Arrow over {endpoints} parallel endpoints"
         properties = target.catalog_properties()
         local = LocalReaders(properties) if properties else None
-        with ceiling.ceiling_server(received, SERVER_BATCH_ROWS) as location, flight.FlightClient(location) as raw:
+        compressed = {codec: FeatureClient(target.location, compression=codec) for codec in CODECS}
+        with contextlib.ExitStack() as stack:
+            location = stack.enter_context(ceiling.ceiling_server(received, SERVER_BATCH_ROWS))
+            raw = stack.enter_context(flight.FlightClient(location))
+            cold = None
+            if target.warehouse is not None:
+                report.progress("scan: starting a replica without a scan cache for the cold reads")
+                uncached = local_server(target.catalog_config, target.warehouse, args=["--scan-cache-mb", "0"])
+                cold = stack.enter_context(FeatureClient(stack.enter_context(uncached).location))
             cases = {
                 CEILING: Case(lambda: ceiling.read(raw)),
                 "flight_arrow": Case(lambda: client.scan(name).read_all()),
@@ -61,12 +76,17 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
                     for n in PARALLEL_ENDPOINTS
                 },
                 "flight_pandas": Case(lambda: client.scan(name).read_pandas()),
+                **{f"flight_arrow_{c}": Case(functools.partial(_read_all, compressed[c], name)) for c in CODECS},
             }
+            if cold is not None:
+                cases["flight_arrow_cold"] = Case(functools.partial(_read_all, cold, name))
             if local is not None:
                 cases["duckdb_local"] = Case(lambda: local.duckdb(name))
                 cases["pyiceberg_local"] = Case(lambda: local.pyiceberg(name))
             report.progress(f"scan: timing {len(cases)} read paths, interleaved")
             timings = measure(cases, settings.repeat, settings.warmup, "scan")
+        for codec_client in compressed.values():
+            codec_client.close()
     ceiling_s = timings[CEILING].median
     results = {}
     for key, timing in timings.items():
@@ -84,8 +104,22 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
         "arrow_mb": received.nbytes / report.MB,
         "server_batch_rows": SERVER_BATCH_ROWS,
         "write_s": write_seconds,
+        "wire_mb": {codec or "none": _ipc_bytes(received, codec) / report.MB for codec in (None, *CODECS)},
         "results": results,
     }
+
+
+def _read_all(client: FeatureClient, name: str) -> Any:
+    return client.scan(name).read_all()
+
+
+def _ipc_bytes(table: pa.Table, codec: str | None) -> int:
+    """The size of the scan's IPC stream in the server's batches, compressed with `codec`: what the wire carries."""
+    sink = pa.MockOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=codec)) as writer:
+        for batch in table.to_batches(SERVER_BATCH_ROWS):
+            writer.write_batch(batch)
+    return int(sink.size())
 
 
 def render(result: dict[str, Any]) -> str:
@@ -96,4 +130,6 @@ def render(result: dict[str, Any]) -> str:
     rows = [
         [r["label"], *report.timing_cells(r), report.ratio(r["ratio_to_ceiling"])] for r in result["results"].values()
     ]
-    return "\n".join([header, report.table(["read path", *report.TIMING_HEADERS, "vs ceiling"], rows)])
+    wire = ", ".join(f"{codec} {mb:.1f} MB" for codec, mb in result.get("wire_mb", {}).items())
+    lines = [header, report.table(["read path", *report.TIMING_HEADERS, "vs ceiling"], rows)]
+    return "\n".join([*lines, f"bytes on the wire: {wire}"] if wire else lines)

@@ -9,6 +9,7 @@ from flight_client.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
     UnauthenticatedError,
+    UnavailableError,
 )
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "UnauthenticatedError",
+    "UnavailableError",
     "WriteResult",
     "read_flight",
 ]

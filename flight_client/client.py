@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import sys
+import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_client.errors import SERVER_ERRORS, FeatureServerError, ResourceExhaustedError, from_flight_error
+from flight_client import inputs
+from flight_client.errors import (
+    SERVER_ERRORS,
+    FeatureServerError,
+    InvalidRequestError,
+    ResourceExhaustedError,
+    from_flight_error,
+)
+from flight_client.results import HistoricalResult, OnlineResult
 from flight_client.sessions import Sessions
 from flight_server.wire.actions import (
     CompactRequest,
@@ -25,8 +33,9 @@ from flight_server.wire.actions import (
     PinRequest,
     UnpinRequest,
 )
-from flight_server.wire.codec import decode_reply, encode, format_timestamp
+from flight_server.wire.codec import REQUEST_ID_HEADER, decode_reply, encode, format_timestamp
 from flight_server.wire.reads import (
+    COMPRESSIONS,
     MAX_INLINE_ENTITIES,
     EntitySource,
     HistoricalRequest,
@@ -39,7 +48,6 @@ from flight_server.wire.writes import WriteRequest, WriteResult, end_marker
 if TYPE_CHECKING:
     import pandas as pd
 
-WRITE_BATCH_ROWS = 65_536
 # A location that means "the server that answered get_flight_info" (Flight's own convention).
 REUSE_CONNECTION = "arrow-flight-reuse-connection://?"
 
@@ -75,20 +83,18 @@ def _pem(value: bytes | str | Path | None) -> bytes | None:
     return Path(value).read_bytes()
 
 
-def _batches(data: Any) -> tuple[pa.Schema, Iterable[pa.RecordBatch]]:
-    """The schema and the batches of anything tabular, in batches small enough for gRPC."""
-    if isinstance(data, pa.RecordBatchReader):
-        return data.schema, data
-    if isinstance(data, pa.RecordBatch):
-        data = pa.Table.from_batches([data])
-    if not isinstance(data, pa.Table):
-        pd = sys.modules.get("pandas")  # a DataFrame given means pandas is imported
-        if pd is None or not isinstance(data, pd.DataFrame):
-            raise TypeError(
-                f"expected a pandas DataFrame, Arrow Table/RecordBatch or RecordBatchReader, got {type(data)}"
-            )
-        data = pa.Table.from_pandas(data, preserve_index=False)
-    return data.schema, data.to_batches(max_chunksize=WRITE_BATCH_ROWS)
+def _location(location: str | flight.Location) -> str:
+    """`host:port` means `grpc://host:port`; HTTP is refused with the schemes Flight speaks."""
+    if isinstance(location, flight.Location):
+        location = location.uri.decode()
+    scheme, separator, _ = location.partition("://")
+    if not separator:
+        return f"grpc://{location}"
+    if scheme.lower() in ("http", "https"):
+        raise ValueError(
+            f"{location!r}: Arrow Flight speaks gRPC, not HTTP; use grpc://host:port, or grpc+tls://host:port for TLS"
+        )
+    return location
 
 
 def _key_batch(columns: dict[str, list[Any]], table: pa.Table | None) -> pa.RecordBatch | None:
@@ -102,6 +108,24 @@ def _key_batch(columns: dict[str, list[Any]], table: pa.Table | None) -> pa.Reco
         return None
 
 
+def _feature_refs(value: Any) -> bool:
+    """Whether `value` looks like feature references (`"table:feature"`): entities never do, which tells
+    Feast's argument order (features first) from ours."""
+    refs = [value] if isinstance(value, str) else value
+    return isinstance(refs, (list, tuple)) and bool(refs) and all(isinstance(r, str) and ":" in r for r in refs)
+
+
+def _null_keys_explained(error: FeatureServerError, rows: pa.Table | None) -> FeatureServerError:
+    """The server sees a float key column; when the rows' column has nulls, that is why: say so."""
+    match = re.match(r"entity column '([^']+)' is ", str(error))
+    if rows is None or not isinstance(error, InvalidRequestError) or match is None:
+        return error
+    name = inputs.null_float_keys(rows, [match.group(1)])
+    if name is None:
+        return error
+    return InvalidRequestError(inputs.null_keys_message(name, rows.schema.field(name).type), error.code)
+
+
 class FeatureClient:
     """A connection to a feature server; keep one open and reuse it (it is thread-safe).
 
@@ -112,11 +136,18 @@ class FeatureClient:
     bytes, PEM text or a file path. Endpoints that name other replicas are fetched from them, over
     connections opened with the same options and kept for reuse. Online lookups go over streams
     kept open between calls (`flight_client/sessions.py`; `online_sessions=False`: one call each).
+    `compression` (`"lz4"` or `"zstd"`) asks for scans and training sets compressed on the wire: for
+    networks slower than about 1 GB/s, at the server's and this process's CPU cost.
+    A `location` without a scheme (`localhost:8815`) means `grpc://`.
+    `request_id` is sent as `x-request-id` on every call: the server's log lines of those calls carry it.
+
+    Every method taking rows accepts polars, pandas and pyarrow data, DuckDB relations, anything
+    exporting Arrow's C stream, a dict of lists or a list of dicts (`flight_client/inputs.py`).
     """
 
     def __init__(
         self,
-        location: str,
+        location: str | flight.Location,
         *,
         timeout: float | None = None,
         token: str | None = None,
@@ -126,9 +157,14 @@ class FeatureClient:
         cert_chain: bytes | str | Path | None = None,
         private_key: bytes | str | Path | None = None,
         online_sessions: bool = True,
+        compression: str | None = None,
+        request_id: str | None = None,
         **client_options: Any,
     ):
-        self.location = location
+        if compression is not None and compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {list(COMPRESSIONS)} or None, got {compression!r}")
+        self.location = location = _location(location)
+        self.compression = compression
         pems = {"tls_root_certs": tls_root_certs, "cert_chain": cert_chain, "private_key": private_key}
         client_options.update({name: _pem(value) for name, value in pems.items() if value is not None})
         self._client_options = client_options
@@ -142,6 +178,8 @@ class FeatureClient:
             except SERVER_ERRORS as exc:
                 self._client.close()
                 raise from_flight_error(exc) from None
+        if request_id is not None:
+            headers = [*(headers or []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
         self._options = flight.FlightCallOptions(timeout=timeout, headers=headers)
         self._sessions = Sessions(self._client, timeout, headers or []) if online_sessions else None
 
@@ -175,34 +213,36 @@ class FeatureClient:
         table: str,
         data: Any,
         *,
-        entity_keys: list[str] | None = None,
+        entity_keys: str | Sequence[str] | None = None,
         event_time: str | None = None,
         created_time: str | None = None,
         ttl: dt.timedelta | int | None = None,
         mode: str = "append",
         write_id: str | None = None,
         evolve: bool = False,
-        partition_by: list[str] | None = None,
+        partition_by: str | Sequence[str] | None = None,
     ) -> WriteResult:
         """Write `data` as one Iceberg snapshot; creating the table needs `entity_keys` and `event_time`.
 
         `ttl` is a timedelta or seconds. A retry with the same `write_id` commits nothing new and
         returns the original snapshot. `evolve=True` adds columns the table does not have yet.
+        `partition_by` takes transforms as `bucket(8, id)` or as `describe` prints them, `bucket[8](id)`.
+        Readers and C streams (a DuckDB relation, say) are sent as they are read, never held whole.
         """
         ttl_seconds = int(ttl.total_seconds()) if isinstance(ttl, dt.timedelta) else ttl
         request = WriteRequest(
             table=table,
             mode=mode,
-            entity_keys=entity_keys,
+            entity_keys=None if entity_keys is None else inputs.name_list(entity_keys, "entity_keys"),
             event_time=event_time,
             created_time=created_time,
             ttl_seconds=ttl_seconds,
-            partition_by=partition_by,
+            partition_by=None if partition_by is None else inputs.name_list(partition_by, "partition_by"),
             write_id=write_id,
             evolve=evolve,
             end_marker=True,
         )
-        schema, batches = _batches(data)
+        schema, batches = inputs.stream(data)
         descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
         try:
             writer, results = self._client.do_put(descriptor, schema, self._options)
@@ -231,18 +271,22 @@ class FeatureClient:
     def delete(
         self,
         table: str,
-        keys: dict[str, list[Any]] | None = None,
+        keys: Any = None,
         filter: str | None = None,
         mode: str | None = None,
     ) -> dict[str, Any]:
-        """Delete the rows of some entities (`keys`: key column -> values, one entity per position) and/or
-        those matching `filter`, in one snapshot.
+        """Delete the rows of some entities (`keys`: key column -> values, one entity per position, or any
+        rows `write` takes, of key columns) and/or those matching `filter`, in one snapshot.
 
         `mode` is "copy-on-write" (rewrite the files holding them) or "merge-on-read" (write position
         delete files; cheaper deletes, slower reads until `compact`); default: the table's
         `write.delete.mode`, else copy-on-write. Returns the snapshot id and the rows and files changed.
         """
-        columns = {k: [_jsonable(v) for v in values] for k, values in keys.items()} if keys is not None else None
+        columns = None
+        if keys is not None:
+            given = inputs.python_columns(keys)
+            given = given if given is not None else inputs.to_table(keys).to_pydict()
+            columns = {k: [_jsonable(v) for v in values] for k, values in given.items()}
         return self._action("delete", asdict(DeleteRequest(table, columns, filter, mode)))
 
     def compact(self, table: str, filter: str | None = None) -> dict[str, Any]:
@@ -297,7 +341,7 @@ class FeatureClient:
 
         The schema metadata says which snapshot was read (`flight.snapshot_id`).
         """
-        request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit)
+        request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit, compression=self.compression)
         return self._get(request.to_bytes())
 
     def read_table(
@@ -317,18 +361,21 @@ class FeatureClient:
         come back as one endpoint. Default: the server's `--scan-partitions`. Row order across
         parts is not defined; the schema metadata names the snapshot and read path, as `scan`'s does.
         """
-        request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit, partitions)
+        request = ScanRequest(
+            table, columns, filter, snapshot_id, _as_of(as_of), limit, partitions, compression=self.compression
+        )
         return self._read_endpoints(self._info(request))
 
     def flight_info(self, table: str, **scan_options: Any) -> flight.FlightInfo:
         """Schema, row estimate and endpoints of a scan, without reading it."""
         scan_options["as_of"] = _as_of(scan_options.get("as_of"))
+        scan_options.setdefault("compression", self.compression)
         return self._info(ScanRequest(table, **scan_options))
 
     def training_set_info(
         self,
         entity_rows: str | dict[str, list[Any]],
-        features: list[str],
+        features: str | Sequence[str],
         *,
         full_feature_names: bool = False,
         snapshot_ids: dict[str, int] | None = None,
@@ -372,10 +419,11 @@ class FeatureClient:
 
     # Training sets
 
+    @overload
     def get_historical_features(
         self,
         entity_rows: Any,
-        features: list[str],
+        features: str | Sequence[str],
         *,
         full_feature_names: bool = False,
         snapshot_ids: dict[str, int] | None = None,
@@ -383,27 +431,64 @@ class FeatureClient:
         entity_time: str = "event_timestamp",
         entity_filter: str | None = None,
         partitions: int | None = None,
-    ) -> pa.Table:
-        """Join `features` (`"table:feature"`) to each entity row as of its timestamp.
+    ) -> pa.Table: ...
 
-        `entity_rows` is a pandas DataFrame, Arrow Table or RecordBatchReader (streamed to the
-        server), a dict of column lists (sent inline), or the name of a table on the server
-        (optionally with `entity_filter`), whose parts are fetched in parallel. The result has one
+    @overload
+    def get_historical_features(
+        self,
+        *,
+        entity_df: Any,
+        features: str | Sequence[str],
+        full_feature_names: bool = False,
+        snapshot_ids: dict[str, int] | None = None,
+        as_of: dt.datetime | str | int | None = None,
+        entity_time: str = "event_timestamp",
+        entity_filter: str | None = None,
+        partitions: int | None = None,
+    ) -> HistoricalResult: ...
+
+    def get_historical_features(
+        self,
+        entity_rows: Any = None,
+        features: str | Sequence[str] | None = None,
+        *,
+        entity_df: Any = None,
+        full_feature_names: bool = False,
+        snapshot_ids: dict[str, int] | None = None,
+        as_of: dt.datetime | str | int | None = None,
+        entity_time: str = "event_timestamp",
+        entity_filter: str | None = None,
+        partitions: int | None = None,
+    ) -> pa.Table | HistoricalResult:
+        """Join `features` (`"table:feature"`, or one such string) to each entity row as of its timestamp.
+
+        `entity_rows` is a DataFrame, Arrow data, a DuckDB relation or a reader (streamed to the
+        server), a dict of column lists or a list of row dicts (sent inline), or the name of a table on
+        the server (optionally with `entity_filter`), whose parts are fetched in parallel. The result has one
         row per entity row, in order; its schema metadata `flight.snapshots` names the snapshots
         it was computed from: pass them back as `snapshot_ids` to get the same result again.
+        Feast's form, `entity_df=...`, returns a `HistoricalResult` (`.to_df()`, `.to_arrow()`) instead
+        of the Table.
         """
+        if (entity_rows is None) == (entity_df is None):
+            raise TypeError("get_historical_features takes the entity rows once: entity_rows, or Feast's entity_df")
+        if features is None:
+            raise TypeError('get_historical_features needs features=["table:feature", ...]')
+        rows = entity_rows if entity_df is None else entity_df
         request = self._historical_request(
-            entity_rows, features, full_feature_names, snapshot_ids, as_of, entity_time, entity_filter, partitions
+            rows, features, full_feature_names, snapshot_ids, as_of, entity_time, entity_filter, partitions
         )
         if request.entities is None:
-            return self._exchange(request, entity_rows)
-        info = self._info(request)
-        return self._read_endpoints(info).replace_schema_metadata(info.schema.metadata)
+            table = self._exchange(request, rows)
+        else:
+            info = self._info(request)
+            table = self._read_endpoints(info).replace_schema_metadata(info.schema.metadata)
+        return table if entity_df is None else HistoricalResult(table)
 
     def iter_historical_features(
         self,
         entity_rows: Any,
-        features: list[str],
+        features: str | Sequence[str],
         *,
         rank: int = 0,
         world_size: int = 1,
@@ -421,7 +506,7 @@ class FeatureClient:
         """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if isinstance(entity_rows, (str, dict)):
+        if isinstance(entity_rows, str) or inputs.python_columns(entity_rows) is not None:
             request = self._historical_request(
                 entity_rows, features, full_feature_names, snapshot_ids, as_of, entity_time, entity_filter, world_size
             )
@@ -429,8 +514,7 @@ class FeatureClient:
             for endpoint in endpoints[rank::world_size]:
                 yield from self._fetch(endpoint)
             return
-        schema, batches = _batches(entity_rows)
-        table = pa.Table.from_batches(list(batches), schema=schema)
+        table = inputs.to_table(entity_rows)
         start, stop = rank * table.num_rows // world_size, (rank + 1) * table.num_rows // world_size
         share = table.slice(start, stop - start)
         request = self._historical_request(
@@ -441,7 +525,7 @@ class FeatureClient:
     def _historical_request(
         self,
         entity_rows: Any,
-        features: list[str],
+        features: str | Sequence[str],
         full_feature_names: bool,
         snapshot_ids: dict[str, int] | None,
         as_of: Any,
@@ -450,56 +534,141 @@ class FeatureClient:
         partitions: int | None,
     ) -> HistoricalRequest:
         entities = None
+        columns = None if isinstance(entity_rows, str) else inputs.python_columns(entity_rows)
         if isinstance(entity_rows, str):
             entities = EntitySource(table=entity_rows, filter=entity_filter)
-        elif isinstance(entity_rows, dict):
-            rows = {k: [_jsonable(v) for v in values] for k, values in entity_rows.items()}
-            entities = EntitySource(rows=rows)
+        elif columns is not None:
+            entities = EntitySource(rows={k: [_jsonable(v) for v in values] for k, values in columns.items()})
         return HistoricalRequest(
-            features=list(features),
+            features=inputs.name_list(features),
             entities=entities,
             entity_time=entity_time,
             full_feature_names=full_feature_names,
             snapshot_ids=snapshot_ids,
             as_of=_as_of(as_of),
             partitions=partitions,
+            compression=self.compression,
         )
 
     # Online serving
 
+    @overload
     def get_online_features(
         self,
         entities: Any,
-        features: list[str],
+        features: str | Sequence[str],
         *,
         as_of: dt.datetime | str | int | None = None,
         full_feature_names: bool = False,
         request_time: dt.datetime | str | int | None = None,
         apply_ttl: bool = True,
-    ) -> pa.Table:
-        """The latest `features` (`"table:feature"`) of each entity, one row per entity in order.
+    ) -> pa.Table: ...
 
-        `entities` maps key columns to values (a dict of lists) or is a pandas DataFrame, Arrow
-        Table or RecordBatchReader of key columns. Up to 10,000 entities travel inline in one
+    # Feast's order (features first): by name, by position, or features by position and entity_rows by name.
+    @overload
+    def get_online_features(
+        self,
+        *,
+        features: str | Sequence[str],
+        entity_rows: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+        full_feature_names: bool = False,
+        as_of: dt.datetime | str | int | None = None,
+        request_time: dt.datetime | str | int | None = None,
+        apply_ttl: bool = True,
+    ) -> OnlineResult: ...
+
+    @overload
+    def get_online_features(
+        self,
+        features: str | Sequence[str],
+        entity_rows: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+        /,
+        *,
+        full_feature_names: bool = False,
+        as_of: dt.datetime | str | int | None = None,
+        request_time: dt.datetime | str | int | None = None,
+        apply_ttl: bool = True,
+    ) -> OnlineResult: ...
+
+    @overload
+    def get_online_features(
+        self,
+        features: str | Sequence[str],
+        /,
+        *,
+        entity_rows: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+        full_feature_names: bool = False,
+        as_of: dt.datetime | str | int | None = None,
+        request_time: dt.datetime | str | int | None = None,
+        apply_ttl: bool = True,
+    ) -> OnlineResult: ...
+
+    def get_online_features(
+        self,
+        entities: Any = None,
+        features: Any = None,  # or, in Feast's order, the entity rows
+        *,
+        entity_rows: Any = None,
+        as_of: dt.datetime | str | int | None = None,
+        full_feature_names: bool = False,
+        request_time: dt.datetime | str | int | None = None,
+        apply_ttl: bool = True,
+    ) -> pa.Table | OnlineResult:
+        """The latest `features` (`"table:feature"`, or one such string) of each entity, one row per entity in order.
+
+        `entities` maps key columns to values (a dict of lists, or a list of row dicts) or is a
+        DataFrame, Arrow data or a DuckDB relation of key columns (read whole: keys are few), or a
+        RecordBatchReader. Up to 10,000 entities travel inline in one
         `do_get`; more, and readers, are streamed with `do_exchange`. Each table adds a `<table>__<event time>`
         column: when the returned row was valid. Unknown entities, and rows older than the table's
         TTL at `request_time` (now by default; `apply_ttl=False` keeps them), are nulls. `as_of`
         looks into history instead: the latest rows at or before that time (slower: it reads the
-        table).
+        table). Feast's form, features first (`get_online_features(features, entity_rows=[{...}])`, by
+        position or by name), returns an `OnlineResult` (`.to_dict()`, `.to_df()`, `.to_arrow()`) instead of
+        the Table.
         """
+        if entity_rows is None and _feature_refs(entities) and features is not None and not _feature_refs(features):
+            entities, features, entity_rows = None, entities, features  # Feast's order, given by position
+        elif entity_rows is not None and features is None:
+            entities, features = None, entities  # Feast's features by position, entity_rows by name
+        if features is None:
+            raise TypeError('get_online_features needs features=["table:feature", ...]')
+        if entity_rows is not None:
+            if entities is not None:
+                raise TypeError("get_online_features takes the entities once: entities, or Feast's entity_rows")
+            table = self._online(entity_rows, features, as_of, full_feature_names, request_time, apply_ttl)
+            tables = {ref.partition(":")[0].split(".")[-1] for ref in inputs.name_list(features)}
+            return OnlineResult(table, table.column_names[table.num_columns - len(tables) :])
+        if entities is None:
+            raise TypeError("get_online_features needs the entities: a dict of key columns, rows or a DataFrame")
+        return self._online(entities, features, as_of, full_feature_names, request_time, apply_ttl)
+
+    def _online(
+        self,
+        entities: Any,
+        features: str | Sequence[str],
+        as_of: dt.datetime | str | int | None,
+        full_feature_names: bool,
+        request_time: dt.datetime | str | int | None,
+        apply_ttl: bool,
+    ) -> pa.Table:
         request = OnlineRequest(
-            list(features), None, full_feature_names, _as_of(as_of), _as_of(request_time), apply_ttl
+            inputs.name_list(features), None, full_feature_names, _as_of(as_of), _as_of(request_time), apply_ttl
         )
         table: pa.Table | None = None
-        if isinstance(entities, dict):
-            columns = {k: list(v) if not isinstance(v, list) else v for k, v in entities.items()}
+        columns = inputs.python_columns(entities)
+        if columns is not None:
             if len(next(iter(columns.values()), [])) > MAX_INLINE_ENTITIES:
                 return self._exchange(request, pa.table(columns))
         elif isinstance(entities, pa.RecordBatchReader):
             return self._exchange(request, entities)  # streamed as it comes, whatever its size
         else:
-            schema, batches = _batches(entities)
-            table = pa.Table.from_batches(list(batches), schema=schema)
+            table = inputs.to_table(entities)
+            nulls = inputs.null_float_keys(table)  # every column of an online lookup is a key
+            if nulls is not None:
+                raise InvalidRequestError(
+                    inputs.null_keys_message(nulls, table.schema.field(nulls).type), "INVALID_ARGUMENT"
+                )
             if table.num_rows > MAX_INLINE_ENTITIES:
                 return self._exchange(request, table)
             columns = table.to_pydict()
@@ -533,7 +702,8 @@ class FeatureClient:
         return pa.concat_tables(parts)
 
     def _exchange(self, request: HistoricalRequest | OnlineRequest, entity_rows: Any) -> pa.Table:
-        schema, batches = _batches(entity_rows)
+        held = None if inputs.is_stream(entity_rows) else inputs.to_table(entity_rows)
+        schema, batches = inputs.stream(entity_rows if held is None else held)
         descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
         try:
             writer, reader = self._client.do_exchange(descriptor, self._options)
@@ -548,7 +718,7 @@ class FeatureClient:
                     sending.finish()
                 return result
         except SERVER_ERRORS as exc:
-            raise from_flight_error(exc) from None
+            raise _null_keys_explained(from_flight_error(exc), held) from None
 
     # Catalog
 
@@ -598,11 +768,17 @@ class _Sender:
 
 
 def read_flight(
-    location: str, table: str | None = None, *, token: str | None = None, tls_root_certs: Any = None, **options: Any
+    location: str,
+    table: str | None = None,
+    *,
+    token: str | None = None,
+    tls_root_certs: Any = None,
+    compression: str | None = None,
+    **options: Any,
 ) -> pd.DataFrame:
     """Read into pandas in one call: a table (with `read_table` options), or a training set when
     `features=[...]` and `entity_rows=...` are given (with `get_historical_features` options)."""
-    with FeatureClient(location, token=token, tls_root_certs=tls_root_certs) as client:
+    with FeatureClient(location, token=token, tls_root_certs=tls_root_certs, compression=compression) as client:
         if "features" in options:
             entity_rows = options.pop("entity_rows", table)
             return client.get_historical_features(entity_rows, options.pop("features"), **options).to_pandas()

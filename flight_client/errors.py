@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -44,6 +45,11 @@ class PermissionDeniedError(FeatureServerError):
     """The token is valid but lacks the permission or namespace the request needs; the message says which."""
 
 
+class UnavailableError(FeatureServerError, ConnectionError):
+    """The server could not be reached, or ended the call (shutting down, or the call was idle too long):
+    retry, at another replica or once it is back."""
+
+
 _BY_CODE: dict[str, type[FeatureServerError]] = {
     "INVALID_ARGUMENT": InvalidRequestError,
     "NOT_FOUND": NotFoundError,
@@ -51,6 +57,7 @@ _BY_CODE: dict[str, type[FeatureServerError]] = {
     "RESOURCE_EXHAUSTED": ResourceExhaustedError,
     "UNAUTHENTICATED": UnauthenticatedError,
     "PERMISSION_DENIED": PermissionDeniedError,
+    "UNAVAILABLE": UnavailableError,
 }
 
 # The kind each gRPC status means when the error carries no code of its own: INVALID_ARGUMENT and NOT_FOUND never
@@ -78,8 +85,28 @@ def error_code(exc: Exception) -> str:
     return next((code for cls, code in _BY_CLASS if isinstance(exc, cls)), "INTERNAL")
 
 
+# gRPC's words for a server it could not reach (the reason follows them), and for a host name that did not resolve.
+_UNREACHABLE = re.compile(r"failed to connect to all addresses[;:]?\s*(?:last error: )?(?:UNKNOWN: )?(.*)")
+_UNRESOLVED = re.compile(r"(?:errors resolving|DNS resolution failed for) (\S+?):? .*?([^:\[\]]*)\]?$")
+
+
 def from_flight_error(exc: Exception) -> FeatureServerError:
     """Strip gRPC's decorations from a Flight error and pick the exception class from its kind."""
     message = str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context:", 1)[0]
     code = error_code(exc)
+    if code == "UNAVAILABLE":
+        message = _unreachable(message) or message
     return _BY_CODE.get(code, FeatureServerError)(message, code)
+
+
+def _unreachable(message: str) -> str | None:
+    """One line for a server that cannot be reached, or None when the message says something else."""
+    unresolved = _UNRESOLVED.search(message)
+    if unresolved:
+        host, reason = unresolved.group(1), unresolved.group(2).strip() or "no address"
+        return f"cannot reach the feature server: host {host} does not resolve ({reason}); is the location right?"
+    unreachable = _UNREACHABLE.search(message)
+    if unreachable:
+        reason = unreachable.group(1).strip() or "no answer"
+        return f"cannot reach the feature server ({reason}): is it running, and is the location right?"
+    return None

@@ -1,3 +1,3 @@
-from flight_server.cli import main
+from flight_server.launch import serve
 
-main()
+serve()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import socket
 import sys
@@ -12,15 +13,11 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from flight_server import __version__
-from flight_server.base.config import (
-    ServerConfig,
-    catalog_properties_from_env,
-    parse_property_flags,
-    read_catalog_file,
-    redact,
-)
+from flight_server.base.config import CatalogError, ServerConfig, catalog_settings, parse_property_flags
+from flight_server.base.logs import setup_logging
 from flight_server.base.settings import HEALTH_SETTINGS, SERVE_SETTINGS, markdown, options, text
 from flight_server.transport.auth import READ, WRITE, load_tokens
 
@@ -30,6 +27,16 @@ if TYPE_CHECKING:
     from flight_server.transport.service import FeatureFlightServer
 
 GIL_SWITCH_SECONDS = 0.0005
+
+# How gRPC says that a connection failed, and why ("Connection refused", "Connection timed out", ...).
+_CONNECT_FAILED = re.compile(r"Failed to connect to remote host: ([^;\n]+?)\.?(?:;|$)", re.MULTILINE)
+
+
+class StartError(click.ClickException):
+    """What keeps the server from starting (a port in use, a catalog unknown or unreachable): one line, exit 2."""
+
+    exit_code = 2
+
 
 # The options that name the catalog, for commands that open it as `serve` does.
 CATALOG_SETTINGS = tuple(setting for setting in SERVE_SETTINGS if setting.section == "Catalog")
@@ -50,7 +57,7 @@ def serve(
     # An online lookup takes the GIL a few times for ~0.1 ms each; while a write or an index refresh
     # runs Python code, the default 5 ms switch interval would make each of those waits up to 5 ms.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(log_level, fields["log_format"])
     config = _config(catalog_config, catalog_property, fields)
     try:
         config.auth_tokens = load_tokens(config.auth_tokens_file)
@@ -60,12 +67,15 @@ def serve(
         raise click.UsageError("--demo loads its tables over plain grpc on loopback: load them without TLS first")
     from flight_server.transport.service import FeatureFlightServer
 
+    _check_port(config)
+    log = logging.getLogger("flight_server")
     try:
         server = FeatureFlightServer(config)
+    except CatalogError as exc:
+        log.debug("the catalog did not open", exc_info=True)  # the library's traceback, for --log-level DEBUG
+        raise StartError(str(exc)) from None
     except ValueError as exc:  # inconsistent settings (TLS, tokens, peers): say which, without a traceback
         raise click.UsageError(str(exc)) from None
-    log = logging.getLogger("flight_server")
-    log.info("catalog properties: %s", redact(config.resolved_catalog_properties()))
     location = f"{config.scheme}://{'127.0.0.1' if config.host == '0.0.0.0' else config.host}:{server.port}"
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
@@ -84,15 +94,36 @@ def serve(
 
 
 def _config(catalog_config: str | None, catalog_property: tuple[str, ...], fields: dict[str, Any]) -> ServerConfig:
-    """The settings, catalog properties from the file, then the environment, then the flags."""
+    """The settings, and the catalog as base/config.py's `catalog_settings` finds it. `--catalog-name` counts
+    only when given (flag or variable): naming a catalog is what makes pyiceberg's configuration apply."""
     config = ServerConfig(**fields)  # the options that fill a field are named after it, and in its unit
-    config.catalog_properties = read_catalog_file(catalog_config) if catalog_config else {}
-    config.catalog_properties.update(catalog_properties_from_env())
     try:
-        config.catalog_properties.update(parse_property_flags(catalog_property))
+        flags = parse_property_flags(catalog_property)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--catalog-property") from None
+    named = click.get_current_context().get_parameter_source("catalog_name") != ParameterSource.DEFAULT
+    try:
+        config.catalog_name, config.catalog_properties = catalog_settings(
+            config.catalog_name if named else None, catalog_config, flags
+        )
+    except CatalogError as exc:
+        raise StartError(str(exc)) from None
     return config
+
+
+def _check_port(config: ServerConfig) -> None:
+    """Refuse a port another process holds, in one line, before the catalog opens: gRPC would log its own
+    error and pyarrow raise only "Server did not start properly"."""
+    if not config.port:
+        return
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    try:
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: a closed connection's port is free
+            probe.bind((config.host, config.port))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise StartError(f"cannot listen on {config.scheme}://{config.host}:{config.port}: {reason.lower()}") from None
 
 
 def _reload_on_sighup(server: FeatureFlightServer) -> None:
@@ -150,6 +181,9 @@ def health(
         ) as client:
             status = client.health()
     except (FeatureServerError, OSError) as exc:
+        refused = _CONNECT_FAILED.search(str(exc))
+        if refused:  # nothing listens there: gRPC's reason, without its layers of wrapping
+            raise click.ClickException(f"cannot reach the server at {location} ({refused[1].lower()})") from None
         raise click.ClickException(f"{location}: {exc}") from None
     click.echo(json.dumps(status))
     if status.get("status") != "ok":
@@ -178,7 +212,10 @@ def remove_orphan_files(
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _config(catalog_config, catalog_property, fields)
-    catalog = FeatureCatalog(config.catalog_name, config.resolved_catalog_properties(), config.default_namespace)
+    try:
+        catalog = FeatureCatalog(config.catalog_name, config.resolved_catalog_properties(), config.default_namespace)
+    except CatalogError as exc:
+        raise StartError(str(exc)) from None
     try:
         request = OrphanFilesRequest.from_body({"table": table, "older_than": older_than, "dry_run": dry_run})
         result = remove_orphan_files(catalog, request)

@@ -60,7 +60,10 @@ def positive(*values: Any) -> bool:
 
 def check_scan(result: dict[str, Any], local: bool) -> None:
     paths = {"raw_flight_ceiling", "flight_arrow", "flight_arrow_2", "flight_arrow_4", "flight_pandas"}
-    assert set(result["results"]) == paths | ({"duckdb_local", "pyiceberg_local"} if local else set())
+    paths |= {"flight_arrow_lz4", "flight_arrow_zstd"}
+    assert positive(*result["wire_mb"].values()) and result["wire_mb"].keys() == {"none", "lz4", "zstd"}
+    local_paths = {"duckdb_local", "pyiceberg_local", "flight_arrow_cold"}
+    assert set(result["results"]) == paths | (local_paths if local else set())
     for entry in result["results"].values():
         assert entry.keys() >= TIMING_KEYS
         assert positive(entry["rows_per_s"], entry["mb_per_s"], entry["ratio_to_ceiling"])

@@ -140,8 +140,11 @@ def test_one_caller_cannot_take_every_slot(catalog: dict[str, str], limited: Fea
 
 def test_record_batches_above_the_limit_are_refused(catalog: dict[str, str]) -> None:
     server = start_server(catalog, max_batch_bytes=1 << 20)
-    rows = 200_000  # 3.2 MB in one batch
-    data = pa.table({"id": pa.array(range(rows), pa.int64()), "ts": pa.array([0] * rows, pa.timestamp("us", "UTC"))})
+    rows = 50_000  # 3.2 MB in one batch of 8 columns (the client cuts batches above 65,536 rows, not bytes)
+    features = {f"x{i}": pa.array([float(i)] * rows) for i in range(6)}
+    data = pa.table(
+        {"id": pa.array(range(rows), pa.int64()), "ts": pa.array([0] * rows, pa.timestamp("us", "UTC")), **features}
+    )
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
             one_batch = pa.RecordBatchReader.from_batches(data.schema, data.combine_chunks().to_batches())
@@ -149,7 +152,7 @@ def test_record_batches_above_the_limit_are_refused(catalog: dict[str, str]) -> 
                 client.write("limits.batches", one_batch, entity_keys=["id"], event_time="ts")
             assert "a record batch of 3,200,000 bytes passed this server's limit of 1,048,576 bytes" in str(e.value)
             assert "limits.batches" not in {t["table"] for t in client.tables()}
-            small = pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=20_000))
+            small = pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=5_000))
             assert client.write("limits.batches", small, entity_keys=["id"], event_time="ts").rows == rows
     finally:
         server.shutdown()

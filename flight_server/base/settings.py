@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from flight_server.base.config import ServerConfig
+from flight_server.base.logs import LOG_FORMATS
 
 KB = 1 << 10
 MB = 1 << 20
@@ -111,6 +112,15 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         default="INFO",
     ),
     Setting(
+        "--log-format",
+        "FLIGHT_SERVER_LOG_FORMAT",
+        "Server",
+        "Log lines as text, or as JSON objects (one a line: ts, level, logger, msg, request_id, trace_id; a "
+        "call's own line adds method, kind, code, duration_ms, peer).",
+        "log_format",
+        click.Choice(LOG_FORMATS),
+    ),
+    Setting(
         "--demo/--no-demo",
         "FLIGHT_SERVER_DEMO",
         "Server",
@@ -131,8 +141,8 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "--catalog-config",
         "FLIGHT_SERVER_CATALOG_CONFIG",
         "Catalog",
-        "YAML or JSON file of pyiceberg catalog properties (type, uri, warehouse, s3.endpoint, ...). "
-        "Without it (and without FLIGHT_SERVER_CATALOG__* variables) the embedded default is used.",
+        "YAML or JSON file of pyiceberg catalog properties (type, uri, warehouse, s3.endpoint, ...), flat or in"
+        " .pyiceberg.yaml's layout (catalog: NAME: properties). Without any catalog option: the embedded default.",
         type=_FILE,
     ),
     Setting(
@@ -147,7 +157,9 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "--catalog-name",
         "FLIGHT_SERVER_CATALOG_NAME",
         "Catalog",
-        "Name of the catalog (pyiceberg's SQL catalogs keep tables per name).",
+        "Name of the catalog; given, its properties start from pyiceberg's own configuration (.pyiceberg.yaml, "
+        "PYICEBERG_CATALOG__NAME__* variables), and a name nothing configures is an error. SQL catalogs keep tables "
+        "per name.",
         "catalog_name",
     ),
     Setting(
@@ -207,6 +219,16 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "number ('partitions'); clients fetch them in parallel.",
         "scan_partitions",
         click.IntRange(1),
+    ),
+    Setting(
+        "--scan-cache-mb",
+        "FLIGHT_SERVER_SCAN_CACHE_MB",
+        "Parallel reads",
+        "Memory for the decoded rows of data files that whole-table scans read (least recently used dropped "
+        "first): repeated reads of a snapshot, every epoch and from every worker, stream from memory. 0: off.",
+        "scan_cache_bytes",
+        click.IntRange(0),
+        unit=MB,
     ),
     Setting(
         "--historical-partitions",
@@ -359,6 +381,22 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "its connection: its slot and memory are freed. Linux only. 0: never.",
         "idle_timeout_seconds",
         click.FloatRange(0),
+    ),
+    Setting(
+        "--metrics-port",
+        "FLIGHT_SERVER_METRICS_PORT",
+        "Metrics",
+        "Serve Prometheus metrics over HTTP on this port (GET /metrics; docs/operations.md lists them). 0: none.",
+        "metrics_port",
+        click.IntRange(0, 65535),
+    ),
+    Setting(
+        "--metrics-host",
+        "FLIGHT_SERVER_METRICS_HOST",
+        "Metrics",
+        "Address the metrics endpoint listens on (it has no authentication).",
+        "metrics_host",
+        default_text="--host",
     ),
 )
 

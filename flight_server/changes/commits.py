@@ -27,6 +27,7 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation, Snapshot
 
 from flight_server.base.locks import LockPool
+from flight_server.base.metrics import COMMIT_RETRIES
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.iceberg.internals import DropRemovedEntries, MemoTransaction, RewriteFiles
 from flight_server.reads.duck import Engine
@@ -63,6 +64,7 @@ def commit_until(deadline: float, what: str, attempt: Callable[[], T]) -> T:
         try:
             return attempt()
         except (CommitFailedException, ValidationException) as exc:
+            COMMIT_RETRIES.inc()
             if time.monotonic() > deadline:
                 raise ConflictError(
                     f"could not {what} because of concurrent changes ({exc}); nothing was committed"

@@ -35,7 +35,7 @@ from pyiceberg.transforms import (
 from sqlalchemy import Select
 from sqlalchemy.exc import IntegrityError
 
-from flight_server.base.config import redact
+from flight_server.base.config import CatalogError, catalog_failure, redact
 from flight_server.iceberg.internals import metadata_location_query
 from flight_server.wire.actions import DELETE_MODES
 from flight_server.wire.codec import parse_table_name
@@ -69,7 +69,8 @@ NEW_TABLE_HISTORY = {
     "write.metadata.previous-versions-max": "100",
 }
 
-_TRANSFORM = re.compile(r"^\s*(\w+)\s*\(\s*(?:(\d+)\s*,\s*)?([A-Za-z_][\w\-]*)\s*\)\s*$")
+# `bucket(8, id)`, or `bucket[8](id)` as Iceberg (and `describe`) print a transform.
+_TRANSFORM = re.compile(r"^\s*(\w+)\s*(?:\[\s*(\d+)\s*\])?\s*\(\s*(?:(\d+)\s*,\s*)?([A-Za-z_][\w\-]*)\s*\)\s*$")
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,10 @@ def partition_spec(fields: list[str], schema: Schema) -> PartitionSpec:
         match = _TRANSFORM.match(text)
         if not match:
             raise RequestError(f"partition field {text!r} is not of the form transform(column) or bucket(N, column)")
-        name, width, column = match.groups()
+        name, bracketed, width, column = match.groups()
+        if bracketed is not None and width is not None:
+            raise RequestError(f"partition field {text!r}: give N once, as bucket(N, col) or bucket[N](col)")
+        width = width if bracketed is None else bracketed
         transform: Transform[Any, Any]
         simple = {
             "identity": IdentityTransform,
@@ -174,7 +178,10 @@ class FeatureCatalog:
         self.name = name
         self.properties = properties
         self.default_namespace = default_namespace
-        self.catalog: Catalog = load_catalog(name, **properties)
+        try:
+            self.catalog: Catalog = load_catalog(name, **properties)
+        except Exception as exc:  # whatever the catalog library raises, the operator needs one line, no secret
+            raise CatalogError(catalog_failure(name, properties, exc)) from exc
         self._read: dict[str, Table] = {}  # by table name: the last loaded for reading (see `read`)
         log.info("catalog %r: %s", name, redact(properties))
 

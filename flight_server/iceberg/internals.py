@@ -50,6 +50,8 @@ from pyiceberg.typedef import EMPTY_DICT
 from pyiceberg.utils.properties import property_as_int
 from sqlalchemy import Select, bindparam, select
 
+from flight_server.base.metrics import COMMIT_RETRIES
+
 CHECKED_VERSION = "0.12.0"  # the pyiceberg release the names below were checked against
 
 PRIVATE_API: dict[str, str] = {
@@ -137,6 +139,7 @@ def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -
         transaction._apply(updates, requirements)
         return transaction.commit_transaction()
     except (CommitFailedException, TableAlreadyExistsError):
+        COMMIT_RETRIES.inc()
         producer._clean_all_uncommitted()
         raise
 

@@ -180,6 +180,7 @@ class OnlineIndex:
         self.error: str | None = None
         self.appends = 0  # refreshes applied from appended files alone
         self.rebuilds = 0  # refreshes that rebuilt from the whole table
+        self.checked_at = time.time()  # when the index was last known to match its table's current snapshot
 
     @property
     def spec(self) -> FeatureSpec:

@@ -91,6 +91,10 @@ class OnlineStore:
         if self.name(ref) in self._indexes:
             self._wake.set()
 
+    def indexes(self) -> dict[str, OnlineIndex]:
+        """Every index, by table name."""
+        return dict(self._indexes)
+
     def stats(self) -> dict[str, Any]:
         indexes = list(self._indexes.values())
         return {
@@ -239,9 +243,10 @@ class OnlineStore:
     def _refresh_one(self, name: str) -> None:
         index = self._indexes[name]
         try:
+            started = time.time()
             with self._building(name):
                 outcome = self.refresh(name)
-            index.error = None
+            index.error, index.checked_at = None, started
             if outcome != "current":
                 log.info("online index %s: %s (snapshot %s)", name, outcome, index.state.snapshot_id)
         except NotFoundError:

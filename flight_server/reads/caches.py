@@ -1,5 +1,6 @@
 """What a server keeps between reads, keyed so that it is never stale: plans by (table, snapshot, filter), row
-positions by delete file. One `ReadCaches` per server (`transport.components`), handed to every read with its plan.
+positions by delete file, decoded rows by data file. One `ReadCaches` per server (`transport.components`), handed
+to every read with its plan.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 from pyiceberg.table import FileScanTask
 
 PLAN_CACHE_ENTRIES = 256  # plans of recent reads kept (by table, snapshot and filter)
@@ -24,13 +26,19 @@ class PlanCache:
         self._entries, self._max_files = entries, max_files
         self._plans: OrderedDict[tuple[str, int | None, str], list[FileScanTask] | None] = OrderedDict()
         self._lock = threading.Lock()
+        self.hits = self.misses = 0  # for the server's metrics
 
     def get(self, key: tuple[str, int | None, str]) -> tuple[bool, list[FileScanTask] | None]:
         with self._lock:
             if key not in self._plans:
+                self.misses += 1
                 return False, None
+            self.hits += 1
             self._plans.move_to_end(key)
             return True, self._plans[key]
+
+    def __len__(self) -> int:
+        return len(self._plans)
 
     def put(self, key: tuple[str, int | None, str], tasks: list[FileScanTask] | None) -> None:
         if tasks is not None and len(tasks) > self._max_files:
@@ -51,13 +59,24 @@ class PositionCache:
         self._entries: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self.hits = self.misses = 0  # for the server's metrics
 
     def get(self, key: tuple[str, str]) -> np.ndarray | None:
         with self._lock:
             value = self._entries.get(key)
             if value is not None:
                 self._entries.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
             return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
     def put(self, key: tuple[str, str], value: np.ndarray) -> None:
         with self._lock:
@@ -68,9 +87,64 @@ class PositionCache:
                 self._bytes -= self._entries.popitem(last=False)[1].nbytes
 
 
+FileKey = tuple[str, tuple[str, ...], tuple[str, ...]]  # data file, columns, its position delete files
+
+
+class FileCache:
+    """Decoded rows of data files that whole-table scans read, without their deleted rows, by (data file,
+    columns, position delete files); the least recently used go past `max_bytes` (0: nothing kept).
+
+    Training jobs read the same snapshot every epoch and from every worker: a cached file streams from
+    memory instead of being decoded again. Data files never change, so an entry is never stale, and a
+    table's next snapshot shares every file it did not replace (an append decodes only its new files).
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[FileKey, list[pa.RecordBatch]] = OrderedDict()
+        self._sizes: dict[FileKey, int] = {}
+        self._bytes = 0
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: FileKey) -> list[pa.RecordBatch] | None:
+        with self._lock:
+            batches = self._entries.get(key)
+            if batches is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return batches
+
+    def put(self, key: FileKey, batches: list[pa.RecordBatch]) -> None:
+        size = sum(batch.nbytes for batch in batches)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key], self._sizes[key] = batches, size
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                oldest, _ = self._entries.popitem(last=False)
+                self._bytes -= self._sizes.pop(oldest)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "files": len(self._entries),
+                "bytes": self._bytes,
+                "max_bytes": self.max_bytes,
+                "hits": self.hits,
+                "misses": self.misses,
+            }
+
+
 @dataclass(frozen=True)
 class ReadCaches:
     """The caches of one server's reads."""
 
     plans: PlanCache = field(default_factory=lambda: PlanCache(PLAN_CACHE_ENTRIES, PLAN_CACHE_MAX_FILES))
     positions: PositionCache = field(default_factory=lambda: PositionCache(POSITION_CACHE_BYTES))
+    files: FileCache = field(default_factory=lambda: FileCache(0))

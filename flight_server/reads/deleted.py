@@ -64,9 +64,9 @@ def _sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
 
 def without_deleted(
     batches: Iterator[ds.TaggedRecordBatch], deleted: dict[str, np.ndarray]
-) -> Iterator[pa.RecordBatch]:
-    """The batches of a scan without their deleted rows: a fragment's batches arrive in order, so a running
-    count gives each row's position in its file."""
+) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """The batches of a scan without their deleted rows, each with its file's path: a fragment's batches
+    arrive in order, so a running count gives each row's position in its file."""
     offsets: dict[str, int] = {}
     for tagged in batches:
         batch, path = tagged.record_batch, tagged.fragment.path
@@ -79,7 +79,7 @@ def without_deleted(
                 keep = np.ones(batch.num_rows, dtype=bool)
                 keep[positions[low:high] - start] = False
                 batch = batch.filter(pa.array(keep))
-        yield batch
+        yield path, batch
 
 
 DELETED_RELATION = "__deleted_positions"

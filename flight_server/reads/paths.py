@@ -15,7 +15,7 @@ reads can be split into parts over the files (`scan_parts`), which clients fetch
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import duckdb
@@ -29,6 +29,7 @@ from pyiceberg.table import FileScanTask
 from flight_server.base.filters import quote, to_sql
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.iceberg.snapshots import snapshot_schema
+from flight_server.reads.caches import FileCache, FileKey
 from flight_server.reads.deleted import (
     DELETED_RELATION,
     deleted_positions,
@@ -90,11 +91,27 @@ def scan_parts(plan: ScanPlan, partitions: int) -> list[list[int] | None]:
     return [[index, count] for index in range(count)] if count > 1 else [None]
 
 
-def direct_reader(plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int) -> pa.RecordBatchReader:
+def direct_reader(
+    plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int, cache: FileCache | None = None
+) -> pa.RecordBatchReader:
     """Arrow's own multi-threaded Parquet reader over the planned files (all or a share of `direct_files`),
-    without the rows their position delete files delete."""
+    without the rows their position delete files delete; with a `cache`, files it holds stream from memory
+    and the others are kept in it once read to the end."""
     if not tasks:
         return pa.RecordBatchReader.from_batches(plan.schema, [])
+    if cache is not None and cache.max_bytes:
+        return _through_cache(plan, tasks, batch_rows, cache)
+    scanner, paths = _scanner(plan, tasks, batch_rows)
+    deleted = deleted_positions(plan.table.io, tasks, plan.caches.positions)
+    if not deleted:
+        return scanner.to_reader()
+    by_fragment = {path: deleted[location] for path, location in paths.items() if location in deleted}
+    batches = without_deleted(scanner.scan_batches(), by_fragment)
+    return pa.RecordBatchReader.from_batches(scanner.projected_schema, (batch for _, batch in batches))
+
+
+def _scanner(plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int) -> tuple[ds.Scanner, dict[str, str]]:
+    """A scanner of `tasks`' files, and their locations by the paths its fragments name."""
     io = plan.table.io
     assert isinstance(io, PyArrowFileIO), "direct_files plans only tables Arrow reads"
     scheme, netloc, _ = io.parse_location(tasks[0].file.file_path)
@@ -103,14 +120,59 @@ def direct_reader(plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int) ->
     dataset = ds.dataset(
         list(paths), schema=table_arrow_schema(schema), format="parquet", filesystem=io.fs_by_scheme(scheme, netloc)
     )
-    scanner = dataset.scanner(columns=plan.schema.names, batch_size=batch_rows)
-    deleted = deleted_positions(io, tasks, plan.caches.positions)
-    if not deleted:
-        return scanner.to_reader()
+    return dataset.scanner(columns=plan.schema.names, batch_size=batch_rows), paths
+
+
+def _through_cache(
+    plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int, cache: FileCache
+) -> pa.RecordBatchReader:
+    """The files `cache` holds, then the others decoded (and kept once the scan has read them all)."""
+    arrow = table_arrow_schema(snapshot_schema(plan.table, plan.snapshot_id))
+    columns = pa.schema([arrow.field(name) for name in plan.schema.names])
+    shape = (columns.to_string(),)
+    keys = {
+        task.file.file_path: (task.file.file_path, shape, tuple(sorted(d.file_path for d in task.delete_files)))
+        for task in tasks
+    }
+    held: list[pa.RecordBatch] = []
+    missing = []
+    for task in tasks:
+        batches = cache.get(keys[task.file.file_path])
+        if batches is None:
+            missing.append(task)
+        else:
+            held.extend(batches)
+    if not missing:  # all from memory: Arrow streams the table without Python per batch
+        return pa.Table.from_batches(held, held[0].schema if held else columns).to_reader(max_chunksize=batch_rows)
+    scanner, paths = _scanner(plan, missing, batch_rows)
+    deleted = deleted_positions(plan.table.io, missing, plan.caches.positions)
     by_fragment = {path: deleted[location] for path, location in paths.items() if location in deleted}
+    decoded = without_deleted(scanner.scan_batches(), by_fragment)
     return pa.RecordBatchReader.from_batches(
-        scanner.projected_schema, without_deleted(scanner.scan_batches(), by_fragment)
+        scanner.projected_schema, _keeping(held, decoded, {p: keys[loc] for p, loc in paths.items()}, cache)
     )
+
+
+def _keeping(
+    held: list[pa.RecordBatch],
+    decoded: Iterator[tuple[str, pa.RecordBatch]],
+    keys: dict[str, FileKey],
+    cache: FileCache,
+) -> Iterator[pa.RecordBatch]:
+    """`held`, then `decoded`, whose files go into `cache` once every one is read (a scan the client leaves
+    early keeps nothing); collecting stops past the cache's size, so memory stays within it."""
+    yield from held
+    files: dict[str, list[pa.RecordBatch]] | None = {path: [] for path in keys}
+    size = 0
+    for path, batch in decoded:
+        if files is not None:
+            files[path].append(batch)
+            size += batch.nbytes
+            if size > cache.max_bytes:
+                files = None
+        yield batch
+    for path, batches in (files or {}).items():
+        cache.put(keys[path], batches)
 
 
 def read_parquet_sql(
@@ -207,16 +269,20 @@ def read_path(plan: ScanPlan) -> tuple[str, list[FileScanTask] | None]:
 
 
 def open_scan(
-    plan: ScanPlan, engine: Engine, batch_rows: int, is_cancelled: Callable[[], bool] | None = None
+    plan: ScanPlan,
+    engine: Engine,
+    batch_rows: int,
+    is_cancelled: Callable[[], bool] | None = None,
+    cache: FileCache | None = None,
 ) -> tuple[pa.RecordBatchReader, str]:
     """Stream the planned rows, and say which read path does it; memory stays bounded. DuckDB's work up to
     the first batch (a selective filter may scan much for it) is interrupted once `is_cancelled()`; later
-    batches are computed only as the client takes them."""
+    batches are computed only as the client takes them. Direct reads go through `cache` when given."""
     path, files = read_path(plan)
     if path == "empty":
         return pa.RecordBatchReader.from_batches(plan.schema, []), path
     if path == "direct":
-        reader = direct_reader(plan, files or [], batch_rows)
+        reader = direct_reader(plan, files or [], batch_rows, cache)
     elif path == "read_parquet":
         reader = read_parquet_reader(plan, files or [], engine, batch_rows, is_cancelled)
     else:

@@ -145,6 +145,7 @@ class AsofCache:
         self.engine, self.caches = engine, caches
         self.max_bytes = max_bytes
         self.builds = 0
+        self.hits = self.misses = 0  # requests that found their index built, or not (for the server's metrics)
         self._indexes: OrderedDict[tuple[str, int | None, FeatureSpec], AsofIndex] = OrderedDict()
         self._too_large: set[tuple[str, int | None, FeatureSpec]] = set()
         self._lock = threading.Lock()
@@ -163,10 +164,13 @@ class AsofCache:
         with self._building(key):
             with self._lock:
                 if key in self._too_large:
+                    self.misses += 1
                     return None
                 if key in self._indexes:
+                    self.hits += 1
                     self._indexes.move_to_end(key)
                     return self._indexes[key]
+                self.misses += 1
             try:
                 index = self._build(table, snapshot_id, spec)
             except LimitError as exc:

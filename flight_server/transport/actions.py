@@ -82,6 +82,7 @@ def _health(parts: Components, caller: Principal, request: None) -> Health:
         writes_in_progress=parts.writer.in_progress,
         online=parts.store.stats(),
         training_set_cache=parts.training.cache.stats(),
+        scan_cache=parts.caches.files.stats(),
     )
 
 

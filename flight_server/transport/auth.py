@@ -30,6 +30,7 @@ from typing import Any
 import pyarrow.flight as flight
 
 from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.transport.calls import refused
 from flight_server.transport.errors import to_flight_error
 from flight_server.wire.errors import LimitError, PermissionDeniedError, RequestError, UnauthenticatedError
 from flight_server.wire.reads import HistoricalRequest, OnlineRequest
@@ -353,6 +354,7 @@ class AuthMiddlewareFactory(flight.ServerMiddlewareFactory):
             return AuthMiddleware(self._caller(info, headers))
         except RequestError as exc:  # the reason only: never the credentials
             log.info("%s refused: %s", info.method.name.lower(), exc)
+            refused(exc)
             raise to_flight_error(exc) from None  # middleware must raise a Flight error to set the status
 
     def _caller(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> Principal:

@@ -56,5 +56,22 @@ class ClientWriter:
             self._writer.write(buffer)
 
 
+class CompressedWriter:
+    """`do_exchange`'s writer back to a client that asked for compressed results (`compression`): every
+    stream it begins uses `options`, whatever the handler passes."""
+
+    def __init__(self, writer: flight.MetadataRecordBatchWriter | ClientWriter, options: pa.ipc.IpcWriteOptions):
+        self._writer, self._options = writer, options
+
+    def begin(self, schema: pa.Schema, options: pa.ipc.IpcWriteOptions | None = None) -> None:
+        self._writer.begin(schema, self._options)
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
+
+    def write(self, buffer: pa.Buffer) -> None:
+        self._writer.write(buffer)
+
+
 def _waiting(call: WatchedCall | None, what: str) -> contextlib.AbstractContextManager[None]:
     return call.waiting(what) if call is not None else contextlib.nullcontext()

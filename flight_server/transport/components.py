@@ -13,7 +13,7 @@ from flight_server.changes.writes import Writer
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.online.service import OnlineService
 from flight_server.online.store import OnlineStore
-from flight_server.reads.caches import ReadCaches
+from flight_server.reads.caches import FileCache, ReadCaches
 from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache
 from flight_server.training.sets import TrainingSets
@@ -39,7 +39,7 @@ class Components:
         catalog = FeatureCatalog(config.catalog_name, config.resolved_catalog_properties(), config.default_namespace)
         engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
         engine.use_storage(catalog.properties)
-        caches = ReadCaches()
+        caches = ReadCaches(files=FileCache(config.scan_cache_bytes))
         # Deletes and maintenance commit through the same per-table locks as writes.
         locks = LockPool()
         limits = (config.write_chunk_bytes, config.commit_timeout_seconds, config.batch_rows)

@@ -118,7 +118,9 @@ class Scans:
 
     def open(self, request: ScanRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader:
         plan = plan_scan(self.parts.catalog, request, self.parts.caches)
-        reader, path = open_scan(plan, self.parts.engine, self.parts.config.batch_rows, is_cancelled)
+        reader, path = open_scan(
+            plan, self.parts.engine, self.parts.config.batch_rows, is_cancelled, self.parts.caches.files
+        )
         return reader.cast(scan_schema(plan, path))
 
     def exchange(

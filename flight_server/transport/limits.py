@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pyarrow.flight as flight
 
+from flight_server.transport import calls
 from flight_server.transport.errors import to_flight_error
 from flight_server.wire.codec import ONLINE_SESSION_HEADER
 from flight_server.wire.errors import LimitError
@@ -91,6 +92,7 @@ class ConcurrencyLimit(flight.ServerMiddlewareFactory):
             if info.method == flight.FlightMethod.DO_ACTION and self.headroom < ACTION_HEADROOM:
                 self.headroom += 1
                 return _Headroom(self)
+        calls.refused(refused)
         raise to_flight_error(refused)
 
     def _refusal(self, caller: str) -> LimitError | None:

@@ -20,7 +20,9 @@ from flight_server.base.config import ServerConfig
 from flight_server.reads.plan import plan_table_scan
 from flight_server.transport.actions import ACTIONS, table_summary, visible_tables
 from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
-from flight_server.transport.client_streams import ClientReader, ClientWriter
+from flight_server.transport.calls import KINDS, CallLog, flows, tag
+from flight_server.transport.calls import MIDDLEWARE_KEY as CALLS_KEY
+from flight_server.transport.client_streams import ClientReader, ClientWriter, CompressedWriter
 from flight_server.transport.components import Components
 from flight_server.transport.errors import plain_error_messages, to_flight_error
 from flight_server.transport.handlers import Endpoints, ReadRequest, handlers, scan_schema
@@ -28,10 +30,11 @@ from flight_server.transport.idle import MIDDLEWARE_KEY as IDLE_KEY
 from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
 from flight_server.transport.limits import ConcurrencyLimit, is_session
+from flight_server.transport.metrics import CountedReader, CountedWriter, ServerMetrics, sending
 from flight_server.transport.tls import server_tls_options
 from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, decode_text, encode_reply
 from flight_server.wire.errors import RequestError
-from flight_server.wire.reads import ScanRequest, parse_ticket
+from flight_server.wire.reads import COMPRESSIONS, ScanRequest, parse_ticket
 from flight_server.wire.writes import parse_write
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Passed explicitly: pyarrow reads two environment variables per stream to make the default.
 WRITE_OPTIONS = pa.ipc.IpcWriteOptions()
+# Results a reader asked compressed (`compression` in its request): buffers compressed on several threads.
+COMPRESSED_OPTIONS = {codec: pa.ipc.IpcWriteOptions(compression=codec) for codec in COMPRESSIONS}
+
+
+def write_options(request: object) -> pa.ipc.IpcWriteOptions:
+    """The IPC options of a request's results: compressed when it asks (scans and training sets)."""
+    codec = getattr(request, "compression", None)
+    return WRITE_OPTIONS if codec is None else COMPRESSED_OPTIONS[codec]
+
 
 SHUTDOWN_GRACE_SECONDS = 2.0  # for running calls to end before open online sessions are cut
 
@@ -71,7 +83,12 @@ class FeatureFlightServer(flight.FlightServerBase):
         plain_error_messages()
         tls = server_tls_options(config)
         endpoints = Endpoints(config.endpoint_locations())
+        self.metrics = ServerMetrics() if config.metrics_port else None
+        if self.metrics is not None:  # a port in use stops the start before anything is built
+            self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
         middleware: dict[str, flight.ServerMiddlewareFactory] = {}
+        if self.metrics is not None or config.log_format == "json":  # a Python middleware costs every call
+            middleware[CALLS_KEY] = CallLog(self.metrics)  # first: it ends the calls the others refuse, too
         self.auth: AuthMiddlewareFactory | None = None
         if config.auth_tokens:  # first: calls without a valid token take no slot of the limit
             self.auth = AuthMiddlewareFactory(TokenSource(config.auth_tokens, config.auth_tokens_file))
@@ -88,6 +105,8 @@ class FeatureFlightServer(flight.FlightServerBase):
         self.parts = Components.build(config)
         self.sessions = OpenSessions()
         self._handlers = handlers(self.parts, endpoints, self.sessions)
+        if self.metrics is not None:
+            self.metrics.watch(self.parts)
         location = f"{config.scheme}://{config.host}:{config.port}"
         super().__init__(location, middleware=middleware, **tls, **kwargs)
         if self.idle is not None:
@@ -113,6 +132,8 @@ class FeatureFlightServer(flight.FlightServerBase):
                 log.info("shutdown: ended the open online sessions")
             stopping.join(1.0)
         self.parts.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def reload_tokens(self) -> None:
         """Read `--auth-tokens-file` again now (SIGHUP); otherwise it is re-read within a second of changing."""
@@ -125,11 +146,16 @@ class FeatureFlightServer(flight.FlightServerBase):
         return call.identify(context) if call is not None else None
 
     def _stream(
-        self, context: flight.ServerCallContext, reader: pa.RecordBatchReader | pa.Table
+        self,
+        context: flight.ServerCallContext,
+        reader: pa.RecordBatchReader | pa.Table,
+        options: pa.ipc.IpcWriteOptions,
     ) -> flight.RecordBatchStream:
         """A `do_get` result; with an idle timeout, the time Flight spends writing each batch is watched."""
         call = self._watched(context)
-        return flight.RecordBatchStream(call.stream(reader) if call is not None else reader, WRITE_OPTIONS)
+        if self.metrics is not None:
+            reader = sending(flows(context, self.metrics)[1], reader)
+        return flight.RecordBatchStream(call.stream(reader) if call is not None else reader, options)
 
     def _client_streams(
         self,
@@ -140,6 +166,9 @@ class FeatureFlightServer(flight.FlightServerBase):
     ) -> tuple[Any, Any]:
         """The client's stream and the writer back to it, within `--max-batch-mb` and the idle timeout
         (which, without `watch_reads`, counts only the waits for the client to read results)."""
+        if self.metrics is not None:
+            received, sent = flows(context, self.metrics)
+            reader, writer = CountedReader(reader, received), CountedWriter(writer, sent)
         call = self._watched(context)
         if call is None and not self.config.max_batch_bytes:
             return reader, writer
@@ -157,6 +186,8 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     def _authorized(self, context: flight.ServerCallContext, request: Any) -> Any:
         """`request`, once the caller may use every table it names (the RPC's permission is checked earlier)."""
+        if type(request) in KINDS:
+            tag(context, KINDS[type(request)])
         principal(context).check_tables(self.parts.catalog, request_tables(request))
         return request
 
@@ -175,7 +206,9 @@ class FeatureFlightServer(flight.FlightServerBase):
     @_flight_errors
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
         request = self._authorized(context, parse_ticket(ticket.ticket, limit=self.config.max_request_bytes))
-        return self._stream(context, self._handlers[type(request)].open(request, context.is_cancelled))
+        return self._stream(
+            context, self._handlers[type(request)].open(request, context.is_cancelled), write_options(request)
+        )
 
     @_flight_errors
     def do_put(
@@ -206,7 +239,10 @@ class FeatureFlightServer(flight.FlightServerBase):
         if is_session(context) and not handler.waits_on_client:
             raise RequestError(f"the {ONLINE_SESSION_HEADER!r} header is for online lookups only")
         reader, writer = self._client_streams(context, reader, writer, watch_reads=not handler.waits_on_client)
-        handler.exchange(request, reader, writer, context)
+        options = write_options(request)
+        handler.exchange(
+            request, reader, writer if options is WRITE_OPTIONS else CompressedWriter(writer, options), context
+        )
 
     @_flight_errors
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
@@ -238,6 +274,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         row = ACTIONS.get(name)
         if row is None:
             raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")
+        tag(context, name)
         caller = principal(context)
         caller.require(row.permission, f"action {name!r}")
         request = None

@@ -148,6 +148,7 @@ class Health(Reply):
     writes_in_progress: int
     online: dict[str, Any]
     training_set_cache: dict[str, int]
+    scan_cache: dict[str, int]
 
 
 @dataclass(frozen=True)

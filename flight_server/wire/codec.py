@@ -25,6 +25,10 @@ MAX_REQUEST_BYTES = 1 << 20
 # its client by design, so it holds no slot of the concurrency limits and the idle timeout spares it.
 ONLINE_SESSION_HEADER = "x-online-session"
 
+# A call's request id, which tags the server's log lines of it: sent by the client, or else made by the server
+# (which returns it in this response header either way).
+REQUEST_ID_HEADER = "x-request-id"
+
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 _INTEGER = re.compile(r"^-?[0-9]{1,19}$")
@@ -194,6 +198,13 @@ class Fields:
         value = self.body.get(name, False)
         if not isinstance(value, bool):
             raise self._bad(name, "true or false")
+        return value
+
+    def choice(self, name: builtins.str, choices: tuple[builtins.str, ...]) -> builtins.str | None:
+        """One of `choices`, or None when the field is absent."""
+        value = self.body.get(name)
+        if value is not None and value not in choices:
+            raise self._bad(name, f"one of {list(choices)}")
         return value
 
     def str_list(self, name: builtins.str) -> list[builtins.str] | None:

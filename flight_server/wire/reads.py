@@ -19,6 +19,8 @@ from flight_server.wire.codec import (
 from flight_server.wire.errors import ProtocolError
 
 MAX_INLINE_ENTITIES = 10_000
+# Arrow IPC body codecs a reader may ask results in (`compression`): for networks slower than the codec.
+COMPRESSIONS = ("lz4", "zstd")
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,15 @@ class ScanRequest:
     limit: int | None = None
     partitions: int | None = None
     part: list[int] | None = None
+    compression: str | None = None
     kind: str = field(default="scan", init=False)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> ScanRequest:
         f = Fields(
-            body, "scan request", {"table", "columns", "filter", "snapshot_id", "as_of", "limit", "partitions", "part"}
+            body,
+            "scan request",
+            {"table", "columns", "filter", "snapshot_id", "as_of", "limit", "partitions", "part", "compression"},
         )
         as_of = body.get("as_of")
         if as_of is not None:
@@ -52,6 +57,7 @@ class ScanRequest:
             limit=f.int("limit"),
             partitions=f.int("partitions", minimum=1),
             part=f.part("part"),
+            compression=f.choice("compression", COMPRESSIONS),
         )
         if request.snapshot_id is not None and request.as_of is not None:
             raise ProtocolError("scan request: give either 'snapshot_id' or 'as_of', not both")
@@ -115,6 +121,7 @@ class HistoricalRequest:
     as_of: str | None = None
     partitions: int | None = None
     partition: list[int] | None = None
+    compression: str | None = None
     kind: str = field(default="historical", init=False)
 
     @classmethod
@@ -131,6 +138,7 @@ class HistoricalRequest:
                 "as_of",
                 "partitions",
                 "partition",
+                "compression",
             },
         )
         features = f.str_list("features")
@@ -159,6 +167,7 @@ class HistoricalRequest:
             as_of=as_of,
             partitions=f.int("partitions", minimum=1),
             partition=f.part("partition"),
+            compression=f.choice("compression", COMPRESSIONS),
         )
 
     def to_bytes(self) -> bytes:

@@ -1,0 +1,273 @@
+"""Prometheus metrics of one server, served over HTTP at `--metrics-port` (`/metrics`).
+
+Calls are counted as they end (`ServerMetrics.completed`, from the call log's middleware), their rows and bytes
+batch by batch (`Flow`). Everything else is read at scrape time from what the server keeps anyway
+(`PartsCollector`): cache sizes and hit counts, the online indexes, and the commit retries the lower layers count
+(`base/metrics.py`). So the hot path pays for a counter and a histogram per call and a few additions per batch,
+nothing per row. Each server has its own registry: several servers in one process never clash.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from threading import Thread
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import pyarrow as pa
+import pyarrow.flight as flight
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from flight_server.base.metrics import COMMIT_RETRIES
+from flight_server.online.index import OnlineIndex
+from flight_server.transport.components import Components
+
+FLUSH_SECONDS = 1.0
+
+# From an online lookup (a fraction of a millisecond) to a training set or a put (minutes).
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Flow:
+    """The rows and bytes one call sends or receives. Kept in plain counts (one thread serves a call) and added to
+    the server's counters when the call ends, and at most once every `FLUSH_SECONDS` while it runs: a lookup
+    over an online session takes no lock, and a session open for hours still shows in the totals."""
+
+    def __init__(self, rows: Any, nbytes: Any):  # prometheus_client's labelled children are untyped
+        self._rows, self._bytes = rows, nbytes
+        self.rows = self.bytes = 0
+        self._flushed = time.monotonic()
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Count a batch: its rows, and its size as an Arrow IPC message (what travels; a few microseconds,
+        where `nbytes` takes about 50)."""
+        self.rows += batch.num_rows
+        self.bytes += pa.ipc.get_record_batch_size(batch)
+        if time.monotonic() - self._flushed >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        rows, nbytes = self.rows, self.bytes
+        self.rows = self.bytes = 0
+        self._flushed = time.monotonic()
+        if rows:
+            self._rows.inc(rows)
+        if nbytes:
+            self._bytes.inc(nbytes)
+
+
+class ServerMetrics:
+    """The metrics of one server: its registry, the per-call counters, and the HTTP endpoint that serves them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "flight_requests",
+            "Calls ended, by RPC method, request kind (scan, training_set, online, write, or the action's name) "
+            "and status code.",
+            ["method", "kind", "code"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "flight_request_duration_seconds",
+            "Time from a call's start to its end (a stream's included), by RPC method and request kind.",
+            ["method", "kind"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.conflicts = Counter(
+            "flight_commit_conflicts",
+            "Changes (puts, deletes, maintenance) refused with CONFLICT: concurrent commits kept winning until the "
+            "commit timeout, or changed the table so that the change no longer fits it.",
+            registry=self.registry,
+        )
+
+        def flow(name: str, doc: str) -> Counter:
+            return Counter(name, f"{doc}, by request kind.", ["kind"], registry=self.registry)
+
+        self.rows_sent = flow("flight_rows_sent", "Rows sent to clients")
+        self.bytes_sent = flow("flight_bytes_sent", "Bytes sent to clients (as uncompressed Arrow IPC messages)")
+        self.rows_received = flow("flight_rows_received", "Rows received from clients")
+        self.bytes_received = flow(
+            "flight_bytes_received", "Bytes received from clients (as uncompressed Arrow IPC messages)"
+        )
+        self.registry.register(COMMIT_RETRIES)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open files
+        # Labelled children, looked up once (`labels` takes a lock): by method, kind and code; by direction and kind.
+        self._calls: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._flows: dict[tuple[bool, str], tuple[Any, Any]] = {}
+        self._http: tuple[WSGIServer, Thread] | None = None
+
+    def completed(self, method: str, kind: str, code: str, seconds: float) -> None:
+        """Count one ended call."""
+        key = (method, kind, code)
+        children = self._calls.get(key)
+        if children is None:
+            children = self._calls[key] = (self.requests.labels(*key), self.duration.labels(method, kind))
+        children[0].inc()
+        children[1].observe(seconds)
+        if code == "CONFLICT":
+            self.conflicts.inc()
+
+    def sent(self, kind: str) -> Flow:
+        return self._flow(True, kind)
+
+    def received(self, kind: str) -> Flow:
+        return self._flow(False, kind)
+
+    def _flow(self, sent: bool, kind: str) -> Flow:
+        children = self._flows.get((sent, kind))
+        if children is None:
+            rows, nbytes = (self.rows_sent, self.bytes_sent) if sent else (self.rows_received, self.bytes_received)
+            children = self._flows[(sent, kind)] = (rows.labels(kind), nbytes.labels(kind))
+        return Flow(*children)
+
+    def watch(self, parts: Components) -> None:
+        """Read `parts` at each scrape from now on."""
+        self.registry.register(PartsCollector(parts))
+
+    def serve(self, host: str, port: int) -> None:
+        """Serve `/metrics` on `host:port`."""
+        try:
+            self._http = start_http_server(port, host, self.registry)
+        except OSError as exc:
+            raise ValueError(f"--metrics-port {port}: cannot listen on {host}:{port} ({exc})") from None
+
+    def close(self) -> None:
+        if self._http is not None:
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+            thread.join()
+
+
+class PartsCollector(Collector):
+    """What a server's parts keep anyway, read at scrape time: caches, online indexes, writes in progress."""
+
+    def __init__(self, parts: Components):
+        self.parts = parts
+
+    def collect(self) -> Iterable[Metric]:
+        caches, training, store = self.parts.caches, self.parts.training.cache, self.parts.store
+        indexes, stats = store.indexes(), training.stats()
+        online_bytes = {name: index.nbytes() for name, index in indexes.items()}
+        entries = GaugeMetricFamily("flight_cache_entries", "Entries held, by cache.", labels=["cache"])
+        size = GaugeMetricFamily("flight_cache_bytes", "Memory held, by cache.", labels=["cache"])
+        limit = GaugeMetricFamily("flight_cache_max_bytes", "Memory a cache may hold, by cache.", labels=["cache"])
+        hits = CounterMetricFamily("flight_cache_hits", "Lookups that found their entry, by cache.", labels=["cache"])
+        misses = CounterMetricFamily(
+            "flight_cache_misses", "Lookups that did not find their entry, by cache.", labels=["cache"]
+        )
+        plans, positions, files = caches.plans, caches.positions, caches.files.stats()
+        for name, held in (
+            ("plans", len(plans)),
+            ("positions", len(positions)),
+            ("scan", files["files"]),
+            ("training_set", stats["snapshots"]),
+            ("online_index", len(indexes)),
+        ):
+            entries.add_metric([name], held)
+        for name, nbytes, max_bytes in (
+            ("positions", positions.nbytes, positions.max_bytes),
+            ("scan", files["bytes"], files["max_bytes"]),
+            ("training_set", stats["bytes"], training.max_bytes),
+            ("online_index", sum(online_bytes.values()), store.max_bytes),
+        ):
+            size.add_metric([name], nbytes)
+            limit.add_metric([name], max_bytes)
+        for name, hit, missed in (
+            ("plans", plans.hits, plans.misses),
+            ("positions", positions.hits, positions.misses),
+            ("scan", files["hits"], files["misses"]),
+            ("training_set", training.hits, training.misses),
+        ):
+            hits.add_metric([name], hit)
+            misses.add_metric([name], missed)
+        yield from (entries, size, limit, hits, misses)
+        yield from _online(indexes, online_bytes)
+        yield GaugeMetricFamily(
+            "flight_writes_in_progress", "Puts being written or committed.", value=self.parts.writer.in_progress
+        )
+
+
+def _online(indexes: dict[str, OnlineIndex], nbytes: dict[str, int]) -> Iterator[Metric]:
+    """Per online index: how stale it may be, its size, its refreshes."""
+    now = time.time()
+    lag = GaugeMetricFamily(
+        "flight_online_index_lag_seconds",
+        "Seconds since the index was last known to match its table's current snapshot (its last successful "
+        "refresh check): at most about --online-refresh-seconds while refreshes succeed.",
+        labels=["table"],
+    )
+    entities = GaugeMetricFamily("flight_online_index_entities", "Entities in the index.", labels=["table"])
+    size = GaugeMetricFamily("flight_online_index_bytes", "Memory the index takes.", labels=["table"])
+    failing = GaugeMetricFamily(
+        "flight_online_index_refresh_failing",
+        "1 while the index's refreshes fail (it serves its last snapshot).",
+        labels=["table"],
+    )
+    refreshes = CounterMetricFamily(
+        "flight_online_index_refreshes",
+        "Refreshes that changed the index: from appended files alone, or rebuilt from the whole table.",
+        labels=["table", "how"],
+    )
+    for name, index in indexes.items():
+        lag.add_metric([name], max(0.0, now - index.checked_at))
+        entities.add_metric([name], len(index.state.positions))
+        size.add_metric([name], nbytes[name])
+        failing.add_metric([name], 1 if index.error else 0)
+        refreshes.add_metric([name, "append"], index.appends)
+        refreshes.add_metric([name, "rebuild"], index.rebuilds)
+    yield from (lag, entities, size, failing, refreshes)
+
+
+def sending(flow: Flow, reader: pa.RecordBatchReader | pa.Table) -> pa.RecordBatchReader | pa.Table:
+    """A `do_get` result that counts what it sends: a table at once, a reader batch by batch."""
+    if isinstance(reader, pa.Table):
+        for batch in reader.to_batches():
+            flow.add(batch)
+        return reader
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for batch in reader:
+            flow.add(batch)
+            yield batch
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())
+
+
+class CountedReader:
+    """A client's stream (`do_put`, `do_exchange`) that counts the rows and bytes it receives."""
+
+    def __init__(self, reader: Any, flow: Flow):
+        self._reader, self._flow = reader, flow
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._reader.schema
+
+    def read_chunk(self) -> flight.FlightStreamChunk:
+        chunk = self._reader.read_chunk()
+        if chunk.data is not None:
+            self._flow.add(chunk.data)
+        return chunk
+
+
+class CountedWriter:
+    """The writer back to a client (`do_exchange` batches, `do_put` metadata) that counts the batches it sends."""
+
+    def __init__(self, writer: Any, flow: Flow):
+        self._writer, self._flow = writer, flow
+
+    def begin(self, schema: pa.Schema, options: pa.ipc.IpcWriteOptions | None = None) -> None:
+        self._writer.begin(schema, options)
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
+        self._flow.add(batch)
+
+    def write(self, buffer: pa.Buffer) -> None:
+        self._writer.write(buffer)

@@ -1,0 +1,229 @@
+"""Prometheus metrics (`--metrics-port`): a real server process does each kind of call, then its endpoint is
+scraped over HTTP and every count is checked against what the calls did."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from pyiceberg.exceptions import CommitFailedException
+
+from flight_client import FeatureClient, NotFoundError, ResourceExhaustedError, UnauthenticatedError
+from flight_server.base.config import ServerConfig
+from flight_server.base.metrics import COMMIT_RETRIES
+from flight_server.changes.commits import commit_until
+from flight_server.transport.calls import code_of
+from flight_server.transport.metrics import ServerMetrics
+from flight_server.transport.service import FeatureFlightServer
+from tests.conftest import healthy, sqlite_catalog, start_server, wait_until, write_big
+from tests.services import _stop_group, free_ports
+
+UTC = dt.timezone.utc
+TABLE = "tests.metered"
+ROWS = 5
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample of the endpoint, by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, Path]]:
+    """A `flight-server serve` process with metrics on: its location, metrics port and log file."""
+    tmp = tmp_path_factory.mktemp("metrics")
+    port, metrics_port = free_ports(2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
+    args = ["--port", str(port), "--warehouse", str(tmp / "wh"), "--metrics-port", str(metrics_port)]
+    log = tmp / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flight_server", "serve", *args, "--online-refresh-seconds", "0.05"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    location = f"grpc://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: healthy(location) or proc.poll() is not None, timeout=90, what="the server")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        yield location, metrics_port, log
+    finally:
+        _stop_group(proc)
+
+
+def test_every_kind_of_call_is_counted(server: tuple[str, int, Path]) -> None:
+    location, metrics_port, log = server
+    rows = pa.table(
+        {
+            "id": pa.array(range(ROWS), pa.int64()),
+            "ts": pa.array([dt.datetime(2026, 1, 1, tzinfo=UTC)] * ROWS, pa.timestamp("us", "UTC")),
+            "value": pa.array([float(i) for i in range(ROWS)]),
+        }
+    )
+    with FeatureClient(location, online_sessions=False, request_id="metrics-test") as client:
+        client.write(TABLE, rows, entity_keys=["id"], event_time="ts", partition_by=[])
+        assert client.read_table(TABLE).num_rows == ROWS
+        assert client.get_online_features({"id": [1, 2, 99]}, [f"{TABLE}:value"]).num_rows == 3
+        entities = {"id": [0, 1], "event_timestamp": [dt.datetime(2026, 2, 1, tzinfo=UTC)] * 2}
+        assert client.get_historical_features(entities, [f"{TABLE}:value"]).num_rows == 2
+        with pytest.raises(NotFoundError):
+            client.read_table("tests.missing")
+    with FeatureClient(location) as client:  # online lookups over a session: one do_exchange
+        assert client.get_online_features({"id": [3]}, [f"{TABLE}:value"]).num_rows == 1
+
+    samples = scrape(metrics_port)
+    requests = "flight_requests_total"
+    assert value(samples, requests, method="do_put", kind="write", code="OK") == 1
+    assert value(samples, requests, method="do_get", kind="scan", code="OK") == 1
+    assert value(samples, requests, method="do_get", kind="online", code="OK") == 1
+    assert value(samples, requests, method="do_get", kind="training_set", code="OK") == 1
+    assert value(samples, requests, method="get_flight_info", kind="scan", code="NOT_FOUND") == 1
+    assert value(samples, requests, method="do_action", kind="health", code="OK") >= 1
+    assert value(samples, "flight_rows_received_total", kind="write") == ROWS
+    assert value(samples, "flight_rows_sent_total", kind="scan") == ROWS
+    assert value(samples, "flight_rows_sent_total", kind="training_set") == 2
+    assert value(samples, "flight_rows_sent_total", kind="online") == 3 + 1  # do_get, then the session's batch
+    assert value(samples, "flight_rows_received_total", kind="online") == 1  # the session's keys
+    assert value(samples, "flight_bytes_sent_total", kind="scan") >= ROWS * 8 * 3
+    assert value(samples, "flight_request_duration_seconds_count", method="do_put", kind="write") == 1
+    assert value(samples, "flight_request_duration_seconds_bucket", method="do_put", kind="write", le="+Inf") == 1
+
+    plans = (
+        value(samples, "flight_cache_hits_total", cache="plans"),
+        value(samples, "flight_cache_misses_total", cache="plans"),
+    )
+    assert plans[0] is not None and plans[1] is not None and plans[0] + plans[1] >= 2
+    assert value(samples, "flight_cache_entries", cache="plans") >= 1
+    assert value(samples, "flight_cache_entries", cache="training_set") == 1
+    assert value(samples, "flight_cache_misses_total", cache="training_set") == 1
+    assert value(samples, "flight_cache_bytes", cache="online_index") > 0
+    assert value(samples, "flight_cache_max_bytes", cache="positions") == 64 << 20
+    assert value(samples, "flight_cache_misses_total", cache="scan") is not None
+    assert value(samples, "flight_online_index_entities", table=TABLE) == ROWS
+    assert 0 <= value(samples, "flight_online_index_lag_seconds", table=TABLE) < 30
+    assert value(samples, "flight_online_index_refresh_failing", table=TABLE) == 0
+    assert value(samples, "flight_commit_retries_total") == 0
+    assert value(samples, "flight_commit_conflicts_total") == 0
+    assert value(samples, "flight_writes_in_progress") == 0
+    assert value(samples, "process_resident_memory_bytes") > 0
+
+    text = log.read_text()  # a failed call's line, its request id in text logs too
+    assert "get_flight_info scan NOT_FOUND in" in text and "[metrics-test]" in text
+
+
+def test_online_index_lag_stays_within_the_refresh_interval(server: tuple[str, int, Path]) -> None:
+    """The lag gauge is the time since the index was last checked against its table: the refresh thread
+    (every 0.05 s here) keeps it small while refreshes succeed."""
+    location, metrics_port, _ = server
+    with FeatureClient(location) as client:
+        client.get_online_features({"id": [1]}, [f"{TABLE}:value"])
+    wait_until(
+        lambda: (value(scrape(metrics_port), "flight_online_index_lag_seconds", table=TABLE) or 1e9) < 1.0,
+        what="a fresh online index",
+    )
+
+
+def test_commit_retries_are_counted() -> None:
+    registry = CollectorRegistry()
+    registry.register(COMMIT_RETRIES)
+
+    def retries() -> float | None:
+        return registry.get_sample_value("flight_commit_retries_total")
+
+    before = retries()
+    attempts = iter([CommitFailedException("lost"), CommitFailedException("lost"), None])
+
+    def attempt() -> str:
+        failure = next(attempts)
+        if failure is not None:
+            raise failure
+        return "committed"
+
+    assert commit_until(float("inf"), "test", attempt) == "committed"
+    assert before is not None and retries() == before + 2
+
+
+def test_servers_in_one_process_count_apart_and_refusals_count(tmp_path: Path) -> None:
+    """Two servers in one process keep their own metrics; calls that authentication or the concurrency limit
+    refuse (in their middleware, before any handler) are counted too."""
+    token = "metrics-reader-token-0123456789"
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    ports = free_ports(2)
+    secured = start_server(
+        sqlite_catalog(tmp_path / "a"),
+        metrics_port=ports[0],
+        auth_tokens=[{"name": "reader", "token": token, "permissions": ["read"]}],
+    )
+    limited = start_server(sqlite_catalog(tmp_path / "b"), metrics_port=ports[1], max_concurrent_requests=1)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{secured.port}") as client, pytest.raises(UnauthenticatedError):
+            client.health()
+        with FeatureClient(f"grpc://127.0.0.1:{limited.port}") as client, FeatureClient(client.location) as other:
+            client.health()
+            write_big(client, "tests.big", 2_000_000)  # far beyond flow control
+            stream = client.scan("tests.big")
+            stream.read_next_batch()  # ...and stop reading: the call holds the only slot
+            with pytest.raises(ResourceExhaustedError):
+                other.flight_info("tests.big")
+            del stream
+        unauthenticated = value(
+            scrape(ports[0]), "flight_requests_total", method="do_action", kind="", code="UNAUTHENTICATED"
+        )
+        assert unauthenticated == 1
+        samples = scrape(ports[1])
+        assert value(samples, "flight_requests_total", method="do_action", kind="health", code="OK") == 1
+        exhausted = value(
+            samples, "flight_requests_total", method="get_flight_info", kind="", code="RESOURCE_EXHAUSTED"
+        )
+        assert exhausted == 1
+        assert not any(dict(labels).get("code") == "UNAUTHENTICATED" for _, labels in samples)
+    finally:
+        secured.shutdown()
+        limited.shutdown()
+    with pytest.raises(OSError):
+        scrape(ports[1])  # closed with its server
+
+
+def test_conflicts_are_told_apart_from_other_unavailable_errors() -> None:
+    """CONFLICT and RESOURCE_EXHAUSTED both travel as UNAVAILABLE; the code label takes the kind from the detail."""
+    conflict = flight.FlightUnavailableError("lost", extra_info=json.dumps({"code": "CONFLICT"}).encode())
+    assert code_of(conflict) == "CONFLICT"
+    assert code_of(flight.FlightUnavailableError("gone")) == "UNAVAILABLE"
+    assert code_of(pa.ArrowKeyError("no table")) == "NOT_FOUND"
+    assert code_of(None) == "OK"
+    metrics = ServerMetrics()
+    metrics.completed("do_put", "write", code_of(conflict), 0.1)
+    assert metrics.registry.get_sample_value("flight_commit_conflicts_total") == 1
+
+
+def test_a_metrics_port_in_use_is_refused(tmp_path: Path) -> None:
+    with flight.FlightServerBase("grpc://127.0.0.1:0") as busy:
+        config = ServerConfig(port=0, catalog_properties=sqlite_catalog(tmp_path), metrics_port=busy.port)
+        with pytest.raises(ValueError, match="--metrics-port"):
+            FeatureFlightServer(config)
