@@ -125,7 +125,9 @@ class FlightDataset(IterableDataset[Batch]):
         self.format = format
         self.shuffle_endpoints = shuffle_endpoints
         self.seed = seed
-        self.epoch = 0
+        # A tensor, so that DataLoader workers share it (torch passes tensors to them in shared memory):
+        # persistent workers see `set_epoch` too.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.rank, self.world_size, _ = _distributed(rank, world_size)
 
     @classmethod
@@ -204,8 +206,13 @@ class FlightDataset(IterableDataset[Batch]):
         return cls(plan, rank=rank, world_size=world_size, **options)
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch whose endpoint order `shuffle_endpoints` uses; every rank must set the same."""
-        self.epoch = epoch
+        """The epoch whose endpoint order `shuffle_endpoints` uses; every rank must set the same. Workers
+        started already (`persistent_workers=True`) see it from their next epoch on."""
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def endpoints(self, worker: int = 0, num_workers: int = 1) -> list[Endpoint]:
         """The endpoints DataLoader worker `worker` of `num_workers` on this rank reads this epoch."""

@@ -129,6 +129,20 @@ def test_two_ranks_together_read_every_row_once_in_any_epoch(
     assert orders[0] != orders[1], "each epoch deals the endpoints anew"
 
 
+def test_persistent_workers_follow_set_epoch(location: str, scan_table: str) -> None:
+    dataset = FlightDataset.table(location, scan_table, columns=["id"], partitions=6, shuffle_endpoints=True)
+    loader = DataLoader(
+        dataset, batch_size=None, num_workers=2, multiprocessing_context="forkserver", persistent_workers=True
+    )
+    firsts = []
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        batches = list(loader)
+        assert sorted(i for b in batches for i in b["id"].tolist()) == list(range(SCAN_ROWS))
+        firsts.append([b["id"][0].item() for b in batches])
+    assert firsts[0] != firsts[1], "the workers started in epoch 0 read in epoch 1's order"
+
+
 def test_ranks_of_a_process_group_share_one_plan(
     location: str, training_set: tuple[str, list[str]], tmp_path: Path
 ) -> None:
