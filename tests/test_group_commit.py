@@ -1,12 +1,17 @@
 """Group commit: one-row puts from 16 concurrent writers share snapshots, each row lands exactly once, each put
-is acknowledged only once the snapshot holding it is in the catalog, a bad put fails alone, and retries of the
-same write ids through two servers at once commit once."""
+is acknowledged only once the snapshot holding it is in the catalog, a bad put fails alone (whether refused as
+it arrives or at the commit of its group), and retries of the same write ids through two servers at once
+commit once."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import itertools
 import json
 import threading
+import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,13 +20,19 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 import pytest
+from pyiceberg.typedef import Record
 
 from flight_client import FeatureClient, InvalidRequestError
-from flight_server.changes.history import PUTS_PROPERTY, WRITE_ID_PROPERTY, WRITE_IDS_PROPERTY
-from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.base.locks import LockPool
+from flight_server.base.schemas import Conformer, table_arrow_schema
+from flight_server.changes.files import write_data_files
+from flight_server.changes.group import GroupCommits, Put
+from flight_server.changes.history import PUTS_PROPERTY, WRITE_ID_PROPERTY, WRITE_IDS_PROPERTY, WriteIds
+from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
 from flight_server.transport.service import FeatureFlightServer
+from flight_server.wire.errors import ConflictError
 from flight_server.wire.writes import WriteResult
-from tests.conftest import sqlite_catalog, start_server
+from tests.conftest import sqlite_catalog, start_server, wait_until
 
 WRITERS = 16
 PUTS_PER_WRITER = 6
@@ -168,6 +179,62 @@ def test_retries_of_the_same_write_ids_through_two_servers_at_once_commit_once(
     assert scanned(servers[1], name) == Counter(range(-1, puts))
     ids = Counter(i for s in summaries(properties, name) for i in committed_ids(s))
     assert ids == Counter(f"w-{k}" for k in range(puts))
+
+
+def staged(catalog: FeatureCatalog, name: str, key: int) -> Put:
+    """A one-row put whose data file is written for the table as it is now, ready to commit."""
+    table = catalog.load(name)
+    data = row(key)
+    chunk = pa.Table.from_batches([Conformer(table_arrow_schema(table.schema()), data.schema)(data.to_batches()[0])])
+    spec = FeatureSpec.from_properties(table.metadata.properties)
+    files = write_data_files(table.metadata, chunk, table.io, spec, uuid.uuid4(), itertools.count())
+    return Put(name, f"w-{key}", files, 1, table.schema(), table.metadata.default_spec_id, time.monotonic() + 60)
+
+
+def grouped(groups: GroupCommits, locks: LockPool, leader: Put, followers: list[Put]) -> list[Any]:
+    """`leader` commits alone while `followers` queue behind it, then they commit as one group; each put's
+    result or error."""
+    identifier = groups.catalog.identifier(leader.table)
+    with ThreadPoolExecutor(1 + len(followers)) as pool:
+        with locks(identifier):  # the leader waits for the table's commit lock: a commit in flight
+            futures = [pool.submit(groups.commit, identifier, leader)]
+            wait_until(lambda: groups.waiting(identifier) == 0, what="the leader's commit")
+            futures += [pool.submit(groups.commit, identifier, put) for put in followers]
+            wait_until(lambda: groups.waiting(identifier) == len(followers), what="the followers queued")
+        return [future.exception() or future.result() for future in futures]
+
+
+def test_a_put_that_cannot_commit_leaves_its_group_and_the_others_land(
+    servers: list[str], properties: dict[str, str]
+) -> None:
+    name = "group.isolated"
+    create(servers[0], name)
+    catalog, locks = FeatureCatalog("default", properties), LockPool()
+    groups = GroupCommits(catalog, locks, WriteIds())
+    stale = staged(catalog, name, 0)  # its file is written for the partition spec that is replaced next
+    with catalog.load(name).update_spec() as update:
+        update.add_identity("value")
+    first, *fresh = [staged(catalog, name, k) for k in range(1, 5)]
+    answers = grouped(groups, locks, first, [stale, *fresh])
+    assert isinstance(answers[1], ConflictError) and "partitioning" in str(answers[1])
+    landed = [answers[0], *answers[2:]]
+    assert all(isinstance(a, WriteResult) and not a.duplicate for a in landed)
+    assert (
+        len({a.snapshot_id for a in answers[2:]}) == 1 != answers[0].snapshot_id
+    )  # the three fresh ones: one snapshot
+
+    # A group whose commit fails for a reason no check foresaw (here a data file whose partition cannot be
+    # written) is retried one put at a time: only the put that cannot commit fails.
+    broken = staged(catalog, name, 5)
+    broken.files = [copy.deepcopy(broken.files[0])]
+    broken.files[0][3] = Record("not a month", None, None)  # DataFile field 3: the partition
+    leader, *others = [staged(catalog, name, k) for k in range(6, 9)]
+    answers = grouped(groups, locks, leader, [others[0], broken, others[1]])
+    assert isinstance(answers[2], Exception) and not isinstance(answers[2], ConflictError)
+    assert all(isinstance(a, WriteResult) for a in (answers[0], answers[1], answers[3]))
+    assert scanned(servers[1], name) == Counter([-1, *range(1, 5), *range(6, 9)])
+    ids = Counter(i for s in summaries(properties, name) for i in committed_ids(s))
+    assert ids == Counter(f"w-{k}" for k in [*range(1, 5), *range(6, 9)])
 
 
 def test_without_group_commit_every_put_is_its_own_snapshot(tmp_path: Path) -> None:

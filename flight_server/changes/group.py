@@ -52,6 +52,7 @@ class Put:
     files: list[DataFile]
     rows: int
     schema: Schema
+    spec_id: int  # the partition spec the files were written for (pyiceberg's DataFile leaves its own unset)
     deadline: float  # monotonic time after which a lost race fails the put with CONFLICT
     result: WriteResult | None = None
     error: BaseException | None = None
@@ -194,16 +195,30 @@ class GroupCommits:
 
     def _admit(self, put: Put, table: Table) -> bool:
         """Whether the put may commit on `table`; if not, it gets its answer: the earlier commit of its write id,
-        or CONFLICT when the table's schema changed so that its files no longer fit."""
+        or CONFLICT when the table's schema or partitioning changed so that its files no longer fit (the new
+        snapshot's manifest records every file under the table's current partition spec)."""
         if put.write_id is not None and (prior := self._write_ids.find(table, put.write_id)) is not None:
             put.result = prior
             return False
         if not same_fields(table.schema(), put.schema):
-            put.error = ConflictError(
-                f"table {put.table!r} was changed concurrently with a different schema; nothing was committed"
-            )
-            return False
-        return True
+            changed = "schema"
+        elif put.spec_id != table.metadata.default_spec_id:
+            changed = "partitioning"
+        else:
+            return True
+        put.error = ConflictError(
+            f"table {put.table!r} was changed concurrently to another {changed}; nothing was committed"
+        )
+        return False
+
+    def waiting(self, identifier: Hashable) -> int | None:
+        """Puts to the table queued behind the commit to it in flight; None when no commit is in flight."""
+        with self._queues_lock:
+            queue = self._queues.get(identifier)
+        if queue is None:
+            return None
+        with queue.changed:
+            return len(queue.waiting) if queue.leading else None
 
 
 def _past_deadline(put: Put) -> bool:

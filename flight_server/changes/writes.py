@@ -264,7 +264,10 @@ class Writer:
         deadline = time.monotonic() + self.commit_timeout
         identifier = self.catalog.identifier(request.table)
         if request.mode == "append" and staged.plain_append:
-            put = Put(request.table, request.write_id, files, rows, staged.metadata.schema(), deadline)
+            metadata = staged.metadata
+            put = Put(
+                request.table, request.write_id, files, rows, metadata.schema(), metadata.default_spec_id, deadline
+            )
             result = self._groups.commit(identifier, put)
             if result.duplicate:
                 delete_files(staged.io, [f.file_path for f in files])
