@@ -29,6 +29,7 @@ from flight_server.changes.files import write_data_files
 from flight_server.changes.group import GroupCommits, Put
 from flight_server.changes.history import PUTS_PROPERTY, WRITE_ID_PROPERTY, WRITE_IDS_PROPERTY, WriteIds
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
+from flight_server.iceberg.internals import MemoTransaction
 from flight_server.transport.service import FeatureFlightServer
 from flight_server.wire.errors import ConflictError
 from flight_server.wire.writes import WriteResult
@@ -183,12 +184,12 @@ def test_retries_of_the_same_write_ids_through_two_servers_at_once_commit_once(
 
 def staged(catalog: FeatureCatalog, name: str, key: int) -> Put:
     """A one-row put whose data file is written for the table as it is now, ready to commit."""
-    table = catalog.load(name)
+    table = catalog.load(name)  # a table of its own (pyiceberg caches properties on the schema it writes for)
     data = row(key)
     chunk = pa.Table.from_batches([Conformer(table_arrow_schema(table.schema()), data.schema)(data.to_batches()[0])])
     spec = FeatureSpec.from_properties(table.metadata.properties)
     files = write_data_files(table.metadata, chunk, table.io, spec, uuid.uuid4(), itertools.count())
-    return Put(name, f"w-{key}", files, 1, table.schema(), table.metadata.default_spec_id, time.monotonic() + 60)
+    return Put(name, f"w-{key}", files, 1, time.monotonic() + 60, MemoTransaction(table), table.metadata)
 
 
 def grouped(groups: GroupCommits, locks: LockPool, leader: Put, followers: list[Put]) -> list[Any]:

@@ -30,7 +30,6 @@ from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.partitioning import PartitionSpec
 from pyiceberg.schema import assign_fresh_schema_ids
 from pyiceberg.table import Table, Transaction
-from pyiceberg.table.metadata import TableMetadata
 
 from flight_server.base.locks import LockPool
 from flight_server.base.schemas import Conformer, new_table_schema, table_arrow_schema
@@ -77,17 +76,6 @@ class _Staged:
     spec: FeatureSpec | None
     table: Table | None  # the table as the transaction started from it; None when creating
     evolved: bool = False  # the transaction adds columns too
-
-    @property
-    def plain_append(self) -> bool:
-        """Whether the commit only adds data files to an existing table, so that it may share a snapshot."""
-        return self.table is not None and not self.evolved
-
-    @property
-    def metadata(self) -> TableMetadata:
-        """The metadata the data files are written for: the table's own unless the transaction changes it (which
-        costs a copy of the whole metadata, every snapshot included)."""
-        return self.table.metadata if self.table is not None and not self.evolved else self.transaction.table_metadata
 
 
 class Writer:
@@ -174,7 +162,7 @@ class Writer:
             nonlocal pending, pending_bytes
             if pending:
                 chunk = pa.Table.from_batches(pending, schema=staged.target)
-                metadata = staged.metadata
+                metadata = staged.transaction.table_metadata
                 files.extend(write_data_files(metadata, chunk, staged.io, staged.spec, write_uuid, counter))
             pending, pending_bytes = [], 0
 
@@ -233,8 +221,10 @@ class Writer:
             with transaction.update_schema() as update:
                 update.union_by_name(added)
             log.info("write to %s adds columns %s", table_name(table), added.names)
-        metadata = transaction.table_metadata if new_columns else table.metadata
-        return _Staged(transaction, table.io, table_arrow_schema(metadata.schema()), spec, table, bool(new_columns))
+        # The files are written for the transaction's own copy of the metadata: pyiceberg caches properties on a
+        # schema as it uses it, and another thread's copy of the same (shared) metadata would then fail.
+        target = table_arrow_schema(transaction.table_metadata.schema())
+        return _Staged(transaction, table.io, target, spec, table, bool(new_columns))
 
     def _stage_new(self, request: WriteRequest, identifier: tuple[str, ...], stream: pa.Schema) -> _Staged:
         if not request.entity_keys or not request.event_time:
@@ -263,11 +253,8 @@ class Writer:
         its snapshot with the appends to the table queued while the commit before it ran (`GroupCommits`)."""
         deadline = time.monotonic() + self.commit_timeout
         identifier = self.catalog.identifier(request.table)
-        if request.mode == "append" and staged.plain_append:
-            metadata = staged.metadata
-            put = Put(
-                request.table, request.write_id, files, rows, metadata.schema(), metadata.default_spec_id, deadline
-            )
+        if request.mode == "append" and staged.table is not None and not staged.evolved:  # only adds data files
+            put = Put(request.table, request.write_id, files, rows, deadline, staged.transaction, staged.table.metadata)
             result = self._groups.commit(identifier, put)
             if result.duplicate:
                 delete_files(staged.io, [f.file_path for f in files])
