@@ -29,7 +29,6 @@ from flight_server.changes.files import write_data_files
 from flight_server.changes.group import GroupCommits, Put
 from flight_server.changes.history import PUTS_PROPERTY, WRITE_ID_PROPERTY, WRITE_IDS_PROPERTY, WriteIds
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
-from flight_server.iceberg.internals import MemoTransaction
 from flight_server.transport.service import FeatureFlightServer
 from flight_server.wire.errors import ConflictError
 from flight_server.wire.writes import WriteResult
@@ -189,7 +188,7 @@ def staged(catalog: FeatureCatalog, name: str, key: int) -> Put:
     chunk = pa.Table.from_batches([Conformer(table_arrow_schema(table.schema()), data.schema)(data.to_batches()[0])])
     spec = FeatureSpec.from_properties(table.metadata.properties)
     files = write_data_files(table.metadata, chunk, table.io, spec, uuid.uuid4(), itertools.count())
-    return Put(name, f"w-{key}", files, 1, time.monotonic() + 60, MemoTransaction(table), table.metadata)
+    return Put(name, f"w-{key}", files, 1, table.schema(), table.metadata.default_spec_id, time.monotonic() + 60)
 
 
 def grouped(groups: GroupCommits, locks: LockPool, leader: Put, followers: list[Put]) -> list[Any]:

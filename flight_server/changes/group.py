@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException
 from pyiceberg.manifest import DataFile
 from pyiceberg.schema import Schema
-from pyiceberg.table import Table, Transaction
-from pyiceberg.table.metadata import TableMetadata
+from pyiceberg.table import Table
 
 from flight_server.base.locks import LockPool
 from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
@@ -52,21 +51,12 @@ class Put:
     write_id: str | None
     files: list[DataFile]
     rows: int
+    schema: Schema
+    spec_id: int  # the partition spec the files were written for (pyiceberg's DataFile leaves its own unset)
     deadline: float  # monotonic time after which a lost race fails the put with CONFLICT
-    transaction: Transaction  # the put's own, whose metadata its files were written for
-    base: TableMetadata  # the table's metadata the transaction was opened on
     result: WriteResult | None = None
     error: BaseException | None = None
     done: bool = False  # set (under the queue's lock) once `result` or `error` is final
-
-    @property
-    def schema(self) -> Schema:
-        return self.transaction.table_metadata.schema()
-
-    @property
-    def spec_id(self) -> int:
-        """The partition spec the files were written for (pyiceberg's DataFile leaves its own unset)."""
-        return self.transaction.table_metadata.default_spec_id
 
     @property
     def id_bytes(self) -> int:
@@ -175,7 +165,7 @@ class GroupCommits:
                 return
             properties = put_summary([Committed(p.write_id, p.rows, len(p.files)) for p in live])
             try:
-                committed = commit_append(_transaction(live, table), [f for p in live for f in p.files], properties)
+                committed = commit_append(MemoTransaction(table), [f for p in live for f in p.files], properties)
                 break
             except CommitFailedException:
                 live = [put for put in live if not _past_deadline(put)]
@@ -229,14 +219,6 @@ class GroupCommits:
             return None
         with queue.changed:
             return len(queue.waiting) if queue.leading else None
-
-
-def _transaction(group: list[Put], table: Table) -> Transaction:
-    """A transaction on `table`: the put's own when it commits alone on the state it was opened on (its copy of the
-    metadata is made already, and a copy costs milliseconds per hundred snapshots)."""
-    if len(group) == 1 and group[0].base is table.metadata:
-        return group[0].transaction
-    return MemoTransaction(table)
 
 
 def _past_deadline(put: Put) -> bool:

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -30,6 +31,7 @@ from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.partitioning import PartitionSpec
 from pyiceberg.schema import assign_fresh_schema_ids
 from pyiceberg.table import Table, Transaction
+from pyiceberg.table.metadata import TableMetadata
 
 from flight_server.base.locks import LockPool
 from flight_server.base.schemas import Conformer, new_table_schema, table_arrow_schema
@@ -73,6 +75,7 @@ class _Staged:
     transaction: Transaction
     io: FileIO
     target: pa.Schema
+    metadata: TableMetadata  # what the data files are written for
     spec: FeatureSpec | None
     table: Table | None  # the table as the transaction started from it; None when creating
     evolved: bool = False  # the transaction adds columns too
@@ -162,8 +165,7 @@ class Writer:
             nonlocal pending, pending_bytes
             if pending:
                 chunk = pa.Table.from_batches(pending, schema=staged.target)
-                metadata = staged.transaction.table_metadata
-                files.extend(write_data_files(metadata, chunk, staged.io, staged.spec, write_uuid, counter))
+                files.extend(write_data_files(staged.metadata, chunk, staged.io, staged.spec, write_uuid, counter))
             pending, pending_bytes = [], 0
 
         try:
@@ -221,10 +223,9 @@ class Writer:
             with transaction.update_schema() as update:
                 update.union_by_name(added)
             log.info("write to %s adds columns %s", table_name(table), added.names)
-        # The files are written for the transaction's own copy of the metadata: pyiceberg caches properties on a
-        # schema as it uses it, and another thread's copy of the same (shared) metadata would then fail.
-        target = table_arrow_schema(transaction.table_metadata.schema())
-        return _Staged(transaction, table.io, target, spec, table, bool(new_columns))
+        metadata = transaction.table_metadata if new_columns else _for_files(table.metadata)
+        target = table_arrow_schema(metadata.schema())
+        return _Staged(transaction, table.io, target, metadata, spec, table, bool(new_columns))
 
     def _stage_new(self, request: WriteRequest, identifier: tuple[str, ...], stream: pa.Schema) -> _Staged:
         if not request.entity_keys or not request.event_time:
@@ -246,7 +247,8 @@ class Writer:
             properties={**NEW_TABLE_HISTORY, **spec.to_properties()},
         )
         io = transaction_io(transaction)  # where the catalog wants the new table's files
-        return _Staged(transaction, io, table_arrow_schema(transaction.table_metadata.schema()), spec, None)
+        metadata = transaction.table_metadata
+        return _Staged(transaction, io, table_arrow_schema(metadata.schema()), metadata, spec, None)
 
     def _commit(self, request: WriteRequest, staged: _Staged, files: list[DataFile], rows: int) -> WriteResult:
         """Commit the files in a snapshot; on a lost race, retry on the new table state. A plain append shares
@@ -254,7 +256,8 @@ class Writer:
         deadline = time.monotonic() + self.commit_timeout
         identifier = self.catalog.identifier(request.table)
         if request.mode == "append" and staged.table is not None and not staged.evolved:  # only adds data files
-            put = Put(request.table, request.write_id, files, rows, deadline, staged.transaction, staged.table.metadata)
+            schema, spec_id = staged.metadata.schema(), staged.metadata.default_spec_id
+            put = Put(request.table, request.write_id, files, rows, schema, spec_id, deadline)
             result = self._groups.commit(identifier, put)
             if result.duplicate:
                 delete_files(staged.io, [f.file_path for f in files])
@@ -324,6 +327,15 @@ class Writer:
             _check_declared_layout(request, table)
             log.info("table %s was created concurrently; appending to it", request.table)
         return transaction
+
+
+def _for_files(metadata: TableMetadata) -> TableMetadata:
+    """A copy of the table's metadata to write data files for, without the history: files need only its schema,
+    partitioning, properties and location, and a whole copy costs milliseconds per hundred snapshots. A copy of
+    the put's own, since pyiceberg caches properties on a schema as it writes for it, which would fail another
+    thread copying the shared metadata at that moment."""
+    history: dict[str, Any] = {"snapshots": [], "snapshot_log": [], "metadata_log": [], "refs": {}}
+    return metadata.model_copy(update={**history, "statistics": [], "partition_statistics": []}).model_copy(deep=True)
 
 
 class _AlreadyCommitted(Exception):
