@@ -66,7 +66,7 @@ class Setting:
         if self.field is None or self.multiple:
             return self.default
         default = _FIELD_DEFAULTS[self.field]
-        return default // self.unit if isinstance(default, int) else default
+        return default // self.unit if isinstance(default, int) and not isinstance(default, bool) else default
 
     def option(self) -> Callable[[Command], Command]:
         """The click option of this setting, which hands the command the value as the ServerConfig field holds it."""
@@ -210,6 +210,16 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "write_chunk_bytes",
         click.IntRange(1),
         unit=MB,
+    ),
+    Setting(
+        "--group-commit/--no-group-commit",
+        "FLIGHT_SERVER_GROUP_COMMIT",
+        "Writes",
+        "Appends to one table that arrive while a commit to it runs share the next snapshot: many small "
+        "writers make a few snapshots a second instead of one per put, each put answered once its snapshot "
+        "is committed. Off: one snapshot per put.",
+        "group_commit",
+        click.BOOL,
     ),
     Setting(
         "--scan-partitions",

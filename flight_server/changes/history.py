@@ -4,13 +4,17 @@ A pipeline that writes every minute makes 1,440 snapshots a day. Two things woul
 the appended manifests every later read plans through (`commit_append` merges them when the table
 asks, as Iceberg's writers do: `commit.manifest-merge.enabled`), and the scan of every snapshot's
 summary for a put's `write_id` (`WriteIds` remembers what it saw and reads only the snapshots added
-since). Old metadata files are bounded by the table's own properties, which pyiceberg applies on
-commit (`NEW_TABLE_HISTORY` in iceberg/catalog.py).
+since; `put_summary` writes the ids, and a group commit's snapshot carries many). Old metadata files
+are bounded by the table's own properties, which pyiceberg applies on commit (`NEW_TABLE_HISTORY` in
+iceberg/catalog.py).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pyiceberg.manifest import DataFile
@@ -23,7 +27,33 @@ from flight_server.iceberg.catalog import table_name
 from flight_server.iceberg.internals import commit_on_base
 from flight_server.wire.writes import WriteResult
 
-WRITE_ID_PROPERTY = "flight.write-id"
+log = logging.getLogger(__name__)
+
+WRITE_ID_PROPERTY = "flight.write-id"  # the one put's id, in a snapshot of one put
+WRITE_IDS_PROPERTY = "flight.write-ids"  # JSON {write_id: [rows, files]}, in a snapshot of several puts
+PUTS_PROPERTY = "flight.puts"  # how many puts a snapshot committed (servers before group commit wrote none)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What one put committed, as recorded in its snapshot's summary."""
+
+    write_id: str | None
+    rows: int
+    files: int
+
+
+def put_summary(puts: Sequence[Committed]) -> dict[str, str]:
+    """The summary properties of a snapshot that commits `puts`: one put's id as before group commit (servers
+    that know only `flight.write-id` read it), several puts' ids with their rows and files, for a retry's answer."""
+    properties = {PUTS_PROPERTY: str(len(puts))}
+    if len(puts) == 1:
+        if puts[0].write_id is not None:
+            properties[WRITE_ID_PROPERTY] = puts[0].write_id
+    elif ids := {p.write_id: [p.rows, p.files] for p in puts if p.write_id is not None}:
+        properties[WRITE_IDS_PROPERTY] = json.dumps(ids, separators=(",", ":"))
+    return properties
+
 
 MAX_TABLES = 256  # tables whose write ids are remembered; past it, the memory starts over
 
@@ -51,7 +81,7 @@ class _Seen:
 
     count: int = 0
     last: int | None = None  # the id of the snapshot at `count - 1`
-    ids: dict[str, Snapshot] = field(default_factory=dict)
+    ids: dict[str, tuple[Snapshot, Committed]] = field(default_factory=dict)
 
 
 class WriteIds:
@@ -72,18 +102,11 @@ class WriteIds:
         metadata = table.metadata
         with self._lock:
             seen = self._update(metadata)
-            snapshot = seen.ids.get(write_id)
-        if snapshot is None or metadata.snapshot_by_id(snapshot.snapshot_id) is None:
+            found = seen.ids.get(write_id)
+        if found is None or metadata.snapshot_by_id(found[0].snapshot_id) is None:
             return None
-        summary = snapshot.summary.additional_properties if snapshot.summary else {}
-        return WriteResult(
-            table=table_name(table),
-            snapshot_id=snapshot.snapshot_id,
-            rows=int(summary.get("added-records", 0)),
-            files=int(summary.get("added-data-files", 0)),
-            write_id=write_id,
-            duplicate=True,
-        )
+        snapshot, put = found
+        return WriteResult(table_name(table), snapshot.snapshot_id, put.rows, put.files, write_id, duplicate=True)
 
     def _update(self, metadata: TableMetadata) -> _Seen:
         uuid, snapshots = str(metadata.table_uuid), metadata.snapshots
@@ -93,9 +116,9 @@ class WriteIds:
                 self._tables.clear()
             seen = self._tables[uuid] = _Seen()
         for snapshot in snapshots[seen.count :]:
-            summary = snapshot.summary.additional_properties if snapshot.summary else {}
-            if (write_id := summary.get(WRITE_ID_PROPERTY)) is not None:
-                seen.ids.setdefault(write_id, snapshot)
+            for put in _committed_ids(snapshot):
+                if put.write_id is not None:
+                    seen.ids.setdefault(put.write_id, (snapshot, put))
         if len(snapshots) > seen.count:
             seen.count, seen.last = len(snapshots), snapshots[-1].snapshot_id
         return seen
@@ -106,3 +129,19 @@ def _extends(seen: _Seen, snapshots: list[Snapshot]) -> bool:
     if seen.count == 0:
         return True
     return len(snapshots) >= seen.count and snapshots[seen.count - 1].snapshot_id == seen.last
+
+
+def _committed_ids(snapshot: Snapshot) -> list[Committed]:
+    """The puts with a write id that the snapshot committed, from either form `put_summary` writes."""
+    summary = snapshot.summary.additional_properties if snapshot.summary else {}
+    if (write_id := summary.get(WRITE_ID_PROPERTY)) is not None:
+        return [Committed(write_id, int(summary.get("added-records", 0)), int(summary.get("added-data-files", 0)))]
+    if (ids := summary.get(WRITE_IDS_PROPERTY)) is None:
+        return []
+    try:
+        return [Committed(str(key), int(rows), int(files)) for key, (rows, files) in json.loads(ids).items()]
+    except (ValueError, TypeError, AttributeError):
+        log.warning(
+            "snapshot %s has an unreadable %s: its write ids are ignored", snapshot.snapshot_id, WRITE_IDS_PROPERTY
+        )
+        return []

@@ -6,7 +6,8 @@ cancellation, end-of-stream marker matching when the client promised one) are th
 committed, in one transaction that also creates the table or evolves its schema when asked.
 Any failure deletes the files written so far. A `write_id` recorded in the snapshot summary
 makes retries idempotent: every commit attempt is conditional on the table state whose history was
-checked for the id, so the same id put through several replicas at once commits once.
+checked for the id, so the same id put through several replicas at once commits once. Appends to an
+existing table that arrive while a commit to it is in flight share the next snapshot (changes/group.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -27,15 +29,17 @@ from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownExcept
 from pyiceberg.io import FileIO
 from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.partitioning import PartitionSpec
-from pyiceberg.schema import Schema, assign_fresh_schema_ids
+from pyiceberg.schema import assign_fresh_schema_ids
 from pyiceberg.table import Table, Transaction
+from pyiceberg.table.metadata import TableMetadata
 
 from flight_server.base.locks import LockPool
 from flight_server.base.schemas import Conformer, new_table_schema, table_arrow_schema
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.commits import delete_files, live_files
 from flight_server.changes.files import write_data_files
-from flight_server.changes.history import WRITE_ID_PROPERTY, WriteIds, commit_append
+from flight_server.changes.group import MAX_PUTS, GroupCommits, Put, same_fields
+from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
 from flight_server.iceberg.catalog import (
     NEW_TABLE_HISTORY,
     FeatureCatalog,
@@ -71,20 +75,30 @@ class _Staged:
     transaction: Transaction
     io: FileIO
     target: pa.Schema
+    metadata: TableMetadata  # what the data files are written for
     spec: FeatureSpec | None
     table: Table | None  # the table as the transaction started from it; None when creating
+    evolved: bool = False  # the transaction adds columns too
 
 
 class Writer:
     """Runs `do_put` streams against the catalog."""
 
-    def __init__(self, catalog: FeatureCatalog, chunk_bytes: int, commit_timeout: float, locks: LockPool):
+    def __init__(
+        self,
+        catalog: FeatureCatalog,
+        chunk_bytes: int,
+        commit_timeout: float,
+        locks: LockPool,
+        group_commit: bool = True,
+    ):
         self.catalog = catalog
         self.chunk_bytes = chunk_bytes
         self.commit_timeout = commit_timeout
         self._id_locks = [threading.Lock() for _ in range(64)]
         self._write_ids = WriteIds()
         self._commit_locks = locks
+        self._groups = GroupCommits(catalog, locks, self._write_ids, MAX_PUTS if group_commit else 1)
         self._active = 0
         self._active_lock = threading.Lock()
 
@@ -151,8 +165,7 @@ class Writer:
             nonlocal pending, pending_bytes
             if pending:
                 chunk = pa.Table.from_batches(pending, schema=staged.target)
-                metadata = staged.transaction.table_metadata
-                files.extend(write_data_files(metadata, chunk, staged.io, staged.spec, write_uuid, counter))
+                files.extend(write_data_files(staged.metadata, chunk, staged.io, staged.spec, write_uuid, counter))
             pending, pending_bytes = [], 0
 
         try:
@@ -204,15 +217,15 @@ class Writer:
         _check_declared_spec(request, spec, table_name(table))
         _check_declared_layout(request, table)
         transaction = MemoTransaction(table)
-        if request.evolve:
-            new_columns = [f for f in stream if f.name not in table.schema().column_names]
-            if new_columns:
-                added = new_table_schema(pa.schema(new_columns), required=())
-                with transaction.update_schema() as update:
-                    update.union_by_name(added)
-                log.info("write to %s adds columns %s", table_name(table), added.names)
-        target = table_arrow_schema(transaction.table_metadata.schema())
-        return _Staged(transaction, table.io, target, spec, table)
+        new_columns = [f for f in stream if f.name not in table.schema().column_names] if request.evolve else []
+        if new_columns:
+            added = new_table_schema(pa.schema(new_columns), required=())
+            with transaction.update_schema() as update:
+                update.union_by_name(added)
+            log.info("write to %s adds columns %s", table_name(table), added.names)
+        metadata = transaction.table_metadata if new_columns else _for_files(table.metadata)
+        target = table_arrow_schema(metadata.schema())
+        return _Staged(transaction, table.io, target, metadata, spec, table, bool(new_columns))
 
     def _stage_new(self, request: WriteRequest, identifier: tuple[str, ...], stream: pa.Schema) -> _Staged:
         if not request.entity_keys or not request.event_time:
@@ -234,15 +247,24 @@ class Writer:
             properties={**NEW_TABLE_HISTORY, **spec.to_properties()},
         )
         io = transaction_io(transaction)  # where the catalog wants the new table's files
-        return _Staged(transaction, io, table_arrow_schema(transaction.table_metadata.schema()), spec, None)
+        metadata = transaction.table_metadata
+        return _Staged(transaction, io, table_arrow_schema(metadata.schema()), metadata, spec, None)
 
     def _commit(self, request: WriteRequest, staged: _Staged, files: list[DataFile], rows: int) -> WriteResult:
-        """Commit the files as one snapshot; on a lost race, retry on the new table state."""
-        properties = {WRITE_ID_PROPERTY: request.write_id} if request.write_id else {}
+        """Commit the files in a snapshot; on a lost race, retry on the new table state. A plain append shares
+        its snapshot with the appends to the table queued while the commit before it ran (`GroupCommits`)."""
         deadline = time.monotonic() + self.commit_timeout
+        identifier = self.catalog.identifier(request.table)
+        if request.mode == "append" and staged.table is not None and not staged.evolved:  # only adds data files
+            schema, spec_id = staged.metadata.schema(), staged.metadata.default_spec_id
+            put = Put(request.table, request.write_id, files, rows, schema, spec_id, deadline)
+            result = self._groups.commit(identifier, put)
+            if result.duplicate:
+                delete_files(staged.io, [f.file_path for f in files])
+            return result
+        properties = put_summary([Committed(request.write_id, rows, len(files))])
         # Writers on this server take turns to commit to a table: each commits on the latest state at
         # once, instead of failing and reloading. Writers elsewhere make a commit fail; it is retried here.
-        identifier = self.catalog.identifier(request.table)
         try:
             with self._commit_locks(identifier):
                 table = self._commit_loop(request, staged, files, properties, deadline)
@@ -295,7 +317,7 @@ class Writer:
             if len(extra):
                 with transaction.update_schema() as update:
                     update.union_by_name(new_table_schema(extra, required=()))
-        if not _same_fields(transaction.table_metadata.schema(), staged.transaction.table_metadata.schema()):
+        if not same_fields(transaction.table_metadata.schema(), staged.transaction.table_metadata.schema()):
             raise ConflictError(
                 f"table {request.table!r} was created or changed concurrently with a different schema; "
                 "nothing was committed"
@@ -305,6 +327,15 @@ class Writer:
             _check_declared_layout(request, table)
             log.info("table %s was created concurrently; appending to it", request.table)
         return transaction
+
+
+def _for_files(metadata: TableMetadata) -> TableMetadata:
+    """A copy of the table's metadata to write data files for, without the history: files need only its schema,
+    partitioning, properties and location, and a whole copy costs milliseconds per hundred snapshots. A copy of
+    the put's own, since pyiceberg caches properties on a schema as it writes for it, which would fail another
+    thread copying the shared metadata at that moment."""
+    history: dict[str, Any] = {"snapshots": [], "snapshot_log": [], "metadata_log": [], "refs": {}}
+    return metadata.model_copy(update={**history, "statistics": [], "partition_statistics": []}).model_copy(deep=True)
 
 
 class _AlreadyCommitted(Exception):
@@ -356,12 +387,6 @@ def _added_since(table: Table, base: int | None) -> int | None:
 def _live_data_files(transaction: Transaction) -> list[DataFile]:
     files = live_files(transaction_io(transaction), transaction.table_metadata.current_snapshot())
     return [file for file in files if file.content == DataFileContent.DATA]
-
-
-def _same_fields(a: Schema, b: Schema) -> bool:
-    """Whether files written for schema `b` read correctly under `a` (same ids, names and types)."""
-    ids_a = {f.field_id: (f.name, f.field_type) for f in a.fields}
-    return all(ids_a.get(f.field_id) == (f.name, f.field_type) for f in b.fields)
 
 
 def _check_declared_spec(request: WriteRequest, spec: FeatureSpec | None, name: str) -> None:

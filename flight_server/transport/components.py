@@ -53,7 +53,7 @@ class Components:
             catalog=catalog,
             engine=engine,
             caches=caches,
-            writer=Writer(catalog, config.write_chunk_bytes, config.commit_timeout_seconds, locks),
+            writer=Writer(catalog, config.write_chunk_bytes, config.commit_timeout_seconds, locks, config.group_commit),
             deleter=Deleter(catalog, engine, locks, *limits),
             maintenance=Maintenance(catalog, engine, locks, *limits),
             store=store,

@@ -1,0 +1,244 @@
+"""Group commit: appends to one table that arrive while a commit to it is in flight share the next snapshot.
+
+A commit to an Iceberg table writes a manifest, a manifest list and a whole new metadata file, and
+commits to one table take turns: one snapshot per put caps a table at a few tens of puts a second,
+however many writers there are. Here each put writes its data files itself (in parallel with the
+others, as before) and then queues them. The first put to find no commit in flight leads: it takes
+what is queued (up to `MAX_PUTS`, `MAX_FILES` and `MAX_ID_BYTES` of write ids) and commits it all as
+one snapshot, under the table's commit lock and on exactly the state whose history it checked, with
+every put's `write_id` in the summary (`put_summary`). Puts that queue meanwhile wait for that commit
+to end and then make the next group, so an acknowledgement always follows the commit of its put.
+
+What concerns one put fails that put alone: its `write_id` already committed (it is answered as a
+duplicate and leaves the group), a schema its files no longer fit, its own commit deadline. A lost
+race to another writer loads the table and tries again; any other failure of a group of several is
+retried one put at a time, so that a put that cannot commit does not sink the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException
+from pyiceberg.manifest import DataFile
+from pyiceberg.schema import Schema
+from pyiceberg.table import Table
+
+from flight_server.base.locks import LockPool
+from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
+from flight_server.iceberg.catalog import FeatureCatalog, table_name
+from flight_server.iceberg.internals import MemoTransaction
+from flight_server.wire.errors import ConflictError
+from flight_server.wire.writes import WriteResult
+
+log = logging.getLogger(__name__)
+
+MAX_PUTS = 256  # puts in one snapshot
+MAX_FILES = 4096  # data files in one snapshot: its manifest lists them all
+MAX_ID_BYTES = 64 << 10  # write ids in one snapshot summary, which every later metadata file repeats
+
+
+@dataclass(eq=False)
+class Put:
+    """An append waiting for its commit: its data files, the schema they were written with, what came of it."""
+
+    table: str
+    write_id: str | None
+    files: list[DataFile]
+    rows: int
+    schema: Schema
+    spec_id: int  # the partition spec the files were written for (pyiceberg's DataFile leaves its own unset)
+    deadline: float  # monotonic time after which a lost race fails the put with CONFLICT
+    result: WriteResult | None = None
+    error: BaseException | None = None
+    done: bool = False  # set (under the queue's lock) once `result` or `error` is final
+
+    @property
+    def id_bytes(self) -> int:
+        return len(json.dumps(self.write_id)) + 16 if self.write_id is not None else 0
+
+
+@dataclass(eq=False)
+class _Queue:
+    """One table's waiting puts, and whether one of them leads a commit now."""
+
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    waiting: list[Put] = field(default_factory=list)
+    leading: bool = False
+    users: int = 0  # puts using the queue: it is dropped when none is left
+
+
+class GroupCommits:
+    """Commits appends to existing tables in groups; `max_puts=1` commits each put in its own snapshot."""
+
+    def __init__(self, catalog: FeatureCatalog, locks: LockPool, write_ids: WriteIds, max_puts: int = MAX_PUTS):
+        self.catalog = catalog
+        self.max_puts = max_puts
+        self._locks = locks
+        self._write_ids = write_ids
+        self._queues: dict[Hashable, _Queue] = {}
+        self._queues_lock = threading.Lock()
+
+    def commit(self, identifier: Hashable, put: Put) -> WriteResult:
+        """Commit `put` alone or with others, and return once the snapshot that holds it is committed (a
+        duplicate's answer is the earlier snapshot's; its files are the caller's to delete)."""
+        queue = self._enter(identifier)
+        try:
+            with queue.changed:
+                queue.waiting.append(put)
+                while queue.leading and not put.done:
+                    queue.changed.wait()
+                if put.done:
+                    return _outcome(put)
+                queue.leading = True
+                group = self._take(queue, put)
+            try:
+                self._commit_group(identifier, group)
+            finally:
+                with queue.changed:
+                    queue.leading = False
+                    for member in group:
+                        member.done = True
+                    queue.changed.notify_all()
+            return _outcome(put)
+        finally:
+            self._leave(identifier, queue)
+
+    def _enter(self, identifier: Hashable) -> _Queue:
+        with self._queues_lock:
+            queue = self._queues.setdefault(identifier, _Queue())
+            queue.users += 1
+            return queue
+
+    def _leave(self, identifier: Hashable, queue: _Queue) -> None:
+        with self._queues_lock:
+            queue.users -= 1
+            if queue.users == 0:
+                del self._queues[identifier]
+
+    def _take(self, queue: _Queue, leader: Put) -> list[Put]:
+        """The leader and the puts queued longest, within the group's bounds; the rest stay queued."""
+        group, files, id_bytes = [leader], len(leader.files), leader.id_bytes
+        rest: list[Put] = []
+        for put in queue.waiting:
+            if put is leader:
+                continue
+            fits = (
+                len(group) < self.max_puts
+                and files + len(put.files) <= MAX_FILES
+                and id_bytes + put.id_bytes <= MAX_ID_BYTES
+            )
+            if fits:
+                group.append(put)
+                files, id_bytes = files + len(put.files), id_bytes + put.id_bytes
+            else:
+                rest.append(put)
+        queue.waiting = rest
+        return group
+
+    def _commit_group(self, identifier: Hashable, group: list[Put]) -> None:
+        """Give every put of the group its result or its error; whatever goes wrong, none is left without."""
+        try:
+            with self._locks(identifier):
+                self._commit(group)
+        except BaseException as exc:  # the server is stopping, say: every put not yet answered fails with it
+            for put in group:
+                if put.result is None and put.error is None:
+                    put.error = exc
+            if not isinstance(exc, Exception):
+                raise
+
+    def _commit(self, group: list[Put]) -> None:
+        """Commit the group's files as one snapshot on the table's latest state (only on that state: a write id
+        checked absent stays absent); after a lost race, load the table and check again."""
+        name = group[0].table
+        live = group
+        table = self.catalog.find_for_change(name) or self.catalog.load(name)  # dropped meanwhile: NotFoundError
+        while True:
+            live = [put for put in live if self._admit(put, table)]
+            if not live:
+                return
+            properties = put_summary([Committed(p.write_id, p.rows, len(p.files)) for p in live])
+            try:
+                committed = commit_append(MemoTransaction(table), [f for p in live for f in p.files], properties)
+                break
+            except CommitFailedException:
+                live = [put for put in live if not _past_deadline(put)]
+                table = self.catalog.load(name)
+            except CommitStateUnknownException as exc:
+                for put in live:  # each put keeps its files: the table may reference them
+                    put.error = CommitStateUnknownException(str(exc))
+                return
+            except Exception as exc:
+                if len(live) == 1:
+                    live[0].error = exc
+                    return
+                log.warning("group commit of %d puts to %s failed (%s); committing each alone", len(live), name, exc)
+                for put in live:
+                    self._commit([put])
+                return
+        self.catalog.remember(name, committed)
+        snapshot = committed.current_snapshot()
+        assert snapshot is not None
+        log.info(
+            "%d puts, %d rows to %s: snapshot %s", len(live), sum(p.rows for p in live), name, snapshot.snapshot_id
+        )
+        for put in live:
+            put.result = WriteResult(
+                table_name(committed), snapshot.snapshot_id, put.rows, len(put.files), put.write_id
+            )
+
+    def _admit(self, put: Put, table: Table) -> bool:
+        """Whether the put may commit on `table`; if not, it gets its answer: the earlier commit of its write id,
+        or CONFLICT when the table's schema or partitioning changed so that its files no longer fit (the new
+        snapshot's manifest records every file under the table's current partition spec)."""
+        if put.write_id is not None and (prior := self._write_ids.find(table, put.write_id)) is not None:
+            put.result = prior
+            return False
+        if not same_fields(table.schema(), put.schema):
+            changed = "schema"
+        elif put.spec_id != table.metadata.default_spec_id:
+            changed = "partitioning"
+        else:
+            return True
+        put.error = ConflictError(
+            f"table {put.table!r} was changed concurrently to another {changed}; nothing was committed"
+        )
+        return False
+
+    def waiting(self, identifier: Hashable) -> int | None:
+        """Puts to the table queued behind the commit to it in flight; None when no commit is in flight."""
+        with self._queues_lock:
+            queue = self._queues.get(identifier)
+        if queue is None:
+            return None
+        with queue.changed:
+            return len(queue.waiting) if queue.leading else None
+
+
+def _past_deadline(put: Put) -> bool:
+    """Fail the put with CONFLICT once its commit deadline passed (it lost every race until then)."""
+    if time.monotonic() <= put.deadline:
+        return False
+    put.error = ConflictError(
+        f"could not commit to {put.table!r} in time because of concurrent writes; nothing was committed"
+    )
+    return True
+
+
+def _outcome(put: Put) -> WriteResult:
+    if put.error is not None:
+        raise put.error
+    assert put.result is not None
+    return put.result
+
+
+def same_fields(a: Schema, b: Schema) -> bool:
+    """Whether files written for schema `b` read correctly under `a` (same ids, names and types)."""
+    ids_a = {f.field_id: (f.name, f.field_type) for f in a.fields}
+    return all(ids_a.get(f.field_id) == (f.name, f.field_type) for f in b.fields)

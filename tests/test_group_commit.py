@@ -1,0 +1,253 @@
+"""Group commit: one-row puts from 16 concurrent writers share snapshots, each row lands exactly once, each put
+is acknowledged only once the snapshot holding it is in the catalog, a bad put fails alone (whether refused as
+it arrives or at the commit of its group), and retries of the same write ids through two servers at once
+commit once."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import itertools
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pytest
+from pyiceberg.typedef import Record
+
+from flight_client import FeatureClient, InvalidRequestError
+from flight_server.base.locks import LockPool
+from flight_server.base.schemas import Conformer, table_arrow_schema
+from flight_server.changes.files import write_data_files
+from flight_server.changes.group import GroupCommits, Put
+from flight_server.changes.history import PUTS_PROPERTY, WRITE_ID_PROPERTY, WRITE_IDS_PROPERTY, WriteIds
+from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
+from flight_server.transport.service import FeatureFlightServer
+from flight_server.wire.errors import ConflictError
+from flight_server.wire.writes import WriteResult
+from tests.conftest import sqlite_catalog, start_server, wait_until
+
+WRITERS = 16
+PUTS_PER_WRITER = 6
+T0 = dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc)
+DEFINITION: dict[str, Any] = {"entity_keys": ["id"], "event_time": "ts"}
+R = TypeVar("R")
+
+
+@pytest.fixture(scope="module")
+def properties(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return sqlite_catalog(tmp_path_factory.mktemp("group-commit"))
+
+
+@pytest.fixture(scope="module")
+def servers(properties: dict[str, str]) -> Iterator[list[str]]:
+    """Two servers (group commit on, the default) on one SQLite catalog."""
+    started = [start_server(properties) for _ in range(2)]
+    yield [f"grpc://127.0.0.1:{s.port}" for s in started]
+    for server in started:
+        server.shutdown()
+
+
+def row(i: int, **extra: pa.Array) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array([i], pa.int64()),
+            "ts": pa.array([T0 + dt.timedelta(seconds=i)], pa.timestamp("us", "UTC")),
+            "value": pa.array([i / 3], pa.float64()),
+            **extra,
+        }
+    )
+
+
+def create(location: str, name: str) -> None:
+    with FeatureClient(location) as client:
+        client.write(name, row(-1), **DEFINITION)
+
+
+def together(location: str, work: Callable[[FeatureClient, int], R], writers: int = WRITERS) -> list[R]:
+    """`work(client, writer)` in `writers` threads, each with its own connected client, released at once."""
+    start = threading.Barrier(writers)
+
+    def run(writer: int) -> R:
+        with FeatureClient(location) as client:
+            client.health()
+            start.wait(timeout=30)
+            return work(client, writer)
+
+    with ThreadPoolExecutor(writers) as pool:
+        return list(pool.map(run, range(writers)))
+
+
+def summaries(properties: dict[str, str], name: str) -> list[dict[str, str]]:
+    """Every snapshot summary of the table, from the catalog itself (not through a server)."""
+    table = FeatureCatalog("default", properties).load(name)
+    return [s.summary.additional_properties if s.summary else {} for s in table.metadata.snapshots]
+
+
+def committed_ids(summary: dict[str, str]) -> list[str]:
+    if WRITE_ID_PROPERTY in summary:
+        return [summary[WRITE_ID_PROPERTY]]
+    return list(json.loads(summary.get(WRITE_IDS_PROPERTY, "{}")))
+
+
+def scanned(location: str, name: str) -> Counter[int]:
+    with FeatureClient(location) as client:
+        return Counter(client.scan(name).read_all().column("id").to_pylist())
+
+
+def test_concurrent_puts_share_snapshots_land_once_and_are_acknowledged_after_their_commit(
+    servers: list[str], properties: dict[str, str]
+) -> None:
+    name = "group.writers"
+    create(servers[0], name)
+    catalog = FeatureCatalog("default", properties)  # loads the table afresh from the catalog on each call
+
+    def work(client: FeatureClient, writer: int) -> list[WriteResult]:
+        results = []
+        for i in range(PUTS_PER_WRITER):
+            key = writer * PUTS_PER_WRITER + i
+            result = client.write(name, row(key), write_id=f"w-{key}")
+            # Acknowledged: the snapshot holding the put is already in the catalog, and records its write id.
+            snapshot = catalog.load(name).snapshot_by_id(result.snapshot_id)
+            assert snapshot is not None and snapshot.summary is not None, f"put {key} acknowledged before its commit"
+            assert f"w-{key}" in committed_ids(snapshot.summary.additional_properties)
+            results.append(result)
+        return results
+
+    results = [r for rs in together(servers[0], work) for r in rs]
+    puts = WRITERS * PUTS_PER_WRITER
+    assert not any(r.duplicate for r in results) and all(r.rows == r.files == 1 for r in results)
+    assert scanned(servers[1], name) == Counter(range(-1, puts))
+    written = summaries(properties, name)[1:]  # after the one that created the table
+    assert len(written) == len({r.snapshot_id for r in results}) < puts
+    assert sum(int(s[PUTS_PROPERTY]) for s in written) == puts
+    assert Counter(i for s in written for i in committed_ids(s)) == Counter(f"w-{k}" for k in range(puts))
+    shared = [s for s in written if int(s[PUTS_PROPERTY]) > 1]
+    assert shared and all(int(s["added-records"]) == int(s[PUTS_PROPERTY]) for s in shared)
+
+
+def test_a_put_with_a_bad_schema_fails_alone(servers: list[str]) -> None:
+    name = "group.bad"
+    create(servers[0], name)
+    bad = 5
+
+    def work(client: FeatureClient, writer: int) -> str:
+        data = row(writer, value=pa.array(["not a number"])) if writer == bad else row(writer)
+        try:
+            client.write(name, data, write_id=f"w-{writer}")
+        except InvalidRequestError as exc:
+            return str(exc)
+        return "ok"
+
+    answers = together(servers[0], work)
+    assert answers[bad] != "ok" and "value" in answers[bad] and "Traceback" not in answers[bad]
+    assert answers[:bad] + answers[bad + 1 :] == ["ok"] * (WRITERS - 1)
+    assert scanned(servers[1], name) == Counter([-1, *(w for w in range(WRITERS) if w != bad)])
+
+
+def test_retries_of_the_same_write_ids_through_two_servers_at_once_commit_once(
+    servers: list[str], properties: dict[str, str]
+) -> None:
+    name = "group.retries"
+    create(servers[0], name)
+    per_server = WRITERS // 2
+
+    def work(client: FeatureClient, writer: int) -> list[WriteResult]:
+        # Writer w on the first server and writer w + 8 on the second put the same rows with the same ids.
+        keys = [(writer % per_server) * PUTS_PER_WRITER + i for i in range(PUTS_PER_WRITER)]
+        return [client.write(name, row(k), write_id=f"w-{k}") for k in keys]
+
+    with ThreadPoolExecutor(2) as pool:
+        halves = pool.map(lambda location: together(location, work, per_server), servers)
+        results = [r for half in halves for rs in half for r in rs]
+    puts = per_server * PUTS_PER_WRITER
+    by_id: dict[str | None, list[WriteResult]] = {}
+    for result in results:
+        by_id.setdefault(result.write_id, []).append(result)
+    assert len(by_id) == puts
+    for write_id, answers in by_id.items():
+        first, again = sorted(answers, key=lambda r: r.duplicate)
+        assert (first.duplicate, again.duplicate) == (False, True), write_id
+        assert first.snapshot_id == again.snapshot_id and again.rows == again.files == 1, write_id
+    assert scanned(servers[1], name) == Counter(range(-1, puts))
+    ids = Counter(i for s in summaries(properties, name) for i in committed_ids(s))
+    assert ids == Counter(f"w-{k}" for k in range(puts))
+
+
+def staged(catalog: FeatureCatalog, name: str, key: int) -> Put:
+    """A one-row put whose data file is written for the table as it is now, ready to commit."""
+    table = catalog.load(name)  # a table of its own (pyiceberg caches properties on the schema it writes for)
+    data = row(key)
+    chunk = pa.Table.from_batches([Conformer(table_arrow_schema(table.schema()), data.schema)(data.to_batches()[0])])
+    spec = FeatureSpec.from_properties(table.metadata.properties)
+    files = write_data_files(table.metadata, chunk, table.io, spec, uuid.uuid4(), itertools.count())
+    return Put(name, f"w-{key}", files, 1, table.schema(), table.metadata.default_spec_id, time.monotonic() + 60)
+
+
+def grouped(groups: GroupCommits, locks: LockPool, leader: Put, followers: list[Put]) -> list[Any]:
+    """`leader` commits alone while `followers` queue behind it, then they commit as one group; each put's
+    result or error."""
+    identifier = groups.catalog.identifier(leader.table)
+    with ThreadPoolExecutor(1 + len(followers)) as pool:
+        with locks(identifier):  # the leader waits for the table's commit lock: a commit in flight
+            futures = [pool.submit(groups.commit, identifier, leader)]
+            wait_until(lambda: groups.waiting(identifier) == 0, what="the leader's commit")
+            futures += [pool.submit(groups.commit, identifier, put) for put in followers]
+            wait_until(lambda: groups.waiting(identifier) == len(followers), what="the followers queued")
+        return [future.exception() or future.result() for future in futures]
+
+
+def test_a_put_that_cannot_commit_leaves_its_group_and_the_others_land(
+    servers: list[str], properties: dict[str, str]
+) -> None:
+    name = "group.isolated"
+    create(servers[0], name)
+    catalog, locks = FeatureCatalog("default", properties), LockPool()
+    groups = GroupCommits(catalog, locks, WriteIds())
+    stale = staged(catalog, name, 0)  # its file is written for the partition spec that is replaced next
+    with catalog.load(name).update_spec() as update:
+        update.add_identity("value")
+    first, *fresh = [staged(catalog, name, k) for k in range(1, 5)]
+    answers = grouped(groups, locks, first, [stale, *fresh])
+    assert isinstance(answers[1], ConflictError) and "partitioning" in str(answers[1])
+    landed = [answers[0], *answers[2:]]
+    assert all(isinstance(a, WriteResult) and not a.duplicate for a in landed)
+    assert (
+        len({a.snapshot_id for a in answers[2:]}) == 1 != answers[0].snapshot_id
+    )  # the three fresh ones: one snapshot
+
+    # A group whose commit fails for a reason no check foresaw (here a data file whose partition cannot be
+    # written) is retried one put at a time: only the put that cannot commit fails.
+    broken = staged(catalog, name, 5)
+    broken.files = [copy.deepcopy(broken.files[0])]
+    broken.files[0][3] = Record("not a month", None, None)  # DataFile field 3: the partition
+    leader, *others = [staged(catalog, name, k) for k in range(6, 9)]
+    answers = grouped(groups, locks, leader, [others[0], broken, others[1]])
+    assert isinstance(answers[2], Exception) and not isinstance(answers[2], ConflictError)
+    assert all(isinstance(a, WriteResult) for a in (answers[0], answers[1], answers[3]))
+    assert scanned(servers[1], name) == Counter([-1, *range(1, 5), *range(6, 9)])
+    ids = Counter(i for s in summaries(properties, name) for i in committed_ids(s))
+    assert ids == Counter(f"w-{k}" for k in [*range(1, 5), *range(6, 9)])
+
+
+def test_without_group_commit_every_put_is_its_own_snapshot(tmp_path: Path) -> None:
+    properties = sqlite_catalog(tmp_path)
+    server: FeatureFlightServer = start_server(properties, group_commit=False)
+    location = f"grpc://127.0.0.1:{server.port}"
+    try:
+        name = "group.off"
+        create(location, name)
+        writers = 8
+        results = together(location, lambda client, writer: client.write(name, row(writer)), writers)
+        assert len({r.snapshot_id for r in results}) == writers
+        assert all(s[PUTS_PROPERTY] == "1" for s in summaries(properties, name))
+        assert scanned(location, name) == Counter(range(-1, writers))
+    finally:
+        server.shutdown()
