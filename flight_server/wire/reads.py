@@ -33,12 +33,15 @@ class ScanRequest:
     limit: int | None = None
     partitions: int | None = None
     part: list[int] | None = None
+    since_snapshot: int | None = None  # only the rows appended after this snapshot, up to the one read
     kind: str = field(default="scan", init=False)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> ScanRequest:
         f = Fields(
-            body, "scan request", {"table", "columns", "filter", "snapshot_id", "as_of", "limit", "partitions", "part"}
+            body,
+            "scan request",
+            {"table", "columns", "filter", "snapshot_id", "as_of", "limit", "partitions", "part", "since_snapshot"},
         )
         as_of = body.get("as_of")
         if as_of is not None:
@@ -52,6 +55,7 @@ class ScanRequest:
             limit=f.int("limit"),
             partitions=f.int("partitions", minimum=1),
             part=f.part("part"),
+            since_snapshot=f.snapshot_id("since_snapshot"),
         )
         if request.snapshot_id is not None and request.as_of is not None:
             raise ProtocolError("scan request: give either 'snapshot_id' or 'as_of', not both")
