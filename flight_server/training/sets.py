@@ -41,8 +41,9 @@ class TrainingSets:
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="training-set")
 
     def close(self) -> None:
-        """Stop the join workers, once no call uses them (the server has stopped)."""
+        """Stop the join workers, once no call uses them (the server has stopped), and the cache's refreshes."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.cache.close()
 
     def open(self, request: HistoricalRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader:
         """Stream the training set for a `do_get` ticket; the query that computes it before the first batch
