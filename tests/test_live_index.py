@@ -5,6 +5,7 @@ catalog with appends, deletes, compactions and pins; and a server brings its ind
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,7 +58,28 @@ def answers(index: AsofIndex, source: pa.Table, entities: list[tuple[Any, ...]],
     rows=[(1, "a", 5, 1), (1, "a", 5, 0)], entities=[(1, "a", 5)], composite=False, ttl=None, cuts=[1], crowded=False
 )
 @example(
-    rows=[(2, "b", 1, 0), (1, "a", 2, 0)], entities=[(1, "a", 3)], composite=True, ttl=None, cuts=[1], crowded=False
+    rows=[(1, "a", 5, 0), (1, "a", 1, 0), (1, "a", 5, 1)],
+    entities=[(1, "a", 5), (1, "a", 2)],
+    composite=False,
+    ttl=None,
+    cuts=[1],
+    crowded=False,
+)
+@example(
+    rows=[(2, "b", 1, 0), (1, "a", 2, 0)],
+    entities=[(1, "a", 3), (2, "b", 3)],
+    composite=False,
+    ttl=None,
+    cuts=[1],
+    crowded=False,
+)
+@example(
+    rows=[(2, "b", 1, 0), (2, "a", 2, 0), (1, "b", 2, 0)],
+    entities=[(1, "b", 3), (2, "b", 3), (2, "a", 3)],
+    composite=True,
+    ttl=None,
+    cuts=[2],
+    crowded=False,
 )
 def test_extended_index_matches_reference(
     rows: list[tuple[Any, ...]],
@@ -69,7 +91,7 @@ def test_extended_index_matches_reference(
 ) -> None:
     """Rows appended in several steps (`cuts`), each extending the last index: the answers are the reference's,
     and the stamps stay strictly sorted. The examples: a tie on (key, time) across two steps goes to the latest
-    created, whichever step brought it; a new key sorting before the old ones renumbers them."""
+    created, whichever step brought it, also behind a row inserted before it; a new key (or key pair) sorting before the old ones renumbers them."""
     if crowded:
         rows = rows + [(1000 + i, "a", (7_000 if i % 2 else -30) * YEAR, None) for i in range(25)]
     seen = [(r[0], r[1] if composite else None, r[2], r[3]) for r in rows]
@@ -169,7 +191,7 @@ def test_maintained_index_matches_rebuilt_and_reference(
     """After each change through a real server, the cache that saw every earlier snapshot answers for the new one
     (extended after appends, rebuilt after deletes and compactions); at the end every snapshot it answered for
     (the pinned ones among them) answers as an index sorted from scratch and as the plain loop."""
-    name = f"tests.live_{abs(hash(tuple(map(str, operations)))):x}_{len(operations)}"
+    name = f"tests.live_{uuid.uuid4().hex[:12]}"
     catalog = FeatureCatalog(ServerConfig.catalog_name, catalog_properties)
     maintained = AsofCache(Engine(), ReadCaches(), 1 << 30)
     seen: set[tuple[int, int, int | None]] = set()
