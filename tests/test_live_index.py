@@ -91,7 +91,8 @@ def test_extended_index_matches_reference(
 ) -> None:
     """Rows appended in several steps (`cuts`), each extending the last index: the answers are the reference's,
     and the stamps stay strictly sorted. The examples: a tie on (key, time) across two steps goes to the latest
-    created, whichever step brought it, also behind a row inserted before it; a new key (or key pair) sorting before the old ones renumbers them."""
+    created, whichever step brought it, also behind a row inserted before it; a new key (or key pair) sorting
+    before the old ones renumbers them."""
     if crowded:
         rows = rows + [(1000 + i, "a", (7_000 if i % 2 else -30) * YEAR, None) for i in range(25)]
     seen = [(r[0], r[1] if composite else None, r[2], r[3]) for r in rows]
@@ -289,3 +290,61 @@ def test_indexes_move_forward_ahead_of_demand(catalog_properties: dict[str, str]
     finally:
         writer.shutdown()
         replica.shutdown()
+
+
+def test_a_table_too_large_for_the_cache_is_joined_by_duckdb_alone(catalog_properties: dict[str, str]) -> None:
+    """With a cache that holds the small table's index but not the large one's, a request joins the large table by
+    DuckDB and the small one through its index, and answers exactly as a server that indexes both and one that
+    indexes neither: streamed entity rows, and an entity table read in two parts split by the small table's key
+    (the large table, keyed by (k, c), must not be pruned by that split). Every (keys, time) is unique there."""
+    small, large, people = (f"tests.mixed_{part}_{uuid.uuid4().hex[:8]}" for part in ("small", "large", "people"))
+    hybrid = start_server(catalog_properties, historical_cache_bytes=1 << 20)
+    indexed = start_server(catalog_properties)
+    duck = start_server(catalog_properties, historical_cache_bytes=0)
+    count = 40_000
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{hybrid.port}") as client:
+            client.write(
+                small, feature_rows_table([(k, k % 7, 0) for k in range(20)], 0), entity_keys=["k"], event_time="ts"
+            )
+            client.write(
+                large,
+                pa.table(
+                    {
+                        "k": pa.array([i % 20 for i in range(count)], pa.int64()),
+                        "c": pa.array([i % 3 for i in range(count)], pa.int64()),
+                        "ts": pa.array(
+                            [EPOCH + dt.timedelta(seconds=i) for i in range(count)], pa.timestamp("us", "UTC")
+                        ),
+                        "w": pa.array(range(count), pa.int64()),
+                        "text": pa.array([f"row {i}" for i in range(count)]),
+                    }
+                ),
+                entity_keys=["k", "c"],
+                event_time="ts",
+            )
+            probes = pa.table(
+                {
+                    "k": pa.array([k for k in range(22) for _ in range(4)], pa.int64()),
+                    "c": pa.array([c % 3 for c in range(88)], pa.int64()),
+                    "event_timestamp": pa.array(
+                        [EPOCH + dt.timedelta(seconds=s % 45_000) for s in range(0, 88 * 499, 499)],
+                        pa.timestamp("us", "UTC"),
+                    ),
+                }
+            )
+            client.write(people, probes, entity_keys=["k"], event_time="event_timestamp")
+        features = [f"{small}:v", f"{large}:w", f"{large}:text"]
+        results = []
+        for server in (hybrid, indexed, duck):
+            with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+                streamed = client.get_historical_features(probes, features)
+                parts = client.get_historical_features(people, features, partitions=2)
+                results.append((streamed.to_pylist(), sorted(parts.to_pylist(), key=lambda r: sorted(r.items()))))
+                stats = cache_stats(client)
+                assert stats["snapshots"] == {hybrid: 1, indexed: 2, duck: 0}[server], stats
+        assert results[0] == results[1] == results[2]
+        assert any(r["w"] is not None for r in results[0][0]) and any(r["v"] is not None for r in results[0][0])
+    finally:
+        for server in (hybrid, indexed, duck):
+            server.shutdown()
