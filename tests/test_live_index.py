@@ -58,6 +58,14 @@ def answers(index: AsofIndex, source: pa.Table, entities: list[tuple[Any, ...]],
     rows=[(1, "a", 5, 1), (1, "a", 5, 0)], entities=[(1, "a", 5)], composite=False, ttl=None, cuts=[1], crowded=False
 )
 @example(
+    rows=[(k, "a", 1, 0) for k in range(1, 6)],
+    entities=[(k, "a", 5) for k in range(1, 6)],
+    composite=False,
+    ttl=None,
+    cuts=[1, 2, 3],
+    crowded=False,
+)
+@example(
     rows=[(1, "a", 5, 0), (1, "a", 1, 0), (1, "a", 5, 1)],
     entities=[(1, "a", 5), (1, "a", 2)],
     composite=False,
@@ -90,9 +98,10 @@ def test_extended_index_matches_reference(
     crowded: bool,
 ) -> None:
     """Rows appended in several steps (`cuts`), each extending the last index: the answers are the reference's,
-    and the stamps stay strictly sorted. The examples: a tie on (key, time) across two steps goes to the latest
-    created, whichever step brought it, also behind a row inserted before it; a new key (or key pair) sorting
-    before the old ones renumbers them."""
+    the stamps stay strictly sorted, and older generations keep answering as they did. The examples: a tie on
+    (key, time) across two steps goes to the latest created, whichever step brought it, also behind a row
+    inserted before it; a new key (or key pair) sorting before the old ones renumbers them; a branch off a
+    generation that grew in place."""
     if crowded:
         rows = rows + [(1000 + i, "a", (7_000 if i % 2 else -30) * YEAR, None) for i in range(25)]
     seen = [(r[0], r[1] if composite else None, r[2], r[3]) for r in rows]
@@ -101,8 +110,20 @@ def test_extended_index_matches_reference(
     source = table(rows)
     bounds = [0, *sorted({min(c, len(rows)) for c in cuts} - {0}), len(rows)]
     index = AsofIndex.build("t", 0, spec, source.slice(0, bounds[1]))
+    generations = [(index, answers(index, source, entities, spec))]
     for step, (low, high) in enumerate(zip(bounds[1:], bounds[2:], strict=False), 1):
         index = index.extend(step, source.slice(low, high - low))
+        generations.append((index, answers(index, source, entities, spec)))
+    # Columns grow in place where they can: every generation still answers as it did, and a second extension of
+    # an earlier one (a branch) copies instead of writing over its successor's rows.
+    for generation, before in generations:
+        assert answers(generation, source, entities, spec) == before
+    if len(generations) > 3:  # the first generation was built, so the second is the first with room to grow
+        other = source.slice(bounds[-2], bounds[-1] - bounds[-2])  # not the rows the third generation added
+        branch = generations[1][0].extend(99, other)
+        built = AsofIndex.build("t", 99, spec, pa.concat_tables([source.slice(0, bounds[2]), other]))
+        assert answers(branch, source, entities, spec) == answers(built, source, entities, spec)
+        assert all(answers(g, source, entities, spec) == before for g, before in generations)
     stamps = index.stamps[: len(index.event_us)]
     assert bool((stamps[1:] > stamps[:-1]).all())
     got = answers(index, source, entities, spec)

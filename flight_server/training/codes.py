@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -265,6 +266,41 @@ class TimeAxis:
         return np.clip(entity_us - (self.start - 1), 0, self.span - 1)
 
 
+class Room:
+    """Spare capacity after an append-only array, shared by the generations of an index that extend one another:
+    the generation whose rows end where the used part ends appends in place (earlier generations are views of a
+    prefix that never changes); any other copies into a new, larger buffer. So a column is copied once per 25 %
+    of growth rather than at every append (copies of large arrays cost page faults on fresh memory)."""
+
+    def __init__(self, buffer: np.ndarray, used: int):
+        self.buffer, self.used = buffer, used
+        self.lock = threading.Lock()
+
+
+def appended(values: np.ndarray, room: Room | None, more: np.ndarray) -> tuple[np.ndarray, Room]:
+    """`values` followed by `more`, in `room` when `values` ends where its used part does."""
+    end = len(values) + len(more)
+    if room is not None:
+        with room.lock:
+            if room.used == len(values) and len(room.buffer) >= end:
+                room.buffer[len(values) : end] = more
+                room.used = end
+                return room.buffer[:end], room
+    buffer = np.empty(end + end // 4 + 64, dtype=values.dtype)
+    buffer[: len(values)] = values
+    buffer[len(values) : end] = more
+    return buffer[:end], Room(buffer, end)
+
+
+def _appended_valid(
+    valid: np.ndarray | None, room: Room | None, length: int, more: np.ndarray | None, extra: int
+) -> tuple[np.ndarray | None, Room | None]:
+    """The validity mask of `length` rows then `extra` more (None: all valid)."""
+    if valid is None and more is None:
+        return None, None
+    return appended(_all_valid(valid, length), room if valid is not None else None, _all_valid(more, extra))
+
+
 @dataclass(frozen=True)
 class FixedValues:
     """A fixed-width column (integers, floats, times) as raw bytes, gathered by numpy: far cheaper than
@@ -273,6 +309,7 @@ class FixedValues:
     type: pa.DataType
     values: np.ndarray  # unsigned integers as wide as the type
     valid: np.ndarray | None  # None: no nulls
+    rooms: tuple[Room | None, Room | None] = (None, None)  # of `values` and `valid`, once extended
 
     def take(self, at: np.ndarray, known: np.ndarray) -> pa.Array:
         valid = known & self.valid[at] if self.valid is not None else known
@@ -284,10 +321,9 @@ class FixedValues:
         return self.values.nbytes + (self.valid.nbytes if self.valid is not None else 0)
 
     def extend(self, more: FixedValues) -> FixedValues:
-        valid = None
-        if self.valid is not None or more.valid is not None:
-            valid = np.concatenate([_all_valid(self.valid, len(self.values)), _all_valid(more.valid, len(more.values))])
-        return FixedValues(self.type, np.concatenate([self.values, more.values]), valid)
+        values, room = appended(self.values, self.rooms[0], more.values)
+        valid, valid_room = _appended_valid(self.valid, self.rooms[1], len(self.values), more.valid, len(more.values))
+        return FixedValues(self.type, values, valid, (room, valid_room))
 
 
 @dataclass(frozen=True)
@@ -299,6 +335,7 @@ class DictionaryValues:
     dictionary: pa.Array
     codes: np.ndarray  # int32
     valid: np.ndarray | None
+    rooms: tuple[Room | None, Room | None] = (None, None)  # of `codes` and `valid`, once extended
 
     def take(self, at: np.ndarray, known: np.ndarray) -> pa.Array:
         valid = known & self.valid[at] if self.valid is not None else known
@@ -314,13 +351,12 @@ class DictionaryValues:
         dictionary = pa.concat_arrays([self.dictionary, unseen.drop_null().cast(self.dictionary.type)])
         found = pc.index_in(column, value_set=dictionary)
         valid = pc.is_valid(found).to_numpy(zero_copy_only=False)
-        codes = found.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
-        known = (
-            None
-            if self.valid is None and valid.all()
-            else np.concatenate([_all_valid(self.valid, len(self.codes)), valid])
+        more = found.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
+        codes, room = appended(self.codes, self.rooms[0], more)
+        known, valid_room = _appended_valid(
+            self.valid, self.rooms[1], len(self.codes), None if valid.all() else valid, len(more)
         )
-        return DictionaryValues(self.type, dictionary, np.concatenate([self.codes, codes]), known)
+        return DictionaryValues(self.type, dictionary, codes, known, (room, valid_room))
 
 
 @dataclass(frozen=True)
