@@ -73,8 +73,8 @@ class AsofIndex:
 
     def extend(self, snapshot_id: int, rows: pa.Table) -> AsofIndex:
         """The index of a later snapshot whose rows are this one's plus `rows` (appended): the known stamps are
-        renumbered in place (new key codes and time offsets rise with the old ones, so they stay sorted), only
-        `rows` are sorted, and the two sorted runs are merged in one pass. This index is left as it was."""
+        renumbered without sorting (new key codes and time offsets rise with the old ones, so they stay sorted),
+        only `rows` are sorted, and the two sorted runs are merged in one pass. This index answers as before."""
         if rows.num_rows == 0:
             return replace(self, snapshot_id=snapshot_id)
         if len(self.fence) == 0:  # no row that can match: nothing to keep
