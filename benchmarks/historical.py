@@ -357,6 +357,7 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
             timings = measure(cases, settings.repeat, settings.warmup, "historical")
     report.progress("historical: checking the results against the DuckDB baseline")
     checks = check(last, entity_df, settings.seed)
+    live = live_tables(target, settings, tables, names, features, entities)
     exchange_s = timings[EXCHANGE].median
     results = {}
     for key, timing in timings.items():
@@ -387,7 +388,107 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
         "setup_s": {"generate": generate_s, "write": write_s},
         "checks": checks,
         "results": results,
+        "live": live,
     }
+
+
+LIVE_FRACTIONS = (0.001, 0.1)  # rows appended to every feature table before each live round, of its rows
+
+
+def live_tables(
+    target: Target,
+    settings: Settings,
+    tables: dict[FeatureShape, pa.Table],
+    names: dict[FeatureShape, str],
+    features: list[str],
+    entities: pa.Table,
+) -> dict[str, Any]:
+    """Training sets on tables that keep growing: each round appends `fraction` new rows to every feature table,
+    then times (1) the training set asked for right after the last put's ack (it waits for, or does, the index
+    extension), and (2) after another append, how long until the server has brought every index forward on its own
+    (`refreshed_ahead`, polled) and the training set then; each against the same request again (warm, same
+    snapshots). The last result of each fraction is compared with the server's DuckDB join of the same snapshots."""
+    properties = target.catalog_properties()
+    entity_df = entities.to_pandas()
+    out: dict[str, Any] = {}
+    with FeatureClient(target.location) as client:
+
+        def stats() -> dict[str, int]:
+            found: dict[str, int] = client.health()["training_set_cache"]
+            return found
+
+        def append(fraction: float, round_: int) -> None:
+            for shape, table in tables.items():
+                more = pit_feature_table(
+                    max(1, round(table.num_rows * fraction)),
+                    settings.entities,
+                    settings.seed + 1000 * (round_ + 1) + int(fraction * 1e6),
+                    max(1, settings.features),
+                    prefix=shape.name,
+                    table_seed=shape.table_seed,
+                    created=shape.created,
+                    composite=shape.composite,
+                )
+                client.write(names[shape], more)
+
+        def timed() -> tuple[float, pd.DataFrame]:
+            start = time.perf_counter()
+            result = client.get_historical_features(entity_df, features).to_pandas()
+            return time.perf_counter() - start, result
+
+        sample = np.sort(
+            np.random.default_rng(settings.seed).choice(len(entity_df), min(len(entity_df), SAMPLE_ROWS), replace=False)
+        )
+
+        def check_live(result: pd.DataFrame, what: str) -> int | None:
+            """The result against the server's DuckDB join of the current snapshots, in this process."""
+            if properties is None:
+                return None
+            return compare(result, ServerJoinLocal(properties, features, entities).run(), sample, what)
+
+        for fraction in LIVE_FRACTIONS:
+            report.progress(f"historical: live tables, appending {fraction:.1%} to every feature table per round")
+            first, ready, warm, fresh = [], [], [], []
+            compared = 0
+            rounds = settings.warmup + settings.repeat
+            for round_ in range(rounds):
+                before = stats()
+                append(fraction, 2 * round_)
+                after_s, result = timed()
+                warm_s = timed()[0]
+                extended = stats()["incremental_builds"] - before["incremental_builds"]
+                if extended < len(tables):
+                    raise RuntimeError(f"only {extended} of {len(tables)} indexes were extended after an append")
+                if round_ == rounds - 1:
+                    compared += check_live(result, f"first training set after appending {fraction:.1%}") or 0
+                expected = stats()["refreshed_ahead"] + len(tables)  # read first: refreshes start with the first put
+                append(fraction, 2 * round_ + 1)
+                acked = time.perf_counter()
+                while stats()["refreshed_ahead"] < expected:
+                    if time.perf_counter() - acked > 600:
+                        raise RuntimeError("the server did not bring its training-set indexes forward in 10 min")
+                    time.sleep(0.005)
+                fresh_s = time.perf_counter() - acked
+                ready_s, result = timed()
+                if round_ == rounds - 1:
+                    compared += check_live(result, f"training set after appending {fraction:.1%}, refreshed") or 0
+                if round_ >= settings.warmup:
+                    first.append(after_s)
+                    warm.append(warm_s)
+                    fresh.append(fresh_s)
+                    ready.append(ready_s)
+            warm_median = float(np.median(warm))
+            out[f"{fraction:g}"] = {
+                "fraction": fraction,
+                "first_after_put_s": first,
+                "after_refresh_s": ready,
+                "warm_s": warm,
+                "freshness_s": fresh,
+                "ratio_first_to_warm": warm_median / float(np.median(first)),
+                "ratio_after_refresh_to_warm": warm_median / float(np.median(ready)),
+                "values_compared": compared if properties is not None else None,
+            }
+    return out
 
 
 def short(table: str) -> str:
@@ -419,4 +520,30 @@ def render(result: dict[str, Any]) -> str:
         f"checksum {checks['label_checksum']}); feature values of {checks['sampled_rows']:,} sampled rows equal "
         "DuckDB's",
     ]
-    return "\n".join([header, report.table(["training set path", *report.TIMING_HEADERS, "vs (a)"], rows), *footer])
+    live = [
+        [
+            f"after appending {r['fraction']:.1%} to every feature table",
+            report.seconds(float(np.median(r["warm_s"]))),
+            report.seconds(float(np.median(r["first_after_put_s"]))),
+            report.ratio(r["ratio_first_to_warm"]),
+            report.seconds(float(np.median(r["freshness_s"]))),
+            report.seconds(float(np.median(r["after_refresh_s"]))),
+            report.ratio(r["ratio_after_refresh_to_warm"]),
+        ]
+        for r in result.get("live", {}).values()
+    ]
+    live_table = report.table(
+        [
+            "live tables (do_exchange)",
+            "warm s",
+            "first after put s",
+            "warm / first",
+            "put ack -> indexes ready s",
+            "then s",
+            "warm / then",
+        ],
+        live,
+    )
+    return "\n".join(
+        [header, report.table(["training set path", *report.TIMING_HEADERS, "vs (a)"], rows), *footer, live_table]
+    )

@@ -336,12 +336,23 @@ class FeatureClient:
         snapshot_id: int | None = None,
         as_of: dt.datetime | str | int | None = None,
         limit: int | None = None,
+        since_snapshot: int | None = None,
     ) -> pa.RecordBatchReader:
         """Stream rows of `table` (optionally at a snapshot or a time), as Arrow record batches.
 
-        The schema metadata says which snapshot was read (`flight.snapshot_id`).
+        The schema metadata says which snapshot was read (`flight.snapshot_id`). With `since_snapshot`, only the
+        rows appended after that snapshot (refused if a snapshot in between deleted or overwrote rows).
         """
-        request = ScanRequest(table, columns, filter, snapshot_id, _as_of(as_of), limit, compression=self.compression)
+        request = ScanRequest(
+            table,
+            columns,
+            filter,
+            snapshot_id,
+            _as_of(as_of),
+            limit,
+            compression=self.compression,
+            since_snapshot=since_snapshot,
+        )
         return self._get(request.to_bytes())
 
     def read_table(

@@ -59,6 +59,10 @@ def direct_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, str]:
         return None, "renamed columns"
     if not isinstance(plan.table.io, PyArrowFileIO):
         return None, "storage Arrow does not read"
+    if plan.appended is not None:
+        return appended_tasks(
+            plan
+        ), f"{len(plan.appended)} file(s) appended since snapshot {plan.request.since_snapshot}"
     tasks = plan_tasks(plan.table, plan.snapshot_id, AlwaysTrue(), plan.caches.plans)
     if tasks is None:
         return None, "equality delete files"
@@ -66,6 +70,12 @@ def direct_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, str]:
     if any(d.file_format != FileFormat.PARQUET for d in deletes.values()):
         return None, "deletion vectors"
     return tasks, f"{len(deletes)} position delete file(s) applied" if deletes else "no delete files"
+
+
+def appended_tasks(plan: ScanPlan) -> list[FileScanTask]:
+    """The files appended since `since_snapshot` as read tasks: no delete file can touch them (a snapshot that
+    added one in between would have been refused)."""
+    return [FileScanTask(data_file) for data_file in plan.appended or []]
 
 
 def split_files(tasks: list[FileScanTask], count: int) -> list[list[FileScanTask]]:
@@ -252,7 +262,11 @@ def read_path(plan: ScanPlan) -> tuple[str, list[FileScanTask] | None]:
             )
         files = split_files(files, part[1])[part[0]]
     path = "direct"
-    if files is None:
+    if files is None and plan.appended is not None:
+        if renamed(plan.table):  # read_parquet matches columns by name
+            raise RequestError(f"since_snapshot: {plan.name!r} has renamed columns; read it in full")
+        path, files, why = "read_parquet", appended_tasks(plan), f"{why}, appended files only"
+    elif files is None:
         path = "iceberg_scan"
         if plan.request.limit is not None or not isinstance(plan.expression, AlwaysTrue):
             files, why = position_deleted_files(plan)

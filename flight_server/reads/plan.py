@@ -11,11 +11,13 @@ from typing import Any
 
 import pyarrow as pa
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression
+from pyiceberg.manifest import DataFile
 from pyiceberg.table import FileScanTask, Table
 
 from flight_server.base.filters import parse_filter
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.iceberg.catalog import FeatureCatalog, table_name
+from flight_server.iceberg.lineage import appended_since
 from flight_server.iceberg.snapshots import resolve_snapshot, snapshot_schema
 from flight_server.reads.caches import PlanCache, ReadCaches
 from flight_server.wire.errors import NotFoundError, RequestError
@@ -34,6 +36,7 @@ class ScanPlan:
     schema: pa.Schema
     expression: BooleanExpression
     caches: ReadCaches
+    appended: list[DataFile] | None = None  # read only these files: the rows appended since an older snapshot
 
     @property
     def name(self) -> str:
@@ -44,6 +47,9 @@ class ScanPlan:
         (the rows of the files the filter may touch, or of the whole snapshot)."""
         if self.snapshot_id is None:
             return 0
+        if self.appended is not None:
+            rows = sum(f.record_count for f in self.appended)
+            return min(rows, self.request.limit) if self.request.limit is not None else rows
         snapshot = self.table.snapshot_by_id(self.snapshot_id)
         assert snapshot is not None, "resolved against this table"
         records = snapshot.summary.get("total-records") if snapshot.summary else None
@@ -55,7 +61,10 @@ class ScanPlan:
 
     def metadata(self) -> dict[str, Any]:
         """What the result was computed from: enough to ask for the identical result again."""
-        return {"table": self.name, "snapshot_id": self.snapshot_id}
+        metadata: dict[str, Any] = {"table": self.name, "snapshot_id": self.snapshot_id}
+        if self.request.since_snapshot is not None:
+            metadata["since_snapshot"] = self.request.since_snapshot
+        return metadata
 
 
 def plan_scan(catalog: FeatureCatalog, request: ScanRequest, caches: ReadCaches) -> ScanPlan:
@@ -75,7 +84,17 @@ def plan_table_scan(table: Table, request: ScanRequest, caches: ReadCaches) -> S
             raise NotFoundError(f"table {table_name(table)!r} has no column(s) {missing} (columns: {arrow.names})")
         arrow = pa.schema([arrow.field(c) for c in request.columns])
     expression = parse_filter(request.filter, schema)
-    return ScanPlan(table, request, snapshot_id, arrow, expression, caches)
+    appended = None
+    if request.since_snapshot is not None:
+        since = resolve_snapshot(table, request.since_snapshot, None)
+        assert since is not None, "a snapshot id resolves to itself"
+        if snapshot_id is None:
+            raise RequestError(f"since_snapshot {since}: table {table_name(table)!r} has no snapshot to read up to")
+        found = appended_since(table, since, snapshot_id)
+        if found.files is None:
+            raise RequestError(found.explain(table))
+        appended = found.files
+    return ScanPlan(table, request, snapshot_id, arrow, expression, caches, appended)
 
 
 def plan_tasks(

@@ -15,13 +15,15 @@ from pyiceberg.table import Table
 
 from flight_server.base.locks import LockPool
 from flight_server.base.schemas import micros
-from flight_server.iceberg.catalog import FeatureSpec, table_name
+from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, table_name
+from flight_server.iceberg.lineage import appended_since
+from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
 from flight_server.reads.paths import open_scan
-from flight_server.reads.plan import plan_table_scan
-from flight_server.training.codes import KeyCodes, TimeAxis, Values, column_values
-from flight_server.wire.errors import LimitError
+from flight_server.reads.plan import ScanPlan, plan_table_scan, renamed
+from flight_server.training.codes import KeyCodes, TimeAxis, Values, column_values, extend_values
+from flight_server.wire.errors import LimitError, NotFoundError
 from flight_server.wire.reads import ScanRequest
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 _BLOCK = 64  # stamps per fence entry
 
 _READ_BATCH_ROWS = 262_144
+
+_ANCESTORS = 100  # snapshots looked back for a cached index to extend
 
 
 @dataclass(frozen=True)
@@ -45,34 +49,14 @@ class AsofIndex:
     fence: np.ndarray  # every _BLOCK-th stamp: small enough to stay in cache while searching
     positions: np.ndarray  # the row of `columns` of each stamp
     event_us: np.ndarray
+    row_count: int  # rows in `columns`
 
     @classmethod
     def build(cls, name: str, snapshot_id: int | None, spec: FeatureSpec, rows: pa.Table) -> AsofIndex:
-        key_columns = [rows.column(k) for k in spec.entity_keys]
-        event_us, valid = micros(rows.column(spec.event_time))
-        for column in key_columns:
-            valid &= pc.is_valid(column).to_numpy(zero_copy_only=False)
-        usable = np.flatnonzero(valid)  # a null key or event time never matches
-        if len(usable) < rows.num_rows:
-            key_columns = [c.take(usable) for c in key_columns]
-            event_us = event_us[usable]
+        key_columns, event_us, usable = _usable(spec, rows)
         keys, code = KeyCodes.build(key_columns)
         axis, offset = TimeAxis.build(event_us, keys.count)
-        stamps = code * axis.span + offset
-        order = np.argsort(stamps)
-        stamps = stamps[order]
-        tied = stamps[1:] == stamps[:-1]
-        if spec.created_time and tied.any():
-            created, known = micros(rows.column(spec.created_time))
-            created = np.where(known, created, np.iinfo(np.int64).min)[usable]  # unknown: oldest
-            in_tie = np.zeros(len(stamps), dtype=bool)
-            in_tie[1:] |= tied
-            in_tie[:-1] |= tied
-            runs = np.flatnonzero(in_tie)  # sorting just these by created keeps each run in place
-            order[runs] = order[runs][np.lexsort((created[order[runs]], stamps[runs]))]
-        last = np.ones(len(stamps), dtype=bool)
-        last[:-1] = ~tied  # of rows tied on (keys, event time), the last: the latest created
-        order = order[last]
+        stamps, order = _latest(code * axis.span + offset, spec, rows, usable)
         return cls(
             name,
             snapshot_id,
@@ -80,10 +64,57 @@ class AsofIndex:
             {n: column_values(rows.column(n)) for n in rows.column_names},
             keys,
             axis,
-            np.concatenate([stamps[last], np.full(_BLOCK, np.iinfo(np.int64).max)]),
-            stamps[last][::_BLOCK].copy(),
+            np.concatenate([stamps, np.full(_BLOCK, np.iinfo(np.int64).max)]),
+            stamps[::_BLOCK].copy(),
             usable[order],
             event_us[order],
+            rows.num_rows,
+        )
+
+    def extend(self, snapshot_id: int, rows: pa.Table) -> AsofIndex:
+        """The index of a later snapshot whose rows are this one's plus `rows` (appended): the known stamps are
+        renumbered without sorting (new key codes and time offsets rise with the old ones, so they stay sorted),
+        only `rows` are sorted, and the two sorted runs are merged in one pass. This index answers as before."""
+        if rows.num_rows == 0:
+            return replace(self, snapshot_id=snapshot_id)
+        if len(self.fence) == 0:  # no row that can match: nothing to keep
+            return AsofIndex.build(self.name, snapshot_id, self.spec, rows)
+        key_columns, event_us, usable = _usable(self.spec, rows)
+        keys, renumber, code = self.keys.extend(key_columns)
+        axis = self.axis.extend(self.event_us, event_us, keys.count)
+        known = self.stamps[:-_BLOCK]
+        old = renumber[known // self.axis.span] * axis.span + axis.feature_offsets(self.event_us)
+        new, order = _latest(code * axis.span + axis.feature_offsets(event_us), self.spec, rows, usable)
+        positions, new_us = self.row_count + usable[order], event_us[order]
+        at = np.searchsorted(old, new)
+        tied = at < len(old)
+        tied[tied] = old[at[tied]] == new[tied]
+        wins = tied.copy()  # a tie on (keys, event time) goes to the latest created; on that too, to the newer row
+        if self.spec.created_time and tied.any():
+            created = self.columns[self.spec.created_time]
+            before = _created(created.take(self.positions[at[tied]], np.ones(int(tied.sum()), bool)))
+            after = _created(rows.column(self.spec.created_time).take(pa.array(usable[order][tied])))
+            wins[tied] = after >= before
+        added = ~tied
+        inserted = at[added]
+        merged = np.insert(old, inserted, new[added])
+        merged_positions = np.insert(self.positions, inserted, positions[added])
+        merged_us = np.insert(self.event_us, inserted, new_us[added])
+        replaced = at[wins]
+        replaced += np.searchsorted(inserted, replaced, side="right")
+        merged_positions[replaced], merged_us[replaced] = positions[wins], new_us[wins]
+        return AsofIndex(
+            self.name,
+            snapshot_id,
+            self.spec,
+            {n: extend_values(self.columns[n], rows.column(n)) for n in self.columns},
+            keys,
+            axis,
+            np.concatenate([merged, np.full(_BLOCK, np.iinfo(np.int64).max)]),
+            merged[::_BLOCK].copy(),
+            merged_positions,
+            merged_us,
+            self.row_count + rows.num_rows,
         )
 
     def nbytes(self) -> int:
@@ -138,18 +169,91 @@ class AsofIndex:
         return values.take(at, known)
 
 
-class AsofCache:
-    """Indexes of recently used snapshots, together at most `max_bytes`; least recently used go first."""
+def _usable(spec: FeatureSpec, rows: pa.Table) -> tuple[list[pa.ChunkedArray], np.ndarray, np.ndarray]:
+    """The key columns and event times of the rows that can match (a null key or event time never does),
+    and which rows those are."""
+    key_columns = [rows.column(k) for k in spec.entity_keys]
+    event_us, valid = micros(rows.column(spec.event_time))
+    for column in key_columns:
+        valid &= pc.is_valid(column).to_numpy(zero_copy_only=False)
+    usable = np.flatnonzero(valid)
+    if len(usable) < rows.num_rows:
+        key_columns = [c.take(usable) for c in key_columns]
+        event_us = event_us[usable]
+    return key_columns, event_us, usable
 
-    def __init__(self, engine: Engine, caches: ReadCaches, max_bytes: int):
+
+def _created(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Created times as microseconds; unknown ones are the oldest."""
+    created, known = micros(column)
+    return np.where(known, created, np.iinfo(np.int64).min)
+
+
+def _latest(stamps: np.ndarray, spec: FeatureSpec, rows: pa.Table, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stamps of the usable rows sorted, one per (keys, event time): of tied rows the latest created; and
+    where each comes from among the usable rows."""
+    order = np.argsort(stamps)
+    stamps = stamps[order]
+    tied = stamps[1:] == stamps[:-1]
+    if spec.created_time and tied.any():
+        created = _created(rows.column(spec.created_time))[usable]
+        in_tie = np.zeros(len(stamps), dtype=bool)
+        in_tie[1:] |= tied
+        in_tie[:-1] |= tied
+        runs = np.flatnonzero(in_tie)  # sorting just these by created keeps each run in place
+        order[runs] = order[runs][np.lexsort((created[order[runs]], stamps[runs]))]
+    last = np.ones(len(stamps), dtype=bool)
+    last[:-1] = ~tied  # of rows tied on (keys, event time), the last: the latest created
+    return stamps[last], order[last]
+
+
+class AsofCache:
+    """Indexes of recently used snapshots, together at most `max_bytes`; least recently used go first.
+
+    A snapshot that only appended to one already indexed is indexed by extending that index with the appended
+    files' rows (`AsofIndex.extend`), not by reading and sorting the table again. With a `catalog`, a thread
+    also brings forward the index of each table last used at its current snapshot as soon as a new snapshot
+    lands (polled every `refresh_seconds`, or at once on `notify` after a change through this server), so
+    that the next training set finds it ready: one table at a time, within the same byte cap.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        caches: ReadCaches,
+        max_bytes: int,
+        catalog: FeatureCatalog | None = None,
+        refresh_seconds: float = 0.5,
+    ):
         self.engine, self.caches = engine, caches
         self.max_bytes = max_bytes
-        self.builds = 0
         self.hits = self.misses = 0  # requests that found their index built, or not (for the server's metrics)
+        self.catalog, self.refresh_seconds = catalog, refresh_seconds
+        self.builds = 0  # indexes sorted from a whole snapshot
+        self.incremental_builds = 0  # indexes extended from an older snapshot's by the files appended since
+        self.refreshed_ahead = 0  # indexes built by the refresh thread, before any request asked
         self._indexes: OrderedDict[tuple[str, int | None, FeatureSpec], AsofIndex] = OrderedDict()
         self._too_large: set[tuple[str, int | None, FeatureSpec]] = set()
         self._lock = threading.Lock()
         self._building = LockPool()  # one build per snapshot at a time: requests for it wait for the first
+        self._follow: dict[str, tuple[str, FeatureSpec]] = {}  # table name -> (uuid, spec) to bring forward
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        if catalog is not None and max_bytes > 0:
+            self._thread = threading.Thread(target=self._run, name="training-set-refresh", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the refresh thread (after the refresh it is doing, if any)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def notify(self, ref: str) -> None:
+        """A change through this server committed to `ref`: bring its index forward now, not at the next poll."""
+        if self.catalog is not None and ".".join(self.catalog.identifier(ref)) in self._follow:
+            self._wake.set()
 
     def peek(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> AsofIndex | None:
         """The index if it is built already; never builds."""
@@ -160,7 +264,11 @@ class AsofCache:
         """The index of `table` at `snapshot_id`, built now if need be; None if it would not fit."""
         if self.max_bytes <= 0:
             return None
-        key = (str(table.metadata.table_uuid), snapshot_id, spec)
+        uuid = str(table.metadata.table_uuid)
+        key = (uuid, snapshot_id, spec)
+        current = table.current_snapshot()
+        if snapshot_id is not None and current is not None and current.snapshot_id == snapshot_id:
+            self._follow[table_name(table)] = (uuid, spec)  # used at its current snapshot: keep it current
         with self._building(key):
             with self._lock:
                 if key in self._too_large:
@@ -172,7 +280,7 @@ class AsofCache:
                     return self._indexes[key]
                 self.misses += 1
             try:
-                index = self._build(table, snapshot_id, spec)
+                index, extended = self._build(table, snapshot_id, spec)
             except LimitError as exc:
                 log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
                 with self._lock:
@@ -180,7 +288,10 @@ class AsofCache:
                 return None
             with self._lock:
                 self._indexes[key] = index
-                self.builds += 1
+                if extended:
+                    self.incremental_builds += 1
+                else:
+                    self.builds += 1
                 while sum(i.nbytes() for i in self._indexes.values()) > self.max_bytes and len(self._indexes) > 1:
                     self._indexes.popitem(last=False)
             return index
@@ -193,23 +304,61 @@ class AsofCache:
             "bytes": sum(i.nbytes() for i in indexes),
             "max_bytes": self.max_bytes,
             "builds": self.builds,
+            "incremental_builds": self.incremental_builds,
+            "refreshed_ahead": self.refreshed_ahead,
+            "tables_followed": len(self._follow),
         }
 
-    def _build(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> AsofIndex:
-        """Read the snapshot whole (deletes applied) and sort it; refused past `max_bytes`."""
+    def _ancestor(self, table: Table, snapshot_id: int, spec: FeatureSpec) -> AsofIndex | None:
+        """The cached index of the nearest ancestor of `snapshot_id` (up to `_ANCESTORS` snapshots back)."""
+        uuid = str(table.metadata.table_uuid)
+        snapshot = table.snapshot_by_id(snapshot_id)
+        for _ in range(_ANCESTORS):
+            parent = snapshot.parent_snapshot_id if snapshot is not None else None
+            if parent is None:
+                return None
+            with self._lock:
+                index = self._indexes.get((uuid, parent, spec))
+            if index is not None:
+                return index
+            snapshot = table.snapshot_by_id(parent)
+        return None
+
+    def _build(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> tuple[AsofIndex, bool]:
+        """The snapshot's index, and whether it extends an older one: from the rows appended since a cached
+        ancestor when only appends happened since (in the same schema), else read whole (deletes applied) and
+        sorted. Refused past `max_bytes`."""
         started = time.perf_counter()
-        plan = plan_table_scan(table, ScanRequest(table=table_name(table), snapshot_id=snapshot_id), self.caches)
+        request = ScanRequest(table=table_name(table), snapshot_id=snapshot_id)
+        plan = plan_table_scan(table, request, self.caches)
+        base = self._ancestor(table, snapshot_id, spec) if snapshot_id is not None else None
+        if base is not None and base.snapshot_id is not None and not renamed(table):
+            assert snapshot_id is not None, "only a snapshot has ancestors"
+            appended = appended_since(table, base.snapshot_id, snapshot_id)
+            same_schema = (
+                snapshot_schema(table, base.snapshot_id).schema_id == snapshot_schema(table, snapshot_id).schema_id
+            )
+            if appended.files is not None and same_schema:
+                rows, path = self._read(replace(plan, appended=appended.files))
+                index = base.extend(snapshot_id, rows)
+                if index.nbytes() > self.max_bytes:
+                    raise LimitError(f"its index passes the training-set cache's {self.max_bytes >> 20} MiB")
+                log.info(
+                    "training-set index of %s at snapshot %s: extended from snapshot %s by %d row(s) in %d file(s), "
+                    "%.1f MiB, %s read, %.2f s",
+                    index.name,
+                    snapshot_id,
+                    base.snapshot_id,
+                    rows.num_rows,
+                    len(appended.files),
+                    index.nbytes() / 2**20,
+                    path,
+                    time.perf_counter() - started,
+                )
+                return index, True
         if snapshot_id is None:  # no snapshot when planned: stay empty even if a write has since made one
             plan = replace(plan, snapshot_id=None)
-        reader, path = open_scan(plan, self.engine, _READ_BATCH_ROWS)
-        batches, taken = [], 0
-        for batch in reader:
-            batches.append(batch)
-            taken += batch.nbytes + batch.num_rows * 24
-            if taken > self.max_bytes:
-                reader.close()
-                raise LimitError(f"its rows pass the training-set cache's {self.max_bytes >> 20} MiB")
-        rows = pa.Table.from_batches(batches, plan.schema)
+        rows, path = self._read(plan)
         index = AsofIndex.build(table_name(table), snapshot_id, spec, rows)
         log.info(
             "training-set index of %s at snapshot %s: %d rows, %.1f MiB, %s read, %.2f s",
@@ -220,4 +369,52 @@ class AsofCache:
             path,
             time.perf_counter() - started,
         )
-        return index
+        return index, False
+
+    def _read(self, plan: ScanPlan) -> tuple[pa.Table, str]:
+        """The planned rows, and their read path; refused as soon as they pass `max_bytes`."""
+        reader, path = open_scan(plan, self.engine, _READ_BATCH_ROWS)
+        batches, taken = [], 0
+        for batch in reader:
+            batches.append(batch)
+            taken += batch.nbytes + batch.num_rows * 24
+            if taken > self.max_bytes:
+                reader.close()
+                raise LimitError(f"its rows pass the training-set cache's {self.max_bytes >> 20} MiB")
+        return pa.Table.from_batches(batches, plan.schema), path
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.refresh_seconds)
+            self._wake.clear()
+            for name in list(self._follow):
+                if self._stop.is_set():
+                    return
+                try:
+                    self._refresh(name)
+                except Exception:
+                    log.exception("training-set index of %s: not brought forward; requests will build it", name)
+                    self._follow.pop(name, None)
+
+    def _refresh(self, name: str) -> None:
+        """Index the table's current snapshot if the index of an earlier one is cached; stop following a table
+        whose indexes are all gone (evicted, or the table was replaced or redefined)."""
+        assert self.catalog is not None, "the refresh thread runs only with a catalog"
+        uuid, spec = self._follow[name]
+        try:
+            table = self.catalog.read(name)
+        except NotFoundError:
+            self._follow.pop(name, None)
+            return
+        with self._lock:
+            held = any(k[0] == uuid and k[2] == spec for k in self._indexes)
+        same = str(table.metadata.table_uuid) == uuid and FeatureSpec.from_properties(table.metadata.properties) == spec
+        if not held or not same:
+            self._follow.pop(name, None)
+            return
+        current = table.current_snapshot()
+        if current is None or self.peek(table, current.snapshot_id, spec) is not None:
+            return
+        if self.get(table, current.snapshot_id, spec) is not None:
+            with self._lock:
+                self.refreshed_ahead += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,19 @@ class IntCodes:
         distinct, codes = np.unique(values, return_inverse=True)
         return cls(low, None, distinct), codes.astype(np.int64, copy=False)
 
+    def values(self) -> np.ndarray:
+        """The distinct values in code order (their codes are ranks, so sorted)."""
+        if self.table is not None:
+            return np.flatnonzero(self.table >= 0) + self.low
+        return self.distinct if self.distinct is not None else np.empty(0, np.int64)
+
+    def extend(self, values: np.ndarray) -> tuple[IntCodes, np.ndarray, np.ndarray]:
+        """Codes for the values known and `values`; the new code of each old code (ranks both, so it rises
+        with the old code), and the code of each of `values`."""
+        known = self.values()
+        codes, both = IntCodes.build(np.concatenate([known, values]))
+        return codes, both[: len(known)], both[len(known) :]
+
     @property
     def count(self) -> int:
         if self.table is not None:
@@ -88,6 +102,13 @@ class HashCodes:
         dictionary = dictionary.combine_chunks() if isinstance(dictionary, pa.ChunkedArray) else dictionary
         codes = cls(dictionary)
         return codes, codes.codes(column)
+
+    def extend(self, column: pa.Array | pa.ChunkedArray) -> tuple[HashCodes, np.ndarray, np.ndarray]:
+        """`IntCodes.extend` for hashed values: unseen ones go after the known ones, which keep their codes."""
+        unseen = pc.unique(pc.filter(column, pc.invert(pc.is_in(column, value_set=self.dictionary))))
+        unseen = unseen.combine_chunks() if isinstance(unseen, pa.ChunkedArray) else unseen
+        codes = HashCodes(pa.concat_arrays([self.dictionary, unseen.cast(self.dictionary.type)]))
+        return codes, np.arange(self.count, dtype=np.int64), codes.codes(column)
 
     @property
     def count(self) -> int:
@@ -142,6 +163,31 @@ class KeyCodes:
                 steps.append(step)
         return cls(per_column, steps), code.astype(np.int64, copy=False)
 
+    def extend(self, columns: list[pa.Array | pa.ChunkedArray]) -> tuple[KeyCodes, np.ndarray, np.ndarray]:
+        """Codes for the key tuples known and those of `columns` (non-null): the new code of each old code, which
+        rises with it (so stamps sorted by old code stay sorted), and the code of each new row."""
+        per_column: list[IntCodes | HashCodes] = []
+        steps: list[IntCodes] = []
+        renumber = code = np.empty(0, dtype=np.int64)
+        for i, (column, lookup) in enumerate(zip(columns, self.columns, strict=True)):
+            extended: IntCodes | HashCodes
+            if isinstance(lookup, IntCodes):
+                extended, old, own = lookup.extend(_int64(column)[0])
+            else:
+                extended, old, own = lookup.extend(column.cast(lookup.dictionary.type))
+            per_column.append(extended)
+            if i == 0:
+                renumber, code = old, own
+                continue
+            # Old pairs (previous code, own code) in their code order, renumbered; then the new rows' pairs.
+            pairs = self.steps[i - 1].values()
+            before, mine = np.divmod(pairs, max(lookup.count, 1))
+            known = renumber[before] * extended.count + old[mine]
+            step, both = IntCodes.build(np.concatenate([known, code * extended.count + own]))
+            renumber, code = both[: len(known)], both[len(known) :]
+            steps.append(step)
+        return KeyCodes(per_column, steps), renumber, code.astype(np.int64, copy=False)
+
     @property
     def count(self) -> int:
         if not self.columns:
@@ -195,10 +241,64 @@ class TimeAxis:
         distinct, rank = np.unique(event_us, return_inverse=True)
         return cls(start, len(distinct) + 1, distinct), rank.astype(np.int64) + 1
 
+    def extend(self, known_us: np.ndarray, event_us: np.ndarray, keys: int) -> TimeAxis:
+        """An axis for the event times `known_us` it was built for and the new `event_us`, for `keys` key codes;
+        `feature_offsets` places both on it."""
+        if len(known_us) == 0:
+            return TimeAxis.build(event_us, keys)[0]
+        low, high = (self.start, self.start + self.span - 2) if self.distinct is None else self.distinct[[0, -1]]
+        start = min(int(low), int(event_us.min())) if len(event_us) else int(low)
+        end = max(int(high), int(event_us.max())) if len(event_us) else int(high)
+        if max(keys, 1) * (end - start + 2) < _STAMP_LIMIT:
+            return TimeAxis(start, end - start + 2, None)
+        distinct = np.union1d(self.distinct if self.distinct is not None else known_us, event_us)
+        return TimeAxis(start, len(distinct) + 1, distinct)
+
+    def feature_offsets(self, event_us: np.ndarray) -> np.ndarray:
+        """The offsets of feature event times, which the axis covers (`build` returns those of its own)."""
+        if self.distinct is not None:
+            return np.searchsorted(self.distinct, event_us, side="left").astype(np.int64) + 1
+        return event_us - (self.start - 1)
+
     def offsets(self, entity_us: np.ndarray) -> np.ndarray:
         if self.distinct is not None:
             return np.searchsorted(self.distinct, entity_us, side="right").astype(np.int64)
         return np.clip(entity_us - (self.start - 1), 0, self.span - 1)
+
+
+class Room:
+    """Spare capacity after an append-only array, shared by the generations of an index that extend one another:
+    the generation whose rows end where the used part ends appends in place (earlier generations are views of a
+    prefix that never changes); any other copies into a new, larger buffer. So a column is copied once per 25 %
+    of growth rather than at every append (copies of large arrays cost page faults on fresh memory)."""
+
+    def __init__(self, buffer: np.ndarray, used: int):
+        self.buffer, self.used = buffer, used
+        self.lock = threading.Lock()
+
+
+def appended(values: np.ndarray, room: Room | None, more: np.ndarray) -> tuple[np.ndarray, Room]:
+    """`values` followed by `more`, in `room` when `values` ends where its used part does."""
+    end = len(values) + len(more)
+    if room is not None:
+        with room.lock:
+            if room.used == len(values) and len(room.buffer) >= end:
+                room.buffer[len(values) : end] = more
+                room.used = end
+                return room.buffer[:end], room
+    buffer = np.empty(end + end // 4 + 64, dtype=values.dtype)
+    buffer[: len(values)] = values
+    buffer[len(values) : end] = more
+    return buffer[:end], Room(buffer, end)
+
+
+def _appended_valid(
+    valid: np.ndarray | None, room: Room | None, length: int, more: np.ndarray | None, extra: int
+) -> tuple[np.ndarray | None, Room | None]:
+    """The validity mask of `length` rows then `extra` more (None: all valid)."""
+    if valid is None and more is None:
+        return None, None
+    return appended(_all_valid(valid, length), room if valid is not None else None, _all_valid(more, extra))
 
 
 @dataclass(frozen=True)
@@ -209,6 +309,7 @@ class FixedValues:
     type: pa.DataType
     values: np.ndarray  # unsigned integers as wide as the type
     valid: np.ndarray | None  # None: no nulls
+    rooms: tuple[Room | None, Room | None] = (None, None)  # of `values` and `valid`, once extended
 
     def take(self, at: np.ndarray, known: np.ndarray) -> pa.Array:
         valid = known & self.valid[at] if self.valid is not None else known
@@ -218,6 +319,11 @@ class FixedValues:
 
     def nbytes(self) -> int:
         return self.values.nbytes + (self.valid.nbytes if self.valid is not None else 0)
+
+    def extend(self, more: FixedValues) -> FixedValues:
+        values, room = appended(self.values, self.rooms[0], more.values)
+        valid, valid_room = _appended_valid(self.valid, self.rooms[1], len(self.values), more.valid, len(more.values))
+        return FixedValues(self.type, values, valid, (room, valid_room))
 
 
 @dataclass(frozen=True)
@@ -229,6 +335,7 @@ class DictionaryValues:
     dictionary: pa.Array
     codes: np.ndarray  # int32
     valid: np.ndarray | None
+    rooms: tuple[Room | None, Room | None] = (None, None)  # of `codes` and `valid`, once extended
 
     def take(self, at: np.ndarray, known: np.ndarray) -> pa.Array:
         valid = known & self.valid[at] if self.valid is not None else known
@@ -236,6 +343,20 @@ class DictionaryValues:
 
     def nbytes(self) -> int:
         return self.dictionary.nbytes + self.codes.nbytes + (self.valid.nbytes if self.valid is not None else 0)
+
+    def extend(self, column: pa.ChunkedArray) -> DictionaryValues:
+        """More rows coded against this dictionary; values it lacks are added to it."""
+        unseen = pc.unique(pc.filter(column, pc.invert(pc.is_in(column, value_set=self.dictionary))))
+        unseen = unseen.combine_chunks() if isinstance(unseen, pa.ChunkedArray) else unseen
+        dictionary = pa.concat_arrays([self.dictionary, unseen.drop_null().cast(self.dictionary.type)])
+        found = pc.index_in(column, value_set=dictionary)
+        valid = pc.is_valid(found).to_numpy(zero_copy_only=False)
+        more = found.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int32)
+        codes, room = appended(self.codes, self.rooms[0], more)
+        known, valid_room = _appended_valid(
+            self.valid, self.rooms[1], len(self.codes), None if valid.all() else valid, len(more)
+        )
+        return DictionaryValues(self.type, dictionary, codes, known, (room, valid_room))
 
 
 @dataclass(frozen=True)
@@ -260,6 +381,21 @@ Values = FixedValues | DictionaryValues | ArrowValues
 
 def _valid(array: pa.Array) -> np.ndarray | None:
     return array.is_valid().to_numpy(zero_copy_only=False) if array.null_count else None
+
+
+def _all_valid(valid: np.ndarray | None, length: int) -> np.ndarray:
+    return valid if valid is not None else np.ones(length, dtype=bool)
+
+
+def extend_values(values: Values, column: pa.ChunkedArray) -> Values:
+    """`values` followed by the rows of `column` (of the same type), kept in the form `values` has."""
+    if isinstance(values, DictionaryValues):
+        return values.extend(column)
+    if isinstance(values, FixedValues):
+        more = column_values(column)
+        assert isinstance(more, FixedValues), "a column of the same type takes the same form"
+        return values.extend(more)
+    return ArrowValues(pa.concat_arrays([values.array, column.combine_chunks().cast(values.type)]))
 
 
 def column_values(column: pa.ChunkedArray) -> Values:

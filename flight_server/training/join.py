@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import duckdb
@@ -83,11 +83,22 @@ def run_historical(
     return cursor.execute(sql, args).to_arrow_reader(batch_rows).cast(plan.schema)
 
 
-def join_batch(plan: HistoricalPlan, indexes: list[AsofIndex], batch: pa.RecordBatch) -> pa.RecordBatch:
-    """One batch of entity rows with their features, in their order, through the sorted indexes."""
+def join_batch(
+    plan: HistoricalPlan,
+    indexes: Sequence[AsofIndex | None],
+    batch: pa.RecordBatch,
+    joined: pa.RecordBatch | None = None,
+) -> pa.RecordBatch:
+    """One batch of entity rows with their features, in their order, through the sorted indexes; the features of
+    tables without one (None) come from `joined`, DuckDB's join of the same rows to those tables (by output name)."""
     entity_us, entity_up_us, valid = entity_micros(batch.column(plan.request.entity_time))
     found: dict[tuple[int, int], pa.Array] = {}
     for i, (group, index) in enumerate(zip(plan.groups, indexes, strict=True)):
+        if index is None:
+            assert joined is not None, "DuckDB joined the tables without an index"
+            for j, name in ((j, name) for g, j, name in plan.columns if g == i):
+                found[(i, j)] = joined.column(name)
+            continue
         keys = [batch.column(k) for k in group.spec.entity_keys]
         at, known = index.match(keys, entity_us, valid, plan.apply_ttl, entity_up_us)
         for j, feature in enumerate(group.features):

@@ -7,9 +7,10 @@ comes out per entity row, in input order, with every entity column unchanged.
 
 Two ways to run it, same answer. Usually each feature table's snapshot is sorted once into an
 `AsofIndex` (asof.py, cached between requests) and entity rows are answered batch by batch with a
-binary search and a `take`. A table too large for that cache makes the whole request one DuckDB
-query: a chain of ASOF LEFT JOINs, where the created-time tie-break rides in the single ASOF
-inequality as a (event time, created time) struct and the TTL nulls matches that are too old.
+binary search and a `take`. The tables too large for that cache are joined by one DuckDB query
+(and the others through their indexes, on its batches): a chain of ASOF LEFT JOINs, where the
+created-time tie-break rides in the single ASOF inequality as a (event time, created time) struct
+and the TTL nulls matches that are too old.
 """
 
 from __future__ import annotations

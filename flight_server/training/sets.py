@@ -1,5 +1,5 @@
-"""Runs training-set requests: through the sorted per-snapshot indexes when every feature table fits their
-cache, else as one DuckDB query.
+"""Runs training-set requests: each feature table through its sorted per-snapshot index when it fits their
+cache, the others as one DuckDB query.
 """
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
 
@@ -27,8 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class TrainingSets:
-    """Runs training-set requests: through the sorted per-snapshot indexes (`training/asof.py`) when every
-    feature table fits their cache, else as one DuckDB query (`join_sql`)."""
+    """Runs training-set requests: through the sorted per-snapshot indexes (`training/asof.py`) of the feature
+    tables that fit their cache, and one DuckDB query (`join_sql`) for the others, if any."""
 
     def __init__(
         self, catalog: FeatureCatalog, engine: Engine, cache: AsofCache, batch_rows: int, max_exchange_bytes: int = 0
@@ -41,8 +44,9 @@ class TrainingSets:
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="training-set")
 
     def close(self) -> None:
-        """Stop the join workers, once no call uses them (the server has stopped)."""
+        """Stop the join workers, once no call uses them (the server has stopped), and the cache's refreshes."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.cache.close()
 
     def open(self, request: HistoricalRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader:
         """Stream the training set for a `do_get` ticket; the query that computes it before the first batch
@@ -54,9 +58,9 @@ class TrainingSets:
         indexes = self._indexes(plan)
         cursor = self.engine.cursor()
         with self.engine.interruptible(cursor, is_cancelled):
-            if indexes is None:
+            if None in indexes:
                 relation, params = server_entities(plan)
-                return keep_alive(run_historical(plan, cursor, relation, params, self.batch_rows), cursor)
+                return keep_alive(self._duckdb(plan, indexes, cursor, relation, params), cursor)
             sql, params = server_entities(plan, numbered=False)
             entities = cursor.execute(sql, params).to_arrow_reader(self.batch_rows)
         return keep_alive(self._joined(plan, indexes, entities), cursor)
@@ -74,13 +78,13 @@ class TrainingSets:
         wait for a whole table to be sorted (a table written often would be sorted again each time).
         """
         indexes = self._indexes(plan, build)
-        if indexes is not None:
+        if None not in indexes:
             return self._joined(plan, indexes, entities.to_batches(self.batch_rows))
         use_storage(self.engine, plan)
         cursor = self.engine.cursor()
         append_entities(cursor, prepare_entities(entities, plan, 0), create=True)
         with self.engine.interruptible(cursor, is_cancelled):
-            return keep_alive(run_historical(plan, cursor, "__pit_entities", [], self.batch_rows), cursor)
+            return keep_alive(self._duckdb(plan, indexes, cursor, "__pit_entities", []), cursor)
 
     def exchange(
         self,
@@ -101,8 +105,8 @@ class TrainingSets:
             raise RequestError("a do_exchange request takes its entity rows from the stream: drop 'entities'")
         plan = plan_historical(self.catalog, request, stream_schema(reader, "entity row"))
         indexes = self._indexes(plan)
-        if indexes is None:
-            return self._exchange_duckdb(plan, reader, writer, is_cancelled)
+        if None in indexes:
+            return self._exchange_duckdb(plan, indexes, reader, writer, is_cancelled)
         writer.begin(plan.schema)
         rows = 0
 
@@ -122,6 +126,7 @@ class TrainingSets:
     def _exchange_duckdb(
         self,
         plan: HistoricalPlan,
+        indexes: list[AsofIndex | None],
         reader: flight.MetadataRecordBatchReader,
         writer: flight.MetadataRecordBatchWriter,
         is_cancelled: Callable[[], bool],
@@ -145,20 +150,51 @@ class TrainingSets:
         if is_cancelled():
             return 0
         with self.engine.interruptible(cursor, is_cancelled):
-            result = run_historical(plan, cursor, "__pit_entities", [], self.batch_rows)
+            result = self._duckdb(plan, indexes, cursor, "__pit_entities", [])
             writer.begin(result.schema)
             for batch in result:
                 writer.write_batch(batch)
         cursor.close()
         return rows
 
+    def _duckdb(
+        self,
+        plan: HistoricalPlan,
+        indexes: list[AsofIndex | None],
+        cursor: duckdb.DuckDBPyConnection,
+        relation: str,
+        params: list[Any],
+    ) -> pa.RecordBatchReader:
+        """DuckDB's join of the entity `relation` to the tables without an index: all of them, or some, whose
+        features then meet the others' from their indexes batch by batch, so that a table too large for the cache
+        slows down only its own part of the join."""
+        missing = [i for i, index in enumerate(indexes) if index is None]
+        if len(missing) == len(plan.groups):
+            return run_historical(plan, cursor, relation, params, self.batch_rows)
+        part = replace(
+            plan,
+            # The entity rows of a part are split by the first table's keys, not necessarily by these tables'.
+            request=replace(plan.request, partition=None),
+            groups=[plan.groups[i] for i in missing],
+            columns=[(missing.index(g), j, name) for g, j, name in plan.columns if g in missing],
+        )
+        joined = run_historical(part, cursor, relation, params, self.batch_rows)
+        width = len(plan.entity_schema)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for batch in joined:
+                entities = pa.RecordBatch.from_arrays(batch.columns[:width], schema=plan.entity_schema)
+                yield join_batch(plan, indexes, entities, batch)
+
+        return pa.RecordBatchReader.from_batches(plan.schema, batches())
+
     def _joined(
-        self, plan: HistoricalPlan, indexes: list[AsofIndex], batches: Iterable[pa.RecordBatch]
+        self, plan: HistoricalPlan, indexes: list[AsofIndex | None], batches: Iterable[pa.RecordBatch]
     ) -> pa.RecordBatchReader:
         return pa.RecordBatchReader.from_batches(plan.schema, self._in_order(plan, indexes, batches))
 
     def _in_order(
-        self, plan: HistoricalPlan, indexes: list[AsofIndex], batches: Iterable[pa.RecordBatch]
+        self, plan: HistoricalPlan, indexes: list[AsofIndex | None], batches: Iterable[pa.RecordBatch]
     ) -> Iterator[pa.RecordBatch]:
         """The joined batches, in entity order, computed by the pool up to `workers` batches ahead."""
         pending: deque[Future[pa.RecordBatch]] = deque()
@@ -173,16 +209,15 @@ class TrainingSets:
             for future in pending:
                 future.cancel()
 
-    def _indexes(self, plan: HistoricalPlan, build: bool = True) -> list[AsofIndex] | None:
-        """Every feature table's sorted index, or None (a DuckDB join) if one of them does not fit
-        (or, without `build`, is not sorted yet)."""
-        indexes = []
+    def _indexes(self, plan: HistoricalPlan, build: bool = True) -> list[AsofIndex | None]:
+        """Every feature table's sorted index; None for one that does not fit (or, without `build`, is not sorted
+        yet): DuckDB joins those."""
+        indexes: list[AsofIndex | None] = []
         for group in plan.groups:
             find = self.cache.get if build else self.cache.peek
             index = find(group.table, group.snapshot_id, group.spec)
             if index is None:
                 why = "too large for the training-set cache" if build else "not sorted yet"
-                log.info("training set: DuckDB join (%s is %s)", group.name, why)
-                return None
+                log.info("training set: DuckDB joins %s (%s)", group.name, why)
             indexes.append(index)
         return indexes

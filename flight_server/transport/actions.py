@@ -108,6 +108,7 @@ def _change(
     def run(parts: Components, caller: Principal, request: Change) -> Result:
         result = runner(parts)(request)
         parts.store.notify(request.table)
+        parts.training.cache.notify(request.table)
         return result
 
     return run

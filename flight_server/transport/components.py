@@ -46,7 +46,7 @@ class Components:
         store = OnlineStore(
             catalog, engine, caches, config.online_refresh_seconds, config.online_max_bytes, config.online_tables
         )
-        cache = AsofCache(engine, caches, config.historical_cache_bytes)
+        cache = AsofCache(engine, caches, config.historical_cache_bytes, catalog, config.online_refresh_seconds)
         training = TrainingSets(catalog, engine, cache, config.batch_rows, config.max_exchange_bytes)
         return cls(
             config=config,

@@ -36,6 +36,7 @@ class ScanRequest:
     partitions: int | None = None
     part: list[int] | None = None
     compression: str | None = None
+    since_snapshot: int | None = None  # only the rows appended after this snapshot, up to the one read
     kind: str = field(default="scan", init=False)
 
     @classmethod
@@ -43,7 +44,18 @@ class ScanRequest:
         f = Fields(
             body,
             "scan request",
-            {"table", "columns", "filter", "snapshot_id", "as_of", "limit", "partitions", "part", "compression"},
+            {
+                "table",
+                "columns",
+                "filter",
+                "snapshot_id",
+                "as_of",
+                "limit",
+                "partitions",
+                "part",
+                "compression",
+                "since_snapshot",
+            },
         )
         as_of = body.get("as_of")
         if as_of is not None:
@@ -58,6 +70,7 @@ class ScanRequest:
             partitions=f.int("partitions", minimum=1),
             part=f.part("part"),
             compression=f.choice("compression", COMPRESSIONS),
+            since_snapshot=f.snapshot_id("since_snapshot"),
         )
         if request.snapshot_id is not None and request.as_of is not None:
             raise ProtocolError("scan request: give either 'snapshot_id' or 'as_of', not both")

@@ -1,0 +1,71 @@
+"""What changed between two snapshots of a table, from its lineage: the data files appended after an ancestor.
+
+Training-set indexes extend themselves with these files instead of re-reading the table, and scans with
+`since_snapshot` return just their rows. Both need the same guarantee: the newer snapshot's rows are exactly
+the older one's plus the rows of these files. That holds only when every snapshot in between added data
+files and nothing else (no file removed, no delete file added), which `appended_since` checks entry by entry
+rather than trusting the operation in each summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyiceberg.manifest import DataFile, DataFileContent, ManifestEntryStatus
+from pyiceberg.table import Table
+
+from flight_server.iceberg.catalog import table_name
+
+
+@dataclass(frozen=True)
+class Appended:
+    """The data files added after `since` up to `until` (oldest snapshot's first), or why there is no such list:
+    `blocker` is the first snapshot in between that did more than append (None if `since` is no ancestor)."""
+
+    since: int
+    until: int
+    files: list[DataFile] | None
+    blocker: int | None = None
+    why: str = ""
+
+    def explain(self, table: Table) -> str:
+        """Why the rows added since `since` cannot be told apart, for an error message."""
+        name = table_name(table)
+        if self.blocker is None:
+            return f"since_snapshot {self.since}: not an ancestor of snapshot {self.until} of table {name!r}"
+        return (
+            f"since_snapshot {self.since}: snapshot {self.blocker} of table {name!r} in between {self.why}; "
+            "re-read in full"
+        )
+
+
+def appended_since(table: Table, since: int, until: int) -> Appended:
+    """The files appended after snapshot `since` up to `until` (none if they are the same snapshot)."""
+    chain = []
+    snapshot = table.snapshot_by_id(until)
+    while snapshot is not None and snapshot.snapshot_id != since:
+        chain.append(snapshot)
+        parent = snapshot.parent_snapshot_id
+        snapshot = table.snapshot_by_id(parent) if parent is not None else None
+    if snapshot is None:
+        return Appended(since, until, None)
+    files: list[DataFile] = []
+    for step in reversed(chain):
+        for manifest in step.manifests(table.io):
+            if manifest.added_snapshot_id != step.snapshot_id:
+                continue  # written by an earlier snapshot: holds nothing this one changed
+            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=False):
+                if entry.snapshot_id != step.snapshot_id or entry.status == ManifestEntryStatus.EXISTING:
+                    continue
+                if entry.status == ManifestEntryStatus.DELETED:
+                    return Appended(
+                        since,
+                        until,
+                        None,
+                        step.snapshot_id,
+                        "removes data files (rows deleted, overwritten or compacted)",
+                    )
+                if entry.data_file.content != DataFileContent.DATA:
+                    return Appended(since, until, None, step.snapshot_id, "deletes rows")
+                files.append(entry.data_file)
+    return Appended(since, until, files)

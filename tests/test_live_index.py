@@ -1,0 +1,371 @@
+"""Training sets on live tables: the sorted index of a snapshot extended by the rows appended since an older one
+answers exactly as one sorted from scratch, in memory (every encoding `test_asof` reaches) and through a real
+catalog with appends, deletes, compactions and pins; and a server brings its indexes forward ahead of demand."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from flight_client import FeatureClient
+from flight_server.base.config import ServerConfig
+from flight_server.base.schemas import micros
+from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
+from flight_server.reads.caches import ReadCaches
+from flight_server.reads.duck import Engine
+from flight_server.training.asof import AsofCache, AsofIndex
+from tests.conftest import sqlite_catalog, start_server, wait_until
+from tests.test_asof import YEAR, entity_rows, feature_rows, reference, table
+
+
+def answers(index: AsofIndex, source: pa.Table, entities: list[tuple[Any, ...]], spec: FeatureSpec) -> list[Any]:
+    """Every column of the row each entity gets, with and without the TTL."""
+    probe = pa.table(
+        {
+            "k": pa.array([e[0] for e in entities], pa.int64()),
+            "t": pa.array([e[1] for e in entities], pa.large_string()),
+            "ts": pa.array([e[2] for e in entities], pa.int64()).cast(pa.timestamp("s")),
+        }
+    )
+    entity_us, valid = micros(probe.column("ts"))
+    out = []
+    for apply_ttl in (True, False):
+        at, known = index.match([probe.column(k) for k in spec.entity_keys], entity_us, valid, ttl=apply_ttl)
+        out.append({c: index.take(c, at, known).to_pylist() for c in source.column_names})
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=feature_rows,
+    entities=entity_rows,
+    composite=st.booleans(),
+    ttl=st.none() | st.integers(1, 10),
+    cuts=st.lists(st.integers(0, 40), max_size=4),
+    crowded=st.booleans(),
+)
+@example(
+    rows=[(1, "a", 5, 0), (1, "a", 5, 1)], entities=[(1, "a", 5)], composite=False, ttl=None, cuts=[1], crowded=False
+)
+@example(
+    rows=[(1, "a", 5, 1), (1, "a", 5, 0)], entities=[(1, "a", 5)], composite=False, ttl=None, cuts=[1], crowded=False
+)
+@example(
+    rows=[(k, "a", 1, 0) for k in range(1, 6)],
+    entities=[(k, "a", 5) for k in range(1, 6)],
+    composite=False,
+    ttl=None,
+    cuts=[1, 2, 3],
+    crowded=False,
+)
+@example(
+    rows=[(1, "a", 5, 0), (1, "a", 1, 0), (1, "a", 5, 1)],
+    entities=[(1, "a", 5), (1, "a", 2)],
+    composite=False,
+    ttl=None,
+    cuts=[1],
+    crowded=False,
+)
+@example(
+    rows=[(2, "b", 1, 0), (1, "a", 2, 0)],
+    entities=[(1, "a", 3), (2, "b", 3)],
+    composite=False,
+    ttl=None,
+    cuts=[1],
+    crowded=False,
+)
+@example(
+    rows=[(2, "b", 1, 0), (2, "a", 2, 0), (1, "b", 2, 0)],
+    entities=[(1, "b", 3), (2, "b", 3), (2, "a", 3)],
+    composite=True,
+    ttl=None,
+    cuts=[2],
+    crowded=False,
+)
+def test_extended_index_matches_reference(
+    rows: list[tuple[Any, ...]],
+    entities: list[tuple[Any, ...]],
+    composite: bool,
+    ttl: int | None,
+    cuts: list[int],
+    crowded: bool,
+) -> None:
+    """Rows appended in several steps (`cuts`), each extending the last index: the answers are the reference's,
+    the stamps stay strictly sorted, and older generations keep answering as they did. The examples: a tie on
+    (key, time) across two steps goes to the latest created, whichever step brought it, also behind a row
+    inserted before it; a new key (or key pair) sorting before the old ones renumbers them; a branch off a
+    generation that grew in place."""
+    if crowded:
+        rows = rows + [(1000 + i, "a", (7_000 if i % 2 else -30) * YEAR, None) for i in range(25)]
+    seen = [(r[0], r[1] if composite else None, r[2], r[3]) for r in rows]
+    rows = [r for i, r in enumerate(rows) if seen.index(seen[i]) == i]
+    spec = FeatureSpec(("k", "t") if composite else ("k",), "ts", "created", ttl)
+    source = table(rows)
+    bounds = [0, *sorted({min(c, len(rows)) for c in cuts} - {0}), len(rows)]
+    index = AsofIndex.build("t", 0, spec, source.slice(0, bounds[1]))
+    generations = [(index, answers(index, source, entities, spec))]
+    for step, (low, high) in enumerate(zip(bounds[1:], bounds[2:], strict=False), 1):
+        index = index.extend(step, source.slice(low, high - low))
+        generations.append((index, answers(index, source, entities, spec)))
+    # Columns grow in place where they can: every generation still answers as it did, and a second extension of
+    # an earlier one (a branch) copies instead of writing over its successor's rows.
+    for generation, before in generations:
+        assert answers(generation, source, entities, spec) == before
+    if len(generations) > 3:  # the first generation was built, so the second is the first with room to grow
+        other = source.slice(bounds[-2], bounds[-1] - bounds[-2])  # not the rows the third generation added
+        branch = generations[1][0].extend(99, other)
+        built = AsofIndex.build("t", 99, spec, pa.concat_tables([source.slice(0, bounds[2]), other]))
+        assert answers(branch, source, entities, spec) == answers(built, source, entities, spec)
+        assert all(answers(g, source, entities, spec) == before for g, before in generations)
+    stamps = index.stamps[: len(index.event_us)]
+    assert bool((stamps[1:] > stamps[:-1]).all())
+    got = answers(index, source, entities, spec)
+    for (apply_ttl, limit), found in zip(((True, ttl), (False, None)), got, strict=True):
+        chosen = [reference(rows, e, composite, limit) for e in entities]
+        for column in source.column_names:
+            want = [None if i is None else source.column(column)[i].as_py() for i in chosen]
+            assert found[column] == want, (column, apply_ttl)
+
+
+EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+SPEC = FeatureSpec(("k",), "ts", "created")
+# Every (key, second) with an unknown created time or one of 0-3: unique, so that the winner of a tie is defined.
+row = st.tuples(st.integers(0, 5), st.integers(0, 20), st.none() | st.integers(0, 3))
+operation = st.one_of(
+    st.tuples(st.just("append"), st.lists(row, min_size=1, max_size=12)),
+    st.tuples(
+        st.just("delete"),
+        st.lists(st.integers(0, 5), min_size=1, max_size=2),
+        st.sampled_from(["merge-on-read", "copy-on-write"]),
+    ),
+    st.tuples(st.just("compact")),
+    st.tuples(st.just("pin")),
+)
+
+
+@pytest.fixture(scope="module")
+def catalog_properties(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return sqlite_catalog(tmp_path_factory.mktemp("live-index"))
+
+
+@pytest.fixture(scope="module")
+def location(catalog_properties: dict[str, str]) -> Iterator[str]:
+    server = start_server(catalog_properties)
+    yield f"grpc://127.0.0.1:{server.port}"
+    server.shutdown()
+
+
+def feature_rows_table(rows: list[tuple[int, int, int | None]], first: int) -> pa.Table:
+    """Rows (key, second, created second) with `v`, a value naming the row."""
+    return pa.table(
+        {
+            "k": pa.array([r[0] for r in rows], pa.int64()),
+            "ts": pa.array([EPOCH + dt.timedelta(seconds=r[1]) for r in rows], pa.timestamp("us", "UTC")),
+            "created": pa.array(
+                [None if r[2] is None else EPOCH + dt.timedelta(seconds=r[2]) for r in rows], pa.timestamp("us", "UTC")
+            ),
+            "v": pa.array(range(first, first + len(rows)), pa.int64()),
+        }
+    )
+
+
+PROBE_KEYS = [k for k in range(7) for _ in range(6)]
+PROBE_SECONDS = [s for _ in range(7) for s in (-1, 0, 4, 10, 17, 25)]
+
+
+def probe_answers(index: AsofIndex) -> list[Any]:
+    """`v` of the row each probe (every key 0-6 at a few seconds) gets."""
+    keys = pa.chunked_array([pa.array(PROBE_KEYS, pa.int64())])
+    times = pa.array([EPOCH + dt.timedelta(seconds=s) for s in PROBE_SECONDS], pa.timestamp("us", "UTC"))
+    entity_us, valid = micros(times)
+    at, known = index.match([keys], entity_us, valid, ttl=False)
+    return index.take("v", at, known).to_pylist()
+
+
+def reference_answers(snapshot: pa.Table) -> list[Any]:
+    """The same, by a plain loop over the snapshot's rows: latest time at or before, ties to the latest created."""
+    rows = snapshot.to_pylist()
+    out = []
+    for key, second in zip(PROBE_KEYS, PROBE_SECONDS, strict=True):
+        at = EPOCH + dt.timedelta(seconds=second)
+        best = None
+        for r in rows:
+            if r["k"] == key and r["ts"] <= at:
+                rank = (r["ts"], r["created"] or dt.datetime.min.replace(tzinfo=dt.UTC))
+                if best is None or rank > best[0]:
+                    best = (rank, r["v"])
+        out.append(None if best is None else best[1])
+    return out
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(operations=st.lists(operation, min_size=1, max_size=5))
+def test_maintained_index_matches_rebuilt_and_reference(
+    operations: list[tuple[Any, ...]], location: str, catalog_properties: dict[str, str]
+) -> None:
+    """After each change through a real server, the cache that saw every earlier snapshot answers for the new one
+    (extended after appends, rebuilt after deletes and compactions); at the end every snapshot it answered for
+    (the pinned ones among them) answers as an index sorted from scratch and as the plain loop."""
+    name = f"tests.live_{uuid.uuid4().hex[:12]}"
+    catalog = FeatureCatalog(ServerConfig.catalog_name, catalog_properties)
+    maintained = AsofCache(Engine(), ReadCaches(), 1 << 30)
+    seen: set[tuple[int, int, int | None]] = set()
+    snapshots: list[int] = []
+    written = 0
+    with FeatureClient(location) as client:
+        client.write(
+            name, feature_rows_table([(0, 0, 0)], 0), entity_keys=["k"], event_time="ts", created_time="created"
+        )
+        seen.add((0, 0, 0))
+        written = 1
+        for op in operations:
+            if op[0] == "append":
+                fresh = [r for r in dict.fromkeys(op[1]) if r not in seen]
+                if not fresh:
+                    continue
+                seen.update(fresh)
+                client.write(name, feature_rows_table(fresh, written))
+                written += len(fresh)
+            elif op[0] == "delete":
+                client.delete(name, keys={"k": op[1]}, mode=op[2])
+            elif op[0] == "compact":
+                client.compact(name)
+            else:
+                client.pin(name, name=f"pin{len(snapshots)}")
+            table = catalog.read(name)
+            current = table.current_snapshot()
+            assert current is not None
+            if op[0] == "pin" or not snapshots or snapshots[-1] != current.snapshot_id:
+                snapshots.append(current.snapshot_id)
+            assert maintained.get(table, current.snapshot_id, SPEC) is not None
+        appends = sum(1 for op in operations if op[0] == "append")
+        assert maintained.builds + maintained.incremental_builds == len(set(snapshots))
+        assert maintained.incremental_builds <= appends
+        table = catalog.read(name)
+        for snapshot_id in snapshots:
+            kept = maintained.peek(table, snapshot_id, SPEC)
+            assert kept is not None and kept.snapshot_id == snapshot_id
+            fresh_index = AsofCache(Engine(), ReadCaches(), 1 << 30).get(table, snapshot_id, SPEC)
+            assert fresh_index is not None
+            expected = reference_answers(client.scan(name, snapshot_id=snapshot_id).read_all())
+            assert probe_answers(kept) == probe_answers(fresh_index) == expected, snapshot_id
+
+
+def entities(keys: list[int], second: int) -> pa.Table:
+    return pa.table(
+        {
+            "k": pa.array(keys, pa.int64()),
+            "event_timestamp": pa.array([EPOCH + dt.timedelta(seconds=second)] * len(keys), pa.timestamp("us", "UTC")),
+        }
+    )
+
+
+def cache_stats(client: FeatureClient) -> dict[str, int]:
+    stats: dict[str, int] = client.health()["training_set_cache"]
+    return stats
+
+
+def test_indexes_move_forward_ahead_of_demand(catalog_properties: dict[str, str]) -> None:
+    """A server that answered a training set from a table's current snapshot extends its index as soon as a put
+    through it lands (no poll for an hour), and a replica on the same catalog does so at its next poll: the next
+    training set finds the index ready, and a delete has it rebuilt ahead instead."""
+    writer = start_server(catalog_properties, online_refresh_seconds=3600)
+    replica = start_server(catalog_properties, online_refresh_seconds=0.2)
+    name = "tests.live_ahead"
+    try:
+        with (
+            FeatureClient(f"grpc://127.0.0.1:{writer.port}") as client,
+            FeatureClient(f"grpc://127.0.0.1:{replica.port}") as other,
+        ):
+            client.write(
+                name,
+                feature_rows_table([(k, 0, 0) for k in range(6)], 0),
+                entity_keys=["k"],
+                event_time="ts",
+                created_time="created",
+            )
+            for c in (client, other):
+                assert c.get_historical_features(entities([1, 2], 5), [f"{name}:v"]).column("v").to_pylist() == [1, 2]
+                assert cache_stats(c)["builds"] == 1
+            client.write(name, feature_rows_table([(2, 3, 0)], 100))
+            for c in (client, other):
+                wait_until(lambda: cache_stats(c)["refreshed_ahead"] == 1, what="the index brought forward")  # noqa: B023
+                assert cache_stats(c)["incremental_builds"] == 1
+                assert c.get_historical_features(entities([1, 2], 5), [f"{name}:v"]).column("v").to_pylist() == [1, 100]
+                assert cache_stats(c)["builds"] == 1 and cache_stats(c)["incremental_builds"] == 1
+            client.delete(name, keys={"k": [2]}, mode="merge-on-read")
+            wait_until(lambda: cache_stats(client)["refreshed_ahead"] == 2, what="the index rebuilt ahead")
+            assert cache_stats(client)["builds"] == 2
+            assert client.get_historical_features(entities([1, 2], 5), [f"{name}:v"]).column("v").to_pylist() == [
+                1,
+                None,
+            ]
+            assert cache_stats(client)["builds"] == 2
+    finally:
+        writer.shutdown()
+        replica.shutdown()
+
+
+def test_a_table_too_large_for_the_cache_is_joined_by_duckdb_alone(catalog_properties: dict[str, str]) -> None:
+    """With a cache that holds the small table's index but not the large one's, a request joins the large table by
+    DuckDB and the small one through its index, and answers exactly as a server that indexes both and one that
+    indexes neither: streamed entity rows, and an entity table read in two parts split by the small table's key
+    (the large table, keyed by (k, c), must not be pruned by that split). Every (keys, time) is unique there."""
+    small, large, people = (f"tests.mixed_{part}_{uuid.uuid4().hex[:8]}" for part in ("small", "large", "people"))
+    hybrid = start_server(catalog_properties, historical_cache_bytes=1 << 20)
+    indexed = start_server(catalog_properties)
+    duck = start_server(catalog_properties, historical_cache_bytes=0)
+    count = 40_000
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{hybrid.port}") as client:
+            client.write(
+                small, feature_rows_table([(k, k % 7, 0) for k in range(20)], 0), entity_keys=["k"], event_time="ts"
+            )
+            client.write(
+                large,
+                pa.table(
+                    {
+                        "k": pa.array([i % 20 for i in range(count)], pa.int64()),
+                        "c": pa.array([i % 3 for i in range(count)], pa.int64()),
+                        "ts": pa.array(
+                            [EPOCH + dt.timedelta(seconds=i) for i in range(count)], pa.timestamp("us", "UTC")
+                        ),
+                        "w": pa.array(range(count), pa.int64()),
+                        "text": pa.array([f"row {i}" for i in range(count)]),
+                    }
+                ),
+                entity_keys=["k", "c"],
+                event_time="ts",
+            )
+            probes = pa.table(
+                {
+                    "k": pa.array([k for k in range(22) for _ in range(4)], pa.int64()),
+                    "c": pa.array([c % 3 for c in range(88)], pa.int64()),
+                    "event_timestamp": pa.array(
+                        [EPOCH + dt.timedelta(seconds=s % 45_000) for s in range(0, 88 * 499, 499)],
+                        pa.timestamp("us", "UTC"),
+                    ),
+                }
+            )
+            client.write(people, probes, entity_keys=["k"], event_time="event_timestamp")
+        features = [f"{small}:v", f"{large}:w", f"{large}:text"]
+        results = []
+        for server in (hybrid, indexed, duck):
+            with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+                streamed = client.get_historical_features(probes, features)
+                parts = client.get_historical_features(people, features, partitions=2)
+                results.append((streamed.to_pylist(), sorted(parts.to_pylist(), key=lambda r: sorted(r.items()))))
+                stats = cache_stats(client)
+                assert stats["snapshots"] == {hybrid: 1, indexed: 2, duck: 0}[server], stats
+        assert results[0] == results[1] == results[2]
+        assert any(r["w"] is not None for r in results[0][0]) and any(r["v"] is not None for r in results[0][0])
+    finally:
+        for server in (hybrid, indexed, duck):
+            server.shutdown()
