@@ -107,6 +107,7 @@ def _unreachable(message: str) -> str | None:
         return f"cannot reach the feature server: host {host} does not resolve ({reason}); is the location right?"
     unreachable = _UNREACHABLE.search(message)
     if unreachable:
-        reason = unreachable.group(1).strip() or "no answer"
+        # gRPC's reason ends its chain of "address: what failed: why"; the why is what a person needs.
+        reason = unreachable.group(1).strip().rstrip(".").rpartition(": ")[2].lower() or "no answer"
         return f"cannot reach the feature server ({reason}): is it running, and is the location right?"
     return None

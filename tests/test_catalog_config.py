@@ -269,4 +269,7 @@ def test_health_against_nothing_is_one_line() -> None:
     location = f"grpc://127.0.0.1:{free_ports(1)[0]}"
     result = CliRunner().invoke(main, ["health", "--location", location, "--timeout", "2"])
     assert result.exit_code == 1  # 1, not 2: container health checks reserve 2
-    assert result.output == f"Error: cannot reach the server at {location} (connection refused)\n"
+    assert result.output == (
+        f"Error: {location}: cannot reach the feature server (connection refused): is it running, and is the location "
+        "right?\n"
+    )
