@@ -63,6 +63,12 @@ class ServerConfig:
     max_concurrent_per_caller: int = 0
     max_batch_bytes: int = 0
     idle_timeout_seconds: float = 0.0
+    # Automatic maintenance (changes/upkeep.py); a table's own properties override the last three.
+    auto_maintenance: bool = True
+    maintenance_interval_seconds: float = 60.0
+    expire_snapshot_age_ms: int = 24 * 3600 * 1000
+    expire_min_snapshots: int = 100
+    compact_min_files: int = 10
 
     @property
     def scheme(self) -> str:

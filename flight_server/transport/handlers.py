@@ -119,7 +119,8 @@ class Scans:
     def open(self, request: ScanRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader:
         plan = plan_scan(self.parts.catalog, request, self.parts.caches)
         reader, path = open_scan(plan, self.parts.engine, self.parts.config.batch_rows, is_cancelled)
-        return reader.cast(scan_schema(plan, path))
+        held = [(str(plan.table.metadata.table_uuid), plan.snapshot_id)]
+        return self.parts.caches.in_use.holding(held, reader.cast(scan_schema(plan, path)))
 
     def exchange(
         self,

@@ -191,6 +191,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         reader, writer = self._client_streams(context, reader, writer)
         result = self.parts.writer.write(request, reader, context.is_cancelled)
         self.parts.store.notify(result.table)
+        self.parts.upkeep.notify(result.table)
         writer.write(pa.py_buffer(result.to_bytes()))
 
     @_flight_errors
