@@ -157,20 +157,19 @@ def test_two_replicas_maintaining_one_table_lose_nothing(tmp_path: Path) -> None
     properties = sqlite_catalog(tmp_path)
     fast = {"FLIGHT_SERVER_MAINTENANCE_INTERVAL_SECONDS": "0.05"}
     table, puts = "fleet.upkeep", 40
+    # Snapshots expire 1.5 s after they are made: far longer than a put or a compaction runs here, which
+    # the age must be (operations.md), and short enough for many to expire during the test.
+    policy = {
+        COMPACT_MIN_FILES_PROPERTY: "3",
+        "history.expire.max-snapshot-age-ms": "1500",
+        "history.expire.min-snapshots-to-keep": "3",
+    }
     with serve_replicas(tmp_path, properties, lambda location, locations: fast) as locations:
         clients = [FeatureClient(location) for location in locations]
         try:
             create(clients[0], table, rows([0]))
             pinned = clients[0].pin(table)["snapshot_id"]
-            set_properties(
-                properties,
-                table,
-                {
-                    COMPACT_MIN_FILES_PROPERTY: "3",
-                    "history.expire.max-snapshot-age-ms": "1",
-                    "history.expire.min-snapshots-to-keep": "2",
-                },
-            )
+            set_properties(properties, table, policy)
             writing = threading.Event()
             writing.set()
             results: list[dict[str, Any]] = []
@@ -190,8 +189,12 @@ def test_two_replicas_maintaining_one_table_lose_nothing(tmp_path: Path) -> None
                 for thread in threads:
                     thread.join()
 
-            assert sum(int(r["data_files_compacted"]) for r in results) > 0
-            assert sum(int(r["snapshots_expired"]) for r in results) > 0
+            def expired() -> bool:
+                results.append(clients[0].run_maintenance(table))
+                return sum(r["snapshots_expired"] for r in results) > 0
+
+            wait_until(expired, what="an expiry")
+            assert sum(r["data_files_compacted"] for r in results) > 0
             for client in clients:
                 assert ids(client, table) == Counter(range(puts))  # no row lost, none doubled
                 assert ids(client, table, pinned) == Counter([0])  # the pinned snapshot still reads

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io import FileIO
 from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.table.metadata import TableMetadata
@@ -240,7 +241,10 @@ class Maintenance(Rewriter):
             manage.commit()
         ExpireSnapshots(transaction).by_ids(expired).commit()
         with self.locks(self.catalog.identifier(request.table)):
-            committed = transaction.commit_transaction()
+            try:
+                committed = transaction.commit_transaction()
+            except ValueError as exc:  # pyiceberg's retry found a snapshot gone: another expiry won the race
+                raise CommitFailedException("a snapshot to expire was expired concurrently") from exc
         files = unreachable_files(table.io, metadata, committed.metadata, set(expired))
         for path in files:
             try:

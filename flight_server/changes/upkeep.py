@@ -40,7 +40,7 @@ from flight_server.changes.maintenance import MAX_SNAPSHOT_AGE_PROPERTY, MIN_SNA
 from flight_server.changes.orphans import remove_orphan_files
 from flight_server.wire.actions import ExpireRequest, MaintenanceResult, OrphanFilesRequest
 from flight_server.wire.codec import format_timestamp
-from flight_server.wire.errors import ConflictError, NotFoundError
+from flight_server.wire.errors import ConflictError, NotFoundError, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,12 @@ class _Round:
             self.gave_way.append(name)
         except NotFoundError:
             raise
-        except Exception as exc:
+        except RequestError as exc:
+            log.warning("maintenance %s refused: %s", name, exc)
+            self.errors.append(f"{name}: {exc}")
+        except Exception as exc:  # the message may name server paths: it goes to the log only
             log.warning("maintenance %s failed", name, exc_info=True)
-            self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            self.errors.append(f"{name} failed ({type(exc).__name__}; see the server log)")
         return None
 
     def add(self, **counts: int) -> None:
@@ -188,11 +191,8 @@ class Upkeep:
 
     def run(self, ref: str) -> MaintenanceResult:
         """One round on the table now, whatever the schedule (orphan removal keeps its own)."""
-        name = ".".join(self.catalog.identifier(ref))
-        with self._lock:
-            self._tables.setdefault(name, _Watched())
         with self._working:
-            return self._round(name)
+            return self._round(".".join(self.catalog.identifier(ref)))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.config.maintenance_interval_seconds):
@@ -216,7 +216,7 @@ class Upkeep:
         """Compact, expire, remove orphans (when due): each step once, a lost race left to the next round."""
         started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
         with self._lock:
-            watched = self._tables[name]
+            watched = self._tables.setdefault(name, _Watched())  # the action may name a table not written here
             watched.due, watched.checked = False, time.monotonic()
             orphans_due = (
                 watched.orphans_checked is None or time.monotonic() - watched.orphans_checked >= ORPHAN_SECONDS
