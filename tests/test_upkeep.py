@@ -14,8 +14,11 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from pyiceberg.table.snapshots import Operation
 
 from flight_client import FeatureClient
+from flight_server.changes.maintenance import small_file_groups
+from flight_server.changes.rewrite import Plan, SnapshotRows
 from flight_server.changes.upkeep import COMPACT_MIN_FILES_PROPERTY, ENABLED_PROPERTY
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.transport.service import FeatureFlightServer
@@ -90,6 +93,26 @@ def test_a_round_compacts_the_small_files_of_a_crowded_partition(
     assert client.run_maintenance(table)["data_files_compacted"] == 0  # one file now: nothing to do
     totals = client.health()["maintenance"]
     assert totals["data_files_compacted"] >= 6 and totals["rounds"] >= 3 and not totals["enabled"]
+
+
+def test_a_compaction_commits_over_a_put_that_landed_while_it_rewrote(
+    served: FeatureFlightServer, client: FeatureClient, table: str
+) -> None:
+    """Without this, a table put to every few seconds would never be compacted: each round would lose."""
+    create(client, table, rows([0]))
+    for i in range(1, 4):
+        client.write(table, rows([i]))
+
+    def plan_with_a_put_meanwhile(snapshot: SnapshotRows) -> Plan:
+        scope = small_file_groups(snapshot.files, 2, 1 << 30, 1 << 30)
+        added = snapshot.rewrite("filename IN (SELECT unnest(?))", [[f.file_path for f in scope]], scope)
+        client.write(table, rows([4]))  # commits between the rewrite's plan and its commit
+        return Plan(Operation.OVERWRITE, scope, added, 4, tidy=True)
+
+    done = served.parts.maintenance.rewrite_once(table, "compact", plan_with_a_put_meanwhile)
+    assert done.committed and (done.data_files_removed, done.data_files_added) == (4, 1)
+    assert ids(client, table) == Counter(range(5))
+    assert client.describe(table)["current_snapshot_id"] == done.snapshot_id
 
 
 def test_a_table_can_turn_maintenance_off(client: FeatureClient, catalog: dict[str, str], table: str) -> None:
