@@ -214,15 +214,16 @@ def pyiceberg_appends(
 @contextlib.contextmanager
 def maintained(target: Target, name: str, on: bool) -> Iterator[list[dict[str, Any]]]:
     """With `on`, the table gets `MAINTENANCE_POLICY` and a `run_maintenance` round every `MAINTENANCE_SECONDS`
-    (from another client, alongside the block's puts) and one more after the block; yields the rounds' replies."""
+    (from another client, alongside the block's puts) and one more after the block; yields the rounds' replies.
+    Without, the server's own maintenance is turned off for the table, so that the history grows unmaintained."""
     rounds: list[dict[str, Any]] = []
-    if not on:
-        yield rounds
-        return
     properties = target.catalog_properties()
     if properties is not None:
         with load_catalog(CATALOG_NAME, **properties).load_table(name).transaction() as transaction:
-            transaction.set_properties(MAINTENANCE_POLICY)
+            transaction.set_properties(MAINTENANCE_POLICY if on else {"flight.maintenance.enabled": "false"})
+    if not on:
+        yield rounds
+        return
     stop = threading.Event()
     with FeatureClient(target.location) as client:
 
