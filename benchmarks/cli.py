@@ -319,7 +319,7 @@ def scale_command(replicas: str | None, **kwargs: Any) -> None:
     default=False,
     show_default=True,
     help="Give the history table a compressed maintenance policy (snapshots expire after 2 s, at least 10 "
-    "kept; partitions of 10 small files compacted) and run a maintenance round every second during the puts.",
+    "kept; partitions of 2 small files compacted) and run a maintenance round every second during the puts.",
 )
 def history_command(puts_per_writer: int | None, maintenance: bool, **kwargs: Any) -> None:
     """One-row puts back to back as a table's history grows (--rows of them [default: 2,000; 200 with --quick]):

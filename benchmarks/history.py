@@ -47,11 +47,12 @@ HISTORY_GOAL = 1.5  # last tenth's p50 / first tenth's
 READ_GOAL = 2.0  # read of the many-snapshot table / read of the one-put table
 GROUP_COMMIT_GOAL = 10.0  # 16 writers' puts/s / one writer's, once group commit exists
 # --maintenance: the history table's policy, hours of puts compressed into seconds (snapshots expire after 2 s,
-# about 50 puts here), with a round every MAINTENANCE_SECONDS, as the server's own loop would run them.
+# about 50 puts here; the puts spread over some 30 partitions, so each compacts once it has 2 small files), with
+# a round every MAINTENANCE_SECONDS, as the server's own loop would run them.
 MAINTENANCE_POLICY = {
     "history.expire.max-snapshot-age-ms": "2000",
     "history.expire.min-snapshots-to-keep": "10",
-    "flight.maintenance.compact-min-files": "10",
+    "flight.maintenance.compact-min-files": "2",
 }
 MAINTENANCE_SECONDS = 1.0
 FEATURE_SPEC: dict[str, Any] = {"entity_keys": [ENTITY_KEY], "event_time": EVENT_TIME, "created_time": CREATED_TIME}
