@@ -328,7 +328,14 @@ def scale_command(replicas: str | None, **kwargs: Any) -> None:
     help=f"One-row puts of each of the {history.WRITERS[-1]} concurrent writers [default: "
     f"{history.PUTS_PER_WRITER}; {history.QUICK_PUTS_PER_WRITER} with --quick].",
 )
-def history_command(puts_per_writer: int | None, **kwargs: Any) -> None:
+@click.option(
+    "--maintenance/--no-maintenance",
+    default=False,
+    show_default=True,
+    help="Give the history table a compressed maintenance policy (snapshots expire after 2 s, at least 10 "
+    "kept; partitions of 2 small files compacted) and run a maintenance round every second during the puts.",
+)
+def history_command(puts_per_writer: int | None, maintenance: bool, **kwargs: Any) -> None:
     """One-row puts back to back as a table's history grows (--rows of them [default: 2,000; 200 with --quick]):
     put latency first against last, reads of the table against the same rows in one put, each on a freshly
     started server, its metadata, and 16 concurrent writers; against pyiceberg's own appends in process.
@@ -337,7 +344,8 @@ def history_command(puts_per_writer: int | None, **kwargs: Any) -> None:
     if options.rows is None and options.quick:
         options = dataclasses.replace(options, rows=history.QUICK_PUTS)
     quick_writers = history.QUICK_PUTS_PER_WRITER if options.quick else history.PUTS_PER_WRITER
-    execute(["history"], options, {"history": {"puts_per_writer": puts_per_writer or quick_writers}})
+    extra = {"puts_per_writer": puts_per_writer or quick_writers, "maintenance": maintenance}
+    execute(["history"], options, {"history": extra})
 
 
 @main.command("integrations")

@@ -47,6 +47,15 @@ QUICK_PUTS_PER_WRITER = 2
 HISTORY_GOAL = 1.5  # last tenth's p50 / first tenth's
 READ_GOAL = 2.0  # read of the many-snapshot table / read of the one-put table
 GROUP_COMMIT_GOAL = 10.0  # 16 writers' puts/s / one writer's, with group commit
+# --maintenance: the history table's policy, hours of puts compressed into seconds (snapshots expire after 2 s,
+# about 50 puts here; the puts spread over some 30 partitions, so each compacts once it has 2 small files), with
+# a round every MAINTENANCE_SECONDS, as the server's own loop would run them.
+MAINTENANCE_POLICY = {
+    "history.expire.max-snapshot-age-ms": "2000",
+    "history.expire.min-snapshots-to-keep": "10",
+    "flight.maintenance.compact-min-files": "2",
+}
+MAINTENANCE_SECONDS = 1.0
 FEATURE_SPEC: dict[str, Any] = {"entity_keys": [ENTITY_KEY], "event_time": EVENT_TIME, "created_time": CREATED_TIME}
 READS = {
     "scan": "whole-table scan",
@@ -204,7 +213,51 @@ def pyiceberg_appends(
     return profile(seconds), on_disk(table)
 
 
-def run(target: Target, settings: Settings, puts_per_writer: int = PUTS_PER_WRITER) -> dict[str, Any]:
+@contextlib.contextmanager
+def maintained(target: Target, name: str, on: bool) -> Iterator[list[dict[str, Any]]]:
+    """With `on`, the table gets `MAINTENANCE_POLICY` and a `run_maintenance` round every `MAINTENANCE_SECONDS`
+    (from another client, alongside the block's puts) and one more after the block; yields the rounds' replies.
+    Without, the server's own maintenance is turned off for the table, so that the history grows unmaintained."""
+    rounds: list[dict[str, Any]] = []
+    properties = target.catalog_properties()
+    if properties is not None:
+        with load_catalog(CATALOG_NAME, **properties).load_table(name).transaction() as transaction:
+            transaction.set_properties(MAINTENANCE_POLICY if on else {"flight.maintenance.enabled": "false"})
+    if not on:
+        yield rounds
+        return
+    stop = threading.Event()
+    with FeatureClient(target.location) as client:
+
+        def loop() -> None:
+            while not stop.wait(MAINTENANCE_SECONDS):
+                rounds.append(client.run_maintenance(name))
+
+        thread = threading.Thread(target=loop, name="bench-maintenance")
+        thread.start()
+        try:
+            yield rounds
+        finally:
+            stop.set()
+            thread.join()
+        rounds.append(client.run_maintenance(name))
+
+
+def maintenance_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("data_files_compacted", "snapshots_expired", "files_deleted", "bytes_freed")
+    return {
+        "rounds": len(rounds),
+        **{key: sum(r[key] for r in rounds) for key in keys},
+        "gave_way": sum(len(r["gave_way"]) for r in rounds),
+        "errors": sum(r["error"] is not None for r in rounds),
+        "policy": MAINTENANCE_POLICY,
+        "every_s": MAINTENANCE_SECONDS,
+    }
+
+
+def run(
+    target: Target, settings: Settings, puts_per_writer: int = PUTS_PER_WRITER, maintenance: bool = False
+) -> dict[str, Any]:
     data = feature_table(settings.rows + 1, settings.entities, settings.seed, settings.features)
     rows = rows_of(data.slice(1))
     features = feature_names(settings.features)
@@ -213,7 +266,8 @@ def run(target: Target, settings: Settings, puts_per_writer: int = PUTS_PER_WRIT
     appends: dict[str, Any] = {}
     with FeatureClient(target.location) as client:
         client.write(tables["history"], data.slice(0, 1), **FEATURE_SPEC)  # creating the table is not timed
-        seconds = timed_each(rows, lambda row: client.write(tables["history"], row), "history: 1-row puts")
+        with maintained(target, tables["history"], maintenance) as rounds:
+            seconds = timed_each(rows, lambda row: client.write(tables["history"], row), "history: 1-row puts")
         appends["server"] = profile(seconds)
         client.write(tables["one_put"], data, **FEATURE_SPEC)
         for name in tables.values():
@@ -244,6 +298,7 @@ def run(target: Target, settings: Settings, puts_per_writer: int = PUTS_PER_WRIT
         "reads": reads,
         "metadata": metadata,
         "writers": writers,
+        "maintenance": maintenance_summary(rounds) if maintenance else None,
     }
 
 
@@ -271,6 +326,14 @@ def render(result: dict[str, Any]) -> str:
             for a in result["appends"].values()
         ],
     )
+    if (kept := result.get("maintenance")) is not None:
+        puts += (
+            f"\nwith maintenance: a round every {kept['every_s']:g} s during the puts and one after them "
+            f"({kept['rounds']} rounds; table properties {kept['policy']}): {kept['data_files_compacted']:,} "
+            f"small files compacted, {kept['snapshots_expired']:,} snapshots expired, {kept['files_deleted']:,} "
+            f"files deleted ({kept['bytes_freed'] / 2**20:.1f} MiB); {kept['gave_way']} steps gave way, "
+            f"{kept['errors']} rounds with errors"
+        )
     fresh = all(e[k]["fresh_server"] for e in result["reads"].values() for k in ("history", "one_put"))
     reads = report.table(
         ["read", "first ms, history", "first ms, one put", "ratio", "warm ms, history", "warm ms, one put", "ratio"],

@@ -326,6 +326,12 @@ class FeatureClient:
         request = OrphanFilesRequest(table, _as_of(older_than), dry_run)
         return self._action("remove_orphan_files", asdict(request))
 
+    def run_maintenance(self, table: str) -> dict[str, Any]:
+        """Run one round of the server's automatic maintenance on `table` now: compact the small files of
+        crowded partitions, expire old snapshots (keeping pinned ones and those reads use), remove orphan files
+        when due. Returns what it did; `describe` shows the table's last round, `health` the totals."""
+        return self._action("run_maintenance", {"table": table})
+
     # Reads
 
     def scan(

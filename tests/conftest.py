@@ -62,6 +62,7 @@ def start_server(properties: dict[str, str], **overrides: object) -> FeatureFlig
         write_chunk_bytes=TEST_CHUNK_BYTES,
         duckdb_memory_limit="1GB",
         duckdb_threads=2,
+        auto_maintenance=False,  # its background commits would race tests that count snapshots: opt in
     )
     for key, value in overrides.items():
         setattr(config, key, value)

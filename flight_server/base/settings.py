@@ -408,6 +408,50 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "metrics_host",
         default_text="--host",
     ),
+    Setting(
+        "--auto-maintenance/--no-auto-maintenance",
+        "FLIGHT_SERVER_AUTO_MAINTENANCE",
+        "Automatic maintenance",
+        "Compact small files, expire old snapshots and remove orphan files of the tables this server writes, "
+        "in the background (a table's property flight.maintenance.enabled=false turns it off for that table).",
+        "auto_maintenance",
+        click.BOOL,
+    ),
+    Setting(
+        "--maintenance-interval-seconds",
+        "FLIGHT_SERVER_MAINTENANCE_INTERVAL_SECONDS",
+        "Automatic maintenance",
+        "How often maintenance looks at the tables written since its last round (and at every table it knows, hourly).",
+        "maintenance_interval_seconds",
+        click.FloatRange(0.01),
+    ),
+    Setting(
+        "--expire-snapshot-age-hours",
+        "FLIGHT_SERVER_EXPIRE_SNAPSHOT_AGE_HOURS",
+        "Automatic maintenance",
+        "Snapshots older than this expire (pinned ones and those a read or cached training set uses stay), "
+        "for tables without history.expire.max-snapshot-age-ms.",
+        "expire_snapshot_age_ms",
+        click.IntRange(1),
+        unit=3_600_000,
+    ),
+    Setting(
+        "--expire-min-snapshots",
+        "FLIGHT_SERVER_EXPIRE_MIN_SNAPSHOTS",
+        "Automatic maintenance",
+        "The newest snapshots kept whatever their age, for tables without history.expire.min-snapshots-to-keep.",
+        "expire_min_snapshots",
+        click.IntRange(1),
+    ),
+    Setting(
+        "--compact-min-files",
+        "FLIGHT_SERVER_COMPACT_MIN_FILES",
+        "Automatic maintenance",
+        "A partition with this many small data files (under 3/4 of write.target-file-size-bytes) is "
+        "compacted, for tables without flight.maintenance.compact-min-files.",
+        "compact_min_files",
+        click.IntRange(2),
+    ),
 )
 
 _HEALTH = "Health checks (flight-server health)"

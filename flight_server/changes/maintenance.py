@@ -5,15 +5,21 @@ into new data files and drops the old data files and the delete files that appli
 snapshot: readers see the table before or after, never a mix, and the table reads on the direct
 path again. `expire_snapshots` forgets old snapshots (Iceberg's age and count rules) and deletes the
 files that only they used. A pin is an Iceberg tag on a snapshot (a training set's, say): expiry
-keeps pinned snapshots unless told to `force`, which drops the pins first.
+keeps pinned snapshots unless told to `force`, which drops the pins first, and always keeps the snapshots this
+server's reads and cached training sets use (`in_use`). `compact_small_files` and `expire_once` are the single
+attempts automatic maintenance (changes/upkeep.py) makes: a lost race raises, and the next round tries again.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io import FileIO
 from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.table.metadata import TableMetadata
@@ -23,7 +29,7 @@ from pyiceberg.table.update.snapshot import ExpireSnapshots, ManageSnapshots
 
 from flight_server.base.filters import parse_filter, to_sql
 from flight_server.changes.commits import SCAN_SOURCE
-from flight_server.changes.rewrite import Plan, Rewriter, SnapshotRows
+from flight_server.changes.rewrite import Plan, Rewriter, Rewritten, SnapshotRows
 from flight_server.iceberg.catalog import pins, table_name
 from flight_server.iceberg.positions import referenced_data_file
 from flight_server.wire.actions import (
@@ -80,13 +86,62 @@ def unreachable_files(io: FileIO, before: TableMetadata, after: TableMetadata, e
     return gone - kept
 
 
+def small_file_groups(files: list[DataFile], min_files: int, small_bytes: int, max_bytes: int) -> list[DataFile]:
+    """The small data files (below `small_bytes`) of the partitions that have at least `min_files` of them, most
+    crowded partitions first, up to `max_bytes` in all (at least `min_files` of one partition): one round's work."""
+    partitions: dict[tuple[int, Any], list[DataFile]] = defaultdict(list)
+    for f in files:
+        if f.content == DataFileContent.DATA and f.file_size_in_bytes < small_bytes:
+            partitions[(f.spec_id, f.partition)].append(f)
+    chosen: list[DataFile] = []
+    total = 0
+    for group in sorted(partitions.values(), key=len, reverse=True):
+        if len(group) < min_files:
+            break
+        for f in sorted(group, key=lambda f: f.file_size_in_bytes):
+            if total + f.file_size_in_bytes > max_bytes and len(chosen) >= min_files:
+                return chosen
+            chosen.append(f)
+            total += f.file_size_in_bytes
+    return chosen
+
+
+def _no_snapshots(table_uuid: str) -> set[int]:
+    return set()
+
+
+@dataclass
 class Maintenance(Rewriter):
-    """Runs the `compact`, `expire_snapshots`, `pin` and `unpin` actions."""
+    """Runs the `compact`, `expire_snapshots`, `pin` and `unpin` actions, and automatic maintenance's steps.
+
+    `in_use(table uuid)` gives the snapshots that reads and cached training sets of this server use."""
+
+    in_use: Callable[[str], set[int]] = field(default=_no_snapshots)
 
     # Compaction
 
     def compact(self, request: CompactRequest) -> CompactResult:
         done = self.rewrite(request.table, "compact", "compact", lambda rows: self._plan_compaction(rows, request))
+        return self._compacted(done)
+
+    def compact_small_files(self, table: str, min_files: int, small_bytes: int, max_bytes: int) -> CompactResult:
+        """One attempt at bin-packing the small files of the partitions that have gathered `min_files` of them
+        (`small_file_groups`); their position delete files go with them."""
+        done = self.rewrite_once(
+            table, "compact", lambda rows: self._plan_small_files(rows, min_files, small_bytes, max_bytes)
+        )
+        return self._compacted(done)
+
+    def _plan_small_files(self, rows: SnapshotRows, min_files: int, small_bytes: int, max_bytes: int) -> Plan | None:
+        scope = small_file_groups(rows.files, min_files, small_bytes, max_bytes)
+        if not scope:
+            return None
+        paths = {f.file_path for f in scope}
+        obsolete = [f for f in rows.files if referenced_data_file(f) in paths]
+        added = rows.rewrite("filename IN (SELECT unnest(?))", [sorted(paths)], scope)
+        return Plan(Operation.OVERWRITE, scope + obsolete, added, sum(f.record_count for f in added), tidy=True)
+
+    def _compacted(self, done: Rewritten) -> CompactResult:
         if done.committed:
             log.info(
                 "compacted %s: %d data and %d delete file(s) into %d data file(s) of %d rows: snapshot %s",
@@ -132,16 +187,22 @@ class Maintenance(Rewriter):
     # Snapshot expiry and pins
 
     def expire(self, request: ExpireRequest) -> ExpireResult:
-        result = self.until(request.table, "expire snapshots of", lambda: self._expire_once(request))
-        log.info(
-            "expired %d snapshot(s) of %s (%d kept for pins, pins %s dropped), %d file(s) deleted",
-            len(result["expired"]),
-            result["table"],
-            len(result["kept_pinned"]),
-            result["unpinned"],
-            result["files_deleted"],
-        )
-        return ExpireResult(**result)
+        return self.until(request.table, "expire snapshots of", lambda: self.expire_once(request))
+
+    def expire_once(self, request: ExpireRequest) -> ExpireResult:
+        """One attempt: a lost race raises (`CommitFailedException`) with nothing committed."""
+        result = ExpireResult(**self._expire_once(request))
+        if result.expired or result.kept_pinned or result.kept_in_use:
+            log.info(
+                "expired %d snapshot(s) of %s (%d kept for pins, %d in use; pins %s dropped), %d file(s) deleted",
+                len(result.expired),
+                result.table,
+                len(result.kept_pinned),
+                len(result.kept_in_use),
+                result.unpinned,
+                result.files_deleted,
+            )
+        return result
 
     def _expire_once(self, request: ExpireRequest) -> dict[str, Any]:
         table = self.catalog.load(request.table)
@@ -158,13 +219,16 @@ class Maintenance(Rewriter):
         kept |= {ref.snapshot_id for ref in metadata.refs.values() if ref.snapshot_ref_type == SnapshotRefType.BRANCH}
         old = [s.snapshot_id for s in metadata.snapshots if s.timestamp_ms < older_than and s.snapshot_id not in kept]
         pinned = {name: sid for name, sid in pins(metadata).items() if sid in old}
-        expired = old if request.force else [s for s in old if s not in pinned.values()]
+        in_use = self.in_use(str(metadata.table_uuid)) & set(old)
+        expired = [s for s in old if s not in in_use and (request.force or s not in pinned.values())]
         result: dict[str, Any] = {
             "table": table_name(table),
             "expired": expired,
             "kept_pinned": [] if request.force else sorted(set(pinned.values())),
+            "kept_in_use": sorted(in_use - (set() if request.force else set(pinned.values()))),
             "unpinned": sorted(pinned) if request.force else [],
             "files_deleted": 0,
+            "bytes_deleted": 0,
             "snapshots_left": len(metadata.snapshots) - len(expired),
         }
         if not expired:
@@ -177,14 +241,20 @@ class Maintenance(Rewriter):
             manage.commit()
         ExpireSnapshots(transaction).by_ids(expired).commit()
         with self.locks(self.catalog.identifier(request.table)):
-            committed = transaction.commit_transaction()
+            try:
+                committed = transaction.commit_transaction()
+            except ValueError as exc:  # pyiceberg's retry found a snapshot gone: another expiry won the race
+                raise CommitFailedException("a snapshot to expire was expired concurrently") from exc
         files = unreachable_files(table.io, metadata, committed.metadata, set(expired))
         for path in files:
             try:
+                size = len(table.io.new_input(path))
                 table.io.delete(path)
             except Exception:  # the snapshots are gone either way; an orphan file is harmless
                 log.warning("could not delete %s of an expired snapshot", path, exc_info=True)
-        result["files_deleted"] = len(files)
+            else:
+                result["files_deleted"] += 1
+                result["bytes_deleted"] += size
         return result
 
     def pin(self, request: PinRequest) -> PinResult:

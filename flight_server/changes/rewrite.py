@@ -115,9 +115,10 @@ class Rewriter(TableChanges):
     def rewrite(self, table: str, what: str, action: str, plan: Callable[[SnapshotRows], Plan | None]) -> Rewritten:
         """Plan (None: nothing to change, nothing written), write and commit until one attempt commits or the
         commit timeout passes; `what` names the action in errors, `action` in the snapshot summary."""
-        return self.until(table, what, lambda: self._rewrite_once(table, action, plan))
+        return self.until(table, what, lambda: self.rewrite_once(table, action, plan))
 
-    def _rewrite_once(self, name: str, action: str, plan: Callable[[SnapshotRows], Plan | None]) -> Rewritten:
+    def rewrite_once(self, name: str, action: str, plan: Callable[[SnapshotRows], Plan | None]) -> Rewritten:
+        """One attempt: a lost race raises (`CommitFailedException`, `ValidationException`) with nothing committed."""
         table = self.catalog.load(name)
         snapshot = table.current_snapshot()
         if snapshot is None:

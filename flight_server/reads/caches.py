@@ -1,6 +1,6 @@
 """What a server keeps between reads, keyed so that it is never stale: plans by (table, snapshot, filter), row
-positions by delete file, decoded rows by data file. One `ReadCaches` per server (`transport.components`), handed
-to every read with its plan.
+positions by delete file, decoded rows by data file; and the snapshots its reads are streaming from. One
+`ReadCaches` per server (`transport.components`), handed to every read with its plan.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 from pyiceberg.table import FileScanTask
+
+from flight_server.reads.inuse import SnapshotsInUse
 
 PLAN_CACHE_ENTRIES = 256  # plans of recent reads kept (by table, snapshot and filter)
 PLAN_CACHE_MAX_FILES = 10_000  # larger plans are not kept
@@ -148,3 +150,4 @@ class ReadCaches:
     plans: PlanCache = field(default_factory=lambda: PlanCache(PLAN_CACHE_ENTRIES, PLAN_CACHE_MAX_FILES))
     positions: PositionCache = field(default_factory=lambda: PositionCache(POSITION_CACHE_BYTES))
     files: FileCache = field(default_factory=lambda: FileCache(0))
+    in_use: SnapshotsInUse = field(default_factory=SnapshotsInUse)  # what snapshot expiry must keep

@@ -296,6 +296,11 @@ class AsofCache:
                     self._indexes.popitem(last=False)
             return index
 
+    def snapshots(self, table_uuid: str) -> set[int]:
+        """The snapshots of one table (by uuid) whose index is cached: snapshot expiry keeps them."""
+        with self._lock:
+            return {snapshot for uuid, snapshot, _ in self._indexes if uuid == table_uuid and snapshot is not None}
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             indexes = list(self._indexes.values())

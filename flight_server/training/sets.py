@@ -29,6 +29,14 @@ from flight_server.wire.reads import HistoricalRequest
 log = logging.getLogger(__name__)
 
 
+def held_snapshots(plan: HistoricalPlan) -> list[tuple[str, int | None]]:
+    """The (table uuid, snapshot) pairs a training set reads: its feature tables' and its entity table's."""
+    tables = [(g.table, g.snapshot_id) for g in plan.groups]
+    if plan.entity_table is not None:
+        tables.append((plan.entity_table, plan.entity_snapshot_id))
+    return [(str(table.metadata.table_uuid), snapshot_id) for table, snapshot_id in tables]
+
+
 class TrainingSets:
     """Runs training-set requests: through the sorted per-snapshot indexes (`training/asof.py`) of the feature
     tables that fit their cache, and one DuckDB query (`join_sql`) for the others, if any."""
@@ -52,6 +60,14 @@ class TrainingSets:
         """Stream the training set for a `do_get` ticket; the query that computes it before the first batch
         is interrupted once `is_cancelled()` (the client cancelled or went away)."""
         plan, inline = plan_request(self.catalog, request)
+        in_use = self.cache.caches.in_use
+        with in_use.hold(held_snapshots(plan)):  # from planning until the stream ends, expiry keeps its snapshots
+            reader = self._open(plan, inline, is_cancelled)
+        return in_use.holding(held_snapshots(plan), reader)
+
+    def _open(
+        self, plan: HistoricalPlan, inline: pa.Table | None, is_cancelled: Callable[[], bool] | None
+    ) -> pa.RecordBatchReader:
         if inline is not None:
             return self.run_inline(plan, inline, is_cancelled=is_cancelled)
         use_storage(self.engine, plan)
@@ -104,6 +120,16 @@ class TrainingSets:
         if request.entities is not None:
             raise RequestError("a do_exchange request takes its entity rows from the stream: drop 'entities'")
         plan = plan_historical(self.catalog, request, stream_schema(reader, "entity row"))
+        with self.cache.caches.in_use.hold(held_snapshots(plan)):
+            return self._exchange(plan, reader, writer, is_cancelled)
+
+    def _exchange(
+        self,
+        plan: HistoricalPlan,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+        is_cancelled: Callable[[], bool],
+    ) -> int:
         indexes = self._indexes(plan)
         if None in indexes:
             return self._exchange_duckdb(plan, indexes, reader, writer, is_cancelled)

@@ -6,7 +6,7 @@ from this table alone; tests/test_actions.py checks that the client and docs/pro
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from pyiceberg.table import Table
@@ -21,6 +21,7 @@ from flight_server.wire.actions import (
     DeleteRequest,
     ExpireRequest,
     Health,
+    MaintenanceResult,
     OrphanFilesRequest,
     OrphanFilesResult,
     PinRequest,
@@ -83,6 +84,7 @@ def _health(parts: Components, caller: Principal, request: None) -> Health:
         online=parts.store.stats(),
         training_set_cache=parts.training.cache.stats(),
         scan_cache=parts.caches.files.stats(),
+        maintenance=parts.upkeep.stats(),
     )
 
 
@@ -93,22 +95,30 @@ def _list_tables(parts: Components, caller: Principal, request: None) -> list[Re
 def _describe(parts: Components, caller: Principal, request: TableRequest) -> TableDescription:
     index = parts.store.peek(request.table)
     online = index.stats() if index is not None else None
-    return TableDescription(**describe(parts.catalog.load(request.table)), online=online)
+    last = parts.upkeep.last(request.table)
+    maintenance = asdict(last) if last is not None else None
+    return TableDescription(**describe(parts.catalog.load(request.table)), online=online, maintenance=maintenance)
 
 
 def _remove_orphan_files(parts: Components, caller: Principal, request: OrphanFilesRequest) -> OrphanFilesResult:
     return remove_orphan_files(parts.catalog, request)
 
 
+def _run_maintenance(parts: Components, caller: Principal, request: TableRequest) -> MaintenanceResult:
+    result = parts.upkeep.run(request.table)
+    parts.store.notify(request.table)
+    parts.training.cache.notify(request.table)
+    return result
+
+
 def _change(
     runner: Callable[[Components], Callable[[Change], Result]],
 ) -> Callable[[Components, Principal, Change], Result]:
-    """Run a change with the component `runner` picks, then tell the online store its table changed."""
+    """Run a change with the component `runner` picks, then tell the server's parts its table changed."""
 
     def run(parts: Components, caller: Principal, request: Change) -> Result:
         result = runner(parts)(request)
-        parts.store.notify(request.table)
-        parts.training.cache.notify(request.table)
+        parts.changed(request.table)
         return result
 
     return run
@@ -167,6 +177,14 @@ _ROWS: list[Action[Any]] = [
         ADMIN,
         UnpinRequest.from_body,
         _change(lambda parts: parts.maintenance.unpin),
+    ),
+    Action[TableRequest](
+        "run_maintenance",
+        "Run one round of automatic maintenance on a table now (compact small files, expire snapshots, remove "
+        'orphan files when due) and say what it did; it also runs in the background. Body: {"table": "ns.t"}.',
+        ADMIN,
+        TableRequest.from_body,
+        _run_maintenance,
     ),
     Action[OrphanFilesRequest](
         "remove_orphan_files",

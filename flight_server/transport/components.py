@@ -9,6 +9,7 @@ from flight_server.base.config import ServerConfig
 from flight_server.base.locks import LockPool
 from flight_server.changes.deletes import Deleter
 from flight_server.changes.maintenance import Maintenance
+from flight_server.changes.upkeep import Upkeep
 from flight_server.changes.writes import Writer
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.online.service import OnlineService
@@ -30,6 +31,7 @@ class Components:
     writer: Writer
     deleter: Deleter
     maintenance: Maintenance
+    upkeep: Upkeep
     store: OnlineStore
     training: TrainingSets
     online: OnlineService
@@ -48,6 +50,12 @@ class Components:
         )
         cache = AsofCache(engine, caches, config.historical_cache_bytes, catalog, config.online_refresh_seconds)
         training = TrainingSets(catalog, engine, cache, config.batch_rows, config.max_exchange_bytes)
+
+        def in_use(table_uuid: str) -> set[int]:
+            """Snapshots that expiry keeps: those running reads and cached training sets use."""
+            return caches.in_use.snapshots(table_uuid) | cache.snapshots(table_uuid)
+
+        maintenance = Maintenance(catalog, engine, locks, *limits, in_use=in_use)
         return cls(
             config=config,
             catalog=catalog,
@@ -55,15 +63,24 @@ class Components:
             caches=caches,
             writer=Writer(catalog, config.write_chunk_bytes, config.commit_timeout_seconds, locks, config.group_commit),
             deleter=Deleter(catalog, engine, locks, *limits),
-            maintenance=Maintenance(catalog, engine, locks, *limits),
+            maintenance=maintenance,
+            upkeep=Upkeep(maintenance, config),
             store=store,
             training=training,
             online=OnlineService(store, catalog, training),
         )
 
+    def changed(self, table: str) -> None:
+        """This server committed to `table`: the online index, the training-set cache and maintenance look now
+        instead of at their next poll."""
+        self.store.notify(table)
+        self.training.cache.notify(table)
+        self.upkeep.notify(table)
+
     def close(self) -> None:
-        """Stop the background work, once the server takes no more calls: the online store's refresh thread,
-        the training sets' join workers and the engine's cancel watch."""
+        """Stop the background work, once the server takes no more calls: automatic maintenance, the online
+        store's refresh thread, the training sets' join workers and the engine's cancel watch."""
+        self.upkeep.close()
         self.store.close()
         self.training.close()
         self.engine.close()

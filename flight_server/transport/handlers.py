@@ -121,7 +121,8 @@ class Scans:
         reader, path = open_scan(
             plan, self.parts.engine, self.parts.config.batch_rows, is_cancelled, self.parts.caches.files
         )
-        return reader.cast(scan_schema(plan, path))
+        held = [(str(plan.table.metadata.table_uuid), plan.snapshot_id)]
+        return self.parts.caches.in_use.holding(held, reader.cast(scan_schema(plan, path)))
 
     def exchange(
         self,

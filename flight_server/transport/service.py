@@ -223,8 +223,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         request = self._authorized(context, parse_write(descriptor.command, self.config.max_request_bytes))
         reader, writer = self._client_streams(context, reader, writer)
         result = self.parts.writer.write(request, reader, context.is_cancelled)
-        self.parts.store.notify(result.table)
-        self.parts.training.cache.notify(result.table)
+        self.parts.changed(result.table)
         writer.write(pa.py_buffer(result.to_bytes()))
 
     @_flight_errors

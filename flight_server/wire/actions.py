@@ -1,4 +1,5 @@
-"""Actions on the wire: the bodies of describe, delete, compact, expire, pin and unpin, and every action's reply."""
+"""Actions on the wire: the bodies of describe, delete, compact, expire, pin and unpin, and every action's reply
+(`run_maintenance` takes `TableRequest`)."""
 
 from __future__ import annotations
 
@@ -149,6 +150,7 @@ class Health(Reply):
     online: dict[str, Any]
     training_set_cache: dict[str, int]
     scan_cache: dict[str, int]
+    maintenance: dict[str, Any]  # automatic maintenance: settings, totals, the last round
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ class TableDescription(Reply):
     delete_mode: str
     pins: dict[str, int]
     online: dict[str, Any] | None
+    maintenance: dict[str, Any] | None = None  # this server's last maintenance round of the table, if any
 
 
 @dataclass(frozen=True)
@@ -208,13 +211,16 @@ class CompactResult(Reply):
 
 @dataclass(frozen=True)
 class ExpireResult(Reply):
-    """`expire_snapshots`: the snapshots expired, those kept for their pins, the pins `force` dropped."""
+    """`expire_snapshots`: the snapshots expired, those kept for their pins or because this server's reads or
+    cached training sets use them, the pins `force` dropped, and the files (and their bytes) deleted."""
 
     table: str
     expired: list[int]
     kept_pinned: list[int]
+    kept_in_use: list[int]
     unpinned: list[str]
     files_deleted: int
+    bytes_deleted: int
     snapshots_left: int
 
 
@@ -259,3 +265,26 @@ class OrphanFilesResult(Reply):
     bytes_deleted: int
     files: list[str]
     recent_files: int
+
+
+@dataclass(frozen=True)
+class MaintenanceResult(Reply):
+    """`run_maintenance`, and each table's entry in `describe` and `health`: one round of automatic maintenance
+    on a table, when it ran (`at`, for `seconds`) and what it did. `enabled` false: the table's
+    `flight.maintenance.enabled` turned it off and nothing ran. `gave_way` names the steps another commit (a
+    replica doing the same, a writer) won against; they run again next round. `error` is a step's failure."""
+
+    table: str
+    at: str
+    seconds: float
+    enabled: bool
+    data_files_compacted: int
+    data_files_added: int
+    snapshots_expired: int
+    kept_pinned: int
+    kept_in_use: int
+    files_deleted: int
+    orphan_files_deleted: int
+    bytes_freed: int
+    gave_way: list[str]
+    error: str | None

@@ -1,0 +1,309 @@
+"""Automatic maintenance: what keeps a table that is written a few rows at a time cheap to write and to read.
+
+Each put adds a snapshot (listed in the metadata file every commit rewrites) and small data files (every scan
+opens each one); only snapshot expiry and compaction bound them. A background thread, one per server, looks
+at the tables this server changed since its last round (and at every table it has changed, hourly), one table
+at a time, and on each:
+
+* compacts the small data files (under 3/4 of `write.target-file-size-bytes`) of the partitions that have
+  gathered `flight.maintenance.compact-min-files` of them, bin-packed to the target size, at most
+  `ROUND_BYTES` of them per round (the rewrite streams within `--write-chunk-mb`);
+* expires the snapshots older than `history.expire.max-snapshot-age-ms` beyond the newest
+  `history.expire.min-snapshots-to-keep` (Iceberg's own properties), except pinned ones and those this
+  server's reads and cached training sets use, and deletes the files only they used;
+* removes orphan files older than 3 days, once a day per table.
+
+A table's properties override the server's defaults (`--expire-snapshot-age-hours`, ...), and
+`flight.maintenance.enabled=false` leaves the table alone. Every step commits optimistically and tries once:
+when another commit wins (a replica doing the same maintenance, a put), the step gives way and the next round
+tries again. There is no lock across replicas and none is needed. Reads and lookups never wait for it: it
+takes only the table's commit lock of this server, for its commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from pyiceberg.exceptions import CommitFailedException, ValidationException
+from pyiceberg.table.metadata import TableMetadata
+from pyiceberg.utils.properties import property_as_bool, property_as_int
+
+from flight_server.base.config import ServerConfig
+from flight_server.changes.files import target_file_size
+from flight_server.changes.maintenance import MAX_SNAPSHOT_AGE_PROPERTY, MIN_SNAPSHOTS_PROPERTY, Maintenance
+from flight_server.changes.orphans import remove_orphan_files
+from flight_server.wire.actions import ExpireRequest, MaintenanceResult, OrphanFilesRequest
+from flight_server.wire.codec import format_timestamp
+from flight_server.wire.errors import ConflictError, NotFoundError, RequestError
+
+log = logging.getLogger(__name__)
+
+ENABLED_PROPERTY = "flight.maintenance.enabled"
+
+COMPACT_MIN_FILES_PROPERTY = "flight.maintenance.compact-min-files"
+
+SMALL_SHARE = 0.75  # a data file under this share of the target size is small (Iceberg's rewrite_data_files)
+
+ROUND_BYTES = 1 << 30  # small files one round compacts per table, at most (beyond the first partition's minimum)
+
+RECHECK_SECONDS = 3600.0  # a table not written since is looked at again after this long (snapshots age)
+
+ORPHAN_SECONDS = 24 * 3600.0  # orphan removal of one table, at most this often (it lists every file)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What maintenance does to one table: the server's defaults, overridden by the table's properties."""
+
+    enabled: bool
+    max_snapshot_age_ms: int
+    min_snapshots: int
+    compact_min_files: int
+    small_bytes: int
+
+    @classmethod
+    def of(cls, metadata: TableMetadata, config: ServerConfig) -> Policy:
+        properties = metadata.properties
+        return cls(
+            enabled=property_as_bool(properties, ENABLED_PROPERTY, True),
+            max_snapshot_age_ms=_at_least(properties, MAX_SNAPSHOT_AGE_PROPERTY, config.expire_snapshot_age_ms, 0),
+            min_snapshots=_at_least(properties, MIN_SNAPSHOTS_PROPERTY, config.expire_min_snapshots, 1),
+            compact_min_files=_at_least(properties, COMPACT_MIN_FILES_PROPERTY, config.compact_min_files, 2),
+            small_bytes=int(target_file_size(metadata) * SMALL_SHARE),
+        )
+
+
+def _at_least(properties: dict[str, str], key: str, default: int, minimum: int) -> int:
+    """An integer property, the default when it is unset or not a number, raised to `minimum`."""
+    try:
+        value = property_as_int(properties, key, default)
+    except ValueError:
+        log.warning("table property %s=%r is not an integer; using %d", key, properties.get(key), default)
+        value = default
+    return max(minimum, default if value is None else value)
+
+
+@dataclass
+class _Watched:
+    """A table this server changed: whether it changed since its last round, and when rounds ran."""
+
+    due: bool = True
+    checked: float = 0.0  # time.monotonic() of its last round
+    orphans_checked: float | None = None
+    last: MaintenanceResult | None = None
+
+
+@dataclass
+class _Totals:
+    rounds: int = 0
+    snapshots_expired: int = 0
+    data_files_compacted: int = 0
+    bytes_freed: int = 0
+    gave_way: int = 0
+    errors: int = 0
+
+
+@dataclass
+class _Round:
+    """What one round on one table did so far."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    gave_way: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def step(self, name: str, run: Callable[[], T]) -> T | None:
+        """Run one step; a lost race gives way (None), a failure is recorded (None) and the round goes on."""
+        try:
+            return run()
+        except (CommitFailedException, ValidationException, ConflictError) as exc:
+            log.info("maintenance %s gave way to a concurrent commit: %s", name, exc)
+            self.gave_way.append(name)
+        except NotFoundError:
+            raise
+        except RequestError as exc:
+            log.warning("maintenance %s refused: %s", name, exc)
+            self.errors.append(f"{name}: {exc}")
+        except Exception as exc:  # the message may name server paths: it goes to the log only
+            log.warning("maintenance %s failed", name, exc_info=True)
+            self.errors.append(f"{name} failed ({type(exc).__name__}; see the server log)")
+        return None
+
+    def add(self, **counts: int) -> None:
+        for key, value in counts.items():
+            self.counts[key] = self.counts.get(key, 0) + value
+
+
+class Upkeep:
+    """Automatic maintenance of the tables one server changes: a background thread (with `auto_maintenance`)
+    and `run`, one round on one table now (the `run_maintenance` action)."""
+
+    def __init__(self, maintenance: Maintenance, config: ServerConfig):
+        self.maintenance, self.config = maintenance, config
+        self.catalog = maintenance.catalog
+        self._tables: dict[str, _Watched] = {}
+        self._totals = _Totals()
+        self._lock = threading.Lock()  # guards the records above
+        self._working = threading.Lock()  # one table at a time, background and actions alike
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if config.auto_maintenance:
+            self._thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the background thread after the step it is in."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def notify(self, ref: str) -> None:
+        """This server changed the table: look at it in the next round."""
+        name = ".".join(self.catalog.identifier(ref))
+        with self._lock:
+            self._tables.setdefault(name, _Watched()).due = True
+
+    def last(self, ref: str) -> MaintenanceResult | None:
+        """The table's last round on this server, if it had one."""
+        with self._lock:
+            watched = self._tables.get(".".join(self.catalog.identifier(ref)))
+            return watched.last if watched else None
+
+    def stats(self) -> dict[str, Any]:
+        """What `health` shows: the settings, the totals since start, and the last round."""
+        with self._lock:
+            rounds = [w.last for w in self._tables.values() if w.last is not None]
+            last = max(rounds, key=lambda r: r.at, default=None)
+            return {
+                "enabled": self.config.auto_maintenance,
+                "interval_seconds": self.config.maintenance_interval_seconds,
+                "tables": len(self._tables),
+                **asdict(self._totals),
+                "last": asdict(last) if last is not None else None,
+            }
+
+    def run(self, ref: str) -> MaintenanceResult:
+        """One round on the table now, whatever the schedule (orphan removal keeps its own)."""
+        with self._working:
+            return self._round(".".join(self.catalog.identifier(ref)))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.config.maintenance_interval_seconds):
+            for name in self._due():
+                if self._stop.is_set():
+                    return
+                with self._working:
+                    try:
+                        self._round(name)
+                    except NotFoundError:
+                        pass  # dropped: no longer watched
+                    except Exception:  # never let one table stop the thread
+                        log.exception("maintenance of %s failed", name)
+
+    def _due(self) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            return [n for n, w in self._tables.items() if w.due or now - w.checked >= RECHECK_SECONDS]
+
+    def _round(self, name: str) -> MaintenanceResult:
+        """Compact, expire, remove orphans (when due): each step once, a lost race left to the next round."""
+        started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+        with self._lock:
+            watched = self._tables.setdefault(name, _Watched())  # the action may name a table not written here
+            watched.due, watched.checked = False, time.monotonic()
+            orphans_due = (
+                watched.orphans_checked is None or time.monotonic() - watched.orphans_checked >= ORPHAN_SECONDS
+            )
+        done = _Round()
+        try:
+            policy = Policy.of(self.catalog.load(name).metadata, self.config)
+            if policy.enabled:
+                self._steps(name, policy, orphans_due, done)
+        except NotFoundError:
+            log.info("maintenance: table %s is gone; no longer watched", name)
+            with self._lock:
+                self._tables.pop(name, None)
+            raise
+        result = MaintenanceResult(
+            table=name,
+            at=format_timestamp(started),
+            seconds=round(time.perf_counter() - clock, 3),
+            enabled=policy.enabled,
+            data_files_compacted=done.counts.get("data_files_compacted", 0),
+            data_files_added=done.counts.get("data_files_added", 0),
+            snapshots_expired=done.counts.get("snapshots_expired", 0),
+            kept_pinned=done.counts.get("kept_pinned", 0),
+            kept_in_use=done.counts.get("kept_in_use", 0),
+            files_deleted=done.counts.get("files_deleted", 0),
+            orphan_files_deleted=done.counts.get("orphan_files_deleted", 0),
+            bytes_freed=done.counts.get("bytes_freed", 0),
+            gave_way=done.gave_way,
+            error="; ".join(done.errors) or None,
+        )
+        self._record(name, result, orphans_due and policy.enabled)
+        return result
+
+    def _steps(self, name: str, policy: Policy, orphans_due: bool, done: _Round) -> None:
+        compacted = done.step(
+            "compaction",
+            lambda: self.maintenance.compact_small_files(
+                name, policy.compact_min_files, policy.small_bytes, ROUND_BYTES
+            ),
+        )
+        if compacted is not None and compacted.compacted:
+            done.add(data_files_compacted=compacted.data_files_removed, data_files_added=compacted.data_files_added)
+        older_than = dt.datetime.now(dt.timezone.utc) - dt.timedelta(milliseconds=policy.max_snapshot_age_ms)
+        request = ExpireRequest(name, format_timestamp(older_than), policy.min_snapshots)
+        expired = done.step("expiry", lambda: self.maintenance.expire_once(request))
+        if expired is not None:
+            done.add(
+                snapshots_expired=len(expired.expired),
+                kept_pinned=len(expired.kept_pinned),
+                kept_in_use=len(expired.kept_in_use),
+                files_deleted=expired.files_deleted,
+                bytes_freed=expired.bytes_deleted,
+            )
+        if orphans_due:
+            orphans = done.step("orphan removal", lambda: remove_orphan_files(self.catalog, OrphanFilesRequest(name)))
+            if orphans is not None:
+                done.add(orphan_files_deleted=orphans.files_deleted, bytes_freed=orphans.bytes_deleted)
+
+    def _record(self, name: str, result: MaintenanceResult, orphans_ran: bool) -> None:
+        with self._lock:
+            watched = self._tables.get(name)
+            if watched is not None:
+                watched.last = result
+                if orphans_ran:
+                    watched.orphans_checked = time.monotonic()
+            totals = self._totals
+            totals.rounds += 1
+            totals.snapshots_expired += result.snapshots_expired
+            totals.data_files_compacted += result.data_files_compacted
+            totals.bytes_freed += result.bytes_freed
+            totals.gave_way += len(result.gave_way)
+            totals.errors += result.error is not None
+        did = result.data_files_compacted or result.snapshots_expired or result.files_deleted
+        log.log(
+            logging.INFO if did or result.gave_way or result.error else logging.DEBUG,
+            "maintenance of %s: %d data file(s) compacted into %d, %d snapshot(s) expired (%d pinned and %d in use "
+            "kept), %d file(s) deleted, %d orphan(s), %d bytes freed%s%s in %.2f s",
+            name,
+            result.data_files_compacted,
+            result.data_files_added,
+            result.snapshots_expired,
+            result.kept_pinned,
+            result.kept_in_use,
+            result.files_deleted,
+            result.orphan_files_deleted,
+            result.bytes_freed,
+            f"; gave way: {', '.join(result.gave_way)}" if result.gave_way else "",
+            f"; failed: {result.error}" if result.error else "",
+            result.seconds,
+        )

@@ -1,0 +1,56 @@
+"""The snapshots this server's reads are reading right now, so that snapshot expiry keeps their files.
+
+A read holds its snapshot for as long as its result streams: `holding` wraps the reader and lets go once the
+reader is exhausted, closed or dropped (the client finished, cancelled or went away). Counted per (table uuid,
+snapshot id): two reads of one snapshot hold it twice. Only this server's reads are known here; reads on other
+replicas are protected by expiry's age rule alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+import pyarrow as pa
+
+Held = tuple[str, int]  # (table uuid, snapshot id)
+
+
+class SnapshotsInUse:
+    """A ref-counted set of the snapshots reads are streaming from."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[Held] = Counter()
+        self._lock = threading.Lock()
+
+    def snapshots(self, table_uuid: str) -> set[int]:
+        """The snapshots of one table that a running read uses."""
+        with self._lock:
+            return {snapshot for (uuid, snapshot), count in self._counts.items() if uuid == table_uuid}
+
+    @contextlib.contextmanager
+    def hold(self, held: Iterable[tuple[str, int | None]]) -> Iterator[None]:
+        """Hold the snapshots (None: a table without one) for the block."""
+        keys = [(uuid, snapshot) for uuid, snapshot in held if snapshot is not None]
+        with self._lock:
+            self._counts.update(keys)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._counts.subtract(keys)
+                for key in keys:
+                    if self._counts[key] <= 0:
+                        del self._counts[key]
+
+    def holding(self, held: Iterable[tuple[str, int | None]], reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
+        """`reader`, holding the snapshots from its first batch until it is exhausted, closed or dropped."""
+        keys = list(held)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            with self.hold(keys):
+                yield from reader
+
+        return pa.RecordBatchReader.from_batches(reader.schema, batches())
