@@ -251,3 +251,34 @@ def test_without_group_commit_every_put_is_its_own_snapshot(tmp_path: Path) -> N
         assert scanned(location, name) == Counter(range(-1, writers))
     finally:
         server.shutdown()
+
+
+def test_a_commit_whose_outcome_is_unknown_keeps_its_files_and_its_retry_lands_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalog applies a commit and its answer is lost (a timeout, a dropped connection: a fault no real
+    catalog here produces on demand): the put fails, its files stay (the table references them), and the
+    client's retry with the same write id finds it committed."""
+    server = start_server(sqlite_catalog(tmp_path))
+    location, name = f"grpc://127.0.0.1:{server.port}", "group.unknown"
+    try:
+        create(location, name)
+        sql = server.parts.catalog.catalog
+        real = sql.commit_table
+
+        def applied_then_lost(*args: Any, **kwargs: Any) -> Any:
+            real(*args, **kwargs)
+            raise ConnectionResetError("the catalog's answer was lost")
+
+        with FeatureClient(location) as client:
+            monkeypatch.setattr(sql, "commit_table", applied_then_lost)
+            with pytest.raises(Exception) as failed:
+                client.write(name, row(1), write_id="unknown-1")
+            assert not isinstance(failed.value, InvalidRequestError)
+            monkeypatch.undo()
+            assert scanned(location, name) == Counter([-1, 1])  # landed, and its file is still there
+            again = client.write(name, row(1), write_id="unknown-1")
+            assert again.duplicate
+            assert scanned(location, name) == Counter([-1, 1])
+    finally:
+        server.shutdown()

@@ -20,7 +20,12 @@ from typing import Any
 
 import pyarrow as pa
 from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
-from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError, ValidationException
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    CommitStateUnknownException,
+    TableAlreadyExistsError,
+    ValidationException,
+)
 from pyiceberg.io import FileIO
 from pyiceberg.io.fileformat import FileFormatModel
 from pyiceberg.io.pyarrow import (
@@ -123,7 +128,8 @@ class MemoTransaction(Transaction):
 
 def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -> Table:
     """Commit `transaction` with `producer`'s snapshot on the branch head the transaction was opened on, or not
-    at all: a lost race raises `CommitFailedException` (`TableAlreadyExistsError` when creating).
+    at all: a lost race raises `CommitFailedException` (`TableAlreadyExistsError` when creating), any other
+    failure of the catalog's commit `CommitStateUnknownException` (it may have landed).
 
     `producer.commit()` would register the producer, and `commit_transaction` would then rebuild its snapshot
     on whatever head won the race (`commit.retry.num-retries`): past any check the caller made on the state it
@@ -142,6 +148,12 @@ def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -
         COMMIT_RETRIES.inc()
         producer._clean_all_uncommitted()
         raise
+    except CommitStateUnknownException:
+        raise
+    except Exception as exc:
+        # The catalog may have applied the commit before failing (a request timed out after the REST server
+        # committed, a database connection dropped at COMMIT): callers must keep the files, never retry blindly.
+        raise CommitStateUnknownException(f"the commit's outcome is unknown ({type(exc).__name__})") from exc
 
 
 def dataframe_to_data_files(
