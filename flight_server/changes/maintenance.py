@@ -22,6 +22,7 @@ from typing import Any
 from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io import FileIO
 from pyiceberg.manifest import DataFile, DataFileContent
+from pyiceberg.table import Table
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.refs import SnapshotRefType
 from pyiceberg.table.snapshots import Operation, Snapshot
@@ -205,7 +206,29 @@ class Maintenance(Rewriter):
         return result
 
     def _expire_once(self, request: ExpireRequest) -> dict[str, Any]:
-        table = self.catalog.load(request.table)
+        # Decided and committed under the table's commit lock, on metadata loaded there: a pin committed by this
+        # server meanwhile is seen, never dropped with the snapshot it names (pyiceberg removes the refs of the
+        # snapshots it expires, and the commit asserts nothing about refs).
+        with self.locks(self.catalog.identifier(request.table)):
+            table = self.catalog.load(request.table)
+            metadata = table.metadata  # before the commit, which replaces the table's
+            result, committed = self._expire_locked(request, table)
+        if committed is None:
+            return result
+        files = unreachable_files(table.io, metadata, committed.metadata, set(result["expired"]))
+        for path in files:
+            try:
+                size = len(table.io.new_input(path))
+                table.io.delete(path)
+            except Exception:  # the snapshots are gone either way; an orphan file is harmless
+                log.warning("could not delete %s of an expired snapshot", path, exc_info=True)
+            else:
+                result["files_deleted"] += 1
+                result["bytes_deleted"] += size
+        return result
+
+    def _expire_locked(self, request: ExpireRequest, table: Table) -> tuple[dict[str, Any], Table | None]:
+        """What to expire of `table`, and the table once its expiry is committed (None when nothing expires)."""
         metadata = table.metadata
         properties = metadata.properties
         if request.older_than is not None:
@@ -232,7 +255,7 @@ class Maintenance(Rewriter):
             "snapshots_left": len(metadata.snapshots) - len(expired),
         }
         if not expired:
-            return result
+            return result, None
         transaction = table.transaction()
         if request.force and pinned:
             manage = ManageSnapshots(transaction)
@@ -240,22 +263,10 @@ class Maintenance(Rewriter):
                 manage.remove_tag(name)
             manage.commit()
         ExpireSnapshots(transaction).by_ids(expired).commit()
-        with self.locks(self.catalog.identifier(request.table)):
-            try:
-                committed = transaction.commit_transaction()
-            except ValueError as exc:  # pyiceberg's retry found a snapshot gone: another expiry won the race
-                raise CommitFailedException("a snapshot to expire was expired concurrently") from exc
-        files = unreachable_files(table.io, metadata, committed.metadata, set(expired))
-        for path in files:
-            try:
-                size = len(table.io.new_input(path))
-                table.io.delete(path)
-            except Exception:  # the snapshots are gone either way; an orphan file is harmless
-                log.warning("could not delete %s of an expired snapshot", path, exc_info=True)
-            else:
-                result["files_deleted"] += 1
-                result["bytes_deleted"] += size
-        return result
+        try:
+            return result, transaction.commit_transaction()
+        except ValueError as exc:  # pyiceberg's retry found a snapshot gone: another expiry won the race
+            raise CommitFailedException("a snapshot to expire was expired concurrently") from exc
 
     def pin(self, request: PinRequest) -> PinResult:
         return PinResult(**self.until(request.table, "pin a snapshot of", lambda: self._pin_once(request)))
