@@ -69,6 +69,7 @@ def test_repeated_reads_come_from_memory_and_appends_decode_only_new_files(
     same(cached, plain)
     stats = cached.health()["scan_cache"]
     assert stats["files"] >= 3 and 0 < stats["bytes"] <= stats["max_bytes"]
+    assert stats["collecting"] == 0  # every scan gave its reservation back
     before = stats["hits"], stats["misses"]
     assert ordered(cached.read_table(TABLE)).equals(ordered(plain.read_table(TABLE)))
     stats = cached.health()["scan_cache"]
@@ -119,4 +120,8 @@ def test_the_cache_keeps_within_its_budget_and_keeps_only_files_read_to_the_end(
     assert cache.get(("f0", ("v",), ())) is None and cache.get(("f4", ("v",), ())) == [batch]
     cache.put(("huge", ("v",), ()), [batch] * 3)  # larger than the whole budget: not kept
     assert cache.get(("huge", ("v",), ())) is None
-    assert cache.stats() == {"files": 2, "bytes": 16_000, "max_bytes": 20_000, "hits": 1, "misses": 2}
+    assert cache.stats() == {"files": 2, "bytes": 16_000, "max_bytes": 20_000, "collecting": 0, "hits": 1, "misses": 2}
+    # What scans collect to put here later is bounded across all of them, however many run at once.
+    assert cache.reserve(12_000) and not cache.reserve(9_000) and cache.reserve(8_000)
+    cache.release(20_000)
+    assert cache.stats()["collecting"] == 0 and cache.reserve(20_000)

@@ -106,8 +106,23 @@ class FileCache:
         self._entries: OrderedDict[FileKey, list[pa.RecordBatch]] = OrderedDict()
         self._sizes: dict[FileKey, int] = {}
         self._bytes = 0
+        self._collecting = 0  # bytes scans hold to put here once they end (`reserve`)
         self.hits = self.misses = 0
         self._lock = threading.Lock()
+
+    def reserve(self, size: int) -> bool:
+        """Whether a scan may hold `size` more bytes to put here later: all scans together hold at most
+        `max_bytes` (each of 16 parallel endpoints collecting up to the whole budget would hold 16 times it)."""
+        with self._lock:
+            if self._collecting + size > self.max_bytes:
+                return False
+            self._collecting += size
+            return True
+
+    def release(self, size: int) -> None:
+        """A scan no longer holds `size` bytes of its reservation (it put them here, or gave up)."""
+        with self._lock:
+            self._collecting -= size
 
     def get(self, key: FileKey) -> list[pa.RecordBatch] | None:
         with self._lock:
@@ -138,6 +153,7 @@ class FileCache:
                 "files": len(self._entries),
                 "bytes": self._bytes,
                 "max_bytes": self.max_bytes,
+                "collecting": self._collecting,
                 "hits": self.hits,
                 "misses": self.misses,
             }

@@ -170,19 +170,24 @@ def _keeping(
     cache: FileCache,
 ) -> Iterator[pa.RecordBatch]:
     """`held`, then `decoded`, whose files go into `cache` once every one is read (a scan the client leaves
-    early keeps nothing); collecting stops past the cache's size, so memory stays within it."""
+    early keeps nothing); what all scans collect at once stays within the cache's size (`FileCache.reserve`),
+    so the server holds at most twice that: the cache, and the files on their way into it."""
     yield from held
     files: dict[str, list[pa.RecordBatch]] | None = {path: [] for path in keys}
-    size = 0
-    for path, batch in decoded:
-        if files is not None:
-            files[path].append(batch)
-            size += batch.nbytes
-            if size > cache.max_bytes:
-                files = None
-        yield batch
-    for path, batches in (files or {}).items():
-        cache.put(keys[path], batches)
+    reserved = 0
+    try:
+        for path, batch in decoded:
+            if files is not None:
+                if cache.reserve(batch.nbytes):
+                    reserved += batch.nbytes
+                    files[path].append(batch)
+                else:
+                    files = None
+            yield batch
+        for path, batches in (files or {}).items():
+            cache.put(keys[path], batches)
+    finally:
+        cache.release(reserved)
 
 
 def read_parquet_sql(
