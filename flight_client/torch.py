@@ -148,6 +148,7 @@ class FlightDataset(IterableDataset[Batch]):
         """A whole-table scan, split by data file into up to `partitions` endpoints (default: 8 per
         rank; never more than the snapshot has files). `options`: those of `FlightDataset`."""
         rank, world_size, shared = _distributed(rank, world_size)
+        _check_same_snapshots(shared, world_size, snapshot_id is not None or as_of is not None, "snapshot_id or as_of")
         parts = partitions or DEFAULT_PARTITIONS * world_size
         plan = _planned_once(
             shared,
@@ -186,6 +187,7 @@ class FlightDataset(IterableDataset[Batch]):
         entity key into `partitions` endpoints (default: 8 per rank). `columns` picks output columns,
         e.g. to leave out string keys. `options`: those of `FlightDataset`."""
         rank, world_size, shared = _distributed(rank, world_size)
+        _check_same_snapshots(shared, world_size, bool(snapshot_ids), "snapshot_ids (the entity table's too)")
         parts = partitions or DEFAULT_PARTITIONS * world_size
         plan = _planned_once(
             shared,
@@ -228,6 +230,18 @@ class FlightDataset(IterableDataset[Batch]):
             return
         for batch in rebatch(self.plan.batches(mine), self.batch_size):
             yield to_tensors(batch) if self.format == "torch" else batch
+
+
+def _check_same_snapshots(shared: bool, world_size: int, pinned: bool, how: str) -> None:
+    """Ranks that each plan for themselves (an explicit `rank`/`world_size`, no process group to share rank 0's
+    plan) must plan the same snapshots, or a write between their starts gives them different splits: rows
+    lost or read twice."""
+    if not shared and world_size > 1 and not pinned:
+        raise ValueError(
+            f"with an explicit world_size of {world_size} and no torch.distributed process group, every rank plans "
+            f"for itself: pin the snapshots with {how} so that all ranks split the same rows (or initialise "
+            "torch.distributed, and rank 0's plan is shared)"
+        )
 
 
 def _planned_once(shared: bool, plan: Callable[[], ReadPlan]) -> ReadPlan:

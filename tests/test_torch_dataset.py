@@ -111,9 +111,22 @@ def test_two_ranks_together_read_every_row_once_in_any_epoch(
     location: str, training_set: tuple[str, list[str]]
 ) -> None:
     trips, features = training_set
+    with pytest.raises(ValueError, match="pin the snapshots with snapshot_ids"):  # each rank would plan alone
+        FlightDataset.training_set(location, trips, features, columns=TRAINING, rank=0, world_size=2)
+    with FeatureClient(location) as client:
+        used = json.loads(client.training_set_info(trips, features).app_metadata)
+    pins = {**used["features"], used["entities"]["table"]: used["entities"]["snapshot_id"]}
     ranks = [
         FlightDataset.training_set(
-            location, trips, features, columns=TRAINING, rank=r, world_size=2, shuffle_endpoints=True, seed=3
+            location,
+            trips,
+            features,
+            columns=TRAINING,
+            rank=r,
+            world_size=2,
+            shuffle_endpoints=True,
+            seed=3,
+            snapshot_ids=pins,
         )
         for r in range(2)
     ]
