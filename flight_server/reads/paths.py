@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 from pyiceberg.expressions import AlwaysTrue
@@ -111,17 +112,18 @@ def direct_reader(
         return pa.RecordBatchReader.from_batches(plan.schema, [])
     if cache is not None and cache.max_bytes:
         return _through_cache(plan, tasks, batch_rows, cache)
-    scanner, paths = _scanner(plan, tasks, batch_rows)
-    deleted = deleted_positions(plan.table.io, tasks, plan.caches.positions)
-    if not deleted:
+    scanner, paths, by_fragment = _scanner(plan, tasks, batch_rows)
+    if not by_fragment:
         return scanner.to_reader()
-    by_fragment = {path: deleted[location] for path, location in paths.items() if location in deleted}
     batches = without_deleted(scanner.scan_batches(), by_fragment)
     return pa.RecordBatchReader.from_batches(scanner.projected_schema, (batch for _, batch in batches))
 
 
-def _scanner(plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int) -> tuple[ds.Scanner, dict[str, str]]:
-    """A scanner of `tasks`' files, and their locations by the paths its fragments name."""
+def _scanner(
+    plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int
+) -> tuple[ds.Scanner, dict[str, str], dict[str, np.ndarray]]:
+    """A scanner of `tasks`' files, their locations by the paths its fragments name, and the deleted row
+    positions of each fragment that has some."""
     io = plan.table.io
     assert isinstance(io, PyArrowFileIO), "direct_files plans only tables Arrow reads"
     scheme, netloc, _ = io.parse_location(tasks[0].file.file_path)
@@ -130,7 +132,9 @@ def _scanner(plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int) -> tupl
     dataset = ds.dataset(
         list(paths), schema=table_arrow_schema(schema), format="parquet", filesystem=io.fs_by_scheme(scheme, netloc)
     )
-    return dataset.scanner(columns=plan.schema.names, batch_size=batch_rows), paths
+    deleted = deleted_positions(io, tasks, plan.caches.positions)
+    by_fragment = {path: deleted[location] for path, location in paths.items() if location in deleted}
+    return dataset.scanner(columns=plan.schema.names, batch_size=batch_rows), paths, by_fragment
 
 
 def _through_cache(
@@ -154,9 +158,7 @@ def _through_cache(
             held.extend(batches)
     if not missing:  # all from memory: Arrow streams the table without Python per batch
         return pa.Table.from_batches(held, held[0].schema if held else columns).to_reader(max_chunksize=batch_rows)
-    scanner, paths = _scanner(plan, missing, batch_rows)
-    deleted = deleted_positions(plan.table.io, missing, plan.caches.positions)
-    by_fragment = {path: deleted[location] for path, location in paths.items() if location in deleted}
+    scanner, paths, by_fragment = _scanner(plan, missing, batch_rows)
     decoded = without_deleted(scanner.scan_batches(), by_fragment)
     return pa.RecordBatchReader.from_batches(
         scanner.projected_schema, _keeping(held, decoded, {p: keys[loc] for p, loc in paths.items()}, cache)

@@ -163,9 +163,13 @@ class FeatureFlightServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: Any,
         watch_reads: bool = True,
+        options: pa.ipc.IpcWriteOptions = WRITE_OPTIONS,
     ) -> tuple[Any, Any]:
         """The client's stream and the writer back to it, within `--max-batch-mb` and the idle timeout
-        (which, without `watch_reads`, counts only the waits for the client to read results)."""
+        (which, without `watch_reads`, counts only the waits for the client to read results), its streams
+        written with `options` (compressed when the request asks)."""
+        if options is not WRITE_OPTIONS:
+            writer = CompressedWriter(writer, options)
         if self.metrics is not None:
             received, sent = flows(context, self.metrics)
             reader, writer = CountedReader(reader, received), CountedWriter(writer, sent)
@@ -238,11 +242,10 @@ class FeatureFlightServer(flight.FlightServerBase):
         handler = self._handlers[type(request)]
         if is_session(context) and not handler.waits_on_client:
             raise RequestError(f"the {ONLINE_SESSION_HEADER!r} header is for online lookups only")
-        reader, writer = self._client_streams(context, reader, writer, watch_reads=not handler.waits_on_client)
-        options = write_options(request)
-        handler.exchange(
-            request, reader, writer if options is WRITE_OPTIONS else CompressedWriter(writer, options), context
+        reader, writer = self._client_streams(
+            context, reader, writer, watch_reads=not handler.waits_on_client, options=write_options(request)
         )
+        handler.exchange(request, reader, writer, context)
 
     @_flight_errors
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
