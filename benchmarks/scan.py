@@ -59,8 +59,8 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
             labels[f"flight_arrow_{n}"] = f"Flight scan -> Arrow over {endpoints} parallel endpoints"
         properties = target.catalog_properties()
         local = LocalReaders(properties) if properties else None
-        compressed = {codec: FeatureClient(target.location, compression=codec) for codec in CODECS}
         with contextlib.ExitStack() as stack:
+            compressed = {c: stack.enter_context(FeatureClient(target.location, compression=c)) for c in CODECS}
             location = stack.enter_context(ceiling.ceiling_server(received, SERVER_BATCH_ROWS))
             raw = stack.enter_context(flight.FlightClient(location))
             cold = None
@@ -85,8 +85,6 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
                 cases["pyiceberg_local"] = Case(lambda: local.pyiceberg(name))
             report.progress(f"scan: timing {len(cases)} read paths, interleaved")
             timings = measure(cases, settings.repeat, settings.warmup, "scan")
-        for codec_client in compressed.values():
-            codec_client.close()
     ceiling_s = timings[CEILING].median
     results = {}
     for key, timing in timings.items():

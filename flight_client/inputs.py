@@ -52,7 +52,7 @@ def python_columns(data: Any) -> dict[str, list[Any]] | None:
         if not all(columns):
             single = [name for name, column in zip(data, columns, strict=True) if not column]
             raise TypeError(f"give every column of the rows as a list (or all as single values, for one row): {single}")
-        return {str(name): list(values) for name, values in data.items()}
+        return {str(name): values if isinstance(values, list) else list(values) for name, values in data.items()}
     if isinstance(data, list) and data and all(isinstance(row, Mapping) for row in data):
         names = list(dict.fromkeys(name for row in data for name in row))
         return {str(name): [row.get(name) for row in data] for name in names}

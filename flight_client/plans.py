@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_client.client import FeatureClient
+from flight_server.wire.reads import one_batch
 
 # Endpoints a read is split into when the caller does not say (per rank, for PyTorch): enough for 8 workers each.
 DEFAULT_PARTITIONS = 8
@@ -151,8 +152,6 @@ def rebatch(batches: Iterator[pa.RecordBatch], size: int | None) -> Iterator[pa.
     if size is None:
         yield from (b for b in batches if b.num_rows)
         return
-    if size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {size}")
     pending: list[pa.RecordBatch] = []
     rows = 0
     for batch in batches:
@@ -165,13 +164,8 @@ def rebatch(batches: Iterator[pa.RecordBatch], size: int | None) -> Iterator[pa.
         table = pa.Table.from_batches(pending)
         whole = rows - rows % size
         for start in range(0, whole, size):
-            yield _one_batch(table.slice(start, size))
+            yield one_batch(table.slice(start, size))
         rest = table.slice(whole)
         pending, rows = rest.to_batches(), rest.num_rows
     if rows:
-        yield _one_batch(pa.Table.from_batches(pending))
-
-
-def _one_batch(table: pa.Table) -> pa.RecordBatch:
-    batches = table.to_batches()
-    return batches[0] if len(batches) == 1 else pa.concat_batches(batches)
+        yield one_batch(pa.Table.from_batches(pending))

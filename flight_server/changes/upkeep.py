@@ -223,7 +223,7 @@ class Upkeep:
             )
         done = _Round()
         try:
-            policy = Policy.of(self.catalog.load(name).metadata, self.config)
+            policy = Policy.of(self.catalog.read(name).metadata, self.config)  # properties only: no fresh parse
             if policy.enabled:
                 self._steps(name, policy, orphans_due, done)
         except NotFoundError:

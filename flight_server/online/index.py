@@ -23,13 +23,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-from pyiceberg.manifest import ManifestContent, ManifestEntryStatus
 from pyiceberg.table import Table
-from pyiceberg.table.snapshots import Operation
 
 from flight_server.base.filters import quote
 from flight_server.base.schemas import micros
 from flight_server.iceberg.catalog import FeatureSpec
+from flight_server.iceberg.lineage import appended_since
 
 MISSING = -1
 
@@ -86,27 +85,8 @@ def latest_sql(spec: FeatureSpec, columns: list[str], source: str) -> str:
 def appended_files(table: Table, since: int, until: int) -> list[str] | None:
     """Data files added after snapshot `since` up to `until` if every commit between them only
     appended; None when anything else happened (or `since` is no longer an ancestor)."""
-    chain = []
-    snapshot = table.snapshot_by_id(until)
-    while snapshot is not None and snapshot.snapshot_id != since:
-        if snapshot.summary is None or snapshot.summary.operation != Operation.APPEND:
-            return None
-        chain.append(snapshot)
-        parent = snapshot.parent_snapshot_id
-        snapshot = table.snapshot_by_id(parent) if parent is not None else None
-    if snapshot is None:
-        return None
-    files = []
-    for appended in reversed(chain):
-        for manifest in appended.manifests(table.io):
-            if manifest.added_snapshot_id != appended.snapshot_id:
-                continue
-            if manifest.content != ManifestContent.DATA:
-                return None
-            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
-                if entry.status == ManifestEntryStatus.ADDED:
-                    files.append(entry.data_file.file_path)
-    return files
+    files = appended_since(table, since, until).files
+    return None if files is None else [f.file_path for f in files]
 
 
 def _key_bytes(key: Any) -> int:

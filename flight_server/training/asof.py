@@ -85,7 +85,8 @@ class AsofIndex:
         known = self.stamps[:-_BLOCK]
         old = renumber[known // self.axis.span] * axis.span + axis.feature_offsets(self.event_us)
         new, order = _latest(code * axis.span + axis.feature_offsets(event_us), self.spec, rows, usable)
-        positions, new_us = self.row_count + usable[order], event_us[order]
+        rows_at = usable[order]
+        positions, new_us = self.row_count + rows_at, event_us[order]
         at = np.searchsorted(old, new)
         tied = at < len(old)
         tied[tied] = old[at[tied]] == new[tied]
@@ -93,7 +94,7 @@ class AsofIndex:
         if self.spec.created_time and tied.any():
             created = self.columns[self.spec.created_time]
             before = _created(created.take(self.positions[at[tied]], np.ones(int(tied.sum()), bool)))
-            after = _created(rows.column(self.spec.created_time).take(pa.array(usable[order][tied])))
+            after = _created(rows.column(self.spec.created_time).take(pa.array(rows_at[tied])))
             wins[tied] = after >= before
         added = ~tied
         inserted = at[added]

@@ -60,10 +60,10 @@ class TrainingSets:
         """Stream the training set for a `do_get` ticket; the query that computes it before the first batch
         is interrupted once `is_cancelled()` (the client cancelled or went away)."""
         plan, inline = plan_request(self.catalog, request)
-        in_use = self.cache.caches.in_use
-        with in_use.hold(held_snapshots(plan)):  # from planning until the stream ends, expiry keeps its snapshots
+        in_use, held = self.cache.caches.in_use, held_snapshots(plan)
+        with in_use.hold(held):  # from planning until the stream ends, expiry keeps its snapshots
             reader = self._open(plan, inline, is_cancelled)
-        return in_use.holding(held_snapshots(plan), reader)
+        return in_use.holding(held, reader)
 
     def _open(
         self, plan: HistoricalPlan, inline: pa.Table | None, is_cancelled: Callable[[], bool] | None
