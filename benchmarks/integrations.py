@@ -10,6 +10,7 @@ once (row count and the sum of the labels), or the run fails. Needs the `torch` 
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
@@ -135,6 +136,8 @@ def run(target: Target, settings: Settings, entity_rows_count: int | None = None
         report.progress(f"integrations: timing {len(cases)} ways to read {n_entities:,} training rows, interleaved")
         timings = measure(cases, settings.repeat, settings.warmup, "integrations")
     finally:
+        # Ray ends the process if a Ray object is freed after shutdown: free the unreachable ones first.
+        gc.collect()
         ray.shutdown()
     for name, counts in got.items():
         if counts[0] != expected[0] or not np.isclose(counts[1], expected[1]):

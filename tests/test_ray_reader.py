@@ -1,18 +1,20 @@
 """`flight_client.ray` on a local Ray cluster against two real server replicas: a table and a training
-set read as `ray.data.Dataset`s, one read task per endpoint, equal the client's plain reads."""
+set read as `ray.data.Dataset`s, one read task per endpoint, equal the client's plain reads. The Ray
+driver runs in a child process (tests/ray_driver.py says why)."""
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
-import ray
 
 from flight_client import FeatureClient
 from flight_client.plans import plan_table
-from flight_client.ray import FlightDatasource, read_table, read_training_set
+from flight_client.ray import FlightDatasource
+from tests import ray_driver
 from tests.conftest import serve_replicas, sqlite_catalog
 from tests.feature_sets import SCAN_ROWS, TRIPS, write_scan_table, write_training_set
 
@@ -31,18 +33,13 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    """One local Ray cluster of two CPUs for the module."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def driver() -> Iterator[ProcessPoolExecutor]:
+    """One child process that holds a local Ray cluster of two CPUs for the module."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
 
 
-def collect(dataset: ray.data.Dataset) -> pa.Table:
-    return pa.concat_tables(ray.get(dataset.to_arrow_refs())).replace_schema_metadata(None)
-
-
-def test_table_is_read_by_one_task_per_endpoint(cluster: None, replicas: list[str]) -> None:
+def test_table_is_read_by_one_task_per_endpoint(driver: ProcessPoolExecutor, replicas: list[str]) -> None:
     with FeatureClient(replicas[0]) as client:
         table = write_scan_table(client)
         plain = client.read_table(table).replace_schema_metadata(None)
@@ -50,18 +47,19 @@ def test_table_is_read_by_one_task_per_endpoint(cluster: None, replicas: list[st
     assert {e.locations[0] for e in plan.endpoints} == set(replicas), "the tasks spread over both replicas"
     source = FlightDatasource(plan)
     assert len(source.get_read_tasks(200)) == 4 and len(source.get_read_tasks(3)) == 3
-    dataset = ray.data.read_datasource(source)
-    got = collect(dataset)
-    assert "4 tasks executed" in dataset.stats()
+    got, stats = driver.submit(ray_driver.read_plan, plan).result()
+    assert "4 tasks executed" in stats
     assert got.num_rows == SCAN_ROWS and got.sort_by("id").equals(plain.sort_by("id"))
 
-    columns = collect(read_table(replicas[1], table, columns=["id", "name"], partitions=2))
+    columns = driver.submit(
+        ray_driver.read_whole_table, replicas[1], table, columns=["id", "name"], partitions=2
+    ).result()
     assert columns.sort_by("id").equals(plain.select(["id", "name"]).sort_by("id"))
 
 
-def test_training_set_equals_the_plain_read(cluster: None, replicas: list[str]) -> None:
+def test_training_set_equals_the_plain_read(driver: ProcessPoolExecutor, replicas: list[str]) -> None:
     with FeatureClient(replicas[0]) as client:
         trips, features = write_training_set(client)
         plain = client.get_historical_features(trips, features).replace_schema_metadata(None)
-    got = collect(read_training_set(replicas[0], trips, features, partitions=4))
+    got = driver.submit(ray_driver.read_whole_training_set, replicas[0], trips, features, partitions=4).result()
     assert got.num_rows == TRIPS and got.sort_by("trip_id").equals(plain.sort_by("trip_id"))
