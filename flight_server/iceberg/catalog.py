@@ -171,6 +171,25 @@ def partition_spec(fields: list[str], schema: Schema) -> PartitionSpec:
     return PartitionSpec(*partition_fields)
 
 
+# Replicas starting at once on a new SQL catalog race to create its tables: the losers' CREATE fails with
+# "already exists" (SQLite) or a duplicate key (PostgreSQL), and a second attempt finds the tables there.
+_CREATION_RACE = ("already exists", "duplicate key")
+_CREATION_ATTEMPTS = 3
+
+
+def _load(name: str, properties: dict[str, str]) -> Catalog:
+    attempt = 1
+    while True:
+        try:
+            return load_catalog(name, **properties)
+        except Exception as exc:  # whatever the catalog library raises, the operator needs one line, no secret
+            if attempt < _CREATION_ATTEMPTS and any(race in str(exc).lower() for race in _CREATION_RACE):
+                log.info("catalog %r: another server was creating its tables; trying again", name)
+                attempt += 1
+                continue
+            raise CatalogError(catalog_failure(name, properties, exc)) from exc
+
+
 class FeatureCatalog:
     """The pyiceberg catalog, with the lookups and errors the server needs."""
 
@@ -178,10 +197,7 @@ class FeatureCatalog:
         self.name = name
         self.properties = properties
         self.default_namespace = default_namespace
-        try:
-            self.catalog: Catalog = load_catalog(name, **properties)
-        except Exception as exc:  # whatever the catalog library raises, the operator needs one line, no secret
-            raise CatalogError(catalog_failure(name, properties, exc)) from exc
+        self.catalog: Catalog = _load(name, properties)
         self._read: dict[str, Table] = {}  # by table name: the last loaded for reading (see `read`)
         log.info("catalog %r: %s", name, redact(properties))
 
