@@ -27,6 +27,26 @@ def fresh_postgres(url: str, root: Path) -> dict[str, str]:
     return {"type": "sql", "uri": url.rsplit("/", 1)[0] + f"/{database}", "warehouse": root.as_uri()}
 
 
+def start_at_once(properties: dict[str, str]) -> list[BaseException]:
+    """Open the catalog from `STARTS` threads released together; what each one raised."""
+    start_line = threading.Barrier(STARTS)
+    failures: list[BaseException] = []
+
+    def start() -> None:
+        start_line.wait()
+        try:
+            FeatureCatalog("default", dict(properties)).catalog.list_namespaces()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(STARTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failures
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_servers_starting_at_once_on_a_new_catalog_all_open_it(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
@@ -37,19 +57,5 @@ def test_servers_starting_at_once_on_a_new_catalog_all_open_it(
         properties = (
             sqlite_catalog(root) if kind == "sqlite" else fresh_postgres(request.getfixturevalue("postgres_url"), root)
         )
-        start_line = threading.Barrier(STARTS)
-        failures: list[BaseException] = []
-
-        def start(properties: dict[str, str] = properties, start_line: threading.Barrier = start_line) -> None:
-            start_line.wait()
-            try:
-                FeatureCatalog("default", dict(properties)).catalog.list_namespaces()
-            except BaseException as exc:
-                failures.append(exc)
-
-        threads = [threading.Thread(target=start) for _ in range(STARTS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        failures = start_at_once(properties)
         assert not failures, failures[0]
