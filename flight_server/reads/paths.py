@@ -172,8 +172,8 @@ def _keeping(
     cache: FileCache,
 ) -> Iterator[pa.RecordBatch]:
     """`held`, then `decoded`, whose files go into `cache` once every one is read (a scan the client leaves
-    early keeps nothing); what all scans collect at once stays within the cache's size (`FileCache.reserve`),
-    so the server holds at most twice that: the cache, and the files on their way into it."""
+    early keeps nothing); what all scans collect at once is reserved (`FileCache.reserve`), so that the cache
+    and the files on their way into it together stay within its size and the server's memory budget."""
     yield from held
     files: dict[str, list[pa.RecordBatch]] | None = {path: [] for path in keys}
     reserved = 0
@@ -187,7 +187,7 @@ def _keeping(
                     files = None
             yield batch
         for path, batches in (files or {}).items():
-            cache.put(keys[path], batches)
+            reserved -= cache.put(keys[path], batches, reserved=True)
     finally:
         cache.release(reserved)
 
