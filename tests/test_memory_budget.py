@@ -181,33 +181,52 @@ def test_caches_filled_past_the_budget_stay_within_it_and_answer_like_no_cache(
         server.shutdown()
 
 
-def test_a_cache_that_needs_room_evicts_the_least_recently_used_entry_of_another(
+def test_a_cache_that_needs_room_evicts_the_least_recently_used_entry_of_any_cache(
     catalog: dict[str, str], plain: FeatureClient
 ) -> None:
-    """Scans fill the budget; a training set then takes the room of the scan entries least recently used,
-    and the scan entry read since stays."""
-    server = start_server(catalog, memory_budget_bytes=250 * KB)  # three tables' scans fit, not with an index
+    """A training-set index and the scans of two tables fill the budget. A third scan takes the room of the
+    index, used longest ago, not of the scans; the index, built again, takes the room of the scan entries
+    least recently used, and the one read since stays."""
+    server = start_server(catalog, memory_budget_bytes=250 * KB)  # an index (~110 KB), two scans (~65 KB each)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            for table in ("lru.a", "lru.b", "lru.c"):
+            for table in ("lru.a", "lru.b", "lru.c", "lru.d"):
                 write(client, table, rows(0, 2000))
-            for table in ("lru.a", "lru.b", "lru.c"):
-                client.read_table(table)
-            scan = memory(client)["caches"]["scan"]
-            assert scan["bytes"] > 150 * KB and scan["evictions"] == {"cap": 0, "budget": 0}
-            client.read_table("lru.a")  # now the most recently used
-            hits = client.health()["scan_cache"]["hits"]
-            got = client.get_historical_features(entities(200), ["lru.b:x"])
-            assert ordered(got).equals(ordered(plain.get_historical_features(entities(200), ["lru.b:x"])))
+
+            def training_set() -> None:
+                got = client.get_historical_features(entities(200), ["lru.c:x"])
+                assert ordered(got).equals(ordered(plain.get_historical_features(entities(200), ["lru.c:x"])))
+
+            def scan_counts() -> tuple[int, int]:
+                stats = client.health()["scan_cache"]
+                return stats["hits"], stats["misses"]
+
+            training_set()
+            client.read_table("lru.a")
+            client.read_table("lru.b")
+            caches = memory(client)["caches"]
+            assert caches["training_set"]["bytes"] > 0 and caches["scan"]["bytes"] > 0
+            assert caches["training_set"]["evictions"]["budget"] == caches["scan"]["evictions"]["budget"] == 0
+
+            client.read_table("lru.d")  # needs room: the index was used longest ago
             stats = memory(client)
             within(stats)
-            assert stats["caches"]["training_set"]["bytes"] > 0
-            assert stats["caches"]["scan"]["evictions"]["budget"] > 0
-            client.read_table("lru.a")  # still held
-            assert client.health()["scan_cache"]["hits"] > hits
-            misses = client.health()["scan_cache"]["misses"]
-            client.read_table("lru.b")  # evicted first: read from its files again
-            assert client.health()["scan_cache"]["misses"] > misses
+            assert stats["caches"]["training_set"]["bytes"] == 0
+            assert stats["caches"]["training_set"]["evictions"]["budget"] == 1
+            assert stats["caches"]["scan"]["evictions"]["budget"] == 0
+            hits, misses = scan_counts()
+            client.read_table("lru.b")  # the scans stayed (b is now the most recently used of them)
+            assert scan_counts()[1] == misses and scan_counts()[0] > hits
+
+            training_set()  # built again: evicts a's files, the least recently used
+            stats = memory(client)
+            within(stats)
+            assert stats["caches"]["training_set"]["bytes"] > 0 and stats["caches"]["scan"]["evictions"]["budget"] > 0
+            hits, misses = scan_counts()
+            client.read_table("lru.b")
+            assert scan_counts()[1] == misses and scan_counts()[0] > hits  # b's files from memory
+            client.read_table("lru.a")
+            assert scan_counts()[1] > misses  # a's decoded again
     finally:
         server.shutdown()
 
@@ -273,6 +292,7 @@ def test_online_indexes_keep_answering_when_they_alone_pass_the_budget(
             got = client.get_historical_features(entities(50), ["online.scanned:x"])
             assert ordered(got).equals(ordered(plain.get_historical_features(entities(50), ["online.scanned:x"])))
             assert memory(client)["caches"]["training_set"]["bytes"] == 0
+            assert client.health()["training_set_cache"]["snapshots"] == 0  # built for the request, not kept
     finally:
         server.shutdown()
 
