@@ -6,6 +6,7 @@ still holds; online indexes are never evicted and keep answering when they alone
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
 import threading
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flight_client import FeatureClient, ResourceExhaustedError
-from flight_server.base.memory import MemoryBudget
+from flight_server.base.memory import MemoryBudget, default_budget, machine_memory
 from tests.conftest import sqlite_catalog, start_server, wait_until
 from tests.services import free_ports
 from tests.test_metrics import scrape, value
@@ -316,6 +317,17 @@ def test_the_metrics_show_the_budget_what_each_cache_holds_and_evictions(catalog
         for why, count in scan["evictions"].items():
             assert value(samples, "flight_cache_evictions_total", cache="scan", why=why) == count
         assert value(samples, "flight_cache_evicted_bytes_total", cache="scan") == scan["evicted_bytes"] > 0
+    finally:
+        server.shutdown()
+
+
+def test_the_default_budget_is_half_the_memory_the_server_may_use(catalog: dict[str, str]) -> None:
+    server = start_server(catalog)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            budget = memory(client)["max_bytes"]
+        assert budget == default_budget() == machine_memory() // 2 > 0
+        assert machine_memory() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     finally:
         server.shutdown()
 

@@ -217,7 +217,7 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "Memory and the engine",
         "Memory the scan cache, the training-set indexes and the online indexes may take together (with the "
         "files scans collect for the scan cache); each stays within its own cap too. When a cache needs room, "
-        "the least recently used entry of any cache goes; online indexes are never evicted (see Memory).",
+        "the least recently used entry of any cache goes; online indexes are never evicted: the others make room.",
         "memory_budget_bytes",
         click.IntRange(1),
         unit=MB,
