@@ -141,8 +141,7 @@ def _through_cache(
     plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int, cache: FileCache
 ) -> pa.RecordBatchReader:
     """The files `cache` holds, then the others decoded (and kept once the scan has read them all)."""
-    arrow = table_arrow_schema(snapshot_schema(plan.table, plan.snapshot_id))
-    columns = pa.schema([arrow.field(name) for name in plan.schema.names])
+    columns = plan.schema  # the snapshot's Arrow schema, projected (`plan_table_scan`)
     shape = (columns.to_string(),)
     keys = {
         task.file.file_path: (task.file.file_path, shape, tuple(sorted(d.file_path for d in task.delete_files)))
