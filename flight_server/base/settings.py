@@ -212,6 +212,18 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         unit=MB,
     ),
     Setting(
+        "--memory-budget-mb",
+        "FLIGHT_SERVER_MEMORY_BUDGET_MB",
+        "Memory and the engine",
+        "Memory the scan cache, the training-set indexes and the online indexes may take together (with the "
+        "files scans collect for the scan cache); each stays within its own cap too. When a cache needs room, "
+        "the least recently used entry of any cache goes; online indexes are never evicted: the others make room.",
+        "memory_budget_bytes",
+        click.IntRange(1),
+        unit=MB,
+        default_text="half the machine's memory (its container's limit, if lower)",
+    ),
+    Setting(
         "--group-commit/--no-group-commit",
         "FLIGHT_SERVER_GROUP_COMMIT",
         "Writes",

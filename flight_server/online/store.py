@@ -11,6 +11,7 @@ import pyarrow as pa
 from pyiceberg.table import Table
 
 from flight_server.base.locks import LockPool
+from flight_server.base.memory import MemoryBudget
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
 from flight_server.online.index import (
@@ -47,6 +48,7 @@ class OnlineStore:
         refresh_seconds: float = 0.5,
         max_bytes: int = 2 << 30,
         preload: tuple[str, ...] | list[str] = (),
+        budget: MemoryBudget | None = None,
     ):
         self.catalog = catalog
         self.engine, self.caches = engine, caches
@@ -58,6 +60,9 @@ class OnlineStore:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._preload = list(preload)
+        # Pinned in the server's memory budget: serving needs every index, so the other caches make room.
+        self._account = (budget or MemoryBudget(max_bytes)).account("online_index", max_bytes)
+        self._over = False  # the indexes alone pass the budget (logged once each time it starts)
         self._thread = threading.Thread(target=self._run, name="online-refresh", daemon=True)
         self._thread.start()
 
@@ -80,6 +85,7 @@ class OnlineStore:
             if index is None:
                 index = self.build(self.catalog.read(name))
                 self._indexes[name] = index
+                self._charge()
             return index
 
     def peek(self, ref: str) -> OnlineIndex | None:
@@ -104,10 +110,24 @@ class OnlineStore:
             "refresh_seconds": self.refresh_seconds,
         }
 
-    def _room(self, name: str) -> int:
-        """Bytes an index of `name` may take without the indexes together passing `max_bytes`."""
+    def _room(self, name: str, within_budget: bool = True) -> int:
+        """Bytes an index of `name` may take without the indexes together passing `max_bytes`, nor (for a new
+        index) the memory budget once the other caches have made room. An index already served is refreshed
+        whatever the budget says: dropping it would stop its lookups."""
         others = sum(i.nbytes() for n, i in list(self._indexes.items()) if n != name)
-        return self.max_bytes - others
+        return (min(self.max_bytes, self._account.limit()) if within_budget else self.max_bytes) - others
+
+    def _charge(self) -> None:
+        """Tell the memory budget what the indexes take now (the other caches evict to make room)."""
+        with self._account.lock:  # summed under it, so that the last charge counts every index added before it
+            over = self._account.hold(sum(i.nbytes() for i in list(self._indexes.values())))
+        if over and not self._over:
+            log.warning(
+                "the online indexes pass the memory budget by %.1f MiB: they keep serving, and the scan and "
+                "training-set caches keep nothing until they shrink (raise --memory-budget-mb)",
+                over / 2**20,
+            )
+        self._over = over > 0
 
     def _read_latest(
         self, table: Table, spec: FeatureSpec, schema: pa.Schema, files: list[str] | None, room: int
@@ -142,14 +162,15 @@ class OnlineStore:
                 if taken > room:
                     raise LimitError(
                         f"the online index of {table_name(table)!r} would take more than the memory cap leaves "
-                        f"({max(room, 0) >> 20} MiB; raise --online-max-mb)"
+                        f"({max(room, 0) >> 20} MiB; raise --online-max-mb or --memory-budget-mb)"
                     )
             return (pa.Table.from_batches(batches).cast(schema) if batches else schema.empty_table()), path
         finally:
             cursor.close()
 
-    def build(self, table: Table) -> OnlineIndex:
-        """An index of the table's current snapshot, read whole on a scan's read path."""
+    def build(self, table: Table, within_budget: bool = True) -> OnlineIndex:
+        """An index of the table's current snapshot, read whole on a scan's read path (a rebuild of an index
+        already served: whatever the memory budget says)."""
         name = table_name(table)
         spec = feature_spec(table)
         schema = table_arrow_schema(table.schema())
@@ -164,13 +185,14 @@ class OnlineStore:
         if snapshot is None:
             rows = schema.empty_table()
         else:
-            rows, path = self._read_latest(table, spec, schema, None, self._room(name))
+            rows, path = self._read_latest(table, spec, schema, None, self._room(name, within_budget))
             rows = rows.combine_chunks()
         keys = table_keys(rows, spec)
-        if keys and estimate_bytes(rows, keys[0]) > self._room(name):
+        if keys and estimate_bytes(rows, keys[0]) > self._room(name, within_budget):
             raise LimitError(
                 f"the online index of {name!r} would take about {estimate_bytes(rows, keys[0]) >> 20} MiB "
-                f"({len(keys)} entities), more than the memory cap leaves (raise --online-max-mb)"
+                f"({len(keys)} entities), more than the memory cap leaves (raise --online-max-mb or "
+                "--memory-budget-mb)"
             )
         state = IndexState(
             snapshot.snapshot_id if snapshot else None,
@@ -216,12 +238,12 @@ class OnlineStore:
             files = appended_files(table, state.snapshot_id, current)
         if files is not None:
             assert current is not None, "files are appended up to a current snapshot"
-            room = self._room(name) - index.nbytes()
+            room = self._room(name, within_budget=False) - index.nbytes()
             latest = self._read_latest(table, state.spec, index.schema, files, room)[0] if files else None
             changed = index.apply(latest if latest is not None else index.schema.empty_table(), current)
             index.appends += 1
             return f"appended {len(files)} file(s), {changed} key(s) changed"
-        rebuilt = self.build(table)
+        rebuilt = self.build(table, within_budget=False)
         index.state, index.build_seconds, index.read_path = rebuilt.state, rebuilt.build_seconds, rebuilt.read_path
         index.rebuilds += 1
         return "rebuilt"
@@ -248,13 +270,16 @@ class OnlineStore:
                 outcome = self.refresh(name)
             index.error, index.checked_at = None, started
             if outcome != "current":
+                self._charge()
                 log.info("online index %s: %s (snapshot %s)", name, outcome, index.state.snapshot_id)
         except NotFoundError:
             log.info("online index %s: the table is gone; index dropped", name)
             self._indexes.pop(name, None)
+            self._charge()
         except LimitError as exc:
             log.error("online index %s: %s", name, exc)
             self._indexes.pop(name, None)
+            self._charge()
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             if error != index.error:  # once per distinct failure, not at every poll

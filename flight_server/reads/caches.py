@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 from pyiceberg.table import FileScanTask
 
+from flight_server.base.memory import MemoryBudget
 from flight_server.reads.inuse import SnapshotsInUse
 
 PLAN_CACHE_ENTRIES = 256  # plans of recent reads kept (by table, snapshot and filter)
@@ -94,35 +95,30 @@ FileKey = tuple[str, tuple[str, ...], tuple[str, ...]]  # data file, columns, it
 
 class FileCache:
     """Decoded rows of data files that whole-table scans read, without their deleted rows, by (data file,
-    columns, position delete files); the least recently used go past `max_bytes` (0: nothing kept).
+    columns, position delete files); the least recently used go past `max_bytes` (0: nothing kept), or when
+    the server's memory budget needs room (`base.memory`).
 
     Training jobs read the same snapshot every epoch and from every worker: a cached file streams from
     memory instead of being decoded again. Data files never change, so an entry is never stale, and a
     table's next snapshot shares every file it did not replace (an append decodes only its new files).
     """
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, budget: MemoryBudget | None = None):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[FileKey, list[pa.RecordBatch]] = OrderedDict()
-        self._sizes: dict[FileKey, int] = {}
-        self._bytes = 0
-        self._collecting = 0  # bytes scans hold to put here once they end (`reserve`)
+        self._entries: dict[FileKey, list[pa.RecordBatch]] = {}
+        self._account = (budget or MemoryBudget(max_bytes)).account("scan", max_bytes, self._entries.pop)
+        self._lock = self._account.lock  # the budget's: its evictions drop entries here
         self.hits = self.misses = 0
-        self._lock = threading.Lock()
 
     def reserve(self, size: int) -> bool:
-        """Whether a scan may hold `size` more bytes to put here later: all scans together hold at most
-        `max_bytes` (each of 16 parallel endpoints collecting up to the whole budget would hold 16 times it)."""
-        with self._lock:
-            if self._collecting + size > self.max_bytes:
-                return False
-            self._collecting += size
-            return True
+        """Whether a scan may hold `size` more bytes to put here later: what scans collect counts against the
+        cache's size and the budget with what it holds (each of 16 parallel endpoints collecting up to the whole
+        cache would otherwise hold 16 times it)."""
+        return self._account.reserve(size)
 
     def release(self, size: int) -> None:
-        """A scan no longer holds `size` bytes of its reservation (it put them here, or gave up)."""
-        with self._lock:
-            self._collecting -= size
+        """A scan no longer holds `size` bytes of its reservation (it gave up, or put less than it reserved)."""
+        self._account.release(size)
 
     def get(self, key: FileKey) -> list[pa.RecordBatch] | None:
         with self._lock:
@@ -131,29 +127,26 @@ class FileCache:
                 self.misses += 1
                 return None
             self.hits += 1
-            self._entries.move_to_end(key)
+            self._account.touch(key)
             return batches
 
-    def put(self, key: FileKey, batches: list[pa.RecordBatch]) -> None:
+    def put(self, key: FileKey, batches: list[pa.RecordBatch], reserved: bool = False) -> int:
+        """Keep a file's rows if they fit; `reserved`: the caller reserved them, and its reservation becomes
+        the entry (or is released if the rows are not kept). Returns their size."""
         size = sum(batch.nbytes for batch in batches)
-        if size > self.max_bytes:
-            return
         with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key], self._sizes[key] = batches, size
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                oldest, _ = self._entries.popitem(last=False)
-                self._bytes -= self._sizes.pop(oldest)
+            if self._account.admit(key, size, size if reserved else 0):
+                self._entries.setdefault(key, batches)
+        return size
 
     def stats(self) -> dict[str, int]:
         with self._lock:
+            account = self._account.stats()
             return {
                 "files": len(self._entries),
-                "bytes": self._bytes,
+                "bytes": account["bytes"],
                 "max_bytes": self.max_bytes,
-                "collecting": self._collecting,
+                "collecting": account["reserved"],
                 "hits": self.hits,
                 "misses": self.misses,
             }

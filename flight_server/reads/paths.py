@@ -141,8 +141,7 @@ def _through_cache(
     plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int, cache: FileCache
 ) -> pa.RecordBatchReader:
     """The files `cache` holds, then the others decoded (and kept once the scan has read them all)."""
-    arrow = table_arrow_schema(snapshot_schema(plan.table, plan.snapshot_id))
-    columns = pa.schema([arrow.field(name) for name in plan.schema.names])
+    columns = plan.schema  # the snapshot's Arrow schema, projected (`plan_table_scan`)
     shape = (columns.to_string(),)
     keys = {
         task.file.file_path: (task.file.file_path, shape, tuple(sorted(d.file_path for d in task.delete_files)))
@@ -172,8 +171,8 @@ def _keeping(
     cache: FileCache,
 ) -> Iterator[pa.RecordBatch]:
     """`held`, then `decoded`, whose files go into `cache` once every one is read (a scan the client leaves
-    early keeps nothing); what all scans collect at once stays within the cache's size (`FileCache.reserve`),
-    so the server holds at most twice that: the cache, and the files on their way into it."""
+    early keeps nothing); what all scans collect at once is reserved (`FileCache.reserve`), so that the cache
+    and the files on their way into it together stay within its size and the server's memory budget."""
     yield from held
     files: dict[str, list[pa.RecordBatch]] | None = {path: [] for path in keys}
     reserved = 0
@@ -187,7 +186,7 @@ def _keeping(
                     files = None
             yield batch
         for path, batches in (files or {}).items():
-            cache.put(keys[path], batches)
+            reserved -= cache.put(keys[path], batches, reserved=True)
     finally:
         cache.release(reserved)
 

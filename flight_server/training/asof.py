@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from pyiceberg.table import Table
 
 from flight_server.base.locks import LockPool
+from flight_server.base.memory import MemoryBudget
 from flight_server.base.schemas import micros
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, table_name
 from flight_server.iceberg.lineage import appended_since
@@ -225,6 +226,7 @@ class AsofCache:
         max_bytes: int,
         catalog: FeatureCatalog | None = None,
         refresh_seconds: float = 0.5,
+        budget: MemoryBudget | None = None,
     ):
         self.engine, self.caches = engine, caches
         self.max_bytes = max_bytes
@@ -235,7 +237,9 @@ class AsofCache:
         self.refreshed_ahead = 0  # indexes built by the refresh thread, before any request asked
         self._indexes: OrderedDict[tuple[str, int | None, FeatureSpec], AsofIndex] = OrderedDict()
         self._too_large: set[tuple[str, int | None, FeatureSpec]] = set()
-        self._lock = threading.Lock()
+        # The byte cap and the server's memory budget: evictions for either drop indexes here, under its lock.
+        self._account = (budget or MemoryBudget(max_bytes)).account("training_set", max_bytes, self._indexes.pop)
+        self._lock = self._account.lock
         self._building = LockPool()  # one build per snapshot at a time: requests for it wait for the first
         self._follow: dict[str, tuple[str, FeatureSpec]] = {}  # table name -> (uuid, spec) to bring forward
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -277,7 +281,7 @@ class AsofCache:
                     return None
                 if key in self._indexes:
                     self.hits += 1
-                    self._indexes.move_to_end(key)
+                    self._account.touch(key)  # least recently used across the server's caches go first
                     return self._indexes[key]
                 self.misses += 1
             try:
@@ -288,13 +292,14 @@ class AsofCache:
                     self._too_large.add(key)
                 return None
             with self._lock:
-                self._indexes[key] = index
+                if self._account.admit(key, index.nbytes()):  # else serves this request only
+                    self._indexes[key] = index
+                elif index.nbytes() > self.max_bytes:
+                    self._too_large.add(key)
                 if extended:
                     self.incremental_builds += 1
                 else:
                     self.builds += 1
-                while sum(i.nbytes() for i in self._indexes.values()) > self.max_bytes and len(self._indexes) > 1:
-                    self._indexes.popitem(last=False)
             return index
 
     def snapshots(self, table_uuid: str) -> set[int]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from flight_server.base.config import ServerConfig
 from flight_server.base.locks import LockPool
+from flight_server.base.memory import MemoryBudget, default_budget
 from flight_server.changes.deletes import Deleter
 from flight_server.changes.maintenance import Maintenance
 from flight_server.changes.upkeep import Upkeep
@@ -27,6 +28,7 @@ class Components:
     config: ServerConfig
     catalog: FeatureCatalog
     engine: Engine
+    memory: MemoryBudget  # what the caches below hold together
     caches: ReadCaches
     writer: Writer
     deleter: Deleter
@@ -41,14 +43,22 @@ class Components:
         catalog = FeatureCatalog(config.catalog_name, config.resolved_catalog_properties(), config.default_namespace)
         engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
         engine.use_storage(catalog.properties)
-        caches = ReadCaches(files=FileCache(config.scan_cache_bytes))
+        budget = config.memory_budget_bytes
+        memory = MemoryBudget(default_budget() if budget is None else budget)
+        caches = ReadCaches(files=FileCache(config.scan_cache_bytes, memory))
         # Deletes and maintenance commit through the same per-table locks as writes.
         locks = LockPool()
         limits = (config.write_chunk_bytes, config.commit_timeout_seconds, config.batch_rows)
         store = OnlineStore(
-            catalog, engine, caches, config.online_refresh_seconds, config.online_max_bytes, config.online_tables
+            catalog,
+            engine,
+            caches,
+            config.online_refresh_seconds,
+            config.online_max_bytes,
+            config.online_tables,
+            memory,
         )
-        cache = AsofCache(engine, caches, config.historical_cache_bytes, catalog, config.online_refresh_seconds)
+        cache = AsofCache(engine, caches, config.historical_cache_bytes, catalog, config.online_refresh_seconds, memory)
         training = TrainingSets(catalog, engine, cache, config.batch_rows, config.max_exchange_bytes)
 
         def in_use(table_uuid: str) -> set[int]:
@@ -60,6 +70,7 @@ class Components:
             config=config,
             catalog=catalog,
             engine=engine,
+            memory=memory,
             caches=caches,
             writer=Writer(catalog, config.write_chunk_bytes, config.commit_timeout_seconds, locks, config.group_commit),
             deleter=Deleter(catalog, engine, locks, *limits),

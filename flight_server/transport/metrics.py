@@ -187,10 +187,38 @@ class PartsCollector(Collector):
             hits.add_metric([name], hit)
             misses.add_metric([name], missed)
         yield from (entries, size, limit, hits, misses)
+        yield from _memory(self.parts.memory.stats())
         yield from _online(indexes, online_bytes)
         yield GaugeMetricFamily(
             "flight_writes_in_progress", "Puts being written or committed.", value=self.parts.writer.in_progress
         )
+
+
+def _memory(stats: dict[str, Any]) -> Iterator[Metric]:
+    """The memory budget the caches share: its size, what each cache holds and reserves, what was evicted."""
+    yield GaugeMetricFamily(
+        "flight_memory_budget_bytes",
+        "Memory the caches may hold together (--memory-budget-mb).",
+        value=stats["max_bytes"],
+    )
+    used = GaugeMetricFamily(
+        "flight_memory_budget_used_bytes",
+        "Memory drawn from the budget, by cache and kind: held (entries), reserved (rows scans collect for the cache).",
+        labels=["cache", "kind"],
+    )
+    evictions = CounterMetricFamily(
+        "flight_cache_evictions",
+        "Entries evicted, by cache and why: its own cap, or the shared memory budget (another entry needed room).",
+        labels=["cache", "why"],
+    )
+    evicted = CounterMetricFamily("flight_cache_evicted_bytes", "Bytes evicted, by cache.", labels=["cache"])
+    for name, cache in stats["caches"].items():
+        used.add_metric([name, "held"], cache["bytes"])
+        used.add_metric([name, "reserved"], cache["reserved"])
+        for why, count in cache["evictions"].items():
+            evictions.add_metric([name, why], count)
+        evicted.add_metric([name], cache["evicted_bytes"])
+    yield from (used, evictions, evicted)
 
 
 def _online(indexes: dict[str, OnlineIndex], nbytes: dict[str, int]) -> Iterator[Metric]:

@@ -151,6 +151,7 @@ class Health(Reply):
     training_set_cache: dict[str, int]
     scan_cache: dict[str, int]
     maintenance: dict[str, Any]  # automatic maintenance: settings, totals, the last round
+    memory: dict[str, Any]  # the memory budget: its size, what each cache holds and reserves, evictions
 
 
 @dataclass(frozen=True)
