@@ -38,7 +38,7 @@ from flight_server.base.schemas import Conformer, new_table_schema, table_arrow_
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.commits import delete_files, live_files
 from flight_server.changes.files import write_data_files
-from flight_server.changes.group import MAX_PUTS, GroupCommits, Put, same_fields
+from flight_server.changes.group import MAX_PUTS, GroupCommits, Put, group_commit_enabled, same_fields
 from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
 from flight_server.iceberg.catalog import (
     NEW_TABLE_HISTORY,
@@ -257,7 +257,8 @@ class Writer:
         identifier = self.catalog.identifier(request.table)
         if request.mode == "append" and staged.table is not None and not staged.evolved:  # only adds data files
             schema, spec_id = staged.metadata.schema(), staged.metadata.default_spec_id
-            put = Put(request.table, request.write_id, files, rows, schema, spec_id, deadline)
+            grouped = group_commit_enabled(staged.metadata)
+            put = Put(request.table, request.write_id, files, rows, schema, spec_id, deadline, grouped)
             result = self._groups.commit(identifier, put)
             if result.duplicate:
                 delete_files(staged.io, [f.file_path for f in files])
