@@ -316,7 +316,7 @@ def run(
                 raise RuntimeError(f"{name} does not hold the {data.num_rows} rows written to it")
     keys = [int(k) for k in np.random.default_rng(settings.seed).choice(data[ENTITY_KEY].to_numpy(), LOOKUP_ENTITIES)]
     reads = measure_reads(target, tables, refs, keys, settings.repeat)
-    report.progress(f"history: 1 writer, {WRITERS} concurrent writers with and without group commit")
+    report.progress(f"history: 1 writer, {WRITERS[-1]} concurrent writers with and without group commit")
     writers = writer_runs(target, data, puts_per_writer)
     metadata: dict[str, Any] = {}
     properties = target.catalog_properties()
