@@ -159,7 +159,7 @@ def writer_runs(target: Target, data: pa.Table, puts_per_writer: int) -> list[di
     with one snapshot per put, on a server started with `--no-group-commit` on the same catalog (left out when
     the target is a server given by `--location`); each the same number of puts, with its ratio to the one
     writer's and, for the grouped writers, to the same writers' without group commit (the goal)."""
-    one, many = WRITERS
+    many = WRITERS[-1]
     puts = puts_per_writer * many
     runs = [concurrent_puts(target.location, target.pid, data, n, puts // n) for n in WRITERS]
     if target.warehouse is not None:
