@@ -5,11 +5,11 @@ with its own metadata file, manifest list and manifest. This measures what that 
 latency from the first puts to the last (the goal: the last tenth at most 1.5x the first), reads of
 the resulting table against the same rows written in one put (the goal: at most 2x), each on a freshly
 started server so no cache of the running one hides the cost, the metadata left on disk, and 16
-concurrent writers of one-row puts, which group commit lets share snapshots (the goal: 10x one
-writer's puts/s; a server run with `--no-group-commit` gives one snapshot per put to compare). The
-baseline is pyiceberg's own `append` of one-row tables in a loop, in process, with and without its
-manifest merging (`commit.manifest-merge.enabled`, which makes `Table.append` a merge append in
-pyiceberg 0.12).
+concurrent writers of one-row puts, which group commit lets share snapshots (the goal: 10x the puts/s
+of the same 16 writers with one snapshot per put, against a server started on the same catalog with
+`--no-group-commit`; one writer's puts/s is shown for context). The baseline is pyiceberg's own
+`append` of one-row tables in a loop, in process, with and without its manifest merging
+(`commit.manifest-merge.enabled`, which makes `Table.append` a merge append in pyiceberg 0.12).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from benchmarks import report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, TIMESTAMP, feature_names, feature_table
 from benchmarks.harness import Settings, Target, local_server, table_name
+from benchmarks.scale import _cpu_seconds
 from flight_client import FeatureClient
 from flight_server.reads.duck import local_path
 
@@ -41,12 +42,13 @@ QUICK_PUTS = 120  # past pyiceberg's commit.manifest.min-count-to-merge (100), s
 EDGE_SHARE = 0.1  # the first and the last tenth of the puts are compared
 BUCKETS = 20  # points of the latency curve
 LOOKUP_ENTITIES = 10
-WRITERS = (1, 16)
+FIRST_CALLS = 3  # freshly started servers per read and table; their first calls' median is the figure
+WRITERS = (1, 16)  # one writer for context, then the concurrent writers
 PUTS_PER_WRITER = 10  # of each of the 16 concurrent writers; the single writer makes as many puts as all of them
 QUICK_PUTS_PER_WRITER = 2
 HISTORY_GOAL = 1.5  # last tenth's p50 / first tenth's
 READ_GOAL = 2.0  # read of the many-snapshot table / read of the one-put table
-GROUP_COMMIT_GOAL = 10.0  # 16 writers' puts/s / one writer's, with group commit
+GROUP_COMMIT_GOAL = 10.0  # 16 writers' puts/s with group commit / the same writers' with one snapshot per put
 # --maintenance: the history table's policy, hours of puts compressed into seconds (snapshots expire after 2 s,
 # about 50 puts here; the puts spread over some 30 partitions, so each compacts once it has 2 small files), with
 # a round every MAINTENANCE_SECONDS, as the server's own loop would run them.
@@ -101,9 +103,13 @@ def rows_of(data: pa.Table) -> list[pa.Table]:
     return [data.slice(i, 1) for i in range(data.num_rows)]
 
 
-def concurrent_puts(location: str, data: pa.Table, writers: int, puts_per_writer: int) -> dict[str, Any]:
-    """`writers` threads, each with its own client, making `puts_per_writer` one-row puts to one fresh table."""
-    name = table_name(f"history_writers{writers}")
+def concurrent_puts(
+    location: str, pid: int | None, data: pa.Table, writers: int, puts_per_writer: int, group_commit: bool = True
+) -> dict[str, Any]:
+    """`writers` threads, each with its own client, making `puts_per_writer` one-row puts to one fresh table
+    through a server whose group commit is on or off, as `group_commit` says; with the server's CPU time per put
+    when it is a local process (`pid`)."""
+    name = table_name(f"history_writers{writers}{'' if group_commit else '_alone'}")
     clients = [FeatureClient(location) for _ in range(writers)]
     try:
         clients[0].write(name, data.slice(0, 1), **FEATURE_SPEC)
@@ -116,39 +122,62 @@ def concurrent_puts(location: str, data: pa.Table, writers: int, puts_per_writer
 
         with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="bench-history") as pool:
             futures = [pool.submit(write, i) for i in range(writers)]
+            cpu_before = _cpu_seconds(pid) if pid is not None else 0.0
             start_line.wait()
             start = time.perf_counter()
             snapshots = [s for future in futures for s in future.result()]
             elapsed = time.perf_counter() - start
+            cpu = _cpu_seconds(pid) - cpu_before if pid is not None else None
     finally:
         for client in clients:
             client.close()
     puts = writers * puts_per_writer
     return {
         "writers": writers,
+        "group_commit": group_commit,
         "puts": puts,
         "seconds": elapsed,
         "puts_per_s": puts / elapsed,
         "snapshots_per_put": len(set(snapshots)) / puts,
+        "server_cpu_ms_per_put": None if cpu is None else cpu * 1000 / puts,
     }
 
 
 @contextlib.contextmanager
-def fresh_server(target: Target) -> Iterator[tuple[str, bool]]:
+def fresh_server(target: Target) -> Iterator[str]:
     """A newly started server on the target's catalog (so nothing is cached), or the target itself when it is
-    a server given by `--location`; yields its location and whether it is fresh."""
+    a server given by `--location`; yields its location."""
     if target.warehouse is None:
-        yield target.location, False
+        yield target.location
         return
     with local_server(target.catalog_config, warehouse=target.warehouse) as started:
-        yield started.location, True
+        yield started.location
+
+
+def writer_runs(target: Target, data: pa.Table, puts_per_writer: int) -> list[dict[str, Any]]:
+    """One writer and the concurrent writers with group commit (on the target), then the same concurrent writers
+    with one snapshot per put, on a server started with `--no-group-commit` on the same catalog (left out when
+    the target is a server given by `--location`); each the same number of puts, with its ratio to the one
+    writer's and, for the grouped writers, to the same writers' without group commit (the goal)."""
+    many = WRITERS[-1]
+    puts = puts_per_writer * many
+    runs = [concurrent_puts(target.location, target.pid, data, n, puts // n) for n in WRITERS]
+    if target.warehouse is not None:
+        with local_server(target.catalog_config, warehouse=target.warehouse, args=["--no-group-commit"]) as alone:
+            runs.append(concurrent_puts(alone.location, alone.pid, data, many, puts_per_writer, group_commit=False))
+    for entry in runs:
+        entry["vs_one_writer"] = entry["puts_per_s"] / runs[0]["puts_per_s"]
+    if len(runs) == 3:
+        runs[1]["vs_no_group_commit"] = runs[1]["puts_per_s"] / runs[2]["puts_per_s"]
+    return runs
 
 
 def measure_reads(
     target: Target, tables: dict[str, str], refs: dict[str, list[str]], keys: list[int], repeat: int
 ) -> dict[str, Any]:
-    """Each read of each table, first on a freshly started server (cold), then `repeat` more times there (warm);
-    with the ratio of the many-snapshot table to the one-put table."""
+    """Each read of each table, first on a freshly started server (cold), then `repeat` more times there (warm),
+    on `FIRST_CALLS` fresh servers in turn; the medians, with the ratio of the many-snapshot table to the one-put
+    table. One first call is a single sample on a busy machine: its ratio moved by 2x between runs."""
     at = pa.array([int(time.time() * 1e6)] * len(keys), type=pa.int64()).cast(TIMESTAMP)
     entities = pa.table({ENTITY_KEY: pa.array(keys, pa.int64()), "event_timestamp": at})
     calls: dict[str, Callable[[FeatureClient, list[str], str], object]] = {
@@ -159,12 +188,24 @@ def measure_reads(
     results: dict[str, Any] = {}
     for read, call in calls.items():
         entry: dict[str, Any] = {"label": READS[read]}
-        for kind, name in tables.items():
-            report.progress(f"history: {READS[read]} of the {kind} table")
-            with fresh_server(target) as (location, fresh), FeatureClient(location) as client:
-                repeats = [partial(call, client, refs[kind], name)] * (repeat + 1)
-                first, *warm = timed_each(repeats, lambda bound: bound(), f"history: {read}")
-            entry[kind] = {"first_s": first, "warm_median_s": statistics.median(warm), "fresh_server": fresh}
+        firsts: dict[str, list[float]] = {kind: [] for kind in tables}
+        warms: dict[str, list[float]] = {kind: [] for kind in tables}
+        fresh = target.warehouse is not None  # else `fresh_server` gives the running server given by --location
+        for round_ in range(FIRST_CALLS):
+            for kind, name in tables.items():  # the tables take turns, so that bursts of load hit both alike
+                report.progress(f"history: {READS[read]} of the {kind} table ({round_ + 1}/{FIRST_CALLS})")
+                with fresh_server(target) as location, FeatureClient(location) as client:
+                    repeats = [partial(call, client, refs[kind], name)] * (repeat + 1)
+                    first, *warm = timed_each(repeats, lambda bound: bound(), f"history: {read}")
+                firsts[kind].append(first)
+                warms[kind] += warm
+        for kind in tables:
+            entry[kind] = {
+                "first_s": statistics.median(firsts[kind]),
+                "first_all_s": firsts[kind],
+                "warm_median_s": statistics.median(warms[kind]),
+                "fresh_server": fresh,
+            }
         entry["first_ratio"] = entry["history"]["first_s"] / entry["one_put"]["first_s"]
         entry["warm_ratio"] = entry["history"]["warm_median_s"] / entry["one_put"]["warm_median_s"]
         results[read] = entry
@@ -275,10 +316,8 @@ def run(
                 raise RuntimeError(f"{name} does not hold the {data.num_rows} rows written to it")
     keys = [int(k) for k in np.random.default_rng(settings.seed).choice(data[ENTITY_KEY].to_numpy(), LOOKUP_ENTITIES)]
     reads = measure_reads(target, tables, refs, keys, settings.repeat)
-    report.progress(f"history: {WRITERS[-1]} concurrent writers, {puts_per_writer} puts each, and 1 writer")
-    writers = [concurrent_puts(target.location, data, n, puts_per_writer * WRITERS[-1] // n) for n in WRITERS]
-    for entry in writers:
-        entry["speedup"] = entry["puts_per_s"] / writers[0]["puts_per_s"]
+    report.progress(f"history: 1 writer, {WRITERS[-1]} concurrent writers with and without group commit")
+    writers = writer_runs(target, data, puts_per_writer)
     metadata: dict[str, Any] = {}
     properties = target.catalog_properties()
     if properties is not None:
@@ -356,7 +395,7 @@ def render(result: dict[str, Any]) -> str:
         puts,
         "",
         f"reads of that table (history) and of the same rows written in one put; 'first': the first call "
-        f"{'on a freshly started server' if fresh else 'on the running server (--location: not restarted)'}, "
+        f"{f'on a freshly started server, median of {FIRST_CALLS}' if fresh else 'on the running server'}, "
         f"'warm': median of the next calls there; goal: ratio <= {goals['read_ratio']}x",
         reads,
     ]
@@ -382,17 +421,30 @@ def render(result: dict[str, Any]) -> str:
         ]
     parts += [
         "",
-        f"one-row puts from concurrent writers, each its own client, to one table, with group commit unless the "
-        f"server runs --no-group-commit; goal: >= {goals['group_commit_speedup']}x one writer's puts/s",
+        f"one-row puts from writers, each its own client, to a fresh table; group commit on, or off (a server "
+        f"started with --no-group-commit on the same catalog: one snapshot per put); goal: >= "
+        f"{goals['group_commit_speedup']}x the same writers' puts/s with group commit off",
         report.table(
-            ["writers", "puts", "puts/s", "snapshots per put", "vs 1 writer"],
+            [
+                "writers",
+                "group commit",
+                "puts",
+                "puts/s",
+                "snapshots per put",
+                "server CPU ms per put",
+                "vs 1 writer",
+                "vs group commit off",
+            ],
             [
                 [
                     str(w["writers"]),
+                    "on" if w["group_commit"] else "off",
                     f"{w['puts']:,}",
                     f"{w['puts_per_s']:.1f}",
                     f"{w['snapshots_per_put']:.2f}",
-                    report.ratio(w["speedup"]),
+                    "-" if w["server_cpu_ms_per_put"] is None else f"{w['server_cpu_ms_per_put']:.1f}",
+                    report.ratio(w["vs_one_writer"]),
+                    report.ratio(w["vs_no_group_commit"]) if "vs_no_group_commit" in w else "-",
                 ]
                 for w in result["writers"]
             ],

@@ -26,7 +26,7 @@ from flight_client import FeatureClient, InvalidRequestError
 from flight_server.base.locks import LockPool
 from flight_server.base.schemas import Conformer, table_arrow_schema
 from flight_server.changes.files import write_data_files
-from flight_server.changes.group import GroupCommits, Put
+from flight_server.changes.group import ENABLED_PROPERTY, GroupCommits, Put
 from flight_server.changes.history import PUTS_PROPERTY, WRITE_ID_PROPERTY, WRITE_IDS_PROPERTY, WriteIds
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
 from flight_server.transport.service import FeatureFlightServer
@@ -244,11 +244,65 @@ def test_without_group_commit_every_put_is_its_own_snapshot(tmp_path: Path) -> N
     try:
         name = "group.off"
         create(location, name)
+        # The server's switch turns group commit off for every table, whatever the table's own says.
+        set_properties(properties, name, {ENABLED_PROPERTY: "true"})
         writers = 8
         results = together(location, lambda client, writer: client.write(name, row(writer)), writers)
         assert len({r.snapshot_id for r in results}) == writers
         assert all(s[PUTS_PROPERTY] == "1" for s in summaries(properties, name))
         assert scanned(location, name) == Counter(range(-1, writers))
+    finally:
+        server.shutdown()
+
+
+def set_properties(properties: dict[str, str], name: str, values: dict[str, str]) -> None:
+    with FeatureCatalog("default", properties).load(name).transaction() as transaction:
+        transaction.set_properties(values)
+
+
+def queued_behind_a_commit(server: FeatureFlightServer, name: str, keys: list[int]) -> list[WriteResult]:
+    """One-row puts of `keys` through the server, each from its own client, that all arrive while a commit to the
+    table is in flight (the test holds the server's commit lock of the table until the first put waits for it
+    and the others are queued behind it). Without write ids: a put with one holds a lock of the server's pool of
+    write-id locks until its commit, which another put's id may share, and that put would wait there instead
+    of queueing."""
+    writer = server.parts.writer
+    identifier = writer.catalog.identifier(name)
+    location = f"grpc://127.0.0.1:{server.port}"
+
+    def put(key: int) -> WriteResult:
+        with FeatureClient(location) as client:
+            return client.write(name, row(key))
+
+    with ThreadPoolExecutor(len(keys)) as pool:
+        with writer._commit_locks(identifier):
+            futures = [pool.submit(put, keys[0])]
+            wait_until(lambda: writer._groups.waiting(identifier) == 0, what="the first put's commit")
+            futures += [pool.submit(put, key) for key in keys[1:]]
+            wait_until(lambda: writer._groups.waiting(identifier) == len(keys) - 1, what="the other puts queued")
+        return [future.result() for future in futures]
+
+
+def test_a_table_property_turns_group_commit_off_for_that_table_alone(tmp_path: Path) -> None:
+    properties = sqlite_catalog(tmp_path)
+    server: FeatureFlightServer = start_server(properties)  # group commit on
+    location = f"grpc://127.0.0.1:{server.port}"
+    try:
+        alone, grouped, unreadable = "group.alone", "group.grouped", "group.unreadable"
+        for name in (alone, grouped, unreadable):
+            create(location, name)
+        set_properties(properties, alone, {ENABLED_PROPERTY: "false"})
+        set_properties(properties, unreadable, {ENABLED_PROPERTY: "maybe"})  # not a boolean: stays on
+        keys = list(range(5))
+        results = {name: queued_behind_a_commit(server, name, keys) for name in (alone, grouped, unreadable)}
+        # Off: five snapshots of one put each. On: the first put alone, then the four queued behind it together.
+        assert len({r.snapshot_id for r in results[alone]}) == len(keys)
+        assert [s[PUTS_PROPERTY] for s in summaries(properties, alone)[1:]] == ["1"] * len(keys)
+        for name in (grouped, unreadable):
+            assert [s[PUTS_PROPERTY] for s in summaries(properties, name)[1:]] == ["1", str(len(keys) - 1)]
+        for name, answers in results.items():
+            assert not any(r.duplicate for r in answers) and all(r.rows == r.files == 1 for r in answers)
+            assert scanned(location, name) == Counter([-1, *keys])
     finally:
         server.shutdown()
 

@@ -229,7 +229,8 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "Writes",
         "Appends to one table that arrive while a commit to it runs share the next snapshot: many small "
         "writers make a few snapshots a second instead of one per put, each put answered once its snapshot "
-        "is committed. Off: one snapshot per put.",
+        "is committed. Off: one snapshot per put (a table's property flight.group-commit.enabled=false turns it off "
+        "for that table).",
         "group_commit",
         click.BOOL,
     ),

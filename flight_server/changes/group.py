@@ -13,6 +13,10 @@ What concerns one put fails that put alone: its `write_id` already committed (it
 duplicate and leaves the group), a schema its files no longer fit, its own commit deadline. A lost
 race to another writer loads the table and tries again; any other failure of a group of several is
 retried one put at a time, so that a put that cannot commit does not sink the others.
+
+A table whose property `flight.group-commit.enabled` is false gets one snapshot per put on every server
+(as `--no-group-commit` gives every table of one server): for tables whose readers or tools expect each
+put's own snapshot, or whose puts must not wait for others' commits.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownExcept
 from pyiceberg.manifest import DataFile
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
+from pyiceberg.table.metadata import TableMetadata
+from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.base.locks import LockPool
 from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 MAX_PUTS = 256  # puts in one snapshot
 MAX_FILES = 4096  # data files in one snapshot: its manifest lists them all
 MAX_ID_BYTES = 64 << 10  # write ids in one snapshot summary, which every later metadata file repeats
+ENABLED_PROPERTY = "flight.group-commit.enabled"  # a table's switch; the server's is --group-commit
 
 
 @dataclass(eq=False)
@@ -54,6 +61,7 @@ class Put:
     schema: Schema
     spec_id: int  # the partition spec the files were written for (pyiceberg's DataFile leaves its own unset)
     deadline: float  # monotonic time after which a lost race fails the put with CONFLICT
+    grouped: bool = True  # whether the put may share its snapshot (the table's `ENABLED_PROPERTY`)
     result: WriteResult | None = None
     error: BaseException | None = None
     done: bool = False  # set (under the queue's lock) once `result` or `error` is final
@@ -122,14 +130,17 @@ class GroupCommits:
                 del self._queues[identifier]
 
     def _take(self, queue: _Queue, leader: Put) -> list[Put]:
-        """The leader and the puts queued longest, within the group's bounds; the rest stay queued."""
+        """The leader and the puts queued longest, within the group's bounds; the rest stay queued. A put of a
+        table that turned group commit off is a group of its own."""
         group, files, id_bytes = [leader], len(leader.files), leader.id_bytes
         rest: list[Put] = []
         for put in queue.waiting:
             if put is leader:
                 continue
             fits = (
-                len(group) < self.max_puts
+                leader.grouped
+                and put.grouped
+                and len(group) < self.max_puts
                 and files + len(put.files) <= MAX_FILES
                 and id_bytes + put.id_bytes <= MAX_ID_BYTES
             )
@@ -219,6 +230,20 @@ class GroupCommits:
             return None
         with queue.changed:
             return len(queue.waiting) if queue.leading else None
+
+
+def group_commit_enabled(metadata: TableMetadata) -> bool:
+    """Whether the table lets its puts share snapshots: its `ENABLED_PROPERTY`, on unless set false (a value
+    that is not a boolean leaves it on, with a warning)."""
+    try:
+        return property_as_bool(metadata.properties, ENABLED_PROPERTY, True)
+    except ValueError:
+        log.warning(
+            "table property %s=%r is not a boolean; group commit stays on",
+            ENABLED_PROPERTY,
+            metadata.properties.get(ENABLED_PROPERTY),
+        )
+        return True
 
 
 def _past_deadline(put: Put) -> bool:
