@@ -114,15 +114,12 @@ class MemoTransaction(Transaction):
     snapshot of the history included, on each read; a put's snapshot producer reads it 18 times, which was 85%
     of a put's time on a table of 600 snapshots. Its two inputs are replaced, never changed in place (`_updates`
     is a tuple; a commit gives the table new metadata), and metadata models are frozen, so one result serves
-    until either input is replaced. With nothing staged yet the result is the table's own metadata: a copy
-    would be equal, and made again by every commit (the group commit's leader among them)."""
+    until either input is replaced."""
 
     _memo: tuple[TableMetadata, tuple[TableUpdate, ...], TableMetadata] | None = None
 
     @property
     def table_metadata(self) -> TableMetadata:
-        if not self._updates:
-            return self._table.metadata
         memo = self._memo
         if memo is None or memo[0] is not self._table.metadata or memo[1] is not self._updates:
             memo = self._memo = (self._table.metadata, self._updates, super().table_metadata)
