@@ -14,7 +14,7 @@ from flight_server.reads.duck import Engine, local_path
 from flight_server.training.asof import AsofIndex
 from flight_server.training.codes import entity_micros
 from flight_server.training.entities import ROW, TS, TS_UP, entity_bounds
-from flight_server.training.plan import HistoricalPlan, partition_predicate
+from flight_server.training.plan import HistoricalPlan, partition_predicate, share_predicate
 
 
 def join_sql(
@@ -47,6 +47,11 @@ def join_sql(
             if partition is not None and spec.entity_keys == plan.groups[0].spec.entity_keys:
                 bound += " AND " + partition_predicate("", spec.entity_keys, group.key_types)
                 args_here += [partition[1], partition[0]]
+            share = plan.share(group)
+            if share is not None:  # entity rows of one share meet only feature rows of the same share
+                predicate, share_args = share_predicate("", share, group.key_types[spec.entity_keys.index(share.key)])
+                bound += " AND " + predicate
+                args_here += share_args
             ctes.append(
                 f"{alias} AS (SELECT {keys}, CAST({quote(spec.event_time)} AS TIMESTAMPTZ) AS {TS}{created}, "
                 f"{features} FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {bound})"

@@ -22,7 +22,7 @@ from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache, AsofIndex
 from flight_server.training.entities import append_entities, plan_request, prepare_entities, server_entities
 from flight_server.training.join import join_batch, keep_alive, run_historical, use_storage
-from flight_server.training.plan import HistoricalPlan, plan_historical
+from flight_server.training.plan import HistoricalPlan, plan_historical, slot_functions
 from flight_server.wire.errors import LimitError, RequestError
 from flight_server.wire.reads import HistoricalRequest
 
@@ -73,6 +73,7 @@ class TrainingSets:
         use_storage(self.engine, plan)
         indexes = self._indexes(plan)
         cursor = self.engine.cursor()
+        slot_functions(cursor)
         with self.engine.interruptible(cursor, is_cancelled):
             if None in indexes:
                 relation, params = server_entities(plan)
@@ -241,7 +242,7 @@ class TrainingSets:
         indexes: list[AsofIndex | None] = []
         for group in plan.groups:
             find = self.cache.get if build else self.cache.peek
-            index = find(group.table, group.snapshot_id, group.spec)
+            index = find(group.table, group.snapshot_id, group.spec, plan.share(group))
             if index is None:
                 why = "too large for the training-set cache" if build else "not sorted yet"
                 log.info("training set: DuckDB joins %s (%s)", group.name, why)

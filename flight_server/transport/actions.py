@@ -85,6 +85,7 @@ def _health(parts: Components, caller: Principal, request: None) -> Health:
         training_set_cache=parts.training.cache.stats(),
         scan_cache=parts.caches.files.stats(),
         maintenance=parts.upkeep.stats(),
+        training_set_indexes=parts.training.cache.index_rows(),
     )
 
 
