@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pyarrow.flight as flight
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pyiceberg.catalog import load_catalog
 from pyiceberg.transforms import BucketTransform
 from pyiceberg.types import LongType, StringType
 
@@ -475,3 +477,38 @@ def test_no_peers_no_shards(tmp_path: Path) -> None:
         assert [ticket_of(e).partition for e in found] == [[0, 3], [1, 3], [2, 3]]
     finally:
         server.shutdown()
+
+
+def test_a_share_reads_only_its_buckets_files(
+    cluster: list[str], single: str, duckdb_only: str, catalog: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default partitioning buckets the first key in 8: a share of 8 slots is whole buckets, so its index
+    and DuckDB's join read only the files of those buckets (and answer as the whole table does)."""
+    data = {
+        "hours": list(range(6)),
+        "rates": [(d, d % 6, None, d / 40) for d in range(40)],
+        "cities": [(c, c, c) for c in range(6)],
+        "pairs": [(d, d % 6, d % 4, d) for d in range(40)],
+        "trips": [(d % 45, d % 7, d * 3) for d in range(150)],
+    }
+    with FeatureClient(cluster[0]) as client:
+        names = write_tables(client, data)
+    whole = reference(single, names)
+    table = load_catalog("default", **catalog).load_table(names["rates"])
+    buckets = [task.file.partition[1] for task in table.scan().plan_files()]  # month, then bucket
+    assert len(set(buckets)) == 8
+    caplog.set_level(logging.INFO)
+    for endpoint in endpoints(cluster[0], names, REPLICAS):
+        share = ticket_of(endpoint).shard
+        assert share is not None
+        mine = sum(1 for b in buckets if b in share.owned)
+        for location in (single, duckdb_only):
+            caplog.clear()
+            part = redeem(location, endpoint.ticket)
+            assert part.to_pylist() == subsequence(whole, part).to_pylist()
+            if location == single:
+                built = [r.getMessage() for r in caplog.records if f"index of {names['rates']} at" in r.getMessage()]
+                assert len(built) == 1 and f"direct ({mine} of {len(buckets)} files)" in built[0]
+            else:
+                read = [r.getMessage() for r in caplog.records if "DuckDB reads" in r.getMessage()]
+                assert f"training set: DuckDB reads {mine} file(s) of {names['rates']} for its share" in read

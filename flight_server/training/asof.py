@@ -22,8 +22,9 @@ from flight_server.iceberg.lineage import appended_since
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
-from flight_server.reads.paths import open_scan
+from flight_server.reads.paths import direct_files, direct_reader, open_scan
 from flight_server.reads.plan import ScanPlan, plan_table_scan, renamed
+from flight_server.training.buckets import share_tasks
 from flight_server.training.codes import KeyCodes, TimeAxis, Values, column_values, extend_values
 from flight_server.wire.errors import LimitError, NotFoundError
 from flight_server.wire.reads import KeyShare, ScanRequest
@@ -408,7 +409,12 @@ class AsofCache:
     def _read(self, plan: ScanPlan, share: KeyShare | None) -> tuple[pa.Table, str]:
         """The planned rows (those in `share` only, if given), and their read path; refused as soon as they
         pass `max_bytes`."""
-        reader, path = open_scan(plan, self.engine, _READ_BATCH_ROWS)
+        files = direct_files(plan)[0] if share is not None and plan.snapshot_id is not None else None
+        if share is not None and files is not None:  # only the files of the share's buckets
+            kept = share_tasks(plan.table, share, files)
+            reader, path = direct_reader(plan, kept, _READ_BATCH_ROWS), f"direct ({len(kept)} of {len(files)} files)"
+        else:
+            reader, path = open_scan(plan, self.engine, _READ_BATCH_ROWS)
         batches, taken = [], 0
         owned = np.array(share.owned if share is not None else [], dtype=np.int64)
         for batch in reader:

@@ -20,6 +20,7 @@ from flight_server.base.streams import chunks, stream_schema
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache, AsofIndex
+from flight_server.training.buckets import share_files
 from flight_server.training.entities import append_entities, plan_request, prepare_entities, server_entities
 from flight_server.training.join import join_batch, keep_alive, run_historical, use_storage
 from flight_server.training.plan import HistoricalPlan, plan_historical, slot_functions
@@ -197,7 +198,7 @@ class TrainingSets:
         slows down only its own part of the join."""
         missing = [i for i, index in enumerate(indexes) if index is None]
         if len(missing) == len(plan.groups):
-            return run_historical(plan, cursor, relation, params, self.batch_rows)
+            return run_historical(plan, cursor, relation, params, self.batch_rows, self._share_files(plan))
         part = replace(
             plan,
             # The entity rows of a part are split by the first table's keys, not necessarily by these tables'.
@@ -205,7 +206,7 @@ class TrainingSets:
             groups=[plan.groups[i] for i in missing],
             columns=[(missing.index(g), j, name) for g, j, name in plan.columns if g in missing],
         )
-        joined = run_historical(part, cursor, relation, params, self.batch_rows)
+        joined = run_historical(part, cursor, relation, params, self.batch_rows, self._share_files(part))
         width = len(plan.entity_schema)
 
         def batches() -> Iterator[pa.RecordBatch]:
@@ -214,6 +215,19 @@ class TrainingSets:
                 yield join_batch(plan, indexes, entities, batch)
 
         return pa.RecordBatchReader.from_batches(plan.schema, batches())
+
+    def _share_files(self, plan: HistoricalPlan) -> dict[int, list[str]]:
+        """Per group joined by DuckDB for a share, the data files of the share's buckets, where those alone
+        can be read (`share_files`)."""
+        found = {}
+        for i, group in enumerate(plan.groups):
+            share = plan.share(group)
+            if share is not None and group.snapshot_id is not None:
+                files = share_files(group.table, group.snapshot_id, share, self.cache.caches)
+                if files is not None:
+                    log.info("training set: DuckDB reads %d file(s) of %s for its share", len(files), group.name)
+                    found[i] = files
+        return found
 
     def _joined(
         self, plan: HistoricalPlan, indexes: list[AsofIndex | None], batches: Iterable[pa.RecordBatch]
