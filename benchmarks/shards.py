@@ -21,7 +21,7 @@ from benchmarks.harness import Case, Settings, Target, free_port, local_server, 
 from flight_client import FeatureClient
 
 REPLICAS = 2
-BUCKETS = 16  # of the first key: shares of 16 slots are even enough that each fits 3/4 of the whole
+BUCKETS = 64  # of the first key: shares of 64 slots are even enough that each fits 3/4 of the whole
 CAP = 0.75  # each replica's cache, as a share of the whole table's index
 ENTITY_SHARE = 10  # entity rows: feature rows / 10
 WHOLE, SHARED, SMALL = "one_server_whole_cache", "replicas_sharing_keys", "one_server_small_cache"
