@@ -26,7 +26,7 @@ from flight_client import FeatureClient, InvalidRequestError
 from flight_server.base.shards import key_slots, owned, owners
 from flight_server.transport.service import FeatureFlightServer
 from flight_server.wire.reads import EntitySource, HistoricalRequest, KeyShare, parse_ticket
-from tests.conftest import serve_replicas, sqlite_catalog, start_server
+from tests.conftest import serve_replicas, sqlite_catalog, start_server, wait_until
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2025, 3, 1, tzinfo=UTC)
@@ -512,3 +512,47 @@ def test_a_share_reads_only_its_buckets_files(
             else:
                 read = [r.getMessage() for r in caplog.records if "DuckDB reads" in r.getMessage()]
                 assert f"training set: DuckDB reads {mine} file(s) of {names['rates']} for its share" in read
+
+
+def test_shares_follow_appends(cluster: list[str], single: str) -> None:
+    """A share used at its table's current snapshot is brought forward by the replica that holds it when rows
+    are appended (extended from the appended files, the share's rows only), and answers as the whole table."""
+    data = {
+        "hours": list(range(6)),
+        "rates": [(d, d % 6, None, d / 40) for d in range(40)],
+        "cities": [(c, c, c) for c in range(6)],
+        "pairs": [(d, d % 6, d % 4, d) for d in range(40)],
+        "trips": [(d % 45, d % 7, d * 3) for d in range(150)],
+    }
+    with FeatureClient(cluster[0]) as client:
+        names = write_tables(client, data)
+        client.get_historical_features(names["trips"], features(names), partitions=REPLICAS)
+        more = pa.table(
+            {
+                "driver_id": pa.array(range(40), pa.int64()),
+                "event_timestamp": pa.array([T0 + dt.timedelta(hours=1, minutes=30)] * 40, TIME),
+                "created": pa.array([T0] * 40, TIME),
+                "rate": pa.array([2.0] * 40, pa.float64()),
+            }
+        )
+        snapshot = client.write(names["rates"], more).snapshot_id
+
+    def forward(location: str) -> bool:
+        cached = [i for i in _cached_indexes(location) if i["table"] == names["rates"]]
+        return any(i["snapshot_id"] == snapshot and i["share"] is not None for i in cached)
+
+    holders = [loc for loc, share in zip(cluster, owned(cluster, 8), strict=True) if share]
+    for location in holders:
+        wait_until(lambda location=location: forward(location), timeout=60, what=f"{location} brings its share forward")
+    for location in holders:
+        rows = [i["rows"] for i in _cached_indexes(location) if i["snapshot_id"] == snapshot]
+        share = owned(cluster, 8)[cluster.index(location)]
+        assert rows == [sum(1 for d in range(40) for _ in range(2) if slots_of([d], 8)[0] in share)]
+    with FeatureClient(cluster[1]) as client:
+        sharded = client.get_historical_features(names["trips"], features(names), partitions=REPLICAS)
+    assert by_trip(sharded) == by_trip(reference(single, names))
+
+
+def _cached_indexes(location: str) -> list[dict[str, Any]]:
+    with FeatureClient(location) as client:
+        return list(client.health()["training_set_indexes"])
