@@ -23,7 +23,7 @@ from pyiceberg.transforms import BucketTransform
 from pyiceberg.types import LongType, StringType
 
 from flight_client import FeatureClient, InvalidRequestError
-from flight_server.base.shards import key_slots, owned, owners
+from flight_server.base.shards import UNBUCKETED_SLOTS, key_slots, owned, owners
 from flight_server.transport.service import FeatureFlightServer
 from flight_server.wire.reads import EntitySource, HistoricalRequest, KeyShare, parse_ticket
 from tests.conftest import serve_replicas, sqlite_catalog, start_server, wait_until
@@ -83,9 +83,10 @@ def duckdb_only(catalog: dict[str, str]) -> Iterator[str]:
 _names = itertools.count()
 
 
-def write_tables(client: FeatureClient, data: dict[str, Any]) -> dict[str, str]:
-    """A feature table keyed by driver (with created times and a TTL), one keyed by city, one by both, and an
-    entity table of trips (int32 driver ids, some null) naming both keys; returns their names."""
+def write_tables(client: FeatureClient, data: dict[str, Any], bucketed: bool = True) -> dict[str, str]:
+    """A feature table keyed by driver (with created times and a TTL; partitioned by default, or by month
+    alone), one keyed by city, one by both, and an entity table of trips (int32 driver ids, some null) naming
+    both keys; returns their names."""
     n = next(_names)
     names = {k: f"sh{n}.{k}" for k in ("rates", "cities", "pairs", "trips")}
     hours = [T0 + dt.timedelta(hours=h) for h in data["hours"]]
@@ -104,6 +105,7 @@ def write_tables(client: FeatureClient, data: dict[str, Any]) -> dict[str, str]:
         event_time="event_timestamp",
         created_time="created",
         ttl=3 * 3600,
+        partition_by=None if bucketed else ["month(event_timestamp)"],
     )
     client.write(
         names["cities"],
@@ -228,13 +230,13 @@ DATA = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=DATA, partitions=st.sampled_from([2, 3, 5]))
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=DATA, partitions=st.sampled_from([2, 3, 5]), bucketed=st.booleans())
 def test_a_sharded_training_set_is_the_single_servers(
-    cluster: list[str], single: str, data: dict[str, Any], partitions: int
+    cluster: list[str], single: str, data: dict[str, Any], partitions: int, bucketed: bool
 ) -> None:
     with FeatureClient(cluster[0]) as client:
-        names = write_tables(client, data)
+        names = write_tables(client, data, bucketed)
         sharded = client.get_historical_features(names["trips"], features(names), partitions=partitions)
     whole = reference(single, names)
     assert by_trip(sharded) == by_trip(whole)
@@ -243,7 +245,8 @@ def test_a_sharded_training_set_is_the_single_servers(
     parts = []
     for endpoint in found:
         share = ticket_of(endpoint).shard
-        assert share is not None and share.key == "driver_id" and share.slots == 8  # the default bucket(8, ...)
+        # the default bucket(8, driver_id) gives 8 slots (whole buckets); a table not bucketed by it, 64
+        assert share is not None and share.key == "driver_id" and share.slots == (8 if bucketed else UNBUCKETED_SLOTS)
         first = endpoint.locations[0].uri.decode()
         assert list(share.owned) == owned(cluster, share.slots)[cluster.index(first)]
         part = redeem(first, endpoint.ticket)
