@@ -262,7 +262,7 @@ def slots_of(keys: list[int], slots: int) -> list[int]:
     return [bucket(k) for k in keys]
 
 
-def test_each_replica_caches_only_its_share(cluster: list[str], single: str) -> None:
+def test_each_replica_caches_only_its_share(cluster: list[str], single: str, catalog: dict[str, str]) -> None:
     rng = np.random.default_rng(7)
     # distinct (driver, hour) pairs: rows tied on both have no defined winner without a created time
     pairs = np.unique(rng.integers(0, 50_000 * 720, BIG_ROWS + BIG_ROWS // 10))
@@ -317,6 +317,40 @@ def test_each_replica_caches_only_its_share(cluster: list[str], single: str) -> 
         assert by_trip(client.get_historical_features(f"{name}.trips", wanted)) == by_trip(sharded)
         cached = [i for i in client.health()["training_set_indexes"] if i["table"] == f"{name}.big"]
     assert all(i["share"] is not None for i in cached)
+    mixed_shares_join(catalog, cluster, single, name, rng)
+
+
+def mixed_shares_join(
+    catalog: dict[str, str], cluster: list[str], single: str, name: str, rng: np.random.Generator
+) -> None:
+    """On a server whose cache holds a small table's share but not the big one's, each share joins the big
+    table with DuckDB (its share's files only) and the small one through its index, with the same answer."""
+    small = pa.table(
+        {
+            "driver_id": pa.array(rng.choice(50_000, 2000, replace=False), pa.int64()),  # no ties: no defined winner
+            "event_timestamp": pa.array([T0 + dt.timedelta(days=10)] * 2000, TIME),
+            "score": pa.array(rng.random(2000)),
+        }
+    )
+    with FeatureClient(cluster[0]) as client:
+        client.write(f"{name}.small", small, entity_keys=["driver_id"], event_time="event_timestamp")
+    wanted = [f"{name}.big:rate", f"{name}.small:score"]
+    request = HistoricalRequest(features=wanted, entities=EntitySource(table=f"{name}.trips"), partitions=REPLICAS)
+    with FeatureClient(single) as client:
+        whole = client.get_historical_features(f"{name}.trips", wanted)
+    with flight.connect(cluster[0]) as client:
+        found = client.get_flight_info(flight.FlightDescriptor.for_command(request.to_bytes())).endpoints
+    server = start_server(catalog, historical_cache_bytes=3 << 20)
+    try:
+        location = f"grpc://127.0.0.1:{server.port}"
+        for endpoint in found:
+            part = redeem(location, endpoint.ticket)
+            assert part.to_pylist() == subsequence(whole, part).to_pylist()
+        with FeatureClient(location) as client:
+            cached = {i["table"] for i in client.health()["training_set_indexes"]}
+        assert cached == {f"{name}.small"}  # the small table's shares are indexed, the big one's joined by DuckDB
+    finally:
+        server.shutdown()
 
 
 def test_a_replica_that_does_not_own_the_keys_answers_right(cluster: list[str], single: str, duckdb_only: str) -> None:
