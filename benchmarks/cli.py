@@ -23,6 +23,7 @@ from benchmarks import (
     report,
     scale,
     scan,
+    shards,
 )
 from benchmarks.harness import Settings, machine, target
 from flight_client import FeatureServerError
@@ -59,6 +60,8 @@ BENCHMARKS = {
     "online": Benchmark(online.run, online.render, rows=1_000_000, features=8, rows_per_entity=10),
     "cow-vs-mor": Benchmark(cow_mor.run, cow_mor.render, rows=1_000_000, features=8),
     "scale": Benchmark(scale.run, scale.render, rows=1_000_000, features=8),
+    # rows: of the feature table (entity rows: a tenth); like scale, it starts servers of its own.
+    "shards": Benchmark(shards.run, shards.render, rows=2_000_000, features=4),
     # rows: the one-row puts (--quick: history.QUICK_PUTS, set by its subcommand).
     "history": Benchmark(history.run, history.render, rows=history.PUTS, features=8, rows_per_entity=10),
     # rows: of the feature table; entity rows: as many, at most integrations.ENTITY_ROWS. Needs the torch, ray extras.
@@ -318,6 +321,17 @@ def scale_command(replicas: str | None, **kwargs: Any) -> None:
         except ValueError:
             raise click.BadParameter(f"{replicas!r} is not a list of numbers", param_hint="--replicas") from None
     execute(["scale"], options, {"scale": {"replicas": counts}})
+
+
+@main.command("shards")
+@common_options
+def shards_command(**kwargs: Any) -> None:
+    """A training set over a feature table too large for one replica's training-set cache: 2 replicas that share
+    its keys (each caching its share) against one server that holds it all and one that joins it with DuckDB."""
+    options = Options(**kwargs)
+    if options.location is not None:
+        raise click.UsageError("shards starts its own server processes: it cannot measure --location")
+    execute(["shards"], options)
 
 
 @main.command("history")

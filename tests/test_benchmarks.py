@@ -214,6 +214,18 @@ def test_scale_over_replicas(tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "cannot measure --location" in refused.output
 
 
+def test_shards_over_replicas(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "shards")["benchmarks"]["shards"]
+    assert list(result["results"]) == ["one_server_whole_cache", "replicas_sharing_keys", "one_server_small_cache"]
+    for entry in result["results"].values():
+        assert entry.keys() >= TIMING_KEYS and positive(entry["vs_whole"])
+    # each replica held a share, smaller than the table; together, the table once
+    assert sum(result["rows_per_replica"]) == result["feature_rows"] > max(result["rows_per_replica"]) > 0
+    assert result["cap_mb"] < result["index_mb"]
+    refused = CliRunner().invoke(main, ["shards", "--quick", "--location", "grpc://127.0.0.1:1"])
+    assert refused.exit_code == 2 and "cannot measure --location" in refused.output
+
+
 def check_cow_mor(result: dict[str, Any], local: bool) -> None:
     shares = ("1%", "10%", "30%")
     layouts = {f"cow_{s}" for s in shares} | {f"mor_{s}_{n}" for s in shares for n in (1, 3)} | {"compacted_10%"}

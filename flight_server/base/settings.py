@@ -302,7 +302,8 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "FLIGHT_SERVER_ADVERTISE",
         "Replicas",
         "The address clients reach this server at (e.g. grpc://flight-1:8815). With --peer, get_flight_info "
-        "spreads the endpoints of split scans and training sets over this server and its peers, round robin.",
+        "spreads the endpoints of split scans over this server and its peers, round robin, and splits training sets "
+        "by the replicas' shares of their keys, each endpoint led by the replica that owns its keys.",
         "advertise",
         metavar="URI",
     ),

@@ -6,7 +6,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -16,16 +17,18 @@ from pyiceberg.table import Table
 from flight_server.base.locks import LockPool
 from flight_server.base.memory import MemoryBudget
 from flight_server.base.schemas import micros
+from flight_server.base.shards import key_slots
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, table_name
 from flight_server.iceberg.lineage import appended_since
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
-from flight_server.reads.paths import open_scan
+from flight_server.reads.paths import direct_files, direct_reader, open_scan
 from flight_server.reads.plan import ScanPlan, plan_table_scan, renamed
+from flight_server.training.buckets import share_tasks
 from flight_server.training.codes import KeyCodes, TimeAxis, Values, column_values, extend_values
 from flight_server.wire.errors import LimitError, NotFoundError
-from flight_server.wire.reads import ScanRequest
+from flight_server.wire.reads import KeyShare, ScanRequest
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ _BLOCK = 64  # stamps per fence entry
 _READ_BATCH_ROWS = 262_144
 
 _ANCESTORS = 100  # snapshots looked back for a cached index to extend
+
+_Key = tuple[str, int | None, FeatureSpec, KeyShare | None]  # table uuid, snapshot, spec, share (None: all rows)
 
 
 @dataclass(frozen=True)
@@ -235,13 +240,14 @@ class AsofCache:
         self.builds = 0  # indexes sorted from a whole snapshot
         self.incremental_builds = 0  # indexes extended from an older snapshot's by the files appended since
         self.refreshed_ahead = 0  # indexes built by the refresh thread, before any request asked
-        self._indexes: OrderedDict[tuple[str, int | None, FeatureSpec], AsofIndex] = OrderedDict()
-        self._too_large: set[tuple[str, int | None, FeatureSpec]] = set()
+        self._indexes: OrderedDict[_Key, AsofIndex] = OrderedDict()
+        self._too_large: set[_Key] = set()
         # The byte cap and the server's memory budget: evictions for either drop indexes here, under its lock.
         self._account = (budget or MemoryBudget(max_bytes)).account("training_set", max_bytes, self._indexes.pop)
         self._lock = self._account.lock
         self._building = LockPool()  # one build per snapshot at a time: requests for it wait for the first
-        self._follow: dict[str, tuple[str, FeatureSpec]] = {}  # table name -> (uuid, spec) to bring forward
+        # (table name, share) -> (uuid, spec) to bring forward
+        self._follow: dict[tuple[str, KeyShare | None], tuple[str, FeatureSpec]] = {}
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         if catalog is not None and max_bytes > 0:
@@ -257,23 +263,30 @@ class AsofCache:
 
     def notify(self, ref: str) -> None:
         """A change through this server committed to `ref`: bring its index forward now, not at the next poll."""
-        if self.catalog is not None and ".".join(self.catalog.identifier(ref)) in self._follow:
-            self._wake.set()
+        if self.catalog is not None:
+            name = ".".join(self.catalog.identifier(ref))
+            if any(followed == name for followed, _ in list(self._follow)):
+                self._wake.set()
 
-    def peek(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> AsofIndex | None:
+    def peek(
+        self, table: Table, snapshot_id: int | None, spec: FeatureSpec, share: KeyShare | None = None
+    ) -> AsofIndex | None:
         """The index if it is built already; never builds."""
         with self._lock:
-            return self._indexes.get((str(table.metadata.table_uuid), snapshot_id, spec))
+            return self._indexes.get((str(table.metadata.table_uuid), snapshot_id, spec, share))
 
-    def get(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> AsofIndex | None:
-        """The index of `table` at `snapshot_id`, built now if need be; None if it would not fit."""
+    def get(
+        self, table: Table, snapshot_id: int | None, spec: FeatureSpec, share: KeyShare | None = None
+    ) -> AsofIndex | None:
+        """The index of `table` at `snapshot_id` (of its rows in `share` only, if given), built now if need be;
+        None if it would not fit."""
         if self.max_bytes <= 0:
             return None
         uuid = str(table.metadata.table_uuid)
-        key = (uuid, snapshot_id, spec)
+        key = (uuid, snapshot_id, spec, share)
         current = table.current_snapshot()
         if snapshot_id is not None and current is not None and current.snapshot_id == snapshot_id:
-            self._follow[table_name(table)] = (uuid, spec)  # used at its current snapshot: keep it current
+            self._follow[(table_name(table), share)] = (uuid, spec)  # used at its current snapshot: keep it current
         with self._building(key):
             with self._lock:
                 if key in self._too_large:
@@ -285,7 +298,7 @@ class AsofCache:
                     return self._indexes[key]
                 self.misses += 1
             try:
-                index, extended = self._build(table, snapshot_id, spec)
+                index, extended = self._build(table, snapshot_id, spec, share)
             except LimitError as exc:
                 log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
                 with self._lock:
@@ -305,7 +318,7 @@ class AsofCache:
     def snapshots(self, table_uuid: str) -> set[int]:
         """The snapshots of one table (by uuid) whose index is cached: snapshot expiry keeps them."""
         with self._lock:
-            return {snapshot for uuid, snapshot, _ in self._indexes if uuid == table_uuid and snapshot is not None}
+            return {key[1] for key in self._indexes if key[0] == table_uuid and key[1] is not None}
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -320,7 +333,21 @@ class AsofCache:
             "tables_followed": len(self._follow),
         }
 
-    def _ancestor(self, table: Table, snapshot_id: int, spec: FeatureSpec) -> AsofIndex | None:
+    def index_rows(self) -> list[dict[str, Any]]:
+        """Each cached index: its table, snapshot, share (None: all rows) and rows, most recently used last."""
+        with self._lock:
+            cached = list(self._indexes.items())
+        return [
+            {
+                "table": index.name,
+                "snapshot_id": snapshot_id,
+                "share": asdict(share) if share is not None else None,
+                "rows": index.row_count,
+            }
+            for (_, snapshot_id, _, share), index in cached
+        ]
+
+    def _ancestor(self, table: Table, snapshot_id: int, spec: FeatureSpec, share: KeyShare | None) -> AsofIndex | None:
         """The cached index of the nearest ancestor of `snapshot_id` (up to `_ANCESTORS` snapshots back)."""
         uuid = str(table.metadata.table_uuid)
         snapshot = table.snapshot_by_id(snapshot_id)
@@ -329,20 +356,22 @@ class AsofCache:
             if parent is None:
                 return None
             with self._lock:
-                index = self._indexes.get((uuid, parent, spec))
+                index = self._indexes.get((uuid, parent, spec, share))
             if index is not None:
                 return index
             snapshot = table.snapshot_by_id(parent)
         return None
 
-    def _build(self, table: Table, snapshot_id: int | None, spec: FeatureSpec) -> tuple[AsofIndex, bool]:
-        """The snapshot's index, and whether it extends an older one: from the rows appended since a cached
-        ancestor when only appends happened since (in the same schema), else read whole (deletes applied) and
-        sorted. Refused past `max_bytes`."""
+    def _build(
+        self, table: Table, snapshot_id: int | None, spec: FeatureSpec, share: KeyShare | None
+    ) -> tuple[AsofIndex, bool]:
+        """The snapshot's index (of the rows in `share` only, if given), and whether it extends an older one:
+        from the rows appended since a cached ancestor when only appends happened since (in the same schema),
+        else read whole (deletes applied) and sorted. Refused past `max_bytes`."""
         started = time.perf_counter()
         request = ScanRequest(table=table_name(table), snapshot_id=snapshot_id)
         plan = plan_table_scan(table, request, self.caches)
-        base = self._ancestor(table, snapshot_id, spec) if snapshot_id is not None else None
+        base = self._ancestor(table, snapshot_id, spec, share) if snapshot_id is not None else None
         if base is not None and base.snapshot_id is not None and not renamed(table):
             assert snapshot_id is not None, "only a snapshot has ancestors"
             appended = appended_since(table, base.snapshot_id, snapshot_id)
@@ -350,7 +379,7 @@ class AsofCache:
                 snapshot_schema(table, base.snapshot_id).schema_id == snapshot_schema(table, snapshot_id).schema_id
             )
             if appended.files is not None and same_schema:
-                rows, path = self._read(replace(plan, appended=appended.files))
+                rows, path = self._read(replace(plan, appended=appended.files), share)
                 index = base.extend(snapshot_id, rows)
                 if index.nbytes() > self.max_bytes:
                     raise LimitError(f"its index passes the training-set cache's {self.max_bytes >> 20} MiB")
@@ -369,7 +398,7 @@ class AsofCache:
                 return index, True
         if snapshot_id is None:  # no snapshot when planned: stay empty even if a write has since made one
             plan = replace(plan, snapshot_id=None)
-        rows, path = self._read(plan)
+        rows, path = self._read(plan, share)
         index = AsofIndex.build(table_name(table), snapshot_id, spec, rows)
         log.info(
             "training-set index of %s at snapshot %s: %d rows, %.1f MiB, %s read, %.2f s",
@@ -382,11 +411,20 @@ class AsofCache:
         )
         return index, False
 
-    def _read(self, plan: ScanPlan) -> tuple[pa.Table, str]:
-        """The planned rows, and their read path; refused as soon as they pass `max_bytes`."""
-        reader, path = open_scan(plan, self.engine, _READ_BATCH_ROWS)
+    def _read(self, plan: ScanPlan, share: KeyShare | None) -> tuple[pa.Table, str]:
+        """The planned rows (those in `share` only, if given), and their read path; refused as soon as they
+        pass `max_bytes`."""
+        files = direct_files(plan)[0] if share is not None and plan.snapshot_id is not None else None
+        if share is not None and files is not None:  # only the files of the share's buckets
+            kept = share_tasks(plan.table, share, files)
+            reader, path = direct_reader(plan, kept, _READ_BATCH_ROWS), f"direct ({len(kept)} of {len(files)} files)"
+        else:
+            reader, path = open_scan(plan, self.engine, _READ_BATCH_ROWS)
         batches, taken = [], 0
+        owned = np.array(share.owned if share is not None else [], dtype=np.int64)
         for batch in reader:
+            if share is not None:  # keep only this share: the cap counts what is kept
+                batch = batch.filter(pa.array(np.isin(key_slots(batch.column(share.key), share.slots), owned)))
             batches.append(batch)
             taken += batch.nbytes + batch.num_rows * 24
             if taken > self.max_bytes:
@@ -398,34 +436,35 @@ class AsofCache:
         while not self._stop.is_set():
             self._wake.wait(self.refresh_seconds)
             self._wake.clear()
-            for name in list(self._follow):
+            for followed in list(self._follow):
                 if self._stop.is_set():
                     return
                 try:
-                    self._refresh(name)
+                    self._refresh(followed)
                 except Exception:
-                    log.exception("training-set index of %s: not brought forward; requests will build it", name)
-                    self._follow.pop(name, None)
+                    log.exception("training-set index of %s: not brought forward; requests will build it", followed[0])
+                    self._follow.pop(followed, None)
 
-    def _refresh(self, name: str) -> None:
+    def _refresh(self, followed: tuple[str, KeyShare | None]) -> None:
         """Index the table's current snapshot if the index of an earlier one is cached; stop following a table
         whose indexes are all gone (evicted, or the table was replaced or redefined)."""
         assert self.catalog is not None, "the refresh thread runs only with a catalog"
-        uuid, spec = self._follow[name]
+        name, share = followed
+        uuid, spec = self._follow[followed]
         try:
             table = self.catalog.read(name)
         except NotFoundError:
-            self._follow.pop(name, None)
+            self._follow.pop(followed, None)
             return
         with self._lock:
-            held = any(k[0] == uuid and k[2] == spec for k in self._indexes)
+            held = any(k[0] == uuid and k[2] == spec and k[3] == share for k in self._indexes)
         same = str(table.metadata.table_uuid) == uuid and FeatureSpec.from_properties(table.metadata.properties) == spec
         if not held or not same:
-            self._follow.pop(name, None)
+            self._follow.pop(followed, None)
             return
         current = table.current_snapshot()
-        if current is None or self.peek(table, current.snapshot_id, spec) is not None:
+        if current is None or self.peek(table, current.snapshot_id, spec, share) is not None:
             return
-        if self.get(table, current.snapshot_id, spec) is not None:
+        if self.get(table, current.snapshot_id, spec, share) is not None:
             with self._lock:
                 self.refreshed_ahead += 1

@@ -15,7 +15,7 @@ from flight_server.iceberg.catalog import FeatureCatalog, table_name
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.duck import local_path
 from flight_server.training.codes import entity_micros
-from flight_server.training.plan import HistoricalPlan, partition_predicate, plan_historical
+from flight_server.training.plan import HistoricalPlan, partition_predicate, plan_historical, share_predicate
 from flight_server.wire.codec import parse_timestamp
 from flight_server.wire.errors import ProtocolError, RequestError
 from flight_server.wire.reads import HistoricalRequest
@@ -92,6 +92,11 @@ def server_entities(plan: HistoricalPlan, numbered: bool = True) -> tuple[str, l
         split = plan.groups[0].spec.entity_keys
         where += " AND " + partition_predicate("", split, [plan.entity_schema.field(k).type for k in split])
         params += [partition[1], partition[0]]
+    share = plan.request.shard
+    if share is not None:  # one replica's share (`endpoint_requests`), then perhaps a part of it
+        predicate, args = share_predicate("", share, plan.entity_schema.field(share.key).type)
+        where += " AND " + predicate
+        params += args
     rest = [n for n in plan.entity_schema.names if n != time and n not in keys]
     order = ", ".join(quote(c) for c in [time, *keys, *rest])
     columns = ", ".join(quote(n) for n in plan.entity_schema.names)

@@ -14,13 +14,20 @@ from flight_server.reads.duck import Engine, local_path
 from flight_server.training.asof import AsofIndex
 from flight_server.training.codes import entity_micros
 from flight_server.training.entities import ROW, TS, TS_UP, entity_bounds
-from flight_server.training.plan import HistoricalPlan, partition_predicate
+from flight_server.training.plan import HistoricalPlan, partition_predicate, share_predicate
 
 
 def join_sql(
-    plan: HistoricalPlan, relation: str, params: list[Any], low: dt.datetime | None, high: dt.datetime | None
+    plan: HistoricalPlan,
+    relation: str,
+    params: list[Any],
+    low: dt.datetime | None,
+    high: dt.datetime | None,
+    files: dict[int, list[str]] | None = None,
 ) -> tuple[str, list[Any]]:
-    """The whole point-in-time join as one query over the entity `relation`."""
+    """The whole point-in-time join as one query over the entity `relation`; the groups in `files` read just
+    those data files (their share's buckets, `share_files`) instead of their whole snapshot."""
+    files = files or {}
     args = list(params)
     ctes = [f"ent AS (SELECT * FROM {relation})"]
     joins: list[str] = []
@@ -30,7 +37,7 @@ def join_sql(
         keys = ", ".join(quote(k) for k in spec.entity_keys)
         features = ", ".join(f"{quote(f)} AS __pit_{i}_{j}" for j, f in enumerate(group.features))
         created = f", {quote(spec.created_time)} AS __pit_created" if spec.created_time else ""
-        if group.snapshot_id is None or high is None:
+        if group.snapshot_id is None or high is None or files.get(i) == []:
             # An empty feature table (or no entity rows): keep the shape, match nothing.
             nulls = ", ".join(f"NULL AS __pit_{i}_{j}" for j in range(len(group.features)))
             ctes.append(
@@ -39,7 +46,11 @@ def join_sql(
             )
         else:
             bound = f"{quote(spec.event_time)} <= ?"
-            args_here: list[Any] = [local_path(group.table.metadata_location), group.snapshot_id, high]
+            if i in files:
+                source, args_here = "read_parquet(?)", [files[i], high]
+            else:
+                source = "iceberg_scan(?, snapshot_from_id => ?)"
+                args_here = [local_path(group.table.metadata_location), group.snapshot_id, high]
             if spec.ttl_seconds and plan.apply_ttl and low is not None:
                 bound += f" AND {quote(spec.event_time)} >= ?"
                 args_here.append(low - dt.timedelta(seconds=spec.ttl_seconds))
@@ -47,9 +58,14 @@ def join_sql(
             if partition is not None and spec.entity_keys == plan.groups[0].spec.entity_keys:
                 bound += " AND " + partition_predicate("", spec.entity_keys, group.key_types)
                 args_here += [partition[1], partition[0]]
+            share = plan.share(group)
+            if share is not None:  # entity rows of one share meet only feature rows of the same share
+                predicate, share_args = share_predicate("", share, group.key_types[spec.entity_keys.index(share.key)])
+                bound += " AND " + predicate
+                args_here += share_args
             ctes.append(
                 f"{alias} AS (SELECT {keys}, CAST({quote(spec.event_time)} AS TIMESTAMPTZ) AS {TS}{created}, "
-                f"{features} FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {bound})"
+                f"{features} FROM {source} WHERE {bound})"
             )
             args += args_here
         on = " AND ".join(f"ent.{quote(k)} = {alias}.{quote(k)}" for k in spec.entity_keys)
@@ -75,11 +91,16 @@ def join_sql(
 
 
 def run_historical(
-    plan: HistoricalPlan, cursor: duckdb.DuckDBPyConnection, relation: str, params: list[Any], batch_rows: int
+    plan: HistoricalPlan,
+    cursor: duckdb.DuckDBPyConnection,
+    relation: str,
+    params: list[Any],
+    batch_rows: int,
+    files: dict[int, list[str]] | None = None,
 ) -> pa.RecordBatchReader:
     """Execute the join over `relation` (registered or created on `cursor`) and stream the result."""
     low, high = entity_bounds(cursor, relation, params)
-    sql, args = join_sql(plan, relation, params, low, high)
+    sql, args = join_sql(plan, relation, params, low, high, files)
     return cursor.execute(sql, args).to_arrow_reader(batch_rows).cast(plan.schema)
 
 

@@ -15,21 +15,27 @@ and the TTL nulls matches that are too old.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+import duckdb
 import pyarrow as pa
+from duckdb import sqltypes
+from duckdb.func import FunctionNullHandling, PythonUDFType
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression
 from pyiceberg.table import Table
+from pyiceberg.transforms import BucketTransform
 
 from flight_server.base.filters import parse_filter, quote
 from flight_server.base.schemas import table_arrow_schema
+from flight_server.base.shards import UNBUCKETED_SLOTS, key_slots, owned, shardable
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
 from flight_server.iceberg.snapshots import resolve_snapshot, snapshot_schema
 from flight_server.wire.errors import NotFoundError, RequestError
-from flight_server.wire.reads import HistoricalRequest, parse_feature_ref
+from flight_server.wire.reads import SHARD_SLOTS_MAX, HistoricalRequest, KeyShare, parse_feature_ref
 
 SNAPSHOTS_METADATA_KEY = b"flight.snapshots"
 
@@ -60,6 +66,38 @@ def partition_predicate(alias: str, keys: tuple[str, ...], types: list[pa.DataTy
     return f"hash({', '.join(cast)}) % ? = ?"
 
 
+def _slot_function(keys: pa.ChunkedArray, slots: pa.ChunkedArray) -> pa.Array:
+    return pa.array(key_slots(keys, slots[0].as_py() if len(slots) else 1), pa.int64())
+
+
+_SLOT_FUNCTIONS = {"__pit_slot_int": sqltypes.BIGINT, "__pit_slot_text": sqltypes.VARCHAR}
+
+
+def slot_functions(cursor: duckdb.DuckDBPyConnection) -> None:
+    """Give the cursor's database the SQL form of `key_slots` (one function per key kind), so that DuckDB splits
+    rows exactly as the sorted indexes do; defined once per database, for all its cursors."""
+    for name, kind in _SLOT_FUNCTIONS.items():
+        with contextlib.suppress(duckdb.CatalogException):  # defined by an earlier request
+            cursor.create_function(
+                name,
+                _slot_function,
+                [kind, sqltypes.INTEGER],
+                sqltypes.BIGINT,
+                type=PythonUDFType.ARROW,
+                null_handling=FunctionNullHandling.SPECIAL,  # a null key has a slot too (`key_slots`)
+            )
+
+
+def share_predicate(alias: str, share: KeyShare, kind: pa.DataType) -> tuple[str, list[Any]]:
+    """`slot(key) IN (owned...)` for the rows of a share, in the SQL form of `key_slots` (`slot_functions`)."""
+    if pa.types.is_integer(kind):
+        key, function = f"CAST({alias}{quote(share.key)} AS BIGINT)", "__pit_slot_int"
+    else:
+        key, function = f"CAST({alias}{quote(share.key)} AS VARCHAR)", "__pit_slot_text"
+    marks = ", ".join("?" for _ in share.owned)
+    return f"{function}({key}, CAST(? AS INTEGER)) IN ({marks})", [share.slots, *share.owned]
+
+
 @dataclass(frozen=True)
 class HistoricalPlan:
     """A checked training-set request: where entities come from, and what joins to them."""
@@ -79,6 +117,14 @@ class HistoricalPlan:
         if self.entity_table is not None:
             entities = {"table": table_name(self.entity_table), "snapshot_id": self.entity_snapshot_id}
         return {"features": {g.name: g.snapshot_id for g in self.groups}, "entities": entities}
+
+    def share(self, group: FeatureGroup) -> KeyShare | None:
+        """The share of `group`'s rows this part joins (the request's `shard`), or None: all its rows, when the
+        part is not a share or the table is not keyed by the share's key."""
+        share = self.request.shard
+        if share is None or share.key not in group.spec.entity_keys:
+            return None
+        return share if shardable(group.key_types[group.spec.entity_keys.index(share.key)]) else None
 
     @cached_property  # asked for by every joined batch
     def schema(self) -> pa.Schema:
@@ -176,12 +222,33 @@ def plan_historical(
         output = f"{name.split('.')[-1]}__{feature}" if request.full_feature_names else feature
         columns.append((by_table[name], group.features.index(feature), output))
 
+    if request.shard is not None:
+        _check_shard(request.shard, entity_table is not None, entity_schema)
     names = entity_schema.names + [c[2] for c in columns]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         hint = "" if request.full_feature_names else "; full_feature_names=true prefixes features with their table"
         raise RequestError(f"output column name(s) {clashes} would appear twice{hint}")
     return HistoricalPlan(request, entity_schema, groups, columns, entity_table, entity_snapshot, entity_filter)
+
+
+def _check_shard(share: KeyShare, entity_table: bool, entity_schema: pa.Schema) -> None:
+    if not entity_table:
+        raise RequestError("'shard' splits a training set over an entity table; these entity rows are not one")
+    index = entity_schema.get_field_index(share.key)
+    if index < 0 or not shardable(entity_schema.field(index).type):
+        raise RequestError(f"'shard' key {share.key!r} must be an integer or text entity column")
+
+
+def table_slots(table: Table, key: str) -> int:
+    """The slots a table's keys are shared out by: its buckets when its partition spec buckets `key` (so a
+    share is whole buckets), else `UNBUCKETED_SLOTS`."""
+    field_id = table.schema().find_field(key).field_id
+    for part in table.spec().fields:
+        transform = part.transform
+        if part.source_id == field_id and isinstance(transform, BucketTransform):
+            return transform.num_buckets if transform.num_buckets <= SHARD_SLOTS_MAX else UNBUCKETED_SLOTS
+    return UNBUCKETED_SLOTS
 
 
 def _full_name(catalog: FeatureCatalog, table: str) -> str:
@@ -207,10 +274,16 @@ def _pins(catalog: FeatureCatalog, request: HistoricalRequest) -> dict[str, int]
     return pins
 
 
-def endpoint_requests(plan: HistoricalPlan, partitions: int) -> list[HistoricalRequest]:
-    """Tickets for the parts of a training set: snapshots pinned, entity keys split by hash.
+def endpoint_requests(
+    plan: HistoricalPlan, partitions: int, replicas: list[str] | None = None
+) -> list[tuple[HistoricalRequest, int | None]]:
+    """Tickets for the parts of a training set (snapshots pinned, entity keys split by hash), each with the
+    index in `replicas` of the replica that owns its keys (None: any).
 
-    Their union is exactly the whole result, so clients may fetch them in parallel, anywhere.
+    Split over several `replicas`, the parts are the replicas' shares of the first feature table's first key
+    (`base/shards.py`), at least one per replica that owns keys, so each replica joins (and caches) only its
+    share of every table keyed alike. Their union is exactly the whole result, so clients may fetch them in
+    parallel; any replica answers any of them.
     """
     request = plan.request
     pins = {g.name: g.snapshot_id for g in plan.groups if g.snapshot_id is not None}
@@ -219,14 +292,23 @@ def endpoint_requests(plan: HistoricalPlan, partitions: int) -> list[HistoricalR
         entities = replace(entities, snapshot_id=plan.entity_snapshot_id)
     else:
         partitions = 1
-    return [
-        replace(
-            request,
-            entities=entities,
-            snapshot_ids=pins,
-            as_of=None,
-            partitions=None,
-            partition=[i, partitions] if partitions > 1 else None,
-        )
-        for i in range(partitions)
-    ]
+    base = replace(request, entities=entities, snapshot_ids=pins, as_of=None, partitions=None, shard=None)
+    key = plan.groups[0].spec.entity_keys[0]
+    if partitions == 1 or replicas is None or len(replicas) < 2 or not _shardable_key(plan, key):
+        return [(replace(base, partition=[i, partitions] if partitions > 1 else None), None) for i in range(partitions)]
+    slots = table_slots(plan.groups[0].table, key)
+    shares = owned(replicas, slots)
+    holders = [r for r, share in enumerate(shares) if share]
+    total = max(partitions, len(holders))
+    parts: list[tuple[HistoricalRequest, int | None]] = []
+    for n, holder in enumerate(holders):
+        count = total // len(holders) + (1 if n < total % len(holders) else 0)
+        share = KeyShare(key, slots, tuple(shares[holder]))
+        for i in range(count):
+            parts.append((replace(base, shard=share, partition=[i, count] if count > 1 else None), holder))
+    return parts
+
+
+def _shardable_key(plan: HistoricalPlan, key: str) -> bool:
+    """Whether entity rows can be shared out by `key`: an integer or text key on both sides."""
+    return shardable(plan.entity_schema.field(key).type) and shardable(plan.groups[0].key_types[0])

@@ -20,9 +20,10 @@ from flight_server.base.streams import chunks, stream_schema
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache, AsofIndex
+from flight_server.training.buckets import share_files
 from flight_server.training.entities import append_entities, plan_request, prepare_entities, server_entities
 from flight_server.training.join import join_batch, keep_alive, run_historical, use_storage
-from flight_server.training.plan import HistoricalPlan, plan_historical
+from flight_server.training.plan import HistoricalPlan, plan_historical, slot_functions
 from flight_server.wire.errors import LimitError, RequestError
 from flight_server.wire.reads import HistoricalRequest
 
@@ -73,6 +74,7 @@ class TrainingSets:
         use_storage(self.engine, plan)
         indexes = self._indexes(plan)
         cursor = self.engine.cursor()
+        slot_functions(cursor)
         with self.engine.interruptible(cursor, is_cancelled):
             if None in indexes:
                 relation, params = server_entities(plan)
@@ -196,7 +198,7 @@ class TrainingSets:
         slows down only its own part of the join."""
         missing = [i for i, index in enumerate(indexes) if index is None]
         if len(missing) == len(plan.groups):
-            return run_historical(plan, cursor, relation, params, self.batch_rows)
+            return run_historical(plan, cursor, relation, params, self.batch_rows, self._share_files(plan))
         part = replace(
             plan,
             # The entity rows of a part are split by the first table's keys, not necessarily by these tables'.
@@ -204,7 +206,7 @@ class TrainingSets:
             groups=[plan.groups[i] for i in missing],
             columns=[(missing.index(g), j, name) for g, j, name in plan.columns if g in missing],
         )
-        joined = run_historical(part, cursor, relation, params, self.batch_rows)
+        joined = run_historical(part, cursor, relation, params, self.batch_rows, self._share_files(part))
         width = len(plan.entity_schema)
 
         def batches() -> Iterator[pa.RecordBatch]:
@@ -213,6 +215,19 @@ class TrainingSets:
                 yield join_batch(plan, indexes, entities, batch)
 
         return pa.RecordBatchReader.from_batches(plan.schema, batches())
+
+    def _share_files(self, plan: HistoricalPlan) -> dict[int, list[str]]:
+        """Per group joined by DuckDB for a share, the data files of the share's buckets, where those alone
+        can be read (`share_files`)."""
+        found = {}
+        for i, group in enumerate(plan.groups):
+            share = plan.share(group)
+            if share is not None and group.snapshot_id is not None:
+                files = share_files(group.table, group.snapshot_id, share, self.cache.caches)
+                if files is not None:
+                    log.info("training set: DuckDB reads %d file(s) of %s for its share", len(files), group.name)
+                    found[i] = files
+        return found
 
     def _joined(
         self, plan: HistoricalPlan, indexes: list[AsofIndex | None], batches: Iterable[pa.RecordBatch]
@@ -241,7 +256,7 @@ class TrainingSets:
         indexes: list[AsofIndex | None] = []
         for group in plan.groups:
             find = self.cache.get if build else self.cache.peek
-            index = find(group.table, group.snapshot_id, group.spec)
+            index = find(group.table, group.snapshot_id, group.spec, plan.share(group))
             if index is None:
                 why = "too large for the training-set cache" if build else "not sorted yet"
                 log.info("training set: DuckDB joins %s (%s)", group.name, why)

@@ -86,6 +86,7 @@ def _health(parts: Components, caller: Principal, request: None) -> Health:
         scan_cache=parts.caches.files.stats(),
         maintenance=parts.upkeep.stats(),
         memory=parts.memory.stats(),
+        training_set_indexes=parts.training.cache.index_rows(),
     )
 
 

@@ -65,19 +65,22 @@ class RequestHandler(Protocol[R]):
 
 
 class Endpoints:
-    """Endpoints spread round robin over the replicas, starting one further each call; each lists every
-    replica, its own first, so a client can fall back to the next. No locations: fetch from this server."""
+    """Endpoints spread round robin over the replicas, starting one further each call, or each led by the replica
+    that owns its keys; each lists every replica, its own first, so a client can fall back to the next. No
+    locations: fetch from this server."""
 
     def __init__(self, locations: list[str]):
-        self._locations = locations
+        self.locations = locations
         self._turn = itertools.count()
 
-    def __call__(self, tickets: list[bytes]) -> list[flight.FlightEndpoint]:
-        n = len(self._locations)
+    def __call__(self, tickets: list[bytes], owners: list[int | None] | None = None) -> list[flight.FlightEndpoint]:
+        """`owners`: per ticket, the index in `locations` of the replica to name first (None: the next in turn)."""
+        n = len(self.locations)
         start = next(self._turn) if n else 0
+        firsts = [start + i if owner is None else owner for i, owner in enumerate(owners or [None] * len(tickets))]
         return [
-            flight.FlightEndpoint(ticket, [self._locations[(start + i + k) % n] for k in range(n)])
-            for i, ticket in enumerate(tickets)
+            flight.FlightEndpoint(ticket, [self.locations[(first + k) % n] for k in range(n)])
+            for ticket, first in zip(tickets, firsts, strict=True)
         ]
 
 
@@ -147,8 +150,9 @@ class TrainingSetRequests:
 
     def info(self, descriptor: flight.FlightDescriptor, request: HistoricalRequest) -> flight.FlightInfo:
         plan, inline = plan_request(self.parts.catalog, request)
-        parts = endpoint_requests(plan, request.partitions or self.parts.config.historical_partitions)
-        endpoints = self.endpoints([part.to_bytes() for part in parts])
+        partitions = request.partitions or self.parts.config.historical_partitions
+        parts = endpoint_requests(plan, partitions, self.endpoints.locations)
+        endpoints = self.endpoints([part.to_bytes() for part, _ in parts], [owner for _, owner in parts])
         rows = inline.num_rows if inline is not None else -1
         return flight.FlightInfo(
             plan.schema, descriptor, endpoints, rows, -1, app_metadata=json.dumps(plan.snapshots()).encode()

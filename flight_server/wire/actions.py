@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flight_server.wire.codec import Fields, Reply, format_timestamp, parse_timestamp
@@ -152,6 +152,8 @@ class Health(Reply):
     scan_cache: dict[str, int]
     maintenance: dict[str, Any]  # automatic maintenance: settings, totals, the last round
     memory: dict[str, Any]  # the memory budget: its size, what each cache holds and reserves, evictions
+    # each sorted index: table, snapshot_id, share (this replica's slots of the table's keys; None: all), rows
+    training_set_indexes: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

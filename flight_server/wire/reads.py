@@ -22,6 +22,8 @@ MAX_INLINE_ENTITIES = 10_000
 # Arrow IPC body codecs a reader may ask results in (`compression`): for networks slower than the codec.
 COMPRESSIONS = ("lz4", "zstd")
 
+SHARD_SLOTS_MAX = 4096  # slots a ticket's share may be out of (it lists the ones it owns)
+
 
 @dataclass(frozen=True)
 class ScanRequest:
@@ -123,6 +125,37 @@ class EntitySource:
 
 
 @dataclass(frozen=True)
+class KeyShare:
+    """One replica's share of a training set's keys (a ticket's `shard`): the entity rows whose `key` falls in
+    one of the `owned` slots of `slots` (Iceberg's bucket transform), joined to the same share of each feature
+    table keyed by `key`."""
+
+    key: str
+    slots: int
+    owned: tuple[int, ...]
+
+    @classmethod
+    def from_body(cls, body: Any) -> KeyShare:
+        if not isinstance(body, dict):
+            raise ProtocolError("historical request: field 'shard' must be an object")
+        f = Fields(body, "historical request: shard", {"key", "slots", "owned"})
+        slots = f.int("slots", minimum=1)
+        owned = body.get("owned")
+        if slots is None or slots > SHARD_SLOTS_MAX:
+            raise ProtocolError(f"historical request: 'shard.slots' must be an integer from 1 to {SHARD_SLOTS_MAX}")
+        if (
+            not isinstance(owned, list)
+            or not owned
+            or not all(type(v) is int and 0 <= v < slots for v in owned)
+            or owned != sorted(set(owned))
+        ):
+            raise ProtocolError(
+                f"historical request: 'shard.owned' must list distinct slots from 0 to {slots - 1}, ascending"
+            )
+        return cls(f.required_str("key"), slots, tuple(owned))
+
+
+@dataclass(frozen=True)
 class HistoricalRequest:
     """A point-in-time correct training set: entity rows joined to features as of their timestamps."""
 
@@ -135,6 +168,7 @@ class HistoricalRequest:
     partitions: int | None = None
     partition: list[int] | None = None
     compression: str | None = None
+    shard: KeyShare | None = None
     kind: str = field(default="historical", init=False)
 
     @classmethod
@@ -152,6 +186,7 @@ class HistoricalRequest:
                 "partitions",
                 "partition",
                 "compression",
+                "shard",
             },
         )
         features = f.str_list("features")
@@ -170,7 +205,7 @@ class HistoricalRequest:
         as_of = body.get("as_of")
         if as_of is not None:
             as_of = format_timestamp(parse_timestamp(as_of, "historical request: field 'as_of'"))
-        entities = body.get("entities")
+        entities, shard = body.get("entities"), body.get("shard")
         return cls(
             features=features,
             entities=EntitySource.from_body(entities) if entities is not None else None,
@@ -181,6 +216,7 @@ class HistoricalRequest:
             partitions=f.int("partitions", minimum=1),
             partition=f.part("partition"),
             compression=f.choice("compression", COMPRESSIONS),
+            shard=KeyShare.from_body(shard) if shard is not None else None,
         )
 
     def to_bytes(self) -> bytes:
