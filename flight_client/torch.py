@@ -25,7 +25,7 @@ import torch
 import torch.distributed
 from torch.utils.data import IterableDataset, get_worker_info
 
-from flight_client.plans import DEFAULT_PARTITIONS, Endpoint, ReadPlan, plan_table, plan_training_set, rebatch
+from flight_client.plans import DEFAULT_PARTITIONS, Part, ReadPlan, plan_table, plan_training_set, rebatch
 
 Batch: TypeAlias = "dict[str, torch.Tensor] | pa.RecordBatch"
 
@@ -168,8 +168,8 @@ class FlightDataset(IterableDataset[Batch]):
     def training_set(
         cls,
         location: str,
-        entity_rows: str | dict[str, list[Any]],
-        features: list[str],
+        entity_rows: Any,
+        features: str | Sequence[str],
         *,
         columns: Sequence[str] | None = None,
         partitions: int | None = None,
@@ -183,11 +183,17 @@ class FlightDataset(IterableDataset[Batch]):
         world_size: int | None = None,
         **options: Any,
     ) -> FlightDataset:
-        """A training set whose entity rows are a server table (`entity_rows`: its name), split by
-        entity key into `partitions` endpoints (default: 8 per rank). `columns` picks output columns,
-        e.g. to leave out string keys. `options`: those of `FlightDataset`."""
+        """A training set, split into `partitions` parts (default: 8 per rank) that workers read apart.
+
+        Entity rows in a server table (`entity_rows`: its name) are split by key on the server. Local
+        rows (a pandas or polars DataFrame, Arrow data, a dict of lists: what `get_historical_features`
+        takes) are held by the dataset and cut into contiguous row ranges, each of which a worker sends
+        with `do_exchange`; each DataLoader worker receives a copy of them, so write a large set to a
+        table instead. In a process group, rank 0's rows are used (its plan is shared); ranks planning
+        for themselves must each give the same rows. `columns` picks output columns, e.g. to leave out
+        string keys. `options`: those of `FlightDataset`."""
         rank, world_size, shared = _distributed(rank, world_size)
-        _check_same_snapshots(shared, world_size, bool(snapshot_ids), "snapshot_ids (the entity table's too)")
+        _check_same_snapshots(shared, world_size, bool(snapshot_ids), "snapshot_ids (an entity table's too)")
         parts = partitions or DEFAULT_PARTITIONS * world_size
         plan = _planned_once(
             shared,
@@ -216,8 +222,9 @@ class FlightDataset(IterableDataset[Batch]):
     def epoch(self) -> int:
         return int(self._epoch)
 
-    def endpoints(self, worker: int = 0, num_workers: int = 1) -> list[Endpoint]:
-        """The endpoints DataLoader worker `worker` of `num_workers` on this rank reads this epoch."""
+    def endpoints(self, worker: int = 0, num_workers: int = 1) -> list[Part]:
+        """The parts (endpoints or entity row ranges) DataLoader worker `worker` of `num_workers` on this
+        rank reads this epoch."""
         order = list(self.plan.endpoints)
         if self.shuffle_endpoints:
             random.Random(self.seed + self.epoch).shuffle(order)
