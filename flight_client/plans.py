@@ -161,6 +161,8 @@ def plan_training_set(
     if not isinstance(entity_rows, str):
         if entity_filter is not None:
             raise ValueError("entity_filter filters an entity table on the server: filter local entity rows first")
+        if partitions is not None and partitions < 1:
+            raise ValueError(f"partitions must be at least 1, got {partitions}")
         table = inputs.to_table(entity_rows)
         return _plan_local(
             location,
@@ -213,11 +215,9 @@ def _plan_local(
             raise null_keys_explained(error, table) from None
     used = json.loads(empty.schema.metadata[SNAPSHOTS_METADATA_KEY])["features"]
     pins = {name: snapshot for name, snapshot in used.items() if snapshot is not None}  # None: a table still empty
-    bounds = [i * table.num_rows // partitions for i in range(partitions + 1)]
     ranges = tuple(
         EntityRows(start, _compact(table.slice(start, stop - start)))
-        for start, stop in zip(bounds, bounds[1:], strict=False)
-        if stop > start
+        for start, stop in row_ranges(table.num_rows, partitions)
     )
     return ReadPlan(
         location,
@@ -228,6 +228,13 @@ def _plan_local(
         client_options,
         {**exchange, "snapshot_ids": pins},
     )
+
+
+def row_ranges(rows: int, parts: int) -> list[tuple[int, int]]:
+    """`[start, stop)` of `parts` contiguous ranges covering `rows` rows, sizes differing by one at most;
+    empty ones left out (fewer rows than parts)."""
+    bounds = [i * rows // parts for i in range(parts + 1)]
+    return [(start, stop) for start, stop in zip(bounds, bounds[1:], strict=False) if stop > start]
 
 
 def _compact(table: pa.Table) -> pa.Table:

@@ -3,6 +3,7 @@ real server process: every row of a scan or a training set exactly once, across 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import multiprocessing
@@ -12,15 +13,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import polars as pl
 import pyarrow as pa
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from flight_client import FeatureClient
+from flight_client import FeatureClient, InvalidRequestError
+from flight_client.plans import row_ranges
 from flight_client.torch import FlightDataset
 from tests.conftest import serve_replicas, sqlite_catalog
-from tests.feature_sets import SCAN_ROWS, TRIPS, write_scan_table, write_training_set
+from tests.feature_sets import SCAN_ROWS, T0, TRIPS, write_scan_table, write_training_set
 from tests.services import free_ports
 from tests.torch_ranks import read_share
 
@@ -203,8 +209,112 @@ def test_the_client_imports_neither_torch_nor_ray() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_local_entity_rows_are_refused(location: str, training_set: tuple[str, list[str]]) -> None:
+@pytest.fixture(scope="module")
+def local_rows(location: str, training_set: tuple[str, list[str]]) -> pa.Table:
+    """The training set's entity rows, read back to this process and shuffled (ranges then mix keys)."""
+    trips, _ = training_set
+    with FeatureClient(location) as client:
+        table = client.read_table(trips).replace_schema_metadata(None)
+    return table.take(np.random.default_rng(5).permutation(table.num_rows))
+
+
+@pytest.mark.parametrize("kind", ["pandas", "polars", "arrow", "dict"])
+def test_dataloader_workers_send_every_local_entity_row_once(
+    location: str, training_set: tuple[str, list[str]], local_rows: pa.Table, kind: str
+) -> None:
     _, features = training_set
-    entities = pa.table({"driver_id": [1], "event_timestamp": pa.array([0], pa.timestamp("us", "UTC"))})
-    with pytest.raises(TypeError, match="write them to a table first"):
+    given: Any = {
+        "pandas": lambda: local_rows.to_pandas().set_index("trip_id"),  # a named index is a column again
+        "polars": lambda: pl.from_arrow(local_rows),
+        "arrow": lambda: local_rows,
+        "dict": lambda: local_rows.to_pydict(),
+    }[kind]()
+    dataset = FlightDataset.training_set(location, given, features, columns=TRAINING, partitions=5, batch_size=300)
+    assert [len(e.rows) for e in dataset.plan.endpoints] == [TRIPS // 5] * 5  # type: ignore[union-attr]
+    batches = load(dataset)
+    with FeatureClient(location) as client:
+        plain = client.get_historical_features(entity_df=local_rows, features=features).to_arrow()
+    got = rows(batches, TRAINING)
+    assert [r[0] for r in got] == list(range(TRIPS)), "each entity row once"
+    assert got == arrow_rows(plain, TRAINING)
+
+
+def test_local_rows_are_dealt_the_same_to_every_rank_and_worker(
+    location: str, training_set: tuple[str, list[str]], local_rows: pa.Table
+) -> None:
+    """Two ranks planning for themselves, two DataLoader workers each: every row once, the same split each run."""
+    _, features = training_set
+    frame = local_rows.to_pandas()
+    with pytest.raises(ValueError, match="pin the snapshots with snapshot_ids"):
+        FlightDataset.training_set(location, frame, features, rank=0, world_size=2)
+    with FeatureClient(location) as client:
+        used = client.get_historical_features(local_rows.slice(0, 1), features).schema.metadata[b"flight.snapshots"]
+    pins = json.loads(used)["features"]
+
+    def ranks() -> list[FlightDataset]:
+        return [
+            FlightDataset.training_set(
+                location,
+                frame,
+                features,
+                columns=["trip_id"],
+                rank=r,
+                world_size=2,
+                snapshot_ids=pins,
+                seed=1,
+                shuffle_endpoints=True,
+            )
+            for r in range(2)
+        ]
+
+    first, again = ranks(), ranks()
+    assert len(first[0].plan.endpoints) == 16  # 8 per rank by default
+    for dataset in first + again:
+        dataset.set_epoch(1)
+    shares = [[[e.start for e in d.endpoints(w, 2)] for w in range(2)] for d in first]  # type: ignore[union-attr]
+    assert shares == [[[e.start for e in d.endpoints(w, 2)] for w in range(2)] for d in again]  # type: ignore[union-attr]
+    ids = [i for dataset in first for batch in load(dataset) for i in batch["trip_id"].tolist()]
+    assert sorted(ids) == list(range(TRIPS))
+
+
+def test_local_rows_read_the_snapshots_planned(location: str, local_rows: pa.Table) -> None:
+    """A write after planning changes nothing: every range pins the snapshots the plan resolved."""
+    with FeatureClient(location) as client:
+        trips, features = write_training_set(client)
+        dataset = FlightDataset.training_set(location, local_rows, features, columns=["trip_id", "rate"], partitions=3)
+        before = rows(load(dataset), ["trip_id", "rate"])
+        drivers = features[0].partition(":")[0]
+        later = pa.table(
+            {
+                "driver_id": pa.array(range(200), pa.int64()),
+                "event_timestamp": pa.array([T0 + dt.timedelta(hours=1)] * 200, pa.timestamp("us", "UTC")),
+                "rate": pa.array([1000.0] * 200),
+            }
+        )
+        client.write(drivers, later)
+        after = rows(load(dataset), ["trip_id", "rate"])
+        fresh = client.get_historical_features(local_rows, features).column("rate").to_pylist()
+    assert after == before
+    assert 1000.0 in fresh, "the write did change what a new plan reads"
+
+
+def test_local_entity_rows_bad_input(location: str, training_set: tuple[str, list[str]]) -> None:
+    trips, features = training_set
+    entities = {"driver_id": [1.0, None], "event_timestamp": pa.array([0, 0], pa.timestamp("us", "UTC"))}
+    with pytest.raises(InvalidRequestError, match="'driver_id' has nulls"):
         FlightDataset.training_set(location, entities, features)
+    good = {"driver_id": [1], "event_timestamp": pa.array([0], pa.timestamp("us", "UTC"))}
+    with pytest.raises(ValueError, match="filter local entity rows first"):
+        FlightDataset.training_set(location, good, features, entity_filter="driver_id > 0")
+    with pytest.raises(ValueError, match="partitions must be at least 1"):
+        FlightDataset.training_set(location, good, features, partitions=-1)
+    with pytest.raises(InvalidRequestError, match="no timestamp column 'ts'"):
+        FlightDataset.training_set(location, good, features, entity_time="ts")
+
+
+@given(rows=st.integers(0, 10_000), parts=st.integers(1, 64))
+def test_row_ranges_cover_every_row_once(rows: int, parts: int) -> None:
+    ranges = row_ranges(rows, parts)
+    assert [i for start, stop in ranges for i in range(start, stop)] == list(range(rows))
+    sizes = [stop - start for start, stop in ranges]
+    assert len(ranges) == min(rows, parts) and (not sizes or max(sizes) - min(sizes) <= 1)
