@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, TypeAlias
 
+import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed
@@ -77,13 +78,31 @@ def to_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
                 f"column {field.name!r} ({field.type}) holds nulls, which an integer tensor cannot: "
                 "fill them on the server side, leave the column out, or use format='arrow'"
             )
-        values = column.cast(target) if target != field.type else column
-        array = values.to_numpy(zero_copy_only=False)
+        array = _numpy(column.view(target) if target != field.type else column)
         with warnings.catch_warnings():
             # Arrow's buffers are read-only to numpy; the batch is ours alone, so the tensor may own them.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             tensors[field.name] = torch.from_numpy(array)
     return tensors
+
+
+def _numpy(column: pa.Array) -> np.ndarray:
+    """A numeric or boolean column as NumPy, read from its buffers: pyarrow's `to_numpy` imports pandas on
+    its first call, which cost each new DataLoader worker a second or more. Nulls (floats only) become NaN."""
+    validity, data = column.buffers()[:2]
+    start, stop = column.offset, column.offset + len(column)
+    if pa.types.is_boolean(column.type):
+        values = _bits(data, start, stop)
+    else:
+        values = np.frombuffer(data, dtype=column.type.to_pandas_dtype(), count=stop)[start:]
+    if column.null_count:
+        values = np.where(_bits(validity, start, stop), values, np.nan)
+    return values
+
+
+def _bits(buffer: pa.Buffer, start: int, stop: int) -> np.ndarray:
+    """Bits `start` to `stop` of an Arrow bitmap (least significant bit first) as booleans."""
+    return np.unpackbits(np.frombuffer(buffer, np.uint8), count=stop, bitorder="little")[start:].view(bool)
 
 
 class FlightDataset(IterableDataset[Batch]):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from flight_client import FeatureClient, InvalidRequestError
 from flight_client.plans import row_ranges
-from flight_client.torch import FlightDataset
+from flight_client.torch import FlightDataset, to_tensors
 from tests.conftest import serve_replicas, sqlite_catalog
 from tests.feature_sets import SCAN_ROWS, T0, TRIPS, write_scan_table, write_training_set
 from tests.services import free_ports
@@ -318,3 +318,42 @@ def test_row_ranges_cover_every_row_once(rows: int, parts: int) -> None:
     assert [i for start, stop in ranges for i in range(start, stop)] == list(range(rows))
     sizes = [stop - start for start, stop in ranges]
     assert len(ranges) == min(rows, parts) and (not sizes or max(sizes) - min(sizes) <= 1)
+
+
+NUMERIC_TYPES = [pa.int8(), pa.int32(), pa.int64(), pa.uint16(), pa.float32(), pa.float64(), pa.bool_()]
+TIME_TYPES = [pa.timestamp("us", "UTC"), pa.timestamp("ns"), pa.date32(), pa.time64("us"), pa.duration("ms")]
+
+
+@given(
+    kind=st.sampled_from(NUMERIC_TYPES + TIME_TYPES),
+    values=st.lists(st.one_of(st.none(), st.integers(0, 100)), max_size=40),
+    start=st.integers(0, 40),
+)
+def test_tensors_equal_pyarrows_own_conversion(kind: pa.DataType, values: list[int | None], start: int) -> None:
+    """`to_tensors` reads the buffers itself (pyarrow's to_numpy imports pandas): same values as to_numpy,
+    for any type, offset (a sliced batch) and nulls (NaN in floats)."""
+    floating = pa.types.is_floating(kind)
+    if not floating:
+        values = [0 if v is None else v for v in values]
+    source = [v if v is None or not pa.types.is_boolean(kind) else v % 2 == 1 for v in values]
+    integers = pa.int32() if kind == pa.date32() else pa.int64()
+    column = pa.array(source, integers).view(kind) if kind in TIME_TYPES else pa.array(source, kind)
+    batch = pa.record_batch({"c": column}).slice(min(start, len(values)))
+    got = to_tensors(batch)["c"].numpy()
+    reference = batch.column(0)
+    if kind in TIME_TYPES:
+        reference = reference.view(integers)
+    expected = reference.to_numpy(zero_copy_only=False)
+    assert got.dtype == expected.dtype and np.array_equal(got, expected, equal_nan=floating)
+
+
+def test_tensors_import_no_pandas() -> None:
+    """pandas costs each new DataLoader worker a second or more to import: the worker path must not."""
+    code = (
+        "import sys, numpy as np, pyarrow as pa; from flight_client.torch import to_tensors\n"
+        "data = [pa.py_buffer(np.packbits([1, 0], bitorder='little')), pa.py_buffer(np.array([1.0, 2.0]))]\n"
+        "batch = pa.RecordBatch.from_arrays([pa.Array.from_buffers(pa.float64(), 2, data)], ['x'])\n"
+        "assert 'pandas' not in sys.modules\n"
+        "assert to_tensors(batch)['x'][1].isnan() and 'pandas' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
