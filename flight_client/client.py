@@ -737,6 +737,7 @@ class FeatureClient:
         held = None if inputs.is_stream(entity_rows) else inputs.to_table(entity_rows)
         schema, batches = inputs.stream(entity_rows if held is None else held)
         descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
+        leaving: BaseException | None = None  # the caller's own exception (or stop), which outranks the cancel's
         try:
             writer, reader = self._client.do_exchange(descriptor, self._options)
             with writer:
@@ -746,12 +747,15 @@ class FeatureClient:
                 sending = _Sender(writer, batches)
                 try:
                     yield reader
-                except BaseException:
+                except BaseException as exc:
                     reader.cancel()  # the sender may be blocked on a window only the reader would open
                     sending.finish(raising=False)
+                    leaving = None if isinstance(exc, SERVER_ERRORS) else exc
                     raise
                 sending.finish()
         except SERVER_ERRORS as exc:
+            if leaving is not None:
+                raise leaving from None
             raise null_keys_explained(from_flight_error(exc), held) from None
 
     # Catalog

@@ -113,6 +113,18 @@ def test_dataloader_workers_read_every_row_of_a_training_set_once(
     assert any(r[-1] is None for r in got), "unknown drivers' rates are NaN"
 
 
+def two_ranks(
+    location: str, rows: Any, features: list[str], pins: dict[str, int], **options: Any
+) -> list[FlightDataset]:
+    """Ranks 0 and 1 of two, each planning for itself (the snapshots pinned), endpoints shuffled per epoch."""
+    return [
+        FlightDataset.training_set(
+            location, rows, features, rank=r, world_size=2, snapshot_ids=pins, shuffle_endpoints=True, **options
+        )
+        for r in range(2)
+    ]
+
+
 def test_two_ranks_together_read_every_row_once_in_any_epoch(
     location: str, training_set: tuple[str, list[str]]
 ) -> None:
@@ -122,20 +134,7 @@ def test_two_ranks_together_read_every_row_once_in_any_epoch(
     with FeatureClient(location) as client:
         used = json.loads(client.training_set_info(trips, features).app_metadata)
     pins = {**used["features"], used["entities"]["table"]: used["entities"]["snapshot_id"]}
-    ranks = [
-        FlightDataset.training_set(
-            location,
-            trips,
-            features,
-            columns=TRAINING,
-            rank=r,
-            world_size=2,
-            shuffle_endpoints=True,
-            seed=3,
-            snapshot_ids=pins,
-        )
-        for r in range(2)
-    ]
+    ranks = two_ranks(location, trips, features, pins, columns=TRAINING, seed=3)
     assert len(ranks[0].plan.endpoints) == 16  # 8 per rank by default
     orders = []
     for epoch in (0, 1):
@@ -251,23 +250,7 @@ def test_local_rows_are_dealt_the_same_to_every_rank_and_worker(
         used = client.get_historical_features(local_rows.slice(0, 1), features).schema.metadata[b"flight.snapshots"]
     pins = json.loads(used)["features"]
 
-    def ranks() -> list[FlightDataset]:
-        return [
-            FlightDataset.training_set(
-                location,
-                frame,
-                features,
-                columns=["trip_id"],
-                rank=r,
-                world_size=2,
-                snapshot_ids=pins,
-                seed=1,
-                shuffle_endpoints=True,
-            )
-            for r in range(2)
-        ]
-
-    first, again = ranks(), ranks()
+    first, again = (two_ranks(location, frame, features, pins, columns=["trip_id"], seed=1) for _ in range(2))
     assert len(first[0].plan.endpoints) == 16  # 8 per rank by default
     for dataset in first + again:
         dataset.set_epoch(1)
@@ -357,3 +340,17 @@ def test_tensors_import_no_pandas() -> None:
         "assert to_tensors(batch)['x'][1].isnan() and 'pandas' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.timeout(120)
+def test_a_range_left_early_cancels_its_exchange(location: str, training_set: tuple[str, list[str]]) -> None:
+    """A worker that stops reading a range (an epoch cut short) ends the call instead of hanging on it."""
+    _, features = training_set
+    with FeatureClient(location) as client:
+        entities = client.read_table(training_set[0])
+        many = pa.concat_tables([entities] * 60)  # more than the connection's windows hold, both ways
+        stream = client.iter_historical_features(many, features)
+        assert next(stream).num_rows
+        stream.close()
+        again = client.get_historical_features(entities, features)
+    assert again.num_rows == TRIPS
