@@ -109,10 +109,11 @@ class FlightDataset(IterableDataset[Batch]):
     """Batches of a planned read (`FlightDataset.table`, `FlightDataset.training_set`).
 
     The read is planned once, when the dataset is made; pickling it (to DataLoader workers) carries
-    only the tickets. Iterating deals the endpoints to the global workers, worker `w` of rank `r`
-    being `r * num_workers + w` of `world_size * num_workers`, and streams each worker's endpoints
-    over a connection it opens itself. Each row comes once per epoch, from exactly one worker. Use
-    `DataLoader(dataset, batch_size=None, ...)`: the dataset yields whole batches.
+    only the tickets (and local entity rows, if given). Iterating deals the parts (endpoints, or ranges
+    of local entity rows) to the global workers, worker `w` of rank `r` being `r * num_workers + w` of
+    `world_size * num_workers`, and streams each worker's parts over a connection it opens itself. Each
+    row comes once per epoch, from exactly one worker. Use `DataLoader(dataset, batch_size=None, ...)`:
+    the dataset yields whole batches.
 
     `format` "torch" yields dicts of tensors (see `to_tensors`), "arrow" yields `pyarrow.RecordBatch`.
     `batch_size` re-cuts each worker's stream into batches of that many rows (the last of a worker
