@@ -11,10 +11,12 @@ from flight_client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from flight_client.results import FeatureResult
 
 __all__ = [
     "ConflictError",
     "FeatureClient",
+    "FeatureResult",
     "FeatureServerError",
     "InvalidRequestError",
     "NotFoundError",

@@ -8,6 +8,7 @@ import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -115,7 +116,7 @@ def _feature_refs(value: Any) -> bool:
     return isinstance(refs, (list, tuple)) and bool(refs) and all(isinstance(r, str) and ":" in r for r in refs)
 
 
-def _null_keys_explained(error: FeatureServerError, rows: pa.Table | None) -> FeatureServerError:
+def null_keys_explained(error: FeatureServerError, rows: pa.Table | None) -> FeatureServerError:
     """The server sees a float key column; when the rows' column has nulls, that is why: say so."""
     match = re.match(r"entity column '([^']+)' is ", str(error))
     if rows is None or not isinstance(error, InvalidRequestError) or match is None:
@@ -537,7 +538,7 @@ class FeatureClient:
         request = self._historical_request(
             share, features, full_feature_names, snapshot_ids, as_of, entity_time, None, None
         )
-        yield from self._exchange(request, share).to_batches()
+        yield from self._exchange_batches(request, share)
 
     def _historical_request(
         self,
@@ -719,9 +720,24 @@ class FeatureClient:
         return pa.concat_tables(parts)
 
     def _exchange(self, request: HistoricalRequest | OnlineRequest, entity_rows: Any) -> pa.Table:
+        with self._exchanging(request, entity_rows) as reader:
+            return reader.read_all()
+
+    def _exchange_batches(self, request: HistoricalRequest, entity_rows: Any) -> Iterator[pa.RecordBatch]:
+        """The answer's batches as they arrive: memory holds a batch, not the answer."""
+        with self._exchanging(request, entity_rows) as reader:
+            yield from reader.to_reader()
+
+    @contextmanager
+    def _exchanging(
+        self, request: HistoricalRequest | OnlineRequest, entity_rows: Any
+    ) -> Iterator[flight.FlightStreamReader]:
+        """A `do_exchange` sending `entity_rows` while the caller reads the answer; server errors are raised
+        as `FeatureServerError`s, and a caller that stops reading early cancels the call."""
         held = None if inputs.is_stream(entity_rows) else inputs.to_table(entity_rows)
         schema, batches = inputs.stream(entity_rows if held is None else held)
         descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
+        leaving: BaseException | None = None  # the caller's own exception (or stop), which outranks the cancel's
         try:
             writer, reader = self._client.do_exchange(descriptor, self._options)
             with writer:
@@ -730,12 +746,17 @@ class FeatureClient:
                 # stall once the answers fill the connection's flow-control window.
                 sending = _Sender(writer, batches)
                 try:
-                    result = reader.read_all()
-                finally:
-                    sending.finish()
-                return result
+                    yield reader
+                except BaseException as exc:
+                    reader.cancel()  # the sender may be blocked on a window only the reader would open
+                    sending.finish(raising=False)
+                    leaving = None if isinstance(exc, SERVER_ERRORS) else exc
+                    raise
+                sending.finish()
         except SERVER_ERRORS as exc:
-            raise _null_keys_explained(from_flight_error(exc), held) from None
+            if leaving is not None:
+                raise leaving from None
+            raise null_keys_explained(from_flight_error(exc), held) from None
 
     # Catalog
 
@@ -777,10 +798,10 @@ class _Sender:
         except BaseException as exc:  # handed to the caller by finish()
             self._error = exc
 
-    def finish(self) -> None:
+    def finish(self, raising: bool = True) -> None:
         """Wait for the writes; a failed write is raised unless the answer already failed."""
         self._thread.join()
-        if self._error is not None and not isinstance(self._error, SERVER_ERRORS):
+        if raising and self._error is not None and not isinstance(self._error, SERVER_ERRORS):
             raise self._error
 
 

@@ -1,10 +1,13 @@
-"""Read plans for the PyTorch and Ray integrations: a scan or a training set planned once (one
-`get_flight_info`), kept as plain tickets that pickle, so that every worker redeems its share of the
-endpoints over a connection of its own (Flight connections survive neither fork nor pickle)."""
+"""Read plans for the PyTorch and Ray integrations: a scan or a training set planned once, kept as parts
+that pickle, so that every worker reads its share over a connection of its own (Flight connections survive
+neither fork nor pickle). A part is a ticket of the server's endpoints (`Endpoint`), or a range of local
+entity rows (`EntityRows`) that a worker sends with `do_exchange`, the path of
+`get_historical_features(entity_df=...)`, with every snapshot pinned at planning."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -13,8 +16,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_client.client import FeatureClient
+from flight_client import inputs
+from flight_client.client import FeatureClient, null_keys_explained
+from flight_client.errors import InvalidRequestError
 from flight_server.wire.reads import one_batch
+
+# Where a training set's schema names the snapshots it was computed from (flight_server/training/plan.py).
+SNAPSHOTS_METADATA_KEY = b"flight.snapshots"
 
 # Endpoints a read is split into when the caller does not say (per rank, for PyTorch): enough for 8 workers each.
 DEFAULT_PARTITIONS = 8
@@ -45,39 +53,61 @@ class Endpoint:
     locations: tuple[str, ...]
 
 
+@dataclass(frozen=True, eq=False)
+class EntityRows:
+    """Local entity rows `start` to `start + len(rows)`: a compact copy, so that it pickles alone (a slice
+    would carry its whole table's buffers to every Ray task)."""
+
+    start: int
+    rows: pa.Table = field(repr=False)
+
+
+Part = Endpoint | EntityRows
+
+
 @dataclass(frozen=True)
 class ReadPlan:
-    """A planned read: where to connect, the result's schema and its endpoints in server order.
+    """A planned read: where to connect, the result's schema and its parts (`endpoints`) in order.
 
     `client_options` are `FeatureClient` keyword arguments (`token`, `tls_root_certs`, ...); each
-    worker opens its own client with them. `columns` (None: all) are kept of every batch.
+    worker opens its own client with them. `columns` (None: all) are kept of every batch. `exchange`
+    holds the `iter_historical_features` options that `EntityRows` parts are sent with.
     """
 
     location: str
     schema: pa.Schema
-    endpoints: tuple[Endpoint, ...]
+    endpoints: tuple[Part, ...]
     total_records: int | None = None
     columns: tuple[str, ...] | None = None
     client_options: dict[str, Any] = field(default_factory=dict)
+    exchange: dict[str, Any] = field(default_factory=dict)
 
-    def batches(self, endpoints: Sequence[Endpoint]) -> Iterator[pa.RecordBatch]:
-        """The record batches of `endpoints`, one endpoint after the other, over a new connection."""
+    def batches(self, endpoints: Sequence[Part]) -> Iterator[pa.RecordBatch]:
+        """The record batches of `endpoints`, one part after the other, over a new connection."""
         with connect(self.location, self.client_options) as client:
             for endpoint in endpoints:
-                reader = client.read_endpoint(flight.FlightEndpoint(endpoint.ticket, list(endpoint.locations)))
+                if isinstance(endpoint, EntityRows):
+                    reader: Iterator[pa.RecordBatch] = client.iter_historical_features(endpoint.rows, **self.exchange)
+                else:
+                    reader = client.read_endpoint(flight.FlightEndpoint(endpoint.ticket, list(endpoint.locations)))
                 for batch in reader:
                     yield batch if self.columns is None else batch.select(list(self.columns))
+
+
+def _selected(schema: pa.Schema, columns: Sequence[str] | None) -> pa.Schema:
+    """`schema` narrowed to `columns` (None: all of it)."""
+    if columns is None:
+        return schema
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the result; it has {schema.names}")
+    return pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
 
 
 def _plan(
     location: str, info: flight.FlightInfo, columns: Sequence[str] | None, client_options: dict[str, Any]
 ) -> ReadPlan:
-    schema = info.schema
-    if columns is not None:
-        missing = [c for c in columns if c not in schema.names]
-        if missing:
-            raise ValueError(f"columns {missing} are not in the result; it has {schema.names}")
-        schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
+    schema = _selected(info.schema, columns)
     endpoints = tuple(Endpoint(e.ticket.ticket, tuple(loc.uri.decode() for loc in e.locations)) for e in info.endpoints)
     total = info.total_records if info.total_records >= 0 else None
     return ReadPlan(location, schema, endpoints, total, tuple(columns) if columns else None, client_options)
@@ -110,8 +140,8 @@ def plan_table(
 
 def plan_training_set(
     location: str,
-    entity_rows: str | dict[str, list[Any]],
-    features: list[str],
+    entity_rows: Any,
+    features: str | Sequence[str],
     *,
     columns: Sequence[str] | None = None,
     partitions: int | None = None,
@@ -122,16 +152,30 @@ def plan_training_set(
     full_feature_names: bool = False,
     client_options: dict[str, Any] | None = None,
 ) -> ReadPlan:
-    """Plan a training set whose entity rows are a server table, split by entity key into `partitions`
-    endpoints (inline rows, a dict of column lists, are one endpoint); the tickets pin every snapshot.
-    `columns` picks output columns (entity and feature columns) client-side."""
-    if not isinstance(entity_rows, (str, dict)):
-        raise TypeError(
-            "entity rows for a split training set must be a server table's name (or a small dict of column lists); "
-            f"got {type(entity_rows).__name__}: write them to a table first (FeatureClient.write) so that the "
-            "server splits them by key across workers"
-        )
+    """Plan a training set, every snapshot pinned in its parts. Entity rows in a server table (`entity_rows`:
+    its name) are split by key into `partitions` endpoints; local rows (anything `get_historical_features`
+    takes: a DataFrame, Arrow data, a dict of lists...) are read whole here and cut into `partitions`
+    contiguous row ranges (default 1), which workers send themselves. `columns` picks output columns
+    client-side."""
     options = dict(client_options or {})
+    if not isinstance(entity_rows, str):
+        if entity_filter is not None:
+            raise ValueError("entity_filter filters an entity table on the server: filter local entity rows first")
+        if partitions is not None and partitions < 1:
+            raise ValueError(f"partitions must be at least 1, got {partitions}")
+        table = inputs.to_table(entity_rows)
+        return _plan_local(
+            location,
+            table,
+            features,
+            columns,
+            partitions or 1,
+            options,
+            snapshot_ids,
+            as_of,
+            entity_time,
+            full_feature_names,
+        )
     with connect(location, options) as client:
         info = client.training_set_info(
             entity_rows,
@@ -144,6 +188,58 @@ def plan_training_set(
             partitions=partitions,
         )
     return _plan(location, info, columns, options)
+
+
+def _plan_local(
+    location: str,
+    table: pa.Table,
+    features: str | Sequence[str],
+    columns: Sequence[str] | None,
+    partitions: int,
+    client_options: dict[str, Any],
+    snapshot_ids: dict[str, int] | None,
+    as_of: dt.datetime | str | int | None,
+    entity_time: str,
+    full_feature_names: bool,
+) -> ReadPlan:
+    """Local entity rows as `partitions` row ranges. The plan is one exchange of no rows: the server checks
+    the request and answers the result's schema, naming the snapshots it resolved, which every range pins."""
+    exchange: dict[str, Any] = {"features": inputs.name_list(features), "entity_time": entity_time}
+    exchange["full_feature_names"] = full_feature_names
+    with connect(location, client_options) as client:
+        try:
+            empty = client.get_historical_features(
+                table.slice(0, 0), snapshot_ids=snapshot_ids, as_of=as_of, **exchange
+            )
+        except InvalidRequestError as error:  # a float key column: say whether its nulls made it so
+            raise null_keys_explained(error, table) from None
+    used = json.loads(empty.schema.metadata[SNAPSHOTS_METADATA_KEY])["features"]
+    pins = {name: snapshot for name, snapshot in used.items() if snapshot is not None}  # None: a table still empty
+    ranges = tuple(
+        EntityRows(start, _compact(table.slice(start, stop - start)))
+        for start, stop in row_ranges(table.num_rows, partitions)
+    )
+    return ReadPlan(
+        location,
+        _selected(empty.schema, columns),
+        ranges,
+        table.num_rows,  # one result row per entity row
+        tuple(columns) if columns else None,
+        client_options,
+        {**exchange, "snapshot_ids": pins},
+    )
+
+
+def row_ranges(rows: int, parts: int) -> list[tuple[int, int]]:
+    """`[start, stop)` of `parts` contiguous ranges covering `rows` rows, sizes differing by one at most;
+    empty ones left out (fewer rows than parts)."""
+    bounds = [i * rows // parts for i in range(parts + 1)]
+    return [(start, stop) for start, stop in zip(bounds, bounds[1:], strict=False) if stop > start]
+
+
+def _compact(table: pa.Table) -> pa.Table:
+    """A slice as a table of its own buffers (concatenating copies them)."""
+    return pa.concat_tables([table, table.schema.empty_table()]).combine_chunks()
 
 
 def rebatch(batches: Iterator[pa.RecordBatch], size: int | None) -> Iterator[pa.RecordBatch]:

@@ -9,6 +9,7 @@ Needs the `ray` extra (`pip install 'iceberg-feature-flight[ray]'`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from flight_client.plans import DEFAULT_PARTITIONS, Endpoint, ReadPlan, plan_table, plan_training_set
+from flight_client.plans import DEFAULT_PARTITIONS, EntityRows, Part, ReadPlan, plan_table, plan_training_set
 
 
 class FlightDatasource(Datasource):
@@ -42,21 +43,29 @@ class FlightDatasource(Datasource):
     ) -> list[ReadTask]:
         endpoints = self.plan.endpoints
         count = max(1, min(parallelism, len(endpoints))) if endpoints else 0
-        # Row counts per endpoint are unknown: the server's total is for the whole read (and an upper bound
-        # for filtered or deleted rows), so only a single task can carry it.
-        rows = self.plan.total_records if count == 1 else None
+        # Each task carries its parts only: a plan without them (local entity rows are in the parts).
+        bare = dataclasses.replace(self.plan, endpoints=())
         return [
             ReadTask(
-                functools.partial(_read, self.plan, endpoints[i::count]),
-                BlockMetadata(num_rows=rows, size_bytes=None, input_files=None, exec_stats=None),
+                functools.partial(_read, bare, endpoints[i::count]),
+                BlockMetadata(
+                    num_rows=self._rows(endpoints[i::count], count), size_bytes=None, input_files=None, exec_stats=None
+                ),
                 schema=self.plan.schema,
                 per_task_row_limit=per_task_row_limit,
             )
             for i in range(count)
         ]
 
+    def _rows(self, parts: Sequence[Part], tasks: int) -> int | None:
+        """A task's row count: one per local entity row; for server endpoints unknown (the server's total
+        is for the whole read, and an upper bound for filtered or deleted rows), unless one task reads all."""
+        if all(isinstance(p, EntityRows) for p in parts):
+            return sum(p.rows.num_rows for p in parts if isinstance(p, EntityRows))
+        return self.plan.total_records if tasks == 1 else None
 
-def _read(plan: ReadPlan, endpoints: Sequence[Endpoint]) -> Iterator[pa.Table]:
+
+def _read(plan: ReadPlan, endpoints: Sequence[Part]) -> Iterator[pa.Table]:
     for batch in plan.batches(endpoints):
         if batch.num_rows:
             yield pa.Table.from_batches([batch])
@@ -96,8 +105,8 @@ def read_table(
 
 def read_training_set(
     location: str,
-    entity_rows: str | dict[str, list[Any]],
-    features: list[str],
+    entity_rows: Any,
+    features: str | Sequence[str],
     *,
     columns: Sequence[str] | None = None,
     partitions: int = DEFAULT_PARTITIONS,
@@ -109,8 +118,10 @@ def read_training_set(
     client_options: dict[str, Any] | None = None,
     **read_args: Any,
 ) -> ray.data.Dataset:
-    """A training set whose entity rows are a server table, split by entity key into `partitions`
-    endpoints, every snapshot pinned. `read_args` go to `ray.data.read_datasource`."""
+    """A training set in `partitions` read tasks, every snapshot pinned. Entity rows in a server table
+    (`entity_rows`: its name) are split by key on the server; local rows (a DataFrame, Arrow data, a dict
+    of lists: what `get_historical_features` takes) are cut into contiguous row ranges, each task sending
+    its own with `do_exchange` (and carrying only those rows). `read_args` go to `ray.data.read_datasource`."""
     plan = plan_training_set(
         location,
         entity_rows,

@@ -4,6 +4,12 @@
 (`get_historical_features(entity_df=...)`, `get_online_features(features=..., entity_rows=...)`)
 return these, with Feast's `to_df()` (and `to_dict()` online) besides `to_arrow()`, `to_pandas()`
 and `to_polars()`. pandas and polars are imported only when asked for.
+
+The Tables cannot take these names themselves: pyarrow's `Table` is an immutable extension type (no
+methods can be attached), and though it can be subclassed, pyarrow builds every table as a plain
+`Table` (a subclass instance cannot be made from Python). A wrapper in their place would break
+callers that hand them to pyarrow (`pq.write_table`, `pa.concat_tables`, `isinstance`). So the native
+forms keep returning Tables, and `FeatureResult(table)` wraps any of them for the Feast names.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ if TYPE_CHECKING:
 
 
 class FeatureResult:
-    """A computed result (the rows are already here): Arrow, with conversions by their usual names."""
+    """A computed result (the rows are already here): Arrow, with conversions by their usual names.
+    `FeatureResult(client.read_table(...))` gives any Table these names."""
 
     def __init__(self, table: pa.Table):
         self.table = table

@@ -20,12 +20,13 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, TypeAlias
 
+import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed
 from torch.utils.data import IterableDataset, get_worker_info
 
-from flight_client.plans import DEFAULT_PARTITIONS, Endpoint, ReadPlan, plan_table, plan_training_set, rebatch
+from flight_client.plans import DEFAULT_PARTITIONS, Part, ReadPlan, plan_table, plan_training_set, rebatch
 
 Batch: TypeAlias = "dict[str, torch.Tensor] | pa.RecordBatch"
 
@@ -77,8 +78,7 @@ def to_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
                 f"column {field.name!r} ({field.type}) holds nulls, which an integer tensor cannot: "
                 "fill them on the server side, leave the column out, or use format='arrow'"
             )
-        values = column.cast(target) if target != field.type else column
-        array = values.to_numpy(zero_copy_only=False)
+        array = _numpy(column.view(target) if target != field.type else column)
         with warnings.catch_warnings():
             # Arrow's buffers are read-only to numpy; the batch is ours alone, so the tensor may own them.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -86,14 +86,34 @@ def to_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _numpy(column: pa.Array) -> np.ndarray:
+    """A numeric or boolean column as NumPy, read from its buffers: pyarrow's `to_numpy` imports pandas on
+    its first call, which cost each new DataLoader worker a second or more. Nulls (floats only) become NaN."""
+    validity, data = column.buffers()[:2]
+    start, stop = column.offset, column.offset + len(column)
+    if pa.types.is_boolean(column.type):
+        values = _bits(data, start, stop)
+    else:
+        values = np.frombuffer(data, dtype=column.type.to_pandas_dtype(), count=stop)[start:]
+    if column.null_count:
+        values = np.where(_bits(validity, start, stop), values, np.nan)
+    return values
+
+
+def _bits(buffer: pa.Buffer, start: int, stop: int) -> np.ndarray:
+    """Bits `start` to `stop` of an Arrow bitmap (least significant bit first) as booleans."""
+    return np.unpackbits(np.frombuffer(buffer, np.uint8), count=stop, bitorder="little")[start:].view(bool)
+
+
 class FlightDataset(IterableDataset[Batch]):
     """Batches of a planned read (`FlightDataset.table`, `FlightDataset.training_set`).
 
     The read is planned once, when the dataset is made; pickling it (to DataLoader workers) carries
-    only the tickets. Iterating deals the endpoints to the global workers, worker `w` of rank `r`
-    being `r * num_workers + w` of `world_size * num_workers`, and streams each worker's endpoints
-    over a connection it opens itself. Each row comes once per epoch, from exactly one worker. Use
-    `DataLoader(dataset, batch_size=None, ...)`: the dataset yields whole batches.
+    only the tickets (and local entity rows, if given). Iterating deals the parts (endpoints, or ranges
+    of local entity rows) to the global workers, worker `w` of rank `r` being `r * num_workers + w` of
+    `world_size * num_workers`, and streams each worker's parts over a connection it opens itself. Each
+    row comes once per epoch, from exactly one worker. Use `DataLoader(dataset, batch_size=None, ...)`:
+    the dataset yields whole batches.
 
     `format` "torch" yields dicts of tensors (see `to_tensors`), "arrow" yields `pyarrow.RecordBatch`.
     `batch_size` re-cuts each worker's stream into batches of that many rows (the last of a worker
@@ -168,8 +188,8 @@ class FlightDataset(IterableDataset[Batch]):
     def training_set(
         cls,
         location: str,
-        entity_rows: str | dict[str, list[Any]],
-        features: list[str],
+        entity_rows: Any,
+        features: str | Sequence[str],
         *,
         columns: Sequence[str] | None = None,
         partitions: int | None = None,
@@ -183,11 +203,17 @@ class FlightDataset(IterableDataset[Batch]):
         world_size: int | None = None,
         **options: Any,
     ) -> FlightDataset:
-        """A training set whose entity rows are a server table (`entity_rows`: its name), split by
-        entity key into `partitions` endpoints (default: 8 per rank). `columns` picks output columns,
-        e.g. to leave out string keys. `options`: those of `FlightDataset`."""
+        """A training set, split into `partitions` parts (default: 8 per rank) that workers read apart.
+
+        Entity rows in a server table (`entity_rows`: its name) are split by key on the server. Local
+        rows (a pandas or polars DataFrame, Arrow data, a dict of lists: what `get_historical_features`
+        takes) are held by the dataset and cut into contiguous row ranges, each of which a worker sends
+        with `do_exchange`; each DataLoader worker receives a copy of them, so write a large set to a
+        table instead. In a process group, rank 0's rows are used (its plan is shared); ranks planning
+        for themselves must each give the same rows. `columns` picks output columns, e.g. to leave out
+        string keys. `options`: those of `FlightDataset`."""
         rank, world_size, shared = _distributed(rank, world_size)
-        _check_same_snapshots(shared, world_size, bool(snapshot_ids), "snapshot_ids (the entity table's too)")
+        _check_same_snapshots(shared, world_size, bool(snapshot_ids), "snapshot_ids (an entity table's too)")
         parts = partitions or DEFAULT_PARTITIONS * world_size
         plan = _planned_once(
             shared,
@@ -216,8 +242,9 @@ class FlightDataset(IterableDataset[Batch]):
     def epoch(self) -> int:
         return int(self._epoch)
 
-    def endpoints(self, worker: int = 0, num_workers: int = 1) -> list[Endpoint]:
-        """The endpoints DataLoader worker `worker` of `num_workers` on this rank reads this epoch."""
+    def endpoints(self, worker: int = 0, num_workers: int = 1) -> list[Part]:
+        """The parts (endpoints or entity row ranges) DataLoader worker `worker` of `num_workers` on this
+        rank reads this epoch."""
         order = list(self.plan.endpoints)
         if self.shuffle_endpoints:
             random.Random(self.seed + self.epoch).shuffle(order)

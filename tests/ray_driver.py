@@ -33,5 +33,5 @@ def read_whole_table(location: str, table: str, **options: Any) -> pa.Table:
     return _collect(read_table(location, table, **options))
 
 
-def read_whole_training_set(location: str, entities: str, features: list[str], **options: Any) -> pa.Table:
+def read_whole_training_set(location: str, entities: Any, features: list[str], **options: Any) -> pa.Table:
     return _collect(read_training_set(location, entities, features, **options))

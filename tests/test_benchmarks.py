@@ -273,8 +273,10 @@ def test_integrations_on_its_own_server(tmp_path: Path) -> None:
         "torch_dataloader",
         "torch_persistent",
         "torch_in_process",
+        "torch_local_rows",
         "ray_data",
     }
+    assert positive(result["forkserver_start_s"])
     for entry in result["results"].values():
         assert entry.keys() >= TIMING_KEYS and positive(entry["rows_per_s"], entry["ratio_to_pandas"])
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from flight_client import FeatureClient
+from flight_client import FeatureClient, FeatureResult
 from flight_client.feast import FeatureTable, tables_from_feature_views
 from flight_client.results import HistoricalResult, OnlineResult
 from tests.conftest import sqlite_catalog, start_server
@@ -255,6 +255,24 @@ def test_get_historical_features_in_feasts_form(client: FeatureClient, migrated:
     assert job.to_polars().equals(pl.from_arrow(ours))
     assert pa.table(job).equals(ours)  # the Arrow C stream, for any Arrow-native library
     assert len(job) == 4
+
+
+def test_native_forms_return_tables_that_wrap_for_the_usual_names(
+    client: FeatureClient, migrated: list[FeatureTable]
+) -> None:
+    """The native forms keep returning `pyarrow.Table` (pyarrow allows no methods on it); `FeatureResult`
+    gives any of them Feast's names."""
+    results = [
+        client.read_table("driver_hourly_stats"),
+        client.get_historical_features(entity_df(), FEATURES),
+        client.get_online_features({"driver_id": [1001, 1002]}, FEATURES[:2]),
+    ]
+    for table in results:
+        assert type(table) is pa.Table
+        result = FeatureResult(table)
+        assert result.to_arrow() is table and pa.table(result).equals(table)
+        assert result.to_df().equals(table.to_pandas()) and result.to_pandas().equals(table.to_pandas())
+        assert result.to_polars().equals(pl.from_arrow(table))
 
 
 def test_full_feature_names_as_feast_names_them(client: FeatureClient, migrated: list[FeatureTable]) -> None:

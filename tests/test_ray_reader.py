@@ -5,14 +5,16 @@ driver runs in a child process (tests/ray_driver.py says why)."""
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from flight_client import FeatureClient
-from flight_client.plans import plan_table
+from flight_client.plans import plan_table, plan_training_set
 from flight_client.ray import FlightDatasource
 from tests import ray_driver
 from tests.conftest import serve_replicas, sqlite_catalog
@@ -63,3 +65,26 @@ def test_training_set_equals_the_plain_read(driver: ProcessPoolExecutor, replica
         plain = client.get_historical_features(trips, features).replace_schema_metadata(None)
     got = driver.submit(ray_driver.read_whole_training_set, replicas[0], trips, features, partitions=4).result()
     assert got.num_rows == TRIPS and got.sort_by("trip_id").equals(plain.sort_by("trip_id"))
+
+
+def test_training_set_from_local_rows(driver: ProcessPoolExecutor, replicas: list[str]) -> None:
+    """Local entity rows: a read task per row range, each carrying only its own rows, equal the plain read."""
+    with FeatureClient(replicas[0]) as client:
+        trips, features = write_training_set(client)
+        entities = client.read_table(trips).replace_schema_metadata(None)
+        frame = entities.to_pandas()
+        plain = client.get_historical_features(entity_df=frame, features=features).to_arrow()
+    plan = plan_training_set(replicas[0], frame, features, partitions=4)
+    tasks = FlightDatasource(plan).get_read_tasks(3)
+    assert [t.metadata.num_rows for t in tasks] == [TRIPS // 2, TRIPS // 4, TRIPS // 4]  # task 0: ranges 0 and 3
+    whole = len(pickle.dumps(entities))
+    assert all(len(pickle.dumps(t.read_fn)) < whole * 0.6 for t in tasks), "a task carries its rows, not all rows"
+    got, stats = driver.submit(ray_driver.read_plan, plan).result()
+    assert "4 tasks executed" in stats
+    assert got.num_rows == TRIPS and got.sort_by("trip_id").equals(
+        plain.replace_schema_metadata(None).sort_by("trip_id")
+    )
+
+    polars = pl.from_arrow(entities)
+    got = driver.submit(ray_driver.read_whole_training_set, replicas[1], polars, features, columns=["trip_id"]).result()
+    assert sorted(got.column("trip_id").to_pylist()) == list(range(TRIPS))

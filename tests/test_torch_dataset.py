@@ -3,6 +3,7 @@ real server process: every row of a scan or a training set exactly once, across 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import multiprocessing
@@ -12,15 +13,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import polars as pl
 import pyarrow as pa
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from flight_client import FeatureClient
-from flight_client.torch import FlightDataset
+from flight_client import FeatureClient, InvalidRequestError
+from flight_client.plans import row_ranges
+from flight_client.torch import FlightDataset, to_tensors
 from tests.conftest import serve_replicas, sqlite_catalog
-from tests.feature_sets import SCAN_ROWS, TRIPS, write_scan_table, write_training_set
+from tests.feature_sets import SCAN_ROWS, T0, TRIPS, write_scan_table, write_training_set
 from tests.services import free_ports
 from tests.torch_ranks import read_share
 
@@ -107,6 +113,18 @@ def test_dataloader_workers_read_every_row_of_a_training_set_once(
     assert any(r[-1] is None for r in got), "unknown drivers' rates are NaN"
 
 
+def two_ranks(
+    location: str, rows: Any, features: list[str], pins: dict[str, int], **options: Any
+) -> list[FlightDataset]:
+    """Ranks 0 and 1 of two, each planning for itself (the snapshots pinned), endpoints shuffled per epoch."""
+    return [
+        FlightDataset.training_set(
+            location, rows, features, rank=r, world_size=2, snapshot_ids=pins, shuffle_endpoints=True, **options
+        )
+        for r in range(2)
+    ]
+
+
 def test_two_ranks_together_read_every_row_once_in_any_epoch(
     location: str, training_set: tuple[str, list[str]]
 ) -> None:
@@ -116,20 +134,7 @@ def test_two_ranks_together_read_every_row_once_in_any_epoch(
     with FeatureClient(location) as client:
         used = json.loads(client.training_set_info(trips, features).app_metadata)
     pins = {**used["features"], used["entities"]["table"]: used["entities"]["snapshot_id"]}
-    ranks = [
-        FlightDataset.training_set(
-            location,
-            trips,
-            features,
-            columns=TRAINING,
-            rank=r,
-            world_size=2,
-            shuffle_endpoints=True,
-            seed=3,
-            snapshot_ids=pins,
-        )
-        for r in range(2)
-    ]
+    ranks = two_ranks(location, trips, features, pins, columns=TRAINING, seed=3)
     assert len(ranks[0].plan.endpoints) == 16  # 8 per rank by default
     orders = []
     for epoch in (0, 1):
@@ -203,8 +208,149 @@ def test_the_client_imports_neither_torch_nor_ray() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_local_entity_rows_are_refused(location: str, training_set: tuple[str, list[str]]) -> None:
+@pytest.fixture(scope="module")
+def local_rows(location: str, training_set: tuple[str, list[str]]) -> pa.Table:
+    """The training set's entity rows, read back to this process and shuffled (ranges then mix keys)."""
+    trips, _ = training_set
+    with FeatureClient(location) as client:
+        table = client.read_table(trips).replace_schema_metadata(None)
+    return table.take(np.random.default_rng(5).permutation(table.num_rows))
+
+
+@pytest.mark.parametrize("kind", ["pandas", "polars", "arrow", "dict"])
+def test_dataloader_workers_send_every_local_entity_row_once(
+    location: str, training_set: tuple[str, list[str]], local_rows: pa.Table, kind: str
+) -> None:
     _, features = training_set
-    entities = pa.table({"driver_id": [1], "event_timestamp": pa.array([0], pa.timestamp("us", "UTC"))})
-    with pytest.raises(TypeError, match="write them to a table first"):
+    given: Any = {
+        "pandas": lambda: local_rows.to_pandas().set_index("trip_id"),  # a named index is a column again
+        "polars": lambda: pl.from_arrow(local_rows),
+        "arrow": lambda: local_rows,
+        "dict": lambda: local_rows.to_pydict(),
+    }[kind]()
+    dataset = FlightDataset.training_set(location, given, features, columns=TRAINING, partitions=5, batch_size=300)
+    assert [len(e.rows) for e in dataset.plan.endpoints] == [TRIPS // 5] * 5  # type: ignore[union-attr]
+    batches = load(dataset)
+    with FeatureClient(location) as client:
+        plain = client.get_historical_features(entity_df=local_rows, features=features).to_arrow()
+    got = rows(batches, TRAINING)
+    assert [r[0] for r in got] == list(range(TRIPS)), "each entity row once"
+    assert got == arrow_rows(plain, TRAINING)
+
+
+def test_local_rows_are_dealt_the_same_to_every_rank_and_worker(
+    location: str, training_set: tuple[str, list[str]], local_rows: pa.Table
+) -> None:
+    """Two ranks planning for themselves, two DataLoader workers each: every row once, the same split each run."""
+    _, features = training_set
+    frame = local_rows.to_pandas()
+    with pytest.raises(ValueError, match="pin the snapshots with snapshot_ids"):
+        FlightDataset.training_set(location, frame, features, rank=0, world_size=2)
+    with FeatureClient(location) as client:
+        used = client.get_historical_features(local_rows.slice(0, 1), features).schema.metadata[b"flight.snapshots"]
+    pins = json.loads(used)["features"]
+
+    first, again = (two_ranks(location, frame, features, pins, columns=["trip_id"], seed=1) for _ in range(2))
+    assert len(first[0].plan.endpoints) == 16  # 8 per rank by default
+    for dataset in first + again:
+        dataset.set_epoch(1)
+    shares = [[[e.start for e in d.endpoints(w, 2)] for w in range(2)] for d in first]  # type: ignore[union-attr]
+    assert shares == [[[e.start for e in d.endpoints(w, 2)] for w in range(2)] for d in again]  # type: ignore[union-attr]
+    ids = [i for dataset in first for batch in load(dataset) for i in batch["trip_id"].tolist()]
+    assert sorted(ids) == list(range(TRIPS))
+
+
+def test_local_rows_read_the_snapshots_planned(location: str, local_rows: pa.Table) -> None:
+    """A write after planning changes nothing: every range pins the snapshots the plan resolved."""
+    with FeatureClient(location) as client:
+        trips, features = write_training_set(client)
+        dataset = FlightDataset.training_set(location, local_rows, features, columns=["trip_id", "rate"], partitions=3)
+        before = rows(load(dataset), ["trip_id", "rate"])
+        drivers = features[0].partition(":")[0]
+        later = pa.table(
+            {
+                "driver_id": pa.array(range(200), pa.int64()),
+                "event_timestamp": pa.array([T0 + dt.timedelta(hours=1)] * 200, pa.timestamp("us", "UTC")),
+                "rate": pa.array([1000.0] * 200),
+            }
+        )
+        client.write(drivers, later)
+        after = rows(load(dataset), ["trip_id", "rate"])
+        fresh = client.get_historical_features(local_rows, features).column("rate").to_pylist()
+    assert after == before
+    assert 1000.0 in fresh, "the write did change what a new plan reads"
+
+
+def test_local_entity_rows_bad_input(location: str, training_set: tuple[str, list[str]]) -> None:
+    trips, features = training_set
+    entities = {"driver_id": [1.0, None], "event_timestamp": pa.array([0, 0], pa.timestamp("us", "UTC"))}
+    with pytest.raises(InvalidRequestError, match="'driver_id' has nulls"):
         FlightDataset.training_set(location, entities, features)
+    good = {"driver_id": [1], "event_timestamp": pa.array([0], pa.timestamp("us", "UTC"))}
+    with pytest.raises(ValueError, match="filter local entity rows first"):
+        FlightDataset.training_set(location, good, features, entity_filter="driver_id > 0")
+    with pytest.raises(ValueError, match="partitions must be at least 1"):
+        FlightDataset.training_set(location, good, features, partitions=-1)
+    with pytest.raises(InvalidRequestError, match="no timestamp column 'ts'"):
+        FlightDataset.training_set(location, good, features, entity_time="ts")
+
+
+@given(rows=st.integers(0, 10_000), parts=st.integers(1, 64))
+def test_row_ranges_cover_every_row_once(rows: int, parts: int) -> None:
+    ranges = row_ranges(rows, parts)
+    assert [i for start, stop in ranges for i in range(start, stop)] == list(range(rows))
+    sizes = [stop - start for start, stop in ranges]
+    assert len(ranges) == min(rows, parts) and (not sizes or max(sizes) - min(sizes) <= 1)
+
+
+NUMERIC_TYPES = [pa.int8(), pa.int32(), pa.int64(), pa.uint16(), pa.float32(), pa.float64(), pa.bool_()]
+TIME_TYPES = [pa.timestamp("us", "UTC"), pa.timestamp("ns"), pa.date32(), pa.time64("us"), pa.duration("ms")]
+
+
+@given(
+    kind=st.sampled_from(NUMERIC_TYPES + TIME_TYPES),
+    values=st.lists(st.one_of(st.none(), st.integers(0, 100)), max_size=40),
+    start=st.integers(0, 40),
+)
+def test_tensors_equal_pyarrows_own_conversion(kind: pa.DataType, values: list[int | None], start: int) -> None:
+    """`to_tensors` reads the buffers itself (pyarrow's to_numpy imports pandas): same values as to_numpy,
+    for any type, offset (a sliced batch) and nulls (NaN in floats)."""
+    floating = pa.types.is_floating(kind)
+    if not floating:
+        values = [0 if v is None else v for v in values]
+    source = [v if v is None or not pa.types.is_boolean(kind) else v % 2 == 1 for v in values]
+    integers = pa.int32() if kind == pa.date32() else pa.int64()
+    column = pa.array(source, integers).view(kind) if kind in TIME_TYPES else pa.array(source, kind)
+    batch = pa.record_batch({"c": column}).slice(min(start, len(values)))
+    got = to_tensors(batch)["c"].numpy()
+    reference = batch.column(0)
+    if kind in TIME_TYPES:
+        reference = reference.view(integers)
+    expected = reference.to_numpy(zero_copy_only=False)
+    assert got.dtype == expected.dtype and np.array_equal(got, expected, equal_nan=floating)
+
+
+def test_tensors_import_no_pandas() -> None:
+    """pandas costs each new DataLoader worker a second or more to import: the worker path must not."""
+    code = (
+        "import sys, numpy as np, pyarrow as pa; from flight_client.torch import to_tensors\n"
+        "data = [pa.py_buffer(np.packbits([1, 0], bitorder='little')), pa.py_buffer(np.array([1.0, 2.0]))]\n"
+        "batch = pa.RecordBatch.from_arrays([pa.Array.from_buffers(pa.float64(), 2, data)], ['x'])\n"
+        "assert 'pandas' not in sys.modules\n"
+        "assert to_tensors(batch)['x'][1].isnan() and 'pandas' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.timeout(120)
+def test_a_range_left_early_cancels_its_exchange(location: str, training_set: tuple[str, list[str]]) -> None:
+    """A worker that stops reading a range (an epoch cut short) ends the call instead of hanging on it."""
+    _, features = training_set
+    with FeatureClient(location) as client:
+        entities = client.read_table(training_set[0])
+        many = pa.concat_tables([entities] * 60)  # more than the connection's windows hold, both ways
+        stream = client.iter_historical_features(many, features)
+        assert next(stream).num_rows
+        stream.close()
+        again = client.get_historical_features(entities, features)
+    assert again.num_rows == TRIPS
