@@ -30,7 +30,7 @@ from flight_server.online.index import (
 from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine, local_path
 from flight_server.reads.paths import scan_relation
-from flight_server.reads.plan import plan_table_scan
+from flight_server.reads.plan import plan_table_scan, renamed
 from flight_server.wire.errors import LimitError, NotFoundError, RequestError
 from flight_server.wire.reads import ScanRequest
 
@@ -149,7 +149,7 @@ class OnlineStore:
                 source, params, path = scan_relation(plan, self.engine, cursor, READ_BATCH_ROWS)
             else:
                 source, params, path = (
-                    "read_parquet(?, union_by_name => true)",
+                    "read_parquet(?, union_by_name => true, hive_partitioning => false)",
                     [[local_path(f) for f in files]],
                     "read_parquet",
                 )
@@ -234,8 +234,8 @@ class OnlineStore:
         if current == state.snapshot_id and same_shape:
             return "current"
         files = None
-        if state.snapshot_id is not None and current is not None and same_shape:
-            files = appended_files(table, state.snapshot_id, current)
+        if state.snapshot_id is not None and current is not None and same_shape and not renamed(table):
+            files = appended_files(table, state.snapshot_id, current)  # read by column name (`_read_latest`)
         if files is not None:
             assert current is not None, "files are appended up to a current snapshot"
             room = self._room(name, within_budget=False) - index.nbytes()

@@ -207,11 +207,12 @@ def read_parquet_sql(
     clean = [local_path(task.file.file_path) for task in tasks if task.file.file_path not in deleted]
     branches, args = [], []
     if clean:
-        branches.append(f"SELECT {columns} FROM read_parquet(?) AS t WHERE {where}")
+        branches.append(f"SELECT {columns} FROM read_parquet(?, hive_partitioning => false) AS t WHERE {where}")
         args += [clean, *params]
     for index, path in enumerate(deleted):
         branches.append(
-            f"SELECT {columns} FROM (SELECT * FROM read_parquet(?, file_row_number => true) WHERE {where}) AS t "
+            f"SELECT {columns} FROM (SELECT * FROM read_parquet(?, file_row_number => true, "
+            f"hive_partitioning => false) WHERE {where}) AS t "
             f"ANTI JOIN (SELECT pos FROM {DELETED_RELATION} WHERE file = {index}) AS d ON d.pos = t.file_row_number"
         )
         args += [local_path(path), *params]

@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression
 from pyiceberg.manifest import DataFile
+from pyiceberg.schema import sanitize_column_names
 from pyiceberg.table import FileScanTask, Table
 
 from flight_server.base.filters import parse_filter
@@ -117,9 +118,13 @@ def plan_tasks(
 
 
 def renamed(table: Table) -> bool:
-    """Whether any column ever had another name: files are then matched by field id, not name."""
+    """Whether a file may name a column otherwise than the table does: a column that ever had another name, or
+    one whose name Iceberg writers rewrite in the files (`rate-1` is stored as `rate_x2D1`, `sanitize_column_names`).
+    Files must then be matched by field id, not by name."""
     names: dict[int, str] = {}
     for schema in table.schemas().values():
+        if sanitize_column_names(schema) != schema:
+            return True
         for f in schema.fields:
             if names.setdefault(f.field_id, f.name) != f.name:
                 return True

@@ -10,7 +10,7 @@ from pyiceberg.transforms import BucketTransform
 
 from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import local_path
-from flight_server.reads.plan import plan_tasks
+from flight_server.reads.plan import plan_tasks, renamed
 from flight_server.wire.reads import KeyShare
 
 
@@ -51,7 +51,7 @@ def share_files(table: Table, snapshot_id: int, share: KeyShare, caches: ReadCac
     delete files and the table has had one schema (files are read by column name). Otherwise None:
     `iceberg_scan` reads it all."""
     shapes = {tuple((f.field_id, f.name, f.field_type) for f in s.fields) for s in table.schemas().values()}
-    if not _bucket_positions(table, share) or len(shapes) > 1:
+    if not _bucket_positions(table, share) or len(shapes) > 1 or renamed(table):
         return None
     tasks = plan_tasks(table, snapshot_id, AlwaysTrue(), caches.plans)
     if tasks is None or any(task.delete_files for task in tasks):

@@ -47,7 +47,7 @@ def join_sql(
         else:
             bound = f"{quote(spec.event_time)} <= ?"
             if i in files:
-                source, args_here = "read_parquet(?)", [files[i], high]
+                source, args_here = "read_parquet(?, hive_partitioning => false)", [files[i], high]
             else:
                 source = "iceberg_scan(?, snapshot_from_id => ?)"
                 args_here = [local_path(group.table.metadata_location), group.snapshot_id, high]
