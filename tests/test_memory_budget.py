@@ -290,10 +290,12 @@ def test_online_indexes_keep_answering_when_they_alone_pass_the_budget(
             for _ in range(2):  # still answered, from the files: nothing is kept while over
                 assert ordered(client.read_table("online.scanned")).equals(ordered(plain.read_table("online.scanned")))
             assert memory(client)["caches"]["scan"]["bytes"] == 0
-            got = client.get_historical_features(entities(50), ["online.scanned:x"])
-            assert ordered(got).equals(ordered(plain.get_historical_features(entities(50), ["online.scanned:x"])))
+            for _ in range(2):  # joined by DuckDB: an index with no room is neither kept nor built per request
+                got = client.get_historical_features(entities(50), ["online.scanned:x"])
+                assert ordered(got).equals(ordered(plain.get_historical_features(entities(50), ["online.scanned:x"])))
             assert memory(client)["caches"]["training_set"]["bytes"] == 0
-            assert client.health()["training_set_cache"]["snapshots"] == 0  # built for the request, not kept
+            assert client.health()["training_set_cache"]["snapshots"] == 0
+            assert client.health()["training_set_cache"]["builds"] == 0
     finally:
         server.shutdown()
 

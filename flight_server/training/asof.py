@@ -297,18 +297,20 @@ class AsofCache:
                     self._account.touch(key)  # least recently used across the server's caches go first
                     return self._indexes[key]
                 self.misses += 1
+            # Its cap, or less while the server's memory budget cannot free more: an index that could not be
+            # kept is not built (the request goes to DuckDB), and is tried again only when the cap allowed it.
+            room = self._account.limit()
             try:
-                index, extended = self._build(table, snapshot_id, spec, share)
+                index, extended = self._build(table, snapshot_id, spec, share, room)
             except LimitError as exc:
                 log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
-                with self._lock:
-                    self._too_large.add(key)
+                if room >= self.max_bytes:
+                    with self._lock:
+                        self._too_large.add(key)
                 return None
             with self._lock:
-                if self._account.admit(key, index.nbytes()):  # else serves this request only
+                if self._account.admit(key, index.nbytes()):  # else (the room taken meanwhile) serves this request
                     self._indexes[key] = index
-                elif index.nbytes() > self.max_bytes:
-                    self._too_large.add(key)
                 if extended:
                     self.incremental_builds += 1
                 else:
@@ -363,11 +365,11 @@ class AsofCache:
         return None
 
     def _build(
-        self, table: Table, snapshot_id: int | None, spec: FeatureSpec, share: KeyShare | None
+        self, table: Table, snapshot_id: int | None, spec: FeatureSpec, share: KeyShare | None, room: int
     ) -> tuple[AsofIndex, bool]:
         """The snapshot's index (of the rows in `share` only, if given), and whether it extends an older one:
         from the rows appended since a cached ancestor when only appends happened since (in the same schema),
-        else read whole (deletes applied) and sorted. Refused past `max_bytes`."""
+        else read whole (deletes applied) and sorted. Refused past `room` bytes."""
         started = time.perf_counter()
         request = ScanRequest(table=table_name(table), snapshot_id=snapshot_id)
         plan = plan_table_scan(table, request, self.caches)
@@ -379,10 +381,10 @@ class AsofCache:
                 snapshot_schema(table, base.snapshot_id).schema_id == snapshot_schema(table, snapshot_id).schema_id
             )
             if appended.files is not None and same_schema:
-                rows, path = self._read(replace(plan, appended=appended.files), share)
+                rows, path = self._read(replace(plan, appended=appended.files), share, room)
                 index = base.extend(snapshot_id, rows)
-                if index.nbytes() > self.max_bytes:
-                    raise LimitError(f"its index passes the training-set cache's {self.max_bytes >> 20} MiB")
+                if index.nbytes() > room:
+                    raise LimitError(f"its index passes the {room >> 20} MiB the training-set cache has room for")
                 log.info(
                     "training-set index of %s at snapshot %s: extended from snapshot %s by %d row(s) in %d file(s), "
                     "%.1f MiB, %s read, %.2f s",
@@ -398,7 +400,7 @@ class AsofCache:
                 return index, True
         if snapshot_id is None:  # no snapshot when planned: stay empty even if a write has since made one
             plan = replace(plan, snapshot_id=None)
-        rows, path = self._read(plan, share)
+        rows, path = self._read(plan, share, room)
         index = AsofIndex.build(table_name(table), snapshot_id, spec, rows)
         log.info(
             "training-set index of %s at snapshot %s: %d rows, %.1f MiB, %s read, %.2f s",
@@ -411,9 +413,9 @@ class AsofCache:
         )
         return index, False
 
-    def _read(self, plan: ScanPlan, share: KeyShare | None) -> tuple[pa.Table, str]:
+    def _read(self, plan: ScanPlan, share: KeyShare | None, room: int) -> tuple[pa.Table, str]:
         """The planned rows (those in `share` only, if given), and their read path; refused as soon as they
-        pass `max_bytes`."""
+        pass `room` bytes."""
         files = direct_files(plan)[0] if share is not None and plan.snapshot_id is not None else None
         if share is not None and files is not None:  # only the files of the share's buckets
             kept = share_tasks(plan.table, share, files)
@@ -427,9 +429,9 @@ class AsofCache:
                 batch = batch.filter(pa.array(np.isin(key_slots(batch.column(share.key), share.slots), owned)))
             batches.append(batch)
             taken += batch.nbytes + batch.num_rows * 24
-            if taken > self.max_bytes:
+            if taken > room:
                 reader.close()
-                raise LimitError(f"its rows pass the training-set cache's {self.max_bytes >> 20} MiB")
+                raise LimitError(f"its rows pass the {room >> 20} MiB the training-set cache has room for")
         return pa.Table.from_batches(batches, plan.schema), path
 
     def _run(self) -> None:
