@@ -109,7 +109,7 @@ class PyicebergAppends:
 
     def check(self) -> None:
         snapshot = self.catalog.load_table(self.table).current_snapshot()
-        rows = int(snapshot.summary["total-records"]) if snapshot and snapshot.summary else 0
+        rows = int(snapshot.summary["total-records"] or 0) if snapshot and snapshot.summary else 0
         if rows != self.rows + 1:
             raise RuntimeError(f"{self.table} holds {rows} rows after pyiceberg appended {self.rows} to 1")
 
@@ -135,28 +135,29 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
         for shape, data in shapes.items():
             for batch_rows in BATCH_ROWS:
                 for writers in WRITERS:
-                    append = Appends(target.location, data, batch_rows, writers)
-                    cleanup.callback(append.close)
-                    appends.append(append)
+                    put = Appends(target.location, data, batch_rows, writers)
+                    cleanup.callback(put.close)
+                    appends.append(put)
                     variants.append({"shape": shape, "method": "flight", "batch_rows": batch_rows, "writers": writers})
-                    cases[_key(variants[-1])] = Case(append.run, append.setup)
+                    cases[_key(variants[-1])] = Case(put.run, put.setup)
+                    like = put  # a server table of this shape, for the pyiceberg baseline's schema, spec, properties
             path = Path(tmp) / f"{shape}.parquet"
             variants.append({"shape": shape, "method": "parquet", "batch_rows": None, "writers": None})
             cases[_key(variants[-1])] = Case(partial(parquet_write, data, path))
             if catalog is not None:
-                like = appends[-1]  # a server table of this shape, for its schema, partitioning and properties
                 like.setup()
                 for writers in WRITERS:
-                    baseline = PyicebergAppends(catalog, like.table, data, writers)
-                    cleanup.callback(baseline.close)
-                    appends.append(baseline)
+                    in_process = PyicebergAppends(catalog, like.table, data, writers)
+                    cleanup.callback(in_process.close)
+                    appends.append(in_process)
                     variants.append({"shape": shape, "method": "pyiceberg", "batch_rows": None, "writers": writers})
-                    cases[_key(variants[-1])] = Case(baseline.run, baseline.setup)
+                    cases[_key(variants[-1])] = Case(in_process.run, in_process.setup)
         report.progress(f"ingest: timing {len(cases)} kinds of write of {settings.rows:,} rows, interleaved")
         timings = measure(cases, settings.repeat, settings.warmup, "ingest")
         for append in appends:
             append.check()
-    results, pyiceberg = [], []
+    results: list[dict[str, Any]] = []
+    pyiceberg: list[dict[str, Any]] = []
     for variant in variants:
         data, timing = shapes[variant["shape"]], timings[_key(variant)]
         baseline = timings[_key({**variant, "method": "parquet", "batch_rows": None, "writers": None})]

@@ -10,6 +10,7 @@ only. Ratios are against today's writes: pyiceberg's defaults (zstd, 1 MB pages,
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -125,7 +126,7 @@ def run(target: Target, settings: Settings) -> dict[str, Any]:
         for key, setting in SETTINGS.items():
             path = Path(tmp) / f"{key}.parquet"
             sizes[key] = write_local(sorted_rows, path, setting)
-            cases[f"decode/{key}"] = Case(lambda path=path: pq.read_table(path))
+            cases[f"decode/{key}"] = Case(functools.partial(pq.read_table, path))
         cold: ColdScans | None = None
         if properties is not None and target.warehouse is not None:
             client = stack.enter_context(FeatureClient(target.location))

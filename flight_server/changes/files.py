@@ -106,7 +106,10 @@ def partitioned_rows(
         order = pa.array(np.arange(chunk.num_rows))
     values = _partition_values(partition_spec, schema, chunk, order)
     if values is None:  # a transform Arrow cannot compute here: pyiceberg's own way
-        return partitions(partition_spec, schema, sort_rows(chunk, spec))
+        fallback: list[tuple[PartitionKey | None, pa.Table]] = [
+            *partitions(partition_spec, schema, sort_rows(chunk, spec))
+        ]
+        return fallback
     by_value = pc.sort_indices(values, sort_keys=[(name, "ascending") for name in values.column_names])
     grouped = values.take(by_value)
     starts = _run_starts(grouped)
@@ -114,7 +117,7 @@ def partitioned_rows(
     firsts = by_value.take(pa.array(starts)).to_pylist()  # positions among the sorted rows: stable, so the least
     rows = _take(chunk, order.take(by_value))
     keys = grouped.take(pa.array(starts)).to_pylist()
-    parts = []
+    parts: list[tuple[PartitionKey | None, pa.Table]] = []
     for _, start, end, key in sorted(zip(firsts, starts, ends, keys, strict=True)):
         partition = PartitionKey(
             field_values=[
