@@ -312,10 +312,14 @@ class _TrackedOutput(OutputFile):
 
 
 PARQUET_PREFIX = "write.parquet."
-# What the server writes unless a table says otherwise, set on the tables it creates: LZ4 (LZ4_RAW) decodes about
-# twice as fast as pyiceberg's default zstd for 15 % larger files (`flight-bench parquet`, docs/benchmarks.md);
-# the other settings measured gained nothing certain, so they keep Iceberg's defaults.
-PARQUET_DEFAULTS: dict[str, str] = {TableProperties.PARQUET_COMPRESSION: "lz4"}
+# What the server writes unless a table says otherwise, set on the tables it creates (`flight-bench parquet`,
+# docs/benchmarks.md): LZ4 (LZ4_RAW) decodes about twice as fast as pyiceberg's default zstd; dictionaries of at
+# most 256 KB a column chunk leave high-cardinality columns (random floats, ids) plain-encoded after a few pages
+# instead of hashing 2 MB of values first, which made files larger and both writes and decodes slower.
+PARQUET_DEFAULTS: dict[str, str] = {
+    TableProperties.PARQUET_COMPRESSION: "lz4",
+    TableProperties.PARQUET_DICT_SIZE_BYTES: str(256 << 10),
+}
 _CODECS = {"zstd", "snappy", "lz4", "gzip", "brotli", "uncompressed", "none"}
 
 
