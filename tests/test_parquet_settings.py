@@ -93,8 +93,8 @@ def catalog_properties(tmp_path_factory: pytest.TempPathFactory) -> dict[str, st
 
 @pytest.fixture(scope="module")
 def small_chunks(catalog_properties: dict[str, str]) -> Iterator[str]:
-    """A server whose puts write a file set every 4 KiB, in the background while the next chunk arrives."""
-    server = start_server(catalog_properties, write_chunk_bytes=4 << 10)
+    """A server whose puts write a file set every 1 KiB, in the background while the next chunk arrives."""
+    server = start_server(catalog_properties, write_chunk_bytes=1 << 10)
     yield f"grpc://127.0.0.1:{server.port}"
     server.shutdown()
 
@@ -113,10 +113,25 @@ def test_a_put_reads_back_as_put(small_chunks: str, rows: pa.Table, layout: list
     location = small_chunks
     name = f"parquet.put_{uuid.uuid4().hex[:8]}"
     with FeatureClient(location) as client:
-        client.write(name, rows, entity_keys=["key"], event_time="ts", partition_by=layout)
+        batches = pa.RecordBatchReader.from_batches(rows.schema, rows.to_batches(max_chunksize=16))
+        client.write(name, batches, entity_keys=["key"], event_time="ts", partition_by=layout)
         back = client.scan(name).read_all()
     order = [("key", "ascending"), ("ts", "ascending"), ("tag", "ascending"), ("value", "ascending")]
     assert back.select(rows.column_names).sort_by(order).to_pylist() == rows.sort_by(order).to_pylist()
+
+
+def test_a_put_of_many_chunks_commits_every_chunk_s_files(
+    small_chunks: str, catalog_properties: dict[str, str]
+) -> None:
+    """Chunks written in the background while the next arrives: every one's files are committed, once."""
+    name = f"parquet.chunks_{uuid.uuid4().hex[:8]}"
+    data = _data(3_000)
+    with FeatureClient(small_chunks) as client:
+        batches = pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=50))
+        result = client.write(name, batches, entity_keys=["key"], event_time="ts", partition_by=[])
+        assert client.scan(name).read_all().sort_by("value").to_pylist() == data.to_pylist()
+    assert result.files >= 20  # a file per chunk of 1 KiB
+    assert len(_files(load_catalog("default", **catalog_properties), name)) == result.files
 
 
 def _files(catalog: Catalog, name: str) -> list[pq.ParquetFile]:
