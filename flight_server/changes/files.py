@@ -95,21 +95,25 @@ def partitioned_rows(
     """A chunk's rows by partition, sorted (`sort_rows`) within each, the partitions in the order in which they
     first appear among the sorted rows (as pyiceberg's `append` orders them).
 
-    The partition values come from pyiceberg-core's transforms of whole columns; one stable sort of those values
-    (after the sort by keys and time) groups each partition's rows in sorted order, and one `take` of the chunk
-    by the combined order makes every partition a zero-copy slice."""
+    The partition values come from Arrow compute or pyiceberg-core's transforms of whole columns, while Arrow sorts
+    the rows by keys and time on another core; one stable sort of those values in that order groups each
+    partition's rows in sorted order, and one `take` of the chunk by the combined order makes every partition a
+    zero-copy slice."""
     partition_spec, schema = metadata.spec(), metadata.schema()
-    order = _sort_indices(chunk, spec)
     if partition_spec.is_unpartitioned():
+        order = _sort_indices(chunk, spec)
         return [(None, chunk if order is None else _take(chunk, order))]
-    if order is None:
-        order = pa.array(np.arange(chunk.num_rows))
-    values = _partition_values(partition_spec, schema, chunk, order)
+    sorting = ExecutorFactory.get_or_create().submit(_sort_indices, chunk, spec)
+    values = _partition_values(partition_spec, schema, chunk)
+    order = sorting.result()
     if values is None:  # a transform Arrow cannot compute here: pyiceberg's own way
         fallback: list[tuple[PartitionKey | None, pa.Table]] = [
             *partitions(partition_spec, schema, sort_rows(chunk, spec))
         ]
         return fallback
+    if order is None:
+        order = pa.array(np.arange(chunk.num_rows))
+    values = values.take(order)
     by_value = pc.sort_indices(values, sort_keys=[(name, "ascending") for name in values.column_names])
     grouped = values.take(by_value)
     starts = _run_starts(grouped)
@@ -139,23 +143,24 @@ def _take(chunk: pa.Table, indices: pa.Array) -> pa.Table:
     return pa.Table.from_arrays(list(columns), schema=chunk.schema)
 
 
-def _partition_values(spec: PartitionSpec, schema: Schema, chunk: pa.Table, order: pa.Array) -> pa.Table | None:
-    """Each partition field's value for the rows in `order` (pyiceberg-core's transforms, a column at a time), or
-    None when a field's source is nested or its transform has no Arrow form, or a value could be NaN (which equals
-    nothing, so runs of it would not group). The transforms read the source columns as taken in `order`: buffers
-    that Flight received may not be aligned as pyiceberg-core requires (it panics), a `take`'s are."""
+def _partition_values(spec: PartitionSpec, schema: Schema, chunk: pa.Table) -> pa.Table | None:
+    """Each partition field's value for every row (`_calendar`, else pyiceberg-core's transforms, a column at a
+    time), or None when a field's source is nested or its transform has no Arrow form, or a value could be NaN
+    (which equals nothing, so runs of it would not group). pyiceberg-core reads a copy of the source column: the
+    buffers Flight received may not be aligned as it requires (it panics), a `take`'s are."""
     columns: dict[str, pa.ChunkedArray] = {}
     for index, field in enumerate(spec.fields):
         name = schema.find_column_name(field.source_id)
         if name is None or chunk.schema.get_field_index(name) < 0:
             return None
-        source = chunk.column(name).take(order)
+        source = chunk.column(name)
         column = _calendar(field.transform, source)
         if column is None:
             try:
-                column = field.transform.pyarrow_transform(schema.find_field(field.source_id).field_type)(source)
+                transform = field.transform.pyarrow_transform(schema.find_field(field.source_id).field_type)
             except NotImplementedError:
                 return None
+            column = transform(source.take(pa.array(np.arange(len(source)))))
         if pa.types.is_floating(column.type):
             return None
         columns[f"_partition_{index}"] = column
