@@ -1,5 +1,5 @@
 """The Parquet file writer shared by writes, deletes and compactions: sorted rows, rolled into files of
-the table's `write.target-file-size-bytes`.
+the table's `write.target-file-size-bytes`, written as its `write.parquet.*` properties say (`parquet_options`).
 """
 
 from __future__ import annotations
