@@ -52,10 +52,12 @@ def sort_rows(chunk: pa.Table, spec: FeatureSpec | None) -> pa.Table:
 
 
 def _sort_indices(chunk: pa.Table, spec: FeatureSpec | None) -> pa.Array | None:
-    """The stable order of `sort_rows` (None: the chunk's own)."""
+    """The stable order of `sort_rows` (None: the chunk's own). The sort columns are made contiguous first: Arrow
+    sorts a table of many chunks (a put's batches) by merging them, 2-3 times slower than sorting one."""
     if spec is None:
         return None
-    return pc.sort_indices(chunk, sort_keys=[(c, "ascending") for c in (*spec.entity_keys, spec.event_time)])
+    columns = [*spec.entity_keys, spec.event_time]
+    return pc.sort_indices(chunk.select(columns).combine_chunks(), sort_keys=[(c, "ascending") for c in columns])
 
 
 def write_data_files(
