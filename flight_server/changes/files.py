@@ -234,7 +234,7 @@ def _write_file(context: _FileContext, io: FileIO, write_uuid: uuid.UUID, task: 
     name = f"00000-{task.number}-{write_uuid}.{model.file_extension()}"
     path = context.locations.new_data_location(data_file_name=name, partition_key=task.partition)
     output = io.new_output(path)
-    writer = ParquetWriter(output, context.file_schema, context.metadata.properties, context.layout)
+    writer = ParquetWriter(output, context.metadata.properties, context.layout)
     writer.write(
         pa.Table.from_batches(
             [to_file_schema(context.file_schema, context.batch_schema, b, model) for b in task.batches]
@@ -322,7 +322,6 @@ class _TrackedOutput(OutputFile):
         return self.files.created(self.output, overwrite)
 
 
-PARQUET_PREFIX = "write.parquet."
 # What the server writes unless a table says otherwise, set on the tables it creates (`flight-bench parquet`,
 # docs/benchmarks.md): LZ4 (LZ4_RAW) decodes about twice as fast as pyiceberg's default zstd; dictionaries of at
 # most 256 KB a column chunk leave high-cardinality columns (random floats, ids) plain-encoded after a few pages
@@ -416,11 +415,8 @@ class ParquetWriter(FileFormatWriter):
     """One Parquet data file, written as pyiceberg writes it (field ids, statistics for the manifest), with every
     `write.parquet.*` property honoured (`parquet_options`)."""
 
-    def __init__(
-        self, output: OutputFile, file_schema: Schema, properties: Properties, layout: StatisticsLayout | None = None
-    ):
-        self._output = output
-        self._layout = layout or StatisticsLayout.of(file_schema, properties)
+    def __init__(self, output: OutputFile, properties: Properties, layout: StatisticsLayout):
+        self._output, self._layout = output, layout
         self._options = parquet_options(properties)
         self._writer: pq.ParquetWriter | None = None
         self._stream: OutputStream | None = None
@@ -549,7 +545,7 @@ class RollingFiles:
         name = f"00000-{next(self._counter)}-{self._uuid}.{self._format.file_extension()}"
         path = self._locations.new_data_location(data_file_name=name, partition_key=partition)
         output = self.io.new_output(path)
-        writer = ParquetWriter(output, self._file_schema, self.metadata.properties, self._layout)
+        writer = ParquetWriter(output, self.metadata.properties, self._layout)
         return _OpenFile(path, output, writer, partition)
 
     def _finish(self, key: str) -> None:
