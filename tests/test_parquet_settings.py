@@ -23,7 +23,7 @@ from flight_server.base.schemas import new_table_schema, table_arrow_schema
 from flight_server.changes.files import PARQUET_DEFAULTS, parquet_options, partitioned_rows, sort_rows
 from flight_server.iceberg.catalog import FeatureSpec, partition_spec
 from flight_server.iceberg.internals import partitions, schema_without_ids
-from tests.conftest import sqlite_catalog, start_server
+from tests.conftest import local_files, sqlite_catalog, start_server
 
 SPEC = FeatureSpec(("key",), "ts", None, None)
 LAYOUTS = [
@@ -137,6 +137,31 @@ def test_a_put_of_many_chunks_commits_every_chunk_s_files(
         assert client.scan(name).read_all().sort_by("value").to_pylist() == data.to_pylist()
     assert result.files >= 20  # a file per chunk of 1 KiB
     assert len(_files(load_catalog("default", **catalog_properties), name)) == result.files
+
+
+def test_a_put_that_fails_after_background_chunks_leaves_no_file(
+    small_chunks: str, catalog_properties: dict[str, str]
+) -> None:
+    """A stream refused after several chunks were written in the background: their files are deleted, the
+    chunk in flight included, and nothing is committed."""
+    name = f"parquet.failed_{uuid.uuid4().hex[:8]}"
+    data = _data(3_000)
+    with FeatureClient(small_chunks) as client:
+        client.write(name, data.slice(0, 1), entity_keys=["key"], event_time="ts", partition_by=[])
+        location = load_catalog("default", **catalog_properties).load_table(name).location()
+        before = local_files(location)
+        null_key = pa.record_batch(
+            [pa.array([None], pa.int64()), data.column("ts").chunk(0).slice(0, 1), pa.array([1.0])], schema=data.schema
+        )
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            yield from data.to_batches(max_chunksize=50)
+            yield null_key  # the key is required: refused after 60 batches, some 20 chunks of 1 KiB written
+
+        with pytest.raises(InvalidRequestError):
+            client.write(name, pa.RecordBatchReader.from_batches(data.schema, batches()))
+    assert local_files(location) == before
+    assert load_catalog("default", **catalog_properties).load_table(name).scan().to_arrow().num_rows == 1
 
 
 def _files(catalog: Catalog, name: str) -> list[pq.ParquetFile]:
