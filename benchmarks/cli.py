@@ -18,6 +18,7 @@ from benchmarks import (
     ingest,
     integrations,
     online,
+    parquet,
     partitioning,
     plots,
     report,
@@ -48,6 +49,7 @@ class Benchmark(NamedTuple):
 BENCHMARKS = {
     "scan": Benchmark(scan.run, scan.render, rows=2_000_000, features=8),
     "ingest": Benchmark(ingest.run, ingest.render, rows=500_000, features=47),
+    "parquet": Benchmark(parquet.run, parquet.render, rows=1_000_000, features=8),
     "partitioning": Benchmark(partitioning.run, partitioning.render, rows=1_000_000, features=8),
     # rows: of the largest of its 3 feature tables (the others get 1/4 and 1/2); features: per table.
     "historical": Benchmark(
@@ -262,6 +264,15 @@ def scan_command(**kwargs: Any) -> None:
 def ingest_command(**kwargs: Any) -> None:
     """Appends (narrow and wide tables, two batch sizes, 1 and 4 writers), against a local Parquet write."""
     execute(["ingest"], Options(**kwargs))
+
+
+@main.command("parquet")
+@common_options
+def parquet_command(**kwargs: Any) -> None:
+    """Decode speed against file size for Parquet settings (codec and level, page and row-group sizes, dictionary,
+    statistics): pyarrow's decode of a local file in process, and the server's cold scan of a table written with
+    each setting through its write.parquet.* properties."""
+    execute(["parquet"], Options(**kwargs))
 
 
 @main.command("partitioning")

@@ -171,6 +171,35 @@ def test_ingest(tmp_path: Path, running_server: Target) -> None:
     check_ingest(run_bench(tmp_path, "ingest", "--location", running_server.location)["benchmarks"]["ingest"])
 
 
+def test_ingest_against_pyiceberg_on_its_own_server(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "ingest", "--rows", "4000")["benchmarks"]["ingest"]
+    check_ingest(result)
+    baselines = {(r["shape"], r["writers"]): r for r in result["pyiceberg"]}
+    assert set(baselines) == {(shape, writers) for shape in ("narrow", "wide") for writers in (1, 4)}
+    for entry in baselines.values():
+        assert entry["method"] == "pyiceberg" and entry.keys() >= TIMING_KEYS and positive(entry["rows_per_s"])
+    for entry in result["results"]:
+        if entry["method"] == "flight":  # each put against pyiceberg with as many writers
+            same = baselines[entry["shape"], entry["writers"]]
+            assert entry["ratio_to_pyiceberg"] == pytest.approx(same["median_s"] / entry["median_s"])
+
+
+def test_parquet_on_its_own_server(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "parquet")["benchmarks"]["parquet"]
+    assert result["rows"] == 20_000 and result["columns"] == 11 and result["baseline"] == "zstd"
+    entries = {r["setting"]: r for r in result["results"]}
+    assert {"zstd", "snappy", "lz4", "uncompressed", "server_default"} <= set(entries)
+    assert entries["zstd"]["decode_ratio"] == entries["zstd"]["size_ratio"] == entries["zstd"]["cold_ratio"] == 1.0
+    for entry in entries.values():
+        assert entry["decode"].keys() >= TIMING_KEYS and positive(entry["file_mb"], entry["decode_ratio"])
+        in_table = not entry["label"].endswith("(in process only)")
+        assert ("cold_scan" in entry) == in_table  # settings no table property sets are decoded in process only
+        if in_table:
+            assert positive(entry["cold_scan"]["rows_per_s"], entry["cold_ratio"], entry["server_cpu_cores"])
+    # the codecs do what they say: uncompressed files are the largest, zstd's the smallest of the fast ones
+    assert entries["uncompressed"]["file_mb"] > entries["lz4"]["file_mb"] > entries["zstd"]["file_mb"]
+
+
 def test_partitioning(tmp_path: Path, running_server: Target) -> None:
     result = run_bench(tmp_path, "partitioning", "--location", running_server.location)["benchmarks"]["partitioning"]
     check_partitioning(result)

@@ -1,41 +1,63 @@
 """The Parquet file writer shared by writes, deletes and compactions: sorted rows, rolled into files of
-the table's `write.target-file-size-bytes`.
+the table's `write.target-file-size-bytes`, written as its `write.parquet.*` properties say (`parquet_options`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
 import threading
 import uuid
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pyiceberg.io import FileIO, InputFile, OutputFile, OutputStream
-from pyiceberg.io.fileformat import FileFormatFactory, FileFormatWriter
-from pyiceberg.io.pyarrow import pyarrow_to_schema
+from pyiceberg.io.fileformat import DataFileStatistics, FileFormatFactory, FileFormatWriter
+from pyiceberg.io.pyarrow import (
+    StatisticsCollector,
+    bin_pack_arrow_table,
+    compute_statistics_plan,
+    data_file_statistics_from_parquet_metadata,
+    parquet_path_to_id_mapping,
+    pyarrow_to_schema,
+)
 from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
-from pyiceberg.partitioning import PartitionKey
-from pyiceberg.schema import sanitize_column_names
+from pyiceberg.partitioning import PartitionFieldValue, PartitionKey, PartitionSpec
+from pyiceberg.schema import Schema, sanitize_column_names
 from pyiceberg.table import TableProperties
-from pyiceberg.table.locations import load_location_provider
+from pyiceberg.table.locations import LocationProvider, load_location_provider
 from pyiceberg.table.metadata import TableMetadata
-from pyiceberg.typedef import Record
+from pyiceberg.transforms import DayTransform, MonthTransform, Transform, YearTransform
+from pyiceberg.typedef import Properties, Record
+from pyiceberg.utils.concurrent import ExecutorFactory
 from pyiceberg.utils.properties import property_as_int
 
 from flight_server.changes.commits import delete_files
 from flight_server.iceberg.catalog import FeatureSpec
-from flight_server.iceberg.internals import dataframe_to_data_files, partitions, to_file_schema
+from flight_server.iceberg.internals import partitions, to_file_schema
 
 log = logging.getLogger(__name__)
 
 
 def sort_rows(chunk: pa.Table, spec: FeatureSpec | None) -> pa.Table:
     """A chunk's rows sorted by keys and event time, so that key lookups skip row groups."""
+    order = _sort_indices(chunk, spec)
+    return chunk if order is None else chunk.take(order)
+
+
+def _sort_indices(chunk: pa.Table, spec: FeatureSpec | None) -> pa.Array | None:
+    """The stable order of `sort_rows` (None: the chunk's own). The sort columns are made contiguous first: Arrow
+    sorts a table of many chunks (a put's batches) by merging them, 2-3 times slower than sorting one."""
     if spec is None:
-        return chunk
-    return chunk.sort_by([(c, "ascending") for c in (*spec.entity_keys, spec.event_time)])
+        return None
+    columns = [*spec.entity_keys, spec.event_time]
+    return pc.sort_indices(chunk.select(columns).combine_chunks(), sort_keys=[(c, "ascending") for c in columns])
 
 
 def write_data_files(
@@ -46,16 +68,200 @@ def write_data_files(
     write_uuid: uuid.UUID,
     counter: itertools.count[int],
 ) -> list[DataFile]:
-    """Parquet data files of one chunk, split by partition, rows sorted (`sort_rows`) within each file.
+    """Parquet data files of one chunk, split by partition, rows sorted (`sort_rows`) within each file, written in
+    parallel; the same files, named, split and ordered the same way, as pyiceberg's append writes of the sorted
+    chunk, with every `write.parquet.*` property honoured (`parquet_options`).
 
-    pyiceberg writes a chunk's files in parallel and names none of them when one fails (a full disk): the
-    files it created are deleted then, so that a failed chunk leaves nothing behind."""
+    The rows are copied once: one `take` puts them in partition order, sorted within each partition, and each
+    file is a slice of it. Any file this wrote is deleted if one fails (a full disk), so that a failed chunk
+    leaves nothing behind."""
+    if not chunk.num_rows:
+        return []
     created = _CreatedFiles(io)
     try:
-        return list(dataframe_to_data_files(metadata, sort_rows(chunk, spec), created, write_uuid, counter))
+        target = target_file_size(metadata)
+        tasks = [
+            _FileTask(next(counter), partition, batches)
+            for partition, rows in partitioned_rows(metadata, chunk, spec)
+            for batches in bin_pack_arrow_table(rows, target)
+        ]
+        write = functools.partial(_write_file, _FileContext.of(metadata, chunk.schema), created, write_uuid)
+        return list(ExecutorFactory.get_or_create().map(write, tasks))
     except BaseException:
         created.abandon()
         raise
+
+
+def partitioned_rows(
+    metadata: TableMetadata, chunk: pa.Table, spec: FeatureSpec | None
+) -> list[tuple[PartitionKey | None, pa.Table]]:
+    """A chunk's rows by partition, sorted (`sort_rows`) within each, the partitions in the order in which they
+    first appear among the sorted rows (as pyiceberg's `append` orders them).
+
+    The partition values come from Arrow compute or pyiceberg-core's transforms of whole columns, while Arrow sorts
+    the rows by keys and time on another core; one stable sort of those values in that order groups each
+    partition's rows in sorted order, and one `take` of the chunk by the combined order makes every partition a
+    zero-copy slice."""
+    partition_spec, schema = metadata.spec(), metadata.schema()
+    if partition_spec.is_unpartitioned():
+        order = _sort_indices(chunk, spec)
+        return [(None, chunk if order is None else _take(chunk, order))]
+    sorting = ExecutorFactory.get_or_create().submit(_sort_indices, chunk, spec)
+    values = _partition_values(partition_spec, schema, chunk)
+    order = sorting.result()
+    if values is None:  # a transform Arrow cannot compute here: pyiceberg's own way
+        fallback: list[tuple[PartitionKey | None, pa.Table]] = [
+            *partitions(partition_spec, schema, sort_rows(chunk, spec))
+        ]
+        return fallback
+    if order is None:
+        order = pa.array(np.arange(chunk.num_rows))
+    values = values.take(order)
+    by_value = pc.sort_indices(values, sort_keys=[(name, "ascending") for name in values.column_names])
+    grouped = values.take(by_value)
+    starts = _run_starts(grouped)
+    ends = [*starts[1:], grouped.num_rows]
+    firsts = by_value.take(pa.array(starts)).to_pylist()  # positions among the sorted rows: stable, so the least
+    rows = _take(chunk, order.take(by_value))
+    keys = grouped.take(pa.array(starts)).to_pylist()
+    parts: list[tuple[PartitionKey | None, pa.Table]] = []
+    for _, start, end, key in sorted(zip(firsts, starts, ends, keys, strict=True)):
+        partition = PartitionKey(
+            field_values=[
+                PartitionFieldValue(field=field, value=key[name])
+                for field, name in zip(partition_spec.fields, values.column_names, strict=True)
+            ],
+            partition_spec=partition_spec,
+            schema=schema,
+        )
+        parts.append((partition, rows.slice(start, end - start)))
+    return parts
+
+
+def _take(chunk: pa.Table, indices: pa.Array) -> pa.Table:
+    """`chunk.take(indices)`, a column per thread: Arrow takes the columns of a table one after the other."""
+    if chunk.num_columns < 2:
+        return chunk.take(indices)
+    columns = ExecutorFactory.get_or_create().map(lambda column: column.take(indices), chunk.columns)
+    return pa.Table.from_arrays(list(columns), schema=chunk.schema)
+
+
+def _partition_values(spec: PartitionSpec, schema: Schema, chunk: pa.Table) -> pa.Table | None:
+    """Each partition field's value for every row (`_calendar`, else pyiceberg-core's transforms, a column at a
+    time), or None when a field's source is nested or its transform has no Arrow form, or a value could be NaN
+    (which equals nothing, so runs of it would not group). pyiceberg-core reads a copy of the source column: the
+    buffers Flight received may not be aligned as it requires (it panics), a `take`'s are."""
+    columns: dict[str, pa.ChunkedArray] = {}
+    for index, field in enumerate(spec.fields):
+        name = schema.find_column_name(field.source_id)
+        if name is None or chunk.schema.get_field_index(name) < 0:
+            return None
+        source = chunk.column(name)
+        column = _calendar(field.transform, source)
+        if column is None:
+            try:
+                transform = field.transform.pyarrow_transform(schema.find_field(field.source_id).field_type)
+            except NotImplementedError:
+                return None
+            column = transform(source.take(pa.array(np.arange(len(source)))))
+        if pa.types.is_floating(column.type):
+            return None
+        columns[f"_partition_{index}"] = column
+    return pa.table(columns)
+
+
+def _calendar(transform: Transform[Any, Any], source: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """Iceberg's year, month and day of dates and timestamps (counted from 1970, as int32) by Arrow compute, which
+    is several times faster than pyiceberg-core's transforms of the same values; None for other transforms."""
+    if not isinstance(transform, (YearTransform, MonthTransform, DayTransform)):
+        return None
+    if pa.types.is_timestamp(source.type):
+        source = source.cast(pa.timestamp(source.type.unit))  # the UTC calendar, whatever the zone
+    elif not pa.types.is_date(source.type):
+        return None
+    if isinstance(transform, DayTransform):
+        return source.cast(pa.date32()).cast(pa.int32())
+    years = pc.subtract(pc.year(source), 1970)
+    if isinstance(transform, YearTransform):
+        return years.cast(pa.int32())
+    return pc.add(pc.multiply(years, 12), pc.subtract(pc.month(source), 1)).cast(pa.int32())
+
+
+def _run_starts(grouped: pa.Table) -> list[int]:
+    """Where each run of equal rows of `grouped` starts (nulls equal to nulls)."""
+    changed = np.zeros(grouped.num_rows - 1, dtype=bool)
+    for column in grouped.columns:
+        after, before = column.slice(1), column.slice(0, len(column) - 1)
+        differs = pc.fill_null(pc.not_equal(after, before), False)
+        nulls_differ = pc.not_equal(pc.is_null(after), pc.is_null(before))
+        changed |= pc.or_(differs, nulls_differ).to_numpy()
+    return [0, *(np.flatnonzero(changed) + 1).tolist()]
+
+
+class _FileTask(NamedTuple):
+    """A data file to write: its number in the write, partition and rows."""
+
+    number: int
+    partition: PartitionKey | None
+    batches: list[pa.RecordBatch]
+
+
+@dataclass(frozen=True)
+class _FileContext:
+    """What every data file of a chunk shares: the table's metadata, the chunk's schema in Iceberg terms, where
+    files go."""
+
+    metadata: TableMetadata
+    file_schema: Schema
+    batch_schema: Schema
+    locations: LocationProvider
+    layout: StatisticsLayout
+
+    @staticmethod
+    def of(metadata: TableMetadata, arrow: pa.Schema) -> _FileContext:
+        batch_schema = pyarrow_to_schema(
+            arrow, name_mapping=metadata.schema().name_mapping, format_version=metadata.format_version
+        )
+        locations = load_location_provider(metadata.location, metadata.properties)
+        file_schema = sanitize_column_names(metadata.schema())
+        layout = StatisticsLayout.of(file_schema, metadata.properties)
+        return _FileContext(metadata, file_schema, batch_schema, locations, layout)
+
+
+def _write_file(context: _FileContext, io: FileIO, write_uuid: uuid.UUID, task: _FileTask) -> DataFile:
+    """One data file, as pyiceberg's `write_file` writes it (name, field ids, statistics)."""
+    model = FileFormatFactory.get(FileFormat.PARQUET)
+    name = f"00000-{task.number}-{write_uuid}.{model.file_extension()}"
+    path = context.locations.new_data_location(data_file_name=name, partition_key=task.partition)
+    output = io.new_output(path)
+    writer = ParquetWriter(output, context.metadata.properties, context.layout)
+    writer.write(
+        pa.Table.from_batches(
+            [to_file_schema(context.file_schema, context.batch_schema, b, model) for b in task.batches]
+        )
+    )
+    return _data_file(context.metadata, path, output, task.partition, writer.close())
+
+
+def _data_file(
+    metadata: TableMetadata,
+    path: str,
+    output: OutputFile,
+    partition: PartitionKey | None,
+    statistics: DataFileStatistics,
+) -> DataFile:
+    return DataFile.from_args(
+        content=DataFileContent.DATA,
+        file_path=path,
+        file_format=FileFormat.PARQUET,
+        partition=partition.partition if partition is not None else Record(),
+        file_size_in_bytes=len(output),
+        sort_order_id=None,
+        spec_id=metadata.default_spec_id,
+        equality_ids=None,
+        key_metadata=None,
+        **statistics.to_serialized_dict(),
+    )
 
 
 class _CreatedFiles(FileIO):
@@ -116,6 +322,133 @@ class _TrackedOutput(OutputFile):
         return self.files.created(self.output, overwrite)
 
 
+# What the server writes unless a table says otherwise, set on the tables it creates (`flight-bench parquet`,
+# docs/benchmarks.md): LZ4 (LZ4_RAW) decodes about twice as fast as pyiceberg's default zstd; dictionaries of at
+# most 256 KB a column chunk leave high-cardinality columns (random floats, ids) plain-encoded after a few pages
+# instead of hashing 2 MB of values first, which made files larger and both writes and decodes slower.
+PARQUET_DEFAULTS: dict[str, str] = {
+    TableProperties.PARQUET_COMPRESSION: "lz4",
+    TableProperties.PARQUET_DICT_SIZE_BYTES: str(256 << 10),
+}
+_CODECS = {"zstd", "snappy", "lz4", "gzip", "brotli", "uncompressed", "none"}
+
+
+@dataclass(frozen=True)
+class ParquetOptions:
+    """How a data file is written, from the table's `write.parquet.*` properties (Iceberg's names and defaults).
+
+    `write.parquet.row-group-size-bytes`, when set, caps the rows of a row group by the Arrow size of the rows
+    written (as `write.target-file-size-bytes` sizes files); `write.parquet.row-group-limit` caps them by count.
+    `write.parquet.page-row-limit` caps the rows of a page."""
+
+    writer: dict[str, Any]  # pyarrow.parquet.ParquetWriter's options
+    row_group_rows: int
+    row_group_bytes: int | None
+
+    def rows_per_group(self, table: pa.Table) -> int:
+        """The rows of each row group of `table`."""
+        if self.row_group_bytes is None or not table.num_rows:
+            return self.row_group_rows
+        per_row = max(table.nbytes / table.num_rows, 1e-6)
+        return max(1, min(self.row_group_rows, int(self.row_group_bytes / per_row)))
+
+
+def parquet_options(properties: Properties) -> ParquetOptions:
+    """The Parquet writer's options for a table's properties; ValueError names a property it cannot use."""
+
+    def number(name: str, default: int | None, least: int = 1) -> int | None:
+        text = properties.get(name)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"table property {name}={text!r} is not a whole number") from None
+        if value < least:
+            raise ValueError(f"table property {name}={text!r} must be at least {least}")
+        return value
+
+    codec = properties.get(TableProperties.PARQUET_COMPRESSION, TableProperties.PARQUET_COMPRESSION_DEFAULT).lower()
+    if codec not in _CODECS:
+        raise ValueError(
+            f"table property {TableProperties.PARQUET_COMPRESSION}={codec!r} is not one of {', '.join(sorted(_CODECS))}"
+        )
+    codec = "none" if codec == "uncompressed" else codec
+    level = number(TableProperties.PARQUET_COMPRESSION_LEVEL, None, least=-(2**31))
+    if level is not None and codec not in ("zstd", "gzip", "brotli"):
+        raise ValueError(f"table property {TableProperties.PARQUET_COMPRESSION_LEVEL} does not apply to {codec}")
+    writer = {
+        "compression": codec,
+        "compression_level": level,
+        "data_page_size": number(
+            TableProperties.PARQUET_PAGE_SIZE_BYTES, TableProperties.PARQUET_PAGE_SIZE_BYTES_DEFAULT
+        ),
+        "dictionary_pagesize_limit": number(
+            TableProperties.PARQUET_DICT_SIZE_BYTES, TableProperties.PARQUET_DICT_SIZE_BYTES_DEFAULT
+        ),
+        "max_rows_per_page": number(
+            TableProperties.PARQUET_PAGE_ROW_LIMIT, TableProperties.PARQUET_PAGE_ROW_LIMIT_DEFAULT
+        ),
+    }
+    rows = number(TableProperties.PARQUET_ROW_GROUP_LIMIT, TableProperties.PARQUET_ROW_GROUP_LIMIT_DEFAULT)
+    assert rows is not None
+    return ParquetOptions(writer, rows, number(TableProperties.PARQUET_ROW_GROUP_SIZE_BYTES, None))
+
+
+@dataclass(frozen=True)
+class StatisticsLayout:
+    """What pyiceberg needs to turn a Parquet footer into a manifest's statistics: the same for every file of a
+    schema and properties, and worth working out once (each call rebuilds the schema's struct, 9 ms a file of
+    a narrow table, under the GIL)."""
+
+    plan: dict[int, StatisticsCollector]
+    columns: dict[str, int]
+
+    @staticmethod
+    def of(file_schema: Schema, properties: Properties) -> StatisticsLayout:
+        return StatisticsLayout(
+            compute_statistics_plan(file_schema, properties), parquet_path_to_id_mapping(file_schema)
+        )
+
+
+class ParquetWriter(FileFormatWriter):
+    """One Parquet data file, written as pyiceberg writes it (field ids, statistics for the manifest), with every
+    `write.parquet.*` property honoured (`parquet_options`)."""
+
+    def __init__(self, output: OutputFile, properties: Properties, layout: StatisticsLayout):
+        self._output, self._layout = output, layout
+        self._options = parquet_options(properties)
+        self._writer: pq.ParquetWriter | None = None
+        self._stream: OutputStream | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            stream = self._output.create(overwrite=True)
+            try:
+                self._writer = pq.ParquetWriter(
+                    stream, schema=table.schema, store_decimal_as_integer=True, **self._options.writer
+                )
+            except BaseException:
+                stream.close()
+                raise
+            self._stream = stream
+        self._writer.write_table(table, row_group_size=self._options.rows_per_group(table))
+
+    def close(self) -> DataFileStatistics:
+        if self._result is not None:
+            return self._result
+        if self._writer is None or self._stream is None:
+            raise ValueError("a data file with no rows")
+        with self._stream:
+            self._writer.close()
+        self._result = data_file_statistics_from_parquet_metadata(
+            parquet_metadata=self._writer.writer.metadata,
+            stats_columns=self._layout.plan,
+            parquet_column_mapping=self._layout.columns,
+        )
+        return self._result
+
+
 def target_file_size(metadata: TableMetadata) -> int:
     """The table's `write.target-file-size-bytes`: Iceberg's default (512 MiB) without it."""
     size = property_as_int(
@@ -162,6 +495,7 @@ class RollingFiles:
         self._format = FileFormatFactory.get(FileFormat.PARQUET)
         self._file_schema = sanitize_column_names(metadata.schema())
         self._locations = load_location_provider(metadata.location, metadata.properties)
+        self._layout = StatisticsLayout.of(self._file_schema, metadata.properties)
 
     def _bytes_per_row(self) -> float:
         rows = sum(f.record_count for f in self.files)
@@ -174,11 +508,7 @@ class RollingFiles:
         chunk_schema = pyarrow_to_schema(
             chunk.schema, name_mapping=self.metadata.schema().name_mapping, format_version=self.metadata.format_version
         )
-        if self.metadata.spec().is_unpartitioned():
-            parts: list[tuple[PartitionKey | None, pa.Table]] = [(None, chunk)]
-        else:
-            parts = list(partitions(self.metadata.spec(), self.metadata.schema(), chunk))
-        for partition, rows in parts:
+        for partition, rows in partitioned_rows(self.metadata, chunk, None):
             key = partition.to_path() if partition is not None else ""
             while rows.num_rows:
                 file, written = self._open.get(key) or (self._start(partition), 0)
@@ -215,27 +545,12 @@ class RollingFiles:
         name = f"00000-{next(self._counter)}-{self._uuid}.{self._format.file_extension()}"
         path = self._locations.new_data_location(data_file_name=name, partition_key=partition)
         output = self.io.new_output(path)
-        return _OpenFile(
-            path, output, self._format.create_writer(output, self._file_schema, self.metadata.properties), partition
-        )
+        writer = ParquetWriter(output, self.metadata.properties, self._layout)
+        return _OpenFile(path, output, writer, partition)
 
     def _finish(self, key: str) -> None:
         file, _ = self._open.pop(key)
-        statistics = file.writer.close()
-        self.files.append(
-            DataFile.from_args(
-                content=DataFileContent.DATA,
-                file_path=file.path,
-                file_format=FileFormat.PARQUET,
-                partition=file.partition.partition if file.partition is not None else Record(),
-                file_size_in_bytes=len(file.output),
-                sort_order_id=None,
-                spec_id=self.metadata.default_spec_id,
-                equality_ids=None,
-                key_metadata=None,
-                **statistics.to_serialized_dict(),
-            )
-        )
+        self.files.append(_data_file(self.metadata, file.path, file.output, file.partition, file.writer.close()))
 
 
 def write_reader(

@@ -12,7 +12,9 @@ existing table that arrive while a commit to it is in flight share the next snap
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -20,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,7 +40,7 @@ from flight_server.base.locks import LockPool
 from flight_server.base.schemas import Conformer, new_table_schema, table_arrow_schema
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.commits import delete_files, live_files
-from flight_server.changes.files import write_data_files
+from flight_server.changes.files import PARQUET_DEFAULTS, parquet_options, write_data_files
 from flight_server.changes.group import MAX_PUTS, GroupCommits, Put, group_commit_enabled, same_fields
 from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
 from flight_server.iceberg.catalog import (
@@ -161,12 +164,30 @@ class Writer:
         pending: list[pa.RecordBatch] = []
         pending_bytes = rows = 0
         declared_rows: int | None = None
+        # A full chunk's files are written on another thread while the next chunk arrives; one at a time, so a put
+        # holds at most two chunks.
+        background: ThreadPoolExecutor | None = None
+        writing: Future[list[DataFile]] | None = None
 
-        def flush() -> None:
-            nonlocal pending, pending_bytes
+        def collect() -> None:
+            nonlocal writing
+            if writing is not None:
+                done, writing = writing, None
+                files.extend(done.result())
+
+        def flush(last: bool) -> None:
+            nonlocal pending, pending_bytes, background, writing
+            collect()
             if pending:
                 chunk = pa.Table.from_batches(pending, schema=staged.target)
-                files.extend(write_data_files(staged.metadata, chunk, staged.io, staged.spec, write_uuid, counter))
+                write = functools.partial(
+                    write_data_files, staged.metadata, chunk, staged.io, staged.spec, write_uuid, counter
+                )
+                if last:
+                    files.extend(write())
+                else:
+                    background = background or ThreadPoolExecutor(1, thread_name_prefix="put-files")
+                    writing = background.submit(write)
             pending, pending_bytes = [], 0
 
         try:
@@ -181,7 +202,7 @@ class Writer:
                     rows += batch.num_rows
                     pending_bytes += batch.nbytes
                     if pending_bytes >= self.chunk_bytes:
-                        flush()
+                        flush(last=False)
             if is_cancelled():
                 raise CancelledError(f"the client cancelled the write after {rows} rows; nothing was committed")
             if request.end_marker and declared_rows is None:
@@ -195,12 +216,14 @@ class Writer:
                 )
             if rows == 0:
                 raise RequestError("the write stream is empty: nothing to write")
-            flush()
+            flush(last=True)
             return self._commit(request, staged, files, rows)
         except CommitStateUnknownException:
             log.warning("commit to %s may have landed; keeping its %d data files", request.table, len(files))
             raise
         except BaseException as exc:
+            with contextlib.suppress(BaseException):  # a chunk that failed deleted its own files
+                collect()
             delete_files(staged.io, [f.file_path for f in files])
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise LimitError(
@@ -208,6 +231,9 @@ class Writer:
                     f"({os.strerror(exc.errno)}); nothing was committed and its files were deleted"
                 ) from exc
             raise
+        finally:
+            if background is not None:
+                background.shutdown()
 
     def _stage(self, request: WriteRequest, stream: pa.Schema, table: Table | None) -> _Staged:
         """Open the transaction the write commits: create the table, or maybe evolve it."""
@@ -217,6 +243,10 @@ class Writer:
         spec = FeatureSpec.from_properties(table.metadata.properties)
         _check_declared_spec(request, spec, table_name(table))
         _check_declared_layout(request, table)
+        try:  # before any row is read: a table whose files cannot be written fails the put up front
+            parquet_options(table.metadata.properties)
+        except ValueError as exc:
+            raise RequestError(f"cannot write to {table_name(table)!r}: {exc}; nothing was written") from None
         transaction = MemoTransaction(table)
         new_columns = [f for f in stream if f.name not in table.schema().column_names] if request.evolve else []
         if new_columns:
@@ -245,7 +275,7 @@ class Writer:
             identifier,
             schema=schema,
             partition_spec=partitioning,
-            properties={**NEW_TABLE_HISTORY, **spec.to_properties()},
+            properties={**NEW_TABLE_HISTORY, **PARQUET_DEFAULTS, **spec.to_properties()},
         )
         io = transaction_io(transaction)  # where the catalog wants the new table's files
         metadata = transaction.table_metadata

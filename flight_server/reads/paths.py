@@ -119,6 +119,12 @@ def direct_reader(
     return pa.RecordBatchReader.from_batches(scanner.projected_schema, (batch for _, batch in batches))
 
 
+# Decode on every core (row groups and files at once: `use_threads`), each file's column chunks fetched in a few
+# coalesced reads ahead of decoding (`pre_buffer`): pyarrow's defaults today, said here so that a change of them
+# cannot quietly make cold scans single-threaded or seek per page on object stores.
+_DECODE_ON_ALL_CORES = ds.ParquetFragmentScanOptions(pre_buffer=True)
+
+
 def _scanner(
     plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int
 ) -> tuple[ds.Scanner, dict[str, str], dict[str, np.ndarray]]:
@@ -134,7 +140,10 @@ def _scanner(
     )
     deleted = deleted_positions(io, tasks, plan.caches.positions)
     by_fragment = {path: deleted[location] for path, location in paths.items() if location in deleted}
-    return dataset.scanner(columns=plan.schema.names, batch_size=batch_rows), paths, by_fragment
+    scanner = dataset.scanner(
+        columns=plan.schema.names, batch_size=batch_rows, use_threads=True, fragment_scan_options=_DECODE_ON_ALL_CORES
+    )
+    return scanner, paths, by_fragment
 
 
 def _through_cache(

@@ -1,0 +1,269 @@
+"""The write path's files: partitioned exactly as pyiceberg partitions, rows read back as put, and every
+`write.parquet.*` table property honoured by the files a put writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.schema import assign_fresh_schema_ids
+from pyiceberg.table.metadata import TableMetadata, new_table_metadata
+from pyiceberg.table.sorting import UNSORTED_SORT_ORDER
+
+from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
+from flight_server.base.schemas import new_table_schema, table_arrow_schema
+from flight_server.changes.files import PARQUET_DEFAULTS, parquet_options, partitioned_rows, sort_rows
+from flight_server.iceberg.catalog import FeatureSpec, partition_spec
+from flight_server.iceberg.internals import partitions, schema_without_ids
+from tests.conftest import local_files, sqlite_catalog, start_server
+
+SPEC = FeatureSpec(("key",), "ts", None, None)
+LAYOUTS = [
+    ["month(ts)", "bucket(8, key)"],  # the default
+    [],
+    ["day(ts)"],
+    ["year(ts)", "identity(tag)"],
+    ["truncate(2, tag)", "hour(ts)"],
+]
+FALLBACK = ["identity(value)"]  # float partition values (NaN equals nothing): pyiceberg's own partitioning, as is
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def rows_strategy() -> st.SearchStrategy[pa.Table]:
+    """Feature rows with repeated keys and times (ties), times on both sides of 1970, null tags and values."""
+    row = st.tuples(
+        st.integers(0, 40),
+        st.integers(-3 * 10**15, 3 * 10**15),  # microseconds: about 1875 to 2065
+        st.one_of(st.none(), st.sampled_from(["a", "ab", "abc", "b", "zz"])),
+        st.one_of(st.none(), st.floats(allow_nan=False, width=32)),
+    )
+    return st.lists(row, min_size=1, max_size=300).map(
+        lambda rows: pa.table(
+            {
+                "key": pa.array([r[0] for r in rows], pa.int64()),
+                "ts": pa.array([r[1] for r in rows], pa.int64()).cast(pa.timestamp("us", "UTC")),
+                "tag": pa.array([r[2] for r in rows], pa.string()),
+                "value": pa.array([r[3] for r in rows], pa.float64()),
+            }
+        )
+    )
+
+
+def _metadata(layout: list[str], arrow: pa.Schema) -> TableMetadata:
+    schema = assign_fresh_schema_ids(schema_without_ids(new_table_schema(arrow, required=("key", "ts"))))
+    return new_table_metadata(schema, partition_spec(layout, schema), UNSORTED_SORT_ORDER, "file:///nowhere", {})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=rows_strategy(),
+    layout=st.sampled_from([*LAYOUTS, FALLBACK]),
+    sort=st.booleans(),
+    split=st.integers(1, 4),
+)
+def test_partitions_are_pyiceberg_s_with_the_same_rows_in_the_same_order(
+    rows: pa.Table, layout: list[str], sort: bool, split: int
+) -> None:
+    """The put's partitioning (one sort, one take) gives what pyiceberg's filter per partition gave the sorted chunk:
+    the same partitions, each with the same rows in the same order, in order of first appearance."""
+    metadata = _metadata(layout, rows.schema)
+    chunk = pa.Table.from_batches(
+        rows.cast(table_arrow_schema(metadata.schema())).to_batches(max(1, len(rows) // split))
+    )
+    spec = SPEC if sort else None
+    ours = partitioned_rows(metadata, chunk, spec)
+    if metadata.spec().is_unpartitioned():
+        expected = [(None, sort_rows(chunk, spec))]
+    else:
+        expected = partitions(metadata.spec(), metadata.schema(), sort_rows(chunk, spec))
+        if layout != FALLBACK:  # pyiceberg's partitions in the order their first rows have among the sorted rows
+            first = sort_rows(chunk, spec).to_pylist()
+            expected.sort(key=lambda part: first.index(part[1].slice(0, 1).to_pylist()[0]))
+    assert [p.to_path() if p else None for p, _ in ours] == [p.to_path() if p else None for p, _ in expected]
+    assert [p.partition if p else None for p, _ in ours] == [p.partition if p else None for p, _ in expected]
+    for (_, mine), (_, theirs) in zip(ours, expected, strict=True):
+        assert mine.to_pylist() == theirs.to_pylist()
+
+
+@pytest.fixture(scope="module")
+def catalog_properties(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return sqlite_catalog(tmp_path_factory.mktemp("parquet-settings"))
+
+
+@pytest.fixture(scope="module")
+def small_chunks(catalog_properties: dict[str, str]) -> Iterator[str]:
+    """A server whose puts write a file set every 1 KiB, in the background while the next chunk arrives."""
+    server = start_server(catalog_properties, write_chunk_bytes=1 << 10)
+    yield f"grpc://127.0.0.1:{server.port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(catalog_properties: dict[str, str]) -> Iterator[tuple[str, Catalog]]:
+    """A server whose puts of a few thousand rows write one chunk, and the catalog it serves."""
+    server = start_server(catalog_properties, write_chunk_bytes=64 << 20)
+    yield f"grpc://127.0.0.1:{server.port}", load_catalog("default", **catalog_properties)
+    server.shutdown()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=rows_strategy(), layout=st.sampled_from(LAYOUTS))
+def test_a_put_reads_back_as_put(small_chunks: str, rows: pa.Table, layout: list[str]) -> None:
+    location = small_chunks
+    name = f"parquet.put_{uuid.uuid4().hex[:8]}"
+    with FeatureClient(location) as client:
+        batches = pa.RecordBatchReader.from_batches(rows.schema, rows.to_batches(max_chunksize=16))
+        client.write(name, batches, entity_keys=["key"], event_time="ts", partition_by=layout)
+        back = client.scan(name).read_all()
+    order = [("key", "ascending"), ("ts", "ascending"), ("tag", "ascending"), ("value", "ascending")]
+    assert back.select(rows.column_names).sort_by(order).to_pylist() == rows.sort_by(order).to_pylist()
+
+
+def test_a_put_of_many_chunks_commits_every_chunk_s_files(
+    small_chunks: str, catalog_properties: dict[str, str]
+) -> None:
+    """Chunks written in the background while the next arrives: every one's files are committed, once."""
+    name = f"parquet.chunks_{uuid.uuid4().hex[:8]}"
+    data = _data(3_000)
+    with FeatureClient(small_chunks) as client:
+        batches = pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=50))
+        result = client.write(name, batches, entity_keys=["key"], event_time="ts", partition_by=[])
+        assert client.scan(name).read_all().sort_by("value").to_pylist() == data.to_pylist()
+    assert result.files >= 20  # a file per chunk of 1 KiB
+    assert len(_files(load_catalog("default", **catalog_properties), name)) == result.files
+
+
+def test_a_put_that_fails_after_background_chunks_leaves_no_file(
+    small_chunks: str, catalog_properties: dict[str, str]
+) -> None:
+    """A stream refused after several chunks were written in the background: their files are deleted, the
+    chunk in flight included, and nothing is committed."""
+    name = f"parquet.failed_{uuid.uuid4().hex[:8]}"
+    data = _data(3_000)
+    with FeatureClient(small_chunks) as client:
+        client.write(name, data.slice(0, 1), entity_keys=["key"], event_time="ts", partition_by=[])
+        location = load_catalog("default", **catalog_properties).load_table(name).location()
+        before = local_files(location)
+        null_key = pa.record_batch(
+            [pa.array([None], pa.int64()), data.column("ts").chunk(0).slice(0, 1), pa.array([1.0])], schema=data.schema
+        )
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            yield from data.to_batches(max_chunksize=50)
+            yield null_key  # the key is required: refused after 60 batches, some 20 chunks of 1 KiB written
+
+        with pytest.raises(InvalidRequestError):
+            client.write(name, pa.RecordBatchReader.from_batches(data.schema, batches()))
+    assert local_files(location) == before
+    assert load_catalog("default", **catalog_properties).load_table(name).scan().to_arrow().num_rows == 1
+
+
+def _files(catalog: Catalog, name: str) -> list[pq.ParquetFile]:
+    table = catalog.load_table(name)
+    return [pq.ParquetFile(Path(t.file.file_path.removeprefix("file://"))) for t in table.scan().plan_files()]
+
+
+def _data(rows: int) -> pa.Table:
+    return pa.table(
+        {
+            "key": pa.array([i % 7 for i in range(rows)], pa.int64()),
+            "ts": pa.array([EPOCH + dt.timedelta(seconds=i) for i in range(rows)], pa.timestamp("us", "UTC")),
+            "value": pa.array([float(i) for i in range(rows)]),
+        }
+    )
+
+
+def test_new_tables_get_the_server_s_parquet_defaults(served: tuple[str, Catalog]) -> None:
+    location, catalog = served
+    name = f"parquet.defaults_{uuid.uuid4().hex[:8]}"
+    with FeatureClient(location) as client:
+        client.write(name, _data(100), entity_keys=["key"], event_time="ts")
+    properties = catalog.load_table(name).properties
+    assert {k: properties.get(k) for k in PARQUET_DEFAULTS} == PARQUET_DEFAULTS
+    codec = PARQUET_DEFAULTS.get("write.parquet.compression-codec", "zstd").upper()
+    for file in _files(catalog, name):
+        assert file.metadata.row_group(0).column(0).compression == codec
+
+
+@pytest.mark.parametrize(
+    ("properties", "codec", "groups"),
+    [
+        ({"write.parquet.compression-codec": "snappy", "write.parquet.row-group-limit": "1000"}, "SNAPPY", 5),
+        ({"write.parquet.compression-codec": "uncompressed"}, "UNCOMPRESSED", 1),
+        ({"write.parquet.compression-codec": "lz4"}, "LZ4", 1),
+        ({"write.parquet.compression-codec": "zstd", "write.parquet.compression-level": "9"}, "ZSTD", 1),
+        # 24 bytes of Arrow a row: 4,800 rows in row groups of 2,000 rows' bytes (the smaller of the two caps wins)
+        ({"write.parquet.row-group-size-bytes": "48000"}, None, 3),
+        ({"write.parquet.row-group-size-bytes": "48000", "write.parquet.row-group-limit": "1200"}, None, 4),
+    ],
+)
+def test_table_properties_set_the_files_a_put_writes(
+    served: tuple[str, Catalog], properties: dict[str, str], codec: str | None, groups: int
+) -> None:
+    location, catalog = served
+    name = f"parquet.props_{uuid.uuid4().hex[:8]}"
+    with FeatureClient(location) as client:
+        client.write(name, _data(1), entity_keys=["key"], event_time="ts", partition_by=[])
+        with catalog.load_table(name).transaction() as transaction:
+            transaction.set_properties(properties)
+        client.write(name, _data(4_800), mode="overwrite")
+    [file] = _files(catalog, name)
+    assert file.metadata.num_rows == 4_800 and file.metadata.num_row_groups == groups
+    if codec is not None:
+        assert file.metadata.row_group(0).column(0).compression == codec
+
+
+def test_each_property_reaches_the_parquet_writer() -> None:
+    """What pyarrow cannot show in a file (page sizes, the dictionary limit) is checked where it is handed over."""
+    options = parquet_options(
+        {
+            "write.parquet.compression-codec": "ZSTD",
+            "write.parquet.compression-level": "7",
+            "write.parquet.page-size-bytes": "65536",
+            "write.parquet.page-row-limit": "5000",
+            "write.parquet.dict-size-bytes": "4096",
+            "write.parquet.row-group-limit": "1000",
+        }
+    )
+    assert options.writer == {
+        "compression": "zstd",
+        "compression_level": 7,
+        "data_page_size": 65536,
+        "max_rows_per_page": 5000,
+        "dictionary_pagesize_limit": 4096,
+    }
+    assert options.rows_per_group(_data(10)) == 1000 and options.row_group_bytes is None
+    assert parquet_options({"write.parquet.compression-codec": "uncompressed"}).writer["compression"] == "none"
+
+
+@pytest.mark.parametrize(
+    ("properties", "says"),
+    [
+        ({"write.parquet.compression-codec": "lzo"}, "write.parquet.compression-codec='lzo' is not one of"),
+        ({"write.parquet.compression-codec": "snappy", "write.parquet.compression-level": "3"}, "does not apply"),
+        ({"write.parquet.page-size-bytes": "big"}, "write.parquet.page-size-bytes='big' is not a whole number"),
+        ({"write.parquet.row-group-limit": "0"}, "write.parquet.row-group-limit='0' must be at least 1"),
+    ],
+)
+def test_a_table_whose_properties_cannot_be_written_refuses_puts_up_front(
+    served: tuple[str, Catalog], properties: dict[str, str], says: str
+) -> None:
+    location, catalog = served
+    name = f"parquet.bad_{uuid.uuid4().hex[:8]}"
+    with FeatureClient(location) as client:
+        client.write(name, _data(10), entity_keys=["key"], event_time="ts")
+        with catalog.load_table(name).transaction() as transaction:
+            transaction.set_properties(properties)
+        before = catalog.load_table(name).current_snapshot()
+        with pytest.raises(InvalidRequestError, match=f"cannot write to .*{says}") as refused:
+            client.write(name, _data(10))
+        assert isinstance(refused.value, FeatureServerError)
+    assert catalog.load_table(name).current_snapshot() == before
