@@ -24,12 +24,13 @@ from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io import FileIO
 from pyiceberg.io.fileformat import FileFormatFactory
 from pyiceberg.io.pyarrow import pyarrow_to_schema
-from pyiceberg.manifest import DataFileContent, FileFormat, ManifestWriter
+from pyiceberg.manifest import FileFormat, ManifestWriter
 from pyiceberg.partitioning import PartitionKey
 from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import Table, Transaction
 from pyiceberg.table.update.snapshot import CommitWindow
 
+from flight_server.changes.files import write_data_files
 from flight_server.iceberg import internals
 from flight_server.iceberg.catalog import partition_spec
 from tests.conftest import sqlite_catalog
@@ -52,7 +53,6 @@ INSTANCE_ATTRIBUTES = {"pyiceberg.table.Transaction._table", "pyiceberg.table.Tr
 # The parameters internals.py passes, in order (by position or keyword), of each private callable.
 PARAMETERS = {
     "pyiceberg.table.update.snapshot._SnapshotProducer": ("operation", "transaction", "io", "snapshot_properties"),
-    "pyiceberg.io.pyarrow._dataframe_to_data_files": ("table_metadata", "df", "io", "write_uuid", "counter"),
     "pyiceberg.io.pyarrow._determine_partitions": ("spec", "schema", "arrow_table"),
     "pyiceberg.io.pyarrow._to_requested_schema": (
         "requested_schema",
@@ -215,8 +215,6 @@ def test_a_real_transaction_and_producer(tmp_path: pathlib.Path) -> None:
         table.schema(), batch_schema, rows.to_batches()[0], FileFormatFactory.get(FileFormat.PARQUET)
     )
     assert batch.schema.field("id").metadata == {b"PARQUET:field_id": b"1"}
-    files = list(internals.dataframe_to_data_files(table.metadata, rows, table.io, uuid.uuid4(), itertools.count()))
-    assert sum(f.record_count for f in files) == 4 and {f.content for f in files} == {DataFileContent.DATA}
 
 
 def test_commit_on_base_is_not_rebuilt_on_a_newer_snapshot(tmp_path: pathlib.Path) -> None:
@@ -230,9 +228,7 @@ def test_commit_on_base_is_not_rebuilt_on_a_newer_snapshot(tmp_path: pathlib.Pat
     def appending(table: Table) -> tuple[Transaction, Any]:
         transaction = table.transaction()
         append = transaction.update_snapshot().fast_append()
-        for data_file in internals.dataframe_to_data_files(
-            table.metadata, rows, table.io, uuid.uuid4(), itertools.count()
-        ):
+        for data_file in write_data_files(table.metadata, rows, table.io, None, uuid.uuid4(), itertools.count()):
             append.append_data_file(data_file)
         return transaction, append
 
@@ -263,7 +259,7 @@ def test_memo_transaction_follows_staged_updates_and_commits(tmp_path: pathlib.P
     transaction.set_properties({"a": "1"})
     assert transaction.table_metadata.properties["a"] == "1"
     append = transaction.update_snapshot().fast_append()
-    for data_file in internals.dataframe_to_data_files(first, rows, table.io, uuid.uuid4(), itertools.count()):
+    for data_file in write_data_files(first, rows, table.io, None, uuid.uuid4(), itertools.count()):
         append.append_data_file(data_file)
     committed = internals.commit_on_base(transaction, append)
     assert transaction.table_metadata == committed.metadata and committed.current_snapshot() is not None

@@ -13,8 +13,6 @@ caller checked. `PRIVATE_API` lists every private name used and what is relied o
 
 from __future__ import annotations
 
-import itertools
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,7 +27,6 @@ from pyiceberg.exceptions import (
 from pyiceberg.io import FileIO
 from pyiceberg.io.fileformat import FileFormatModel
 from pyiceberg.io.pyarrow import (
-    _dataframe_to_data_files,
     _determine_partitions,
     _pyarrow_to_schema_without_ids,
     _to_requested_schema,
@@ -81,9 +78,6 @@ PRIVATE_API: dict[str, str] = {
     "pyiceberg.table.Transaction._updates": (
         "MemoTransaction.table_metadata: the staged updates, a tuple that is replaced (never changed in place) "
         "whenever an update is staged; with _table.metadata, the only input of Transaction.table_metadata"
-    ),
-    "pyiceberg.io.pyarrow._dataframe_to_data_files": (
-        "dataframe_to_data_files(): (table_metadata, df, io, write_uuid, counter) -> data files"
     ),
     "pyiceberg.io.pyarrow._determine_partitions": (
         "partitions(): (spec, schema, arrow_table) -> items with .partition_key and .arrow_table_partition"
@@ -154,13 +148,6 @@ def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -
         # The catalog may have applied the commit before failing (a request timed out after the REST server
         # committed, a database connection dropped at COMMIT): callers must keep the files, never retry blindly.
         raise CommitStateUnknownException(f"the commit's outcome is unknown ({type(exc).__name__})") from exc
-
-
-def dataframe_to_data_files(
-    metadata: TableMetadata, rows: pa.Table, io: FileIO, write_uuid: uuid.UUID, counter: itertools.count[int]
-) -> Iterable[DataFile]:
-    """Parquet data files of `rows`, split by partition, written as pyiceberg's appends write them."""
-    return _dataframe_to_data_files(metadata, rows, io, write_uuid, counter)
 
 
 def partitions(spec: PartitionSpec, schema: Schema, rows: pa.Table) -> list[tuple[PartitionKey, pa.Table]]:
