@@ -451,10 +451,15 @@ def test_small_puts_refused_after_their_shared_files_were_written_are_written_ou
     assert ids == Counter(["w-0", "w-1", "w-dup", "w-4", "w-5"])
 
 
+class Panic(BaseException):
+    """What pyo3 raises when pyiceberg's Rust code panics: no `Exception`."""
+
+
+@pytest.mark.parametrize("error", [OSError("no space left for this row"), Panic("unaligned buffer")], ids=repr)
 def test_when_the_shared_files_cannot_be_written_each_small_put_is_tried_alone(
-    servers: list[str], properties: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    servers: list[str], properties: dict[str, str], monkeypatch: pytest.MonkeyPatch, error: BaseException
 ) -> None:
-    name = "group.coalesced-unwritable"
+    name = f"group.coalesced_unwritable_{type(error).__name__.lower()}"
     create(servers[0], name)
     catalog, locks = FeatureCatalog("default", properties), LockPool()
     groups = GroupCommits(catalog, locks, WriteIds())
@@ -463,13 +468,13 @@ def test_when_the_shared_files_cannot_be_written_each_small_put_is_tried_alone(
 
     def fails_with_bad_rows(metadata: Any, rows: pa.Table, *args: Any) -> Any:
         if bad in rows.column("id").to_pylist():  # a full disk, say, only ever for the files holding this row
-            raise OSError("no space left for this row")
+            raise error
         return real(metadata, rows, *args)
 
     monkeypatch.setattr(group, "write_data_files", fails_with_bad_rows)
     leader, *followers = [small(catalog, name, k) for k in range(6)]
     answers = grouped(groups, locks, leader, followers)
-    assert isinstance(answers[bad], OSError)
+    assert answers[bad] is error
     assert all(isinstance(a, WriteResult) for i, a in enumerate(answers) if i != bad)
     assert scanned(servers[1], name) == Counter([-1, *(k for k in range(6) if k != bad)])
     ids = Counter(i for s in summaries(properties, name) for i in committed_ids(s))

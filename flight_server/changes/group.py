@@ -212,7 +212,9 @@ class GroupCommits:
             live = [put for put in live if self._admit(put, table)]
             try:
                 added = shared.write([put for put in live if put.rows_left is not None])
-            except Exception as exc:
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # also a panic in pyiceberg's Rust code, which is no `Exception`
                 self._each_alone(live, name, exc)
                 return
             if not live:
@@ -244,7 +246,7 @@ class GroupCommits:
                 table_name(committed), snapshot.snapshot_id, put.rows, put.file_count, put.write_id
             )
 
-    def _each_alone(self, live: list[Put], name: str, exc: Exception) -> None:
+    def _each_alone(self, live: list[Put], name: str, exc: BaseException) -> None:
         """After a failure of the group's file write or commit: a put alone fails with it, several are each
         committed alone, so that only a put that cannot commit fails."""
         if len(live) == 1:
