@@ -378,6 +378,15 @@ def test_small_puts_of_16_writers_share_data_files_and_each_lands_once_in_the_sn
     assert {r.snapshot_id for r in results} == {s.snapshot_id for s in table.metadata.snapshots[1:]}
 
 
+def own_group_commits(
+    location: str, properties: dict[str, str], name: str
+) -> tuple[FeatureCatalog, LockPool, GroupCommits]:
+    """The table, created through the server at `location`, and group commits of the test's own to it."""
+    create(location, name)
+    catalog, locks = FeatureCatalog("default", properties), LockPool()
+    return catalog, locks, GroupCommits(catalog, locks, WriteIds())
+
+
 def small(catalog: FeatureCatalog, name: str, key: int, write_id: str | None = None, timeout: float = 60) -> Put:
     """A one-row put received for the table as it is now whose rows its group writes (`Rows`), ready to commit."""
     table = catalog.load(name)
@@ -394,9 +403,7 @@ def test_a_small_put_refused_at_its_groups_commit_has_none_of_its_rows_committed
     servers: list[str], properties: dict[str, str]
 ) -> None:
     name = "group.coalesced-refused"
-    create(servers[0], name)
-    catalog, locks = FeatureCatalog("default", properties), LockPool()
-    groups = GroupCommits(catalog, locks, WriteIds())
+    catalog, locks, groups = own_group_commits(servers[0], properties, name)
     stale = small(catalog, name, 0)  # received for the partition spec that is replaced next
     with catalog.load(name).update_spec() as update:
         update.add_identity("value")
@@ -416,9 +423,7 @@ def test_small_puts_refused_after_their_shared_files_were_written_are_written_ou
     loses the race), and another put passes its deadline meanwhile: the files are written again without both, and
     the duplicate's row is in the table once."""
     name = "group.coalesced-duplicate"
-    create(servers[0], name)
-    catalog, locks = FeatureCatalog("default", properties), LockPool()
-    groups = GroupCommits(catalog, locks, WriteIds())
+    catalog, locks, groups = own_group_commits(servers[0], properties, name)
     replica = GroupCommits(FeatureCatalog("default", properties), LockPool(), WriteIds())
     identifier = catalog.identifier(name)
     leader = small(catalog, name, 0)
@@ -460,9 +465,7 @@ def test_when_the_shared_files_cannot_be_written_each_small_put_is_tried_alone(
     servers: list[str], properties: dict[str, str], monkeypatch: pytest.MonkeyPatch, error: BaseException
 ) -> None:
     name = f"group.coalesced_unwritable_{type(error).__name__.lower()}"
-    create(servers[0], name)
-    catalog, locks = FeatureCatalog("default", properties), LockPool()
-    groups = GroupCommits(catalog, locks, WriteIds())
+    catalog, locks, groups = own_group_commits(servers[0], properties, name)
     real = group.write_data_files
     bad = 3
 
