@@ -344,7 +344,8 @@ def _partitions_of_each(metadata: TableMetadata, rows: pa.Table, puts: list[Put]
 
 
 def _files(put: Put) -> int:
-    """What the put adds to its snapshot's data files, at most (a small put's rows are in a shared file)."""
+    """The data files the put adds to its snapshot, for `MAX_FILES`: a small put counts one (its rows share files
+    with the other small puts', one per partition)."""
     return len(put.files) if put.rows_left is None else 1
 
 
