@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pyiceberg.typedef import Record
 
 from flight_client import FeatureClient, InvalidRequestError
 from flight_server.base.locks import LockPool
 from flight_server.base.schemas import Conformer, table_arrow_schema
+from flight_server.changes import group
 from flight_server.changes.files import write_data_files
-from flight_server.changes.group import ENABLED_PROPERTY, GroupCommits, Put
+from flight_server.changes.group import ENABLED_PROPERTY, GroupCommits, Put, Rows
 from flight_server.changes.history import PUTS_PROPERTY, WRITE_ID_PROPERTY, WRITE_IDS_PROPERTY, WriteIds
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
 from flight_server.transport.service import FeatureFlightServer
@@ -336,3 +338,147 @@ def test_a_commit_whose_outcome_is_unknown_keeps_its_files_and_its_retry_lands_o
             assert scanned(location, name) == Counter([-1, 1])
     finally:
         server.shutdown()
+
+
+def rows_by_snapshot(properties: dict[str, str], name: str) -> dict[int, Counter[int]]:
+    """The ids of the rows each snapshot added, read from the data files the table's manifests say it added."""
+    table = FeatureCatalog("default", properties).load(name)
+    entries = table.inspect.entries().to_pylist()
+    added: dict[int, Counter[int]] = {}
+    for entry in entries:
+        path = entry["data_file"]["file_path"].removeprefix("file://")
+        ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+        added.setdefault(entry["snapshot_id"], Counter()).update(ids)
+    return added
+
+
+def test_small_puts_of_16_writers_share_data_files_and_each_lands_once_in_the_snapshot_of_its_write_id(
+    servers: list[str], properties: dict[str, str]
+) -> None:
+    name = "group.coalesced"
+    create(servers[0], name)
+
+    def work(client: FeatureClient, writer: int) -> list[WriteResult]:
+        keys = [writer * PUTS_PER_WRITER + i for i in range(PUTS_PER_WRITER)]
+        return [client.write(name, row(k), write_id=f"w-{k}") for k in keys]
+
+    results = [r for rs in together(servers[0], work) for r in rs]
+    puts = WRITERS * PUTS_PER_WRITER
+    assert not any(r.duplicate for r in results) and all(r.rows == r.files == 1 for r in results)
+    written = summaries(properties, name)[1:]
+    assert sum(int(s["added-data-files"]) for s in written) < puts  # coalesced: fewer files than puts
+    assert scanned(servers[1], name) == Counter(range(-1, puts))
+    # Every snapshot added exactly the rows of the write ids it records: a put's id is in the snapshot with its row.
+    table = FeatureCatalog("default", properties).load(name)
+    added = rows_by_snapshot(properties, name)
+    for snapshot in table.metadata.snapshots[1:]:
+        assert snapshot.summary is not None
+        ids = committed_ids(snapshot.summary.additional_properties)
+        assert Counter(f"w-{k}" for k in added[snapshot.snapshot_id].elements()) == Counter(ids)
+    assert {r.snapshot_id for r in results} == {s.snapshot_id for s in table.metadata.snapshots[1:]}
+
+
+def own_group_commits(
+    location: str, properties: dict[str, str], name: str
+) -> tuple[FeatureCatalog, LockPool, GroupCommits]:
+    """The table, created through the server at `location`, and group commits of the test's own to it."""
+    create(location, name)
+    catalog, locks = FeatureCatalog("default", properties), LockPool()
+    return catalog, locks, GroupCommits(catalog, locks, WriteIds())
+
+
+def small(catalog: FeatureCatalog, name: str, key: int, write_id: str | None = None, timeout: float = 60) -> Put:
+    """A one-row put received for the table as it is now whose rows its group writes (`Rows`), ready to commit."""
+    table = catalog.load(name)
+    data = row(key)
+    chunk = pa.Table.from_batches([Conformer(table_arrow_schema(table.schema()), data.schema)(data.to_batches()[0])])
+    spec = FeatureSpec.from_properties(table.metadata.properties)
+    rows = Rows(chunk, table.metadata, table.io, spec)
+    deadline = time.monotonic() + timeout
+    put_id = write_id or f"w-{key}"
+    return Put(name, put_id, [], 1, table.schema(), table.metadata.default_spec_id, deadline, rows_left=rows)
+
+
+def test_a_small_put_refused_at_its_groups_commit_has_none_of_its_rows_committed(
+    servers: list[str], properties: dict[str, str]
+) -> None:
+    name = "group.coalesced-refused"
+    catalog, locks, groups = own_group_commits(servers[0], properties, name)
+    stale = small(catalog, name, 0)  # received for the partition spec that is replaced next
+    with catalog.load(name).update_spec() as update:
+        update.add_identity("value")
+    first, *fresh = [small(catalog, name, k) for k in range(1, 5)]
+    answers = grouped(groups, locks, first, [*fresh[:1], stale, *fresh[1:]])
+    assert isinstance(answers[2], ConflictError) and "partitioning" in str(answers[2])
+    assert all(isinstance(a, WriteResult) and not a.duplicate for a in (answers[0], answers[1], *answers[3:]))
+    assert scanned(servers[1], name) == Counter([-1, *range(1, 5)])
+    added = rows_by_snapshot(properties, name)
+    assert added[answers[1].snapshot_id] == Counter(range(2, 5))  # the shared files hold the admitted rows only
+
+
+def test_small_puts_refused_after_their_shared_files_were_written_are_written_out_of_them(
+    servers: list[str], properties: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica commits one of the group's write ids while the group's files are written (its commit then
+    loses the race), and another put passes its deadline meanwhile: the files are written again without both, and
+    the duplicate's row is in the table once."""
+    name = "group.coalesced-duplicate"
+    catalog, locks, groups = own_group_commits(servers[0], properties, name)
+    replica = GroupCommits(FeatureCatalog("default", properties), LockPool(), WriteIds())
+    identifier = catalog.identifier(name)
+    leader = small(catalog, name, 0)
+    duplicate, late = small(catalog, name, 2, "w-dup"), small(catalog, name, 3, timeout=-1)
+    others = [small(catalog, name, k) for k in (1, 4, 5)]
+    attempts: list[list[str]] = []
+    real = group.commit_append
+
+    def replica_commits_first(transaction: Any, files: list[Any], summary: dict[str, str]) -> Any:
+        attempts.append([f.file_path for f in files])
+        if len(attempts) == 2:  # the followers' group: the other replica commits the same write id just before
+            replica.commit(identifier, small(catalog, name, 2, "w-dup"))
+        return real(transaction, files, summary)
+
+    monkeypatch.setattr(group, "commit_append", replica_commits_first)
+    answers = grouped(groups, locks, leader, [others[0], duplicate, late, *others[1:]])
+    assert isinstance(answers[3], ConflictError) and "in time" in str(answers[3])
+    assert isinstance(answers[2], WriteResult) and answers[2].duplicate
+    landed = [answers[1], *answers[4:]]
+    assert all(isinstance(a, WriteResult) and not a.duplicate for a in landed)
+    assert (
+        len(attempts) == 4
+    )  # the leader, the group, the replica's commit (through the same function), the group again
+    assert scanned(servers[1], name) == Counter([-1, 0, 1, 2, 4, 5])
+    added = rows_by_snapshot(properties, name)
+    assert added[landed[0].snapshot_id] == Counter([1, 4, 5])
+    assert added[answers[2].snapshot_id] == Counter([2])
+    assert not any(Path(p.removeprefix("file://")).exists() for p in attempts[1])  # the refused files are gone
+    ids = Counter(i for s in summaries(properties, name) for i in committed_ids(s))
+    assert ids == Counter(["w-0", "w-1", "w-dup", "w-4", "w-5"])
+
+
+class Panic(BaseException):
+    """What pyo3 raises when pyiceberg's Rust code panics: no `Exception`."""
+
+
+@pytest.mark.parametrize("error", [OSError("no space left for this row"), Panic("unaligned buffer")], ids=repr)
+def test_when_the_shared_files_cannot_be_written_each_small_put_is_tried_alone(
+    servers: list[str], properties: dict[str, str], monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    name = f"group.coalesced_unwritable_{type(error).__name__.lower()}"
+    catalog, locks, groups = own_group_commits(servers[0], properties, name)
+    real = group.write_data_files
+    bad = 3
+
+    def fails_with_bad_rows(metadata: Any, rows: pa.Table, *args: Any) -> Any:
+        if bad in rows.column("id").to_pylist():  # a full disk, say, only ever for the files holding this row
+            raise error
+        return real(metadata, rows, *args)
+
+    monkeypatch.setattr(group, "write_data_files", fails_with_bad_rows)
+    leader, *followers = [small(catalog, name, k) for k in range(6)]
+    answers = grouped(groups, locks, leader, followers)
+    assert answers[bad] is error
+    assert all(isinstance(a, WriteResult) for i, a in enumerate(answers) if i != bad)
+    assert scanned(servers[1], name) == Counter([-1, *(k for k in range(6) if k != bad)])
+    ids = Counter(i for s in summaries(properties, name) for i in committed_ids(s))
+    assert ids == Counter(f"w-{k}" for k in range(6) if k != bad)

@@ -194,7 +194,8 @@ def test_concurrent_writers_on_two_replicas_lose_nothing(server: str, second_ser
     assert not errors, errors
     with FeatureClient(server) as c:
         ids = c.scan(table, columns=["user_id"]).read_all().column("user_id").to_pylist()
-        assert len(c.describe(table)["snapshots"]) == 41
+        # 41 puts, each in one snapshot; puts that meet on a server may share one (group commit)
+        assert sum(int(s["summary"]["flight.puts"]) for s in c.describe(table)["snapshots"]) == 41
     assert sorted(ids) == [-1] + sorted(w * 1000 + i for w in range(4) for i in range(200))
 
 

@@ -9,6 +9,14 @@ one snapshot, under the table's commit lock and on exactly the state whose histo
 every put's `write_id` in the summary (`put_summary`). Puts that queue meanwhile wait for that commit
 to end and then make the next group, so an acknowledgement always follows the commit of its put.
 
+A small put (its Arrow rows under `COALESCE_BYTES`) writes no data file of its own: its rows wait in the
+queue, and the leader writes the rows of all the small puts its group admitted into one set of data files
+(split by the table's partitioning, as any put's are), committed with the other puts' files. A put costs
+its share of one file write then, not a write of its own, which was most of a grouped one-row put's CPU.
+The leader checks every put before writing its rows (write id, schema, partitioning), and rewrites the
+shared files without the puts a later check refuses (after a lost race, past a deadline), so a refused
+put's rows are never committed; when the shared write or its commit fails, each put is tried alone.
+
 What concerns one put fails that put alone: its `write_id` already committed (it is answered as a
 duplicate and leaves the group), a schema its files no longer fit, its own commit deadline. A lost
 race to another writer loads the table and tries again; any other failure of a group of several is
@@ -21,14 +29,19 @@ put's own snapshot, or whose puts must not wait for others' commits.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException
+from pyiceberg.io import FileIO
 from pyiceberg.manifest import DataFile
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
@@ -36,9 +49,11 @@ from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.base.locks import LockPool
+from flight_server.changes.commits import delete_files
+from flight_server.changes.files import write_data_files
 from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
-from flight_server.iceberg.catalog import FeatureCatalog, table_name
-from flight_server.iceberg.internals import MemoTransaction
+from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, table_name
+from flight_server.iceberg.internals import MemoTransaction, partitions
 from flight_server.wire.errors import ConflictError
 from flight_server.wire.writes import WriteResult
 
@@ -48,6 +63,20 @@ MAX_PUTS = 256  # puts in one snapshot
 MAX_FILES = 4096  # data files in one snapshot: its manifest lists them all
 MAX_ID_BYTES = 64 << 10  # write ids in one snapshot summary, which every later metadata file repeats
 ENABLED_PROPERTY = "flight.group-commit.enabled"  # a table's switch; the server's is --group-commit
+# A put of fewer Arrow bytes than this leaves its rows to its group's shared data files: small enough that
+# the rows queued behind a commit stay a few hundred MB at most (`MAX_PUTS` of them), large enough for
+# the puts of a streaming pipeline (a few thousand rows), whose own files would cost more than their rows.
+COALESCE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A small put's rows, fitted to the table schema, and what writing them into data files needs."""
+
+    data: pa.Table
+    metadata: TableMetadata  # the table (schema, partitioning, properties) the put was received for
+    io: FileIO
+    spec: FeatureSpec | None
 
 
 @dataclass(eq=False)
@@ -62,9 +91,16 @@ class Put:
     spec_id: int  # the partition spec the files were written for (pyiceberg's DataFile leaves its own unset)
     deadline: float  # monotonic time after which a lost race fails the put with CONFLICT
     grouped: bool = True  # whether the put may share its snapshot (the table's `ENABLED_PROPERTY`)
+    rows_left: Rows | None = None  # a small put's rows, for its group to write (`files` is empty then)
+    shared_files: int = 0  # the data files of the shared write that holds a small put's rows
     result: WriteResult | None = None
     error: BaseException | None = None
     done: bool = False  # set (under the queue's lock) once `result` or `error` is final
+
+    @property
+    def file_count(self) -> int:
+        """The data files that hold the put's rows (its own, or those of its group's shared write)."""
+        return len(self.files) if self.rows_left is None else self.shared_files
 
     @property
     def id_bytes(self) -> int:
@@ -132,7 +168,7 @@ class GroupCommits:
     def _take(self, queue: _Queue, leader: Put) -> list[Put]:
         """The leader and the puts queued longest, within the group's bounds; the rest stay queued. A put of a
         table that turned group commit off is a group of its own."""
-        group, files, id_bytes = [leader], len(leader.files), leader.id_bytes
+        group, files, id_bytes = [leader], _files(leader), leader.id_bytes
         rest: list[Put] = []
         for put in queue.waiting:
             if put is leader:
@@ -141,12 +177,12 @@ class GroupCommits:
                 leader.grouped
                 and put.grouped
                 and len(group) < self.max_puts
-                and files + len(put.files) <= MAX_FILES
+                and files + _files(put) <= MAX_FILES
                 and id_bytes + put.id_bytes <= MAX_ID_BYTES
             )
             if fits:
                 group.append(put)
-                files, id_bytes = files + len(put.files), id_bytes + put.id_bytes
+                files, id_bytes = files + _files(put), id_bytes + put.id_bytes
             else:
                 rest.append(put)
         queue.waiting = rest
@@ -166,32 +202,38 @@ class GroupCommits:
 
     def _commit(self, group: list[Put]) -> None:
         """Commit the group's files as one snapshot on the table's latest state (only on that state: a write id
-        checked absent stays absent); after a lost race, load the table and check again."""
+        checked absent stays absent); after a lost race, load the table and check again. The small puts' rows
+        are written only for the puts admitted on the state committed on (`_SharedFiles`)."""
         name = group[0].table
         live = group
+        shared = _SharedFiles()
         table = self.catalog.find_for_change(name) or self.catalog.load(name)  # dropped meanwhile: NotFoundError
         while True:
             live = [put for put in live if self._admit(put, table)]
+            try:
+                added = shared.write([put for put in live if put.rows_left is not None])
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # also a panic in pyiceberg's Rust code, which is no `Exception`
+                self._each_alone(live, name, exc)
+                return
             if not live:
                 return
-            properties = put_summary([Committed(p.write_id, p.rows, len(p.files)) for p in live])
+            properties = put_summary([Committed(p.write_id, p.rows, p.file_count) for p in live])
             try:
-                committed = commit_append(MemoTransaction(table), [f for p in live for f in p.files], properties)
+                files = [f for p in live for f in p.files] + added
+                committed = commit_append(MemoTransaction(table), files, properties)
                 break
             except CommitFailedException:
                 live = [put for put in live if not _past_deadline(put)]
                 table = self.catalog.load(name)
             except CommitStateUnknownException as exc:
-                for put in live:  # each put keeps its files: the table may reference them
+                for put in live:  # each put keeps its files, and the shared ones stay: the table may reference them
                     put.error = CommitStateUnknownException(str(exc))
                 return
             except Exception as exc:
-                if len(live) == 1:
-                    live[0].error = exc
-                    return
-                log.warning("group commit of %d puts to %s failed (%s); committing each alone", len(live), name, exc)
-                for put in live:
-                    self._commit([put])
+                shared.write([])  # not committed: the puts written into them are tried alone
+                self._each_alone(live, name, exc)
                 return
         self.catalog.remember(name, committed)
         snapshot = committed.current_snapshot()
@@ -201,8 +243,18 @@ class GroupCommits:
         )
         for put in live:
             put.result = WriteResult(
-                table_name(committed), snapshot.snapshot_id, put.rows, len(put.files), put.write_id
+                table_name(committed), snapshot.snapshot_id, put.rows, put.file_count, put.write_id
             )
+
+    def _each_alone(self, live: list[Put], name: str, exc: BaseException) -> None:
+        """After a failure of the group's file write or commit: a put alone fails with it, several are each
+        committed alone, so that only a put that cannot commit fails."""
+        if len(live) == 1:
+            live[0].error = exc
+            return
+        log.warning("group commit of %d puts to %s failed (%s); committing each alone", len(live), name, exc)
+        for put in live:
+            self._commit([put])
 
     def _admit(self, put: Put, table: Table) -> bool:
         """Whether the put may commit on `table`; if not, it gets its answer: the earlier commit of its write id,
@@ -230,6 +282,71 @@ class GroupCommits:
             return None
         with queue.changed:
             return len(queue.waiting) if queue.leading else None
+
+
+class _SharedFiles:
+    """The data files a group's leader wrote for its small puts' rows, and for which puts: written again without
+    the puts a later check refused, so that the snapshot holds exactly the admitted puts' rows."""
+
+    def __init__(self) -> None:
+        self.puts: list[Put] = []
+        self.files: list[DataFile] = []
+        self.io: FileIO | None = None
+
+    def write(self, puts: list[Put]) -> list[DataFile]:
+        """The shared files of exactly these puts' rows (none for none); the files of other puts, never committed,
+        are deleted. A failed write leaves no file (`write_data_files`) and no put written."""
+        if [id(p) for p in puts] == [id(p) for p in self.puts]:
+            return self.files
+        if self.io is not None:
+            delete_files(self.io, [f.file_path for f in self.files])
+        self.puts, self.files, self.io = [], [], None
+        by_schema: dict[tuple[int, int], list[Put]] = {}  # puts received for different schemas: files of each
+        for put in puts:
+            assert put.rows_left is not None
+            by_schema.setdefault((put.rows_left.metadata.current_schema_id, put.spec_id), []).append(put)
+        write_uuid, counter = uuid.uuid4(), itertools.count()
+        written: list[DataFile] = []
+        try:
+            for members in by_schema.values():
+                first = members[0].rows_left
+                assert first is not None
+                rows = pa.concat_tables([m.rows_left.data for m in members if m.rows_left is not None]).combine_chunks()
+                files = write_data_files(first.metadata, rows, first.io, first.spec, write_uuid, counter)
+                written += files
+                self.io = first.io
+                for member, count in zip(members, _partitions_of_each(first.metadata, rows, members), strict=True):
+                    member.shared_files = count if count is not None else len(files)
+        except BaseException:
+            if self.io is not None:
+                delete_files(self.io, [f.file_path for f in written])
+            self.io = None
+            raise
+        self.puts, self.files = puts, written
+        return written
+
+
+def _partitions_of_each(metadata: TableMetadata, rows: pa.Table, puts: list[Put]) -> list[int | None]:
+    """How many partitions each put's rows (in `rows` one after the other) fall in: the shared files that hold
+    them, unless a partition's rows rolled over into several files of the target size (None: all the files)."""
+    spec = metadata.spec()
+    if spec.is_unpartitioned() or len(puts) == 1:  # one put's rows: all the files are its own
+        return [None] * len(puts)
+    # `rows` has fresh buffers here (combined from several puts' chunks): pyiceberg's Rust transforms refuse the
+    # unaligned buffers a Flight stream's batches may have.
+    column = f"_put_{uuid.uuid4().hex}"  # no column of the table's
+    index = pa.array([i for i, put in enumerate(puts) for _ in range(put.rows)], pa.int32())
+    counts = [0] * len(puts)
+    for _, part in partitions(spec, metadata.schema(), rows.append_column(column, index)):
+        for i in pc.unique(part.column(column)).to_pylist():
+            counts[i] += 1
+    return list(counts)
+
+
+def _files(put: Put) -> int:
+    """The data files the put adds to its snapshot, for `MAX_FILES`: a small put counts one (its rows share files
+    with the other small puts', one per partition)."""
+    return len(put.files) if put.rows_left is None else 1
 
 
 def group_commit_enabled(metadata: TableMetadata) -> bool:

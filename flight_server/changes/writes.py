@@ -41,7 +41,15 @@ from flight_server.base.schemas import Conformer, new_table_schema, table_arrow_
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.commits import delete_files, live_files
 from flight_server.changes.files import PARQUET_DEFAULTS, parquet_options, write_data_files
-from flight_server.changes.group import MAX_PUTS, GroupCommits, Put, group_commit_enabled, same_fields
+from flight_server.changes.group import (
+    COALESCE_BYTES,
+    MAX_PUTS,
+    GroupCommits,
+    Put,
+    Rows,
+    group_commit_enabled,
+    same_fields,
+)
 from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
 from flight_server.iceberg.catalog import (
     NEW_TABLE_HISTORY,
@@ -216,6 +224,11 @@ class Writer:
                 )
             if rows == 0:
                 raise RequestError("the write stream is empty: nothing to write")
+            unwritten = not files and writing is None  # no chunk flushed (nor being written in the background)
+            if unwritten and pending_bytes < COALESCE_BYTES and self._groups_small_puts(request, staged):
+                data = pa.Table.from_batches(pending, schema=staged.target)
+                small = Rows(data, staged.metadata, staged.io, staged.spec)
+                return self._commit(request, staged, files, rows, small)
             flush(last=True)
             return self._commit(request, staged, files, rows)
         except CommitStateUnknownException:
@@ -281,15 +294,24 @@ class Writer:
         metadata = transaction.table_metadata
         return _Staged(transaction, io, table_arrow_schema(metadata.schema()), metadata, spec, None)
 
-    def _commit(self, request: WriteRequest, staged: _Staged, files: list[DataFile], rows: int) -> WriteResult:
-        """Commit the files in a snapshot; on a lost race, retry on the new table state. A plain append shares
-        its snapshot with the appends to the table queued while the commit before it ran (`GroupCommits`)."""
+    def _groups_small_puts(self, request: WriteRequest, staged: _Staged) -> bool:
+        """Whether a small put's rows go to its group's shared data files (`Rows`): a plain append to a table
+        whose puts share snapshots, on a server that groups them."""
+        plain = request.mode == "append" and staged.table is not None and not staged.evolved
+        return plain and self._groups.max_puts > 1 and group_commit_enabled(staged.metadata)
+
+    def _commit(
+        self, request: WriteRequest, staged: _Staged, files: list[DataFile], rows: int, small: Rows | None = None
+    ) -> WriteResult:
+        """Commit the files (or a small put's rows, which its group writes) in a snapshot; on a lost race, retry on
+        the new table state. A plain append shares its snapshot with the appends to the table queued while the
+        commit before it ran (`GroupCommits`)."""
         deadline = time.monotonic() + self.commit_timeout
         identifier = self.catalog.identifier(request.table)
         if request.mode == "append" and staged.table is not None and not staged.evolved:  # only adds data files
             schema, spec_id = staged.metadata.schema(), staged.metadata.default_spec_id
             grouped = group_commit_enabled(staged.metadata)
-            put = Put(request.table, request.write_id, files, rows, schema, spec_id, deadline, grouped)
+            put = Put(request.table, request.write_id, files, rows, schema, spec_id, deadline, grouped, small)
             result = self._groups.commit(identifier, put)
             if result.duplicate:
                 delete_files(staged.io, [f.file_path for f in files])
