@@ -782,7 +782,10 @@ class FeatureClient:
 
 
 class _Sender:
-    """Writes entity batches to a `do_exchange` stream from a thread of its own, then ends the stream."""
+    """Writes entity batches to a `do_exchange` stream from a thread of its own, then ends the stream. When the
+    entity rows themselves fail (a stream that raises), the stream is ended too, so that the call does not wait
+    forever for the rest, and `finish` raises that failure instead of returning the answer for part of the rows.
+    (Not `cancel`: pyarrow turns a call cancelled under a running read into a KeyboardInterrupt.)"""
 
     def __init__(self, writer: flight.FlightStreamWriter, batches: Iterable[pa.RecordBatch]):
         self._writer, self._batches = writer, batches
@@ -791,12 +794,20 @@ class _Sender:
         self._thread.start()
 
     def _send(self) -> None:
+        batches = iter(self._batches)
         try:
-            for batch in self._batches:
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except BaseException as exc:  # the entity rows failed: end the stream, raise it in finish()
+                    self._error = exc
+                    break
                 self._writer.write_batch(batch)
             self._writer.done_writing()
         except BaseException as exc:  # handed to the caller by finish()
-            self._error = exc
+            self._error = self._error or exc
 
     def finish(self, raising: bool = True) -> None:
         """Wait for the writes; a failed write is raised unless the answer already failed."""

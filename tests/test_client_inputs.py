@@ -218,3 +218,21 @@ def test_a_partition_width_given_twice_is_refused(client: FeatureClient) -> None
             event_time="event_timestamp",
             partition_by=["bucket[4](4, driver_id)"],
         )
+
+
+@pytest.mark.timeout(60)  # the failure was a hang: both sides waiting for the rest of the entity rows
+def test_entity_rows_that_fail_midway_fail_the_call(client: FeatureClient, features: str) -> None:
+    """A stream of entity rows that raises partway cancels the exchange and raises its own error: the server
+    never answers for part of the rows, and the client is still usable."""
+
+    class Broken(Exception):
+        pass
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        yield from ENTITIES.to_batches(max_chunksize=2)[:1]
+        raise Broken("the entity source failed")
+
+    broken = pa.RecordBatchReader.from_batches(ENTITIES.schema, batches())
+    with pytest.raises(Broken, match="the entity source failed"):
+        client.get_historical_features(broken, [f"{features}:rate"])
+    assert client.get_historical_features(ENTITIES, [f"{features}:rate"]).num_rows == ENTITIES.num_rows
