@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression
 from pyiceberg.manifest import DataFile
-from pyiceberg.schema import sanitize_column_names
+from pyiceberg.schema import Schema, make_compatible_name, sanitize_column_names
 from pyiceberg.table import FileScanTask, Table
 
 from flight_server.base.filters import parse_filter
@@ -123,9 +123,18 @@ def renamed(table: Table) -> bool:
     Files must then be matched by field id, not by name."""
     names: dict[int, str] = {}
     for schema in table.schemas().values():
-        if sanitize_column_names(schema) != schema:
+        if _rewritten_in_files(schema):
             return True
         for f in schema.fields:
             if names.setdefault(f.field_id, f.name) != f.name:
                 return True
     return False
+
+
+def _rewritten_in_files(schema: Schema) -> bool:
+    """Whether Iceberg writers store any of the schema's names otherwise. A flat schema is checked name by name
+    (every scan plans through here); pyiceberg's whole-schema rewrite (about 0.5 ms for 50 columns) only when
+    some column nests others."""
+    if all(f.field_type.is_primitive for f in schema.fields):
+        return any(make_compatible_name(f.name) != f.name for f in schema.fields)
+    return sanitize_column_names(schema) != schema
