@@ -149,6 +149,17 @@ def write_tables(client: FeatureClient, data: dict[str, Any], bucketed: bool = T
     return names
 
 
+def plain_tables(trips: int) -> dict[str, Any]:
+    """The five tables' rows for `write_tables`: 40 drivers, no ties, `trips` entity rows."""
+    return {
+        "hours": list(range(6)),
+        "rates": [(d, d % 6, None, d / 40) for d in range(40)],
+        "cities": [(c, c, c) for c in range(6)],
+        "pairs": [(d, d % 6, d % 4, d) for d in range(40)],
+        "trips": [(d % 45, d % 7, d * 3) for d in range(trips)],
+    }
+
+
 def features(names: dict[str, str]) -> list[str]:
     return [f"{names['rates']}:rate", f"{names['cities']}:busy", f"{names['pairs']}:trips"]
 
@@ -374,13 +385,7 @@ def test_a_replica_that_does_not_own_the_keys_answers_right(cluster: list[str], 
 
 
 def test_iter_historical_features_shards_follow_the_owners(cluster: list[str], single: str) -> None:
-    data = {
-        "hours": list(range(6)),
-        "rates": [(d, d % 6, None, d / 40) for d in range(40)],
-        "cities": [(c, c, c) for c in range(6)],
-        "pairs": [(d, d % 6, d % 4, d) for d in range(40)],
-        "trips": [(d % 45, d % 7, d * 3) for d in range(120)],
-    }
+    data = plain_tables(trips=120)
     with FeatureClient(cluster[2]) as client:
         names = write_tables(client, data)
         shares = [
@@ -521,13 +526,7 @@ def test_a_share_reads_only_its_buckets_files(
 ) -> None:
     """The default partitioning buckets the first key in 8: a share of 8 slots is whole buckets, so its index
     and DuckDB's join read only the files of those buckets (and answer as the whole table does)."""
-    data = {
-        "hours": list(range(6)),
-        "rates": [(d, d % 6, None, d / 40) for d in range(40)],
-        "cities": [(c, c, c) for c in range(6)],
-        "pairs": [(d, d % 6, d % 4, d) for d in range(40)],
-        "trips": [(d % 45, d % 7, d * 3) for d in range(150)],
-    }
+    data = plain_tables(trips=150)
     with FeatureClient(cluster[0]) as client:
         names = write_tables(client, data)
     whole = reference(single, names)
@@ -559,13 +558,7 @@ def test_a_share_reads_only_its_buckets_files(
 def test_shares_follow_appends(cluster: list[str], single: str) -> None:
     """A share used at its table's current snapshot is brought forward by the replica that holds it when rows
     are appended (extended from the appended files, the share's rows only), and answers as the whole table."""
-    data = {
-        "hours": list(range(6)),
-        "rates": [(d, d % 6, None, d / 40) for d in range(40)],
-        "cities": [(c, c, c) for c in range(6)],
-        "pairs": [(d, d % 6, d % 4, d) for d in range(40)],
-        "trips": [(d % 45, d % 7, d * 3) for d in range(150)],
-    }
+    data = plain_tables(trips=150)
     with FeatureClient(cluster[0]) as client:
         names = write_tables(client, data)
         client.get_historical_features(names["trips"], features(names), partitions=REPLICAS)
