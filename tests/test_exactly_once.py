@@ -5,6 +5,7 @@ that fails after writing files (a lost overwrite race, a full disk) deletes them
 from __future__ import annotations
 
 import datetime as dt
+import os
 import subprocess
 import threading
 import uuid
@@ -150,30 +151,42 @@ def test_an_overwrite_that_loses_to_an_append_deletes_its_files(tmp_path: Path) 
         server.shutdown()
 
 
-def test_a_full_disk_is_resource_exhausted_and_leaves_no_files(tmp_path: Path) -> None:
-    """A warehouse on a 4 MiB tmpfs: a put of 16 MB runs out of space midway; the client gets RESOURCE_EXHAUSTED,
-    the files it wrote are deleted, and the next put has the room back."""
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Catalog properties of a warehouse on a 4 MiB tmpfs."""
     warehouse = tmp_path / "small-disk"
     warehouse.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(warehouse)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    server = start_server(
-        {"type": "sql", "uri": f"sqlite:///{tmp_path / 'catalog.db'}", "warehouse": warehouse.as_uri()}
+    try:
+        yield {"type": "sql", "uri": f"sqlite:///{tmp_path / 'catalog.db'}", "warehouse": warehouse.as_uri()}
+    finally:
+        subprocess.run(["umount", str(warehouse)], check=True)
+
+
+def random_rows(n: int, seed: int) -> pa.Table:
+    """Rows that do not compress: `n` of them take about 16 bytes each in Parquet."""
+    return pa.table(
+        {
+            "driver_id": pa.array(range(n), pa.int64()),
+            "event_timestamp": pa.array([T0] * n, pa.timestamp("us", "UTC")),
+            "rate": pa.array(np.random.default_rng(seed).random(n), pa.float64()),
+        }
     )
+
+
+def test_a_full_disk_is_resource_exhausted_and_leaves_no_files(small_disk: dict[str, str]) -> None:
+    """A put of 16 MB runs out of space midway; the client gets RESOURCE_EXHAUSTED, the files it wrote are
+    deleted (those of the chunk's other partitions, written in parallel, included), and the next put has the
+    room back."""
+    server = start_server(small_disk)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
             first = client.write("disk.full", rows(0), entity_keys=["driver_id"], event_time="event_timestamp")
             where = client.describe("disk.full")["location"]
             files_before = local_files(where)
-            n = 2_000_000
-            big = pa.table(
-                {
-                    "driver_id": pa.array(range(n), pa.int64()),
-                    "event_timestamp": pa.array([T0] * n, pa.timestamp("us", "UTC")),
-                    "rate": pa.array(np.random.default_rng(0).random(n), pa.float64()),
-                }
-            )
+            big = random_rows(2_000_000, 0)
             with pytest.raises(ResourceExhaustedError, match="the warehouse ran out of space .* files were deleted"):
                 client.write("disk.full", big)
             assert local_files(where) == files_before
@@ -182,4 +195,33 @@ def test_a_full_disk_is_resource_exhausted_and_leaves_no_files(tmp_path: Path) -
             assert client.scan("disk.full").read_all().num_rows == 2 * ROWS and second.snapshot_id != first.snapshot_id
     finally:
         server.shutdown()
-        subprocess.run(["umount", str(warehouse)], check=True)
+
+
+def test_a_compaction_that_runs_out_of_space_leaves_no_files(small_disk: dict[str, str]) -> None:
+    """The disk is filled to 32 KiB short of full after three puts, so the compaction's first file fails in its
+    first write: the compaction fails with RESOURCE_EXHAUSTED, nothing it began is left, and the table reads as
+    before."""
+    server = start_server(small_disk)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            for seed in range(3):
+                client.write(
+                    "disk.compact",
+                    random_rows(20_000, seed),
+                    entity_keys=["driver_id"],
+                    event_time="event_timestamp",
+                    partition_by=[],
+                )
+            where = client.describe("disk.compact")["location"]
+            files_before = local_files(where)
+            snapshot = client.describe("disk.compact")["current_snapshot_id"]
+            disk = Path(small_disk["warehouse"].removeprefix("file://"))
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            (disk / "filler").write_bytes(b"\0" * (free - (32 << 10)))
+            with pytest.raises(ResourceExhaustedError, match="ran out of space"):
+                client.compact("disk.compact")
+            assert local_files(where) == files_before
+            assert client.describe("disk.compact")["current_snapshot_id"] == snapshot
+            assert client.scan("disk.compact").read_all().num_rows == 60_000
+    finally:
+        server.shutdown()

@@ -10,6 +10,7 @@ import logging
 import math
 import threading
 import uuid
+from concurrent.futures import wait
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -74,7 +75,8 @@ def write_data_files(
 
     The rows are copied once: one `take` puts them in partition order, sorted within each partition, and each
     file is a slice of it. Any file this wrote is deleted if one fails (a full disk), so that a failed chunk
-    leaves nothing behind."""
+    leaves nothing behind: the files not started are not written, and those being written are finished first
+    (an object store creates the object when its upload closes, after a delete that came too early)."""
     if not chunk.num_rows:
         return []
     created = _CreatedFiles(io)
@@ -86,7 +88,13 @@ def write_data_files(
             for batches in bin_pack_arrow_table(rows, target)
         ]
         write = functools.partial(_write_file, _FileContext.of(metadata, chunk.schema), created, write_uuid)
-        return list(ExecutorFactory.get_or_create().map(write, tasks))
+        writing = [ExecutorFactory.get_or_create().submit(write, task) for task in tasks]
+        try:
+            return [file.result() for file in writing]
+        finally:
+            for file in writing:
+                file.cancel()
+            wait(writing)
     except BaseException:
         created.abandon()
         raise
@@ -235,12 +243,17 @@ def _write_file(context: _FileContext, io: FileIO, write_uuid: uuid.UUID, task: 
     path = context.locations.new_data_location(data_file_name=name, partition_key=task.partition)
     output = io.new_output(path)
     writer = ParquetWriter(output, context.metadata.properties, context.layout)
-    writer.write(
-        pa.Table.from_batches(
-            [to_file_schema(context.file_schema, context.batch_schema, b, model) for b in task.batches]
+    try:
+        writer.write(
+            pa.Table.from_batches(
+                [to_file_schema(context.file_schema, context.batch_schema, b, model) for b in task.batches]
+            )
         )
-    )
-    return _data_file(context.metadata, path, output, task.partition, writer.close())
+        statistics = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return _data_file(context.metadata, path, output, task.partition, statistics)
 
 
 def _data_file(
@@ -265,13 +278,13 @@ def _data_file(
 
 
 class _CreatedFiles(FileIO):
-    """A FileIO that remembers each file it creates, so that an abandoned write can delete them all."""
+    """A FileIO that remembers each file it creates (from several threads), so that an abandoned write can delete
+    them all."""
 
     def __init__(self, io: FileIO):
         super().__init__(io.properties)
         self.io = io
         self._created: list[str] = []
-        self._abandoned = False
         self._lock = threading.Lock()
 
     def new_input(self, location: str) -> InputFile:
@@ -281,12 +294,9 @@ class _CreatedFiles(FileIO):
         return _TrackedOutput(self, self.io.new_output(location))
 
     def created(self, output: OutputFile, overwrite: bool) -> OutputStream:
-        """Create the file and remember it, or refuse once the write is abandoned. One lock around both, so
-        that no file comes into being after `abandon` has taken the list to delete."""
+        """Create the file and remember it."""
+        stream = output.create(overwrite)
         with self._lock:
-            if self._abandoned:  # a parallel file of a failed chunk that had not started yet
-                raise OSError(f"the write of {output.location} was abandoned")
-            stream = output.create(overwrite)
             self._created.append(output.location)
         return stream
 
@@ -294,9 +304,8 @@ class _CreatedFiles(FileIO):
         self.io.delete(location)
 
     def abandon(self) -> None:
-        """Refuse new files and delete those created (one still being written vanishes with it on a local disk)."""
+        """Delete the files created (all finished: `write_data_files` waits for them)."""
         with self._lock:
-            self._abandoned = True
             created, self._created = self._created, []
         delete_files(self.io, created)
 
@@ -432,7 +441,11 @@ class ParquetWriter(FileFormatWriter):
                 stream.close()
                 raise
             self._stream = stream
-        self._writer.write_table(table, row_group_size=self._options.rows_per_group(table))
+        try:
+            self._writer.write_table(table, row_group_size=self._options.rows_per_group(table))
+        except BaseException:
+            self.abort()
+            raise
 
     def close(self) -> DataFileStatistics:
         if self._result is not None:
@@ -447,6 +460,17 @@ class ParquetWriter(FileFormatWriter):
             parquet_column_mapping=self._layout.columns,
         )
         return self._result
+
+    def abort(self) -> None:
+        """Close a file that will be deleted, its rows unfinished (a failed write): no statistics, no errors, and
+        no open handle or upload left behind."""
+        writer, stream, self._writer, self._stream = self._writer, self._stream, None, None
+        for close in (writer.close if writer else None, stream.close if stream else None):
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # the file is deleted next either way
+                    log.debug("could not close a data file being abandoned", exc_info=True)
 
 
 def target_file_size(metadata: TableMetadata) -> int:
@@ -470,7 +494,7 @@ class _OpenFile(NamedTuple):
 
     path: str
     output: OutputFile
-    writer: FileFormatWriter
+    writer: ParquetWriter
     partition: PartitionKey | None
 
 
@@ -511,7 +535,9 @@ class RollingFiles:
         for partition, rows in partitioned_rows(self.metadata, chunk, None):
             key = partition.to_path() if partition is not None else ""
             while rows.num_rows:
-                file, written = self._open.get(key) or (self._start(partition), 0)
+                if key not in self._open:  # open before its first write, so that `abort` finds it if that fails
+                    self._open[key] = (self._start(partition), 0)
+                file, written = self._open[key]
                 per_row = self._bytes_per_row()
                 fits = math.ceil((self.target - written * per_row) / per_row)
                 if fits <= 0:  # full by a later estimate
@@ -534,10 +560,7 @@ class RollingFiles:
     def abort(self) -> None:
         """Delete every file written or being written (best effort: nothing references them)."""
         for file, _ in self._open.values():
-            try:
-                file.writer.close()
-            except Exception:  # it is deleted next either way
-                log.debug("could not close %s", file.path, exc_info=True)
+            file.writer.abort()
         delete_files(self.io, [*(f.file_path for f in self.files), *(f.path for f, _ in self._open.values())])
         self._open.clear()
 
@@ -549,8 +572,10 @@ class RollingFiles:
         return _OpenFile(path, output, writer, partition)
 
     def _finish(self, key: str) -> None:
-        file, _ = self._open.pop(key)
-        self.files.append(_data_file(self.metadata, file.path, file.output, file.partition, file.writer.close()))
+        file, _ = self._open[key]
+        statistics = file.writer.close()  # still open if this fails (its last rows: a full disk), for `abort`
+        del self._open[key]
+        self.files.append(_data_file(self.metadata, file.path, file.output, file.partition, statistics))
 
 
 def write_reader(

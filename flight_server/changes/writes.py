@@ -376,6 +376,13 @@ class Writer:
                 f"table {request.table!r} was created or changed concurrently with a different schema; "
                 "nothing was committed"
             )
+        # The snapshot's manifest records the files under the table's current spec: files partitioned for
+        # another would be filed under wrong partition values.
+        if transaction.table_metadata.spec() != staged.metadata.spec():
+            raise ConflictError(
+                f"table {request.table!r} was created or changed concurrently with another partitioning; "
+                "nothing was committed"
+            )
         if created_concurrently:
             _check_declared_spec(request, FeatureSpec.from_properties(table.metadata.properties), request.table)
             _check_declared_layout(request, table)

@@ -10,8 +10,10 @@ two travel as `ArrowInvalid` and `ArrowKeyError`, whose status says their kind a
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -58,6 +60,8 @@ def error_kind(exc: Exception) -> tuple[str, str]:
         return "DEADLINE_EXCEEDED", "the server timed out working on the request"
     if isinstance(exc, concurrent.futures.CancelledError):
         return "CANCELLED", "the request was cancelled"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the warehouse or a spill folder
+        return "RESOURCE_EXHAUSTED", f"the server ran out of space ({os.strerror(exc.errno)}); nothing was changed"
     return "INTERNAL", f"internal error ({type(exc).__name__}); the server's log has the details"
 
 
