@@ -337,3 +337,23 @@ def test_object_storage(seaweedfs: dict[str, str]) -> None:
             assert scanned_ids(client, table) == [i for i in range(50) if i not in (1, 2)]
     finally:
         server.shutdown()
+
+
+def test_a_put_that_fails_midway_leaves_no_objects(seaweedfs: dict[str, str]) -> None:
+    """On S3 a put's chunks are uploaded as it streams; when a later batch is bad, the put fails and every object
+    it uploaded is deleted: no orphan is left for `remove_orphan_files` to find."""
+    table = f"tests.t_{uuid.uuid4().hex[:12]}"
+    server = start_server(seaweedfs)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            create(client, table, rows(range(10)), partition_by=["bucket(4, id)"])
+            good = rows(range(200_000))  # several chunks of the test server's 256 KiB, each 4 partitions' files
+            bad = good.slice(0, 1).set_column(0, "id", pa.array([None], pa.int64()))
+            stream = pa.RecordBatchReader.from_batches(good.schema, [*good.to_batches(20_000), *bad.to_batches()])
+            with pytest.raises(InvalidRequestError, match="null"):
+                client.write(table, stream)
+            future = dt.datetime.now(UTC) + dt.timedelta(minutes=1)  # S3 keeps its own times: none are older
+            assert client.remove_orphan_files(table, older_than=future, dry_run=True)["orphan_files"] == 0
+            assert scanned_ids(client, table) == list(range(10))
+    finally:
+        server.shutdown()
