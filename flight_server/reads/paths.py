@@ -104,10 +104,10 @@ def scan_parts(plan: ScanPlan, partitions: int) -> list[list[int] | None]:
 
 def direct_reader(
     plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int, cache: FileCache | None = None
-) -> pa.RecordBatchReader:
+) -> pa.RecordBatchReader | pa.Table:
     """Arrow's own multi-threaded Parquet reader over the planned files (all or a share of `direct_files`),
     without the rows their position delete files delete; with a `cache`, files it holds stream from memory
-    and the others are kept in it once read to the end."""
+    and the others are kept in it once read to the end (a Table when it holds them all)."""
     if not tasks:
         return pa.RecordBatchReader.from_batches(plan.schema, [])
     if cache is not None and cache.max_bytes:
@@ -148,8 +148,10 @@ def _scanner(
 
 def _through_cache(
     plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int, cache: FileCache
-) -> pa.RecordBatchReader:
-    """The files `cache` holds, then the others decoded (and kept once the scan has read them all)."""
+) -> pa.RecordBatchReader | pa.Table:
+    """The files `cache` holds, then the others decoded (and kept once the scan has read them all); when it
+    holds them all, their rows as a Table, which Flight streams from C++ as the raw ceiling does: no Python and
+    no GIL per batch (a Python generator per batch measured 0.74x of the ceiling)."""
     columns = plan.schema  # the snapshot's Arrow schema, projected (`plan_table_scan`)
     shape = (columns.to_string(),)
     keys = {
@@ -164,8 +166,8 @@ def _through_cache(
             missing.append(task)
         else:
             held.extend(batches)
-    if not missing:  # all from memory: Arrow streams the table without Python per batch
-        return pa.Table.from_batches(held, held[0].schema if held else columns).to_reader(max_chunksize=batch_rows)
+    if not missing:
+        return pa.Table.from_batches(held, held[0].schema if held else columns)
     scanner, paths, by_fragment = _scanner(plan, missing, batch_rows)
     decoded = without_deleted(scanner.scan_batches(), by_fragment)
     return pa.RecordBatchReader.from_batches(
@@ -304,10 +306,11 @@ def open_scan(
     batch_rows: int,
     is_cancelled: Callable[[], bool] | None = None,
     cache: FileCache | None = None,
-) -> tuple[pa.RecordBatchReader, str]:
+) -> tuple[pa.RecordBatchReader | pa.Table, str]:
     """Stream the planned rows, and say which read path does it; memory stays bounded. DuckDB's work up to
     the first batch (a selective filter may scan much for it) is interrupted once `is_cancelled()`; later
-    batches are computed only as the client takes them. Direct reads go through `cache` when given."""
+    batches are computed only as the client takes them. Direct reads go through `cache` when given: a Table
+    when it holds every file (the rows are in memory already, and read no file)."""
     path, files = read_path(plan)
     if path == "empty":
         return pa.RecordBatchReader.from_batches(plan.schema, []), path
