@@ -21,12 +21,16 @@ PARQUET_WRITE = "pyarrow.parquet.write_table, default options (snappy compressio
 class LocalReaders:
     """The same table read in this process, without Flight: by pyiceberg, and by the server's own engine.
 
-    Both load the table through the catalog the server uses, as the server does for every scan.
+    Both load the table through the catalog the server uses, as the server does for every scan. DuckDB keeps the
+    object-storage data it read in memory (its external file cache): `duckdb_file_cache=False` makes every read
+    fetch the files again, as a cold read does.
     """
 
-    def __init__(self, properties: dict[str, str]):
+    def __init__(self, properties: dict[str, str], duckdb_file_cache: bool = True):
         self._catalog = load_catalog(CATALOG_NAME, **properties)
         self._engine = Engine()
+        if not duckdb_file_cache:
+            self._engine.cursor().execute("SET GLOBAL enable_external_file_cache = false")
 
     def pyiceberg(self, table: str) -> pa.Table:
         return self._catalog.load_table(table).scan().to_arrow()

@@ -26,8 +26,10 @@ class MemoryFlightServer(flight.FlightServerBase):
 
     def __init__(self, table: pa.Table, batch_rows: int):
         super().__init__("grpc://127.0.0.1:0")
-        # Rebatched like the feature server's results, so only the work behind the stream differs.
-        self._table = pa.Table.from_batches(table.combine_chunks().to_batches(max_chunksize=batch_rows), table.schema)
+        # Rebatched like the feature server's results (0: its batches as they are, those the server sent), so only
+        # the work behind the stream differs.
+        batches = table.combine_chunks().to_batches(max_chunksize=batch_rows) if batch_rows else table.to_batches()
+        self._table = pa.Table.from_batches(batches, table.schema)
 
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
         return flight.RecordBatchStream(self._table)
@@ -46,8 +48,9 @@ class MemoryFlightServer(flight.FlightServerBase):
 
 
 @contextlib.contextmanager
-def ceiling_server(table: pa.Table, batch_rows: int) -> Iterator[str]:
-    """Serve `table` from a separate process; yields its location and stops it afterwards."""
+def ceiling_server(table: pa.Table, batch_rows: int = 0) -> Iterator[str]:
+    """Serve `table` from a separate process, in batches of `batch_rows` (0: in its own batches); yields its
+    location and stops it afterwards."""
     with tempfile.TemporaryDirectory(prefix="flight-bench-ceiling-") as tmp:
         path = Path(tmp) / "table.arrow"
         with pa.ipc.new_file(path, table.schema) as sink:

@@ -63,8 +63,9 @@ def check_scan(result: dict[str, Any], local: bool) -> None:
     paths = {"raw_flight_ceiling", "flight_arrow", "flight_arrow_2", "flight_arrow_4", "flight_pandas"}
     paths |= {"flight_arrow_lz4", "flight_arrow_zstd"}
     assert positive(*result["wire_mb"].values()) and result["wire_mb"].keys() == {"none", "lz4", "zstd"}
-    local_paths = {"duckdb_local", "pyiceberg_local", "flight_arrow_cold"}
+    local_paths = {"duckdb_local", "duckdb_cold_local", "pyiceberg_local", "flight_arrow_cold"}
     assert set(result["results"]) == paths | (local_paths if local else set())
+    assert result["warm_vs_ceiling"] > 0 and (result["cold_vs_local"] > 0 if local else result["cold_vs_local"] is None)
     for entry in result["results"].values():
         assert entry.keys() >= TIMING_KEYS
         assert positive(entry["rows_per_s"], entry["mb_per_s"], entry["ratio_to_ceiling"])

@@ -125,3 +125,22 @@ def test_the_cache_keeps_within_its_budget_and_keeps_only_files_read_to_the_end(
     assert cache.reserve(12_000) and not cache.reserve(9_000) and cache.reserve(8_000)
     cache.release(20_000)
     assert cache.stats()["collecting"] == 0 and cache.reserve(20_000)
+
+
+def test_a_read_from_memory_says_what_it_read_as_a_decoding_read_does(
+    pair: tuple[FeatureClient, FeatureClient],
+) -> None:
+    """A read the cache answers whole (streamed as a table, from C++) has the decoding read's schema, metadata
+    (table, snapshot, read path) and rows, for all columns and for some."""
+    cached, plain = pair
+    for first in range(0, 200, 100):
+        cached.write(TABLE, rows(first, 100), entity_keys=["id"], event_time="ts")
+    for columns in (None, ["x", "n"]):
+        expected = plain.scan(TABLE, columns=columns).read_all()
+        cached.scan(TABLE, columns=columns).read_all()  # decodes, and keeps the files
+        hits = cached.health()["scan_cache"]["hits"]
+        got = cached.scan(TABLE, columns=columns).read_all()
+        assert cached.health()["scan_cache"]["hits"] > hits  # this one came from memory
+        assert got.schema.equals(expected.schema, check_metadata=True)
+        assert got.schema.metadata[b"flight.read_path"] == b"direct"
+        assert ordered(got).equals(ordered(expected))

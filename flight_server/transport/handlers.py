@@ -119,13 +119,20 @@ class Scans:
             app_metadata=json.dumps(plan.metadata()).encode(),
         )
 
-    def open(self, request: ScanRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader:
+    def open(
+        self, request: ScanRequest, is_cancelled: Callable[[], bool] | None = None
+    ) -> pa.RecordBatchReader | pa.Table:
+        """The scan's rows; from the scan cache, a Table that Flight streams without Python per batch and that
+        holds no snapshot (it reads no file that expiry could delete)."""
         plan = plan_scan(self.parts.catalog, request, self.parts.caches)
-        reader, path = open_scan(
+        rows, path = open_scan(
             plan, self.parts.engine, self.parts.config.batch_rows, is_cancelled, self.parts.caches.files
         )
+        schema = scan_schema(plan, path)
+        if isinstance(rows, pa.Table):
+            return rows.replace_schema_metadata(schema.metadata)
         held = [(str(plan.table.metadata.table_uuid), plan.snapshot_id)]
-        return self.parts.caches.in_use.holding(held, reader.cast(scan_schema(plan, path)))
+        return self.parts.caches.in_use.holding(held, rows.cast(schema))
 
     def exchange(
         self,
