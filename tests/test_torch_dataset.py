@@ -28,7 +28,7 @@ from flight_client.torch import FlightDataset, to_tensors
 from tests.conftest import serve_replicas, sqlite_catalog
 from tests.feature_sets import SCAN_ROWS, T0, TRIPS, write_scan_table, write_training_set
 from tests.services import free_ports
-from tests.torch_ranks import read_share
+from tests.torch_ranks import read_share, read_with_workers
 
 NUMERIC = ["id", "ts", "value", "small", "ratio", "flag", "day"]
 TRAINING = ["trip_id", "driver_id", "event_timestamp", "label", "rate"]
@@ -172,6 +172,32 @@ def test_ranks_of_a_process_group_share_one_plan(
     assert [(s["rank"], s["world_size"]) for s in seen] == [(0, 2), (1, 2)]
     assert seen[0]["tickets"] == seen[1]["tickets"] and len(seen[0]["tickets"]) == 16
     assert sorted(seen[0]["ids"] + seen[1]["ids"]) == list(range(TRIPS))
+
+
+@pytest.mark.parametrize("source", ["local entity rows", "table scan"])
+def test_process_group_ranks_with_dataloader_workers_read_every_row_once(
+    location: str,
+    scan_table: str,
+    training_set: tuple[str, list[str]],
+    local_rows: pa.Table,
+    source: str,
+    tmp_path: Path,
+) -> None:
+    """Two spawned ranks of a gloo group (rank 0's plan shared), each through a DataLoader with two workers: the
+    four workers are dealt disjoint parts, and every row comes once."""
+    if source == "table scan":
+        what: dict[str, Any] = {"table": scan_table, "id": "id"}
+        expected = list(range(SCAN_ROWS))
+    else:
+        what = {"rows": local_rows.to_pandas(), "features": training_set[1], "id": "trip_id"}
+        expected = list(range(TRIPS))
+    args = (f"file://{tmp_path / 'group'}", location, what, tmp_path)
+    torch.multiprocessing.start_processes(read_with_workers, args, nprocs=2, start_method="spawn")
+    seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [(s["rank"], s["world_size"]) for s in seen] == [(0, 2), (1, 2)]
+    parts = [part for s in seen for worker in s["parts"] for part in worker]
+    assert all(worker for s in seen for worker in s["parts"]) and len(parts) == len(set(parts)) == 16
+    assert sorted(seen[0]["ids"] + seen[1]["ids"]) == expected
 
 
 def test_tensor_types(location: str, scan_table: str) -> None:
