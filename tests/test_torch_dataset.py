@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from flight_client import FeatureClient, InvalidRequestError
 from flight_client.plans import row_ranges
-from flight_client.torch import FlightDataset, to_tensors
+from flight_client.torch import FlightDataset, shared_tensors, to_tensors
 from tests.conftest import serve_replicas, sqlite_catalog
 from tests.feature_sets import SCAN_ROWS, T0, TRIPS, write_scan_table, write_training_set
 from tests.services import free_ports
@@ -340,16 +340,20 @@ TIME_TYPES = [pa.timestamp("us", "UTC"), pa.timestamp("ns"), pa.date32(), pa.tim
 )
 def test_tensors_equal_pyarrows_own_conversion(kind: pa.DataType, values: list[int | None], start: int) -> None:
     """`to_tensors` reads the buffers itself (pyarrow's to_numpy imports pandas): same values as to_numpy,
-    for any type, offset (a sliced batch) and nulls (NaN in floats)."""
+    for any type, offset (a sliced batch) and nulls (NaN in floats); `shared_tensors` (DataLoader workers) the
+    same, every column a view of one shared block (after a one-byte column: aligned all the same)."""
     floating = pa.types.is_floating(kind)
     if not floating:
         values = [0 if v is None else v for v in values]
     source = [v if v is None or not pa.types.is_boolean(kind) else v % 2 == 1 for v in values]
     integers = pa.int32() if kind == pa.date32() else pa.int64()
     column = pa.array(source, integers).view(kind) if kind in TIME_TYPES else pa.array(source, kind)
-    batch = pa.record_batch({"c": column}).slice(min(start, len(values)))
+    batch = pa.record_batch({"b": pa.array([7] * len(values), pa.int8()), "c": column}).slice(min(start, len(values)))
     got = to_tensors(batch)["c"].numpy()
-    reference = batch.column(0)
+    shared = shared_tensors(batch)
+    assert shared["c"].is_shared() and shared["c"].untyped_storage() is shared["b"].untyped_storage()
+    assert np.array_equal(shared["c"].numpy(), got, equal_nan=floating) and (shared["b"] == 7).all()
+    reference = batch.column("c")
     if kind in TIME_TYPES:
         reference = reference.view(integers)
     expected = reference.to_numpy(zero_copy_only=False)
@@ -380,3 +384,28 @@ def test_a_range_left_early_cancels_its_exchange(location: str, training_set: tu
         stream.close()
         again = client.get_historical_features(entities, features)
     assert again.num_rows == TRIPS
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 3, 20])
+def test_parts_opened_ahead_keep_their_order(
+    location: str, training_set: tuple[str, list[str]], local_rows: pa.Table, ahead: int
+) -> None:
+    """However many parts are opened ahead, the batches come part after part, each part's in its order: the
+    entity rows' order, for ranges of local rows."""
+    plan = FlightDataset.training_set(location, local_rows, training_set[1], columns=["trip_id"], partitions=6).plan
+    got = pa.Table.from_batches(list(plan.batches(plan.endpoints, ahead=ahead)))
+    assert got.column("trip_id").to_pylist() == local_rows.column("trip_id").to_pylist()
+
+
+def test_parts_opened_ahead_end_when_the_reader_leaves(location: str, training_set: tuple[str, list[str]]) -> None:
+    """A reader leaving after its first batch ends the ranges opened ahead too (their exchanges are cancelled),
+    instead of leaving them waiting for a reader: the close returns, and the server answers the next call."""
+    trips, features = training_set
+    with FeatureClient(location) as client:
+        many = pa.concat_tables([client.read_table(trips)] * 60)  # more than the connection's windows hold
+    plan = FlightDataset.training_set(location, many, features, columns=["trip_id"], partitions=3, format="arrow").plan
+    batches = plan.batches(plan.endpoints, ahead=2)
+    assert next(batches).num_rows
+    batches.close()
+    with FeatureClient(location) as client:
+        assert client.get_historical_features(trips, features).num_rows == TRIPS
