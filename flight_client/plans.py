@@ -7,14 +7,11 @@ entity rows (`EntityRows`) that a worker sends with `do_exchange`, the path of
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 import os
-from collections import deque
-from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -67,9 +64,6 @@ class EntityRows:
 
 Part = Endpoint | EntityRows
 
-# A part opened: its first batch (None: it has none) and the rest to come.
-_Opened: TypeAlias = "tuple[pa.RecordBatch | None, Generator[pa.RecordBatch, None, None]]"
-
 
 @dataclass(frozen=True)
 class ReadPlan:
@@ -88,39 +82,16 @@ class ReadPlan:
     client_options: dict[str, Any] = field(default_factory=dict)
     exchange: dict[str, Any] = field(default_factory=dict)
 
-    def batches(self, endpoints: Sequence[Part], ahead: int = 1) -> Iterator[pa.RecordBatch]:
-        """The record batches of `endpoints`, one part after the other, over a new connection. While a part is
-        read, threads open the next `ahead` parts and fetch their first batch: the server computes the start of
-        the next parts (reading and splitting their entity rows, the first joins) while this process consumes the
-        current one, instead of both taking turns. Memory holds a batch of each part opened ahead."""
-        with connect(self.location, self.client_options) as client, ThreadPoolExecutor(ahead + 1) as pool:
-            parts, pending = iter(endpoints), deque[Future[_Opened]]()
-
-            def open_more(count: int) -> None:
-                for part in itertools.islice(parts, max(0, count - len(pending))):
-                    pending.append(pool.submit(self._opened, client, part))
-
-            open_more(ahead + 1)  # the first part, and those ahead of it
-            while pending:  # (left early, the parts opened ahead end with `pending`: an exchange is cancelled)
-                first, rest = pending.popleft().result()
-                open_more(ahead)
-                if first is not None:
-                    yield first
-                    yield from rest
-                open_more(1)  # the next part, when none is opened ahead
-
-    def _opened(self, client: FeatureClient, part: Part) -> _Opened:
-        """A part's stream, its first batch read (None: it has none) and the rest to come."""
-        rest = self._part(client, part)
-        return next(rest, None), rest
-
-    def _part(self, client: FeatureClient, part: Part) -> Generator[pa.RecordBatch, None, None]:
-        if isinstance(part, EntityRows):
-            reader: Iterator[pa.RecordBatch] = client.iter_historical_features(part.rows, **self.exchange)
-        else:
-            reader = client.read_endpoint(flight.FlightEndpoint(part.ticket, list(part.locations)))
-        for batch in reader:
-            yield batch if self.columns is None else batch.select(list(self.columns))
+    def batches(self, endpoints: Sequence[Part]) -> Iterator[pa.RecordBatch]:
+        """The record batches of `endpoints`, one part after the other, over a new connection."""
+        with connect(self.location, self.client_options) as client:
+            for endpoint in endpoints:
+                if isinstance(endpoint, EntityRows):
+                    reader: Iterator[pa.RecordBatch] = client.iter_historical_features(endpoint.rows, **self.exchange)
+                else:
+                    reader = client.read_endpoint(flight.FlightEndpoint(endpoint.ticket, list(endpoint.locations)))
+                for batch in reader:
+                    yield batch if self.columns is None else batch.select(list(self.columns))
 
 
 def _selected(schema: pa.Schema, columns: Sequence[str] | None) -> pa.Schema:

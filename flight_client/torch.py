@@ -77,7 +77,7 @@ def to_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
 def shared_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
     """`to_tensors`, every column copied into one block of shared memory: how a DataLoader worker hands a batch to
     the main process. Left to torch, each tensor would move to a shared segment of its own as it is sent (an
-    allocation, a copy and a file descriptor per column and batch: 5 times the time of one block). The
+    allocation, a copy and a file descriptor per column and batch: 4 times the time of one block). The
     tensors are views of the block, which lives while any of them does."""
     arrays = list(_arrays(batch))
     offsets, size = [], 0

@@ -384,28 +384,3 @@ def test_a_range_left_early_cancels_its_exchange(location: str, training_set: tu
         stream.close()
         again = client.get_historical_features(entities, features)
     assert again.num_rows == TRIPS
-
-
-@pytest.mark.parametrize("ahead", [0, 1, 3, 20])
-def test_parts_opened_ahead_keep_their_order(
-    location: str, training_set: tuple[str, list[str]], local_rows: pa.Table, ahead: int
-) -> None:
-    """However many parts are opened ahead, the batches come part after part, each part's in its order: the
-    entity rows' order, for ranges of local rows."""
-    plan = FlightDataset.training_set(location, local_rows, training_set[1], columns=["trip_id"], partitions=6).plan
-    got = pa.Table.from_batches(list(plan.batches(plan.endpoints, ahead=ahead)))
-    assert got.column("trip_id").to_pylist() == local_rows.column("trip_id").to_pylist()
-
-
-def test_parts_opened_ahead_end_when_the_reader_leaves(location: str, training_set: tuple[str, list[str]]) -> None:
-    """A reader leaving after its first batch ends the ranges opened ahead too (their exchanges are cancelled),
-    instead of leaving them waiting for a reader: the close returns, and the server answers the next call."""
-    trips, features = training_set
-    with FeatureClient(location) as client:
-        many = pa.concat_tables([client.read_table(trips)] * 60)  # more than the connection's windows hold
-    plan = FlightDataset.training_set(location, many, features, columns=["trip_id"], partitions=3, format="arrow").plan
-    batches = plan.batches(plan.endpoints, ahead=2)
-    assert next(batches).num_rows
-    batches.close()
-    with FeatureClient(location) as client:
-        assert client.get_historical_features(trips, features).num_rows == TRIPS
