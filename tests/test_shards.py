@@ -8,6 +8,7 @@ import datetime as dt
 import itertools
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,12 @@ from pyiceberg.transforms import BucketTransform
 from pyiceberg.types import LongType, StringType
 
 from flight_client import FeatureClient, InvalidRequestError
+from flight_server.base.config import ServerConfig
 from flight_server.base.shards import UNBUCKETED_SLOTS, key_slots, owned, owners
+from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
+from flight_server.reads.caches import ReadCaches
+from flight_server.reads.duck import Engine
+from flight_server.training.asof import AsofCache
 from flight_server.transport.service import FeatureFlightServer
 from flight_server.wire.reads import EntitySource, HistoricalRequest, KeyShare, parse_ticket
 from tests.conftest import serve_replicas, sqlite_catalog, start_server, wait_until
@@ -586,6 +592,62 @@ def test_shares_follow_appends(cluster: list[str], single: str) -> None:
     with FeatureClient(cluster[1]) as client:
         sharded = client.get_historical_features(names["trips"], features(names), partitions=REPLICAS)
     assert by_trip(sharded) == by_trip(reference(single, names))
+
+
+def test_share_followed_from_its_first_build(
+    catalog: dict[str, str], single: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round of the refresh thread that runs while a share's first index is being built (not cached yet) keeps
+    following the table, so the next append is brought forward. Before, that round stopped following it, and the
+    replica never brought its share forward (seen once on a busy CI machine, as `test_shares_follow_appends`
+    timing out on the replica that wrote). The build is held inside its read, and the rounds run when the test
+    says: the race happens every time, with no sleep."""
+    name = f"sh{next(_names)}.followed"
+
+    def rates(hour: int) -> pa.Table:
+        return pa.table(
+            {
+                "driver_id": pa.array(range(40), pa.int64()),
+                "event_timestamp": pa.array([T0 + dt.timedelta(hours=hour)] * 40, TIME),
+                "rate": pa.array([float(hour)] * 40, pa.float64()),
+            }
+        )
+
+    with FeatureClient(single) as client:
+        client.write(name, rates(0), entity_keys=["driver_id"], event_time="event_timestamp")
+    tables = FeatureCatalog(ServerConfig.catalog_name, catalog)
+    table = tables.read(name)
+    spec = FeatureSpec.from_properties(table.metadata.properties)
+    first = table.current_snapshot()
+    assert spec is not None and first is not None
+    share = KeyShare("driver_id", 8, (0, 1, 2, 3))
+    cache = AsofCache(Engine(), ReadCaches(), 1 << 30, tables, refresh_seconds=3600)  # rounds only on `refresh()`
+    reading, release = threading.Event(), threading.Event()
+    read = cache._read
+
+    def held_read(*args: Any) -> Any:
+        reading.set()
+        release.wait(60)
+        return read(*args)
+
+    monkeypatch.setattr(cache, "_read", held_read)
+    building = threading.Thread(target=cache.get, args=(table, first.snapshot_id, spec, share))
+    try:
+        building.start()
+        assert reading.wait(60), "the build reads"
+        cache.refresh()  # a round during the first build
+        release.set()
+        building.join()
+        assert cache.peek(table, first.snapshot_id, spec, share) is not None
+        with FeatureClient(single) as client:
+            second = client.write(name, rates(1)).snapshot_id
+        cache.refresh()
+        index = cache.peek(tables.read(name), second, spec, share)
+        assert index is not None and (cache.refreshed_ahead, cache.incremental_builds) == (1, 1)
+        assert index.row_count == 2 * sum(1 for slot in slots_of(list(range(40)), 8) if slot in share.owned)
+    finally:
+        release.set()
+        cache.close()
 
 
 def _cached_indexes(location: str) -> list[dict[str, Any]]:

@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader
 
 from flight_client import FeatureClient, InvalidRequestError
 from flight_client.plans import row_ranges
-from flight_client.torch import FlightDataset, to_tensors
+from flight_client.torch import FlightDataset, shared_tensors, to_tensors
 from tests.conftest import serve_replicas, sqlite_catalog
 from tests.feature_sets import SCAN_ROWS, T0, TRIPS, write_scan_table, write_training_set
 from tests.services import free_ports
-from tests.torch_ranks import read_share
+from tests.torch_ranks import read_share, read_with_workers
 
 NUMERIC = ["id", "ts", "value", "small", "ratio", "flag", "day"]
 TRAINING = ["trip_id", "driver_id", "event_timestamp", "label", "rate"]
@@ -174,6 +174,32 @@ def test_ranks_of_a_process_group_share_one_plan(
     assert sorted(seen[0]["ids"] + seen[1]["ids"]) == list(range(TRIPS))
 
 
+@pytest.mark.parametrize("source", ["local entity rows", "table scan"])
+def test_process_group_ranks_with_dataloader_workers_read_every_row_once(
+    location: str,
+    scan_table: str,
+    training_set: tuple[str, list[str]],
+    local_rows: pa.Table,
+    source: str,
+    tmp_path: Path,
+) -> None:
+    """Two spawned ranks of a gloo group (rank 0's plan shared), each through a DataLoader with two workers: the
+    four workers are dealt disjoint parts, and every row comes once."""
+    if source == "table scan":
+        what: dict[str, Any] = {"table": scan_table, "id": "id"}
+        expected = list(range(SCAN_ROWS))
+    else:
+        what = {"rows": local_rows.to_pandas(), "features": training_set[1], "id": "trip_id"}
+        expected = list(range(TRIPS))
+    args = (f"file://{tmp_path / 'group'}", location, what, tmp_path)
+    torch.multiprocessing.start_processes(read_with_workers, args, nprocs=2, start_method="spawn")
+    seen = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [(s["rank"], s["world_size"]) for s in seen] == [(0, 2), (1, 2)]
+    parts = [part for s in seen for worker in s["parts"] for part in worker]
+    assert all(worker for s in seen for worker in s["parts"]) and len(parts) == len(set(parts)) == 16
+    assert sorted(seen[0]["ids"] + seen[1]["ids"]) == expected
+
+
 def test_tensor_types(location: str, scan_table: str) -> None:
     dataset = FlightDataset.table(location, scan_table, columns=NUMERIC, partitions=1)
     batch = next(iter(dataset))
@@ -314,16 +340,20 @@ TIME_TYPES = [pa.timestamp("us", "UTC"), pa.timestamp("ns"), pa.date32(), pa.tim
 )
 def test_tensors_equal_pyarrows_own_conversion(kind: pa.DataType, values: list[int | None], start: int) -> None:
     """`to_tensors` reads the buffers itself (pyarrow's to_numpy imports pandas): same values as to_numpy,
-    for any type, offset (a sliced batch) and nulls (NaN in floats)."""
+    for any type, offset (a sliced batch) and nulls (NaN in floats); `shared_tensors` (DataLoader workers) the
+    same, every column a view of one shared block (after a one-byte column: aligned all the same)."""
     floating = pa.types.is_floating(kind)
     if not floating:
         values = [0 if v is None else v for v in values]
     source = [v if v is None or not pa.types.is_boolean(kind) else v % 2 == 1 for v in values]
     integers = pa.int32() if kind == pa.date32() else pa.int64()
     column = pa.array(source, integers).view(kind) if kind in TIME_TYPES else pa.array(source, kind)
-    batch = pa.record_batch({"c": column}).slice(min(start, len(values)))
+    batch = pa.record_batch({"b": pa.array([7] * len(values), pa.int8()), "c": column}).slice(min(start, len(values)))
     got = to_tensors(batch)["c"].numpy()
-    reference = batch.column(0)
+    shared = shared_tensors(batch)
+    assert shared["c"].is_shared() and shared["c"].untyped_storage() is shared["b"].untyped_storage()
+    assert np.array_equal(shared["c"].numpy(), got, equal_nan=floating) and (shared["b"] == 7).all()
+    reference = batch.column("c")
     if kind in TIME_TYPES:
         reference = reference.view(integers)
     expected = reference.to_numpy(zero_copy_only=False)

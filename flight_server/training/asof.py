@@ -285,8 +285,9 @@ class AsofCache:
         uuid = str(table.metadata.table_uuid)
         key = (uuid, snapshot_id, spec, share)
         current = table.current_snapshot()
-        if snapshot_id is not None and current is not None and current.snapshot_id == snapshot_id:
-            self._follow[(table_name(table), share)] = (uuid, spec)  # used at its current snapshot: keep it current
+        # Used at its current snapshot: kept current once its index is cached (the refresh thread stops following
+        # a table whose indexes are all gone, so following it from the start of its build would lose it).
+        follow = snapshot_id is not None and current is not None and current.snapshot_id == snapshot_id
         with self._building(key):
             with self._lock:
                 if key in self._too_large:
@@ -295,6 +296,8 @@ class AsofCache:
                 if key in self._indexes:
                     self.hits += 1
                     self._account.touch(key)  # least recently used across the server's caches go first
+                    if follow:
+                        self._follow[(table_name(table), share)] = (uuid, spec)
                     return self._indexes[key]
                 self.misses += 1
             # Its cap, or less while the server's memory budget cannot free more: an index that could not be
@@ -311,6 +314,8 @@ class AsofCache:
             with self._lock:
                 if self._account.admit(key, index.nbytes()):  # else (the room taken meanwhile) serves this request
                     self._indexes[key] = index
+                    if follow:
+                        self._follow[(table_name(table), share)] = (uuid, spec)
                 if extended:
                     self.incremental_builds += 1
                 else:
@@ -438,14 +443,18 @@ class AsofCache:
         while not self._stop.is_set():
             self._wake.wait(self.refresh_seconds)
             self._wake.clear()
-            for followed in list(self._follow):
-                if self._stop.is_set():
-                    return
-                try:
-                    self._refresh(followed)
-                except Exception:
-                    log.exception("training-set index of %s: not brought forward; requests will build it", followed[0])
-                    self._follow.pop(followed, None)
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Bring each followed table's index forward to its current snapshot now (one round of the thread)."""
+        for followed in list(self._follow):
+            if self._stop.is_set():
+                return
+            try:
+                self._refresh(followed)
+            except Exception:
+                log.exception("training-set index of %s: not brought forward; requests will build it", followed[0])
+                self._follow.pop(followed, None)
 
     def _refresh(self, followed: tuple[str, KeyShare | None]) -> None:
         """Index the table's current snapshot if the index of an earlier one is cached; stop following a table
@@ -456,17 +465,23 @@ class AsofCache:
         try:
             table = self.catalog.read(name)
         except NotFoundError:
-            self._follow.pop(followed, None)
+            self._unfollow(followed, uuid, spec)
             return
-        with self._lock:
-            held = any(k[0] == uuid and k[2] == spec and k[3] == share for k in self._indexes)
         same = str(table.metadata.table_uuid) == uuid and FeatureSpec.from_properties(table.metadata.properties) == spec
-        if not held or not same:
-            self._follow.pop(followed, None)
-            return
+        with self._lock:  # as one with a request caching a new index (which follows the table again)
+            held = any(k[0] == uuid and k[2] == spec and k[3] == share for k in self._indexes)
+            if not held or not same:
+                self._unfollow(followed, uuid, spec)
+                return
         current = table.current_snapshot()
         if current is None or self.peek(table, current.snapshot_id, spec, share) is not None:
             return
         if self.get(table, current.snapshot_id, spec, share) is not None:
             with self._lock:
                 self.refreshed_ahead += 1
+
+    def _unfollow(self, followed: tuple[str, KeyShare | None], uuid: str, spec: FeatureSpec) -> None:
+        """Stop following the table, unless a request has since followed it as another table of the same name."""
+        with self._lock:
+            if self._follow.get(followed) == (uuid, spec):
+                del self._follow[followed]
