@@ -23,7 +23,7 @@ from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache, AsofIndex
 from tests.conftest import sqlite_catalog, start_server, wait_until
-from tests.test_asof import YEAR, entity_rows, feature_rows, reference, table
+from tests.test_asof import YEAR, entity_rows, feature_rows, reference, table, texts
 
 
 def answers(index: AsofIndex, source: pa.Table, entities: list[tuple[Any, ...]], spec: FeatureSpec) -> list[Any]:
@@ -138,6 +138,11 @@ def test_extended_index_matches_reference(
             assert found[column] == want, (column, apply_ttl)
 
 
+# Few keys and times, so that rows tie on (keys, time) and on created time too, within and across runs.
+tied_rows = st.lists(
+    st.tuples(st.sampled_from([1, 2]), texts, st.none() | st.integers(0, 3), st.none() | st.integers(0, 2)),
+    max_size=30,
+)
 step = st.one_of(
     st.tuples(st.just("append"), st.integers(1, 12)),
     st.tuples(st.just("delete"), st.lists(st.integers(0, 200), min_size=1, max_size=4)),
@@ -147,24 +152,35 @@ step = st.one_of(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    rows=feature_rows,
+    rows=feature_rows | tied_rows,
     entities=entity_rows,
     composite=st.booleans(),
     ttl=st.none() | st.integers(1, 10),
+    first=st.integers(0, 3),
     steps=st.lists(step, max_size=8),
 )
-@example(  # the newest of two rows tied on (key, time, created) is deleted: the older answers again
+@example(  # rows tied on (key, time, created) in three runs: the newest wins, and once deleted the one before
     rows=[(1, "a", 5, 0), (1, "a", 5, 1), (1, "a", 5, 1)],
     entities=[(1, "a", 5)],
     composite=True,
     ttl=None,
+    first=1,
     steps=[("append", 1), ("append", 1), ("delete", [2]), ("fold",), ("delete", [1])],
+)
+@example(  # a fold merges an older run's row created later than the newer run's, tied on (key, time)
+    rows=[(1, "a", 5, 2), (1, "a", 5, 1)],
+    entities=[(1, "a", 5)],
+    composite=True,
+    ttl=None,
+    first=1,
+    steps=[("append", 1), ("fold",)],
 )
 def test_runs_with_deletes_match_reference(
     rows: list[tuple[Any, ...]],
     entities: list[tuple[Any, ...]],
     composite: bool,
     ttl: int | None,
+    first: int,
     steps: list[tuple[Any, ...]],
 ) -> None:
     """An index brought forward by random appends (a run each), deletes (masked rows) and folds answers after
@@ -173,7 +189,7 @@ def test_runs_with_deletes_match_reference(
     an index that saw them in separate appends can tell, so the reference says so (the later row wins)."""
     spec = FeatureSpec(("k", "t") if composite else ("k",), "ts", "created", ttl)
     source = table(rows)
-    first = min(len(rows), 3)
+    first = min(len(rows), first)
     index = AsofIndex.build("t", 0, spec, source.slice(0, first))
     present, gone = first, set[int]()
     generations = []
@@ -461,7 +477,9 @@ def ticks(keys: int, rows: int, first: int, seconds: int) -> pa.Table:
     return pa.table(
         {
             "k": pa.array([(n * 7) % keys for n in numbers], pa.int64()),
-            "ts": pa.array([EPOCH + dt.timedelta(seconds=(n * 13) % seconds) for n in numbers], pa.timestamp("us", "UTC")),
+            "ts": pa.array(
+                [EPOCH + dt.timedelta(seconds=(n * 13) % seconds) for n in numbers], pa.timestamp("us", "UTC")
+            ),
             "created": pa.array([EPOCH + dt.timedelta(seconds=n) for n in numbers], pa.timestamp("us", "UTC")),
             "v": pa.array(numbers, pa.int64()),
         }
@@ -508,15 +526,20 @@ def test_deletes_are_masked_and_runs_folded_with_duckdbs_results(catalog_propert
             same()
             pinned = catalog_snapshot(catalog_properties, name)
             before = same({name: pinned})
-            client.delete(name, keys={"k": [3, 21]}, mode="merge-on-read")  # rows of the first file and of runs
+            client.delete(name, keys={"k": [3, 7]}, mode="merge-on-read")  # rows of the first file and of runs
             same()
-            client.delete(name, filter="v >= 1040", mode="merge-on-read")  # the last append's rows
+            # Rows of the first file again, behind rows deleted before; and the last append's rows.
+            client.delete(name, filter="(v >= 360 AND v < 400) OR v >= 1045", mode="merge-on-read")
             same()
             stats = cache_stats(client)
             assert stats["builds"] == 1 and stats["deletes_masked"] == 2, stats
             assert same({name: pinned}).equals(before)
             client.delete(name, keys={"k": [4]}, mode="copy-on-write")  # removes data files: rebuilt
             same()
+            # Rows of files read without the rows deleted before: masked by their positions less those.
+            client.delete(name, filter="v >= 300 AND v < 340", mode="merge-on-read")
+            same()
+            assert cache_stats(client)["deletes_masked"] == 3
             client.compact(name)
             same()
             assert cache_stats(client)["builds"] == 3

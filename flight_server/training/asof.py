@@ -7,7 +7,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -165,20 +165,21 @@ class Run:
 @dataclass(frozen=True)
 class FileSpan:
     """Where the rows of one data file are among an index's columns: `count` rows from row `first`, the file's
-    rows in order without the positions `deleted` (sorted) when it was read. A position delete committed later
-    names rows of the file, which this turns into rows of the columns to mask."""
+    rows in order without the positions `absent` (sorted), deleted when it was read. A position delete committed
+    later names rows of the file, which this turns into rows of the columns to mask (`masked`: those so far)."""
 
     file: DataFile
     first: int
     count: int
-    deleted: np.ndarray
+    absent: np.ndarray
+    masked: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     def rows(self, positions: np.ndarray) -> tuple[np.ndarray, FileSpan]:
         """The rows of the columns at the file's `positions` (sorted, unique) not deleted already, and the span
-        with those deleted too."""
-        fresh = positions[~np.isin(positions, self.deleted)]
-        rows = self.first + fresh - np.searchsorted(self.deleted, fresh)
-        return rows, replace(self, deleted=np.union1d(self.deleted, fresh))
+        with those masked too."""
+        fresh = positions[~np.isin(positions, self.absent) & ~np.isin(positions, self.masked)]
+        rows = self.first + fresh - np.searchsorted(self.absent, fresh)
+        return rows, replace(self, masked=np.union1d(self.masked, fresh))
 
 
 @dataclass(frozen=True)
