@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyiceberg.manifest import DataFile
+from pyiceberg.manifest import DataFile, FileFormat
 from pyiceberg.table import FileScanTask, Table
 
 from flight_server.base.locks import LockPool
@@ -589,6 +589,8 @@ class AsofCache:
         on_spans: dict[str, set[DataFile]] = {}
         for delete_file in changes.deletes:
             target = referenced_data_file(delete_file)  # None: an equality delete, or one of several data files
+            if delete_file.file_format != FileFormat.PARQUET:  # a deletion vector
+                return None
             if target in appended:
                 on_appended.setdefault(target, set()).add(delete_file)
             elif target in spans:
