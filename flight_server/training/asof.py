@@ -70,9 +70,10 @@ class Run:
     def sorted(
         cls, keys: KeyCodes, axis: TimeAxis, stamps: np.ndarray, positions: np.ndarray, event_us: np.ndarray
     ) -> Run:
-        """The run of these stamps, already in order."""
-        padded = np.concatenate([stamps, np.full(_BLOCK, np.iinfo(np.int64).max)])
-        return cls(keys, axis, padded, stamps[::_BLOCK].copy(), positions, event_us)
+        """The run of these stamps, already in order (`stamps` may come padded already)."""
+        if len(stamps) == len(positions):
+            stamps = np.concatenate([stamps, np.full(_BLOCK, np.iinfo(np.int64).max)])
+        return cls(keys, axis, stamps, stamps[: len(positions) : _BLOCK].copy(), positions, event_us)
 
     @classmethod
     def build(cls, spec: FeatureSpec, rows: pa.Table, first: int, created: Created) -> Run | None:
@@ -83,8 +84,10 @@ class Run:
         keys, code = KeyCodes.build(key_columns)
         axis, offset = TimeAxis.build(event_us, keys.count)
         stamps, positions = code * axis.span + offset, usable + first
-        order = _order(np.argsort(stamps), stamps, positions, created)
-        return cls.sorted(keys, axis, stamps[order], positions[order], event_us[order])
+        order = np.argsort(stamps)
+        stamps, positions, event_us = stamps[order], positions[order], event_us[order]
+        _settle_ties(stamps, positions, event_us, created)
+        return cls.sorted(keys, axis, stamps, positions, event_us)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -104,15 +107,16 @@ class Run:
         new, positions, event_us = new[by_stamp], positions[by_stamp], event_us[by_stamp]
         # Where each new stamp goes: after the old stamps at or below it, and after the new ones before it.
         at = np.searchsorted(old, new, side="right") + np.arange(len(new))
-        order = np.empty(len(old) + len(new), dtype=np.int64)
-        taken = np.zeros(len(order), dtype=bool)
-        taken[at] = True
-        order[at] = np.arange(len(old), len(order))
-        order[~taken] = np.arange(len(old))
-        stamps = np.concatenate([old, new])
-        every = np.concatenate([self.positions, positions])
-        order = _order(order, stamps, every, created)
-        return Run.sorted(keys, axis, stamps[order], every[order], np.concatenate([self.event_us, event_us])[order])
+        total = len(old) + len(new)
+        kept = np.ones(total, dtype=bool)
+        kept[at] = False
+        stamps = np.full(total + _BLOCK, np.iinfo(np.int64).max)  # with the padding
+        merged_positions, merged_us = np.empty(total, dtype=np.int64), np.empty(total, dtype=np.int64)
+        for into, known, more in ((stamps, old, new), (merged_positions, self.positions, positions)):
+            into[at], into[:total][kept] = more, known
+        merged_us[at], merged_us[kept] = event_us, self.event_us
+        _settle_ties(stamps[:total], merged_positions, merged_us, created)
+        return Run.sorted(keys, axis, stamps, merged_positions, merged_us)
 
     def masked(self, alive: np.ndarray) -> Run | None:
         """This run without the stamps of rows that are not `alive` (by row of the columns); None if none is left.
@@ -127,22 +131,28 @@ class Run:
         )
 
     def search(
-        self, keys: list[pa.Array | pa.ChunkedArray], entity_us: np.ndarray, valid: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        keys: list[pa.Array | pa.ChunkedArray],
+        entity_us: np.ndarray,
+        valid: np.ndarray,
+        by_stamp: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """For each entity row, the stamp (index into this run) of the row it gets here, and whether it gets one:
-        equal keys, the latest event time at or before the entity's."""
+        equal keys, the latest event time at or before the entity's. Searching a large run in stamp order keeps
+        the searches in cache: `by_stamp` is that order of the entity rows, if known (the runs' key codes mostly
+        rise with the keys, so one run's order suits the next), which comes back for the next run."""
         code = self.keys.encode(keys)
         known = valid & (code >= 0)
         wanted = code * self.axis.span + self.axis.offsets(entity_us)
         if len(self) < _SMALL_RUN:  # fits in cache whatever the order
             found = np.searchsorted(self.stamps[: len(self)], wanted, side="right") - 1
         else:
-            by_stamp = np.argsort(wanted)  # searching in order keeps the searches in cache
+            by_stamp = np.argsort(wanted) if by_stamp is None else by_stamp
             found = np.empty(len(wanted), dtype=np.int64)
             found[by_stamp] = self._last_at_or_below(wanted[by_stamp])
         at = np.maximum(found, 0)
         known &= (found >= 0) & (self.stamps[at] > code * self.axis.span)  # same key, not the one before
-        return at, known
+        return at, known, by_stamp
 
     def _last_at_or_below(self, wanted: np.ndarray) -> np.ndarray:
         """The position of the last stamp <= each wanted one (-1: none): the block from the fence, then
@@ -276,8 +286,9 @@ class AsofIndex:
         found_us = np.zeros(len(entity_us), dtype=np.int64)
         known = np.zeros(len(entity_us), dtype=bool)
         created = _created_of(self.spec, self.columns)
+        by_stamp = None
         for i, run in enumerate(self.runs):
-            at, here = run.search(keys, entity_us, valid)
+            at, here, by_stamp = run.search(keys, entity_us, valid, by_stamp)
             at_rows, at_us = run.positions[at], run.event_us[at]
             if i == 0:
                 rows, found_us, known = at_rows, at_us, here
@@ -313,19 +324,18 @@ def _created_of(spec: FeatureSpec, columns: dict[str, Values]) -> Created:
     return lambda rows: _created(values.take(rows, np.ones(len(rows), dtype=bool)))
 
 
-def _order(order: np.ndarray, stamps: np.ndarray, rows: np.ndarray, created: Created) -> np.ndarray:
-    """`order`, which sorts `stamps`, with each run of equal stamps ordered by created time, then row."""
-    ranked = stamps[order]
-    tied = ranked[1:] == ranked[:-1]
+def _settle_ties(stamps: np.ndarray, rows: np.ndarray, event_us: np.ndarray, created: Created) -> None:
+    """Order each run of equal `stamps` (sorted) by created time, then row, in place: its last wins."""
+    tied = stamps[1:] == stamps[:-1]
     if tied.any():
-        in_tie = np.zeros(len(ranked), dtype=bool)
+        in_tie = np.zeros(len(stamps), dtype=bool)
         in_tie[1:] |= tied
         in_tie[:-1] |= tied
         runs = np.flatnonzero(in_tie)  # sorting just these by (stamp, created, row) keeps each tie in place
-        chosen = order[runs]
-        later = created(rows[chosen]) if created is not None else np.zeros(len(chosen), dtype=np.int64)
-        order[runs] = chosen[np.lexsort((rows[chosen], later, ranked[runs]))]
-    return order
+        chosen = rows[runs]
+        later = created(chosen) if created is not None else np.zeros(len(chosen), dtype=np.int64)
+        order = np.lexsort((chosen, later, stamps[runs]))
+        rows[runs], event_us[runs] = chosen[order], event_us[runs][order]
 
 
 def _usable(spec: FeatureSpec, rows: pa.Table) -> tuple[list[pa.ChunkedArray], np.ndarray, np.ndarray]:
