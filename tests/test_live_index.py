@@ -167,6 +167,14 @@ step = st.one_of(
     first=1,
     steps=[("append", 1), ("append", 1), ("delete", [2]), ("fold",), ("delete", [1])],
 )
+@example(  # a fold keeps each stamp's event time, which the TTL reads
+    rows=[(1, "a", 0, 0), (2, "a", 10, 0), (1, "a", 11, 0)],
+    entities=[(2, "a", 12), (1, "a", 12)],
+    composite=False,
+    ttl=5,
+    first=2,
+    steps=[("append", 1), ("fold",)],
+)
 @example(  # a fold merges an older run's row created later than the newer run's, tied on (key, time)
     rows=[(1, "a", 5, 2), (1, "a", 5, 1)],
     entities=[(1, "a", 5)],
