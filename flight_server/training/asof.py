@@ -137,22 +137,27 @@ class Run:
         valid: np.ndarray,
         by_stamp: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """For each entity row, the stamp (index into this run) of the row it gets here, and whether it gets one:
-        equal keys, the latest event time at or before the entity's. Searching a large run in stamp order keeps
-        the searches in cache: `by_stamp` is that order of the entity rows, if known (the runs' key codes mostly
-        rise with the keys, so one run's order suits the next), which comes back for the next run."""
+        """The entity rows that get a row here (equal keys, the latest event time at or before the entity's), and
+        the stamp (index into this run) each gets. A small run is searched for the entity rows whose keys it holds
+        only; a large one in stamp order, which keeps the searches in cache: `by_stamp` is that order of the entity
+        rows, if known (the runs' key codes mostly rise with the keys, so one run's order suits the next), which
+        comes back for the next run."""
         code = self.keys.encode(keys)
-        known = valid & (code >= 0)
-        wanted = code * self.axis.span + self.axis.offsets(entity_us)
         if len(self) < _SMALL_RUN:  # fits in cache whatever the order
+            rows = np.flatnonzero(valid & (code >= 0))
+            code = code[rows]
+            wanted = code * self.axis.span + self.axis.offsets(entity_us[rows])
             found = np.searchsorted(self.stamps[: len(self)], wanted, side="right") - 1
         else:
+            rows = np.arange(len(code))
+            wanted = code * self.axis.span + self.axis.offsets(entity_us)
             by_stamp = np.argsort(wanted) if by_stamp is None else by_stamp
             found = np.empty(len(wanted), dtype=np.int64)
             found[by_stamp] = self._last_at_or_below(wanted[by_stamp])
+            found[~valid | (code < 0)] = -1
         at = np.maximum(found, 0)
-        known &= (found >= 0) & (self.stamps[at] > code * self.axis.span)  # same key, not the one before
-        return at, known, by_stamp
+        hit = (found >= 0) & (self.stamps[at] > code * self.axis.span)  # same key, not the one before
+        return rows[hit], at[hit], by_stamp
 
     def _last_at_or_below(self, wanted: np.ndarray) -> np.ndarray:
         """The position of the last stamp <= each wanted one (-1: none): the block from the fence, then
@@ -287,19 +292,16 @@ class AsofIndex:
         known = np.zeros(len(entity_us), dtype=bool)
         created = _created_of(self.spec, self.columns)
         by_stamp = None
-        for i, run in enumerate(self.runs):
-            at, here, by_stamp = run.search(keys, entity_us, valid, by_stamp)
+        for run in self.runs:
+            hit, at, by_stamp = run.search(keys, entity_us, valid, by_stamp)
             at_rows, at_us = run.positions[at], run.event_us[at]
-            if i == 0:
-                rows, found_us, known = at_rows, at_us, here
-                continue
-            wins = here & (~known | (at_us > found_us))
-            tied = np.flatnonzero(here & known & (at_us == found_us))
+            before, before_us = known[hit], found_us[hit]
+            wins = ~before | (at_us > before_us)
+            tied = np.flatnonzero(before & (at_us == before_us))
             if len(tied):  # the newer run wins a tie on created time too
-                wins[tied] = created(at_rows[tied]) >= created(rows[tied]) if created is not None else True
-            rows = np.where(wins, at_rows, rows)
-            found_us = np.where(wins, at_us, found_us)
-            known |= here
+                wins[tied] = created(at_rows[tied]) >= created(rows[hit[tied]]) if created is not None else True
+            taken = hit[wins]
+            rows[taken], found_us[taken], known[taken] = at_rows[wins], at_us[wins], True
         if ttl and self.spec.ttl_seconds:
             since = entity_us if entity_up_us is None else entity_up_us
             known &= found_us >= since - int(self.spec.ttl_seconds * 1_000_000)
