@@ -21,6 +21,7 @@ from flight_server.base.schemas import micros
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
 from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
+from flight_server.training import asof
 from flight_server.training.asof import AsofCache, AsofIndex
 from tests.conftest import sqlite_catalog, start_server, wait_until
 from tests.test_asof import YEAR, entity_rows, feature_rows, reference, table, texts
@@ -158,6 +159,7 @@ step = st.one_of(
     ttl=st.none() | st.integers(1, 10),
     first=st.integers(0, 3),
     steps=st.lists(step, max_size=8),
+    large=st.booleans(),
 )
 @example(  # rows tied on (key, time, created) in three runs: the newest wins, and once deleted the one before
     rows=[(1, "a", 5, 0), (1, "a", 5, 1), (1, "a", 5, 1)],
@@ -166,6 +168,7 @@ step = st.one_of(
     ttl=None,
     first=1,
     steps=[("append", 1), ("append", 1), ("delete", [2]), ("fold",), ("delete", [1])],
+    large=False,
 )
 @example(  # a fold keeps each stamp's event time, which the TTL reads
     rows=[(1, "a", 0, 0), (2, "a", 10, 0), (1, "a", 11, 0)],
@@ -174,6 +177,7 @@ step = st.one_of(
     ttl=5,
     first=2,
     steps=[("append", 1), ("fold",)],
+    large=False,
 )
 @example(  # a fold merges an older run's row created later than the newer run's, tied on (key, time)
     rows=[(1, "a", 5, 2), (1, "a", 5, 1)],
@@ -182,6 +186,7 @@ step = st.one_of(
     ttl=None,
     first=1,
     steps=[("append", 1), ("fold",)],
+    large=False,
 )
 def test_runs_with_deletes_match_reference(
     rows: list[tuple[Any, ...]],
@@ -190,11 +195,29 @@ def test_runs_with_deletes_match_reference(
     ttl: int | None,
     first: int,
     steps: list[tuple[Any, ...]],
+    large: bool,
 ) -> None:
     """An index brought forward by random appends (a run each), deletes (masked rows) and folds answers after
     every step as the plain loop over the rows still there, and every earlier generation as it did. Ties on
     (keys, time) abound (few keys, times 0-20); rows tied on created time too go to the newer row, which is what
-    an index that saw them in separate appends can tell, so the reference says so (the later row wins)."""
+    an index that saw them in separate appends can tell, so the reference says so (the later row wins). With
+    `large`, every run is searched as a large one is (in stamp order, for all entity rows)."""
+    small_run = asof._SMALL_RUN
+    asof._SMALL_RUN = 0 if large else small_run
+    try:
+        check_runs(rows, entities, composite, ttl, first, steps)
+    finally:
+        asof._SMALL_RUN = small_run
+
+
+def check_runs(
+    rows: list[tuple[Any, ...]],
+    entities: list[tuple[Any, ...]],
+    composite: bool,
+    ttl: int | None,
+    first: int,
+    steps: list[tuple[Any, ...]],
+) -> None:
     spec = FeatureSpec(("k", "t") if composite else ("k",), "ts", "created", ttl)
     source = table(rows)
     first = min(len(rows), first)
