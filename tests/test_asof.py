@@ -30,7 +30,8 @@ entity_rows = st.lists(st.tuples(st.none() | keys, st.none() | texts, st.none() 
 
 
 def reference(rows: list[tuple[Any, ...]], entity: tuple[Any, ...], composite: bool, ttl: int | None) -> int | None:
-    """The row an entity gets: keys equal, latest time at or before its own (within the TTL), latest created."""
+    """The row an entity gets: keys equal, latest time at or before its own (within the TTL), latest created; of
+    rows equal in all that, the later (an index that saw them in separate appends tells them apart so)."""
     key, text, at = entity
     if key is None or at is None or (composite and text is None):
         return None
@@ -39,7 +40,7 @@ def reference(rows: list[tuple[Any, ...]], entity: tuple[Any, ...], composite: b
         if k != key or (composite and t != text) or ts is None or ts > at or (ttl is not None and ts < at - ttl):
             continue
         rank = (ts, -1 if created is None else created)
-        if best is None or rank > best[0]:
+        if best is None or rank >= best[0]:
             best = (rank, i)
     return None if best is None else best[1]
 

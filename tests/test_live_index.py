@@ -199,8 +199,7 @@ def test_runs_with_deletes_match_reference(
 ) -> None:
     """An index brought forward by random appends (a run each), deletes (masked rows) and folds answers after
     every step as the plain loop over the rows still there, and every earlier generation as it did. Ties on
-    (keys, time) abound (few keys, times 0-20); rows tied on created time too go to the newer row, which is what
-    an index that saw them in separate appends can tell, so the reference says so (the later row wins). With
+    (keys, time) abound (`tied_rows`), also on created time, where the later row wins. With
     `large`, every run is searched as a large one is (in stamp order, for all entity rows)."""
     small_run = asof._SMALL_RUN
     asof._SMALL_RUN = 0 if large else small_run
@@ -239,28 +238,11 @@ def check_runs(
         generations.append((index, answers(index, source, entities, spec)))
         kept = [r if i < present and i not in gone else (None, None, None, None) for i, r in enumerate(rows)]
         for (apply_ttl, limit), found in zip(((True, ttl), (False, None)), generations[-1][1], strict=True):
-            chosen = [latest(kept, e, composite, limit) for e in entities]
+            chosen = [reference(kept, e, composite, limit) for e in entities]
             want = [None if i is None else source.column("row")[i].as_py() for i in chosen]
             assert found["row"] == want, (number, op, apply_ttl)
     for generation, before in generations:
         assert answers(generation, source, entities, spec) == before
-
-
-def latest(rows: list[tuple[Any, ...]], entity: tuple[Any, ...], composite: bool, ttl: int | None) -> int | None:
-    """`reference`, with rows tied on (keys, time, created) won by the later row."""
-    key, text, at = entity
-    if key is None or at is None or (composite and text is None):
-        return None
-    best = None
-    for i, (k, t, ts, created) in enumerate(rows):
-        if k is None or k != key or (composite and t != text) or ts is None or ts > at:
-            continue
-        rank = (ts, -1 if created is None else created, i)
-        if best is None or rank > best[0]:
-            best = (rank, i)
-    if best is None or (ttl is not None and best[0][0] < at - ttl):
-        return None
-    return best[1]
 
 
 EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
