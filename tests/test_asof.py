@@ -30,7 +30,8 @@ entity_rows = st.lists(st.tuples(st.none() | keys, st.none() | texts, st.none() 
 
 
 def reference(rows: list[tuple[Any, ...]], entity: tuple[Any, ...], composite: bool, ttl: int | None) -> int | None:
-    """The row an entity gets: keys equal, latest time at or before its own (within the TTL), latest created."""
+    """The row an entity gets: keys equal, latest time at or before its own (within the TTL), latest created; of
+    rows equal in all that, the later (an index that saw them in separate appends tells them apart so)."""
     key, text, at = entity
     if key is None or at is None or (composite and text is None):
         return None
@@ -39,7 +40,7 @@ def reference(rows: list[tuple[Any, ...]], entity: tuple[Any, ...], composite: b
         if k != key or (composite and t != text) or ts is None or ts > at or (ttl is not None and ts < at - ttl):
             continue
         rank = (ts, -1 if created is None else created)
-        if best is None or rank > best[0]:
+        if best is None or rank >= best[0]:
             best = (rank, i)
     return None if best is None else best[1]
 
@@ -112,12 +113,13 @@ def test_time_ranks_and_sorted_keys_are_used_when_needed() -> None:
     """The hypothesis test above covers every encoding only if its data can reach them: check that it can."""
     spread = [(k, "a", ts, None) for k in (1 << 40, *range(25)) for ts in (0, 7_000 * YEAR, -30 * YEAR)]
     index = AsofIndex.build("t", 1, FeatureSpec(("k",), "ts"), table(spread))
-    assert index.axis.distinct is not None  # centuries x keys: ranks, not offsets
-    assert index.keys.columns[0].table is None  # keys far apart: binary search, not a table
+    assert index.runs[0].axis.distinct is not None  # centuries x keys: ranks, not offsets
+    assert index.runs[0].keys.columns[0].table is None  # keys far apart: binary search, not a table
     stored = {name: type(values).__name__ for name, values in index.columns.items()}
     assert stored["score"] == stored["day"] == "FixedValues" and stored["grade"] == "DictionaryValues"
     assert stored["name"] == stored["flag"] == stored["amount"] == "ArrowValues"
     close = AsofIndex.build("t", 1, FeatureSpec(("k",), "ts"), table([(k, "a", k, None) for k in range(5)]))
-    assert close.axis.distinct is None and close.keys.columns[0].table is not None
-    stamps = close.stamps[: len(close.event_us)]  # without the padding
+    (run,) = close.runs
+    assert run.axis.distinct is None and run.keys.columns[0].table is not None
+    stamps = run.stamps[: len(run)]  # without the padding
     assert bool((stamps[1:] > stamps[:-1]).all())

@@ -4,12 +4,13 @@ Training-set indexes extend themselves with these files instead of re-reading th
 `since_snapshot` return just their rows. Both need the same guarantee: the newer snapshot's rows are exactly
 the older one's plus the rows of these files. That holds only when every snapshot in between added data
 files and nothing else (no file removed, no delete file added), which `appended_since` checks entry by entry
-rather than trusting the operation in each summary.
+rather than trusting the operation in each summary. Training-set indexes also follow snapshots that added
+delete files (`changed_since`): they mask the deleted rows instead of reading the table again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyiceberg.manifest import DataFile, DataFileContent, ManifestEntryStatus
 from pyiceberg.table import Table
@@ -27,6 +28,7 @@ class Appended:
     files: list[DataFile] | None
     blocker: int | None = None
     why: str = ""
+    deletes: list[DataFile] = field(default_factory=list)  # delete files added in between (`changed_since` only)
 
     def explain(self, table: Table) -> str:
         """Why the rows added since `since` cannot be told apart, for an error message."""
@@ -41,6 +43,17 @@ class Appended:
 
 def appended_since(table: Table, since: int, until: int) -> Appended:
     """The files appended after snapshot `since` up to `until` (none if they are the same snapshot)."""
+    return _changes(table, since, until, deletes=False)
+
+
+def changed_since(table: Table, since: int, until: int) -> Appended:
+    """The files appended after snapshot `since` up to `until`, and the delete files added (position or equality):
+    the newer snapshot's rows are the older one's plus the appended files' rows, less what the delete files
+    delete. No list when a snapshot in between removed a data file."""
+    return _changes(table, since, until, deletes=True)
+
+
+def _changes(table: Table, since: int, until: int, deletes: bool) -> Appended:
     chain = []
     snapshot = table.snapshot_by_id(until)
     while snapshot is not None and snapshot.snapshot_id != since:
@@ -50,6 +63,7 @@ def appended_since(table: Table, since: int, until: int) -> Appended:
     if snapshot is None:
         return Appended(since, until, None)
     files: list[DataFile] = []
+    added_deletes: list[DataFile] = []
     for step in reversed(chain):
         for manifest in step.manifests(table.io):
             if manifest.added_snapshot_id != step.snapshot_id:
@@ -65,7 +79,10 @@ def appended_since(table: Table, since: int, until: int) -> Appended:
                         step.snapshot_id,
                         "removes data files (rows deleted, overwritten or compacted)",
                     )
-                if entry.data_file.content != DataFileContent.DATA:
+                if entry.data_file.content == DataFileContent.DATA:
+                    files.append(entry.data_file)
+                elif deletes:
+                    added_deletes.append(entry.data_file)
+                else:
                     return Appended(since, until, None, step.snapshot_id, "deletes rows")
-                files.append(entry.data_file)
-    return Appended(since, until, files)
+    return Appended(since, until, files, deletes=added_deletes)

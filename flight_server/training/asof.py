@@ -6,24 +6,28 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyiceberg.table import Table
+from pyiceberg.manifest import DataFile, FileFormat
+from pyiceberg.table import FileScanTask, Table
 
 from flight_server.base.locks import LockPool
 from flight_server.base.memory import MemoryBudget
 from flight_server.base.schemas import micros
 from flight_server.base.shards import key_slots
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, table_name
-from flight_server.iceberg.lineage import appended_since
+from flight_server.iceberg.lineage import Appended, changed_since
+from flight_server.iceberg.positions import referenced_data_file
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.caches import ReadCaches
+from flight_server.reads.deleted import deleted_positions
 from flight_server.reads.duck import Engine
-from flight_server.reads.paths import direct_files, direct_reader, open_scan
+from flight_server.reads.paths import direct_files, direct_reader, open_scan, read_path
 from flight_server.reads.plan import ScanPlan, plan_table_scan, renamed
 from flight_server.training.buckets import share_tasks
 from flight_server.training.codes import KeyCodes, TimeAxis, Values, column_values, extend_values
@@ -38,122 +42,122 @@ _READ_BATCH_ROWS = 262_144
 
 _ANCESTORS = 100  # snapshots looked back for a cached index to extend
 
+_SMALL_RUN = 1 << 16  # stamps of a run searched without sorting the entity rows first
+
+_FOLD_RUNS = 4  # runs after the first that the cache folds into it in the background, or more
+
+_FOLD_RATIO = 16  # ... or when they hold more than 1/16 of the first run's stamps
+
+_MASK_RATIO = 4  # deletes are masked while the masked rows stay under 1/4 of the columns; beyond, the index is rebuilt
+
 _Key = tuple[str, int | None, FeatureSpec, KeyShare | None]  # table uuid, snapshot, spec, share (None: all rows)
 
 
 @dataclass(frozen=True)
-class AsofIndex:
-    """One feature table at one snapshot: its columns as read, and a stamp per (keys, event time) sorted for search."""
+class Run:
+    """Some rows of an index sorted for search, with key codes and a time axis of their own: a stamp per usable
+    row (code * axis.span + offset), ties on (keys, event time) ordered by created time then row, so that the
+    last stamp at or below a wanted one is the row that wins (the latest created; on that too, the newer row)."""
 
-    name: str
-    snapshot_id: int | None
-    spec: FeatureSpec
-    columns: dict[str, Values]  # every column of the snapshot, in read order
     keys: KeyCodes
     axis: TimeAxis
-    stamps: np.ndarray  # sorted: code * axis.span + offset, then _BLOCK padding stamps above any other
+    stamps: np.ndarray  # sorted, then _BLOCK padding stamps above any other
     fence: np.ndarray  # every _BLOCK-th stamp: small enough to stay in cache while searching
-    positions: np.ndarray  # the row of `columns` of each stamp
+    positions: np.ndarray  # the row of the index's columns of each stamp
     event_us: np.ndarray
-    row_count: int  # rows in `columns`
 
     @classmethod
-    def build(cls, name: str, snapshot_id: int | None, spec: FeatureSpec, rows: pa.Table) -> AsofIndex:
+    def sorted(
+        cls, keys: KeyCodes, axis: TimeAxis, stamps: np.ndarray, positions: np.ndarray, event_us: np.ndarray
+    ) -> Run:
+        """The run of these stamps, already in order (`stamps` may come padded already)."""
+        if len(stamps) == len(positions):
+            stamps = np.concatenate([stamps, np.full(_BLOCK, np.iinfo(np.int64).max)])
+        return cls(keys, axis, stamps, stamps[: len(positions) : _BLOCK].copy(), positions, event_us)
+
+    @classmethod
+    def build(cls, spec: FeatureSpec, rows: pa.Table, first: int, created: Created) -> Run | None:
+        """The run of `rows`, which are the index's rows from `first` on; None if none of them can match."""
         key_columns, event_us, usable = _usable(spec, rows)
+        if len(usable) == 0:
+            return None
         keys, code = KeyCodes.build(key_columns)
         axis, offset = TimeAxis.build(event_us, keys.count)
-        stamps, order = _latest(code * axis.span + offset, spec, rows, usable)
-        return cls(
-            name,
-            snapshot_id,
-            spec,
-            {n: column_values(rows.column(n)) for n in rows.column_names},
-            keys,
-            axis,
-            np.concatenate([stamps, np.full(_BLOCK, np.iinfo(np.int64).max)]),
-            stamps[::_BLOCK].copy(),
-            usable[order],
-            event_us[order],
-            rows.num_rows,
-        )
+        stamps, positions = code * axis.span + offset, usable + first
+        order = np.argsort(stamps)
+        stamps, positions, event_us = stamps[order], positions[order], event_us[order]
+        _settle_ties(stamps, positions, event_us, created)
+        return cls.sorted(keys, axis, stamps, positions, event_us)
 
-    def extend(self, snapshot_id: int, rows: pa.Table) -> AsofIndex:
-        """The index of a later snapshot whose rows are this one's plus `rows` (appended): the known stamps are
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def merged(self, spec: FeatureSpec, columns: dict[str, Values], positions: np.ndarray, created: Created) -> Run:
+        """This run with the rows at `positions` (usable ones of the same columns) merged in: the known stamps are
         renumbered without sorting (new key codes and time offsets rise with the old ones, so they stay sorted),
-        only `rows` are sorted, and the two sorted runs are merged in one pass. This index answers as before."""
-        if rows.num_rows == 0:
-            return replace(self, snapshot_id=snapshot_id)
-        if len(self.fence) == 0:  # no row that can match: nothing to keep
-            return AsofIndex.build(self.name, snapshot_id, self.spec, rows)
-        key_columns, event_us, usable = _usable(self.spec, rows)
+        only the new rows are sorted, and the two sorted sequences are merged in one pass."""
+        everywhere = np.ones(len(positions), dtype=bool)
+        key_columns = [columns[k].take(positions, everywhere) for k in spec.entity_keys]
+        event_us = micros(columns[spec.event_time].take(positions, everywhere))[0]
         keys, renumber, code = self.keys.extend(key_columns)
         axis = self.axis.extend(self.event_us, event_us, keys.count)
-        known = self.stamps[:-_BLOCK]
-        old = renumber[known // self.axis.span] * axis.span + axis.feature_offsets(self.event_us)
-        new, order = _latest(code * axis.span + axis.feature_offsets(event_us), self.spec, rows, usable)
-        rows_at = usable[order]
-        positions, new_us = self.row_count + rows_at, event_us[order]
-        at = np.searchsorted(old, new)
-        tied = at < len(old)
-        tied[tied] = old[at[tied]] == new[tied]
-        wins = tied.copy()  # a tie on (keys, event time) goes to the latest created; on that too, to the newer row
-        if self.spec.created_time and tied.any():
-            created = self.columns[self.spec.created_time]
-            before = _created(created.take(self.positions[at[tied]], np.ones(int(tied.sum()), bool)))
-            after = _created(rows.column(self.spec.created_time).take(pa.array(rows_at[tied])))
-            wins[tied] = after >= before
-        added = ~tied
-        inserted = at[added]
-        merged = np.insert(old, inserted, new[added])
-        merged_positions = np.insert(self.positions, inserted, positions[added])
-        merged_us = np.insert(self.event_us, inserted, new_us[added])
-        replaced = at[wins]
-        replaced += np.searchsorted(inserted, replaced, side="right")
-        merged_positions[replaced], merged_us[replaced] = positions[wins], new_us[wins]
-        return AsofIndex(
-            self.name,
-            snapshot_id,
-            self.spec,
-            {n: extend_values(self.columns[n], rows.column(n)) for n in self.columns},
-            keys,
-            axis,
-            np.concatenate([merged, np.full(_BLOCK, np.iinfo(np.int64).max)]),
-            merged[::_BLOCK].copy(),
-            merged_positions,
-            merged_us,
-            self.row_count + rows.num_rows,
+        old = renumber[self.stamps[: len(self)] // self.axis.span] * axis.span + axis.feature_offsets(self.event_us)
+        new = code * axis.span + axis.feature_offsets(event_us)
+        by_stamp = np.argsort(new)
+        new, positions, event_us = new[by_stamp], positions[by_stamp], event_us[by_stamp]
+        # Where each new stamp goes: after the old stamps at or below it, and after the new ones before it.
+        at = np.searchsorted(old, new, side="right") + np.arange(len(new))
+        total = len(old) + len(new)
+        kept = np.ones(total, dtype=bool)
+        kept[at] = False
+        stamps = np.full(total + _BLOCK, np.iinfo(np.int64).max)  # with the padding
+        merged_positions, merged_us = np.empty(total, dtype=np.int64), np.empty(total, dtype=np.int64)
+        for into, known, more in ((stamps, old, new), (merged_positions, self.positions, positions)):
+            into[at], into[:total][kept] = more, known
+        merged_us[at], merged_us[kept] = event_us, self.event_us
+        _settle_ties(stamps[:total], merged_positions, merged_us, created)
+        return Run.sorted(keys, axis, stamps, merged_positions, merged_us)
+
+    def masked(self, alive: np.ndarray) -> Run | None:
+        """This run without the stamps of rows that are not `alive` (by row of the columns); None if none is left.
+        Ties keep their order, so the latest surviving row of a tie wins: nothing needs sorting again."""
+        kept = alive[self.positions]
+        if kept.all():
+            return self
+        if not kept.any():
+            return None
+        return Run.sorted(
+            self.keys, self.axis, self.stamps[: len(self)][kept], self.positions[kept], self.event_us[kept]
         )
 
-    def nbytes(self) -> int:
-        arrays = self.stamps.nbytes + self.fence.nbytes + self.positions.nbytes + self.event_us.nbytes
-        return sum(c.nbytes() for c in self.columns.values()) + self.keys.nbytes() + arrays
-
-    def match(
+    def search(
         self,
         keys: list[pa.Array | pa.ChunkedArray],
         entity_us: np.ndarray,
         valid: np.ndarray,
-        ttl: bool,
-        entity_up_us: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """For each entity row, the row of `columns` it gets, and whether it gets one: equal keys, the latest
-        event time at or before the entity's, and within the TTL when `ttl` says to apply it. Entity times
-        in nanoseconds come rounded down (`entity_us`) and up (`entity_up_us`, `codes.entity_micros`):
-        the TTL counts from the latter, so that its bound is exact."""
-        if len(self.fence) == 0:
-            return np.zeros(len(entity_us), dtype=np.int64), np.zeros(len(entity_us), dtype=bool)
+        by_stamp: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The entity rows that get a row here (equal keys, the latest event time at or before the entity's), and
+        the stamp (index into this run) each gets. A small run is searched for the entity rows whose keys it holds
+        only; a large one in stamp order, which keeps the searches in cache: `by_stamp` is that order of the entity
+        rows, if known (the runs' key codes mostly rise with the keys, so one run's order suits the next), which
+        comes back for the next run."""
         code = self.keys.encode(keys)
-        known = valid & (code >= 0)
-        wanted = code * self.axis.span + self.axis.offsets(entity_us)
-        by_stamp = np.argsort(wanted)  # searching in order keeps the searches in cache
-        found = np.empty(len(wanted), dtype=np.int64)
-        found[by_stamp] = self._last_at_or_below(wanted[by_stamp])
+        if len(self) < _SMALL_RUN:  # fits in cache whatever the order
+            rows = np.flatnonzero(valid & (code >= 0))
+            code = code[rows]
+            wanted = code * self.axis.span + self.axis.offsets(entity_us[rows])
+            found = np.searchsorted(self.stamps[: len(self)], wanted, side="right") - 1
+        else:
+            rows = np.arange(len(code))
+            wanted = code * self.axis.span + self.axis.offsets(entity_us)
+            by_stamp = np.argsort(wanted) if by_stamp is None else by_stamp
+            found = np.empty(len(wanted), dtype=np.int64)
+            found[by_stamp] = self._last_at_or_below(wanted[by_stamp])
+            found[~valid | (code < 0)] = -1
         at = np.maximum(found, 0)
-        known &= (found >= 0) & (self.stamps[at] > code * self.axis.span)  # same key, not the one before
-        if ttl and self.spec.ttl_seconds:
-            since = entity_us if entity_up_us is None else entity_up_us
-            known &= self.event_us[at] >= since - int(self.spec.ttl_seconds * 1_000_000)
-        return self.positions[at], known
+        hit = (found >= 0) & (self.stamps[at] > code * self.axis.span)  # same key, not the one before
+        return rows[hit], at[hit], by_stamp
 
     def _last_at_or_below(self, wanted: np.ndarray) -> np.ndarray:
         """The position of the last stamp <= each wanted one (-1: none): the block from the fence, then
@@ -168,12 +172,172 @@ class AsofIndex:
             size -= half
         return np.where(block >= 0, base, -1)
 
+    def nbytes(self) -> int:
+        arrays = self.stamps.nbytes + self.fence.nbytes + self.positions.nbytes + self.event_us.nbytes
+        return self.keys.nbytes() + arrays
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """Where the rows of one data file are among an index's columns: `count` rows from row `first`, the file's
+    rows in order without the positions `absent` (sorted), deleted when it was read. A position delete committed
+    later names rows of the file, which this turns into rows of the columns to mask (`masked`: those so far)."""
+
+    file: DataFile
+    first: int
+    count: int
+    absent: np.ndarray
+    masked: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, FileSpan]:
+        """The rows of the columns at the file's `positions` (sorted, unique) not deleted already, and the span
+        with those masked too."""
+        fresh = positions[~np.isin(positions, self.absent) & ~np.isin(positions, self.masked)]
+        rows = self.first + fresh - np.searchsorted(self.absent, fresh)
+        return rows, replace(self, masked=np.union1d(self.masked, fresh))
+
+
+@dataclass(frozen=True)
+class AsofIndex:
+    """One feature table at one snapshot: its columns as read, and sorted runs of their rows for search.
+
+    The first run comes from a full build; each append since adds a run of its own rows (a sort of those alone),
+    and the cache folds runs into the first in the background (`folded`). Every run is searched and the latest
+    event time found wins; on a tie, the latest created, and on that too the newer run, as within one run.
+    Rows deleted since the build are masked (`masked`): their stamps leave the runs, their values stay in the
+    columns, unreachable."""
+
+    name: str
+    snapshot_id: int | None
+    spec: FeatureSpec
+    columns: dict[str, Values]  # every column of the snapshot, in read order, and masked rows
+    runs: tuple[Run, ...]  # oldest first
+    row_count: int  # rows in `columns`
+    spans: tuple[FileSpan, ...] | None = None  # each data file's rows, when known (read file by file)
+    dead: int = 0  # rows of `columns` masked by deletes
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        snapshot_id: int | None,
+        spec: FeatureSpec,
+        rows: pa.Table,
+        spans: tuple[FileSpan, ...] | None = None,
+    ) -> AsofIndex:
+        columns = {n: column_values(rows.column(n)) for n in rows.column_names}
+        run = Run.build(spec, rows, 0, _created_of(spec, columns))
+        return cls(name, snapshot_id, spec, columns, (run,) if run is not None else (), rows.num_rows, spans)
+
+    def extend(self, snapshot_id: int, rows: pa.Table, spans: tuple[FileSpan, ...] | None = None) -> AsofIndex:
+        """The index of a later snapshot whose rows are this one's plus `rows` (appended, in files `spans` says,
+        numbered from 0 within `rows`): only `rows` are sorted, into a run of their own. This index answers as
+        before (the columns grow in room only later generations see)."""
+        if self.spans is not None and spans is not None:
+            spans = self.spans + tuple(replace(s, first=s.first + self.row_count) for s in spans)
+        else:
+            spans = None
+        if rows.num_rows == 0:
+            return replace(self, snapshot_id=snapshot_id, spans=spans)
+        columns = {n: extend_values(self.columns[n], rows.column(n)) for n in self.columns}
+        run = Run.build(self.spec, rows, self.row_count, _created_of(self.spec, columns))
+        runs = self.runs + ((run,) if run is not None else ())
+        return replace(
+            self,
+            snapshot_id=snapshot_id,
+            columns=columns,
+            runs=runs,
+            row_count=self.row_count + rows.num_rows,
+            spans=spans,
+        )
+
+    def folded(self) -> AsofIndex:
+        """The same index with its runs merged into one (it answers exactly as this one)."""
+        if len(self.runs) < 2:
+            return self
+        positions = np.sort(np.concatenate([run.positions for run in self.runs[1:]]))
+        run = self.runs[0].merged(self.spec, self.columns, positions, _created_of(self.spec, self.columns))
+        return replace(self, runs=(run,))
+
+    def masked(self, snapshot_id: int, rows: np.ndarray, spans: tuple[FileSpan, ...] | None) -> AsofIndex:
+        """The index of a later snapshot that deleted `rows` (of the columns, not masked yet) of this one's."""
+        alive = np.ones(self.row_count, dtype=bool)
+        alive[rows] = False
+        runs = tuple(r for r in (run.masked(alive) for run in self.runs) if r is not None)
+        return replace(self, snapshot_id=snapshot_id, runs=runs, spans=spans, dead=self.dead + len(rows))
+
+    def crowded(self, max_runs: int, ratio: int) -> bool:
+        """Whether its runs after the first pass `max_runs`, or 1/`ratio` of the first's stamps."""
+        if len(self.runs) < 2:
+            return False
+        return len(self.runs) - 1 > max_runs or sum(len(r) for r in self.runs[1:]) * ratio > len(self.runs[0])
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.columns.values()) + sum(r.nbytes() for r in self.runs)
+
+    def match(
+        self,
+        keys: list[pa.Array | pa.ChunkedArray],
+        entity_us: np.ndarray,
+        valid: np.ndarray,
+        ttl: bool,
+        entity_up_us: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """For each entity row, the row of `columns` it gets, and whether it gets one: equal keys, the latest
+        event time at or before the entity's (of tied ones the latest created, then the newer run), and within
+        the TTL when `ttl` says to apply it. Entity times in nanoseconds come rounded down (`entity_us`) and up
+        (`entity_up_us`, `codes.entity_micros`): the TTL counts from the latter, so that its bound is exact."""
+        rows = np.zeros(len(entity_us), dtype=np.int64)
+        found_us = np.zeros(len(entity_us), dtype=np.int64)
+        known = np.zeros(len(entity_us), dtype=bool)
+        created = _created_of(self.spec, self.columns)
+        by_stamp = None
+        for run in self.runs:
+            hit, at, by_stamp = run.search(keys, entity_us, valid, by_stamp)
+            at_rows, at_us = run.positions[at], run.event_us[at]
+            before, before_us = known[hit], found_us[hit]
+            wins = ~before | (at_us > before_us)
+            tied = np.flatnonzero(before & (at_us == before_us))
+            if len(tied):  # the newer run wins a tie on created time too
+                wins[tied] = created(at_rows[tied]) >= created(rows[hit[tied]]) if created is not None else True
+            taken = hit[wins]
+            rows[taken], found_us[taken], known[taken] = at_rows[wins], at_us[wins], True
+        if ttl and self.spec.ttl_seconds:
+            since = entity_us if entity_up_us is None else entity_up_us
+            known &= found_us >= since - int(self.spec.ttl_seconds * 1_000_000)
+        return rows, known
+
     def take(self, column: str, at: np.ndarray, known: np.ndarray) -> pa.Array:
         """Column `column` at the rows `match` found (null where it found none)."""
         values = self.columns[column]
-        if len(self.fence) == 0:
+        if not self.runs:
             return pa.nulls(len(at), values.type)
         return values.take(at, known)
+
+
+Created = Callable[[np.ndarray], np.ndarray] | None  # the created times of rows of the columns, if the table has any
+
+
+def _created_of(spec: FeatureSpec, columns: dict[str, Values]) -> Created:
+    """The created times of rows of `columns` (unknown ones the oldest), or None when the table has none."""
+    if not spec.created_time:
+        return None
+    values = columns[spec.created_time]
+    return lambda rows: _created(values.take(rows, np.ones(len(rows), dtype=bool)))
+
+
+def _settle_ties(stamps: np.ndarray, rows: np.ndarray, event_us: np.ndarray, created: Created) -> None:
+    """Order each run of equal `stamps` (sorted) by created time, then row, in place: its last wins."""
+    tied = stamps[1:] == stamps[:-1]
+    if tied.any():
+        in_tie = np.zeros(len(stamps), dtype=bool)
+        in_tie[1:] |= tied
+        in_tie[:-1] |= tied
+        runs = np.flatnonzero(in_tie)  # sorting just these by (stamp, created, row) keeps each tie in place
+        chosen = rows[runs]
+        later = created(chosen) if created is not None else np.zeros(len(chosen), dtype=np.int64)
+        order = np.lexsort((chosen, later, stamps[runs]))
+        rows[runs], event_us[runs] = chosen[order], event_us[runs][order]
 
 
 def _usable(spec: FeatureSpec, rows: pa.Table) -> tuple[list[pa.ChunkedArray], np.ndarray, np.ndarray]:
@@ -196,29 +360,13 @@ def _created(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.where(known, created, np.iinfo(np.int64).min)
 
 
-def _latest(stamps: np.ndarray, spec: FeatureSpec, rows: pa.Table, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The stamps of the usable rows sorted, one per (keys, event time): of tied rows the latest created; and
-    where each comes from among the usable rows."""
-    order = np.argsort(stamps)
-    stamps = stamps[order]
-    tied = stamps[1:] == stamps[:-1]
-    if spec.created_time and tied.any():
-        created = _created(rows.column(spec.created_time))[usable]
-        in_tie = np.zeros(len(stamps), dtype=bool)
-        in_tie[1:] |= tied
-        in_tie[:-1] |= tied
-        runs = np.flatnonzero(in_tie)  # sorting just these by created keeps each run in place
-        order[runs] = order[runs][np.lexsort((created[order[runs]], stamps[runs]))]
-    last = np.ones(len(stamps), dtype=bool)
-    last[:-1] = ~tied  # of rows tied on (keys, event time), the last: the latest created
-    return stamps[last], order[last]
-
-
 class AsofCache:
     """Indexes of recently used snapshots, together at most `max_bytes`; least recently used go first.
 
-    A snapshot that only appended to one already indexed is indexed by extending that index with the appended
-    files' rows (`AsofIndex.extend`), not by reading and sorting the table again. With a `catalog`, a thread
+    A snapshot that only appended to one already indexed, or deleted rows by position delete files, is indexed by
+    bringing that index forward (`_forward`): the appended files' rows sorted into a run of their own, deleted rows
+    masked, not the table read and sorted again; a background thread folds an index's runs into one once they are
+    many (`_FOLD_RUNS`) or large (`_FOLD_RATIO`), never holding up a request. With a `catalog`, the same thread
     also brings forward the index of each table last used at its current snapshot as soon as a new snapshot
     lands (polled every `refresh_seconds`, or at once on `notify` after a change through this server), so
     that the next training set finds it ready: one table at a time, within the same byte cap.
@@ -240,6 +388,9 @@ class AsofCache:
         self.builds = 0  # indexes sorted from a whole snapshot
         self.incremental_builds = 0  # indexes extended from an older snapshot's by the files appended since
         self.refreshed_ahead = 0  # indexes built by the refresh thread, before any request asked
+        self.deletes_masked = 0  # indexes brought forward past deletes by masking rows, not rebuilt
+        self.folds = 0  # indexes whose runs the background thread merged into one
+        self._to_fold: set[_Key] = set()
         self._indexes: OrderedDict[_Key, AsofIndex] = OrderedDict()
         self._too_large: set[_Key] = set()
         # The byte cap and the server's memory budget: evictions for either drop indexes here, under its lock.
@@ -251,8 +402,12 @@ class AsofCache:
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         if catalog is not None and max_bytes > 0:
-            self._thread = threading.Thread(target=self._run, name="training-set-refresh", daemon=True)
-            self._thread.start()
+            self._start()
+
+    def _start(self) -> None:
+        """The background thread: refreshes (with a catalog) and folds."""
+        self._thread = threading.Thread(target=self._run, name="training-set-refresh", daemon=True)
+        self._thread.start()
 
     def close(self) -> None:
         """Stop the refresh thread (after the refresh it is doing, if any)."""
@@ -304,7 +459,7 @@ class AsofCache:
             # kept is not built (the request goes to DuckDB), and is tried again only when the cap allowed it.
             room = self._account.limit()
             try:
-                index, extended = self._build(table, snapshot_id, spec, share, room)
+                index, how = self._build(table, snapshot_id, spec, share, room)
             except LimitError as exc:
                 log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
                 if room >= self.max_bytes:
@@ -316,10 +471,16 @@ class AsofCache:
                     self._indexes[key] = index
                     if follow:
                         self._follow[(table_name(table), share)] = (uuid, spec)
-                if extended:
-                    self.incremental_builds += 1
-                else:
+                    if index.crowded(_FOLD_RUNS, _FOLD_RATIO):
+                        self._to_fold.add(key)
+                        if self._thread is None:
+                            self._start()
+                        self._wake.set()
+                if how == "built":
                     self.builds += 1
+                else:
+                    self.incremental_builds += 1
+                    self.deletes_masked += how == "masked"
             return index
 
     def snapshots(self, table_uuid: str) -> set[int]:
@@ -338,6 +499,9 @@ class AsofCache:
             "incremental_builds": self.incremental_builds,
             "refreshed_ahead": self.refreshed_ahead,
             "tables_followed": len(self._follow),
+            "deletes_masked": self.deletes_masked,
+            "folds": self.folds,
+            "runs": sum(len(i.runs) for i in indexes),
         }
 
     def index_rows(self) -> list[dict[str, Any]]:
@@ -349,7 +513,7 @@ class AsofCache:
                 "table": index.name,
                 "snapshot_id": snapshot_id,
                 "share": asdict(share) if share is not None else None,
-                "rows": index.row_count,
+                "rows": index.row_count - index.dead,
             }
             for (_, snapshot_id, _, share), index in cached
         ]
@@ -371,42 +535,52 @@ class AsofCache:
 
     def _build(
         self, table: Table, snapshot_id: int | None, spec: FeatureSpec, share: KeyShare | None, room: int
-    ) -> tuple[AsofIndex, bool]:
-        """The snapshot's index (of the rows in `share` only, if given), and whether it extends an older one:
-        from the rows appended since a cached ancestor when only appends happened since (in the same schema),
-        else read whole (deletes applied) and sorted. Refused past `room` bytes."""
+    ) -> tuple[AsofIndex, str]:
+        """The snapshot's index (of the rows in `share` only, if given), and how: "built", or brought forward from
+        a cached ancestor's ("extended", or "masked" when it masked deleted rows) when only appends and deletes
+        it can mask happened since (in the same schema), else read whole (deletes applied) and sorted. Refused
+        past `room` bytes."""
         started = time.perf_counter()
         request = ScanRequest(table=table_name(table), snapshot_id=snapshot_id)
         plan = plan_table_scan(table, request, self.caches)
         base = self._ancestor(table, snapshot_id, spec, share) if snapshot_id is not None else None
         if base is not None and base.snapshot_id is not None and not renamed(table):
             assert snapshot_id is not None, "only a snapshot has ancestors"
-            appended = appended_since(table, base.snapshot_id, snapshot_id)
+            changes = changed_since(table, base.snapshot_id, snapshot_id)
             same_schema = (
                 snapshot_schema(table, base.snapshot_id).schema_id == snapshot_schema(table, snapshot_id).schema_id
             )
-            if appended.files is not None and same_schema:
-                rows, path = self._read(replace(plan, appended=appended.files), share, room)
-                index = base.extend(snapshot_id, rows)
+            index = (
+                self._forward(base, plan, changes, share, room) if changes.files is not None and same_schema else None
+            )
+            if index is not None:
                 if index.nbytes() > room:
                     raise LimitError(f"its index passes the {room >> 20} MiB the training-set cache has room for")
+                assert changes.files is not None, "brought forward only from a list of changes"
                 log.info(
                     "training-set index of %s at snapshot %s: extended from snapshot %s by %d row(s) in %d file(s), "
-                    "%.1f MiB, %s read, %.2f s",
+                    "%d row(s) masked by %d delete file(s), %d run(s), %.1f MiB, %.2f s",
                     index.name,
                     snapshot_id,
                     base.snapshot_id,
-                    rows.num_rows,
-                    len(appended.files),
+                    index.row_count - base.row_count,
+                    len(changes.files),
+                    index.dead - base.dead,
+                    len(changes.deletes),
+                    len(index.runs),
                     index.nbytes() / 2**20,
-                    path,
                     time.perf_counter() - started,
                 )
-                return index, True
+                return index, "masked" if index.dead > base.dead else "extended"
         if snapshot_id is None:  # no snapshot when planned: stay empty even if a write has since made one
             plan = replace(plan, snapshot_id=None)
-        rows, path = self._read(plan, share, room)
-        index = AsofIndex.build(table_name(table), snapshot_id, spec, rows)
+        path, files = read_path(plan) if share is None else ("", None)
+        if path == "direct" and files is not None:  # file by file, so that later deletes can be masked
+            rows, spans = self._read_files(plan, files, room)
+            index = AsofIndex.build(table_name(table), snapshot_id, spec, rows, spans)
+        else:
+            rows, path = self._read(plan, share, room)
+            index = AsofIndex.build(table_name(table), snapshot_id, spec, rows)
         log.info(
             "training-set index of %s at snapshot %s: %d rows, %.1f MiB, %s read, %.2f s",
             index.name,
@@ -416,7 +590,74 @@ class AsofCache:
             path,
             time.perf_counter() - started,
         )
-        return index, False
+        return index, "built"
+
+    def _forward(
+        self, base: AsofIndex, plan: ScanPlan, changes: Appended, share: KeyShare | None, room: int
+    ) -> AsofIndex | None:
+        """`base` brought forward to the plan's snapshot: the appended files read and sorted into a run of their
+        own, the rows that position delete files delete since masked. None when a delete cannot be masked here
+        (an equality delete, a delete of a file the index did not read file by file, or masked rows past
+        1/`_MASK_RATIO` of the columns): the caller reads the table whole."""
+        assert changes.files is not None and plan.snapshot_id is not None, "a list of changes to a snapshot"
+        appended = {f.file_path: f for f in changes.files}
+        spans = {span.file.file_path: span for span in base.spans or ()}
+        on_appended: dict[str, set[DataFile]] = {}
+        on_spans: dict[str, set[DataFile]] = {}
+        for delete_file in changes.deletes:
+            target = referenced_data_file(delete_file)  # None: an equality delete, or one of several data files
+            if delete_file.file_format != FileFormat.PARQUET:  # a deletion vector
+                return None
+            if target in appended:
+                on_appended.setdefault(target, set()).add(delete_file)
+            elif target in spans:
+                on_spans.setdefault(target, set()).add(delete_file)
+            else:
+                return None
+        dead: list[np.ndarray] = []
+        if on_spans:
+            tasks = [FileScanTask(spans[path].file, files) for path, files in on_spans.items()]
+            for path, positions in deleted_positions(plan.table.io, tasks, self.caches.positions).items():
+                rows, spans[path] = spans[path].rows(positions)
+                dead.append(rows)
+        masked = np.concatenate(dead) if dead else np.empty(0, dtype=np.int64)
+        if (base.dead + len(masked)) * _MASK_RATIO > base.row_count:
+            return None
+        reading = replace(plan, appended=changes.files)
+        if base.spans is not None and read_path(reading)[0] == "direct":
+            tasks = [FileScanTask(f, on_appended.get(f.file_path)) for f in changes.files]
+            added, added_spans = self._read_files(plan, tasks, room)
+        elif on_appended:
+            return None
+        else:
+            added, added_spans = self._read(reading, share, room)[0], None
+        forward = base.masked(plan.snapshot_id, masked, tuple(spans.values())) if len(masked) else base
+        return forward.extend(plan.snapshot_id, added, added_spans)
+
+    def _read_files(
+        self, plan: ScanPlan, tasks: list[FileScanTask], room: int
+    ) -> tuple[pa.Table, tuple[FileSpan, ...]]:
+        """The rows of `tasks` (their delete files applied), file after file, and where each file's rows are;
+        refused as soon as they pass `room` bytes."""
+        deleted = deleted_positions(plan.table.io, [t for t in tasks if t.delete_files], self.caches.positions)
+        batches: list[pa.RecordBatch] = []
+        spans: list[FileSpan] = []
+        taken = first = 0
+        for task in tasks:
+            reader = direct_reader(plan, [task], _READ_BATCH_ROWS)
+            reader = reader if reader.schema == plan.schema else reader.cast(plan.schema)
+            count = 0
+            for batch in reader:
+                batches.append(batch)
+                count += batch.num_rows
+                taken += batch.nbytes + batch.num_rows * 24
+                if taken > room:
+                    reader.close()
+                    raise LimitError(f"its rows pass the {room >> 20} MiB the training-set cache has room for")
+            empty = np.empty(0, dtype=np.int64)
+            spans.append(FileSpan(task.file, first, count, deleted.get(task.file.file_path, empty)))
+            first += count
+        return pa.Table.from_batches(batches, plan.schema), tuple(spans)
 
     def _read(self, plan: ScanPlan, share: KeyShare | None, room: int) -> tuple[pa.Table, str]:
         """The planned rows (those in `share` only, if given), and their read path; refused as soon as they
@@ -443,6 +684,7 @@ class AsofCache:
         while not self._stop.is_set():
             self._wake.wait(self.refresh_seconds)
             self._wake.clear()
+            self._fold_all()
             self.refresh()
 
     def refresh(self) -> None:
@@ -455,6 +697,40 @@ class AsofCache:
             except Exception:
                 log.exception("training-set index of %s: not brought forward; requests will build it", followed[0])
                 self._follow.pop(followed, None)
+
+    def _fold_all(self) -> None:
+        """Merge the runs of each index that has too many into one, while requests keep using the index as it
+        is; the merged one replaces it (it answers exactly alike). The merge's new arrays are reserved in the
+        memory budget while it runs; without room it waits for a later turn."""
+        while self._to_fold and not self._stop.is_set():
+            with self._lock:
+                key = self._to_fold.pop()
+                index = self._indexes.get(key)
+            if index is None:
+                continue
+            extra = sum(run.nbytes() for run in index.runs)
+            if not self._account.reserve(extra):
+                log.info("training-set index of %s: runs not folded, no memory to spare", index.name)
+                continue
+            started = time.perf_counter()
+            try:
+                folded = index.folded()
+            except Exception:
+                log.exception("training-set index of %s: runs not folded", index.name)
+                continue
+            finally:
+                self._account.release(extra)
+            with self._lock:
+                if self._indexes.get(key) is index:  # neither evicted nor replaced meanwhile
+                    self._indexes[key] = folded
+                    self.folds += 1
+            log.info(
+                "training-set index of %s at snapshot %s: %d runs folded, %.2f s",
+                index.name,
+                index.snapshot_id,
+                len(index.runs),
+                time.perf_counter() - started,
+            )
 
     def _refresh(self, followed: tuple[str, KeyShare | None]) -> None:
         """Index the table's current snapshot if the index of an earlier one is cached; stop following a table
