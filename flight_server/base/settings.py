@@ -235,6 +235,16 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         click.BOOL,
     ),
     Setting(
+        "--write-process/--no-write-process",
+        "FLIGHT_SERVER_WRITE_PROCESS",
+        "Writes",
+        "Run puts, deletes and maintenance (their Parquet files, commits and automatic maintenance) in a child "
+        "process at a lower priority, started at the first write, so that their Python work does not hold up "
+        "lookups and scans in the serving process. Off: in the serving process.",
+        "write_process",
+        click.BOOL,
+    ),
+    Setting(
         "--scan-partitions",
         "FLIGHT_SERVER_SCAN_PARTITIONS",
         "Parallel reads",

@@ -30,6 +30,7 @@ from flight_server.transport.idle import MIDDLEWARE_KEY as IDLE_KEY
 from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
 from flight_server.transport.limits import ConcurrencyLimit, is_session
+from flight_server.transport.offload import RELAYED_ACTIONS
 from flight_server.transport.metrics import CountedReader, CountedWriter, ServerMetrics, sending
 from flight_server.transport.tls import server_tls_options
 from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, decode_text, encode_reply
@@ -77,7 +78,7 @@ def _flight_errors(handler: F) -> F:
 class FeatureFlightServer(flight.FlightServerBase):
     """Arrow Flight over Iceberg feature tables."""
 
-    def __init__(self, config: ServerConfig, **kwargs: Any):
+    def __init__(self, config: ServerConfig, location: str | None = None, **kwargs: Any):
         # Settings are checked first, and everything a handler needs exists before the base class opens the port.
         self.config = config
         plain_error_messages()
@@ -107,7 +108,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         self._handlers = handlers(self.parts, endpoints, self.sessions)
         if self.metrics is not None:
             self.metrics.watch(self.parts)
-        location = f"{config.scheme}://{config.host}:{config.port}"
+        location = location or f"{config.scheme}://{config.host}:{config.port}"
         super().__init__(location, middleware=middleware, **tls, **kwargs)
         if self.idle is not None:
             self.idle.start(self.port)
@@ -226,7 +227,10 @@ class FeatureFlightServer(flight.FlightServerBase):
             raise RequestError("do_put needs a command descriptor holding a write request (see docs/protocol.md)")
         request = self._authorized(context, parse_write(descriptor.command, self.config.max_request_bytes))
         reader, writer = self._client_streams(context, reader, writer)
-        result = self.parts.writer.write(request, reader, context.is_cancelled)
+        if self.parts.writes is not None:  # in the write process: its commits hold no GIL of ours
+            result = self.parts.writes.put(request, reader, context.is_cancelled)
+        else:
+            result = self.parts.writer.write(request, reader, context.is_cancelled)
         self.parts.changed(result.table)
         writer.write(pa.py_buffer(result.to_bytes()))
 
@@ -284,4 +288,8 @@ class FeatureFlightServer(flight.FlightServerBase):
         if row.parse is not None:
             body = action.body.to_pybytes() if action.body is not None else b""
             request = self._authorized(context, row.parse(decode(body, f"{name} body", self.config.max_request_bytes)))
+            if self.parts.writes is not None and name in RELAYED_ACTIONS:  # checked here, run in the write process
+                reply = self.parts.writes.action(name, body)
+                self.parts.changed(request.table)
+                return iter([reply])
         return iter([encode_reply(row.run(self.parts, caller, request))])
