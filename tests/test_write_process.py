@@ -189,3 +189,32 @@ def test_an_in_process_server_stops_its_write_process(tmp_path: Path) -> None:
         assert child is not None and alive(child)
     server.shutdown()
     assert not alive(child)
+
+
+def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> None:
+    """After a put through a server with a write process, and after one through another replica, its online index
+    catches up from the files the write process found: the serving process parses none of the new metadata."""
+    properties = sqlite_catalog(tmp_path)
+    server = start_server(properties, write_process=True)
+    replica = start_server(properties, write_process=False)
+    name = "plan.t"
+    try:
+        with (
+            FeatureClient(f"grpc://127.0.0.1:{server.port}") as client,
+            FeatureClient(f"grpc://127.0.0.1:{replica.port}") as other,
+        ):
+            client.write(name, rows([1, 2], 10, 0.0), **KEYS)
+            assert client.get_online_features({"id": [1]}, [f"{name}:value"]).column("value").to_pylist() == [1.0]
+            index = server.parts.store.peek(name)
+            assert index is not None
+            for writer, value in ((client, 5.0), (other, 7.0)):
+                put = writer.write(name, rows([1], 20 + int(value), value))
+                wait_until(lambda p=put: index.state.snapshot_id == p.snapshot_id, what="the index to catch up")
+                online = client.get_online_features({"id": [1, 2]}, [f"{name}:value"], apply_ttl=False)
+                assert online.column("value").to_pylist() == [value + 1, 2.0]
+                assert index.appends >= 1 and index.rebuilds == 0
+                loaded = server.parts.catalog._read[name].metadata_location  # what the serving process parsed last
+                assert loaded != index.metadata_location
+    finally:
+        server.shutdown()
+        replica.shutdown()

@@ -51,6 +51,7 @@ class Components:
         # Deletes and maintenance commit through the same per-table locks as writes.
         locks = LockPool()
         limits = (config.write_chunk_bytes, config.commit_timeout_seconds, config.batch_rows)
+        writes = WriteProcess(config) if config.write_process else None
         store = OnlineStore(
             catalog,
             engine,
@@ -59,6 +60,7 @@ class Components:
             config.online_max_bytes,
             config.online_tables,
             memory,
+            planner=writes.plan_refresh if writes is not None else None,
         )
         cache = AsofCache(engine, caches, config.historical_cache_bytes, catalog, config.online_refresh_seconds, memory)
         training = TrainingSets(catalog, engine, cache, config.batch_rows, config.max_exchange_bytes)
@@ -81,7 +83,7 @@ class Components:
             store=store,
             training=training,
             online=OnlineService(store, catalog, training),
-            writes=WriteProcess(config) if config.write_process else None,
+            writes=writes,
         )
 
     def changed(self, table: str) -> None:
@@ -94,7 +96,7 @@ class Components:
 
     def close(self) -> None:
         """Stop the background work, once the server takes no more calls: automatic maintenance, the online
-        store's refresh thread, the training sets' join workers and the engine's cancel watch; then the write process."""
+        store's refresh thread, the training sets' join workers, the engine's cancel watch, the write process."""
         self.upkeep.close()
         self.store.close()
         self.training.close()

@@ -22,6 +22,7 @@ call it stopped during fails with UNAVAILABLE (a retry with the same `write_id` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ import pyarrow.flight as flight
 
 from flight_server.base.config import ServerConfig
 from flight_server.base.streams import chunks, stream_schema
+from flight_server.online.store import RefreshPlan
 from flight_server.transport.errors import ROUTES
 from flight_server.wire.errors import (
     CancelledError,
@@ -59,6 +61,9 @@ NICE = 5  # added to the child's OS niceness: a core both want goes to serving f
 START_TIMEOUT_SECONDS = 120.0  # for the child to import, open the catalog and listen
 STOP_SECONDS = 30.0  # for the child to finish its running calls once the server stops
 READY = b"ready\n"
+
+# The child's own action (not in the action table: only a write process answers it): `plan_refresh`.
+PLAN_REFRESH = "_plan_refresh"
 
 # The actions that change tables (or their files): relayed to the write process as the client sent them.
 RELAYED_ACTIONS = frozenset(
@@ -102,10 +107,8 @@ def relayed_error(exc: BaseException) -> Exception:
     kind = next((code for cls, code in _BY_CLASS if isinstance(exc, cls)), "INTERNAL")
     extra = getattr(exc, "extra_info", None)
     if extra:
-        try:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
             kind = str(json.loads(extra)["code"])
-        except (ValueError, TypeError, KeyError):
-            pass
     if kind in _KINDS:
         return _KINDS[kind](message)
     error = ROUTES.get(kind, ROUTES["INTERNAL"]).error
@@ -160,7 +163,9 @@ class WriteProcess:
         process = self._process
         return process.pid if process is not None and process.poll() is None else None
 
-    def put(self, request: WriteRequest, reader: flight.MetadataRecordBatchReader, is_cancelled: Callable[[], bool]) -> WriteResult:
+    def put(
+        self, request: WriteRequest, reader: flight.MetadataRecordBatchReader, is_cancelled: Callable[[], bool]
+    ) -> WriteResult:
         """Relay one `do_put` to the child and return its result: committed only if the client's stream ended
         intact (the checks on the stream are the writer's own, with its messages)."""
         client, process = self._connect()
@@ -199,6 +204,25 @@ class WriteProcess:
             except (flight.FlightError, pa.ArrowException, OSError) as exc:
                 raise self._failure(exc, process) from None
         return results[0].body.to_pybytes()
+
+    def plan_refresh(self, name: str, known: str | None, since: int | None) -> RefreshPlan | None:
+        """An online index refresh planned in the child (`RefreshPlan`): the table's metadata and manifests are
+        parsed there. None when the child cannot (the refresh then runs in the serving process)."""
+        body = json.dumps({"table": name, "known": known, "since": since}).encode()
+        try:
+            client, process = self._connect()
+        except WriteProcessError as exc:
+            log.info("online refresh of %s planned in the serving process: %s", name, exc)
+            return None
+        try:
+            results = list(client.do_action(flight.Action(PLAN_REFRESH, body)))
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            failure = self._failure(exc, process)
+            if isinstance(failure, NotFoundError):  # the table is gone: the store drops its index
+                raise failure from None
+            log.info("online refresh of %s planned in the serving process: %s", name, failure)
+            return None
+        return RefreshPlan.from_bytes(results[0].body.to_pybytes())
 
     def ask(self, name: str, body: bytes = b"") -> Any | None:
         """A read-only action's reply from the running child (None when none runs: nothing is started for it)."""
@@ -346,10 +370,8 @@ def _start(config: ServerConfig, socket: str) -> subprocess.Popen[bytes]:
 def _stop(process: subprocess.Popen[bytes], seconds: float = STOP_SECONDS) -> None:
     """Close the child's stdin (it stops after its running calls), then kill it past `seconds`."""
     if process.stdin is not None:
-        try:
+        with contextlib.suppress(OSError):
             process.stdin.close()
-        except OSError:
-            pass
     try:
         process.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
@@ -368,7 +390,7 @@ def _serve(socket: str, level: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server stops us
     os.nice(NICE)
     setup_logging(level, config.log_format)
-    server = FeatureFlightServer(config, location=f"grpc+unix://{socket}")
+    server = FeatureFlightServer(config, location=f"grpc+unix://{socket}", write_process=True)
 
     def watch_parent() -> None:
         sys.stdin.buffer.read()  # returns at EOF: the server closed the pipe, or died

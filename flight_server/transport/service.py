@@ -8,6 +8,7 @@ Every RPC turns client mistakes into Flight errors that carry only the explanati
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_server.base.config import ServerConfig
+from flight_server.online.store import plan_refresh
 from flight_server.reads.plan import plan_table_scan
 from flight_server.transport.actions import ACTIONS, table_summary, visible_tables
 from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
@@ -30,8 +32,8 @@ from flight_server.transport.idle import MIDDLEWARE_KEY as IDLE_KEY
 from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
 from flight_server.transport.limits import ConcurrencyLimit, is_session
-from flight_server.transport.offload import RELAYED_ACTIONS
 from flight_server.transport.metrics import CountedReader, CountedWriter, ServerMetrics, sending
+from flight_server.transport.offload import PLAN_REFRESH, RELAYED_ACTIONS
 from flight_server.transport.tls import server_tls_options
 from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, decode_text, encode_reply
 from flight_server.wire.errors import RequestError
@@ -78,9 +80,10 @@ def _flight_errors(handler: F) -> F:
 class FeatureFlightServer(flight.FlightServerBase):
     """Arrow Flight over Iceberg feature tables."""
 
-    def __init__(self, config: ServerConfig, location: str | None = None, **kwargs: Any):
+    def __init__(self, config: ServerConfig, location: str | None = None, write_process: bool = False, **kwargs: Any):
         # Settings are checked first, and everything a handler needs exists before the base class opens the port.
         self.config = config
+        self.write_process = write_process  # this is a server's write process (transport/offload.py)
         plain_error_messages()
         tls = server_tls_options(config)
         endpoints = Endpoints(config.endpoint_locations())
@@ -272,12 +275,18 @@ class FeatureFlightServer(flight.FlightServerBase):
                 )
         return iter(infos)
 
+    def _plan_refresh(self, body: bytes) -> bytes:
+        fields = json.loads(body)
+        return plan_refresh(self.parts.catalog, fields["table"], fields["known"], fields["since"]).to_bytes()
+
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return [(action.name, action.doc) for action in ACTIONS.values()]
 
     @_flight_errors
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
         name = action.type
+        if name == PLAN_REFRESH and self.write_process:  # its server's own call, on a socket only it reaches
+            return iter([self._plan_refresh(action.body.to_pybytes())])
         row = ACTIONS.get(name)
         if row is None:
             raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")
