@@ -18,8 +18,21 @@ from flight_client import FeatureClient, FeatureServerError
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import catalog_env, healthy, sqlite_catalog, start_server, wait_until
 from tests.services import free_ports
+from tests.test_roundtrip import (  # run here again against a server whose writes go through its write process
+    test_batch_failing_validation_midstream_leaves_nothing,
+    test_broken_stream_commits_nothing,
+)
 
 KEYS = {"entity_keys": ["id"], "event_time": "ts"}
+__all__ = ["test_batch_failing_validation_midstream_leaves_nothing", "test_broken_stream_commits_nothing"]
+
+
+@pytest.fixture(scope="module")
+def server(backend: dict[str, str]) -> Iterator[str]:
+    """The tests imported above get a server with its write process on (conftest's keeps writes in process)."""
+    served = start_server(backend, write_process=True)
+    yield f"grpc://127.0.0.1:{served.port}"
+    served.shutdown()
 
 
 def rows(ids: list[int], ts: int, value: float) -> pa.Table:
@@ -175,9 +188,11 @@ def test_the_write_process_ends_with_its_server(server_process: tuple[subprocess
     with FeatureClient(location) as client:
         client.write("life.t", rows([1], 1, 0.0), **KEYS)
     (child,) = children(process.pid)
+    socket = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[3].decode()  # argv: python -m module socket
     os.kill(process.pid, stop)
     process.wait(timeout=60)
     wait_until(lambda: not alive(child), timeout=60, what="the write process to end after its server")
+    wait_until(lambda: not Path(socket).parent.exists(), what="its socket's folder to go")
 
 
 def test_an_in_process_server_stops_its_write_process(tmp_path: Path) -> None:

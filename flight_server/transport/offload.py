@@ -401,6 +401,7 @@ def _serve(socket: str, level: str) -> None:
     sys.stdout.buffer.write(READY)
     sys.stdout.buffer.flush()
     server.serve()
+    shutil.rmtree(os.path.dirname(socket), ignore_errors=True)  # the server is gone (or removes it too)
 
 
 if __name__ == "__main__":
