@@ -101,9 +101,7 @@ class WriteProcessError(ConflictError):
 
 def relayed_error(exc: BaseException) -> Exception:
     """The exception that gives the client the child's error as the child sent it: same status, kind, message."""
-    message = str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context:", 1)[0]
-    for prefix in ("Python exception: ",):  # pyarrow's own decoration of INVALID_ARGUMENT and NOT_FOUND
-        message = message.split(prefix, 1)[0].rstrip(". ") or message
+    message = str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context:", 1)[0]  # gRPC's decorations
     kind = next((code for cls, code in _BY_CLASS if isinstance(exc, cls)), "INTERNAL")
     extra = getattr(exc, "extra_info", None)
     if extra:
