@@ -385,7 +385,9 @@ def _serve(socket: str, level: str) -> None:
     from flight_server.transport.service import FeatureFlightServer
 
     config = ServerConfig(**json.loads(sys.stdin.readline()))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server stops us
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server stops us once its calls end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.nice(NICE)
     setup_logging(level, config.log_format)
     server = FeatureFlightServer(config, location=f"grpc+unix://{socket}", write_process=True)
