@@ -142,7 +142,7 @@ class WriteProcess:
 
     def __init__(self, config: ServerConfig):
         self._config = child_config(config)
-        self._folder = tempfile.mkdtemp(prefix="flight-writes-")  # mode 0700: only this user reaches the socket
+        self._folder: str | None = None  # made at the first start (mode 0700: only this user reaches the socket)
         self._lock = threading.Lock()  # guards the fields below; held while a child starts
         self._process: subprocess.Popen[bytes] | None = None
         self._client: flight.FlightClient | None = None
@@ -244,7 +244,8 @@ class WriteProcess:
             client.close()
         if process is not None:
             _stop(process)
-        shutil.rmtree(self._folder, ignore_errors=True)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
     def _counted(self) -> _Active:
         return _Active(self)
@@ -319,6 +320,7 @@ class WriteProcess:
                     self._client.close()
                 self._process = self._client = None
             self._starts += 1
+            self._folder = self._folder or tempfile.mkdtemp(prefix="flight-writes-")
             socket = os.path.join(self._folder, f"writes-{self._starts}.sock")
             self._process = _start(self._config, socket)
             self._client = flight.FlightClient(f"grpc+unix://{socket}")
