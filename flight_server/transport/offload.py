@@ -148,12 +148,6 @@ class WriteProcess:
         self._client: flight.FlightClient | None = None
         self._starts = 0
         self._closed = False
-        self._active = 0
-
-    @property
-    def in_progress(self) -> int:
-        """Puts being relayed right now."""
-        return self._active
 
     @property
     def pid(self) -> int | None:
@@ -169,26 +163,25 @@ class WriteProcess:
         client, process = self._connect()
         schema = stream_schema(reader, "write")
         descriptor = flight.FlightDescriptor.for_command(replace(request, end_marker=True).to_bytes())
-        with self._counted():
-            try:
-                writer, answers = client.do_put(descriptor, schema)
-            except (flight.FlightError, pa.ArrowException, OSError) as exc:
-                raise self._failure(exc, process) from None
-            try:
-                marker = self._relay(request, reader, writer, is_cancelled)
-            except RequestError:
-                self._abandon(writer)  # no marker sent: the child refuses the put, commits nothing
-                raise
-            except (flight.FlightError, pa.ArrowException, OSError) as exc:
-                raise self._failure(self._child_error(writer, exc), process) from None
-            try:
-                if marker is not None:
-                    writer.write_metadata(pa.py_buffer(marker))
-                writer.done_writing()
-                reply = answers.read()
-                writer.close()
-            except (flight.FlightError, pa.ArrowException, OSError) as exc:
-                raise self._failure(self._child_error(writer, exc), process) from None
+        try:
+            writer, answers = client.do_put(descriptor, schema)
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            raise self._failure(exc, process) from None
+        try:
+            marker = self._relay(request, reader, writer, is_cancelled)
+        except RequestError:
+            self._abandon(writer)  # no marker sent: the child refuses the put, commits nothing
+            raise
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            raise self._failure(self._child_error(writer, exc), process) from None
+        try:
+            if marker is not None:
+                writer.write_metadata(pa.py_buffer(marker))
+            writer.done_writing()
+            reply = answers.read()
+            writer.close()
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            raise self._failure(self._child_error(writer, exc), process) from None
         if reply is None:
             raise self._failure(OSError("no reply"), process)
         return WriteResult.from_bytes(reply.to_pybytes())
@@ -196,11 +189,10 @@ class WriteProcess:
     def action(self, name: str, body: bytes) -> bytes:
         """Run one of `RELAYED_ACTIONS` in the child; its reply as the child encoded it."""
         client, process = self._connect()
-        with self._counted():
-            try:
-                results = list(client.do_action(flight.Action(name, body)))
-            except (flight.FlightError, pa.ArrowException, OSError) as exc:
-                raise self._failure(exc, process) from None
+        try:
+            results = list(client.do_action(flight.Action(name, body)))
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            raise self._failure(exc, process) from None
         return results[0].body.to_pybytes()
 
     def plan_refresh(self, name: str, known: str | None, since: int | None) -> RefreshPlan | None:
@@ -246,9 +238,6 @@ class WriteProcess:
             _stop(process)
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
-
-    def _counted(self) -> _Active:
-        return _Active(self)
 
     def _relay(
         self,
@@ -325,21 +314,6 @@ class WriteProcess:
             self._process = _start(self._config, socket)
             self._client = flight.FlightClient(f"grpc+unix://{socket}")
             return self._client, self._process
-
-
-class _Active:
-    """Counts a relayed put or action while it runs."""
-
-    def __init__(self, writes: WriteProcess):
-        self.writes = writes
-
-    def __enter__(self) -> None:
-        with self.writes._lock:
-            self.writes._active += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self.writes._lock:
-            self.writes._active -= 1
 
 
 def _start(config: ServerConfig, socket: str) -> subprocess.Popen[bytes]:
