@@ -144,10 +144,11 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
         assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
         yield process, location
     finally:
-        for child in children(process.pid) if process.poll() is None else set():
-            os.kill(child, signal.SIGKILL)
+        started = children(process.pid) if process.poll() is None else set()
         process.kill()
         process.wait()
+        for child in started:  # each ends by itself once its server is gone
+            wait_until(lambda c=child: not alive(c), timeout=60, what="the write process to end")
 
 
 def test_a_write_process_killed_mid_put_fails_that_put_and_the_next_one_starts_a_new_one(
