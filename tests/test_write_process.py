@@ -137,6 +137,7 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a service manager starts it
         )
     location = f"grpc://127.0.0.1:{port}"
     try:
@@ -183,14 +184,17 @@ def test_a_write_process_killed_mid_put_fails_that_put_and_the_next_one_starts_a
         assert restarted != child
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
-def test_the_write_process_ends_with_its_server(server_process: tuple[subprocess.Popen[bytes], str], stop: int) -> None:
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL", "SIGTERM to the process group"])
+def test_the_write_process_ends_with_its_server(server_process: tuple[subprocess.Popen[bytes], str], stop: str) -> None:
     process, location = server_process
     with FeatureClient(location) as client:
         client.write("life.t", rows([1], 1, 0.0), **KEYS)
     (child,) = children(process.pid)
     socket = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[3].decode()  # argv: python -m module socket
-    os.kill(process.pid, stop)
+    if stop.endswith("group"):  # the write process ignores it, and ends when its server has
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        os.kill(process.pid, getattr(signal, stop))
     process.wait(timeout=60)
     wait_until(lambda: not alive(child), timeout=60, what="the write process to end after its server")
     wait_until(lambda: not Path(socket).parent.exists(), what="its socket's folder to go")
@@ -234,3 +238,23 @@ def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> No
     finally:
         server.shutdown()
         replica.shutdown()
+
+
+def test_a_put_running_when_the_process_group_gets_sigterm_still_commits(
+    server_process: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    """A service manager stops a service with SIGTERM to its whole process group: the server lets its running
+    calls end, and the write process, which ignores the signal, finishes the put it runs."""
+    process, location = server_process
+    with FeatureClient(location) as client:
+        client.write("term.t", rows([1], 1, 0.0), **KEYS)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            yield from rows([1], 20, 5.0).to_batches()
+            os.killpg(process.pid, signal.SIGTERM)
+            wait_until(lambda: not healthy(location), what="the server to begin stopping")
+            yield from rows([2], 20, 5.0).to_batches()
+
+        stream = pa.RecordBatchReader.from_batches(rows([], 0, 0.0).schema, batches())
+        assert client.write("term.t", stream).rows == 2
+    process.wait(timeout=60)
