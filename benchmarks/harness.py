@@ -139,6 +139,10 @@ def _tail(path: Path, chars: int = 4000) -> str:
         return ""
 
 
+# Passed on to the servers started here (the other FLIGHT_SERVER_* are not): =0 measures without the write process.
+WRITE_PROCESS_VARIABLE = "FLIGHT_SERVER_WRITE_PROCESS"
+
+
 @contextlib.contextmanager
 def local_server(
     catalog_config: Path | None = None,
@@ -160,7 +164,7 @@ def local_server(
         log_path = Path(tmp) / "server.log"
         port = port or free_port()
         location = f"grpc://127.0.0.1:{port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_") or k == WRITE_PROCESS_VARIABLE}
         command = [
             sys.executable,
             "-m",

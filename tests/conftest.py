@@ -63,6 +63,7 @@ def start_server(properties: dict[str, str], **overrides: object) -> FeatureFlig
         duckdb_memory_limit="1GB",
         duckdb_threads=2,
         auto_maintenance=False,  # its background commits would race tests that count snapshots: opt in
+        write_process=False,  # writes in this process, where tests patch and watch them: test_write_process opts in
     )
     for key, value in overrides.items():
         setattr(config, key, value)

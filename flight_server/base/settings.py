@@ -235,6 +235,17 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         click.BOOL,
     ),
     Setting(
+        "--write-process/--no-write-process",
+        "FLIGHT_SERVER_WRITE_PROCESS",
+        "Writes",
+        "Run puts, deletes and maintenance (their Parquet files, commits, automatic maintenance) and the metadata "
+        "work of online index refreshes in a child process at a lower priority, started when first needed, so "
+        "that their Python work does not hold up lookups and scans (docs/operations.md, the write process). "
+        "Off: all in the serving process.",
+        "write_process",
+        click.BOOL,
+    ),
+    Setting(
         "--scan-partitions",
         "FLIGHT_SERVER_SCAN_PARTITIONS",
         "Parallel reads",

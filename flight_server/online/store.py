@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -37,6 +40,54 @@ from flight_server.wire.reads import ScanRequest
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RefreshPlan:
+    """What an index refresh needs of its table's current state, worked out where the table's metadata is
+    parsed. Parsing it (pydantic, in one call that holds the GIL for milliseconds as the history grows) and
+    reading the new manifests are most of a refresh's Python work: with `--write-process` the write process
+    does both, and the serving process only reads the appended Parquet files (without the GIL) and merges."""
+
+    name: str
+    metadata_location: str
+    snapshot_id: int | None = None
+    schema_id: int = 0
+    properties: dict[str, str] = field(default_factory=dict)
+    io_properties: dict[str, str] = field(default_factory=dict)
+    files: list[str] | None = None  # appended since the index's snapshot; None: something else happened
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> RefreshPlan:
+        return cls(**json.loads(raw))
+
+
+# (table, the metadata file the index was refreshed from, its snapshot) -> the plan, or None when none was made
+Planner = Callable[[str, "str | None", "int | None"], "RefreshPlan | None"]
+
+
+def plan_refresh(catalog: FeatureCatalog, name: str, known: str | None, since: int | None) -> RefreshPlan:
+    """The `RefreshPlan` of an index of `name` refreshed from metadata file `known` at snapshot `since`."""
+    table = catalog.read(name)
+    if table.metadata_location == known:
+        return RefreshPlan(name, table.metadata_location)
+    snapshot = table.current_snapshot()
+    current = snapshot.snapshot_id if snapshot else None
+    files = None
+    if since is not None and current is not None and not renamed(table):
+        files = appended_files(table, since, current)  # read by column name (`_read_latest`)
+    return RefreshPlan(
+        name,
+        table.metadata_location,
+        current,
+        table.metadata.current_schema_id,
+        dict(table.metadata.properties),
+        dict(table.io.properties),
+        files,
+    )
+
+
 class OnlineStore:
     """The online indexes of one server, refreshed by a background thread."""
 
@@ -49,8 +100,10 @@ class OnlineStore:
         max_bytes: int = 2 << 30,
         preload: tuple[str, ...] | list[str] = (),
         budget: MemoryBudget | None = None,
+        planner: Planner | None = None,
     ):
         self.catalog = catalog
+        self.planner = planner  # refreshes planned in another process (the write process): no metadata parsed here
         self.engine, self.caches = engine, caches
         self.refresh_seconds = refresh_seconds
         self.max_bytes = max_bytes
@@ -130,7 +183,12 @@ class OnlineStore:
         self._over = over > 0
 
     def _read_latest(
-        self, table: Table, spec: FeatureSpec, schema: pa.Schema, files: list[str] | None, room: int
+        self,
+        table: Table | RefreshPlan,
+        spec: FeatureSpec,
+        schema: pa.Schema,
+        files: list[str] | None,
+        room: int,
     ) -> tuple[pa.Table, str]:
         """The latest row per key of the current snapshot (read on the path a scan of it takes: the direct
         one for position deletes, `iceberg_scan` for equality deletes), or of just `files` (appended
@@ -139,12 +197,14 @@ class OnlineStore:
         Streamed, so that a table whose index would not fit in `room` bytes is refused as soon as
         that is clear, not after its rows have filled the machine's memory.
         """
-        self.engine.use_storage(table.io.properties)
+        self.engine.use_storage(table.io_properties if isinstance(table, RefreshPlan) else table.io.properties)
+        name = table.name if isinstance(table, RefreshPlan) else table_name(table)
         cursor = self.engine.cursor()
         try:
             if files is None:
+                assert isinstance(table, Table), "a whole snapshot is read from the table"
                 snapshot = table.current_snapshot()
-                request = ScanRequest(table=table_name(table), snapshot_id=snapshot.snapshot_id if snapshot else None)
+                request = ScanRequest(table=name, snapshot_id=snapshot.snapshot_id if snapshot else None)
                 plan = plan_table_scan(table, request, self.caches)
                 source, params, path = scan_relation(plan, self.engine, cursor, READ_BATCH_ROWS)
             else:
@@ -161,7 +221,7 @@ class OnlineStore:
                 taken += batch.nbytes + batch.num_rows * (ENTRY_BYTES + SMALL_KEY_BYTES)
                 if taken > room:
                     raise LimitError(
-                        f"the online index of {table_name(table)!r} would take more than the memory cap leaves "
+                        f"the online index of {name!r} would take more than the memory cap leaves "
                         f"({max(room, 0) >> 20} MiB; raise --online-max-mb or --memory-budget-mb)"
                     )
             return (pa.Table.from_batches(batches).cast(schema) if batches else schema.empty_table()), path
@@ -218,12 +278,39 @@ class OnlineStore:
         """Bring one index up to its table's current snapshot; says what it did. Polling an unchanged
         table is cheap where the catalog says so without reading its metadata (SQL: `FeatureCatalog.read`)."""
         index = self._indexes[name]
+        if self.planner is not None:
+            planned = self._planned(name, index, self.planner)
+            if planned is not None:
+                return planned
         table = self.catalog.read(name)
         if table.metadata_location == index.metadata_location:
             return "current"
         outcome = self._catch_up(name, index, table)
         index.metadata_location = table.metadata_location
         return outcome
+
+    def _planned(self, name: str, index: OnlineIndex, planner: Planner) -> str | None:
+        """The refresh from a `RefreshPlan` made in another process; None when it needs the table here (a
+        rebuild, a new schema or spec) or no plan could be made (the refresh then runs here, as without one)."""
+        state = index.state
+        plan = planner(name, index.metadata_location, state.snapshot_id)
+        if plan is None:
+            return None
+        if plan.metadata_location == index.metadata_location:
+            return "current"
+        if FeatureSpec.from_properties(plan.properties) != state.spec or plan.schema_id != state.schema_id:
+            return None
+        if plan.snapshot_id == state.snapshot_id:
+            index.metadata_location = plan.metadata_location
+            return "current"
+        if plan.files is None or plan.snapshot_id is None:
+            return None
+        room = self._room(name, within_budget=False) - index.nbytes()
+        latest = self._read_latest(plan, state.spec, index.schema, plan.files, room)[0] if plan.files else None
+        changed = index.apply(latest if latest is not None else index.schema.empty_table(), plan.snapshot_id)
+        index.appends += 1
+        index.metadata_location = plan.metadata_location
+        return f"appended {len(plan.files)} file(s), {changed} key(s) changed"
 
     def _catch_up(self, name: str, index: OnlineIndex, table: Table) -> str:
         state = index.state

@@ -19,6 +19,7 @@ from flight_server.reads.caches import FileCache, ReadCaches
 from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache
 from flight_server.training.sets import TrainingSets
+from flight_server.transport.offload import WriteProcess
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Components:
     store: OnlineStore
     training: TrainingSets
     online: OnlineService
+    writes: WriteProcess | None  # with --write-process: puts, deletes and maintenance run there, not in the above
 
     @classmethod
     def build(cls, config: ServerConfig) -> Components:
@@ -49,6 +51,7 @@ class Components:
         # Deletes and maintenance commit through the same per-table locks as writes.
         locks = LockPool()
         limits = (config.write_chunk_bytes, config.commit_timeout_seconds, config.batch_rows)
+        writes = WriteProcess(config) if config.write_process else None
         store = OnlineStore(
             catalog,
             engine,
@@ -57,6 +60,7 @@ class Components:
             config.online_max_bytes,
             config.online_tables,
             memory,
+            planner=writes.plan_refresh if writes is not None else None,
         )
         cache = AsofCache(engine, caches, config.historical_cache_bytes, catalog, config.online_refresh_seconds, memory)
         training = TrainingSets(catalog, engine, cache, config.batch_rows, config.max_exchange_bytes)
@@ -79,6 +83,7 @@ class Components:
             store=store,
             training=training,
             online=OnlineService(store, catalog, training),
+            writes=writes,
         )
 
     def changed(self, table: str) -> None:
@@ -86,12 +91,15 @@ class Components:
         instead of at their next poll."""
         self.store.notify(table)
         self.training.cache.notify(table)
-        self.upkeep.notify(table)
+        if self.writes is None:  # otherwise the write process's own maintenance looks
+            self.upkeep.notify(table)
 
     def close(self) -> None:
         """Stop the background work, once the server takes no more calls: automatic maintenance, the online
-        store's refresh thread, the training sets' join workers and the engine's cancel watch."""
+        store's refresh thread, the training sets' join workers, the engine's cancel watch, the write process."""
         self.upkeep.close()
         self.store.close()
         self.training.close()
         self.engine.close()
+        if self.writes is not None:
+            self.writes.close()

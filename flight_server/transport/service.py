@@ -8,6 +8,7 @@ Every RPC turns client mistakes into Flight errors that carry only the explanati
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_server.base.config import ServerConfig
+from flight_server.online.store import plan_refresh
 from flight_server.reads.plan import plan_table_scan
 from flight_server.transport.actions import ACTIONS, table_summary, visible_tables
 from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
@@ -31,6 +33,7 @@ from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
 from flight_server.transport.limits import ConcurrencyLimit, is_session
 from flight_server.transport.metrics import CountedReader, CountedWriter, ServerMetrics, sending
+from flight_server.transport.offload import PLAN_REFRESH, RELAYED_ACTIONS
 from flight_server.transport.tls import server_tls_options
 from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, decode_text, encode_reply
 from flight_server.wire.errors import RequestError
@@ -77,9 +80,10 @@ def _flight_errors(handler: F) -> F:
 class FeatureFlightServer(flight.FlightServerBase):
     """Arrow Flight over Iceberg feature tables."""
 
-    def __init__(self, config: ServerConfig, **kwargs: Any):
+    def __init__(self, config: ServerConfig, location: str | None = None, write_process: bool = False, **kwargs: Any):
         # Settings are checked first, and everything a handler needs exists before the base class opens the port.
         self.config = config
+        self.write_process = write_process  # this is a server's write process (transport/offload.py)
         plain_error_messages()
         tls = server_tls_options(config)
         endpoints = Endpoints(config.endpoint_locations())
@@ -107,7 +111,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         self._handlers = handlers(self.parts, endpoints, self.sessions)
         if self.metrics is not None:
             self.metrics.watch(self.parts)
-        location = f"{config.scheme}://{config.host}:{config.port}"
+        location = location or f"{config.scheme}://{config.host}:{config.port}"
         super().__init__(location, middleware=middleware, **tls, **kwargs)
         if self.idle is not None:
             self.idle.start(self.port)
@@ -226,7 +230,10 @@ class FeatureFlightServer(flight.FlightServerBase):
             raise RequestError("do_put needs a command descriptor holding a write request (see docs/protocol.md)")
         request = self._authorized(context, parse_write(descriptor.command, self.config.max_request_bytes))
         reader, writer = self._client_streams(context, reader, writer)
-        result = self.parts.writer.write(request, reader, context.is_cancelled)
+        if self.parts.writes is not None:  # in the write process: its commits hold no GIL of ours
+            result = self.parts.writes.put(request, reader, context.is_cancelled)
+        else:
+            result = self.parts.writer.write(request, reader, context.is_cancelled)
         self.parts.changed(result.table)
         writer.write(pa.py_buffer(result.to_bytes()))
 
@@ -268,12 +275,18 @@ class FeatureFlightServer(flight.FlightServerBase):
                 )
         return iter(infos)
 
+    def _plan_refresh(self, body: bytes) -> bytes:
+        fields = json.loads(body)
+        return plan_refresh(self.parts.catalog, fields["table"], fields["known"], fields["since"]).to_bytes()
+
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return [(action.name, action.doc) for action in ACTIONS.values()]
 
     @_flight_errors
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
         name = action.type
+        if name == PLAN_REFRESH and self.write_process:  # its server's own call, on a socket only it reaches
+            return iter([self._plan_refresh(action.body.to_pybytes())])
         row = ACTIONS.get(name)
         if row is None:
             raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")
@@ -284,4 +297,8 @@ class FeatureFlightServer(flight.FlightServerBase):
         if row.parse is not None:
             body = action.body.to_pybytes() if action.body is not None else b""
             request = self._authorized(context, row.parse(decode(body, f"{name} body", self.config.max_request_bytes)))
+            if self.parts.writes is not None and name in RELAYED_ACTIONS:  # checked here, run in the write process
+                reply = self.parts.writes.action(name, body)
+                self.parts.changed(request.table)
+                return iter([reply])
         return iter([encode_reply(row.run(self.parts, caller, request))])

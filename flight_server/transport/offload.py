@@ -1,0 +1,384 @@
+"""The write process (`--write-process`): puts, deletes and maintenance run in a child process of the server.
+
+Why: while a writer puts through a server, its commits (pyiceberg's manifest and metadata work), the Parquet
+encoding around it and the online index refresh held the serving process's GIL for most of each second (measured
+with `py-spy record --gil`: 56 % of the GIL-held samples in commits, 15 % in writing files, 17 % in the index
+refresh, 6.5 % in lookups), and every lookup waited its turn for it several times. In a child process the
+commits and files take no GIL the lookups need, and run at a lower OS priority (`NICE`), so the scheduler
+prefers serving when both want a core.
+
+The child runs the server's own code: a `FeatureFlightServer` on a Unix socket in a private folder, with the
+same catalog and write settings, and without the serving process's listeners, tokens and limits (the serving
+process checked the caller). The serving process relays the client's stream batch by batch (pyarrow reads and
+writes them without the GIL), checks the stream as the writer would, and sends the end-of-stream marker only once
+the client's stream ended intact: a stream that breaks or is cancelled ends the child's put without its marker, so
+the child commits nothing. The child's answers and errors (same gRPC status, same message) come back as they are,
+and the serving process then runs what follows a commit (its online indexes and training sets look at once).
+
+The child lives as long as the server: it starts at the first write, reads its settings from its stdin and stops
+when that pipe closes (the server stopped, or died); one that stopped is started again at the next write, and the
+call it stopped during fails with UNAVAILABLE (a retry with the same `write_id` never commits twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server.base.config import ServerConfig
+from flight_server.base.streams import chunks, stream_schema
+from flight_server.online.store import RefreshPlan
+from flight_server.transport.errors import ROUTES
+from flight_server.wire.errors import (
+    CancelledError,
+    ConflictError,
+    LimitError,
+    NotFoundError,
+    PermissionDeniedError,
+    RequestError,
+    UnauthenticatedError,
+)
+from flight_server.wire.writes import WriteRequest, WriteResult, end_marker, parse_end_marker
+
+log = logging.getLogger(__name__)
+
+NICE = 5  # added to the child's OS niceness: a core both want goes to serving first
+START_TIMEOUT_SECONDS = 120.0  # for the child to import, open the catalog and listen
+STOP_SECONDS = 30.0  # for the child to finish its running calls once the server stops
+READY = b"ready\n"
+
+# The child's own action (not in the action table: only a write process answers it): `plan_refresh`.
+PLAN_REFRESH = "_plan_refresh"
+
+# The actions that change tables (or their files): relayed to the write process as the client sent them.
+RELAYED_ACTIONS = frozenset(
+    {"delete", "compact", "expire_snapshots", "pin", "unpin", "run_maintenance", "remove_orphan_files"}
+)
+
+# A relayed error's kind (its structured detail, else its class) -> the request error it came from.
+_KINDS: dict[str, type[RequestError]] = {
+    cls.code: cls
+    for cls in (
+        RequestError,
+        NotFoundError,
+        ConflictError,
+        LimitError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        CancelledError,
+    )
+}
+_BY_CLASS: list[tuple[type[BaseException], str]] = [
+    (pa.ArrowInvalid, "INVALID_ARGUMENT"),
+    (pa.ArrowKeyError, "NOT_FOUND"),
+    (flight.FlightCancelledError, "CANCELLED"),
+    (flight.FlightTimedOutError, "DEADLINE_EXCEEDED"),
+    (flight.FlightUnauthenticatedError, "UNAUTHENTICATED"),
+    (flight.FlightUnauthorizedError, "PERMISSION_DENIED"),
+    (flight.FlightUnavailableError, "CONFLICT"),
+]
+
+
+class WriteProcessError(ConflictError):
+    """The write process stopped during the call (UNAVAILABLE): retrying is safe, and with a `write_id` a put's
+    retry never commits twice."""
+
+
+def relayed_error(exc: BaseException) -> Exception:
+    """The exception that gives the client the child's error as the child sent it: same status, kind, message."""
+    message = str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context:", 1)[0]  # gRPC's decorations
+    kind = next((code for cls, code in _BY_CLASS if isinstance(exc, cls)), "INTERNAL")
+    extra = getattr(exc, "extra_info", None)
+    if extra:
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            kind = str(json.loads(extra)["code"])
+    if kind in _KINDS:
+        return _KINDS[kind](message)
+    error = ROUTES.get(kind, ROUTES["INTERNAL"]).error
+    return error(message, extra_info=json.dumps({"code": kind}).encode())
+
+
+def child_config(config: ServerConfig) -> ServerConfig:
+    """The child's settings: the server's catalog and write settings, nothing that faces clients."""
+    return replace(
+        config,
+        catalog_properties=config.resolved_catalog_properties(),
+        write_process=False,
+        host="127.0.0.1",
+        port=0,
+        advertise=None,
+        peers=[],
+        tls_cert=None,
+        tls_key=None,
+        tls_client_ca=None,
+        auth_tokens=[],
+        auth_tokens_file=None,
+        max_concurrent_requests=0,
+        max_concurrent_per_caller=0,
+        max_batch_bytes=0,
+        idle_timeout_seconds=0.0,
+        metrics_port=0,
+        online_tables=[],
+    )
+
+
+class WriteProcess:
+    """The serving side of the write process: starts it (again) when needed, relays puts and actions to it."""
+
+    def __init__(self, config: ServerConfig):
+        self._config = child_config(config)
+        self._folder: str | None = None  # made at the first start (mode 0700: only this user reaches the socket)
+        self._lock = threading.Lock()  # guards the fields below; held while a child starts
+        self._process: subprocess.Popen[bytes] | None = None
+        self._client: flight.FlightClient | None = None
+        self._starts = 0
+        self._closed = False
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's process id (None before the first write)."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
+    def put(
+        self, request: WriteRequest, reader: flight.MetadataRecordBatchReader, is_cancelled: Callable[[], bool]
+    ) -> WriteResult:
+        """Relay one `do_put` to the child and return its result: committed only if the client's stream ended
+        intact (the checks on the stream are the writer's own, with its messages)."""
+        client, process = self._connect()
+        schema = stream_schema(reader, "write")
+        descriptor = flight.FlightDescriptor.for_command(replace(request, end_marker=True).to_bytes())
+        try:
+            writer, answers = client.do_put(descriptor, schema)
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            raise self._failure(exc, process) from None
+        try:
+            marker = self._relay(request, reader, writer, is_cancelled)
+        except RequestError:
+            self._abandon(writer)  # no marker sent: the child refuses the put, commits nothing
+            raise
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            raise self._failure(self._child_error(writer, exc), process) from None
+        try:
+            if marker is not None:
+                writer.write_metadata(pa.py_buffer(marker))
+            writer.done_writing()
+            reply = answers.read()
+            writer.close()
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            raise self._failure(self._child_error(writer, exc), process) from None
+        if reply is None:
+            raise self._failure(OSError("no reply"), process)
+        return WriteResult.from_bytes(reply.to_pybytes())
+
+    def action(self, name: str, body: bytes) -> bytes:
+        """Run one of `RELAYED_ACTIONS` in the child; its reply as the child encoded it."""
+        client, process = self._connect()
+        try:
+            results = list(client.do_action(flight.Action(name, body)))
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            raise self._failure(exc, process) from None
+        return results[0].body.to_pybytes()
+
+    def plan_refresh(self, name: str, known: str | None, since: int | None) -> RefreshPlan | None:
+        """An online index refresh planned in the child (`RefreshPlan`): the table's metadata and manifests are
+        parsed there. None when the child cannot (the refresh then runs in the serving process)."""
+        body = json.dumps({"table": name, "known": known, "since": since}).encode()
+        try:
+            client, process = self._connect()
+        except WriteProcessError as exc:
+            log.info("online refresh of %s planned in the serving process: %s", name, exc)
+            return None
+        try:
+            results = list(client.do_action(flight.Action(PLAN_REFRESH, body)))
+        except (flight.FlightError, pa.ArrowException, OSError) as exc:
+            failure = self._failure(exc, process)
+            if isinstance(failure, NotFoundError):  # the table is gone: the store drops its index
+                raise failure from None
+            log.info("online refresh of %s planned in the serving process: %s", name, failure)
+            return None
+        return RefreshPlan.from_bytes(results[0].body.to_pybytes())
+
+    def ask(self, name: str, body: bytes = b"") -> Any | None:
+        """A read-only action's reply from the running child (None when none runs: nothing is started for it)."""
+        with self._lock:
+            client, process = self._client, self._process
+        if client is None or process is None or process.poll() is not None:
+            return None
+        try:
+            results = list(client.do_action(flight.Action(name, body)))
+        except (flight.FlightError, pa.ArrowException, OSError):
+            return None
+        return json.loads(results[0].body.to_pybytes())
+
+    def close(self) -> None:
+        """Stop the child (it finishes its running calls) and remove its folder."""
+        with self._lock:
+            self._closed = True
+            process, client = self._process, self._client
+            self._process = self._client = None
+        if client is not None:
+            client.close()
+        if process is not None:
+            _stop(process)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _relay(
+        self,
+        request: WriteRequest,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.FlightStreamWriter,
+        is_cancelled: Callable[[], bool],
+    ) -> bytes | None:
+        """Pass the client's batches on; return the end-of-stream marker to send once all arrived intact (None:
+        the client declared one and sent none, which the child refuses as the writer does)."""
+        rows = 0
+        marker: bytes | None = None
+        for chunk in chunks(reader, "write", "; nothing was committed"):
+            if chunk.app_metadata is not None:
+                marker = chunk.app_metadata.to_pybytes()
+                parse_end_marker(marker)  # a malformed one fails here, with the writer's message
+            if chunk.data is not None and chunk.data.num_rows:
+                if marker is not None:
+                    raise RequestError("the write stream sent data after its end-of-stream marker")
+                writer.write_batch(chunk.data)
+                rows += chunk.data.num_rows
+        if is_cancelled():
+            raise CancelledError(f"the client cancelled the write after {rows} rows; nothing was committed")
+        if marker is None and not request.end_marker:
+            marker = end_marker(rows)
+        return marker
+
+    def _abandon(self, writer: flight.FlightStreamWriter) -> None:
+        """End the child's put without its marker: the child refuses it and deletes its files."""
+        try:
+            writer.done_writing()
+            writer.close()
+        except (flight.FlightError, pa.ArrowException, OSError):
+            pass  # the child's refusal: expected
+
+    def _child_error(self, writer: flight.FlightStreamWriter, exc: BaseException) -> BaseException:
+        """The child's own error behind a failed write of a batch (its status arrives when the stream closes)."""
+        try:
+            writer.close()
+        except (flight.FlightError, pa.ArrowException, OSError) as closing:
+            return closing
+        return exc
+
+    def _failure(self, exc: BaseException, process: subprocess.Popen[bytes]) -> Exception:
+        """`exc` relayed, or `WriteProcessError` when the child stopped (gRPC then says only UNAVAILABLE)."""
+        if isinstance(exc, flight.FlightUnavailableError | OSError) and not getattr(exc, "extra_info", None):
+            try:
+                code = process.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                pass
+            else:
+                log.warning("the write process stopped (exit code %s) during a call", code)
+                return WriteProcessError(
+                    f"the server's write process stopped (exit code {code}) during this call and starts again "
+                    "at the next write; retry (a put with its write_id never commits twice)"
+                )
+        return relayed_error(exc)
+
+    def _connect(self) -> tuple[flight.FlightClient, subprocess.Popen[bytes]]:
+        """The client of the running child, started first if none runs."""
+        with self._lock:
+            if self._closed:
+                raise WriteProcessError("the server is stopping: it takes no more writes")
+            if self._process is not None and self._process.poll() is None and self._client is not None:
+                return self._client, self._process
+            if self._process is not None:
+                log.warning("the write process had stopped (exit code %s): starting it again", self._process.poll())
+                if self._client is not None:
+                    self._client.close()
+                self._process = self._client = None
+            self._starts += 1
+            self._folder = self._folder or tempfile.mkdtemp(prefix="flight-writes-")
+            socket = os.path.join(self._folder, f"writes-{self._starts}.sock")
+            self._process = _start(self._config, socket)
+            self._client = flight.FlightClient(f"grpc+unix://{socket}")
+            return self._client, self._process
+
+
+def _start(config: ServerConfig, socket: str) -> subprocess.Popen[bytes]:
+    """Start the child and wait until it listens on `socket`."""
+    level = logging.getLevelName(logging.getLogger("flight_server").getEffectiveLevel())
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flight_server.transport.offload", socket, str(level)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        process.stdin.write(json.dumps(asdict(config)).encode() + b"\n")
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_SECONDS)
+        line = process.stdout.readline() if ready else b""
+    except OSError:
+        line = b""
+    if line != READY:
+        _stop(process, 0.0)
+        raise WriteProcessError(
+            f"the server's write process did not start (exit code {process.poll()}); the server's log says why"
+        )
+    log.info("write process %d listening on %s", process.pid, socket)
+    return process
+
+
+def _stop(process: subprocess.Popen[bytes], seconds: float = STOP_SECONDS) -> None:
+    """Close the child's stdin (it stops after its running calls), then kill it past `seconds`."""
+    if process.stdin is not None:
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+def _serve(socket: str, level: str) -> None:
+    """The child: the server's own code on `socket`, with the settings on stdin, until stdin closes."""
+    from flight_server.base.logs import setup_logging
+    from flight_server.transport.service import FeatureFlightServer
+
+    config = ServerConfig(**json.loads(sys.stdin.readline()))
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server stops us once its calls end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.nice(NICE)
+    setup_logging(level, config.log_format)
+    server = FeatureFlightServer(config, location=f"grpc+unix://{socket}", write_process=True)
+
+    def watch_parent() -> None:
+        sys.stdin.buffer.read()  # returns at EOF: the server closed the pipe, or died
+        threading.Timer(STOP_SECONDS, os._exit, (1,)).start()  # never outlive the server by more than this
+        server.shutdown()
+
+    threading.Thread(target=watch_parent, name="write-process-parent", daemon=True).start()
+    sys.stdout.buffer.write(READY)
+    sys.stdout.buffer.flush()
+    server.serve()
+    shutil.rmtree(os.path.dirname(socket), ignore_errors=True)  # the server is gone (or removes it too)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], sys.argv[2])

@@ -1,0 +1,260 @@
+"""The write process (`--write-process`): puts, deletes and maintenance relayed to a child process give the
+same results as in the serving process; a child killed mid-put fails that put with UNAVAILABLE, commits nothing,
+and the next write starts a new one; the child never outlives its server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from flight_client import FeatureClient, FeatureServerError
+from flight_server.transport.service import FeatureFlightServer
+from tests.conftest import catalog_env, healthy, sqlite_catalog, start_server, wait_until
+from tests.services import free_ports
+from tests.test_roundtrip import (  # run here again against a server whose writes go through its write process
+    test_batch_failing_validation_midstream_leaves_nothing,
+    test_broken_stream_commits_nothing,
+)
+
+KEYS = {"entity_keys": ["id"], "event_time": "ts"}
+__all__ = ["test_batch_failing_validation_midstream_leaves_nothing", "test_broken_stream_commits_nothing"]
+
+
+@pytest.fixture(scope="module")
+def server(backend: dict[str, str]) -> Iterator[str]:
+    """The tests imported above get a server with its write process on (conftest's keeps writes in process)."""
+    served = start_server(backend, write_process=True)
+    yield f"grpc://127.0.0.1:{served.port}"
+    served.shutdown()
+
+
+def rows(ids: list[int], ts: int, value: float) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "ts": pa.array([ts] * len(ids), pa.timestamp("us", "UTC")),
+            "value": pa.array([value + i for i in ids], pa.float64()),
+        }
+    )
+
+
+def changes(client: FeatureClient, table: str) -> list[object]:
+    """A sequence of puts (one retried), a delete, a compaction and a maintenance round; what each answered
+    (without snapshot ids), the rows left and the online answer."""
+    answers: list[object] = []
+    put = client.write(table, rows([1, 2, 3], 10, 0.5), **KEYS)
+    answers.append((put.rows, put.files, put.duplicate))
+    first = client.write(table, rows([3, 4], 20, 1.5), write_id="w-1")
+    again = client.write(table, rows([3, 4], 20, 1.5), write_id="w-1")
+    answers.append((first.rows, again.duplicate, again.snapshot_id == first.snapshot_id))
+    deleted = client.delete(table, keys={"id": [2]})
+    answers.append({k: v for k, v in deleted.items() if k not in ("snapshot_id", "table")})
+    compacted = client.compact(table)
+    answers.append({k: v for k, v in compacted.items() if k not in ("snapshot_id", "table")})
+    done = client.run_maintenance(table)
+    answers.append(sorted(done))
+    answers.append(client.read_table(table).sort_by([("id", "ascending"), ("ts", "ascending")]).to_pylist())
+    online = client.get_online_features({"id": [1, 2, 3, 4]}, [f"{table}:value"], apply_ttl=False)
+    answers.append(online.select(["id", "value"]).to_pylist())
+    return answers
+
+
+def test_changes_through_the_write_process_answer_as_in_the_serving_process(backend: dict[str, str]) -> None:
+    servers = [start_server(backend, write_process=on) for on in (True, False)]
+    try:
+        results = []
+        for server, name in zip(servers, ("wp.on", "wp.off"), strict=True):
+            with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+                results.append(changes(client, name))
+        assert servers[0].parts.writes is not None and servers[0].parts.writes.pid is not None  # it did run there
+        assert servers[1].parts.writes is None
+        assert results[0] == results[1]
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
+def test_refusals_keep_their_status_and_message(tmp_path: Path) -> None:
+    properties = sqlite_catalog(tmp_path)
+    servers = [start_server(properties, write_process=on) for on in (True, False)]
+    try:
+        refusals = []
+        for server, name in zip(servers, ("bad.on", "bad.off"), strict=True):
+            with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+                client.write(name, rows([1], 1, 0.0), **KEYS)
+                seen = []
+                for call in (
+                    lambda c=client, n=name: c.write(n, pa.table({"id": ["text"]})),
+                    lambda c=client: c.write("bad.missing", rows([1], 1, 0.0)),
+                    lambda c=client, n=name: c.write(n, rows([], 1, 0.0)),
+                    lambda c=client, n=name: c.delete(n, filter="nope = 1"),
+                    lambda c=client: c.compact("bad.missing"),
+                ):
+                    with pytest.raises(FeatureServerError) as refused:
+                        call()
+                    seen.append(
+                        (type(refused.value).__name__, refused.value.code, str(refused.value).replace(name, "T"))
+                    )
+                refusals.append(seen)
+        assert refusals[0] == refusals[1]
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
+def children(pid: int) -> set[int]:
+    """The processes `pid` started (any of its threads)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.update(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A `flight-server serve` process with its write process on, and its location."""
+    port = free_ports(1)[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
+    env.update(catalog_env(sqlite_catalog(tmp_path)), FLIGHT_SERVER_PORT=str(port), FLIGHT_SERVER_WRITE_PROCESS="1")
+    with (tmp_path / "server.log").open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flight_server", "serve", "--no-auto-maintenance"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a service manager starts it
+        )
+    location = f"grpc://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: healthy(location) or process.poll() is not None, timeout=90, what=location)
+        assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+        yield process, location
+    finally:
+        started = children(process.pid) if process.poll() is None else set()
+        process.kill()
+        process.wait()
+        for child in started:  # each ends by itself once its server is gone
+            wait_until(lambda c=child: not alive(c), timeout=60, what="the write process to end")
+
+
+def test_a_write_process_killed_mid_put_fails_that_put_and_the_next_one_starts_a_new_one(
+    server_process: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    process, location = server_process
+    with FeatureClient(location) as client:
+        first = client.write("kill.t", rows([1, 2], 10, 0.0), **KEYS)
+        (child,) = children(process.pid)
+        snapshots = len(client.describe("kill.t")["snapshots"])
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            yield from rows([1], 20, 5.0).to_batches()
+            os.kill(child, signal.SIGKILL)
+            wait_until(lambda: not alive(child), what="the write process to end")
+            yield from rows([2], 20, 5.0).to_batches()
+
+        stream = pa.RecordBatchReader.from_batches(rows([], 0, 0.0).schema, batches())
+        with pytest.raises(FeatureServerError) as stopped:
+            client.write("kill.t", stream, write_id="w-kill")
+        assert stopped.value.code == "CONFLICT"  # UNAVAILABLE: retry
+        assert "write process stopped" in str(stopped.value)
+        assert len(client.describe("kill.t")["snapshots"]) == snapshots  # nothing committed
+        online = client.get_online_features({"id": [1, 2]}, ["kill.t:value"], apply_ttl=False)
+        assert online.column("value").to_pylist() == [1.0, 2.0]  # still serving
+        retried = client.write("kill.t", rows([1, 2], 20, 5.0), write_id="w-kill")
+        again = client.write("kill.t", rows([1, 2], 20, 5.0), write_id="w-kill")
+        assert not retried.duplicate and again.duplicate and again.snapshot_id == retried.snapshot_id
+        assert retried.snapshot_id != first.snapshot_id
+        assert len(client.describe("kill.t")["snapshots"]) == snapshots + 1  # committed once
+        (restarted,) = children(process.pid)
+        assert restarted != child
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL", "SIGTERM to the process group"])
+def test_the_write_process_ends_with_its_server(server_process: tuple[subprocess.Popen[bytes], str], stop: str) -> None:
+    process, location = server_process
+    with FeatureClient(location) as client:
+        client.write("life.t", rows([1], 1, 0.0), **KEYS)
+    (child,) = children(process.pid)
+    socket = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[3].decode()  # argv: python -m module socket
+    if stop.endswith("group"):  # the write process ignores it, and ends when its server has
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        os.kill(process.pid, getattr(signal, stop))
+    process.wait(timeout=60)
+    wait_until(lambda: not alive(child), timeout=60, what="the write process to end after its server")
+    wait_until(lambda: not Path(socket).parent.exists(), what="its socket's folder to go")
+
+
+def test_an_in_process_server_stops_its_write_process(tmp_path: Path) -> None:
+    server: FeatureFlightServer = start_server(sqlite_catalog(tmp_path), write_process=True)
+    with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+        assert server.parts.writes is not None and server.parts.writes.pid is None  # started by the first write
+        client.write("inproc.t", rows([1], 1, 0.0), **KEYS)
+        child = server.parts.writes.pid
+        assert child is not None and alive(child)
+    server.shutdown()
+    assert not alive(child)
+
+
+def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> None:
+    """After a put through a server with a write process, and after one through another replica, its online index
+    catches up from the files the write process found: the serving process parses none of the new metadata."""
+    properties = sqlite_catalog(tmp_path)
+    server = start_server(properties, write_process=True)
+    replica = start_server(properties, write_process=False)
+    name = "plan.t"
+    try:
+        with (
+            FeatureClient(f"grpc://127.0.0.1:{server.port}") as client,
+            FeatureClient(f"grpc://127.0.0.1:{replica.port}") as other,
+        ):
+            client.write(name, rows([1, 2], 10, 0.0), **KEYS)
+            assert client.get_online_features({"id": [1]}, [f"{name}:value"]).column("value").to_pylist() == [1.0]
+            index = server.parts.store.peek(name)
+            assert index is not None
+            for writer, value in ((client, 5.0), (other, 7.0)):
+                put = writer.write(name, rows([1], 20 + int(value), value))
+                wait_until(lambda p=put: index.state.snapshot_id == p.snapshot_id, what="the index to catch up")
+                online = client.get_online_features({"id": [1, 2]}, [f"{name}:value"], apply_ttl=False)
+                assert online.column("value").to_pylist() == [value + 1, 2.0]
+                assert index.appends >= 1 and index.rebuilds == 0
+                loaded = server.parts.catalog._read[name].metadata_location  # what the serving process parsed last
+                assert loaded != index.metadata_location
+    finally:
+        server.shutdown()
+        replica.shutdown()
+
+
+def test_a_put_running_when_the_process_group_gets_sigterm_still_commits(
+    server_process: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    """A service manager stops a service with SIGTERM to its whole process group: the server lets its running
+    calls end, and the write process, which ignores the signal, finishes the put it runs."""
+    process, location = server_process
+    with FeatureClient(location) as client:
+        client.write("term.t", rows([1], 1, 0.0), **KEYS)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            yield from rows([1], 20, 5.0).to_batches()
+            os.killpg(process.pid, signal.SIGTERM)
+            wait_until(lambda: not healthy(location), what="the server to begin stopping")
+            yield from rows([2], 20, 5.0).to_batches()
+
+        stream = pa.RecordBatchReader.from_batches(rows([], 0, 0.0).schema, batches())
+        assert client.write("term.t", stream).rows == 2
+    process.wait(timeout=60)
