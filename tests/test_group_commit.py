@@ -482,3 +482,32 @@ def test_when_the_shared_files_cannot_be_written_each_small_put_is_tried_alone(
     assert scanned(servers[1], name) == Counter([-1, *(k for k in range(6) if k != bad)])
     ids = Counter(i for s in summaries(properties, name) for i in committed_ids(s))
     assert ids == Counter(f"w-{k}" for k in range(6) if k != bad)
+
+
+def test_a_leader_waits_for_the_writers_of_the_last_group_but_no_longer_than_its_commit_took(
+    servers: list[str], properties: dict[str, str]
+) -> None:
+    name = "group.linger"
+    catalog, locks, _ = own_group_commits(servers[0], properties, name)
+    groups = GroupCommits(catalog, locks, WriteIds(), linger=60)
+    identifier = catalog.identifier(name)
+    first, second, third, fourth = [small(catalog, name, k) for k in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        # Two writers meet: the first put's commit takes 2 s (the test holds the table's commit lock that long),
+        # the second queues behind it.
+        with locks(identifier):
+            alone = pool.submit(groups.commit, identifier, first)
+            wait_until(lambda: groups.waiting(identifier) == 0, what="the first put's commit")
+            lingering = pool.submit(groups.commit, identifier, second)
+            wait_until(lambda: groups.waiting(identifier) == 1, what="the second put queued")
+            time.sleep(2)
+        alone.result()
+        # The second put leads next, and waits for the first writer to put again instead of committing alone.
+        wait_until(lambda: groups.waiting(identifier) == 1, what="the second put leading, still queued")
+        joined = pool.submit(groups.commit, identifier, third)
+        assert lingering.result(timeout=30).snapshot_id == joined.result(timeout=30).snapshot_id
+        # Then only one writer puts: its put waits for the other no longer than the last commit took, not the
+        # 60 s the server allows.
+        last = pool.submit(groups.commit, identifier, fourth).result(timeout=30)
+        assert last.snapshot_id not in {alone.result().snapshot_id, joined.result().snapshot_id}
+    assert scanned(servers[1], name) == Counter(range(-1, 4))

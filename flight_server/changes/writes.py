@@ -43,6 +43,7 @@ from flight_server.changes.commits import delete_files, live_files
 from flight_server.changes.files import PARQUET_DEFAULTS, parquet_options, write_data_files
 from flight_server.changes.group import (
     COALESCE_BYTES,
+    LINGER_SECONDS,
     MAX_PUTS,
     GroupCommits,
     Put,
@@ -102,6 +103,7 @@ class Writer:
         commit_timeout: float,
         locks: LockPool,
         group_commit: bool = True,
+        linger: float = LINGER_SECONDS,
     ):
         self.catalog = catalog
         self.chunk_bytes = chunk_bytes
@@ -110,7 +112,7 @@ class Writer:
         self._write_ids = WriteIds()
         self._commit_locks = locks
         self._for_files = _ForFiles()
-        self._groups = GroupCommits(catalog, locks, self._write_ids, MAX_PUTS if group_commit else 1)
+        self._groups = GroupCommits(catalog, locks, self._write_ids, MAX_PUTS if group_commit else 1, linger)
         self._active = 0
         self._active_lock = threading.Lock()
 
