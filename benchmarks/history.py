@@ -297,7 +297,11 @@ def maintenance_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(
-    target: Target, settings: Settings, puts_per_writer: int = PUTS_PER_WRITER, maintenance: bool = False
+    target: Target,
+    settings: Settings,
+    puts_per_writer: int = PUTS_PER_WRITER,
+    maintenance: bool = False,
+    baseline_appends: int | None = None,
 ) -> dict[str, Any]:
     data = feature_table(settings.rows + 1, settings.entities, settings.seed, settings.features)
     rows = rows_of(data.slice(1))
@@ -324,9 +328,10 @@ def run(
         catalog = load_catalog(CATALOG_NAME, **properties)
         loaded = {kind: catalog.load_table(name) for kind, name in tables.items()}
         metadata = {kind: on_disk(table) for kind, table in loaded.items()}
+        baseline = rows[:baseline_appends]
         for merge in (False, True):
             key = f"pyiceberg_{'merge' if merge else 'fast'}"
-            appends[key], metadata[key] = pyiceberg_appends(properties, loaded["history"], rows, merge)
+            appends[key], metadata[key] = pyiceberg_appends(properties, loaded["history"], baseline, merge)
     for key, entry in appends.items():
         entry["label"] = APPENDS[key]
     return {
