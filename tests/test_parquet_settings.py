@@ -27,6 +27,7 @@ from flight_server.changes.files import (
     PARQUET_DEFAULTS,
     _FileContext,
     parquet_options,
+    partition_counts,
     partitioned_rows,
     sort_rows,
 )
@@ -299,3 +300,22 @@ def test_every_batch_is_stored_as_pyiceberg_stores_it(rows: pa.Table, renamed: b
         assert ours.schema.equals(theirs.schema, check_metadata=True)
         assert ours.equals(theirs)
     assert bool(context.renamed) != nested
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=rows_strategy(), layout=st.sampled_from([*LAYOUTS[:1], *LAYOUTS[2:], FALLBACK]), cuts=st.data())
+def test_the_partitions_of_each_run_of_rows_are_pyiceberg_s(rows: pa.Table, layout: list[str], cuts: Any) -> None:
+    """A group's puts, one after the other in its shared rows: how many partitions each put's rows fall in
+    (`partition_counts`) is how many pyiceberg finds in that put's rows alone; None only where Arrow cannot work
+    the values out (float identity partitions)."""
+    metadata = _metadata(layout, rows.schema)
+    chunk = rows.cast(table_arrow_schema(metadata.schema()))
+    ends = sorted(set(cuts.draw(st.lists(st.integers(1, len(rows)), max_size=6)) + [len(rows)]))
+    lengths = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]  # at least one row each
+    counted = partition_counts(metadata, chunk, lengths)
+    if layout == FALLBACK:
+        assert counted is None
+        return
+    spec, schema = metadata.spec(), metadata.schema()
+    expected = [len(partitions(spec, schema, chunk.slice(end - n, n))) for end, n in zip(ends, lengths, strict=True)]
+    assert counted == expected

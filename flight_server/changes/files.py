@@ -138,6 +138,17 @@ def partitioned_rows(
     return parts
 
 
+def partition_counts(metadata: TableMetadata, rows: pa.Table, lengths: list[int]) -> list[int] | None:
+    """How many partitions of the table each run of `rows` falls in, the runs one after the other with `lengths`
+    rows; None when Arrow cannot work out the partition values here (`_partition_values`)."""
+    values = _partition_values(metadata.spec(), metadata.schema(), rows)
+    if values is None:
+        return None
+    run = pa.array(np.repeat(np.arange(len(lengths), dtype=np.int32), lengths))
+    distinct = values.append_column("_run", run).group_by([*values.column_names, "_run"]).aggregate([])
+    return np.bincount(distinct.column("_run").to_numpy(), minlength=len(lengths)).tolist()
+
+
 def _take(chunk: pa.Table, indices: pa.Array) -> pa.Table:
     """`chunk.take(indices)`, a column per thread: Arrow takes the columns of a table one after the other."""
     if chunk.num_columns < 2:

@@ -56,7 +56,7 @@ from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.base.locks import LockPool
 from flight_server.changes.commits import delete_files
-from flight_server.changes.files import write_data_files
+from flight_server.changes.files import partition_counts, write_data_files
 from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, table_name
 from flight_server.iceberg.internals import MemoTransaction, partitions
@@ -384,6 +384,9 @@ def _partitions_of_each(metadata: TableMetadata, rows: pa.Table, puts: list[Put]
     spec = metadata.spec()
     if spec.is_unpartitioned() or len(puts) == 1:  # one put's rows: all the files are its own
         return [None] * len(puts)
+    counted = partition_counts(metadata, rows, [put.rows for put in puts])  # Arrow: a seventh of pyiceberg's time
+    if counted is not None:
+        return list(counted)
     # `rows` has fresh buffers here (combined from several puts' chunks): pyiceberg's Rust transforms refuse the
     # unaligned buffers a Flight stream's batches may have.
     column = f"_put_{uuid.uuid4().hex}"  # no column of the table's
