@@ -30,6 +30,7 @@ from flight_server.changes import group
 from flight_server.changes.files import write_data_files
 from flight_server.changes.group import ENABLED_PROPERTY, GroupCommits, Put, Rows
 from flight_server.changes.history import PUTS_PROPERTY, WRITE_ID_PROPERTY, WRITE_IDS_PROPERTY, WriteIds
+from flight_server.changes.writes import _Checks
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
 from flight_server.transport.service import FeatureFlightServer
 from flight_server.wire.errors import ConflictError
@@ -511,3 +512,44 @@ def test_a_leader_waits_for_the_writers_of_the_last_group_but_no_longer_than_its
         last = pool.submit(groups.commit, identifier, fourth).result(timeout=30)
         assert last.snapshot_id not in {alone.result().snapshot_id, joined.result().snapshot_id}
     assert scanned(servers[1], name) == Counter(range(-1, 4))
+
+
+class _HeldCatalog(FeatureCatalog):
+    """A catalog whose first `find_for_change` is held, once it has read the catalog, until `release` is set."""
+
+    def __init__(self, properties: dict[str, str]):
+        super().__init__("default", properties)
+        self.checks = 0
+        self.reading = threading.Event()
+        self.release = threading.Event()
+
+    def find_for_change(self, table: str) -> Any:
+        found = super().find_for_change(table)
+        self.checks += 1
+        if self.checks == 1:
+            self.reading.set()
+            assert self.release.wait(30)
+        return found
+
+
+def test_puts_that_arrive_during_a_catalog_check_share_the_next_one_and_see_what_was_committed_before(
+    servers: list[str], properties: dict[str, str]
+) -> None:
+    name = "group.checks"
+    create(servers[0], name)
+    catalog = _HeldCatalog(properties)
+    checks = _Checks(catalog)
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(checks.find_for_change, name)
+        assert catalog.reading.wait(30)  # the first put's check has read the catalog, and is still running
+        with FeatureClient(servers[1]) as client:
+            committed = client.write(name, row(1)).snapshot_id  # acknowledged before the next puts arrive
+        later = [pool.submit(checks.find_for_change, name) for _ in range(2)]
+        wait_until(lambda: len(checks._tables) == 1 and checks._tables[catalog.identifier(name)].users == 3)
+        catalog.release.set()
+        tables = [first.result(timeout=30), *(f.result(timeout=30) for f in later)]
+    assert catalog.checks == 2  # the first put's check, and one for both puts that arrived during it
+    current = [t.current_snapshot().snapshot_id for t in tables]
+    assert current[0] != committed and current[1:] == [committed, committed]
+    assert len({id(t) for t in tables}) == 3  # each put its own table object (a commit through one changes it)
+    assert not checks._tables

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -57,6 +57,7 @@ from flight_server.iceberg.catalog import (
     FeatureCatalog,
     FeatureSpec,
     default_partitioning,
+    own_copy,
     partition_spec,
     table_name,
 )
@@ -112,6 +113,7 @@ class Writer:
         self._write_ids = WriteIds()
         self._commit_locks = locks
         self._for_files = _ForFiles()
+        self._checks = _Checks(catalog)
         self._groups = GroupCommits(catalog, locks, self._write_ids, MAX_PUTS if group_commit else 1, linger)
         self._active = 0
         self._active_lock = threading.Lock()
@@ -140,11 +142,11 @@ class Writer:
     ) -> WriteResult:
         identifier = self.catalog.identifier(request.table)
         if request.write_id is None:
-            return self._write(request, reader, is_cancelled, self.catalog.find_for_change(request.table))
+            return self._write(request, reader, is_cancelled, self._checks.find_for_change(request.table))
         # Serialise retries of one write_id on this server, so a retry arriving while the first
         # attempt still streams waits for it and then answers with its snapshot.
         with self._id_locks[hash((identifier, request.write_id)) % len(self._id_locks)]:
-            table = self.catalog.find_for_change(request.table)
+            table = self._checks.find_for_change(request.table)
             if table is not None:
                 prior = self._write_ids.find(table, request.write_id)
                 if prior is not None:
@@ -386,6 +388,64 @@ class Writer:
             _check_declared_layout(request, table)
             log.info("table %s was created concurrently; appending to it", request.table)
         return transaction
+
+
+@dataclass(eq=False)
+class _Check:
+    """The catalog checks of one table by puts to it on this server (`_Checks`)."""
+
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    started: int = 0  # checks started so far
+    finished: int = 0  # the number of the last check that ended
+    running: bool = False
+    table: Table | None = None  # what that check found (None: no such table)
+    failed: bool = False  # that check raised (each put waiting for it checks again itself)
+    users: int = 0  # puts using the entry: it is dropped when none is left
+
+
+class _Checks:
+    """The table as the catalog has it when a put arrives (`FeatureCatalog.find_for_change`), one catalog check for
+    many puts: a put that arrives while a check of its table runs takes the result of the next check, which
+    starts after it arrived (so it sees every commit acknowledged before it arrived), together with every other
+    put that arrived meanwhile. A check was a tenth of a grouped put's CPU (0.3-0.4 ms under load), made by each
+    of the puts that group commit then commits together; a single writer's puts check one by one, as before."""
+
+    def __init__(self, catalog: FeatureCatalog):
+        self.catalog = catalog
+        self._tables: dict[tuple[str, ...], _Check] = {}
+        self._lock = threading.Lock()
+
+    def find_for_change(self, name: str) -> Table | None:
+        key = self.catalog.identifier(name)
+        with self._lock:
+            check = self._tables.setdefault(key, _Check())
+            check.users += 1
+        try:
+            with check.changed:
+                wanted = check.started + 1  # the first check to start after this put arrived
+                while check.running and check.finished < wanted:
+                    check.changed.wait()
+                if check.finished >= wanted:
+                    if check.failed:
+                        return self.catalog.find_for_change(name)
+                    return None if check.table is None else own_copy(check.table)
+                check.running, check.started = True, check.started + 1
+                number = check.started
+            table: Table | None = None
+            failed = True
+            try:
+                table = self.catalog.find_for_change(name)
+                failed = False
+            finally:
+                with check.changed:
+                    check.running, check.finished, check.table, check.failed = False, number, table, failed
+                    check.changed.notify_all()
+            return table
+        finally:
+            with self._lock:
+                check.users -= 1
+                if check.users == 0:
+                    del self._tables[key]
 
 
 class _ForFiles:
