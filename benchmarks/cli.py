@@ -360,7 +360,15 @@ def shards_command(**kwargs: Any) -> None:
     help="Give the history table a compressed maintenance policy (snapshots expire after 2 s, at least 10 "
     "kept; partitions of 2 small files compacted) and run a maintenance round every second during the puts.",
 )
-def history_command(puts_per_writer: int | None, maintenance: bool, **kwargs: Any) -> None:
+@click.option(
+    "--baseline-appends",
+    type=click.IntRange(1),
+    help="One-row appends of each of pyiceberg's own append loops (the baseline) [default: as many as the puts]: "
+    "each append costs more than the one before, so 2,000 of them take hours on a busy machine.",
+)
+def history_command(
+    puts_per_writer: int | None, maintenance: bool, baseline_appends: int | None, **kwargs: Any
+) -> None:
     """One-row puts back to back as a table's history grows (--rows of them [default: 2,000; 200 with --quick]):
     put latency first against last, reads of the table against the same rows in one put, each on a freshly
     started server, its metadata, and 16 concurrent writers; against pyiceberg's own appends in process.
@@ -369,7 +377,11 @@ def history_command(puts_per_writer: int | None, maintenance: bool, **kwargs: An
     if options.rows is None and options.quick:
         options = dataclasses.replace(options, rows=history.QUICK_PUTS)
     quick_writers = history.QUICK_PUTS_PER_WRITER if options.quick else history.PUTS_PER_WRITER
-    extra = {"puts_per_writer": puts_per_writer or quick_writers, "maintenance": maintenance}
+    extra = {
+        "puts_per_writer": puts_per_writer or quick_writers,
+        "maintenance": maintenance,
+        "baseline_appends": baseline_appends,
+    }
     execute(["history"], options, {"history": extra})
 
 

@@ -311,7 +311,7 @@ def test_integrations_on_its_own_server(tmp_path: Path) -> None:
         assert entry.keys() >= TIMING_KEYS and positive(entry["rows_per_s"], entry["ratio_to_pandas"])
 
 
-@pytest.mark.timeout(900)  # 3 x 120 one-row appends, 20 server starts and 3 x 32 concurrent puts
+@pytest.mark.timeout(900)  # 3 x 120 one-row appends, 20 server starts and 7 x 32 concurrent puts
 def test_history_on_its_own_server(tmp_path: Path) -> None:
     result = run_bench(tmp_path, "history", "--plot", str(tmp_path / "charts"))["benchmarks"]["history"]
     check_charts(tmp_path / "charts", ("history.png",))

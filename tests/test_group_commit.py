@@ -30,6 +30,7 @@ from flight_server.changes import group
 from flight_server.changes.files import write_data_files
 from flight_server.changes.group import ENABLED_PROPERTY, GroupCommits, Put, Rows
 from flight_server.changes.history import PUTS_PROPERTY, WRITE_ID_PROPERTY, WRITE_IDS_PROPERTY, WriteIds
+from flight_server.changes.writes import _Checks
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
 from flight_server.transport.service import FeatureFlightServer
 from flight_server.wire.errors import ConflictError
@@ -482,3 +483,73 @@ def test_when_the_shared_files_cannot_be_written_each_small_put_is_tried_alone(
     assert scanned(servers[1], name) == Counter([-1, *(k for k in range(6) if k != bad)])
     ids = Counter(i for s in summaries(properties, name) for i in committed_ids(s))
     assert ids == Counter(f"w-{k}" for k in range(6) if k != bad)
+
+
+def test_a_leader_waits_for_the_writers_of_the_last_group_but_no_longer_than_its_commit_took(
+    servers: list[str], properties: dict[str, str]
+) -> None:
+    name = "group.linger"
+    catalog, locks, _ = own_group_commits(servers[0], properties, name)
+    groups = GroupCommits(catalog, locks, WriteIds(), linger=60)
+    identifier = catalog.identifier(name)
+    first, second, third, fourth = [small(catalog, name, k) for k in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        # Two writers meet: the first put's commit takes 2 s (the test holds the table's commit lock that long),
+        # the second queues behind it.
+        with locks(identifier):
+            alone = pool.submit(groups.commit, identifier, first)
+            wait_until(lambda: groups.waiting(identifier) == 0, what="the first put's commit")
+            lingering = pool.submit(groups.commit, identifier, second)
+            wait_until(lambda: groups.waiting(identifier) == 1, what="the second put queued")
+            time.sleep(2)
+        alone.result()
+        # The second put leads next, and waits for the first writer to put again instead of committing alone.
+        wait_until(lambda: groups.waiting(identifier) == 1, what="the second put leading, still queued")
+        joined = pool.submit(groups.commit, identifier, third)
+        assert lingering.result(timeout=30).snapshot_id == joined.result(timeout=30).snapshot_id
+        # Then only one writer puts: its put waits for the other no longer than the last commit took, not the
+        # 60 s the server allows.
+        last = pool.submit(groups.commit, identifier, fourth).result(timeout=30)
+        assert last.snapshot_id not in {alone.result().snapshot_id, joined.result().snapshot_id}
+    assert scanned(servers[1], name) == Counter(range(-1, 4))
+
+
+class _HeldCatalog(FeatureCatalog):
+    """A catalog whose first `find_for_change` is held, once it has read the catalog, until `release` is set."""
+
+    def __init__(self, properties: dict[str, str]):
+        super().__init__("default", properties)
+        self.checks = 0
+        self.reading = threading.Event()
+        self.release = threading.Event()
+
+    def find_for_change(self, table: str) -> Any:
+        found = super().find_for_change(table)
+        self.checks += 1
+        if self.checks == 1:
+            self.reading.set()
+            assert self.release.wait(30)
+        return found
+
+
+def test_puts_that_arrive_during_a_catalog_check_share_the_next_one_and_see_what_was_committed_before(
+    servers: list[str], properties: dict[str, str]
+) -> None:
+    name = "group.checks"
+    create(servers[0], name)
+    catalog = _HeldCatalog(properties)
+    checks = _Checks(catalog)
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(checks.find_for_change, name)
+        assert catalog.reading.wait(30)  # the first put's check has read the catalog, and is still running
+        with FeatureClient(servers[1]) as client:
+            committed = client.write(name, row(1)).snapshot_id  # acknowledged before the next puts arrive
+        later = [pool.submit(checks.find_for_change, name) for _ in range(2)]
+        wait_until(lambda: len(checks._tables) == 1 and checks._tables[catalog.identifier(name)].users == 3)
+        catalog.release.set()
+        tables = [first.result(timeout=30), *(f.result(timeout=30) for f in later)]
+    assert catalog.checks == 2  # the first put's check, and one for both puts that arrived during it
+    current = [t.current_snapshot().snapshot_id for t in tables]
+    assert current[0] != committed and current[1:] == [committed, committed]
+    assert len({id(t) for t in tables}) == 3  # each put its own table object (a commit through one changes it)
+    assert not checks._tables

@@ -15,15 +15,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.io.fileformat import FileFormatFactory
+from pyiceberg.manifest import FileFormat
 from pyiceberg.schema import assign_fresh_schema_ids
 from pyiceberg.table.metadata import TableMetadata, new_table_metadata
 from pyiceberg.table.sorting import UNSORTED_SORT_ORDER
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
 from flight_server.base.schemas import new_table_schema, table_arrow_schema
-from flight_server.changes.files import PARQUET_DEFAULTS, parquet_options, partitioned_rows, sort_rows
+from flight_server.changes.files import (
+    PARQUET_DEFAULTS,
+    _FileContext,
+    parquet_options,
+    partition_counts,
+    partitioned_rows,
+    sort_rows,
+)
 from flight_server.iceberg.catalog import FeatureSpec, partition_spec
-from flight_server.iceberg.internals import partitions, schema_without_ids
+from flight_server.iceberg.internals import partitions, schema_without_ids, to_file_schema
 from tests.conftest import local_files, sqlite_catalog, start_server
 
 SPEC = FeatureSpec(("key",), "ts", None, None)
@@ -268,3 +277,45 @@ def test_a_table_whose_properties_cannot_be_written_refuses_puts_up_front(
             client.write(name, _data(10))
         assert isinstance(refused.value, FeatureServerError)
     assert catalog.load_table(name).current_snapshot() == before
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=rows_strategy(), renamed=st.booleans(), nested=st.booleans(), split=st.integers(1, 4))
+def test_every_batch_is_stored_as_pyiceberg_stores_it(rows: pa.Table, renamed: bool, nested: bool, split: int) -> None:
+    """A file's batches take the file schema found for the first one (`_FileContext.file_batch`) only when that
+    stores the columns as they are: the same schema, field ids and values as pyiceberg's projection of each batch,
+    also with a column whose name files store rewritten and with a nested column (whose field ids are in its type)."""
+    if renamed:
+        rows = rows.rename_columns(["key", "ts", "tag-1", "value"])
+    if nested:
+        tags = pa.array([[str(k)] * (k % 3) for k in rows["key"].to_pylist()], pa.list_(pa.string()))
+        rows = rows.append_column("tags", tags)
+    metadata = _metadata([], rows.schema)
+    chunk = rows.cast(table_arrow_schema(metadata.schema()))
+    context = _FileContext.of(metadata, chunk.schema)
+    model = FileFormatFactory.get(FileFormat.PARQUET)
+    for batch in chunk.to_batches(max(1, len(rows) // split)) * 2:
+        ours = context.file_batch(batch, model)
+        theirs = to_file_schema(context.file_schema, context.batch_schema, batch, model)
+        assert ours.schema.equals(theirs.schema, check_metadata=True)
+        assert ours.equals(theirs)
+    assert bool(context.renamed) != nested
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=rows_strategy(), layout=st.sampled_from([*LAYOUTS[:1], *LAYOUTS[2:], FALLBACK]), cuts=st.data())
+def test_the_partitions_of_each_run_of_rows_are_pyiceberg_s(rows: pa.Table, layout: list[str], cuts: Any) -> None:
+    """A group's puts, one after the other in its shared rows: how many partitions each put's rows fall in
+    (`partition_counts`) is how many pyiceberg finds in that put's rows alone; None only where Arrow cannot work
+    the values out (float identity partitions)."""
+    metadata = _metadata(layout, rows.schema)
+    chunk = rows.cast(table_arrow_schema(metadata.schema()))
+    ends = sorted(set(cuts.draw(st.lists(st.integers(1, len(rows)), max_size=6)) + [len(rows)]))
+    lengths = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]  # at least one row each
+    counted = partition_counts(metadata, chunk, lengths)
+    if layout == FALLBACK:
+        assert counted is None
+        return
+    spec, schema = metadata.spec(), metadata.schema()
+    expected = [len(partitions(spec, schema, chunk.slice(end - n, n))) for end, n in zip(ends, lengths, strict=True)]
+    assert counted == expected

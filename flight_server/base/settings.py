@@ -235,6 +235,17 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         click.BOOL,
     ),
     Setting(
+        "--group-commit-linger-seconds",
+        "FLIGHT_SERVER_GROUP_COMMIT_LINGER_SECONDS",
+        "Writes",
+        "Longest a put that is about to commit for its group waits for the writers of the table's last group to "
+        "put again (never longer than that group's commit took; only when several writers met): with many "
+        "writers, groups then take them all instead of alternating between two halves of them, each paying a "
+        "commit. A put of a writer that stops waits that long once. 0: commit at once.",
+        "group_commit_linger_seconds",
+        click.FloatRange(0),
+    ),
+    Setting(
         "--write-process/--no-write-process",
         "FLIGHT_SERVER_WRITE_PROCESS",
         "Writes",

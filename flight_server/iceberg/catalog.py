@@ -261,7 +261,7 @@ class FeatureCatalog:
         catalog still points at it (a put then parses no metadata file before its commit), as a `Table` of its
         own, since a commit replaces the metadata of the object it went through."""
         try:
-            return _copy(self.read(table))
+            return own_copy(self.read(table))
         except NotFoundError:
             return None
 
@@ -269,7 +269,7 @@ class FeatureCatalog:
         """Keep the table as a commit through this server left it for `read` (it points at what the commit
         wrote), so the next put or read of an unchanged table parses no metadata file."""
         if self._pointer is not None:
-            self._keep(".".join(self.identifier(table)), _copy(committed))
+            self._keep(".".join(self.identifier(table)), own_copy(committed))
 
     def ensure_namespace(self, namespace: tuple[str, ...]) -> None:
         """Create the namespace unless it exists, also when another replica creates it at the same moment:
@@ -298,7 +298,8 @@ class FeatureCatalog:
         return sorted(set(names))
 
 
-def _copy(table: Table) -> Table:
+def own_copy(table: Table) -> Table:
+    """A `Table` object of its own on the same metadata: a commit through it replaces only its metadata."""
     return Table(table.name(), table.metadata, table.metadata_location, table.io, table.catalog, table.config)
 
 
