@@ -137,7 +137,7 @@ def test_a_server_killed_during_a_put_leaks_files_that_remove_orphan_files_remov
         writer = threading.Thread(target=put)
         writer.start()
         wait_until(lambda: sent.is_set() and len(stored(root) - before) >= 5, timeout=120, what="the put's files")
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its write process, which wrote the files, at once
         proc.wait()
         killed.set()
         writer.join(timeout=60)
