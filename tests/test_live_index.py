@@ -567,3 +567,40 @@ def catalog_snapshot(catalog_properties: dict[str, str], name: str) -> int:
     current = FeatureCatalog(ServerConfig.catalog_name, catalog_properties).read(name).current_snapshot()
     assert current is not None
     return current.snapshot_id
+
+
+@pytest.mark.parametrize("created", [True, False], ids=["equal-created", "no-created-column"])
+def test_a_full_tie_goes_to_the_later_commit_whether_extended_or_rebuilt(
+    catalog_properties: dict[str, str], created: bool
+) -> None:
+    """Corrections that tie the rows they correct on keys, event time and created time (or in a table without
+    created times): the later commit wins, in the index a server brought forward append by append as in the one
+    a fresh server (another replica, or this one after an eviction) builds from the same snapshot."""
+    follower = start_server(catalog_properties, online_refresh_seconds=3600)
+    name = f"tests.live_full_tie_{'created' if created else 'plain'}"
+
+    def rows(first: int) -> pa.Table:
+        written = feature_rows_table([(1, 5, 7), (2, 5, 7)], first)
+        return written if created else written.drop_columns(["created"])
+
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{follower.port}") as client:
+            client.write(name, rows(0), entity_keys=["k"], event_time="ts", created_time="created" if created else None)
+            assert client.get_historical_features(entities([1, 2], 9), [f"{name}:v"]).column("v").to_pylist() == [0, 1]
+            for first in (100, 200):
+                client.write(name, rows(first))
+                answer = client.get_historical_features(entities([1, 2], 9), [f"{name}:v"]).column("v").to_pylist()
+                assert answer == [first, first + 1], "the later commit wins"
+            assert cache_stats(client)["builds"] == 1 and cache_stats(client)["incremental_builds"] == 2
+    finally:
+        follower.shutdown()
+    fresh = start_server(catalog_properties, online_refresh_seconds=3600)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{fresh.port}") as client:
+            assert client.get_historical_features(entities([1, 2], 9), [f"{name}:v"]).column("v").to_pylist() == [
+                200,
+                201,
+            ]
+            assert cache_stats(client)["builds"] == 1 and cache_stats(client)["incremental_builds"] == 0
+    finally:
+        fresh.shutdown()

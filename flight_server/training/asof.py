@@ -21,7 +21,7 @@ from flight_server.base.memory import MemoryBudget
 from flight_server.base.schemas import micros
 from flight_server.base.shards import key_slots
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, table_name
-from flight_server.iceberg.lineage import Appended, changed_since
+from flight_server.iceberg.lineage import Appended, changed_since, commit_order
 from flight_server.iceberg.positions import referenced_data_file
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.caches import ReadCaches
@@ -340,6 +340,16 @@ def _settle_ties(stamps: np.ndarray, rows: np.ndarray, event_us: np.ndarray, cre
         rows[runs], event_us[runs] = chosen[order], event_us[runs][order]
 
 
+def _in_commit_order(plan: ScanPlan, tasks: list[FileScanTask]) -> list[FileScanTask]:
+    """The tasks in the order their files were committed (`commit_order`), so that on a full tie the later
+    commit's row wins in an index read whole as in one brought forward append by append (plans list the newest
+    files first)."""
+    if len(tasks) < 2 or plan.snapshot_id is None:
+        return tasks
+    order = commit_order(plan.table, plan.snapshot_id)
+    return sorted(tasks, key=lambda task: order[task.file.file_path])
+
+
 def _usable(spec: FeatureSpec, rows: pa.Table) -> tuple[list[pa.ChunkedArray], np.ndarray, np.ndarray]:
     """The key columns and event times of the rows that can match (a null key or event time never does),
     and which rows those are."""
@@ -576,7 +586,7 @@ class AsofCache:
             plan = replace(plan, snapshot_id=None)
         path, files = read_path(plan) if share is None else ("", None)
         if path == "direct" and files is not None:  # file by file, so that later deletes can be masked
-            rows, spans = self._read_files(plan, files, room)
+            rows, spans = self._read_files(plan, _in_commit_order(plan, files), room)
             index = AsofIndex.build(table_name(table), snapshot_id, spec, rows, spans)
         else:
             rows, path = self._read(plan, share, room)
@@ -664,7 +674,7 @@ class AsofCache:
         pass `room` bytes."""
         files = direct_files(plan)[0] if share is not None and plan.snapshot_id is not None else None
         if share is not None and files is not None:  # only the files of the share's buckets
-            kept = share_tasks(plan.table, share, files)
+            kept = _in_commit_order(plan, share_tasks(plan.table, share, files))
             reader, path = direct_reader(plan, kept, _READ_BATCH_ROWS), f"direct ({len(kept)} of {len(files)} files)"
         else:
             reader, path = open_scan(plan, self.engine, _READ_BATCH_ROWS)
