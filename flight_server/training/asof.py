@@ -711,16 +711,21 @@ class AsofCache:
     def _fold_all(self) -> None:
         """Merge the runs of each index that has too many into one, while requests keep using the index as it
         is; the merged one replaces it (it answers exactly alike). The merge's new arrays are reserved in the
-        memory budget while it runs; without room it waits for a later turn."""
-        while self._to_fold and not self._stop.is_set():
+        memory budget while it runs; without room it waits for a later turn (queued again)."""
+        with self._lock:
+            waiting, self._to_fold = list(self._to_fold), set()
+        for key in waiting:
+            if self._stop.is_set():
+                return
             with self._lock:
-                key = self._to_fold.pop()
                 index = self._indexes.get(key)
             if index is None:
                 continue
             extra = sum(run.nbytes() for run in index.runs)
             if not self._account.reserve(extra):
-                log.info("training-set index of %s: runs not folded, no memory to spare", index.name)
+                log.info("training-set index of %s: runs not folded yet, no memory to spare", index.name)
+                with self._lock:
+                    self._to_fold.add(key)
                 continue
             started = time.perf_counter()
             try:
