@@ -538,6 +538,8 @@ def test_deletes_are_masked_and_runs_folded_with_duckdbs_results(catalog_propert
                 same()
             assert cache_stats(client)["builds"] == 1 and cache_stats(client)["incremental_builds"] == 5
             wait_until(lambda: cache_stats(client)["folds"] >= 1, what="the runs folded in the background")
+            # The memory budget counts the folded index as it is (a fold changes the index's size).
+            assert client.health()["memory"]["caches"]["training_set"]["bytes"] == cache_stats(client)["bytes"]
             same()
             pinned = catalog_snapshot(catalog_properties, name)
             before = same({name: pinned})

@@ -736,14 +736,23 @@ class AsofCache:
             finally:
                 self._account.release(extra)
             with self._lock:
-                if self._indexes.get(key) is index:  # neither evicted nor replaced meanwhile
-                    self._indexes[key] = folded
-                    self.folds += 1
+                if self._indexes.get(key) is not index:  # evicted or replaced meanwhile
+                    continue
+                # Folded key codes may take more room than the runs' (codes by distinct values): the account
+                # follows, evicting what the growth leaves no room for; a fold that could never fit is dropped.
+                self._indexes[key] = folded
+                if not self._account.resize(key, folded.nbytes()):
+                    self._indexes[key] = index
+                    log.info("training-set index of %s: runs not folded, the folded index would not fit", index.name)
+                    continue
+                self.folds += 1
             log.info(
-                "training-set index of %s at snapshot %s: %d runs folded, %.2f s",
+                "training-set index of %s at snapshot %s: %d runs folded, %.1f -> %.1f MiB, %.2f s",
                 index.name,
                 index.snapshot_id,
                 len(index.runs),
+                index.nbytes() / 2**20,
+                folded.nbytes() / 2**20,
                 time.perf_counter() - started,
             )
 
