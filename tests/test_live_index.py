@@ -606,3 +606,29 @@ def test_a_full_tie_goes_to_the_later_commit_whether_extended_or_rebuilt(
             assert cache_stats(client)["builds"] == 1 and cache_stats(client)["incremental_builds"] == 0
     finally:
         fresh.shutdown()
+
+
+def test_a_cache_without_a_catalog_follows_no_table(
+    catalog_properties: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache with no catalog to find new snapshots in (its thread only folds) follows no table, so that a round
+    of refreshes has nothing to fail on."""
+    server = start_server(catalog_properties, online_refresh_seconds=3600)
+    name = "tests.live_no_catalog"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write(name, feature_rows_table([(1, 5, 5)], 0), entity_keys=["k"], event_time="ts")
+    finally:
+        server.shutdown()
+    table = FeatureCatalog(ServerConfig.catalog_name, catalog_properties).read(name)
+    cache = AsofCache(Engine(), ReadCaches(), 1 << 30)
+    try:
+        current = table.current_snapshot()
+        assert current is not None
+        assert cache.get(table, current.snapshot_id, FeatureSpec.from_properties(table.properties)) is not None
+        assert cache.stats()["tables_followed"] == 0
+        with caplog.at_level("INFO", logger=asof.__name__):
+            cache.refresh()
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    finally:
+        cache.close()

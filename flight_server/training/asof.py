@@ -451,8 +451,9 @@ class AsofCache:
         key = (uuid, snapshot_id, spec, share)
         current = table.current_snapshot()
         # Used at its current snapshot: kept current once its index is cached (the refresh thread stops following
-        # a table whose indexes are all gone, so following it from the start of its build would lose it).
-        follow = snapshot_id is not None and current is not None and current.snapshot_id == snapshot_id
+        # a table whose indexes are all gone, so following it from the start of its build would lose it); only
+        # with a catalog to look up its new snapshots in.
+        follow = self.catalog is not None and current is not None and current.snapshot_id == snapshot_id
         with self._building(key):
             with self._lock:
                 if key in self._too_large:
