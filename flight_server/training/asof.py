@@ -700,14 +700,14 @@ class AsofCache:
 
     def refresh(self) -> None:
         """Bring each followed table's index forward to its current snapshot now (one round of the thread)."""
-        for followed in list(self._follow):
+        for followed, (uuid, spec) in list(self._follow.items()):
             if self._stop.is_set():
                 return
             try:
-                self._refresh(followed)
+                self._refresh(followed, uuid, spec)
             except Exception:
                 log.exception("training-set index of %s: not brought forward; requests will build it", followed[0])
-                self._follow.pop(followed, None)
+                self._unfollow(followed, uuid, spec)
 
     def _fold_all(self) -> None:
         """Merge the runs of each index that has too many into one, while requests keep using the index as it
@@ -736,6 +736,8 @@ class AsofCache:
                 continue
             finally:
                 self._account.release(extra)
+            if folded is index:  # masked deletes left one run: nothing to fold
+                continue
             with self._lock:
                 if self._indexes.get(key) is not index:  # evicted or replaced meanwhile
                     continue
@@ -757,12 +759,11 @@ class AsofCache:
                 time.perf_counter() - started,
             )
 
-    def _refresh(self, followed: tuple[str, KeyShare | None]) -> None:
+    def _refresh(self, followed: tuple[str, KeyShare | None], uuid: str, spec: FeatureSpec) -> None:
         """Index the table's current snapshot if the index of an earlier one is cached; stop following a table
         whose indexes are all gone (evicted, or the table was replaced or redefined)."""
-        assert self.catalog is not None, "the refresh thread runs only with a catalog"
+        assert self.catalog is not None, "tables are followed only with a catalog"
         name, share = followed
-        uuid, spec = self._follow[followed]
         try:
             table = self.catalog.read(name)
         except NotFoundError:
