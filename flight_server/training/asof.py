@@ -343,8 +343,8 @@ def _settle_ties(stamps: np.ndarray, rows: np.ndarray, event_us: np.ndarray, cre
 def _in_commit_order(plan: ScanPlan, tasks: list[FileScanTask]) -> list[FileScanTask]:
     """The tasks in the order their files were committed (`commit_order`), so that on a full tie the later
     commit's row wins in an index read whole as in one brought forward append by append (plans list the newest
-    files first)."""
-    if len(tasks) < 2 or plan.snapshot_id is None:
+    files first). Files appended since an older snapshot are listed in that order already."""
+    if len(tasks) < 2 or plan.snapshot_id is None or plan.appended is not None:
         return tasks
     order = commit_order(plan.table, plan.snapshot_id)
     return sorted(tasks, key=lambda task: order[task.file.file_path])
