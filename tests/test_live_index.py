@@ -632,3 +632,40 @@ def test_a_cache_without_a_catalog_follows_no_table(
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
     finally:
         cache.close()
+
+
+def test_a_full_tie_within_one_commit_is_settled_alike_extended_or_rebuilt(catalog_properties: dict[str, str]) -> None:
+    """One commit of many files (one per partition) whose rows tie each other on keys, event time and created
+    time: a server that brought its index forward to it and a fresh server that reads the snapshot whole pick the
+    same row of each tie (the later file in path order)."""
+    name = "tests.live_full_tie_one_commit"
+    keys = list(range(1, 9))
+    follower = start_server(catalog_properties, online_refresh_seconds=3600)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{follower.port}") as client:
+            client.write(
+                name,
+                feature_rows_table([(k, 5, 7) for k in keys], 0),
+                entity_keys=["k"],
+                event_time="ts",
+                created_time="created",
+                partition_by=["identity(v)"],
+            )
+            assert client.get_historical_features(entities(keys, 9), [f"{name}:v"]).column("v").to_pylist() == list(
+                range(8)
+            )
+            # A file per row, their paths (v_identity=95 ... v_identity=110) in another order than their values.
+            client.write(name, feature_rows_table([(k, 5, 7) for k in keys + keys], 95))
+            extended = client.get_historical_features(entities(keys, 9), [f"{name}:v"]).column("v").to_pylist()
+            assert cache_stats(client)["builds"] == 1 and cache_stats(client)["incremental_builds"] == 1
+    finally:
+        follower.shutdown()
+    fresh = start_server(catalog_properties, online_refresh_seconds=3600)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{fresh.port}") as client:
+            rebuilt = client.get_historical_features(entities(keys, 9), [f"{name}:v"]).column("v").to_pylist()
+            assert cache_stats(client)["builds"] == 1
+    finally:
+        fresh.shutdown()
+    assert rebuilt == extended
+    assert all(v in (95 + i, 103 + i) for i, v in enumerate(extended)), "a row of the later commit"
