@@ -538,6 +538,8 @@ def test_deletes_are_masked_and_runs_folded_with_duckdbs_results(catalog_propert
                 same()
             assert cache_stats(client)["builds"] == 1 and cache_stats(client)["incremental_builds"] == 5
             wait_until(lambda: cache_stats(client)["folds"] >= 1, what="the runs folded in the background")
+            # The memory budget counts the folded index as it is (a fold changes the index's size).
+            assert client.health()["memory"]["caches"]["training_set"]["bytes"] == cache_stats(client)["bytes"]
             same()
             pinned = catalog_snapshot(catalog_properties, name)
             before = same({name: pinned})
@@ -567,3 +569,103 @@ def catalog_snapshot(catalog_properties: dict[str, str], name: str) -> int:
     current = FeatureCatalog(ServerConfig.catalog_name, catalog_properties).read(name).current_snapshot()
     assert current is not None
     return current.snapshot_id
+
+
+@pytest.mark.parametrize("created", [True, False], ids=["equal-created", "no-created-column"])
+def test_a_full_tie_goes_to_the_later_commit_whether_extended_or_rebuilt(
+    catalog_properties: dict[str, str], created: bool
+) -> None:
+    """Corrections that tie the rows they correct on keys, event time and created time (or in a table without
+    created times): the later commit wins, in the index a server brought forward append by append as in the one
+    a fresh server (another replica, or this one after an eviction) builds from the same snapshot."""
+    follower = start_server(catalog_properties, online_refresh_seconds=3600)
+    name = f"tests.live_full_tie_{'created' if created else 'plain'}"
+
+    def rows(first: int) -> pa.Table:
+        written = feature_rows_table([(1, 5, 7), (2, 5, 7)], first)
+        return written if created else written.drop_columns(["created"])
+
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{follower.port}") as client:
+            client.write(name, rows(0), entity_keys=["k"], event_time="ts", created_time="created" if created else None)
+            assert client.get_historical_features(entities([1, 2], 9), [f"{name}:v"]).column("v").to_pylist() == [0, 1]
+            for first in (100, 200):
+                client.write(name, rows(first))
+                answer = client.get_historical_features(entities([1, 2], 9), [f"{name}:v"]).column("v").to_pylist()
+                assert answer == [first, first + 1], "the later commit wins"
+            assert cache_stats(client)["builds"] == 1 and cache_stats(client)["incremental_builds"] == 2
+    finally:
+        follower.shutdown()
+    fresh = start_server(catalog_properties, online_refresh_seconds=3600)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{fresh.port}") as client:
+            assert client.get_historical_features(entities([1, 2], 9), [f"{name}:v"]).column("v").to_pylist() == [
+                200,
+                201,
+            ]
+            assert cache_stats(client)["builds"] == 1 and cache_stats(client)["incremental_builds"] == 0
+    finally:
+        fresh.shutdown()
+
+
+def test_a_cache_without_a_catalog_follows_no_table(
+    catalog_properties: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cache with no catalog to find new snapshots in (its thread only folds) follows no table, so that a round
+    of refreshes has nothing to fail on."""
+    server = start_server(catalog_properties, online_refresh_seconds=3600)
+    name = "tests.live_no_catalog"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write(name, feature_rows_table([(1, 5, 5)], 0), entity_keys=["k"], event_time="ts")
+    finally:
+        server.shutdown()
+    table = FeatureCatalog(ServerConfig.catalog_name, catalog_properties).read(name)
+    cache = AsofCache(Engine(), ReadCaches(), 1 << 30)
+    try:
+        current = table.current_snapshot()
+        assert current is not None
+        assert cache.get(table, current.snapshot_id, FeatureSpec.from_properties(table.properties)) is not None
+        assert cache.stats()["tables_followed"] == 0
+        with caplog.at_level("INFO", logger=asof.__name__):
+            cache.refresh()
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    finally:
+        cache.close()
+
+
+def test_a_full_tie_within_one_commit_is_settled_alike_extended_or_rebuilt(catalog_properties: dict[str, str]) -> None:
+    """One commit of many files (one per partition) whose rows tie each other on keys, event time and created
+    time: a server that brought its index forward to it and a fresh server that reads the snapshot whole pick the
+    same row of each tie (the later file in path order)."""
+    name = "tests.live_full_tie_one_commit"
+    keys = list(range(1, 9))
+    follower = start_server(catalog_properties, online_refresh_seconds=3600)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{follower.port}") as client:
+            client.write(
+                name,
+                feature_rows_table([(k, 5, 7) for k in keys], 0),
+                entity_keys=["k"],
+                event_time="ts",
+                created_time="created",
+                partition_by=["identity(v)"],
+            )
+            assert client.get_historical_features(entities(keys, 9), [f"{name}:v"]).column("v").to_pylist() == list(
+                range(8)
+            )
+            # A file per row, their paths (v_identity=95 ... v_identity=110) in another order than their values.
+            client.write(name, feature_rows_table([(k, 5, 7) for k in keys + keys], 95))
+            extended = client.get_historical_features(entities(keys, 9), [f"{name}:v"]).column("v").to_pylist()
+            assert cache_stats(client)["builds"] == 1 and cache_stats(client)["incremental_builds"] == 1
+    finally:
+        follower.shutdown()
+    fresh = start_server(catalog_properties, online_refresh_seconds=3600)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{fresh.port}") as client:
+            rebuilt = client.get_historical_features(entities(keys, 9), [f"{name}:v"]).column("v").to_pylist()
+            assert cache_stats(client)["builds"] == 1
+    finally:
+        fresh.shutdown()
+    assert rebuilt == extended
+    assert all(v in (95 + i, 103 + i) for i, v in enumerate(extended)), "a row of the later commit"

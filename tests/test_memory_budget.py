@@ -378,6 +378,18 @@ class Reference:
                 self.order.append(entry)
                 return
 
+    def resize(self, name: str, key: int, size: int) -> bool:
+        at = next((i for i, entry in enumerate(self.order) if entry[:2] == (name, key)), None)
+        fits = self.reserved[name] + size <= self.caps[name] and sum(self.reserved.values()) + size <= self.total
+        if at is None or not fits:
+            return False
+        self.order[at] = (name, key, size)  # in place: its LRU rank stays
+        while self.held(name) + self.reserved[name] > self.caps[name]:
+            self.order.remove(next(entry for entry in self.order if entry[0] == name))
+        while self.used() > self.total:
+            self.order.pop(0)
+        return True
+
     def reserve(self, name: str, size: int) -> bool:
         if not self._take(name, size):
             return False
@@ -387,7 +399,7 @@ class Reference:
 
 NAMES = ("a", "b", "c")
 operation = st.tuples(
-    st.sampled_from(["admit", "admit", "touch", "reserve", "release"]),
+    st.sampled_from(["admit", "admit", "touch", "resize", "reserve", "release"]),
     st.sampled_from(NAMES),
     st.integers(0, 7),  # key
     st.integers(1, 60),  # bytes
@@ -416,6 +428,11 @@ def test_the_accountant_follows_the_plain_reference(total: int, caps: list[int],
         elif kind == "touch":
             account.touch(key)
             reference.touch(name, key)
+        elif kind == "resize":
+            resized = account.resize(key, size)
+            assert resized == reference.resize(name, key, size)
+            if resized and key in held[name]:
+                held[name][key] = size
         elif kind == "reserve":
             granted = account.reserve(size)
             assert granted == reference.reserve(name, size)

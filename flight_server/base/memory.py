@@ -146,6 +146,21 @@ class Account:
                 self._entries[key] = (self._entries[key][0], self.budget._stamp())
                 self._entries.move_to_end(key)
 
+    def resize(self, key: Hashable, size: int) -> bool:
+        """The entry under `key` was replaced in place by one of `size` bytes (keeping its place in the LRU order):
+        evict the least recently used entries, itself included, past the cap or the budget. False, and nothing
+        changed, when it holds no such entry or `size` could not fit even with every entry evicted."""
+        with self.lock:
+            if key not in self._entries or not self._fits(size):
+                return False
+            old, stamp = self._entries[key]
+            self._entries[key] = (size, stamp)
+            self.held += size - old
+            while self.held + self.reserved > self.cap:
+                self._evict_oldest("cap")
+            self.budget._make_room(0)
+            return True
+
     def reserve(self, size: int) -> bool:
         """Set `size` bytes aside for rows to keep later (evicting to make room); False if they cannot fit."""
         with self.lock:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pyiceberg.manifest import DataFile, DataFileContent, ManifestEntryStatus
+from pyiceberg.manifest import DataFile, DataFileContent, ManifestContent, ManifestEntryStatus
 from pyiceberg.table import Table
 
 from flight_server.iceberg.catalog import table_name
@@ -20,7 +20,7 @@ from flight_server.iceberg.catalog import table_name
 
 @dataclass(frozen=True)
 class Appended:
-    """The data files added after `since` up to `until` (oldest snapshot's first), or why there is no such list:
+    """The data files added after `since` up to `until` (in commit order: `commit_order`), or why there is no such list:
     `blocker` is the first snapshot in between that did more than append (None if `since` is no ancestor)."""
 
     since: int
@@ -65,6 +65,7 @@ def _changes(table: Table, since: int, until: int, deletes: bool) -> Appended:
     files: list[DataFile] = []
     added_deletes: list[DataFile] = []
     for step in reversed(chain):
+        added = len(files)
         for manifest in step.manifests(table.io):
             if manifest.added_snapshot_id != step.snapshot_id:
                 continue  # written by an earlier snapshot: holds nothing this one changed
@@ -85,4 +86,29 @@ def _changes(table: Table, since: int, until: int, deletes: bool) -> Appended:
                     added_deletes.append(entry.data_file)
                 else:
                     return Appended(since, until, None, step.snapshot_id, "deletes rows")
+        files[added:] = sorted(files[added:], key=lambda f: f.file_path)
     return Appended(since, until, files, deletes=added_deletes)
+
+
+def commit_order(table: Table, snapshot_id: int) -> dict[str, tuple[int, int, str]]:
+    """Each data file of the snapshot and its place in the order the files were committed: by data sequence
+    number, then (format v1 has none) by the snapshot that added it among the snapshot's ancestors, then by
+    path within one commit. Where rows tie, the later file's win: a table read in this order and one brought
+    forward by `changed_since`'s files (oldest commit first, each commit's by path) agree row for row."""
+    rank: dict[int, int] = {}
+    snapshot = table.snapshot_by_id(snapshot_id)
+    while snapshot is not None:
+        rank[snapshot.snapshot_id] = -len(rank)
+        parent = snapshot.parent_snapshot_id
+        snapshot = table.snapshot_by_id(parent) if parent is not None else None
+    current = table.snapshot_by_id(snapshot_id)
+    assert current is not None, "a snapshot of the table"
+    order: dict[str, tuple[int, int, str]] = {}
+    for manifest in current.manifests(table.io):
+        if manifest.content != ManifestContent.DATA:
+            continue
+        for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
+            path = entry.data_file.file_path
+            added_by = rank.get(entry.snapshot_id, -len(rank)) if entry.snapshot_id is not None else -len(rank)
+            order[path] = (entry.sequence_number or 0, added_by, path)
+    return order

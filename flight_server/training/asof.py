@@ -21,7 +21,7 @@ from flight_server.base.memory import MemoryBudget
 from flight_server.base.schemas import micros
 from flight_server.base.shards import key_slots
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, table_name
-from flight_server.iceberg.lineage import Appended, changed_since
+from flight_server.iceberg.lineage import Appended, changed_since, commit_order
 from flight_server.iceberg.positions import referenced_data_file
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.caches import ReadCaches
@@ -340,6 +340,16 @@ def _settle_ties(stamps: np.ndarray, rows: np.ndarray, event_us: np.ndarray, cre
         rows[runs], event_us[runs] = chosen[order], event_us[runs][order]
 
 
+def _in_commit_order(plan: ScanPlan, tasks: list[FileScanTask]) -> list[FileScanTask]:
+    """The tasks in the order their files were committed (`commit_order`), so that on a full tie the later
+    commit's row wins in an index read whole as in one brought forward append by append (plans list the newest
+    files first). Files appended since an older snapshot are listed in that order already."""
+    if len(tasks) < 2 or plan.snapshot_id is None or plan.appended is not None:
+        return tasks
+    order = commit_order(plan.table, plan.snapshot_id)
+    return sorted(tasks, key=lambda task: order[task.file.file_path])
+
+
 def _usable(spec: FeatureSpec, rows: pa.Table) -> tuple[list[pa.ChunkedArray], np.ndarray, np.ndarray]:
     """The key columns and event times of the rows that can match (a null key or event time never does),
     and which rows those are."""
@@ -441,8 +451,9 @@ class AsofCache:
         key = (uuid, snapshot_id, spec, share)
         current = table.current_snapshot()
         # Used at its current snapshot: kept current once its index is cached (the refresh thread stops following
-        # a table whose indexes are all gone, so following it from the start of its build would lose it).
-        follow = snapshot_id is not None and current is not None and current.snapshot_id == snapshot_id
+        # a table whose indexes are all gone, so following it from the start of its build would lose it); only
+        # with a catalog to look up its new snapshots in.
+        follow = self.catalog is not None and current is not None and current.snapshot_id == snapshot_id
         with self._building(key):
             with self._lock:
                 if key in self._too_large:
@@ -576,7 +587,7 @@ class AsofCache:
             plan = replace(plan, snapshot_id=None)
         path, files = read_path(plan) if share is None else ("", None)
         if path == "direct" and files is not None:  # file by file, so that later deletes can be masked
-            rows, spans = self._read_files(plan, files, room)
+            rows, spans = self._read_files(plan, _in_commit_order(plan, files), room)
             index = AsofIndex.build(table_name(table), snapshot_id, spec, rows, spans)
         else:
             rows, path = self._read(plan, share, room)
@@ -664,7 +675,7 @@ class AsofCache:
         pass `room` bytes."""
         files = direct_files(plan)[0] if share is not None and plan.snapshot_id is not None else None
         if share is not None and files is not None:  # only the files of the share's buckets
-            kept = share_tasks(plan.table, share, files)
+            kept = _in_commit_order(plan, share_tasks(plan.table, share, files))
             reader, path = direct_reader(plan, kept, _READ_BATCH_ROWS), f"direct ({len(kept)} of {len(files)} files)"
         else:
             reader, path = open_scan(plan, self.engine, _READ_BATCH_ROWS)
@@ -689,28 +700,33 @@ class AsofCache:
 
     def refresh(self) -> None:
         """Bring each followed table's index forward to its current snapshot now (one round of the thread)."""
-        for followed in list(self._follow):
+        for followed, (uuid, spec) in list(self._follow.items()):
             if self._stop.is_set():
                 return
             try:
-                self._refresh(followed)
+                self._refresh(followed, uuid, spec)
             except Exception:
                 log.exception("training-set index of %s: not brought forward; requests will build it", followed[0])
-                self._follow.pop(followed, None)
+                self._unfollow(followed, uuid, spec)
 
     def _fold_all(self) -> None:
         """Merge the runs of each index that has too many into one, while requests keep using the index as it
         is; the merged one replaces it (it answers exactly alike). The merge's new arrays are reserved in the
-        memory budget while it runs; without room it waits for a later turn."""
-        while self._to_fold and not self._stop.is_set():
+        memory budget while it runs; without room it waits for a later turn (queued again)."""
+        with self._lock:
+            waiting, self._to_fold = list(self._to_fold), set()
+        for key in waiting:
+            if self._stop.is_set():
+                return
             with self._lock:
-                key = self._to_fold.pop()
                 index = self._indexes.get(key)
             if index is None:
                 continue
             extra = sum(run.nbytes() for run in index.runs)
             if not self._account.reserve(extra):
-                log.info("training-set index of %s: runs not folded, no memory to spare", index.name)
+                log.info("training-set index of %s: runs not folded yet, no memory to spare", index.name)
+                with self._lock:
+                    self._to_fold.add(key)
                 continue
             started = time.perf_counter()
             try:
@@ -720,24 +736,34 @@ class AsofCache:
                 continue
             finally:
                 self._account.release(extra)
+            if folded is index:  # masked deletes left one run: nothing to fold
+                continue
             with self._lock:
-                if self._indexes.get(key) is index:  # neither evicted nor replaced meanwhile
-                    self._indexes[key] = folded
-                    self.folds += 1
+                if self._indexes.get(key) is not index:  # evicted or replaced meanwhile
+                    continue
+                # Folded key codes may take more room than the runs' (codes by distinct values): the account
+                # follows, evicting what the growth leaves no room for; a fold that could never fit is dropped.
+                self._indexes[key] = folded
+                if not self._account.resize(key, folded.nbytes()):
+                    self._indexes[key] = index
+                    log.info("training-set index of %s: runs not folded, the folded index would not fit", index.name)
+                    continue
+                self.folds += 1
             log.info(
-                "training-set index of %s at snapshot %s: %d runs folded, %.2f s",
+                "training-set index of %s at snapshot %s: %d runs folded, %.1f -> %.1f MiB, %.2f s",
                 index.name,
                 index.snapshot_id,
                 len(index.runs),
+                index.nbytes() / 2**20,
+                folded.nbytes() / 2**20,
                 time.perf_counter() - started,
             )
 
-    def _refresh(self, followed: tuple[str, KeyShare | None]) -> None:
+    def _refresh(self, followed: tuple[str, KeyShare | None], uuid: str, spec: FeatureSpec) -> None:
         """Index the table's current snapshot if the index of an earlier one is cached; stop following a table
         whose indexes are all gone (evicted, or the table was replaced or redefined)."""
-        assert self.catalog is not None, "the refresh thread runs only with a catalog"
+        assert self.catalog is not None, "tables are followed only with a catalog"
         name, share = followed
-        uuid, spec = self._follow[followed]
         try:
             table = self.catalog.read(name)
         except NotFoundError:
