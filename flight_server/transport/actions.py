@@ -30,7 +30,7 @@ from flight_server.wire.actions import (
     TableSummary,
     UnpinRequest,
 )
-from flight_server.wire.codec import Reply, encode
+from flight_server.wire.codec import Reply
 
 
 class _OnTable(Protocol):
@@ -75,17 +75,16 @@ def table_summary(table: Table) -> TableSummary:
 
 def _health(parts: Components, caller: Principal, request: None) -> Health:
     parts.catalog.catalog.list_namespaces()  # the catalog answers, or the action fails
-    writes = parts.writes.ask("health") if parts.writes is not None else None  # writes run there
     return Health(
         status="ok",
         version=__version__,
         catalog=parts.catalog.name,
         catalog_type=parts.catalog.properties.get("type", ""),
-        writes_in_progress=writes["writes_in_progress"] if writes else parts.writer.in_progress,
+        writes_in_progress=parts.writes_in_progress(),
         online=parts.store.stats(),
         training_set_cache=parts.training.cache.stats(),
         scan_cache=parts.caches.files.stats(),
-        maintenance=writes["maintenance"] if writes else parts.upkeep.stats(),
+        maintenance=parts.upkeep.stats(),
         memory=parts.memory.stats(),
         training_set_indexes=parts.training.cache.index_rows(),
     )
@@ -100,9 +99,6 @@ def _describe(parts: Components, caller: Principal, request: TableRequest) -> Ta
     online = index.stats() if index is not None else None
     last = parts.upkeep.last(request.table)
     maintenance = asdict(last) if last is not None else None
-    if parts.writes is not None:  # maintenance runs in the write process
-        described = parts.writes.ask("describe", encode({"table": request.table}))
-        maintenance = described["maintenance"] if described else None
     return TableDescription(**describe(parts.catalog.load(request.table)), online=online, maintenance=maintenance)
 
 

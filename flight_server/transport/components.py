@@ -93,13 +93,18 @@ class Components:
             writes=writes,
         )
 
+    def writes_in_progress(self) -> int:
+        """Puts being written or committed, by this process or its write process."""
+        if self.writes is not None and (health := self.writes.ask("health")) is not None:
+            return int(health["writes_in_progress"])
+        return self.writer.in_progress
+
     def changed(self, table: str) -> None:
         """This server committed to `table`: the online index, the training-set cache and maintenance look now
         instead of at their next poll."""
         self.store.notify(table)
         self.training.cache.notify(table)
-        if self.writes is None:  # otherwise the write process's own maintenance looks
-            self.upkeep.notify(table)
+        self.upkeep.notify(table)
 
     def close(self) -> None:
         """Stop the background work, once the server takes no more calls: automatic maintenance, the online

@@ -190,7 +190,7 @@ class PartsCollector(Collector):
         yield from _memory(self.parts.memory.stats())
         yield from _online(indexes, online_bytes)
         yield GaugeMetricFamily(
-            "flight_writes_in_progress", "Puts being written or committed.", value=self.parts.writer.in_progress
+            "flight_writes_in_progress", "Puts being written or committed.", value=self.parts.writes_in_progress()
         )
 
 

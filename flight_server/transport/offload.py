@@ -41,9 +41,11 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_server.base.config import ServerConfig
+from flight_server.base.logs import current
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.online.store import RefreshPlan
 from flight_server.transport.errors import ROUTES
+from flight_server.wire.codec import REQUEST_ID_HEADER
 from flight_server.wire.errors import (
     CancelledError,
     ConflictError,
@@ -61,14 +63,15 @@ NICE = 5  # added to the child's OS niceness: a core both want goes to serving f
 START_TIMEOUT_SECONDS = 120.0  # for the child to import, open the catalog and listen
 STOP_SECONDS = 30.0  # for the child to finish its running calls once the server stops
 READY = b"ready\n"
+_ASKING = flight.FlightCallOptions(timeout=2.0)  # for `health`, `describe` and refresh plans: never hang on the child
 
 # The child's own action (not in the action table: only a write process answers it): `plan_refresh`.
 PLAN_REFRESH = "_plan_refresh"
 
-# The actions that change tables (or their files): relayed to the write process as the client sent them.
-RELAYED_ACTIONS = frozenset(
-    {"delete", "compact", "expire_snapshots", "pin", "unpin", "run_maintenance", "remove_orphan_files"}
-)
+# The actions that change tables (or their files): relayed to the write process as the client sent them. Not
+# snapshot expiry (nor automatic maintenance, which expires): it must keep the snapshots this process's running
+# reads and cached training sets use, which only this process knows.
+RELAYED_ACTIONS = frozenset({"delete", "compact", "pin", "unpin", "remove_orphan_files"})
 
 # A relayed error's kind (its structured detail, else its class) -> the request error it came from.
 _KINDS: dict[str, type[RequestError]] = {
@@ -94,9 +97,10 @@ _BY_CLASS: list[tuple[type[BaseException], str]] = [
 ]
 
 
-class WriteProcessError(ConflictError):
-    """The write process stopped during the call (UNAVAILABLE): retrying is safe, and with a `write_id` a put's
-    retry never commits twice."""
+class WriteProcessError(flight.FlightUnavailableError):
+    """The write process stopped during the call, or could not start: UNAVAILABLE without a kind, as when a server
+    goes away. A put may have committed before the process stopped: its retry with the same `write_id` says which
+    (and never commits twice)."""
 
 
 def relayed_error(exc: BaseException) -> Exception:
@@ -114,11 +118,15 @@ def relayed_error(exc: BaseException) -> Exception:
 
 
 def child_config(config: ServerConfig) -> ServerConfig:
-    """The child's settings: the server's catalog and write settings, nothing that faces clients."""
+    """The child's settings: the server's catalog and write settings, nothing that faces clients, no automatic
+    maintenance (the serving process runs it: see `RELAYED_ACTIONS`), and DuckDB spill files of its own (two
+    databases spilling into one folder corrupt each other's files)."""
     return replace(
         config,
         catalog_properties=config.resolved_catalog_properties(),
         write_process=False,
+        auto_maintenance=False,
+        duckdb_temp_dir=f"{config.duckdb_temp_dir or '.tmp'}.write-process",
         host="127.0.0.1",
         port=0,
         advertise=None,
@@ -164,7 +172,7 @@ class WriteProcess:
         schema = stream_schema(reader, "write")
         descriptor = flight.FlightDescriptor.for_command(replace(request, end_marker=True).to_bytes())
         try:
-            writer, answers = client.do_put(descriptor, schema)
+            writer, answers = client.do_put(descriptor, schema, _tagged())
         except (flight.FlightError, pa.ArrowException, OSError) as exc:
             raise self._failure(exc, process) from None
         try:
@@ -190,22 +198,22 @@ class WriteProcess:
         """Run one of `RELAYED_ACTIONS` in the child; its reply as the child encoded it."""
         client, process = self._connect()
         try:
-            results = list(client.do_action(flight.Action(name, body)))
+            results = list(client.do_action(flight.Action(name, body), _tagged()))
         except (flight.FlightError, pa.ArrowException, OSError) as exc:
             raise self._failure(exc, process) from None
         return results[0].body.to_pybytes()
 
     def plan_refresh(self, name: str, known: str | None, since: int | None) -> RefreshPlan | None:
         """An online index refresh planned in the child (`RefreshPlan`): the table's metadata and manifests are
-        parsed there. None when the child cannot (the refresh then runs in the serving process)."""
+        parsed there. None when no child runs (a refresh starts none: a replica that only serves needs none) or it
+        cannot answer: the refresh then runs in the serving process."""
         body = json.dumps({"table": name, "known": known, "since": since}).encode()
-        try:
-            client, process = self._connect()
-        except WriteProcessError as exc:
-            log.info("online refresh of %s planned in the serving process: %s", name, exc)
+        running = self._running()
+        if running is None:
             return None
+        client, process = running
         try:
-            results = list(client.do_action(flight.Action(PLAN_REFRESH, body)))
+            results = list(client.do_action(flight.Action(PLAN_REFRESH, body), _ASKING))
         except (flight.FlightError, pa.ArrowException, OSError) as exc:
             failure = self._failure(exc, process)
             if isinstance(failure, NotFoundError):  # the table is gone: the store drops its index
@@ -216,15 +224,26 @@ class WriteProcess:
 
     def ask(self, name: str, body: bytes = b"") -> Any | None:
         """A read-only action's reply from the running child (None when none runs: nothing is started for it)."""
-        with self._lock:
-            client, process = self._client, self._process
-        if client is None or process is None or process.poll() is not None:
+        running = self._running()
+        if running is None:
             return None
         try:
-            results = list(client.do_action(flight.Action(name, body)))
+            results = list(running[0].do_action(flight.Action(name, body), _ASKING))
         except (flight.FlightError, pa.ArrowException, OSError):
             return None
         return json.loads(results[0].body.to_pybytes())
+
+    def _running(self) -> tuple[flight.FlightClient, subprocess.Popen[bytes]] | None:
+        """The running child's client, without waiting for one being started (`health` must not hang on it)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            client, process = self._client, self._process
+        finally:
+            self._lock.release()
+        if client is None or process is None or process.poll() is not None:
+            return None
+        return client, process
 
     def close(self) -> None:
         """Stop the child (it finishes its running calls) and remove its folder."""
@@ -291,8 +310,9 @@ class WriteProcess:
             else:
                 log.warning("the write process stopped (exit code %s) during a call", code)
                 return WriteProcessError(
-                    f"the server's write process stopped (exit code {code}) during this call and starts again "
-                    "at the next write; retry (a put with its write_id never commits twice)"
+                    f"the server's write process stopped (exit code {code}) during this call, which may have "
+                    "committed; it starts again at the next write. Retry a put with the same write_id: it commits "
+                    "once whichever happened"
                 )
         return relayed_error(exc)
 
@@ -314,6 +334,14 @@ class WriteProcess:
             self._process = _start(self._config, socket)
             self._client = flight.FlightClient(f"grpc+unix://{socket}")
             return self._client, self._process
+
+
+def _tagged() -> flight.FlightCallOptions:
+    """Options of a relayed call: the client's request id, so that the child's log lines carry it too."""
+    call = current()
+    if call is None:
+        return flight.FlightCallOptions()
+    return flight.FlightCallOptions(headers=[(REQUEST_ID_HEADER.encode(), call.request_id.encode())])
 
 
 def _start(config: ServerConfig, socket: str) -> subprocess.Popen[bytes]:
@@ -362,8 +390,9 @@ def _serve(socket: str, level: str) -> None:
 
     config = ServerConfig(**json.loads(sys.stdin.readline()))
     # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server stops us once its calls end.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # (A terminal's SIGHUP too: the server reloads its tokens on it; we stop when its pipe closes.)
+    for sent_to_the_group in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sent_to_the_group, signal.SIG_IGN)
     os.nice(NICE)
     setup_logging(level, config.log_format)
     server = FeatureFlightServer(config, location=f"grpc+unix://{socket}", write_process=True)
@@ -376,6 +405,7 @@ def _serve(socket: str, level: str) -> None:
     threading.Thread(target=watch_parent, name="write-process-parent", daemon=True).start()
     sys.stdout.buffer.write(READY)
     sys.stdout.buffer.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # nobody reads the pipe from now on: it must never fill
     server.serve()
     shutil.rmtree(os.path.dirname(socket), ignore_errors=True)  # the server is gone (or removes it too)
 
