@@ -240,26 +240,6 @@ def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> No
         replica.shutdown()
 
 
-def test_a_put_running_when_the_process_group_gets_sigterm_still_commits(
-    server_process: tuple[subprocess.Popen[bytes], str],
-) -> None:
-    """A service manager stops a service with SIGTERM to its whole process group: the server lets its running
-    calls end, and the write process, which ignores the signal, finishes the put it runs."""
-    process, location = server_process
-    with FeatureClient(location) as client:
-        client.write("term.t", rows([1], 1, 0.0), **KEYS)
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            yield from rows([1], 20, 5.0).to_batches()
-            os.killpg(process.pid, signal.SIGTERM)
-            wait_until(lambda: not healthy(location), what="the server to begin stopping")
-            yield from rows([2], 20, 5.0).to_batches()
-
-        stream = pa.RecordBatchReader.from_batches(rows([], 0, 0.0).schema, batches())
-        assert client.write("term.t", stream).rows == 2
-    process.wait(timeout=60)
-
-
 def test_expiry_keeps_the_snapshot_a_running_scan_reads(tmp_path: Path) -> None:
     """Expiry runs in the serving process, which knows its running reads: a scan of an old snapshot, begun before
     `expire_snapshots`, keeps it and reads all its rows (in the write process it would have been expired)."""
