@@ -1,4 +1,5 @@
-"""The write process (`--write-process`): puts, deletes and maintenance run in a child process of the server.
+"""The write process (`--write-process`, opt-in): puts, deletes and compactions run in a child process of the server
+(snapshot expiry and automatic maintenance do not: see `RELAYED_ACTIONS`).
 
 Why: while a writer puts through a server, its commits (pyiceberg's manifest and metadata work), the Parquet
 encoding around it and the online index refresh held the serving process's GIL for most of each second (measured
@@ -17,7 +18,8 @@ and the serving process then runs what follows a commit (its online indexes and 
 
 The child lives as long as the server: it starts at the first write, reads its settings from its stdin and stops
 when that pipe closes (the server stopped, or died); one that stopped is started again at the next write, and the
-call it stopped during fails with UNAVAILABLE (a retry with the same `write_id` never commits twice).
+call it stopped during fails with UNAVAILABLE: it may have committed, and a retry with the same `write_id` commits
+once whichever happened.
 """
 
 from __future__ import annotations
