@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import re
 
 import pyarrow as pa
 import pyarrow.flight as flight
+
+from flight_server.wire.errors import error_code, error_message
 
 
 class FeatureServerError(Exception):
@@ -60,29 +60,8 @@ _BY_CODE: dict[str, type[FeatureServerError]] = {
     "UNAVAILABLE": UnavailableError,
 }
 
-# The kind each gRPC status means when the error carries no code of its own: INVALID_ARGUMENT and NOT_FOUND never
-# do (pyarrow raises them as ArrowInvalid and ArrowKeyError), nor do errors from gRPC itself (a server that is down).
-_BY_CLASS: tuple[tuple[type[Exception], str], ...] = (
-    (pa.ArrowInvalid, "INVALID_ARGUMENT"),
-    (pa.ArrowKeyError, "NOT_FOUND"),
-    (flight.FlightUnavailableError, "UNAVAILABLE"),
-    (flight.FlightUnauthenticatedError, "UNAUTHENTICATED"),
-    (flight.FlightUnauthorizedError, "PERMISSION_DENIED"),
-    (flight.FlightCancelledError, "CANCELLED"),
-    (flight.FlightTimedOutError, "DEADLINE_EXCEEDED"),
-)
-
 # What pyarrow's client raises for a server's error: Flight errors, and Arrow errors for INVALID_ARGUMENT and NOT_FOUND.
 SERVER_ERRORS = (flight.FlightError, pa.ArrowException)
-
-
-def error_code(exc: Exception) -> str:
-    """The kind of a Flight call's error: the code in its structured detail, else what its gRPC status means."""
-    extra = getattr(exc, "extra_info", None)
-    if extra:
-        with contextlib.suppress(ValueError, TypeError, KeyError):  # not our detail: go by the status
-            return str(json.loads(extra)["code"])
-    return next((code for cls, code in _BY_CLASS if isinstance(exc, cls)), "INTERNAL")
 
 
 # gRPC's words for a server it could not reach (the reason follows them), and for a host name that did not resolve.
@@ -92,7 +71,7 @@ _UNRESOLVED = re.compile(r"(?:errors resolving|DNS resolution failed for) (\S+?)
 
 def from_flight_error(exc: Exception) -> FeatureServerError:
     """Strip gRPC's decorations from a Flight error and pick the exception class from its kind."""
-    message = str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context:", 1)[0]
+    message = error_message(exc)
     code = error_code(exc)
     if code == "UNAVAILABLE":
         message = _unreachable(message) or message

@@ -56,6 +56,8 @@ from flight_server.wire.errors import (
     PermissionDeniedError,
     RequestError,
     UnauthenticatedError,
+    error_code,
+    error_message,
 )
 from flight_server.wire.writes import WriteRequest, WriteResult, end_marker, parse_end_marker
 
@@ -88,15 +90,6 @@ _KINDS: dict[str, type[RequestError]] = {
         CancelledError,
     )
 }
-_BY_CLASS: list[tuple[type[BaseException], str]] = [
-    (pa.ArrowInvalid, "INVALID_ARGUMENT"),
-    (pa.ArrowKeyError, "NOT_FOUND"),
-    (flight.FlightCancelledError, "CANCELLED"),
-    (flight.FlightTimedOutError, "DEADLINE_EXCEEDED"),
-    (flight.FlightUnauthenticatedError, "UNAUTHENTICATED"),
-    (flight.FlightUnauthorizedError, "PERMISSION_DENIED"),
-    (flight.FlightUnavailableError, "CONFLICT"),
-]
 
 
 class WriteProcessError(flight.FlightUnavailableError):
@@ -107,12 +100,9 @@ class WriteProcessError(flight.FlightUnavailableError):
 
 def relayed_error(exc: BaseException) -> Exception:
     """The exception that gives the client the child's error as the child sent it: same status, kind, message."""
-    message = str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context:", 1)[0]  # gRPC's decorations
-    kind = next((code for cls, code in _BY_CLASS if isinstance(exc, cls)), "INTERNAL")
-    extra = getattr(exc, "extra_info", None)
-    if extra:
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            kind = str(json.loads(extra)["code"])
+    message, kind = error_message(exc), error_code(exc)
+    if kind == "UNAVAILABLE":  # gRPC's own, from a child that still runs: a lost race to retry
+        kind = "CONFLICT"
     if kind in _KINDS:
         return _KINDS[kind](message)
     error = ROUTES.get(kind, ROUTES["INTERNAL"]).error

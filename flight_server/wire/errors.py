@@ -6,6 +6,12 @@ the structured detail (docs/protocol.md, "Errors").
 
 from __future__ import annotations
 
+import contextlib
+import json
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
 
 class RequestError(ValueError):
     """The request is wrong: malformed, mistyped, or impossible. Code `INVALID_ARGUMENT`."""
@@ -56,3 +62,30 @@ class ProtocolError(RequestError):
 
 class RequestTooLargeError(LimitError):
     """A request above the size limit: stream its rows (`do_exchange`) instead of sending them inline."""
+
+
+# The kind each gRPC status means when the error carries no code of its own: INVALID_ARGUMENT and NOT_FOUND never
+# do (pyarrow raises them as ArrowInvalid and ArrowKeyError), nor do errors from gRPC itself (a server that is down).
+_BY_CLASS: tuple[tuple[type[Exception], str], ...] = (
+    (pa.ArrowInvalid, "INVALID_ARGUMENT"),
+    (pa.ArrowKeyError, "NOT_FOUND"),
+    (flight.FlightUnavailableError, "UNAVAILABLE"),
+    (flight.FlightUnauthenticatedError, "UNAUTHENTICATED"),
+    (flight.FlightUnauthorizedError, "PERMISSION_DENIED"),
+    (flight.FlightCancelledError, "CANCELLED"),
+    (flight.FlightTimedOutError, "DEADLINE_EXCEEDED"),
+)
+
+
+def error_code(exc: BaseException) -> str:
+    """The kind of a Flight call's error: the code in its structured detail, else what its gRPC status means."""
+    extra = getattr(exc, "extra_info", None)
+    if extra:
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # not our detail: go by the status
+            return str(json.loads(extra)["code"])
+    return next((code for cls, code in _BY_CLASS if isinstance(exc, cls)), "INTERNAL")
+
+
+def error_message(exc: BaseException) -> str:
+    """A Flight call's error message without gRPC's decorations (detail, debug context)."""
+    return str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context:", 1)[0]
