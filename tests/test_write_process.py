@@ -213,7 +213,8 @@ def test_an_in_process_server_stops_its_write_process(tmp_path: Path) -> None:
 
 def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> None:
     """After a put through a server with a write process, and after one through another replica, its online index
-    catches up from the files the write process found: the serving process parses none of the new metadata."""
+    catches up from the files the write process found and read: the serving process parses none of the new metadata
+    and reads no Parquet (it opens no DuckDB cursor), it only merges."""
     properties = sqlite_catalog(tmp_path)
     server = start_server(properties, write_process=True)
     replica = start_server(properties, write_process=False)
@@ -227,6 +228,9 @@ def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> No
             assert client.get_online_features({"id": [1]}, [f"{name}:value"]).column("value").to_pylist() == [1.0]
             index = server.parts.store.peek(name)
             assert index is not None
+            engine, opened = server.parts.store.engine, []
+            cursor = engine.cursor
+            engine.cursor = lambda: opened.append(1) or cursor()  # type: ignore[method-assign]
             for writer, value in ((client, 5.0), (other, 7.0)):
                 put = writer.write(name, rows([1], 20 + int(value), value))
                 wait_until(lambda p=put: index.state.snapshot_id == p.snapshot_id, what="the index to catch up")
@@ -235,6 +239,7 @@ def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> No
                 assert index.appends >= 1 and index.rebuilds == 0
                 loaded = server.parts.catalog._read[name].metadata_location  # what the serving process parsed last
                 assert loaded != index.metadata_location
+            assert opened == []
     finally:
         server.shutdown()
         replica.shutdown()
