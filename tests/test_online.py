@@ -470,11 +470,13 @@ def index_rows(rows: list[tuple[int, int, int | None, int]]) -> pa.Table:
 
 
 @settings(max_examples=60, deadline=None)
-@given(batches=appends, tail_rows=st.integers(1, 40))
-def test_appends_to_an_index_match_reference(batches: list, tail_rows: int) -> None:
+# Always tried: keys replaced often enough to compact (more replaced rows than entities), in steps of 2.
+@example(batches=[[(k, hour, None, 10 * hour + k) for k in range(5)] for hour in range(4)], tail_rows=3, compact_step=2)
+@given(batches=appends, tail_rows=st.integers(1, 40), compact_step=st.integers(1, 9))
+def test_appends_to_an_index_match_reference(batches: list, tail_rows: int, compact_step: int) -> None:
     """Incremental refreshes (`OnlineIndex.apply`, with the rows kept as a base and one tail, merged and compacted
-    on the way) answer what the latest row per key of everything appended says: the later event time, a tie to the
-    later created time (a null one loses), a full tie to the later append."""
+    `COMPACT_STEP` entities at a time on the way) answer what the latest row per key of everything appended says:
+    the later event time, a tie to the later created time (a null one loses), a full tie to the later append."""
     spec = FeatureSpec(("k",), "ts", "created")
     first = index_rows(batches[0] if batches else [])
     state = IndexState(1, 0, spec, Rows.of(first, spec), {r[0]: i for i, r in enumerate(batches[0] if batches else [])})
@@ -488,6 +490,7 @@ def test_appends_to_an_index_match_reference(batches: list, tail_rows: int) -> N
         if number:
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr("flight_server.online.index.TAIL_ROWS", tail_rows)
+                patch.setattr("flight_server.online.index.COMPACT_STEP", compact_step)
                 index.apply(index_rows(batch), number + 1)
         assert index.state.rows.table.column(0).num_chunks <= 2
         keys = list(range(32))

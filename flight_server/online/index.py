@@ -17,6 +17,7 @@ key it finds maps to a complete row.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from typing import Any, NamedTuple
@@ -38,6 +39,8 @@ NULL_MICROS = np.iinfo(np.int64).min
 # are merged into the base. A lookup's `take` over 64 chunks took 7x as long as over one (0.42 ms against 0.06 ms
 # for 100 keys of 24,573 entities), over two 2.5x.
 TAIL_ROWS = 65_536
+
+COMPACT_STEP = 8192  # entities re-numbered per C call by a compaction: each holds the GIL ~1 ms
 
 READ_BATCH_ROWS = 65_536
 
@@ -244,10 +247,18 @@ class OnlineIndex:
         return len(winners)
 
     def compact(self) -> None:
-        """Drop rows that newer ones replaced, into one contiguous table (published as a new state)."""
+        """Drop rows that newer ones replaced, into one contiguous table (published as a new state).
+
+        The entities are numbered `COMPACT_STEP` at a time: one C call over all of them holds the GIL, and stalls
+        every lookup, for as long as it takes (measured: 9-12 ms for 80,000 entities, 0.6 s for a million)."""
         state = self.state
-        live = np.fromiter(state.positions.values(), np.int64, len(state.positions))
-        positions = dict(zip(state.positions, range(len(live)), strict=True))
+        live = np.empty(len(state.positions), np.int64)
+        keys, rows = iter(state.positions), iter(state.positions.values())  # only this refresh changes the dict
+        positions: dict[Any, int] = {}
+        for start in range(0, len(live), COMPACT_STEP):
+            step = list(itertools.islice(keys, COMPACT_STEP))
+            live[start : start + len(step)] = np.fromiter(itertools.islice(rows, COMPACT_STEP), np.int64, len(step))
+            positions.update(zip(step, range(start, start + len(step)), strict=True))
         compacted = IndexState(state.snapshot_id, state.schema_id, state.spec, state.rows.take(live), positions)
         compacted.refreshed_at = state.refreshed_at
         self.state = compacted
