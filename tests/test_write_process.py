@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from flight_client import FeatureClient, FeatureServerError
+from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import catalog_env, healthy, sqlite_catalog, start_server, wait_until
 from tests.services import free_ports
@@ -243,6 +243,28 @@ def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> No
     finally:
         server.shutdown()
         replica.shutdown()
+
+
+def test_an_append_past_the_online_memory_cap_drops_the_index_without_a_read_here(tmp_path: Path) -> None:
+    """The write process refuses to read an append whose latest rows pass what the online cap leaves (as the serving
+    process would): the index is dropped, the serving process reads nothing for it, and a lookup is refused."""
+    server = start_server(sqlite_catalog(tmp_path), write_process=True, online_max_bytes=100_000)
+    name = "capped.t"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write(name, rows(list(range(10)), 10, 0.0), **KEYS)
+            assert client.get_online_features({"id": [1]}, [f"{name}:value"]).column("value").to_pylist() == [1.0]
+            engine, opened = server.parts.store.engine, []
+            cursor = engine.cursor
+            engine.cursor = lambda: opened.append(1) or cursor()  # type: ignore[method-assign]
+            client.write(name, rows(list(range(10, 5010)), 20, 0.0))
+            wait_until(lambda: server.parts.store.peek(name) is None, what="the index to be dropped")
+            assert opened == []
+            engine.cursor = cursor  # type: ignore[method-assign]
+            with pytest.raises(ResourceExhaustedError, match="memory cap"):
+                client.get_online_features({"id": [1]}, [f"{name}:value"])
+    finally:
+        server.shutdown()
 
 
 def test_expiry_keeps_the_snapshot_a_running_scan_reads(tmp_path: Path) -> None:
