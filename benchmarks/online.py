@@ -8,7 +8,8 @@ server in its own process answering the same table on an open stream, and per `d
 the path without the index (the same lookup as a DuckDB query over the Iceberg table, in process,
 and the server's own `as_of` lookup, which takes that path). Freshness: the time from a put's
 acknowledgement to the first lookup that sees it, for a put through the same server and through
-another replica on the same catalog.
+another replica on the same catalog. The index's lookups, quiet and beside a writer, go on for at least
+`INDEX_SECONDS`, so that a writer's p99 spans some 20-30 of its puts.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ WRITER_ROWS = 1000  # rows per put of the concurrent writer
 WRITER_START_SECONDS = 120.0
 CONCURRENT_CLIENTS = (1, 2, 4)  # client processes looking up at once
 CONCURRENT_SECONDS = 5.0
+# The index's lookups, quiet and beside a writer, go on at least this long: 2,000 lookups of one entity last about
+# 0.7 s, a writer's puts come 4-7 times a second, and a p99 over three puts moved by several times between runs.
+INDEX_SECONDS = 5.0
 LABELS = {
     "index": "Flight, online index",
     "index_calls": "Flight, online index, one do_get per lookup",
@@ -66,9 +70,15 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
     return result
 
 
-def timed(call: Any, requests: int, label: str) -> list[float]:
+def timed(call: Any, requests: int, label: str, at_least: float = 0.0) -> list[float]:
+    """Latencies of `requests` calls, and of more until `at_least` seconds have passed."""
     seconds = []
+    end = time.perf_counter() + at_least
     for _ in report.steps(range(requests), label):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    while time.perf_counter() < end:
         start = time.perf_counter()
         call()
         seconds.append(time.perf_counter() - start)
@@ -201,10 +211,10 @@ class DuckDBLookup:
         return self.engine.cursor().execute(self.sql, [self.metadata, keys]).to_arrow_table()
 
 
-def warm_timed(call: Any, requests: int, label: str) -> list[float]:
+def warm_timed(call: Any, requests: int, label: str, at_least: float = 0.0) -> list[float]:
     """`timed` after a tenth as many untimed calls (at most 100): connections and caches are warm."""
     timed(call, min(requests // 10 + 1, 100), f"{label} (warm-up)")
-    return timed(call, requests, label)
+    return timed(call, requests, label, at_least)
 
 
 def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[str, Any]:
@@ -215,6 +225,7 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
     rng = np.random.default_rng(settings.seed)
     refs = [f"{name}:{f}" for f in features]
     counts = {batch: max(requests // (10 if batch >= 1000 else 1), 5) for batch in BATCHES}
+    index_seconds = INDEX_SECONDS if requests >= REQUESTS else 0.0
     latency: dict[str, dict[str, Any]] = {key: {} for key in LABELS}
     with FeatureClient(target.location) as client, FeatureClient(target.location, online_sessions=False) as calls:
         report.progress(f"online: writing {settings.rows:,} rows ({len(ids):,} entities) to {name}")
@@ -232,7 +243,8 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
         latest_time = data.column(EVENT_TIME).to_pylist()[-1]
         for batch, count in counts.items():
             call = lookup(batch)
-            latency["index"][str(batch)] = percentiles(warm_timed(call, count, f"online: lookups of {batch}"))
+            label = f"online: lookups of {batch}"
+            latency["index"][str(batch)] = percentiles(warm_timed(call, count, label, index_seconds))
             one_call = lookup(batch, calls)
             label = f"online: lookups of {batch}, one call each"
             latency["index_calls"][str(batch)] = percentiles(warm_timed(one_call, count, label))
@@ -265,7 +277,7 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
                 with Writer(location, name, hot, features) as writer:
                     for batch, count in counts.items():
                         label = f"online: lookups of {batch}, {LABELS[key].split(', ')[-1]}"
-                        latency[key][str(batch)] = percentiles(timed(lookup(batch), count, label))
+                        latency[key][str(batch)] = percentiles(timed(lookup(batch), count, label, index_seconds))
                     puts_per_s[key] = writer.rate()
             seconds = CONCURRENT_SECONDS if requests >= REQUESTS else 0.5
             concurrency = []

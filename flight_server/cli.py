@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import signal
@@ -86,6 +87,9 @@ def serve(
         "print(read_flight('%s', 'demo.driver_stats', limit=5))\"",
         location,
     )
+    # Start-up's objects (modules, the catalog, the components: ~150,000 of them) never become garbage: out of the
+    # collector's sight, a full collection takes a millisecond instead of stalling every thread for ~90 ms.
+    gc.freeze()
     server.serve()
     log.info("stopped")
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError, ResourceExhaustedError
-from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
+from flight_server.online.index import MISSING, IndexState, OnlineIndex, Rows
 from tests.conftest import start_server, wait_until
 
 UTC = dt.timezone.utc
@@ -443,3 +444,57 @@ def test_sessions_outlive_a_server_restart_and_a_table_recreated(catalog_propert
             wait_until(lambda: rates(client, table, [1]) == ["fast"], what="the recreated table's rows")
         finally:
             server.shutdown()
+
+
+# Appends to one index: batches of (key, event hour, created hour or None, value), each key once per batch (a
+# refresh applies the latest row per key of the appended files).
+appends = st.lists(
+    st.lists(
+        st.tuples(st.integers(0, 30), st.integers(0, 5), st.none() | st.integers(0, 3), st.integers(-99, 99)),
+        max_size=25,
+        unique_by=lambda row: row[0],
+    ),
+    max_size=12,
+)
+
+
+def index_rows(rows: list[tuple[int, int, int | None, int]]) -> pa.Table:
+    return pa.table(
+        {
+            "k": pa.array([r[0] for r in rows], pa.int64()),
+            "ts": pa.array([hours(r[1]) for r in rows], pa.timestamp("us", tz="UTC")),
+            "created": pa.array([hours(r[2]) for r in rows], pa.timestamp("us", tz="UTC")),
+            "value": pa.array([r[3] for r in rows], pa.int64()),
+        }
+    )
+
+
+@settings(max_examples=60, deadline=None)
+# Always tried: keys replaced often enough to compact (more replaced rows than entities), in steps of 2.
+@example(batches=[[(k, hour, None, 10 * hour + k) for k in range(5)] for hour in range(4)], tail_rows=3, compact_step=2)
+@given(batches=appends, tail_rows=st.integers(1, 40), compact_step=st.integers(1, 9))
+def test_appends_to_an_index_match_reference(batches: list, tail_rows: int, compact_step: int) -> None:
+    """Incremental refreshes (`OnlineIndex.apply`, with the rows kept as a base and one tail, merged and compacted
+    `COMPACT_STEP` entities at a time on the way) answer what the latest row per key of everything appended says:
+    the later event time, a tie to the later created time (a null one loses), a full tie to the later append."""
+    spec = FeatureSpec(("k",), "ts", "created")
+    first = index_rows(batches[0] if batches else [])
+    state = IndexState(1, 0, spec, Rows.of(first, spec), {r[0]: i for i, r in enumerate(batches[0] if batches else [])})
+    index = OnlineIndex("t", state, 0.0, "empty")
+    latest: dict[int, tuple[int, int, int]] = {}
+    for number, batch in enumerate(batches):
+        for key, event, created, value in batch:
+            rank = (event, -1 if created is None else created, number)
+            if key not in latest or rank >= latest[key][:3]:
+                latest[key] = (*rank, value)
+        if number:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr("flight_server.online.index.TAIL_ROWS", tail_rows)
+                patch.setattr("flight_server.online.index.COMPACT_STEP", compact_step)
+                index.apply(index_rows(batch), number + 1)
+        assert index.state.rows.table.column(0).num_chunks <= 2
+        keys = list(range(32))
+        rows, positions = index.lookup(keys)
+        got = [None if p == MISSING else rows.table.column("value")[int(p)].as_py() for p in positions]
+        assert got == [latest[k][3] if k in latest else None for k in keys]
+    assert len(index.state.positions) == len(latest)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from flight_client import FeatureClient, FeatureServerError
+from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import catalog_env, healthy, sqlite_catalog, start_server, wait_until
 from tests.services import free_ports
@@ -213,7 +213,8 @@ def test_an_in_process_server_stops_its_write_process(tmp_path: Path) -> None:
 
 def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> None:
     """After a put through a server with a write process, and after one through another replica, its online index
-    catches up from the files the write process found: the serving process parses none of the new metadata."""
+    catches up from the files the write process found and read: the serving process parses none of the new metadata
+    and reads no Parquet (it opens no DuckDB cursor), it only merges."""
     properties = sqlite_catalog(tmp_path)
     server = start_server(properties, write_process=True)
     replica = start_server(properties, write_process=False)
@@ -227,6 +228,9 @@ def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> No
             assert client.get_online_features({"id": [1]}, [f"{name}:value"]).column("value").to_pylist() == [1.0]
             index = server.parts.store.peek(name)
             assert index is not None
+            engine, opened = server.parts.store.engine, []
+            cursor = engine.cursor
+            engine.cursor = lambda: opened.append(1) or cursor()  # type: ignore[method-assign]
             for writer, value in ((client, 5.0), (other, 7.0)):
                 put = writer.write(name, rows([1], 20 + int(value), value))
                 wait_until(lambda p=put: index.state.snapshot_id == p.snapshot_id, what="the index to catch up")
@@ -235,9 +239,32 @@ def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> No
                 assert index.appends >= 1 and index.rebuilds == 0
                 loaded = server.parts.catalog._read[name].metadata_location  # what the serving process parsed last
                 assert loaded != index.metadata_location
+            assert opened == []
     finally:
         server.shutdown()
         replica.shutdown()
+
+
+def test_an_append_past_the_online_memory_cap_drops_the_index_without_a_read_here(tmp_path: Path) -> None:
+    """The write process refuses to read an append whose latest rows pass what the online cap leaves (as the serving
+    process would): the index is dropped, the serving process reads nothing for it, and a lookup is refused."""
+    server = start_server(sqlite_catalog(tmp_path), write_process=True, online_max_bytes=100_000)
+    name = "capped.t"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write(name, rows(list(range(10)), 10, 0.0), **KEYS)
+            assert client.get_online_features({"id": [1]}, [f"{name}:value"]).column("value").to_pylist() == [1.0]
+            engine, opened = server.parts.store.engine, []
+            cursor = engine.cursor
+            engine.cursor = lambda: opened.append(1) or cursor()  # type: ignore[method-assign]
+            client.write(name, rows(list(range(10, 5010)), 20, 0.0))
+            wait_until(lambda: server.parts.store.peek(name) is None, what="the index to be dropped")
+            assert opened == []
+            engine.cursor = cursor  # type: ignore[method-assign]
+            with pytest.raises(ResourceExhaustedError, match="memory cap"):
+                client.get_online_features({"id": [1]}, [f"{name}:value"])
+    finally:
+        server.shutdown()
 
 
 def test_expiry_keeps_the_snapshot_a_running_scan_reads(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ key it finds maps to a complete row.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from typing import Any, NamedTuple
@@ -34,7 +35,12 @@ MISSING = -1
 
 NULL_MICROS = np.iinfo(np.int64).min
 
-MAX_CHUNKS = 64  # incremental refreshes add a chunk each; past this, the rows are compacted
+# Rows appended by refreshes are kept in one chunk after the base, copied whole at each refresh; past this many they
+# are merged into the base. A lookup's `take` over 64 chunks took 7x as long as over one (0.42 ms against 0.06 ms
+# for 100 keys of 24,573 entities), over two 2.5x.
+TAIL_ROWS = 65_536
+
+COMPACT_STEP = 8192  # entities re-numbered per C call by a compaction: each holds the GIL ~1 ms
 
 READ_BATCH_ROWS = 65_536
 
@@ -116,8 +122,18 @@ class Rows(NamedTuple):
         return cls(table, tie_micros(table.column(spec.event_time)), created)
 
     def extend(self, more: Rows) -> Rows:
+        """These rows and then `more`, in two chunks at most: the base, and every row appended since it."""
+        table = self.table
+        base = len(table.column(0).chunk(0)) if table.num_columns and table.column(0).num_chunks > 1 else 0
+        if base == 0 and table.num_rows + more.table.num_rows > TAIL_ROWS:  # one chunk: it becomes the base
+            base = table.num_rows
+        tail = pa.concat_tables([table.slice(base), more.table]).combine_chunks()
+        if tail.num_rows > TAIL_ROWS:
+            joined = pa.concat_tables([table.slice(0, base), tail]).combine_chunks()
+        else:
+            joined = pa.concat_tables([table.slice(0, base), tail]) if base else tail
         return Rows(
-            pa.concat_tables([self.table, more.table]),
+            joined,
             np.concatenate([self.event_us, more.event_us]),
             np.concatenate([self.created_us, more.created_us]),
         )
@@ -226,15 +242,23 @@ class OnlineIndex:
             state.dead += int(present[winners].sum())
         state.snapshot_id = snapshot_id
         state.refreshed_at = time.time()
-        if state.dead > len(state.positions) or state.rows.table.column(0).num_chunks > MAX_CHUNKS:
+        if state.dead > len(state.positions):
             self.compact()
         return len(winners)
 
     def compact(self) -> None:
-        """Drop rows that newer ones replaced, into one contiguous table (published as a new state)."""
+        """Drop rows that newer ones replaced, into one contiguous table (published as a new state).
+
+        The entities are numbered `COMPACT_STEP` at a time: one C call over all of them holds the GIL, and stalls
+        every lookup, for as long as it takes (measured: 9-12 ms for 80,000 entities, 0.6 s for a million)."""
         state = self.state
-        live = np.fromiter(state.positions.values(), np.int64, len(state.positions))
-        positions = dict(zip(state.positions, range(len(live)), strict=True))
+        live = np.empty(len(state.positions), np.int64)
+        keys, rows = iter(state.positions), iter(state.positions.values())  # only this refresh changes the dict
+        positions: dict[Any, int] = {}
+        for start in range(0, len(live), COMPACT_STEP):
+            step = list(itertools.islice(keys, COMPACT_STEP))
+            live[start : start + len(step)] = np.fromiter(itertools.islice(rows, COMPACT_STEP), np.int64, len(step))
+            positions.update(zip(step, range(start, start + len(step)), strict=True))
         compacted = IndexState(state.snapshot_id, state.schema_id, state.spec, state.rows.take(live), positions)
         compacted.refreshed_at = state.refreshed_at
         self.state = compacted

@@ -45,7 +45,7 @@ class RefreshPlan:
     """What an index refresh needs of its table's current state, worked out where the table's metadata is
     parsed. Parsing it (pydantic, in one call that holds the GIL for milliseconds as the history grows) and
     reading the new manifests are most of a refresh's Python work: with `--write-process` the write process
-    does both, and the serving process only reads the appended Parquet files (without the GIL) and merges."""
+    does both, and reads the appended Parquet files too (`OnlineStore.plan`); the serving process only merges."""
 
     name: str
     metadata_location: str
@@ -63,13 +63,29 @@ class RefreshPlan:
         return cls(**json.loads(raw))
 
 
-# (table, the metadata file the index was refreshed from, its snapshot) -> the plan, or None when none was made
-Planner = Callable[[str, "str | None", "int | None"], "RefreshPlan | None"]
+# (table, the metadata file the index was refreshed from, its snapshot, the bytes its new rows may take) -> the plan
+# and the latest row per key of its appended files (`OnlineStore.plan`), or None when none was made
+Planner = Callable[[str, "str | None", "int | None", int], "tuple[RefreshPlan, pa.Table | None] | None"]
 
 
-def plan_refresh(catalog: FeatureCatalog, name: str, known: str | None, since: int | None) -> RefreshPlan:
-    """The `RefreshPlan` of an index of `name` refreshed from metadata file `known` at snapshot `since`."""
-    table = catalog.read(name)
+def plan_results(plan: RefreshPlan, rows: pa.Table | None) -> list[bytes]:
+    """A plan and its rows as the results of one Flight action: the plan's JSON, then the rows in Arrow IPC."""
+    if rows is None:
+        return [plan.to_bytes()]
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, rows.schema) as writer:
+        writer.write_table(rows)
+    return [plan.to_bytes(), sink.getvalue().to_pybytes()]
+
+
+def from_results(results: list[bytes]) -> tuple[RefreshPlan, pa.Table | None]:
+    """`plan_results` read back."""
+    rows = pa.ipc.open_stream(results[1]).read_all() if len(results) > 1 else None
+    return RefreshPlan.from_bytes(results[0]), rows
+
+
+def plan_refresh(name: str, table: Table, known: str | None, since: int | None) -> RefreshPlan:
+    """The `RefreshPlan` of an index of `name` (`table`) refreshed from metadata file `known` at snapshot `since`."""
     if table.metadata_location == known:
         return RefreshPlan(name, table.metadata_location)
     snapshot = table.current_snapshot()
@@ -274,6 +290,18 @@ class OnlineStore:
         )
         return index
 
+    def plan(self, name: str, known: str | None, since: int | None, room: int) -> tuple[RefreshPlan, pa.Table | None]:
+        """A refresh of another process's index planned here (in the write process: `Planner`), with the latest row
+        per key of the appended files read here too (at most `room` bytes), so that the serving process only merges
+        them: the Parquet read's CPU and DuckDB's threads stay off the cores and the GIL that serve lookups. No rows
+        when there are none to read, or the table is no longer a feature table (that process rebuilds)."""
+        table = self.catalog.read(name)
+        plan = plan_refresh(name, table, known, since)
+        spec = FeatureSpec.from_properties(plan.properties)
+        if not plan.files or spec is None:
+            return plan, None
+        return plan, self._read_latest(plan, spec, table_arrow_schema(table.schema()), plan.files, room)[0]
+
     def refresh(self, name: str) -> str:
         """Bring one index up to its table's current snapshot; says what it did. Polling an unchanged
         table is cheap where the catalog says so without reading its metadata (SQL: `FeatureCatalog.read`)."""
@@ -293,9 +321,11 @@ class OnlineStore:
         """The refresh from a `RefreshPlan` made in another process; None when it needs the table here (a
         rebuild, a new schema or spec) or no plan could be made (the refresh then runs here, as without one)."""
         state = index.state
-        plan = planner(name, index.metadata_location, state.snapshot_id)
-        if plan is None:
+        room = self._room(name, within_budget=False) - index.nbytes()
+        planned = planner(name, index.metadata_location, state.snapshot_id, room)
+        if planned is None:
             return None
+        plan, latest = planned
         if plan.metadata_location == index.metadata_location:
             return "current"
         if FeatureSpec.from_properties(plan.properties) != state.spec or plan.schema_id != state.schema_id:
@@ -305,8 +335,6 @@ class OnlineStore:
             return "current"
         if plan.files is None or plan.snapshot_id is None:
             return None
-        room = self._room(name, within_budget=False) - index.nbytes()
-        latest = self._read_latest(plan, state.spec, index.schema, plan.files, room)[0] if plan.files else None
         changed = index.apply(latest if latest is not None else index.schema.empty_table(), plan.snapshot_id)
         index.appends += 1
         index.metadata_location = plan.metadata_location

@@ -45,7 +45,7 @@ import pyarrow.flight as flight
 from flight_server.base.config import ServerConfig
 from flight_server.base.logs import current
 from flight_server.base.streams import chunks, stream_schema
-from flight_server.online.store import RefreshPlan
+from flight_server.online.store import RefreshPlan, from_results
 from flight_server.transport.errors import ROUTES
 from flight_server.wire.codec import REQUEST_ID_HEADER
 from flight_server.wire.errors import (
@@ -195,11 +195,14 @@ class WriteProcess:
             raise self._failure(exc, process) from None
         return results[0].body.to_pybytes()
 
-    def plan_refresh(self, name: str, known: str | None, since: int | None) -> RefreshPlan | None:
-        """An online index refresh planned in the child (`RefreshPlan`): the table's metadata and manifests are
-        parsed there. None when no child runs (a refresh starts none: a replica that only serves needs none) or it
-        cannot answer: the refresh then runs in the serving process."""
-        body = json.dumps({"table": name, "known": known, "since": since}).encode()
+    def plan_refresh(
+        self, name: str, known: str | None, since: int | None, room: int
+    ) -> tuple[RefreshPlan, pa.Table | None] | None:
+        """An online index refresh planned in the child (`OnlineStore.plan`): the table's metadata and manifests are
+        parsed there, and the appended files read there into their latest row per key (at most `room` bytes). None
+        when no child runs (a refresh starts none: a replica that only serves needs none) or it cannot answer: the
+        refresh then runs in the serving process."""
+        body = json.dumps({"table": name, "known": known, "since": since, "room": room}).encode()
         running = self._running()
         if running is None:
             return None
@@ -208,11 +211,11 @@ class WriteProcess:
             results = list(client.do_action(flight.Action(PLAN_REFRESH, body), _ASKING))
         except (flight.FlightError, pa.ArrowException, OSError) as exc:
             failure = self._failure(exc, process)
-            if isinstance(failure, NotFoundError):  # the table is gone: the store drops its index
+            if isinstance(failure, NotFoundError | LimitError):  # the table is gone or too big: the index is dropped
                 raise failure from None
             log.info("online refresh of %s planned in the serving process: %s", name, failure)
             return None
-        return RefreshPlan.from_bytes(results[0].body.to_pybytes())
+        return from_results([result.body.to_pybytes() for result in results])
 
     def ask(self, name: str, body: bytes = b"") -> Any | None:
         """A read-only action's reply from the running child (None when none runs: nothing is started for it)."""

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_server.base.config import ServerConfig
-from flight_server.online.store import plan_refresh
+from flight_server.online.store import plan_results
 from flight_server.reads.plan import plan_table_scan
 from flight_server.transport.actions import ACTIONS, table_summary, visible_tables
 from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
@@ -275,9 +275,9 @@ class FeatureFlightServer(flight.FlightServerBase):
                 )
         return iter(infos)
 
-    def _plan_refresh(self, body: bytes) -> bytes:
+    def _plan_refresh(self, body: bytes) -> list[bytes]:
         fields = json.loads(body)
-        return plan_refresh(self.parts.catalog, fields["table"], fields["known"], fields["since"]).to_bytes()
+        return plan_results(*self.parts.store.plan(fields["table"], fields["known"], fields["since"], fields["room"]))
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return [(action.name, action.doc) for action in ACTIONS.values()]
@@ -286,7 +286,7 @@ class FeatureFlightServer(flight.FlightServerBase):
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
         name = action.type
         if name == PLAN_REFRESH and self.write_process:  # its server's own call, on a socket only it reaches
-            return iter([self._plan_refresh(action.body.to_pybytes())])
+            return iter(self._plan_refresh(action.body.to_pybytes()))
         row = ACTIONS.get(name)
         if row is None:
             raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")
