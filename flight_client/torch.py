@@ -85,7 +85,7 @@ def shared_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
     to the main process. Left to torch, each tensor would move to a shared segment of its own as it is sent (an
     allocation, a copy and a file descriptor per column and batch: 4 times the time of one block). Each column
     is copied once, straight from its Arrow buffer, its nulls then set to NaN in place. The tensors are views of
-    the block, which lives while any of them does."""
+    the block, which lives while any of them does; sent to another process, the block goes once (`_OneBlock`)."""
     columns = list(_columns(batch))
     offsets, size = [], 0
     for _, column in columns:
@@ -94,7 +94,7 @@ def shared_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
     # Allocated in shared memory at once, as torch's own collate does in workers (`share_memory_()` would
     # allocate, fill and copy a private block first: 3 times the time).
     block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
-    tensors = {}
+    tensors = _OneBlock(block)
     for (name, column), at in zip(columns, offsets, strict=True):
         values = _values(column)
         tensor = block[at : at + values.nbytes].view(_TORCH_TYPES[values.dtype])
@@ -104,6 +104,36 @@ def shared_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
             np.copyto(out, np.nan, where=_invalid(column))
         tensors[name] = tensor
     return tensors
+
+
+class _OneBlock(dict[str, torch.Tensor]):
+    """Tensors that are 1-D views of one shared `block`, pickled as the block and where each lies in it: torch
+    would send each tensor's storage apart, a file descriptor passed over a new connection per tensor and batch
+    (for 12 columns, 12 handshakes where one does). Unpickled, a plain dict."""
+
+    def __init__(self, block: torch.Tensor):
+        super().__init__()
+        self.block = block
+
+    def __copy__(self) -> _OneBlock:  # the DataLoader's `default_convert` copies what a worker yields
+        copied = _OneBlock(self.block)
+        copied.update(self)
+        return copied
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        layout = [(name, t.storage_offset(), len(t), t.dtype) for name, t in self.items()]
+        if any(t.untyped_storage().data_ptr() != self.block.untyped_storage().data_ptr() for t in self.values()):
+            return (dict, (dict(self),))  # a tensor was replaced: send each as torch would
+        return (_views, (self.block, layout))
+
+
+def _views(block: torch.Tensor, layout: list[tuple[str, int, int, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """The tensors of an `_OneBlock` again, in the process that received its block."""
+    views = {}
+    for name, offset, count, dtype in layout:
+        size = torch.empty(0, dtype=dtype).element_size()
+        views[name] = block[offset * size : (offset + count) * size].view(dtype)
+    return views
 
 
 _ALIGN = 64  # bytes: each column of a shared block starts aligned for any element type
