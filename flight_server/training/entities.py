@@ -149,7 +149,7 @@ class EntitySplits:
         self._splits: OrderedDict[Hashable, list[pa.Table]] = OrderedDict()
         self._account = (budget or MemoryBudget(max_bytes)).account("entity_splits", max_bytes, self._splits.pop)
         self._building = LockPool()
-        self.builds = 0  # splits made (for tests and health)
+        self.builds = 0  # splits made
 
     def part(self, plan: HistoricalPlan, cursor: duckdb.DuckDBPyConnection) -> pa.Table | None:
         """The request's part of its entity table, sorted as `server_entities(plan, numbered=False)` sorts it; None
