@@ -121,10 +121,21 @@ class _OneBlock(dict[str, torch.Tensor]):
         return copied
 
     def __reduce__(self) -> tuple[Any, ...]:
+        block = self.block.untyped_storage().data_ptr()
+        if not all(_slice_of(t, block) for t in self.values()):
+            return (dict, (dict(self),))  # a value was replaced or added: send each as torch would
         layout = [(name, t.storage_offset(), len(t), t.dtype) for name, t in self.items()]
-        if any(t.untyped_storage().data_ptr() != self.block.untyped_storage().data_ptr() for t in self.values()):
-            return (dict, (dict(self),))  # a tensor was replaced: send each as torch would
         return (_views, (self.block, layout))
+
+
+def _slice_of(value: Any, block: int) -> bool:
+    """Whether `value` is a contiguous 1-D tensor in the shared block whose storage starts at `block`."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 1
+        and value.is_contiguous()
+        and value.untyped_storage().data_ptr() == block
+    )
 
 
 def _views(block: torch.Tensor, layout: list[tuple[str, int, int, torch.dtype]]) -> dict[str, torch.Tensor]:

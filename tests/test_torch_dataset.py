@@ -383,6 +383,10 @@ def test_a_shared_batch_goes_to_another_process_as_one_block() -> None:
         assert type(copy.copy(tensors)) is type(tensors)  # what DataLoader's default_convert does to it
         tensors["x"] = torch.tensor([0.5, 0.25], dtype=torch.float64)  # no longer a view of the block
         assert pool.submit(received, tensors).result() == ("dict", 2, {**expected, "x": [0.5, 0.25]}, types)
+        again = shared_tensors(batch)
+        again["pairs"] = again["n"].view(-1, 2)  # a view of the block, but not 1-D: sent as torch sends it
+        kind, storages, values, _ = pool.submit(received, again).result()
+        assert (kind, storages, values["pairs"]) == ("dict", 1, [[8, 9]])
 
 
 def test_tensors_import_no_pandas() -> None:
