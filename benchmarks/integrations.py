@@ -7,8 +7,11 @@ the DataLoader deals them to its workers, Ray runs a read task per endpoint. One
 takes the same entity rows locally (an Arrow table in the process), cut into `PARTITIONS` row ranges
 that its workers send with `do_exchange`. Every column is numeric, so the DataLoader yields dicts of
 tensors with all of them. Each path must return every entity row once (row count and the sum of the
-labels), or the run fails. The forkserver that starts DataLoader workers is started (and timed) once
-before the timed rounds, as a training program starts it once. Needs the `torch` and `ray` extras.
+labels), or the run fails. Each round also counts the CPU seconds it cost the server and the client side
+(this process and every process it started but the server: DataLoader workers, Ray's processes), which
+depend less on a busy machine's load than the wall time does. The forkserver that starts DataLoader workers
+is started (and timed) once before the timed rounds, as a training program starts it once. Needs the `torch`
+and `ray` extras.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import os
+import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,6 +80,37 @@ def tensor_counts(batches: Iterable[dict[str, Any]]) -> Iterator[tuple[int, floa
 def arrow_counts(batches: Iterable[Any]) -> Iterator[tuple[int, float]]:
     for batch in batches:
         yield batch.num_rows, float(pc.sum(batch[LABEL]).as_py() or 0)
+
+
+def _process_table() -> dict[int, tuple[int, float]]:
+    """Every process's (parent, CPU seconds: its own and its reaped children's)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile
+                continue
+            found[int(entry.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]) / tick)
+    return found
+
+
+def cpu_seconds(server: int | None) -> tuple[float, float]:
+    """CPU seconds so far of the `server` process and of this process with its other descendants (the client
+    side). A descendant that ended counts in its parent once reaped (a DataLoader worker in the forkserver)."""
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    client, todo = 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        if pid == server or pid not in table:
+            continue
+        client += table[pid][1]
+        todo += children.get(pid, [])
+    return (table[server][1] if server in table else 0.0), client
 
 
 def run(target: Target, settings: Settings, entity_rows_count: int | None = None) -> dict[str, Any]:
@@ -143,9 +180,24 @@ def run(target: Target, settings: Settings, entity_rows_count: int | None = None
     ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
+
+    def counted(name: str, case: Case) -> Case:
+        def run() -> None:
+            server, client = cpu_seconds(target.pid)
+            case.run()
+            after = cpu_seconds(target.pid)
+            cpu[name].append((after[0] - server, after[1] - client))
+
+        return Case(run, case.setup)
+
     try:
         report.progress(f"integrations: timing {len(cases)} ways to read {n_entities:,} training rows, interleaved")
-        timings = measure(cases, settings.repeat, settings.warmup, "integrations")
+        load = [os.getloadavg()[0]]
+        timings = measure(
+            {n: counted(n, c) for n, c in cases.items()}, settings.repeat, settings.warmup, "integrations"
+        )
+        load.append(os.getloadavg()[0])
     finally:
         # Ray ends the process if a Ray object is freed after shutdown: free the unreachable ones first.
         gc.collect()
@@ -161,6 +213,9 @@ def run(target: Target, settings: Settings, entity_rows_count: int | None = None
             "rows_per_s": n_entities / timing.median,
             "mb_per_s": arrow_bytes[0] / report.MB / timing.median,
             "ratio_to_pandas": baseline / timing.median,
+            # medians of the timed rounds (None: the server is not a local process)
+            "server_cpu_s": statistics.median(c[0] for c in cpu[name][settings.warmup :]) if target.pid else None,
+            "client_cpu_s": statistics.median(c[1] for c in cpu[name][settings.warmup :]),
         }
         for name, timing in timings.items()
     }
@@ -171,6 +226,7 @@ def run(target: Target, settings: Settings, entity_rows_count: int | None = None
         "partitions": PARTITIONS,
         "result_arrow_mb": arrow_bytes[0] / report.MB,
         "forkserver_start_s": forkserver_s,
+        "load_average_1m": {"start": load[0], "end": load[1]},
         "results": results,
     }
 
@@ -182,11 +238,27 @@ def render(result: dict[str, Any]) -> str:
         f"{result['partitions']} endpoints; rows/s = training rows / s"
     )
     rows = [
-        [r["label"], *report.timing_cells(r), report.ratio(r["ratio_to_pandas"])] for r in result["results"].values()
+        [
+            r["label"],
+            *report.timing_cells(r),
+            report.ratio(r["ratio_to_pandas"]),
+            _cpu(r["server_cpu_s"]),
+            _cpu(r["client_cpu_s"]),
+        ]
+        for r in result["results"].values()
     ]
     footer = (
         f"DataLoader workers fork from a forkserver (preloading torch) started once before the rounds: "
         f"{result['forkserver_start_s']:.2f} s\n"
-        "checks: every path returned every entity row once (row count and label sum)"
+        "checks: every path returned every entity row once (row count and label sum)\n"
+        "CPU s: medians per round; client: this process and all it started but the server (workers, Ray)\n"
+        f"load average (1 min): {result['load_average_1m']['start']:.1f} at the start, "
+        f"{result['load_average_1m']['end']:.1f} at the end"
     )
-    return "\n".join([header, report.table(["path", *report.TIMING_HEADERS, "vs (a)"], rows), footer])
+    return "\n".join(
+        [header, report.table(["path", *report.TIMING_HEADERS, "vs (a)", "server CPU s", "client CPU s"], rows), footer]
+    )
+
+
+def _cpu(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f}"

@@ -68,31 +68,83 @@ def to_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
     (numeric columns without nulls). Timestamps, dates, times and durations become their integer
     values (timestamps: in the column's unit since the epoch, UTC). Float nulls become NaN; an integer
     or boolean column holding nulls is an error."""
+    tensors = {}
     with warnings.catch_warnings():
         # Arrow's buffers are read-only to numpy; the batch is ours alone, so the tensor may own them.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {name: torch.from_numpy(values) for name, values in _arrays(batch)}
+        for name, column in _columns(batch):
+            values = _values(column)
+            if column.null_count:
+                values = np.where(_invalid(column), np.nan, values)
+            tensors[name] = torch.from_numpy(values)
+    return tensors
 
 
 def shared_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
-    """`to_tensors`, every column copied into one block of shared memory: how a DataLoader worker hands a batch to
-    the main process. Left to torch, each tensor would move to a shared segment of its own as it is sent (an
-    allocation, a copy and a file descriptor per column and batch: 4 times the time of one block). The
-    tensors are views of the block, which lives while any of them does."""
-    arrays = list(_arrays(batch))
+    """`to_tensors`, every column written into one block of shared memory: how a DataLoader worker hands a batch
+    to the main process. Left to torch, each tensor would move to a shared segment of its own as it is sent (an
+    allocation, a copy and a file descriptor per column and batch: 4 times the time of one block). Each column
+    is copied once, straight from its Arrow buffer, its nulls then set to NaN in place. The tensors are views of
+    the block, which lives while any of them does; sent to another process, the block goes once (`_OneBlock`)."""
+    columns = list(_columns(batch))
     offsets, size = [], 0
-    for _, values in arrays:
+    for _, column in columns:
         offsets.append(size)
-        size += -(-values.nbytes // _ALIGN) * _ALIGN
+        size += -(-len(column) * _itemsize(column.type) // _ALIGN) * _ALIGN
     # Allocated in shared memory at once, as torch's own collate does in workers (`share_memory_()` would
     # allocate, fill and copy a private block first: 3 times the time).
     block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
-    tensors = {}
-    for (name, values), at in zip(arrays, offsets, strict=True):
+    tensors = _OneBlock(block)
+    for (name, column), at in zip(columns, offsets, strict=True):
+        values = _values(column)
         tensor = block[at : at + values.nbytes].view(_TORCH_TYPES[values.dtype])
-        np.copyto(tensor.numpy(), values)
+        out = tensor.numpy()
+        np.copyto(out, values)
+        if column.null_count:
+            np.copyto(out, np.nan, where=_invalid(column))
         tensors[name] = tensor
     return tensors
+
+
+class _OneBlock(dict[str, torch.Tensor]):
+    """Tensors that are 1-D views of one shared `block`, pickled as the block and where each lies in it: torch
+    would send each tensor's storage apart, a file descriptor passed over a new connection per tensor and batch
+    (for 12 columns, 12 handshakes where one does). Unpickled, a plain dict."""
+
+    def __init__(self, block: torch.Tensor):
+        super().__init__()
+        self.block = block
+
+    def __copy__(self) -> _OneBlock:  # the DataLoader's `default_convert` copies what a worker yields
+        copied = _OneBlock(self.block)
+        copied.update(self)
+        return copied
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        block = self.block.untyped_storage().data_ptr()
+        if not all(_slice_of(t, block) for t in self.values()):
+            return (dict, (dict(self),))  # a value was replaced or added: send each as torch would
+        layout = [(name, t.storage_offset(), len(t), t.dtype) for name, t in self.items()]
+        return (_views, (self.block, layout))
+
+
+def _slice_of(value: Any, block: int) -> bool:
+    """Whether `value` is a contiguous 1-D tensor in the shared block whose storage starts at `block`."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 1
+        and value.is_contiguous()
+        and value.untyped_storage().data_ptr() == block
+    )
+
+
+def _views(block: torch.Tensor, layout: list[tuple[str, int, int, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """The tensors of an `_OneBlock` again, in the process that received its block."""
+    views = {}
+    for name, offset, count, dtype in layout:
+        size = torch.empty(0, dtype=dtype).element_size()
+        views[name] = block[offset * size : (offset + count) * size].view(dtype)
+    return views
 
 
 _ALIGN = 64  # bytes: each column of a shared block starts aligned for any element type
@@ -103,8 +155,8 @@ _TORCH_TYPES = {
 } | {np.dtype("float64"): torch.float64, np.dtype(bool): torch.bool}
 
 
-def _arrays(batch: pa.RecordBatch) -> Iterator[tuple[str, np.ndarray]]:
-    """Each column of the batch as the NumPy array its tensor holds (see `to_tensors`)."""
+def _columns(batch: pa.RecordBatch) -> Iterator[tuple[str, pa.Array]]:
+    """Each column of the batch viewed as the Arrow type its tensor holds (see `to_tensors`)."""
     for field, column in zip(batch.schema, batch.columns, strict=True):
         target = _tensor_type(field)
         if target is None:
@@ -114,25 +166,33 @@ def _arrays(batch: pa.RecordBatch) -> Iterator[tuple[str, np.ndarray]]:
                 f"column {field.name!r} ({field.type}) holds nulls, which an integer tensor cannot: "
                 "fill them on the server side, leave the column out, or use format='arrow'"
             )
-        yield field.name, _numpy(column.view(target) if target != field.type else column)
+        yield field.name, column.view(target) if target != field.type else column
 
 
-def _numpy(column: pa.Array) -> np.ndarray:
-    """A numeric or boolean column as NumPy, read from its buffers: pyarrow's `to_numpy` imports pandas on
-    its first call, which cost each new DataLoader worker a second or more. Nulls (floats only) become NaN."""
-    validity, data = column.buffers()[:2]
+def _itemsize(kind: pa.DataType) -> int:
+    """Bytes per value of a column's NumPy array (booleans: one byte each)."""
+    return 1 if pa.types.is_boolean(kind) else kind.bit_width // 8
+
+
+def _values(column: pa.Array) -> np.ndarray:
+    """A numeric or boolean column's values as NumPy, read from its buffers (a view, but for booleans), nulls
+    included as whatever their slots hold: pyarrow's `to_numpy` imports pandas on its first call, which cost
+    each new DataLoader worker a second or more."""
+    data = column.buffers()[1]
     start, stop = column.offset, column.offset + len(column)
     if pa.types.is_boolean(column.type):
-        values = _bits(data, start, stop)
-    else:
-        values = np.frombuffer(data, dtype=column.type.to_pandas_dtype(), count=stop)[start:]
-    if column.null_count:
-        values = np.where(_bits(validity, start, stop), values, np.nan)
-    return values
+        return _bits(data, start, stop)
+    return np.frombuffer(data, dtype=column.type.to_pandas_dtype(), count=stop)[start:]
+
+
+def _invalid(column: pa.Array) -> np.ndarray:
+    """Where a column holding nulls has them, as booleans."""
+    valid = _bits(column.buffers()[0], column.offset, column.offset + len(column))
+    return np.logical_not(valid, out=valid)
 
 
 def _bits(buffer: pa.Buffer, start: int, stop: int) -> np.ndarray:
-    """Bits `start` to `stop` of an Arrow bitmap (least significant bit first) as booleans."""
+    """Bits `start` to `stop` of an Arrow bitmap (least significant bit first) as booleans (a new array)."""
     return np.unpackbits(np.frombuffer(buffer, np.uint8), count=stop, bitorder="little")[start:].view(bool)
 
 

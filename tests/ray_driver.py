@@ -35,3 +35,12 @@ def read_whole_table(location: str, table: str, **options: Any) -> pa.Table:
 
 def read_whole_training_set(location: str, entities: Any, features: list[str], **options: Any) -> pa.Table:
     return _collect(read_training_set(location, entities, features, **options))
+
+
+def read_training_set_tasks(location: str, entities: Any, features: list[str], **options: Any) -> tuple[pa.Table, str]:
+    """`read_training_set` on a cluster of 2 CPUs started first (its default number of tasks follows the CPUs),
+    and Ray's statistics of the read."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    dataset = read_training_set(location, entities, features, **options)
+    return _collect(dataset), dataset.stats()

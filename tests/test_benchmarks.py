@@ -309,6 +309,8 @@ def test_integrations_on_its_own_server(tmp_path: Path) -> None:
     assert positive(result["forkserver_start_s"])
     for entry in result["results"].values():
         assert entry.keys() >= TIMING_KEYS and positive(entry["rows_per_s"], entry["ratio_to_pandas"])
+        assert entry["server_cpu_s"] >= 0 and entry["client_cpu_s"] > 0
+    assert set(result["load_average_1m"]) == {"start", "end"}
 
 
 @pytest.mark.timeout(900)  # 3 x 120 one-row appends, 20 server starts and 7 x 32 concurrent puts

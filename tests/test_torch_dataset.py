@@ -3,6 +3,7 @@ real server process: every row of a scan or a training set exactly once, across 
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import math
@@ -10,6 +11,7 @@ import multiprocessing
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from flight_client.torch import FlightDataset, shared_tensors, to_tensors
 from tests.conftest import serve_replicas, sqlite_catalog
 from tests.feature_sets import SCAN_ROWS, T0, TRIPS, write_scan_table, write_training_set
 from tests.services import free_ports
-from tests.torch_ranks import read_share, read_with_workers
+from tests.torch_ranks import read_share, read_with_workers, received
 
 NUMERIC = ["id", "ts", "value", "small", "ratio", "flag", "day"]
 TRAINING = ["trip_id", "driver_id", "event_timestamp", "label", "rate"]
@@ -358,6 +360,33 @@ def test_tensors_equal_pyarrows_own_conversion(kind: pa.DataType, values: list[i
         reference = reference.view(integers)
     expected = reference.to_numpy(zero_copy_only=False)
     assert got.dtype == expected.dtype and np.array_equal(got, expected, equal_nan=floating)
+
+
+def test_a_shared_batch_goes_to_another_process_as_one_block() -> None:
+    """A worker's batch is pickled as its one shared block (one file descriptor, not one per column) and arrives
+    as a plain dict of the same tensors, views of one block; a batch whose tensor was replaced goes as torch
+    sends it. Through the pickler DataLoader queues use, to a process of its own."""
+    batch = pa.record_batch(
+        {
+            "b": pa.array([True, False, True]),
+            "x": pa.array([1.5, None, 3.0]),
+            "n": pa.array([7, 8, 9], pa.int16()),
+            "t": pa.array([1, 2, 3], pa.timestamp("us", "UTC")),
+        }
+    ).slice(1)
+    tensors = shared_tensors(batch)
+    expected = {k: t.tolist() for k, t in to_tensors(batch).items()}
+    types = {k: str(t.dtype) for k, t in tensors.items()}
+    # The pool sends arguments through the same pickler, the receiver fetching the block's file descriptor back.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert str(pool.submit(received, tensors).result()) == str(("dict", 1, expected, types))  # NaN: as text
+        assert type(copy.copy(tensors)) is type(tensors)  # what DataLoader's default_convert does to it
+        tensors["x"] = torch.tensor([0.5, 0.25], dtype=torch.float64)  # no longer a view of the block
+        assert pool.submit(received, tensors).result() == ("dict", 2, {**expected, "x": [0.5, 0.25]}, types)
+        again = shared_tensors(batch)
+        again["pairs"] = again["n"].view(-1, 2)  # a view of the block, but not 1-D: sent as torch sends it
+        kind, storages, values, _ = pool.submit(received, again).result()
+        assert (kind, storages, values["pairs"]) == ("dict", 1, [[8, 9]])
 
 
 def test_tensors_import_no_pandas() -> None:

@@ -48,3 +48,10 @@ def read_with_workers(rank: int, init_method: str, location: str, source: dict[s
         (out / f"rank-{rank}.json").write_text(json.dumps(seen))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def received(tensors: dict[str, torch.Tensor]) -> tuple[str, int, dict[str, Any], dict[str, str]]:
+    """What another process received of a batch of tensors: its type, the number of storages, values, types."""
+    storages = len({t.untyped_storage().data_ptr() for t in tensors.values()})
+    values = {k: t.tolist() for k, t in tensors.items()}
+    return type(tensors).__name__, storages, values, {k: str(t.dtype) for k, t in tensors.items()}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 import duckdb
@@ -10,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from flight_server.base.filters import quote, to_sql
+from flight_server.base.locks import LockPool
+from flight_server.base.memory import MemoryBudget
 from flight_server.base.schemas import UTC_MICROS
 from flight_server.iceberg.catalog import FeatureCatalog, table_name
 from flight_server.iceberg.snapshots import snapshot_schema
@@ -79,6 +83,25 @@ def server_entities(plan: HistoricalPlan, numbered: bool = True) -> tuple[str, l
     `numbered`: a relation for `join_sql`, with that order as row numbers and the timestamp as UTC;
     otherwise a query of just the entity columns, sorted.
     """
+    columns, source, order, params = _entity_source(plan)
+    partition = plan.request.partition
+    if partition is not None:
+        source += f" AND {_part_expression(plan)} = ?"
+        params += [partition[1], partition[0]]
+    time = quote(plan.request.entity_time)
+    if numbered:
+        sql = (
+            f"(SELECT {columns}, row_number() OVER (ORDER BY {order}) AS {ROW}, "
+            f"CAST({time} AS TIMESTAMPTZ) AS {TS}, CAST({time} AS TIMESTAMPTZ) AS {TS_UP} {source})"
+        )
+    else:
+        sql = f"SELECT {columns} {source} ORDER BY {order}"
+    return sql, params
+
+
+def _entity_source(plan: HistoricalPlan) -> tuple[str, str, str, list[Any]]:
+    """The entity columns, `FROM ... WHERE ...` of the rows a request reads (its filter, its replica's share) but
+    for the partition, their order, and the parameters of the source."""
     assert plan.entity_table is not None
     if plan.entity_snapshot_id is None:
         raise RequestError(f"entity table {table_name(plan.entity_table)!r} has no rows")
@@ -86,12 +109,6 @@ def server_entities(plan: HistoricalPlan, numbered: bool = True) -> tuple[str, l
     where, params = to_sql(plan.entity_filter, schema)
     keys = list(dict.fromkeys(k for g in plan.groups for k in g.spec.entity_keys))
     time = plan.request.entity_time
-    partition = plan.request.partition
-    if partition is not None:
-        # Split by the first table's keys; tables keyed the same way are split alike in join_sql.
-        split = plan.groups[0].spec.entity_keys
-        where += " AND " + partition_predicate("", split, [plan.entity_schema.field(k).type for k in split])
-        params += [partition[1], partition[0]]
     share = plan.request.shard
     if share is not None:  # one replica's share (`endpoint_requests`), then perhaps a part of it
         predicate, args = share_predicate("", share, plan.entity_schema.field(share.key).type)
@@ -101,14 +118,90 @@ def server_entities(plan: HistoricalPlan, numbered: bool = True) -> tuple[str, l
     order = ", ".join(quote(c) for c in [time, *keys, *rest])
     columns = ", ".join(quote(n) for n in plan.entity_schema.names)
     source = f"FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {where}"
-    if numbered:
-        sql = (
-            f"(SELECT {columns}, row_number() OVER (ORDER BY {order}) AS {ROW}, "
-            f"CAST({quote(time)} AS TIMESTAMPTZ) AS {TS}, CAST({quote(time)} AS TIMESTAMPTZ) AS {TS_UP} {source})"
-        )
-    else:
-        sql = f"SELECT {columns} {source} ORDER BY {order}"
-    return sql, [local_path(plan.entity_table.metadata_location), plan.entity_snapshot_id, *params]
+    return columns, source, order, [local_path(plan.entity_table.metadata_location), plan.entity_snapshot_id, *params]
+
+
+def _part_expression(plan: HistoricalPlan) -> str:
+    """`hash(keys) % ?`: the part of the request's partitions an entity row falls in, by the first table's keys
+    (tables keyed the same way are split alike in join_sql)."""
+    split = plan.groups[0].spec.entity_keys
+    predicate = partition_predicate("", split, [plan.entity_schema.field(k).type for k in split])
+    return predicate.removesuffix(" = ?")
+
+
+PART = "__pit_part"
+
+_VARIABLE_WIDTH = 32  # bytes a row of a string or binary entity column is estimated at (`EntitySplits`)
+
+
+class EntitySplits:
+    """Entity tables split once into a request's partitions, kept within `max_bytes` of the server's memory budget
+    (least recently used go first).
+
+    The endpoints of a training set over an entity table each read a part of its rows: by themselves, each would
+    scan the whole table, hash its keys and keep its share, 8 endpoints 8 scans. Here the first endpoint to come
+    splits the table in one scan and sort, and each endpoint (of this epoch or the next) takes its part from
+    memory, in the order its own query gives. A split whose estimated size does not fit is not made: its
+    endpoints read their parts by themselves (`server_entities`).
+    """
+
+    def __init__(self, max_bytes: int, budget: MemoryBudget | None = None):
+        self._splits: OrderedDict[Hashable, list[pa.Table]] = OrderedDict()
+        self._account = (budget or MemoryBudget(max_bytes)).account("entity_splits", max_bytes, self._splits.pop)
+        self._building = LockPool()
+        self.builds = 0  # splits made
+
+    def part(self, plan: HistoricalPlan, cursor: duckdb.DuckDBPyConnection) -> pa.Table | None:
+        """The request's part of its entity table, sorted as `server_entities(plan, numbered=False)` sorts it; None
+        when the request is not partitioned or its split would not fit (read it with `server_entities`)."""
+        partition = plan.request.partition
+        if partition is None or plan.entity_table is None:
+            return None
+        columns, source, order, params = _entity_source(plan)
+        index, count = partition
+        uuid = str(plan.entity_table.metadata.table_uuid)
+        key = (uuid, columns, source, repr(params), order, _part_expression(plan), count)
+        with self._building(key):
+            with self._account.lock:
+                parts = self._splits.get(key)
+                if parts is not None:
+                    self._account.touch(key)
+                    return parts[index]
+            estimate = _estimated_bytes(plan)
+            if estimate is None or not self._account.reserve(estimate):
+                return None
+            try:
+                sql = f"SELECT {columns}, {_part_expression(plan)} AS {PART} {source} ORDER BY {PART}, {order}"
+                split = cursor.execute(sql, [count, *params]).to_arrow_table()
+            except BaseException:
+                self._account.release(estimate)
+                raise
+            sizes = np.bincount(split.column(PART).to_numpy().astype(np.int64), minlength=count)
+            split = split.drop_columns([PART])
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            parts = [split.slice(starts[i], sizes[i]) for i in range(count)]
+            self.builds += 1
+            with self._account.lock:
+                if self._account.admit(key, split.nbytes, reserved=estimate):
+                    self._splits[key] = parts
+            return parts[index]
+
+
+def _estimated_bytes(plan: HistoricalPlan) -> int | None:
+    """The Arrow size of an entity table's rows (before its filter: at most that, but for strings, guessed), from its
+    snapshot's row count; None when the snapshot does not say."""
+    assert plan.entity_table is not None and plan.entity_snapshot_id is not None
+    snapshot = plan.entity_table.metadata.snapshot_by_id(plan.entity_snapshot_id)
+    records = snapshot.summary.get("total-records") if snapshot is not None and snapshot.summary else None
+    if records is None:
+        return None
+    width = 0.0
+    for field in plan.entity_schema:
+        try:
+            width += field.type.bit_width / 8 + 1 / 8  # the values and a validity bit
+        except ValueError:  # variable width
+            width += _VARIABLE_WIDTH
+    return int(int(records) * width) + 1
 
 
 def plan_request(catalog: FeatureCatalog, request: HistoricalRequest) -> tuple[HistoricalPlan, pa.Table | None]:

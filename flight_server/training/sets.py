@@ -21,7 +21,13 @@ from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache, AsofIndex
 from flight_server.training.buckets import share_files
-from flight_server.training.entities import append_entities, plan_request, prepare_entities, server_entities
+from flight_server.training.entities import (
+    EntitySplits,
+    append_entities,
+    plan_request,
+    prepare_entities,
+    server_entities,
+)
 from flight_server.training.join import join_batch, keep_alive, run_historical, use_storage
 from flight_server.training.plan import HistoricalPlan, plan_historical, slot_functions
 from flight_server.wire.errors import LimitError, RequestError
@@ -43,9 +49,16 @@ class TrainingSets:
     tables that fit their cache, and one DuckDB query (`join_sql`) for the others, if any."""
 
     def __init__(
-        self, catalog: FeatureCatalog, engine: Engine, cache: AsofCache, batch_rows: int, max_exchange_bytes: int = 0
+        self,
+        catalog: FeatureCatalog,
+        engine: Engine,
+        cache: AsofCache,
+        batch_rows: int,
+        max_exchange_bytes: int = 0,
+        splits: EntitySplits | None = None,
     ):
         self.catalog, self.engine, self.cache = catalog, engine, cache
+        self.splits = splits or EntitySplits(0)  # entity tables split once for all the parts of a training set
         self.batch_rows = batch_rows
         self.max_exchange_bytes = max_exchange_bytes
         # Batches are joined on every core, a few ahead of the one being sent (numpy and Arrow release the GIL).
@@ -79,6 +92,9 @@ class TrainingSets:
             if None in indexes:
                 relation, params = server_entities(plan)
                 return keep_alive(self._duckdb(plan, indexes, cursor, relation, params), cursor)
+            part = self.splits.part(plan, cursor)
+            if part is not None:
+                return keep_alive(self._joined(plan, indexes, part.to_batches(self.batch_rows)), cursor)
             sql, params = server_entities(plan, numbered=False)
             entities = cursor.execute(sql, params).to_arrow_reader(self.batch_rows)
         return keep_alive(self._joined(plan, indexes, entities), cursor)

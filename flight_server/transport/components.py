@@ -18,6 +18,7 @@ from flight_server.online.store import OnlineStore
 from flight_server.reads.caches import FileCache, ReadCaches
 from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache
+from flight_server.training.entities import EntitySplits
 from flight_server.training.sets import TrainingSets
 from flight_server.transport.offload import WriteProcess
 
@@ -63,7 +64,8 @@ class Components:
             planner=writes.plan_refresh if writes is not None else None,
         )
         cache = AsofCache(engine, caches, config.historical_cache_bytes, catalog, config.online_refresh_seconds, memory)
-        training = TrainingSets(catalog, engine, cache, config.batch_rows, config.max_exchange_bytes)
+        splits = EntitySplits(config.historical_cache_bytes, memory)
+        training = TrainingSets(catalog, engine, cache, config.batch_rows, config.max_exchange_bytes, splits)
 
         def in_use(table_uuid: str) -> set[int]:
             """Snapshots that expiry keeps: those running reads and cached training sets use."""
