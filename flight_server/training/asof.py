@@ -745,27 +745,31 @@ class AsofCache:
     def _read_files(
         self, plan: ScanPlan, tasks: list[FileScanTask], room: int
     ) -> tuple[pa.Table, tuple[FileSpan, ...]]:
-        """The rows of `tasks` (their delete files applied), file after file, and where each file's rows are;
-        refused as soon as they pass `room` bytes."""
+        """The rows of `tasks` (their delete files applied), file after file in one scan (a scan per file costs
+        more than a small append's rows), and where each file's rows are: its record count less its deleted
+        positions; refused as soon as they pass `room` bytes."""
         deleted = deleted_positions(plan.table.io, [t for t in tasks if t.delete_files], self.caches.positions)
-        batches: list[pa.RecordBatch] = []
+        empty = np.empty(0, dtype=np.int64)
         spans: list[FileSpan] = []
-        taken = first = 0
+        first = 0
         for task in tasks:
-            reader = direct_reader(plan, [task], _READ_BATCH_ROWS)
-            reader = reader if reader.schema == plan.schema else reader.cast(plan.schema)
-            count = 0
-            for batch in reader:
-                batches.append(batch)
-                count += batch.num_rows
-                taken += batch.nbytes + batch.num_rows * 24
-                if taken > room:
-                    reader.close()
-                    raise LimitError(f"its rows pass the {room >> 20} MiB the training-set cache has room for")
-            empty = np.empty(0, dtype=np.int64)
-            spans.append(FileSpan(task.file, first, count, deleted.get(task.file.file_path, empty)))
-            first += count
-        return pa.Table.from_batches(batches, plan.schema), tuple(spans)
+            absent = deleted.get(task.file.file_path, empty)
+            spans.append(FileSpan(task.file, first, task.file.record_count - len(absent), absent))
+            first += spans[-1].count
+        batches: list[pa.RecordBatch] = []
+        taken = 0
+        reader = direct_reader(plan, tasks, _READ_BATCH_ROWS)  # in the tasks' order
+        reader = reader if reader.schema == plan.schema else reader.cast(plan.schema)
+        for batch in reader:
+            batches.append(batch)
+            taken += batch.nbytes + batch.num_rows * 24
+            if taken > room:
+                reader.close()
+                raise LimitError(f"its rows pass the {room >> 20} MiB the training-set cache has room for")
+        rows = pa.Table.from_batches(batches, plan.schema)
+        if rows.num_rows != first:
+            raise RuntimeError(f"read {rows.num_rows} rows of {plan.name}'s files, whose manifests count {first}")
+        return rows, tuple(spans)
 
     def _read(self, plan: ScanPlan, share: KeyShare | None, room: int) -> tuple[pa.Table, str]:
         """The planned rows (those in `share` only, if given), and their read path; refused as soon as they
