@@ -796,8 +796,8 @@ class AsofCache:
         while not self._stop.is_set():
             self._wake.wait(self.refresh_seconds)
             self._wake.clear()
+            self.refresh()  # first: the next training set may be waiting for it, never for a fold
             self._fold_all()
-            self.refresh()
 
     def refresh(self) -> None:
         """Bring each followed table's index forward to its current snapshot now (one round of the thread)."""
@@ -816,8 +816,12 @@ class AsofCache:
         memory budget while it runs; without room it waits for a later turn (queued again)."""
         with self._lock:
             waiting, self._to_fold = list(self._to_fold), set()
-        for key in waiting:
+        for at, key in enumerate(waiting):
             if self._stop.is_set():
+                return
+            if self._wake.is_set():  # a new snapshot to bring forward first: fold the rest after it
+                with self._lock:
+                    self._to_fold.update(waiting[at:])
                 return
             with self._lock:
                 index = self._indexes.get(key)
