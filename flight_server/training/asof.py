@@ -489,8 +489,10 @@ class AsofCache:
             # Its cap, or less while the server's memory budget cannot free more: an index that could not be
             # kept is not built (the request goes to DuckDB), and is tried again only when the cap allowed it.
             room = self._account.limit()
+            with self._lock:
+                beside = self._account.room_beside(self._in_use(key))
             try:
-                index, how, base = self._build(table, snapshot_id, spec, share, room)
+                index, how, base = self._build(table, snapshot_id, spec, share, room, beside)
             except LimitError as exc:
                 log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
                 with self._lock:
@@ -642,12 +644,18 @@ class AsofCache:
         return None
 
     def _build(
-        self, table: Table, snapshot_id: int | None, spec: FeatureSpec, share: KeyShare | None, room: int
+        self,
+        table: Table,
+        snapshot_id: int | None,
+        spec: FeatureSpec,
+        share: KeyShare | None,
+        room: int,
+        beside: int,
     ) -> tuple[AsofIndex, str, AsofIndex | None]:
         """The snapshot's index (of the rows in `share` only, if given), how, and from which: "built", or brought
         forward from a cached ancestor's ("extended", or "masked" when it masked deleted rows) when only appends
         and deletes it can mask happened since (in the same schema), else read whole (deletes applied) and sorted.
-        Refused past `room` bytes."""
+        Refused past `room` bytes, or, brought forward, when the ancestor's alone pass `beside` (`_beside`)."""
         started = time.perf_counter()
         request = ScanRequest(table=table_name(table), snapshot_id=snapshot_id)
         plan = plan_table_scan(table, request, self.caches)
@@ -658,9 +666,13 @@ class AsofCache:
             same_schema = (
                 snapshot_schema(table, base.snapshot_id).schema_id == snapshot_schema(table, snapshot_id).schema_id
             )
-            index = (
-                self._forward(base, plan, changes, share, room) if changes.files is not None and same_schema else None
-            )
+            forward = changes.files is not None and same_schema
+            if forward and base.nbytes() > beside:  # brought forward, it would only grow: not worth the read
+                raise LimitError(
+                    f"its index would pass the {beside >> 20} MiB the training-set cache has room for beside the "
+                    "indexes of the tables in use"
+                )
+            index = self._forward(base, plan, changes, share, room) if forward else None
             if index is not None:
                 if index.nbytes() > room:
                     raise LimitError(f"its index passes the {room >> 20} MiB the training-set cache has room for")
