@@ -423,6 +423,7 @@ class AsofCache:
         self._indexes: OrderedDict[_Key, AsofIndex] = OrderedDict()
         self._too_large: set[_Key] = set()
         self._owner: dict[_Key, _Key] = {}  # an older generation -> the newer one its shared memory is counted with
+        self._current: dict[tuple[str, FeatureSpec, KeyShare | None], _Key] = {}  # a followed table's latest index
         # The byte cap and the server's memory budget: evictions for either drop indexes here, under its lock.
         self._account = (budget or MemoryBudget(max_bytes)).account("training_set", max_bytes, self._evicted)
         self._lock = self._account.lock
@@ -510,6 +511,7 @@ class AsofCache:
                     self._indexes[key] = index
                     if follow:
                         self._follow[(table_name(table), share)] = (uuid, spec)
+                        self._current[(uuid, spec, share)] = key
                     if index.crowded(_FOLD_RUNS, _FOLD_RATIO):
                         self._to_fold.add(key)
                         if self._thread is None:
@@ -525,11 +527,11 @@ class AsofCache:
             return index
 
     def _in_use(self, key: _Key) -> set[_Key]:
-        """The indexes that bringing `key`'s table forward must not evict: those of the other tables kept current
-        (followed), but older generations counted as part of a newer one. Under the lock."""
+        """The indexes that bringing `key`'s table forward must not evict: the latest of each other table kept
+        current (followed). Under the lock."""
         followed = {(uuid, spec, share) for (_, share), (uuid, spec) in self._follow.items()}
         table = (key[0], key[2], key[3])
-        return {k for k in self._indexes if (k[0], k[2], k[3]) in followed - {table} and k not in self._owner}
+        return {k for t, k in self._current.items() if t in followed and t != table and k in self._indexes}
 
     def _beside(self, key: _Key, index: AsofIndex, keep: set[_Key]) -> bool:
         """Whether `index`, brought forward, fits beside the indexes `keep` of the other tables kept current: else
@@ -574,20 +576,26 @@ class AsofCache:
         if index is None or not self._account.resize(older, index.nbytes()):
             self._account.discard(older)
 
-    def _recharge(self, key: _Key) -> None:
-        """Charge the indexes counted as part of `key` anew after it changed (a folded index no longer holds their
-        runs): each for what it does not share with `key`'s, or evicted when that no longer fits."""
+    def _recharge(self, key: _Key, before: AsofIndex) -> None:
+        """Charge the indexes counted as part of `key` anew after it changed from `before` (a folded index no longer
+        holds their runs): each for what it does not share with `key`'s, if the growth fits in room to spare, else
+        evicted (never evicting another index for an older generation)."""
+        index = self._indexes.get(key)
         for older in [k for k, owner in self._owner.items() if owner == key]:
-            index, old = self._indexes.get(key), self._indexes.get(older)
-            if index is None or old is None:  # evicted meanwhile, `older` with it
+            old = self._indexes.get(older)
+            if index is None or old is None:
                 continue
-            if not self._account.resize(older, old.nbytes() - old.shared_bytes(index)):
+            charge = old.nbytes() - old.shared_bytes(index)
+            growth = charge - (old.nbytes() - old.shared_bytes(before))
+            if growth > self._account.limit() - self._account.held or not self._account.resize(older, charge):
                 self._account.discard(older)
 
     def _evicted(self, key: _Key) -> None:
         """The account dropped `key` (under the lock): the older indexes counted as part of it go with it."""
         self._indexes.pop(key, None)
         self._owner.pop(key, None)
+        if self._current.get((key[0], key[2], key[3])) == key:
+            del self._current[(key[0], key[2], key[3])]
         for older in [k for k, owner in self._owner.items() if owner == key]:
             del self._owner[older]
             self._account.discard(older)
@@ -858,15 +866,19 @@ class AsofCache:
             with self._lock:
                 if self._indexes.get(key) is not index:  # evicted or replaced meanwhile
                     continue
-                # Folded key codes may take more room than the runs' (codes by distinct values): the account
-                # follows, evicting what the growth leaves no room for; a fold that could never fit is dropped.
+                # Folded key codes may take more room than the runs' (codes by distinct values): that growth
+                # must fit in room to spare (older generations dropped for it), never evicting an index in use.
+                growth = folded.nbytes() - index.nbytes()
+                if key in self._owner or (growth > 0 and not self._make_free(key, growth)):
+                    log.info("training-set index of %s: runs not folded, no room beside the indexes", index.name)
+                    continue
                 self._indexes[key] = folded
                 if not self._account.resize(key, folded.nbytes()):
                     self._indexes[key] = index
                     log.info("training-set index of %s: runs not folded, the folded index would not fit", index.name)
                     continue
                 self.folds += 1
-                self._recharge(key)
+                self._recharge(key, index)
             log.info(
                 "training-set index of %s at snapshot %s: %d runs folded, %.1f -> %.1f MiB, %.2f s",
                 index.name,
@@ -883,12 +895,17 @@ class AsofCache:
         room to spare, after dropping older generations, `key`'s own first (the fold would leave them holding the
         old runs alone). False if that is not enough: the runs stay as they are (searched together, as correct)."""
         with self._lock:
-            own = [k for k, owner in self._owner.items() if owner == key]
-            for older in own + [k for k in self._owner if k not in own]:
-                if self._account.limit() - self._account.held >= extra:
-                    break
-                self._account.discard(older)
-            return self._account.limit() - self._account.held >= extra and self._account.reserve(extra)
+            return self._make_free(key, extra) and self._account.reserve(extra)
+
+    def _make_free(self, key: _Key, size: int) -> bool:
+        """Whether `size` bytes fit beside the cached indexes once older generations are dropped (`key`'s own
+        first), as many as that takes. Under the lock."""
+        own = [k for k, owner in self._owner.items() if owner == key]
+        for older in own + [k for k in self._owner if k not in own]:
+            if self._account.limit() - self._account.held >= size:
+                break
+            self._account.discard(older)
+        return self._account.limit() - self._account.held >= size
 
     def _refresh(self, followed: tuple[str, KeyShare | None], uuid: str, spec: FeatureSpec) -> None:
         """Index the table's current snapshot if the index of an earlier one is cached; stop following a table
