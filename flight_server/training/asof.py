@@ -420,6 +420,7 @@ class AsofCache:
         self.folds = 0  # indexes whose runs the background thread merged into one
         self.too_large = 0  # indexes not kept for want of room: their tables' training sets at that snapshot use DuckDB
         self._to_fold: set[_Key] = set()
+        self._unfolded: set[_Key] = set()  # folds waiting for room (logged once)
         self._indexes: OrderedDict[_Key, AsofIndex] = OrderedDict()
         self._too_large: set[_Key] = set()
         self._owner: dict[_Key, _Key] = {}  # an older generation -> the newer one its shared memory is counted with
@@ -594,6 +595,7 @@ class AsofCache:
         """The account dropped `key` (under the lock): the older indexes counted as part of it go with it."""
         self._indexes.pop(key, None)
         self._owner.pop(key, None)
+        self._unfolded.discard(key)
         if self._current.get((key[0], key[2], key[3])) == key:
             del self._current[(key[0], key[2], key[3])]
         for older in [k for k, owner in self._owner.items() if owner == key]:
@@ -849,10 +851,13 @@ class AsofCache:
                 continue
             extra = sum(run.nbytes() for run in index.runs)
             if not self._reserve_fold(key, extra):
-                log.info("training-set index of %s: runs not folded yet, no memory beside the indexes", index.name)
                 with self._lock:
+                    if key not in self._unfolded:
+                        log.info("training-set index of %s: runs not folded yet, no room beside them", index.name)
+                    self._unfolded.add(key)
                     self._to_fold.add(key)
                 continue
+            self._unfolded.discard(key)
             started = time.perf_counter()
             try:
                 folded = index.folded()
