@@ -116,6 +116,11 @@ def check_historical(result: dict[str, Any], local: bool) -> None:
     assert checks["sampled_rows"] == 2_000
     assert set(checks["values_compared"]) == set(result["results"]) - {"duckdb_memory"}
     assert all(n > 2_000 * 4 for n in checks["values_compared"].values())
+    # Each live round says how its indexes came to be: at this size, every one extended.
+    for live in result["live"].values():
+        assert live["all_extended"] and live["indexes"], live
+        for outcome in (r[when] for r in live["indexes"] for when in ("first_after_put", "refreshed")):
+            assert outcome == {"extended": 3, "rebuilt": 0, "duckdb": 0}
 
 
 def test_historical_generator_shares_keys_and_breaks_ties() -> None:

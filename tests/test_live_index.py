@@ -669,3 +669,76 @@ def test_a_full_tie_within_one_commit_is_settled_alike_extended_or_rebuilt(catal
         fresh.shutdown()
     assert rebuilt == extended
     assert all(v in (95 + i, 103 + i) for i, v in enumerate(extended)), "a row of the later commit"
+
+
+def test_big_appends_to_every_table_extend_indexes_near_the_cap(catalog_properties: dict[str, str]) -> None:
+    """Three tables whose indexes fill most of the cache (as at the benchmark's full size: 2.6 of 4 GiB) each get
+    appends of 10 % of their rows, round after round, until they fill 84 % of it: every index is extended, never
+    read whole again, although each new generation is as large as the one it extends (they share their columns
+    and runs: the cache counts that memory once) and each fold needs room for its runs (found among older
+    generations, never by evicting another table's index); past the cap, what does not fit goes to DuckDB and
+    nothing is read whole again; results equal DuckDB's on the same snapshots throughout."""
+    names = [f"tests.near_cap_{part}_{uuid.uuid4().hex[:8]}" for part in ("a", "b", "c")]
+    sizes = [8_000, 2_000, 4_000]
+    probes = pa.table(
+        {
+            "k": pa.array([k % 97 for k in range(500)], pa.int64()),
+            "event_timestamp": pa.array(
+                [EPOCH + dt.timedelta(seconds=s % 9_000) for s in range(0, 500 * 17, 17)], pa.timestamp("us", "UTC")
+            ),
+        }
+    )
+    features = [f"{name}:v" for name in names]
+    measuring = start_server(catalog_properties, online_refresh_seconds=3600)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{measuring.port}") as client:
+            for name, size in zip(names, sizes, strict=True):
+                client.write(
+                    name, ticks(97, size, 0, 8_000), entity_keys=["k"], event_time="ts", created_time="created"
+                )
+            client.get_historical_features(probes, features, full_feature_names=True)
+            indexed = cache_stats(client)["bytes"]
+    finally:
+        measuring.shutdown()
+    cap = indexed * 100 // 60  # the three indexes take 60 % of the cache: two generations of the largest do not fit
+    server = start_server(catalog_properties, online_refresh_seconds=3600, historical_cache_bytes=cap)
+    duck = start_server(catalog_properties, historical_cache_bytes=0)
+    try:
+        with (
+            FeatureClient(f"grpc://127.0.0.1:{server.port}") as client,
+            FeatureClient(f"grpc://127.0.0.1:{duck.port}") as other,
+        ):
+            client.get_historical_features(probes, features, full_feature_names=True)
+            assert cache_stats(client)["builds"] == 3
+            first = sum(sizes)
+            for round_ in range(4):
+                for name, size in zip(names, sizes, strict=True):
+                    client.write(name, ticks(97, size // 10, first, 8_000))
+                    first += size // 10
+                got = client.get_historical_features(probes, features, full_feature_names=True)
+                stats = cache_stats(client)
+                assert stats["builds"] == 3 and stats["incremental_builds"] == 3 * (round_ + 1), (round_, stats)
+                ids = {name: catalog_snapshot(catalog_properties, name) for name in names}
+                assert got.equals(
+                    other.get_historical_features(probes, features, snapshot_ids=ids, full_feature_names=True)
+                )
+            assert client.health()["memory"]["caches"]["training_set"]["bytes"] == cache_stats(client)["bytes"]
+            assert cache_stats(client)["bytes"] <= cap
+            # Past the cap: an index that does not fit beside the others is not kept (its table goes to DuckDB),
+            # rather than pushing out another table's index, which would be read whole, push out another, ...
+            for round_ in range(4, 8):
+                for name, size in zip(names, sizes, strict=True):
+                    client.write(name, ticks(97, size // 10, first, 8_000))
+                    first += size // 10
+                got = client.get_historical_features(probes, features, full_feature_names=True)
+                stats = cache_stats(client)
+                assert stats["builds"] == 3, (round_, stats)
+                assert stats["incremental_builds"] + stats["too_large"] >= 3 * (round_ + 1), (round_, stats)
+                ids = {name: catalog_snapshot(catalog_properties, name) for name in names}
+                assert got.equals(
+                    other.get_historical_features(probes, features, snapshot_ids=ids, full_feature_names=True)
+                )
+            assert cache_stats(client)["too_large"] > 0 and cache_stats(client)["bytes"] <= cap
+    finally:
+        server.shutdown()
+        duck.shutdown()

@@ -351,22 +351,30 @@ class Reference:
     def used(self) -> int:
         return sum(size for _, _, size in self.order) + sum(self.reserved.values())
 
-    def _take(self, name: str, size: int) -> bool:
+    def _take(self, name: str, size: int, keep: frozenset[int] = frozenset()) -> bool:
         if self.reserved[name] + size > self.caps[name] or sum(self.reserved.values()) + size > self.total:
             return False
         while self.held(name) + self.reserved[name] + size > self.caps[name]:
-            self.order.remove(next(entry for entry in self.order if entry[0] == name))
+            mine = [entry for entry in self.order if entry[0] == name]
+            self.order.remove(next((entry for entry in mine if entry[1] not in keep), mine[0]))
         while self.used() + size > self.total:
             self.order.pop(0)
         return True
 
-    def admit(self, name: str, key: int, size: int) -> bool:
+    def room_beside(self, name: str, keep: frozenset[int]) -> int:
+        limit = min(self.caps[name] - self.reserved[name], self.total - sum(self.reserved.values()))
+        return limit - sum(size for account, key, size in self.order if account == name and key in keep)
+
+    def discard(self, name: str, key: int) -> None:
+        self.order = [entry for entry in self.order if entry[:2] != (name, key)]
+
+    def admit(self, name: str, key: int, size: int, keep: frozenset[int] = frozenset()) -> bool:
         for entry in self.order:
             if entry[:2] == (name, key):
                 self.order.remove(entry)
                 self.order.append(entry)
                 return True
-        if not self._take(name, size):
+        if not self._take(name, size, keep):
             return False
         self.order.append((name, key, size))
         return True
@@ -399,7 +407,7 @@ class Reference:
 
 NAMES = ("a", "b", "c")
 operation = st.tuples(
-    st.sampled_from(["admit", "admit", "touch", "resize", "reserve", "release"]),
+    st.sampled_from(["admit", "admit", "admit beside", "discard", "touch", "resize", "reserve", "release"]),
     st.sampled_from(NAMES),
     st.integers(0, 7),  # key
     st.integers(1, 60),  # bytes
@@ -425,6 +433,15 @@ def test_the_accountant_follows_the_plain_reference(total: int, caps: list[int],
             assert admitted == reference.admit(name, key, size)
             if admitted:
                 held[name].setdefault(key, size)
+        elif kind == "admit beside":  # as the training-set cache does: only when the kept entries leave room
+            keep = frozenset(range(key % 4))
+            assert account.room_beside(keep) == reference.room_beside(name, keep)
+            if size <= account.room_beside(keep):
+                assert account.admit(key, size, keep=keep) == reference.admit(name, key, size, keep)
+                held[name].setdefault(key, size)
+        elif kind == "discard":
+            account.discard(key)
+            reference.discard(name, key)
         elif kind == "touch":
             account.touch(key)
             reference.touch(name, key)
@@ -451,6 +468,20 @@ def test_the_accountant_follows_the_plain_reference(total: int, caps: list[int],
             )
         stamps = sorted((stamp, n, k) for n in NAMES for k, (_, stamp) in accounts[n]._entries.items())
         assert [(n, k) for _, n, k in stamps] == [(n, k) for n, k, _ in reference.order]  # one LRU order
+
+
+def test_an_entry_admitted_beside_others_evicts_around_them() -> None:
+    """The training-set cache admits a generation brought forward beside the indexes of the other tables in use:
+    the least recently used entry that is not one of them goes; a discarded entry goes at once."""
+    dropped: list[int] = []
+    account = MemoryBudget(100).account("training_set", 100, dropped.append)
+    for key in range(3):
+        assert account.admit(key, 30)
+    assert account.room_beside({0, 1}) == 40
+    assert account.admit(3, 40, keep={0, 1})
+    assert dropped == [2] and account.held == 100
+    account.discard(0)
+    assert dropped == [2, 0] and account.held == 70
 
 
 def test_the_accountant_never_passes_the_budget_under_threads() -> None:

@@ -24,7 +24,7 @@ import itertools
 import os
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +121,11 @@ class Account:
         with self.lock:
             return min(self.cap - self.reserved, self.budget.total - self.budget._fixed(besides=self))
 
-    def admit(self, key: Hashable, size: int, reserved: int = 0) -> bool:
-        """Count `size` bytes kept under `key`, evicting what must go to make room; False if they cannot fit
-        (the cache keeps nothing). `reserved` bytes of the caller's reservation are released first: the
-        reserved rows become the entry."""
+    def admit(self, key: Hashable, size: int, reserved: int = 0, keep: Collection[Hashable] = ()) -> bool:
+        """Count `size` bytes kept under `key`, evicting what must go to make room (under the cap, never the
+        entries under `keep`: `room_beside` says how much that leaves); False if they cannot fit (the cache keeps
+        nothing). `reserved` bytes of the caller's reservation are released first: the reserved rows become the
+        entry."""
         with self.lock:
             self.reserved -= reserved
             if key in self._entries:
@@ -133,11 +134,16 @@ class Account:
             if not self._fits(size):
                 return False
             while self.held + self.reserved + size > self.cap:
-                self._evict_oldest("cap")
+                self._evict_oldest("cap", keep)
             self.budget._make_room(size)
             self._entries[key] = (size, self.budget._stamp())
             self.held += size
             return True
+
+    def room_beside(self, keep: Collection[Hashable]) -> int:
+        """The most a new entry could take (as `limit`) while the entries under `keep` stay."""
+        with self.lock:
+            return self.limit() - sum(self._entries[k][0] for k in keep if k in self._entries)
 
     def touch(self, key: Hashable) -> None:
         """The entry was used: it is now the most recently used of the whole budget."""
@@ -205,10 +211,22 @@ class Account:
     def _oldest_stamp(self) -> int:
         return next(iter(self._entries.values()))[1]
 
-    def _evict_oldest(self, why: str) -> None:
-        key, (size, _) = self._entries.popitem(last=False)
+    def discard(self, key: Hashable) -> None:
+        """Evict the entry under `key` now, if held: one whose bytes were counted as part of another entry's must
+        go when that one goes."""
+        with self.lock:
+            if key in self._entries:
+                self._drop(key, None)
+
+    def _evict_oldest(self, why: str, keep: Collection[Hashable] = ()) -> None:
+        """Evict the least recently used entry not under `keep` (if all are, the least recently used)."""
+        self._drop(next((k for k in self._entries if k not in keep), next(iter(self._entries))), why)
+
+    def _drop(self, key: Hashable, why: str | None) -> None:
+        size, _ = self._entries.pop(key)
         self.held -= size
-        self.evictions[why] += 1
+        if why is not None:
+            self.evictions[why] += 1
         self.evicted_bytes += size
         assert self._evict is not None, "pinned accounts have no entries"
         self._evict(key)

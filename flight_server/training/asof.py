@@ -275,6 +275,14 @@ class AsofIndex:
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.columns.values()) + sum(r.nbytes() for r in self.runs)
 
+    def shared_bytes(self, other: AsofIndex) -> int:
+        """Bytes of this index that `other` holds too: the runs it kept, and the column arrays it extended in place
+        (views of one buffer from the same start, `other`'s the longer)."""
+        runs = sum(run.nbytes() for run in self.runs if any(run is kept for kept in other.runs))
+        theirs = {_start(a) for values in other.columns.values() for a in values.arrays()}
+        columns = sum(a.nbytes for values in self.columns.values() for a in values.arrays() if _start(a) in theirs)
+        return runs + columns
+
     def match(
         self,
         keys: list[pa.Array | pa.ChunkedArray],
@@ -350,6 +358,11 @@ def _in_commit_order(plan: ScanPlan, tasks: list[FileScanTask]) -> list[FileScan
     return sorted(tasks, key=lambda task: order[task.file.file_path])
 
 
+def _start(array: np.ndarray) -> int:
+    """Where an array's memory starts."""
+    return int(array.__array_interface__["data"][0])
+
+
 def _usable(spec: FeatureSpec, rows: pa.Table) -> tuple[list[pa.ChunkedArray], np.ndarray, np.ndarray]:
     """The key columns and event times of the rows that can match (a null key or event time never does),
     and which rows those are."""
@@ -380,6 +393,11 @@ class AsofCache:
     also brings forward the index of each table last used at its current snapshot as soon as a new snapshot
     lands (polled every `refresh_seconds`, or at once on `notify` after a change through this server), so
     that the next training set finds it ready: one table at a time, within the same byte cap.
+
+    An index brought forward shares most of its memory with the one it came from (the same runs, columns extended
+    in place): that memory is counted once, with the newer index, and the older one is charged only for the rest
+    (its columns before a copy, its runs before a fold) and is evicted with the newer one. So two generations of a
+    table near the cap do not count twice and push out the other tables' indexes, which would then be read whole.
     """
 
     def __init__(
@@ -400,11 +418,15 @@ class AsofCache:
         self.refreshed_ahead = 0  # indexes built by the refresh thread, before any request asked
         self.deletes_masked = 0  # indexes brought forward past deletes by masking rows, not rebuilt
         self.folds = 0  # indexes whose runs the background thread merged into one
+        self.too_large = 0  # indexes not kept for want of room: their tables' training sets at that snapshot use DuckDB
         self._to_fold: set[_Key] = set()
+        self._unfolded: set[_Key] = set()  # folds waiting for room (logged once)
         self._indexes: OrderedDict[_Key, AsofIndex] = OrderedDict()
         self._too_large: set[_Key] = set()
+        self._owner: dict[_Key, _Key] = {}  # an older generation -> the newer one its shared memory is counted with
+        self._current: dict[tuple[str, FeatureSpec, KeyShare | None], _Key] = {}  # a followed table's latest index
         # The byte cap and the server's memory budget: evictions for either drop indexes here, under its lock.
-        self._account = (budget or MemoryBudget(max_bytes)).account("training_set", max_bytes, self._indexes.pop)
+        self._account = (budget or MemoryBudget(max_bytes)).account("training_set", max_bytes, self._evicted)
         self._lock = self._account.lock
         self._building = LockPool()  # one build per snapshot at a time: requests for it wait for the first
         # (table name, share) -> (uuid, spec) to bring forward
@@ -469,30 +491,116 @@ class AsofCache:
             # Its cap, or less while the server's memory budget cannot free more: an index that could not be
             # kept is not built (the request goes to DuckDB), and is tried again only when the cap allowed it.
             room = self._account.limit()
+            with self._lock:
+                beside = self._account.room_beside(self._in_use(key))
             try:
-                index, how = self._build(table, snapshot_id, spec, share, room)
+                index, how, base = self._build(table, snapshot_id, spec, share, room, beside)
             except LimitError as exc:
                 log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
-                if room >= self.max_bytes:
-                    with self._lock:
+                with self._lock:
+                    self.too_large += 1
+                    if room >= self.max_bytes:
                         self._too_large.add(key)
                 return None
             with self._lock:
-                if self._account.admit(key, index.nbytes()):  # else (the room taken meanwhile) serves this request
+                keep = self._in_use(key) if base is not None else set()
+                if keep and not self._beside(key, index, keep):
+                    return None
+                older = self._lean(key, index, base)
+                # Else (the room taken meanwhile) it serves this request only.
+                if self._account.admit(key, index.nbytes(), keep=keep):
                     self._indexes[key] = index
                     if follow:
                         self._follow[(table_name(table), share)] = (uuid, spec)
+                        self._current[(uuid, spec, share)] = key
                     if index.crowded(_FOLD_RUNS, _FOLD_RATIO):
                         self._to_fold.add(key)
                         if self._thread is None:
                             self._start()
                         self._wake.set()
+                elif older is not None:
+                    self._alone(older)
                 if how == "built":
                     self.builds += 1
                 else:
                     self.incremental_builds += 1
                     self.deletes_masked += how == "masked"
             return index
+
+    def _in_use(self, key: _Key) -> set[_Key]:
+        """The indexes that bringing `key`'s table forward must not evict: the latest of each other table kept
+        current (followed). Under the lock."""
+        followed = {(uuid, spec, share) for (_, share), (uuid, spec) in self._follow.items()}
+        table = (key[0], key[2], key[3])
+        return {k for t, k in self._current.items() if t in followed and t != table and k in self._indexes}
+
+    def _beside(self, key: _Key, index: AsofIndex, keep: set[_Key]) -> bool:
+        """Whether `index`, brought forward, fits beside the indexes `keep` of the other tables kept current: else
+        evicting one of them would have it read whole at its next use, pushing out another, and so on (thrashing).
+        Then that snapshot's training sets join the table with DuckDB (a warning says so, and `too_large` in the
+        stats counts it), until the cache has room again. Under the lock."""
+        room = self._account.room_beside(keep)
+        if index.nbytes() <= room:
+            return True
+        log.warning(
+            "training-set index of %s at snapshot %s (%.1f MiB) does not fit beside the indexes of the tables in "
+            "use (room for %.1f MiB): its training sets at that snapshot use DuckDB; --historical-cache-mb sets the "
+            "room",
+            index.name,
+            key[1],
+            index.nbytes() / 2**20,
+            room / 2**20,
+        )
+        self.too_large += 1
+        self._too_large.add(key)
+        return False
+
+    def _lean(self, key: _Key, index: AsofIndex, base: AsofIndex | None) -> _Key | None:
+        """Charge `base`, the cached index `index` was brought forward from, only for the memory `index` does not
+        share with it, and count it as part of `index` from now on (unless it is part of another already): its
+        key, if so. Under the lock, before `index` is admitted (so that evictions for it see the lower charge)."""
+        if base is None:
+            return None
+        older = (key[0], base.snapshot_id, key[2], key[3])
+        if self._indexes.get(older) is not base or older in self._owner:
+            return None
+        self._owner[older] = key
+        self._account.resize(older, base.nbytes() - base.shared_bytes(index))
+        return older
+
+    def _alone(self, older: _Key) -> None:
+        """`older` is part of no newer index after all (that one was not admitted): charged in full again, or
+        evicted when that no longer fits."""
+        if self._owner.pop(older, None) is None:
+            return
+        index = self._indexes.get(older)
+        if index is None or not self._account.resize(older, index.nbytes()):
+            self._account.discard(older)
+
+    def _recharge(self, key: _Key, before: AsofIndex) -> None:
+        """Charge the indexes counted as part of `key` anew after it changed from `before` (a folded index no longer
+        holds their runs): each for what it does not share with `key`'s, if the growth fits in room to spare, else
+        evicted (never evicting another index for an older generation)."""
+        index = self._indexes.get(key)
+        for older in [k for k, owner in self._owner.items() if owner == key]:
+            old = self._indexes.get(older)
+            if index is None or old is None:
+                continue
+            charge = old.nbytes() - old.shared_bytes(index)
+            growth = charge - (old.nbytes() - old.shared_bytes(before))
+            if growth > self._account.limit() - self._account.held or not self._account.resize(older, charge):
+                self._account.discard(older)
+
+    def _evicted(self, key: _Key) -> None:
+        """The account dropped `key` (under the lock): the older indexes counted as part of it go with it."""
+        self._indexes.pop(key, None)
+        self._owner.pop(key, None)
+        self._unfolded.discard(key)
+        if self._current.get((key[0], key[2], key[3])) == key:
+            del self._current[(key[0], key[2], key[3])]
+        for older in [k for k, owner in self._owner.items() if owner == key]:
+            del self._owner[older]
+            self._account.discard(older)
 
     def snapshots(self, table_uuid: str) -> set[int]:
         """The snapshots of one table (by uuid) whose index is cached: snapshot expiry keeps them."""
@@ -504,7 +612,7 @@ class AsofCache:
             indexes = list(self._indexes.values())
         return {
             "snapshots": len(indexes),
-            "bytes": sum(i.nbytes() for i in indexes),
+            "bytes": self._account.held,  # memory shared by generations counted once
             "max_bytes": self.max_bytes,
             "builds": self.builds,
             "incremental_builds": self.incremental_builds,
@@ -512,6 +620,7 @@ class AsofCache:
             "tables_followed": len(self._follow),
             "deletes_masked": self.deletes_masked,
             "folds": self.folds,
+            "too_large": self.too_large,
             "runs": sum(len(i.runs) for i in indexes),
         }
 
@@ -545,12 +654,18 @@ class AsofCache:
         return None
 
     def _build(
-        self, table: Table, snapshot_id: int | None, spec: FeatureSpec, share: KeyShare | None, room: int
-    ) -> tuple[AsofIndex, str]:
-        """The snapshot's index (of the rows in `share` only, if given), and how: "built", or brought forward from
-        a cached ancestor's ("extended", or "masked" when it masked deleted rows) when only appends and deletes
-        it can mask happened since (in the same schema), else read whole (deletes applied) and sorted. Refused
-        past `room` bytes."""
+        self,
+        table: Table,
+        snapshot_id: int | None,
+        spec: FeatureSpec,
+        share: KeyShare | None,
+        room: int,
+        beside: int,
+    ) -> tuple[AsofIndex, str, AsofIndex | None]:
+        """The snapshot's index (of the rows in `share` only, if given), how, and from which: "built", or brought
+        forward from a cached ancestor's ("extended", or "masked" when it masked deleted rows) when only appends
+        and deletes it can mask happened since (in the same schema), else read whole (deletes applied) and sorted.
+        Refused past `room` bytes, or, brought forward, when the ancestor's alone pass `beside` (`_beside`)."""
         started = time.perf_counter()
         request = ScanRequest(table=table_name(table), snapshot_id=snapshot_id)
         plan = plan_table_scan(table, request, self.caches)
@@ -561,9 +676,13 @@ class AsofCache:
             same_schema = (
                 snapshot_schema(table, base.snapshot_id).schema_id == snapshot_schema(table, snapshot_id).schema_id
             )
-            index = (
-                self._forward(base, plan, changes, share, room) if changes.files is not None and same_schema else None
-            )
+            forward = changes.files is not None and same_schema
+            if forward and base.nbytes() > beside:  # brought forward, it would only grow: not worth the read
+                raise LimitError(
+                    f"its index would pass the {beside >> 20} MiB the training-set cache has room for beside the "
+                    "indexes of the tables in use"
+                )
+            index = self._forward(base, plan, changes, share, room) if forward else None
             if index is not None:
                 if index.nbytes() > room:
                     raise LimitError(f"its index passes the {room >> 20} MiB the training-set cache has room for")
@@ -582,7 +701,7 @@ class AsofCache:
                     index.nbytes() / 2**20,
                     time.perf_counter() - started,
                 )
-                return index, "masked" if index.dead > base.dead else "extended"
+                return index, "masked" if index.dead > base.dead else "extended", base
         if snapshot_id is None:  # no snapshot when planned: stay empty even if a write has since made one
             plan = replace(plan, snapshot_id=None)
         path, files = read_path(plan) if share is None else ("", None)
@@ -601,7 +720,7 @@ class AsofCache:
             path,
             time.perf_counter() - started,
         )
-        return index, "built"
+        return index, "built", None
 
     def _forward(
         self, base: AsofIndex, plan: ScanPlan, changes: Appended, share: KeyShare | None, room: int
@@ -648,27 +767,31 @@ class AsofCache:
     def _read_files(
         self, plan: ScanPlan, tasks: list[FileScanTask], room: int
     ) -> tuple[pa.Table, tuple[FileSpan, ...]]:
-        """The rows of `tasks` (their delete files applied), file after file, and where each file's rows are;
-        refused as soon as they pass `room` bytes."""
+        """The rows of `tasks` (their delete files applied), file after file in one scan (a scan per file costs
+        more than a small append's rows), and where each file's rows are: its record count less its deleted
+        positions; refused as soon as they pass `room` bytes."""
         deleted = deleted_positions(plan.table.io, [t for t in tasks if t.delete_files], self.caches.positions)
-        batches: list[pa.RecordBatch] = []
+        empty = np.empty(0, dtype=np.int64)
         spans: list[FileSpan] = []
-        taken = first = 0
+        first = 0
         for task in tasks:
-            reader = direct_reader(plan, [task], _READ_BATCH_ROWS)
-            reader = reader if reader.schema == plan.schema else reader.cast(plan.schema)
-            count = 0
-            for batch in reader:
-                batches.append(batch)
-                count += batch.num_rows
-                taken += batch.nbytes + batch.num_rows * 24
-                if taken > room:
-                    reader.close()
-                    raise LimitError(f"its rows pass the {room >> 20} MiB the training-set cache has room for")
-            empty = np.empty(0, dtype=np.int64)
-            spans.append(FileSpan(task.file, first, count, deleted.get(task.file.file_path, empty)))
-            first += count
-        return pa.Table.from_batches(batches, plan.schema), tuple(spans)
+            absent = deleted.get(task.file.file_path, empty)
+            spans.append(FileSpan(task.file, first, task.file.record_count - len(absent), absent))
+            first += spans[-1].count
+        batches: list[pa.RecordBatch] = []
+        taken = 0
+        reader = direct_reader(plan, tasks, _READ_BATCH_ROWS)  # in the tasks' order
+        reader = reader if reader.schema == plan.schema else reader.cast(plan.schema)
+        for batch in reader:
+            batches.append(batch)
+            taken += batch.nbytes + batch.num_rows * 24
+            if taken > room:
+                reader.close()
+                raise LimitError(f"its rows pass the {room >> 20} MiB the training-set cache has room for")
+        rows = pa.Table.from_batches(batches, plan.schema)
+        if rows.num_rows != first:
+            raise RuntimeError(f"read {rows.num_rows} rows of {plan.name}'s files, whose manifests count {first}")
+        return rows, tuple(spans)
 
     def _read(self, plan: ScanPlan, share: KeyShare | None, room: int) -> tuple[pa.Table, str]:
         """The planned rows (those in `share` only, if given), and their read path; refused as soon as they
@@ -695,8 +818,8 @@ class AsofCache:
         while not self._stop.is_set():
             self._wake.wait(self.refresh_seconds)
             self._wake.clear()
+            self.refresh()  # first: the next training set may be waiting for it, never for a fold
             self._fold_all()
-            self.refresh()
 
     def refresh(self) -> None:
         """Bring each followed table's index forward to its current snapshot now (one round of the thread)."""
@@ -715,19 +838,26 @@ class AsofCache:
         memory budget while it runs; without room it waits for a later turn (queued again)."""
         with self._lock:
             waiting, self._to_fold = list(self._to_fold), set()
-        for key in waiting:
+        for at, key in enumerate(waiting):
             if self._stop.is_set():
+                return
+            if self._wake.is_set():  # a new snapshot to bring forward first: fold the rest after it
+                with self._lock:
+                    self._to_fold.update(waiting[at:])
                 return
             with self._lock:
                 index = self._indexes.get(key)
             if index is None:
                 continue
             extra = sum(run.nbytes() for run in index.runs)
-            if not self._account.reserve(extra):
-                log.info("training-set index of %s: runs not folded yet, no memory to spare", index.name)
+            if not self._reserve_fold(key, extra):
                 with self._lock:
+                    if key not in self._unfolded:
+                        log.info("training-set index of %s: runs not folded yet, no room beside them", index.name)
+                    self._unfolded.add(key)
                     self._to_fold.add(key)
                 continue
+            self._unfolded.discard(key)
             started = time.perf_counter()
             try:
                 folded = index.folded()
@@ -741,14 +871,19 @@ class AsofCache:
             with self._lock:
                 if self._indexes.get(key) is not index:  # evicted or replaced meanwhile
                     continue
-                # Folded key codes may take more room than the runs' (codes by distinct values): the account
-                # follows, evicting what the growth leaves no room for; a fold that could never fit is dropped.
+                # Folded key codes may take more room than the runs' (codes by distinct values): that growth
+                # must fit in room to spare (older generations dropped for it), never evicting an index in use.
+                growth = folded.nbytes() - index.nbytes()
+                if key in self._owner or (growth > 0 and not self._make_free(key, growth)):
+                    log.info("training-set index of %s: runs not folded, no room beside the indexes", index.name)
+                    continue
                 self._indexes[key] = folded
                 if not self._account.resize(key, folded.nbytes()):
                     self._indexes[key] = index
                     log.info("training-set index of %s: runs not folded, the folded index would not fit", index.name)
                     continue
                 self.folds += 1
+                self._recharge(key, index)
             log.info(
                 "training-set index of %s at snapshot %s: %d runs folded, %.1f -> %.1f MiB, %.2f s",
                 index.name,
@@ -758,6 +893,24 @@ class AsofCache:
                 folded.nbytes() / 2**20,
                 time.perf_counter() - started,
             )
+
+    def _reserve_fold(self, key: _Key, extra: int) -> bool:
+        """Reserve `extra` bytes for folding `key`'s runs, never by evicting an index that is the newest of its
+        table (it would be read whole at its next use, and its room taken again by the next fold: thrashing): only
+        room to spare, after dropping older generations, `key`'s own first (the fold would leave them holding the
+        old runs alone). False if that is not enough: the runs stay as they are (searched together, as correct)."""
+        with self._lock:
+            return self._make_free(key, extra) and self._account.reserve(extra)
+
+    def _make_free(self, key: _Key, size: int) -> bool:
+        """Whether `size` bytes fit beside the cached indexes once older generations are dropped (`key`'s own
+        first), as many as that takes. Under the lock."""
+        own = [k for k, owner in self._owner.items() if owner == key]
+        for older in own + [k for k in self._owner if k not in own]:
+            if self._account.limit() - self._account.held >= size:
+                break
+            self._account.discard(older)
+        return self._account.limit() - self._account.held >= size
 
     def _refresh(self, followed: tuple[str, KeyShare | None], uuid: str, spec: FeatureSpec) -> None:
         """Index the table's current snapshot if the index of an earlier one is cached; stop following a table

@@ -320,6 +320,10 @@ class FixedValues:
     def nbytes(self) -> int:
         return self.values.nbytes + (self.valid.nbytes if self.valid is not None else 0)
 
+    def arrays(self) -> list[np.ndarray]:
+        """Its numpy arrays, which later generations extended in place share (see `Room`)."""
+        return [a for a in (self.values, self.valid) if a is not None]
+
     def extend(self, more: FixedValues) -> FixedValues:
         values, room = appended(self.values, self.rooms[0], more.values)
         valid, valid_room = _appended_valid(self.valid, self.rooms[1], len(self.values), more.valid, len(more.values))
@@ -343,6 +347,10 @@ class DictionaryValues:
 
     def nbytes(self) -> int:
         return self.dictionary.nbytes + self.codes.nbytes + (self.valid.nbytes if self.valid is not None else 0)
+
+    def arrays(self) -> list[np.ndarray]:
+        """Its numpy arrays, which later generations extended in place share (see `Room`)."""
+        return [a for a in (self.codes, self.valid) if a is not None]
 
     def extend(self, column: pa.ChunkedArray) -> DictionaryValues:
         """More rows coded against this dictionary; values it lacks are added to it."""
@@ -374,6 +382,10 @@ class ArrowValues:
 
     def nbytes(self) -> int:
         return self.array.nbytes
+
+    def arrays(self) -> list[np.ndarray]:
+        """None: an extension concatenates a new array."""
+        return []
 
 
 Values = FixedValues | DictionaryValues | ArrowValues
