@@ -5,6 +5,7 @@ catalog with appends, deletes, compactions and pins; and a server brings its ind
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -742,3 +743,46 @@ def test_big_appends_to_every_table_extend_indexes_near_the_cap(catalog_properti
     finally:
         server.shutdown()
         duck.shutdown()
+
+
+def test_runs_stay_bounded_while_puts_land_every_round(
+    catalog_properties: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put lands before every round of the refresh thread (driven here by hand, as `_run` does: refresh, then
+    fold): each round brings a new snapshot forward, and still folds happen, so the runs every search goes
+    through stay bounded; no older generation waits to be folded; and the refresh thread's own extension of a
+    crowded index does not wake it (which made every round leave its folds for later)."""
+    monkeypatch.setattr(AsofCache, "_start", lambda self: None)
+    name = f"tests.starve_{uuid.uuid4().hex[:8]}"
+    server = start_server(catalog_properties, online_refresh_seconds=3600)
+    catalog = FeatureCatalog(ServerConfig.catalog_name, catalog_properties)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write(name, ticks(97, 5_000, 0, 8_000), entity_keys=["k"], event_time="ts", created_time="created")
+            cache = AsofCache(Engine(), ReadCaches(), 1 << 30, catalog=catalog)
+            table = catalog.read(name)
+            spec = FeatureSpec.from_properties(table.properties)
+            assert cache.get(table, table.current_snapshot().snapshot_id, spec) is not None
+            first = 5_000
+            for _ in range(12):
+                client.write(name, ticks(97, 50, first, 8_000))
+                first += 50
+                cache._wake.clear()
+                cache.refresh()
+                cache._fold_all()
+                table = catalog.read(name)
+                index = cache.peek(table, table.current_snapshot().snapshot_id, spec)
+                assert index is not None and len(index.runs) <= asof._FOLD_RUNS + 2, len(index.runs) if index else None
+                assert all(key not in cache._owner for key in cache._to_fold), "an older generation queued"
+            assert cache.stats()["folds"] >= 2
+            # The refresh thread bringing a crowded index forward does not wake itself.
+            cache._wake.clear()
+            for _ in range(asof._FOLD_RUNS + 1):
+                client.write(name, ticks(97, 50, first, 8_000))
+                first += 50
+                cache._thread = threading.Thread(target=cache.refresh)
+                cache._thread.start()
+                cache._thread.join()
+            assert cache._to_fold and not cache._wake.is_set()
+    finally:
+        server.shutdown()

@@ -48,6 +48,8 @@ _FOLD_RUNS = 4  # runs after the first that the cache folds into it in the backg
 
 _FOLD_RATIO = 16  # ... or when they hold more than 1/16 of the first run's stamps
 
+_MAX_RUNS = 16  # runs past which an index is folded even while new snapshots keep the refresh thread busy
+
 _MASK_RATIO = 4  # deletes are masked while the masked rows stay under 1/4 of the columns; beyond, the index is rebuilt
 
 _Key = tuple[str, int | None, FeatureSpec, KeyShare | None]  # table uuid, snapshot, spec, share (None: all rows)
@@ -510,6 +512,11 @@ class AsofCache:
                 # Else (the room taken meanwhile) it serves this request only.
                 if self._account.admit(key, index.nbytes(), keep=keep):
                     self._indexes[key] = index
+                    if base is not None:  # its fold, if due, is the newer one's now: the older one's is wasted
+                        older_key = (uuid, base.snapshot_id, spec, share)
+                        if older_key in self._to_fold:
+                            self._to_fold.discard(older_key)
+                            self._to_fold.add(key)
                     if follow:
                         self._follow[(table_name(table), share)] = (uuid, spec)
                         self._current[(uuid, spec, share)] = key
@@ -517,7 +524,8 @@ class AsofCache:
                         self._to_fold.add(key)
                         if self._thread is None:
                             self._start()
-                        self._wake.set()
+                        if threading.current_thread() is not self._thread:  # else its every round bails out
+                            self._wake.set()
                 elif older is not None:
                     self._alone(older)
                 if how == "built":
@@ -835,20 +843,29 @@ class AsofCache:
     def _fold_all(self) -> None:
         """Merge the runs of each index that has too many into one, while requests keep using the index as it
         is; the merged one replaces it (it answers exactly alike). The merge's new arrays are reserved in the
-        memory budget while it runs; without room it waits for a later turn (queued again)."""
+        memory budget while it runs; without room it waits for a later turn (queued again). The most crowded
+        first; a new snapshot to bring forward leaves the rest for later, but only after one fold, and never the
+        folds of indexes past `_MAX_RUNS` (else puts landing every round would starve folds and the runs that
+        every search goes through would grow without limit). Older generations are not folded (their fold is
+        their newer one's)."""
         with self._lock:
-            waiting, self._to_fold = list(self._to_fold), set()
+            waiting = sorted(
+                (k for k in self._to_fold if k in self._indexes and k not in self._owner),
+                key=lambda k: len(self._indexes[k].runs),
+                reverse=True,
+            )
+            self._to_fold = set()
         for at, key in enumerate(waiting):
             if self._stop.is_set():
                 return
-            if self._wake.is_set():  # a new snapshot to bring forward first: fold the rest after it
-                with self._lock:
-                    self._to_fold.update(waiting[at:])
-                return
             with self._lock:
                 index = self._indexes.get(key)
-            if index is None:
-                continue
+                if index is None or key in self._owner:  # evicted, or superseded by a newer generation meanwhile
+                    continue
+            if at > 0 and self._wake.is_set() and len(index.runs) <= _MAX_RUNS:
+                with self._lock:  # a new snapshot to bring forward first: fold the rest after it
+                    self._to_fold.update(waiting[at:])
+                return
             extra = sum(run.nbytes() for run in index.runs)
             if not self._reserve_fold(key, extra):
                 with self._lock:
