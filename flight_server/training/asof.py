@@ -48,6 +48,8 @@ _FOLD_RUNS = 4  # runs after the first that the cache folds into it in the backg
 
 _FOLD_RATIO = 16  # ... or when they hold more than 1/16 of the first run's stamps
 
+_TOO_LARGE_KEYS = 1024  # snapshots remembered as too large for the whole cap (the oldest forgotten first)
+
 _MAX_RUNS = 16  # runs past which an index is folded even while new snapshots keep the refresh thread busy
 
 _MASK_RATIO = 4  # deletes are masked while the masked rows stay under 1/4 of the columns; beyond, the index is rebuilt
@@ -379,6 +381,15 @@ def _usable(spec: FeatureSpec, rows: pa.Table) -> tuple[list[pa.ChunkedArray], n
     return key_columns, event_us, usable
 
 
+class _NotBeside(LimitError):
+    """An index brought forward from `base` (a snapshot) would take `size` bytes, more than the room beside the
+    other followed tables' indexes: refused while those stay."""
+
+    def __init__(self, message: str, base: int | None, size: int):
+        super().__init__(message)
+        self.base, self.size = base, size
+
+
 def _created(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Created times as microseconds; unknown ones are the oldest."""
     created, known = micros(column)
@@ -424,7 +435,11 @@ class AsofCache:
         self._to_fold: set[_Key] = set()
         self._unfolded: set[_Key] = set()  # folds waiting for room (logged once)
         self._indexes: OrderedDict[_Key, AsofIndex] = OrderedDict()
-        self._too_large: set[_Key] = set()
+        self._too_large: dict[_Key, None] = {}  # larger than the whole cap (an ordered set, pruned)
+        # A followed table's index refused beside the others': (its base snapshot, the bytes it needed), until the
+        # cache frees bytes (an eviction, a table no longer followed); its later snapshots from the same base need
+        # as much or more, so they are refused before their files are read.
+        self._not_beside: dict[tuple[str, FeatureSpec, KeyShare | None], tuple[int | None, int]] = {}
         self._owner: dict[_Key, _Key] = {}  # an older generation -> the newer one its shared memory is counted with
         self._current: dict[tuple[str, FeatureSpec, KeyShare | None], _Key] = {}  # a followed table's latest index
         # The byte cap and the server's memory budget: evictions for either drop indexes here, under its lock.
@@ -497,16 +512,24 @@ class AsofCache:
                 beside = self._account.room_beside(self._in_use(key))
             try:
                 index, how, base = self._build(table, snapshot_id, spec, share, room, beside)
+            except _NotBeside as exc:
+                log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
+                with self._lock:
+                    self.too_large += 1
+                    self._not_beside[(uuid, spec, share)] = (exc.base, exc.size)
+                return None
             except LimitError as exc:
                 log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
                 with self._lock:
                     self.too_large += 1
                     if room >= self.max_bytes:
-                        self._too_large.add(key)
+                        self._refuse(key)
                 return None
             with self._lock:
                 keep = self._in_use(key) if base is not None else set()
                 if keep and not self._beside(key, index, keep):
+                    assert base is not None, "only an index brought forward is refused beside the others"
+                    self._not_beside[(uuid, spec, share)] = (base.snapshot_id, index.nbytes())
                     return None
                 older = self._lean(key, index, base)
                 # Else (the room taken meanwhile) it serves this request only.
@@ -560,8 +583,14 @@ class AsofCache:
             room / 2**20,
         )
         self.too_large += 1
-        self._too_large.add(key)
         return False
+
+    def _refuse(self, key: _Key) -> None:
+        """Remember `key` as larger than the whole cap (not tried again), forgetting the oldest such past
+        `_TOO_LARGE_KEYS`. Under the lock."""
+        self._too_large[key] = None
+        while len(self._too_large) > _TOO_LARGE_KEYS:
+            del self._too_large[next(iter(self._too_large))]
 
     def _lean(self, key: _Key, index: AsofIndex, base: AsofIndex | None) -> _Key | None:
         """Charge `base`, the cached index `index` was brought forward from, only for the memory `index` does not
@@ -604,6 +633,7 @@ class AsofCache:
         self._indexes.pop(key, None)
         self._owner.pop(key, None)
         self._unfolded.discard(key)
+        self._not_beside.clear()  # room freed: refused indexes may fit now
         if self._current.get((key[0], key[2], key[3])) == key:
             del self._current[(key[0], key[2], key[3])]
         for older in [k for k, owner in self._owner.items() if owner == key]:
@@ -685,10 +715,17 @@ class AsofCache:
                 snapshot_schema(table, base.snapshot_id).schema_id == snapshot_schema(table, snapshot_id).schema_id
             )
             forward = changes.files is not None and same_schema
-            if forward and base.nbytes() > beside:  # brought forward, it would only grow: not worth the read
-                raise LimitError(
+            with self._lock:
+                refused = self._not_beside.get((str(table.metadata.table_uuid), spec, share))
+            # Brought forward, it would only grow (from the size already refused, from the same base): not worth
+            # the read.
+            need = max(base.nbytes(), refused[1] if refused is not None and refused[0] == base.snapshot_id else 0)
+            if forward and need > beside:
+                raise _NotBeside(
                     f"its index would pass the {beside >> 20} MiB the training-set cache has room for beside the "
-                    "indexes of the tables in use"
+                    "indexes of the tables in use",
+                    base.snapshot_id,
+                    need,
                 )
             index = self._forward(base, plan, changes, share, room) if forward else None
             if index is not None:
@@ -948,6 +985,12 @@ class AsofCache:
         current = table.current_snapshot()
         if current is None or self.peek(table, current.snapshot_id, spec, share) is not None:
             return
+        with self._lock:  # refused already: not asked again (a request would count a miss and plan it again)
+            for key in [k for k in self._too_large if k[0] == uuid and k[2] == spec and k[3] == share]:
+                if key[1] != current.snapshot_id:  # an older snapshot than the one followed
+                    del self._too_large[key]
+            if (uuid, current.snapshot_id, spec, share) in self._too_large or (uuid, spec, share) in self._not_beside:
+                return
         if self.get(table, current.snapshot_id, spec, share) is not None:
             with self._lock:
                 self.refreshed_ahead += 1
@@ -957,3 +1000,4 @@ class AsofCache:
         with self._lock:
             if self._follow.get(followed) == (uuid, spec):
                 del self._follow[followed]
+                self._not_beside.clear()  # its index no longer kept beside the others': they may fit now
