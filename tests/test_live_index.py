@@ -841,3 +841,46 @@ def test_a_refusal_for_another_tables_index_lasts_until_room_is_freed(
             assert len(small._too_large) == 2
     finally:
         server.shutdown()
+
+
+def test_an_older_generation_in_use_outlives_its_newer_one(
+    catalog_properties: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job pinned at snapshot S1 keeps using S1's index while the refresh thread brings it forward to S2 (which
+    nobody uses, and which holds the memory they share): when another table's index needs room, S2 goes and S1
+    stays, charged alone (it fits), so the next request at S1 is not read whole again."""
+    monkeypatch.setattr(AsofCache, "_start", lambda self: None)
+    tag = uuid.uuid4().hex[:8]
+    a, c = f"tests.pinned_a_{tag}", f"tests.other_c_{tag}"
+    server = start_server(catalog_properties, online_refresh_seconds=3600)
+    catalog = FeatureCatalog(ServerConfig.catalog_name, catalog_properties)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            for name in (a, c):
+                client.write(
+                    name, ticks(97, 4_000, 0, 8_000), entity_keys=["k"], event_time="ts", created_time="created"
+                )
+            spec = FeatureSpec.from_properties(catalog.read(a).properties)
+            probe = AsofCache(Engine(), ReadCaches(), 1 << 30)
+            size = {}
+            for name in (a, c):
+                table = catalog.read(name)
+                size[name] = probe.get(table, table.current_snapshot().snapshot_id, spec).nbytes()
+            cache = AsofCache(Engine(), ReadCaches(), size[a] + size[c] + 20_000, catalog=catalog)
+            table = catalog.read(a)
+            s1 = table.current_snapshot().snapshot_id
+            assert cache.get(table, s1, spec) is not None
+            client.write(a, ticks(97, 40, 4_000, 8_000))
+            cache.refresh()  # S2 brought forward ahead, sharing S1's memory
+            table = catalog.read(a)
+            assert cache.peek(table, table.current_snapshot().snapshot_id, spec) is not None
+            assert cache.get(table, s1, spec) is not None  # the pinned job
+            other = catalog.read(c)
+            assert cache.get(other, other.current_snapshot().snapshot_id, spec) is not None
+            assert cache.peek(table, table.current_snapshot().snapshot_id, spec) is None
+            assert cache.peek(table, s1, spec) is not None
+            assert cache.stats()["bytes"] == size[a] + size[c] <= cache.max_bytes
+            builds = cache.builds
+            assert cache.get(table, s1, spec) is not None and cache.builds == builds
+    finally:
+        server.shutdown()

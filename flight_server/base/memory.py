@@ -145,6 +145,11 @@ class Account:
         with self.lock:
             return self.limit() - sum(self._entries[k][0] for k in keep if k in self._entries)
 
+    def charge(self, key: Hashable) -> int:
+        """The bytes counted under `key` (0 if none)."""
+        with self.lock:
+            return self._entries[key][0] if key in self._entries else 0
+
     def touch(self, key: Hashable) -> None:
         """The entry was used: it is now the most recently used of the whole budget."""
         with self.lock:

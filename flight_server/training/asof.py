@@ -441,6 +441,7 @@ class AsofCache:
         # as much or more, so they are refused before their files are read.
         self._not_beside: dict[tuple[str, FeatureSpec, KeyShare | None], tuple[int | None, int]] = {}
         self._owner: dict[_Key, _Key] = {}  # an older generation -> the newer one its shared memory is counted with
+        self._used_alone: set[_Key] = set()  # older generations that requests used since they became part of another
         self._current: dict[tuple[str, FeatureSpec, KeyShare | None], _Key] = {}  # a followed table's latest index
         # The byte cap and the server's memory budget: evictions for either drop indexes here, under its lock.
         self._account = (budget or MemoryBudget(max_bytes)).account("training_set", max_bytes, self._evicted)
@@ -501,6 +502,8 @@ class AsofCache:
                 if key in self._indexes:
                     self.hits += 1
                     self._account.touch(key)  # least recently used across the server's caches go first
+                    if key in self._owner:  # kept alone if its newer generation is evicted (`_evicted`)
+                        self._used_alone.add(key)
                     if follow:
                         self._follow[(table_name(table), share)] = (uuid, spec)
                     return self._indexes[key]
@@ -602,6 +605,7 @@ class AsofCache:
         if self._indexes.get(older) is not base or older in self._owner:
             return None
         self._owner[older] = key
+        self._used_alone.discard(older)
         self._account.resize(older, base.nbytes() - base.shared_bytes(index))
         return older
 
@@ -632,13 +636,27 @@ class AsofCache:
         """The account dropped `key` (under the lock): the older indexes counted as part of it go with it."""
         self._indexes.pop(key, None)
         self._owner.pop(key, None)
+        self._used_alone.discard(key)
         self._unfolded.discard(key)
         self._not_beside.clear()  # room freed: refused indexes may fit now
         if self._current.get((key[0], key[2], key[3])) == key:
             del self._current[(key[0], key[2], key[3])]
         for older in [k for k, owner in self._owner.items() if owner == key]:
             del self._owner[older]
+            if older in self._used_alone and self._detach(older):
+                continue
             self._account.discard(older)
+
+    def _detach(self, older: _Key) -> bool:
+        """Keep `older`, in use (a job pinned at its snapshot), alone after its newer generation went: charged in
+        full if that fits in the room to spare (else the next use would read it whole). Under the lock."""
+        self._used_alone.discard(older)
+        index = self._indexes.get(older)
+        if index is None:
+            return False
+        growth = index.nbytes() - self._account.charge(older)
+        spare = min(self._account.limit() - self._account.held, self._account.budget.total - self._account.budget.used)
+        return growth <= spare and self._account.resize(older, index.nbytes())
 
     def snapshots(self, table_uuid: str) -> set[int]:
         """The snapshots of one table (by uuid) whose index is cached: snapshot expiry keeps them."""
