@@ -788,99 +788,93 @@ def test_runs_stay_bounded_while_puts_land_every_round(
         server.shutdown()
 
 
-def test_a_refusal_for_another_tables_index_lasts_until_room_is_freed(
+@pytest.fixture
+def two_tables(
     catalog_properties: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]]]:
+    """Two tables of 4,000 rows written through a server's client: the client, the catalog, their spec, the bytes
+    of each one's index, their names. Caches made meanwhile start no refresh thread: the test drives its rounds."""
+    monkeypatch.setattr(AsofCache, "_start", lambda self: None)
+    tag = uuid.uuid4().hex[:8]
+    names = (f"tests.two_a_{tag}", f"tests.two_b_{tag}")
+    server = start_server(catalog_properties, online_refresh_seconds=3600)
+    catalog = FeatureCatalog(ServerConfig.catalog_name, catalog_properties)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            for name in names:
+                client.write(
+                    name, ticks(97, 4_000, 0, 8_000), entity_keys=["k"], event_time="ts", created_time="created"
+                )
+            probe = AsofCache(Engine(), ReadCaches(), 1 << 30)
+            tables = {name: catalog.read(name) for name in names}
+            spec = FeatureSpec.from_properties(tables[names[0]].properties)
+            size = {n: probe.get(t, t.current_snapshot().snapshot_id, spec).nbytes() for n, t in tables.items()}
+            yield client, catalog, spec, size, names
+    finally:
+        server.shutdown()
+
+
+def test_a_refusal_for_another_tables_index_lasts_until_room_is_freed(
+    two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Table A's index brought forward does not fit beside table B's (kept current): A's training sets use
     DuckDB, the refresh thread stops asking (no miss per round, no re-read of A's appends per snapshot); once B's
     index is gone, A's index is brought forward again. Snapshots larger than the whole cap are remembered, at most
     `_TOO_LARGE_KEYS` of them."""
-    monkeypatch.setattr(AsofCache, "_start", lambda self: None)
-    tag = uuid.uuid4().hex[:8]
-    a, b = f"tests.sticky_a_{tag}", f"tests.sticky_b_{tag}"
-    server = start_server(catalog_properties, online_refresh_seconds=3600)
-    catalog = FeatureCatalog(ServerConfig.catalog_name, catalog_properties)
-    try:
-        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            for name in (a, b):
-                client.write(
-                    name, ticks(97, 4_000, 0, 8_000), entity_keys=["k"], event_time="ts", created_time="created"
-                )
-            tables = {name: catalog.read(name) for name in (a, b)}
-            spec = FeatureSpec.from_properties(tables[a].properties)
-            probe = AsofCache(Engine(), ReadCaches(), 1 << 30)
-            size = {n: probe.get(t, t.current_snapshot().snapshot_id, spec).nbytes() for n, t in tables.items()}
-            cache = AsofCache(Engine(), ReadCaches(), size[a] + size[b] + size[a] // 20, catalog=catalog)
-            for table in tables.values():
-                assert cache.get(table, table.current_snapshot().snapshot_id, spec) is not None
-            first = 4_000
-            for _ in range(3):
-                client.write(a, ticks(97, 800, first, 8_000))
-                first += 800
-                cache.refresh()
-            assert cache.too_large >= 1 and not cache._too_large
-            misses = cache.misses
-            for _ in range(3):
-                cache.refresh()
-            assert cache.misses == misses, "the refresh thread asked again for a refused index"
-            table = catalog.read(a)
-            assert cache.get(table, table.current_snapshot().snapshot_id, spec) is None  # B's index in the way
-            b_key = (str(tables[b].metadata.table_uuid), tables[b].current_snapshot().snapshot_id, spec, None)
-            with cache._lock:
-                cache._account.discard(b_key)
-            cache.refresh()  # brought forward ahead again, now that it fits
-            assert cache.peek(table, table.current_snapshot().snapshot_id, spec) is not None
+    client, catalog, spec, size, (a, b) = two_tables
+    tables = {name: catalog.read(name) for name in (a, b)}
+    cache = AsofCache(Engine(), ReadCaches(), size[a] + size[b] + size[a] // 20, catalog=catalog)
+    for followed in tables.values():
+        assert cache.get(followed, followed.current_snapshot().snapshot_id, spec) is not None
+    first = 4_000
+    for _ in range(3):
+        client.write(a, ticks(97, 800, first, 8_000))
+        first += 800
+        cache.refresh()
+    assert cache.too_large >= 1 and not cache._too_large
+    misses = cache.misses
+    for _ in range(3):
+        cache.refresh()
+    assert cache.misses == misses, "the refresh thread asked again for a refused index"
+    table = catalog.read(a)
+    assert cache.get(table, table.current_snapshot().snapshot_id, spec) is None  # B's index in the way
+    b_key = (str(tables[b].metadata.table_uuid), tables[b].current_snapshot().snapshot_id, spec, None)
+    with cache._lock:
+        cache._account.discard(b_key)
+    cache.refresh()  # brought forward ahead again, now that it fits
+    assert cache.peek(table, table.current_snapshot().snapshot_id, spec) is not None
 
-            monkeypatch.setattr(asof, "_TOO_LARGE_KEYS", 2)
-            small = AsofCache(Engine(), ReadCaches(), size[b] // 2)
-            for _ in range(3):
-                client.write(b, ticks(97, 10, first, 8_000))
-                first += 10
-                table = catalog.read(b)
-                assert small.get(table, table.current_snapshot().snapshot_id, spec) is None
-            assert len(small._too_large) == 2
-    finally:
-        server.shutdown()
+    monkeypatch.setattr(asof, "_TOO_LARGE_KEYS", 2)
+    small = AsofCache(Engine(), ReadCaches(), size[b] // 2)
+    for _ in range(3):
+        client.write(b, ticks(97, 10, first, 8_000))
+        first += 10
+        table = catalog.read(b)
+        assert small.get(table, table.current_snapshot().snapshot_id, spec) is None
+    assert len(small._too_large) == 2
 
 
 def test_an_older_generation_in_use_outlives_its_newer_one(
-    catalog_properties: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
 ) -> None:
     """A job pinned at snapshot S1 keeps using S1's index while the refresh thread brings it forward to S2 (which
     nobody uses, and which holds the memory they share): when another table's index needs room, S2 goes and S1
     stays, charged alone (it fits), so the next request at S1 is not read whole again."""
-    monkeypatch.setattr(AsofCache, "_start", lambda self: None)
-    tag = uuid.uuid4().hex[:8]
-    a, c = f"tests.pinned_a_{tag}", f"tests.other_c_{tag}"
-    server = start_server(catalog_properties, online_refresh_seconds=3600)
-    catalog = FeatureCatalog(ServerConfig.catalog_name, catalog_properties)
-    try:
-        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            for name in (a, c):
-                client.write(
-                    name, ticks(97, 4_000, 0, 8_000), entity_keys=["k"], event_time="ts", created_time="created"
-                )
-            spec = FeatureSpec.from_properties(catalog.read(a).properties)
-            probe = AsofCache(Engine(), ReadCaches(), 1 << 30)
-            size = {}
-            for name in (a, c):
-                table = catalog.read(name)
-                size[name] = probe.get(table, table.current_snapshot().snapshot_id, spec).nbytes()
-            cache = AsofCache(Engine(), ReadCaches(), size[a] + size[c] + 20_000, catalog=catalog)
-            table = catalog.read(a)
-            s1 = table.current_snapshot().snapshot_id
-            assert cache.get(table, s1, spec) is not None
-            client.write(a, ticks(97, 40, 4_000, 8_000))
-            cache.refresh()  # S2 brought forward ahead, sharing S1's memory
-            table = catalog.read(a)
-            assert cache.peek(table, table.current_snapshot().snapshot_id, spec) is not None
-            assert cache.get(table, s1, spec) is not None  # the pinned job
-            other = catalog.read(c)
-            assert cache.get(other, other.current_snapshot().snapshot_id, spec) is not None
-            assert cache.peek(table, table.current_snapshot().snapshot_id, spec) is None
-            assert cache.peek(table, s1, spec) is not None
-            assert cache.stats()["bytes"] == size[a] + size[c] <= cache.max_bytes
-            builds = cache.builds
-            assert cache.get(table, s1, spec) is not None and cache.builds == builds
-    finally:
-        server.shutdown()
+    client, catalog, spec, size, (a, c) = two_tables
+    cache = AsofCache(Engine(), ReadCaches(), size[a] + size[c] + 20_000, catalog=catalog)
+    table = catalog.read(a)
+    s1 = table.current_snapshot().snapshot_id
+    assert cache.get(table, s1, spec) is not None
+    client.write(a, ticks(97, 40, 4_000, 8_000))
+    cache.refresh()  # S2 brought forward ahead, sharing S1's memory
+    table = catalog.read(a)
+    assert cache.peek(table, table.current_snapshot().snapshot_id, spec) is not None
+    assert cache.get(table, s1, spec) is not None  # the pinned job
+    other = catalog.read(c)
+    assert cache.get(other, other.current_snapshot().snapshot_id, spec) is not None
+    assert cache.peek(table, table.current_snapshot().snapshot_id, spec) is None
+    assert cache.peek(table, s1, spec) is not None
+    assert cache.stats()["bytes"] == size[a] + size[c] <= cache.max_bytes
+    builds = cache.builds
+    assert cache.get(table, s1, spec) is not None and cache.builds == builds
