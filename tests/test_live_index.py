@@ -878,3 +878,30 @@ def test_an_older_generation_in_use_outlives_its_newer_one(
     assert cache.stats()["bytes"] == size[a] + size[c] <= cache.max_bytes
     builds = cache.builds
     assert cache.get(table, s1, spec) is not None and cache.builds == builds
+
+
+def test_indexes_past_the_run_limit_are_folded_even_when_a_snapshot_waits(
+    two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only the latest generation of each table waits to be folded (an older one's fold is its newer one's); with
+    a new snapshot waiting, a round still folds every index past `_MAX_RUNS` runs, not only the most crowded."""
+    client, catalog, spec, _, names = two_tables
+    cache = AsofCache(Engine(), ReadCaches(), 1 << 30, catalog=catalog)
+    for name in names:
+        table = catalog.read(name)
+        assert cache.get(table, table.current_snapshot().snapshot_id, spec) is not None
+    first = 4_000
+    for _ in range(3):
+        for name in names:
+            client.write(name, ticks(97, 800, first, 8_000))
+        first += 800
+        cache.refresh()
+    latest = {
+        (str(t.metadata.table_uuid), t.current_snapshot().snapshot_id, spec, None) for t in map(catalog.read, names)
+    }
+    assert cache._to_fold == latest
+    monkeypatch.setattr(asof, "_MAX_RUNS", 2)
+    cache._wake.set()
+    cache._fold_all()
+    assert cache.stats()["folds"] == 2 and not cache._to_fold
