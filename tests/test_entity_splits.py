@@ -152,3 +152,39 @@ def test_a_split_that_does_not_fit_is_not_made(servers: tuple[FeatureFlightServe
         assert split.parts.training.splits.builds == 0
     finally:
         split.parts.training.splits = kept
+
+
+def test_a_split_never_evicts_the_index_its_training_set_reads(tmp_path: Path) -> None:
+    """A budget with room for the training set's index but not for the split too: the split is not made, rather
+    than evicting the index (the two would evict each other endpoint after endpoint, every epoch)."""
+    catalog = sqlite_catalog(tmp_path)
+    probe = start_server(catalog)
+    try:
+        with FeatureClient(location(probe)) as client:
+            features = pa.table(
+                {
+                    "k": pa.array(range(20_000), pa.int64()),
+                    "ts": pa.array([BASE] * 20_000, pa.timestamp("us", "UTC")),
+                    "rate": pa.array(range(20_000), pa.float64()),
+                    "level": pa.array(range(20_000), pa.int64()),
+                }
+            )
+            client.write("splits.rates", features, entity_keys=["k"], event_time="ts")
+        name = write_entities(probe, [(k, k % 16, 1.0, None) for k in range(20_000)])
+        plan = plan_training_set(location(probe), name, FEATURES, partitions=4)
+        alone = [read(probe, e) for e in plan.endpoints if isinstance(e, Endpoint)]
+        caches = probe.parts.memory.stats()["caches"]
+        index, split = caches["training_set"]["bytes"], caches["entity_splits"]["bytes"]
+        assert index > 0 and split > 0
+    finally:
+        probe.shutdown()
+    server = start_server(catalog, memory_budget_bytes=index + split // 2)
+    try:
+        plan = plan_training_set(location(server), name, FEATURES, partitions=4)
+        for _ in range(2):  # epochs
+            got = [read(server, e) for e in plan.endpoints if isinstance(e, Endpoint)]
+            assert all(a.equals(b) for a, b in zip(got, alone, strict=True))
+        assert (server.parts.training.cache.builds, server.parts.training.splits.builds) == (1, 0)
+        assert server.parts.memory.stats()["caches"]["training_set"]["evictions"]["budget"] == 0
+    finally:
+        server.shutdown()

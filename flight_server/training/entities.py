@@ -141,8 +141,9 @@ class EntitySplits:
     The endpoints of a training set over an entity table each read a part of its rows: by themselves, each would
     scan the whole table, hash its keys and keep its share, 8 endpoints 8 scans. Here the first endpoint to come
     splits the table in one scan and sort, and each endpoint (of this epoch or the next) takes its part from
-    memory, in the order its own query gives. A split whose estimated size does not fit is not made: its
-    endpoints read their parts by themselves (`server_entities`).
+    memory, in the order its own query gives. A split whose estimated size does not fit in the budget's free room is
+    not made (it never evicts other caches' entries): its endpoints read their parts by themselves
+    (`server_entities`).
     """
 
     def __init__(self, max_bytes: int, budget: MemoryBudget | None = None):
@@ -168,7 +169,7 @@ class EntitySplits:
                     self._account.touch(key)
                     return parts[index]
             estimate = _estimated_bytes(plan)
-            if estimate is None or not self._account.reserve(estimate):
+            if estimate is None or not self._reserve_free(estimate):
                 return None
             try:
                 sql = f"SELECT {columns}, {_part_expression(plan)} AS {PART} {source} ORDER BY {PART}, {order}"
@@ -182,9 +183,22 @@ class EntitySplits:
             parts = [split.slice(starts[i], sizes[i]) for i in range(count)]
             self.builds += 1
             with self._account.lock:
-                if self._account.admit(key, split.nbytes, reserved=estimate):
+                self._account.release(estimate)
+                if self._free(split.nbytes) and self._account.admit(key, split.nbytes):
                     self._splits[key] = parts
             return parts[index]
+
+    def _free(self, size: int) -> bool:
+        """Whether `size` bytes fit in the budget's free room (call under the lock). A split is made only from free
+        room, evicting at most older splits (its cap): evicting a training-set index, perhaps the very one its
+        request reads, would have the two evict each other endpoint after endpoint."""
+        budget = self._account.budget
+        return budget.used + size <= budget.total and size <= self._account.cap
+
+    def _reserve_free(self, size: int) -> bool:
+        """Reserve `size` bytes for a split if they fit in the free room (`_free`)."""
+        with self._account.lock:
+            return self._free(size) and self._account.reserve(size)
 
 
 def _estimated_bytes(plan: HistoricalPlan) -> int | None:
