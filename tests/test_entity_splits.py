@@ -188,3 +188,23 @@ def test_a_split_never_evicts_the_index_its_training_set_reads(tmp_path: Path) -
         assert server.parts.memory.stats()["caches"]["training_set"]["evictions"]["budget"] == 0
     finally:
         server.shutdown()
+
+
+def test_a_split_larger_than_its_estimate_is_made_once(
+    servers: tuple[FeatureFlightServer, FeatureFlightServer],
+) -> None:
+    """Long strings pass the estimate (and the cap): the split made by the first endpoint is not kept, and the
+    others read their parts by themselves instead of each making the whole split again."""
+    split, alone = servers
+    kept = split.parts.training.splits
+    split.parts.training.splits = EntitySplits(300_000)  # bytes: above the estimate, below the rows' real size
+    try:
+        name = write_entities(split, [(k % 10, k % 16, None, f"{k:0500d}") for k in range(2_000)])
+        plan = plan_training_set(location(split), name, FEATURES, partitions=4)
+        for _ in range(2):  # epochs
+            for endpoint in plan.endpoints:
+                assert isinstance(endpoint, Endpoint)
+                assert read(split, endpoint).equals(read(alone, endpoint))
+        assert split.parts.training.splits.builds == 1
+    finally:
+        split.parts.training.splits = kept

@@ -132,6 +132,7 @@ def _part_expression(plan: HistoricalPlan) -> str:
 PART = "__pit_part"
 
 _VARIABLE_WIDTH = 32  # bytes a row of a string or binary entity column is estimated at (`EntitySplits`)
+_REMEMBERED = 256  # splits made but not kept whose real size `EntitySplits` remembers (least recently used go first)
 
 
 class EntitySplits:
@@ -150,6 +151,9 @@ class EntitySplits:
         self._splits: OrderedDict[Hashable, list[pa.Table]] = OrderedDict()
         self._account = (budget or MemoryBudget(max_bytes)).account("entity_splits", max_bytes, self._splits.pop)
         self._building = LockPool()
+        # The real bytes of splits made but not kept (their estimate was low): their endpoints read their parts by
+        # themselves while that size does not fit, instead of each making the whole split again in turn.
+        self._too_big: OrderedDict[Hashable, int] = OrderedDict()
         self.builds = 0  # splits made
 
     def part(self, plan: HistoricalPlan, cursor: duckdb.DuckDBPyConnection) -> pa.Table | None:
@@ -168,7 +172,7 @@ class EntitySplits:
                 if parts is not None:
                     self._account.touch(key)
                     return parts[index]
-            estimate = _estimated_bytes(plan)
+                estimate = self._too_big.get(key) or _estimated_bytes(plan)
             if estimate is None or not self._reserve_free(estimate):
                 return None
             try:
@@ -186,6 +190,12 @@ class EntitySplits:
                 self._account.release(estimate)
                 if self._free(split.nbytes) and self._account.admit(key, split.nbytes):
                     self._splits[key] = parts
+                    self._too_big.pop(key, None)
+                else:
+                    self._too_big[key] = split.nbytes
+                    self._too_big.move_to_end(key)
+                    if len(self._too_big) > _REMEMBERED:
+                        self._too_big.popitem(last=False)
             return parts[index]
 
     def _free(self, size: int) -> bool:
