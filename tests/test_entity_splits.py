@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -17,7 +18,8 @@ from hypothesis import strategies as st
 
 from flight_client import FeatureClient
 from flight_client.plans import Endpoint, plan_training_set
-from flight_server.training.entities import EntitySplits
+from flight_server.training.entities import PART, EntitySplits, split_sql
+from flight_server.training.plan import partition_predicate
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server
 
@@ -208,3 +210,14 @@ def test_a_split_larger_than_its_estimate_is_made_once(
         assert split.parts.training.splits.builds == 1
     finally:
         split.parts.training.splits = kept
+
+
+def test_the_part_column_is_a_bigint() -> None:
+    """Parts as int64, not HUGEINT (decimal128 in Arrow, a Python Decimal a row for numpy)."""
+    part = partition_predicate("", ("k",), [pa.int64()]).removesuffix(" = ?")
+    with duckdb.connect() as db:
+        db.execute("CREATE TABLE t AS SELECT range AS k FROM range(1000)")
+        split = db.execute(split_sql('"k"', "FROM t WHERE true", '"k"', part), [4]).to_arrow_table()
+    assert split.schema.field(PART).type == pa.int64()
+    assert set(split.column(PART).to_pylist()) == {0, 1, 2, 3}
+    assert split.column(PART).to_pylist() == sorted(split.column(PART).to_pylist())

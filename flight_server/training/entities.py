@@ -176,12 +176,12 @@ class EntitySplits:
             if estimate is None or not self._reserve_free(estimate):
                 return None
             try:
-                sql = f"SELECT {columns}, {_part_expression(plan)} AS {PART} {source} ORDER BY {PART}, {order}"
+                sql = split_sql(columns, source, order, _part_expression(plan))
                 split = cursor.execute(sql, [count, *params]).to_arrow_table()
             except BaseException:
                 self._account.release(estimate)
                 raise
-            sizes = np.bincount(split.column(PART).to_numpy().astype(np.int64), minlength=count)
+            sizes = np.bincount(split.column(PART).to_numpy(), minlength=count)
             split = split.drop_columns([PART])
             starts = np.concatenate([[0], np.cumsum(sizes)])
             parts = [split.slice(starts[i], sizes[i]) for i in range(count)]
@@ -209,6 +209,12 @@ class EntitySplits:
         """Reserve `size` bytes for a split if they fit in the free room (`_free`)."""
         with self._account.lock:
             return self._free(size) and self._account.reserve(size)
+
+
+def split_sql(columns: str, source: str, order: str, part: str) -> str:
+    """The rows of `source` with their part (`part`, an expression of one `?`, the part count) as a BIGINT: as
+    DuckDB types `hash(...) % ?`, a HUGEINT, it would reach Arrow as decimal128, and numpy as a Python object a row."""
+    return f"SELECT {columns}, CAST({part} AS BIGINT) AS {PART} {source} ORDER BY {PART}, {order}"
 
 
 def _estimated_bytes(plan: HistoricalPlan) -> int | None:
