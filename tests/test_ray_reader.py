@@ -37,7 +37,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
 @pytest.fixture(scope="module")
 def driver() -> Iterator[ProcessPoolExecutor]:
     """One child process that holds a local Ray cluster of two CPUs for the module."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=ray_driver.start_ray) as pool:
         yield pool
 
 
