@@ -3,6 +3,7 @@ endpoint must give exactly the rows, in exactly the order, that it gives when it
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flight_client import FeatureClient
-from flight_client.plans import Endpoint, plan_training_set
+from flight_client.plans import Endpoint, ReadPlan, plan_training_set
 from flight_server.training.entities import PART, EntitySplits, split_sql
 from flight_server.training.plan import partition_predicate
 from flight_server.transport.service import FeatureFlightServer
@@ -76,6 +77,25 @@ def write_entities(server: FeatureFlightServer, rows: list[tuple[int, int, float
     with FeatureClient(location(server)) as client:
         client.write(name, table, entity_keys=["k"], event_time="event_timestamp")
     return name
+
+
+@contextlib.contextmanager
+def splits_of(server: FeatureFlightServer, max_bytes: int) -> Iterator[EntitySplits]:
+    """The server's entity splits replaced by ones within `max_bytes` (a budget of their own) for a while."""
+    kept = server.parts.training.splits
+    server.parts.training.splits = EntitySplits(max_bytes)
+    try:
+        yield server.parts.training.splits
+    finally:
+        server.parts.training.splits = kept
+
+
+def assert_read_as_alone(servers: tuple[FeatureFlightServer, FeatureFlightServer], plan: ReadPlan) -> None:
+    """Every endpoint of `plan` gives the rows, in the order, that it gives read alone."""
+    split, alone = servers
+    for endpoint in plan.endpoints:
+        assert isinstance(endpoint, Endpoint)
+        assert read(split, endpoint).equals(read(alone, endpoint))
 
 
 entity_rows = st.lists(
@@ -143,17 +163,10 @@ def test_split_once_for_every_endpoint_and_epoch(servers: tuple[FeatureFlightSer
 
 def test_a_split_that_does_not_fit_is_not_made(servers: tuple[FeatureFlightServer, FeatureFlightServer]) -> None:
     split, alone = servers
-    kept = split.parts.training.splits
-    split.parts.training.splits = EntitySplits(1024)  # bytes: less than the table's rows
-    try:
+    with splits_of(split, 1024) as splits:  # bytes: less than the table's rows
         name = write_entities(split, [(k % 10, k % 16, None, "x" * (k % 5)) for k in range(300)])
-        plan = plan_training_set(location(split), name, FEATURES, partitions=3)
-        for endpoint in plan.endpoints:
-            assert isinstance(endpoint, Endpoint)
-            assert read(split, endpoint).equals(read(alone, endpoint))
-        assert split.parts.training.splits.builds == 0
-    finally:
-        split.parts.training.splits = kept
+        assert_read_as_alone(servers, plan_training_set(location(split), name, FEATURES, partitions=3))
+        assert splits.builds == 0
 
 
 def test_a_split_never_evicts_the_index_its_training_set_reads(tmp_path: Path) -> None:
@@ -198,18 +211,12 @@ def test_a_split_larger_than_its_estimate_is_made_once(
     """Long strings pass the estimate (and the cap): the split made by the first endpoint is not kept, and the
     others read their parts by themselves instead of each making the whole split again."""
     split, alone = servers
-    kept = split.parts.training.splits
-    split.parts.training.splits = EntitySplits(300_000)  # bytes: above the estimate, below the rows' real size
-    try:
+    with splits_of(split, 300_000) as splits:  # bytes: above the estimate, below the rows' real size
         name = write_entities(split, [(k % 10, k % 16, None, f"{k:0500d}") for k in range(2_000)])
         plan = plan_training_set(location(split), name, FEATURES, partitions=4)
         for _ in range(2):  # epochs
-            for endpoint in plan.endpoints:
-                assert isinstance(endpoint, Endpoint)
-                assert read(split, endpoint).equals(read(alone, endpoint))
-        assert split.parts.training.splits.builds == 1
-    finally:
-        split.parts.training.splits = kept
+            assert_read_as_alone(servers, plan)
+        assert splits.builds == 1
 
 
 def test_the_part_column_is_a_bigint() -> None:
