@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,29 +82,16 @@ class ReadPlan:
     client_options: dict[str, Any] = field(default_factory=dict)
     exchange: dict[str, Any] = field(default_factory=dict)
 
-    def batches(self, endpoints: Sequence[Part], ahead: int = 1) -> Iterator[pa.RecordBatch]:
-        """The record batches of `endpoints`, one part after the other, over a new connection. The `ahead` server
-        endpoints after the one being read are opened already, so that the server computes their first batches
-        while this process takes in the current one (flow control keeps what they send waiting small); local
-        entity rows are sent when their turn comes."""
+    def batches(self, endpoints: Sequence[Part]) -> Iterator[pa.RecordBatch]:
+        """The record batches of `endpoints`, one part after the other, over a new connection. One call at a
+        time: a call opened ahead would sit unread, and the server's idle watch (`--idle-timeout-seconds`)
+        closes such a connection, ending the call being read too."""
         with connect(self.location, self.client_options) as client:
-            opened: deque[tuple[Part, pa.RecordBatchReader | None]] = deque()
-            rest = iter(endpoints)
-            while True:
-                while len(opened) <= ahead and (part := next(rest, None)) is not None:
-                    if isinstance(part, EntityRows):
-                        opened.append((part, None))
-                    else:
-                        endpoint = flight.FlightEndpoint(part.ticket, list(part.locations))
-                        opened.append((part, client.read_endpoint(endpoint)))
-                if not opened:
-                    return
-                part, reader = opened.popleft()
-                if reader is None:
-                    assert isinstance(part, EntityRows)
+            for part in endpoints:
+                if isinstance(part, EntityRows):
                     batches: Iterator[pa.RecordBatch] = client.iter_historical_features(part.rows, **self.exchange)
                 else:
-                    batches = iter(reader)
+                    batches = iter(client.read_endpoint(flight.FlightEndpoint(part.ticket, list(part.locations))))
                 for batch in batches:
                     yield batch if self.columns is None else batch.select(list(self.columns))
 

@@ -1,6 +1,6 @@
-"""Ray Data: a table or a training set as a `ray.data.Dataset`, read by one Ray task per endpoint (at most one
-per CPU of the cluster, each then reading several in turn), so that the cluster's workers fetch their shares in
-parallel, each from the replica its endpoint names.
+"""Ray Data: a table or a training set as a `ray.data.Dataset`, read by one Ray task per endpoint (fewer when
+asked, each then reading several in turn), so that the cluster's workers fetch their shares in parallel, each
+from the replica its endpoint names.
 
     ds = read_training_set("grpc://server:8815", "ml.trips", ["demo.driver_stats:conv_rate"], partitions=16)
     ds.to_pandas()  # or hand it to a Ray Train trainer: datasets={"train": ds}
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -74,17 +73,11 @@ def _read(plan: ReadPlan, endpoints: Sequence[Part]) -> Iterator[pa.Table]:
 
 
 def _read_datasource(plan: ReadPlan, read_args: dict[str, Any]) -> ray.data.Dataset:
-    # As many tasks as endpoints (Ray would otherwise ask for 200 and cut every task's output to match), but not
-    # more than the cluster's CPUs: tasks beyond them only wait their turn, and each costs Ray a task (1M training
-    # rows in 8 endpoints on 2 CPUs: 0.56 s in 8 tasks, 0.36 s in 2, each reading its next endpoint ahead).
-    read_args.setdefault("override_num_blocks", max(1, min(len(plan.endpoints), _cluster_cpus())))
+    # A task per endpoint: Ray would otherwise ask for 200 blocks and cut every task's output to match. The cluster's
+    # CPUs are no guide when planning: a head node may have none, and Ray may not be started yet (Ray Data then
+    # connects to a cluster that may be larger than this machine). `override_num_blocks` asks for fewer.
+    read_args.setdefault("override_num_blocks", max(1, len(plan.endpoints)))
     return ray.data.read_datasource(FlightDatasource(plan), **read_args)
-
-
-def _cluster_cpus() -> int:
-    """The CPUs of the Ray cluster, or of this machine if Ray is not started yet (Ray Data starts it here)."""
-    cpus = ray.cluster_resources().get("CPU") if ray.is_initialized() else os.cpu_count()
-    return int(cpus or 1)
 
 
 def read_table(
@@ -99,8 +92,8 @@ def read_table(
     **read_args: Any,
 ) -> ray.data.Dataset:
     """A whole-table scan split by data file into up to `partitions` endpoints (never more than the
-    snapshot has files), pinned to one snapshot, read by a task each (up to the cluster's CPUs). `read_args`
-    go to `ray.data.read_datasource` (`concurrency`, `num_cpus`, `ray_remote_args`, ...)."""
+    snapshot has files), pinned to one snapshot, read by a task each. `read_args` go to
+    `ray.data.read_datasource` (`concurrency`, `num_cpus`, `ray_remote_args`, `override_num_blocks`, ...)."""
     plan = plan_table(
         location,
         table,
@@ -128,11 +121,11 @@ def read_training_set(
     client_options: dict[str, Any] | None = None,
     **read_args: Any,
 ) -> ray.data.Dataset:
-    """A training set in `partitions` parts, every snapshot pinned, read by a task each (up to the cluster's
-    CPUs). Entity rows in a server table (`entity_rows`: its name) are split by key on the server; local rows
-    (a DataFrame, Arrow data, a dict of lists: what `get_historical_features` takes) are cut into contiguous
-    row ranges, each task sending its own with `do_exchange` (and carrying only those rows). `read_args` go
-    to `ray.data.read_datasource` (`override_num_blocks=partitions`: a task per part however many CPUs)."""
+    """A training set in `partitions` parts, every snapshot pinned, read by a task each. Entity rows in a server
+    table (`entity_rows`: its name) are split by key on the server; local rows (a DataFrame, Arrow data, a dict
+    of lists: what `get_historical_features` takes) are cut into contiguous row ranges, each task sending its own
+    with `do_exchange` (and carrying only those rows). `read_args` go to `ray.data.read_datasource`
+    (`override_num_blocks`: fewer tasks, each reading several parts in turn)."""
     plan = plan_training_set(
         location,
         entity_rows,

@@ -17,9 +17,13 @@ from flight_client.plans import ReadPlan
 from flight_client.ray import FlightDatasource, read_table, read_training_set
 
 
+def start_ray() -> None:
+    """The driver process's cluster, of 2 CPUs whatever the machine: started when the process starts (the pool's
+    initializer), before anything that would start Ray with all the machine's CPUs (`read_datasource` does)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
 def _collect(dataset: ray.data.Dataset) -> pa.Table:
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     return pa.concat_tables(ray.get(dataset.to_arrow_refs())).replace_schema_metadata(None)
 
 
@@ -38,9 +42,6 @@ def read_whole_training_set(location: str, entities: Any, features: list[str], *
 
 
 def read_training_set_tasks(location: str, entities: Any, features: list[str], **options: Any) -> tuple[pa.Table, str]:
-    """`read_training_set` on a cluster of 2 CPUs started first (its default number of tasks follows the CPUs),
-    and Ray's statistics of the read."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """`read_training_set`, and Ray's statistics of the read."""
     dataset = read_training_set(location, entities, features, **options)
     return _collect(dataset), dataset.stats()

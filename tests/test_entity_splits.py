@@ -3,12 +3,14 @@ endpoint must give exactly the rows, in exactly the order, that it gives when it
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -16,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flight_client import FeatureClient
-from flight_client.plans import Endpoint, plan_training_set
-from flight_server.training.entities import EntitySplits
+from flight_client.plans import Endpoint, ReadPlan, plan_training_set
+from flight_server.training.entities import PART, EntitySplits, split_sql
+from flight_server.training.plan import partition_predicate
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server
 
@@ -74,6 +77,25 @@ def write_entities(server: FeatureFlightServer, rows: list[tuple[int, int, float
     with FeatureClient(location(server)) as client:
         client.write(name, table, entity_keys=["k"], event_time="event_timestamp")
     return name
+
+
+@contextlib.contextmanager
+def splits_of(server: FeatureFlightServer, max_bytes: int) -> Iterator[EntitySplits]:
+    """The server's entity splits replaced by ones within `max_bytes` (a budget of their own) for a while."""
+    kept = server.parts.training.splits
+    server.parts.training.splits = EntitySplits(max_bytes)
+    try:
+        yield server.parts.training.splits
+    finally:
+        server.parts.training.splits = kept
+
+
+def assert_read_as_alone(servers: tuple[FeatureFlightServer, FeatureFlightServer], plan: ReadPlan) -> None:
+    """Every endpoint of `plan` gives the rows, in the order, that it gives read alone."""
+    split, alone = servers
+    for endpoint in plan.endpoints:
+        assert isinstance(endpoint, Endpoint)
+        assert read(split, endpoint).equals(read(alone, endpoint))
 
 
 entity_rows = st.lists(
@@ -141,14 +163,68 @@ def test_split_once_for_every_endpoint_and_epoch(servers: tuple[FeatureFlightSer
 
 def test_a_split_that_does_not_fit_is_not_made(servers: tuple[FeatureFlightServer, FeatureFlightServer]) -> None:
     split, alone = servers
-    kept = split.parts.training.splits
-    split.parts.training.splits = EntitySplits(1024)  # bytes: less than the table's rows
-    try:
+    with splits_of(split, 1024) as splits:  # bytes: less than the table's rows
         name = write_entities(split, [(k % 10, k % 16, None, "x" * (k % 5)) for k in range(300)])
-        plan = plan_training_set(location(split), name, FEATURES, partitions=3)
-        for endpoint in plan.endpoints:
-            assert isinstance(endpoint, Endpoint)
-            assert read(split, endpoint).equals(read(alone, endpoint))
-        assert split.parts.training.splits.builds == 0
+        assert_read_as_alone(servers, plan_training_set(location(split), name, FEATURES, partitions=3))
+        assert splits.builds == 0
+
+
+def test_a_split_never_evicts_the_index_its_training_set_reads(tmp_path: Path) -> None:
+    """A budget with room for the training set's index but not for the split too: the split is not made, rather
+    than evicting the index (the two would evict each other endpoint after endpoint, every epoch)."""
+    catalog = sqlite_catalog(tmp_path)
+    probe = start_server(catalog)
+    try:
+        with FeatureClient(location(probe)) as client:
+            features = pa.table(
+                {
+                    "k": pa.array(range(20_000), pa.int64()),
+                    "ts": pa.array([BASE] * 20_000, pa.timestamp("us", "UTC")),
+                    "rate": pa.array(range(20_000), pa.float64()),
+                    "level": pa.array(range(20_000), pa.int64()),
+                }
+            )
+            client.write("splits.rates", features, entity_keys=["k"], event_time="ts")
+        name = write_entities(probe, [(k, k % 16, 1.0, None) for k in range(20_000)])
+        plan = plan_training_set(location(probe), name, FEATURES, partitions=4)
+        alone = [read(probe, e) for e in plan.endpoints if isinstance(e, Endpoint)]
+        caches = probe.parts.memory.stats()["caches"]
+        index, split = caches["training_set"]["bytes"], caches["entity_splits"]["bytes"]
+        assert index > 0 and split > 0
     finally:
-        split.parts.training.splits = kept
+        probe.shutdown()
+    server = start_server(catalog, memory_budget_bytes=index + split // 2)
+    try:
+        plan = plan_training_set(location(server), name, FEATURES, partitions=4)
+        for _ in range(2):  # epochs
+            got = [read(server, e) for e in plan.endpoints if isinstance(e, Endpoint)]
+            assert all(a.equals(b) for a, b in zip(got, alone, strict=True))
+        assert (server.parts.training.cache.builds, server.parts.training.splits.builds) == (1, 0)
+        assert server.parts.memory.stats()["caches"]["training_set"]["evictions"]["budget"] == 0
+    finally:
+        server.shutdown()
+
+
+def test_a_split_larger_than_its_estimate_is_made_once(
+    servers: tuple[FeatureFlightServer, FeatureFlightServer],
+) -> None:
+    """Long strings pass the estimate (and the cap): the split made by the first endpoint is not kept, and the
+    others read their parts by themselves instead of each making the whole split again."""
+    split, alone = servers
+    with splits_of(split, 300_000) as splits:  # bytes: above the estimate, below the rows' real size
+        name = write_entities(split, [(k % 10, k % 16, None, f"{k:0500d}") for k in range(2_000)])
+        plan = plan_training_set(location(split), name, FEATURES, partitions=4)
+        for _ in range(2):  # epochs
+            assert_read_as_alone(servers, plan)
+        assert splits.builds == 1
+
+
+def test_the_part_column_is_a_bigint() -> None:
+    """Parts as int64, not HUGEINT (decimal128 in Arrow, a Python Decimal a row for numpy)."""
+    part = partition_predicate("", ("k",), [pa.int64()]).removesuffix(" = ?")
+    with duckdb.connect() as db:
+        db.execute("CREATE TABLE t AS SELECT range AS k FROM range(1000)")
+        split = db.execute(split_sql('"k"', "FROM t WHERE true", '"k"', part), [4]).to_arrow_table()
+    assert split.schema.field(PART).type == pa.int64()
+    assert set(split.column(PART).to_pylist()) == {0, 1, 2, 3}
+    assert split.column(PART).to_pylist() == sorted(split.column(PART).to_pylist())

@@ -37,7 +37,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
 @pytest.fixture(scope="module")
 def driver() -> Iterator[ProcessPoolExecutor]:
     """One child process that holds a local Ray cluster of two CPUs for the module."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=ray_driver.start_ray) as pool:
         yield pool
 
 
@@ -65,8 +66,8 @@ def test_training_set_equals_the_plain_read(driver: ProcessPoolExecutor, replica
         plain = client.get_historical_features(trips, features).replace_schema_metadata(None)
     got = driver.submit(ray_driver.read_whole_training_set, replicas[0], trips, features, partitions=4).result()
     assert got.num_rows == TRIPS and got.sort_by("trip_id").equals(plain.sort_by("trip_id"))
-    # As many tasks as the cluster's 2 CPUs, each reading 2 endpoints in turn, unless a task per endpoint is asked.
-    for blocks, tasks in ((None, 2), (4, 4)):
+    # A task per endpoint, unless fewer are asked for (each then reading 2 endpoints in turn).
+    for blocks, tasks in ((None, 4), (2, 2)):
         options = {"partitions": 4} | ({"override_num_blocks": blocks} if blocks else {})
         got, stats = driver.submit(ray_driver.read_training_set_tasks, replicas[0], trips, features, **options).result()
         assert f"{tasks} tasks executed" in stats

@@ -1,5 +1,5 @@
 """`ReadPlan.batches` (flight_client/plans.py), which DataLoader workers and Ray tasks read their parts with:
-opening endpoints ahead of the one being read changes neither the rows nor their order, and a reader that
+parts read one after the other over one connection give every part's batches in order, and a reader that
 stops early leaves nothing behind."""
 
 from __future__ import annotations
@@ -42,25 +42,22 @@ def plans(server: FeatureFlightServer, written: tuple[str, list[str]]) -> tuple[
     )
 
 
-def read(plan: ReadPlan, ahead: int) -> list[pa.RecordBatch]:
-    return list(plan.batches(plan.endpoints, ahead=ahead))
+def read(plan: ReadPlan) -> list[pa.RecordBatch]:
+    return list(plan.batches(plan.endpoints))
 
 
-@pytest.mark.parametrize("ahead", [1, 2, 10])
-def test_endpoints_opened_ahead_give_the_same_batches_in_the_same_order(
-    plans: tuple[ReadPlan, ReadPlan], ahead: int
-) -> None:
+def test_parts_read_in_turn_give_each_parts_batches_in_order(plans: tuple[ReadPlan, ReadPlan]) -> None:
     on_server, local = plans
     mixed = ReadPlan(on_server.location, on_server.schema, on_server.endpoints + local.endpoints[1:2])
     mixed = ReadPlan(**{**mixed.__dict__, "exchange": local.exchange})
     for plan in (on_server, local, mixed):
-        one_by_one = [b for part in plan.endpoints for b in plan.batches([part], ahead=0)]
-        got = read(plan, ahead)
+        one_by_one = [b for part in plan.endpoints for b in plan.batches([part])]
+        got = read(plan)
         assert len(got) == len(one_by_one)
         assert all(a.equals(b) for a, b in zip(got, one_by_one, strict=True))
-    assert sum(b.num_rows for b in read(on_server, ahead)) == TRIPS
-    assert len(read(on_server, ahead)) > len(on_server.endpoints)  # several batches a part
-    assert sum(b.num_rows for b in read(local, ahead)) == TRIPS
+    assert sum(b.num_rows for b in read(on_server)) == TRIPS
+    assert len(read(on_server)) > len(on_server.endpoints)  # several batches a part
+    assert sum(b.num_rows for b in read(local)) == TRIPS
     assert isinstance(local.endpoints[0], EntityRows)
 
 
@@ -71,8 +68,8 @@ def test_a_reader_that_stops_early_ends_the_endpoints_it_opened(
     on_server, _ = plans
     entities = str(server.parts.catalog.load(written[0]).metadata.table_uuid)
     in_use = server.parts.caches.in_use  # the snapshots the server's running reads hold
-    batches = on_server.batches(on_server.endpoints, ahead=3)
+    batches = on_server.batches(on_server.endpoints)
     next(batches)
-    batches.close()  # four endpoints open: the connection goes, and their streams with it
+    batches.close()  # the endpoint being read is open: the connection goes, and its stream with it
     wait_until(lambda: not in_use.snapshots(entities), what="the server to end the streams")
-    assert read(on_server, 3)[0].equals(next(on_server.batches(on_server.endpoints, ahead=0)))
+    assert read(on_server)[0].equals(next(on_server.batches(on_server.endpoints)))

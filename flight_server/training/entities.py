@@ -132,6 +132,7 @@ def _part_expression(plan: HistoricalPlan) -> str:
 PART = "__pit_part"
 
 _VARIABLE_WIDTH = 32  # bytes a row of a string or binary entity column is estimated at (`EntitySplits`)
+_REMEMBERED = 256  # splits made but not kept whose real size `EntitySplits` remembers (least recently used go first)
 
 
 class EntitySplits:
@@ -141,14 +142,18 @@ class EntitySplits:
     The endpoints of a training set over an entity table each read a part of its rows: by themselves, each would
     scan the whole table, hash its keys and keep its share, 8 endpoints 8 scans. Here the first endpoint to come
     splits the table in one scan and sort, and each endpoint (of this epoch or the next) takes its part from
-    memory, in the order its own query gives. A split whose estimated size does not fit is not made: its
-    endpoints read their parts by themselves (`server_entities`).
+    memory, in the order its own query gives. A split whose estimated size does not fit in the budget's free room is
+    not made (it never evicts other caches' entries): its endpoints read their parts by themselves
+    (`server_entities`).
     """
 
     def __init__(self, max_bytes: int, budget: MemoryBudget | None = None):
         self._splits: OrderedDict[Hashable, list[pa.Table]] = OrderedDict()
         self._account = (budget or MemoryBudget(max_bytes)).account("entity_splits", max_bytes, self._splits.pop)
         self._building = LockPool()
+        # The real bytes of splits made but not kept (their estimate was low): their endpoints read their parts by
+        # themselves while that size does not fit, instead of each making the whole split again in turn.
+        self._too_big: OrderedDict[Hashable, int] = OrderedDict()
         self.builds = 0  # splits made
 
     def part(self, plan: HistoricalPlan, cursor: duckdb.DuckDBPyConnection) -> pa.Table | None:
@@ -167,24 +172,49 @@ class EntitySplits:
                 if parts is not None:
                     self._account.touch(key)
                     return parts[index]
-            estimate = _estimated_bytes(plan)
-            if estimate is None or not self._account.reserve(estimate):
+                estimate = self._too_big.get(key) or _estimated_bytes(plan)
+            if estimate is None or not self._reserve_free(estimate):
                 return None
             try:
-                sql = f"SELECT {columns}, {_part_expression(plan)} AS {PART} {source} ORDER BY {PART}, {order}"
+                sql = split_sql(columns, source, order, _part_expression(plan))
                 split = cursor.execute(sql, [count, *params]).to_arrow_table()
             except BaseException:
                 self._account.release(estimate)
                 raise
-            sizes = np.bincount(split.column(PART).to_numpy().astype(np.int64), minlength=count)
+            sizes = np.bincount(split.column(PART).to_numpy(), minlength=count)
             split = split.drop_columns([PART])
             starts = np.concatenate([[0], np.cumsum(sizes)])
             parts = [split.slice(starts[i], sizes[i]) for i in range(count)]
             self.builds += 1
             with self._account.lock:
-                if self._account.admit(key, split.nbytes, reserved=estimate):
+                self._account.release(estimate)
+                if self._free(split.nbytes) and self._account.admit(key, split.nbytes):
                     self._splits[key] = parts
+                    self._too_big.pop(key, None)
+                else:
+                    self._too_big[key] = split.nbytes
+                    self._too_big.move_to_end(key)
+                    if len(self._too_big) > _REMEMBERED:
+                        self._too_big.popitem(last=False)
             return parts[index]
+
+    def _free(self, size: int) -> bool:
+        """Whether `size` bytes fit in the budget's free room (call under the lock). A split is made only from free
+        room, evicting at most older splits (its cap): evicting a training-set index, perhaps the very one its
+        request reads, would have the two evict each other endpoint after endpoint."""
+        budget = self._account.budget
+        return budget.used + size <= budget.total and size <= self._account.cap
+
+    def _reserve_free(self, size: int) -> bool:
+        """Reserve `size` bytes for a split if they fit in the free room (`_free`)."""
+        with self._account.lock:
+            return self._free(size) and self._account.reserve(size)
+
+
+def split_sql(columns: str, source: str, order: str, part: str) -> str:
+    """The rows of `source` with their part (`part`, an expression of one `?`, the part count) as a BIGINT: as
+    DuckDB types `hash(...) % ?`, a HUGEINT, it would reach Arrow as decimal128, and numpy as a Python object a row."""
+    return f"SELECT {columns}, CAST({part} AS BIGINT) AS {PART} {source} ORDER BY {PART}, {order}"
 
 
 def _estimated_bytes(plan: HistoricalPlan) -> int | None:

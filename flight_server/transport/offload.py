@@ -67,7 +67,10 @@ NICE = 5  # added to the child's OS niceness: a core both want goes to serving f
 START_TIMEOUT_SECONDS = 120.0  # for the child to import, open the catalog and listen
 STOP_SECONDS = 30.0  # for the child to finish its running calls once the server stops
 READY = b"ready\n"
-_ASKING = flight.FlightCallOptions(timeout=2.0)  # for `health`, `describe` and refresh plans: never hang on the child
+_ASKING = flight.FlightCallOptions(timeout=2.0)  # for `health` and `describe`: never hang on the child
+# For refresh plans, which read the appended files: longer, or a big append (or a busy child) would time out and
+# the serving process would read it all again itself.
+_PLANNING = flight.FlightCallOptions(timeout=30.0)
 
 # The child's own action (not in the action table: only a write process answers it): `plan_refresh`.
 PLAN_REFRESH = "_plan_refresh"
@@ -200,15 +203,16 @@ class WriteProcess:
     ) -> tuple[RefreshPlan, pa.Table | None] | None:
         """An online index refresh planned in the child (`OnlineStore.plan`): the table's metadata and manifests are
         parsed there, and the appended files read there into their latest row per key (at most `room` bytes). None
-        when no child runs (a refresh starts none: a replica that only serves needs none) or it cannot answer: the
-        refresh then runs in the serving process."""
+        when no child runs (a refresh starts none: a replica that only serves needs none) or it cannot answer within
+        30 s (`_PLANNING`, since it reads the append; `health`'s 2 s would fail big appends): the refresh then runs
+        in the serving process."""
         body = json.dumps({"table": name, "known": known, "since": since, "room": room}).encode()
         running = self._running()
         if running is None:
             return None
         client, process = running
         try:
-            results = list(client.do_action(flight.Action(PLAN_REFRESH, body), _ASKING))
+            results = list(client.do_action(flight.Action(PLAN_REFRESH, body), _PLANNING))
         except (flight.FlightError, pa.ArrowException, OSError) as exc:
             failure = self._failure(exc, process)
             if isinstance(failure, NotFoundError | LimitError):  # the table is gone or too big: the index is dropped
