@@ -31,6 +31,7 @@ from flight_server.changes.files import write_data_files
 from flight_server.changes.group import ENABLED_PROPERTY, GroupCommits, Put, Rows
 from flight_server.changes.history import PUTS_PROPERTY, WRITE_ID_PROPERTY, WRITE_IDS_PROPERTY, WriteIds
 from flight_server.changes.writes import _Checks
+from flight_server.iceberg import internals
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
 from flight_server.transport.service import FeatureFlightServer
 from flight_server.wire.errors import ConflictError
@@ -320,15 +321,14 @@ def test_a_commit_whose_outcome_is_unknown_keeps_its_files_and_its_retry_lands_o
     location, name = f"grpc://127.0.0.1:{server.port}", "group.unknown"
     try:
         create(location, name)
-        sql = server.parts.catalog.catalog
-        real = sql.commit_table
+        real = internals._commit_sql  # the SQL catalog's commit (its compare-and-swap of the table's pointer)
 
         def applied_then_lost(*args: Any, **kwargs: Any) -> Any:
             real(*args, **kwargs)
             raise ConnectionResetError("the catalog's answer was lost")
 
         with FeatureClient(location) as client:
-            monkeypatch.setattr(sql, "commit_table", applied_then_lost)
+            monkeypatch.setattr(internals, "_commit_sql", applied_then_lost)
             with pytest.raises(Exception) as failed:
                 client.write(name, row(1), write_id="unknown-1")
             assert not isinstance(failed.value, InvalidRequestError)

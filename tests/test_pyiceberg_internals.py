@@ -15,6 +15,7 @@ import itertools
 import pathlib
 import uuid
 from typing import Any
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyiceberg
@@ -53,7 +54,11 @@ ALLOWED_PRIVATE: frozenset[tuple[str, str]] = frozenset(
 )
 
 # Private names that are instance attributes: checked on a real object (`test_a_real_transaction_and_producer`).
-INSTANCE_ATTRIBUTES = {"pyiceberg.table.Transaction._table", "pyiceberg.table.Transaction._updates"}
+INSTANCE_ATTRIBUTES = {
+    "pyiceberg.table.Transaction._table",
+    "pyiceberg.table.Transaction._updates",
+    "pyiceberg.table.Transaction._requirements",
+}
 
 # The parameters internals.py passes, in order (by position or keyword), of each private callable.
 PARAMETERS = {
@@ -69,6 +74,15 @@ PARAMETERS = {
     "pyiceberg.io.pyarrow._pyarrow_to_schema_without_ids": ("schema",),
     "pyiceberg.catalog.sql.SqlCatalog._iceberg_type_filter": ("self",),
     "pyiceberg.table.Transaction._apply": ("self", "updates", "requirements"),
+    "pyiceberg.catalog.MetastoreCatalog._update_and_stage_table": (
+        "self",
+        "current_table",
+        "table_identifier",
+        "requirements",
+        "updates",
+    ),
+    "pyiceberg.catalog.MetastoreCatalog._write_metadata": ("metadata", "io", "metadata_path"),
+    "pyiceberg.catalog.Catalog._delete_old_metadata": ("io", "base", "metadata"),
 }
 
 # What the snapshot producers override, call or read on `_SnapshotProducer` (see its entry in PRIVATE_API).
@@ -245,10 +259,57 @@ def test_commit_on_base_is_not_rebuilt_on_a_newer_snapshot(tmp_path: pathlib.Pat
     assert [s.snapshot_id for s in catalog.load_table(("ns", "t")).snapshots()] == [winner.snapshots()[0].snapshot_id]
     manifests = {p.name for p in tmp_path.rglob("*.avro")}
     assert not any(str(loser.commit_uuid) in name for name in manifests)
+    assert len(list(tmp_path.rglob("*.metadata.json"))) == 2  # the loser's metadata file was deleted
 
     transaction, fresh = appending(catalog.load_table(("ns", "t")))
     committed = internals.commit_on_base(transaction, fresh)
     assert len(committed.snapshots()) == 2 and committed.current_snapshot().snapshot_id == fresh.snapshot_id
+
+
+def test_commit_on_base_swaps_the_sql_catalog_pointer_without_loading_the_table(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits to a SQL catalog check the metadata they were opened on, not a fresh load of it: the catalog then
+    points at each new metadata file, which holds what pyiceberg's own commit would have written, old files are
+    deleted as the table's properties say, and a commit on a state another change replaced (a property, here)
+    fails and leaves no file."""
+    catalog = SqlCatalog("internals", **sqlite_catalog(tmp_path))
+    catalog.create_namespace("ns")
+    rows = pa.table({"id": pa.array([1, 2], pa.int64())})
+    history = {"write.metadata.delete-after-commit.enabled": "true", "write.metadata.previous-versions-max": "1"}
+    table = catalog.create_table(("ns", "t"), schema=rows.schema, properties=history)
+    loads = []
+    monkeypatch.setattr(catalog, "load_table", lambda identifier: loads.append(identifier))
+
+    def append(table: Table) -> Table:
+        transaction = internals.MemoTransaction(table)
+        producer = transaction.update_snapshot(snapshot_properties={"k": "v"}).fast_append()
+        for data_file in write_data_files(table.metadata, rows, table.io, None, uuid.uuid4(), itertools.count()):
+            producer.append_data_file(data_file)
+        return internals.commit_on_base(transaction, producer)
+
+    for _ in range(3):
+        before = table.metadata_location
+        table = append(table)
+        assert table.metadata_location != before and table.metadata.metadata_log[-1].metadata_file == before
+    assert loads == []
+    monkeypatch.undo()
+    stored = catalog.load_table(("ns", "t"))
+    assert stored.metadata_location == table.metadata_location and stored.metadata == table.metadata
+    assert [s.summary["k"] for s in stored.snapshots() if s.summary] == ["v"] * 3
+    assert len(stored.scan().to_arrow()) == 6
+    assert sorted(tmp_path.rglob("*.metadata.json")) == sorted(
+        pathlib.Path(urlparse(m).path)
+        for m in [stored.metadata.metadata_log[-1].metadata_file, stored.metadata_location]
+    )
+
+    stale = Table(stored.name(), stored.metadata, stored.metadata_location, stored.io, catalog)
+    stored.transaction().set_properties({"a": "1"}).commit_transaction()
+    files = sorted(tmp_path.rglob("*.metadata.json"))
+    with pytest.raises(CommitFailedException):
+        append(stale)
+    assert sorted(tmp_path.rglob("*.metadata.json")) == files
+    assert catalog.load_table(("ns", "t")).metadata_location == stored.metadata_location
 
 
 def test_memo_transaction_follows_staged_updates_and_commits(tmp_path: pathlib.Path) -> None:

@@ -61,6 +61,12 @@ def _sort_indices(chunk: pa.Table, spec: FeatureSpec | None) -> pa.Array | None:
     return pc.sort_indices(chunk.select(columns).combine_chunks(), sort_keys=[(c, "ascending") for c in columns])
 
 
+# Below this many Arrow bytes a chunk's rows are sorted, partitioned and written on the calling thread: for the few
+# rows of a group commit's shared files, the thread pool's hand-offs (a task queued, a thread woken, a future
+# answered, all under the GIL the server's threads share) cost more than the work itself.
+SERIAL_BYTES = 1 << 20
+
+
 def write_data_files(
     metadata: TableMetadata,
     chunk: pa.Table,
@@ -70,8 +76,8 @@ def write_data_files(
     counter: itertools.count[int],
 ) -> list[DataFile]:
     """Parquet data files of one chunk, split by partition, rows sorted (`sort_rows`) within each file, written in
-    parallel; the same files, named, split and ordered the same way, as pyiceberg's append writes of the sorted
-    chunk, with every `write.parquet.*` property honoured (`parquet_options`).
+    parallel (on the calling thread below `SERIAL_BYTES`); the same files, named, split and ordered the same way, as
+    pyiceberg's append writes of the sorted chunk, with every `write.parquet.*` property honoured (`parquet_options`).
 
     The rows are copied once: one `take` puts them in partition order, sorted within each partition, and each
     file is a slice of it. Any file this wrote is deleted if one fails (a full disk), so that a failed chunk
@@ -88,6 +94,8 @@ def write_data_files(
             for batches in bin_pack_arrow_table(rows, target)
         ]
         write = functools.partial(_write_file, _FileContext.of(metadata, chunk.schema), created, write_uuid)
+        if chunk.nbytes < SERIAL_BYTES:
+            return [write(task) for task in tasks]
         writing = [ExecutorFactory.get_or_create().submit(write, task) for task in tasks]
         try:
             return [file.result() for file in writing]
@@ -109,14 +117,15 @@ def partitioned_rows(
     The partition values come from Arrow compute or pyiceberg-core's transforms of whole columns, while Arrow sorts
     the rows by keys and time on another core; one stable sort of those values in that order groups each
     partition's rows in sorted order, and one `take` of the chunk by the combined order makes every partition a
-    zero-copy slice."""
+    zero-copy slice. A chunk under `SERIAL_BYTES` is sorted on the calling thread."""
     partition_spec, schema = metadata.spec(), metadata.schema()
     if partition_spec.is_unpartitioned():
         order = _sort_indices(chunk, spec)
         return [(None, chunk if order is None else _take(chunk, order))]
-    sorting = ExecutorFactory.get_or_create().submit(_sort_indices, chunk, spec)
+    serial = chunk.nbytes < SERIAL_BYTES
+    sorting = None if serial else ExecutorFactory.get_or_create().submit(_sort_indices, chunk, spec)
     values = _partition_values(partition_spec, schema, chunk)
-    order = sorting.result()
+    order = _sort_indices(chunk, spec) if sorting is None else sorting.result()
     if values is None:  # a transform Arrow cannot compute here: pyiceberg's own way
         fallback: list[tuple[PartitionKey | None, pa.Table]] = [
             *partitions(partition_spec, schema, sort_rows(chunk, spec))
@@ -158,8 +167,9 @@ def partition_counts(metadata: TableMetadata, rows: pa.Table, lengths: list[int]
 
 
 def _take(chunk: pa.Table, indices: pa.Array) -> pa.Table:
-    """`chunk.take(indices)`, a column per thread: Arrow takes the columns of a table one after the other."""
-    if chunk.num_columns < 2:
+    """`chunk.take(indices)`, a column per thread (above `SERIAL_BYTES`): Arrow takes the columns of a table one after
+    the other."""
+    if chunk.num_columns < 2 or chunk.nbytes < SERIAL_BYTES:
         return chunk.take(indices)
     columns = ExecutorFactory.get_or_create().map(lambda column: column.take(indices), chunk.columns)
     return pa.Table.from_arrays(list(columns), schema=chunk.schema)
