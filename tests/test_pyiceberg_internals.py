@@ -29,7 +29,9 @@ from pyiceberg.manifest import FileFormat, ManifestWriter
 from pyiceberg.partitioning import PartitionKey
 from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import Table, Transaction
+from pyiceberg.table.update import update_table_metadata
 from pyiceberg.table.update.snapshot import CommitWindow
+from pyiceberg.types import DoubleType
 
 from flight_server.changes.files import write_data_files
 from flight_server.iceberg import internals
@@ -74,13 +76,9 @@ PARAMETERS = {
     "pyiceberg.io.pyarrow._pyarrow_to_schema_without_ids": ("schema",),
     "pyiceberg.catalog.sql.SqlCatalog._iceberg_type_filter": ("self",),
     "pyiceberg.table.Transaction._apply": ("self", "updates", "requirements"),
-    "pyiceberg.catalog.MetastoreCatalog._update_and_stage_table": (
-        "self",
-        "current_table",
-        "table_identifier",
-        "requirements",
-        "updates",
-    ),
+    "pyiceberg.catalog.MetastoreCatalog._parse_metadata_version": ("metadata_location",),
+    "pyiceberg.table.update._apply_table_update": ("update", "base_metadata", "context"),
+    "pyiceberg.table.update._update_table_metadata_log": ("base_metadata", "metadata_location", "last_updated_ms"),
     "pyiceberg.catalog.MetastoreCatalog._write_metadata": ("metadata", "io", "metadata_path"),
     "pyiceberg.catalog.Catalog._delete_old_metadata": ("io", "base", "metadata"),
 }
@@ -310,6 +308,33 @@ def test_commit_on_base_swaps_the_sql_catalog_pointer_without_loading_the_table(
         append(stale)
     assert sorted(tmp_path.rglob("*.metadata.json")) == files
     assert catalog.load_table(("ns", "t")).metadata_location == stored.metadata_location
+
+
+def test_updated_metadata_is_pyicebergs_and_shares_only_the_history(tmp_path: pathlib.Path) -> None:
+    """`updated_metadata` gives what pyiceberg's `update_table_metadata` gives (a new column, a property, a snapshot,
+    the metadata log), sharing the history's entries with the base but no schema, spec or properties."""
+    catalog = SqlCatalog("internals", **sqlite_catalog(tmp_path))
+    catalog.create_namespace("ns")
+    rows = pa.table({"id": pa.array([1, 2], pa.int64())})
+    table = catalog.create_table(("ns", "t"), schema=rows.schema)
+    table.append(rows)
+    table.append(rows)
+    transaction = Transaction(table)
+    with transaction.update_schema() as change:
+        change.add_column("x", DoubleType())
+    transaction.set_properties({"a": "1"})
+    append = transaction.update_snapshot().fast_append()
+    for data_file in write_data_files(table.metadata, rows, table.io, None, uuid.uuid4(), itertools.count()):
+        append.append_data_file(data_file)
+    updates = (*transaction._updates, *append._commit()[0])  # the snapshot's updates, not staged
+    base, location = table.metadata, table.metadata_location
+    ours = internals.updated_metadata(base, updates, location)
+    theirs = update_table_metadata(base, updates, metadata_location=location)
+    assert ours == theirs and ours.metadata_log[-1].metadata_file == location and len(ours.snapshots) == 3
+    assert all(a is b for a, b in zip(ours.snapshots, base.snapshots, strict=False))
+    assert ours.snapshots is not base.snapshots and ours.refs is not base.refs
+    assert ours.schemas[0] is not base.schemas[0] and ours.partition_specs[0] is not base.partition_specs[0]
+    assert internals.updated_metadata(base, ()) == update_table_metadata(base, ())
 
 
 def test_memo_transaction_follows_staged_updates_and_commits(tmp_path: pathlib.Path) -> None:
