@@ -19,6 +19,7 @@ from pyiceberg.io.fileformat import FileFormatFactory
 from pyiceberg.io.pyarrow import data_file_statistics_from_parquet_metadata
 from pyiceberg.manifest import FileFormat
 from pyiceberg.schema import assign_fresh_schema_ids
+from pyiceberg.table.locations import load_location_provider
 from pyiceberg.table.metadata import TableMetadata, new_table_metadata
 from pyiceberg.table.sorting import UNSORTED_SORT_ORDER
 
@@ -369,3 +370,22 @@ def test_file_statistics_are_pyicebergs(data: st.DataObject) -> None:
     reference = data_file_statistics_from_parquet_metadata(footer, layout.plan, layout.columns)
     assert quick.to_serialized_dict() == reference.to_serialized_dict()
     assert type(quick) is not type(reference)  # read the quick way, not left to pyiceberg
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=rows_strategy(), layout=st.sampled_from([*LAYOUTS[:1], *LAYOUTS[2:], FALLBACK]), spread=st.booleans())
+def test_data_files_go_where_the_location_provider_puts_them(rows: pa.Table, layout: list[str], spread: bool) -> None:
+    """A file's location with its partition's path worked out once (`_FileContext.data_location`) is the table's
+    location provider's for the partition key, twice over (the second time from the kept path), with the plain
+    provider and with the object-store one (which hashes the file name into the path)."""
+    metadata = _metadata(layout, rows.schema)
+    if spread:
+        metadata = metadata.model_copy(update={"properties": {"write.object-storage.enabled": "true"}})
+    chunk = rows.cast(table_arrow_schema(metadata.schema()))
+    context = _FileContext.of(metadata, chunk.schema)
+    provider = load_location_provider(metadata.location, metadata.properties)
+    for number, (key, _) in enumerate(partitions(metadata.spec(), metadata.schema(), chunk) * 2):
+        name = f"00000-{number}-{uuid.uuid4()}.parquet"
+        assert context.data_location(name, key) == provider.new_data_location(data_file_name=name, partition_key=key)
+    name = f"00000-0-{uuid.uuid4()}.parquet"
+    assert context.data_location(name, None) == provider.new_data_location(data_file_name=name)
