@@ -262,7 +262,10 @@ def _commit_sql(catalog: SqlCatalog, transaction: Transaction) -> Table:
     with catalog.engine.begin() as connection:  # a failure here: the outcome is unknown (`commit_on_base`)
         swapped = connection.execute(_SWAP, {**bound, "base": location, "location": new_location}).rowcount
     if swapped < 1:
-        io.delete(new_location)
+        try:
+            io.delete(new_location)
+        except Exception as exc:  # an orphan file at worst: the commit surely did not land
+            log.warning("could not delete the metadata file %s of a lost commit: %s", new_location, exc)
         raise CommitFailedException(f"Table has been updated by another process: {'.'.join(table.name())}")
     try:
         catalog._delete_old_metadata(table.io, base, metadata)
