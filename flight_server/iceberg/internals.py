@@ -159,8 +159,9 @@ def updated_metadata(
 ) -> TableMetadata:
     """pyiceberg's `update_table_metadata` (the metadata with the updates applied, checked, and a copy of its own),
     with a copy that shares the history (`sharing_history`) instead of a deep copy of it: copying every snapshot
-    was most of a commit's CPU on a table of a few hundred snapshots, and still a tenth of a grouped put's on a
-    new table. `metadata_location`: the base's file, entered in the metadata log when there are updates."""
+    was most of a commit's CPU on a table of a few hundred snapshots (28 ms a commit at 200, 13 ms without), and
+    made a put alone cost twice what it does now. `metadata_location`: the base's file, entered in the metadata log
+    when there are updates."""
     context = _TableMetadataUpdateContext()
     metadata = base
     for change in updates:
