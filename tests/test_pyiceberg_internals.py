@@ -13,6 +13,7 @@ import importlib
 import inspect
 import itertools
 import pathlib
+import threading
 import uuid
 from typing import Any
 from urllib.parse import urlparse
@@ -29,6 +30,7 @@ from pyiceberg.manifest import FileFormat, ManifestWriter
 from pyiceberg.partitioning import PartitionKey
 from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import Table, Transaction
+from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.update import update_table_metadata
 from pyiceberg.table.update.snapshot import CommitWindow
 from pyiceberg.types import DoubleType
@@ -312,7 +314,7 @@ def test_commit_on_base_swaps_the_sql_catalog_pointer_without_loading_the_table(
 
 def test_updated_metadata_is_pyicebergs_and_shares_only_the_history(tmp_path: pathlib.Path) -> None:
     """`updated_metadata` gives what pyiceberg's `update_table_metadata` gives (a new column, a property, a snapshot,
-    the metadata log), sharing the history's entries with the base but no schema, spec or properties."""
+    the metadata log), in lists and maps of its own that share their entries (frozen models) with the base."""
     catalog = SqlCatalog("internals", **sqlite_catalog(tmp_path))
     catalog.create_namespace("ns")
     rows = pa.table({"id": pa.array([1, 2], pa.int64())})
@@ -333,8 +335,53 @@ def test_updated_metadata_is_pyicebergs_and_shares_only_the_history(tmp_path: pa
     assert ours == theirs and ours.metadata_log[-1].metadata_file == location and len(ours.snapshots) == 3
     assert all(a is b for a, b in zip(ours.snapshots, base.snapshots, strict=False))
     assert ours.snapshots is not base.snapshots and ours.refs is not base.refs
-    assert ours.schemas[0] is not base.schemas[0] and ours.partition_specs[0] is not base.partition_specs[0]
+    assert ours.schemas[0] is base.schemas[0] and ours.partition_specs[0] is base.partition_specs[0]
+    assert ours.schemas is not base.schemas and ours.properties is not base.properties
     assert internals.updated_metadata(base, ()) == update_table_metadata(base, ())
+
+
+class FirstUseDuringCopy:
+    """Planted in a schema's `__dict__` (`first_use_during_copy`): a deep copy of the schema, as it reaches this
+    entry, has another thread use the schema for the first time (its name mapping, as a read's planning does),
+    which pyiceberg caches into that `__dict__`. The moment that failed a put with "dictionary changed size during
+    iteration" (INTERNAL), made to happen every time a copy iterates the schema."""
+
+    def __init__(self, schema: Schema):
+        self.schema = schema
+        self.copies = 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FirstUseDuringCopy:
+        self.copies += 1
+        other = threading.Thread(target=lambda: self.schema.name_mapping)
+        other.start()
+        other.join()
+        return self
+
+
+def first_use_during_copy(metadata: TableMetadata) -> FirstUseDuringCopy:
+    """Plant `FirstUseDuringCopy` in the current schema of `metadata`, whose name mapping it makes uncached."""
+    schema = metadata.schema()
+    schema.__dict__.pop("name_mapping", None)
+    hook = schema.__dict__["_first_use_during_copy"] = FirstUseDuringCopy(schema)
+    return hook
+
+
+def test_updated_metadata_copies_nothing_another_thread_caches_on(tmp_path: pathlib.Path) -> None:
+    """The server shares a table's metadata between threads; pyiceberg caches on a schema at its first use of each
+    cache, so a deep copy of it fails if another thread uses it at that moment. The commit's copy is safe then."""
+    catalog = SqlCatalog("internals", **sqlite_catalog(tmp_path))
+    catalog.create_namespace("ns")
+    rows = pa.table({"id": pa.array([1, 2], pa.int64())})
+    table = catalog.create_table(("ns", "t"), schema=rows.schema)
+    transaction = Transaction(table)
+    transaction.set_properties({"a": "1"})
+    first_use_during_copy(table.metadata)
+    with pytest.raises(RuntimeError, match="changed size during iteration"):  # the hook works: a deep copy fails
+        table.metadata.model_copy(deep=True)
+    hook = first_use_during_copy(table.metadata)
+    updated = internals.updated_metadata(table.metadata, transaction._updates, table.metadata_location)
+    assert updated.properties["a"] == "1" and "a" not in table.metadata.properties
+    assert internals.sharing_entries(table.metadata) == table.metadata and hook.copies == 0
 
 
 def test_memo_transaction_follows_staged_updates_and_commits(tmp_path: pathlib.Path) -> None:

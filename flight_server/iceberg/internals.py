@@ -158,10 +158,10 @@ def updated_metadata(
     base: TableMetadata, updates: tuple[TableUpdate, ...], metadata_location: str | None = None
 ) -> TableMetadata:
     """pyiceberg's `update_table_metadata` (the metadata with the updates applied, checked, and a copy of its own),
-    with a copy that shares the history (`sharing_history`) instead of a deep copy of it: copying every snapshot
-    was most of a commit's CPU on a table of a few hundred snapshots (28 ms a commit at 200, 13 ms without), and
-    made a put alone cost twice what it does now. `metadata_location`: the base's file, entered in the metadata log
-    when there are updates."""
+    with a copy that shares the entries of its lists and maps (`sharing_entries`) instead of a deep copy of them:
+    copying every snapshot was most of a commit's CPU on a table of a few hundred snapshots (28 ms a commit at
+    200, 13 ms without), and made a put alone cost twice what it does now. `metadata_location`: the base's file,
+    entered in the metadata log when there are updates."""
     context = _TableMetadataUpdateContext()
     metadata = base
     for change in updates:
@@ -174,24 +174,26 @@ def updated_metadata(
             metadata = metadata.model_copy(update={"last_updated_ms": now})
     metadata.spec().check_compatible(metadata.schema())
     metadata.sort_order().check_compatible(metadata.schema())
-    return sharing_history(metadata)
+    return sharing_entries(metadata)
 
 
-# The parts of a table's metadata that grow with its history: lists and maps of frozen models that nothing caches on
-# (a `Snapshot`, a log entry, a ref, a statistics file).
-_HISTORY = ("snapshots", "snapshot_log", "metadata_log", "refs", "statistics", "partition_statistics")
+def sharing_entries(metadata: TableMetadata) -> TableMetadata:
+    """A copy of the metadata with lists and maps of its own that shares their entries (snapshots, log entries,
+    refs, schemas, specs, sort orders: frozen models) instead of a deep copy of them.
 
-
-def sharing_history(metadata: TableMetadata) -> TableMetadata:
-    """A deep copy of the metadata but for its history, whose entries it shares (in lists and maps of its own).
-
-    The deep copy pyiceberg makes keeps its schemas, specs and properties apart from the original's: pyiceberg caches
-    on a schema as it uses it, which would fail another thread copying the same schema at that moment. The history's
-    entries are frozen models with nothing cached on them, so sharing them is as safe as copying them."""
-    history = {name: getattr(metadata, name) for name in _HISTORY if hasattr(metadata, name)}
-    empty = {name: type(value)() for name, value in history.items()}
-    copy = metadata.model_copy(update=empty).model_copy(deep=True)
-    return copy.model_copy(update={name: type(value)(value) for name, value in history.items()})
+    A deep copy of the history was most of a commit's CPU (see `updated_metadata`). A deep copy of a schema or spec
+    that other threads use (the server shares a table's metadata between reads, puts and maintenance) is not safe:
+    it iterates the object's `__dict__`, into which pyiceberg caches (`cached_property`) on the object's first use
+    of each, so another thread's first use at that moment fails the copy with "dictionary changed size during
+    iteration" (a put answered INTERNAL). Sharing them copies nothing that another thread writes to."""
+    update: dict[str, Any] = {}
+    for name in type(metadata).model_fields:
+        value = getattr(metadata, name)
+        if isinstance(value, list):
+            update[name] = list(value)
+        elif isinstance(value, dict):
+            update[name] = dict(value)
+    return metadata.model_copy(update=update)
 
 
 def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -> Table:
