@@ -169,24 +169,29 @@ def fresh_server(target: Target) -> Iterator[str]:
 
 
 def writer_runs(target: Target, data: pa.Table, puts_per_writer: int) -> list[dict[str, Any]]:
-    """One writer, then `WRITER_ROUNDS` rounds of the concurrent writers with group commit (on the target) and the
-    same writers with one snapshot per put, on a server started with `--no-group-commit` on the same catalog (left
-    out when the target is a server given by `--location`), taking turns; each run the same number of puts, the
-    concurrent writers' figures the medians of their rounds, with the ratio to the one writer's and, for the
-    grouped writers, to the same writers' without group commit (the goal). A round with group commit takes a
-    second or two, one without ten times that: a single pair measured them at different moments of a busy
-    machine's load (the same code gave 8.2x and 10.4x in two runs)."""
+    """One writer, then `WRITER_ROUNDS` rounds of the concurrent writers with group commit and the same writers with
+    one snapshot per put, on servers started on the target's catalog with `--no-auto-maintenance` (the second also
+    with `--no-group-commit`; a server given by `--location` is measured as it is, without the second), taking
+    turns; each run the same number of puts, the concurrent writers' figures the medians of their rounds, with the
+    ratio to the one writer's and, for the grouped writers, to the same writers' without group commit (the goal). A
+    round with group commit takes a second or two, one without ten times that: a single pair measured them at
+    different moments of a busy machine's load (the same code gave 8.2x and 10.4x in two runs)."""
     many = WRITERS[-1]
     puts = puts_per_writer * many
-    runs = [concurrent_puts(target.location, target.pid, data, WRITERS[0], puts // WRITERS[0])]
     rounds: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
     with contextlib.ExitStack() as stack:
         alone = None
+        grouped: Target = target
         if target.warehouse is not None:
-            server = local_server(target.catalog_config, warehouse=target.warehouse, args=["--no-group-commit"])
+            # Both servers without automatic maintenance: its rounds (every minute) compact the small files of the
+            # earlier rounds' tables, and took the cores from whichever round was running then, on either side.
+            quiet = ["--no-auto-maintenance"]
+            grouped = stack.enter_context(local_server(target.catalog_config, warehouse=target.warehouse, args=quiet))
+            server = local_server(target.catalog_config, warehouse=target.warehouse, args=["--no-group-commit", *quiet])
             alone = stack.enter_context(server)
+        runs = [concurrent_puts(grouped.location, grouped.pid, data, WRITERS[0], puts // WRITERS[0])]
         for _ in range(WRITER_ROUNDS):
-            rounds[True].append(concurrent_puts(target.location, target.pid, data, many, puts_per_writer))
+            rounds[True].append(concurrent_puts(grouped.location, grouped.pid, data, many, puts_per_writer))
             if alone is not None:
                 rounds[False].append(
                     concurrent_puts(alone.location, alone.pid, data, many, puts_per_writer, group_commit=False)
@@ -454,7 +459,8 @@ def render(result: dict[str, Any]) -> str:
     parts += [
         "",
         f"one-row puts from writers, each its own client, to a fresh table; group commit on, or off (a server "
-        f"started with --no-group-commit on the same catalog: one snapshot per put); {WRITERS[-1]} writers: median "
+        f"started with --no-group-commit on the same catalog: one snapshot per put; both without automatic "
+        f"maintenance); {WRITERS[-1]} writers: median "
         f"of {WRITER_ROUNDS} rounds, on and off taking turns; goal: >= {goals['group_commit_speedup']}x the same "
         f"writers' puts/s with group commit off",
         report.table(

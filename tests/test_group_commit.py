@@ -30,12 +30,14 @@ from flight_server.changes import group
 from flight_server.changes.files import write_data_files
 from flight_server.changes.group import ENABLED_PROPERTY, GroupCommits, Put, Rows
 from flight_server.changes.history import PUTS_PROPERTY, WRITE_ID_PROPERTY, WRITE_IDS_PROPERTY, WriteIds
-from flight_server.changes.writes import _Checks
+from flight_server.changes.writes import _Checks, _ForFiles
+from flight_server.iceberg import internals
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
 from flight_server.transport.service import FeatureFlightServer
 from flight_server.wire.errors import ConflictError
 from flight_server.wire.writes import WriteResult
 from tests.conftest import sqlite_catalog, start_server, wait_until
+from tests.test_pyiceberg_internals import first_use_during_copy
 
 WRITERS = 16
 PUTS_PER_WRITER = 6
@@ -320,15 +322,14 @@ def test_a_commit_whose_outcome_is_unknown_keeps_its_files_and_its_retry_lands_o
     location, name = f"grpc://127.0.0.1:{server.port}", "group.unknown"
     try:
         create(location, name)
-        sql = server.parts.catalog.catalog
-        real = sql.commit_table
+        real = internals._commit_sql  # the SQL catalog's commit (its compare-and-swap of the table's pointer)
 
         def applied_then_lost(*args: Any, **kwargs: Any) -> Any:
             real(*args, **kwargs)
             raise ConnectionResetError("the catalog's answer was lost")
 
         with FeatureClient(location) as client:
-            monkeypatch.setattr(sql, "commit_table", applied_then_lost)
+            monkeypatch.setattr(internals, "_commit_sql", applied_then_lost)
             with pytest.raises(Exception) as failed:
                 client.write(name, row(1), write_id="unknown-1")
             assert not isinstance(failed.value, InvalidRequestError)
@@ -553,3 +554,33 @@ def test_puts_that_arrive_during_a_catalog_check_share_the_next_one_and_see_what
     assert current[0] != committed and current[1:] == [committed, committed]
     assert len({id(t) for t in tables}) == 3  # each put its own table object (a commit through one changes it)
     assert not checks._tables
+
+
+def test_puts_commit_while_another_thread_first_uses_the_schema_the_server_shares(tmp_path: Path) -> None:
+    """The server's reads, catalog checks and puts share a table's metadata (`FeatureCatalog.read`), and a scan's
+    planning caches on its schema at its first use of each cache. A grouped put's commit deep-copied that schema,
+    and such a first use in the middle of the copy answered the put INTERNAL ("dictionary changed size during
+    iteration"); the planted hook has another thread make that first use at that moment of any copy."""
+    server = start_server(sqlite_catalog(tmp_path))
+    try:
+        location, name = f"grpc://127.0.0.1:{server.port}", "group.shared"
+        create(location, name)
+        hook = first_use_during_copy(server.parts.catalog.read(name).metadata)  # what the next puts commit on
+        results = together(location, lambda client, writer: client.write(name, row(writer)))
+        assert all(r.rows == 1 for r in results) and hook.copies == 0
+        assert scanned(location, name) == Counter(range(-1, WRITERS))
+    finally:
+        server.shutdown()
+
+
+def test_the_copy_puts_write_files_for_shares_the_schema_another_thread_caches_on(tmp_path: Path) -> None:
+    """`_ForFiles` copies a table's metadata without its history for the puts of one layout: it shares the schema
+    (a deep copy of it fails when another thread first uses the schema meanwhile) and drops the history."""
+    catalog = FeatureCatalog("default", sqlite_catalog(tmp_path))
+    catalog.ensure_namespace(("group",))
+    table = catalog.catalog.create_table(("group", "files"), schema=row(0).schema)
+    table.append(row(0))
+    hook = first_use_during_copy(table.metadata)
+    metadata, arrow = _ForFiles()(table)
+    assert hook.copies == 0 and metadata.schema() is table.metadata.schema() and not metadata.snapshots
+    assert arrow.names == ["id", "ts", "value"] and table.metadata.snapshots

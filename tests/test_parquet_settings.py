@@ -16,8 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.io.fileformat import FileFormatFactory
+from pyiceberg.io.pyarrow import data_file_statistics_from_parquet_metadata
 from pyiceberg.manifest import FileFormat
 from pyiceberg.schema import assign_fresh_schema_ids
+from pyiceberg.table.locations import load_location_provider
 from pyiceberg.table.metadata import TableMetadata, new_table_metadata
 from pyiceberg.table.sorting import UNSORTED_SORT_ORDER
 
@@ -25,7 +27,9 @@ from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
 from flight_server.base.schemas import new_table_schema, table_arrow_schema
 from flight_server.changes.files import (
     PARQUET_DEFAULTS,
+    StatisticsLayout,
     _FileContext,
+    file_statistics,
     parquet_options,
     partition_counts,
     partitioned_rows,
@@ -319,3 +323,69 @@ def test_the_partitions_of_each_run_of_rows_are_pyiceberg_s(rows: pa.Table, layo
     spec, schema = metadata.spec(), metadata.schema()
     expected = [len(partitions(spec, schema, chunk.slice(end - n, n))) for end, n in zip(ends, lengths, strict=True)]
     assert counted == expected
+
+
+_STAT_TYPES: dict[str, tuple[pa.DataType, st.SearchStrategy[Any]]] = {
+    "int": (pa.int32(), st.integers(-(2**31), 2**31 - 1)),
+    "long": (pa.int64(), st.integers(-(2**63), 2**63 - 1)),
+    "float": (pa.float32(), st.floats(width=32)),
+    "double": (pa.float64(), st.floats()),
+    "string": (pa.string(), st.text(max_size=40)),
+    "binary": (pa.binary(), st.binary(max_size=40)),
+    "flag": (pa.bool_(), st.booleans()),
+    "day": (pa.date32(), st.dates()),
+    "ts": (pa.timestamp("us"), st.datetimes(dt.datetime(1900, 1, 1), dt.datetime(2200, 1, 1))),
+    "tstz": (
+        pa.timestamp("us", tz="UTC"),
+        st.datetimes(dt.datetime(1900, 1, 1), dt.datetime(2200, 1, 1), timezones=st.just(dt.timezone.utc)),
+    ),
+}
+_MODES = st.sampled_from(["none", "counts", "full", "truncate(1)", "truncate(4)", "truncate(16)"])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_file_statistics_are_pyicebergs(data: st.DataObject) -> None:
+    """A one-row-group file's statistics read the quick way (`file_statistics`) are what pyiceberg reads from its
+    footer, whatever the column types, values (nulls, NaN, long and non-ASCII strings) and metrics modes."""
+    names = data.draw(st.lists(st.sampled_from(sorted(_STAT_TYPES)), min_size=1, max_size=6, unique=True))
+    length = data.draw(st.integers(1, 5))
+    columns = {
+        name: pa.array(
+            data.draw(st.lists(st.none() | _STAT_TYPES[name][1], min_size=length, max_size=length)),
+            _STAT_TYPES[name][0],
+        )
+        for name in names
+    }
+    rows = pa.table(columns)
+    properties = {"write.metadata.metrics.default": data.draw(_MODES)}
+    for name in data.draw(st.lists(st.sampled_from(names), max_size=2, unique=True)):
+        properties[f"write.metadata.metrics.column.{name}"] = data.draw(_MODES)
+    schema = assign_fresh_schema_ids(schema_without_ids(rows.schema))
+    layout = StatisticsLayout.of(schema, properties)
+    sink = pa.BufferOutputStream()
+    pq.write_table(rows, sink, dictionary_pagesize_limit=data.draw(st.sampled_from([16, 1 << 20])))
+    footer = pq.ParquetFile(pa.BufferReader(sink.getvalue())).metadata
+    quick = file_statistics(footer, layout)
+    reference = data_file_statistics_from_parquet_metadata(footer, layout.plan, layout.columns)
+    assert quick.to_serialized_dict() == reference.to_serialized_dict()
+    assert type(quick) is not type(reference)  # read the quick way, not left to pyiceberg
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=rows_strategy(), layout=st.sampled_from([*LAYOUTS[:1], *LAYOUTS[2:], FALLBACK]), spread=st.booleans())
+def test_data_files_go_where_the_location_provider_puts_them(rows: pa.Table, layout: list[str], spread: bool) -> None:
+    """A file's location with its partition's path worked out once (`_FileContext.data_location`) is the table's
+    location provider's for the partition key, twice over (the second time from the kept path), with the plain
+    provider and with the object-store one (which hashes the file name into the path)."""
+    metadata = _metadata(layout, rows.schema)
+    if spread:
+        metadata = metadata.model_copy(update={"properties": {"write.object-storage.enabled": "true"}})
+    chunk = rows.cast(table_arrow_schema(metadata.schema()))
+    context = _FileContext.of(metadata, chunk.schema)
+    provider = load_location_provider(metadata.location, metadata.properties)
+    for number, (key, _) in enumerate(partitions(metadata.spec(), metadata.schema(), chunk) * 2):
+        name = f"00000-{number}-{uuid.uuid4()}.parquet"
+        assert context.data_location(name, key) == provider.new_data_location(data_file_name=name, partition_key=key)
+    name = f"00000-0-{uuid.uuid4()}.parquet"
+    assert context.data_location(name, None) == provider.new_data_location(data_file_name=name)

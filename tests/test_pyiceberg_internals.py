@@ -13,8 +13,10 @@ import importlib
 import inspect
 import itertools
 import pathlib
+import threading
 import uuid
 from typing import Any
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyiceberg
@@ -28,7 +30,10 @@ from pyiceberg.manifest import FileFormat, ManifestWriter
 from pyiceberg.partitioning import PartitionKey
 from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import Table, Transaction
+from pyiceberg.table.metadata import TableMetadata
+from pyiceberg.table.update import update_table_metadata
 from pyiceberg.table.update.snapshot import CommitWindow
+from pyiceberg.types import DoubleType
 
 from flight_server.changes.files import write_data_files
 from flight_server.iceberg import internals
@@ -53,7 +58,11 @@ ALLOWED_PRIVATE: frozenset[tuple[str, str]] = frozenset(
 )
 
 # Private names that are instance attributes: checked on a real object (`test_a_real_transaction_and_producer`).
-INSTANCE_ATTRIBUTES = {"pyiceberg.table.Transaction._table", "pyiceberg.table.Transaction._updates"}
+INSTANCE_ATTRIBUTES = {
+    "pyiceberg.table.Transaction._table",
+    "pyiceberg.table.Transaction._updates",
+    "pyiceberg.table.Transaction._requirements",
+}
 
 # The parameters internals.py passes, in order (by position or keyword), of each private callable.
 PARAMETERS = {
@@ -69,6 +78,11 @@ PARAMETERS = {
     "pyiceberg.io.pyarrow._pyarrow_to_schema_without_ids": ("schema",),
     "pyiceberg.catalog.sql.SqlCatalog._iceberg_type_filter": ("self",),
     "pyiceberg.table.Transaction._apply": ("self", "updates", "requirements"),
+    "pyiceberg.catalog.MetastoreCatalog._parse_metadata_version": ("metadata_location",),
+    "pyiceberg.table.update._apply_table_update": ("update", "base_metadata", "context"),
+    "pyiceberg.table.update._update_table_metadata_log": ("base_metadata", "metadata_location", "last_updated_ms"),
+    "pyiceberg.catalog.MetastoreCatalog._write_metadata": ("metadata", "io", "metadata_path"),
+    "pyiceberg.catalog.Catalog._delete_old_metadata": ("io", "base", "metadata"),
 }
 
 # What the snapshot producers override, call or read on `_SnapshotProducer` (see its entry in PRIVATE_API).
@@ -245,10 +259,129 @@ def test_commit_on_base_is_not_rebuilt_on_a_newer_snapshot(tmp_path: pathlib.Pat
     assert [s.snapshot_id for s in catalog.load_table(("ns", "t")).snapshots()] == [winner.snapshots()[0].snapshot_id]
     manifests = {p.name for p in tmp_path.rglob("*.avro")}
     assert not any(str(loser.commit_uuid) in name for name in manifests)
+    assert len(list(tmp_path.rglob("*.metadata.json"))) == 2  # the loser's metadata file was deleted
 
     transaction, fresh = appending(catalog.load_table(("ns", "t")))
     committed = internals.commit_on_base(transaction, fresh)
     assert len(committed.snapshots()) == 2 and committed.current_snapshot().snapshot_id == fresh.snapshot_id
+
+
+def test_commit_on_base_swaps_the_sql_catalog_pointer_without_loading_the_table(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits to a SQL catalog check the metadata they were opened on, not a fresh load of it: the catalog then
+    points at each new metadata file, which holds what pyiceberg's own commit would have written, old files are
+    deleted as the table's properties say, and a commit on a state another change replaced (a property, here)
+    fails and leaves no file."""
+    catalog = SqlCatalog("internals", **sqlite_catalog(tmp_path))
+    catalog.create_namespace("ns")
+    rows = pa.table({"id": pa.array([1, 2], pa.int64())})
+    history = {"write.metadata.delete-after-commit.enabled": "true", "write.metadata.previous-versions-max": "1"}
+    table = catalog.create_table(("ns", "t"), schema=rows.schema, properties=history)
+    loads = []
+    monkeypatch.setattr(catalog, "load_table", lambda identifier: loads.append(identifier))
+
+    def append(table: Table) -> Table:
+        transaction = internals.MemoTransaction(table)
+        producer = transaction.update_snapshot(snapshot_properties={"k": "v"}).fast_append()
+        for data_file in write_data_files(table.metadata, rows, table.io, None, uuid.uuid4(), itertools.count()):
+            producer.append_data_file(data_file)
+        return internals.commit_on_base(transaction, producer)
+
+    for _ in range(3):
+        before = table.metadata_location
+        table = append(table)
+        assert table.metadata_location != before and table.metadata.metadata_log[-1].metadata_file == before
+    assert loads == []
+    monkeypatch.undo()
+    stored = catalog.load_table(("ns", "t"))
+    assert stored.metadata_location == table.metadata_location and stored.metadata == table.metadata
+    assert [s.summary["k"] for s in stored.snapshots() if s.summary] == ["v"] * 3
+    assert len(stored.scan().to_arrow()) == 6
+    assert sorted(tmp_path.rglob("*.metadata.json")) == sorted(
+        pathlib.Path(urlparse(m).path)
+        for m in [stored.metadata.metadata_log[-1].metadata_file, stored.metadata_location]
+    )
+
+    stale = Table(stored.name(), stored.metadata, stored.metadata_location, stored.io, catalog)
+    stored.transaction().set_properties({"a": "1"}).commit_transaction()
+    files = sorted(tmp_path.rglob("*.metadata.json"))
+    with pytest.raises(CommitFailedException):
+        append(stale)
+    assert sorted(tmp_path.rglob("*.metadata.json")) == files
+    assert catalog.load_table(("ns", "t")).metadata_location == stored.metadata_location
+
+
+def test_updated_metadata_is_pyicebergs_and_shares_only_the_history(tmp_path: pathlib.Path) -> None:
+    """`updated_metadata` gives what pyiceberg's `update_table_metadata` gives (a new column, a property, a snapshot,
+    the metadata log), in lists and maps of its own that share their entries (frozen models) with the base."""
+    catalog = SqlCatalog("internals", **sqlite_catalog(tmp_path))
+    catalog.create_namespace("ns")
+    rows = pa.table({"id": pa.array([1, 2], pa.int64())})
+    table = catalog.create_table(("ns", "t"), schema=rows.schema)
+    table.append(rows)
+    table.append(rows)
+    transaction = Transaction(table)
+    with transaction.update_schema() as change:
+        change.add_column("x", DoubleType())
+    transaction.set_properties({"a": "1"})
+    append = transaction.update_snapshot().fast_append()
+    for data_file in write_data_files(table.metadata, rows, table.io, None, uuid.uuid4(), itertools.count()):
+        append.append_data_file(data_file)
+    updates = (*transaction._updates, *append._commit()[0])  # the snapshot's updates, not staged
+    base, location = table.metadata, table.metadata_location
+    ours = internals.updated_metadata(base, updates, location)
+    theirs = update_table_metadata(base, updates, metadata_location=location)
+    assert ours == theirs and ours.metadata_log[-1].metadata_file == location and len(ours.snapshots) == 3
+    assert all(a is b for a, b in zip(ours.snapshots, base.snapshots, strict=False))
+    assert ours.snapshots is not base.snapshots and ours.refs is not base.refs
+    assert ours.schemas[0] is base.schemas[0] and ours.partition_specs[0] is base.partition_specs[0]
+    assert ours.schemas is not base.schemas and ours.properties is not base.properties
+    assert internals.updated_metadata(base, ()) == update_table_metadata(base, ())
+
+
+class FirstUseDuringCopy:
+    """Planted in a schema's `__dict__` (`first_use_during_copy`): a deep copy of the schema, as it reaches this
+    entry, has another thread use the schema for the first time (its name mapping, as a read's planning does),
+    which pyiceberg caches into that `__dict__`. The moment that failed a put with "dictionary changed size during
+    iteration" (INTERNAL), made to happen every time a copy iterates the schema."""
+
+    def __init__(self, schema: Schema):
+        self.schema = schema
+        self.copies = 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FirstUseDuringCopy:
+        self.copies += 1
+        other = threading.Thread(target=lambda: self.schema.name_mapping)
+        other.start()
+        other.join()
+        return self
+
+
+def first_use_during_copy(metadata: TableMetadata) -> FirstUseDuringCopy:
+    """Plant `FirstUseDuringCopy` in the current schema of `metadata`, whose name mapping it makes uncached."""
+    schema = metadata.schema()
+    schema.__dict__.pop("name_mapping", None)
+    hook = schema.__dict__["_first_use_during_copy"] = FirstUseDuringCopy(schema)
+    return hook
+
+
+def test_updated_metadata_copies_nothing_another_thread_caches_on(tmp_path: pathlib.Path) -> None:
+    """The server shares a table's metadata between threads; pyiceberg caches on a schema at its first use of each
+    cache, so a deep copy of it fails if another thread uses it at that moment. The commit's copy is safe then."""
+    catalog = SqlCatalog("internals", **sqlite_catalog(tmp_path))
+    catalog.create_namespace("ns")
+    rows = pa.table({"id": pa.array([1, 2], pa.int64())})
+    table = catalog.create_table(("ns", "t"), schema=rows.schema)
+    transaction = Transaction(table)
+    transaction.set_properties({"a": "1"})
+    first_use_during_copy(table.metadata)
+    with pytest.raises(RuntimeError, match="changed size during iteration"):  # the hook works: a deep copy fails
+        table.metadata.model_copy(deep=True)
+    hook = first_use_during_copy(table.metadata)
+    updated = internals.updated_metadata(table.metadata, transaction._updates, table.metadata_location)
+    assert updated.properties["a"] == "1" and "a" not in table.metadata.properties
+    assert internals.sharing_entries(table.metadata) == table.metadata and hook.copies == 0
 
 
 def test_memo_transaction_follows_staged_updates_and_commits(tmp_path: pathlib.Path) -> None:

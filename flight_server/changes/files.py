@@ -4,6 +4,7 @@ the table's `write.target-file-size-bytes`, written as its `write.parquet.*` pro
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import itertools
 import logging
@@ -12,16 +13,20 @@ import threading
 import uuid
 from concurrent.futures import wait
 from dataclasses import dataclass
+from dataclasses import field as default
 from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pyiceberg.conversions import to_bytes
 from pyiceberg.io import FileIO, InputFile, OutputFile, OutputStream
 from pyiceberg.io.fileformat import DataFileStatistics, FileFormatFactory, FileFormatModel, FileFormatWriter
 from pyiceberg.io.pyarrow import (
+    MetricModeTypes,
     StatisticsCollector,
+    StatsAggregator,
     bin_pack_arrow_table,
     compute_statistics_plan,
     data_file_statistics_from_parquet_metadata,
@@ -36,8 +41,10 @@ from pyiceberg.table.locations import LocationProvider, load_location_provider
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.transforms import DayTransform, MonthTransform, Transform, YearTransform
 from pyiceberg.typedef import Properties, Record
+from pyiceberg.types import BinaryType, DecimalType, StringType
 from pyiceberg.utils.concurrent import ExecutorFactory
 from pyiceberg.utils.properties import property_as_int
+from pyiceberg.utils.truncate import truncate_upper_bound_binary_string, truncate_upper_bound_text_string
 
 from flight_server.changes.commits import delete_files
 from flight_server.iceberg.catalog import FeatureSpec
@@ -61,6 +68,12 @@ def _sort_indices(chunk: pa.Table, spec: FeatureSpec | None) -> pa.Array | None:
     return pc.sort_indices(chunk.select(columns).combine_chunks(), sort_keys=[(c, "ascending") for c in columns])
 
 
+# Below this many Arrow bytes a chunk's rows are sorted, partitioned and written on the calling thread: for the few
+# rows of a group commit's shared files, the thread pool's hand-offs (a task queued, a thread woken, a future
+# answered, all under the GIL the server's threads share) cost more than the work itself.
+SERIAL_BYTES = 1 << 20
+
+
 def write_data_files(
     metadata: TableMetadata,
     chunk: pa.Table,
@@ -70,8 +83,8 @@ def write_data_files(
     counter: itertools.count[int],
 ) -> list[DataFile]:
     """Parquet data files of one chunk, split by partition, rows sorted (`sort_rows`) within each file, written in
-    parallel; the same files, named, split and ordered the same way, as pyiceberg's append writes of the sorted
-    chunk, with every `write.parquet.*` property honoured (`parquet_options`).
+    parallel (on the calling thread below `SERIAL_BYTES`); the same files, named, split and ordered the same way, as
+    pyiceberg's append writes of the sorted chunk, with every `write.parquet.*` property honoured (`parquet_options`).
 
     The rows are copied once: one `take` puts them in partition order, sorted within each partition, and each
     file is a slice of it. Any file this wrote is deleted if one fails (a full disk), so that a failed chunk
@@ -88,6 +101,8 @@ def write_data_files(
             for batches in bin_pack_arrow_table(rows, target)
         ]
         write = functools.partial(_write_file, _FileContext.of(metadata, chunk.schema), created, write_uuid)
+        if chunk.nbytes < SERIAL_BYTES:
+            return [write(task) for task in tasks]
         writing = [ExecutorFactory.get_or_create().submit(write, task) for task in tasks]
         try:
             return [file.result() for file in writing]
@@ -109,14 +124,15 @@ def partitioned_rows(
     The partition values come from Arrow compute or pyiceberg-core's transforms of whole columns, while Arrow sorts
     the rows by keys and time on another core; one stable sort of those values in that order groups each
     partition's rows in sorted order, and one `take` of the chunk by the combined order makes every partition a
-    zero-copy slice."""
+    zero-copy slice. A chunk under `SERIAL_BYTES` is sorted on the calling thread."""
     partition_spec, schema = metadata.spec(), metadata.schema()
     if partition_spec.is_unpartitioned():
         order = _sort_indices(chunk, spec)
         return [(None, chunk if order is None else _take(chunk, order))]
-    sorting = ExecutorFactory.get_or_create().submit(_sort_indices, chunk, spec)
+    serial = chunk.nbytes < SERIAL_BYTES
+    sorting = None if serial else ExecutorFactory.get_or_create().submit(_sort_indices, chunk, spec)
     values = _partition_values(partition_spec, schema, chunk)
-    order = sorting.result()
+    order = _sort_indices(chunk, spec) if sorting is None else sorting.result()
     if values is None:  # a transform Arrow cannot compute here: pyiceberg's own way
         fallback: list[tuple[PartitionKey | None, pa.Table]] = [
             *partitions(partition_spec, schema, sort_rows(chunk, spec))
@@ -158,8 +174,9 @@ def partition_counts(metadata: TableMetadata, rows: pa.Table, lengths: list[int]
 
 
 def _take(chunk: pa.Table, indices: pa.Array) -> pa.Table:
-    """`chunk.take(indices)`, a column per thread: Arrow takes the columns of a table one after the other."""
-    if chunk.num_columns < 2:
+    """`chunk.take(indices)`, a column per thread (above `SERIAL_BYTES`): Arrow takes the columns of a table one after
+    the other."""
+    if chunk.num_columns < 2 or chunk.nbytes < SERIAL_BYTES:
         return chunk.take(indices)
     columns = ExecutorFactory.get_or_create().map(lambda column: column.take(indices), chunk.columns)
     return pa.Table.from_arrays(list(columns), schema=chunk.schema)
@@ -252,6 +269,7 @@ class _FileContext:
     locations: LocationProvider
     layout: StatisticsLayout
     renamed: list[pa.Schema]  # the file schema of a flat batch whose columns are stored as they are, once known
+    paths: dict[tuple[Any, ...], str]  # partition paths by partition values (`data_location`)
 
     @staticmethod
     def of(metadata: TableMetadata, arrow: pa.Schema) -> _FileContext:
@@ -266,12 +284,28 @@ class _FileContext:
         locations = load_location_provider(metadata.location, metadata.properties)
         file_schema = sanitize_column_names(metadata.schema())
         layout = StatisticsLayout.of(file_schema, metadata.properties)
-        context = _FileContext(metadata, arrow, file_schema, batch_schema, locations, layout, [])
+        context = _FileContext(metadata, arrow, file_schema, batch_schema, locations, layout, [], {})
         with _CONTEXTS_LOCK:
             _CONTEXTS[key] = context
             while len(_CONTEXTS) > KEPT_CONTEXTS:
                 del _CONTEXTS[next(iter(_CONTEXTS))]
         return context
+
+    def data_location(self, name: str, partition: PartitionKey | None) -> str:
+        """Where a data file of the partition goes, as the table's location provider says; each partition's path
+        worked out once (pyiceberg builds the partition type anew for every file's path: 0.3 ms a file)."""
+        if partition is None:
+            return self.locations.new_data_location(data_file_name=name)
+        values = tuple(value.value for value in partition.field_values)
+        if not all(type(value) in _EXACT_KEYS for value in values):  # equal floats or decimals may print apart
+            return self.locations.new_data_location(data_file_name=name, partition_key=partition)
+        path = self.paths.get(values)
+        if path is None:
+            if len(self.paths) >= KEPT_PATHS:
+                self.paths.clear()
+            path = self.paths[values] = partition.to_path()
+        known = _KnownPath(partition.field_values, partition.partition_spec, partition.schema, path)
+        return self.locations.new_data_location(data_file_name=name, partition_key=known)
 
     def file_batch(self, batch: pa.RecordBatch, model: FileFormatModel) -> pa.RecordBatch:
         """The batch as a data file stores it (`to_file_schema`): when that only renames a flat batch's columns
@@ -286,6 +320,20 @@ class _FileContext:
 
 
 KEPT_CONTEXTS = 64
+KEPT_PATHS = 4096  # partition paths a file context keeps
+_EXACT_KEYS = {int, str, bytes, bool, dt.date, dt.datetime, type(None)}  # equal only if they print alike
+
+
+@dataclass(frozen=True)
+class _KnownPath(PartitionKey):
+    """A partition key whose path is known (`_FileContext.data_location`)."""
+
+    path: str = ""
+
+    def to_path(self) -> str:
+        return self.path
+
+
 _CONTEXTS: dict[tuple[Any, ...], _FileContext] = {}
 _CONTEXTS_LOCK = threading.Lock()
 
@@ -310,7 +358,7 @@ def _write_file(context: _FileContext, io: FileIO, write_uuid: uuid.UUID, task: 
     """One data file, as pyiceberg's `write_file` writes it (name, field ids, statistics)."""
     model = FileFormatFactory.get(FileFormat.PARQUET)
     name = f"00000-{task.number}-{write_uuid}.{model.file_extension()}"
-    path = context.locations.new_data_location(data_file_name=name, partition_key=task.partition)
+    path = context.data_location(name, task.partition)
     output = io.new_output(path)
     writer = ParquetWriter(output, context.metadata.properties, context.layout)
     try:
@@ -474,16 +522,103 @@ def parquet_options(properties: Properties) -> ParquetOptions:
 class StatisticsLayout:
     """What pyiceberg needs to turn a Parquet footer into a manifest's statistics: the same for every file of a
     schema and properties, and worth working out once (each call rebuilds the schema's struct, 9 ms a file of
-    a narrow table, under the GIL)."""
+    a narrow table, under the GIL). `checked`: the (field id, Parquet physical type) pairs pyiceberg accepted."""
 
     plan: dict[int, StatisticsCollector]
     columns: dict[str, int]
+    checked: set[tuple[int, str]] = default(default_factory=set)
 
     @staticmethod
     def of(file_schema: Schema, properties: Properties) -> StatisticsLayout:
         return StatisticsLayout(
             compute_statistics_plan(file_schema, properties), parquet_path_to_id_mapping(file_schema)
         )
+
+
+@dataclass(frozen=True)
+class _Bounded(DataFileStatistics):
+    """Statistics whose bounds are serialized already (`file_statistics`): no aggregates left to serialize."""
+
+    lower_bounds: dict[int, bytes] = default(default_factory=dict)
+    upper_bounds: dict[int, bytes] = default(default_factory=dict)
+
+    def to_serialized_dict(self) -> dict[str, Any]:
+        return {**super().to_serialized_dict(), "lower_bounds": self.lower_bounds, "upper_bounds": self.upper_bounds}
+
+
+def file_statistics(footer: pq.FileMetaData, layout: StatisticsLayout) -> DataFileStatistics:
+    """A data file's statistics for its manifest entry, as pyiceberg's `data_file_statistics_from_parquet_metadata`
+    gives them. A file of one row group (every small file) is read here with what the layout worked out once:
+    pyiceberg's own reading builds objects per column (a metrics mode, an aggregator that checks the column's
+    physical type through a schema visitor, a truncate transform per bound), a fifth of a grouped one-row put's
+    CPU. Anything else (several row groups, decimals, a column without statistics, a type pyiceberg refuses) is
+    pyiceberg's."""
+    quick = _one_row_group(footer, layout)
+    if quick is not None:
+        return quick
+    return data_file_statistics_from_parquet_metadata(
+        parquet_metadata=footer, stats_columns=layout.plan, parquet_column_mapping=layout.columns
+    )
+
+
+def _one_row_group(footer: pq.FileMetaData, layout: StatisticsLayout) -> _Bounded | None:
+    """`file_statistics` of a file of one row group, or None to leave it to pyiceberg."""
+    if footer.num_row_groups != 1:
+        return None
+    group = footer.row_group(0)
+    first = group.column(0)
+    dictionary = first.has_dictionary_page and first.dictionary_page_offset < first.data_page_offset
+    split = first.dictionary_page_offset if dictionary else first.data_page_offset
+    sizes: dict[int, int] = {}
+    values: dict[int, int] = {}
+    nulls: dict[int, int] = {}
+    lower: dict[int, bytes] = {}
+    upper: dict[int, bytes] = {}
+    try:
+        for position in range(footer.num_columns):
+            column = group.column(position)
+            field_id = layout.columns[column.path_in_schema]
+            collector = layout.plan[field_id]
+            kind, length, kind_of = collector.mode.type, collector.mode.length, collector.iceberg_type
+            sizes[field_id] = sizes.get(field_id, 0) + column.total_compressed_size
+            if kind == MetricModeTypes.NONE:
+                continue
+            values[field_id] = values.get(field_id, 0) + column.num_values
+            if not column.is_stats_set:
+                return None
+            statistics = column.statistics
+            if statistics.has_null_count:
+                nulls[field_id] = nulls.get(field_id, 0) + statistics.null_count
+            if kind == MetricModeTypes.COUNTS:
+                continue
+            if isinstance(kind_of, DecimalType):
+                return None
+            if (field_id, statistics.physical_type) not in layout.checked:
+                StatsAggregator(kind_of, statistics.physical_type, length)  # refuses a physical type pyiceberg refuses
+                layout.checked.add((field_id, statistics.physical_type))
+            low, high = statistics.min, statistics.max
+            if low is not None:
+                lower[field_id] = to_bytes(kind_of, low if length is None else low[:length])
+            if high is None:
+                continue
+            bound: str | bytes | None
+            if isinstance(kind_of, StringType):
+                if not isinstance(high, str):
+                    return None
+                bound = truncate_upper_bound_text_string(high, length)
+            elif isinstance(kind_of, BinaryType):
+                if not isinstance(high, bytes):
+                    return None
+                bound = truncate_upper_bound_binary_string(high, length)
+            elif length is not None:
+                return None
+            else:
+                bound = high
+            if bound is not None:
+                upper[field_id] = to_bytes(kind_of, bound)
+    except (ValueError, TypeError, pa.ArrowException):  # pyiceberg's reading says what is wrong
+        return None
+    return _Bounded(footer.num_rows, sizes, values, nulls, {}, {}, [split], lower, upper)
 
 
 class ParquetWriter(FileFormatWriter):
@@ -520,11 +655,7 @@ class ParquetWriter(FileFormatWriter):
             raise ValueError("a data file with no rows")
         with self._stream:
             self._writer.close()
-        self._result = data_file_statistics_from_parquet_metadata(
-            parquet_metadata=self._writer.writer.metadata,
-            stats_columns=self._layout.plan,
-            parquet_column_mapping=self._layout.columns,
-        )
+        self._result = file_statistics(self._writer.writer.metadata, self._layout)
         return self._result
 
     def abort(self) -> None:

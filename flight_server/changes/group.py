@@ -126,6 +126,7 @@ class _Queue:
     leading: bool = False
     users: int = 0  # puts using the queue: it is dropped when none is left
     expected: int = 1  # puts the next group may expect (`GroupCommits._linger`)
+    wanted: int = 0  # the queued puts a lingering leader waits for (0: none lingers), so only the last wakes it
     last_commit: float = 0.0  # seconds the last group's commit took
 
     def __post_init__(self) -> None:
@@ -161,7 +162,8 @@ class GroupCommits:
         try:
             with queue.changed:
                 queue.waiting.append(put)
-                queue.arrived.notify()
+                if queue.wanted and len(queue.waiting) >= queue.wanted:
+                    queue.arrived.notify()
                 while queue.leading and not put.done:
                     queue.changed.wait()
                 if put.done:
@@ -211,11 +213,15 @@ class GroupCommits:
         if self.linger <= 0 or self.max_puts == 1 or not leader.grouped or queue.expected <= len(queue.waiting):
             return
         deadline = time.monotonic() + min(self.linger, queue.last_commit)
-        while len(queue.waiting) < min(queue.expected, self.max_puts):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            queue.arrived.wait(left)
+        queue.wanted = min(queue.expected, self.max_puts)
+        try:
+            while len(queue.waiting) < queue.wanted:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                queue.arrived.wait(left)
+        finally:
+            queue.wanted = 0
 
     def _take(self, queue: _Queue, leader: Put) -> list[Put]:
         """The leader and the puts queued longest, within the group's bounds; the rest stay queued. A put of a

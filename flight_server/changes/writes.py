@@ -61,7 +61,13 @@ from flight_server.iceberg.catalog import (
     partition_spec,
     table_name,
 )
-from flight_server.iceberg.internals import MemoTransaction, commit_on_base, schema_without_ids, transaction_io
+from flight_server.iceberg.internals import (
+    MemoTransaction,
+    commit_on_base,
+    schema_without_ids,
+    sharing_entries,
+    transaction_io,
+)
 from flight_server.wire.errors import CancelledError, ConflictError, LimitError, RequestError
 from flight_server.wire.writes import WriteRequest, WriteResult, parse_end_marker
 
@@ -461,11 +467,10 @@ class _ForFiles:
 
     One copy per table layout (`layout_key`: the metadata files that only add snapshots share one), shared by
     the puts that write for it: a deep copy per put was a fifth of a grouped put's CPU, and it let pyiceberg's
-    caches on the copy's schema (name mapping, field indexes) start empty every time. Its own copy, not the
-    table's objects: pyiceberg caches properties on a schema as it writes for it, which would fail another
-    thread copying the table's metadata at that moment; nothing copies this one. With it, the Arrow schema of
-    the table's rows, which a put fits its batches to (0.2-0.3 ms a put, worked out per put). The newest `KEPT`
-    are kept."""
+    caches on the copy's schema (name mapping, field indexes) start empty every time. It shares the table's
+    schema, spec and sort order objects (`sharing_entries`): a deep copy of them would fail when another thread
+    that uses the table's metadata at that moment caches on them. With it, the Arrow schema of the table's rows,
+    which a put fits its batches to (0.2-0.3 ms a put, worked out per put). The newest `KEPT` are kept."""
 
     KEPT = 64
 
@@ -481,7 +486,7 @@ class _ForFiles:
             return found
         history: dict[str, Any] = {"snapshots": [], "snapshot_log": [], "metadata_log": [], "refs": {}}
         stripped = table.metadata.model_copy(update={**history, "statistics": [], "partition_statistics": []})
-        copy = stripped.model_copy(deep=True)
+        copy = sharing_entries(stripped)
         made = (copy, table_arrow_schema(copy.schema()))
         with self._lock:
             found = self._copies.setdefault(key, made)
