@@ -133,9 +133,7 @@ class Account:
                 return True
             if not self._fits(size):
                 return False
-            while self.held + self.reserved + size > self.cap:
-                self._evict_oldest("cap", keep)
-            self.budget._make_room(size)
+            self._make_room(size, keep)
             self._entries[key] = (size, self.budget._stamp())
             self.held += size
             return True
@@ -167,9 +165,7 @@ class Account:
             old, stamp = self._entries[key]
             self._entries[key] = (size, stamp)
             self.held += size - old
-            while self.held + self.reserved > self.cap:
-                self._evict_oldest("cap")
-            self.budget._make_room(0)
+            self._make_room(0)
             return True
 
     def reserve(self, size: int) -> bool:
@@ -177,11 +173,16 @@ class Account:
         with self.lock:
             if not self._fits(size):
                 return False
-            while self.held + self.reserved + size > self.cap:
-                self._evict_oldest("cap")
-            self.budget._make_room(size)
+            self._make_room(size)
             self.reserved += size
             return True
+
+    def _make_room(self, size: int, keep: Collection[Hashable] = ()) -> None:
+        """Evict the least recently used entries (never those under `keep`) until `size` more bytes fit under the
+        cap and in the budget (call under the lock, once `_fits` said they can)."""
+        while self.held + self.reserved + size > self.cap:
+            self._evict_oldest("cap", keep)
+        self.budget._make_room(size)
 
     def release(self, size: int) -> None:
         """Give back `size` bytes of reservations."""
