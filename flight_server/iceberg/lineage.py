@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from pyiceberg.manifest import DataFile, DataFileContent, ManifestContent, ManifestEntryStatus
 from pyiceberg.table import Table
+from pyiceberg.table.snapshots import ancestors_of
 
 from flight_server.iceberg.catalog import table_name
 
@@ -95,14 +96,9 @@ def commit_order(table: Table, snapshot_id: int) -> dict[str, tuple[int, int, st
     number, then (format v1 has none) by the snapshot that added it among the snapshot's ancestors, then by
     path within one commit. Where rows tie, the later file's win: a table read in this order and one brought
     forward by `changed_since`'s files (oldest commit first, each commit's by path) agree row for row."""
-    rank: dict[int, int] = {}
-    snapshot = table.snapshot_by_id(snapshot_id)
-    while snapshot is not None:
-        rank[snapshot.snapshot_id] = -len(rank)
-        parent = snapshot.parent_snapshot_id
-        snapshot = table.snapshot_by_id(parent) if parent is not None else None
     current = table.snapshot_by_id(snapshot_id)
     assert current is not None, "a snapshot of the table"
+    rank = {snapshot.snapshot_id: -i for i, snapshot in enumerate(ancestors_of(current, table.metadata))}
     order: dict[str, tuple[int, int, str]] = {}
     for manifest in current.manifests(table.io):
         if manifest.content != ManifestContent.DATA:

@@ -27,7 +27,7 @@ from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.caches import ReadCaches
 from flight_server.reads.deleted import deleted_positions
 from flight_server.reads.duck import Engine
-from flight_server.reads.paths import direct_files, direct_reader, open_scan, read_path
+from flight_server.reads.paths import direct_files, direct_reader, open_scan
 from flight_server.reads.plan import ScanPlan, plan_table_scan, renamed
 from flight_server.training.buckets import share_tasks
 from flight_server.training.codes import KeyCodes, TimeAxis, Values, column_values, extend_values
@@ -116,9 +116,12 @@ class Run:
         kept[at] = False
         stamps = np.full(total + _BLOCK, np.iinfo(np.int64).max)  # with the padding
         merged_positions, merged_us = np.empty(total, dtype=np.int64), np.empty(total, dtype=np.int64)
-        for into, known, more in ((stamps, old, new), (merged_positions, self.positions, positions)):
+        for into, known, more in (
+            (stamps, old, new),
+            (merged_positions, self.positions, positions),
+            (merged_us, self.event_us, event_us),
+        ):
             into[at], into[:total][kept] = more, known
-        merged_us[at], merged_us[kept] = event_us, self.event_us
         _settle_ties(stamps[:total], merged_positions, merged_us, created)
         return Run.sorted(keys, axis, stamps, merged_positions, merged_us)
 
@@ -515,17 +518,13 @@ class AsofCache:
                 beside = self._account.room_beside(self._in_use(key))
             try:
                 index, how, base = self._build(table, snapshot_id, spec, share, room, beside)
-            except _NotBeside as exc:
-                log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
-                with self._lock:
-                    self.too_large += 1
-                    self._not_beside[(uuid, spec, share)] = (exc.base, exc.size)
-                return None
             except LimitError as exc:
                 log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
                 with self._lock:
                     self.too_large += 1
-                    if room >= self.max_bytes:
+                    if isinstance(exc, _NotBeside):
+                        self._not_beside[(uuid, spec, share)] = (exc.base, exc.size)
+                    elif room >= self.max_bytes:
                         self._refuse(key)
                 return None
             with self._lock:
@@ -767,10 +766,11 @@ class AsofCache:
                 return index, "masked" if index.dead > base.dead else "extended", base
         if snapshot_id is None:  # no snapshot when planned: stay empty even if a write has since made one
             plan = replace(plan, snapshot_id=None)
-        path, files = read_path(plan) if share is None else ("", None)
-        if path == "direct" and files is not None:  # file by file, so that later deletes can be masked
+        # `_read` probes and logs the read path itself: a second probe here would list the files twice.
+        files = direct_files(plan)[0] if share is None and plan.snapshot_id is not None else None
+        if files is not None:  # file by file, so that later deletes can be masked
             rows, spans = self._read_files(plan, _in_commit_order(plan, files), room)
-            index = AsofIndex.build(table_name(table), snapshot_id, spec, rows, spans)
+            index, path = AsofIndex.build(table_name(table), snapshot_id, spec, rows, spans), "direct"
         else:
             rows, path = self._read(plan, share, room)
             index = AsofIndex.build(table_name(table), snapshot_id, spec, rows)
@@ -817,7 +817,7 @@ class AsofCache:
         if (base.dead + len(masked)) * _MASK_RATIO > base.row_count:
             return None
         reading = replace(plan, appended=changes.files)
-        if base.spans is not None and read_path(reading)[0] == "direct":
+        if base.spans is not None and direct_files(reading)[0] is not None:
             tasks = [FileScanTask(f, on_appended.get(f.file_path)) for f in changes.files]
             added, added_spans = self._read_files(plan, tasks, room)
         elif on_appended:
