@@ -52,7 +52,6 @@ class RefreshPlan:
     snapshot_id: int | None = None
     schema_id: int = 0
     properties: dict[str, str] = field(default_factory=dict)
-    io_properties: dict[str, str] = field(default_factory=dict)
     files: list[str] | None = None  # appended since the index's snapshot; None: something else happened
 
     def to_bytes(self) -> bytes:
@@ -99,7 +98,6 @@ def plan_refresh(name: str, table: Table, known: str | None, since: int | None) 
         current,
         table.metadata.current_schema_id,
         dict(table.metadata.properties),
-        dict(table.io.properties),
         files,
     )
 
@@ -200,7 +198,7 @@ class OnlineStore:
 
     def _read_latest(
         self,
-        table: Table | RefreshPlan,
+        table: Table,
         spec: FeatureSpec,
         schema: pa.Schema,
         files: list[str] | None,
@@ -213,12 +211,11 @@ class OnlineStore:
         Streamed, so that a table whose index would not fit in `room` bytes is refused as soon as
         that is clear, not after its rows have filled the machine's memory.
         """
-        self.engine.use_storage(table.io_properties if isinstance(table, RefreshPlan) else table.io.properties)
-        name = table.name if isinstance(table, RefreshPlan) else table_name(table)
+        self.engine.use_storage(table.io.properties)
+        name = table_name(table)
         cursor = self.engine.cursor()
         try:
             if files is None:
-                assert isinstance(table, Table), "a whole snapshot is read from the table"
                 snapshot = table.current_snapshot()
                 request = ScanRequest(table=name, snapshot_id=snapshot.snapshot_id if snapshot else None)
                 plan = plan_table_scan(table, request, self.caches)
@@ -300,7 +297,7 @@ class OnlineStore:
         spec = FeatureSpec.from_properties(plan.properties)
         if not plan.files or spec is None:
             return plan, None
-        return plan, self._read_latest(plan, spec, table_arrow_schema(table.schema()), plan.files, room)[0]
+        return plan, self._read_latest(table, spec, table_arrow_schema(table.schema()), plan.files, room)[0]
 
     def refresh(self, name: str) -> str:
         """Bring one index up to its table's current snapshot; says what it did. Polling an unchanged

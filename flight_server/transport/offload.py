@@ -67,7 +67,7 @@ NICE = 5  # added to the child's OS niceness: a core both want goes to serving f
 START_TIMEOUT_SECONDS = 120.0  # for the child to import, open the catalog and listen
 STOP_SECONDS = 30.0  # for the child to finish its running calls once the server stops
 READY = b"ready\n"
-_ASKING = flight.FlightCallOptions(timeout=2.0)  # for `health` and `describe`: never hang on the child
+_ASKING = flight.FlightCallOptions(timeout=2.0)  # for `health` (`ask`): never hang on the child
 # For refresh plans, which read the appended files: longer, or a big append (or a busy child) would time out and
 # the serving process would read it all again itself.
 _PLANNING = flight.FlightCallOptions(timeout=30.0)
@@ -221,13 +221,13 @@ class WriteProcess:
             return None
         return from_results([result.body.to_pybytes() for result in results])
 
-    def ask(self, name: str, body: bytes = b"") -> Any | None:
+    def ask(self, name: str) -> Any | None:
         """A read-only action's reply from the running child (None when none runs: nothing is started for it)."""
         running = self._running()
         if running is None:
             return None
         try:
-            results = list(running[0].do_action(flight.Action(name, body), _ASKING))
+            results = list(running[0].do_action(flight.Action(name, b""), _ASKING))
         except (flight.FlightError, pa.ArrowException, OSError):
             return None
         return json.loads(results[0].body.to_pybytes())
