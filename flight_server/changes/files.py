@@ -347,7 +347,7 @@ def _stored_as_is(batch: pa.RecordBatch, projected: pa.RecordBatch, batch_schema
     for index, field in enumerate(projected.schema):
         source = batch.schema.field(index)
         metadata = field.metadata or {}
-        if pa.types.is_nested(field.type) or field.type != source.type or field.type != projected.column(index).type:
+        if pa.types.is_nested(field.type) or field.type != source.type:
             return False
         if metadata.get(b"PARQUET:field_id") != str(fields[index].field_id).encode():
             return False

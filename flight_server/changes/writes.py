@@ -409,8 +409,7 @@ class _Check:
 
     changed: threading.Condition = field(default_factory=threading.Condition)
     started: int = 0  # checks started so far
-    finished: int = 0  # the number of the last check that ended
-    running: bool = False
+    finished: int = 0  # the number of the last check that ended (one runs while started > finished)
     table: Table | None = None  # what that check found (None: no such table)
     failed: bool = False  # that check raised (each put waiting for it checks again itself)
     users: int = 0  # puts using the entry: it is dropped when none is left
@@ -436,13 +435,13 @@ class _Checks:
         try:
             with check.changed:
                 wanted = check.started + 1  # the first check to start after this put arrived
-                while check.running and check.finished < wanted:
+                while check.started > check.finished and check.finished < wanted:
                     check.changed.wait()
                 if check.finished >= wanted:
                     if check.failed:
                         return self.catalog.find_for_change(name)
                     return None if check.table is None else own_copy(check.table)
-                check.running, check.started = True, check.started + 1
+                check.started += 1
                 number = check.started
             table: Table | None = None
             failed = True
@@ -451,7 +450,7 @@ class _Checks:
                 failed = False
             finally:
                 with check.changed:
-                    check.running, check.finished, check.table, check.failed = False, number, table, failed
+                    check.finished, check.table, check.failed = number, table, failed
                     check.changed.notify_all()
             return table
         finally:
