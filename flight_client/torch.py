@@ -86,17 +86,16 @@ def shared_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
     allocation, a copy and a file descriptor per column and batch: 4 times the time of one block). Each column
     is copied once, straight from its Arrow buffer, its nulls then set to NaN in place. The tensors are views of
     the block, which lives while any of them does; sent to another process, the block goes once (`_OneBlock`)."""
-    columns = list(_columns(batch))
+    columns = [(name, column, _values(column)) for name, column in _columns(batch)]
     offsets, size = [], 0
-    for _, column in columns:
+    for _, _, values in columns:
         offsets.append(size)
-        size += -(-len(column) * _itemsize(column.type) // _ALIGN) * _ALIGN
+        size += -(-values.nbytes // _ALIGN) * _ALIGN
     # Allocated in shared memory at once, as torch's own collate does in workers (`share_memory_()` would
     # allocate, fill and copy a private block first: 3 times the time).
     block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
     tensors = _OneBlock(block)
-    for (name, column), at in zip(columns, offsets, strict=True):
-        values = _values(column)
+    for (name, column, values), at in zip(columns, offsets, strict=True):
         tensor = block[at : at + values.nbytes].view(_TORCH_TYPES[values.dtype])
         out = tensor.numpy()
         np.copyto(out, values)
@@ -124,7 +123,7 @@ class _OneBlock(dict[str, torch.Tensor]):
         block = self.block.untyped_storage().data_ptr()
         if not all(_slice_of(t, block) for t in self.values()):
             return (dict, (dict(self),))  # a value was replaced or added: send each as torch would
-        layout = [(name, t.storage_offset(), len(t), t.dtype) for name, t in self.items()]
+        layout = [(name, t.storage_offset() * t.element_size(), t.nbytes, t.dtype) for name, t in self.items()]
         return (_views, (self.block, layout))
 
 
@@ -141,9 +140,8 @@ def _slice_of(value: Any, block: int) -> bool:
 def _views(block: torch.Tensor, layout: list[tuple[str, int, int, torch.dtype]]) -> dict[str, torch.Tensor]:
     """The tensors of an `_OneBlock` again, in the process that received its block."""
     views = {}
-    for name, offset, count, dtype in layout:
-        size = torch.empty(0, dtype=dtype).element_size()
-        views[name] = block[offset * size : (offset + count) * size].view(dtype)
+    for name, at, nbytes, dtype in layout:  # byte offsets and sizes in the block
+        views[name] = block[at : at + nbytes].view(dtype)
     return views
 
 
@@ -167,11 +165,6 @@ def _columns(batch: pa.RecordBatch) -> Iterator[tuple[str, pa.Array]]:
                 "fill them on the server side, leave the column out, or use format='arrow'"
             )
         yield field.name, column.view(target) if target != field.type else column
-
-
-def _itemsize(kind: pa.DataType) -> int:
-    """Bytes per value of a column's NumPy array (booleans: one byte each)."""
-    return 1 if pa.types.is_boolean(kind) else kind.bit_width // 8
 
 
 def _values(column: pa.Array) -> np.ndarray:
