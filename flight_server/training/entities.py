@@ -19,7 +19,7 @@ from flight_server.iceberg.catalog import FeatureCatalog, table_name
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.duck import local_path
 from flight_server.training.codes import entity_micros
-from flight_server.training.plan import HistoricalPlan, partition_predicate, plan_historical, share_predicate
+from flight_server.training.plan import HistoricalPlan, partition_expression, plan_historical, share_predicate
 from flight_server.wire.codec import parse_timestamp
 from flight_server.wire.errors import ProtocolError, RequestError
 from flight_server.wire.reads import HistoricalRequest
@@ -125,8 +125,7 @@ def _part_expression(plan: HistoricalPlan) -> str:
     """`hash(keys) % ?`: the part of the request's partitions an entity row falls in, by the first table's keys
     (tables keyed the same way are split alike in join_sql)."""
     split = plan.groups[0].spec.entity_keys
-    predicate = partition_predicate("", split, [plan.entity_schema.field(k).type for k in split])
-    return predicate.removesuffix(" = ?")
+    return partition_expression("", split, [plan.entity_schema.field(k).type for k in split])
 
 
 PART = "__pit_part"

@@ -56,14 +56,19 @@ class FeatureGroup:
         return table_name(self.table)
 
 
-def partition_predicate(alias: str, keys: tuple[str, ...], types: list[pa.DataType]) -> str:
-    """`hash(keys) % ? = ?` over keys cast to one type per kind, so that an int32 entity key and
+def partition_expression(alias: str, keys: tuple[str, ...], types: list[pa.DataType]) -> str:
+    """`hash(keys) % ?`, a row's part, over keys cast to one type per kind, so that an int32 entity key and
     an int64 feature key of equal value land in the same part."""
     cast = [
         f"CAST({alias}{quote(k)} AS BIGINT)" if pa.types.is_integer(t) else f"{alias}{quote(k)}"
         for k, t in zip(keys, types, strict=True)
     ]
-    return f"hash({', '.join(cast)}) % ? = ?"
+    return f"hash({', '.join(cast)}) % ?"
+
+
+def partition_predicate(alias: str, keys: tuple[str, ...], types: list[pa.DataType]) -> str:
+    """`hash(keys) % ? = ?`: the rows of one part (`partition_expression`)."""
+    return partition_expression(alias, keys, types) + " = ?"
 
 
 def _slot_function(keys: pa.ChunkedArray, slots: pa.ChunkedArray) -> pa.Array:
