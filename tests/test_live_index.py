@@ -489,17 +489,7 @@ def ticks(keys: int, rows: int, first: int, seconds: int) -> pa.Table:
     """`rows` feature rows over `keys` keys at the seconds 0..`seconds`: many ties on (key, time), and on created
     time too (which the DuckDB path breaks arbitrarily: `v` rises with created within a tie, so equal results
     need the ties on created to be absent). `v` names the row."""
-    numbers = range(first, first + rows)
-    return pa.table(
-        {
-            "k": pa.array([(n * 7) % keys for n in numbers], pa.int64()),
-            "ts": pa.array(
-                [EPOCH + dt.timedelta(seconds=(n * 13) % seconds) for n in numbers], pa.timestamp("us", "UTC")
-            ),
-            "created": pa.array([EPOCH + dt.timedelta(seconds=n) for n in numbers], pa.timestamp("us", "UTC")),
-            "v": pa.array(numbers, pa.int64()),
-        }
-    )
+    return feature_rows_table([((n * 7) % keys, (n * 13) % seconds, n) for n in range(first, first + rows)], first)
 
 
 def test_deletes_are_masked_and_runs_folded_with_duckdbs_results(catalog_properties: dict[str, str]) -> None:
