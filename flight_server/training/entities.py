@@ -159,7 +159,7 @@ class EntitySplits:
         """The request's part of its entity table, sorted as `server_entities(plan, numbered=False)` sorts it; None
         when the request is not partitioned or its split would not fit (read it with `server_entities`)."""
         partition = plan.request.partition
-        if partition is None or plan.entity_table is None:
+        if partition is None or plan.entity_table is None or self._account.cap <= 0:
             return None
         columns, source, order, params = _entity_source(plan)
         index, count = partition
