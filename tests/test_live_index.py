@@ -486,9 +486,8 @@ def test_a_table_too_large_for_the_cache_is_joined_by_duckdb_alone(catalog_prope
 
 
 def ticks(keys: int, rows: int, first: int, seconds: int) -> pa.Table:
-    """`rows` feature rows over `keys` keys at the seconds 0..`seconds`: many ties on (key, time), and on created
-    time too (which the DuckDB path breaks arbitrarily: `v` rises with created within a tie, so equal results
-    need the ties on created to be absent). `v` names the row."""
+    """`rows` feature rows over `keys` keys at the seconds 0..`seconds`: many ties on (key, time). `v` names the
+    row."""
     return feature_rows_table([((n * 7) % keys, (n * 13) % seconds, n) for n in range(first, first + rows)], first)
 
 
@@ -628,7 +627,7 @@ def test_a_cache_without_a_catalog_follows_no_table(
 def test_a_full_tie_within_one_commit_is_settled_alike_extended_or_rebuilt(catalog_properties: dict[str, str]) -> None:
     """One commit of many files (one per partition) whose rows tie each other on keys, event time and created
     time: a server that brought its index forward to it and a fresh server that reads the snapshot whole pick the
-    same row of each tie (the later file in path order)."""
+    same row of each tie (the later file in path order), and so does DuckDB's join."""
     name = "tests.live_full_tie_one_commit"
     keys = list(range(1, 9))
     follower = start_server(catalog_properties, online_refresh_seconds=3600)
@@ -652,13 +651,17 @@ def test_a_full_tie_within_one_commit_is_settled_alike_extended_or_rebuilt(catal
     finally:
         follower.shutdown()
     fresh = start_server(catalog_properties, online_refresh_seconds=3600)
+    duck = start_server(catalog_properties, historical_cache_bytes=0)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{fresh.port}") as client:
             rebuilt = client.get_historical_features(entities(keys, 9), [f"{name}:v"]).column("v").to_pylist()
             assert cache_stats(client)["builds"] == 1
+        with FeatureClient(f"grpc://127.0.0.1:{duck.port}") as client:
+            joined = client.get_historical_features(entities(keys, 9), [f"{name}:v"]).column("v").to_pylist()
     finally:
         fresh.shutdown()
-    assert rebuilt == extended
+        duck.shutdown()
+    assert rebuilt == extended == joined
     assert all(v in (95 + i, 103 + i) for i, v in enumerate(extended)), "a row of the later commit"
 
 
@@ -895,3 +898,124 @@ def test_indexes_past_the_run_limit_are_folded_even_when_a_snapshot_waits(
     cache._wake.set()
     cache._fold_all()
     assert cache.stats()["folds"] == 2 and not cache._to_fold
+
+
+# Commits of rows (key, second, created second) over few keys and times, so that rows of different commits tie on
+# all three (rows of one commit never do: which of those wins is the file layout's business), and merge-on-read
+# deletes of rows by `v` between them.
+tie_commit = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(0, 3), st.none() | st.integers(0, 1)), min_size=1, max_size=8
+).map(lambda rows: list(dict.fromkeys(rows)))
+tie_operation = st.one_of(
+    st.tuples(st.just("append"), tie_commit),
+    st.tuples(st.just("delete"), st.lists(st.integers(0, 40), min_size=1, max_size=3)),
+)
+TIE_PROBES = pa.table(
+    {
+        "k": pa.array([k for k in range(3) for _ in range(6)], pa.int64()),
+        "event_timestamp": pa.array(
+            [EPOCH + dt.timedelta(seconds=s) for _ in range(3) for s in range(-1, 5)], pa.timestamp("us", "UTC")
+        ),
+    }
+)
+_PADDING = 2000  # rows of other keys in the first commit: past the hybrid server's cap, never matched
+
+
+@pytest.fixture(scope="module")
+def tie_servers(catalog_properties: dict[str, str]) -> Iterator[tuple[list[str], str]]:
+    """Servers that join a table through its sorted index (brought forward commit by commit), by DuckDB with the
+    other table of the request through its index (a cap below the table's index: the per-table fallback), and by
+    DuckDB alone; and that other table, `anchor` (one row, key 0, whose `a` every answer carries)."""
+    anchor = f"tests.tie_anchor_{uuid.uuid4().hex[:8]}"
+    servers = [
+        start_server(catalog_properties, online_refresh_seconds=3600),
+        start_server(catalog_properties, online_refresh_seconds=3600, historical_cache_bytes=64 << 10),
+        start_server(catalog_properties, historical_cache_bytes=0),
+    ]
+    locations = [f"grpc://127.0.0.1:{s.port}" for s in servers]
+    with FeatureClient(locations[0]) as client:
+        client.write(
+            anchor,
+            feature_rows_table([(0, 0, 0)], 0).rename_columns(["k", "ts", "created", "a"]),
+            entity_keys=["k"],
+            event_time="ts",
+        )
+    yield locations, anchor
+    for server in servers:
+        server.shutdown()
+
+
+def tie_reference(commits: list[list[tuple[int, int, int | None, int]]], gone: set[int]) -> list[int | None]:
+    """`v` of the row each probe gets, by a plain loop: the latest time at or before the probe's, of those the
+    latest created (unknown the oldest), of those the row of the latest commit."""
+    out = []
+    for key, at in zip(
+        TIE_PROBES.column("k").to_pylist(), TIE_PROBES.column("event_timestamp").to_pylist(), strict=True
+    ):
+        second = (at - EPOCH).total_seconds()
+        best: tuple[tuple[int, int, int], int] | None = None
+        for number, rows in enumerate(commits):
+            for k, s, created, v in rows:
+                if k == key and s <= second and v not in gone:
+                    rank = (s, -1 if created is None else created, number)
+                    if best is None or rank > best[0]:
+                        best = (rank, v)
+        out.append(None if best is None else best[1])
+    return out
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=tie_commit, operations=st.lists(tie_operation, max_size=4), created=st.booleans())
+@example(  # the same row three times, then the newest deleted: the one before wins
+    first=[(1, 2, 0)], operations=[("append", [(1, 2, 0)]), ("append", [(1, 2, 0)]), ("delete", [2])], created=True
+)
+def test_full_ties_go_to_the_later_commit_through_duckdb_as_through_the_index(
+    first: list[tuple[int, int, int | None]],
+    operations: list[tuple[Any, ...]],
+    created: bool,
+    tie_servers: tuple[list[str], str],
+) -> None:
+    """Rows tied on keys, event time and created time (or in a table without created times, on keys and event
+    time) across commits, some deleted by merge-on-read deletes: after every commit the sorted index, the per-table
+    DuckDB fallback and the all-DuckDB join pick the same row of each tie, the later commit's, as the plain loop."""
+    locations, anchor = tie_servers
+    name = f"tests.ties_{uuid.uuid4().hex[:12]}"
+    commits: list[list[tuple[int, int, int | None, int]]] = []
+    gone: set[int] = set()
+    written = 0
+
+    def rows_of(rows: list[tuple[int, int, int | None]]) -> pa.Table:
+        nonlocal written
+        if not created:  # without created times, rows that differ only in theirs tie too
+            rows = list(dict.fromkeys((k, s, None) for k, s, _ in rows))
+        commits.append([(k, s, c, written + i) for i, (k, s, c) in enumerate(rows)])
+        table = feature_rows_table(rows, written)
+        written += len(rows)
+        return table if created else table.drop_columns(["created"])
+
+    def answers() -> None:
+        want = tie_reference(commits, gone)
+        for location in locations:
+            with FeatureClient(location) as client:
+                got = client.get_historical_features(TIE_PROBES, [f"{name}:v", f"{anchor}:a"])
+            assert got.column("v").to_pylist() == want, location
+            anchored = [k == 0 and at >= EPOCH for k, at in zip(*TIE_PROBES.to_pydict().values(), strict=True)]
+            assert got.column("a").to_pylist() == [0 if hit else None for hit in anchored]
+
+    with FeatureClient(locations[0]) as client:
+        padding = feature_rows_table([(1000 + i, 0, 0) for i in range(_PADDING)], 10_000)
+        table = pa.concat_tables([rows_of(first), padding if created else padding.drop_columns(["created"])])
+        client.write(name, table, entity_keys=["k"], event_time="ts", created_time="created" if created else None)
+        answers()
+        for op in operations:
+            if op[0] == "append":
+                client.write(name, rows_of(op[1]))
+            else:
+                doomed = sorted({v % written for v in op[1]} - gone)
+                if not doomed:
+                    continue
+                client.delete(name, filter=" OR ".join(f"v = {v}" for v in doomed), mode="merge-on-read")
+                gone.update(doomed)
+            answers()
+    with FeatureClient(locations[1]) as client:
+        assert cache_stats(client)["too_large"] >= 1, "the hybrid server joined the table by DuckDB"

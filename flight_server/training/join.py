@@ -10,11 +10,18 @@ import duckdb
 import pyarrow as pa
 
 from flight_server.base.filters import quote
+from flight_server.iceberg.lineage import commit_order
 from flight_server.reads.duck import Engine, local_path
 from flight_server.training.asof import AsofIndex
 from flight_server.training.codes import entity_micros
 from flight_server.training.entities import ROW, TS, TS_UP, entity_bounds
-from flight_server.training.plan import HistoricalPlan, partition_predicate, share_predicate
+from flight_server.training.plan import FeatureGroup, HistoricalPlan, partition_predicate, share_predicate
+
+FILES = "__pit_files_{}"  # a group's data files and their rank in commit order (`file_ranks`), registered per query
+
+_ROW_BITS = 40  # a row's order: its file's rank above its row number in the file (files of fewer than 2**40 rows)
+
+_LAST = "9223372036854775807"  # above every row's order: an entity row's side of the ASOF inequality
 
 
 def join_sql(
@@ -42,7 +49,7 @@ def join_sql(
             nulls = ", ".join(f"NULL AS __pit_{i}_{j}" for j in range(len(group.features)))
             ctes.append(
                 f"{alias} AS (SELECT {keys}, NULL::TIMESTAMPTZ AS {TS}, NULL::TIMESTAMPTZ AS __pit_created, "
-                f"{nulls} FROM ent WHERE FALSE)"
+                f"NULL::BIGINT AS __pit_order, {nulls} FROM ent WHERE FALSE)"
             )
         else:
             bound = f"{quote(spec.event_time)} <= ?"
@@ -63,27 +70,33 @@ def join_sql(
                 predicate, share_args = share_predicate("", share, group.key_types[spec.entity_keys.index(share.key)])
                 bound += " AND " + predicate
                 args_here += share_args
+            # Full ties (keys, event time, created time) go to the later row in commit order, as in the sorted
+            # index: the row's file ranked by `file_ranks` (registered as FILES), then its row number in the file.
+            order = f"coalesce(o.__pit_rank, 0) * {1 << _ROW_BITS} + s.file_row_number AS __pit_order"
             ctes.append(
                 f"{alias} AS (SELECT {keys}, CAST({quote(spec.event_time)} AS TIMESTAMPTZ) AS {TS}{created}, "
-                f"{features} FROM {source} WHERE {bound})"
+                f"{order}, {features} FROM {source} AS s LEFT JOIN {FILES.format(i)} AS o USING (filename) "
+                f"WHERE {bound})"
             )
             args += args_here
         on = " AND ".join(f"ent.{quote(k)} = {alias}.{quote(k)}" for k in spec.entity_keys)
         if spec.created_time:
             inequality = (
-                f"struct_pack(t := ent.{TS}, c := 'infinity'::TIMESTAMPTZ) >= struct_pack(t := {alias}.{TS}, "
-                f"c := coalesce({alias}.__pit_created, '-infinity'::TIMESTAMPTZ))"
+                f"struct_pack(t := ent.{TS}, c := 'infinity'::TIMESTAMPTZ, o := {_LAST}) >= struct_pack(t := "
+                f"{alias}.{TS}, c := coalesce({alias}.__pit_created, '-infinity'::TIMESTAMPTZ), o := "
+                f"{alias}.__pit_order)"
             )
         else:
-            inequality = f"ent.{TS} >= {alias}.{TS}"
+            inequality = (
+                f"struct_pack(t := ent.{TS}, o := {_LAST}) >= struct_pack(t := {alias}.{TS}, o := {alias}.__pit_order)"
+            )
         joins.append(f"ASOF LEFT JOIN {alias} ON {on} AND {inequality}")
         ttl = spec.ttl_seconds if plan.apply_ttl else None
         conditions = [f"{alias}.{TS} >= ent.{TS_UP} - to_seconds({int(ttl)})"] if ttl else []
-        if spec.created_time:
-            conditions.append(f"ent.{TS} IS NOT NULL")  # a null time in the struct would compare as latest
+        conditions.append(f"ent.{TS} IS NOT NULL")  # a null time in the struct would compare as latest
         for j in range(len(group.features)):
             value = f"{alias}.__pit_{i}_{j}"
-            selected[(i, j)] = f"CASE WHEN {' AND '.join(conditions)} THEN {value} END" if conditions else value
+            selected[(i, j)] = f"CASE WHEN {' AND '.join(conditions)} THEN {value} END"
     outputs = [f"ent.{quote(n)}" for n in plan.entity_schema.names]
     outputs += [f"{selected[(i, j)]} AS {quote(name)}" for i, j, name in plan.columns]
     sql = f"WITH {', '.join(ctes)} SELECT {', '.join(outputs)} FROM ent {' '.join(joins)} ORDER BY ent.{ROW}"
@@ -100,8 +113,26 @@ def run_historical(
 ) -> pa.RecordBatchReader:
     """Execute the join over `relation` (registered or created on `cursor`) and stream the result."""
     low, high = entity_bounds(cursor, relation, params)
+    for i, group in enumerate(plan.groups):
+        if group.snapshot_id is not None:
+            cursor.register(FILES.format(i), file_ranks(group))
     sql, args = join_sql(plan, relation, params, low, high, files)
     return cursor.execute(sql, args).to_arrow_reader(batch_rows).cast(plan.schema)
+
+
+def file_ranks(group: FeatureGroup) -> pa.Table:
+    """Each data file of the group's snapshot and its rank in commit order (`commit_order`), under the path DuckDB
+    names it by (`filename`: the manifest's for `iceberg_scan`, the local one for `read_parquet` of share files),
+    so that DuckDB settles full ties as the sorted index does, which reads the files in that order."""
+    assert group.snapshot_id is not None, "an empty table has no files"
+    order = commit_order(group.table, group.snapshot_id)
+    paths: list[str] = []
+    ranks: list[int] = []
+    for rank, path in enumerate(sorted(order, key=order.__getitem__)):
+        for name in dict.fromkeys((path, local_path(path))):
+            paths.append(name)
+            ranks.append(rank)
+    return pa.table({"filename": pa.array(paths, pa.string()), "__pit_rank": pa.array(ranks, pa.int64())})
 
 
 def join_batch(

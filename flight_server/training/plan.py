@@ -2,14 +2,16 @@
 
 For every entity row and feature table, the row chosen has equal keys (a null key matches
 nothing), an event time at or before the entity's timestamp and, when the table has a TTL, no
-older than the TTL; the latest event time wins and ties go to the latest created time. One row
+older than the TTL; the latest event time wins, ties go to the latest created time, and ties on that too
+to the row committed last (the later file in commit order, then the later row in its file). One row
 comes out per entity row, in input order, with every entity column unchanged.
 
 Two ways to run it, same answer. Usually each feature table's snapshot is sorted once into an
 `AsofIndex` (asof.py, cached between requests) and entity rows are answered batch by batch with a
 binary search and a `take`. The tables too large for that cache are joined by one DuckDB query
 (and the others through their indexes, on its batches): a chain of ASOF LEFT JOINs, where the
-created-time tie-break rides in the single ASOF inequality as a (event time, created time) struct
+tie-breaks ride in the single ASOF inequality as an (event time, created time, commit order) struct,
+the last from each row's file (`filename`, ranked by a registered table) and its row number in it,
 and the TTL nulls matches that are too old.
 """
 
