@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -667,11 +668,12 @@ def test_a_full_tie_within_one_commit_is_settled_alike_extended_or_rebuilt(catal
 
 def test_big_appends_to_every_table_extend_indexes_near_the_cap(catalog_properties: dict[str, str]) -> None:
     """Three tables whose indexes fill most of the cache (as at the benchmark's full size: 2.6 of 4 GiB) each get
-    appends of 10 % of their rows, round after round, until they fill 84 % of it: every index is extended, never
+    appends of 10 % of their rows, round after round, until they fill 80 % of it: every index is extended, never
     read whole again, although each new generation is as large as the one it extends (they share their columns
-    and runs: the cache counts that memory once) and each fold needs room for its runs (found among older
-    generations, never by evicting another table's index); past the cap, what does not fit goes to DuckDB and
-    nothing is read whole again; results equal DuckDB's on the same snapshots throughout."""
+    and runs: the cache counts that memory once) and each extension and fold needs room for its work (found among
+    older generations, never by evicting another table's index); past that, what does not fit (the index, or the
+    work of bringing it forward) goes to DuckDB and nothing is read whole again; results equal DuckDB's on the same
+    snapshots throughout."""
     names = [f"tests.near_cap_{part}_{uuid.uuid4().hex[:8]}" for part in ("a", "b", "c")]
     sizes = [8_000, 2_000, 4_000]
     probes = pa.table(
@@ -705,7 +707,7 @@ def test_big_appends_to_every_table_extend_indexes_near_the_cap(catalog_properti
             client.get_historical_features(probes, features, full_feature_names=True)
             assert cache_stats(client)["builds"] == 3
             first = sum(sizes)
-            for round_ in range(4):
+            for round_ in range(3):
                 for name, size in zip(names, sizes, strict=True):
                     client.write(name, ticks(97, size // 10, first, 8_000))
                     first += size // 10
@@ -720,7 +722,7 @@ def test_big_appends_to_every_table_extend_indexes_near_the_cap(catalog_properti
             assert cache_stats(client)["bytes"] <= cap
             # Past the cap: an index that does not fit beside the others is not kept (its table goes to DuckDB),
             # rather than pushing out another table's index, which would be read whole, push out another, ...
-            for round_ in range(4, 8):
+            for round_ in range(3, 8):
                 for name, size in zip(names, sizes, strict=True):
                     client.write(name, ticks(97, size // 10, first, 8_000))
                     first += size // 10
@@ -813,11 +815,15 @@ def test_a_refusal_for_another_tables_index_lasts_until_room_is_freed(
 ) -> None:
     """Table A's index brought forward does not fit beside table B's (kept current): A's training sets use
     DuckDB, the refresh thread stops asking (no miss per round, no re-read of A's appends per snapshot); once B's
-    index is gone, A's index is brought forward again. Snapshots larger than the whole cap are remembered, at most
-    `_TOO_LARGE_KEYS` of them."""
+    index is gone, A's index is brought forward again (B is three times A's size: the room it leaves holds the work
+    of bringing A forward too, a copy of its columns among it). Snapshots larger than the whole cap are remembered,
+    at most `_TOO_LARGE_KEYS` of them."""
     client, catalog, spec, size, (a, b) = two_tables
+    client.write(b, ticks(97, 8_000, 100_000, 8_000))
     tables = {name: catalog.read(name) for name in (a, b)}
-    cache = AsofCache(Engine(), ReadCaches(), size[a] + size[b] + size[a] // 20, catalog=catalog)
+    grown = AsofCache(Engine(), ReadCaches(), 1 << 30).get(tables[b], tables[b].current_snapshot().snapshot_id, spec)
+    assert grown is not None
+    cache = AsofCache(Engine(), ReadCaches(), size[a] + grown.nbytes() + size[a] // 20, catalog=catalog)
     for followed in tables.values():
         assert cache.get(followed, followed.current_snapshot().snapshot_id, spec) is not None
     first = 4_000
@@ -1019,3 +1025,53 @@ def test_full_ties_go_to_the_later_commit_through_duckdb_as_through_the_index(
             answers()
     with FeatureClient(locations[1]) as client:
         assert cache_stats(client)["too_large"] >= 1, "the hybrid server joined the table by DuckDB"
+
+
+def test_bringing_an_index_forward_reserves_its_work_within_the_cap(
+    two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bringing an index forward reserves what it allocates (the appended rows read, the columns' growth, a copy
+    where they cannot grow in place, the sort of their run) before allocating it: measured while it extends the
+    index (numpy's allocations traced, Arrow's counted), the cache's reservation covers them, and what it holds and
+    reserves together never passes the cap; the index brought forward answers as one built from scratch. With a
+    cap that leaves no room for that work, the table goes to DuckDB (None), nothing reserved stays behind, and the
+    index is not read whole either."""
+    client, catalog, spec, size, (a, _) = two_tables
+    table = catalog.read(a)
+    start = table.current_snapshot()
+    assert start is not None
+    roomy = AsofCache(Engine(), ReadCaches(), 3 * size[a], catalog=catalog)
+    tight = AsofCache(Engine(), ReadCaches(), size[a] * 11 // 10, catalog=catalog)
+    for cache in (roomy, tight):
+        assert cache.get(table, start.snapshot_id, spec) is not None
+    client.write(a, ticks(97, 800, 4_000, 8_000))
+    table = catalog.read(a)
+    current = table.current_snapshot()
+    assert current is not None
+    seen: list[tuple[int, int, int]] = []
+    extend = AsofIndex.extend
+
+    def watched(index: AsofIndex, *args: Any, **kwargs: Any) -> AsofIndex:
+        account = roomy._account
+        arrow = pa.total_allocated_bytes()
+        tracemalloc.start()
+        try:
+            extended = extend(index, *args, **kwargs)
+            allocated = tracemalloc.get_traced_memory()[1] + max(0, pa.total_allocated_bytes() - arrow)
+        finally:
+            tracemalloc.stop()
+        seen.append((account.held, account.reserved, allocated))
+        return extended
+
+    monkeypatch.setattr(AsofIndex, "extend", watched)
+    forward = roomy.get(table, current.snapshot_id, spec)
+    assert forward is not None and roomy.incremental_builds == 1
+    [(held, reserved, allocated)] = seen
+    assert allocated <= reserved and held + reserved <= 3 * size[a], (held, reserved, allocated)
+    assert roomy._account.reserved == 0 and roomy._account.held <= 3 * size[a]
+    fresh = AsofCache(Engine(), ReadCaches(), 1 << 30).get(table, current.snapshot_id, spec)
+    assert fresh is not None and probe_answers(forward) == probe_answers(fresh)
+    assert tight.get(table, current.snapshot_id, spec) is None
+    assert tight.builds == 1 and tight.incremental_builds == 0 and tight._account.reserved == 0
+    assert tight._account.held <= size[a] * 11 // 10

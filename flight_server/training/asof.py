@@ -54,6 +54,10 @@ _MAX_RUNS = 16  # runs past which an index is folded even while new snapshots ke
 
 _MASK_RATIO = 4  # deletes are masked while the masked rows stay under 1/4 of the columns; beyond, the index is rebuilt
 
+_RUN_ROW_BYTES = 96  # what sorting a row into a run allocates, at most: a dozen 8-byte arrays (codes, stamps, order)
+
+_FOLD_COPIES = 2  # a fold allocates its runs' arrays anew, and as much again in temporaries while it merges
+
 _Key = tuple[str, int | None, FeatureSpec, KeyShare | None]  # table uuid, snapshot, spec, share (None: all rows)
 
 
@@ -258,6 +262,12 @@ class AsofIndex:
             spans=spans,
         )
 
+    def extension_bytes(self, rows: pa.Table) -> int:
+        """What `extend` by `rows` allocates, at most: each column's growth (a copy where it cannot grow in place),
+        and the sort of their run."""
+        growth = sum(values.growth(rows.column(name)) for name, values in self.columns.items())
+        return growth + rows.num_rows * _RUN_ROW_BYTES
+
     def folded(self) -> AsofIndex:
         """The same index with its runs merged into one (it answers exactly as this one)."""
         if len(self.runs) < 2:
@@ -382,6 +392,60 @@ def _usable(spec: FeatureSpec, rows: pa.Table) -> tuple[list[pa.ChunkedArray], n
         key_columns = [c.take(usable) for c in key_columns]
         event_us = event_us[usable]
     return key_columns, event_us, usable
+
+
+def _kept(reader: pa.RecordBatchReader, batch: pa.RecordBatch, room: int, taken: int, work: _Work) -> int:
+    """The bytes a batch read for an index counts (its rows, and 24 a row for sorting them), reserved in `work`; the
+    read is closed and refused once the rows read pass `room` bytes, or the room is not there now."""
+    size = batch.nbytes + batch.num_rows * 24
+    try:
+        if taken + size > room:
+            raise LimitError(f"its rows pass the {room >> 20} MiB the training-set cache has room for")
+        work.take(size, "its rows")
+    except LimitError:
+        reader.close()
+        raise
+    return size
+
+
+class _NoRoom(LimitError):
+    """The work of bringing an index forward (`_Work`) does not fit in the room the cache has now: `size` more
+    bytes were wanted. `_build` refuses it as not fitting beside the indexes in use (`_NotBeside`)."""
+
+    def __init__(self, message: str, size: int):
+        super().__init__(message)
+        self.size = size
+
+
+class _Work:
+    """Bytes of the cache's account reserved for bringing one index forward (the appended rows read, the columns'
+    growth, the sort of their run), as the work goes, so that what the cache holds and what the extension allocates
+    beside it stay within the cap together; the index takes them over once admitted (`Account.admit`), else they
+    are released. Only room to spare, after dropping older generations: never another table's index, which would be
+    read whole at its next use. A build from scratch (`bounded` False) reserves nothing: its reads stop at the
+    cap, and admitting it evicts the least recently used indexes."""
+
+    def __init__(self, cache: AsofCache, key: _Key):
+        self.cache, self.key = cache, key
+        self.bounded = False
+        self.reserved = 0
+
+    def take(self, size: int, what: str) -> None:
+        """Reserve `size` more bytes for `what` (if `bounded`); `_NoRoom` if they do not fit."""
+        if not self.bounded:
+            return
+        cache = self.cache
+        with cache._lock:
+            fits = cache._make_free(self.key, size) and cache._account.reserve(size)
+            if fits:
+                self.reserved += size
+        if not fits:
+            raise _NoRoom(f"{what} ({size >> 20} MiB) does not fit in the room the training-set cache has now", size)
+
+    def release(self) -> None:
+        """Give back what is still reserved (nothing once the index was admitted)."""
+        self.cache._account.release(self.reserved)
+        self.reserved = 0
 
 
 class _NotBeside(LimitError):
@@ -516,49 +580,70 @@ class AsofCache:
             room = self._account.limit()
             with self._lock:
                 beside = self._account.room_beside(self._in_use(key))
+            work = _Work(self, key)
             try:
-                index, how, base = self._build(table, snapshot_id, spec, share, room, beside)
-            except LimitError as exc:
-                log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
-                with self._lock:
-                    self.too_large += 1
-                    if isinstance(exc, _NotBeside):
-                        self._not_beside[(uuid, spec, share)] = (exc.base, exc.size)
-                    elif room >= self.max_bytes:
-                        self._refuse(key)
-                return None
+                return self._keep(key, table, spec, share, follow, room, beside, work)
+            finally:
+                work.release()
+
+    def _keep(
+        self,
+        key: _Key,
+        table: Table,
+        spec: FeatureSpec,
+        share: KeyShare | None,
+        follow: bool,
+        room: int,
+        beside: int,
+        work: _Work,
+    ) -> AsofIndex | None:
+        """Build `key`'s index (its work reserved in `work`) and keep it if it fits: `get` once it was not cached."""
+        uuid, snapshot_id = key[0], key[1]
+        try:
+            index, how, base = self._build(table, snapshot_id, spec, share, room, beside, work)
+        except LimitError as exc:
+            log.info("training sets from %s at snapshot %s use DuckDB: %s", table_name(table), snapshot_id, exc)
             with self._lock:
-                keep = self._in_use(key) if base is not None else set()
-                if keep and not self._beside(key, index, keep):
-                    assert base is not None, "only an index brought forward is refused beside the others"
-                    self._not_beside[(uuid, spec, share)] = (base.snapshot_id, index.nbytes())
-                    return None
-                older = self._lean(key, index, base)
-                # Else (the room taken meanwhile) it serves this request only.
-                if self._account.admit(key, index.nbytes(), keep=keep):
-                    self._indexes[key] = index
-                    if base is not None:  # its fold, if due, is the newer one's now: the older one's is wasted
-                        older_key = (uuid, base.snapshot_id, spec, share)
-                        if older_key in self._to_fold:
-                            self._to_fold.discard(older_key)
-                            self._to_fold.add(key)
-                    if follow:
-                        self._follow[(table_name(table), share)] = (uuid, spec)
-                        self._current[(uuid, spec, share)] = key
-                    if index.crowded(_FOLD_RUNS, _FOLD_RATIO):
+                self.too_large += 1
+                if isinstance(exc, _NotBeside):
+                    self._not_beside[(uuid, spec, share)] = (exc.base, exc.size)
+                elif room >= self.max_bytes:
+                    self._refuse(key)
+            return None
+        with self._lock:
+            keep = self._in_use(key) if base is not None else set()
+            if keep and not self._beside(key, index, keep):
+                assert base is not None, "only an index brought forward is refused beside the others"
+                self._not_beside[(uuid, spec, share)] = (base.snapshot_id, index.nbytes())
+                return None
+            older = self._lean(key, index, base)
+            # Else (the room taken meanwhile) it serves this request only.
+            admitted = self._account.admit(key, index.nbytes(), work.reserved, keep=keep)
+            work.reserved = 0  # given back by `admit`: the index's charge now, if admitted
+            if admitted:
+                self._indexes[key] = index
+                if base is not None:  # its fold, if due, is the newer one's now: the older one's is wasted
+                    older_key = (uuid, base.snapshot_id, spec, share)
+                    if older_key in self._to_fold:
+                        self._to_fold.discard(older_key)
                         self._to_fold.add(key)
-                        if self._thread is None:
-                            self._start()
-                        if threading.current_thread() is not self._thread:  # else its every round bails out
-                            self._wake.set()
-                elif older is not None:
-                    self._alone(older)
-                if how == "built":
-                    self.builds += 1
-                else:
-                    self.incremental_builds += 1
-                    self.deletes_masked += how == "masked"
-            return index
+                if follow:
+                    self._follow[(table_name(table), share)] = (uuid, spec)
+                    self._current[(uuid, spec, share)] = key
+                if index.crowded(_FOLD_RUNS, _FOLD_RATIO):
+                    self._to_fold.add(key)
+                    if self._thread is None:
+                        self._start()
+                    if threading.current_thread() is not self._thread:  # else its every round bails out
+                        self._wake.set()
+            elif older is not None:
+                self._alone(older)
+            if how == "built":
+                self.builds += 1
+            else:
+                self.incremental_builds += 1
+                self.deletes_masked += how == "masked"
+        return index
 
     def _in_use(self, key: _Key) -> set[_Key]:
         """The indexes that bringing `key`'s table forward must not evict: the latest of each other table kept
@@ -716,6 +801,7 @@ class AsofCache:
         share: KeyShare | None,
         room: int,
         beside: int,
+        work: _Work,
     ) -> tuple[AsofIndex, str, AsofIndex | None]:
         """The snapshot's index (of the rows in `share` only, if given), how, and from which: "built", or brought
         forward from a cached ancestor's ("extended", or "masked" when it masked deleted rows) when only appends
@@ -744,7 +830,11 @@ class AsofCache:
                     base.snapshot_id,
                     need,
                 )
-            index = self._forward(base, plan, changes, share, room) if forward else None
+            work.bounded = forward
+            try:
+                index = self._forward(base, plan, changes, share, room, work) if forward else None
+            except _NoRoom as exc:  # its later snapshots from the same base need as much or more: not tried again
+                raise _NotBeside(str(exc), base.snapshot_id, base.nbytes() + work.reserved + exc.size) from exc
             if index is not None:
                 if index.nbytes() > room:
                     raise LimitError(f"its index passes the {room >> 20} MiB the training-set cache has room for")
@@ -764,15 +854,16 @@ class AsofCache:
                     time.perf_counter() - started,
                 )
                 return index, "masked" if index.dead > base.dead else "extended", base
+        work.bounded = False
         if snapshot_id is None:  # no snapshot when planned: stay empty even if a write has since made one
             plan = replace(plan, snapshot_id=None)
         # `_read` probes and logs the read path itself: a second probe here would list the files twice.
         files = direct_files(plan)[0] if share is None and plan.snapshot_id is not None else None
         if files is not None:  # file by file, so that later deletes can be masked
-            rows, spans = self._read_files(plan, _in_commit_order(plan, files), room)
+            rows, spans = self._read_files(plan, _in_commit_order(plan, files), room, work)
             index, path = AsofIndex.build(table_name(table), snapshot_id, spec, rows, spans), "direct"
         else:
-            rows, path = self._read(plan, share, room)
+            rows, path = self._read(plan, share, room, work)
             index = AsofIndex.build(table_name(table), snapshot_id, spec, rows)
         log.info(
             "training-set index of %s at snapshot %s: %d rows, %.1f MiB, %s read, %.2f s",
@@ -786,7 +877,7 @@ class AsofCache:
         return index, "built", None
 
     def _forward(
-        self, base: AsofIndex, plan: ScanPlan, changes: Appended, share: KeyShare | None, room: int
+        self, base: AsofIndex, plan: ScanPlan, changes: Appended, share: KeyShare | None, room: int, work: _Work
     ) -> AsofIndex | None:
         """`base` brought forward to the plan's snapshot: the appended files read and sorted into a run of their
         own, the rows that position delete files delete since masked. None when a delete cannot be masked here
@@ -819,20 +910,21 @@ class AsofCache:
         reading = replace(plan, appended=changes.files)
         if base.spans is not None and direct_files(reading)[0] is not None:
             tasks = [FileScanTask(f, on_appended.get(f.file_path)) for f in changes.files]
-            added, added_spans = self._read_files(plan, tasks, room)
+            added, added_spans = self._read_files(plan, tasks, room, work)
         elif on_appended:
             return None
         else:
-            added, added_spans = self._read(reading, share, room)[0], None
+            added, added_spans = self._read(reading, share, room, work)[0], None
+        work.take(base.extension_bytes(added), "extending its index")
         forward = base.masked(plan.snapshot_id, masked, tuple(spans.values())) if len(masked) else base
         return forward.extend(plan.snapshot_id, added, added_spans)
 
     def _read_files(
-        self, plan: ScanPlan, tasks: list[FileScanTask], room: int
+        self, plan: ScanPlan, tasks: list[FileScanTask], room: int, work: _Work
     ) -> tuple[pa.Table, tuple[FileSpan, ...]]:
         """The rows of `tasks` (their delete files applied), file after file in one scan (a scan per file costs
         more than a small append's rows), and where each file's rows are: its record count less its deleted
-        positions; refused as soon as they pass `room` bytes."""
+        positions; refused as soon as they pass `room` bytes, each batch reserved in `work`."""
         deleted = deleted_positions(plan.table.io, [t for t in tasks if t.delete_files], self.caches.positions)
         empty = np.empty(0, dtype=np.int64)
         spans: list[FileSpan] = []
@@ -847,18 +939,15 @@ class AsofCache:
         reader = reader if reader.schema == plan.schema else reader.cast(plan.schema)
         for batch in reader:
             batches.append(batch)
-            taken += batch.nbytes + batch.num_rows * 24
-            if taken > room:
-                reader.close()
-                raise LimitError(f"its rows pass the {room >> 20} MiB the training-set cache has room for")
+            taken += _kept(reader, batch, room, taken, work)
         rows = pa.Table.from_batches(batches, plan.schema)
         if rows.num_rows != first:
             raise RuntimeError(f"read {rows.num_rows} rows of {plan.name}'s files, whose manifests count {first}")
         return rows, tuple(spans)
 
-    def _read(self, plan: ScanPlan, share: KeyShare | None, room: int) -> tuple[pa.Table, str]:
+    def _read(self, plan: ScanPlan, share: KeyShare | None, room: int, work: _Work) -> tuple[pa.Table, str]:
         """The planned rows (those in `share` only, if given), and their read path; refused as soon as they
-        pass `room` bytes."""
+        pass `room` bytes, each batch reserved in `work`."""
         files = direct_files(plan)[0] if share is not None and plan.snapshot_id is not None else None
         if share is not None and files is not None:  # only the files of the share's buckets
             kept = _in_commit_order(plan, share_tasks(plan.table, share, files))
@@ -871,10 +960,7 @@ class AsofCache:
             if share is not None:  # keep only this share: the cap counts what is kept
                 batch = batch.filter(pa.array(np.isin(key_slots(batch.column(share.key), share.slots), owned)))
             batches.append(batch)
-            taken += batch.nbytes + batch.num_rows * 24
-            if taken > room:
-                reader.close()
-                raise LimitError(f"its rows pass the {room >> 20} MiB the training-set cache has room for")
+            taken += _kept(reader, batch, room, taken, work)
         return pa.Table.from_batches(batches, plan.schema), path
 
     def _run(self) -> None:
@@ -921,7 +1007,7 @@ class AsofCache:
                 with self._lock:  # a new snapshot to bring forward first: fold the rest after it
                     self._to_fold.update(waiting[at:])
                 return
-            extra = sum(run.nbytes() for run in index.runs)
+            extra = _FOLD_COPIES * sum(run.nbytes() for run in index.runs)
             if not self._reserve_fold(key, extra):
                 with self._lock:
                     if key not in self._unfolded:

@@ -292,6 +292,16 @@ def appended(values: np.ndarray, room: Room | None, more: np.ndarray) -> tuple[n
     return buffer[:end], Room(buffer, end)
 
 
+def appended_bytes(array: np.ndarray | None, room: Room | None, length: int, rows: int, itemsize: int) -> int:
+    """The memory `appended` fills to add `rows` items to `array` (of `length`; None: a validity mask made whole):
+    the rows where it grows in place, else the whole copied into a new buffer (whose spare quarter is not touched,
+    so takes no memory, until later generations use it)."""
+    end = length + rows
+    if array is not None and room is not None and room.used == len(array) and len(room.buffer) >= end:
+        return rows * itemsize
+    return end * itemsize
+
+
 def _appended_valid(
     valid: np.ndarray | None, room: Room | None, length: int, more: np.ndarray | None, extra: int
 ) -> tuple[np.ndarray | None, Room | None]:
@@ -324,6 +334,14 @@ class FixedValues:
         """Its numpy arrays, which later generations extended in place share (see `Room`)."""
         return [a for a in (self.values, self.valid) if a is not None]
 
+    def growth(self, column: pa.ChunkedArray) -> int:
+        """Bytes that extending by `column` allocates, at most: its rows combined, and where they go."""
+        rows, width = len(column), self.values.itemsize
+        values = appended_bytes(self.values, self.rooms[0], len(self.values), rows, width)
+        if self.valid is None and not column.null_count:
+            return rows * width + values
+        return rows * (width + 1) + values + appended_bytes(self.valid, self.rooms[1], len(self.values), rows, 1)
+
     def extend(self, more: FixedValues) -> FixedValues:
         values, room = appended(self.values, self.rooms[0], more.values)
         valid, valid_room = _appended_valid(self.valid, self.rooms[1], len(self.values), more.valid, len(more.values))
@@ -351,6 +369,18 @@ class DictionaryValues:
     def arrays(self) -> list[np.ndarray]:
         """Its numpy arrays, which later generations extended in place share (see `Room`)."""
         return [a for a in (self.codes, self.valid) if a is not None]
+
+    def growth(self, column: pa.ChunkedArray) -> int:
+        """Bytes that extending by `column` allocates, at most: its codes found (through Arrow, then numpy), and
+        where they go (new values of the dictionary aside)."""
+        rows = len(column)
+        codes = appended_bytes(self.codes, self.rooms[0], len(self.codes), rows, 4)
+        valid = (
+            0
+            if self.valid is None and not column.null_count
+            else rows + appended_bytes(self.valid, self.rooms[1], len(self.codes), rows, 1)
+        )
+        return 3 * rows * 4 + codes + valid
 
     def extend(self, column: pa.ChunkedArray) -> DictionaryValues:
         """More rows coded against this dictionary; values it lacks are added to it."""
@@ -386,6 +416,11 @@ class ArrowValues:
     def arrays(self) -> list[np.ndarray]:
         """None: an extension concatenates a new array."""
         return []
+
+    def growth(self, column: pa.ChunkedArray) -> int:
+        """Bytes that extending by `column` allocates, at most: its rows combined, and the array concatenated
+        anew."""
+        return self.array.nbytes + 2 * column.nbytes
 
 
 Values = FixedValues | DictionaryValues | ArrowValues
