@@ -92,7 +92,7 @@ class Run:
         keys, code = KeyCodes.build(key_columns)
         axis, offset = TimeAxis.build(event_us, keys.count)
         stamps, positions = code * axis.span + offset, usable + first
-        order = np.argsort(stamps)
+        order = np.argsort(stamps, kind="stable")  # data files come sorted by (keys, event time): merged runs
         stamps, positions, event_us = stamps[order], positions[order], event_us[order]
         _settle_ties(stamps, positions, event_us, created)
         return cls.sorted(keys, axis, stamps, positions, event_us)
@@ -111,7 +111,7 @@ class Run:
         axis = self.axis.extend(self.event_us, event_us, keys.count)
         old = renumber[self.stamps[: len(self)] // self.axis.span] * axis.span + axis.feature_offsets(self.event_us)
         new = code * axis.span + axis.feature_offsets(event_us)
-        by_stamp = np.argsort(new)
+        by_stamp = np.argsort(new, kind="stable")  # the rows of each run's files, each sorted: merged runs
         new, positions, event_us = new[by_stamp], positions[by_stamp], event_us[by_stamp]
         # Where each new stamp goes: after the old stamps at or below it, and after the new ones before it.
         at = np.searchsorted(old, new, side="right") + np.arange(len(new))
