@@ -29,11 +29,13 @@ from flight_server.training.entities import (
     server_entities,
 )
 from flight_server.training.join import join_batch, keep_alive, run_historical, use_storage
-from flight_server.training.plan import HistoricalPlan, plan_historical, slot_functions
+from flight_server.training.plan import FeatureGroup, HistoricalPlan, plan_historical, slot_functions
 from flight_server.wire.errors import LimitError, RequestError
 from flight_server.wire.reads import HistoricalRequest
 
 log = logging.getLogger(__name__)
+
+_FINDERS = 4  # threads that index a request's feature tables together (most wait: for a read, or another's build)
 
 
 def held_snapshots(plan: HistoricalPlan) -> list[tuple[str, int | None]]:
@@ -64,10 +66,14 @@ class TrainingSets:
         # Batches are joined on every core, a few ahead of the one being sent (numpy and Arrow release the GIL).
         self._workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="training-set")
+        # A request's feature tables are indexed together, one thread each (reads and sorts release the GIL): while
+        # one waits for the extension the refresh thread is doing, the others are brought forward beside it.
+        self._finders = ThreadPoolExecutor(_FINDERS, thread_name_prefix="training-set-index")
 
     def close(self) -> None:
         """Stop the join workers, once no call uses them (the server has stopped), and the cache's refreshes."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._finders.shutdown(wait=False, cancel_futures=True)
         self.cache.close()
 
     def open(self, request: HistoricalRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.RecordBatchReader:
@@ -269,12 +275,17 @@ class TrainingSets:
     def _indexes(self, plan: HistoricalPlan, build: bool = True) -> list[AsofIndex | None]:
         """Every feature table's sorted index; None for one that does not fit (or, without `build`, is not sorted
         yet): DuckDB joins those."""
-        indexes: list[AsofIndex | None] = []
-        for group in plan.groups:
-            find = self.cache.get if build else self.cache.peek
-            index = find(group.table, group.snapshot_id, group.spec, plan.share(group))
+        find = self.cache.get if build else self.cache.peek
+
+        def index_of(group: FeatureGroup) -> AsofIndex | None:
+            return find(group.table, group.snapshot_id, group.spec, plan.share(group))
+
+        if build and len(plan.groups) > 1:
+            indexes = list(self._finders.map(index_of, plan.groups))
+        else:
+            indexes = [index_of(group) for group in plan.groups]
+        for group, index in zip(plan.groups, indexes, strict=True):
             if index is None:
                 why = "too large for the training-set cache" if build else "not sorted yet"
                 log.info("training set: DuckDB joins %s (%s)", group.name, why)
-            indexes.append(index)
         return indexes
