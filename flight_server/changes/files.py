@@ -110,10 +110,13 @@ def write_data_files(
     created = _CreatedFiles(io)
     try:
         target = target_file_size(metadata)
+        # A chunk well under the target size is one file per partition, which is what pyiceberg's bin packing makes of
+        # each partition's rows then, at a tenth of a small file's CPU.
+        small = chunk.nbytes * 2 <= target
         tasks = [
             _FileTask(next(counter), partition, batches)
             for partition, rows in partitioned_rows(metadata, chunk, spec)
-            for batches in bin_pack_arrow_table(rows, target)
+            for batches in ([rows.to_batches()] if small else bin_pack_arrow_table(rows, target))
         ]
         write = functools.partial(_write_file, _FileContext.of(metadata, chunk.schema), created, write_uuid)
         if chunk.nbytes < SERIAL_BYTES:
@@ -283,6 +286,7 @@ class _FileContext:
     batch_schema: Schema
     locations: LocationProvider
     layout: StatisticsLayout
+    options: ParquetOptions  # the table's `write.parquet.*` properties, read once
     renamed: list[pa.Schema]  # the file schema of a flat batch whose columns are stored as they are, once known
     paths: dict[tuple[Any, ...], str]  # partition paths by partition values (`data_location`)
 
@@ -299,7 +303,8 @@ class _FileContext:
         locations = load_location_provider(metadata.location, metadata.properties)
         file_schema = sanitize_column_names(metadata.schema())
         layout = StatisticsLayout.of(file_schema, metadata.properties)
-        context = _FileContext(metadata, arrow, file_schema, batch_schema, locations, layout, [], {})
+        options = parquet_options(metadata.properties)
+        context = _FileContext(metadata, arrow, file_schema, batch_schema, locations, layout, options, [], {})
         with _CONTEXTS_LOCK:
             _CONTEXTS[key] = context
             while len(_CONTEXTS) > KEPT_CONTEXTS:
@@ -375,7 +380,7 @@ def _write_file(context: _FileContext, io: FileIO, write_uuid: uuid.UUID, task: 
     name = f"00000-{task.number}-{write_uuid}.{model.file_extension()}"
     path = context.data_location(name, task.partition)
     output = io.new_output(path)
-    writer = ParquetWriter(output, context.metadata.properties, context.layout)
+    writer = ParquetWriter(output, context.options, context.layout)
     try:
         writer.write(pa.Table.from_batches([context.file_batch(b, model) for b in task.batches]))
         statistics = writer.close()
@@ -667,9 +672,8 @@ class ParquetWriter(FileFormatWriter):
     """One Parquet data file, written as pyiceberg writes it (field ids, statistics for the manifest), with every
     `write.parquet.*` property honoured (`parquet_options`)."""
 
-    def __init__(self, output: OutputFile, properties: Properties, layout: StatisticsLayout):
-        self._output, self._layout = output, layout
-        self._options = parquet_options(properties)
+    def __init__(self, output: OutputFile, options: ParquetOptions, layout: StatisticsLayout):
+        self._output, self._layout, self._options = output, layout, options
         self._writer: pq.ParquetWriter | None = None
         self._stream: OutputStream | None = None
 
@@ -759,6 +763,7 @@ class RollingFiles:
         self._file_schema = sanitize_column_names(metadata.schema())
         self._locations = load_location_provider(metadata.location, metadata.properties)
         self._layout = StatisticsLayout.of(self._file_schema, metadata.properties)
+        self._options = parquet_options(metadata.properties)
 
     def _bytes_per_row(self) -> float:
         rows = sum(f.record_count for f in self.files)
@@ -807,7 +812,7 @@ class RollingFiles:
         name = f"00000-{next(self._counter)}-{self._uuid}.{self._format.file_extension()}"
         path = self._locations.new_data_location(data_file_name=name, partition_key=partition)
         output = self.io.new_output(path)
-        writer = ParquetWriter(output, self.metadata.properties, self._layout)
+        writer = ParquetWriter(output, self._options, self._layout)
         return _OpenFile(path, output, writer, partition)
 
     def _finish(self, key: str) -> None:
