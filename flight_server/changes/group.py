@@ -104,6 +104,10 @@ class Put:
     result: WriteResult | None = None
     error: BaseException | None = None
     done: bool = False  # set (under the queue's lock) once `result` or `error` is final
+    # Set once the put may go on: answered (`done`), or still queued when a commit ended (it may lead the next). A put
+    # waits on its own event, so that the end of a commit wakes each of its puts once, none of them queueing for the
+    # queue's lock behind the others (as all the waiters of one condition did, woken at once).
+    woken: threading.Event = field(default_factory=threading.Event)
 
     @property
     def file_count(self) -> int:
@@ -120,7 +124,6 @@ class _Queue:
     """One table's waiting puts, and whether one of them leads a commit now."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
-    changed: threading.Condition = field(init=False)  # a commit ended: its puts have their answers
     arrived: threading.Condition = field(init=False)  # a put queued (what a lingering leader waits for)
     waiting: list[Put] = field(default_factory=list)
     leading: bool = False
@@ -130,7 +133,6 @@ class _Queue:
     last_commit: float = 0.0  # seconds the last group's commit took
 
     def __post_init__(self) -> None:
-        self.changed = threading.Condition(self.lock)
         self.arrived = threading.Condition(self.lock)
 
 
@@ -160,22 +162,27 @@ class GroupCommits:
         duplicate's answer is the earlier snapshot's; its files are the caller's to delete)."""
         queue = self._enter(identifier)
         try:
-            with queue.changed:
+            with queue.lock:
                 queue.waiting.append(put)
                 if queue.wanted and len(queue.waiting) >= queue.wanted:
                     queue.arrived.notify()
-                while queue.leading and not put.done:
-                    queue.changed.wait()
-                if put.done:
+                leads = _lead(queue, put)
+            while not leads:
+                put.woken.wait()
+                if put.done:  # set before `woken`
                     return _outcome(put)
-                queue.leading = True
+                with queue.lock:
+                    if put.done:
+                        return _outcome(put)
+                    leads = _lead(queue, put)
+            with queue.lock:
                 self._linger(queue, put)
                 group = self._take(queue, put)
             started = time.monotonic()
             try:
                 self._commit_group(identifier, group)
             finally:
-                with queue.changed:
+                with queue.lock:
                     queue.last_commit = time.monotonic() - started
                     queue.leading = False
                     for member in group:
@@ -183,7 +190,11 @@ class GroupCommits:
                     # The writers of this group may put again, and those queued meanwhile are waiting: together
                     # what the next leader can expect.
                     queue.expected = len(group) + len(queue.waiting)
-                    queue.changed.notify_all()
+                    successor = queue.waiting[0] if queue.waiting else None  # leads next, unless an arrival does
+                for member in group:
+                    member.woken.set()
+                if successor is not None:
+                    successor.woken.set()
             return _outcome(put)
         finally:
             self._leave(identifier, queue)
@@ -338,7 +349,7 @@ class GroupCommits:
             queue = self._queues.get(identifier)
         if queue is None:
             return None
-        with queue.changed:
+        with queue.lock:
             return len(queue.waiting) if queue.leading else None
 
 
@@ -402,6 +413,16 @@ def _partitions_of_each(metadata: TableMetadata, rows: pa.Table, puts: list[Put]
         for i in pc.unique(part.column(column)).to_pylist():
             counts[i] += 1
     return list(counts)
+
+
+def _lead(queue: _Queue, put: Put) -> bool:
+    """Whether the put, queued, leads the next commit now (the queue's lock held); if not, it waits for its `woken`,
+    which the commit in flight sets when it ends (with the put's answer, or to let it lead the next one)."""
+    if queue.leading:
+        put.woken.clear()
+        return False
+    queue.leading = True
+    return True
 
 
 def _files(put: Put) -> int:
