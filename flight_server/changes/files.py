@@ -96,6 +96,7 @@ def write_data_files(
     spec: FeatureSpec | None,
     write_uuid: uuid.UUID,
     counter: itertools.count[int],
+    values: pa.Table | None = None,
 ) -> list[DataFile]:
     """Parquet data files of one chunk, split by partition, rows sorted (`sort_rows`) within each file, written in
     parallel (on the calling thread below `SERIAL_BYTES`); the same files, named, split and ordered the same way, as
@@ -104,7 +105,8 @@ def write_data_files(
     The rows are copied once: one `take` puts them in partition order, sorted within each partition, and each
     file is a slice of it. Any file this wrote is deleted if one fails (a full disk), so that a failed chunk
     leaves nothing behind: the files not started are not written, and those being written are finished first
-    (an object store creates the object when its upload closes, after a delete that came too early)."""
+    (an object store creates the object when its upload closes, after a delete that came too early). `values`: the
+    chunk's `partition_values`, when the caller has them."""
     if not chunk.num_rows:
         return []
     created = _CreatedFiles(io)
@@ -115,7 +117,7 @@ def write_data_files(
         small = chunk.nbytes * 2 <= target
         tasks = [
             _FileTask(next(counter), partition, batches)
-            for partition, rows in partitioned_rows(metadata, chunk, spec)
+            for partition, rows in partitioned_rows(metadata, chunk, spec, values)
             for batches in ([rows.to_batches()] if small else bin_pack_arrow_table(rows, target))
         ]
         write = functools.partial(_write_file, _FileContext.of(metadata, chunk.schema), created, write_uuid)
@@ -134,7 +136,7 @@ def write_data_files(
 
 
 def partitioned_rows(
-    metadata: TableMetadata, chunk: pa.Table, spec: FeatureSpec | None
+    metadata: TableMetadata, chunk: pa.Table, spec: FeatureSpec | None, values: pa.Table | None = None
 ) -> list[tuple[PartitionKey | None, pa.Table]]:
     """A chunk's rows by partition, sorted (`sort_rows`) within each, the partitions in the order in which they
     first appear among the sorted rows (as pyiceberg's `append` orders them).
@@ -142,14 +144,16 @@ def partitioned_rows(
     The partition values come from Arrow compute or pyiceberg-core's transforms of whole columns, while Arrow sorts
     the rows by keys and time on another core; one stable sort of those values in that order groups each
     partition's rows in sorted order, and one `take` of the chunk by the combined order makes every partition a
-    zero-copy slice. A chunk under `SERIAL_BYTES` is sorted on the calling thread."""
+    zero-copy slice. A chunk under `SERIAL_BYTES` is sorted on the calling thread. `values`: the chunk's
+    `partition_values`, when the caller has them."""
     partition_spec, schema = metadata.spec(), metadata.schema()
     if partition_spec.is_unpartitioned():
         order = _sort_indices(chunk, spec)
         return [(None, chunk if order is None else _take(chunk, order))]
     serial = chunk.nbytes < SERIAL_BYTES
     sorting = None if serial else ExecutorFactory.get_or_create().submit(_sort_indices, chunk, spec)
-    values = _partition_values(partition_spec, schema, chunk)
+    if values is None:
+        values = _partition_values(partition_spec, schema, chunk)
     order = _sort_indices(chunk, spec) if sorting is None else sorting.result()
     if values is None:  # a transform Arrow cannot compute here: pyiceberg's own way
         fallback: list[tuple[PartitionKey | None, pa.Table]] = [
@@ -180,10 +184,20 @@ def partitioned_rows(
     return parts
 
 
-def partition_counts(metadata: TableMetadata, rows: pa.Table, lengths: list[int]) -> list[int] | None:
+def partition_values(metadata: TableMetadata, rows: pa.Table) -> pa.Table | None:
+    """Each partition field's value for every row of `rows` (of a partitioned table), or None when Arrow cannot work
+    them out here (`_partition_values`): what `partition_counts` and `write_data_files` of the same rows share."""
+    return _partition_values(metadata.spec(), metadata.schema(), rows)
+
+
+def partition_counts(
+    metadata: TableMetadata, rows: pa.Table, lengths: list[int], values: pa.Table | None = None
+) -> list[int] | None:
     """How many partitions of the table each run of `rows` falls in, the runs one after the other with `lengths`
-    rows; None when Arrow cannot work out the partition values here (`_partition_values`)."""
-    values = _partition_values(metadata.spec(), metadata.schema(), rows)
+    rows; None when Arrow cannot work out the partition values here (`_partition_values`). `values`: the rows'
+    `partition_values`, when the caller has them."""
+    if values is None:
+        values = partition_values(metadata, rows)
     if values is None:
         return None
     run = pa.array(np.repeat(np.arange(len(lengths), dtype=np.int32), lengths))

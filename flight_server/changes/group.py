@@ -56,7 +56,7 @@ from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.base.locks import LockPool
 from flight_server.changes.commits import delete_files
-from flight_server.changes.files import partition_counts, write_data_files
+from flight_server.changes.files import partition_counts, partition_values, write_data_files
 from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, table_name
 from flight_server.iceberg.internals import MemoTransaction, partitions
@@ -381,10 +381,14 @@ class _SharedFiles:
                 first = members[0].rows_left
                 assert first is not None
                 rows = pa.concat_tables([m.rows_left.data for m in members if m.rows_left is not None]).combine_chunks()
-                files = write_data_files(first.metadata, rows, first.io, first.spec, write_uuid, counter)
+                # The partition values that split the rows into files also count each put's partitions: worked out once.
+                several = len(members) > 1 and not first.metadata.spec().is_unpartitioned()
+                values = partition_values(first.metadata, rows) if several else None
+                files = write_data_files(first.metadata, rows, first.io, first.spec, write_uuid, counter, values)
                 written += files
                 self.io = first.io
-                for member, count in zip(members, _partitions_of_each(first.metadata, rows, members), strict=True):
+                counts = _partitions_of_each(first.metadata, rows, members, values)
+                for member, count in zip(members, counts, strict=True):
                     member.shared_files = count if count is not None else len(files)
         except BaseException:
             if self.io is not None:
@@ -395,13 +399,15 @@ class _SharedFiles:
         return written
 
 
-def _partitions_of_each(metadata: TableMetadata, rows: pa.Table, puts: list[Put]) -> list[int | None]:
+def _partitions_of_each(
+    metadata: TableMetadata, rows: pa.Table, puts: list[Put], values: pa.Table | None
+) -> list[int | None]:
     """How many partitions each put's rows (in `rows` one after the other) fall in: the shared files that hold
     them, unless a partition's rows rolled over into several files of the target size (None: all the files)."""
     spec = metadata.spec()
     if spec.is_unpartitioned() or len(puts) == 1:  # one put's rows: all the files are its own
         return [None] * len(puts)
-    counted = partition_counts(metadata, rows, [put.rows for put in puts])  # Arrow: a seventh of pyiceberg's time
+    counted = partition_counts(metadata, rows, [put.rows for put in puts], values)  # a seventh of pyiceberg's time
     if counted is not None:
         return list(counted)
     # `rows` has fresh buffers here (combined from several puts' chunks): pyiceberg's Rust transforms refuse the
