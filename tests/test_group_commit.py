@@ -378,6 +378,11 @@ def test_small_puts_of_16_writers_share_data_files_and_each_lands_once_in_the_sn
         ids = committed_ids(snapshot.summary.additional_properties)
         assert Counter(f"w-{k}" for k in added[snapshot.snapshot_id].elements()) == Counter(ids)
     assert {r.snapshot_id for r in results} == {s.snapshot_id for s in table.metadata.snapshots[1:]}
+    # Each shared file holds the rows of the partition its manifest entry names, and only those.
+    for task in table.scan().plan_files():
+        rows = pq.read_table(task.file.file_path.removeprefix("file://"))
+        found = internals.partitions(table.spec(), table.schema(), rows)
+        assert [key.partition for key, _ in found] == [task.file.partition], task.file.file_path
 
 
 def own_group_commits(

@@ -335,6 +335,7 @@ _STAT_TYPES: dict[str, tuple[pa.DataType, st.SearchStrategy[Any]]] = {
     "flag": (pa.bool_(), st.booleans()),
     "day": (pa.date32(), st.dates()),
     "ts": (pa.timestamp("us"), st.datetimes(dt.datetime(1900, 1, 1), dt.datetime(2200, 1, 1))),
+    "ts_ms": (pa.timestamp("ms"), st.datetimes(dt.datetime(1900, 1, 1), dt.datetime(2200, 1, 1))),  # not micros
     "tstz": (
         pa.timestamp("us", tz="UTC"),
         st.datetimes(dt.datetime(1900, 1, 1), dt.datetime(2200, 1, 1), timezones=st.just(dt.timezone.utc)),

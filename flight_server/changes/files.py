@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import itertools
+import json
 import logging
 import math
 import threading
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pyarrow.parquet import ParquetLogicalType
 from pyiceberg.conversions import to_bytes
 from pyiceberg.io import FileIO, InputFile, OutputFile, OutputStream
 from pyiceberg.io.fileformat import DataFileStatistics, FileFormatFactory, FileFormatModel, FileFormatWriter
@@ -41,7 +43,20 @@ from pyiceberg.table.locations import LocationProvider, load_location_provider
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.transforms import DayTransform, MonthTransform, Transform, YearTransform
 from pyiceberg.typedef import Properties, Record
-from pyiceberg.types import BinaryType, DecimalType, StringType
+from pyiceberg.types import (
+    BinaryType,
+    BooleanType,
+    DateType,
+    DecimalType,
+    DoubleType,
+    FloatType,
+    IntegerType,
+    LongType,
+    PrimitiveType,
+    StringType,
+    TimestampType,
+    TimestamptzType,
+)
 from pyiceberg.utils.concurrent import ExecutorFactory
 from pyiceberg.utils.properties import property_as_int
 from pyiceberg.utils.truncate import truncate_upper_bound_binary_string, truncate_upper_bound_text_string
@@ -81,6 +96,7 @@ def write_data_files(
     spec: FeatureSpec | None,
     write_uuid: uuid.UUID,
     counter: itertools.count[int],
+    values: pa.Table | None = None,
 ) -> list[DataFile]:
     """Parquet data files of one chunk, split by partition, rows sorted (`sort_rows`) within each file, written in
     parallel (on the calling thread below `SERIAL_BYTES`); the same files, named, split and ordered the same way, as
@@ -89,16 +105,20 @@ def write_data_files(
     The rows are copied once: one `take` puts them in partition order, sorted within each partition, and each
     file is a slice of it. Any file this wrote is deleted if one fails (a full disk), so that a failed chunk
     leaves nothing behind: the files not started are not written, and those being written are finished first
-    (an object store creates the object when its upload closes, after a delete that came too early)."""
+    (an object store creates the object when its upload closes, after a delete that came too early). `values`: the
+    chunk's `partition_values`, when the caller has them."""
     if not chunk.num_rows:
         return []
     created = _CreatedFiles(io)
     try:
         target = target_file_size(metadata)
+        # A chunk well under the target size is one file per partition, which is what pyiceberg's bin packing makes of
+        # each partition's rows then, at a tenth of a small file's CPU.
+        small = chunk.nbytes * 2 <= target
         tasks = [
             _FileTask(next(counter), partition, batches)
-            for partition, rows in partitioned_rows(metadata, chunk, spec)
-            for batches in bin_pack_arrow_table(rows, target)
+            for partition, rows in partitioned_rows(metadata, chunk, spec, values)
+            for batches in ([rows.to_batches()] if small else bin_pack_arrow_table(rows, target))
         ]
         write = functools.partial(_write_file, _FileContext.of(metadata, chunk.schema), created, write_uuid)
         if chunk.nbytes < SERIAL_BYTES:
@@ -116,7 +136,7 @@ def write_data_files(
 
 
 def partitioned_rows(
-    metadata: TableMetadata, chunk: pa.Table, spec: FeatureSpec | None
+    metadata: TableMetadata, chunk: pa.Table, spec: FeatureSpec | None, values: pa.Table | None = None
 ) -> list[tuple[PartitionKey | None, pa.Table]]:
     """A chunk's rows by partition, sorted (`sort_rows`) within each, the partitions in the order in which they
     first appear among the sorted rows (as pyiceberg's `append` orders them).
@@ -124,14 +144,16 @@ def partitioned_rows(
     The partition values come from Arrow compute or pyiceberg-core's transforms of whole columns, while Arrow sorts
     the rows by keys and time on another core; one stable sort of those values in that order groups each
     partition's rows in sorted order, and one `take` of the chunk by the combined order makes every partition a
-    zero-copy slice. A chunk under `SERIAL_BYTES` is sorted on the calling thread."""
+    zero-copy slice. A chunk under `SERIAL_BYTES` is sorted on the calling thread. `values`: the chunk's
+    `partition_values`, when the caller has them."""
     partition_spec, schema = metadata.spec(), metadata.schema()
     if partition_spec.is_unpartitioned():
         order = _sort_indices(chunk, spec)
         return [(None, chunk if order is None else _take(chunk, order))]
     serial = chunk.nbytes < SERIAL_BYTES
     sorting = None if serial else ExecutorFactory.get_or_create().submit(_sort_indices, chunk, spec)
-    values = _partition_values(partition_spec, schema, chunk)
+    if values is None:
+        values = _partition_values(partition_spec, schema, chunk)
     order = _sort_indices(chunk, spec) if sorting is None else sorting.result()
     if values is None:  # a transform Arrow cannot compute here: pyiceberg's own way
         fallback: list[tuple[PartitionKey | None, pa.Table]] = [
@@ -162,10 +184,20 @@ def partitioned_rows(
     return parts
 
 
-def partition_counts(metadata: TableMetadata, rows: pa.Table, lengths: list[int]) -> list[int] | None:
+def partition_values(metadata: TableMetadata, rows: pa.Table) -> pa.Table | None:
+    """Each partition field's value for every row of `rows` (of a partitioned table), or None when Arrow cannot work
+    them out here (`_partition_values`): what `partition_counts` and `write_data_files` of the same rows share."""
+    return _partition_values(metadata.spec(), metadata.schema(), rows)
+
+
+def partition_counts(
+    metadata: TableMetadata, rows: pa.Table, lengths: list[int], values: pa.Table | None = None
+) -> list[int] | None:
     """How many partitions of the table each run of `rows` falls in, the runs one after the other with `lengths`
-    rows; None when Arrow cannot work out the partition values here (`_partition_values`)."""
-    values = _partition_values(metadata.spec(), metadata.schema(), rows)
+    rows; None when Arrow cannot work out the partition values here (`_partition_values`). `values`: the rows'
+    `partition_values`, when the caller has them."""
+    if values is None:
+        values = partition_values(metadata, rows)
     if values is None:
         return None
     run = pa.array(np.repeat(np.arange(len(lengths), dtype=np.int32), lengths))
@@ -268,6 +300,7 @@ class _FileContext:
     batch_schema: Schema
     locations: LocationProvider
     layout: StatisticsLayout
+    options: ParquetOptions  # the table's `write.parquet.*` properties, read once
     renamed: list[pa.Schema]  # the file schema of a flat batch whose columns are stored as they are, once known
     paths: dict[tuple[Any, ...], str]  # partition paths by partition values (`data_location`)
 
@@ -284,7 +317,8 @@ class _FileContext:
         locations = load_location_provider(metadata.location, metadata.properties)
         file_schema = sanitize_column_names(metadata.schema())
         layout = StatisticsLayout.of(file_schema, metadata.properties)
-        context = _FileContext(metadata, arrow, file_schema, batch_schema, locations, layout, [], {})
+        options = parquet_options(metadata.properties)
+        context = _FileContext(metadata, arrow, file_schema, batch_schema, locations, layout, options, [], {})
         with _CONTEXTS_LOCK:
             _CONTEXTS[key] = context
             while len(_CONTEXTS) > KEPT_CONTEXTS:
@@ -360,7 +394,7 @@ def _write_file(context: _FileContext, io: FileIO, write_uuid: uuid.UUID, task: 
     name = f"00000-{task.number}-{write_uuid}.{model.file_extension()}"
     path = context.data_location(name, task.partition)
     output = io.new_output(path)
-    writer = ParquetWriter(output, context.metadata.properties, context.layout)
+    writer = ParquetWriter(output, context.options, context.layout)
     try:
         writer.write(pa.Table.from_batches([context.file_batch(b, model) for b in task.batches]))
         statistics = writer.close()
@@ -522,11 +556,13 @@ def parquet_options(properties: Properties) -> ParquetOptions:
 class StatisticsLayout:
     """What pyiceberg needs to turn a Parquet footer into a manifest's statistics: the same for every file of a
     schema and properties, and worth working out once (each call rebuilds the schema's struct, 9 ms a file of
-    a narrow table, under the GIL). `checked`: the (field id, Parquet physical type) pairs pyiceberg accepted."""
+    a narrow table, under the GIL). `checked`: the (field id, Parquet physical type) pairs pyiceberg accepted, each
+    with whether the column's raw statistics are its values (`_raw_values`); the files of a layout store a field
+    alike, so each pair is looked at once."""
 
     plan: dict[int, StatisticsCollector]
     columns: dict[str, int]
-    checked: set[tuple[int, str]] = default(default_factory=set)
+    checked: dict[tuple[int, str], bool] = default(default_factory=dict)
 
     @staticmethod
     def of(file_schema: Schema, properties: Properties) -> StatisticsLayout:
@@ -580,23 +616,24 @@ def _one_row_group(footer: pq.FileMetaData, layout: StatisticsLayout) -> _Bounde
             field_id = layout.columns[column.path_in_schema]
             collector = layout.plan[field_id]
             kind, length, kind_of = collector.mode.type, collector.mode.length, collector.iceberg_type
-            sizes[field_id] = sizes.get(field_id, 0) + column.total_compressed_size
+            sizes[field_id] = column.total_compressed_size  # one row group: one chunk a column
             if kind == MetricModeTypes.NONE:
                 continue
-            values[field_id] = values.get(field_id, 0) + column.num_values
+            values[field_id] = column.num_values
             if not column.is_stats_set:
                 return None
             statistics = column.statistics
             if statistics.has_null_count:
-                nulls[field_id] = nulls.get(field_id, 0) + statistics.null_count
+                nulls[field_id] = statistics.null_count
             if kind == MetricModeTypes.COUNTS:
                 continue
             if isinstance(kind_of, DecimalType):
                 return None
-            if (field_id, statistics.physical_type) not in layout.checked:
-                StatsAggregator(kind_of, statistics.physical_type, length)  # refuses a physical type pyiceberg refuses
-                layout.checked.add((field_id, statistics.physical_type))
-            low, high = statistics.min, statistics.max
+            raw = layout.checked.get((field_id, physical := statistics.physical_type))
+            if raw is None:
+                StatsAggregator(kind_of, physical, length)  # refuses a physical type pyiceberg refuses
+                raw = layout.checked[(field_id, physical)] = _raw_values(kind_of, statistics.logical_type, length)
+            low, high = (statistics.min_raw, statistics.max_raw) if raw else (statistics.min, statistics.max)
             if low is not None:
                 lower[field_id] = to_bytes(kind_of, low if length is None else low[:length])
             if high is None:
@@ -621,13 +658,36 @@ def _one_row_group(footer: pq.FileMetaData, layout: StatisticsLayout) -> _Bounde
     return _Bounded(footer.num_rows, sizes, values, nulls, {}, {}, [split], lower, upper)
 
 
+# Iceberg types whose Parquet statistics, read raw (the stored integers and floats), are what pyiceberg's `to_bytes`
+# takes, when the column's logical type (or none) is the one given: pyarrow's conversion of each raw value to a
+# date or datetime, which `to_bytes` turns back into the same integer, was half of the statistics' CPU.
+_RAW_LOGICAL: dict[type[PrimitiveType], str] = {
+    BooleanType: "NONE",
+    IntegerType: "NONE",
+    LongType: "NONE",
+    FloatType: "NONE",
+    DoubleType: "NONE",
+    DateType: "DATE",
+    TimestampType: "TIMESTAMP",
+    TimestamptzType: "TIMESTAMP",
+}
+
+
+def _raw_values(kind: PrimitiveType, logical: ParquetLogicalType, length: int | None) -> bool:
+    """Whether a column's raw statistics (`min_raw`) are the values `to_bytes` takes for its Iceberg type, as the
+    converted ones (`min`) are: numbers stored as themselves, dates as days and timestamps as microseconds."""
+    wanted = _RAW_LOGICAL.get(type(kind))
+    if wanted is None or length is not None or logical.type != wanted:
+        return False
+    return wanted != "TIMESTAMP" or json.loads(logical.to_json()).get("timeUnit") == "microseconds"
+
+
 class ParquetWriter(FileFormatWriter):
     """One Parquet data file, written as pyiceberg writes it (field ids, statistics for the manifest), with every
     `write.parquet.*` property honoured (`parquet_options`)."""
 
-    def __init__(self, output: OutputFile, properties: Properties, layout: StatisticsLayout):
-        self._output, self._layout = output, layout
-        self._options = parquet_options(properties)
+    def __init__(self, output: OutputFile, options: ParquetOptions, layout: StatisticsLayout):
+        self._output, self._layout, self._options = output, layout, options
         self._writer: pq.ParquetWriter | None = None
         self._stream: OutputStream | None = None
 
@@ -717,6 +777,7 @@ class RollingFiles:
         self._file_schema = sanitize_column_names(metadata.schema())
         self._locations = load_location_provider(metadata.location, metadata.properties)
         self._layout = StatisticsLayout.of(self._file_schema, metadata.properties)
+        self._options = parquet_options(metadata.properties)
 
     def _bytes_per_row(self) -> float:
         rows = sum(f.record_count for f in self.files)
@@ -765,7 +826,7 @@ class RollingFiles:
         name = f"00000-{next(self._counter)}-{self._uuid}.{self._format.file_extension()}"
         path = self._locations.new_data_location(data_file_name=name, partition_key=partition)
         output = self.io.new_output(path)
-        writer = ParquetWriter(output, self.metadata.properties, self._layout)
+        writer = ParquetWriter(output, self._options, self._layout)
         return _OpenFile(path, output, writer, partition)
 
     def _finish(self, key: str) -> None:

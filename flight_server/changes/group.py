@@ -56,7 +56,7 @@ from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.base.locks import LockPool
 from flight_server.changes.commits import delete_files
-from flight_server.changes.files import partition_counts, write_data_files
+from flight_server.changes.files import partition_counts, partition_values, write_data_files
 from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, table_name
 from flight_server.iceberg.internals import MemoTransaction, partitions
@@ -104,6 +104,10 @@ class Put:
     result: WriteResult | None = None
     error: BaseException | None = None
     done: bool = False  # set (under the queue's lock) once `result` or `error` is final
+    # Set once the put may go on: answered (`done`), or still queued when a commit ended (it may lead the next). A put
+    # waits on its own event, so that the end of a commit wakes each of its puts once, none of them queueing for the
+    # queue's lock behind the others (as all the waiters of one condition did, woken at once).
+    woken: threading.Event = field(default_factory=threading.Event)
 
     @property
     def file_count(self) -> int:
@@ -120,7 +124,6 @@ class _Queue:
     """One table's waiting puts, and whether one of them leads a commit now."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
-    changed: threading.Condition = field(init=False)  # a commit ended: its puts have their answers
     arrived: threading.Condition = field(init=False)  # a put queued (what a lingering leader waits for)
     waiting: list[Put] = field(default_factory=list)
     leading: bool = False
@@ -130,7 +133,6 @@ class _Queue:
     last_commit: float = 0.0  # seconds the last group's commit took
 
     def __post_init__(self) -> None:
-        self.changed = threading.Condition(self.lock)
         self.arrived = threading.Condition(self.lock)
 
 
@@ -160,22 +162,27 @@ class GroupCommits:
         duplicate's answer is the earlier snapshot's; its files are the caller's to delete)."""
         queue = self._enter(identifier)
         try:
-            with queue.changed:
+            with queue.lock:
                 queue.waiting.append(put)
                 if queue.wanted and len(queue.waiting) >= queue.wanted:
                     queue.arrived.notify()
-                while queue.leading and not put.done:
-                    queue.changed.wait()
-                if put.done:
+                leads = _lead(queue, put)
+            while not leads:
+                put.woken.wait()
+                if put.done:  # set before `woken`
                     return _outcome(put)
-                queue.leading = True
+                with queue.lock:
+                    if put.done:
+                        return _outcome(put)
+                    leads = _lead(queue, put)
+            with queue.lock:
                 self._linger(queue, put)
                 group = self._take(queue, put)
             started = time.monotonic()
             try:
                 self._commit_group(identifier, group)
             finally:
-                with queue.changed:
+                with queue.lock:
                     queue.last_commit = time.monotonic() - started
                     queue.leading = False
                     for member in group:
@@ -183,7 +190,11 @@ class GroupCommits:
                     # The writers of this group may put again, and those queued meanwhile are waiting: together
                     # what the next leader can expect.
                     queue.expected = len(group) + len(queue.waiting)
-                    queue.changed.notify_all()
+                    successor = queue.waiting[0] if queue.waiting else None  # leads next, unless an arrival does
+                for member in group:
+                    member.woken.set()
+                if successor is not None:
+                    successor.woken.set()
             return _outcome(put)
         finally:
             self._leave(identifier, queue)
@@ -338,7 +349,7 @@ class GroupCommits:
             queue = self._queues.get(identifier)
         if queue is None:
             return None
-        with queue.changed:
+        with queue.lock:
             return len(queue.waiting) if queue.leading else None
 
 
@@ -370,10 +381,14 @@ class _SharedFiles:
                 first = members[0].rows_left
                 assert first is not None
                 rows = pa.concat_tables([m.rows_left.data for m in members if m.rows_left is not None]).combine_chunks()
-                files = write_data_files(first.metadata, rows, first.io, first.spec, write_uuid, counter)
+                # The partition values that split the rows into files also count each put's partitions: worked out once.
+                several = len(members) > 1 and not first.metadata.spec().is_unpartitioned()
+                values = partition_values(first.metadata, rows) if several else None
+                files = write_data_files(first.metadata, rows, first.io, first.spec, write_uuid, counter, values)
                 written += files
                 self.io = first.io
-                for member, count in zip(members, _partitions_of_each(first.metadata, rows, members), strict=True):
+                counts = _partitions_of_each(first.metadata, rows, members, values)
+                for member, count in zip(members, counts, strict=True):
                     member.shared_files = count if count is not None else len(files)
         except BaseException:
             if self.io is not None:
@@ -384,13 +399,15 @@ class _SharedFiles:
         return written
 
 
-def _partitions_of_each(metadata: TableMetadata, rows: pa.Table, puts: list[Put]) -> list[int | None]:
+def _partitions_of_each(
+    metadata: TableMetadata, rows: pa.Table, puts: list[Put], values: pa.Table | None
+) -> list[int | None]:
     """How many partitions each put's rows (in `rows` one after the other) fall in: the shared files that hold
     them, unless a partition's rows rolled over into several files of the target size (None: all the files)."""
     spec = metadata.spec()
     if spec.is_unpartitioned() or len(puts) == 1:  # one put's rows: all the files are its own
         return [None] * len(puts)
-    counted = partition_counts(metadata, rows, [put.rows for put in puts])  # Arrow: a seventh of pyiceberg's time
+    counted = partition_counts(metadata, rows, [put.rows for put in puts], values)  # a seventh of pyiceberg's time
     if counted is not None:
         return list(counted)
     # `rows` has fresh buffers here (combined from several puts' chunks): pyiceberg's Rust transforms refuse the
@@ -402,6 +419,16 @@ def _partitions_of_each(metadata: TableMetadata, rows: pa.Table, puts: list[Put]
         for i in pc.unique(part.column(column)).to_pylist():
             counts[i] += 1
     return list(counts)
+
+
+def _lead(queue: _Queue, put: Put) -> bool:
+    """Whether the put, queued, leads the next commit now (the queue's lock held); if not, it waits for its `woken`,
+    which the commit in flight sets when it ends (with the put's answer, or to let it lead the next one)."""
+    if queue.leading:
+        put.woken.clear()
+        return False
+    queue.leading = True
+    return True
 
 
 def _files(put: Put) -> int:
@@ -443,5 +470,7 @@ def _outcome(put: Put) -> WriteResult:
 
 def same_fields(a: Schema, b: Schema) -> bool:
     """Whether files written for schema `b` read correctly under `a` (same ids, names and types)."""
+    if a is b:  # metadata versions that only add snapshots share their schema objects
+        return True
     ids_a = {f.field_id: (f.name, f.field_type) for f in a.fields}
     return all(ids_a.get(f.field_id) == (f.name, f.field_type) for f in b.fields)

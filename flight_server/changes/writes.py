@@ -547,6 +547,13 @@ def _live_data_files(transaction: Transaction) -> list[DataFile]:
 
 def _check_declared_spec(request: WriteRequest, spec: FeatureSpec | None, name: str) -> None:
     """A write may repeat the table's definition, but not contradict it."""
+    if (
+        request.entity_keys is None
+        and request.event_time is None
+        and request.created_time is None
+        and request.ttl_seconds is None
+    ):
+        return  # most puts to a table name nothing of its definition
     declared = {
         "entity_keys": tuple(request.entity_keys) if request.entity_keys else None,
         "event_time": request.event_time,
