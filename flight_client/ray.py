@@ -73,11 +73,18 @@ def _read(plan: ReadPlan, endpoints: Sequence[Part]) -> Iterator[pa.Table]:
 
 
 def _read_datasource(plan: ReadPlan, read_args: dict[str, Any]) -> ray.data.Dataset:
-    # A task per endpoint: Ray would otherwise ask for 200 blocks and cut every task's output to match. The cluster's
-    # CPUs are no guide when planning: a head node may have none, and Ray may not be started yet (Ray Data then
-    # connects to a cluster that may be larger than this machine). `override_num_blocks` asks for fewer.
-    read_args.setdefault("override_num_blocks", max(1, len(plan.endpoints)))
+    # As many blocks as tasks: Ray would otherwise ask for 200 and cut every task's output to match.
+    read_args.setdefault("override_num_blocks", read_tasks(len(plan.endpoints)))
     return ray.data.read_datasource(FlightDatasource(plan), **read_args)
+
+
+def read_tasks(endpoints: int) -> int:
+    """How many tasks read `endpoints` endpoints: a task per endpoint, but no more than the cluster has CPUs now
+    (tasks beyond them only wait their turn, and each costs Ray a task), each then reading its endpoints
+    `READS_AT_ONCE` at a time. A cluster that shows no CPUs (a head node of none, its workers not started yet)
+    gets a task per endpoint. Asking for the cluster's resources connects to it, as Ray Data's read would."""
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return max(1, min(endpoints, cpus) if cpus else endpoints)
 
 
 def read_table(
