@@ -1,6 +1,6 @@
-"""Ray Data: a table or a training set as a `ray.data.Dataset`, read by one Ray task per endpoint (fewer when
-asked, each then reading several in turn), so that the cluster's workers fetch their shares in parallel, each
-from the replica its endpoint names.
+"""Ray Data: a table or a training set as a `ray.data.Dataset`, read by a Ray task per endpoint, or per CPU of the
+cluster when it has fewer (each task then reading its endpoints two at a time), so that the cluster's workers fetch
+their shares in parallel, each from the replica its endpoint names.
 
     ds = read_training_set("grpc://server:8815", "ml.trips", ["demo.driver_stats:conv_rate"], partitions=16)
     ds.to_pandas()  # or hand it to a Ray Train trainer: datasets={"train": ds}
@@ -99,8 +99,9 @@ def read_table(
     **read_args: Any,
 ) -> ray.data.Dataset:
     """A whole-table scan split by data file into up to `partitions` endpoints (never more than the
-    snapshot has files), pinned to one snapshot, read by a task each. `read_args` go to
-    `ray.data.read_datasource` (`concurrency`, `num_cpus`, `ray_remote_args`, `override_num_blocks`, ...)."""
+    snapshot has files), pinned to one snapshot, read by a task each up to the cluster's CPUs (`read_tasks`).
+    `read_args` go to `ray.data.read_datasource` (`concurrency`, `num_cpus`, `ray_remote_args`,
+    `override_num_blocks`, ...)."""
     plan = plan_table(
         location,
         table,
@@ -128,11 +129,11 @@ def read_training_set(
     client_options: dict[str, Any] | None = None,
     **read_args: Any,
 ) -> ray.data.Dataset:
-    """A training set in `partitions` parts, every snapshot pinned, read by a task each. Entity rows in a server
-    table (`entity_rows`: its name) are split by key on the server; local rows (a DataFrame, Arrow data, a dict
-    of lists: what `get_historical_features` takes) are cut into contiguous row ranges, each task sending its own
-    with `do_exchange` (and carrying only those rows). `read_args` go to `ray.data.read_datasource`
-    (`override_num_blocks`: fewer tasks, each reading several parts in turn)."""
+    """A training set in `partitions` parts, every snapshot pinned, read by a task each up to the cluster's CPUs
+    (`read_tasks`). Entity rows in a server table (`entity_rows`: its name) are split by key on the server; local
+    rows (a DataFrame, Arrow data, a dict of lists: what `get_historical_features` takes) are cut into contiguous
+    row ranges, each task sending its own with `do_exchange` (and carrying only those rows). `read_args` go to `ray.data.read_datasource`
+    (`override_num_blocks`: that many tasks, each reading its parts two at a time)."""
     plan = plan_training_set(
         location,
         entity_rows,
