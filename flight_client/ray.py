@@ -132,8 +132,8 @@ def read_training_set(
     """A training set in `partitions` parts, every snapshot pinned, read by a task each up to the cluster's CPUs
     (`read_tasks`). Entity rows in a server table (`entity_rows`: its name) are split by key on the server; local
     rows (a DataFrame, Arrow data, a dict of lists: what `get_historical_features` takes) are cut into contiguous
-    row ranges, each task sending its own with `do_exchange` (and carrying only those rows). `read_args` go to `ray.data.read_datasource`
-    (`override_num_blocks`: that many tasks, each reading its parts two at a time)."""
+    row ranges, each task sending its own with `do_exchange` (and carrying only those rows). `read_args` go to
+    `ray.data.read_datasource` (`override_num_blocks`: that many tasks, each reading its parts two at a time)."""
     plan = plan_training_set(
         location,
         entity_rows,

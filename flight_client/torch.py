@@ -109,10 +109,10 @@ def shared_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
 class _Blocks:
     """This process's shared-memory blocks, each reused once the process it was sent to has let go of every view
     of it: a new block costs a page fault per 4 KiB page at its first write (shared memory gets no huge pages
-    here), 11 ms of CPU for a 12.7 MB batch against under 1 ms for private memory, and as much again to free it.
-    A block's first 8 bytes are its flag: 1 from when it is taken until its receiver clears it (`_views`). At most
-    `kept` blocks are kept, busy or free (enough for a batch being built, the DataLoader's prefetched ones and
-    the one in use); the oldest goes when a new one is needed beyond that."""
+    here), 11 ms of CPU for a 12.7 MB batch against under 1 ms for private memory. A block's first 8 bytes are its
+    flag: 1 from when it is taken until its receiver clears it (`_views`). At most `kept` blocks are kept, busy or
+    free (enough for a batch being built, the DataLoader's prefetched ones and the one in use); the oldest goes
+    when a new one is needed beyond that."""
 
     def __init__(self, kept: int):
         self._kept = kept
