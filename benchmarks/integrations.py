@@ -3,9 +3,10 @@ processes) and through Ray Data (a local cluster of 2 CPUs), next to the plain c
 
 The training set's entity rows are a table on the server, split by key into `PARTITIONS` endpoints
 that every path reads: the plain client fetches them in parallel into one DataFrame (`read_flight`),
-the DataLoader deals them to its workers, Ray runs a read task per endpoint. One more DataLoader path
-takes the same entity rows locally (an Arrow table in the process), cut into `PARTITIONS` row ranges
-that its workers send with `do_exchange`. Every column is numeric, so the DataLoader yields dicts of
+the DataLoader deals them to its workers, and Ray's read tasks (one per CPU of its cluster) share them,
+each worker or task reading its endpoints two at a time. One more DataLoader path takes the same entity
+rows locally (an Arrow table in the process), cut into `PARTITIONS` row ranges that its workers send
+with `do_exchange`. Every column is numeric, so the DataLoader yields dicts of
 tensors with all of them. Each path must return every entity row once (row count and the sum of the
 labels), or the run fails. Each round also counts the CPU seconds it cost the server and the client side
 (this process and every process it started but the server: DataLoader workers, Ray's processes), which
@@ -45,7 +46,7 @@ LABELS = {
     "torch_persistent": f"DataLoader epoch, {WORKERS} persistent workers -> tensors",
     "torch_in_process": "FlightDataset in process (num_workers=0) -> tensors",
     "torch_local_rows": f"DataLoader epoch, {WORKERS} workers started per epoch, local entity rows -> tensors",
-    "ray_data": f"Ray Data read_training_set, {WORKERS} CPUs -> Arrow batches",
+    "ray_data": f"Ray Data read_training_set, {WORKERS} CPUs, a read task each -> Arrow batches",
 }
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from collections.abc import Iterator, Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -26,6 +28,12 @@ SNAPSHOTS_METADATA_KEY = b"flight.snapshots"
 
 # Endpoints a read is split into when the caller does not say (per rank, for PyTorch): enough for 8 workers each.
 DEFAULT_PARTITIONS = 8
+
+# Parts a reader (a DataLoader worker, a Ray read task) reads at a time (`ReadPlan.batches`): two keep the server
+# computing one while the reader takes in the other, and leave no call unread for longer than a batch of the other.
+READS_AT_ONCE = 2
+
+T = TypeVar("T")
 
 # The process whose plans and reads opened Flight connections. gRPC does not survive fork: a forked copy of that
 # process hangs on its first call, so it is refused with an explanation instead.
@@ -82,18 +90,104 @@ class ReadPlan:
     client_options: dict[str, Any] = field(default_factory=dict)
     exchange: dict[str, Any] = field(default_factory=dict)
 
-    def batches(self, endpoints: Sequence[Part]) -> Iterator[pa.RecordBatch]:
-        """The record batches of `endpoints`, one part after the other, over a new connection. One call at a
-        time: a call opened ahead would sit unread, and the server's idle watch (`--idle-timeout-seconds`)
-        closes such a connection, ending the call being read too."""
+    def batches(self, endpoints: Sequence[Part], at_once: int = READS_AT_ONCE) -> Iterator[pa.RecordBatch]:
+        """The record batches of `endpoints` over a new connection, `at_once` parts read at a time: each by a
+        thread of its own into a buffer of one batch, their batches taken in turn (a part that ends gives its
+        turn to the next part), so that the server computes a part while the caller takes in another. Taking
+        them in turn keeps every call read: a call opened ahead and left unread until its turn came would be
+        cut by the server's idle watch (`--idle-timeout-seconds`), and every call on its connection with it.
+        The order is the same for the same parts and batches."""
+        if at_once < 1:
+            raise ValueError(f"at_once must be at least 1, got {at_once}")
         with connect(self.location, self.client_options) as client:
-            for part in endpoints:
+
+            def read(part: Part) -> Callable[[], Iterator[pa.RecordBatch]]:
                 if isinstance(part, EntityRows):
-                    batches: Iterator[pa.RecordBatch] = client.iter_historical_features(part.rows, **self.exchange)
-                else:
-                    batches = iter(client.read_endpoint(flight.FlightEndpoint(part.ticket, list(part.locations))))
-                for batch in batches:
-                    yield batch if self.columns is None else batch.select(list(self.columns))
+                    return lambda: client.iter_historical_features(part.rows, **self.exchange)
+                endpoint = flight.FlightEndpoint(part.ticket, list(part.locations))
+                return lambda: iter(client.read_endpoint(endpoint))
+
+            for batch in in_turn([read(part) for part in endpoints], at_once):
+                yield batch if self.columns is None else batch.select(list(self.columns))
+
+
+def in_turn(parts: Sequence[Callable[[], Iterator[T]]], at_once: int) -> Iterator[T]:
+    """The items of `parts`, `at_once` of them read at a time by threads, taken one from each in turn; a part
+    that ends makes room for the next, which joins the end of the turn. Leaving early stops every reader."""
+    waiting: deque[Callable[[], Iterator[T]]] = deque(parts)
+    turn: deque[_Buffered[T]] = deque()
+    try:
+        while waiting or turn:
+            while waiting and len(turn) < at_once:
+                turn.append(_Buffered(waiting.popleft()))
+            reader = turn.popleft()
+            item = reader.next()
+            if item is _ENDED:
+                reader.stop()  # its thread has ended, or is about to
+                continue
+            turn.append(reader)
+            yield item
+    finally:
+        for reader in turn:
+            reader.stop()
+
+
+_ENDED: Any = object()  # what `_Buffered.next` gives once its part has ended
+
+
+class _Buffered(Generic[T]):
+    """A part read by a thread of its own into a buffer of one item, so that the call is drained as fast as
+    its reader takes items, and no faster (memory holds an item per part)."""
+
+    def __init__(self, part: Callable[[], Iterator[T]]):
+        self._items: deque[T] = deque()
+        self._ended = self._stopped = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(part,), name="flight-part-reader", daemon=True)
+        self._thread.start()
+
+    def _read(self, part: Callable[[], Iterator[T]]) -> None:
+        try:
+            items = part()
+            try:
+                for item in items:
+                    with self._changed:
+                        self._changed.wait_for(lambda: not self._items or self._stopped)
+                        if self._stopped:
+                            return
+                        self._items.append(item)
+                        self._changed.notify_all()
+            finally:
+                close = getattr(items, "close", None)  # a generator's: ends its call (an exchange cancels)
+                if close is not None:
+                    close()
+        except BaseException as exc:  # handed to the reader by next()
+            self._error = exc
+        finally:
+            with self._changed:
+                self._ended = True
+                self._changed.notify_all()
+
+    def next(self) -> T:
+        """The part's next item, `_ENDED` once it has no more; its failure is raised here."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._items or self._ended)
+            if self._items:
+                item = self._items.popleft()
+                self._changed.notify_all()
+                return item
+        if self._error is not None:
+            raise self._error
+        return _ENDED
+
+    def stop(self) -> None:
+        """Stop reading (the reader left early) and wait for the thread, which ends once its current read returns."""
+        with self._changed:
+            self._stopped = True
+            self._items.clear()
+            self._changed.notify_all()
+        self._thread.join()
 
 
 def _selected(schema: pa.Schema, columns: Sequence[str] | None) -> pa.Schema:

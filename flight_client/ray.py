@@ -1,6 +1,6 @@
-"""Ray Data: a table or a training set as a `ray.data.Dataset`, read by one Ray task per endpoint (fewer when
-asked, each then reading several in turn), so that the cluster's workers fetch their shares in parallel, each
-from the replica its endpoint names.
+"""Ray Data: a table or a training set as a `ray.data.Dataset`, read by a Ray task per endpoint, or per CPU of the
+cluster when it has fewer (each task then reading its endpoints two at a time), so that the cluster's workers fetch
+their shares in parallel, each from the replica its endpoint names.
 
     ds = read_training_set("grpc://server:8815", "ml.trips", ["demo.driver_stats:conv_rate"], partitions=16)
     ds.to_pandas()  # or hand it to a Ray Train trainer: datasets={"train": ds}
@@ -73,11 +73,18 @@ def _read(plan: ReadPlan, endpoints: Sequence[Part]) -> Iterator[pa.Table]:
 
 
 def _read_datasource(plan: ReadPlan, read_args: dict[str, Any]) -> ray.data.Dataset:
-    # A task per endpoint: Ray would otherwise ask for 200 blocks and cut every task's output to match. The cluster's
-    # CPUs are no guide when planning: a head node may have none, and Ray may not be started yet (Ray Data then
-    # connects to a cluster that may be larger than this machine). `override_num_blocks` asks for fewer.
-    read_args.setdefault("override_num_blocks", max(1, len(plan.endpoints)))
+    # As many blocks as tasks: Ray would otherwise ask for 200 and cut every task's output to match.
+    read_args.setdefault("override_num_blocks", read_tasks(len(plan.endpoints)))
     return ray.data.read_datasource(FlightDatasource(plan), **read_args)
+
+
+def read_tasks(endpoints: int) -> int:
+    """How many tasks read `endpoints` endpoints: a task per endpoint, but no more than the cluster has CPUs now
+    (tasks beyond them only wait their turn, and each costs Ray a task), each then reading its endpoints
+    `READS_AT_ONCE` at a time. A cluster that shows no CPUs (a head node of none, its workers not started yet)
+    gets a task per endpoint. Asking for the cluster's resources connects to it, as Ray Data's read would."""
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return max(1, min(endpoints, cpus) if cpus else endpoints)
 
 
 def read_table(
@@ -92,8 +99,9 @@ def read_table(
     **read_args: Any,
 ) -> ray.data.Dataset:
     """A whole-table scan split by data file into up to `partitions` endpoints (never more than the
-    snapshot has files), pinned to one snapshot, read by a task each. `read_args` go to
-    `ray.data.read_datasource` (`concurrency`, `num_cpus`, `ray_remote_args`, `override_num_blocks`, ...)."""
+    snapshot has files), pinned to one snapshot, read by a task each up to the cluster's CPUs (`read_tasks`).
+    `read_args` go to `ray.data.read_datasource` (`concurrency`, `num_cpus`, `ray_remote_args`,
+    `override_num_blocks`, ...)."""
     plan = plan_table(
         location,
         table,
@@ -121,11 +129,11 @@ def read_training_set(
     client_options: dict[str, Any] | None = None,
     **read_args: Any,
 ) -> ray.data.Dataset:
-    """A training set in `partitions` parts, every snapshot pinned, read by a task each. Entity rows in a server
-    table (`entity_rows`: its name) are split by key on the server; local rows (a DataFrame, Arrow data, a dict
-    of lists: what `get_historical_features` takes) are cut into contiguous row ranges, each task sending its own
-    with `do_exchange` (and carrying only those rows). `read_args` go to `ray.data.read_datasource`
-    (`override_num_blocks`: fewer tasks, each reading several parts in turn)."""
+    """A training set in `partitions` parts, every snapshot pinned, read by a task each up to the cluster's CPUs
+    (`read_tasks`). Entity rows in a server table (`entity_rows`: its name) are split by key on the server; local
+    rows (a DataFrame, Arrow data, a dict of lists: what `get_historical_features` takes) are cut into contiguous
+    row ranges, each task sending its own with `do_exchange` (and carrying only those rows). `read_args` go to
+    `ray.data.read_datasource` (`override_num_blocks`: that many tasks, each reading its parts two at a time)."""
     plan = plan_training_set(
         location,
         entity_rows,

@@ -14,13 +14,18 @@ import pyarrow as pa
 import ray
 
 from flight_client.plans import ReadPlan
-from flight_client.ray import FlightDatasource, read_table, read_training_set
+from flight_client.ray import FlightDatasource, read_table, read_tasks, read_training_set
 
 
-def start_ray() -> None:
+def start_ray(cpus: int = 2) -> None:
     """The driver process's cluster, of 2 CPUs whatever the machine: started when the process starts (the pool's
     initializer), before anything that would start Ray with all the machine's CPUs (`read_datasource` does)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+
+
+def task_counts(endpoints: list[int]) -> list[int]:
+    """How many read tasks this cluster gets for each of `endpoints` endpoints."""
+    return [read_tasks(n) for n in endpoints]
 
 
 def _collect(dataset: ray.data.Dataset) -> pa.Table:

@@ -66,12 +66,21 @@ def test_training_set_equals_the_plain_read(driver: ProcessPoolExecutor, replica
         plain = client.get_historical_features(trips, features).replace_schema_metadata(None)
     got = driver.submit(ray_driver.read_whole_training_set, replicas[0], trips, features, partitions=4).result()
     assert got.num_rows == TRIPS and got.sort_by("trip_id").equals(plain.sort_by("trip_id"))
-    # A task per endpoint, unless fewer are asked for (each then reading 2 endpoints in turn).
-    for blocks, tasks in ((None, 4), (2, 2)):
+    # A task per CPU of the cluster (2: each reading 2 endpoints at once), or as many as asked for.
+    for blocks, tasks in ((None, 2), (4, 4), (1, 1)):
         options = {"partitions": 4} | ({"override_num_blocks": blocks} if blocks else {})
         got, stats = driver.submit(ray_driver.read_training_set_tasks, replicas[0], trips, features, **options).result()
         assert f"{tasks} tasks executed" in stats
         assert got.num_rows == TRIPS and got.sort_by("trip_id").equals(plain.sort_by("trip_id"))
+
+
+def test_read_tasks_are_at_most_the_clusters_cpus(driver: ProcessPoolExecutor) -> None:
+    """A task per endpoint up to the cluster's CPUs; a cluster showing none (a head node of no CPUs, its workers
+    not started) still gets a task per endpoint, never none."""
+    assert driver.submit(ray_driver.task_counts, [1, 2, 8]).result() == [1, 2, 2]
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=ray_driver.start_ray, initargs=(0,)) as no_cpus:
+        assert no_cpus.submit(ray_driver.task_counts, [1, 8]).result() == [1, 8]
 
 
 def test_training_set_from_local_rows(driver: ProcessPoolExecutor, replicas: list[str]) -> None:

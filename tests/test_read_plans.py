@@ -1,20 +1,29 @@
 """`ReadPlan.batches` (flight_client/plans.py), which DataLoader workers and Ray tasks read their parts with:
-parts read one after the other over one connection give every part's batches in order, and a reader that
-stops early leaves nothing behind."""
+parts read two at a time over one connection, their batches taken in turn, give every part's batches in order
+(the order of a plain sequential model of the turns), survive a server whose idle watch cuts any call left
+unread while their consumer is slow, and a reader that stops early leaves nothing behind."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flight_client import FeatureClient
-from flight_client.plans import EntityRows, ReadPlan, plan_training_set
+from flight_client.plans import EntityRows, ReadPlan, in_turn, plan_table, plan_training_set
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server, wait_until
 from tests.feature_sets import TRIPS, write_training_set
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +55,32 @@ def read(plan: ReadPlan) -> list[pa.RecordBatch]:
     return list(plan.batches(plan.endpoints))
 
 
+def turns(parts: list[list[T]], at_once: int) -> list[T]:
+    """The plain model: `at_once` parts open, one item from each in turn, an ended part replaced by the next."""
+    out: list[T] = []
+    waiting = [list(p) for p in parts]
+    turn: list[list[T]] = []
+    while waiting or turn:
+        while waiting and len(turn) < at_once:
+            turn.append(waiting.pop(0))
+        part = turn.pop(0)
+        if part:
+            out.append(part.pop(0))
+            turn.append(part)
+    return out
+
+
 def test_parts_read_in_turn_give_each_parts_batches_in_order(plans: tuple[ReadPlan, ReadPlan]) -> None:
     on_server, local = plans
     mixed = ReadPlan(on_server.location, on_server.schema, on_server.endpoints + local.endpoints[1:2])
     mixed = ReadPlan(**{**mixed.__dict__, "exchange": local.exchange})
     for plan in (on_server, local, mixed):
-        one_by_one = [b for part in plan.endpoints for b in plan.batches([part])]
-        got = read(plan)
-        assert len(got) == len(one_by_one)
-        assert all(a.equals(b) for a, b in zip(got, one_by_one, strict=True))
+        each = [list(plan.batches([part])) for part in plan.endpoints]
+        for at_once in (1, 2, 3):
+            got = list(plan.batches(plan.endpoints, at_once))
+            expected = turns(each, at_once)
+            assert len(got) == len(expected)
+            assert all(a.equals(b) for a, b in zip(got, expected, strict=True))
     assert sum(b.num_rows for b in read(on_server)) == TRIPS
     assert len(read(on_server)) > len(on_server.endpoints)  # several batches a part
     assert sum(b.num_rows for b in read(local)) == TRIPS
@@ -73,3 +99,72 @@ def test_a_reader_that_stops_early_ends_the_endpoints_it_opened(
     batches.close()  # the endpoint being read is open: the connection goes, and its stream with it
     wait_until(lambda: not in_use.snapshots(entities), what="the server to end the streams")
     assert read(on_server)[0].equals(next(on_server.batches(on_server.endpoints)))
+
+
+@given(st.lists(st.lists(st.integers(), max_size=6), max_size=6), st.integers(1, 4))
+def test_in_turn_equals_the_sequential_model(parts: list[list[int]], at_once: int) -> None:
+    readers: list[Callable[[], Iterator[int]]] = [lambda p=p: iter(p) for p in parts]
+    assert list(in_turn(readers, at_once)) == turns(parts, at_once)
+
+
+def test_a_failing_part_fails_the_read() -> None:
+    def failing() -> Iterator[int]:
+        yield 1
+        raise RuntimeError("part 2 broke")
+
+    with pytest.raises(RuntimeError, match="part 2 broke"):
+        list(in_turn([lambda: iter(range(10)), failing, lambda: iter(range(10))], 2))
+    with pytest.raises(ValueError, match="at_once"):
+        next(ReadPlan("grpc://127.0.0.1:1", pa.schema([]), ()).batches([], at_once=0))
+
+
+PART_ROWS = 400_000  # 10 MB a part in 8192-row batches: more than gRPC holds unread, so the server waits on a part
+IDLE_SECONDS = 1.5
+
+
+@pytest.fixture(scope="module")
+def idle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FeatureFlightServer]:
+    """A server that cuts calls whose client leaves them unread for 1.5 s."""
+    tmp: Path = tmp_path_factory.mktemp("plans-idle")
+    server = start_server(sqlite_catalog(tmp), idle_timeout_seconds=IDLE_SECONDS, batch_rows=8192)
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def large(idle_server: FeatureFlightServer) -> ReadPlan:
+    """A table of 4 writes (a data file each), planned as an endpoint per file."""
+    location = f"grpc://127.0.0.1:{idle_server.port}"
+    with FeatureClient(location) as client:
+        for i in range(4):
+            ids = np.arange(i * PART_ROWS, (i + 1) * PART_ROWS)
+            stamps = pa.array(np.zeros(PART_ROWS, "int64"), pa.timestamp("us", "UTC"))
+            rows = pa.table({"id": ids, "ts": stamps, "value": ids.astype("float64")})
+            client.write("plans.big", rows, entity_keys=["id"], event_time="ts")
+    plan = plan_table(location, "plans.big", partitions=4)
+    assert len(plan.endpoints) == 4
+    return plan
+
+
+def test_a_slow_reader_of_parts_two_at_a_time_is_not_cut_and_gets_every_row_once(large: ReadPlan) -> None:
+    """The consumer takes 0.02 s a batch: 1 s a part alone, 2 s two parts. Taken in turn, each call is read
+    every other batch and never waits near the timeout (a part opened ahead and left unread until the one before
+    it ended was cut, with the part being read: the reason reads were one at a time before)."""
+    ids, parts = [], []
+    for batch in large.batches(large.endpoints, at_once=2):
+        ids.append(batch.column("id").to_numpy())
+        parts.append(ids[-1][0] // PART_ROWS)
+        time.sleep(0.02)  # a training step: the behaviour under test
+    assert np.array_equal(np.sort(np.concatenate(ids)), np.arange(4 * PART_ROWS)), "every row once"
+    assert parts[0] != parts[1] and parts[:2] == parts[2:4], "the first two parts are taken in turn"
+
+
+def test_leaving_early_stops_every_reader(large: ReadPlan) -> None:
+    def readers() -> int:
+        return sum(t.name == "flight-part-reader" for t in threading.enumerate())
+
+    batches = large.batches(large.endpoints, at_once=3)
+    assert next(batches).num_rows
+    assert readers() == 3
+    batches.close()
+    assert readers() == 0

@@ -30,7 +30,7 @@ from flight_client.torch import FlightDataset, shared_tensors, to_tensors
 from tests.conftest import serve_replicas, sqlite_catalog
 from tests.feature_sets import SCAN_ROWS, T0, TRIPS, write_scan_table, write_training_set
 from tests.services import free_ports
-from tests.torch_ranks import read_share, read_with_workers, received
+from tests.torch_ranks import hold, let_go, read_share, read_with_workers, received
 
 NUMERIC = ["id", "ts", "value", "small", "ratio", "flag", "day"]
 TRAINING = ["trip_id", "driver_id", "event_timestamp", "label", "rate"]
@@ -387,6 +387,33 @@ def test_a_shared_batch_goes_to_another_process_as_one_block() -> None:
         again["pairs"] = again["n"].view(-1, 2)  # a view of the block, but not 1-D: sent as torch sends it
         kind, storages, values, _ = pool.submit(received, again).result()
         assert (kind, storages, values["pairs"]) == ("dict", 1, [[8, 9]])
+
+
+def test_a_block_is_reused_once_its_receiver_lets_go_of_every_view() -> None:
+    """A new shared block costs a page fault per page: a worker reuses the block of a batch the main process
+    has dropped, never one of which it still holds a view (a slice of one tensor is enough), nor one it has
+    not received yet."""
+    batch = pa.record_batch({"x": pa.array([1.5, 2.5, 3.5]), "n": pa.array([1, 2, 3], pa.int16())})
+
+    def block(tensors: dict[str, torch.Tensor]) -> int:
+        return tensors["x"].untyped_storage().data_ptr()
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        first = shared_tensors(batch)
+        assert pool.submit(received, first).result()[1] == 1
+        pool.submit(let_go).result()  # the pool's process drops a call's arguments after sending its result
+        unsent = shared_tensors(batch)  # the first is free again (the receiver dropped it), this one taken
+        assert block(unsent) == block(first)
+        held = shared_tensors(batch)
+        assert block(held) != block(first)
+        assert pool.submit(hold, held).result() == [2.5, 3.5]  # the receiver keeps a slice of "x"
+        other = shared_tensors(batch)
+        assert block(other) not in (block(first), block(held)), "busy blocks are not reused"
+        other["x"][0] = 9.0
+        assert pool.submit(hold, held).result() == [2.5, 3.5], "a held block keeps its values"
+        pool.submit(let_go).result()
+        again = shared_tensors(batch)
+        assert block(again) == block(held) and again["x"].tolist() == [1.5, 2.5, 3.5]
 
 
 def test_tensors_import_no_pandas() -> None:

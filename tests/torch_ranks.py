@@ -55,3 +55,16 @@ def received(tensors: dict[str, torch.Tensor]) -> tuple[str, int, dict[str, Any]
     storages = len({t.untyped_storage().data_ptr() for t in tensors.values()})
     values = {k: t.tolist() for k, t in tensors.items()}
     return type(tensors).__name__, storages, values, {k: str(t.dtype) for k, t in tensors.items()}
+
+
+_held: list[dict[str, torch.Tensor]] = []
+
+
+def hold(tensors: dict[str, torch.Tensor]) -> list[float]:
+    """Keep a received batch (one of its tensors only, a slice of it) until `let_go`: its block stays busy."""
+    _held.append({"kept": next(iter(tensors.values()))[1:]})
+    return _held[-1]["kept"].tolist()
+
+
+def let_go() -> None:
+    _held.clear()
