@@ -16,6 +16,10 @@ the client's stream ended intact: a stream that breaks or is cancelled ends the 
 the child commits nothing. The child's answers and errors (same gRPC status, same message) come back as they are,
 and the serving process then runs what follows a commit (its online indexes and training sets look at once).
 
+The child's counters (`base/metrics.py`: commit retries) live in memory-mapped files in its private folder
+(prometheus_client's multiprocess mode, `METRICS_FOLDER`): the serving process adds them to its own at each scrape
+(`WriteProcess.commit_retries`), with no call to the child, and the counts of a child that stopped stay counted.
+
 The child lives as long as the server: it starts at the first write, reads its settings from its stdin and stops
 when that pipe closes (the server stopped, or died); one that stopped is started again at the next write, and the
 call it stopped during fails with UNAVAILABLE: it may have committed, and a retry with the same `write_id` commits
@@ -25,6 +29,7 @@ once whichever happened.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -41,9 +46,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from flight_server.base.config import ServerConfig
 from flight_server.base.logs import current
+from flight_server.base.metrics import COMMIT_RETRIES
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.online.store import RefreshPlan, from_results
 from flight_server.transport.errors import ROUTES
@@ -71,6 +78,10 @@ _ASKING = flight.FlightCallOptions(timeout=2.0)  # for `health` (`ask`): never h
 # For refresh plans, which read the appended files: longer, or a big append (or a busy child) would time out and
 # the serving process would read it all again itself.
 _PLANNING = flight.FlightCallOptions(timeout=30.0)
+
+METRICS_FOLDER = "metrics"  # in the child's private folder: its counters, one memory-mapped file per child started
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client as it is imported (in the child)
+RETRIES = next(iter(COMMIT_RETRIES.describe())).name
 
 # The child's own action (not in the action table: only a write process answers it): `plan_refresh`.
 PLAN_REFRESH = "_plan_refresh"
@@ -221,6 +232,21 @@ class WriteProcess:
             return None
         return from_results([result.body.to_pybytes() for result in results])
 
+    def commit_retries(self) -> float:
+        """The commit retries counted by every child this server started (`COMMIT_RETRIES` there), read from their
+        files: a scrape neither waits for a busy child nor loses the count of one that stopped."""
+        folder = self._folder
+        if folder is None:
+            return 0.0
+        try:
+            merged = MultiProcessCollector.merge(glob.glob(os.path.join(folder, METRICS_FOLDER, "counter_*.db")))
+        except FileNotFoundError:  # the server is stopping: `close` removed the folder
+            return 0.0
+        for metric in merged:
+            if metric.name == RETRIES:
+                return sum(sample.value for sample in metric.samples if sample.name.endswith("_total"))
+        return 0.0
+
     def ask(self, name: str) -> Any | None:
         """A read-only action's reply from the running child (None when none runs: nothing is started for it)."""
         running = self._running()
@@ -328,7 +354,9 @@ class WriteProcess:
                     self._client.close()
                 self._process = self._client = None
             self._starts += 1
-            self._folder = self._folder or tempfile.mkdtemp(prefix="flight-writes-")
+            if self._folder is None:
+                self._folder = tempfile.mkdtemp(prefix="flight-writes-")
+                os.mkdir(os.path.join(self._folder, METRICS_FOLDER))
             socket = os.path.join(self._folder, f"writes-{self._starts}.sock")
             self._process = _start(self._config, socket)
             self._client = flight.FlightClient(f"grpc+unix://{socket}")
@@ -346,10 +374,12 @@ def _tagged() -> flight.FlightCallOptions:
 def _start(config: ServerConfig, socket: str) -> subprocess.Popen[bytes]:
     """Start the child and wait until it listens on `socket`."""
     level = logging.getLevelName(logging.getLogger("flight_server").getEffectiveLevel())
+    metrics = os.path.join(os.path.dirname(socket), METRICS_FOLDER)
     process = subprocess.Popen(
         [sys.executable, "-m", "flight_server.transport.offload", socket, str(level)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        env={**os.environ, MULTIPROCESS_VARIABLE: metrics},
     )
     assert process.stdin is not None and process.stdout is not None
     try:
