@@ -10,6 +10,10 @@ and the server's own `as_of` lookup, which takes that path). Freshness: the time
 acknowledgement to the first lookup that sees it, for a put through the same server and through
 another replica on the same catalog. The index's lookups, quiet and beside a writer, go on for at least
 `INDEX_SECONDS`, so that a writer's p99 spans some 20-30 of its puts.
+
+Those lookups are measured twice: with every process where the OS puts it (all of them sharing the machine's
+cores), and placed as production places them (`Placement`: the measured server's serving process and the lookup
+client on one core; the server's write process, the concurrent writer and the other replica on the others).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import multiprocessing
 import os
 import time
 from multiprocessing.synchronize import Event
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +65,60 @@ LABELS = {
 # What each path is compared with: lookups over the client's sessions (streams kept open) with the
 # same exchange on an open stream, one call per lookup with the same do_get.
 FLOORS = {"index_calls": "floor", "as_of": "floor", "duckdb": "floor"}
+
+
+class Placement:
+    """Processes pinned to cores (Linux), as production places them. On the benchmark's machine the concurrent
+    writer and the other replica share the cores with the measured server, though in production they run on other
+    machines: on 2 busy cores a lookup then waits for a core, whatever the server does. `split` gives the measured
+    server's serving process and its lookup client (this process) the first core, and its write process (which
+    runs beside the serving process on a server's other cores), the writer and the other replica the others."""
+
+    def __init__(self, server_pid: int | None):
+        self.server_pid = server_pid
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+    @property
+    def possible(self) -> bool:
+        return self.server_pid is not None and len(self.cpus) >= 2
+
+    def split(self, others: list[int]) -> None:
+        """The serving process and this one on the first core; the server's children and `others` (with theirs)
+        on the rest. Again after a process started threads or children: each thread has its own mask."""
+        assert self.server_pid is not None
+        first, rest = {self.cpus[0]}, set(self.cpus[1:])
+        _pin([self.server_pid, os.getpid()], first)
+        _pin([p for p in _family(self.server_pid) if p != self.server_pid], rest)
+        _pin([p for pid in others for p in _family(pid)], rest)
+
+    def share(self, others: list[int]) -> None:
+        """Every process on every core again."""
+        if self.server_pid is not None:
+            _pin([*_family(self.server_pid), os.getpid(), *(p for pid in others for p in _family(pid))], set(self.cpus))
+
+
+def _family(pid: int) -> list[int]:
+    """`pid` and its descendants, found through /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def _pin(pids: list[int], cpus: set[int]) -> None:
+    """Every thread of `pids` onto `cpus` (threads started later inherit their creator's mask)."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task), cpus)
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:
@@ -267,18 +326,42 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
         hot = [int(i) for i in ids[:1000]]
         writing = {"index_writing": target.location}
         fresh: dict[str, Any] = {}
+        placement = Placement(target.pid)
+        placed: dict[str, Any] = {}
+
+        def beside_writers(into: dict[str, dict[str, Any]], others: list[int], split: bool) -> dict[str, float]:
+            """The index's lookups while a writer puts through each of `writing`; the writer's puts/s."""
+            rates = {}
+            for key, location in writing.items():
+                with Writer(location, name, hot, features) as writer:
+                    if split and writer.process.pid is not None:
+                        placement.split([*others, writer.process.pid])
+                    for batch, count in counts.items():
+                        where = LABELS[key].split(", ")[-1] + (", placed" if split else "")
+                        label = f"online: lookups of {batch}, {where}"
+                        into[key][str(batch)] = percentiles(timed(lookup(batch), count, label, index_seconds))
+                    rates[key] = writer.rate()
+            return rates
+
         with contextlib.ExitStack() as stack:
             replica = None
             if target.warehouse is not None:
                 replica = stack.enter_context(local_server(target.catalog_config, target.warehouse))
                 writing["index_writing_elsewhere"] = replica.location
-            puts_per_s = {}
-            for key, location in writing.items():
-                with Writer(location, name, hot, features) as writer:
+            others = [replica.pid] if replica is not None and replica.pid is not None else []
+            puts_per_s = beside_writers(latency, others, split=False)
+            if placement.possible:
+                pinned: dict[str, dict[str, Any]] = {key: {} for key in ("index", *writing)}
+                placement.split(others)
+                try:
                     for batch, count in counts.items():
-                        label = f"online: lookups of {batch}, {LABELS[key].split(', ')[-1]}"
-                        latency[key][str(batch)] = percentiles(timed(lookup(batch), count, label, index_seconds))
-                    puts_per_s[key] = writer.rate()
+                        label = f"online: lookups of {batch}, placed"
+                        quiet = warm_timed(lookup(batch), count, label, index_seconds)
+                        pinned["index"][str(batch)] = percentiles(quiet)
+                    placed = {"cpus": placement.cpus, "latency": pinned}
+                    placed["writer_puts_per_s"] = beside_writers(pinned, others, split=True)
+                finally:
+                    placement.share(others)
             seconds = CONCURRENT_SECONDS if requests >= REQUESTS else 0.5
             concurrency = []
             for clients in CONCURRENT_CLIENTS:
@@ -303,6 +386,7 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
         "latency": {k: v for k, v in latency.items() if v},
         "freshness": fresh,
         "concurrency": concurrency,
+        "placement": placed,
     }
 
 
@@ -341,4 +425,27 @@ def render(result: dict[str, Any]) -> str:
             for c in result["concurrency"]
         ],
     )
-    return "\n".join([header, latency, "", lag, "", concurrency])
+    return "\n".join([header, latency, "", *placed(result), lag, "", concurrency])
+
+
+def placed(result: dict[str, Any]) -> list[str]:
+    """The index's lookups again with the processes placed (`Placement`), each against its quiet figure."""
+    placement = result.get("placement")
+    if not placement:
+        return []
+    by_key = placement["latency"]
+    rows = []
+    for key, by_batch in by_key.items():
+        for batch, p in by_batch.items():
+            quiet = by_key["index"][batch]["p99_ms"]
+            rows.append(
+                [f"{LABELS[key]}, batch {batch}", *(f"{p[f'p{q:g}_ms']:.3f}" for q in PERCENTILES), str(p["requests"])]
+                + [report.ratio(p["p99_ms"] / quiet)]
+            )
+    rates = ", ".join(f"{LABELS[k].split(', ')[-1]} {v:.1f}" for k, v in placement["writer_puts_per_s"].items())
+    title = (
+        f"placed: the serving process and this client on core {placement['cpus'][0]}; the write process, the writer "
+        f"and the other replica on {placement['cpus'][1:]} (puts/s: {rates})"
+    )
+    columns = ["lookup, placed", *(f"p{q:g} ms" for q in PERCENTILES), "requests", "p99 / quiet p99"]
+    return [title, report.table(columns, rows), ""]

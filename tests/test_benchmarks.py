@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -232,6 +233,13 @@ def check_online(result: dict[str, Any], local: bool) -> None:
     assert result["index"]["entities"] == result["entities"] > 0
     assert [c["clients"] for c in result["concurrency"]] == [1, 2, 4]
     assert all(positive(c["lookups_per_s"], c["p50_ms"]) for c in result["concurrency"])
+    if local and len(os.sched_getaffinity(0)) >= 2:  # measured again with the processes placed on cores
+        placed = result["placement"]
+        assert set(placed["latency"]) == {"index", "index_writing", "index_writing_elsewhere"}
+        assert set(placed["writer_puts_per_s"]) == {"index_writing", "index_writing_elsewhere"}
+        assert all(list(by_batch) == ["1", "10", "100", "1000"] for by_batch in placed["latency"].values())
+    else:
+        assert result["placement"] == {}
 
 
 def test_online_on_its_own_server(tmp_path: Path) -> None:

@@ -19,14 +19,15 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from pyiceberg.exceptions import CommitFailedException
 
-from flight_client import FeatureClient, NotFoundError, ResourceExhaustedError, UnauthenticatedError
+from flight_client import ConflictError, FeatureClient, NotFoundError, ResourceExhaustedError, UnauthenticatedError
 from flight_server.base.config import ServerConfig
 from flight_server.base.metrics import COMMIT_RETRIES
 from flight_server.changes.commits import commit_until
+from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.transport.calls import code_of
 from flight_server.transport.metrics import ServerMetrics
 from flight_server.transport.service import FeatureFlightServer
-from tests.conftest import healthy, sqlite_catalog, start_server, wait_until, write_big
+from tests.conftest import TEST_CHUNK_BYTES, healthy, local_files, sqlite_catalog, start_server, wait_until, write_big
 from tests.services import _stop_group, free_ports
 
 UTC = dt.timezone.utc
@@ -166,6 +167,57 @@ def test_commit_retries_are_counted() -> None:
 
     assert commit_until(float("inf"), "test", attempt) == "committed"
     assert before is not None and retries() == before + 2
+
+
+def _drivers(ids: range, extra: bool = False) -> pa.Table:
+    rows = pa.table(
+        {
+            "driver_id": pa.array(ids, pa.int64()),
+            "event_timestamp": pa.array([dt.datetime(2026, 1, 1, tzinfo=UTC)] * len(ids), pa.timestamp("us", "UTC")),
+            "rate": pa.array([1.0] * len(ids), pa.float64()),
+        }
+    )
+    return rows.append_column("extra", pa.array([1] * len(ids))) if extra else rows
+
+
+def test_the_write_process_commit_retries_and_conflicts_are_scraped_from_the_serving_process(tmp_path: Path) -> None:
+    """A put in the write process loses its commit to a change another engine made to the table's partitioning
+    while its files were written: the retry, counted in the write process, and the conflict are scraped from the
+    serving process's endpoint."""
+    properties = sqlite_catalog(tmp_path)
+    port = free_ports(1)[0]
+    server = start_server(properties, write_process=True, metrics_port=port)
+    table = "tests.raced"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write(table, _drivers(range(10)), entity_keys=["driver_id"], event_time="event_timestamp")
+            before = scrape(port)
+            where = client.describe(table)["location"]
+            files_before = local_files(where)
+            big = _drivers(range(100, 100 + 4 * TEST_CHUNK_BYTES // 16), extra=True)  # evolves: a commit of its own
+
+            def racing_a_repartition() -> Iterator[pa.RecordBatch]:
+                batches = big.to_batches(max_chunksize=big.num_rows // 4)
+                yield from batches[:-1]
+                wait_until(lambda: local_files(where) != files_before, what="the put to write files")
+                catalog = FeatureCatalog("default", properties).catalog
+                loaded = catalog.load_table(table)
+                with loaded.update_spec() as update:
+                    update.remove_field("event_timestamp_month")
+                loaded = catalog.load_table(table)
+                loaded.append(_drivers(range(1000, 1001)).cast(loaded.schema().as_arrow()))
+                yield batches[-1]
+
+            stream = pa.RecordBatchReader.from_batches(big.schema, racing_a_repartition())
+            with pytest.raises(ConflictError, match="partitioning"):
+                client.write(table, stream, evolve=True)
+        assert server.parts.writes is not None and server.parts.writes.pid is not None  # it ran there
+        after = scrape(port)
+        retries, conflicts = "flight_commit_retries_total", "flight_commit_conflicts_total"
+        assert (value(after, retries) or 0) - (value(before, retries) or 0) >= 1
+        assert (value(after, conflicts) or 0) - (value(before, conflicts) or 0) == 1
+    finally:
+        server.shutdown()
 
 
 def test_servers_in_one_process_count_apart_and_refusals_count(tmp_path: Path) -> None:

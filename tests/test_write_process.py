@@ -81,6 +81,30 @@ def test_changes_through_the_write_process_answer_as_in_the_serving_process(back
             server.shutdown()
 
 
+def test_automatic_maintenance_compacts_in_the_write_process(tmp_path: Path) -> None:
+    """A maintenance round's compaction of small files runs in the write process: rewrites in the serving process
+    fail here, and the round still compacts, and reports it as it does in process."""
+    server = start_server(sqlite_catalog(tmp_path), write_process=True, compact_min_files=5)
+
+    def in_the_serving_process(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a rewrite in the serving process")
+
+    server.parts.maintenance.rewrite_once = in_the_serving_process  # type: ignore[method-assign]
+    table = "wp.compacted"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write(table, rows([0], 10, 0.5), **KEYS)
+            for ts in range(11, 16):  # one key: one partition gathers the small files
+                client.write(table, rows([0], ts, 0.5))
+            result = client.run_maintenance(table)
+            assert (result["data_files_compacted"], result["data_files_added"]) == (6, 1)
+            assert result["error"] is None and result["gave_way"] == []
+            assert client.read_table(table).column("id").to_pylist() == [0] * 6
+            assert client.run_maintenance(table)["data_files_compacted"] == 0  # one file now: nothing to do
+    finally:
+        server.shutdown()
+
+
 def test_refusals_keep_their_status_and_message(tmp_path: Path) -> None:
     properties = sqlite_catalog(tmp_path)
     servers = [start_server(properties, write_process=on) for on in (True, False)]

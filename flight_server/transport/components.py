@@ -20,7 +20,7 @@ from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache
 from flight_server.training.entities import EntitySplits
 from flight_server.training.sets import TrainingSets
-from flight_server.transport.offload import WriteProcess
+from flight_server.transport.offload import OffloadedMaintenance, WriteProcess
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ class Components:
             """Snapshots that expiry keeps: those running reads and cached training sets use."""
             return caches.in_use.snapshots(table_uuid) | cache.snapshots(table_uuid)
 
-        maintenance = Maintenance(catalog, engine, locks, *limits, in_use=in_use)
+        # With the write process, automatic maintenance compacts there (`OffloadedMaintenance`), beside the puts.
+        maintenance = OffloadedMaintenance(catalog, engine, locks, *limits, in_use=in_use, writes=writes)
         return cls(
             config=config,
             catalog=catalog,

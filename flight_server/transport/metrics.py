@@ -3,8 +3,9 @@
 Calls are counted as they end (`ServerMetrics.completed`, from the call log's middleware), their rows and bytes
 batch by batch (`Flow`). Everything else is read at scrape time from what the server keeps anyway
 (`PartsCollector`): cache sizes and hit counts, the online indexes, and the commit retries the lower layers count
-(`base/metrics.py`). So the hot path pays for a counter and a histogram per call and a few additions per batch,
-nothing per row. Each server has its own registry: several servers in one process never clash.
+(`base/metrics.py`), in this process and in its write process (`offload.py`). So the hot path pays for a counter
+and a histogram per call and a few additions per batch, nothing per row. Each server has its own registry: several
+servers in one process never clash.
 """
 
 from __future__ import annotations
@@ -94,7 +95,6 @@ class ServerMetrics:
         self.bytes_received = flow(
             "flight_bytes_received", "Bytes received from clients (as uncompressed Arrow IPC messages)"
         )
-        self.registry.register(COMMIT_RETRIES)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open files
         # Labelled children, looked up once (`labels` takes a lock): by method, kind and code; by direction and kind.
         self._calls: dict[tuple[str, str, str], tuple[Any, Any]] = {}
@@ -145,7 +145,8 @@ class ServerMetrics:
 
 
 class PartsCollector(Collector):
-    """What a server's parts keep anyway, read at scrape time: caches, online indexes, writes in progress."""
+    """What a server's parts keep anyway, read at scrape time: caches, online indexes, writes in progress, commit
+    retries."""
 
     def __init__(self, parts: Components):
         self.parts = parts
@@ -192,6 +193,16 @@ class PartsCollector(Collector):
         yield GaugeMetricFamily(
             "flight_writes_in_progress", "Puts being written or committed.", value=self.parts.writes_in_progress()
         )
+        yield _commit_retries(self.parts)
+
+
+def _commit_retries(parts: Components) -> Metric:
+    """`COMMIT_RETRIES` of this process, and of its write process (where puts, deletes and compactions commit)."""
+    counted = sum(s.value for metric in COMMIT_RETRIES.collect() for s in metric.samples if s.name.endswith("_total"))
+    if parts.writes is not None:
+        counted += parts.writes.commit_retries()
+    family = next(iter(COMMIT_RETRIES.describe()))
+    return CounterMetricFamily(family.name, family.documentation, value=counted)
 
 
 def _memory(stats: dict[str, Any]) -> Iterator[Metric]:

@@ -33,7 +33,7 @@ from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
 from flight_server.transport.limits import ConcurrencyLimit, is_session
 from flight_server.transport.metrics import CountedReader, CountedWriter, ServerMetrics, sending
-from flight_server.transport.offload import PLAN_REFRESH, RELAYED_ACTIONS
+from flight_server.transport.offload import COMPACT_SMALL_FILES, PLAN_REFRESH, RELAYED_ACTIONS, compact_small_files
 from flight_server.transport.tls import server_tls_options
 from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, decode_text, encode_reply
 from flight_server.wire.errors import RequestError
@@ -287,6 +287,8 @@ class FeatureFlightServer(flight.FlightServerBase):
         name = action.type
         if name == PLAN_REFRESH and self.write_process:  # its server's own call, on a socket only it reaches
             return iter(self._plan_refresh(action.body.to_pybytes()))
+        if name == COMPACT_SMALL_FILES and self.write_process:  # its server's automatic maintenance
+            return iter([compact_small_files(self.parts.maintenance, action.body.to_pybytes())])
         row = ACTIONS.get(name)
         if row is None:
             raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")
