@@ -249,11 +249,11 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "--write-process/--no-write-process",
         "FLIGHT_SERVER_WRITE_PROCESS",
         "Writes",
-        "Run puts, deletes and compactions (their Parquet files and commits) and, while it runs, the metadata work "
-        "of online index refreshes in a child process at a lower priority, started at the first write, so that "
-        "their Python work does not hold up lookups and scans on a replica that also ingests (docs/operations.md, "
-        "the write process). Snapshot expiry and automatic maintenance stay in the serving process, which knows "
-        "the snapshots its reads use. Opt-in: one more process (about 270 MiB), POSIX only.",
+        "Run puts, deletes and compactions (their Parquet files and commits, automatic maintenance's too) and, while "
+        "it runs, the reading side of online index refreshes in a child process at a lower priority, started at the "
+        "first write, so that their Python work does not hold up lookups and scans on a replica that also ingests "
+        "(docs/operations.md, the write process). Snapshot expiry stays in the serving process, which knows the "
+        "snapshots its reads use. Opt-in: one more process (about 270 MiB), POSIX only.",
         "write_process",
         click.BOOL,
     ),

@@ -62,9 +62,10 @@ class RefreshPlan:
         return cls(**json.loads(raw))
 
 
-# (table, the metadata file the index was refreshed from, its snapshot, the bytes its new rows may take) -> the plan
-# and the latest row per key of its appended files (`OnlineStore.plan`), or None when none was made
-Planner = Callable[[str, "str | None", "int | None", int], "tuple[RefreshPlan, pa.Table | None] | None"]
+# (table, the metadata file the index was refreshed from, its snapshot, the bytes its new rows may take, the bytes a
+# rebuilt index may take) -> the plan and the latest row per key of its appended files, or of the whole table when
+# more than appends happened (`OnlineStore.plan`), or None when none was made
+Planner = Callable[[str, "str | None", "int | None", int, int], "tuple[RefreshPlan, pa.Table | None] | None"]
 
 
 def plan_results(plan: RefreshPlan, rows: pa.Table | None) -> list[bytes]:
@@ -259,27 +260,14 @@ class OnlineStore:
             rows = schema.empty_table()
         else:
             rows, path = self._read_latest(table, spec, schema, None, self._room(name, within_budget))
-            rows = rows.combine_chunks()
-        keys = table_keys(rows, spec)
-        if keys and estimate_bytes(rows, keys[0]) > self._room(name, within_budget):
-            raise LimitError(
-                f"the online index of {name!r} would take about {estimate_bytes(rows, keys[0]) >> 20} MiB "
-                f"({len(keys)} entities), more than the memory cap leaves (raise --online-max-mb or "
-                "--memory-budget-mb)"
-            )
-        state = IndexState(
-            snapshot.snapshot_id if snapshot else None,
-            table.metadata.current_schema_id,
-            spec,
-            Rows.of(rows, spec),
-            dict(zip(keys, range(len(keys)), strict=True)),
-        )
+        snapshot_id = snapshot.snapshot_id if snapshot else None
+        state = self._state(name, rows, spec, snapshot_id, table.metadata.current_schema_id, within_budget)
         index = OnlineIndex(name, state, time.perf_counter() - started, path)
         index.metadata_location = table.metadata_location
         log.info(
             "online index %s: %d entities, %.1f MiB, from snapshot %s (%s path) in %.2f s",
             name,
-            len(keys),
+            len(state.positions),
             index.nbytes() / 2**20,
             state.snapshot_id,
             path,
@@ -287,17 +275,45 @@ class OnlineStore:
         )
         return index
 
-    def plan(self, name: str, known: str | None, since: int | None, room: int) -> tuple[RefreshPlan, pa.Table | None]:
+    def _state(
+        self, name: str, rows: pa.Table, spec: FeatureSpec, snapshot_id: int | None, schema_id: int, within_budget: bool
+    ) -> IndexState:
+        """A whole index's state from the latest row per key (refused past the memory cap)."""
+        rows = rows.combine_chunks()
+        keys = table_keys(rows, spec)
+        if keys and estimate_bytes(rows, keys[0]) > self._room(name, within_budget):
+            raise LimitError(
+                f"the online index of {name!r} would take about {estimate_bytes(rows, keys[0]) >> 20} MiB "
+                f"({len(keys)} entities), more than the memory cap leaves (raise --online-max-mb or "
+                "--memory-budget-mb)"
+            )
+        return IndexState(
+            snapshot_id, schema_id, spec, Rows.of(rows, spec), dict(zip(keys, range(len(keys)), strict=True))
+        )
+
+    def plan(
+        self, name: str, known: str | None, since: int | None, room: int, rebuild_room: int | None = None
+    ) -> tuple[RefreshPlan, pa.Table | None]:
         """A refresh of another process's index planned here (in the write process: `Planner`), with the latest row
         per key of the appended files read here too (at most `room` bytes), so that the serving process only merges
-        them: the Parquet read's CPU and DuckDB's threads stay off the cores and the GIL that serve lookups. No rows
-        when there are none to read, or the table is no longer a feature table (that process rebuilds)."""
+        them: the Parquet read's CPU and DuckDB's threads stay off the cores and the GIL that serve lookups. When
+        more than appends happened (a compaction, a delete), the latest rows of the whole table (at most
+        `rebuild_room` bytes), which the serving process swaps in: after every compaction of automatic maintenance,
+        that read took seconds beside the lookups. No rows when there are none to read, or the table is no longer a
+        feature table (that process rebuilds)."""
         table = self.catalog.read(name)
         plan = plan_refresh(name, table, known, since)
         spec = FeatureSpec.from_properties(plan.properties)
-        if not plan.files or spec is None:
+        if spec is None or plan.snapshot_id is None or plan.snapshot_id == since:
             return plan, None
-        return plan, self._read_latest(table, spec, table_arrow_schema(table.schema()), plan.files, room)[0]
+        schema = table_arrow_schema(table.schema())
+        if plan.files is None:
+            if rebuild_room is None:
+                return plan, None
+            return plan, self._read_latest(table, spec, schema, None, rebuild_room)[0]
+        if not plan.files:
+            return plan, None
+        return plan, self._read_latest(table, spec, schema, plan.files, room)[0]
 
     def refresh(self, name: str) -> str:
         """Bring one index up to its table's current snapshot; says what it did. Polling an unchanged
@@ -318,8 +334,8 @@ class OnlineStore:
         """The refresh from a `RefreshPlan` made in another process; None when it needs the table here (a
         rebuild, a new schema or spec) or no plan could be made (the refresh then runs here, as without one)."""
         state = index.state
-        room = self._room(name, within_budget=False) - index.nbytes()
-        planned = planner(name, index.metadata_location, state.snapshot_id, room)
+        room = self._room(name, within_budget=False)
+        planned = planner(name, index.metadata_location, state.snapshot_id, room - index.nbytes(), room)
         if planned is None:
             return None
         plan, latest = planned
@@ -330,8 +346,13 @@ class OnlineStore:
         if plan.snapshot_id == state.snapshot_id:
             index.metadata_location = plan.metadata_location
             return "current"
-        if plan.files is None or plan.snapshot_id is None:
+        if plan.snapshot_id is None or (latest is None and plan.files is None):
             return None
+        if plan.files is None:  # rebuilt from the whole table's latest rows, read in the other process
+            index.state = self._state(name, latest, state.spec, plan.snapshot_id, plan.schema_id, within_budget=False)
+            index.rebuilds += 1
+            index.metadata_location = plan.metadata_location
+            return "rebuilt in the write process"
         changed = index.apply(latest if latest is not None else index.schema.empty_table(), plan.snapshot_id)
         index.appends += 1
         index.metadata_location = plan.metadata_location

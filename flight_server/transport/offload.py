@@ -215,14 +215,15 @@ class WriteProcess:
         return results[0].body.to_pybytes()
 
     def plan_refresh(
-        self, name: str, known: str | None, since: int | None, room: int
+        self, name: str, known: str | None, since: int | None, room: int, rebuild_room: int
     ) -> tuple[RefreshPlan, pa.Table | None] | None:
         """An online index refresh planned in the child (`OnlineStore.plan`): the table's metadata and manifests are
         parsed there, and the appended files read there into their latest row per key (at most `room` bytes). None
         when no child runs (a refresh starts none: a replica that only serves needs none) or it cannot answer within
         30 s (`_PLANNING`, since it reads the append; `health`'s 2 s would fail big appends): the refresh then runs
         in the serving process."""
-        body = json.dumps({"table": name, "known": known, "since": since, "room": room}).encode()
+        fields = {"table": name, "known": known, "since": since, "room": room, "rebuild_room": rebuild_room}
+        body = json.dumps(fields).encode()
         running = self._running()
         if running is None:
             return None

@@ -277,7 +277,10 @@ class FeatureFlightServer(flight.FlightServerBase):
 
     def _plan_refresh(self, body: bytes) -> list[bytes]:
         fields = json.loads(body)
-        return plan_results(*self.parts.store.plan(fields["table"], fields["known"], fields["since"], fields["room"]))
+        store = self.parts.store
+        return plan_results(
+            *store.plan(fields["table"], fields["known"], fields["since"], fields["room"], fields["rebuild_room"])
+        )
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return [(action.name, action.doc) for action in ACTIONS.values()]
