@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
+import threading
 import warnings
 import weakref
 from collections import deque
@@ -119,9 +120,14 @@ class _Blocks:
     def __init__(self, kept: int):
         self._kept = kept
         self._blocks: deque[tuple[torch.Tensor, np.ndarray]] = deque()  # the block, a view of its flag
+        self._lock = threading.Lock()  # two threads must not take the same free block
 
     def take(self, size: int) -> torch.Tensor:
         """A block of at least `size` bytes, marked busy."""
+        with self._lock:
+            return self._take(size)
+
+    def _take(self, size: int) -> torch.Tensor:
         for block, flag in self._blocks:
             if len(block) >= size and not flag[0]:
                 break
