@@ -15,7 +15,9 @@ Needs the `torch` extra (`pip install 'iceberg-feature-flight[torch]'`).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import random
+import threading
 import warnings
 import weakref
 from collections import deque
@@ -110,16 +112,22 @@ class _Blocks:
     """This process's shared-memory blocks, each reused once the process it was sent to has let go of every view
     of it: a new block costs a page fault per 4 KiB page at its first write (shared memory gets no huge pages
     here), 11 ms of CPU for a 12.7 MB batch against under 1 ms for private memory. A block's first 8 bytes are its
-    flag: 1 from when it is taken until its receiver clears it (`_views`). At most `kept` blocks are kept, busy or
-    free (enough for a batch being built, the DataLoader's prefetched ones and the one in use); the oldest goes
-    when a new one is needed beyond that."""
+    flag: the taker's process id from when it is taken until another process that received it clears it
+    (`_views`; a copy unpickled in the sending process, whose own views may live on, leaves it busy). At most
+    `kept` blocks are kept, busy or free (enough for a batch being built, the DataLoader's prefetched ones and
+    the one in use); the oldest goes when a new one is needed beyond that."""
 
     def __init__(self, kept: int):
         self._kept = kept
         self._blocks: deque[tuple[torch.Tensor, np.ndarray]] = deque()  # the block, a view of its flag
+        self._lock = threading.Lock()  # two threads must not take the same free block
 
     def take(self, size: int) -> torch.Tensor:
         """A block of at least `size` bytes, marked busy."""
+        with self._lock:
+            return self._take(size)
+
+    def _take(self, size: int) -> torch.Tensor:
         for block, flag in self._blocks:
             if len(block) >= size and not flag[0]:
                 break
@@ -132,7 +140,7 @@ class _Blocks:
             self._blocks.append((block, flag))
             if len(self._blocks) > self._kept:
                 self._blocks.popleft()
-        flag[0] = 1
+        flag[0] = os.getpid()
         return block
 
 
@@ -176,7 +184,9 @@ def _views(block: torch.Tensor, layout: list[tuple[str, int, int, torch.dtype]])
     the block as NumPy, which holds that array while any view lives; when the last goes, the array's finalizer
     clears the block's busy flag and its sender may reuse it (`_Blocks`)."""
     whole = block.numpy()
-    weakref.finalize(whole, block[:8].view(torch.int64).fill_, 0).atexit = False
+    flag = block[:8].view(torch.int64)
+    if int(flag) != os.getpid():
+        weakref.finalize(whole, flag.fill_, 0).atexit = False
     base = torch.from_numpy(whole)
     views = {}
     for name, at, nbytes, dtype in layout:  # byte offsets and sizes in the block

@@ -5,6 +5,7 @@ unread while their consumer is slow, and a reader that stops early leaves nothin
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -141,7 +142,11 @@ def large(idle_server: FeatureFlightServer) -> ReadPlan:
             stamps = pa.array(np.zeros(PART_ROWS, "int64"), pa.timestamp("us", "UTC"))
             rows = pa.table({"id": ids, "ts": stamps, "value": ids.astype("float64")})
             client.write("plans.big", rows, entity_keys=["id"], event_time="ts")
-    plan = plan_table(location, "plans.big", partitions=4)
+    # gRPC's flow-control window as it starts (64 KiB), not grown to some 8 MB: the server then waits on a call as
+    # soon as its reader stops taking batches, not once 8 MB wait unread (which a reader at a steady 5 MB/s, two
+    # calls at a time, would also make it wait over 1.5 s for: docs/operations.md).
+    small_window = {"generic_options": [("grpc.http2.bdp_probe", 0)]}
+    plan = plan_table(location, "plans.big", partitions=4, client_options=small_window)
     assert len(plan.endpoints) == 4
     return plan
 
@@ -168,3 +173,20 @@ def test_leaving_early_stops_every_reader(large: ReadPlan) -> None:
     assert readers() == 3
     batches.close()
     assert readers() == 0
+
+
+def test_dataloader_workers_with_a_slow_training_loop_are_not_cut(large: ReadPlan) -> None:
+    """The same through a real DataLoader: 2 worker processes, 2 endpoints each read two at a time, a main process
+    taking 0.02 s a batch (1 s a worker's endpoint read alone, 2 s with the other worker's between)."""
+    torch_data = pytest.importorskip("torch.utils.data")
+    from flight_client.torch import FlightDataset
+
+    multiprocessing.set_forkserver_preload(["torch", "flight_client.torch"])
+    loader = torch_data.DataLoader(
+        FlightDataset(large, format="arrow"), batch_size=None, num_workers=2, multiprocessing_context="forkserver"
+    )
+    ids = []
+    for batch in loader:
+        ids.append(batch.column("id").to_numpy())
+        time.sleep(0.02)  # a training step: the behaviour under test
+    assert np.array_equal(np.sort(np.concatenate(ids)), np.arange(4 * PART_ROWS)), "every row once"

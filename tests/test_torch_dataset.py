@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -414,6 +415,11 @@ def test_a_block_is_reused_once_its_receiver_lets_go_of_every_view() -> None:
         pool.submit(let_go).result()
         again = shared_tensors(batch)
         assert block(again) == block(held) and again["x"].tolist() == [1.5, 2.5, 3.5]
+    # A copy unpickled in the sending process itself, dropped, leaves the block busy: the sender's views live on.
+    copied = ForkingPickler.loads(ForkingPickler.dumps(again))
+    assert block(copied) == block(again)
+    del copied
+    assert block(shared_tensors(batch)) != block(again)
 
 
 def test_tensors_import_no_pandas() -> None:
