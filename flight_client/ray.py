@@ -82,7 +82,9 @@ def read_tasks(endpoints: int) -> int:
     """How many tasks read `endpoints` endpoints: a task per endpoint, but no more than the cluster has CPUs now
     (tasks beyond them only wait their turn, and each costs Ray a task), each then reading its endpoints
     `READS_AT_ONCE` at a time. A cluster that shows no CPUs (a head node of none, its workers not started yet)
-    gets a task per endpoint. Asking for the cluster's resources connects to it, as Ray Data's read would."""
+    gets a task per endpoint. Ray is started first when it is not yet (as Ray Data's own reads start it)."""
+    if not ray.is_initialized():
+        ray.init()
     cpus = int(ray.cluster_resources().get("CPU", 0))
     return max(1, min(endpoints, cpus) if cpus else endpoints)
 

@@ -28,6 +28,14 @@ def task_counts(endpoints: list[int]) -> list[int]:
     return [read_tasks(n) for n in endpoints]
 
 
+def tasks_before_ray_started(endpoints: int) -> tuple[bool, int, int]:
+    """Whether Ray was running, then `read_tasks(endpoints)` in a process that never started it, and the CPUs of
+    the cluster that call started."""
+    running = ray.is_initialized()
+    tasks = read_tasks(endpoints)
+    return running, tasks, int(ray.cluster_resources().get("CPU", 0))
+
+
 def _collect(dataset: ray.data.Dataset) -> pa.Table:
     return pa.concat_tables(ray.get(dataset.to_arrow_refs())).replace_schema_metadata(None)
 

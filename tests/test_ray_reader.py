@@ -83,6 +83,16 @@ def test_read_tasks_are_at_most_the_clusters_cpus(driver: ProcessPoolExecutor) -
         assert no_cpus.submit(ray_driver.task_counts, [1, 8]).result() == [1, 8]
 
 
+def test_read_tasks_start_ray_as_ray_data_does() -> None:
+    """Counting the cluster's CPUs in a program that has not started Ray starts it (Ray Data's reads do the same),
+    rather than failing with "Ray has not been started yet"."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as fresh:
+        running, tasks, cpus = fresh.submit(ray_driver.tasks_before_ray_started, 64).result()
+    assert not running
+    assert cpus >= 1 and tasks == min(64, cpus)
+
+
 def test_training_set_from_local_rows(driver: ProcessPoolExecutor, replicas: list[str]) -> None:
     """Local entity rows: a read task per row range, each carrying only its own rows, equal the plain read."""
     with FeatureClient(replicas[0]) as client:
