@@ -33,7 +33,7 @@ from benchmarks import report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, TIMESTAMP, feature_names, feature_table
 from benchmarks.harness import Settings, Target, local_server, table_name
-from benchmarks.scale import _cpu_seconds
+from benchmarks.scale import _cpu_seconds, _own_cpu_seconds
 from flight_client import FeatureClient
 from flight_server.reads.duck import local_path
 
@@ -109,8 +109,9 @@ def concurrent_puts(
 ) -> dict[str, Any]:
     """`writers` threads, each with its own client, making `puts_per_writer` one-row puts to one fresh table
     through a server whose group commit is on or off, as `group_commit` says; with the server's CPU time per put
-    when it is a local process (`pid`). Each client connects before the start line: opening a connection is
-    no put, and the same cost on both sides weighed more on the shorter run, the one with group commit."""
+    when it is a local process (`pid`), and this process's (the clients': is the server the limit?). Each client
+    connects before the start line: opening a connection is no put, and the same cost on both sides weighed more
+    on the shorter run, the one with group commit."""
     name = table_name(f"history_writers{writers}{'' if group_commit else '_alone'}")
     clients = [FeatureClient(location) for _ in range(writers)]
     try:
@@ -126,10 +127,12 @@ def concurrent_puts(
         with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="bench-history") as pool:
             futures = [pool.submit(write, i) for i in range(writers)]
             cpu_before = _cpu_seconds(pid) if pid is not None else 0.0
+            client_before = _own_cpu_seconds()
             start_line.wait()
             start = time.perf_counter()
             snapshots = [s for future in futures for s in future.result()]
             elapsed = time.perf_counter() - start
+            client_cpu = _own_cpu_seconds() - client_before
             cpu = _cpu_seconds(pid) - cpu_before if pid is not None else None
     finally:
         for client in clients:
@@ -143,6 +146,7 @@ def concurrent_puts(
         "puts_per_s": puts / elapsed,
         "snapshots_per_put": len(set(snapshots)) / puts,
         "server_cpu_ms_per_put": None if cpu is None else cpu * 1000 / puts,
+        "client_cpu_ms_per_put": client_cpu * 1000 / puts,
     }
 
 
@@ -151,7 +155,10 @@ def _medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     cpu = [r["server_cpu_ms_per_put"] for r in rounds]
     return {
         **rounds[0],
-        **{key: statistics.median(r[key] for r in rounds) for key in ("seconds", "puts_per_s", "snapshots_per_put")},
+        **{
+            key: statistics.median(r[key] for r in rounds)
+            for key in ("seconds", "puts_per_s", "snapshots_per_put", "client_cpu_ms_per_put")
+        },
         "server_cpu_ms_per_put": None if None in cpu else statistics.median(cpu),
         "rounds": rounds,
     }
@@ -471,6 +478,7 @@ def render(result: dict[str, Any]) -> str:
                 "puts/s",
                 "snapshots per put",
                 "server CPU ms per put",
+                "clients' CPU ms per put",
                 "vs 1 writer",
                 "vs group commit off",
             ],
@@ -482,6 +490,7 @@ def render(result: dict[str, Any]) -> str:
                     f"{w['puts_per_s']:.1f}",
                     f"{w['snapshots_per_put']:.2f}",
                     "-" if w["server_cpu_ms_per_put"] is None else f"{w['server_cpu_ms_per_put']:.1f}",
+                    f"{w['client_cpu_ms_per_put']:.2f}",
                     report.ratio(w["vs_one_writer"]),
                     report.ratio(w["vs_no_group_commit"]) if "vs_no_group_commit" in w else "-",
                 ]
