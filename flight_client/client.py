@@ -6,7 +6,7 @@ import datetime as dt
 import math
 import re
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -418,11 +418,15 @@ class FeatureClient:
 
     def _get(self, ticket: bytes, locations: list[str] | None = None) -> pa.RecordBatchReader:
         """Open the stream of `ticket` at the first of `locations` that answers (default: this server)."""
+        return self._open(ticket, locations).to_reader()
+
+    def _open(self, ticket: bytes, locations: list[str] | None = None) -> flight.FlightStreamReader:
+        """`_get`'s call itself, which another thread may `cancel` (`plans.in_turn` stopping a part's reader)."""
         for i, location in enumerate(locations or [self.location]):
             try:
                 stream = self._connection(location).do_get(flight.Ticket(ticket), self._options)
                 _ = stream.schema  # surfaces request errors now; see apache/arrow#34731 for why first
-                return stream.to_reader()
+                return stream
             except flight.FlightUnavailableError as exc:  # that replica is down or busy: the ticket is good anywhere
                 if locations is None or i == len(locations) - 1:
                     raise from_flight_error(exc) from None
@@ -432,8 +436,11 @@ class FeatureClient:
 
     def _fetch(self, endpoint: flight.FlightEndpoint) -> pa.RecordBatchReader:
         """An endpoint's stream, from the replica it names (or this server when it names none)."""
+        return self._open_endpoint(endpoint).to_reader()
+
+    def _open_endpoint(self, endpoint: flight.FlightEndpoint) -> flight.FlightStreamReader:
         locations = [location.uri.decode() for location in endpoint.locations]
-        return self._get(endpoint.ticket.ticket, locations or None)
+        return self._open(endpoint.ticket.ticket, locations or None)
 
     # Training sets
 
@@ -534,11 +541,31 @@ class FeatureClient:
             return
         table = inputs.to_table(entity_rows)
         start, stop = rank * table.num_rows // world_size, (rank + 1) * table.num_rows // world_size
-        share = table.slice(start, stop - start)
-        request = self._historical_request(
-            share, features, full_feature_names, snapshot_ids, as_of, entity_time, None, None
+        yield from self._exchange_rows(
+            table.slice(start, stop - start),
+            features,
+            full_feature_names=full_feature_names,
+            snapshot_ids=snapshot_ids,
+            as_of=as_of,
+            entity_time=entity_time,
         )
-        yield from self._exchange_batches(request, share)
+
+    def _exchange_rows(
+        self,
+        rows: pa.Table,
+        features: str | Sequence[str],
+        *,
+        full_feature_names: bool = False,
+        snapshot_ids: dict[str, int] | None = None,
+        as_of: dt.datetime | str | int | None = None,
+        entity_time: str = "event_timestamp",
+        opened: Callable[[flight.FlightStreamReader], None] | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """The training set of local entity `rows`, streamed over one `do_exchange` (`_exchange_batches`)."""
+        request = self._historical_request(
+            rows, features, full_feature_names, snapshot_ids, as_of, entity_time, None, None
+        )
+        return self._exchange_batches(request, rows, opened)
 
     def _historical_request(
         self,
@@ -723,9 +750,17 @@ class FeatureClient:
         with self._exchanging(request, entity_rows) as reader:
             return reader.read_all()
 
-    def _exchange_batches(self, request: HistoricalRequest, entity_rows: Any) -> Iterator[pa.RecordBatch]:
-        """The answer's batches as they arrive: memory holds a batch, not the answer."""
+    def _exchange_batches(
+        self,
+        request: HistoricalRequest,
+        entity_rows: Any,
+        opened: Callable[[flight.FlightStreamReader], None] | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """The answer's batches as they arrive: memory holds a batch, not the answer. `opened` is handed the call
+        once it is open, for another thread to `cancel` (`plans.in_turn` stopping a part's reader)."""
         with self._exchanging(request, entity_rows) as reader:
+            if opened is not None:
+                opened(reader)
             yield from reader.to_reader()
 
     @contextmanager

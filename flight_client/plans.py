@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -101,27 +101,45 @@ class ReadPlan:
             raise ValueError(f"at_once must be at least 1, got {at_once}")
         with connect(self.location, self.client_options) as client:
 
-            def read(part: Part) -> Callable[[], Iterator[pa.RecordBatch]]:
+            def read(part: Part) -> PartReader[pa.RecordBatch]:
                 if isinstance(part, EntityRows):
-                    return lambda: client.iter_historical_features(part.rows, **self.exchange)
+                    return lambda opened: client._exchange_rows(part.rows, opened=opened, **self.exchange)
                 endpoint = flight.FlightEndpoint(part.ticket, list(part.locations))
-                return lambda: iter(client.read_endpoint(endpoint))
+
+                def get(opened: Callable[[Cancellable], None]) -> Iterator[pa.RecordBatch]:
+                    stream = client._open_endpoint(endpoint)
+                    opened(stream)
+                    return iter(stream.to_reader())
+
+                return get
 
             for batch in in_turn([read(part) for part in endpoints], at_once):
                 yield batch if self.columns is None else batch.select(list(self.columns))
 
 
-def in_turn(parts: Sequence[Callable[[], Iterator[T]]], at_once: int) -> Iterator[T]:
+class Cancellable(Protocol):
+    """A Flight call that another thread may end (`FlightStreamReader.cancel`)."""
+
+    def cancel(self) -> None: ...
+
+
+# A part's reader: opens the part's call, hands it to `opened` (so that stopping the reader can cancel it), and
+# gives its items.
+PartReader = Callable[[Callable[[Cancellable], None]], Iterator[T]]
+
+
+def in_turn(parts: Sequence[PartReader[T]], at_once: int) -> Iterator[T]:
     """The items of `parts`, `at_once` of them read at a time by threads, taken one from each in turn; a part
-    that ends makes room for the next, which joins the end of the turn. Leaving early stops every reader."""
-    waiting: deque[Callable[[], Iterator[T]]] = deque(parts)
+    that ends makes room for the next, which joins the end of the turn. Leaving early (or failing) stops every
+    reader, cancelling its call."""
+    waiting: deque[PartReader[T]] = deque(parts)
     turn: deque[_Buffered[T]] = deque()
     try:
         while waiting or turn:
             while waiting and len(turn) < at_once:
                 turn.append(_Buffered(waiting.popleft()))
+            item = turn[0].next()  # the reader stays in the turn until it answered, so that `finally` stops it
             reader = turn.popleft()
-            item = reader.next()
             if item is _ENDED:
                 reader.stop()  # its thread has ended, or is about to
                 continue
@@ -139,17 +157,25 @@ class _Buffered(Generic[T]):
     """A part read by a thread of its own into a buffer of one item, so that the call is drained as fast as
     its reader takes items, and no faster (memory holds an item per part)."""
 
-    def __init__(self, part: Callable[[], Iterator[T]]):
+    def __init__(self, part: PartReader[T]):
         self._items: deque[T] = deque()
         self._ended = self._stopped = False
         self._error: BaseException | None = None
+        self._call: Cancellable | None = None
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._read, args=(part,), name="flight-part-reader", daemon=True)
         self._thread.start()
 
-    def _read(self, part: Callable[[], Iterator[T]]) -> None:
+    def _opened(self, call: Cancellable) -> None:
+        with self._changed:
+            self._call = call
+            stopped = self._stopped
+        if stopped:  # stopped while the call was being opened: `stop` found no call to cancel
+            call.cancel()
+
+    def _read(self, part: PartReader[T]) -> None:
         try:
-            items = part()
+            items = part(self._opened)
             try:
                 for item in items:
                     with self._changed:
@@ -162,7 +188,7 @@ class _Buffered(Generic[T]):
                 close = getattr(items, "close", None)  # a generator's: ends its call (an exchange cancels)
                 if close is not None:
                     close()
-        except BaseException as exc:  # handed to the reader by next()
+        except BaseException as exc:  # handed to the reader by next(); after `stop`, the cancel's, dropped
             self._error = exc
         finally:
             with self._changed:
@@ -182,11 +208,15 @@ class _Buffered(Generic[T]):
         return _ENDED
 
     def stop(self) -> None:
-        """Stop reading (the reader left early) and wait for the thread, which ends once its current read returns."""
+        """Stop reading (the reader left early, or another part failed): cancel the call, which would otherwise
+        hold the thread until the server's next batch, and wait for the thread."""
         with self._changed:
             self._stopped = True
             self._items.clear()
             self._changed.notify_all()
+            call = None if self._ended else self._call
+        if call is not None:
+            call.cancel()
         self._thread.join()
 
 

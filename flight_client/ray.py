@@ -74,7 +74,8 @@ def _read(plan: ReadPlan, endpoints: Sequence[Part]) -> Iterator[pa.Table]:
 
 def _read_datasource(plan: ReadPlan, read_args: dict[str, Any]) -> ray.data.Dataset:
     # As many blocks as tasks: Ray would otherwise ask for 200 and cut every task's output to match.
-    read_args.setdefault("override_num_blocks", read_tasks(len(plan.endpoints)))
+    if "override_num_blocks" not in read_args:
+        read_args["override_num_blocks"] = read_tasks(len(plan.endpoints))
     return ray.data.read_datasource(FlightDatasource(plan), **read_args)
 
 
@@ -82,9 +83,10 @@ def read_tasks(endpoints: int) -> int:
     """How many tasks read `endpoints` endpoints: a task per endpoint, but no more than the cluster has CPUs now
     (tasks beyond them only wait their turn, and each costs Ray a task), each then reading its endpoints
     `READS_AT_ONCE` at a time. A cluster that shows no CPUs (a head node of none, its workers not started yet)
-    gets a task per endpoint. Ray is started first when it is not yet (as Ray Data's own reads start it)."""
+    gets a task per endpoint, and so does a program that has not started Ray yet: Ray Data's read starts it (as
+    `ray.init()` would, under its own lock and `RAY_ENABLE_AUTO_CONNECT`), and its size is not known before."""
     if not ray.is_initialized():
-        ray.init()
+        return max(1, endpoints)
     cpus = int(ray.cluster_resources().get("CPU", 0))
     return max(1, min(endpoints, cpus) if cpus else endpoints)
 

@@ -28,12 +28,10 @@ def task_counts(endpoints: list[int]) -> list[int]:
     return [read_tasks(n) for n in endpoints]
 
 
-def tasks_before_ray_started(endpoints: int) -> tuple[bool, int, int]:
-    """Whether Ray was running, then `read_tasks(endpoints)` in a process that never started it, and the CPUs of
-    the cluster that call started."""
-    running = ray.is_initialized()
+def tasks_before_ray_started(endpoints: int) -> tuple[int, bool]:
+    """`read_tasks(endpoints)` in a process that never started Ray, and whether Ray runs afterwards."""
     tasks = read_tasks(endpoints)
-    return running, tasks, int(ray.cluster_resources().get("CPU", 0))
+    return tasks, ray.is_initialized()
 
 
 def _collect(dataset: ray.data.Dataset) -> pa.Table:

@@ -14,12 +14,13 @@ from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from flight_client import FeatureClient
-from flight_client.plans import EntityRows, ReadPlan, in_turn, plan_table, plan_training_set
+from flight_client.plans import Endpoint, EntityRows, PartReader, ReadPlan, in_turn, plan_table, plan_training_set
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server, wait_until
 from tests.feature_sets import TRIPS, write_training_set
@@ -104,7 +105,7 @@ def test_a_reader_that_stops_early_ends_the_endpoints_it_opened(
 
 @given(st.lists(st.lists(st.integers(), max_size=6), max_size=6), st.integers(1, 4))
 def test_in_turn_equals_the_sequential_model(parts: list[list[int]], at_once: int) -> None:
-    readers: list[Callable[[], Iterator[int]]] = [lambda p=p: iter(p) for p in parts]
+    readers: list[PartReader[int]] = [lambda opened, p=p: iter(p) for p in parts]
     assert list(in_turn(readers, at_once)) == turns(parts, at_once)
 
 
@@ -114,9 +115,76 @@ def test_a_failing_part_fails_the_read() -> None:
         raise RuntimeError("part 2 broke")
 
     with pytest.raises(RuntimeError, match="part 2 broke"):
-        list(in_turn([lambda: iter(range(10)), failing, lambda: iter(range(10))], 2))
+        list(in_turn([lambda opened: iter(range(10)), lambda opened: failing(), lambda opened: iter(range(10))], 2))
     with pytest.raises(ValueError, match="at_once"):
         next(ReadPlan("grpc://127.0.0.1:1", pa.schema([]), ()).batches([], at_once=0))
+
+
+class Stalling(flight.FlightServerBase):
+    """A Flight server whose "stalls" part sends one batch and then computes its next until `release` is set, and
+    whose "fails" part fails after its first batch: a server busy on a part for as long as a test needs, which
+    the real server gives on no cue."""
+
+    SCHEMA = pa.schema([("x", pa.int64())])
+
+    def __init__(self) -> None:
+        super().__init__("grpc://127.0.0.1:0")
+        self.release = threading.Event()
+
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
+        kind = ticket.ticket.decode()
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for i in range(3):
+                yield pa.record_batch([pa.array([i])], schema=self.SCHEMA)
+                if kind == "stalls":
+                    self.release.wait()
+                elif kind == "fails":
+                    raise flight.FlightServerError("part failed mid-read")
+
+        return flight.GeneratorStream(self.SCHEMA, batches())
+
+
+@pytest.fixture
+def stalling() -> Iterator[Stalling]:
+    server = Stalling()
+    threading.Thread(target=server.serve, daemon=True).start()
+    yield server
+    server.release.set()
+    server.shutdown()
+
+
+def _within(seconds: float, call: Callable[[], object]) -> bool:
+    """Whether `call` returned within `seconds` (a thread runs it; one that hangs is left to the fixture's end)."""
+    done = threading.Thread(target=call, daemon=True)
+    done.start()
+    done.join(seconds)
+    return not done.is_alive()
+
+
+def test_leaving_early_cancels_a_part_the_server_is_still_computing(stalling: Stalling) -> None:
+    """Closing the read while the server computes the other part's next batch cancels that call: it does not wait
+    for the server (which, here, never sends it until the test ends)."""
+    location = f"grpc://127.0.0.1:{stalling.port}"
+    plan = ReadPlan(location, Stalling.SCHEMA, (Endpoint(b"quick", ()), Endpoint(b"stalls", ())))
+    batches = plan.batches(plan.endpoints)
+    assert [next(batches).column("x")[0].as_py() for _ in range(3)] == [0, 0, 1]
+    assert _within(30, batches.close), "closing waited for the stalled part's server"
+
+
+def test_a_part_failing_fails_the_read_while_another_part_is_still_computed(stalling: Stalling) -> None:
+    location = f"grpc://127.0.0.1:{stalling.port}"
+    plan = ReadPlan(location, Stalling.SCHEMA, (Endpoint(b"fails", ()), Endpoint(b"stalls", ())))
+    failures: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            list(plan.batches(plan.endpoints))
+        except Exception as exc:
+            failures.append(exc)
+
+    assert _within(30, read), "the failure waited for the stalled part's server"
+    assert len(failures) == 1 and "part failed mid-read" in str(failures[0])
 
 
 PART_ROWS = 400_000  # 10 MB a part in 8192-row batches: more than gRPC holds unread, so the server waits on a part
