@@ -80,15 +80,17 @@ def tie_micros(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.where(valid, values, NULL_MICROS)
 
 
-def latest_sql(spec: FeatureSpec, columns: list[str], source: str) -> str:
-    """The latest row per key of `source`: the same choice a training-set join makes."""
+def latest_sql(spec: FeatureSpec, columns: list[str], source: str, found: set[str] | None = None) -> str:
+    """The latest row per key of `source`: the same choice a training-set join makes. Columns of the table that the
+    source lacks (not in `found`: added to the schema after its files were written) are nulls."""
     keys = ", ".join(quote(k) for k in spec.entity_keys)
     order = f"{quote(spec.event_time)} DESC"
     if spec.created_time:
         order += f", {quote(spec.created_time)} DESC NULLS LAST"
     present = " AND ".join(f"{quote(c)} IS NOT NULL" for c in (*spec.entity_keys, spec.event_time))
     return (
-        f"SELECT {', '.join(quote(c) for c in columns)} FROM {source} WHERE {present} "
+        f"SELECT {', '.join(quote(c) if found is None or c in found else f'NULL AS {quote(c)}' for c in columns)} "
+        f"FROM {source} WHERE {present} "
         f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1"
     )
 

@@ -227,8 +227,10 @@ class OnlineStore:
                     [[local_path(f) for f in files]],
                     "read_parquet",
                 )
+            # The snapshot's (or files') own columns: a column added to the table since has no data in them yet.
+            found = {column[0] for column in cursor.execute(f"SELECT * FROM {source} LIMIT 0", params).description}
             batches, taken = [], 0
-            for batch in cursor.execute(latest_sql(spec, schema.names, source), params).to_arrow_reader(
+            for batch in cursor.execute(latest_sql(spec, schema.names, source, found), params).to_arrow_reader(
                 READ_BATCH_ROWS
             ):
                 batches.append(batch)
