@@ -357,7 +357,7 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
             timings = measure(cases, settings.repeat, settings.warmup, "historical")
     report.progress("historical: checking the results against the DuckDB baseline")
     checks = check(last, entity_df, settings.seed)
-    live = live_tables(target, settings, tables, names, features, entities)
+    live, live_peak = live_tables(target, settings, tables, names, features, entities)
     exchange_s = timings[EXCHANGE].median
     results = {}
     for key, timing in timings.items():
@@ -389,10 +389,12 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
         "checks": checks,
         "results": results,
         "live": live,
+        "live_server_peak_rss_bytes": live_peak,
     }
 
 
 LIVE_FRACTIONS = (0.001, 0.1)  # rows appended to every feature table before each live round, of its rows
+LIVE_SERVER_ARGS = ["--no-auto-maintenance"]  # the live rounds' server: see `live_tables`
 
 
 def live_tables(
@@ -402,17 +404,58 @@ def live_tables(
     names: dict[FeatureShape, str],
     features: list[str],
     entities: pa.Table,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], int | None]:
     """Training sets on tables that keep growing: each round appends `fraction` new rows to every feature table,
     then times (1) the training set asked for right after the last put's ack (it waits for, or does, the index
     extension), and (2) after another append, how long until the server has brought every index forward on its own
     (`refreshed_ahead`, polled; or given up on one that does not fit, `too_large`) and the training set then; each
     against the same request again (warm, same snapshots). The last result of each fraction is compared with the
     server's DuckDB join of the same snapshots. Each round records how the indexes of its two appends came to be
-    (extended, read whole again, or left to DuckDB): a round that rebuilt or fell back is reported, not hidden."""
+    (extended, read whole again, or left to DuckDB), and the compactions committed meanwhile: a round that rebuilt
+    or fell back is reported, not hidden.
+
+    A server this run started is measured on a second server on its catalog, started with `--no-auto-maintenance`
+    (the puts go through it, so the first server's maintenance does not see them either): with maintenance on, a
+    round a minute compacted the buckets that the appends had filled with small files (8 files a put, 10 make a
+    compaction), and an index past a compaction is read whole by design (its files were replaced), so two of four
+    10 % rounds measured a rebuild instead of an extension. Also returned: that server's peak memory (None when the
+    server was given)."""
+    if target.warehouse is None:  # a server given by --location: measured as it is
+        return _live_rounds(target, settings, tables, names, features, entities), None
+    with local_server(target.catalog_config, target.warehouse, args=LIVE_SERVER_ARGS) as server:
+        return _live_rounds(server, settings, tables, names, features, entities), server.peak_rss_bytes()
+
+
+def _live_rounds(
+    target: Target,
+    settings: Settings,
+    tables: dict[FeatureShape, pa.Table],
+    names: dict[FeatureShape, str],
+    features: list[str],
+    entities: pa.Table,
+) -> dict[str, Any]:
+    """`live_tables`' rounds against `target`."""
     properties = target.catalog_properties()
     entity_df = entities.to_pandas()
     out: dict[str, Any] = {}
+    catalog = FeatureCatalog(CATALOG_NAME, properties) if properties is not None else None
+    seen: set[int] = set()
+
+    def compactions() -> int | None:
+        """Snapshots committed since the last call (the first call: ever) that replaced files instead of appending
+        them (compactions, overwrites, deletes), over the feature tables; None without the catalog."""
+        if catalog is None:
+            return None
+        found = 0
+        for name in names.values():
+            for snapshot in catalog.read(name).snapshots():
+                if snapshot.snapshot_id not in seen:
+                    seen.add(snapshot.snapshot_id)
+                    operation = snapshot.summary.operation.value if snapshot.summary is not None else "append"
+                    found += operation != "append"
+        return found
+
+    compactions()
     with FeatureClient(target.location) as client:
 
         def stats() -> dict[str, int]:
@@ -457,6 +500,7 @@ def live_tables(
                 "duckdb": now.get("too_large", 0) - before.get("too_large", 0),
             }
 
+        timed()  # a new server: its indexes built before the rounds, as the earlier cases left the first server's
         for fraction in LIVE_FRACTIONS:
             report.progress(f"historical: live tables, appending {fraction:.1%} to every feature table per round")
             first, ready, warm, fresh = [], [], [], []
@@ -468,7 +512,7 @@ def live_tables(
                 append(fraction, 2 * round_)
                 after_s, result = timed()
                 warm_s = timed()[0]
-                after_put = outcome(before)
+                after_put, compacted = outcome(before), {"first_after_put": compactions()}
                 if round_ == rounds - 1:
                     compared += check_live(result, f"first training set after appending {fraction:.1%}") or 0
                 before = stats()  # read first: refreshes start with the first put
@@ -483,6 +527,7 @@ def live_tables(
                 fresh_s = time.perf_counter() - acked
                 ready_s, result = timed()
                 refreshed = outcome(before)
+                compacted["refreshed"] = compactions()
                 if round_ == rounds - 1:
                     compared += check_live(result, f"training set after appending {fraction:.1%}, refreshed") or 0
                 indexes.append(
@@ -491,12 +536,14 @@ def live_tables(
                         "warmup": round_ < settings.warmup,
                         "first_after_put": after_put,
                         "refreshed": refreshed,
+                        "compactions": compacted,  # snapshots that replaced files, committed meanwhile
                     }
                 )
                 if after_put["extended"] < len(tables) or refreshed["extended"] < len(tables):
                     report.progress(
                         f"historical: round {round_} after appending {fraction:.1%}: indexes {after_put} at first, "
-                        f"{refreshed} refreshed ahead (of {len(tables)} tables): not all extended"
+                        f"{refreshed} refreshed ahead (of {len(tables)} tables), compactions {compacted}: not all "
+                        "extended"
                     )
                 if round_ >= settings.warmup:
                     first.append(after_s)
@@ -576,11 +623,17 @@ def render(result: dict[str, Any]) -> str:
     )
     notes = [
         f"live, after appending {r['fraction']:.1%}, round {i['round']}{' (warmup)' if i['warmup'] else ''}: "
-        + "; ".join(f"{when.replace('_', ' ')} {_counts(i[when])}" for when in ("first_after_put", "refreshed"))
+        + "; ".join(
+            f"{when.replace('_', ' ')} {_counts(i[when], i.get('compactions', {}).get(when))}"
+            for when in ("first_after_put", "refreshed")
+        )
         for r in result.get("live", {}).values()
         if not r.get("all_extended", True)
         for i in r["indexes"]
     ]
+    live_peak = result.get("live_server_peak_rss_bytes")
+    if live_peak is not None:
+        notes.append(f"live tables measured on a server without automatic maintenance: peak RSS {live_peak >> 20} MiB")
     return "\n".join(
         [
             header,
@@ -592,8 +645,9 @@ def render(result: dict[str, Any]) -> str:
     )
 
 
-def _counts(outcome: dict[str, int]) -> str:
-    return f"{outcome['extended']} extended, {outcome['rebuilt']} read whole, {outcome['duckdb']} left to DuckDB"
+def _counts(outcome: dict[str, int], compacted: int | None) -> str:
+    done = f"{outcome['extended']} extended, {outcome['rebuilt']} read whole, {outcome['duckdb']} left to DuckDB"
+    return done + (f", {compacted} compaction(s) committed meanwhile" if compacted else "")
 
 
 def _not_extended(live: dict[str, Any]) -> str:
