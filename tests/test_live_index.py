@@ -1120,3 +1120,56 @@ def test_columns_named_as_duckdbs_virtual_columns_are_features_like_any_other(
         assert answer["filename"] == answer["File_Row_Number"] == named, "the table's own columns"
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and name in r.getMessage()]
     assert warned and "File_Row_Number, filename" in warned[0]
+
+
+def test_a_build_from_scratch_reserves_its_sort_in_the_room_to_spare(
+    two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A build from scratch reserves its rows and what sorting them allocates before it sorts: measured while it
+    builds (numpy's allocations traced, Arrow's counted), the reservation covers them where the cache has the room,
+    and what it holds and reserves never passes the cap. In a cache with less room it reserves all there is (an
+    extension meanwhile finds none), evicts nothing for it, and says by how much the sort passes it; either way the
+    reservation is given back once the index is admitted, which answers as one built elsewhere."""
+    client, catalog, spec, size, (a, b) = two_tables
+    table, other = catalog.read(a), catalog.read(b)
+    at, other_at = table.current_snapshot(), other.current_snapshot()
+    assert at is not None and other_at is not None
+    roomy = AsofCache(Engine(), ReadCaches(), 10 * size[a], catalog=catalog)
+    tight = AsofCache(Engine(), ReadCaches(), size[a] + size[b] * 3 // 2, catalog=catalog)
+    for cache in (roomy, tight):
+        assert cache.get(other, other_at.snapshot_id, spec) is not None  # b's index, in the way of nothing
+    seen: list[tuple[AsofCache, int, int, int]] = []
+    build = AsofIndex.build
+    watching: list[AsofCache] = []
+
+    def watched(*args: Any, **kwargs: Any) -> AsofIndex:
+        account = watching[0]._account
+        arrow = pa.total_allocated_bytes()
+        tracemalloc.start()
+        try:
+            built = build(*args, **kwargs)
+            allocated = tracemalloc.get_traced_memory()[1] + max(0, pa.total_allocated_bytes() - arrow)
+        finally:
+            tracemalloc.stop()
+        seen.append((watching[0], account.held, account.reserved, allocated))
+        return built
+
+    monkeypatch.setattr(AsofIndex, "build", watched)
+    built = {}
+    for cache in (roomy, tight):
+        watching[:] = [cache]
+        with caplog.at_level("INFO", logger=asof.__name__):
+            built[id(cache)] = cache.get(table, at.snapshot_id, spec)
+        assert built[id(cache)] is not None and cache.builds == 2
+        assert cache._account.reserved == 0 and cache.peek(other, other_at.snapshot_id, spec) is not None
+    [(_, held, reserved, allocated), (_, tight_held, tight_reserved, tight_allocated)] = seen
+    assert allocated <= reserved and held + reserved <= 10 * size[a], (held, reserved, allocated)
+    assert tight_held + tight_reserved == tight.max_bytes < tight_held + tight_allocated, "all the room there was"
+    passed = [r.getMessage() for r in caplog.records if "pass the training-set cache's room" in r.getMessage()]
+    assert len(passed) == 1 and a in passed[0], "the tight cache's build says so, the roomy one's does not"
+    monkeypatch.undo()
+    fresh = AsofCache(Engine(), ReadCaches(), 1 << 30).get(table, at.snapshot_id, spec)
+    assert fresh is not None
+    assert probe_answers(built[id(roomy)]) == probe_answers(built[id(tight)]) == probe_answers(fresh)
