@@ -420,152 +420,142 @@ def live_tables(
     compaction), and an index past a compaction is read whole by design (its files were replaced), so two of four
     10 % rounds measured a rebuild instead of an extension. Also returned: that server's peak memory (None when the
     server was given)."""
-    if target.warehouse is None:  # a server given by --location: measured as it is
-        return _live_rounds(target, settings, tables, names, features, entities), None
-    with local_server(target.catalog_config, target.warehouse, args=LIVE_SERVER_ARGS) as server:
-        return _live_rounds(server, settings, tables, names, features, entities), server.peak_rss_bytes()
+    with contextlib.ExitStack() as stack:
+        if target.warehouse is not None:  # else a server given by --location: measured as it is
+            target = stack.enter_context(local_server(target.catalog_config, target.warehouse, args=LIVE_SERVER_ARGS))
+        properties = target.catalog_properties()
+        entity_df = entities.to_pandas()
+        out: dict[str, Any] = {}
+        catalog = FeatureCatalog(CATALOG_NAME, properties) if properties is not None else None
+        seen: set[int] = set()
 
-
-def _live_rounds(
-    target: Target,
-    settings: Settings,
-    tables: dict[FeatureShape, pa.Table],
-    names: dict[FeatureShape, str],
-    features: list[str],
-    entities: pa.Table,
-) -> dict[str, Any]:
-    """`live_tables`' rounds against `target`."""
-    properties = target.catalog_properties()
-    entity_df = entities.to_pandas()
-    out: dict[str, Any] = {}
-    catalog = FeatureCatalog(CATALOG_NAME, properties) if properties is not None else None
-    seen: set[int] = set()
-
-    def compactions() -> int | None:
-        """Snapshots committed since the last call (the first call: ever) that replaced files instead of appending
-        them (compactions, overwrites, deletes), over the feature tables; None without the catalog."""
-        if catalog is None:
-            return None
-        found = 0
-        for name in names.values():
-            for snapshot in catalog.read(name).snapshots():
-                if snapshot.snapshot_id not in seen:
-                    seen.add(snapshot.snapshot_id)
-                    operation = snapshot.summary.operation.value if snapshot.summary is not None else "append"
-                    found += operation != "append"
-        return found
-
-    compactions()
-    with FeatureClient(target.location) as client:
-
-        def stats() -> dict[str, int]:
-            found: dict[str, int] = client.health()["training_set_cache"]
+        def compactions() -> int | None:
+            """Snapshots committed since the last call (the first call: ever) that replaced files instead of appending
+            them (compactions, overwrites, deletes), over the feature tables; None without the catalog."""
+            if catalog is None:
+                return None
+            found = 0
+            for name in names.values():
+                for snapshot in catalog.read(name).snapshots():
+                    if snapshot.snapshot_id not in seen:
+                        seen.add(snapshot.snapshot_id)
+                        operation = snapshot.summary.operation.value if snapshot.summary is not None else "append"
+                        found += operation != "append"
             return found
 
-        def append(fraction: float, round_: int) -> None:
-            for shape, table in tables.items():
-                more = pit_feature_table(
-                    max(1, round(table.num_rows * fraction)),
-                    settings.entities,
-                    settings.seed + 1000 * (round_ + 1) + int(fraction * 1e6),
-                    max(1, settings.features),
-                    prefix=shape.name,
-                    table_seed=shape.table_seed,
-                    created=shape.created,
-                    composite=shape.composite,
-                )
-                client.write(names[shape], more)
+        compactions()
+        with FeatureClient(target.location) as client:
 
-        def timed() -> tuple[float, pd.DataFrame]:
-            start = time.perf_counter()
-            result = client.get_historical_features(entity_df, features).to_pandas()
-            return time.perf_counter() - start, result
+            def stats() -> dict[str, int]:
+                found: dict[str, int] = client.health()["training_set_cache"]
+                return found
 
-        sample = np.sort(
-            np.random.default_rng(settings.seed).choice(len(entity_df), min(len(entity_df), SAMPLE_ROWS), replace=False)
-        )
-
-        def check_live(result: pd.DataFrame, what: str) -> int | None:
-            """The result against the server's DuckDB join of the current snapshots, in this process."""
-            if properties is None:
-                return None
-            return compare(result, ServerJoinLocal(properties, features, entities).run(), sample, what)
-
-        def outcome(before: dict[str, int]) -> dict[str, int]:
-            """How the indexes since `before` came to be: brought forward, read whole again, or left to DuckDB."""
-            now = stats()
-            return {
-                "extended": now["incremental_builds"] - before["incremental_builds"],
-                "rebuilt": now["builds"] - before["builds"],
-                "duckdb": now.get("too_large", 0) - before.get("too_large", 0),
-            }
-
-        timed()  # a new server: its indexes built before the rounds, as the earlier cases left the first server's
-        for fraction in LIVE_FRACTIONS:
-            report.progress(f"historical: live tables, appending {fraction:.1%} to every feature table per round")
-            first, ready, warm, fresh = [], [], [], []
-            indexes: list[dict[str, Any]] = []
-            compared = 0
-            rounds = settings.warmup + settings.repeat
-            for round_ in range(rounds):
-                before = stats()
-                append(fraction, 2 * round_)
-                after_s, result = timed()
-                warm_s = timed()[0]
-                after_put, compacted = outcome(before), {"first_after_put": compactions()}
-                if round_ == rounds - 1:
-                    compared += check_live(result, f"first training set after appending {fraction:.1%}") or 0
-                before = stats()  # read first: refreshes start with the first put
-                append(fraction, 2 * round_ + 1)
-                acked = time.perf_counter()
-                while (now := stats())["refreshed_ahead"] + now.get("too_large", 0) < (
-                    before["refreshed_ahead"] + before.get("too_large", 0) + len(tables)
-                ):
-                    if time.perf_counter() - acked > 600:
-                        raise RuntimeError("the server did not bring its training-set indexes forward in 10 min")
-                    time.sleep(0.005)
-                fresh_s = time.perf_counter() - acked
-                ready_s, result = timed()
-                refreshed = outcome(before)
-                compacted["refreshed"] = compactions()
-                if round_ == rounds - 1:
-                    compared += check_live(result, f"training set after appending {fraction:.1%}, refreshed") or 0
-                indexes.append(
-                    {
-                        "round": round_,
-                        "warmup": round_ < settings.warmup,
-                        "first_after_put": after_put,
-                        "refreshed": refreshed,
-                        "compactions": compacted,  # snapshots that replaced files, committed meanwhile
-                    }
-                )
-                if after_put["extended"] < len(tables) or refreshed["extended"] < len(tables):
-                    report.progress(
-                        f"historical: round {round_} after appending {fraction:.1%}: indexes {after_put} at first, "
-                        f"{refreshed} refreshed ahead (of {len(tables)} tables), compactions {compacted}: not all "
-                        "extended"
+            def append(fraction: float, round_: int) -> None:
+                for shape, table in tables.items():
+                    more = pit_feature_table(
+                        max(1, round(table.num_rows * fraction)),
+                        settings.entities,
+                        settings.seed + 1000 * (round_ + 1) + int(fraction * 1e6),
+                        max(1, settings.features),
+                        prefix=shape.name,
+                        table_seed=shape.table_seed,
+                        created=shape.created,
+                        composite=shape.composite,
                     )
-                if round_ >= settings.warmup:
-                    first.append(after_s)
-                    warm.append(warm_s)
-                    fresh.append(fresh_s)
-                    ready.append(ready_s)
-            warm_median = float(np.median(warm))
-            out[f"{fraction:g}"] = {
-                "fraction": fraction,
-                "first_after_put_s": first,
-                "after_refresh_s": ready,
-                "warm_s": warm,
-                "freshness_s": fresh,
-                "ratio_first_to_warm": warm_median / float(np.median(first)),
-                "ratio_after_refresh_to_warm": warm_median / float(np.median(ready)),
-                "values_compared": compared if properties is not None else None,
-                "indexes": indexes,
-                "all_extended": all(
-                    r[when]["extended"] >= len(tables) for r in indexes for when in ("first_after_put", "refreshed")
-                ),
-            }
-    return out
+                    client.write(names[shape], more)
+
+            def timed() -> tuple[float, pd.DataFrame]:
+                start = time.perf_counter()
+                result = client.get_historical_features(entity_df, features).to_pandas()
+                return time.perf_counter() - start, result
+
+            sample = np.sort(
+                np.random.default_rng(settings.seed).choice(
+                    len(entity_df), min(len(entity_df), SAMPLE_ROWS), replace=False
+                )
+            )
+
+            def check_live(result: pd.DataFrame, what: str) -> int | None:
+                """The result against the server's DuckDB join of the current snapshots, in this process."""
+                if properties is None:
+                    return None
+                return compare(result, ServerJoinLocal(properties, features, entities).run(), sample, what)
+
+            def outcome(before: dict[str, int]) -> dict[str, int]:
+                """How the indexes since `before` came to be: brought forward, read whole again, or left to DuckDB."""
+                now = stats()
+                return {
+                    "extended": now["incremental_builds"] - before["incremental_builds"],
+                    "rebuilt": now["builds"] - before["builds"],
+                    "duckdb": now.get("too_large", 0) - before.get("too_large", 0),
+                }
+
+            timed()  # a new server: its indexes built before the rounds, as the earlier cases left the first server's
+            for fraction in LIVE_FRACTIONS:
+                report.progress(f"historical: live tables, appending {fraction:.1%} to every feature table per round")
+                first, ready, warm, fresh = [], [], [], []
+                indexes: list[dict[str, Any]] = []
+                compared = 0
+                rounds = settings.warmup + settings.repeat
+                for round_ in range(rounds):
+                    before = stats()
+                    append(fraction, 2 * round_)
+                    after_s, result = timed()
+                    warm_s = timed()[0]
+                    after_put, compacted = outcome(before), {"first_after_put": compactions()}
+                    if round_ == rounds - 1:
+                        compared += check_live(result, f"first training set after appending {fraction:.1%}") or 0
+                    before = stats()  # read first: refreshes start with the first put
+                    append(fraction, 2 * round_ + 1)
+                    acked = time.perf_counter()
+                    while (now := stats())["refreshed_ahead"] + now.get("too_large", 0) < (
+                        before["refreshed_ahead"] + before.get("too_large", 0) + len(tables)
+                    ):
+                        if time.perf_counter() - acked > 600:
+                            raise RuntimeError("the server did not bring its training-set indexes forward in 10 min")
+                        time.sleep(0.005)
+                    fresh_s = time.perf_counter() - acked
+                    ready_s, result = timed()
+                    refreshed = outcome(before)
+                    compacted["refreshed"] = compactions()
+                    if round_ == rounds - 1:
+                        compared += check_live(result, f"training set after appending {fraction:.1%}, refreshed") or 0
+                    indexes.append(
+                        {
+                            "round": round_,
+                            "warmup": round_ < settings.warmup,
+                            "first_after_put": after_put,
+                            "refreshed": refreshed,
+                            "compactions": compacted,  # snapshots that replaced files, committed meanwhile
+                        }
+                    )
+                    if after_put["extended"] < len(tables) or refreshed["extended"] < len(tables):
+                        report.progress(
+                            f"historical: round {round_} after appending {fraction:.1%}: indexes {after_put} at first, "
+                            f"{refreshed} refreshed ahead (of {len(tables)} tables), compactions {compacted}: not all "
+                            "extended"
+                        )
+                    if round_ >= settings.warmup:
+                        first.append(after_s)
+                        warm.append(warm_s)
+                        fresh.append(fresh_s)
+                        ready.append(ready_s)
+                warm_median = float(np.median(warm))
+                out[f"{fraction:g}"] = {
+                    "fraction": fraction,
+                    "first_after_put_s": first,
+                    "after_refresh_s": ready,
+                    "warm_s": warm,
+                    "freshness_s": fresh,
+                    "ratio_first_to_warm": warm_median / float(np.median(first)),
+                    "ratio_after_refresh_to_warm": warm_median / float(np.median(ready)),
+                    "values_compared": compared if properties is not None else None,
+                    "indexes": indexes,
+                    "all_extended": all(
+                        r[when]["extended"] >= len(tables) for r in indexes for when in ("first_after_put", "refreshed")
+                    ),
+                }
+        return out, target.peak_rss_bytes()
 
 
 def short(table: str) -> str:
