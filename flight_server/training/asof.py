@@ -56,8 +56,6 @@ _MASK_RATIO = 4  # deletes are masked while the masked rows stay under 1/4 of th
 
 _RUN_ROW_BYTES = 96  # what sorting a row into a run allocates, at most: a dozen 8-byte arrays (codes, stamps, order)
 
-_CODE_ROW_BYTES = 12  # a string column's dictionary codes, through Arrow then numpy (`column_values`)
-
 _FOLD_COPIES = 2  # a fold allocates its runs' arrays anew, and as much again in temporaries while it merges
 
 _Key = tuple[str, int | None, FeatureSpec, KeyShare | None]  # table uuid, snapshot, spec, share (None: all rows)
@@ -242,13 +240,6 @@ class AsofIndex:
         run = Run.build(spec, rows, 0, _created_of(spec, columns))
         return cls(name, snapshot_id, spec, columns, (run,) if run is not None else (), rows.num_rows, spans)
 
-    @staticmethod
-    def build_bytes(rows: pa.Table) -> int:
-        """What `build` from `rows` allocates, at most: each column combined into one array (a copy), its validity,
-        and the codes of a string column (through Arrow, then numpy); and the sort of their run."""
-        strings = sum(1 for t in rows.schema.types if not (pa.types.is_primitive(t) or pa.types.is_temporal(t)))
-        return rows.nbytes + rows.num_rows * (rows.num_columns + strings * _CODE_ROW_BYTES + _RUN_ROW_BYTES)
-
     def extend(self, snapshot_id: int, rows: pa.Table, spans: tuple[FileSpan, ...] | None = None) -> AsofIndex:
         """The index of a later snapshot whose rows are this one's plus `rows` (appended, in files `spans` says,
         numbered from 0 within `rows`): only `rows` are sorted, into a run of their own. This index answers as
@@ -431,9 +422,8 @@ class _Work:
     growth, the sort of their run), as the work goes, so that what the cache holds and what the extension allocates
     beside it stay within the cap together; the index takes them over once admitted (`Account.admit`), else they
     are released. Only room to spare, after dropping older generations: never another table's index, which would be
-    read whole at its next use. A build from scratch (`bounded` False) reserves nothing while it reads (its reads
-    stop at the cap, and admitting it evicts the least recently used indexes), then, before it sorts, its rows and
-    the sort's allocations in the room to spare (`take_spare`)."""
+    read whole at its next use. A build from scratch (`bounded` False) reserves nothing: its reads stop at the
+    cap, and admitting it evicts the least recently used indexes."""
 
     def __init__(self, cache: AsofCache, key: _Key):
         self.cache, self.key = cache, key
@@ -451,25 +441,6 @@ class _Work:
                 self.reserved += size
         if not fits:
             raise _NoRoom(f"{what} ({size >> 20} MiB) does not fit in the room the training-set cache has now", size)
-
-    def take_spare(self, size: int, name: str) -> None:
-        """Reserve `size` bytes for a build from scratch's sort, or as much of them as the room to spare holds (no
-        index evicted or dropped for it: the build would read whole the indexes it evicted for a moment of sorting,
-        and the pinned jobs the older generations they use), so that no extension or fold counts the same room
-        meanwhile; what passes it is logged."""
-        cache = self.cache
-        with cache._lock:
-            spare = max(0, min(size, cache._account.limit() - cache._account.held))
-            if spare and cache._account.reserve(spare):
-                self.reserved += spare
-        if self.reserved < size:
-            log.info(
-                "training-set index of %s: its rows and their sort (%.1f MiB) pass the training-set cache's room "
-                "to spare by %.1f MiB while it is built",
-                name,
-                size / 2**20,
-                (size - self.reserved) / 2**20,
-            )
 
     def release(self) -> None:
         """Give back what is still reserved (nothing once the index was admitted)."""
@@ -646,8 +617,6 @@ class AsofCache:
                 self._not_beside[(uuid, spec, share)] = (base.snapshot_id, index.nbytes())
                 return None
             older = self._lean(key, index, base)
-            if base is None and work.reserved:  # a build's room given back: indexes refused meanwhile may fit now
-                self._not_beside.clear()
             # Else (the room taken meanwhile) it serves this request only.
             admitted = self._account.admit(key, index.nbytes(), work.reserved, keep=keep)
             work.reserved = 0  # given back by `admit`: the index's charge now, if admitted
@@ -892,11 +861,10 @@ class AsofCache:
         files = direct_files(plan)[0] if share is None and plan.snapshot_id is not None else None
         if files is not None:  # file by file, so that later deletes can be masked
             rows, spans = self._read_files(plan, _in_commit_order(plan, files), room, work)
-            path: str = "direct"
+            index, path = AsofIndex.build(table_name(table), snapshot_id, spec, rows, spans), "direct"
         else:
-            (rows, path), spans = self._read(plan, share, room, work), None
-        work.take_spare(rows.nbytes + AsofIndex.build_bytes(rows), table_name(table))
-        index = AsofIndex.build(table_name(table), snapshot_id, spec, rows, spans)
+            rows, path = self._read(plan, share, room, work)
+            index = AsofIndex.build(table_name(table), snapshot_id, spec, rows)
         log.info(
             "training-set index of %s at snapshot %s: %d rows, %.1f MiB, %s read, %.2f s",
             index.name,
