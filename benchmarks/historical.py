@@ -357,7 +357,7 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
             timings = measure(cases, settings.repeat, settings.warmup, "historical")
     report.progress("historical: checking the results against the DuckDB baseline")
     checks = check(last, entity_df, settings.seed)
-    live = live_tables(target, settings, tables, names, features, entities)
+    live, live_peak = live_tables(target, settings, tables, names, features, entities)
     exchange_s = timings[EXCHANGE].median
     results = {}
     for key, timing in timings.items():
@@ -389,10 +389,12 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
         "checks": checks,
         "results": results,
         "live": live,
+        "live_server_peak_rss_bytes": live_peak,
     }
 
 
 LIVE_FRACTIONS = (0.001, 0.1)  # rows appended to every feature table before each live round, of its rows
+LIVE_SERVER_ARGS = ["--no-auto-maintenance"]  # the live rounds' server: see `live_tables`
 
 
 def live_tables(
@@ -402,123 +404,158 @@ def live_tables(
     names: dict[FeatureShape, str],
     features: list[str],
     entities: pa.Table,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], int | None]:
     """Training sets on tables that keep growing: each round appends `fraction` new rows to every feature table,
     then times (1) the training set asked for right after the last put's ack (it waits for, or does, the index
     extension), and (2) after another append, how long until the server has brought every index forward on its own
     (`refreshed_ahead`, polled; or given up on one that does not fit, `too_large`) and the training set then; each
     against the same request again (warm, same snapshots). The last result of each fraction is compared with the
     server's DuckDB join of the same snapshots. Each round records how the indexes of its two appends came to be
-    (extended, read whole again, or left to DuckDB): a round that rebuilt or fell back is reported, not hidden."""
-    properties = target.catalog_properties()
-    entity_df = entities.to_pandas()
-    out: dict[str, Any] = {}
-    with FeatureClient(target.location) as client:
+    (extended, read whole again, or left to DuckDB), and the compactions committed meanwhile: a round that rebuilt
+    or fell back is reported, not hidden.
 
-        def stats() -> dict[str, int]:
-            found: dict[str, int] = client.health()["training_set_cache"]
+    A server this run started is measured on a second server on its catalog, started with `--no-auto-maintenance`
+    (the puts go through it, so the first server's maintenance does not see them either): with maintenance on, a
+    round a minute compacted the buckets that the appends had filled with small files (8 files a put, 10 make a
+    compaction), and an index past a compaction is read whole by design (its files were replaced), so two of four
+    10 % rounds measured a rebuild instead of an extension. Also returned: that server's peak memory (None when the
+    server was given)."""
+    with contextlib.ExitStack() as stack:
+        if target.warehouse is not None:  # else a server given by --location: measured as it is
+            target = stack.enter_context(local_server(target.catalog_config, target.warehouse, args=LIVE_SERVER_ARGS))
+        properties = target.catalog_properties()
+        entity_df = entities.to_pandas()
+        out: dict[str, Any] = {}
+        catalog = FeatureCatalog(CATALOG_NAME, properties) if properties is not None else None
+        seen: set[int] = set()
+
+        def compactions() -> int | None:
+            """Snapshots committed since the last call (the first call: ever) that replaced files instead of appending
+            them (compactions, overwrites, deletes), over the feature tables; None without the catalog."""
+            if catalog is None:
+                return None
+            found = 0
+            for name in names.values():
+                for snapshot in catalog.read(name).snapshots():
+                    if snapshot.snapshot_id not in seen:
+                        seen.add(snapshot.snapshot_id)
+                        operation = snapshot.summary.operation.value if snapshot.summary is not None else "append"
+                        found += operation != "append"
             return found
 
-        def append(fraction: float, round_: int) -> None:
-            for shape, table in tables.items():
-                more = pit_feature_table(
-                    max(1, round(table.num_rows * fraction)),
-                    settings.entities,
-                    settings.seed + 1000 * (round_ + 1) + int(fraction * 1e6),
-                    max(1, settings.features),
-                    prefix=shape.name,
-                    table_seed=shape.table_seed,
-                    created=shape.created,
-                    composite=shape.composite,
-                )
-                client.write(names[shape], more)
+        compactions()
+        with FeatureClient(target.location) as client:
 
-        def timed() -> tuple[float, pd.DataFrame]:
-            start = time.perf_counter()
-            result = client.get_historical_features(entity_df, features).to_pandas()
-            return time.perf_counter() - start, result
+            def stats() -> dict[str, int]:
+                found: dict[str, int] = client.health()["training_set_cache"]
+                return found
 
-        sample = np.sort(
-            np.random.default_rng(settings.seed).choice(len(entity_df), min(len(entity_df), SAMPLE_ROWS), replace=False)
-        )
-
-        def check_live(result: pd.DataFrame, what: str) -> int | None:
-            """The result against the server's DuckDB join of the current snapshots, in this process."""
-            if properties is None:
-                return None
-            return compare(result, ServerJoinLocal(properties, features, entities).run(), sample, what)
-
-        def outcome(before: dict[str, int]) -> dict[str, int]:
-            """How the indexes since `before` came to be: brought forward, read whole again, or left to DuckDB."""
-            now = stats()
-            return {
-                "extended": now["incremental_builds"] - before["incremental_builds"],
-                "rebuilt": now["builds"] - before["builds"],
-                "duckdb": now.get("too_large", 0) - before.get("too_large", 0),
-            }
-
-        for fraction in LIVE_FRACTIONS:
-            report.progress(f"historical: live tables, appending {fraction:.1%} to every feature table per round")
-            first, ready, warm, fresh = [], [], [], []
-            indexes: list[dict[str, Any]] = []
-            compared = 0
-            rounds = settings.warmup + settings.repeat
-            for round_ in range(rounds):
-                before = stats()
-                append(fraction, 2 * round_)
-                after_s, result = timed()
-                warm_s = timed()[0]
-                after_put = outcome(before)
-                if round_ == rounds - 1:
-                    compared += check_live(result, f"first training set after appending {fraction:.1%}") or 0
-                before = stats()  # read first: refreshes start with the first put
-                append(fraction, 2 * round_ + 1)
-                acked = time.perf_counter()
-                while (now := stats())["refreshed_ahead"] + now.get("too_large", 0) < (
-                    before["refreshed_ahead"] + before.get("too_large", 0) + len(tables)
-                ):
-                    if time.perf_counter() - acked > 600:
-                        raise RuntimeError("the server did not bring its training-set indexes forward in 10 min")
-                    time.sleep(0.005)
-                fresh_s = time.perf_counter() - acked
-                ready_s, result = timed()
-                refreshed = outcome(before)
-                if round_ == rounds - 1:
-                    compared += check_live(result, f"training set after appending {fraction:.1%}, refreshed") or 0
-                indexes.append(
-                    {
-                        "round": round_,
-                        "warmup": round_ < settings.warmup,
-                        "first_after_put": after_put,
-                        "refreshed": refreshed,
-                    }
-                )
-                if after_put["extended"] < len(tables) or refreshed["extended"] < len(tables):
-                    report.progress(
-                        f"historical: round {round_} after appending {fraction:.1%}: indexes {after_put} at first, "
-                        f"{refreshed} refreshed ahead (of {len(tables)} tables): not all extended"
+            def append(fraction: float, round_: int) -> None:
+                for shape, table in tables.items():
+                    more = pit_feature_table(
+                        max(1, round(table.num_rows * fraction)),
+                        settings.entities,
+                        settings.seed + 1000 * (round_ + 1) + int(fraction * 1e6),
+                        max(1, settings.features),
+                        prefix=shape.name,
+                        table_seed=shape.table_seed,
+                        created=shape.created,
+                        composite=shape.composite,
                     )
-                if round_ >= settings.warmup:
-                    first.append(after_s)
-                    warm.append(warm_s)
-                    fresh.append(fresh_s)
-                    ready.append(ready_s)
-            warm_median = float(np.median(warm))
-            out[f"{fraction:g}"] = {
-                "fraction": fraction,
-                "first_after_put_s": first,
-                "after_refresh_s": ready,
-                "warm_s": warm,
-                "freshness_s": fresh,
-                "ratio_first_to_warm": warm_median / float(np.median(first)),
-                "ratio_after_refresh_to_warm": warm_median / float(np.median(ready)),
-                "values_compared": compared if properties is not None else None,
-                "indexes": indexes,
-                "all_extended": all(
-                    r[when]["extended"] >= len(tables) for r in indexes for when in ("first_after_put", "refreshed")
-                ),
-            }
-    return out
+                    client.write(names[shape], more)
+
+            def timed() -> tuple[float, pd.DataFrame]:
+                start = time.perf_counter()
+                result = client.get_historical_features(entity_df, features).to_pandas()
+                return time.perf_counter() - start, result
+
+            sample = np.sort(
+                np.random.default_rng(settings.seed).choice(
+                    len(entity_df), min(len(entity_df), SAMPLE_ROWS), replace=False
+                )
+            )
+
+            def check_live(result: pd.DataFrame, what: str) -> int | None:
+                """The result against the server's DuckDB join of the current snapshots, in this process."""
+                if properties is None:
+                    return None
+                return compare(result, ServerJoinLocal(properties, features, entities).run(), sample, what)
+
+            def outcome(before: dict[str, int]) -> dict[str, int]:
+                """How the indexes since `before` came to be: brought forward, read whole again, or left to DuckDB."""
+                now = stats()
+                return {
+                    "extended": now["incremental_builds"] - before["incremental_builds"],
+                    "rebuilt": now["builds"] - before["builds"],
+                    "duckdb": now.get("too_large", 0) - before.get("too_large", 0),
+                }
+
+            timed()  # a new server: its indexes built before the rounds, as the earlier cases left the first server's
+            for fraction in LIVE_FRACTIONS:
+                report.progress(f"historical: live tables, appending {fraction:.1%} to every feature table per round")
+                first, ready, warm, fresh = [], [], [], []
+                indexes: list[dict[str, Any]] = []
+                compared = 0
+                rounds = settings.warmup + settings.repeat
+                for round_ in range(rounds):
+                    before = stats()
+                    append(fraction, 2 * round_)
+                    after_s, result = timed()
+                    warm_s = timed()[0]
+                    after_put, compacted = outcome(before), {"first_after_put": compactions()}
+                    if round_ == rounds - 1:
+                        compared += check_live(result, f"first training set after appending {fraction:.1%}") or 0
+                    before = stats()  # read first: refreshes start with the first put
+                    append(fraction, 2 * round_ + 1)
+                    acked = time.perf_counter()
+                    while (now := stats())["refreshed_ahead"] + now.get("too_large", 0) < (
+                        before["refreshed_ahead"] + before.get("too_large", 0) + len(tables)
+                    ):
+                        if time.perf_counter() - acked > 600:
+                            raise RuntimeError("the server did not bring its training-set indexes forward in 10 min")
+                        time.sleep(0.005)
+                    fresh_s = time.perf_counter() - acked
+                    ready_s, result = timed()
+                    refreshed = outcome(before)
+                    compacted["refreshed"] = compactions()
+                    if round_ == rounds - 1:
+                        compared += check_live(result, f"training set after appending {fraction:.1%}, refreshed") or 0
+                    indexes.append(
+                        {
+                            "round": round_,
+                            "warmup": round_ < settings.warmup,
+                            "first_after_put": after_put,
+                            "refreshed": refreshed,
+                            "compactions": compacted,  # snapshots that replaced files, committed meanwhile
+                        }
+                    )
+                    if after_put["extended"] < len(tables) or refreshed["extended"] < len(tables):
+                        report.progress(
+                            f"historical: round {round_} after appending {fraction:.1%}: indexes {after_put} at first, "
+                            f"{refreshed} refreshed ahead (of {len(tables)} tables), compactions {compacted}: not all "
+                            "extended"
+                        )
+                    if round_ >= settings.warmup:
+                        first.append(after_s)
+                        warm.append(warm_s)
+                        fresh.append(fresh_s)
+                        ready.append(ready_s)
+                warm_median = float(np.median(warm))
+                out[f"{fraction:g}"] = {
+                    "fraction": fraction,
+                    "first_after_put_s": first,
+                    "after_refresh_s": ready,
+                    "warm_s": warm,
+                    "freshness_s": fresh,
+                    "ratio_first_to_warm": warm_median / float(np.median(first)),
+                    "ratio_after_refresh_to_warm": warm_median / float(np.median(ready)),
+                    "values_compared": compared if properties is not None else None,
+                    "indexes": indexes,
+                    "all_extended": all(
+                        r[when]["extended"] >= len(tables) for r in indexes for when in ("first_after_put", "refreshed")
+                    ),
+                }
+        return out, target.peak_rss_bytes()
 
 
 def short(table: str) -> str:
@@ -576,11 +613,17 @@ def render(result: dict[str, Any]) -> str:
     )
     notes = [
         f"live, after appending {r['fraction']:.1%}, round {i['round']}{' (warmup)' if i['warmup'] else ''}: "
-        + "; ".join(f"{when.replace('_', ' ')} {_counts(i[when])}" for when in ("first_after_put", "refreshed"))
+        + "; ".join(
+            f"{when.replace('_', ' ')} {_counts(i[when], i.get('compactions', {}).get(when))}"
+            for when in ("first_after_put", "refreshed")
+        )
         for r in result.get("live", {}).values()
         if not r.get("all_extended", True)
         for i in r["indexes"]
     ]
+    live_peak = result.get("live_server_peak_rss_bytes")
+    if live_peak is not None:
+        notes.append(f"live tables measured on a server without automatic maintenance: peak RSS {live_peak >> 20} MiB")
     return "\n".join(
         [
             header,
@@ -592,8 +635,9 @@ def render(result: dict[str, Any]) -> str:
     )
 
 
-def _counts(outcome: dict[str, int]) -> str:
-    return f"{outcome['extended']} extended, {outcome['rebuilt']} read whole, {outcome['duckdb']} left to DuckDB"
+def _counts(outcome: dict[str, int], compacted: int | None) -> str:
+    done = f"{outcome['extended']} extended, {outcome['rebuilt']} read whole, {outcome['duckdb']} left to DuckDB"
+    return done + (f", {compacted} compaction(s) committed meanwhile" if compacted else "")
 
 
 def _not_extended(live: dict[str, Any]) -> str:

@@ -1075,3 +1075,48 @@ def test_bringing_an_index_forward_reserves_its_work_within_the_cap(
     assert tight.get(table, current.snapshot_id, spec) is None
     assert tight.builds == 1 and tight.incremental_builds == 0 and tight._account.reserved == 0
     assert tight._account.held <= size[a] * 11 // 10
+
+
+def test_columns_named_as_duckdbs_virtual_columns_are_features_like_any_other(
+    catalog_properties: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A table whose feature columns are named `filename` and `File_Row_Number` (DuckDB's virtual columns, in any
+    case, which its scans then return instead) is joined alike through the sorted index and through DuckDB: the
+    columns' own values come back, and DuckDB's join does not fail on them. Only full ties differ: the index gives
+    them to the later commit, DuckDB (which cannot see a row's file and row number then) to either, and says so."""
+    name = f"tests.virtual_{uuid.uuid4().hex[:8]}"
+
+    def rows(spec: list[tuple[int, int, int | None]], first: int) -> pa.Table:
+        table = feature_rows_table(spec, first)
+        values = [f"row-{v}" for v in table.column("v").to_pylist()]
+        return table.append_column("filename", pa.array(values)).append_column("File_Row_Number", pa.array(values))
+
+    indexed = start_server(catalog_properties, online_refresh_seconds=3600)
+    duck = start_server(catalog_properties, historical_cache_bytes=0)
+    features = [f"{name}:v", f"{name}:filename", f"{name}:File_Row_Number"]
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{indexed.port}") as client:
+            client.write(
+                name,
+                rows([(1, 5, 7), (2, 3, 3), (3, 4, 4), (2, 6, 6)], 0),
+                entity_keys=["k"],
+                event_time="ts",
+                created_time="created",
+            )
+            client.write(name, rows([(1, 5, 7), (3, 8, 8)], 10))  # a full tie on key 1; key 3 after the probes
+            got = {}
+            for location in (f"grpc://127.0.0.1:{indexed.port}", f"grpc://127.0.0.1:{duck.port}"):
+                with FeatureClient(location) as other, caplog.at_level("WARNING"):
+                    got[location] = other.get_historical_features(entities([1, 2, 3, 4], 7), features).to_pydict()
+            assert cache_stats(client)["builds"] == 1 and cache_stats(client)["too_large"] == 0
+    finally:
+        indexed.shutdown()
+        duck.shutdown()
+    by_index, by_duckdb = got.values()
+    assert by_index["v"] == [10, 3, 2, None], "the later commit wins the full tie in the index"
+    assert by_duckdb["v"][1:] == [3, 2, None] and by_duckdb["v"][0] in (0, 10)
+    for answer in (by_index, by_duckdb):
+        named = [None if v is None else f"row-{v}" for v in answer["v"]]
+        assert answer["filename"] == answer["File_Row_Number"] == named, "the table's own columns"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and name in r.getMessage()]
+    assert warned and "File_Row_Number, filename" in warned[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -11,17 +12,22 @@ import pyarrow as pa
 
 from flight_server.base.filters import quote
 from flight_server.iceberg.lineage import commit_order
+from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.duck import Engine, local_path
 from flight_server.training.asof import AsofIndex
 from flight_server.training.codes import entity_micros
 from flight_server.training.entities import ROW, TS, TS_UP, entity_bounds
 from flight_server.training.plan import FeatureGroup, HistoricalPlan, partition_predicate, share_predicate
 
+log = logging.getLogger(__name__)
+
 FILES = "__pit_files_{}"  # a group's data files and their rank in commit order (`file_ranks`), registered per query
 
 _ROW_BITS = 40  # a row's order: its file's rank above its row number in the file (files of fewer than 2**40 rows)
 
 _LAST = "9223372036854775807"  # above every row's order: an entity row's side of the ASOF inequality
+
+_VIRTUAL = {"filename", "file_row_number"}  # DuckDB's virtual columns of a scan that give a row's place
 
 
 def join_sql(
@@ -70,13 +76,16 @@ def join_sql(
                 predicate, share_args = share_predicate("", share, group.key_types[spec.entity_keys.index(share.key)])
                 bound += " AND " + predicate
                 args_here += share_args
-            # Full ties (keys, event time, created time) go to the later row in commit order, as in the sorted
-            # index: the row's file ranked by `file_ranks` (registered as FILES), then its row number in the file.
-            order = f"coalesce(o.__pit_rank, 0) * {1 << _ROW_BITS} + s.file_row_number AS __pit_order"
+            if hides_position(group):  # ties settled as DuckDB meets them (`hides_position`)
+                order, scan = "0::BIGINT AS __pit_order", f"{source} AS s"
+            else:
+                # Full ties (keys, event time, created time) go to the later row in commit order, as in the sorted
+                # index: the row's file ranked by `file_ranks` (registered as FILES), then its row number in it.
+                order = f"coalesce(o.__pit_rank, 0) * {1 << _ROW_BITS} + s.file_row_number AS __pit_order"
+                scan = f"{source} AS s LEFT JOIN {FILES.format(i)} AS o USING (filename)"
             ctes.append(
                 f"{alias} AS (SELECT {keys}, CAST({quote(spec.event_time)} AS TIMESTAMPTZ) AS {TS}{created}, "
-                f"{order}, {features} FROM {source} AS s LEFT JOIN {FILES.format(i)} AS o USING (filename) "
-                f"WHERE {bound})"
+                f"{order}, {features} FROM {scan} WHERE {bound})"
             )
             args += args_here
         on = " AND ".join(f"ent.{quote(k)} = {alias}.{quote(k)}" for k in spec.entity_keys)
@@ -114,10 +123,28 @@ def run_historical(
     """Execute the join over `relation` (registered or created on `cursor`) and stream the result."""
     low, high = entity_bounds(cursor, relation, params)
     for i, group in enumerate(plan.groups):
-        if group.snapshot_id is not None:
+        hidden = hides_position(group) if group.snapshot_id is not None else set()
+        if hidden:
+            log.warning(
+                "training set: DuckDB joins %s, whose column(s) %s hide DuckDB's own of the same name (each row's "
+                "file and row number): its rows that tie on keys, event time and created time are settled in the "
+                "order DuckDB meets them, not by commit order as in the sorted index; rename the column(s) to get "
+                "the same row either way",
+                group.name,
+                ", ".join(sorted(hidden)),
+            )
+        elif group.snapshot_id is not None:
             cursor.register(FILES.format(i), file_ranks(group))
     sql, args = join_sql(plan, relation, params, low, high, files)
     return cursor.execute(sql, args).to_arrow_reader(batch_rows).cast(plan.schema)
+
+
+def hides_position(group: FeatureGroup) -> set[str]:
+    """The group's columns at its snapshot named as DuckDB's virtual columns `filename` and `file_row_number`
+    (names match in any case), which the scan then returns instead of those: with either, DuckDB cannot tell a
+    row's place in commit order (and neither `iceberg_scan` nor `read_parquet` can rename `file_row_number`)."""
+    names = {field.name for field in snapshot_schema(group.table, group.snapshot_id).fields}
+    return {name for name in names if name.lower() in _VIRTUAL}
 
 
 def file_ranks(group: FeatureGroup) -> pa.Table:
