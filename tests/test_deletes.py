@@ -461,7 +461,7 @@ def test_compaction_keeps_its_record_of_removed_files_out_of_the_current_snapsho
     assert current is not None and current.snapshot_id == compacted["snapshot_id"]
     assert current.summary is not None and current.summary.operation == Operation.REPLACE
     parent = loaded.snapshot_by_id(current.parent_snapshot_id)  # type: ignore[arg-type]
-    assert parent is not None and parent.summary is not None and parent.summary.operation == Operation.OVERWRITE
+    assert parent is not None and parent.summary is not None and parent.summary.operation == Operation.REPLACE
 
     def removed_only(snapshot: Any) -> list[Any]:
         return [m for m in snapshot.manifests(loaded.io) if not (m.has_added_files() or m.has_existing_files())]
