@@ -213,8 +213,8 @@ def test_files_appended_then_compacted_away_are_read_or_else_rebuilt(
 
 
 def test_a_replace_that_changes_rows_still_rebuilds(catalog: dict[str, str], writer: FeatureClient) -> None:
-    """Another writer's `replace` that dropped a data file, or a delete file, is no compaction: the index rebuilds,
-    and answers as a fresh one does."""
+    """Another writer's `replace` that dropped a data file, a position delete file or an equality delete file is
+    no compaction: the index rebuilds, and answers as a fresh one does."""
     table = "r.mislabelled"
     writer.write(table, rows(IDS, 0, 0.0), **KEYS)
     server = quiet_index(catalog)
@@ -245,6 +245,17 @@ def test_a_replace_that_changes_rows_still_rebuilds(catalog: dict[str, str], wri
             assert refresh(server, table) == "rebuilt" and index.rebuilds == before + 1
             found = lookups(client, table)
             assert found[2] == 102.0
+            assert found == reference(client, table) == fresh_lookups(catalog, table)
+
+            equality_delete(catalog, table, pa.table({"id": pa.array([9], pa.int64())}))
+            assert refresh(server, table) == "rebuilt" and lookups(client, table)[9] is None
+            loaded = load(catalog, table)
+            deletes = [f for f in live_files(loaded.io, loaded.current_snapshot()) if f.content != DataFileContent.DATA]
+            commit_rewrite(threading.Lock(), loaded, Operation.REPLACE, deletes, [], {})  # id 9 is back
+            before = index.rebuilds
+            assert refresh(server, table) == "rebuilt" and index.rebuilds == before + 1
+            found = lookups(client, table)
+            assert found[9] == 9.0
             assert found == reference(client, table) == fresh_lookups(catalog, table)
     finally:
         server.shutdown()

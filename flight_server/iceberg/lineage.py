@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pyiceberg.manifest import DataFile, DataFileContent, ManifestContent, ManifestEntryStatus
+from pyiceberg.manifest import DataFile, DataFileContent, ManifestContent, ManifestEntry, ManifestEntryStatus
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation, Snapshot, ancestors_of
 
@@ -90,32 +90,37 @@ def _changes(table: Table, since: int, until: int, deletes: bool, through_replac
     return Appended(since, until, files, deletes=added_deletes)
 
 
-def _own_entries(table: Table, snapshot: Snapshot) -> tuple[list[DataFile], list[DataFile]]:
-    """The data and delete files the snapshot itself added, and those it removed, from its manifest entries."""
+def _own_entries(table: Table, snapshot: Snapshot) -> tuple[list[DataFile], list[ManifestEntry]]:
+    """The data and delete files the snapshot itself added, and the entries of those it removed."""
     added: list[DataFile] = []
-    removed: list[DataFile] = []
+    removed: list[ManifestEntry] = []
     for manifest in snapshot.manifests(table.io):
         if manifest.added_snapshot_id != snapshot.snapshot_id:
             continue  # written by an earlier snapshot: holds nothing this one changed
         for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=False):
             if entry.snapshot_id != snapshot.snapshot_id or entry.status == ManifestEntryStatus.EXISTING:
                 continue
-            (removed if entry.status == ManifestEntryStatus.DELETED else added).append(entry.data_file)
+            if entry.status == ManifestEntryStatus.DELETED:
+                removed.append(entry)
+            else:
+                added.append(entry.data_file)
     return added, removed
 
 
 def replace_changes_rows(
-    table: Table, snapshot: Snapshot, added: list[DataFile], removed: list[DataFile]
+    table: Table, snapshot: Snapshot, added: list[DataFile], entries: list[ManifestEntry]
 ) -> str | None:
-    """Why a `replace` snapshot may have changed the table's rows, or None when its entries show it did not.
+    """Why a `replace` snapshot may have changed the table's rows, or None when its entries (`added` files, the
+    `entries` of removed ones) show it did not.
 
     The operation in a summary is the writer's word; another engine's mislabelled commit must not pass for a
     compaction. So: no delete file added; the rows added equal the removed data files' less the rows their removed
     position delete files deleted (at most that where equality delete files went too: how many rows those deleted
-    is not recorded); and the live records its manifest list counts moved by exactly those files (no manifest of
-    live files dropped unrecorded)."""
+    is not recorded, but no data file they applied to may stay); and the live records its manifest list counts
+    moved by exactly those files (no manifest of live files dropped unrecorded)."""
     if any(f.content != DataFileContent.DATA for f in added):
         return "is a replace that adds delete files"
+    removed = [e.data_file for e in entries]
     data = sum(f.record_count for f in removed if f.content == DataFileContent.DATA)
     positions = sum(f.record_count for f in removed if f.content == DataFileContent.POSITION_DELETES)
     equality = sum(f.record_count for f in removed if f.content == DataFileContent.EQUALITY_DELETES)
@@ -123,11 +128,25 @@ def replace_changes_rows(
     kept = data - positions
     if rows > kept or (rows < kept and not equality):
         return f"is a replace that changes the row count ({kept} live rows removed, {rows} added)"
+    if equality and _keeps_rows_of(table, snapshot, entries):
+        return "is a replace that removes equality deletes of data files it keeps"
     parent = table.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id is not None else None
     before, after = _live_records(table, parent), _live_records(table, snapshot)
     if before is None or after is None or after != (before[0] - data + rows, before[1] - positions - equality):
         return "is a replace whose manifests do not add up to the files it removed and added"
     return None
+
+
+def _keeps_rows_of(table: Table, snapshot: Snapshot, entries: list[ManifestEntry]) -> bool:
+    """Whether a data file that the removed equality delete files applied to (an older data sequence number) is
+    still in the snapshot: its deleted rows would be back."""
+    applied = max(e.sequence_number or 0 for e in entries if e.data_file.content == DataFileContent.EQUALITY_DELETES)
+    return any(
+        (entry.sequence_number or 0) < applied
+        for manifest in snapshot.manifests(table.io)
+        if manifest.content == ManifestContent.DATA
+        for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)
+    )
 
 
 def _live_records(table: Table, snapshot: Snapshot | None) -> tuple[int, int] | None:
