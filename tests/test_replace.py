@@ -14,12 +14,13 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from pyiceberg.catalog import load_catalog
-from pyiceberg.manifest import DataFileContent
+from pyiceberg.manifest import DataFileContent, ManifestContent, ManifestFile
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation
 
 from flight_client import FeatureClient, InvalidRequestError
 from flight_server.changes.commits import commit_rewrite, live_files
+from flight_server.iceberg.internals import MemoTransaction, RewriteFiles
 from flight_server.iceberg.lineage import appended_since
 from flight_server.reads.duck import local_path
 from flight_server.transport.service import FeatureFlightServer
@@ -257,6 +258,38 @@ def test_a_replace_that_changes_rows_still_rebuilds(catalog: dict[str, str], wri
             found = lookups(client, table)
             assert found[9] == 9.0
             assert found == reference(client, table) == fresh_lookups(catalog, table)
+    finally:
+        server.shutdown()
+
+
+class DropsAManifest(RewriteFiles):
+    """A writer that leaves a manifest of live data files out of its snapshot without recording their removal."""
+
+    def _existing_manifests(self) -> list[ManifestFile]:
+        manifests = super()._existing_manifests()
+        dropped = next(m for m in manifests if m.content == ManifestContent.DATA)
+        return [m for m in manifests if m is not dropped]
+
+
+def test_a_replace_that_drops_files_unrecorded_still_rebuilds(catalog: dict[str, str], writer: FeatureClient) -> None:
+    """A `replace` with no entries of its own whose manifest list lost live files (its manifests do not add up) is no
+    compaction: the index rebuilds, and answers as a fresh one does."""
+    table = "r.unrecorded"
+    writer.write(table, rows(IDS, 0, 0.0), **KEYS)
+    server = quiet_index(catalog)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            assert lookups(client, table) == reference(client, table)
+            index = server.parts.store.peek(table)
+            assert index is not None
+            writer.write(table, rows(IDS[:5], 1, 100.0))
+            before = reference(client, table)
+            transaction = MemoTransaction(load(catalog, table))
+            DropsAManifest(transaction, Operation.REPLACE, [], [], {}).commit()
+            transaction.commit_transaction()
+            assert refresh(server, table) == "rebuilt" and index.rebuilds == 1
+            found = lookups(client, table)
+            assert found == reference(client, table) == fresh_lookups(catalog, table) != before
     finally:
         server.shutdown()
 
