@@ -186,10 +186,11 @@ def test_files_appended_then_compacted_away_are_read_or_else_rebuilt(
     """A refresh that finds appends, a compaction of them and appends after applies the appended files (read though
     compacted away); once such a file is gone (snapshot expiry racing the refresh), it rebuilds instead."""
     table = "r.gone"
-    writer.write(table, rows(IDS, 0, 0.0), **KEYS)
     server = quiet_index(catalog, write_process)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write(table, rows(IDS, 0, 0.0), **KEYS)  # starts the write process, which plans refreshes
+            assert (server.parts.writes is not None) == write_process
             assert lookups(client, table) == reference(client, table)
             index = server.parts.store.peek(table)
             assert index is not None
