@@ -8,6 +8,7 @@ import datetime as dt
 import re
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from flight_client import FeatureClient, InvalidRequestError
 from flight_server.changes.commits import commit_rewrite, live_files
 from flight_server.iceberg.internals import MemoTransaction, RewriteFiles
 from flight_server.iceberg.lineage import appended_since
+from flight_server.online.index import OnlineIndex
 from flight_server.reads.duck import local_path
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server, wait_until
@@ -215,10 +217,11 @@ def test_files_appended_then_compacted_away_are_read_or_else_rebuilt(
         server.shutdown()
 
 
-def test_a_replace_that_changes_rows_still_rebuilds(catalog: dict[str, str], writer: FeatureClient) -> None:
-    """Another writer's `replace` that dropped a data file, a position delete file or an equality delete file is
-    no compaction: the index rebuilds, and answers as a fresh one does."""
-    table = "r.mislabelled"
+@contextmanager
+def indexed(
+    catalog: dict[str, str], writer: FeatureClient, table: str
+) -> Iterator[tuple[FeatureFlightServer, FeatureClient, OnlineIndex]]:
+    """The table written through `writer`, and a `quiet_index` server with its client and its index of the table."""
     writer.write(table, rows(IDS, 0, 0.0), **KEYS)
     server = quiet_index(catalog)
     try:
@@ -226,42 +229,50 @@ def test_a_replace_that_changes_rows_still_rebuilds(catalog: dict[str, str], wri
             assert lookups(client, table) == reference(client, table)
             index = server.parts.store.peek(table)
             assert index is not None
-            later = writer.write(table, rows(IDS[:5], 1, 100.0)).snapshot_id
-            loaded = load(catalog, table)
-            data = [f for f in live_files(loaded.io, loaded.current_snapshot()) if f.content == DataFileContent.DATA]
-            appended = appended_since(loaded, index.state.snapshot_id, later).files  # type: ignore[arg-type]
-            assert appended is not None
-            dropped = next(f for f in data if f.partition not in {a.partition for a in appended})
-            commit_rewrite(threading.Lock(), loaded, Operation.REPLACE, [dropped], [], {})
-            assert refresh(server, table) == "rebuilt" and index.rebuilds == 1
-            found = lookups(client, table)
-            assert found == reference(client, table) == fresh_lookups(catalog, table)
-            assert found.count(None) > 0
-
-            writer.delete(table, keys={"id": [2]}, mode="merge-on-read")
-            assert refresh(server, table) == "rebuilt" and lookups(client, table)[2] is None
-            loaded = load(catalog, table)
-            deletes = [f for f in live_files(loaded.io, loaded.current_snapshot()) if f.content != DataFileContent.DATA]
-            assert deletes
-            commit_rewrite(threading.Lock(), loaded, Operation.REPLACE, deletes, [], {})  # the deleted row is back
-            before = index.rebuilds
-            assert refresh(server, table) == "rebuilt" and index.rebuilds == before + 1
-            found = lookups(client, table)
-            assert found[2] == 102.0
-            assert found == reference(client, table) == fresh_lookups(catalog, table)
-
-            equality_delete(catalog, table, pa.table({"id": pa.array([9], pa.int64())}))
-            assert refresh(server, table) == "rebuilt" and lookups(client, table)[9] is None
-            loaded = load(catalog, table)
-            deletes = [f for f in live_files(loaded.io, loaded.current_snapshot()) if f.content != DataFileContent.DATA]
-            commit_rewrite(threading.Lock(), loaded, Operation.REPLACE, deletes, [], {})  # id 9 is back
-            before = index.rebuilds
-            assert refresh(server, table) == "rebuilt" and index.rebuilds == before + 1
-            found = lookups(client, table)
-            assert found[9] == 9.0
-            assert found == reference(client, table) == fresh_lookups(catalog, table)
+            yield server, client, index
     finally:
         server.shutdown()
+
+
+def test_a_replace_that_changes_rows_still_rebuilds(catalog: dict[str, str], writer: FeatureClient) -> None:
+    """Another writer's `replace` that dropped a data file, a position delete file or an equality delete file is
+    no compaction: the index rebuilds, and answers as a fresh one does."""
+    table = "r.mislabelled"
+    with indexed(catalog, writer, table) as (server, client, index):
+        later = writer.write(table, rows(IDS[:5], 1, 100.0)).snapshot_id
+        loaded = load(catalog, table)
+        data = [f for f in live_files(loaded.io, loaded.current_snapshot()) if f.content == DataFileContent.DATA]
+        appended = appended_since(loaded, index.state.snapshot_id, later).files  # type: ignore[arg-type]
+        assert appended is not None
+        dropped = next(f for f in data if f.partition not in {a.partition for a in appended})
+        commit_rewrite(threading.Lock(), loaded, Operation.REPLACE, [dropped], [], {})
+        assert refresh(server, table) == "rebuilt" and index.rebuilds == 1
+        found = lookups(client, table)
+        assert found == reference(client, table) == fresh_lookups(catalog, table)
+        assert found.count(None) > 0
+
+        writer.delete(table, keys={"id": [2]}, mode="merge-on-read")
+        assert refresh(server, table) == "rebuilt" and lookups(client, table)[2] is None
+        loaded = load(catalog, table)
+        deletes = [f for f in live_files(loaded.io, loaded.current_snapshot()) if f.content != DataFileContent.DATA]
+        assert deletes
+        commit_rewrite(threading.Lock(), loaded, Operation.REPLACE, deletes, [], {})  # the deleted row is back
+        before = index.rebuilds
+        assert refresh(server, table) == "rebuilt" and index.rebuilds == before + 1
+        found = lookups(client, table)
+        assert found[2] == 102.0
+        assert found == reference(client, table) == fresh_lookups(catalog, table)
+
+        equality_delete(catalog, table, pa.table({"id": pa.array([9], pa.int64())}))
+        assert refresh(server, table) == "rebuilt" and lookups(client, table)[9] is None
+        loaded = load(catalog, table)
+        deletes = [f for f in live_files(loaded.io, loaded.current_snapshot()) if f.content != DataFileContent.DATA]
+        commit_rewrite(threading.Lock(), loaded, Operation.REPLACE, deletes, [], {})  # id 9 is back
+        before = index.rebuilds
+        assert refresh(server, table) == "rebuilt" and index.rebuilds == before + 1
+        found = lookups(client, table)
+        assert found[9] == 9.0
+        assert found == reference(client, table) == fresh_lookups(catalog, table)
 
 
 class DropsAManifest(RewriteFiles):
@@ -277,23 +288,15 @@ def test_a_replace_that_drops_files_unrecorded_still_rebuilds(catalog: dict[str,
     """A `replace` with no entries of its own whose manifest list lost live files (its manifests do not add up) is no
     compaction: the index rebuilds, and answers as a fresh one does."""
     table = "r.unrecorded"
-    writer.write(table, rows(IDS, 0, 0.0), **KEYS)
-    server = quiet_index(catalog)
-    try:
-        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            assert lookups(client, table) == reference(client, table)
-            index = server.parts.store.peek(table)
-            assert index is not None
-            writer.write(table, rows(IDS[:5], 1, 100.0))
-            before = reference(client, table)
-            transaction = MemoTransaction(load(catalog, table))
-            DropsAManifest(transaction, Operation.REPLACE, [], [], {}).commit()
-            transaction.commit_transaction()
-            assert refresh(server, table) == "rebuilt" and index.rebuilds == 1
-            found = lookups(client, table)
-            assert found == reference(client, table) == fresh_lookups(catalog, table) != before
-    finally:
-        server.shutdown()
+    with indexed(catalog, writer, table) as (server, client, index):
+        writer.write(table, rows(IDS[:5], 1, 100.0))
+        before = reference(client, table)
+        transaction = MemoTransaction(load(catalog, table))
+        DropsAManifest(transaction, Operation.REPLACE, [], [], {}).commit()
+        transaction.commit_transaction()
+        assert refresh(server, table) == "rebuilt" and index.rebuilds == 1
+        found = lookups(client, table)
+        assert found == reference(client, table) == fresh_lookups(catalog, table) != before
 
 
 def test_since_snapshot_scans_still_refuse_across_a_compaction(writer: FeatureClient) -> None:
