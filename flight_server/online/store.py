@@ -53,7 +53,7 @@ class RefreshPlan:
     snapshot_id: int | None = None
     schema_id: int = 0
     properties: dict[str, str] = field(default_factory=dict)
-    files: list[str] | None = None  # appended since the index's snapshot; None: something else happened
+    files: list[str] | None = None  # appended since the index's snapshot (past compactions); None: something else
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -297,11 +297,11 @@ class OnlineStore:
     ) -> tuple[RefreshPlan, pa.Table | None]:
         """A refresh of another process's index planned here (in the write process: `Planner`), with the latest row
         per key of the appended files read here too (at most `room` bytes), so that the serving process only merges
-        them: the Parquet read's CPU and DuckDB's threads stay off the cores and the GIL that serve lookups. When
-        more than appends happened (a compaction, a delete), the latest rows of the whole table (at most
-        `rebuild_room` bytes), which the serving process swaps in: after every compaction of automatic maintenance,
-        that read took seconds beside the lookups. No rows when there are none to read, or the table is no longer a
-        feature table (that process rebuilds)."""
+        them: the Parquet read's CPU and DuckDB's threads stay off the cores and the GIL that serve lookups
+        (compactions in between change no rows: `appended_files`). When more than appends and compactions happened
+        (a delete, an overwrite), or an appended file is gone, the latest rows of the whole table (at most
+        `rebuild_room` bytes), which the serving process swaps in. No rows when there are none to read, or the table
+        is no longer a feature table (that process rebuilds)."""
         table = self.catalog.read(name)
         plan = plan_refresh(name, table, known, since)
         spec = FeatureSpec.from_properties(plan.properties)
