@@ -5,7 +5,9 @@ Training-set indexes extend themselves with these files instead of re-reading th
 the older one's plus the rows of these files. That holds only when every snapshot in between added data
 files and nothing else (no file removed, no delete file added), which `appended_since` checks entry by entry
 rather than trusting the operation in each summary. Training-set indexes also follow snapshots that added
-delete files (`changed_since`): they mask the deleted rows instead of reading the table again.
+delete files (`changed_since`): they mask the deleted rows instead of reading the table again. Online indexes,
+which hold the latest row per key rather than rows by file, also follow compactions (`through_replaces`): `replace`
+snapshots whose entries show the same rows in other files (`replace_changes_rows`).
 """
 
 from __future__ import annotations
