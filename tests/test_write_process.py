@@ -105,9 +105,9 @@ def test_automatic_maintenance_compacts_in_the_write_process(tmp_path: Path) -> 
         server.shutdown()
 
 
-def test_an_index_rebuilt_after_a_compaction_is_read_in_the_write_process(tmp_path: Path) -> None:
-    """After a compaction (more than appends) the online index is rebuilt from the table's latest rows read in the
-    write process: the serving process's own reads fail here, and the lookups still see the new rows."""
+def test_an_index_rebuilt_after_a_delete_is_read_in_the_write_process(tmp_path: Path) -> None:
+    """After a copy-on-write delete (more than appends) the online index is rebuilt from the table's latest rows read
+    in the write process: the serving process's own reads fail here, and the lookups still see the new rows."""
     server = start_server(sqlite_catalog(tmp_path), write_process=True, online_refresh_seconds=0.05)
     table = "wp.rebuilt"
     try:
@@ -122,12 +122,12 @@ def test_an_index_rebuilt_after_a_compaction_is_read_in_the_write_process(tmp_pa
 
             server.parts.store._read_latest = in_the_serving_process  # type: ignore[method-assign]
             client.write(table, rows([1], 20, 5.5))
-            assert client.compact(table)["compacted"]
+            client.delete(table, keys={"id": [2]}, mode="copy-on-write")
             snapshot = client.describe(table)["current_snapshot_id"]
-            wait_until(lambda: index.state.snapshot_id == snapshot, what="the index to follow the compaction")
+            wait_until(lambda: index.state.snapshot_id == snapshot, what="the index to follow the delete")
             assert index.rebuilds == 1 and index.error is None
             online = client.get_online_features({"id": [1, 2]}, [f"{table}:value"], apply_ttl=False)
-            assert online.column("value").to_pylist() == [6.5, 2.5]
+            assert online.column("value").to_pylist() == [6.5, None]
     finally:
         server.shutdown()
 

@@ -140,7 +140,7 @@ class Maintenance(Rewriter):
         paths = {f.file_path for f in scope}
         obsolete = [f for f in rows.files if referenced_data_file(f) in paths]
         added = rows.rewrite("filename IN (SELECT unnest(?))", [sorted(paths)], scope)
-        return Plan(Operation.OVERWRITE, scope + obsolete, added, sum(f.record_count for f in added), tidy=True)
+        return Plan(Operation.REPLACE, scope + obsolete, added, sum(f.record_count for f in added), tidy=True)
 
     def _compacted(self, done: Rewritten) -> CompactResult:
         if done.committed:
@@ -183,7 +183,7 @@ class Maintenance(Rewriter):
         if not scope or not worth_compacting(scope, obsolete, equality):
             return None
         added = rows.rewrite(where, params, scope)
-        return Plan(Operation.OVERWRITE, scope + obsolete, added, sum(f.record_count for f in added), tidy=True)
+        return Plan(Operation.REPLACE, scope + obsolete, added, sum(f.record_count for f in added), tidy=True)
 
     # Snapshot expiry and pins
 

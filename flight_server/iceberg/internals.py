@@ -74,7 +74,8 @@ PRIVATE_API: dict[str, str] = {
     "pyiceberg.table.update.snapshot._SnapshotProducer": (
         "base of RewriteFiles and DropRemovedEntries: __init__(operation, transaction, io, snapshot_properties=); "
         "they override _manifests, _existing_manifests, _deleted_entries, _summary and _validate_concurrency "
-        "(still called by commit()?); commit_on_base() calls _commit() (the snapshot's updates and its "
+        "(still called by commit()?); RewriteFiles._summary calls the base's with _operation set to OVERWRITE "
+        "(it refuses REPLACE); commit_on_base() calls _commit() (the snapshot's updates and its "
         "AssertRefSnapshotId requirement on the head it was built on) and _clean_all_uncommitted(); "
         "they read _transaction, _snapshot_id, _parent_snapshot_id, _io, _compression, "
         "_added_data_files, _deleted_data_files, _commit_window (.base, .head, .is_empty()), new_manifest_output(), "
@@ -383,6 +384,18 @@ class RewriteFiles(_SnapshotProducer["RewriteFiles"]):
         super().__init__(operation, transaction, transaction_io(transaction), snapshot_properties=properties)
         self._deleted_data_files = set(removed)
         self._added_data_files = list(added)
+
+    def _summary(self, snapshot_properties: dict[str, str] = EMPTY_DICT) -> Summary:
+        """pyiceberg's summary (the files and records added and removed, and the new totals), which it works out for
+        `append`, `overwrite` and `delete` only: a `replace` (a compaction) counts its files as an overwrite would."""
+        if self._operation != Operation.REPLACE:
+            return super()._summary(snapshot_properties)
+        self._operation = Operation.OVERWRITE
+        try:
+            summary = super()._summary(snapshot_properties)
+        finally:
+            self._operation = Operation.REPLACE
+        return Summary(operation=Operation.REPLACE, **summary.additional_properties)
 
     def _writer(self, content: ManifestContent, spec: PartitionSpec) -> ManifestWriter:
         if content == ManifestContent.DELETES:

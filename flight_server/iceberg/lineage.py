@@ -5,16 +5,18 @@ Training-set indexes extend themselves with these files instead of re-reading th
 the older one's plus the rows of these files. That holds only when every snapshot in between added data
 files and nothing else (no file removed, no delete file added), which `appended_since` checks entry by entry
 rather than trusting the operation in each summary. Training-set indexes also follow snapshots that added
-delete files (`changed_since`): they mask the deleted rows instead of reading the table again.
+delete files (`changed_since`): they mask the deleted rows instead of reading the table again. Online indexes,
+which hold the latest row per key rather than rows by file, also follow compactions (`through_replaces`): `replace`
+snapshots whose entries show the same rows in other files (`replace_changes_rows`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pyiceberg.manifest import DataFile, DataFileContent, ManifestContent, ManifestEntryStatus
+from pyiceberg.manifest import DataFile, DataFileContent, ManifestContent, ManifestEntry, ManifestEntryStatus
 from pyiceberg.table import Table
-from pyiceberg.table.snapshots import ancestors_of
+from pyiceberg.table.snapshots import Operation, Snapshot, ancestors_of
 
 from flight_server.iceberg.catalog import table_name
 
@@ -42,9 +44,14 @@ class Appended:
         )
 
 
-def appended_since(table: Table, since: int, until: int) -> Appended:
-    """The files appended after snapshot `since` up to `until` (none if they are the same snapshot)."""
-    return _changes(table, since, until, deletes=False)
+def appended_since(table: Table, since: int, until: int, through_replaces: bool = False) -> Appended:
+    """The files appended after snapshot `since` up to `until` (none if they are the same snapshot).
+
+    `through_replaces` also follows `replace` snapshots (compactions) whose entries show that they left the rows as
+    they were (`replace_changes_rows`): the newer snapshot's rows are then the same as the older one's plus the
+    appended files' rows, though some of those files may since have been compacted away (still readable until
+    snapshot expiry deletes them). Scans and training sets, which read rows by file, never pass it."""
+    return _changes(table, since, until, deletes=False, through_replaces=through_replaces)
 
 
 def changed_since(table: Table, since: int, until: int) -> Appended:
@@ -54,7 +61,7 @@ def changed_since(table: Table, since: int, until: int) -> Appended:
     return _changes(table, since, until, deletes=True)
 
 
-def _changes(table: Table, since: int, until: int, deletes: bool) -> Appended:
+def _changes(table: Table, since: int, until: int, deletes: bool, through_replaces: bool = False) -> Appended:
     chain = []
     snapshot = table.snapshot_by_id(until)
     while snapshot is not None and snapshot.snapshot_id != since:
@@ -66,29 +73,95 @@ def _changes(table: Table, since: int, until: int, deletes: bool) -> Appended:
     files: list[DataFile] = []
     added_deletes: list[DataFile] = []
     for step in reversed(chain):
-        added = len(files)
-        for manifest in step.manifests(table.io):
-            if manifest.added_snapshot_id != step.snapshot_id:
-                continue  # written by an earlier snapshot: holds nothing this one changed
-            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=False):
-                if entry.snapshot_id != step.snapshot_id or entry.status == ManifestEntryStatus.EXISTING:
-                    continue
-                if entry.status == ManifestEntryStatus.DELETED:
-                    return Appended(
-                        since,
-                        until,
-                        None,
-                        step.snapshot_id,
-                        "removes data files (rows deleted, overwritten or compacted)",
-                    )
-                if entry.data_file.content == DataFileContent.DATA:
-                    files.append(entry.data_file)
-                elif deletes:
-                    added_deletes.append(entry.data_file)
-                else:
-                    return Appended(since, until, None, step.snapshot_id, "deletes rows")
-        files[added:] = sorted(files[added:], key=lambda f: f.file_path)
+        added, removed = _own_entries(table, step)
+        replace = step.summary is not None and step.summary.operation == Operation.REPLACE
+        if through_replaces and replace:
+            why = replace_changes_rows(table, step, added, removed)
+            if why is None:
+                continue  # the same rows in other files
+            return Appended(since, until, None, step.snapshot_id, why)
+        if removed:
+            return Appended(
+                since, until, None, step.snapshot_id, "removes data files (rows deleted, overwritten or compacted)"
+            )
+        data = sorted((f for f in added if f.content == DataFileContent.DATA), key=lambda f: f.file_path)
+        if len(data) < len(added) and not deletes:
+            return Appended(since, until, None, step.snapshot_id, "deletes rows")
+        files += data
+        added_deletes += [f for f in added if f.content != DataFileContent.DATA]
     return Appended(since, until, files, deletes=added_deletes)
+
+
+def _own_entries(table: Table, snapshot: Snapshot) -> tuple[list[DataFile], list[ManifestEntry]]:
+    """The data and delete files the snapshot itself added, and the entries of those it removed."""
+    added: list[DataFile] = []
+    removed: list[ManifestEntry] = []
+    for manifest in snapshot.manifests(table.io):
+        if manifest.added_snapshot_id != snapshot.snapshot_id:
+            continue  # written by an earlier snapshot: holds nothing this one changed
+        for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=False):
+            if entry.snapshot_id != snapshot.snapshot_id or entry.status == ManifestEntryStatus.EXISTING:
+                continue
+            if entry.status == ManifestEntryStatus.DELETED:
+                removed.append(entry)
+            else:
+                added.append(entry.data_file)
+    return added, removed
+
+
+def replace_changes_rows(
+    table: Table, snapshot: Snapshot, added: list[DataFile], entries: list[ManifestEntry]
+) -> str | None:
+    """Why a `replace` snapshot may have changed the table's rows, or None when its entries (`added` files, the
+    `entries` of removed ones) show it did not.
+
+    The operation in a summary is the writer's word; another engine's mislabelled commit must not pass for a
+    compaction. So: no delete file added; the rows added equal the removed data files' less the rows their removed
+    position delete files deleted (at most that where equality delete files went too: how many rows those deleted
+    is not recorded, but no data file they applied to may stay); and the live records its manifest list counts
+    moved by exactly those files (no manifest of live files dropped unrecorded)."""
+    if any(f.content != DataFileContent.DATA for f in added):
+        return "is a replace that adds delete files"
+    removed = [e.data_file for e in entries]
+    data = sum(f.record_count for f in removed if f.content == DataFileContent.DATA)
+    positions = sum(f.record_count for f in removed if f.content == DataFileContent.POSITION_DELETES)
+    equality = sum(f.record_count for f in removed if f.content == DataFileContent.EQUALITY_DELETES)
+    rows = sum(f.record_count for f in added)
+    kept = data - positions
+    if rows > kept or (rows < kept and not equality):
+        return f"is a replace that changes the row count ({kept} live rows removed, {rows} added)"
+    if equality and _keeps_rows_of(table, snapshot, entries):
+        return "is a replace that removes equality deletes of data files it keeps"
+    parent = table.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id is not None else None
+    before, after = _live_records(table, parent), _live_records(table, snapshot)
+    if before is None or after is None or after != (before[0] - data + rows, before[1] - positions - equality):
+        return "is a replace whose manifests do not add up to the files it removed and added"
+    return None
+
+
+def _keeps_rows_of(table: Table, snapshot: Snapshot, entries: list[ManifestEntry]) -> bool:
+    """Whether a data file that the removed equality delete files applied to (an older data sequence number) is
+    still in the snapshot: its deleted rows would be back."""
+    applied = max(e.sequence_number or 0 for e in entries if e.data_file.content == DataFileContent.EQUALITY_DELETES)
+    return any(
+        (entry.sequence_number or 0) < applied
+        for manifest in snapshot.manifests(table.io)
+        if manifest.content == ManifestContent.DATA
+        for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)
+    )
+
+
+def _live_records(table: Table, snapshot: Snapshot | None) -> tuple[int, int] | None:
+    """The records of a snapshot's live data files and of its live delete files, as its manifest list counts them
+    (None when a manifest does not say)."""
+    if snapshot is None:
+        return None
+    totals = [0, 0]
+    for manifest in snapshot.manifests(table.io):
+        if manifest.added_rows_count is None or manifest.existing_rows_count is None:
+            return None
+        totals[manifest.content == ManifestContent.DELETES] += manifest.added_rows_count + manifest.existing_rows_count
+    return totals[0], totals[1]
 
 
 def commit_order(table: Table, snapshot_id: int) -> dict[str, tuple[int, int, str]]:

@@ -4,10 +4,11 @@
 latest created time, as for training sets; rows with a null key or event time never count) as an
 Arrow table, and a dict from key to row. `OnlineStore` builds an index on first use (or at
 start-up), polls the catalog, and refreshes in the background: snapshots that only appended data
-are applied from their added files alone; anything else (overwrite, delete, compaction, a schema or
-definition change) rebuilds from the whole table, read as a scan reads it (`reads.paths.scan_relation`:
-Arrow's reader of the data files without the rows of position delete files, or DuckDB's
-`iceberg_scan` where there are equality delete files) into DuckDB's latest-per-key query.
+are applied from their added files alone, and compactions (checked `replace` snapshots: the same
+rows) change nothing; anything else (overwrite, delete, a schema or definition change) rebuilds from
+the whole table, read as a scan reads it (`reads.paths.scan_relation`: Arrow's reader of the data
+files without the rows of position delete files, or DuckDB's `iceberg_scan` where there are equality
+delete files) into DuckDB's latest-per-key query.
 
 Readers never wait for a refresh and never see a half-built index. A rebuild publishes a new
 `IndexState` in one assignment. An incremental refresh first publishes the longer row table, then
@@ -96,9 +97,11 @@ def latest_sql(spec: FeatureSpec, columns: list[str], source: str, found: set[st
 
 
 def appended_files(table: Table, since: int, until: int) -> list[str] | None:
-    """Data files added after snapshot `since` up to `until` if every commit between them only
-    appended; None when anything else happened (or `since` is no longer an ancestor)."""
-    files = appended_since(table, since, until).files
+    """Data files added after snapshot `since` up to `until` if every commit between them only appended or
+    compacted (a `replace` whose entries show the rows unchanged: the index holds the latest row per key of the
+    same rows); None when anything else happened (or `since` is no longer an ancestor). A file may have been
+    compacted away since it was appended: readable until snapshot expiry deletes it (`OnlineStore` rebuilds then)."""
+    files = appended_since(table, since, until, through_replaces=True).files
     return None if files is None else [f.file_path for f in files]
 
 
@@ -186,7 +189,7 @@ class OnlineIndex:
         self.read_path = read_path  # of the last full build: what the rows of a rebuild cost to read
         self.metadata_location: str | None = None  # of the table as last refreshed
         self.error: str | None = None
-        self.appends = 0  # refreshes applied from appended files alone
+        self.appends = 0  # refreshes applied from appended files alone (past compactions)
         self.rebuilds = 0  # refreshes that rebuilt from the whole table
         self.checked_at = time.time()  # when the index was last known to match its table's current snapshot
 

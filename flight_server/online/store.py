@@ -7,9 +7,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 from pyiceberg.table import Table
 
@@ -52,7 +53,7 @@ class RefreshPlan:
     snapshot_id: int | None = None
     schema_id: int = 0
     properties: dict[str, str] = field(default_factory=dict)
-    files: list[str] | None = None  # appended since the index's snapshot; None: something else happened
+    files: list[str] | None = None  # appended since the index's snapshot (past compactions); None: something else
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -298,11 +299,11 @@ class OnlineStore:
     ) -> tuple[RefreshPlan, pa.Table | None]:
         """A refresh of another process's index planned here (in the write process: `Planner`), with the latest row
         per key of the appended files read here too (at most `room` bytes), so that the serving process only merges
-        them: the Parquet read's CPU and DuckDB's threads stay off the cores and the GIL that serve lookups. When
-        more than appends happened (a compaction, a delete), the latest rows of the whole table (at most
-        `rebuild_room` bytes), which the serving process swaps in: after every compaction of automatic maintenance,
-        that read took seconds beside the lookups. No rows when there are none to read, or the table is no longer a
-        feature table (that process rebuilds)."""
+        them: the Parquet read's CPU and DuckDB's threads stay off the cores and the GIL that serve lookups
+        (compactions in between change no rows: `appended_files`). When more than appends and compactions happened
+        (a delete, an overwrite), or an appended file is gone, the latest rows of the whole table (at most
+        `rebuild_room` bytes), which the serving process swaps in. No rows when there are none to read, or the table
+        is no longer a feature table (that process rebuilds)."""
         table = self.catalog.read(name)
         plan = plan_refresh(name, table, known, since)
         spec = FeatureSpec.from_properties(plan.properties)
@@ -315,7 +316,22 @@ class OnlineStore:
             return plan, self._read_latest(table, spec, schema, None, rebuild_room)[0]
         if not plan.files:
             return plan, None
-        return plan, self._read_latest(table, spec, schema, plan.files, room)[0]
+        latest = self._read_appended(table, spec, schema, plan.files, room)
+        if latest is None:
+            whole = None if rebuild_room is None else self._read_latest(table, spec, schema, None, rebuild_room)[0]
+            return replace(plan, files=None), whole
+        return plan, latest
+
+    def _read_appended(
+        self, table: Table, spec: FeatureSpec, schema: pa.Schema, files: list[str], room: int
+    ) -> pa.Table | None:
+        """The latest row per key of appended files; None when one is gone: compacted away after it was appended,
+        then deleted by snapshot expiry (the index is rebuilt instead)."""
+        try:
+            return self._read_latest(table, spec, schema, files, room)[0]
+        except duckdb.IOException as exc:
+            log.info("online index %s: an appended file is gone (%s); rebuilding", table_name(table), exc)
+            return None
 
     def refresh(self, name: str) -> str:
         """Bring one index up to its table's current snapshot; says what it did. Polling an unchanged
@@ -371,10 +387,12 @@ class OnlineStore:
         files = None
         if state.snapshot_id is not None and current is not None and same_shape and not renamed(table):
             files = appended_files(table, state.snapshot_id, current)  # read by column name (`_read_latest`)
-        if files is not None:
-            assert current is not None, "files are appended up to a current snapshot"
+        latest = None
+        if files:
             room = self._room(name, within_budget=False) - index.nbytes()
-            latest = self._read_latest(table, state.spec, index.schema, files, room)[0] if files else None
+            latest = self._read_appended(table, state.spec, index.schema, files, room)
+        if files is not None and (latest is not None or not files):
+            assert current is not None, "files are appended up to a current snapshot"
             changed = index.apply(latest if latest is not None else index.schema.empty_table(), current)
             index.appends += 1
             return f"appended {len(files)} file(s), {changed} key(s) changed"
