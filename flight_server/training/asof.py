@@ -434,17 +434,15 @@ class _Work:
         """Reserve `size` more bytes for `what` (if `bounded`); `_NoRoom` if they do not fit."""
         if not self.bounded:
             return
-        cache = self.cache
-        with cache._lock:
-            fits = cache._make_free(self.key, size) and cache._account.reserve(size)
-            if fits:
-                self.reserved += size
-        if not fits:
+        fits = self.cache.reserve(self.key, size)
+        if fits:
+            self.reserved += size
+        else:
             raise _NoRoom(f"{what} ({size >> 20} MiB) does not fit in the room the training-set cache has now", size)
 
     def release(self) -> None:
         """Give back what is still reserved (nothing once the index was admitted)."""
-        self.cache._account.release(self.reserved)
+        self.cache.release(self.reserved)
         self.reserved = 0
 
 
@@ -1008,7 +1006,7 @@ class AsofCache:
                     self._to_fold.update(waiting[at:])
                 return
             extra = _FOLD_COPIES * sum(run.nbytes() for run in index.runs)
-            if not self._reserve_fold(key, extra):
+            if not self.reserve(key, extra):
                 with self._lock:
                     if key not in self._unfolded:
                         log.info("training-set index of %s: runs not folded yet, no room beside them", index.name)
@@ -1023,7 +1021,7 @@ class AsofCache:
                 log.exception("training-set index of %s: runs not folded", index.name)
                 continue
             finally:
-                self._account.release(extra)
+                self.release(extra)
             if folded is index:  # masked deletes left one run: nothing to fold
                 continue
             with self._lock:
@@ -1052,13 +1050,18 @@ class AsofCache:
                 time.perf_counter() - started,
             )
 
-    def _reserve_fold(self, key: _Key, extra: int) -> bool:
-        """Reserve `extra` bytes for folding `key`'s runs, never by evicting an index that is the newest of its
-        table (it would be read whole at its next use, and its room taken again by the next fold: thrashing): only
-        room to spare, after dropping older generations, `key`'s own first (the fold would leave them holding the
-        old runs alone). False if that is not enough: the runs stay as they are (searched together, as correct)."""
+    def reserve(self, key: _Key, extra: int) -> bool:
+        """Reserve `extra` bytes for work on `key`'s index (folding its runs, bringing it forward: `_Work`), never by
+        evicting an index that is the newest of its table (it would be read whole at its next use, and its room taken
+        again by the next fold: thrashing): only room to spare, after dropping older generations, `key`'s own first
+        (the work leaves them holding the old runs alone). False if that is not enough: a fold leaves the runs as
+        they are (searched together, as correct), an extension leaves that snapshot to DuckDB."""
         with self._lock:
             return self._make_free(key, extra) and self._account.reserve(extra)
+
+    def release(self, extra: int) -> None:
+        """Give back `extra` reserved bytes that no index took over."""
+        self._account.release(extra)
 
     def _make_free(self, key: _Key, size: int) -> bool:
         """Whether `size` bytes fit beside the cached indexes once older generations are dropped (`key`'s own
