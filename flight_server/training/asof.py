@@ -434,11 +434,9 @@ class _Work:
         """Reserve `size` more bytes for `what` (if `bounded`); `_NoRoom` if they do not fit."""
         if not self.bounded:
             return
-        fits = self.cache.reserve(self.key, size)
-        if fits:
-            self.reserved += size
-        else:
+        if not self.cache.reserve(self.key, size):
             raise _NoRoom(f"{what} ({size >> 20} MiB) does not fit in the room the training-set cache has now", size)
+        self.reserved += size
 
     def release(self) -> None:
         """Give back what is still reserved (nothing once the index was admitted)."""
