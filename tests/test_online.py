@@ -452,6 +452,42 @@ def test_a_column_added_to_a_feature_table_is_served(location: str, catalog_prop
         wait_until(lambda: bonus([1, 2]) == [(2.0, None), (7.0, 0.5)], what="the rows with the column to be served")
 
 
+def test_a_new_shape_is_rebuilt_from_the_planners_read_alone(
+    catalog_properties: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh planned in another process (the write process; here the store's own `plan` stands in for it) that
+    read the whole table after more than appends is used as it is when the table's definition changed too (a TTL
+    set, rows deleted): the serving side threw it away and read the whole table again itself."""
+    server = start_server(catalog_properties, online_refresh_seconds=3600)  # refreshed by this test alone
+    table = f"online.reshaped_{suffix()}"
+    try:
+        store = server.parts.store
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            write_drivers(client, table, driver_rows([1, 2, 3], 1, 1.0))
+            assert rates(client, table, [1, 2, 3]) == [2.0, 3.0, 4.0]
+            wait_until(lambda: store.refresh(table) == "current", what="the write's refresh to end")
+            iceberg = load_catalog("default", **catalog_properties).load_table(table)
+            with iceberg.transaction() as change:
+                change.set_properties({"feature.ttl-seconds": "86400"})
+                change.delete("driver_id = 2")
+            whole: list[str] = []
+            read = store._read_latest
+
+            def counted(*args: Any) -> Any:
+                whole.extend(["whole table"] if args[3] is None else [])
+                return read(*args)
+
+            monkeypatch.setattr(store, "_read_latest", counted)
+            monkeypatch.setattr(store, "planner", store.plan)
+            assert store.refresh(table) == "rebuilt in the write process"
+            assert whole == ["whole table"]
+            assert rates(client, table, [1, 2, 3]) == [2.0, None, 4.0]
+            expired = client.get_online_features({"driver_id": [1]}, [f"{table}:rate"])  # the TTL now applies
+            assert expired.column("rate").to_pylist() == [None]
+    finally:
+        server.shutdown()
+
+
 def test_sessions_outlive_a_server_restart_and_a_table_recreated(catalog_properties: dict[str, str]) -> None:
     """A client's open session breaks when its server restarts, or ends when a table's columns change:
     the next lookup opens a new session and answers, whatever happened in between."""

@@ -349,8 +349,9 @@ class OnlineStore:
         return outcome
 
     def _planned(self, name: str, index: OnlineIndex, planner: Planner) -> str | None:
-        """The refresh from a `RefreshPlan` made in another process; None when it needs the table here (a
-        rebuild, a new schema or spec) or no plan could be made (the refresh then runs here, as without one)."""
+        """The refresh from a `RefreshPlan` made in another process; None when it needs the table here (a new
+        schema or spec that the other process read no whole table under) or no plan could be made (the refresh then
+        runs here, as without one)."""
         state = index.state
         room = self._room(name, within_budget=False)
         planned = planner(name, index.metadata_location, state.snapshot_id, room - index.nbytes(), room)
@@ -359,15 +360,18 @@ class OnlineStore:
         plan, latest = planned
         if plan.metadata_location == index.metadata_location:
             return "current"
-        if FeatureSpec.from_properties(plan.properties) != state.spec or plan.schema_id != state.schema_id:
-            return None
-        if plan.snapshot_id == state.snapshot_id:
+        spec = FeatureSpec.from_properties(plan.properties)
+        if spec != state.spec or plan.schema_id != state.schema_id:
+            if spec is None or plan.files is not None or latest is None:
+                return None  # only appended rows (or none) read there: of no use under the new shape
+        elif plan.snapshot_id == state.snapshot_id:
             index.metadata_location = plan.metadata_location
             return "current"
         if plan.snapshot_id is None or (latest is None and plan.files is None):
             return None
-        if plan.files is None:  # rebuilt from the whole table's latest rows, read in the other process
-            index.state = self._state(name, latest, state.spec, plan.snapshot_id, plan.schema_id, within_budget=False)
+        if plan.files is None:  # rebuilt from the whole table's latest rows (its current shape), read there
+            assert latest is not None and spec is not None
+            index.state = self._state(name, latest, spec, plan.snapshot_id, plan.schema_id, within_budget=False)
             index.rebuilds += 1
             index.metadata_location = plan.metadata_location
             return "rebuilt in the write process"
