@@ -228,12 +228,13 @@ class OnlineStore:
                     [[local_path(f) for f in files]],
                     "read_parquet",
                 )
-            # The snapshot's (or files') own columns: a column added to the table since has no data in them yet.
-            found = {column[0] for column in cursor.execute(f"SELECT * FROM {source} LIMIT 0", params).description}
+            try:
+                result = cursor.execute(latest_sql(spec, schema.names, source), params)
+            except duckdb.BinderException:  # a column added to the table since these rows were written: nulls
+                found = {column[0] for column in cursor.execute(f"SELECT * FROM {source} LIMIT 0", params).description}
+                result = cursor.execute(latest_sql(spec, schema.names, source, found), params)
             batches, taken = [], 0
-            for batch in cursor.execute(latest_sql(spec, schema.names, source, found), params).to_arrow_reader(
-                READ_BATCH_ROWS
-            ):
+            for batch in result.to_arrow_reader(READ_BATCH_ROWS):
                 batches.append(batch)
                 taken += batch.nbytes + batch.num_rows * (ENTRY_BYTES + SMALL_KEY_BYTES)
                 if taken > room:
