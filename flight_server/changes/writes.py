@@ -547,22 +547,18 @@ def _live_data_files(transaction: Transaction) -> list[DataFile]:
 
 def _check_declared_spec(request: WriteRequest, spec: FeatureSpec | None, name: str) -> None:
     """A write may repeat the table's definition, but not contradict it."""
-    if (
-        request.entity_keys is None
-        and request.event_time is None
-        and request.created_time is None
-        and request.ttl_seconds is None
-    ):
-        return  # most puts to a table name nothing of its definition
-    declared = {
+    named = {
         "entity_keys": tuple(request.entity_keys) if request.entity_keys else None,
         "event_time": request.event_time,
         "created_time": request.created_time,
         "ttl_seconds": request.ttl_seconds,
     }
+    declared = {key: value for key, value in named.items() if value is not None}
+    if not declared:
+        return  # most puts to a table name nothing of its definition: no copy of it to compare
     actual = asdict(spec) if spec else {}
     for key, value in declared.items():
-        if value is not None and actual.get(key) != value:
+        if actual.get(key) != value:
             raise RequestError(f"table {name!r} has {key}={actual.get(key)!r}; the write says {value!r}")
 
 
