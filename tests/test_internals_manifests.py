@@ -14,10 +14,11 @@ from typing import Any
 import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pyiceberg.avro.file import AvroFile
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.expressions import EqualTo
 from pyiceberg.io import FileIO
-from pyiceberg.manifest import DataFile, ManifestFile
+from pyiceberg.manifest import DataFile, ManifestEntry, ManifestEntryStatus, ManifestFile, ManifestWriterV2
 from pyiceberg.schema import assign_fresh_schema_ids
 from pyiceberg.table import Table
 from pyiceberg.typedef import Record
@@ -120,10 +121,16 @@ def written(table: Table, data: pa.Table) -> list[DataFile]:
     return write_data_files(table.metadata, data, table.io, None, uuid.uuid4(), itertools.count())
 
 
+def header(io: FileIO, path: str) -> dict[str, str]:
+    """An Avro file's header properties: its schema, partition spec, content, format version and codec."""
+    with AvroFile[Record](io.new_input(path)) as file:
+        return dict(file.header.meta)
+
+
 def shape(table: Table, files: dict[str, int]) -> list[list[Any]]:
-    """Each snapshot's manifests, in the manifest list's order, as their counts and entries (status, which of the
-    appended files (-1: one a delete rewrote), which of the table's snapshots added it), sorted: pyiceberg's delete
-    rewrites a manifest's entries in no fixed order."""
+    """Each snapshot's manifests, in the manifest list's order, as their counts, header and entries (status, which
+    of the appended files (-1: one a delete rewrote), which of the table's snapshots added it), sorted: pyiceberg's
+    delete rewrites a manifest's entries in no fixed order."""
     position = {s.snapshot_id: i for i, s in enumerate(table.snapshots())}
     result = []
     for snapshot in table.snapshots():
@@ -135,6 +142,7 @@ def shape(table: Table, files: dict[str, int]) -> list[list[Any]]:
                     m.existing_files_count,
                     m.deleted_files_count,
                     position.get(m.added_snapshot_id),
+                    header(table.io, m.manifest_path),
                     sorted(
                         (
                             e.status.value,
@@ -181,3 +189,39 @@ def test_appends_commit_what_pyicebergs_appends_commit(tmp_path: pathlib.Path) -
     files = {f.file_path: n for n, group in enumerate(groups) for f in group}
     assert shape(ours, files) == shape(theirs, files)
     assert len(ours.snapshots()) == len(groups) + 1  # and the delete
+
+
+def manifest_bytes(path: pathlib.Path) -> bytes:
+    """An Avro file's bytes with its random sync marker (the last 16 bytes: each block ends with it) zeroed."""
+    data = path.read_bytes()
+    return data.replace(data[-16:], bytes(16))
+
+
+def test_data_manifests_are_pyicebergs_byte_for_byte(tmp_path: pathlib.Path) -> None:
+    """Manifests of tables of three layouts, written in turn (so that each layout's writer is reused after another's),
+    by `DataManifestWriter` and by pyiceberg's own writer: the same bytes but for the sync marker."""
+    catalog = SqlCatalog("writes", **sqlite_catalog(tmp_path))
+    catalog.create_namespace("ns")
+    tables = {layout: new_table(catalog, layout, layout, 100) for layout in LAYOUTS}
+    for turn in range(2):
+        for layout, table in tables.items():
+            files = written(table, rows(layout, turn, 5))
+            made = {}
+            for kind, writer_class in (("ours", internals.DataManifestWriter), ("theirs", ManifestWriterV2)):
+                path = tmp_path / f"{layout}-{turn}-{kind}.avro"
+                output = table.io.new_output(path.as_uri())
+                with writer_class(table.spec(), table.schema(), output, 42, "gzip") as writer:
+                    for data_file in files:
+                        writer.add_entry(
+                            ManifestEntry.from_args(
+                                status=ManifestEntryStatus.ADDED, snapshot_id=42, data_file=data_file
+                            )
+                        )
+                made[kind] = (manifest_bytes(path), writer.to_manifest_file())
+            assert made["ours"][0] == made["theirs"][0]
+            ours, theirs = made["ours"][1], made["theirs"][1]
+            assert (ours.added_files_count, ours.added_rows_count, plain(ours.partitions)) == (
+                theirs.added_files_count,
+                theirs.added_rows_count,
+                plain(theirs.partitions),
+            )

@@ -16,16 +16,21 @@ readers built once per file schema rather than once per file (`_ResolvedAvroFile
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
+from pyiceberg.avro.codecs import AVRO_CODEC_KEY, CODEC_MAPPING_ICEBERG_TO_AVRO
 from pyiceberg.avro.decoder import new_decoder
-from pyiceberg.avro.file import AvroFile
+from pyiceberg.avro.file import MAGIC, META_SCHEMA, SYNC_SIZE, AvroFile, AvroFileHeader, AvroOutputFile
 from pyiceberg.avro.reader import Reader
-from pyiceberg.avro.resolver import resolve_reader
+from pyiceberg.avro.resolver import construct_writer, resolve_reader, resolve_writer
+from pyiceberg.avro.writer import Writer
 from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
 from pyiceberg.exceptions import (
     CommitFailedException,
@@ -33,7 +38,7 @@ from pyiceberg.exceptions import (
     TableAlreadyExistsError,
     ValidationException,
 )
-from pyiceberg.io import FileIO, load_file_io
+from pyiceberg.io import FileIO, OutputFile, load_file_io
 from pyiceberg.io.fileformat import FileFormatModel
 from pyiceberg.io.pyarrow import (
     _determine_partitions,
@@ -74,6 +79,7 @@ from pyiceberg.table.update.snapshot import _FastAppendFiles, _MergeAppendFiles,
 from pyiceberg.typedef import EMPTY_DICT
 from pyiceberg.utils.datetime import datetime_to_millis
 from pyiceberg.utils.properties import property_as_int
+from pyiceberg.utils.schema_conversion import AvroSchemaConversion
 from sqlalchemy import Select, Update, bindparam, select, update
 
 from flight_server.base.metrics import COMMIT_RETRIES
@@ -150,6 +156,15 @@ PRIVATE_API: dict[str, str] = {
     "pyiceberg.manifest._inherit_from_manifest": (
         "manifest_entries(): (entry, manifest) -> the entry with sequence numbers and snapshot id inherited, as "
         "ManifestFile.fetch_manifest_entry applies it to each entry read"
+    ),
+    "pyiceberg.manifest.ManifestWriter._with_partition": (
+        "_manifest_layout(): (format_version) -> the manifest entry schema with the spec's partition type, which "
+        "ManifestWriter.new_writer builds (twice) for every manifest"
+    ),
+    "pyiceberg.avro.file.AvroOutputFile._write_header": (
+        "_PreparedAvroOutputFile overrides it: AvroOutputFile.__enter__ calls it after creating self.output_stream "
+        "and self.encoder; the header is AvroFileHeader(MAGIC, {**metadata, 'avro.schema': the file schema's Avro "
+        "JSON, 'avro.codec': the codec's Avro name}, sync_bytes), written by construct_writer(META_SCHEMA)"
     ),
     "pyiceberg.avro.file.AvroFile._read_header": (
         "_ResolvedAvroFile.__enter__: () -> the file's AvroFileHeader (.meta, with the Avro schema under "
@@ -388,6 +403,78 @@ def snapshot_manifests(io: FileIO, snapshot: Snapshot) -> list[ManifestFile]:
         return list(reader)
 
 
+@dataclass(frozen=True)
+class _ManifestLayout:
+    """What writing a data manifest works out from the table's partition spec and schema alone (`_manifest_layout`)."""
+
+    spec: PartitionSpec  # held, so that the ids `_LAYOUTS` is keyed by are not reused
+    schema: Schema
+    file_schema: Schema  # the manifest entry schema with the spec's partition type
+    writer: Writer  # the entries' Avro writer for that schema
+    metadata: dict[str, str]  # the manifest's header properties (its schema, spec, content, format, codec)
+    avro_schema: str  # the file schema as the header's Avro JSON
+
+
+MAX_LAYOUTS = 256  # manifest layouts kept (`_manifest_layout`): one per table layout written to
+_LAYOUTS: dict[tuple[int, int, str], _ManifestLayout] = {}
+
+
+def _manifest_layout(writer: ManifestWriterV2) -> _ManifestLayout:
+    """The layout of the manifests `writer` writes, worked out once per spec and schema object (a table's metadata
+    shares them between commits): pyiceberg builds the entry schema twice, its Avro writer, its JSON and the header's
+    properties (the table schema as JSON) for every manifest, a third of writing a group's manifest."""
+    spec, schema = writer._spec, writer._schema
+    key = (id(spec), id(schema), writer._compression)
+    layout = _LAYOUTS.get(key)
+    if layout is None or layout.spec is not spec or layout.schema is not schema:
+        file_schema = writer._with_partition(writer.version)
+        avro_schema = AvroSchemaConversion().iceberg_to_avro(file_schema, schema_name="manifest_entry")
+        layout = _ManifestLayout(
+            spec,
+            schema,
+            file_schema,
+            resolve_writer(record_schema=writer._with_partition(DEFAULT_READ_VERSION), file_schema=file_schema),
+            writer._meta,
+            json.dumps(avro_schema),
+        )
+        if len(_LAYOUTS) >= MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return layout
+
+
+class _PreparedAvroOutputFile(AvroOutputFile[ManifestEntry]):
+    """pyiceberg's `AvroOutputFile` of a data manifest, with the writer and header schema of its `_ManifestLayout`
+    instead of ones worked out anew: the same bytes (but for the random sync marker every file gets). Its own
+    `__init__` sets what pyiceberg's sets, without resolving the writer again."""
+
+    def __init__(self, output_file: OutputFile, layout: _ManifestLayout):
+        self.output_file = output_file
+        self.file_schema = layout.file_schema
+        self.schema_name = "manifest_entry"
+        self.sync_bytes = os.urandom(SYNC_SIZE)
+        self.writer = layout.writer
+        self.metadata = layout.metadata
+        self._avro_schema = layout.avro_schema
+
+    def _write_header(self) -> None:
+        codec = self.metadata.get(AVRO_CODEC_KEY, TableProperties.WRITE_AVRO_COMPRESSION_DEFAULT)
+        codec = CODEC_MAPPING_ICEBERG_TO_AVRO.get(codec, codec)
+        meta = {**self.metadata, "avro.schema": self._avro_schema, AVRO_CODEC_KEY: codec}
+        _HEADER_WRITER.write(self.encoder, AvroFileHeader(MAGIC, meta, self.sync_bytes))
+
+
+_HEADER_WRITER = construct_writer(META_SCHEMA)
+
+
+class DataManifestWriter(ManifestWriterV2):
+    """pyiceberg's v2 data manifest writer, whose file's setup is worked out once per table layout
+    (`_manifest_layout`)."""
+
+    def new_writer(self) -> AvroOutputFile[ManifestEntry]:
+        return _PreparedAvroOutputFile(self._output_file, _manifest_layout(self))
+
+
 class FastAppend(_FastAppendFiles):
     """pyiceberg's fast append (`UpdateSnapshot.fast_append`), reading the parent's manifest list, and the manifests
     a merge folds (`MergeAppend`), through `_ResolvedAvroFile`."""
@@ -409,6 +496,14 @@ class FastAppend(_FastAppendFiles):
 
     def fetch_manifest_entry(self, manifest: ManifestFile, discard_deleted: bool = True) -> list[ManifestEntry]:
         return manifest_entries(self._io, manifest, discard_deleted)
+
+    def new_manifest_writer(self, spec: PartitionSpec) -> ManifestWriter:
+        """The writer of a new data manifest (the appended files', or a merge's): a `DataManifestWriter` on a v2
+        table."""
+        if self._transaction.table_metadata.format_version != 2:
+            return super().new_manifest_writer(spec)
+        output = self.new_manifest_output()
+        return DataManifestWriter(spec, self.schema(), output, self._snapshot_id, self._compression)
 
 
 class MergeAppend(FastAppend, _MergeAppendFiles):
