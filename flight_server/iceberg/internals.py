@@ -159,7 +159,8 @@ PRIVATE_API: dict[str, str] = {
     ),
     "pyiceberg.manifest.ManifestWriter._with_partition": (
         "_manifest_layout(): (format_version) -> the manifest entry schema with the spec's partition type, which "
-        "ManifestWriter.new_writer builds (twice) for every manifest"
+        "ManifestWriter.new_writer builds (twice) for every manifest; it also reads _meta (the header's properties) "
+        "and the attributes ManifestWriter.__init__ sets: _spec, _schema, _compression, _output_file"
     ),
     "pyiceberg.avro.file.AvroOutputFile._write_header": (
         "_PreparedAvroOutputFile overrides it: AvroOutputFile.__enter__ calls it after creating self.output_stream "
