@@ -478,7 +478,7 @@ class DataManifestWriter(ManifestWriterV2):
 
 class FastAppend(_FastAppendFiles):
     """pyiceberg's fast append (`UpdateSnapshot.fast_append`), reading the parent's manifest list, and the manifests
-    a merge folds (`MergeAppend`), through `_ResolvedAvroFile`."""
+    a merge folds (`MergeAppend`), through `_ResolvedAvroFile`, and writing data manifests with `DataManifestWriter`."""
 
     def _existing_manifests(self) -> list[ManifestFile]:
         """The parent snapshot's manifests that still list files (as pyiceberg's own)."""
@@ -508,7 +508,7 @@ class FastAppend(_FastAppendFiles):
 
 
 class MergeAppend(FastAppend, _MergeAppendFiles):
-    """pyiceberg's merge append (`UpdateSnapshot.merge_append`), reading as `FastAppend` does."""
+    """pyiceberg's merge append (`UpdateSnapshot.merge_append`), reading and writing manifests as `FastAppend` does."""
 
 
 def append_producer(transaction: Transaction, properties: dict[str, str], merge: bool) -> FastAppend:
