@@ -83,6 +83,10 @@ PARAMETERS = {
     "pyiceberg.table.update._update_table_metadata_log": ("base_metadata", "metadata_location", "last_updated_ms"),
     "pyiceberg.catalog.MetastoreCatalog._write_metadata": ("metadata", "io", "metadata_path"),
     "pyiceberg.catalog.Catalog._delete_old_metadata": ("io", "base", "metadata"),
+    "pyiceberg.table.update.snapshot._FastAppendFiles": ("operation", "transaction", "io", "snapshot_properties"),
+    "pyiceberg.table.update.snapshot._MergeAppendFiles": ("operation", "transaction", "io", "snapshot_properties"),
+    "pyiceberg.manifest._inherit_from_manifest": ("entry", "manifest"),
+    "pyiceberg.avro.file.AvroFile._read_header": ("self",),
 }
 
 # What the snapshot producers override, call or read on `_SnapshotProducer` (see its entry in PRIVATE_API).

@@ -24,7 +24,7 @@ from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.iceberg.catalog import table_name
-from flight_server.iceberg.internals import commit_on_base
+from flight_server.iceberg.internals import append_producer, commit_on_base
 from flight_server.wire.writes import WriteResult
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,7 @@ def commit_append(transaction: Transaction, files: list[DataFile], properties: d
         TableProperties.MANIFEST_MERGE_ENABLED,
         TableProperties.MANIFEST_MERGE_ENABLED_DEFAULT,
     )
-    update = transaction.update_snapshot(snapshot_properties=properties)
-    append = update.merge_append() if merge else update.fast_append()
+    append = append_producer(transaction, properties, merge)
     for data_file in files:
         append.append_data_file(data_file)
     return commit_on_base(transaction, append)
