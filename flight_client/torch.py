@@ -133,7 +133,8 @@ class _Blocks:
     A DataLoader worker's blocks belong to the main process's `_Pool` (`pool`: its id): they start as the blocks
     that the main process received from workers before (`lent`), which every worker it starts may take, so a free
     block is taken under `lock`, shared by them all (a block is never taken twice). A worker that cannot have the
-    lock within a second (a worker that held it was killed) takes a new block, kept by nobody, instead of waiting."""
+    lock at once (a worker killed while it held it) takes a new block instead of waiting; the main process then
+    starts a new pool for the workers it starts next (`_main_pool`)."""
 
     def __init__(
         self, kept: int, lock: _Lock | None = None, pool: str | None = None, lent: Sequence[torch.Tensor] = ()
@@ -141,29 +142,31 @@ class _Blocks:
         self.kept, self.pool = kept, pool
         self._blocks: deque[tuple[torch.Tensor, np.ndarray]] = deque((b, _flag(b)) for b in lent)
         self._lock = lock or threading.Lock()  # two takers must not take the same free block
+        self._guard = threading.Lock()  # the list of blocks, against this process's other threads
 
     def take(self, size: int) -> torch.Tensor:
         """A block of at least `size` bytes, marked busy."""
-        locked = self._lock.acquire(timeout=_LOCK_WAIT_S)
-        try:
-            for block, flag in self._blocks if locked else ():
-                if len(block) >= size and not flag[0]:
-                    flag[0] = os.getpid()
-                    return block
-            # Allocated in shared memory at once, as torch's own collate does in workers (`share_memory_()` would
-            # allocate, fill and copy a private block first: 3 times the time). An eighth more, so that the next
-            # batches, a little larger or smaller (a part's rows vary), fit it: pages never written cost nothing.
-            block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size + size // 8))
-            flag = _flag(block)
-            flag[0] = os.getpid()  # nobody else knows it yet
-            if locked:
-                self._blocks.append((block, flag))
-                if len(self._blocks) > self.kept:
-                    self._blocks.popleft()
-            return block
-        finally:
-            if locked:
+        with self._guard:
+            known = list(self._blocks)
+        if self._lock.acquire(timeout=_LOCK_WAIT_S):  # held for a look at a few flags, never longer
+            try:
+                for block, flag in known:
+                    if len(block) >= size and not flag[0]:
+                        flag[0] = os.getpid()
+                        return block
+            finally:
                 self._lock.release()
+        # Allocated in shared memory at once, as torch's own collate does in workers (`share_memory_()` would
+        # allocate, fill and copy a private block first: 3 times the time). An eighth more, so that the next
+        # batches, a little larger or smaller (a part's rows vary), fit it: pages never written cost nothing.
+        block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size + size // 8))
+        flag = _flag(block)
+        flag[0] = os.getpid()  # nobody else knows it yet
+        with self._guard:
+            self._blocks.append((block, flag))
+            if len(self._blocks) > self.kept:
+                self._blocks.popleft()
+        return block
 
 
 def _flag(block: torch.Tensor) -> np.ndarray:
@@ -171,7 +174,7 @@ def _flag(block: torch.Tensor) -> np.ndarray:
 
 
 _KEPT = 4  # blocks per worker: one being built, the DataLoader's 2 prefetched, one in use
-_LOCK_WAIT_S = 1.0
+_LOCK_WAIT_S = 0.1  # the lock is held for microseconds: longer, its holder died holding it
 _BLOCKS = _Blocks(kept=_KEPT)
 
 
@@ -206,11 +209,14 @@ _POOL_MADE = threading.Lock()
 
 
 def _main_pool() -> _Pool:
-    """This process's `_Pool`, made when it first starts DataLoader workers."""
+    """This process's `_Pool`, made when it first starts DataLoader workers, and made anew if a worker died holding
+    its lock (workers started before keep the old one: no block is in both)."""
     global _POOL
     with _POOL_MADE:
-        if _POOL is None:
+        if _POOL is None or not _POOL.lock.acquire(timeout=_LOCK_WAIT_S):
             _POOL = _Pool()
+        else:
+            _POOL.lock.release()
         return _POOL
 
 

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from flight_client import FeatureClient, InvalidRequestError
+from flight_client import torch as flight_torch
 from flight_client.plans import row_ranges
 from flight_client.torch import FlightDataset, shared_tensors, to_tensors
 from tests.conftest import serve_replicas, sqlite_catalog
@@ -465,6 +466,26 @@ def test_workers_started_per_epoch_write_into_the_blocks_of_the_epoch_before(loc
     ids, files = epoch()
     assert ids == first and not files & busy
     assert [{k: t.numpy().tobytes() for k, t in b.items()} for b in held] == kept, "held batches keep their values"
+
+
+def test_a_worker_killed_holding_the_blocks_lock_leaves_the_next_workers_a_pool_of_their_own(
+    location: str, scan_table: str
+) -> None:
+    """Workers take a block under a lock all of them share: if one is killed holding it (a DataLoader terminates
+    workers that do not stop in time), the next workers get a new pool and lock, and no block of the old one."""
+    dataset = FlightDataset.table(location, scan_table, columns=["id"], partitions=4, batch_size=500)
+    assert sorted(i for b in load(dataset) for i in b["id"].tolist()) == list(range(SCAN_ROWS))
+    stuck = flight_torch._POOL
+    assert stuck is not None and stuck.blocks()
+    stuck.lock.acquire()  # as a worker killed while it held the lock
+    try:
+        mapped = set(mappings())
+        dataset.set_epoch(1)
+        batches = load(dataset)
+        assert sorted(i for b in batches for i in b["id"].tolist()) == list(range(SCAN_ROWS))
+        assert flight_torch._POOL is not stuck and not {block_file(b["id"]) for b in batches} & mapped
+    finally:
+        stuck.lock.release()
 
 
 def load_lazily(dataset: FlightDataset) -> Iterator[dict[str, torch.Tensor]]:
