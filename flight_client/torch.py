@@ -15,14 +15,18 @@ Needs the `torch` extra (`pip install 'iceberg-feature-flight[torch]'`).
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import multiprocessing
+import multiprocessing.context
 import os
 import random
 import threading
+import uuid
 import warnings
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -84,20 +88,23 @@ def to_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def shared_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
+def shared_tensors(batch: pa.RecordBatch, blocks: _Blocks | None = None) -> dict[str, torch.Tensor]:
     """`to_tensors`, every column written into one block of shared memory: how a DataLoader worker hands a batch
     to the main process. Left to torch, each tensor would move to a shared segment of its own as it is sent (an
     allocation, a copy and a file descriptor per column and batch: 4 times the time of one block). Each column
     is copied once, straight from its Arrow buffer, its nulls then set to NaN in place. The tensors are views of
     the block, which lives while any of them does; sent to another process, the block goes once (`_OneBlock`),
-    and comes back to this process's blocks for reuse once the receiver has let go of all of it (`_Blocks`)."""
+    and comes back to `blocks` (this process's own by default) for reuse once the receiver has let go of all of
+    it (`_Blocks`)."""
+    if blocks is None:
+        blocks = _BLOCKS
     columns = [(name, column, _values(column)) for name, column in _columns(batch)]
     offsets, size = [], _ALIGN  # the block's first bytes: its busy flag
     for _, _, values in columns:
         offsets.append(size)
         size += -(-values.nbytes // _ALIGN) * _ALIGN
-    block = _BLOCKS.take(size)
-    tensors = _OneBlock(block)
+    block = blocks.take(size)
+    tensors = _OneBlock(block, blocks.pool, blocks.kept)
     for (name, column, values), at in zip(columns, offsets, strict=True):
         tensor = block[at : at + values.nbytes].view(_TORCH_TYPES[values.dtype])
         out = tensor.numpy()
@@ -108,6 +115,12 @@ def shared_tensors(batch: pa.RecordBatch) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class _Lock(Protocol):
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool: ...
+
+    def release(self) -> None: ...
+
+
 class _Blocks:
     """This process's shared-memory blocks, each reused once the process it was sent to has let go of every view
     of it: a new block costs a page fault per 4 KiB page at its first write (shared memory gets no huge pages
@@ -115,36 +128,96 @@ class _Blocks:
     flag: the taker's process id from when it is taken until another process that received it clears it
     (`_views`; a copy unpickled in the sending process, whose own views may live on, leaves it busy). At most
     `kept` blocks are kept, busy or free (enough for a batch being built, the DataLoader's prefetched ones and
-    the one in use); the oldest goes when a new one is needed beyond that."""
+    the one in use); the oldest goes when a new one is needed beyond that.
 
-    def __init__(self, kept: int):
-        self._kept = kept
-        self._blocks: deque[tuple[torch.Tensor, np.ndarray]] = deque()  # the block, a view of its flag
-        self._lock = threading.Lock()  # two threads must not take the same free block
+    A DataLoader worker's blocks belong to the main process's `_Pool` (`pool`: its id): they start as the blocks
+    that the main process received from workers before (`lent`), which every worker it starts may take, so a free
+    block is taken under `lock`, shared by them all (a block is never taken twice). A worker that cannot have the
+    lock at once (a worker killed while it held it) takes a new block instead of waiting; the main process then
+    starts a new pool for the workers it starts next (`_main_pool`)."""
+
+    def __init__(
+        self, kept: int, lock: _Lock | None = None, pool: str | None = None, lent: Sequence[torch.Tensor] = ()
+    ):
+        self.kept, self.pool = kept, pool
+        self._blocks: deque[tuple[torch.Tensor, np.ndarray]] = deque((b, _flag(b)) for b in lent)
+        self._lock = lock or threading.Lock()  # two takers must not take the same free block
+        self._guard = threading.Lock()  # the list of blocks, against this process's other threads
 
     def take(self, size: int) -> torch.Tensor:
         """A block of at least `size` bytes, marked busy."""
-        with self._lock:
-            return self._take(size)
-
-    def _take(self, size: int) -> torch.Tensor:
-        for block, flag in self._blocks:
-            if len(block) >= size and not flag[0]:
-                break
-        else:
-            # Allocated in shared memory at once, as torch's own collate does in workers (`share_memory_()` would
-            # allocate, fill and copy a private block first: 3 times the time). An eighth more, so that the next
-            # batches, a little larger or smaller (a part's rows vary), fit it: pages never written cost nothing.
-            block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size + size // 8))
-            flag = block[:8].numpy().view(np.int64)
+        with self._guard:
+            known = list(self._blocks)
+        if self._lock.acquire(timeout=_LOCK_WAIT_S):  # held for a look at a few flags, never longer
+            try:
+                for block, flag in known:
+                    if len(block) >= size and not flag[0]:
+                        flag[0] = os.getpid()
+                        return block
+            finally:
+                self._lock.release()
+        # Allocated in shared memory at once, as torch's own collate does in workers (`share_memory_()` would
+        # allocate, fill and copy a private block first: 3 times the time). An eighth more, so that the next
+        # batches, a little larger or smaller (a part's rows vary), fit it: pages never written cost nothing.
+        block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size + size // 8))
+        flag = _flag(block)
+        flag[0] = os.getpid()  # nobody else knows it yet
+        with self._guard:
             self._blocks.append((block, flag))
-            if len(self._blocks) > self._kept:
+            if len(self._blocks) > self.kept:
                 self._blocks.popleft()
-        flag[0] = os.getpid()
         return block
 
 
-_BLOCKS = _Blocks(kept=4)
+def _flag(block: torch.Tensor) -> np.ndarray:
+    return block[:8].numpy().view(np.int64)
+
+
+_KEPT = 4  # blocks per worker: one being built, the DataLoader's 2 prefetched, one in use
+_LOCK_WAIT_S = 0.1  # the lock is held for microseconds: longer, its holder died holding it
+_BLOCKS = _Blocks(kept=_KEPT)
+
+
+class _Pool:
+    """In the main process, the shared blocks that DataLoader workers sent it (at most the `kept` of the last worker
+    to send one, the most recent ones), kept mapped and handed to the workers started next, of any dataset
+    (`FlightDataset.__getstate__`): a worker started for an epoch then writes into pages that exist already (into
+    a new block: 3 times the time, its pages allocated and zeroed), and the main process, still holding the block's
+    mapping, receives it without mapping it again. One per process (`_main_pool`)."""
+
+    def __init__(self) -> None:
+        self.id = uuid.uuid4().hex
+        self.lock = multiprocessing.get_context("spawn").Lock()  # shared with workers however they are started
+        self._blocks: OrderedDict[int, torch.Tensor] = OrderedDict()  # by address, the most recent last
+        self._guard = threading.Lock()
+
+    def keep(self, block: torch.Tensor, kept: int) -> None:
+        at = block.untyped_storage().data_ptr()
+        with self._guard:
+            self._blocks[at] = block
+            self._blocks.move_to_end(at)
+            while len(self._blocks) > kept:
+                self._blocks.popitem(last=False)
+
+    def blocks(self) -> list[torch.Tensor]:
+        with self._guard:
+            return list(self._blocks.values())
+
+
+_POOL: _Pool | None = None
+_POOL_MADE = threading.Lock()
+
+
+def _main_pool() -> _Pool:
+    """This process's `_Pool`, made when it first starts DataLoader workers, and made anew if a worker died holding
+    its lock (workers started before keep the old one: no block is in both)."""
+    global _POOL
+    with _POOL_MADE:
+        if _POOL is None or not _POOL.lock.acquire(timeout=_LOCK_WAIT_S):
+            _POOL = _Pool()
+        else:
+            _POOL.lock.release()
+        return _POOL
 
 
 class _OneBlock(dict[str, torch.Tensor]):
@@ -152,12 +225,12 @@ class _OneBlock(dict[str, torch.Tensor]):
     would send each tensor's storage apart, a file descriptor passed over a new connection per tensor and batch
     (for 12 columns, 12 handshakes where one does). Unpickled, a plain dict."""
 
-    def __init__(self, block: torch.Tensor):
+    def __init__(self, block: torch.Tensor, pool: str | None = None, kept: int = _KEPT):
         super().__init__()
-        self.block = block
+        self.block, self.pool, self.kept = block, pool, kept
 
     def __copy__(self) -> _OneBlock:  # the DataLoader's `default_convert` copies what a worker yields
-        copied = _OneBlock(self.block)
+        copied = _OneBlock(self.block, self.pool, self.kept)
         copied.update(self)
         return copied
 
@@ -166,7 +239,7 @@ class _OneBlock(dict[str, torch.Tensor]):
         if not all(_slice_of(t, block) for t in self.values()):
             return (dict, (dict(self),))  # a value was replaced or added: send each as torch would
         layout = [(name, t.storage_offset() * t.element_size(), t.nbytes, t.dtype) for name, t in self.items()]
-        return (_views, (self.block, layout))
+        return (_views, (self.block, layout, self.pool, self.kept))
 
 
 def _slice_of(value: Any, block: int) -> bool:
@@ -179,14 +252,22 @@ def _slice_of(value: Any, block: int) -> bool:
     )
 
 
-def _views(block: torch.Tensor, layout: list[tuple[str, int, int, torch.dtype]]) -> dict[str, torch.Tensor]:
+def _views(
+    block: torch.Tensor,
+    layout: list[tuple[str, int, int, torch.dtype]],
+    pool: str | None = None,
+    kept: int = _KEPT,
+) -> dict[str, torch.Tensor]:
     """The tensors of an `_OneBlock` again, in the process that received its block: views of one tensor made from
     the block as NumPy, which holds that array while any view lives; when the last goes, the array's finalizer
-    clears the block's busy flag and its sender may reuse it (`_Blocks`)."""
+    clears the block's busy flag and its sender may reuse it (`_Blocks`). A block of this process's pool is kept in
+    it (`_Pool`)."""
     whole = block.numpy()
     flag = block[:8].view(torch.int64)
     if int(flag) != os.getpid():
         weakref.finalize(whole, flag.fill_, 0).atexit = False
+    if _POOL is not None and pool == _POOL.id:
+        _POOL.keep(block, kept)
     base = torch.from_numpy(whole)
     views = {}
     for name, at, nbytes, dtype in layout:  # byte offsets and sizes in the block
@@ -282,6 +363,18 @@ class FlightDataset(IterableDataset[Batch]):
         # persistent workers see `set_epoch` too.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.rank, self.world_size, _ = _distributed(rank, world_size)
+        self._lent: tuple[str, _Lock, list[torch.Tensor]] | None = None  # in a worker: the pool it was handed
+        self._blocks: _Blocks | None = None  # in a worker: its blocks, from `_lent`
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a DataLoader worker receives: the plan and options, and, when it is being started (its
+        arguments pickled to a new process), the main process's pool of shared blocks (`_Pool`) to write its
+        batches into. Pickled otherwise (e.g. to Ray, or by `copy`), the dataset carries no blocks."""
+        state = {**self.__dict__, "_blocks": None, "_lent": None}
+        if multiprocessing.context.get_spawning_popen() is not None:
+            pool = _main_pool()
+            state["_lent"] = (pool.id, pool.lock, pool.blocks())
+        return state
 
     @classmethod
     def table(
@@ -388,9 +481,19 @@ class FlightDataset(IterableDataset[Batch]):
         mine = self.endpoints(info.id, info.num_workers) if info is not None else self.endpoints()
         if not mine:
             return
-        tensors = to_tensors if info is None else shared_tensors  # a worker's batches go to the main process
+        tensors: Callable[[pa.RecordBatch], dict[str, torch.Tensor]] = to_tensors
+        if info is not None:  # a worker's batches go to the main process
+            tensors = functools.partial(shared_tensors, blocks=self._worker_blocks(info.num_workers))
         for batch in rebatch(self.plan.batches(mine), self.batch_size):
             yield tensors(batch) if self.format == "torch" else batch
+
+    def _worker_blocks(self, workers: int) -> _Blocks | None:
+        """A worker's blocks: those of the pool it was handed when started, shared with the other workers (each
+        keeping up to `_KEPT` for each worker of its loader), else this process's own."""
+        if self._blocks is None and self._lent is not None:
+            pool, lock, lent = self._lent
+            self._blocks = _Blocks(_KEPT * workers, lock, pool, lent)
+        return self._blocks
 
 
 def _check_same_snapshots(shared: bool, world_size: int, pinned: bool, how: str) -> None:

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from flight_client import FeatureClient, InvalidRequestError
+from flight_client import torch as flight_torch
 from flight_client.plans import row_ranges
 from flight_client.torch import FlightDataset, shared_tensors, to_tensors
 from tests.conftest import serve_replicas, sqlite_catalog
@@ -420,6 +421,76 @@ def test_a_block_is_reused_once_its_receiver_lets_go_of_every_view() -> None:
     assert block(copied) == block(again)
     del copied
     assert block(shared_tensors(batch)) != block(again)
+
+
+def mappings() -> dict[int, tuple[int, int]]:
+    """This process's mapped files: inode to the address range of a mapping of it."""
+    found = {}
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, _, _, _, inode, *_ = line.split()
+        start, end = (int(x, 16) for x in span.split("-"))
+        found[int(inode)] = (start, end)
+    return found
+
+
+def block_file(tensor: torch.Tensor) -> int:
+    """The inode of the shared-memory file whose mapping in this process holds `tensor`'s data."""
+    at = tensor.untyped_storage().data_ptr()
+    return next(inode for inode, (start, end) in mappings().items() if start <= at < end)
+
+
+def test_workers_started_per_epoch_write_into_the_blocks_of_the_epoch_before(location: str, scan_table: str) -> None:
+    """Workers started for an epoch (the DataLoader's default) are handed the shared blocks the main process
+    received before, of any dataset: a new block's pages cost 3 times the time to write. Every row once all the
+    same, and a batch the main process still holds keeps its values while the next epoch's workers write (they
+    take other blocks)."""
+
+    def epoch(held: list[dict[str, torch.Tensor]] | None = None) -> tuple[list[int], set[int]]:
+        dataset = FlightDataset.table(location, scan_table, columns=NUMERIC, partitions=4, batch_size=500)
+        ids, files = [], set()
+        for batch in load_lazily(dataset):
+            ids += batch["id"].tolist()
+            files.add(block_file(batch["id"]))
+            if held is not None:
+                held.append(batch)
+        return sorted(ids), files
+
+    first, _ = epoch()
+    assert first == list(range(SCAN_ROWS))
+    mapped = set(mappings())  # the blocks received so far among them, kept mapped
+    again, used = epoch()
+    assert again == first and used <= mapped, "the second epoch's workers wrote into blocks received before only"
+    held: list[dict[str, torch.Tensor]] = []
+    _, busy = epoch(held)  # every batch held: the next workers must take other blocks
+    kept = [{k: t.numpy().tobytes() for k, t in b.items()} for b in held]
+    ids, files = epoch()
+    assert ids == first and not files & busy
+    assert [{k: t.numpy().tobytes() for k, t in b.items()} for b in held] == kept, "held batches keep their values"
+
+
+def test_a_worker_killed_holding_the_blocks_lock_leaves_the_next_workers_a_pool_of_their_own(
+    location: str, scan_table: str
+) -> None:
+    """Workers take a block under a lock all of them share: if one is killed holding it (a DataLoader terminates
+    workers that do not stop in time), the next workers get a new pool and lock, and no block of the old one."""
+    dataset = FlightDataset.table(location, scan_table, columns=["id"], partitions=4, batch_size=500)
+    assert sorted(i for b in load(dataset) for i in b["id"].tolist()) == list(range(SCAN_ROWS))
+    stuck = flight_torch._POOL
+    assert stuck is not None and stuck.blocks()
+    stuck.lock.acquire()  # as a worker killed while it held the lock
+    try:
+        mapped = set(mappings())
+        dataset.set_epoch(1)
+        batches = load(dataset)
+        assert sorted(i for b in batches for i in b["id"].tolist()) == list(range(SCAN_ROWS))
+        assert flight_torch._POOL is not stuck and not {block_file(b["id"]) for b in batches} & mapped
+    finally:
+        stuck.lock.release()
+
+
+def load_lazily(dataset: FlightDataset) -> Iterator[dict[str, torch.Tensor]]:
+    """`load`, each batch handed on as it comes (the caller decides which it keeps)."""
+    yield from DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="forkserver")
 
 
 def test_tensors_import_no_pandas() -> None:
