@@ -480,3 +480,7 @@ def plot_command(json_files: tuple[Path, ...], plot_dir: Path) -> None:
     prepare_plot_dir(plot_dir)
     for payload in payloads:
         write_plots(payload, plot_dir)
+
+
+if __name__ == "__main__":  # python -m benchmarks.cli, as flight-bench (a checkout without the entry point)
+    main()
