@@ -27,6 +27,11 @@ class SnapshotsInUse:
         self._lock = threading.Lock()
         self._ended = float("-inf")  # when the last read ended (monotonic); none yet: long ago
 
+    def held(self) -> set[Held]:
+        """Every snapshot a running read uses."""
+        with self._lock:
+            return set(self._counts)
+
     def idle_seconds(self) -> float:
         """Seconds since the last read ended: 0 while one runs. Background work that competes for the cores (folding
         training-set indexes) waits for a quiet moment."""
