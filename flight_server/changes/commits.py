@@ -12,9 +12,9 @@ kept and do not force a new plan.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -82,7 +82,7 @@ def delete_files(io: FileIO, paths: list[str]) -> None:
 
 
 def commit_rewrite(
-    lock: threading.Lock,
+    lock: AbstractContextManager[object],
     table: Table,
     operation: Operation,
     removed: list[DataFile],
