@@ -22,6 +22,7 @@ from pyiceberg.schema import assign_fresh_schema_ids
 from pyiceberg.table.locations import load_location_provider
 from pyiceberg.table.metadata import TableMetadata, new_table_metadata
 from pyiceberg.table.sorting import UNSORTED_SORT_ORDER
+from pyiceberg.types import IntegerType, LongType
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
 from flight_server.base.schemas import new_table_schema, table_arrow_schema
@@ -32,6 +33,7 @@ from flight_server.changes.files import (
     file_statistics,
     parquet_options,
     partition_counts,
+    partition_values,
     partitioned_rows,
     sort_rows,
 )
@@ -105,6 +107,24 @@ def test_partitions_are_pyiceberg_s_with_the_same_rows_in_the_same_order(
 
     assert len(ours) == len(expected)
     assert by_path(ours) == by_path(expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=200),
+    int32=st.booleans(),
+    buckets=st.one_of(st.integers(1, 20), st.integers(1, 2**31 - 1)),
+)
+def test_buckets_of_integers_are_iceberg_s(values: list[int], int32: bool, buckets: int) -> None:
+    """The bucket partition values of integer columns are what pyiceberg's own transform gives value by value."""
+    if int32:
+        values = [v % 2**32 - 2**31 for v in values]
+    key = pa.array(values, pa.int32() if int32 else pa.int64())
+    metadata = _metadata([f"bucket({buckets}, key)"], pa.schema([pa.field("key", key.type)]))
+    found = partition_values(metadata, pa.table({"key": key}))
+    assert found is not None
+    transform = metadata.spec().fields[0].transform.transform(IntegerType() if int32 else LongType())
+    assert found.column(0).to_pylist() == [transform(v) for v in values]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import math
+import sys
 import threading
 import uuid
 from concurrent.futures import wait
@@ -41,7 +42,7 @@ from pyiceberg.schema import Schema, sanitize_column_names
 from pyiceberg.table import TableProperties
 from pyiceberg.table.locations import LocationProvider, load_location_provider
 from pyiceberg.table.metadata import TableMetadata
-from pyiceberg.transforms import DayTransform, MonthTransform, Transform, YearTransform
+from pyiceberg.transforms import BucketTransform, DayTransform, MonthTransform, Transform, YearTransform
 from pyiceberg.typedef import Properties, Record
 from pyiceberg.types import (
     BinaryType,
@@ -215,10 +216,10 @@ def _take(chunk: pa.Table, indices: pa.Array) -> pa.Table:
 
 
 def _partition_values(spec: PartitionSpec, schema: Schema, chunk: pa.Table) -> pa.Table | None:
-    """Each partition field's value for every row (`_calendar`, else pyiceberg-core's transforms, a column at a
-    time), or None when a field's source is nested or its transform has no Arrow form, or a value could be NaN
-    (which equals nothing, so runs of it would not group). pyiceberg-core reads a copy of the source column: the
-    buffers Flight received may not be aligned as it requires (it panics), a `take`'s are."""
+    """Each partition field's value for every row (`_calendar`, `_integer_buckets`, else pyiceberg-core's
+    transforms, a column at a time), or None when a field's source is nested or its transform has no Arrow form, or
+    a value could be NaN (which equals nothing, so runs of it would not group). pyiceberg-core reads a copy of the
+    source column: the buffers Flight received may not be aligned as it requires (it panics), a `take`'s are."""
     columns: dict[str, pa.ChunkedArray] = {}
     for index, field in enumerate(spec.fields):
         name = schema.find_column_name(field.source_id)
@@ -226,6 +227,8 @@ def _partition_values(spec: PartitionSpec, schema: Schema, chunk: pa.Table) -> p
             return None
         source = chunk.column(name)
         column = _calendar(field.transform, source)
+        if column is None:
+            column = _integer_buckets(field.transform, source)
         if column is None:
             try:
                 transform = field.transform.pyarrow_transform(schema.find_field(field.source_id).field_type)
@@ -243,6 +246,10 @@ def _calendar(transform: Transform[Any, Any], source: pa.ChunkedArray) -> pa.Chu
     is several times faster than pyiceberg-core's transforms of the same values; None for other transforms."""
     if not isinstance(transform, (YearTransform, MonthTransform, DayTransform)):
         return None
+    if isinstance(transform, (YearTransform, MonthTransform)) and pa.types.is_timestamp(source.type):
+        looked_up = _by_day(transform, source)
+        if looked_up is not None:
+            return looked_up
     if pa.types.is_timestamp(source.type):
         source = source.cast(pa.timestamp(source.type.unit))  # the UTC calendar, whatever the zone
     elif not pa.types.is_date(source.type):
@@ -253,6 +260,65 @@ def _calendar(transform: Transform[Any, Any], source: pa.ChunkedArray) -> pa.Chu
     if isinstance(transform, YearTransform):
         return years.cast(pa.int32())
     return pc.add(pc.multiply(years, 12), pc.subtract(pc.month(source), 1)).cast(pa.int32())
+
+
+def _integer_buckets(transform: Transform[Any, Any], source: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """Iceberg's bucket of integers (ints and longs hash alike: Murmur3 x86 32-bit of the value as a little-endian
+    long, seed 0), by numpy over whole columns, in place: 3 times faster than pyiceberg-core's transform, which was
+    most of a put's partition values. None for other transforms or sources, with nulls, or on a big-endian machine."""
+    if not isinstance(transform, BucketTransform) or source.null_count or sys.byteorder != "little":
+        return None
+    if not pa.types.is_integer(source.type) or pa.types.is_uint64(source.type):  # no Iceberg type is a uint64
+        return None
+    halves = source.combine_chunks().to_numpy().astype(np.int64).view(np.uint32).reshape(-1, 2)  # low, high
+    hashes = np.zeros(len(halves), dtype=np.uint32)
+    spare = np.empty_like(hashes)
+
+    def rotate_left(values: np.ndarray, bits: int) -> None:
+        np.right_shift(values, np.uint32(32 - bits), out=spare)
+        values <<= np.uint32(bits)
+        values |= spare
+
+    for half in (0, 1):
+        block = halves[:, half] * np.uint32(0xCC9E2D51)
+        rotate_left(block, 15)
+        block *= np.uint32(0x1B873593)
+        hashes ^= block
+        rotate_left(hashes, 13)
+        hashes *= np.uint32(5)
+        hashes += np.uint32(0xE6546B64)
+    hashes ^= np.uint32(8)  # the length in bytes
+    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        np.right_shift(hashes, np.uint32(shift), out=spare)
+        hashes ^= spare
+        hashes *= np.uint32(factor)
+    np.right_shift(hashes, np.uint32(16), out=spare)
+    hashes ^= spare
+    hashes &= np.uint32(0x7FFFFFFF)
+    hashes %= np.uint32(transform.num_buckets)
+    return pa.chunked_array([pa.array(hashes.view(np.int32))])
+
+
+# Calendar days a put's timestamps may span for `_by_day` (about 180 years): a table of that many days is built in
+# well under a millisecond.
+CALENDAR_DAYS = 1 << 16
+_UNITS_PER_DAY = {"s": 86_400, "ms": 86_400_000, "us": 86_400_000_000, "ns": 86_400_000_000_000}
+
+
+def _by_day(transform: Transform[Any, Any], source: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """`_calendar`'s year or month of timestamps, by day: each day the values span is worked out once by Arrow and
+    looked up for every value, 4-5 times faster than Arrow's year and month of every value (a put spans few days).
+    None when a value is null or they span more than `CALENDAR_DAYS`."""
+    if not len(source) or source.null_count:
+        return None
+    days = np.floor_divide(source.cast(pa.int64()).combine_chunks().to_numpy(), _UNITS_PER_DAY[source.type.unit])
+    first, last = int(days.min()), int(days.max())
+    if last - first >= CALENDAR_DAYS:
+        return None
+    span = pa.chunked_array([pa.array(np.arange(first, last + 1, dtype=np.int32)).cast(pa.date32())])
+    calendar = _calendar(transform, span)
+    assert calendar is not None  # a year or month of dates
+    return pa.chunked_array([pa.array(calendar.to_numpy()[days - first])])
 
 
 def _run_starts(grouped: pa.Table) -> list[int]:
