@@ -192,6 +192,16 @@ def test_partitions_whose_first_rows_tie_come_in_the_order_of_those_rows() -> No
     assert [(p.partition[0] if p else None, r.column("key").to_pylist()) for p, r in parts] == [(1, [1]), (0, [1, 5])]
 
 
+def test_partitions_far_apart_keep_their_rows_together() -> None:
+    """Months 256 apart (partition values of 9 bits) interleaved in key order: each month is one partition."""
+    months = [0, 256, 0]
+    times = [dt.datetime(1970 + m // 12, m % 12 + 1, 2, tzinfo=dt.timezone.utc) for m in months]
+    rows = pa.table({"key": pa.array([1, 2, 3], pa.int64()), "ts": pa.array(times, pa.timestamp("us", "UTC"))})
+    metadata = _metadata(["month(ts)"], rows.schema)
+    parts = partitioned_rows(metadata, rows.cast(table_arrow_schema(metadata.schema())), SPEC)
+    assert [(p.partition[0] if p else None, r.column("key").to_pylist()) for p, r in parts] == [(0, [1, 3]), (256, [2])]
+
+
 @pytest.mark.parametrize("key_bits", [31, 32])
 def test_keys_and_times_that_fill_64_bits_sort_as_arrow_sorts_them(key_bits: int) -> None:
     """Key and time ranges of 31 + 33 bits pack into one integer; 32 + 33 do not, and sorting them as packed would

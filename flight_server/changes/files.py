@@ -13,7 +13,6 @@ import math
 import sys
 import threading
 import uuid
-from collections.abc import Callable
 from concurrent.futures import wait
 from dataclasses import dataclass
 from dataclasses import field as default
@@ -82,7 +81,7 @@ def _sort_indices(chunk: pa.Table, spec: FeatureSpec | None) -> pa.Array | None:
     many chunks, a put's batches, by merging them, 2-3 times slower than sorting one)."""
     if spec is None or chunk.num_rows < 2:
         return None
-    columns = _sort_columns(spec)
+    columns = [*spec.entity_keys, spec.event_time]
     packed = _packed(chunk.num_rows, [chunk.column(c) for c in columns])
     if packed is not None:
         return pa.array(_stable_order(packed.values))
@@ -163,15 +162,11 @@ def write_data_files(
         # A chunk well under the target size is one file per partition, which is what pyiceberg's bin packing makes of
         # each partition's rows then, at a tenth of a small file's CPU.
         small = chunk.nbytes * 2 <= target
-        if small:
-            parts = _partitions(metadata, chunk, spec, values)
-            tasks = [_FileTask(next(counter), partition, rows) for partition, rows in parts]
-        else:
-            tasks = [
-                _FileTask(next(counter), partition, _Ready(pa.Table.from_batches(batches)))
-                for partition, rows in partitioned_rows(metadata, chunk, spec, values)
-                for batches in bin_pack_arrow_table(rows, target)
-            ]
+        tasks = [
+            _FileTask(next(counter), partition, batches)
+            for partition, rows in partitioned_rows(metadata, chunk, spec, values)
+            for batches in ([rows.to_batches()] if small else bin_pack_arrow_table(rows, target))
+        ]
         write = functools.partial(_write_file, _FileContext.of(metadata, chunk.schema), created, write_uuid)
         if chunk.nbytes < SERIAL_BYTES:
             return [write(task) for task in tasks]
@@ -191,44 +186,27 @@ def partitioned_rows(
     metadata: TableMetadata, chunk: pa.Table, spec: FeatureSpec | None, values: pa.Table | None = None
 ) -> list[tuple[PartitionKey | None, pa.Table]]:
     """A chunk's rows by partition, sorted (`sort_rows`) within each, the partitions in the order in which they
-    first appear among the sorted rows (as pyiceberg's `append` orders them). `values`: the chunk's
-    `partition_values`, when the caller has them."""
-    return [(partition, rows()) for partition, rows in _partitions(metadata, chunk, spec, values)]
+    first appear among the sorted rows (as pyiceberg's `append` orders them).
 
-
-def _partitions(
-    metadata: TableMetadata, chunk: pa.Table, spec: FeatureSpec | None, values: pa.Table | None
-) -> list[tuple[PartitionKey | None, Callable[[], pa.Table]]]:
-    """`partitioned_rows`, each partition's rows given by a call, which may take and sort them then (`_Part`).
-
-    The partition values come from Arrow compute or pyiceberg-core's transforms of whole columns. When they and the
-    keys and time pack into integers (`_packed`), the rows of a chunk of `SERIAL_BYTES` or more are grouped by
-    partition first, and each partition's rows are sorted and taken when called (`_planned`): the files of a put
-    sort and take their own rows in parallel, each as soon as a thread is free, instead of all waiting for one sort
-    of the whole chunk (the few rows of a group commit's files, written on one thread, are quicker in one sort).
-    Otherwise the rows are sorted by keys and time (on another core, above `SERIAL_BYTES`) while the values are
-    worked out, one stable sort of the values in that order (`_grouped`) groups each partition's rows in sorted
-    order, and one `take` of the chunk by the combined order makes every partition a zero-copy slice."""
+    The partition values come from Arrow compute, numpy or pyiceberg-core's transforms of whole columns, while the
+    rows are sorted by keys and time on another core (`_sort_indices`); one stable sort of those values in that
+    order (`_grouped`) groups each partition's rows in sorted order, and one `take` of the chunk by the combined
+    order makes every partition a zero-copy slice. A chunk under `SERIAL_BYTES` is sorted on the calling thread.
+    `values`: the chunk's `partition_values`, when the caller has them."""
     partition_spec, schema = metadata.spec(), metadata.schema()
     if partition_spec.is_unpartitioned():
         order = _sort_indices(chunk, spec)
-        return [(None, _Ready(chunk if order is None else _take(chunk, order)))]
+        return [(None, chunk if order is None else _take(chunk, order))]
     serial = chunk.nbytes < SERIAL_BYTES
-    keys = None if serial else _packed(chunk.num_rows, [chunk.column(c) for c in _sort_columns(spec)])
-    if keys is not None:
-        if values is None:
-            values = _partition_values(partition_spec, schema, chunk)
-        ids = None if values is None else _packed(chunk.num_rows, values.columns)
-        if ids is not None and values is not None:
-            return _planned(metadata, chunk, keys, values, ids)
     sorting = None if serial else ExecutorFactory.get_or_create().submit(_sort_indices, chunk, spec)
     if values is None:
         values = _partition_values(partition_spec, schema, chunk)
     order = _sort_indices(chunk, spec) if sorting is None else sorting.result()
     if values is None:  # a transform Arrow cannot compute here: pyiceberg's own way
-        return [
-            (partition, _Ready(rows)) for partition, rows in partitions(partition_spec, schema, sort_rows(chunk, spec))
+        fallback: list[tuple[PartitionKey | None, pa.Table]] = [
+            *partitions(partition_spec, schema, sort_rows(chunk, spec))
         ]
+        return fallback
     if order is None:
         order = pa.array(np.arange(chunk.num_rows))
     values = values.take(order)
@@ -238,59 +216,9 @@ def _partitions(
     rows = _take(chunk, order.take(by_value))
     names = values.take(positions).to_pylist()
     return [
-        (_partition_key(partition_spec, schema, key), _Ready(rows.slice(start, end - start)))
+        (_partition_key(partition_spec, schema, key), rows.slice(start, end - start))
         for _, start, end, key in sorted(zip(positions.to_pylist(), starts, ends, names, strict=True))
     ]
-
-
-def _sort_columns(spec: FeatureSpec | None) -> list[str]:
-    return [] if spec is None else [*spec.entity_keys, spec.event_time]
-
-
-def _planned(
-    metadata: TableMetadata, chunk: pa.Table, keys: _Packed, values: pa.Table, ids: _Packed
-) -> list[tuple[PartitionKey | None, Callable[[], pa.Table]]]:
-    """`_partitions` when each row's keys and time (`keys`) and partition values (`ids`) are integers. A stable sort
-    of the partition integers groups the rows of each partition, in the chunk's order. A partition's first row
-    among the rows sorted by keys and time is its least by them, the first of those: the partitions come in the
-    order of those rows (their keys and time, then position)."""
-    by_id, starts = _group_order(ids)
-    ends = np.append(starts[1:], chunk.num_rows)
-    sorted_keys = keys.values[by_id]
-    least = np.minimum.reduceat(sorted_keys, starts)
-    at_least = np.flatnonzero(sorted_keys == np.repeat(least, ends - starts))
-    firsts = by_id[at_least[np.searchsorted(at_least, starts)]]
-    names = values.take(pa.array(firsts)).to_pylist()
-    contiguous = chunk.combine_chunks()  # taken from once per partition
-    order_by = keys.values if keys.bits else None
-    partition_spec, schema = metadata.spec(), metadata.schema()
-    return [
-        (_partition_key(partition_spec, schema, names[i]), _Part(contiguous, by_id[starts[i] : ends[i]], order_by))
-        for i in np.lexsort((firsts, least))
-    ]
-
-
-@dataclass(frozen=True)
-class _Ready:
-    """Rows taken already."""
-
-    rows: pa.Table
-
-    def __call__(self) -> pa.Table:
-        return self.rows
-
-
-@dataclass(frozen=True)
-class _Part:
-    """A partition's rows, sorted and taken from the chunk when called (by the thread that writes their file)."""
-
-    chunk: pa.Table
-    positions: np.ndarray  # the partition's rows in the chunk, in its order
-    keys: np.ndarray | None  # every row's keys and time (`_packed`), when rows are sorted by them
-
-    def __call__(self) -> pa.Table:
-        order = self.positions if self.keys is None else self.positions[_stable_order(self.keys[self.positions])]
-        return self.chunk.take(pa.array(order))
 
 
 def _grouped(values: pa.Table) -> tuple[pa.Array, list[int]]:
@@ -301,16 +229,9 @@ def _grouped(values: pa.Table) -> tuple[pa.Array, list[int]]:
     if ids is None:
         by_value = pc.sort_indices(values, sort_keys=[(name, "ascending") for name in values.column_names])
         return by_value, _run_starts(values.take(by_value))
-    order, starts = _group_order(ids)
-    return pa.array(order), starts.tolist()
-
-
-def _group_order(ids: _Packed) -> tuple[np.ndarray, np.ndarray]:
-    """The stable order of packed rows (into 16 bits, numpy sorts them by radix), and where each run of equal ones
-    starts in it."""
     order = _stable_order(ids.values.astype(np.uint16) if ids.bits <= 16 else ids.values)
     grouped = ids.values[order]
-    return order, np.concatenate([[0], np.flatnonzero(grouped[1:] != grouped[:-1]) + 1])
+    return pa.array(order), [0, *(np.flatnonzero(grouped[1:] != grouped[:-1]) + 1).tolist()]
 
 
 def _partition_key(partition_spec: PartitionSpec, schema: Schema, values: dict[str, Any]) -> PartitionKey:
@@ -473,11 +394,11 @@ def _run_starts(grouped: pa.Table) -> list[int]:
 
 
 class _FileTask(NamedTuple):
-    """A data file to write: its number in the write, partition and rows (taken when the file is written)."""
+    """A data file to write: its number in the write, partition and rows."""
 
     number: int
     partition: PartitionKey | None
-    rows: Callable[[], pa.Table]
+    batches: list[pa.RecordBatch]
 
 
 def layout_key(metadata: TableMetadata) -> tuple[Any, ...]:
@@ -602,7 +523,7 @@ def _write_file(context: _FileContext, io: FileIO, write_uuid: uuid.UUID, task: 
     output = io.new_output(path)
     writer = ParquetWriter(output, context.options, context.layout)
     try:
-        writer.write(pa.Table.from_batches([context.file_batch(b, model) for b in task.rows().to_batches()]))
+        writer.write(pa.Table.from_batches([context.file_batch(b, model) for b in task.batches]))
         statistics = writer.close()
     except BaseException:
         writer.abort()
