@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +23,7 @@ from pyiceberg.schema import assign_fresh_schema_ids
 from pyiceberg.table.locations import load_location_provider
 from pyiceberg.table.metadata import TableMetadata, new_table_metadata
 from pyiceberg.table.sorting import UNSORTED_SORT_ORDER
+from pyiceberg.types import IntegerType, LongType
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
 from flight_server.base.schemas import new_table_schema, table_arrow_schema
@@ -32,6 +34,7 @@ from flight_server.changes.files import (
     file_statistics,
     parquet_options,
     partition_counts,
+    partition_values,
     partitioned_rows,
     sort_rows,
 )
@@ -105,6 +108,127 @@ def test_partitions_are_pyiceberg_s_with_the_same_rows_in_the_same_order(
 
     assert len(ours) == len(expected)
     assert by_path(ours) == by_path(expected)
+
+
+def keyed_rows_strategy() -> st.SearchStrategy[pa.Table]:
+    """Rows whose key and time columns pack into one integer (narrow ranges) or not (the whole int64 range, string
+    keys), with ties, both sides of 1970, and a small integer `group` (partitions whose first rows tie)."""
+
+    def table(kind: str, rows: list[tuple[int, int, float, int]]) -> pa.Table:
+        keys = [r[0] for r in rows]
+        key = {
+            "narrow": pa.array(keys, pa.int64()),
+            "wide": pa.array(keys, pa.int64()),
+            "string": pa.array([f"k{k % 1000:03d}" for k in keys]),
+            "date": pa.array([k % 100_000 for k in keys], pa.int32()).cast(pa.date32()),
+        }[kind]
+        ts = pa.array([r[1] for r in rows], pa.int64()).cast(pa.timestamp("us", "UTC"))
+        value = pa.array([r[2] for r in rows])
+        return pa.table({"key": key, "ts": ts, "value": value, "group": pa.array([r[3] for r in rows], pa.int64())})
+
+    def rows(kind: str) -> st.SearchStrategy[pa.Table]:
+        keys = st.integers(-(2**63), 2**63 - 1) if kind == "wide" else st.integers(-50, 50)
+        times = st.one_of(st.integers(-(10**12), 10**12), st.integers(-3 * 10**15, 3 * 10**15))  # days, or centuries
+        row = st.tuples(keys, times, st.floats(allow_nan=False), st.integers(0, 3))
+        tie = st.tuples(st.sampled_from([0, 1]), st.integers(0, 3))  # a row's key and time again, in any group
+        repeated = st.lists(row, min_size=1, max_size=200).flatmap(
+            lambda base: st.lists(st.tuples(st.sampled_from(base), tie), min_size=1, max_size=300).map(
+                lambda picks: [(r[0], r[1], r[2], group if again else r[3]) for r, (again, group) in picks]
+            )
+        )
+        return st.one_of(st.lists(row, min_size=1, max_size=300), repeated).map(lambda r: table(kind, r))
+
+    return st.sampled_from(["narrow", "wide", "string", "date"]).flatmap(rows)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=keyed_rows_strategy(),
+    layout=st.sampled_from([*LAYOUTS[:3], ["bucket(4, key)"], ["identity(group)"], ["day(ts)", "identity(group)"]]),
+    sort=st.booleans(),
+    split=st.integers(1, 4),
+)
+def test_partitions_and_their_rows_come_in_the_order_of_a_plain_sort(
+    rows: pa.Table, layout: list[str], sort: bool, split: int
+) -> None:
+    """Exactly what a plain stable sort by key and time, then pyiceberg's partitioning gives: the partitions in the
+    order of their first rows among the sorted rows, each with its rows in sorted order (the sort as packed integers
+    or as Arrow's, whichever the rows allow)."""
+    metadata = _metadata(layout, rows.schema)
+    chunk = pa.Table.from_batches(
+        rows.cast(table_arrow_schema(metadata.schema())).to_batches(max(1, len(rows) // split))
+    )
+    spec = SPEC if sort else None
+    ordered = chunk.add_column(0, "_position", pa.array(range(len(chunk)), pa.int64()))
+    if spec is not None:
+        keys = [("key", "ascending"), ("ts", "ascending"), ("_position", "ascending")]
+        ordered = ordered.take(pc.sort_indices(ordered, sort_keys=keys))
+    ordered = ordered.add_column(0, "_rank", pa.array(range(len(chunk)), pa.int64())).drop_columns(["_position"])
+    if metadata.spec().is_unpartitioned():
+        expected = [(None, ordered)]
+    else:
+        expected = sorted(
+            partitions(metadata.spec(), metadata.schema(), ordered),
+            key=lambda part: pc.min(part[1].column("_rank")).as_py(),
+        )
+    ours = partitioned_rows(metadata, chunk, spec)
+    assert [p.to_path() if p else None for p, _ in ours] == [p.to_path() if p else None for p, _ in expected]
+    for (_, mine), (_, theirs) in zip(ours, expected, strict=True):
+        assert mine.to_pylist() == theirs.sort_by("_rank").drop_columns(["_rank"]).to_pylist()
+
+
+def test_partitions_whose_first_rows_tie_come_in_the_order_of_those_rows() -> None:
+    """Partition 0 holds the first row of the chunk, but partition 1's least row (by key and time) comes before
+    partition 0's equal one: sorted, partition 1's rows come first."""
+    rows = pa.table(
+        {
+            "key": pa.array([5, 1, 1], pa.int64()),
+            "ts": pa.array([0, 0, 0], pa.timestamp("us", "UTC")),
+            "group": pa.array([0, 1, 0], pa.int64()),
+        }
+    )
+    metadata = _metadata(["identity(group)"], rows.schema)
+    parts = partitioned_rows(metadata, rows.cast(table_arrow_schema(metadata.schema())), SPEC)
+    assert [(p.partition[0] if p else None, r.column("key").to_pylist()) for p, r in parts] == [(1, [1]), (0, [1, 5])]
+
+
+def test_partitions_far_apart_keep_their_rows_together() -> None:
+    """Months 256 apart (partition values of 9 bits) interleaved in key order: each month is one partition."""
+    months = [0, 256, 0]
+    times = [dt.datetime(1970 + m // 12, m % 12 + 1, 2, tzinfo=dt.timezone.utc) for m in months]
+    rows = pa.table({"key": pa.array([1, 2, 3], pa.int64()), "ts": pa.array(times, pa.timestamp("us", "UTC"))})
+    metadata = _metadata(["month(ts)"], rows.schema)
+    parts = partitioned_rows(metadata, rows.cast(table_arrow_schema(metadata.schema())), SPEC)
+    assert [(p.partition[0] if p else None, r.column("key").to_pylist()) for p, r in parts] == [(0, [1, 3]), (256, [2])]
+
+
+@pytest.mark.parametrize("key_bits", [31, 32])
+def test_keys_and_times_that_fill_64_bits_sort_as_arrow_sorts_them(key_bits: int) -> None:
+    """Key and time ranges of 31 + 33 bits pack into one integer; 32 + 33 do not, and sorting them as packed would
+    lose the key's top bit (the key 2**31 would sort as 0)."""
+    keys = [0, 1, 2 ** (key_bits - 1), 2**key_bits - 1]
+    times = [0, 2**33 - 1, 5, 0]
+    rows = pa.table({"key": pa.array(keys, pa.int64()), "ts": pa.array(times, pa.timestamp("us", "UTC"))})
+    expected = rows.sort_by([("key", "ascending"), ("ts", "ascending")])
+    assert sort_rows(rows, SPEC).to_pylist() == expected.to_pylist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=200),
+    int32=st.booleans(),
+    buckets=st.one_of(st.integers(1, 20), st.integers(1, 2**31 - 1)),
+)
+def test_buckets_of_integers_are_iceberg_s(values: list[int], int32: bool, buckets: int) -> None:
+    """The bucket partition values of integer columns are what pyiceberg's own transform gives value by value."""
+    if int32:
+        values = [v % 2**32 - 2**31 for v in values]
+    key = pa.array(values, pa.int32() if int32 else pa.int64())
+    metadata = _metadata([f"bucket({buckets}, key)"], pa.schema([pa.field("key", key.type)]))
+    found = partition_values(metadata, pa.table({"key": key}))
+    assert found is not None
+    transform = metadata.spec().fields[0].transform.transform(IntegerType() if int32 else LongType())
+    assert found.column(0).to_pylist() == [transform(v) for v in values]
 
 
 @pytest.fixture(scope="module")

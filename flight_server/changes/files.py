@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import math
+import sys
 import threading
 import uuid
 from concurrent.futures import wait
@@ -41,7 +42,7 @@ from pyiceberg.schema import Schema, sanitize_column_names
 from pyiceberg.table import TableProperties
 from pyiceberg.table.locations import LocationProvider, load_location_provider
 from pyiceberg.table.metadata import TableMetadata
-from pyiceberg.transforms import DayTransform, MonthTransform, Transform, YearTransform
+from pyiceberg.transforms import BucketTransform, DayTransform, MonthTransform, Transform, YearTransform
 from pyiceberg.typedef import Properties, Record
 from pyiceberg.types import (
     BinaryType,
@@ -75,12 +76,58 @@ def sort_rows(chunk: pa.Table, spec: FeatureSpec | None) -> pa.Table:
 
 
 def _sort_indices(chunk: pa.Table, spec: FeatureSpec | None) -> pa.Array | None:
-    """The stable order of `sort_rows` (None: the chunk's own). The sort columns are made contiguous first: Arrow
-    sorts a table of many chunks (a put's batches) by merging them, 2-3 times slower than sorting one."""
-    if spec is None:
+    """The stable order of `sort_rows` (None: the chunk's own): one sort of the key and time columns packed into one
+    integer (`_packed`) when they fit, else Arrow's sort of the columns made contiguous first (Arrow sorts a table of
+    many chunks, a put's batches, by merging them, 2-3 times slower than sorting one)."""
+    if spec is None or chunk.num_rows < 2:
         return None
     columns = [*spec.entity_keys, spec.event_time]
+    packed = _packed(chunk.num_rows, [chunk.column(c) for c in columns])
+    if packed is not None:
+        return pa.array(_stable_order(packed.values))
     return pc.sort_indices(chunk.select(columns).combine_chunks(), sort_keys=[(c, "ascending") for c in columns])
+
+
+class _Packed(NamedTuple):
+    """Columns packed into one unsigned integer per row (`_packed`): ordering these orders the rows by the columns."""
+
+    values: np.ndarray  # uint64
+    bits: int  # how many low bits the columns take
+
+
+def _packed(rows: int, columns: list[pa.ChunkedArray], below: _Packed | None = None) -> _Packed | None:
+    """Each of `rows` rows' values of `columns` (integers, dates or timestamps without nulls), less each column's least
+    value, side by side in one uint64, the first column highest, above `below`'s bits: comparing two rows' integers
+    compares the rows by the columns in order, as Arrow's sort does. None when a column is of another kind or has
+    nulls, or when they need more than 64 bits (the ranges of the values in this chunk count, not their types')."""
+    packed, shift = below or _Packed(np.zeros(rows, dtype=np.uint64), 0)
+    for column in reversed(columns if rows else []):
+        integers = _integers(column)
+        if integers is None:
+            return None
+        least = int(integers.min())
+        bits = (int(integers.max()) - least).bit_length()
+        if shift + bits > 64:
+            return None
+        if bits:  # the values less the least fit in `bits`, so the wrap of unsigned arithmetic leaves them exact
+            packed = packed | (integers.astype(np.uint64) - np.uint64(least % (1 << 64))) << np.uint64(shift)
+        shift += bits
+    return _Packed(packed, shift)
+
+
+def _integers(column: pa.ChunkedArray) -> np.ndarray | None:
+    """The column's values as the integers Arrow orders them by (dates as days, timestamps in their unit), or None."""
+    kind = column.type
+    if column.null_count or not (pa.types.is_integer(kind) or pa.types.is_timestamp(kind) or pa.types.is_date(kind)):
+        return None
+    if not pa.types.is_integer(kind):
+        column = column.cast(pa.int32() if pa.types.is_date32(kind) else pa.int64())
+    return column.combine_chunks().to_numpy()
+
+
+def _stable_order(packed: np.ndarray) -> np.ndarray:
+    """The positions of `packed` in ascending order, equal values in the order they come (as Arrow's stable sort)."""
+    return np.argsort(packed, kind="stable")
 
 
 # Below this many Arrow bytes a chunk's rows are sorted, partitioned and written on the calling thread: for the few
@@ -141,11 +188,11 @@ def partitioned_rows(
     """A chunk's rows by partition, sorted (`sort_rows`) within each, the partitions in the order in which they
     first appear among the sorted rows (as pyiceberg's `append` orders them).
 
-    The partition values come from Arrow compute or pyiceberg-core's transforms of whole columns, while Arrow sorts
-    the rows by keys and time on another core; one stable sort of those values in that order groups each
-    partition's rows in sorted order, and one `take` of the chunk by the combined order makes every partition a
-    zero-copy slice. A chunk under `SERIAL_BYTES` is sorted on the calling thread. `values`: the chunk's
-    `partition_values`, when the caller has them."""
+    The partition values come from Arrow compute, numpy or pyiceberg-core's transforms of whole columns, while the
+    rows are sorted by keys and time on another core (`_sort_indices`); one stable sort of those values in that
+    order (`_grouped`) groups each partition's rows in sorted order, and one `take` of the chunk by the combined
+    order makes every partition a zero-copy slice. A chunk under `SERIAL_BYTES` is sorted on the calling thread.
+    `values`: the chunk's `partition_values`, when the caller has them."""
     partition_spec, schema = metadata.spec(), metadata.schema()
     if partition_spec.is_unpartitioned():
         order = _sort_indices(chunk, spec)
@@ -163,25 +210,40 @@ def partitioned_rows(
     if order is None:
         order = pa.array(np.arange(chunk.num_rows))
     values = values.take(order)
-    by_value = pc.sort_indices(values, sort_keys=[(name, "ascending") for name in values.column_names])
-    grouped = values.take(by_value)
-    starts = _run_starts(grouped)
-    ends = [*starts[1:], grouped.num_rows]
-    firsts = by_value.take(pa.array(starts)).to_pylist()  # positions among the sorted rows: stable, so the least
+    by_value, starts = _grouped(values)
+    ends = [*starts[1:], values.num_rows]
+    positions = by_value.take(pa.array(starts))  # of each partition's first row among the sorted rows
     rows = _take(chunk, order.take(by_value))
-    keys = grouped.take(pa.array(starts)).to_pylist()
-    parts: list[tuple[PartitionKey | None, pa.Table]] = []
-    for _, start, end, key in sorted(zip(firsts, starts, ends, keys, strict=True)):
-        partition = PartitionKey(
-            field_values=[
-                PartitionFieldValue(field=field, value=key[name])
-                for field, name in zip(partition_spec.fields, values.column_names, strict=True)
-            ],
-            partition_spec=partition_spec,
-            schema=schema,
-        )
-        parts.append((partition, rows.slice(start, end - start)))
-    return parts
+    names = values.take(positions).to_pylist()
+    return [
+        (_partition_key(partition_spec, schema, key), rows.slice(start, end - start))
+        for _, start, end, key in sorted(zip(positions.to_pylist(), starts, ends, names, strict=True))
+    ]
+
+
+def _grouped(values: pa.Table) -> tuple[pa.Array, list[int]]:
+    """The stable order of the rows of `values` by all its columns, and where each run of equal rows starts in it.
+    Values that pack into one integer a row (`_packed`; into 16 bits, numpy sorts them by radix) are sorted as
+    those, 5-10 times faster than Arrow's sort of the columns."""
+    ids = _packed(values.num_rows, values.columns)
+    if ids is None:
+        by_value = pc.sort_indices(values, sort_keys=[(name, "ascending") for name in values.column_names])
+        return by_value, _run_starts(values.take(by_value))
+    order = _stable_order(ids.values.astype(np.uint16) if ids.bits <= 16 else ids.values)
+    grouped = ids.values[order]
+    return pa.array(order), [0, *(np.flatnonzero(grouped[1:] != grouped[:-1]) + 1).tolist()]
+
+
+def _partition_key(partition_spec: PartitionSpec, schema: Schema, values: dict[str, Any]) -> PartitionKey:
+    """The partition of one row of `_partition_values`."""
+    return PartitionKey(
+        field_values=[
+            PartitionFieldValue(field=field, value=value)
+            for field, value in zip(partition_spec.fields, values.values(), strict=True)
+        ],
+        partition_spec=partition_spec,
+        schema=schema,
+    )
 
 
 def partition_values(metadata: TableMetadata, rows: pa.Table) -> pa.Table | None:
@@ -215,10 +277,10 @@ def _take(chunk: pa.Table, indices: pa.Array) -> pa.Table:
 
 
 def _partition_values(spec: PartitionSpec, schema: Schema, chunk: pa.Table) -> pa.Table | None:
-    """Each partition field's value for every row (`_calendar`, else pyiceberg-core's transforms, a column at a
-    time), or None when a field's source is nested or its transform has no Arrow form, or a value could be NaN
-    (which equals nothing, so runs of it would not group). pyiceberg-core reads a copy of the source column: the
-    buffers Flight received may not be aligned as it requires (it panics), a `take`'s are."""
+    """Each partition field's value for every row (`_calendar`, `_integer_buckets`, else pyiceberg-core's
+    transforms, a column at a time), or None when a field's source is nested or its transform has no Arrow form, or
+    a value could be NaN (which equals nothing, so runs of it would not group). pyiceberg-core reads a copy of the
+    source column: the buffers Flight received may not be aligned as it requires (it panics), a `take`'s are."""
     columns: dict[str, pa.ChunkedArray] = {}
     for index, field in enumerate(spec.fields):
         name = schema.find_column_name(field.source_id)
@@ -226,6 +288,8 @@ def _partition_values(spec: PartitionSpec, schema: Schema, chunk: pa.Table) -> p
             return None
         source = chunk.column(name)
         column = _calendar(field.transform, source)
+        if column is None:
+            column = _integer_buckets(field.transform, source)
         if column is None:
             try:
                 transform = field.transform.pyarrow_transform(schema.find_field(field.source_id).field_type)
@@ -243,6 +307,10 @@ def _calendar(transform: Transform[Any, Any], source: pa.ChunkedArray) -> pa.Chu
     is several times faster than pyiceberg-core's transforms of the same values; None for other transforms."""
     if not isinstance(transform, (YearTransform, MonthTransform, DayTransform)):
         return None
+    if isinstance(transform, (YearTransform, MonthTransform)) and pa.types.is_timestamp(source.type):
+        looked_up = _by_day(transform, source)
+        if looked_up is not None:
+            return looked_up
     if pa.types.is_timestamp(source.type):
         source = source.cast(pa.timestamp(source.type.unit))  # the UTC calendar, whatever the zone
     elif not pa.types.is_date(source.type):
@@ -253,6 +321,65 @@ def _calendar(transform: Transform[Any, Any], source: pa.ChunkedArray) -> pa.Chu
     if isinstance(transform, YearTransform):
         return years.cast(pa.int32())
     return pc.add(pc.multiply(years, 12), pc.subtract(pc.month(source), 1)).cast(pa.int32())
+
+
+def _integer_buckets(transform: Transform[Any, Any], source: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """Iceberg's bucket of integers (ints and longs hash alike: Murmur3 x86 32-bit of the value as a little-endian
+    long, seed 0), by numpy over whole columns, in place: 3 times faster than pyiceberg-core's transform, which was
+    most of a put's partition values. None for other transforms or sources, with nulls, or on a big-endian machine."""
+    if not isinstance(transform, BucketTransform) or source.null_count or sys.byteorder != "little":
+        return None
+    if not pa.types.is_integer(source.type) or pa.types.is_uint64(source.type):  # no Iceberg type is a uint64
+        return None
+    halves = source.combine_chunks().to_numpy().astype(np.int64).view(np.uint32).reshape(-1, 2)  # low, high
+    hashes = np.zeros(len(halves), dtype=np.uint32)
+    spare = np.empty_like(hashes)
+
+    def rotate_left(values: np.ndarray, bits: int) -> None:
+        np.right_shift(values, np.uint32(32 - bits), out=spare)
+        values <<= np.uint32(bits)
+        values |= spare
+
+    for half in (0, 1):
+        block = halves[:, half] * np.uint32(0xCC9E2D51)
+        rotate_left(block, 15)
+        block *= np.uint32(0x1B873593)
+        hashes ^= block
+        rotate_left(hashes, 13)
+        hashes *= np.uint32(5)
+        hashes += np.uint32(0xE6546B64)
+    hashes ^= np.uint32(8)  # the length in bytes
+    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        np.right_shift(hashes, np.uint32(shift), out=spare)
+        hashes ^= spare
+        hashes *= np.uint32(factor)
+    np.right_shift(hashes, np.uint32(16), out=spare)
+    hashes ^= spare
+    hashes &= np.uint32(0x7FFFFFFF)
+    hashes %= np.uint32(transform.num_buckets)
+    return pa.chunked_array([pa.array(hashes.view(np.int32))])
+
+
+# Calendar days a put's timestamps may span for `_by_day` (about 180 years): a table of that many days is built in
+# well under a millisecond.
+CALENDAR_DAYS = 1 << 16
+_UNITS_PER_DAY = {"s": 86_400, "ms": 86_400_000, "us": 86_400_000_000, "ns": 86_400_000_000_000}
+
+
+def _by_day(transform: Transform[Any, Any], source: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """`_calendar`'s year or month of timestamps, by day: each day the values span is worked out once by Arrow and
+    looked up for every value, 4-5 times faster than Arrow's year and month of every value (a put spans few days).
+    None when a value is null or they span more than `CALENDAR_DAYS`."""
+    if not len(source) or source.null_count:
+        return None
+    days = np.floor_divide(source.cast(pa.int64()).combine_chunks().to_numpy(), _UNITS_PER_DAY[source.type.unit])
+    first, last = int(days.min()), int(days.max())
+    if last - first >= CALENDAR_DAYS:
+        return None
+    span = pa.chunked_array([pa.array(np.arange(first, last + 1, dtype=np.int32)).cast(pa.date32())])
+    calendar = _calendar(transform, span)
+    assert calendar is not None  # a year or month of dates
+    return pa.chunked_array([pa.array(calendar.to_numpy()[days - first])])
 
 
 def _run_starts(grouped: pa.Table) -> list[int]:
