@@ -921,45 +921,6 @@ def test_indexes_past_the_run_limit_are_folded_even_when_a_snapshot_waits(
     assert cache.stats()["folds"] == 2 and not cache._to_fold
 
 
-def test_folds_wait_for_a_quiet_moment_unless_the_runs_are_large(
-    two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A fold that is due waits while a read runs and for `_FOLD_QUIET` seconds after the last one (it would take
-    the cores that read needs), then runs; runs holding more than 1/`_FORCE_RATIO` of the first run's stamps are
-    folded even while reads run."""
-    client, catalog, spec, _, (name, _) = two_tables
-    cache = AsofCache(Engine(), ReadCaches(), 1 << 30, catalog=catalog)
-    table = catalog.read(name)
-    assert cache.get(table, table.current_snapshot().snapshot_id, spec) is not None
-    first = 4_000
-    for _ in range(asof._FOLD_RUNS + 1):  # small appends: due by their count
-        client.write(name, ticks(97, 50, first, 8_000))
-        first += 50
-        cache.refresh()
-    table = catalog.read(name)
-    snapshot = table.current_snapshot().snapshot_id
-    key = (str(table.metadata.table_uuid), snapshot, spec, None)
-    assert cache._to_fold == {key}
-    reading = [(key[0], snapshot)]
-    with cache.caches.in_use.hold(reading):
-        cache._fold_all()
-    assert cache.folds == 0 and cache._to_fold == {key}, "folded while a read ran"
-    monkeypatch.setattr(asof, "_FOLD_QUIET", 3600.0)
-    cache._fold_all()
-    assert cache.folds == 0 and cache._to_fold == {key}, "folded right after a read"
-    monkeypatch.setattr(asof, "_FOLD_QUIET", 0.0)
-    cache._fold_all()
-    index = cache.peek(table, snapshot, spec)
-    assert cache.folds == 1 and not cache._to_fold and index is not None and len(index.runs) == 1
-    client.write(name, ticks(97, len(index.runs[0]) // asof._FORCE_RATIO + 1, first, 8_000))  # one large run
-    cache.refresh()
-    monkeypatch.setattr(asof, "_FOLD_QUIET", 3600.0)
-    with cache.caches.in_use.hold(reading):
-        cache._fold_all()
-    assert cache.folds == 2 and not cache._to_fold, "large runs left unfolded while a read ran"
-
-
 # Commits of rows (key, second, created second) over few keys and times, so that rows of different commits tie on
 # all three (rows of one commit never do: which of those wins is the file layout's business), and merge-on-read
 # deletes of rows by `v` between them.

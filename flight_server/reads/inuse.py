@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -25,18 +24,11 @@ class SnapshotsInUse:
     def __init__(self) -> None:
         self._counts: Counter[Held] = Counter()
         self._lock = threading.Lock()
-        self._ended = float("-inf")  # when the last read ended (monotonic); none yet: long ago
 
     def held(self) -> set[Held]:
         """Every snapshot a running read uses."""
         with self._lock:
             return set(self._counts)
-
-    def idle_seconds(self) -> float:
-        """Seconds since the last read ended: 0 while one runs. Background work that competes for the cores (folding
-        training-set indexes) waits for a quiet moment."""
-        with self._lock:
-            return 0.0 if self._counts else time.monotonic() - self._ended
 
     def snapshots(self, table_uuid: str) -> set[int]:
         """The snapshots of one table that a running read uses."""
@@ -57,7 +49,6 @@ class SnapshotsInUse:
                 for key in keys:
                     if self._counts[key] <= 0:
                         del self._counts[key]
-                self._ended = time.monotonic()
 
     def holding(self, held: Iterable[tuple[str, int | None]], reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
         """`reader`, holding the snapshots from its first batch until it is exhausted, closed or dropped."""

@@ -52,10 +52,6 @@ _TOO_LARGE_KEYS = 1024  # snapshots remembered as too large for the whole cap (t
 
 _MAX_RUNS = 16  # runs past which an index is folded even while new snapshots keep the refresh thread busy
 
-_FOLD_QUIET = 1.0  # seconds without a read running before a fold starts (it would take cores from the read)
-
-_FORCE_RATIO = 2  # ... unless its runs after the first hold more than 1/2 of the first's stamps, or pass _MAX_RUNS
-
 _MASK_RATIO = 4  # deletes are masked while the masked rows stay under 1/4 of the columns; beyond, the index is rebuilt
 
 _RUN_ROW_BYTES = 96  # what sorting a row into a run allocates, at most: a dozen 8-byte arrays (codes, stamps, order)
@@ -1005,9 +1001,7 @@ class AsofCache:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            with self._lock:  # folds left for a quiet moment are tried again soon
-                wait = min(self.refresh_seconds, _FOLD_QUIET) if self._to_fold else self.refresh_seconds
-            self._wake.wait(wait)
+            self._wake.wait(self.refresh_seconds)
             self._wake.clear()
             self.refresh()  # first: the next training set may be waiting for it, never for a fold
             self._fold_all()
@@ -1030,11 +1024,7 @@ class AsofCache:
         first; a new snapshot to bring forward leaves the rest for later, but only after one fold, and never the
         folds of indexes past `_MAX_RUNS` (else puts landing every round would starve folds and the runs that
         every search goes through would grow without limit). Older generations are not folded (their fold is
-        their newer one's). A fold waits until no read has run for `_FOLD_QUIET` seconds: on a machine with few
-        cores, the fold of a large index (0.3 s per 10M rows) beside the first training set after an append
-        made that training set twice as slow as the extra runs it searches. Runs past `_FORCE_RATIO` or
-        `_MAX_RUNS` are folded whatever is running: searching them costs every read more than the fold costs
-        one."""
+        their newer one's)."""
         with self._lock:
             waiting = sorted(
                 (k for k in self._to_fold if k in self._indexes and k not in self._owner),
@@ -1053,10 +1043,6 @@ class AsofCache:
                 with self._lock:  # a new snapshot to bring forward first: fold the rest after it
                     self._to_fold.update(waiting[at:])
                 return
-            if self.caches.in_use.idle_seconds() < _FOLD_QUIET and not index.crowded(_MAX_RUNS, _FORCE_RATIO):
-                with self._lock:  # reads running or just done: fold in a quiet moment (a later round)
-                    self._to_fold.add(key)
-                continue
             extra = _FOLD_COPIES * sum(run.nbytes() for run in index.runs)
             if not self.reserve(key, extra):
                 with self._lock:
