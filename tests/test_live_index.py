@@ -1286,42 +1286,6 @@ def test_concurrent_builds_near_the_cap_take_turns_within_it(
     assert (cache.peek(table, at.snapshot_id, spec) is not None) == both
 
 
-def test_a_build_never_evicts_an_index_the_same_request_uses(
-    two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
-    monkeypatch: pytest.MonkeyPatch,
-    catalog_properties: dict[str, str],
-) -> None:
-    """A cache with room for both tables' indexes, or for one build's work, but not for one index beside the other's
-    build: a request for both builds one; the other's build may not evict it (the request's join holds it in memory
-    whatever the account says, so the next request would read it whole again, every time), so that table is joined
-    by DuckDB. The next requests find the index built, build nothing, and answer as a server without a cache."""
-    client, catalog, spec, size, (a, b) = two_tables
-    seen = Accounted(monkeypatch)
-    table = catalog.read(a)
-    assert seen.cache(1 << 30).get(table, table.current_snapshot().snapshot_id, spec) is not None
-    work = seen.peak  # the tables are alike: either build's work
-    cap = work + size[a] // 2
-    assert size[a] + size[b] <= cap < work + size[b]
-    tight = start_server(catalog_properties, online_refresh_seconds=3600, historical_cache_bytes=cap)
-    duck = start_server(catalog_properties, historical_cache_bytes=0)
-    probes = entities(list(range(97)), 4_000)
-    features = [f"{a}:v", f"{b}:v"]
-    try:
-        with (
-            FeatureClient(f"grpc://127.0.0.1:{tight.port}") as cached,
-            FeatureClient(f"grpc://127.0.0.1:{duck.port}") as other,
-        ):
-            expected = other.get_historical_features(probes, features, full_feature_names=True).to_pandas()
-            for _ in range(3):
-                got = cached.get_historical_features(probes, features, full_feature_names=True).to_pandas()
-                assert got.equals(expected)
-            stats = cache_stats(cached)
-            assert stats["builds"] == 1 and stats["snapshots"] == 1, stats
-    finally:
-        tight.shutdown()
-        duck.shutdown()
-
-
 def test_a_table_whose_build_does_not_fit_the_cache_is_joined_by_duckdb_alike(
     catalog_properties: dict[str, str],
 ) -> None:

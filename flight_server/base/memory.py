@@ -169,13 +169,12 @@ class Account:
             self._make_room(0)
             return True
 
-    def reserve(self, size: int, keep: Collection[Hashable] = ()) -> bool:
-        """Set `size` bytes aside for rows to keep later (evicting to make room, never the entries under `keep`);
-        False if they cannot fit."""
+    def reserve(self, size: int) -> bool:
+        """Set `size` bytes aside for rows to keep later (evicting to make room); False if they cannot fit."""
         with self.lock:
-            if not self._fits(size) or size > self.room_beside(keep):
+            if not self._fits(size):
                 return False
-            self._make_room(size, keep)
+            self._make_room(size)
             self.reserved += size
             return True
 

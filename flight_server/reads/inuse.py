@@ -25,11 +25,6 @@ class SnapshotsInUse:
         self._counts: Counter[Held] = Counter()
         self._lock = threading.Lock()
 
-    def held(self) -> set[Held]:
-        """Every snapshot a running read uses."""
-        with self._lock:
-            return set(self._counts)
-
     def snapshots(self, table_uuid: str) -> set[int]:
         """The snapshots of one table that a running read uses."""
         with self._lock:

@@ -1094,13 +1094,10 @@ class AsofCache:
         again by the next fold: thrashing): only room to spare, after dropping older generations, `key`'s own first
         (the work leaves them holding the old runs alone). False if that is not enough: a fold leaves the runs as
         they are (searched together, as correct), an extension leaves that snapshot to DuckDB. With `evict` (a build
-        from scratch, `_Work`), the least recently used indexes are evicted for it instead, but never one that a
-        running read uses (the other tables of the request that builds, say): that one stays in memory until the read
-        ends whatever the account says, so evicting it would free nothing, and the next request would read it whole."""
+        from scratch, `_Work`), the least recently used entries of the budget are evicted for it instead."""
         with self._lock:
             if evict:
-                held = self.caches.in_use.held()
-                return self._account.reserve(extra, keep={k for k in self._indexes if (k[0], k[1]) in held})
+                return self._account.reserve(extra)
             return self._make_free(key, extra) and self._account.reserve(extra)
 
     def release(self, extra: int) -> None:

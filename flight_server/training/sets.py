@@ -280,19 +280,10 @@ class TrainingSets:
         def index_of(group: FeatureGroup) -> AsofIndex | None:
             return find(group.table, group.snapshot_id, group.spec, plan.share(group))
 
-        # The tables not cached yet are indexed together; the cached ones are found here, never queued behind
-        # another request's builds, which take turns on the finders' threads.
-        missing = [
-            at
-            for at, g in enumerate(plan.groups)
-            if self.cache.peek(g.table, g.snapshot_id, g.spec, plan.share(g)) is None
-        ]
-        finding = (
-            {at: self._finders.submit(index_of, plan.groups[at]) for at in missing}
-            if build and len(missing) > 1
-            else {}
-        )
-        indexes = [finding[at].result() if at in finding else index_of(group) for at, group in enumerate(plan.groups)]
+        if build and len(plan.groups) > 1:
+            indexes = list(self._finders.map(index_of, plan.groups))
+        else:
+            indexes = [index_of(group) for group in plan.groups]
         for group, index in zip(plan.groups, indexes, strict=True):
             if index is None:
                 why = "too large for the training-set cache" if build else "not sorted yet"
