@@ -290,8 +290,7 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "FLIGHT_SERVER_HISTORICAL_CACHE_MB",
         "Parallel reads",
         "Memory for feature-table snapshots sorted for training sets (kept between requests, least recently "
-        "used dropped first, also to make room for building one); a table whose build does not fit (about 3 times "
-        "its index: the rows read, then sorted) is joined by DuckDB instead. 0: always DuckDB. The entity "
+        "used dropped first); a table larger than this is joined by DuckDB instead. 0: always DuckDB. The entity "
         "tables split once for a training set's endpoints are kept within as much again.",
         "historical_cache_bytes",
         click.IntRange(0),
