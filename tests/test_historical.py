@@ -385,7 +385,7 @@ def test_sorted_index_equals_duckdb_join_on_larger_data(catalog_properties: dict
     servers = [
         start_server(catalog_properties),
         start_server(catalog_properties, historical_cache_bytes=0),
-        start_server(catalog_properties, historical_cache_bytes=8 << 20),  # y's build fits (~7 MB), not x's
+        start_server(catalog_properties, historical_cache_bytes=3 << 20),  # y fits, x does not
     ]
     try:
         locations = [f"grpc://127.0.0.1:{s.port}" for s in servers]

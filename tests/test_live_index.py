@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from flight_client import FeatureClient
 from flight_server.base.config import ServerConfig
-from flight_server.base.memory import Account
 from flight_server.base.schemas import micros
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
 from flight_server.reads.caches import ReadCaches
@@ -697,11 +696,7 @@ def test_big_appends_to_every_table_extend_indexes_near_the_cap(catalog_properti
             indexed = cache_stats(client)["bytes"]
     finally:
         measuring.shutdown()
-    # The three indexes take 60 % of the cache (two generations of the largest do not fit), or less where the first
-    # builds need more: the largest's work (its rows read and sorted) beside the other two indexes, in any order.
-    largest = ticks(97, max(sizes), 0, 8_000)
-    beside = indexed * (sum(sizes) - max(sizes)) // sum(sizes)
-    cap = max(indexed * 100 // 60, (beside + largest.nbytes + AsofIndex.build_bytes(largest)) * 21 // 20)
+    cap = indexed * 100 // 60  # the three indexes take 60 % of the cache: two generations of the largest do not fit
     server = start_server(catalog_properties, online_refresh_seconds=3600, historical_cache_bytes=cap)
     duck = start_server(catalog_properties, historical_cache_bytes=0)
     try:
@@ -814,15 +809,6 @@ def two_tables(
         server.shutdown()
 
 
-@pytest.fixture
-def builds_reserve_their_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """For tests of bringing indexes forward whose caches are sized by indexes: builds from scratch reserve only the
-    rows they read there, not what sorting them allocates (`test_a_build_from_scratch_reserves_its_work_within_the_cap`
-    covers that), so that their first builds fit as they did before."""
-    monkeypatch.setattr(AsofIndex, "build_bytes", staticmethod(lambda rows: 0))
-
-
-@pytest.mark.usefixtures("builds_reserve_their_rows_only")
 def test_a_refusal_for_another_tables_index_lasts_until_room_is_freed(
     two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
     monkeypatch: pytest.MonkeyPatch,
@@ -868,7 +854,6 @@ def test_a_refusal_for_another_tables_index_lasts_until_room_is_freed(
     assert len(small._too_large) == 2
 
 
-@pytest.mark.usefixtures("builds_reserve_their_rows_only")
 def test_an_older_generation_in_use_outlives_its_newer_one(
     two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
 ) -> None:
@@ -1042,7 +1027,6 @@ def test_full_ties_go_to_the_later_commit_through_duckdb_as_through_the_index(
         assert cache_stats(client)["too_large"] >= 1, "the hybrid server joined the table by DuckDB"
 
 
-@pytest.mark.usefixtures("builds_reserve_their_rows_only")
 def test_bringing_an_index_forward_reserves_its_work_within_the_cap(
     two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
     monkeypatch: pytest.MonkeyPatch,
@@ -1136,185 +1120,3 @@ def test_columns_named_as_duckdbs_virtual_columns_are_features_like_any_other(
         assert answer["filename"] == answer["File_Row_Number"] == named, "the table's own columns"
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and name in r.getMessage()]
     assert warned and "File_Row_Number, filename" in warned[0]
-
-
-class Accounted:
-    """What a training-set cache's account holds and reserves together, looked at after every reservation and
-    admission (the account's own operations, not timing): the most seen, and at each index build what was reserved
-    and what the build allocated (numpy's allocations traced, Arrow's counted)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch):
-        self.peak = 0
-        self.builds: list[tuple[int, int, int]] = []  # (rows read, reserved, allocated) at each build
-        self.caches: list[AsofCache] = []
-        for method in ("reserve", "admit", "resize"):
-            monkeypatch.setattr(Account, method, self._watch(getattr(Account, method)))
-        build = AsofIndex.build
-
-        def watched(
-            cls: type[AsofIndex], name: str, snapshot_id: int | None, spec: FeatureSpec, rows: pa.Table, *args: Any
-        ) -> AsofIndex:
-            reserved = sum(c._account.reserved for c in self.caches)
-            arrow = pa.total_allocated_bytes()
-            tracemalloc.start()
-            try:
-                index = build.__func__(cls, name, snapshot_id, spec, rows, *args)  # type: ignore[attr-defined]
-                allocated = tracemalloc.get_traced_memory()[1] + max(0, pa.total_allocated_bytes() - arrow)
-            finally:
-                tracemalloc.stop()
-            self.builds.append((rows.nbytes, reserved, allocated))
-            return index
-
-        monkeypatch.setattr(AsofIndex, "build", classmethod(watched))
-
-    def _watch(self, method: Any) -> Any:
-        def watched(account: Account, *args: Any, **kwargs: Any) -> Any:
-            result = method(account, *args, **kwargs)
-            self.peak = max(self.peak, account.held + account.reserved)
-            return result
-
-        return watched
-
-    def cache(self, cap: int, catalog: FeatureCatalog | None = None) -> AsofCache:
-        cache = AsofCache(Engine(), ReadCaches(), cap, catalog=catalog)
-        self.caches.append(cache)
-        return cache
-
-
-def test_a_build_from_scratch_reserves_its_work_within_the_cap(
-    two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A build from scratch reserves the rows it reads and what sorting them allocates before allocating it: at the
-    build, the reservation covers the rows read and the build's allocations, and what the cache holds and reserves
-    never passes the cap; once admitted, the index's charge replaces the reservation (nothing counted twice). A
-    cache whose cap is just that work builds it; one byte less, it is refused (DuckDB) and remembered as too large.
-    For room, a build evicts the least recently used index."""
-    client, catalog, spec, size, (a, b) = two_tables
-    table, other = catalog.read(a), catalog.read(b)
-    at, other_at = table.current_snapshot(), other.current_snapshot()
-    assert at is not None and other_at is not None
-    seen = Accounted(monkeypatch)
-    roomy = seen.cache(1 << 30)
-    assert roomy.get(table, at.snapshot_id, spec) is not None
-    [(rows, reserved, allocated)] = seen.builds
-    assert rows + allocated <= reserved, (rows, allocated, reserved)
-    assert roomy._account.reserved == 0 and roomy._account.held == size[a]
-    work = seen.peak  # what the build reserved (as read, batch by batch), the index's charge among it
-
-    for cap in (work, work - 1):
-        seen.peak = 0
-        cache = seen.cache(cap)
-        index = cache.get(table, at.snapshot_id, spec)
-        assert seen.peak <= cap and cache._account.reserved == 0
-        if cap == work:
-            assert index is not None and probe_answers(index) == probe_answers(roomy.peek(table, at.snapshot_id, spec))
-            assert cache._account.held == size[a]
-        else:
-            assert index is None and cache.builds == 0 and cache._account.held == 0
-            assert (str(table.metadata.table_uuid), at.snapshot_id, spec, None) in cache._too_large
-
-    seen.peak = 0
-    lru = seen.cache(work)  # B's index, then A's build: B was used longest ago and makes room for A's work
-    assert lru.get(other, other_at.snapshot_id, spec) is not None
-    assert lru.get(table, at.snapshot_id, spec) is not None
-    assert seen.peak <= work and lru.peek(other, other_at.snapshot_id, spec) is None
-    assert lru._account.evictions["cap"] == 1 and lru._account.held == size[a]
-
-
-class Turn:
-    """A cache's build turn that says when a second build waits for it."""
-
-    def __init__(self) -> None:
-        self.lock, self.waiting, self.takers = threading.Lock(), threading.Event(), 0
-
-    def acquire(self) -> None:
-        self.takers += 1
-        if self.takers > 1:
-            self.waiting.set()
-        self.lock.acquire()
-
-    def release(self) -> None:
-        self.lock.release()
-
-
-@pytest.mark.parametrize("both", [True, False], ids=["room-for-both-indexes", "room-for-one-build"])
-def test_concurrent_builds_near_the_cap_take_turns_within_it(
-    two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
-    monkeypatch: pytest.MonkeyPatch,
-    both: bool,
-) -> None:
-    """Two builds at once in a cache with room for one build's work only: the first, held at its sort (its rows read
-    and reserved) until the second waits, builds; the second builds after it (with room for both indexes beside one
-    build's work, both stay; with room for one work only, the second evicts the first's index for its work). Both
-    answer as indexes built alone; what the cache holds and reserves never passes the cap; nothing stays reserved
-    and no table goes to DuckDB."""
-    client, catalog, spec, size, (a, b) = two_tables
-    table, other = catalog.read(a), catalog.read(b)
-    at, other_at = table.current_snapshot(), other.current_snapshot()
-    assert at is not None and other_at is not None
-    seen = Accounted(monkeypatch)
-    alone = seen.cache(1 << 30)
-    first_index = alone.get(table, at.snapshot_id, spec)
-    work = seen.peak  # both tables' builds reserve alike (as many rows of the same columns)
-    second_index = alone.get(other, other_at.snapshot_id, spec)
-    assert first_index is not None and second_index is not None
-    want = (probe_answers(first_index), probe_answers(second_index))
-    build = AsofIndex.build.__func__  # type: ignore[attr-defined]
-    turn = Turn()
-
-    def held(cls: type[AsofIndex], name: str, *args: Any) -> AsofIndex:
-        if name == a:  # the first build sorts once the second waits for its turn
-            assert turn.waiting.wait(60)
-        return build(cls, name, *args)  # type: ignore[no-any-return]
-
-    monkeypatch.setattr(AsofIndex, "build", classmethod(held))
-    cap = work + size[a] + size[a] // 10 if both else work
-    seen.peak = 0
-    cache = seen.cache(cap)
-    cache.turn = turn  # type: ignore[assignment]
-    first: list[AsofIndex | None] = []
-    thread = threading.Thread(target=lambda: first.append(cache.get(table, at.snapshot_id, spec)))
-    thread.start()
-    wait_until(lambda: turn.takers == 1, timeout=60)
-    second = cache.get(other, other_at.snapshot_id, spec)
-    thread.join(60)
-    [index] = first
-    assert index is not None and second is not None
-    assert (probe_answers(index), probe_answers(second)) == want
-    assert seen.peak <= cap and cache._account.reserved == 0 and cache.builds == 2 and cache.too_large == 0
-    assert (cache.peek(table, at.snapshot_id, spec) is not None) == both
-
-
-def test_a_table_whose_build_does_not_fit_the_cache_is_joined_by_duckdb_alike(
-    catalog_properties: dict[str, str],
-) -> None:
-    """A cache with room for a table's index but not for the work of building it (rows read, their sort): the
-    table is joined by DuckDB (counted as too large, nothing built or held), with the same rows as a server whose
-    cache holds the index and one without a cache."""
-    name = f"tests.unbuildable_{uuid.uuid4().hex[:8]}"
-    roomy = start_server(catalog_properties, online_refresh_seconds=3600)
-    try:
-        with FeatureClient(f"grpc://127.0.0.1:{roomy.port}") as client:
-            client.write(name, ticks(97, 4_000, 0, 8_000), entity_keys=["k"], event_time="ts", created_time="created")
-            probes = entities(list(range(97)), 4_000)
-            indexed = client.get_historical_features(probes, [f"{name}:v"])
-            size = cache_stats(client)["bytes"]
-            assert cache_stats(client)["builds"] == 1 and size > 0
-    finally:
-        roomy.shutdown()
-    tight = start_server(catalog_properties, online_refresh_seconds=3600, historical_cache_bytes=size * 3 // 2)
-    duck = start_server(catalog_properties, historical_cache_bytes=0)
-    try:
-        with (
-            FeatureClient(f"grpc://127.0.0.1:{tight.port}") as client,
-            FeatureClient(f"grpc://127.0.0.1:{duck.port}") as other,
-        ):
-            got = client.get_historical_features(probes, [f"{name}:v"])
-            stats = cache_stats(client)
-            assert stats["builds"] == 0 and stats["too_large"] >= 1 and stats["bytes"] == 0, stats
-            assert client.health()["memory"]["caches"]["training_set"]["reserved"] == 0
-            assert got.equals(indexed) and got.equals(other.get_historical_features(probes, [f"{name}:v"]))
-    finally:
-        tight.shutdown()
-        duck.shutdown()

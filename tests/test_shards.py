@@ -38,7 +38,7 @@ UTC = dt.timezone.utc
 T0 = dt.datetime(2025, 3, 1, tzinfo=UTC)
 TIME = pa.timestamp("us", "UTC")
 REPLICAS = 3
-BIG_ROWS = 240_000  # rows of the table whose whole build passes each replica's cache, but not its share's
+BIG_ROWS = 240_000  # rows of the table whose whole index passes each replica's cache, but not its share
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +58,15 @@ def single(catalog: dict[str, str]) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def cluster(catalog: dict[str, str], single: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    """Three replica processes on one catalog, each naming the others, each with a training-set cache (20 MiB)
-    too small for the work of building the big table's whole index (about 39 MB) but large enough for its share's
-    (about 13 MB). The reference server `single` has created the catalog's tables by then (three processes creating
-    them at once would race)."""
+    """Three replica processes on one catalog, each naming the others, each with a training-set cache (12 MiB)
+    too small for the big table's whole index but large enough for its share. The reference server `single`
+    has created the catalog's tables by then (three processes creating them at once would race)."""
 
     def replica(location: str, locations: list[str]) -> dict[str, str]:
         return {
             "FLIGHT_SERVER_ADVERTISE": location,
             "FLIGHT_SERVER_PEERS": " ".join(loc for loc in locations if loc != location),
-            "FLIGHT_SERVER_HISTORICAL_CACHE_MB": "20",
+            "FLIGHT_SERVER_HISTORICAL_CACHE_MB": "12",
             "FLIGHT_SERVER_DUCKDB_MEMORY_LIMIT": "1GB",
             "FLIGHT_SERVER_DUCKDB_THREADS": "1",
             "FLIGHT_SERVER_AUTO_MAINTENANCE": "false",

@@ -125,8 +125,7 @@ class Account:
         """Count `size` bytes kept under `key`, evicting what must go to make room (under the cap, never the
         entries under `keep`: `room_beside` says how much that leaves); False if they cannot fit (the cache keeps
         nothing). `reserved` bytes of the caller's reservation are released first: the reserved rows become the
-        entry. So an entry within its own reservation needs no room (the work it came from held it): it neither fails
-        nor evicts, whatever other work holds the rest, and only what passes the reservation makes room as any."""
+        entry."""
         with self.lock:
             self.reserved -= reserved
             if key in self._entries:

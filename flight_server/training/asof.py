@@ -56,8 +56,6 @@ _MASK_RATIO = 4  # deletes are masked while the masked rows stay under 1/4 of th
 
 _RUN_ROW_BYTES = 96  # what sorting a row into a run allocates, at most: a dozen 8-byte arrays (codes, stamps, order)
 
-_CODE_ROW_BYTES = 12  # a string column's dictionary codes, through Arrow then numpy (`column_values`)
-
 _FOLD_COPIES = 2  # a fold allocates its runs' arrays anew, and as much again in temporaries while it merges
 
 _Key = tuple[str, int | None, FeatureSpec, KeyShare | None]  # table uuid, snapshot, spec, share (None: all rows)
@@ -242,14 +240,6 @@ class AsofIndex:
         run = Run.build(spec, rows, 0, _created_of(spec, columns))
         return cls(name, snapshot_id, spec, columns, (run,) if run is not None else (), rows.num_rows, spans)
 
-    @staticmethod
-    def build_bytes(rows: pa.Table | pa.RecordBatch) -> int:
-        """What `build` from `rows` allocates beside them, at most: each column combined into one array (a copy) and
-        its validity, a string column's codes (through Arrow, then numpy), and the sort of their run. Linear in the
-        rows, so that a read can reserve it batch by batch."""
-        strings = sum(1 for t in rows.schema.types if not (pa.types.is_primitive(t) or pa.types.is_temporal(t)))
-        return rows.nbytes + rows.num_rows * (rows.num_columns + strings * _CODE_ROW_BYTES + _RUN_ROW_BYTES)
-
     def extend(self, snapshot_id: int, rows: pa.Table, spans: tuple[FileSpan, ...] | None = None) -> AsofIndex:
         """The index of a later snapshot whose rows are this one's plus `rows` (appended, in files `spans` says,
         numbered from 0 within `rows`): only `rows` are sorted, into a run of their own. This index answers as
@@ -405,9 +395,9 @@ def _usable(spec: FeatureSpec, rows: pa.Table) -> tuple[list[pa.ChunkedArray], n
 
 
 def _kept(reader: pa.RecordBatchReader, batch: pa.RecordBatch, room: int, taken: int, work: _Work) -> int:
-    """The bytes a batch read for an index counts (`_Work.batch_bytes`), reserved in `work`; the read is closed and
-    refused once the work passes `room` bytes, or the room is not there now."""
-    size = work.batch_bytes(batch)
+    """The bytes a batch read for an index counts (its rows, and 24 a row for sorting them), reserved in `work`; the
+    read is closed and refused once the rows read pass `room` bytes, or the room is not there now."""
+    size = batch.nbytes + batch.num_rows * 24
     try:
         if taken + size > room:
             raise LimitError(f"its rows pass the {room >> 20} MiB the training-set cache has room for")
@@ -419,9 +409,8 @@ def _kept(reader: pa.RecordBatchReader, batch: pa.RecordBatch, room: int, taken:
 
 
 class _NoRoom(LimitError):
-    """The work of building an index or bringing one forward (`_Work`) does not fit in the room the cache has now:
-    `size` more bytes were wanted. `_build` refuses an extension as not fitting beside the indexes in use
-    (`_NotBeside`); a build from scratch goes to DuckDB this time only (other work held the room)."""
+    """The work of bringing an index forward (`_Work`) does not fit in the room the cache has now: `size` more
+    bytes were wanted. `_build` refuses it as not fitting beside the indexes in use (`_NotBeside`)."""
 
     def __init__(self, message: str, size: int):
         super().__init__(message)
@@ -429,54 +418,30 @@ class _NoRoom(LimitError):
 
 
 class _Work:
-    """Bytes of the cache's account reserved for one index's work, as it goes, so that what the cache holds and what
-    the work allocates beside it stay within the cap together; the index takes them over once admitted
-    (`Account.admit`: no room asked twice, nothing evicted then, as the reservation covers the index), else they are
-    released.
+    """Bytes of the cache's account reserved for bringing one index forward (the appended rows read, the columns'
+    growth, the sort of their run), as the work goes, so that what the cache holds and what the extension allocates
+    beside it stay within the cap together; the index takes them over once admitted (`Account.admit`), else they
+    are released. Only room to spare, after dropping older generations: never another table's index, which would be
+    read whole at its next use. A build from scratch (`bounded` False) reserves nothing: its reads stop at the
+    cap, and admitting it evicts the least recently used indexes."""
 
-    Bringing an index forward (`building` False) reserves the appended rows read, the columns' growth and the sort
-    of their run, from room to spare only, after dropping older generations: never another table's index, which
-    would be read whole at its next use, and its room taken again by the next extension of this table (thrashing
-    while puts land, with no request asking). A build from scratch (`building` True) reserves the rows read and
-    what sorting them allocates (`AsofIndex.build_bytes`), evicting the least recently used indexes for it: a
-    request needs this index now, and admitting it would evict those same indexes anyway (its work only comes
-    first), so the cap bounds the build's peak, not just what stays cached. Builds take turns (`AsofCache.turn`)
-    from their first reservation until their index is admitted or their work given back: the works of a request's
-    tables built at once would have to fit in the cap together, else some would go to DuckDB for want of room that
-    another build holds for a moment."""
-
-    def __init__(self, cache: AsofCache, key: _Key, room: int):
-        self.cache, self.key, self.room = cache, key, room  # `room`: the most the work may take (`Account.limit`)
-        self.building = False
+    def __init__(self, cache: AsofCache, key: _Key):
+        self.cache, self.key = cache, key
+        self.bounded = False
         self.reserved = 0
-        self._turn = False  # whether this build holds the cache's turn
-
-    def build(self) -> None:
-        """The work is a build from scratch: wait for the cache's turn (the room is the caller's to look at then)."""
-        self.building = True
-        self.cache.turn.acquire()
-        self._turn = True
-
-    def batch_bytes(self, batch: pa.RecordBatch) -> int:
-        """What a batch read costs: its rows and 24 bytes a row to sort them (brought forward; the columns' growth is
-        taken after the read), or its rows and what building the index from them allocates (from scratch)."""
-        if self.building:
-            return batch.nbytes + AsofIndex.build_bytes(batch)
-        return batch.nbytes + batch.num_rows * 24
 
     def take(self, size: int, what: str) -> None:
-        """Reserve `size` more bytes for `what`; `_NoRoom` if they do not fit."""
-        if not self.cache.reserve(self.key, size, evict=self.building):
+        """Reserve `size` more bytes for `what` (if `bounded`); `_NoRoom` if they do not fit."""
+        if not self.bounded:
+            return
+        if not self.cache.reserve(self.key, size):
             raise _NoRoom(f"{what} ({size >> 20} MiB) does not fit in the room the training-set cache has now", size)
         self.reserved += size
 
     def release(self) -> None:
-        """Give back what is still reserved (nothing once the index was admitted), and the build's turn."""
+        """Give back what is still reserved (nothing once the index was admitted)."""
         self.cache.release(self.reserved)
         self.reserved = 0
-        if self._turn:
-            self._turn = False
-            self.cache.turn.release()
 
 
 class _NotBeside(LimitError):
@@ -545,7 +510,6 @@ class AsofCache:
         self._account = (budget or MemoryBudget(max_bytes)).account("training_set", max_bytes, self._evicted)
         self._lock = self._account.lock
         self._building = LockPool()  # one build per snapshot at a time: requests for it wait for the first
-        self.turn = threading.Lock()  # one build from scratch at a time reserves its work (`_Work`)
         # (table name, share) -> (uuid, spec) to bring forward
         self._follow: dict[tuple[str, KeyShare | None], tuple[str, FeatureSpec]] = {}
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -612,14 +576,11 @@ class AsofCache:
             room = self._account.limit()
             with self._lock:
                 beside = self._account.room_beside(self._in_use(key))
-            work = _Work(self, key, room)
+            work = _Work(self, key)
             try:
                 return self._keep(key, table, spec, share, follow, room, beside, work)
             finally:
                 work.release()
-                if work.building:  # the room its work held is free again: extensions refused meanwhile may fit
-                    with self._lock:
-                        self._not_beside.clear()
 
     def _keep(
         self,
@@ -642,7 +603,7 @@ class AsofCache:
                 self.too_large += 1
                 if isinstance(exc, _NotBeside):
                     self._not_beside[(uuid, spec, share)] = (exc.base, exc.size)
-                elif work.room >= self.max_bytes and not isinstance(exc, _NoRoom):  # else other work held the room
+                elif room >= self.max_bytes:
                     self._refuse(key)
             return None
         with self._lock:
@@ -865,6 +826,7 @@ class AsofCache:
                     base.snapshot_id,
                     need,
                 )
+            work.bounded = forward
             try:
                 index = self._forward(base, plan, changes, share, room, work) if forward else None
             except _NoRoom as exc:  # its later snapshots from the same base need as much or more: not tried again
@@ -888,9 +850,7 @@ class AsofCache:
                     time.perf_counter() - started,
                 )
                 return index, "masked" if index.dead > base.dead else "extended", base
-        work.release()  # the rows of an extension given up: a build from scratch reserves its own
-        work.build()
-        room = work.room = self._account.limit()  # once its turn came: what builds before it left
+        work.bounded = False
         if snapshot_id is None:  # no snapshot when planned: stay empty even if a write has since made one
             plan = replace(plan, snapshot_id=None)
         # `_read` probes and logs the read path itself: a second probe here would list the files twice.
@@ -1088,16 +1048,13 @@ class AsofCache:
                 time.perf_counter() - started,
             )
 
-    def reserve(self, key: _Key, extra: int, evict: bool = False) -> bool:
+    def reserve(self, key: _Key, extra: int) -> bool:
         """Reserve `extra` bytes for work on `key`'s index (folding its runs, bringing it forward: `_Work`), never by
         evicting an index that is the newest of its table (it would be read whole at its next use, and its room taken
         again by the next fold: thrashing): only room to spare, after dropping older generations, `key`'s own first
         (the work leaves them holding the old runs alone). False if that is not enough: a fold leaves the runs as
-        they are (searched together, as correct), an extension leaves that snapshot to DuckDB. With `evict` (a build
-        from scratch, `_Work`), the least recently used entries of the budget are evicted for it instead."""
+        they are (searched together, as correct), an extension leaves that snapshot to DuckDB."""
         with self._lock:
-            if evict:
-                return self._account.reserve(extra)
             return self._make_free(key, extra) and self._account.reserve(extra)
 
     def release(self, extra: int) -> None:

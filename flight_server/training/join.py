@@ -142,12 +142,7 @@ def run_historical(
 def hides_position(group: FeatureGroup) -> set[str]:
     """The group's columns at its snapshot named as DuckDB's virtual columns `filename` and `file_row_number`
     (names match in any case), which the scan then returns instead of those: with either, DuckDB cannot tell a
-    row's place in commit order. In DuckDB 1.5.5 neither can be renamed soundly: `file_row_number` is a flag (it
-    fails on a file with such a column); `iceberg_scan(..., filename => 'other')` names the file column otherwise,
-    but the join's own scan with it (the table's columns under the time bound) fails with an internal error
-    ("Attempted to access index 4 within vector of size 4") that invalidates the database; `read_parquet(...,
-    schema => ...)` renames a table's columns by field id, but applies none of Iceberg's deletes. A row number
-    computed per file without ORDER BY is not stable."""
+    row's place in commit order (and neither `iceberg_scan` nor `read_parquet` can rename `file_row_number`)."""
     names = {field.name for field in snapshot_schema(group.table, group.snapshot_id).fields}
     return {name for name in names if name.lower() in _VIRTUAL}
 
