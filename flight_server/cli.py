@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -75,8 +76,14 @@ def serve(
     except ValueError as exc:  # inconsistent settings (TLS, tokens, peers): say which, without a traceback
         raise click.UsageError(str(exc)) from None
     location = f"{config.scheme}://{'127.0.0.1' if config.host == '0.0.0.0' else config.host}:{server.port}"
+    stopping: list[threading.Thread] = []
+
+    def stop(*_: object) -> None:
+        stopping.append(threading.Thread(target=server.shutdown, name="shutdown", daemon=True))
+        stopping[-1].start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+        signal.signal(sig, stop)
     _reload_on_sighup(server)
     if demo:
         from flight_server.demo import load_demo
@@ -93,7 +100,18 @@ def serve(
     gc.collect()
     gc.freeze()
     server.serve()
+    # `serve` returns once calls stop; the shutdown then closes the server's parts (their threads joined, DuckDB
+    # closed). Exiting before that ends the interpreter under threads still in native code: an abort (SIGABRT).
+    for thread in stopping:
+        thread.join()
     log.info("stopped")
+    # Everything the server owns is closed now. Native libraries' own threads still joinable at exit made their
+    # static destructors abort the process now and then ("terminate called without an active exception", SIGABRT,
+    # after a clean stop): the process ends here, its logs flushed, exit status 0.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _config(catalog_config: str | None, catalog_property: tuple[str, ...], fields: dict[str, Any]) -> ServerConfig:
