@@ -141,6 +141,34 @@ def test_extended_index_matches_reference(
             assert found[column] == want, (column, apply_ttl)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    stamps=st.lists(st.integers(0, 6), max_size=40).map(sorted),
+    created=st.lists(st.integers(0, 3), min_size=40, max_size=40),
+    chosen=st.none() | st.sets(st.integers(0, 39)),
+    seed=st.integers(0, 2**32 - 1),
+)
+@example(stamps=[1, 1, 1], created=[0, 2, 1] + [0] * 37, chosen={1, 2}, seed=0)  # two of a tie's stamps given
+def test_ties_settled_around_given_stamps_as_a_plain_sort(
+    stamps: list[int], created: list[int], chosen: set[int] | None, seed: int
+) -> None:
+    """`_settle_ties` orders each run of equal stamps by (created, row), only the runs holding a position of `around`
+    when given (a fold's new stamps), and moves each row's event time with it: as sorting each such run in Python."""
+    rows = np.random.default_rng(seed).permutation(len(stamps)).astype(np.int64)
+    around = None if chosen is None else np.array(sorted(p for p in chosen if p < len(stamps)), dtype=np.int64)
+    want = rows.tolist()
+    start = 0
+    for end in range(1, len(stamps) + 1):
+        if end == len(stamps) or stamps[end] != stamps[start]:
+            if around is None or any(start <= p < end for p in around.tolist()):
+                want[start:end] = sorted(want[start:end], key=lambda r: (created[r], r))
+            start = end
+    got, event_us = rows.copy(), rows * 10
+    later = np.array(created, dtype=np.int64)
+    asof._settle_ties(np.array(stamps, dtype=np.int64), got, event_us, lambda at: later[at], around)
+    assert got.tolist() == want and (event_us == got * 10).all()
+
+
 # Few keys and times, so that rows tie on (keys, time) and on created time too, within and across runs.
 tied_rows = st.lists(
     st.tuples(st.sampled_from([1, 2]), texts, st.none() | st.integers(0, 3), st.none() | st.integers(0, 2)),

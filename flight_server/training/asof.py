@@ -126,7 +126,7 @@ class Run:
             (merged_us, self.event_us, event_us),
         ):
             into[at], into[:total][kept] = more, known
-        _settle_ties(stamps[:total], merged_positions, merged_us, created)
+        _settle_ties(stamps[:total], merged_positions, merged_us, created, at)
         return Run.sorted(keys, axis, stamps, merged_positions, merged_us)
 
     def masked(self, alive: np.ndarray) -> Run | None:
@@ -351,18 +351,34 @@ def _created_of(spec: FeatureSpec, columns: dict[str, Values]) -> Created:
     return lambda rows: _created(values.take(rows, np.ones(len(rows), dtype=bool)))
 
 
-def _settle_ties(stamps: np.ndarray, rows: np.ndarray, event_us: np.ndarray, created: Created) -> None:
-    """Order each run of equal `stamps` (sorted) by created time, then row, in place: its last wins."""
-    tied = stamps[1:] == stamps[:-1]
-    if tied.any():
+def _settle_ties(
+    stamps: np.ndarray, rows: np.ndarray, event_us: np.ndarray, created: Created, around: np.ndarray | None = None
+) -> None:
+    """Order each run of equal `stamps` (sorted) by created time, then row, in place: its last wins. With `around`
+    (ascending positions), only the runs of equal stamps that hold one of them: the others are in order already (a
+    fold settles the ties its new stamps joined, not again the tenth of a large run's stamps that tie)."""
+    if around is None:
+        tied = stamps[1:] == stamps[:-1]
+        if not tied.any():
+            return
         in_tie = np.zeros(len(stamps), dtype=bool)
         in_tie[1:] |= tied
         in_tie[:-1] |= tied
-        runs = np.flatnonzero(in_tie)  # sorting just these by (stamp, created, row) keeps each tie in place
-        chosen = rows[runs]
-        later = created(chosen) if created is not None else np.zeros(len(chosen), dtype=np.int64)
-        order = np.lexsort((chosen, later, stamps[runs]))
-        rows[runs], event_us[runs] = chosen[order], event_us[runs][order]
+        runs = np.flatnonzero(in_tie)
+    else:
+        low = np.searchsorted(stamps, stamps[around], side="left")
+        high = np.searchsorted(stamps, stamps[around], side="right")
+        tie = high - low > 1
+        tie[1:] &= low[1:] != low[:-1]  # each run of equal stamps once (`low` ascends with `around`)
+        if not tie.any():
+            return
+        low, length = low[tie], (high - low)[tie]
+        runs = np.arange(int(length.sum())) + np.repeat(low - (np.cumsum(length) - length), length)
+    # Sorting just these by (stamp, created, row) keeps each tie in place.
+    chosen = rows[runs]
+    later = created(chosen) if created is not None else np.zeros(len(chosen), dtype=np.int64)
+    order = np.lexsort((chosen, later, stamps[runs]))
+    rows[runs], event_us[runs] = chosen[order], event_us[runs][order]
 
 
 def _in_commit_order(plan: ScanPlan, tasks: list[FileScanTask]) -> list[FileScanTask]:
