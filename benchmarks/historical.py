@@ -424,9 +424,9 @@ def live_tables(
     when the server was given)."""
     with contextlib.ExitStack() as stack:
         if target.warehouse is not None:  # else a server given by --location: measured as it is
-            first = target
-            target = stack.enter_context(local_server(first.catalog_config, first.warehouse, args=LIVE_SERVER_ARGS))
-            stack.enter_context(paused(first))
+            started = target
+            target = stack.enter_context(local_server(started.catalog_config, started.warehouse, args=LIVE_SERVER_ARGS))
+            stack.enter_context(paused(started))
         properties = target.catalog_properties()
         entity_df = entities.to_pandas()
         out: dict[str, Any] = {}
