@@ -60,9 +60,11 @@ FLOORS = ("torch_floor", "ray_floor")  # the frameworks' own cost an epoch: no r
 def _preload() -> list[str]:
     """The modules the forkserver imports once for every DataLoader worker: torch, the dataset's, and the main
     module when run as one (`python -m`): spawn and forkserver workers import the main module anew, and
-    `benchmarks.cli` imports every benchmark (1 s of CPU a worker, every epoch)."""
+    `benchmarks.cli` imports every benchmark (1 s of CPU a worker, every epoch). A package's `__main__` is left
+    out, as workers leave it out: importing it would run the program in the forkserver."""
     main = getattr(sys.modules["__main__"], "__spec__", None)
-    return ["torch", "flight_client.torch", *([main.name] if main is not None else [])]
+    name = main.name if main is not None else "__main__"
+    return ["torch", "flight_client.torch", *([] if name.split(".")[-1] == "__main__" else [name])]
 
 
 def feature_table(rows: int, entities: int, seed: int, features: int) -> pa.Table:
