@@ -8,11 +8,14 @@ each worker or task reading its endpoints two at a time. One more DataLoader pat
 rows locally (an Arrow table in the process), cut into `PARTITIONS` row ranges that its workers send
 with `do_exchange`. Every column is numeric, so the DataLoader yields dicts of
 tensors with all of them. Each path must return every entity row once (row count and the sum of the
-labels), or the run fails. Each round also counts the CPU seconds it cost the server and the client side
+labels), or the run fails. Two more rows time the frameworks alone, reading nothing from Flight (their
+floors): a DataLoader epoch whose 2 workers, started for the epoch, yield nothing, and a Ray Data read of 2
+one-row blocks. Each round also counts the CPU seconds it cost the server and the client side
 (this process and every process it started but the server: DataLoader workers, Ray's processes), which
 depend less on a busy machine's load than the wall time does. The forkserver that starts DataLoader workers
-is started (and timed) once before the timed rounds, as a training program starts it once. Needs the `torch`
-and `ray` extras.
+is started (and timed) once before the timed rounds, as a training program starts it once, preloading what the
+workers import (with `python -m benchmarks.cli`, the main module too, which each worker would otherwise import
+anew: 1 s of CPU a worker). Needs the `torch` and `ray` extras.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -47,7 +51,20 @@ LABELS = {
     "torch_in_process": "FlightDataset in process (num_workers=0) -> tensors",
     "torch_local_rows": f"DataLoader epoch, {WORKERS} workers started per epoch, local entity rows -> tensors",
     "ray_data": f"Ray Data read_training_set, {WORKERS} CPUs, a read task each -> Arrow batches",
+    "torch_floor": f"floor: DataLoader epoch, {WORKERS} workers started per epoch, reading nothing",
+    "ray_floor": f"floor: Ray Data read of {WORKERS} one-row blocks, {WORKERS} CPUs",
 }
+FLOORS = ("torch_floor", "ray_floor")  # the frameworks' own cost an epoch: no rows, no ratio
+
+
+def _preload() -> list[str]:
+    """The modules the forkserver imports once for every DataLoader worker: torch, the dataset's, and the main
+    module when run as one (`python -m`): spawn and forkserver workers import the main module anew, and
+    `benchmarks.cli` imports every benchmark (1 s of CPU a worker, every epoch). A package's `__main__` is left
+    out, as workers leave it out: importing it would run the program in the forkserver."""
+    main = getattr(sys.modules["__main__"], "__spec__", None)
+    name = main.name if main is not None else "__main__"
+    return ["torch", "flight_client.torch", *([] if name.split(".")[-1] == "__main__" else [name])]
 
 
 def feature_table(rows: int, entities: int, seed: int, features: int) -> pa.Table:
@@ -117,7 +134,7 @@ def cpu_seconds(server: int | None) -> tuple[float, float]:
 def run(target: Target, settings: Settings, entity_rows_count: int | None = None) -> dict[str, Any]:
     import ray
     import ray.data
-    from torch.utils.data import DataLoader
+    from torch.utils.data import ChainDataset, DataLoader
 
     from flight_client.ray import read_training_set
     from flight_client.torch import FlightDataset
@@ -158,8 +175,20 @@ def run(target: Target, settings: Settings, entity_rows_count: int | None = None
         batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
         got["ray_data"] = summary(arrow_counts(batches))
 
+    def torch_floor() -> None:
+        # An iterable dataset of no datasets: torch's own, so that its workers unpickle nothing of ours.
+        nothing = ChainDataset([])
+        loader = DataLoader(nothing, batch_size=None, num_workers=WORKERS, multiprocessing_context="forkserver")
+        if any(True for _ in loader):
+            raise RuntimeError("the floor's DataLoader yielded a batch")
+
+    def ray_floor() -> None:
+        blocks = ray.data.range(WORKERS, override_num_blocks=WORKERS).iter_batches(batch_size=None)
+        if sum(len(b["id"]) for b in blocks) != WORKERS:
+            raise RuntimeError("the floor's Ray read lost a row")
+
     # Workers fork from a server process that imported torch once, instead of importing it each.
-    multiprocessing.set_forkserver_preload(["torch", "flight_client.torch"])
+    multiprocessing.set_forkserver_preload(_preload())
     started = time.perf_counter()
     first = multiprocessing.get_context("forkserver").Process(target=int)  # starts the forkserver, waits for it
     first.start()
@@ -175,6 +204,8 @@ def run(target: Target, settings: Settings, entity_rows_count: int | None = None
         "torch_in_process": loader_case("torch_in_process", dataset),
         "torch_local_rows": loader_case("torch_local_rows", lambda: loader(entities)),
         "ray_data": Case(ray_case),
+        "torch_floor": Case(torch_floor),
+        "ray_floor": Case(ray_floor),
     }
     with FeatureClient(location) as client:
         arrow_bytes.append(client.get_historical_features(entities_name, features, partitions=PARTITIONS).nbytes)
@@ -211,9 +242,9 @@ def run(target: Target, settings: Settings, entity_rows_count: int | None = None
         name: {
             "label": LABELS[name],
             **timing.as_dict(),
-            "rows_per_s": n_entities / timing.median,
-            "mb_per_s": arrow_bytes[0] / report.MB / timing.median,
-            "ratio_to_pandas": baseline / timing.median,
+            "rows_per_s": None if name in FLOORS else n_entities / timing.median,
+            "mb_per_s": None if name in FLOORS else arrow_bytes[0] / report.MB / timing.median,
+            "ratio_to_pandas": None if name in FLOORS else baseline / timing.median,
             # medians of the timed rounds (None: the server is not a local process)
             "server_cpu_s": statistics.median(c[0] for c in cpu[name][settings.warmup :]) if target.pid else None,
             "client_cpu_s": statistics.median(c[1] for c in cpu[name][settings.warmup :]),
@@ -241,8 +272,8 @@ def render(result: dict[str, Any]) -> str:
     rows = [
         [
             r["label"],
-            *report.timing_cells(r),
-            report.ratio(r["ratio_to_pandas"]),
+            *(report.timing_cells(r) if r["rows_per_s"] is not None else _floor_cells(r)),
+            "-" if r["ratio_to_pandas"] is None else report.ratio(r["ratio_to_pandas"]),
             _cpu(r["server_cpu_s"]),
             _cpu(r["client_cpu_s"]),
         ]
@@ -252,6 +283,7 @@ def render(result: dict[str, Any]) -> str:
         f"DataLoader workers fork from a forkserver (preloading torch) started once before the rounds: "
         f"{result['forkserver_start_s']:.2f} s\n"
         "checks: every path returned every entity row once (row count and label sum)\n"
+        "floors: the frameworks alone, reading nothing, their workers or read tasks started as in the paths above\n"
         "CPU s: medians per round; client: this process and all it started but the server (workers, Ray)\n"
         f"load average (1 min): {result['load_average_1m']['start']:.1f} at the start, "
         f"{result['load_average_1m']['end']:.1f} at the end"
@@ -259,6 +291,11 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(
         [header, report.table(["path", *report.TIMING_HEADERS, "vs (a)", "server CPU s", "client CPU s"], rows), footer]
     )
+
+
+def _floor_cells(result: dict[str, Any]) -> list[str]:
+    """A floor's cells under `report.TIMING_HEADERS`: its times, and no rate (it reads nothing)."""
+    return [report.seconds(result[key]) for key in ("median_s", "min_s", "max_s")] + ["-", "-"]
 
 
 def _cpu(seconds: float | None) -> str:
