@@ -409,10 +409,11 @@ def live_tables(
     then times (1) the training set asked for right after the last put's ack (it waits for, or does, the index
     extension), and (2) after another append, how long until the server has brought every index forward on its own
     (`refreshed_ahead`, polled; or given up on one that does not fit, `too_large`) and the training set then; each
-    against the same request again (warm, same snapshots). The last result of each fraction is compared with the
-    server's DuckDB join of the same snapshots. Each round records how the indexes of its two appends came to be
-    (extended, read whole again, or left to DuckDB), and the compactions committed meanwhile: a round that rebuilt
-    or fell back is reported, not hidden.
+    against the same request again (warm, same snapshots), and the first also against the request before any
+    append (steady: the best of two; a fold that waited for the first to end runs beside the warm one). The last
+    result of each fraction is compared with the server's DuckDB join of the same snapshots. Each round records how
+    the indexes of its two appends came to be (extended, read whole again, or left to DuckDB), and the compactions
+    committed meanwhile: a round that rebuilt or fell back is reported, not hidden.
 
     A server this run started is measured on a second server on its catalog, started with `--no-auto-maintenance`
     (the puts go through it, so the first server's maintenance does not see them either): with maintenance on, a
@@ -495,6 +496,7 @@ def live_tables(
                 }
 
             timed()  # a new server: its indexes built before the rounds, as the earlier cases left the first server's
+            steady = min(timed()[0] for _ in range(2))  # warm before any append: nothing to bring forward or fold
             for fraction in LIVE_FRACTIONS:
                 report.progress(f"historical: live tables, appending {fraction:.1%} to every feature table per round")
                 first, ready, warm, fresh = [], [], [], []
@@ -552,6 +554,8 @@ def live_tables(
                     "warm_s": warm,
                     "freshness_s": fresh,
                     "ratio_first_to_warm": warm_median / float(np.median(first)),
+                    "steady_warm_s": steady,
+                    "ratio_first_to_steady": steady / float(np.median(first)),
                     "ratio_after_refresh_to_warm": warm_median / float(np.median(ready)),
                     "values_compared": compared if properties is not None else None,
                     "indexes": indexes,
@@ -597,6 +601,7 @@ def render(result: dict[str, Any]) -> str:
             report.seconds(float(np.median(r["warm_s"]))),
             report.seconds(float(np.median(r["first_after_put_s"]))),
             report.ratio(r["ratio_first_to_warm"]),
+            report.ratio(r["ratio_first_to_steady"]) if "ratio_first_to_steady" in r else "-",
             report.seconds(float(np.median(r["freshness_s"]))),
             report.seconds(float(np.median(r["after_refresh_s"]))),
             report.ratio(r["ratio_after_refresh_to_warm"]),
@@ -609,6 +614,7 @@ def render(result: dict[str, Any]) -> str:
             "warm s",
             "first after put s",
             "warm / first",
+            "steady / first",
             "put ack -> indexes ready s",
             "then s",
             "warm / then",
@@ -625,6 +631,12 @@ def render(result: dict[str, Any]) -> str:
         if not r.get("all_extended", True)
         for i in r["indexes"]
     ]
+    steady = [r["steady_warm_s"] for r in result.get("live", {}).values() if "steady_warm_s" in r]
+    if steady:
+        notes.append(
+            f"live: warm = the same request again after the first (same snapshots); steady = the request before any "
+            f"append, {steady[0]:.3f} s (the best of 2: nothing brought forward, no run to fold)"
+        )
     live_peak = result.get("live_server_peak_rss_bytes")
     if live_peak is not None:
         notes.append(f"live tables measured on a server without automatic maintenance: peak RSS {live_peak >> 20} MiB")

@@ -934,6 +934,37 @@ def test_indexes_past_the_run_limit_are_folded_even_when_a_snapshot_waits(
     assert cache.stats()["folds"] == 2 and not cache._to_fold
 
 
+def test_a_fold_waits_until_no_read_streams_unless_the_runs_grew_too_large(
+    two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
+) -> None:
+    """A due fold is left for later while a read streams (it would take the read's cores), and the thread is woken
+    to fold it as soon as the last read ends; runs past half the first's rows are folded beside a read all the
+    same. The read here is any snapshot held as reads hold theirs while they stream (`SnapshotsInUse.hold`)."""
+    client, catalog, spec, _, names = two_tables
+    cache = AsofCache(Engine(), ReadCaches(), 1 << 30, catalog=catalog)
+    name = names[0]
+    table = catalog.read(name)
+    held = [(str(table.metadata.table_uuid), table.current_snapshot().snapshot_id)]
+    assert cache.get(table, table.current_snapshot().snapshot_id, spec) is not None
+    client.write(name, ticks(97, 800, 4_000, 8_000))  # a fifth of the first run: due, not forced
+    cache.refresh()
+    assert len(cache._to_fold) == 1
+    cache._wake.clear()
+    with cache.caches.in_use.hold(held):
+        cache._fold_all()
+        assert cache.stats()["folds"] == 0 and len(cache._to_fold) == 1
+        cache._fold_all()  # another round during the same read: one call waits for its end, not two
+        assert not cache._wake.is_set() and len(cache.caches.in_use._quiet) == 1
+    assert cache._wake.is_set()  # the read ended: fold now, not at the next poll
+    cache._fold_all()
+    assert cache.stats()["folds"] == 1 and not cache._to_fold
+    client.write(name, ticks(97, 2_800, 4_800, 8_000))  # more than half the first run: folded beside a read
+    cache.refresh()
+    with cache.caches.in_use.hold(held):
+        cache._fold_all()
+        assert cache.stats()["folds"] == 2 and not cache._to_fold
+
+
 # Commits of rows (key, second, created second) over few keys and times, so that rows of different commits tie on
 # all three (rows of one commit never do: which of those wins is the file layout's business), and merge-on-read
 # deletes of rows by `v` between them.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -24,6 +24,21 @@ class SnapshotsInUse:
     def __init__(self) -> None:
         self._counts: Counter[Held] = Counter()
         self._lock = threading.Lock()
+        self._quiet: list[Callable[[], None]] = []  # called once when the last running read ends
+
+    def when_quiet(self, call: Callable[[], None]) -> None:
+        """Call `call` once no read runs: now if none does, else when the last running one ends. Background work
+        that competes with reads for the cores (folding training-set indexes) waits for that moment."""
+        with self._lock:
+            if self._counts:
+                self._quiet.append(call)
+                return
+        call()
+
+    def busy(self) -> bool:
+        """Whether a read is streaming now."""
+        with self._lock:
+            return bool(self._counts)
 
     def snapshots(self, table_uuid: str) -> set[int]:
         """The snapshots of one table that a running read uses."""
@@ -44,6 +59,11 @@ class SnapshotsInUse:
                 for key in keys:
                     if self._counts[key] <= 0:
                         del self._counts[key]
+                quiet: list[Callable[[], None]] = []
+                if not self._counts:
+                    quiet, self._quiet = self._quiet, []
+            for call in quiet:
+                call()
 
     def holding(self, held: Iterable[tuple[str, int | None]], reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
         """`reader`, holding the snapshots from its first batch until it is exhausted, closed or dropped."""

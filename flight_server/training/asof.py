@@ -52,6 +52,8 @@ _TOO_LARGE_KEYS = 1024  # snapshots remembered as too large for the whole cap (t
 
 _MAX_RUNS = 16  # runs past which an index is folded even while new snapshots keep the refresh thread busy
 
+_FORCE_RATIO = 2  # ... or reads run: runs past _MAX_RUNS or 1/2 of the first's stamps are folded whatever runs
+
 _MASK_RATIO = 4  # deletes are masked while the masked rows stay under 1/4 of the columns; beyond, the index is rebuilt
 
 _RUN_ROW_BYTES = 96  # what sorting a row into a run allocates, at most: a dozen 8-byte arrays (codes, stamps, order)
@@ -513,6 +515,7 @@ class AsofCache:
         self.too_large = 0  # indexes not kept for want of room: their tables' training sets at that snapshot use DuckDB
         self._to_fold: set[_Key] = set()
         self._unfolded: set[_Key] = set()  # folds waiting for room (logged once)
+        self._awaiting_quiet = False  # a call is registered for when no read streams (`_fold_all`)
         self._indexes: OrderedDict[_Key, AsofIndex] = OrderedDict()
         self._too_large: dict[_Key, None] = {}  # larger than the whole cap (an ordered set, pruned)
         # A followed table's index refused beside the others': (its base snapshot, the bytes it needed), until the
@@ -1000,7 +1003,10 @@ class AsofCache:
         first; a new snapshot to bring forward leaves the rest for later, but only after one fold, and never the
         folds of indexes past `_MAX_RUNS` (else puts landing every round would starve folds and the runs that
         every search goes through would grow without limit). Older generations are not folded (their fold is
-        their newer one's)."""
+        their newer one's). A fold waits until no read streams (`SnapshotsInUse.when_quiet` wakes the thread then):
+        beside a training set on two cores, the fold of a large index (0.3 s of memory-bound numpy per 10M rows)
+        made it slower than the one more run it searches; past `_FORCE_RATIO` or `_MAX_RUNS` it is folded
+        whatever runs, since searching the runs then costs every read more than the fold costs one."""
         with self._lock:
             waiting = sorted(
                 (k for k in self._to_fold if k in self._indexes and k not in self._owner),
@@ -1008,6 +1014,7 @@ class AsofCache:
                 reverse=True,
             )
             self._to_fold = set()
+        deferred = False
         for at, key in enumerate(waiting):
             if self._stop.is_set():
                 return
@@ -1019,6 +1026,11 @@ class AsofCache:
                 with self._lock:  # a new snapshot to bring forward first: fold the rest after it
                     self._to_fold.update(waiting[at:])
                 return
+            if self.caches.in_use.busy() and not index.crowded(_MAX_RUNS, _FORCE_RATIO):
+                with self._lock:
+                    self._to_fold.add(key)
+                deferred = True
+                continue
             extra = _FOLD_COPIES * sum(run.nbytes() for run in index.runs)
             if not self.reserve(key, extra):
                 with self._lock:
@@ -1063,6 +1075,17 @@ class AsofCache:
                 folded.nbytes() / 2**20,
                 time.perf_counter() - started,
             )
+        with self._lock:
+            if not deferred or self._awaiting_quiet:
+                return
+            self._awaiting_quiet = True  # once: reads that never stop would pile up calls
+        self.caches.in_use.when_quiet(self._quiet)
+
+    def _quiet(self) -> None:
+        """No read streams any more: fold what waited for that, before the next poll."""
+        with self._lock:
+            self._awaiting_quiet = False
+        self._wake.set()
 
     def reserve(self, key: _Key, extra: int) -> bool:
         """Reserve `extra` bytes for work on `key`'s index (folding its runs, bringing it forward: `_Work`), never by
