@@ -133,7 +133,10 @@ def test_extended_index_matches_reference(
         stamps = run.stamps[: len(run)]
         assert bool((stamps[1:] >= stamps[:-1]).all())
     got = answers(index, source, entities, spec)
-    assert answers(index.folded(), source, entities, spec) == got and len(index.folded().runs) <= 1
+    folded = index.folded()
+    assert answers(folded, source, entities, spec) == got and len(folded.runs) == min(
+        len(index.runs), 1 + index.fold_start()
+    )
     for (apply_ttl, limit), found in zip(((True, ttl), (False, None)), got, strict=True):
         chosen = [reference(rows, e, composite, limit) for e in entities]
         for column in source.column_names:
@@ -167,6 +170,28 @@ def test_ties_settled_around_given_stamps_as_a_plain_sort(
     later = np.array(created, dtype=np.int64)
     asof._settle_ties(np.array(stamps, dtype=np.int64), got, event_us, lambda at: later[at], around)
     assert got.tolist() == want and (event_us == got * 10).all()
+
+
+def test_small_appends_fold_among_themselves_and_large_ones_into_the_first() -> None:
+    """Runs after the first that hold no more than 1/16 of its stamps together are folded among themselves, the
+    first run untouched (the fold costs their rows, not a pass over the large run); past that, into the first.
+    Either answers as the index read whole."""
+    rows = [(k % 7, "a", (k * 3) % 50, k) for k in range(400)]
+    entities = [(k, "a", t) for k in range(8) for t in (0, 10, 25, 49, 60)]
+    spec = FeatureSpec(("k",), "ts", "created", None)
+    source = table(rows)
+    index = AsofIndex.build("t", 0, spec, source.slice(0, 320))
+    for step in range(5):  # 20 stamps after the first run's 320: under 1/16
+        index = index.extend(step + 1, source.slice(320 + 4 * step, 4))
+    assert len(index.runs) == 6 and index.fold_start() == 1
+    folded = index.folded()
+    assert len(folded.runs) == 2 and folded.runs[0] is index.runs[0]
+    whole = answers(AsofIndex.build("t", 5, spec, source.slice(0, 340)), source, entities, spec)
+    assert answers(folded, source, entities, spec) == answers(index, source, entities, spec) == whole
+    larger = folded.extend(6, source.slice(340, 60))  # 80 stamps after the first run's 320: past 1/16
+    assert larger.fold_start() == 0 and len(larger.folded().runs) == 1
+    whole = answers(AsofIndex.build("t", 6, spec, source), source, entities, spec)
+    assert answers(larger.folded(), source, entities, spec) == whole
 
 
 # Few keys and times, so that rows tie on (keys, time) and on created time too, within and across runs.
@@ -521,7 +546,7 @@ def ticks(keys: int, rows: int, first: int, seconds: int) -> pa.Table:
 
 
 def test_deletes_are_masked_and_runs_folded_with_duckdbs_results(catalog_properties: dict[str, str]) -> None:
-    """Through a real server: appends add runs (folded in the background once there are more than four), position
+    """Through a real server: appends add runs (folded in the background once there is more than one), position
     deletes (merge-on-read) are masked in the generation of the last snapshot instead of read again, a
     copy-on-write delete and a compaction rebuild; after each change the training set equals the DuckDB path's on
     the same snapshot, and the snapshot pinned before the deletes still answers as it did."""
@@ -552,7 +577,7 @@ def test_deletes_are_masked_and_runs_folded_with_duckdbs_results(catalog_propert
 
             client.write(name, ticks(20, 400, 0, 60), entity_keys=["k"], event_time="ts", created_time="created")
             same()
-            for step in range(5):  # five appends: a run each, the fifth past the four the cache keeps unfolded
+            for step in range(5):  # five appends: a run each, folded once there are two
                 client.write(name, ticks(21, 10, 1000 + 10 * step, 65))
                 same()
             assert cache_stats(client)["builds"] == 1 and cache_stats(client)["incremental_builds"] == 5

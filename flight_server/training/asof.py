@@ -44,9 +44,11 @@ _ANCESTORS = 100  # snapshots looked back for a cached index to extend
 
 _SMALL_RUN = 1 << 16  # stamps of a run searched without sorting the entity rows first
 
-_FOLD_RUNS = 4  # runs after the first that the cache folds into it in the background, or more
+_FOLD_RUNS = 1  # runs after the first past which the cache folds them in the background (`AsofIndex.fold_start`):
+# each search encodes every entity key once per run (55 ms per 1M keys in a run of sparse keys), and small runs fold
+# among themselves for their own rows' cost
 
-_FOLD_RATIO = 16  # ... or when they hold more than 1/16 of the first run's stamps
+_FOLD_RATIO = 16  # ... or once they hold more than 1/16 of the first run's stamps: then into the first
 
 _TOO_LARGE_KEYS = 1024  # snapshots remembered as too large for the whole cap (the oldest forgotten first)
 
@@ -270,13 +272,22 @@ class AsofIndex:
         growth = sum(values.growth(rows.column(name)) for name, values in self.columns.items())
         return growth + rows.num_rows * _RUN_ROW_BYTES
 
+    def fold_start(self) -> int:
+        """The first run a fold merges the later ones into: the second while the runs after the first hold no more
+        than 1/_FOLD_RATIO of its stamps (small appends merged among themselves cost their own rows, not a pass
+        over the first run's: a table appended to a little at a time would pay that every few appends), else the
+        first."""
+        later = sum(len(run) for run in self.runs[1:])
+        return 1 if len(self.runs) > 2 and later * _FOLD_RATIO <= len(self.runs[0]) else 0
+
     def folded(self) -> AsofIndex:
-        """The same index with its runs merged into one (it answers exactly as this one)."""
+        """The same index with its runs from `fold_start` on merged into one (it answers exactly as this one)."""
         if len(self.runs) < 2:
             return self
-        positions = np.sort(np.concatenate([run.positions for run in self.runs[1:]]))
-        run = self.runs[0].merged(self.spec, self.columns, positions, _created_of(self.spec, self.columns))
-        return replace(self, runs=(run,))
+        start = self.fold_start()
+        positions = np.sort(np.concatenate([run.positions for run in self.runs[start + 1 :]]))
+        run = self.runs[start].merged(self.spec, self.columns, positions, _created_of(self.spec, self.columns))
+        return replace(self, runs=(*self.runs[:start], run))
 
     def masked(self, snapshot_id: int, rows: np.ndarray, spans: tuple[FileSpan, ...] | None) -> AsofIndex:
         """The index of a later snapshot that deleted `rows` (of the columns, not masked yet) of this one's."""
@@ -482,8 +493,9 @@ class AsofCache:
 
     A snapshot that only appended to one already indexed, or deleted rows by position delete files, is indexed by
     bringing that index forward (`_forward`): the appended files' rows sorted into a run of their own, deleted rows
-    masked, not the table read and sorted again; a background thread folds an index's runs into one once they are
-    many (`_FOLD_RUNS`) or large (`_FOLD_RATIO`), never holding up a request. With a `catalog`, the same thread
+    masked, not the table read and sorted again; a background thread folds an index's later runs once there are
+    several (`_FOLD_RUNS`), among themselves while small, into the first once large (`_FOLD_RATIO`), never holding
+    up a request. With a `catalog`, the same thread
     also brings forward the index of each table last used at its current snapshot as soon as a new snapshot
     lands (polled every `refresh_seconds`, or at once on `notify` after a change through this server), so
     that the next training set finds it ready: one table at a time, within the same byte cap.
@@ -1031,7 +1043,7 @@ class AsofCache:
                     self._to_fold.add(key)
                 deferred = True
                 continue
-            extra = _FOLD_COPIES * sum(run.nbytes() for run in index.runs)
+            extra = _FOLD_COPIES * sum(run.nbytes() for run in index.runs[index.fold_start() :])
             if not self.reserve(key, extra):
                 with self._lock:
                     if key not in self._unfolded:
