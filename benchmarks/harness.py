@@ -203,21 +203,6 @@ def local_server(
 
 
 @contextlib.contextmanager
-def paused(server: Target) -> Iterator[None]:
-    """The server stopped (SIGSTOP) until the block ends, when this run started it: a server that followed tables
-    another one now writes to brings its own indexes forward on the same cores, which a replica on a machine of its
-    own would not take from the server measured."""
-    if server.pid is None:
-        yield
-        return
-    os.kill(server.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
-
-
-@contextlib.contextmanager
 def target(location: str | None, catalog_config: Path | None = None) -> Iterator[Target]:
     """The server given by `--location`, or a fresh local one (on `catalog_config`'s catalog, if given)."""
     if location is None:

@@ -5,6 +5,7 @@ catalog with appends, deletes, compactions and pins; and a server brings its ind
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import threading
 import tracemalloc
 import uuid
@@ -23,6 +24,7 @@ from flight_server.base.schemas import micros
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
 from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
+from flight_server.reads.inuse import SnapshotsInUse
 from flight_server.training import asof
 from flight_server.training.asof import AsofCache, AsofIndex
 from tests.conftest import sqlite_catalog, start_server, wait_until
@@ -961,33 +963,71 @@ def test_indexes_past_the_run_limit_are_folded_even_when_a_snapshot_waits(
 
 def test_a_fold_waits_until_no_read_streams_unless_the_runs_grew_too_large(
     two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A due fold is left for later while a read streams (it would take the read's cores), and the thread is woken
-    to fold it as soon as the last read ends; runs past half the first's rows are folded beside a read all the
-    same. The read here is any snapshot held as reads hold theirs while they stream (`SnapshotsInUse.hold`)."""
+    """A due fold into the first run is left for later while a read streams (it would take the read's cores), and
+    the thread is woken to fold it as soon as the last read ends; runs past half the first's rows are folded beside a
+    read all the same, and so is a fold that waited `_FOLD_PATIENCE`; small runs merged among themselves never wait.
+    The read here is any snapshot held as reads hold theirs while they stream (`SnapshotsInUse.hold`)."""
     client, catalog, spec, _, names = two_tables
     cache = AsofCache(Engine(), ReadCaches(), 1 << 30, catalog=catalog)
     name = names[0]
     table = catalog.read(name)
     held = [(str(table.metadata.table_uuid), table.current_snapshot().snapshot_id)]
     assert cache.get(table, table.current_snapshot().snapshot_id, spec) is not None
-    client.write(name, ticks(97, 800, 4_000, 8_000))  # a fifth of the first run: due, not forced
+
+    def folds() -> int:
+        return int(cache.stats()["folds"])
+
+    for first in (4_000, 4_050):  # two small runs: merged among themselves, beside a read
+        client.write(name, ticks(97, 50, first, 8_000))
+        cache.refresh()
+    with cache.caches.in_use.hold(held):
+        cache._fold_all()
+    assert folds() == 1 and not cache._to_fold
+    client.write(name, ticks(97, 800, 4_100, 8_000))  # past 1/16 of the first run: into it, due, not forced
     cache.refresh()
     assert len(cache._to_fold) == 1
     cache._wake.clear()
     with cache.caches.in_use.hold(held):
         cache._fold_all()
-        assert cache.stats()["folds"] == 0 and len(cache._to_fold) == 1
+        assert folds() == 1 and len(cache._to_fold) == 1
         cache._fold_all()  # another round during the same read: one call waits for its end, not two
         assert not cache._wake.is_set() and len(cache.caches.in_use._quiet) == 1
     assert cache._wake.is_set()  # the read ended: fold now, not at the next poll
     cache._fold_all()
-    assert cache.stats()["folds"] == 1 and not cache._to_fold
-    client.write(name, ticks(97, 2_800, 4_800, 8_000))  # more than half the first run: folded beside a read
+    assert folds() == 2 and not cache._to_fold
+    client.write(name, ticks(97, 2_800, 4_900, 8_000))  # more than half the first run: folded beside a read
     cache.refresh()
     with cache.caches.in_use.hold(held):
         cache._fold_all()
-        assert cache.stats()["folds"] == 2 and not cache._to_fold
+        assert folds() == 3 and not cache._to_fold
+    # A read that does not end (a slow consumer's stream) holds a due fold back for `_FOLD_PATIENCE` at most.
+    client.write(name, ticks(97, 800, 7_700, 8_000))
+    cache.refresh()
+    with cache.caches.in_use.hold(held):
+        cache._fold_all()
+        assert folds() == 3
+        monkeypatch.setattr(asof, "_FOLD_PATIENCE", 0.0)
+        cache._fold_all()
+        assert folds() == 4 and not cache._to_fold
+
+
+def test_a_read_holds_its_snapshots_from_planning_to_the_end_of_its_stream() -> None:
+    """`holding` takes its hold before the planning one ends, so that there is no moment without one (snapshot
+    expiry, and a fold waiting for no read, would take it); a stream dropped unread lets go too."""
+    in_use, quiet, held = SnapshotsInUse(), [], [("table", 1)]
+    batch = pa.record_batch({"v": [1]})
+    with in_use.hold(held):
+        in_use.when_quiet(lambda: quiet.append("now"))
+        stream = in_use.holding(held, pa.RecordBatchReader.from_batches(batch.schema, [batch]))
+    assert in_use.busy() and not quiet
+    assert stream.read_all().num_rows == 1 and not in_use.busy() and quiet == ["now"]
+    unread = in_use.holding(held, pa.RecordBatchReader.from_batches(batch.schema, [batch]))
+    assert in_use.snapshots("table") == {1}
+    del unread
+    gc.collect()
+    assert not in_use.busy()
 
 
 # Commits of rows (key, second, created second) over few keys and times, so that rows of different commits tie on

@@ -1,15 +1,16 @@
 """The snapshots this server's reads are reading right now, so that snapshot expiry keeps their files.
 
 A read holds its snapshot for as long as its result streams: `holding` wraps the reader and lets go once the
-reader is exhausted, closed or dropped (the client finished, cancelled or went away). Counted per (table uuid,
-snapshot id): two reads of one snapshot hold it twice. Only this server's reads are known here; reads on other
-replicas are protected by expiry's age rule alone.
+reader is exhausted, closed or dropped (the client finished, cancelled or went away, or the stream never
+started). Counted per (table uuid, snapshot id): two reads of one snapshot hold it twice. Only this server's
+reads are known here; reads on other replicas are protected by expiry's age rule alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
@@ -48,13 +49,41 @@ class SnapshotsInUse:
     @contextlib.contextmanager
     def hold(self, held: Iterable[tuple[str, int | None]]) -> Iterator[None]:
         """Hold the snapshots (None: a table without one) for the block."""
-        keys = [(uuid, snapshot) for uuid, snapshot in held if snapshot is not None]
-        with self._lock:
-            self._counts.update(keys)
+        release = self._take(held)
         try:
             yield
         finally:
+            release()
+
+    def holding(self, held: Iterable[tuple[str, int | None]], reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
+        """`reader`, holding the snapshots from now until it is exhausted, closed or dropped, also unread: taken
+        before a planning `hold` ends, the snapshots are never let go in between (expiry could take them then, and
+        background work waiting for no read would start beside this one)."""
+        release = self._take(held)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            try:
+                yield from reader
+            finally:
+                release()
+
+        stream = batches()
+        weakref.finalize(stream, release)  # a generator never started runs no `finally`
+        return pa.RecordBatchReader.from_batches(reader.schema, stream)
+
+    def _take(self, held: Iterable[tuple[str, int | None]]) -> Callable[[], None]:
+        """Count the snapshots as held; returns what lets them go (once, however often it is called)."""
+        keys = [(uuid, snapshot) for uuid, snapshot in held if snapshot is not None]
+        with self._lock:
+            self._counts.update(keys)
+        released = False
+
+        def release() -> None:
+            nonlocal released
             with self._lock:
+                if released:
+                    return
+                released = True
                 self._counts.subtract(keys)
                 for key in keys:
                     if self._counts[key] <= 0:
@@ -65,12 +94,4 @@ class SnapshotsInUse:
             for call in quiet:
                 call()
 
-    def holding(self, held: Iterable[tuple[str, int | None]], reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
-        """`reader`, holding the snapshots from its first batch until it is exhausted, closed or dropped."""
-        keys = list(held)
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            with self.hold(keys):
-                yield from reader
-
-        return pa.RecordBatchReader.from_batches(reader.schema, batches())
+        return release

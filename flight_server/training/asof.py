@@ -56,6 +56,9 @@ _MAX_RUNS = 16  # runs past which an index is folded even while new snapshots ke
 
 _FORCE_RATIO = 2  # ... or reads run: runs past _MAX_RUNS or 1/2 of the first's stamps are folded whatever runs
 
+_FOLD_PATIENCE = 5.0  # seconds a fold into the first run waits for no read to stream, at most: a stream that a slow
+# consumer keeps open would keep it waiting for good
+
 _MASK_RATIO = 4  # deletes are masked while the masked rows stay under 1/4 of the columns; beyond, the index is rebuilt
 
 _RUN_ROW_BYTES = 96  # what sorting a row into a run allocates, at most: a dozen 8-byte arrays (codes, stamps, order)
@@ -528,6 +531,7 @@ class AsofCache:
         self._to_fold: set[_Key] = set()
         self._unfolded: set[_Key] = set()  # folds waiting for room (logged once)
         self._awaiting_quiet = False  # a call is registered for when no read streams (`_fold_all`)
+        self._waiting_since: float | None = None  # when a fold first waited for no read to stream (`_waits`)
         self._indexes: OrderedDict[_Key, AsofIndex] = OrderedDict()
         self._too_large: dict[_Key, None] = {}  # larger than the whole cap (an ordered set, pruned)
         # A followed table's index refused beside the others': (its base snapshot, the bytes it needed), until the
@@ -1015,10 +1019,11 @@ class AsofCache:
         first; a new snapshot to bring forward leaves the rest for later, but only after one fold, and never the
         folds of indexes past `_MAX_RUNS` (else puts landing every round would starve folds and the runs that
         every search goes through would grow without limit). Older generations are not folded (their fold is
-        their newer one's). A fold waits until no read streams (`SnapshotsInUse.when_quiet` wakes the thread then):
-        beside a training set on two cores, the fold of a large index (0.3 s of memory-bound numpy per 10M rows)
-        made it slower than the one more run it searches; past `_FORCE_RATIO` or `_MAX_RUNS` it is folded
-        whatever runs, since searching the runs then costs every read more than the fold costs one."""
+        their newer one's). A fold into the first run waits until no read streams (`_waits`;
+        `SnapshotsInUse.when_quiet` wakes the thread then): beside a training set on two cores, the fold of a large
+        index (0.3 s of memory-bound numpy per 10M rows) made it slower than the one more run it searches; past
+        `_FOLD_PATIENCE`, `_FORCE_RATIO` or `_MAX_RUNS` it is folded whatever runs, since searching the runs then
+        costs every read more than the fold costs one."""
         with self._lock:
             waiting = sorted(
                 (k for k in self._to_fold if k in self._indexes and k not in self._owner),
@@ -1038,7 +1043,7 @@ class AsofCache:
                 with self._lock:  # a new snapshot to bring forward first: fold the rest after it
                     self._to_fold.update(waiting[at:])
                 return
-            if self.caches.in_use.busy() and not index.crowded(_MAX_RUNS, _FORCE_RATIO):
+            if self._waits(index):
                 with self._lock:
                     self._to_fold.add(key)
                 deferred = True
@@ -1092,6 +1097,23 @@ class AsofCache:
                 return
             self._awaiting_quiet = True  # once: reads that never stop would pile up calls
         self.caches.in_use.when_quiet(self._quiet)
+
+    def _waits(self, index: AsofIndex) -> bool:
+        """Whether `index`'s fold waits for no read to stream: one into the first run (a pass over its rows; small
+        runs merged among themselves cost their own), for `_FOLD_PATIENCE` at most since a fold first waited, and
+        never past `_FORCE_RATIO` or `_MAX_RUNS`."""
+        if index.fold_start() > 0 or index.crowded(_MAX_RUNS, _FORCE_RATIO):
+            return False
+        if not self.caches.in_use.busy():
+            self._waiting_since = None
+            return False
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        if now - self._waiting_since < _FOLD_PATIENCE:
+            return True
+        self._waiting_since = None  # waited long enough: this one folds now, the next waits afresh
+        return False
 
     def _quiet(self) -> None:
         """No read streams any more: fold what waited for that, before the next poll."""

@@ -162,7 +162,7 @@ class EntitySplits:
         of the table in Python (`key_slots`), two thirds of a replica's training set over 100,000 entity rows."""
         partition = plan.request.partition
         if partition is None and plan.request.shard is not None:
-            partition = (0, 1)
+            partition = [0, 1]
         if partition is None or plan.entity_table is None or self._account.cap <= 0:
             return None
         columns, source, order, params = _entity_source(plan)
