@@ -82,6 +82,11 @@ class FeatureShape:
     def keys(self) -> list[str]:
         return [ENTITY_KEY, CHANNEL] if self.composite else [ENTITY_KEY]
 
+    def write(self, client: FeatureClient, name: str, table: pa.Table) -> None:
+        """Write `table` to a new feature table `name` with this shape's definition."""
+        created = CREATED_TIME if self.created else None
+        client.write(name, table, entity_keys=self.keys, event_time=EVENT_TIME, created_time=created, ttl=self.ttl)
+
 
 SHAPES = (
     FeatureShape("txn", 1.0, 1, created=True, ttl=None, composite=False),
@@ -290,14 +295,7 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
         for shape, table in tables.items():
             report.progress(f"historical: writing {table.num_rows:,} rows to {names[shape]}")
             start = time.perf_counter()
-            client.write(
-                names[shape],
-                table,
-                entity_keys=shape.keys,
-                event_time=EVENT_TIME,
-                created_time=CREATED_TIME if shape.created else None,
-                ttl=shape.ttl,
-            )
+            shape.write(client, names[shape], table)
             write_s[names[shape]] = time.perf_counter() - start
         report.progress(f"historical: writing {entities.num_rows:,} entity rows to {entity_table}")
         start = time.perf_counter()
@@ -449,14 +447,7 @@ def live_tables(
 
         with FeatureClient(target.location) as client:
             for shape, table in tables.items():  # tables no other server follows (the docstring says why)
-                client.write(
-                    names[shape],
-                    table,
-                    entity_keys=shape.keys,
-                    event_time=EVENT_TIME,
-                    created_time=CREATED_TIME if shape.created else None,
-                    ttl=shape.ttl,
-                )
+                shape.write(client, names[shape], table)
             compactions()
 
             def stats() -> dict[str, int]:
