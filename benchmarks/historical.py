@@ -99,6 +99,11 @@ def feature_columns(columns: list[str]) -> list[str]:
     return [n for n in columns if n not in (ENTITY_KEY, CHANNEL, EVENT_TIME, CREATED_TIME)]
 
 
+def feature_refs(names: dict[FeatureShape, str], tables: dict[FeatureShape, pa.Table]) -> list[str]:
+    """Every feature of the tables, as `table:feature`, each table under its name in `names`."""
+    return [f"{names[shape]}:{f}" for shape, table in tables.items() for f in feature_columns(table.column_names)]
+
+
 def checksum(values: pd.Series | np.ndarray) -> str:
     """A digest of a column's values in order: equal only if the rows came back in input order."""
     return hashlib.blake2b(np.ascontiguousarray(np.asarray(values)).tobytes(), digest_size=8).hexdigest()
@@ -302,9 +307,7 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
         client.write(entity_table, entities, entity_keys=[ENTITY_KEY], event_time=ENTITY_TIME)
         write_s[entity_table] = time.perf_counter() - start
 
-        features = [
-            f"{names[shape]}:{f}" for shape, table in tables.items() for f in feature_columns(table.column_names)
-        ]
+        features = feature_refs(names, tables)
         entity_df = entities.to_pandas()
         frames = {shape: table.to_pandas() for shape, table in tables.items()}
         memory = DuckDBMemory(tables, entities)
@@ -407,10 +410,10 @@ def live_tables(
     (`refreshed_ahead`, polled; or given up on one that does not fit, `too_large`) and the training set then; each
     against the same request again (warm, same snapshots), and the first also against the request at the round's
     start, before its append (steady: the best of two; a fold that waited for the first to end runs beside the warm
-    one, and the tables grow round after round). The last
-    result of each fraction is compared with the server's DuckDB join of the same snapshots. Each round records how
-    the indexes of its two appends came to be (extended, read whole again, or left to DuckDB), and the compactions
-    committed meanwhile: a round that rebuilt or fell back is reported, not hidden.
+    one, and the tables grow round after round). The last result of each fraction is compared with the server's
+    DuckDB join of the same snapshots. Each round records how the indexes of its two appends came to be (extended,
+    read whole again, or left to DuckDB), and the compactions committed meanwhile: a round that rebuilt or fell back
+    is reported, not hidden.
 
     A server this run started is measured on a second server on its catalog, started with `--no-auto-maintenance`
     (the puts go through it, so the first server's maintenance does not see them either): with maintenance on, a
@@ -424,7 +427,7 @@ def live_tables(
         if target.warehouse is not None:  # else a server given by --location: measured as it is
             target = stack.enter_context(local_server(target.catalog_config, target.warehouse, args=LIVE_SERVER_ARGS))
         names = {shape: table_name(f"hist_live_{shape.name}") for shape in tables}
-        features = [f"{names[s]}:{f}" for s, t in tables.items() for f in feature_columns(t.column_names)]
+        features = feature_refs(names, tables)
         properties = target.catalog_properties()
         entity_df = entities.to_pandas()
         out: dict[str, Any] = {}

@@ -28,11 +28,13 @@ class SnapshotsInUse:
         self._quiet: list[Callable[[], None]] = []  # called once when the last running read ends
 
     def when_quiet(self, call: Callable[[], None]) -> None:
-        """Call `call` once no read runs: now if none does, else when the last running one ends. Background work
-        that competes with reads for the cores (folding training-set indexes) waits for that moment."""
+        """Call `call` once no read runs: now if none does, else when the last running one ends (once, however often
+        it was asked for meanwhile: reads that never stop would pile up calls). Background work that competes with
+        reads for the cores (folding training-set indexes) waits for that moment."""
         with self._lock:
             if self._counts:
-                self._quiet.append(call)
+                if call not in self._quiet:
+                    self._quiet.append(call)
                 return
         call()
 

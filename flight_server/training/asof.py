@@ -498,10 +498,10 @@ class AsofCache:
     bringing that index forward (`_forward`): the appended files' rows sorted into a run of their own, deleted rows
     masked, not the table read and sorted again; a background thread folds an index's later runs once there are
     several (`_FOLD_RUNS`), among themselves while small, into the first once large (`_FOLD_RATIO`), never holding
-    up a request. With a `catalog`, the same thread
-    also brings forward the index of each table last used at its current snapshot as soon as a new snapshot
-    lands (polled every `refresh_seconds`, or at once on `notify` after a change through this server), so
-    that the next training set finds it ready: one table at a time, within the same byte cap.
+    up a request. With a `catalog`, the same thread also brings forward the index of each table last used at its
+    current snapshot as soon as a new snapshot lands (polled every `refresh_seconds`, or at once on `notify` after a
+    change through this server), so that the next training set finds it ready: one table at a time, within the same
+    byte cap.
 
     An index brought forward shares most of its memory with the one it came from (the same runs, columns extended
     in place): that memory is counted once, with the newer index, and the older one is charged only for the rest
@@ -530,7 +530,6 @@ class AsofCache:
         self.too_large = 0  # indexes not kept for want of room: their tables' training sets at that snapshot use DuckDB
         self._to_fold: set[_Key] = set()
         self._unfolded: set[_Key] = set()  # folds waiting for room (logged once)
-        self._awaiting_quiet = False  # a call is registered for when no read streams (`_fold_all`)
         self._waiting_since: float | None = None  # when a fold first waited for no read to stream (`_waits`)
         self._indexes: OrderedDict[_Key, AsofIndex] = OrderedDict()
         self._too_large: dict[_Key, None] = {}  # larger than the whole cap (an ordered set, pruned)
@@ -1092,11 +1091,8 @@ class AsofCache:
                 folded.nbytes() / 2**20,
                 time.perf_counter() - started,
             )
-        with self._lock:
-            if not deferred or self._awaiting_quiet:
-                return
-            self._awaiting_quiet = True  # once: reads that never stop would pile up calls
-        self.caches.in_use.when_quiet(self._quiet)
+        if deferred:  # fold them once no read streams, before the next poll
+            self.caches.in_use.when_quiet(self._wake.set)
 
     def _waits(self, index: AsofIndex) -> bool:
         """Whether `index`'s fold waits for no read to stream: one into the first run (a pass over its rows; small
@@ -1114,12 +1110,6 @@ class AsofCache:
             return True
         self._waiting_since = None  # waited long enough: this one folds now, the next waits afresh
         return False
-
-    def _quiet(self) -> None:
-        """No read streams any more: fold what waited for that, before the next poll."""
-        with self._lock:
-            self._awaiting_quiet = False
-        self._wake.set()
 
     def reserve(self, key: _Key, extra: int) -> bool:
         """Reserve `extra` bytes for work on `key`'s index (folding its runs, bringing it forward: `_Work`), never by
