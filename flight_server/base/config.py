@@ -63,7 +63,8 @@ class ServerConfig:
     commit_timeout_seconds: float = 120.0
     group_commit: bool = True
     group_commit_linger_seconds: float = 0.1
-    write_process: bool = False  # puts, deletes and compactions in a child process (transport/offload.py)
+    # Puts, deletes and compactions in a child process (transport/offload.py), wherever one can run.
+    write_process: bool = os.name == "posix"
     historical_partitions: int = 1
     historical_cache_bytes: int = 4 << 30
     online_tables: list[str] = field(default_factory=list)

@@ -1,5 +1,6 @@
-"""The write process (`--write-process`, opt-in): puts, deletes and compactions run in a child process of the server,
-automatic maintenance's compactions too (`OffloadedMaintenance`; snapshot expiry does not: see `RELAYED_ACTIONS`).
+"""The write process (`--write-process`, the default on POSIX): puts, deletes and compactions run in a child process
+of the server, automatic maintenance's compactions too (`OffloadedMaintenance`; snapshot expiry does not: see
+`RELAYED_ACTIONS`).
 
 Why: while a writer puts through a server, its commits (pyiceberg's manifest and metadata work), the Parquet
 encoding around it and the online index refresh held the serving process's GIL for most of each second (measured
