@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -20,6 +21,7 @@ from pyiceberg.types import DoubleType
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError, ResourceExhaustedError
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
 from flight_server.online.index import MISSING, TAIL_CHUNKS, IndexState, OnlineIndex, Rows
+from flight_server.online.lookups import Answer
 from tests.conftest import start_server, wait_until
 
 UTC = dt.timezone.utc
@@ -562,6 +564,27 @@ def test_appends_to_an_index_match_reference(batches: list, tail_rows: int, comp
         got = [None if p == MISSING else rows.table.column("value")[int(p)].as_py() for p in positions]
         assert got == [latest[k][3] if k in latest else None for k in keys]
     assert len(index.state.positions) == len(latest)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(0, 12), min_size=1, max_size=TAIL_CHUNKS + 1), data=st.data())
+def test_rows_taken_from_chunks_match_one_take_of_the_whole(sizes: list[int], data: st.DataObject) -> None:
+    """A lookup of several entities takes their rows from an index of several chunks (base and tails, empty ones
+    too) chunk by chunk (`Answer.take`: Arrow's own take copies the whole table first): the same rows, in request
+    order, duplicates kept, a row of nulls for each missing entity, as one take from the table in one chunk."""
+    rows = sum(sizes)
+    whole = pa.table(
+        {"k": pa.array(range(rows), pa.int64()), "s": pa.array([str(i) if i % 3 else None for i in range(rows)])}
+    )
+    chunks, start = [], 0
+    for size in sizes:
+        chunks.append(whole.slice(start, size))
+        start += size
+    wanted = data.draw(st.lists(st.integers(MISSING, rows - 1) if rows else st.just(MISSING), max_size=20))
+    positions = np.array(wanted, np.int64)
+    missing = positions == MISSING
+    got = Answer(pa.concat_tables(chunks)).take(positions, missing)
+    assert got.equals(whole.take(pa.array(positions, mask=missing)))
 
 
 def test_refreshes_larger_than_the_tail_leave_the_base_uncopied(monkeypatch: pytest.MonkeyPatch) -> None:
