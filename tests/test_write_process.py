@@ -334,3 +334,39 @@ def test_expiry_keeps_the_snapshot_a_running_scan_reads(tmp_path: Path) -> None:
             assert first.num_rows + scan.read_all().num_rows == 200_000
     finally:
         server.shutdown()
+
+
+def test_a_write_process_that_cannot_start_leaves_the_writes_in_the_serving_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write process is on by default, so a child that cannot start (here an interpreter that exits at once)
+    must not cost the server its writes: they run in the serving process, `health` says why, and the start is
+    not tried again at every write."""
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    server = start_server(sqlite_catalog(tmp_path), write_process=True)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write("t.fallback", rows([1, 2], 10, 0.5), **KEYS)
+            assert client.write("t.fallback", rows([3], 11, 0.5), write_id="w").rows == 1
+            assert client.write("t.fallback", rows([3], 11, 0.5), write_id="w").duplicate
+            assert sorted(client.read_table("t.fallback").column("id").to_pylist()) == [1, 2, 3]
+            state = client.health()["write_process"]
+        assert state["pid"] is None and state["starts"] == 1
+        assert "did not start" in state["start_error"]
+    finally:
+        server.shutdown()
+
+
+def test_a_deep_temporary_folder_still_gets_a_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Unix socket's path has at most 107 bytes (104 on macOS); a deep $TMPDIR puts the child's folder in /tmp."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(deep))
+    server = start_server(sqlite_catalog(tmp_path), write_process=True)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            assert client.write("t.deep", rows([1], 10, 0.5), **KEYS).rows == 1
+            state = client.health()["write_process"]
+        assert state["pid"] is not None and state["start_error"] is None
+    finally:
+        server.shutdown()

@@ -87,6 +87,7 @@ def _health(parts: Components, caller: Principal, request: None) -> Health:
         maintenance=parts.upkeep.stats(),
         memory=parts.memory.stats(),
         training_set_indexes=parts.training.cache.index_rows(),
+        write_process=parts.writes.stats() if parts.writes is not None else None,
     )
 
 

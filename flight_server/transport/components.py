@@ -96,6 +96,10 @@ class Components:
             writes=writes,
         )
 
+    def offloaded(self) -> WriteProcess | None:
+        """The write process, when writes go there now (`WriteProcess.usable`); None: they run in this process."""
+        return self.writes if self.writes is not None and self.writes.usable() else None
+
     def writes_in_progress(self) -> int:
         """Puts being written or committed, by this process or its write process."""
         if self.writes is not None and (health := self.writes.ask("health")) is not None:

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -76,6 +77,9 @@ log = logging.getLogger(__name__)
 
 NICE = 5  # added to the child's OS niceness: a core both want goes to serving first
 START_TIMEOUT_SECONDS = 120.0  # for the child to import, open the catalog and listen
+OOM_SCORE_ADJ = 500  # of 1000: the child before the serving process when the machine or container runs out of memory
+RETRY_START_SECONDS = 60.0  # after a failed start, writes stay in the serving process this long before another try
+SOCKET_PATH_MAX = 100  # bytes; gRPC refuses a Unix socket path over 107 (macOS's limit is 104)
 STOP_SECONDS = 30.0  # for the child to finish its running calls once the server stops
 READY = b"ready\n"
 _ASKING = flight.FlightCallOptions(timeout=2.0)  # for `health` (`ask`): never hang on the child
@@ -116,6 +120,10 @@ class WriteProcessError(flight.FlightUnavailableError):
     """The write process stopped during the call, or could not start: UNAVAILABLE without a kind, as when a server
     goes away. A put may have committed before the process stopped: its retry with the same `write_id` says which
     (and never commits twice)."""
+
+
+class StartError(WriteProcessError):
+    """The write process could not start: nothing of the call reached it (`WriteProcess.usable`)."""
 
 
 def relayed_error(exc: BaseException) -> Exception:
@@ -168,6 +176,29 @@ class WriteProcess:
         self._client: flight.FlightClient | None = None
         self._starts = 0
         self._closed = False
+        self._failed: tuple[float, str] | None = None  # the last failed start: when (monotonic), and why
+
+    def usable(self) -> bool:
+        """Whether writes go to the child: it runs, or starts now. A child that cannot start (its folder or socket,
+        the interpreter, its imports) leaves the writes in the serving process, which runs them as without a write
+        process (the same results, only not apart from the lookups), logged, shown by `health`, and tried again
+        `RETRY_START_SECONDS` later."""
+        failed = self._failed
+        if failed is not None and time.monotonic() - failed[0] < RETRY_START_SECONDS:
+            return False
+        try:
+            self._connect()
+        except StartError as exc:
+            self._failed = (time.monotonic(), str(exc))
+            log.error("%s: writes run in the serving process; trying again in %.0f s", exc, RETRY_START_SECONDS)
+            return False
+        self._failed = None
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        """For `health`: the running child's pid, how often one was started, why the last start failed."""
+        failed = self._failed
+        return {"pid": self.pid, "starts": self._starts, "start_error": failed[1] if failed is not None else None}
 
     @property
     def pid(self) -> int | None:
@@ -371,11 +402,13 @@ class WriteProcess:
                     self._client.close()
                 self._process = self._client = None
             self._starts += 1
-            if self._folder is None:
-                self._folder = tempfile.mkdtemp(prefix="flight-writes-")
-                os.mkdir(os.path.join(self._folder, METRICS_FOLDER))
-            socket = os.path.join(self._folder, f"writes-{self._starts}.sock")
-            self._process = _start(self._config, socket)
+            try:
+                if self._folder is None:
+                    self._folder = _private_folder()
+                socket = os.path.join(self._folder, f"writes-{self._starts}.sock")
+                self._process = _start(self._config, socket)
+            except OSError as exc:
+                raise StartError(f"the server's write process could not start: {exc}") from None
             self._client = flight.FlightClient(f"grpc+unix://{socket}")
             return self._client, self._process
 
@@ -390,7 +423,7 @@ class OffloadedMaintenance(Maintenance):
     writes: WriteProcess | None = None
 
     def compact_small_files(self, table: str, min_files: int, small_bytes: int, max_bytes: int) -> CompactResult:
-        if self.writes is None:
+        if self.writes is None or not self.writes.usable():
             return super().compact_small_files(table, min_files, small_bytes, max_bytes)
         return self.writes.compact_small_files(table, min_files, small_bytes, max_bytes)
 
@@ -415,6 +448,17 @@ def _tagged() -> flight.FlightCallOptions:
     return flight.FlightCallOptions(headers=[(REQUEST_ID_HEADER.encode(), call.request_id.encode())])
 
 
+def _private_folder() -> str:
+    """A new folder only this user can open, for the child's socket and counters: in the temporary folder, or in
+    /tmp where that one's path is too long for a Unix socket (macOS's per-user folders, a deep $TMPDIR)."""
+    folder = tempfile.mkdtemp(prefix="flight-writes-")
+    if len(os.path.join(folder, "writes-0000.sock").encode()) > SOCKET_PATH_MAX and os.path.isdir("/tmp"):
+        os.rmdir(folder)
+        folder = tempfile.mkdtemp(prefix="flight-writes-", dir="/tmp")
+    os.mkdir(os.path.join(folder, METRICS_FOLDER))
+    return folder
+
+
 def _start(config: ServerConfig, socket: str) -> subprocess.Popen[bytes]:
     """Start the child and wait until it listens on `socket`."""
     level = logging.getLevelName(logging.getLogger("flight_server").getEffectiveLevel())
@@ -435,7 +479,7 @@ def _start(config: ServerConfig, socket: str) -> subprocess.Popen[bytes]:
         line = b""
     if line != READY:
         _stop(process, 0.0)
-        raise WriteProcessError(
+        raise StartError(
             f"the server's write process did not start (exit code {process.poll()}); the server's log says why"
         )
     log.info("write process %d listening on %s", process.pid, socket)
@@ -467,6 +511,9 @@ def _serve(socket: str, level: str) -> None:
     for sent_to_the_group in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sent_to_the_group, signal.SIG_IGN)
     os.nice(NICE)
+    # Out of memory, the kernel stops this process first: it starts again at the next write, and puts retry.
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
+        adj.write(str(OOM_SCORE_ADJ))
     setup_logging(level, config.log_format)
     server = FeatureFlightServer(config, location=f"grpc+unix://{socket}", write_process=True)
 

@@ -230,8 +230,8 @@ class FeatureFlightServer(flight.FlightServerBase):
             raise RequestError("do_put needs a command descriptor holding a write request (see docs/protocol.md)")
         request = self._authorized(context, parse_write(descriptor.command, self.config.max_request_bytes))
         reader, writer = self._client_streams(context, reader, writer)
-        if self.parts.writes is not None:  # in the write process: its commits hold no GIL of ours
-            result = self.parts.writes.put(request, reader, context.is_cancelled)
+        if (writes := self.parts.offloaded()) is not None:  # in the write process: its commits hold no GIL of ours
+            result = writes.put(request, reader, context.is_cancelled)
         else:
             result = self.parts.writer.write(request, reader, context.is_cancelled)
         self.parts.changed(result.table)
@@ -302,8 +302,8 @@ class FeatureFlightServer(flight.FlightServerBase):
         if row.parse is not None:
             body = action.body.to_pybytes() if action.body is not None else b""
             request = self._authorized(context, row.parse(decode(body, f"{name} body", self.config.max_request_bytes)))
-            if self.parts.writes is not None and name in RELAYED_ACTIONS:  # checked here, run in the write process
-                reply = self.parts.writes.action(name, body)
+            if name in RELAYED_ACTIONS and (writes := self.parts.offloaded()) is not None:  # run in the write process
+                reply = writes.action(name, body)
                 self.parts.changed(request.table)
                 return iter([reply])
         return iter([encode_reply(row.run(self.parts, caller, request))])

@@ -154,6 +154,8 @@ class Health(Reply):
     memory: dict[str, Any]  # the memory budget: its size, what each cache holds and reserves, evictions
     # each sorted index: table, snapshot_id, share (this replica's slots of the table's keys; None: all), rows
     training_set_indexes: list[dict[str, Any]] = field(default_factory=list)
+    # the write process (None: off): its pid while it runs, how often it started, why its last start failed
+    write_process: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
