@@ -222,16 +222,20 @@ def execute(names: list[str], options: Options, extra: dict[str, dict[str, Any]]
         try:
             with target(options.location, options.catalog_config) as server:
                 result = benchmark.run(server, settings, **(extra or {}).get(name, {}))
-                peak = server.peak_rss_bytes()
+                peak = server.peak_rss()
         except (RuntimeError, FeatureServerError) as exc:
             raise click.ClickException(f"{name}: {exc}") from exc
         result["settings"] = dataclasses.asdict(settings)
-        result["server"] = {"location": options.location or "local", "peak_rss_bytes": peak}
+        result["server"] = {
+            "location": options.location or "local",
+            "peak_rss_bytes": peak.serving if peak else None,  # the serving process's, as before the write process
+            "write_process_peak_rss_bytes": peak.write if peak else None,
+        }
         payload["benchmarks"][name] = result
         click.echo()
         click.echo(benchmark.render(result))
         if peak is not None:
-            click.echo(f"server peak RSS: {peak / 2**20:.0f} MiB")
+            click.echo(f"server peak RSS: {peak.describe()}")
     if options.json_path is not None:
         report.write_json(options.json_path, payload)
         report.progress(f"results written to {options.json_path}")

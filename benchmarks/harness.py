@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from benchmarks.processes import family, peak_rss_bytes
 from benchmarks.report import steps
 from flight_client import FeatureClient, FeatureServerError
 from flight_server.base.config import ServerConfig, read_catalog_file
@@ -105,17 +106,30 @@ class Target:
         config = ServerConfig(warehouse=str(self.warehouse), catalog_properties=dict(self.catalog or {}))
         return config.resolved_catalog_properties()
 
-    def peak_rss_bytes(self) -> int | None:
-        """The server's peak resident memory so far (VmHWM), when it is a local Linux process."""
+    def peak_rss(self) -> PeakRss | None:
+        """The server's peak resident memory so far, when it is a local Linux process: its serving process's and
+        its write process's apart, since each process has its own peak (not at the same moment)."""
         if self.pid is None:
             return None
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
+        members = family(self.pid)
+        children = [peak for peak in map(peak_rss_bytes, members[1:]) if peak is not None]
+        return PeakRss(peak_rss_bytes(self.pid), sum(children) if children else None)
+
+
+class PeakRss(NamedTuple):
+    """Peak resident bytes (VmHWM) of a server's processes; None where unknown. `write`: the write process's (with
+    its descendants', if any), None while it has not started; one that stopped or was restarted took its peak
+    with it."""
+
+    serving: int | None
+    write: int | None
+
+    def describe(self) -> str:
+        """`555 MiB (serving process) + 280 MiB (write process)`."""
+        serving = "?" if self.serving is None else f"{self.serving / 2**20:.0f} MiB"
+        if self.write is None:
+            return f"{serving} (serving process; no write process running)"
+        return f"{serving} (serving process) + {self.write / 2**20:.0f} MiB (write process)"
 
 
 def free_port() -> int:

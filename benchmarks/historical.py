@@ -35,7 +35,7 @@ from benchmarks.datagen import (
     LABEL,
     pit_feature_table,
 )
-from benchmarks.harness import Case, Settings, Target, local_server, measure, table_name
+from benchmarks.harness import Case, PeakRss, Settings, Target, local_server, measure, table_name
 from flight_client import FeatureClient
 from flight_server.base.config import ServerConfig
 from flight_server.iceberg.catalog import FeatureCatalog
@@ -390,7 +390,8 @@ def run(target: Target, settings: Settings, entity_rows: int | None = None) -> d
         "checks": checks,
         "results": results,
         "live": live,
-        "live_server_peak_rss_bytes": live_peak,
+        "live_server_peak_rss_bytes": live_peak.serving if live_peak else None,
+        "live_server_write_process_peak_rss_bytes": live_peak.write if live_peak else None,
     }
 
 
@@ -403,7 +404,7 @@ def live_tables(
     settings: Settings,
     tables: dict[FeatureShape, pa.Table],
     entities: pa.Table,
-) -> tuple[dict[str, Any], int | None]:
+) -> tuple[dict[str, Any], PeakRss | None]:
     """Training sets on tables that keep growing: each round appends `fraction` new rows to every feature table,
     then times (1) the training set asked for right after the last put's ack (it waits for, or does, the index
     extension), and (2) after another append, how long until the server has brought every index forward on its own
@@ -566,7 +567,7 @@ def live_tables(
                         r[when]["extended"] >= len(tables) for r in indexes for when in ("first_after_put", "refreshed")
                     ),
                 }
-        return out, target.peak_rss_bytes()
+        return out, target.peak_rss()
 
 
 def short(table: str) -> str:
@@ -639,9 +640,9 @@ def render(result: dict[str, Any]) -> str:
             "live: warm = the same request again right after the first (same snapshots); steady = the request at the "
             "round's start, before its append (the best of two: nothing to bring forward)"
         )
-    live_peak = result.get("live_server_peak_rss_bytes")
-    if live_peak is not None:
-        notes.append(f"live tables measured on a server without automatic maintenance: peak RSS {live_peak >> 20} MiB")
+    if result.get("live_server_peak_rss_bytes") is not None:
+        peak = PeakRss(result["live_server_peak_rss_bytes"], result.get("live_server_write_process_peak_rss_bytes"))
+        notes.append(f"live tables measured on a server without automatic maintenance: peak RSS {peak.describe()}")
     return "\n".join(
         [
             header,

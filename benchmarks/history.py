@@ -33,7 +33,7 @@ from benchmarks import report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, TIMESTAMP, feature_names, feature_table
 from benchmarks.harness import Settings, Target, local_server, table_name
-from benchmarks.scale import _cpu_seconds, _own_cpu_seconds
+from benchmarks.processes import family_cpu_seconds, own_cpu_seconds
 from flight_client import FeatureClient
 from flight_server.reads.duck import local_path
 
@@ -109,7 +109,8 @@ def concurrent_puts(
 ) -> dict[str, Any]:
     """`writers` threads, each with its own client, making `puts_per_writer` one-row puts to one fresh table
     through a server whose group commit is on or off, as `group_commit` says; with the server's CPU time per put
-    when it is a local process (`pid`), and this process's (the clients': is the server the limit?). Each client
+    when it is a local process (`pid`: its serving process and its write process, which commits the puts), and
+    this process's (the clients': is the server the limit?). Each client
     connects before the start line: opening a connection is no put, and the same cost on both sides weighed more
     on the shorter run, the one with group commit."""
     name = table_name(f"history_writers{writers}{'' if group_commit else '_alone'}")
@@ -126,14 +127,14 @@ def concurrent_puts(
 
         with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="bench-history") as pool:
             futures = [pool.submit(write, i) for i in range(writers)]
-            cpu_before = _cpu_seconds(pid) if pid is not None else 0.0
-            client_before = _own_cpu_seconds()
+            cpu_before = family_cpu_seconds(pid) if pid is not None else 0.0
+            client_before = own_cpu_seconds()
             start_line.wait()
             start = time.perf_counter()
             snapshots = [s for future in futures for s in future.result()]
             elapsed = time.perf_counter() - start
-            client_cpu = _own_cpu_seconds() - client_before
-            cpu = _cpu_seconds(pid) - cpu_before if pid is not None else None
+            client_cpu = own_cpu_seconds() - client_before
+            cpu = family_cpu_seconds(pid) - cpu_before if pid is not None else None
     finally:
         for client in clients:
             client.close()
@@ -477,7 +478,7 @@ def render(result: dict[str, Any]) -> str:
                 "puts",
                 "puts/s",
                 "snapshots per put",
-                "server CPU ms per put",
+                "server CPU ms per put (serving + write process)",
                 "clients' CPU ms per put",
                 "vs 1 writer",
                 "vs group commit off",

@@ -28,7 +28,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +37,7 @@ import pyarrow.compute as pc
 from benchmarks import report
 from benchmarks.datagen import ENTITY_KEY, EVENT_TIME, LABEL, SPAN_DAYS, START, TIMESTAMP, entity_rows, zipf_keys
 from benchmarks.harness import Case, Settings, Target, measure, table_name
+from benchmarks.processes import family, processes
 from flight_client import FeatureClient, read_flight
 
 ENTITY_ROWS = 1_000_000
@@ -100,35 +100,14 @@ def arrow_counts(batches: Iterable[Any]) -> Iterator[tuple[int, float]]:
         yield batch.num_rows, float(pc.sum(batch[LABEL]).as_py() or 0)
 
 
-def _process_table() -> dict[int, tuple[int, float]]:
-    """Every process's (parent, CPU seconds: its own and its reaped children's)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # ended meanwhile
-                continue
-            found[int(entry.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]) / tick)
-    return found
-
-
 def cpu_seconds(server: int | None) -> tuple[float, float]:
-    """CPU seconds so far of the `server` process and of this process with its other descendants (the client
-    side). A descendant that ended counts in its parent once reaped (a DataLoader worker in the forkserver)."""
-    table = _process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _) in table.items():
-        children.setdefault(parent, []).append(pid)
-    client, todo = 0.0, [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        if pid == server or pid not in table:
-            continue
-        client += table[pid][1]
-        todo += children.get(pid, [])
-    return (table[server][1] if server in table else 0.0), client
+    """CPU seconds so far of the `server`'s processes (serving and write process) and of this process with its
+    other descendants (the client side). A descendant that ended counts in its parent once reaped (a DataLoader
+    worker in the forkserver)."""
+    table = processes()
+    served = family(server, table) if server is not None else []
+    ours = [p for p in family(os.getpid(), table) if p not in served]
+    return sum(table[p].cpu_s for p in served if p in table), sum(table[p].cpu_s for p in ours if p in table)
 
 
 def run(target: Target, settings: Settings, entity_rows_count: int | None = None) -> dict[str, Any]:
@@ -284,7 +263,8 @@ def render(result: dict[str, Any]) -> str:
         f"{result['forkserver_start_s']:.2f} s\n"
         "checks: every path returned every entity row once (row count and label sum)\n"
         "floors: the frameworks alone, reading nothing, their workers or read tasks started as in the paths above\n"
-        "CPU s: medians per round; client: this process and all it started but the server (workers, Ray)\n"
+        "CPU s: medians per round; server: its serving and write processes; client: this process and all it started "
+        "but the server (workers, Ray)\n"
         f"load average (1 min): {result['load_average_1m']['start']:.1f} at the start, "
         f"{result['load_average_1m']['end']:.1f} at the end"
     )

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import time
 from multiprocessing.synchronize import Event
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,7 @@ from benchmarks import ceiling, report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_names, feature_table
 from benchmarks.harness import Settings, Target, local_server, table_name
+from benchmarks.processes import family
 from flight_client import FeatureClient
 from flight_server.base.filters import quote
 from flight_server.reads.duck import Engine, local_path
@@ -88,28 +88,13 @@ class Placement:
         assert self.server_pid is not None
         first, rest = {self.cpus[0]}, set(self.cpus[1:])
         _pin([self.server_pid, os.getpid()], first)
-        _pin([p for p in _family(self.server_pid) if p != self.server_pid], rest)
-        _pin([p for pid in others for p in _family(pid)], rest)
+        _pin([p for p in family(self.server_pid) if p != self.server_pid], rest)
+        _pin([p for pid in others for p in family(pid)], rest)
 
     def share(self, others: list[int]) -> None:
         """Every process on every core again."""
         if self.server_pid is not None:
-            _pin([*_family(self.server_pid), os.getpid(), *(p for pid in others for p in _family(pid))], set(self.cpus))
-
-
-def _family(pid: int) -> list[int]:
-    """`pid` and its descendants, found through /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        found.append(todo.pop())
-        todo += children.get(found[-1], [])
-    return found
+            _pin([*family(self.server_pid), os.getpid(), *(p for pid in others for p in family(pid))], set(self.cpus))
 
 
 def _pin(pids: list[int], cpus: set[int]) -> None:

@@ -25,7 +25,7 @@ from benchmarks import report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_table
 from benchmarks.harness import Case, Settings, Target, local_server, measure, table_name
-from benchmarks.scale import _cpu_seconds
+from benchmarks.processes import family_cpu_seconds
 from flight_client import FeatureClient
 from flight_server.changes.files import PARQUET_DEFAULTS, parquet_options, sort_rows
 from flight_server.iceberg.catalog import FeatureSpec
@@ -99,7 +99,8 @@ def write_table(client: FeatureClient, catalog_properties: dict[str, str], data:
 
 
 class ColdScans:
-    """Whole-table reads through a replica with no scan cache, and the CPU its process used for them."""
+    """Whole-table reads through a replica with no scan cache, and the CPU its processes used for them (the serving
+    process's; a write process's too, though a replica that only reads starts none)."""
 
     def __init__(self, client: FeatureClient, pid: int | None):
         self.client, self.pid = client, pid
@@ -108,12 +109,12 @@ class ColdScans:
 
     def case(self, key: str, name: str) -> Case:
         def run() -> None:
-            cpu = _cpu_seconds(self.pid) if self.pid is not None else 0.0
+            cpu = family_cpu_seconds(self.pid) if self.pid is not None else 0.0
             start = time.perf_counter()
             self.client.scan(name).read_all()
             self.wall[key] = self.wall.get(key, 0.0) + time.perf_counter() - start
             if self.pid is not None:
-                self.cpu[key] = self.cpu.get(key, 0.0) + _cpu_seconds(self.pid) - cpu
+                self.cpu[key] = self.cpu.get(key, 0.0) + family_cpu_seconds(self.pid) - cpu
 
         return Case(run)
 

@@ -3,7 +3,8 @@
 Each run starts fresh replicas on the benchmark server's warehouse, each told of the others
 (`--advertise`, `--peer`), so `get_flight_info` spreads a read's endpoints over all of them and the
 client fetches each from the replica it names. The CPU time of every process says what limits the
-throughput: when servers and client together use every core, more processes cannot help.
+throughput: when servers and client together use every core, more processes cannot help. A server's figure is
+its serving process's: these replicas only read, so none of them starts a write process.
 """
 
 from __future__ import annotations
@@ -12,28 +13,17 @@ import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from benchmarks import report
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_table
 from benchmarks.harness import Case, Settings, Target, free_port, local_server, measure, table_name
+from benchmarks.processes import cpu_seconds, own_cpu_seconds
 from flight_client import FeatureClient
 
 REPLICAS = (1, 2, 4)
 CLIENTS = 4
 PARTITIONS = 4
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a local process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
 
 
 def run(target: Target, settings: Settings, replicas: tuple[int, ...] = REPLICAS) -> dict[str, Any]:
@@ -67,11 +57,11 @@ def run(target: Target, settings: Settings, replicas: tuple[int, ...] = REPLICAS
                 if any(t.num_rows != data.num_rows for t in tables):
                     raise RuntimeError("a parallel read returned the wrong number of rows")
 
-            cpu_before = [_cpu_seconds(s.pid) for s in servers if s.pid is not None] + [_own_cpu_seconds()]
+            cpu_before = [cpu_seconds(s.pid) for s in servers if s.pid is not None] + [own_cpu_seconds()]
             start = time.perf_counter()
             timing = measure({"reads": Case(reads)}, settings.repeat, settings.warmup, f"scale {count}")["reads"]
             wall = time.perf_counter() - start
-            cpu_after = [_cpu_seconds(s.pid) for s in servers if s.pid is not None] + [_own_cpu_seconds()]
+            cpu_after = [cpu_seconds(s.pid) for s in servers if s.pid is not None] + [own_cpu_seconds()]
         used = [after - before for before, after in zip(cpu_before, cpu_after, strict=True)]
         rows = CLIENTS * data.num_rows
         results[str(count)] = {

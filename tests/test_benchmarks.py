@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,8 +29,11 @@ from benchmarks.datagen import (
     feature_table,
     pit_feature_table,
 )
-from benchmarks.harness import Target, local_server
-from benchmarks.history import FIRST_CALLS, QUICK_PUTS
+from benchmarks.harness import Target, local_server, table_name
+from benchmarks.history import FEATURE_SPEC, FIRST_CALLS, QUICK_PUTS
+from benchmarks.processes import cpu_seconds, family, family_cpu_seconds, peak_rss_bytes
+from flight_client import FeatureClient
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -167,11 +171,36 @@ def test_generator_is_deterministic_skewed_and_tied() -> None:
     assert table.group_by([ENTITY_KEY, EVENT_TIME]).aggregate([]).num_rows < table.num_rows  # ties to break
 
 
+def test_server_figures_count_its_write_process() -> None:
+    """A server's CPU time and peak memory include its write process, the child that runs its puts, and its CPU
+    time stays counted after that child ended and the server reaped it."""
+    with local_server(args=["--write-process"]) as server:
+        assert server.pid is not None and family(server.pid) == [server.pid]  # nothing written: no write process
+        peak = server.peak_rss()
+        assert peak is not None and positive(peak.serving) and peak.write is None
+        with FeatureClient(server.location) as client:
+            client.write(table_name("family"), feature_table(1_000, 10, seed=1, feature_columns=2), **FEATURE_SPEC)
+            members = family(server.pid)
+            assert len(members) == 2 and members[0] == server.pid
+            child = members[1]
+            peak = server.peak_rss()
+            assert peak is not None and peak.serving == peak_rss_bytes(server.pid)
+            assert positive(peak.write) and peak.write == peak_rss_bytes(child)
+            assert peak.describe().endswith(" MiB (write process)")
+            alone, child_cpu = cpu_seconds(server.pid), cpu_seconds(child)
+            before = family_cpu_seconds(server.pid)
+            assert child_cpu > 0.1 and before >= alone + child_cpu  # the child imported the server's code
+            os.kill(child, signal.SIGKILL)
+            # The server reaps its dead child when health asks after it; its CPU time then counts in the server's.
+            wait_until(lambda: client.health() is not None and family(server.pid) == [server.pid], what="the reap")
+            assert family_cpu_seconds(server.pid) >= before
+
+
 def test_scan_on_its_own_server(tmp_path: Path) -> None:
     result = run_bench(tmp_path, "scan")["benchmarks"]["scan"]
     check_scan(result, local=True)
     assert result["rows"] == 20_000 and result["settings"]["repeat"] == 2
-    assert result["server"]["peak_rss_bytes"] > 0
+    assert positive(result["server"]["peak_rss_bytes"], result["server"]["write_process_peak_rss_bytes"])
 
 
 def test_ingest(tmp_path: Path, running_server: Target) -> None:
@@ -396,7 +425,8 @@ def test_all_in_one_report(all_run: tuple[dict[str, Any], Path]) -> None:
     check_historical(payload["benchmarks"]["historical"], local=False)
     check_online(payload["benchmarks"]["online"], local=False)
     check_cow_mor(payload["benchmarks"]["cow-vs-mor"], local=False)
-    assert all(b["server"]["peak_rss_bytes"] is None for b in payload["benchmarks"].values())
+    servers = [b["server"] for b in payload["benchmarks"].values()]
+    assert all(s["peak_rss_bytes"] is None and s["write_process_peak_rss_bytes"] is None for s in servers)
 
 
 def test_plot_writes_a_chart_per_benchmark(all_run: tuple[dict[str, Any], Path]) -> None:
