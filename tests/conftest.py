@@ -72,6 +72,17 @@ def start_server(properties: dict[str, str], **overrides: object) -> FeatureFlig
     return server
 
 
+def start_writing_server(properties: dict[str, str], **overrides: object) -> FeatureFlightServer:
+    """`start_server` with its write process on and listening: a server starts it in the background at its first
+    write, and runs the writes itself until it listens; tests of the write process's own path wait for it here."""
+    server = start_server(properties, write_process=True, **overrides)
+    writes = server.parts.writes
+    assert writes is not None
+    writes.usable()  # what a write does: start it
+    wait_until(lambda: writes.pid is not None, timeout=120, what="the write process to listen")
+    return server
+
+
 @pytest.fixture(scope="session")
 def server(backend: dict[str, str]) -> Iterator[str]:
     """Location of a server on the backend under test."""

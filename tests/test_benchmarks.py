@@ -180,6 +180,8 @@ def test_server_figures_count_its_write_process() -> None:
         assert peak is not None and positive(peak.serving) and peak.write is None
         with FeatureClient(server.location) as client:
             client.write(table_name("family"), feature_table(1_000, 10, seed=1, feature_columns=2), **FEATURE_SPEC)
+            # The write starts the write process in the background; wait until it listens.
+            wait_until(lambda: client.health()["write_process"]["pid"] is not None, timeout=120, what="the child")
             members = family(server.pid)
             assert len(members) == 2 and members[0] == server.pid
             child = members[1]

@@ -27,7 +27,16 @@ from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.transport.calls import code_of
 from flight_server.transport.metrics import ServerMetrics
 from flight_server.transport.service import FeatureFlightServer
-from tests.conftest import TEST_CHUNK_BYTES, healthy, local_files, sqlite_catalog, start_server, wait_until, write_big
+from tests.conftest import (
+    TEST_CHUNK_BYTES,
+    healthy,
+    local_files,
+    sqlite_catalog,
+    start_server,
+    start_writing_server,
+    wait_until,
+    write_big,
+)
 from tests.services import _stop_group, free_ports
 
 UTC = dt.timezone.utc
@@ -186,7 +195,7 @@ def test_the_write_process_commit_retries_and_conflicts_are_scraped_from_the_ser
     serving process's endpoint."""
     properties = sqlite_catalog(tmp_path)
     port = free_ports(1)[0]
-    server = start_server(properties, write_process=True, metrics_port=port)
+    server = start_writing_server(properties, metrics_port=port)
     table = "tests.raced"
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:

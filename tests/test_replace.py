@@ -26,7 +26,7 @@ from flight_server.iceberg.lineage import appended_since
 from flight_server.online.index import OnlineIndex
 from flight_server.reads.duck import local_path
 from flight_server.transport.service import FeatureFlightServer
-from tests.conftest import sqlite_catalog, start_server, wait_until
+from tests.conftest import sqlite_catalog, start_server, start_writing_server, wait_until
 from tests.test_deletes import equality_delete
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
@@ -133,7 +133,8 @@ def test_online_index_follows_compactions_without_a_rebuild(
     """Puts before and after compactions, position and equality deletes compacted away: the index's rebuild count
     does not move across a compaction, and its lookups equal a fresh index's and the plain reference's."""
     table = f"r.follow_{int(write_process)}"
-    server = start_server(catalog, online_refresh_seconds=0.05, write_process=write_process)
+    start = start_writing_server if write_process else start_server
+    server = start(catalog, online_refresh_seconds=0.05)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
             client.write(table, rows(IDS, 0, 0.0), **KEYS)
@@ -172,7 +173,8 @@ def test_online_index_follows_compactions_without_a_rebuild(
 
 def quiet_index(catalog: dict[str, str], write_process: bool = False) -> FeatureFlightServer:
     """A server whose index refreshes only when a test says so (it polls hourly; the writes go elsewhere)."""
-    return start_server(catalog, online_refresh_seconds=3600.0, write_process=write_process)
+    start = start_writing_server if write_process else start_server
+    return start(catalog, online_refresh_seconds=3600.0)
 
 
 def refresh(server: FeatureFlightServer, table: str) -> str:
@@ -191,7 +193,7 @@ def test_files_appended_then_compacted_away_are_read_or_else_rebuilt(
     server = quiet_index(catalog, write_process)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            client.write(table, rows(IDS, 0, 0.0), **KEYS)  # starts the write process, which plans refreshes
+            client.write(table, rows(IDS, 0, 0.0), **KEYS)  # through the write process, which plans refreshes
             assert (server.parts.writes is not None) == write_process
             assert lookups(client, table) == reference(client, table)
             index = server.parts.store.peek(table)

@@ -16,7 +16,7 @@ import pytest
 
 from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError
 from flight_server.transport.service import FeatureFlightServer
-from tests.conftest import catalog_env, healthy, sqlite_catalog, start_server, wait_until
+from tests.conftest import catalog_env, healthy, sqlite_catalog, start_server, start_writing_server, wait_until
 from tests.services import free_ports
 from tests.test_roundtrip import (  # run here again against a server whose writes go through its write process
     test_batch_failing_validation_midstream_leaves_nothing,
@@ -30,7 +30,7 @@ __all__ = ["test_batch_failing_validation_midstream_leaves_nothing", "test_broke
 @pytest.fixture(scope="module")
 def server(backend: dict[str, str]) -> Iterator[str]:
     """The tests imported above get a server with its write process on (conftest's keeps writes in process)."""
-    served = start_server(backend, write_process=True)
+    served = start_writing_server(backend)
     yield f"grpc://127.0.0.1:{served.port}"
     served.shutdown()
 
@@ -67,7 +67,7 @@ def changes(client: FeatureClient, table: str) -> list[object]:
 
 
 def test_changes_through_the_write_process_answer_as_in_the_serving_process(backend: dict[str, str]) -> None:
-    servers = [start_server(backend, write_process=on) for on in (True, False)]
+    servers = [start_writing_server(backend), start_server(backend, write_process=False)]
     try:
         results = []
         for server, name in zip(servers, ("wp.on", "wp.off"), strict=True):
@@ -84,7 +84,7 @@ def test_changes_through_the_write_process_answer_as_in_the_serving_process(back
 def test_automatic_maintenance_compacts_in_the_write_process(tmp_path: Path) -> None:
     """A maintenance round's compaction of small files runs in the write process: rewrites in the serving process
     fail here, and the round still compacts, and reports it as it does in process."""
-    server = start_server(sqlite_catalog(tmp_path), write_process=True, compact_min_files=5)
+    server = start_writing_server(sqlite_catalog(tmp_path), compact_min_files=5)
 
     def in_the_serving_process(*args: object, **kwargs: object) -> None:
         raise AssertionError("a rewrite in the serving process")
@@ -108,7 +108,7 @@ def test_automatic_maintenance_compacts_in_the_write_process(tmp_path: Path) -> 
 def test_an_index_rebuilt_after_a_delete_is_read_in_the_write_process(tmp_path: Path) -> None:
     """After a copy-on-write delete (more than appends) the online index is rebuilt from the table's latest rows read
     in the write process: the serving process's own reads fail here, and the lookups still see the new rows."""
-    server = start_server(sqlite_catalog(tmp_path), write_process=True, online_refresh_seconds=0.05)
+    server = start_writing_server(sqlite_catalog(tmp_path), online_refresh_seconds=0.05)
     table = "wp.rebuilt"
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
@@ -134,7 +134,7 @@ def test_an_index_rebuilt_after_a_delete_is_read_in_the_write_process(tmp_path: 
 
 def test_refusals_keep_their_status_and_message(tmp_path: Path) -> None:
     properties = sqlite_catalog(tmp_path)
-    servers = [start_server(properties, write_process=on) for on in (True, False)]
+    servers = [start_writing_server(properties), start_server(properties, write_process=False)]
     try:
         refusals = []
         for server, name in zip(servers, ("bad.on", "bad.off"), strict=True):
@@ -158,6 +158,12 @@ def test_refusals_keep_their_status_and_message(tmp_path: Path) -> None:
     finally:
         for server in servers:
             server.shutdown()
+
+
+def listening(client: FeatureClient) -> int:
+    """The server's write process, once it listens (the first write starts it in the background)."""
+    wait_until(lambda: client.health()["write_process"]["pid"] is not None, timeout=120, what="the write process")
+    return int(client.health()["write_process"]["pid"])
 
 
 def children(pid: int) -> set[int]:
@@ -209,7 +215,8 @@ def test_a_write_process_killed_mid_put_fails_that_put_and_the_next_one_starts_a
     process, location = server_process
     with FeatureClient(location) as client:
         first = client.write("kill.t", rows([1, 2], 10, 0.0), **KEYS)
-        (child,) = children(process.pid)
+        child = listening(client)
+        assert children(process.pid) == {child}
         snapshots = len(client.describe("kill.t")["snapshots"])
 
         def batches() -> Iterator[pa.RecordBatch]:
@@ -231,8 +238,8 @@ def test_a_write_process_killed_mid_put_fails_that_put_and_the_next_one_starts_a
         assert not retried.duplicate and again.duplicate and again.snapshot_id == retried.snapshot_id
         assert retried.snapshot_id != first.snapshot_id
         assert len(client.describe("kill.t")["snapshots"]) == snapshots + 1  # committed once
-        (restarted,) = children(process.pid)
-        assert restarted != child
+        restarted = listening(client)
+        assert restarted != child and children(process.pid) == {restarted}
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL", "SIGTERM to the process group"])
@@ -240,7 +247,7 @@ def test_the_write_process_ends_with_its_server(server_process: tuple[subprocess
     process, location = server_process
     with FeatureClient(location) as client:
         client.write("life.t", rows([1], 1, 0.0), **KEYS)
-    (child,) = children(process.pid)
+        child = listening(client)
     socket = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[3].decode()  # argv: python -m module socket
     if stop.endswith("group"):  # the write process ignores it, and ends when its server has
         os.killpg(process.pid, signal.SIGTERM)
@@ -256,8 +263,8 @@ def test_an_in_process_server_stops_its_write_process(tmp_path: Path) -> None:
     with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
         assert server.parts.writes is not None and server.parts.writes.pid is None  # started by the first write
         client.write("inproc.t", rows([1], 1, 0.0), **KEYS)
-        child = server.parts.writes.pid
-        assert child is not None and alive(child)
+        child = listening(client)
+        assert alive(child)
     server.shutdown()
     assert not alive(child)
 
@@ -267,7 +274,7 @@ def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> No
     catches up from the files the write process found and read: the serving process parses none of the new metadata
     and reads no Parquet (it opens no DuckDB cursor), it only merges."""
     properties = sqlite_catalog(tmp_path)
-    server = start_server(properties, write_process=True)
+    server = start_writing_server(properties)
     replica = start_server(properties, write_process=False)
     name = "plan.t"
     try:
@@ -299,7 +306,7 @@ def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> No
 def test_an_append_past_the_online_memory_cap_drops_the_index_without_a_read_here(tmp_path: Path) -> None:
     """The write process refuses to read an append whose latest rows pass what the online cap leaves (as the serving
     process would): the index is dropped, the serving process reads nothing for it, and a lookup is refused."""
-    server = start_server(sqlite_catalog(tmp_path), write_process=True, online_max_bytes=100_000)
+    server = start_writing_server(sqlite_catalog(tmp_path), online_max_bytes=100_000)
     name = "capped.t"
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
@@ -322,7 +329,7 @@ def test_an_append_past_the_online_memory_cap_drops_the_index_without_a_read_her
 def test_expiry_keeps_the_snapshot_a_running_scan_reads(tmp_path: Path) -> None:
     """Expiry runs in the serving process, which knows its running reads: a scan of an old snapshot, begun before
     `expire_snapshots`, keeps it and reads all its rows (in the write process it would have been expired)."""
-    server = start_server(sqlite_catalog(tmp_path), write_process=True, batch_rows=1000)
+    server = start_writing_server(sqlite_catalog(tmp_path), batch_rows=1000)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
             old = client.write("expire.t", rows(list(range(200_000)), 10, 0.0), **KEYS).snapshot_id
@@ -346,7 +353,8 @@ def test_a_write_process_that_cannot_start_leaves_the_writes_in_the_serving_proc
     server = start_server(sqlite_catalog(tmp_path), write_process=True)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            client.write("t.fallback", rows([1, 2], 10, 0.5), **KEYS)
+            client.write("t.fallback", rows([1, 2], 10, 0.5), **KEYS)  # starts it (in the background)
+            wait_until(lambda: client.health()["write_process"]["start_error"] is not None, what="the start to fail")
             assert client.write("t.fallback", rows([3], 11, 0.5), write_id="w").rows == 1
             assert client.write("t.fallback", rows([3], 11, 0.5), write_id="w").duplicate
             assert sorted(client.read_table("t.fallback").column("id").to_pylist()) == [1, 2, 3]
@@ -366,7 +374,44 @@ def test_a_deep_temporary_folder_still_gets_a_socket(tmp_path: Path, monkeypatch
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
             assert client.write("t.deep", rows([1], 10, 0.5), **KEYS).rows == 1
+            listening(client)
+            assert client.write("t.deep", rows([2], 10, 0.5)).rows == 1  # through it
             state = client.health()["write_process"]
-        assert state["pid"] is not None and state["start_error"] is None
+        assert state["start_error"] is None and state["starts"] == 1
+    finally:
+        server.shutdown()
+
+
+def test_no_write_waits_for_the_write_process_to_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first write starts the write process in the background and runs in the serving process meanwhile; once
+    the child listens, writes go there. The child's interpreter here waits for a gate the test opens."""
+    gate = tmp_path / "go"
+    interpreter = tmp_path / "python"
+    interpreter.write_text(f'#!/bin/sh\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done\nexec "{sys.executable}" "$@"\n')
+    interpreter.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(interpreter))
+    server = start_server(sqlite_catalog(tmp_path), write_process=True)
+
+    def in_the_serving_process(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a put in the serving process")
+
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}", timeout=60) as client:
+            for ts in (10, 11):  # both committed while the child cannot start
+                assert client.write("t.gated", rows([1, 2], ts, 0.5), **KEYS).rows == 2
+            state = client.health()["write_process"]
+            assert state["starting"] and state["pid"] is None and state["starts"] == 1
+            gate.touch()
+            child = listening(client)
+            server.parts.writer.write = in_the_serving_process  # type: ignore[method-assign]
+            assert client.write("t.gated", rows([3], 12, 0.5), write_id="w").rows == 1  # through the child
+            assert client.write("t.gated", rows([3], 12, 0.5), write_id="w").duplicate
+            assert sorted(client.read_table("t.gated").column("id").to_pylist()) == [1, 1, 2, 2, 3]
+            assert client.health()["write_process"] == {
+                "pid": child,
+                "starting": False,
+                "starts": 1,
+                "start_error": None,
+            }
     finally:
         server.shutdown()

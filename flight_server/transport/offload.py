@@ -21,10 +21,11 @@ The child's counters (`base/metrics.py`: commit retries) live in memory-mapped f
 (prometheus_client's multiprocess mode, `METRICS_FOLDER`): the serving process adds them to its own at each scrape
 (`WriteProcess.commit_retries`), with no call to the child, and the counts of a child that stopped stay counted.
 
-The child lives as long as the server: it starts at the first write, reads its settings from its stdin and stops
-when that pipe closes (the server stopped, or died); one that stopped is started again at the next write, and the
-call it stopped during fails with UNAVAILABLE: it may have committed, and a retry with the same `write_id` commits
-once whichever happened.
+The child lives as long as the server: it starts at the first write, in the background (the writes run in the
+serving process until it listens: `WriteProcess.usable`), reads its settings from its stdin and stops when that
+pipe closes (the server stopped, or died); one that stopped is started again at the next write, and the call it
+stopped during fails with UNAVAILABLE: it may have committed, and a retry with the same `write_id` commits once
+whichever happened.
 """
 
 from __future__ import annotations
@@ -171,38 +172,45 @@ class WriteProcess:
     def __init__(self, config: ServerConfig):
         self._config = child_config(config)
         self._folder: str | None = None  # made at the first start (mode 0700: only this user reaches the socket)
-        self._lock = threading.Lock()  # guards the fields below; held while a child starts
+        self._lock = threading.Lock()  # guards the fields below; never held while a child starts
         self._process: subprocess.Popen[bytes] | None = None
         self._client: flight.FlightClient | None = None
         self._starts = 0
+        self._starting = False  # a thread is starting a child
         self._closed = False
         self._failed: tuple[float, str] | None = None  # the last failed start: when (monotonic), and why
 
     def usable(self) -> bool:
-        """Whether writes go to the child: it runs, or starts now. A child that cannot start (its folder or socket,
-        the interpreter, its imports) leaves the writes in the serving process, which runs them as without a write
-        process (the same results, only not apart from the lookups), logged, shown by `health`, and tried again
-        `RETRY_START_SECONDS` later."""
-        failed = self._failed
-        if failed is not None and time.monotonic() - failed[0] < RETRY_START_SECONDS:
-            return False
-        try:
-            self._connect()
-        except StartError as exc:
-            self._failed = (time.monotonic(), str(exc))
-            log.error("%s: writes run in the serving process; trying again in %.0f s", exc, RETRY_START_SECONDS)
-            return False
-        self._failed = None
-        return True
+        """Whether writes go to the child now: one runs. When none runs, one starts in the background (not within
+        `RETRY_START_SECONDS` of a start that failed: no folder or socket, no interpreter, failed imports), and
+        the writes meanwhile run in the serving process as without a write process: the same results, only not
+        apart from the lookups. So no write waits for a start (about 2 s of imports), neither the first ones nor
+        those after the child stopped (killed, out of memory)."""
+        with self._lock:
+            if self._closed:
+                raise WriteProcessError("the server is stopping: it takes no more writes")
+            if self._process is not None and self._process.poll() is None and self._client is not None:
+                return True
+            failed = self._failed
+            if self._starting or (failed is not None and time.monotonic() - failed[0] < RETRY_START_SECONDS):
+                return False
+            self._starting = True
+        threading.Thread(target=self._start, name="write-process-start", daemon=True).start()
+        return False
 
     def stats(self) -> dict[str, Any]:
         """For `health`: the running child's pid, how often one was started, why the last start failed."""
         failed = self._failed
-        return {"pid": self.pid, "starts": self._starts, "start_error": failed[1] if failed is not None else None}
+        return {
+            "pid": self.pid,
+            "starting": self._starting,
+            "starts": self._starts,
+            "start_error": failed[1] if failed is not None else None,
+        }
 
     @property
     def pid(self) -> int | None:
-        """The running child's process id (None before the first write)."""
+        """The running child's process id (None while none runs)."""
         process = self._process
         return process.pid if process is not None and process.poll() is None else None
 
@@ -390,27 +398,47 @@ class WriteProcess:
         return relayed_error(exc)
 
     def _connect(self) -> tuple[flight.FlightClient, subprocess.Popen[bytes]]:
-        """The client of the running child, started first if none runs."""
+        """The running child's client (`usable` said one runs; it may have stopped since)."""
         with self._lock:
             if self._closed:
                 raise WriteProcessError("the server is stopping: it takes no more writes")
             if self._process is not None and self._process.poll() is None and self._client is not None:
                 return self._client, self._process
-            if self._process is not None:
-                log.warning("the write process had stopped (exit code %s): starting it again", self._process.poll())
-                if self._client is not None:
-                    self._client.close()
-                self._process = self._client = None
+        raise WriteProcessError(
+            "the server's write process stopped before this call reached it: nothing was committed; it starts again "
+            "at the next write. Retry"
+        )
+
+    def _start(self) -> None:
+        """Start a child and make it the one writes go to (in a thread of its own: see `usable`)."""
+        with self._lock:
+            stopped, client = self._process, self._client
+            self._process = self._client = None
             self._starts += 1
-            try:
-                if self._folder is None:
-                    self._folder = _private_folder()
-                socket = os.path.join(self._folder, f"writes-{self._starts}.sock")
-                self._process = _start(self._config, socket)
-            except OSError as exc:
-                raise StartError(f"the server's write process could not start: {exc}") from None
-            self._client = flight.FlightClient(f"grpc+unix://{socket}")
-            return self._client, self._process
+            socket_name = f"writes-{self._starts}.sock"
+        if client is not None:
+            client.close()
+        if stopped is not None:
+            log.warning("the write process had stopped (exit code %s): starting it again", stopped.poll())
+        try:
+            if self._folder is None:  # one start at a time: no other thread makes it
+                self._folder = _private_folder()
+            socket = os.path.join(self._folder, socket_name)
+            process = _launch(self._config, socket)
+        except (OSError, StartError) as exc:
+            reason = str(exc) if isinstance(exc, StartError) else f"the server's write process could not start: {exc}"
+            log.error("%s: writes run in the serving process; trying again in %.0f s", reason, RETRY_START_SECONDS)
+            with self._lock:
+                self._failed, self._starting = (time.monotonic(), reason), False
+            return
+        client = flight.FlightClient(f"grpc+unix://{socket}")
+        with self._lock:
+            self._starting = False
+            if not self._closed:
+                self._process, self._client, self._failed = process, client, None
+                return
+        client.close()  # the server stopped meanwhile
+        _stop(process)
 
 
 @dataclass
@@ -459,7 +487,7 @@ def _private_folder() -> str:
     return folder
 
 
-def _start(config: ServerConfig, socket: str) -> subprocess.Popen[bytes]:
+def _launch(config: ServerConfig, socket: str) -> subprocess.Popen[bytes]:
     """Start the child and wait until it listens on `socket`."""
     level = logging.getLevelName(logging.getLogger("flight_server").getEffectiveLevel())
     metrics = os.path.join(os.path.dirname(socket), METRICS_FOLDER)
