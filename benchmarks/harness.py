@@ -157,6 +157,20 @@ def _tail(path: Path, chars: int = 4000) -> str:
 WRITE_PROCESS_VARIABLE = "FLIGHT_SERVER_WRITE_PROCESS"
 
 
+def writing(client: FeatureClient, timeout: float = 120.0) -> None:
+    """After a server's first write: wait until its write process (on by default) listens, so that the timed writes
+    all go through it, as on a server that has been writing for a while. It starts in the background at the first
+    write, and the writes until it listens run in the serving process. Returns at once for a server without one, or
+    one whose start failed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.health().get("write_process")
+        if state is None or state["pid"] is not None or not state["starting"]:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the server's write process did not start within {timeout:.0f} s")
+
+
 @contextlib.contextmanager
 def local_server(
     catalog_config: Path | None = None,

@@ -35,7 +35,7 @@ from benchmarks.datagen import (
     LABEL,
     pit_feature_table,
 )
-from benchmarks.harness import Case, PeakRss, Settings, Target, local_server, measure, table_name
+from benchmarks.harness import Case, PeakRss, Settings, Target, local_server, measure, table_name, writing
 from flight_client import FeatureClient
 from flight_server.base.config import ServerConfig
 from flight_server.iceberg.catalog import FeatureCatalog
@@ -452,6 +452,7 @@ def live_tables(
         with FeatureClient(target.location) as client:
             for shape, table in tables.items():  # tables no other server follows (the docstring says why)
                 shape.write(client, names[shape], table)
+            writing(client)
             compactions()
 
             def stats() -> dict[str, int]:

@@ -32,7 +32,7 @@ from pyiceberg.table import Table, TableProperties
 from benchmarks import report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, TIMESTAMP, feature_names, feature_table
-from benchmarks.harness import Settings, Target, local_server, table_name
+from benchmarks.harness import Settings, Target, local_server, table_name, writing
 from benchmarks.processes import family_cpu_seconds, own_cpu_seconds
 from flight_client import FeatureClient
 from flight_server.reads.duck import local_path
@@ -117,6 +117,7 @@ def concurrent_puts(
     clients = [FeatureClient(location) for _ in range(writers)]
     try:
         clients[0].write(name, data.slice(0, 1), **FEATURE_SPEC)
+        writing(clients[0])
         start_line = threading.Barrier(writers + 1)
 
         def write(index: int) -> list[int]:
@@ -351,6 +352,7 @@ def run(
     appends: dict[str, Any] = {}
     with FeatureClient(target.location) as client:
         client.write(tables["history"], data.slice(0, 1), **FEATURE_SPEC)  # creating the table is not timed
+        writing(client)
         with maintained(target, tables["history"], maintenance) as rounds:
             seconds = timed_each(rows, lambda row: client.write(tables["history"], row), "history: 1-row puts")
         appends["server"] = profile(seconds)

@@ -26,7 +26,7 @@ from pyiceberg.exceptions import CommitFailedException
 from benchmarks import report
 from benchmarks.baselines import CATALOG_NAME, PARQUET_WRITE, parquet_write
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_table
-from benchmarks.harness import Case, Settings, Target, measure, table_name
+from benchmarks.harness import Case, Settings, Target, measure, table_name, writing
 from flight_client import FeatureClient
 
 NARROW_FEATURES = 1  # with the key and the two time columns: 4 columns
@@ -49,6 +49,7 @@ class Appends:
     def setup(self) -> None:
         self.table = table_name("ingest")
         self.clients[0].write(self.table, self.data.slice(0, 1), **FEATURE_SPEC)
+        writing(self.clients[0])
 
     def run(self) -> None:
         futures = [

@@ -33,7 +33,7 @@ from pyiceberg.catalog import load_catalog
 from benchmarks import ceiling, report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_names, feature_table
-from benchmarks.harness import Settings, Target, local_server, table_name
+from benchmarks.harness import Settings, Target, local_server, table_name, writing
 from benchmarks.processes import family
 from flight_client import FeatureClient
 from flight_server.base.filters import quote
@@ -144,9 +144,11 @@ def write_loop(location: str, table: str, ids: list[int], features: list[str], s
 
 class Writer:
     """`write_loop` in its own process for the duration of a `with` block; `rate()` gives its puts/s
-    from its first acknowledged put (the lookups start only then) until now."""
+    from its first acknowledged put, once the server's write process listens (the lookups start only then), until
+    now."""
 
     def __init__(self, location: str, table: str, ids: list[int], features: list[str]):
+        self.location = location
         context = multiprocessing.get_context("spawn")
         self.stop, self.puts = context.Event(), context.Value("i", 0)
         self.process = context.Process(target=write_loop, args=(location, table, ids, features, self.stop, self.puts))
@@ -158,6 +160,8 @@ class Writer:
             time.sleep(0.05)
         if self.puts.value == 0:
             raise RuntimeError("the concurrent writer made no put")
+        with FeatureClient(self.location) as client:
+            writing(client)
         self.started, self.first = time.perf_counter(), self.puts.value
         return self
 
