@@ -101,9 +101,9 @@ class Components:
         return self.writes if self.writes is not None and self.writes.usable() else None
 
     def writes_in_progress(self) -> int:
-        """Puts being written or committed, by this process or its write process."""
+        """Puts being written or committed, by this process or its write process (both, while it starts)."""
         if self.writes is not None and (health := self.writes.ask("health")) is not None:
-            return int(health["writes_in_progress"])
+            return int(health["writes_in_progress"]) + self.writer.in_progress
         return self.writer.in_progress
 
     def changed(self, table: str) -> None:

@@ -195,11 +195,16 @@ class WriteProcess:
             if self._starting or (failed is not None and time.monotonic() - failed[0] < RETRY_START_SECONDS):
                 return False
             self._starting = True
-        threading.Thread(target=self._start, name="write-process-start", daemon=True).start()
+        try:
+            threading.Thread(target=self._start, name="write-process-start", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had
+            with self._lock:
+                self._failed, self._starting = (time.monotonic(), f"no thread to start the write process: {exc}"), False
         return False
 
     def stats(self) -> dict[str, Any]:
-        """For `health`: the running child's pid, how often one was started, why the last start failed."""
+        """For `health`: the running child's pid, whether one is starting, how often one was started, why the last
+        start failed."""
         failed = self._failed
         return {
             "pid": self.pid,
@@ -315,13 +320,9 @@ class WriteProcess:
         return json.loads(results[0].body.to_pybytes())
 
     def _running(self) -> tuple[flight.FlightClient, subprocess.Popen[bytes]] | None:
-        """The running child's client, without waiting for one being started (`health` must not hang on it)."""
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
+        """The running child's client, None while none runs (nothing is started for it)."""
+        with self._lock:
             client, process = self._client, self._process
-        finally:
-            self._lock.release()
         if client is None or process is None or process.poll() is not None:
             return None
         return client, process
@@ -329,15 +330,15 @@ class WriteProcess:
     def close(self) -> None:
         """Stop the child (it finishes its running calls) and remove its folder."""
         with self._lock:
-            self._closed = True
-            process, client = self._process, self._client
+            self._closed = True  # a start running now stops the child it started, and makes no folder
+            process, client, folder = self._process, self._client, self._folder
             self._process = self._client = None
         if client is not None:
             client.close()
         if process is not None:
             _stop(process)
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _relay(
         self,
@@ -410,30 +411,37 @@ class WriteProcess:
         )
 
     def _start(self) -> None:
-        """Start a child and make it the one writes go to (in a thread of its own: see `usable`)."""
-        with self._lock:
-            stopped, client = self._process, self._client
-            self._process = self._client = None
-            self._starts += 1
-            socket_name = f"writes-{self._starts}.sock"
-        if client is not None:
-            client.close()
-        if stopped is not None:
-            log.warning("the write process had stopped (exit code %s): starting it again", stopped.poll())
+        """Start a child and make it the one writes go to (in a thread of its own: see `usable`). Any failure is the
+        start's: logged, in `health`, and tried again `RETRY_START_SECONDS` later."""
+        process: subprocess.Popen[bytes] | None = None
         try:
-            if self._folder is None:  # one start at a time: no other thread makes it
-                self._folder = _private_folder()
-            socket = os.path.join(self._folder, socket_name)
-            process = _launch(self._config, socket)
-        except (OSError, StartError) as exc:
-            reason = str(exc) if isinstance(exc, StartError) else f"the server's write process could not start: {exc}"
-            log.error("%s: writes run in the serving process; trying again in %.0f s", reason, RETRY_START_SECONDS)
             with self._lock:
-                self._failed, self._starting = (time.monotonic(), reason), False
+                stopped, client = self._process, self._client
+                self._process = self._client = None
+                if self._closed:
+                    self._starting = False
+                    return
+                self._starts += 1
+                if self._folder is None:
+                    self._folder = _private_folder()
+                socket = os.path.join(self._folder, f"writes-{self._starts}.sock")
+            if client is not None:
+                client.close()
+            if stopped is not None:
+                log.warning("the write process had stopped (exit code %s): starting it again", stopped.poll())
+            process = _launch(self._config, socket)
+            client = flight.FlightClient(f"grpc+unix://{socket}")
+        except Exception as exc:  # whatever it was, the writes go on in the serving process
+            if process is not None:
+                _stop(process, 0.0)
+            reason = str(exc) if isinstance(exc, StartError) else f"the server's write process could not start: {exc}"
+            with self._lock:
+                self._failed, self._starting, closed = (time.monotonic(), reason), False, self._closed
+            if not closed:  # at a stop, a start that fails for it is no news
+                log.error("%s: writes run in the serving process; trying again in %.0f s", reason, RETRY_START_SECONDS)
             return
-        client = flight.FlightClient(f"grpc+unix://{socket}")
         with self._lock:
-            self._starting = False
+            self._starting = False  # with the child in place: `usable` never sees neither
             if not self._closed:
                 self._process, self._client, self._failed = process, client, None
                 return
@@ -501,8 +509,9 @@ def _launch(config: ServerConfig, socket: str) -> subprocess.Popen[bytes]:
     try:
         process.stdin.write(json.dumps(asdict(config)).encode() + b"\n")
         process.stdin.flush()
-        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_SECONDS)
-        line = process.stdout.readline() if ready else b""
+        ready = select.poll()  # not select.select: it fails for descriptors past 1023, as a busy server has
+        ready.register(process.stdout, select.POLLIN)
+        line = process.stdout.readline() if ready.poll(START_TIMEOUT_SECONDS * 1000) else b""
     except OSError:
         line = b""
     if line != READY:
