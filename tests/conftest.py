@@ -83,6 +83,12 @@ def start_writing_server(properties: dict[str, str], **overrides: object) -> Fea
     return server
 
 
+def listening(client: FeatureClient) -> int:
+    """The pid of the server's write process, once it listens (a server's first write starts it in the background)."""
+    wait_until(lambda: client.health()["write_process"]["pid"] is not None, timeout=120, what="the write process")
+    return int(client.health()["write_process"]["pid"])
+
+
 @pytest.fixture(scope="session")
 def server(backend: dict[str, str]) -> Iterator[str]:
     """Location of a server on the backend under test."""

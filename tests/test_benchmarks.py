@@ -33,7 +33,7 @@ from benchmarks.harness import Target, local_server, table_name
 from benchmarks.history import FEATURE_SPEC, FIRST_CALLS, QUICK_PUTS
 from benchmarks.processes import cpu_seconds, family, family_cpu_seconds, peak_rss_bytes
 from flight_client import FeatureClient
-from tests.conftest import wait_until
+from tests.conftest import listening, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -180,8 +180,7 @@ def test_server_figures_count_its_write_process() -> None:
         assert peak is not None and positive(peak.serving) and peak.write is None
         with FeatureClient(server.location) as client:
             client.write(table_name("family"), feature_table(1_000, 10, seed=1, feature_columns=2), **FEATURE_SPEC)
-            # The write starts the write process in the background; wait until it listens.
-            wait_until(lambda: client.health()["write_process"]["pid"] is not None, timeout=120, what="the child")
+            listening(client)  # the write started it in the background
             members = family(server.pid)
             assert len(members) == 2 and members[0] == server.pid
             child = members[1]

@@ -16,7 +16,15 @@ import pytest
 
 from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError
 from flight_server.transport.service import FeatureFlightServer
-from tests.conftest import catalog_env, healthy, sqlite_catalog, start_server, start_writing_server, wait_until
+from tests.conftest import (
+    catalog_env,
+    healthy,
+    listening,
+    sqlite_catalog,
+    start_server,
+    start_writing_server,
+    wait_until,
+)
 from tests.services import free_ports
 from tests.test_roundtrip import (  # run here again against a server whose writes go through its write process
     test_batch_failing_validation_midstream_leaves_nothing,
@@ -158,12 +166,6 @@ def test_refusals_keep_their_status_and_message(tmp_path: Path) -> None:
     finally:
         for server in servers:
             server.shutdown()
-
-
-def listening(client: FeatureClient) -> int:
-    """The server's write process, once it listens (the first write starts it in the background)."""
-    wait_until(lambda: client.health()["write_process"]["pid"] is not None, timeout=120, what="the write process")
-    return int(client.health()["write_process"]["pid"])
 
 
 def children(pid: int) -> set[int]:

@@ -123,8 +123,8 @@ class WriteProcessError(flight.FlightUnavailableError):
     (and never commits twice)."""
 
 
-class StartError(WriteProcessError):
-    """The write process could not start: nothing of the call reached it (`WriteProcess.usable`)."""
+class LaunchError(Exception):
+    """`_launch`: the write process did not start; the message says why (`WriteProcess._start` logs it)."""
 
 
 def relayed_error(exc: BaseException) -> Exception:
@@ -189,7 +189,7 @@ class WriteProcess:
         with self._lock:
             if self._closed:
                 raise WriteProcessError("the server is stopping: it takes no more writes")
-            if self._process is not None and self._process.poll() is None and self._client is not None:
+            if self._live() is not None:
                 return True
             failed = self._failed
             if self._starting or (failed is not None and time.monotonic() - failed[0] < RETRY_START_SECONDS):
@@ -322,10 +322,13 @@ class WriteProcess:
     def _running(self) -> tuple[flight.FlightClient, subprocess.Popen[bytes]] | None:
         """The running child's client, None while none runs (nothing is started for it)."""
         with self._lock:
-            client, process = self._client, self._process
-        if client is None or process is None or process.poll() is not None:
+            return self._live()
+
+    def _live(self) -> tuple[flight.FlightClient, subprocess.Popen[bytes]] | None:
+        """The child's client and process if it runs (under `_lock`)."""
+        if self._client is None or self._process is None or self._process.poll() is not None:
             return None
-        return client, process
+        return self._client, self._process
 
     def close(self) -> None:
         """Stop the child (it finishes its running calls) and remove its folder."""
@@ -403,8 +406,8 @@ class WriteProcess:
         with self._lock:
             if self._closed:
                 raise WriteProcessError("the server is stopping: it takes no more writes")
-            if self._process is not None and self._process.poll() is None and self._client is not None:
-                return self._client, self._process
+            if (live := self._live()) is not None:
+                return live
         raise WriteProcessError(
             "the server's write process stopped before this call reached it: nothing was committed; it starts again "
             "at the next write. Retry"
@@ -434,7 +437,7 @@ class WriteProcess:
         except Exception as exc:  # whatever it was, the writes go on in the serving process
             if process is not None:
                 _stop(process, 0.0)
-            reason = str(exc) if isinstance(exc, StartError) else f"the server's write process could not start: {exc}"
+            reason = str(exc) if isinstance(exc, LaunchError) else f"the server's write process could not start: {exc}"
             with self._lock:
                 self._failed, self._starting, closed = (time.monotonic(), reason), False, self._closed
             if not closed:  # at a stop, a start that fails for it is no news
@@ -516,7 +519,7 @@ def _launch(config: ServerConfig, socket: str) -> subprocess.Popen[bytes]:
         line = b""
     if line != READY:
         _stop(process, 0.0)
-        raise StartError(
+        raise LaunchError(
             f"the server's write process did not start (exit code {process.poll()}); the server's log says why"
         )
     log.info("write process %d listening on %s", process.pid, socket)
