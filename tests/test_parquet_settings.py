@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -27,6 +29,7 @@ from pyiceberg.types import IntegerType, LongType
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
 from flight_server.base.schemas import new_table_schema, table_arrow_schema
+from flight_server.changes.dictionaries import LEAST_VALUES, dictionary_columns
 from flight_server.changes.files import (
     PARQUET_DEFAULTS,
     StatisticsLayout,
@@ -359,6 +362,90 @@ def test_table_properties_set_the_files_a_put_writes(
         assert file.metadata.row_group(0).column(0).compression == codec
 
 
+def _dictionaries(file: pq.ParquetFile) -> dict[str, bool]:
+    group = file.metadata.row_group(0)
+    return {group.column(i).path_in_schema: group.column(i).has_dictionary_page for i in range(group.num_columns)}
+
+
+def test_columns_of_distinct_values_are_written_plain(served: tuple[str, Catalog]) -> None:
+    """A put's file keeps a dictionary for the columns whose values repeat, and writes those of distinct values
+    plain (`dictionary_columns`); both read back as put."""
+    location, catalog = served
+    name = f"parquet.plain_{uuid.uuid4().hex[:8]}"
+    rows = 5_000
+    data = _data(rows).append_column("category", pa.array([i % 5 for i in range(rows)], pa.int64()))
+    with FeatureClient(location) as client:
+        client.write(name, data, entity_keys=["key"], event_time="ts", partition_by=[])
+    [file] = _files(catalog, name)
+    assert _dictionaries(file) == {"key": True, "ts": False, "value": False, "category": True}
+    back = catalog.load_table(name).scan().to_arrow().sort_by("ts")
+    assert back.select(data.column_names).cast(data.schema).equals(data)
+
+
+def _column(values: list[Any], kind: pa.DataType) -> pa.Table:
+    return pa.table({"c": pa.array(values, kind)})
+
+
+@pytest.mark.parametrize(
+    ("values", "kind", "plain"),
+    [
+        ([i * 0.5 for i in range(3_000)], pa.float64(), True),
+        # NaNs and nulls are one repeated value each: the rest still decides
+        ([math.nan if i % 10 == 0 else (None if i % 7 == 0 else i / 3) for i in range(3_000)], pa.float64(), True),
+        ([float(i % 100) for i in range(3_000)], pa.float32(), False),
+        (list(range(10**6, 10**6 + 3_000)), pa.int32(), True),
+        ([i // 20 for i in range(3_000)], pa.int64(), False),  # sorted keys, 20 rows each
+        ([f"id-{i}" for i in range(3_000)], pa.string(), True),
+        ([f"tag-{i % 40}" for i in range(3_000)], pa.large_string(), False),
+        ([EPOCH + dt.timedelta(microseconds=i) for i in range(3_000)], pa.timestamp("us", "UTC"), True),
+        ([i % 2 == 0 for i in range(3_000)], pa.bool_(), False),  # not a type a dictionary serves: left as Arrow's
+        ([None] * 2_990 + [1.0 * i for i in range(10)], pa.float64(), False),  # too few values to judge
+        ([math.nan] * 2_990 + [1.0 * i for i in range(10)], pa.float64(), False),
+        ([None] * 2_990 + list(range(10)), pa.int64(), False),
+        ([i % 2_000 for i in range(3_000)], pa.int64(), False),  # a third repeats: a dictionary still pays
+    ],
+)
+def test_dictionaries_are_kept_for_repeated_values(values: list[Any], kind: pa.DataType, plain: bool) -> None:
+    decided = dictionary_columns(_column(values, kind).append_column("repeats", pa.array([1] * len(values))))
+    assert decided == (["repeats"] if plain else True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 6_000),
+    cardinality=st.sampled_from([1, 3, 50, 500, 2_000, 10**9]),
+    nulls=st.sampled_from([0.0, 0.2, 0.9]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_dictionary_decisions_match_the_whole_column_where_clear(
+    rows: int, cardinality: int, nulls: float, seed: int
+) -> None:
+    """Against the whole column's distinct share (a plain reference): a column of distinct values is plain and a
+    column that repeats keeps its dictionary, from a sample or not; near the line (a share of 0.9 to 0.99) either
+    may happen."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, cardinality, rows).astype(float)
+    values[rng.random(rows) < nulls] = np.nan
+    column = pa.array(values, from_pandas=True)  # NaN -> null
+    valid = column.drop_null()
+    share = len(set(valid.to_pylist())) / len(valid) if len(valid) else 0.0
+    decided = dictionary_columns(pa.table({"c": column}))
+    if len(valid) < LEAST_VALUES:
+        assert decided is True
+    elif share >= 0.995:
+        assert decided == []
+    elif share <= 0.9:
+        assert decided is True
+
+
+def test_nested_or_dotted_columns_keep_arrow_s_default() -> None:
+    """A dictionary list names columns by dotted paths, which a nested or dotted name would not match."""
+    floats = [i * 0.5 for i in range(3_000)]
+    assert dictionary_columns(pa.table({"a.b": floats})) is True
+    assert dictionary_columns(pa.table({"c": floats, "l": [[1.0]] * 3_000})) is True
+    assert dictionary_columns(_column(floats[: LEAST_VALUES - 1], pa.float64())) is True
+
+
 def test_each_property_reaches_the_parquet_writer() -> None:
     """What pyarrow cannot show in a file (page sizes, the dictionary limit) is checked where it is handed over."""
     options = parquet_options(
@@ -489,7 +576,12 @@ def test_file_statistics_are_pyicebergs(data: st.DataObject) -> None:
     schema = assign_fresh_schema_ids(schema_without_ids(rows.schema))
     layout = StatisticsLayout.of(schema, properties)
     sink = pa.BufferOutputStream()
-    pq.write_table(rows, sink, dictionary_pagesize_limit=data.draw(st.sampled_from([16, 1 << 20])))
+    pq.write_table(
+        rows,
+        sink,
+        dictionary_pagesize_limit=data.draw(st.sampled_from([16, 1 << 20])),
+        use_dictionary=data.draw(st.sampled_from([True, False, names[:1]])),  # plain columns: `dictionary_columns`
+    )
     footer = pq.ParquetFile(pa.BufferReader(sink.getvalue())).metadata
     quick = file_statistics(footer, layout)
     reference = data_file_statistics_from_parquet_metadata(footer, layout.plan, layout.columns)

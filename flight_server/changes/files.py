@@ -63,6 +63,7 @@ from pyiceberg.utils.properties import property_as_int
 from pyiceberg.utils.truncate import truncate_upper_bound_binary_string, truncate_upper_bound_text_string
 
 from flight_server.changes.commits import delete_files
+from flight_server.changes.dictionaries import dictionary_columns
 from flight_server.iceberg.catalog import FeatureSpec
 from flight_server.iceberg.internals import partitions, to_file_schema
 
@@ -609,7 +610,8 @@ class _TrackedOutput(OutputFile):
 # What the server writes unless a table says otherwise, set on the tables it creates (`flight-bench parquet`,
 # docs/benchmarks.md): LZ4 (LZ4_RAW) decodes about twice as fast as pyiceberg's default zstd; dictionaries of at
 # most 256 KB a column chunk leave high-cardinality columns (random floats, ids) plain-encoded after a few pages
-# instead of hashing 2 MB of values first, which made files larger and both writes and decodes slower.
+# instead of hashing 2 MB of values first, which made files larger and both writes and decodes slower. (A column
+# whose sampled values are all distinct gets no dictionary at all: `dictionary_columns`.)
 PARQUET_DEFAULTS: dict[str, str] = {
     TableProperties.PARQUET_COMPRESSION: "lz4",
     TableProperties.PARQUET_DICT_SIZE_BYTES: str(256 << 10),
@@ -823,7 +825,11 @@ class ParquetWriter(FileFormatWriter):
             stream = self._output.create(overwrite=True)
             try:
                 self._writer = pq.ParquetWriter(
-                    stream, schema=table.schema, store_decimal_as_integer=True, **self._options.writer
+                    stream,
+                    schema=table.schema,
+                    store_decimal_as_integer=True,
+                    use_dictionary=dictionary_columns(table),
+                    **self._options.writer,
                 )
             except BaseException:
                 stream.close()
