@@ -25,6 +25,7 @@ from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.iceberg.catalog import table_name
 from flight_server.iceberg.internals import append_producer, commit_on_base
+from flight_server.iceberg.lineage import remember_append
 from flight_server.wire.writes import WriteResult
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ def commit_append(transaction: Transaction, files: list[DataFile], properties: d
     append = append_producer(transaction, properties, merge)
     for data_file in files:
         append.append_data_file(data_file)
-    return commit_on_base(transaction, append)
+    committed = commit_on_base(transaction, append)
+    remember_append(committed, files)  # an online refresh right after need not read the manifests back
+    return committed
 
 
 @dataclass

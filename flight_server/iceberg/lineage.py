@@ -12,6 +12,8 @@ snapshots whose entries show the same rows in other files (`replace_changes_rows
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pyiceberg.manifest import DataFile, DataFileContent, ManifestContent, ManifestEntry, ManifestEntryStatus
@@ -92,8 +94,46 @@ def _changes(table: Table, since: int, until: int, deletes: bool, through_replac
     return Appended(since, until, files, deletes=added_deletes)
 
 
+# The own entries (`_own_entries`) of recent snapshots, by (table uuid, snapshot id): a snapshot's never change. Filled
+# by the appends this process commits (`remember_append`) and by what it reads. Following the snapshot a merge-append
+# just made otherwise reads its merged manifest, which lists every file of the table: 50-170 ms of Avro decoding
+# after every few puts, in the online refresh that makes a put visible to lookups.
+OWN_ENTRIES_KEPT = 256
+_own: OrderedDict[tuple[str, int], tuple[list[DataFile], list[ManifestEntry]]] = OrderedDict()
+_own_lock = threading.Lock()
+
+
+def remember_append(table: Table, files: list[DataFile]) -> None:
+    """Record that `table`'s current snapshot, just committed by this process as an append, added `files` (written
+    under its default partition spec, which reading its manifest would set on them)."""
+    snapshot = table.current_snapshot()
+    if snapshot is None:
+        return
+    for data_file in files:
+        data_file.spec_id = table.metadata.default_spec_id
+    _keep((str(table.metadata.table_uuid), snapshot.snapshot_id), (list(files), []))
+
+
+def _keep(key: tuple[str, int], entries: tuple[list[DataFile], list[ManifestEntry]]) -> None:
+    with _own_lock:
+        _own[key] = entries
+        _own.move_to_end(key)
+        while len(_own) > OWN_ENTRIES_KEPT:
+            _own.popitem(last=False)
+
+
 def _own_entries(table: Table, snapshot: Snapshot) -> tuple[list[DataFile], list[ManifestEntry]]:
     """The data and delete files the snapshot itself added, and the entries of those it removed."""
+    key = (str(table.metadata.table_uuid), snapshot.snapshot_id)
+    with _own_lock:
+        kept = _own.get(key)
+    if kept is None:
+        kept = _read_own_entries(table, snapshot)
+        _keep(key, kept)
+    return list(kept[0]), list(kept[1])
+
+
+def _read_own_entries(table: Table, snapshot: Snapshot) -> tuple[list[DataFile], list[ManifestEntry]]:
     added: list[DataFile] = []
     removed: list[ManifestEntry] = []
     for manifest in snapshot.manifests(table.io):
