@@ -27,6 +27,7 @@ from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_tab
 from benchmarks.harness import Case, Settings, Target, local_server, measure, table_name
 from benchmarks.processes import family_cpu_seconds
 from flight_client import FeatureClient
+from flight_server.changes.dictionaries import dictionary_columns
 from flight_server.changes.files import PARQUET_DEFAULTS, parquet_options, sort_rows
 from flight_server.iceberg.catalog import FeatureSpec
 
@@ -68,19 +69,29 @@ SETTINGS = {
         "zstd, no statistics (in process only)", {CODEC: "zstd"}, {"write_statistics": False}
     ),
     "server_default": Setting("the server's defaults for new tables", dict(PARQUET_DEFAULTS)),
+    "server_default_dictionaries": Setting(
+        "the server's defaults, a dictionary on every column (in process only)",
+        dict(PARQUET_DEFAULTS),
+        {"use_dictionary": True},
+    ),
 }
 FEATURE_SPEC: dict[str, Any] = {"entity_keys": [ENTITY_KEY], "event_time": EVENT_TIME, "created_time": CREATED_TIME}
 
 
 def write_local(data: pa.Table, path: Path, setting: Setting) -> int:
-    """One file of the rows as the server sorts them, written with the setting; its size."""
+    """One file of the rows as the server sorts and encodes them (no dictionary for a column of distinct values:
+    `dictionary_columns`), written with the setting; its size."""
     options = parquet_options(setting.properties)
     pq.write_table(
         data,
         path,
         row_group_size=options.rows_per_group(data),
         store_decimal_as_integer=True,
-        **{**options.writer, **(setting.extra or {})},
+        **{
+            "use_dictionary": dictionary_columns(data, options.writer["dictionary_pagesize_limit"]),
+            **options.writer,
+            **(setting.extra or {}),
+        },
     )
     return path.stat().st_size
 

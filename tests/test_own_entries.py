@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -116,13 +117,30 @@ def test_snapshots_this_process_did_not_commit_are_read(
     assert again is not None and _described(again) == _described(appended) and len(reads) == 1
 
 
-def test_kept_entries_are_bounded() -> None:
-    before = dict(lineage._own)
+def test_kept_files_are_bounded_and_removals_not_kept(served: tuple[str, Catalog]) -> None:
+    """At most `OWN_FILES_KEPT` files, the least recently used go first; a snapshot that removed files (an
+    overwrite here) is read each time, not kept."""
+    before = OrderedDict(lineage._own)
     try:
-        for i in range(lineage.OWN_ENTRIES_KEPT + 10):
-            lineage._keep(("bounded", i), ([], []))
-        assert len(lineage._own) == lineage.OWN_ENTRIES_KEPT
-        assert ("bounded", 9) not in lineage._own and ("bounded", lineage.OWN_ENTRIES_KEPT + 9) in lineage._own
+        files: list[DataFile] = [DataFile() for _ in range(lineage.OWN_FILES_KEPT // 4)]
+        for i in range(6):
+            lineage._keep(("bounded", i), files)
+            if i == 2:
+                assert lineage._kept(("bounded", 0)) is not None  # used: now the most recent
+        kept = [key for key in lineage._own if key[0] == "bounded"]
+        assert sum(len(lineage._own[key]) for key in lineage._own) <= lineage.OWN_FILES_KEPT
+        assert kept == [("bounded", 0), ("bounded", 3), ("bounded", 4), ("bounded", 5)]
     finally:
         lineage._own.clear()
         lineage._own.update(before)
+
+    location, catalog = served
+    name = f"lineage.overwrite_{uuid.uuid4().hex[:8]}"
+    with FeatureClient(location) as client:
+        client.write(name, _rows(0, 10), entity_keys=["id"], event_time="ts")
+        overwrite = client.write(name, _rows(0, 3), mode="overwrite").snapshot_id
+    table = catalog.load_table(name)
+    snapshot = table.snapshot_by_id(overwrite)
+    assert snapshot is not None
+    added, removed = lineage._own_entries(table, snapshot)
+    assert removed and (str(table.metadata.table_uuid), overwrite) not in lineage._own

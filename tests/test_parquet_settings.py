@@ -29,7 +29,7 @@ from pyiceberg.types import IntegerType, LongType
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
 from flight_server.base.schemas import new_table_schema, table_arrow_schema
-from flight_server.changes.dictionaries import LEAST_VALUES, dictionary_columns
+from flight_server.changes.dictionaries import LEAST_VALUES, SAMPLE_ROWS, dictionary_columns
 from flight_server.changes.files import (
     PARQUET_DEFAULTS,
     StatisticsLayout,
@@ -386,6 +386,9 @@ def _column(values: list[Any], kind: pa.DataType) -> pa.Table:
     return pa.table({"c": pa.array(values, kind)})
 
 
+LIMIT = 256 << 10  # the server's dictionary limit
+
+
 @pytest.mark.parametrize(
     ("values", "kind", "plain"),
     [
@@ -402,48 +405,71 @@ def _column(values: list[Any], kind: pa.DataType) -> pa.Table:
         ([None] * 2_990 + [1.0 * i for i in range(10)], pa.float64(), False),  # too few values to judge
         ([math.nan] * 2_990 + [1.0 * i for i in range(10)], pa.float64(), False),
         ([None] * 2_990 + list(range(10)), pa.int64(), False),
-        ([i % 2_000 for i in range(3_000)], pa.int64(), False),  # a third repeats: a dictionary still pays
+        ([i % 2_000 for i in range(3_000)], pa.int64(), False),  # each value 1.5 times: a dictionary still pays
+        ([i % 2_000 for i in range(2_000)] * 2, pa.int64(), False),  # each value twice
+        (list(range(1_887)) + list(range(113)), pa.int64(), True),  # every row seen: 1.06 uses a value, exactly
     ],
 )
 def test_dictionaries_are_kept_for_repeated_values(values: list[Any], kind: pa.DataType, plain: bool) -> None:
-    decided = dictionary_columns(_column(values, kind).append_column("repeats", pa.array([1] * len(values))))
+    decided = dictionary_columns(_column(values, kind).append_column("repeats", pa.array([1] * len(values))), LIMIT)
     assert decided == (["repeats"] if plain else True)
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize(("limit", "plain"), [(2 << 20, False), (64 << 10, True)])
+def test_dictionaries_that_would_outgrow_the_limit_are_not_started(limit: int, plain: bool) -> None:
+    """200,000 rows of 25,000 values used 8 times each: 200 KB of dictionary, which pays under a 2 MB limit (the
+    Iceberg default) and would be dropped past 64 KB anyway."""
+    values = np.random.default_rng(3).permutation(np.repeat(np.arange(25_000, dtype=np.int64) * 7919, 8))
+    assert dictionary_columns(pa.table({"c": values, "repeats": np.zeros(len(values))}), limit) == (
+        ["repeats"] if plain else True
+    )
+
+
+@settings(max_examples=80, deadline=None)
 @given(
-    rows=st.integers(1, 6_000),
-    cardinality=st.sampled_from([1, 3, 50, 500, 2_000, 10**9]),
+    rows=st.integers(1, 30_000),
+    cardinality=st.sampled_from([1, 3, 50, 500, 2_000, 20_000, 10**9]),
     nulls=st.sampled_from([0.0, 0.2, 0.9]),
+    limit=st.sampled_from([4 << 10, 64 << 10, 256 << 10, 2 << 20]),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_dictionary_decisions_match_the_whole_column_where_clear(
-    rows: int, cardinality: int, nulls: float, seed: int
+    rows: int, cardinality: int, nulls: float, limit: int, seed: int
 ) -> None:
-    """Against the whole column's distinct share (a plain reference): a column of distinct values is plain and a
-    column that repeats keeps its dictionary, from a sample or not; near the line (a share of 0.9 to 0.99) either
-    may happen."""
+    """Against the whole column (a plain reference: its distinct values and how often each is used): a column whose
+    values are all distinct, or whose dictionary would be twice the limit, is plain; one whose values are used twice
+    or more and whose dictionary fits half the limit keeps it; in between either may happen."""
     rng = np.random.default_rng(seed)
     values = rng.integers(0, cardinality, rows).astype(float)
     values[rng.random(rows) < nulls] = np.nan
     column = pa.array(values, from_pandas=True)  # NaN -> null
     valid = column.drop_null()
-    share = len(set(valid.to_pylist())) / len(valid) if len(valid) else 0.0
-    decided = dictionary_columns(pa.table({"c": column}))
+    distinct = len(set(valid.to_pylist()))
+    decided = dictionary_columns(pa.table({"c": column}), limit)
     if len(valid) < LEAST_VALUES:
         assert decided is True
-    elif share >= 0.995:
+    elif rows > SAMPLE_ROWS and nulls > 0.2:
+        pass  # the sample may hold too few values to judge
+    elif distinct == len(valid) or distinct * 8 >= 2 * limit:
         assert decided == []
-    elif share <= 0.9:
+    elif len(valid) >= 2 * distinct and distinct * 8 <= limit / 2:
         assert decided is True
+
+
+def test_columns_of_many_chunks_are_sampled_alike() -> None:
+    """A put's batches as they came (a table without sorting or partitioning): the same decision as one chunk."""
+    rng = np.random.default_rng(5)
+    table = pa.table({"f": rng.normal(size=50_000), "c": rng.integers(0, 30, 50_000)})
+    chunked = pa.Table.from_batches(table.to_batches(max_chunksize=997))
+    assert dictionary_columns(chunked, LIMIT) == dictionary_columns(table, LIMIT) == ["c"]
 
 
 def test_nested_or_dotted_columns_keep_arrow_s_default() -> None:
     """A dictionary list names columns by dotted paths, which a nested or dotted name would not match."""
     floats = [i * 0.5 for i in range(3_000)]
-    assert dictionary_columns(pa.table({"a.b": floats})) is True
-    assert dictionary_columns(pa.table({"c": floats, "l": [[1.0]] * 3_000})) is True
-    assert dictionary_columns(_column(floats[: LEAST_VALUES - 1], pa.float64())) is True
+    assert dictionary_columns(pa.table({"a.b": floats}), LIMIT) is True
+    assert dictionary_columns(pa.table({"c": floats, "l": [[1.0]] * 3_000}), LIMIT) is True
+    assert dictionary_columns(_column(floats[: LEAST_VALUES - 1], pa.float64()), LIMIT) is True
 
 
 def test_each_property_reaches_the_parquet_writer() -> None:

@@ -828,7 +828,7 @@ class ParquetWriter(FileFormatWriter):
                     stream,
                     schema=table.schema,
                     store_decimal_as_integer=True,
-                    use_dictionary=dictionary_columns(table),
+                    use_dictionary=dictionary_columns(table, self._options.writer["dictionary_pagesize_limit"]),
                     **self._options.writer,
                 )
             except BaseException:

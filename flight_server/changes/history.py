@@ -72,8 +72,9 @@ def commit_append(transaction: Transaction, files: list[DataFile], properties: d
     append = append_producer(transaction, properties, merge)
     for data_file in files:
         append.append_data_file(data_file)
+    spec_id = transaction.table_metadata.default_spec_id  # the spec its manifests are written under
     committed = commit_on_base(transaction, append)
-    remember_append(committed, files)  # an online refresh right after need not read the manifests back
+    remember_append(committed, files, spec_id)  # an online refresh right after need not read the manifests back
     return committed
 
 

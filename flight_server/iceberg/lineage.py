@@ -94,46 +94,64 @@ def _changes(table: Table, since: int, until: int, deletes: bool, through_replac
     return Appended(since, until, files, deletes=added_deletes)
 
 
-# The own entries (`_own_entries`) of recent snapshots, by (table uuid, snapshot id): a snapshot's never change. Filled
-# by the appends this process commits (`remember_append`) and by what it reads. Following the snapshot a merge-append
-# just made otherwise reads its merged manifest, which lists every file of the table: 50-170 ms of Avro decoding
-# after every few puts, in the online refresh that makes a put visible to lookups.
-OWN_ENTRIES_KEPT = 256
-_own: OrderedDict[tuple[str, int], tuple[list[DataFile], list[ManifestEntry]]] = OrderedDict()
+# The files recent appends added (`_own_entries`), by (table uuid, snapshot id): a snapshot's never change. Filled by
+# the appends this process commits (`remember_append`) and by the appends it reads. Following the snapshot a
+# merge-append just made otherwise reads its merged manifest, which lists every file of the table: 50-170 ms of Avro
+# decoding after every few puts, in the online refresh that makes a put visible to lookups. Bounded by files kept
+# (a file's statistics take a few KB); snapshots that removed files (compactions, overwrites) are not kept.
+OWN_FILES_KEPT = 4096
+_own: OrderedDict[tuple[str, int], list[DataFile]] = OrderedDict()
+_own_files = 0
 _own_lock = threading.Lock()
 
 
-def remember_append(table: Table, files: list[DataFile]) -> None:
-    """Record that `table`'s current snapshot, just committed by this process as an append, added `files` (written
-    under its default partition spec, which reading its manifest would set on them)."""
+def remember_append(table: Table, files: list[DataFile], spec_id: int) -> None:
+    """Record that `table`'s current snapshot, just committed by this process as an append, added `files`, written
+    under partition spec `spec_id` (the one its manifests name, which reading them would set on the files)."""
     snapshot = table.current_snapshot()
     if snapshot is None:
         return
     for data_file in files:
-        data_file.spec_id = table.metadata.default_spec_id
-    _keep((str(table.metadata.table_uuid), snapshot.snapshot_id), (list(files), []))
+        data_file.spec_id = spec_id
+    _keep((str(table.metadata.table_uuid), snapshot.snapshot_id), list(files))
 
 
-def _keep(key: tuple[str, int], entries: tuple[list[DataFile], list[ManifestEntry]]) -> None:
+def _keep(key: tuple[str, int], files: list[DataFile]) -> None:
+    global _own_files
+    if len(files) > OWN_FILES_KEPT:
+        return
     with _own_lock:
-        _own[key] = entries
-        _own.move_to_end(key)
-        while len(_own) > OWN_ENTRIES_KEPT:
-            _own.popitem(last=False)
+        if key in _own:
+            return
+        _own[key] = files
+        _own_files += len(files)
+        while _own_files > OWN_FILES_KEPT:
+            _own_files -= len(_own.popitem(last=False)[1])
+
+
+def _kept(key: tuple[str, int]) -> list[DataFile] | None:
+    """The files kept for a snapshot (now the most recently used), if any."""
+    with _own_lock:
+        kept = _own.get(key)
+        if kept is not None:
+            _own.move_to_end(key)
+        return kept
 
 
 def _own_entries(table: Table, snapshot: Snapshot) -> tuple[list[DataFile], list[ManifestEntry]]:
     """The data and delete files the snapshot itself added, and the entries of those it removed."""
     key = (str(table.metadata.table_uuid), snapshot.snapshot_id)
-    with _own_lock:
-        kept = _own.get(key)
-    if kept is None:
-        kept = _read_own_entries(table, snapshot)
-        _keep(key, kept)
-    return list(kept[0]), list(kept[1])
+    kept = _kept(key)
+    if kept is not None:
+        return list(kept), []
+    added, removed = _read_own_entries(table, snapshot)
+    if not removed:
+        _keep(key, added)
+    return added, removed
 
 
 def _read_own_entries(table: Table, snapshot: Snapshot) -> tuple[list[DataFile], list[ManifestEntry]]:
+    """`_own_entries` read from the snapshot's manifests."""
     added: list[DataFile] = []
     removed: list[ManifestEntry] = []
     for manifest in snapshot.manifests(table.io):
