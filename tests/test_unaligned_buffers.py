@@ -18,6 +18,7 @@ from pyiceberg.transforms import BucketTransform, DayTransform, IdentityTransfor
 from flight_client import FeatureClient
 from flight_server.base.buffers import aligned
 from flight_server.base.schemas import new_table_schema, table_arrow_schema
+from flight_server.base.shards import key_slots
 from flight_server.changes.files import partitioned_rows
 from flight_server.iceberg.catalog import partition_spec
 from flight_server.iceberg.internals import partitions, schema_without_ids
@@ -113,6 +114,11 @@ def test_aligned_copies_only_the_misaligned_buffers() -> None:
     assert aligned(decimals).chunk(0).buffers()[1].address % 16 == 0
     column = pa.chunked_array([pa.array([1, 2, 3], pa.int64())])
     assert aligned(column) is column
+
+
+def test_misaligned_keys_take_the_slots_of_aligned_ones() -> None:
+    for keys in (pa.array(range(-20, 20), pa.int64()), pa.array([f"k{i}" for i in range(40)], pa.large_string())):
+        assert key_slots(_misaligned(keys, 1), 16).tolist() == key_slots(keys, 16).tolist()
 
 
 def test_puts_of_flight_s_buffers_to_the_reviewer_s_partitioning(tmp_path: Any) -> None:
