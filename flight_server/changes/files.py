@@ -62,6 +62,7 @@ from pyiceberg.utils.concurrent import ExecutorFactory
 from pyiceberg.utils.properties import property_as_int
 from pyiceberg.utils.truncate import truncate_upper_bound_binary_string, truncate_upper_bound_text_string
 
+from flight_server.base.buffers import aligned
 from flight_server.changes.commits import delete_files
 from flight_server.changes.dictionaries import dictionary_columns
 from flight_server.iceberg.catalog import FeatureSpec
@@ -280,8 +281,8 @@ def _take(chunk: pa.Table, indices: pa.Array) -> pa.Table:
 def _partition_values(spec: PartitionSpec, schema: Schema, chunk: pa.Table) -> pa.Table | None:
     """Each partition field's value for every row (`_calendar`, `_integer_buckets`, else pyiceberg-core's
     transforms, a column at a time), or None when a field's source is nested or its transform has no Arrow form, or
-    a value could be NaN (which equals nothing, so runs of it would not group). pyiceberg-core reads a copy of the
-    source column: the buffers Flight received may not be aligned as it requires (it panics), a `take`'s are."""
+    a value could be NaN (which equals nothing, so runs of it would not group). pyiceberg-core reads the source
+    column `aligned`: the buffers Flight received may not be aligned as it requires (it panics)."""
     columns: dict[str, pa.ChunkedArray] = {}
     for index, field in enumerate(spec.fields):
         name = schema.find_column_name(field.source_id)
@@ -296,7 +297,7 @@ def _partition_values(spec: PartitionSpec, schema: Schema, chunk: pa.Table) -> p
                 transform = field.transform.pyarrow_transform(schema.find_field(field.source_id).field_type)
             except NotImplementedError:
                 return None
-            column = transform(source.take(pa.array(np.arange(len(source)))))
+            column = transform(aligned(source))
         if pa.types.is_floating(column.type):
             return None
         columns[f"_partition_{index}"] = column

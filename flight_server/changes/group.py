@@ -410,8 +410,6 @@ def _partitions_of_each(
     counted = partition_counts(metadata, rows, [put.rows for put in puts], values)  # a seventh of pyiceberg's time
     if counted is not None:
         return list(counted)
-    # `rows` has fresh buffers here (combined from several puts' chunks): pyiceberg's Rust transforms refuse the
-    # unaligned buffers a Flight stream's batches may have.
     column = f"_put_{uuid.uuid4().hex}"  # no column of the table's
     index = pa.array([i for i, put in enumerate(puts) for _ in range(put.rows)], pa.int32())
     counts = [0] * len(puts)

@@ -82,6 +82,7 @@ from pyiceberg.utils.properties import property_as_int
 from pyiceberg.utils.schema_conversion import AvroSchemaConversion
 from sqlalchemy import Select, Update, bindparam, select, update
 
+from flight_server.base.buffers import aligned
 from flight_server.base.metrics import COMMIT_RETRIES
 
 log = logging.getLogger(__name__)
@@ -519,7 +520,12 @@ def append_producer(transaction: Transaction, properties: dict[str, str], merge:
 
 
 def partitions(spec: PartitionSpec, schema: Schema, rows: pa.Table) -> list[tuple[PartitionKey, pa.Table]]:
-    """The rows of each partition of `spec`, with its key."""
+    """The rows of each partition of `spec`, with its key. pyiceberg-core transforms the source columns, `aligned`
+    first: it panics on the unaligned buffers a Flight stream's batches may have."""
+    for field in spec.fields:
+        index = rows.schema.get_field_index(schema.find_column_name(field.source_id) or "")
+        if index >= 0:  # a top-level column (pyiceberg finds the nested ones)
+            rows = rows.set_column(index, rows.field(index), aligned(rows.column(index)))
     return [(part.partition_key, part.arrow_table_partition) for part in _determine_partitions(spec, schema, rows)]
 
 
