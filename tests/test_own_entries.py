@@ -118,17 +118,20 @@ def test_snapshots_this_process_did_not_commit_are_read(
 
 
 def test_kept_files_are_bounded_and_removals_not_kept(served: tuple[str, Catalog]) -> None:
-    """At most `OWN_FILES_KEPT` files, the least recently used go first; a snapshot that removed files (an
-    overwrite here) is read each time, not kept."""
+    """At most `OWN_WEIGHT_KEPT` (files weighed by their statistics), the least recently used go first; a snapshot
+    that removed files (an overwrite here) is read each time, not kept."""
     before = OrderedDict(lineage._own)
     try:
-        files: list[DataFile] = [DataFile() for _ in range(lineage.OWN_FILES_KEPT // 4)]
+        wide = DataFile.from_args(file_path="x", value_counts={i: 1 for i in range(1_000)})
+        assert lineage._weight([wide]) == 1_000 + lineage.FILE_WEIGHT
+        assert lineage._weight([DataFile.from_args(file_path="y")] * 4) == 4 * lineage.FILE_WEIGHT
+        quarter = [wide] * (lineage.OWN_WEIGHT_KEPT // 4 // lineage._weight([wide]))
         for i in range(6):
-            lineage._keep(("bounded", i), files)
+            lineage._keep(("bounded", i), quarter)
             if i == 2:
                 assert lineage._kept(("bounded", 0)) is not None  # used: now the most recent
         kept = [key for key in lineage._own if key[0] == "bounded"]
-        assert sum(len(lineage._own[key]) for key in lineage._own) <= lineage.OWN_FILES_KEPT
+        assert sum(weight for _, weight in lineage._own.values()) <= lineage.OWN_WEIGHT_KEPT
         assert kept == [("bounded", 0), ("bounded", 3), ("bounded", 4), ("bounded", 5)]
     finally:
         lineage._own.clear()

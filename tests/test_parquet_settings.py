@@ -7,6 +7,7 @@ import datetime as dt
 import math
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.io.fileformat import FileFormatFactory
@@ -29,7 +30,7 @@ from pyiceberg.types import IntegerType, LongType
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
 from flight_server.base.schemas import new_table_schema, table_arrow_schema
-from flight_server.changes.dictionaries import LEAST_VALUES, SAMPLE_ROWS, dictionary_columns
+from flight_server.changes.dictionaries import LEAST_VALUES, SAMPLE_ROWS, _distinct_values, dictionary_columns
 from flight_server.changes.files import (
     PARQUET_DEFAULTS,
     StatisticsLayout,
@@ -425,6 +426,27 @@ def test_dictionaries_that_would_outgrow_the_limit_are_not_started(limit: int, p
     )
 
 
+def _categories(rows: int, values: list[Any], kind: pa.DataType) -> pa.Table:
+    picked = np.random.default_rng(1).integers(0, len(values), rows)
+    return pa.table({"c": pa.array([values[i] for i in picked], kind)})
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        # a few thousand values, each used dozens of times: their dictionary fits and pays (a file a third the size)
+        _categories(400_000, [f"category-{i:06d}-xyzab" for i in range(5_000)], pa.string()),
+        # 30,000 prices of 9 digits, stored as 4-byte integers: 120 KB of dictionary, not 480 KB
+        _categories(300_000, [Decimal(i) / 100 for i in range(30_000)], pa.decimal128(9, 2)),
+        # 40,000 dates, stored as 4 bytes each: 160 KB of dictionary
+        _categories(400_000, [dt.date(1900, 1, 1) + dt.timedelta(days=i) for i in range(40_000)], pa.date32()),
+    ],
+    ids=["strings", "decimals", "dates"],
+)
+def test_dictionaries_of_values_used_many_times_are_kept(table: pa.Table) -> None:
+    assert dictionary_columns(table, LIMIT) is True
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     rows=st.integers(1, 30_000),
@@ -454,6 +476,21 @@ def test_dictionary_decisions_match_the_whole_column_where_clear(
         assert decided == []
     elif len(valid) >= 2 * distinct and distinct * 8 <= limit / 2:
         assert decided is True
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(SAMPLE_ROWS + 1, 400_000), share=st.floats(0.0, 1.0), seed=st.integers(0, 2**32 - 1))
+@example(rows=336_077, share=0.4293, seed=336_077)  # 236 values seen about 9 times each, 2 of them once
+def test_distinct_values_are_estimated_within_half_to_twice(rows: int, share: float, seed: int) -> None:
+    """From a sample of a column where each of `distinct` values is used about equally often (the plain reference:
+    the column itself), the estimate is within half and twice the truth, from a sample of most of the rows or of a
+    tiny part."""
+    distinct = max(1, round(rows**share))
+    rng = np.random.default_rng(seed)
+    column = rng.permutation(np.arange(rows) % distinct)
+    sample = np.sort(column[rng.choice(rows, SAMPLE_ROWS, replace=False)])
+    counts = np.unique(sample, return_counts=True)[1]
+    assert distinct / 2 <= _distinct_values(counts, rows) <= distinct * 2
 
 
 def test_columns_of_many_chunks_are_sampled_alike() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from pyiceberg.catalog import load_catalog
+from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import assign_fresh_schema_ids
 from pyiceberg.table.metadata import TableMetadata, new_table_metadata
 from pyiceberg.table.sorting import UNSORTED_SORT_ORDER
@@ -114,6 +115,36 @@ def test_aligned_copies_only_the_misaligned_buffers() -> None:
     assert aligned(decimals).chunk(0).buffers()[1].address % 16 == 0
     column = pa.chunked_array([pa.array([1, 2, 3], pa.int64())])
     assert aligned(column) is column
+
+
+@pytest.mark.parametrize("start", [0, 3])
+@pytest.mark.parametrize("nulls", [False, True])
+def test_a_source_inside_a_struct_partitions_as_aligned(nulls: bool, start: int) -> None:
+    """A table made elsewhere may partition by a struct's field (`bucket(4, info.id)`): the struct is aligned field by
+    field, at its offset and with its nulls, and pyiceberg's partitioning of it reads as that of aligned rows."""
+    ids = pa.array([i * 1_000_003 for i in range(ROWS)], pa.int64())
+    mask = pa.array([nulls and i % 5 == 0 for i in range(ROWS)])
+    rows = pa.table(
+        {
+            "key": pa.array(range(ROWS), pa.int64()),
+            "ts": pa.array(range(ROWS), pa.timestamp("us", "UTC")),
+            "info": pa.StructArray.from_arrays([ids], ["id"], mask=mask),
+        }
+    )
+    schema = _metadata([], rows.schema).schema()
+    source = schema.find_field("info.id").field_id
+    spec = PartitionSpec(PartitionField(source_id=source, field_id=1000, transform=BucketTransform(4), name="b"))
+    arrow = table_arrow_schema(schema)
+    good = rows.cast(arrow).slice(start)
+    info = rows.cast(arrow).column("info").chunk(0)
+    moved = pa.StructArray.from_arrays(
+        [_misaligned(info.field(0), 1)], fields=list(info.type), mask=info.is_null() if nulls else None
+    )
+    bad = good.set_column(2, arrow.field("info"), pa.chunked_array([moved.slice(start)]))  # one batch, as put
+    assert bad.column("info").chunk(0).field(0).buffers()[1].address % 8 != 0
+    assert _described(partitions(spec, schema, bad)) == _described(partitions(spec, schema, good))
+    fixed = aligned(bad.column("info"))
+    assert fixed.equals(bad.column("info")) and fixed.chunk(0).flatten()[0].buffers()[1].address % 8 == 0
 
 
 def test_misaligned_keys_take_the_slots_of_aligned_ones() -> None:

@@ -13,8 +13,9 @@ import pyarrow as pa
 
 
 def aligned(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """`column` (of a flat type) with each buffer at an address its values' width divides: misaligned buffers are
-    copied, the rest shared; `column` itself when all are aligned. Nested and dictionary columns as they are."""
+    """`column` with each buffer at an address its values' width divides: misaligned buffers are copied, the rest
+    shared; `column` itself when all are aligned. Structs are aligned field by field; lists, maps and dictionary
+    columns are left as they are (no partition source is in them)."""
     chunks = column.chunks
     fixed = [_aligned_chunk(chunk) for chunk in chunks]
     if all(new is old for new, old in zip(fixed, chunks, strict=True)):
@@ -24,6 +25,13 @@ def aligned(column: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def _aligned_chunk(chunk: pa.Array) -> pa.Array:
     kind = chunk.type.storage_type if isinstance(chunk.type, pa.BaseExtensionType) else chunk.type
+    if pa.types.is_struct(chunk.type):  # a partition source may be one of its fields
+        children = chunk.flatten()  # at the struct's offset, its nulls included
+        fixed_children = [_aligned_chunk(child) for child in children]
+        if all(new is old for new, old in zip(fixed_children, children, strict=True)):
+            return chunk
+        mask = chunk.is_null() if chunk.null_count else None
+        return pa.StructArray.from_arrays(fixed_children, fields=list(kind), mask=mask)
     if kind.num_fields or pa.types.is_dictionary(kind):
         return chunk
     buffers = chunk.buffers()

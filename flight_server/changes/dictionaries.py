@@ -12,6 +12,8 @@ the same either way; only the encoding differs. Measured in docs/benchmarks.md (
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -68,7 +70,7 @@ def _plain(sample: pa.ChunkedArray, rows: int, limit_bytes: int) -> bool:
         values = np.sort(values)
         starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
         counts = np.diff(np.append(starts, len(values)))
-        width = float(values.itemsize)
+        width = kind.bit_width / 8  # as Parquet stores it (a date is 4 bytes, numpy's 8)
     elif (
         pa.types.is_decimal(kind)
         or pa.types.is_fixed_size_binary(kind)
@@ -78,7 +80,9 @@ def _plain(sample: pa.ChunkedArray, rows: int, limit_bytes: int) -> bool:
         if len(sample) < LEAST_VALUES:
             return False
         counts = pc.value_counts(sample).field("counts").to_numpy()
-        if pa.types.is_decimal(kind) or pa.types.is_fixed_size_binary(kind):
+        if pa.types.is_decimal(kind):
+            width = _decimal_width(kind.precision)
+        elif pa.types.is_fixed_size_binary(kind):
             width = float(kind.byte_width)
         else:  # a PLAIN value: its length, its bytes
             width = 4 + pc.sum(pc.binary_length(sample)).as_py() / len(sample)
@@ -89,13 +93,27 @@ def _plain(sample: pa.ChunkedArray, rows: int, limit_bytes: int) -> bool:
     return valid / distinct < LEAST_REPEATS or distinct * width > limit_bytes
 
 
+def _decimal_width(precision: int) -> float:
+    """Bytes a decimal takes in the server's files (`store_decimal_as_integer`): an int32 up to 9 digits, an int64 up
+    to 18, else the fewest bytes that hold the precision."""
+    if precision <= 9:
+        return 4.0
+    if precision <= 18:
+        return 8.0
+    return float(math.ceil((precision * math.log2(10) + 1) / 8))
+
+
 def _distinct_values(counts: np.ndarray, valid: float) -> float:
     """The distinct values among `valid` values, from a sample's counts of each value it holds. With few repeats in
     the sample, from how often two sampled values are equal (about (repeats - 1) / valid of the pairs); with many,
-    the values seen plus those seen once scaled up to the whole (GEE: the values seen once stand for the unseen)."""
+    the values seen plus those the values seen once and twice say were missed (Chao1 for a sample drawn without
+    replacement, Chao and Lin 2012, bias-corrected: the sampled share `q` of the rows corrects it for large
+    samples), at most `valid`."""
     sampled, seen = int(counts.sum()), len(counts)
     repeated = sampled - seen
     if repeated * 8 <= sampled:
         return valid / (1 + 2 * valid * repeated / sampled**2)
-    once = int(np.count_nonzero(counts == 1))
-    return max(float(seen), (valid / sampled) ** 0.5 * once + seen - once)
+    once, twice = int(np.count_nonzero(counts == 1)), int(np.count_nonzero(counts == 2))
+    q = min(sampled / valid, 0.999)
+    missed = once * (once - 1) / (2 * (twice + 1) * sampled / (sampled - 1) + q / (1 - q) * once)  # bias-corrected
+    return min(valid, seen + missed)

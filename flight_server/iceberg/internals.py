@@ -62,7 +62,7 @@ from pyiceberg.manifest import (
     _inherit_from_manifest,
 )
 from pyiceberg.partitioning import PartitionKey, PartitionSpec
-from pyiceberg.schema import Schema
+from pyiceberg.schema import Schema, index_by_id
 from pyiceberg.table import CreateTableTransaction, Table, TableProperties, Transaction
 from pyiceberg.table.locations import load_location_provider
 from pyiceberg.table.metadata import TableMetadata
@@ -77,6 +77,7 @@ from pyiceberg.table.update import (
 )
 from pyiceberg.table.update.snapshot import _FastAppendFiles, _MergeAppendFiles, _SnapshotProducer
 from pyiceberg.typedef import EMPTY_DICT
+from pyiceberg.types import StructType
 from pyiceberg.utils.datetime import datetime_to_millis
 from pyiceberg.utils.properties import property_as_int
 from pyiceberg.utils.schema_conversion import AvroSchemaConversion
@@ -523,10 +524,20 @@ def partitions(spec: PartitionSpec, schema: Schema, rows: pa.Table) -> list[tupl
     """The rows of each partition of `spec`, with its key. pyiceberg-core transforms the source columns, `aligned`
     first: it panics on the unaligned buffers a Flight stream's batches may have."""
     for field in spec.fields:
-        index = rows.schema.get_field_index(schema.find_column_name(field.source_id) or "")
-        if index >= 0:  # a top-level column (pyiceberg finds the nested ones)
+        index = rows.schema.get_field_index(_top_level_name(schema, field.source_id) or "")
+        if index >= 0:  # the top-level column that is or holds the source
             rows = rows.set_column(index, rows.field(index), aligned(rows.column(index)))
     return [(part.partition_key, part.arrow_table_partition) for part in _determine_partitions(spec, schema, rows)]
+
+
+def _top_level_name(schema: Schema, field_id: int) -> str | None:
+    """The name of the top-level field that is, or holds, field `field_id`."""
+    for field in schema.fields:
+        if field.field_id == field_id or (
+            isinstance(field.field_type, StructType) and field_id in index_by_id(field.field_type)
+        ):
+            return field.name
+    return None
 
 
 def to_file_schema(

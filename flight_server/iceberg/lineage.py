@@ -97,12 +97,27 @@ def _changes(table: Table, since: int, until: int, deletes: bool, through_replac
 # The files recent appends added (`_own_entries`), by (table uuid, snapshot id): a snapshot's never change. Filled by
 # the appends this process commits (`remember_append`) and by the appends it reads. Following the snapshot a
 # merge-append just made otherwise reads its merged manifest, which lists every file of the table: 50-170 ms of Avro
-# decoding after every few puts, in the online refresh that makes a put visible to lookups. Bounded by files kept
-# (a file's statistics take a few KB); snapshots that removed files (compactions, overwrites) are not kept.
-OWN_FILES_KEPT = 4096
-_own: OrderedDict[tuple[str, int], list[DataFile]] = OrderedDict()
-_own_files = 0
+# decoding after every few puts, in the online refresh that makes a put visible to lookups. Bounded by weight: a
+# file counts its statistics values (about 70 bytes each in memory; a file of a 500-column table holds 3,000) plus
+# `FILE_WEIGHT` for the rest; snapshots that removed files (compactions, overwrites) are not kept.
+OWN_WEIGHT_KEPT = 250_000  # about 20 MB
+FILE_WEIGHT = 8
+_own: OrderedDict[tuple[str, int], tuple[list[DataFile], int]] = OrderedDict()
+_own_weight = 0
 _own_lock = threading.Lock()
+
+
+def _weight(files: list[DataFile]) -> int:
+    """What keeping `files` weighs: `FILE_WEIGHT` a file, plus a file's statistics values."""
+    statistics = (
+        "column_sizes",
+        "value_counts",
+        "null_value_counts",
+        "nan_value_counts",
+        "lower_bounds",
+        "upper_bounds",
+    )
+    return sum(FILE_WEIGHT + sum(len(getattr(f, name) or ()) for name in statistics) for f in files)
 
 
 def remember_append(table: Table, files: list[DataFile], spec_id: int) -> None:
@@ -117,25 +132,27 @@ def remember_append(table: Table, files: list[DataFile], spec_id: int) -> None:
 
 
 def _keep(key: tuple[str, int], files: list[DataFile]) -> None:
-    global _own_files
-    if len(files) > OWN_FILES_KEPT:
+    global _own_weight
+    weight = _weight(files)
+    if weight > OWN_WEIGHT_KEPT:
         return
     with _own_lock:
         if key in _own:
             return
-        _own[key] = files
-        _own_files += len(files)
-        while _own_files > OWN_FILES_KEPT:
-            _own_files -= len(_own.popitem(last=False)[1])
+        _own[key] = (files, weight)
+        _own_weight += weight
+        while _own_weight > OWN_WEIGHT_KEPT:
+            _own_weight -= _own.popitem(last=False)[1][1]
 
 
 def _kept(key: tuple[str, int]) -> list[DataFile] | None:
     """The files kept for a snapshot (now the most recently used), if any."""
     with _own_lock:
         kept = _own.get(key)
-        if kept is not None:
-            _own.move_to_end(key)
-        return kept
+        if kept is None:
+            return None
+        _own.move_to_end(key)
+        return kept[0]
 
 
 def _own_entries(table: Table, snapshot: Snapshot) -> tuple[list[DataFile], list[ManifestEntry]]:
