@@ -1,9 +1,10 @@
-"""The files each snapshot added (`lineage._own_entries`), kept in memory: what a put of this process committed is
-known without reading the manifests back, and is exactly what reading them gives."""
+"""The files each snapshot added (`lineage._own_entries`), kept in memory: what a put of this process, or of its
+write process, committed is known without reading the manifests back, and is exactly what reading them gives."""
 
 from __future__ import annotations
 
 import datetime as dt
+import pickle
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -16,13 +17,22 @@ from pyiceberg.manifest import DataFile, ManifestFile
 
 from flight_client import FeatureClient
 from flight_server.iceberg import lineage
-from tests.conftest import sqlite_catalog, start_server
+from flight_server.transport import offload
+from tests.conftest import sqlite_catalog, start_server, start_writing_server
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Catalog]]:
     properties = sqlite_catalog(tmp_path_factory.mktemp("own-entries"))
     server = start_server(properties)  # in this process: its commits fill this process's memory
+    yield f"grpc://127.0.0.1:{server.port}", load_catalog("default", **properties)
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def relayed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Catalog]]:
+    properties = sqlite_catalog(tmp_path_factory.mktemp("own-entries-relayed"))
+    server = start_writing_server(properties)  # puts commit in its write process: this process only serves
     yield f"grpc://127.0.0.1:{server.port}", load_catalog("default", **properties)
     server.shutdown()
 
@@ -124,7 +134,7 @@ def test_kept_files_are_bounded_and_removals_not_kept(served: tuple[str, Catalog
     try:
         files: list[DataFile] = [DataFile() for _ in range(lineage.OWN_FILES_KEPT // 4)]
         for i in range(6):
-            lineage._keep(("bounded", i), files)
+            lineage.keep_appended(("bounded", i), files)
             if i == 2:
                 assert lineage._kept(("bounded", 0)) is not None  # used: now the most recent
         kept = [key for key in lineage._own if key[0] == "bounded"]
@@ -144,3 +154,69 @@ def test_kept_files_are_bounded_and_removals_not_kept(served: tuple[str, Catalog
     assert snapshot is not None
     added, removed = lineage._own_entries(table, snapshot)
     assert removed and (str(table.metadata.table_uuid), overwrite) not in lineage._own
+
+
+def test_the_write_process_hands_a_put_s_files_to_the_serving_process(
+    relayed: tuple[str, Catalog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Puts committed by the write process, to a table that merges manifests after every second one: this (the
+    serving) process never reads a manifest, yet knows each snapshot's own files, exactly as its manifests say."""
+    location, catalog = relayed
+    name = f"lineage.relayed_{uuid.uuid4().hex[:8]}"
+    reads = _counted(monkeypatch)
+    with FeatureClient(location) as client:
+        client.write(name, _rows(0, 10), entity_keys=["id"], event_time="ts")
+        with catalog.load_table(name).transaction() as transaction:
+            transaction.set_properties(
+                {"commit.manifest-merge.enabled": "true", "commit.manifest.min-count-to-merge": "2"}
+            )
+        snapshots = [client.write(name, _rows(100 * i, 5 + i)).snapshot_id for i in range(1, 6)]
+    table = catalog.load_table(name)
+    assert any(len(table.snapshot_by_id(s).manifests(table.io)) == 1 for s in snapshots)  # type: ignore[union-attr]
+    appended = lineage.appended_since(table, snapshots[0], snapshots[-1]).files
+    assert appended is not None and reads == []
+    assert sum(f.record_count for f in appended) == 7 + 8 + 9 + 10
+
+    for snapshot_id in snapshots:
+        snapshot = table.snapshot_by_id(snapshot_id)
+        assert snapshot is not None
+        kept = lineage._kept((str(table.metadata.table_uuid), snapshot_id))
+        read = lineage._read_own_entries(table, snapshot)
+        assert kept is not None and _described(kept) == _described(read[0]) and len(kept) > 0
+
+
+def test_puts_without_files_handed_over_are_answered_as_ever(relayed: tuple[str, Catalog]) -> None:
+    """A retried write_id (its files went with the first answer) and an overwrite (its snapshot removed files: not
+    kept) get no second reply from the write process; their answers and the table are as without it."""
+    location, catalog = relayed
+    name = f"lineage.unrelayed_{uuid.uuid4().hex[:8]}"
+    with FeatureClient(location) as client:
+        client.write(name, _rows(0, 10), entity_keys=["id"], event_time="ts")
+        first = client.write(name, _rows(100, 4), write_id="once")
+        again = client.write(name, _rows(100, 4), write_id="once")
+        overwrite = client.write(name, _rows(0, 3), mode="overwrite")
+        rows = client.read_table(name).num_rows
+    assert again.duplicate and again.snapshot_id == first.snapshot_id and rows == 3
+    uuid_ = str(catalog.load_table(name).metadata.table_uuid)
+    assert (uuid_, first.snapshot_id) in lineage._own and (uuid_, overwrite.snapshot_id) not in lineage._own
+
+
+def test_an_append_s_files_are_handed_over_once(served: tuple[str, Catalog]) -> None:
+    """The files of an append this process committed go to the first who takes them (a group commit's puts share
+    their snapshot); a serving process keeps them only from a write process of its own pyiceberg version."""
+    location, catalog = served
+    name = f"lineage.once_{uuid.uuid4().hex[:8]}"
+    with FeatureClient(location) as client:
+        snapshot_id = client.write(name, _rows(0, 10), entity_keys=["id"], event_time="ts").snapshot_id
+    key = (str(catalog.load_table(name).metadata.table_uuid), snapshot_id)
+    message = offload.appended_message(snapshot_id)
+    assert message is not None and offload.appended_message(snapshot_id) is None
+    handed_key, files = pickle.loads(message[len(offload.APPENDED_TAG) :])
+    assert handed_key == key and _described(files) == _described(lineage._kept(key) or [])
+
+    elsewhere = (f"relayed_{uuid.uuid4().hex[:8]}", snapshot_id)  # as a serving process, which has no record of it
+    payload = pickle.dumps((elsewhere, files))
+    offload.keep_relayed(b"appended 1 pyiceberg 0.0.1\n" + payload)
+    assert lineage._kept(elsewhere) is None
+    offload.keep_relayed(offload.APPENDED_TAG + payload)
+    assert lineage._kept(elsewhere) is not None

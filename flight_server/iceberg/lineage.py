@@ -95,14 +95,19 @@ def _changes(table: Table, since: int, until: int, deletes: bool, through_replac
 
 
 # The files recent appends added (`_own_entries`), by (table uuid, snapshot id): a snapshot's never change. Filled by
-# the appends this process commits (`remember_append`) and by the appends it reads. Following the snapshot a
-# merge-append just made otherwise reads its merged manifest, which lists every file of the table: 50-170 ms of Avro
-# decoding after every few puts, in the online refresh that makes a put visible to lookups. Bounded by files kept
+# the appends this process commits (`remember_append`), by those its write process committed (`keep_appended`) and
+# by the appends it reads. Following the snapshot a merge-append just made otherwise reads its merged manifest, which
+# lists every file of the table: 50-170 ms of Avro decoding after every few puts, in the online refresh that makes a
+# put visible to lookups and in the training-set indexes the serving process brings forward. Bounded by files kept
 # (a file's statistics take a few KB); snapshots that removed files (compactions, overwrites) are not kept.
 OWN_FILES_KEPT = 4096
 _own: OrderedDict[tuple[str, int], list[DataFile]] = OrderedDict()
 _own_files = 0
 _own_lock = threading.Lock()
+# This process's appends whose files nobody took yet (`take_appended`), snapshot id -> key in `_own`: a write process
+# hands each to its serving process once. Bounded: in a process that is no write process nobody takes them.
+UNTAKEN_KEPT = 64
+_untaken: OrderedDict[int, tuple[str, int]] = OrderedDict()
 
 
 def remember_append(table: Table, files: list[DataFile], spec_id: int) -> None:
@@ -113,10 +118,25 @@ def remember_append(table: Table, files: list[DataFile], spec_id: int) -> None:
         return
     for data_file in files:
         data_file.spec_id = spec_id
-    _keep((str(table.metadata.table_uuid), snapshot.snapshot_id), list(files))
+    key = (str(table.metadata.table_uuid), snapshot.snapshot_id)
+    keep_appended(key, list(files))
+    with _own_lock:
+        _untaken[snapshot.snapshot_id] = key
+        if len(_untaken) > UNTAKEN_KEPT:
+            _untaken.popitem(last=False)
 
 
-def _keep(key: tuple[str, int], files: list[DataFile]) -> None:
+def take_appended(snapshot_id: int) -> tuple[tuple[str, int], list[DataFile]] | None:
+    """The key (table uuid, snapshot id) and files of the append this process committed as `snapshot_id`, for the
+    first caller only (a group commit's puts share a snapshot), while they are kept."""
+    with _own_lock:
+        key = _untaken.pop(snapshot_id, None)
+        files = _own.get(key) if key is not None else None
+    return (key, files) if key is not None and files is not None else None
+
+
+def keep_appended(key: tuple[str, int], files: list[DataFile]) -> None:
+    """Record that the snapshot `key` (table uuid, snapshot id) only added `files` (their `spec_id` set)."""
     global _own_files
     if len(files) > OWN_FILES_KEPT:
         return
@@ -146,7 +166,7 @@ def _own_entries(table: Table, snapshot: Snapshot) -> tuple[list[DataFile], list
         return list(kept), []
     added, removed = _read_own_entries(table, snapshot)
     if not removed:
-        _keep(key, added)
+        keep_appended(key, added)
     return added, removed
 
 
