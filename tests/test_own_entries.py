@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.manifest import DataFile, ManifestFile
+from pyiceberg.table import Table
 
 from flight_client import FeatureClient
 from flight_server.iceberg import lineage
@@ -77,12 +78,8 @@ def _counted(monkeypatch: pytest.MonkeyPatch) -> list[ManifestFile]:
     return reads
 
 
-def test_a_put_s_files_are_known_without_reading_manifests(
-    served: tuple[str, Catalog], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Puts to a table that merges manifests after every second one: each snapshot's own files, as remembered, are
-    what its manifests say (read afresh), and following a put reads no manifest."""
-    location, catalog = served
+def _merging_puts(location: str, catalog: Catalog) -> tuple[Table, list[int]]:
+    """Five puts to a new table that merges manifests after every second one: the table, their snapshots."""
     name = f"lineage.merged_{uuid.uuid4().hex[:8]}"
     with FeatureClient(location) as client:
         client.write(name, _rows(0, 10), entity_keys=["id"], event_time="ts")
@@ -93,18 +90,30 @@ def test_a_put_s_files_are_known_without_reading_manifests(
         snapshots = [client.write(name, _rows(100 * i, 5 + i)).snapshot_id for i in range(1, 6)]
     table = catalog.load_table(name)
     assert any(len(table.snapshot_by_id(s).manifests(table.io)) == 1 for s in snapshots)  # type: ignore[union-attr]
-    reads = _counted(monkeypatch)
+    return table, snapshots
+
+
+def _known_as_manifests_say(table: Table, snapshots: list[int], reads: list[ManifestFile]) -> None:
+    """Following the snapshots reads no manifest (none in `reads`), and each one's files, as kept, are what its
+    manifests say (read afresh)."""
     appended = lineage.appended_since(table, snapshots[0], snapshots[-1]).files
     assert appended is not None and reads == []
     assert sum(f.record_count for f in appended) == 7 + 8 + 9 + 10
-
     for snapshot_id in snapshots:
         snapshot = table.snapshot_by_id(snapshot_id)
         assert snapshot is not None
-        remembered = lineage._own_entries(table, snapshot)
-        read = lineage._read_own_entries(table, snapshot)
-        assert _described(remembered[0]) == _described(read[0]) and len(remembered[0]) > 0
-        assert remembered[1] == read[1] == []
+        kept = lineage._kept((str(table.metadata.table_uuid), snapshot_id))
+        added, removed = lineage._read_own_entries(table, snapshot)
+        assert kept is not None and _described(kept) == _described(added) and len(kept) > 0 and removed == []
+
+
+def test_a_put_s_files_are_known_without_reading_manifests(
+    served: tuple[str, Catalog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Puts to a table that merges manifests: each snapshot's own files, as remembered by the process that committed
+    them, are what its manifests say, and following a put reads no manifest."""
+    table, snapshots = _merging_puts(*served)
+    _known_as_manifests_say(table, snapshots, _counted(monkeypatch))
 
 
 def test_snapshots_this_process_did_not_commit_are_read(
@@ -159,30 +168,11 @@ def test_kept_files_are_bounded_and_removals_not_kept(served: tuple[str, Catalog
 def test_the_write_process_hands_a_put_s_files_to_the_serving_process(
     relayed: tuple[str, Catalog], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Puts committed by the write process, to a table that merges manifests after every second one: this (the
-    serving) process never reads a manifest, yet knows each snapshot's own files, exactly as its manifests say."""
-    location, catalog = relayed
-    name = f"lineage.relayed_{uuid.uuid4().hex[:8]}"
-    reads = _counted(monkeypatch)
-    with FeatureClient(location) as client:
-        client.write(name, _rows(0, 10), entity_keys=["id"], event_time="ts")
-        with catalog.load_table(name).transaction() as transaction:
-            transaction.set_properties(
-                {"commit.manifest-merge.enabled": "true", "commit.manifest.min-count-to-merge": "2"}
-            )
-        snapshots = [client.write(name, _rows(100 * i, 5 + i)).snapshot_id for i in range(1, 6)]
-    table = catalog.load_table(name)
-    assert any(len(table.snapshot_by_id(s).manifests(table.io)) == 1 for s in snapshots)  # type: ignore[union-attr]
-    appended = lineage.appended_since(table, snapshots[0], snapshots[-1]).files
-    assert appended is not None and reads == []
-    assert sum(f.record_count for f in appended) == 7 + 8 + 9 + 10
-
-    for snapshot_id in snapshots:
-        snapshot = table.snapshot_by_id(snapshot_id)
-        assert snapshot is not None
-        kept = lineage._kept((str(table.metadata.table_uuid), snapshot_id))
-        read = lineage._read_own_entries(table, snapshot)
-        assert kept is not None and _described(kept) == _described(read[0]) and len(kept) > 0
+    """Puts committed by the write process, to a table that merges manifests: this (the serving) process never
+    reads a manifest, yet knows each snapshot's own files, exactly as its manifests say."""
+    reads = _counted(monkeypatch)  # from before the puts: the commits ran in the write process
+    table, snapshots = _merging_puts(*relayed)
+    _known_as_manifests_say(table, snapshots, reads)
 
 
 def test_puts_without_files_handed_over_are_answered_as_ever(relayed: tuple[str, Catalog]) -> None:
