@@ -1,9 +1,10 @@
-"""The files each snapshot added (`lineage._own_entries`), kept in memory: what a put of this process committed is
-known without reading the manifests back, and is exactly what reading them gives."""
+"""The files each snapshot added (`lineage._own_entries`), kept in memory: what a put of this process, or of its
+write process, committed is known without reading the manifests back, and is exactly what reading them gives."""
 
 from __future__ import annotations
 
 import datetime as dt
+import pickle
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -13,16 +14,26 @@ import pyarrow as pa
 import pytest
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.manifest import DataFile, ManifestFile
+from pyiceberg.table import Table
 
 from flight_client import FeatureClient
 from flight_server.iceberg import lineage
-from tests.conftest import sqlite_catalog, start_server
+from flight_server.transport import offload
+from tests.conftest import sqlite_catalog, start_server, start_writing_server
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Catalog]]:
     properties = sqlite_catalog(tmp_path_factory.mktemp("own-entries"))
     server = start_server(properties)  # in this process: its commits fill this process's memory
+    yield f"grpc://127.0.0.1:{server.port}", load_catalog("default", **properties)
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def relayed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Catalog]]:
+    properties = sqlite_catalog(tmp_path_factory.mktemp("own-entries-relayed"))
+    server = start_writing_server(properties)  # puts commit in its write process: this process only serves
     yield f"grpc://127.0.0.1:{server.port}", load_catalog("default", **properties)
     server.shutdown()
 
@@ -67,12 +78,8 @@ def _counted(monkeypatch: pytest.MonkeyPatch) -> list[ManifestFile]:
     return reads
 
 
-def test_a_put_s_files_are_known_without_reading_manifests(
-    served: tuple[str, Catalog], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Puts to a table that merges manifests after every second one: each snapshot's own files, as remembered, are
-    what its manifests say (read afresh), and following a put reads no manifest."""
-    location, catalog = served
+def _merging_puts(location: str, catalog: Catalog) -> tuple[Table, list[int]]:
+    """Five puts to a new table that merges manifests after every second one: the table, their snapshots."""
     name = f"lineage.merged_{uuid.uuid4().hex[:8]}"
     with FeatureClient(location) as client:
         client.write(name, _rows(0, 10), entity_keys=["id"], event_time="ts")
@@ -83,18 +90,30 @@ def test_a_put_s_files_are_known_without_reading_manifests(
         snapshots = [client.write(name, _rows(100 * i, 5 + i)).snapshot_id for i in range(1, 6)]
     table = catalog.load_table(name)
     assert any(len(table.snapshot_by_id(s).manifests(table.io)) == 1 for s in snapshots)  # type: ignore[union-attr]
-    reads = _counted(monkeypatch)
+    return table, snapshots
+
+
+def _known_as_manifests_say(table: Table, snapshots: list[int], reads: list[ManifestFile]) -> None:
+    """Following the snapshots reads no manifest (none in `reads`), and each one's files, as kept, are what its
+    manifests say (read afresh)."""
     appended = lineage.appended_since(table, snapshots[0], snapshots[-1]).files
     assert appended is not None and reads == []
     assert sum(f.record_count for f in appended) == 7 + 8 + 9 + 10
-
     for snapshot_id in snapshots:
         snapshot = table.snapshot_by_id(snapshot_id)
         assert snapshot is not None
-        remembered = lineage._own_entries(table, snapshot)
-        read = lineage._read_own_entries(table, snapshot)
-        assert _described(remembered[0]) == _described(read[0]) and len(remembered[0]) > 0
-        assert remembered[1] == read[1] == []
+        kept = lineage._kept((str(table.metadata.table_uuid), snapshot_id))
+        added, removed = lineage._read_own_entries(table, snapshot)
+        assert kept is not None and _described(kept) == _described(added) and len(kept) > 0 and removed == []
+
+
+def test_a_put_s_files_are_known_without_reading_manifests(
+    served: tuple[str, Catalog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Puts to a table that merges manifests: each snapshot's own files, as remembered by the process that committed
+    them, are what its manifests say, and following a put reads no manifest."""
+    table, snapshots = _merging_puts(*served)
+    _known_as_manifests_say(table, snapshots, _counted(monkeypatch))
 
 
 def test_snapshots_this_process_did_not_commit_are_read(
@@ -127,7 +146,7 @@ def test_kept_files_are_bounded_and_removals_not_kept(served: tuple[str, Catalog
         assert lineage._weight([DataFile.from_args(file_path="y")] * 4) == 4 * lineage.FILE_WEIGHT
         quarter = [wide] * (lineage.OWN_WEIGHT_KEPT // 4 // lineage._weight([wide]))
         for i in range(6):
-            lineage._keep(("bounded", i), quarter)
+            lineage.keep_appended(("bounded", i), quarter)
             if i == 2:
                 assert lineage._kept(("bounded", 0)) is not None  # used: now the most recent
         kept = [key for key in lineage._own if key[0] == "bounded"]
@@ -147,3 +166,51 @@ def test_kept_files_are_bounded_and_removals_not_kept(served: tuple[str, Catalog
     assert snapshot is not None
     added, removed = lineage._own_entries(table, snapshot)
     assert removed and (str(table.metadata.table_uuid), overwrite) not in lineage._own
+
+
+def test_the_write_process_hands_a_put_s_files_to_the_serving_process(
+    relayed: tuple[str, Catalog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Puts committed by the write process, to a table that merges manifests: this (the serving) process never
+    reads a manifest, yet knows each snapshot's own files, exactly as its manifests say."""
+    reads = _counted(monkeypatch)  # from before the puts: the commits ran in the write process
+    table, snapshots = _merging_puts(*relayed)
+    _known_as_manifests_say(table, snapshots, reads)
+
+
+def test_puts_without_files_handed_over_are_answered_as_ever(relayed: tuple[str, Catalog]) -> None:
+    """A retried write_id (answered with the first put's snapshot) and an overwrite (its snapshot removed files: not
+    kept, so no second reply from the write process) are answered as without the handover, the table too."""
+    location, catalog = relayed
+    name = f"lineage.unrelayed_{uuid.uuid4().hex[:8]}"
+    with FeatureClient(location) as client:
+        client.write(name, _rows(0, 10), entity_keys=["id"], event_time="ts")
+        first = client.write(name, _rows(100, 4), write_id="once")
+        again = client.write(name, _rows(100, 4), write_id="once")
+        overwrite = client.write(name, _rows(0, 3), mode="overwrite")
+        rows = client.read_table(name).num_rows
+    assert again.duplicate and again.snapshot_id == first.snapshot_id and rows == 3
+    uuid_ = str(catalog.load_table(name).metadata.table_uuid)
+    assert (uuid_, first.snapshot_id) in lineage._own and (uuid_, overwrite.snapshot_id) not in lineage._own
+
+
+def test_an_append_s_files_go_with_every_answer(served: tuple[str, Catalog]) -> None:
+    """The files of an append this process committed go with every answer that names its snapshot (a group commit's
+    puts share it, and whichever answer arrives first brings them); a serving process keeps them only from a write
+    process of its own pyiceberg version."""
+    location, catalog = served
+    name = f"lineage.once_{uuid.uuid4().hex[:8]}"
+    with FeatureClient(location) as client:
+        snapshot_id = client.write(name, _rows(0, 10), entity_keys=["id"], event_time="ts").snapshot_id
+    key = (str(catalog.load_table(name).metadata.table_uuid), snapshot_id)
+    message = offload.appended_message(snapshot_id)
+    assert message is not None and offload.appended_message(snapshot_id) == message
+    handed_key, files = pickle.loads(message[len(offload.APPENDED_TAG) :])
+    assert handed_key == key and _described(files) == _described(lineage._kept(key) or [])
+
+    elsewhere = (f"relayed_{uuid.uuid4().hex[:8]}", snapshot_id)  # as a serving process, which has no record of it
+    payload = pickle.dumps((elsewhere, files))
+    offload.keep_relayed(b"appended 1 pyiceberg 0.0.1\n" + payload)
+    assert lineage._kept(elsewhere) is None
+    offload.keep_relayed(offload.APPENDED_TAG + payload)
+    assert lineage._kept(elsewhere) is not None

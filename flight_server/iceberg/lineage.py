@@ -95,9 +95,10 @@ def _changes(table: Table, since: int, until: int, deletes: bool, through_replac
 
 
 # The files recent appends added (`_own_entries`), by (table uuid, snapshot id): a snapshot's never change. Filled by
-# the appends this process commits (`remember_append`) and by the appends it reads. Following the snapshot a
-# merge-append just made otherwise reads its merged manifest, which lists every file of the table: 50-170 ms of Avro
-# decoding after every few puts, in the online refresh that makes a put visible to lookups. Bounded by weight: a
+# the appends this process commits (`remember_append`), by those its write process committed (`keep_appended`) and
+# by the appends it reads. Following the snapshot a merge-append just made otherwise reads its merged manifest, which
+# lists every file of the table: 50-170 ms of Avro decoding after every few puts, in the online refresh that makes a
+# put visible to lookups and in the training-set indexes the serving process brings forward. Bounded by weight: a
 # file counts its statistics values (about 70 bytes each in memory; a file of a 500-column table holds 3,000) plus
 # `FILE_WEIGHT` for the rest; snapshots that removed files (compactions, overwrites) are not kept.
 OWN_WEIGHT_KEPT = 250_000  # about 20 MB
@@ -105,6 +106,10 @@ FILE_WEIGHT = 8
 _own: OrderedDict[tuple[str, int], tuple[list[DataFile], int]] = OrderedDict()
 _own_weight = 0
 _own_lock = threading.Lock()
+# This process's recent appends, snapshot id -> key in `_own`: a write process hands their files to its serving
+# process with each put's answer (`committed_appends`).
+COMMITTED_KEPT = 64
+_committed: OrderedDict[int, tuple[str, int]] = OrderedDict()
 
 
 def _weight(files: list[DataFile]) -> int:
@@ -128,10 +133,25 @@ def remember_append(table: Table, files: list[DataFile], spec_id: int) -> None:
         return
     for data_file in files:
         data_file.spec_id = spec_id
-    _keep((str(table.metadata.table_uuid), snapshot.snapshot_id), list(files))
+    key = (str(table.metadata.table_uuid), snapshot.snapshot_id)
+    keep_appended(key, list(files))
+    with _own_lock:
+        _committed[snapshot.snapshot_id] = key
+        if len(_committed) > COMMITTED_KEPT:
+            _committed.popitem(last=False)
 
 
-def _keep(key: tuple[str, int], files: list[DataFile]) -> None:
+def committed_appends(snapshot_id: int) -> tuple[tuple[str, int], list[DataFile]] | None:
+    """The key (table uuid, snapshot id) and files of the append this process committed as `snapshot_id`, while
+    they are kept (to every put of a group commit: whichever answer reaches the serving process first brings them)."""
+    with _own_lock:
+        key = _committed.get(snapshot_id)
+        kept = _own.get(key) if key is not None else None
+    return (key, kept[0]) if key is not None and kept is not None else None
+
+
+def keep_appended(key: tuple[str, int], files: list[DataFile]) -> None:
+    """Record that the snapshot `key` (table uuid, snapshot id) only added `files` (their `spec_id` set)."""
     global _own_weight
     weight = _weight(files)
     if weight > OWN_WEIGHT_KEPT:
@@ -163,7 +183,7 @@ def _own_entries(table: Table, snapshot: Snapshot) -> tuple[list[DataFile], list
         return list(kept), []
     added, removed = _read_own_entries(table, snapshot)
     if not removed:
-        _keep(key, added)
+        keep_appended(key, added)
     return added, removed
 
 

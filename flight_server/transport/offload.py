@@ -35,6 +35,7 @@ import glob
 import json
 import logging
 import os
+import pickle
 import select
 import shutil
 import signal
@@ -49,6 +50,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
+import pyiceberg
 from prometheus_client.multiprocess import MultiProcessCollector
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 
@@ -57,6 +59,7 @@ from flight_server.base.logs import current
 from flight_server.base.metrics import COMMIT_RETRIES
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.maintenance import Maintenance
+from flight_server.iceberg.lineage import committed_appends, keep_appended
 from flight_server.online.store import RefreshPlan, from_results
 from flight_server.transport.errors import ROUTES
 from flight_server.wire.actions import CompactResult
@@ -96,6 +99,10 @@ RETRIES = next(iter(COMMIT_RETRIES.describe())).name
 # automatic maintenance's compaction of small files (`OffloadedMaintenance`, answered by `compact_small_files`).
 PLAN_REFRESH = "_plan_refresh"
 COMPACT_SMALL_FILES = "_compact_small_files"
+
+# Before the files a put's snapshot added, in the child's second reply to it (`appended_message`): DataFiles pickled,
+# which only the same pyiceberg reads back field for field (a child started after an upgrade may run another one).
+APPENDED_TAG = f"appended 1 pyiceberg {pyiceberg.__version__}\n".encode()
 
 # The actions that change tables (or their files): relayed to the write process as the client sent them. Not
 # snapshot expiry (nor automatic maintenance, which expires): it must keep the snapshots this process's running
@@ -243,11 +250,14 @@ class WriteProcess:
                 writer.write_metadata(pa.py_buffer(marker))
             writer.done_writing()
             reply = answers.read()
+            appended = answers.read() if reply is not None else None  # `appended_message`, if the child sent one
             writer.close()
         except (flight.FlightError, pa.ArrowException, OSError) as exc:
             raise self._failure(self._child_error(writer, exc), process) from None
         if reply is None:
             raise self._failure(OSError("no reply"), process)
+        if appended is not None:
+            keep_relayed(appended.to_pybytes())
         return WriteResult.from_bytes(reply.to_pybytes())
 
     def action(self, name: str, body: bytes) -> bytes:
@@ -465,6 +475,23 @@ class OffloadedMaintenance(Maintenance):
         if self.writes is None or not self.writes.usable():
             return super().compact_small_files(table, min_files, small_bytes, max_bytes)
         return self.writes.compact_small_files(table, min_files, small_bytes, max_bytes)
+
+
+def appended_message(snapshot_id: int) -> bytes | None:
+    """The child's second reply to a put, after its `WriteResult`: the files its snapshot added (to every put of a
+    group commit, 8-36 µs each: whichever answer arrives first), for the serving process to keep (`keep_relayed`):
+    following that
+    snapshot there (training-set indexes brought forward, scans since a snapshot) then reads no manifest back, which
+    after a merge-append lists every file of the table (10-13 % of the serving process's CPU beside a writer). None
+    when this process no longer keeps them. Pickled: only the serving process reads it, on a socket only it reaches."""
+    appended = committed_appends(snapshot_id)
+    return APPENDED_TAG + pickle.dumps(appended, pickle.HIGHEST_PROTOCOL) if appended is not None else None
+
+
+def keep_relayed(message: bytes) -> None:
+    """Keep the files the child's `appended_message` names, unless another pyiceberg wrote it."""
+    if message.startswith(APPENDED_TAG):
+        keep_appended(*pickle.loads(message[len(APPENDED_TAG) :]))
 
 
 def compact_small_files(maintenance: Maintenance, body: bytes) -> bytes:

@@ -33,7 +33,13 @@ from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
 from flight_server.transport.limits import ConcurrencyLimit, is_session
 from flight_server.transport.metrics import CountedReader, CountedWriter, ServerMetrics, sending
-from flight_server.transport.offload import COMPACT_SMALL_FILES, PLAN_REFRESH, RELAYED_ACTIONS, compact_small_files
+from flight_server.transport.offload import (
+    COMPACT_SMALL_FILES,
+    PLAN_REFRESH,
+    RELAYED_ACTIONS,
+    appended_message,
+    compact_small_files,
+)
 from flight_server.transport.tls import server_tls_options
 from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, decode_text, encode_reply
 from flight_server.wire.errors import RequestError
@@ -236,6 +242,8 @@ class FeatureFlightServer(flight.FlightServerBase):
             result = self.parts.writer.write(request, reader, context.is_cancelled)
         self.parts.changed(result.table)
         writer.write(pa.py_buffer(result.to_bytes()))
+        if self.write_process and (appended := appended_message(result.snapshot_id)) is not None:
+            writer.write(pa.py_buffer(appended))  # to the serving process, which relays only the result to its client
 
     @_flight_errors
     def do_exchange(
