@@ -30,22 +30,20 @@ def dictionary_columns(table: pa.Table, limit_bytes: int) -> bool | list[str]:
     rows = table.num_rows
     if rows < LEAST_VALUES or any(pa.types.is_nested(f.type) or "." in f.name for f in table.schema):
         return True
-    positions = None
+    columns = table.columns
     if rows > SAMPLE_ROWS:  # the same positions for the same row count: the same files for the same rows
         positions = np.sort(np.random.default_rng(rows).choice(rows, SAMPLE_ROWS, replace=False))
-    keep = [
-        f.name
-        for f, column in zip(table.schema, table.columns, strict=True)
-        if not _plain(column if positions is None else _sample(column, positions), rows, limit_bytes)
-    ]
+        if all(column.num_chunks == 1 for column in columns):  # one take for every column
+            columns = table.take(pa.array(positions)).columns
+        else:
+            columns = [_sample(column, positions) for column in columns]
+    keep = [f.name for f, column in zip(table.schema, columns, strict=True) if not _plain(column, rows, limit_bytes)]
     return True if len(keep) == table.num_columns else keep
 
 
 def _sample(column: pa.ChunkedArray, positions: np.ndarray) -> pa.ChunkedArray:
     """The values at `positions` (sorted), taken chunk by chunk: a take on a column of many chunks (a put's batches
     as they came) would first copy it whole into one."""
-    if column.num_chunks == 1:
-        return column.take(pa.array(positions))
     starts = np.cumsum([0, *(len(chunk) for chunk in column.chunks)])
     chunk_of = np.searchsorted(starts, positions, side="right") - 1
     taken = [column.chunk(i).take(pa.array(positions[chunk_of == i] - starts[i])) for i in np.unique(chunk_of).tolist()]
@@ -68,7 +66,10 @@ def _plain(sample: pa.ChunkedArray, rows: int, limit_bytes: int) -> bool:
         if len(values) < LEAST_VALUES:
             return False
         values = np.sort(values)
-        starts = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
+        differs = values[1:] != values[:-1]
+        if differs.all():  # no value repeats in the sample: the values barely repeat in the file (a quick way out)
+            return True
+        starts = np.flatnonzero(np.concatenate(([True], differs)))
         counts = np.diff(np.append(starts, len(values)))
         width = kind.bit_width / 8  # as Parquet stores it (a date is 4 bytes, numpy's 8)
     elif (
