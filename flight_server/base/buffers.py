@@ -17,17 +17,18 @@ def aligned(column: pa.ChunkedArray) -> pa.ChunkedArray:
     shared; `column` itself when all are aligned. Structs are aligned field by field; lists, maps and dictionary
     columns are left as they are (no partition source is in them)."""
     chunks = column.chunks
-    fixed = [_aligned_chunk(chunk) for chunk in chunks]
+    fixed = [aligned_array(chunk) for chunk in chunks]
     if all(new is old for new, old in zip(fixed, chunks, strict=True)):
         return column
     return pa.chunked_array(fixed, column.type)
 
 
-def _aligned_chunk(chunk: pa.Array) -> pa.Array:
+def aligned_array(chunk: pa.Array) -> pa.Array:
+    """`aligned` of one array."""
     kind = chunk.type.storage_type if isinstance(chunk.type, pa.BaseExtensionType) else chunk.type
     if pa.types.is_struct(chunk.type):  # a partition source may be one of its fields
         children = chunk.flatten()  # at the struct's offset, its nulls included
-        fixed_children = [_aligned_chunk(child) for child in children]
+        fixed_children = [aligned_array(child) for child in children]
         if all(new is old for new, old in zip(fixed_children, children, strict=True)):
             return chunk
         mask = chunk.is_null() if chunk.null_count else None

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from pyiceberg_core.transform import bucket  # type: ignore[import-untyped]  # ships no type information
 
-from flight_server.base.buffers import aligned
+from flight_server.base.buffers import aligned_array
 
 UNBUCKETED_SLOTS = 64  # slots of a table not bucketed by its first key: 64 shares balance a few replicas well
 
@@ -37,7 +37,7 @@ def key_slots(column: pa.Array | pa.ChunkedArray, slots: int) -> np.ndarray:
     array = array.cast(pa.int64() if pa.types.is_integer(array.type) else pa.large_string())
     if len(array) == 0:
         return np.empty(0, dtype=np.int64)
-    array = aligned(pa.chunked_array([array])).chunk(0)  # pyiceberg-core panics on unaligned buffers
+    array = aligned_array(array)  # pyiceberg-core panics on unaligned buffers
     return bucket(array, slots).cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
 
 

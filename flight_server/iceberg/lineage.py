@@ -106,10 +106,6 @@ FILE_WEIGHT = 8
 _own: OrderedDict[tuple[str, int], tuple[list[DataFile], int]] = OrderedDict()
 _own_weight = 0
 _own_lock = threading.Lock()
-# This process's recent appends, snapshot id -> key in `_own`: a write process hands their files to its serving
-# process with each put's answer (`committed_appends`).
-COMMITTED_KEPT = 64
-_committed: OrderedDict[int, tuple[str, int]] = OrderedDict()
 
 
 def _weight(files: list[DataFile]) -> int:
@@ -133,31 +129,28 @@ def remember_append(table: Table, files: list[DataFile], spec_id: int) -> None:
         return
     for data_file in files:
         data_file.spec_id = spec_id
-    key = (str(table.metadata.table_uuid), snapshot.snapshot_id)
-    keep_appended(key, list(files))
-    with _own_lock:
-        _committed[snapshot.snapshot_id] = key
-        if len(_committed) > COMMITTED_KEPT:
-            _committed.popitem(last=False)
+    keep_appended((str(table.metadata.table_uuid), snapshot.snapshot_id), list(files))
 
 
 def committed_appends(snapshot_id: int) -> tuple[tuple[str, int], list[DataFile]] | None:
-    """The key (table uuid, snapshot id) and files of the append this process committed as `snapshot_id`, while
-    they are kept (to every put of a group commit: whichever answer reaches the serving process first brings them)."""
+    """The key (table uuid, snapshot id) and files of the append kept as `snapshot_id`, if any: a write process hands
+    them to its serving process with every put's answer (a group commit's puts share a snapshot, and whichever
+    answer arrives first brings them). The newest are looked at first: a put's own commit was just kept."""
     with _own_lock:
-        key = _committed.get(snapshot_id)
-        kept = _own.get(key) if key is not None else None
-    return (key, kept[0]) if key is not None and kept is not None else None
+        for key in reversed(_own):
+            if key[1] == snapshot_id:
+                return key, _own[key][0]
+    return None
 
 
 def keep_appended(key: tuple[str, int], files: list[DataFile]) -> None:
     """Record that the snapshot `key` (table uuid, snapshot id) only added `files` (their `spec_id` set)."""
     global _own_weight
-    weight = _weight(files)
-    if weight > OWN_WEIGHT_KEPT:
-        return
     with _own_lock:
-        if key in _own:
+        if key in _own:  # kept already (the answers of a group commit all bring it)
+            return
+        weight = _weight(files)
+        if weight > OWN_WEIGHT_KEPT:
             return
         _own[key] = (files, weight)
         _own_weight += weight

@@ -478,12 +478,12 @@ class OffloadedMaintenance(Maintenance):
 
 
 def appended_message(snapshot_id: int) -> bytes | None:
-    """The child's second reply to a put, after its `WriteResult`: the files its snapshot added (to every put of a
-    group commit, 8-36 µs each: whichever answer arrives first), for the serving process to keep (`keep_relayed`):
-    following that
-    snapshot there (training-set indexes brought forward, scans since a snapshot) then reads no manifest back, which
-    after a merge-append lists every file of the table (10-13 % of the serving process's CPU beside a writer). None
-    when this process no longer keeps them. Pickled: only the serving process reads it, on a socket only it reaches."""
+    """The child's second reply to a put, after its `WriteResult`: the files its snapshot added (with every put of a
+    group commit, 8-36 µs each: whichever answer arrives first), for the serving process to keep (`keep_relayed`).
+    Following that snapshot there (training-set indexes brought forward, scans since a snapshot) then reads no
+    manifest back, which after a merge-append lists every file of the table (10-13 % of the serving process's CPU
+    beside a writer). None when this process no longer keeps them. Pickled: only the serving process reads it, on a
+    socket only it reaches."""
     appended = committed_appends(snapshot_id)
     return APPENDED_TAG + pickle.dumps(appended, pickle.HIGHEST_PROTOCOL) if appended is not None else None
 
