@@ -14,6 +14,8 @@ another replica on the same catalog. The index's lookups, quiet and beside a wri
 Those lookups are measured twice: with every process where the OS puts it (all of them sharing the machine's
 cores), and placed as production places them (`Placement`: the measured server's serving process and the lookup
 client on one core; the server's write process, the concurrent writer and the other replica on the others).
+Beside each writer, not placed, the floor on an open stream is measured too: what a server that does nothing but
+answer gets from the machine while the same writer puts (the other processes' share of the cores).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ LABELS = {
     "index_writing": "Flight, online index, a writer on this server",
     "index_writing_elsewhere": "Flight, online index, a writer on another replica",
     "floor_stream": "raw Flight exchange of the same answer on an open stream (floor)",
+    "floor_writing": "raw Flight exchange on an open stream (floor), a writer on this server",
+    "floor_writing_elsewhere": "raw Flight exchange on an open stream (floor), a writer on another replica",
     "floor": "raw Flight do_get of the same answer (floor of a call)",
     "as_of": "Flight, as_of lookup (DuckDB, no index)",
     "duckdb": "DuckDB query over the Iceberg table, in process",
@@ -65,6 +69,7 @@ LABELS = {
 # What each path is compared with: lookups over the client's sessions (streams kept open) with the
 # same exchange on an open stream, one call per lookup with the same do_get.
 FLOORS = {"index_calls": "floor", "as_of": "floor", "duckdb": "floor"}
+BESIDE = {"index_writing": "floor_writing", "index_writing_elsewhere": "floor_writing_elsewhere"}  # floor beside each
 
 
 class Placement:
@@ -275,7 +280,11 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
     counts = {batch: max(requests // (10 if batch >= 1000 else 1), 5) for batch in BATCHES}
     index_seconds = INDEX_SECONDS if requests >= REQUESTS else 0.0
     latency: dict[str, dict[str, Any]] = {key: {} for key in LABELS}
-    with FeatureClient(target.location) as client, FeatureClient(target.location, online_sessions=False) as calls:
+    with (
+        FeatureClient(target.location) as client,
+        FeatureClient(target.location, online_sessions=False) as calls,
+        contextlib.ExitStack() as floor_servers,  # the floors' servers, measured quiet and beside the writers
+    ):
         report.progress(f"online: writing {settings.rows:,} rows ({len(ids):,} entities) to {name}")
         client.write(name, data, entity_keys=[ENTITY_KEY], event_time=EVENT_TIME, created_time=CREATED_TIME)
         start = time.perf_counter()
@@ -289,6 +298,7 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
 
         without_index = DuckDBLookup(target, name, [ENTITY_KEY, EVENT_TIME, *features])
         latest_time = data.column(EVENT_TIME).to_pylist()[-1]
+        floors: dict[int, ceiling.Stream] = {}  # by batch: the floor's stream, measured again beside the writers
         for batch, count in counts.items():
             call = lookup(batch)
             label = f"online: lookups of {batch}"
@@ -297,13 +307,14 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
             label = f"online: lookups of {batch}, one call each"
             latency["index_calls"][str(batch)] = percentiles(warm_timed(one_call, count, label))
             keys = pa.record_batch({ENTITY_KEY: pa.array(range(batch), pa.int64())})
-            with ceiling.ceiling_server(call(), max(batch, 1)) as location, flight.FlightClient(location) as raw:
-                floor = warm_timed(lambda r=raw: ceiling.read(r), count, f"online: raw Flight answers of {batch}")
-                latency["floor"][str(batch)] = percentiles(floor)
-                stream = ceiling.Stream(raw, keys)
-                label = f"online: raw Flight answers of {batch} on a stream"
-                latency["floor_stream"][str(batch)] = percentiles(warm_timed(stream.ask, count, label))
-                stream.close()
+            location = floor_servers.enter_context(ceiling.ceiling_server(call(), max(batch, 1)))
+            raw = floor_servers.enter_context(flight.FlightClient(location))
+            floor = warm_timed(lambda r=raw: ceiling.read(r), count, f"online: raw Flight answers of {batch}")
+            latency["floor"][str(batch)] = percentiles(floor)
+            stream = floors[batch] = ceiling.Stream(raw, keys)
+            floor_servers.callback(stream.close)
+            label = f"online: raw Flight answers of {batch} on a stream"
+            latency["floor_stream"][str(batch)] = percentiles(warm_timed(stream.ask, count, label))
             slow = max(3, min(SLOW_REQUESTS, requests // 4))
             as_of = timed(lookup(batch, as_of=latest_time), slow, f"online: as_of lookups of {batch}")
             latency["as_of"][str(batch)] = percentiles(as_of)
@@ -319,7 +330,8 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
         placed: dict[str, Any] = {}
 
         def beside_writers(into: dict[str, dict[str, Any]], others: list[int], split: bool) -> dict[str, float]:
-            """The index's lookups while a writer puts through each of `writing`; the writer's puts/s."""
+            """The index's lookups while a writer puts through each of `writing`, and (not placed) the floor's
+            beside the same writer; the writer's puts/s."""
             rates = {}
             for key, location in writing.items():
                 with Writer(location, name, hot, features) as writer:
@@ -329,6 +341,10 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
                         where = LABELS[key].split(", ")[-1] + (", placed" if split else "")
                         label = f"online: lookups of {batch}, {where}"
                         into[key][str(batch)] = percentiles(timed(lookup(batch), count, label, index_seconds))
+                        if not split:
+                            label = f"online: raw Flight answers of {batch} on a stream, {where}"
+                            floor = timed(floors[batch].ask, count, label, index_seconds)
+                            into[BESIDE[key]][str(batch)] = percentiles(floor)
                     rates[key] = writer.rate()
             return rates
 
@@ -414,7 +430,24 @@ def render(result: dict[str, Any]) -> str:
             for c in result["concurrency"]
         ],
     )
-    return "\n".join([header, latency, "", *placed(result), lag, "", concurrency])
+    return "\n".join([header, latency, "", *beside(result), *placed(result), lag, "", concurrency])
+
+
+def beside(result: dict[str, Any]) -> list[str]:
+    """The index's lookups beside each writer, not placed, against the floor's measured beside the same writer: what
+    the machine leaves a server that does nothing but answer."""
+    rows = []
+    for key, floor_key in BESIDE.items():
+        for batch, p in result["latency"].get(key, {}).items():
+            floor = result["latency"][floor_key][batch]
+            rows.append(
+                [f"{LABELS[key]}, batch {batch}", f"{p['p95_ms']:.3f}", f"{p['p99_ms']:.3f}"]
+                + [f"{floor['p95_ms']:.3f}", f"{floor['p99_ms']:.3f}", report.ratio(p["p99_ms"] / floor["p99_ms"])]
+            )
+    if not rows:
+        return []
+    columns = ["lookup beside a writer, not placed", "p95 ms", "p99 ms", "floor p95 ms", "floor p99 ms"]
+    return [report.table([*columns, "p99 / floor p99"], rows), ""]
 
 
 def placed(result: dict[str, Any]) -> list[str]:

@@ -320,6 +320,8 @@ ONLINE_COLORS = {
     "index": FLIGHT,
     "index_calls": "#64B5CD",
     "floor_stream": "#999999",
+    "floor_writing": "#C8C8C8",
+    "floor_writing_elsewhere": "#DCDCDC",
     "index_writing": "#55A868",
     "index_writing_elsewhere": "#8172B3",
     "floor": REFERENCE,

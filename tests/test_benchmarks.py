@@ -250,8 +250,8 @@ def test_historical_on_its_own_server(tmp_path: Path) -> None:
 
 
 def check_online(result: dict[str, Any], local: bool) -> None:
-    paths = {"index", "index_calls", "index_writing", "floor", "floor_stream", "as_of"}
-    paths |= {"duckdb", "index_writing_elsewhere"} if local else set()
+    paths = {"index", "index_calls", "index_writing", "floor", "floor_stream", "floor_writing", "as_of"}
+    paths |= {"duckdb", "index_writing_elsewhere", "floor_writing_elsewhere"} if local else set()
     assert set(result["latency"]) == paths
     for by_batch in result["latency"].values():
         assert list(by_batch) == ["1", "10", "100", "1000"]
