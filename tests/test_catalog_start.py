@@ -1,21 +1,18 @@
 """Servers starting at the same moment on a new, empty SQL catalog (a fresh deployment of several replicas)
 all start: pyiceberg creates the catalog's tables on first use, and the replicas that lose that race
-try again instead of exiting. A SQLite catalog file is switched to write-ahead logging as it is opened."""
+try again instead of exiting."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import uuid
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import sqlalchemy
 
-from flight_client import FeatureClient
 from flight_server.iceberg.catalog import FeatureCatalog
-from tests.conftest import sqlite_catalog, start_server
+from tests.conftest import sqlite_catalog
 
 STARTS = 6
 
@@ -62,36 +59,3 @@ def test_servers_starting_at_once_on_a_new_catalog_all_open_it(
         )
         failures = start_at_once(properties)
         assert not failures, failures[0]
-
-
-def journal_mode(database: Path) -> str:
-    with sqlite3.connect(database) as connection:
-        return str(connection.execute("PRAGMA journal_mode").fetchone()[0])
-
-
-def test_a_sqlite_catalog_file_is_switched_to_write_ahead_logging(tmp_path: Path) -> None:
-    """Each commit then appends to one log instead of creating, syncing and deleting a journal file; the mode stays
-    in the file, every connection (other servers, the write process, a user's own) uses it, and commits stay synced
-    before they are acknowledged."""
-    properties = sqlite_catalog(tmp_path)
-    database = tmp_path / "catalog.db"
-    server = start_server(properties)
-    try:
-        assert journal_mode(database) == "wal"
-        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            rows = pa.table({"id": [1, 2], "ts": pa.array([0, 1], pa.timestamp("us", "UTC")), "v": [0.5, 1.5]})
-            written = client.write("wal.t", rows, entity_keys=["id"], event_time="ts")
-        other = FeatureCatalog("default", dict(properties))  # another process would open it the same way
-        assert other.catalog.load_table(("wal", "t")).metadata.current_snapshot_id == written.snapshot_id
-        with server.parts.catalog.catalog.engine.connect() as connection:
-            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL: synced at each commit
-    finally:
-        server.shutdown()
-    assert journal_mode(database) == "wal"  # kept in the file
-
-
-def test_a_catalog_in_memory_keeps_its_journal(tmp_path: Path) -> None:
-    """A database in memory has no journal file to save: it stays as it is, and the catalog opens."""
-    catalog = FeatureCatalog("default", {"type": "sql", "uri": "sqlite:///:memory:", "warehouse": tmp_path.as_uri()})
-    with catalog.catalog.engine.connect() as connection:
-        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "memory"

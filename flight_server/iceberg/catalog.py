@@ -33,7 +33,7 @@ from pyiceberg.transforms import (
     YearTransform,
 )
 from sqlalchemy import Select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError
 
 from flight_server.base.config import CatalogError, catalog_failure, redact
 from flight_server.iceberg.internals import metadata_location_query
@@ -181,38 +181,13 @@ def _load(name: str, properties: dict[str, str]) -> Catalog:
     attempt = 1
     while True:
         try:
-            catalog = load_catalog(name, **properties)
-            _write_ahead_log(catalog)
-            return catalog
+            return load_catalog(name, **properties)
         except Exception as exc:  # whatever the catalog library raises, the operator needs one line, no secret
             if attempt < _CREATION_ATTEMPTS and any(race in str(exc).lower() for race in _CREATION_RACE):
                 log.info("catalog %r: another server was creating its tables; trying again", name)
                 attempt += 1
                 continue
             raise CatalogError(catalog_failure(name, properties, exc)) from exc
-
-
-def _write_ahead_log(catalog: Catalog) -> None:
-    """Switch a SQLite catalog's database file to write-ahead logging (WAL), which stays set in the file.
-
-    In SQLite's default rollback-journal mode every commit creates, syncs and deletes a journal file beside the
-    database, and readers and the writer lock each other out; in WAL mode a commit appends to one log and syncs it,
-    and the catalog's readers (index polls, other replicas on the machine) no longer wait for a commit. A commit is
-    still synced before it is acknowledged (`synchronous` stays FULL). WAL needs every process that opens the file
-    to run on one machine, as SQLite's locking does on a network filesystem anyway: a catalog shared between
-    machines belongs in PostgreSQL. Another process switching the file at the same moment, a file on a read-only
-    disk, or a database in memory (no journal file to save) leaves the mode as it was: the catalog works either
-    way."""
-    if not isinstance(catalog, SqlCatalog) or catalog.engine.dialect.name != "sqlite":
-        return
-    try:
-        with catalog.engine.connect() as connection:
-            mode = connection.exec_driver_sql("PRAGMA journal_mode=WAL").scalar()
-    except SQLAlchemyError as exc:
-        log.info("the SQLite catalog stays in its journal mode (%s)", type(exc).__name__)
-        return
-    if str(mode).lower() != "wal":
-        log.info("the SQLite catalog stays in journal mode %s", mode)
 
 
 class FeatureCatalog:
