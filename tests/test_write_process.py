@@ -329,8 +329,9 @@ def test_an_append_past_the_online_memory_cap_drops_the_index_without_a_read_her
 
 
 def test_expiry_keeps_the_snapshot_a_running_scan_reads(tmp_path: Path) -> None:
-    """Expiry runs in the serving process, which knows its running reads: a scan of an old snapshot, begun before
-    `expire_snapshots`, keeps it and reads all its rows (in the write process it would have been expired)."""
+    """Expiry commits in the write process, beside the puts, and keeps the snapshots the serving process's running
+    reads use, which it sends along: a scan of an old snapshot, begun before `expire_snapshots`, keeps it and reads
+    all its rows (the write process alone knows no read of it, and would have expired it)."""
     server = start_writing_server(sqlite_catalog(tmp_path), batch_rows=1000)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:

@@ -190,9 +190,11 @@ class Maintenance(Rewriter):
     def expire(self, request: ExpireRequest) -> ExpireResult:
         return self.until(request.table, "expire snapshots of", lambda: self.expire_once(request))
 
-    def expire_once(self, request: ExpireRequest) -> ExpireResult:
-        """One attempt: a lost race raises (`CommitFailedException`) with nothing committed."""
-        result = ExpireResult(**self._expire_once(request))
+    def expire_once(self, request: ExpireRequest, in_use_elsewhere: frozenset[int] = frozenset()) -> ExpireResult:
+        """One attempt: a lost race raises (`CommitFailedException`) with nothing committed. `in_use_elsewhere`: more
+        snapshots to keep, which another process's reads use (the serving process's, when this runs in its write
+        process)."""
+        result = ExpireResult(**self._expire_once(request, in_use_elsewhere))
         if result.expired or result.kept_pinned or result.kept_in_use:
             log.info(
                 "expired %d snapshot(s) of %s (%d kept for pins, %d in use; pins %s dropped), %d file(s) deleted",
@@ -205,14 +207,14 @@ class Maintenance(Rewriter):
             )
         return result
 
-    def _expire_once(self, request: ExpireRequest) -> dict[str, Any]:
+    def _expire_once(self, request: ExpireRequest, in_use_elsewhere: frozenset[int]) -> dict[str, Any]:
         # Decided and committed under the table's commit lock, on metadata loaded there: a pin committed by this
         # server meanwhile is seen, never dropped with the snapshot it names (pyiceberg removes the refs of the
         # snapshots it expires, and the commit asserts nothing about refs).
         with self.locks(self.catalog.identifier(request.table)):
             table = self.catalog.load(request.table)
             metadata = table.metadata  # before the commit, which replaces the table's
-            result, committed = self._expire_locked(request, table)
+            result, committed = self._expire_locked(request, table, in_use_elsewhere)
         if committed is None:
             return result
         files = unreachable_files(table.io, metadata, committed.metadata, set(result["expired"]))
@@ -227,7 +229,9 @@ class Maintenance(Rewriter):
                 result["bytes_deleted"] += size
         return result
 
-    def _expire_locked(self, request: ExpireRequest, table: Table) -> tuple[dict[str, Any], Table | None]:
+    def _expire_locked(
+        self, request: ExpireRequest, table: Table, in_use_elsewhere: frozenset[int]
+    ) -> tuple[dict[str, Any], Table | None]:
         """What to expire of `table`, and the table once its expiry is committed (None when nothing expires)."""
         metadata = table.metadata
         properties = metadata.properties
@@ -242,7 +246,7 @@ class Maintenance(Rewriter):
         kept |= {ref.snapshot_id for ref in metadata.refs.values() if ref.snapshot_ref_type == SnapshotRefType.BRANCH}
         old = [s.snapshot_id for s in metadata.snapshots if s.timestamp_ms < older_than and s.snapshot_id not in kept]
         pinned = {name: sid for name, sid in pins(metadata).items() if sid in old}
-        in_use = self.in_use(str(metadata.table_uuid)) & set(old)
+        in_use = (self.in_use(str(metadata.table_uuid)) | in_use_elsewhere) & set(old)
         expired = [s for s in old if s not in in_use and (request.force or s not in pinned.values())]
         result: dict[str, Any] = {
             "table": table_name(table),

@@ -62,7 +62,7 @@ from flight_server.changes.maintenance import Maintenance
 from flight_server.iceberg.lineage import committed_appends, keep_appended
 from flight_server.online.store import RefreshPlan, from_results
 from flight_server.transport.errors import ROUTES
-from flight_server.wire.actions import CompactResult
+from flight_server.wire.actions import CompactResult, ExpireRequest, ExpireResult
 from flight_server.wire.codec import REQUEST_ID_HEADER
 from flight_server.wire.errors import (
     CancelledError,
@@ -96,9 +96,11 @@ MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client 
 RETRIES = next(iter(COMMIT_RETRIES.describe())).name
 
 # The child's own actions (not in the action table: only a write process answers them): `plan_refresh`, and
-# automatic maintenance's compaction of small files (`OffloadedMaintenance`, answered by `compact_small_files`).
+# maintenance's compaction of small files and snapshot expiry (`OffloadedMaintenance`, answered by
+# `compact_small_files` and `expire_once`).
 PLAN_REFRESH = "_plan_refresh"
 COMPACT_SMALL_FILES = "_compact_small_files"
+EXPIRE_ONCE = "_expire_once"
 
 # Before the files a put's snapshot added, in the child's second reply to it (`appended_message`): DataFiles pickled,
 # which only the same pyiceberg reads back field for field (a child started after an upgrade may run another one).
@@ -106,7 +108,7 @@ APPENDED_TAG = f"appended 1 pyiceberg {pyiceberg.__version__}\n".encode()
 
 # The actions that change tables (or their files): relayed to the write process as the client sent them. Not
 # snapshot expiry (nor automatic maintenance, which expires): it must keep the snapshots this process's running
-# reads and cached training sets use, which only this process knows.
+# reads and cached training sets use, which only this process knows; `OffloadedMaintenance` sends them along.
 RELAYED_ACTIONS = frozenset({"delete", "compact", "pin", "unpin", "remove_orphan_files"})
 
 # A relayed error's kind (its structured detail, else its class) -> the request error it came from.
@@ -309,14 +311,24 @@ class WriteProcess:
         return 0.0
 
     def compact_small_files(self, table: str, min_files: int, small_bytes: int, max_bytes: int) -> CompactResult:
-        """`Maintenance.compact_small_files` in the child (started if none runs); a lost race is a `ConflictError`."""
-        body = json.dumps({"table": table, "min_files": min_files, "small_bytes": small_bytes, "max_bytes": max_bytes})
+        """`Maintenance.compact_small_files` in the child; a lost race is a `ConflictError`."""
+        body = {"table": table, "min_files": min_files, "small_bytes": small_bytes, "max_bytes": max_bytes}
+        return CompactResult.from_bytes(self._own_action(COMPACT_SMALL_FILES, body))
+
+    def expire_once(self, request: ExpireRequest, in_use: set[int]) -> ExpireResult:
+        """`Maintenance.expire_once` in the child, keeping the snapshots `in_use` here too; a lost race is a
+        `ConflictError`."""
+        body = {"request": asdict(request), "in_use": sorted(in_use)}
+        return ExpireResult.from_bytes(self._own_action(EXPIRE_ONCE, body))
+
+    def _own_action(self, name: str, body: dict[str, Any]) -> bytes:
+        """One of the child's own actions (the running child's: `usable` said one runs), its reply."""
         client, process = self._connect()
         try:
-            results = list(client.do_action(flight.Action(COMPACT_SMALL_FILES, body.encode()), _tagged()))
+            results = list(client.do_action(flight.Action(name, json.dumps(body).encode()), _tagged()))
         except (flight.FlightError, pa.ArrowException, OSError) as exc:
             raise self._failure(exc, process) from None
-        return CompactResult.from_bytes(results[0].body.to_pybytes())
+        return results[0].body.to_pybytes()
 
     def ask(self, name: str) -> Any | None:
         """A read-only action's reply from the running child (None when none runs: nothing is started for it)."""
@@ -464,10 +476,16 @@ class WriteProcess:
 
 @dataclass
 class OffloadedMaintenance(Maintenance):
-    """`Maintenance` whose compaction of small files, automatic maintenance's heaviest step, runs in the write process.
+    """`Maintenance` whose compaction of small files and snapshot expiry run in the write process.
+
     Under steady ingest each round compacted the files the puts made: 2.2-2.5 s of Parquet and commit work in the
     serving process (measured with a writer putting 1,000 rows at a time), during which the p99 of 100-entity lookups
-    went from 0.6 to over 2 ms. Expiry stays here: it must keep the snapshots this process's reads use."""
+    went from 0.6 to over 2 ms. Expiry commits beside the puts too, under the same commit lock: from here it raced
+    the write process's puts to one table, and pyiceberg's retries of each lost race waited longer each time (a
+    round took 5-11 s against puts every 10-30 ms), so snapshots piled up faster than they expired and every put
+    rewrote a larger metadata file (`flight-bench history --maintenance`: put p50 9.5x slower after 2,000 puts). It
+    also reads the expired snapshots' manifests (seconds of Python) there, not beside the lookups. The snapshots
+    this process's reads and cached training sets use, which only it knows, go along with each request."""
 
     writes: WriteProcess | None = None
 
@@ -475,6 +493,16 @@ class OffloadedMaintenance(Maintenance):
         if self.writes is None or not self.writes.usable():
             return super().compact_small_files(table, min_files, small_bytes, max_bytes)
         return self.writes.compact_small_files(table, min_files, small_bytes, max_bytes)
+
+    def expire_once(self, request: ExpireRequest, in_use_elsewhere: frozenset[int] = frozenset()) -> ExpireResult:
+        if self.writes is None or not self.writes.usable():
+            return super().expire_once(request, in_use_elsewhere)
+        table = self.catalog.read(request.table)  # its uuid, which the snapshots in use are kept by
+        in_use = self.in_use(str(table.metadata.table_uuid)) | in_use_elsewhere
+        try:
+            return self.writes.expire_once(request, in_use)
+        except ConflictError as exc:  # as in process: `until` tries again, a maintenance round gives way
+            raise CommitFailedException(str(exc)) from None
 
 
 def appended_message(snapshot_id: int) -> bytes | None:
@@ -492,6 +520,17 @@ def keep_relayed(message: bytes) -> None:
     """Keep the files the child's `appended_message` names, unless another pyiceberg wrote it."""
     if message.startswith(APPENDED_TAG):
         keep_appended(*pickle.loads(message[len(APPENDED_TAG) :]))
+
+
+def expire_once(maintenance: Maintenance, body: bytes) -> bytes:
+    """The child's answer to `EXPIRE_ONCE`: as `compact_small_files`, a race lost (once pyiceberg's own retries ran
+    out) is a `ConflictError`."""
+    fields = json.loads(body)
+    request = ExpireRequest(**fields["request"])
+    try:
+        return maintenance.expire_once(request, frozenset(fields["in_use"])).to_bytes()
+    except CommitFailedException as exc:
+        raise ConflictError(f"snapshot expiry of {request.table}: a concurrent commit won ({exc})") from None
 
 
 def compact_small_files(maintenance: Maintenance, body: bytes) -> bytes:

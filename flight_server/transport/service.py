@@ -35,10 +35,12 @@ from flight_server.transport.limits import ConcurrencyLimit, is_session
 from flight_server.transport.metrics import CountedReader, CountedWriter, ServerMetrics, sending
 from flight_server.transport.offload import (
     COMPACT_SMALL_FILES,
+    EXPIRE_ONCE,
     PLAN_REFRESH,
     RELAYED_ACTIONS,
     appended_message,
     compact_small_files,
+    expire_once,
 )
 from flight_server.transport.tls import server_tls_options
 from flight_server.wire.codec import ONLINE_SESSION_HEADER, decode, decode_text, encode_reply
@@ -300,6 +302,8 @@ class FeatureFlightServer(flight.FlightServerBase):
             return iter(self._plan_refresh(action.body.to_pybytes()))
         if name == COMPACT_SMALL_FILES and self.write_process:  # its server's automatic maintenance
             return iter([compact_small_files(self.parts.maintenance, action.body.to_pybytes())])
+        if name == EXPIRE_ONCE and self.write_process:  # its server's snapshot expiry, with the snapshots it uses
+            return iter([expire_once(self.parts.maintenance, action.body.to_pybytes())])
         row = ACTIONS.get(name)
         if row is None:
             raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")
