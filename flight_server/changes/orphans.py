@@ -70,6 +70,29 @@ def stored_files(io: PyArrowFileIO, folder: str) -> list[StoredFile]:
     ]
 
 
+def holds_files(io: FileIO, location: str) -> bool:
+    """Whether any file lies under the folder `location`, listed one folder at a time up to the first file, so a
+    table's whole listing is not read. pyarrow lists the folder's children (on S3 the prefix `.../t/`, not `.../t`,
+    which `.../t2` also starts with)."""
+    arrow = pyarrow_io(io)
+    scheme, netloc, path = arrow.parse_location(location.rstrip("/"), arrow.properties)
+    fs: FileSystem = arrow.fs_by_scheme(scheme, netloc)
+    pending = [path]
+    while pending:
+        folder = pending.pop()
+        for info in fs.get_file_info(FileSelector(folder, recursive=False, allow_not_found=True)):
+            if info.type == FileType.File:
+                return True
+            if info.type == FileType.Directory:
+                pending.append(info.path)
+    return False
+
+
+def pyarrow_io(io: FileIO) -> PyArrowFileIO:
+    """The FileIO as pyarrow's, whose file systems list folders (fsspec's FileIO has no listing of its own here)."""
+    return io if isinstance(io, PyArrowFileIO) else PyArrowFileIO(io.properties)
+
+
 def remove_orphan_files(catalog: FeatureCatalog, request: OrphanFilesRequest) -> OrphanFilesResult:
     """Delete (or with `dry_run` only list) the table's orphan files older than the request's margin."""
     now = dt.datetime.now(dt.timezone.utc)
@@ -78,7 +101,7 @@ def remove_orphan_files(catalog: FeatureCatalog, request: OrphanFilesRequest) ->
     else:
         older_than = now - DEFAULT_MARGIN
     table = catalog.load(request.table)
-    io = table.io if isinstance(table.io, PyArrowFileIO) else PyArrowFileIO(table.io.properties)
+    io = pyarrow_io(table.io)
     location = table.metadata.location.rstrip("/")
     stored = [file for folder in FOLDERS for file in stored_files(io, f"{location}/{folder}")]
     # Listed first, referenced second: a change committed in between has its files referenced.
