@@ -306,6 +306,61 @@ def test_a_new_table_whose_default_location_is_free_takes_it(location: str) -> N
         assert folder(client, table) == folder(client, f"{table}2").with_name(table.split(".")[1])
 
 
+def test_orphan_removal_leaves_a_table_nested_in_the_location_alone(location: str, catalog: dict[str, str]) -> None:
+    """Another table whose location is inside this one's data folder (made by another engine: the server makes no
+    such table): its data and metadata folders are skipped, every file aged past the margin, while a stray file
+    beside them is this table's orphan."""
+    outer, inner = (f"tests.t_{uuid.uuid4().hex[:12]}" for _ in range(2))
+    with FeatureClient(location) as client:
+        create(client, outer, rows(range(20)))
+        root = folder(client, outer)
+        nested = load_catalog("default", **catalog).create_table(
+            inner, schema=rows([0]).schema, location=f"file://{root}/data/nested"
+        )
+        nested.append(rows(range(7)))
+        inner_files = stored(root / "data" / "nested")
+        assert inner_files == referenced(catalog, inner) and len(inner_files) >= 4
+        for path in stored(root):
+            age(path, MARGIN * 10)
+        stray = plant(root / "data" / "nested" / "stray.parquet", 10, old=True)
+        done = client.remove_orphan_files(outer, older_than=NOW - MARGIN)
+        assert paths(done["files"]) == {stray} and done["files_deleted"] == 1
+        assert stored(root / "data" / "nested") == inner_files
+        assert sorted(load_catalog("default", **catalog).load_table(inner).scan().to_arrow()["id"].to_pylist()) == list(
+            range(7)
+        )
+        assert scanned_ids(client, outer) == list(range(20))
+
+
+def test_orphan_removal_of_a_location_another_table_shares_is_refused(tmp_path: Path) -> None:
+    """A table at the very location of another (made by another engine), or a table whose location cannot be
+    read: orphan removal refuses, by hand and in automatic maintenance, and deletes nothing."""
+    properties = sqlite_catalog(tmp_path)
+    server = start_server(properties)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            create(client, "ops.t", rows(range(10)))
+            root = folder(client, "ops.t")
+            other = load_catalog("default", **properties).create_table(
+                "ops.other", schema=rows([0]).schema, location=f"file://{root}"
+            )
+            other.append(rows(range(3)))
+            for path in stored(root):
+                age(path, MARGIN * 10)
+            before = stored(root)
+            with pytest.raises(InvalidRequestError, match="refused: table 'ops.other' has the same location"):
+                client.remove_orphan_files("ops.t", older_than=NOW - MARGIN)
+            assert "refused: table 'ops.other' has the same location" in client.run_maintenance("ops.t")["error"]
+            load_catalog("default", **properties).drop_table("ops.other")
+            create(client, "ops.broken", rows(range(3)))
+            Path(load_catalog("default", **properties).load_table("ops.broken").metadata_location[7:]).unlink()
+            with pytest.raises(InvalidRequestError, match="refused: table 'ops.broken' cannot be read"):
+                client.remove_orphan_files("ops.t", older_than=NOW - MARGIN)
+            assert stored(root) == before
+    finally:
+        server.shutdown()
+
+
 ADMIN_TOKEN, WRITER_TOKEN, TEAM_ADMIN_TOKEN = (f"{name}-{uuid.uuid4().hex}" for name in ("admin", "writer", "team"))
 
 
