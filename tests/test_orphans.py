@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, NotFoundError, PermissionDeniedError
+from flight_server.changes.orphans import holds_files
 from flight_server.cli import main
 from flight_server.transport.actions import ACTIONS
 from flight_server.transport.auth import ADMIN
@@ -265,6 +267,100 @@ def test_bad_requests_are_refused(location: str) -> None:
             client.remove_orphan_files("tests.no_such_table", older_than="yesterday")
 
 
+# Other tables' files
+
+
+def test_a_table_put_under_the_name_of_one_renamed_away_gets_a_location_of_its_own(
+    location: str, catalog: dict[str, str]
+) -> None:
+    """The reviewer's case: a table renamed (a backup) and a new one put under its old name. The new table is created
+    beside the backup's folder, not in it, so its orphan removal, every file aged past the margin, deletes nothing
+    of the backup's."""
+    table, backup = (f"tests.t_{uuid.uuid4().hex[:12]}" for _ in range(2))
+    with FeatureClient(location) as client:
+        create(client, table, rows(range(10)))
+        kept = folder(client, table)
+        load_catalog("default", **catalog).rename_table(table, backup)
+        create(client, table, rows(range(100, 105)))
+        new = folder(client, table)
+        assert folder(client, backup) == kept and re.fullmatch(re.escape(kept.name) + "-[0-9a-f]{8}", new.name)
+        backup_files = stored(kept)
+        assert backup_files == referenced(catalog, backup)
+        for path in backup_files | stored(new):
+            age(path, MARGIN * 10)
+        orphan = plant(new / "data" / "orphan.parquet", 10, old=True)
+        done = client.remove_orphan_files(table, older_than=NOW - MARGIN)
+        assert paths(done["files"]) == {orphan} and done["files_deleted"] == 1
+        assert client.remove_orphan_files(backup, older_than=NOW - MARGIN)["orphan_files"] == 0
+        assert stored(kept) == backup_files
+        assert (scanned_ids(client, backup), scanned_ids(client, table)) == (list(range(10)), list(range(100, 105)))
+
+
+def test_a_new_table_whose_default_location_is_free_takes_it(location: str) -> None:
+    """The catalog's default location (the folder named as the table, beside its namespace's others) stays a new
+    table's when nothing is there, even beside a table whose name starts with the same letters."""
+    table = f"tests.t_{uuid.uuid4().hex[:12]}"
+    with FeatureClient(location) as client:
+        create(client, f"{table}2", rows(range(5)))
+        create(client, table, rows(range(5)))
+        assert folder(client, table) == folder(client, f"{table}2").with_name(table.split(".")[1])
+
+
+def test_orphan_removal_leaves_a_table_nested_in_the_location_alone(location: str, catalog: dict[str, str]) -> None:
+    """Another table whose location is inside this one's data folder (made by another engine: the server makes no
+    such table): its data and metadata folders are skipped, every file aged past the margin, while a stray file
+    beside them is this table's orphan."""
+    outer, inner = (f"tests.t_{uuid.uuid4().hex[:12]}" for _ in range(2))
+    with FeatureClient(location) as client:
+        create(client, outer, rows(range(20)))
+        root = folder(client, outer)
+        nested = load_catalog("default", **catalog).create_table(
+            inner, schema=rows([0]).schema, location=f"file://{root}/data/nested"
+        )
+        nested.append(rows(range(7)))
+        inner_files = stored(root / "data" / "nested")
+        assert inner_files == referenced(catalog, inner) and len(inner_files) >= 4
+        for path in stored(root):
+            age(path, MARGIN * 10)
+        stray = plant(root / "data" / "nested" / "stray.parquet", 10, old=True)
+        done = client.remove_orphan_files(outer, older_than=NOW - MARGIN)
+        assert paths(done["files"]) == {stray} and done["files_deleted"] == 1
+        assert stored(root / "data" / "nested") == inner_files
+        assert sorted(load_catalog("default", **catalog).load_table(inner).scan().to_arrow()["id"].to_pylist()) == list(
+            range(7)
+        )
+        assert scanned_ids(client, outer) == list(range(20))
+
+
+def test_orphan_removal_of_a_location_another_table_shares_is_refused(tmp_path: Path) -> None:
+    """A table at the very location of another (made by another engine), or a table whose location cannot be
+    read: orphan removal refuses, by hand and in automatic maintenance, and deletes nothing."""
+    properties = sqlite_catalog(tmp_path)
+    server = start_server(properties)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            create(client, "ops.t", rows(range(10)))
+            root = folder(client, "ops.t")
+            other = load_catalog("default", **properties).create_table(
+                "ops.other", schema=rows([0]).schema, location=f"file://{root}"
+            )
+            other.append(rows(range(3)))
+            for path in stored(root):
+                age(path, MARGIN * 10)
+            before = stored(root)
+            with pytest.raises(InvalidRequestError, match="refused: table 'ops.other' has the same location"):
+                client.remove_orphan_files("ops.t", older_than=NOW - MARGIN)
+            assert "refused: table 'ops.other' has the same location" in client.run_maintenance("ops.t")["error"]
+            load_catalog("default", **properties).drop_table("ops.other")
+            create(client, "ops.broken", rows(range(3)))
+            Path(load_catalog("default", **properties).load_table("ops.broken").metadata_location[7:]).unlink()
+            with pytest.raises(InvalidRequestError, match="refused: table 'ops.broken' cannot be read"):
+                client.remove_orphan_files("ops.t", older_than=NOW - MARGIN)
+            assert stored(root) == before
+    finally:
+        server.shutdown()
+
+
 ADMIN_TOKEN, WRITER_TOKEN, TEAM_ADMIN_TOKEN = (f"{name}-{uuid.uuid4().hex}" for name in ("admin", "writer", "team"))
 
 
@@ -335,6 +431,38 @@ def test_object_storage(seaweedfs: dict[str, str]) -> None:
             assert not any(loaded.io.new_input(orphan).exists() for orphan in orphans)
             assert client.remove_orphan_files(table, older_than=future)["orphan_files"] == 0
             assert scanned_ids(client, table) == [i for i in range(50) if i not in (1, 2)]
+    finally:
+        server.shutdown()
+
+
+def test_object_storage_locations(seaweedfs: dict[str, str]) -> None:
+    """On S3: a new table beside `<name>2` keeps its default location (the prefix `.../<name>` of `.../<name>2` is no
+    file of its folder); one put under the name of a table renamed away gets a location of its own, and neither
+    table's orphan removal deletes an object of the other. A folder holds files when an object lies under it, at
+    any depth, and not when only a longer name starts like it."""
+    table, backup = (f"tests.t_{uuid.uuid4().hex[:12]}" for _ in range(2))
+    server = start_server(seaweedfs)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            create(client, f"{table}2", rows(range(5)))
+            create(client, table, rows(range(10)))
+            s3 = load_catalog("s3", **seaweedfs)
+            first = s3.load_table(table).metadata.location.rstrip("/")
+            assert first + "2" == s3.load_table(f"{table}2").metadata.location.rstrip("/")
+            s3.rename_table(table, backup)
+            create(client, table, rows(range(100, 105)))
+            # SeaweedFS's catalog, too, gives a table a location of its own when objects are at the default one
+            assert s3.load_table(table).metadata.location.startswith(first + "-")
+            io = s3.load_table(table).io
+            stray = f"{first}x/data/ts_month=2025-06/{uuid.uuid4()}.parquet"
+            with io.new_output(stray).create() as out:
+                out.write(b"stray")
+            assert holds_files(io, f"{first}x") and holds_files(io, f"{first}x/") and holds_files(io, first)
+            assert not holds_files(io, first[:-1]) and not holds_files(io, f"{first}x/metadata")
+            future = dt.datetime.now(UTC) + dt.timedelta(minutes=1)  # S3 keeps its own times: none are older
+            for name in (table, backup, f"{table}2"):
+                assert client.remove_orphan_files(name, older_than=future)["orphan_files"] == 0, name
+            assert (scanned_ids(client, backup), scanned_ids(client, table)) == (list(range(10)), list(range(100, 105)))
     finally:
         server.shutdown()
 

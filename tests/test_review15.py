@@ -185,12 +185,6 @@ def test_following_a_table_leaves_its_old_snapshots_to_expire(client: FeatureCli
     assert len(client.describe(table)["snapshots"]) <= 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a table the server creates takes the catalog's default location, which a table renamed away from the "
-    "name still uses; orphan removal lists the whole location and deletes every file this table's metadata does "
-    "not reference, the renamed table's among them",
-)
 def test_orphan_removal_leaves_the_files_of_a_table_renamed_away(
     client: FeatureClient, catalog: dict[str, str]
 ) -> None:

@@ -6,6 +6,10 @@ metadata references (the current metadata file and those of its metadata log, st
 snapshot's manifest list, manifests, data and delete files), and deletes what is left if it is older than a
 margin: 3 days by default, as Iceberg's Spark procedure, because a put, delete or compaction still running on
 any server or engine has written files that no metadata references until it commits.
+
+Another table's files are never candidates: the folders of every other table of the catalog whose location is this
+table's or inside it are left out, and a location that another table shares is refused (its files are that table's
+too, and its metadata is not read here). The server creates tables at locations of their own (`changes/writes.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from flight_server.changes.maintenance import snapshot_files
 from flight_server.iceberg.catalog import FeatureCatalog, table_name
 from flight_server.wire.actions import OrphanFilesRequest, OrphanFilesResult
 from flight_server.wire.codec import format_timestamp, parse_timestamp
+from flight_server.wire.errors import NotFoundError, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,29 @@ def stored_files(io: PyArrowFileIO, folder: str) -> list[StoredFile]:
     ]
 
 
+def holds_files(io: FileIO, location: str) -> bool:
+    """Whether any file lies under the folder `location`, listed one folder at a time up to the first file, so a
+    table's whole listing is not read. pyarrow lists the folder's children (on S3 the prefix `.../t/`, not `.../t`,
+    which `.../t2` also starts with)."""
+    arrow = pyarrow_io(io)
+    scheme, netloc, path = arrow.parse_location(location.rstrip("/"), arrow.properties)
+    fs: FileSystem = arrow.fs_by_scheme(scheme, netloc)
+    pending = [path]
+    while pending:
+        folder = pending.pop()
+        for info in fs.get_file_info(FileSelector(folder, recursive=False, allow_not_found=True)):
+            if info.type == FileType.File:
+                return True
+            if info.type == FileType.Directory:
+                pending.append(info.path)
+    return False
+
+
+def pyarrow_io(io: FileIO) -> PyArrowFileIO:
+    """The FileIO as pyarrow's, whose file systems list folders (fsspec's FileIO has no listing of its own here)."""
+    return io if isinstance(io, PyArrowFileIO) else PyArrowFileIO(io.properties)
+
+
 def remove_orphan_files(catalog: FeatureCatalog, request: OrphanFilesRequest) -> OrphanFilesResult:
     """Delete (or with `dry_run` only list) the table's orphan files older than the request's margin."""
     now = dt.datetime.now(dt.timezone.utc)
@@ -78,9 +106,16 @@ def remove_orphan_files(catalog: FeatureCatalog, request: OrphanFilesRequest) ->
     else:
         older_than = now - DEFAULT_MARGIN
     table = catalog.load(request.table)
-    io = table.io if isinstance(table.io, PyArrowFileIO) else PyArrowFileIO(table.io.properties)
+    io = pyarrow_io(table.io)
     location = table.metadata.location.rstrip("/")
-    stored = [file for folder in FOLDERS for file in stored_files(io, f"{location}/{folder}")]
+    name = table_name(table)
+    others = _other_tables_folders(catalog, name, io, location)
+    stored = [
+        file
+        for folder in FOLDERS
+        for file in stored_files(io, f"{location}/{folder}")
+        if not any(_key(io, file.location).startswith(other) for other in others)
+    ]
     # Listed first, referenced second: a change committed in between has its files referenced.
     table.refresh()
     referenced = {_key(io, path) for path in referenced_files(io, table.metadata, table.metadata_location)}
@@ -89,7 +124,6 @@ def remove_orphan_files(catalog: FeatureCatalog, request: OrphanFilesRequest) ->
         (file for file in unreferenced if file.modified is not None and file.modified < older_than),
         key=lambda file: file.location,
     )
-    name = table_name(table)
     if not request.dry_run and older_than > now - SHORT_MARGIN:
         log.warning(
             "removing orphan files of %s older than %s: a put, delete or compaction running longer than that on "
@@ -119,6 +153,36 @@ def remove_orphan_files(catalog: FeatureCatalog, request: OrphanFilesRequest) ->
         files=[file.location for file in orphans[:MAX_LISTED]],
         recent_files=len(unreferenced) - len(orphans),
     )
+
+
+def _other_tables_folders(catalog: FeatureCatalog, name: str, io: PyArrowFileIO, location: str) -> list[str]:
+    """The data and metadata folders (as file system paths ending in `/`) of the catalog's other tables located
+    inside this table's location, whose files the listing finds but this table's metadata does not reference; a
+    `RequestError` when another table has the same location, or one cannot be read (it might)."""
+    own = _key(io, location)
+    folders: list[str] = []
+    for other in catalog.table_names():
+        if other == name:
+            continue
+        try:
+            where = _key(io, catalog.location(other).rstrip("/"))
+        except NotFoundError:  # dropped since it was listed
+            continue
+        except Exception as exc:  # unreadable metadata (missing, corrupt, unreachable): it might share the folders
+            log.warning("orphan removal of %s refused: table %s cannot be read", name, other, exc_info=True)
+            raise RequestError(
+                f"orphan removal of {name!r} refused: table {other!r} cannot be read ({type(exc).__name__}), "
+                "so whether it keeps files under this table's location is unknown; nothing was deleted"
+            ) from None
+        if where == own:
+            log.warning("orphan removal of %s refused: table %s has the same location %s", name, other, location)
+            raise RequestError(
+                f"orphan removal of {name!r} refused: table {other!r} has the same location, so files this table "
+                "does not reference may be that table's; nothing was deleted"
+            )
+        if where.startswith(own + "/"):
+            folders.extend(f"{where}/{folder}/" for folder in FOLDERS)
+    return folders
 
 
 def _key(io: PyArrowFileIO, location: str) -> str:

@@ -32,7 +32,7 @@ from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownExcept
 from pyiceberg.io import FileIO
 from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.partitioning import PartitionSpec
-from pyiceberg.schema import assign_fresh_schema_ids
+from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import Table, Transaction
 from pyiceberg.table.metadata import TableMetadata
 
@@ -52,6 +52,7 @@ from flight_server.changes.group import (
     same_fields,
 )
 from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
+from flight_server.changes.orphans import holds_files
 from flight_server.iceberg.catalog import (
     NEW_TABLE_HISTORY,
     FeatureCatalog,
@@ -297,15 +298,30 @@ class Writer:
             request.partition_by if request.partition_by is not None else default_partitioning(spec), schema
         )
         self.catalog.ensure_namespace(identifier[:-1])
-        transaction = self.catalog.catalog.create_table_transaction(
-            identifier,
-            schema=schema,
-            partition_spec=partitioning,
-            properties={**NEW_TABLE_HISTORY, **PARQUET_DEFAULTS, **spec.to_properties()},
+        transaction = self._create_at_free_location(
+            identifier, schema, partitioning, {**NEW_TABLE_HISTORY, **PARQUET_DEFAULTS, **spec.to_properties()}
         )
         io = transaction_io(transaction)  # where the catalog wants the new table's files
         metadata = transaction.table_metadata
         return _Staged(transaction, io, table_arrow_schema(metadata.schema()), metadata, spec, None)
+
+    def _create_at_free_location(
+        self, identifier: tuple[str, ...], schema: Schema, partitioning: PartitionSpec, properties: dict[str, str]
+    ) -> Transaction:
+        """Create the table at the catalog's default location, or at `<default>-<short uuid>` when files are
+        already there (a table renamed away or dropped without purge keeps them): a table that shared its location
+        would take the other's files for its own orphans."""
+        transaction = self.catalog.catalog.create_table_transaction(
+            identifier, schema=schema, partition_spec=partitioning, properties=properties
+        )
+        default = transaction.table_metadata.location.rstrip("/")
+        if not holds_files(transaction_io(transaction), default):
+            return transaction
+        location = f"{default}-{uuid.uuid4().hex[:8]}"
+        log.warning("%s is created at %s: its default location %s holds files", ".".join(identifier), location, default)
+        return self.catalog.catalog.create_table_transaction(
+            identifier, schema=schema, location=location, partition_spec=partitioning, properties=properties
+        )
 
     def _groups_small_puts(self, request: WriteRequest, staged: _Staged) -> bool:
         """Whether a small put's rows go to its group's shared data files (`Rows`): a plain append to a table

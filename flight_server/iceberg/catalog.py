@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 READ_CACHE_TABLES = 256  # tables kept loaded for reading; past it, the cache starts over
 
+KEPT_LOCATIONS = 4096  # tables' locations by metadata file (`location`); past it, the cache starts over
+
 PROP_ENTITY_KEYS = "feature.entity-keys"
 
 PROP_EVENT_TIME = "feature.event-time"
@@ -199,6 +201,7 @@ class FeatureCatalog:
         self.default_namespace = default_namespace
         self.catalog: Catalog = _load(name, properties)
         self._read: dict[str, Table] = {}  # by table name: the last loaded for reading (see `read`)
+        self._locations: dict[str, str] = {}  # by metadata file: its table's location (see `location`)
         log.info("catalog %r: %s", name, redact(properties))
 
     def identifier(self, table: str) -> tuple[str, ...]:
@@ -250,6 +253,19 @@ class FeatureCatalog:
         loaded = self.load(table)
         self._keep(name, loaded)
         return loaded
+
+    def location(self, table: str) -> str:
+        """The table's location (or `NotFoundError`), loading its metadata only when the catalog points it at a
+        metadata file not seen before (SQL catalogs say so from one row), and leaving `read`'s cache alone:
+        orphan removal asks this of every table of the catalog."""
+        pointer = self._locate(self.identifier(table))
+        if pointer is not None and pointer in self._locations:
+            return self._locations[pointer]
+        loaded = self.load(table)
+        if len(self._locations) >= KEPT_LOCATIONS:
+            self._locations.clear()
+        self._locations[loaded.metadata_location] = loaded.metadata.location
+        return loaded.metadata.location
 
     def _keep(self, name: str, table: Table) -> None:
         if len(self._read) >= READ_CACHE_TABLES:
