@@ -809,9 +809,10 @@ class AsofCache:
                 self._owner[part] = newer
             else:
                 del self._owner[part]
-        refused = dict(self._not_beside)
+        # An older generation frees only what it held alone, as good as held before it was ever dropped: not the
+        # room an index refused beside the others waits for (it would read its appends again at each put here).
+        refused = dict(self._not_beside) if newer is not None else {}
         self._account.discard(key)
-        # What it held alone was as good as held while it stayed: no room for an index refused for want of it.
         self._not_beside.update(refused)
         index = self._indexes.get(newer) if newer is not None else None
         for part in parts:
