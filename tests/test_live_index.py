@@ -934,6 +934,51 @@ def test_an_older_generation_in_use_outlives_its_newer_one(
     assert cache.get(table, s1, spec) is not None and cache.builds == builds
 
 
+def test_replaced_generations_stay_only_while_a_request_may_ask_for_them(
+    two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A followed table put to again and again: each index brought forward ahead replaces the last one, which goes,
+    but the one a job asked for stays (part of the newest, as the generations between them go: not read again), and
+    stays alone once a compaction has the newest rebuilt; expiry keeps its snapshot, not those of the indexes built
+    ahead. Past `_RECENT_SECONDS` it goes too, unless a read still holds its snapshot."""
+    client, catalog, spec, _, (a, _) = two_tables
+    cache = AsofCache(Engine(), ReadCaches(), 1 << 30, catalog=catalog)
+    table = catalog.read(a)
+    uuid_ = str(table.metadata.table_uuid)
+    s1 = table.current_snapshot().snapshot_id
+    pinned = cache.get(table, s1, spec)  # the job's request
+    assert pinned is not None
+
+    def cached() -> set[int | None]:
+        return {key[1] for key in cache._indexes if key[0] == uuid_}
+
+    first = 4_000
+    for _ in range(3):
+        client.write(a, ticks(97, 40, first, 8_000))
+        first += 40
+        cache.refresh()
+    latest = catalog.read(a).current_snapshot().snapshot_id
+    assert cached() == {s1, latest} and cache.refreshed_ahead == 3
+    assert cache.snapshots(uuid_) == {s1}
+    key = (uuid_, s1, spec, None)
+    assert cache._owner[key][1] == latest and cache._account.charge(key) < pinned.nbytes()
+    builds = (cache.builds, cache.incremental_builds)
+    assert cache.get(table, s1, spec) is pinned and (cache.builds, cache.incremental_builds) == builds
+
+    client.compact(a)
+    cache.refresh()  # the compacted snapshot is read whole: the index it replaces (never asked for) goes
+    compacted = catalog.read(a).current_snapshot().snapshot_id
+    assert cache.builds == builds[0] + 1
+    assert cached() == {s1, compacted} and cache.snapshots(uuid_) == {s1}
+    assert key not in cache._owner and cache._account.charge(key) == pinned.nbytes()
+
+    monkeypatch.setattr(asof, "_RECENT_SECONDS", 0.0)  # the job asked long ago
+    with cache.caches.in_use.hold([(uuid_, s1)]):  # ... but a read of it still streams
+        assert cache.snapshots(uuid_) == {s1} and cached() == {s1, compacted}
+    assert cache.snapshots(uuid_) == set() and cached() == {compacted}
+
+
 def test_indexes_past_the_run_limit_are_folded_even_when_a_snapshot_waits(
     two_tables: tuple[FeatureClient, FeatureCatalog, FeatureSpec, dict[str, int], tuple[str, str]],
     monkeypatch: pytest.MonkeyPatch,

@@ -156,12 +156,6 @@ def test_a_column_dropped_and_added_again_reads_as_new(client: FeatureClient, ca
     assert online(client, table, [1, 2]) == [None, None]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every generation of a followed table's training-set index stays cached (an older one is charged only "
-    "for what it does not share with the newer, next to nothing after an append), and expiry keeps the snapshot of "
-    "every cached index: while the table is followed, its snapshots never expire",
-)
 def test_following_a_table_leaves_its_old_snapshots_to_expire(client: FeatureClient, catalog: dict[str, str]) -> None:
     """A table written a row at a time whose training-set index the server keeps current (brought forward after
     every put): automatic maintenance still expires the snapshots no read uses, so the metadata every put rewrites

@@ -155,6 +155,33 @@ def test_expiry_keeps_pinned_snapshots_and_those_in_use(
     assert sum(ids(client, table).values()) == 1_000_003
 
 
+def test_a_followed_table_put_to_often_keeps_few_snapshots_in_use(
+    client: FeatureClient, catalog: dict[str, str], table: str
+) -> None:
+    """A table put to again and again, its training-set index brought forward ahead of every put, and a training
+    set at its current snapshot after every third put (jobs that may ask again): expiry keeps the current snapshot
+    and those of the last `_RECENT_GENERATIONS` (4) indexes a request asked for before it, and the cache holds no
+    other index of the table, however many puts. Without a bound every generation stayed and kept its snapshot."""
+    entities = pa.table({"id": pa.array([5], pa.int64()), "event_timestamp": pa.array([T0], pa.timestamp("us", "UTC"))})
+    asked = [create(client, table, rows([0]))]
+    set_properties(catalog, table, {COMPACT_MIN_FILES_PROPERTY: "100000", **EXPIRE_AT_ONCE})
+    client.get_historical_features(entities, [f"{table}:value"])  # at the current snapshot: followed from now on
+    stats = client.health()["training_set_cache"]
+    for n in range(1, 31):
+        snapshot = client.write(table, rows([n])).snapshot_id
+        wait_until(
+            lambda n=n: client.health()["training_set_cache"]["refreshed_ahead"] >= stats["refreshed_ahead"] + n,  # type: ignore[misc]
+            what="the index brought forward",
+        )
+        if n % 3 == 0:
+            client.get_historical_features(entities, [f"{table}:value"])
+            asked.append(snapshot)
+    done = client.run_maintenance(table)
+    assert (done["snapshots_expired"], done["kept_in_use"]) == (26, 4), done
+    assert snapshot_ids(client, table) == set(asked[-5:])
+    assert client.health()["training_set_cache"]["snapshots"] == stats["snapshots"] + 4
+
+
 def test_the_background_thread_runs_rounds_by_itself(catalog: dict[str, str], table: str) -> None:
     server = start_server(catalog, auto_maintenance=True, maintenance_interval_seconds=0.05)
     try:

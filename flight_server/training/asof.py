@@ -65,6 +65,12 @@ _RUN_ROW_BYTES = 96  # what sorting a row into a run allocates, at most: a dozen
 
 _FOLD_COPIES = 2  # a fold allocates its runs' arrays anew, and as much again in temporaries while it merges
 
+_RECENT_SECONDS = 600.0  # an older generation a request asked for this recently stays cached (and its snapshot kept
+# from expiry): a training job's next epoch, or its next ticket, asks the same snapshot again
+
+_RECENT_GENERATIONS = 4  # ... the most recently asked of them per table and share, at most: older generations cost
+# little memory each, so without a bound a table put to every minute would keep a snapshot a minute
+
 _Key = tuple[str, int | None, FeatureSpec, KeyShare | None]  # table uuid, snapshot, spec, share (None: all rows)
 
 
@@ -539,6 +545,7 @@ class AsofCache:
         self._not_beside: dict[tuple[str, FeatureSpec, KeyShare | None], tuple[int | None, int]] = {}
         self._owner: dict[_Key, _Key] = {}  # an older generation -> the newer one its shared memory is counted with
         self._used_alone: set[_Key] = set()  # older generations that requests used since they became part of another
+        self._asked: dict[_Key, float] = {}  # when a request last asked for a cached index (`time.monotonic`)
         self._current: dict[tuple[str, FeatureSpec, KeyShare | None], _Key] = {}  # a followed table's latest index
         # The byte cap and the server's memory budget: evictions for either drop indexes here, under its lock.
         self._account = (budget or MemoryBudget(max_bytes)).account("training_set", max_bytes, self._evicted)
@@ -573,15 +580,25 @@ class AsofCache:
     def peek(
         self, table: Table, snapshot_id: int | None, spec: FeatureSpec, share: KeyShare | None = None
     ) -> AsofIndex | None:
-        """The index if it is built already; never builds."""
+        """The index if it is built already; never builds. A request's: a cached index counts as asked for now."""
+        key = (str(table.metadata.table_uuid), snapshot_id, spec, share)
         with self._lock:
-            return self._indexes.get((str(table.metadata.table_uuid), snapshot_id, spec, share))
+            index = self._indexes.get(key)
+            if index is not None:
+                self._asked[key] = time.monotonic()
+            return index
 
     def get(
         self, table: Table, snapshot_id: int | None, spec: FeatureSpec, share: KeyShare | None = None
     ) -> AsofIndex | None:
         """The index of `table` at `snapshot_id` (of its rows in `share` only, if given), built now if need be;
-        None if it would not fit."""
+        None if it would not fit. A request's: the index counts as asked for now (`_drop_generations`)."""
+        return self._get(table, snapshot_id, spec, share, asked=True)
+
+    def _get(
+        self, table: Table, snapshot_id: int | None, spec: FeatureSpec, share: KeyShare | None, asked: bool
+    ) -> AsofIndex | None:
+        """`get`, for a request (`asked`) or for the refresh thread, which asks for no snapshot itself."""
         if self.max_bytes <= 0:
             return None
         uuid = str(table.metadata.table_uuid)
@@ -599,6 +616,8 @@ class AsofCache:
                 if key in self._indexes:
                     self.hits += 1
                     self._account.touch(key)  # least recently used across the server's caches go first
+                    if asked:
+                        self._asked[key] = time.monotonic()
                     if key in self._owner:  # kept alone if its newer generation is evicted (`_evicted`)
                         self._used_alone.add(key)
                     if follow:
@@ -612,7 +631,7 @@ class AsofCache:
                 beside = self._account.room_beside(self._in_use(key))
             work = _Work(self, key)
             try:
-                return self._keep(key, table, spec, share, follow, room, beside, work)
+                return self._keep(key, table, spec, share, follow, asked, room, beside, work)
             finally:
                 work.release()
 
@@ -623,12 +642,14 @@ class AsofCache:
         spec: FeatureSpec,
         share: KeyShare | None,
         follow: bool,
+        asked: bool,
         room: int,
         beside: int,
         work: _Work,
     ) -> AsofIndex | None:
         """Build `key`'s index (its work reserved in `work`) and keep it if it fits: `get` once it was not cached."""
         uuid, snapshot_id = key[0], key[1]
+        streaming = self.caches.in_use.snapshots(uuid)  # before the lock: the running reads' own lock is taken alone
         try:
             index, how, base = self._build(table, snapshot_id, spec, share, room, beside, work)
         except LimitError as exc:
@@ -652,6 +673,8 @@ class AsofCache:
             work.reserved = 0  # given back by `admit`: the index's charge now, if admitted
             if admitted:
                 self._indexes[key] = index
+                if asked:
+                    self._asked[key] = time.monotonic()
                 if base is not None:  # its fold, if due, is the newer one's now: the older one's is wasted
                     older_key = (uuid, base.snapshot_id, spec, share)
                     if older_key in self._to_fold:
@@ -666,6 +689,7 @@ class AsofCache:
                         self._start()
                     if threading.current_thread() is not self._thread:  # else its every round bails out
                         self._wake.set()
+                self._drop_generations(uuid, streaming)  # those it replaced go, unless a request may ask soon
             elif older is not None:
                 self._alone(older)
             if how == "built":
@@ -732,25 +756,77 @@ class AsofCache:
         if index is None or not self._account.resize(older, index.nbytes()):
             self._account.discard(older)
 
-    def _recharge(self, key: _Key, before: AsofIndex) -> None:
-        """Charge the indexes counted as part of `key` anew after it changed from `before` (a folded index no longer
-        holds their runs): each for what it does not share with `key`'s, if the growth fits in room to spare, else
-        evicted (never evicting another index for an older generation)."""
+    def _recharge(self, key: _Key) -> None:
+        """Charge the indexes counted as part of `key` anew after it changed (a folded index no longer holds their
+        runs): `_part_of`."""
         index = self._indexes.get(key)
-        for older in [k for k, owner in self._owner.items() if owner == key]:
-            old = self._indexes.get(older)
-            if index is None or old is None:
-                continue
-            charge = old.nbytes() - old.shared_bytes(index)
-            growth = charge - (old.nbytes() - old.shared_bytes(before))
-            if growth > self._account.limit() - self._account.held or not self._account.resize(older, charge):
-                self._account.discard(older)
+        if index is not None:
+            for older in [k for k, owner in self._owner.items() if owner == key]:
+                self._part_of(older, index)
+
+    def _part_of(self, older: _Key, index: AsofIndex) -> None:
+        """Charge `older` for what it does not share with `index`, the newer generation it is part of now: if the
+        growth fits in room to spare, else evict it (never another index for an older generation). Under the
+        lock."""
+        old = self._indexes.get(older)
+        if old is None:
+            return
+        charge = old.nbytes() - old.shared_bytes(index)
+        growth = charge - self._account.charge(older)
+        if growth > self._account.limit() - self._account.held or not self._account.resize(older, charge):
+            self._account.discard(older)
+
+    def _drop_generations(self, uuid: str, streaming: set[int]) -> None:
+        """Drop the indexes of `uuid` that a newer one replaced and that no request may ask for soon, so that older
+        generations do not pile up (each costs little memory: the byte cap would let thousands stay) and their
+        snapshots may expire. Replaced: an older generation (part of a newer one), and, of a followed table, every
+        index but its current one (a compaction has the current one rebuilt, not brought forward). Of those, the
+        ones whose snapshot a running read holds (`streaming`) stay, and the `_RECENT_GENERATIONS` that requests
+        asked for most recently, within `_RECENT_SECONDS`: an index only brought forward ahead (never asked for)
+        goes as soon as a newer one replaces it. Under the lock."""
+        since = time.monotonic() - _RECENT_SECONDS
+        lines: dict[tuple[str, FeatureSpec, KeyShare | None], list[_Key]] = {}
+        for key in self._indexes:
+            if key[0] == uuid:
+                lines.setdefault((key[0], key[2], key[3]), []).append(key)
+        for line, keys in lines.items():
+            current = self._current.get(line)
+            replaced = [k for k in keys if k != current and (k in self._owner or current is not None)]
+            recent = sorted((k for k in replaced if self._asked.get(k, since) > since), key=self._asked.__getitem__)
+            kept = set(recent[-_RECENT_GENERATIONS:]) | {k for k in replaced if k[1] in streaming}
+            for key in replaced:
+                if key not in kept and key in self._indexes:
+                    self._drop_generation(key)
+
+    def _drop_generation(self, key: _Key) -> None:
+        """Drop `key`'s index, replaced by a newer one: the older generations counted as part of it become part of
+        its own newer generation (charged for what they do not share with that), or, if it has none, stay alone if
+        that fits in room to spare (`_detach`). Under the lock."""
+        newer = self._owner.get(key)
+        parts = [k for k, owner in self._owner.items() if owner == key]
+        for part in parts:
+            if newer is not None:
+                self._owner[part] = newer
+            else:
+                del self._owner[part]
+        # An older generation frees only what it held alone, as good as held before it was ever dropped: not the
+        # room an index refused beside the others waits for (it would read its appends again at each put here).
+        refused = dict(self._not_beside) if newer is not None else {}
+        self._account.discard(key)
+        self._not_beside.update(refused)
+        index = self._indexes.get(newer) if newer is not None else None
+        for part in parts:
+            if index is not None:
+                self._part_of(part, index)
+            elif not self._detach(part):
+                self._account.discard(part)
 
     def _evicted(self, key: _Key) -> None:
         """The account dropped `key` (under the lock): the older indexes counted as part of it go with it."""
         self._indexes.pop(key, None)
         self._owner.pop(key, None)
         self._used_alone.discard(key)
+        self._asked.pop(key, None)
         self._unfolded.discard(key)
         self._not_beside.clear()  # room freed: refused indexes may fit now
         if self._current.get((key[0], key[2], key[3])) == key:
@@ -773,9 +849,15 @@ class AsofCache:
         return growth <= spare and self._account.resize(older, index.nbytes())
 
     def snapshots(self, table_uuid: str) -> set[int]:
-        """The snapshots of one table (by uuid) whose index is cached: snapshot expiry keeps them."""
+        """The snapshots of one table (by uuid) whose index is cached and was asked for by a request, once the
+        replaced indexes no request may ask for soon are dropped (`_drop_generations`): snapshot expiry keeps them.
+        An index the refresh thread brought forward that no request asked for keeps nothing: the table's newest
+        snapshots stay anyway (expiry keeps the newest), and one that a compaction replaced would otherwise stay
+        until the index is rebuilt."""
+        streaming = self.caches.in_use.snapshots(table_uuid)
         with self._lock:
-            return {key[1] for key in self._indexes if key[0] == table_uuid and key[1] is not None}
+            self._drop_generations(table_uuid, streaming)
+            return {key[1] for key in self._asked if key[0] == table_uuid and key[1] is not None}
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -1081,7 +1163,7 @@ class AsofCache:
                     log.info("training-set index of %s: runs not folded, the folded index would not fit", index.name)
                     continue
                 self.folds += 1
-                self._recharge(key, index)
+                self._recharge(key)
             log.info(
                 "training-set index of %s at snapshot %s: %d runs folded, %.1f -> %.1f MiB, %.2f s",
                 index.name,
@@ -1151,15 +1233,17 @@ class AsofCache:
                 self._unfollow(followed, uuid, spec)
                 return
         current = table.current_snapshot()
-        if current is None or self.peek(table, current.snapshot_id, spec, share) is not None:
+        if current is None:
             return
         with self._lock:  # refused already: not asked again (a request would count a miss and plan it again)
+            if (uuid, current.snapshot_id, spec, share) in self._indexes:
+                return
             for key in [k for k in self._too_large if k[0] == uuid and k[2] == spec and k[3] == share]:
                 if key[1] != current.snapshot_id:  # an older snapshot than the one followed
                     del self._too_large[key]
             if (uuid, current.snapshot_id, spec, share) in self._too_large or (uuid, spec, share) in self._not_beside:
                 return
-        if self.get(table, current.snapshot_id, spec, share) is not None:
+        if self._get(table, current.snapshot_id, spec, share, asked=False) is not None:
             with self._lock:
                 self.refreshed_ahead += 1
 
