@@ -108,12 +108,6 @@ def test_online_lookups_settle_full_ties_as_training_sets(client: FeatureClient)
     assert online(client, table, ids) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyiceberg's expiry drops the expired snapshots' entries from the snapshot log and leaves the gap: a time "
-    "when an expired snapshot was current resolves to the older snapshot a pin kept (Java Iceberg drops the log "
-    "before a gap instead)",
-)
 def test_time_travel_into_an_expired_gap_is_refused_not_answered_from_an_older_snapshot(
     client: FeatureClient,
 ) -> None:

@@ -34,6 +34,7 @@ from flight_server.changes.files import parquet_bytes_per_row, write_reader
 from flight_server.iceberg.catalog import FeatureSpec, table_name
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.duck import local_path
+from flight_server.reads.plan import refuse_readded
 
 
 @dataclass
@@ -63,6 +64,7 @@ class SnapshotRows:
         """The rows `where` selects, in new data files of the table's target size (sorted as a put sorts),
         their size first estimated from the files they replace."""
         arrow = table_arrow_schema(self.schema)
+        refuse_readded(self.table, self.schema, arrow.names)  # else the old column's values go into the new
         columns = ", ".join(quote(n) for n in arrow.names)
         reader = self.query(f"SELECT {columns} FROM {SCAN_SOURCE} WHERE {where}", params)
         spec = FeatureSpec.from_properties(self.table.metadata.properties)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Snapshot
 
 from flight_server.iceberg.catalog import table_name
 from flight_server.wire.codec import parse_timestamp
@@ -18,12 +19,53 @@ def resolve_snapshot(table: Table, snapshot_id: int | None, as_of: str | None) -
         return snapshot_id
     if as_of is not None:
         when = parse_timestamp(as_of, "as_of")
-        snapshot = table.snapshot_as_of_timestamp(int(when.timestamp() * 1000))
-        if snapshot is None:
-            raise NotFoundError(f"table {table_name(table)!r} has no snapshot at or before {when.isoformat()}")
-        return snapshot.snapshot_id
+        return _current_at(table, int(when.timestamp() * 1000), when.isoformat())
     current = table.current_snapshot()
     return current.snapshot_id if current else None
+
+
+def _current_at(table: Table, timestamp_ms: int, when: str) -> int:
+    """The snapshot current at `timestamp_ms` by the table's snapshot log, refused where the log has a gap.
+
+    pyiceberg's expiry drops the log entries of the snapshots it expires and keeps those around them (Java's
+    drops every entry before the last it removes), so the entry before the asked time may name a snapshot
+    that was followed by others since expired: that snapshot was not current then, and answering from it
+    would read another table state."""
+    log = table.history()
+    index = next((i for i in range(len(log) - 1, -1, -1) if log[i].timestamp_ms <= timestamp_ms), None)
+    if index is None:
+        raise NotFoundError(f"table {table_name(table)!r} has no snapshot at or before {when}")
+    found = table.snapshot_by_id(log[index].snapshot_id)
+    if found is None or (index + 1 < len(log) and _expired_between(table, found, log[index + 1].snapshot_id)):
+        raise NotFoundError(
+            f"table {table_name(table)!r}: the snapshot current at {when} was expired (the table's history no "
+            "longer holds it); read a later time, or a snapshot the table keeps by its id"
+        )
+    return found.snapshot_id
+
+
+def _expired_between(table: Table, found: Snapshot, next_id: int) -> bool:
+    """Whether a snapshot became current after `found` and before the log's next entry, and was expired.
+
+    The next snapshot is expired itself, or its parent is (other engines leave the parent id), or it has
+    none: pyiceberg's expiry clears the parent ids of the expired snapshots' children. A snapshot without a
+    parent also starts a replaced table's history, so the sequence numbers (format 2) tell the two apart: a
+    number between the two snapshots' that no snapshot holds was expired. Without them (format 1), assume
+    expiry: a refusal, never another snapshot's rows. A rollback (the next entry names an older snapshot)
+    shows nothing either way, and is answered as the log says."""
+    after = table.snapshot_by_id(next_id)
+    if after is None:
+        return True
+    parent = after.parent_snapshot_id
+    if parent is not None:
+        return parent != found.snapshot_id and table.snapshot_by_id(parent) is None
+    if after.timestamp_ms < found.timestamp_ms:  # a rollback to an older snapshot
+        return False
+    low, high = found.sequence_number or 0, after.sequence_number or 0
+    if not low:
+        return True
+    held = {s.sequence_number for s in table.snapshots()}
+    return any(number not in held for number in range(low + 1, high))
 
 
 def snapshot_schema(table: Table, snapshot_id: int | None) -> Schema:

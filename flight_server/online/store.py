@@ -34,7 +34,7 @@ from flight_server.online.index import (
 from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine, local_path
 from flight_server.reads.paths import scan_relation
-from flight_server.reads.plan import plan_table_scan, renamed
+from flight_server.reads.plan import ReaddedColumnError, plan_table_scan, renamed
 from flight_server.wire.errors import LimitError, NotFoundError, RequestError
 from flight_server.wire.reads import ScanRequest
 
@@ -434,7 +434,7 @@ class OnlineStore:
             log.info("online index %s: the table is gone; index dropped", name)
             self._indexes.pop(name, None)
             self._charge()
-        except LimitError as exc:
+        except (LimitError, ReaddedColumnError) as exc:  # lookups build it again, and are refused the same way
             log.error("online index %s: %s", name, exc)
             self._indexes.pop(name, None)
             self._charge()

@@ -60,6 +60,12 @@ class ScanPlan:
             rows = sum(task.file.record_count for task in tasks) if tasks is not None else rows
         return min(rows, self.request.limit) if self.request.limit is not None and rows >= 0 else rows
 
+    def columns_read(self) -> list[str]:
+        """The columns the read matches in files: those it returns, and under a filter all (it may name any)."""
+        if isinstance(self.expression, AlwaysTrue):
+            return self.schema.names
+        return snapshot_schema(self.table, self.snapshot_id).column_names
+
     def metadata(self) -> dict[str, Any]:
         """What the result was computed from: enough to ask for the identical result again."""
         metadata: dict[str, Any] = {"table": self.name, "snapshot_id": self.snapshot_id}
@@ -69,7 +75,10 @@ class ScanPlan:
 
 
 def plan_scan(catalog: FeatureCatalog, request: ScanRequest, caches: ReadCaches) -> ScanPlan:
-    return plan_table_scan(catalog.read(request.table), request, caches)
+    """A scan's plan, refused up front (before any endpoint is handed out) if it reads a `readded` column."""
+    plan = plan_table_scan(catalog.read(request.table), request, caches)
+    refuse_readded(plan.table, snapshot_schema(plan.table, plan.snapshot_id), plan.columns_read())
+    return plan
 
 
 def plan_table_scan(table: Table, request: ScanRequest, caches: ReadCaches) -> ScanPlan:
@@ -118,17 +127,45 @@ def plan_tasks(
 
 
 def renamed(table: Table) -> bool:
-    """Whether a file may name a column otherwise than the table does: a column that ever had another name, or
-    one whose name Iceberg writers rewrite in the files (`rate-1` is stored as `rate_x2D1`, `sanitize_column_names`).
-    Files must then be matched by field id, not by name."""
+    """Whether a file may name a column otherwise than the table does: a column that ever had another name, a
+    name that another column had before (dropped and added again), or one whose name Iceberg writers rewrite in
+    the files (`rate-1` is stored as `rate_x2D1`, `sanitize_column_names`). Files must then be matched by field
+    id, not by name."""
     names: dict[int, str] = {}
+    ids: dict[str, int] = {}
     for schema in table.schemas().values():
         if _rewritten_in_files(schema):
             return True
         for f in schema.fields:
-            if names.setdefault(f.field_id, f.name) != f.name:
+            if names.setdefault(f.field_id, f.name) != f.name or ids.setdefault(f.name, f.field_id) != f.field_id:
                 return True
     return False
+
+
+class ReaddedColumnError(RequestError):
+    """A read of a column whose name the table's schema now gives to another column: refused, not answered."""
+
+
+def readded(table: Table, schema: Schema, names: list[str]) -> list[str]:
+    """Those of `names` (top-level columns of `schema`, a snapshot's) to which the table's current schema gives
+    another field id: the column was dropped and added again under its name (or another renamed to it) since
+    that snapshot. Read in the snapshot's schema they would answer the old column under a name that now means
+    the new one (a snapshot written since reads by field id: `renamed`)."""
+    current = {f.name: f.field_id for f in table.schema().fields}
+    ids = {f.name: f.field_id for f in schema.fields}
+    return [name for name in names if current.get(name, ids.get(name)) != ids.get(name)]
+
+
+def refuse_readded(table: Table, schema: Schema, names: list[str]) -> None:
+    """Refuse a read of the columns `names` of `schema` if `readded` finds any, saying what happened."""
+    found = readded(table, schema, names)
+    if found:
+        raise ReaddedColumnError(
+            f"table {table_name(table)!r}: column(s) {found} were dropped and added again (or another column was "
+            "renamed to the name) after the snapshot read: in its files that name holds the old column, which "
+            "the table no longer has; read the other columns, or write to the table (its later snapshots read "
+            "the new column)"
+        )
 
 
 def _rewritten_in_files(schema: Schema) -> bool:

@@ -36,6 +36,7 @@ from flight_server.base.schemas import table_arrow_schema
 from flight_server.base.shards import UNBUCKETED_SLOTS, key_slots, owned, shardable
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
 from flight_server.iceberg.snapshots import resolve_snapshot, snapshot_schema
+from flight_server.reads.plan import refuse_readded
 from flight_server.wire.errors import NotFoundError, RequestError
 from flight_server.wire.reads import SHARD_SLOTS_MAX, HistoricalRequest, KeyShare, parse_feature_ref
 
@@ -209,7 +210,9 @@ def plan_historical(
                     )
             pinned = pins.get(name)
             snapshot_id = resolve_snapshot(table, pinned, None if pinned is not None else as_of)
-            schema = table_arrow_schema(snapshot_schema(table, snapshot_id))
+            read = snapshot_schema(table, snapshot_id)
+            refuse_readded(table, read, read.column_names)  # cached indexes too: their whole table is read
+            schema = table_arrow_schema(read)
             for key in spec.entity_keys:
                 entity_type, feature_type = entity_schema.field(key).type, schema.field(key).type
                 if not _compatible(entity_type, feature_type):

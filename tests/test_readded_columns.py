@@ -1,0 +1,149 @@
+"""A column dropped and added again under its name (or another renamed to it) is another column (field id): the
+files written before hold the old one under that name (review 15). Snapshots written since read files by field id
+(DuckDB's `iceberg_scan`) and answer as pyiceberg does; a snapshot from before, read in its own schema, would
+answer the old column under the name that now means the new one: refused (`INVALID_ARGUMENT`), in scans,
+training sets, online lookups and rewrites alike, never answered with the dropped column's values."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from pyiceberg.catalog import load_catalog
+from pyiceberg.types import DoubleType
+
+from flight_client import FeatureClient, InvalidRequestError
+from tests.conftest import sqlite_catalog, start_server, wait_until
+
+T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+KEYS = {"entity_keys": ["id"], "event_time": "ts", "partition_by": []}
+REFUSED = r"\['v'\] were dropped and added again .* after the snapshot read"
+
+
+def rows(ids: list[int], values: list[float]) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "ts": pa.array([T0] * len(ids), pa.timestamp("us", "UTC")),
+            "v": pa.array(values, pa.float64()),
+            "w": pa.array(values, pa.float64()),
+        }
+    )
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> dict[str, str]:
+    return sqlite_catalog(tmp_path)
+
+
+@pytest.fixture
+def client(catalog: dict[str, str]) -> Iterator[FeatureClient]:
+    server = start_server(catalog, online_refresh_seconds=0.05)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            yield client
+    finally:
+        server.shutdown()
+
+
+def training_set(client: FeatureClient, table: str, feature: str) -> list[float]:
+    entities = {"id": [1, 2], "event_timestamp": [T0 + dt.timedelta(hours=1)] * 2}
+    return client.get_historical_features(entities, [f"{table}:{feature}"]).column(feature).to_pylist()
+
+
+def online(client: FeatureClient, table: str, feature: str) -> list[float]:
+    return (
+        client.get_online_features({"id": [1, 2]}, [f"{table}:{feature}"], apply_ttl=False).column(feature).to_pylist()
+    )
+
+
+def drop_and_add(catalog: dict[str, str], table: str) -> None:
+    for change in ("drop", "add"):
+        with load_catalog("default", **catalog).load_table(table).update_schema() as update:
+            update.delete_column("v") if change == "drop" else update.add_column("v", DoubleType())
+
+
+def test_reads_of_a_column_added_again_since_the_snapshot_are_refused(
+    client: FeatureClient, catalog: dict[str, str]
+) -> None:
+    """No write since the column came back: the current snapshot's schema has the old column under the name. The
+    training set and the online index cached before the change are not served either."""
+    table = "readded.features"
+    client.write(table, rows([1, 2], [1.0, 2.0]), **KEYS)
+    assert training_set(client, table, "v") == [1.0, 2.0] and online(client, table, "v") == [1.0, 2.0]
+    drop_and_add(catalog, table)
+    with pytest.raises(InvalidRequestError, match=REFUSED):
+        client.scan(table).read_all()
+    with pytest.raises(InvalidRequestError, match=REFUSED):
+        client.scan(table, filter="v > 0", columns=["id"]).read_all()
+    with pytest.raises(InvalidRequestError, match=REFUSED):
+        training_set(client, table, "w")
+    wait_until(lambda: client.health()["online"]["tables"] == 0, what="the online index dropped")
+    with pytest.raises(InvalidRequestError, match=REFUSED):
+        online(client, table, "v")
+    assert client.scan(table, columns=["id", "w"]).read_all().sort_by("id").column("w").to_pylist() == [1.0, 2.0]
+
+
+def pyiceberg_reads(catalog: dict[str, str], table: str, column: str) -> list[float | None]:
+    """The reference: pyiceberg matches files' columns by field id."""
+    found = load_catalog("default", **catalog).load_table(table).scan().to_arrow().sort_by("id")
+    return found.column(column).to_pylist()
+
+
+@pytest.mark.parametrize("renamed_to", [False, True])
+def test_a_snapshot_written_since_reads_the_new_column_by_field_id(
+    client: FeatureClient, catalog: dict[str, str], renamed_to: bool
+) -> None:
+    """After a write, in scans (whole and filtered), training sets, online lookups and compaction alike. The name
+    comes back as a new column, or as another column renamed to it (whose values the old files then give)."""
+    table = "readded.written"
+    client.write(table, rows([1, 2], [1.0, 2.0]), **KEYS)
+    assert online(client, table, "v") == [1.0, 2.0]  # an index built before the change, brought to the write's
+    if renamed_to:
+        with load_catalog("default", **catalog).load_table(table).update_schema() as update:
+            update.delete_column("v")
+        with load_catalog("default", **catalog).load_table(table).update_schema() as update:
+            update.rename_column("w", "v")
+        written = rows([3], [3.0]).drop_columns(["v"]).rename_columns(["id", "ts", "v"])
+    else:
+        drop_and_add(catalog, table)
+        written = rows([3], [3.0])
+    client.write(table, written, **KEYS)
+    expected = pyiceberg_reads(catalog, table, "v")
+    assert expected == ([1.0, 2.0, 3.0] if renamed_to else [None, None, 3.0])
+    entities = {"id": [1, 2, 3], "event_timestamp": [T0 + dt.timedelta(hours=1)] * 3}
+    assert client.scan(table).read_all().sort_by("id").column("v").to_pylist() == expected
+    filtered = client.scan(table, filter="v > 0").read_all().sort_by("id").column("v").to_pylist()
+    assert filtered == [v for v in expected if v is not None]
+    assert client.get_historical_features(entities, [f"{table}:v"]).column("v").to_pylist() == expected
+    wait_until(
+        lambda: (
+            client.get_online_features({"id": [1, 2, 3]}, [f"{table}:v"], apply_ttl=False).column("v").to_pylist()
+            == expected
+        ),
+        what="the online index at the new snapshot",
+    )
+    client.compact(table)
+    assert pyiceberg_reads(catalog, table, "v") == expected
+    assert client.scan(table).read_all().sort_by("id").column("v").to_pylist() == expected
+
+
+def test_rewriting_a_snapshot_from_before_the_column_came_back_is_refused(
+    client: FeatureClient, catalog: dict[str, str]
+) -> None:
+    """Compaction and copy-on-write deletes read the snapshot in its schema and write the rows in the table's: the
+    old column's values would go into the new column for good. Nothing is committed."""
+    table = "readded.rewritten"
+    client.write(table, rows([1], [1.0]), **KEYS)
+    client.write(table, rows([2], [2.0]), **KEYS)
+    drop_and_add(catalog, table)
+    snapshots = len(client.describe(table)["snapshots"])
+    with pytest.raises(InvalidRequestError, match=REFUSED):
+        client.compact(table)
+    with pytest.raises(InvalidRequestError, match=REFUSED):
+        client.delete(table, filter="id = 1", mode="copy-on-write")
+    assert len(client.describe(table)["snapshots"]) == snapshots
+    assert pyiceberg_reads(catalog, table, "v") == [None, None]
