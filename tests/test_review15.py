@@ -89,12 +89,6 @@ def test_deleting_one_key_leaves_the_full_ties_of_another(client: FeatureClient)
     assert training_set(client, table, [1]) == [2.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an online index read whole keeps, of fully tied rows, whichever DuckDB's row_number() meets first "
-    "(latest_sql orders by event and created time only), not the row committed last as training sets and "
-    "incremental refreshes do",
-)
 def test_online_lookups_settle_full_ties_as_training_sets(client: FeatureClient) -> None:
     """One put holding several rows per id at the same event time: online lookups (an index built from the whole
     table) answer the row a training set and an `as_of` lookup answer, the last of each id's rows."""
