@@ -56,11 +56,6 @@ def client(catalog: dict[str, str]) -> Iterator[FeatureClient]:
         server.shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a compaction rewrites fully tied rows in the order iceberg_scan meets them (newest file first), and "
-    "training sets settle full ties by the row's place in the compacted file: the oldest put wins afterwards",
-)
 def test_a_compaction_keeps_the_last_put_of_a_full_tie(client: FeatureClient) -> None:
     """Five puts of the same ids at the same event time (each a correction of the one before): a training set
     answers the last put's values before a compaction and after it."""
@@ -73,11 +68,6 @@ def test_a_compaction_keeps_the_last_put_of_a_full_tie(client: FeatureClient) ->
     assert training_set(client, table, ids) == [5.0] * len(ids)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a copy-on-write delete rewrites the files holding the deleted rows as new files of a new data sequence "
-    "number: the other rows of those files then rank after rows committed later, and win their full ties",
-)
 def test_deleting_one_key_leaves_the_full_ties_of_another(client: FeatureClient) -> None:
     """A put of ids 1 and 9, then a correction of id 1 at the same event time: deleting id 9 (its file rewritten
     without it) changes nothing for id 1, in training sets or online lookups."""
@@ -89,12 +79,6 @@ def test_deleting_one_key_leaves_the_full_ties_of_another(client: FeatureClient)
     assert training_set(client, table, [1]) == [2.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an online index read whole keeps, of fully tied rows, whichever DuckDB's row_number() meets first "
-    "(latest_sql orders by event and created time only), not the row committed last as training sets and "
-    "incremental refreshes do",
-)
 def test_online_lookups_settle_full_ties_as_training_sets(client: FeatureClient) -> None:
     """One put holding several rows per id at the same event time: online lookups (an index built from the whole
     table) answer the row a training set and an `as_of` lookup answer, the last of each id's rows."""

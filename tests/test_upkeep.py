@@ -105,7 +105,7 @@ def test_a_compaction_commits_over_a_put_that_landed_while_it_rewrote(
 
     def plan_with_a_put_meanwhile(snapshot: SnapshotRows) -> Plan:
         scope = small_file_groups(snapshot.files, 2, 1 << 30, 1 << 30)
-        added = snapshot.rewrite("filename IN (SELECT unnest(?))", [[f.file_path for f in scope]], scope)
+        added, scope = snapshot.rewrite("filename IN (SELECT unnest(?))", [[f.file_path for f in scope]], scope)
         client.write(table, rows([4]))  # commits between the rewrite's plan and its commit
         return Plan(Operation.OVERWRITE, scope, added, 4, tidy=True)
 

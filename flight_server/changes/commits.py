@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -89,15 +89,17 @@ def commit_rewrite(
     added: list[DataFile],
     properties: dict[str, str],
     tidy: bool = False,
+    sequences: Mapping[str, int] | None = None,
 ) -> int:
     """Commit a `RewriteFiles` on `table` (as loaded when the change was planned) as one snapshot, and
     return the table's new current snapshot id; the `added` files are deleted when it does not commit.
+    Added files in `sequences` keep the data sequence number it gives them (`RewriteFiles`).
 
     With `tidy`, the same commit adds a `DropRemovedEntries` snapshot after it, which becomes current."""
     try:
         with lock:
             transaction = MemoTransaction(table)
-            RewriteFiles(transaction, operation, removed, added, properties).commit()
+            RewriteFiles(transaction, operation, removed, added, properties, sequences or {}).commit()
             if tidy:
                 DropRemovedEntries(transaction, properties).commit()
             snapshot = transaction.commit_transaction().current_snapshot()

@@ -186,8 +186,8 @@ class Deleter(Rewriter):
         else:
             # The touched files' other rows, in new files; their position delete files go with them.
             kept = f"filename IN (SELECT unnest(?)) AND NOT coalesce({condition}, false)"
-            added = rows.rewrite(kept, [paths, *params], touched)
-            rewritten = set(paths)
+            added, touched = rows.rewrite(kept, [paths, *params], touched)
+            rewritten = {f.file_path for f in touched}
             removed = touched + [f for f in rows.files if referenced_data_file(f) in rewritten]
         operation = Operation.OVERWRITE if any(f.content == DataFileContent.DATA for f in added) else Operation.DELETE
         deleted = int(pc.sum(pc.list_value_length(hits.column("positions"))).as_py())

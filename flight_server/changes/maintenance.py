@@ -137,9 +137,9 @@ class Maintenance(Rewriter):
         scope = small_file_groups(rows.files, min_files, small_bytes, max_bytes)
         if not scope:
             return None
+        added, scope = rows.rewrite("filename IN (SELECT unnest(?))", [sorted(f.file_path for f in scope)], scope)
         paths = {f.file_path for f in scope}
         obsolete = [f for f in rows.files if referenced_data_file(f) in paths]
-        added = rows.rewrite("filename IN (SELECT unnest(?))", [sorted(paths)], scope)
         return Plan(Operation.REPLACE, scope + obsolete, added, sum(f.record_count for f in added), tidy=True)
 
     def _compacted(self, done: Rewritten) -> CompactResult:
@@ -182,7 +182,10 @@ class Maintenance(Rewriter):
         equality = any(f.content == DataFileContent.EQUALITY_DELETES for f in deletes)
         if not scope or not worth_compacting(scope, obsolete, equality):
             return None
-        added = rows.rewrite(where, params, scope)
+        added, replaced = rows.rewrite(where, params, scope)
+        if len(replaced) > len(scope):  # files `tie_runs` added: their position delete files go too
+            paths = {f.file_path for f in replaced}
+            scope, obsolete = replaced, [f for f in deletes if referenced_data_file(f) in paths]
         return Plan(Operation.REPLACE, scope + obsolete, added, sum(f.record_count for f in added), tidy=True)
 
     # Snapshot expiry and pins

@@ -9,12 +9,16 @@ only which files go and what replaces them (its `Plan`), and what it answers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import operator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
@@ -32,6 +36,7 @@ from flight_server.changes.commits import (
 )
 from flight_server.changes.files import parquet_bytes_per_row, write_reader
 from flight_server.iceberg.catalog import FeatureSpec, table_name
+from flight_server.iceberg.lineage import ROW_BITS, commit_order
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.duck import local_path
 from flight_server.reads.plan import refuse_readded
@@ -49,6 +54,7 @@ class SnapshotRows:
     batch_rows: int
     chunk_bytes: int
     written: list[DataFile] = field(default_factory=list)
+    sequences: dict[str, int] = field(default_factory=dict)  # the data sequence number each file written keeps
 
     @cached_property
     def files(self) -> list[DataFile]:
@@ -60,24 +66,128 @@ class SnapshotRows:
         scan = [local_path(self.table.metadata_location), self.snapshot.snapshot_id]
         return self.cursor.execute(sql, [*scan, *params])
 
-    def rewrite(self, where: str, params: list[Any], replacing: list[DataFile]) -> list[DataFile]:
-        """The rows `where` selects, in new data files of the table's target size (sorted as a put sorts),
-        their size first estimated from the files they replace."""
+    def rewrite(
+        self, where: str, params: list[Any], replacing: list[DataFile]
+    ) -> tuple[list[DataFile], list[DataFile]]:
+        """The rows `where` selects of the data files `replacing` (and all rows of the files `tie_runs` adds to them),
+        in new data files of the table's target size (sorted as a put sorts), their size first estimated from the
+        files they replace: the new files, and the data files replaced.
+
+        Rows that tie on keys, event time and created time go to the one last in commit order (training/join.py):
+        by its file's data sequence number, then its place in the file. So each run of `tie_runs` is written into
+        files of its own, its rows in commit order, which keep the run's data sequence number (`sequences`): they
+        rank among the other files' rows as before. A new sequence number would rank them after rows committed
+        later, even during the rewrite; files that are not neighbours in commit order, merged, could keep no
+        sequence number right for all their rows."""
         arrow = table_arrow_schema(self.schema)
         refuse_readded(self.table, self.schema, arrow.names)  # else the old column's values go into the new
-        columns = ", ".join(quote(n) for n in arrow.names)
-        reader = self.query(f"SELECT {columns} FROM {SCAN_SOURCE} WHERE {where}", params)
-        spec = FeatureSpec.from_properties(self.table.metadata.properties)
-        rows = reader.to_arrow_reader(self.batch_rows).cast(arrow)
-        files = write_reader(
-            self.table.metadata, rows, self.table.io, spec, self.chunk_bytes, parquet_bytes_per_row(replacing)
+        columns = ", ".join(f"t.{quote(n)}" for n in arrow.names)
+        runs = tie_runs(self.table, self.snapshot, self.files, replacing)
+        extra = {f.file_path for run in runs for f in run.extra}
+        paths, numbers, bases = [], [], []
+        for number, run in enumerate(runs):
+            for rank, f in enumerate(run.files):
+                paths.append(f.file_path)
+                numbers.append(number)
+                bases.append(rank << ROW_BITS)
+        self.cursor.register(
+            RUNS,
+            pa.table(
+                {
+                    "__file": paths,
+                    "__run": numbers,
+                    "__base": pa.array(bases, pa.int64()),
+                    "__extra": [path in extra for path in paths],
+                }
+            ),
         )
-        return self.keep(files)
+        reader = self.query(
+            f"SELECT {columns}, r.__run FROM {SCAN_SOURCE} JOIN {RUNS} AS r ON r.__file = t.filename "
+            f"WHERE ({where}) OR r.__extra ORDER BY r.__run, r.__base + t.file_row_number",
+            params,
+        ).to_arrow_reader(self.batch_rows)
+        spec = FeatureSpec.from_properties(self.table.metadata.properties)
+        written: list[DataFile] = []
+        for number, pieces in itertools.groupby(_by_run(reader), key=operator.itemgetter(0)):
+            rows = pa.RecordBatchReader.from_batches(
+                reader.schema.remove(len(arrow)), (piece for _, piece in pieces)
+            ).cast(arrow)
+            run = runs[number]
+            estimate = parquet_bytes_per_row(run.files)
+            files = self.keep(write_reader(self.table.metadata, rows, self.table.io, spec, self.chunk_bytes, estimate))
+            if self.table.metadata.format_version >= 2:  # format v1 has no sequence numbers
+                self.sequences.update((f.file_path, run.sequence) for f in files)
+            written += files
+        return written, [f for run in runs for f in run.files]
 
     def keep(self, files: list[DataFile]) -> list[DataFile]:
         """Files the action wrote itself: deleted with the others if the attempt fails before its commit."""
         self.written += files
         return files
+
+
+RUNS = "__rewrite_runs"  # each file a rewrite replaces: its run (`tie_runs`) and its rank in it (above ROW_BITS)
+
+
+def _by_run(reader: pa.RecordBatchReader) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """The batches of a reader ordered by its last column (a run number), cut where it changes, without it."""
+    for batch in reader:
+        runs = batch.column(batch.num_columns - 1).to_numpy()
+        cuts = [0, *(np.flatnonzero(runs[1:] != runs[:-1]) + 1).tolist(), batch.num_rows]
+        rows = batch.drop_columns([batch.schema.names[-1]])
+        for start, stop in itertools.pairwise(cuts):
+            if stop > start:
+                yield int(runs[start]), rows.slice(start, stop - start)
+
+
+class Run(NamedTuple):
+    """Data files a rewrite writes into files of their own (`tie_runs`), and the data sequence number those keep."""
+
+    files: list[DataFile]  # in commit order
+    extra: list[DataFile]  # of `files`, those not asked for: rewritten whole so that the run ends with a commit
+    sequence: int
+
+
+def tie_runs(table: Table, snapshot: Snapshot, live: list[DataFile], replacing: list[DataFile]) -> list[Run]:
+    """The data files `replacing` of `snapshot` in runs of files that are neighbours in commit order
+    (`commit_order`) among the `live` data files their rows can tie with: the files of the same partition when the
+    live files' one partition spec partitions by keys, event time or created time only (rows that tie share
+    them), else all.
+
+    A run's new files keep its highest data sequence number when a file comes after it, and then rank after the
+    files of that number (they are added later): so the files of that number after the run join it, rewritten
+    whole (a commit of several files in one partition: a put of more than `--write-chunk-mb`; in a format v1
+    table, where every number is 0, every file after it). A run that nothing follows takes the snapshot's own
+    number, as Java's rewrites take the starting one: files committed meanwhile rank after it, and equality
+    delete files of that number or below (a compaction applied them) apply to none of its rows."""
+    order = commit_order(table, snapshot.snapshot_id)
+    spec = FeatureSpec.from_properties(table.metadata.properties)
+    data = sorted((f for f in live if f.content == DataFileContent.DATA), key=lambda f: order[f.file_path])
+    specs = {f.spec_id for f in data}
+    tied: set[str | None] = {*spec.entity_keys, spec.event_time, spec.created_time} if spec is not None else set()
+    sources = [table.schema().find_column_name(p.source_id) for s in specs for p in table.specs()[s].fields]
+    separate = len(specs) == 1 and all(name in tied for name in sources)
+    chosen = {f.file_path for f in replacing}
+    domains: dict[Any, list[DataFile]] = {}
+    for f in data:
+        domains.setdefault((f.spec_id, f.partition) if separate else None, []).append(f)
+    runs = []
+    for files in domains.values():
+        run: list[DataFile] = []
+        extra: list[DataFile] = []
+        highest = 0
+        for f in files:
+            sequence = order[f.file_path][0]  # in commit order: the highest of the run so far, or above
+            if f.file_path in chosen or (run and sequence <= highest):
+                run.append(f)
+                extra += [] if f.file_path in chosen else [f]
+                highest = sequence
+            elif run:
+                runs.append(Run(run, extra, highest))
+                run, extra = [], []
+        if run:
+            runs.append(Run(run, extra, snapshot.sequence_number or 0))
+    return runs
 
 
 @dataclass(frozen=True)
@@ -141,7 +251,14 @@ class Rewriter(TableChanges):
         lock = self.locks(self.catalog.identifier(name))
         properties = {OPERATION_PROPERTY: action}
         snapshot_id = commit_rewrite(
-            lock, table, planned.operation, planned.removed, planned.added, properties, tidy=planned.tidy
+            lock,
+            table,
+            planned.operation,
+            planned.removed,
+            planned.added,
+            properties,
+            tidy=planned.tidy,
+            sequences=rows.sequences,
         )
         data_removed, deletes_removed = data_and_delete_files(planned.removed)
         data_added, deletes_added = data_and_delete_files(planned.added)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -612,7 +612,11 @@ class DropRemovedEntries(_SnapshotProducer["DropRemovedEntries"]):
 
 
 class RewriteFiles(_SnapshotProducer["RewriteFiles"]):
-    """One snapshot that removes `removed` files and adds `added` ones (data or delete files)."""
+    """One snapshot that removes `removed` files and adds `added` ones (data or delete files).
+
+    An added file in `sequences` keeps that data sequence number instead of taking the snapshot's: the spec
+    lets an ADDED entry carry one explicitly (Java's `RewriteFiles.dataSequenceNumber` does so), so that rows
+    rewritten from older files keep their place in commit order (changes/rewrite.py)."""
 
     def __init__(
         self,
@@ -621,10 +625,12 @@ class RewriteFiles(_SnapshotProducer["RewriteFiles"]):
         removed: Iterable[DataFile],
         added: Iterable[DataFile],
         properties: dict[str, str],
+        sequences: Mapping[str, int] = EMPTY_DICT,
     ):
         super().__init__(operation, transaction, transaction_io(transaction), snapshot_properties=properties)
         self._deleted_data_files = set(removed)
         self._added_data_files = list(added)
+        self._sequences = sequences
 
     def _summary(self, snapshot_properties: dict[str, str] = EMPTY_DICT) -> Summary:
         """pyiceberg's summary (the files and records added and removed, and the new totals), which it works out for
@@ -661,7 +667,7 @@ class RewriteFiles(_SnapshotProducer["RewriteFiles"]):
                         ManifestEntry.from_args(
                             status=ManifestEntryStatus.ADDED,
                             snapshot_id=self._snapshot_id,
-                            sequence_number=None,
+                            sequence_number=self._sequences.get(file.file_path),
                             file_sequence_number=None,
                             data_file=file,
                         )

@@ -269,3 +269,13 @@ def commit_order(table: Table, snapshot_id: int) -> dict[str, tuple[int, int, st
             added_by = rank.get(entry.snapshot_id, -len(rank)) if entry.snapshot_id is not None else -len(rank)
             order[path] = (entry.sequence_number or 0, added_by, path)
     return order
+
+
+ROW_BITS = 40  # a row's place in commit order: its file's rank (`commit_ranks`) above its row number in the file
+
+
+def commit_ranks(table: Table, snapshot_id: int) -> dict[str, int]:
+    """Each data file of the snapshot and its rank in `commit_order` (0 first): a row's place in commit order is
+    `rank << ROW_BITS` plus its row number in its file (files of fewer than 2**40 rows)."""
+    order = commit_order(table, snapshot_id)
+    return {path: rank for rank, path in enumerate(sorted(order, key=order.__getitem__))}

@@ -1,7 +1,8 @@
 """The online index: every entity's latest feature row, in memory, for millisecond lookups.
 
 `OnlineIndex` holds one feature table's latest row per entity (latest event time, ties to the
-latest created time, as for training sets; rows with a null key or event time never count) as an
+latest created time, then to the row last in commit order, as for training sets; rows with a null
+key or event time never count) as an
 Arrow table, and a dict from key to row. `OnlineStore` builds an index on first use (or at
 start-up), polls the catalog, and refreshes in the background: snapshots that only appended data
 are applied from their added files alone, and compactions (checked `replace` snapshots: the same
@@ -31,6 +32,7 @@ from flight_server.base.filters import quote
 from flight_server.base.schemas import micros
 from flight_server.iceberg.catalog import FeatureSpec
 from flight_server.iceberg.lineage import appended_since
+from flight_server.reads.paths import ORDER
 
 MISSING = -1
 
@@ -82,12 +84,14 @@ def tie_micros(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def latest_sql(spec: FeatureSpec, columns: list[str], source: str, found: set[str] | None = None) -> str:
-    """The latest row per key of `source`: the same choice a training-set join makes. Columns of the table that the
-    source lacks (not in `found`: added to the schema after its files were written) are nulls."""
+    """The latest row per key of `source`: the same choice a training-set join makes, full ties (keys, event time,
+    created time) going to the row last in commit order (the source's `ORDER` column: `scan_relation`). Columns of
+    the table that the source lacks (not in `found`: added to the schema after its files were written) are nulls."""
     keys = ", ".join(quote(k) for k in spec.entity_keys)
     order = f"{quote(spec.event_time)} DESC"
     if spec.created_time:
         order += f", {quote(spec.created_time)} DESC NULLS LAST"
+    order += f", {quote(ORDER)} DESC"
     present = " AND ".join(f"{quote(c)} IS NOT NULL" for c in (*spec.entity_keys, spec.event_time))
     return (
         f"SELECT {', '.join(quote(c) if found is None or c in found else f'NULL AS {quote(c)}' for c in columns)} "

@@ -18,6 +18,7 @@ from flight_server.base.locks import LockPool
 from flight_server.base.memory import MemoryBudget
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
+from flight_server.iceberg.lineage import commit_ranks
 from flight_server.online.index import (
     ENTRY_BYTES,
     READ_BATCH_ROWS,
@@ -32,8 +33,8 @@ from flight_server.online.index import (
     table_keys,
 )
 from flight_server.reads.caches import ReadCaches
-from flight_server.reads.duck import Engine, local_path
-from flight_server.reads.paths import scan_relation
+from flight_server.reads.duck import Engine
+from flight_server.reads.paths import files_relation, scan_relation
 from flight_server.reads.plan import ReaddedColumnError, plan_table_scan, renamed
 from flight_server.wire.errors import LimitError, NotFoundError, RequestError
 from flight_server.wire.reads import ScanRequest
@@ -221,13 +222,10 @@ class OnlineStore:
                 snapshot = table.current_snapshot()
                 request = ScanRequest(table=name, snapshot_id=snapshot.snapshot_id if snapshot else None)
                 plan = plan_table_scan(table, request, self.caches)
-                source, params, path = scan_relation(plan, self.engine, cursor, READ_BATCH_ROWS)
+                ranks = commit_ranks(table, plan.snapshot_id) if plan.snapshot_id is not None else {}
+                source, params, path = scan_relation(plan, self.engine, cursor, READ_BATCH_ROWS, ranks)
             else:
-                source, params, path = (
-                    "read_parquet(?, union_by_name => true, hive_partitioning => false)",
-                    [[local_path(f) for f in files]],
-                    "read_parquet",
-                )
+                (source, params), path = files_relation(files, schema.names, cursor), "read_parquet"
             try:
                 result = cursor.execute(latest_sql(spec, schema.names, source), params)
             except duckdb.BinderException:  # a column added to the table since these rows were written: nulls

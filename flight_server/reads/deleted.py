@@ -63,15 +63,22 @@ def _sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def without_deleted(
-    batches: Iterator[ds.TaggedRecordBatch], deleted: dict[str, np.ndarray]
+    batches: Iterator[ds.TaggedRecordBatch],
+    deleted: dict[str, np.ndarray],
+    first: dict[str, int] | None = None,
+    column: str = "",
 ) -> Iterator[tuple[str, pa.RecordBatch]]:
     """The batches of a scan without their deleted rows, each with its file's path: a fragment's batches
-    arrive in order, so a running count gives each row's position in its file."""
+    arrive in order, so a running count gives each row's position in its file. With `first` (a number per
+    file), each row gets the file's number plus its position, as one more int64 `column`."""
     offsets: dict[str, int] = {}
     for tagged in batches:
         batch, path = tagged.record_batch, tagged.fragment.path
         start = offsets.get(path, 0)
         offsets[path] = start + batch.num_rows
+        if first is not None:
+            place = np.arange(first[path] + start, first[path] + start + batch.num_rows, dtype=np.int64)
+            batch = batch.append_column(column, pa.array(place))
         positions = deleted.get(path)
         if positions is not None:
             low, high = np.searchsorted(positions, [start, start + batch.num_rows])

@@ -15,7 +15,7 @@ reads can be split into parts over the files (`scan_parts`), which clients fetch
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import duckdb
@@ -30,6 +30,7 @@ from pyiceberg.table import FileScanTask
 
 from flight_server.base.filters import quote, to_sql
 from flight_server.base.schemas import table_arrow_schema
+from flight_server.iceberg.lineage import ROW_BITS
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.caches import FileCache, FileKey
 from flight_server.reads.deleted import (
@@ -44,6 +45,10 @@ from flight_server.reads.plan import ScanPlan, plan_tasks, refuse_readded, renam
 from flight_server.wire.errors import RequestError
 
 log = logging.getLogger(__name__)
+
+ORDER = "__order"  # a row's place in commit order (`ROW_BITS`), in `scan_relation`'s relation when asked for
+
+RANKS_RELATION = "__file_ranks"  # each data file's rank in commit order, for `iceberg_scan_sql`
 
 
 def direct_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, str]:
@@ -106,16 +111,26 @@ def scan_parts(plan: ScanPlan, partitions: int) -> list[list[int] | None]:
 
 
 def direct_reader(
-    plan: ScanPlan, tasks: list[FileScanTask], batch_rows: int, cache: FileCache | None = None
+    plan: ScanPlan,
+    tasks: list[FileScanTask],
+    batch_rows: int,
+    cache: FileCache | None = None,
+    ranks: dict[str, int] | None = None,
 ) -> pa.RecordBatchReader | pa.Table:
     """Arrow's own multi-threaded Parquet reader over the planned files (all or a share of `direct_files`),
     without the rows their position delete files delete; with a `cache`, files it holds stream from memory
-    and the others are kept in it once read to the end (a Table when it holds them all)."""
+    and the others are kept in it once read to the end (a Table when it holds them all). With `ranks` (each
+    file's rank in commit order), each row's place in commit order too, as column `ORDER` (not cached)."""
     if not tasks:
         return pa.RecordBatchReader.from_batches(plan.schema, [])
-    if cache is not None and cache.max_bytes:
+    if cache is not None and cache.max_bytes and ranks is None:
         return _through_cache(plan, tasks, batch_rows, cache)
     scanner, paths, by_fragment = _scanner(plan, tasks, batch_rows)
+    if ranks is not None:
+        at = {path: ranks[location] << ROW_BITS for path, location in paths.items()}
+        placed = without_deleted(scanner.scan_batches(), by_fragment, at, ORDER)
+        schema = scanner.projected_schema.append(pa.field(ORDER, pa.int64()))
+        return pa.RecordBatchReader.from_batches(schema, (batch for _, batch in placed))
     if not by_fragment:
         return scanner.to_reader()
     batches = without_deleted(scanner.scan_batches(), by_fragment)
@@ -261,17 +276,43 @@ def read_parquet_reader(
         return cursor.execute(sql, args).to_arrow_reader(batch_rows)
 
 
-def iceberg_scan_sql(plan: ScanPlan) -> tuple[str, list[Any]]:
-    """DuckDB's `iceberg_scan` of the plan: it prunes files and row groups and applies every kind of delete file."""
+def iceberg_scan_sql(plan: ScanPlan, ranked: bool = False) -> tuple[str, list[Any]]:
+    """DuckDB's `iceberg_scan` of the plan: it prunes files and row groups and applies every kind of delete file.
+    `ranked`: with each row's place in commit order as `ORDER` (its file's rank, from `RANKS_RELATION` by the
+    manifest's path as `filename` names it, above its row number; 0 where the scan hides them: `hides_position`)."""
     schema = snapshot_schema(plan.table, plan.snapshot_id)
     where, params = to_sql(plan.expression, schema)
-    columns = ", ".join(quote(name) for name in plan.schema.names)
-    sql = f"SELECT {columns} FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {where}"
+    columns = ", ".join(f"s.{quote(name)}" for name in plan.schema.names)
+    scan = "iceberg_scan(?, snapshot_from_id => ?) AS s"
+    if ranked and hides_position(plan.schema.names):
+        columns += f", 0::BIGINT AS {ORDER}"
+    elif ranked:
+        columns += f", coalesce(o.__rank, 0) * {1 << ROW_BITS} + s.file_row_number AS {ORDER}"
+        scan += f" LEFT JOIN {RANKS_RELATION} AS o USING (filename)"
+    sql = f"SELECT {columns} FROM {scan} WHERE {where}"
     args: list[Any] = [local_path(plan.table.metadata_location), plan.snapshot_id, *params]
     if plan.request.limit is not None:
         sql += " LIMIT ?"
         args.append(plan.request.limit)
     return sql, args
+
+
+def files_relation(files: list[str], names: list[str], cursor: duckdb.DuckDBPyConnection) -> tuple[str, list[Any]]:
+    """The rows of data `files` (in commit order) with columns `names`, matched by name (a file written before a
+    column was added lacks it), and each row's place in commit order as `ORDER` (0 where `hides_position`)."""
+    scan = "read_parquet(?, union_by_name => true, hive_partitioning => false) AS s"
+    paths = [local_path(f) for f in files]
+    if hides_position(names):
+        return f"(SELECT *, 0::BIGINT AS {ORDER} FROM {scan})", [paths]
+    cursor.register(RANKS_RELATION, _ranks_table({path: rank for rank, path in enumerate(paths)}))
+    place = f"coalesce(o.__rank, 0) * {1 << ROW_BITS} + s.file_row_number AS {ORDER}"
+    return f"(SELECT s.*, {place} FROM {scan} LEFT JOIN {RANKS_RELATION} AS o USING (filename))", [paths]
+
+
+def _ranks_table(ranks: dict[str, int]) -> pa.Table:
+    return pa.table(
+        {"filename": pa.array(list(ranks), pa.string()), "__rank": pa.array(list(ranks.values()), pa.int64())}
+    )
 
 
 def read_path(plan: ScanPlan) -> tuple[str, list[FileScanTask] | None]:
@@ -338,18 +379,44 @@ def open_scan(
 SCANNED_RELATION = "__scanned"
 
 
+def hides_position(names: Iterable[str]) -> set[str]:
+    """The columns named as DuckDB's virtual columns `filename` and `file_row_number` (names match in any case),
+    which a scan then returns instead of those: with either, DuckDB cannot tell a row's place in commit order
+    (and neither `iceberg_scan` nor `read_parquet` can rename `file_row_number`)."""
+    return {name for name in names if name.lower() in {"filename", "file_row_number"}}
+
+
 def scan_relation(
-    plan: ScanPlan, engine: Engine, cursor: duckdb.DuckDBPyConnection, batch_rows: int
+    plan: ScanPlan,
+    engine: Engine,
+    cursor: duckdb.DuckDBPyConnection,
+    batch_rows: int,
+    ranks: dict[str, int] | None = None,
 ) -> tuple[str, list[Any], str]:
     """The planned rows as a relation for a query of them on `cursor` (SQL and its parameters), read on the
     path `open_scan` takes, which it returns too. Arrow's readers are registered with the cursor, so the
     query consumes them as they stream; DuckDB's own paths stay inside the query (a reader DuckDB made,
-    fed back into DuckDB, can hang)."""
+    fed back into DuckDB, can hang). With `ranks` (of a whole snapshot's files: `commit_ranks`), the relation
+    has one more column, `ORDER`, each row's place in commit order (0 where DuckDB cannot tell it:
+    `hides_position`), so that a query can settle full ties as training sets do."""
     path, files = read_path(plan)
     engine.use_storage(plan.table.io.properties)
     if path == "iceberg_scan" or (path == "read_parquet" and files):
-        sql, args = iceberg_scan_sql(plan) if path == "iceberg_scan" else read_parquet_sql(plan, files or [], cursor)
+        assert ranks is None or path == "iceberg_scan", "commit order only for whole snapshots"
+        if ranks is not None and not hides_position(plan.schema.names):
+            cursor.register(RANKS_RELATION, _ranks_table(ranks))
+        sql, args = (
+            iceberg_scan_sql(plan, ranks is not None)
+            if path == "iceberg_scan"
+            else read_parquet_sql(plan, files or [], cursor)
+        )
         return f"({sql})", args, path
-    rows = direct_reader(plan, files, batch_rows) if path == "direct" and files else plan.schema.empty_table()
-    cursor.register(SCANNED_RELATION, rows if rows.schema == plan.schema else rows.cast(plan.schema))
+    if path == "direct" and files:
+        rows: pa.RecordBatchReader | pa.Table = direct_reader(plan, files, batch_rows, ranks=ranks)
+    else:
+        rows = plan.schema.empty_table()
+        if ranks is not None:
+            rows = rows.append_column(ORDER, pa.array([], pa.int64()))
+    schema = plan.schema if ranks is None else plan.schema.append(pa.field(ORDER, pa.int64()))
+    cursor.register(SCANNED_RELATION, rows if rows.schema == schema else rows.cast(schema))
     return SCANNED_RELATION, [], path

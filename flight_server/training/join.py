@@ -11,9 +11,10 @@ import duckdb
 import pyarrow as pa
 
 from flight_server.base.filters import quote
-from flight_server.iceberg.lineage import commit_order
+from flight_server.iceberg.lineage import ROW_BITS, commit_ranks
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.duck import Engine, local_path
+from flight_server.reads.paths import hides_position as hidden_names
 from flight_server.training.asof import AsofIndex
 from flight_server.training.codes import entity_micros
 from flight_server.training.entities import ROW, TS, TS_UP, entity_bounds
@@ -23,11 +24,8 @@ log = logging.getLogger(__name__)
 
 FILES = "__pit_files_{}"  # a group's data files and their rank in commit order (`file_ranks`), registered per query
 
-_ROW_BITS = 40  # a row's order: its file's rank above its row number in the file (files of fewer than 2**40 rows)
 
 _LAST = "9223372036854775807"  # above every row's order: an entity row's side of the ASOF inequality
-
-_VIRTUAL = {"filename", "file_row_number"}  # DuckDB's virtual columns of a scan that give a row's place
 
 
 def join_sql(
@@ -81,7 +79,7 @@ def join_sql(
             else:
                 # Full ties (keys, event time, created time) go to the later row in commit order, as in the sorted
                 # index: the row's file ranked by `file_ranks` (registered as FILES), then its row number in it.
-                order = f"coalesce(o.__pit_rank, 0) * {1 << _ROW_BITS} + s.file_row_number AS __pit_order"
+                order = f"coalesce(o.__pit_rank, 0) * {1 << ROW_BITS} + s.file_row_number AS __pit_order"
                 scan = f"{source} AS s LEFT JOIN {FILES.format(i)} AS o USING (filename)"
             ctes.append(
                 f"{alias} AS (SELECT {keys}, CAST({quote(spec.event_time)} AS TIMESTAMPTZ) AS {TS}{created}, "
@@ -140,11 +138,8 @@ def run_historical(
 
 
 def hides_position(group: FeatureGroup) -> set[str]:
-    """The group's columns at its snapshot named as DuckDB's virtual columns `filename` and `file_row_number`
-    (names match in any case), which the scan then returns instead of those: with either, DuckDB cannot tell a
-    row's place in commit order (and neither `iceberg_scan` nor `read_parquet` can rename `file_row_number`)."""
-    names = {field.name for field in snapshot_schema(group.table, group.snapshot_id).fields}
-    return {name for name in names if name.lower() in _VIRTUAL}
+    """The group's columns at its snapshot that hide DuckDB's virtual columns (`reads.paths.hides_position`)."""
+    return hidden_names(field.name for field in snapshot_schema(group.table, group.snapshot_id).fields)
 
 
 def file_ranks(group: FeatureGroup) -> pa.Table:
@@ -152,10 +147,9 @@ def file_ranks(group: FeatureGroup) -> pa.Table:
     names it by (`filename`: the manifest's for `iceberg_scan`, the local one for `read_parquet` of share files),
     so that DuckDB settles full ties as the sorted index does, which reads the files in that order."""
     assert group.snapshot_id is not None, "an empty table has no files"
-    order = commit_order(group.table, group.snapshot_id)
     paths: list[str] = []
     ranks: list[int] = []
-    for rank, path in enumerate(sorted(order, key=order.__getitem__)):
+    for path, rank in commit_ranks(group.table, group.snapshot_id).items():
         for name in dict.fromkeys((path, local_path(path))):
             paths.append(name)
             ranks.append(rank)
