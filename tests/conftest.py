@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -83,10 +83,18 @@ def start_writing_server(properties: dict[str, str], **overrides: object) -> Fea
     return server
 
 
-def listening(client: FeatureClient) -> int:
-    """The pid of the server's write process, once it listens (a server's first write starts it in the background)."""
-    wait_until(lambda: client.health()["write_process"]["pid"] is not None, timeout=120, what="the write process")
-    return int(client.health()["write_process"]["pid"])
+def listening(client: FeatureClient, other_than: Collection[int] = ()) -> int:
+    """The pid of the server's write process, once it listens (a server's first write starts it in the background),
+    other than those given: a child killed a moment ago may still be reported while a thread of the server waits
+    for it (`Popen.poll` says nothing then)."""
+    pids: list[int | None] = []
+
+    def found() -> bool:
+        pids.append(client.health()["write_process"]["pid"])
+        return pids[-1] is not None and pids[-1] not in other_than
+
+    wait_until(found, timeout=120, what="the write process")
+    return int(pids[-1] or 0)
 
 
 @pytest.fixture(scope="session")

@@ -76,12 +76,13 @@ def create(location: str, name: str) -> None:
         client.write(name, row(-1), **DEFINITION)
 
 
-def together(location: str, work: Callable[[FeatureClient, int], R], writers: int = WRITERS) -> list[R]:
-    """`work(client, writer)` in `writers` threads, each with its own connected client, released at once."""
+def together(location: str, work: Callable[[FeatureClient, int], R], writers: int = WRITERS, **options: Any) -> list[R]:
+    """`work(client, writer)` in `writers` threads, each with its own connected client (made with `options`),
+    released at once."""
     start = threading.Barrier(writers)
 
     def run(writer: int) -> R:
-        with FeatureClient(location) as client:
+        with FeatureClient(location, **options) as client:
             client.health()
             start.wait(timeout=30)
             return work(client, writer)

@@ -4,6 +4,7 @@ and the next write starts a new one; the child never outlives its server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -172,25 +173,42 @@ def children(pid: int) -> set[int]:
     """The processes `pid` started (any of its threads)."""
     found: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found.update(int(child) for child in (task / "children").read_text().split())
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            found.update(int(child) for child in (task / "children").read_text().split())
     return found
 
 
 def alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie has ended)."""
+    return state(pid) not in (None, "Z")
+
+
+def state(pid: int) -> str | None:
+    """The state of process (or thread) `pid`: R running, S sleeping, T stopped, Z a zombie...; None once gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+        return Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):  # gone before it was opened, or while it was read
+        return None
 
 
 @pytest.fixture
 def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A `flight-server serve` process with its write process on, and its location."""
-    port = free_ports(1)[0]
+    with serving(tmp_path) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serving(
+    tmp_path: Path, port: int | None = None, log: str = "server.log"
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A `flight-server serve` process (its write process on) on the SQLite catalog in `tmp_path`, at `port` (a free
+    one by default: a server started again at the same port is where its clients were), logging to `log` there; at
+    the end it is killed if it still runs, and its write process ends."""
+    port = port or free_ports(1)[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
     env.update(catalog_env(sqlite_catalog(tmp_path)), FLIGHT_SERVER_PORT=str(port), FLIGHT_SERVER_WRITE_PROCESS="1")
-    with (tmp_path / "server.log").open("wb") as out:
+    with (tmp_path / log).open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "flight_server", "serve", "--no-auto-maintenance"],
             env=env,
@@ -201,7 +219,7 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
     location = f"grpc://127.0.0.1:{port}"
     try:
         wait_until(lambda: healthy(location) or process.poll() is not None, timeout=90, what=location)
-        assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+        assert process.poll() is None, (tmp_path / log).read_text()[-3000:]
         yield process, location
     finally:
         started = children(process.pid) if process.poll() is None else set()
