@@ -67,12 +67,6 @@ def test_two_puts_creating_one_table_leave_its_files_under_its_location(tmp_path
         server.shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a merge-on-read delete matches its filter in the snapshot's schema, where a column dropped and added "
-    "again still names the old column: it deletes rows by the dropped column's values (copy-on-write is refused "
-    "in `SnapshotRows.rewrite`; merge-on-read never gets there)",
-)
 def test_a_merge_on_read_delete_by_a_column_added_again_deletes_by_the_new_column(tmp_path: Path) -> None:
     catalog = sqlite_catalog(tmp_path)
     server = start_server(catalog)
