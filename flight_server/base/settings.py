@@ -252,8 +252,8 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "Run puts, deletes and compactions (their Parquet files and commits, automatic maintenance's too) and, while "
         "it runs, the reading side of online index refreshes in a child process at a lower priority, started at the "
         "first write, so that their Python work does not hold up lookups and scans on a replica that also ingests "
-        "(docs/operations.md, the write process). Snapshot expiry stays in the serving process, which knows the "
-        "snapshots its reads use. One more process (about 270 MiB) on a server that writes; a one-row put "
+        "(docs/operations.md, the write process). Snapshot expiry runs there too, with the snapshots the serving "
+        "process's reads use sent along. One more process (about 270 MiB) on a server that writes; a one-row put "
         "takes about 1-3 ms more (one more hop). Off: everything in one process, as on Windows, where it cannot run.",
         "write_process",
         click.BOOL,
