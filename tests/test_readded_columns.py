@@ -7,8 +7,6 @@ training sets, online lookups and rewrites alike, never answered with the droppe
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -16,7 +14,10 @@ from pyiceberg.catalog import load_catalog
 from pyiceberg.types import DoubleType
 
 from flight_client import FeatureClient, InvalidRequestError
-from tests.conftest import sqlite_catalog, start_server, wait_until
+from tests.conftest import wait_until
+from tests.test_review15 import catalog, client  # fixtures: a catalog in tmp_path, a client of a server on it
+
+__all__ = ["catalog", "client"]
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 KEYS = {"entity_keys": ["id"], "event_time": "ts", "partition_by": []}
@@ -32,21 +33,6 @@ def rows(ids: list[int], values: list[float]) -> pa.Table:
             "w": pa.array(values, pa.float64()),
         }
     )
-
-
-@pytest.fixture
-def catalog(tmp_path: Path) -> dict[str, str]:
-    return sqlite_catalog(tmp_path)
-
-
-@pytest.fixture
-def client(catalog: dict[str, str]) -> Iterator[FeatureClient]:
-    server = start_server(catalog, online_refresh_seconds=0.05)
-    try:
-        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            yield client
-    finally:
-        server.shutdown()
 
 
 def training_set(client: FeatureClient, table: str, feature: str) -> list[float]:
