@@ -39,7 +39,6 @@ from flight_server.changes.commits import SCAN_SOURCE, delete_files
 from flight_server.changes.rewrite import Plan, Rewriter, SnapshotRows
 from flight_server.iceberg.catalog import PROP_DELETE_MODE, FeatureSpec, table_name
 from flight_server.iceberg.positions import PATH_FIELD_ID, POS_FIELD_ID, POSITION_DELETE_SCHEMA, referenced_data_file
-from flight_server.reads.plan import refuse_readded
 from flight_server.wire.actions import DELETE_MODES, DeleteRequest, DeleteResult
 from flight_server.wire.errors import RequestError
 
@@ -168,9 +167,6 @@ class Deleter(Rewriter):
 
     def _plan(self, rows: SnapshotRows, request: DeleteRequest, mode: str) -> Plan | None:
         """Find the matching rows (data file and position) and write the files that delete them."""
-        # The condition matches columns by name in the snapshot's files: one dropped and added again since holds the
-        # old column's values there, and a merge-on-read delete (which rewrites nothing) would go by them.
-        refuse_readded(rows.table, rows.schema, [f.name for f in rows.schema.fields])
         condition, params, keys = row_condition(rows.table, rows.schema, request)
         if keys is not None:
             rows.cursor.register(KEYS_RELATION, keys)

@@ -62,7 +62,10 @@ class SnapshotRows:
         return live_files(self.table.io, self.snapshot)
 
     def query(self, sql: str, params: list[Any]) -> duckdb.DuckDBPyConnection:
-        """Run `sql` over `SCAN_SOURCE` (this snapshot's rows) with `params` after the scan's own."""
+        """Run `sql` over `SCAN_SOURCE` (this snapshot's rows) with `params` after the scan's own. Refused when a
+        column of the snapshot was dropped and added again since: its files hold the old column under the name,
+        which a filter would match and a rewrite would copy into the new column."""
+        refuse_readded(self.table, self.schema, self.schema.column_names)
         scan = [local_path(self.table.metadata_location), self.snapshot.snapshot_id]
         return self.cursor.execute(sql, [*scan, *params])
 
@@ -80,7 +83,6 @@ class SnapshotRows:
         later, even during the rewrite; files that are not neighbours in commit order, merged, could keep no
         sequence number right for all their rows."""
         arrow = table_arrow_schema(self.schema)
-        refuse_readded(self.table, self.schema, arrow.names)  # else the old column's values go into the new
         columns = ", ".join(f"t.{quote(n)}" for n in arrow.names)
         runs = tie_runs(self.table, self.snapshot, self.files, replacing)
         extra = {f.file_path for run in runs for f in run.extra}
