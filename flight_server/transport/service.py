@@ -85,6 +85,21 @@ def _flight_errors(handler: F) -> F:
     return cast(F, wrapper)
 
 
+def _plan_refresh(parts: Components, body: bytes) -> list[bytes]:
+    fields = json.loads(body)
+    plan = parts.store.plan(fields["table"], fields["known"], fields["since"], fields["room"], fields["rebuild_room"])
+    return plan_results(*plan)
+
+
+# A write process's own actions, which only its server calls (not in the action table): refresh planning, and its
+# server's maintenance steps run here (`OffloadedMaintenance`: compaction of small files, snapshot expiry).
+_OWN_ACTIONS: dict[str, Callable[[Components, bytes], list[bytes]]] = {
+    PLAN_REFRESH: _plan_refresh,
+    COMPACT_SMALL_FILES: lambda parts, body: [compact_small_files(parts.maintenance, body)],
+    EXPIRE_ONCE: lambda parts, body: [expire_once(parts.maintenance, body)],
+}
+
+
 class FeatureFlightServer(flight.FlightServerBase):
     """Arrow Flight over Iceberg feature tables."""
 
@@ -285,25 +300,14 @@ class FeatureFlightServer(flight.FlightServerBase):
                 )
         return iter(infos)
 
-    def _plan_refresh(self, body: bytes) -> list[bytes]:
-        fields = json.loads(body)
-        store = self.parts.store
-        return plan_results(
-            *store.plan(fields["table"], fields["known"], fields["since"], fields["room"], fields["rebuild_room"])
-        )
-
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return [(action.name, action.doc) for action in ACTIONS.values()]
 
     @_flight_errors
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[bytes]:
         name = action.type
-        if name == PLAN_REFRESH and self.write_process:  # its server's own call, on a socket only it reaches
-            return iter(self._plan_refresh(action.body.to_pybytes()))
-        if name == COMPACT_SMALL_FILES and self.write_process:  # its server's automatic maintenance
-            return iter([compact_small_files(self.parts.maintenance, action.body.to_pybytes())])
-        if name == EXPIRE_ONCE and self.write_process:  # its server's snapshot expiry, with the snapshots it uses
-            return iter([expire_once(self.parts.maintenance, action.body.to_pybytes())])
+        if self.write_process and (own := _OWN_ACTIONS.get(name)) is not None:  # its server's, on its own socket
+            return iter(own(self.parts, action.body.to_pybytes()))
         row = ACTIONS.get(name)
         if row is None:
             raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")
