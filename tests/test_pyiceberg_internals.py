@@ -82,7 +82,6 @@ PARAMETERS = {
     "pyiceberg.catalog.MetastoreCatalog._parse_metadata_version": ("metadata_location",),
     "pyiceberg.table.update._apply_table_update": ("update", "base_metadata", "context"),
     "pyiceberg.table.update._update_table_metadata_log": ("base_metadata", "metadata_location", "last_updated_ms"),
-    "pyiceberg.catalog.MetastoreCatalog._write_metadata": ("metadata", "io", "metadata_path"),
     "pyiceberg.catalog.Catalog._delete_old_metadata": ("io", "base", "metadata"),
     "pyiceberg.table.update.snapshot._FastAppendFiles": ("operation", "transaction", "io", "snapshot_properties"),
     "pyiceberg.table.update.snapshot._MergeAppendFiles": ("operation", "transaction", "io", "snapshot_properties"),

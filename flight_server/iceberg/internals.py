@@ -85,6 +85,7 @@ from sqlalchemy import Select, Update, bindparam, select, update
 
 from flight_server.base.buffers import aligned
 from flight_server.base.metrics import COMMIT_RETRIES
+from flight_server.iceberg.metadata_files import write_metadata
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,6 @@ PRIVATE_API: dict[str, str] = {
     "pyiceberg.table.update._update_table_metadata_log": (
         "updated_metadata(): (base_metadata, metadata_location, last_updated_ms) -> metadata with the log entry"
     ),
-    "pyiceberg.catalog.MetastoreCatalog._write_metadata": "_commit_sql(): (metadata, io, metadata_path)",
     "pyiceberg.catalog.Catalog._delete_old_metadata": (
         "_commit_sql(): (io, base, metadata) deletes the metadata files the new metadata log dropped, as "
         "Table._do_commit does after a commit"
@@ -307,7 +307,7 @@ def _commit_sql(catalog: SqlCatalog, transaction: Transaction) -> Table:
         version
     )
     io = load_file_io({**catalog.properties, **metadata.properties}, new_location)  # as the catalog loads it
-    catalog._write_metadata(metadata, io, new_location)
+    write_metadata(metadata, io, new_location)
     *namespace, name = table.name()
     bound = {"catalog": catalog.name, "namespace": ".".join(namespace), "table": name}
     with catalog.engine.begin() as connection:  # a failure here: the outcome is unknown (`commit_on_base`)
