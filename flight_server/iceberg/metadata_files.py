@@ -10,6 +10,7 @@ The file holds the same JSON document (its keys in another order).
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections import OrderedDict
@@ -70,13 +71,19 @@ def metadata_json(metadata: TableMetadata) -> bytes:
     return f'{head[:-1]},"snapshots":[{snapshots}],"snapshot-log":{log}}}'.encode()
 
 
+@functools.cache
+def _legacy_current_snapshot_id() -> bool:
+    """pyiceberg's setting, read once: reading its configuration costs 0.2 ms, a fifth of writing the file."""
+    return bool(Config().get_bool("legacy-current-snapshot-id"))
+
+
 def write_metadata(metadata: TableMetadata, io: FileIO, location: str) -> None:
     """Write the metadata file at `location` (which must not exist), compressed as its name says.
 
     Format versions other than 2 go through pyiceberg's writer (version 1 writes snapshots without their sequence
     numbers; pyiceberg cannot write version 3), and so does pyiceberg's `legacy-current-snapshot-id` setting."""
     output = io.new_output(location)
-    if metadata.format_version != 2 or Config().get_bool("legacy-current-snapshot-id"):
+    if metadata.format_version != 2 or _legacy_current_snapshot_id():
         ToOutputFile.table_metadata(metadata, output)
         return
     data = Compressor.get_compressor(location).bytes_compressor()(metadata_json(metadata))
