@@ -95,13 +95,13 @@ def test_snapshot_json_is_kept_by_object_and_bounded() -> None:
     for snapshot_id in range(11, 19):
         alive.append(_snapshot(snapshot_id))
         kept(alive[-1])
-        assert kept._size <= kept.limit
-        assert kept._size == sum(len(text) for _, text in kept._json.values())
-    assert [kept._json[key][0]() for key in kept._json] == alive[-3:]  # least recently used out first
+        assert kept.kept.total <= kept.kept.limit
+        assert kept.kept.total == sum(len(text) for _, (_, text) in kept.kept.newest_first())
+    assert [ref() for _, (ref, _) in kept.kept.newest_first()] == alive[:-4:-1]  # least recently used out first
     kept(alive[-3])
     alive.append(_snapshot(19))
     kept(alive[-1])
-    assert [kept._json[key][0]() for key in kept._json] == [alive[-2], alive[-4], alive[-1]]
+    assert [ref() for _, (ref, _) in kept.kept.newest_first()] == [alive[-1], alive[-4], alive[-2]]
 
 
 def test_puts_write_metadata_pyiceberg_reads_back(tmp_path: Path) -> None:

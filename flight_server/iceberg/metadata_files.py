@@ -11,9 +11,7 @@ The file holds the same JSON document (its keys in another order).
 from __future__ import annotations
 
 import functools
-import threading
 import weakref
-from collections import OrderedDict
 
 from pydantic import TypeAdapter
 from pyiceberg.io import FileIO
@@ -21,6 +19,8 @@ from pyiceberg.serializers import Compressor, ToOutputFile
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Snapshot, SnapshotLogEntry
 from pyiceberg.utils.config import Config
+
+from flight_server.base.lru import WeightedLru
 
 SNAPSHOT_JSON_BYTES = 16 << 20  # about 25,000 snapshots' JSON; least recently used first out beyond it
 
@@ -35,27 +35,14 @@ class _SnapshotJson:
     metadata they start from (`internals.sharing_entries`), so an object seen before has the JSON kept for it."""
 
     def __init__(self, limit: int):
-        self.limit = limit
-        self._json: OrderedDict[int, tuple[weakref.ref[Snapshot], str]] = OrderedDict()  # by id(snapshot)
-        self._size = 0
-        self._lock = threading.Lock()
+        self.kept: WeightedLru[int, tuple[weakref.ref[Snapshot], str]] = WeightedLru(limit, lambda kept: len(kept[1]))
 
     def __call__(self, snapshot: Snapshot) -> str:
-        key = id(snapshot)
-        with self._lock:
-            kept = self._json.get(key)
-            if kept is not None and kept[0]() is snapshot:
-                self._json.move_to_end(key)
-                return kept[1]
+        kept = self.kept.get(id(snapshot))
+        if kept is not None and kept[0]() is snapshot:  # not another object since collected, whose id was reused
+            return kept[1]
         text = snapshot.model_dump_json()
-        with self._lock:
-            replaced = self._json.pop(key, None)  # an object since collected, whose id was taken again
-            if replaced is not None:
-                self._size -= len(replaced[1])
-            self._json[key] = (weakref.ref(snapshot), text)
-            self._size += len(text)
-            while self._size > self.limit:
-                self._size -= len(self._json.popitem(last=False)[1][1])
+        self.kept.put(id(snapshot), (weakref.ref(snapshot), text))
         return text
 
 

@@ -1,0 +1,64 @@
+"""A map that forgets its least recently used entries beyond a total weight: the bounded caches of things that
+never change (files, snapshots), each weighed as its owner counts it."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class WeightedLru(Generic[K, V]):
+    """`get` and `put` from any thread; past `limit` in total `weight`, the least recently used entries go.
+
+    An entry heavier than `limit` alone is not kept. `hits` and `misses` count `get`s, for metrics."""
+
+    def __init__(self, limit: int, weight: Callable[[V], int]):
+        self.limit = limit
+        self._weight = weight
+        self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self._total = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: K) -> V | None:
+        """The value (now the most recently used), or None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def put(self, key: K, value: V) -> None:
+        """Keep `value` under `key` (replacing what was kept), then forget the least recently used beyond `limit`."""
+        weight = self._weight(value)
+        with self._lock:
+            replaced = self._entries.pop(key, None)
+            if replaced is not None:
+                self._total -= replaced[1]
+            if weight > self.limit:
+                return
+            self._entries[key] = (value, weight)
+            self._total += weight
+            while self._total > self.limit:
+                self._total -= self._entries.popitem(last=False)[1][1]
+
+    @property
+    def total(self) -> int:
+        """The weight of what is kept."""
+        return self._total
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def newest_first(self) -> list[tuple[K, V]]:
+        """What is kept, the most recently used first (no use recorded)."""
+        with self._lock:
+            return [(key, entry[0]) for key, entry in reversed(self._entries.items())]

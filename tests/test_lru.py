@@ -1,0 +1,34 @@
+"""`WeightedLru` against a plain reference: a list of (key, value) pairs, the most recently used last."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flight_server.base.lru import WeightedLru
+
+OPS = st.lists(
+    st.tuples(st.sampled_from(["get", "put"]), st.integers(0, 6), st.integers(0, 12)), min_size=1, max_size=60
+)
+
+
+@given(ops=OPS, limit=st.integers(0, 30))
+def test_weighted_lru_keeps_what_a_plain_list_keeps(ops: list[tuple[str, int, int]], limit: int) -> None:
+    lru: WeightedLru[int, int] = WeightedLru(limit, lambda value: value)
+    reference: list[tuple[int, int]] = []
+    for op, key, value in ops:
+        found = next((v for k, v in reference if k == key), None)
+        if op == "get":
+            assert lru.get(key) == found
+            if found is not None:
+                reference = [(k, v) for k, v in reference if k != key] + [(key, found)]
+        else:
+            lru.put(key, value)
+            reference = [(k, v) for k, v in reference if k != key]
+            if value <= limit:
+                reference.append((key, value))
+                while sum(v for _, v in reference) > limit:
+                    reference.pop(0)
+        assert lru.newest_first() == reference[::-1]
+        assert lru.total == sum(v for _, v in reference) <= limit
+        assert len(lru) == len(reference)
