@@ -25,11 +25,12 @@ from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.table import Table
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.refs import SnapshotRefType
-from pyiceberg.table.snapshots import Operation, Snapshot
+from pyiceberg.table.snapshots import Operation
 from pyiceberg.table.update.snapshot import ExpireSnapshots, ManageSnapshots
 
 from flight_server.base.filters import parse_filter, to_sql
 from flight_server.changes.commits import SCAN_SOURCE
+from flight_server.changes.reachable import snapshot_files
 from flight_server.changes.rewrite import Plan, Rewriter, Rewritten, SnapshotRows
 from flight_server.iceberg.catalog import pins, table_name
 from flight_server.iceberg.positions import referenced_data_file
@@ -65,25 +66,11 @@ def worth_compacting(files: list[DataFile], obsolete: list[DataFile], equality_d
     return len(set(partitions)) < len(partitions)
 
 
-def snapshot_files(io: FileIO, snapshot: Snapshot, entries: dict[str, list[str]]) -> set[str]:
-    """The manifest list, manifests, data and delete files a snapshot uses; `entries` keeps each manifest's
-    files, read once, since a table's snapshots share most of their manifests."""
-    paths = {snapshot.manifest_list}
-    for manifest in snapshot.manifests(io):
-        paths.add(manifest.manifest_path)
-        if manifest.manifest_path not in entries:
-            found = manifest.fetch_manifest_entry(io, discard_deleted=True)
-            entries[manifest.manifest_path] = [entry.data_file.file_path for entry in found]
-        paths.update(entries[manifest.manifest_path])
-    return paths
-
-
 def unreachable_files(io: FileIO, before: TableMetadata, after: TableMetadata, expired: set[int]) -> set[str]:
     """The manifest lists, manifests, data and delete files that expired snapshots used and no snapshot
     left in `after` does."""
-    entries: dict[str, list[str]] = {}
-    kept = set().union(*(snapshot_files(io, s, entries) for s in after.snapshots))
-    gone = set().union(*(snapshot_files(io, s, entries) for s in before.snapshots if s.snapshot_id in expired))
+    kept = set().union(*(snapshot_files(io, s) for s in after.snapshots))
+    gone = set().union(*(snapshot_files(io, s) for s in before.snapshots if s.snapshot_id in expired))
     return gone - kept
 
 

@@ -24,7 +24,7 @@ from pyiceberg.io import FileIO
 from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.table.metadata import TableMetadata
 
-from flight_server.changes.maintenance import snapshot_files
+from flight_server.changes.reachable import snapshot_files
 from flight_server.iceberg.catalog import FeatureCatalog, table_name
 from flight_server.wire.actions import OrphanFilesRequest, OrphanFilesResult
 from flight_server.wire.codec import format_timestamp, parse_timestamp
@@ -57,9 +57,8 @@ def referenced_files(io: FileIO, metadata: TableMetadata, metadata_location: str
     paths = {metadata_location, *(entry.metadata_file for entry in metadata.metadata_log)}
     paths.add(f"{metadata.location.rstrip('/')}/metadata/version-hint.text")  # Hadoop tables' pointer: Spark keeps it
     paths |= {stats.statistics_path for stats in (*metadata.statistics, *metadata.partition_statistics)}
-    entries: dict[str, list[str]] = {}
     for snapshot in metadata.snapshots:
-        paths |= snapshot_files(io, snapshot, entries)
+        paths |= snapshot_files(io, snapshot)
     return paths
 
 
