@@ -261,9 +261,7 @@ def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -
         raise
     try:
         transaction._apply(updates, requirements)
-        if (catalog := _on_sql(transaction)) is not None:
-            return _commit_sql(catalog, transaction)
-        return transaction.commit_transaction()
+        return commit_staged(transaction)
     except (CommitFailedException, TableAlreadyExistsError):
         COMMIT_RETRIES.inc()
         producer._clean_all_uncommitted()
@@ -274,6 +272,15 @@ def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -
         # The catalog may have applied the commit before failing (a request timed out after the REST server
         # committed, a database connection dropped at COMMIT): callers must keep the files, never retry blindly.
         raise CommitStateUnknownException(f"the commit's outcome is unknown ({type(exc).__name__})") from exc
+
+
+def commit_staged(transaction: Transaction) -> Table:
+    """Commit the updates staged on `transaction`: on a SQL catalog, on the metadata it was opened on or not at all
+    (`_commit_sql`; any commit since fails it with `CommitFailedException`, nothing is applied again on newer
+    metadata); through pyiceberg's `commit_transaction` otherwise."""
+    if (catalog := _on_sql(transaction)) is not None:
+        return _commit_sql(catalog, transaction)
+    return transaction.commit_transaction()
 
 
 def _on_sql(transaction: Transaction) -> SqlCatalog | None:
