@@ -1,6 +1,6 @@
 """Automatic maintenance (flight_server/changes/upkeep.py): a round compacts the small files of crowded partitions
 and expires old snapshots, keeping pinned ones and those a running read or a cached training set uses, and the
-oldest beyond a cap on their number when asked (`choose_expired`, against a plain reference); a table can turn it
+oldest beyond the table's cap on their number (`choose_expired`, against a plain reference); a table can turn it
 off; the background thread runs rounds by itself; two replicas maintaining one table while a writer puts lose and
 double nothing."""
 
@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 from pyiceberg.table.snapshots import Operation
 
 from flight_client import FeatureClient
-from flight_server.changes.maintenance import ExpiryChoice, choose_expired, small_file_groups
+from flight_server.changes.maintenance import MIN_SNAPSHOTS_PROPERTY, ExpiryChoice, choose_expired, small_file_groups
 from flight_server.changes.rewrite import Plan, SnapshotRows
-from flight_server.changes.upkeep import COMPACT_MIN_FILES_PROPERTY, ENABLED_PROPERTY
+from flight_server.changes.upkeep import COMPACT_MIN_FILES_PROPERTY, ENABLED_PROPERTY, MAX_SNAPSHOTS_PROPERTY
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.transport.service import FeatureFlightServer
-from tests.conftest import serve_replicas, sqlite_catalog, start_server, wait_until, write_big
+from tests.conftest import serve_replicas, sqlite_catalog, start_server, start_writing_server, wait_until, write_big
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 EXPIRE_AT_ONCE = {"history.expire.max-snapshot-age-ms": "1", "history.expire.min-snapshots-to-keep": "1"}
@@ -275,6 +275,45 @@ def commits(catalog: dict[str, str], table: str) -> int:
     return len(FeatureCatalog("default", catalog).load(table).metadata.metadata_log)
 
 
+def test_a_round_expires_the_oldest_snapshots_beyond_the_cap(
+    client: FeatureClient, catalog: dict[str, str], table: str
+) -> None:
+    made = capped(client, catalog, table, 12, {MAX_SNAPSHOTS_PROPERTY: "5", MIN_SNAPSHOTS_PROPERTY: "1"})
+    before = commits(catalog, table)
+    result = client.run_maintenance(table)
+    assert (result["snapshots_expired"], result["kept_pinned"], result["kept_in_use"]) == (7, 0, 0), result
+    assert result["files_deleted"] >= 7 and result["error"] is None and result["gave_way"] == []
+    assert snapshot_ids(client, table) == set(made[-5:])
+    assert commits(catalog, table) == before + 1
+    assert ids(client, table) == Counter(range(12))
+    assert client.describe(table)["maintenance"] == result
+    assert client.health()["maintenance"]["snapshots_expired"] >= 7
+    assert client.run_maintenance(table)["snapshots_expired"] == 0  # at the cap: nothing more to do
+
+
+def test_the_cap_keeps_pinned_snapshots_and_counts_them(
+    client: FeatureClient, catalog: dict[str, str], table: str
+) -> None:
+    made = capped(client, catalog, table, 12, {MAX_SNAPSHOTS_PROPERTY: "5", MIN_SNAPSHOTS_PROPERTY: "1"})
+    client.pin(table, made[2])
+    result = client.run_maintenance(table)
+    assert (result["snapshots_expired"], result["kept_pinned"], result["kept_in_use"]) == (7, 1, 0), result
+    assert snapshot_ids(client, table) == {made[2], *made[-4:]}
+    assert ids(client, table, made[2]) == Counter(range(3))
+    assert ids(client, table) == Counter(range(12))
+
+
+def test_the_minimum_kept_wins_over_a_lower_cap_and_zero_turns_the_cap_off(
+    client: FeatureClient, catalog: dict[str, str], table: str
+) -> None:
+    made = capped(client, catalog, table, 12, {MAX_SNAPSHOTS_PROPERTY: "0", MIN_SNAPSHOTS_PROPERTY: "1"})
+    assert client.run_maintenance(table)["snapshots_expired"] == 0
+    set_properties(catalog, table, {MAX_SNAPSHOTS_PROPERTY: "3", MIN_SNAPSHOTS_PROPERTY: "6"})
+    assert client.run_maintenance(table)["snapshots_expired"] == 6
+    assert snapshot_ids(client, table) == set(made[-6:])
+    assert ids(client, table) == Counter(range(12))
+
+
 def test_expire_snapshots_caps_the_count_when_asked(client: FeatureClient, catalog: dict[str, str], table: str) -> None:
     made = capped(client, catalog, table, 12, {})
     client.pin(table, made[1], name="kept")
@@ -287,6 +326,41 @@ def test_expire_snapshots_caps_the_count_when_asked(client: FeatureClient, catal
     forced = client.expire_snapshots(table, max_snapshots=3, force=True)
     assert forced["expired"] == [made[1]] and forced["unpinned"] == ["kept"] and forced["snapshots_left"] == 3
     assert ids(client, table) == Counter(range(12))
+
+
+def test_a_table_hammered_past_the_servers_cap_comes_back_to_it_in_one_round(tmp_path: Path) -> None:
+    """Four writers at once put far past the server's cap (`expire_max_snapshots`, 10: at least 20 snapshots, as the
+    puts of one writer never share a group commit); one round, whose expiry runs in the write process, leaves the
+    newest 10 and every row. The cap of `expire_snapshots` crosses to the write process too."""
+    properties = sqlite_catalog(tmp_path)
+    server = start_writing_server(properties, expire_max_snapshots=10, expire_min_snapshots=1)
+    table, writers, each = "hammer.t", 4, 20
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            create(client, table, rows([0]))
+            set_properties(properties, table, NO_COMPACTION)
+
+            def put(writer: int) -> None:
+                for i in range(each):
+                    client.write(table, rows([1 + writer * each + i]))
+
+            threads = [threading.Thread(target=put, args=(w,)) for w in range(writers)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            before = client.describe(table)["snapshots"]
+            assert len(before) > 20
+            result = client.run_maintenance(table)
+            assert result["snapshots_expired"] == len(before) - 10 and result["error"] is None, result
+            left = snapshot_ids(client, table)
+            assert len(left) == 10 and client.describe(table)["current_snapshot_id"] in left
+            times = {s["snapshot_id"]: s["timestamp_ms"] for s in before}
+            assert min(times[s] for s in left) >= max(times[s] for s in times if s not in left)  # the newest
+            assert ids(client, table) == Counter(range(1 + writers * each))
+            assert client.expire_snapshots(table, max_snapshots=3)["snapshots_left"] == 3
+    finally:
+        server.shutdown()
 
 
 def reference_expiry(
