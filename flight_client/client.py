@@ -301,11 +301,13 @@ class FeatureClient:
         older_than: dt.datetime | str | int | None = None,
         retain_last: int | None = None,
         force: bool = False,
+        max_snapshots: int | None = None,
     ) -> dict[str, Any]:
-        """Forget snapshots older than `older_than` except the `retain_last` newest, and delete the files only
-        they used; defaults: the table's `history.expire.*` properties (5 days, 1). Pinned snapshots are
+        """Forget snapshots older than `older_than` except the `retain_last` newest, then (with `max_snapshots`)
+        the oldest until at most `max_snapshots` (or `retain_last`, if more) remain, and delete the files only
+        they used; defaults: the table's `history.expire.*` properties (5 days, 1), no cap. Pinned snapshots are
         kept (and listed in `kept_pinned`) unless `force`, which drops their pins."""
-        request = ExpireRequest(table, _as_of(older_than), retain_last, force)
+        request = ExpireRequest(table, _as_of(older_than), retain_last, force, max_snapshots)
         return self._action("expire_snapshots", asdict(request))
 
     def pin(self, table: str, snapshot_id: int | None = None, name: str | None = None) -> dict[str, Any]:

@@ -318,6 +318,16 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         InvalidRequestError,
         "'retain_last' must be an integer >= 1",
     ),
+    "expire capping at no snapshot": (
+        lambda c, t: c.expire_snapshots(t, max_snapshots=0),
+        InvalidRequestError,
+        "'max_snapshots' must be an integer >= 1",
+    ),
+    "expire capping at a string": (
+        lambda c, t: c.expire_snapshots(t, max_snapshots="10"),  # type: ignore[arg-type]
+        InvalidRequestError,
+        "'max_snapshots' must be an integer >= 1",
+    ),
     "expire before a bad time": (
         lambda c, t: c.expire_snapshots(t, older_than="soon"),
         InvalidRequestError,

@@ -1,7 +1,8 @@
 """Automatic maintenance (flight_server/changes/upkeep.py): a round compacts the small files of crowded partitions
-and expires old snapshots, keeping pinned ones and those a running read or a cached training set uses; a table
-can turn it off; the background thread runs rounds by itself; two replicas maintaining one table while a writer
-puts lose and double nothing."""
+and expires old snapshots, keeping pinned ones and those a running read or a cached training set uses, and the
+oldest beyond the table's cap on their number (`choose_expired`, against a plain reference); a table can turn it
+off; the background thread runs rounds by itself; two replicas maintaining one table while a writer puts lose and
+double nothing."""
 
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pyiceberg.table.snapshots import Operation
 
 from flight_client import FeatureClient
-from flight_server.changes.maintenance import small_file_groups
+from flight_server.changes.maintenance import MIN_SNAPSHOTS_PROPERTY, ExpiryChoice, choose_expired, small_file_groups
 from flight_server.changes.rewrite import Plan, SnapshotRows
-from flight_server.changes.upkeep import COMPACT_MIN_FILES_PROPERTY, ENABLED_PROPERTY
+from flight_server.changes.upkeep import COMPACT_MIN_FILES_PROPERTY, ENABLED_PROPERTY, MAX_SNAPSHOTS_PROPERTY
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.transport.service import FeatureFlightServer
-from tests.conftest import serve_replicas, sqlite_catalog, start_server, wait_until, write_big
+from tests.conftest import serve_replicas, sqlite_catalog, start_server, start_writing_server, wait_until, write_big
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 EXPIRE_AT_ONCE = {"history.expire.max-snapshot-age-ms": "1", "history.expire.min-snapshots-to-keep": "1"}
@@ -252,3 +255,179 @@ def test_two_replicas_maintaining_one_table_lose_nothing(tmp_path: Path) -> None
         finally:
             for client in clients:
                 client.close()
+
+
+# The snapshot cap: beyond the age rule, the oldest snapshots expire until at most max-snapshots remain.
+
+NO_COMPACTION = {COMPACT_MIN_FILES_PROPERTY: "100000"}
+
+
+def capped(client: FeatureClient, catalog: dict[str, str], table: str, count: int, policy: dict[str, str]) -> list[int]:
+    """A table of `count` puts of one row each (ids 0 ..) under the maintenance `policy`: its snapshots, oldest
+    first. The age rule is the server's day: none of them is old enough for it."""
+    made = [create(client, table, rows([0]))]
+    set_properties(catalog, table, {**NO_COMPACTION, **policy})
+    return made + [client.write(table, rows([i])).snapshot_id for i in range(1, count)]
+
+
+def commits(catalog: dict[str, str], table: str) -> int:
+    """How many commits the table's metadata log records (each commit adds one)."""
+    return len(FeatureCatalog("default", catalog).load(table).metadata.metadata_log)
+
+
+def test_a_round_expires_the_oldest_snapshots_beyond_the_cap(
+    client: FeatureClient, catalog: dict[str, str], table: str
+) -> None:
+    made = capped(client, catalog, table, 12, {MAX_SNAPSHOTS_PROPERTY: "5", MIN_SNAPSHOTS_PROPERTY: "1"})
+    before = commits(catalog, table)
+    result = client.run_maintenance(table)
+    assert (result["snapshots_expired"], result["kept_pinned"], result["kept_in_use"]) == (7, 0, 0), result
+    assert result["files_deleted"] >= 7 and result["error"] is None and result["gave_way"] == []
+    assert snapshot_ids(client, table) == set(made[-5:])
+    assert commits(catalog, table) == before + 1
+    assert ids(client, table) == Counter(range(12))
+    assert client.describe(table)["maintenance"] == result
+    assert client.health()["maintenance"]["snapshots_expired"] >= 7
+    assert client.run_maintenance(table)["snapshots_expired"] == 0  # at the cap: nothing more to do
+
+
+def test_the_cap_keeps_pinned_snapshots_and_counts_them(
+    client: FeatureClient, catalog: dict[str, str], table: str
+) -> None:
+    made = capped(client, catalog, table, 12, {MAX_SNAPSHOTS_PROPERTY: "5", MIN_SNAPSHOTS_PROPERTY: "1"})
+    client.pin(table, made[2])
+    result = client.run_maintenance(table)
+    assert (result["snapshots_expired"], result["kept_pinned"], result["kept_in_use"]) == (7, 1, 0), result
+    assert snapshot_ids(client, table) == {made[2], *made[-4:]}
+    assert ids(client, table, made[2]) == Counter(range(3))
+    assert ids(client, table) == Counter(range(12))
+
+
+def test_the_minimum_kept_wins_over_a_lower_cap_and_zero_turns_the_cap_off(
+    client: FeatureClient, catalog: dict[str, str], table: str
+) -> None:
+    made = capped(client, catalog, table, 12, {MAX_SNAPSHOTS_PROPERTY: "0", MIN_SNAPSHOTS_PROPERTY: "1"})
+    assert client.run_maintenance(table)["snapshots_expired"] == 0
+    set_properties(catalog, table, {MAX_SNAPSHOTS_PROPERTY: "3", MIN_SNAPSHOTS_PROPERTY: "6"})
+    assert client.run_maintenance(table)["snapshots_expired"] == 6
+    assert snapshot_ids(client, table) == set(made[-6:])
+    assert ids(client, table) == Counter(range(12))
+
+
+def test_expire_snapshots_caps_the_count_when_asked(client: FeatureClient, catalog: dict[str, str], table: str) -> None:
+    made = capped(client, catalog, table, 12, {})
+    client.pin(table, made[1], name="kept")
+    assert client.expire_snapshots(table)["expired"] == []  # no cap unless asked, and none is 5 days old
+    before = commits(catalog, table)
+    result = client.expire_snapshots(table, max_snapshots=4)
+    assert result["expired"] == [made[0], *made[2:9]] and result["kept_pinned"] == [made[1]], result
+    assert result["snapshots_left"] == 4 and commits(catalog, table) == before + 1
+    assert snapshot_ids(client, table) == {made[1], *made[-3:]}
+    forced = client.expire_snapshots(table, max_snapshots=3, force=True)
+    assert forced["expired"] == [made[1]] and forced["unpinned"] == ["kept"] and forced["snapshots_left"] == 3
+    assert ids(client, table) == Counter(range(12))
+
+
+def test_a_table_hammered_past_the_servers_cap_comes_back_to_it_in_one_round(tmp_path: Path) -> None:
+    """Four writers at once put far past the server's cap (`expire_max_snapshots`, 10: at least 20 snapshots, as the
+    puts of one writer never share a group commit); one round, whose expiry runs in the write process, leaves the
+    newest 10 and every row. The cap of `expire_snapshots` crosses to the write process too."""
+    properties = sqlite_catalog(tmp_path)
+    server = start_writing_server(properties, expire_max_snapshots=10, expire_min_snapshots=1)
+    table, writers, each = "hammer.t", 4, 20
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            create(client, table, rows([0]))
+            set_properties(properties, table, NO_COMPACTION)
+
+            def put(writer: int) -> None:
+                for i in range(each):
+                    client.write(table, rows([1 + writer * each + i]))
+
+            threads = [threading.Thread(target=put, args=(w,)) for w in range(writers)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            before = client.describe(table)["snapshots"]
+            assert len(before) > 20
+            result = client.run_maintenance(table)
+            assert result["snapshots_expired"] == len(before) - 10 and result["error"] is None, result
+            left = snapshot_ids(client, table)
+            assert len(left) == 10 and client.describe(table)["current_snapshot_id"] in left
+            times = {s["snapshot_id"]: s["timestamp_ms"] for s in before}
+            assert min(times[s] for s in left) >= max(times[s] for s in times if s not in left)  # the newest
+            assert ids(client, table) == Counter(range(1 + writers * each))
+            assert client.expire_snapshots(table, max_snapshots=3)["snapshots_left"] == 3
+    finally:
+        server.shutdown()
+
+
+def reference_expiry(
+    snapshots: list[tuple[int, int]],
+    older_than: int,
+    retain_last: int,
+    max_snapshots: int | None,
+    heads: set[int],
+    pinned: dict[str, int],
+    in_use: set[int],
+    force: bool,
+    cap_expiries: int,
+) -> ExpiryChoice:
+    """The rules as the docs state them, one at a time: the age rule, then the oldest one by one while too many
+    remain (`cap_expiries` of them at most); the pinned and in-use snapshots a rule reached are reported."""
+    newest_first = [sid for sid, _ in sorted(snapshots, key=lambda s: s[1], reverse=True)]
+    age = {sid: newest_first.index(sid) for sid, _ in snapshots}  # 0: the newest
+    spared = set(newest_first[:retain_last]) | heads
+
+    def stays(sid: int) -> bool:
+        return sid in spared or sid in in_use or (not force and sid in pinned.values())
+
+    old = {sid for sid, timestamp in snapshots if timestamp < older_than}
+    expired = {sid for sid in old if not stays(sid)}
+    cap = None if max_snapshots is None else max(max_snapshots, retain_last)
+    while cap is not None and len(snapshots) - len(expired) > cap and len(expired - old) < cap_expiries:
+        candidates = [sid for sid, _ in snapshots if sid not in expired and not stays(sid)]
+        if not candidates:
+            break
+        expired.add(max(candidates, key=age.__getitem__))
+
+    def reached(sid: int) -> bool:  # a rule chose it: the age, or too many left once those older went
+        if sid not in age or sid in spared:
+            return False
+        older_expired = {e for e in expired if age[e] > age[sid]}
+        over = cap is not None and len(snapshots) - len(older_expired) > cap
+        return sid in old or (over and len(older_expired - old) < cap_expiries)
+
+    kept_pinned = set() if force else {sid for sid in pinned.values() if reached(sid)}
+    return ExpiryChoice(
+        expired=[sid for sid, _ in snapshots if sid in expired],
+        kept_pinned=sorted(kept_pinned),
+        kept_in_use=sorted(sid for sid in in_use if reached(sid) and sid not in kept_pinned),
+        unpinned=sorted(name for name, sid in pinned.items() if reached(sid)) if force else [],
+    )
+
+
+@st.composite
+def expiries(draw: st.DrawFn) -> dict[str, Any]:
+    count = draw(st.integers(0, 30))
+    times = draw(st.lists(st.integers(0, 40), min_size=count, max_size=count))  # ties and clock skew too
+    snapshots = list(zip(range(100, 100 + count), times, strict=True))
+    sids = st.integers(97, 99 + count)  # mostly this table's, a few of none of its snapshots
+    return {
+        "snapshots": snapshots,
+        "older_than": draw(st.integers(-1, 42)),
+        "retain_last": draw(st.integers(1, 8)),
+        "max_snapshots": draw(st.none() | st.integers(1, 25)),
+        "heads": draw(st.sets(sids, max_size=2)),
+        "pinned": draw(st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), sids, max_size=4)),
+        "in_use": draw(st.sets(sids, max_size=6)),
+        "force": draw(st.booleans()),
+        "cap_expiries": draw(st.integers(1, 30)),
+    }
+
+
+@settings(max_examples=500, deadline=None)
+@given(case=expiries())
+def test_the_expiry_choice_is_the_rules_applied_one_at_a_time(case: dict[str, Any]) -> None:
+    assert choose_expired(**case) == reference_expiry(**case)

@@ -89,11 +89,12 @@ class ServerConfig:
     log_format: str = "text"  # or "json"; JSON logs and metrics both track every call (request ids)
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str | None = None  # None: --host
-    # Automatic maintenance (changes/upkeep.py); a table's own properties override the last three.
+    # Automatic maintenance (changes/upkeep.py); a table's own properties override the last four.
     auto_maintenance: bool = True
     maintenance_interval_seconds: float = 60.0
     expire_snapshot_age_ms: int = 24 * 3600 * 1000
     expire_min_snapshots: int = 100
+    expire_max_snapshots: int = 2000  # 0: no cap
     compact_min_files: int = 10
     memory_budget_bytes: int | None = None  # None: half the machine's memory (base/memory.py default_budget)
 

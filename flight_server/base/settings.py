@@ -484,6 +484,16 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         click.IntRange(1),
     ),
     Setting(
+        "--expire-max-snapshots",
+        "FLIGHT_SERVER_EXPIRE_MAX_SNAPSHOTS",
+        "Automatic maintenance",
+        "Beyond the age rule, the oldest snapshots expire until at most this many remain (or the minimum kept, if "
+        "more; pinned ones and those in use stay), so that a table committed to many times a second keeps a "
+        "metadata file of bounded size; 0: no cap. For tables without flight.maintenance.max-snapshots.",
+        "expire_max_snapshots",
+        click.IntRange(0),
+    ),
+    Setting(
         "--compact-min-files",
         "FLIGHT_SERVER_COMPACT_MIN_FILES",
         "Automatic maintenance",

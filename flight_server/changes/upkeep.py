@@ -9,8 +9,9 @@ at a time, and on each:
   gathered `flight.maintenance.compact-min-files` of them, bin-packed to the target size, at most
   `ROUND_BYTES` of them per round (the rewrite streams within `--write-chunk-mb`);
 * expires the snapshots older than `history.expire.max-snapshot-age-ms` beyond the newest
-  `history.expire.min-snapshots-to-keep` (Iceberg's own properties), except pinned ones and those this
-  server's reads and cached training sets use, and deletes the files only they used;
+  `history.expire.min-snapshots-to-keep` (Iceberg's own properties), then the oldest until at most
+  `flight.maintenance.max-snapshots` remain (in the same commit), except pinned ones and those this server's
+  reads and cached training sets use, and deletes the files only they used;
 * removes orphan files older than 3 days, once a day per table.
 
 A table's properties override the server's defaults (`--expire-snapshot-age-hours`, ...), and
@@ -48,6 +49,10 @@ ENABLED_PROPERTY = "flight.maintenance.enabled"
 
 COMPACT_MIN_FILES_PROPERTY = "flight.maintenance.compact-min-files"
 
+# Iceberg has no cap on the number of snapshots: at a few commits a second, a day's would be hundreds of thousands,
+# and every commit rewrites (and every replica re-parses) the metadata file that lists them all.
+MAX_SNAPSHOTS_PROPERTY = "flight.maintenance.max-snapshots"
+
 SMALL_SHARE = 0.75  # a data file under this share of the target size is small (Iceberg's rewrite_data_files)
 
 ROUND_BYTES = 1 << 30  # small files one round compacts per table, at most (beyond the first partition's minimum)
@@ -66,6 +71,7 @@ class Policy:
     enabled: bool
     max_snapshot_age_ms: int
     min_snapshots: int
+    max_snapshots: int  # 0: no cap
     compact_min_files: int
     small_bytes: int
 
@@ -76,6 +82,7 @@ class Policy:
             enabled=property_as_bool(properties, ENABLED_PROPERTY, True),
             max_snapshot_age_ms=_at_least(properties, MAX_SNAPSHOT_AGE_PROPERTY, config.expire_snapshot_age_ms, 0),
             min_snapshots=_at_least(properties, MIN_SNAPSHOTS_PROPERTY, config.expire_min_snapshots, 1),
+            max_snapshots=_at_least(properties, MAX_SNAPSHOTS_PROPERTY, config.expire_max_snapshots, 0),
             compact_min_files=_at_least(properties, COMPACT_MIN_FILES_PROPERTY, config.compact_min_files, 2),
             small_bytes=int(target_file_size(metadata) * SMALL_SHARE),
         )
@@ -260,7 +267,9 @@ class Upkeep:
         if compacted is not None and compacted.compacted:
             done.add(data_files_compacted=compacted.data_files_removed, data_files_added=compacted.data_files_added)
         older_than = dt.datetime.now(dt.timezone.utc) - dt.timedelta(milliseconds=policy.max_snapshot_age_ms)
-        request = ExpireRequest(name, format_timestamp(older_than), policy.min_snapshots)
+        request = ExpireRequest(
+            name, format_timestamp(older_than), policy.min_snapshots, max_snapshots=policy.max_snapshots or None
+        )
         expired = done.step("expiry", lambda: self.maintenance.expire_once(request))
         if expired is not None:
             done.add(

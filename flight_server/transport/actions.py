@@ -162,7 +162,8 @@ _ROWS: list[Action[Any]] = [
     Action[ExpireRequest](
         "expire_snapshots",
         "Forget old snapshots and delete the files only they used; pinned ones stay unless forced. "
-        'Body: {"table": "ns.t", "older_than": "2026-01-01T00:00:00Z", "retain_last": 10, "force": false}.',
+        'Body: {"table": "ns.t", "older_than": "2026-01-01T00:00:00Z", "retain_last": 10, "force": false, '
+        '"max_snapshots": 2000}.',
         ADMIN,
         ExpireRequest.from_body,
         _change(lambda parts: parts.maintenance.expire),

@@ -78,17 +78,19 @@ class CompactRequest:
 
 @dataclass(frozen=True)
 class ExpireRequest:
-    """`expire_snapshots` action: forget snapshots older than `older_than` beyond the last `retain_last`,
-    and delete the files only they used; pinned snapshots stay unless `force`."""
+    """`expire_snapshots` action: forget snapshots older than `older_than` beyond the last `retain_last`, and
+    then the oldest until at most `max_snapshots` (or `retain_last`, if more) remain, and delete the files only
+    they used; pinned snapshots stay unless `force`."""
 
     table: str
     older_than: str | None = None
     retain_last: int | None = None
     force: bool = False
+    max_snapshots: int | None = None
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> ExpireRequest:
-        f = Fields(body, "expire_snapshots request", {"table", "older_than", "retain_last", "force"})
+        f = Fields(body, "expire_snapshots request", {"table", "older_than", "retain_last", "force", "max_snapshots"})
         older_than = body.get("older_than")
         if older_than is not None:
             older_than = format_timestamp(parse_timestamp(older_than, "expire_snapshots request: 'older_than'"))
@@ -97,6 +99,7 @@ class ExpireRequest:
             older_than,
             f.int("retain_last", minimum=1),
             f.bool("force"),
+            f.int("max_snapshots", minimum=1),
         )
 
 
