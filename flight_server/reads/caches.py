@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 from pyiceberg.table import FileScanTask
 
+from flight_server.base.lru import WeightedLru
 from flight_server.base.memory import MemoryBudget
 from flight_server.reads.inuse import SnapshotsInUse
 
@@ -52,42 +53,21 @@ class PlanCache:
                 self._plans.popitem(last=False)
 
 
-class PositionCache:
+class PositionCache(WeightedLru[tuple[str, str], np.ndarray]):
     """Row positions read from position delete files, by (delete file, data file); the least recently used
     go past `max_bytes`. The files never change, and a table's readers read the same ones over and over
     (Iceberg's Spark executors cache them likewise)."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0  # for the server's metrics
+        super().__init__(max_bytes, lambda positions: positions.nbytes)
 
-    def get(self, key: tuple[str, str]) -> np.ndarray | None:
-        with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-            else:
-                self.misses += 1
-            return value
-
-    def __len__(self) -> int:
-        return len(self._entries)
+    @property
+    def max_bytes(self) -> int:
+        return self.limit
 
     @property
     def nbytes(self) -> int:
-        return self._bytes
-
-    def put(self, key: tuple[str, str], value: np.ndarray) -> None:
-        with self._lock:
-            if key not in self._entries:
-                self._entries[key] = value
-                self._bytes += value.nbytes
-            while self._bytes > self.max_bytes:
-                self._bytes -= self._entries.popitem(last=False)[1].nbytes
+        return self.total
 
 
 FileKey = tuple[str, tuple[str, ...], tuple[str, ...]]  # data file, columns, its position delete files
