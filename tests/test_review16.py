@@ -1,4 +1,4 @@
-"""Review 16: failing tests (xfail, strict) for problems from the interaction of the branches merged at 871b0ae."""
+"""Review 16: tests for problems from the interaction of the branches merged at 871b0ae (xfail, strict, until fixed)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
-import pytest
 from pyiceberg.catalog import load_catalog
 from pyiceberg.types import DoubleType
 
@@ -29,12 +28,6 @@ def rows(ids: list[int]) -> pa.Table:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a put that creates a table writes its files at the location it chose (the default one), and when "
-    "another put created the table first it appends them to that table: elsewhere when that put's table took "
-    "`<default>-<hex>` because the first put's uncommitted files were already at the default location",
-)
 def test_two_puts_creating_one_table_leave_its_files_under_its_location(tmp_path: Path) -> None:
     catalog = sqlite_catalog(tmp_path)
     server = start_server(catalog)
@@ -42,7 +35,7 @@ def test_two_puts_creating_one_table_leave_its_files_under_its_location(tmp_path
         address = f"grpc://127.0.0.1:{server.port}"
         table = "race.created"
         first = rows(list(range(200_000)))  # above the test chunk (256 KiB): written to files as it arrives
-        request = WriteRequest(table=table, entity_keys=["id"], event_time="ts", end_marker=True)
+        request = WriteRequest(table=table, entity_keys=["id"], event_time="ts", end_marker=True, write_id="first")
         raw = flight.connect(address)
         writer, results = raw.do_put(flight.FlightDescriptor.for_command(request.to_bytes()), first.schema)
         writer.write_table(first)
@@ -58,11 +51,20 @@ def test_two_puts_creating_one_table_leave_its_files_under_its_location(tmp_path
         assert results.read() is not None  # the first put appended to the table the second created
         writer.close()
         raw.close()
+        with FeatureClient(address) as client:
+            again = client.write(table, first, entity_keys="id", event_time="ts", write_id="first")
+        assert again.duplicate
         loaded = load_catalog("default", **catalog).load_table(table)
         location = loaded.metadata.location.rstrip("/") + "/"
         assert loaded.scan().to_arrow().num_rows == first.num_rows + 1
-        outside = [t.file.file_path for t in loaded.scan().plan_files() if not t.file.file_path.startswith(location)]
+        tasks = loaded.scan().plan_files()
+        outside = [t.file.file_path for t in tasks if not t.file.file_path.startswith(location)]
         assert outside == [], f"data files of {table} outside its location {location}"
+        assert sum(t.file.record_count for t in tasks) == first.num_rows + 1  # the entries' statistics kept
+        assert all(t.file.lower_bounds and t.file.upper_bounds for t in tasks)
+        default = warehouse / "race" / "created"
+        assert location != default.as_uri() + "/"  # the race this test is about: the second put took another location
+        assert not [p for p in default.rglob("*") if p.is_file()], "the first put's files at the default location"
     finally:
         server.shutdown()
 
