@@ -315,7 +315,7 @@ class Writer:
             identifier, schema=schema, partition_spec=partitioning, properties=properties
         )
         default = transaction.table_metadata.location.rstrip("/")
-        if not holds_files(transaction_io(transaction), default):
+        if not holds_files(transaction_io(transaction), default, ".".join(identifier)):
             return transaction
         location = f"{default}-{uuid.uuid4().hex[:8]}"
         log.warning("%s is created at %s: its default location %s holds files", ".".join(identifier), location, default)
