@@ -36,12 +36,14 @@ FIRST = rows(list(range(200_000)))  # above the test chunk (256 KiB): written to
 
 @contextlib.contextmanager
 def losing_create(
-    address: str, warehouse: Path
+    address: str, warehouse: Path, partition_by: list[str] | None = None
 ) -> Iterator[tuple[flight.FlightStreamWriter, flight.FlightMetadataReader]]:
     """A put of `FIRST` (write id `first`) that creates `TABLE`, its rows sent and its files being written at the
     default location, and then another put that creates the table first (at `<default>-<hex>`, since the first
-    put's files are at the default location): the first put's stream, to end."""
-    request = WriteRequest(table=TABLE, entity_keys=["id"], event_time="ts", end_marker=True, write_id="first")
+    put's files are at the default location), both partitioned by `partition_by`: the first put's stream, to end."""
+    request = WriteRequest(
+        table=TABLE, entity_keys=["id"], event_time="ts", end_marker=True, write_id="first", partition_by=partition_by
+    )
     with flight.connect(address) as raw:
         writer, results = raw.do_put(flight.FlightDescriptor.for_command(request.to_bytes()), FIRST.schema)
         writer.write_table(FIRST)
@@ -49,8 +51,8 @@ def losing_create(
             lambda: any(p.suffix == ".parquet" for p in warehouse.rglob("*")),
             what="the first put's files, written before its commit",
         )
-        with FeatureClient(address) as client:
-            client.write(TABLE, rows([1_000_000]), entity_keys="id", event_time="ts")  # creates the table first
+        with FeatureClient(address) as client:  # creates the table first
+            client.write(TABLE, rows([1_000_000]), entity_keys="id", event_time="ts", partition_by=partition_by)
         try:
             yield writer, results
         finally:
@@ -62,12 +64,15 @@ def stored_files(folder: Path) -> set[Path]:
     return set(folder.rglob("*.parquet"))
 
 
-def test_two_puts_creating_one_table_leave_its_files_under_its_location(tmp_path: Path) -> None:
+@pytest.mark.parametrize("partition_by", [None, []], ids=["partitioned", "unpartitioned"])
+def test_two_puts_creating_one_table_leave_its_files_under_its_location(
+    tmp_path: Path, partition_by: list[str] | None
+) -> None:
     catalog = sqlite_catalog(tmp_path)
     server = start_server(catalog)
     try:
         address = f"grpc://127.0.0.1:{server.port}"
-        with losing_create(address, tmp_path) as (writer, results):
+        with losing_create(address, tmp_path, partition_by) as (writer, results):
             writer.write_metadata(pa.py_buffer(end_marker(FIRST.num_rows)))
             writer.done_writing()
             assert results.read() is not None  # the first put appended to the table the second created
@@ -81,6 +86,10 @@ def test_two_puts_creating_one_table_leave_its_files_under_its_location(tmp_path
         tasks = loaded.scan().plan_files()
         outside = [t.file.file_path for t in tasks if not t.file.file_path.startswith(location)]
         assert outside == [], f"data files of {TABLE} outside its location {location}"
+        spec, schema = loaded.spec(), loaded.schema()
+        for task in tasks:  # in its partition's folder, as the table's own files
+            folder = f"{location}data/{spec.partition_to_path(task.file.partition, schema)}".rstrip("/")
+            assert task.file.file_path.rsplit("/", 1)[0] == folder
         assert sum(t.file.record_count for t in tasks) == FIRST.num_rows + 1  # the entries' statistics kept
         assert all(t.file.lower_bounds and t.file.upper_bounds for t in tasks)
         default = tmp_path / "race" / "created"
