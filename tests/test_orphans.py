@@ -4,6 +4,7 @@ deletes exactly those (older than its margin), never a file the table's metadata
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import random
 import re
@@ -26,7 +27,7 @@ from flight_server.changes.orphans import holds_files
 from flight_server.cli import main
 from flight_server.transport.actions import ACTIONS
 from flight_server.transport.auth import ADMIN
-from tests.conftest import healthy, sqlite_catalog, start_server, wait_until
+from tests.conftest import healthy, sqlite_catalog, start_server, start_writing_server, wait_until
 from tests.services import _stop_group, free_ports
 
 UTC = dt.timezone.utc
@@ -306,6 +307,38 @@ def test_a_new_table_whose_default_location_is_free_takes_it(location: str) -> N
         assert folder(client, table) == folder(client, f"{table}2").with_name(table.split(".")[1])
 
 
+@pytest.mark.parametrize("fault", ["a file where its folder goes", "a folder the server may not read"])
+def test_a_default_location_that_cannot_be_listed_fails_the_put_with_a_clear_error(tmp_path: Path, fault: str) -> None:
+    """A put that creates a table first lists its default location for files; when that listing fails, the put fails
+    INTERNAL (a fault of the server's storage) with a message that names the table and the fault, no server path,
+    through the write process, and no table is created."""
+    unreadable = fault == "a folder the server may not read"
+    if unreadable and os.geteuid() == 0:
+        pytest.skip("root lists any folder")
+    catalog = sqlite_catalog(tmp_path)
+    default = tmp_path / "faulty" / "t"  # the SQL catalog's default location of `faulty.t`
+    default.parent.mkdir()
+    if unreadable:
+        (default / "data").mkdir(parents=True)
+        default.chmod(0)
+    else:
+        default.write_bytes(b"not a folder")
+    server = start_writing_server(catalog)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client, pytest.raises(FeatureServerError) as raised:
+            create(client, "faulty.t", rows(range(3)))
+        message = str(raised.value)
+        assert raised.value.code == "INTERNAL"
+        assert "could not list the files at the location of table 'faulty.t'" in message
+        assert ("PermissionError" if unreadable else "NotADirectoryError") in message
+        assert str(tmp_path) not in message and "Traceback" not in message
+        assert not load_catalog("default", **catalog).table_exists("faulty.t")
+    finally:
+        server.shutdown()
+        if unreadable:
+            default.chmod(0o755)
+
+
 def test_orphan_removal_leaves_a_table_nested_in_the_location_alone(location: str, catalog: dict[str, str]) -> None:
     """Another table whose location is inside this one's data folder (made by another engine: the server makes no
     such table): its data and metadata folders are skipped, every file aged past the margin, while a stray file
@@ -457,8 +490,9 @@ def test_object_storage_locations(seaweedfs: dict[str, str]) -> None:
             stray = f"{first}x/data/ts_month=2025-06/{uuid.uuid4()}.parquet"
             with io.new_output(stray).create() as out:
                 out.write(b"stray")
-            assert holds_files(io, f"{first}x") and holds_files(io, f"{first}x/") and holds_files(io, first)
-            assert not holds_files(io, first[:-1]) and not holds_files(io, f"{first}x/metadata")
+            held = functools.partial(holds_files, io, table=table)
+            assert held(f"{first}x") and held(f"{first}x/") and held(first)
+            assert not held(first[:-1]) and not held(f"{first}x/metadata")
             future = dt.datetime.now(UTC) + dt.timedelta(minutes=1)  # S3 keeps its own times: none are older
             for name in (table, backup, f"{table}2"):
                 assert client.remove_orphan_files(name, older_than=future)["orphan_files"] == 0, name

@@ -36,7 +36,7 @@ from pyiceberg.io.pyarrow import (
     parquet_path_to_id_mapping,
     pyarrow_to_schema,
 )
-from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
+from pyiceberg.manifest import DATA_FILE_TYPE, DEFAULT_READ_VERSION, DataFile, DataFileContent, FileFormat
 from pyiceberg.partitioning import PartitionFieldValue, PartitionKey, PartitionSpec
 from pyiceberg.schema import Schema, sanitize_column_names
 from pyiceberg.table import TableProperties
@@ -182,6 +182,53 @@ def write_data_files(
     except BaseException:
         created.abandon()
         raise
+
+
+COPY_BYTES = 8 << 20  # read and written at a time when a data file is copied
+
+
+def moved_files(files: list[DataFile], source: FileIO, metadata: TableMetadata, io: FileIO) -> list[DataFile]:
+    """Copies of data files written for a table at another location, at the paths the table of `metadata` gives
+    data files of their names and partitions (its location provider), their entries' statistics kept: a put that
+    lost the race to create a table appends them to the winner, which may have taken another location. The
+    copies are read and written through the FileIOs (`source`'s, the table's `io`), in parallel, a few MB at a
+    time; any copy made is deleted if one fails."""
+    spec, schema = metadata.spec(), metadata.schema()
+    locations = load_location_provider(metadata.location, metadata.properties)
+    created = _CreatedFiles(io)
+
+    def copy(file: DataFile) -> DataFile:
+        name = file.file_path.rsplit("/", 1)[-1]
+        if spec.is_unpartitioned():
+            path = locations.new_data_location(data_file_name=name)
+        else:
+            known = _KnownPath([], spec, schema, spec.partition_to_path(file.partition, schema))
+            path = locations.new_data_location(data_file_name=name, partition_key=known)
+        copied = 0
+        with source.new_input(file.file_path).open() as reader, created.new_output(path).create() as writer:
+            while block := reader.read(COPY_BYTES):
+                writer.write(block)
+                copied += len(block)
+        if copied != file.file_size_in_bytes:
+            raise OSError(f"copied {copied} bytes of {file.file_path}, which has {file.file_size_in_bytes}")
+        return _at_path(file, path)
+
+    copying = [ExecutorFactory.get_or_create().submit(copy, file) for file in files]
+    try:
+        return [file.result() for file in copying]
+    except BaseException:
+        for file in copying:
+            file.cancel()
+        wait(copying)
+        created.abandon()
+        raise
+
+
+def _at_path(file: DataFile, path: str) -> DataFile:
+    """The entry of a copy of the data file at `path`: the same partition and statistics."""
+    fields = DATA_FILE_TYPE[DEFAULT_READ_VERSION].fields  # what `DataFile.from_args` binds (`_data_file` made it)
+    values = {field.name: file[index] for index, field in enumerate(fields)}
+    return DataFile.from_args(**{**values, "file_path": path})
 
 
 def partitioned_rows(

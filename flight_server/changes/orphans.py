@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import pyarrow as pa
 from pyarrow.fs import FileSelector, FileSystem, FileType
 from pyiceberg.io import FileIO
 from pyiceberg.io.pyarrow import PyArrowFileIO
@@ -28,7 +30,7 @@ from flight_server.changes.reachable import snapshot_files
 from flight_server.iceberg.catalog import FeatureCatalog, table_name
 from flight_server.wire.actions import OrphanFilesRequest, OrphanFilesResult
 from flight_server.wire.codec import format_timestamp, parse_timestamp
-from flight_server.wire.errors import NotFoundError, RequestError
+from flight_server.wire.errors import NotFoundError, RequestError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +76,29 @@ def stored_files(io: PyArrowFileIO, folder: str) -> list[StoredFile]:
     ]
 
 
-def holds_files(io: FileIO, location: str) -> bool:
-    """Whether any file lies under the folder `location`, listed one folder at a time up to the first file, so a
-    table's whole listing is not read. pyarrow lists the folder's children (on S3 the prefix `.../t/`, not `.../t`,
-    which `.../t2` also starts with)."""
+def holds_files(io: FileIO, location: str, table: str) -> bool:
+    """Whether any file lies under the folder `location` (for the table `table`), listed one folder at a time up to
+    the first file, so a table's whole listing is not read. pyarrow lists the folder's children (on S3 the prefix
+    `.../t/`, not `.../t`, which `.../t2` also starts with). A listing that fails (a folder the server may not read,
+    a file where a folder should be, an object store's error) is a `StorageError` naming the table."""
     arrow = pyarrow_io(io)
-    scheme, netloc, path = arrow.parse_location(location.rstrip("/"), arrow.properties)
-    fs: FileSystem = arrow.fs_by_scheme(scheme, netloc)
-    pending = [path]
-    while pending:
-        folder = pending.pop()
-        for info in fs.get_file_info(FileSelector(folder, recursive=False, allow_not_found=True)):
-            if info.type == FileType.File:
-                return True
-            if info.type == FileType.Directory:
-                pending.append(info.path)
+    try:
+        scheme, netloc, path = arrow.parse_location(location.rstrip("/"), arrow.properties)
+        fs: FileSystem = arrow.fs_by_scheme(scheme, netloc)
+        pending = [path]
+        while pending:
+            folder = pending.pop()
+            for info in fs.get_file_info(FileSelector(folder, recursive=False, allow_not_found=True)):
+                if info.type == FileType.File:
+                    return True
+                if info.type == FileType.Directory:
+                    pending.append(info.path)
+    except (OSError, pa.ArrowException) as exc:
+        reason = f": {os.strerror(exc.errno)}" if isinstance(exc, OSError) and exc.errno else ""
+        raise StorageError(
+            f"could not list the files at the location of table {table!r} ({type(exc).__name__}{reason}); "
+            "the server's log has the details"
+        ) from exc
     return False
 
 

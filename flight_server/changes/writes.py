@@ -40,7 +40,7 @@ from flight_server.base.locks import LockPool
 from flight_server.base.schemas import Conformer, new_table_schema, table_arrow_schema
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.commits import delete_files, live_files
-from flight_server.changes.files import PARQUET_DEFAULTS, layout_key, parquet_options, write_data_files
+from flight_server.changes.files import PARQUET_DEFAULTS, layout_key, moved_files, parquet_options, write_data_files
 from flight_server.changes.group import (
     COALESCE_BYTES,
     LINGER_SECONDS,
@@ -315,7 +315,7 @@ class Writer:
             identifier, schema=schema, partition_spec=partitioning, properties=properties
         )
         default = transaction.table_metadata.location.rstrip("/")
-        if not holds_files(transaction_io(transaction), default):
+        if not holds_files(transaction_io(transaction), default, ".".join(identifier)):
             return transaction
         location = f"{default}-{uuid.uuid4().hex[:8]}"
         log.warning("%s is created at %s: its default location %s holds files", ".".join(identifier), location, default)
@@ -373,22 +373,32 @@ class Writer:
         """Check the table's history, then commit on exactly that state; when another commit won meanwhile (on
         any replica or engine), load the table and do both again."""
         table, transaction = staged.table, staged.transaction
-        while True:
-            if table is not None:
-                _check_history(request, staged, table, self._write_ids)
-            try:
-                return _commit_files(transaction, request.mode, files, properties)
-            except TableAlreadyExistsError:
-                created_concurrently = True
-            except CommitFailedException:
-                if time.monotonic() > deadline:
-                    raise ConflictError(
-                        f"could not commit to {request.table!r} within {self.commit_timeout:.0f}s "
-                        "of concurrent writes; nothing was committed"
-                    ) from None
-                created_concurrently = False
-            table = self.catalog.load(request.table)
-            transaction = self._retry_transaction(request, staged, table, created_concurrently)
+        placed = _Placed(staged, files)
+        try:
+            while True:
+                if table is not None:
+                    _check_history(request, staged, table, self._write_ids)
+                try:
+                    committed = _commit_files(transaction, request.mode, placed.files_for(transaction), properties)
+                    break
+                except TableAlreadyExistsError:
+                    created_concurrently = True
+                except CommitFailedException:
+                    if time.monotonic() > deadline:
+                        raise ConflictError(
+                            f"could not commit to {request.table!r} within {self.commit_timeout:.0f}s "
+                            "of concurrent writes; nothing was committed"
+                        ) from None
+                    created_concurrently = False
+                table = self.catalog.load(request.table)
+                transaction = self._retry_transaction(request, staged, table, created_concurrently)
+        except CommitStateUnknownException:
+            raise  # the copies may be committed: kept (and the files written, as any put's then)
+        except BaseException:
+            placed.discard()
+            raise
+        placed.committed()
+        return committed
 
     def _retry_transaction(
         self, request: WriteRequest, staged: _Staged, table: Table, created_concurrently: bool
@@ -417,6 +427,47 @@ class Writer:
             _check_declared_layout(request, table)
             log.info("table %s was created concurrently; appending to it", request.table)
         return transaction
+
+
+class _Placed:
+    """A put's data files where the table it commits to keeps its data. A put that creates a table writes its files
+    at the location it staged the table at; when another put created the table first, at another location (the
+    default one held the first put's files, not yet committed), the files are copied under the winner's location
+    (`moved_files`) before they are appended to it, so that no file of the table lies outside its location, where
+    orphan removal, a purge on drop and tools that go by location would miss it. The files written are deleted
+    once the copies are committed (by the caller when they are not: `Writer._write`); the copies when they are not."""
+
+    def __init__(self, staged: _Staged, files: list[DataFile]):
+        self.written, self.io, self.location = files, staged.io, _folder(staged.metadata.location)
+        self.files, self.files_io, self.files_location = files, staged.io, self.location
+
+    def files_for(self, transaction: Transaction) -> list[DataFile]:
+        """The files, under the location of the table the transaction commits to (copied there if need be)."""
+        metadata = transaction.table_metadata
+        location = _folder(metadata.location)
+        if location != self.files_location:
+            self.discard()
+            if location != self.location:
+                io = transaction_io(transaction)
+                self.files = moved_files(self.written, self.io, metadata, io)
+                self.files_io, self.files_location = io, location
+                log.info("%d data files of a put copied to %s, where the table was created", len(self.files), location)
+        return self.files
+
+    def discard(self) -> None:
+        """Delete the copies (not committed), if any: the files are where they were written again."""
+        if self.files is not self.written:
+            delete_files(self.files_io, [f.file_path for f in self.files])
+        self.files, self.files_io, self.files_location = self.written, self.io, self.location
+
+    def committed(self) -> None:
+        """The copies are committed: the files written are no one's."""
+        if self.files is not self.written:
+            delete_files(self.io, [f.file_path for f in self.written])
+
+
+def _folder(location: str) -> str:
+    return location.rstrip("/")
 
 
 @dataclass(eq=False)

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server.wire.errors import RequestError
+from flight_server.wire.errors import RequestError, StorageError
 
 # Frames of a logged traceback: every one (see `plain_error_messages`).
 LOGGED_FRAMES = 1000
@@ -54,7 +54,7 @@ ROUTES: dict[str, Route] = {
 def error_kind(exc: Exception) -> tuple[str, str]:
     """The kind of `exc` and the message a client may see: a request error's explanation; for a bug in the server
     only its class (its message may name server paths; the server's log has it, with the traceback)."""
-    if isinstance(exc, RequestError):
+    if isinstance(exc, (RequestError, StorageError)):
         return exc.code, str(exc)
     if isinstance(exc, TimeoutError):
         return "DEADLINE_EXCEEDED", "the server timed out working on the request"

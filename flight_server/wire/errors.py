@@ -56,6 +56,14 @@ class CancelledError(RequestError):
     code = "CANCELLED"
 
 
+class StorageError(Exception):
+    """The server's storage failed it (a folder it cannot list, an object store's error): no fault of the request,
+    and not one a retry as such mends. The message says what the server was doing, for which table, and the
+    fault's class, never a server path; the server's log has the cause. Code `INTERNAL`."""
+
+    code = "INTERNAL"
+
+
 class ProtocolError(RequestError):
     """A request that is not well formed (bad JSON, unknown field, wrong type); the message says what is wrong."""
 
