@@ -1,8 +1,9 @@
 """A table's new metadata file, loaded by `FeatureCatalog` reusing the snapshots and log entries it parsed from the
 table's previous file (flight_server/iceberg/reparse.py), is exactly what pyiceberg's own full parse gives: after
 random sequences of commits by another writer (appends, schema and partition changes, tags, rollbacks, expiry,
-properties) and by this catalog's own commits, in format 1 and 2. Files that a writer could not produce (the same
-snapshot id with other content, another table's uuid) reuse nothing; missing and broken files fail as before."""
+properties) and by this catalog's own commits, in format 1 and 2, on SQLite and PostgreSQL. Files that a writer
+could not produce (the same snapshot id with other content, another table's uuid or format) reuse nothing; missing
+and broken files fail as before."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import gzip
 import json
 import sqlite3
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +40,18 @@ def rows(n: int) -> pa.Table:
     return pa.table({"id": pa.array([n], pa.int64()), "v": pa.array([n * 10], pa.int64())})
 
 
-def catalogs(root: Path, version: str = "2") -> tuple[SqlCatalog, FeatureCatalog]:
-    """pyiceberg's own catalog (the other writer, and the reference parse) and the server's, on one SQLite catalog
-    with a table of one snapshot."""
-    properties = sqlite_catalog(root)
-    writer = SqlCatalog("default", **properties)
+def catalogs(
+    root: Path, version: str = "2", database: str | None = None, name: str = "default"
+) -> tuple[SqlCatalog, FeatureCatalog]:
+    """pyiceberg's own catalog (the other writer, and the reference parse) and the server's, on one SQL catalog
+    (SQLite under `root`, or the PostgreSQL `database`) with a table of one snapshot."""
+    properties = (
+        sqlite_catalog(root) if database is None else {"type": "sql", "uri": database, "warehouse": root.as_uri()}
+    )
+    writer = SqlCatalog(name, **properties)
     writer.create_namespace("ns")
     writer.create_table(NAME, schema=rows(0).schema, properties={"format-version": version}).append(rows(0))
-    return writer, FeatureCatalog("default", properties)
+    return writer, FeatureCatalog(name, properties)
 
 
 def exactly(model: BaseModel) -> str:
@@ -119,19 +125,25 @@ def commit(kind: str, writer: SqlCatalog, catalog: FeatureCatalog, data: st.Data
         catalog.remember(NAME, mine)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(
     version=st.sampled_from(["1", "2"]),
     steps=st.lists(st.tuples(st.sampled_from(OPERATIONS), st.booleans()), min_size=1, max_size=10),
     data=st.data(),
 )
-def test_every_load_is_what_a_full_parse_gives(version: str, steps: list[tuple[str, bool]], data: Any) -> None:
+def test_every_load_is_what_a_full_parse_gives(
+    request: pytest.FixtureRequest, kind: str, version: str, steps: list[tuple[str, bool]], data: Any
+) -> None:
     """After each commit that is read (`read` True; the others leave several commits between two files parsed),
     `read`, `load` and `location` give what pyiceberg's own load gives, and each snapshot the last parsed file
     had as it is now is the same object (reused, not parsed again; pyiceberg's expiry drops a snapshot's parent
     when it expires it, and an upgrade to format 2 parses every entry again)."""
     with tempfile.TemporaryDirectory() as root:
-        writer, catalog = catalogs(Path(root), version)
+        database = request.getfixturevalue("postgres_url") if kind == "postgres" else None
+        writer, catalog = catalogs(Path(root), version, database, f"c{uuid.uuid4().hex}")
         parsed: dict[int, Snapshot] = {s.snapshot_id: s for s in catalog.read(NAME).metadata.snapshots}
         remembered, last_version = None, int(version)
         for step, (kind, read) in enumerate(steps, start=1):
