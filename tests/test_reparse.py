@@ -251,20 +251,21 @@ def test_a_table_dropped_and_created_again(tmp_path: Path) -> None:
 
 
 def test_expired_snapshots_are_gone(tmp_path: Path) -> None:
-    """And the snapshot whose parent expired is parsed again: pyiceberg's expiry writes it without its parent."""
+    """Snapshots expired from the middle of the history leave the middle of the snapshot log too, and the snapshot
+    whose parent expired is parsed again: pyiceberg's expiry writes it without its parent."""
     writer, catalog = catalogs(tmp_path)
-    for step in range(1, 4):
+    for step in range(1, 5):
         writer.load_table(NAME).append(rows(step))
     first = catalog.read(NAME)
-    old = [s.snapshot_id for s in first.metadata.snapshots[:2]]
-    writer.load_table(NAME).maintenance.expire_snapshots().by_ids(old).commit()
+    oldest, *expired, orphaned, newest = first.metadata.snapshots
+    gone = [s.snapshot_id for s in expired]
+    writer.load_table(NAME).maintenance.expire_snapshots().by_ids(gone).commit()
     after = catalog.read(NAME)
     same_as_pyiceberg(after, writer)
-    assert not {s.snapshot_id for s in after.metadata.snapshots} & set(old)
-    orphaned, kept = first.metadata.snapshots[2:]
+    assert [e.snapshot_id for e in after.metadata.snapshot_log] == [s.snapshot_id for s in (oldest, orphaned, newest)]
     without_parent = orphaned.model_copy(update={"parent_snapshot_id": None})
-    assert after.metadata.snapshot_by_id(orphaned.snapshot_id) == without_parent
-    assert after.metadata.snapshot_by_id(kept.snapshot_id) is kept
+    assert after.metadata.snapshots == [oldest, without_parent, newest]
+    assert after.metadata.snapshots[0] is oldest and after.metadata.snapshots[2] is newest
 
 
 @pytest.mark.parametrize("fault", ["missing", "not json", "not metadata"])
