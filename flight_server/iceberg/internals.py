@@ -3,8 +3,9 @@
 pyiceberg 0.12 commits data files only (its deletes are copy-on-write), so the snapshot producers for
 deletes, rewrites and replaces build on its `_SnapshotProducer` and `ManifestWriter`. Its helpers for
 writing Parquet data files, partitioning rows and converting schemas are private, as are a transaction's
-table and the SQL catalog's table layout; the functions here wrap them. `MemoTransaction` keeps pyiceberg from
-copying a long history's metadata on every read of a transaction's metadata. `commit_on_base` stages a
+table, the SQL catalog's table layout and the FileIO a catalog gives the tables it loads; the functions here
+wrap them. `MemoTransaction` keeps pyiceberg from copying a long history's metadata on every read of a
+transaction's metadata. `commit_on_base` stages a
 snapshot without pyiceberg's commit retry, which would rebuild it on a newer snapshot than the one the
 caller checked, and commits to a SQL catalog without parsing the table's metadata file again (`_commit_sql`).
 Appends (`FastAppend`, `MergeAppend`) read the parent's manifest list and the manifests they merge with Avro
