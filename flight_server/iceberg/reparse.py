@@ -2,12 +2,13 @@
 
 Every commit writes a new metadata file that repeats the table's whole history (every snapshot, the snapshot log,
 the metadata log), and pyiceberg validates all of it into models: 15-110 ms for 1,501 snapshots, holding the GIL,
-in every process that reads the table, each time the table changes. Committed snapshots never change, so `parse`
-validates only the entries that the previous file did not have exactly as this one has them, and places the models
-already made for the others in the input, where pydantic takes them as they are (pyiceberg's models do not ask it to
-validate instances again). The table metadata's own validators never look into these lists (they check the current
-schema, spec and sort order, and add the main branch), so the result is what a full parse of the file gives:
-`tests/test_reparse.py` compares the two after random sequences of commits.
+in every process that reads the table, each time the table changes. A commit adds entries and drops some but
+leaves nearly all as they were (pyiceberg's expiry does rewrite the snapshot whose parent it expires, without its
+parent), so `parse` validates only the entries that the previous file did not have exactly as this one has them,
+and places the models already made for the others in the input, where pydantic takes them as they are
+(pyiceberg's models do not ask it to validate instances again). The table metadata's own validators never look
+into these lists (they check the current schema, spec and sort order, and add the main branch), so the result is
+what a full parse of the file gives: `tests/test_reparse.py` compares the two after random sequences of commits.
 """
 
 from __future__ import annotations
