@@ -78,6 +78,7 @@ PARAMETERS = {
     ),
     "pyiceberg.io.pyarrow._pyarrow_to_schema_without_ids": ("schema",),
     "pyiceberg.catalog.sql.SqlCatalog._iceberg_type_filter": ("self",),
+    "pyiceberg.catalog.Catalog._load_file_io": ("self", "properties", "location"),
     "pyiceberg.table.Transaction._apply": ("self", "updates", "requirements"),
     "pyiceberg.catalog.MetastoreCatalog._parse_metadata_version": ("metadata_location",),
     "pyiceberg.table.update._apply_table_update": ("update", "base_metadata", "context"),
@@ -223,6 +224,8 @@ def test_a_real_transaction_and_producer(tmp_path: pathlib.Path) -> None:
         bound = {"catalog": catalog.name, "namespace": "ns", "table": "t"}
         located = connection.execute(internals.metadata_location_query(catalog), bound).scalar()
     assert located == table.metadata_location
+    io = internals.table_io(catalog, table.metadata.properties, table.metadata_location)
+    assert type(io) is type(table.io) and io.properties == table.io.properties
 
     transaction = table.transaction()
     assert isinstance(internals.transaction_io(transaction), FileIO)

@@ -17,6 +17,7 @@ from typing import Any
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+from pyiceberg.io import load_file_io
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
@@ -36,7 +37,8 @@ from sqlalchemy import Select
 from sqlalchemy.exc import IntegrityError
 
 from flight_server.base.config import CatalogError, catalog_failure, redact
-from flight_server.iceberg.internals import metadata_location_query
+from flight_server.iceberg.internals import metadata_location_query, table_io
+from flight_server.iceberg.reparse import Parsed, metadata_text, parse
 from flight_server.wire.actions import DELETE_MODES
 from flight_server.wire.codec import parse_table_name
 from flight_server.wire.errors import NotFoundError, RequestError
@@ -202,6 +204,7 @@ class FeatureCatalog:
         self.catalog: Catalog = _load(name, properties)
         self._read: dict[str, Table] = {}  # by table name: the last loaded for reading (see `read`)
         self._locations: dict[str, str] = {}  # by metadata file: its table's location (see `location`)
+        self._parsed: dict[str, Parsed] = {}  # by table name, for tables `read` keeps: the last file parsed (`_load`)
         log.info("catalog %r: %s", name, redact(properties))
 
     def identifier(self, table: str) -> tuple[str, ...]:
@@ -229,12 +232,10 @@ class FeatureCatalog:
         return metadata_location_query(self.catalog) if isinstance(self.catalog, SqlCatalog) else None
 
     def load(self, table: str) -> Table:
-        """The table, or `NotFoundError` naming it."""
+        """The table, or `NotFoundError` naming it. A table of its own: a commit through it changes no other."""
         identifier = self.identifier(table)
-        try:
-            return self.catalog.load_table(identifier)
-        except (NoSuchTableError, NoSuchNamespaceError):
-            raise NotFoundError(f"table {'.'.join(identifier)!r} does not exist") from None
+        reusing = ".".join(identifier) in self._parsed  # else no use for the pointer: pyiceberg reads it
+        return self._load(identifier, self._locate(identifier) if reusing else None, keep=False)
 
     def read(self, table: str) -> Table:
         """The table for reading: the one loaded last while the catalog still points at the same metadata
@@ -250,7 +251,7 @@ class FeatureCatalog:
         cached = self._read.get(name)
         if cached is not None and cached.metadata_location == pointer:
             return cached
-        loaded = self.load(table)
+        loaded = self._load(identifier, pointer, keep=True)
         self._keep(name, loaded)
         return loaded
 
@@ -258,18 +259,45 @@ class FeatureCatalog:
         """The table's location (or `NotFoundError`), loading its metadata only when the catalog points it at a
         metadata file not seen before (SQL catalogs say so from one row), and leaving `read`'s cache alone:
         orphan removal asks this of every table of the catalog."""
-        pointer = self._locate(self.identifier(table))
+        identifier = self.identifier(table)
+        pointer = self._locate(identifier)
         if pointer is not None and pointer in self._locations:
             return self._locations[pointer]
-        loaded = self.load(table)
+        loaded = self._load(identifier, pointer, keep=False)
         if len(self._locations) >= KEPT_LOCATIONS:
             self._locations.clear()
         self._locations[loaded.metadata_location] = loaded.metadata.location
         return loaded.metadata.location
 
+    def _load(self, identifier: tuple[str, ...], pointer: str | None, keep: bool) -> Table:
+        """The table at the metadata file `pointer` (from `_locate`), its snapshots and log entries reused from the
+        last file of the table parsed here (`reparse`: a new file of a long history costs its new entries, not
+        all of them), for a table `read` keeps (`keep`) or had kept. Otherwise, and whenever that fails, as
+        pyiceberg loads it, with its errors."""
+        name = ".".join(identifier)
+        if pointer is not None and (keep or name in self._parsed):
+            previous = self._read.get(name)
+            try:
+                io = previous.io if previous is not None else load_file_io(self.catalog.properties, pointer)
+                metadata, parsed = parse(metadata_text(io, pointer), self._parsed.get(name))
+            except Exception:  # pyiceberg's own load below says what is wrong, as it did before
+                log.debug("table %r: parsing %s again in full", name, pointer, exc_info=True)
+            else:
+                if parsed is None:
+                    self._parsed.pop(name, None)
+                else:
+                    self._parsed[name] = parsed
+                io = table_io(self.catalog, metadata.properties, pointer)
+                return Table(identifier, metadata, pointer, io=io, catalog=self.catalog)
+        try:
+            return self.catalog.load_table(identifier)
+        except (NoSuchTableError, NoSuchNamespaceError):
+            raise NotFoundError(f"table {name!r} does not exist") from None
+
     def _keep(self, name: str, table: Table) -> None:
         if len(self._read) >= READ_CACHE_TABLES:
             self._read.clear()
+            self._parsed.clear()
         self._read[name] = table
 
     def find_for_change(self, table: str) -> Table | None:

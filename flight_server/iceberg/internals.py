@@ -3,8 +3,9 @@
 pyiceberg 0.12 commits data files only (its deletes are copy-on-write), so the snapshot producers for
 deletes, rewrites and replaces build on its `_SnapshotProducer` and `ManifestWriter`. Its helpers for
 writing Parquet data files, partitioning rows and converting schemas are private, as are a transaction's
-table and the SQL catalog's table layout; the functions here wrap them. `MemoTransaction` keeps pyiceberg from
-copying a long history's metadata on every read of a transaction's metadata. `commit_on_base` stages a
+table, the SQL catalog's table layout and the FileIO a catalog gives the tables it loads; the functions here
+wrap them. `MemoTransaction` keeps pyiceberg from copying a long history's metadata on every read of a
+transaction's metadata. `commit_on_base` stages a
 snapshot without pyiceberg's commit retry, which would rebuild it on a newer snapshot than the one the
 caller checked, and commits to a SQL catalog without parsing the table's metadata file again (`_commit_sql`).
 Appends (`FastAppend`, `MergeAppend`) read the parent's manifest list and the manifests they merge with Avro
@@ -31,6 +32,7 @@ from pyiceberg.avro.file import MAGIC, META_SCHEMA, SYNC_SIZE, AvroFile, AvroFil
 from pyiceberg.avro.reader import Reader
 from pyiceberg.avro.resolver import construct_writer, resolve_reader, resolve_writer
 from pyiceberg.avro.writer import Writer
+from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
 from pyiceberg.exceptions import (
     CommitFailedException,
@@ -124,6 +126,10 @@ PRIVATE_API: dict[str, str] = {
     "pyiceberg.io.pyarrow._pyarrow_to_schema_without_ids": "schema_without_ids(): (schema) -> Schema without ids",
     "pyiceberg.catalog.sql.SqlCatalog._iceberg_type_filter": (
         "metadata_location_query(): () -> the condition that leaves views out, or None (v0 catalog tables)"
+    ),
+    "pyiceberg.catalog.Catalog._load_file_io": (
+        "table_io(): (properties, location) -> the FileIO that SqlCatalog.load_table gives a table it loads, with "
+        "the catalog's properties overridden by the table's"
     ),
     "pyiceberg.catalog.sql.IcebergTables": (
         "metadata_location_query() and _commit_sql(): the SQL catalog's ORM table (catalog_name, table_namespace, "
@@ -570,6 +576,11 @@ def metadata_location_query(catalog: SqlCatalog) -> Select[str | None]:
     if (kind := catalog._iceberg_type_filter()) is not None:  # views share the table
         statement = statement.where(kind)
     return statement
+
+
+def table_io(catalog: Catalog, properties: dict[str, str], location: str) -> FileIO:
+    """The FileIO the catalog gives a table it loads (`FeatureCatalog` builds tables from metadata it parsed)."""
+    return catalog._load_file_io(properties, location)
 
 
 class DeleteManifestWriter(ManifestWriterV2):
