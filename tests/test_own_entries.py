@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import pickle
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -17,6 +16,7 @@ from pyiceberg.manifest import DataFile, ManifestFile
 from pyiceberg.table import Table
 
 from flight_client import FeatureClient
+from flight_server.base.lru import WeightedLru
 from flight_server.iceberg import lineage
 from flight_server.transport import offload
 from tests.conftest import sqlite_catalog, start_server, start_writing_server
@@ -102,7 +102,7 @@ def _known_as_manifests_say(table: Table, snapshots: list[int], reads: list[Mani
     for snapshot_id in snapshots:
         snapshot = table.snapshot_by_id(snapshot_id)
         assert snapshot is not None
-        kept = lineage._kept((str(table.metadata.table_uuid), snapshot_id))
+        kept = lineage._own.get((str(table.metadata.table_uuid), snapshot_id))
         added, removed = lineage._read_own_entries(table, snapshot)
         assert kept is not None and _described(kept) == _described(added) and len(kept) > 0 and removed == []
 
@@ -139,7 +139,7 @@ def test_snapshots_this_process_did_not_commit_are_read(
 def test_kept_files_are_bounded_and_removals_not_kept(served: tuple[str, Catalog]) -> None:
     """At most `OWN_WEIGHT_KEPT` (files weighed by their statistics), the least recently used go first; a snapshot
     that removed files (an overwrite here) is read each time, not kept."""
-    before = OrderedDict(lineage._own)
+    before, lineage._own = lineage._own, WeightedLru(lineage.OWN_WEIGHT_KEPT, lineage._weight)
     try:
         wide = DataFile.from_args(file_path="x", value_counts={i: 1 for i in range(1_000)})
         assert lineage._weight([wide]) == 1_000 + lineage.FILE_WEIGHT
@@ -148,13 +148,12 @@ def test_kept_files_are_bounded_and_removals_not_kept(served: tuple[str, Catalog
         for i in range(6):
             lineage.keep_appended(("bounded", i), quarter)
             if i == 2:
-                assert lineage._kept(("bounded", 0)) is not None  # used: now the most recent
-        kept = [key for key in lineage._own if key[0] == "bounded"]
-        assert sum(weight for _, weight in lineage._own.values()) <= lineage.OWN_WEIGHT_KEPT
-        assert kept == [("bounded", 0), ("bounded", 3), ("bounded", 4), ("bounded", 5)]
+                assert lineage._own.get(("bounded", 0)) is not None  # used: now the most recent
+        kept = [key for key, _ in lineage._own.newest_first()]
+        assert lineage._own.total <= lineage.OWN_WEIGHT_KEPT
+        assert kept == [("bounded", 5), ("bounded", 4), ("bounded", 3), ("bounded", 0)]
     finally:
-        lineage._own.clear()
-        lineage._own.update(before)
+        lineage._own = before
 
     location, catalog = served
     name = f"lineage.overwrite_{uuid.uuid4().hex[:8]}"
@@ -206,11 +205,11 @@ def test_an_append_s_files_go_with_every_answer(served: tuple[str, Catalog]) -> 
     message = offload.appended_message(snapshot_id)
     assert message is not None and offload.appended_message(snapshot_id) == message
     handed_key, files = pickle.loads(message[len(offload.APPENDED_TAG) :])
-    assert handed_key == key and _described(files) == _described(lineage._kept(key) or [])
+    assert handed_key == key and _described(files) == _described(lineage._own.get(key) or [])
 
     elsewhere = (f"relayed_{uuid.uuid4().hex[:8]}", snapshot_id)  # as a serving process, which has no record of it
     payload = pickle.dumps((elsewhere, files))
     offload.keep_relayed(b"appended 1 pyiceberg 0.0.1\n" + payload)
-    assert lineage._kept(elsewhere) is None
+    assert lineage._own.get(elsewhere) is None
     offload.keep_relayed(offload.APPENDED_TAG + payload)
-    assert lineage._kept(elsewhere) is not None
+    assert lineage._own.get(elsewhere) is not None

@@ -58,6 +58,10 @@ class WeightedLru(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: K) -> bool:
+        """Whether `key` is kept (no use recorded)."""
+        return key in self._entries
+
     def newest_first(self) -> list[tuple[K, V]]:
         """What is kept, the most recently used first (no use recorded)."""
         with self._lock:

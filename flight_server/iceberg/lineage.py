@@ -12,14 +12,13 @@ snapshots whose entries show the same rows in other files (`replace_changes_rows
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pyiceberg.manifest import DataFile, DataFileContent, ManifestContent, ManifestEntry, ManifestEntryStatus
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation, Snapshot, ancestors_of
 
+from flight_server.base.lru import WeightedLru
 from flight_server.iceberg.catalog import table_name
 
 
@@ -103,9 +102,6 @@ def _changes(table: Table, since: int, until: int, deletes: bool, through_replac
 # `FILE_WEIGHT` for the rest; snapshots that removed files (compactions, overwrites) are not kept.
 OWN_WEIGHT_KEPT = 250_000  # about 20 MB
 FILE_WEIGHT = 8
-_own: OrderedDict[tuple[str, int], tuple[list[DataFile], int]] = OrderedDict()
-_own_weight = 0
-_own_lock = threading.Lock()
 
 
 def _weight(files: list[DataFile]) -> int:
@@ -119,6 +115,9 @@ def _weight(files: list[DataFile]) -> int:
         "upper_bounds",
     )
     return sum(FILE_WEIGHT + sum(len(getattr(f, name) or ()) for name in statistics) for f in files)
+
+
+_own: WeightedLru[tuple[str, int], list[DataFile]] = WeightedLru(OWN_WEIGHT_KEPT, _weight)
 
 
 def remember_append(table: Table, files: list[DataFile], spec_id: int) -> None:
@@ -136,42 +135,22 @@ def committed_appends(snapshot_id: int) -> tuple[tuple[str, int], list[DataFile]
     """The key (table uuid, snapshot id) and files of the append kept as `snapshot_id`, if any: a write process hands
     them to its serving process with every put's answer (a group commit's puts share a snapshot, and whichever
     answer arrives first brings them). The newest are looked at first: a put's own commit was just kept."""
-    with _own_lock:
-        for key in reversed(_own):
-            if key[1] == snapshot_id:
-                return key, _own[key][0]
+    for key, files in _own.newest_first():
+        if key[1] == snapshot_id:
+            return key, files
     return None
 
 
 def keep_appended(key: tuple[str, int], files: list[DataFile]) -> None:
     """Record that the snapshot `key` (table uuid, snapshot id) only added `files` (their `spec_id` set)."""
-    global _own_weight
-    with _own_lock:
-        if key in _own:  # kept already (the answers of a group commit all bring it)
-            return
-        weight = _weight(files)
-        if weight > OWN_WEIGHT_KEPT:
-            return
-        _own[key] = (files, weight)
-        _own_weight += weight
-        while _own_weight > OWN_WEIGHT_KEPT:
-            _own_weight -= _own.popitem(last=False)[1][1]
-
-
-def _kept(key: tuple[str, int]) -> list[DataFile] | None:
-    """The files kept for a snapshot (now the most recently used), if any."""
-    with _own_lock:
-        kept = _own.get(key)
-        if kept is None:
-            return None
-        _own.move_to_end(key)
-        return kept[0]
+    if key not in _own:  # kept already (the answers of a group commit all bring it)
+        _own.put(key, files)
 
 
 def _own_entries(table: Table, snapshot: Snapshot) -> tuple[list[DataFile], list[ManifestEntry]]:
     """The data and delete files the snapshot itself added, and the entries of those it removed."""
     key = (str(table.metadata.table_uuid), snapshot.snapshot_id)
-    kept = _kept(key)
+    kept = _own.get(key)
     if kept is not None:
         return list(kept), []
     added, removed = _read_own_entries(table, snapshot)
