@@ -17,12 +17,25 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pyiceberg.catalog import load_catalog
+from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.table.snapshots import Operation
 
 from flight_client import FeatureClient
-from flight_server.changes.maintenance import MIN_SNAPSHOTS_PROPERTY, ExpiryChoice, choose_expired, small_file_groups
+from flight_server.changes.maintenance import (
+    MIN_SNAPSHOTS_PROPERTY,
+    ExpiryChoice,
+    _commit_refs,
+    choose_expired,
+    small_file_groups,
+)
 from flight_server.changes.rewrite import Plan, SnapshotRows
-from flight_server.changes.upkeep import COMPACT_MIN_FILES_PROPERTY, ENABLED_PROPERTY, MAX_SNAPSHOTS_PROPERTY
+from flight_server.changes.upkeep import (
+    CAP_MIN_AGE_PROPERTY,
+    COMPACT_MIN_FILES_PROPERTY,
+    ENABLED_PROPERTY,
+    MAX_SNAPSHOTS_PROPERTY,
+)
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import serve_replicas, sqlite_catalog, start_server, start_writing_server, wait_until, write_big
@@ -264,9 +277,10 @@ NO_COMPACTION = {COMPACT_MIN_FILES_PROPERTY: "100000"}
 
 def capped(client: FeatureClient, catalog: dict[str, str], table: str, count: int, policy: dict[str, str]) -> list[int]:
     """A table of `count` puts of one row each (ids 0 ..) under the maintenance `policy`: its snapshots, oldest
-    first. The age rule is the server's day: none of them is old enough for it."""
+    first. The age rule is the server's day: none of them is old enough for it; the cap may take any of them unless
+    the `policy` sets its own floor (`CAP_MIN_AGE_PROPERTY`, an hour by default)."""
     made = [create(client, table, rows([0]))]
-    set_properties(catalog, table, {**NO_COMPACTION, **policy})
+    set_properties(catalog, table, {**NO_COMPACTION, CAP_MIN_AGE_PROPERTY: "0", **policy})
     return made + [client.write(table, rows([i])).snapshot_id for i in range(1, count)]
 
 
@@ -289,6 +303,40 @@ def test_a_round_expires_the_oldest_snapshots_beyond_the_cap(
     assert client.describe(table)["maintenance"] == result
     assert client.health()["maintenance"]["snapshots_expired"] >= 7
     assert client.run_maintenance(table)["snapshots_expired"] == 0  # at the cap: nothing more to do
+
+
+def test_the_cap_takes_no_snapshot_younger_than_its_floor(
+    client: FeatureClient, catalog: dict[str, str], table: str
+) -> None:
+    """By default the cap leaves snapshots younger than an hour alone: reads, puts and compactions that other replicas
+    planned on them find their files (tests/test_review17.py); past the floor it takes them as before."""
+    made = capped(client, catalog, table, 8, {MAX_SNAPSHOTS_PROPERTY: "3", MIN_SNAPSHOTS_PROPERTY: "1"})
+    set_properties(catalog, table, {CAP_MIN_AGE_PROPERTY: str(3600 * 1000)})
+    assert client.run_maintenance(table)["snapshots_expired"] == 0
+    set_properties(catalog, table, {CAP_MIN_AGE_PROPERTY: "0"})
+    assert client.run_maintenance(table)["snapshots_expired"] == 5
+    assert snapshot_ids(client, table) == set(made[-3:])
+
+
+def test_a_read_another_replica_planned_survives_the_cap(tmp_path: Path) -> None:
+    """Only this replica's reads are known to its expiry: a read another replica planned on a snapshot seconds old
+    still reads after this replica's round caps the table (the floor; review 17 found it taken)."""
+    properties = sqlite_catalog(tmp_path)
+    table = "capped.read"
+    no_auto = {"FLIGHT_SERVER_AUTO_MAINTENANCE": "false"}
+    with (
+        serve_replicas(tmp_path, properties, lambda location, locations: no_auto) as (here, there),
+        FeatureClient(here) as writer,
+        FeatureClient(there) as reader,
+    ):
+        create(writer, table, rows([0, 1]))
+        set_properties(properties, table, {**NO_COMPACTION, MAX_SNAPSHOTS_PROPERTY: "1", MIN_SNAPSHOTS_PROPERTY: "1"})
+        planned = reader.flight_info(table)  # the other replica plans a read of the current snapshot
+        writer.write(table, rows([2]), mode="overwrite")  # its files are the planned snapshot's alone now
+        result = writer.run_maintenance(table)
+        assert result["error"] is None and result["snapshots_expired"] == 0, result
+        got = pa.concat_tables(reader.read_endpoint(e).read_all() for e in planned.endpoints)
+        assert Counter(got.column("id").to_pylist()) == Counter([0, 1])
 
 
 def test_the_cap_keeps_pinned_snapshots_and_counts_them(
@@ -333,7 +381,7 @@ def test_a_table_hammered_past_the_servers_cap_comes_back_to_it_in_one_round(tmp
     puts of one writer never share a group commit); one round, whose expiry runs in the write process, leaves the
     newest 10 and every row. The cap of `expire_snapshots` crosses to the write process too."""
     properties = sqlite_catalog(tmp_path)
-    server = start_writing_server(properties, expire_max_snapshots=10, expire_min_snapshots=1)
+    server = start_writing_server(properties, expire_max_snapshots=10, expire_min_snapshots=1, expire_cap_min_age_ms=0)
     table, writers, each = "hammer.t", 4, 20
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
@@ -368,6 +416,7 @@ def reference_expiry(
     older_than: int,
     retain_last: int,
     max_snapshots: int | None,
+    capped_before: int | None,
     heads: set[int],
     pinned: dict[str, int],
     in_use: set[int],
@@ -386,8 +435,13 @@ def reference_expiry(
     old = {sid for sid, timestamp in snapshots if timestamp < older_than}
     expired = {sid for sid in old if not stays(sid)}
     cap = None if max_snapshots is None else max(max_snapshots, retain_last)
+    times = dict(snapshots)
+
+    def cappable(sid: int) -> bool:  # old enough for the cap
+        return capped_before is None or times[sid] < capped_before
+
     while cap is not None and len(snapshots) - len(expired) > cap and len(expired - old) < cap_expiries:
-        candidates = [sid for sid, _ in snapshots if sid not in expired and not stays(sid)]
+        candidates = [sid for sid, _ in snapshots if sid not in expired and not stays(sid) and cappable(sid)]
         if not candidates:
             break
         expired.add(max(candidates, key=age.__getitem__))
@@ -397,7 +451,7 @@ def reference_expiry(
             return False
         older_expired = {e for e in expired if age[e] > age[sid]}
         over = cap is not None and len(snapshots) - len(older_expired) > cap
-        return sid in old or (over and len(older_expired - old) < cap_expiries)
+        return sid in old or (over and len(older_expired - old) < cap_expiries and cappable(sid))
 
     kept_pinned = set() if force else {sid for sid in pinned.values() if reached(sid)}
     return ExpiryChoice(
@@ -419,6 +473,7 @@ def expiries(draw: st.DrawFn) -> dict[str, Any]:
         "older_than": draw(st.integers(-1, 42)),
         "retain_last": draw(st.integers(1, 8)),
         "max_snapshots": draw(st.none() | st.integers(1, 25)),
+        "capped_before": draw(st.none() | st.integers(-1, 42)),
         "heads": draw(st.sets(sids, max_size=2)),
         "pinned": draw(st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), sids, max_size=4)),
         "in_use": draw(st.sets(sids, max_size=6)),
@@ -431,3 +486,21 @@ def expiries(draw: st.DrawFn) -> dict[str, Any]:
 @given(case=expiries())
 def test_the_expiry_choice_is_the_rules_applied_one_at_a_time(case: dict[str, Any]) -> None:
     assert choose_expired(**case) == reference_expiry(**case)
+
+
+def test_a_pin_decided_on_metadata_since_expired_elsewhere_gives_way(tmp_path: Path) -> None:
+    """A pin commits on the metadata it was decided on: when another replica expired its snapshot meanwhile, the
+    commit fails as a lost race (the `pin` action then decides again and answers NOT_FOUND), where pyiceberg's own
+    commit applied it again on the new metadata and failed with a ValueError (INTERNAL)."""
+    properties = sqlite_catalog(tmp_path)
+    catalog = load_catalog("default", **properties)
+    catalog.create_namespace("ns")
+    created = catalog.create_table("ns.t", schema=rows([0]).schema)
+    for i in range(3):
+        created.append(rows([i]))
+    stale = FeatureCatalog("default", properties).load("ns.t")
+    oldest = stale.metadata.snapshots[0].snapshot_id
+    catalog.load_table("ns.t").maintenance.expire_snapshots().by_id(oldest).commit()  # another replica's expiry
+    with pytest.raises(CommitFailedException):
+        _commit_refs(stale, lambda manage: manage.create_tag(oldest, "kept"), "gone")
+    assert "kept" not in catalog.load_table("ns.t").metadata.refs

@@ -95,6 +95,7 @@ class ServerConfig:
     expire_snapshot_age_ms: int = 24 * 3600 * 1000
     expire_min_snapshots: int = 100
     expire_max_snapshots: int = 2000  # 0: no cap
+    expire_cap_min_age_ms: int = 3600 * 1000
     compact_min_files: int = 10
     memory_budget_bytes: int | None = None  # None: half the machine's memory (base/memory.py default_budget)
 

@@ -494,6 +494,17 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         click.IntRange(0),
     ),
     Setting(
+        "--expire-cap-min-age-minutes",
+        "FLIGHT_SERVER_EXPIRE_CAP_MIN_AGE_MINUTES",
+        "Automatic maintenance",
+        "The snapshot cap (--expire-max-snapshots) takes only snapshots older than this: a read, put or compaction "
+        "another replica planned on a younger one finds its files, as the age rule promised before. For tables "
+        "without flight.maintenance.max-snapshots-min-age-ms.",
+        "expire_cap_min_age_ms",
+        click.IntRange(0),
+        unit=60_000,
+    ),
+    Setting(
         "--compact-min-files",
         "FLIGHT_SERVER_COMPACT_MIN_FILES",
         "Automatic maintenance",

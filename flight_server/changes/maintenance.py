@@ -99,6 +99,7 @@ def choose_expired(
     older_than: int,
     retain_last: int,
     max_snapshots: int | None,
+    capped_before: int | None = None,
     heads: Collection[int],
     pinned: Mapping[str, int],
     in_use: Collection[int],
@@ -107,7 +108,9 @@ def choose_expired(
 ) -> ExpiryChoice:
     """Which of `snapshots` (id, commit time in ms; in the metadata's order) expire: those older than `older_than`,
     then the oldest while more than `max_snapshots` (None: no cap) would remain, so that a table committed to many
-    times a second keeps a metadata file of bounded size (at most `cap_expiries` of those at once). Never the newest
+    times a second keeps a metadata file of bounded size (at most `cap_expiries` of those at once), but only those
+    committed before `capped_before` (when given: the reads, puts and compactions that other replicas planned on a
+    young snapshot are known to no one here, and the age rule alone protected them before). Never the newest
     `retain_last` (so at least that many remain, whatever the cap) nor the `heads` of branches (the current snapshot
     is main's). A snapshot pinned (unless `force`) or `in_use` is kept and counts among those that remain: the cap
     then takes a newer one in its place."""
@@ -119,7 +122,12 @@ def choose_expired(
     expired: set[int] = set()
     for sid, timestamp in reversed(newest_first):  # oldest first
         aged = timestamp < older_than
-        over = max_snapshots is not None and left > max_snapshots and capped < cap_expiries
+        over = (
+            max_snapshots is not None
+            and left > max_snapshots
+            and capped < cap_expiries
+            and (capped_before is None or timestamp < capped_before)
+        )
         if sid in spared or not (aged or over):
             continue
         due.add(sid)
@@ -135,6 +143,23 @@ def choose_expired(
         kept_in_use=sorted(due.intersection(in_use) - kept_pinned),
         unpinned=sorted(pins_due) if force else [],
     )
+
+
+def _commit_refs(table: Table, change: Callable[[ManageSnapshots], ManageSnapshots], gone: str) -> None:
+    """Commit a change of the table's tags on the metadata it was decided on (`commit_staged`: on a SQL catalog any
+    commit since, another replica's expiry say, fails it and `until` decides again on the new metadata). Elsewhere
+    pyiceberg applies it again on newer metadata, where the snapshot or tag may be gone: `NotFoundError`, not the
+    ValueError pyiceberg raises, saying what is `gone`."""
+    transaction = MemoTransaction(table)
+    change(ManageSnapshots(transaction)).commit()
+    try:
+        commit_staged(transaction)
+    except ValueError as exc:
+        raise NotFoundError(f"{gone} ({exc}); nothing was committed") from None
+
+
+def _millis(timestamp: str) -> int:
+    return int(parse_timestamp(timestamp, "timestamp").timestamp() * 1000)
 
 
 def small_file_groups(files: list[DataFile], min_files: int, small_bytes: int, max_bytes: int) -> list[DataFile]:
@@ -290,7 +315,7 @@ class Maintenance(Rewriter):
         metadata = table.metadata
         properties = metadata.properties
         if request.older_than is not None:
-            older_than = int(parse_timestamp(request.older_than, "older_than").timestamp() * 1000)
+            older_than = _millis(request.older_than)
         else:
             max_age = int(properties.get(MAX_SNAPSHOT_AGE_PROPERTY, DEFAULT_MAX_SNAPSHOT_AGE_MS))
             older_than = int(time.time() * 1000) - max_age
@@ -301,6 +326,7 @@ class Maintenance(Rewriter):
             older_than=older_than,
             retain_last=retain_last,
             max_snapshots=request.max_snapshots,
+            capped_before=None if request.capped_before is None else _millis(request.capped_before),
             heads={ref.snapshot_id for ref in branches},
             pinned=pins(metadata),
             in_use=self.in_use(str(metadata.table_uuid)) | in_use_elsewhere,
@@ -352,7 +378,8 @@ class Maintenance(Rewriter):
             )
         if ref is None:
             with self.locks(self.catalog.identifier(request.table)):
-                table.manage_snapshots().create_tag(snapshot_id, pin).commit()
+                gone = f"table {name!r} has no snapshot {snapshot_id} any more"
+                _commit_refs(table, lambda manage: manage.create_tag(snapshot_id, pin), gone)
             log.info("pinned snapshot %s of %s as %r", snapshot_id, name, pin)
         return {"table": name, "name": pin, "snapshot_id": snapshot_id}
 
@@ -366,6 +393,7 @@ class Maintenance(Rewriter):
         if snapshot_id is None:
             raise NotFoundError(f"table {name!r} has no pin {request.name!r} (pins: {sorted(pins(table.metadata))})")
         with self.locks(self.catalog.identifier(request.table)):
-            table.manage_snapshots().remove_tag(request.name).commit()
+            gone = f"table {name!r} has no pin {request.name!r} any more"
+            _commit_refs(table, lambda manage: manage.remove_tag(request.name), gone)
         log.info("unpinned snapshot %s of %s (%r)", snapshot_id, name, request.name)
         return {"table": name, "name": request.name, "snapshot_id": snapshot_id}

@@ -53,6 +53,8 @@ COMPACT_MIN_FILES_PROPERTY = "flight.maintenance.compact-min-files"
 # and every commit rewrites (and every replica re-parses) the metadata file that lists them all.
 MAX_SNAPSHOTS_PROPERTY = "flight.maintenance.max-snapshots"
 
+CAP_MIN_AGE_PROPERTY = "flight.maintenance.max-snapshots-min-age-ms"
+
 SMALL_SHARE = 0.75  # a data file under this share of the target size is small (Iceberg's rewrite_data_files)
 
 ROUND_BYTES = 1 << 30  # small files one round compacts per table, at most (beyond the first partition's minimum)
@@ -72,6 +74,7 @@ class Policy:
     max_snapshot_age_ms: int
     min_snapshots: int
     max_snapshots: int  # 0: no cap
+    cap_min_age_ms: int  # the cap takes only snapshots older than this
     compact_min_files: int
     small_bytes: int
 
@@ -83,6 +86,7 @@ class Policy:
             max_snapshot_age_ms=_at_least(properties, MAX_SNAPSHOT_AGE_PROPERTY, config.expire_snapshot_age_ms, 0),
             min_snapshots=_at_least(properties, MIN_SNAPSHOTS_PROPERTY, config.expire_min_snapshots, 1),
             max_snapshots=_at_least(properties, MAX_SNAPSHOTS_PROPERTY, config.expire_max_snapshots, 0),
+            cap_min_age_ms=_at_least(properties, CAP_MIN_AGE_PROPERTY, config.expire_cap_min_age_ms, 0),
             compact_min_files=_at_least(properties, COMPACT_MIN_FILES_PROPERTY, config.compact_min_files, 2),
             small_bytes=int(target_file_size(metadata) * SMALL_SHARE),
         )
@@ -266,9 +270,13 @@ class Upkeep:
         )
         if compacted is not None and compacted.compacted:
             done.add(data_files_compacted=compacted.data_files_removed, data_files_added=compacted.data_files_added)
-        older_than = dt.datetime.now(dt.timezone.utc) - dt.timedelta(milliseconds=policy.max_snapshot_age_ms)
+        now = dt.datetime.now(dt.timezone.utc)
         request = ExpireRequest(
-            name, format_timestamp(older_than), policy.min_snapshots, max_snapshots=policy.max_snapshots or None
+            name,
+            format_timestamp(now - dt.timedelta(milliseconds=policy.max_snapshot_age_ms)),
+            policy.min_snapshots,
+            max_snapshots=policy.max_snapshots or None,
+            capped_before=format_timestamp(now - dt.timedelta(milliseconds=policy.cap_min_age_ms)),
         )
         expired = done.step("expiry", lambda: self.maintenance.expire_once(request))
         if expired is not None:

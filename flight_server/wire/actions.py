@@ -80,13 +80,15 @@ class CompactRequest:
 class ExpireRequest:
     """`expire_snapshots` action: forget snapshots older than `older_than` beyond the last `retain_last`, and
     then the oldest until at most `max_snapshots` (or `retain_last`, if more) remain, and delete the files only
-    they used; pinned snapshots stay unless `force`."""
+    they used; pinned snapshots stay unless `force`. `capped_before` (automatic maintenance's; not a field of the
+    action): the cap takes only snapshots committed before this time."""
 
     table: str
     older_than: str | None = None
     retain_last: int | None = None
     force: bool = False
     max_snapshots: int | None = None
+    capped_before: str | None = None
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> ExpireRequest:
