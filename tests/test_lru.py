@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 from flight_server.base.lru import WeightedLru
 
 OPS = st.lists(
-    st.tuples(st.sampled_from(["get", "put"]), st.integers(0, 6), st.integers(0, 12)), min_size=1, max_size=60
+    st.tuples(st.sampled_from(["get", "put", "put", "discard", "in"]), st.integers(0, 6), st.integers(0, 12)),
+    min_size=1,
+    max_size=60,
 )
 
 
@@ -18,7 +20,12 @@ def test_weighted_lru_keeps_what_a_plain_list_keeps(ops: list[tuple[str, int, in
     reference: list[tuple[int, int]] = []
     for op, key, value in ops:
         found = next((v for k, v in reference if k == key), None)
-        if op == "get":
+        if op == "discard":
+            lru.discard(key)
+            reference = [(k, v) for k, v in reference if k != key]
+        elif op == "in":
+            assert (key in lru) == (found is not None)
+        elif op == "get":
             assert lru.get(key) == found
             if found is not None:
                 reference = [(k, v) for k, v in reference if k != key] + [(key, found)]
@@ -32,3 +39,5 @@ def test_weighted_lru_keeps_what_a_plain_list_keeps(ops: list[tuple[str, int, in
         assert lru.newest_first() == reference[::-1]
         assert lru.total == sum(v for _, v in reference) <= limit
         assert len(lru) == len(reference)
+    lru.clear()
+    assert (len(lru), lru.total, lru.newest_first()) == (0, 0, [])

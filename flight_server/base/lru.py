@@ -58,6 +58,18 @@ class WeightedLru(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def discard(self, key: K) -> None:
+        """Forget `key`, if kept."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self._total -= entry[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._total = 0
+
     def __contains__(self, key: K) -> bool:
         """Whether `key` is kept (no use recorded)."""
         return key in self._entries

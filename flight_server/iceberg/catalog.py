@@ -37,6 +37,7 @@ from sqlalchemy import Select
 from sqlalchemy.exc import IntegrityError
 
 from flight_server.base.config import CatalogError, catalog_failure, redact
+from flight_server.base.lru import WeightedLru
 from flight_server.iceberg.internals import metadata_location_query, table_io
 from flight_server.iceberg.reparse import Parsed, metadata_text, parse
 from flight_server.wire.actions import DELETE_MODES
@@ -46,6 +47,7 @@ from flight_server.wire.errors import NotFoundError, RequestError
 log = logging.getLogger(__name__)
 
 READ_CACHE_TABLES = 256  # tables kept loaded for reading; past it, the cache starts over
+PARSED_SNAPSHOTS = 50_000  # snapshots whose raw JSON is kept to parse their tables' next files (`_load`)
 
 KEPT_LOCATIONS = 4096  # tables' locations by metadata file (`location`); past it, the cache starts over
 
@@ -204,7 +206,9 @@ class FeatureCatalog:
         self.catalog: Catalog = _load(name, properties)
         self._read: dict[str, Table] = {}  # by table name: the last loaded for reading (see `read`)
         self._locations: dict[str, str] = {}  # by metadata file: its table's location (see `location`)
-        self._parsed: dict[str, Parsed] = {}  # by table name, for tables `read` keeps: the last file parsed (`_load`)
+        # By table name, for tables `read` keeps: the last file parsed (`_load`), its entries' raw JSON beside their
+        # models (about as much again as the models), for the tables of `PARSED_SNAPSHOTS` snapshots in all at most.
+        self._parsed: WeightedLru[str, Parsed] = WeightedLru(PARSED_SNAPSHOTS, lambda kept: len(kept.snapshots) + 1)
         log.info("catalog %r: %s", name, redact(properties))
 
     def identifier(self, table: str) -> tuple[str, ...]:
@@ -284,9 +288,9 @@ class FeatureCatalog:
                 log.debug("table %r: parsing %s again in full", name, pointer, exc_info=True)
             else:
                 if parsed is None:
-                    self._parsed.pop(name, None)
+                    self._parsed.discard(name)
                 else:
-                    self._parsed[name] = parsed
+                    self._parsed.put(name, parsed)
                 io = table_io(self.catalog, metadata.properties, pointer)
                 return Table(identifier, metadata, pointer, io=io, catalog=self.catalog)
         try:
