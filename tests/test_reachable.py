@@ -34,6 +34,9 @@ def test_snapshot_files_are_what_pyiceberg_reads_and_are_read_once(tmp_path: Pat
     table.append(pa.table({"k": pa.array([7], pa.int64())}))
     snapshots = table.metadata.snapshots
     assert [snapshot_files(table.io, s) for s in snapshots] == [_reference(table.io, s) for s in snapshots]
-    misses = (reachable._manifests.misses, reachable._files.misses)
+    misses = (reachable._listed.misses, reachable._files.misses)
     assert [snapshot_files(table.io, s) for s in snapshots] == [_reference(table.io, s) for s in snapshots]
-    assert (reachable._manifests.misses, reachable._files.misses) == misses  # nothing read again
+    assert (reachable._listed.misses, reachable._files.misses) == misses  # nothing read again
+    reachable._files.clear()  # the lists kept, their manifests' files not: the lists are read again for them
+    newest_first = snapshots[::-1]  # whose lists name every manifest at once
+    assert [snapshot_files(table.io, s) for s in newest_first] == [_reference(table.io, s) for s in newest_first]
