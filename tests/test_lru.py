@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from flight_server.base.lru import WeightedLru
 
 OPS = st.lists(
-    st.tuples(st.sampled_from(["get", "put", "put", "discard", "in"]), st.integers(0, 6), st.integers(0, 12)),
+    st.tuples(st.sampled_from(["get", "put", "put", "discard", "in", "newest"]), st.integers(0, 6), st.integers(0, 12)),
     min_size=1,
     max_size=60,
 )
@@ -23,6 +23,10 @@ def test_weighted_lru_keeps_what_a_plain_list_keeps(ops: list[tuple[str, int, in
         if op == "discard":
             lru.discard(key)
             reference = [(k, v) for k, v in reference if k != key]
+        elif op == "newest":  # the most recently used of the keys at least `value` / 2
+            least = value // 2
+            found_newest = next(((k, v) for k, v in reversed(reference) if k >= least), None)
+            assert lru.newest(lambda k, least=least: k >= least) == found_newest
         elif op == "in":
             assert (key in lru) == (found is not None)
         elif op == "get":

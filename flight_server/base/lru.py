@@ -74,6 +74,14 @@ class WeightedLru(Generic[K, V]):
         """Whether `key` is kept (no use recorded)."""
         return key in self._entries
 
+    def newest(self, match: Callable[[K], bool]) -> tuple[K, V] | None:
+        """The most recently used entry whose key `match`es (no use recorded), looking at the newest first."""
+        with self._lock:
+            for key, entry in reversed(self._entries.items()):
+                if match(key):
+                    return key, entry[0]
+        return None
+
     def newest_first(self) -> list[tuple[K, V]]:
         """What is kept, the most recently used first (no use recorded)."""
         with self._lock:

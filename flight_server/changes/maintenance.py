@@ -28,6 +28,7 @@ from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.refs import SnapshotRefType
 from pyiceberg.table.snapshots import Operation
 from pyiceberg.table.update.snapshot import ExpireSnapshots, ManageSnapshots
+from pyiceberg.utils.properties import property_as_int
 
 from flight_server.base.filters import parse_filter, to_sql
 from flight_server.changes.commits import SCAN_SOURCE
@@ -156,6 +157,16 @@ def _commit_refs(table: Table, change: Callable[[ManageSnapshots], ManageSnapsho
         commit_staged(transaction)
     except ValueError as exc:
         raise NotFoundError(f"{gone} ({exc}); nothing was committed") from None
+
+
+def int_property(properties: dict[str, str], key: str, default: int, minimum: int) -> int:
+    """An integer table property, the default when it is unset or not a number, raised to `minimum`."""
+    try:
+        value = property_as_int(properties, key, default)
+    except ValueError:
+        log.warning("table property %s=%r is not an integer; using %d", key, properties.get(key), default)
+        value = default
+    return max(minimum, default if value is None else value)
 
 
 def _millis(timestamp: str) -> int:
@@ -317,9 +328,9 @@ class Maintenance(Rewriter):
         if request.older_than is not None:
             older_than = _millis(request.older_than)
         else:
-            max_age = int(properties.get(MAX_SNAPSHOT_AGE_PROPERTY, DEFAULT_MAX_SNAPSHOT_AGE_MS))
+            max_age = int_property(properties, MAX_SNAPSHOT_AGE_PROPERTY, DEFAULT_MAX_SNAPSHOT_AGE_MS, 0)
             older_than = int(time.time() * 1000) - max_age
-        retain_last = request.retain_last or int(properties.get(MIN_SNAPSHOTS_PROPERTY, DEFAULT_MIN_SNAPSHOTS))
+        retain_last = request.retain_last or int_property(properties, MIN_SNAPSHOTS_PROPERTY, DEFAULT_MIN_SNAPSHOTS, 1)
         branches = [ref for ref in metadata.refs.values() if ref.snapshot_ref_type == SnapshotRefType.BRANCH]
         choice = choose_expired(
             [(s.snapshot_id, s.timestamp_ms) for s in metadata.snapshots],

@@ -4,8 +4,9 @@ Snapshot expiry works out the files that only the expired snapshots used, so eac
 every snapshot the table keeps, and orphan removal every snapshot's: under the default rules (24 hours, a table
 written once a minute) 1,440 manifest lists a round, most of its time, and all of it again the next round. Manifest
 lists and manifests are never rewritten, so what each one names is kept (least recently used out first) and a round
-reads only the files committed since the one before. A manifest list is kept as its manifests' paths: without
-manifest merging (tables other engines write) the lists of n snapshots name n²/2 manifests, most of them shared.
+reads only the files committed since the one before. A manifest list is kept as its manifests' paths, weighed by
+their characters: without manifest merging (tables other engines write) the lists of n snapshots name n²/2
+manifests, and past the bound such a table's rounds read its lists again, as they all did before.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pyiceberg.table.snapshots import Snapshot
 from flight_server.base.lru import WeightedLru
 from flight_server.iceberg.internals import manifest_entries, snapshot_manifests
 
-KEPT_LISTED = 4_000_000  # manifest paths named by the kept manifest lists (shared strings: 8 bytes each)
+KEPT_LISTED_CHARS = 32 << 20  # characters of the manifest paths the kept manifest lists name (~2x in memory)
 KEPT_PATHS = 250_000  # data and delete file paths named by the kept manifests, about 150 bytes each
 
-_listed: WeightedLru[str, tuple[str, ...]] = WeightedLru(KEPT_LISTED, lambda kept: len(kept) + 1)
+_listed: WeightedLru[str, tuple[str, ...]] = WeightedLru(KEPT_LISTED_CHARS, lambda kept: sum(map(len, kept)) + 1)
 _files: WeightedLru[str, tuple[str, ...]] = WeightedLru(KEPT_PATHS, lambda kept: len(kept) + 1)
 
 

@@ -33,11 +33,16 @@ from typing import Any, TypeVar
 
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.table.metadata import TableMetadata
-from pyiceberg.utils.properties import property_as_bool, property_as_int
+from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.base.config import ServerConfig
 from flight_server.changes.files import target_file_size
-from flight_server.changes.maintenance import MAX_SNAPSHOT_AGE_PROPERTY, MIN_SNAPSHOTS_PROPERTY, Maintenance
+from flight_server.changes.maintenance import (
+    MAX_SNAPSHOT_AGE_PROPERTY,
+    MIN_SNAPSHOTS_PROPERTY,
+    Maintenance,
+    int_property,
+)
 from flight_server.changes.orphans import remove_orphan_files
 from flight_server.wire.actions import ExpireRequest, MaintenanceResult, OrphanFilesRequest
 from flight_server.wire.codec import format_timestamp
@@ -83,23 +88,13 @@ class Policy:
         properties = metadata.properties
         return cls(
             enabled=property_as_bool(properties, ENABLED_PROPERTY, True),
-            max_snapshot_age_ms=_at_least(properties, MAX_SNAPSHOT_AGE_PROPERTY, config.expire_snapshot_age_ms, 0),
-            min_snapshots=_at_least(properties, MIN_SNAPSHOTS_PROPERTY, config.expire_min_snapshots, 1),
-            max_snapshots=_at_least(properties, MAX_SNAPSHOTS_PROPERTY, config.expire_max_snapshots, 0),
-            cap_min_age_ms=_at_least(properties, CAP_MIN_AGE_PROPERTY, config.expire_cap_min_age_ms, 0),
-            compact_min_files=_at_least(properties, COMPACT_MIN_FILES_PROPERTY, config.compact_min_files, 2),
+            max_snapshot_age_ms=int_property(properties, MAX_SNAPSHOT_AGE_PROPERTY, config.expire_snapshot_age_ms, 0),
+            min_snapshots=int_property(properties, MIN_SNAPSHOTS_PROPERTY, config.expire_min_snapshots, 1),
+            max_snapshots=int_property(properties, MAX_SNAPSHOTS_PROPERTY, config.expire_max_snapshots, 0),
+            cap_min_age_ms=int_property(properties, CAP_MIN_AGE_PROPERTY, config.expire_cap_min_age_ms, 0),
+            compact_min_files=int_property(properties, COMPACT_MIN_FILES_PROPERTY, config.compact_min_files, 2),
             small_bytes=int(target_file_size(metadata) * SMALL_SHARE),
         )
-
-
-def _at_least(properties: dict[str, str], key: str, default: int, minimum: int) -> int:
-    """An integer property, the default when it is unset or not a number, raised to `minimum`."""
-    try:
-        value = property_as_int(properties, key, default)
-    except ValueError:
-        log.warning("table property %s=%r is not an integer; using %d", key, properties.get(key), default)
-        value = default
-    return max(minimum, default if value is None else value)
 
 
 @dataclass
@@ -273,10 +268,10 @@ class Upkeep:
         now = dt.datetime.now(dt.timezone.utc)
         request = ExpireRequest(
             name,
-            format_timestamp(now - dt.timedelta(milliseconds=policy.max_snapshot_age_ms)),
+            _ago(now, policy.max_snapshot_age_ms),
             policy.min_snapshots,
             max_snapshots=policy.max_snapshots or None,
-            capped_before=format_timestamp(now - dt.timedelta(milliseconds=policy.cap_min_age_ms)),
+            capped_before=_ago(now, policy.cap_min_age_ms),
         )
         expired = done.step("expiry", lambda: self.maintenance.expire_once(request))
         if expired is not None:
@@ -324,3 +319,11 @@ class Upkeep:
             f"; failed: {result.error}" if result.error else "",
             result.seconds,
         )
+
+
+def _ago(now: dt.datetime, ms: int) -> str:
+    """The time `ms` before `now`, or the epoch when that is earlier: Java's Long.MAX_VALUE, which Iceberg users
+    set to mean "never", is far past what a datetime holds."""
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    since_epoch = (now - epoch) // dt.timedelta(milliseconds=1)
+    return format_timestamp(now - dt.timedelta(milliseconds=min(ms, since_epoch)))

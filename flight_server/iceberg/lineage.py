@@ -135,10 +135,7 @@ def committed_appends(snapshot_id: int) -> tuple[tuple[str, int], list[DataFile]
     """The key (table uuid, snapshot id) and files of the append kept as `snapshot_id`, if any: a write process hands
     them to its serving process with every put's answer (a group commit's puts share a snapshot, and whichever
     answer arrives first brings them). The newest are looked at first: a put's own commit was just kept."""
-    for key, files in _own.newest_first():
-        if key[1] == snapshot_id:
-            return key, files
-    return None
+    return _own.newest(lambda key: key[1] == snapshot_id)
 
 
 def keep_appended(key: tuple[str, int], files: list[DataFile]) -> None:
