@@ -43,6 +43,7 @@ def test_the_docs_show_the_table_as_generated() -> None:
     text = DOCS.read_text()
     start, end = text.find(MARKDOWN_START), text.find(MARKDOWN_END)
     assert 0 <= start < end, f"{DOCS.name} has lost the settings table's marker comments"
+    assert text.count(MARKDOWN_END) == 1, f"{DOCS.name} has a stray end marker: text up to the last would be replaced"
     assert text[start : end + len(MARKDOWN_END)] == markdown(), (
         f"{DOCS.name}'s settings table is out of date: replace it, marker comments included, with the output "
         "of `flight-server settings --markdown` (python -m flight_server settings --markdown)"

@@ -21,7 +21,7 @@ from pyiceberg.catalog import load_catalog
 from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.table.snapshots import Operation
 
-from flight_client import FeatureClient
+from flight_client import FeatureClient, InvalidRequestError
 from flight_server.changes.maintenance import (
     MIN_SNAPSHOTS_PROPERTY,
     ExpiryChoice,
@@ -504,3 +504,44 @@ def test_a_pin_decided_on_metadata_since_expired_elsewhere_gives_way(tmp_path: P
     with pytest.raises(CommitFailedException):
         _commit_refs(stale, lambda manage: manage.create_tag(oldest, "kept"), "gone")
     assert "kept" not in catalog.load_table("ns.t").metadata.refs
+
+
+def test_a_huge_cap_floor_leaves_the_age_rule_working(
+    client: FeatureClient, catalog: dict[str, str], table: str
+) -> None:
+    """`flight.maintenance.max-snapshots-min-age-ms` set to Java's Long.MAX_VALUE ("the cap never takes anything", as
+    Iceberg's own age properties are often set) is accepted by `int_property`, but `now - timedelta(that)` raises
+    OverflowError outside `done.step`: the whole round fails (INTERNAL for run_maintenance, a logged exception in the
+    background loop), so the age rule, the cap and orphan removal never run for that table again."""
+    client.write(table, rows([0]), entity_keys=["id"], event_time="ts", partition_by=[])
+    set_properties(
+        catalog,
+        table,
+        {
+            COMPACT_MIN_FILES_PROPERTY: "100000",
+            MAX_SNAPSHOTS_PROPERTY: "1",
+            CAP_MIN_AGE_PROPERTY: str(2**63 - 1),
+            "history.expire.max-snapshot-age-ms": "1",
+            "history.expire.min-snapshots-to-keep": "1",
+        },
+    )
+    client.write(table, rows([1]))
+    result = client.run_maintenance(table)
+    assert result["error"] is None and result["snapshots_expired"] >= 1, result
+
+
+def test_expire_snapshots_on_a_table_whose_age_property_is_not_a_number(
+    client: FeatureClient, catalog: dict[str, str], table: str
+) -> None:
+    """Automatic maintenance reads `history.expire.max-snapshot-age-ms` with `int_property` (a warning, the default),
+    but the `expire_snapshots` action without `older_than` does `int(properties.get(...))` (maintenance.py
+    `_expire_locked`, before this change too): a property another engine's user set to "a day" makes it INTERNAL
+    instead of the default or an INVALID_ARGUMENT naming the property."""
+    client.write(table, rows([0]), entity_keys=["id"], event_time="ts", partition_by=[])
+    set_properties(catalog, table, {"history.expire.max-snapshot-age-ms": "a day"})
+    client.write(table, rows([1]))
+    assert client.run_maintenance(table)["error"] is None  # the round takes the default
+    try:
+        client.expire_snapshots(table)
+    except InvalidRequestError as exc:
+        assert "history.expire.max-snapshot-age-ms" in str(exc)
