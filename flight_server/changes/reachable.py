@@ -34,13 +34,18 @@ def snapshot_files(io: FileIO, snapshot: Snapshot) -> set[str]:
         listed = tuple(manifest.manifest_path for manifest in manifests)
         _listed.put(snapshot.manifest_list, listed)
     paths = {snapshot.manifest_list, *listed}
+    unread = []
     for path in listed:
         files = _files.get(path)
         if files is None:
-            if manifests is None:  # the list was kept, this manifest's files were not: read the list again
-                manifests = snapshot_manifests(io, snapshot)
-            manifest = next(m for m in manifests if m.manifest_path == path)
-            files = tuple(entry.data_file.file_path for entry in manifest_entries(io, manifest, discard_deleted=True))
+            unread.append(path)
+        else:
+            paths.update(files)
+    if unread:  # read now; the list again if it was kept but these manifests' files were not
+        by_path = {manifest.manifest_path: manifest for manifest in manifests or snapshot_manifests(io, snapshot)}
+        for path in unread:
+            entries = manifest_entries(io, by_path[path], discard_deleted=True)
+            files = tuple(entry.data_file.file_path for entry in entries)
             _files.put(path, files)
-        paths.update(files)
+            paths.update(files)
     return paths
