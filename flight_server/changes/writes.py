@@ -438,13 +438,13 @@ class _Placed:
     once the copies are committed (by the caller when they are not: `Writer._write`); the copies when they are not."""
 
     def __init__(self, staged: _Staged, files: list[DataFile]):
-        self.written, self.io, self.location = files, staged.io, _folder(staged.metadata.location)
+        self.written, self.io, self.location = files, staged.io, staged.metadata.location.rstrip("/")
         self.files, self.files_io, self.files_location = files, staged.io, self.location
 
     def files_for(self, transaction: Transaction) -> list[DataFile]:
         """The files, under the location of the table the transaction commits to (copied there if need be)."""
         metadata = transaction.table_metadata
-        location = _folder(metadata.location)
+        location = metadata.location.rstrip("/")
         if location != self.files_location:
             self.discard()
             if location != self.location:
@@ -464,10 +464,6 @@ class _Placed:
         """The copies are committed: the files written are no one's."""
         if self.files is not self.written:
             delete_files(self.io, [f.file_path for f in self.written])
-
-
-def _folder(location: str) -> str:
-    return location.rstrip("/")
 
 
 @dataclass(eq=False)
