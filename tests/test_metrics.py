@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -124,16 +125,16 @@ def test_every_kind_of_call_is_counted(server: tuple[str, int, Path]) -> None:
     assert value(samples, "flight_request_duration_seconds_bucket", method="do_put", kind="write", le="+Inf") == 1
 
     plans = (
-        value(samples, "flight_cache_hits_total", cache="plans"),
-        value(samples, "flight_cache_misses_total", cache="plans"),
+        value(samples, "flight_cache_hits_total", cache="plans", process="serving"),
+        value(samples, "flight_cache_misses_total", cache="plans", process="serving"),
     )
     assert plans[0] is not None and plans[1] is not None and plans[0] + plans[1] >= 2
-    assert value(samples, "flight_cache_entries", cache="plans") >= 1
-    assert value(samples, "flight_cache_entries", cache="training_set") == 1
-    assert value(samples, "flight_cache_misses_total", cache="training_set") == 1
-    assert value(samples, "flight_cache_bytes", cache="online_index") > 0
-    assert value(samples, "flight_cache_max_bytes", cache="positions") == 64 << 20
-    assert value(samples, "flight_cache_misses_total", cache="scan") is not None
+    assert value(samples, "flight_cache_entries", cache="plans", process="serving") >= 1
+    assert value(samples, "flight_cache_entries", cache="training_set", process="serving") == 1
+    assert value(samples, "flight_cache_misses_total", cache="training_set", process="serving") == 1
+    assert value(samples, "flight_cache_bytes", cache="online_index", process="serving") > 0
+    assert value(samples, "flight_cache_max_bytes", cache="positions", process="serving") == 64 << 20
+    assert value(samples, "flight_cache_misses_total", cache="scan", process="serving") is not None
     assert value(samples, "flight_online_index_entities", table=TABLE) == ROWS
     assert 0 <= value(samples, "flight_online_index_lag_seconds", table=TABLE) < 30
     assert value(samples, "flight_online_index_refresh_failing", table=TABLE) == 0
@@ -227,6 +228,145 @@ def test_the_write_process_commit_retries_and_conflicts_are_scraped_from_the_ser
         assert (value(after, conflicts) or 0) - (value(before, conflicts) or 0) == 1
     finally:
         server.shutdown()
+
+
+# The caches every server process keeps: scraped from the write process too, under `process="write"`.
+SHARED_CACHES = {
+    *("plans", "positions", "tables", "parsed_metadata"),
+    *("snapshot_json", "manifest_lists", "manifests", "appended_files"),
+}
+CACHE_FAMILIES = ("flight_cache_entries", "flight_cache_bytes", "flight_cache_weight", "flight_cache_hits_total")
+
+
+def caches_of(samples: Samples, process: str) -> set[str]:
+    """The caches of `process` ("serving", "write") that the scrape shows."""
+    entries = [dict(labels) for name, labels in samples if name == "flight_cache_entries"]
+    return {labels["cache"] for labels in entries if labels["process"] == process}
+
+
+def started_at(pid: int) -> float:
+    """A process's start time, worked out as prometheus_client's `ProcessCollector` does: boot time plus the clock
+    ticks from boot to the process's start."""
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line[:6] == "btime ")
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process figures are read from /proc")
+def test_the_write_process_caches_and_figures_are_scraped_from_the_serving_process(tmp_path: Path) -> None:
+    """Puts, a maintenance round and a snapshot expiry run in the write process: its caches (`process="write"`,
+    beside the same kinds of the serving process) and its memory, CPU time and start time are scraped from the
+    serving process's endpoint, as its `health` says them."""
+    port = free_ports(1)[0]
+    server = start_writing_server(sqlite_catalog(tmp_path), metrics_port=port, compact_min_files=3)
+    writes = server.parts.writes
+    assert writes is not None
+    table = "tests.written"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write(table, _drivers(range(10)), entity_keys=["driver_id"], event_time="event_timestamp")
+            for first in (10, 20, 30):
+                client.write(table, _drivers(range(first, first + 10)))
+            before = scrape(port)
+            assert client.run_maintenance(table)["data_files_compacted"] > 0
+            assert client.expire_snapshots(table, older_than="2100-01-01T00:00:00Z", retain_last=2)["expired"]
+            for first in (40, 50):
+                client.write(table, _drivers(range(first, first + 10)))
+            after = scrape(port)
+            health = client.health()["write_process"]
+        pid = writes.pid
+        assert pid is not None and health["pid"] == pid  # the same child all along
+
+        def cache(samples: Samples, name: str, cache: str, **labels: str) -> float | None:
+            return value(samples, name, cache=cache, process="write", **labels)
+
+        for samples in (before, after):
+            assert value(samples, "flight_write_process_up") == 1
+            assert caches_of(samples, "write") == SHARED_CACHES
+            assert caches_of(samples, "serving") == SHARED_CACHES | {"scan", "training_set", "online_index"}
+            assert all("process" in dict(labels) for name, labels in samples if name.startswith(CACHE_FAMILIES))
+            assert cache(samples, "flight_cache_max_bytes", "snapshot_json") == 16 << 20
+            assert cache(samples, "flight_cache_weight", "appended_files", unit="values") > 0  # its puts' files
+            assert value(samples, "flight_write_process_resident_memory_bytes") > 50 << 20
+            assert value(samples, "flight_write_process_start_time_seconds") == pytest.approx(started_at(pid), abs=0.02)
+        assert (
+            0
+            < cache(before, "flight_cache_bytes", "snapshot_json")
+            < cache(after, "flight_cache_bytes", "snapshot_json")
+        )
+        hits = "flight_cache_hits_total"
+        assert cache(after, hits, "snapshot_json") > cache(before, hits, "snapshot_json") > 0  # each commit's file
+        assert cache(before, "flight_cache_entries", "manifest_lists") == 0  # nothing expired yet
+        assert cache(after, "flight_cache_entries", "manifest_lists") >= 4  # the expiry read every snapshot's
+        assert cache(after, "flight_cache_weight", "manifests", unit="paths") > 0
+        cpu = "flight_write_process_cpu_seconds_total"
+        assert 0 < value(before, cpu) <= value(after, cpu)
+        # `health` says the same of the write process (nothing ran there in between that uses these caches)
+        assert health["caches"].keys() == SHARED_CACHES
+        kept = health["caches"]["snapshot_json"]
+        assert (kept["entries"], kept["bytes"], kept["hits"]) == (
+            cache(after, "flight_cache_entries", "snapshot_json"),
+            cache(after, "flight_cache_bytes", "snapshot_json"),
+            cache(after, hits, "snapshot_json"),
+        )
+        assert health["process"]["process_start_time_seconds"] == value(
+            after, "flight_write_process_start_time_seconds"
+        )
+    finally:
+        server.shutdown()
+
+
+def test_a_scrape_neither_waits_for_nor_fails_without_the_write_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the write process starts (its interpreter waits here for a gate the test opens), after it was killed,
+    and with none at all (`--no-write-process`), a scrape answers at once, with the serving process's figures, no
+    write process's, and `flight_write_process_up` 0 (absent without one); it starts none."""
+    gate = tmp_path / "go"
+    interpreter = tmp_path / "python"
+    interpreter.write_text(f'#!/bin/sh\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done\nexec "{sys.executable}" "$@"\n')
+    interpreter.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(interpreter))
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    ports = free_ports(2)
+    server = start_server(sqlite_catalog(tmp_path / "a"), metrics_port=ports[0], write_process=True)
+    alone = start_server(sqlite_catalog(tmp_path / "b"), metrics_port=ports[1], write_process=False)
+    writes = server.parts.writes
+    assert writes is not None
+
+    def without_the_write_process(samples: Samples) -> None:
+        assert caches_of(samples, "write") == set()
+        assert caches_of(samples, "serving") >= SHARED_CACHES
+        assert not any(
+            name.startswith("flight_write_process_") and name != "flight_write_process_up" for name, _ in samples
+        )
+        assert value(samples, "process_resident_memory_bytes") > 0
+
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write("tests.gated", _drivers(range(3)), entity_keys=["driver_id"], event_time="event_timestamp")
+            starting = scrape(ports[0])
+            assert writes.stats()["starting"]  # still: the scrape did not wait for it
+            without_the_write_process(starting)
+            assert value(starting, "flight_write_process_up") == 0
+            gate.touch()
+            wait_until(lambda: value(scrape(ports[0]), "flight_write_process_up") == 1, what="the write process")
+            pid = writes.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: writes.pid is None, what="the write process to die")
+            killed = scrape(ports[0])
+            without_the_write_process(killed)
+            assert value(killed, "flight_write_process_up") == 0
+            assert writes.stats()["starts"] == 1 and writes.pid is None  # the scrape started none
+            assert value(killed, "flight_writes_in_progress") == 0
+        samples = scrape(ports[1])
+        without_the_write_process(samples)
+        assert value(samples, "flight_write_process_up") is None  # no write process to speak of
+    finally:
+        server.shutdown()
+        alone.shutdown()
 
 
 def test_servers_in_one_process_count_apart_and_refusals_count(tmp_path: Path) -> None:

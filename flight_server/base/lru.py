@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -49,6 +49,14 @@ class WeightedLru(Generic[K, V]):
             self._total += weight
             while self._total > self.limit:
                 self._total -= self._entries.popitem(last=False)[1][1]
+
+    def stats(self, unit: str) -> dict[str, Any]:
+        """For metrics and `health`: entries kept, `get`s that found theirs or not, and the weight kept and its limit,
+        as `bytes`/`max_bytes` when weighed in bytes, else as `weight`/`max_weight` in `unit`."""
+        counts = {"entries": len(self._entries), "hits": self.hits, "misses": self.misses}
+        if unit == "bytes":
+            return {**counts, "bytes": self._total, "max_bytes": self.limit}
+        return {**counts, "weight": self._total, "max_weight": self.limit, "unit": unit}
 
     @property
     def total(self) -> int:

@@ -11,6 +11,8 @@ manifests, and past the bound such a table's rounds read its lists again, as the
 
 from __future__ import annotations
 
+from typing import Any
+
 from pyiceberg.io import FileIO
 from pyiceberg.manifest import ManifestFile
 from pyiceberg.table.snapshots import Snapshot
@@ -23,6 +25,12 @@ KEPT_PATHS = 250_000  # data and delete file paths named by the kept manifests, 
 
 _listed: WeightedLru[str, tuple[str, ...]] = WeightedLru(KEPT_LISTED_CHARS, lambda kept: sum(map(len, kept)) + 1)
 _files: WeightedLru[str, tuple[str, ...]] = WeightedLru(KEPT_PATHS, lambda kept: len(kept) + 1)
+
+
+def cache_stats() -> dict[str, dict[str, Any]]:
+    """What is kept of the manifest lists (weighed in characters) and the manifests (in file paths), for metrics and
+    `health`."""
+    return {"manifest_lists": _listed.stats("characters"), "manifests": _files.stats("paths")}
 
 
 def snapshot_files(io: FileIO, snapshot: Snapshot) -> set[str]:

@@ -211,6 +211,11 @@ class FeatureCatalog:
         self._parsed: WeightedLru[str, Parsed] = WeightedLru(PARSED_SNAPSHOTS, lambda kept: len(kept.snapshots) + 1)
         log.info("catalog %r: %s", name, redact(properties))
 
+    def cache_stats(self) -> dict[str, dict[str, Any]]:
+        """The tables `read` keeps, and what is kept to parse their next metadata files (weighed in snapshots), for
+        metrics and `health`."""
+        return {"tables": {"entries": len(self._read)}, "parsed_metadata": self._parsed.stats("snapshots")}
+
     def identifier(self, table: str) -> tuple[str, ...]:
         return parse_table_name(table, self.default_namespace)
 

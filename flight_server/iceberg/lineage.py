@@ -13,6 +13,7 @@ snapshots whose entries show the same rows in other files (`replace_changes_rows
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyiceberg.manifest import DataFile, DataFileContent, ManifestContent, ManifestEntry, ManifestEntryStatus
 from pyiceberg.table import Table
@@ -118,6 +119,11 @@ def _weight(files: list[DataFile]) -> int:
 
 
 _own: WeightedLru[tuple[str, int], list[DataFile]] = WeightedLru(OWN_WEIGHT_KEPT, _weight)
+
+
+def cache_stats() -> dict[str, Any]:
+    """What is kept of recent appends (weighed in statistics values, `_weight`), for metrics and `health`."""
+    return _own.stats("values")
 
 
 def remember_append(table: Table, files: list[DataFile], spec_id: int) -> None:

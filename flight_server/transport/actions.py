@@ -16,6 +16,7 @@ from flight_server.changes.orphans import remove_orphan_files
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, describe, table_name
 from flight_server.transport.auth import ADMIN, READ, Principal
 from flight_server.transport.components import Components
+from flight_server.transport.metrics import process_figures
 from flight_server.wire.actions import (
     CompactRequest,
     DeleteRequest,
@@ -75,19 +76,25 @@ def table_summary(table: Table) -> TableSummary:
 
 def _health(parts: Components, caller: Principal, request: None) -> Health:
     parts.catalog.catalog.list_namespaces()  # the catalog answers, or the action fails
+    child = parts.write_process_health()
+    write_process = parts.writes.stats() if parts.writes is not None else None
+    if write_process is not None and child is not None:
+        write_process.update(caches=child.get("caches", {}), process=child.get("process", {}))
     return Health(
         status="ok",
         version=__version__,
         catalog=parts.catalog.name,
         catalog_type=parts.catalog.properties.get("type", ""),
-        writes_in_progress=parts.writes_in_progress(),
+        writes_in_progress=parts.writes_in_progress(child),
         online=parts.store.stats(),
         training_set_cache=parts.training.cache.stats(),
         scan_cache=parts.caches.files.stats(),
         maintenance=parts.upkeep.stats(),
         memory=parts.memory.stats(),
         training_set_indexes=parts.training.cache.index_rows(),
-        write_process=parts.writes.stats() if parts.writes is not None else None,
+        write_process=write_process,
+        caches=parts.cache_stats(),
+        process=process_figures(),
     )
 
 

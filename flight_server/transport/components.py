@@ -4,15 +4,19 @@ writers and the read services. The service routes to them, and closes them when 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from flight_server.base.config import ServerConfig
 from flight_server.base.locks import LockPool
 from flight_server.base.memory import MemoryBudget, default_budget
+from flight_server.changes import reachable
 from flight_server.changes.deletes import Deleter
 from flight_server.changes.maintenance import Maintenance
 from flight_server.changes.upkeep import Upkeep
 from flight_server.changes.writes import Writer
+from flight_server.iceberg import lineage
 from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.iceberg.metadata_files import snapshot_json
 from flight_server.online.service import OnlineService
 from flight_server.online.store import OnlineStore
 from flight_server.reads.caches import FileCache, ReadCaches
@@ -100,11 +104,29 @@ class Components:
         """The write process, when writes go there now (`WriteProcess.usable`); None: they run in this process."""
         return self.writes if self.writes is not None and self.writes.usable() else None
 
-    def writes_in_progress(self) -> int:
-        """Puts being written or committed, by this process or its write process (both, while it starts)."""
-        if self.writes is not None and (health := self.writes.ask("health")) is not None:
-            return int(health["writes_in_progress"]) + self.writer.in_progress
-        return self.writer.in_progress
+    def write_process_health(self) -> dict[str, Any] | None:
+        """The write process's own `health` (one call to it, within 2 s); None when there is none, none runs (nothing
+        waits for one to start) or it did not answer."""
+        return self.writes.ask("health") if self.writes is not None else None
+
+    def writes_in_progress(self, child: dict[str, Any] | None) -> int:
+        """Puts being written or committed, by this process or its write process (both, while it starts), whose
+        `health` is `child` (`write_process_health`)."""
+        return self.writer.in_progress + (int(child["writes_in_progress"]) if child is not None else 0)
+
+    def cache_stats(self) -> dict[str, dict[str, Any]]:
+        """The caches that every server process keeps, its write process too (the serving process's scan,
+        training-set and online caches aside), by name: entries, hits and misses, and the weight each holds and may
+        hold (`WeightedLru.stats`)."""
+        plans = self.caches.plans
+        return {
+            "plans": {"entries": len(plans), "hits": plans.hits, "misses": plans.misses},
+            "positions": self.caches.positions.stats("bytes"),
+            **self.catalog.cache_stats(),
+            "snapshot_json": snapshot_json.kept.stats("bytes"),  # JSON text: a character a byte
+            **reachable.cache_stats(),
+            "appended_files": lineage.cache_stats(),
+        }
 
     def changed(self, table: str) -> None:
         """This server committed to `table`: the online index, the training-set cache and maintenance look now

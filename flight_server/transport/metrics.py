@@ -3,9 +3,9 @@
 Calls are counted as they end (`ServerMetrics.completed`, from the call log's middleware), their rows and bytes
 batch by batch (`Flow`). Everything else is read at scrape time from what the server keeps anyway
 (`PartsCollector`): cache sizes and hit counts, the online indexes, and the commit retries the lower layers count
-(`base/metrics.py`), in this process and in its write process (`offload.py`). So the hot path pays for a counter
-and a histogram per call and a few additions per batch, nothing per row. Each server has its own registry: several
-servers in one process never clash.
+(`base/metrics.py`), in this process and in its write process (`offload.py`: its caches, memory and CPU time come
+with its `health`, asked once a scrape). So the hot path pays for a counter and a histogram per call and a few
+additions per batch, nothing per row. Each server has its own registry: several servers in one process never clash.
 """
 
 from __future__ import annotations
@@ -153,47 +153,110 @@ class PartsCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         caches, training, store = self.parts.caches, self.parts.training.cache, self.parts.store
-        indexes, stats = store.indexes(), training.stats()
+        indexes, stats, files = store.indexes(), training.stats(), caches.files.stats()
         online_bytes = {name: index.nbytes() for name, index in indexes.items()}
-        entries = GaugeMetricFamily("flight_cache_entries", "Entries held, by cache.", labels=["cache"])
-        size = GaugeMetricFamily("flight_cache_bytes", "Memory held, by cache.", labels=["cache"])
-        limit = GaugeMetricFamily("flight_cache_max_bytes", "Memory a cache may hold, by cache.", labels=["cache"])
-        hits = CounterMetricFamily("flight_cache_hits", "Lookups that found their entry, by cache.", labels=["cache"])
-        misses = CounterMetricFamily(
-            "flight_cache_misses", "Lookups that did not find their entry, by cache.", labels=["cache"]
-        )
-        plans, positions, files = caches.plans, caches.positions, caches.files.stats()
-        for name, held in (
-            ("plans", len(plans)),
-            ("positions", len(positions)),
-            ("scan", files["files"]),
-            ("training_set", stats["snapshots"]),
-            ("online_index", len(indexes)),
-        ):
-            entries.add_metric([name], held)
-        for name, nbytes, max_bytes in (
-            ("positions", positions.nbytes, positions.max_bytes),
-            ("scan", files["bytes"], files["max_bytes"]),
-            ("training_set", stats["bytes"], training.max_bytes),
-            ("online_index", sum(online_bytes.values()), store.max_bytes),
-        ):
-            size.add_metric([name], nbytes)
-            limit.add_metric([name], max_bytes)
-        for name, hit, missed in (
-            ("plans", plans.hits, plans.misses),
-            ("positions", positions.hits, positions.misses),
-            ("scan", files["hits"], files["misses"]),
-            ("training_set", training.hits, training.misses),
-        ):
-            hits.add_metric([name], hit)
-            misses.add_metric([name], missed)
-        yield from (entries, size, limit, hits, misses)
+        child = self.parts.write_process_health()  # the one call to the write process; None: none answered
+        families = _CacheFamilies()
+        serving = {  # the serving process's own: its write process serves no reads
+            "scan": {"entries": files["files"], **{k: files[k] for k in ("bytes", "max_bytes", "hits", "misses")}},
+            "training_set": {
+                "entries": stats["snapshots"],
+                "bytes": stats["bytes"],
+                "max_bytes": training.max_bytes,
+                "hits": training.hits,
+                "misses": training.misses,
+            },
+            "online_index": {
+                "entries": len(indexes),
+                "bytes": sum(online_bytes.values()),
+                "max_bytes": store.max_bytes,
+            },
+        }
+        families.add("serving", {**self.parts.cache_stats(), **serving})
+        if child is not None:
+            families.add("write", child.get("caches", {}))
+        yield from families.all()
         yield from _memory(self.parts.memory.stats())
         yield from _online(indexes, online_bytes)
         yield GaugeMetricFamily(
-            "flight_writes_in_progress", "Puts being written or committed.", value=self.parts.writes_in_progress()
+            "flight_writes_in_progress", "Puts being written or committed.", value=self.parts.writes_in_progress(child)
         )
         yield _commit_retries(self.parts)
+        if self.parts.writes is not None:
+            yield from _write_process(child)
+
+
+class _CacheFamilies:
+    """The `flight_cache_*` families, each sample labelled with its cache and the process that holds it."""
+
+    def __init__(self) -> None:
+        labels = ["cache", "process"]
+        self.entries = GaugeMetricFamily("flight_cache_entries", "Entries held, by cache and process.", labels=labels)
+        self.bytes = GaugeMetricFamily("flight_cache_bytes", "Memory held, by cache and process.", labels=labels)
+        self.max_bytes = GaugeMetricFamily(
+            "flight_cache_max_bytes", "Memory a cache may hold, by cache and process.", labels=labels
+        )
+        self.weight = GaugeMetricFamily(
+            "flight_cache_weight",
+            "What a cache not bounded in bytes holds, in the unit it is bounded in, by cache and process.",
+            labels=[*labels, "unit"],
+        )
+        self.max_weight = GaugeMetricFamily(
+            "flight_cache_max_weight",
+            "What a cache not bounded in bytes may hold, in that unit, by cache and process.",
+            labels=[*labels, "unit"],
+        )
+        self.hits = CounterMetricFamily(
+            "flight_cache_hits", "Lookups that found their entry, by cache and process.", labels=labels
+        )
+        self.misses = CounterMetricFamily(
+            "flight_cache_misses", "Lookups that did not find their entry, by cache and process.", labels=labels
+        )
+
+    def add(self, process: str, caches: dict[str, dict[str, Any]]) -> None:
+        """Each cache's figures (`Components.cache_stats`'s shape), those it has."""
+        for name, figures in caches.items():
+            labels = [name, process]
+            self.entries.add_metric(labels, figures["entries"])
+            if "bytes" in figures:
+                self.bytes.add_metric(labels, figures["bytes"])
+                self.max_bytes.add_metric(labels, figures["max_bytes"])
+            if "weight" in figures:
+                self.weight.add_metric([*labels, figures["unit"]], figures["weight"])
+                self.max_weight.add_metric([*labels, figures["unit"]], figures["max_weight"])
+            if "hits" in figures:
+                self.hits.add_metric(labels, figures["hits"])
+                self.misses.add_metric(labels, figures["misses"])
+
+    def all(self) -> Iterator[Metric]:
+        yield from (self.entries, self.bytes, self.max_bytes, self.weight, self.max_weight, self.hits, self.misses)
+
+
+_PROCESS = ProcessCollector(registry=None)  # read at each call, registered nowhere
+
+
+def process_figures() -> dict[str, float]:
+    """This process's figures as `ProcessCollector` reads them for `/metrics` (memory, CPU seconds, start time, open
+    files; from /proc, so none elsewhere than Linux): in `health`, where a write process's reach its serving process's
+    scrape (`_write_process`)."""
+    return {sample.name: sample.value for metric in _PROCESS.collect() for sample in metric.samples}
+
+
+def _write_process(child: dict[str, Any] | None) -> Iterator[Metric]:
+    """Whether the write process answered this scrape, and its `process_*` figures as `flight_write_process_*`."""
+    yield GaugeMetricFamily(
+        "flight_write_process_up",
+        "1 when the write process answered this scrape (0: not started yet, stopped, or busy past 2 s).",
+        value=1 if child is not None else 0,
+    )
+    for name, figure in (child or {}).get("process", {}).items():
+        family = "flight_write_" + name.removesuffix("_total")
+        doc = f"The write process's {name} (as the serving process's own, read by the write process)."
+        yield (
+            CounterMetricFamily(family, doc, value=figure)
+            if name.endswith("_total")
+            else GaugeMetricFamily(family, doc, value=figure)
+        )
 
 
 def _commit_retries(parts: Components) -> Metric:

@@ -159,8 +159,13 @@ class Health(Reply):
     memory: dict[str, Any]  # the memory budget: its size, what each cache holds and reserves, evictions
     # each sorted index: table, snapshot_id, share (this replica's slots of the table's keys; None: all), rows
     training_set_indexes: list[dict[str, Any]] = field(default_factory=list)
-    # the write process (None: off): its pid while it runs, how often it started, why its last start failed
+    # the write process (None: off): its pid while it runs, how often it started, why its last start failed; while
+    # it answers, its `caches` and `process` as below
     write_process: dict[str, Any] | None = None
+    # the caches every server process keeps (the above aside), by name: entries, hits, misses, bytes or weight held
+    caches: dict[str, Any] = field(default_factory=dict)
+    # this process's resident memory, CPU seconds, start time, open files (Linux: as /metrics says them)
+    process: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
