@@ -270,9 +270,11 @@ def test_the_write_process_caches_and_figures_are_scraped_from_the_serving_proce
             before = scrape(port)
             assert client.run_maintenance(table)["data_files_compacted"] > 0
             assert client.expire_snapshots(table, older_than="2100-01-01T00:00:00Z", retain_last=2)["expired"]
-            for first in (40, 50):
-                client.write(table, _drivers(range(first, first + 10)))
+            client.write(table, _drivers(range(40, 50)))
+            last = scrape(port)
+            client.write(table, _drivers(range(50, 60)))
             after = scrape(port)
+            kept = len(client.describe(table)["snapshots"])
             health = client.health()["write_process"]
         pid = writes.pid
         assert pid is not None and health["pid"] == pid  # the same child all along
@@ -295,7 +297,11 @@ def test_the_write_process_caches_and_figures_are_scraped_from_the_serving_proce
             < cache(after, "flight_cache_bytes", "snapshot_json")
         )
         hits = "flight_cache_hits_total"
-        assert cache(after, hits, "snapshot_json") > cache(before, hits, "snapshot_json") > 0  # each commit's file
+        assert cache(after, hits, "snapshot_json") > cache(before, hits, "snapshot_json") > 0
+        misses = "flight_cache_misses_total"
+        # the last put's metadata file: its new snapshot's JSON made, every other one's kept
+        assert cache(after, misses, "snapshot_json") - cache(last, misses, "snapshot_json") == 1
+        assert cache(after, hits, "snapshot_json") - cache(last, hits, "snapshot_json") == kept - 1
         assert cache(before, "flight_cache_entries", "manifest_lists") == 0  # nothing expired yet
         assert cache(after, "flight_cache_entries", "manifest_lists") >= 4  # the expiry read every snapshot's
         assert cache(after, "flight_cache_weight", "manifests", unit="paths") > 0
@@ -303,8 +309,8 @@ def test_the_write_process_caches_and_figures_are_scraped_from_the_serving_proce
         assert 0 < value(before, cpu) <= value(after, cpu)
         # `health` says the same of the write process (nothing ran there in between that uses these caches)
         assert health["caches"].keys() == SHARED_CACHES
-        kept = health["caches"]["snapshot_json"]
-        assert (kept["entries"], kept["bytes"], kept["hits"]) == (
+        json_kept = health["caches"]["snapshot_json"]
+        assert (json_kept["entries"], json_kept["bytes"], json_kept["hits"]) == (
             cache(after, "flight_cache_entries", "snapshot_json"),
             cache(after, "flight_cache_bytes", "snapshot_json"),
             cache(after, hits, "snapshot_json"),
