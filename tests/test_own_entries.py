@@ -204,16 +204,20 @@ def test_an_append_s_files_go_with_every_answer(served: tuple[str, Catalog]) -> 
         snapshot_id = client.write(name, _rows(0, 10), entity_keys=["id"], event_time="ts").snapshot_id
     key = (str(catalog.load_table(name).metadata.table_uuid), snapshot_id)
     message = offload.appended_message(snapshot_id)
-    assert message is not None and offload.appended_message(snapshot_id) == message
-    handed_key, files = pickle.loads(message[len(offload.APPENDED_TAG) :])
-    assert handed_key == key and _described(files) == _described(lineage._own.get(key) or [])
+    assert message is not None and offload.appended_message(snapshot_id) is message  # made once for a group's puts
+    header, payload = message[len(offload.APPENDED_TAG) :].split(b"\n", 1)
+    files = pickle.loads(payload)
+    assert header.decode() == f"{key[0]} {key[1]}" and _described(files) == _described(lineage._own.get(key) or [])
 
-    elsewhere = (f"relayed_{uuid.uuid4().hex[:8]}", snapshot_id)  # as a serving process, which has no record of it
-    payload = pickle.dumps((elsewhere, files))
-    offload.keep_relayed(b"appended 1 pyiceberg 0.0.1\n" + payload)
-    assert lineage._own.get(elsewhere) is None
-    offload.keep_relayed(offload.APPENDED_TAG + payload)
-    assert lineage._own.get(elsewhere) is not None
+    elsewhere = f"relayed_{uuid.uuid4().hex[:8]}"  # as a serving process, which has no record of it
+    relayed = f"{elsewhere} {snapshot_id}\n".encode() + payload
+    offload.keep_relayed(b"appended 1 pyiceberg 0.0.1\n" + relayed)
+    assert lineage._own.get((elsewhere, snapshot_id)) is None
+    offload.keep_relayed(offload.APPENDED_TAG + relayed)
+    kept = lineage._own.get((elsewhere, snapshot_id))
+    assert kept is not None and _described(kept) == _described(files)
+    offload.keep_relayed(offload.APPENDED_TAG + f"{elsewhere} {snapshot_id}\n".encode() + b"not unpickled")
+    assert lineage._own.get((elsewhere, snapshot_id)) is kept  # a group's later answers are not unpickled again
 
 
 def test_finding_a_puts_own_append_looks_at_the_newest_first_and_stops() -> None:

@@ -144,9 +144,14 @@ def committed_appends(snapshot_id: int) -> tuple[tuple[str, int], list[DataFile]
     return _own.newest(lambda key: key[1] == snapshot_id)
 
 
+def kept_appended(key: tuple[str, int]) -> bool:
+    """Whether the files the snapshot `key` (table uuid, snapshot id) added are kept."""
+    return key in _own
+
+
 def keep_appended(key: tuple[str, int], files: list[DataFile]) -> None:
     """Record that the snapshot `key` (table uuid, snapshot id) only added `files` (their `spec_id` set)."""
-    if key not in _own:  # kept already (the answers of a group commit all bring it)
+    if not kept_appended(key):  # kept already (the answers of a group commit all bring it)
         _own.put(key, files)
 
 

@@ -56,10 +56,11 @@ from pyiceberg.exceptions import CommitFailedException, ValidationException
 
 from flight_server.base.config import ServerConfig
 from flight_server.base.logs import current
+from flight_server.base.lru import WeightedLru
 from flight_server.base.metrics import COMMIT_RETRIES
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.maintenance import Maintenance
-from flight_server.iceberg.lineage import committed_appends, keep_appended
+from flight_server.iceberg.lineage import committed_appends, keep_appended, kept_appended
 from flight_server.online.store import RefreshPlan, from_results
 from flight_server.transport.errors import ROUTES
 from flight_server.wire.actions import CompactResult, ExpireRequest, ExpireResult
@@ -104,7 +105,8 @@ EXPIRE_ONCE = "_expire_once"
 
 # Before the files a put's snapshot added, in the child's second reply to it (`appended_message`): DataFiles pickled,
 # which only the same pyiceberg reads back field for field (a child started after an upgrade may run another one).
-APPENDED_TAG = f"appended 1 pyiceberg {pyiceberg.__version__}\n".encode()
+APPENDED_TAG = f"appended 2 pyiceberg {pyiceberg.__version__}\n".encode()
+APPENDED_MESSAGES_BYTES = 8 << 20  # the child's latest `appended_message`s, each made once for a group's puts
 
 # The actions that change tables (or their files): relayed to the write process as the client sent them. Not
 # snapshot expiry (nor automatic maintenance, which expires): it must keep the snapshots this process's running
@@ -507,19 +509,35 @@ class OffloadedMaintenance(Maintenance):
 
 def appended_message(snapshot_id: int) -> bytes | None:
     """The child's second reply to a put, after its `WriteResult`: the files its snapshot added (with every put of a
-    group commit, 8-36 µs each: whichever answer arrives first), for the serving process to keep (`keep_relayed`).
-    Following that snapshot there (training-set indexes brought forward, scans since a snapshot) then reads no
-    manifest back, which after a merge-append lists every file of the table (10-13 % of the serving process's CPU
-    beside a writer). None when this process no longer keeps them. Pickled: only the serving process reads it, on a
-    socket only it reaches."""
-    appended = committed_appends(snapshot_id)
-    return APPENDED_TAG + pickle.dumps(appended, pickle.HIGHEST_PROTOCOL) if appended is not None else None
+    group commit: whichever answer arrives first), for the serving process to keep (`keep_relayed`). Following that
+    snapshot there (training-set indexes brought forward, scans since a snapshot) then reads no manifest back, which
+    after a merge-append lists every file of the table (10-13 % of the serving process's CPU beside a writer). None
+    when this process no longer keeps them. Pickled: only the serving process reads it, on a socket only it reaches;
+    once a snapshot (a group's puts answer with the same message), behind its key in plain text, so that the serving
+    process unpickles only the first to arrive."""
+    message = _appended_messages.get(snapshot_id)
+    if message is None:
+        appended = committed_appends(snapshot_id)
+        if appended is None:
+            return None
+        (table_uuid, committed), files = appended
+        message = APPENDED_TAG + f"{table_uuid} {committed}\n".encode() + pickle.dumps(files, pickle.HIGHEST_PROTOCOL)
+        _appended_messages.put(snapshot_id, message)
+    return message
+
+
+_appended_messages: WeightedLru[int, bytes] = WeightedLru(APPENDED_MESSAGES_BYTES, len)
 
 
 def keep_relayed(message: bytes) -> None:
-    """Keep the files the child's `appended_message` names, unless another pyiceberg wrote it."""
-    if message.startswith(APPENDED_TAG):
-        keep_appended(*pickle.loads(message[len(APPENDED_TAG) :]))
+    """Keep the files the child's `appended_message` names, unless kept already or another pyiceberg wrote it."""
+    if not message.startswith(APPENDED_TAG):
+        return
+    end = message.index(b"\n", len(APPENDED_TAG))
+    table_uuid, snapshot_id = message[len(APPENDED_TAG) : end].decode().split(" ")
+    key = (table_uuid, int(snapshot_id))
+    if not kept_appended(key):
+        keep_appended(key, pickle.loads(message[end + 1 :]))
 
 
 def expire_once(maintenance: Maintenance, body: bytes) -> bytes:
