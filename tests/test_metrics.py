@@ -233,7 +233,7 @@ def test_the_write_process_commit_retries_and_conflicts_are_scraped_from_the_ser
 # The caches every server process keeps: scraped from the write process too, under `process="write"`.
 SHARED_CACHES = {
     *("plans", "positions", "tables", "parsed_metadata"),
-    *("snapshot_json", "manifest_lists", "manifests", "appended_files"),
+    *("snapshot_json", "manifest_lists", "manifests", "appended_files", "appended_messages"),
 }
 CACHE_FAMILIES = ("flight_cache_entries", "flight_cache_bytes", "flight_cache_weight", "flight_cache_hits_total")
 
@@ -290,6 +290,7 @@ def test_the_write_process_caches_and_figures_are_scraped_from_the_serving_proce
             assert all("process" in dict(labels) for name, labels in samples if name.startswith(CACHE_FAMILIES))
             assert cache(samples, "flight_cache_max_bytes", "snapshot_json") == 16 << 20
             assert cache(samples, "flight_cache_weight", "appended_files", unit="values") > 0  # its puts' files
+            assert cache(samples, "flight_cache_bytes", "appended_messages") > 0  # its answers to them
             assert value(samples, "flight_write_process_resident_memory_bytes") > 50 << 20
             assert value(samples, "flight_write_process_start_time_seconds") == pytest.approx(started_at(pid), abs=0.02)
         json_bytes = cache(after, "flight_cache_bytes", "snapshot_json")

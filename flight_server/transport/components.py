@@ -24,7 +24,7 @@ from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache
 from flight_server.training.entities import EntitySplits
 from flight_server.training.sets import TrainingSets
-from flight_server.transport.offload import OffloadedMaintenance, WriteProcess
+from flight_server.transport.offload import OffloadedMaintenance, WriteProcess, appended_messages
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,7 @@ class Components:
             "snapshot_json": snapshot_json.kept.stats("bytes"),  # JSON text: a character a byte
             **reachable.cache_stats(),
             "appended_files": lineage.cache_stats(),
+            "appended_messages": appended_messages.stats("bytes"),  # the write process's answers to its puts
         }
 
     def changed(self, table: str) -> None:

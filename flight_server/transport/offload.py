@@ -515,18 +515,18 @@ def appended_message(snapshot_id: int) -> bytes | None:
     when this process no longer keeps them. Pickled: only the serving process reads it, on a socket only it reaches;
     once a snapshot (a group's puts answer with the same message), behind its key in plain text, so that the serving
     process unpickles only the first to arrive."""
-    message = _appended_messages.get(snapshot_id)
+    message = appended_messages.get(snapshot_id)
     if message is None:
         appended = committed_appends(snapshot_id)
         if appended is None:
             return None
         (table_uuid, committed), files = appended
         message = APPENDED_TAG + f"{table_uuid} {committed}\n".encode() + pickle.dumps(files, pickle.HIGHEST_PROTOCOL)
-        _appended_messages.put(snapshot_id, message)
+        appended_messages.put(snapshot_id, message)
     return message
 
 
-_appended_messages: WeightedLru[int, bytes] = WeightedLru(APPENDED_MESSAGES_BYTES, len)
+appended_messages: WeightedLru[int, bytes] = WeightedLru(APPENDED_MESSAGES_BYTES, len)
 
 
 def keep_relayed(message: bytes) -> None:
