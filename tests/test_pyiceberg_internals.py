@@ -86,6 +86,7 @@ PARAMETERS = {
     "pyiceberg.catalog.Catalog._delete_old_metadata": ("io", "base", "metadata"),
     "pyiceberg.table.update.snapshot._FastAppendFiles": ("operation", "transaction", "io", "snapshot_properties"),
     "pyiceberg.table.update.snapshot._MergeAppendFiles": ("operation", "transaction", "io", "snapshot_properties"),
+    "pyiceberg.table.update.snapshot._OverwriteFiles": ("operation", "transaction", "io", "snapshot_properties"),
     "pyiceberg.manifest._inherit_from_manifest": ("entry", "manifest"),
     "pyiceberg.avro.file.AvroFile._read_header": ("self",),
 }
@@ -113,6 +114,7 @@ PRODUCER_ATTRIBUTES = (
     "_added_data_files",
     "_deleted_data_files",
     "_commit_window",
+    "_written_manifests",
 )
 
 
@@ -253,7 +255,7 @@ def test_commit_on_base_is_not_rebuilt_on_a_newer_snapshot(tmp_path: pathlib.Pat
 
     def appending(table: Table) -> tuple[Transaction, Any]:
         transaction = table.transaction()
-        append = transaction.update_snapshot().fast_append()
+        append = internals.append_producer(transaction, {}, merge=False)
         for data_file in write_data_files(table.metadata, rows, table.io, None, uuid.uuid4(), itertools.count()):
             append.append_data_file(data_file)
         return transaction, append
@@ -290,7 +292,7 @@ def test_commit_on_base_swaps_the_sql_catalog_pointer_without_loading_the_table(
 
     def append(table: Table) -> Table:
         transaction = internals.MemoTransaction(table)
-        producer = transaction.update_snapshot(snapshot_properties={"k": "v"}).fast_append()
+        producer = internals.append_producer(transaction, {"k": "v"}, merge=False)
         for data_file in write_data_files(table.metadata, rows, table.io, None, uuid.uuid4(), itertools.count()):
             producer.append_data_file(data_file)
         return internals.commit_on_base(transaction, producer)
@@ -403,7 +405,7 @@ def test_memo_transaction_follows_staged_updates_and_commits(tmp_path: pathlib.P
     assert transaction.table_metadata is first and first == Transaction(table).table_metadata
     transaction.set_properties({"a": "1"})
     assert transaction.table_metadata.properties["a"] == "1"
-    append = transaction.update_snapshot().fast_append()
+    append = internals.append_producer(transaction, {}, merge=False)
     for data_file in write_data_files(first, rows, table.io, None, uuid.uuid4(), itertools.count()):
         append.append_data_file(data_file)
     committed = internals.commit_on_base(transaction, append)

@@ -77,7 +77,7 @@ from pyiceberg.table.update import (
     _TableMetadataUpdateContext,
     _update_table_metadata_log,
 )
-from pyiceberg.table.update.snapshot import _FastAppendFiles, _MergeAppendFiles, _SnapshotProducer
+from pyiceberg.table.update.snapshot import _FastAppendFiles, _MergeAppendFiles, _OverwriteFiles, _SnapshotProducer
 from pyiceberg.typedef import EMPTY_DICT
 from pyiceberg.types import StructType
 from pyiceberg.utils.datetime import datetime_to_millis
@@ -100,6 +100,9 @@ PRIVATE_API: dict[str, str] = {
         "(still called by commit()?); RewriteFiles._summary calls the base's with _operation set to OVERWRITE "
         "(it refuses REPLACE); commit_on_base() calls _commit() (the snapshot's updates and its "
         "AssertRefSnapshotId requirement on the head it was built on) and _clean_all_uncommitted(); "
+        "ListingProducer overrides _manifests (called once by _commit: the manifests the manifest list names); "
+        "commit_on_base() deletes those of _written_manifests (every manifest path new_manifest_output() gave) "
+        "that it does not name; "
         "they read _transaction, _snapshot_id, _parent_snapshot_id, _io, _compression, "
         "_added_data_files, _deleted_data_files, _commit_window (.base, .head, .is_empty()), new_manifest_output(), "
         "new_manifest_writer(), spec(), schema()"
@@ -156,6 +159,10 @@ PRIVATE_API: dict[str, str] = {
     "pyiceberg.table.update.snapshot._FastAppendFiles": (
         "FastAppend: __init__(operation, transaction, io, snapshot_properties=) as UpdateSnapshot.fast_append "
         "makes it; _existing_manifests() (the parent's live manifests) is overridden"
+    ),
+    "pyiceberg.table.update.snapshot._OverwriteFiles": (
+        "Overwrite: __init__(operation, transaction, io, snapshot_properties=) as UpdateSnapshot.overwrite makes it "
+        "(OVERWRITE, or APPEND on a table without a snapshot)"
     ),
     "pyiceberg.table.update.snapshot._MergeAppendFiles": (
         "MergeAppend: as UpdateSnapshot.merge_append; its merge manager reads manifests through the producer's "
@@ -250,7 +257,7 @@ def sharing_entries(metadata: TableMetadata) -> TableMetadata:
     return metadata.model_copy(update=update)
 
 
-def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -> Table:
+def commit_on_base(transaction: Transaction, producer: ListingProducer) -> Table:
     """Commit `transaction` with `producer`'s snapshot on the branch head the transaction was opened on, or not
     at all: a lost race raises `CommitFailedException` (`TableAlreadyExistsError` when creating), any other
     failure of the catalog's commit `CommitStateUnknownException` (it may have landed).
@@ -258,8 +265,9 @@ def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -
     `producer.commit()` would register the producer, and `commit_transaction` would then rebuild its snapshot
     on whatever head won the race (`commit.retry.num-retries`): past any check the caller made on the state it
     opened the transaction on (a write id not yet committed, say). Staged unregistered, the snapshot keeps its
-    `AssertRefSnapshotId` requirement, which every catalog checks atomically. The manifests it wrote are deleted
-    when it surely did not commit."""
+    `AssertRefSnapshotId` requirement, which every catalog checks atomically. The manifests and the manifest list it
+    wrote are deleted when it surely did not commit; once it committed, the manifests its snapshot does not list
+    (`_delete_unlisted`). On `CommitStateUnknownException` every file stays: the snapshot may be the table's."""
     try:
         updates, requirements = producer._commit()
     except BaseException:  # a manifest could not be written: nothing was sent
@@ -267,7 +275,7 @@ def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -
         raise
     try:
         transaction._apply(updates, requirements)
-        return commit_staged(transaction)
+        table = commit_staged(transaction)
     except (CommitFailedException, TableAlreadyExistsError):
         COMMIT_RETRIES.inc()
         producer._clean_all_uncommitted()
@@ -278,6 +286,23 @@ def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -
         # The catalog may have applied the commit before failing (a request timed out after the REST server
         # committed, a database connection dropped at COMMIT): callers must keep the files, never retry blindly.
         raise CommitStateUnknownException(f"the commit's outcome is unknown ({type(exc).__name__})") from exc
+    _delete_unlisted(producer)
+    return table
+
+
+def _delete_unlisted(producer: ListingProducer) -> None:
+    """Delete the manifests a committed producer wrote that its snapshot does not list, as Iceberg's Java
+    `SnapshotProducer` does after a commit (`cleanUncommitted`): a merge-append writes the appended files' manifest,
+    then folds it into the merged one. Nothing references them, and orphan removal would find them only days later
+    (never with maintenance off). One local file, or one request to an object store, every merge; a failure leaves
+    an orphan, the commit stands."""
+    listed = producer.listed
+    for path in producer._written_manifests:
+        if path not in listed:
+            try:
+                producer._io.delete(path)
+            except Exception as exc:
+                log.warning("could not delete the manifest %s its commit did not use: %s", path, exc)
 
 
 def commit_staged(transaction: Transaction) -> Table:
@@ -491,7 +516,23 @@ class DataManifestWriter(ManifestWriterV2):
         return _PreparedAvroOutputFile(self._output_file, _manifest_layout(self))
 
 
-class FastAppend(_FastAppendFiles):
+class ListingProducer(_SnapshotProducer[Any]):
+    """A snapshot producer that keeps the paths of the manifests its snapshot lists (`listed`), so that those it
+    wrote and does not list can be deleted once it committed (`commit_on_base`)."""
+
+    listed: frozenset[str] = frozenset()
+
+    def _manifests(self) -> list[ManifestFile]:
+        manifests = super()._manifests()
+        self.listed = frozenset(manifest.manifest_path for manifest in manifests)
+        return manifests
+
+
+class Overwrite(ListingProducer, _OverwriteFiles):
+    """pyiceberg's overwrite (`UpdateSnapshot.overwrite`), keeping what it lists."""
+
+
+class FastAppend(ListingProducer, _FastAppendFiles):
     """pyiceberg's fast append (`UpdateSnapshot.fast_append`), reading the parent's manifest list, and the manifests
     a merge folds (`MergeAppend`), through `_ResolvedAvroFile`, and writing data manifests with `DataManifestWriter`."""
 
@@ -531,6 +572,13 @@ def append_producer(transaction: Transaction, properties: dict[str, str], merge:
     append, as `transaction.update_snapshot(snapshot_properties=properties)` would make them."""
     kind = MergeAppend if merge else FastAppend
     return kind(Operation.APPEND, transaction, transaction_io(transaction), snapshot_properties=properties)
+
+
+def overwrite_producer(transaction: Transaction, properties: dict[str, str]) -> Overwrite:
+    """The snapshot producer of an overwrite of the transaction's table, as
+    `transaction.update_snapshot(snapshot_properties=properties).overwrite()` would make it."""
+    operation = Operation.OVERWRITE if transaction.table_metadata.current_snapshot() is not None else Operation.APPEND
+    return Overwrite(operation, transaction, transaction_io(transaction), snapshot_properties=properties)
 
 
 def partitions(spec: PartitionSpec, schema: Schema, rows: pa.Table) -> list[tuple[PartitionKey, pa.Table]]:
