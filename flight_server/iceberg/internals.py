@@ -8,6 +8,9 @@ wrap them. `MemoTransaction` keeps pyiceberg from copying a long history's metad
 transaction's metadata. `commit_on_base` stages a
 snapshot without pyiceberg's commit retry, which would rebuild it on a newer snapshot than the one the
 caller checked, and commits to a SQL catalog without parsing the table's metadata file again (`_commit_sql`).
+What a commit wrote and nothing references is deleted, as Iceberg's Java writers do: after `commit_on_base` lands,
+the manifests its snapshot does not list (`ListingProducer`); after a commit surely lost, all it wrote, including
+the metadata file a catalog wrote before its compare-and-swap (`commit_transaction`).
 Appends (`FastAppend`, `MergeAppend`) read the parent's manifest list and the manifests they merge with Avro
 readers built once per file schema rather than once per file (`_ResolvedAvroFile`).
 `PRIVATE_API` lists every private name used and what is relied on;
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,7 +36,7 @@ from pyiceberg.avro.file import MAGIC, META_SCHEMA, SYNC_SIZE, AvroFile, AvroFil
 from pyiceberg.avro.reader import Reader
 from pyiceberg.avro.resolver import construct_writer, resolve_reader, resolve_writer
 from pyiceberg.avro.writer import Writer
-from pyiceberg.catalog import Catalog
+from pyiceberg.catalog import Catalog, MetastoreCatalog
 from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
 from pyiceberg.exceptions import (
     CommitFailedException,
@@ -152,6 +156,11 @@ PRIVATE_API: dict[str, str] = {
     "pyiceberg.catalog.Catalog._delete_old_metadata": (
         "_commit_sql(): (io, base, metadata) deletes the metadata files the new metadata log dropped, as "
         "Table._do_commit does after a commit"
+    ),
+    "pyiceberg.catalog.MetastoreCatalog._write_metadata": (
+        "commit_transaction(): (metadata, io, metadata_path), through which SqlCatalog.commit_table (and the Glue "
+        "and Hive catalogs) write a commit's metadata file before their compare-and-swap, called on the catalog "
+        "instance (self._write_metadata), which _record_metadata_writes wraps"
     ),
     "pyiceberg.table.Transaction._requirements": (
         "_commit_sql(): the requirements staged with the updates, emptied with _updates once committed"
@@ -311,7 +320,66 @@ def commit_staged(transaction: Transaction) -> Table:
     metadata); through pyiceberg's `commit_transaction` otherwise."""
     if (catalog := _on_sql(transaction)) is not None:
         return _commit_sql(catalog, transaction)
-    return transaction.commit_transaction()
+    return commit_transaction(transaction)
+
+
+def commit_transaction(transaction: Transaction) -> Table:
+    """pyiceberg's `commit_transaction` (which rebuilds registered producers' snapshots on a lost race, and deletes
+    the manifests and manifest lists of the attempts that did not land), also deleting the metadata files the
+    catalog wrote for those attempts: pyiceberg's SQL, Glue and Hive catalogs write the new metadata file before
+    their compare-and-swap and leave it when the swap loses (`CommitFailedException`; `TableAlreadyExistsError` for
+    a table created meanwhile). Those errors say the attempt surely did not land; after any other, nothing is
+    deleted. Once committed, every file written but the table's current and logged metadata files goes."""
+    catalog = transaction._table.catalog
+    _record_metadata_writes(catalog)
+    written: list[tuple[FileIO, str]] = []
+    outer, _WRITTEN.files = _WRITTEN.files, written
+    try:
+        table = transaction.commit_transaction()
+    except (CommitFailedException, TableAlreadyExistsError, ValidationException):
+        _delete_metadata_files(written)
+        raise
+    finally:
+        _WRITTEN.files = outer
+    kept = {table.metadata_location, *(entry.metadata_file for entry in table.metadata.metadata_log)}
+    _delete_metadata_files([(io, path) for io, path in written if path not in kept])
+    return table
+
+
+class _MetadataWrites(threading.local):
+    """The metadata files (with the FileIO each was written with) a catalog wrote on this thread while
+    `commit_transaction` ran; None outside it."""
+
+    files: list[tuple[FileIO, str]] | None = None
+
+
+_WRITTEN = _MetadataWrites()
+_RECORDING = threading.Lock()
+
+
+def _record_metadata_writes(catalog: Catalog) -> None:
+    """Have the catalog's `_write_metadata` (through which metastore catalogs write a commit's metadata file) note
+    each file it writes in `_WRITTEN`, once per catalog."""
+    with _RECORDING:
+        if not isinstance(catalog, MetastoreCatalog) or "_write_metadata" in vars(catalog):
+            return  # a REST catalog's server writes the file
+        write = catalog._write_metadata
+
+        def recorded(metadata: TableMetadata, io: FileIO, metadata_path: str) -> None:
+            if (files := _WRITTEN.files) is not None:
+                files.append((io, metadata_path))
+            write(metadata, io, metadata_path)
+
+        catalog._write_metadata = recorded  # type: ignore[method-assign]
+
+
+def _delete_metadata_files(files: list[tuple[FileIO, str]]) -> None:
+    """Delete metadata files of commits that did not land (an orphan at worst when it fails)."""
+    for io, path in files:
+        try:
+            io.delete(path)
+        except Exception as exc:
+            log.warning("could not delete the metadata file %s of a commit that did not land: %s", path, exc)
 
 
 def _on_sql(transaction: Transaction) -> SqlCatalog | None:
