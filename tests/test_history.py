@@ -1,6 +1,7 @@
-"""Long histories: after many single-row puts a table's current snapshot still has few manifests, old
-metadata files are deleted, a scan returns every row once, and `write_id` stays exactly-once for as long
-as its snapshot is retained (and no longer: an id whose snapshot expired commits again)."""
+"""Long histories: after many single-row puts a table's current snapshot still has few manifests, merges and lost
+races leave no file that nothing references, old metadata files are deleted, a scan returns every row once, and
+`write_id` stays exactly-once for as long as its snapshot is retained (and no longer: an id whose snapshot expired
+commits again)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from pyiceberg.table import Table, Transaction
 
 from flight_client import FeatureClient
+from flight_server.changes import history
 from flight_server.iceberg.catalog import NEW_TABLE_HISTORY, FeatureCatalog
+from flight_server.iceberg.internals import ListingProducer
 from tests.conftest import sqlite_catalog, start_server
 
 PUTS = 200
@@ -72,6 +76,65 @@ def test_manifests_stay_bounded(served: tuple[FeatureClient, FeatureCatalog], lo
     assert snapshot is not None
     limit = int(NEW_TABLE_HISTORY["commit.manifest.min-count-to-merge"])
     assert len(snapshot.manifests(table.io)) <= limit  # fast appends would have made PUTS of them
+
+
+def test_puts_that_merge_manifests_leave_no_manifest_that_nothing_references(
+    served: tuple[FeatureClient, FeatureCatalog],
+) -> None:
+    """A merge-append writes the put's own manifest, then folds it into the merged one: once committed, the first is
+    deleted (orphan removal would find it only days later, never with maintenance off)."""
+    client, catalog = served
+    name = "history.merged"
+    client.write(name, row(0), entity_keys=["id"], event_time="ts")
+    for i in range(1, 12):  # tables the server creates merge manifests once 10 would be live
+        client.write(name, row(i))
+    table = catalog.load(name)
+    current = table.current_snapshot()
+    assert current is not None and len(current.manifests(table.io)) < 12  # merged: 12 puts, fewer manifests
+    orphans = client.remove_orphan_files(name, older_than=dt.datetime.now(dt.timezone.utc), dry_run=True)
+    assert orphans["files"] == []  # nothing unreferenced: nothing runs, nothing failed
+
+
+def test_a_put_that_loses_the_race_to_another_server_leaves_none_of_its_attempts_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two servers on one catalog: a put's first commit (a merge: every commit merges here) loses to the other
+    server's put, committed between its planning and its compare-and-swap. The lost attempt's manifests, manifest
+    list and metadata file are deleted, the retry commits, and no file of the table is unreferenced."""
+    properties = sqlite_catalog(tmp_path)
+    servers = [start_server(properties) for _ in range(2)]
+    name = "history.raced"
+    lost: list[ListingProducer] = []
+    real = history.commit_on_base
+
+    def losing_once(transaction: Transaction, producer: ListingProducer) -> Table:
+        if not lost:
+            lost.append(producer)
+            other.write(name, row(99))  # the other server commits first (its commit passes through here too)
+        return real(transaction, producer)
+
+    try:
+        with (
+            FeatureClient(f"grpc://127.0.0.1:{servers[0].port}") as client,
+            FeatureClient(f"grpc://127.0.0.1:{servers[1].port}") as other,
+        ):
+            client.write(name, row(0), entity_keys=["id"], event_time="ts")
+            with FeatureCatalog("default", properties).load(name).transaction() as transaction:
+                transaction.set_properties({"commit.manifest.min-count-to-merge": "2"})
+            other.write(name, row(1))
+            monkeypatch.setattr(history, "commit_on_base", losing_once)
+            client.write(name, row(2))
+            table = FeatureCatalog("default", properties).load(name)
+            assert len(lost) == 1 and len(lost[0].listed) == 1  # it merged: its own manifest folded into another
+            assert lost[0].snapshot_id not in {s.snapshot_id for s in table.snapshots()}  # it lost, and was retried
+            folder = Path(table.location().removeprefix("file://"))
+            assert [f for f in folder.rglob("*") if str(lost[0].commit_uuid) in f.name] == []
+            assert sorted(client.scan(name).read_all().column("id").to_pylist()) == [0, 1, 2, 99]
+            orphans = client.remove_orphan_files(name, older_than=dt.datetime.now(dt.timezone.utc), dry_run=True)
+            assert orphans["files"] == []
+    finally:
+        for server in servers:
+            server.shutdown()
 
 
 def test_old_metadata_files_are_deleted(served: tuple[FeatureClient, FeatureCatalog], long_table: str) -> None:

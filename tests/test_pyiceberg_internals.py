@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyiceberg
 import pytest
 from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
 from pyiceberg.io import FileIO
 from pyiceberg.io.fileformat import FileFormatFactory
 from pyiceberg.io.pyarrow import pyarrow_to_schema
@@ -36,6 +36,7 @@ from pyiceberg.table.update.snapshot import CommitWindow
 from pyiceberg.types import DoubleType
 
 from flight_server.changes.files import write_data_files
+from flight_server.changes.orphans import referenced_files
 from flight_server.iceberg import internals
 from flight_server.iceberg.catalog import partition_spec
 from tests.conftest import sqlite_catalog
@@ -84,8 +85,10 @@ PARAMETERS = {
     "pyiceberg.table.update._apply_table_update": ("update", "base_metadata", "context"),
     "pyiceberg.table.update._update_table_metadata_log": ("base_metadata", "metadata_location", "last_updated_ms"),
     "pyiceberg.catalog.Catalog._delete_old_metadata": ("io", "base", "metadata"),
+    "pyiceberg.catalog.MetastoreCatalog._write_metadata": ("metadata", "io", "metadata_path"),
     "pyiceberg.table.update.snapshot._FastAppendFiles": ("operation", "transaction", "io", "snapshot_properties"),
     "pyiceberg.table.update.snapshot._MergeAppendFiles": ("operation", "transaction", "io", "snapshot_properties"),
+    "pyiceberg.table.update.snapshot._OverwriteFiles": ("operation", "transaction", "io", "snapshot_properties"),
     "pyiceberg.manifest._inherit_from_manifest": ("entry", "manifest"),
     "pyiceberg.avro.file.AvroFile._read_header": ("self",),
 }
@@ -113,6 +116,7 @@ PRODUCER_ATTRIBUTES = (
     "_added_data_files",
     "_deleted_data_files",
     "_commit_window",
+    "_written_manifests",
 )
 
 
@@ -253,7 +257,7 @@ def test_commit_on_base_is_not_rebuilt_on_a_newer_snapshot(tmp_path: pathlib.Pat
 
     def appending(table: Table) -> tuple[Transaction, Any]:
         transaction = table.transaction()
-        append = transaction.update_snapshot().fast_append()
+        append = internals.append_producer(transaction, {}, merge=False)
         for data_file in write_data_files(table.metadata, rows, table.io, None, uuid.uuid4(), itertools.count()):
             append.append_data_file(data_file)
         return transaction, append
@@ -273,6 +277,69 @@ def test_commit_on_base_is_not_rebuilt_on_a_newer_snapshot(tmp_path: pathlib.Pat
     assert len(committed.snapshots()) == 2 and committed.current_snapshot().snapshot_id == fresh.snapshot_id
 
 
+def unreferenced(table: Table) -> list[str]:
+    """The files under the table's location that its metadata does not reference (what orphan removal lists)."""
+    root = pathlib.Path(urlparse(table.location()).path)
+    stored = {f.as_uri() for f in root.rglob("*") if f.is_file()}
+    return sorted(stored - referenced_files(table.io, table.metadata, table.metadata_location))
+
+
+def test_a_retried_commit_leaves_no_file_of_the_attempt_that_lost_the_swap(tmp_path: pathlib.Path) -> None:
+    """pyiceberg's commit (deletes and compactions commit through it, rebuilt on a lost race) on a SQL catalog: when
+    another commit lands between the catalog's read of the table and its compare-and-swap, the lost attempt's
+    metadata file, manifest list and manifest are deleted, and the retry commits."""
+    catalog = SqlCatalog("internals", **sqlite_catalog(tmp_path))
+    catalog.create_namespace("ns")
+    rows = pa.table({"id": pa.array([1, 2], pa.int64())})
+    table = catalog.create_table(("ns", "t"), schema=rows.schema)
+    load = catalog.load_table
+    raced: list[str] = []
+
+    def raced_after_loading(identifier: Any) -> Table:
+        loaded = load(identifier)
+        if not raced:  # the first load is the commit's own: another writer commits right after it
+            raced.append(loaded.metadata_location)
+            load(identifier).append(rows)
+        return loaded
+
+    transaction = internals.MemoTransaction(table)
+    append = internals.append_producer(transaction, {}, merge=False)
+    for data_file in write_data_files(table.metadata, rows, table.io, None, uuid.uuid4(), itertools.count()):
+        append.append_data_file(data_file)
+    append.commit()  # registered: pyiceberg's commit rebuilds it on a lost race
+    catalog.load_table = raced_after_loading  # type: ignore[method-assign]
+    committed = internals.commit_transaction(transaction)
+    assert raced and len(committed.snapshots()) == 2  # the other writer's append, then this one, rebuilt on it
+    reloaded = load(("ns", "t"))
+    assert reloaded.metadata_location == committed.metadata_location and len(reloaded.scan().to_arrow()) == 4
+    assert unreferenced(committed) == []
+
+
+def test_a_table_created_meanwhile_leaves_no_metadata_file_of_the_losing_creation(tmp_path: pathlib.Path) -> None:
+    """Two creations of one table (replicas' first puts to a new name), the first committed after the second's
+    catalog found no table: the catalog refuses the second's row, and its metadata file is deleted."""
+    catalog = SqlCatalog("internals", **sqlite_catalog(tmp_path))
+    catalog.create_namespace("ns")
+    schema = pa.schema([pa.field("id", pa.int64())])
+    first, second = (catalog.create_table_transaction(("ns", "t"), schema=schema) for _ in range(2))
+    load = catalog.load_table
+    looked: list[bool] = []
+
+    def created_after_looking(identifier: Any) -> Table:
+        if looked:
+            return load(identifier)
+        looked.append(True)  # the second's commit looks first; the first's commit then creates the table
+        try:
+            return load(identifier)
+        finally:
+            internals.commit_staged(first)
+
+    catalog.load_table = created_after_looking  # type: ignore[method-assign]
+    with pytest.raises(TableAlreadyExistsError):
+        internals.commit_staged(second)
+    assert unreferenced(catalog.load_table(("ns", "t"))) == []
+
+
 def test_commit_on_base_swaps_the_sql_catalog_pointer_without_loading_the_table(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -290,7 +357,7 @@ def test_commit_on_base_swaps_the_sql_catalog_pointer_without_loading_the_table(
 
     def append(table: Table) -> Table:
         transaction = internals.MemoTransaction(table)
-        producer = transaction.update_snapshot(snapshot_properties={"k": "v"}).fast_append()
+        producer = internals.append_producer(transaction, {"k": "v"}, merge=False)
         for data_file in write_data_files(table.metadata, rows, table.io, None, uuid.uuid4(), itertools.count()):
             producer.append_data_file(data_file)
         return internals.commit_on_base(transaction, producer)
@@ -403,7 +470,7 @@ def test_memo_transaction_follows_staged_updates_and_commits(tmp_path: pathlib.P
     assert transaction.table_metadata is first and first == Transaction(table).table_metadata
     transaction.set_properties({"a": "1"})
     assert transaction.table_metadata.properties["a"] == "1"
-    append = transaction.update_snapshot().fast_append()
+    append = internals.append_producer(transaction, {}, merge=False)
     for data_file in write_data_files(first, rows, table.io, None, uuid.uuid4(), itertools.count()):
         append.append_data_file(data_file)
     committed = internals.commit_on_base(transaction, append)

@@ -127,27 +127,6 @@ def test_a_training_set_is_answered_when_the_snapshots_between_its_cached_index_
         server.shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a merge-append (MergeAppend in iceberg/internals.py, through pyiceberg's _MergeAppendFiles."
-    "_process_manifests) writes the put's own manifest, then folds it into a merged one and lists only that: the "
-    "first is referenced by nothing and deleted by nothing but orphan removal 3 days later (a file per merge, every "
-    "9 puts of a table the server created; forever with maintenance off)",
-)
-def test_puts_that_merge_manifests_leave_no_manifest_that_nothing_references(
-    served: tuple[str, dict[str, str]],
-) -> None:
-    location, properties = served
-    with FeatureClient(location) as client:
-        for i in range(2, 12):  # tables the server creates merge manifests once 10 would be live
-            client.write(TABLE, rows([i]))
-        orphans = client.remove_orphan_files(TABLE, older_than=dt.datetime.now(dt.timezone.utc), dry_run=True)
-    table = load_catalog("default", **properties).load_table(TABLE)
-    current = table.current_snapshot()
-    assert current is not None and len(current.manifests(table.io)) < 12  # merged: 12 puts, fewer manifests
-    assert [Path(f).name for f in orphans["files"]] == []  # nothing unreferenced: nothing runs, nothing failed
-
-
 def lose_a_data_file(properties: dict[str, str]) -> str:
     """Delete one of `TABLE`'s data files from storage, as a storage fault or another replica's compaction and expiry
     (past `history.expire.max-snapshot-age-ms`) would; returns the folder the table's files are in."""

@@ -29,7 +29,7 @@ from pyiceberg.table.snapshots import Operation, Snapshot
 from flight_server.base.locks import LockPool
 from flight_server.base.metrics import COMMIT_RETRIES
 from flight_server.iceberg.catalog import FeatureCatalog
-from flight_server.iceberg.internals import DropRemovedEntries, MemoTransaction, RewriteFiles
+from flight_server.iceberg.internals import DropRemovedEntries, MemoTransaction, RewriteFiles, commit_transaction
 from flight_server.reads.duck import Engine
 from flight_server.wire.errors import ConflictError
 
@@ -102,7 +102,7 @@ def commit_rewrite(
             RewriteFiles(transaction, operation, removed, added, properties, sequences or {}).commit()
             if tidy:
                 DropRemovedEntries(transaction, properties).commit()
-            snapshot = transaction.commit_transaction().current_snapshot()
+            snapshot = commit_transaction(transaction).current_snapshot()
     except BaseException:
         delete_files(table.io, [f.file_path for f in added])
         raise

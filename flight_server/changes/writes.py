@@ -65,6 +65,7 @@ from flight_server.iceberg.catalog import (
 from flight_server.iceberg.internals import (
     MemoTransaction,
     commit_on_base,
+    overwrite_producer,
     schema_without_ids,
     sharing_entries,
     transaction_io,
@@ -580,7 +581,7 @@ def _commit_files(transaction: Transaction, mode: str, files: list[DataFile], pr
     """One snapshot of the files, committed only on the state the transaction was opened on (`commit_on_base`)."""
     if mode != "overwrite":
         return commit_append(transaction, files, properties)
-    overwrite = transaction.update_snapshot(snapshot_properties=properties).overwrite()
+    overwrite = overwrite_producer(transaction, properties)
     for data_file in _live_data_files(transaction):
         overwrite.delete_data_file(data_file)
     for data_file in files:

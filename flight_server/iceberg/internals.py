@@ -8,6 +8,9 @@ wrap them. `MemoTransaction` keeps pyiceberg from copying a long history's metad
 transaction's metadata. `commit_on_base` stages a
 snapshot without pyiceberg's commit retry, which would rebuild it on a newer snapshot than the one the
 caller checked, and commits to a SQL catalog without parsing the table's metadata file again (`_commit_sql`).
+What a commit wrote and nothing references is deleted, as Iceberg's Java writers do: after `commit_on_base` lands,
+the manifests its snapshot does not list (`ListingProducer`); after a commit surely lost, all it wrote, including
+the metadata file a catalog wrote before its compare-and-swap (`commit_transaction`).
 Appends (`FastAppend`, `MergeAppend`) read the parent's manifest list and the manifests they merge with Avro
 readers built once per file schema rather than once per file (`_ResolvedAvroFile`).
 `PRIVATE_API` lists every private name used and what is relied on;
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,7 +36,7 @@ from pyiceberg.avro.file import MAGIC, META_SCHEMA, SYNC_SIZE, AvroFile, AvroFil
 from pyiceberg.avro.reader import Reader
 from pyiceberg.avro.resolver import construct_writer, resolve_reader, resolve_writer
 from pyiceberg.avro.writer import Writer
-from pyiceberg.catalog import Catalog
+from pyiceberg.catalog import Catalog, MetastoreCatalog
 from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
 from pyiceberg.exceptions import (
     CommitFailedException,
@@ -77,7 +81,7 @@ from pyiceberg.table.update import (
     _TableMetadataUpdateContext,
     _update_table_metadata_log,
 )
-from pyiceberg.table.update.snapshot import _FastAppendFiles, _MergeAppendFiles, _SnapshotProducer
+from pyiceberg.table.update.snapshot import _FastAppendFiles, _MergeAppendFiles, _OverwriteFiles, _SnapshotProducer
 from pyiceberg.typedef import EMPTY_DICT
 from pyiceberg.types import StructType
 from pyiceberg.utils.datetime import datetime_to_millis
@@ -100,6 +104,9 @@ PRIVATE_API: dict[str, str] = {
         "(still called by commit()?); RewriteFiles._summary calls the base's with _operation set to OVERWRITE "
         "(it refuses REPLACE); commit_on_base() calls _commit() (the snapshot's updates and its "
         "AssertRefSnapshotId requirement on the head it was built on) and _clean_all_uncommitted(); "
+        "ListingProducer overrides _manifests (called once by _commit: the manifests the manifest list names); "
+        "commit_on_base() deletes those of _written_manifests (every manifest path new_manifest_output() gave) "
+        "that it does not name; "
         "they read _transaction, _snapshot_id, _parent_snapshot_id, _io, _compression, "
         "_added_data_files, _deleted_data_files, _commit_window (.base, .head, .is_empty()), new_manifest_output(), "
         "new_manifest_writer(), spec(), schema()"
@@ -150,12 +157,21 @@ PRIVATE_API: dict[str, str] = {
         "_commit_sql(): (io, base, metadata) deletes the metadata files the new metadata log dropped, as "
         "Table._do_commit does after a commit"
     ),
+    "pyiceberg.catalog.MetastoreCatalog._write_metadata": (
+        "commit_transaction(): (metadata, io, metadata_path), through which SqlCatalog.commit_table (and the Glue "
+        "and Hive catalogs) write a commit's metadata file before their compare-and-swap, called on the catalog "
+        "instance (self._write_metadata), which _record_metadata_writes wraps"
+    ),
     "pyiceberg.table.Transaction._requirements": (
         "_commit_sql(): the requirements staged with the updates, emptied with _updates once committed"
     ),
     "pyiceberg.table.update.snapshot._FastAppendFiles": (
         "FastAppend: __init__(operation, transaction, io, snapshot_properties=) as UpdateSnapshot.fast_append "
         "makes it; _existing_manifests() (the parent's live manifests) is overridden"
+    ),
+    "pyiceberg.table.update.snapshot._OverwriteFiles": (
+        "Overwrite: __init__(operation, transaction, io, snapshot_properties=) as UpdateSnapshot.overwrite makes it "
+        "(OVERWRITE, or APPEND on a table without a snapshot)"
     ),
     "pyiceberg.table.update.snapshot._MergeAppendFiles": (
         "MergeAppend: as UpdateSnapshot.merge_append; its merge manager reads manifests through the producer's "
@@ -250,7 +266,7 @@ def sharing_entries(metadata: TableMetadata) -> TableMetadata:
     return metadata.model_copy(update=update)
 
 
-def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -> Table:
+def commit_on_base(transaction: Transaction, producer: ListingProducer) -> Table:
     """Commit `transaction` with `producer`'s snapshot on the branch head the transaction was opened on, or not
     at all: a lost race raises `CommitFailedException` (`TableAlreadyExistsError` when creating), any other
     failure of the catalog's commit `CommitStateUnknownException` (it may have landed).
@@ -258,8 +274,9 @@ def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -
     `producer.commit()` would register the producer, and `commit_transaction` would then rebuild its snapshot
     on whatever head won the race (`commit.retry.num-retries`): past any check the caller made on the state it
     opened the transaction on (a write id not yet committed, say). Staged unregistered, the snapshot keeps its
-    `AssertRefSnapshotId` requirement, which every catalog checks atomically. The manifests it wrote are deleted
-    when it surely did not commit."""
+    `AssertRefSnapshotId` requirement, which every catalog checks atomically. The manifests and the manifest list it
+    wrote are deleted when it surely did not commit; once it committed, the manifests its snapshot does not list
+    (`_delete_unlisted`). On `CommitStateUnknownException` every file stays: the snapshot may be the table's."""
     try:
         updates, requirements = producer._commit()
     except BaseException:  # a manifest could not be written: nothing was sent
@@ -267,7 +284,7 @@ def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -
         raise
     try:
         transaction._apply(updates, requirements)
-        return commit_staged(transaction)
+        table = commit_staged(transaction)
     except (CommitFailedException, TableAlreadyExistsError):
         COMMIT_RETRIES.inc()
         producer._clean_all_uncommitted()
@@ -278,6 +295,23 @@ def commit_on_base(transaction: Transaction, producer: _SnapshotProducer[Any]) -
         # The catalog may have applied the commit before failing (a request timed out after the REST server
         # committed, a database connection dropped at COMMIT): callers must keep the files, never retry blindly.
         raise CommitStateUnknownException(f"the commit's outcome is unknown ({type(exc).__name__})") from exc
+    _delete_unlisted(producer)
+    return table
+
+
+def _delete_unlisted(producer: ListingProducer) -> None:
+    """Delete the manifests a committed producer wrote that its snapshot does not list, as Iceberg's Java
+    `SnapshotProducer` does after a commit (`cleanUncommitted`): a merge-append writes the appended files' manifest,
+    then folds it into the merged one. Nothing references them, and orphan removal would find them only days later
+    (never with maintenance off). One local file, or one request to an object store, every merge; a failure leaves
+    an orphan, the commit stands."""
+    listed = producer.listed
+    for path in producer._written_manifests:
+        if path not in listed:
+            try:
+                producer._io.delete(path)
+            except Exception as exc:
+                log.warning("could not delete the manifest %s its commit did not use: %s", path, exc)
 
 
 def commit_staged(transaction: Transaction) -> Table:
@@ -286,7 +320,66 @@ def commit_staged(transaction: Transaction) -> Table:
     metadata); through pyiceberg's `commit_transaction` otherwise."""
     if (catalog := _on_sql(transaction)) is not None:
         return _commit_sql(catalog, transaction)
-    return transaction.commit_transaction()
+    return commit_transaction(transaction)
+
+
+def commit_transaction(transaction: Transaction) -> Table:
+    """pyiceberg's `commit_transaction` (which rebuilds registered producers' snapshots on a lost race, and deletes
+    the manifests and manifest lists of the attempts that did not land), also deleting the metadata files the
+    catalog wrote for those attempts: pyiceberg's SQL, Glue and Hive catalogs write the new metadata file before
+    their compare-and-swap and leave it when the swap loses (`CommitFailedException`; `TableAlreadyExistsError` for
+    a table created meanwhile). Those errors say the attempt surely did not land; after any other, nothing is
+    deleted. Once committed, every file written but the table's current and logged metadata files goes."""
+    catalog = transaction._table.catalog
+    _record_metadata_writes(catalog)
+    written: list[tuple[FileIO, str]] = []
+    outer, _WRITTEN.files = _WRITTEN.files, written
+    try:
+        table = transaction.commit_transaction()
+    except (CommitFailedException, TableAlreadyExistsError, ValidationException):
+        _delete_metadata_files(written)
+        raise
+    finally:
+        _WRITTEN.files = outer
+    kept = {table.metadata_location, *(entry.metadata_file for entry in table.metadata.metadata_log)}
+    _delete_metadata_files([(io, path) for io, path in written if path not in kept])
+    return table
+
+
+class _MetadataWrites(threading.local):
+    """The metadata files (with the FileIO each was written with) a catalog wrote on this thread while
+    `commit_transaction` ran; None outside it."""
+
+    files: list[tuple[FileIO, str]] | None = None
+
+
+_WRITTEN = _MetadataWrites()
+_RECORDING = threading.Lock()
+
+
+def _record_metadata_writes(catalog: Catalog) -> None:
+    """Have the catalog's `_write_metadata` (through which metastore catalogs write a commit's metadata file) note
+    each file it writes in `_WRITTEN`, once per catalog."""
+    with _RECORDING:
+        if not isinstance(catalog, MetastoreCatalog) or "_write_metadata" in vars(catalog):
+            return  # a REST catalog's server writes the file
+        write = catalog._write_metadata
+
+        def recorded(metadata: TableMetadata, io: FileIO, metadata_path: str) -> None:
+            if (files := _WRITTEN.files) is not None:
+                files.append((io, metadata_path))
+            write(metadata, io, metadata_path)
+
+        catalog._write_metadata = recorded  # type: ignore[method-assign]
+
+
+def _delete_metadata_files(files: list[tuple[FileIO, str]]) -> None:
+    """Delete metadata files of commits that did not land (an orphan at worst when it fails)."""
+    for io, path in files:
+        try:
+            io.delete(path)
+        except Exception as exc:
+            log.warning("could not delete the metadata file %s of a commit that did not land: %s", path, exc)
 
 
 def _on_sql(transaction: Transaction) -> SqlCatalog | None:
@@ -491,7 +584,23 @@ class DataManifestWriter(ManifestWriterV2):
         return _PreparedAvroOutputFile(self._output_file, _manifest_layout(self))
 
 
-class FastAppend(_FastAppendFiles):
+class ListingProducer(_SnapshotProducer[Any]):
+    """A snapshot producer that keeps the paths of the manifests its snapshot lists (`listed`), so that those it
+    wrote and does not list can be deleted once it committed (`commit_on_base`)."""
+
+    listed: frozenset[str] = frozenset()
+
+    def _manifests(self) -> list[ManifestFile]:
+        manifests = super()._manifests()
+        self.listed = frozenset(manifest.manifest_path for manifest in manifests)
+        return manifests
+
+
+class Overwrite(ListingProducer, _OverwriteFiles):
+    """pyiceberg's overwrite (`UpdateSnapshot.overwrite`), keeping what it lists."""
+
+
+class FastAppend(ListingProducer, _FastAppendFiles):
     """pyiceberg's fast append (`UpdateSnapshot.fast_append`), reading the parent's manifest list, and the manifests
     a merge folds (`MergeAppend`), through `_ResolvedAvroFile`, and writing data manifests with `DataManifestWriter`."""
 
@@ -531,6 +640,13 @@ def append_producer(transaction: Transaction, properties: dict[str, str], merge:
     append, as `transaction.update_snapshot(snapshot_properties=properties)` would make them."""
     kind = MergeAppend if merge else FastAppend
     return kind(Operation.APPEND, transaction, transaction_io(transaction), snapshot_properties=properties)
+
+
+def overwrite_producer(transaction: Transaction, properties: dict[str, str]) -> Overwrite:
+    """The snapshot producer of an overwrite of the transaction's table, as
+    `transaction.update_snapshot(snapshot_properties=properties).overwrite()` would make it."""
+    operation = Operation.OVERWRITE if transaction.table_metadata.current_snapshot() is not None else Operation.APPEND
+    return Overwrite(operation, transaction, transaction_io(transaction), snapshot_properties=properties)
 
 
 def partitions(spec: PartitionSpec, schema: Schema, rows: pa.Table) -> list[tuple[PartitionKey, pa.Table]]:
