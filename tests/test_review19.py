@@ -18,7 +18,6 @@ from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient, FeatureServerError
 from flight_server.training import asof
-from flight_server.transport import handlers
 from tests.conftest import sqlite_catalog, start_server
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
@@ -49,15 +48,6 @@ def served(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     server.shutdown()
 
 
-def expire_all_but_the_newest(location: str) -> dict[str, Any]:
-    """What a maintenance round on a table put to every few seconds does (`history.expire.max-snapshot-age-ms`
-    shorter than the gap between puts): a put lands, then every snapshot but the current one expires, except those
-    this server's reads use."""
-    with FeatureClient(location) as client:
-        client.write(TABLE, rows([2]))
-        return client.expire_snapshots(TABLE, older_than=dt.datetime.now(dt.timezone.utc), retain_last=1)
-
-
 def once(call: Callable[[], object]) -> Callable[[], None]:
     """`call` the first time only: the wrapped function runs again for the expiry's own work."""
     done: list[object] = []
@@ -67,29 +57,6 @@ def once(call: Callable[[], object]) -> Callable[[], None]:
             done.append(call())
 
     return run
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="Scans.open (transport/handlers.py) plans a scan and runs open_scan before it holds the snapshot in "
-    "SnapshotsInUse, so this server's own expiry can delete the snapshot's manifest list in between: the scan fails "
-    "with INTERNAL (FileNotFoundError planning its files, or IOException in DuckDB's iceberg_scan)",
-)
-def test_a_filtered_scan_keeps_its_snapshot_from_this_servers_expiry_from_planning_on(
-    served: tuple[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    location = served[0]
-    expire = once(lambda: expire_all_but_the_newest(location))
-    real = handlers.open_scan
-
-    def expired_after_planning(plan: Any, *args: Any, **kwargs: Any) -> Any:
-        expire()
-        return real(plan, *args, **kwargs)
-
-    monkeypatch.setattr(handlers, "open_scan", expired_after_planning)
-    with FeatureClient(location) as client:
-        scanned = client.scan(TABLE, filter="id >= 1").read_all()
-    assert scanned.column("id").to_pylist() == [1]  # the snapshot it planned on, before the put of row 2
 
 
 @pytest.mark.xfail(
