@@ -1,15 +1,11 @@
 """Review 19: production reality (tables written for a long time with automatic maintenance on, replicas, crashes).
-Each test reproduces one bug found by a soak run and fails on main today (xfail, strict, until fixed).
-
-A concurrent expiry is brought into a race window by wrapping the function that runs right after the window opens:
-the expiry is real (this server's own `expire_snapshots` action), only its moment is chosen."""
+Each test reproduces one bug found by a soak run and fails on main today (xfail, strict, until fixed)."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -17,7 +13,6 @@ import pytest
 from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient, FeatureServerError
-from flight_server.training import asof
 from tests.conftest import sqlite_catalog, start_server
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
@@ -46,52 +41,6 @@ def served(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         client.write(TABLE, rows([1]))
     yield location, properties
     server.shutdown()
-
-
-def once(call: Callable[[], object]) -> Callable[[], None]:
-    """`call` the first time only: the wrapped function runs again for the expiry's own work."""
-    done: list[object] = []
-
-    def run() -> None:
-        if not done:
-            done.append(call())
-
-    return run
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="AsofCache._build (training/asof.py) brings a cached index forward through lineage.changed_since, which "
-    "reads the manifests of the snapshots between the cached one and the requested one; those are not held from "
-    "expiry, and a FileNotFoundError there fails the training set with INTERNAL instead of reading the snapshot whole",
-)
-def test_a_training_set_is_answered_when_the_snapshots_between_its_cached_index_and_its_own_expire_meanwhile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    properties = sqlite_catalog(tmp_path)
-    server = start_server(properties, online_refresh_seconds=3600.0)  # no refresh ahead: the request extends
-    location = f"grpc://127.0.0.1:{server.port}"
-    entities = {"id": [1, 2, 3], "event_timestamp": [T0 + dt.timedelta(days=1)] * 3}
-    try:
-        with FeatureClient(location) as client, FeatureClient(location) as other:
-            client.write(TABLE, rows([1]), entity_keys=["id"], event_time="ts", partition_by=[])
-            first = client.get_historical_features(entities, [f"{TABLE}:value"])  # indexes this snapshot
-            assert first.column("value").to_pylist() == [1.0, None, None]
-            table = load_catalog("default", **properties).load_table(TABLE)
-            for i in (2, 3):  # appends by another writer (another engine, say): this server is not told
-                table.append(rows([i]).cast(table.schema().as_arrow()))
-            expire = once(lambda: other.expire_snapshots(TABLE, older_than=dt.datetime.now(dt.timezone.utc)))
-            real = asof.changed_since
-
-            def expired_meanwhile(*args: Any) -> Any:
-                expire()  # the snapshot of row 2's append goes: neither the request's nor the cached index's
-                return real(*args)
-
-            monkeypatch.setattr(asof, "changed_since", expired_meanwhile)
-            answer = client.get_historical_features(entities, [f"{TABLE}:value"])
-            assert answer.column("value").to_pylist() == [1.0, 2.0, 3.0]
-    finally:
-        server.shutdown()
 
 
 @pytest.mark.xfail(
