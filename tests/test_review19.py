@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.flight as flight
 import pytest
 from pyiceberg.catalog import load_catalog
 
@@ -72,25 +71,6 @@ def lose_a_data_file(properties: dict[str, str]) -> str:
     assert len(paths) == 2, "a file per put"
     Path(paths[-1]).unlink()
     return str(Path(paths[-1]).parent)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="FeatureFlightServer._stream (transport/service.py) hands Flight the reader, whose batches are read after "
-    "do_get returned: an exception while streaming bypasses _flight_errors, so it is not logged, and the client gets "
-    "its whole text (the server's file path, 'Python exception: FileNotFoundError') as Arrow's IOError (gRPC UNKNOWN)",
-)
-def test_a_scan_that_fails_while_streaming_answers_internal_without_the_servers_paths(
-    served: tuple[str, dict[str, str]], caplog: pytest.LogCaptureFixture
-) -> None:
-    location, properties = served
-    folder = lose_a_data_file(properties)
-    ticket = flight.Ticket(f'{{"v": 1, "table": "{TABLE}"}}'.encode())
-    with flight.connect(location) as raw, pytest.raises(Exception) as raised:
-        raw.do_get(ticket).read_all()
-    # Flight sends an error raised while streaming as UNKNOWN whatever its class: the message is what can be right.
-    assert "internal error" in str(raised.value) and folder not in str(raised.value)
-    assert [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info], "logged with its traceback"
 
 
 @pytest.mark.xfail(
