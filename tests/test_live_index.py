@@ -509,10 +509,11 @@ def test_a_training_set_is_answered_when_the_snapshots_between_its_cached_index_
                 table.append(feature_rows_table([(k, 0, 0)], k).cast(table.schema().as_arrow()))
                 between.append(table.metadata.current_snapshot_id)
             expired: list[dict[str, Any]] = []
-            real = asof.changed_since
+            real, once = asof.changed_since, threading.Lock()
 
             def expired_meanwhile(*args: Any) -> Any:
-                if not expired:  # the snapshot of k=2's append goes: neither the request's nor the cached index's
+                if once.acquire(blocking=False):  # the first call (a refresh thread may come too): the snapshot of
+                    # k=2's append goes, neither the request's nor the cached index's
                     now = dt.datetime.now(dt.timezone.utc)
                     expired.append(other.expire_snapshots(name, older_than=now, retain_last=1))
                 return real(*args)

@@ -510,10 +510,10 @@ def test_a_refresh_whose_snapshots_in_between_expire_meanwhile_rebuilds(
             for driver in (2, 3):  # appends by another writer (another engine, say): this server is not told
                 iceberg.append(driver_rows([driver], 1, 1.0).cast(iceberg.schema().as_arrow()))
             expired: list[dict[str, Any]] = []
-            real = index.appended_since
+            real, once = index.appended_since, threading.Lock()
 
             def expired_meanwhile(*args: Any, **kwargs: Any) -> Any:
-                if not expired:
+                if once.acquire(blocking=False):  # the first call: the expiry's commit wakes the refresh thread too
                     now = dt.datetime.now(dt.timezone.utc)
                     expired.append(client.expire_snapshots(table, older_than=now, retain_last=1))
                 return real(*args, **kwargs)
