@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -523,6 +524,37 @@ def test_a_refresh_whose_snapshots_in_between_expire_meanwhile_rebuilds(
             assert len(expired[0]["expired"]) == 2  # the indexed snapshot and the one in between
             assert rates(client, table, [1, 2, 3]) == [2.0, 3.0, 4.0]
             assert client.describe(table)["online"]["error"] is None
+    finally:
+        server.shutdown()
+
+
+def test_a_failed_refresh_is_described_without_the_servers_paths(
+    catalog_properties: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refresh that fails (here a data file lost from storage: neither its rows nor the whole table can be read)
+    keeps the last index serving, logs the failure once with its whole text, and shows `describe` what a client may
+    see of it: its kind, no server path."""
+    server = start_server(catalog_properties, online_refresh_seconds=REFRESH_SECONDS)
+    table = f"online.lost_{suffix()}"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            write_drivers(client, table, driver_rows([1], 1, 1.0))
+            assert rates(client, table, [1, 2]) == [2.0, None]
+            iceberg = load_catalog("default", **catalog_properties).load_table(table)
+            iceberg.append(driver_rows([2], 1, 1.0).cast(iceberg.schema().as_arrow()))  # not through this server
+            lost = Path(
+                iceberg.current_snapshot()
+                .manifests(iceberg.io)[0]
+                .fetch_manifest_entry(iceberg.io)[0]
+                .data_file.file_path.removeprefix("file://")
+            )
+            lost.unlink()
+            wait_until(lambda: client.describe(table)["online"]["error"] is not None, what="the refresh to fail")
+            error = client.describe(table)["online"]["error"]  # DuckDB's error, which read the whole table
+            assert re.fullmatch(r"internal error \(\w+\); the server's log has the details", error), error
+            assert rates(client, table, [1, 2]) == [2.0, None]  # the last index serves on
+        failed = [r for r in caplog.records if r.getMessage().startswith(f"online index {table}: refresh failed")]
+        assert len(failed) == 1 and str(lost) in caplog.text
     finally:
         server.shutdown()
 
