@@ -1,17 +1,21 @@
 """Scans with `since_snapshot`: exactly the rows appended after an older snapshot, or a clear refusal when rows were
-deleted or overwritten in between, or the snapshot is not an ancestor."""
+deleted or overwritten in between, a snapshot in between expired, or the snapshot is not an ancestor."""
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient, FeatureServerError
+from flight_server.reads import plan
 from tests.conftest import sqlite_catalog, start_server
 
 
@@ -91,3 +95,38 @@ def test_not_an_ancestor_is_refused(client: FeatureClient) -> None:
     with pytest.raises(FeatureServerError, match="has no snapshot 12345") as missing:
         client.scan(table, since_snapshot=12345).read_all()
     assert missing.value.code == "NOT_FOUND"
+
+
+def test_snapshots_in_between_that_expire_meanwhile_are_refused_as_expired_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lineage is read from the manifests of the snapshots in between (another writer's: this server knows its own
+    appends without reading them back). An expiry that deletes them while they are read (brought into that moment by
+    wrapping `appended_since`; the expiry is real) is refused like one that ended before: re-read in full, not
+    INTERNAL."""
+    properties = sqlite_catalog(tmp_path)
+    server = start_server(properties)
+    table = f"tests.inc_{uuid.uuid4().hex[:12]}"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            a = write(client, table, rows(range(0, 10)))
+            iceberg = load_catalog("default", **properties).load_table(table)
+            for first in (10, 20):  # appends by another writer (another engine, say)
+                iceberg.append(rows(range(first, first + 10)).cast(iceberg.schema().as_arrow()))
+            b = iceberg.history()[1].snapshot_id
+            expired: list[dict[str, Any]] = []
+            real = plan.appended_since
+
+            def expired_meanwhile(*args: Any, **kwargs: Any) -> Any:
+                if not expired:
+                    now = dt.datetime.now(dt.timezone.utc)
+                    expired.append(client.expire_snapshots(table, older_than=now, retain_last=1))
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(plan, "appended_since", expired_meanwhile)
+            refused = rf"since_snapshot {a}: snapshot {b} .* expired meanwhile .*; re-read in full"
+            with pytest.raises(FeatureServerError, match=refused) as info:
+                client.scan(table, since_snapshot=a).read_all()
+            assert info.value.code == "INVALID_ARGUMENT" and b in expired[0]["expired"]
+    finally:
+        server.shutdown()

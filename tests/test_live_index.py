@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient
 from flight_server.base.config import ServerConfig
@@ -481,6 +482,49 @@ def test_indexes_move_forward_ahead_of_demand(catalog_properties: dict[str, str]
     finally:
         writer.shutdown()
         replica.shutdown()
+
+
+def test_a_training_set_is_answered_when_the_snapshots_between_its_cached_index_and_its_own_expire_meanwhile(
+    catalog_properties: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bringing a cached index forward is a shortcut: `changed_since` reads the manifests of the snapshots between the
+    cached index's and the request's, which no read holds (those two are). An expiry that deletes them meanwhile
+    (brought into that moment by wrapping `changed_since`; the expiry is real) has the request's snapshot read whole,
+    not the training set fail."""
+    server = start_server(catalog_properties, online_refresh_seconds=3600.0)  # no refresh ahead: the request extends
+    name = "tests.live_expired_between"
+    try:
+        with (
+            FeatureClient(f"grpc://127.0.0.1:{server.port}") as client,
+            FeatureClient(f"grpc://127.0.0.1:{server.port}") as other,
+        ):
+            cached = client.write(
+                name, feature_rows_table([(1, 0, 0)], 1), entity_keys=["k"], event_time="ts", created_time="created"
+            ).snapshot_id
+            first = client.get_historical_features(entities([1, 2, 3], 5), [f"{name}:v"])  # indexes this snapshot
+            assert first.column("v").to_pylist() == [1, None, None]
+            table = load_catalog("default", **catalog_properties).load_table(name)
+            between = []
+            for k in (2, 3):  # appends by another writer (another engine, say): this server is not told
+                table.append(feature_rows_table([(k, 0, 0)], k).cast(table.schema().as_arrow()))
+                between.append(table.metadata.current_snapshot_id)
+            expired: list[dict[str, Any]] = []
+            real, once = asof.changed_since, threading.Lock()
+
+            def expired_meanwhile(*args: Any) -> Any:
+                if once.acquire(blocking=False):  # the first call (a refresh thread may come too): the snapshot of
+                    # k=2's append goes, neither the request's nor the cached index's
+                    now = dt.datetime.now(dt.timezone.utc)
+                    expired.append(other.expire_snapshots(name, older_than=now, retain_last=1))
+                return real(*args)
+
+            monkeypatch.setattr(asof, "changed_since", expired_meanwhile)
+            answer = client.get_historical_features(entities([1, 2, 3], 5), [f"{name}:v"])
+            assert answer.column("v").to_pylist() == [1, 2, 3]
+            assert (expired[0]["expired"], expired[0]["kept_in_use"]) == (between[:1], [cached])
+            assert cache_stats(client)["builds"] == 2 and cache_stats(client)["incremental_builds"] == 0  # read whole
+    finally:
+        server.shutdown()
 
 
 def test_a_table_too_large_for_the_cache_is_joined_by_duckdb_alone(catalog_properties: dict[str, str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pyiceberg.types import DoubleType
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError, ResourceExhaustedError
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec
+from flight_server.online import index
 from flight_server.online.index import MISSING, TAIL_CHUNKS, IndexState, OnlineIndex, Rows
 from flight_server.online.lookups import Answer
 from tests.conftest import start_server, wait_until
@@ -486,6 +488,73 @@ def test_a_new_shape_is_rebuilt_from_the_planners_read_alone(
             assert rates(client, table, [1, 2, 3]) == [2.0, None, 4.0]
             expired = client.get_online_features({"driver_id": [1]}, [f"{table}:rate"])  # the TTL now applies
             assert expired.column("rate").to_pylist() == [None]
+    finally:
+        server.shutdown()
+
+
+def test_a_refresh_whose_snapshots_in_between_expire_meanwhile_rebuilds(
+    catalog_properties: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Following the appends since the indexed snapshot reads the manifests of the snapshots in between, which no read
+    holds: an expiry that deletes them meanwhile (brought into that moment by wrapping `appended_since`; the expiry is
+    real) has the index rebuilt from the current snapshot at once, as when they expired before, not the refresh fail
+    (an ERROR in the log, `online.error` in `describe`, the appends served only from the next poll on)."""
+    server = start_server(catalog_properties, online_refresh_seconds=3600)  # refreshed by this test alone
+    table = f"online.expired_between_{suffix()}"
+    try:
+        store = server.parts.store
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            write_drivers(client, table, driver_rows([1], 1, 1.0))
+            assert rates(client, table, [1, 2, 3]) == [2.0, None, None]
+            wait_until(lambda: store.refresh(table) == "current", what="the write's refresh to end")
+            iceberg = load_catalog("default", **catalog_properties).load_table(table)
+            for driver in (2, 3):  # appends by another writer (another engine, say): this server is not told
+                iceberg.append(driver_rows([driver], 1, 1.0).cast(iceberg.schema().as_arrow()))
+            expired: list[dict[str, Any]] = []
+            real, once = index.appended_since, threading.Lock()
+
+            def expired_meanwhile(*args: Any, **kwargs: Any) -> Any:
+                if once.acquire(blocking=False):  # the first call: the expiry's commit wakes the refresh thread too
+                    now = dt.datetime.now(dt.timezone.utc)
+                    expired.append(client.expire_snapshots(table, older_than=now, retain_last=1))
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(index, "appended_since", expired_meanwhile)
+            assert store.refresh(table) == "rebuilt"
+            assert len(expired[0]["expired"]) == 2  # the indexed snapshot and the one in between
+            assert rates(client, table, [1, 2, 3]) == [2.0, 3.0, 4.0]
+            assert client.describe(table)["online"]["error"] is None
+    finally:
+        server.shutdown()
+
+
+def test_a_failed_refresh_is_described_without_the_servers_paths(
+    catalog_properties: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refresh that fails (here a data file lost from storage: neither its rows nor the whole table can be read)
+    keeps the last index serving, logs the failure once with its whole text, and shows `describe` what a client may
+    see of it: its kind, no server path."""
+    server = start_server(catalog_properties, online_refresh_seconds=REFRESH_SECONDS)
+    table = f"online.lost_{suffix()}"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            write_drivers(client, table, driver_rows([1], 1, 1.0))
+            assert rates(client, table, [1, 2]) == [2.0, None]
+            iceberg = load_catalog("default", **catalog_properties).load_table(table)
+            iceberg.append(driver_rows([2], 1, 1.0).cast(iceberg.schema().as_arrow()))  # not through this server
+            lost = Path(
+                iceberg.current_snapshot()
+                .manifests(iceberg.io)[0]
+                .fetch_manifest_entry(iceberg.io)[0]
+                .data_file.file_path.removeprefix("file://")
+            )
+            lost.unlink()
+            wait_until(lambda: client.describe(table)["online"]["error"] is not None, what="the refresh to fail")
+            error = client.describe(table)["online"]["error"]  # DuckDB's error, which read the whole table
+            assert re.fullmatch(r"internal error \(\w+\); the server's log has the details", error), error
+            assert rates(client, table, [1, 2]) == [2.0, None]  # the last index serves on
+        failed = [r for r in caplog.records if r.getMessage().startswith(f"online index {table}: refresh failed")]
+        assert len(failed) == 1 and str(lost) in caplog.text
     finally:
         server.shutdown()
 

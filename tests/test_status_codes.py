@@ -13,10 +13,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+from pyiceberg.catalog import load_catalog
 
+from flight_client import FeatureClient
 from flight_client.errors import SERVER_ERRORS, error_code, from_flight_error
 from flight_server.transport.errors import ROUTES, plain_error_messages, to_flight_error
 from flight_server.wire import errors
+from flight_server.wire.reads import ScanRequest
+from tests.conftest import sqlite_catalog, start_server
 
 LEAKS = ("Traceback", "/work", '.py"', 'File "', "/tmp/")
 
@@ -112,3 +116,32 @@ def test_the_documented_table_is_the_one_in_the_code() -> None:
     section = text.split("## Errors", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `([A-Z_]+)` \| ([A-Z_]+) \|", section, re.MULTILINE)
     assert dict(rows) == {kind: route.status for kind, route in ROUTES.items()}
+
+
+def test_a_scan_that_fails_while_streaming_answers_internal_without_the_servers_paths(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Flight reads a `do_get`'s batches after the handler returned, beyond `_flight_errors`: an error then (a data file
+    lost from storage, as a storage fault or another replica's compaction and expiry would lose it, found missing when
+    its turn comes) is answered and logged the same way. Flight sends an error raised while streaming as UNKNOWN
+    whatever its class: the message is what can be right."""
+    properties = sqlite_catalog(tmp_path)
+    server = start_server(properties)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            for i in range(2):  # a file each
+                rows = pa.table({"id": [i], "ts": pa.array([i], pa.timestamp("us", "UTC"))})
+                client.write("t.lost", rows, entity_keys=["id"], event_time="ts", partition_by=[])
+        table = load_catalog("default", **properties).load_table("t.lost")
+        lost = Path(sorted(task.file.file_path for task in table.scan().plan_files())[-1].removeprefix("file://"))
+        lost.unlink()
+        ticket = flight.Ticket(ScanRequest(table="t.lost").to_bytes())
+        with flight.connect(f"grpc://127.0.0.1:{server.port}") as raw, pytest.raises(SERVER_ERRORS) as caught:
+            raw.do_get(ticket).read_all()
+    finally:
+        server.shutdown()
+    print("MESSAGE", repr(str(caught.value)), type(caught.value))
+    assert "internal error (FileNotFoundError); the server's log has the details" in str(caught.value)
+    assert str(lost.parent) not in str(caught.value) and not [leak for leak in LEAKS if leak in str(caught.value)]
+    logged = [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info]
+    assert [r.getMessage() for r in logged] == ["do_get (while streaming) failed"] and str(lost) in caplog.text

@@ -37,6 +37,8 @@ from flight_server.changes.upkeep import (
     MAX_SNAPSHOTS_PROPERTY,
 )
 from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.training.sets import TrainingSets
+from flight_server.transport import handlers
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import serve_replicas, sqlite_catalog, start_server, start_writing_server, wait_until, write_big
 
@@ -169,6 +171,61 @@ def test_expiry_keeps_pinned_snapshots_and_those_in_use(
     assert snapshot_ids(client, table) == {pinned, cached, current}
     assert ids(client, table, pinned) == Counter([*range(1_000_000), 2_000_000])
     assert sum(ids(client, table).values()) == 1_000_003
+
+
+@pytest.mark.parametrize("step", ["open_scan", "scan_parts"])
+def test_a_scan_keeps_its_snapshot_from_this_servers_expiry_from_planning_on(
+    served: FeatureFlightServer, client: FeatureClient, table: str, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """A scan holds its snapshot from right after planning, not only once its rows stream: `open_scan` (a ticket's
+    read; DuckDB's `iceberg_scan` runs to its first batch there) and `scan_parts` (`get_flight_info` splitting a
+    scan by file) read its manifests. An expiry brought into that moment (a put lands, then every snapshot but the
+    newest expires, as a round on a table put to every few seconds does) keeps it; the expiry is real, only its
+    moment is chosen, by wrapping the step that follows planning."""
+    create(client, table, rows([0]))
+    planned = client.write(table, rows([1])).snapshot_id
+    expired: list[dict[str, Any]] = []
+    real = getattr(handlers, step)
+
+    def expired_after_planning(plan: Any, *args: Any, **kwargs: Any) -> Any:
+        if not expired:  # once: the tickets of `scan_parts` come back here
+            with FeatureClient(f"grpc://127.0.0.1:{served.port}") as other:
+                other.write(table, rows([2]))
+                now = dt.datetime.now(dt.timezone.utc)
+                expired.append(other.expire_snapshots(table, older_than=now, retain_last=1))
+        return real(plan, *args, **kwargs)
+
+    monkeypatch.setattr(handlers, step, expired_after_planning)
+    if step == "open_scan":
+        scanned = client.scan(table, filter="id >= 1").read_all()
+    else:
+        scanned = client.read_table(table, filter="id >= 0", partitions=2)
+    assert sorted(scanned.column("id").to_pylist()) == ([1] if step == "open_scan" else [0, 1])  # as planned
+    assert expired[0]["kept_in_use"] == [planned]
+
+
+def test_an_online_lookup_into_history_keeps_its_snapshot_from_this_servers_expiry(
+    served: FeatureFlightServer, client: FeatureClient, table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An online lookup `as_of` a time is a training set run inline (`lookup_as_of`): it holds the snapshots it
+    planned while DuckDB reads them, as a scan does."""
+    create(client, table, rows([0]))
+    planned = client.write(table, rows([1])).snapshot_id
+    expired: list[dict[str, Any]] = []
+    real = TrainingSets.run_inline
+
+    def expired_after_planning(self: TrainingSets, *args: Any, **kwargs: Any) -> Any:
+        if not expired:
+            with FeatureClient(f"grpc://127.0.0.1:{served.port}") as other:
+                other.write(table, rows([2]))
+                now = dt.datetime.now(dt.timezone.utc)
+                expired.append(other.expire_snapshots(table, older_than=now, retain_last=1))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingSets, "run_inline", expired_after_planning)
+    answer = client.get_online_features({"id": [0, 1]}, [f"{table}:value"], as_of=T0 + dt.timedelta(days=1))
+    assert answer.column("value").to_pylist() == [0.0, 1.0]
+    assert expired[0]["kept_in_use"] == [planned]
 
 
 def test_a_followed_table_put_to_often_keeps_few_snapshots_in_use(

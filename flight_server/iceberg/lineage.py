@@ -46,6 +46,12 @@ class Appended:
         )
 
 
+# Why there is no list when a snapshot in between lost its manifests: an expiry (this server's, another replica's or
+# engine's) deleted them after the table was loaded. Callers then read the newer snapshot whole, as they do when it
+# expired before (then it is no longer in the lineage at all).
+EXPIRED_MEANWHILE = "expired meanwhile (its manifests are gone)"
+
+
 def appended_since(table: Table, since: int, until: int, through_replaces: bool = False) -> Appended:
     """The files appended after snapshot `since` up to `until` (none if they are the same snapshot).
 
@@ -75,10 +81,13 @@ def _changes(table: Table, since: int, until: int, deletes: bool, through_replac
     files: list[DataFile] = []
     added_deletes: list[DataFile] = []
     for step in reversed(chain):
-        added, removed = _own_entries(table, step)
-        replace = step.summary is not None and step.summary.operation == Operation.REPLACE
-        if through_replaces and replace:
-            why = replace_changes_rows(table, step, added, removed)
+        try:
+            added, removed = _own_entries(table, step)
+            replace = through_replaces and step.summary is not None and step.summary.operation == Operation.REPLACE
+            why = replace_changes_rows(table, step, added, removed) if replace else None
+        except FileNotFoundError:  # pyiceberg's FileIO says so for a missing object, local or in an object store
+            return Appended(since, until, None, step.snapshot_id, EXPIRED_MEANWHILE)
+        if replace:
             if why is None:
                 continue  # the same rows in other files
             return Appended(since, until, None, step.snapshot_id, why)

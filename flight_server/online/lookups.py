@@ -28,7 +28,7 @@ from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_s
 from flight_server.online.index import MISSING, IndexState, OnlineIndex, Rows, key_kind, key_values
 from flight_server.online.store import OnlineStore
 from flight_server.training.plan import plan_historical
-from flight_server.training.sets import TrainingSets
+from flight_server.training.sets import TrainingSets, held_snapshots
 from flight_server.wire.codec import parse_timestamp
 from flight_server.wire.errors import NotFoundError, RequestError
 from flight_server.wire.reads import HistoricalRequest, OnlineRequest, parse_feature_ref
@@ -301,7 +301,8 @@ def lookup_as_of(
     refs += [f"{s.name}:{s.spec.event_time}" for s in plan.sources]
     historical = HistoricalRequest(list(dict.fromkeys(refs)), entity_time=AS_OF_COLUMN, full_feature_names=True)
     joined_plan = replace(plan_historical(catalog, historical, entities.schema), apply_ttl=request.apply_ttl)
-    joined = training.run_inline(joined_plan, entities, build=False, is_cancelled=is_cancelled).read_all()
+    with training.cache.caches.in_use.hold(held_snapshots(joined_plan)):  # expiry keeps them until it is read
+        joined = training.run_inline(joined_plan, entities, build=False, is_cancelled=is_cancelled).read_all()
     arrays = [joined.column(k) for k in plan.key_types]
     arrays += [joined.column(f"{short_name(plan.sources[i].name)}__{column}") for i, column, _ in plan.columns]
     arrays += [joined.column(s.time_column) for s in plan.sources]

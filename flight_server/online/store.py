@@ -36,7 +36,7 @@ from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
 from flight_server.reads.paths import files_relation, scan_relation
 from flight_server.reads.plan import ReaddedColumnError, plan_table_scan, renamed
-from flight_server.wire.errors import LimitError, NotFoundError, RequestError
+from flight_server.wire.errors import LimitError, NotFoundError, RequestError, error_kind
 from flight_server.wire.reads import ScanRequest
 
 log = logging.getLogger(__name__)
@@ -424,7 +424,8 @@ class OnlineStore:
             started = time.time()
             with self._building(name):
                 outcome = self.refresh(name)
-            index.error, index.checked_at = None, started
+            index.failure = index.error = None
+            index.checked_at = started
             if outcome != "current":
                 self._charge()
                 log.info("online index %s: %s (snapshot %s)", name, outcome, index.state.snapshot_id)
@@ -437,7 +438,7 @@ class OnlineStore:
             self._indexes.pop(name, None)
             self._charge()
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            if error != index.error:  # once per distinct failure, not at every poll
+            failure = f"{type(exc).__name__}: {exc}"
+            if failure != index.failure:  # once per distinct failure, not at every poll
                 log.exception("online index %s: refresh failed; serving snapshot %s", name, index.state.snapshot_id)
-            index.error = error
+            index.failure, index.error = failure, error_kind(exc)[1]  # `describe` shows it: no server paths

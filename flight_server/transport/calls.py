@@ -20,10 +20,10 @@ import time
 import pyarrow.flight as flight
 
 from flight_server.base.logs import bind, current, unbind
-from flight_server.transport.errors import ROUTES, error_kind
+from flight_server.transport.errors import ROUTES
 from flight_server.transport.metrics import Flow, ServerMetrics
 from flight_server.wire.codec import REQUEST_ID_HEADER
-from flight_server.wire.errors import RequestError
+from flight_server.wire.errors import RequestError, error_kind
 from flight_server.wire.reads import HistoricalRequest, OnlineRequest, ScanRequest
 from flight_server.wire.writes import WriteRequest
 

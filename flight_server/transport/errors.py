@@ -9,11 +9,8 @@ two travel as `ArrowInvalid` and `ArrowKeyError`, whose status says their kind a
 
 from __future__ import annotations
 
-import concurrent.futures
-import errno
 import json
 import logging
-import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -22,7 +19,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server.wire.errors import RequestError, StorageError
+from flight_server.wire.errors import error_kind
 
 # Frames of a logged traceback: every one (see `plain_error_messages`).
 LOGGED_FRAMES = 1000
@@ -49,20 +46,6 @@ ROUTES: dict[str, Route] = {
     "DEADLINE_EXCEEDED": Route("DEADLINE_EXCEEDED", flight.FlightTimedOutError),
     "INTERNAL": Route("INTERNAL", flight.FlightInternalError),
 }
-
-
-def error_kind(exc: Exception) -> tuple[str, str]:
-    """The kind of `exc` and the message a client may see: a request error's explanation; for a bug in the server
-    only its class (its message may name server paths; the server's log has it, with the traceback)."""
-    if isinstance(exc, (RequestError, StorageError)):
-        return exc.code, str(exc)
-    if isinstance(exc, TimeoutError):
-        return "DEADLINE_EXCEEDED", "the server timed out working on the request"
-    if isinstance(exc, concurrent.futures.CancelledError):
-        return "CANCELLED", "the request was cancelled"
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the warehouse or a spill folder
-        return "RESOURCE_EXHAUSTED", f"the server ran out of space ({os.strerror(exc.errno)}); nothing was changed"
-    return "INTERNAL", f"internal error ({type(exc).__name__}); the server's log has the details"
 
 
 def to_flight_error(exc: Exception) -> Exception:

@@ -92,6 +92,11 @@ def scan_schema(plan: ScanPlan, read_path: str | None = None) -> pa.Schema:
     return plan.schema.with_metadata(metadata)
 
 
+def held_snapshot(plan: ScanPlan) -> list[tuple[str, int | None]]:
+    """The (table uuid, snapshot) a scan reads, for `SnapshotsInUse`."""
+    return [(str(plan.table.metadata.table_uuid), plan.snapshot_id)]
+
+
 @dataclass(frozen=True)
 class Scans:
     """Rows of one table; a whole-table scan is split by data file over several endpoints."""
@@ -107,8 +112,9 @@ class Scans:
         if request.part is not None:
             raise RequestError("scan request: 'part' is for tickets; ask get_flight_info for 'partitions' instead")
         plan = plan_scan(self.parts.catalog, request, self.parts.caches)
-        # Tickets pin the snapshot, so fetching them later returns exactly what was described.
-        parts = scan_parts(plan, request.partitions or self.parts.config.scan_partitions)
+        with self.parts.caches.in_use.hold(held_snapshot(plan)):  # splitting by file reads its manifests
+            # Tickets pin the snapshot, so fetching them later returns exactly what was described.
+            parts = scan_parts(plan, request.partitions or self.parts.config.scan_partitions)
         tickets = [replace(request, snapshot_id=plan.snapshot_id, as_of=None, partitions=None, part=p) for p in parts]
         return flight.FlightInfo(
             scan_schema(plan),
@@ -123,16 +129,18 @@ class Scans:
         self, request: ScanRequest, is_cancelled: Callable[[], bool] | None = None
     ) -> pa.RecordBatchReader | pa.Table:
         """The scan's rows; from the scan cache, a Table that Flight streams without Python per batch and that
-        holds no snapshot (it reads no file that expiry could delete)."""
+        holds no snapshot (it reads no file that expiry could delete). The snapshot is held from planning on:
+        `open_scan` reads its manifests (and DuckDB's `iceberg_scan` runs to its first batch)."""
         plan = plan_scan(self.parts.catalog, request, self.parts.caches)
-        rows, path = open_scan(
-            plan, self.parts.engine, self.parts.config.batch_rows, is_cancelled, self.parts.caches.files
-        )
-        schema = scan_schema(plan, path)
-        if isinstance(rows, pa.Table):
-            return rows.replace_schema_metadata(schema.metadata)
-        held = [(str(plan.table.metadata.table_uuid), plan.snapshot_id)]
-        return self.parts.caches.in_use.holding(held, rows.cast(schema))
+        in_use, held = self.parts.caches.in_use, held_snapshot(plan)
+        with in_use.hold(held):
+            rows, path = open_scan(
+                plan, self.parts.engine, self.parts.config.batch_rows, is_cancelled, self.parts.caches.files
+            )
+            schema = scan_schema(plan, path)
+            if isinstance(rows, pa.Table):
+                return rows.replace_schema_metadata(schema.metadata)
+            return in_use.holding(held, rows.cast(schema))  # taken before `hold` lets go: no gap
 
     def exchange(
         self,

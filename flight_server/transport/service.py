@@ -75,14 +75,34 @@ def _flight_errors(handler: F) -> F:
     def wrapper(self: FeatureFlightServer, context: flight.ServerCallContext, *args: Any) -> Any:
         try:
             return handler(self, context, *args)
-        except (RequestError, flight.FlightError) as exc:
-            log.info("%s refused: %s", handler.__name__, exc)
-            raise to_flight_error(exc) from None
         except Exception as exc:
-            log.exception("%s failed", handler.__name__)
-            raise to_flight_error(exc) from None
+            raise _answered(handler.__name__, exc) from None
 
     return cast(F, wrapper)
+
+
+def _answered(name: str, exc: Exception) -> Exception:
+    """The Flight error that answers `exc` raised by RPC `name`, logged: a refusal as such, anything else with its
+    traceback."""
+    if isinstance(exc, (RequestError, flight.FlightError)):
+        log.info("%s refused: %s", name, exc)
+    else:
+        log.error("%s failed", name, exc_info=exc)
+    return to_flight_error(exc)
+
+
+def _answering(reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
+    """`reader`, its errors answered as `_flight_errors` answers a handler's: Flight reads the batches of a `do_get`
+    after it returned, where an error would otherwise reach the client as its raw text (server paths and all) and the
+    log not at all. One generator step a batch."""
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        try:
+            yield from reader
+        except Exception as exc:
+            raise _answered("do_get (while streaming)", exc) from None
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())
 
 
 def _plan_refresh(parts: Components, body: bytes) -> list[bytes]:
@@ -178,11 +198,16 @@ class FeatureFlightServer(flight.FlightServerBase):
         reader: pa.RecordBatchReader | pa.Table,
         options: pa.ipc.IpcWriteOptions,
     ) -> flight.RecordBatchStream:
-        """A `do_get` result; with an idle timeout, the time Flight spends writing each batch is watched."""
+        """A `do_get` result; with an idle timeout, the time Flight spends writing each batch is watched. A reader's
+        errors are answered as a handler's (a Table is in memory: nothing of it fails, and it streams without
+        Python per batch)."""
+        streamed = not isinstance(reader, pa.Table)
         call = self._watched(context)
         if self.metrics is not None:
             reader = sending(flows(context, self.metrics)[1], reader)
-        return flight.RecordBatchStream(call.stream(reader) if call is not None else reader, options)
+        if call is not None:
+            reader = call.stream(reader)
+        return flight.RecordBatchStream(_answering(reader) if streamed else reader, options)
 
     def _client_streams(
         self,

@@ -1,13 +1,17 @@
 """Errors a client can cause: one root, `RequestError`, whose subclasses name the kind of error in `code`.
 
 Both the server and `flight_client` use these; `transport.errors` sends each kind with its gRPC status and the code in
-the structured detail (docs/protocol.md, "Errors").
+the structured detail (docs/protocol.md, "Errors"). `error_kind` says what any exception is to a client, its
+message without server paths: what the server answers, and what it shows of a failure elsewhere (`describe`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import errno
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -97,3 +101,17 @@ def error_code(exc: BaseException) -> str:
 def error_message(exc: BaseException) -> str:
     """A Flight call's error message without gRPC's decorations (detail, debug context)."""
     return str(exc).split(". Detail:", 1)[0].split(". gRPC client debug context:", 1)[0]
+
+
+def error_kind(exc: Exception) -> tuple[str, str]:
+    """The kind of `exc` and the message a client may see: a request error's explanation; for a bug in the server
+    only its class (its message may name server paths; the server's log has it, with the traceback)."""
+    if isinstance(exc, (RequestError, StorageError)):
+        return exc.code, str(exc)
+    if isinstance(exc, TimeoutError):
+        return "DEADLINE_EXCEEDED", "the server timed out working on the request"
+    if isinstance(exc, concurrent.futures.CancelledError):
+        return "CANCELLED", "the request was cancelled"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the warehouse or a spill folder
+        return "RESOURCE_EXHAUSTED", f"the server ran out of space ({os.strerror(exc.errno)}); nothing was changed"
+    return "INTERNAL", f"internal error ({type(exc).__name__}); the server's log has the details"
