@@ -23,6 +23,7 @@ from flight_client.errors import (
     FeatureServerError,
     InvalidRequestError,
     ResourceExhaustedError,
+    UnavailableError,
     from_flight_error,
 )
 from flight_client.results import HistoricalResult, OnlineResult
@@ -456,12 +457,11 @@ class FeatureClient:
             stream, at = self._open(endpoint.ticket.ticket, locations[first:])
             try:
                 return stream.read_all()  # not to_reader()'s: it raises a bare OSError, the error's kind lost
-            except flight.FlightUnavailableError as exc:
-                first += at + 1
-                if first == len(locations):
-                    raise from_flight_error(exc) from None
             except STREAM_ERRORS as exc:
-                raise from_flight_error(exc) from None
+                error = from_flight_error(exc)
+                first += at + 1
+                if not isinstance(error, UnavailableError) or first == len(locations):
+                    raise error from None
 
     # Training sets
 

@@ -23,7 +23,7 @@ import pytest
 from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, UnavailableError
-from flight_client.plans import plan_table
+from flight_client.plans import Endpoint, plan_table
 from tests.conftest import replica_processes, sqlite_catalog, start_server, write_big
 from tests.services import free_ports
 
@@ -178,6 +178,9 @@ def test_read_table_raises_a_feature_server_error_when_a_stream_fails_midway(rea
 
 BIG = "midway.big"
 BIG_ROWS = 1_000_000  # 24 MB, more than gRPC and the sockets hold: a replica killed mid-stream leaves rows unsent
+# Clients whose flow-control window stays at gRPC's 64 KB (no growing it to the measured bandwidth, which on loopback
+# can reach megabytes): the server can be no further ahead of the reader than that, and the batch being read.
+WINDOW: dict[str, Any] = {"generic_options": [("grpc.http2.bdp_probe", 0)]}
 
 
 @pytest.fixture
@@ -222,7 +225,7 @@ def test_read_table_reads_an_endpoint_again_at_its_next_replica_when_its_replica
         return stream, at
 
     monkeypatch.setattr(FeatureClient, "_open", killed_once_begun)
-    with FeatureClient(location) as client:
+    with FeatureClient(location, **WINDOW) as client:
         table = client.read_table(BIG, partitions=2)
     assert ([replica, location], 0) in opened, "an endpoint began at the replica"
     assert ([location], 0) in opened, "and was read again at the server"
@@ -231,17 +234,18 @@ def test_read_table_reads_an_endpoint_again_at_its_next_replica_when_its_replica
 
 
 def endpoint_at(client: FeatureClient, replica: str) -> flight.FlightEndpoint:
-    """The endpoint of `BIG` split in two that is read at `replica` first."""
-    endpoints = client.flight_info(BIG, partitions=2).endpoints
-    return next(e for e in endpoints if e.locations[0].uri.decode() == replica)
+    """An endpoint of `BIG` split in two, to be read at `replica` alone (a stream begun elsewhere proves nothing)."""
+    return flight.FlightEndpoint(client.flight_info(BIG, partitions=2).endpoints[0].ticket, [replica])
 
 
-# Ways to stream rows read at the replica (first), batch by batch, given clients of the server and of the replica.
+# Ways to stream rows read at the replica, batch by batch, given clients of the server and of the replica.
 STREAMS: dict[str, Callable[[FeatureClient, FeatureClient], Iterator[pa.RecordBatch]]] = {
     "scan": lambda client, at_replica: iter(at_replica.scan(BIG)),
     "read_endpoint": lambda client, at_replica: iter(client.read_endpoint(endpoint_at(client, at_replica.location))),
-    "plan (PyTorch, Ray)": lambda client, at_replica: (plan := plan_table(client.location, BIG, partitions=2)).batches(
-        [part for part in plan.endpoints if part.locations[0] == at_replica.location]
+    "plan (PyTorch, Ray)": lambda client, at_replica: (
+        plan := plan_table(client.location, BIG, partitions=2, client_options=WINDOW)
+    ).batches(
+        [Endpoint(plan.endpoints[0].ticket, (at_replica.location,))]  # type: ignore[union-attr]
     ),
 }
 
@@ -253,7 +257,7 @@ def test_a_stream_whose_replica_goes_away_after_handing_out_batches_raises_unava
     """Once some of a stream's batches are the caller's, reading the rest elsewhere would hand rows out twice: the
     caller gets UnavailableError (retry the whole read), not the rest from another replica."""
     location, replica, process = replicated
-    with FeatureClient(location) as client, FeatureClient(replica) as at_replica:
+    with FeatureClient(location, **WINDOW) as client, FeatureClient(replica, **WINDOW) as at_replica:
         batches = STREAMS[stream](client, at_replica)
         rows = next(batches).num_rows
         kill(process)
