@@ -19,9 +19,11 @@ import pyarrow.flight as flight
 from flight_client import inputs
 from flight_client.errors import (
     SERVER_ERRORS,
+    STREAM_ERRORS,
     FeatureServerError,
     InvalidRequestError,
     ResourceExhaustedError,
+    UnavailableError,
     from_flight_error,
 )
 from flight_client.results import HistoricalResult, OnlineResult
@@ -415,34 +417,51 @@ class FeatureClient:
         return self._info(request)
 
     def read_endpoint(self, endpoint: flight.FlightEndpoint) -> pa.RecordBatchReader:
-        """The rows of one endpoint of `flight_info` or `training_set_info`, from its first replica that answers."""
-        return self._fetch(endpoint)
+        """The rows of one endpoint of `flight_info` or `training_set_info`, from its first replica that answers.
+        Not read again elsewhere when that replica goes away while streaming: the caller may hold some of its rows."""
+        return reader(self._open_endpoint(endpoint))
 
-    def _get(self, ticket: bytes, locations: list[str] | None = None) -> pa.RecordBatchReader:
-        """Open the stream of `ticket` at the first of `locations` that answers (default: this server)."""
-        return self._open(ticket, locations).to_reader()
+    def _get(self, ticket: bytes) -> pa.RecordBatchReader:
+        """The stream of `ticket` at this server, its errors raised as `FeatureServerError`s."""
+        return reader(self._open(ticket, [self.location])[0])
 
-    def _open(self, ticket: bytes, locations: list[str] | None = None) -> flight.FlightStreamReader:
-        """`_get`'s call itself, which another thread may `cancel` (`plans.in_turn` stopping a part's reader)."""
-        for i, location in enumerate(locations or [self.location]):
+    def _open(self, ticket: bytes, locations: Sequence[str]) -> tuple[flight.FlightStreamReader, int]:
+        """The call of `ticket` at the first of `locations` that answers, and that location's index. The call is
+        returned for another thread to `cancel` (`plans.in_turn` stopping a part's reader)."""
+        for i, location in enumerate(locations):
             try:
                 stream = self._connection(location).do_get(flight.Ticket(ticket), self._options)
                 _ = stream.schema  # surfaces request errors now; see apache/arrow#34731 for why first
-                return stream
+                return stream, i
             except flight.FlightUnavailableError as exc:  # that replica is down or busy: the ticket is good anywhere
-                if locations is None or i == len(locations) - 1:
+                if i == len(locations) - 1:
                     raise from_flight_error(exc) from None
-            except SERVER_ERRORS as exc:
+            except STREAM_ERRORS as exc:
                 raise from_flight_error(exc) from None
         raise AssertionError("unreachable")
 
-    def _fetch(self, endpoint: flight.FlightEndpoint) -> pa.RecordBatchReader:
-        """An endpoint's stream, from the replica it names (or this server when it names none)."""
-        return self._open_endpoint(endpoint).to_reader()
-
     def _open_endpoint(self, endpoint: flight.FlightEndpoint) -> flight.FlightStreamReader:
-        locations = [location.uri.decode() for location in endpoint.locations]
-        return self._open(endpoint.ticket.ticket, locations or None)
+        return self._open(endpoint.ticket.ticket, self._locations(endpoint))[0]
+
+    def _locations(self, endpoint: flight.FlightEndpoint) -> list[str]:
+        """Where `endpoint` is read, in order: the replicas it names, or this server when it names none."""
+        return [location.uri.decode() for location in endpoint.locations] or [self.location]
+
+    def _read_whole(self, endpoint: flight.FlightEndpoint) -> pa.Table:
+        """An endpoint's rows, read whole. A replica that goes away while streaming them (UNAVAILABLE) is read
+        again from the start at the endpoint's next location: nothing of the failed read was handed out, so no
+        row comes twice."""
+        locations = self._locations(endpoint)
+        first = 0
+        while True:
+            stream, at = self._open(endpoint.ticket.ticket, locations[first:])
+            try:
+                return stream.read_all()  # not to_reader()'s: it raises a bare OSError, the error's kind lost
+            except STREAM_ERRORS as exc:
+                error = from_flight_error(exc)
+                first += at + 1
+                if not isinstance(error, UnavailableError) or first == len(locations):
+                    raise error from None
 
     # Training sets
 
@@ -539,7 +558,7 @@ class FeatureClient:
             )
             endpoints = self._info(request).endpoints
             for endpoint in endpoints[rank::world_size]:
-                yield from self._fetch(endpoint)
+                yield from batches(self._open_endpoint(endpoint))
             return
         table = inputs.to_table(entity_rows)
         start, stop = rank * table.num_rows // world_size, (rank + 1) * table.num_rows // world_size
@@ -724,13 +743,13 @@ class FeatureClient:
             if keys is not None:
                 try:
                     return self._sessions.lookup(request, keys)
-                except SERVER_ERRORS as exc:
+                except STREAM_ERRORS as exc:
                     raise from_flight_error(exc) from None
         inline = {k: [_jsonable(v) for v in values] for k, values in columns.items()}
         ticket = flight.Ticket(replace(request, entities=inline).to_bytes())
         try:
             return self._client.do_get(ticket, self._options).read_all()
-        except SERVER_ERRORS as exc:
+        except STREAM_ERRORS as exc:
             error = from_flight_error(exc)
             if not (isinstance(error, ResourceExhaustedError) and "bytes inline" in str(error)):
                 raise error from None
@@ -743,9 +762,9 @@ class FeatureClient:
             raise from_flight_error(exc) from None
 
     def _read_endpoints(self, info: flight.FlightInfo) -> pa.Table:
-        """Every endpoint of `info`, fetched at once and concatenated in endpoint order."""
+        """Every endpoint of `info`, fetched at once (`_read_whole`) and concatenated in endpoint order."""
         with ThreadPoolExecutor(max_workers=max(1, len(info.endpoints))) as pool:
-            parts = list(pool.map(lambda e: self._fetch(e).read_all(), info.endpoints))
+            parts = list(pool.map(self._read_whole, info.endpoints))
         return pa.concat_tables(parts)
 
     def _exchange(self, request: HistoricalRequest | OnlineRequest, entity_rows: Any) -> pa.Table:
@@ -763,7 +782,7 @@ class FeatureClient:
         with self._exchanging(request, entity_rows) as reader:
             if opened is not None:
                 opened(reader)
-            yield from reader.to_reader()
+            yield from _data(reader)
 
     @contextmanager
     def _exchanging(
@@ -787,10 +806,10 @@ class FeatureClient:
                 except BaseException as exc:
                     reader.cancel()  # the sender may be blocked on a window only the reader would open
                     sending.finish(raising=False)
-                    leaving = None if isinstance(exc, SERVER_ERRORS) else exc
+                    leaving = None if isinstance(exc, STREAM_ERRORS) else exc
                     raise
                 sending.finish()
-        except SERVER_ERRORS as exc:
+        except STREAM_ERRORS as exc:
             if leaving is not None:
                 raise leaving from None
             raise null_keys_explained(from_flight_error(exc), held) from None
@@ -816,6 +835,32 @@ class FeatureClient:
             return decode_reply(b"".join(r.body.to_pybytes() for r in results))
         except SERVER_ERRORS as exc:
             raise from_flight_error(exc) from None
+
+
+def reader(stream: flight.FlightStreamReader) -> pa.RecordBatchReader:
+    """`stream` as a RecordBatchReader whose errors while streaming are `FeatureServerError`s (`batches`)."""
+    return pa.RecordBatchReader.from_batches(stream.schema, batches(stream))
+
+
+def batches(stream: flight.FlightStreamReader) -> Iterator[pa.RecordBatch]:
+    """The batches of a `do_get` call, an error while streaming (the server's, or its going away) raised as the
+    `FeatureServerError` the same error at the call's start would be."""
+    try:
+        yield from _data(stream)
+    except STREAM_ERRORS as exc:
+        raise from_flight_error(exc) from None
+
+
+def _data(stream: flight.FlightStreamReader) -> Iterator[pa.RecordBatch]:
+    """A call's batches, read with `read_chunk`: `to_reader()`'s reader raises every error as a bare OSError, its
+    kind (UNAVAILABLE, the server's code) lost."""
+    while True:
+        try:
+            chunk = stream.read_chunk()
+        except StopIteration:
+            return
+        if chunk.data is not None:  # None: a message of metadata only
+            yield chunk.data
 
 
 class _Sender:

@@ -63,6 +63,11 @@ _BY_CODE: dict[str, type[FeatureServerError]] = {
 # What pyarrow's client raises for a server's error: Flight errors, and Arrow errors for INVALID_ARGUMENT and NOT_FOUND.
 SERVER_ERRORS = (flight.FlightError, pa.ArrowException)
 
+# What reading a stream's batches raises besides: an error the server raised while streaming travels with gRPC's
+# UNKNOWN status, which pyarrow raises as a plain OSError. Only for code that reads nothing but Flight streams: in
+# code that also reads the caller's data, an OSError may be the caller's own.
+STREAM_ERRORS = (*SERVER_ERRORS, OSError)
+
 
 # gRPC's words for a server it could not reach (the reason follows them), and for a host name that did not resolve.
 _UNREACHABLE = re.compile(r"failed to connect to all addresses[;:]?\s*(?:last error: )?(?:UNKNOWN: )?(.*)")

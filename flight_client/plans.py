@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_client import inputs
-from flight_client.client import FeatureClient, null_keys_explained
+from flight_client.client import FeatureClient, batches, null_keys_explained
 from flight_client.errors import InvalidRequestError
 from flight_server.wire.reads import one_batch
 
@@ -109,7 +109,7 @@ class ReadPlan:
                 def get(opened: Callable[[Cancellable], None]) -> Iterator[pa.RecordBatch]:
                     stream = client._open_endpoint(endpoint)
                     opened(stream)
-                    return iter(stream.to_reader())
+                    return batches(stream)
 
                 return get
 

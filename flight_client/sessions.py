@@ -22,6 +22,7 @@ from collections import OrderedDict
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from flight_client.errors import STREAM_ERRORS
 from flight_server.wire.codec import ONLINE_SESSION_HEADER
 from flight_server.wire.reads import OnlineRequest
 
@@ -73,7 +74,7 @@ class Sessions:
         if session is not None:
             try:
                 answer = session.lookup(keys)
-            except (pa.ArrowException, flight.FlightError):
+            except STREAM_ERRORS:
                 session.close()  # gone stale since its last answer: one retry on a new session
             else:
                 self._give(kind, session)

@@ -201,6 +201,20 @@ def serve_replicas(
     """`count` `flight-server serve` processes on one catalog, each logging to `tmp/replica-<i>.log`; `settings`
     gives a replica's extra FLIGHT_SERVER_* variables from its location and all of them. Yields the locations
     once every replica answers `health`."""
+    with replica_processes(tmp, properties, settings, token, count) as replicas:
+        yield [location for location, _ in replicas]
+
+
+@contextlib.contextmanager
+def replica_processes(
+    tmp: Path,
+    properties: dict[str, str],
+    settings: Callable[[str, list[str]], dict[str, str]] = lambda location, locations: {},
+    token: str | None = None,
+    count: int = 2,
+) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
+    """`serve_replicas`, yielding each replica's process beside its location, for tests that kill one (its process
+    group: `os.killpg(process.pid, ...)`)."""
     locations = [f"grpc://127.0.0.1:{port}" for port in free_ports(count)]
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
     processes: list[subprocess.Popen[bytes]] = []
@@ -226,7 +240,7 @@ def serve_replicas(
         for i, (location, proc) in enumerate(zip(locations, processes, strict=True)):
             wait_until(lambda: healthy(location, token) or proc.poll() is not None, timeout=90, what=location)  # noqa: B023
             assert proc.poll() is None, (tmp / f"replica-{i}.log").read_text()[-3000:]
-        yield locations
+        yield list(zip(locations, processes, strict=True))
     finally:
         for proc in processes:
             _stop_group(proc)

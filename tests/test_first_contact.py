@@ -1,12 +1,18 @@
 """The mistakes of a first session with the client get one clear line each, or just work: a location
 without a scheme, an HTTP location, a server that is not there, a null in an integer key column
-(which pandas turns into a float column), and features given as one string."""
+(which pandas turns into a float column), and features given as one string. A stream that fails midway (the
+server's error while streaming, or its replica going away) raises the client's own exception classes too, and
+`read_table` reads an endpoint whose replica went away again at the endpoint's next replica."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import subprocess
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +20,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, UnavailableError
-from tests.conftest import sqlite_catalog, start_server
+from flight_client.plans import Endpoint, plan_table
+from tests.conftest import replica_processes, sqlite_catalog, start_server, write_big
 from tests.services import free_ports
 
 UTC = dt.timezone.utc
@@ -126,3 +134,134 @@ def test_one_entity_as_a_dict_of_values_is_one_row(port: int, features: str) -> 
         assert client.get_historical_features(row, f"{features}:rate").column("rate").to_pylist() == [0.5]
         with pytest.raises(TypeError, match="give every column of the rows as a list"):
             client.get_online_features({"driver_id": [1, 2], "region": "eu"}, f"{features}:rate")
+
+
+# Ways to read a whole-table scan: each reads its stream in a way of its own.
+READS: dict[str, Callable[[FeatureClient, str], object]] = {
+    "read_table": lambda client, table: client.read_table(table, partitions=1),
+    "scan": lambda client, table: client.scan(table).read_all(),
+    "read_endpoint": lambda client, table: client.read_endpoint(client.flight_info(table).endpoints[0]).read_all(),
+    "plan (PyTorch, Ray)": lambda client, table: list(
+        (plan := plan_table(client.location, table, partitions=1)).batches(plan.endpoints)
+    ),
+    "get_historical_features": lambda client, table: client.get_historical_features(
+        {"driver_id": [1, 2], "event_timestamp": [BASE] * 2}, f"{table}:rate"
+    ),
+    "iter_historical_features": lambda client, table: list(
+        client.iter_historical_features({"driver_id": [1, 2], "event_timestamp": [BASE] * 2}, f"{table}:rate")
+    ),
+    "iter_historical_features (exchange)": lambda client, table: list(
+        client.iter_historical_features(entity_frame([1, 2]), f"{table}:rate")
+    ),
+}
+
+
+@pytest.mark.parametrize("read", list(READS))
+def test_read_table_raises_a_feature_server_error_when_a_stream_fails_midway(read: str, tmp_path: Path) -> None:
+    """A server error after the stream began (a data file lost from storage: the server fails reading it) is the
+    client's FeatureServerError, as it would be at the call's start, not pyarrow's bare OSError."""
+    properties = sqlite_catalog(tmp_path)
+    server = start_server(properties)
+    table = "midway.features"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write(table, ROWS.slice(0, 1), entity_keys="driver_id", event_time="event_timestamp")
+            client.write(table, ROWS.slice(1, 1))
+            files = load_catalog("default", **properties).load_table(table).scan().plan_files()
+            Path(sorted(task.file.file_path for task in files)[-1].removeprefix("file://")).unlink()
+            with pytest.raises(FeatureServerError) as caught:
+                READS[read](client, table)
+        assert caught.value.code == "INTERNAL"
+    finally:
+        server.shutdown()
+
+
+BIG = "midway.big"
+BIG_ROWS = 1_000_000  # 24 MB, more than gRPC and the sockets hold: a replica killed mid-stream leaves rows unsent
+# Clients whose flow-control window stays at gRPC's 64 KB (no growing it to the measured bandwidth, which on loopback
+# can reach megabytes): the server can be no further ahead of the reader than that, and the batch being read.
+WINDOW: dict[str, Any] = {"generic_options": [("grpc.http2.bdp_probe", 0)]}
+
+
+@pytest.fixture
+def replicated(tmp_path: Path) -> Iterator[tuple[str, str, subprocess.Popen[bytes]]]:
+    """A server in this process and a replica process on its catalog, which the server's split scans list too
+    (`--peers`), with the table `BIG`; yields the server's location, the replica's and its process (to kill)."""
+    properties = sqlite_catalog(tmp_path)
+    with replica_processes(tmp_path, properties, count=1) as [(replica, process)]:
+        (port,) = free_ports(1)
+        location = f"grpc://127.0.0.1:{port}"
+        server = start_server(properties, port=port, advertise=location, peers=[replica])
+        try:
+            with FeatureClient(location) as client:
+                write_big(client, BIG, BIG_ROWS)
+            yield location, replica, process
+        finally:
+            server.shutdown()
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a replica, and wait until it is gone."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_read_table_reads_an_endpoint_again_at_its_next_replica_when_its_replica_goes_away_midway(
+    replicated: tuple[str, str, subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica is killed as soon as an endpoint's stream there has begun (its schema arrived): that endpoint is
+    read again, whole, at the server, and no row comes twice."""
+    location, replica, process = replicated
+    opened: list[tuple[list[str], int]] = []
+    lock = threading.Lock()
+    real = FeatureClient._open
+
+    def killed_once_begun(self: FeatureClient, ticket: bytes, locations: Sequence[str]) -> Any:
+        stream, at = real(self, ticket, locations)
+        with lock:
+            opened.append((list(locations), at))
+            if locations[at] == replica and process.poll() is None:
+                kill(process)
+        return stream, at
+
+    monkeypatch.setattr(FeatureClient, "_open", killed_once_begun)
+    with FeatureClient(location, **WINDOW) as client:
+        table = client.read_table(BIG, partitions=2)
+    assert ([replica, location], 0) in opened, "an endpoint began at the replica"
+    assert ([location], 0) in opened, "and was read again at the server"
+    assert table.num_rows == BIG_ROWS
+    assert sorted(table.column("id").to_pylist()) == list(range(BIG_ROWS))
+
+
+def endpoint_at(client: FeatureClient, replica: str) -> flight.FlightEndpoint:
+    """An endpoint of `BIG` split in two, to be read at `replica` alone (a stream begun elsewhere proves nothing)."""
+    return flight.FlightEndpoint(client.flight_info(BIG, partitions=2).endpoints[0].ticket, [replica])
+
+
+# Ways to stream rows read at the replica, batch by batch, given clients of the server and of the replica.
+STREAMS: dict[str, Callable[[FeatureClient, FeatureClient], Iterator[pa.RecordBatch]]] = {
+    "scan": lambda client, at_replica: iter(at_replica.scan(BIG)),
+    "read_endpoint": lambda client, at_replica: iter(client.read_endpoint(endpoint_at(client, at_replica.location))),
+    "plan (PyTorch, Ray)": lambda client, at_replica: (
+        plan := plan_table(client.location, BIG, partitions=2, client_options=WINDOW)
+    ).batches(
+        [Endpoint(plan.endpoints[0].ticket, (at_replica.location,))]  # type: ignore[union-attr]
+    ),
+}
+
+
+@pytest.mark.parametrize("stream", list(STREAMS))
+def test_a_stream_whose_replica_goes_away_after_handing_out_batches_raises_unavailable(
+    stream: str, replicated: tuple[str, str, subprocess.Popen[bytes]]
+) -> None:
+    """Once some of a stream's batches are the caller's, reading the rest elsewhere would hand rows out twice: the
+    caller gets UnavailableError (retry the whole read), not the rest from another replica."""
+    location, replica, process = replicated
+    with FeatureClient(location, **WINDOW) as client, FeatureClient(replica, **WINDOW) as at_replica:
+        batches = STREAMS[stream](client, at_replica)
+        rows = next(batches).num_rows
+        kill(process)
+        with pytest.raises(UnavailableError):
+            for batch in batches:
+                rows += batch.num_rows
+    assert rows < BIG_ROWS // 2
