@@ -808,7 +808,11 @@ class FeatureClient:
                     sending.finish(raising=False)
                     leaving = None if isinstance(exc, STREAM_ERRORS) else exc
                     raise
-                sending.finish()
+                try:
+                    sending.finish()
+                except BaseException as exc:
+                    leaving = exc if exc is sending.rows_error else None  # the caller's, raised as it is (an OSError)
+                    raise
         except STREAM_ERRORS as exc:
             if leaving is not None:
                 raise leaving from None
@@ -871,7 +875,8 @@ class _Sender:
 
     def __init__(self, writer: flight.FlightStreamWriter, batches: Iterable[pa.RecordBatch]):
         self._writer, self._batches = writer, batches
-        self._error: BaseException | None = None
+        self.rows_error: BaseException | None = None  # the entity rows' own failure, whatever its kind
+        self._error: BaseException | None = None  # a failed write
         self._thread = threading.Thread(target=self._send, name="flight-exchange-writer", daemon=True)
         self._thread.start()
 
@@ -884,17 +889,22 @@ class _Sender:
                 except StopIteration:
                     break
                 except BaseException as exc:  # the entity rows failed: end the stream, raise it in finish()
-                    self._error = exc
+                    self.rows_error = exc
                     break
                 self._writer.write_batch(batch)
             self._writer.done_writing()
         except BaseException as exc:  # handed to the caller by finish()
-            self._error = self._error or exc
+            self._error = exc
 
     def finish(self, raising: bool = True) -> None:
-        """Wait for the writes; a failed write is raised unless the answer already failed."""
+        """Wait for the writes; the entity rows' own failure is raised (an Arrow error of a CSV reader too: the
+        answer covers only the rows before it), and a failed write unless the answer already failed."""
         self._thread.join()
-        if raising and self._error is not None and not isinstance(self._error, SERVER_ERRORS):
+        if not raising:
+            return
+        if self.rows_error is not None:
+            raise self.rows_error
+        if self._error is not None and not isinstance(self._error, SERVER_ERRORS):
             raise self._error
 
 

@@ -221,18 +221,29 @@ def test_a_partition_width_given_twice_is_refused(client: FeatureClient) -> None
 
 
 @pytest.mark.timeout(60)  # the failure was a hang: both sides waiting for the rest of the entity rows
-def test_entity_rows_that_fail_midway_fail_the_call(client: FeatureClient, features: str) -> None:
-    """A stream of entity rows that raises partway cancels the exchange and raises its own error: the server
-    never answers for part of the rows, and the client is still usable."""
+class Broken(Exception):
+    pass
 
-    class Broken(Exception):
-        pass
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        Broken("the entity source failed"),
+        FileNotFoundError("entities-part-2.parquet"),  # an OSError, as a failed server call raises (review 20)
+        pa.ArrowInvalid("CSV parse error: expected 2 columns, got 3"),  # an Arrow error, as Flight's are (review 20)
+    ],
+    ids=["own", "oserror", "arrow"],
+)
+def test_entity_rows_that_fail_midway_fail_the_call(client: FeatureClient, features: str, error: Exception) -> None:
+    """A stream of entity rows that raises partway cancels the exchange and raises its own error as it is, whatever
+    its kind (a file of the caller's gone, a CSV reader's parse error): the server never answers for part of the
+    rows, and the client is still usable."""
 
     def batches() -> Iterator[pa.RecordBatch]:
         yield from ENTITIES.to_batches(max_chunksize=2)[:1]
-        raise Broken("the entity source failed")
+        raise error
 
     broken = pa.RecordBatchReader.from_batches(ENTITIES.schema, batches())
-    with pytest.raises(Broken, match="the entity source failed"):
+    with pytest.raises(type(error), match=str(error).split(":")[0]):
         client.get_historical_features(broken, [f"{features}:rate"])
     assert client.get_historical_features(ENTITIES, [f"{features}:rate"]).num_rows == ENTITIES.num_rows

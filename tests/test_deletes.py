@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,18 +14,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pyiceberg.catalog import load_catalog
+from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.manifest import DataFile, DataFileContent, FileFormat, ManifestContent
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation
 
-from flight_client import FeatureClient, InvalidRequestError, NotFoundError
+from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, NotFoundError
 from flight_server.base.filters import parse_filter, to_sql
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.changes.commits import commit_rewrite, live_files
 from flight_server.reads.caches import PlanCache, PositionCache
 from flight_server.reads.duck import Engine, local_path
 from flight_server.reads.plan import plan_tasks
-from tests.conftest import local_files, wait_until
+from tests.conftest import local_files, sqlite_catalog, start_server, wait_until
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2025, 1, 1, tzinfo=UTC)
@@ -432,6 +434,35 @@ def layout(backend: dict[str, str], table: str) -> list[tuple[Any, ...]]:
             )
         )
     return sorted(files)
+
+
+def test_a_compaction_whose_commit_outcome_is_unknown_keeps_its_new_files(
+    tmp_path: Path, table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalog applies a compaction's commit and its answer is lost (a dropped connection at COMMIT: a fault no
+    real catalog here produces on demand): the compaction fails, and the files it wrote stay, since the table may
+    reference them (review 20). It does: every row reads from them."""
+    server = start_server(sqlite_catalog(tmp_path))
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            create(client, table)
+            for k in range(0, KEYS, 4):
+                client.delete(table, keys={"driver_id": [k]}, mode="merge-on-read")
+            expected = [r for r in ordered(rows()) if r["driver_id"] % 4]
+            real = SqlCatalog.commit_table
+
+            def applied_then_lost(catalog: SqlCatalog, *args: Any, **kwargs: Any) -> Any:
+                real(catalog, *args, **kwargs)
+                raise ConnectionResetError("the catalog's answer was lost")
+
+            monkeypatch.setattr(SqlCatalog, "commit_table", applied_then_lost)
+            with pytest.raises(FeatureServerError):
+                client.compact(table)
+            monkeypatch.undo()
+            assert summary(client, table)["total-delete-files"] == "0"  # it landed
+            assert ordered(client.scan(table).read_all()) == expected  # and its files are there
+    finally:
+        server.shutdown()
 
 
 def test_compaction_writes_the_files_copy_on_write_writes(

@@ -1119,6 +1119,42 @@ def test_a_read_holds_its_snapshots_from_planning_to_the_end_of_its_stream() -> 
     assert not in_use.busy()
 
 
+def test_a_training_set_holds_its_snapshots_from_planning_to_its_stream_without_a_gap(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same through a served training set (review 20: its planning hold ended before its stream's began), watched
+    through the server's real `SnapshotsInUse` (its `_take` wrapped, not replaced): no moment without a held snapshot
+    before the stream's own take."""
+    server = start_server(sqlite_catalog(tmp_path))
+    in_use = server.parts.training.cache.caches.in_use
+    name, at = f"live.held_{uuid.uuid4().hex[:8]}", EPOCH + dt.timedelta(hours=1)
+    events: list[str] = []
+    take = in_use._take
+
+    def watched(held: Any) -> Any:
+        release = take(held)
+        events.append("take")
+
+        def released() -> None:
+            release()
+            if not in_use.busy():
+                events.append("idle")
+
+        return released
+
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            rows = {"k": pa.array([1, 2], pa.int64()), "event_timestamp": [EPOCH, EPOCH], "v": [0.1, 0.2]}
+            client.write(name, pa.table(rows), entity_keys=["k"], event_time="event_timestamp")
+            info = client.training_set_info({"k": [1, 2], "event_timestamp": [at, at]}, [f"{name}:v"])
+            monkeypatch.setattr(in_use, "_take", watched)
+            assert client.read_endpoint(info.endpoints[0]).read_all().num_rows == 2
+    finally:
+        server.shutdown()
+    last_take = len(events) - 1 - events[::-1].index("take")
+    assert "idle" not in events[:last_take], events
+
+
 # Commits of rows (key, second, created second) over few keys and times, so that rows of different commits tie on
 # all three (rows of one commit never do: which of those wins is the file layout's business), and merge-on-read
 # deletes of rows by `v` between them.

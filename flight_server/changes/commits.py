@@ -18,7 +18,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pyiceberg.exceptions import CommitFailedException, ValidationException
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    CommitStateUnknownException,
+    TableAlreadyExistsError,
+    ValidationException,
+)
 from pyiceberg.io import FileIO
 from pyiceberg.manifest import (
     DataFile,
@@ -28,7 +33,7 @@ from pyiceberg.table.snapshots import Operation, Snapshot
 
 from flight_server.base.locks import LockPool
 from flight_server.base.metrics import COMMIT_RETRIES
-from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.iceberg.catalog import FeatureCatalog, table_name
 from flight_server.iceberg.internals import DropRemovedEntries, MemoTransaction, RewriteFiles, commit_transaction
 from flight_server.reads.duck import Engine
 from flight_server.wire.errors import ConflictError
@@ -92,8 +97,11 @@ def commit_rewrite(
     sequences: Mapping[str, int] | None = None,
 ) -> int:
     """Commit a `RewriteFiles` on `table` (as loaded when the change was planned) as one snapshot, and
-    return the table's new current snapshot id; the `added` files are deleted when it does not commit.
-    Added files in `sequences` keep the data sequence number it gives them (`RewriteFiles`).
+    return the table's new current snapshot id; the `added` files are deleted when it surely did not commit. A
+    failure of the catalog's commit other than a lost race or a refused change raises `CommitStateUnknownException`
+    and keeps them: the catalog may have applied it (a dropped connection at COMMIT), and the table would then
+    reference deleted files. Added files in `sequences` keep the data sequence number it gives them
+    (`RewriteFiles`).
 
     With `tidy`, the same commit adds a `DropRemovedEntries` snapshot after it, which becomes current."""
     try:
@@ -102,7 +110,15 @@ def commit_rewrite(
             RewriteFiles(transaction, operation, removed, added, properties, sequences or {}).commit()
             if tidy:
                 DropRemovedEntries(transaction, properties).commit()
-            snapshot = commit_transaction(transaction).current_snapshot()
+            try:
+                snapshot = commit_transaction(transaction).current_snapshot()
+            except (CommitFailedException, ValidationException, TableAlreadyExistsError, CommitStateUnknownException):
+                raise
+            except Exception as exc:
+                raise CommitStateUnknownException(f"the commit's outcome is unknown ({type(exc).__name__})") from exc
+    except CommitStateUnknownException:
+        log.warning("a rewrite of %s may have committed; keeping its %d new files", table_name(table), len(added))
+        raise
     except BaseException:
         delete_files(table.io, [f.file_path for f in added])
         raise

@@ -82,8 +82,7 @@ class TrainingSets:
         plan, inline = plan_request(self.catalog, request)
         in_use, held = self.cache.caches.in_use, held_snapshots(plan)
         with in_use.hold(held):  # from planning until the stream ends, expiry keeps its snapshots
-            reader = self._open(plan, inline, is_cancelled)
-        return in_use.holding(held, reader)
+            return in_use.holding(held, self._open(plan, inline, is_cancelled))  # taken before `hold` lets go
 
     def _open(
         self, plan: HistoricalPlan, inline: pa.Table | None, is_cancelled: Callable[[], bool] | None
