@@ -72,8 +72,8 @@ def test_a_stalled_reader_with_a_deadline_gives_its_slot_back(limited: FeatureFl
         stream.read_next_batch()
         assert not answers(location)
         wait_until(lambda: answers(location), timeout=30, what="the deadline to end the stalled stream")
-        with pytest.raises(OSError, match="Deadline Exceeded"):
-            stream.read_all()  # the stream was ended by its deadline, not completed
+        with pytest.raises(FeatureServerError, match="Deadline Exceeded"):
+            stream.read_all()  # the stream was ended by its deadline, not completed (the client's error class)
 
 
 def test_training_sets_streaming_more_than_the_limit_are_refused(limited: FeatureFlightServer) -> None:
