@@ -140,7 +140,6 @@ def test_a_scan_that_fails_while_streaming_answers_internal_without_the_servers_
             raw.do_get(ticket).read_all()
     finally:
         server.shutdown()
-    print("MESSAGE", repr(str(caught.value)), type(caught.value))
     assert "internal error (FileNotFoundError); the server's log has the details" in str(caught.value)
     assert str(lost.parent) not in str(caught.value) and not [leak for leak in LEAKS if leak in str(caught.value)]
     logged = [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info]
