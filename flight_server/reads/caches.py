@@ -61,14 +61,6 @@ class PositionCache(WeightedLru[tuple[str, str], np.ndarray]):
     def __init__(self, max_bytes: int):
         super().__init__(max_bytes, lambda positions: positions.nbytes)
 
-    @property
-    def max_bytes(self) -> int:
-        return self.limit
-
-    @property
-    def nbytes(self) -> int:
-        return self.total
-
 
 FileKey = tuple[str, tuple[str, ...], tuple[str, ...]]  # data file, columns, its position delete files
 
