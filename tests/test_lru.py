@@ -45,3 +45,14 @@ def test_weighted_lru_keeps_what_a_plain_list_keeps(ops: list[tuple[str, int, in
         assert len(lru) == len(reference)
     lru.clear()
     assert (len(lru), lru.total, lru.newest_first()) == (0, 0, [])
+
+
+def test_a_value_its_check_refuses_is_a_miss() -> None:
+    """Kept under a key that now names something else (an object id reused): not answered, and counted as a miss,
+    as the snapshot JSON cache's metrics need (`metadata_files`)."""
+    lru: WeightedLru[int, str] = WeightedLru(100, len)
+    lru.put(1, "old")
+    assert lru.get(1, lambda value: value == "new") is None
+    assert (lru.hits, lru.misses) == (0, 1)
+    assert lru.get(1, lambda value: value == "old") == "old"
+    assert (lru.hits, lru.misses) == (1, 1)

@@ -25,11 +25,12 @@ class WeightedLru(Generic[K, V]):
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get(self, key: K) -> V | None:
-        """The value (now the most recently used), or None."""
+    def get(self, key: K, valid: Callable[[V], bool] | None = None) -> V | None:
+        """The value (now the most recently used), or None; also None, and a miss, when `valid` refuses the value
+        (kept under a key that now names something else: an object id reused, say)."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
+            if entry is None or (valid is not None and not valid(entry[0])):
                 self.misses += 1
                 return None
             self._entries.move_to_end(key)

@@ -38,8 +38,8 @@ class _SnapshotJson:
         self.kept: WeightedLru[int, tuple[weakref.ref[Snapshot], str]] = WeightedLru(limit, lambda kept: len(kept[1]))
 
     def __call__(self, snapshot: Snapshot) -> str:
-        kept = self.kept.get(id(snapshot))
-        if kept is not None and kept[0]() is snapshot:  # not another object since collected, whose id was reused
+        kept = self.kept.get(id(snapshot), lambda kept: kept[0]() is snapshot)  # not an object collected since,
+        if kept is not None:  # whose id was reused
             return kept[1]
         text = snapshot.model_dump_json()
         self.kept.put(id(snapshot), (weakref.ref(snapshot), text))
