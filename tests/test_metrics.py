@@ -16,11 +16,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+import sqlalchemy
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from pyiceberg.exceptions import CommitFailedException
 
-from flight_client import ConflictError, FeatureClient, NotFoundError, ResourceExhaustedError, UnauthenticatedError
+from flight_client import (
+    ConflictError,
+    FeatureClient,
+    FeatureServerError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
 from flight_server.base.config import ServerConfig
 from flight_server.base.metrics import COMMIT_RETRIES
 from flight_server.changes.commits import commit_until
@@ -38,7 +46,7 @@ from tests.conftest import (
     wait_until,
     write_big,
 )
-from tests.services import _stop_group, free_ports
+from tests.services import _stop_group, free_ports, postgres_server
 
 UTC = dt.timezone.utc
 TABLE = "tests.metered"
@@ -374,6 +382,38 @@ def test_a_scrape_neither_waits_for_nor_fails_without_the_write_process(
     finally:
         server.shutdown()
         alone.shutdown()
+
+
+def test_a_catalog_that_refuses_connections_leaves_the_write_process_up(tmp_path: Path) -> None:
+    """PostgreSQL refusing the catalog's database (`ALLOW_CONNECTIONS false`, its sessions ended): `health` fails,
+    as it should, but a scrape still counts the write process up with its caches and figures: an alert on it must
+    not fire for an outage of the catalog."""
+    port = free_ports(1)[0]
+    with postgres_server() as url:
+        properties = {"type": "sql", "uri": url, "warehouse": (tmp_path / "wh").as_uri()}
+        server = start_writing_server(properties, metrics_port=port)
+        try:
+            with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+                client.write(TABLE, _drivers(range(3)), entity_keys=["driver_id"], event_time="event_timestamp")
+                engine = sqlalchemy.create_engine(url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+                database = sqlalchemy.engine.make_url(url).database
+                with engine.connect() as admin:
+                    quoted = admin.dialect.identifier_preparer.quote(database)
+                    admin.execute(sqlalchemy.text(f"ALTER DATABASE {quoted} WITH ALLOW_CONNECTIONS false"))
+                    ended = admin.execute(
+                        sqlalchemy.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :db"),
+                        {"db": database},
+                    )
+                    assert ended.rowcount > 0  # the servers' pooled sessions
+                engine.dispose()
+                with pytest.raises(FeatureServerError):
+                    client.health()
+            samples = scrape(port)
+            assert value(samples, "flight_write_process_up") == 1
+            assert caches_of(samples, "write") == SHARED_CACHES
+            assert value(samples, "flight_write_process_resident_memory_bytes") > 0
+        finally:
+            server.shutdown()
 
 
 def test_servers_in_one_process_count_apart_and_refusals_count(tmp_path: Path) -> None:

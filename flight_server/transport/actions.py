@@ -76,7 +76,7 @@ def table_summary(table: Table) -> TableSummary:
 
 def _health(parts: Components, caller: Principal, request: None) -> Health:
     parts.catalog.catalog.list_namespaces()  # the catalog answers, or the action fails
-    child = parts.write_process_health()
+    child = parts.write_process_stats()
     write_process = parts.writes.stats() if parts.writes is not None else None
     if write_process is not None and child is not None:
         write_process.update(caches=child.get("caches", {}), process=child.get("process", {}))

@@ -24,7 +24,7 @@ from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache
 from flight_server.training.entities import EntitySplits
 from flight_server.training.sets import TrainingSets
-from flight_server.transport.offload import OffloadedMaintenance, WriteProcess, appended_messages
+from flight_server.transport.offload import PROCESS_STATS, OffloadedMaintenance, WriteProcess, appended_messages
 
 
 @dataclass(frozen=True)
@@ -104,14 +104,15 @@ class Components:
         """The write process, when writes go there now (`WriteProcess.usable`); None: they run in this process."""
         return self.writes if self.writes is not None and self.writes.usable() else None
 
-    def write_process_health(self) -> dict[str, Any] | None:
-        """The write process's own `health` (one call to it, within 2 s); None when there is none, none runs (nothing
-        waits for one to start) or it did not answer."""
-        return self.writes.ask("health") if self.writes is not None else None
+    def write_process_stats(self) -> dict[str, Any] | None:
+        """The write process's puts in progress, caches and process figures (one call to it, within 2 s; it asks
+        nothing of the catalog); None when there is none, none runs (nothing waits for one to start) or it did not
+        answer."""
+        return self.writes.ask(PROCESS_STATS) if self.writes is not None else None
 
     def writes_in_progress(self, child: dict[str, Any] | None) -> int:
         """Puts being written or committed, by this process or its write process (both, while it starts), whose
-        `health` is `child` (`write_process_health`)."""
+        figures are `child` (`write_process_stats`)."""
         return self.writer.in_progress + (int(child["writes_in_progress"]) if child is not None else 0)
 
     def cache_stats(self) -> dict[str, dict[str, Any]]:

@@ -4,7 +4,7 @@ Calls are counted as they end (`ServerMetrics.completed`, from the call log's mi
 batch by batch (`Flow`). Everything else is read at scrape time from what the server keeps anyway
 (`PartsCollector`): cache sizes and hit counts, the online indexes, and the commit retries the lower layers count
 (`base/metrics.py`), in this process and in its write process (`offload.py`: its caches, memory and CPU time come
-with its `health`, asked once a scrape). So the hot path pays for a counter and a histogram per call and a few
+with its own figures, asked once a scrape). So the hot path pays for a counter and a histogram per call and a few
 additions per batch, nothing per row. Each server has its own registry: several servers in one process never clash.
 """
 
@@ -155,7 +155,7 @@ class PartsCollector(Collector):
         caches, training, store = self.parts.caches, self.parts.training.cache, self.parts.store
         indexes, stats, files = store.indexes(), training.stats(), caches.files.stats()
         online_bytes = {name: index.nbytes() for name, index in indexes.items()}
-        child = self.parts.write_process_health()  # the one call to the write process; None: none answered
+        child = self.parts.write_process_stats()  # the one call to the write process; None: none answered
         families = _CacheFamilies()
         serving = {  # the serving process's own: its write process serves no reads
             "scan": {"entries": files["files"], **{k: files[k] for k in ("bytes", "max_bytes", "hits", "misses")}},

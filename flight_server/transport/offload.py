@@ -87,7 +87,7 @@ RETRY_START_SECONDS = 60.0  # after a failed start, writes stay in the serving p
 SOCKET_PATH_MAX = 100  # bytes; gRPC refuses a Unix socket path over 107 (macOS's limit is 104)
 STOP_SECONDS = 30.0  # for the child to finish its running calls once the server stops
 READY = b"ready\n"
-_ASKING = flight.FlightCallOptions(timeout=2.0)  # for `health` (`ask`): never hang on the child
+_ASKING = flight.FlightCallOptions(timeout=2.0)  # for its figures (`ask`): never hang on the child
 # For refresh plans, which read the appended files: longer, or a big append (or a busy child) would time out and
 # the serving process would read it all again itself.
 _PLANNING = flight.FlightCallOptions(timeout=30.0)
@@ -96,10 +96,12 @@ METRICS_FOLDER = "metrics"  # in the child's private folder: its counters, one m
 MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client as it is imported (in the child)
 RETRIES = next(iter(COMMIT_RETRIES.describe())).name
 
-# The child's own actions (not in the action table: only a write process answers them): `plan_refresh`, and
+# The child's own actions (not in the action table: only a write process answers them): `plan_refresh`, its figures
+# for its server's `health` and `/metrics` (which ask nothing of the catalog: a catalog down is not a child down), and
 # maintenance's compaction of small files and snapshot expiry (`OffloadedMaintenance`, answered by
 # `compact_small_files` and `expire_once`).
 PLAN_REFRESH = "_plan_refresh"
+PROCESS_STATS = "_process_stats"
 COMPACT_SMALL_FILES = "_compact_small_files"
 EXPIRE_ONCE = "_expire_once"
 

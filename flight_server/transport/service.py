@@ -32,11 +32,12 @@ from flight_server.transport.idle import MIDDLEWARE_KEY as IDLE_KEY
 from flight_server.transport.idle import IdleWatch, OpenSessions, WatchedCall
 from flight_server.transport.limits import MIDDLEWARE_KEY as LIMITS_KEY
 from flight_server.transport.limits import ConcurrencyLimit, is_session
-from flight_server.transport.metrics import CountedReader, CountedWriter, ServerMetrics, sending
+from flight_server.transport.metrics import CountedReader, CountedWriter, ServerMetrics, process_figures, sending
 from flight_server.transport.offload import (
     COMPACT_SMALL_FILES,
     EXPIRE_ONCE,
     PLAN_REFRESH,
+    PROCESS_STATS,
     RELAYED_ACTIONS,
     appended_message,
     compact_small_files,
@@ -111,10 +112,18 @@ def _plan_refresh(parts: Components, body: bytes) -> list[bytes]:
     return plan_results(*plan)
 
 
-# A write process's own actions, which only its server calls (not in the action table): refresh planning, and its
-# server's maintenance steps run here (`OffloadedMaintenance`: compaction of small files, snapshot expiry).
+def _process_stats(parts: Components, body: bytes) -> list[bytes]:
+    """What `health` says of a process, less what asks the catalog: a catalog down must not read as a child down."""
+    stats = {"writes_in_progress": parts.writer.in_progress, "caches": parts.cache_stats()}
+    return [json.dumps({**stats, "process": process_figures()}).encode()]
+
+
+# A write process's own actions, which only its server calls (not in the action table): refresh planning, its figures
+# (`Components.write_process_stats`), and its server's maintenance steps run here (`OffloadedMaintenance`: compaction
+# of small files, snapshot expiry).
 _OWN_ACTIONS: dict[str, Callable[[Components, bytes], list[bytes]]] = {
     PLAN_REFRESH: _plan_refresh,
+    PROCESS_STATS: _process_stats,
     COMPACT_SMALL_FILES: lambda parts, body: [compact_small_files(parts.maintenance, body)],
     EXPIRE_ONCE: lambda parts, body: [expire_once(parts.maintenance, body)],
 }
