@@ -17,8 +17,10 @@ from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient
 from flight_client.errors import SERVER_ERRORS, error_code, from_flight_error
+from flight_server.base.logs import CallFilter
 from flight_server.transport.errors import ROUTES, plain_error_messages, to_flight_error
 from flight_server.wire import errors
+from flight_server.wire.codec import REQUEST_ID_HEADER
 from flight_server.wire.reads import ScanRequest
 from tests.conftest import sqlite_catalog, start_server
 
@@ -126,7 +128,7 @@ def test_a_scan_that_fails_while_streaming_answers_internal_without_the_servers_
     its turn comes) is answered and logged the same way. Flight sends an error raised while streaming as UNKNOWN
     whatever its class: the message is what can be right."""
     properties = sqlite_catalog(tmp_path)
-    server = start_server(properties)
+    server = start_server(properties, log_format="json")  # which tags a call's lines with its request id
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
             for i in range(2):  # a file each
@@ -136,11 +138,14 @@ def test_a_scan_that_fails_while_streaming_answers_internal_without_the_servers_
         lost = Path(sorted(task.file.file_path for task in table.scan().plan_files())[-1].removeprefix("file://"))
         lost.unlink()
         ticket = flight.Ticket(ScanRequest(table="t.lost").to_bytes())
+        caplog.handler.addFilter(CallFilter())  # as the server's own log handler tags its lines
+        options = flight.FlightCallOptions(headers=[(REQUEST_ID_HEADER.encode(), b"job-7.lost-file")])
         with flight.connect(f"grpc://127.0.0.1:{server.port}") as raw, pytest.raises(SERVER_ERRORS) as caught:
-            raw.do_get(ticket).read_all()
+            raw.do_get(ticket, options).read_all()
     finally:
         server.shutdown()
     assert "internal error (FileNotFoundError); the server's log has the details" in str(caught.value)
     assert str(lost.parent) not in str(caught.value) and not [leak for leak in LEAKS if leak in str(caught.value)]
     logged = [r for r in caplog.records if r.levelname == "ERROR" and r.exc_info]
     assert [r.getMessage() for r in logged] == ["do_get (while streaming) failed"] and str(lost) in caplog.text
+    assert logged[0].request_id == "job-7.lost-file"  # the line names its call, as a handler's error's line does
