@@ -124,9 +124,9 @@ def test_a_scan_that_fails_while_streaming_answers_internal_without_the_servers_
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Flight reads a `do_get`'s batches after the handler returned, beyond `_flight_errors`: an error then (a data file
-    lost from storage, as a storage fault or another replica's compaction and expiry would lose it, found missing when
-    its turn comes) is answered and logged the same way. Flight sends an error raised while streaming as UNKNOWN
-    whatever its class: the message is what can be right."""
+    lost from storage, as a storage fault or another replica's compaction and expiry would lose it, found missing
+    when its turn comes) is answered and logged the same way, its log line tagged with the call's request id. Flight
+    sends an error raised while streaming as UNKNOWN whatever its class: the message is what can be right."""
     properties = sqlite_catalog(tmp_path)
     server = start_server(properties, log_format="json")  # which tags a call's lines with its request id
     try:
