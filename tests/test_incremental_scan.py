@@ -124,7 +124,7 @@ def test_snapshots_in_between_that_expire_meanwhile_are_refused_as_expired_befor
                 return real(*args, **kwargs)
 
             monkeypatch.setattr(plan, "appended_since", expired_meanwhile)
-            refused = rf"since_snapshot {a}: snapshot {b} .* expired meanwhile .*; re-read in full"
+            refused = rf"since_snapshot {a}: snapshot {b} .* lost its manifests \(expired meanwhile.*; re-read in full"
             with pytest.raises(FeatureServerError, match=refused) as info:
                 client.scan(table, since_snapshot=a).read_all()
             assert info.value.code == "INVALID_ARGUMENT" and b in expired[0]["expired"]

@@ -46,10 +46,11 @@ class Appended:
         )
 
 
-# Why there is no list when a snapshot in between lost its manifests: an expiry (this server's, another replica's or
-# engine's) deleted them after the table was loaded. Callers then read the newer snapshot whole, as they do when it
-# expired before (then it is no longer in the lineage at all).
-EXPIRED_MEANWHILE = "expired meanwhile (its manifests are gone)"
+# Why there is no list when a snapshot in between lost its manifests: most likely an expiry (this server's, another
+# replica's or engine's) deleted them after the table was loaded; else storage lost them, which only a new load of
+# the table would tell apart. Callers then read the newer snapshot whole, as they do when it expired before (then it
+# is no longer in the lineage at all), which needs no manifest of a snapshot in between.
+EXPIRED_MEANWHILE = "lost its manifests (expired meanwhile, or missing from storage)"
 
 
 def appended_since(table: Table, since: int, until: int, through_replaces: bool = False) -> Appended:
