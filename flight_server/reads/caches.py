@@ -5,8 +5,6 @@ positions by delete file, decoded rows by data file; and the snapshots its reads
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,35 +20,23 @@ PLAN_CACHE_MAX_FILES = 10_000  # larger plans are not kept
 POSITION_CACHE_BYTES = 64 << 20
 
 
-class PlanCache:
+class PlanCache(WeightedLru[tuple[str, int | None, str], tuple[list[FileScanTask] | None]]):
     """Plans of recent reads by (table, snapshot, filter): a snapshot never changes, and planning reads
-    every manifest in Python (10 delete manifests cost a scan of a 1M-row table 0.70x of copy-on-write)."""
+    every manifest in Python (10 delete manifests cost a scan of a 1M-row table 0.70x of copy-on-write).
+    Bounded in entries; each plan is kept in a 1-tuple, so that a kept plan of None is no miss."""
 
     def __init__(self, entries: int, max_files: int):
-        self._entries, self._max_files = entries, max_files
-        self._plans: OrderedDict[tuple[str, int | None, str], list[FileScanTask] | None] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0  # for the server's metrics
+        super().__init__(entries, lambda plan: 1)
+        self._max_files = max_files
 
-    def get(self, key: tuple[str, int | None, str]) -> tuple[bool, list[FileScanTask] | None]:
-        with self._lock:
-            if key not in self._plans:
-                self.misses += 1
-                return False, None
-            self.hits += 1
-            self._plans.move_to_end(key)
-            return True, self._plans[key]
+    def plan(self, key: tuple[str, int | None, str]) -> tuple[bool, list[FileScanTask] | None]:
+        """Whether a plan is kept for `key`, and the plan."""
+        kept = self.get(key)
+        return (True, kept[0]) if kept is not None else (False, None)
 
-    def __len__(self) -> int:
-        return len(self._plans)
-
-    def put(self, key: tuple[str, int | None, str], tasks: list[FileScanTask] | None) -> None:
-        if tasks is not None and len(tasks) > self._max_files:
-            return  # a plan that large is better planned again than kept
-        with self._lock:
-            self._plans[key] = tasks
-            while len(self._plans) > self._entries:
-                self._plans.popitem(last=False)
+    def keep(self, key: tuple[str, int | None, str], tasks: list[FileScanTask] | None) -> None:
+        if tasks is None or len(tasks) <= self._max_files:  # a plan that large is better planned again than kept
+            self.put(key, (tasks,))
 
 
 class PositionCache(WeightedLru[tuple[str, str], np.ndarray]):

@@ -114,7 +114,7 @@ def plan_tasks(
     or None when pyiceberg cannot plan it: it refuses tables with equality delete files (as Flink
     writes them), which DuckDB's `iceberg_scan` applies. Kept for the next read of the same snapshot."""
     key = (str(table.metadata.table_uuid), snapshot_id, repr(expression))
-    found, tasks = plans.get(key)
+    found, tasks = plans.plan(key)
     if found:
         return tasks
     try:
@@ -122,7 +122,7 @@ def plan_tasks(
     except ValueError as exc:
         log.debug("pyiceberg cannot plan a read of %s: %s", table_name(table), exc)
         tasks = None
-    plans.put(key, tasks)
+    plans.keep(key, tasks)
     return tasks
 
 
