@@ -29,7 +29,14 @@ from tests.services import free_ports
 SOURCE = Path(__file__).parent / "clients" / "feature_client.cc"
 DRIVERS = ["demo.driver_stats:conv_rate", "demo.driver_stats:acc_rate", "demo.driver_stats:avg_daily_trips"]
 LIBRARIES = ("arrow_flight", "arrow")
-MAX_REQUEST_BYTES = 4096  # small, so that a large inline request shows how a C++ client sees RESOURCE_EXHAUSTED
+MAX_REQUEST_BYTES = 4096
+ROWS = pa.table(
+    {
+        "id": pa.array([1, 2, 3], pa.int64()),
+        "ts": pa.array([0, 3_600_000_000, 7_200_000_000], pa.timestamp("us", "UTC")),
+        "v": [0.5, None, 2.5],
+    }
+)  # small, so that a large inline request shows how a C++ client sees RESOURCE_EXHAUSTED
 
 
 def compile_command(output: Path) -> list[str]:
@@ -115,6 +122,13 @@ def run(binary: Path, location: str, *args: str | Path) -> list[dict[str, Any]]:
     return lines
 
 
+def write_rows(path: Path) -> Path:
+    """ROWS as an Arrow IPC file, for the client to put."""
+    with ipc.new_file(path, ROWS.schema) as writer:
+        writer.write_table(ROWS)
+    return path
+
+
 def read_file(path: Path) -> pa.Table:
     with ipc.open_file(path) as reader:
         return reader.read_all()
@@ -189,61 +203,58 @@ def test_online_lookup(binary: Path, location: str, client: FeatureClient, tmp_p
 
 
 def test_put_retried_with_its_write_id(binary: Path, location: str, client: FeatureClient, tmp_path: Path) -> None:
-    rows = pa.table(
-        {
-            "id": pa.array([1, 2, 3], pa.int64()),
-            "ts": pa.array([0, 3_600_000_000, 7_200_000_000], pa.timestamp("us", "UTC")),
-            "v": [0.5, None, 2.5],
-        }
-    )
-    with ipc.new_file(tmp_path / "in.arrow", rows.schema) as writer:
-        writer.write_table(rows)
-    put = [tmp_path / "in.arrow", "cpp.puts", "cpp-put-1", "id", "ts"]
+    put = [write_rows(tmp_path / "rows.arrow"), "cpp.puts", "cpp-put-1", "id", "ts"]
     (first,) = run(binary, location, "write", *put)
     (again,) = run(binary, location, "write", *put)
 
     assert first["duplicate"] is False and again["duplicate"] is True
     assert {**again, "duplicate": False} == first == {**first, "table": "cpp.puts", "rows": 3, "write_id": "cpp-put-1"}
-    python = client.write("cpp.puts", rows, write_id="cpp-put-1")  # the same id from Python: that one snapshot again
+    python = client.write("cpp.puts", ROWS, write_id="cpp-put-1")  # the same id from Python: that one snapshot again
     assert (python.duplicate, python.snapshot_id, python.rows) == (True, first["snapshot_id"], 3)
-    assert client.scan("cpp.puts").read_all().sort_by("id").to_pylist() == rows.to_pylist()  # keys now NOT NULL
+    assert client.scan("cpp.puts").read_all().sort_by("id").to_pylist() == ROWS.to_pylist()  # keys now NOT NULL
 
 
+TOO_LARGE = ["1001"] * 1000, ["2026-01-01T10:00:00Z"] * 1000
+# The client's arguments, the same request from Python, the status and the detail's kind (for kinds sharing a status).
 BAD_REQUESTS = {
-    "unknown table": (["read", "{out}", "demo.nope"], lambda c: c.read_table("demo.nope")),
+    "unknown table": (
+        ["read", "{out}", "demo.nope"], lambda c: c.read_table("demo.nope"), "NOT_FOUND", None
+    ),
     "unknown feature": (
         ["online", "{out}", "demo.driver_stats:nope", "driver_id=1001"],
         lambda c: c.get_online_features({"driver_id": [1001]}, ["demo.driver_stats:nope"]),
+        "NOT_FOUND", None,
     ),
     "bad timestamp": (
         ["train", "{out}", "demo.driver_stats:conv_rate", "driver_id=1001", "event_timestamp=yesterday"],
         lambda c: c.get_historical_features(
             {"driver_id": [1001], "event_timestamp": ["yesterday"]}, ["demo.driver_stats:conv_rate"]
         ),
+        "INVALID_ARGUMENT", None,
+    ),
+    "put refused": (  # its explanation arrives when the client closes the put
+        ["write", "{rows}", "cpp.refused", "refused-1", "id", "nope"],
+        lambda c: c.write("cpp.refused", ROWS, entity_keys=["id"], event_time="nope", write_id="refused-1"),
+        "INVALID_ARGUMENT", None,
     ),
     "request too large": (
-        ["train", "{out}", "demo.driver_stats:conv_rate", "driver_id=" + ",".join(["1001"] * 1000),
-         "event_timestamp=" + ",".join(["2026-01-01T10:00:00Z"] * 1000)],
+        ["train", "{out}", "demo.driver_stats:conv_rate", "driver_id=" + ",".join(TOO_LARGE[0]),
+         "event_timestamp=" + ",".join(TOO_LARGE[1])],
         lambda c: c.get_historical_features(
-            {"driver_id": [1001] * 1000, "event_timestamp": ["2026-01-01T10:00:00Z"] * 1000},
+            {"driver_id": [int(k) for k in TOO_LARGE[0]], "event_timestamp": TOO_LARGE[1]},
             ["demo.driver_stats:conv_rate"],
         ),
+        "UNAVAILABLE", "RESOURCE_EXHAUSTED",
     ),
 }  # fmt: skip
-STATUSES = {
-    "unknown table": ("NOT_FOUND", None),
-    "unknown feature": ("NOT_FOUND", None),
-    "bad timestamp": ("INVALID_ARGUMENT", None),
-    "request too large": ("UNAVAILABLE", "RESOURCE_EXHAUSTED"),  # a kind that shares its status carries a detail
-}
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_status_of_a_bad_request(binary: Path, location: str, client: FeatureClient, tmp_path: Path, case: str) -> None:
-    args, call = BAD_REQUESTS[case]
-    (line,) = run(binary, location, *(a.format(out=tmp_path / "out.arrow") for a in args))
+    args, call, status, kind = BAD_REQUESTS[case]
+    files = {"out": tmp_path / "out.arrow", "rows": write_rows(tmp_path / "rows.arrow")}
+    (line,) = run(binary, location, *(a.format(**files) for a in args))
     error = line["error"]
-    status, kind = STATUSES[case]
     assert error["status"] == status
     assert (json.loads(error["detail"])["code"] if error["detail"] else None) == kind
     with pytest.raises(FeatureServerError) as raised:
