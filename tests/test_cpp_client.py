@@ -122,6 +122,11 @@ def run(binary: Path, location: str, *args: str | Path) -> list[dict[str, Any]]:
     return lines
 
 
+def arguments(entities: dict[str, list[Any]]) -> list[str]:
+    """Entity columns as the client takes them: `name=value,value,...`."""
+    return [f"{name}={','.join(map(str, values))}" for name, values in entities.items()]
+
+
 def write_rows(path: Path) -> Path:
     """ROWS as an Arrow IPC file, for the client to put."""
     with ipc.new_file(path, ROWS.schema) as writer:
@@ -170,7 +175,7 @@ def test_whole_table_read(binary: Path, location: str, client: FeatureClient, tm
 
 
 def test_training_set_of_inline_entity_rows(binary: Path, location: str, client: FeatureClient, tmp_path: Path) -> None:
-    entities = {
+    entities: dict[str, list[Any]] = {
         "driver_id": [1001, 1002, 1001, 99, 1003],
         "customer_id": ["C00001", "C00002", "C00003", "C00004", "C99999"],
         # ISO-8601 with and without an offset, and epoch milliseconds, as the protocol allows
@@ -178,8 +183,7 @@ def test_training_set_of_inline_entity_rows(binary: Path, location: str, client:
                             "2026-01-01T05:00:00", "2025-12-31T00:00:00Z"],
     }  # fmt: skip
     features = [*DRIVERS, "demo.customer_profile:segment", "demo.customer_profile:lifetime_value"]
-    columns = [f"{name}={','.join(values)}" for name, values in as_text(entities).items()]
-    (answer,) = run(binary, location, "train", tmp_path / "train.arrow", ",".join(features), *columns)
+    (answer,) = run(binary, location, "train", tmp_path / "train.arrow", ",".join(features), *arguments(entities))
     rows = read_file(tmp_path / "train.arrow")
 
     python = client.get_historical_features(entities, features)
@@ -190,10 +194,12 @@ def test_training_set_of_inline_entity_rows(binary: Path, location: str, client:
 
 
 def test_online_lookup(binary: Path, location: str, client: FeatureClient, tmp_path: Path) -> None:
-    entities = {"driver_id": [1001, 1002, 99, 1001], "customer_id": ["C00001", "C00002", "C00003", "nobody"]}
+    entities: dict[str, list[Any]] = {
+        "driver_id": [1001, 1002, 99, 1001],
+        "customer_id": ["C00001", "C00002", "C00003", "nobody"],
+    }
     features = [*DRIVERS, "demo.customer_profile:segment"]
-    columns = [f"{name}={','.join(values)}" for name, values in as_text(entities).items()]
-    (answer,) = run(binary, location, "online", tmp_path / "online.arrow", ",".join(features), *columns)
+    (answer,) = run(binary, location, "online", tmp_path / "online.arrow", ",".join(features), *arguments(entities))
     rows = read_file(tmp_path / "online.arrow")
 
     python = client.get_online_features(entities, features)
@@ -203,7 +209,7 @@ def test_online_lookup(binary: Path, location: str, client: FeatureClient, tmp_p
 
 
 def test_put_retried_with_its_write_id(binary: Path, location: str, client: FeatureClient, tmp_path: Path) -> None:
-    put = [write_rows(tmp_path / "rows.arrow"), "cpp.puts", "cpp-put-1", "id", "ts"]
+    put: list[str | Path] = [write_rows(tmp_path / "rows.arrow"), "cpp.puts", "cpp-put-1", "id", "ts"]
     (first,) = run(binary, location, "write", *put)
     (again,) = run(binary, location, "write", *put)
 
@@ -267,5 +273,15 @@ def sized(message: str) -> str:
     return re.sub(r"is \d+ bytes", "is N bytes", message)
 
 
-def as_text(columns: dict[str, list[Any]]) -> dict[str, list[str]]:
-    return {name: [str(v) for v in values] for name, values in columns.items()}
+def test_protocol_doc_quotes_this_client() -> None:
+    """The C++ in docs/protocol.md is taken from the tested client: every line of it but comments and elisions."""
+    doc = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    quoted = doc.split("## From other languages", 1)[1].split("```cpp", 1)[1].split("```", 1)[0]
+    source = {code(line) for line in SOURCE.read_text().splitlines()}
+    missing = [code(line) for line in quoted.splitlines() if code(line) not in source | {"..."}]
+    assert not missing, f"docs/protocol.md quotes lines that tests/clients/feature_client.cc lacks: {missing}"
+
+
+def code(line: str) -> str:
+    """A line of C++ without its indentation and comment."""
+    return line.split("//", 1)[0].strip()

@@ -178,27 +178,28 @@ arrow::Status Write(fl::FlightClient& client, const std::string& input, const st
 
 arrow::Status Run(const std::vector<std::string>& args) {
   if (args.size() < 2) return arrow::Status::Invalid("usage: feature_client LOCATION COMMAND ARGS... (see the source)");
-  ARROW_ASSIGN_OR_RAISE(auto location, fl::Location::Parse(args[0]));
-  ARROW_ASSIGN_OR_RAISE(auto client, fl::FlightClient::Connect(location));
+  ARROW_ASSIGN_OR_RAISE(auto location, fl::Location::Parse(args[0]));  // grpc://host:port, grpc+tls://...
+  ARROW_ASSIGN_OR_RAISE(auto connected, fl::FlightClient::Connect(location));
+  fl::FlightClient& client = *connected;
   const std::string& command = args[1];
   std::vector<std::string> rest(args.begin() + 2, args.end());
-  if (command == "tables") return Tables(*client, rest.empty() ? "" : rest[0]);
-  if (command == "health") return Health(*client);
+  if (command == "tables") return Tables(client, rest.empty() ? "" : rest[0]);
+  if (command == "health") return Health(client);
   if (command == "read" && (rest.size() == 2 || rest.size() == 3)) {
     std::string parts = rest.size() == 3 ? R"(, "partitions": )" + rest[2] : "";
-    return ReadInto(*client, R"({"v": 1, "kind": "scan", "table": )" + Quote(rest[1]) + parts + "}", rest[0]);
+    return ReadInto(client, R"({"v": 1, "kind": "scan", "table": )" + Quote(rest[1]) + parts + "}", rest[0]);
   }
   if (command == "train" && rest.size() >= 3) {
     std::vector<std::string> columns(rest.begin() + 2, rest.end());
-    return ReadInto(*client,
+    return ReadInto(client,
                     R"({"v": 1, "kind": "historical", "features": )" + JsonList(rest[1], false) +
                         R"(, "entities": {"rows": )" + Columns(columns) + "}}",
                     rest[0]);
   }
   if (command == "online" && rest.size() >= 3) {
-    return Online(*client, rest[0], rest[1], std::vector<std::string>(rest.begin() + 2, rest.end()));
+    return Online(client, rest[0], rest[1], std::vector<std::string>(rest.begin() + 2, rest.end()));
   }
-  if (command == "write" && rest.size() == 5) return Write(*client, rest[0], rest[1], rest[2], rest[3], rest[4]);
+  if (command == "write" && rest.size() == 5) return Write(client, rest[0], rest[1], rest[2], rest[3], rest[4]);
   return arrow::Status::Invalid("unknown command or wrong arguments: ", command);
 }
 
