@@ -58,12 +58,16 @@ std::vector<std::string> Split(const std::string& text, char separator) {
   return parts;
 }
 
+bool IsInteger(const std::string& text) {
+  size_t digits = text.rfind('-', 0) == 0 ? 1 : 0;
+  return text.size() > digits && text.find_first_not_of("0123456789", digits) == std::string::npos;
+}
+
 // "a,b" -> ["a", "b"]; with `numbers`, integers become JSON numbers.
 std::string JsonList(const std::string& csv, bool numbers) {
   std::string out = "[";
   for (const std::string& item : Split(csv, ',')) {
-    bool integer = numbers && !item.empty() && item.find_first_not_of("-0123456789") == std::string::npos;
-    out += (out.size() > 1 ? ", " : "") + (integer ? item : Quote(item));
+    out += (out.size() > 1 ? ", " : "") + (numbers && IsInteger(item) ? item : Quote(item));
   }
   return out + "]";
 }
@@ -185,7 +189,7 @@ arrow::Status Run(const std::vector<std::string>& args) {
   std::vector<std::string> rest(args.begin() + 2, args.end());
   if (command == "tables") return Tables(client, rest.empty() ? "" : rest[0]);
   if (command == "health") return Health(client);
-  if (command == "read" && (rest.size() == 2 || rest.size() == 3)) {
+  if (command == "read" && (rest.size() == 2 || (rest.size() == 3 && IsInteger(rest[2])))) {
     std::string parts = rest.size() == 3 ? R"(, "partitions": )" + rest[2] : "";
     return ReadInto(client, R"({"v": 1, "kind": "scan", "table": )" + Quote(rest[1]) + parts + "}", rest[0]);
   }
