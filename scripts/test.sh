@@ -24,6 +24,16 @@ if ! command -v docker-compose >/dev/null 2>&1; then
     fi
 fi
 
+# g++: tests/test_cpp_client.py builds a C++ Flight client against pyarrow's headers and libraries.
+if ! command -v g++ >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+    else
+        echo "g++ is missing: run 'sudo apt-get install g++'" >&2
+        exit 1
+    fi
+fi
+
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[server,test]'
