@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from pyiceberg.catalog import load_catalog
 from pyiceberg.manifest import DataFileContent
 from pyiceberg.table.snapshots import Operation
 
 from flight_client import FeatureClient
 from flight_server.changes.rewrite import Plan, SnapshotRows
+from flight_server.iceberg.lineage import written_order
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server, wait_until
 
@@ -146,3 +148,80 @@ def test_a_put_that_lands_during_a_compaction_wins_its_full_ties(
 
     assert served.parts.maintenance.rewrite_once(table, "compact", compaction_with_a_put_meanwhile).committed
     check(client, table, reference, "a compaction with a put meanwhile")
+
+
+def tied_rows(ids: list[int], values: list[float]) -> pa.Table:
+    """Rows of `ids` all at `T0`: rows of one id tie fully (same key, event time, no created time)."""
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "ts": pa.array([T0] * len(ids), pa.timestamp("us", "UTC")),
+            "v": pa.array(values, pa.float64()),
+        }
+    )
+
+
+def test_a_put_of_many_files_answers_its_last_row_of_a_full_tie(tmp_path: Path) -> None:
+    """A put of more files than ten (two chunks into the default layout's 16 partitions) whose second chunk puts
+    keys again at the same event time: every read answers the later row ("within one put, its last row"). A put's
+    files are named `00000-<n>-<write uuid>.parquet`, `n` counting up as they are written; ranked by path as text,
+    file 10 came before file 2 and some keys answered their superseded row (review 21). `written_order` ranks
+    them by the number."""
+    server = start_server(sqlite_catalog(tmp_path), write_chunk_bytes=64 << 10)
+    try:
+        filler = 2000  # rows of other keys: about one 64 KiB chunk
+        keys = list(range(8))  # one per bucket, in both chunks
+        ids = [*range(100, 100 + filler), *keys, *range(100 + filler, 100 + 2 * filler), *keys]
+        values = [0.0] * filler + [1.0] * 8 + [0.0] * filler + [2.0] * 8
+        data = tied_rows(ids, values)
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            put = client.write(
+                "r21.put",
+                pa.RecordBatchReader.from_batches(data.schema, data.to_batches(500)),
+                entity_keys="id",
+                event_time="ts",
+            )
+            assert put.files > 10
+            trained = client.get_historical_features({"id": keys, "event_timestamp": [T0] * 8}, "r21.put:v")
+            online = client.get_online_features({"id": keys}, "r21.put:v")
+        assert online["v"].to_pylist() == [2.0] * 8
+        assert trained["v"].to_pylist() == [2.0] * 8
+    finally:
+        server.shutdown()
+
+
+def test_a_compaction_into_many_files_keeps_the_answer_of_a_full_tie(tmp_path: Path) -> None:
+    """A full tie put in two commits goes to the later put, and a compaction into more files than ten (a small
+    `write.target-file-size-bytes`; in production a partition past 5 GiB at Iceberg's 512 MiB default) keeps that
+    answer (docs/operations.md, "Full ties and rewrites"). The compaction writes the rows in commit order into
+    files numbered as it goes, all of one commit: ranked by path as text, file 39 came before file 5, and the
+    compaction silently changed past training sets (review 21)."""
+    catalog = sqlite_catalog(tmp_path)
+    server = start_server(catalog, write_chunk_bytes=16 << 10, batch_rows=500)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            first = tied_rows(list(range(100, 2100)), [0.0] * 2000)
+            client.write("r21.compact", first, entity_keys="id", event_time="ts", partition_by=[])
+            client.write("r21.compact", tied_rows([1], [1.0]))
+            client.write("r21.compact", tied_rows(list(range(2100, 10100)), [0.0] * 8000))
+            client.write("r21.compact", tied_rows([1], [2.0]))  # the correction
+            request = ({"id": [1], "event_timestamp": [T0]}, "r21.compact:v")
+            assert client.get_historical_features(*request)["v"].to_pylist() == [2.0]
+            with load_catalog("default", **catalog).load_table("r21.compact").transaction() as transaction:
+                transaction.set_properties({"write.target-file-size-bytes": "2500"})
+            assert client.compact("r21.compact")["data_files_added"] > 10
+            assert client.get_online_features({"id": [1]}, "r21.compact:v", as_of=T0)["v"].to_pylist() == [2.0]
+            assert client.get_historical_features(*request)["v"].to_pylist() == [2.0]
+    finally:
+        server.shutdown()
+
+
+def test_written_order_ranks_a_commits_files_as_they_were_written() -> None:
+    """By write, then task and file number as numbers; names of other writers by name, the path last."""
+    write = "3f2a9c1e-0000-4000-8000-000000000001"
+    ours = [f"s3://b/t/data/id_bucket=1/00000-{n}-{write}.parquet" for n in (10, 2, 0)]
+    java = [f"s3://b/t/data/00001-7-op-{n:05d}.parquet" for n in (3, 1)]  # Java's <partition>-<task>-<op>-<n>
+    other = ["s3://b/t/data/b.parquet", "s3://b/t/data/a.parquet"]
+    ranked = sorted([*ours, *java, *other], key=written_order)
+    assert ranked.index(ours[2]) < ranked.index(ours[1]) < ranked.index(ours[0])
+    assert ranked.index(java[1]) < ranked.index(java[0]) and ranked.index(other[1]) < ranked.index(other[0])

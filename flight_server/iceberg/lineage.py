@@ -12,6 +12,7 @@ snapshots whose entries show the same rows in other files (`replace_changes_rows
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +97,7 @@ def _changes(table: Table, since: int, until: int, deletes: bool, through_replac
             return Appended(
                 since, until, None, step.snapshot_id, "removes data files (rows deleted, overwritten or compacted)"
             )
-        data = sorted((f for f in added if f.content == DataFileContent.DATA), key=lambda f: f.file_path)
+        data = sorted((f for f in added if f.content == DataFileContent.DATA), key=lambda f: written_order(f.file_path))
         if len(data) < len(added) and not deletes:
             return Appended(since, until, None, step.snapshot_id, "deletes rows")
         files += data
@@ -249,23 +250,41 @@ def _live_records(table: Table, snapshot: Snapshot | None) -> tuple[int, int] | 
     return totals[0], totals[1]
 
 
-def commit_order(table: Table, snapshot_id: int) -> dict[str, tuple[int, int, str]]:
+def commit_order(table: Table, snapshot_id: int) -> dict[str, tuple[int, int, WrittenOrder]]:
     """Each data file of the snapshot and its place in the order the files were committed: by data sequence
-    number, then (format v1 has none) by the snapshot that added it among the snapshot's ancestors, then by
-    path within one commit. Where rows tie, the later file's win: a table read in this order and one brought
-    forward by `changed_since`'s files (oldest commit first, each commit's by path) agree row for row."""
+    number, then (format v1 has none) by the snapshot that added it among the snapshot's ancestors, then within
+    one commit in the order they were written (`written_order`). Where rows tie, the later file's win: a table
+    read in this order and one brought forward by `changed_since`'s files (oldest commit first, each commit's in
+    written order) agree row for row."""
     current = table.snapshot_by_id(snapshot_id)
     assert current is not None, "a snapshot of the table"
     rank = {snapshot.snapshot_id: -i for i, snapshot in enumerate(ancestors_of(current, table.metadata))}
-    order: dict[str, tuple[int, int, str]] = {}
+    order: dict[str, tuple[int, int, WrittenOrder]] = {}
     for manifest in current.manifests(table.io):
         if manifest.content != ManifestContent.DATA:
             continue
         for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
             path = entry.data_file.file_path
             added_by = rank.get(entry.snapshot_id, -len(rank)) if entry.snapshot_id is not None else -len(rank)
-            order[path] = (entry.sequence_number or 0, added_by, path)
+            order[path] = (entry.sequence_number or 0, added_by, written_order(path))
     return order
+
+
+# How pyiceberg, this server and Iceberg's Java writers name a write's data files: `<task>-<n>-<write uuid>.<ext>`
+# (Java: `<partition>-<task>-<operation id>-<n>.<ext>`), `n` counting up as the write goes on.
+_WRITTEN_NAME = re.compile(r"(\d+)-(\d+)-(.+)")
+WrittenOrder = tuple[str, int, int, str]
+
+
+def written_order(path: str) -> WrittenOrder:
+    """A data file's place among the files of its commit: by write (its uuid), then task and file number as numbers,
+    which is the order a put or a compaction wrote them (as text, file 10 came before file 2, and a tie written
+    later in the same put lost); other names by name; the path last (object-store layouts hash the folders)."""
+    name = path.rsplit("/", 1)[-1]
+    match = _WRITTEN_NAME.fullmatch(name)
+    if match is None:
+        return (name, 0, 0, path)
+    return (match[3], int(match[1]), int(match[2]), path)
 
 
 ROW_BITS = 40  # a row's place in commit order: its file's rank (`commit_ranks`) above its row number in the file
