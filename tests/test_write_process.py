@@ -470,8 +470,9 @@ def read_once_each(engine: Engine, folder: Path, files: int = 200) -> None:
 def test_the_write_process_keeps_no_copies_of_the_files_it_read(tmp_path: Path) -> None:
     """The write process reads each file once (a put's files for an online refresh plan, the files a compaction or
     a delete replaces, which are then deleted): DuckDB's external file cache, on by default, kept ~20 KB of each
-    until the process held --duckdb-memory-limit (a soak's write process grew ~90 MB a minute), so its engine has
-    it off. (Found by a soak: tests/test_soak_findings.py has the others.)"""
+    until the process held --duckdb-memory-limit (a soak's write process grew 170-220 MB a minute, to 1.7 GB in
+    seven minutes; with it off it stayed at 310-440 MB), so its engine has it off. (Found by a soak:
+    tests/test_soak_findings.py has the others.)"""
     config = child_config(ServerConfig(catalog_properties=sqlite_catalog(tmp_path), duckdb_threads=1))
     server = FeatureFlightServer(config, location=f"grpc+unix://{tmp_path / 'w.sock'}", write_process=True)
     try:
