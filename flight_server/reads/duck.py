@@ -109,13 +109,24 @@ class CancelWatch:
 
 
 class Engine:
-    """A DuckDB database configured for this server; hand out cursors with `cursor()`."""
+    """A DuckDB database configured for this server; hand out cursors with `cursor()`.
 
-    def __init__(self, memory_limit: str = "4GB", threads: int | None = None, temp_dir: str | None = None):
+    `file_cache=False` turns off DuckDB's external file cache, which keeps what it read of every file (at least
+    ~20 KB each) until queries need the memory, i.e. up to `memory_limit`: for an engine that reads each file once
+    (the write process's refresh plans, compactions and deletes, whose files are then deleted), it only grows."""
+
+    def __init__(
+        self,
+        memory_limit: str = "4GB",
+        threads: int | None = None,
+        temp_dir: str | None = None,
+        file_cache: bool = True,
+    ):
         config: dict[str, str | bool | int | float | list[str]] = {
             "autoinstall_known_extensions": False,
             "autoload_known_extensions": False,
             "memory_limit": memory_limit,
+            "enable_external_file_cache": file_cache,
         }
         if threads:
             config["threads"] = threads

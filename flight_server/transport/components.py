@@ -46,9 +46,13 @@ class Components:
     writes: WriteProcess | None  # with --write-process: puts, deletes and maintenance run there, not in the above
 
     @classmethod
-    def build(cls, config: ServerConfig) -> Components:
+    def build(cls, config: ServerConfig, write_process: bool = False) -> Components:
+        """The parts of a server, or of a server's write process (`write_process`), whose DuckDB reads each file
+        once and so keeps no copies of them."""
         catalog = FeatureCatalog(config.catalog_name, config.resolved_catalog_properties(), config.default_namespace)
-        engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir)
+        engine = Engine(
+            config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir, file_cache=not write_process
+        )
         engine.use_storage(catalog.properties)
         budget = config.memory_budget_bytes
         memory = MemoryBudget(default_budget() if budget is None else budget)

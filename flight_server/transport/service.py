@@ -158,7 +158,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         self.idle = IdleWatch(config.idle_timeout_seconds) if config.idle_timeout_seconds else None
         if self.idle is not None:
             middleware[IDLE_KEY] = self.idle
-        self.parts = Components.build(config)
+        self.parts = Components.build(config, write_process)
         self.sessions = OpenSessions()
         self._handlers = handlers(self.parts, endpoints, self.sessions)
         if self.metrics is not None:
