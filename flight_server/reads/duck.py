@@ -108,12 +108,22 @@ class CancelWatch:
                 self._changed.wait(CANCEL_POLL_SECONDS if self._calls else None)
 
 
+def object_storage(properties: Mapping[str, str]) -> bool:
+    """Whether a catalog's properties point its tables at object storage: a warehouse other than a local folder, or
+    a FileIO of S3, GCS or Azure configured."""
+    warehouse = properties.get("warehouse", "")
+    remote = "://" in warehouse and not warehouse.startswith("file:")
+    return remote or any(key.startswith(("s3.", "gcs.", "adls.")) for key in properties)
+
+
 class Engine:
     """A DuckDB database configured for this server; hand out cursors with `cursor()`.
 
     `file_cache=False` turns off DuckDB's external file cache, which keeps what it read of every file (at least
-    ~20 KB each) until queries need the memory, i.e. up to `memory_limit`: for an engine that reads each file once
-    (the write process's refresh plans, compactions and deletes, whose files are then deleted), it only grows."""
+    ~20 KB each), deleted files too, until queries need the memory, i.e. up to `memory_limit`: it saves fetching an
+    object store's files again (`object_storage`), but for an engine that reads each file once (the write
+    process's refresh plans, compactions and deletes, whose files are then deleted) or reads local files, which
+    the operating system's page cache holds already, it only grows."""
 
     def __init__(
         self,
