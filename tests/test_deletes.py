@@ -315,9 +315,10 @@ def test_plans_are_kept_per_table_snapshot_and_filter(
     loaded = load(backend, table)
     snapshot = loaded.current_snapshot().snapshot_id  # type: ignore[union-attr]
     schema = loaded.schema()
-    plans = PlanCache(entries=8, max_files=100)
+    plans = PlanCache(max_values=100_000, max_files=100)
     first = plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema), plans)
     assert first is not None and plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema), plans) is first
+    assert plans.total > 8 * len(first)  # weighed by its files' statistics (`files_weight`), not counted
     assert plan_tasks(loaded, snapshot, parse_filter("driver_id < 20", schema), plans) is not first
     parent = loaded.current_snapshot().parent_snapshot_id  # type: ignore[union-attr]
     older = plan_tasks(loaded, parent, parse_filter("driver_id < 10", schema), plans)
@@ -327,7 +328,7 @@ def test_plans_are_kept_per_table_snapshot_and_filter(
     create(client, table)
     again = load(backend, table)
     assert plan_tasks(again, snapshot, parse_filter("driver_id < 10", schema), plans) is not first
-    cache = PlanCache(entries=2, max_files=1)
+    cache = PlanCache(max_values=2, max_files=1)  # plans of no file weigh 1
     cache.keep(("t", 1, "a"), [])
     cache.keep(("t", 2, "a"), None)  # a plan too (pyiceberg cannot plan it), no miss
     cache.keep(("t", 3, "a"), [object(), object()])  # too large to keep  # type: ignore[list-item]

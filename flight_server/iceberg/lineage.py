@@ -116,7 +116,7 @@ OWN_WEIGHT_KEPT = 250_000  # about 20 MB
 FILE_WEIGHT = 8
 
 
-def _weight(files: list[DataFile]) -> int:
+def files_weight(files: list[DataFile]) -> int:
     """What keeping `files` weighs: `FILE_WEIGHT` a file, plus a file's statistics values."""
     statistics = (
         "column_sizes",
@@ -129,11 +129,11 @@ def _weight(files: list[DataFile]) -> int:
     return sum(FILE_WEIGHT + sum(len(getattr(f, name) or ()) for name in statistics) for f in files)
 
 
-_own: WeightedLru[tuple[str, int], list[DataFile]] = WeightedLru(OWN_WEIGHT_KEPT, _weight)
+_own: WeightedLru[tuple[str, int], list[DataFile]] = WeightedLru(OWN_WEIGHT_KEPT, files_weight)
 
 
 def cache_stats() -> dict[str, Any]:
-    """What is kept of recent appends (weighed in statistics values, `_weight`), for metrics and `health`."""
+    """What is kept of recent appends (weighed in statistics values, `files_weight`), for metrics and `health`."""
     return _own.stats("values")
 
 

@@ -13,9 +13,13 @@ from pyiceberg.table import FileScanTask
 
 from flight_server.base.lru import WeightedLru
 from flight_server.base.memory import MemoryBudget
+from flight_server.iceberg.lineage import files_weight
 from flight_server.reads.inuse import SnapshotsInUse
 
-PLAN_CACHE_ENTRIES = 256  # plans of recent reads kept (by table, snapshot and filter)
+# Plans of recent reads kept (by table, snapshot and filter), weighed as the appended files are (`files_weight`: a
+# file's statistics values, about 70 bytes each in memory, plus 8): about 140 MB. A soak filled 256 plans, the former
+# count-bounded cap, with 28,000 files, which would have been several GB of a wide table's.
+PLAN_CACHE_VALUES = 2_000_000
 PLAN_CACHE_MAX_FILES = 10_000  # larger plans are not kept
 POSITION_CACHE_BYTES = 64 << 20
 
@@ -23,10 +27,11 @@ POSITION_CACHE_BYTES = 64 << 20
 class PlanCache(WeightedLru[tuple[str, int | None, str], tuple[list[FileScanTask] | None]]):
     """Plans of recent reads by (table, snapshot, filter): a snapshot never changes, and planning reads
     every manifest in Python (10 delete manifests cost a scan of a 1M-row table 0.70x of copy-on-write).
-    Bounded in entries; each plan is kept in a 1-tuple, so that a kept plan of None is no miss."""
+    Bounded by its files' weight (`files_weight`); each plan is kept in a 1-tuple, so that a kept plan of None is
+    no miss."""
 
-    def __init__(self, entries: int, max_files: int):
-        super().__init__(entries, lambda plan: 1)
+    def __init__(self, max_values: int, max_files: int):
+        super().__init__(max_values, lambda plan: _plan_weight(plan[0]))
         self._max_files = max_files
 
     def plan(self, key: tuple[str, int | None, str]) -> tuple[bool, list[FileScanTask] | None]:
@@ -37,6 +42,14 @@ class PlanCache(WeightedLru[tuple[str, int | None, str], tuple[list[FileScanTask
     def keep(self, key: tuple[str, int | None, str], tasks: list[FileScanTask] | None) -> None:
         if tasks is None or len(tasks) <= self._max_files:  # a plan that large is better planned again than kept
             self.put(key, (tasks,))
+
+
+def _plan_weight(tasks: list[FileScanTask] | None) -> int:
+    """A plan's data and delete files' weight (`files_weight`; a delete file shared by tasks counts once)."""
+    if tasks is None:
+        return 1
+    deletes = {id(f): f for task in tasks for f in task.delete_files}
+    return 1 + files_weight([task.file for task in tasks]) + files_weight(list(deletes.values()))
 
 
 class PositionCache(WeightedLru[tuple[str, str], np.ndarray]):
@@ -114,7 +127,7 @@ class FileCache:
 class ReadCaches:
     """The caches of one server's reads."""
 
-    plans: PlanCache = field(default_factory=lambda: PlanCache(PLAN_CACHE_ENTRIES, PLAN_CACHE_MAX_FILES))
+    plans: PlanCache = field(default_factory=lambda: PlanCache(PLAN_CACHE_VALUES, PLAN_CACHE_MAX_FILES))
     positions: PositionCache = field(default_factory=lambda: PositionCache(POSITION_CACHE_BYTES))
     files: FileCache = field(default_factory=lambda: FileCache(0))
     in_use: SnapshotsInUse = field(default_factory=SnapshotsInUse)  # what snapshot expiry must keep

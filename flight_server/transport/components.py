@@ -122,9 +122,8 @@ class Components:
         """The caches that every server process keeps, its write process too (the serving process's scan,
         training-set and online caches aside), by name: entries, hits and misses, and the weight each holds and may
         hold (`WeightedLru.stats`)."""
-        plans = self.caches.plans
         return {
-            "plans": {"entries": len(plans), "hits": plans.hits, "misses": plans.misses},
+            "plans": self.caches.plans.stats("values"),
             "positions": self.caches.positions.stats("bytes"),
             **self.catalog.cache_stats(),
             "snapshot_json": snapshot_json.kept.stats("bytes"),  # JSON text: a character a byte
