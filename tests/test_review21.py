@@ -465,8 +465,8 @@ def test_a_compaction_into_many_files_keeps_the_answer_of_a_full_tie(tmp_path: P
     server = start_server(catalog, write_chunk_bytes=16 << 10, batch_rows=500)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            layout = {"entity_keys": "id", "event_time": "ts", "partition_by": []}
-            client.write("r21.compact", tied_rows(list(range(100, 2100)), [0.0] * 2000), **layout)
+            first = tied_rows(list(range(100, 2100)), [0.0] * 2000)
+            client.write("r21.compact", first, entity_keys="id", event_time="ts", partition_by=[])
             client.write("r21.compact", tied_rows([1], [1.0]))
             client.write("r21.compact", tied_rows(list(range(2100, 10100)), [0.0] * 8000))
             client.write("r21.compact", tied_rows([1], [2.0]))  # the correction
