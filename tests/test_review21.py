@@ -21,7 +21,7 @@ from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError
 from flight_server.transport.service import FeatureFlightServer
-from tests.conftest import sqlite_catalog, start_server, wait_until
+from tests.conftest import sqlite_catalog, start_server, start_writing_server, wait_until
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 MINUTE = dt.timedelta(minutes=1)
@@ -111,6 +111,7 @@ class History:
         self.expired: set[int] = set()
         self.appended: list[tuple[int, str, list[Row]]] = []  # (snapshot id, operation, rows appended)
         self.current: int | None = None
+        self.times: list[tuple[dt.datetime, list[Row]]] = []  # wall-clock times just after commits, rows then
         self.next_v = 0.0
         self.ids = list(range(12))
 
@@ -139,7 +140,8 @@ class History:
             f"put{' evolve' if evolve else ''}{' overwrite' if overwrite else ''} "
             f"{[(r.id, r.ts.minute, r.created and r.created.minute, r.v) for r in rows]}"
         )
-        result = self.writer.write(
+        through = self.writer if rng.random() < 0.7 else self.replica
+        result = through.write(
             self.table,
             data,
             entity_keys=["id"],
@@ -159,6 +161,7 @@ class History:
             return
         self.current = snapshot_id
         self.snapshots[snapshot_id] = list(self.ref.rows)
+        self.times.append((dt.datetime.now(dt.timezone.utc), list(self.ref.rows)))
         self.appended.append((snapshot_id, operation, appended))
 
     def delete(self) -> None:
@@ -226,10 +229,23 @@ class History:
         self.check_historical()
         self.check_time_travel()
         self.check_since()
+        self.check_historical_as_of()
+        if self.rng.random() < 0.3:
+            self.check_entity_table()
 
     def check_scan(self) -> None:
         got = self.writer.read_table(self.table)
         assert as_tuples(got, self.ref.evolved) == ref_tuples(self.ref.rows, self.ref.evolved), self.log
+        got = self.replica.read_table(self.table, partitions=3)
+        assert as_tuples(got, self.ref.evolved) == ref_tuples(self.ref.rows, self.ref.evolved), self.log
+        keys = self.rng.sample(self.ids, 3)
+        cutoff = at(self.rng.choice([2, 5, 10]))
+        text = f"id in ({', '.join(map(str, keys))}) or ts >= '{cutoff.isoformat()}'"
+        got = self.rng.choice([self.writer, self.replica]).read_table(self.table, filter=text)
+        want = [r for r in self.ref.rows if r.id in keys or r.ts >= cutoff]
+        assert as_tuples(got, self.ref.evolved) == ref_tuples(want, self.ref.evolved), (text, self.log)
+        limited = self.writer.read_table(self.table, filter=f"v >= {self.next_v / 3:.1f}", limit=4)
+        assert limited.num_rows == min(4, sum(r.v >= round(self.next_v / 3, 1) for r in self.ref.rows)), self.log
 
     def online_expected(self, keys: list[int], before: dt.datetime | None) -> list[Any]:
         out = []
@@ -299,6 +315,51 @@ class History:
             )
             assert streamed.column("v").to_pylist() == want, (ids, times, self.log)
 
+    def check_historical_as_of(self) -> None:
+        when, rows = self.rng.choice(self.times)
+        ids, times = self.entity_rows()
+        want = self.historical_expected(ids, times, rows)
+        try:
+            got = self.rng.choice([self.writer, self.replica]).get_historical_features(
+                {"id": ids, "event_timestamp": times}, [f"{self.table}:v"], as_of=when
+            )
+        except NotFoundError:
+            assert self.expired, (when, self.log)  # a time next to an expired snapshot is refused (docs)
+            return
+        assert got.column("v").to_pylist() == want, (when, ids, times, self.log)
+
+    def check_entity_table(self) -> None:
+        ids, times = self.entity_rows()
+        pairs = [(i, t) for i, t in zip(ids, times, strict=True) if t is not None]
+        entities = f"{self.table}_entities"
+        self.writer.write(
+            entities,
+            pa.table(
+                {
+                    "id": pa.array([i for i, _ in pairs], pa.int64()),
+                    "event_timestamp": pa.array([t for _, t in pairs], pa.timestamp("us", "UTC")),
+                }
+            ),
+            entity_keys="id",
+            event_time="event_timestamp",
+            mode="overwrite",
+            partition_by=[],
+        )
+        got = self.rng.choice([self.writer, self.replica]).get_historical_features(
+            entities, [f"{self.table}:v"], partitions=self.rng.choice([1, 3])
+        )
+        want = sorted(
+            zip(
+                [i for i, _ in pairs],
+                [t for _, t in pairs],
+                self.historical_expected([i for i, _ in pairs], [t for _, t in pairs], self.ref.rows),
+                strict=True,
+            ),
+            key=repr,
+        )
+        d = got.to_pydict()
+        assert sorted(zip(d["id"], d["event_timestamp"], d["v"], strict=True), key=repr) == want, self.log
+
     def check_time_travel(self) -> None:
         live = [s for s in self.snapshots if s not in self.expired]
         if not live:
@@ -364,7 +425,8 @@ class History:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FeatureFlightServer, FeatureFlightServer]]:
     catalog = sqlite_catalog(Path(tmp_path_factory.mktemp("review21")))
-    writer = start_server(catalog, online_refresh_seconds=0.05)
+    start = start_writing_server if os.environ.get("REVIEW21_WRITE_PROCESS") else start_server
+    writer = start(catalog, online_refresh_seconds=0.05)
     replica = start_server(catalog, online_refresh_seconds=0.05, historical_cache_bytes=0)
     yield writer, replica
     writer.shutdown()
