@@ -98,9 +98,14 @@ def ref_tuples(rows: list[Row], evolved: bool) -> list[tuple[Any, ...]]:
 class History:
     """A random history on one table, checked against the reference after every step."""
 
-    def __init__(self, seed: int, writer: FeatureClient, replica: FeatureClient, name: str, log: list[str]) -> None:
+    def __init__(
+        self, seed: int, clients: tuple[FeatureClient, FeatureClient, FeatureClient], name: str, log: list[str]
+    ) -> None:
         self.rng = random.Random(seed)
-        self.writer, self.replica = writer, replica
+        # the lagger polls the catalog seldom: its online index catches up on many changes at once, after a put
+        # through it
+        self.writer, self.replica, self.lagger = clients
+        self.lagger_due = True
         self.table = name
         self.short = name.split(".")[-1]
         self.log = log
@@ -140,7 +145,8 @@ class History:
             f"put{' evolve' if evolve else ''}{' overwrite' if overwrite else ''} "
             f"{[(r.id, r.ts.minute, r.created and r.created.minute, r.v) for r in rows]}"
         )
-        through = self.writer if rng.random() < 0.7 else self.replica
+        through = rng.choices([self.writer, self.replica, self.lagger], [0.6, 0.25, 0.15])[0]
+        self.lagger_due = self.lagger_due or through is self.lagger
         result = through.write(
             self.table,
             data,
@@ -226,6 +232,9 @@ class History:
         self.check_scan()
         self.check_online(self.writer)
         self.check_online(self.replica)
+        if self.lagger_due:
+            self.check_online(self.lagger)
+            self.lagger_due = False
         self.check_historical()
         self.check_time_travel()
         self.check_since()
@@ -423,24 +432,25 @@ class History:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FeatureFlightServer, FeatureFlightServer]]:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FeatureFlightServer, ...]]:
     catalog = sqlite_catalog(Path(tmp_path_factory.mktemp("review21")))
     start = start_writing_server if os.environ.get("REVIEW21_WRITE_PROCESS") else start_server
     writer = start(catalog, online_refresh_seconds=0.05)
     replica = start_server(catalog, online_refresh_seconds=0.05, historical_cache_bytes=0)
-    yield writer, replica
-    writer.shutdown()
-    replica.shutdown()
+    lagger = start_server(catalog, online_refresh_seconds=3600)
+    yield writer, replica, lagger
+    for server in (writer, replica, lagger):
+        server.shutdown()
 
 
-def run_history(servers: tuple[FeatureFlightServer, FeatureFlightServer], seed: int, steps: int) -> None:
-    writer, replica = servers
+def run_history(servers: tuple[FeatureFlightServer, ...], seed: int, steps: int) -> None:
     log: list[str] = [f"seed {seed}"]
     with (
-        FeatureClient(f"grpc://127.0.0.1:{writer.port}") as w,
-        FeatureClient(f"grpc://127.0.0.1:{replica.port}") as r,
+        FeatureClient(f"grpc://127.0.0.1:{servers[0].port}") as w,
+        FeatureClient(f"grpc://127.0.0.1:{servers[1].port}") as r,
+        FeatureClient(f"grpc://127.0.0.1:{servers[2].port}") as lag,
     ):
-        history = History(seed, w, r, f"review21.t{seed}_{os.getpid()}", log)
+        history = History(seed, (w, r, lag), f"review21.t{seed}_{os.getpid()}", log)
         for _ in range(steps):
             history.step()
             history.check()
@@ -451,7 +461,7 @@ SOAK_SEEDS = int(os.environ.get("REVIEW21_SEEDS", "0"))
 
 @pytest.mark.skipif(SOAK_SEEDS == 0, reason="a soak: REVIEW21_SEEDS=<n> runs n seeded histories")
 @pytest.mark.parametrize("seed", range(SOAK_SEEDS))
-def test_soak(servers: tuple[FeatureFlightServer, FeatureFlightServer], seed: int) -> None:
+def test_soak(servers: tuple[FeatureFlightServer, ...], seed: int) -> None:
     run_history(servers, seed + int(os.environ.get("REVIEW21_SEED0", "0")), int(os.environ.get("REVIEW21_STEPS", "25")))
 
 
