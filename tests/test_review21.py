@@ -323,6 +323,18 @@ class History:
                 [f"{self.table}:v"],
             )
             assert streamed.column("v").to_pylist() == want, (ids, times, self.log)
+        if self.ref.evolved:  # the column added later: null in the rows written before it
+            ref = Reference(ttl=self.ref.ttl, rows=self.ref.rows)
+            rows = [None if t is None else ref.latest(i, t) for i, t in zip(ids, times, strict=True)]
+            got = self.rng.choice([self.writer, self.replica]).get_historical_features(
+                {"id": ids, "event_timestamp": times}, [f"{self.table}:w", f"{self.table}:v"]
+            )
+            assert got.column("w").to_pylist() == [r and r.w for r in rows], (ids, times, self.log)
+            online = self.rng.choice([self.writer, self.replica]).get_online_features(
+                {"id": self.ids}, [f"{self.table}:w"], apply_ttl=False
+            )
+            latest = [self.ref.latest(i) for i in self.ids]
+            assert online.column("w").to_pylist() == [r and r.w for r in latest], self.log
 
     def check_historical_as_of(self) -> None:
         when, rows = self.rng.choice(self.times)
@@ -417,9 +429,9 @@ class History:
         choice = rng.random()
         if choice < 0.45:
             self.put()
-        elif choice < 0.47:
-            self.put(evolve=not self.ref.evolved)
         elif choice < 0.49:
+            self.put(evolve=not self.ref.evolved)
+        elif choice < 0.51:
             self.put(overwrite=True)
         elif choice < 0.65:
             self.delete()
