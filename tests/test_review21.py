@@ -245,7 +245,7 @@ class History:
     def check_scan(self) -> None:
         got = self.writer.read_table(self.table)
         assert as_tuples(got, self.ref.evolved) == ref_tuples(self.ref.rows, self.ref.evolved), self.log
-        got = self.replica.read_table(self.table, partitions=3)
+        got = self.rng.choice([self.replica, self.lagger]).read_table(self.table, partitions=3)
         assert as_tuples(got, self.ref.evolved) == ref_tuples(self.ref.rows, self.ref.evolved), self.log
         keys = self.rng.sample(self.ids, 3)
         cutoff = at(self.rng.choice([2, 5, 10]))
@@ -313,7 +313,7 @@ class History:
     def check_historical(self) -> None:
         ids, times = self.entity_rows()
         want = self.historical_expected(ids, times, self.ref.rows)
-        for client in (self.writer, self.replica):
+        for client in (self.writer, self.replica, self.lagger):
             got = client.get_historical_features({"id": ids, "event_timestamp": times}, [f"{self.table}:v"])
             assert got.column("v").to_pylist() == want, (ids, times, self.log)
             streamed = client.get_historical_features(
