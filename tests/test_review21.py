@@ -468,6 +468,12 @@ def run_history(servers: tuple[FeatureFlightServer, ...], seed: int, steps: int)
             history.check()
 
 
+@pytest.mark.parametrize("seed", [3, 11])
+def test_a_long_history_answers_as_the_reference(servers: tuple[FeatureFlightServer, ...], seed: int) -> None:
+    """Two fixed histories of 20 steps (of the many seeds soaked, see `test_soak`), checked after every step."""
+    run_history(servers, seed, 20)
+
+
 SOAK_SEEDS = int(os.environ.get("REVIEW21_SEEDS", "0"))
 
 
