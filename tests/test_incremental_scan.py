@@ -97,6 +97,25 @@ def test_not_an_ancestor_is_refused(client: FeatureClient) -> None:
     assert missing.value.code == "NOT_FOUND"
 
 
+def test_a_pinned_snapshot_whose_followers_were_expired_is_refused_as_such(client: FeatureClient) -> None:
+    """A pipeline pins the snapshot it last read (expiry keeps it) and reads on from it; once the appends after it
+    are expired, what they changed is no longer known: refused, saying so (review 21: it said "not an ancestor",
+    since expiry drops the parent id of the snapshot it keeps after them), not as no ancestor."""
+    table = f"tests.inc_{uuid.uuid4().hex[:12]}"
+    since = write(client, table, rows(range(0, 10)))
+    client.pin(table, since)
+    write(client, table, rows(range(10, 20)))
+    last = write(client, table, rows(range(20, 30)))
+    expired = client.expire_snapshots(table, older_than=dt.datetime.now(dt.timezone.utc), retain_last=1)
+    assert len(expired["expired"]) == 1 and expired["kept_pinned"] == [since]
+    refused = (
+        rf"since_snapshot {since}: snapshot {last} of table .* follows snapshots that were expired; re-read in full"
+    )
+    with pytest.raises(FeatureServerError, match=refused) as info:
+        client.scan(table, since_snapshot=since).read_all()
+    assert info.value.code == "INVALID_ARGUMENT"
+
+
 def test_snapshots_in_between_that_expire_meanwhile_are_refused_as_expired_before(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

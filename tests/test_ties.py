@@ -176,14 +176,14 @@ def test_a_put_of_many_files_answers_its_last_row_of_a_full_tie(tmp_path: Path) 
         data = tied_rows(ids, values)
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
             put = client.write(
-                "r21.put",
+                "ties.put",
                 pa.RecordBatchReader.from_batches(data.schema, data.to_batches(500)),
                 entity_keys="id",
                 event_time="ts",
             )
             assert put.files > 10
-            trained = client.get_historical_features({"id": keys, "event_timestamp": [T0] * 8}, "r21.put:v")
-            online = client.get_online_features({"id": keys}, "r21.put:v")
+            trained = client.get_historical_features({"id": keys, "event_timestamp": [T0] * 8}, "ties.put:v")
+            online = client.get_online_features({"id": keys}, "ties.put:v")
         assert online["v"].to_pylist() == [2.0] * 8
         assert trained["v"].to_pylist() == [2.0] * 8
     finally:
@@ -201,16 +201,16 @@ def test_a_compaction_into_many_files_keeps_the_answer_of_a_full_tie(tmp_path: P
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
             first = tied_rows(list(range(100, 2100)), [0.0] * 2000)
-            client.write("r21.compact", first, entity_keys="id", event_time="ts", partition_by=[])
-            client.write("r21.compact", tied_rows([1], [1.0]))
-            client.write("r21.compact", tied_rows(list(range(2100, 10100)), [0.0] * 8000))
-            client.write("r21.compact", tied_rows([1], [2.0]))  # the correction
-            request = ({"id": [1], "event_timestamp": [T0]}, "r21.compact:v")
+            client.write("ties.compact", first, entity_keys="id", event_time="ts", partition_by=[])
+            client.write("ties.compact", tied_rows([1], [1.0]))
+            client.write("ties.compact", tied_rows(list(range(2100, 10100)), [0.0] * 8000))
+            client.write("ties.compact", tied_rows([1], [2.0]))  # the correction
+            request = ({"id": [1], "event_timestamp": [T0]}, "ties.compact:v")
             assert client.get_historical_features(*request)["v"].to_pylist() == [2.0]
-            with load_catalog("default", **catalog).load_table("r21.compact").transaction() as transaction:
+            with load_catalog("default", **catalog).load_table("ties.compact").transaction() as transaction:
                 transaction.set_properties({"write.target-file-size-bytes": "2500"})
-            assert client.compact("r21.compact")["data_files_added"] > 10
-            assert client.get_online_features({"id": [1]}, "r21.compact:v", as_of=T0)["v"].to_pylist() == [2.0]
+            assert client.compact("ties.compact")["data_files_added"] > 10
+            assert client.get_online_features({"id": [1]}, "ties.compact:v", as_of=T0)["v"].to_pylist() == [2.0]
             assert client.get_historical_features(*request)["v"].to_pylist() == [2.0]
     finally:
         server.shutdown()

@@ -52,6 +52,9 @@ class Appended:
 # the table would tell apart. Callers then read the newer snapshot whole, as they do when it expired before (then it
 # is no longer in the lineage at all), which needs no manifest of a snapshot in between.
 EXPIRED_MEANWHILE = "lost its manifests (expired meanwhile, or missing from storage)"
+# Why there is no list when the snapshots before one in between were expired (the snapshot `since` was kept, by a
+# pin say): what they changed is no longer known.
+EXPIRED_BEFORE = "follows snapshots that were expired"
 
 
 def appended_since(table: Table, since: int, until: int, through_replaces: bool = False) -> Appended:
@@ -79,6 +82,11 @@ def _changes(table: Table, since: int, until: int, deletes: bool, through_replac
         parent = snapshot.parent_snapshot_id
         snapshot = table.snapshot_by_id(parent) if parent is not None else None
     if snapshot is None:
+        start = table.snapshot_by_id(since)
+        if chain and start is not None and start.timestamp_ms < chain[-1].timestamp_ms:
+            # The walk stopped at a snapshot newer than `since` with no parent left (expiry drops the parent id of a
+            # kept snapshot whose parent it expires): not the table's first snapshot, which `since` cannot precede.
+            return Appended(since, until, None, chain[-1].snapshot_id, EXPIRED_BEFORE)
         return Appended(since, until, None)
     files: list[DataFile] = []
     added_deletes: list[DataFile] = []

@@ -1,14 +1,17 @@
-"""Review 21: answers served to ML users on long-written tables. Random histories of puts (new and existing entities,
-in-order, out-of-order and tied event times, created times), deletes (by keys and by filter, both modes),
-compactions, maintenance rounds, snapshot expiry with pins, schema evolution and overwrites, checked after every
-step against a plain reference: online lookups (latest and `as_of`, through the writing server and through a
-replica), training sets (docs/protocol.md's ASOF and tie rules, TTL included), whole-table reads, time travel by
-snapshot id and incremental reads (`since_snapshot`), filtered, limited and split scans, training sets from an
-entity table and `as_of` a time. Three servers share one SQLite catalog: the writer (training-set cache on), a
-replica (DuckDB joins only) and a lagging replica (online index refreshed only after a put through it).
+"""Answers served to ML users on long-written tables. Random histories of puts (new and existing entities, in-order,
+out-of-order and tied event times, created times), deletes (by keys and by filter, both modes), compactions,
+maintenance rounds, snapshot expiry with pins, schema evolution and overwrites, checked after every step against a
+plain reference: online lookups (latest and `as_of`, through the writing server and through a replica), training
+sets (docs/protocol.md's ASOF and tie rules, TTL included), whole-table reads, time travel by snapshot id and
+incremental reads (`since_snapshot`), filtered, limited and split scans, training sets from an entity table and
+`as_of` a time. Three servers share one SQLite catalog: the writer (training-set cache on), a replica (DuckDB joins
+only) and a lagging replica (online index refreshed only after a put through it).
 
-Found (xfail, strict): full ties within one commit ranked by file path as text (a big put, a compaction into more
-than 10 files); an incremental read across expired snapshots refused as "not an ancestor"."""
+Two fixed histories run by default; a soak runs more: `HISTORY_SEEDS=30 HISTORY_SEED0=100 HISTORY_STEPS=40
+[HISTORY_WRITE_PROCESS=1] pytest tests/test_long_histories.py` (about 20-30 s a seed of 30-40 steps on two cores;
+`HISTORY_WRITE_PROCESS` writes through a write process). Review 21 found with it that full ties within one commit
+were ranked by file path as text (tests/test_ties.py), and a misleading refusal of incremental reads
+(tests/test_incremental_scan.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError
 from flight_server.transport.service import FeatureFlightServer
@@ -450,8 +452,8 @@ class History:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FeatureFlightServer, ...]]:
-    catalog = sqlite_catalog(Path(tmp_path_factory.mktemp("review21")))
-    start = start_writing_server if os.environ.get("REVIEW21_WRITE_PROCESS") else start_server
+    catalog = sqlite_catalog(Path(tmp_path_factory.mktemp("histories")))
+    start = start_writing_server if os.environ.get("HISTORY_WRITE_PROCESS") else start_server
     writer = start(catalog, online_refresh_seconds=0.05)
     replica = start_server(catalog, online_refresh_seconds=0.05, historical_cache_bytes=0)
     lagger = start_server(catalog, online_refresh_seconds=3600)
@@ -467,145 +469,17 @@ def run_history(servers: tuple[FeatureFlightServer, ...], seed: int, steps: int)
         FeatureClient(f"grpc://127.0.0.1:{servers[1].port}") as r,
         FeatureClient(f"grpc://127.0.0.1:{servers[2].port}") as lag,
     ):
-        history = History(seed, (w, r, lag), f"review21.t{seed}_{os.getpid()}", log)
+        history = History(seed, (w, r, lag), f"histories.t{seed}_{os.getpid()}", log)
         for _ in range(steps):
             history.step()
             history.check()
 
 
-@pytest.mark.parametrize("seed", [3, 11])
+SOAK_SEED0 = int(os.environ.get("HISTORY_SEED0", "0"))
+SEEDS = [3, 11, *range(SOAK_SEED0, SOAK_SEED0 + int(os.environ.get("HISTORY_SEEDS", "0")))]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_a_long_history_answers_as_the_reference(servers: tuple[FeatureFlightServer, ...], seed: int) -> None:
-    """Two fixed histories of 20 steps (of the many seeds soaked, see `test_soak`), checked after every step."""
-    run_history(servers, seed, 20)
-
-
-SOAK_SEEDS = int(os.environ.get("REVIEW21_SEEDS", "0"))
-
-
-@pytest.mark.skipif(SOAK_SEEDS == 0, reason="a soak: REVIEW21_SEEDS=<n> runs n seeded histories")
-@pytest.mark.parametrize("seed", range(SOAK_SEEDS))
-def test_soak(servers: tuple[FeatureFlightServer, ...], seed: int) -> None:
-    """Opt-in: `REVIEW21_SEEDS=30 REVIEW21_SEED0=100 REVIEW21_STEPS=40 [REVIEW21_WRITE_PROCESS=1] pytest -k soak`
-    (about 20-30 s a seed of 30-40 steps on two cores; `REVIEW21_WRITE_PROCESS` writes through a write process)."""
-    run_history(servers, seed + int(os.environ.get("REVIEW21_SEED0", "0")), int(os.environ.get("REVIEW21_STEPS", "25")))
-
-
-def tied_rows(ids: list[int], values: list[float]) -> pa.Table:
-    """Rows of `ids` all at `T0`: rows of one id tie fully (same key, event time, no created time)."""
-    return pa.table(
-        {
-            "id": pa.array(ids, pa.int64()),
-            "ts": pa.array([T0] * len(ids), pa.timestamp("us", "UTC")),
-            "v": pa.array(values, pa.float64()),
-        }
-    )
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="ties within one commit go to the file later by path compared as text: 00000-10-<uuid> sorts before "
-    "00000-2-<uuid>, so a put of more than a few files answers with an earlier row of a full tie",
-)
-def test_a_put_of_many_files_answers_its_last_row_of_a_full_tie(tmp_path: Path) -> None:
-    """docs/protocol.md: of rows that tie fully (key, event time, created time), training sets, `as_of` and online
-    lookups use the row committed last, "within one put, its last row". A put is written as files named
-    `00000-<n>-<write uuid>.parquet`, n counting up per chunk and partition (changes/files.py: `_write_file`), and
-    rows of one commit rank by their file's path (iceberg/lineage.py: `commit_order`, the third element of its key)
-    compared as text: file 10 ranks before file 2. A put of two chunks (two 128 MiB chunks in production) to a
-    table of the default layout (month and 8 key buckets: 16 files here) that holds a key at one event time twice
-    answers, for some keys, with the first of the two rows: the correction written later in the same put is
-    ignored by every read (training sets, `as_of`, online), and the same key in another bucket is answered right.
-
-    Fix: rank one commit's files by the number in their name (natural order of `00000-<n>-...`, which is the order
-    they were written), or by their manifest entry order, in `commit_order` (files already written keep their
-    names, so padding the number in `_write_file`/`RollingFiles._start` alone would not mend existing tables), and
-    the same in `_changes` (iceberg/lineage.py), which orders one snapshot's appended files by path for the online
-    index's and the training-set cache's incremental refreshes (they agree with `commit_order` today, and must
-    still agree after the fix: an index refreshed after this put also answers 1.0 for those keys)."""
-    server = start_server(sqlite_catalog(tmp_path), write_chunk_bytes=64 << 10)
-    try:
-        filler = 2000  # rows of other keys: about one 64 KiB chunk
-        keys = list(range(8))  # one per bucket, in both chunks
-        ids = [*range(100, 100 + filler), *keys, *range(100 + filler, 100 + 2 * filler), *keys]
-        values = [0.0] * filler + [1.0] * 8 + [0.0] * filler + [2.0] * 8
-        data = tied_rows(ids, values)
-        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            put = client.write(
-                "r21.put",
-                pa.RecordBatchReader.from_batches(data.schema, data.to_batches(500)),
-                entity_keys="id",
-                event_time="ts",
-            )
-            assert put.files > 10
-            trained = client.get_historical_features({"id": keys, "event_timestamp": [T0] * 8}, "r21.put:v")
-            online = client.get_online_features({"id": keys}, "r21.put:v")
-        assert online["v"].to_pylist() == [2.0] * 8
-        assert trained["v"].to_pylist() == [2.0] * 8
-    finally:
-        server.shutdown()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a compaction into more than 10 files renames rows' files 00000-<n>-<uuid>; compared as text, a full "
-    "tie that was answered by the later put is then answered by the earlier one",
-)
-def test_a_compaction_into_many_files_keeps_the_answer_of_a_full_tie(tmp_path: Path) -> None:
-    """A full tie (same key, event time, created time) put in two commits goes to the later put, and docs/operations.md
-    ("Full ties and rewrites") promises that compactions keep that answer. A compaction writes the rows in commit
-    order, rolling to a new file at `write.target-file-size-bytes` (changes/files.py: `RollingFiles._start` names
-    them `00000-<n>-<uuid>`), all in one commit with one data sequence number, so the rewritten rows rank by path
-    (iceberg/lineage.py: `commit_order`), compared as text: file 39 before file 5. The earlier row ends up in file 5,
-    the later in file 39, and after `compact` the training set, `as_of` and a freshly built online index answer with
-    the superseded value: maintenance silently changes past training sets. In production this needs a partition of
-    more than 10 target-sized files (5 GiB at Iceberg's 512 MiB default, or a smaller target property).
-
-    Fix: as for puts, order one commit's files by the number in their name (or manifest order) in `commit_order`."""
-    catalog = sqlite_catalog(tmp_path)
-    server = start_server(catalog, write_chunk_bytes=16 << 10, batch_rows=500)
-    try:
-        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            first = tied_rows(list(range(100, 2100)), [0.0] * 2000)
-            client.write("r21.compact", first, entity_keys="id", event_time="ts", partition_by=[])
-            client.write("r21.compact", tied_rows([1], [1.0]))
-            client.write("r21.compact", tied_rows(list(range(2100, 10100)), [0.0] * 8000))
-            client.write("r21.compact", tied_rows([1], [2.0]))  # the correction
-            request = ({"id": [1], "event_timestamp": [T0]}, "r21.compact:v")
-            assert client.get_historical_features(*request)["v"].to_pylist() == [2.0]
-            with load_catalog("default", **catalog).load_table("r21.compact").transaction() as transaction:
-                transaction.set_properties({"write.target-file-size-bytes": "2500"})
-            assert client.compact("r21.compact")["data_files_added"] > 10
-            assert client.get_online_features({"id": [1]}, "r21.compact:v", as_of=T0)["v"].to_pylist() == [2.0]
-            assert client.get_historical_features(*request)["v"].to_pylist() == [2.0]
-    finally:
-        server.shutdown()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="an incremental read from a kept (pinned) snapshot across expired append snapshots is refused as "
-    "'not an ancestor', which it is; the lineage is only broken by the expiry",
-)
-def test_an_incremental_read_across_expired_snapshots_says_they_expired(tmp_path: Path) -> None:
-    """A pipeline pins the snapshot it last read (so that expiry keeps it) and reads on with `since_snapshot`. After
-    an `expire_snapshots` removes the append snapshots in between, the read is refused with `since_snapshot X: not an
-    ancestor of snapshot Y`, though X is Y's ancestor: `_changes` (iceberg/lineage.py) walks parent ids from Y and
-    stops at the first expired one, and reports any walk that does not reach X as "no ancestor" (blocker None).
-    Refusing is right (what the expired snapshots did is no longer known), but the message sends the user looking
-    for a branch or a wrong table, and docs/protocol.md ("Incremental reads") names expiry only for a race
-    ("expired meanwhile"). Fix: when the walk ends at a parent id the table no longer holds, say that the snapshots
-    between were expired (re-read in full), and document it."""
-    server = start_server(sqlite_catalog(tmp_path))
-    try:
-        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            since = client.write("r21.since", tied_rows([1], [1.0]), entity_keys="id", event_time="ts").snapshot_id
-            client.pin("r21.since", since)
-            client.write("r21.since", tied_rows([2], [2.0]))
-            client.write("r21.since", tied_rows([3], [3.0]))
-            expired = client.expire_snapshots("r21.since", older_than=dt.datetime.now(dt.timezone.utc), retain_last=1)
-            assert len(expired["expired"]) == 1 and expired["kept_pinned"] == [since]
-            with pytest.raises(InvalidRequestError) as refused:
-                client.scan("r21.since", since_snapshot=since).read_all()
-        assert "not an ancestor" not in str(refused.value) and "expired" in str(refused.value)
-    finally:
-        server.shutdown()
+    """Fixed histories of 20 steps (or `HISTORY_STEPS`), and the soak's seeds, checked after every step."""
+    run_history(servers, seed, int(os.environ.get("HISTORY_STEPS", "20")))
