@@ -80,3 +80,29 @@ def test_the_plan_cache_bounds_the_filters_it_keeps_plans_for() -> None:
         plans.keep(("table-uuid", 1, f"In(term=Reference(name='name'), literals={{{in_list}}}) #{i}"), [])
     kept = sum(len(key[2]) for key, _ in plans.newest_first())
     assert kept <= 70 * limit, f"{kept} bytes of filter text kept under a limit of {limit} values"
+
+
+@pytest.mark.xfail(strict=True, reason="object_storage looks only for a warehouse URL or s3./gcs./adls. properties")
+def test_documented_catalogs_of_tables_on_s3_count_as_object_storage() -> None:
+    """Symptom: a serving process of a catalog that docs/configuration.md documents for tables on S3 (the REST
+    catalog `prod`, given a `uri` and `credential` only, whose server vends the warehouse and per-table FileIO
+    properties; AWS Glue with `glue.region`; an S3 Tables REST catalog, whose warehouse is an ARN) runs DuckDB
+    with its external file cache off, so every read fetches the objects again: a regression for those
+    deployments (the cache was on before), against docs/operations.md ("With tables on object storage the DuckDB
+    pool also keeps what DuckDB read of each file"). Cause: reads/duck.py `object_storage` judges from the
+    catalog's own properties (a `warehouse` with a scheme other than file:, or `s3.`/`gcs.`/`adls.` keys); the
+    tables' locations and FileIO properties (`table.io.properties`, which `use_storage` already reads) are not
+    looked at. Fix: decide per table location: turn the cache on (`SET enable_external_file_cache = true`) the
+    first time the serving engine reads a location that is not local (in `Engine.use_storage`, or from
+    `local_path`'s scheme), or treat every catalog but one with a local warehouse as object storage."""
+    from flight_server.reads.duck import object_storage
+
+    rest = {"type": "rest", "uri": "https://iceberg.internal", "credential": "CLIENT_ID:CLIENT_SECRET"}
+    glue = {"type": "glue", "glue.region": "us-east-1"}
+    s3_tables = {
+        "type": "rest",
+        "uri": "https://s3tables.us-east-1.amazonaws.com/iceberg",
+        "warehouse": "arn:aws:s3tables:us-east-1:111122223333:bucket/features",
+        "rest.sigv4-enabled": "true",
+    }
+    assert [object_storage(p) for p in (rest, glue, s3_tables)] == [True, True, True]
