@@ -220,7 +220,7 @@ def test_written_order_ranks_a_commits_files_as_they_were_written() -> None:
     """By write, then task and file number as numbers; names of other writers by name, the path last."""
     write = "3f2a9c1e-0000-4000-8000-000000000001"
     ours = [f"s3://b/t/data/id_bucket=1/00000-{n}-{write}.parquet" for n in (10, 2, 0)]
-    java = [f"s3://b/t/data/00001-7-op-{n:05d}.parquet" for n in (3, 1)]  # Java's <partition>-<task>-<op>-<n>
+    java = [f"s3://b/t/data/00001-7-{write}-{n:05d}.parquet" for n in (3, 1)]  # Java: <partition>-<task>-<op>-<n>
     other = ["s3://b/t/data/b.parquet", "s3://b/t/data/a.parquet"]
     ranked = sorted([*ours, *java, *other], key=written_order)
     assert ranked.index(ours[2]) < ranked.index(ours[1]) < ranked.index(ours[0])

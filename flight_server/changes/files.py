@@ -30,7 +30,6 @@ from pyiceberg.io.pyarrow import (
     MetricModeTypes,
     StatisticsCollector,
     StatsAggregator,
-    bin_pack_arrow_table,
     compute_statistics_plan,
     data_file_statistics_from_parquet_metadata,
     parquet_path_to_id_mapping,
@@ -148,8 +147,9 @@ def write_data_files(
     values: pa.Table | None = None,
 ) -> list[DataFile]:
     """Parquet data files of one chunk, split by partition, rows sorted (`sort_rows`) within each file, written in
-    parallel (on the calling thread below `SERIAL_BYTES`); the same files, named, split and ordered the same way, as
-    pyiceberg's append writes of the sorted chunk, with every `write.parquet.*` property honoured (`parquet_options`).
+    parallel (on the calling thread below `SERIAL_BYTES`); the files pyiceberg's append writes of the sorted chunk,
+    named and ordered the same way, but a partition past the target size cut into consecutive runs of rows
+    (`consecutive_runs`), with every `write.parquet.*` property honoured (`parquet_options`).
 
     The rows are copied once: one `take` puts them in partition order, sorted within each partition, and each
     file is a slice of it. Any file this wrote is deleted if one fails (a full disk), so that a failed chunk
@@ -167,7 +167,7 @@ def write_data_files(
         tasks = [
             _FileTask(next(counter), partition, batches)
             for partition, rows in partitioned_rows(metadata, chunk, spec, values)
-            for batches in ([rows.to_batches()] if small else bin_pack_arrow_table(rows, target))
+            for batches in ([rows.to_batches()] if small else consecutive_runs(rows, target))
         ]
         write = functools.partial(_write_file, _FileContext.of(metadata, chunk.schema), created, write_uuid)
         if chunk.nbytes < SERIAL_BYTES:
@@ -182,6 +182,23 @@ def write_data_files(
     except BaseException:
         created.abandon()
         raise
+
+
+def consecutive_runs(rows: pa.Table, target: int) -> list[list[pa.RecordBatch]]:
+    """The rows in runs of at most about `target` Arrow bytes, in order, one a file: each file's rows follow the
+    previous file's, so a commit's files in the order they were written (`lineage.written_order`) hold its rows
+    in order. (pyiceberg's `bin_pack_arrow_table` packs first-fit: a later, smaller batch went into an earlier file,
+    and a full tie's later row lost to the earlier one.) Batches of about `target` bytes, as pyiceberg cuts them."""
+    per_row = rows.nbytes / max(rows.num_rows, 1)
+    runs: list[list[pa.RecordBatch]] = []
+    size = 0
+    for batch in rows.to_batches(max_chunksize=max(1, int(target / per_row)) if per_row else None):
+        if not runs or size + batch.nbytes > target:
+            runs.append([])
+            size = 0
+        runs[-1].append(batch)
+        size += batch.nbytes
+    return runs
 
 
 COPY_BYTES = 8 << 20  # read and written at a time when a data file is copied

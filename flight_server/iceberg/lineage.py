@@ -279,20 +279,23 @@ def commit_order(table: Table, snapshot_id: int) -> dict[str, tuple[int, int, Wr
 
 
 # How pyiceberg, this server and Iceberg's Java writers name a write's data files: `<task>-<n>-<write uuid>.<ext>`
-# (Java: `<partition>-<task>-<operation id>-<n>.<ext>`), `n` counting up as the write goes on.
-_WRITTEN_NAME = re.compile(r"(\d+)-(\d+)-(.+)")
-WrittenOrder = tuple[str, int, int, str]
+# (Java: `<partition>-<task>-<operation uuid>-<n>.<ext>`), the numbers counting up as the write goes on; an
+# object-store layout without partition folders puts hash bits before the name (`<bits>-<name>`). Anchored on the
+# uuid, so that other names (`2024-01-31.parquet`) are not taken for these.
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_WRITTEN_NAME = re.compile(rf"(?:.*-)?(\d+)-(\d+)-({_UUID})(?:-(\d+))?(?:\.[^.]+)+")
+WrittenOrder = tuple[str, int, int, int, str]
 
 
 def written_order(path: str) -> WrittenOrder:
-    """A data file's place among the files of its commit: by write (its uuid), then task and file number as numbers,
-    which is the order a put or a compaction wrote them (as text, file 10 came before file 2, and a tie written
-    later in the same put lost); other names by name; the path last (object-store layouts hash the folders)."""
+    """A data file's place among the files of its commit: by write (its uuid), then the numbers in its name as
+    numbers, which is the order a put or a compaction wrote them (as text, file 10 came before file 2, and a tie
+    written later in the same put lost); other names by name; the path last."""
     name = path.rsplit("/", 1)[-1]
     match = _WRITTEN_NAME.fullmatch(name)
     if match is None:
-        return (name, 0, 0, path)
-    return (match[3], int(match[1]), int(match[2]), path)
+        return (name, 0, 0, 0, path)
+    return (match[3], int(match[1]), int(match[2]), int(match[4] or 0), path)
 
 
 ROW_BITS = 40  # a row's place in commit order: its file's rank (`commit_ranks`) above its row number in the file
