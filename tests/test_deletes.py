@@ -23,7 +23,7 @@ from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
 from flight_server.base.filters import parse_filter, to_sql
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.changes.commits import commit_rewrite, live_files
-from flight_server.reads.caches import PlanCache, PositionCache
+from flight_server.reads.caches import PLAN_CACHE_MAX_FILES, PlanCache, PositionCache
 from flight_server.reads.duck import Engine, local_path
 from flight_server.reads.plan import plan_tasks
 from tests.conftest import local_files, sqlite_catalog, start_server, wait_until
@@ -328,12 +328,24 @@ def test_plans_are_kept_per_table_snapshot_and_filter(
     create(client, table)
     again = load(backend, table)
     assert plan_tasks(again, snapshot, parse_filter("driver_id < 10", schema), plans) is not first
-    cache = PlanCache(max_values=2, max_files=1)  # plans of no file weigh 1
+    cache = PlanCache(max_values=8, max_files=1)  # a plan of no file weighs 4 (an entry; its filter is short)
     cache.keep(("t", 1, "a"), [])
     cache.keep(("t", 2, "a"), None)  # a plan too (pyiceberg cannot plan it), no miss
     cache.keep(("t", 3, "a"), [object(), object()])  # too large to keep  # type: ignore[list-item]
     cache.keep(("t", 4, "a"), [])
     assert [cache.plan(("t", n, "a")) for n in (1, 2, 3, 4)] == [(False, None), (True, None), (False, None), (True, [])]
+
+
+def test_the_plan_cache_bounds_the_filters_it_keeps_plans_for() -> None:
+    """Plans of no file under long filters (an IN list of absent keys) weigh their filters' text too: the cache keeps
+    no more of it than its limit allows (review 22: each weighed 1, so 2M such plans could have been kept)."""
+    limit = 20_000  # values: about 1.4 MB at the ~70 bytes a value `PLAN_CACHE_VALUES` reckons with
+    plans = PlanCache(limit, PLAN_CACHE_MAX_FILES)
+    in_list = ",".join(f"'{'n' * 40}{i}'" for i in range(1_000))
+    for i in range(200):
+        plans.keep(("table-uuid", 1, f"In(term=Reference(name='name'), literals={{{in_list}}}) #{i}"), [])
+    kept = sum(len(key[2]) for key, _ in plans.newest_first())
+    assert kept <= 70 * limit, f"{kept} bytes of filter text kept under a limit of {limit} values"
 
 
 def test_merge_on_read_needs_format_v2(client: FeatureClient, backend: dict[str, str], table: str) -> None:

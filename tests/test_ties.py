@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from pyiceberg.catalog import load_catalog
 from pyiceberg.manifest import DataFileContent
+from pyiceberg.table.locations import load_location_provider
 from pyiceberg.table.snapshots import Operation
 
 from flight_client import FeatureClient
@@ -225,3 +226,60 @@ def test_written_order_ranks_a_commits_files_as_they_were_written() -> None:
     ranked = sorted([*ours, *java, *other], key=written_order)
     assert ranked.index(ours[2]) < ranked.index(ours[1]) < ranked.index(ours[0])
     assert ranked.index(java[1]) < ranked.index(java[0]) and ranked.index(other[1]) < ranked.index(other[0])
+
+
+def test_a_put_over_the_target_size_answers_its_last_row_of_a_full_tie(tmp_path: Path) -> None:
+    """A put past `write.target-file-size-bytes` in one partition, rows of each id tying fully in pairs: every read
+    answers the pair's later row. The rows are cut into consecutive runs (`consecutive_runs`); pyiceberg's first-fit
+    bin packing put later, smaller batches into earlier files, which then ranked first (review 22)."""
+    catalog = sqlite_catalog(tmp_path)
+    server = start_server(catalog)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            seed = pa.table(
+                {
+                    "id": pa.array([-1], pa.int64()),
+                    "ts": pa.array([T0], pa.timestamp("us", "UTC")),
+                    "s": ["x"],
+                    "v": pa.array([0.0], pa.float64()),
+                }
+            )
+            client.write("ties.pack", seed, entity_keys="id", event_time="ts", partition_by=[])
+            with load_catalog("default", **catalog).load_table("ties.pack").transaction() as transaction:
+                transaction.set_properties({"write.target-file-size-bytes": "2000"})
+            pairs = 50  # ids 1..50 each twice in a row (a full tie, the second row the later one), after id 0
+            ids = [0] + [1 + i // 2 for i in range(2 * pairs)]
+            data = pa.table(
+                {
+                    "id": pa.array(ids, pa.int64()),
+                    "ts": pa.array([T0] * len(ids), pa.timestamp("us", "UTC")),
+                    "s": ["x" * (1 if i < 40 else 60) for i in range(len(ids))],
+                    "v": pa.array([float(i) for i in range(len(ids))], pa.float64()),
+                }
+            )
+            assert client.write("ties.pack", data).files > 1
+            keys = list(range(1, pairs + 1))
+            online = client.get_online_features({"id": keys}, "ties.pack:v", as_of=T0)["v"].to_pylist()
+            trained = client.get_historical_features({"id": keys, "event_timestamp": [T0] * pairs}, "ties.pack:v")
+        expected = [float(2 * i) for i in keys]  # the row of id i put last is row 2i
+        assert online == expected
+        assert trained["v"].to_pylist() == expected
+    finally:
+        server.shutdown()
+
+
+def test_written_order_of_files_named_by_the_object_store_layout_without_partitioned_paths() -> None:
+    """The object-store layout without partition folders puts hash bits before a file's name: `written_order` still
+    ranks a write's files by their numbers (review 22: the bits were read as the task, file 10 before file 2)."""
+    properties = {"write.object-storage.enabled": "true", "write.object-storage.partitioned-paths": "false"}
+    locations = load_location_provider("s3://bucket/features/t", properties)
+    write = "3f2a9c1e-0000-4000-8000-000000000001"
+    paths = [locations.new_data_location(f"00000-{n}-{write}.parquet") for n in range(12)]
+    assert sorted(paths, key=written_order) == paths, [p.rsplit("/", 1)[-1] for p in sorted(paths, key=written_order)]
+
+
+def test_written_order_ranks_other_writers_names_by_name() -> None:
+    """Other writers' names that begin with numbers (daily exports added in one backfill) rank by name, not as a
+    task and file number (review 22)."""
+    days = ["s3://b/t/data/2024-01-31.parquet", "s3://b/t/data/2024-02-01.parquet"]
+    assert sorted(days, key=written_order) == days

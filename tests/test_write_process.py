@@ -498,3 +498,17 @@ def test_a_serving_process_keeps_copies_of_files_only_from_object_storage(tmp_pa
     assert not object_storage({"type": "sql", "uri": "sqlite://", "warehouse": "/data/warehouse"})
     assert object_storage({"type": "sql", "uri": "sqlite://", "warehouse": "s3://bucket/warehouse"})
     assert object_storage({"type": "rest", "uri": "http://catalog", "warehouse": "prod", "s3.endpoint": "http://s3"})
+
+
+def test_documented_catalogs_of_tables_on_s3_count_as_object_storage() -> None:
+    """Catalogs of tables on object storage that name no URL warehouse (a REST catalog that vends it, Glue, S3
+    Tables' ARN) keep DuckDB's file cache on: only a local warehouse turns it off (review 22)."""
+    rest = {"type": "rest", "uri": "https://iceberg.internal", "credential": "CLIENT_ID:CLIENT_SECRET"}
+    glue = {"type": "glue", "glue.region": "us-east-1"}
+    s3_tables = {
+        "type": "rest",
+        "uri": "https://s3tables.us-east-1.amazonaws.com/iceberg",
+        "warehouse": "arn:aws:s3tables:us-east-1:111122223333:bucket/features",
+        "rest.sigv4-enabled": "true",
+    }
+    assert [object_storage(p) for p in (rest, glue, s3_tables)] == [True, True, True]

@@ -24,14 +24,14 @@ PLAN_CACHE_MAX_FILES = 10_000  # larger plans are not kept
 POSITION_CACHE_BYTES = 64 << 20
 
 
-class PlanCache(WeightedLru[tuple[str, int | None, str], tuple[list[FileScanTask] | None]]):
+class PlanCache(WeightedLru[tuple[str, int | None, str], tuple[list[FileScanTask] | None, int]]):
     """Plans of recent reads by (table, snapshot, filter): a snapshot never changes, and planning reads
     every manifest in Python (10 delete manifests cost a scan of a 1M-row table 0.70x of copy-on-write).
-    Bounded by its files' weight (`files_weight`); each plan is kept in a 1-tuple, so that a kept plan of None is
-    no miss."""
+    Bounded by weight: its files' (`files_weight`) and its filter's text (`_plan_weight`). A plan is kept with that
+    text's length, so that a kept plan of None is no miss."""
 
     def __init__(self, max_values: int, max_files: int):
-        super().__init__(max_values, lambda plan: _plan_weight(plan[0]))
+        super().__init__(max_values, _plan_weight)
         self._max_files = max_files
 
     def plan(self, key: tuple[str, int | None, str]) -> tuple[bool, list[FileScanTask] | None]:
@@ -41,15 +41,21 @@ class PlanCache(WeightedLru[tuple[str, int | None, str], tuple[list[FileScanTask
 
     def keep(self, key: tuple[str, int | None, str], tasks: list[FileScanTask] | None) -> None:
         if tasks is None or len(tasks) <= self._max_files:  # a plan that large is better planned again than kept
-            self.put(key, (tasks,))
+            self.put(key, (tasks, len(key[2])))
 
 
-def _plan_weight(tasks: list[FileScanTask] | None) -> int:
-    """A plan's data and delete files' weight (`files_weight`; a delete file shared by tasks counts once)."""
+VALUE_BYTES = 70  # what `files_weight` reckons a statistics value takes in memory: the unit of the plans' weight
+
+
+def _plan_weight(kept: tuple[list[FileScanTask] | None, int]) -> int:
+    """A kept plan's weight: its data and delete files' (`files_weight`; a delete file shared by tasks counts once),
+    and its filter's text (the key) with an entry's own overhead, in values of `VALUE_BYTES`."""
+    tasks, key_chars = kept
+    weight = 4 + key_chars // VALUE_BYTES
     if tasks is None:
-        return 1
+        return weight
     deletes = {id(f): f for task in tasks for f in task.delete_files}
-    return 1 + files_weight([task.file for task in tasks]) + files_weight(list(deletes.values()))
+    return weight + files_weight([task.file for task in tasks]) + files_weight(list(deletes.values()))
 
 
 class PositionCache(WeightedLru[tuple[str, str], np.ndarray]):

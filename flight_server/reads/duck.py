@@ -109,11 +109,11 @@ class CancelWatch:
 
 
 def object_storage(properties: Mapping[str, str]) -> bool:
-    """Whether a catalog's properties point its tables at object storage: a warehouse other than a local folder, or
-    a FileIO of S3, GCS or Azure configured."""
-    warehouse = properties.get("warehouse", "")
-    remote = "://" in warehouse and not warehouse.startswith("file:")
-    return remote or any(key.startswith(("s3.", "gcs.", "adls.")) for key in properties)
+    """Whether a catalog's tables may be on object storage: all but those of a catalog whose warehouse is a local
+    folder and that configures no FileIO of S3, GCS or Azure (a REST or Glue catalog may name no warehouse, or one
+    that is no URL: an ARN, a name)."""
+    local = properties.get("warehouse", "").startswith(("file:", "/"))
+    return not local or any(key.startswith(("s3.", "gcs.", "adls.")) for key in properties)
 
 
 class Engine:
