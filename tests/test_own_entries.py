@@ -140,12 +140,12 @@ def test_snapshots_this_process_did_not_commit_are_read(
 def test_kept_files_are_bounded_and_removals_not_kept(served: tuple[str, Catalog]) -> None:
     """At most `OWN_WEIGHT_KEPT` (files weighed by their statistics), the least recently used go first; a snapshot
     that removed files (an overwrite here) is read each time, not kept."""
-    before, lineage._own = lineage._own, WeightedLru(lineage.OWN_WEIGHT_KEPT, lineage._weight)
+    before, lineage._own = lineage._own, WeightedLru(lineage.OWN_WEIGHT_KEPT, lineage.files_weight)
     try:
         wide = DataFile.from_args(file_path="x", value_counts={i: 1 for i in range(1_000)})
-        assert lineage._weight([wide]) == 1_000 + lineage.FILE_WEIGHT
-        assert lineage._weight([DataFile.from_args(file_path="y")] * 4) == 4 * lineage.FILE_WEIGHT
-        quarter = [wide] * (lineage.OWN_WEIGHT_KEPT // 4 // lineage._weight([wide]))
+        assert lineage.files_weight([wide]) == 1_000 + lineage.FILE_WEIGHT
+        assert lineage.files_weight([DataFile.from_args(file_path="y")] * 4) == 4 * lineage.FILE_WEIGHT
+        quarter = [wide] * (lineage.OWN_WEIGHT_KEPT // 4 // lineage.files_weight([wide]))
         for i in range(6):
             lineage.keep_appended(("bounded", i), quarter)
             if i == 2:
@@ -234,9 +234,9 @@ def test_finding_a_puts_own_append_looks_at_the_newest_first_and_stops() -> None
         column_sizes={1: 10, 2: 10, 3: 10},
         value_counts={1: 1, 2: 1, 3: 1},
     )
-    before, lineage._own = lineage._own, WeightedLru(lineage.OWN_WEIGHT_KEPT, lineage._weight)
+    before, lineage._own = lineage._own, WeightedLru(lineage.OWN_WEIGHT_KEPT, lineage.files_weight)
     try:
-        count = lineage.OWN_WEIGHT_KEPT // lineage._weight([one])
+        count = lineage.OWN_WEIGHT_KEPT // lineage.files_weight([one])
         for snapshot_id in range(count):
             lineage.keep_appended(("uuid", snapshot_id), [one])
         assert len(lineage._own) == count
