@@ -188,7 +188,7 @@ def test_a_cache_that_needs_room_evicts_the_least_recently_used_entry_of_any_cac
     """A training-set index and the scans of two tables fill the budget. A third scan takes the room of the
     index, used longest ago, not of the scans; the index, built again, takes the room of the scan entries
     least recently used, and the one read since stays."""
-    server = start_server(catalog, memory_budget_bytes=250 * KB)  # an index (~110 KB), two scans (~65 KB each)
+    server = start_server(catalog, memory_budget_bytes=400 * KB)  # an index (~115 KB), two scans (~130 KB each)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
             for table in ("lru.a", "lru.b", "lru.c", "lru.d"):

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from flight_client import FeatureClient
-from flight_server.reads.caches import FileCache
+from flight_server.reads.caches import FILE_ENTRY_BYTES, FileCache
 
 from .conftest import sqlite_catalog, start_server
 
@@ -113,18 +113,26 @@ def test_every_answer_equals_an_uncached_server(pair: tuple[FeatureClient, Featu
 
 def test_the_cache_keeps_within_its_budget_and_keeps_only_files_read_to_the_end() -> None:
     batch = pa.record_batch({"v": pa.array(range(1000), pa.int64())})  # 8,000 bytes
-    cache = FileCache(20_000)
+    entry = 8_000 + FILE_ENTRY_BYTES  # an entry counts its objects beyond the buffers too
+    cache = FileCache(2 * entry + 1_000)
     for i in range(5):
         cache.put((f"f{i}", ("v",), ()), [batch])
-        assert cache.stats()["bytes"] <= 20_000
+        assert cache.stats()["bytes"] <= 2 * entry + 1_000
     assert cache.get(("f0", ("v",), ())) is None and cache.get(("f4", ("v",), ())) == [batch]
-    cache.put(("huge", ("v",), ()), [batch] * 3)  # larger than the whole budget: not kept
+    cache.put(("huge", ("v",), ()), [batch] * 5)  # larger than the whole budget: not kept
     assert cache.get(("huge", ("v",), ())) is None
-    assert cache.stats() == {"files": 2, "bytes": 16_000, "max_bytes": 20_000, "collecting": 0, "hits": 1, "misses": 2}
+    assert cache.stats() == {
+        "files": 2,
+        "bytes": 2 * entry,
+        "max_bytes": 2 * entry + 1_000,
+        "collecting": 0,
+        "hits": 1,
+        "misses": 2,
+    }
     # What scans collect to put here later is bounded across all of them, however many run at once.
-    assert cache.reserve(12_000) and not cache.reserve(9_000) and cache.reserve(8_000)
-    cache.release(20_000)
-    assert cache.stats()["collecting"] == 0 and cache.reserve(20_000)
+    assert cache.reserve(12_000) and not cache.reserve(30_000) and cache.reserve(21_000)
+    cache.release(33_000)
+    assert cache.stats()["collecting"] == 0 and cache.reserve(2 * entry + 1_000)
 
 
 def test_a_read_from_memory_says_what_it_read_as_a_decoding_read_does(
