@@ -53,8 +53,9 @@ class Appended:
 # is no longer in the lineage at all), which needs no manifest of a snapshot in between.
 EXPIRED_MEANWHILE = "lost its manifests (expired meanwhile, or missing from storage)"
 # Why there is no list when the snapshots before one in between were expired (the snapshot `since` was kept, by a
-# pin say): what they changed is no longer known.
-EXPIRED_BEFORE = "follows snapshots that were expired"
+# pin say): what they changed is no longer known. Nor whether it descends from `since` at all (a pin of a snapshot
+# that a rollback left behind looks the same once the snapshots before the rollback are expired).
+EXPIRED_BEFORE = "follows snapshots that were expired (or does not descend from it)"
 
 
 def appended_since(table: Table, since: int, until: int, through_replaces: bool = False) -> Appended:
