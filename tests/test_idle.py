@@ -68,6 +68,11 @@ class Client:
         self.proc.wait()
 
 
+def logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the idle watch logged."""
+    return [r.getMessage() for r in caplog.records if r.name == "flight_server.transport.idle"]
+
+
 def stalled(server: FeatureFlightServer, mode: str, table: str, caplog: pytest.LogCaptureFixture) -> dict[str, object]:
     """Stall a client, check it holds the only slot until the idle timeout ends its call, then resume it."""
     location = f"grpc://127.0.0.1:{server.port}"
@@ -77,8 +82,9 @@ def stalled(server: FeatureFlightServer, mode: str, table: str, caplog: pytest.L
         with caplog.at_level(logging.WARNING, logger="flight_server.transport.idle"):
             assert client.line() == "stalled"
             assert not answers(location), "the stalled call holds the server's only slot"
-            wait_until(lambda: answers(location), timeout=30, what="the idle timeout to end the stalled call")
-        ended = [r.getMessage() for r in caplog.records if r.name == "flight_server.transport.idle"]
+            # The watch ends the call, then logs it: wait for both (the slot can be free before the line is logged).
+            wait_until(lambda: answers(location) and logged(caplog), timeout=30, what="the idle watch")
+        ended = logged(caplog)
         assert len(ended) == 1 and f"for {IDLE_SECONDS:.0f} s (--idle-timeout-seconds)" in ended[0], ended
         wait_until(lambda: server.idle is not None and server.idle.active == 0, what="the ended call to be forgotten")
         return {"log": ended[0], **client.resume()}
