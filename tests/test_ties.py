@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from pyiceberg.table.snapshots import Operation
 
 from flight_client import FeatureClient
 from flight_server.changes.rewrite import Plan, SnapshotRows
-from flight_server.iceberg.lineage import written_order
+from flight_server.iceberg.lineage import data_file_name, written_order
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server, wait_until
 
@@ -220,7 +221,7 @@ def test_a_compaction_into_many_files_keeps_the_answer_of_a_full_tie(tmp_path: P
 def test_written_order_ranks_a_commits_files_as_they_were_written() -> None:
     """By write, then task and file number as numbers; names of other writers by name, the path last."""
     write = "3f2a9c1e-0000-4000-8000-000000000001"
-    ours = [f"s3://b/t/data/id_bucket=1/00000-{n}-{write}.parquet" for n in (10, 2, 0)]
+    ours = [f"s3://b/t/data/id_bucket=1/{data_file_name(n, uuid.UUID(write), 'parquet')}" for n in (10, 2, 0)]
     java = [f"s3://b/t/data/00001-7-{write}-{n:05d}.parquet" for n in (3, 1)]  # Java: <partition>-<task>-<op>-<n>
     other = ["s3://b/t/data/b.parquet", "s3://b/t/data/a.parquet"]
     ranked = sorted([*ours, *java, *other], key=written_order)

@@ -66,6 +66,7 @@ from flight_server.changes.commits import delete_files
 from flight_server.changes.dictionaries import dictionary_columns
 from flight_server.iceberg.catalog import FeatureSpec
 from flight_server.iceberg.internals import partitions, to_file_schema
+from flight_server.iceberg.lineage import data_file_name
 
 log = logging.getLogger(__name__)
 
@@ -584,7 +585,7 @@ def _stored_as_is(batch: pa.RecordBatch, projected: pa.RecordBatch, batch_schema
 def _write_file(context: _FileContext, io: FileIO, write_uuid: uuid.UUID, task: _FileTask) -> DataFile:
     """One data file, as pyiceberg's `write_file` writes it (name, field ids, statistics)."""
     model = FileFormatFactory.get(FileFormat.PARQUET)
-    name = f"00000-{task.number}-{write_uuid}.{model.file_extension()}"
+    name = data_file_name(task.number, write_uuid, model.file_extension())
     path = context.data_location(name, task.partition)
     output = io.new_output(path)
     writer = ParquetWriter(output, context.options, context.layout)
@@ -1021,7 +1022,7 @@ class RollingFiles:
         self._open.clear()
 
     def _start(self, partition: PartitionKey | None) -> _OpenFile:
-        name = f"00000-{next(self._counter)}-{self._uuid}.{self._format.file_extension()}"
+        name = data_file_name(next(self._counter), self._uuid, self._format.file_extension())
         path = self._locations.new_data_location(data_file_name=name, partition_key=partition)
         output = self.io.new_output(path)
         writer = ParquetWriter(output, self._options, self._layout)

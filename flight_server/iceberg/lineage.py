@@ -13,6 +13,7 @@ snapshots whose entries show the same rows in other files (`replace_changes_rows
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,6 +287,11 @@ def commit_order(table: Table, snapshot_id: int) -> dict[str, tuple[int, int, Wr
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _WRITTEN_NAME = re.compile(rf"(?:.*-)?(\d+)-(\d+)-({_UUID})(?:-(\d+))?(?:\.[^.]+)+")
 WrittenOrder = tuple[str, int, int, int, str]
+
+
+def data_file_name(number: int, write: uuid.UUID, extension: str) -> str:
+    """The name of a write's `number`th data file, as pyiceberg names them: what `written_order` reads back."""
+    return f"00000-{number}-{write}.{extension}"
 
 
 def written_order(path: str) -> WrittenOrder:
