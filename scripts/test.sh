@@ -4,35 +4,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Installs Debian's package $1 (as root), or stops, saying "$2 missing" (what is missing, and "is" or "are").
+install_package() {
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null
+    else
+        echo "$2 missing: run 'sudo apt-get install $1'" >&2
+        exit 1
+    fi
+}
+
 # PostgreSQL server binaries: the tests start a throwaway cluster of their own.
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-    else
-        echo "PostgreSQL server binaries are missing: run 'sudo apt-get install postgresql'" >&2
-        exit 1
-    fi
+    install_package postgresql "PostgreSQL server binaries are"
 fi
-
 # docker-compose (Compose v1, Debian's package): validates docker-compose.yml; no Docker engine is needed.
-if ! command -v docker-compose >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
-    else
-        echo "docker-compose is missing: run 'sudo apt-get install docker-compose'" >&2
-        exit 1
-    fi
-fi
-
+command -v docker-compose >/dev/null 2>&1 || install_package docker-compose "docker-compose is"
 # g++: tests/test_cpp_client.py builds a C++ Flight client against pyarrow's headers and libraries.
-if ! command -v g++ >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
-    else
-        echo "g++ is missing: run 'sudo apt-get install g++'" >&2
-        exit 1
-    fi
-fi
+command -v g++ >/dev/null 2>&1 || install_package g++ "g++ is"
 
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
