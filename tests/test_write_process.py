@@ -467,6 +467,15 @@ def read_once_each(engine: Engine, folder: Path, files: int = 200) -> None:
         path.unlink()
 
 
+def kept_after_reading_once(server: FeatureFlightServer, tmp_path: Path) -> int:
+    """What the server's DuckDB keeps of 200 files it read once each (`read_once_each`); the server is stopped."""
+    try:
+        read_once_each(server.parts.engine, tmp_path / "files")
+        return file_cache_bytes(server.parts.engine)
+    finally:
+        server.shutdown()
+
+
 def test_the_write_process_keeps_no_copies_of_the_files_it_read(tmp_path: Path) -> None:
     """The write process reads each file once (a put's files for an online refresh plan, the files a compaction or
     a delete replaces, which are then deleted): DuckDB's external file cache, on by default, kept ~20 KB of each
@@ -474,26 +483,14 @@ def test_the_write_process_keeps_no_copies_of_the_files_it_read(tmp_path: Path) 
     seven minutes; with it off it stayed at 310-440 MB), so its engine has it off. (Found by a soak.)"""
     config = child_config(ServerConfig(catalog_properties=sqlite_catalog(tmp_path), duckdb_threads=1))
     server = FeatureFlightServer(config, location=f"grpc+unix://{tmp_path / 'w.sock'}", write_process=True)
-    try:
-        read_once_each(server.parts.engine, tmp_path / "files")
-        assert file_cache_bytes(server.parts.engine) < 1 << 20
-    finally:
-        server.shutdown()
+    assert kept_after_reading_once(server, tmp_path) < 1 << 20
 
 
 def test_a_serving_process_keeps_copies_of_files_only_from_object_storage(tmp_path: Path) -> None:
     """The same cache in a serving process on a local warehouse held 519 MB after 23 minutes of a soak (8,200 puts,
     maintenance deleting their files), outside the memory budget: local files are in the page cache already, so it
     is off there. On object storage it saves fetching files again, and stays within --duckdb-memory-limit."""
-    server = FeatureFlightServer(
-        ServerConfig(catalog_properties=sqlite_catalog(tmp_path), duckdb_threads=1, write_process=False),
-        location="grpc://127.0.0.1:0",
-    )
-    try:
-        read_once_each(server.parts.engine, tmp_path / "files")
-        assert file_cache_bytes(server.parts.engine) < 1 << 20
-    finally:
-        server.shutdown()
+    assert kept_after_reading_once(start_server(sqlite_catalog(tmp_path), duckdb_threads=1), tmp_path) < 1 << 20
     assert not object_storage(sqlite_catalog(tmp_path))
     assert not object_storage({"type": "sql", "uri": "sqlite://", "warehouse": "/data/warehouse"})
     assert object_storage({"type": "sql", "uri": "sqlite://", "warehouse": "s3://bucket/warehouse"})
