@@ -124,6 +124,7 @@ def _changes(table: Table, since: int, until: int, deletes: bool, through_replac
 # `FILE_WEIGHT` for the rest; snapshots that removed files (compactions, overwrites) are not kept.
 OWN_WEIGHT_KEPT = 250_000  # about 20 MB
 FILE_WEIGHT = 8
+VALUE_BYTES = 70  # what a statistics value takes in memory: the unit of `files_weight`
 
 
 def files_weight(files: list[DataFile]) -> int:

@@ -13,7 +13,7 @@ from pyiceberg.table import FileScanTask
 
 from flight_server.base.lru import WeightedLru
 from flight_server.base.memory import MemoryBudget
-from flight_server.iceberg.lineage import files_weight
+from flight_server.iceberg.lineage import VALUE_BYTES, files_weight
 from flight_server.reads.inuse import SnapshotsInUse
 
 # Plans of recent reads kept (by table, snapshot and filter), weighed as the appended files are (`files_weight`: a
@@ -42,9 +42,6 @@ class PlanCache(WeightedLru[tuple[str, int | None, str], tuple[list[FileScanTask
     def keep(self, key: tuple[str, int | None, str], tasks: list[FileScanTask] | None) -> None:
         if tasks is None or len(tasks) <= self._max_files:  # a plan that large is better planned again than kept
             self.put(key, (tasks, len(key[2])))
-
-
-VALUE_BYTES = 70  # what `files_weight` reckons a statistics value takes in memory: the unit of the plans' weight
 
 
 def _plan_weight(kept: tuple[list[FileScanTask] | None, int]) -> int:
