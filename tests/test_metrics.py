@@ -332,6 +332,66 @@ def test_the_write_process_caches_and_figures_are_scraped_from_the_serving_proce
         server.shutdown()
 
 
+def test_maintenance_rounds_and_the_sizes_they_leave_are_scraped_per_table(tmp_path: Path) -> None:
+    """What each table's maintenance rounds did (here, compactions run in the write process), when the last ran and
+    last ran every step, and the table's size as the round left it; a round whose step fails (a data file storage
+    lost) counts as failed and leaves the last success where it was. The counts match `health`'s totals."""
+    port = free_ports(1)[0]
+    server = start_writing_server(sqlite_catalog(tmp_path), metrics_port=port, compact_min_files=3)
+    table, other = "tests.maintained", "tests.lost_a_file"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            for name in (table, other):
+                client.write(name, _drivers(range(10)), entity_keys=["driver_id"], event_time="event_timestamp")
+                for first in (10, 20, 30):
+                    client.write(name, _drivers(range(first, first + 10)))
+            assert not any(n.startswith("flight_maintenance_") for n, _ in scrape(port))  # no round yet
+            started = dt.datetime.now(UTC).timestamp()
+            small = int(client.describe(table)["snapshots"][-1]["summary"]["total-data-files"])
+            result = client.run_maintenance(table)
+            compacted, added = result["data_files_compacted"], result["data_files_added"]
+            assert compacted > added > 0 and result["error"] is None
+            files = local_files(client.describe(other)["location"])
+            assert files is not None
+            min(files).unlink()  # storage lost one of the small files the compaction reads
+            failed = client.run_maintenance(other)
+            assert failed["error"] is not None and failed["data_files_compacted"] == 0
+            samples = scrape(port)
+            described = client.describe(table)
+            totals = client.health()["maintenance"]
+    finally:
+        server.shutdown()
+
+    def of(name: str, at: str) -> float | None:
+        return value(samples, name, table=at)
+
+    assert of("flight_maintenance_rounds_total", table) == of("flight_maintenance_rounds_total", other) == 1
+    assert of("flight_maintenance_failed_rounds_total", table) == 0
+    assert of("flight_maintenance_failed_rounds_total", other) == 1
+    assert of("flight_maintenance_data_files_compacted_total", table) == compacted
+    assert of("flight_maintenance_data_files_compacted_total", other) == 0
+    assert of("flight_maintenance_snapshots_expired_total", table) == 0  # all younger than the age to expire
+    assert of("flight_maintenance_gave_way_total", table) == 0
+    assert started <= of("flight_maintenance_last_round_timestamp_seconds", table) <= dt.datetime.now(UTC).timestamp()
+    assert of("flight_maintenance_last_success_timestamp_seconds", table) == of(
+        "flight_maintenance_last_round_timestamp_seconds", table
+    )
+    assert of("flight_maintenance_last_round_timestamp_seconds", other) is not None
+    assert of("flight_maintenance_last_success_timestamp_seconds", other) is None  # no round of it ran every step
+    summary = described["snapshots"][-1]["summary"]
+    assert of("flight_table_snapshots", table) == len(described["snapshots"])  # the puts' and the compaction's
+    assert described["snapshots"][-1]["operation"] == "replace"
+    left = int(summary["total-data-files"])
+    assert of("flight_table_data_files", table) == left == small - compacted + added  # as the compaction left it
+    assert of("flight_table_records", table) == described["rows"] == 40
+    assert of("flight_table_files_bytes", table) == int(summary["total-files-size"]) > 0
+    assert of("flight_table_delete_files", table) == 0
+    assert of("flight_table_data_files", other) == small  # nothing compacted
+    for field, name in [("rounds", "rounds"), ("errors", "failed_rounds"), ("data_files_compacted", None)]:
+        family = f"flight_maintenance_{name or field}_total"
+        assert totals[field] == sum(v for (n, _), v in samples.items() if n == family)
+
+
 def test_a_scrape_neither_waits_for_nor_fails_without_the_write_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

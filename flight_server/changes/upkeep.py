@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
 from pyiceberg.exceptions import CommitFailedException, ValidationException
@@ -98,23 +98,70 @@ class Policy:
 
 
 @dataclass
-class _Watched:
-    """A table this server changed: whether it changed since its last round, and when rounds ran."""
+class Totals:
+    """What maintenance did so far: on one table, or on every table of the server (`health`)."""
+
+    rounds: int = 0
+    snapshots_expired: int = 0
+    data_files_compacted: int = 0
+    files_deleted: int = 0  # by expiry (data, delete, manifest and metadata files) and orphan removal
+    bytes_freed: int = 0
+    gave_way: int = 0  # steps that gave way to a concurrent commit
+    errors: int = 0  # rounds with a step that failed
+
+    def add(self, result: MaintenanceResult) -> None:
+        self.rounds += 1
+        self.snapshots_expired += result.snapshots_expired
+        self.data_files_compacted += result.data_files_compacted
+        self.files_deleted += result.files_deleted + result.orphan_files_deleted
+        self.bytes_freed += result.bytes_freed
+        self.gave_way += len(result.gave_way)
+        self.errors += result.error is not None
+
+
+@dataclass(frozen=True)
+class TableFacts:
+    """A table's size as its current snapshot's summary and its metadata tell, read at the end of a round: what an
+    operator watches to see maintenance keep a long-written table bounded."""
+
+    snapshots: int
+    data_files: int
+    delete_files: int
+    records: int
+    bytes: int  # of its data and delete files
+
+    @classmethod
+    def of(cls, metadata: TableMetadata) -> TableFacts:
+        current = metadata.snapshot_by_id(metadata.current_snapshot_id) if metadata.current_snapshot_id else None
+        summary = current.summary.additional_properties if current is not None and current.summary else {}
+
+        def total(key: str) -> int:
+            try:
+                return int(summary.get(key, 0))
+            except ValueError:  # another writer's summary: its figure is not ours to fix
+                return 0
+
+        return cls(
+            snapshots=len(metadata.snapshots),
+            data_files=total("total-data-files"),
+            delete_files=total("total-delete-files"),
+            records=total("total-records"),
+            bytes=total("total-files-size"),
+        )
+
+
+@dataclass
+class Watched:
+    """A table this server changed: whether it changed since its last round, when rounds ran, what they did."""
 
     due: bool = True
     checked: float = 0.0  # time.monotonic() of its last round
     orphans_checked: float | None = None
     last: MaintenanceResult | None = None
-
-
-@dataclass
-class _Totals:
-    rounds: int = 0
-    snapshots_expired: int = 0
-    data_files_compacted: int = 0
-    bytes_freed: int = 0
-    gave_way: int = 0
-    errors: int = 0
+    totals: Totals = field(default_factory=Totals)
+    ran_at: float | None = None  # time.time() at the end of its last round
+    succeeded_at: float | None = None  # ... of its last round whose every step ran (none failed or gave way)
+    facts: TableFacts | None = None  # as its last round left it
 
 
 @dataclass
@@ -154,8 +201,8 @@ class Upkeep:
     def __init__(self, maintenance: Maintenance, config: ServerConfig):
         self.maintenance, self.config = maintenance, config
         self.catalog = maintenance.catalog
-        self._tables: dict[str, _Watched] = {}
-        self._totals = _Totals()
+        self._tables: dict[str, Watched] = {}
+        self._totals = Totals()
         self._lock = threading.Lock()  # guards the records above
         self._working = threading.Lock()  # one table at a time, background and actions alike
         self._stop = threading.Event()
@@ -174,7 +221,7 @@ class Upkeep:
         """This server changed the table: look at it in the next round."""
         name = ".".join(self.catalog.identifier(ref))
         with self._lock:
-            self._tables.setdefault(name, _Watched()).due = True
+            self._tables.setdefault(name, Watched()).due = True
 
     def last(self, ref: str) -> MaintenanceResult | None:
         """The table's last round on this server, if it had one."""
@@ -194,6 +241,11 @@ class Upkeep:
                 **asdict(self._totals),
                 "last": asdict(last) if last is not None else None,
             }
+
+    def tables(self) -> dict[str, Watched]:
+        """Each table this server watches, as its last round left it (copies: for `/metrics`)."""
+        with self._lock:
+            return {name: replace(w, totals=replace(w.totals)) for name, w in self._tables.items()}
 
     def run(self, ref: str) -> MaintenanceResult:
         """One round on the table now, whatever the schedule (orphan removal keeps its own)."""
@@ -222,16 +274,19 @@ class Upkeep:
         """Compact, expire, remove orphans (when due): each step once, a lost race left to the next round."""
         started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
         with self._lock:
-            watched = self._tables.setdefault(name, _Watched())  # the action may name a table not written here
+            watched = self._tables.setdefault(name, Watched())  # the action may name a table not written here
             watched.due, watched.checked = False, time.monotonic()
             orphans_due = (
                 watched.orphans_checked is None or time.monotonic() - watched.orphans_checked >= ORPHAN_SECONDS
             )
         done = _Round()
         try:
-            policy = Policy.of(self.catalog.read(name).metadata, self.config)  # properties only: no fresh parse
+            metadata = self.catalog.read(name).metadata
+            policy = Policy.of(metadata, self.config)  # properties only: no fresh parse
             if policy.enabled:
                 self._steps(name, policy, orphans_due, done)
+                if done.counts.get("data_files_added") or done.counts.get("snapshots_expired"):
+                    metadata = done.step("reading the table", lambda: self.catalog.read(name).metadata) or metadata
         except NotFoundError:
             log.info("maintenance: table %s is gone; no longer watched", name)
             with self._lock:
@@ -253,7 +308,7 @@ class Upkeep:
             gave_way=done.gave_way,
             error="; ".join(done.errors) or None,
         )
-        self._record(name, result, orphans_due and policy.enabled)
+        self._record(name, result, orphans_due and policy.enabled, TableFacts.of(metadata))
         return result
 
     def _steps(self, name: str, policy: Policy, orphans_due: bool, done: _Round) -> None:
@@ -287,20 +342,17 @@ class Upkeep:
             if orphans is not None:
                 done.add(orphan_files_deleted=orphans.files_deleted, bytes_freed=orphans.bytes_deleted)
 
-    def _record(self, name: str, result: MaintenanceResult, orphans_ran: bool) -> None:
+    def _record(self, name: str, result: MaintenanceResult, orphans_ran: bool, facts: TableFacts) -> None:
         with self._lock:
             watched = self._tables.get(name)
             if watched is not None:
-                watched.last = result
+                watched.last, watched.facts, watched.ran_at = result, facts, time.time()
+                watched.totals.add(result)
+                if result.error is None and not result.gave_way:
+                    watched.succeeded_at = watched.ran_at
                 if orphans_ran:
                     watched.orphans_checked = time.monotonic()
-            totals = self._totals
-            totals.rounds += 1
-            totals.snapshots_expired += result.snapshots_expired
-            totals.data_files_compacted += result.data_files_compacted
-            totals.bytes_freed += result.bytes_freed
-            totals.gave_way += len(result.gave_way)
-            totals.errors += result.error is not None
+            self._totals.add(result)
         did = result.data_files_compacted or result.snapshots_expired or result.files_deleted
         log.log(
             logging.INFO if did or result.gave_way or result.error else logging.DEBUG,

@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from flight_server.base.metrics import COMMIT_RETRIES
+from flight_server.changes.upkeep import Watched
 from flight_server.online.index import OnlineIndex
 from flight_server.transport.components import Components
 
@@ -182,6 +183,7 @@ class PartsCollector(Collector):
             "flight_writes_in_progress", "Puts being written or committed.", value=self.parts.writes_in_progress(child)
         )
         yield _commit_retries(self.parts)
+        yield from _maintenance(self.parts.upkeep.tables())
         if self.parts.writes is not None:
             yield from _write_process(child)
 
@@ -324,6 +326,66 @@ def _online(indexes: dict[str, OnlineIndex], nbytes: dict[str, int]) -> Iterator
         refreshes.add_metric([name, "append"], index.appends)
         refreshes.add_metric([name, "rebuild"], index.rebuilds)
     yield from (lag, entities, size, failing, refreshes)
+
+
+# Per table, what its rounds of maintenance on this server did so far (`Totals`' fields), and its size as the last
+# round left it (`TableFacts`' fields): the family's name, and what it counts.
+_MAINTENANCE_TOTALS = {
+    "rounds": ("flight_maintenance_rounds", "Rounds of maintenance run on the table by this server."),
+    "errors": ("flight_maintenance_failed_rounds", "Rounds with a step that failed (the log says why)."),
+    "gave_way": ("flight_maintenance_gave_way", "Steps that gave way to a concurrent commit (run again next round)."),
+    "snapshots_expired": ("flight_maintenance_snapshots_expired", "Snapshots expired."),
+    "data_files_compacted": ("flight_maintenance_data_files_compacted", "Small data files compacted into larger ones."),
+    "files_deleted": (
+        "flight_maintenance_files_deleted",
+        "Files deleted: those only expired snapshots used (data, delete, manifest, metadata files), and orphans.",
+    ),
+    "bytes_freed": ("flight_maintenance_freed_bytes", "Bytes of the files deleted."),
+}
+_TABLE_FACTS = {
+    "snapshots": ("flight_table_snapshots", "Snapshots the table's metadata lists"),
+    "data_files": ("flight_table_data_files", "Data files of the table's current snapshot"),
+    "delete_files": ("flight_table_delete_files", "Delete files of the table's current snapshot"),
+    "records": ("flight_table_records", "Rows of the table's current snapshot, deleted ones included"),
+    "bytes": ("flight_table_files_bytes", "Bytes of the current snapshot's data and delete files"),
+}
+
+
+def _maintenance(tables: dict[str, Watched]) -> Iterator[Metric]:
+    """Per table this server maintains: what its rounds did, when the last ran and last ran every step, and the
+    table's size as that round left it (read at the round, not at the scrape: a scrape asks no catalog)."""
+    totals = {
+        field: CounterMetricFamily(name, f"{doc} By table.", labels=["table"])
+        for field, (name, doc) in _MAINTENANCE_TOTALS.items()
+    }
+    ran = GaugeMetricFamily(
+        "flight_maintenance_last_round_timestamp_seconds",
+        "When the table's last round of maintenance on this server ended (Unix time).",
+        labels=["table"],
+    )
+    succeeded = GaugeMetricFamily(
+        "flight_maintenance_last_success_timestamp_seconds",
+        "When the table's last round whose every step ran (none failed or gave way) ended (Unix time).",
+        labels=["table"],
+    )
+    facts = {
+        field: GaugeMetricFamily(name, f"{doc}, as this server's last maintenance round found.", labels=["table"])
+        for field, (name, doc) in _TABLE_FACTS.items()
+    }
+    for name, watched in tables.items():
+        if watched.ran_at is None:
+            continue  # changed here, no round yet
+        for field, counter in totals.items():
+            counter.add_metric([name], getattr(watched.totals, field))
+        ran.add_metric([name], watched.ran_at)
+        if watched.succeeded_at is not None:
+            succeeded.add_metric([name], watched.succeeded_at)
+        if watched.facts is not None:
+            for field, family in facts.items():
+                family.add_metric([name], getattr(watched.facts, field))
+    yield from totals.values()
+    yield from (ran, succeeded)
+    yield from facts.values()
 
 
 def sending(flow: Flow, reader: pa.RecordBatchReader | pa.Table) -> pa.RecordBatchReader | pa.Table:
