@@ -23,6 +23,20 @@ command -v docker-compose >/dev/null 2>&1 || install_package docker-compose "doc
 # g++: tests/test_cpp_client.py builds a C++ Flight client against pyarrow's headers and libraries.
 command -v g++ >/dev/null 2>&1 || install_package g++ "g++ is"
 
+# promtool: tests/test_alerts.py checks deploy/prometheus/alerts.yml with it. Only the binary, unpacked from Debian's
+# prometheus package into .tools/ (installing the package would also start a Prometheus server).
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x .tools/prometheus/usr/bin/promtool ]; then
+    tools="$(mktemp -d)"
+    if ! (cd "$tools" && { apt-get download prometheus >/dev/null 2>&1 \
+            || { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get download prometheus >/dev/null 2>&1; }; }); then
+        echo "promtool missing: run 'sudo apt-get install prometheus', or put promtool on PATH" >&2
+        exit 1
+    fi
+    mkdir -p .tools/prometheus
+    dpkg-deb --fsys-tarfile "$tools"/prometheus_*.deb | tar -x -C .tools/prometheus ./usr/bin/promtool
+    rm -rf "$tools"
+fi
+
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[server,test]'
