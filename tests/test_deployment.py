@@ -246,3 +246,111 @@ def test_tls_replicas_serve_tls_and_their_health_checks_pass(tmp_path: Path) -> 
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+KUBERNETES = ROOT / "deploy" / "kubernetes" / "flight-server.yaml"
+KUBERNETES_VERSION = "1.30"  # the oldest Kubernetes still maintained when the manifest was written
+_DEPENDENT = re.compile(r"\$\((\w+)\)")
+
+
+@pytest.fixture(scope="module")
+def kubernetes() -> dict[str, dict[str, Any]]:
+    """The manifest's objects by kind and name."""
+    return {f"{doc['kind']}/{doc['metadata']['name']}": doc for doc in yaml.safe_load_all(KUBERNETES.read_text())}
+
+
+def server_container(kubernetes: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    statefulset = kubernetes["StatefulSet/flight-server"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    return statefulset, container
+
+
+def pod_env(container: dict[str, Any], pod: str, namespace: str) -> dict[str, str]:
+    """The container's variables with literal values as Kubernetes gives them to pod `pod`: the downward API's pod
+    name and namespace, `$(VAR)` of an earlier variable expanded (secrets left out)."""
+    env: dict[str, str] = {}
+    for variable in container["env"]:
+        if "value" in variable:
+            env[variable["name"]] = _DEPENDENT.sub(lambda m: env.get(m[1], m[0]), variable["value"])
+        elif variable["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env[variable["name"]] = pod
+        elif variable["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            env[variable["name"]] = namespace
+    return env
+
+
+def test_the_kubernetes_manifest_validates_against_kubernetes_schemas(kubernetes: dict[str, dict[str, Any]]) -> None:
+    import kubernetes_validate
+
+    assert set(kubernetes) == {
+        "Service/flight-server",
+        "Service/flight-server-peers",
+        "StatefulSet/flight-server",
+        "PodDisruptionBudget/flight-server",
+    }
+    for doc in kubernetes.values():
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)  # unknown fields fail too
+
+
+def test_every_kubernetes_server_variable_is_a_setting_and_parses(
+    kubernetes: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    _, container = server_container(kubernetes)
+    env = pod_env(container, "flight-server-0", "features")
+    tokens = tmp_path / "tokens.json"  # the secret's file, as the manifest's comment says to make it
+    tokens.write_text('[{"name": "reader", "token": "reader-token-0123456789", "permissions": ["read"]}]')
+    env["FLIGHT_SERVER_AUTH_TOKENS_FILE"] = str(tokens)
+    secrets = {v["name"] for v in container["env"] if "secretKeyRef" in v.get("valueFrom", {})}
+    assert secrets == {
+        "FLIGHT_SERVER_HEALTH_TOKEN",
+        "FLIGHT_SERVER_CATALOG__S3__ACCESS_KEY_ID",
+        "FLIGHT_SERVER_CATALOG__S3__SECRET_ACCESS_KEY",
+    }
+    test_every_server_variable_is_a_setting_and_its_value_parses({"services": {"k8s": {"environment": env}}})
+    assert catalog_properties_from_env(env)["type"] == "rest"
+    assert not _DEPENDENT.search(" ".join(env.values())), "every $(VAR) names a variable defined before it"
+
+
+def test_kubernetes_replicas_advertise_their_own_names_and_know_each_other(
+    kubernetes: dict[str, dict[str, Any]],
+) -> None:
+    """Each pod advertises the name the headless Service gives it, on the port it listens on; the peers are every
+    pod of the StatefulSet; the Services reach the named ports; probes, ports and the tokens file line up."""
+    statefulset, container = server_container(kubernetes)
+    spec, peers_service = statefulset["spec"], kubernetes["Service/flight-server-peers"]
+    assert spec["serviceName"] == "flight-server-peers" and peers_service["spec"]["clusterIP"] == "None"
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    for service in ("Service/flight-server", "Service/flight-server-peers"):
+        assert kubernetes[service]["spec"]["selector"].items() <= labels.items()
+    assert kubernetes["PodDisruptionBudget/flight-server"]["spec"]["selector"] == spec["selector"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    for service in ("Service/flight-server", "Service/flight-server-peers"):
+        assert {p["targetPort"] for p in kubernetes[service]["spec"]["ports"]} <= ports.keys()
+    pods = [f"flight-server-{i}" for i in range(spec["replicas"])]
+    assert len(pods) >= 2
+    envs = {pod: pod_env(container, pod, "features") for pod in pods}
+    advertised = {pod: f"grpc://{pod}.flight-server-peers.features.svc:{ports['flight']}" for pod in pods}
+    for pod, env in envs.items():
+        assert env["FLIGHT_SERVER_ADVERTISE"] == advertised[pod]
+        assert set(env["FLIGHT_SERVER_PEERS"].split()) == set(advertised.values())  # itself too: left out
+        assert int(env["FLIGHT_SERVER_PORT"]) == ports["flight"] == urlparse(env["FLIGHT_SERVER_HEALTH_LOCATION"]).port
+        assert int(env["FLIGHT_SERVER_METRICS_PORT"]) == ports["metrics"]
+        assert spec["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+    assert container["readinessProbe"]["exec"]["command"] == ["flight-server", "health"]
+    assert container["livenessProbe"]["tcpSocket"]["port"] == "flight"  # not the catalog's health
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    tokens = envs[pods[0]]["FLIGHT_SERVER_AUTH_TOKENS_FILE"]
+    assert Path(tokens).parent == Path(mounts["tokens"])
+    (volume,) = [v for v in spec["template"]["spec"]["volumes"] if v["name"] == "tokens"]
+    assert volume["secret"]["items"] == [{"key": Path(tokens).name, "path": Path(tokens).name}]
+    runs_as = re.search(r"--uid (\d+) flight", (ROOT / "Dockerfile").read_text())
+    assert runs_as is not None and spec["template"]["spec"]["securityContext"]["runAsUser"] == int(runs_as[1])
+
+
+def test_a_server_lists_itself_among_its_peers_once() -> None:
+    """The manifest gives every pod the same peers, itself included: its endpoints name it once."""
+    from flight_server.base.config import ServerConfig
+
+    me, other = "grpc://flight-server-0.p:8815", "grpc://flight-server-1.p:8815"
+    assert ServerConfig(advertise=me, peers=[me, other]).endpoint_locations() == [me, other]
