@@ -23,7 +23,8 @@ from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
 from flight_server.base.filters import parse_filter, to_sql
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.changes.commits import commit_rewrite, live_files
-from flight_server.reads.caches import PLAN_CACHE_MAX_FILES, PlanCache, PositionCache
+from flight_server.iceberg.lineage import files_weight
+from flight_server.reads.caches import PlanCache, PositionCache
 from flight_server.reads.duck import Engine, local_path
 from flight_server.reads.plan import plan_tasks
 from tests.conftest import local_files, sqlite_catalog, start_server, wait_until
@@ -315,10 +316,16 @@ def test_plans_are_kept_per_table_snapshot_and_filter(
     loaded = load(backend, table)
     snapshot = loaded.current_snapshot().snapshot_id  # type: ignore[union-attr]
     schema = loaded.schema()
-    plans = PlanCache(max_values=100_000, max_files=100)
+    plans = PlanCache(max_values=100_000)
     first = plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema), plans)
     assert first is not None and plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema), plans) is first
-    assert plans.total > 8 * len(first)  # weighed by its files' statistics (`files_weight`), not counted
+    # Kept without the statistics that pruned them: a file weighs 8 (`files_weight`), its delete files their own.
+    assert all(t.file.lower_bounds is None and t.file.value_counts is None for t in first)
+    assert all(t.file.record_count > 0 and t.file.file_path for t in first)
+    deletes = {id(d): d for t in first for d in t.delete_files}
+    assert deletes and all(d.lower_bounds for d in deletes.values())  # the data file each applies to
+    filter_weight = len(repr(parse_filter("driver_id < 10", schema))) // 70
+    assert plans.total == 4 + filter_weight + 8 * len(first) + files_weight(list(deletes.values()))
     assert plan_tasks(loaded, snapshot, parse_filter("driver_id < 20", schema), plans) is not first
     parent = loaded.current_snapshot().parent_snapshot_id  # type: ignore[union-attr]
     older = plan_tasks(loaded, parent, parse_filter("driver_id < 10", schema), plans)
@@ -328,10 +335,10 @@ def test_plans_are_kept_per_table_snapshot_and_filter(
     create(client, table)
     again = load(backend, table)
     assert plan_tasks(again, snapshot, parse_filter("driver_id < 10", schema), plans) is not first
-    cache = PlanCache(max_values=8, max_files=1)  # a plan of no file weighs 4 (an entry; its filter is short)
+    cache = PlanCache(max_values=8)  # a plan of no file weighs 4 (an entry; its filter is short)
     cache.keep(("t", 1, "a"), [])
     cache.keep(("t", 2, "a"), None)  # a plan too (pyiceberg cannot plan it), no miss
-    cache.keep(("t", 3, "a"), [object(), object()])  # too large to keep  # type: ignore[list-item]
+    cache.keep(("t", 3, "a"), first[:1])  # too heavy to keep: 4 and a file's 8
     cache.keep(("t", 4, "a"), [])
     assert [cache.plan(("t", n, "a")) for n in (1, 2, 3, 4)] == [(False, None), (True, None), (False, None), (True, [])]
 
@@ -340,7 +347,7 @@ def test_the_plan_cache_bounds_the_filters_it_keeps_plans_for() -> None:
     """Plans of no file under long filters (an IN list of absent keys) weigh their filters' text too: the cache keeps
     no more of it than its limit allows (review 22: each weighed 1, so 2M such plans could have been kept)."""
     limit = 20_000  # values: about 1.4 MB at the ~70 bytes a value `PLAN_CACHE_VALUES` reckons with
-    plans = PlanCache(limit, PLAN_CACHE_MAX_FILES)
+    plans = PlanCache(limit)
     in_list = ",".join(f"'{'n' * 40}{i}'" for i in range(1_000))
     for i in range(200):
         plans.keep(("table-uuid", 1, f"In(term=Reference(name='name'), literals={{{in_list}}}) #{i}"), [])

@@ -16,11 +16,11 @@ from flight_server.base.memory import MemoryBudget
 from flight_server.iceberg.lineage import VALUE_BYTES, files_weight
 from flight_server.reads.inuse import SnapshotsInUse
 
-# Plans of recent reads kept (by table, snapshot and filter), weighed as the appended files are (`files_weight`: a
-# file's statistics values, about 70 bytes each in memory, plus 8): about 140 MB. A soak filled 256 plans, the former
-# count-bounded cap, with 28,000 files, which would have been several GB of a wide table's.
+# Plans of recent reads kept (by table, snapshot and filter), weighed as the appended files are (`files_weight`, in
+# values of about 70 bytes in memory): about 140 MB. Their data files keep no statistics (`plan_tasks`), so a file
+# weighs `FILE_WEIGHT` (8) whatever its table's width: 250,000 files. A soak filled 256 plans, the former
+# count-bounded cap, with 28,000 files, which would have been several GB of a wide table's with their statistics.
 PLAN_CACHE_VALUES = 2_000_000
-PLAN_CACHE_MAX_FILES = 10_000  # larger plans are not kept
 POSITION_CACHE_BYTES = 64 << 20
 
 
@@ -30,9 +30,8 @@ class PlanCache(WeightedLru[tuple[str, int | None, str], tuple[list[FileScanTask
     Bounded by weight: its files' (`files_weight`) and its filter's text (`_plan_weight`). A plan is kept with that
     text's length, so that a kept plan of None is no miss."""
 
-    def __init__(self, max_values: int, max_files: int):
+    def __init__(self, max_values: int):
         super().__init__(max_values, _plan_weight)
-        self._max_files = max_files
 
     def plan(self, key: tuple[str, int | None, str]) -> tuple[bool, list[FileScanTask] | None]:
         """Whether a plan is kept for `key`, and the plan."""
@@ -40,8 +39,7 @@ class PlanCache(WeightedLru[tuple[str, int | None, str], tuple[list[FileScanTask
         return (True, kept[0]) if kept is not None else (False, None)
 
     def keep(self, key: tuple[str, int | None, str], tasks: list[FileScanTask] | None) -> None:
-        if tasks is None or len(tasks) <= self._max_files:  # a plan that large is better planned again than kept
-            self.put(key, (tasks, len(key[2])))
+        self.put(key, (tasks, len(key[2])))
 
 
 def _plan_weight(kept: tuple[list[FileScanTask] | None, int]) -> int:
@@ -135,7 +133,7 @@ class FileCache:
 class ReadCaches:
     """The caches of one server's reads."""
 
-    plans: PlanCache = field(default_factory=lambda: PlanCache(PLAN_CACHE_VALUES, PLAN_CACHE_MAX_FILES))
+    plans: PlanCache = field(default_factory=lambda: PlanCache(PLAN_CACHE_VALUES))
     positions: PositionCache = field(default_factory=lambda: PositionCache(POSITION_CACHE_BYTES))
     files: FileCache = field(default_factory=lambda: FileCache(0))
     in_use: SnapshotsInUse = field(default_factory=SnapshotsInUse)  # what snapshot expiry must keep
