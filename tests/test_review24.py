@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +18,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from flight_client import FeatureClient
+from flight_client import FeatureClient, UnavailableError
 from tests.conftest import catalog_env, healthy, listening, sqlite_catalog, wait_until
 from tests.services import free_ports
-from tests.test_write_process import alive, children, state
+from tests.test_write_process import alive, children, serving, state
 
 SPILL_ROWS = 1_500_000  # a compaction of this many rows spills past SPILL_MEMORY (about 100 MB sorted)
 SPILL_MEMORY = "40MB"
@@ -157,3 +158,48 @@ def test_a_server_restarted_while_its_old_write_process_compacts_compacts_safely
                 ids = client.read_table(table).column("id")
                 assert (len(ids), pc.count_distinct(ids).as_py()) == (SPILL_ROWS, SPILL_ROWS), table
                 assert (pc.min(ids).as_py(), pc.max(ids).as_py()) == (0, SPILL_ROWS - 1), table
+
+
+PLANTED = 20_000  # old orphan files: deleting them keeps the write process busy long enough to be killed in it
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an action whose write process was killed answers with the put's advice (retry a put with its write_id)",
+)
+def test_an_action_whose_write_process_was_killed_says_what_to_do_about_that_action(tmp_path: Path) -> None:
+    """The write process SIGKILLed while it removes orphan files (relayed to it: `RELAYED_ACTIONS`). The call fails
+    UNAVAILABLE, which is right, and nothing referenced is lost; but the message is the one written for a put: "which
+    may have committed; it starts again at the next write. Retry a put with the same write_id: it commits once
+    whichever happened". The caller of `remove_orphan_files` (or `compact`, `expire_snapshots`, `pin`, a maintenance
+    round's steps) has no write_id and committed nothing of the kind: the advice should be to run the action again,
+    which is safe for every one of them. Cause: `WriteProcess._failure` (transport/offload.py) has one message for
+    every relayed call."""
+    with serving(tmp_path) as (_, location), FeatureClient(location) as client:
+        client.write("ops.t", wide_rows(0, 100), entity_keys=["id"], event_time="ts")
+        child = listening(client)
+        root = Path(client.describe("ops.t")["location"].removeprefix("file://"))
+        planted = root / "data" / "planted"
+        planted.mkdir()
+        old = time.time() - 10 * 24 * 3600
+        for i in range(PLANTED):
+            path = planted / f"{i}.parquet"
+            path.write_bytes(b"x")
+            os.utime(path, (old, old))
+        referenced = {p for p in root.rglob("*") if p.is_file()} - set(planted.iterdir())
+        failure: list[Exception] = []
+
+        def remove() -> None:
+            try:
+                client.remove_orphan_files("ops.t")
+            except Exception as exc:  # checked below
+                failure.append(exc)
+
+        removing = threading.Thread(target=remove)
+        removing.start()
+        wait_until(lambda: len(os.listdir(planted)) < PLANTED or not removing.is_alive(), timeout=120, what="deletes")
+        os.kill(child, signal.SIGKILL)
+        removing.join(timeout=60)
+        assert failure and isinstance(failure[0], UnavailableError), failure
+        assert referenced <= {p for p in root.rglob("*") if p.is_file()}  # nothing the table uses went
+        assert "write_id" not in str(failure[0]) and "put" not in str(failure[0]), str(failure[0])
