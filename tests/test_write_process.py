@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError
+from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError, UnavailableError
 from flight_server.base.config import ServerConfig
 from flight_server.reads.duck import Engine, object_storage
 from flight_server.reads.paths import files_relation
@@ -266,6 +268,43 @@ def test_a_write_process_killed_mid_put_fails_that_put_and_the_next_one_starts_a
         assert len(client.describe("kill.t")["snapshots"]) == snapshots + 1  # committed once
         restarted = listening(client)
         assert restarted != child and children(process.pid) == {restarted}
+
+
+PLANTED = 20_000  # old orphan files: deleting them keeps the write process busy long enough to be killed in it
+
+
+def test_an_action_whose_write_process_was_killed_says_to_run_it_again(tmp_path: Path) -> None:
+    """The write process SIGKILLed while it removes orphan files (relayed to it: `RELAYED_ACTIONS`): the call fails
+    UNAVAILABLE, nothing referenced is lost, and the advice is to run the action again, not the put's (review 24: it
+    said to retry a put with its write_id, which the caller of an action has not)."""
+    with serving(tmp_path) as (_, location), FeatureClient(location) as client:
+        client.write("ops.t", rows(list(range(100)), 10, 0.0), **KEYS)
+        child = listening(client)
+        root = Path(client.describe("ops.t")["location"].removeprefix("file://"))
+        planted = root / "data" / "planted"
+        planted.mkdir()
+        old = time.time() - 10 * 24 * 3600
+        for i in range(PLANTED):
+            path = planted / f"{i}.parquet"
+            path.write_bytes(b"x")
+            os.utime(path, (old, old))
+        referenced = {p for p in root.rglob("*") if p.is_file()} - set(planted.iterdir())
+        failure: list[Exception] = []
+
+        def remove() -> None:
+            try:
+                client.remove_orphan_files("ops.t")
+            except Exception as exc:  # checked below
+                failure.append(exc)
+
+        removing = threading.Thread(target=remove)
+        removing.start()
+        wait_until(lambda: len(os.listdir(planted)) < PLANTED or not removing.is_alive(), timeout=120, what="deletes")
+        os.kill(child, signal.SIGKILL)
+        removing.join(timeout=60)
+        assert failure and isinstance(failure[0], UnavailableError), failure
+        assert referenced <= {p for p in root.rglob("*") if p.is_file()}  # nothing the table uses went
+        assert "Run remove_orphan_files again" in str(failure[0]) and "write_id" not in str(failure[0])
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL", "SIGTERM to the process group"])

@@ -189,7 +189,8 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "--duckdb-temp-dir",
         "FLIGHT_SERVER_DUCKDB_TEMP_DIR",
         "Memory and the engine",
-        "Where DuckDB spills when a query exceeds its memory limit.",
+        "Where DuckDB spills when a query exceeds its memory limit: each process into a folder of its own there, "
+        "removed by the next server to start once its process ended.",
         "duckdb_temp_dir",
         _FOLDER,
         default_text=".tmp in the working directory",

@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 import duckdb
 import pyarrow.flight as flight
 
+from flight_server.base.spill import own_spill_folder
+
 log = logging.getLogger(__name__)
 
 # DuckDB scans registered Arrow data through Acero, which warns about (and would otherwise pass on)
@@ -140,8 +142,7 @@ class Engine:
         }
         if threads:
             config["threads"] = threads
-        if temp_dir:
-            config["temp_directory"] = temp_dir
+        config["temp_directory"] = own_spill_folder(temp_dir or ".tmp")  # DuckDB's own default is .tmp, shared
         self._con = duckdb.connect(config=config)
         for name in EXTENSIONS:
             self._con.execute(f"LOAD {_literal(str(extension_path(name)))}")

@@ -152,15 +152,14 @@ def relayed_error(exc: BaseException) -> Exception:
 
 
 def child_config(config: ServerConfig) -> ServerConfig:
-    """The child's settings: the server's catalog and write settings, nothing that faces clients, no automatic
-    maintenance (the serving process runs it: see `RELAYED_ACTIONS`), and DuckDB spill files of its own (two
-    databases spilling into one folder corrupt each other's files)."""
+    """The child's settings: the server's catalog and write settings (its DuckDB spills into a folder of its own in
+    the same `--duckdb-temp-dir`: `base/spill.py`), nothing that faces clients, and no automatic maintenance (the
+    serving process runs it: see `RELAYED_ACTIONS`)."""
     return replace(
         config,
         catalog_properties=config.resolved_catalog_properties(),
         write_process=False,
         auto_maintenance=False,
-        duckdb_temp_dir=f"{config.duckdb_temp_dir or '.tmp'}.write-process",
         host="127.0.0.1",
         port=0,
         advertise=None,
@@ -272,7 +271,7 @@ class WriteProcess:
         try:
             results = list(client.do_action(flight.Action(name, body), _tagged()))
         except (flight.FlightError, pa.ArrowException, OSError) as exc:
-            raise self._failure(exc, process) from None
+            raise self._failure(exc, process, name) from None
         return results[0].body.to_pybytes()
 
     def plan_refresh(
@@ -411,8 +410,9 @@ class WriteProcess:
             return closing
         return exc
 
-    def _failure(self, exc: BaseException, process: subprocess.Popen[bytes]) -> Exception:
-        """`exc` relayed, or `WriteProcessError` when the child stopped (gRPC then says only UNAVAILABLE)."""
+    def _failure(self, exc: BaseException, process: subprocess.Popen[bytes], action: str | None = None) -> Exception:
+        """`exc` relayed, or `WriteProcessError` when the child stopped (gRPC then says only UNAVAILABLE), with the
+        advice for a put, or for the relayed `action`."""
         if isinstance(exc, flight.FlightUnavailableError | OSError) and not getattr(exc, "extra_info", None):
             try:
                 code = process.wait(timeout=5.0)
@@ -420,10 +420,14 @@ class WriteProcess:
                 pass
             else:
                 log.warning("the write process stopped (exit code %s) during a call", code)
+                retry = (
+                    "Retry a put with the same write_id: it commits once whichever happened"
+                    if action is None
+                    else f"Run {action} again: it does what is left to do, or finds it done"
+                )
                 return WriteProcessError(
                     f"the server's write process stopped (exit code {code}) during this call, which may have "
-                    "committed; it starts again at the next write. Retry a put with the same write_id: it commits "
-                    "once whichever happened"
+                    f"committed; it starts again at the next write. {retry}"
                 )
         return relayed_error(exc)
 

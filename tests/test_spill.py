@@ -1,6 +1,6 @@
-"""Review 24: servers and write processes SIGKILLed during maintenance (compaction, snapshot expiry, orphan removal),
-on the embedded SQLite catalog and PostgreSQL. What the review found wrong, each as a failing test (xfail, strict)
-that passes once the cause is fixed."""
+"""DuckDB spill folders (`base/spill.py`): one per database, locked by its process, removed once that process ended;
+and review 24's case, a server restarted while its killed predecessor's write process still compacted and spilled
+beside it into the same folder, where both crashed (SIGSEGV) or read corrupted rows back."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,14 +17,70 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from flight_client import FeatureClient, UnavailableError
+from flight_client import FeatureClient
+from flight_server.base import spill
 from tests.conftest import catalog_env, healthy, listening, sqlite_catalog, wait_until
 from tests.services import free_ports
-from tests.test_write_process import alive, children, serving, state
+from tests.test_write_process import alive, children, state
 
 SPILL_ROWS = 1_500_000  # a compaction of this many rows spills past SPILL_MEMORY (about 100 MB sorted)
 SPILL_MEMORY = "40MB"
-CHILD_SPILLS = ".tmp.write-process"  # the write process's DuckDB spill folder, in the server's working directory
+SPILLS = ".tmp"  # where DuckDB spills by default, in the server's working directory
+
+# A process that makes a spill folder in the parent given, prints it, and waits for its stdin to close.
+HOLDER = (
+    "import sys; from flight_server.base.spill import own_spill_folder; "
+    "print(own_spill_folder(sys.argv[1]), flush=True); sys.stdin.read()"
+)
+
+
+@contextlib.contextmanager
+def holder(parent: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(parent)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stdin is not None
+    try:
+        yield process, Path(process.stdout.readline().strip())
+    finally:
+        process.stdin.close()
+        process.wait(timeout=60)
+
+
+def test_each_database_spills_into_a_folder_of_its_own_in_its_process_folder(tmp_path: Path) -> None:
+    first, second = spill.own_spill_folder(str(tmp_path)), spill.own_spill_folder(str(tmp_path))
+    assert first != second and Path(first).parent == Path(second).parent
+    assert Path(first).parent.parent == tmp_path and Path(first).parent.name.startswith(f"duckdb-{os.getpid()}-")
+    with holder(tmp_path) as (_, other):  # another process: another folder
+        assert other.parent.parent == tmp_path and other.parent != Path(first).parent
+
+
+def test_the_folders_of_processes_that_ended_are_removed_and_those_of_running_ones_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spill, "GRACE_SECONDS", 0.0)  # the folders here are seconds old
+    with holder(tmp_path) as (_, ended):
+        (ended / "duckdb_temp_storage_S64K-0.tmp").write_bytes(b"spilled")
+    killed_process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert killed_process.stdout is not None
+    killed = Path(killed_process.stdout.readline().strip())
+    killed_process.kill()
+    killed_process.wait()
+    (tmp_path / "not-ours").mkdir()
+    with holder(tmp_path) as (_, running):
+        removed = spill.remove_abandoned(str(tmp_path))
+        assert sorted(removed) == sorted(str(folder.parent) for folder in (ended, killed))
+        assert running.is_dir() and not ended.parent.exists() and not killed.parent.exists()
+        assert (tmp_path / "not-ours").is_dir()
+
+
+def test_a_folder_younger_than_the_grace_is_kept_even_unlocked(tmp_path: Path) -> None:
+    """It may be a process's folder in the instant between making it and locking it."""
+    with holder(tmp_path) as (_, ended):
+        pass
+    assert spill.remove_abandoned(str(tmp_path)) == [] and ended.is_dir()
 
 
 def wide_rows(start: int, count: int) -> pa.Table:
@@ -80,16 +135,10 @@ def server_in(folder: Path, log: str) -> Iterator[tuple[subprocess.Popen[bytes],
 
 
 def spilled(folder: Path) -> int:
-    """Bytes in the write processes' spill folder now."""
-    spills = folder / CHILD_SPILLS
-    return sum(f.stat().st_size for f in spills.iterdir() if f.is_file()) if spills.is_dir() else 0
+    """Bytes the server's processes have spilled in their working directory now."""
+    return sum(f.stat().st_size for f in (folder / SPILLS).rglob("*") if f.is_file())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a restarted server's write process spills into the folder its killed predecessor's write process still "
-    "spills into: DuckDB's fixed temp file names collide; the processes crash (SIGSEGV) or read back garbage",
-)
 def test_a_server_restarted_while_its_old_write_process_compacts_compacts_safely(tmp_path: Path) -> None:
     """A server SIGKILLed (its serving process alone: the OOM killer's choice, or `kill -9` of the main pid) while its
     write process compacts; that write process goes on with the call it runs (up to STOP_SECONDS), and the server's
@@ -160,48 +209,3 @@ def test_a_server_restarted_while_its_old_write_process_compacts_compacts_safely
                 ids = client.read_table(table).column("id")
                 assert (len(ids), pc.count_distinct(ids).as_py()) == (SPILL_ROWS, SPILL_ROWS), table
                 assert (pc.min(ids).as_py(), pc.max(ids).as_py()) == (0, SPILL_ROWS - 1), table
-
-
-PLANTED = 20_000  # old orphan files: deleting them keeps the write process busy long enough to be killed in it
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="an action whose write process was killed answers with the put's advice (retry a put with its write_id)",
-)
-def test_an_action_whose_write_process_was_killed_says_what_to_do_about_that_action(tmp_path: Path) -> None:
-    """The write process SIGKILLed while it removes orphan files (relayed to it: `RELAYED_ACTIONS`). The call fails
-    UNAVAILABLE, which is right, and nothing referenced is lost; but the message is the one written for a put: "which
-    may have committed; it starts again at the next write. Retry a put with the same write_id: it commits once
-    whichever happened". The caller of `remove_orphan_files` (or `compact`, `expire_snapshots`, `pin`, a maintenance
-    round's steps) has no write_id and committed nothing of the kind: the advice should be to run the action again,
-    which is safe for every one of them. Cause: `WriteProcess._failure` (transport/offload.py) has one message for
-    every relayed call."""
-    with serving(tmp_path) as (_, location), FeatureClient(location) as client:
-        client.write("ops.t", wide_rows(0, 100), entity_keys=["id"], event_time="ts")
-        child = listening(client)
-        root = Path(client.describe("ops.t")["location"].removeprefix("file://"))
-        planted = root / "data" / "planted"
-        planted.mkdir()
-        old = time.time() - 10 * 24 * 3600
-        for i in range(PLANTED):
-            path = planted / f"{i}.parquet"
-            path.write_bytes(b"x")
-            os.utime(path, (old, old))
-        referenced = {p for p in root.rglob("*") if p.is_file()} - set(planted.iterdir())
-        failure: list[Exception] = []
-
-        def remove() -> None:
-            try:
-                client.remove_orphan_files("ops.t")
-            except Exception as exc:  # checked below
-                failure.append(exc)
-
-        removing = threading.Thread(target=remove)
-        removing.start()
-        wait_until(lambda: len(os.listdir(planted)) < PLANTED or not removing.is_alive(), timeout=120, what="deletes")
-        os.kill(child, signal.SIGKILL)
-        removing.join(timeout=60)
-        assert failure and isinstance(failure[0], UnavailableError), failure
-        assert referenced <= {p for p in root.rglob("*") if p.is_file()}  # nothing the table uses went
-        assert "write_id" not in str(failure[0]) and "put" not in str(failure[0]), str(failure[0])
