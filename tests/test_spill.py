@@ -19,9 +19,8 @@ import pytest
 
 from flight_client import FeatureClient
 from flight_server.base import spill
-from tests.conftest import catalog_env, healthy, listening, sqlite_catalog, wait_until
-from tests.services import free_ports
-from tests.test_write_process import alive, children, state
+from tests.conftest import listening, wait_until
+from tests.test_write_process import alive, serving, state
 
 SPILL_ROWS = 1_500_000  # a compaction of this many rows spills past SPILL_MEMORY (about 100 MB sorted)
 SPILL_MEMORY = "40MB"
@@ -96,42 +95,10 @@ def wide_rows(start: int, count: int) -> pa.Table:
     )
 
 
-@contextlib.contextmanager
-def server_in(folder: Path, log: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`flight-server serve` run from `folder` (its working directory: where DuckDB spills by default) on the SQLite
-    catalog there, with a DuckDB memory limit small enough that a compaction spills."""
-    port = free_ports(1)[0]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
-    env.update(
-        catalog_env(sqlite_catalog(folder)),
-        FLIGHT_SERVER_PORT=str(port),
-        FLIGHT_SERVER_WRITE_PROCESS="1",
-        FLIGHT_SERVER_AUTO_MAINTENANCE="0",
-        FLIGHT_SERVER_DUCKDB_MEMORY_LIMIT=SPILL_MEMORY,
-        FLIGHT_SERVER_DUCKDB_THREADS="1",
-        PYTHONPATH=str(Path(__file__).resolve().parent.parent),  # this checkout's code, whatever the folder
-    )
-    location = f"grpc://127.0.0.1:{port}"
-    with (folder / log).open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flight_server", "serve"],
-            cwd=folder,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_until(lambda: healthy(location) or process.poll() is not None, timeout=90, what=location)
-        assert process.poll() is None, (folder / log).read_text()[-3000:]
-        yield process, location
-    finally:
-        started = children(process.pid) if process.poll() is None else set()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        for child in started:
-            wait_until(lambda c=child: not alive(c), timeout=60, what="the write process to end")
+def server_in(folder: Path, log: str) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[bytes], str]]:
+    """`flight-server serve` run from `folder` on the SQLite catalog there, with a DuckDB memory limit small enough
+    that a compaction spills."""
+    return serving(folder, log=log, FLIGHT_SERVER_DUCKDB_MEMORY_LIMIT=SPILL_MEMORY, FLIGHT_SERVER_DUCKDB_THREADS="1")
 
 
 def spilled(folder: Path) -> int:

@@ -208,17 +208,20 @@ def server_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
 
 @contextlib.contextmanager
 def serving(
-    tmp_path: Path, port: int | None = None, log: str = "server.log"
+    tmp_path: Path, port: int | None = None, log: str = "server.log", **settings: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A `flight-server serve` process (its write process on) on the SQLite catalog in `tmp_path`, at `port` (a free
-    one by default: a server started again at the same port is where its clients were), logging to `log` there; at
-    the end it is killed if it still runs, and its write process ends."""
+    one by default: a server started again at the same port is where its clients were), with more `settings`
+    (`FLIGHT_SERVER_*` variables), run from `tmp_path` (where DuckDB spills by default) and logging to `log` there;
+    at the end it is killed if it still runs, and its write process ends."""
     port = port or free_ports(1)[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_")}
     env.update(catalog_env(sqlite_catalog(tmp_path)), FLIGHT_SERVER_PORT=str(port), FLIGHT_SERVER_WRITE_PROCESS="1")
+    env.update(settings, PYTHONPATH=str(Path(__file__).resolve().parent.parent))  # this checkout's code, run anywhere
     with (tmp_path / log).open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "flight_server", "serve", "--no-auto-maintenance"],
+            cwd=tmp_path,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
