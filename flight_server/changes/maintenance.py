@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pyiceberg.exceptions import CommitFailedException
+from pyiceberg.exceptions import BadRequestError, CommitFailedException
 from pyiceberg.io import FileIO
 from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.table import Table
@@ -149,13 +149,14 @@ def choose_expired(
 def _commit_refs(table: Table, change: Callable[[ManageSnapshots], ManageSnapshots], gone: str) -> None:
     """Commit a change of the table's tags on the metadata it was decided on (`commit_staged`: on a SQL catalog any
     commit since, another replica's expiry say, fails it and `until` decides again on the new metadata). Elsewhere
-    pyiceberg applies it again on newer metadata, where the snapshot or tag may be gone: `NotFoundError`, not the
-    ValueError pyiceberg raises, saying what is `gone`."""
+    pyiceberg, or a REST catalog itself, applies it again on newer metadata, where the snapshot or tag may be gone:
+    `NotFoundError`, not the ValueError pyiceberg raises nor the REST server's refusal (HTTP 400), saying what is
+    `gone`."""
     transaction = MemoTransaction(table)
     change(ManageSnapshots(transaction)).commit()
     try:
         commit_staged(transaction)
-    except ValueError as exc:
+    except (ValueError, BadRequestError) as exc:
         raise NotFoundError(f"{gone} ({exc}); nothing was committed") from None
 
 

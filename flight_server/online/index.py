@@ -191,7 +191,7 @@ class OnlineIndex:
         self.state = state
         self.build_seconds = build_seconds
         self.read_path = read_path  # of the last full build: what the rows of a rebuild cost to read
-        self.metadata_location: str | None = None  # of the table as last refreshed
+        self.version: str | None = None  # of the table as last refreshed (`table_version`)
         self.error: str | None = None  # of the last refresh, if it failed: what a client may see of it
         self.failure: str | None = None  # the same with its whole text (server paths and all), for the log
         self.appends = 0  # refreshes applied from appended files alone (past compactions)

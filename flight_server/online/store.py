@@ -50,7 +50,7 @@ class RefreshPlan:
     does both, and reads the appended Parquet files too (`OnlineStore.plan`); the serving process only merges."""
 
     name: str
-    metadata_location: str
+    version: str  # `table_version`
     snapshot_id: int | None = None
     schema_id: int = 0
     properties: dict[str, str] = field(default_factory=dict)
@@ -86,10 +86,18 @@ def from_results(results: list[bytes]) -> tuple[RefreshPlan, pa.Table | None]:
     return RefreshPlan.from_bytes(results[0]), rows
 
 
+def table_version(table: Table) -> str:
+    """What an index checks to know its table unchanged: the table's metadata file, which is never rewritten, and its
+    uuid, since a REST catalog may name a table dropped and created again the same way (SeaweedFS's
+    `<location>/metadata/v<N>.metadata.json`: review 23 saw an index keep the dropped table's rows)."""
+    return f"{table.metadata.table_uuid} {table.metadata_location}"
+
+
 def plan_refresh(name: str, table: Table, known: str | None, since: int | None) -> RefreshPlan:
-    """The `RefreshPlan` of an index of `name` (`table`) refreshed from metadata file `known` at snapshot `since`."""
-    if table.metadata_location == known:
-        return RefreshPlan(name, table.metadata_location)
+    """The `RefreshPlan` of an index of `name` (`table`) refreshed from version `known` at snapshot `since`."""
+    version = table_version(table)
+    if version == known:
+        return RefreshPlan(name, version)
     snapshot = table.current_snapshot()
     current = snapshot.snapshot_id if snapshot else None
     files = None
@@ -97,7 +105,7 @@ def plan_refresh(name: str, table: Table, known: str | None, since: int | None) 
         files = appended_files(table, since, current)  # read by column name (`_read_latest`)
     return RefreshPlan(
         name,
-        table.metadata_location,
+        version,
         current,
         table.metadata.current_schema_id,
         dict(table.metadata.properties),
@@ -265,7 +273,7 @@ class OnlineStore:
         snapshot_id = snapshot.snapshot_id if snapshot else None
         state = self._state(name, rows, spec, snapshot_id, table.metadata.current_schema_id, within_budget)
         index = OnlineIndex(name, state, time.perf_counter() - started, path)
-        index.metadata_location = table.metadata_location
+        index.version = table_version(table)
         log.info(
             "online index %s: %d entities, %.1f MiB, from snapshot %s (%s path) in %.2f s",
             name,
@@ -341,10 +349,11 @@ class OnlineStore:
             if planned is not None:
                 return planned
         table = self.catalog.read(name)
-        if table.metadata_location == index.metadata_location:
+        version = table_version(table)
+        if version == index.version:
             return "current"
         outcome = self._catch_up(name, index, table)
-        index.metadata_location = table.metadata_location
+        index.version = version
         return outcome
 
     def _planned(self, name: str, index: OnlineIndex, planner: Planner) -> str | None:
@@ -353,18 +362,18 @@ class OnlineStore:
         runs here, as without one)."""
         state = index.state
         room = self._room(name, within_budget=False)
-        planned = planner(name, index.metadata_location, state.snapshot_id, room - index.nbytes(), room)
+        planned = planner(name, index.version, state.snapshot_id, room - index.nbytes(), room)
         if planned is None:
             return None
         plan, latest = planned
-        if plan.metadata_location == index.metadata_location:
+        if plan.version == index.version:
             return "current"
         spec = FeatureSpec.from_properties(plan.properties)
         if spec != state.spec or plan.schema_id != state.schema_id:
             if spec is None or plan.files is not None or latest is None:
                 return None  # only appended rows (or none) read there: of no use under the new shape
         elif plan.snapshot_id == state.snapshot_id:
-            index.metadata_location = plan.metadata_location
+            index.version = plan.version
             return "current"
         if plan.snapshot_id is None or (latest is None and plan.files is None):
             return None
@@ -372,11 +381,11 @@ class OnlineStore:
             assert latest is not None and spec is not None
             index.state = self._state(name, latest, spec, plan.snapshot_id, plan.schema_id, within_budget=False)
             index.rebuilds += 1
-            index.metadata_location = plan.metadata_location
+            index.version = plan.version
             return "rebuilt in the write process"
         changed = index.apply(latest if latest is not None else index.schema.empty_table(), plan.snapshot_id)
         index.appends += 1
-        index.metadata_location = plan.metadata_location
+        index.version = plan.version
         return f"appended {len(plan.files)} file(s), {changed} key(s) changed"
 
     def _catch_up(self, name: str, index: OnlineIndex, table: Table) -> str:
