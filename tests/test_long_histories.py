@@ -4,14 +4,16 @@ maintenance rounds, snapshot expiry with pins, schema evolution and overwrites, 
 plain reference: online lookups (latest and `as_of`, through the writing server and through a replica), training
 sets (docs/protocol.md's ASOF and tie rules, TTL included), whole-table reads, time travel by snapshot id and
 incremental reads (`since_snapshot`), filtered, limited and split scans, training sets from an entity table and
-`as_of` a time. Three servers share one SQLite catalog: the writer (training-set cache on), a replica (DuckDB joins
+`as_of` a time. Three servers share one catalog: the writer (training-set cache on), a replica (DuckDB joins
 only) and a lagging replica (online index refreshed only after a put through it).
 
-Two fixed histories run by default; a soak runs more: `HISTORY_SEEDS=30 HISTORY_SEED0=100 HISTORY_STEPS=40
-[HISTORY_WRITE_PROCESS=1] pytest tests/test_long_histories.py` (about 20-30 s a seed of 30-40 steps on two cores;
-`HISTORY_WRITE_PROCESS` writes through a write process). Review 21 found with it that full ties within one commit
-were ranked by file path as text (tests/test_ties.py), and a misleading refusal of incremental reads
-(tests/test_incremental_scan.py)."""
+By default two fixed histories run on SQLite and a short one on each catalog production runs on: PostgreSQL and
+SeaweedFS's Iceberg REST catalog over its S3. A soak runs more: `HISTORY_SEEDS=30 HISTORY_SEED0=100
+HISTORY_STEPS=40 [HISTORY_CATALOG=rest|postgres|sqlite] [HISTORY_WRITE_PROCESS=1] pytest tests/test_long_histories.py`
+(about 20-30 s a seed of 30-40 steps on two cores; `HISTORY_CATALOG` runs the seeds on those catalogs only,
+comma-separated; `HISTORY_WRITE_PROCESS` writes through a write process). Review 21 found with it that full ties
+within one commit were ranked by file path as text (tests/test_ties.py), and a misleading refusal of incremental
+reads (tests/test_incremental_scan.py)."""
 
 from __future__ import annotations
 
@@ -450,9 +452,23 @@ class History:
             self.expire()
 
 
+def catalog_properties(request: pytest.FixtureRequest, tmp: Path) -> dict[str, str]:
+    """The shared catalog the three servers use: SQLite, PostgreSQL (files on local disk) or SeaweedFS's Iceberg
+    REST catalog (files on its S3), the two that production runs on."""
+    kind = request.param
+    if kind == "sqlite":
+        return sqlite_catalog(tmp)
+    if kind == "postgres":
+        return {"type": "sql", "uri": request.getfixturevalue("postgres_url"), "warehouse": tmp.as_uri()}
+    assert kind == "rest", kind
+    return dict(request.getfixturevalue("seaweedfs"))
+
+
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FeatureFlightServer, ...]]:
-    catalog = sqlite_catalog(Path(tmp_path_factory.mktemp("histories")))
+def servers(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[FeatureFlightServer, ...]]:
+    catalog = catalog_properties(request, Path(tmp_path_factory.mktemp("histories")))
     start = start_writing_server if os.environ.get("HISTORY_WRITE_PROCESS") else start_server
     writer = start(catalog, online_refresh_seconds=0.05)
     replica = start_server(catalog, online_refresh_seconds=0.05, historical_cache_bytes=0)
@@ -475,11 +491,23 @@ def run_history(servers: tuple[FeatureFlightServer, ...], seed: int, steps: int)
             history.check()
 
 
-SOAK_SEED0 = int(os.environ.get("HISTORY_SEED0", "0"))
-SEEDS = [3, 11, *range(SOAK_SEED0, SOAK_SEED0 + int(os.environ.get("HISTORY_SEEDS", "0")))]
+def history_cases() -> list[Any]:
+    """By default two fixed histories on SQLite and one short one on each production catalog; with
+    `HISTORY_CATALOG=sqlite|postgres|rest` (comma-separated for several), the soak's seeds on those only."""
+    steps = int(os.environ.get("HISTORY_STEPS", "20"))
+    seed0 = int(os.environ.get("HISTORY_SEED0", "0"))
+    soak = range(seed0, seed0 + int(os.environ.get("HISTORY_SEEDS", "0")))
+    chosen = os.environ.get("HISTORY_CATALOG")
+    if chosen:
+        return [pytest.param(kind, seed, steps, id=f"{kind}-{seed}") for kind in chosen.split(",") for seed in soak]
+    cases = [pytest.param("sqlite", seed, steps, id=f"sqlite-{seed}") for seed in [3, 11, *soak]]
+    return cases + [pytest.param(kind, 5, 15, id=f"{kind}-5") for kind in ("postgres", "rest")]
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_a_long_history_answers_as_the_reference(servers: tuple[FeatureFlightServer, ...], seed: int) -> None:
-    """Fixed histories of 20 steps (or `HISTORY_STEPS`), and the soak's seeds, checked after every step."""
-    run_history(servers, seed, int(os.environ.get("HISTORY_STEPS", "20")))
+@pytest.mark.parametrize(("servers", "seed", "steps"), history_cases(), indirect=["servers"])
+def test_a_long_history_answers_as_the_reference(
+    servers: tuple[FeatureFlightServer, ...], seed: int, steps: int
+) -> None:
+    """Fixed histories of 20 steps (or `HISTORY_STEPS`) on SQLite, a short one on PostgreSQL and on the REST catalog
+    over S3, and the soak's seeds, checked after every step."""
+    run_history(servers, seed, steps)
