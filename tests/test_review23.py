@@ -1,0 +1,86 @@
+"""Review 23: wrong answers and lost data on the production catalogs (SeaweedFS's Iceberg REST catalog over its S3,
+PostgreSQL), found by running tests/test_long_histories.py's histories there (`HISTORY_CATALOG`) and by aiming at
+the REST catalog's weak spots. Each test fails today (`xfail(strict=True)`); its comment says what is wrong and
+where the cause is believed to be."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from pyiceberg.table.update import RemoveSnapshotsUpdate
+
+from flight_client import FeatureClient
+from flight_server.transport.service import FeatureFlightServer
+from tests.conftest import start_server
+
+UTC = dt.timezone.utc
+
+
+def rows(ids: range, minute: int = 0) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array(list(ids), pa.int64()),
+            "ts": pa.array([dt.datetime(2025, 1, 1, 0, minute, tzinfo=UTC)] * len(ids), pa.timestamp("us", "UTC")),
+            "v": pa.array([float(i) for i in ids], pa.float64()),
+        }
+    )
+
+
+@pytest.fixture
+def two_replicas(seaweedfs: dict[str, str]) -> Iterator[tuple[FeatureFlightServer, FeatureFlightServer]]:
+    """Two servers on SeaweedFS's REST catalog, as two replicas of one deployment."""
+    first, second = start_server(seaweedfs), start_server(seaweedfs)
+    yield first, second
+    first.shutdown()
+    second.shutdown()
+
+
+def client_of(server: FeatureFlightServer) -> FeatureClient:
+    return FeatureClient(f"grpc://127.0.0.1:{server.port}")
+
+
+# What is wrong: on the REST catalog, a pin acknowledged by one replica is silently dropped, with the snapshot it
+# names, by a snapshot expiry that another replica decided a moment before the pin and committed a moment after it.
+# A pin is the documented way to keep a snapshot (a training set's) from expiry; here `pin` answered success,
+# `expire_snapshots` answered that it kept nothing pinned, and the snapshot and its tag are gone.
+# Where: flight_server/changes/maintenance.py `Maintenance._expire_locked` decides on the metadata it loaded (the
+# snapshot is not pinned there) and commits through `commit_staged`. On SQL catalogs that commit swaps the
+# metadata pointer only if no commit landed since (`_commit_sql`), so the expiry is decided again and sees the pin.
+# On REST it goes through pyiceberg's `commit_transaction`, and pyiceberg's `ExpireSnapshots` sends its
+# `remove-snapshots` update with no requirement but the table's uuid: the REST server applies it to whatever
+# metadata is current, removing the pinned snapshot and, as Iceberg's metadata builder does, the tag that now
+# dangles. The expiry should send a requirement that fails when the table changed since it decided (e.g. an
+# `AssertRefSnapshotId` on main plus an assertion per pin, or commit with `AssertRefSnapshotId` for every tag it
+# saw and `assert-ref-snapshot-id` null for new ones), so that `until` decides again.
+@pytest.mark.xfail(strict=True, reason="REST: an expiry decided before another replica's pin drops the pin")
+def test_a_pin_acknowledged_by_one_replica_survives_an_expiry_decided_before_it(
+    two_replicas: tuple[FeatureFlightServer, FeatureFlightServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expiring, pinning = two_replicas
+    table = f"tests.pin_{uuid.uuid4().hex[:10]}"
+    with client_of(expiring) as a, client_of(pinning) as b:
+        first = a.write(table, rows(range(5)), entity_keys=["id"], event_time="ts", partition_by=[]).snapshot_id
+        for minute in (1, 2):
+            a.write(table, rows(range(5), minute))
+        pinned: list[dict[str, Any]] = []
+        rest = expiring.parts.catalog.catalog
+        commit = rest.commit_table
+
+        def pin_meanwhile(target: Any, requirements: Any, updates: Any) -> Any:
+            """The other replica pins the oldest snapshot after this one decided its expiry, before it commits."""
+            if not pinned and any(isinstance(update, RemoveSnapshotsUpdate) for update in updates):
+                pinned.append(b.pin(table, first))
+            return commit(target, requirements, updates)
+
+        monkeypatch.setattr(rest, "commit_table", pin_meanwhile)
+        expired = a.expire_snapshots(table, older_than=dt.datetime.now(UTC), retain_last=1)
+        assert pinned and pinned[0]["snapshot_id"] == first, pinned
+        # the pin held: the snapshot was kept (or the expiry decided again and kept it), and it is still readable
+        assert first not in expired["expired"], expired
+        assert b.describe(table)["pins"] == {pinned[0]["name"]: first}
+        assert b.read_table(table, snapshot_id=first).num_rows == 5
