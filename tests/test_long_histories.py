@@ -5,7 +5,8 @@ plain reference: online lookups (latest and `as_of`, through the writing server 
 sets (docs/protocol.md's ASOF and tie rules, TTL included), whole-table reads, time travel by snapshot id and
 incremental reads (`since_snapshot`), filtered, limited and split scans, training sets from an entity table and
 `as_of` a time. Three servers share one catalog: the writer (training-set cache on), a replica (DuckDB joins
-only) and a lagging replica (online index refreshed only after a put through it).
+only) and a lagging replica (online index refreshed only after a put through it); puts, deletes, compactions, pins
+and expiry go through one or another, so that each server sees changes it did not make.
 
 By default two fixed histories run on SQLite and a short one on each catalog production runs on: PostgreSQL and
 SeaweedFS's Iceberg REST catalog over its S3. A soak runs more: `HISTORY_SEEDS=30 HISTORY_SEED0=100
@@ -129,6 +130,9 @@ class History:
         self.next_v = 0.0
         self.ids = list(range(12))
 
+    def name(self, client: FeatureClient) -> str:
+        return "writer" if client is self.writer else "replica" if client is self.replica else "lagger"
+
     # Steps
 
     def put(self, evolve: bool = False, overwrite: bool = False) -> None:
@@ -196,8 +200,9 @@ class History:
                 or (how == "both" and by_keys and by_filter)
             ):
                 hit.append(r)
-        self.log.append(f"delete {mode} {how} keys={keys} filter={filter_text!r}")
-        reply = self.writer.delete(
+        through = rng.choices([self.writer, self.replica], [0.7, 0.3])[0]
+        self.log.append(f"delete {mode} {how} keys={keys} filter={filter_text!r} through the {self.name(through)}")
+        reply = through.delete(
             self.table,
             keys={"id": keys} if how != "filter" else None,
             filter=filter_text if how != "keys" else None,
@@ -211,8 +216,9 @@ class History:
         filter_text = None
         if self.rng.random() < 0.4:
             filter_text = f"ts >= '{at(self.rng.choice([3, 8])).isoformat()}'"
-        self.log.append(f"compact filter={filter_text!r}")
-        reply = self.writer.compact(self.table, filter=filter_text)
+        through = self.rng.choices([self.writer, self.replica], [0.7, 0.3])[0]
+        self.log.append(f"compact filter={filter_text!r} through the {self.name(through)}")
+        reply = through.compact(self.table, filter=filter_text)
         if reply["compacted"]:
             self.committed(reply["snapshot_id"], "replace", [])
 
@@ -224,15 +230,19 @@ class History:
         self.committed(current, "replace", [])
 
     def expire(self) -> None:
+        """Pins and expiry through any of the servers: one expires snapshots whose training-set indexes another
+        holds, or that a pin made through another keeps."""
         rng = self.rng
         if rng.random() < 0.5 and self.current is not None:
             pinned = rng.choice(sorted(self.snapshots))
             if pinned not in self.expired:
-                self.log.append(f"pin {pinned}")
-                self.writer.pin(self.table, pinned)
+                through = rng.choice([self.writer, self.replica, self.lagger])
+                self.log.append(f"pin {pinned} through the {self.name(through)}")
+                through.pin(self.table, pinned)
         keep = rng.randint(1, 3)
-        self.log.append(f"expire retain_last={keep}")
-        reply = self.writer.expire_snapshots(self.table, older_than=dt.datetime.now(dt.timezone.utc), retain_last=keep)
+        through = rng.choice([self.writer, self.writer, self.replica, self.lagger])
+        self.log.append(f"expire retain_last={keep} through the {self.name(through)}")
+        reply = through.expire_snapshots(self.table, older_than=dt.datetime.now(dt.timezone.utc), retain_last=keep)
         self.expired.update(reply["expired"])
 
     # Checks
