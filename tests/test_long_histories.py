@@ -129,6 +129,7 @@ class History:
         self.times: list[tuple[dt.datetime, list[Row]]] = []  # wall-clock times just after commits, rows then
         self.next_v = 0.0
         self.ids = list(range(12))
+        self.puts: dict[str, tuple[int, pa.Table, dict[str, Any]]] = {}  # write id -> snapshot, rows, arguments
 
     def name(self, client: FeatureClient) -> str:
         return "writer" if client is self.writer else "replica" if client is self.replica else "lagger"
@@ -160,20 +161,38 @@ class History:
         )
         through = rng.choices([self.writer, self.replica, self.lagger], [0.6, 0.25, 0.15])[0]
         self.lagger_due = self.lagger_due or through is self.lagger
-        result = through.write(
-            self.table,
-            data,
-            entity_keys=["id"],
-            event_time="ts",
-            created_time="created",
-            ttl=self.ref.ttl,
-            partition_by=self.partition_by,
-            evolve=evolve,
-            mode="overwrite" if overwrite else "append",
-        )
+        arguments: dict[str, Any] = {
+            "entity_keys": ["id"],
+            "event_time": "ts",
+            "created_time": "created",
+            "ttl": self.ref.ttl,
+            "partition_by": self.partition_by,
+            "evolve": evolve,
+            "mode": "overwrite" if overwrite else "append",
+            "write_id": f"{self.short}-{self.ref.seq}" if rng.random() < 0.3 else None,
+        }
+        self.log[-1] += f" write_id={arguments['write_id']} through the {self.name(through)}"
+        result = through.write(self.table, data, **arguments)
+        assert not result.duplicate, (result, self.log)
         self.ref.evolved = self.ref.evolved or evolve
         self.ref.rows = rows if overwrite else self.ref.rows + rows
         self.committed(result.snapshot_id, "overwrite" if overwrite else "append", rows)
+        if arguments["write_id"] is not None:
+            self.puts[arguments["write_id"]] = (result.snapshot_id, data, arguments)
+        self.retry_put()
+
+    def retry_put(self) -> None:
+        """Now and then a put with a `write_id` is sent again, through any server: while its snapshot is kept, it
+        commits nothing and answers the original snapshot (docs/protocol.md, "Exactly once")."""
+        kept = [key for key, (snapshot_id, _, _) in self.puts.items() if snapshot_id not in self.expired]
+        if not kept or self.rng.random() < 0.7:
+            return
+        write_id = self.rng.choice(sorted(kept))
+        snapshot_id, data, arguments = self.puts[write_id]
+        through = self.rng.choice([self.writer, self.replica, self.lagger])
+        self.log.append(f"put again {write_id} through the {self.name(through)}")
+        result = through.write(self.table, data, **arguments)
+        assert result.duplicate and result.snapshot_id == snapshot_id, (result, snapshot_id, self.log)
 
     def committed(self, snapshot_id: int, operation: str, appended: list[Row]) -> None:
         if snapshot_id == self.current:
