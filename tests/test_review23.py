@@ -5,7 +5,6 @@ where the cause is believed to be."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import threading
 import uuid
@@ -144,26 +143,52 @@ def test_first_puts_through_two_replicas_to_a_new_table_keep_both_their_rows(
         a.write(f"{namespace}.first", rows(range(1)), entity_keys=["id"], event_time="ts", partition_by=[])
         for attempt in range(30):  # the race is lost about one time in four: stop at the first loss
             table = f"{namespace}.t{attempt}"
-            acknowledged = first_puts_at_once(table, (a, b))
+            acknowledged, _ = first_puts_at_once([table, table], (a, b))
             want = sorted(i for k in acknowledged for i in range(10 * k, 10 * k + 3))
             assert sorted(a.read_table(table)["id"].to_pylist()) == want, (attempt, acknowledged)
 
 
-def first_puts_at_once(table: str, clients: tuple[FeatureClient, ...]) -> dict[int, WriteResult]:
-    """Client k puts ids 10k..10k+2 to `table` (which does not exist), all at once; the puts that answered success."""
+def first_puts_at_once(
+    tables: list[str], clients: tuple[FeatureClient, ...]
+) -> tuple[dict[int, WriteResult], list[str]]:
+    """Client k puts ids 10k..10k+2 to `tables[k]` (which does not exist yet), all at once: the puts that answered
+    success, and the errors of the others."""
     barrier = threading.Barrier(len(clients))
     acknowledged: dict[int, WriteResult] = {}
+    failures: list[str] = []
 
     def put(k: int) -> None:
         barrier.wait()
-        with contextlib.suppress(FeatureServerError):  # a put that fails is not acknowledged
+        try:
             acknowledged[k] = clients[k].write(
-                table, rows(range(10 * k, 10 * k + 3)), entity_keys=["id"], event_time="ts", partition_by=[]
+                tables[k], rows(range(10 * k, 10 * k + 3)), entity_keys=["id"], event_time="ts", partition_by=[]
             )
+        except FeatureServerError as exc:  # not acknowledged
+            failures.append(str(exc))
 
     threads = [threading.Thread(target=put, args=(k,)) for k in range(len(clients))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return acknowledged
+    return acknowledged, failures
+
+
+# What is wrong: on the REST catalog, two replicas whose first puts go to new tables of one new namespace at the
+# same moment sometimes fail one put with INTERNAL ("internal error (NoSuchNamespaceError)" or "(ServerError)"):
+# nothing is lost, but a pipeline's first run fails for no fault of its own, with an error that says nothing.
+# Where: SeaweedFS's REST catalog creates namespaces non-atomically: while one creation is under way another
+# answers 500 ("failed to check namespace: attribute not found: s3tables.metadata"), or a table created right after
+# a concurrent creation answers 404 (namespace not found). flight_server/iceberg/catalog.py
+# `FeatureCatalog.ensure_namespace` handles only the SQL catalog's race (`IntegrityError`), and
+# flight_server/changes/writes.py `Writer._stage_new` then creates the table once: a `NoSuchNamespaceError` or
+# `ServerError` from the create right after ensuring the namespace could be retried a few times.
+@pytest.mark.xfail(strict=True, reason="SeaweedFS REST: concurrent namespace creation fails a put with INTERNAL")
+def test_first_puts_through_two_replicas_to_a_new_namespace_both_succeed(
+    two_replicas: tuple[FeatureFlightServer, FeatureFlightServer],
+) -> None:
+    with client_of(two_replicas[0]) as a, client_of(two_replicas[1]) as b:
+        for attempt in range(30):  # one time in five or so: stop at the first failure
+            namespace = f"ns{uuid.uuid4().hex[:8]}"
+            _, failures = first_puts_at_once([f"{namespace}.t0", f"{namespace}.t1"], (a, b))
+            assert not failures, (attempt, failures)
