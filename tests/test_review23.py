@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from pyiceberg.catalog import load_catalog
 from pyiceberg.table.update import RemoveSnapshotsUpdate
 
 from flight_client import FeatureClient, FeatureServerError, NotFoundError
@@ -192,3 +193,34 @@ def test_first_puts_through_two_replicas_to_a_new_namespace_both_succeed(
             namespace = f"ns{uuid.uuid4().hex[:8]}"
             _, failures = first_puts_at_once([f"{namespace}.t0", f"{namespace}.t1"], (a, b))
             assert not failures, (attempt, failures)
+
+
+# What is wrong: on SeaweedFS's REST catalog, a server's online index keeps answering the rows of a dropped table
+# once a table of the same name is created again and has had as many commits as the old one when the index last
+# polled: lookups answer values that are in no table, until the new table's next commit. A pipeline that rebuilds a
+# feature table (drop, then the same number of puts between two polls) serves the old features.
+# Where: flight_server/online/store.py `OnlineStore.refresh` (and `plan_refresh` for a write process) takes an
+# unchanged metadata file path for an unchanged table ("metadata files are never rewritten"). SeaweedFS names them
+# `<location>/metadata/v<N>.metadata.json`, deletes a dropped table's files (purge), and gives the new table the same
+# default location, so its N-th file has the old one's path. Comparing the table's uuid (and current snapshot id)
+# with the index's as well would catch it; the SQL catalog's names carry a uuid, so `FeatureCatalog.read`'s pointer
+# check is safe there.
+@pytest.mark.xfail(strict=True, reason="REST: an online index takes a recreated table's v<N> file for the old one")
+def test_online_lookups_follow_a_table_dropped_and_created_again(seaweedfs: dict[str, str]) -> None:
+    table = f"tests.again_{uuid.uuid4().hex[:10]}"
+    serving = start_server(seaweedfs, online_refresh_seconds=3600)  # refreshed below, as a poll would
+    writing = start_server(seaweedfs)
+    try:
+        with client_of(serving) as s, client_of(writing) as w:
+            w.write(table, rows(range(3)), entity_keys=["id"], event_time="ts", partition_by=[])
+            w.write(table, rows(range(3), minute=1).set_column(2, "v", pa.array([1.0] * 3)))
+            assert s.get_online_features({"id": [0, 1, 2]}, f"{table}:v")["v"].to_pylist() == [1.0] * 3
+            load_catalog("s3", **seaweedfs).drop_table(table)  # another tool drops it; SeaweedFS deletes its files
+            w.write(table, rows(range(3)), entity_keys=["id"], event_time="ts", partition_by=[])
+            w.write(table, rows(range(3), minute=1).set_column(2, "v", pa.array([2.0] * 3)))
+            serving.parts.store.refresh(table)  # the poll after the new table's second commit
+            assert sorted(s.read_table(table)["v"].to_pylist()) == [0.0, 1.0, 2.0, 2.0, 2.0, 2.0]  # scans see it
+            assert s.get_online_features({"id": [0, 1, 2]}, f"{table}:v")["v"].to_pylist() == [2.0] * 3
+    finally:
+        serving.shutdown()
+        writing.shutdown()
