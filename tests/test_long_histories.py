@@ -14,7 +14,8 @@ HISTORY_STEPS=40 [HISTORY_CATALOG=rest|postgres|sqlite] [HISTORY_WRITE_PROCESS=1
 (about 20-30 s a seed of 30-40 steps on two cores; `HISTORY_CATALOG` runs the seeds on those catalogs only,
 comma-separated; `HISTORY_WRITE_PROCESS` writes through a write process). Review 21 found with it that full ties
 within one commit were ranked by file path as text (tests/test_ties.py), and a misleading refusal of incremental
-reads (tests/test_incremental_scan.py)."""
+reads (tests/test_incremental_scan.py); review 23 ran it on PostgreSQL and the REST catalog, and aimed beside it at
+what only they show (tests/test_review23.py)."""
 
 from __future__ import annotations
 
