@@ -391,6 +391,8 @@ class History:
     def check_entity_table(self) -> None:
         ids, times = self.entity_rows()
         pairs = [(i, t) for i, t in zip(ids, times, strict=True) if t is not None]
+        if not pairs:  # a put of no rows is refused ("the write stream is empty")
+            return
         entities = f"{self.table}_entities"
         self.writer.write(
             entities,
