@@ -191,7 +191,7 @@ def test_first_puts_through_two_replicas_to_a_new_namespace_both_succeed(
     two_replicas: tuple[FeatureFlightServer, FeatureFlightServer],
 ) -> None:
     with client_of(two_replicas[0]) as a, client_of(two_replicas[1]) as b:
-        for attempt in range(30):  # one time in five or so: stop at the first failure
+        for attempt in range(40):  # one time in six or so: stop at the first failure
             namespace = f"ns{uuid.uuid4().hex[:8]}"
             _, failures = first_puts_at_once([f"{namespace}.t0", f"{namespace}.t1"], (a, b))
             assert not failures, (attempt, failures)
