@@ -21,7 +21,7 @@ import pytest
 
 from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError, UnavailableError
 from flight_server.base.config import ServerConfig
-from flight_server.reads.duck import Engine, object_storage
+from flight_server.reads.duck import Engine, keeps_file_copies, object_storage
 from flight_server.reads.paths import files_relation
 from flight_server.transport.offload import child_config
 from flight_server.transport.service import FeatureFlightServer
@@ -541,7 +541,8 @@ def test_a_serving_process_keeps_copies_of_files_only_from_object_storage(tmp_pa
 
 def test_documented_catalogs_of_tables_on_s3_count_as_object_storage() -> None:
     """Catalogs of tables on object storage that name no URL warehouse (a REST catalog that vends it, Glue, S3
-    Tables' ARN) keep DuckDB's file cache on: only a local warehouse turns it off (review 22)."""
+    Tables' ARN) count as object storage (review 22). DuckDB's file cache stays on for Glue, and off for REST
+    catalogs, whose servers name the metadata files, the same names again for a table created again (review 23)."""
     rest = {"type": "rest", "uri": "https://iceberg.internal", "credential": "CLIENT_ID:CLIENT_SECRET"}
     glue = {"type": "glue", "glue.region": "us-east-1"}
     s3_tables = {
@@ -551,3 +552,6 @@ def test_documented_catalogs_of_tables_on_s3_count_as_object_storage() -> None:
         "rest.sigv4-enabled": "true",
     }
     assert [object_storage(p) for p in (rest, glue, s3_tables)] == [True, True, True]
+    assert [keeps_file_copies(p) for p in (rest, glue, s3_tables)] == [False, True, False]
+    assert keeps_file_copies({"type": "sql", "uri": "postgresql://db", "warehouse": "s3://bucket/warehouse"})
+    assert not keeps_file_copies({"uri": "http://catalog:8181", "s3.endpoint": "http://s3"})  # REST by its uri
