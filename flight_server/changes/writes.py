@@ -28,7 +28,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
-from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException, TableAlreadyExistsError
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    CommitStateUnknownException,
+    NoSuchNamespaceError,
+    ServerError,
+    TableAlreadyExistsError,
+)
 from pyiceberg.io import FileIO
 from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.partitioning import PartitionSpec
@@ -74,6 +80,11 @@ from flight_server.wire.errors import CancelledError, ConflictError, LimitError,
 from flight_server.wire.writes import WriteRequest, WriteResult, parse_end_marker
 
 log = logging.getLogger(__name__)
+
+# A new table's namespace made by another replica a moment before: a REST catalog that creates namespaces
+# non-atomically (SeaweedFS) answers 500 while that creation is under way, or 404 to a table created right after it
+# (review 23). The new table's staging is tried again this often, 50 ms later and twice as long each time.
+NEW_NAMESPACE_TRIES = 6
 
 
 def _check_feature_columns(spec: FeatureSpec, stream: pa.Schema) -> None:
@@ -298,10 +309,17 @@ class Writer:
         partitioning = partition_spec(
             request.partition_by if request.partition_by is not None else default_partitioning(spec), schema
         )
-        self.catalog.ensure_namespace(identifier[:-1])
-        transaction = self._create_at_free_location(
-            identifier, schema, partitioning, {**NEW_TABLE_HISTORY, **PARQUET_DEFAULTS, **spec.to_properties()}
-        )
+        properties = {**NEW_TABLE_HISTORY, **PARQUET_DEFAULTS, **spec.to_properties()}
+        for attempt in range(NEW_NAMESPACE_TRIES):
+            try:
+                self.catalog.ensure_namespace(identifier[:-1])
+                transaction = self._create_at_free_location(identifier, schema, partitioning, properties)
+                break
+            except (NoSuchNamespaceError, ServerError) as exc:
+                if attempt == NEW_NAMESPACE_TRIES - 1:
+                    raise
+                log.info("creating %s: %s; trying again", ".".join(identifier), exc)
+                time.sleep(0.05 * 2**attempt)
         io = transaction_io(transaction)  # where the catalog wants the new table's files
         metadata = transaction.table_metadata
         return _Staged(transaction, io, table_arrow_schema(metadata.schema()), metadata, spec, None)
