@@ -15,7 +15,7 @@ HISTORY_STEPS=40 [HISTORY_CATALOG=rest|postgres|sqlite] [HISTORY_WRITE_PROCESS=1
 comma-separated; `HISTORY_WRITE_PROCESS` writes through a write process). Review 21 found with it that full ties
 within one commit were ranked by file path as text (tests/test_ties.py), and a misleading refusal of incremental
 reads (tests/test_incremental_scan.py); review 23 ran it on PostgreSQL and the REST catalog, and aimed beside it at
-what only they show (tests/test_review23.py)."""
+what only they show (tests/test_rest_catalog.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""Review 23: wrong answers and lost data on the production catalogs (SeaweedFS's Iceberg REST catalog over its S3,
-PostgreSQL), found by running tests/test_long_histories.py's histories there (`HISTORY_CATALOG`) and by aiming at
-the REST catalog's weak spots. Each test fails today (`xfail(strict=True)`); its comment says what is wrong and
-where the cause is believed to be."""
+"""Behaviour on a REST catalog (SeaweedFS's Iceberg REST catalog over its S3, as docker-compose.yml runs it) that a
+SQL catalog does not show: replicas racing to pin and expire, to create one table or namespace, and tables dropped
+and created again under their names, whose metadata files SeaweedFS names `v<N>.metadata.json` again. Review 23 found
+each (running tests/test_long_histories.py there too, `HISTORY_CATALOG`). Two are limits of the catalog that the
+server cannot close, kept as strict xfails that say so (docs/operations.md states both)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def client_of(server: FeatureFlightServer) -> FeatureClient:
     return FeatureClient(f"grpc://127.0.0.1:{server.port}")
 
 
-# What is wrong: on the REST catalog, a pin acknowledged by one replica is silently dropped, with the snapshot it
+# A limit, not fixed: on the REST catalog, a pin acknowledged by one replica is silently dropped, with the snapshot it
 # names, by a snapshot expiry that another replica decided a moment before the pin and committed a moment after it:
 # `pin` answered success, `expire_snapshots` answered that it kept nothing pinned, and the snapshot and its tag are
 # gone. docs/operations.md ("Several replicas") states this as a limitation of non-SQL catalogs, for snapshots past
@@ -61,7 +62,7 @@ def client_of(server: FeatureFlightServer) -> FeatureClient:
 # docs' "pyiceberg applies the expiry again on the newer metadata" is the server doing it). No REST requirement
 # says "no tag was added", so the fix is not a requirement on the expiry's commit; re-loading the table after the
 # commit would at least let the expiry report the pin it dropped.
-@pytest.mark.xfail(strict=True, reason="REST: an expiry decided before another replica's pin drops the pin")
+@pytest.mark.xfail(strict=True, reason="a limit of REST catalogs: an expiry decided before a pin drops it")
 def test_a_pin_acknowledged_by_one_replica_survives_an_expiry_decided_before_it(
     two_replicas: tuple[FeatureFlightServer, FeatureFlightServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -90,16 +91,9 @@ def test_a_pin_acknowledged_by_one_replica_survives_an_expiry_decided_before_it(
         assert b.read_table(table, snapshot_id=first).num_rows == 5
 
 
-# What is wrong: on the REST catalog, pinning a snapshot that another replica expires between this replica's load
-# and its commit fails as an internal error (the REST server's "can't set snapshot ref ... to unknown snapshot",
-# pyiceberg's `BadRequestError`) instead of `NotFoundError` saying the snapshot is gone, which `_commit_refs`'s
-# docstring promises and a SQL catalog answers (its commit fails, `until` loads the table again and `_pin_once`
-# finds no such snapshot). docs/operations.md promises `NOT_FOUND` only "with a SQL catalog".
-# Where: flight_server/changes/maintenance.py `_commit_refs` catches only the `ValueError` pyiceberg raises when it
-# applies the change again itself; on REST the server applies it and refuses with HTTP 400 (`BadRequestError`),
-# which nothing maps: the client gets INTERNAL. Loading the table again after such a refusal and answering
-# `NotFoundError` when the snapshot is gone would fix it.
-@pytest.mark.xfail(strict=True, reason="REST: a pin of a snapshot expired meanwhile answers INTERNAL, not NOT_FOUND")
+# A pin of a snapshot that another replica expires between this replica's load and its commit: the REST server applies
+# the tag to its newer metadata and refuses it (HTTP 400, "can't set snapshot ref ... to unknown snapshot"), which
+# `_commit_refs` (changes/maintenance.py) answers as NOT_FOUND, as a SQL catalog's lost commit does. It was INTERNAL.
 def test_a_pin_of_a_snapshot_another_replica_expires_meanwhile_is_not_found(
     two_replicas: tuple[FeatureFlightServer, FeatureFlightServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -125,8 +119,8 @@ def test_a_pin_of_a_snapshot_another_replica_expires_meanwhile_is_not_found(
         assert expired and first in expired[0]["expired"], expired
 
 
-# What is wrong: on the REST catalog, two replicas whose first puts create the same new table at the same moment
-# both answer success, and the rows of one of them are not in the table: its snapshot id is in no history. A
+# A limit, not fixed: on SeaweedFS's REST catalog, two replicas whose first puts create the same new table at the
+# same moment both answer success, and the rows of one of them are not in the table: its snapshot id is in no history. A
 # pipeline that writes a new feature table from several workers at once loses data silently.
 # Where: SeaweedFS's Iceberg REST catalog creates tables non-atomically. pyiceberg's `create_table_transaction` stages
 # the table (`stage-create`) and commits it with an `assert-create` requirement; when two such commits arrive together
@@ -137,7 +131,7 @@ def test_a_pin_of_a_snapshot_another_replica_expires_meanwhile_is_not_found(
 # closes the race fully; creating the table empty first and appending to it as loaded (the append's `assert-table-
 # uuid` then fails on a replaced table) would narrow it to two empty creates, and the fix proper is an atomic create
 # in the catalog. Until then, production on SeaweedFS should create tables before writers run in parallel.
-@pytest.mark.xfail(strict=True, reason="SeaweedFS REST: concurrent creates both succeed; one put's rows are lost")
+@pytest.mark.xfail(strict=True, reason="SeaweedFS creates tables non-atomically: both succeed, one put is lost")
 def test_first_puts_through_two_replicas_to_a_new_table_keep_both_their_rows(
     two_replicas: tuple[FeatureFlightServer, FeatureFlightServer],
 ) -> None:
@@ -177,16 +171,10 @@ def first_puts_at_once(
     return acknowledged, failures
 
 
-# What is wrong: on the REST catalog, two replicas whose first puts go to new tables of one new namespace at the
-# same moment sometimes fail one put with INTERNAL ("internal error (NoSuchNamespaceError)" or "(ServerError)"):
-# nothing is lost, but a pipeline's first run fails for no fault of its own, with an error that says nothing.
-# Where: SeaweedFS's REST catalog creates namespaces non-atomically: while one creation is under way another
-# answers 500 ("failed to check namespace: attribute not found: s3tables.metadata"), or a table created right after
-# a concurrent creation answers 404 (namespace not found). flight_server/iceberg/catalog.py
-# `FeatureCatalog.ensure_namespace` handles only the SQL catalog's race (`IntegrityError`), and
-# flight_server/changes/writes.py `Writer._stage_new` then creates the table once: a `NoSuchNamespaceError` or
-# `ServerError` from the create right after ensuring the namespace could be retried a few times.
-@pytest.mark.xfail(strict=True, reason="SeaweedFS REST: concurrent namespace creation fails a put with INTERNAL")
+# First puts through two replicas to new tables of one new namespace: SeaweedFS makes namespaces non-atomically and
+# answers 500 ("failed to check namespace: attribute not found: s3tables.metadata") while another creation of it is
+# under way, or 404 to a table created right after; `Writer._stage_new` (changes/writes.py) tries again
+# (`NEW_NAMESPACE_TRIES`). One put in six or so failed with INTERNAL before.
 def test_first_puts_through_two_replicas_to_a_new_namespace_both_succeed(
     two_replicas: tuple[FeatureFlightServer, FeatureFlightServer],
 ) -> None:
@@ -197,17 +185,10 @@ def test_first_puts_through_two_replicas_to_a_new_namespace_both_succeed(
             assert not failures, (attempt, failures)
 
 
-# What is wrong: on SeaweedFS's REST catalog, a server's online index keeps answering the rows of a dropped table
-# once a table of the same name is created again and has had as many commits as the old one when the index last
-# polled: lookups answer values that are in no table, until the new table's next commit. A pipeline that rebuilds a
-# feature table (drop, then the same number of puts between two polls) serves the old features.
-# Where: flight_server/online/store.py `OnlineStore.refresh` (and `plan_refresh` for a write process) takes an
-# unchanged metadata file path for an unchanged table ("metadata files are never rewritten"). SeaweedFS names them
-# `<location>/metadata/v<N>.metadata.json`, deletes a dropped table's files (purge), and gives the new table the same
-# default location, so its N-th file has the old one's path. Comparing the table's uuid (and current snapshot id)
-# with the index's as well would catch it; the SQL catalog's names carry a uuid, so `FeatureCatalog.read`'s pointer
-# check is safe there.
-@pytest.mark.xfail(strict=True, reason="REST: an online index takes a recreated table's v<N> file for the old one")
+# An online index of a table dropped and created again, polled once the new table has had as many commits as the old
+# one had: SeaweedFS gives the new table's N-th metadata file the old one's path, so an index that went by the path
+# (`OnlineStore.refresh`, `plan_refresh`) kept answering the dropped table's rows. It goes by `table_version` now: the
+# table's uuid and its metadata file.
 def test_online_lookups_follow_a_table_dropped_and_created_again(seaweedfs: dict[str, str]) -> None:
     table = f"tests.again_{uuid.uuid4().hex[:10]}"
     serving = start_server(seaweedfs, online_refresh_seconds=3600)  # refreshed below, as a poll would
@@ -228,19 +209,9 @@ def test_online_lookups_follow_a_table_dropped_and_created_again(seaweedfs: dict
         writing.shutdown()
 
 
-# What is wrong: on SeaweedFS's REST catalog, once a table is dropped and created again under its name, every read of
-# it that goes through DuckDB's `iceberg_scan` on a server that had read the old table that way fails ("internal
-# error": DuckDB "Could not find snapshot with id ..." or "Fails to parse iceberg metadata"), and keeps failing
-# while DuckDB keeps what it read: its external file cache answers the new table's `v<N>.metadata.json` with the
-# dropped table's file of that name. Seen for training sets joined by DuckDB (below) and for filtered scans; with
-# the cache off the same calls answer the new rows (training sets through the in-memory indexes are not affected).
-# Where: flight_server/reads/duck.py `Engine` turns DuckDB's external file cache on in a serving process whose tables
-# are on object storage (`object_storage`), assuming that a path's content never changes; `iceberg_scan` (training
-# sets in flight_server/training/join.py, deletes and compactions run without a write process) reads the table's
-# metadata file by path. SeaweedFS names metadata files `<location>/metadata/v<N>.metadata.json`, deletes a dropped
-# table's files and gives the new table the same location, so the path comes back with other content, and DuckDB's
-# cache validation (`validate_external_file_cache`, VALIDATE_ALL by default) does not notice.
-@pytest.mark.xfail(strict=True, reason="REST: DuckDB's file cache serves a dropped table's v<N>.metadata.json")
+# Training sets joined by DuckDB's `iceberg_scan` (and filtered scans) of a table dropped and created again: DuckDB's
+# external file cache answered the new table's `v<N>.metadata.json` with the dropped table's file of that name, and
+# every such read failed until a restart. The cache is off on REST catalogs now (`keeps_file_copies`, reads/duck.py).
 def test_training_sets_of_a_table_dropped_and_created_again(seaweedfs: dict[str, str]) -> None:
     table = f"tests.again_{uuid.uuid4().hex[:10]}"
     serving = start_server(seaweedfs, historical_cache_bytes=0)  # training sets through DuckDB's iceberg_scan
