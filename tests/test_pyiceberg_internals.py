@@ -519,3 +519,29 @@ def test_only_internals_uses_private_api() -> None:
         "private API used outside flight_server/iceberg/internals.py (wrap it there in a public function, list it "
         "in PRIVATE_API, or allow it in ALLOWED_PRIVATE if it is not pyiceberg's):\n" + "\n".join(found)
     )
+
+
+def test_without_statistics_drops_the_six_statistics_and_keeps_every_other_field() -> None:
+    from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
+    from pyiceberg.typedef import Record
+
+    statistics = ("column_sizes", "value_counts", "null_value_counts", "nan_value_counts")
+    statistics += ("lower_bounds", "upper_bounds")
+    full = DataFile.from_args(
+        content=DataFileContent.DATA,
+        file_path="s3://bucket/t/data/00000-0-a.parquet",
+        file_format=FileFormat.PARQUET,
+        partition=Record(3),
+        record_count=10,
+        file_size_in_bytes=1234,
+        **{name: {1: b"x" if "bounds" in name else 5} for name in statistics},
+        split_offsets=[4],
+        sort_order_id=0,
+    )
+    full.spec_id = 2
+    slim = internals.without_statistics(full)
+    assert all(getattr(slim, name) is None for name in statistics)
+    assert all(getattr(full, name) for name in statistics)  # a copy: the file planned is left as it was
+    kept = [n for n in dir(DataFile) if isinstance(getattr(DataFile, n), property) and n not in statistics]
+    assert {n: getattr(slim, n) for n in kept} == {n: getattr(full, n) for n in kept}
+    assert "record_count" in kept and "spec_id" in kept and slim == full  # equal by path, as pyiceberg compares
