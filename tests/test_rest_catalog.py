@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -48,41 +48,58 @@ def client_of(server: FeatureFlightServer) -> FeatureClient:
     return FeatureClient(f"grpc://127.0.0.1:{server.port}")
 
 
+def with_three_snapshots(client: FeatureClient) -> tuple[str, int]:
+    """A new table of three puts, and its first snapshot."""
+    table = f"tests.pin_{uuid.uuid4().hex[:10]}"
+    first = client.write(table, rows(range(5)), entity_keys=["id"], event_time="ts", partition_by=[]).snapshot_id
+    for minute in (1, 2):
+        client.write(table, rows(range(5), minute))
+    return table, first
+
+
+def before_commits(
+    server: FeatureFlightServer, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[Any], None]
+) -> None:
+    """Run `meanwhile(updates)` before each of `server`'s commits reaches its REST catalog: what another replica
+    does between this one's decision and its commit."""
+    rest = server.parts.catalog.catalog
+    commit = rest.commit_table
+
+    def committing(target: Any, requirements: Any, updates: Any) -> Any:
+        meanwhile(updates)
+        return commit(target, requirements, updates)
+
+    monkeypatch.setattr(rest, "commit_table", committing)
+
+
 # A limit, not fixed: on the REST catalog, a pin acknowledged by one replica is silently dropped, with the snapshot it
 # names, by a snapshot expiry that another replica decided a moment before the pin and committed a moment after it:
 # `pin` answered success, `expire_snapshots` answered that it kept nothing pinned, and the snapshot and its tag are
-# gone. docs/operations.md ("Several replicas") states this as a limitation of non-SQL catalogs, for snapshots past
+# gone. docs/operations.md ("Automatic maintenance") states this as a limitation of non-SQL catalogs, for snapshots past
 # the maximum age; the test keeps it in view (explicit `older_than` is what makes the snapshot old enough here).
 # Where: flight_server/changes/maintenance.py `Maintenance._expire_locked` decides on the metadata it loaded (the
 # snapshot is not pinned there) and commits through `commit_staged`. On SQL catalogs that commit swaps the
 # metadata pointer only if no commit landed since (`_commit_sql`), so the expiry is decided again and sees the pin.
 # On REST it goes through pyiceberg's `commit_transaction`, which does not retry it (no snapshot producer): it sends
 # `remove-snapshots` with no requirement but the table's uuid, and the REST server applies it to whatever metadata
-# is current, removing the pinned snapshot and, as Iceberg's metadata builder does, the tag that now dangles (the
-# docs' "pyiceberg applies the expiry again on the newer metadata" is the server doing it). No REST requirement
-# says "no tag was added", so the fix is not a requirement on the expiry's commit; re-loading the table after the
-# commit would at least let the expiry report the pin it dropped.
+# is current, removing the pinned snapshot and, as Iceberg's metadata builder does, the tag that now dangles. No REST
+# requirement says "no tag was added", so the fix is not a requirement on the expiry's commit; re-loading the table
+# after the commit would at least let the expiry report the pin it dropped.
 @pytest.mark.xfail(strict=True, reason="a limit of REST catalogs: an expiry decided before a pin drops it")
 def test_a_pin_acknowledged_by_one_replica_survives_an_expiry_decided_before_it(
     two_replicas: tuple[FeatureFlightServer, FeatureFlightServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     expiring, pinning = two_replicas
-    table = f"tests.pin_{uuid.uuid4().hex[:10]}"
     with client_of(expiring) as a, client_of(pinning) as b:
-        first = a.write(table, rows(range(5)), entity_keys=["id"], event_time="ts", partition_by=[]).snapshot_id
-        for minute in (1, 2):
-            a.write(table, rows(range(5), minute))
+        table, first = with_three_snapshots(a)
         pinned: list[dict[str, Any]] = []
-        rest = expiring.parts.catalog.catalog
-        commit = rest.commit_table
 
-        def pin_meanwhile(target: Any, requirements: Any, updates: Any) -> Any:
+        def pin(updates: Any) -> None:
             """The other replica pins the oldest snapshot after this one decided its expiry, before it commits."""
             if not pinned and any(isinstance(update, RemoveSnapshotsUpdate) for update in updates):
                 pinned.append(b.pin(table, first))
-            return commit(target, requirements, updates)
 
-        monkeypatch.setattr(rest, "commit_table", pin_meanwhile)
+        before_commits(expiring, monkeypatch, pin)
         expired = a.expire_snapshots(table, older_than=dt.datetime.now(UTC), retain_last=1)
         assert pinned and pinned[0]["snapshot_id"] == first, pinned
         # the pin held: the snapshot was kept (or the expiry decided again and kept it), and it is still readable
@@ -98,22 +115,16 @@ def test_a_pin_of_a_snapshot_another_replica_expires_meanwhile_is_not_found(
     two_replicas: tuple[FeatureFlightServer, FeatureFlightServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     expiring, pinning = two_replicas
-    table = f"tests.pin_{uuid.uuid4().hex[:10]}"
     with client_of(expiring) as a, client_of(pinning) as b:
-        first = a.write(table, rows(range(5)), entity_keys=["id"], event_time="ts", partition_by=[]).snapshot_id
-        for minute in (1, 2):
-            a.write(table, rows(range(5), minute))
+        table, first = with_three_snapshots(a)
         expired: list[dict[str, Any]] = []
-        rest = pinning.parts.catalog.catalog
-        commit = rest.commit_table
 
-        def expire_meanwhile(target: Any, requirements: Any, updates: Any) -> Any:
+        def expire(updates: Any) -> None:
             """The other replica expires the snapshot after this one loaded the table to pin it."""
             if not expired:
                 expired.append(a.expire_snapshots(table, older_than=dt.datetime.now(UTC), retain_last=1))
-            return commit(target, requirements, updates)
 
-        monkeypatch.setattr(rest, "commit_table", expire_meanwhile)
+        before_commits(pinning, monkeypatch, expire)
         with pytest.raises(NotFoundError, match="no snapshot"):
             b.pin(table, first)
         assert expired and first in expired[0]["expired"], expired
