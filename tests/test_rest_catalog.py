@@ -222,10 +222,11 @@ def test_online_lookups_follow_a_table_dropped_and_created_again(seaweedfs: dict
 
 # Training sets joined by DuckDB's `iceberg_scan` (and filtered scans) of a table dropped and created again: DuckDB's
 # external file cache answered the new table's `v<N>.metadata.json` with the dropped table's file of that name, and
-# every such read failed until a restart. The cache is off on REST catalogs now (`keeps_file_copies`, reads/duck.py).
+# every such read failed until a restart. The cache is off on REST catalogs now (`FeatureCatalog.names_metadata_files`).
 def test_training_sets_of_a_table_dropped_and_created_again(seaweedfs: dict[str, str]) -> None:
     table = f"tests.again_{uuid.uuid4().hex[:10]}"
     serving = start_server(seaweedfs, historical_cache_bytes=0)  # training sets through DuckDB's iceberg_scan
+    assert not serving.parts.catalog.names_metadata_files
     writing = start_server(seaweedfs)
     entities = {"id": [0, 1, 2], "event_timestamp": [dt.datetime(2025, 1, 1, 1, tzinfo=UTC)] * 3}
     try:

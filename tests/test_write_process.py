@@ -18,10 +18,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pyiceberg.catalog import MetastoreCatalog
+from pyiceberg.catalog.rest import RestCatalog
+from pyiceberg.catalog.sql import SqlCatalog
 
 from flight_client import FeatureClient, FeatureServerError, ResourceExhaustedError, UnavailableError
 from flight_server.base.config import ServerConfig
-from flight_server.reads.duck import Engine, keeps_file_copies, object_storage
+from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.reads.duck import Engine, object_storage
 from flight_server.reads.paths import files_relation
 from flight_server.transport.offload import child_config
 from flight_server.transport.service import FeatureFlightServer
@@ -534,6 +538,7 @@ def test_a_serving_process_keeps_copies_of_files_only_from_object_storage(tmp_pa
     is off there. On object storage it saves fetching files again, and stays within --duckdb-memory-limit."""
     assert kept_after_reading_once(start_server(sqlite_catalog(tmp_path), duckdb_threads=1), tmp_path) < 1 << 20
     assert not object_storage(sqlite_catalog(tmp_path))
+    assert FeatureCatalog("default", sqlite_catalog(tmp_path)).names_metadata_files
     assert not object_storage({"type": "sql", "uri": "sqlite://", "warehouse": "/data/warehouse"})
     assert object_storage({"type": "sql", "uri": "sqlite://", "warehouse": "s3://bucket/warehouse"})
     assert object_storage({"type": "rest", "uri": "http://catalog", "warehouse": "prod", "s3.endpoint": "http://s3"})
@@ -552,6 +557,5 @@ def test_documented_catalogs_of_tables_on_s3_count_as_object_storage() -> None:
         "rest.sigv4-enabled": "true",
     }
     assert [object_storage(p) for p in (rest, glue, s3_tables)] == [True, True, True]
-    assert [keeps_file_copies(p) for p in (rest, glue, s3_tables)] == [False, True, False]
-    assert keeps_file_copies({"type": "sql", "uri": "postgresql://db", "warehouse": "s3://bucket/warehouse"})
-    assert not keeps_file_copies({"uri": "http://catalog:8181", "s3.endpoint": "http://s3"})  # REST by its uri
+    # pyiceberg names the metadata files of its metastore catalogs (Glue's too), not of REST ones (their servers do)
+    assert [issubclass(c, MetastoreCatalog) for c in (RestCatalog, SqlCatalog)] == [False, True]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.catalog import Catalog, MetastoreCatalog, load_catalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
 from pyiceberg.io import load_file_io
@@ -215,6 +215,14 @@ class FeatureCatalog:
         """The tables `read` keeps, and what is kept to parse their next metadata files (weighed in snapshots), for
         metrics and `health`."""
         return {"tables": {"entries": len(self._read)}, "parsed_metadata": self._parsed.stats("snapshots")}
+
+    @property
+    def names_metadata_files(self) -> bool:
+        """Whether pyiceberg writes the tables' metadata files, each name with a uuid (SQL, Glue, Hive...: its
+        `MetastoreCatalog`s), so that a path's content never changes. A REST catalog's server writes and names them:
+        SeaweedFS's are `<location>/metadata/v<N>.metadata.json`, the same again for a table dropped and created again
+        under its name (review 23)."""
+        return isinstance(self.catalog, MetastoreCatalog)
 
     def identifier(self, table: str) -> tuple[str, ...]:
         return parse_table_name(table, self.default_namespace)

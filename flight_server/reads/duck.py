@@ -118,16 +118,6 @@ def object_storage(properties: Mapping[str, str]) -> bool:
     return not local or any(key.startswith(("s3.", "gcs.", "adls.")) for key in properties)
 
 
-def keeps_file_copies(properties: Mapping[str, str]) -> bool:
-    """Whether a serving process's DuckDB may keep copies of the files it reads (its external file cache, which
-    takes a path's content to never change): for tables on object storage (`object_storage`) whose metadata files
-    pyiceberg names, with a uuid in each name. Not on a REST catalog, whose server names them: SeaweedFS's are
-    `<location>/metadata/v<N>.metadata.json`, the same again for a table dropped and created again under its name,
-    and the cache answered the dropped table's file to `iceberg_scan` (review 23)."""
-    rest = properties.get("type", "rest" if properties.get("uri", "").startswith("http") else "") == "rest"
-    return object_storage(properties) and not rest
-
-
 class Engine:
     """A DuckDB database configured for this server; hand out cursors with `cursor()`.
 

@@ -20,7 +20,7 @@ from flight_server.iceberg.metadata_files import snapshot_json
 from flight_server.online.service import OnlineService
 from flight_server.online.store import OnlineStore
 from flight_server.reads.caches import FileCache, ReadCaches
-from flight_server.reads.duck import Engine, keeps_file_copies
+from flight_server.reads.duck import Engine, object_storage
 from flight_server.training.asof import AsofCache
 from flight_server.training.entities import EntitySplits
 from flight_server.training.sets import TrainingSets
@@ -48,9 +48,11 @@ class Components:
     @classmethod
     def build(cls, config: ServerConfig, write_process: bool = False) -> Components:
         """The parts of a server, or of a server's write process (`write_process`). DuckDB keeps copies of the files
-        it read only in a serving process that reads them from object storage (`Engine`, `keeps_file_copies`)."""
+        it read (`Engine`), taking a path's content never to change, only in a serving process that reads them from
+        object storage, on a catalog whose metadata files pyiceberg names (`names_metadata_files`): a REST server's
+        `v<N>.metadata.json` came back with a table created again, and the cache answered the dropped table's."""
         catalog = FeatureCatalog(config.catalog_name, config.resolved_catalog_properties(), config.default_namespace)
-        file_cache = not write_process and keeps_file_copies(catalog.properties)
+        file_cache = not write_process and object_storage(catalog.properties) and catalog.names_metadata_files
         engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir, file_cache)
         engine.use_storage(catalog.properties)
         budget = config.memory_budget_bytes
