@@ -68,6 +68,8 @@ def _as_of(value: dt.datetime | str | int | None) -> str | None:
 
 def _jsonable(value: Any) -> Any:
     """Inline entity values as JSON: datetimes become ISO-8601 (naive means UTC)."""
+    if isinstance(value, pa.Scalar):  # a value of an Arrow array given as a column
+        value = value.as_py()
     if isinstance(value, dt.datetime):
         return format_timestamp(value)
     if hasattr(value, "item"):  # numpy scalars

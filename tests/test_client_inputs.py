@@ -71,6 +71,7 @@ FORMS: dict[str, Callable[[pa.Table], Any]] = {
     "pandas_unnamed_index": lambda t: t.to_pandas().set_axis(range(100, 100 + t.num_rows)),
     "pandas_named_index": lambda t: t.to_pandas().set_index("driver_id"),
     "dict_of_lists": lambda t: t.to_pydict(),
+    "dict_of_arrays": lambda t: {name: t.column(name).combine_chunks() for name in t.column_names},
     "list_of_dicts": lambda t: t.to_pylist(),
 }
 
@@ -131,9 +132,12 @@ def test_online_lookups_take_every_form_of_keys(client: FeatureClient, features:
     result = client.get_online_features(FORMS[form](KEYS), wanted, apply_ttl=False)
     assert result.column("rate").to_pylist() == [0.3, 0.4, None, 0.4]
     assert result.equals(client.get_online_features(KEYS, wanted, apply_ttl=False))
+    later = BASE + dt.timedelta(days=1)  # as of a time: the keys go inline in the ticket, not over a session
+    as_of = client.get_online_features(FORMS[form](KEYS), wanted, apply_ttl=False, as_of=later)
+    assert as_of.column("rate").to_pylist() == [0.3, 0.4, None, 0.4]
 
 
-@pytest.mark.parametrize("form", ["polars", "duckdb", "list_of_dicts", "pandas_unnamed_index"])
+@pytest.mark.parametrize("form", ["polars", "duckdb", "list_of_dicts", "dict_of_arrays", "pandas_unnamed_index"])
 def test_delete_takes_keys_in_every_form(client: FeatureClient, form: str) -> None:
     name = table_name()
     client.write(name, ROWS, entity_keys=["driver_id"], event_time="event_timestamp")
