@@ -23,8 +23,9 @@ command -v docker-compose >/dev/null 2>&1 || install_package docker-compose "doc
 # g++: tests/test_cpp_client.py builds a C++ Flight client against pyarrow's headers and libraries.
 command -v g++ >/dev/null 2>&1 || install_package g++ "g++ is"
 
-# promtool: tests/test_alerts.py checks deploy/prometheus/alerts.yml with it. Only the binary, unpacked from Debian's
-# prometheus package into .tools/ (installing the package would also start a Prometheus server).
+# promtool: tests/test_alerts.py checks deploy/prometheus/alerts.yml with it, tests/test_dashboard.py the queries of
+# deploy/grafana/flight-server.json. Only the binary, unpacked from Debian's prometheus package into .tools/
+# (installing the package would also start a Prometheus server).
 if ! command -v promtool >/dev/null 2>&1 && [ ! -x .tools/prometheus/usr/bin/promtool ]; then
     tools="$(mktemp -d)"
     if ! (cd "$tools" && { apt-get download prometheus >/dev/null 2>&1 \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from flight_server.base.config import ENV_CATALOG_PREFIX, ServerConfig
 from flight_server.transport.service import FeatureFlightServer
 from tests.services import _stop_group, free_ports, postgres_server, seaweedfs_server
 
+ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["sqlite", "postgres", "rest"]
 # Small chunks so that tests of multi-megabyte streams exercise several file flushes.
 TEST_CHUNK_BYTES = 256 << 10
@@ -48,6 +50,16 @@ def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         root = tmp_path_factory.mktemp("pg-warehouse")
         return {"type": "sql", "uri": request.getfixturevalue("postgres_url"), "warehouse": root.as_uri()}
     return dict(request.getfixturevalue("seaweedfs"))
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus's promtool, which checks the alerting rules (tests/test_alerts.py) and the dashboard's queries
+    (tests/test_dashboard.py): on PATH, or where scripts/test.sh unpacks it."""
+    found = shutil.which("promtool") or ROOT / ".tools" / "prometheus" / "usr" / "bin" / "promtool"
+    if not Path(found).is_file():
+        pytest.fail("promtool is needed to check deploy/prometheus/: run scripts/test.sh, which unpacks it")
+    return str(found)
 
 
 def sqlite_catalog(root: Path) -> dict[str, str]:

@@ -6,30 +6,20 @@ unpacks it into .tools/ when it is not installed."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pyarrow as pa
-import pytest
 import yaml
 
 from flight_client import FeatureClient
 from tests.conftest import sqlite_catalog, start_writing_server, wait_until
 from tests.services import free_ports
-from tests.test_metrics import _drivers, scrape
+from tests.test_metrics import Samples, _drivers, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "tests" / "fixtures" / "prometheus" / "alerts_test.yml"
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    found = shutil.which("promtool") or ROOT / ".tools" / "prometheus" / "usr" / "bin" / "promtool"
-    if not Path(found).is_file():
-        pytest.fail("promtool is needed to check deploy/prometheus/alerts.yml: run scripts/test.sh, which unpacks it")
-    return str(found)
 
 
 def test_the_rules_are_valid_and_fire_as_their_unit_tests_say(promtool: str) -> None:
@@ -45,11 +35,16 @@ def test_every_alert_has_a_unit_test_where_it_fires() -> None:
 
 
 def test_every_metric_the_rules_name_is_served(tmp_path: Path) -> None:
-    """A writing server with metrics on, after a put (its write process up), an online lookup and a maintenance
-    round: each metric a rule's expression names is among its samples."""
     rules = [rule["expr"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
     named = {name for expr in rules for name in re.findall(r"\bflight_[a-z_]+\b", expr)}
     assert len(named) >= 7
+    served = {name for name, _ in served_samples(tmp_path)}
+    assert named <= served, f"named by deploy/prometheus/alerts.yml but not served: {sorted(named - served)}"
+
+
+def served_samples(tmp_path: Path) -> Samples:
+    """The samples of a writing server with metrics on, after a put (its write process up), an online lookup and a
+    maintenance round: what the alerting rules, and the dashboard (tests/test_dashboard.py), may name."""
     port = free_ports(1)[0]
     server = start_writing_server(sqlite_catalog(tmp_path), metrics_port=port)
     try:
@@ -61,7 +56,6 @@ def test_every_metric_the_rules_name_is_served(tmp_path: Path) -> None:
             lookup = client.get_online_features({"driver_id": pa.array([1], pa.int64())}, [f"{table}:rate"])
             assert lookup.to_pydict()["rate"] == [1.0]
             assert client.run_maintenance(table)["error"] is None
-            served = {name for name, _ in scrape(port)}
+            return scrape(port)
     finally:
         server.shutdown()
-    assert named <= served, f"named by deploy/prometheus/alerts.yml but not served: {sorted(named - served)}"
