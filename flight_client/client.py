@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -66,16 +67,47 @@ def _as_of(value: dt.datetime | str | int | None) -> str | None:
     return value
 
 
-def _jsonable(value: Any) -> Any:
-    """Inline entity values as JSON: datetimes become ISO-8601 (naive means UTC)."""
-    if isinstance(value, pa.Scalar):  # a value of an Arrow array given as a column
+_JSON_VALUES = (type(None), bool, int, float, str)
+
+
+def _python(value: Any) -> Any:
+    """A value of a column given as a list or an Arrow array as plain Python (Arrow and numpy scalars unwrapped);
+    pandas' missing float (NaN) as None."""
+    if isinstance(value, pa.Scalar):
         value = value.as_py()
-    if isinstance(value, dt.datetime):
-        return format_timestamp(value)
-    if hasattr(value, "item"):  # numpy scalars
+    elif hasattr(value, "item") and not isinstance(value, dt.datetime):  # numpy scalars
         value = value.item()
-    if isinstance(value, float) and math.isnan(value):  # pandas' missing value; JSON has no NaN
-        return None
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _inline(columns: dict[str, list[Any]], time_column: str | None = None) -> dict[str, list[Any]] | None:
+    """`columns` as JSON for an inline request, or None when a value would not arrive as it was given: the server
+    types inline values as JSON's (whole numbers, floats, text; ISO-8601 text as a time only in `time_column`,
+    where datetimes are sent so), so dates, datetimes elsewhere, decimals and bytes go as Arrow instead."""
+    inline: dict[str, list[Any]] = {}
+    for name, values in columns.items():
+        column = inline[name] = []
+        for value in map(_python, values):
+            if isinstance(value, dt.datetime) and name == time_column:
+                value = format_timestamp(value)
+            elif not isinstance(value, _JSON_VALUES):
+                return None
+            column.append(value)
+    return inline
+
+
+def _key_text(name: str, value: Any) -> Any:
+    """A `delete` key as JSON: dates, times and decimals as text, which the server reads as the key's type."""
+    value = _python(value)
+    if isinstance(value, (dt.date, dt.time)):  # a datetime too
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if not isinstance(value, _JSON_VALUES):
+        raise InvalidRequestError(
+            f"delete keys of {name!r} cannot be sent as {type(value).__name__}; delete those rows with a filter",
+            "INVALID_ARGUMENT",
+        )
     return value
 
 
@@ -291,7 +323,7 @@ class FeatureClient:
         if keys is not None:
             given = inputs.python_columns(keys)
             given = given if given is not None else inputs.to_table(keys).to_pydict()
-            columns = {k: [_jsonable(v) for v in values] for k, values in given.items()}
+            columns = {k: [_key_text(k, v) for v in values] for k, values in given.items()}
         return self._action("delete", asdict(DeleteRequest(table, columns, filter, mode)))
 
     def compact(self, table: str, filter: str | None = None) -> dict[str, Any]:
@@ -511,7 +543,8 @@ class FeatureClient:
         """Join `features` (`"table:feature"`, or one such string) to each entity row as of its timestamp.
 
         `entity_rows` is a DataFrame, Arrow data, a DuckDB relation or a reader (streamed to the
-        server), a dict of column lists or a list of row dicts (sent inline), or the name of a table on
+        server), a dict of column lists or a list of row dicts (sent inline when JSON carries their values:
+        numbers, text, and datetimes in `entity_time`; else as Arrow), or the name of a table on
         the server (optionally with `entity_filter`), whose parts are fetched in parallel. The result has one
         row per entity row, in order; its schema metadata `flight.snapshots` names the snapshots
         it was computed from: pass them back as `snapshot_ids` to get the same result again.
@@ -558,10 +591,11 @@ class FeatureClient:
             request = self._historical_request(
                 entity_rows, features, full_feature_names, snapshot_ids, as_of, entity_time, entity_filter, world_size
             )
-            endpoints = self._info(request).endpoints
-            for endpoint in endpoints[rank::world_size]:
-                yield from batches(self._open_endpoint(endpoint))
-            return
+            if request.entities is not None:  # else rows JSON does not carry as they are: as Arrow, below
+                endpoints = self._info(request).endpoints
+                for endpoint in endpoints[rank::world_size]:
+                    yield from batches(self._open_endpoint(endpoint))
+                return
         table = inputs.to_table(entity_rows)
         start, stop = rank * table.num_rows // world_size, (rank + 1) * table.num_rows // world_size
         yield from self._exchange_rows(
@@ -605,8 +639,8 @@ class FeatureClient:
         columns = None if isinstance(entity_rows, str) else inputs.python_columns(entity_rows)
         if isinstance(entity_rows, str):
             entities = EntitySource(table=entity_rows, filter=entity_filter)
-        elif columns is not None:
-            entities = EntitySource(rows={k: [_jsonable(v) for v in values] for k, values in columns.items()})
+        elif columns is not None and (inline := _inline(columns, entity_time)) is not None:
+            entities = EntitySource(rows=inline)
         return HistoricalRequest(
             features=inputs.name_list(features),
             entities=entities,
@@ -747,7 +781,9 @@ class FeatureClient:
                     return self._sessions.lookup(request, keys)
                 except STREAM_ERRORS as exc:
                     raise from_flight_error(exc) from None
-        inline = {k: [_jsonable(v) for v in values] for k, values in columns.items()}
+        inline = _inline(columns)
+        if inline is None:  # values JSON does not carry as they are: as Arrow
+            return self._exchange(request, pa.table(columns))
         ticket = flight.Ticket(replace(request, entities=inline).to_bytes())
         try:
             return self._client.do_get(ticket, self._options).read_all()

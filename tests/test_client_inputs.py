@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +252,36 @@ def test_entity_rows_that_fail_midway_fail_the_call(client: FeatureClient, featu
     with pytest.raises(type(error), match=str(error).split(":")[0]):
         client.get_historical_features(broken, [f"{features}:rate"])
     assert client.get_historical_features(ENTITIES, [f"{features}:rate"]).num_rows == ENTITIES.num_rows
+
+
+KEY_VALUES = {  # keys JSON does not carry as they are, two of each
+    "date": pa.array([dt.date(2026, 1, 1), dt.date(2026, 1, 2)]),
+    "timestamp": pa.array([BASE, BASE + dt.timedelta(seconds=1)], pa.timestamp("us", "UTC")),
+    "decimal": pa.array([Decimal("1.10"), Decimal("2.20")], pa.decimal128(10, 2)),
+}
+
+
+@pytest.mark.parametrize("kind", KEY_VALUES)
+def test_keys_json_does_not_carry_go_as_arrow_or_as_text(client: FeatureClient, kind: str) -> None:
+    """Dates, times and decimals given as Python values (or Arrow arrays in a dict): inline requests would have
+    sent them as text or failed to encode them, so training sets and lookups as of a time send them as Arrow, and
+    deletes, which only go inline, as text that the server reads as the key's type."""
+    keys = KEY_VALUES[kind]
+    name = table_name()
+    stamps = pa.array([BASE, BASE], pa.timestamp("us", "UTC"))
+    client.write(name, pa.table({"k": keys, "ts": stamps, "v": [1.0, 2.0]}), entity_keys=["k"], event_time="ts")
+    later = pa.array([BASE + dt.timedelta(hours=1)] * 2, pa.timestamp("us", "UTC"))
+    for entities in ({"k": keys.to_pylist(), "ts": later.to_pylist()}, {"k": keys, "ts": later}):
+        training = client.get_historical_features(entities, [f"{name}:v"], entity_time="ts")
+        assert training.column("v").to_pylist() == [1.0, 2.0]
+        assert training.column("k").to_pylist() == keys.to_pylist()  # not their text
+    for given in ({"k": keys.to_pylist()}, {"k": keys}):
+        as_of = client.get_online_features(given, [f"{name}:v"], as_of=BASE + dt.timedelta(days=1), apply_ttl=False)
+        assert as_of.column("v").to_pylist() == [1.0, 2.0]
+    assert client.delete(name, keys={"k": keys.to_pylist()[:1]})["rows_deleted"] == 1
+    assert client.read_table(name).column("k").to_pylist() == keys.to_pylist()[1:]
+
+
+def test_bytes_keys_of_a_delete_are_refused_before_sending(client: FeatureClient) -> None:
+    with pytest.raises(InvalidRequestError, match="cannot be sent as bytes; delete those rows with a filter"):
+        client.delete(table_name(), keys={"k": [b"a"]})

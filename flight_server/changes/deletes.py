@@ -62,6 +62,16 @@ def delete_mode(table: Table) -> str:
     return mode
 
 
+def _key_array(values: list[Any], key_type: pa.DataType) -> pa.Array:
+    """A delete's keys as the key column's type. JSON has no dates, times or decimals: those come as text (ISO-8601,
+    decimal digits), which Arrow parses as the type; numbers and text come as themselves."""
+    if (pa.types.is_temporal(key_type) or pa.types.is_decimal(key_type)) and all(
+        value is None or isinstance(value, str) for value in values
+    ):
+        return pa.array(values, pa.string()).cast(key_type)
+    return pa.array(values, key_type)
+
+
 def row_condition(table: Table, schema: Schema, request: DeleteRequest) -> tuple[str, list[Any], pa.Table | None]:
     """The SQL condition on `iceberg_scan(...) AS t` naming the rows to delete, its bound parameters, and
     the key rows it joins (to register as `KEYS_RELATION`)."""
@@ -87,7 +97,7 @@ def row_condition(table: Table, schema: Schema, request: DeleteRequest) -> tuple
         for column, values in request.keys.items():
             key_type = arrow.field(column).type
             try:
-                columns[column] = pa.array(values, key_type)
+                columns[column] = _key_array(values, key_type)
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
                 raise RequestError(f"delete request: key column {column!r} is {key_type}: {exc}") from None
         keys = pa.table(columns)
