@@ -41,7 +41,7 @@ from flight_server.base.config import ServerConfig
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.reads.duck import Engine
 from flight_server.training.entities import prepare_entities
-from flight_server.training.join import run_historical
+from flight_server.training.join import run_historical, use_storage
 from flight_server.training.plan import plan_historical
 from flight_server.wire.reads import HistoricalRequest
 
@@ -209,8 +209,7 @@ class ServerJoinLocal:
 
     def run(self) -> pd.DataFrame:
         plan = plan_historical(self.catalog, HistoricalRequest(features=self.features), self.entities.schema)
-        for group in plan.groups:  # object-storage credentials, as the server registers them per request
-            self.engine.use_storage(group.table.io.properties)
+        use_storage(self.engine, plan)  # object-storage credentials, as the server registers them per request
         cursor = self.engine.cursor()
         try:
             cursor.register("__bench_entities", prepare_entities(self.entities, plan, 0))

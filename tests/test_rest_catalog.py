@@ -10,14 +10,21 @@ import datetime as dt
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
 from pyiceberg.catalog import load_catalog
+from pyiceberg.partitioning import UNPARTITIONED_PARTITION_SPEC
+from pyiceberg.schema import Schema
+from pyiceberg.table.metadata import TableMetadata, TableMetadataUtil, new_table_metadata
+from pyiceberg.table.sorting import UNSORTED_SORT_ORDER
 from pyiceberg.table.update import RemoveSnapshotsUpdate
 
 from flight_client import FeatureClient, FeatureServerError, NotFoundError
+from flight_server.reads import duck
+from flight_server.reads.duck import Engine
 from flight_server.transport.service import FeatureFlightServer
 from flight_server.wire.writes import WriteResult
 from tests.conftest import start_server
@@ -220,13 +227,17 @@ def test_online_lookups_follow_a_table_dropped_and_created_again(seaweedfs: dict
         writing.shutdown()
 
 
-# Training sets joined by DuckDB's `iceberg_scan` (and filtered scans) of a table dropped and created again: DuckDB's
-# external file cache answered the new table's `v<N>.metadata.json` with the dropped table's file of that name, and
-# every such read failed until a restart. The cache is off on REST catalogs now (`FeatureCatalog.names_metadata_files`).
+# Training sets joined by DuckDB's `iceberg_scan` (and filtered scans, deletes) of a table dropped and created again:
+# DuckDB's external file cache answered the new table's `v<N>.metadata.json` with the dropped table's file of that name
+# (SeaweedFS answers `ETag: ""` for the metadata files its catalog writes, so DuckDB's validation passed), and every
+# such read failed until a restart. The cache stays on (repeated reads 1.4-10x faster, docs/benchmarks.md), and
+# `Engine.metadata_file` hands DuckDB a copy named by its content for a path it read for the dropped table.
 def test_training_sets_of_a_table_dropped_and_created_again(seaweedfs: dict[str, str]) -> None:
     table = f"tests.again_{uuid.uuid4().hex[:10]}"
     serving = start_server(seaweedfs, historical_cache_bytes=0)  # training sets through DuckDB's iceberg_scan
     assert not serving.parts.catalog.names_metadata_files
+    cache = serving.parts.engine.cursor().execute("SELECT current_setting('enable_external_file_cache')").fetchone()
+    assert cache == (True,)
     writing = start_server(seaweedfs)
     entities = {"id": [0, 1, 2], "event_timestamp": [dt.datetime(2025, 1, 1, 1, tzinfo=UTC)] * 3}
     try:
@@ -235,8 +246,54 @@ def test_training_sets_of_a_table_dropped_and_created_again(seaweedfs: dict[str,
                 w.write(table, rows(range(3)), entity_keys=["id"], event_time="ts", partition_by=[])
                 w.write(table, rows(range(3), minute=1).set_column(2, "v", pa.array([value] * 3)))
                 assert s.get_historical_features(entities, f"{table}:v")["v"].to_pylist() == [value] * 3
+                scanned = s.read_table(table, filter="id >= 0")  # a filtered scan: DuckDB's iceberg_scan too
+                assert scanned.schema.metadata[b"flight.read_path"] == b"iceberg_scan"
+                assert sorted(scanned["v"].to_pylist()) == sorted([0.0, 1.0, 2.0, value, value, value])
+                named = s.get_historical_features(table, f"{table}:v", entity_time="ts", full_feature_names=True)
+                assert named["v"].to_pylist() == named[f"{table.split('.')[1]}__v"].to_pylist()  # the table as entities
+                assert sorted(named["v"].to_pylist()) == sorted([0.0, 1.0, 2.0, value, value, value])
                 if value == 1.0:
                     load_catalog("s3", **seaweedfs).drop_table(table)  # another tool; SeaweedFS deletes its files
+            s.delete(table, filter="id = 0")  # a delete in the serving process finds its rows by iceberg_scan too
+            assert sorted(s.read_table(table)["v"].to_pylist()) == [1.0, 2.0, 2.0, 2.0]
     finally:
         serving.shutdown()
         writing.shutdown()
+
+
+def table_metadata() -> TableMetadata:
+    """A new table's metadata (a new uuid each call) at one location, as a table created again there has."""
+    return new_table_metadata(Schema(), UNPARTITIONED_PARTITION_SPEC, UNSORTED_SORT_ORDER, "s3://bucket/ns/t", {})
+
+
+def test_only_paths_read_for_an_earlier_table_are_copied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Engine.metadata_file` keeps DuckDB on a table's own path (cached and fetched as any other) unless this engine
+    read that path for an earlier table in the folder; it forgets names past `METADATA_NAMES_KEPT` a table, and then
+    copies every file of the next table there."""
+    engine = Engine("256MB", 1, str(tmp_path), file_cache=True)
+    folder = "s3://bucket/ns/t/metadata"
+    old, new, third = table_metadata(), table_metadata(), table_metadata()
+    assert [engine.metadata_file(f"{folder}/v{n}.metadata.json", old) for n in (1, 2)] == [
+        f"{folder}/v1.metadata.json",
+        f"{folder}/v2.metadata.json",
+    ]
+    copy = engine.metadata_file(f"{folder}/v1.metadata.json", new)
+    assert (
+        copy.startswith(str(tmp_path))
+        and TableMetadataUtil.parse_raw(Path(copy).read_text()).table_uuid == new.table_uuid
+    )
+    assert engine.metadata_file(f"{folder}/v1.metadata.json", new) == copy  # named by content: written once
+    assert engine.metadata_file(f"{folder}/v3.metadata.json", new) == f"{folder}/v3.metadata.json"
+    assert engine.metadata_file(f"{folder}/v3.metadata.json", third) != f"{folder}/v3.metadata.json"  # read for new
+    assert engine.metadata_file(f"{folder}/v4.metadata.json", third) == f"{folder}/v4.metadata.json"
+    monkeypatch.setattr(duck, "METADATA_NAMES_KEPT", 2)
+    for n in (5, 6):
+        engine.metadata_file(f"{folder}/v{n}.metadata.json", third)
+    assert engine.metadata_file(f"{folder}/v9.metadata.json", old) != f"{folder}/v9.metadata.json"  # names forgotten
+    # Nothing is watched where the catalog names each file with a uuid, nor without the cache.
+    for unwatched in (
+        Engine("256MB", 1, str(tmp_path), unique_metadata_names=True),
+        Engine("256MB", 1, str(tmp_path), file_cache=False),
+    ):
+        assert unwatched.metadata_file(f"{folder}/v1.metadata.json", old) == f"{folder}/v1.metadata.json"
+        assert unwatched.metadata_file(f"{folder}/v1.metadata.json", new) == f"{folder}/v1.metadata.json"

@@ -546,8 +546,9 @@ def test_a_serving_process_keeps_copies_of_files_only_from_object_storage(tmp_pa
 
 def test_documented_catalogs_of_tables_on_s3_count_as_object_storage() -> None:
     """Catalogs of tables on object storage that name no URL warehouse (a REST catalog that vends it, Glue, S3
-    Tables' ARN) count as object storage (review 22). DuckDB's file cache stays on for Glue, and off for REST
-    catalogs, whose servers name the metadata files, the same names again for a table created again (review 23)."""
+    Tables' ARN) count as object storage (review 22), so DuckDB's file cache is on for them. A REST catalog's server
+    names the metadata files, the same names again for a table created again (review 23): `Engine.metadata_file`
+    watches those paths (tests/test_rest_catalog.py)."""
     rest = {"type": "rest", "uri": "https://iceberg.internal", "credential": "CLIENT_ID:CLIENT_SECRET"}
     glue = {"type": "glue", "glue.region": "us-east-1"}
     s3_tables = {

@@ -38,7 +38,6 @@ from flight_server.changes.files import parquet_bytes_per_row, write_reader
 from flight_server.iceberg.catalog import FeatureSpec, table_name
 from flight_server.iceberg.lineage import ROW_BITS, commit_order
 from flight_server.iceberg.snapshots import snapshot_schema
-from flight_server.reads.duck import local_path
 from flight_server.reads.plan import refuse_readded
 
 
@@ -51,6 +50,7 @@ class SnapshotRows:
     snapshot: Snapshot
     schema: Schema
     cursor: duckdb.DuckDBPyConnection
+    metadata_file: str  # what `query` has DuckDB read for the table's metadata file (`Engine.metadata_file`)
     batch_rows: int
     chunk_bytes: int
     written: list[DataFile] = field(default_factory=list)
@@ -66,7 +66,7 @@ class SnapshotRows:
         column of the snapshot was dropped and added again since: its files hold the old column under the name,
         which a filter would match and a rewrite would copy into the new column."""
         refuse_readded(self.table, self.schema, self.schema.column_names)
-        scan = [local_path(self.table.metadata_location), self.snapshot.snapshot_id]
+        scan = [self.metadata_file, self.snapshot.snapshot_id]
         return self.cursor.execute(sql, [*scan, *params])
 
     def rewrite(
@@ -239,7 +239,8 @@ class Rewriter(TableChanges):
             return Rewritten(table_name(table), None)
         self.engine.use_storage(table.io.properties)
         schema = snapshot_schema(table, snapshot.snapshot_id)
-        rows = SnapshotRows(table, snapshot, schema, self.engine.cursor(), self.batch_rows, self.chunk_bytes)
+        metadata = self.engine.metadata_file(table.metadata_location, table.metadata)
+        rows = SnapshotRows(table, snapshot, schema, self.engine.cursor(), metadata, self.batch_rows, self.chunk_bytes)
         try:
             try:
                 planned = plan(rows)

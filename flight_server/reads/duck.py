@@ -16,11 +16,13 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import duckdb
 import pyarrow.flight as flight
+from pyiceberg.table.metadata import TableMetadata
 
 from flight_server.base.spill import own_spill_folder
 
@@ -118,6 +120,19 @@ def object_storage(properties: Mapping[str, str]) -> bool:
     return not local or any(key.startswith(("s3.", "gcs.", "adls.")) for key in properties)
 
 
+METADATA_NAMES_KEPT = 1000  # metadata file names `Engine.metadata_file` keeps of one table folder
+
+
+@dataclass
+class _MetadataFolder:
+    """The metadata files of one table folder an engine had DuckDB read: the table's uuid, the names it read for
+    it (None: more than `METADATA_NAMES_KEPT`), and those read for earlier tables there (None: perhaps any)."""
+
+    table_uuid: str
+    names: set[str] | None = field(default_factory=set)
+    earlier: set[str] | None = field(default_factory=set)
+
+
 class Engine:
     """A DuckDB database configured for this server; hand out cursors with `cursor()`.
 
@@ -125,7 +140,9 @@ class Engine:
     ~20 KB each), deleted files too, until queries need the memory, i.e. up to `memory_limit`: it saves fetching an
     object store's files again (`object_storage`), but for an engine that reads each file once (the write
     process's refresh plans, compactions and deletes, whose files are then deleted) or reads local files, which
-    the operating system's page cache holds already, it only grows."""
+    the operating system's page cache holds already, it only grows. `unique_metadata_names`: the catalog names each
+    metadata file with a uuid (`FeatureCatalog.names_metadata_files`), so that `metadata_file` need not watch for
+    a path that comes back with other content."""
 
     def __init__(
         self,
@@ -133,6 +150,7 @@ class Engine:
         threads: int | None = None,
         temp_dir: str | None = None,
         file_cache: bool = True,
+        unique_metadata_names: bool = False,
     ):
         config: dict[str, str | bool | int | float | list[str]] = {
             "autoinstall_known_extensions": False,
@@ -142,19 +160,63 @@ class Engine:
         }
         if threads:
             config["threads"] = threads
-        config["temp_directory"] = own_spill_folder(temp_dir or ".tmp")  # DuckDB's own default is .tmp, shared
+        config["temp_directory"] = spill = own_spill_folder(temp_dir or ".tmp")  # DuckDB's own default is .tmp, shared
         self._con = duckdb.connect(config=config)
         for name in EXTENSIONS:
             self._con.execute(f"LOAD {_literal(str(extension_path(name)))}")
         self._secrets: set[str] = set()
         self._lock = threading.Lock()
         self._cancel_watch = CancelWatch()
+        self._watch_metadata = file_cache and not unique_metadata_names
+        self._metadata_read: dict[str, _MetadataFolder] = {}  # by table folder (`metadata_file`)
+        self._copies = os.path.join(os.path.dirname(spill), f"metadata-{os.path.basename(spill)}")
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor for one request (a DuckDB connection is not safe to share between threads)."""
         cursor = self._con.cursor()
         cursor.execute("SET TimeZone = 'UTC'")
         return cursor
+
+    def metadata_file(self, location: str, metadata: TableMetadata) -> str:
+        """Where `iceberg_scan` reads a table's metadata file (at `location`, loaded as `metadata`) from.
+
+        DuckDB's file cache takes a path's content never to change, and checks it by ETag: a REST server names the
+        metadata files itself, SeaweedFS's `v<N>.metadata.json` again for a table dropped and created again, and
+        SeaweedFS answers `ETag: ""` for each, so the cache kept answering the dropped table's file. A path this
+        engine read for another table (another uuid) in the same folder is therefore replaced by a local copy of
+        `metadata` named by its content; every other path, and all data and manifest files (named with uuids, with
+        real ETags), are read and cached as they are."""
+        path = local_path(location)
+        if not self._watch_metadata:
+            return path
+        folder, _, name = path.rpartition("/")
+        table_uuid = str(metadata.table_uuid)
+        with self._lock:
+            read = self._metadata_read.get(folder)
+            if read is None:
+                read = self._metadata_read[folder] = _MetadataFolder(table_uuid)
+            elif read.table_uuid != table_uuid:  # another table at this location now
+                earlier = None if read.names is None or read.earlier is None else read.earlier | read.names
+                read = self._metadata_read[folder] = _MetadataFolder(table_uuid, earlier=earlier)
+            stale = read.earlier is None or name in read.earlier
+            if not stale and read.names is not None:
+                read.names.add(name)
+                if len(read.names) > METADATA_NAMES_KEPT:
+                    read.names = None  # too many to keep: should another table come here, copy all its files
+        return self._copy(metadata) if stale else path
+
+    def _copy(self, metadata: TableMetadata) -> str:
+        """A local file of `metadata`, named by its content (so that no cache can hold other content for its
+        path), serialized as pyiceberg writes metadata files; in this process's spill folder, removed with it."""
+        text = metadata.model_dump_json(exclude_none=True).encode()
+        path = os.path.join(self._copies, f"{hashlib.sha256(text).hexdigest()}.metadata.json")
+        if not os.path.exists(path):
+            os.makedirs(self._copies, exist_ok=True)
+            part = f"{path}.{threading.get_ident()}.part"
+            with open(part, "wb") as file:
+                file.write(text)
+            os.replace(part, path)
+        return path
 
     def interruptible(
         self, cursor: duckdb.DuckDBPyConnection, is_cancelled: Callable[[], bool] | None

@@ -276,7 +276,7 @@ def read_parquet_reader(
         return cursor.execute(sql, args).to_arrow_reader(batch_rows)
 
 
-def iceberg_scan_sql(plan: ScanPlan, ranked: bool = False) -> tuple[str, list[Any]]:
+def iceberg_scan_sql(plan: ScanPlan, engine: Engine, ranked: bool = False) -> tuple[str, list[Any]]:
     """DuckDB's `iceberg_scan` of the plan: it prunes files and row groups and applies every kind of delete file.
     `ranked`: with each row's place in commit order as `ORDER` (its file's rank, from `RANKS_RELATION` by the
     manifest's path as `filename` names it, above its row number; 0 where the scan hides them: `hides_position`)."""
@@ -290,7 +290,11 @@ def iceberg_scan_sql(plan: ScanPlan, ranked: bool = False) -> tuple[str, list[An
         columns += f", coalesce(o.__rank, 0) * {1 << ROW_BITS} + s.file_row_number AS {ORDER}"
         scan += f" LEFT JOIN {RANKS_RELATION} AS o USING (filename)"
     sql = f"SELECT {columns} FROM {scan} WHERE {where}"
-    args: list[Any] = [local_path(plan.table.metadata_location), plan.snapshot_id, *params]
+    args: list[Any] = [
+        engine.metadata_file(plan.table.metadata_location, plan.table.metadata),
+        plan.snapshot_id,
+        *params,
+    ]
     if plan.request.limit is not None:
         sql += " LIMIT ?"
         args.append(plan.request.limit)
@@ -372,7 +376,7 @@ def open_scan(
         engine.use_storage(plan.table.io.properties)
         cursor = engine.cursor()
         with engine.interruptible(cursor, is_cancelled):
-            reader = cursor.execute(*iceberg_scan_sql(plan)).to_arrow_reader(batch_rows)
+            reader = cursor.execute(*iceberg_scan_sql(plan, engine)).to_arrow_reader(batch_rows)
     return (reader if reader.schema == plan.schema else reader.cast(plan.schema)), path
 
 
@@ -406,7 +410,7 @@ def scan_relation(
         if ranks is not None and not hides_position(plan.schema.names):
             cursor.register(RANKS_RELATION, _ranks_table(ranks))
         sql, args = (
-            iceberg_scan_sql(plan, ranks is not None)
+            iceberg_scan_sql(plan, engine, ranks is not None)
             if path == "iceberg_scan"
             else read_parquet_sql(plan, files or [], cursor)
         )

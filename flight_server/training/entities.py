@@ -17,7 +17,6 @@ from flight_server.base.memory import MemoryBudget
 from flight_server.base.schemas import UTC_MICROS
 from flight_server.iceberg.catalog import FeatureCatalog, table_name
 from flight_server.iceberg.snapshots import snapshot_schema
-from flight_server.reads.duck import local_path
 from flight_server.training.codes import entity_micros
 from flight_server.training.plan import HistoricalPlan, partition_expression, plan_historical, share_predicate
 from flight_server.wire.codec import parse_timestamp
@@ -118,7 +117,7 @@ def _entity_source(plan: HistoricalPlan) -> tuple[str, str, str, list[Any]]:
     order = ", ".join(quote(c) for c in [time, *keys, *rest])
     columns = ", ".join(quote(n) for n in plan.entity_schema.names)
     source = f"FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {where}"
-    return columns, source, order, [local_path(plan.entity_table.metadata_location), plan.entity_snapshot_id, *params]
+    return columns, source, order, [plan.metadata_file(plan.entity_table), plan.entity_snapshot_id, *params]
 
 
 def _part_expression(plan: HistoricalPlan) -> str:

@@ -61,7 +61,7 @@ def join_sql(
                 source, args_here = "read_parquet(?, hive_partitioning => false)", [files[i], high]
             else:
                 source = "iceberg_scan(?, snapshot_from_id => ?)"
-                args_here = [local_path(group.table.metadata_location), group.snapshot_id, high]
+                args_here = [plan.metadata_file(group.table), group.snapshot_id, high]
             if spec.ttl_seconds and plan.apply_ttl and low is not None:
                 bound += f" AND {quote(spec.event_time)} >= ?"
                 args_here.append(low - dt.timedelta(seconds=spec.ttl_seconds))
@@ -183,8 +183,10 @@ def join_batch(
 
 
 def use_storage(engine: Engine, plan: HistoricalPlan) -> None:
+    """Ready `engine` for the plan's tables: their credentials, and the metadata files DuckDB reads for them."""
     for table in [g.table for g in plan.groups] + ([plan.entity_table] if plan.entity_table else []):
         engine.use_storage(table.io.properties)
+        plan.metadata_files[table.metadata_location] = engine.metadata_file(table.metadata_location, table.metadata)
 
 
 def keep_alive(reader: pa.RecordBatchReader, cursor: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:

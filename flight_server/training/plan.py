@@ -118,6 +118,12 @@ class HistoricalPlan:
     entity_snapshot_id: int | None = None
     entity_filter: BooleanExpression = field(default_factory=AlwaysTrue)
     apply_ttl: bool = True
+    # What DuckDB's `iceberg_scan` reads for each table's metadata location (`Engine.metadata_file`), set with the
+    # credentials (`join.use_storage`) before any query of the plan.
+    metadata_files: dict[str, str] = field(default_factory=dict)
+
+    def metadata_file(self, table: Table) -> str:
+        return self.metadata_files[table.metadata_location]
 
     def snapshots(self) -> dict[str, Any]:
         """What the result was computed from; passing these back reproduces it exactly."""

@@ -48,12 +48,18 @@ class Components:
     @classmethod
     def build(cls, config: ServerConfig, write_process: bool = False) -> Components:
         """The parts of a server, or of a server's write process (`write_process`). DuckDB keeps copies of the files
-        it read (`Engine`), taking a path's content never to change, only in a serving process that reads them from
-        object storage, on a catalog whose metadata files pyiceberg names (`names_metadata_files`): a REST server's
-        `v<N>.metadata.json` came back with a table created again, and the cache answered the dropped table's."""
+        it read (`Engine`) only in a serving process that reads them from object storage; where a REST server names
+        the metadata files (not `names_metadata_files`), `Engine.metadata_file` keeps a path that came back with
+        another table's file (SeaweedFS's `v<N>.metadata.json`, of a table created again) from the cache."""
         catalog = FeatureCatalog(config.catalog_name, config.resolved_catalog_properties(), config.default_namespace)
-        file_cache = not write_process and object_storage(catalog.properties) and catalog.names_metadata_files
-        engine = Engine(config.duckdb_memory_limit, config.duckdb_threads, config.duckdb_temp_dir, file_cache)
+        file_cache = not write_process and object_storage(catalog.properties)
+        engine = Engine(
+            config.duckdb_memory_limit,
+            config.duckdb_threads,
+            config.duckdb_temp_dir,
+            file_cache,
+            unique_metadata_names=catalog.names_metadata_files,
+        )
         engine.use_storage(catalog.properties)
         budget = config.memory_budget_bytes
         memory = MemoryBudget(default_budget() if budget is None else budget)
