@@ -32,7 +32,7 @@ from pyiceberg.table import Table, TableProperties
 from benchmarks import report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, TIMESTAMP, feature_names, feature_table
-from benchmarks.harness import Settings, Target, local_server, table_name, writing
+from benchmarks.harness import Settings, Target, local_server, local_servers, table_name, writing
 from benchmarks.processes import family_cpu_seconds, own_cpu_seconds
 from flight_client import FeatureClient
 from flight_server.reads.duck import local_path
@@ -200,9 +200,10 @@ def writer_runs(target: Target, data: pa.Table, puts_per_writer: int, writer_rou
             # Both servers without automatic maintenance: its rounds (every minute) compact the small files of the
             # earlier rounds' tables, and took the cores from whichever round was running then, on either side.
             quiet = ["--no-auto-maintenance"]
-            grouped = stack.enter_context(local_server(target.catalog_config, warehouse=target.warehouse, args=quiet))
-            server = local_server(target.catalog_config, warehouse=target.warehouse, args=["--no-group-commit", *quiet])
-            alone = stack.enter_context(server)
+            servers = local_servers(
+                [(None, quiet), (None, ["--no-group-commit", *quiet])], target.catalog_config, target.warehouse
+            )
+            grouped, alone = stack.enter_context(servers)
         runs = [concurrent_puts(grouped.location, grouped.pid, data, WRITERS[0], puts // WRITERS[0])]
         for _ in range(writer_rounds):
             rounds[True].append(concurrent_puts(grouped.location, grouped.pid, data, many, puts_per_writer))
