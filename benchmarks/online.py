@@ -168,20 +168,32 @@ class Writer:
         self.process.join(WRITER_START_SECONDS)
 
 
-def concurrent_clients(location: str, refs: list[str], ids: list[int], clients: int, seconds: float) -> dict[str, Any]:
-    """Lookups/s and latency with `clients` processes looking up at once: what one server sustains."""
+def concurrent_clients(
+    location: str, refs: list[str], ids: list[int], counts: tuple[int, ...], seconds: float
+) -> list[dict[str, Any]]:
+    """Lookups/s and latency with each of `counts` processes looking up at once, in turn: what one server sustains.
+    The processes start once, as many as the most (they import the client, ~0.5 s each), and the first `clients`
+    of them take part in a round; the others wait, idle, for theirs."""
     context = multiprocessing.get_context("spawn")
-    start, out = context.Barrier(clients + 1), context.Queue()
+    rounds, out = [(clients, context.Barrier(clients + 1)) for clients in counts], context.Queue()
     processes = [
-        context.Process(target=client_loop, args=(location, refs, ids, seconds, start, out)) for _ in range(clients)
+        context.Process(target=client_loop, args=(location, refs, ids, seconds, index, rounds, out))
+        for index in range(max(counts))
     ]
     for process in processes:
         process.start()
-    start.wait(timeout=WRITER_START_SECONDS)
-    latencies = [x for _ in processes for x in out.get(timeout=WRITER_START_SECONDS + seconds)]
+    results = []
+    for clients, start in rounds:
+        report.progress(f"online: {clients} client process(es) looking up 1 entity for {seconds} s")
+        start.wait(timeout=WRITER_START_SECONDS)
+        answers = [out.get(timeout=WRITER_START_SECONDS + seconds) for _ in range(clients)]
+        if any(count != clients for count, _ in answers):
+            raise RuntimeError(f"a client answered for another round than the one of {clients} clients")
+        latencies = [x for _, lats in answers for x in lats]
+        results.append({"clients": clients, "lookups_per_s": len(latencies) / seconds, **percentiles(latencies)})
     for process in processes:
         process.join(WRITER_START_SECONDS)
-    return {"clients": clients, "lookups_per_s": len(latencies) / seconds, **percentiles(latencies)}
+    return results
 
 
 def freshness(
@@ -333,10 +345,8 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
                 finally:
                     placement.share(others)
             seconds = CONCURRENT_SECONDS if requests >= REQUESTS else 0.5
-            concurrency = []
-            for clients in CONCURRENT_CLIENTS:
-                report.progress(f"online: {clients} client process(es) looking up 1 entity for {seconds} s")
-                concurrency.append(concurrent_clients(target.location, refs, [int(i) for i in ids], clients, seconds))
+            every_id = [int(i) for i in ids]
+            concurrency = concurrent_clients(target.location, refs, every_id, CONCURRENT_CLIENTS, seconds)
             puts_timed = max(3, min(FRESHNESS_PUTS, requests // 4))
             report.progress(f"online: freshness of {puts_timed} puts")
             fresh["same_server"] = percentiles(freshness(client, client, name, int(ids[1]), features, puts_timed))

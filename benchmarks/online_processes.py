@@ -27,21 +27,27 @@ def write_loop(location: str, table: str, ids: list[int], features: list[str], s
             puts.value += 1
 
 
-def client_loop(location: str, refs: list[str], ids: list[int], seconds: float, start: Any, out: Any) -> None:
-    """One of several concurrent clients (its own process): lookups of one random entity, back to back,
-    for `seconds` after every client is ready; sends its latencies back."""
+def client_loop(
+    location: str, refs: list[str], ids: list[int], seconds: float, index: int, rounds: list[tuple[int, Any]], out: Any
+) -> None:
+    """Client `index` of several concurrent clients (its own process): in each of the `rounds` (clients, barrier)
+    with more than `index` clients, lookups of one random entity, back to back, for `seconds` after every client of
+    the round is ready (the barrier); sends each round's (clients, latencies) back."""
     rng = np.random.default_rng(len(ids) + os.getpid())
-    latencies = []
     with FeatureClient(location) as client:
         client.get_online_features({ENTITY_KEY: [ids[0]]}, refs)
-        start.wait()
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            keys = [ids[int(rng.integers(len(ids)))]]
-            began = time.perf_counter()
-            client.get_online_features({ENTITY_KEY: keys}, refs)
-            latencies.append(time.perf_counter() - began)
-    out.put(latencies)
+        for clients, start in rounds:
+            if index >= clients:
+                continue
+            latencies = []
+            start.wait()
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                keys = [ids[int(rng.integers(len(ids)))]]
+                began = time.perf_counter()
+                client.get_online_features({ENTITY_KEY: keys}, refs)
+                latencies.append(time.perf_counter() - began)
+            out.put((clients, latencies))
 
 
 def new_rows(entities: list[int], features: list[str]) -> pa.Table:
