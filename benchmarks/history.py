@@ -32,7 +32,7 @@ from pyiceberg.table import Table, TableProperties
 from benchmarks import report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, TIMESTAMP, feature_names, feature_table
-from benchmarks.harness import Settings, Target, local_server, local_servers, table_name, writing
+from benchmarks.harness import Settings, Target, local_servers, table_name, writing
 from benchmarks.processes import family_cpu_seconds, own_cpu_seconds
 from flight_client import FeatureClient
 from flight_server.reads.duck import local_path
@@ -172,14 +172,15 @@ def _medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def fresh_server(target: Target) -> Iterator[str]:
-    """A newly started server on the target's catalog (so nothing is cached), or the target itself when it is
-    a server given by `--location`; yields its location."""
+def fresh_servers(target: Target, count: int) -> Iterator[list[str]]:
+    """`count` newly started servers on the target's catalog (so nothing is cached; started at once, and idle
+    until their first call), or the target itself `count` times when it is a server given by `--location`; yields
+    their locations."""
     if target.warehouse is None:
-        yield target.location
+        yield [target.location] * count
         return
-    with local_server(target.catalog_config, warehouse=target.warehouse) as started:
-        yield started.location
+    with local_servers([(None, ())] * count, target.catalog_config, target.warehouse) as started:
+        yield [server.location for server in started]
 
 
 def writer_runs(target: Target, data: pa.Table, puts_per_writer: int, writer_rounds: int) -> list[dict[str, Any]]:
@@ -237,15 +238,17 @@ def measure_reads(
         entry: dict[str, Any] = {"label": READS[read]}
         firsts: dict[str, list[float]] = {kind: [] for kind in tables}
         warms: dict[str, list[float]] = {kind: [] for kind in tables}
-        fresh = target.warehouse is not None  # else `fresh_server` gives the running server given by --location
+        fresh = target.warehouse is not None  # else `fresh_servers` gives the running server given by --location
         for round_ in range(first_calls):
-            for kind, name in tables.items():  # the tables take turns, so that bursts of load hit both alike
-                report.progress(f"history: {READS[read]} of the {kind} table ({round_ + 1}/{first_calls})")
-                with fresh_server(target) as location, FeatureClient(location) as client:
-                    repeats = [partial(call, client, refs[kind], name)] * (repeat + 1)
-                    first, *warm = timed_each(repeats, lambda bound: bound(), f"history: {read}")
-                firsts[kind].append(first)
-                warms[kind] += warm
+            # The tables take turns, so that bursts of load hit both alike, each on a server of its own.
+            with fresh_servers(target, len(tables)) as locations:
+                for (kind, name), location in zip(tables.items(), locations, strict=True):
+                    report.progress(f"history: {READS[read]} of the {kind} table ({round_ + 1}/{first_calls})")
+                    with FeatureClient(location) as client:
+                        repeats = [partial(call, client, refs[kind], name)] * (repeat + 1)
+                        first, *warm = timed_each(repeats, lambda bound: bound(), f"history: {read}")
+                    firsts[kind].append(first)
+                    warms[kind] += warm
         for kind in tables:
             entry[kind] = {
                 "first_s": statistics.median(firsts[kind]),
