@@ -373,7 +373,7 @@ def shards_command(**kwargs: Any) -> None:
 def history_command(
     puts_per_writer: int | None, maintenance: bool, baseline_appends: int | None, **kwargs: Any
 ) -> None:
-    """One-row puts back to back as a table's history grows (--rows of them [default: 2,000; 200 with --quick]):
+    """One-row puts back to back as a table's history grows (--rows of them [default: 2,000; 40 with --quick]):
     put latency first against last, reads of the table against the same rows in one put, each on a freshly
     started server, its metadata, and 16 concurrent writers; against pyiceberg's own appends in process.
     --repeat: warm reads after each first one; --warmup does not apply (the first read is the measurement)."""
@@ -385,6 +385,7 @@ def history_command(
         "puts_per_writer": puts_per_writer or quick_writers,
         "maintenance": maintenance,
         "baseline_appends": baseline_appends,
+        "quick": options.quick,
     }
     execute(["history"], options, {"history": extra})
 

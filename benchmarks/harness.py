@@ -186,32 +186,50 @@ def local_server(
     `warehouse` (another local server's) it is a replica sharing that server's catalog. `port` (default: a
     free one) and `args` (more `serve` options, such as `--advertise` and `--peer`) start it as a replica would.
     """
+    with local_servers([(port, args)], catalog_config, warehouse) as [server]:
+        yield server
+
+
+@contextlib.contextmanager
+def local_servers(
+    servers: Sequence[tuple[int | None, Sequence[str]]],
+    catalog_config: Path | None = None,
+    warehouse: Path | None = None,
+) -> Iterator[list[Target]]:
+    """Servers on one catalog, as `local_server` starts one, each with its `(port, args)`: all started at once, then
+    each waited for, since a start is mostly Python importing the server (a second or two) and the starts overlap
+    on a machine's other cores; yields them once every one answers health. Without `warehouse`, they share a fresh
+    temporary one."""
     catalog = read_catalog_file(catalog_config) if catalog_config is not None else None
-    with tempfile.TemporaryDirectory(prefix="flight-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="flight-bench-") as tmp, contextlib.ExitStack() as stack:
         warehouse = warehouse or Path(tmp) / "warehouse"
-        log_path = Path(tmp) / "server.log"
-        port = port or free_port()
-        location = f"grpc://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLIGHT_SERVER_") or k == WRITE_PROCESS_VARIABLE}
-        command = [
-            sys.executable,
-            "-m",
-            "flight_server",
-            "serve",
-            "--port",
-            str(port),
-            "--warehouse",
-            str(warehouse),
-            "--log-level",
-            "WARNING",
-            *args,
-        ]
-        if catalog_config is not None:
-            command += ["--catalog-config", str(Path(catalog_config).resolve())]
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        started: list[tuple[subprocess.Popen[bytes], str, Path]] = []
+        for index, (port, args) in enumerate(servers):
+            log_path = Path(tmp) / f"server-{index}.log"
+            port = port or free_port()
+            command = [
+                sys.executable,
+                "-m",
+                "flight_server",
+                "serve",
+                "--port",
+                str(port),
+                "--warehouse",
+                str(warehouse),
+                "--log-level",
+                "WARNING",
+                *args,
+            ]
+            if catalog_config is not None:
+                command += ["--catalog-config", str(Path(catalog_config).resolve())]
+            with log_path.open("wb") as log:
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            stack.callback(_stop, proc)
+            started.append((proc, f"grpc://127.0.0.1:{port}", log_path))
+        stack.callback(_terminate, [proc for proc, _, _ in started])  # runs first: every server stops at once
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        for proc, location, log_path in started:
             while not is_healthy(location):
                 if proc.poll() is not None:
                     raise RuntimeError(f"the server exited with code {proc.returncode}:\n{_tail(log_path)}")
@@ -220,14 +238,25 @@ def local_server(
                         f"the server did not answer health within {START_TIMEOUT_SECONDS:.0f}s:\n{_tail(log_path)}"
                     )
                 time.sleep(0.05)
-            yield Target(location, warehouse.resolve(), proc.pid, catalog, catalog_config)
-        finally:
+        yield [
+            Target(location, warehouse.resolve(), proc.pid, catalog, catalog_config) for proc, location, _ in started
+        ]
+
+
+def _terminate(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a server sent SIGTERM; kill it after `STOP_TIMEOUT_SECONDS`."""
+    proc.send_signal(signal.SIGTERM)  # no-op for one that ended: `send_signal` checks
+    try:
+        proc.wait(STOP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextlib.contextmanager

@@ -32,20 +32,25 @@ from pyiceberg.table import Table, TableProperties
 from benchmarks import report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, TIMESTAMP, feature_names, feature_table
-from benchmarks.harness import Settings, Target, local_server, table_name, writing
+from benchmarks.harness import Settings, Target, local_servers, table_name, writing
 from benchmarks.processes import family_cpu_seconds, own_cpu_seconds
 from flight_client import FeatureClient
 from flight_server.reads.duck import local_path
 
 PUTS = 2_000
-QUICK_PUTS = 120  # past pyiceberg's commit.manifest.min-count-to-merge (100), so merging shows
+QUICK_PUTS = 40
+# --quick: pyiceberg's merging baseline merges from this many manifests on (its default, 100, would take more
+# one-row appends than the quick run makes), so that merging still shows.
+QUICK_MERGE_MIN_COUNT = 10
 EDGE_SHARE = 0.1  # the first and the last tenth of the puts are compared
 BUCKETS = 20  # points of the latency curve
 LOOKUP_ENTITIES = 10
 FIRST_CALLS = 3  # freshly started servers per read and table; their first calls' median is the figure
+QUICK_FIRST_CALLS = 1  # --quick: each of the 6 costs a server start
 WRITERS = (1, 16)  # one writer for context, then the concurrent writers
 PUTS_PER_WRITER = 10  # of each of the 16 concurrent writers; the single writer makes as many puts as all of them
 WRITER_ROUNDS = 3  # of the concurrent writers with group commit and without, taking turns
+QUICK_WRITER_ROUNDS = 1
 QUICK_PUTS_PER_WRITER = 2
 HISTORY_GOAL = 1.5  # last tenth's p50 / first tenth's
 READ_GOAL = 2.0  # read of the many-snapshot table / read of the one-put table
@@ -167,18 +172,19 @@ def _medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def fresh_server(target: Target) -> Iterator[str]:
-    """A newly started server on the target's catalog (so nothing is cached), or the target itself when it is
-    a server given by `--location`; yields its location."""
+def fresh_servers(target: Target, count: int) -> Iterator[list[str]]:
+    """`count` newly started servers on the target's catalog (so nothing is cached; started at once, and idle
+    until their first call), or the target itself `count` times when it is a server given by `--location`; yields
+    their locations."""
     if target.warehouse is None:
-        yield target.location
+        yield [target.location] * count
         return
-    with local_server(target.catalog_config, warehouse=target.warehouse) as started:
-        yield started.location
+    with local_servers([(None, ())] * count, target.catalog_config, target.warehouse) as started:
+        yield [server.location for server in started]
 
 
-def writer_runs(target: Target, data: pa.Table, puts_per_writer: int) -> list[dict[str, Any]]:
-    """One writer, then `WRITER_ROUNDS` rounds of the concurrent writers with group commit and the same writers with
+def writer_runs(target: Target, data: pa.Table, puts_per_writer: int, writer_rounds: int) -> list[dict[str, Any]]:
+    """One writer, then `writer_rounds` rounds of the concurrent writers with group commit and the same writers with
     one snapshot per put, on servers started on the target's catalog with `--no-auto-maintenance` (the second also
     with `--no-group-commit`; a server given by `--location` is measured as it is, without the second), taking
     turns; each run the same number of puts, the concurrent writers' figures the medians of their rounds, with the
@@ -195,11 +201,12 @@ def writer_runs(target: Target, data: pa.Table, puts_per_writer: int) -> list[di
             # Both servers without automatic maintenance: its rounds (every minute) compact the small files of the
             # earlier rounds' tables, and took the cores from whichever round was running then, on either side.
             quiet = ["--no-auto-maintenance"]
-            grouped = stack.enter_context(local_server(target.catalog_config, warehouse=target.warehouse, args=quiet))
-            server = local_server(target.catalog_config, warehouse=target.warehouse, args=["--no-group-commit", *quiet])
-            alone = stack.enter_context(server)
+            servers = local_servers(
+                [(None, quiet), (None, ["--no-group-commit", *quiet])], target.catalog_config, target.warehouse
+            )
+            grouped, alone = stack.enter_context(servers)
         runs = [concurrent_puts(grouped.location, grouped.pid, data, WRITERS[0], puts // WRITERS[0])]
-        for _ in range(WRITER_ROUNDS):
+        for _ in range(writer_rounds):
             rounds[True].append(concurrent_puts(grouped.location, grouped.pid, data, many, puts_per_writer))
             if alone is not None:
                 rounds[False].append(
@@ -214,10 +221,10 @@ def writer_runs(target: Target, data: pa.Table, puts_per_writer: int) -> list[di
 
 
 def measure_reads(
-    target: Target, tables: dict[str, str], refs: dict[str, list[str]], keys: list[int], repeat: int
+    target: Target, tables: dict[str, str], refs: dict[str, list[str]], keys: list[int], repeat: int, first_calls: int
 ) -> dict[str, Any]:
     """Each read of each table, first on a freshly started server (cold), then `repeat` more times there (warm),
-    on `FIRST_CALLS` fresh servers in turn; the medians, with the ratio of the many-snapshot table to the one-put
+    on `first_calls` fresh servers in turn; the medians, with the ratio of the many-snapshot table to the one-put
     table. One first call is a single sample on a busy machine: its ratio moved by 2x between runs."""
     at = pa.array([int(time.time() * 1e6)] * len(keys), type=pa.int64()).cast(TIMESTAMP)
     entities = pa.table({ENTITY_KEY: pa.array(keys, pa.int64()), "event_timestamp": at})
@@ -231,15 +238,17 @@ def measure_reads(
         entry: dict[str, Any] = {"label": READS[read]}
         firsts: dict[str, list[float]] = {kind: [] for kind in tables}
         warms: dict[str, list[float]] = {kind: [] for kind in tables}
-        fresh = target.warehouse is not None  # else `fresh_server` gives the running server given by --location
-        for round_ in range(FIRST_CALLS):
-            for kind, name in tables.items():  # the tables take turns, so that bursts of load hit both alike
-                report.progress(f"history: {READS[read]} of the {kind} table ({round_ + 1}/{FIRST_CALLS})")
-                with fresh_server(target) as location, FeatureClient(location) as client:
-                    repeats = [partial(call, client, refs[kind], name)] * (repeat + 1)
-                    first, *warm = timed_each(repeats, lambda bound: bound(), f"history: {read}")
-                firsts[kind].append(first)
-                warms[kind] += warm
+        fresh = target.warehouse is not None  # else `fresh_servers` gives the running server given by --location
+        for round_ in range(first_calls):
+            # The tables take turns, so that bursts of load hit both alike, each on a server of its own.
+            with fresh_servers(target, len(tables)) as locations:
+                for (kind, name), location in zip(tables.items(), locations, strict=True):
+                    report.progress(f"history: {READS[read]} of the {kind} table ({round_ + 1}/{first_calls})")
+                    with FeatureClient(location) as client:
+                        repeats = [partial(call, client, refs[kind], name)] * (repeat + 1)
+                        first, *warm = timed_each(repeats, lambda bound: bound(), f"history: {read}")
+                    firsts[kind].append(first)
+                    warms[kind] += warm
         for kind in tables:
             entry[kind] = {
                 "first_s": statistics.median(firsts[kind]),
@@ -276,17 +285,21 @@ def on_disk(table: Table) -> dict[str, Any]:
 
 
 def pyiceberg_appends(
-    properties: dict[str, str], like: Table, rows: list[pa.Table], merge: bool
+    properties: dict[str, str], like: Table, rows: list[pa.Table], merge: bool, merge_min_count: int | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One-row appends by pyiceberg in a loop to a fresh table with the server table's schema and partitioning;
-    their latency profile and the table's metadata at the end."""
+    their latency profile and the table's metadata at the end. `merge_min_count`: the table's
+    `commit.manifest.min-count-to-merge` (None: pyiceberg's default)."""
     catalog = load_catalog(CATALOG_NAME, **properties)
     name = table_name(f"history_pyiceberg_{'merge' if merge else 'fast'}")
     table = catalog.create_table(
         name,
         schema=like.schema(),
         partition_spec=like.spec(),
-        properties={TableProperties.MANIFEST_MERGE_ENABLED: str(merge).lower()},
+        properties={
+            TableProperties.MANIFEST_MERGE_ENABLED: str(merge).lower(),
+            **({} if merge_min_count is None else {TableProperties.MANIFEST_MIN_MERGE_COUNT: str(merge_min_count)}),
+        },
     )
     schema = like.schema().as_arrow()
     label = f"history: pyiceberg appends, merge {'on' if merge else 'off'}"
@@ -343,7 +356,12 @@ def run(
     puts_per_writer: int = PUTS_PER_WRITER,
     maintenance: bool = False,
     baseline_appends: int | None = None,
+    quick: bool = False,
 ) -> dict[str, Any]:
+    """`quick`: one fresh server per read and table, one round of the concurrent writers, and pyiceberg merging
+    from `QUICK_MERGE_MIN_COUNT` manifests on: proves the benchmark works, measures nothing."""
+    first_calls, writer_rounds = (QUICK_FIRST_CALLS, QUICK_WRITER_ROUNDS) if quick else (FIRST_CALLS, WRITER_ROUNDS)
+    merge_min_count = QUICK_MERGE_MIN_COUNT if quick else None
     data = feature_table(settings.rows + 1, settings.entities, settings.seed, settings.features)
     rows = rows_of(data.slice(1))
     features = feature_names(settings.features)
@@ -361,9 +379,9 @@ def run(
             if client.describe(name)["rows"] != data.num_rows:
                 raise RuntimeError(f"{name} does not hold the {data.num_rows} rows written to it")
     keys = [int(k) for k in np.random.default_rng(settings.seed).choice(data[ENTITY_KEY].to_numpy(), LOOKUP_ENTITIES)]
-    reads = measure_reads(target, tables, refs, keys, settings.repeat)
+    reads = measure_reads(target, tables, refs, keys, settings.repeat, first_calls)
     report.progress(f"history: 1 writer, {WRITERS[-1]} concurrent writers with and without group commit")
-    writers = writer_runs(target, data, puts_per_writer)
+    writers = writer_runs(target, data, puts_per_writer, writer_rounds)
     metadata: dict[str, Any] = {}
     properties = target.catalog_properties()
     if properties is not None:
@@ -373,12 +391,19 @@ def run(
         baseline = rows[:baseline_appends]
         for merge in (False, True):
             key = f"pyiceberg_{'merge' if merge else 'fast'}"
-            appends[key], metadata[key] = pyiceberg_appends(properties, loaded["history"], baseline, merge)
+            appends[key], metadata[key] = pyiceberg_appends(
+                properties, loaded["history"], baseline, merge, merge_min_count
+            )
     for key, entry in appends.items():
         entry["label"] = APPENDS[key]
+    if merge_min_count is not None and "pyiceberg_merge" in appends:
+        appends["pyiceberg_merge"]["label"] += f" (from {merge_min_count} manifests)"
     return {
         "puts": len(rows),
         "features": settings.features,
+        "first_calls": first_calls,
+        "writer_rounds": writer_rounds,
+        "merge_min_count": merge_min_count,
         "goals": {"last_to_first": HISTORY_GOAL, "read_ratio": READ_GOAL, "group_commit_speedup": GROUP_COMMIT_GOAL},
         "appends": appends,
         "reads": reads,
@@ -421,6 +446,8 @@ def render(result: dict[str, Any]) -> str:
             f"{kept['errors']} rounds with errors"
         )
     fresh = all(e[k]["fresh_server"] for e in result["reads"].values() for k in ("history", "one_put"))
+    # JSON files of earlier runs have neither: every run, --quick too, had the full counts then
+    first_calls, writer_rounds = result.get("first_calls", FIRST_CALLS), result.get("writer_rounds", WRITER_ROUNDS)
     reads = report.table(
         ["read", "first ms, history", "first ms, one put", "ratio", "warm ms, history", "warm ms, one put", "ratio"],
         [
@@ -442,7 +469,7 @@ def render(result: dict[str, Any]) -> str:
         puts,
         "",
         f"reads of that table (history) and of the same rows written in one put; 'first': the first call "
-        f"{f'on a freshly started server, median of {FIRST_CALLS}' if fresh else 'on the running server'}, "
+        f"{f'on a freshly started server, median of {first_calls}' if fresh else 'on the running server'}, "
         f"'warm': median of the next calls there; goal: ratio <= {goals['read_ratio']}x",
         reads,
     ]
@@ -471,7 +498,7 @@ def render(result: dict[str, Any]) -> str:
         f"one-row puts from writers, each its own client, to a fresh table; group commit on, or off (a server "
         f"started with --no-group-commit on the same catalog: one snapshot per put; both without automatic "
         f"maintenance); {WRITERS[-1]} writers: median "
-        f"of {WRITER_ROUNDS} rounds, on and off taking turns; goal: >= {goals['group_commit_speedup']}x the same "
+        f"of {writer_rounds} rounds, on and off taking turns; goal: >= {goals['group_commit_speedup']}x the same "
         f"writers' puts/s with group commit off",
         report.table(
             [

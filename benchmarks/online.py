@@ -24,7 +24,6 @@ import contextlib
 import multiprocessing
 import os
 import time
-from multiprocessing.synchronize import Event
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,7 @@ from benchmarks import ceiling, report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_names, feature_table
 from benchmarks.harness import Settings, Target, local_server, table_name, writing
+from benchmarks.online_processes import WRITER_ROWS, client_loop, new_rows, write_loop
 from benchmarks.processes import family
 from flight_client import FeatureClient
 from flight_server.base.filters import quote
@@ -47,7 +47,6 @@ REQUESTS = 2000  # lookups per batch size (fewer for batches of 1000 and for the
 QUICK_REQUESTS = 20  # with --quick
 SLOW_REQUESTS = 20  # for the paths without the index: each takes tens of milliseconds
 FRESHNESS_PUTS = 20
-WRITER_ROWS = 1000  # rows per put of the concurrent writer
 WRITER_START_SECONDS = 120.0
 CONCURRENT_CLIENTS = (1, 2, 4)  # client processes looking up at once
 CONCURRENT_SECONDS = 5.0
@@ -138,15 +137,6 @@ def keys_for(ids: np.ndarray, batch: int, rng: np.random.Generator) -> list[int]
     return [int(k) for k in rng.choice(ids, size=batch)]
 
 
-def write_loop(location: str, table: str, ids: list[int], features: list[str], stop: Event, puts: Any) -> None:
-    """The concurrent writer (its own process): puts of `WRITER_ROWS` new rows until told to stop."""
-    rng = np.random.default_rng(7)
-    with FeatureClient(location) as client:
-        while not stop.is_set():
-            client.write(table, new_rows(rng.choice(ids, WRITER_ROWS).tolist(), features))
-            puts.value += 1
-
-
 class Writer:
     """`write_loop` in its own process for the duration of a `with` block; `rate()` gives its puts/s
     from its first acknowledged put, once the server's write process listens (the lookups start only then), until
@@ -178,45 +168,32 @@ class Writer:
         self.process.join(WRITER_START_SECONDS)
 
 
-def client_loop(location: str, refs: list[str], ids: list[int], seconds: float, start: Any, out: Any) -> None:
-    """One of several concurrent clients (its own process): lookups of one random entity, back to back,
-    for `seconds` after every client is ready; sends its latencies back."""
-    rng = np.random.default_rng(len(ids) + os.getpid())
-    latencies = []
-    with FeatureClient(location) as client:
-        client.get_online_features({ENTITY_KEY: [ids[0]]}, refs)
-        start.wait()
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            keys = [ids[int(rng.integers(len(ids)))]]
-            began = time.perf_counter()
-            client.get_online_features({ENTITY_KEY: keys}, refs)
-            latencies.append(time.perf_counter() - began)
-    out.put(latencies)
-
-
-def concurrent_clients(location: str, refs: list[str], ids: list[int], clients: int, seconds: float) -> dict[str, Any]:
-    """Lookups/s and latency with `clients` processes looking up at once: what one server sustains."""
+def concurrent_clients(
+    location: str, refs: list[str], ids: list[int], counts: tuple[int, ...], seconds: float
+) -> list[dict[str, Any]]:
+    """Lookups/s and latency with each of `counts` processes looking up at once, in turn: what one server sustains.
+    The processes start once, as many as the most (they import the client, ~0.5 s each), and the first `clients`
+    of them take part in a round; the others wait, idle, for theirs."""
     context = multiprocessing.get_context("spawn")
-    start, out = context.Barrier(clients + 1), context.Queue()
+    rounds, out = [(clients, context.Barrier(clients + 1)) for clients in counts], context.Queue()
     processes = [
-        context.Process(target=client_loop, args=(location, refs, ids, seconds, start, out)) for _ in range(clients)
+        context.Process(target=client_loop, args=(location, refs, ids, seconds, index, rounds, out))
+        for index in range(max(counts))
     ]
     for process in processes:
         process.start()
-    start.wait(timeout=WRITER_START_SECONDS)
-    latencies = [x for _ in processes for x in out.get(timeout=WRITER_START_SECONDS + seconds)]
+    results = []
+    for clients, start in rounds:
+        report.progress(f"online: {clients} client process(es) looking up 1 entity for {seconds} s")
+        start.wait(timeout=WRITER_START_SECONDS)
+        answers = [out.get(timeout=WRITER_START_SECONDS + seconds) for _ in range(clients)]
+        if any(count != clients for count, _ in answers):
+            raise RuntimeError(f"a client answered for another round than the one of {clients} clients")
+        latencies = [x for _, lats in answers for x in lats]
+        results.append({"clients": clients, "lookups_per_s": len(latencies) / seconds, **percentiles(latencies)})
     for process in processes:
         process.join(WRITER_START_SECONDS)
-    return {"clients": clients, "lookups_per_s": len(latencies) / seconds, **percentiles(latencies)}
-
-
-def new_rows(entities: list[int], features: list[str]) -> pa.Table:
-    """Rows for `entities` stamped now (so they are the latest), with generated feature values."""
-    now = pa.array([time.time_ns() // 1000] * len(entities), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
-    values = feature_table(len(entities), 10, len(entities), len(features))
-    columns = {ENTITY_KEY: pa.array(entities, pa.int64()), EVENT_TIME: now, CREATED_TIME: now}
-    return pa.table({**columns, **{f: values.column(f) for f in features}})
+    return results
 
 
 def freshness(
@@ -368,10 +345,8 @@ def run(target: Target, settings: Settings, requests: int = REQUESTS) -> dict[st
                 finally:
                     placement.share(others)
             seconds = CONCURRENT_SECONDS if requests >= REQUESTS else 0.5
-            concurrency = []
-            for clients in CONCURRENT_CLIENTS:
-                report.progress(f"online: {clients} client process(es) looking up 1 entity for {seconds} s")
-                concurrency.append(concurrent_clients(target.location, refs, [int(i) for i in ids], clients, seconds))
+            every_id = [int(i) for i in ids]
+            concurrency = concurrent_clients(target.location, refs, every_id, CONCURRENT_CLIENTS, seconds)
             puts_timed = max(3, min(FRESHNESS_PUTS, requests // 4))
             report.progress(f"online: freshness of {puts_timed} puts")
             fresh["same_server"] = percentiles(freshness(client, client, name, int(ids[1]), features, puts_timed))

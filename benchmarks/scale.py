@@ -17,7 +17,7 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, feature_table
-from benchmarks.harness import Case, Settings, Target, free_port, local_server, measure, table_name
+from benchmarks.harness import Case, Settings, Target, free_port, local_servers, measure, table_name
 from benchmarks.processes import cpu_seconds, own_cpu_seconds
 from flight_client import FeatureClient
 
@@ -42,13 +42,11 @@ def run(target: Target, settings: Settings, replicas: tuple[int, ...] = REPLICAS
         locations = [f"grpc://127.0.0.1:{port}" for port in ports]
         with contextlib.ExitStack() as stack:
             report.progress(f"scale: starting {count} server process(es)")
-            servers = []
+            started: list[tuple[int | None, list[str]]] = []
             for port, location in zip(ports, locations, strict=True):
                 peers = [arg for other in locations if other != location for arg in ("--peer", other)]
-                args = ["--advertise", location, *peers] if count > 1 else []
-                servers.append(
-                    stack.enter_context(local_server(target.catalog_config, target.warehouse, port, args=args))
-                )
+                started.append((port, ["--advertise", location, *peers] if count > 1 else []))
+            servers = stack.enter_context(local_servers(started, target.catalog_config, target.warehouse))
             client = stack.enter_context(FeatureClient(locations[0]))
             pool = stack.enter_context(ThreadPoolExecutor(CLIENTS))
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from benchmarks import report
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, ENTITY_TIME, EVENT_TIME, entity_rows, feature_table
-from benchmarks.harness import Case, Settings, Target, free_port, local_server, measure, table_name
+from benchmarks.harness import Case, Settings, Target, free_port, local_servers, measure, table_name
 from flight_client import FeatureClient
 from flight_server.base.shards import key_slots, owned
 
@@ -69,14 +69,13 @@ def run(target: Target, settings: Settings, replicas: int = REPLICAS) -> dict[st
         report.progress(
             f"shards: starting {replicas} replicas and one server, each with --historical-cache-mb {cap_mb}"
         )
+        started: list[tuple[int | None, list[str]]] = []
         for location in locations:
             peers = [arg for other in locations if other != location for arg in ("--peer", other)]
             port = location.rsplit(":", 1)[1]
-            args = ["--advertise", location, *peers, "--historical-cache-mb", str(cap_mb)]
-            stack.enter_context(local_server(target.catalog_config, target.warehouse, int(port), args=args))
-        small = stack.enter_context(
-            local_server(target.catalog_config, target.warehouse, args=["--historical-cache-mb", str(cap_mb)])
-        )
+            started.append((int(port), ["--advertise", location, *peers, "--historical-cache-mb", str(cap_mb)]))
+        started.append((None, ["--historical-cache-mb", str(cap_mb)]))  # the capped single server
+        *_, small = stack.enter_context(local_servers(started, target.catalog_config, target.warehouse))
         clients = {
             WHOLE: stack.enter_context(FeatureClient(target.location)),
             SHARED: stack.enter_context(FeatureClient(locations[0])),
