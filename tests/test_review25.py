@@ -1,0 +1,68 @@
+"""Review 25: the client's public API fed valid but unusual inputs a data scientist or pipeline passes. Each test
+is a bug found, kept as a strict xfail until it is fixed; the pyarrow form of the same call is the reference."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from flight_client import FeatureClient
+from tests.conftest import replica_processes, sqlite_catalog, start_server
+
+UTC = dt.timezone.utc
+BASE = dt.datetime(2026, 1, 1, tzinfo=UTC)
+ROWS = pa.table(
+    {
+        "driver_id": pa.array([1, 2, 3, 1], pa.int64()),
+        "event_timestamp": pa.array([BASE + dt.timedelta(hours=h) for h in (0, 1, 2, 3)], pa.timestamp("us", "UTC")),
+        "rate": [0.1, 0.2, 0.3, 0.4],
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def location(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = start_server(sqlite_catalog(tmp_path_factory.mktemp("review25")))
+    yield f"grpc://127.0.0.1:{server.port}"
+    server.shutdown()
+
+
+@pytest.fixture
+def client(location: str) -> Iterator[FeatureClient]:
+    with FeatureClient(location) as c:
+        yield c
+
+
+def table_name() -> str:
+    return f"review25.t_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def features(location: str) -> str:
+    name = table_name()
+    with FeatureClient(location) as client:
+        client.write(name, ROWS, entity_keys="driver_id", event_time="event_timestamp")
+    return name
+
+
+@pytest.mark.xfail(strict=True, reason="a non-ASCII key column aborts the server (DuckDB: Invalid Avro identifier)")
+def test_a_non_ascii_key_column_does_not_kill_the_server(tmp_path: Path) -> None:
+    """`größe` is a valid Iceberg column name and is written fine, but the server's default partition spec names a
+    partition field after it, which DuckDB's `iceberg_scan` cannot read from the manifest's Avro schema: it throws
+    from a thread and the whole server process aborts (std::terminate) on the first delete, filtered read or
+    online lookup `as_of` a time. One request takes the server down for everyone."""
+    rows = pa.table({"größe": [1, 2], "ts": pa.array([BASE, BASE], pa.timestamp("us", "UTC")), "v": [1.0, 2.0]})
+    with (
+        replica_processes(tmp_path, sqlite_catalog(tmp_path), count=1) as [(location, process)],
+        FeatureClient(location) as client,
+    ):
+        client.write("review25.umlaut", rows, entity_keys="größe", event_time="ts")
+        try:
+            assert client.delete("review25.umlaut", keys={"größe": [1]})["rows_deleted"] == 1
+        finally:
+            assert process.poll() is None, "the server process died"
