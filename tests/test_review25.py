@@ -66,3 +66,24 @@ def test_a_non_ascii_key_column_does_not_kill_the_server(tmp_path: Path) -> None
             assert client.delete("review25.umlaut", keys={"größe": [1]})["rows_deleted"] == 1
         finally:
             assert process.poll() is None, "the server process died"
+
+
+@pytest.mark.xfail(strict=True, reason="pa.Table.from_pylist takes the columns of the first row only")
+def test_rows_as_dicts_keep_the_columns_their_first_row_lacks(client: FeatureClient, features: str) -> None:
+    """Row dicts with an optional field (JSON events, say) that the first row lacks: `write` drops that column
+    without a word, as do training sets whose rows go as Arrow (a date among them); inline training sets keep it
+    (`python_columns` takes every row's names), so the same rows give different columns by path."""
+    rows = [
+        {"driver_id": 1, "event_timestamp": BASE, "rate": 0.5},
+        {"driver_id": 2, "event_timestamp": BASE, "rate": 0.6, "city": "x"},
+    ]
+    name = table_name()
+    client.write(name, rows, entity_keys="driver_id", event_time="event_timestamp")
+    written = client.read_table(name)
+    assert "city" in written.column_names, written.column_names
+    entities = [
+        {"driver_id": 1, "event_timestamp": BASE},
+        {"driver_id": 2, "event_timestamp": BASE, "day": dt.date(2026, 1, 1)},  # a date: sent as Arrow
+    ]
+    training = client.get_historical_features(entities, [f"{features}:rate"])
+    assert training.column("day").to_pylist() == [None, dt.date(2026, 1, 1)]
