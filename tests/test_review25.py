@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -87,3 +88,29 @@ def test_rows_as_dicts_keep_the_columns_their_first_row_lacks(client: FeatureCli
     ]
     training = client.get_historical_features(entities, [f"{features}:rate"])
     assert training.column("day").to_pylist() == [None, dt.date(2026, 1, 1)]
+
+
+NANOS = np.datetime64("2026-01-01T00:30:00", "ns")  # pandas' default resolution: `df["ts"].values[0]`
+
+
+@pytest.mark.xfail(strict=True, reason="_python turns a numpy datetime64[ns] into int nanoseconds with .item()")
+@pytest.mark.parametrize("given", ["scalars", "array"])
+def test_numpy_nanosecond_times_in_entity_rows_are_times(client: FeatureClient, features: str, given: str) -> None:
+    """`{"event_timestamp": df["ts"].values}` (or its elements): NumPy's `.item()` gives an int for nanosecond
+    datetimes, which the inline request sends as epoch milliseconds: 'out of range (years 1 to 9999)'."""
+    times = np.array([NANOS, NANOS + np.timedelta64(2, "h")])
+    entities = {"driver_id": [1, 2], "event_timestamp": list(times) if given == "scalars" else times}
+    training = client.get_historical_features(entities, [f"{features}:rate"])
+    assert training.column("rate").to_pylist() == [0.1, 0.2]
+
+
+@pytest.mark.xfail(strict=True, reason="_key_text sends a numpy datetime64[ns] key as int nanoseconds")
+def test_a_delete_by_numpy_nanosecond_time_keys_deletes_them(client: FeatureClient) -> None:
+    """Worse on a delete: the int is read as microseconds of the timestamp key, matches nothing, and the delete
+    succeeds having deleted no row."""
+    name = table_name()
+    stamps = pa.array([BASE, BASE], pa.timestamp("us", "UTC"))
+    keys = pa.array([BASE, BASE + dt.timedelta(seconds=1)], pa.timestamp("us", "UTC"))
+    client.write(name, pa.table({"k": keys, "ts": stamps, "v": [1.0, 2.0]}), entity_keys="k", event_time="ts")
+    given = keys.to_numpy().astype("datetime64[ns]")[:1]
+    assert client.delete(name, keys={"k": list(given)})["rows_deleted"] == 1
