@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import polars as pl
 import pyarrow as pa
 import pytest
 
@@ -114,3 +116,29 @@ def test_a_delete_by_numpy_nanosecond_time_keys_deletes_them(client: FeatureClie
     client.write(name, pa.table({"k": keys, "ts": stamps, "v": [1.0, 2.0]}), entity_keys="k", event_time="ts")
     given = keys.to_numpy().astype("datetime64[ns]")[:1]
     assert client.delete(name, keys={"k": list(given)})["rows_deleted"] == 1
+
+
+CATEGORICAL_KEYS = {  # string keys dictionary-encoded, as each library stores a categorical column
+    "pandas_category": lambda keys: pd.DataFrame({"user": pd.Series(keys, dtype="category")}),
+    "polars_categorical": lambda keys: pl.DataFrame({"user": pl.Series(keys, dtype=pl.Categorical)}),
+    "arrow_dictionary": lambda keys: pa.table({"user": pa.array(keys).dictionary_encode()}),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="dictionary-encoded keys are refused over sessions and do_exchange")
+@pytest.mark.parametrize("form", CATEGORICAL_KEYS)
+def test_categorical_keys_are_looked_up_on_every_path(location: str, form: str) -> None:
+    """A categorical key column (pandas `category`, polars `Categorical`): the default online path (sessions)
+    refuses it ('entity column 'user' is dictionary<...>; the tables key it as string') while
+    `online_sessions=False` and `as_of` answer it, and training sets refuse it too: the answer depends on a
+    connection option."""
+    name = table_name()
+    rows = pa.table({"user": ["u1", "u2"], "ts": pa.array([BASE, BASE], pa.timestamp("us", "UTC")), "v": [1.0, 2.0]})
+    keys = CATEGORICAL_KEYS[form](["u2", "u1", "zz"])
+    with FeatureClient(location) as client, FeatureClient(location, online_sessions=False) as single:
+        client.write(name, rows, entity_keys="user", event_time="ts")
+        assert single.get_online_features(keys, [f"{name}:v"]).column("v").to_pylist() == [2.0, 1.0, None]
+        assert client.get_online_features(keys, [f"{name}:v"]).column("v").to_pylist() == [2.0, 1.0, None]
+        entities = pa.table(keys).append_column("event_timestamp", pa.array([BASE] * 3, pa.timestamp("us", "UTC")))
+        training = client.get_historical_features(entities, [f"{name}:v"])
+        assert training.column("v").to_pylist() == [2.0, 1.0, None]
