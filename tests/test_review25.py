@@ -142,3 +142,33 @@ def test_categorical_keys_are_looked_up_on_every_path(location: str, form: str) 
         entities = pa.table(keys).append_column("event_timestamp", pa.array([BASE] * 3, pa.timestamp("us", "UTC")))
         training = client.get_historical_features(entities, [f"{name}:v"])
         assert training.column("v").to_pylist() == [2.0, 1.0, None]
+
+
+LATER = BASE + dt.timedelta(hours=1, minutes=30)
+TIMES = {  # the same time in the forms a NumPy / pandas pipeline hands over
+    "numpy_datetime64": np.datetime64(LATER.replace(tzinfo=None), "us"),  # df["ts"].values.max()
+    "numpy_int64_millis": np.int64(LATER.timestamp() * 1000),  # an epoch-millisecond column's max()
+}
+
+
+@pytest.mark.xfail(strict=True, reason="_as_of passes unknown types through to json.dumps")
+@pytest.mark.parametrize("form", TIMES)
+def test_as_of_takes_numpy_times(client: FeatureClient, features: str, form: str) -> None:
+    """`as_of` (and `request_time`, `older_than`) as a NumPy datetime64 or int64: `_as_of` converts only datetimes
+    and Python ints, so the value reaches json.dumps and fails there with 'Object of type datetime64 is not JSON
+    serializable', a raw TypeError from the encoder that does not say what the argument takes."""
+    keys = {"driver_id": [1, 2, 3]}
+    expected = client.get_online_features(keys, [f"{features}:rate"], apply_ttl=False, as_of=LATER)
+    assert expected.column("rate").to_pylist() == [0.1, 0.2, None]
+    given = client.get_online_features(keys, [f"{features}:rate"], apply_ttl=False, as_of=TIMES[form])
+    assert given.column("rate").to_pylist() == [0.1, 0.2, None]
+
+
+@pytest.mark.xfail(strict=True, reason="_as_of passes a date through to json.dumps")
+def test_as_of_a_date_is_taken_or_refused_clearly(client: FeatureClient, features: str) -> None:
+    """A `datetime.date` (not a datetime): taken as its midnight UTC, or refused by the client with a message saying
+    what `as_of` takes; not the JSON encoder's 'Object of type date is not JSON serializable'."""
+    try:
+        client.get_online_features({"driver_id": [1]}, [f"{features}:rate"], as_of=dt.date(2026, 1, 2))
+    except TypeError as exc:
+        assert "JSON serializable" not in str(exc)
