@@ -172,3 +172,16 @@ def test_as_of_a_date_is_taken_or_refused_clearly(client: FeatureClient, feature
         client.get_online_features({"driver_id": [1]}, [f"{features}:rate"], as_of=dt.date(2026, 1, 2))
     except TypeError as exc:
         assert "JSON serializable" not in str(exc)
+
+
+@pytest.mark.xfail(strict=True, reason="the default partitioning is written as text and parsed back by a regex")
+@pytest.mark.parametrize("names", [("driver id", "event_timestamp"), ("driver_id", "event time"), ("2nd_key", "ts")])
+def test_key_and_time_columns_with_spaces_are_written(client: FeatureClient, names: tuple[str, str]) -> None:
+    """Column names from a CSV header ('event time', a key starting with a digit) are valid Iceberg names, and the
+    table is written with `partition_by=[]`; without it the write is refused with "partition field 'month(event
+    time)' is not of the form transform(column)", about a partition field the caller never gave: the server's
+    default partitioning is built as text and parsed back by a regex that takes identifiers only."""
+    key, time = names
+    rows = pa.table({key: [1, 2], time: pa.array([BASE, BASE], pa.timestamp("us", "UTC")), "v": [1.0, 2.0]})
+    assert client.write(table_name(), rows, entity_keys=key, event_time=time, partition_by=[]).rows == 2
+    assert client.write(table_name(), rows, entity_keys=key, event_time=time).rows == 2
