@@ -185,3 +185,15 @@ def test_key_and_time_columns_with_spaces_are_written(client: FeatureClient, nam
     rows = pa.table({key: [1, 2], time: pa.array([BASE, BASE], pa.timestamp("us", "UTC")), "v": [1.0, 2.0]})
     assert client.write(table_name(), rows, entity_keys=key, event_time=time, partition_by=[]).rows == 2
     assert client.write(table_name(), rows, entity_keys=key, event_time=time).rows == 2
+
+
+@pytest.mark.xfail(strict=True, reason="the server cannot cast dictionary<string_view> (polars' categoricals)")
+@pytest.mark.parametrize("dtype", [pl.Categorical, pl.Enum(["a", "b"])], ids=["categorical", "enum"])
+def test_polars_categorical_feature_columns_are_written(client: FeatureClient, dtype: pl.DataType) -> None:
+    """A pandas `category` column is written as a string column; a polars `Categorical` or `Enum` one (dictionary
+    of `string_view`) is refused with Arrow's kernel error "cannot store dictionary<values=string_view, ...> as
+    string: Function 'array_take' has no kernel matching input types (string_view, uint32)"."""
+    frame = pl.from_arrow(ROWS.slice(0, 2)).with_columns(city=pl.Series(["a", "b"], dtype=dtype))
+    name = table_name()
+    client.write(name, frame, entity_keys="driver_id", event_time="event_timestamp")
+    assert sorted(client.read_table(name).column("city").to_pylist()) == ["a", "b"]
