@@ -197,3 +197,19 @@ def test_polars_categorical_feature_columns_are_written(client: FeatureClient, d
     name = table_name()
     client.write(name, frame, entity_keys="driver_id", event_time="event_timestamp")
     assert sorted(client.read_table(name).column("city").to_pylist()) == ["a", "b"]
+
+
+@pytest.mark.xfail(strict=True, reason="_online builds Arrow from the unwrapped lists, not from the columns given")
+def test_numpy_date_keys_are_looked_up_as_of_a_time(client: FeatureClient) -> None:
+    """Date keys as a NumPy `datetime64[D]` array in a dict (a training set takes it): a lookup as of a time goes as
+    Arrow, built by `pa.table(columns)` from the list of NumPy scalars, which pyarrow cannot convert, and the
+    caller gets pyarrow's raw "TypeError: int() argument must be a string, a bytes-like object or a real number,
+    not 'datetime.date'"."""
+    name = table_name()
+    days = [dt.date(2026, 1, 1), dt.date(2026, 1, 2)]
+    stamps = pa.array([BASE, BASE], pa.timestamp("us", "UTC"))
+    client.write(name, pa.table({"k": days, "ts": stamps, "v": [1.0, 2.0]}), entity_keys="k", event_time="ts")
+    later = BASE + dt.timedelta(days=1)
+    assert client.get_online_features({"k": days}, [f"{name}:v"], as_of=later).column("v").to_pylist() == [1.0, 2.0]
+    given = {"k": np.array(days, dtype="datetime64[D]")}
+    assert client.get_online_features(given, [f"{name}:v"], as_of=later).column("v").to_pylist() == [1.0, 2.0]
