@@ -213,3 +213,17 @@ def test_numpy_date_keys_are_looked_up_as_of_a_time(client: FeatureClient) -> No
     assert client.get_online_features({"k": days}, [f"{name}:v"], as_of=later).column("v").to_pylist() == [1.0, 2.0]
     given = {"k": np.array(days, dtype="datetime64[D]")}
     assert client.get_online_features(given, [f"{name}:v"], as_of=later).column("v").to_pylist() == [1.0, 2.0]
+
+
+@pytest.mark.xfail(strict=True, reason="_key_text sends a naive datetime without an offset; the server refuses it")
+def test_a_delete_by_naive_time_keys_reads_them_as_utc(client: FeatureClient) -> None:
+    """Naive datetimes are UTC everywhere else (writes, training-set times, `as_of`); as delete keys (a pandas
+    frame of `datetime64[ns]` keys, say) they go as ISO text without an offset, which the server refuses with
+    Arrow's "expected a zone offset. If these timestamps are in local time, cast to timestamp without timezone,
+    then call assume_timezone": advice about Arrow calls the caller cannot make."""
+    name = table_name()
+    keys = pa.array([BASE, BASE + dt.timedelta(seconds=1)], pa.timestamp("us", "UTC"))
+    stamps = pa.array([BASE, BASE], pa.timestamp("us", "UTC"))
+    client.write(name, pa.table({"k": keys, "ts": stamps, "v": [1.0, 2.0]}), entity_keys="k", event_time="ts")
+    naive = pd.DataFrame({"k": pd.Series([pd.Timestamp("2026-01-01 00:00:00")])})
+    assert client.delete(name, keys=naive)["rows_deleted"] == 1
