@@ -227,3 +227,30 @@ def test_a_delete_by_naive_time_keys_reads_them_as_utc(client: FeatureClient) ->
     client.write(name, pa.table({"k": keys, "ts": stamps, "v": [1.0, 2.0]}), entity_keys="k", event_time="ts")
     naive = pd.DataFrame({"k": pd.Series([pd.Timestamp("2026-01-01 00:00:00")])})
     assert client.delete(name, keys=naive)["rows_deleted"] == 1
+
+
+ENTITIES = pa.table(
+    {
+        "driver_id": pa.array([1, 2, 3, 1], pa.int64()),
+        "event_timestamp": pa.array([BASE + dt.timedelta(hours=h) for h in (1, 2, 3, 4)], pa.timestamp("us", "UTC")),
+    }
+)
+
+
+@pytest.mark.xfail(strict=True, reason="inline rows make one endpoint, and endpoints are dealt out by rank")
+@pytest.mark.parametrize("form", ["dict_of_lists", "list_of_dicts"])
+def test_workers_share_entity_rows_given_as_python_values(client: FeatureClient, features: str, form: str) -> None:
+    """`iter_historical_features(rows, rank=r, world_size=n)` splits local rows by position: a pyarrow table or a
+    DataFrame of 4 rows gives 2 to each of 2 workers. The same rows as a dict of lists or a list of dicts go inline,
+    the server answers with one endpoint, and `endpoints[rank::world_size]` gives it all to rank 0 and nothing to
+    rank 1: one worker trains on every row while the other has no batch (a DDP job then waits forever)."""
+    given = ENTITIES.to_pydict() if form == "dict_of_lists" else ENTITIES.to_pylist()
+
+    def shares(rows: object) -> list[int]:
+        wanted = [f"{features}:rate"]
+        return [
+            sum(b.num_rows for b in client.iter_historical_features(rows, wanted, rank=r, world_size=2)) for r in (0, 1)
+        ]
+
+    assert shares(ENTITIES) == [2, 2]
+    assert shares(given) == [2, 2]
