@@ -254,3 +254,21 @@ def test_workers_share_entity_rows_given_as_python_values(client: FeatureClient,
 
     assert shares(ENTITIES) == [2, 2]
     assert shares(given) == [2, 2]
+
+
+@pytest.mark.xfail(strict=True, reason="requests are encoded with json.dumps, which refuses NumPy integers")
+@pytest.mark.parametrize("argument", ["limit", "snapshot_id", "snapshot_ids", "ttl"])
+def test_numpy_integers_are_taken_where_an_int_is(client: FeatureClient, features: str, argument: str) -> None:
+    """An int taken from a DataFrame or array is a NumPy int64 (`history["snapshot_id"].max()`, `len`-like counts
+    from numpy): `limit`, `snapshot_id`, `snapshot_ids` values and `ttl` pass it on to json.dumps, which raises
+    'Object of type int64 is not JSON serializable' from inside the request encoding."""
+    snapshot = int(client.read_table(features).schema.metadata[b"flight.snapshot_id"])
+    if argument == "limit":
+        assert client.read_table(features, limit=np.int64(2)).num_rows == 2
+    elif argument == "snapshot_id":
+        assert client.read_table(features, snapshot_id=np.int64(snapshot)).num_rows == ROWS.num_rows
+    elif argument == "snapshot_ids":
+        pinned = {features: np.int64(snapshot)}
+        assert client.get_historical_features(ENTITIES, [f"{features}:rate"], snapshot_ids=pinned).num_rows == 4
+    else:
+        client.write(table_name(), ROWS, entity_keys="driver_id", event_time="event_timestamp", ttl=np.int64(3600))
