@@ -272,3 +272,14 @@ def test_numpy_integers_are_taken_where_an_int_is(client: FeatureClient, feature
         assert client.get_historical_features(ENTITIES, [f"{features}:rate"], snapshot_ids=pinned).num_rows == 4
     else:
         client.write(table_name(), ROWS, entity_keys="driver_id", event_time="event_timestamp", ttl=np.int64(3600))
+
+
+@pytest.mark.xfail(strict=True, reason="empty inline columns are typed null, which the key check refuses")
+def test_an_empty_dict_of_entity_rows_gives_an_empty_training_set(client: FeatureClient, features: str) -> None:
+    """A day with no entities, as a dict of empty lists: an empty Arrow table or DataFrame gives an empty training
+    set, and online lookups take the empty dict, but the training set is refused with "entity column 'driver_id'
+    is null but '...' keys it as int64; cast it first": there is nothing to cast."""
+    wanted = [f"{features}:rate"]
+    assert client.get_historical_features(ENTITIES.slice(0, 0), wanted).num_rows == 0
+    assert client.get_online_features({"driver_id": []}, wanted).num_rows == 0
+    assert client.get_historical_features({"driver_id": [], "event_timestamp": []}, wanted).num_rows == 0
