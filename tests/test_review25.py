@@ -14,7 +14,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from flight_client import FeatureClient
+from flight_client import FeatureClient, InvalidRequestError
 from tests.conftest import replica_processes, sqlite_catalog, start_server
 
 UTC = dt.timezone.utc
@@ -283,3 +283,14 @@ def test_an_empty_dict_of_entity_rows_gives_an_empty_training_set(client: Featur
     assert client.get_historical_features(ENTITIES.slice(0, 0), wanted).num_rows == 0
     assert client.get_online_features({"driver_id": []}, wanted).num_rows == 0
     assert client.get_historical_features({"driver_id": [], "event_timestamp": []}, wanted).num_rows == 0
+
+
+@pytest.mark.xfail(strict=True, reason="rows _inline cannot carry leave the request without entities")
+def test_training_set_info_says_which_inline_values_it_cannot_take(client: FeatureClient, features: str) -> None:
+    """`training_set_info` takes a dict of column lists; with a date among them (which JSON does not carry, so
+    `get_historical_features` sends such rows as Arrow) the request goes with no entities at all and the server
+    answers "this request has no 'entities': stream the entity rows with do_exchange, or name an entity table or
+    inline rows", though inline rows were given. It should say which column cannot go in a ticket."""
+    rows = {**ENTITIES.to_pydict(), "day": [dt.date(2026, 1, 1)] * 4}
+    with pytest.raises((TypeError, ValueError, InvalidRequestError), match="day"):
+        client.training_set_info(rows, [f"{features}:rate"])
