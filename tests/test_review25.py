@@ -294,3 +294,23 @@ def test_training_set_info_says_which_inline_values_it_cannot_take(client: Featu
     rows = {**ENTITIES.to_pydict(), "day": [dt.date(2026, 1, 1)] * 4}
     with pytest.raises((TypeError, ValueError, InvalidRequestError), match="day"):
         client.training_set_info(rows, [f"{features}:rate"])
+
+
+@pytest.mark.xfail(strict=True, reason="online adds a <table>__<event time> column per table, by short name only")
+def test_tables_of_one_name_in_two_namespaces_are_looked_up_together(client: FeatureClient) -> None:
+    """`drivers.stats:trips` and `riders.stats:rating`: a training set joins both, but an online lookup is refused
+    ("output column name(s) ['stats__event_timestamp'] would appear twice; full_feature_names=true prefixes
+    features with their table"), and with full_feature_names=True, as the message advises, it is refused again."""
+    short = f"t_{uuid.uuid4().hex[:10]}"
+    first, second = f"review25a.{short}", f"review25b.{short}"
+    client.write(first, ROWS, entity_keys="driver_id", event_time="event_timestamp")
+    client.write(
+        second,
+        ROWS.rename_columns(["driver_id", "event_timestamp", "score"]),
+        entity_keys="driver_id",
+        event_time="event_timestamp",
+    )
+    wanted = [f"{first}:rate", f"{second}:score"]
+    assert client.get_historical_features(ENTITIES, wanted).num_rows == ENTITIES.num_rows
+    online = client.get_online_features({"driver_id": [1]}, wanted, full_feature_names=True, apply_ttl=False)
+    assert online.num_rows == 1
