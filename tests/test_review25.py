@@ -314,3 +314,19 @@ def test_tables_of_one_name_in_two_namespaces_are_looked_up_together(client: Fea
     assert client.get_historical_features(ENTITIES, wanted).num_rows == ENTITIES.num_rows
     online = client.get_online_features({"driver_id": [1]}, wanted, full_feature_names=True, apply_ttl=False)
     assert online.num_rows == 1
+
+
+@pytest.mark.xfail(strict=True, reason="a Series exports a C array of a non-struct type, which pa.table cannot read")
+@pytest.mark.parametrize("library", ["pandas", "polars"])
+def test_a_series_of_keys_is_taken_or_refused_clearly(client: FeatureClient, features: str, library: str) -> None:
+    """`get_online_features(df["driver_id"], ...)`: a named Series of keys. It reaches `pa.table(data)` through its
+    Arrow export, and the caller gets pyarrow's "ArrowInvalid: Cannot import schema: ArrowSchema describes
+    non-struct type int64" instead of the key column's answer (the Series has its name) or a TypeError naming
+    the kinds of rows taken."""
+    keys = pd.Series([3, 1], name="driver_id") if library == "pandas" else pl.Series("driver_id", [3, 1])
+    try:
+        rates = client.get_online_features(keys, [f"{features}:rate"], apply_ttl=False).column("rate").to_pylist()
+    except TypeError as exc:
+        assert "DataFrame" in str(exc)
+    else:
+        assert rates == [0.3, 0.4]
