@@ -76,7 +76,7 @@ NEW_TABLE_HISTORY = {
 }
 
 # `bucket(8, id)`, or `bucket[8](id)` as Iceberg (and `describe`) print a transform.
-_TRANSFORM = re.compile(r"^\s*(\w+)\s*(?:\[\s*(\d+)\s*\])?\s*\(\s*(?:(\d+)\s*,\s*)?([A-Za-z_][\w\-]*)\s*\)\s*$")
+_TRANSFORM = re.compile(r"^\s*(\w+)\s*(?:\[\s*(\d+)\s*\])?\s*\(\s*(?:(\d+)\s*,\s*)?(.+?)\s*\)\s*$")  # any column name
 
 
 @dataclass(frozen=True)
@@ -171,10 +171,21 @@ def partition_spec(fields: list[str], schema: Schema) -> PartitionSpec:
             raise RequestError(f"partition field {text!r}: cannot apply {name} to a {source.field_type} column")
         partition_fields.append(
             PartitionField(
-                source_id=source.field_id, field_id=1000 + index, transform=transform, name=f"{column}_{name}"
+                source_id=source.field_id,
+                field_id=1000 + index,
+                transform=transform,
+                name=avro_name(f"{column}_{name}"),
             )
         )
     return PartitionSpec(*partition_fields)
+
+
+def avro_name(name: str) -> str:
+    """`name` as an Avro name (`[A-Za-z_][A-Za-z0-9_]*`), other characters as `_x<hex>` as pyiceberg sanitizes
+    column names: manifests name partition fields in Avro, and DuckDB's reader refuses any other name by aborting
+    the process that reads them (`Engine.metadata_file` refuses such tables instead)."""
+    safe = re.sub(r"[^A-Za-z0-9_]", lambda c: f"_x{ord(c.group()):X}", name)
+    return f"_{safe}" if safe[:1].isdigit() else safe
 
 
 # Replicas starting at once on a new SQL catalog race to create its tables: the losers' CREATE fails with

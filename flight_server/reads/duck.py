@@ -25,6 +25,8 @@ import pyarrow.flight as flight
 from pyiceberg.table.metadata import TableMetadata
 
 from flight_server.base.spill import own_spill_folder
+from flight_server.iceberg.catalog import avro_name
+from flight_server.wire.errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +188,14 @@ class Engine:
         engine read for another table (another uuid) in the same folder is therefore replaced by a local copy of
         `metadata` named by its content; every other path, and all data and manifest files (named with uuids, with
         real ETags), are read and cached as they are."""
+        unreadable = sorted(
+            {f.name for spec in metadata.partition_specs for f in spec.fields if avro_name(f.name) != f.name}
+        )
+        if unreadable:  # DuckDB's Avro reader would abort the process
+            raise RequestError(
+                f"this read goes through DuckDB, which cannot read the table's manifests: its partition fields "
+                f"{unreadable} are not Avro names (letters, digits and _); reads that need no filter still work"
+            )
         path = local_path(location)
         if not self._watch_metadata:
             return path
