@@ -83,8 +83,8 @@ def to_table(data: Any) -> pa.Table:
     columns = python_columns(data)
     if columns is not None:
         try:
-            if isinstance(data, list):
-                return pa.Table.from_pylist(data)
+            if isinstance(data, list):  # every row's names (`python_columns`): pyarrow's from_pylist takes the first's
+                return pa.table(columns)
             if all(_is_column(values) for values in data.values()):
                 return pa.table(dict(data))  # NumPy arrays and Series without a detour through Python values
             return pa.table(columns)  # one row

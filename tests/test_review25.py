@@ -92,7 +92,6 @@ def test_a_table_whose_partition_fields_duckdb_cannot_read_is_refused_not_crashe
         assert process.poll() is None and client.read_table("review25.umlaut").num_rows == 4
 
 
-@pytest.mark.xfail(strict=True, reason="pa.Table.from_pylist takes the columns of the first row only")
 def test_rows_as_dicts_keep_the_columns_their_first_row_lacks(client: FeatureClient, features: str) -> None:
     """Row dicts with an optional field (JSON events, say) that the first row lacks: `write` drops that column
     without a word, as do training sets whose rows go as Arrow (a date among them); inline training sets keep it
