@@ -57,7 +57,11 @@ REUSE_CONNECTION = "arrow-flight-reuse-connection://?"
 
 
 def _as_of(value: dt.datetime | str | int | None) -> str | None:
-    """A time as the protocol's ISO-8601 string; epoch milliseconds converted, strings checked by the server."""
+    """A time as the protocol's ISO-8601 string; epoch milliseconds converted, a date as its midnight (UTC), NumPy's
+    times and ints as Python's, strings checked by the server."""
+    value = _python(value)
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        value = dt.datetime.combine(value, dt.time(), tzinfo=dt.timezone.utc)
     if isinstance(value, bool):
         raise TypeError(f"expected a datetime, an ISO-8601 string or epoch milliseconds, got {value!r}")
     if isinstance(value, int):
@@ -71,11 +75,15 @@ _JSON_VALUES = (type(None), bool, int, float, str)
 
 
 def _python(value: Any) -> Any:
-    """A value of a column given as a list or an Arrow array as plain Python (Arrow and numpy scalars unwrapped);
+    """A value of a column given as a list or an Arrow array as plain Python (Arrow and numpy scalars unwrapped:
+    NumPy's times finer than microseconds first cut to them, which `.item()` would give as integer nanoseconds);
     pandas' missing float (NaN) as None."""
     if isinstance(value, pa.Scalar):
         value = value.as_py()
-    elif hasattr(value, "item") and not isinstance(value, dt.datetime):  # numpy scalars
+    elif type(value).__module__ == "numpy":  # without importing NumPy, which the client does not need
+        kind = value.dtype.name  # datetime64[ns] and the like
+        if kind.endswith(("[ns]", "[ps]", "[fs]", "[as]")):
+            value = value.astype(kind.split("[")[0] + "[us]")
         value = value.item()
     return None if isinstance(value, float) and math.isnan(value) else value
 
@@ -783,7 +791,7 @@ class FeatureClient:
                     raise from_flight_error(exc) from None
         inline = _inline(columns)
         if inline is None:  # values JSON does not carry as they are: as Arrow
-            return self._exchange(request, pa.table(columns))
+            return self._exchange(request, inputs.to_table(entities))
         ticket = flight.Ticket(replace(request, entities=inline).to_bytes())
         try:
             return self._client.do_get(ticket, self._options).read_all()

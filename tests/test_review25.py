@@ -115,7 +115,6 @@ def test_rows_as_dicts_keep_the_columns_their_first_row_lacks(client: FeatureCli
 NANOS = np.datetime64("2026-01-01T00:30:00", "ns")  # pandas' default resolution: `df["ts"].values[0]`
 
 
-@pytest.mark.xfail(strict=True, reason="_python turns a numpy datetime64[ns] into int nanoseconds with .item()")
 @pytest.mark.parametrize("given", ["scalars", "array"])
 def test_numpy_nanosecond_times_in_entity_rows_are_times(client: FeatureClient, features: str, given: str) -> None:
     """`{"event_timestamp": df["ts"].values}` (or its elements): NumPy's `.item()` gives an int for nanosecond
@@ -126,7 +125,6 @@ def test_numpy_nanosecond_times_in_entity_rows_are_times(client: FeatureClient, 
     assert training.column("rate").to_pylist() == [0.1, 0.2]
 
 
-@pytest.mark.xfail(strict=True, reason="_key_text sends a numpy datetime64[ns] key as int nanoseconds")
 def test_a_delete_by_numpy_nanosecond_time_keys_deletes_them(client: FeatureClient) -> None:
     """Worse on a delete: the int is read as microseconds of the timestamp key, matches nothing, and the delete
     succeeds having deleted no row."""
@@ -171,7 +169,6 @@ TIMES = {  # the same time in the forms a NumPy / pandas pipeline hands over
 }
 
 
-@pytest.mark.xfail(strict=True, reason="_as_of passes unknown types through to json.dumps")
 @pytest.mark.parametrize("form", TIMES)
 def test_as_of_takes_numpy_times(client: FeatureClient, features: str, form: str) -> None:
     """`as_of` (and `request_time`, `older_than`) as a NumPy datetime64 or int64: `_as_of` converts only datetimes
@@ -184,7 +181,6 @@ def test_as_of_takes_numpy_times(client: FeatureClient, features: str, form: str
     assert given.column("rate").to_pylist() == [0.1, 0.2, None]
 
 
-@pytest.mark.xfail(strict=True, reason="_as_of passes a date through to json.dumps")
 def test_as_of_a_date_is_taken_or_refused_clearly(client: FeatureClient, features: str) -> None:
     """A `datetime.date` (not a datetime): taken as its midnight UTC, or refused by the client with a message saying
     what `as_of` takes; not the JSON encoder's 'Object of type date is not JSON serializable'."""
@@ -219,7 +215,6 @@ def test_polars_categorical_feature_columns_are_written(client: FeatureClient, d
     assert sorted(client.read_table(name).column("city").to_pylist()) == ["a", "b"]
 
 
-@pytest.mark.xfail(strict=True, reason="_online builds Arrow from the unwrapped lists, not from the columns given")
 def test_numpy_date_keys_are_looked_up_as_of_a_time(client: FeatureClient) -> None:
     """Date keys as a NumPy `datetime64[D]` array in a dict (a training set takes it): a lookup as of a time goes as
     Arrow, built by `pa.table(columns)` from the list of NumPy scalars, which pyarrow cannot convert, and the
@@ -235,7 +230,6 @@ def test_numpy_date_keys_are_looked_up_as_of_a_time(client: FeatureClient) -> No
     assert client.get_online_features(given, [f"{name}:v"], as_of=later).column("v").to_pylist() == [1.0, 2.0]
 
 
-@pytest.mark.xfail(strict=True, reason="_key_text sends a naive datetime without an offset; the server refuses it")
 def test_a_delete_by_naive_time_keys_reads_them_as_utc(client: FeatureClient) -> None:
     """Naive datetimes are UTC everywhere else (writes, training-set times, `as_of`); as delete keys (a pandas
     frame of `datetime64[ns]` keys, say) they go as ISO text without an offset, which the server refuses with
@@ -276,7 +270,6 @@ def test_workers_share_entity_rows_given_as_python_values(client: FeatureClient,
     assert shares(given) == [2, 2]
 
 
-@pytest.mark.xfail(strict=True, reason="requests are encoded with json.dumps, which refuses NumPy integers")
 @pytest.mark.parametrize("argument", ["limit", "snapshot_id", "snapshot_ids", "ttl"])
 def test_numpy_integers_are_taken_where_an_int_is(client: FeatureClient, features: str, argument: str) -> None:
     """An int taken from a DataFrame or array is a NumPy int64 (`history["snapshot_id"].max()`, `len`-like counts

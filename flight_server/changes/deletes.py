@@ -68,7 +68,15 @@ def _key_array(values: list[Any], key_type: pa.DataType) -> pa.Array:
     if (pa.types.is_temporal(key_type) or pa.types.is_decimal(key_type)) and all(
         value is None or isinstance(value, str) for value in values
     ):
-        return pa.array(values, pa.string()).cast(key_type)
+        text = pa.array(values, pa.string())
+        try:
+            return text.cast(key_type)
+        except pa.ArrowInvalid:
+            if not pa.types.is_timestamp(key_type):
+                raise
+            # Times with an offset for a key without a zone, or without one for a key in UTC: both read as UTC.
+            other = pa.timestamp(key_type.unit, None if key_type.tz else "UTC")
+            return text.cast(other).cast(key_type)
     return pa.array(values, key_type)
 
 

@@ -119,7 +119,15 @@ def decode(raw: bytes, what: str, limit: int = MAX_REQUEST_BYTES) -> dict[str, A
 
 def encode(body: dict[str, Any]) -> bytes:
     """Serialise a request or reply, dropping unset optional fields."""
-    return json.dumps({"v": PROTOCOL_VERSION, **{k: v for k, v in body.items() if v is not None}}).encode()
+    fields = {k: v for k, v in body.items() if v is not None}
+    return json.dumps({"v": PROTOCOL_VERSION, **fields}, default=_scalar).encode()
+
+
+def _scalar(value: Any) -> Any:
+    """A NumPy scalar (an int taken from a DataFrame: a limit, a snapshot id, a TTL) as the Python value it holds."""
+    if hasattr(value, "item") and hasattr(value, "dtype"):
+        return value.item()
+    raise TypeError(f"a request cannot hold a {type(value).__name__}: {value!r}")
 
 
 ReplyT = TypeVar("ReplyT", bound="Reply")
