@@ -456,6 +456,14 @@ class FeatureClient:
         request = self._historical_request(
             entity_rows, features, full_feature_names, snapshot_ids, as_of, entity_time, entity_filter, partitions
         )
+        if request.entities is None:  # a dict whose values JSON does not carry as they are
+            columns = inputs.python_columns(entity_rows) or {}
+            held = [name for name, values in columns.items() if _inline({name: values}, entity_time) is None]
+            raise TypeError(
+                f"training_set_info puts the entity rows in its tickets as JSON, which cannot carry the values of "
+                f"{held} as they are (dates, decimals, bytes, or times outside entity_time); get_historical_features "
+                "sends such rows as Arrow, or put them in a table on the server"
+            )
         return self._info(request)
 
     def read_endpoint(self, endpoint: flight.FlightEndpoint) -> pa.RecordBatchReader:
@@ -595,15 +603,14 @@ class FeatureClient:
         """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        if isinstance(entity_rows, str) or inputs.python_columns(entity_rows) is not None:
+        if isinstance(entity_rows, str):  # split by key on the server; local rows, Python values too, by position
             request = self._historical_request(
                 entity_rows, features, full_feature_names, snapshot_ids, as_of, entity_time, entity_filter, world_size
             )
-            if request.entities is not None:  # else rows JSON does not carry as they are: as Arrow, below
-                endpoints = self._info(request).endpoints
-                for endpoint in endpoints[rank::world_size]:
-                    yield from batches(self._open_endpoint(endpoint))
-                return
+            endpoints = self._info(request).endpoints
+            for endpoint in endpoints[rank::world_size]:
+                yield from batches(self._open_endpoint(endpoint))
+            return
         table = inputs.to_table(entity_rows)
         start, stop = rank * table.num_rows // world_size, (rank + 1) * table.num_rows // world_size
         yield from self._exchange_rows(

@@ -251,7 +251,6 @@ ENTITIES = pa.table(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="inline rows make one endpoint, and endpoints are dealt out by rank")
 @pytest.mark.parametrize("form", ["dict_of_lists", "list_of_dicts"])
 def test_workers_share_entity_rows_given_as_python_values(client: FeatureClient, features: str, form: str) -> None:
     """`iter_historical_features(rows, rank=r, world_size=n)` splits local rows by position: a pyarrow table or a
@@ -298,7 +297,6 @@ def test_an_empty_dict_of_entity_rows_gives_an_empty_training_set(client: Featur
     assert client.get_historical_features({"driver_id": [], "event_timestamp": []}, wanted).num_rows == 0
 
 
-@pytest.mark.xfail(strict=True, reason="rows _inline cannot carry leave the request without entities")
 def test_training_set_info_says_which_inline_values_it_cannot_take(client: FeatureClient, features: str) -> None:
     """`training_set_info` takes a dict of column lists; with a date among them (which JSON does not carry, so
     `get_historical_features` sends such rows as Arrow) the request goes with no entities at all and the server
