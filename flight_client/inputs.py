@@ -9,7 +9,8 @@ through these functions, so each accepts the same things:
 * pandas DataFrames. A named index (`set_index("driver_id")`) becomes columns again, since it
   usually holds keys; an unnamed one (the default range, or what a filter or slice leaves) is
   dropped, as it holds only row positions;
-* a dict of column lists (`{"driver_id": [1, 2]}`) and a list of row dicts (`[{"driver_id": 1}]`).
+* a dict of column lists (`{"driver_id": [1, 2]}`) and a list of row dicts (`[{"driver_id": 1}]`);
+* a named pandas or polars Series (`df["driver_id"]`): one column of that name.
 
 Readers and C streams are streamed where the call can stream (writes, training-set entity rows),
 never collected into one table. Nothing here imports pandas: a DataFrame given means it is loaded.
@@ -80,6 +81,8 @@ def to_table(data: Any) -> pa.Table:
         return data.read_all()
     if _is_pandas(data):
         return _from_pandas(data)
+    if _is_series(data):  # one named column (`df["driver_id"]`): a table of it
+        return pa.table({str(data.name): pa.array(data)})
     columns = python_columns(data)
     if columns is not None:
         try:
@@ -144,6 +147,12 @@ def _in_memory(data: Any) -> bool:
 def _is_pandas(data: Any) -> bool:
     pd = sys.modules.get("pandas")  # a DataFrame given means pandas is imported
     return pd is not None and isinstance(data, pd.DataFrame)
+
+
+def _is_series(data: Any) -> bool:
+    """A pandas or polars Series with a name (the column it was taken from)."""
+    kind = type(data)
+    return kind.__name__ == "Series" and kind.__module__.split(".")[0] in ("pandas", "polars") and bool(data.name)
 
 
 def _from_pandas(frame: Any) -> pa.Table:

@@ -327,7 +327,6 @@ def test_tables_of_one_name_in_two_namespaces_are_looked_up_together(client: Fea
     assert online.num_rows == 1
 
 
-@pytest.mark.xfail(strict=True, reason="a Series exports a C array of a non-struct type, which pa.table cannot read")
 @pytest.mark.parametrize("library", ["pandas", "polars"])
 def test_a_series_of_keys_is_taken_or_refused_clearly(client: FeatureClient, features: str, library: str) -> None:
     """`get_online_features(df["driver_id"], ...)`: a named Series of keys. It reaches `pa.table(data)` through its
