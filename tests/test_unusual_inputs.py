@@ -1,5 +1,8 @@
-"""Review 25: the client's public API fed valid but unusual inputs a data scientist or pipeline passes. Each test
-is a bug found, kept as a strict xfail until it is fixed; the pyarrow form of the same call is the reference."""
+"""The client's public API fed valid but unusual inputs a data scientist or pipeline passes (review 25): NumPy
+scalars and nanosecond times, row dicts with optional fields, Series, column names outside Avro's letters, keys of
+every type on every path. The pyarrow form of the same call is the reference. The bugs not fixed yet stay strict
+xfails, each saying why: categorical (dictionary-encoded) keys, polars' categorical features, an empty dict of entity
+rows, and tables of one name in two namespaces in one lookup."""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ ROWS = pa.table(
 
 @pytest.fixture(scope="module")
 def location(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = start_server(sqlite_catalog(tmp_path_factory.mktemp("review25")))
+    server = start_server(sqlite_catalog(tmp_path_factory.mktemp("inputs")))
     yield f"grpc://127.0.0.1:{server.port}"
     server.shutdown()
 
