@@ -88,7 +88,11 @@ def holds_files(io: FileIO, location: str, table: str) -> bool:
         pending = [path]
         while pending:
             folder = pending.pop()
-            for info in fs.get_file_info(FileSelector(folder, recursive=False, allow_not_found=True)):
+            try:
+                listed = fs.get_file_info(FileSelector(folder, recursive=False, allow_not_found=True))
+            except FileNotFoundError:  # removed since its parent was listed: a racing replica's files cleaned up
+                continue
+            for info in listed:
                 if info.type == FileType.File:
                     return True
                 if info.type == FileType.Directory:
