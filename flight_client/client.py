@@ -780,7 +780,7 @@ class FeatureClient:
         elif isinstance(entities, pa.RecordBatchReader):
             return self._exchange(request, entities)  # streamed as it comes, whatever its size
         else:
-            table = inputs.to_table(entities)
+            table = inputs.decoded(inputs.to_table(entities))  # categorical keys as their values
             nulls = inputs.null_float_keys(table)  # every column of an online lookup is a key
             if nulls is not None:
                 raise InvalidRequestError(
@@ -798,7 +798,7 @@ class FeatureClient:
                     raise from_flight_error(exc) from None
         inline = _inline(columns)
         if inline is None:  # values JSON does not carry as they are: as Arrow
-            return self._exchange(request, inputs.to_table(entities))
+            return self._exchange(request, table if table is not None else inputs.to_table(entities))
         ticket = flight.Ticket(replace(request, entities=inline).to_bytes())
         try:
             return self._client.do_get(ticket, self._options).read_all()
