@@ -37,7 +37,7 @@ from flight_server.wire.actions import (
     PinRequest,
     UnpinRequest,
 )
-from flight_server.wire.codec import REQUEST_ID_HEADER, decode_reply, encode, format_timestamp
+from flight_server.wire.codec import REQUEST_ID_HEADER, decode_reply, encode, format_timestamp, unwrapped
 from flight_server.wire.reads import (
     COMPRESSIONS,
     MAX_INLINE_ENTITIES,
@@ -75,16 +75,9 @@ _JSON_VALUES = (type(None), bool, int, float, str)
 
 
 def _python(value: Any) -> Any:
-    """A value of a column given as a list or an Arrow array as plain Python (Arrow and numpy scalars unwrapped:
-    NumPy's times finer than microseconds first cut to them, which `.item()` would give as integer nanoseconds);
-    pandas' missing float (NaN) as None."""
-    if isinstance(value, pa.Scalar):
-        value = value.as_py()
-    elif type(value).__module__ == "numpy":  # without importing NumPy, which the client does not need
-        kind = value.dtype.name  # datetime64[ns] and the like
-        if kind.endswith(("[ns]", "[ps]", "[fs]", "[as]")):
-            value = value.astype(kind.split("[")[0] + "[us]")
-        value = value.item()
+    """A value of a column given as a list or an Arrow array as plain Python (Arrow and NumPy scalars unwrapped:
+    `unwrapped`); pandas' missing float (NaN) as None."""
+    value = value.as_py() if isinstance(value, pa.Scalar) else unwrapped(value)
     return None if isinstance(value, float) and math.isnan(value) else value
 
 

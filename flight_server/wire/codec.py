@@ -125,9 +125,22 @@ def encode(body: dict[str, Any]) -> bytes:
 
 def _scalar(value: Any) -> Any:
     """A NumPy scalar (an int taken from a DataFrame: a limit, a snapshot id, a TTL) as the Python value it holds."""
-    if hasattr(value, "item") and hasattr(value, "dtype"):
-        return value.item()
-    raise TypeError(f"a request cannot hold a {type(value).__name__}: {value!r}")
+    plain = unwrapped(value)
+    if plain is value:
+        raise TypeError(f"a request cannot hold a {type(value).__name__}: {value!r}")
+    return plain
+
+
+def unwrapped(value: Any) -> Any:
+    """A NumPy scalar as the Python value it holds, times finer than microseconds first cut to them (`.item()`
+    gives those as integer nanoseconds); any other value as it is. NumPy is not imported: the client needs only
+    pyarrow."""
+    if type(value).__module__ != "numpy":
+        return value
+    kind = value.dtype.name  # datetime64[ns] and the like
+    if kind.endswith(("[ns]", "[ps]", "[fs]", "[as]")):
+        value = value.astype(kind.split("[")[0] + "[us]")
+    return value.item()
 
 
 ReplyT = TypeVar("ReplyT", bound="Reply")
