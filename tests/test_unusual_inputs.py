@@ -217,7 +217,6 @@ def test_key_and_time_columns_with_spaces_are_written(client: FeatureClient, nam
     assert client.write(table_name(), rows, entity_keys=key, event_time=time).rows == 2
 
 
-@pytest.mark.xfail(strict=True, reason="the server cannot cast dictionary<string_view> (polars' categoricals)")
 @pytest.mark.parametrize("dtype", [pl.Categorical, pl.Enum(["a", "b"])], ids=["categorical", "enum"])
 def test_polars_categorical_feature_columns_are_written(client: FeatureClient, dtype: pl.DataType) -> None:
     """A pandas `category` column is written as a string column; a polars `Categorical` or `Enum` one (dictionary
@@ -227,6 +226,16 @@ def test_polars_categorical_feature_columns_are_written(client: FeatureClient, d
     name = table_name()
     client.write(name, frame, entity_keys="driver_id", event_time="event_timestamp")
     assert sorted(client.read_table(name).column("city").to_pylist()) == ["a", "b"]
+
+
+def test_polars_view_columns_are_written_as_plain_ones(client: FeatureClient) -> None:
+    """Polars exports its strings and bytes as `string_view` and `binary_view`: stored as string and binary."""
+    frame = pl.DataFrame(ROWS.slice(0, 2)).with_columns(city=pl.Series(["a", "b"]), blob=pl.Series([b"x", b"y"]))
+    name = table_name()
+    client.write(name, frame, entity_keys="driver_id", event_time="event_timestamp")
+    written = client.read_table(name).sort_by("driver_id")
+    assert (written.schema.field("city").type, written.schema.field("blob").type) == (pa.string(), pa.binary())
+    assert written.column("city").to_pylist() == ["a", "b"] and written.column("blob").to_pylist() == [b"x", b"y"]
 
 
 def test_numpy_date_keys_are_looked_up_as_of_a_time(client: FeatureClient) -> None:
