@@ -161,19 +161,32 @@ def test_categorical_keys_are_looked_up_on_every_path(location: str, form: str) 
         assert client.get_online_features(keys, [f"{name}:v"]).column("v").to_pylist() == [2.0, 1.0, None]
 
 
-@pytest.mark.xfail(strict=True, reason="training sets refuse dictionary-encoded entity keys")
+@pytest.fixture(scope="module")
+def duckdb_location(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server without a training-set cache: DuckDB joins every training set."""
+    server = start_server(sqlite_catalog(tmp_path_factory.mktemp("duckdb")), historical_cache_bytes=0)
+    yield f"grpc://127.0.0.1:{server.port}"
+    server.shutdown()
+
+
 @pytest.mark.parametrize("form", CATEGORICAL_KEYS)
-def test_categorical_keys_join_training_sets(location: str, form: str) -> None:
-    """Categorical entity keys in a training set's rows are refused ('is dictionary<...>; cast it first'), where
-    online lookups take them."""
+@pytest.mark.parametrize("join", ["index", "duckdb"])
+def test_categorical_keys_join_training_sets(location: str, duckdb_location: str, join: str, form: str) -> None:
+    """Categorical entity keys in a training set's rows were refused ('is dictionary<...>; cast it first'), where
+    online lookups take them. They join by their values and come back as them, through the sorted indexes and
+    through DuckDB, streamed or not."""
     name = table_name()
     rows = pa.table({"user": ["u1", "u2"], "ts": pa.array([BASE, BASE], pa.timestamp("us", "UTC")), "v": [1.0, 2.0]})
     keys = CATEGORICAL_KEYS[form](["u2", "u1", "zz"])
-    with FeatureClient(location) as client:
+    with FeatureClient(location if join == "index" else duckdb_location) as client:
         client.write(name, rows, entity_keys="user", event_time="ts")
         entities = pa.table(keys).append_column("event_timestamp", pa.array([BASE] * 3, pa.timestamp("us", "UTC")))
         training = client.get_historical_features(entities, [f"{name}:v"])
         assert training.column("v").to_pylist() == [2.0, 1.0, None]
+        assert training.schema.field("user").type == pa.string()
+        assert training.column("user").to_pylist() == ["u2", "u1", "zz"]
+        streamed = pa.Table.from_batches(client.iter_historical_features(entities, [f"{name}:v"]))
+        assert streamed.column("v").to_pylist() == [2.0, 1.0, None]
 
 
 LATER = BASE + dt.timedelta(hours=1, minutes=30)
