@@ -187,9 +187,11 @@ def _compatible(entity: pa.DataType, feature: pa.DataType) -> bool:
 
 
 def plan_historical(
-    catalog: FeatureCatalog, request: HistoricalRequest, entity_schema: pa.Schema | None = None
+    catalog: FeatureCatalog, request: HistoricalRequest, entity_schema: pa.Schema | None = None, empty: bool = False
 ) -> HistoricalPlan:
-    """Check the request against the catalog and the entity columns; nothing is read yet."""
+    """Check the request against the catalog and the entity columns; nothing is read yet. `empty` says the entity
+    rows are known to be none (inline rows of empty lists): their untyped (null) key columns then take the keys'
+    types, where a null column of rows is refused, since it is most likely a mistake."""
     entity_table = entity_snapshot = None
     entity_filter: BooleanExpression = AlwaysTrue()
     source = request.entities
@@ -241,7 +243,7 @@ def plan_historical(
                 entity_type, feature_type = entity_schema.field(key).type, schema.field(key).type
                 if pa.types.is_dictionary(entity_type):  # a categorical column: joined by its values
                     entity_type = values_type(entity_type)
-                if not _compatible(entity_type, feature_type):
+                if not (_compatible(entity_type, feature_type) or (empty and pa.types.is_null(entity_type))):
                     raise RequestError(
                         f"entity column {key!r} is {entity_type} but {name!r} keys it as {feature_type}; cast it first"
                     )
@@ -258,7 +260,7 @@ def plan_historical(
         output = f"{name.split('.')[-1]}__{feature}" if request.full_feature_names else feature
         columns.append((by_table[name], group.features.index(feature), output))
 
-    entity_schema = _keyed(entity_schema, {key for group in groups for key in group.spec.entity_keys})
+    entity_schema = _keyed(entity_schema, groups)
     if request.shard is not None:
         _check_shard(request.shard, entity_table is not None, entity_schema)
     names = entity_schema.names + [c[2] for c in columns]
@@ -269,13 +271,21 @@ def plan_historical(
     return HistoricalPlan(request, entity_schema, groups, columns, entity_table, entity_snapshot, entity_filter)
 
 
-def _keyed(entity_schema: pa.Schema, keys: set[str]) -> pa.Schema:
+def _keyed(entity_schema: pa.Schema, groups: list[FeatureGroup]) -> pa.Schema:
     """The entity columns as the plan takes them: its categorical (dictionary-encoded) keys as their values, which
-    the join compares and the answer carries."""
-    fields = [
-        f.with_type(values_type(f.type)) if f.name in keys and pa.types.is_dictionary(f.type) else f
-        for f in entity_schema
-    ]
+    the join compares and the answer carries, and untyped (null) keys, which `plan_historical` lets through only
+    when there are no rows, as the first table keys them."""
+    key_types: dict[str, pa.DataType] = {}
+    for group in groups:
+        for key, kind in zip(group.spec.entity_keys, group.key_types, strict=True):
+            key_types.setdefault(key, kind)
+    fields = []
+    for f in entity_schema:
+        if f.name in key_types and pa.types.is_dictionary(f.type):
+            f = f.with_type(values_type(f.type))
+        elif f.name in key_types and pa.types.is_null(f.type):
+            f = f.with_type(key_types[f.name])
+        fields.append(f)
     return pa.schema(fields, metadata=entity_schema.metadata)
 
 
