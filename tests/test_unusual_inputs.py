@@ -190,6 +190,7 @@ def test_categorical_keys_join_training_sets(location: str, duckdb_location: str
 
 
 LATER = BASE + dt.timedelta(hours=1, minutes=30)
+HOUR = dt.timedelta(hours=1)
 TIMES = {  # the same time in the forms a NumPy / pandas pipeline hands over
     "numpy_datetime64": np.datetime64(LATER.replace(tzinfo=None), "us"),  # df["ts"].values.max()
     "numpy_int64_millis": np.int64(LATER.timestamp() * 1000),  # an epoch-millisecond column's max()
@@ -350,11 +351,12 @@ def test_training_set_info_says_which_inline_values_it_cannot_take(client: Featu
         client.training_set_info(rows, [f"{features}:rate"])
 
 
-@pytest.mark.xfail(strict=True, reason="online adds a <table>__<event time> column per table, by short name only")
-def test_tables_of_one_name_in_two_namespaces_are_looked_up_together(client: FeatureClient) -> None:
-    """`drivers.stats:trips` and `riders.stats:rating`: a training set joins both, but an online lookup is refused
+@pytest.mark.parametrize("as_of", [None, LATER], ids=["latest", "as_of"])
+def test_tables_of_one_name_in_two_namespaces_are_looked_up_together(client: FeatureClient, as_of: Any) -> None:
+    """`drivers.stats:trips` and `riders.stats:rating`: a training set joins both, but an online lookup was refused
     ("output column name(s) ['stats__event_timestamp'] would appear twice; full_feature_names=true prefixes
-    features with their table"), and with full_feature_names=True, as the message advises, it is refused again."""
+    features with their table"), and with full_feature_names=True, as the message advised, refused again. Tables
+    whose names clash without their namespaces are now named with them, in both (`<namespace>.<table>__...`)."""
     short = f"t_{uuid.uuid4().hex[:10]}"
     first, second = f"review25a.{short}", f"review25b.{short}"
     client.write(first, ROWS, entity_keys="driver_id", event_time="event_timestamp")
@@ -366,8 +368,18 @@ def test_tables_of_one_name_in_two_namespaces_are_looked_up_together(client: Fea
     )
     wanted = [f"{first}:rate", f"{second}:score"]
     assert client.get_historical_features(ENTITIES, wanted).num_rows == ENTITIES.num_rows
-    online = client.get_online_features({"driver_id": [1]}, wanted, full_feature_names=True, apply_ttl=False)
-    assert online.num_rows == 1
+    full = client.get_historical_features(ENTITIES, wanted, full_feature_names=True)
+    assert full.column_names[-2:] == [f"{first}__rate", f"{second}__score"]
+    times = [f"{first}__event_timestamp", f"{second}__event_timestamp"]
+    online = client.get_online_features(
+        {"driver_id": [2]}, wanted, full_feature_names=True, apply_ttl=False, as_of=as_of
+    )
+    assert online.column_names == ["driver_id", *full.column_names[-2:], *times]
+    assert list(online.to_pylist()[0].values()) == [2, 0.2, 0.2, BASE + HOUR, BASE + HOUR]
+    plain = client.get_online_features({"driver_id": [2]}, wanted, apply_ttl=False, as_of=as_of)
+    assert plain.column_names == ["driver_id", "rate", "score", *times]
+    feast = client.get_online_features(wanted, entity_rows=[{"driver_id": 2}], apply_ttl=False, as_of=as_of)
+    assert list(feast.to_dict()) == ["driver_id", "rate", "score"]
 
 
 @pytest.mark.parametrize("library", ["pandas", "polars"])

@@ -257,8 +257,10 @@ def plan_historical(
         if feature not in group.features:
             group.features.append(feature)
             group.types.append(schema.field(feature).type)
-        output = f"{name.split('.')[-1]}__{feature}" if request.full_feature_names else feature
-        columns.append((by_table[name], group.features.index(feature), output))
+        columns.append((by_table[name], group.features.index(feature), feature))
+    if request.full_feature_names:
+        labels = table_labels([g.name for g in groups])
+        columns = [(i, j, f"{labels[groups[i].name]}__{feature}") for i, j, feature in columns]
 
     entity_schema = _keyed(entity_schema, groups)
     if request.shard is not None:
@@ -269,6 +271,14 @@ def plan_historical(
         hint = "" if request.full_feature_names else "; full_feature_names=true prefixes features with their table"
         raise RequestError(f"output column name(s) {clashes} would appear twice{hint}")
     return HistoricalPlan(request, entity_schema, groups, columns, entity_table, entity_snapshot, entity_filter)
+
+
+def table_labels(names: list[str]) -> dict[str, str]:
+    """What output columns call each of a request's tables (`<label>__<column>`: full feature names, an online
+    answer's event times): its name without the namespace, or with it when another of the tables has the same
+    one (`drivers.stats` and `riders.stats`), so that no two tables' columns share a name."""
+    short = [name.split(".")[-1] for name in names]
+    return {name: s if short.count(s) == 1 else name for name, s in zip(names, short, strict=True)}
 
 
 def _keyed(entity_schema: pa.Schema, groups: list[FeatureGroup]) -> pa.Schema:
