@@ -1,8 +1,8 @@
 """The client's public API fed valid but unusual inputs a data scientist or pipeline passes (review 25): NumPy
 scalars and nanosecond times, row dicts with optional fields, Series, column names outside Avro's letters, keys of
-every type on every path. The pyarrow form of the same call is the reference. The bugs not fixed yet stay strict
-xfails, each saying why: categorical (dictionary-encoded) keys in training sets, polars' categorical features, an
-empty dict of entity rows, and tables of one name in two namespaces in one lookup."""
+every type on every path. The pyarrow form of the same call is the reference: categorical (dictionary-encoded) keys
+in training sets, polars' categorical features, an empty dict of entity rows, and tables of one name in two
+namespaces in one lookup included."""
 
 from __future__ import annotations
 
