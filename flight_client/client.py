@@ -730,12 +730,12 @@ class FeatureClient:
         DataFrame, Arrow data or a DuckDB relation of key columns (read whole: keys are few), or a
         RecordBatchReader. Up to 10,000 entities travel inline in one
         `do_get`; more, and readers, are streamed with `do_exchange`. Each table adds a `<table>__<event time>`
-        column: when the returned row was valid. Unknown entities, and rows older than the table's
-        TTL at `request_time` (now by default; `apply_ttl=False` keeps them), are nulls. `as_of`
-        looks into history instead: the latest rows at or before that time (slower: it reads the
-        table). Feast's form, features first (`get_online_features(features, entity_rows=[{...}])`, by
-        position or by name), returns an `OnlineResult` (`.to_dict()`, `.to_df()`, `.to_arrow()`) instead of
-        the Table.
+        column (`<table>` with its namespace only when two tables share a name): when the returned row was
+        valid. Unknown entities, and rows older than the table's TTL at `request_time` (now by default;
+        `apply_ttl=False` keeps them), are nulls. `as_of` looks into history instead: the latest rows at or
+        before that time (slower: it reads the table). Feast's form, features first
+        (`get_online_features(features, entity_rows=[{...}])`, by position or by name), returns an
+        `OnlineResult` (`.to_dict()`, `.to_df()`, `.to_arrow()`) instead of the Table.
         """
         if entity_rows is None and _feature_refs(entities) and features is not None and not _feature_refs(features):
             entities, features, entity_rows = None, entities, features  # Feast's order, given by position
@@ -747,8 +747,9 @@ class FeatureClient:
             if entities is not None:
                 raise TypeError("get_online_features takes the entities once: entities, or Feast's entity_rows")
             table = self._online(entity_rows, features, as_of, full_feature_names, request_time, apply_ttl)
-            tables = {ref.partition(":")[0].split(".")[-1] for ref in inputs.name_list(features)}
-            return OnlineResult(table, table.column_names[table.num_columns - len(tables) :])
+            # The answer's columns: the keys (the entity columns), the features, then the tables' event times.
+            shown = inputs.to_table(entity_rows).num_columns + len(inputs.name_list(features))
+            return OnlineResult(table, table.column_names[shown:])
         if entities is None:
             raise TypeError("get_online_features needs the entities: a dict of key columns, rows or a DataFrame")
         return self._online(entities, features, as_of, full_feature_names, request_time, apply_ttl)

@@ -24,6 +24,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from flight_server.wire.reads import dictionary_values
+
 BATCH_ROWS = 65_536  # rows per batch sent: small enough for gRPC's message limits
 
 
@@ -150,15 +152,11 @@ def _is_pandas(data: Any) -> bool:
 
 
 def decoded(table: pa.Table) -> pa.Table:
-    """`table` with its dictionary-encoded columns (pandas' `category`, polars' `Categorical`) as their values, text
-    as plain strings: online keys are compared by value, and the server keys its tables by plain types."""
+    """`table` with its dictionary-encoded columns (pandas' `category`, polars' `Categorical`) as their values
+    (`dictionary_values`): online keys are compared by value, and the server keys its tables by plain types."""
     for i, field in enumerate(table.schema):
         if pa.types.is_dictionary(field.type):
-            kind = field.type.value_type
-            kind = pa.string() if pa.types.is_string_view(kind) or pa.types.is_large_string(kind) else kind
-            # Each chunk's values taken by its indices (a cast takes from polars' string_views, which Arrow cannot).
-            values = [chunk.dictionary.cast(kind).take(chunk.indices) for chunk in table.column(i).chunks]
-            table = table.set_column(i, field.name, pa.chunked_array(values, kind))
+            table = table.set_column(i, field.name, dictionary_values(table.column(i)))
     return table
 
 

@@ -1,8 +1,8 @@
 """The client's public API fed valid but unusual inputs a data scientist or pipeline passes (review 25): NumPy
 scalars and nanosecond times, row dicts with optional fields, Series, column names outside Avro's letters, keys of
-every type on every path. The pyarrow form of the same call is the reference. The bugs not fixed yet stay strict
-xfails, each saying why: categorical (dictionary-encoded) keys in training sets, polars' categorical features, an
-empty dict of entity rows, and tables of one name in two namespaces in one lookup."""
+every type on every path. The pyarrow form of the same call is the reference: categorical (dictionary-encoded) keys
+in training sets, polars' categorical features, an empty dict of entity rows, and tables of one name in two
+namespaces in one lookup included."""
 
 from __future__ import annotations
 
@@ -161,22 +161,36 @@ def test_categorical_keys_are_looked_up_on_every_path(location: str, form: str) 
         assert client.get_online_features(keys, [f"{name}:v"]).column("v").to_pylist() == [2.0, 1.0, None]
 
 
-@pytest.mark.xfail(strict=True, reason="training sets refuse dictionary-encoded entity keys")
+@pytest.fixture(scope="module")
+def duckdb_location(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server without a training-set cache: DuckDB joins every training set."""
+    server = start_server(sqlite_catalog(tmp_path_factory.mktemp("duckdb")), historical_cache_bytes=0)
+    yield f"grpc://127.0.0.1:{server.port}"
+    server.shutdown()
+
+
 @pytest.mark.parametrize("form", CATEGORICAL_KEYS)
-def test_categorical_keys_join_training_sets(location: str, form: str) -> None:
-    """Categorical entity keys in a training set's rows are refused ('is dictionary<...>; cast it first'), where
-    online lookups take them."""
+@pytest.mark.parametrize("join", ["index", "duckdb"])
+def test_categorical_keys_join_training_sets(location: str, duckdb_location: str, join: str, form: str) -> None:
+    """Categorical entity keys in a training set's rows were refused ('is dictionary<...>; cast it first'), where
+    online lookups take them. They join by their values and come back as them, through the sorted indexes and
+    through DuckDB, streamed or not."""
     name = table_name()
     rows = pa.table({"user": ["u1", "u2"], "ts": pa.array([BASE, BASE], pa.timestamp("us", "UTC")), "v": [1.0, 2.0]})
     keys = CATEGORICAL_KEYS[form](["u2", "u1", "zz"])
-    with FeatureClient(location) as client:
+    with FeatureClient(location if join == "index" else duckdb_location) as client:
         client.write(name, rows, entity_keys="user", event_time="ts")
         entities = pa.table(keys).append_column("event_timestamp", pa.array([BASE] * 3, pa.timestamp("us", "UTC")))
         training = client.get_historical_features(entities, [f"{name}:v"])
         assert training.column("v").to_pylist() == [2.0, 1.0, None]
+        assert training.schema.field("user").type == pa.string()
+        assert training.column("user").to_pylist() == ["u2", "u1", "zz"]
+        streamed = pa.Table.from_batches(client.iter_historical_features(entities, [f"{name}:v"]))
+        assert streamed.column("v").to_pylist() == [2.0, 1.0, None]
 
 
 LATER = BASE + dt.timedelta(hours=1, minutes=30)
+HOUR = dt.timedelta(hours=1)
 TIMES = {  # the same time in the forms a NumPy / pandas pipeline hands over
     "numpy_datetime64": np.datetime64(LATER.replace(tzinfo=None), "us"),  # df["ts"].values.max()
     "numpy_int64_millis": np.int64(LATER.timestamp() * 1000),  # an epoch-millisecond column's max()
@@ -217,7 +231,6 @@ def test_key_and_time_columns_with_spaces_are_written(client: FeatureClient, nam
     assert client.write(table_name(), rows, entity_keys=key, event_time=time).rows == 2
 
 
-@pytest.mark.xfail(strict=True, reason="the server cannot cast dictionary<string_view> (polars' categoricals)")
 @pytest.mark.parametrize("dtype", [pl.Categorical, pl.Enum(["a", "b"])], ids=["categorical", "enum"])
 def test_polars_categorical_feature_columns_are_written(client: FeatureClient, dtype: pl.DataType) -> None:
     """A pandas `category` column is written as a string column; a polars `Categorical` or `Enum` one (dictionary
@@ -227,6 +240,16 @@ def test_polars_categorical_feature_columns_are_written(client: FeatureClient, d
     name = table_name()
     client.write(name, frame, entity_keys="driver_id", event_time="event_timestamp")
     assert sorted(client.read_table(name).column("city").to_pylist()) == ["a", "b"]
+
+
+def test_polars_view_columns_are_written_as_plain_ones(client: FeatureClient) -> None:
+    """Polars exports its strings and bytes as `string_view` and `binary_view`: stored as string and binary."""
+    frame = pl.DataFrame(ROWS.slice(0, 2)).with_columns(city=pl.Series(["a", "b"]), blob=pl.Series([b"x", b"y"]))
+    name = table_name()
+    client.write(name, frame, entity_keys="driver_id", event_time="event_timestamp")
+    written = client.read_table(name).sort_by("driver_id")
+    assert (written.schema.field("city").type, written.schema.field("blob").type) == (pa.string(), pa.binary())
+    assert written.column("city").to_pylist() == ["a", "b"] and written.column("blob").to_pylist() == [b"x", b"y"]
 
 
 def test_numpy_date_keys_are_looked_up_as_of_a_time(client: FeatureClient) -> None:
@@ -300,15 +323,22 @@ def test_numpy_integers_are_taken_where_an_int_is(client: FeatureClient, feature
         client.write(table_name(), ROWS, entity_keys="driver_id", event_time="event_timestamp", ttl=np.int64(3600))
 
 
-@pytest.mark.xfail(strict=True, reason="empty inline columns are typed null, which the key check refuses")
 def test_an_empty_dict_of_entity_rows_gives_an_empty_training_set(client: FeatureClient, features: str) -> None:
     """A day with no entities, as a dict of empty lists: an empty Arrow table or DataFrame gives an empty training
-    set, and online lookups take the empty dict, but the training set is refused with "entity column 'driver_id'
-    is null but '...' keys it as int64; cast it first": there is nothing to cast."""
+    set, and online lookups take the empty dict, but the training set was refused with "entity column 'driver_id'
+    is null but '...' keys it as int64; cast it first": there is nothing to cast. The empty column is typed as the
+    table keys it; a null column of rows stays refused (most likely a mistake, and it would match nothing)."""
     wanted = [f"{features}:rate"]
-    assert client.get_historical_features(ENTITIES.slice(0, 0), wanted).num_rows == 0
+    typed = client.get_historical_features(ENTITIES.slice(0, 0), wanted)
+    assert typed.num_rows == 0
     assert client.get_online_features({"driver_id": []}, wanted).num_rows == 0
-    assert client.get_historical_features({"driver_id": [], "event_timestamp": []}, wanted).num_rows == 0
+    empty = client.get_historical_features({"driver_id": [], "event_timestamp": []}, wanted)
+    assert empty.num_rows == 0 and empty.schema.equals(typed.schema)
+    info = client.training_set_info({"driver_id": [], "event_timestamp": []}, wanted)
+    assert info.schema.equals(typed.schema)
+    assert sum(client.read_endpoint(e).read_all().num_rows for e in info.endpoints) == 0
+    with pytest.raises(InvalidRequestError, match="entity column 'driver_id' is null"):
+        client.get_historical_features({"driver_id": [None], "event_timestamp": [BASE]}, wanted)
 
 
 def test_training_set_info_says_which_inline_values_it_cannot_take(client: FeatureClient, features: str) -> None:
@@ -321,11 +351,12 @@ def test_training_set_info_says_which_inline_values_it_cannot_take(client: Featu
         client.training_set_info(rows, [f"{features}:rate"])
 
 
-@pytest.mark.xfail(strict=True, reason="online adds a <table>__<event time> column per table, by short name only")
-def test_tables_of_one_name_in_two_namespaces_are_looked_up_together(client: FeatureClient) -> None:
-    """`drivers.stats:trips` and `riders.stats:rating`: a training set joins both, but an online lookup is refused
+@pytest.mark.parametrize("as_of", [None, LATER], ids=["latest", "as_of"])
+def test_tables_of_one_name_in_two_namespaces_are_looked_up_together(client: FeatureClient, as_of: Any) -> None:
+    """`drivers.stats:trips` and `riders.stats:rating`: a training set joins both, but an online lookup was refused
     ("output column name(s) ['stats__event_timestamp'] would appear twice; full_feature_names=true prefixes
-    features with their table"), and with full_feature_names=True, as the message advises, it is refused again."""
+    features with their table"), and with full_feature_names=True, as the message advised, refused again. Tables
+    whose names clash without their namespaces are now named with them, in both (`<namespace>.<table>__...`)."""
     short = f"t_{uuid.uuid4().hex[:10]}"
     first, second = f"review25a.{short}", f"review25b.{short}"
     client.write(first, ROWS, entity_keys="driver_id", event_time="event_timestamp")
@@ -337,8 +368,18 @@ def test_tables_of_one_name_in_two_namespaces_are_looked_up_together(client: Fea
     )
     wanted = [f"{first}:rate", f"{second}:score"]
     assert client.get_historical_features(ENTITIES, wanted).num_rows == ENTITIES.num_rows
-    online = client.get_online_features({"driver_id": [1]}, wanted, full_feature_names=True, apply_ttl=False)
-    assert online.num_rows == 1
+    full = client.get_historical_features(ENTITIES, wanted, full_feature_names=True)
+    assert full.column_names[-2:] == [f"{first}__rate", f"{second}__score"]
+    times = [f"{first}__event_timestamp", f"{second}__event_timestamp"]
+    online = client.get_online_features(
+        {"driver_id": [2]}, wanted, full_feature_names=True, apply_ttl=False, as_of=as_of
+    )
+    assert online.column_names == ["driver_id", *full.column_names[-2:], *times]
+    assert list(online.to_pylist()[0].values()) == [2, 0.2, 0.2, BASE + HOUR, BASE + HOUR]
+    plain = client.get_online_features({"driver_id": [2]}, wanted, apply_ttl=False, as_of=as_of)
+    assert plain.column_names == ["driver_id", "rate", "score", *times]
+    feast = client.get_online_features(wanted, entity_rows=[{"driver_id": 2}], apply_ttl=False, as_of=as_of)
+    assert list(feast.to_dict()) == ["driver_id", "rate", "score"]
 
 
 @pytest.mark.parametrize("library", ["pandas", "polars"])

@@ -16,6 +16,7 @@ from pyiceberg.io.pyarrow import schema_to_pyarrow
 from pyiceberg.schema import Schema
 
 from flight_server.wire.errors import RequestError
+from flight_server.wire.reads import dictionary_values
 
 UTC_MICROS = pa.timestamp("us", tz="UTC")
 
@@ -138,6 +139,8 @@ class Conformer:
                 columns.append(pa.nulls(batch.num_rows, f.type))
                 continue
             column = batch.column(index)
+            if pa.types.is_dictionary(column.type):
+                column = dictionary_values(column)  # a cast cannot decode polars' dictionary<string_view>
             if column.type != f.type:
                 try:
                     # Timestamps are truncated to microseconds (Iceberg's precision); all else is safe.

@@ -6,9 +6,9 @@ of one row per entity at that time (`training/`), computed by DuckDB.
 
 The answer has one row per requested entity, in request order, duplicates kept: the key columns,
 each requested feature, and per table `<table>__<event time column>` (the event time of the row
-returned). Unknown entities, null keys, and rows older than the table's TTL relative to the
-request time (now unless the request says; `as_of` when given; `apply_ttl: false` switches it
-off) come back as nulls.
+returned; `<table>` as training sets name it, `training.plan.table_labels`). Unknown entities, null
+keys, and rows older than the table's TTL relative to the request time (now unless the request says;
+`as_of` when given; `apply_ttl: false` switches it off) come back as nulls.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from flight_server.base.schemas import UTC_MICROS, table_arrow_schema
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
 from flight_server.online.index import MISSING, IndexState, OnlineIndex, Rows, key_kind, key_values
 from flight_server.online.store import OnlineStore
-from flight_server.training.plan import plan_historical
+from flight_server.training.plan import plan_historical, table_labels
 from flight_server.training.sets import TrainingSets, held_snapshots
 from flight_server.wire.codec import parse_timestamp
 from flight_server.wire.errors import NotFoundError, RequestError
@@ -47,14 +47,6 @@ class Source:
     schema: pa.Schema
     index: OnlineIndex | None = None
 
-    @property
-    def time_column(self) -> str:
-        return f"{short_name(self.name)}__{self.spec.event_time}"
-
-
-def short_name(name: str) -> str:
-    return name.split(".")[-1]
-
 
 @dataclass(frozen=True)
 class OnlinePlan:
@@ -64,6 +56,7 @@ class OnlinePlan:
     sources: list[Source]
     columns: list[tuple[int, str, str]]  # per requested feature: source, column, output name
     key_types: dict[str, pa.DataType]
+    time_columns: list[str]  # per source, the answer column of its event time
     # Per source, the index generation the plan was checked against (index plans only).
     states: tuple[IndexState, ...] = field(default=(), compare=False, repr=False)
     # Per source, its rows in answer form for the index generation they came from (see `answer_rows`).
@@ -73,7 +66,8 @@ class OnlinePlan:
     def schema(self) -> pa.Schema:
         fields = [pa.field(k, t) for k, t in self.key_types.items()]
         fields += [pa.field(out, self.sources[i].schema.field(col).type) for i, col, out in self.columns]
-        fields += [pa.field(s.time_column, s.schema.field(s.spec.event_time).type) for s in self.sources]
+        times = zip(self.sources, self.time_columns, strict=True)
+        fields += [pa.field(out, s.schema.field(s.spec.event_time).type) for s, out in times]
         return pa.schema(fields)
 
     @cached_property
@@ -84,7 +78,7 @@ class OnlinePlan:
             [
                 *((k, k) for k in s.spec.entity_keys),
                 *((c, out) for i, c, out in self.columns if i == n),
-                (s.spec.event_time, s.time_column),
+                (s.spec.event_time, self.time_columns[n]),
             ]
             for n, s in enumerate(self.sources)
         ]
@@ -159,8 +153,11 @@ def plan_online(request: OnlineRequest, resolve: Callable[[str], Source]) -> Onl
             raise NotFoundError(
                 f"feature {ref!r}: {source.name!r} has no column {feature!r} (columns: {source.schema.names})"
             )
-        output = f"{short_name(source.name)}__{feature}" if request.full_feature_names else feature
-        columns.append((by_name[source.name], feature, output))
+        columns.append((by_name[source.name], feature, feature))
+    labels = table_labels([s.name for s in sources])  # as training sets name them
+    if request.full_feature_names:
+        columns = [(i, feature, f"{labels[sources[i].name]}__{feature}") for i, feature, _ in columns]
+    times = [f"{labels[s.name]}__{s.spec.event_time}" for s in sources]
     key_types: dict[str, pa.DataType] = {}
     owners: dict[str, str] = {}
     for source in sources:
@@ -173,12 +170,12 @@ def plan_online(request: OnlineRequest, resolve: Callable[[str], Source]) -> Onl
                 )
             key_types.setdefault(key, kind)
             owners.setdefault(key, source.name)
-    names = [*key_types, *(c[2] for c in columns), *(s.time_column for s in sources)]
+    names = [*key_types, *(c[2] for c in columns), *times]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         hint = "" if request.full_feature_names else "; full_feature_names=true prefixes features with their table"
         raise RequestError(f"output column name(s) {clashes} would appear twice{hint}")
-    return OnlinePlan(request, sources, columns, key_types)
+    return OnlinePlan(request, sources, columns, key_types, times)
 
 
 def index_source(store: OnlineStore) -> Callable[[str], Source]:
@@ -304,6 +301,7 @@ def lookup_as_of(
     with training.cache.caches.in_use.hold(held_snapshots(joined_plan)):  # expiry keeps them until it is read
         joined = training.run_inline(joined_plan, entities, build=False, is_cancelled=is_cancelled).read_all()
     arrays = [joined.column(k) for k in plan.key_types]
-    arrays += [joined.column(f"{short_name(plan.sources[i].name)}__{column}") for i, column, _ in plan.columns]
-    arrays += [joined.column(s.time_column) for s in plan.sources]
+    labels = table_labels([s.name for s in plan.sources])  # the training set's full feature names
+    arrays += [joined.column(f"{labels[plan.sources[i].name]}__{column}") for i, column, _ in plan.columns]
+    arrays += [joined.column(name) for name in plan.time_columns]
     return pa.Table.from_arrays(arrays, schema=plan.schema)

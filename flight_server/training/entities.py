@@ -245,7 +245,7 @@ def plan_request(catalog: FeatureCatalog, request: HistoricalRequest) -> tuple[H
         )
     if request.entities.rows is not None:
         entities = inline_entities(request.entities.rows, request.entity_time)
-        return plan_historical(catalog, request, entities.schema), entities
+        return plan_historical(catalog, request, entities.schema, empty=not entities.num_rows), entities
     return plan_historical(catalog, request), None
 
 

@@ -164,6 +164,7 @@ def join_batch(
 ) -> pa.RecordBatch:
     """One batch of entity rows with their features, in their order, through the sorted indexes; the features of
     tables without one (None) come from `joined`, DuckDB's join of the same rows to those tables (by output name)."""
+    batch = plan.entity_rows(batch)
     entity_us, entity_up_us, valid = entity_micros(batch.column(plan.request.entity_time))
     found: dict[tuple[int, int], pa.Array] = {}
     for i, (group, index) in enumerate(zip(plan.groups, indexes, strict=True)):

@@ -21,7 +21,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -38,9 +38,18 @@ from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_s
 from flight_server.iceberg.snapshots import resolve_snapshot, snapshot_schema
 from flight_server.reads.plan import refuse_readded
 from flight_server.wire.errors import NotFoundError, RequestError
-from flight_server.wire.reads import SHARD_SLOTS_MAX, HistoricalRequest, KeyShare, parse_feature_ref
+from flight_server.wire.reads import (
+    SHARD_SLOTS_MAX,
+    HistoricalRequest,
+    KeyShare,
+    dictionary_values,
+    parse_feature_ref,
+    values_type,
+)
 
 SNAPSHOTS_METADATA_KEY = b"flight.snapshots"
+
+Rows = TypeVar("Rows", pa.RecordBatch, pa.Table)
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,15 @@ class HistoricalPlan:
             entities = {"table": table_name(self.entity_table), "snapshot_id": self.entity_snapshot_id}
         return {"features": {g.name: g.snapshot_id for g in self.groups}, "entities": entities}
 
+    def entity_rows(self, rows: Rows) -> Rows:
+        """Entity rows as the sorted indexes join them: categorical (dictionary-encoded) key columns as their
+        values, the plan's types (Arrow cannot compare polars' `dictionary<string_view>`; DuckDB reads any)."""
+        for i, wanted in enumerate(self.entity_schema):
+            column = rows.column(i)
+            if column.type != wanted.type and pa.types.is_dictionary(column.type):
+                rows = rows.set_column(i, wanted, dictionary_values(column))
+        return rows
+
     def share(self, group: FeatureGroup) -> KeyShare | None:
         """The share of `group`'s rows this part joins (the request's `shard`), or None: all its rows, when the
         part is not a share or the table is not keyed by the share's key."""
@@ -169,9 +187,11 @@ def _compatible(entity: pa.DataType, feature: pa.DataType) -> bool:
 
 
 def plan_historical(
-    catalog: FeatureCatalog, request: HistoricalRequest, entity_schema: pa.Schema | None = None
+    catalog: FeatureCatalog, request: HistoricalRequest, entity_schema: pa.Schema | None = None, empty: bool = False
 ) -> HistoricalPlan:
-    """Check the request against the catalog and the entity columns; nothing is read yet."""
+    """Check the request against the catalog and the entity columns; nothing is read yet. `empty` says the entity
+    rows are known to be none (inline rows of empty lists): their untyped (null) key columns then take the keys'
+    types, where a null column of rows is refused, since it is most likely a mistake."""
     entity_table = entity_snapshot = None
     entity_filter: BooleanExpression = AlwaysTrue()
     source = request.entities
@@ -221,7 +241,9 @@ def plan_historical(
             schema = table_arrow_schema(read)
             for key in spec.entity_keys:
                 entity_type, feature_type = entity_schema.field(key).type, schema.field(key).type
-                if not _compatible(entity_type, feature_type):
+                if pa.types.is_dictionary(entity_type):  # a categorical column: joined by its values
+                    entity_type = values_type(entity_type)
+                if not (_compatible(entity_type, feature_type) or (empty and pa.types.is_null(entity_type))):
                     raise RequestError(
                         f"entity column {key!r} is {entity_type} but {name!r} keys it as {feature_type}; cast it first"
                     )
@@ -235,9 +257,12 @@ def plan_historical(
         if feature not in group.features:
             group.features.append(feature)
             group.types.append(schema.field(feature).type)
-        output = f"{name.split('.')[-1]}__{feature}" if request.full_feature_names else feature
-        columns.append((by_table[name], group.features.index(feature), output))
+        columns.append((by_table[name], group.features.index(feature), feature))
+    if request.full_feature_names:
+        labels = table_labels([g.name for g in groups])
+        columns = [(i, j, f"{labels[groups[i].name]}__{feature}") for i, j, feature in columns]
 
+    entity_schema = _keyed(entity_schema, groups)
     if request.shard is not None:
         _check_shard(request.shard, entity_table is not None, entity_schema)
     names = entity_schema.names + [c[2] for c in columns]
@@ -246,6 +271,32 @@ def plan_historical(
         hint = "" if request.full_feature_names else "; full_feature_names=true prefixes features with their table"
         raise RequestError(f"output column name(s) {clashes} would appear twice{hint}")
     return HistoricalPlan(request, entity_schema, groups, columns, entity_table, entity_snapshot, entity_filter)
+
+
+def table_labels(names: list[str]) -> dict[str, str]:
+    """What output columns call each of a request's tables (`<label>__<column>`: full feature names, an online
+    answer's event times): its name without the namespace, or with it when another of the tables has the same
+    one (`drivers.stats` and `riders.stats`), so that no two tables' columns share a name."""
+    short = [name.split(".")[-1] for name in names]
+    return {name: s if short.count(s) == 1 else name for name, s in zip(names, short, strict=True)}
+
+
+def _keyed(entity_schema: pa.Schema, groups: list[FeatureGroup]) -> pa.Schema:
+    """The entity columns as the plan takes them: its categorical (dictionary-encoded) keys as their values, which
+    the join compares and the answer carries, and untyped (null) keys, which `plan_historical` lets through only
+    when there are no rows, as the first table keys them."""
+    key_types: dict[str, pa.DataType] = {}
+    for group in groups:
+        for key, kind in zip(group.spec.entity_keys, group.key_types, strict=True):
+            key_types.setdefault(key, kind)
+    fields = []
+    for f in entity_schema:
+        if f.name in key_types and pa.types.is_dictionary(f.type):
+            f = f.with_type(values_type(f.type))
+        elif f.name in key_types and pa.types.is_null(f.type):
+            f = f.with_type(key_types[f.name])
+        fields.append(f)
+    return pa.schema(fields, metadata=entity_schema.metadata)
 
 
 def _check_shard(share: KeyShare, entity_table: bool, entity_schema: pa.Schema) -> None:

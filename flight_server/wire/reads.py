@@ -236,6 +236,27 @@ def one_batch(table: pa.Table) -> pa.RecordBatch:
     return pa.concat_batches(batches) if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
 
 
+def dictionary_values(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A dictionary-encoded column (pandas' `category`, polars' `Categorical` and `Enum`) as its values, of type
+    `values_type`. Each chunk's dictionary is cast, then taken by its indices: Arrow can neither take from nor
+    cast a dictionary of views (polars' `dictionary<string_view>`)."""
+    kind = values_type(column.type)
+    if isinstance(column, pa.ChunkedArray):
+        return pa.chunked_array([c.dictionary.cast(kind).take(c.indices) for c in column.chunks], kind)
+    return column.dictionary.cast(kind).take(column.indices)
+
+
+def values_type(dictionary: pa.DictionaryType) -> pa.DataType:
+    """The type `dictionary_values` decodes to: the dictionary's values, text as plain strings and bytes as plain
+    binary, the types tables store."""
+    kind = dictionary.value_type
+    if pa.types.is_string_view(kind) or pa.types.is_large_string(kind):
+        return pa.string()
+    if pa.types.is_binary_view(kind) or pa.types.is_large_binary(kind):
+        return pa.binary()
+    return kind
+
+
 @dataclass(frozen=True)
 class OnlineRequest:
     """The latest features of a few entities: keys inline (`do_get`) or streamed (`do_exchange`)."""
