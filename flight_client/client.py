@@ -605,6 +605,17 @@ class FeatureClient:
                 yield from batches(self._open_endpoint(endpoint))
             return
         table = inputs.to_table(entity_rows)
+        if not table.num_rows:  # nothing to split: sent as given, so a dict of empty lists is typed by the tables
+            if rank == 0:
+                yield from self.get_historical_features(
+                    entity_rows,
+                    features,
+                    full_feature_names=full_feature_names,
+                    snapshot_ids=snapshot_ids,
+                    as_of=as_of,
+                    entity_time=entity_time,
+                ).to_batches()
+            return
         start, stop = rank * table.num_rows // world_size, (rank + 1) * table.num_rows // world_size
         yield from self._exchange_rows(
             table.slice(start, stop - start),

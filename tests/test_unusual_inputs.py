@@ -334,6 +334,11 @@ def test_an_empty_dict_of_entity_rows_gives_an_empty_training_set(client: Featur
     assert client.get_online_features({"driver_id": []}, wanted).num_rows == 0
     empty = client.get_historical_features({"driver_id": [], "event_timestamp": []}, wanted)
     assert empty.num_rows == 0 and empty.schema.equals(typed.schema)
+    for rank in range(2):
+        streamed = client.iter_historical_features(
+            {"driver_id": [], "event_timestamp": []}, wanted, rank=rank, world_size=2
+        )
+        assert sum(batch.num_rows for batch in streamed) == 0
     info = client.training_set_info({"driver_id": [], "event_timestamp": []}, wanted)
     assert info.schema.equals(typed.schema)
     assert sum(client.read_endpoint(e).read_all().num_rows for e in info.endpoints) == 0
