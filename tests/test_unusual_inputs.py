@@ -151,7 +151,7 @@ def test_categorical_keys_are_looked_up_on_every_path(location: str, form: str) 
     """A categorical key column (pandas `category`, polars `Categorical`): the default online path (sessions)
     refuses it ('entity column 'user' is dictionary<...>; the tables key it as string') while
     `online_sessions=False` and `as_of` answer it, and training sets refuse it too: the answer depends on a
-    connection option."""
+    connection option. Keys streamed as they come (a reader, another language's client) are read by the server."""
     name = table_name()
     rows = pa.table({"user": ["u1", "u2"], "ts": pa.array([BASE, BASE], pa.timestamp("us", "UTC")), "v": [1.0, 2.0]})
     keys = CATEGORICAL_KEYS[form](["u2", "u1", "zz"])
@@ -159,6 +159,11 @@ def test_categorical_keys_are_looked_up_on_every_path(location: str, form: str) 
         client.write(name, rows, entity_keys="user", event_time="ts")
         assert single.get_online_features(keys, [f"{name}:v"]).column("v").to_pylist() == [2.0, 1.0, None]
         assert client.get_online_features(keys, [f"{name}:v"]).column("v").to_pylist() == [2.0, 1.0, None]
+        streamed = pa.RecordBatchReader.from_batches(  # as it comes: the server reads the keys by their values
+            pa.schema([("user", pa.dictionary(pa.int32(), pa.string()))]),
+            [pa.record_batch([pa.array(["u2", "u1", "zz"]).dictionary_encode()], names=["user"])],
+        )
+        assert client.get_online_features(streamed, [f"{name}:v"]).column("v").to_pylist() == [2.0, 1.0, None]
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from flight_server.training.plan import plan_historical, table_labels
 from flight_server.training.sets import TrainingSets, held_snapshots
 from flight_server.wire.codec import parse_timestamp
 from flight_server.wire.errors import NotFoundError, RequestError
-from flight_server.wire.reads import HistoricalRequest, OnlineRequest, parse_feature_ref
+from flight_server.wire.reads import HistoricalRequest, OnlineRequest, parse_feature_ref, values_type
 
 AS_OF_COLUMN = "__online_as_of"
 
@@ -222,6 +222,8 @@ def key_columns(plan: OnlinePlan, stream: pa.Schema) -> list[int]:
     _check_columns(plan, stream.names)
     for key, expected in plan.key_types.items():
         given = stream.field(key).type
+        if pa.types.is_dictionary(given):  # categorical keys: looked up by their values
+            given = values_type(given)
         if key_kind(given) != key_kind(expected) and not pa.types.is_null(given):
             raise RequestError(f"entity column {key!r} is {given}; the tables key it as {expected}")
     return [stream.get_field_index(key) for key in plan.key_types]
