@@ -1,0 +1,126 @@
+"""What the table itself records of its maintenance (flight_server/changes/upkeep.py, maintenance.py): the last
+expiry as a table property its own commit sets, the last compaction from its snapshot's summary, so that `describe`
+shows both through any replica and after a restart; a round with nothing to do commits nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from flight_client import FeatureClient
+from flight_server.changes.upkeep import COMPACT_MIN_FILES_PROPERTY
+from flight_server.iceberg.catalog import LAST_EXPIRY_PROPERTY, FeatureCatalog
+from flight_server.transport.service import FeatureFlightServer
+from tests.conftest import replica_processes, sqlite_catalog, start_server
+
+T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+MANUAL = {"FLIGHT_SERVER_AUTO_MAINTENANCE": "false"}  # rounds only when a test asks for one
+
+
+def rows(ids: range | list[int]) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array(list(ids), pa.int64()),
+            "ts": pa.array([T0 + dt.timedelta(minutes=i) for i in ids], pa.timestamp("us", "UTC")),
+            "value": pa.array([float(i) for i in ids]),
+        }
+    )
+
+
+def set_properties(properties: dict[str, str], table: str, values: dict[str, str]) -> None:
+    with FeatureCatalog("default", properties).load(table).transaction() as transaction:
+        transaction.set_properties(values)
+
+
+def metadata_location(properties: dict[str, str], table: str) -> str:
+    return FeatureCatalog("default", properties).load(table).metadata_location
+
+
+def test_a_table_maintained_through_one_replica_shows_it_through_another_and_after_a_restart(tmp_path: Path) -> None:
+    properties = sqlite_catalog(tmp_path)
+    table = "records.shared"
+    with replica_processes(tmp_path, properties, lambda location, locations: MANUAL) as replicas:
+        (a, a_process), (b, _) = replicas
+        with FeatureClient(a) as client:
+            client.write(table, rows([0]), entity_keys=["id"], event_time="ts", partition_by=[])
+            set_properties(
+                properties,
+                table,
+                {
+                    COMPACT_MIN_FILES_PROPERTY: "3",
+                    "history.expire.max-snapshot-age-ms": "1",
+                    "history.expire.min-snapshots-to-keep": "1",
+                },
+            )
+            for i in range(1, 3):
+                client.write(table, rows([i]))
+            done = client.run_maintenance(table)
+        assert (done["data_files_compacted"], done["data_files_added"]) == (3, 1) and done["snapshots_expired"] > 0
+        with FeatureClient(b) as client:
+            seen = client.describe(table)
+        assert seen["maintenance"] is None  # B ran no round of its own
+        expiry = seen["last_expiry"]
+        assert expiry is not None and expiry["snapshots_expired"] == done["snapshots_expired"]
+        assert (expiry["kept_pinned"], expiry["kept_in_use"], expiry["snapshots_left"]) == (0, 0, 1)
+        assert expiry["by"] and dt.datetime.fromisoformat(expiry["at"]) >= dt.datetime.fromisoformat(done["at"])
+        compaction = seen["last_compaction"]
+        assert compaction is not None and compaction["by"] == expiry["by"]
+        assert dt.datetime.fromisoformat(done["at"]) <= dt.datetime.fromisoformat(compaction["at"])
+        assert dt.datetime.fromisoformat(compaction["at"]) <= dt.datetime.fromisoformat(expiry["at"])
+        assert (compaction["data_files_removed"], compaction["data_files_added"], compaction["rows"]) == (3, 1, 3)
+        assert compaction["bytes_removed"] > 0 and compaction["bytes_added"] > 0
+        os.killpg(a_process.pid, signal.SIGKILL)
+        a_process.wait()
+    restarted = tmp_path / "restarted"
+    restarted.mkdir()
+    with (
+        replica_processes(restarted, properties, lambda location, locations: MANUAL, count=1) as [(again, _)],
+        FeatureClient(again) as client,
+    ):
+        after = client.describe(table)
+    assert after["maintenance"] is None
+    assert (after["last_expiry"], after["last_compaction"]) == (expiry, compaction)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[FeatureFlightServer, dict[str, str]]]:
+    properties = sqlite_catalog(tmp_path)
+    server = start_server(properties)
+    yield server, properties
+    server.shutdown()
+
+
+def test_a_round_with_nothing_to_do_commits_nothing(served: tuple[FeatureFlightServer, dict[str, str]]) -> None:
+    """The expiry record rides on the expiry's commit: no expiry, no commit, however many rounds."""
+    server, properties = served
+    table = "records.idle"
+    with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+        client.write(table, rows([0]), entity_keys=["id"], event_time="ts", partition_by=[])
+        client.write(table, rows([1]))
+        before = metadata_location(properties, table)
+        for _ in range(3):
+            done = client.run_maintenance(table)  # the server's day of snapshots: none is old enough
+            assert (done["snapshots_expired"], done["data_files_compacted"], done["error"]) == (0, 0, None)
+        assert metadata_location(properties, table) == before
+        described = client.describe(table)
+        assert len(described["snapshots"]) == 2 and described["last_expiry"] is None
+        assert described["last_compaction"] is None
+
+        set_properties(
+            properties, table, {"history.expire.max-snapshot-age-ms": "1", "history.expire.min-snapshots-to-keep": "1"}
+        )
+        assert client.run_maintenance(table)["snapshots_expired"] == 1
+        expired = metadata_location(properties, table)
+        record = client.describe(table)["last_expiry"]
+        assert record is not None and record["snapshots_expired"] == 1
+        assert LAST_EXPIRY_PROPERTY in FeatureCatalog("default", properties).load(table).metadata.properties
+        for _ in range(2):  # one snapshot left, the newest: nothing more to expire
+            assert client.run_maintenance(table)["snapshots_expired"] == 0
+        assert metadata_location(properties, table) == expired
+        assert client.describe(table)["last_expiry"] == record
