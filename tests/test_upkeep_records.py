@@ -1,12 +1,14 @@
 """What the table itself records of its maintenance (flight_server/changes/upkeep.py, maintenance.py): the last
 expiry as a table property its own commit sets, the last compaction from its snapshot's summary, so that `describe`
-shows both through any replica and after a restart; a round with nothing to do commits nothing."""
+shows both through any replica and after a restart; a round with nothing to do commits nothing; and a restarted
+server takes up, by itself, a table nobody writes any more whose snapshots are past their age."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,10 +16,16 @@ import pyarrow as pa
 import pytest
 
 from flight_client import FeatureClient
-from flight_server.changes.upkeep import COMPACT_MIN_FILES_PROPERTY
+from flight_server.changes.upkeep import (
+    CAP_MIN_AGE_PROPERTY,
+    COMPACT_MIN_FILES_PROPERTY,
+    ENABLED_PROPERTY,
+    MAX_SNAPSHOTS_PROPERTY,
+    Policy,
+)
 from flight_server.iceberg.catalog import LAST_EXPIRY_PROPERTY, FeatureCatalog
 from flight_server.transport.service import FeatureFlightServer
-from tests.conftest import replica_processes, sqlite_catalog, start_server
+from tests.conftest import replica_processes, sqlite_catalog, start_server, wait_until
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 MANUAL = {"FLIGHT_SERVER_AUTO_MAINTENANCE": "false"}  # rounds only when a test asks for one
@@ -124,3 +132,68 @@ def test_a_round_with_nothing_to_do_commits_nothing(served: tuple[FeatureFlightS
             assert client.run_maintenance(table)["snapshots_expired"] == 0
         assert metadata_location(properties, table) == expired
         assert client.describe(table)["last_expiry"] == record
+
+
+def test_a_restarted_server_expires_a_table_nobody_writes_any_more(tmp_path: Path) -> None:
+    """Two replicas restarted at once both find the table due and expire it: one gives way, neither fails."""
+    properties = sqlite_catalog(tmp_path)
+    table = "records.forgotten"
+    with replica_processes(tmp_path, properties, lambda location, locations: MANUAL, count=1) as [(a, process)]:
+        with FeatureClient(a) as client:
+            client.write(table, rows([0]), entity_keys=["id"], event_time="ts", partition_by=[])
+            for i in range(1, 4):
+                client.write(table, rows([i]))
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    set_properties(
+        properties, table, {"history.expire.max-snapshot-age-ms": "1", "history.expire.min-snapshots-to-keep": "1"}
+    )
+    before = FeatureCatalog("default", properties).load(table).metadata
+    assert len(before.snapshots) == 4
+    automatic = {"FLIGHT_SERVER_AUTO_MAINTENANCE": "true", "FLIGHT_SERVER_MAINTENANCE_INTERVAL_SECONDS": "0.2"}
+    restarted = tmp_path / "restarted"
+    restarted.mkdir()
+    with replica_processes(restarted, properties, lambda location, locations: automatic) as replicas:
+        clients = [FeatureClient(location) for location, _ in replicas]
+        try:
+            wait_until(lambda: len(clients[0].describe(table)["snapshots"]) == 1, what="the forgotten table's expiry")
+            described = clients[1].describe(table)
+            assert described["last_expiry"] is not None and described["last_expiry"]["snapshots_left"] == 1
+            assert described["current_snapshot_id"] == before.current_snapshot_id
+            assert sorted(clients[1].scan(table).read_all().column("id").to_pylist()) == [0, 1, 2, 3]
+            for client in clients:
+                assert client.health()["maintenance"]["errors"] == 0
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_a_table_is_due_by_its_metadata_alone(served: tuple[FeatureFlightServer, dict[str, str]]) -> None:
+    """What the survey of the tables nobody writes here takes up: snapshots past the age or the count, or many small
+    files; not a table whose round would do nothing."""
+    server, properties = served
+    table = "records.surveyed"
+    with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+        older = client.write(table, rows([0]), entity_keys=["id"], event_time="ts", partition_by=[]).snapshot_id
+        client.write(table, rows([1]))
+
+        def due(values: dict[str, str], now_ms: int | None = None) -> bool:
+            if values:
+                set_properties(properties, table, values)
+            metadata = FeatureCatalog("default", properties).load(table).metadata
+            return Policy.of(metadata, server.parts.config).due(metadata, now_ms or int(time.time() * 1000))
+
+        assert not due({})  # two young snapshots, two small files: below every threshold
+        assert due({"history.expire.max-snapshot-age-ms": "1", "history.expire.min-snapshots-to-keep": "1"})
+        made = FeatureCatalog("default", properties).load(table).metadata.snapshot_by_id(older)
+        assert made is not None and not due({}, made.timestamp_ms)  # not yet older than the age
+        client.pin(table, older)
+        assert not due({})  # pinned; the other is the current snapshot
+        client.unpin(table, f"pin-{older}")
+        assert due({})
+        assert not due({"history.expire.max-snapshot-age-ms": str(1 << 62)})
+        assert due({MAX_SNAPSHOTS_PROPERTY: "1", CAP_MIN_AGE_PROPERTY: "0"})  # two snapshots, one allowed
+        assert not due({MAX_SNAPSHOTS_PROPERTY: "0"})
+        assert due({COMPACT_MIN_FILES_PROPERTY: "2"})  # two small files
+        assert not due({COMPACT_MIN_FILES_PROPERTY: "3"})
+        assert not due({COMPACT_MIN_FILES_PROPERTY: "2", ENABLED_PROPERTY: "false"})
