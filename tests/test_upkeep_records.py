@@ -1,7 +1,8 @@
 """What the table itself records of its maintenance (flight_server/changes/upkeep.py, maintenance.py): the last
-expiry as a table property its own commit sets, the last compaction from its snapshot's summary, so that `describe`
+expiry as a table property its own commit sets, the last compaction likewise, so that `describe`
 shows both through any replica and after a restart; a round with nothing to do commits nothing; and a restarted
-server takes up, by itself, a table nobody writes any more whose snapshots are past their age."""
+server takes up, by itself, a feature table nobody writes any more whose snapshots are past their age, and leaves
+the catalog's other tables alone."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient
 from flight_server.changes.upkeep import (
@@ -145,9 +147,13 @@ def test_a_restarted_server_expires_a_table_nobody_writes_any_more(tmp_path: Pat
                 client.write(table, rows([i]))
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    set_properties(
-        properties, table, {"history.expire.max-snapshot-age-ms": "1", "history.expire.min-snapshots-to-keep": "1"}
+    aged = {"history.expire.max-snapshot-age-ms": "1", "history.expire.min-snapshots-to-keep": "1"}
+    set_properties(properties, table, aged)
+    other = load_catalog("default", **properties).create_table(  # another engine's table, not a feature table
+        "records.aaa_other", rows([0]).schema, properties=aged
     )
+    for i in range(2):
+        other.append(rows([i]))
     before = FeatureCatalog("default", properties).load(table).metadata
     assert len(before.snapshots) == 4
     automatic = {"FLIGHT_SERVER_AUTO_MAINTENANCE": "true", "FLIGHT_SERVER_MAINTENANCE_INTERVAL_SECONDS": "0.2"}
@@ -163,6 +169,9 @@ def test_a_restarted_server_expires_a_table_nobody_writes_any_more(tmp_path: Pat
             assert sorted(clients[1].scan(table).read_all().column("id").to_pylist()) == [0, 1, 2, 3]
             for client in clients:
                 assert client.health()["maintenance"]["errors"] == 0
+            # A survey takes up tables in name order and rounds on them in that order: had the replica that expired
+            # the feature table taken up the other one, it would have expired that first.
+            assert len(other.refresh().metadata.snapshots) == 2
         finally:
             for client in clients:
                 client.close()
