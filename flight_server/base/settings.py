@@ -462,7 +462,8 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "--maintenance-interval-seconds",
         "FLIGHT_SERVER_MAINTENANCE_INTERVAL_SECONDS",
         "Automatic maintenance",
-        "How often maintenance looks at the tables written since its last round (and at every table it knows, hourly).",
+        "How often maintenance looks at the tables written since its last round (and at every table it knows, "
+        "hourly; hourly too, it lists the catalog's tables and takes up those due).",
         "maintenance_interval_seconds",
         click.FloatRange(0.01),
     ),

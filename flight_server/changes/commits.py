@@ -95,6 +95,7 @@ def commit_rewrite(
     properties: dict[str, str],
     tidy: bool = False,
     sequences: Mapping[str, int] | None = None,
+    table_properties: Mapping[str, str] | None = None,
 ) -> int:
     """Commit a `RewriteFiles` on `table` (as loaded when the change was planned) as one snapshot, and
     return the table's new current snapshot id; the `added` files are deleted when it surely did not commit. A
@@ -103,13 +104,16 @@ def commit_rewrite(
     reference deleted files. Added files in `sequences` keep the data sequence number it gives them
     (`RewriteFiles`).
 
-    With `tidy`, the same commit adds a `DropRemovedEntries` snapshot after it, which becomes current."""
+    With `tidy`, the same commit adds a `DropRemovedEntries` snapshot after it, which becomes current. The same
+    commit sets `table_properties`, if any (what a compaction records of itself)."""
     try:
         with lock:
             transaction = MemoTransaction(table)
             RewriteFiles(transaction, operation, removed, added, properties, sequences or {}).commit()
             if tidy:
                 DropRemovedEntries(transaction, properties).commit()
+            if table_properties:
+                transaction.set_properties(dict(table_properties))
             try:
                 snapshot = commit_transaction(transaction).current_snapshot()
             except (CommitFailedException, ValidationException, TableAlreadyExistsError, CommitStateUnknownException):

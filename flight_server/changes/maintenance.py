@@ -13,7 +13,10 @@ next round tries again.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -34,7 +37,7 @@ from flight_server.base.filters import parse_filter, to_sql
 from flight_server.changes.commits import SCAN_SOURCE
 from flight_server.changes.reachable import snapshot_files
 from flight_server.changes.rewrite import Plan, Rewriter, Rewritten, SnapshotRows
-from flight_server.iceberg.catalog import pins, table_name
+from flight_server.iceberg.catalog import LAST_EXPIRY_PROPERTY, pins, table_name
 from flight_server.iceberg.internals import MemoTransaction, commit_staged
 from flight_server.iceberg.positions import referenced_data_file
 from flight_server.wire.actions import (
@@ -46,7 +49,7 @@ from flight_server.wire.actions import (
     PinResult,
     UnpinRequest,
 )
-from flight_server.wire.codec import parse_timestamp
+from flight_server.wire.codec import format_timestamp, parse_timestamp
 from flight_server.wire.errors import NotFoundError, RequestError
 
 log = logging.getLogger(__name__)
@@ -192,6 +195,24 @@ def small_file_groups(files: list[DataFile], min_files: int, small_bytes: int, m
             chosen.append(f)
             total += f.file_size_in_bytes
     return chosen
+
+
+def _expiry_record(choice: ExpiryChoice, snapshots_left: int) -> str:
+    """What an expiry leaves in the table's properties, in its own commit: when, by which host (a replica's pod), and
+    what it expired and kept. A few hundred bytes, replaced by each expiry. The files it deletes are known only once
+    it has committed: this server's records (`describe`'s `maintenance`, `health`) count them."""
+    return json.dumps(
+        {
+            "at": format_timestamp(dt.datetime.now(dt.timezone.utc)),
+            "by": socket.gethostname(),
+            "snapshots_expired": len(choice.expired),
+            "kept_pinned": len(choice.kept_pinned),
+            "kept_in_use": len(choice.kept_in_use),
+            "pins_dropped": len(choice.unpinned),
+            "snapshots_left": snapshots_left,
+        },
+        separators=(",", ":"),
+    )
 
 
 def _no_snapshots(table_uuid: str) -> set[int]:
@@ -362,6 +383,7 @@ class Maintenance(Rewriter):
                 manage.remove_tag(name)
             manage.commit()
         ExpireSnapshots(transaction).by_ids(choice.expired).commit()
+        transaction.set_properties({LAST_EXPIRY_PROPERTY: _expiry_record(choice, result["snapshots_left"])})
         try:
             return result, commit_staged(transaction)
         except ValueError as exc:  # pyiceberg's retry found a snapshot gone: another expiry won the race

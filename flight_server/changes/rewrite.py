@@ -9,8 +9,11 @@ only which files go and what replaces them (its `Plan`), and what it answers.
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
+import json
 import operator
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -35,10 +38,11 @@ from flight_server.changes.commits import (
     live_files,
 )
 from flight_server.changes.files import parquet_bytes_per_row, write_reader
-from flight_server.iceberg.catalog import FeatureSpec, table_name
+from flight_server.iceberg.catalog import LAST_COMPACTION_PROPERTY, FeatureSpec, table_name
 from flight_server.iceberg.lineage import ROW_BITS, commit_order
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.plan import refuse_readded
+from flight_server.wire.codec import format_timestamp
 
 
 @dataclass
@@ -218,6 +222,24 @@ class Rewritten:
     delete_files_added: int = 0
 
 
+def _compaction_record(planned: Plan) -> dict[str, str]:
+    """What a compaction leaves in the table's properties, in its own commit, so that `describe` shows it through
+    any replica: when, by which host (a replica's pod), and the files and bytes it replaced. A few hundred bytes,
+    replaced by the next compaction."""
+    data_removed, deletes_removed = data_and_delete_files(planned.removed)
+    record = {
+        "at": format_timestamp(dt.datetime.now(dt.timezone.utc)),
+        "by": socket.gethostname(),
+        "data_files_removed": data_removed,
+        "delete_files_removed": deletes_removed,
+        "data_files_added": data_and_delete_files(planned.added)[0],
+        "rows": planned.rows,
+        "bytes_removed": sum(f.file_size_in_bytes for f in planned.removed),
+        "bytes_added": sum(f.file_size_in_bytes for f in planned.added),
+    }
+    return {LAST_COMPACTION_PROPERTY: json.dumps(record, separators=(",", ":"))}
+
+
 def data_and_delete_files(files: list[DataFile]) -> tuple[int, int]:
     data = sum(f.content == DataFileContent.DATA for f in files)
     return data, len(files) - data
@@ -253,6 +275,8 @@ class Rewriter(TableChanges):
             return Rewritten(table_name(table), snapshot.snapshot_id)
         lock = self.locks(self.catalog.identifier(name))
         properties = {OPERATION_PROPERTY: action}
+        data_removed, deletes_removed = data_and_delete_files(planned.removed)
+        data_added, deletes_added = data_and_delete_files(planned.added)
         snapshot_id = commit_rewrite(
             lock,
             table,
@@ -262,9 +286,8 @@ class Rewriter(TableChanges):
             properties,
             tidy=planned.tidy,
             sequences=rows.sequences,
+            table_properties=_compaction_record(planned) if action == "compact" else None,
         )
-        data_removed, deletes_removed = data_and_delete_files(planned.removed)
-        data_added, deletes_added = data_and_delete_files(planned.added)
         return Rewritten(
             table_name(table),
             snapshot_id,

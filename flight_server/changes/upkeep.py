@@ -2,8 +2,9 @@
 
 Each put adds a snapshot (listed in the metadata file every commit rewrites) and small data files (every scan
 opens each one); only snapshot expiry and compaction bound them. A background thread, one per server, looks
-at the tables this server changed since its last round (and at every table it has changed, hourly), one table
-at a time, and on each:
+at the tables this server changed since its last round (and at every table it has changed, hourly), and at those
+of the catalog it finds due from their metadata alone (`_survey`: a restarted server, a table no longer written),
+one table at a time, and on each:
 
 * compacts the small data files (under 3/4 of `write.target-file-size-bytes`) of the partitions that have
   gathered `flight.maintenance.compact-min-files` of them, bin-packed to the target size, at most
@@ -19,6 +20,10 @@ A table's properties override the server's defaults (`--expire-snapshot-age-hour
 when another commit wins (a replica doing the same maintenance, a put), the step gives way and the next round
 tries again. There is no lock across replicas and none is needed. Reads and lookups never wait for it: it
 takes only the table's commit lock of this server, for its commits.
+
+Expiry and compaction record themselves in the table's properties, in their own commits (`describe` shows them
+through any replica); what this module keeps (each table's last round, the totals) is this server's since it
+started.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any, TypeVar
 
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.table.metadata import TableMetadata
+from pyiceberg.table.refs import SnapshotRefType
 from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.base.config import ServerConfig
@@ -41,9 +47,11 @@ from flight_server.changes.maintenance import (
     MAX_SNAPSHOT_AGE_PROPERTY,
     MIN_SNAPSHOTS_PROPERTY,
     Maintenance,
+    choose_expired,
     int_property,
 )
 from flight_server.changes.orphans import remove_orphan_files
+from flight_server.iceberg.catalog import FeatureSpec, pins
 from flight_server.wire.actions import ExpireRequest, MaintenanceResult, OrphanFilesRequest
 from flight_server.wire.codec import format_timestamp
 from flight_server.wire.errors import ConflictError, NotFoundError, RequestError
@@ -67,6 +75,10 @@ ROUND_BYTES = 1 << 30  # small files one round compacts per table, at most (beyo
 RECHECK_SECONDS = 3600.0  # a table not written since is looked at again after this long (snapshots age)
 
 ORPHAN_SECONDS = 24 * 3600.0  # orphan removal of one table, at most this often (it lists every file)
+
+# Tables not written here whose metadata one round reads (in the serving process: up to ~0.1 s each for a long
+# history) to see whether they are due, at most: 600 an hour at the default interval.
+SURVEY_TABLES = 10
 
 T = TypeVar("T")
 
@@ -95,6 +107,28 @@ class Policy:
             compact_min_files=int_property(properties, COMPACT_MIN_FILES_PROPERTY, config.compact_min_files, 2),
             small_bytes=int(target_file_size(metadata) * SMALL_SHARE),
         )
+
+    def due(self, metadata: TableMetadata, now_ms: int) -> bool:
+        """Whether a round would likely change the table, from its metadata alone (no manifest read): snapshots
+        the age rule or the cap would expire now (pins and branch heads kept), or at least `compact_min_files` data
+        files of less than the small size on average (the round's compaction checks each partition)."""
+        if not self.enabled:
+            return False
+        heads = {ref.snapshot_id for ref in metadata.refs.values() if ref.snapshot_ref_type == SnapshotRefType.BRANCH}
+        choice = choose_expired(
+            [(s.snapshot_id, s.timestamp_ms) for s in metadata.snapshots],
+            older_than=now_ms - self.max_snapshot_age_ms,
+            retain_last=self.min_snapshots,
+            max_snapshots=self.max_snapshots or None,
+            capped_before=now_ms - self.cap_min_age_ms,
+            heads=heads,
+            pinned=pins(metadata),
+            in_use=(),
+            force=False,
+        )
+        facts = TableFacts.of(metadata)
+        crowded = facts.data_files >= self.compact_min_files and facts.bytes < facts.data_files * self.small_bytes
+        return bool(choice.expired) or crowded
 
 
 @dataclass
@@ -206,6 +240,8 @@ class Upkeep:
         self._lock = threading.Lock()  # guards the records above
         self._working = threading.Lock()  # one table at a time, background and actions alike
         self._stop = threading.Event()
+        self._unseen: list[str] = []  # tables not watched yet, still to look at (`_survey`)
+        self._listed: float | None = None  # time.monotonic() when the catalog's tables were last listed
         self._thread: threading.Thread | None = None
         if config.auto_maintenance:
             self._thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
@@ -254,6 +290,7 @@ class Upkeep:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.config.maintenance_interval_seconds):
+            self._survey()
             for name in self._due():
                 if self._stop.is_set():
                     return
@@ -264,6 +301,45 @@ class Upkeep:
                         pass  # dropped: no longer watched
                     except Exception:  # never let one table stop the thread
                         log.exception("maintenance of %s failed", name)
+
+    def _survey(self) -> None:
+        """Watch the feature tables of the catalog that this server did not write since it started but that are due (a
+        restarted server, a replica that takes no puts): after the first interval and then every `RECHECK_SECONDS`
+        it lists the catalog's tables, and reads the metadata of at most `SURVEY_TABLES` of them per round, never
+        their manifests. A table found due is watched from then on, as one this server wrote."""
+        now = time.monotonic()
+        if not self._unseen and (self._listed is None or now - self._listed >= RECHECK_SECONDS):
+            self._listed = now
+            try:
+                names = self.catalog.table_names()
+            except Exception as exc:  # the catalog is down: the rounds of the tables written here say so too
+                log.warning("maintenance could not list the catalog's tables: %s", exc)
+                return
+            with self._lock:
+                self._unseen = [name for name in names if name not in self._tables]
+        batch, self._unseen = self._unseen[:SURVEY_TABLES], self._unseen[SURVEY_TABLES:]
+        now_ms = int(time.time() * 1000)
+        for name in batch:
+            if self._stop.is_set():
+                return
+            with self._lock:
+                if name in self._tables:
+                    continue
+            try:
+                metadata = self.catalog.load(name).metadata  # not `read`: its cache is for the tables in use
+                # Only feature tables: a catalog's other tables (another engine's) keep their own upkeep.
+                due = FeatureSpec.from_properties(metadata.properties) is not None and Policy.of(
+                    metadata, self.config
+                ).due(metadata, now_ms)
+            except NotFoundError:
+                continue
+            except Exception:  # never let one table stop the thread
+                log.warning("maintenance could not see whether %s is due", name, exc_info=True)
+                continue
+            if due:
+                log.info("maintenance: %s, not written by this server since it started, is due: watched", name)
+                with self._lock:
+                    self._tables.setdefault(name, Watched())
 
     def _due(self) -> list[str]:
         now = time.monotonic()

@@ -8,6 +8,7 @@ so every replica, and every other engine, sees the same definitions.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -50,6 +51,13 @@ READ_CACHE_TABLES = 256  # tables kept loaded for reading; past it, the cache st
 PARSED_SNAPSHOTS = 50_000  # snapshots whose raw JSON is kept to parse their tables' next files (`_load`)
 
 KEPT_LOCATIONS = 4096  # tables' locations by metadata file (`location`); past it, the cache starts over
+
+# Table properties: the last snapshot expiry's and the last compaction's records (JSON of a few hundred bytes, each
+# replaced by the next), set by their own commits, so that every replica, a restarted one too, and any Iceberg tool
+# sees when the table was last expired and compacted, and what that did.
+LAST_EXPIRY_PROPERTY = "flight.maintenance.last-expiry"
+
+LAST_COMPACTION_PROPERTY = "flight.maintenance.last-compaction"
 
 PROP_ENTITY_KEYS = "feature.entity-keys"
 
@@ -426,4 +434,19 @@ def describe(table: Table, max_snapshots: int = 100) -> dict[str, Any]:
         "format_version": metadata.format_version,
         "delete_mode": metadata.properties.get(PROP_DELETE_MODE, DELETE_MODES[0]),
         "pins": pins(metadata),
+        "last_expiry": maintenance_record(metadata, LAST_EXPIRY_PROPERTY),
+        "last_compaction": maintenance_record(metadata, LAST_COMPACTION_PROPERTY),
     }
+
+
+def maintenance_record(metadata: TableMetadata, key: str) -> dict[str, Any] | None:
+    """The record the table's last expiry or compaction (`key`) left in its properties, if it left one that reads
+    as such (another tool may have set the property to anything)."""
+    raw = metadata.properties.get(key)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None

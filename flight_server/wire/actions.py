@@ -195,6 +195,10 @@ class TableDescription(Reply):
     pins: dict[str, int]
     online: dict[str, Any] | None
     maintenance: dict[str, Any] | None = None  # this server's last maintenance round of the table, if any
+    # What the table itself records, whichever replica answers: its last expiry and its last compaction (table
+    # properties their own commits set).
+    last_expiry: dict[str, Any] | None = None
+    last_compaction: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
