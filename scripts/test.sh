@@ -44,4 +44,6 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy  # files and settings: [tool.mypy] in pyproject.toml
-exec .venv/bin/python -m pytest "$@"
+# Two test processes (TEST_WORKERS=N for another count, 0 for one): most tests wait on servers they started, so two
+# keep two cores busy. Each takes a whole file at a time, with its module's server.
+exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
