@@ -278,11 +278,6 @@ def add(table: Table) -> None:
         update.add_column("x", DoubleType())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="read_parquet_sql reads the appended files with the first file's columns: INTERNAL (ConversionException, "
-    "BinderException)",
-)
 @pytest.mark.parametrize("change", [widen, add], ids=["promoted", "added"])
 def test_an_incremental_read_with_a_filter_across_a_schema_change(
     client: FeatureClient, catalog: dict[str, str], change: Callable[[Table], None]
@@ -290,8 +285,8 @@ def test_an_incremental_read_with_a_filter_across_a_schema_change(
     """`since_snapshot` with a filter or a limit over files appended before and after a type promotion or a column
     added (Spark or an operator between two puts): it answered INTERNAL (DuckDB's ConversionException, or a
     BinderException: column not found), where the whole incremental read answers. The appended files were read by
-    `read_parquet` with the first file's columns (`read_parquet_sql` in reads/paths.py); they must be matched by
-    name across files (`union_by_name`), as the whole read's Arrow dataset does."""
+    `read_parquet` with the first file's columns (`read_parquet_sql` in reads/paths.py); now matched by name
+    across files (`union_by_name`), as the whole read's Arrow dataset does."""
     table, since = incremental_table(client, catalog, change)
     wide = {"v": pa.array([2**40], pa.int64())} if change is widen else {"v": pa.array([3], pa.int32())}
     extra = {} if change is widen else {"x": pa.array([0.5])}
