@@ -278,6 +278,8 @@ class Writer:
             return self._stage_new(request, identifier, stream)
         spec = FeatureSpec.from_properties(table.metadata.properties)
         _check_declared_spec(request, spec, table_name(table))
+        if spec is not None:  # files are sorted by its columns
+            spec.require_columns(table.schema(), table_name(table))
         _check_declared_layout(request, table)
         try:  # before any row is read: a table whose files cannot be written fails the put up front
             parquet_options(table.metadata.properties)
