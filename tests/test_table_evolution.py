@@ -345,24 +345,21 @@ def test_a_renamed_key_or_event_time_column_is_refused_clearly(
     assert ordered(client.scan(table).read_all().rename_columns(["id", "ts", "v"])) == ordered(expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyiceberg's PartitionKey refuses two partition fields of one column (ValueError while the files are "
-    "written): INTERNAL",
-)
 def test_a_partition_spec_with_two_fields_of_one_column_is_refused_clearly(
     client: FeatureClient, catalog: dict[str, str]
 ) -> None:
     """An operator adds `identity(id)` beside the server's `bucket(8, id)` (Java's Iceberg allows both, and so does
     pyiceberg's `update_spec`). pyiceberg, with which the server partitions the files it writes, cannot key a row by
-    them (`PartitionKey.partition`: 'Cannot have redundant partitions'): every put answered INTERNAL after writing
-    nothing. Right: INVALID_ARGUMENT up front, saying the partition spec is the cause; nothing written."""
+    them (`PartitionKey.partition`: 'Cannot have redundant partitions'): every put, and compaction into the new
+    spec, answered INTERNAL. Now INVALID_ARGUMENT up front (`writable_partitioning`), saying the spec is the cause."""
     table = new_table()
     client.write(table, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
+    client.write(table, rows([1, 2], 1, v=pa.array([1.0, 2.0])))  # small files of the old spec, to compact
     with load(catalog, table).update_spec() as update:
         update.add_field("id", IdentityTransform(), "id_identity")
     snapshots = len(load(catalog, table).snapshots())
-    with pytest.raises(InvalidRequestError, match="partition"):
-        client.write(table, rows([3, 4], 1, v=pa.array([3.0, 4.0])))
+    for call in (lambda: client.write(table, rows([3, 4], 2, v=pa.array([3.0, 4.0]))), lambda: client.compact(table)):
+        with pytest.raises(InvalidRequestError, match="partition spec has 2 fields of column 'id'"):
+            call()
     assert len(load(catalog, table).snapshots()) == snapshots
     assert ordered(client.scan(table).read_all()) == reference(catalog, table)
