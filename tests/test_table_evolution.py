@@ -365,11 +365,6 @@ def test_a_partition_spec_with_two_fields_of_one_column_is_refused_clearly(
     assert ordered(client.scan(table).read_all()) == reference(catalog, table)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyiceberg's snapshot summary files every added file under the table's current spec "
-    "(_SnapshotProducer._summary): a delete file of an older, narrower spec raises IndexError (INTERNAL)",
-)
 def test_a_merge_on_read_delete_of_rows_written_under_an_older_spec(
     client: FeatureClient, catalog: dict[str, str]
 ) -> None:
@@ -377,13 +372,15 @@ def test_a_merge_on_read_delete_of_rows_written_under_an_older_spec(
     under the old spec (two fields). The delete file is rightly filed under the data file's spec, but pyiceberg's
     summary of the commit (`SnapshotSummaryCollector.add_file` with `partition_spec=default_spec` for every added
     file, in pyiceberg/table/update/snapshot.py) renders its two-value partition with the current three-field spec:
-    IndexError, INTERNAL, nothing committed. Copy-on-write deletes of the same rows work. Right: the rows deleted,
-    as pyiceberg's own delete does. A fix: summarise added files with their own spec (`table_metadata.specs()[
-    file.spec_id]`) in `RewriteFiles._summary` (iceberg/internals.py)."""
+    IndexError, INTERNAL, nothing committed (copy-on-write deletes of the same rows worked). `RewriteFiles._summary`
+    (iceberg/internals.py) now summarises each added file under the spec its manifest has."""
     table = new_table()
     client.write(table, rows([1, 2], s=pa.array(["a", "b"])), **KEYS)
     with load(catalog, table).update_spec() as update:
         update.add_field("s", IdentityTransform(), "s_identity")
-    client.delete(table, filter="id = 1", mode="merge-on-read")
+    done = client.delete(table, filter="id = 1", mode="merge-on-read")
+    assert done["rows_deleted"] == 1 and done["delete_files_added"] == 1
     assert ordered(client.scan(table).read_all()) == reference(catalog, table)
+    summary = load(catalog, table).current_snapshot().summary  # type: ignore[union-attr]
+    assert summary["added-position-deletes"] == summary["total-position-deletes"] == "1"
     assert [r["id"] for r in reference(catalog, table)] == [2]
