@@ -326,7 +326,8 @@ def test_a_renamed_key_or_event_time_column_is_refused_clearly(
     training/asof.py, or `plan_historical` taking the old key's type), an online index built by a replica that
     had none (`OnlineStore.build`), a copy-on-write delete and compaction (`write_reader` sorting again) answered
     INTERNAL. Now refused with INVALID_ARGUMENT saying the definition names a column the table does not have, and
-    how to fix it (`FeatureSpec.require_columns`); the table still scans, and MERGE-ON-READ deletes still work."""
+    how to fix it (`FeatureSpec.require_columns`); the table still scans, and merge-on-read deletes still work. Once
+    the property names the new column, every path serves the table again."""
     table, new = renamed_definition(client, catalog, column)
     two = rows([4, 5], 2, v=pa.array([4.0, 5.0]))
     refused = rf"feature definition names column\(s\) \['{column}'\], which the table does not have"
@@ -343,6 +344,19 @@ def test_a_renamed_key_or_event_time_column_is_refused_clearly(
         client.compact(table)
     expected = load(catalog, table).scan().to_arrow().rename_columns(["id", "ts", "v"])
     assert ordered(client.scan(table).read_all().rename_columns(["id", "ts", "v"])) == ordered(expected)
+    # The remedy the refusal names: the definition set to the new name serves every path again, on both replicas.
+    with load(catalog, table).transaction() as change:
+        change.set_properties({"feature.entity-keys" if column == "id" else "feature.event-time": new})
+    client.write(table, renamed(two, column, new))
+    key = "entity" if column == "id" else "id"
+    entities = {key: [1, 2, 3, 4], "event_timestamp": [LATER] * 4}
+    assert replica.get_historical_features(entities, [f"{table}:v"]).column("v").to_pylist() == [None, None, None, 4.0]
+    wait_until(
+        lambda: (
+            replica.get_online_features({key: [3, 4, 5]}, [f"{table}:v"]).column("v").to_pylist() == [None, 4.0, 5.0]
+        ),
+        what="the replica's index under the new definition",
+    )
 
 
 def test_a_partition_spec_with_two_fields_of_one_column_is_refused_clearly(
