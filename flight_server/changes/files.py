@@ -709,14 +709,15 @@ class ParquetOptions:
 def writable_partitioning(metadata: TableMetadata) -> None:
     """Refuse a table whose partition spec has two fields of one column (`bucket(8, id)` and `identity(id)`, as Java's
     Iceberg allows and pyiceberg's `update_spec` adds): pyiceberg's partition keys, with which the files are filed,
-    cannot hold them ('Cannot have redundant partitions'). Asked before anything is written."""
+    cannot hold them ('Cannot have redundant partitions'); nor a format-1 table's field replaced by another of its
+    column, which format 1 keeps as a `void` field. Asked before anything is written."""
     for source, fields in metadata.spec().source_id_to_fields_map.items():
         if len(fields) > 1:
             column = metadata.schema().find_column_name(source)
             raise RequestError(
                 f"cannot write to the table: its partition spec has {len(fields)} fields of column {column!r} "
-                f"({', '.join(f'{f.name}: {f.transform}' for f in fields)}), which this server cannot file rows "
-                "under; keep one of them (update_spec), then write again; nothing was written"
+                f"({', '.join(f'{f.name}: {f.transform}' for f in fields)}), which this server (with pyiceberg) "
+                "cannot file rows under; nothing was written"
             )
 
 
