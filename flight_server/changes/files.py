@@ -67,6 +67,7 @@ from flight_server.changes.dictionaries import dictionary_columns
 from flight_server.iceberg.catalog import FeatureSpec
 from flight_server.iceberg.internals import partitions, to_file_schema
 from flight_server.iceberg.lineage import data_file_name
+from flight_server.wire.errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -705,6 +706,21 @@ class ParquetOptions:
         return max(1, min(self.row_group_rows, int(self.row_group_bytes / per_row)))
 
 
+def writable_partitioning(metadata: TableMetadata) -> None:
+    """Refuse a table whose partition spec has two fields of one column (`bucket(8, id)` and `identity(id)`, as Java's
+    Iceberg allows and pyiceberg's `update_spec` adds): pyiceberg's partition keys, with which the files are filed,
+    cannot hold them ('Cannot have redundant partitions'); nor a format-1 table's field replaced by another of its
+    column, which format 1 keeps as a `void` field. Asked before anything is written."""
+    for source, fields in metadata.spec().source_id_to_fields_map.items():
+        if len(fields) > 1:
+            column = metadata.schema().find_column_name(source)
+            raise RequestError(
+                f"cannot write to the table: its partition spec has {len(fields)} fields of column {column!r} "
+                f"({', '.join(f'{f.name}: {f.transform}' for f in fields)}), which this server (with pyiceberg) "
+                "cannot file rows under; nothing was written"
+            )
+
+
 def parquet_options(properties: Properties) -> ParquetOptions:
     """The Parquet writer's options for a table's properties; ValueError names a property it cannot use."""
 
@@ -977,6 +993,7 @@ class RollingFiles:
         self._locations = load_location_provider(metadata.location, metadata.properties)
         self._layout = StatisticsLayout.of(self._file_schema, metadata.properties)
         self._options = parquet_options(metadata.properties)
+        writable_partitioning(metadata)
 
     def _bytes_per_row(self) -> float:
         rows = sum(f.record_count for f in self.files)

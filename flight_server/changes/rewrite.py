@@ -113,6 +113,8 @@ class SnapshotRows:
             params,
         ).to_arrow_reader(self.batch_rows)
         spec = FeatureSpec.from_properties(self.table.metadata.properties)
+        if spec is not None:  # the files written are sorted by its columns
+            spec.require_columns(self.table.schema(), table_name(self.table))
         written: list[DataFile] = []
         for number, pieces in itertools.groupby(_by_run(reader), key=operator.itemgetter(0)):
             rows = pa.RecordBatchReader.from_batches(

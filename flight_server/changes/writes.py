@@ -46,7 +46,14 @@ from flight_server.base.locks import LockPool
 from flight_server.base.schemas import Conformer, new_table_schema, table_arrow_schema
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.commits import delete_files, live_files
-from flight_server.changes.files import PARQUET_DEFAULTS, layout_key, moved_files, parquet_options, write_data_files
+from flight_server.changes.files import (
+    PARQUET_DEFAULTS,
+    layout_key,
+    moved_files,
+    parquet_options,
+    writable_partitioning,
+    write_data_files,
+)
 from flight_server.changes.group import (
     COALESCE_BYTES,
     LINGER_SECONDS,
@@ -278,11 +285,14 @@ class Writer:
             return self._stage_new(request, identifier, stream)
         spec = FeatureSpec.from_properties(table.metadata.properties)
         _check_declared_spec(request, spec, table_name(table))
+        if spec is not None:  # files are sorted by its columns
+            spec.require_columns(table.schema(), table_name(table))
         _check_declared_layout(request, table)
         try:  # before any row is read: a table whose files cannot be written fails the put up front
             parquet_options(table.metadata.properties)
         except ValueError as exc:
             raise RequestError(f"cannot write to {table_name(table)!r}: {exc}; nothing was written") from None
+        writable_partitioning(table.metadata)
         transaction = MemoTransaction(table)
         new_columns = [f for f in stream if f.name not in table.schema().column_names] if request.evolve else []
         if new_columns:

@@ -122,6 +122,19 @@ class FeatureSpec:
     def columns(self) -> tuple[str, ...]:
         return (*self.entity_keys, self.event_time, *((self.created_time,) if self.created_time else ()))
 
+    def require_columns(self, schema: Schema, table: str) -> None:
+        """Refuse a table whose definition names columns `schema` lacks: another engine renamed or dropped its key,
+        event-time or created-time column, and the properties still name the old column (reads and writes by
+        those names would fail deep inside, INTERNAL)."""
+        names = {f.name for f in schema.fields}
+        missing = [c for c in self.columns if c not in names]
+        if missing:
+            raise RequestError(
+                f"table {table!r}: its feature definition names column(s) {missing}, which the table does not have "
+                f"(columns: {[f.name for f in schema.fields]}); renamed or dropped by another engine? Set the table "
+                f"properties {PROP_ENTITY_KEYS!r}, {PROP_EVENT_TIME!r} and {PROP_CREATED_TIME!r} to its columns"
+            )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "entity_keys": list(self.entity_keys),
@@ -383,11 +396,13 @@ def own_copy(table: Table) -> Table:
     return Table(table.name(), table.metadata, table.metadata_location, table.io, table.catalog, table.config)
 
 
-def feature_spec(table: Table) -> FeatureSpec:
-    """The table's feature definition; a `RequestError` when it has none (it cannot serve features)."""
+def feature_spec(table: Table, schema: Schema | None = None) -> FeatureSpec:
+    """The table's feature definition, its columns in `schema` (the table's current one unless given); a
+    `RequestError` when it has none (it cannot serve features) or names a column `schema` lacks."""
     spec = FeatureSpec.from_properties(table.metadata.properties)
     if spec is None:
         raise RequestError(f"table {table_name(table)!r} is not a feature table (it has no entity keys and event time)")
+    spec.require_columns(schema if schema is not None else table.schema(), table_name(table))
     return spec
 
 

@@ -73,7 +73,13 @@ from pyiceberg.schema import Schema, index_by_id
 from pyiceberg.table import CreateTableTransaction, Table, TableProperties, Transaction
 from pyiceberg.table.locations import load_location_provider
 from pyiceberg.table.metadata import TableMetadata
-from pyiceberg.table.snapshots import Operation, Snapshot, Summary
+from pyiceberg.table.snapshots import (
+    Operation,
+    Snapshot,
+    SnapshotSummaryCollector,
+    Summary,
+    update_snapshot_summaries,
+)
 from pyiceberg.table.update import (
     AssertTableUUID,
     TableRequirement,
@@ -772,15 +778,29 @@ class RewriteFiles(_SnapshotProducer["RewriteFiles"]):
         self._sequences = sequences
 
     def _summary(self, snapshot_properties: dict[str, str] = EMPTY_DICT) -> Summary:
-        """pyiceberg's summary (the files and records added and removed, and the new totals), which it works out for
+        """pyiceberg's summary (the files and records added and removed, and the new totals), with each added file
+        under the spec its manifest has (`_manifests`): pyiceberg's own puts every added file under the current spec,
+        and a delete file of an older spec with fewer fields failed it (IndexError). pyiceberg works summaries out for
         `append`, `overwrite` and `delete` only: a `replace` (a compaction) counts its files as an overwrite would."""
+        metadata = self._transaction.table_metadata
+        schema, specs = metadata.schema(), metadata.specs()
+        limit = metadata.properties.get(
+            TableProperties.WRITE_PARTITION_SUMMARY_LIMIT, TableProperties.WRITE_PARTITION_SUMMARY_LIMIT_DEFAULT
+        )
+        collector = SnapshotSummaryCollector(partition_summary_limit=int(limit))
+        for file in self._added_data_files:
+            spec = metadata.spec() if file.content == DataFileContent.DATA else specs[file.spec_id]
+            collector.add_file(data_file=file, partition_spec=spec, schema=schema)
+        for file in self._deleted_data_files:
+            collector.remove_file(data_file=file, partition_spec=specs[file.spec_id], schema=schema)
+        parent = metadata.snapshot_by_id(self._parent_snapshot_id) if self._parent_snapshot_id is not None else None
+        operation = Operation.OVERWRITE if self._operation == Operation.REPLACE else self._operation
+        summary = update_snapshot_summaries(
+            summary=Summary(operation=operation, **collector.build(), **snapshot_properties),
+            previous_summary=parent.summary if parent is not None else None,
+        )
         if self._operation != Operation.REPLACE:
-            return super()._summary(snapshot_properties)
-        self._operation = Operation.OVERWRITE
-        try:
-            summary = super()._summary(snapshot_properties)
-        finally:
-            self._operation = Operation.REPLACE
+            return summary
         return Summary(operation=Operation.REPLACE, **summary.additional_properties)
 
     def _writer(self, content: ManifestContent, spec: PartitionSpec) -> ManifestWriter:

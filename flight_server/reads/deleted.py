@@ -17,7 +17,7 @@ from pyiceberg.table import FileScanTask
 from flight_server.iceberg.positions import referenced_data_file
 from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.caches import PositionCache
-from flight_server.reads.plan import ScanPlan, plan_tasks
+from flight_server.reads.plan import ScanPlan, plan_tasks, schema_changed
 
 
 def deleted_positions(io: FileIO, tasks: list[FileScanTask], cache: PositionCache) -> dict[str, np.ndarray]:
@@ -102,8 +102,7 @@ def position_deleted_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, s
     delete files, one schema in its history (files are read by column name) and no column DuckDB's
     `file_row_number` would shadow.
     """
-    shapes = {tuple((f.field_id, f.name, f.field_type) for f in s.fields) for s in plan.table.schemas().values()}
-    if len(shapes) > 1:
+    if schema_changed(plan.table):
         return None, "a filter or a limit, on a table whose schema changed"
     if "file_row_number" in snapshot_schema(plan.table, plan.snapshot_id).column_names:
         return None, "a filter or a limit, on a table with a column DuckDB's file_row_number would shadow"

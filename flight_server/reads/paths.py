@@ -41,7 +41,7 @@ from flight_server.reads.deleted import (
     without_deleted,
 )
 from flight_server.reads.duck import Engine, local_path
-from flight_server.reads.plan import ScanPlan, plan_tasks, refuse_readded, renamed
+from flight_server.reads.plan import ScanPlan, plan_tasks, refuse_readded, renamed, schema_changed
 from flight_server.wire.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -234,15 +234,18 @@ def read_parquet_sql(
     it is each row's position, whatever DuckDB prunes.
 
     One `read_parquet` per file with deletes, anti-joined with its positions on the row number alone
-    (a join on `filename` too costs a string per row: 25 % slower), and one for the other files."""
+    (a join on `filename` too costs a string per row: 25 % slower), and one for the other files. Files appended
+    across a schema change (`since_snapshot`) are matched by name: some lack a column added since, or hold a type
+    promoted since (`schema_changed`)."""
     schema = snapshot_schema(plan.table, plan.snapshot_id)
+    union = ", union_by_name => true" if schema_changed(plan.table) else ""
     where, params = to_sql(plan.expression, schema)
     columns = ", ".join(f"t.{quote(name)}" for name in plan.schema.names)
     deleted = deleted_positions(plan.table.io, tasks, plan.caches.positions)
     clean = [local_path(task.file.file_path) for task in tasks if task.file.file_path not in deleted]
     branches, args = [], []
     if clean:
-        branches.append(f"SELECT {columns} FROM read_parquet(?, hive_partitioning => false) AS t WHERE {where}")
+        branches.append(f"SELECT {columns} FROM read_parquet(?, hive_partitioning => false{union}) AS t WHERE {where}")
         args += [clean, *params]
     for index, path in enumerate(deleted):
         branches.append(

@@ -148,6 +148,14 @@ def renamed(table: Table) -> bool:
     return False
 
 
+def schema_changed(table: Table) -> bool:
+    """Whether the table's history has more than one shape of columns (ids, names, types): its files may then lack
+    a column or hold a narrower type than the schema read, and DuckDB's `read_parquet` must match them by name
+    (`union_by_name`) instead of taking the first file's columns for all."""
+    shapes = {tuple((f.field_id, f.name, f.field_type) for f in s.fields) for s in table.schemas().values()}
+    return len(shapes) > 1
+
+
 class ReaddedColumnError(RequestError):
     """A read of a column whose name the table's schema now gives to another column: refused, not answered."""
 

@@ -228,15 +228,15 @@ def plan_historical(
         table = catalog.read(table_ref)
         name = table_name(table)
         if name not in by_table:
-            spec = feature_spec(table)
+            pinned = pins.get(name)
+            snapshot_id = resolve_snapshot(table, pinned, None if pinned is not None else as_of)
+            read = snapshot_schema(table, snapshot_id)
+            spec = feature_spec(table, read)
             for key in spec.entity_keys:
                 if entity_schema.get_field_index(key) < 0:
                     raise RequestError(
                         f"the entity rows lack key column {key!r} of {name!r} (columns: {entity_schema.names})"
                     )
-            pinned = pins.get(name)
-            snapshot_id = resolve_snapshot(table, pinned, None if pinned is not None else as_of)
-            read = snapshot_schema(table, snapshot_id)
             refuse_readded(table, read, read.column_names)  # cached indexes too: their whole table is read
             schema = table_arrow_schema(read)
             for key in spec.entity_keys:
