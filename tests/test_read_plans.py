@@ -149,9 +149,23 @@ class Stalling(flight.FlightServerBase):
 def stalling() -> Iterator[Stalling]:
     server = Stalling()
     threading.Thread(target=server.serve, daemon=True).start()
+    with flight.FlightClient(f"grpc://127.0.0.1:{server.port}") as probe:
+        # Answering before the test starts: under load (two test processes) a first read here was once refused
+        # ("connection refused"), which no later call of the test saw.
+        wait_until(lambda: _answers(probe), what="the stalling server")
     yield server
     server.release.set()
     server.shutdown()
+
+
+def _answers(client: flight.FlightClient) -> bool:
+    try:
+        list(client.list_flights())
+    except flight.FlightUnavailableError:
+        return False
+    except pa.ArrowException:  # it answered (it lists nothing: not implemented)
+        pass
+    return True
 
 
 def _within(seconds: float, call: Callable[[], object]) -> bool:
