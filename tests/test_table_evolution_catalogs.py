@@ -237,3 +237,27 @@ def test_maintenance_of_files_under_two_schemas_and_specs(
     check_reads(catalog, table, (client, replica), "x")
     check_reads(catalog, table, (replica, client), "v")
     assert replica.describe(table)["last_expiry"]["pins_dropped"] in (1, ["old"]), replica.describe(table)
+
+
+def test_automatic_maintenance_of_an_evolved_table(replica: FeatureClient, catalog: dict[str, str]) -> None:
+    """A server with automatic maintenance on (rounds every 0.1 s) writes the table of two schemas and specs; once
+    its properties ask for compaction and expiry, a round compacts and expires on its own, and every read of it and
+    of a replica agrees with pyiceberg, the pinned snapshot of the old schema still readable."""
+    server = start_server(catalog, online_refresh_seconds=0.05, auto_maintenance=True, maintenance_interval_seconds=0.1)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as writer:
+            table, first = two_schemas_and_specs(writer, replica, catalog)
+            old = reference(catalog, table, first)
+            writer.write(table, rows([5], 4, v=pa.array([7]), x=pa.array([2.5])))  # a put after: a round is due
+            wait_until(
+                lambda: len(load(catalog, table).snapshots()) <= 3 and writer.describe(table)["last_compaction"],
+                what="a round of automatic maintenance",
+            )
+            assert writer.describe(table)["maintenance"]["error"] is None
+            check_reads(catalog, table, (writer, replica), "x")
+            check_reads(catalog, table, (replica, writer), "v")
+            for c in (writer, replica):
+                assert ordered(c.scan(table, snapshot_id=first).read_all()) == old
+                assert c.describe(table)["last_expiry"]["kept_pinned"] == 1
+    finally:
+        server.shutdown()
