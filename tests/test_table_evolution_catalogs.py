@@ -340,3 +340,92 @@ def test_equality_deletes_after_a_time_partition_was_replaced(catalog: dict[str,
                 assert ordered(client.scan(other, filter="v > 1").read_all()) == reference(catalog, other)[1:]
     finally:
         server.shutdown()
+
+
+def test_feast_torch_and_ray_readers_over_an_evolved_table(
+    client: FeatureClient, replica: FeatureClient, catalog: dict[str, str]
+) -> None:
+    """A column added mid-history and a type promoted (old files: `v` int, no `x`): Feast's forms of the training
+    set and lookups, `FlightDataset` (tensors, and Arrow batches, split by data file: parts of old files and new)
+    and the Ray datasource's read tasks (run here, without a cluster) read what a scan and a training set read."""
+    import torch
+
+    from flight_client.plans import plan_table, plan_training_set
+    from flight_client.ray import FlightDatasource
+    from flight_client.results import HistoricalResult
+    from flight_client.torch import FlightDataset
+
+    table = new_table()
+    client.write(table, rows([1, 2], v=pa.array([1, 2], pa.int32())), **KEYS)
+    client.write(table, rows([3], 1, v=pa.array([3], pa.int32())))
+    with load(catalog, table).update_schema() as update:
+        update.update_column("v", LongType())
+        update.add_column("x", DoubleType())
+    replica.write(table, rows([4, 1], 2, v=pa.array([2**40, 5]), x=pa.array([0.5, None])))
+    expected = reference(catalog, table)
+    scanned = client.scan(table).read_all()
+    assert ordered(scanned) == expected
+    location = client.location
+    entities = {"id": IDS, "event_timestamp": [LATER] * len(IDS)}
+    features = [f"{table}:v", f"{table}:x"]
+    trained = client.get_historical_features(entities, features)
+
+    job = client.get_historical_features(entity_df=pa.table(entities).to_pandas(), features=features)
+    assert isinstance(job, HistoricalResult) and job.to_arrow().equals(trained)
+    assert job.to_arrow().column("v").to_pylist() == latest(expected, IDS, "v")
+    response = replica.get_online_features(features=features, entity_rows=[{"id": i} for i in IDS], apply_ttl=False)
+    assert response.to_dict() == {"id": IDS, "v": latest(expected, IDS, "v"), "x": latest(expected, IDS, "x")}
+
+    dataset = FlightDataset.table(location, table, columns=["id", "v", "x"], partitions=3)
+    assert len(dataset.plan.endpoints) == 3
+    batches = list(dataset)
+    found = {name: torch.cat([b[name] for b in batches]).tolist() for name in ("id", "v", "x")}
+    want = sorted(zip(found["id"], found["v"], [None if x != x else x for x in found["x"]], strict=True))
+    assert want == sorted((r["id"], r["v"], r["x"]) for r in expected)
+    assert {b["v"].dtype for b in batches} == {torch.int64}
+    arrow = list(FlightDataset.table(location, table, partitions=3, format="arrow"))
+    assert all(b.schema.equals(scanned.schema, check_metadata=False) for b in arrow), [b.schema for b in arrow]
+    assert ordered(pa.Table.from_batches(arrow)) == expected
+
+    source = FlightDatasource(plan_table(location, table, partitions=3))
+    blocks = [block for task in source.get_read_tasks(3) for block in task()]
+    assert ordered(pa.concat_tables(blocks)) == expected
+    source = FlightDatasource(plan_training_set(location, entities, features, partitions=2))
+    blocks = [block for task in source.get_read_tasks(2) for block in task()]
+    assert pa.concat_tables(blocks).sort_by("id").select(["id", "v", "x"]) == trained.sort_by("id").select(
+        ["id", "v", "x"]
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="reads of the current state use the current snapshot's schema (snapshot_schema), not the table's: a "
+    "schema change is not seen until the next write",
+)
+def test_a_schema_change_without_a_snapshot(
+    client: FeatureClient, replica: FeatureClient, catalog: dict[str, str]
+) -> None:
+    """A schema change commits no snapshot. After pyiceberg (or Spark's ALTER TABLE) promotes `v`, adds `x` and then
+    renames `v` to `w`, with no write after: `describe` lists ['id', 'ts', 'w', 'x'], pyiceberg and Spark read the
+    current state with those columns, but every read of the server answers the schema the current snapshot was
+    written with: scans return `v` (int) and no `x`; a filter or `columns` naming `w` or `x`, a training set or an
+    online lookup of `t:w` or `t:x` are NOT_FOUND ("'t' has no column 'w' (columns: ['id', 'ts', 'v'])"), on
+    every replica, the same on SQLite; until the next write, so for good on a table no longer written. Cause: reads
+    of the current state take `snapshot_schema(table, snapshot_id)` (iceberg/snapshots.py) of the resolved current
+    snapshot (reads/plan.py, reads/paths.py, training/plan.py), where pyiceberg's `TableScan.projection` takes the
+    snapshot's schema only for time travel. Right: the current schema, as pyiceberg reads."""
+    table = new_table()
+    client.write(table, rows([1, 2], v=pa.array([1, 2], pa.int32())), **KEYS)
+    check_reads(catalog, table, (client, replica), "v")
+    with load(catalog, table).update_schema() as update:
+        update.update_column("v", LongType())
+        update.add_column("x", DoubleType())
+    expected = reference(catalog, table)
+    for c in (client, replica):
+        assert [f["name"] for f in c.describe(table)["schema"]] == ["id", "ts", "v", "x"]
+        scanned = c.scan(table).read_all()
+        assert scanned.schema.field("v").type == pa.int64() and ordered(scanned) == expected
+        assert ordered(c.scan(table, filter="x is null").read_all()) == expected
+    with load(catalog, table).update_schema() as update:
+        update.rename_column("v", "w")
+    check_reads(catalog, table, (client, replica), "w")
