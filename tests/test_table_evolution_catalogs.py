@@ -23,7 +23,7 @@ from pyiceberg.transforms import DayTransform
 from pyiceberg.types import DoubleType, LongType
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError
-from tests.conftest import start_server, wait_until
+from tests.conftest import start_server, start_writing_server, wait_until
 from tests.test_deletes import equality_delete
 from tests.test_long_histories import catalog_properties
 
@@ -429,3 +429,25 @@ def test_a_schema_change_without_a_snapshot(
     with load(catalog, table).update_schema() as update:
         update.rename_column("v", "w")
     check_reads(catalog, table, (client, replica), "w")
+
+
+def test_maintenance_in_the_write_process_of_an_evolved_table(replica: FeatureClient, catalog: dict[str, str]) -> None:
+    """The same table of two schemas and specs, written, compacted and expired by a server whose write process runs
+    puts and maintenance (its own cached metadata, changed by pyiceberg between its puts)."""
+    server = start_writing_server(catalog, online_refresh_seconds=0.05)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as writer:
+            table, first = two_schemas_and_specs(writer, replica, catalog)
+            before, old = reference(catalog, table), reference(catalog, table, first)
+            done = writer.run_maintenance(table)
+            assert done["error"] is None and done["data_files_compacted"] >= 4, done
+            assert reference(catalog, table) == before and reference(catalog, table, first) == old
+            check_reads(catalog, table, (writer, replica), "x")
+            with load(catalog, table).update_schema() as update:
+                update.rename_column("x", "y")
+            writer.write(table, rows([5], 5, v=pa.array([8]), y=pa.array([4.5])))
+            writer.compact(table)
+            check_reads(catalog, table, (replica, writer), "y")
+            assert ordered(writer.scan(table, snapshot_id=first).read_all()) == old
+    finally:
+        server.shutdown()
