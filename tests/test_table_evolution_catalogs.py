@@ -451,3 +451,30 @@ def test_maintenance_in_the_write_process_of_an_evolved_table(replica: FeatureCl
             assert ordered(writer.scan(table, snapshot_id=first).read_all()) == old
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("spec_id", [0, 1], ids=["old-spec", "current-spec"])
+def test_equality_deletes_of_one_spec_after_a_time_partition_was_replaced(
+    catalog: dict[str, str], spec_id: int
+) -> None:
+    """After `month(ts)` was replaced by `day(ts)` and a put, key 1 has a row in a file of each spec; an equality
+    delete of key 1 is written for the partitions of one spec only (Flink writes its deletes under the current spec).
+    The Iceberg spec applies an equality delete file only to data files of its own spec and partition, so that
+    spec's row of key 1 goes and the other stays; so the server answers. (With deletes under both specs DuckDB
+    fails an assertion: `test_equality_deletes_after_a_time_partition_was_replaced`.)"""
+    server = start_server(catalog)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            table = new_table()
+            client.write(table, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
+            with load(catalog, table).update_spec() as update:
+                update.remove_field("ts_month")
+                update.add_field("ts", DayTransform(), "ts_day")
+            client.write(table, rows([3, 1], 30, v=pa.array([3.0, 4.0])))
+            before = reference(catalog, table)
+            equality_delete(catalog, table, pa.table({"id": pa.array([1], pa.int64())}), spec_id=spec_id)
+            deleted_ts = T0 if spec_id == 0 else T0 + dt.timedelta(hours=30)
+            expected = [r for r in before if not (r["id"] == 1 and r["ts"] == deleted_ts)]
+            assert ordered(client.scan(table).read_all()) == expected
+    finally:
+        server.shutdown()
