@@ -478,3 +478,45 @@ def test_equality_deletes_of_one_spec_after_a_time_partition_was_replaced(
             assert ordered(client.scan(table).read_all()) == expected
     finally:
         server.shutdown()
+
+
+def test_write_settings_changed_by_another_client(
+    client: FeatureClient, replica: FeatureClient, catalog: dict[str, str]
+) -> None:
+    """Codec, target file size, sort order and manifest merging changed by pyiceberg between puts of both replicas
+    (files on S3 with the REST catalog): the puts follow them, compaction honours them, reads agree."""
+    from pyiceberg.transforms import IdentityTransform
+
+    table = new_table()
+    client.write(table, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
+    check_reads(catalog, table, (client, replica), "v")
+    with load(catalog, table).transaction() as change:
+        change.set_properties(
+            {
+                "write.parquet.compression-codec": "gzip",
+                "write.target-file-size-bytes": "1000",
+                "commit.manifest.min-count-to-merge": "2",
+            }
+        )
+    with load(catalog, table).update_sort_order() as order:
+        order.desc("v", IdentityTransform())
+    many = rows(list(range(1, 6)), 1, v=pa.array([float(i) for i in range(1, 6)]))
+    replica.write(table, many)
+    client.write(table, rows([3], 2, v=pa.array([30.0])))
+    assert len(codecs(load(catalog, table)) - {"GZIP"}) == 1  # the server's own codec, then gzip
+    check_reads(catalog, table, (client, replica), "v")
+    client.compact(table)
+    assert codecs(load(catalog, table)) == {"GZIP"}
+    expected = check_reads(catalog, table, (replica, client), "v")
+    assert len(expected) == 8
+
+
+def codecs(iceberg: Table) -> set[str]:
+    """The compression codecs of the table's live data files."""
+    import pyarrow.parquet as pq
+
+    found = set()
+    for task in iceberg.scan().plan_files():
+        with iceberg.io.new_input(task.file.file_path).open() as stream:
+            found.add(pq.ParquetFile(stream).metadata.row_group(0).column(0).compression)
+    return found
