@@ -319,8 +319,11 @@ def test_equality_deletes_after_a_time_partition_was_replaced(catalog: dict[str,
     assertion ('Comparison on NULL values'; the same with no bucket field, none without the spec change or without
     the put after it, /tmp/r27/mini.py of review 27), and an assertion invalidates the DuckDB database: from then
     on every DuckDB read of every table on that server fails ('database has been invalidated ... must be
-    restarted') while `health` answers ok. Right: the rows less the deleted key; at the least, this one table's
-    reads refused and the other tables served (the engine recreated, or the replica reported unhealthy)."""
+    restarted') while `health` answers ok. `compact`, the way out for the server's own tools, fails the same way
+    (`_plan_compaction`, changes/maintenance.py). Deletes under one spec only are read right
+    (`test_equality_deletes_of_one_spec_after_a_time_partition_was_replaced`). Right: the rows less the deleted
+    key; at the least, this one table's reads refused clearly and the other tables served (as `Engine.metadata_file`
+    refuses partition names DuckDB's Avro reader would abort on), or the engine recreated."""
     server = start_server(catalog)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
