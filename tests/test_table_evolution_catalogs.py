@@ -315,9 +315,11 @@ def test_equality_deletes_after_a_time_partition_was_replaced(catalog: dict[str,
     """An operator replaces the server's `month(ts)` with `day(ts)` (Spark's `REPLACE PARTITION FIELD`), a put
     follows, then Flink deletes a key with equality deletes (a file per partition of each spec, as the spec has
     them). Every read the server makes through DuckDB's `iceberg_scan` (whole and filtered scans: equality deletes
-    take that path; the online index; training sets) answered INTERNAL: DuckDB 1.5's iceberg extension fails an
-    assertion ('Comparison on NULL values'; the same with no bucket field, none without the spec change or without
-    the put after it, /tmp/r27/mini.py of review 27), and an assertion invalidates the DuckDB database: from then
+    take that path; the online index; training sets) answered INTERNAL: DuckDB 1.5.5's iceberg extension fails an
+    assertion ('Comparison on NULL values') once equality delete files lie under two partitioned specs (any spec
+    change does, a field only added too: `bucket(id)` then `bucket(id), day(ts)`, or `identity(s)` beside it;
+    `iceberg_scan` alone, without the server, tables written by pyiceberg; not with the new spec unpartitioned, nor
+    with deletes under one spec), and an assertion invalidates the DuckDB database: from then
     on every DuckDB read of every table on that server fails ('database has been invalidated ... must be
     restarted') while `health` answers ok. `compact`, the way out for the server's own tools, fails the same way
     (`_plan_compaction`, changes/maintenance.py). Deletes under one spec only are read right
