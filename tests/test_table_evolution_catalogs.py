@@ -552,3 +552,26 @@ def test_rewrites_after_a_column_renamed_or_dropped_without_a_write(
     client.delete(table, filter="id = 2", mode="copy-on-write")
     check_reads(catalog, table, (client, replica), column)
     assert [r["id"] for r in reference(catalog, table)] == [1, 1, 3]
+
+
+def test_expiry_without_compaction_of_an_evolved_table(
+    client: FeatureClient, replica: FeatureClient, catalog: dict[str, str]
+) -> None:
+    """Every snapshot of the old schema and spec expired (the pin dropped) while their files stay live, not
+    compacted: the current snapshot plans through manifests of both specs; every read of both replicas agrees, and
+    a merge-on-read delete of a row in an old-spec file, then compaction, too."""
+    table, first = two_schemas_and_specs(client, replica, catalog)
+    with load(catalog, table).transaction() as change:
+        change.remove_properties("flight.maintenance.compact-min-files")
+    before = reference(catalog, table)
+    expired = replica.expire_snapshots(table, older_than=dt.datetime.now(UTC), retain_last=1, force=True)
+    assert first in expired["expired"] and expired["unpinned"] == ["old"], expired
+    assert reference(catalog, table) == before
+    assert {f.spec_id for f in load(catalog, table).scan().plan_files() for f in [f.file]} == {0, 1}
+    check_reads(catalog, table, (client, replica), "x")
+    check_reads(catalog, table, (replica, client), "v")
+    client.delete(table, filter="id = 2", mode="merge-on-read")
+    check_reads(catalog, table, (client, replica), "v")
+    client.compact(table)
+    expected = check_reads(catalog, table, (replica, client), "v")
+    assert [r["id"] for r in expected] == [1, 1, 1, 3, 4]
