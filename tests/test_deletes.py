@@ -170,9 +170,9 @@ def assert_reads_agree(
     assert client.describe(table)["online"]["read_path"] == (online_path or read_path).decode()
 
 
-def equality_delete(backend: dict[str, str], table: str, deleted: pa.Table) -> None:
+def equality_delete(backend: dict[str, str], table: str, deleted: pa.Table, spec_id: int | None = None) -> None:
     """Delete rows as Flink does: an equality delete file (the key columns' values) per partition of the
-    table's data files, committed in one snapshot."""
+    table's data files (those of partition spec `spec_id` only, if given), committed in one snapshot."""
     loaded = load(backend, table)
     schema = table_arrow_schema(loaded.schema())
     ids = [loaded.schema().find_field(name).field_id for name in deleted.column_names]
@@ -183,7 +183,7 @@ def equality_delete(backend: dict[str, str], table: str, deleted: pa.Table) -> N
     partitions = {
         (f.spec_id, f.partition): f
         for f in live_files(loaded.io, loaded.current_snapshot())
-        if f.content == DataFileContent.DATA
+        if f.content == DataFileContent.DATA and spec_id in (None, f.spec_id)
     }
     written = []
     for (spec_id, partition), _ in partitions.items():

@@ -120,6 +120,7 @@ class SnapshotRows:
             rows = pa.RecordBatchReader.from_batches(
                 reader.schema.remove(len(arrow)), (piece for _, piece in pieces)
             ).cast(arrow)
+            rows = under_current_names(rows, self.schema, self.table.schema())
             run = runs[number]
             estimate = parquet_bytes_per_row(run.files)
             files = self.keep(write_reader(self.table.metadata, rows, self.table.io, spec, self.chunk_bytes, estimate))
@@ -132,6 +133,21 @@ class SnapshotRows:
         """Files the action wrote itself: deleted with the others if the attempt fails before its commit."""
         self.written += files
         return files
+
+
+def under_current_names(rows: pa.RecordBatchReader, read: Schema, current: Schema) -> pa.RecordBatchReader:
+    """Rows read under a snapshot's schema (`read`), their columns named as the table's `current` schema names them
+    (by field id): the files are written with the current schema's name mapping, so a column another engine
+    renamed since the snapshot (with no write after, the current snapshot still has the old name) is written under
+    its new name, and one dropped since is left out."""
+    names = [current.find_column_name(f.field_id) for f in read.fields]
+    if names == read.column_names:
+        return rows
+    keep = [i for i, name in enumerate(names) if name is not None]
+    schema = pa.schema([rows.schema.field(i).with_name(str(names[i])) for i in keep])
+    return pa.RecordBatchReader.from_batches(
+        schema, (pa.RecordBatch.from_arrays([batch.column(i) for i in keep], schema=schema) for batch in rows)
+    )
 
 
 RUNS = "__rewrite_runs"  # each file a rewrite replaces: its run (`tie_runs`) and its rank in it (above ROW_BITS)
