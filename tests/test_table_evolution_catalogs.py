@@ -22,8 +22,8 @@ from pyiceberg.table import Table
 from pyiceberg.transforms import DayTransform
 from pyiceberg.types import DoubleType, LongType
 
-from flight_client import FeatureClient, InvalidRequestError, NotFoundError
-from tests.conftest import start_server, start_writing_server, wait_until
+from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, NotFoundError
+from tests.conftest import sqlite_catalog, start_server, start_writing_server, wait_until
 from tests.test_deletes import equality_delete
 from tests.test_long_histories import catalog_properties
 
@@ -309,7 +309,7 @@ def test_equality_deletes_across_a_schema_change(
 @pytest.mark.xfail(
     strict=True,
     reason="DuckDB's iceberg_scan fails an assertion (InternalException 'Comparison on NULL values') on a table with "
-    "equality deletes whose month(ts) was replaced by day(ts), which invalidates the server's whole DuckDB database",
+    "equality deletes whose month(ts) was replaced by day(ts): its reads answer INTERNAL (the other tables are served)",
 )
 def test_equality_deletes_after_a_time_partition_was_replaced(catalog: dict[str, str]) -> None:
     """An operator replaces the server's `month(ts)` with `day(ts)` (Spark's `REPLACE PARTITION FIELD`), a put
@@ -320,9 +320,10 @@ def test_equality_deletes_after_a_time_partition_was_replaced(catalog: dict[str,
     change does, a field only added too: `bucket(id)` then `bucket(id), day(ts)`, or `identity(s)` beside it;
     `iceberg_scan` alone, without the server, tables written by pyiceberg; not with the new spec unpartitioned, nor
     with deletes under one spec), and an assertion invalidates the DuckDB database: from then
-    on every DuckDB read of every table on that server fails ('database has been invalidated ... must be
-    restarted') while `health` answers ok. `compact`, the way out for the server's own tools, fails the same way
-    (`_plan_compaction`, changes/maintenance.py). Deletes under one spec only are read right
+    on every DuckDB read of every table on that server failed ('database has been invalidated ... must be
+    restarted') while `health` answered ok (now a new database is opened:
+    `test_a_database_a_fatal_error_invalidated_is_replaced`). `compact`, the way out for the server's own tools,
+    fails the same way (`_plan_compaction`, changes/maintenance.py). Deletes under one spec only are read right
     (`test_equality_deletes_of_one_spec_after_a_time_partition_was_replaced`). Right: the rows less the deleted
     key; at the least, this one table's reads refused clearly and the other tables served (as `Engine.metadata_file`
     refuses partition names DuckDB's Avro reader would abort on), or the engine recreated."""
@@ -343,6 +344,34 @@ def test_equality_deletes_after_a_time_partition_was_replaced(catalog: dict[str,
                 assert ordered(client.scan(table).read_all()) == [r for r in before if r["id"] != 1]
             finally:  # the other table, whatever became of this one
                 assert ordered(client.scan(other, filter="v > 1").read_all()) == reference(catalog, other)[1:]
+    finally:
+        server.shutdown()
+
+
+def test_a_database_a_fatal_error_invalidated_is_replaced(tmp_path: Path) -> None:
+    """The read above fails DuckDB's assertion, which invalidates its database: every later DuckDB query of the
+    process was refused ('database has been invalidated ... must be restarted'), every table's filtered scans,
+    training sets and online index builds, while `health` said ok. The engine now opens a new database when a
+    cursor finds its own invalidated: that table's reads still fail, every other table is served."""
+    catalog = sqlite_catalog(tmp_path)
+    server = start_server(catalog)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            other = new_table()
+            client.write(other, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
+            table = new_table()
+            client.write(table, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
+            with load(catalog, table).update_spec() as update:
+                update.remove_field("ts_month")
+                update.add_field("ts", DayTransform(), "ts_day")
+            client.write(table, rows([3, 1], 30, v=pa.array([3.0, 4.0])))
+            equality_delete(catalog, table, pa.table({"id": pa.array([1], pa.int64())}))
+            for _ in range(2):
+                with pytest.raises(FeatureServerError, match="internal error"):
+                    client.scan(table).read_all()
+                assert ordered(client.scan(other, filter="v > 1").read_all()) == reference(catalog, other)[1:]
+                assert training(client, other, [1, 2], "v") == [1.0, 2.0]
+            assert client.health()["status"] == "ok"
     finally:
         server.shutdown()
 

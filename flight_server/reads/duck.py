@@ -162,21 +162,40 @@ class Engine:
         }
         if threads:
             config["threads"] = threads
-        config["temp_directory"] = spill = own_spill_folder(temp_dir or ".tmp")  # DuckDB's own default is .tmp, shared
-        self._con = duckdb.connect(config=config)
-        for name in EXTENSIONS:
-            self._con.execute(f"LOAD {_literal(str(extension_path(name)))}")
-        self._secrets: set[str] = set()
+        self._config, self._temp_dir = config, temp_dir or ".tmp"  # DuckDB's own default is .tmp, shared
+        self._secrets: dict[str, str] = {}  # by fingerprint: the statement that made each (`use_storage`)
+        self._con, spill = self._connect()
         self._lock = threading.Lock()
         self._cancel_watch = CancelWatch()
         self._watch_metadata = file_cache and not unique_metadata_names
         self._metadata_read: dict[str, _MetadataFolder] = {}  # by table folder (`metadata_file`)
         self._copies = os.path.join(os.path.dirname(spill), f"metadata-{os.path.basename(spill)}")
 
+    def _connect(self) -> tuple[duckdb.DuckDBPyConnection, str]:
+        """A new database, with the extensions and S3 credentials, and the folder of its own it spills into."""
+        spill = own_spill_folder(self._temp_dir)
+        con = duckdb.connect(config={**self._config, "temp_directory": spill})
+        for name in EXTENSIONS:
+            con.execute(f"LOAD {_literal(str(extension_path(name)))}")
+        for statement in self._secrets.values():
+            con.execute(statement)
+        return con, spill
+
     def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A cursor for one request (a DuckDB connection is not safe to share between threads)."""
-        cursor = self._con.cursor()
-        cursor.execute("SET TimeZone = 'UTC'")
+        """A cursor for one request (a DuckDB connection is not safe to share between threads). A database that a
+        fatal error invalidated (DuckDB then refuses every query until a restart: an assertion of its iceberg
+        extension on one table's files would fail every read of every table) is replaced by a new one first."""
+        con = self._con
+        try:
+            cursor = con.cursor()
+            cursor.execute("SET TimeZone = 'UTC'")
+        except duckdb.FatalException:
+            with self._lock:
+                if self._con is con:  # not replaced by another thread meanwhile
+                    log.error("DuckDB's database was invalidated by a fatal error (logged with its call): opening anew")
+                    self._con, _ = self._connect()  # the old one is left to its cursors: closing it would abort
+            cursor = self._con.cursor()
+            cursor.execute("SET TimeZone = 'UTC'")
         return cursor
 
     def metadata_file(self, location: str, metadata: TableMetadata) -> str:
@@ -263,6 +282,7 @@ class Engine:
                 options.append(f"USE_SSL {'true' if url.scheme == 'https' else 'false'}")
                 style = "vhost" if properties.get("s3.force-virtual-addressing") == "true" else "path"
                 options.append(f"URL_STYLE {_literal(style)}")
-            self._con.execute(f"CREATE OR REPLACE SECRET s3_{fingerprint} ({', '.join(options)})")
-            self._secrets.add(fingerprint)
+            statement = f"CREATE OR REPLACE SECRET s3_{fingerprint} ({', '.join(options)})"
+            self._con.execute(statement)
+            self._secrets[fingerprint] = statement
             log.info("DuckDB: S3 credentials registered for endpoint %s", endpoint or "AWS default")
