@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 # A location that means "the server that answered get_flight_info" (Flight's own convention).
 REUSE_CONNECTION = "arrow-flight-reuse-connection://?"
 
+SEND_FIRST_BYTES = 32 << 10  # entity rows sent whole before their answer is read (half gRPC's first window)
+
 
 def _as_of(value: dt.datetime | str | int | None) -> str | None:
     """A time as the protocol's ISO-8601 string; epoch milliseconds converted, a date as its midnight (UTC), NumPy's
@@ -857,8 +859,9 @@ class FeatureClient:
             with writer:
                 writer.begin(schema)
                 # The server answers batches as they arrive: read while writing, or both sides would
-                # stall once the answers fill the connection's flow-control window.
-                sending = _Sender(writer, batches)
+                # stall once the answers fill the connection's flow-control window. Rows that fit the window are
+                # all sent first (`_Sender`: a server's early error raced the half-close, which aborted gRPC).
+                sending = _Sender(writer, batches, background=held is None or held.nbytes > SEND_FIRST_BYTES)
                 try:
                     yield reader
                 except BaseException as exc:
@@ -929,14 +932,24 @@ class _Sender:
     """Writes entity batches to a `do_exchange` stream from a thread of its own, then ends the stream. When the
     entity rows themselves fail (a stream that raises), the stream is ended too, so that the call does not wait
     forever for the rest, and `finish` raises that failure instead of returning the answer for part of the rows.
-    (Not `cancel`: pyarrow turns a call cancelled under a running read into a KeyboardInterrupt.)"""
+    (Not `cancel`: pyarrow turns a call cancelled under a running read into a KeyboardInterrupt.)
 
-    def __init__(self, writer: flight.FlightStreamWriter, batches: Iterable[pa.RecordBatch]):
+    Without `background` the batches are written, and the stream ended, at once on the calling thread, before the
+    answer is read: for rows that fit the connection's flow-control window, which the writes never wait on. Arrow
+    Flight's half-close (`done_writing`) is not guarded against the reader's own, which it makes when the call ends:
+    a server that refused the request while the thread half-closed made gRPC abort the process ("API misuse of type
+    GRPC_CALL_ERROR_TOO_MANY_OPERATIONS")."""
+
+    def __init__(self, writer: flight.FlightStreamWriter, batches: Iterable[pa.RecordBatch], background: bool = True):
         self._writer, self._batches = writer, batches
         self.rows_error: BaseException | None = None  # the entity rows' own failure, whatever its kind
         self._error: BaseException | None = None  # a failed write
-        self._thread = threading.Thread(target=self._send, name="flight-exchange-writer", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._send, name="flight-exchange-writer", daemon=True)
+            self._thread.start()
+        else:
+            self._send()
 
     def _send(self) -> None:
         batches = iter(self._batches)
@@ -957,7 +970,8 @@ class _Sender:
     def finish(self, raising: bool = True) -> None:
         """Wait for the writes; the entity rows' own failure is raised (an Arrow error of a CSV reader too: the
         answer covers only the rows before it), and a failed write unless the answer already failed."""
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         if not raising:
             return
         if self.rows_error is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -315,6 +317,33 @@ def test_bad_requests(location: str, case: str) -> None:
         with pytest.raises(error, match=message):
             client.get_historical_features(entities, features(drivers, customers), entity_time=entity_time)
         assert client.health()["status"] == "ok"
+
+
+REFUSED_IN_A_LOOP = """
+import sys
+import pandas as pd
+from flight_client import FeatureClient, NotFoundError
+rows = pd.DataFrame({"driver_id": [1], "event_timestamp": pd.to_datetime(["2026-01-01"], utc=True)})
+with FeatureClient(sys.argv[1]) as client:
+    for _ in range(int(sys.argv[3])):
+        try:
+            client.get_historical_features(rows, [f"{sys.argv[2]}:nope"])
+        except NotFoundError:
+            pass
+"""
+
+
+def test_refused_training_sets_never_abort_the_client(location: str) -> None:
+    """A training set the server refuses at once (an unknown feature), asked 400 times with a one-row DataFrame:
+    the client's thread that sent the rows half-closed the stream while the reader saw the call end, and Arrow
+    Flight let both half-close: gRPC aborted the process ('API misuse of type GRPC_CALL_ERROR_TOO_MANY_OPERATIONS')
+    in most such runs. Rows this small are now sent whole before the answer is read."""
+    with FeatureClient(location) as client:
+        drivers, _, _ = _demo(client)
+    run = subprocess.run(
+        [sys.executable, "-c", REFUSED_IN_A_LOOP, location, drivers, "400"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_plain_table_is_not_a_feature_table(location: str, catalog_properties: dict[str, str]) -> None:
