@@ -45,5 +45,6 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/ruff format --check .
 .venv/bin/mypy  # files and settings: [tool.mypy] in pyproject.toml
 # Two test processes (TEST_WORKERS=N for another count, 0 for one): most tests wait on servers they started, so two
-# keep two cores busy. Each takes a whole file at a time, with its module's server.
-exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
+# keep two cores busy. Each takes a whole file at a time, with its module's server. A test process that crashes ends
+# the run (a replaced one left pytest-xdist waiting once).
+exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile --max-worker-restart 0 "$@"
