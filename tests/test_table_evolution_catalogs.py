@@ -10,14 +10,12 @@ strict xfails, each saying why."""
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
-from pyiceberg.catalog import load_catalog
 from pyiceberg.table import Table
 from pyiceberg.transforms import DayTransform
 from pyiceberg.types import DoubleType, LongType
@@ -26,11 +24,21 @@ from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
 from tests.conftest import sqlite_catalog, start_server, start_writing_server, wait_until
 from tests.test_deletes import equality_delete
 from tests.test_long_histories import catalog_properties
+from tests.test_table_evolution import (
+    KEYS,
+    LATER,
+    T0,
+    UTC,
+    latest,
+    load,
+    new_table,
+    online,
+    ordered,
+    reference,
+    rows,
+    training,
+)
 
-UTC = dt.timezone.utc
-T0 = dt.datetime(2025, 1, 1, tzinfo=UTC)
-KEYS: dict[str, Any] = {"entity_keys": ["id"], "event_time": "ts"}
-LATER = T0 + dt.timedelta(days=10)
 IDS = [1, 2, 3, 4, 5]
 
 
@@ -59,48 +67,6 @@ def client(servers: tuple[str, str]) -> Iterator[FeatureClient]:
 def replica(servers: tuple[str, str]) -> Iterator[FeatureClient]:
     with FeatureClient(servers[1]) as client:
         yield client
-
-
-def new_table() -> str:
-    return f"evolution.t{uuid.uuid4().hex[:8]}"
-
-
-def load(catalog: dict[str, str], table: str) -> Table:
-    return load_catalog("default", **catalog).load_table(table)
-
-
-def rows(ids: list[int], hours: int = 0, **columns: pa.Array) -> pa.Table:
-    return pa.table(
-        {
-            "id": pa.array(ids, pa.int64()),
-            "ts": pa.array([T0 + dt.timedelta(hours=hours)] * len(ids), pa.timestamp("us", "UTC")),
-            **columns,
-        }
-    )
-
-
-def ordered(found: pa.Table) -> list[dict[str, Any]]:
-    return sorted(found.to_pylist(), key=lambda row: (row["id"], row["ts"]))
-
-
-def reference(catalog: dict[str, str], table: str, snapshot_id: int | None = None) -> list[dict[str, Any]]:
-    return ordered(load(catalog, table).scan(snapshot_id=snapshot_id).to_arrow())
-
-
-def latest(reference_rows: list[dict[str, Any]], ids: list[int], column: str) -> list[Any]:
-    found: dict[int, Any] = {}
-    for row in sorted(reference_rows, key=lambda r: r["ts"]):
-        found[row["id"]] = row[column]
-    return [found.get(i) for i in ids]
-
-
-def training(client: FeatureClient, table: str, ids: list[int], column: str) -> list[Any]:
-    entities = {"id": ids, "event_timestamp": [LATER] * len(ids)}
-    return client.get_historical_features(entities, [f"{table}:{column}"]).column(column).to_pylist()
-
-
-def online(client: FeatureClient, table: str, ids: list[int], column: str) -> list[Any]:
-    return client.get_online_features({"id": ids}, [f"{table}:{column}"], apply_ttl=False).column(column).to_pylist()
 
 
 def looked_up(client: FeatureClient, table: str, column: str) -> list[Any] | None:
@@ -309,6 +275,22 @@ def test_equality_deletes_across_a_schema_change(
     agree((replica, client), table, expected, "w")
 
 
+def deletes_under_two_specs(client: FeatureClient, catalog: dict[str, str]) -> tuple[str, str, list[dict[str, Any]]]:
+    """Another table, and a table whose `month(ts)` was replaced by `day(ts)` between two puts before an equality
+    delete of key 1 (a file per partition of each spec), with its rows before that delete."""
+    other = new_table()
+    client.write(other, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
+    table = new_table()
+    client.write(table, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
+    with load(catalog, table).update_spec() as update:
+        update.remove_field("ts_month")
+        update.add_field("ts", DayTransform(), "ts_day")
+    client.write(table, rows([3, 1], 30, v=pa.array([3.0, 4.0])))
+    before = reference(catalog, table)
+    equality_delete(catalog, table, pa.table({"id": pa.array([1], pa.int64())}))
+    return other, table, before
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="DuckDB's iceberg_scan fails an assertion (InternalException 'Comparison on NULL values') on a table with "
@@ -333,16 +315,7 @@ def test_equality_deletes_after_a_time_partition_was_replaced(catalog: dict[str,
     server = start_server(catalog)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            other = new_table()
-            client.write(other, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
-            table = new_table()
-            client.write(table, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
-            with load(catalog, table).update_spec() as update:
-                update.remove_field("ts_month")
-                update.add_field("ts", DayTransform(), "ts_day")
-            client.write(table, rows([3, 1], 30, v=pa.array([3.0, 4.0])))
-            before = reference(catalog, table)
-            equality_delete(catalog, table, pa.table({"id": pa.array([1], pa.int64())}))
+            other, table, before = deletes_under_two_specs(client, catalog)
             try:
                 assert ordered(client.scan(table).read_all()) == [r for r in before if r["id"] != 1]
             finally:  # the other table, whatever became of this one
@@ -360,15 +333,7 @@ def test_a_database_a_fatal_error_invalidated_is_replaced(tmp_path: Path) -> Non
     server = start_server(catalog)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            other = new_table()
-            client.write(other, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
-            table = new_table()
-            client.write(table, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
-            with load(catalog, table).update_spec() as update:
-                update.remove_field("ts_month")
-                update.add_field("ts", DayTransform(), "ts_day")
-            client.write(table, rows([3, 1], 30, v=pa.array([3.0, 4.0])))
-            equality_delete(catalog, table, pa.table({"id": pa.array([1], pa.int64())}))
+            other, table, _ = deletes_under_two_specs(client, catalog)
             for _ in range(2):
                 with pytest.raises(FeatureServerError, match="internal error"):
                     client.scan(table).read_all()
