@@ -16,11 +16,13 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from prometheus_client import CollectorRegistry
 from pyiceberg.table import Table
 from pyiceberg.transforms import DayTransform
 from pyiceberg.types import DoubleType, LongType
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, NotFoundError
+from flight_server.transport.metrics import PartsCollector
 from tests.conftest import sqlite_catalog, start_server, start_writing_server, wait_until
 from tests.test_deletes import equality_delete
 from tests.test_long_histories import catalog_properties
@@ -331,6 +333,13 @@ def test_a_database_a_fatal_error_invalidated_is_replaced(tmp_path: Path) -> Non
     cursor finds its own invalidated: that table's reads still fail, every other table is served."""
     catalog = sqlite_catalog(tmp_path)
     server = start_server(catalog)
+    registry = CollectorRegistry()
+    registry.register(PartsCollector(server.parts))
+
+    def reopened() -> float:
+        return registry.get_sample_value("flight_duckdb_reopened_total") or 0.0
+
+    before = reopened()  # counted per process: other servers of this one may have counted before
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
             other, table, _ = deletes_under_two_specs(client, catalog)
@@ -340,6 +349,7 @@ def test_a_database_a_fatal_error_invalidated_is_replaced(tmp_path: Path) -> Non
                 assert ordered(client.scan(other, filter="v > 1").read_all()) == reference(catalog, other)[1:]
                 assert training(client, other, [1, 2], "v") == [1.0, 2.0]
             assert client.health()["status"] == "ok"
+            assert reopened() - before == 2  # one a failed read: operators see it (and the log names the call)
     finally:
         server.shutdown()
 

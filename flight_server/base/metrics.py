@@ -15,3 +15,12 @@ COMMIT_RETRIES = Counter(
     "state, or given up past the commit timeout.",
     registry=None,
 )
+
+DUCKDB_REOPENED = Counter(
+    "flight_duckdb_reopened",
+    "DuckDB databases that a fatal error invalidated and that the server replaced by a new one (`reads/duck.py`); "
+    "the server's log has the error and the call that met it.",
+    registry=None,
+)
+
+COUNTERS = (COMMIT_RETRIES, DUCKDB_REOPENED)  # each published as the sum of the serving and the write process

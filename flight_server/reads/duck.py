@@ -24,6 +24,7 @@ import duckdb
 import pyarrow.flight as flight
 from pyiceberg.table.metadata import TableMetadata
 
+from flight_server.base.metrics import DUCKDB_REOPENED
 from flight_server.base.spill import own_spill_folder
 from flight_server.iceberg.catalog import avro_name
 from flight_server.wire.errors import RequestError
@@ -194,6 +195,7 @@ class Engine:
                 if self._con is con:  # not replaced by another thread meanwhile
                     log.error("DuckDB's database was invalidated by a fatal error (logged with its call): opening anew")
                     self._con, _ = self._connect()  # the old one is left to its cursors: closing it would abort
+                    DUCKDB_REOPENED.inc()
             cursor = self._con.cursor()
             cursor.execute("SET TimeZone = 'UTC'")
         return cursor

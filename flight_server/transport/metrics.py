@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from flight_server.base.metrics import COMMIT_RETRIES
+from flight_server.base.metrics import COUNTERS
 from flight_server.changes.upkeep import Watched
 from flight_server.online.index import OnlineIndex
 from flight_server.transport.components import Components
@@ -182,7 +182,8 @@ class PartsCollector(Collector):
         yield GaugeMetricFamily(
             "flight_writes_in_progress", "Puts being written or committed.", value=self.parts.writes_in_progress(child)
         )
-        yield _commit_retries(self.parts)
+        for counter in COUNTERS:
+            yield _counted(self.parts, counter)
         yield from _maintenance(self.parts.upkeep.tables())
         if self.parts.writes is not None:
             yield from _write_process(child)
@@ -261,12 +262,13 @@ def _write_process(child: dict[str, Any] | None) -> Iterator[Metric]:
         )
 
 
-def _commit_retries(parts: Components) -> Metric:
-    """`COMMIT_RETRIES` of this process, and of its write process (where puts, deletes and compactions commit)."""
-    counted = sum(s.value for metric in COMMIT_RETRIES.collect() for s in metric.samples if s.name.endswith("_total"))
+def _counted(parts: Components, counter: Counter) -> Metric:
+    """A counter of `base/metrics.py` in this process, and in its write process (where puts, deletes and compactions
+    commit, through an engine of its own)."""
+    family = next(iter(counter.describe()))
+    counted = sum(s.value for metric in counter.collect() for s in metric.samples if s.name.endswith("_total"))
     if parts.writes is not None:
-        counted += parts.writes.commit_retries()
-    family = next(iter(COMMIT_RETRIES.describe()))
+        counted += parts.writes.counted(family.name)
     return CounterMetricFamily(family.name, family.documentation, value=counted)
 
 

@@ -17,9 +17,10 @@ the client's stream ended intact: a stream that breaks or is cancelled ends the 
 the child commits nothing. The child's answers and errors (same gRPC status, same message) come back as they are,
 and the serving process then runs what follows a commit (its online indexes and training sets look at once).
 
-The child's counters (`base/metrics.py`: commit retries) live in memory-mapped files in its private folder
-(prometheus_client's multiprocess mode, `METRICS_FOLDER`): the serving process adds them to its own at each scrape
-(`WriteProcess.commit_retries`), with no call to the child, and the counts of a child that stopped stay counted.
+The child's counters (`base/metrics.py`: commit retries, DuckDB databases reopened) live in memory-mapped files in
+its private folder (prometheus_client's multiprocess mode, `METRICS_FOLDER`): the serving process adds them to its
+own at each scrape (`WriteProcess.counted`), with no call to the child, and the counts of a child that stopped stay
+counted.
 
 The child lives as long as the server: it starts at the first write, in the background (the writes run in the
 serving process until it listens: `WriteProcess.usable`), reads its settings from its stdin and stops when that
@@ -57,7 +58,6 @@ from pyiceberg.exceptions import CommitFailedException, ValidationException
 from flight_server.base.config import ServerConfig
 from flight_server.base.logs import current
 from flight_server.base.lru import WeightedLru
-from flight_server.base.metrics import COMMIT_RETRIES
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.maintenance import Maintenance
 from flight_server.iceberg.lineage import committed_appends, keep_appended, kept_appended
@@ -94,7 +94,6 @@ _PLANNING = flight.FlightCallOptions(timeout=30.0)
 
 METRICS_FOLDER = "metrics"  # in the child's private folder: its counters, one memory-mapped file per child started
 MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client as it is imported (in the child)
-RETRIES = next(iter(COMMIT_RETRIES.describe())).name
 
 # The child's own actions (not in the action table: only a write process answers them): `plan_refresh`, its figures
 # for its server's `health` and `/metrics` (which ask nothing of the catalog: a catalog down is not a child down), and
@@ -298,8 +297,8 @@ class WriteProcess:
             return None
         return from_results([result.body.to_pybytes() for result in results])
 
-    def commit_retries(self) -> float:
-        """The commit retries counted by every child this server started (`COMMIT_RETRIES` there), read from their
+    def counted(self, name: str) -> float:
+        """What the counter `name` (`base/metrics.py`) counted in every child this server started, read from their
         files: a scrape neither waits for a busy child nor loses the count of one that stopped."""
         folder = self._folder
         if folder is None:
@@ -309,7 +308,7 @@ class WriteProcess:
         except FileNotFoundError:  # the server is stopping: `close` removed the folder
             return 0.0
         for metric in merged:
-            if metric.name == RETRIES:
+            if metric.name == name:
                 return sum(sample.value for sample in metric.samples if sample.name.endswith("_total"))
         return 0.0
 
