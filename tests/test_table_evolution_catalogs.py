@@ -277,17 +277,23 @@ def test_equality_deletes_across_a_schema_change(
     agree((replica, client), table, expected, "w")
 
 
-def deletes_under_two_specs(client: FeatureClient, catalog: dict[str, str]) -> tuple[str, str, list[dict[str, Any]]]:
-    """Another table, and a table whose `month(ts)` was replaced by `day(ts)` between two puts before an equality
-    delete of key 1 (a file per partition of each spec), with its rows before that delete."""
-    other = new_table()
-    client.write(other, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
+def day_spec_table(client: FeatureClient, catalog: dict[str, str]) -> str:
+    """A table whose `month(ts)` was replaced by `day(ts)` between two puts: key 1 has a row under each spec."""
     table = new_table()
     client.write(table, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
     with load(catalog, table).update_spec() as update:
         update.remove_field("ts_month")
         update.add_field("ts", DayTransform(), "ts_day")
     client.write(table, rows([3, 1], 30, v=pa.array([3.0, 4.0])))
+    return table
+
+
+def deletes_under_two_specs(client: FeatureClient, catalog: dict[str, str]) -> tuple[str, str, list[dict[str, Any]]]:
+    """Another table, and a `day_spec_table` with an equality delete of key 1 (a file per partition of each spec),
+    with its rows before that delete."""
+    other = new_table()
+    client.write(other, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
+    table = day_spec_table(client, catalog)
     before = reference(catalog, table)
     equality_delete(catalog, table, pa.table({"id": pa.array([1], pa.int64())}))
     return other, table, before
@@ -477,12 +483,7 @@ def test_equality_deletes_of_one_spec_after_a_time_partition_was_replaced(
     server = start_server(catalog)
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
-            table = new_table()
-            client.write(table, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
-            with load(catalog, table).update_spec() as update:
-                update.remove_field("ts_month")
-                update.add_field("ts", DayTransform(), "ts_day")
-            client.write(table, rows([3, 1], 30, v=pa.array([3.0, 4.0])))
+            table = day_spec_table(client, catalog)
             before = reference(catalog, table)
             equality_delete(catalog, table, pa.table({"id": pa.array([1], pa.int64())}), spec_id=spec_id)
             deleted_ts = T0 if spec_id == 0 else T0 + dt.timedelta(hours=30)
