@@ -852,7 +852,7 @@ class FeatureClient:
         as `FeatureServerError`s, and a caller that stops reading early cancels the call."""
         held = None if inputs.is_stream(entity_rows) else inputs.to_table(entity_rows)
         schema, batches = inputs.stream(entity_rows if held is None else held)
-        descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
+        descriptor = flight.FlightDescriptor.for_command(replace(request, end_marker=True).to_bytes())
         leaving: BaseException | None = None  # the caller's own exception (or stop), which outranks the cancel's
         try:
             writer, reader = self._client.do_exchange(descriptor, self._options)
@@ -860,8 +860,9 @@ class FeatureClient:
                 writer.begin(schema)
                 # The server answers batches as they arrive: read while writing, or both sides would
                 # stall once the answers fill the connection's flow-control window. Rows that fit the window are
-                # all sent first (`_Sender`: a server's early error raced the half-close, which aborted gRPC).
-                sending = _Sender(writer, batches, background=held is None or held.nbytes > SEND_FIRST_BYTES)
+                # all sent first, sparing a thread. The rows end with the end-of-stream marker, never a half-close
+                # from the sending thread (`_Sender`).
+                sending = _Sender(writer, schema, batches, background=held is None or held.nbytes > SEND_FIRST_BYTES)
                 try:
                     yield reader
                 except BaseException as exc:
@@ -929,19 +930,30 @@ def _data(stream: flight.FlightStreamReader) -> Iterator[pa.RecordBatch]:
 
 
 class _Sender:
-    """Writes entity batches to a `do_exchange` stream from a thread of its own, then ends the stream. When the
-    entity rows themselves fail (a stream that raises), the stream is ended too, so that the call does not wait
-    forever for the rest, and `finish` raises that failure instead of returning the answer for part of the rows.
-    (Not `cancel`: pyarrow turns a call cancelled under a running read into a KeyboardInterrupt.)
+    """Writes entity batches to a `do_exchange` stream from a thread of its own, then the end-of-stream marker
+    (docs/protocol.md) that the request promised. When the entity rows themselves fail (a stream that raises), the
+    marker ends them too, so that the call does not wait forever for the rest, and `finish` raises that failure
+    instead of returning the answer for part of the rows. (Not `cancel`: pyarrow turns a call cancelled under a
+    running read into a KeyboardInterrupt.)
 
-    Without `background` the batches are written, and the stream ended, at once on the calling thread, before the
-    answer is read: for rows that fit the connection's flow-control window, which the writes never wait on. Arrow
-    Flight's half-close (`done_writing`) is not guarded against the reader's own, which it makes when the call ends:
-    a server that refused the request while the thread half-closed made gRPC abort the process ("API misuse of type
-    GRPC_CALL_ERROR_TOO_MANY_OPERATIONS")."""
+    The sender never half-closes the call (`done_writing`): Arrow Flight's half-close is not guarded against the
+    one its reader makes when it sees the call end (`WritableDataStream::DoFinish`, which half-closes unless the
+    writer's `done_writing_` flag, set without its lock, already says so), and a server that refused the request
+    while this thread half-closed made gRPC abort the process ("API misuse of type
+    GRPC_CALL_ERROR_TOO_MANY_OPERATIONS"). The server instead ends the call after the marker, and the call is
+    half-closed on the reading thread only: by the reader when it ends, or by closing the writer.
 
-    def __init__(self, writer: flight.FlightStreamWriter, batches: Iterable[pa.RecordBatch], background: bool = True):
-        self._writer, self._batches = writer, batches
+    Without `background` the batches are written at once on the calling thread, before the answer is read: for
+    rows that fit the connection's flow-control window, which the writes never wait on."""
+
+    def __init__(
+        self,
+        writer: flight.FlightStreamWriter,
+        schema: pa.Schema,
+        batches: Iterable[pa.RecordBatch],
+        background: bool = True,
+    ):
+        self._writer, self._schema, self._batches = writer, schema, batches
         self.rows_error: BaseException | None = None  # the entity rows' own failure, whatever its kind
         self._error: BaseException | None = None  # a failed write
         self._thread: threading.Thread | None = None
@@ -953,6 +965,7 @@ class _Sender:
 
     def _send(self) -> None:
         batches = iter(self._batches)
+        rows, written = 0, False
         try:
             while True:
                 try:
@@ -963,7 +976,10 @@ class _Sender:
                     self.rows_error = exc
                     break
                 self._writer.write_batch(batch)
-            self._writer.done_writing()
+                rows, written = rows + batch.num_rows, True
+            if not written:  # the schema goes out with the first batch, and must precede the marker
+                self._writer.write_batch(pa.RecordBatch.from_pylist([], schema=self._schema))
+            self._writer.write_metadata(pa.py_buffer(end_marker(rows)))
         except BaseException as exc:  # handed to the caller by finish()
             self._error = exc
 

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server.base.streams import chunks, stream_schema
+from flight_server.base.streams import entity_chunks, stream_schema
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.online.lookups import (
     PLAN_CACHE_SIZE,
@@ -93,7 +93,7 @@ class OnlineService:
         writer.begin(schema)
         columns = key_columns(plan, stream_schema(reader, "entity key"))
         rows = 0
-        for chunk in chunks(reader, "entity key"):
+        for chunk in entity_chunks(reader, "entity key", request.end_marker):
             if chunk.data is None:
                 continue
             if not request.as_of and not self._is_current(plan):

@@ -16,7 +16,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server.base.streams import chunks, stream_schema
+from flight_server.base.streams import entity_chunks, stream_schema
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.reads.duck import Engine
 from flight_server.training.asof import AsofCache, AsofIndex
@@ -161,7 +161,7 @@ class TrainingSets:
 
         def entities() -> Iterator[pa.RecordBatch]:
             nonlocal rows
-            for chunk in chunks(reader, "entity"):
+            for chunk in entity_chunks(reader, "entity", plan.request.end_marker):
                 if is_cancelled():
                     return
                 if chunk.data is not None and chunk.data.num_rows:
@@ -184,7 +184,7 @@ class TrainingSets:
         cursor = self.engine.cursor()
         rows = received = 0
         append_entities(cursor, prepare_entities(reader.schema.empty_table(), plan, 0), create=True)
-        for chunk in chunks(reader, "entity"):
+        for chunk in entity_chunks(reader, "entity", plan.request.end_marker):
             if chunk.data is not None and chunk.data.num_rows:
                 received += chunk.data.nbytes
                 if self.max_exchange_bytes and received > self.max_exchange_bytes:

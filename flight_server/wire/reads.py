@@ -169,6 +169,7 @@ class HistoricalRequest:
     partition: list[int] | None = None
     compression: str | None = None
     shard: KeyShare | None = None
+    end_marker: bool = False
     kind: str = field(default="historical", init=False)
 
     @classmethod
@@ -187,6 +188,7 @@ class HistoricalRequest:
                 "partition",
                 "compression",
                 "shard",
+                "end_marker",
             },
         )
         features = f.str_list("features")
@@ -217,14 +219,16 @@ class HistoricalRequest:
             partition=f.part("partition"),
             compression=f.choice("compression", COMPRESSIONS),
             shard=KeyShare.from_body(shard) if shard is not None else None,
+            end_marker=f.bool("end_marker"),
         )
 
     def to_bytes(self) -> bytes:
         body = asdict(self)
         if self.entities is not None:
             body["entities"] = {k: v for k, v in asdict(self.entities).items() if v is not None}
-        if not body["full_feature_names"]:
-            body["full_feature_names"] = None
+        for flag in ("full_feature_names", "end_marker"):
+            if not body[flag]:
+                body[flag] = None
         return encode(body)
 
 
@@ -267,12 +271,15 @@ class OnlineRequest:
     as_of: str | None = None
     request_time: str | None = None
     apply_ttl: bool = True
+    end_marker: bool = False
     kind: str = field(default="online", init=False)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> OnlineRequest:
         f = Fields(
-            body, "online request", {"features", "entities", "full_feature_names", "as_of", "request_time", "apply_ttl"}
+            body,
+            "online request",
+            {"features", "entities", "full_feature_names", "as_of", "request_time", "apply_ttl", "end_marker"},
         )
         features = f.str_list("features")
         if not features:
@@ -302,7 +309,15 @@ class OnlineRequest:
         apply_ttl = body.get("apply_ttl", True)
         if not isinstance(apply_ttl, bool):
             raise ProtocolError(f"online request: field 'apply_ttl' must be true or false, got {apply_ttl!r}")
-        return cls(features, entities, f.bool("full_feature_names"), times["as_of"], times["request_time"], apply_ttl)
+        return cls(
+            features,
+            entities,
+            f.bool("full_feature_names"),
+            times["as_of"],
+            times["request_time"],
+            apply_ttl,
+            f.bool("end_marker"),
+        )
 
     def to_bytes(self) -> bytes:
         return encode(
@@ -314,6 +329,7 @@ class OnlineRequest:
                 "as_of": self.as_of,
                 "request_time": self.request_time,
                 "apply_ttl": None if self.apply_ttl else False,
+                "end_marker": self.end_marker or None,
             }
         )
 

@@ -101,19 +101,20 @@ END_OF_STREAM_KEY = "end_of_stream"
 
 
 def end_marker(rows: int) -> bytes:
-    """The metadata message a writer sends after its last batch (see docs/protocol.md)."""
+    """The metadata message a writer sends after its last batch, and a `do_exchange` client after its last
+    entity batch (see docs/protocol.md)."""
     return json.dumps({END_OF_STREAM_KEY: True, "rows": rows}).encode()
 
 
-def parse_end_marker(raw: bytes) -> int:
-    """Rows the writer says it sent; raises ProtocolError on anything else."""
+def parse_end_marker(raw: bytes, what: str = "write") -> int:
+    """Rows the client says it sent on its `what` stream; raises ProtocolError on anything else."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ProtocolError("write stream: app metadata is not valid JSON") from None
+        raise ProtocolError(f"{what} stream: app metadata is not valid JSON") from None
     if not isinstance(body, dict) or body.get(END_OF_STREAM_KEY) is not True:
-        raise ProtocolError(f"write stream: unexpected app metadata {body!r}; expected the end-of-stream marker")
+        raise ProtocolError(f"{what} stream: unexpected app metadata {body!r}; expected the end-of-stream marker")
     rows = body.get("rows")
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-        raise ProtocolError("write stream: end-of-stream marker needs a non-negative integer 'rows'")
+        raise ProtocolError(f"{what} stream: end-of-stream marker needs a non-negative integer 'rows'")
     return rows
