@@ -322,26 +322,35 @@ def test_bad_requests(location: str, case: str) -> None:
 REFUSED_IN_A_LOOP = """
 import sys
 import pandas as pd
+import pyarrow as pa
 from flight_client import FeatureClient, NotFoundError
-rows = pd.DataFrame({"driver_id": [1], "event_timestamp": pd.to_datetime(["2026-01-01"], utc=True)})
-with FeatureClient(sys.argv[1]) as client:
-    for _ in range(int(sys.argv[3])):
+location, feature, count, kind = sys.argv[1], f"{sys.argv[2]}:nope", int(sys.argv[3]), sys.argv[4]
+size = 3_000 if kind == "48 KB" else 1  # 3,000 rows of 16 bytes: more than the 32 KB sent before reading
+rows = pd.DataFrame({"driver_id": range(size), "event_timestamp": pd.Timestamp("2026-01-01", tz="UTC")})
+with FeatureClient(location) as client:
+    for _ in range(count):
+        entity_rows = pa.Table.from_pandas(rows).to_reader() if kind == "reader" else rows
         try:
-            client.get_historical_features(rows, [f"{sys.argv[2]}:nope"])
+            client.get_historical_features(entity_rows, [feature])
         except NotFoundError:
             pass
 """
 
 
-def test_refused_training_sets_never_abort_the_client(location: str) -> None:
-    """A training set the server refuses at once (an unknown feature), asked 400 times with a one-row DataFrame:
-    the client's thread that sent the rows half-closed the stream while the reader saw the call end, and Arrow
-    Flight let both half-close: gRPC aborted the process ('API misuse of type GRPC_CALL_ERROR_TOO_MANY_OPERATIONS')
-    in most such runs. Rows this small are now sent whole before the answer is read."""
+@pytest.mark.parametrize("kind", ["one row", "48 KB", "reader"])
+def test_refused_training_sets_never_abort_the_client(location: str, kind: str) -> None:
+    """A training set the server refuses at once (an unknown feature), asked 400 times with entity rows of one row,
+    of 48 KB, or streamed from a RecordBatchReader: the client's thread that sent the rows half-closed the stream
+    while the reader saw the call end, and Arrow Flight let both half-close: gRPC aborted the process ('API misuse
+    of type GRPC_CALL_ERROR_TOO_MANY_OPERATIONS') in most such runs. The rows now end with the end-of-stream
+    marker, and only the reading thread half-closes."""
     with FeatureClient(location) as client:
         drivers, _, _ = _demo(client)
     run = subprocess.run(
-        [sys.executable, "-c", REFUSED_IN_A_LOOP, location, drivers, "400"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", REFUSED_IN_A_LOOP, location, drivers, "400", kind],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
 
