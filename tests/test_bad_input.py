@@ -13,7 +13,7 @@ import pytest
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, NotFoundError, ResourceExhaustedError
 from flight_client.errors import from_flight_error
-from flight_server.wire.writes import WriteRequest
+from flight_server.wire.writes import WriteRequest, end_marker
 from tests.test_roundtrip import features, write
 
 
@@ -31,6 +31,26 @@ def unbegun_exchange(client: FeatureClient, command: bytes) -> None:
     """A `do_exchange` the client ends without ever sending a schema."""
     writer, reader = client._client.do_exchange(flight.FlightDescriptor.for_command(command))
     writer.done_writing()
+    try:
+        reader.read_all()
+    finally:
+        with contextlib.suppress(flight.FlightError, pa.ArrowException):
+            writer.close()  # reports the same error again
+
+
+def marked_exchange(client: FeatureClient, command: bytes, marker: bytes | None) -> None:
+    """A `do_exchange` of two entity rows (keys and `ts`) whose request promises the end-of-stream marker, ended
+    with `marker` (None: with a half-close instead)."""
+    rows = pa.table({"user_id": [1, 2], "region": ["r1", "r2"], "ts": pa.array([0, 0], pa.timestamp("us", "UTC"))})
+    if json.loads(command)["kind"] == "online":
+        rows = rows.drop_columns(["ts"])
+    writer, reader = client._client.do_exchange(flight.FlightDescriptor.for_command(command))
+    writer.begin(rows.schema)
+    writer.write_table(rows)
+    if marker is None:
+        writer.done_writing()
+    else:
+        writer.write_metadata(pa.py_buffer(marker))
     try:
         reader.read_all()
     finally:
@@ -237,6 +257,25 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         lambda c, t: unbegun_exchange(c, ticket(kind="historical", features=[f"{t}:f64"], entity_time="ts")),
         InvalidRequestError,
         "the entity row stream ended before its schema",
+    ),
+    "training-set marker with the wrong row count": (
+        lambda c, t: marked_exchange(
+            c, ticket(kind="historical", features=[f"{t}:f64"], entity_time="ts", end_marker=True), end_marker(3)
+        ),
+        InvalidRequestError,
+        "the client says it sent 3 entity rows but 2 arrived",
+    ),
+    "training-set stream without its promised marker": (
+        lambda c, t: marked_exchange(
+            c, ticket(kind="historical", features=[f"{t}:f64"], entity_time="ts", end_marker=True), None
+        ),
+        InvalidRequestError,
+        "the entity stream ended after 2 rows without its end-of-stream marker",
+    ),
+    "online stream with a malformed marker": (
+        lambda c, t: marked_exchange(c, ticket(kind="online", features=[f"{t}:f64"], end_marker=True), b"{}"),
+        InvalidRequestError,
+        "entity key stream: unexpected app metadata {}; expected the end-of-stream marker",
     ),
     "online wrong key type": (  # over a session (a stream kept open)
         lambda c, t: c.get_online_features({"user_id": ["one"], "region": ["r1"]}, [f"{t}:f64"]),

@@ -15,12 +15,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute below)
+import pyarrow.flight as flight
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError, read_flight
 from flight_server.base.config import ServerConfig
+from flight_server.wire.reads import HistoricalRequest
+from flight_server.wire.writes import end_marker
 from tests.conftest import start_server
 
 UTC = dt.timezone.utc
@@ -353,6 +356,30 @@ def test_refused_training_sets_never_abort_the_client(location: str, kind: str) 
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("ending", ["half-close", "end-of-stream marker"])
+def test_entity_rows_end_either_way(location: str, ending: str) -> None:
+    """A plain Flight client ends its entity rows by half-closing (as other languages' do); one that promised
+    the end-of-stream marker by sending it, after which the server answers without waiting for a half-close.
+    Both get FeatureClient's answer."""
+    with FeatureClient(location) as client:
+        drivers, customers, entities = _demo(client)
+        features = [f"{drivers}:rate", f"{customers}:tier"]
+        expected = client.get_historical_features(entities, features)
+        marked = ending != "half-close"
+        request = HistoricalRequest(features, end_marker=marked)
+        rows = pa.Table.from_pandas(entities, preserve_index=False)
+        writer, reader = client._client.do_exchange(flight.FlightDescriptor.for_command(request.to_bytes()))
+        with writer:
+            writer.begin(rows.schema)
+            writer.write_table(rows)
+            if marked:
+                writer.write_metadata(pa.py_buffer(end_marker(rows.num_rows)))
+            else:
+                writer.done_writing()
+            answer = reader.read_all()
+    assert answer.to_pylist() == expected.to_pylist()
 
 
 def test_plain_table_is_not_a_feature_table(location: str, catalog_properties: dict[str, str]) -> None:
