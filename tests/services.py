@@ -51,8 +51,8 @@ _TABLE_BUCKET = "iceberg-tables"
 
 _T = TypeVar("_T")
 
-# The running services by what they yielded (a PostgreSQL URL, a REST catalog URI): how to stop and start them again
-# in the middle of a test, for tests of outages (tests/test_outages.py).
+# The running services by where they listen (a PostgreSQL cluster's host:port, a REST catalog's URI): how to stop
+# and start them again in the middle of a test, for tests of outages (tests/test_outages.py).
 _PG_CONTROLS: dict[str, Callable[..., None]] = {}
 _WEED_CONTROLS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
 
@@ -270,12 +270,12 @@ def postgres_server(database: str = _PG_DATABASE, timeout: float = 60.0) -> Iter
             url = f"postgresql+psycopg2://{_PG_SUPERUSER}@127.0.0.1:{port}/{database}"
             # pg_ctl starts the postmaster again with the options it was started with (postmaster.opts): same port.
             log = ("-l", str(tmp / "pg_ctl.log"))
-            _PG_CONTROLS[url] = lambda *args: run(
+            _PG_CONTROLS[_cluster(url)] = lambda *args: run(
                 "pg_ctl", *args, "-D", str(datadir), "-w", *log[: 2 * ("stop" not in args)]
             )
             yield url
         finally:
-            _PG_CONTROLS.pop(url, None)
+            _PG_CONTROLS.pop(_cluster(url), None)
             with contextlib.suppress(RuntimeError):
                 run("pg_ctl", "stop", "-D", str(datadir), "-m", "immediate", "-w")
             _stop_group(server)  # reap it (or kill it if pg_ctl failed)
@@ -320,9 +320,15 @@ def _start_postmaster(
 
 
 def pg_ctl(url: str, *args: str) -> None:
-    """Run `pg_ctl <args>` on the cluster `postgres_server` yielded `url` for: `("restart", "-m", "fast")`,
-    `("stop", "-m", "immediate")`, `("start",)`. It waits until the server is up (or down)."""
-    _PG_CONTROLS[url](*args)
+    """Run `pg_ctl <args>` on the cluster of `url` (one `postgres_server` yielded, or another database of its
+    cluster): `("restart", "-m", "fast")`, `("stop", "-m", "immediate")`, `("start",)`. It waits until the server
+    is up (or down)."""
+    _PG_CONTROLS[_cluster(url)](*args)
+
+
+def _cluster(url: str) -> str:
+    """`host:port` of a PostgreSQL URL: which cluster it names."""
+    return url.rpartition("@")[2].partition("/")[0]
 
 
 def _pg_ready(bindir: Path, port: int, env: dict[str, str]) -> bool:
