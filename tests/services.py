@@ -393,6 +393,21 @@ def _rest_catalog_ready(uri: str, warehouse: str, key: str, secret: str) -> bool
     return _http(f"{uri}/v1/{prefix}/namespaces", headers=auth) == 200
 
 
+def _known_volumes(master_port: int) -> int:
+    """How many volumes the SeaweedFS master knows (0 while it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{master_port}/dir/status", timeout=2) as resp:
+            topology = json.load(resp)["Topology"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return sum(
+        node.get("Volumes", 0)
+        for center in topology.get("DataCenters") or []
+        for rack in center.get("Racks") or []
+        for node in rack.get("DataNodes") or []
+    )
+
+
 _WEED_PORT_FLAGS = (
     "master.port",
     "master.port.grpc",
@@ -477,15 +492,18 @@ def seaweedfs_server(timeout: float = 60.0) -> Iterator[dict[str, str]]:
         return _launch_weed(_weed_ports(), fresh=True)
 
     def _launch_weed(ports: dict[str, int], fresh: bool) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+        volumes = 0 if fresh else len(list((tmp / "data").rglob("*.dat")))  # those that hold the objects so far
         proc = _start_weed(tmp, ports, logfile, fresh)
         uri = f"http://127.0.0.1:{ports['s3.port.iceberg']}"
 
         def ready() -> bool:
-            """S3 and REST ports listen and the REST catalog serves requests."""
+            """S3 and REST ports listen, the REST catalog serves requests, and (started again) the master knows
+            every volume: before, S3 answers reads of their objects with INTERNAL_FAILURE."""
             return (
                 _port_open(ports["s3.port"])
                 and _port_open(ports["s3.port.iceberg"])
                 and _rest_catalog_ready(uri, warehouse, S3_ACCESS_KEY, S3_SECRET_KEY)
+                and _known_volumes(ports["master.port"]) >= volumes
             )
 
         try:
