@@ -8,23 +8,38 @@ their index, and a put retried with its write_id commits once (docs/operations.m
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import logging
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 import sqlalchemy
+from pyiceberg.exceptions import CommitStateUnknownException, ServerError, ServiceUnavailableError
 
-from flight_client import FeatureClient
-from tests.conftest import start_writing_server
+from flight_client import FeatureClient, FeatureServerError, UnavailableError
+from flight_server.base.outages import outage
+from tests.conftest import local_files, start_server, start_writing_server, wait_until
 from tests.services import (
+    S3_ACCESS_KEY,
+    S3_REGION,
+    S3_SECRET_KEY,
+    free_ports,
     pg_ctl,
     postgres_server,
+    seaweedfs_server,
+    start_seaweedfs,
+    stop_seaweedfs,
 )
+from tests.test_metrics import scrape, value
 
 UTC = dt.UTC
 TABLE = "tests.drivers"
+SMALL = "tests.small"
 PASSWORD = "pg-s3cret-word"  # in the catalog's URI (trust authentication ignores it): never in a client's message
 DAY = dt.datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -57,6 +72,35 @@ def admin(url: str) -> sqlalchemy.Engine:
     return sqlalchemy.create_engine(url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
 
 
+def refuse_connections(url: str, refuse: bool = True) -> None:
+    """The catalog's database refuses new connections and its sessions end (`refuse`), or takes them again: as
+    tests/test_metrics.py makes PostgreSQL refuse, a primary gone with no replica promoted yet."""
+    engine = admin(url)
+    database = sqlalchemy.engine.make_url(url).database
+    with engine.connect() as connection:
+        quoted = connection.dialect.identifier_preparer.quote(database)
+        connection.execute(sqlalchemy.text(f"ALTER DATABASE {quoted} WITH ALLOW_CONNECTIONS {str(not refuse).lower()}"))
+        if refuse:
+            connection.execute(
+                sqlalchemy.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :db"),
+                {"db": database},
+            )
+    engine.dispose()
+
+
+def unavailable(call: object, service: str) -> FeatureServerError:
+    """The error of a call made while `service` is away: UNAVAILABLE, naming it, one clean line."""
+    assert callable(call)
+    with pytest.raises(UnavailableError) as raised:
+        call()
+    message = str(raised.value)
+    assert raised.value.code == "UNAVAILABLE", message
+    assert f"the {service} is unavailable" in message or "did not confirm the commit" in message, message
+    for leak in ("Traceback", "/tmp", "postgresql", PASSWORD, 'File "', "sqlalche.me", "http://"):
+        assert leak not in message, message
+    return raised.value
+
+
 def rows_of(client: FeatureClient, table: str = TABLE) -> list[int]:
     return sorted(client.read_table(table).column("driver_id").to_pylist())
 
@@ -80,7 +124,8 @@ def test_a_restarted_postgresql_catalog_is_used_again_at_once_by_both_processes(
     """`pg_ctl restart` ends every session the serving process and the write process pooled. The next calls of
     each kind succeed at the first try: pooled connections are tested before use (`pool_pre_ping`, which the server
     sets on a SQL catalog of a database server), so no call fails on a dead one. Without it the first call of each
-    process failed INTERNAL (`OperationalError: server closed the connection unexpectedly`)."""
+    process failed (`OperationalError: server closed the connection unexpectedly`): INTERNAL, UNAVAILABLE since the
+    server tells a catalog outage from a bug."""
     server = start_writing_server(sql_catalog(database, (tmp_path / "wh").as_uri()))
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}", timeout=30) as client:
@@ -96,3 +141,239 @@ def test_a_restarted_postgresql_catalog_is_used_again_at_once_by_both_processes(
             assert rows_of(client) == [0, 1, 2, 3, 4]
     finally:
         server.shutdown()
+
+
+def test_a_catalog_that_refuses_connections_for_a_while(
+    database: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """PostgreSQL refuses the catalog's database and ends its sessions, then takes connections again.
+
+    During: online lookups answer from their index (stale, not failing), its lag grows and its refreshes are
+    counted failing, their failure is logged once (not at every poll); scans, training sets, describe, health,
+    maintenance and puts answer UNAVAILABLE naming the catalog; the put (in the write process) leaves no file.
+    A scan whose files the scan cache holds fails too: it promises the table's current snapshot, which only the
+    catalog knows. After: everything works without restarting the server, the index catches up (and the log says
+    its refreshes work again), and the put retried with its write_id commits once."""
+    warehouse = tmp_path / "wh"
+    metrics = free_ports(1)[0]
+    server = start_writing_server(
+        sql_catalog(database, warehouse.as_uri()), metrics_port=metrics, online_refresh_seconds=0.1
+    )
+    caplog.set_level(logging.INFO, logger="flight_server")
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}", timeout=30) as client:
+            first_write(client)
+            lookup = {"driver_id": [1, 2]}
+            assert client.get_online_features(lookup, [f"{TABLE}:rate"]).column("rate").to_pylist() == [1.0, 1.0]
+            assert rows_of(client) == [0, 1, 2]  # now in the scan cache
+            location = client.describe(TABLE)["location"]
+            files = local_files(location)
+            labels = {"table": TABLE}
+
+            capfd.readouterr()
+            mark = len(caplog.records)
+            refuse_connections(database)
+            wait_until(lambda: value(scrape(metrics), "flight_online_index_refresh_failing", **labels) == 1)
+            lag = value(scrape(metrics), "flight_online_index_lag_seconds", **labels) or 0.0
+            wait_until(
+                lambda: (value(scrape(metrics), "flight_online_index_lag_seconds", **labels) or 0.0) > lag + 1.0,
+                what="the index lag to grow",
+            )
+            stale = client.get_online_features(lookup, [f"{TABLE}:rate"])
+            assert stale.column("rate").to_pylist() == [1.0, 1.0]
+            logged = [r.getMessage() for r in caplog.records[mark:]]  # ten polls or more, each failing
+            assert len(logged) == 1 and "refresh failed; serving snapshot" in logged[0], logged
+            child = [
+                line for line in capfd.readouterr().err.splitlines() if "failed: the catalog is unavailable" in line
+            ]
+            assert len(child) == 1, child  # the write process, which plans each refresh
+
+            unavailable(lambda: client.read_table(TABLE), "catalog")
+            unavailable(lambda: client.get_historical_features(entities(1), [f"{TABLE}:rate"]), "catalog")
+            unavailable(lambda: client.describe(TABLE), "catalog")
+            unavailable(client.health, "catalog")
+            unavailable(lambda: client.run_maintenance(TABLE), "catalog")
+            unavailable(lambda: client.write(TABLE, drivers(range(3, 5), 2.0), write_id="w-1"), "catalog")
+            assert local_files(location) == files  # the put's files were deleted
+
+            refuse_connections(database, refuse=False)
+            assert client.health()["status"] == "ok"
+            written = client.write(TABLE, drivers(range(3, 5), 2.0), write_id="w-1")
+            again = client.write(TABLE, drivers(range(3, 5), 2.0), write_id="w-1")
+            assert again.duplicate and again.snapshot_id == written.snapshot_id
+            assert rows_of(client) == [0, 1, 2, 3, 4]
+            wait_until(
+                lambda: (
+                    client.get_online_features({"driver_id": [3]}, [f"{TABLE}:rate"]).column("rate").to_pylist()
+                    == [2.0]
+                ),
+                what="the online index to catch up",
+            )
+            samples = scrape(metrics)
+            assert value(samples, "flight_online_index_refresh_failing", **labels) == 0
+            assert (value(samples, "flight_online_index_lag_seconds", **labels) or 0.0) < 5.0
+            assert any("refreshes work again" in r.getMessage() for r in caplog.records)
+            assert client.run_maintenance(TABLE)["table"] == TABLE
+    finally:
+        server.shutdown()
+
+
+def test_a_commit_the_catalog_never_confirmed_keeps_its_files_and_its_retry_commits_once(
+    database: str, tmp_path: Path
+) -> None:
+    """The catalog's session ends while the put's commit waits on the table's row (another session locks it): the
+    outcome is unknown to the server, which keeps the put's files and answers UNAVAILABLE telling to retry with the
+    write_id; the retry commits once. In the serving process (`--no-write-process`)."""
+    warehouse = tmp_path / "wh"
+    server = start_server(sql_catalog(database, warehouse.as_uri()))
+    name = sqlalchemy.engine.make_url(database).database
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}", timeout=30) as client:
+            first_write(client)
+            before = set((warehouse / "tests").rglob("*.parquet"))
+            catalog = sqlalchemy.create_engine(database)
+            with catalog.connect() as locker:
+                locker.execute(
+                    sqlalchemy.text("SELECT 1 FROM iceberg_tables WHERE table_name = 'drivers' FOR UPDATE")
+                )  # the commit's compare-and-swap waits on this row
+                outcome: list[BaseException | None] = []
+
+                def put() -> None:
+                    try:
+                        client.write(TABLE, drivers(range(3, 5), 2.0), write_id="w-unknown")
+                        outcome.append(None)
+                    except FeatureServerError as exc:
+                        outcome.append(exc)
+
+                putting = threading.Thread(target=put)
+                putting.start()
+                with admin(database).connect() as connection:
+                    waiting = sqlalchemy.text(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = :db AND wait_event_type = 'Lock'"
+                    )
+                    blocked: list[int] = []
+                    wait_until(
+                        lambda: bool(blocked.extend(connection.execute(waiting, {"db": name}).scalars()) or blocked),
+                        what="the commit to wait on the row",
+                    )
+                    connection.execute(sqlalchemy.text("SELECT pg_terminate_backend(:pid)"), {"pid": blocked[0]})
+                putting.join(30)
+                locker.rollback()
+            catalog.dispose()
+            error = outcome[0]
+            assert isinstance(error, UnavailableError), error
+            assert "did not confirm the commit" in str(error) and "write_id" in str(error), str(error)
+            assert "Traceback" not in str(error) and PASSWORD not in str(error)
+            assert set((warehouse / "tests").rglob("*.parquet")) > before  # kept: the table might reference them
+            assert rows_of(client) == [0, 1, 2]  # it had not landed
+            written = client.write(TABLE, drivers(range(3, 5), 2.0), write_id="w-unknown")
+            assert not written.duplicate
+            assert client.write(TABLE, drivers(range(3, 5), 2.0), write_id="w-unknown").duplicate
+            assert rows_of(client) == [0, 1, 2, 3, 4]
+    finally:
+        server.shutdown()
+
+
+def s3_files(properties: dict[str, str], prefix: str) -> set[str]:
+    """The Parquet objects under `prefix` (`bucket/path`) of the object store."""
+    store = pafs.S3FileSystem(
+        access_key=S3_ACCESS_KEY,
+        secret_key=S3_SECRET_KEY,
+        region=S3_REGION,
+        endpoint_override=properties["s3.endpoint"],
+        scheme="http",
+    )
+    found = store.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return {f.path for f in found if f.path.endswith(".parquet")}
+
+
+def big(start: int, count: int, batches: int) -> Iterator[pa.RecordBatch]:
+    for i in range(batches):
+        ids = range(start + i * count, start + (i + 1) * count)
+        yield from drivers(ids).to_batches()
+
+
+def test_the_object_store_stopped_during_a_put_and_a_scan(postgres: str, database: str, tmp_path: Path) -> None:
+    """SeaweedFS (the warehouse's S3; the catalog is PostgreSQL) stops while a put streams, after it wrote a file,
+    and between a scan's plan and its read; then starts again on its ports and data. The put fails UNAVAILABLE
+    naming the object store and commits nothing; the scan fails as clearly, within the client's timeout, while a
+    scan of files the scan cache holds and online lookups keep answering; after the restart the same server scans
+    and writes, the put retried with its write_id commits once, and the files the failed put could not delete
+    while the store was away are what `remove_orphan_files` removes. Puts in the write process."""
+    with seaweedfs_server() as weed:
+        s3 = {k: v for k, v in weed.items() if k.startswith("s3.")}
+        properties = {**sql_catalog(database, "s3://warehouse/outage"), **s3}
+        server = start_writing_server(properties)
+        try:
+            with FeatureClient(f"grpc://127.0.0.1:{server.port}", timeout=60) as client:
+                first_write(client)
+                location = client.describe(TABLE)["location"].removeprefix("s3://")
+                before = s3_files(weed, location)
+                schema = drivers(range(0)).schema
+
+                def stopping() -> Iterator[pa.RecordBatch]:
+                    """The put's batches; the object store stops once the put wrote a file of its own."""
+                    yield from big(1_000, 20_000, 4)  # several chunks of `TEST_CHUNK_BYTES`
+                    wait_until(lambda: len(s3_files(weed, location)) > len(before), what="a file of the put")
+                    stop_seaweedfs(weed)
+                    yield from big(81_000, 20_000, 2)
+
+                unavailable(
+                    lambda: client.write(TABLE, pa.RecordBatchReader.from_batches(schema, stopping()), write_id="big"),
+                    "object store",
+                )
+                start_seaweedfs(weed)
+                assert rows_of(client) == [0, 1, 2]  # nothing committed
+                left = s3_files(weed, location) - before
+                whole = pa.RecordBatchReader.from_batches(schema, big(1_000, 20_000, 6))
+                assert client.write(TABLE, whole, write_id="big").rows == 120_000
+                again = client.write(TABLE, drivers(range(1_000, 1_001)), write_id="big")
+                assert again.duplicate
+
+                first_write(client, SMALL)
+                assert rows_of(client, SMALL) == [0, 1, 2]  # in the scan cache now
+                lookup = {"driver_id": [1]}
+                assert client.get_online_features(lookup, [f"{SMALL}:rate"]).column("rate").to_pylist() == [1.0]
+                info = client.flight_info(TABLE)  # planned with the store up, read with it down
+                stop_seaweedfs(weed)
+                try:
+                    unavailable(lambda: client.read_endpoint(info.endpoints[0]).read_all(), "object store")
+                    assert rows_of(client, SMALL) == [0, 1, 2]  # its decoded files in the scan cache
+                    online = client.get_online_features(lookup, [f"{SMALL}:rate"])
+                    assert online.column("rate").to_pylist() == [1.0]  # from the index in memory
+                finally:
+                    start_seaweedfs(weed)
+                assert len(rows_of(client)) == 120_003
+
+                assert left  # what the failed put wrote, and could not delete while the store was away
+                removed = client.remove_orphan_files(TABLE, older_than=dt.datetime.now(UTC))
+                assert left <= {p.removeprefix("s3://") for p in removed["files"]}, removed
+                assert not (s3_files(weed, location) & left)
+                assert len(rows_of(client)) == 120_003
+        finally:
+            server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (
+            ServiceUnavailableError("503: slow down"),
+            "the catalog is unavailable (it answered: ServiceUnavailableError)",
+        ),
+        (ServerError("502: bad gateway"), "the catalog is unavailable (it answered: ServerError)"),
+        (
+            OSError("When reading key 'a/b.parquet': AWS Error SERVICE_UNAVAILABLE during GetObject operation"),
+            "the object store is unavailable (service unavailable)",
+        ),
+        (CommitStateUnknownException("the commit's outcome is unknown (ServerError)"), "did not confirm the commit"),
+        (OSError(errno.ENOSPC, "No space left on device"), None),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "/warehouse/x.parquet"), None),
+        (ValueError("a bug"), None),
+    ],
+)
+def test_which_failures_are_outages(error: Exception, message: str | None) -> None:
+    """A REST catalog's 5xx answers (which SeaweedFS does not give on demand) are outages of the catalog, an S3 error
+    saying the store is busy or away one of the object store; a full disk, a missing file and a bug are not."""
+    found = outage(error)
+    assert (found is None) if message is None else (found is not None and message in found), found
