@@ -150,10 +150,12 @@ def test_a_catalog_that_refuses_connections_for_a_while(
 
     During: online lookups answer from their index (stale, not failing), its lag grows and its refreshes are
     counted failing, their failure is logged once (not at every poll); scans, training sets, describe, health,
-    maintenance and puts answer UNAVAILABLE naming the catalog; the put (in the write process) leaves no file.
-    A scan whose files the scan cache holds fails too: it promises the table's current snapshot, which only the
-    catalog knows. After: everything works without restarting the server, the index catches up (and the log says
-    its refreshes work again), and the put retried with its write_id commits once."""
+    maintenance, puts, lookups `as_of` a time and those of a table not indexed yet answer UNAVAILABLE naming the
+    catalog; the put (in the write process) leaves no file. A scan whose files the scan cache holds fails too: it
+    promises the table's current snapshot, which only the catalog knows; so does the read of a ticket planned
+    before the outage (it asks the catalog for the table's metadata). After: everything works without restarting
+    the server, the index catches up (and the log says its refreshes work again), and the put retried with its
+    write_id commits once."""
     warehouse = tmp_path / "wh"
     metrics = free_ports(1)[0]
     server = start_writing_server(
@@ -166,6 +168,8 @@ def test_a_catalog_that_refuses_connections_for_a_while(
             lookup = {"driver_id": [1, 2]}
             assert client.get_online_features(lookup, [f"{TABLE}:rate"]).column("rate").to_pylist() == [1.0, 1.0]
             assert rows_of(client) == [0, 1, 2]  # now in the scan cache
+            planned = client.flight_info(TABLE)
+            first_write(client, SMALL)  # no online index
             location = client.describe(TABLE)["location"]
             files = local_files(location)
             labels = {"table": TABLE}
@@ -189,6 +193,9 @@ def test_a_catalog_that_refuses_connections_for_a_while(
             assert len(child) == 1, child  # the write process, which plans each refresh
 
             unavailable(lambda: client.read_table(TABLE), "catalog")
+            unavailable(lambda: client.read_endpoint(planned.endpoints[0]).read_all(), "catalog")  # planned before
+            unavailable(lambda: client.get_online_features(lookup, [f"{SMALL}:rate"]), "catalog")
+            unavailable(lambda: client.get_online_features(lookup, [f"{TABLE}:rate"], as_of=DAY), "catalog")
             unavailable(lambda: client.get_historical_features(entities(1), [f"{TABLE}:rate"]), "catalog")
             unavailable(lambda: client.describe(TABLE), "catalog")
             unavailable(client.health, "catalog")
