@@ -300,19 +300,27 @@ def big(start: int, count: int, batches: int) -> Iterator[pa.RecordBatch]:
         yield from drivers(ids).to_batches()
 
 
-def test_the_object_store_stopped_during_a_put_and_a_scan(postgres: str, database: str, tmp_path: Path) -> None:
+def test_the_object_store_stopped_during_a_put_and_a_scan(database: str) -> None:
     """SeaweedFS (the warehouse's S3; the catalog is PostgreSQL) stops while a put streams, after it wrote a file,
     and between a scan's plan and its read; then starts again on its ports and data. The put fails UNAVAILABLE
     naming the object store and commits nothing; the scan fails as clearly, within the client's timeout, while a
     scan of files the scan cache holds and online lookups keep answering; after the restart the same server scans
     and writes, the put retried with its write_id commits once, and the files the failed put could not delete
-    while the store was away are what `remove_orphan_files` removes. Puts in the write process."""
+    while the store was away are what `remove_orphan_files` removes. Puts in the write process.
+
+    A second server uses SeaweedFS's REST catalog, which goes away with it (puts in the serving process): its
+    lookups keep answering, its puts and `health` answer UNAVAILABLE naming the catalog, and after the restart its
+    put retried with its write_id commits once."""
     with seaweedfs_server() as weed:
         s3 = {k: v for k, v in weed.items() if k.startswith("s3.")}
         properties = {**sql_catalog(database, "s3://warehouse/outage"), **s3}
         server = start_writing_server(properties)
+        rest = start_server(dict(weed), online_refresh_seconds=0.1)
         try:
-            with FeatureClient(f"grpc://127.0.0.1:{server.port}", timeout=60) as client:
+            with (
+                FeatureClient(f"grpc://127.0.0.1:{server.port}", timeout=60) as client,
+                FeatureClient(f"grpc://127.0.0.1:{rest.port}", timeout=60) as other,
+            ):
                 first_write(client)
                 location = client.describe(TABLE)["location"].removeprefix("s3://")
                 before = s3_files(weed, location)
@@ -337,10 +345,12 @@ def test_the_object_store_stopped_during_a_put_and_a_scan(postgres: str, databas
                 again = client.write(TABLE, drivers(range(1_000, 1_001)), write_id="big")
                 assert again.duplicate
 
+                lookup = {"driver_id": [1]}
                 first_write(client, SMALL)
                 assert rows_of(client, SMALL) == [0, 1, 2]  # in the scan cache now
-                lookup = {"driver_id": [1]}
                 assert client.get_online_features(lookup, [f"{SMALL}:rate"]).column("rate").to_pylist() == [1.0]
+                first_write(other)
+                assert other.get_online_features(lookup, [f"{TABLE}:rate"]).column("rate").to_pylist() == [1.0]
                 info = client.flight_info(TABLE)  # planned with the store up, read with it down
                 stop_seaweedfs(weed)
                 try:
@@ -348,9 +358,20 @@ def test_the_object_store_stopped_during_a_put_and_a_scan(postgres: str, databas
                     assert rows_of(client, SMALL) == [0, 1, 2]  # its decoded files in the scan cache
                     online = client.get_online_features(lookup, [f"{SMALL}:rate"])
                     assert online.column("rate").to_pylist() == [1.0]  # from the index in memory
+                    online = other.get_online_features(lookup, [f"{TABLE}:rate"])
+                    assert online.column("rate").to_pylist() == [1.0]
+                    unavailable(lambda: other.write(TABLE, drivers(range(1, 2), 2.0), write_id="rest-1"), "catalog")
+                    unavailable(other.health, "catalog")
                 finally:
                     start_seaweedfs(weed)
                 assert len(rows_of(client)) == 120_003
+                assert not other.write(TABLE, drivers(range(1, 2), 2.0), write_id="rest-1").duplicate
+                assert other.write(TABLE, drivers(range(1, 2), 2.0), write_id="rest-1").duplicate
+                assert len(rows_of(other)) == 4
+                wait_until(
+                    lambda: other.get_online_features(lookup, [f"{TABLE}:rate"]).column("rate").to_pylist() == [2.0],
+                    what="the REST catalog's online index to catch up",
+                )
 
                 assert left  # what the failed put wrote, and could not delete while the store was away
                 removed = client.remove_orphan_files(TABLE, older_than=dt.datetime.now(UTC))
@@ -358,6 +379,7 @@ def test_the_object_store_stopped_during_a_put_and_a_scan(postgres: str, databas
                 assert not (s3_files(weed, location) & left)
                 assert len(rows_of(client)) == 120_003
         finally:
+            rest.shutdown()
             server.shutdown()
 
 
