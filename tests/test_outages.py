@@ -146,7 +146,8 @@ def test_a_restarted_postgresql_catalog_is_used_again_at_once_by_both_processes(
 def test_a_catalog_that_refuses_connections_for_a_while(
     database: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """PostgreSQL refuses the catalog's database and ends its sessions, then takes connections again.
+    """PostgreSQL refuses the catalog's database and ends its sessions while a put streams (after it wrote a
+    file), then takes connections again. The put answers UNAVAILABLE naming the catalog, and its files are deleted.
 
     During: online lookups answer from their index (stale, not failing), its lag grows and its refreshes are
     counted failing, their failure is logged once (not at every poll); scans, training sets, describe, health,
@@ -174,9 +175,20 @@ def test_a_catalog_that_refuses_connections_for_a_while(
             files = local_files(location)
             labels = {"table": TABLE}
 
+            schema = drivers(range(0)).schema
+
+            def refusing() -> Iterator[pa.RecordBatch]:
+                """A put's batches; the catalog refuses once the put wrote a file of its own."""
+                yield from big(1_000, 20_000, 4)
+                wait_until(lambda: len(local_files(location) or ()) > len(files or ()), what="a file of the put")
+                refuse_connections(database)
+                yield from big(81_000, 20_000, 2)
+
             capfd.readouterr()
             mark = len(caplog.records)
-            refuse_connections(database)
+            midway = pa.RecordBatchReader.from_batches(schema, refusing())
+            unavailable(lambda: client.write(TABLE, midway, write_id="w-big"), "catalog")
+            assert local_files(location) == files  # the files it wrote were deleted
             wait_until(lambda: value(scrape(metrics), "flight_online_index_refresh_failing", **labels) == 1)
             lag = value(scrape(metrics), "flight_online_index_lag_seconds", **labels) or 0.0
             wait_until(
@@ -185,8 +197,8 @@ def test_a_catalog_that_refuses_connections_for_a_while(
             )
             stale = client.get_online_features(lookup, [f"{TABLE}:rate"])
             assert stale.column("rate").to_pylist() == [1.0, 1.0]
-            logged = [r.getMessage() for r in caplog.records[mark:]]  # ten polls or more, each failing
-            assert len(logged) == 1 and "refresh failed; serving snapshot" in logged[0], logged
+            logged = [r.getMessage() for r in caplog.records[mark:] if "online" in r.getMessage()]  # refreshes'
+            assert len(logged) == 1 and "refresh failed; serving snapshot" in logged[0], logged  # ten polls or more
             child = [
                 line for line in capfd.readouterr().err.splitlines() if "failed: the catalog is unavailable" in line
             ]
@@ -209,6 +221,10 @@ def test_a_catalog_that_refuses_connections_for_a_while(
             again = client.write(TABLE, drivers(range(3, 5), 2.0), write_id="w-1")
             assert again.duplicate and again.snapshot_id == written.snapshot_id
             assert rows_of(client) == [0, 1, 2, 3, 4]
+            whole = pa.RecordBatchReader.from_batches(schema, big(1_000, 20_000, 6))
+            assert client.write(TABLE, whole, write_id="w-big").rows == 120_000
+            assert client.write(TABLE, drivers(range(1_000, 1_001)), write_id="w-big").duplicate
+            assert len(rows_of(client)) == 120_005
             wait_until(
                 lambda: (
                     client.get_online_features({"driver_id": [3]}, [f"{TABLE}:rate"]).column("rate").to_pylist()
