@@ -154,9 +154,10 @@ def test_a_catalog_that_refuses_connections_for_a_while(
     maintenance, puts, lookups `as_of` a time and those of a table not indexed yet answer UNAVAILABLE naming the
     catalog; the put (in the write process) leaves no file. A scan whose files the scan cache holds fails too: it
     promises the table's current snapshot, which only the catalog knows; so does the read of a ticket planned
-    before the outage (it asks the catalog for the table's metadata). After: everything works without restarting
-    the server, the index catches up (and the log says its refreshes work again), and the put retried with its
-    write_id commits once."""
+    before the outage (it asks the catalog for the table's metadata). The failed maintenance round is counted
+    (`flight_maintenance_failed_rounds_total`, which `FlightMaintenanceFailing` watches). After: everything works
+    without restarting the server, the index catches up (and the log says its refreshes work again), and the put
+    retried with its write_id commits once."""
     warehouse = tmp_path / "wh"
     metrics = free_ports(1)[0]
     server = start_writing_server(
@@ -212,6 +213,7 @@ def test_a_catalog_that_refuses_connections_for_a_while(
             unavailable(lambda: client.describe(TABLE), "catalog")
             unavailable(client.health, "catalog")
             unavailable(lambda: client.run_maintenance(TABLE), "catalog")
+            assert value(scrape(metrics), "flight_maintenance_failed_rounds_total", **labels) == 1  # alerts see it
             unavailable(lambda: client.write(TABLE, drivers(range(3, 5), 2.0), write_id="w-1"), "catalog")
             assert local_files(location) == files  # the put's files were deleted
 
@@ -236,7 +238,10 @@ def test_a_catalog_that_refuses_connections_for_a_while(
             assert value(samples, "flight_online_index_refresh_failing", **labels) == 0
             assert (value(samples, "flight_online_index_lag_seconds", **labels) or 0.0) < 5.0
             assert any("refreshes work again" in r.getMessage() for r in caplog.records)
-            assert client.run_maintenance(TABLE)["table"] == TABLE
+            assert client.run_maintenance(TABLE)["error"] is None
+            samples = scrape(metrics)
+            assert value(samples, "flight_maintenance_rounds_total", **labels) == 2
+            assert value(samples, "flight_maintenance_failed_rounds_total", **labels) == 1
     finally:
         server.shutdown()
 
