@@ -246,14 +246,16 @@ def test_a_catalog_that_refuses_connections_for_a_while(
         server.shutdown()
 
 
+@pytest.mark.parametrize("write_process", [False, True])
 def test_a_commit_the_catalog_never_confirmed_keeps_its_files_and_its_retry_commits_once(
-    database: str, tmp_path: Path
+    database: str, tmp_path: Path, write_process: bool
 ) -> None:
     """The catalog's session ends while the put's commit waits on the table's row (another session locks it): the
     outcome is unknown to the server, which keeps the put's files and answers UNAVAILABLE telling to retry with the
-    write_id; the retry commits once. In the serving process (`--no-write-process`)."""
+    write_id; the retry commits once. In the serving process (`--no-write-process`) and in the write process."""
     warehouse = tmp_path / "wh"
-    server = start_server(sql_catalog(database, warehouse.as_uri()))
+    start = start_writing_server if write_process else start_server
+    server = start(sql_catalog(database, warehouse.as_uri()))
     name = sqlalchemy.engine.make_url(database).database
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}", timeout=30) as client:
