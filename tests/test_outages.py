@@ -22,7 +22,7 @@ import sqlalchemy
 from pyiceberg.exceptions import CommitStateUnknownException, ServerError, ServiceUnavailableError
 
 from flight_client import FeatureClient, FeatureServerError, UnavailableError
-from flight_server.base.outages import outage
+from flight_server.base.outages import OutageLog, outage
 from tests.conftest import local_files, start_server, start_writing_server, wait_until
 from tests.services import (
     S3_ACCESS_KEY,
@@ -429,3 +429,21 @@ def test_which_failures_are_outages(error: Exception, message: str | None) -> No
     saying the store is busy or away one of the object store; a full disk, a missing file and a bug are not."""
     found = outage(error)
     assert (found is None) if message is None else (found is not None and message in found), found
+
+
+def test_calls_failing_for_an_outage_are_logged_once_a_minute_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    """The first call failing with a message is logged; the next ones within the minute are counted, and the first
+    line after it says how many there were."""
+    log = OutageLog(logging.getLogger("tests.outages"))
+    caplog.set_level(logging.WARNING, logger="tests.outages")
+    error = ConnectionRefusedError(111, "Connection refused")
+    for _ in range(3):
+        log.failed("do_get", "the catalog is unavailable (connection refused)", error)
+    log.failed("do_put", "the object store is unavailable (network connection)", error)  # another message
+    assert [r.getMessage().split(" (ConnectionRefusedError")[0] for r in caplog.records] == [
+        "do_get failed: the catalog is unavailable (connection refused)",
+        "do_put failed: the object store is unavailable (network connection)",
+    ]
+    log.every = 0.0  # as if the minute had passed
+    log.failed("do_get", "the catalog is unavailable (connection refused)", error)
+    assert "; 2 more call(s) failed so in the last 0 s" in caplog.records[-1].getMessage()
