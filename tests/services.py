@@ -33,8 +33,11 @@ __all__ = [
     "S3_REGION",
     "S3_SECRET_KEY",
     "free_ports",
+    "pg_ctl",
     "postgres_server",
     "seaweedfs_server",
+    "start_seaweedfs",
+    "stop_seaweedfs",
 ]
 
 S3_ACCESS_KEY = "testaccesskey"
@@ -47,6 +50,11 @@ _S3_BUCKET = "warehouse"
 _TABLE_BUCKET = "iceberg-tables"
 
 _T = TypeVar("_T")
+
+# The running services by where they listen (a PostgreSQL cluster's host:port, a REST catalog's URI): how to stop
+# and start them again in the middle of a test, for tests of outages (tests/test_outages.py).
+_PG_CONTROLS: dict[str, Callable[..., None]] = {}
+_WEED_CONTROLS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
 
 
 # --------------------------------------------------------------------------- #
@@ -251,6 +259,7 @@ def postgres_server(database: str = _PG_DATABASE, timeout: float = 60.0) -> Iter
             raise
         return server, port
 
+    url = ""
     try:
         run("initdb", "-D", str(datadir), "-U", _PG_SUPERUSER, "-A", "trust",
             "-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions")  # fmt: skip
@@ -258,8 +267,15 @@ def postgres_server(database: str = _PG_DATABASE, timeout: float = 60.0) -> Iter
         try:
             tcp = ("-h", "127.0.0.1", "-p", str(port))
             run("createdb", *tcp, "-U", _PG_SUPERUSER, database)
-            yield f"postgresql+psycopg2://{_PG_SUPERUSER}@127.0.0.1:{port}/{database}"
+            url = f"postgresql+psycopg2://{_PG_SUPERUSER}@127.0.0.1:{port}/{database}"
+            # pg_ctl starts the postmaster again with the options it was started with (postmaster.opts): same port.
+            log = ("-l", str(tmp / "pg_ctl.log"))
+            _PG_CONTROLS[_cluster(url)] = lambda *args: run(
+                "pg_ctl", *args, "-D", str(datadir), "-w", *log[: 2 * ("stop" not in args)]
+            )
+            yield url
         finally:
+            _PG_CONTROLS.pop(_cluster(url), None)
             with contextlib.suppress(RuntimeError):
                 run("pg_ctl", "stop", "-D", str(datadir), "-m", "immediate", "-w")
             _stop_group(server)  # reap it (or kill it if pg_ctl failed)
@@ -301,6 +317,18 @@ def _start_postmaster(
             start_new_session=True,
             **owner,
         )
+
+
+def pg_ctl(url: str, *args: str) -> None:
+    """Run `pg_ctl <args>` on the cluster of `url` (one `postgres_server` yielded, or another database of its
+    cluster): `("restart", "-m", "fast")`, `("stop", "-m", "immediate")`, `("start",)`. It waits until the server
+    is up (or down)."""
+    _PG_CONTROLS[_cluster(url)](*args)
+
+
+def _cluster(url: str) -> str:
+    """`host:port` of a PostgreSQL URL: which cluster it names."""
+    return url.rpartition("@")[2].partition("/")[0]
 
 
 def _pg_ready(bindir: Path, port: int, env: dict[str, str]) -> bool:
@@ -365,6 +393,21 @@ def _rest_catalog_ready(uri: str, warehouse: str, key: str, secret: str) -> bool
     return _http(f"{uri}/v1/{prefix}/namespaces", headers=auth) == 200
 
 
+def _known_volumes(master_port: int) -> int:
+    """How many volumes the SeaweedFS master knows (0 while it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{master_port}/dir/status", timeout=2) as resp:
+            topology = json.load(resp)["Topology"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return sum(
+        node.get("Volumes", 0)
+        for center in topology.get("DataCenters") or []
+        for rack in center.get("Racks") or []
+        for node in rack.get("DataNodes") or []
+    )
+
+
 _WEED_PORT_FLAGS = (
     "master.port",
     "master.port.grpc",
@@ -390,11 +433,12 @@ def _weed_ports() -> dict[str, int]:
     return ports
 
 
-def _start_weed(tmp: Path, ports: dict[str, int], logfile: Path) -> subprocess.Popen[bytes]:
-    """Start ``weed mini`` in its own process group with a fresh data dir."""
+def _start_weed(tmp: Path, ports: dict[str, int], logfile: Path, fresh: bool = True) -> subprocess.Popen[bytes]:
+    """Start ``weed mini`` in its own process group with a fresh data dir (or, not `fresh`, the one it had)."""
     datadir = tmp / "data"
-    shutil.rmtree(datadir, ignore_errors=True)
-    datadir.mkdir()
+    if fresh:
+        shutil.rmtree(datadir, ignore_errors=True)
+    datadir.mkdir(exist_ok=True)
     (tmp / "config").mkdir(exist_ok=True)
     args = [
         _weed_binary(),
@@ -445,16 +489,21 @@ def seaweedfs_server(timeout: float = 60.0) -> Iterator[dict[str, str]]:
 
     def start() -> tuple[subprocess.Popen[bytes], dict[str, int]]:
         """Start weed on free ports and wait for S3 and the REST catalog."""
-        ports = _weed_ports()
-        proc = _start_weed(tmp, ports, logfile)
+        return _launch_weed(_weed_ports(), fresh=True)
+
+    def _launch_weed(ports: dict[str, int], fresh: bool) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+        volumes = 0 if fresh else len(list((tmp / "data").rglob("*.dat")))  # those that hold the objects so far
+        proc = _start_weed(tmp, ports, logfile, fresh)
         uri = f"http://127.0.0.1:{ports['s3.port.iceberg']}"
 
         def ready() -> bool:
-            """S3 and REST ports listen and the REST catalog serves requests."""
+            """S3 and REST ports listen, the REST catalog serves requests, and (started again) the master knows
+            every volume: before, S3 answers reads of their objects with INTERNAL_FAILURE."""
             return (
                 _port_open(ports["s3.port"])
                 and _port_open(ports["s3.port.iceberg"])
                 and _rest_catalog_ready(uri, warehouse, S3_ACCESS_KEY, S3_SECRET_KEY)
+                and _known_volumes(ports["master.port"]) >= volumes
             )
 
         try:
@@ -464,8 +513,21 @@ def seaweedfs_server(timeout: float = 60.0) -> Iterator[dict[str, str]]:
             raise
         return proc, ports
 
+    running: list[subprocess.Popen[bytes]] = []
+
+    def stop() -> None:
+        """Stop weed (as an outage would: every port closes); its data stays for `restart`."""
+        _stop_group(running[-1])
+
+    def restart() -> None:
+        """Start weed again on the same ports and data."""
+        running.append(_launch_weed(ports, fresh=False)[0])
+
     try:
         proc, ports = _start_with_retries(start, ("not available", "already in use"))
+        running.append(proc)
+        uri = f"http://127.0.0.1:{ports['s3.port.iceberg']}"
+        _WEED_CONTROLS[uri] = (stop, restart)
         try:
             yield {
                 "type": "rest",
@@ -478,6 +540,17 @@ def seaweedfs_server(timeout: float = 60.0) -> Iterator[dict[str, str]]:
                 "s3.region": S3_REGION,
             }
         finally:
-            _stop_group(proc)
+            _WEED_CONTROLS.pop(uri, None)
+            _stop_group(running[-1])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stop_seaweedfs(properties: dict[str, str]) -> None:
+    """Stop the `weed mini` that `seaweedfs_server` yielded `properties` for: S3 and the REST catalog go away."""
+    _WEED_CONTROLS[properties["uri"]][0]()
+
+
+def start_seaweedfs(properties: dict[str, str]) -> None:
+    """Start that `weed mini` again on its ports and data, and wait until S3 and the REST catalog answer."""
+    _WEED_CONTROLS[properties["uri"]][1]()

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+import sqlalchemy
 from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient
@@ -39,6 +41,17 @@ KINDS: dict[str, tuple[Exception, str, type[Exception]]] = {
         TimeoutError("/work/secret/path"),
         "the server timed out working on the request",
         flight.FlightTimedOutError,
+    ),
+    "UNAVAILABLE": (  # the catalog away (`base/outages.py`), as SQLAlchemy and psycopg2 say it
+        sqlalchemy.exc.OperationalError(
+            "SELECT 1",
+            {},
+            psycopg2.OperationalError(
+                'connection to server at "127.0.0.1", port 9 failed: Connection refused\n\tIs the server running?'
+            ),
+        ),
+        "the catalog is unavailable (connection refused); retry once it answers again",
+        flight.FlightUnavailableError,
     ),
     "INTERNAL": (
         FileNotFoundError("/work/secret/file.py"),

@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 from pyiceberg.exceptions import CommitFailedException, ValidationException
@@ -42,6 +42,7 @@ from pyiceberg.table.refs import SnapshotRefType
 from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.base.config import ServerConfig
+from flight_server.base.outages import outage
 from flight_server.changes.files import target_file_size
 from flight_server.changes.maintenance import (
     MAX_SNAPSHOT_AGE_PROPERTY,
@@ -219,6 +220,10 @@ class _Round:
             log.warning("maintenance %s refused: %s", name, exc)
             self.errors.append(f"{name}: {exc}")
         except Exception as exc:  # the message may name server paths: it goes to the log only
+            if (down := outage(exc)) is not None:  # the catalog or the object store away: no traceback to read
+                log.warning("maintenance %s failed: %s", name, down)
+                self.errors.append(f"{name}: {down}")
+                return None
             log.warning("maintenance %s failed", name, exc_info=True)
             self.errors.append(f"{name} failed ({type(exc).__name__}; see the server log)")
         return None
@@ -226,6 +231,10 @@ class _Round:
     def add(self, **counts: int) -> None:
         for key, value in counts.items():
             self.counts[key] = self.counts.get(key, 0) + value
+
+
+# The counts of a `MaintenanceResult`: all zero in a round that could not read its table.
+_COUNTED = tuple(f.name for f in fields(MaintenanceResult) if f.type == "int")
 
 
 class Upkeep:
@@ -299,8 +308,11 @@ class Upkeep:
                         self._round(name)
                     except NotFoundError:
                         pass  # dropped: no longer watched
-                    except Exception:  # never let one table stop the thread
-                        log.exception("maintenance of %s failed", name)
+                    except Exception as exc:  # never let one table stop the thread
+                        if (down := outage(exc)) is not None:
+                            log.warning("maintenance of %s failed: %s", name, down)
+                        else:
+                            log.exception("maintenance of %s failed", name)
 
     def _survey(self) -> None:
         """Watch the feature tables of the catalog that this server did not write since it started but that are due (a
@@ -357,7 +369,13 @@ class Upkeep:
             )
         done = _Round()
         try:
-            metadata = self.catalog.read(name).metadata
+            try:
+                metadata = self.catalog.read(name).metadata
+            except NotFoundError:
+                raise
+            except Exception as exc:  # the catalog is away, say: a failed round, counted as one whose step failed
+                self._failed_round(name, started, time.perf_counter() - clock, exc)
+                raise
             policy = Policy.of(metadata, self.config)  # properties only: no fresh parse
             if policy.enabled:
                 self._steps(name, policy, orphans_due, done)
@@ -418,11 +436,25 @@ class Upkeep:
             if orphans is not None:
                 done.add(orphan_files_deleted=orphans.files_deleted, bytes_freed=orphans.bytes_deleted)
 
-    def _record(self, name: str, result: MaintenanceResult, orphans_ran: bool, facts: TableFacts) -> None:
+    def _failed_round(self, name: str, started: dt.datetime, seconds: float, exc: Exception) -> None:
+        """Record a round that could not read the table: `flight_maintenance_failed_rounds_total` counts it, and the
+        table's figures stay as its last round left them."""
+        why = outage(exc) or f"failed ({type(exc).__name__}; see the server log)"
+        counts = dict.fromkeys(_COUNTED, 0)
+        result = MaintenanceResult(
+            table=name, at=format_timestamp(started), seconds=round(seconds, 3), enabled=True, **counts,
+            gave_way=[], error=f"reading the table: {why}",
+        )  # fmt: skip
+        with self._lock:
+            facts = self._tables[name].facts if name in self._tables else None
+        self._record(name, result, False, facts)
+
+    def _record(self, name: str, result: MaintenanceResult, orphans_ran: bool, facts: TableFacts | None) -> None:
         with self._lock:
             watched = self._tables.get(name)
             if watched is not None:
-                watched.last, watched.facts, watched.ran_at = result, facts, time.time()
+                watched.last, watched.ran_at = result, time.time()
+                watched.facts = facts if facts is not None else watched.facts
                 watched.totals.add(result)
                 if result.error is None and not result.gave_way:
                     watched.succeeded_at = watched.ran_at

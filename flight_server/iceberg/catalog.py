@@ -219,13 +219,29 @@ def _load(name: str, properties: dict[str, str]) -> Catalog:
     attempt = 1
     while True:
         try:
-            return load_catalog(name, **properties)
+            return load_catalog(name, **sql_pool_settings(properties))
         except Exception as exc:  # whatever the catalog library raises, the operator needs one line, no secret
             if attempt < _CREATION_ATTEMPTS and any(race in str(exc).lower() for race in _CREATION_RACE):
                 log.info("catalog %r: another server was creating its tables; trying again", name)
                 attempt += 1
                 continue
             raise CatalogError(catalog_failure(name, properties, exc)) from exc
+
+
+# SQLAlchemy dialects pyiceberg takes for a SQL catalog without `type` (pyiceberg infers it from the URI).
+_SERVER_DATABASES = ("postgresql", "mysql", "mariadb", "oracle", "mssql")
+
+
+def sql_pool_settings(properties: dict[str, str]) -> dict[str, str]:
+    """`properties`, with a SQL catalog's pooled connections tested before use (`pool_pre_ping`) unless they say
+    otherwise: a database restarted or failed over ends every session, and without the test each pooled connection
+    would fail the next call that takes it (one query more a connection taken, a round trip to the database)."""
+    uri = properties.get("uri", "")
+    dialect = uri.split(":", 1)[0].split("+", 1)[0]  # `postgresql+psycopg2://...` -> postgresql
+    sql = properties.get("type", "sql" if dialect in _SERVER_DATABASES else "") == "sql"
+    if not sql or dialect == "sqlite" or "pool_pre_ping" in properties:
+        return properties
+    return {**properties, "pool_pre_ping": "true"}
 
 
 class FeatureCatalog:

@@ -433,6 +433,8 @@ class OnlineStore:
             started = time.time()
             with self._building(name):
                 outcome = self.refresh(name)
+            if index.failure is not None:  # the end of an outage is worth a line, as its start was
+                log.info("online index %s: refreshes work again (snapshot %s)", name, index.state.snapshot_id)
             index.failure = index.error = None
             index.checked_at = started
             if outcome != "current":

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from flight_server.base.outages import outage
 from flight_server.wire.errors import error_kind
 
 # Frames of a logged traceback: every one (see `plain_error_messages`).
@@ -45,6 +46,8 @@ ROUTES: dict[str, Route] = {
     "CANCELLED": Route("CANCELLED", flight.FlightCancelledError),
     "DEADLINE_EXCEEDED": Route("DEADLINE_EXCEEDED", flight.FlightTimedOutError),
     "INTERNAL": Route("INTERNAL", flight.FlightInternalError),
+    # The catalog or the object store failing for now (`base/outages.py`): retry.
+    "UNAVAILABLE": Route("UNAVAILABLE", flight.FlightUnavailableError),
 }
 
 
@@ -54,6 +57,9 @@ def to_flight_error(exc: Exception) -> Exception:
     if isinstance(exc, flight.FlightError):
         return exc
     kind, message = error_kind(exc)
+    down = outage(exc) if kind == "INTERNAL" else None
+    if down is not None:
+        kind, message = "UNAVAILABLE", down
     error = ROUTES[kind].error
     if issubclass(error, flight.FlightError):
         return error(message, extra_info=json.dumps({"code": kind}).encode())

@@ -142,7 +142,7 @@ class LaunchError(Exception):
 def relayed_error(exc: BaseException) -> Exception:
     """The exception that gives the client the child's error as the child sent it: same status, kind, message."""
     message, kind = error_message(exc), error_code(exc)
-    if kind == "UNAVAILABLE":  # gRPC's own, from a child that still runs: a lost race to retry
+    if kind == "UNAVAILABLE" and not getattr(exc, "extra_info", None):  # gRPC's own, from a running child: a lost race
         kind = "CONFLICT"
     if kind in _KINDS:
         return _KINDS[kind](message)
@@ -293,6 +293,8 @@ class WriteProcess:
             failure = self._failure(exc, process)
             if isinstance(failure, NotFoundError | LimitError):  # the table is gone or too big: the index is dropped
                 raise failure from None
+            if isinstance(failure, flight.FlightUnavailableError) and getattr(failure, "extra_info", None):
+                raise failure from None  # the catalog or store is away for this process too: the refresh fails once
             log.info("online refresh of %s planned in the serving process: %s", name, failure)
             return None
         return from_results([result.body.to_pybytes() for result in results])

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_server.base.config import ServerConfig
+from flight_server.base.outages import OutageLog, outage
 from flight_server.online.store import plan_results
 from flight_server.reads.plan import plan_table_scan
 from flight_server.transport.actions import ACTIONS, table_summary, visible_tables
@@ -50,6 +51,7 @@ from flight_server.wire.reads import COMPRESSIONS, ScanRequest, parse_ticket
 from flight_server.wire.writes import parse_write
 
 log = logging.getLogger(__name__)
+OUTAGES = OutageLog(log)  # calls that failed because the catalog or the object store is away
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,10 +85,12 @@ def _flight_errors(handler: F) -> F:
 
 
 def _answered(name: str, exc: Exception) -> Exception:
-    """The Flight error that answers `exc` raised by RPC `name`, logged: a refusal as such, anything else with its
-    traceback."""
+    """The Flight error that answers `exc` raised by RPC `name`, logged: a refusal as such, an outage of the catalog or
+    the object store once a minute (`OutageLog`), anything else with its traceback."""
     if isinstance(exc, (RequestError, flight.FlightError)):
         log.info("%s refused: %s", name, exc)
+    elif (down := outage(exc)) is not None:
+        OUTAGES.failed(name, down, exc)
     else:
         log.error("%s failed", name, exc_info=exc)
     return to_flight_error(exc)
