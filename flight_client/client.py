@@ -890,9 +890,10 @@ class FeatureClient:
         """Schema, keys, event time, TTL, partitioning and snapshots of one table."""
         return self._action("describe", {"table": table})
 
-    def health(self) -> dict[str, Any]:
-        """Whether the server and its catalog answer: version, writes in progress, online index and cache memory."""
-        return self._action("health")
+    def health(self, catalog: bool = True) -> dict[str, Any]:
+        """Whether the server and its catalog answer: version, writes in progress, online index and cache memory.
+        `catalog=False` asks the server alone (a readiness check: it answers while the catalog is away)."""
+        return self._action("health") if catalog else self._action("health", {"catalog": False})
 
     def _action(self, name: str, body: dict[str, Any] | None = None) -> Any:
         payload = encode(body) if body is not None else b""

@@ -186,6 +186,7 @@ def health(
     tls_root_certs: str | None,
     tls_cert_chain: str | None,
     tls_private_key: str | None,
+    catalog: bool,
     timeout: float,
 ) -> None:
     """Ask a server for its `health` action; exit 0 when it answers ok (for container health checks)."""
@@ -200,7 +201,7 @@ def health(
             cert_chain=tls_cert_chain,
             private_key=tls_private_key,
         ) as client:
-            status = client.health()
+            status = client.health(catalog=catalog)
     except (FeatureServerError, OSError) as exc:  # the client's one line (UnavailableError: nothing listens there)
         raise click.ClickException(f"{location}: {exc}") from None
     click.echo(json.dumps(status))

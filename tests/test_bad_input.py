@@ -381,6 +381,12 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         InvalidRequestError,
         "field 'table' is required",
     ),
+    "health catalog not a bool": (
+        lambda c, t: c._action("health", {"catalog": "no"}),
+        InvalidRequestError,
+        "health body: field 'catalog' must be true or false",
+    ),
+    "health unknown field": (lambda c, t: c._action("health", {"catlog": False}), InvalidRequestError, "catlog"),
     "deeply nested json": (
         lambda c, t: raw_get(c, b'{"v": 1, "table": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
         InvalidRequestError,

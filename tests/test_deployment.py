@@ -337,8 +337,11 @@ def test_kubernetes_replicas_advertise_their_own_names_and_know_each_other(
         assert int(env["FLIGHT_SERVER_PORT"]) == ports["flight"] == urlparse(env["FLIGHT_SERVER_HEALTH_LOCATION"]).port
         assert int(env["FLIGHT_SERVER_METRICS_PORT"]) == ports["metrics"]
         assert spec["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
-    assert container["readinessProbe"]["exec"]["command"] == ["flight-server", "health"]
+    assert container["startupProbe"]["exec"]["command"] == ["flight-server", "health"]  # the catalog answers
+    assert container["readinessProbe"]["exec"]["command"] == ["flight-server", "health", "--no-catalog"]
     assert container["livenessProbe"]["tcpSocket"]["port"] == "flight"  # not the catalog's health
+    for probe in ("startupProbe", "readinessProbe"):  # options the health command takes
+        health.make_context("health", container[probe]["exec"]["command"][2:])
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     tokens = envs[pods[0]]["FLIGHT_SERVER_AUTH_TOKENS_FILE"]
     assert Path(tokens).parent == Path(mounts["tokens"])

@@ -19,10 +19,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 import sqlalchemy
+from click.testing import CliRunner
 from pyiceberg.exceptions import CommitStateUnknownException, ServerError, ServiceUnavailableError
 
 from flight_client import FeatureClient, FeatureServerError, UnavailableError
 from flight_server.base.outages import OutageLog, outage
+from flight_server.cli import health
 from tests.conftest import local_files, start_server, start_writing_server, wait_until
 from tests.services import (
     S3_ACCESS_KEY,
@@ -212,13 +214,18 @@ def test_a_catalog_that_refuses_connections_for_a_while(
             unavailable(lambda: client.get_historical_features(entities(1), [f"{TABLE}:rate"]), "catalog")
             unavailable(lambda: client.describe(TABLE), "catalog")
             unavailable(client.health, "catalog")
+            ready = client.health(catalog=False)  # a readiness check: the server answers, the catalog aside
+            assert ready["status"] == "ok" and ready["catalog_checked"] is False
+            probe = CliRunner().invoke(health, ["--location", client.location, "--no-catalog"])
+            assert probe.exit_code == 0, probe.output
+            assert CliRunner().invoke(health, ["--location", client.location]).exit_code == 1
             unavailable(lambda: client.run_maintenance(TABLE), "catalog")
             assert value(scrape(metrics), "flight_maintenance_failed_rounds_total", **labels) == 1  # alerts see it
             unavailable(lambda: client.write(TABLE, drivers(range(3, 5), 2.0), write_id="w-1"), "catalog")
             assert local_files(location) == files  # the put's files were deleted
 
             refuse_connections(database, refuse=False)
-            assert client.health()["status"] == "ok"
+            assert client.health()["catalog_checked"] is True and client.health()["status"] == "ok"
             written = client.write(TABLE, drivers(range(3, 5), 2.0), write_id="w-1")
             again = client.write(TABLE, drivers(range(3, 5), 2.0), write_id="w-1")
             assert again.duplicate and again.snapshot_id == written.snapshot_id

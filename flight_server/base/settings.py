@@ -554,6 +554,16 @@ HEALTH_SETTINGS: tuple[Setting, ...] = (
         "PEM private key of --tls-cert-chain.",
         type=_FILE,
     ),
+    Setting(
+        "--catalog/--no-catalog",
+        "FLIGHT_SERVER_HEALTH_CATALOG",
+        _HEALTH,
+        "Also check that the server's catalog answers. --no-catalog checks only that the server answers calls: "
+        "for readiness checks, which must not take every replica out of service while the catalog is away (online "
+        "lookups still answer then).",
+        type=click.BOOL,
+        default=True,
+    ),
     Setting("--timeout", None, _HEALTH, "Seconds to wait for the answer.", type=click.FLOAT, default=5.0),
 )
 

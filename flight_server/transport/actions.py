@@ -22,6 +22,7 @@ from flight_server.wire.actions import (
     DeleteRequest,
     ExpireRequest,
     Health,
+    HealthRequest,
     MaintenanceResult,
     OrphanFilesRequest,
     OrphanFilesResult,
@@ -49,13 +50,15 @@ Result = TypeVar("Result", bound=Reply)
 @dataclass(frozen=True)
 class Action(Generic[Request]):
     """One action: `parse` turns the JSON body into its request (None: the action takes no body, and any body is
-    ignored); `run` answers it, for a caller whose permission and tables the service has checked."""
+    ignored; `optional_body`: an empty body parses as `{}`); `run` answers it, for a caller whose permission and
+    tables the service has checked."""
 
     name: str
     doc: str
     permission: str
     parse: Callable[[dict[str, Any]], Request] | None
     run: Callable[[Components, Principal, Request], Reply | list[Reply]]
+    optional_body: bool = False
 
 
 def visible_tables(catalog: FeatureCatalog, caller: Principal) -> list[str]:
@@ -74,8 +77,9 @@ def table_summary(table: Table) -> TableSummary:
     )
 
 
-def _health(parts: Components, caller: Principal, request: None) -> Health:
-    parts.catalog.catalog.list_namespaces()  # the catalog answers, or the action fails
+def _health(parts: Components, caller: Principal, request: HealthRequest) -> Health:
+    if request.catalog:
+        parts.catalog.catalog.list_namespaces()  # the catalog answers, or the action fails
     child = parts.write_process_stats()
     write_process = parts.writes.stats() if parts.writes is not None else None
     if write_process is not None and child is not None:
@@ -85,6 +89,7 @@ def _health(parts: Components, caller: Principal, request: None) -> Health:
         version=__version__,
         catalog=parts.catalog.name,
         catalog_type=parts.catalog.properties.get("type", ""),
+        catalog_checked=request.catalog,
         writes_in_progress=parts.writes_in_progress(child),
         online=parts.store.stats(),
         training_set_cache=parts.training.cache.stats(),
@@ -149,7 +154,15 @@ _ROWS: list[Action[Any]] = [
         TableRequest.from_body,
         _describe,
     ),
-    Action[None]("health", "Server status, version and catalog. Body: none.", READ, None, _health),
+    Action[HealthRequest](
+        "health",
+        'Server status, version and catalog. Body: none (the catalog must answer too), or {"catalog": false} (only '
+        "the server: for readiness checks).",
+        READ,
+        HealthRequest.from_body,
+        _health,
+        optional_body=True,
+    ),
     Action[DeleteRequest](
         "delete",
         'Delete rows by entity keys and/or a filter, copy-on-write or merge-on-read. Body: {"table": "ns.t", '

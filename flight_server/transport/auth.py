@@ -99,9 +99,11 @@ EVERYONE = Principal("anonymous", frozenset(PERMISSIONS))
 
 def request_tables(request: Any) -> list[str]:
     """Every table a request reads, writes or names: its `table`, or its features' (and entity) tables and the
-    tables it pins (a pin of a table outside the caller's namespaces is refused like a read of it)."""
+    tables it pins (a pin of a table outside the caller's namespaces is refused like a read of it); none for a
+    request that names no table (`health`'s)."""
     if not isinstance(request, (HistoricalRequest, OnlineRequest)):
-        return [request.table]
+        table = getattr(request, "table", None)
+        return [table] if table is not None else []
     tables = [ref.rpartition(":")[0] for ref in request.features]
     if isinstance(request, HistoricalRequest):
         if request.entities is not None and request.entities.table:

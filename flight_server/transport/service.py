@@ -355,7 +355,9 @@ class FeatureFlightServer(flight.FlightServerBase):
         request = None
         if row.parse is not None:
             body = action.body.to_pybytes() if action.body is not None else b""
-            request = self._authorized(context, row.parse(decode(body, f"{name} body", self.config.max_request_bytes)))
+            limit = self.config.max_request_bytes
+            fields = decode(body, f"{name} body", limit) if body or not row.optional_body else {}
+            request = self._authorized(context, row.parse(fields))
             if name in RELAYED_ACTIONS and (writes := self.parts.offloaded()) is not None:  # run in the write process
                 reply = writes.action(name, body)
                 self.parts.changed(request.table)

@@ -28,6 +28,18 @@ class TableRequest:
 
 
 @dataclass(frozen=True)
+class HealthRequest:
+    """`health` action: whether to check the catalog too (the default; an empty body asks for it)."""
+
+    catalog: bool = True
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> HealthRequest:
+        f = Fields(body, "health body", {"catalog"})
+        return cls(catalog=f.bool("catalog") if "catalog" in body else True)
+
+
+@dataclass(frozen=True)
 class DeleteRequest:
     """`delete` action: remove the rows of some entities (`keys`) and/or matching a `filter`."""
 
@@ -145,12 +157,13 @@ class UnpinRequest:
 
 @dataclass(frozen=True)
 class Health(Reply):
-    """`health`: the server answers and its catalog is reachable; what it holds in memory."""
+    """`health`: the server answers and (unless not asked to check it) its catalog too; what it holds in memory."""
 
     status: str
     version: str
     catalog: str
     catalog_type: str
+    catalog_checked: bool  # false when the request asked not to (`HealthRequest.catalog`)
     writes_in_progress: int
     online: dict[str, Any]
     training_set_cache: dict[str, int]
