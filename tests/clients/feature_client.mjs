@@ -25,6 +25,7 @@ const { FlightService } = grpc.loadPackageDefinition(
 // "Snapshot ids"). Integers beyond 2^53 become BigInts, and are written back as plain digits.
 
 export function parseJson(text) {
+  if (text === '') return null; // an online request's FlightInfo has no app_metadata
   let at = 0;
   const space = () => { while (/\s/.test(text[at] ?? '')) at++; };
   const value = () => {
@@ -175,12 +176,13 @@ async function send(call, message) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Entity rows built in JavaScript: {"column": {"type": "int64" | "utf8" | "float64" | "timestamp" | "null",
+// Entity rows built in JavaScript: {"column": {"type": "int64" | "utf8" | "dictionary" | "float64" | "timestamp" | "null",
 // "values": [...]}}. Timestamps are ISO-8601 with an offset, sent as milliseconds since the epoch in UTC.
 
 const TYPES = {
   int64: [() => new arrow.Int64(), (v) => BigInt(v)],
   utf8: [() => new arrow.Utf8(), (v) => v],
+  dictionary: [() => new arrow.Dictionary(new arrow.Utf8(), new arrow.Int32()), (v) => v], // JS's inferred strings
   float64: [() => new arrow.Float64(), (v) => v],
   timestamp: [() => new arrow.TimestampMillisecond('UTC'), (v) => Date.parse(v)],
   null: [() => new arrow.Null(), (v) => v],
@@ -202,11 +204,13 @@ function batchesOf(table, count) {
 
 // ---------------------------------------------------------------------------------------------------------------
 
+// A batch of 128K rows may pass gRPC's default limit on a received message, 4 MiB: none, as in Arrow's clients.
+let maxReceiveBytes = -1;
+
 function channel(location) {
   const url = new URL(location); // grpc://host:port, grpc+tls://host:port
   const credentials = url.protocol === 'grpc+tls:' ? grpc.credentials.createSsl() : grpc.credentials.createInsecure();
-  // A batch of 128K rows may pass gRPC's default 4 MiB limit on received messages: no limit, as Arrow's clients.
-  return new FlightService(url.host, credentials, { 'grpc.max_receive_message_length': -1 });
+  return new FlightService(url.host, credentials, { 'grpc.max_receive_message_length': maxReceiveBytes });
 }
 
 export class FeatureClient {
@@ -370,7 +374,7 @@ export class FeatureClient {
 // kinds that share a status, raw bytes in the trailer grpc-status-details-bin.
 
 export function error(failure) {
-  if (failure.code === undefined) throw failure;
+  if (typeof failure.code !== 'number') return { status: null, message: String(failure.message ?? failure) }; // not a call's
   const status = Object.keys(grpc.status).find((name) => grpc.status[name] === failure.code);
   const trailers = failure.metadata ?? new grpc.Metadata();
   const [detail] = trailers.get('grpc-status-details-bin');
@@ -421,7 +425,7 @@ const STEPS = {
   },
   exchange: async (client, step) => {
     const table = tableOf(step.rows);
-    return write(step.out, await client.exchange(step.request, batchesOf(table, step.batches ?? 1)));
+    return write(step.out, await client.exchange(step.request, batchesOf(table, step.batches ?? 1), step.headers));
   },
   session: async (client, step) => {
     const answers = await client.session(step.request, step.lookups.map(tableOf));
@@ -432,6 +436,7 @@ const STEPS = {
 
 async function main([location, planFile]) {
   const plan = parseJson(readFileSync(planFile, 'utf8'));
+  maxReceiveBytes = plan.max_receive_bytes ?? -1;
   const client = new FeatureClient(location, plan.token ?? null); // a login step changes its token
   let failed = false;
   for (const step of plan.steps) {
