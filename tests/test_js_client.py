@@ -241,9 +241,8 @@ def test_put_retried_with_its_write_id(node: str, location: str, client: Feature
         "v": column("float64", [0.5, None, 2.5]),
     }
     command = {"v": 1, "table": "js.puts", "entity_keys": ["id"], "event_time": "ts", "write_id": "js-put-1"}
-    first, again = run(
-        node, location, tmp_path, {"op": "put", "command": command, "rows": rows}, {"op": "put", "command": command, "rows": rows}
-    )  # fmt: skip
+    put = {"op": "put", "command": command, "rows": rows}
+    first, again = run(node, location, tmp_path, put, put)
     assert first["reply"]["duplicate"] is False and again["reply"]["duplicate"] is True
     assert {**again["reply"], "duplicate": False} == first["reply"]
     assert (first["reply"]["rows"], first["reply"]["write_id"]) == (3, "js-put-1")
@@ -363,8 +362,8 @@ def test_status_of_bad_requests(node: str, location: str, tmp_path: Path) -> Non
         error = line["error"]
         assert (error["status"], json.loads(error["detail"])["code"] if error["detail"] else None) == (status, kind)
         assert error["trailer_message"] == error["message"], case
-        token = step["token"] if "token" in step else ADMIN_TOKEN
-        with FeatureClient(location, token=token) as python, pytest.raises(FeatureServerError) as raised:
+        python = FeatureClient(location, token=step.get("token", ADMIN_TOKEN))
+        with python, pytest.raises(FeatureServerError) as raised:
             call(python)
         assert (raised.value.code, sized(str(raised.value))) == (kind or status, sized(error["message"])), case
 
@@ -372,3 +371,50 @@ def test_status_of_bad_requests(node: str, location: str, tmp_path: Path) -> Non
 def sized(message: str) -> str:
     """A message without the request's size, which differs between clients: Python's sends its defaults along."""
     return re.sub(r"is \d+ bytes", "is N bytes", message)
+
+
+def test_session_header_on_a_training_set(node: str, location: str, tmp_path: Path) -> None:
+    """protocol.md: the header `x-online-session` is refused on a do_exchange that is not an online lookup. The server
+    reads it only where a middleware sees the call's headers, the concurrency limit's (this server has one); a server
+    without `--max-concurrent-requests` / `--max-concurrent-per-caller` ignores it, as protocol.md now says."""
+    request = {"v": 1, "kind": "historical", "features": ["demo.driver_stats:conv_rate"]}
+    rows = {"driver_id": column("int64", [1001]), "event_timestamp": column("timestamp", [LATER])}
+    (line,) = run(
+        node, location, tmp_path,
+        {"op": "exchange", "request": request, "rows": rows, "headers": {"x-online-session": "1"},
+         "out": str(tmp_path / "x.arrow")},
+    )  # fmt: skip
+    assert line["error"]["status"] == "INVALID_ARGUMENT"
+    assert line["error"]["message"] == "the 'x-online-session' header is for online lookups only"
+
+
+def test_what_a_javascript_client_must_set(node: str, location: str, client: FeatureClient, tmp_path: Path) -> None:
+    """Two limits of JavaScript's libraries that protocol.md names: grpc-js refuses a received message over 4 MiB
+    unless told otherwise (a batch of the server's 128K rows passes it easily: here 100 rows of 50 KB, one batch on
+    the DuckDB path), with a RESOURCE_EXHAUSTED of its own; apache-arrow reads compressed batches only with a codec
+    registered (`compressionRegistry`), which it does not ship."""
+    text = "x" * 50_000
+    client.write(
+        "js.wide",
+        pa.table({"id": range(100), "ts": pa.array([0] * 100, pa.timestamp("us", "UTC")), "text": [text] * 100}),
+        entity_keys=["id"],
+        event_time="ts",
+    )
+    scan = {"v": 1, "table": "js.wide", "filter": "id >= 0"}
+    (limited,) = run(
+        node,
+        location,
+        tmp_path,
+        {"op": "get", "request": scan, "out": str(tmp_path / "w.arrow")},
+        max_receive_bytes=4 << 20,
+    )
+    assert limited["error"]["status"] == "RESOURCE_EXHAUSTED"  # not the server's, which would be UNAVAILABLE
+    assert limited["error"]["message"].startswith("Received message larger than max")
+
+    unlimited, compressed = run(
+        node, location, tmp_path,
+        {"op": "get", "request": scan, "out": str(tmp_path / "w.arrow")},
+        {"op": "get", "request": {**scan, "compression": "zstd"}, "out": str(tmp_path / "z.arrow")},
+    )  # fmt: skip
+    assert unlimited["rows"] == 100
+    assert compressed["error"] == {"status": None, "message": "Record batch is compressed but codec not found"}
