@@ -418,3 +418,12 @@ def test_what_a_javascript_client_must_set(node: str, location: str, client: Fea
     )  # fmt: skip
     assert unlimited["rows"] == 100
     assert compressed["error"] == {"status": None, "message": "Record batch is compressed but codec not found"}
+
+
+def test_protocol_doc_quotes_this_client() -> None:
+    """The JavaScript in docs/protocol.md is taken from the tested client: every line of it but elisions."""
+    doc = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    quoted = doc.split("### JavaScript, and Flight without a Flight library", 1)[1].split("```js", 1)[1]
+    source = {line.strip() for line in SOURCE.read_text().splitlines()}
+    missing = [line.strip() for line in quoted.split("```", 1)[0].splitlines() if line.strip() not in source | {"..."}]
+    assert not missing, f"docs/protocol.md quotes lines that tests/clients/feature_client.mjs lacks: {missing}"
