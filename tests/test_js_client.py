@@ -427,3 +427,22 @@ def test_protocol_doc_quotes_this_client() -> None:
     source = {line.strip() for line in SOURCE.read_text().splitlines()}
     missing = [line.strip() for line in quoted.split("```", 1)[0].splitlines() if line.strip() not in source | {"..."}]
     assert not missing, f"docs/protocol.md quotes lines that tests/clients/feature_client.mjs lacks: {missing}"
+
+
+@pytest.mark.xfail(strict=True, reason="a filter's timestamptz literal ending in Z (toISOString) is refused")
+def test_filter_with_a_timestamp_in_utc_designator_form(
+    node: str, location: str, client: FeatureClient, tmp_path: Path
+) -> None:
+    """A JavaScript client writes a time as `Date.prototype.toISOString()` gives it, `2026-01-01T12:00:00.000Z`:
+    ISO-8601 with `Z`, its designator of UTC, which every other timestamp of a request (`as_of`, `request_time`,
+    entity rows) takes. In a filter on a timestamptz column it is refused (`Invalid timestamp with zone: ... (must
+    be ISO-8601)`): pyiceberg's literal parser takes only `+HH:MM` offsets."""
+    since = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) - dt.timedelta(hours=3)
+    zulu = since.isoformat(timespec="milliseconds").replace("+00:00", "Z")  # toISOString's form
+    request = {"v": 1, "table": "demo.driver_stats", "filter": f"event_timestamp >= '{zulu}' and driver_id = 1001"}
+    (scan,) = run(node, location, tmp_path, {"op": "get", "request": request, "out": str(tmp_path / "z.arrow")})
+    python = client.scan("demo.driver_stats", filter=f"event_timestamp >= '{since.isoformat()}' and driver_id = 1001")
+    expected = python.read_all()
+    assert 0 < expected.num_rows < 24
+    assert scan.get("error") is None and arrow_file(tmp_path / "z.arrow").equals(expected)
+    assert client.scan("demo.driver_stats", filter=f"event_timestamp in ('{zulu}')").read_all().num_rows == 0
