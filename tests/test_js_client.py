@@ -429,14 +429,14 @@ def test_protocol_doc_quotes_this_client() -> None:
     assert not missing, f"docs/protocol.md quotes lines that tests/clients/feature_client.mjs lacks: {missing}"
 
 
-@pytest.mark.xfail(strict=True, reason="a filter's timestamptz literal ending in Z (toISOString) is refused")
 def test_filter_with_a_timestamp_in_utc_designator_form(
     node: str, location: str, client: FeatureClient, tmp_path: Path
 ) -> None:
     """A JavaScript client writes a time as `Date.prototype.toISOString()` gives it, `2026-01-01T12:00:00.000Z`:
     ISO-8601 with `Z`, its designator of UTC, which every other timestamp of a request (`as_of`, `request_time`,
-    entity rows) takes. In a filter on a timestamptz column it is refused (`Invalid timestamp with zone: ... (must
-    be ISO-8601)`): pyiceberg's literal parser takes only `+HH:MM` offsets."""
+    entity rows) takes. In a filter on a timestamptz column it was refused (`Invalid timestamp with zone: ... (must
+    be ISO-8601)`): pyiceberg's literal parser takes only `+HH:MM` offsets. The server now reads `Z` there as `+00:00`
+    (base/filters.py), for timestamptz columns only: a string column's literal stays as written."""
     since = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) - dt.timedelta(hours=3)
     zulu = since.isoformat(timespec="milliseconds").replace("+00:00", "Z")  # toISOString's form
     request = {"v": 1, "table": "demo.driver_stats", "filter": f"event_timestamp >= '{zulu}' and driver_id = 1001"}
