@@ -178,9 +178,10 @@ def test_online_lookups_inline_streamed_and_in_a_session(
     keys = {"driver_id": [1001, 1002, 99, 1001], "customer_id": ["C00001", "C00002", "C00003", "nobody"]}
     request = {"v": 1, "kind": "online", "features": features}
     lookups = [{"driver_id": [1001]}, {"driver_id": [1002, 1003, 1002]}, {"driver_id": []}, {"driver_id": [42]}]
-    inline, streamed, session, nulls = run(
+    inline, described, streamed, session, nulls = run(
         node, location, tmp_path,
         {"op": "get", "request": {**request, "entities": keys}, "out": str(tmp_path / "inline.arrow")},
+        {"op": "read", "request": {**request, "entities": keys}, "out": str(tmp_path / "info.arrow")},
         {"op": "exchange", "request": request, "batches": 2, "out": str(tmp_path / "streamed.arrow"),
          "rows": {"driver_id": column("int64", keys["driver_id"]),
                   "customer_id": column("dictionary", keys["customer_id"])}},  # JS's own inference for strings
@@ -193,6 +194,10 @@ def test_online_lookups_inline_streamed_and_in_a_session(
     assert python.column("conv_rate").null_count < 4  # fresh rows: the TTL keeps them
     assert arrow_file(tmp_path / "inline.arrow").equals(python)
     assert arrow_file(tmp_path / "streamed.arrow").equals(python)  # one answer per batch, in order
+    # get_flight_info: one endpoint, no count, no app_metadata, no schema metadata (protocol.md)
+    assert (described["endpoints"], described["total_records"], described["app_metadata"]) == (1, -1, None)
+    assert described["info_metadata"] == described["get_schema"]["metadata"] == described["metadata"] == {}
+    assert arrow_file(tmp_path / "info.arrow").equals(python)
 
     assert [answer["rows"] for answer in session["answers"]] == [1, 3, 0, 1]
     for i, keys_of_lookup in enumerate(lookups):
