@@ -22,6 +22,14 @@ fi
 command -v docker-compose >/dev/null 2>&1 || install_package docker-compose "docker-compose is"
 # g++: tests/test_cpp_client.py builds a C++ Flight client against pyarrow's headers and libraries.
 command -v g++ >/dev/null 2>&1 || install_package g++ "g++ is"
+# Node.js and npm: tests/test_js_client.py runs a JavaScript Flight client, whose packages (pinned by
+# tests/clients/package-lock.json) npm installs into tests/clients/node_modules here, again only when the lock file
+# changed; the tests never reach the network.
+command -v node >/dev/null 2>&1 || install_package nodejs "Node.js is"
+command -v npm >/dev/null 2>&1 || install_package npm "npm is"
+if [ tests/clients/package-lock.json -nt tests/clients/node_modules/.package-lock.json ]; then
+    npm ci --prefix tests/clients --ignore-scripts --no-audit --no-fund --loglevel=error
+fi
 
 # promtool: tests/test_alerts.py checks deploy/prometheus/alerts.yml with it, tests/test_dashboard.py the queries of
 # deploy/grafana/flight-server.json. Only the binary, unpacked from Debian's prometheus package into .tools/

@@ -146,6 +146,15 @@ def test_user_text_never_reaches_sql() -> None:
     assert "DROP" not in where and params == ["x'); DROP TABLE t; --"]
 
 
+def test_utc_designator_of_timestamptz_literals() -> None:
+    """`Z`, as JavaScript's `toISOString` writes it, is `+00:00` in a literal compared with a timestamptz column (whose
+    literals pyiceberg reads with `+HH:MM` offsets only); a string column's literal stays as written."""
+    text = "ts >= '2025-01-01T02:00:00.000Z' and s = '2025-01-01T00:00:00Z' or ts in ('2025-01-01T03:00:00Z', '{}')"
+    _, params = to_sql(parse_filter(text.format("2025-01-01T04:00:00.5Z"), SCHEMA), SCHEMA)
+    assert params[:2] == [BASE + dt.timedelta(hours=2), "2025-01-01T00:00:00Z"]
+    assert sorted(params[2:]) == [BASE + dt.timedelta(hours=3), BASE + dt.timedelta(hours=4, milliseconds=500)]
+
+
 @pytest.mark.parametrize(
     "text, error, message",
     [

@@ -16,8 +16,18 @@ import re
 import uuid
 from typing import Any
 
-from pyiceberg.expressions import AlwaysTrue, BooleanExpression, BoundTerm
-from pyiceberg.expressions.literals import Literal
+from pyiceberg.expressions import (
+    AlwaysTrue,
+    And,
+    BooleanExpression,
+    BoundTerm,
+    LiteralPredicate,
+    Not,
+    Or,
+    Reference,
+    SetPredicate,
+)
+from pyiceberg.expressions.literals import Literal, StringLiteral
 from pyiceberg.expressions.parser import parse
 from pyiceberg.expressions.visitors import BoundBooleanExpressionVisitor, bind, visit
 from pyiceberg.schema import Schema
@@ -37,6 +47,8 @@ MAX_FILTER_DEPTH = 50  # parentheses
 _TOKENS = re.compile(
     r"""'(?:[^'\\]|''|\\.)*'?|"(?:[^"\\]|\\.)*"?|[A-Za-z_][\w$]*|[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[()]"""
 )
+# ISO-8601 with `Z`, its designator of UTC (JavaScript's `Date.prototype.toISOString` ends so).
+_UTC_DESIGNATOR = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)[Zz]")
 _ENTITY_STREAMS = (
     "a large key set belongs in entity rows, which are streamed and joined instead of parsed: "
     "a training set's entities, an online lookup's keys, or delete(keys=...)"
@@ -61,6 +73,7 @@ def parse_filter(text: str | None, schema: Schema) -> BooleanExpression:
         raise RequestError(
             f"cannot parse filter {text!r}{hint}; expected e.g. \"driver_id = 5 and ts >= '2024-01-01T00:00:00+00:00'\""
         ) from None
+    expression = _utc_offsets(expression, schema)
     try:
         bind(schema, expression, case_sensitive=True)
     except ValueError as exc:
@@ -71,6 +84,32 @@ def parse_filter(text: str | None, schema: Schema) -> BooleanExpression:
             ) from None
         raise RequestError(f"filter {text!r}: {message}") from None
     return expression
+
+
+def _utc_offsets(expression: BooleanExpression, schema: Schema) -> BooleanExpression:
+    """The expression with `Z` read as `+00:00` in the literals compared with timestamptz columns: pyiceberg takes only
+    `+HH:MM` offsets there, where every other timestamp of a request takes `Z` too."""
+    if isinstance(expression, And | Or):
+        return type(expression)(_utc_offsets(expression.left, schema), _utc_offsets(expression.right, schema))
+    if isinstance(expression, Not):
+        return Not(_utc_offsets(expression.child, schema))
+    if not isinstance(expression, LiteralPredicate | SetPredicate) or not isinstance(expression.term, Reference):
+        return expression
+    try:
+        field_type = schema.find_field(expression.term.name, case_sensitive=True).field_type
+    except ValueError:
+        return expression  # binding names the unknown column
+    if not isinstance(field_type, TimestamptzType):
+        return expression
+    if isinstance(expression, LiteralPredicate):
+        return type(expression)(expression.term, _utc_offset(expression.literal))
+    return type(expression)(expression.term, {_utc_offset(literal) for literal in expression.literals})
+
+
+def _utc_offset(literal: Literal[Any]) -> Literal[Any]:
+    if isinstance(literal, StringLiteral) and (match := _UTC_DESIGNATOR.fullmatch(literal.value)):
+        return StringLiteral(match.group(1) + "+00:00")
+    return literal
 
 
 def check_filter_cost(text: str) -> None:
