@@ -350,8 +350,8 @@ def test_the_plan_cache_bounds_the_filters_it_keeps_plans_for() -> None:
     plans = PlanCache(limit)
     in_list = ",".join(f"'{'n' * 40}{i}'" for i in range(1_000))
     for i in range(200):
-        plans.keep(("table-uuid", 1, f"In(term=Reference(name='name'), literals={{{in_list}}}) #{i}"), [])
-    kept = sum(len(key[2]) for key, _ in plans.newest_first())
+        plans.keep(("table-uuid", 1, 0, f"In(term=Reference(name='name'), literals={{{in_list}}}) #{i}"), [])
+    kept = sum(len(key[3]) for key, _ in plans.newest_first())
     assert kept <= 70 * limit, f"{kept} bytes of filter text kept under a limit of {limit} values"
 
 

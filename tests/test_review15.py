@@ -112,12 +112,6 @@ def test_time_travel_into_an_expired_gap_is_refused_not_answered_from_an_older_s
         client.scan(table, as_of=when).read_all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the server reads a snapshot with the schema it was written with: until the next write, the current "
-    "snapshot's schema still holds the dropped column, and reads of it are refused (ReaddedColumnError, "
-    "tests/test_readded_columns.py) where pyiceberg reads the table's new schema and answers nulls",
-)
 def test_a_column_dropped_and_added_again_reads_as_new(client: FeatureClient, catalog: dict[str, str]) -> None:
     """A feature column dropped and added again under the same name (say, to change its type) is a new column
     (another field id): the rows written before have no value in it, as pyiceberg reads them, in scans, training

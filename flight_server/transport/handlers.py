@@ -113,9 +113,19 @@ class Scans:
             raise RequestError("scan request: 'part' is for tickets; ask get_flight_info for 'partitions' instead")
         plan = plan_scan(self.parts.catalog, request, self.parts.caches)
         with self.parts.caches.in_use.hold(held_snapshot(plan)):  # splitting by file reads its manifests
-            # Tickets pin the snapshot, so fetching them later returns exactly what was described.
+            # Tickets pin the snapshot and the schema read, so fetching them later returns exactly what was described.
             parts = scan_parts(plan, request.partitions or self.parts.config.scan_partitions)
-        tickets = [replace(request, snapshot_id=plan.snapshot_id, as_of=None, partitions=None, part=p) for p in parts]
+        tickets = [
+            replace(
+                request,
+                snapshot_id=plan.snapshot_id,
+                schema_id=plan.read.schema_id,
+                as_of=None,
+                partitions=None,
+                part=p,
+            )
+            for p in parts
+        ]
         return flight.FlightInfo(
             scan_schema(plan),
             descriptor,
