@@ -427,3 +427,55 @@ def test_a_format_1_table_whose_time_partition_was_replaced(client: FeatureClien
         update.add_field("ts", MonthTransform(), "ts_month")
     client.write(table, rows([2], 1, v=pa.array([2.0])))
     assert ordered(client.scan(table).read_all()) == reference(catalog, table)
+
+
+def test_a_schema_change_without_a_snapshot_is_served_past_every_cache(
+    client: FeatureClient, catalog: dict[str, str]
+) -> None:
+    """The same server caches everything at the current snapshot (decoded files: a whole scan twice; a plan: a
+    filtered scan; a training set's sorted index; the online index), then pyiceberg changes the schema without a
+    write, which keeps the snapshot id every cache is keyed by: promotes `v` and adds `x` (the direct path, files
+    matched by name), then renames `v` to `w` (DuckDB's `iceberg_scan`, by field id). Every read answers the new
+    schema at once, parts of a split read and incremental reads too; time travel to the snapshot still its own."""
+    table = new_table()
+    ids = [1, 2, 3]
+    since = client.write(table, rows([1, 2], v=pa.array([1, 2], pa.int32())), **KEYS).snapshot_id
+    snapshot = client.write(table, rows([1, 3], 1, v=pa.array([3, 4], pa.int32()))).snapshot_id
+    old = reference(catalog, table)
+
+    def every_read(column: str, renamed: bool) -> None:
+        expected = reference(catalog, table)
+        assert expected != old
+        for _ in range(2):
+            assert ordered(client.scan(table).read_all()) == expected
+        assert ordered(client.read_table(table, partitions=2)) == expected
+        assert ordered(client.scan(table, filter=f"{column} > 1").read_all()) == [r for r in expected if r[column] > 1]
+        assert ordered(client.scan(table, filter="x is null", columns=["id", "ts", "x"]).read_all()) == [
+            {"id": r["id"], "ts": r["ts"], "x": None} for r in expected
+        ]
+        if not renamed:  # an incremental read matches files by name (refused once a column was renamed)
+            later = [r for r in expected if r["ts"] > T0]
+            assert ordered(client.scan(table, since_snapshot=since, filter="x is null").read_all()) == later
+        assert training(client, table, ids, column) == latest(expected, ids, column)
+        assert training(client, table, ids, "x") == [None] * len(ids)
+        served(lambda: online(client, table, ids, column), latest(expected, ids, column), "the index in the new schema")
+        served(lambda: online(client, table, ids, "x"), [None] * len(ids), "the index in the new schema")
+        travelled = client.scan(table, snapshot_id=snapshot).read_all()
+        assert travelled.schema.names == ["id", "ts", "v"] and travelled.schema.field("v").type == pa.int32()
+        assert ordered(travelled) == old
+        assert client.describe(table)["snapshots"][-1]["snapshot_id"] == snapshot  # no write in between
+
+    for _ in range(2):
+        assert ordered(client.scan(table).read_all()) == old
+    assert ordered(client.read_table(table, partitions=2)) == old
+    assert ordered(client.scan(table, filter="v > 1").read_all()) == [r for r in old if r["v"] > 1]
+    assert training(client, table, ids, "v") == [3, 2, 4]
+    assert online(client, table, ids, "v") == [3, 2, 4]
+    with load(catalog, table).update_schema() as update:
+        update.update_column("v", LongType())
+        update.add_column("x", DoubleType())
+    every_read("v", renamed=False)
+    assert client.scan(table).read_all().schema.field("v").type == pa.int64()
+    with load(catalog, table).update_schema() as update:
+        update.rename_column("v", "w")
+    every_read("w", renamed=True)
