@@ -57,14 +57,17 @@ def test_a_column_added_again_reads_as_new_and_time_travel_from_before_is_refuse
     client: FeatureClient, catalog: dict[str, str]
 ) -> None:
     """No write since the column came back: reads of the current state take the table's current schema, the new
-    (empty) column, training sets and the online index cached before the change included. Time travel to the
+    (empty) column, plans, training sets and the online index cached before the change included. Time travel to the
     snapshot reads its own schema, where the name holds the old column: refused, in scans and in training sets
     pinned to it; its other columns still answer."""
     table = "readded.features"
     old = client.write(table, rows([1, 2], [1.0, 2.0]), **KEYS).snapshot_id
     assert training_set(client, table, "v") == [1.0, 2.0] and online(client, table, "v") == [1.0, 2.0]
+    assert client.flight_info(table, filter="v is null").total_records == 0  # its plan: no file has a null `v`
     drop_and_add(catalog, table)
     assert pyiceberg_reads(catalog, table, "v") == [None, None]
+    # Planned again in the new schema (not the cached plan, pruned by the old column's statistics): an upper bound.
+    assert client.flight_info(table, filter="v is null").total_records == 2
     assert client.scan(table).read_all().sort_by("id").column("v").to_pylist() == [None, None]
     assert client.scan(table, filter="v > 0", columns=["id"]).read_all().num_rows == 0
     assert training_set(client, table, "v") == [None, None]
