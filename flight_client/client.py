@@ -638,11 +638,14 @@ class FeatureClient:
         as_of: dt.datetime | str | int | None = None,
         entity_time: str = "event_timestamp",
         opened: Callable[[flight.FlightStreamReader], None] | None = None,
+        schema_ids: dict[str, int] | None = None,
     ) -> Iterator[pa.RecordBatch]:
-        """The training set of local entity `rows`, streamed over one `do_exchange` (`_exchange_batches`)."""
+        """The training set of local entity `rows`, streamed over one `do_exchange` (`_exchange_batches`); a planned
+        part pins the `schema_ids` its plan read besides the snapshots."""
         request = self._historical_request(
             rows, features, full_feature_names, snapshot_ids, as_of, entity_time, None, None
         )
+        request = replace(request, schema_ids=schema_ids)
         return self._exchange_batches(request, rows, opened)
 
     def _historical_request(

@@ -21,6 +21,7 @@ from pyiceberg.transforms import BucketTransform, DayTransform, IdentityTransfor
 from pyiceberg.types import DecimalType, DoubleType, LongType
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError
+from flight_client.plans import plan_training_set
 from tests.conftest import sqlite_catalog, start_server, wait_until
 
 UTC = dt.timezone.utc
@@ -430,7 +431,7 @@ def test_a_format_1_table_whose_time_partition_was_replaced(client: FeatureClien
 
 
 def test_a_schema_change_without_a_snapshot_is_served_past_every_cache(
-    client: FeatureClient, catalog: dict[str, str]
+    client: FeatureClient, catalog: dict[str, str], servers: tuple[str, str]
 ) -> None:
     """The same server caches everything at the current snapshot (decoded files: a whole scan twice; a plan: a
     filtered scan; a training set's sorted index; the online index), then pyiceberg changes the schema without a
@@ -448,6 +449,8 @@ def test_a_schema_change_without_a_snapshot_is_served_past_every_cache(
         assert expected != old
         for _ in range(2):
             assert ordered(client.scan(table).read_all()) == expected
+        schema_id = str(load(catalog, table).metadata.current_schema_id).encode()
+        assert client.scan(table).read_all().schema.metadata[b"flight.schema_id"] == schema_id
         assert ordered(client.read_table(table, partitions=2)) == expected
         assert ordered(client.scan(table, filter=f"{column} > 1").read_all()) == [r for r in expected if r[column] > 1]
         assert ordered(client.scan(table, filter="x is null", columns=["id", "ts", "x"]).read_all()) == [
@@ -458,6 +461,12 @@ def test_a_schema_change_without_a_snapshot_is_served_past_every_cache(
             assert ordered(client.scan(table, since_snapshot=since, filter="x is null").read_all()) == later
         assert training(client, table, ids, column) == latest(expected, ids, column)
         assert training(client, table, ids, "x") == [None] * len(ids)
+        # Local entity rows cut into ranges, each pinned to what the plan resolved (snapshot and schema).
+        entities = {"id": ids, "event_timestamp": [LATER] * len(ids)}
+        plan = plan_training_set(servers[0], entities, [f"{table}:{column}", f"{table}:x"], partitions=2)
+        trained = pa.Table.from_batches(list(plan.batches(plan.endpoints)), plan.schema)
+        assert trained.column(column).to_pylist() == latest(expected, ids, column)
+        assert trained.column("x").to_pylist() == [None] * len(ids)
         served(lambda: online(client, table, ids, column), latest(expected, ids, column), "the index in the new schema")
         served(lambda: online(client, table, ids, "x"), [None] * len(ids), "the index in the new schema")
         travelled = client.scan(table, snapshot_id=snapshot).read_all()

@@ -70,7 +70,11 @@ class ScanPlan:
 
     def metadata(self) -> dict[str, Any]:
         """What the result was computed from: enough to ask for the identical result again."""
-        metadata: dict[str, Any] = {"table": self.name, "snapshot_id": self.snapshot_id}
+        metadata: dict[str, Any] = {
+            "table": self.name,
+            "snapshot_id": self.snapshot_id,
+            "schema_id": self.read.schema_id,
+        }
         if self.request.since_snapshot is not None:
             metadata["since_snapshot"] = self.request.since_snapshot
         return metadata

@@ -138,11 +138,22 @@ class HistoricalPlan:
         return self.metadata_files[table.metadata_location]
 
     def snapshots(self) -> dict[str, Any]:
-        """What the result was computed from; passing these back reproduces it exactly."""
+        """What the result was computed from; passing these back reproduces it exactly: the snapshots as
+        `snapshot_ids`, and the schemas read as `schema_ids` (a schema change commits no snapshot, and a pinned
+        snapshot alone reads in its own schema)."""
         entities = None
         if self.entity_table is not None:
-            entities = {"table": table_name(self.entity_table), "snapshot_id": self.entity_snapshot_id}
-        return {"features": {g.name: g.snapshot_id for g in self.groups}, "entities": entities}
+            assert self.entity_read is not None, "planned with the entity table"
+            entities = {
+                "table": table_name(self.entity_table),
+                "snapshot_id": self.entity_snapshot_id,
+                "schema_id": self.entity_read.schema_id,
+            }
+        return {
+            "features": {g.name: g.snapshot_id for g in self.groups},
+            "schema_ids": {g.name: g.read.schema_id for g in self.groups},
+            "entities": entities,
+        }
 
     def entity_rows(self, rows: Rows) -> Rows:
         """Entity rows as the sorted indexes join them: categorical (dictionary-encoded) key columns as their

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_METADATA_KEY = b"flight.snapshot_id"
 
+SCHEMA_METADATA_KEY = b"flight.schema_id"  # the table's schema the rows are in: its current one, unless time travel
+
 TABLE_METADATA_KEY = b"flight.table"
 
 READ_PATH_METADATA_KEY = b"flight.read_path"
@@ -85,8 +87,12 @@ class Endpoints:
 
 
 def scan_schema(plan: ScanPlan, read_path: str | None = None) -> pa.Schema:
-    """A scan's schema, with the table and snapshot it reads (and how, once known) in its metadata."""
-    metadata = {TABLE_METADATA_KEY: plan.name.encode(), SNAPSHOT_METADATA_KEY: str(plan.snapshot_id).encode()}
+    """A scan's schema, with the table, snapshot and schema it reads (and how, once known) in its metadata."""
+    metadata = {
+        TABLE_METADATA_KEY: plan.name.encode(),
+        SNAPSHOT_METADATA_KEY: str(plan.snapshot_id).encode(),
+        SCHEMA_METADATA_KEY: str(plan.read.schema_id).encode(),
+    }
     if read_path is not None:
         metadata[READ_PATH_METADATA_KEY] = read_path.encode()
     return plan.schema.with_metadata(metadata)
