@@ -133,14 +133,20 @@ def test_a_promoted_type_is_read_alike_on_every_path(
     wide: Any,
 ) -> None:
     """Files written before the promotion hold the narrow type, those after it values only the wide one holds: whole
-    and filtered scans, time travel to before, a training-set index and online indexes built before the change
-    (brought forward, on both replicas), merge-on-read deletes and compaction all answer as pyiceberg reads."""
+    and filtered scans (before a write too: the table's current schema), time travel to before, a training-set
+    index and online indexes built before the change (brought forward, on both replicas), merge-on-read deletes
+    and compaction all answer as pyiceberg reads."""
     table = new_table()
     first = client.write(table, rows([1, 2], v=pa.array(values, before)), **KEYS).snapshot_id
     assert training(client, table, [1, 2, 3], "v") == [*values, None]  # indexes cached before the change
     assert online(client, table, [1, 2, 3], "v") == online(replica, table, [1, 2, 3], "v") == [*values, None]
     with load(catalog, table).update_schema() as update:
         update.update_column("v", promoted)
+    unwritten = reference(catalog, table)  # the promotion alone, no snapshot: the old files read in the wide type
+    scanned = client.scan(table).read_all()
+    assert scanned.schema.field("v").type == after and ordered(scanned) == unwritten
+    assert ordered(replica.scan(table, filter="v > 0").read_all()) == unwritten
+    assert training(client, table, [1, 2, 3], "v") == [*values, None]
     client.write(table, rows([3], 1, v=pa.array([wide], after)))
     replica.write(table, rows([1], 2, v=pa.array([wide], after)))  # from the replica's cached metadata
     expected = reference(catalog, table)
@@ -461,6 +467,12 @@ def test_a_schema_change_without_a_snapshot_is_served_past_every_cache(
             assert ordered(client.scan(table, since_snapshot=since, filter="x is null").read_all()) == later
         assert training(client, table, ids, column) == latest(expected, ids, column)
         assert training(client, table, ids, "x") == [None] * len(ids)
+        # The table as its own entity rows, read on the server in parts (tickets pin its snapshot and schema).
+        request = {"entity_time": "ts", "full_feature_names": True, "partitions": 2}
+        joined = client.get_historical_features(table, [f"{table}:{column}"], **request)
+        joined = joined.sort_by([("id", "ascending"), ("ts", "ascending")])
+        assert joined.column(column).to_pylist() == [r[column] for r in expected]
+        assert joined.column("x").to_pylist() == [None] * len(expected)
         # Local entity rows cut into ranges, each pinned to what the plan resolved (snapshot and schema).
         entities = {"id": ids, "event_timestamp": [LATER] * len(ids)}
         plan = plan_training_set(servers[0], entities, [f"{table}:{column}", f"{table}:x"], partitions=2)
@@ -488,3 +500,25 @@ def test_a_schema_change_without_a_snapshot_is_served_past_every_cache(
     with load(catalog, table).update_schema() as update:
         update.rename_column("v", "w")
     every_read("w", renamed=True)
+
+
+def test_a_schema_change_without_a_snapshot_in_training_sets_joined_by_duckdb(
+    client: FeatureClient, catalog: dict[str, str]
+) -> None:
+    """A server without a training-set cache joins in DuckDB over `iceberg_scan` of the snapshot, which answers in
+    the schema the snapshot was written with: after a rename and an added column without a write, it takes the
+    current schema's columns by field id, as the sorted indexes do."""
+    table = new_table()
+    ids = [1, 2, 3]
+    client.write(table, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
+    client.write(table, rows([1, 3], 1, v=pa.array([3.0, 4.0])))
+    with load(catalog, table).update_schema() as update:
+        update.rename_column("v", "w")
+        update.add_column("x", DoubleType())
+    server = start_server(catalog, historical_cache_bytes=0)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as duckdb:
+            assert training(duckdb, table, ids, "w") == [3.0, 2.0, 4.0]
+            assert training(duckdb, table, ids, "x") == [None] * len(ids)
+    finally:
+        server.shutdown()
