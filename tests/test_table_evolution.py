@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 from pyiceberg.catalog import load_catalog
 from pyiceberg.table import Table
@@ -22,6 +23,7 @@ from pyiceberg.types import DecimalType, DoubleType, LongType
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError
 from flight_client.plans import plan_training_set
+from flight_server.wire.reads import ScanRequest
 from tests.conftest import sqlite_catalog, start_server, wait_until
 
 UTC = dt.timezone.utc
@@ -522,3 +524,22 @@ def test_a_schema_change_without_a_snapshot_in_training_sets_joined_by_duckdb(
             assert training(duckdb, table, ids, "x") == [None] * len(ids)
     finally:
         server.shutdown()
+
+
+def test_a_ticket_reads_in_the_schema_it_names(client: FeatureClient, catalog: dict[str, str]) -> None:
+    """An endpoint ticket pins the schema with the snapshot: a ticket of the old schema, redeemed after a rename,
+    still reads `v`; one naming a schema the table never had is NOT_FOUND."""
+    table = new_table()
+    snapshot = client.write(table, rows([1], v=pa.array([1.0])), **KEYS).snapshot_id
+    old = load(catalog, table).metadata.current_schema_id
+    with load(catalog, table).update_schema() as update:
+        update.rename_column("v", "w")
+
+    def redeemed(schema_id: int) -> pa.Table:
+        ticket = ScanRequest(table=table, snapshot_id=snapshot, schema_id=schema_id).to_bytes()
+        return client._open_endpoint(flight.FlightEndpoint(ticket, [])).read_all()
+
+    assert redeemed(old).column_names == ["id", "ts", "v"]
+    assert redeemed(load(catalog, table).metadata.current_schema_id).column_names == ["id", "ts", "w"]
+    with pytest.raises(NotFoundError, match="has no schema 99"):
+        redeemed(99)
