@@ -388,8 +388,10 @@ class FeatureClient:
     ) -> pa.RecordBatchReader:
         """Stream rows of `table` (optionally at a snapshot or a time), as Arrow record batches.
 
-        The schema metadata says which snapshot was read (`flight.snapshot_id`). With `since_snapshot`, only the
-        rows appended after that snapshot (refused if a snapshot in between deleted or overwrote rows).
+        The current state is read in the table's current schema, a snapshot or a time in the snapshot's own. The
+        schema metadata says which snapshot and schema were read (`flight.snapshot_id`, `flight.schema_id`). With
+        `since_snapshot`, only the rows appended after that snapshot (refused if a snapshot in between deleted or
+        overwrote rows).
         """
         request = ScanRequest(
             table,
