@@ -388,8 +388,10 @@ class FeatureClient:
     ) -> pa.RecordBatchReader:
         """Stream rows of `table` (optionally at a snapshot or a time), as Arrow record batches.
 
-        The schema metadata says which snapshot was read (`flight.snapshot_id`). With `since_snapshot`, only the
-        rows appended after that snapshot (refused if a snapshot in between deleted or overwrote rows).
+        The current state is read in the table's current schema, a snapshot or a time in the snapshot's own. The
+        schema metadata says which snapshot and schema were read (`flight.snapshot_id`, `flight.schema_id`). With
+        `since_snapshot`, only the rows appended after that snapshot (refused if a snapshot in between deleted or
+        overwrote rows).
         """
         request = ScanRequest(
             table,
@@ -638,11 +640,14 @@ class FeatureClient:
         as_of: dt.datetime | str | int | None = None,
         entity_time: str = "event_timestamp",
         opened: Callable[[flight.FlightStreamReader], None] | None = None,
+        schema_ids: dict[str, int] | None = None,
     ) -> Iterator[pa.RecordBatch]:
-        """The training set of local entity `rows`, streamed over one `do_exchange` (`_exchange_batches`)."""
+        """The training set of local entity `rows`, streamed over one `do_exchange` (`_exchange_batches`); a planned
+        part pins the `schema_ids` its plan read besides the snapshots."""
         request = self._historical_request(
             rows, features, full_feature_names, snapshot_ids, as_of, entity_time, None, None
         )
+        request = replace(request, schema_ids=schema_ids)
         return self._exchange_batches(request, rows, opened)
 
     def _historical_request(

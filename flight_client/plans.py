@@ -339,8 +339,11 @@ def _plan_local(
             )
         except InvalidRequestError as error:  # a float key column: say whether its nulls made it so
             raise null_keys_explained(error, table) from None
-    used = json.loads(empty.schema.metadata[SNAPSHOTS_METADATA_KEY])["features"]
+    resolved = json.loads(empty.schema.metadata[SNAPSHOTS_METADATA_KEY])
+    used = resolved["features"]
     pins = {name: snapshot for name, snapshot in used.items() if snapshot is not None}  # None: a table still empty
+    # The schemas read too: a pinned snapshot alone reads in its own, not the table's current one.
+    schemas = resolved.get("schema_ids") or {}
     ranges = tuple(
         EntityRows(start, _compact(table.slice(start, stop - start)))
         for start, stop in row_ranges(table.num_rows, partitions)
@@ -352,7 +355,7 @@ def _plan_local(
         table.num_rows,  # one result row per entity row
         tuple(columns) if columns else None,
         client_options,
-        {**exchange, "snapshot_ids": pins},
+        {**exchange, "snapshot_ids": pins, "schema_ids": schemas or None},
     )
 
 

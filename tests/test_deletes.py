@@ -18,6 +18,7 @@ from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.manifest import DataFile, DataFileContent, FileFormat, ManifestContent
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation
+from pyiceberg.types import DoubleType
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, NotFoundError
 from flight_server.base.filters import parse_filter, to_sql
@@ -330,17 +331,24 @@ def test_plans_are_kept_per_table_snapshot_and_filter(
     parent = loaded.current_snapshot().parent_snapshot_id  # type: ignore[union-attr]
     older = plan_tasks(loaded, parent, parse_filter("driver_id < 10", schema), plans)
     assert older is not first and all(not t.delete_files for t in older or [])
+    # A schema change commits no snapshot, and pyiceberg binds the filter in the new schema: planned again.
+    with loaded.update_schema() as update:
+        update.add_column("added", DoubleType())
+    changed = load(backend, table)
+    assert changed.current_snapshot().snapshot_id == snapshot  # type: ignore[union-attr]
+    assert plan_tasks(changed, snapshot, parse_filter("driver_id < 10", schema), plans) is not first
     # A table dropped and created again under the same name is another table (another uuid).
     load_catalog("default", **backend).drop_table(tuple(table.split(".")))
     create(client, table)
     again = load(backend, table)
     assert plan_tasks(again, snapshot, parse_filter("driver_id < 10", schema), plans) is not first
     cache = PlanCache(max_values=8)  # a plan of no file weighs 4 (an entry; its filter is short)
-    cache.keep(("t", 1, "a"), [])
-    cache.keep(("t", 2, "a"), None)  # a plan too (pyiceberg cannot plan it), no miss
-    cache.keep(("t", 3, "a"), first[:1])  # too heavy to keep: 4 and a file's 8
-    cache.keep(("t", 4, "a"), [])
-    assert [cache.plan(("t", n, "a")) for n in (1, 2, 3, 4)] == [(False, None), (True, None), (False, None), (True, [])]
+    cache.keep(("t", 1, 0, "a"), [])
+    cache.keep(("t", 2, 0, "a"), None)  # a plan too (pyiceberg cannot plan it), no miss
+    cache.keep(("t", 3, 0, "a"), first[:1])  # too heavy to keep: 4 and a file's 8
+    cache.keep(("t", 4, 0, "a"), [])
+    plans_kept = [cache.plan(("t", n, 0, "a")) for n in (1, 2, 3, 4)]
+    assert plans_kept == [(False, None), (True, None), (False, None), (True, [])]
 
 
 def test_the_plan_cache_bounds_the_filters_it_keeps_plans_for() -> None:
@@ -350,8 +358,8 @@ def test_the_plan_cache_bounds_the_filters_it_keeps_plans_for() -> None:
     plans = PlanCache(limit)
     in_list = ",".join(f"'{'n' * 40}{i}'" for i in range(1_000))
     for i in range(200):
-        plans.keep(("table-uuid", 1, f"In(term=Reference(name='name'), literals={{{in_list}}}) #{i}"), [])
-    kept = sum(len(key[2]) for key, _ in plans.newest_first())
+        plans.keep(("table-uuid", 1, 0, f"In(term=Reference(name='name'), literals={{{in_list}}}) #{i}"), [])
+    kept = sum(len(key[3]) for key, _ in plans.newest_first())
     assert kept <= 70 * limit, f"{kept} bytes of filter text kept under a limit of {limit} values"
 
 

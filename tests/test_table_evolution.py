@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 from pyiceberg.catalog import load_catalog
 from pyiceberg.table import Table
@@ -21,6 +22,8 @@ from pyiceberg.transforms import BucketTransform, DayTransform, IdentityTransfor
 from pyiceberg.types import DecimalType, DoubleType, LongType
 
 from flight_client import FeatureClient, InvalidRequestError, NotFoundError
+from flight_client.plans import plan_training_set
+from flight_server.wire.reads import ScanRequest
 from tests.conftest import sqlite_catalog, start_server, wait_until
 
 UTC = dt.timezone.utc
@@ -132,14 +135,20 @@ def test_a_promoted_type_is_read_alike_on_every_path(
     wide: Any,
 ) -> None:
     """Files written before the promotion hold the narrow type, those after it values only the wide one holds: whole
-    and filtered scans, time travel to before, a training-set index and online indexes built before the change
-    (brought forward, on both replicas), merge-on-read deletes and compaction all answer as pyiceberg reads."""
+    and filtered scans (before a write too: the table's current schema), time travel to before, a training-set
+    index and online indexes built before the change (brought forward, on both replicas), merge-on-read deletes
+    and compaction all answer as pyiceberg reads."""
     table = new_table()
     first = client.write(table, rows([1, 2], v=pa.array(values, before)), **KEYS).snapshot_id
     assert training(client, table, [1, 2, 3], "v") == [*values, None]  # indexes cached before the change
     assert online(client, table, [1, 2, 3], "v") == online(replica, table, [1, 2, 3], "v") == [*values, None]
     with load(catalog, table).update_schema() as update:
         update.update_column("v", promoted)
+    unwritten = reference(catalog, table)  # the promotion alone, no snapshot: the old files read in the wide type
+    scanned = client.scan(table).read_all()
+    assert scanned.schema.field("v").type == after and ordered(scanned) == unwritten
+    assert ordered(replica.scan(table, filter="v > 0").read_all()) == unwritten
+    assert training(client, table, [1, 2, 3], "v") == [*values, None]
     client.write(table, rows([3], 1, v=pa.array([wide], after)))
     replica.write(table, rows([1], 2, v=pa.array([wide], after)))  # from the replica's cached metadata
     expected = reference(catalog, table)
@@ -427,3 +436,110 @@ def test_a_format_1_table_whose_time_partition_was_replaced(client: FeatureClien
         update.add_field("ts", MonthTransform(), "ts_month")
     client.write(table, rows([2], 1, v=pa.array([2.0])))
     assert ordered(client.scan(table).read_all()) == reference(catalog, table)
+
+
+def test_a_schema_change_without_a_snapshot_is_served_past_every_cache(
+    client: FeatureClient, catalog: dict[str, str], servers: tuple[str, str]
+) -> None:
+    """The same server caches everything at the current snapshot (decoded files: a whole scan twice; a plan: a
+    filtered scan; a training set's sorted index; the online index), then pyiceberg changes the schema without a
+    write, which keeps the snapshot id every cache is keyed by: promotes `v` and adds `x` (the direct path, files
+    matched by name), then renames `v` to `w` (DuckDB's `iceberg_scan`, by field id). Every read answers the new
+    schema at once, parts of a split read and incremental reads too; time travel to the snapshot still its own."""
+    table = new_table()
+    ids = [1, 2, 3]
+    since = client.write(table, rows([1, 2], v=pa.array([1, 2], pa.int32())), **KEYS).snapshot_id
+    snapshot = client.write(table, rows([1, 3], 1, v=pa.array([3, 4], pa.int32()))).snapshot_id
+    old = reference(catalog, table)
+
+    def every_read(column: str, renamed: bool) -> None:
+        expected = reference(catalog, table)
+        assert expected != old
+        for _ in range(2):
+            assert ordered(client.scan(table).read_all()) == expected
+        schema_id = str(load(catalog, table).metadata.current_schema_id).encode()
+        assert client.scan(table).read_all().schema.metadata[b"flight.schema_id"] == schema_id
+        assert ordered(client.read_table(table, partitions=2)) == expected
+        assert ordered(client.scan(table, filter=f"{column} > 1").read_all()) == [r for r in expected if r[column] > 1]
+        assert ordered(client.scan(table, filter="x is null", columns=["id", "ts", "x"]).read_all()) == [
+            {"id": r["id"], "ts": r["ts"], "x": None} for r in expected
+        ]
+        if not renamed:  # an incremental read matches files by name (refused once a column was renamed)
+            later = [r for r in expected if r["ts"] > T0]
+            assert ordered(client.scan(table, since_snapshot=since, filter="x is null").read_all()) == later
+        assert training(client, table, ids, column) == latest(expected, ids, column)
+        assert training(client, table, ids, "x") == [None] * len(ids)
+        # The table as its own entity rows, read on the server in parts (tickets pin its snapshot and schema).
+        request = {"entity_time": "ts", "full_feature_names": True, "partitions": 2}
+        joined = client.get_historical_features(table, [f"{table}:{column}"], **request)
+        joined = joined.sort_by([("id", "ascending"), ("ts", "ascending")])
+        assert joined.column(column).to_pylist() == [r[column] for r in expected]
+        assert joined.column("x").to_pylist() == [None] * len(expected)
+        # Local entity rows cut into ranges, each pinned to what the plan resolved (snapshot and schema).
+        entities = {"id": ids, "event_timestamp": [LATER] * len(ids)}
+        plan = plan_training_set(servers[0], entities, [f"{table}:{column}", f"{table}:x"], partitions=2)
+        trained = pa.Table.from_batches(list(plan.batches(plan.endpoints)), plan.schema)
+        assert trained.column(column).to_pylist() == latest(expected, ids, column)
+        assert trained.column("x").to_pylist() == [None] * len(ids)
+        served(lambda: online(client, table, ids, column), latest(expected, ids, column), "the index in the new schema")
+        served(lambda: online(client, table, ids, "x"), [None] * len(ids), "the index in the new schema")
+        travelled = client.scan(table, snapshot_id=snapshot).read_all()
+        assert travelled.schema.names == ["id", "ts", "v"] and travelled.schema.field("v").type == pa.int32()
+        assert ordered(travelled) == old
+        assert client.describe(table)["snapshots"][-1]["snapshot_id"] == snapshot  # no write in between
+
+    for _ in range(2):
+        assert ordered(client.scan(table).read_all()) == old
+    assert ordered(client.read_table(table, partitions=2)) == old
+    assert ordered(client.scan(table, filter="v > 1").read_all()) == [r for r in old if r["v"] > 1]
+    assert training(client, table, ids, "v") == [3, 2, 4]
+    assert online(client, table, ids, "v") == [3, 2, 4]
+    with load(catalog, table).update_schema() as update:
+        update.update_column("v", LongType())
+        update.add_column("x", DoubleType())
+    every_read("v", renamed=False)
+    assert client.scan(table).read_all().schema.field("v").type == pa.int64()
+    with load(catalog, table).update_schema() as update:
+        update.rename_column("v", "w")
+    every_read("w", renamed=True)
+
+
+def test_a_schema_change_without_a_snapshot_in_training_sets_joined_by_duckdb(
+    client: FeatureClient, catalog: dict[str, str]
+) -> None:
+    """A server without a training-set cache joins in DuckDB over `iceberg_scan` of the snapshot, which answers in
+    the schema the snapshot was written with: after a rename and an added column without a write, it takes the
+    current schema's columns by field id, as the sorted indexes do."""
+    table = new_table()
+    ids = [1, 2, 3]
+    client.write(table, rows([1, 2], v=pa.array([1.0, 2.0])), **KEYS)
+    client.write(table, rows([1, 3], 1, v=pa.array([3.0, 4.0])))
+    with load(catalog, table).update_schema() as update:
+        update.rename_column("v", "w")
+        update.add_column("x", DoubleType())
+    server = start_server(catalog, historical_cache_bytes=0)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as duckdb:
+            assert training(duckdb, table, ids, "w") == [3.0, 2.0, 4.0]
+            assert training(duckdb, table, ids, "x") == [None] * len(ids)
+    finally:
+        server.shutdown()
+
+
+def test_a_ticket_reads_in_the_schema_it_names(client: FeatureClient, catalog: dict[str, str]) -> None:
+    """An endpoint ticket pins the schema with the snapshot: a ticket of the old schema, redeemed after a rename,
+    still reads `v`; one naming a schema the table never had is NOT_FOUND."""
+    table = new_table()
+    snapshot = client.write(table, rows([1], v=pa.array([1.0])), **KEYS).snapshot_id
+    old = load(catalog, table).metadata.current_schema_id
+    with load(catalog, table).update_schema() as update:
+        update.rename_column("v", "w")
+
+    def redeemed(schema_id: int) -> pa.Table:
+        ticket = ScanRequest(table=table, snapshot_id=snapshot, schema_id=schema_id).to_bytes()
+        return client._open_endpoint(flight.FlightEndpoint(ticket, [])).read_all()
+
+    assert redeemed(old).column_names == ["id", "ts", "v"]
+    assert redeemed(load(catalog, table).metadata.current_schema_id).column_names == ["id", "ts", "w"]
+    with pytest.raises(NotFoundError, match="has no schema 99"):
+        redeemed(99)

@@ -415,23 +415,15 @@ def test_feast_torch_and_ray_readers_over_an_evolved_table(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reads of the current state use the current snapshot's schema (snapshot_schema), not the table's: a "
-    "schema change is not seen until the next write",
-)
 def test_a_schema_change_without_a_snapshot(
     client: FeatureClient, replica: FeatureClient, catalog: dict[str, str]
 ) -> None:
     """A schema change commits no snapshot. After pyiceberg (or Spark's ALTER TABLE) promotes `v`, adds `x` and then
-    renames `v` to `w`, with no write after: `describe` lists ['id', 'ts', 'w', 'x'], pyiceberg and Spark read the
-    current state with those columns, but every read of the server answers the schema the current snapshot was
-    written with: scans return `v` (int) and no `x`; a filter or `columns` naming `w` or `x`, a training set or an
-    online lookup of `t:w` or `t:x` are NOT_FOUND ("'t' has no column 'w' (columns: ['id', 'ts', 'v'])"), on
-    every replica, the same on SQLite; until the next write, so for good on a table no longer written. Cause: reads
-    of the current state take `snapshot_schema(table, snapshot_id)` (iceberg/snapshots.py) of the resolved current
-    snapshot (reads/plan.py, reads/paths.py, training/plan.py), where pyiceberg's `TableScan.projection` takes the
-    snapshot's schema only for time travel. Right: the current schema, as pyiceberg reads."""
+    renames `v` to `w`, with no write after: `describe` lists ['id', 'ts', 'w', 'x'], and every read of every replica
+    (scans, filters, parts, training sets, online lookups) answers those columns, as pyiceberg and Spark read the
+    current state. Reads of the current state took the schema the current snapshot was written with
+    (`snapshot_schema`): the change showed only from the next write on, for good on a table no longer written. Now
+    they take the table's current schema (`read_schema`, iceberg/snapshots.py); time travel the snapshot's own."""
     table = new_table()
     client.write(table, rows([1, 2], v=pa.array([1, 2], pa.int32())), **KEYS)
     check_reads(catalog, table, (client, replica), "v")
@@ -543,8 +535,8 @@ def test_rewrites_after_a_column_renamed_or_dropped_without_a_write(
     has the old schema. Compaction and a copy-on-write delete read its rows under the snapshot's names and wrote
     them with the table's current schema, whose name mapping has no `v` (or has no `x`): pyiceberg's ValueError
     ('Could not find field with name: v'), INTERNAL, nothing done; automatic maintenance failed alike every round.
-    `SnapshotRows.rewrite` (changes/rewrite.py) now names the rows' columns as the current schema does, by field
-    id (`under_current_names`), leaving out dropped ones; the rewritten table reads as pyiceberg reads it."""
+    Rewrites now read the rows in the table's current schema, each column by field id (`SnapshotRows.source`,
+    changes/rewrite.py), leaving out dropped ones; the rewritten table reads as pyiceberg reads it."""
     table = new_table()
     client.write(table, rows([1, 2], v=pa.array([1.0, 2.0]), x=pa.array([0.5, 1.5])), **KEYS)
     client.write(table, rows([1, 3], 1, v=pa.array([3.0, 4.0]), x=pa.array([2.5, None])))

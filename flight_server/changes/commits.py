@@ -142,5 +142,3 @@ def live_files(io: FileIO, snapshot: Snapshot | None) -> list[DataFile]:
 
 
 OPERATION_PROPERTY = "flight.operation"  # snapshot summary: which server operation made the snapshot
-
-SCAN_SOURCE = "iceberg_scan(?, snapshot_from_id => ?) AS t"

@@ -35,7 +35,7 @@ from pyiceberg.types import LongType
 
 from flight_server.base.filters import parse_filter, quote, to_sql
 from flight_server.base.schemas import table_arrow_schema
-from flight_server.changes.commits import SCAN_SOURCE, delete_files
+from flight_server.changes.commits import delete_files
 from flight_server.changes.rewrite import Plan, Rewriter, SnapshotRows
 from flight_server.iceberg.catalog import PROP_DELETE_MODE, FeatureSpec, table_name
 from flight_server.iceberg.positions import PATH_FIELD_ID, POS_FIELD_ID, POSITION_DELETE_SCHEMA, referenced_data_file
@@ -190,7 +190,7 @@ class Deleter(Rewriter):
             rows.cursor.register(KEYS_RELATION, keys)
         hits = rows.query(
             "SELECT filename, list(file_row_number ORDER BY file_row_number) AS positions "
-            f"FROM {SCAN_SOURCE} WHERE {condition} GROUP BY filename",
+            f"FROM {rows.source} WHERE {condition} GROUP BY filename",
             params,
         ).to_arrow_table()
         if hits.num_rows == 0:

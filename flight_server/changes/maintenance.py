@@ -34,7 +34,6 @@ from pyiceberg.table.update.snapshot import ExpireSnapshots, ManageSnapshots
 from pyiceberg.utils.properties import property_as_int
 
 from flight_server.base.filters import parse_filter, to_sql
-from flight_server.changes.commits import SCAN_SOURCE
 from flight_server.changes.reachable import snapshot_files
 from flight_server.changes.rewrite import Plan, Rewriter, Rewritten, SnapshotRows
 from flight_server.iceberg.catalog import LAST_EXPIRY_PROPERTY, pins, table_name
@@ -282,7 +281,7 @@ class Maintenance(Rewriter):
             scope, obsolete, where, params = data, deletes, "TRUE", []
         else:
             condition, values = to_sql(parse_filter(request.filter, rows.schema), rows.schema)
-            found = rows.query(f"SELECT DISTINCT filename FROM {SCAN_SOURCE} WHERE {condition}", values).fetchall()
+            found = rows.query(f"SELECT DISTINCT filename FROM {rows.source} WHERE {condition}", values).fetchall()
             paths = {row[0] for row in found}
             scope = [f for f in data if f.file_path in paths]
             obsolete = [f for f in deletes if referenced_data_file(f) in paths]

@@ -31,7 +31,6 @@ from flight_server.base.filters import quote
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.changes.commits import (
     OPERATION_PROPERTY,
-    SCAN_SOURCE,
     TableChanges,
     commit_rewrite,
     delete_files,
@@ -40,8 +39,7 @@ from flight_server.changes.commits import (
 from flight_server.changes.files import parquet_bytes_per_row, write_reader
 from flight_server.iceberg.catalog import LAST_COMPACTION_PROPERTY, FeatureSpec, table_name
 from flight_server.iceberg.lineage import ROW_BITS, commit_order
-from flight_server.iceberg.snapshots import snapshot_schema
-from flight_server.reads.plan import refuse_readded
+from flight_server.reads.paths import iceberg_source
 from flight_server.wire.codec import format_timestamp
 
 
@@ -65,11 +63,15 @@ class SnapshotRows:
         """Every live data and delete file (read when first needed: a delete that matches nothing needs none)."""
         return live_files(self.table.io, self.snapshot)
 
+    @property
+    def source(self) -> str:
+        """This snapshot's rows as `t` in `schema` (the table's current one: `iceberg_source` takes each column by
+        field id, so a column renamed since is read under its new name, one dropped since not at all, and one dropped
+        and added again as the new, empty one), with DuckDB's `filename` and `file_row_number`."""
+        return f"{iceberg_source(self.table, self.snapshot.snapshot_id, self.schema)} AS t"
+
     def query(self, sql: str, params: list[Any]) -> duckdb.DuckDBPyConnection:
-        """Run `sql` over `SCAN_SOURCE` (this snapshot's rows) with `params` after the scan's own. Refused when a
-        column of the snapshot was dropped and added again since: its files hold the old column under the name,
-        which a filter would match and a rewrite would copy into the new column."""
-        refuse_readded(self.table, self.schema, self.schema.column_names)
+        """Run `sql` over `source` with `params` after the scan's own."""
         scan = [self.metadata_file, self.snapshot.snapshot_id]
         return self.cursor.execute(sql, [*scan, *params])
 
@@ -108,7 +110,7 @@ class SnapshotRows:
             ),
         )
         reader = self.query(
-            f"SELECT {columns}, r.__run FROM {SCAN_SOURCE} JOIN {RUNS} AS r ON r.__file = t.filename "
+            f"SELECT {columns}, r.__run FROM {self.source} JOIN {RUNS} AS r ON r.__file = t.filename "
             f"WHERE ({where}) OR r.__extra ORDER BY r.__run, r.__base + t.file_row_number",
             params,
         ).to_arrow_reader(self.batch_rows)
@@ -120,7 +122,6 @@ class SnapshotRows:
             rows = pa.RecordBatchReader.from_batches(
                 reader.schema.remove(len(arrow)), (piece for _, piece in pieces)
             ).cast(arrow)
-            rows = under_current_names(rows, self.schema, self.table.schema())
             run = runs[number]
             estimate = parquet_bytes_per_row(run.files)
             files = self.keep(write_reader(self.table.metadata, rows, self.table.io, spec, self.chunk_bytes, estimate))
@@ -133,21 +134,6 @@ class SnapshotRows:
         """Files the action wrote itself: deleted with the others if the attempt fails before its commit."""
         self.written += files
         return files
-
-
-def under_current_names(rows: pa.RecordBatchReader, read: Schema, current: Schema) -> pa.RecordBatchReader:
-    """Rows read under a snapshot's schema (`read`), their columns named as the table's `current` schema names them
-    (by field id): the files are written with the current schema's name mapping, so a column another engine
-    renamed since the snapshot (with no write after, the current snapshot still has the old name) is written under
-    its new name, and one dropped since is left out."""
-    names = [current.find_column_name(f.field_id) for f in read.fields]
-    if names == read.column_names:
-        return rows
-    keep = [i for i, name in enumerate(names) if name is not None]
-    schema = pa.schema([rows.schema.field(i).with_name(str(names[i])) for i in keep])
-    return pa.RecordBatchReader.from_batches(
-        schema, (pa.RecordBatch.from_arrays([batch.column(i) for i in keep], schema=schema) for batch in rows)
-    )
 
 
 RUNS = "__rewrite_runs"  # each file a rewrite replaces: its run (`tie_runs`) and its rank in it (above ROW_BITS)
@@ -278,7 +264,7 @@ class Rewriter(TableChanges):
         if snapshot is None:
             return Rewritten(table_name(table), None)
         self.engine.use_storage(table.io.properties)
-        schema = snapshot_schema(table, snapshot.snapshot_id)
+        schema = table.schema()  # rows are written in it: read in it, as every read of the current state is
         metadata = self.engine.metadata_file(table.metadata_location, table.metadata)
         rows = SnapshotRows(table, snapshot, schema, self.engine.cursor(), metadata, self.batch_rows, self.chunk_bytes)
         try:

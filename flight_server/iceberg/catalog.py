@@ -95,6 +95,9 @@ class FeatureSpec:
     event_time: str
     created_time: str | None = None
     ttl_seconds: int | None = None
+    # The schema a training set reads the table in (`read_schema`): its indexes are cached per spec, so per schema,
+    # and a schema change without a snapshot never serves an index of the old columns. None: not said (definitions).
+    schema_id: int | None = None
 
     @classmethod
     def from_properties(cls, properties: dict[str, str]) -> FeatureSpec | None:

@@ -74,3 +74,16 @@ def snapshot_schema(table: Table, snapshot_id: int | None) -> Schema:
     if snapshot is not None and snapshot.schema_id is not None:
         return table.schemas().get(snapshot.schema_id, table.schema())
     return table.schema()
+
+
+def read_schema(table: Table, snapshot_id: int | None, travel: bool, schema_id: int | None = None) -> Schema:
+    """The schema a read answers in: the table's current one for its current state (as pyiceberg, Spark and Trino
+    read it: a schema change commits no snapshot, and is seen at once), the snapshot's own for time travel
+    (`travel`: a snapshot id, a time or a pin asked for), or `schema_id`'s, which an endpoint ticket carries so
+    that every part reads in the schema its request was planned in."""
+    if schema_id is not None:
+        found = table.schemas().get(schema_id)
+        if found is None:
+            raise NotFoundError(f"table {table_name(table)!r} has no schema {schema_id}")
+        return found
+    return snapshot_schema(table, snapshot_id) if travel else table.schema()

@@ -35,7 +35,7 @@ from flight_server.online.index import (
 from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
 from flight_server.reads.paths import files_relation, scan_relation
-from flight_server.reads.plan import ReaddedColumnError, plan_table_scan, renamed
+from flight_server.reads.plan import plan_table_scan, renamed
 from flight_server.wire.errors import LimitError, NotFoundError, RequestError, error_kind
 from flight_server.wire.reads import ScanRequest
 
@@ -228,7 +228,11 @@ class OnlineStore:
         try:
             if files is None:
                 snapshot = table.current_snapshot()
-                request = ScanRequest(table=name, snapshot_id=snapshot.snapshot_id if snapshot else None)
+                request = ScanRequest(  # in the table's current schema, which `build` indexes (`IndexState.schema_id`)
+                    table=name,
+                    snapshot_id=snapshot.snapshot_id if snapshot else None,
+                    schema_id=table.metadata.current_schema_id,
+                )
                 plan = plan_table_scan(table, request, self.caches)
                 ranks = commit_ranks(table, plan.snapshot_id) if plan.snapshot_id is not None else {}
                 source, params, path = scan_relation(plan, self.engine, cursor, READ_BATCH_ROWS, ranks)
@@ -444,7 +448,7 @@ class OnlineStore:
             log.info("online index %s: the table is gone; index dropped", name)
             self._indexes.pop(name, None)
             self._charge()
-        except (LimitError, ReaddedColumnError) as exc:  # lookups build it again, and are refused the same way
+        except LimitError as exc:  # lookups build it again, and are refused the same way
             log.error("online index %s: %s", name, exc)
             self._indexes.pop(name, None)
             self._charge()

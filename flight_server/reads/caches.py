@@ -24,22 +24,26 @@ PLAN_CACHE_VALUES = 2_000_000
 POSITION_CACHE_BYTES = 64 << 20
 
 
-class PlanCache(WeightedLru[tuple[str, int | None, str], tuple[list[FileScanTask] | None, int]]):
-    """Plans of recent reads by (table, snapshot, filter): a snapshot never changes, and planning reads
-    every manifest in Python (10 delete manifests cost a scan of a 1M-row table 0.70x of copy-on-write).
+PlanKey = tuple[str, int | None, int, str]  # table uuid, snapshot, the table's current schema, filter
+
+
+class PlanCache(WeightedLru[PlanKey, tuple[list[FileScanTask] | None, int]]):
+    """Plans of recent reads by (table, snapshot, current schema, filter): a snapshot never changes, pyiceberg binds
+    a filter's names in the table's current schema (which a schema change replaces without a snapshot), and
+    planning reads every manifest in Python (10 delete manifests cost a scan of a 1M-row table 0.70x of copy-on-write).
     Bounded by weight: its files' (`files_weight`) and its filter's text (`_plan_weight`). A plan is kept with that
     text's length, so that a kept plan of None is no miss."""
 
     def __init__(self, max_values: int):
         super().__init__(max_values, _plan_weight)
 
-    def plan(self, key: tuple[str, int | None, str]) -> tuple[bool, list[FileScanTask] | None]:
+    def plan(self, key: PlanKey) -> tuple[bool, list[FileScanTask] | None]:
         """Whether a plan is kept for `key`, and the plan."""
         kept = self.get(key)
         return (True, kept[0]) if kept is not None else (False, None)
 
-    def keep(self, key: tuple[str, int | None, str], tasks: list[FileScanTask] | None) -> None:
-        self.put(key, (tasks, len(key[2])))
+    def keep(self, key: PlanKey, tasks: list[FileScanTask] | None) -> None:
+        self.put(key, (tasks, len(key[3])))
 
 
 def _plan_weight(kept: tuple[list[FileScanTask] | None, int]) -> int:

@@ -15,7 +15,6 @@ from pyiceberg.manifest import FileFormat
 from pyiceberg.table import FileScanTask
 
 from flight_server.iceberg.positions import referenced_data_file
-from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.caches import PositionCache
 from flight_server.reads.plan import ScanPlan, plan_tasks, schema_changed
 
@@ -104,7 +103,7 @@ def position_deleted_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, s
     """
     if schema_changed(plan.table):
         return None, "a filter or a limit, on a table whose schema changed"
-    if "file_row_number" in snapshot_schema(plan.table, plan.snapshot_id).column_names:
+    if "file_row_number" in plan.read.column_names:
         return None, "a filter or a limit, on a table with a column DuckDB's file_row_number would shadow"
     tasks = plan_tasks(plan.table, plan.snapshot_id, plan.expression, plan.caches.plans)
     if tasks is None:

@@ -26,7 +26,9 @@ import pyarrow.fs as fs
 from pyiceberg.expressions import AlwaysTrue
 from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.manifest import FileFormat
-from pyiceberg.table import FileScanTask
+from pyiceberg.schema import Schema
+from pyiceberg.table import FileScanTask, Table
+from pyiceberg.types import DecimalType, NestedField
 
 from flight_server.base.filters import quote, to_sql
 from flight_server.base.schemas import table_arrow_schema
@@ -59,9 +61,9 @@ def direct_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, str]:
     plan them (no equality delete files), every delete file is a Parquet position delete file, and
     no column was ever renamed (files are matched by column name); everything else goes through
     DuckDB, so that filters have one semantics (SQL's) whatever the path. Every read of a snapshot asks
-    here first: a read of a column that the table's schema has since given to another (`readded`) is refused.
+    here first: time travel to a column that the table's schema has since given to another (`readded`) is refused.
     """
-    refuse_readded(plan.table, snapshot_schema(plan.table, plan.snapshot_id), plan.columns_read())
+    refuse_readded(plan.table, plan.read, plan.columns_read())
     if plan.request.limit is not None or not isinstance(plan.expression, AlwaysTrue):
         return None, "a filter or a limit"
     if renamed(plan.table):
@@ -157,7 +159,7 @@ def _scanner(
     scheme, netloc, _ = io.parse_location(tasks[0].file.file_path)
     paths = {io.parse_location(task.file.file_path)[2]: task.file.file_path for task in tasks}
     sizes = {task.file.file_path: task.file.file_size_in_bytes for task in tasks}
-    schema = snapshot_schema(plan.table, plan.snapshot_id)
+    schema = plan.read  # files matched by name (no column ever renamed): a file older than a column lacks it
     filesystem = _MAPPED if scheme == "file" else io.fs_by_scheme(scheme, netloc)
     # Each file's size from its manifest entry: no request per file to ask for it (a HEAD each on object stores).
     fragments = [
@@ -176,7 +178,7 @@ def _through_cache(
     """The files `cache` holds, then the others decoded (and kept once the scan has read them all); when it
     holds them all, their rows as a Table, which Flight streams from C++ as the raw ceiling does: no Python and
     no GIL per batch (a Python generator per batch measured 0.74x of the ceiling)."""
-    columns = plan.schema  # the snapshot's Arrow schema, projected (`plan_table_scan`)
+    columns = plan.schema  # the Arrow schema read, projected (`plan_table_scan`)
     shape = (columns.to_string(),)
     keys = {
         task.file.file_path: (task.file.file_path, shape, tuple(sorted(d.file_path for d in task.delete_files)))
@@ -236,16 +238,22 @@ def read_parquet_sql(
     One `read_parquet` per file with deletes, anti-joined with its positions on the row number alone
     (a join on `filename` too costs a string per row: 25 % slower), and one for the other files. Files appended
     across a schema change (`since_snapshot`) are matched by name: some lack a column added since, or hold a type
-    promoted since (`schema_changed`)."""
-    schema = snapshot_schema(plan.table, plan.snapshot_id)
+    promoted since (`schema_changed`); a column added since the snapshot (read in the table's current schema) is in
+    none of them: NULL."""
+    schema = plan.read
     union = ", union_by_name => true" if schema_changed(plan.table) else ""
     where, params = to_sql(plan.expression, schema)
     columns = ", ".join(f"t.{quote(name)}" for name in plan.schema.names)
+    written = set(snapshot_schema(plan.table, plan.snapshot_id).column_names)
+    nulls = "".join(f", {_null(f)} AS {quote(f.name)}" for f in schema.fields if f.name not in written)
     deleted = deleted_positions(plan.table.io, tasks, plan.caches.positions)
     clean = [local_path(task.file.file_path) for task in tasks if task.file.file_path not in deleted]
     branches, args = [], []
     if clean:
-        branches.append(f"SELECT {columns} FROM read_parquet(?, hive_partitioning => false{union}) AS t WHERE {where}")
+        branches.append(
+            f"SELECT {columns} FROM (SELECT *{nulls} FROM read_parquet(?, hive_partitioning => false{union})) AS t "
+            f"WHERE {where}"
+        )
         args += [clean, *params]
     for index, path in enumerate(deleted):
         branches.append(
@@ -283,10 +291,9 @@ def iceberg_scan_sql(plan: ScanPlan, engine: Engine, ranked: bool = False) -> tu
     """DuckDB's `iceberg_scan` of the plan: it prunes files and row groups and applies every kind of delete file.
     `ranked`: with each row's place in commit order as `ORDER` (its file's rank, from `RANKS_RELATION` by the
     manifest's path as `filename` names it, above its row number; 0 where the scan hides them: `hides_position`)."""
-    schema = snapshot_schema(plan.table, plan.snapshot_id)
-    where, params = to_sql(plan.expression, schema)
+    where, params = to_sql(plan.expression, plan.read)
     columns = ", ".join(f"s.{quote(name)}" for name in plan.schema.names)
-    scan = "iceberg_scan(?, snapshot_from_id => ?) AS s"
+    scan = f"{iceberg_source(plan.table, plan.snapshot_id, plan.read)} AS s"
     if ranked and hides_position(plan.schema.names):
         columns += f", 0::BIGINT AS {ORDER}"
     elif ranked:
@@ -302,6 +309,62 @@ def iceberg_scan_sql(plan: ScanPlan, engine: Engine, ranked: bool = False) -> tu
         sql += " LIMIT ?"
         args.append(plan.request.limit)
     return sql, args
+
+
+# Iceberg's primitive types as DuckDB names them: the type of a column promoted since a snapshot, or added since
+_DUCKDB_TYPES = {
+    "boolean": "BOOLEAN",
+    "int": "INTEGER",
+    "long": "BIGINT",
+    "float": "FLOAT",
+    "double": "DOUBLE",
+    "date": "DATE",
+    "time": "TIME",
+    "timestamp": "TIMESTAMP",
+    "timestamptz": "TIMESTAMPTZ",
+    "string": "VARCHAR",
+    "uuid": "UUID",
+    "binary": "BLOB",
+}
+
+
+def _duckdb_type(field: NestedField) -> str | None:
+    if isinstance(field.field_type, DecimalType):
+        return f"DECIMAL({field.field_type.precision}, {field.field_type.scale})"
+    return _DUCKDB_TYPES.get(str(field.field_type))
+
+
+def _null(field: NestedField) -> str:
+    """A NULL of the column's type (untyped where DuckDB has no name for it: the result is cast once read)."""
+    kind = _duckdb_type(field)
+    return f"NULL::{kind}" if kind is not None else "NULL"
+
+
+def iceberg_source(table: Table, snapshot_id: int | None, read: Schema) -> str:
+    """`iceberg_scan(?, snapshot_from_id => ?)` (its parameters: the metadata file, the snapshot) with the columns
+    of `read`. DuckDB answers a snapshot in the schema it was written with; a read in another (the table's current
+    one, which a schema change without a write replaced) takes each column by field id: under its new name, cast
+    where promoted, NULL where the snapshot has none (added, or dropped and added again). DuckDB's virtual
+    columns `filename` and `file_row_number` stay beside them unless a column hides them (`hides_position`)."""
+    scan = "iceberg_scan(?, snapshot_from_id => ?)"
+    written = snapshot_schema(table, snapshot_id)
+    if [(f.field_id, f.name, f.field_type) for f in written.fields] == [
+        (f.field_id, f.name, f.field_type) for f in read.fields
+    ]:
+        return scan
+    by_id = {f.field_id: f for f in written.fields}
+    columns = []
+    for f in read.fields:
+        old, kind = by_id.get(f.field_id), _duckdb_type(f)
+        if old is None:
+            columns.append(f"{_null(f)} AS {quote(f.name)}")
+        elif old.field_type != f.field_type and kind is not None:
+            columns.append(f"CAST({quote(old.name)} AS {kind}) AS {quote(f.name)}")
+        else:
+            columns.append(f"{quote(old.name)} AS {quote(f.name)}")
+    if not hides_position(written.column_names) and not hides_position(read.column_names):
+        columns += ["filename", "file_row_number"]
+    return f"(SELECT {', '.join(columns)} FROM {scan})"
 
 
 def files_relation(files: list[str], names: list[str], cursor: duckdb.DuckDBPyConnection) -> tuple[str, list[Any]]:

@@ -1,6 +1,6 @@
 """Scan planning: check a `ScanRequest` against its table (snapshot, columns, filter) and plan its files.
 
-Plans of recent reads are kept per (table, snapshot, filter): a snapshot never changes.
+Plans of recent reads are kept per (table, snapshot, current schema, filter): a snapshot never changes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from flight_server.base.schemas import table_arrow_schema
 from flight_server.iceberg.catalog import FeatureCatalog, table_name
 from flight_server.iceberg.internals import without_statistics
 from flight_server.iceberg.lineage import appended_since
-from flight_server.iceberg.snapshots import resolve_snapshot, snapshot_schema
+from flight_server.iceberg.snapshots import read_schema, resolve_snapshot
 from flight_server.reads.caches import PlanCache, ReadCaches
 from flight_server.wire.errors import NotFoundError, RequestError
 from flight_server.wire.reads import ScanRequest
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ScanPlan:
-    """A checked scan: which snapshot, which columns, which condition."""
+    """A checked scan: which snapshot, in which schema (`read`: `read_schema`), which columns, which condition."""
 
     table: Table
     request: ScanRequest
@@ -38,6 +38,7 @@ class ScanPlan:
     schema: pa.Schema
     expression: BooleanExpression
     caches: ReadCaches
+    read: Schema
     appended: list[DataFile] | None = None  # read only these files: the rows appended since an older snapshot
 
     @property
@@ -65,11 +66,15 @@ class ScanPlan:
         """The columns the read matches in files: those it returns, and under a filter all (it may name any)."""
         if isinstance(self.expression, AlwaysTrue):
             return self.schema.names
-        return snapshot_schema(self.table, self.snapshot_id).column_names
+        return self.read.column_names
 
     def metadata(self) -> dict[str, Any]:
         """What the result was computed from: enough to ask for the identical result again."""
-        metadata: dict[str, Any] = {"table": self.name, "snapshot_id": self.snapshot_id}
+        metadata: dict[str, Any] = {
+            "table": self.name,
+            "snapshot_id": self.snapshot_id,
+            "schema_id": self.read.schema_id,
+        }
         if self.request.since_snapshot is not None:
             metadata["since_snapshot"] = self.request.since_snapshot
         return metadata
@@ -78,14 +83,16 @@ class ScanPlan:
 def plan_scan(catalog: FeatureCatalog, request: ScanRequest, caches: ReadCaches) -> ScanPlan:
     """A scan's plan, refused up front (before any endpoint is handed out) if it reads a `readded` column."""
     plan = plan_table_scan(catalog.read(request.table), request, caches)
-    refuse_readded(plan.table, snapshot_schema(plan.table, plan.snapshot_id), plan.columns_read())
+    refuse_readded(plan.table, plan.read, plan.columns_read())
     return plan
 
 
 def plan_table_scan(table: Table, request: ScanRequest, caches: ReadCaches) -> ScanPlan:
-    """`plan_scan` for a table already loaded."""
+    """`plan_scan` for a table already loaded: the current state in the table's current schema, time travel in the
+    snapshot's own, an endpoint ticket in the schema its request was planned in (`read_schema`)."""
     snapshot_id = resolve_snapshot(table, request.snapshot_id, request.as_of)
-    schema = snapshot_schema(table, snapshot_id)
+    travel = request.snapshot_id is not None or request.as_of is not None
+    schema = read_schema(table, snapshot_id, travel, request.schema_id)
     arrow = table_arrow_schema(schema)
     if request.columns is not None:
         if not request.columns:  # zero columns would read zero rows, which no caller means
@@ -105,7 +112,7 @@ def plan_table_scan(table: Table, request: ScanRequest, caches: ReadCaches) -> S
         if found.files is None:
             raise RequestError(found.explain(table))
         appended = found.files
-    return ScanPlan(table, request, snapshot_id, arrow, expression, caches, appended)
+    return ScanPlan(table, request, snapshot_id, arrow, expression, caches, schema, appended)
 
 
 def plan_tasks(
@@ -117,7 +124,7 @@ def plan_tasks(
     without the statistics the pruning used (`without_statistics`): every part of a split read plans again, which
     reads every manifest (3-4 s for 700 files of 500 columns on a loaded machine), and a wide table's statistics
     would fill the cache with a few plans."""
-    key = (str(table.metadata.table_uuid), snapshot_id, repr(expression))
+    key = (str(table.metadata.table_uuid), snapshot_id, table.metadata.current_schema_id, repr(expression))
     found, tasks = plans.plan(key)
     if found:
         return tasks
@@ -161,10 +168,10 @@ class ReaddedColumnError(RequestError):
 
 
 def readded(table: Table, schema: Schema, names: list[str]) -> list[str]:
-    """Those of `names` (top-level columns of `schema`, a snapshot's) to which the table's current schema gives
+    """Those of `names` (top-level columns of `schema`, the one read) to which the table's current schema gives
     another field id: the column was dropped and added again under its name (or another renamed to it) since
-    that snapshot. Read in the snapshot's schema they would answer the old column under a name that now means
-    the new one (a snapshot written since reads by field id: `renamed`)."""
+    that snapshot. Only time travel reads a snapshot's own schema (`read_schema`): it would answer the old column
+    under a name that now means the new one. Reads of the current state, in the current schema, have none."""
     current = {f.name: f.field_id for f in table.schema().fields}
     ids = {f.name: f.field_id for f in schema.fields}
     return [name for name in names if current.get(name, ids.get(name)) != ids.get(name)]
@@ -176,9 +183,8 @@ def refuse_readded(table: Table, schema: Schema, names: list[str]) -> None:
     if found:
         raise ReaddedColumnError(
             f"table {table_name(table)!r}: column(s) {found} were dropped and added again (or another column was "
-            "renamed to the name) after the snapshot read: in its files that name holds the old column, which "
-            "the table no longer has; read the other columns, or write to the table (its later snapshots read "
-            "the new column)"
+            "renamed to the name) after the snapshot read: in its schema that name holds the old column, which "
+            "the table no longer has; read the other columns, or the table's current state (the new column)"
         )
 
 

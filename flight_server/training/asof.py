@@ -920,7 +920,7 @@ class AsofCache:
         and deletes it can mask happened since (in the same schema), else read whole (deletes applied) and sorted.
         Refused past `room` bytes, or, brought forward, when the ancestor's alone pass `beside` (`_beside`)."""
         started = time.perf_counter()
-        request = ScanRequest(table=table_name(table), snapshot_id=snapshot_id)
+        request = ScanRequest(table=table_name(table), snapshot_id=snapshot_id, schema_id=spec.schema_id)
         plan = plan_table_scan(table, request, self.caches)
         base = self._ancestor(table, snapshot_id, spec, share) if snapshot_id is not None else None
         if base is not None and base.snapshot_id is not None and not renamed(table):
@@ -1226,7 +1226,13 @@ class AsofCache:
         except NotFoundError:
             self._unfollow(followed, uuid, spec)
             return
-        same = str(table.metadata.table_uuid) == uuid and FeatureSpec.from_properties(table.metadata.properties) == spec
+        # Redefined, or its schema changed (with or without a snapshot): requests read it in the new schema, under
+        # another spec, and follow it again.
+        same = (
+            str(table.metadata.table_uuid) == uuid
+            and FeatureSpec.from_properties(table.metadata.properties) == replace(spec, schema_id=None)
+            and spec.schema_id in (None, table.metadata.current_schema_id)
+        )
         with self._lock:  # as one with a request caching a new index (which follows the table again)
             held = any(k[0] == uuid and k[2] == spec and k[3] == share for k in self._indexes)
             if not held or not same:

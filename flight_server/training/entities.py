@@ -16,7 +16,7 @@ from flight_server.base.locks import LockPool
 from flight_server.base.memory import MemoryBudget
 from flight_server.base.schemas import UTC_MICROS
 from flight_server.iceberg.catalog import FeatureCatalog, table_name
-from flight_server.iceberg.snapshots import snapshot_schema
+from flight_server.reads.paths import iceberg_source
 from flight_server.training.codes import entity_micros
 from flight_server.training.plan import HistoricalPlan, partition_expression, plan_historical, share_predicate
 from flight_server.wire.codec import parse_timestamp
@@ -104,8 +104,8 @@ def _entity_source(plan: HistoricalPlan) -> tuple[str, str, str, list[Any]]:
     assert plan.entity_table is not None
     if plan.entity_snapshot_id is None:
         raise RequestError(f"entity table {table_name(plan.entity_table)!r} has no rows")
-    schema = snapshot_schema(plan.entity_table, plan.entity_snapshot_id)
-    where, params = to_sql(plan.entity_filter, schema)
+    assert plan.entity_read is not None, "planned with the entity table"
+    where, params = to_sql(plan.entity_filter, plan.entity_read)
     keys = list(dict.fromkeys(k for g in plan.groups for k in g.spec.entity_keys))
     time = plan.request.entity_time
     share = plan.request.shard
@@ -116,7 +116,7 @@ def _entity_source(plan: HistoricalPlan) -> tuple[str, str, str, list[Any]]:
     rest = [n for n in plan.entity_schema.names if n != time and n not in keys]
     order = ", ".join(quote(c) for c in [time, *keys, *rest])
     columns = ", ".join(quote(n) for n in plan.entity_schema.names)
-    source = f"FROM iceberg_scan(?, snapshot_from_id => ?) WHERE {where}"
+    source = f"FROM {iceberg_source(plan.entity_table, plan.entity_snapshot_id, plan.entity_read)} WHERE {where}"
     return columns, source, order, [plan.metadata_file(plan.entity_table), plan.entity_snapshot_id, *params]
 
 

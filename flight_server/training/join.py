@@ -12,9 +12,9 @@ import pyarrow as pa
 
 from flight_server.base.filters import quote
 from flight_server.iceberg.lineage import ROW_BITS, commit_ranks
-from flight_server.iceberg.snapshots import snapshot_schema
 from flight_server.reads.duck import Engine, local_path
 from flight_server.reads.paths import hides_position as hidden_names
+from flight_server.reads.paths import iceberg_source
 from flight_server.training.asof import AsofIndex
 from flight_server.training.codes import entity_micros
 from flight_server.training.entities import ROW, TS, TS_UP, entity_bounds
@@ -60,7 +60,7 @@ def join_sql(
             if i in files:
                 source, args_here = "read_parquet(?, hive_partitioning => false)", [files[i], high]
             else:
-                source = "iceberg_scan(?, snapshot_from_id => ?)"
+                source = iceberg_source(group.table, group.snapshot_id, group.read)
                 args_here = [plan.metadata_file(group.table), group.snapshot_id, high]
             if spec.ttl_seconds and plan.apply_ttl and low is not None:
                 bound += f" AND {quote(spec.event_time)} >= ?"
@@ -139,7 +139,7 @@ def run_historical(
 
 def hides_position(group: FeatureGroup) -> set[str]:
     """The group's columns at its snapshot that hide DuckDB's virtual columns (`reads.paths.hides_position`)."""
-    return hidden_names(field.name for field in snapshot_schema(group.table, group.snapshot_id).fields)
+    return hidden_names(field.name for field in group.read.fields)
 
 
 def file_ranks(group: FeatureGroup) -> pa.Table:

@@ -28,6 +28,7 @@ import pyarrow as pa
 from duckdb import sqltypes
 from duckdb.func import FunctionNullHandling, PythonUDFType
 from pyiceberg.expressions import AlwaysTrue, BooleanExpression
+from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.transforms import BucketTransform
 
@@ -35,7 +36,7 @@ from flight_server.base.filters import parse_filter, quote
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.base.shards import UNBUCKETED_SLOTS, key_slots, owned, shardable
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
-from flight_server.iceberg.snapshots import resolve_snapshot, snapshot_schema
+from flight_server.iceberg.snapshots import read_schema, resolve_snapshot
 from flight_server.reads.plan import refuse_readded
 from flight_server.wire.errors import NotFoundError, RequestError
 from flight_server.wire.reads import (
@@ -62,6 +63,7 @@ class FeatureGroup:
     features: list[str]
     types: list[pa.DataType]
     key_types: list[pa.DataType]
+    read: Schema  # the schema read (`read_schema`): the table's current one, the snapshot's for time travel
 
     @property
     def name(self) -> str:
@@ -126,6 +128,7 @@ class HistoricalPlan:
     entity_table: Table | None = None
     entity_snapshot_id: int | None = None
     entity_filter: BooleanExpression = field(default_factory=AlwaysTrue)
+    entity_read: Schema | None = None  # the entity table's schema read (`read_schema`)
     apply_ttl: bool = True
     # What DuckDB's `iceberg_scan` reads for each table's metadata location (`Engine.metadata_file`), set with the
     # credentials (`join.use_storage`) before any query of the plan.
@@ -135,11 +138,22 @@ class HistoricalPlan:
         return self.metadata_files[table.metadata_location]
 
     def snapshots(self) -> dict[str, Any]:
-        """What the result was computed from; passing these back reproduces it exactly."""
+        """What the result was computed from; passing these back reproduces it exactly: the snapshots as
+        `snapshot_ids`, and the schemas read as `schema_ids` (a schema change commits no snapshot, and a pinned
+        snapshot alone reads in its own schema)."""
         entities = None
         if self.entity_table is not None:
-            entities = {"table": table_name(self.entity_table), "snapshot_id": self.entity_snapshot_id}
-        return {"features": {g.name: g.snapshot_id for g in self.groups}, "entities": entities}
+            assert self.entity_read is not None, "planned with the entity table"
+            entities = {
+                "table": table_name(self.entity_table),
+                "snapshot_id": self.entity_snapshot_id,
+                "schema_id": self.entity_read.schema_id,
+            }
+        return {
+            "features": {g.name: g.snapshot_id for g in self.groups},
+            "schema_ids": {g.name: g.read.schema_id for g in self.groups},
+            "entities": entities,
+        }
 
     def entity_rows(self, rows: Rows) -> Rows:
         """Entity rows as the sorted indexes join them: categorical (dictionary-encoded) key columns as their
@@ -192,7 +206,7 @@ def plan_historical(
     """Check the request against the catalog and the entity columns; nothing is read yet. `empty` says the entity
     rows are known to be none (inline rows of empty lists): their untyped (null) key columns then take the keys'
     types, where a null column of rows is refused, since it is most likely a mistake."""
-    entity_table = entity_snapshot = None
+    entity_table = entity_snapshot = entity_read = None
     entity_filter: BooleanExpression = AlwaysTrue()
     source = request.entities
     pins = _pins(catalog, request)
@@ -200,9 +214,9 @@ def plan_historical(
         entity_table = catalog.read(source.table)
         pinned = pins.get(_full_name(catalog, source.table), source.snapshot_id)
         entity_snapshot = resolve_snapshot(entity_table, pinned, None)
-        iceberg_schema = snapshot_schema(entity_table, entity_snapshot)
-        entity_schema = table_arrow_schema(iceberg_schema)
-        entity_filter = parse_filter(source.filter, iceberg_schema)
+        entity_read = read_schema(entity_table, entity_snapshot, pinned is not None, source.schema_id)
+        entity_schema = table_arrow_schema(entity_read)
+        entity_filter = parse_filter(source.filter, entity_read)
     if entity_schema is None:
         raise RequestError("a historical request needs entity rows: a table, inline rows, or a do_exchange stream")
     for name in entity_schema.names:
@@ -230,8 +244,9 @@ def plan_historical(
         if name not in by_table:
             pinned = pins.get(name)
             snapshot_id = resolve_snapshot(table, pinned, None if pinned is not None else as_of)
-            read = snapshot_schema(table, snapshot_id)
-            spec = feature_spec(table, read)
+            travel = pinned is not None or as_of is not None
+            read = read_schema(table, snapshot_id, travel, (request.schema_ids or {}).get(name))
+            spec = replace(feature_spec(table, read), schema_id=read.schema_id)
             for key in spec.entity_keys:
                 if entity_schema.get_field_index(key) < 0:
                     raise RequestError(
@@ -249,9 +264,9 @@ def plan_historical(
                     )
             by_table[name] = len(groups)
             key_types = [schema.field(k).type for k in spec.entity_keys]
-            groups.append(FeatureGroup(table, spec, snapshot_id, [], [], key_types))
+            groups.append(FeatureGroup(table, spec, snapshot_id, [], [], key_types, read))
         group = groups[by_table[name]]
-        schema = table_arrow_schema(snapshot_schema(group.table, group.snapshot_id))
+        schema = table_arrow_schema(group.read)
         if schema.get_field_index(feature) < 0:
             raise NotFoundError(f"feature {ref!r}: {name!r} has no column {feature!r} (columns: {schema.names})")
         if feature not in group.features:
@@ -270,7 +285,9 @@ def plan_historical(
     if clashes:
         hint = "" if request.full_feature_names else "; full_feature_names=true prefixes features with their table"
         raise RequestError(f"output column name(s) {clashes} would appear twice{hint}")
-    return HistoricalPlan(request, entity_schema, groups, columns, entity_table, entity_snapshot, entity_filter)
+    return HistoricalPlan(
+        request, entity_schema, groups, columns, entity_table, entity_snapshot, entity_filter, entity_read=entity_read
+    )
 
 
 def table_labels(names: list[str]) -> dict[str, str]:
@@ -354,12 +371,16 @@ def endpoint_requests(
     """
     request = plan.request
     pins = {g.name: g.snapshot_id for g in plan.groups if g.snapshot_id is not None}
+    schemas = {g.name: g.read.schema_id for g in plan.groups}
     entities = request.entities
     if entities is not None and entities.table is not None:
-        entities = replace(entities, snapshot_id=plan.entity_snapshot_id)
+        assert plan.entity_read is not None, "planned with the entity table"
+        entities = replace(entities, snapshot_id=plan.entity_snapshot_id, schema_id=plan.entity_read.schema_id)
     else:
         partitions = 1
-    base = replace(request, entities=entities, snapshot_ids=pins, as_of=None, partitions=None, shard=None)
+    base = replace(
+        request, entities=entities, snapshot_ids=pins, schema_ids=schemas, as_of=None, partitions=None, shard=None
+    )
     key = plan.groups[0].spec.entity_keys[0]
     if partitions == 1 or replicas is None or len(replicas) < 2 or not _shardable_key(plan, key):
         return [(replace(base, partition=[i, partitions] if partitions > 1 else None), None) for i in range(partitions)]

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_METADATA_KEY = b"flight.snapshot_id"
 
+SCHEMA_METADATA_KEY = b"flight.schema_id"  # the table's schema the rows are in: its current one, unless time travel
+
 TABLE_METADATA_KEY = b"flight.table"
 
 READ_PATH_METADATA_KEY = b"flight.read_path"
@@ -85,8 +87,12 @@ class Endpoints:
 
 
 def scan_schema(plan: ScanPlan, read_path: str | None = None) -> pa.Schema:
-    """A scan's schema, with the table and snapshot it reads (and how, once known) in its metadata."""
-    metadata = {TABLE_METADATA_KEY: plan.name.encode(), SNAPSHOT_METADATA_KEY: str(plan.snapshot_id).encode()}
+    """A scan's schema, with the table, snapshot and schema it reads (and how, once known) in its metadata."""
+    metadata = {
+        TABLE_METADATA_KEY: plan.name.encode(),
+        SNAPSHOT_METADATA_KEY: str(plan.snapshot_id).encode(),
+        SCHEMA_METADATA_KEY: str(plan.read.schema_id).encode(),
+    }
     if read_path is not None:
         metadata[READ_PATH_METADATA_KEY] = read_path.encode()
     return plan.schema.with_metadata(metadata)
@@ -113,9 +119,19 @@ class Scans:
             raise RequestError("scan request: 'part' is for tickets; ask get_flight_info for 'partitions' instead")
         plan = plan_scan(self.parts.catalog, request, self.parts.caches)
         with self.parts.caches.in_use.hold(held_snapshot(plan)):  # splitting by file reads its manifests
-            # Tickets pin the snapshot, so fetching them later returns exactly what was described.
+            # Tickets pin the snapshot and the schema read, so fetching them later returns exactly what was described.
             parts = scan_parts(plan, request.partitions or self.parts.config.scan_partitions)
-        tickets = [replace(request, snapshot_id=plan.snapshot_id, as_of=None, partitions=None, part=p) for p in parts]
+        tickets = [
+            replace(
+                request,
+                snapshot_id=plan.snapshot_id,
+                schema_id=plan.read.schema_id,
+                as_of=None,
+                partitions=None,
+                part=p,
+            )
+            for p in parts
+        ]
         return flight.FlightInfo(
             scan_schema(plan),
             descriptor,

@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from flight_server.wire.codec import (
+    INT64_MAX,
     MAX_REQUEST_BYTES,
     Fields,
     decode,
@@ -39,6 +40,7 @@ class ScanRequest:
     part: list[int] | None = None
     compression: str | None = None
     since_snapshot: int | None = None  # only the rows appended after this snapshot, up to the one read
+    schema_id: int | None = None  # set in endpoint tickets: the schema the read was planned in (`read_schema`)
     kind: str = field(default="scan", init=False)
 
     @classmethod
@@ -57,6 +59,7 @@ class ScanRequest:
                 "part",
                 "compression",
                 "since_snapshot",
+                "schema_id",
             },
         )
         as_of = body.get("as_of")
@@ -73,6 +76,7 @@ class ScanRequest:
             part=f.part("part"),
             compression=f.choice("compression", COMPRESSIONS),
             since_snapshot=f.snapshot_id("since_snapshot"),
+            schema_id=f.int("schema_id"),
         )
         if request.snapshot_id is not None and request.as_of is not None:
             raise ProtocolError("scan request: give either 'snapshot_id' or 'as_of', not both")
@@ -104,14 +108,15 @@ class EntitySource:
     filter: str | None = None
     snapshot_id: int | None = None
     rows: dict[str, list[Any]] | None = None
+    schema_id: int | None = None  # set in endpoint tickets: the schema the entity table was read in
 
     @classmethod
     def from_body(cls, body: Any) -> EntitySource:
         if not isinstance(body, dict):
             raise ProtocolError("historical request: field 'entities' must be an object")
-        f = Fields(body, "historical request: entities", {"table", "filter", "snapshot_id", "rows"})
+        f = Fields(body, "historical request: entities", {"table", "filter", "snapshot_id", "rows", "schema_id"})
         rows = body.get("rows")
-        source = cls(f.str("table"), f.str("filter"), f.snapshot_id("snapshot_id"), rows)
+        source = cls(f.str("table"), f.str("filter"), f.snapshot_id("snapshot_id"), rows, f.int("schema_id"))
         if (source.table is None) == (rows is None):
             raise ProtocolError("historical request: 'entities' needs either 'table' or 'rows'")
         if rows is not None:
@@ -119,8 +124,10 @@ class EntitySource:
                 raise ProtocolError("historical request: 'entities.rows' must map column names to lists of values")
             if len({len(v) for v in rows.values()}) != 1:
                 raise ProtocolError("historical request: the lists in 'entities.rows' must have equal lengths")
-            if source.filter is not None or source.snapshot_id is not None:
-                raise ProtocolError("historical request: 'filter' and 'snapshot_id' apply to an entity table only")
+            if source.filter is not None or source.snapshot_id is not None or source.schema_id is not None:
+                raise ProtocolError(
+                    "historical request: 'filter', 'snapshot_id' and 'schema_id' apply to an entity table only"
+                )
         return source
 
 
@@ -167,6 +174,7 @@ class HistoricalRequest:
     as_of: str | None = None
     partitions: int | None = None
     partition: list[int] | None = None
+    schema_ids: dict[str, int] | None = None  # set in endpoint tickets: each table's schema read (`read_schema`)
     compression: str | None = None
     shard: KeyShare | None = None
     end_marker: bool = False
@@ -183,6 +191,7 @@ class HistoricalRequest:
                 "entity_time",
                 "full_feature_names",
                 "snapshot_ids",
+                "schema_ids",
                 "as_of",
                 "partitions",
                 "partition",
@@ -204,6 +213,12 @@ class HistoricalRequest:
                 table: parse_snapshot_id(value, f"historical request: 'snapshot_ids' of {table!r}")
                 for table, value in snapshot_ids.items()
             }
+        schema_ids = body.get("schema_ids")
+        if schema_ids is not None and not (
+            isinstance(schema_ids, dict)
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= INT64_MAX for v in schema_ids.values())
+        ):
+            raise ProtocolError("historical request: 'schema_ids' must map table names to schema ids")
         as_of = body.get("as_of")
         if as_of is not None:
             as_of = format_timestamp(parse_timestamp(as_of, "historical request: field 'as_of'"))
@@ -214,6 +229,7 @@ class HistoricalRequest:
             entity_time=f.str("entity_time") or "event_timestamp",
             full_feature_names=f.bool("full_feature_names"),
             snapshot_ids=snapshot_ids,
+            schema_ids=schema_ids,
             as_of=as_of,
             partitions=f.int("partitions", minimum=1),
             partition=f.part("partition"),
