@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -24,9 +25,10 @@ import sqlalchemy
 from click.testing import CliRunner
 from pyiceberg.exceptions import CommitStateUnknownException, ServerError, ServiceUnavailableError
 
-from flight_client import FeatureClient, FeatureServerError, UnavailableError
+from flight_client import FeatureClient, FeatureServerError, UnavailableError, WriteResult
 from flight_server.base.outages import OutageLog, outage
 from flight_server.cli import health
+from flight_server.iceberg import internals
 from flight_server.online.store import refresh_error
 from tests.conftest import local_files, start_server, start_writing_server, wait_until
 from tests.services import (
@@ -371,6 +373,49 @@ def test_a_commit_the_catalog_never_confirmed_keeps_its_files_and_its_retry_comm
             assert rows_of(client) == [0, 1, 2, 3, 4]
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["append", "overwrite"])
+def test_a_commit_the_catalog_refused_outright_deletes_its_files_and_its_retry_commits_once(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """PostgreSQL refuses connections from the moment the put's commit writes its metadata file, after the put's
+    last read of the catalog: the commit's connection fails to open, so nothing of it was sent and it surely did not
+    land. The put answers UNAVAILABLE naming the catalog (not `did not confirm the commit`), and every file written
+    for it (data, manifests, metadata) is deleted; its retry with the write_id commits once. A plain append (its
+    group's commit) and an overwrite (committed alone). The hook only picks the moment; the refusal is real."""
+    warehouse = tmp_path / "wh"
+    server = start_server(sql_catalog(database, warehouse.as_uri()))
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}", timeout=30) as client:
+            first_write(client)
+            before = files_under(warehouse)
+            write_metadata = internals.write_metadata
+
+            def refusing(*args: Any) -> None:
+                monkeypatch.setattr(internals, "write_metadata", write_metadata)  # once
+                refuse_connections(database)
+                write_metadata(*args)
+
+            monkeypatch.setattr(internals, "write_metadata", refusing)
+
+            def put() -> WriteResult:
+                return client.write(TABLE, drivers(range(3, 5), 2.0), mode=mode, write_id="w-refused")
+
+            error = unavailable(put, "catalog")
+            assert "did not confirm" not in str(error) and "write_id" not in str(error), str(error)
+            assert files_under(warehouse) == before  # nothing left of it
+            refuse_connections(database, refuse=False)
+            assert not put().duplicate
+            assert put().duplicate
+            assert rows_of(client) == ([0, 1, 2, 3, 4] if mode == "append" else [3, 4])
+    finally:
+        server.shutdown()
+
+
+def files_under(folder: Path) -> set[Path]:
+    """Every file under `folder`: data, manifests, manifest lists, metadata."""
+    return {path for path in folder.rglob("*") if path.is_file()}
 
 
 def s3_files(properties: dict[str, str], prefix: str) -> set[str]:
