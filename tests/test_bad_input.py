@@ -87,7 +87,7 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
     "unknown field": (
         lambda c, t: raw_get(c, ticket(table=t, colums=["a"])),
         InvalidRequestError,
-        r"unknown field\(s\) \['colums'\]",
+        r"unknown field\(s\) \['colums'\]; allowed: \['as_of', .*'table'.*\], and in every request \['kind', 'v'\]",
     ),
     "wrong type": (
         lambda c, t: raw_get(c, ticket(table=t, limit="ten")),
@@ -386,7 +386,11 @@ CASES: dict[str, tuple[Case, type[FeatureServerError], str]] = {
         InvalidRequestError,
         "health body: field 'catalog' must be true or false",
     ),
-    "health unknown field": (lambda c, t: c._action("health", {"catlog": False}), InvalidRequestError, "catlog"),
+    "health unknown field": (
+        lambda c, t: c._action("health", {"catlog": False}),
+        InvalidRequestError,
+        r"unknown field\(s\) \['catlog'\]; allowed: \['catalog'\], and in every request \['kind', 'v'\]",
+    ),
     "deeply nested json": (
         lambda c, t: raw_get(c, b'{"v": 1, "table": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
         InvalidRequestError,

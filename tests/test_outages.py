@@ -7,13 +7,16 @@ their index, and a put retried with its write_id commits once (docs/operations.m
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -22,9 +25,11 @@ import sqlalchemy
 from click.testing import CliRunner
 from pyiceberg.exceptions import CommitStateUnknownException, ServerError, ServiceUnavailableError
 
-from flight_client import FeatureClient, FeatureServerError, UnavailableError
+from flight_client import FeatureClient, FeatureServerError, UnavailableError, WriteResult
 from flight_server.base.outages import OutageLog, outage
 from flight_server.cli import health
+from flight_server.iceberg import internals
+from flight_server.online.store import refresh_error
 from tests.conftest import local_files, start_server, start_writing_server, wait_until
 from tests.services import (
     S3_ACCESS_KEY,
@@ -74,20 +79,44 @@ def admin(url: str) -> sqlalchemy.Engine:
     return sqlalchemy.create_engine(url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
 
 
-def refuse_connections(url: str, refuse: bool = True) -> None:
+def refuse_connections(url: str, refuse: bool = True, of: int | None = None) -> None:
     """The catalog's database refuses new connections and its sessions end (`refuse`), or takes them again: as
-    tests/test_metrics.py makes PostgreSQL refuse, a primary gone with no replica promoted yet."""
+    tests/test_metrics.py makes PostgreSQL refuse, a primary gone with no replica promoted yet. With `of` (a process
+    id) only that process's sessions end: the others' pooled sessions go on working, as when a network partition
+    cuts one host off the database."""
     engine = admin(url)
     database = sqlalchemy.engine.make_url(url).database
     with engine.connect() as connection:
         quoted = connection.dialect.identifier_preparer.quote(database)
         connection.execute(sqlalchemy.text(f"ALTER DATABASE {quoted} WITH ALLOW_CONNECTIONS {str(not refuse).lower()}"))
         if refuse:
+            ports = sorted(tcp_ports(of)) if of is not None else None
             connection.execute(
-                sqlalchemy.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :db"),
-                {"db": database},
+                sqlalchemy.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :db"
+                    + (" AND client_port = ANY(:ports)" if ports is not None else "")
+                ),
+                {"db": database, "ports": ports},
             )
     engine.dispose()
+
+
+def tcp_ports(pid: int) -> set[int]:
+    """The local ports of process `pid`'s TCP sockets (from /proc: its descriptors' socket inodes)."""
+    fds = Path(f"/proc/{pid}/fd")
+    inodes = set()
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # closed since it was listed
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def unavailable(call: object, service: str) -> FeatureServerError:
@@ -253,6 +282,41 @@ def test_a_catalog_that_refuses_connections_for_a_while(
         server.shutdown()
 
 
+def test_describe_says_why_online_refreshes_fail_while_the_catalog_is_away_from_the_write_process(
+    database: str, tmp_path: Path
+) -> None:
+    """The write process (which plans each online refresh) loses the catalog: its sessions end and the database
+    refuses new ones, while the serving process's pooled session goes on answering `describe`. The table's `online`
+    says why its refreshes fail, in the outage's words (not `internal error (FlightUnavailableError)`, the class of
+    the relayed error), and says nothing once the catalog answers again."""
+    server = start_writing_server(sql_catalog(database, (tmp_path / "wh").as_uri()), online_refresh_seconds=0.1)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}", timeout=30) as client:
+            first_write(client)
+            assert client.get_online_features({"driver_id": [1]}, [f"{TABLE}:rate"]).column("rate").to_pylist() == [1.0]
+            assert client.describe(TABLE)["online"]["error"] is None
+            child = client.health()["write_process"]["pid"]
+            errors: list[str | None] = []
+
+            def failing() -> bool:
+                errors.append(client.describe(TABLE)["online"]["error"])
+                return errors[-1] is not None
+
+            refuse_connections(database, of=child)
+            try:
+                wait_until(failing, what="a refresh to fail")
+            finally:
+                refuse_connections(database, refuse=False)
+            error = errors[-1]
+            assert error is not None and error.startswith("the catalog is unavailable ("), error
+            assert "\n" not in error and "internal error" not in error, error
+            for leak in ("Traceback", "/tmp", "postgresql", PASSWORD, "Flight"):
+                assert leak not in error, error
+            wait_until(lambda: client.describe(TABLE)["online"]["error"] is None, what="refreshes to work again")
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("write_process", [False, True])
 def test_a_commit_the_catalog_never_confirmed_keeps_its_files_and_its_retry_commits_once(
     database: str, tmp_path: Path, write_process: bool
@@ -309,6 +373,49 @@ def test_a_commit_the_catalog_never_confirmed_keeps_its_files_and_its_retry_comm
             assert rows_of(client) == [0, 1, 2, 3, 4]
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["append", "overwrite"])
+def test_a_commit_the_catalog_refused_outright_deletes_its_files_and_its_retry_commits_once(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """PostgreSQL refuses connections from the moment the put's commit writes its metadata file, after the put's
+    last read of the catalog: the commit's connection fails to open, so nothing of it was sent and it surely did not
+    land. The put answers UNAVAILABLE naming the catalog (not `did not confirm the commit`), and every file written
+    for it (data, manifests, metadata) is deleted; its retry with the write_id commits once. A plain append (its
+    group's commit) and an overwrite (committed alone). The hook only picks the moment; the refusal is real."""
+    warehouse = tmp_path / "wh"
+    server = start_server(sql_catalog(database, warehouse.as_uri()))
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}", timeout=30) as client:
+            first_write(client)
+            before = files_under(warehouse)
+            write_metadata = internals.write_metadata
+
+            def refusing(*args: Any) -> None:
+                monkeypatch.setattr(internals, "write_metadata", write_metadata)  # once
+                refuse_connections(database)
+                write_metadata(*args)
+
+            monkeypatch.setattr(internals, "write_metadata", refusing)
+
+            def put() -> WriteResult:
+                return client.write(TABLE, drivers(range(3, 5), 2.0), mode=mode, write_id="w-refused")
+
+            error = unavailable(put, "catalog")
+            assert "did not confirm" not in str(error) and "write_id" not in str(error), str(error)
+            assert files_under(warehouse) == before  # nothing left of it
+            refuse_connections(database, refuse=False)
+            assert not put().duplicate
+            assert put().duplicate
+            assert rows_of(client) == ([0, 1, 2, 3, 4] if mode == "append" else [3, 4])
+    finally:
+        server.shutdown()
+
+
+def files_under(folder: Path) -> set[Path]:
+    """Every file under `folder`: data, manifests, manifest lists, metadata."""
+    return {path for path in folder.rglob("*") if path.is_file()}
 
 
 def s3_files(properties: dict[str, str], prefix: str) -> set[str]:
@@ -436,6 +543,20 @@ def test_which_failures_are_outages(error: Exception, message: str | None) -> No
     saying the store is busy or away one of the object store; a full disk, a missing file and a bug are not."""
     found = outage(error)
     assert (found is None) if message is None else (found is not None and message in found), found
+
+
+def test_a_refresh_failing_in_the_serving_process_says_why_in_one_line() -> None:
+    """Without a write process the refresh meets the catalog library's error itself: `describe` shows the outage's
+    message for a connection refused (a real one: no server listens on the port), and a bug's class alone."""
+    engine = sqlalchemy.create_engine(f"postgresql+psycopg2://postgres:{PASSWORD}@127.0.0.1:{free_ports(1)[0]}/x")
+    with pytest.raises(sqlalchemy.exc.OperationalError) as refused:
+        engine.connect()
+    engine.dispose()
+    message = refresh_error(refused.value)
+    assert message.startswith("the catalog is unavailable (connection refused)"), message
+    assert PASSWORD not in message and "127.0.0.1" not in message
+    bug = refresh_error(ValueError("/srv/warehouse/x.parquet is odd"))
+    assert bug == "internal error (ValueError); the server's log has the details"
 
 
 def test_calls_failing_for_an_outage_are_logged_once_a_minute_with_a_count(caplog: pytest.LogCaptureFixture) -> None:

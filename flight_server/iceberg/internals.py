@@ -279,8 +279,9 @@ def sharing_entries(metadata: TableMetadata) -> TableMetadata:
 
 def commit_on_base(transaction: Transaction, producer: ListingProducer) -> Table:
     """Commit `transaction` with `producer`'s snapshot on the branch head the transaction was opened on, or not
-    at all: a lost race raises `CommitFailedException` (`TableAlreadyExistsError` when creating), any other
-    failure of the catalog's commit `CommitStateUnknownException` (it may have landed).
+    at all: a lost race raises `CommitFailedException` (`TableAlreadyExistsError` when creating), a SQL catalog that
+    could not be reached `CommitNotSent`, any other failure of the catalog's commit `CommitStateUnknownException`
+    (it may have landed).
 
     `producer.commit()` would register the producer, and `commit_transaction` would then rebuild its snapshot
     on whatever head won the race (`commit.retry.num-retries`): past any check the caller made on the state it
@@ -298,6 +299,9 @@ def commit_on_base(transaction: Transaction, producer: ListingProducer) -> Table
         table = commit_staged(transaction)
     except (CommitFailedException, TableAlreadyExistsError):
         COMMIT_RETRIES.inc()
+        producer._clean_all_uncommitted()
+        raise
+    except CommitNotSent:
         producer._clean_all_uncommitted()
         raise
     except CommitStateUnknownException:
@@ -427,13 +431,15 @@ def _commit_sql(catalog: SqlCatalog, transaction: Transaction) -> Table:
     write_metadata(metadata, io, new_location)
     *namespace, name = table.name()
     bound = {"catalog": catalog.name, "namespace": ".".join(namespace), "table": name}
-    with catalog.engine.begin() as connection:  # a failure here: the outcome is unknown (`commit_on_base`)
+    try:
+        connection = catalog.engine.connect()  # a pooled session (tested: `pool_pre_ping`) or a new one
+    except Exception as exc:
+        _delete_lost_metadata(io, new_location)
+        raise CommitNotSent(f"the catalog could not be reached to commit ({type(exc).__name__})") from exc
+    with connection, connection.begin():  # a failure here: the outcome is unknown (`commit_on_base`)
         swapped = connection.execute(_SWAP, {**bound, "base": location, "location": new_location}).rowcount
     if swapped < 1:
-        try:
-            io.delete(new_location)
-        except Exception as exc:  # an orphan file at worst: the commit surely did not land
-            log.warning("could not delete the metadata file %s of a lost commit: %s", new_location, exc)
+        _delete_lost_metadata(io, new_location)
         raise CommitFailedException(f"Table has been updated by another process: {'.'.join(table.name())}")
     try:
         catalog._delete_old_metadata(table.io, base, metadata)
@@ -442,6 +448,21 @@ def _commit_sql(catalog: SqlCatalog, transaction: Transaction) -> Table:
     table.metadata, table.metadata_location = metadata, new_location
     transaction._updates, transaction._requirements = (), ()  # committed, as `commit_transaction` leaves them
     return table
+
+
+class CommitNotSent(Exception):
+    """A commit that surely did not land because nothing of it reached the catalog: the connection to a SQL
+    catalog's database failed to open (refused, say), before the statement of the commit was sent. Unlike
+    `CommitStateUnknownException` (the connection failed after it), the files written for the commit may go. The
+    cause is the catalog library's error, which `base/outages.py` words for clients."""
+
+
+def _delete_lost_metadata(io: FileIO, location: str) -> None:
+    """Delete the metadata file of a commit that surely did not land (an orphan file at worst)."""
+    try:
+        io.delete(location)
+    except Exception as exc:
+        log.warning("could not delete the metadata file %s of a lost commit: %s", location, exc)
 
 
 # The compare-and-swap of a table's metadata location in a SQL catalog (`_commit_sql`), built once.

@@ -12,10 +12,12 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.flight as flight
 from pyiceberg.table import Table
 
 from flight_server.base.locks import LockPool
 from flight_server.base.memory import MemoryBudget
+from flight_server.base.outages import outage
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
 from flight_server.iceberg.lineage import commit_ranks
@@ -36,7 +38,7 @@ from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
 from flight_server.reads.paths import files_relation, scan_relation
 from flight_server.reads.plan import plan_table_scan, renamed
-from flight_server.wire.errors import LimitError, NotFoundError, RequestError, error_kind
+from flight_server.wire.errors import LimitError, NotFoundError, RequestError, error_kind, error_message
 from flight_server.wire.reads import ScanRequest
 
 log = logging.getLogger(__name__)
@@ -456,4 +458,15 @@ class OnlineStore:
             failure = f"{type(exc).__name__}: {exc}"
             if failure != index.failure:  # once per distinct failure, not at every poll
                 log.exception("online index %s: refresh failed; serving snapshot %s", name, index.state.snapshot_id)
-            index.failure, index.error = failure, error_kind(exc)[1]  # `describe` shows it: no server paths
+            index.failure, index.error = failure, refresh_error(exc)
+
+
+def refresh_error(exc: Exception) -> str:
+    """What `describe` shows of a failed refresh, one line without traceback or server path: the outage's message
+    when the catalog or the object store is away, here or in the write process (which relays the message it would
+    answer a client, in a Flight error carrying its kind), else `error_kind`'s."""
+    if (down := outage(exc)) is not None:
+        return down
+    if isinstance(exc, flight.FlightError) and getattr(exc, "extra_info", None):
+        return error_message(exc)
+    return error_kind(exc)[1]

@@ -43,7 +43,7 @@ from flight_server.reads.deleted import (
     without_deleted,
 )
 from flight_server.reads.duck import Engine, local_path
-from flight_server.reads.plan import ScanPlan, plan_tasks, refuse_readded, renamed, schema_changed
+from flight_server.reads.plan import ScanPlan, plan_tasks, renamed, schema_changed
 from flight_server.wire.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,10 @@ def direct_files(plan: ScanPlan) -> tuple[list[FileScanTask] | None, str]:
 
     The direct path takes whole-table reads (no filter, no limit: the bulk case) when pyiceberg can
     plan them (no equality delete files), every delete file is a Parquet position delete file, and
-    no column was ever renamed (files are matched by column name); everything else goes through
-    DuckDB, so that filters have one semantics (SQL's) whatever the path. Every read of a snapshot asks
-    here first: time travel to a column that the table's schema has since given to another (`readded`) is refused.
+    no column was ever renamed, nor a name given to another column (files are matched by column name:
+    `renamed`); everything else goes through
+    DuckDB, so that filters have one semantics (SQL's) whatever the path.
     """
-    refuse_readded(plan.table, plan.read, plan.columns_read())
     if plan.request.limit is not None or not isinstance(plan.expression, AlwaysTrue):
         return None, "a filter or a limit"
     if renamed(plan.table):

@@ -81,10 +81,8 @@ class ScanPlan:
 
 
 def plan_scan(catalog: FeatureCatalog, request: ScanRequest, caches: ReadCaches) -> ScanPlan:
-    """A scan's plan, refused up front (before any endpoint is handed out) if it reads a `readded` column."""
-    plan = plan_table_scan(catalog.read(request.table), request, caches)
-    refuse_readded(plan.table, plan.read, plan.columns_read())
-    return plan
+    """A scan's plan, of the table as the catalog has it now."""
+    return plan_table_scan(catalog.read(request.table), request, caches)
 
 
 def plan_table_scan(table: Table, request: ScanRequest, caches: ReadCaches) -> ScanPlan:
@@ -161,31 +159,6 @@ def schema_changed(table: Table) -> bool:
     (`union_by_name`) instead of taking the first file's columns for all."""
     shapes = {tuple((f.field_id, f.name, f.field_type) for f in s.fields) for s in table.schemas().values()}
     return len(shapes) > 1
-
-
-class ReaddedColumnError(RequestError):
-    """A read of a column whose name the table's schema now gives to another column: refused, not answered."""
-
-
-def readded(table: Table, schema: Schema, names: list[str]) -> list[str]:
-    """Those of `names` (top-level columns of `schema`, the one read) to which the table's current schema gives
-    another field id: the column was dropped and added again under its name (or another renamed to it) since
-    that snapshot. Only time travel reads a snapshot's own schema (`read_schema`): it would answer the old column
-    under a name that now means the new one. Reads of the current state, in the current schema, have none."""
-    current = {f.name: f.field_id for f in table.schema().fields}
-    ids = {f.name: f.field_id for f in schema.fields}
-    return [name for name in names if current.get(name, ids.get(name)) != ids.get(name)]
-
-
-def refuse_readded(table: Table, schema: Schema, names: list[str]) -> None:
-    """Refuse a read of the columns `names` of `schema` if `readded` finds any, saying what happened."""
-    found = readded(table, schema, names)
-    if found:
-        raise ReaddedColumnError(
-            f"table {table_name(table)!r}: column(s) {found} were dropped and added again (or another column was "
-            "renamed to the name) after the snapshot read: in its schema that name holds the old column, which "
-            "the table no longer has; read the other columns, or the table's current state (the new column)"
-        )
 
 
 def _rewritten_in_files(schema: Schema) -> bool:

@@ -37,7 +37,6 @@ from flight_server.base.schemas import table_arrow_schema
 from flight_server.base.shards import UNBUCKETED_SLOTS, key_slots, owned, shardable
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
 from flight_server.iceberg.snapshots import read_schema, resolve_snapshot
-from flight_server.reads.plan import refuse_readded
 from flight_server.wire.errors import NotFoundError, RequestError
 from flight_server.wire.reads import (
     SHARD_SLOTS_MAX,
@@ -252,7 +251,6 @@ def plan_historical(
                     raise RequestError(
                         f"the entity rows lack key column {key!r} of {name!r} (columns: {entity_schema.names})"
                     )
-            refuse_readded(table, read, read.column_names)  # cached indexes too: their whole table is read
             schema = table_arrow_schema(read)
             for key in spec.entity_keys:
                 entity_type, feature_type = entity_schema.field(key).type, schema.field(key).type

@@ -171,13 +171,20 @@ def decode_reply(raw: bytes) -> Any:
     return json.loads(raw)
 
 
+# Fields every request may carry: the protocol version and the request's kind (`decode`, docs/protocol.md).
+COMMON_FIELDS = frozenset({"v", "kind"})
+
+
 class Fields:
     """Typed access to a request's fields, with errors that name the field."""
 
     def __init__(self, body: dict[str, Any], what: str, allowed: set[str]):
-        unknown = sorted(set(body) - allowed - {"v", "kind"})
+        unknown = sorted(set(body) - allowed - COMMON_FIELDS)
         if unknown:
-            raise ProtocolError(f"{what}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+            own = sorted(allowed - COMMON_FIELDS)
+            raise ProtocolError(
+                f"{what}: unknown field(s) {unknown}; allowed: {own}, and in every request {sorted(COMMON_FIELDS)}"
+            )
         self.body, self.what = body, what
 
     def _bad(self, name: str, expected: str) -> ProtocolError:
