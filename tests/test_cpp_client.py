@@ -89,24 +89,28 @@ def location(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         peers=[DOWN],
         max_request_bytes=MAX_REQUEST_BYTES,
     )
-    now = dt.datetime.now(dt.timezone.utc)
     with FeatureClient(here) as client:
-        client.write(
-            "demo.driver_stats",
-            demo.driver_stats(drivers=50, hours=24, now=now),
-            entity_keys=["driver_id"],
-            event_time="event_timestamp",
-            created_time="created",
-            ttl=dt.timedelta(days=1),
-        )
-        client.write(
-            "demo.customer_profile",
-            demo.customer_profile(customers=20),
-            entity_keys=["customer_id"],
-            event_time="event_timestamp",
-        )
+        small_demo(client)
     yield here
     server.shutdown()
+
+
+def small_demo(client: FeatureClient) -> None:
+    """The demo's driver and customer tables, small: what the clients in other languages read."""
+    client.write(
+        "demo.driver_stats",
+        demo.driver_stats(drivers=50, hours=24, now=dt.datetime.now(dt.timezone.utc)),
+        entity_keys=["driver_id"],
+        event_time="event_timestamp",
+        created_time="created",
+        ttl=dt.timedelta(days=1),
+    )
+    client.write(
+        "demo.customer_profile",
+        demo.customer_profile(customers=20),
+        entity_keys=["customer_id"],
+        event_time="event_timestamp",
+    )
 
 
 @pytest.fixture

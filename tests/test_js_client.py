@@ -23,8 +23,8 @@ import pyarrow.ipc as ipc
 import pytest
 
 from flight_client import FeatureClient, FeatureServerError
-from flight_server import demo
 from tests.conftest import sqlite_catalog, start_server
+from tests.test_cpp_client import small_demo
 
 CLIENTS = Path(__file__).parent / "clients"
 SOURCE = CLIENTS / "feature_client.mjs"
@@ -60,22 +60,8 @@ def location(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         max_request_bytes=MAX_REQUEST_BYTES,
     )
     here = f"grpc://127.0.0.1:{server.port}"
-    now = dt.datetime.now(dt.timezone.utc)
     with FeatureClient(here, token=ADMIN_TOKEN) as client:
-        client.write(
-            "demo.driver_stats",
-            demo.driver_stats(drivers=50, hours=24, now=now),
-            entity_keys=["driver_id"],
-            event_time="event_timestamp",
-            created_time="created",
-            ttl=dt.timedelta(days=1),
-        )
-        client.write(
-            "demo.customer_profile",
-            demo.customer_profile(customers=20),
-            entity_keys=["customer_id"],
-            event_time="event_timestamp",
-        )
+        small_demo(client)
     yield here
     server.shutdown()
 
