@@ -75,6 +75,10 @@ ROUND_BYTES = 1 << 30  # small files one round compacts per table, at most (beyo
 
 RECHECK_SECONDS = 3600.0  # a table not written since is looked at again after this long (snapshots age)
 
+# Tables watched at most: past it, those whose last round is oldest are forgotten (a dropped table is forgotten at its
+# next round, which without the background thread never comes: tables created and dropped would otherwise add up, and
+# with them the per-table label sets of /metrics). A forgotten table the survey finds due is watched again.
+MAX_WATCHED = 4096
 ORPHAN_SECONDS = 24 * 3600.0  # orphan removal of one table, at most this often (it lists every file)
 
 # Tables not written here whose metadata one round reads (in the serving process: up to ~0.1 s each for a long
@@ -263,10 +267,22 @@ class Upkeep:
             self._thread.join(timeout=60)
 
     def notify(self, ref: str) -> None:
-        """This server changed the table: look at it in the next round."""
+        """This server changed the table: look at it in the next round (none without the background thread)."""
+        if self._thread is None:
+            return
         name = ".".join(self.catalog.identifier(ref))
         with self._lock:
-            self._tables.setdefault(name, Watched()).due = True
+            self._watch(name).due = True
+
+    def _watch(self, name: str) -> Watched:
+        """The table's record, made if new, within `MAX_WATCHED` (under `_lock`)."""
+        watched = self._tables.get(name)
+        if watched is None:
+            if len(self._tables) >= MAX_WATCHED:
+                oldest = min(self._tables, key=lambda n: (self._tables[n].due, self._tables[n].checked))
+                del self._tables[oldest]
+            watched = self._tables[name] = Watched()
+        return watched
 
     def last(self, ref: str) -> MaintenanceResult | None:
         """The table's last round on this server, if it had one."""
@@ -351,7 +367,7 @@ class Upkeep:
             if due:
                 log.info("maintenance: %s, not written by this server since it started, is due: watched", name)
                 with self._lock:
-                    self._tables.setdefault(name, Watched())
+                    self._watch(name)
 
     def _due(self) -> list[str]:
         now = time.monotonic()
@@ -362,7 +378,7 @@ class Upkeep:
         """Compact, expire, remove orphans (when due): each step once, a lost race left to the next round."""
         started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
         with self._lock:
-            watched = self._tables.setdefault(name, Watched())  # the action may name a table not written here
+            watched = self._watch(name)  # the action may name a table not written here
             watched.due, watched.checked = False, time.monotonic()
             orphans_due = (
                 watched.orphans_checked is None or time.monotonic() - watched.orphans_checked >= ORPHAN_SECONDS
