@@ -38,7 +38,7 @@ from flight_server.reads.caches import ReadCaches
 from flight_server.reads.duck import Engine
 from flight_server.reads.paths import files_relation, scan_relation
 from flight_server.reads.plan import plan_table_scan, renamed
-from flight_server.wire.errors import LimitError, NotFoundError, RequestError, error_kind, error_message
+from flight_server.wire.errors import LimitError, NotFoundError, RequestError, detail_code, error_kind, error_message
 from flight_server.wire.reads import ScanRequest
 
 log = logging.getLogger(__name__)
@@ -467,6 +467,6 @@ def refresh_error(exc: Exception) -> str:
     answer a client, in a Flight error carrying its kind), else `error_kind`'s."""
     if (down := outage(exc)) is not None:
         return down
-    if isinstance(exc, flight.FlightError) and getattr(exc, "extra_info", None):
+    if isinstance(exc, flight.FlightError) and detail_code(exc) is not None:
         return error_message(exc)
     return error_kind(exc)[1]

@@ -11,7 +11,6 @@ them (`refused`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ from flight_server.base.logs import bind, current, unbind
 from flight_server.transport.errors import ROUTES
 from flight_server.transport.metrics import Flow, ServerMetrics
 from flight_server.wire.codec import REQUEST_ID_HEADER
-from flight_server.wire.errors import RequestError, error_kind
+from flight_server.wire.errors import RequestError, detail_code, error_kind
 from flight_server.wire.reads import HistoricalRequest, OnlineRequest, ScanRequest
 from flight_server.wire.writes import WriteRequest
 
@@ -49,14 +48,9 @@ def code_of(exception: BaseException | None) -> str:
     (CONFLICT, RESOURCE_EXHAUSTED: both travel as UNAVAILABLE)."""
     if exception is None:
         return "OK"
-    detail = getattr(exception, "extra_info", None)
-    if detail:
-        try:
-            kind = json.loads(detail).get("code")
-        except (ValueError, AttributeError):
-            kind = None
-        if kind in ROUTES:
-            return str(kind)
+    kind = detail_code(exception)
+    if kind in ROUTES:
+        return str(kind)
     for error, status in _CODES.items():
         if isinstance(exception, error):
             return status

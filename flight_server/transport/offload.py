@@ -73,6 +73,7 @@ from flight_server.wire.errors import (
     PermissionDeniedError,
     RequestError,
     UnauthenticatedError,
+    detail_code,
     error_code,
     error_message,
 )
@@ -142,7 +143,7 @@ class LaunchError(Exception):
 def relayed_error(exc: BaseException) -> Exception:
     """The exception that gives the client the child's error as the child sent it: same status, kind, message."""
     message, kind = error_message(exc), error_code(exc)
-    if kind == "UNAVAILABLE" and not getattr(exc, "extra_info", None):  # gRPC's own, from a running child: a lost race
+    if kind == "UNAVAILABLE" and detail_code(exc) is None:  # gRPC's own, from a running child: a lost race
         kind = "CONFLICT"
     if kind in _KINDS:
         return _KINDS[kind](message)
@@ -293,7 +294,7 @@ class WriteProcess:
             failure = self._failure(exc, process)
             if isinstance(failure, NotFoundError | LimitError):  # the table is gone or too big: the index is dropped
                 raise failure from None
-            if isinstance(failure, flight.FlightUnavailableError) and getattr(failure, "extra_info", None):
+            if isinstance(failure, flight.FlightUnavailableError) and detail_code(failure) is not None:
                 raise failure from None  # the catalog or store is away for this process too: the refresh fails once
             log.info("online refresh of %s planned in the serving process: %s", name, failure)
             return None
@@ -414,7 +415,7 @@ class WriteProcess:
     def _failure(self, exc: BaseException, process: subprocess.Popen[bytes], action: str | None = None) -> Exception:
         """`exc` relayed, or `WriteProcessError` when the child stopped (gRPC then says only UNAVAILABLE), with the
         advice for a put, or for the relayed `action`."""
-        if isinstance(exc, flight.FlightUnavailableError | OSError) and not getattr(exc, "extra_info", None):
+        if isinstance(exc, flight.FlightUnavailableError | OSError) and detail_code(exc) is None:
             try:
                 code = process.wait(timeout=5.0)
             except subprocess.TimeoutExpired:

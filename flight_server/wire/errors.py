@@ -89,13 +89,19 @@ _BY_CLASS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
-def error_code(exc: BaseException) -> str:
-    """The kind of a Flight call's error: the code in its structured detail, else what its gRPC status means."""
+def detail_code(exc: BaseException) -> str | None:
+    """The kind in a Flight call's structured detail, which a server of ours sends with each error it answers (as a
+    write process relays it), or None: gRPC's own status only (a process or a connection gone), or no detail of ours."""
     extra = getattr(exc, "extra_info", None)
     if extra:
-        with contextlib.suppress(ValueError, TypeError, KeyError):  # not our detail: go by the status
+        with contextlib.suppress(ValueError, TypeError, KeyError):
             return str(json.loads(extra)["code"])
-    return next((code for cls, code in _BY_CLASS if isinstance(exc, cls)), "INTERNAL")
+    return None
+
+
+def error_code(exc: BaseException) -> str:
+    """The kind of a Flight call's error: the code in its structured detail, else what its gRPC status means."""
+    return detail_code(exc) or next((code for cls, code in _BY_CLASS if isinstance(exc, cls)), "INTERNAL")
 
 
 def error_message(exc: BaseException) -> str:
