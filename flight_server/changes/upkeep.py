@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
 from pyiceberg.exceptions import CommitFailedException, ValidationException
@@ -236,9 +236,24 @@ class _Round:
         for key, value in counts.items():
             self.counts[key] = self.counts.get(key, 0) + value
 
-
-# The counts of a `MaintenanceResult`: all zero in a round that could not read its table.
-_COUNTED = tuple(f.name for f in fields(MaintenanceResult) if f.type == "int")
+    def result(self, name: str, started: dt.datetime, seconds: float, enabled: bool) -> MaintenanceResult:
+        """The round as `run_maintenance` answers it (a count no step added is 0)."""
+        return MaintenanceResult(
+            table=name,
+            at=format_timestamp(started),
+            seconds=round(seconds, 3),
+            enabled=enabled,
+            data_files_compacted=self.counts.get("data_files_compacted", 0),
+            data_files_added=self.counts.get("data_files_added", 0),
+            snapshots_expired=self.counts.get("snapshots_expired", 0),
+            kept_pinned=self.counts.get("kept_pinned", 0),
+            kept_in_use=self.counts.get("kept_in_use", 0),
+            files_deleted=self.counts.get("files_deleted", 0),
+            orphan_files_deleted=self.counts.get("orphan_files_deleted", 0),
+            bytes_freed=self.counts.get("bytes_freed", 0),
+            gave_way=self.gave_way,
+            error="; ".join(self.errors) or None,
+        )
 
 
 class Upkeep:
@@ -402,22 +417,7 @@ class Upkeep:
             with self._lock:
                 self._tables.pop(name, None)
             raise
-        result = MaintenanceResult(
-            table=name,
-            at=format_timestamp(started),
-            seconds=round(time.perf_counter() - clock, 3),
-            enabled=policy.enabled,
-            data_files_compacted=done.counts.get("data_files_compacted", 0),
-            data_files_added=done.counts.get("data_files_added", 0),
-            snapshots_expired=done.counts.get("snapshots_expired", 0),
-            kept_pinned=done.counts.get("kept_pinned", 0),
-            kept_in_use=done.counts.get("kept_in_use", 0),
-            files_deleted=done.counts.get("files_deleted", 0),
-            orphan_files_deleted=done.counts.get("orphan_files_deleted", 0),
-            bytes_freed=done.counts.get("bytes_freed", 0),
-            gave_way=done.gave_way,
-            error="; ".join(done.errors) or None,
-        )
+        result = done.result(name, started, time.perf_counter() - clock, policy.enabled)
         self._record(name, result, orphans_due and policy.enabled, TableFacts.of(metadata))
         return result
 
@@ -456,11 +456,7 @@ class Upkeep:
         """Record a round that could not read the table: `flight_maintenance_failed_rounds_total` counts it, and the
         table's figures stay as its last round left them."""
         why = outage(exc) or f"failed ({type(exc).__name__}; see the server log)"
-        counts = dict.fromkeys(_COUNTED, 0)
-        result = MaintenanceResult(
-            table=name, at=format_timestamp(started), seconds=round(seconds, 3), enabled=True, **counts,
-            gave_way=[], error=f"reading the table: {why}",
-        )  # fmt: skip
+        result = _Round(errors=[f"reading the table: {why}"]).result(name, started, seconds, enabled=True)
         with self._lock:
             facts = self._tables[name].facts if name in self._tables else None
         self._record(name, result, False, facts)
