@@ -184,8 +184,9 @@ def test_a_catalog_that_refuses_connections_for_a_while(
     counted failing, their failure is logged once (not at every poll); scans, training sets, describe, health,
     maintenance, puts, lookups `as_of` a time and those of a table not indexed yet answer UNAVAILABLE naming the
     catalog; the put (in the write process) leaves no file. A scan whose files the scan cache holds fails too: it
-    promises the table's current snapshot, which only the catalog knows; so does the read of a ticket planned
-    before the outage (it asks the catalog for the table's metadata). The failed maintenance round is counted
+    promises the table's current snapshot, which only the catalog knows; but tickets planned before the outage (a
+    scan's, a training set's) and a scan of a snapshot by id are read, as the server last loaded the table: a
+    snapshot never changes. The failed maintenance round is counted
     (`flight_maintenance_failed_rounds_total`, which `FlightMaintenanceFailing` watches). After: everything works
     without restarting the server, the index catches up (and the log says its refreshes work again), and the put
     retried with its write_id commits once."""
@@ -202,6 +203,11 @@ def test_a_catalog_that_refuses_connections_for_a_while(
             assert client.get_online_features(lookup, [f"{TABLE}:rate"]).column("rate").to_pylist() == [1.0, 1.0]
             assert rows_of(client) == [0, 1, 2]  # now in the scan cache
             planned = client.flight_info(TABLE)
+            trained = client.training_set_info(
+                {"driver_id": [1, 2], "event_timestamp": [DAY.isoformat()] * 2}, [f"{TABLE}:rate"]
+            )
+            expected = client.read_endpoint(trained.endpoints[0]).read_all()
+            pinned = client.describe(TABLE)["current_snapshot_id"]
             first_write(client, SMALL)  # no online index
             location = client.describe(TABLE)["location"]
             files = local_files(location)
@@ -230,14 +236,28 @@ def test_a_catalog_that_refuses_connections_for_a_while(
             stale = client.get_online_features(lookup, [f"{TABLE}:rate"])
             assert stale.column("rate").to_pylist() == [1.0, 1.0]
             logged = [r.getMessage() for r in caplog.records[mark:] if "online" in r.getMessage()]  # refreshes'
-            assert len(logged) == 1 and "refresh failed; serving snapshot" in logged[0], logged  # ten polls or more
+            # Ten polls or more, logged once per distinct failure: the first poll may meet its session ended (a
+            # failure of its own) before the others meet connections refused.
+            assert 1 <= len(logged) <= 2 and all("refresh failed; serving snapshot" in m for m in logged), logged
             child = [
                 line for line in capfd.readouterr().err.splitlines() if "failed: the catalog is unavailable" in line
             ]
-            assert len(child) == 1, child  # the write process, which plans each refresh
+            assert 1 <= len(child) <= 2, child  # the write process, which plans each refresh (as above)
 
             unavailable(lambda: client.read_table(TABLE), "catalog")
-            unavailable(lambda: client.read_endpoint(planned.endpoints[0]).read_all(), "catalog")  # planned before
+            # Tickets planned before pin their snapshots, which never change: read as the server last loaded the
+            # table, as a training job's workers would go on reading through a catalog's failover.
+            assert sorted(client.read_endpoint(planned.endpoints[0]).read_all().column("driver_id").to_pylist()) == [
+                0,
+                1,
+                2,
+            ]
+            assert client.read_endpoint(trained.endpoints[0]).read_all().equals(expected)
+            by_id = client.read_table(TABLE, snapshot_id=pinned)  # time travel to a snapshot by its id, likewise
+            assert sorted(by_id.column("driver_id").to_pylist()) == [0, 1, 2]
+            pinned_set = client.get_historical_features(entities(1), [f"{TABLE}:rate"], snapshot_ids={TABLE: pinned})
+            assert pinned_set.column("rate").to_pylist() == [1.0]  # a training set pinning every table it reads
+            unavailable(lambda: client.read_table(TABLE, as_of=DAY), "catalog")  # only the catalog knows the log now
             unavailable(lambda: client.get_online_features(lookup, [f"{SMALL}:rate"]), "catalog")
             unavailable(lambda: client.get_online_features(lookup, [f"{TABLE}:rate"], as_of=DAY), "catalog")
             unavailable(lambda: client.get_historical_features(entities(1), [f"{TABLE}:rate"]), "catalog")

@@ -39,6 +39,7 @@ from sqlalchemy.exc import IntegrityError
 
 from flight_server.base.config import CatalogError, catalog_failure, redact
 from flight_server.base.lru import WeightedLru
+from flight_server.base.outages import outage
 from flight_server.iceberg.internals import metadata_location_query, table_io
 from flight_server.iceberg.reparse import Parsed, metadata_text, parse
 from flight_server.wire.actions import DELETE_MODES
@@ -312,16 +313,35 @@ class FeatureCatalog:
         tens of milliseconds per request otherwise (30 ms for a table of 101 snapshots), and under the GIL
         (every online refresh poll)."""
         identifier = self.identifier(table)
+        name = ".".join(identifier)
         pointer = self._locate(identifier)
         if pointer is None:
-            return self.load(table)
-        name = ".".join(identifier)
+            loaded = self.load(table)
+            self._keep(name, loaded)  # not to read again (no pointer says it is current), but for `read_snapshot`
+            return loaded
         cached = self._read.get(name)
         if cached is not None and cached.metadata_location == pointer:
             return cached
         loaded = self._load(identifier, pointer, keep=True)
         self._keep(name, loaded)
         return loaded
+
+    def read_snapshot(self, table: str, snapshot_id: int | None) -> Table:
+        """The table for reading `snapshot_id` (a pinned read: an endpoint ticket, time travel by id): as `read`,
+        but while the catalog is unavailable, the table as `read` last loaded it, if it has that snapshot. A
+        snapshot never changes, so the workers of a training job go on reading the tickets they were given through
+        a catalog's restart or failover. A read of the current state (`snapshot_id` None) still fails: only the
+        catalog knows what is current."""
+        try:
+            return self.read(table)
+        except Exception as exc:
+            if snapshot_id is None or outage(exc) is None:
+                raise
+            kept = self._read.get(".".join(self.identifier(table)))
+            if kept is None or kept.metadata.snapshot_by_id(snapshot_id) is None:
+                raise
+            log.debug("table %r: snapshot %s read as last loaded, the catalog being unavailable", table, snapshot_id)
+            return kept
 
     def location(self, table: str) -> str:
         """The table's location (or `NotFoundError`), loading its metadata only when the catalog points it at a

@@ -81,8 +81,9 @@ class ScanPlan:
 
 
 def plan_scan(catalog: FeatureCatalog, request: ScanRequest, caches: ReadCaches) -> ScanPlan:
-    """A scan's plan, of the table as the catalog has it now."""
-    return plan_table_scan(catalog.read(request.table), request, caches)
+    """A scan's plan, of the table as the catalog has it now (a snapshot named by id, as last read while the catalog
+    is unavailable: `read_snapshot`)."""
+    return plan_table_scan(catalog.read_snapshot(request.table, request.snapshot_id), request, caches)
 
 
 def plan_table_scan(table: Table, request: ScanRequest, caches: ReadCaches) -> ScanPlan:

@@ -210,8 +210,8 @@ def plan_historical(
     source = request.entities
     pins = _pins(catalog, request)
     if source is not None and source.table is not None:
-        entity_table = catalog.read(source.table)
         pinned = pins.get(_full_name(catalog, source.table), source.snapshot_id)
+        entity_table = catalog.read_snapshot(source.table, pinned)
         entity_snapshot = resolve_snapshot(entity_table, pinned, None)
         entity_read = read_schema(entity_table, entity_snapshot, pinned is not None, source.schema_id)
         entity_schema = table_arrow_schema(entity_read)
@@ -238,7 +238,7 @@ def plan_historical(
     as_of = request.as_of
     for ref in request.features:
         table_ref, feature = parse_feature_ref(ref)
-        table = catalog.read(table_ref)
+        table = catalog.read_snapshot(table_ref, pins.get(_full_name(catalog, table_ref)))
         name = table_name(table)
         if name not in by_table:
             pinned = pins.get(name)
