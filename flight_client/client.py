@@ -900,6 +900,12 @@ class FeatureClient:
         `catalog=False` asks the server alone (a readiness check: it answers while the catalog is away)."""
         return self._action("health") if catalog else self._action("health", {"catalog": False})
 
+    def calls(self) -> dict[str, Any]:
+        """The calls the server is running now, the longest running first (needs the admin permission): each
+        call's request and trace ids, method, kind, caller, tables, client address, seconds so far, rows and bytes
+        moved. `tracked` is false when the server does not track calls (it runs without metrics and JSON logs)."""
+        return self._action("calls")
+
     def _action(self, name: str, body: dict[str, Any] | None = None) -> Any:
         payload = encode(body) if body is not None else b""
         try:

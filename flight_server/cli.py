@@ -19,7 +19,7 @@ from click.core import ParameterSource
 from flight_server import __version__
 from flight_server.base.config import CatalogError, ServerConfig, catalog_settings, parse_property_flags
 from flight_server.base.logs import setup_logging
-from flight_server.base.settings import HEALTH_SETTINGS, SERVE_SETTINGS, markdown, options, text
+from flight_server.base.settings import CALLS_SETTINGS, HEALTH_SETTINGS, SERVE_SETTINGS, markdown, options, text
 from flight_server.transport.auth import READ, WRITE, load_tokens
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,65 @@ def health(
         sys.exit(1)
 
 
+@main.command()
+@options(CALLS_SETTINGS)
+@click.option("--json", "as_json", is_flag=True, help="Print the `calls` action's reply as JSON.")
+def calls(
+    location: str,
+    token: str | None,
+    tls_root_certs: str | None,
+    tls_cert_chain: str | None,
+    tls_private_key: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """List the calls a server is running now, the longest running first (its `calls` action; an admin token when
+    the server requires authentication)."""
+    from flight_client import FeatureClient, FeatureServerError
+
+    try:
+        with FeatureClient(
+            location,
+            timeout=timeout,
+            token=token,
+            tls_root_certs=tls_root_certs,
+            cert_chain=tls_cert_chain,
+            private_key=tls_private_key,
+        ) as client:
+            reply = client.calls()
+    except (FeatureServerError, OSError) as exc:
+        raise click.ClickException(f"{location}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(reply))
+    elif not reply["tracked"]:
+        click.echo("the server does not track calls: start it with --metrics-port or --log-format json")
+    else:
+        click.echo(_calls_table(reply["calls"]))
+
+
+def _calls_table(calls: list[dict[str, Any]]) -> str:
+    """The running calls as a plain table, a line each."""
+    header = ("seconds", "method", "kind", "caller", "tables", "rows in", "rows out", "peer", "request id")
+    rows = [header] + [
+        (
+            f"{call['seconds']:.1f}",
+            call["method"],
+            call["kind"] or "-",
+            call["caller"] or "-",
+            ",".join(call["tables"]) or "-",
+            "-" if call["rows_received"] is None else str(call["rows_received"]),
+            "-" if call["rows_sent"] is None else str(call["rows_sent"]),
+            call["peer"] or "-",
+            call["request_id"],
+        )
+        for call in calls
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
 @main.command("remove-orphan-files")
 @click.argument("table")
 @click.option("--older-than", help="Delete only files last modified before this ISO-8601 time.  [default: 3 days ago]")
@@ -246,5 +305,5 @@ def remove_orphan_files(
 @main.command()
 @click.option("--markdown", "as_markdown", is_flag=True, help="As the reference table of docs/configuration.md.")
 def settings(as_markdown: bool) -> None:
-    """List every setting of `serve` and `health`: flag, environment variable, default."""
+    """List every setting of `serve`, and of `health` and `calls`: flag, environment variable, default."""
     click.echo(markdown() if as_markdown else text())

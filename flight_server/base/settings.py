@@ -517,20 +517,20 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
     ),
 )
 
-_HEALTH = "Health checks (flight-server health)"
+_HEALTH = "Asking a running server (flight-server health, flight-server calls)"
 HEALTH_SETTINGS: tuple[Setting, ...] = (
     Setting(
         "--location",
         "FLIGHT_SERVER_HEALTH_LOCATION",
         _HEALTH,
-        "The server to check.",
+        "The server to ask.",
         default="grpc://127.0.0.1:8815",
     ),
     Setting(
         "--token",
         "FLIGHT_SERVER_HEALTH_TOKEN",
         _HEALTH,
-        "Bearer token (any permission) when the server requires authentication.",
+        "Bearer token when the server requires authentication: any permission for health, admin for calls.",
     ),
     Setting(
         "--tls-root-certs",
@@ -558,7 +558,7 @@ HEALTH_SETTINGS: tuple[Setting, ...] = (
         "--catalog/--no-catalog",
         "FLIGHT_SERVER_HEALTH_CATALOG",
         _HEALTH,
-        "Also check that the server's catalog answers. --no-catalog checks only that the server answers calls: "
+        "health: also check that the server's catalog answers. --no-catalog checks only that the server answers calls: "
         "for readiness checks, which must not take every replica out of service while the catalog is away (online "
         "lookups still answer then).",
         type=click.BOOL,
@@ -568,6 +568,8 @@ HEALTH_SETTINGS: tuple[Setting, ...] = (
 )
 
 SETTINGS: tuple[Setting, ...] = SERVE_SETTINGS + HEALTH_SETTINGS
+# What `flight-server calls` takes: how to reach the server, as `health` does.
+CALLS_SETTINGS: tuple[Setting, ...] = tuple(setting for setting in HEALTH_SETTINGS if setting.name != "catalog")
 
 
 def options(settings: Iterable[Setting]) -> Callable[[Command], Command]:

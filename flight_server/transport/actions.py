@@ -18,6 +18,7 @@ from flight_server.transport.auth import ADMIN, READ, Principal
 from flight_server.transport.components import Components
 from flight_server.transport.metrics import process_figures
 from flight_server.wire.actions import (
+    Calls,
     CompactRequest,
     DeleteRequest,
     ExpireRequest,
@@ -103,6 +104,10 @@ def _health(parts: Components, caller: Principal, request: HealthRequest) -> Hea
     )
 
 
+def _calls(parts: Components, caller: Principal, request: None) -> Calls:
+    return Calls(tracked=parts.calls is not None, calls=parts.calls.running() if parts.calls is not None else [])
+
+
 def _list_tables(parts: Components, caller: Principal, request: None) -> list[Reply]:
     return [table_summary(parts.catalog.load(name)) for name in visible_tables(parts.catalog, caller)]
 
@@ -162,6 +167,15 @@ _ROWS: list[Action[Any]] = [
         HealthRequest.from_body,
         _health,
         optional_body=True,
+    ),
+    Action[None](
+        "calls",
+        "The calls the server is running now, the longest running first: request and trace ids, method, kind, "
+        "caller, tables, client address, seconds so far, rows and bytes moved (with metrics on). Needs calls tracked "
+        "(--metrics-port or --log-format json). Body: none.",
+        ADMIN,
+        None,
+        _calls,
     ),
     Action[DeleteRequest](
         "delete",

@@ -21,6 +21,7 @@ import pyarrow.flight as flight
 from flight_server.base.logs import bind, current, unbind
 from flight_server.transport.errors import ROUTES
 from flight_server.transport.metrics import Flow, ServerMetrics
+from flight_server.wire.actions import RunningCall
 from flight_server.wire.codec import REQUEST_ID_HEADER
 from flight_server.wire.errors import RequestError, detail_code, error_kind
 from flight_server.wire.reads import HistoricalRequest, OnlineRequest, ScanRequest
@@ -80,9 +81,29 @@ class Call(flight.ServerMiddleware):
         self.trace_id = trace_id
         self.kind = ""
         self.peer: str | None = None
+        self.caller: str | None = None  # the token's name, when the server requires authentication
+        self.tables: list[str] = []  # those the request names, once checked
         self.started = time.perf_counter()
         self.ended = False
-        self.flows: list[Flow] = []
+        self.flows: list[Flow] = []  # what it receives and sends, in pairs (`flows`), while metrics are on
+
+    def running(self, now: float) -> RunningCall:
+        """What the `calls` action says of the call, at `now` (`time.perf_counter`)."""
+        received, sent = (self.flows[0], self.flows[1]) if len(self.flows) >= 2 else (None, None)
+        return RunningCall(
+            request_id=self.request_id,
+            trace_id=self.trace_id,
+            method=self.method,
+            kind=self.kind,
+            caller=self.caller,
+            tables=self.tables,
+            peer=self.peer,
+            seconds=round(now - self.started, 3),
+            rows_received=received.total_rows if received is not None else None,
+            bytes_received=received.total_bytes if received is not None else None,
+            rows_sent=sent.total_rows if sent is not None else None,
+            bytes_sent=sent.total_bytes if sent is not None else None,
+        )
 
     def sending_headers(self) -> dict[str, str]:
         return {REQUEST_ID_HEADER: self.request_id}
@@ -96,18 +117,27 @@ class CallLog(flight.ServerMiddlewareFactory):
 
     def __init__(self, metrics: ServerMetrics | None):
         self.metrics = metrics
+        self._running: dict[int, Call] = {}  # by id(): the calls started and not ended (`running`)
 
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> Call:
         sent = _header(headers, REQUEST_ID_HEADER)
         request_id = sent if sent is not None and _REQUEST_ID.fullmatch(sent) else os.urandom(8).hex()
         call = Call(self, info.method.name.lower(), request_id, _trace_id(_header(headers, TRACEPARENT_HEADER)))
+        self._running[id(call)] = call
         bind(call)
         return call
+
+    def running(self) -> list[RunningCall]:
+        """The calls running now, the longest running first (the `calls` action)."""
+        now = time.perf_counter()
+        calls = list(self._running.values())  # one step under the GIL: threads start and end calls meanwhile
+        return sorted((call.running(now) for call in calls), key=lambda c: -c.seconds)
 
     def end(self, call: Call, code: str) -> None:
         if call.ended:
             return
         call.ended = True
+        self._running.pop(id(call), None)
         seconds = time.perf_counter() - call.started
         for flow in call.flows:
             flow.flush()
@@ -136,6 +166,13 @@ def tag(context: flight.ServerCallContext, kind: str) -> Call | None:
         call.kind = kind
         call.peer = context.peer()
     return call
+
+
+def note(context: flight.ServerCallContext, caller: str | None, tables: list[str]) -> None:
+    """Record who makes the running call and the tables it names, for the `calls` action."""
+    call: Call | None = context.get_middleware(MIDDLEWARE_KEY)
+    if call is not None:
+        call.caller, call.tables = caller, list(dict.fromkeys(tables))
 
 
 def flows(context: flight.ServerCallContext, metrics: ServerMetrics) -> tuple[Flow, Flow]:

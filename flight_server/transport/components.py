@@ -4,7 +4,7 @@ writers and the read services. The service routes to them, and closes them when 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flight_server.base.config import ServerConfig
 from flight_server.base.locks import LockPool
@@ -26,6 +26,9 @@ from flight_server.training.entities import EntitySplits
 from flight_server.training.sets import TrainingSets
 from flight_server.transport.offload import PROCESS_STATS, OffloadedMaintenance, WriteProcess, appended_messages
 
+if TYPE_CHECKING:  # calls.py counts through metrics.py, which reads these components
+    from flight_server.transport.calls import CallLog
+
 
 @dataclass(frozen=True)
 class Components:
@@ -44,9 +47,10 @@ class Components:
     training: TrainingSets
     online: OnlineService
     writes: WriteProcess | None  # with --write-process: puts, deletes and maintenance run there, not in the above
+    calls: CallLog | None = None  # the calls running now, when the server tracks them (metrics or JSON logs)
 
     @classmethod
-    def build(cls, config: ServerConfig, write_process: bool = False) -> Components:
+    def build(cls, config: ServerConfig, write_process: bool = False, calls: CallLog | None = None) -> Components:
         """The parts of a server, or of a server's write process (`write_process`). DuckDB keeps copies of the files
         it read (`Engine`) only in a serving process that reads them from object storage; where a REST server names
         the metadata files (not `names_metadata_files`), `Engine.metadata_file` keeps a path that came back with
@@ -109,6 +113,7 @@ class Components:
             training=training,
             online=OnlineService(store, catalog, training),
             writes=writes,
+            calls=calls,
         )
 
     def offloaded(self) -> WriteProcess | None:

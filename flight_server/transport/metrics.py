@@ -40,14 +40,18 @@ class Flow:
 
     def __init__(self, rows: Any, nbytes: Any):  # prometheus_client's labelled children are untyped
         self._rows, self._bytes = rows, nbytes
-        self.rows = self.bytes = 0
+        self.rows = self.bytes = 0  # not yet added to the counters
+        self.total_rows = self.total_bytes = 0  # since the call started (the `calls` action)
         self._flushed = time.monotonic()
 
     def add(self, batch: pa.RecordBatch) -> None:
         """Count a batch: its rows, and its size as an Arrow IPC message (what travels; a few microseconds,
         where `nbytes` takes about 50)."""
+        size = pa.ipc.get_record_batch_size(batch)
         self.rows += batch.num_rows
-        self.bytes += pa.ipc.get_record_batch_size(batch)
+        self.bytes += size
+        self.total_rows += batch.num_rows
+        self.total_bytes += size
         if time.monotonic() - self._flushed >= FLUSH_SECONDS:
             self.flush()
 

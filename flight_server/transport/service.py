@@ -23,7 +23,7 @@ from flight_server.online.store import plan_results
 from flight_server.reads.plan import plan_table_scan
 from flight_server.transport.actions import ACTIONS, table_summary, visible_tables
 from flight_server.transport.auth import MIDDLEWARE_KEY, AuthMiddlewareFactory, TokenSource, principal, request_tables
-from flight_server.transport.calls import KINDS, CallLog, flows, tag
+from flight_server.transport.calls import KINDS, CallLog, flows, note, tag
 from flight_server.transport.calls import MIDDLEWARE_KEY as CALLS_KEY
 from flight_server.transport.client_streams import ClientReader, ClientWriter, CompressedWriter
 from flight_server.transport.components import Components
@@ -147,8 +147,9 @@ class FeatureFlightServer(flight.FlightServerBase):
         if self.metrics is not None:  # a port in use stops the start before anything is built
             self.metrics.serve(config.metrics_host or config.host, config.metrics_port)
         middleware: dict[str, flight.ServerMiddlewareFactory] = {}
+        calls = None
         if self.metrics is not None or config.log_format == "json":  # a Python middleware costs every call
-            middleware[CALLS_KEY] = CallLog(self.metrics)  # first: it ends the calls the others refuse, too
+            calls = middleware[CALLS_KEY] = CallLog(self.metrics)  # first: it ends the calls the others refuse, too
         self.auth: AuthMiddlewareFactory | None = None
         if config.auth_tokens:  # first: calls without a valid token take no slot of the limit
             self.auth = AuthMiddlewareFactory(TokenSource(config.auth_tokens, config.auth_tokens_file))
@@ -162,7 +163,7 @@ class FeatureFlightServer(flight.FlightServerBase):
         self.idle = IdleWatch(config.idle_timeout_seconds) if config.idle_timeout_seconds else None
         if self.idle is not None:
             middleware[IDLE_KEY] = self.idle
-        self.parts = Components.build(config, write_process)
+        self.parts = Components.build(config, write_process, calls)
         self.sessions = OpenSessions()
         self._handlers = handlers(self.parts, endpoints, self.sessions)
         if self.metrics is not None:
@@ -257,7 +258,9 @@ class FeatureFlightServer(flight.FlightServerBase):
         """`request`, once the caller may use every table it names (the RPC's permission is checked earlier)."""
         if type(request) in KINDS:
             tag(context, KINDS[type(request)])
-        principal(context).check_tables(self.parts.catalog, request_tables(request))
+        caller, tables = principal(context), request_tables(request)
+        caller.check_tables(self.parts.catalog, tables)
+        note(context, caller.name if self.auth is not None else None, tables)
         return request
 
     @_flight_errors
@@ -351,6 +354,7 @@ class FeatureFlightServer(flight.FlightServerBase):
             raise RequestError(f"unknown action {name!r}; available: {sorted(ACTIONS)}")
         tag(context, name)
         caller = principal(context)
+        note(context, caller.name if self.auth is not None else None, [])
         caller.require(row.permission, f"action {name!r}")
         request = None
         if row.parse is not None:

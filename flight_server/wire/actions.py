@@ -182,6 +182,34 @@ class Health(Reply):
 
 
 @dataclass(frozen=True)
+class RunningCall(Reply):
+    """One call of `calls`: who asked what, for how long so far, and how much it moved (None: metrics are off)."""
+
+    request_id: str  # the client's x-request-id, or the one the server gave it (in its log lines too)
+    trace_id: str | None  # of the client's W3C traceparent header
+    method: str  # do_get, do_put, do_exchange, get_flight_info, do_action...
+    kind: str  # the request kind (scan, training_set, online, write) or action name, once known
+    caller: str | None  # the token's name, when the server requires authentication
+    tables: list[str]  # the tables the request names, once checked
+    peer: str | None  # the client's address, as gRPC gives it
+    seconds: float
+    rows_received: int | None
+    bytes_received: int | None
+    rows_sent: int | None
+    bytes_sent: int | None
+
+
+@dataclass(frozen=True)
+class Calls(Reply):
+    """`calls`: the calls the server is running, the longest running first. `tracked` is false when the server does
+    not track calls (neither --metrics-port nor --log-format json: tracking costs every call a little), and the
+    list is empty then."""
+
+    tracked: bool
+    calls: list[RunningCall]
+
+
+@dataclass(frozen=True)
 class TableSummary(Reply):
     """One table of `list_tables` (and the `app_metadata` of its `list_flights` entry)."""
 
