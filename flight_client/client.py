@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -51,6 +53,8 @@ from flight_server.wire.writes import WriteRequest, WriteResult, end_marker
 
 if TYPE_CHECKING:
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 # A location that means "the server that answered get_flight_info" (Flight's own convention).
 REUSE_CONNECTION = "arrow-flight-reuse-connection://?"
@@ -166,6 +170,29 @@ def null_keys_explained(error: FeatureServerError, rows: pa.Table | None) -> Fea
     return InvalidRequestError(inputs.null_keys_message(name, rows.schema.field(name).type), error.code)
 
 
+RETRY_FIRST_PAUSE = 0.1  # seconds before the first retry of a call answered UNAVAILABLE; doubled at each next
+RETRY_MAX_PAUSE = 2.0
+
+
+class _Backoff:
+    """The pauses between attempts of a read the server answered UNAVAILABLE, for `seconds` after the first."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+        self.pause = RETRY_FIRST_PAUSE
+
+    def again(self, error: FeatureServerError) -> bool:
+        """Wait, and say to try again; False (at once) when `error` is no outage or the time is up."""
+        left = self.deadline - time.monotonic()
+        if not isinstance(error, UnavailableError) or left <= 0:
+            return False
+        pause = min(self.pause, left)
+        log.info("the feature server is unavailable (%s); trying again in %.1f s", error, pause)
+        time.sleep(pause)
+        self.pause = min(self.pause * 2, RETRY_MAX_PAUSE)
+        return True
+
+
 class FeatureClient:
     """A connection to a feature server; keep one open and reuse it (it is thread-safe).
 
@@ -180,6 +207,12 @@ class FeatureClient:
     networks slower than about 1 GB/s, at the server's and this process's CPU cost.
     A `location` without a scheme (`localhost:8815`) means `grpc://`.
     `request_id` is sent as `x-request-id` on every call: the server's log lines of those calls carry it.
+    `retry_seconds`: for how long reads the server answers UNAVAILABLE (a replica restarting, the catalog or object
+    store away, nothing listening yet) are tried again, with pauses from 0.1 s doubling to 2 s, at each of an
+    endpoint's replicas in turn: planning a scan or training set (`flight_info`, `training_set_info`), opening a
+    ticket (`read_endpoint`, and the readers of `flight_client.torch` and `flight_client.ray`), and reading one
+    whole (`read_table`); not a stream that has handed out rows, nor puts, lookups or actions. 0 (the default):
+    raise at once. A training job that should ride through a rolling restart or a catalog failover sets a minute.
 
     Every method taking rows accepts polars, pandas and pyarrow data, DuckDB relations, anything
     exporting Arrow's C stream, a dict of lists or a list of dicts (`flight_client/inputs.py`).
@@ -199,12 +232,16 @@ class FeatureClient:
         online_sessions: bool = True,
         compression: str | None = None,
         request_id: str | None = None,
+        retry_seconds: float = 0.0,
         **client_options: Any,
     ):
         if compression is not None and compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {list(COMPRESSIONS)} or None, got {compression!r}")
+        if not retry_seconds >= 0:
+            raise ValueError(f"retry_seconds must be 0 or more, got {retry_seconds!r}")
         self.location = location = _location(location)
         self.compression = compression
+        self.retry_seconds = retry_seconds
         pems = {"tls_root_certs": tls_root_certs, "cert_chain": cert_chain, "private_key": private_key}
         client_options.update({name: _pem(value) for name, value in pems.items() if value is not None})
         self._client_options = client_options
@@ -473,8 +510,18 @@ class FeatureClient:
         return reader(self._open(ticket, [self.location])[0])
 
     def _open(self, ticket: bytes, locations: Sequence[str]) -> tuple[flight.FlightStreamReader, int]:
-        """The call of `ticket` at the first of `locations` that answers, and that location's index. The call is
-        returned for another thread to `cancel` (`plans.in_turn` stopping a part's reader)."""
+        """The call of `ticket` at the first of `locations` that answers, and that location's index, trying them
+        all again for `retry_seconds` while none does. The call is returned for another thread to `cancel`
+        (`plans.in_turn` stopping a part's reader)."""
+        backoff = _Backoff(self.retry_seconds)
+        while True:
+            try:
+                return self._open_once(ticket, locations)
+            except UnavailableError as error:
+                if not backoff.again(error):
+                    raise
+
+    def _open_once(self, ticket: bytes, locations: Sequence[str]) -> tuple[flight.FlightStreamReader, int]:
         for i, location in enumerate(locations):
             try:
                 stream = self._connection(location).do_get(flight.Ticket(ticket), self._options)
@@ -496,10 +543,11 @@ class FeatureClient:
 
     def _read_whole(self, endpoint: flight.FlightEndpoint) -> pa.Table:
         """An endpoint's rows, read whole. A replica that goes away while streaming them (UNAVAILABLE) is read
-        again from the start at the endpoint's next location: nothing of the failed read was handed out, so no
-        row comes twice."""
+        again from the start at the endpoint's next location (after the last, at the first again for
+        `retry_seconds`): nothing of the failed read was handed out, so no row comes twice."""
         locations = self._locations(endpoint)
         first = 0
+        backoff = _Backoff(self.retry_seconds)
         while True:
             stream, at = self._open(endpoint.ticket.ticket, locations[first:])
             try:
@@ -507,8 +555,12 @@ class FeatureClient:
             except STREAM_ERRORS as exc:
                 error = from_flight_error(exc)
                 first += at + 1
-                if not isinstance(error, UnavailableError) or first == len(locations):
+                if not isinstance(error, UnavailableError):
                     raise error from None
+                if first == len(locations):
+                    if not backoff.again(error):
+                        raise error from None
+                    first = 0
 
     # Training sets
 
@@ -821,10 +873,15 @@ class FeatureClient:
         return self._exchange(request, pa.table(columns))  # the server takes smaller tickets: stream them
 
     def _info(self, request: ScanRequest | HistoricalRequest) -> flight.FlightInfo:
-        try:
-            return self._client.get_flight_info(flight.FlightDescriptor.for_command(request.to_bytes()), self._options)
-        except SERVER_ERRORS as exc:
-            raise from_flight_error(exc) from None
+        descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
+        backoff = _Backoff(self.retry_seconds)
+        while True:
+            try:
+                return self._client.get_flight_info(descriptor, self._options)
+            except SERVER_ERRORS as exc:
+                error = from_flight_error(exc)
+                if not backoff.again(error):
+                    raise error from None
 
     def _read_endpoints(self, info: flight.FlightInfo) -> pa.Table:
         """Every endpoint of `info`, fetched at once (`_read_whole`) and concatenated in endpoint order."""
