@@ -170,6 +170,23 @@ def null_keys_explained(error: FeatureServerError, rows: pa.Table | None) -> Fea
     return InvalidRequestError(inputs.null_keys_message(name, rows.schema.field(name).type), error.code)
 
 
+# What a server of a release before the `end_marker` request field (docs/protocol.md, "Ending the entity rows") answers
+# the do_exchange of this client, which always sends it: the field is unknown there.
+_OLDER_SERVER = "unknown field(s) ['end_marker']"
+
+
+def older_server_explained(error: FeatureServerError, location: str) -> FeatureServerError:
+    """A server too old for this client's do_exchange (during a rolling upgrade, say): say what to do."""
+    if not isinstance(error, InvalidRequestError) or _OLDER_SERVER not in str(error):
+        return error
+    return InvalidRequestError(
+        f"the server at {location} runs an older release than this client, whose training sets and streamed online "
+        "lookups need a server that takes 'end_marker': upgrade the servers before the clients (docs/operations.md, "
+        f"'Upgrading'), or use the previous client until then (the server said: {error})",
+        error.code,
+    )
+
+
 RETRY_FIRST_PAUSE = 0.1  # seconds before the first retry of a call answered UNAVAILABLE; doubled at each next
 RETRY_MAX_PAUSE = 2.0
 
@@ -940,7 +957,7 @@ class FeatureClient:
         except STREAM_ERRORS as exc:
             if leaving is not None:
                 raise leaving from None
-            raise null_keys_explained(from_flight_error(exc), held) from None
+            raise older_server_explained(null_keys_explained(from_flight_error(exc), held), self.location) from None
 
     # Catalog
 

@@ -351,6 +351,22 @@ def test_kubernetes_replicas_advertise_their_own_names_and_know_each_other(
     assert runs_as is not None and spec["template"]["spec"]["securityContext"]["runAsUser"] == int(runs_as[1])
 
 
+def test_kubernetes_upgrades_replace_one_replica_at_a_time(kubernetes: dict[str, dict[str, Any]]) -> None:
+    """A rolling upgrade (docs/operations.md, "Upgrading"): one pod at a time, the next only once the new one has
+    started (its catalog answers), is ready and stayed so; at least one other replica serves meanwhile, and a stop
+    lets running calls end."""
+    statefulset, container = server_container(kubernetes)
+    spec = statefulset["spec"]
+    assert spec["replicas"] >= 2
+    strategy = spec["updateStrategy"]
+    assert strategy["type"] == "RollingUpdate"  # not OnDelete: `kubectl apply` of a new image rolls
+    assert strategy["rollingUpdate"].get("maxUnavailable", 1) == 1 and strategy["rollingUpdate"]["partition"] == 0
+    assert spec["minReadySeconds"] >= 5
+    assert {"startupProbe", "readinessProbe"} <= container.keys()
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] >= 30
+    assert kubernetes["PodDisruptionBudget/flight-server"]["spec"]["maxUnavailable"] == 1
+
+
 def test_a_server_lists_itself_among_its_peers_once() -> None:
     """The manifest gives every pod the same peers, itself included: its endpoints name it once."""
     from flight_server.base.config import ServerConfig

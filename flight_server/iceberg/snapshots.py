@@ -87,3 +87,15 @@ def read_schema(table: Table, snapshot_id: int | None, travel: bool, schema_id: 
             raise NotFoundError(f"table {table_name(table)!r} has no schema {schema_id}")
         return found
     return snapshot_schema(table, snapshot_id) if travel else table.schema()
+
+
+def ticket_schema_id(table: Table, snapshot_id: int | None, read: Schema) -> int | None:
+    """The `schema_id` an endpoint ticket pinning `snapshot_id` carries for a read in `read`: none when `read` is that
+    snapshot's own schema, which a ticket without the field is read in (a pinned snapshot is time travel), by this
+    release and by those before the field existed. Tickets so stay readable by the previous release during a rolling
+    upgrade unless the answer needs the field: a schema changed since the snapshot with no write after it, or a table
+    with no snapshot (docs/protocol.md, "Compatibility")."""
+    snapshot = table.snapshot_by_id(snapshot_id) if snapshot_id is not None else None
+    if snapshot is not None and snapshot.schema_id == read.schema_id:
+        return None
+    return read.schema_id

@@ -36,7 +36,7 @@ from flight_server.base.filters import parse_filter, quote
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.base.shards import UNBUCKETED_SLOTS, key_slots, owned, shardable
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, feature_spec, table_name
-from flight_server.iceberg.snapshots import read_schema, resolve_snapshot
+from flight_server.iceberg.snapshots import read_schema, resolve_snapshot, ticket_schema_id
 from flight_server.wire.errors import NotFoundError, RequestError
 from flight_server.wire.reads import (
     SHARD_SLOTS_MAX,
@@ -369,15 +369,25 @@ def endpoint_requests(
     """
     request = plan.request
     pins = {g.name: g.snapshot_id for g in plan.groups if g.snapshot_id is not None}
-    schemas = {g.name: g.read.schema_id for g in plan.groups}
+    # Each schema read, unless it is its pinned snapshot's own (`ticket_schema_id`): the ticket then stays readable
+    # by the previous release. `end_marker` is for do_exchange, never a ticket's.
+    schemas = {g.name: s for g in plan.groups if (s := ticket_schema_id(g.table, g.snapshot_id, g.read)) is not None}
     entities = request.entities
     if entities is not None and entities.table is not None:
-        assert plan.entity_read is not None, "planned with the entity table"
-        entities = replace(entities, snapshot_id=plan.entity_snapshot_id, schema_id=plan.entity_read.schema_id)
+        assert plan.entity_table is not None and plan.entity_read is not None, "planned with the entity table"
+        schema_id = ticket_schema_id(plan.entity_table, plan.entity_snapshot_id, plan.entity_read)
+        entities = replace(entities, snapshot_id=plan.entity_snapshot_id, schema_id=schema_id)
     else:
         partitions = 1
     base = replace(
-        request, entities=entities, snapshot_ids=pins, schema_ids=schemas, as_of=None, partitions=None, shard=None
+        request,
+        entities=entities,
+        snapshot_ids=pins,
+        schema_ids=schemas or None,
+        as_of=None,
+        partitions=None,
+        shard=None,
+        end_marker=False,
     )
     key = plan.groups[0].spec.entity_keys[0]
     if partitions == 1 or replicas is None or len(replicas) < 2 or not _shardable_key(plan, key):

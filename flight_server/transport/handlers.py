@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from flight_server.iceberg.snapshots import ticket_schema_id
 from flight_server.reads.paths import open_scan, scan_parts
 from flight_server.reads.plan import ScanPlan, plan_scan
 from flight_server.training.entities import plan_request
@@ -125,7 +126,7 @@ class Scans:
             replace(
                 request,
                 snapshot_id=plan.snapshot_id,
-                schema_id=plan.read.schema_id,
+                schema_id=ticket_schema_id(plan.table, plan.snapshot_id, plan.read),
                 as_of=None,
                 partitions=None,
                 part=p,
@@ -215,7 +216,8 @@ class OnlineLookups:
         return self.parts.online.plan(request).schema
 
     def info(self, descriptor: flight.FlightDescriptor, request: OnlineRequest) -> flight.FlightInfo:
-        endpoint = flight.FlightEndpoint(request.to_bytes(), [])
+        # `end_marker` is for do_exchange: a ticket leaves it out (do_get reads no stream; older releases refuse it).
+        endpoint = flight.FlightEndpoint(replace(request, end_marker=False).to_bytes(), [])
         return flight.FlightInfo(self.schema(request), descriptor, [endpoint], -1, -1)
 
     def open(self, request: OnlineRequest, is_cancelled: Callable[[], bool] | None = None) -> pa.Table:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import Field, asdict
 from typing import Any, ClassVar, TypeVar
 
-from flight_server.wire.errors import ProtocolError, RequestTooLargeError
+from flight_server.wire.errors import ProtocolError, RequestTooLargeError, UnknownFieldsError
 
 PROTOCOL_VERSION = 1
 
@@ -157,7 +157,10 @@ class Reply:
 
     @classmethod
     def from_bytes(cls: type[ReplyT], raw: bytes) -> ReplyT:
-        return cls(**decode_reply(raw))
+        """The reply, without the fields this release does not know: replies may grow (docs/protocol.md,
+        "Compatibility"), and a client must read a newer server's."""
+        body = decode_reply(raw)
+        return cls(**{name: value for name, value in body.items() if name in cls.__dataclass_fields__})
 
 
 def encode_reply(reply: Reply | Sequence[Reply]) -> bytes:
@@ -182,7 +185,7 @@ class Fields:
         unknown = sorted(set(body) - allowed - COMMON_FIELDS)
         if unknown:
             own = sorted(allowed - COMMON_FIELDS)
-            raise ProtocolError(
+            raise UnknownFieldsError(
                 f"{what}: unknown field(s) {unknown}; allowed: {own}, and in every request {sorted(COMMON_FIELDS)}"
             )
         self.body, self.what = body, what

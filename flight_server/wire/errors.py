@@ -72,6 +72,11 @@ class ProtocolError(RequestError):
     """A request that is not well formed (bad JSON, unknown field, wrong type); the message says what is wrong."""
 
 
+class UnknownFieldsError(ProtocolError):
+    """A request with fields this release does not know: a typo, a client newer than the server, or a ticket that a
+    newer release minted (docs/protocol.md, "Compatibility")."""
+
+
 class RequestTooLargeError(LimitError):
     """A request above the size limit: stream its rows (`do_exchange`) instead of sending them inline."""
 

@@ -17,7 +17,7 @@ from flight_server.wire.codec import (
     parse_snapshot_id,
     parse_timestamp,
 )
-from flight_server.wire.errors import ProtocolError
+from flight_server.wire.errors import ProtocolError, UnknownFieldsError
 
 MAX_INLINE_ENTITIES = 10_000
 # Arrow IPC body codecs a reader may ask results in (`compression`): for networks slower than the codec.
@@ -356,10 +356,23 @@ def parse_ticket(
     """A `do_get` ticket or `get_flight_info` command; its `kind` chooses the query."""
     body = decode(raw, what, limit)
     kind = body.get("kind", "scan")
-    if kind == "scan":
-        return ScanRequest.from_body(body)
-    if kind == "historical":
-        return HistoricalRequest.from_body(body)
-    if kind == "online":
-        return OnlineRequest.from_body(body)
+    try:
+        if kind == "scan":
+            return ScanRequest.from_body(body)
+        if kind == "historical":
+            return HistoricalRequest.from_body(body)
+        if kind == "online":
+            return OnlineRequest.from_body(body)
+    except UnknownFieldsError as exc:
+        if what != "ticket":
+            raise
+        # Servers mint tickets that an older release reads whenever the answer allows (docs/protocol.md,
+        # "Compatibility"): one that it cannot read came from a newer replica, or was written by hand.
+        raise UnknownFieldsError(f"{exc}. {NEWER_TICKET}") from None
     raise ProtocolError(f"{what}: unknown kind {kind!r}; expected 'scan', 'historical' or 'online'")
+
+
+NEWER_TICKET = (
+    "If this ticket came from get_flight_info, a replica of a newer release made it (a rolling upgrade in progress): "
+    "ask get_flight_info again, or read it from a replica of that release"
+)
