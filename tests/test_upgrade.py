@@ -56,8 +56,13 @@ PREVIOUS_TICKET_FIELDS = {
 
 @pytest.fixture(scope="module")
 def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """PREVIOUS_RELEASE's packages, from this clone's history (CI clones it whole)."""
+    """PREVIOUS_RELEASE's packages, from this clone's history (CI clones it whole; a shallow clone fetches the commit
+    from its origin, and without one these tests cannot run: skipped, saying why)."""
     folder = tmp_path_factory.mktemp("previous-release")
+    if not _has_commit(PREVIOUS_RELEASE):
+        subprocess.run(["git", "-C", str(ROOT), "fetch", "--quiet", "origin", PREVIOUS_RELEASE], check=False)
+    if not _has_commit(PREVIOUS_RELEASE):
+        pytest.skip(f"this clone lacks the previous release {PREVIOUS_RELEASE} (shallow?): git fetch --unshallow")
     archive = subprocess.run(
         ["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE, "flight_server", "flight_client"],
         capture_output=True,
@@ -66,6 +71,11 @@ def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert archive.returncode == 0, f"git archive {PREVIOUS_RELEASE}: {archive.stderr.decode()[-500:]}"
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     return folder
+
+
+def _has_commit(commit: str) -> bool:
+    found = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True)
+    return found.returncode == 0
 
 
 @pytest.fixture(scope="module")
