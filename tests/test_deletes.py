@@ -4,7 +4,9 @@ type returns the rows an independent reader sees; deletes, compaction, snapshot 
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import threading
+import tracemalloc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from flight_client import FeatureClient, FeatureServerError, InvalidRequestError
 from flight_server.base.filters import parse_filter, to_sql
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.changes.commits import commit_rewrite, live_files
-from flight_server.iceberg.lineage import files_weight
+from flight_server.iceberg.lineage import VALUE_BYTES, files_weight
 from flight_server.reads.caches import PlanCache, PositionCache
 from flight_server.reads.duck import Engine, local_path
 from flight_server.reads.plan import plan_tasks
@@ -320,13 +322,14 @@ def test_plans_are_kept_per_table_snapshot_and_filter(
     plans = PlanCache(max_values=100_000)
     first = plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema), plans)
     assert first is not None and plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema), plans) is first
-    # Kept without the statistics that pruned them: a file weighs 8 (`files_weight`), its delete files their own.
+    # Kept without the statistics that pruned them: a task weighs 16, its file 8 (`files_weight`) and the task 8, its
+    # delete files their own.
     assert all(t.file.lower_bounds is None and t.file.value_counts is None for t in first)
     assert all(t.file.record_count > 0 and t.file.file_path for t in first)
     deletes = {id(d): d for t in first for d in t.delete_files}
     assert deletes and all(d.lower_bounds for d in deletes.values())  # the data file each applies to
     filter_weight = len(repr(parse_filter("driver_id < 10", schema))) // 70
-    assert plans.total == 4 + filter_weight + 8 * len(first) + files_weight(list(deletes.values()))
+    assert plans.total == 4 + filter_weight + 16 * len(first) + files_weight(list(deletes.values()))
     assert plan_tasks(loaded, snapshot, parse_filter("driver_id < 20", schema), plans) is not first
     parent = loaded.current_snapshot().parent_snapshot_id  # type: ignore[union-attr]
     older = plan_tasks(loaded, parent, parse_filter("driver_id < 10", schema), plans)
@@ -345,10 +348,38 @@ def test_plans_are_kept_per_table_snapshot_and_filter(
     cache = PlanCache(max_values=8)  # a plan of no file weighs 4 (an entry; its filter is short)
     cache.keep(("t", 1, 0, "a"), [])
     cache.keep(("t", 2, 0, "a"), None)  # a plan too (pyiceberg cannot plan it), no miss
-    cache.keep(("t", 3, 0, "a"), first[:1])  # too heavy to keep: 4 and a file's 8
+    cache.keep(("t", 3, 0, "a"), first[:1])  # too heavy to keep: 4 and a task's 16
     cache.keep(("t", 4, 0, "a"), [])
     plans_kept = [cache.plan(("t", n, 0, "a")) for n in (1, 2, 3, 4)]
     assert plans_kept == [(False, None), (True, None), (False, None), (True, [])]
+
+
+def test_the_plan_cache_weighs_its_plans_as_they_take_memory(
+    client: FeatureClient, backend: dict[str, str], table: str
+) -> None:
+    """What the plan cache reckons its plans take (their weight in values of `VALUE_BYTES`) is what tracemalloc sees
+    them take, within a third: a soak found tasks of about 1,100 bytes weighed as 560, so that its cap of "about
+    140 MB" held twice that."""
+    for start in range(0, 40, 8):
+        create(client, table, rows(range(start, start + 8)))
+    loaded = load(backend, table)
+    snapshot = loaded.current_snapshot().snapshot_id  # type: ignore[union-attr]
+    plans = PlanCache(max_values=10_000_000)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tasks = sum(
+            len(plan_tasks(loaded, snapshot, parse_filter(f"rate > {-i}", loaded.schema()), plans) or ())
+            for i in range(20)
+        )
+        gc.collect()
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert tasks >= 200
+    reckoned = plans.total * VALUE_BYTES
+    assert 0.75 <= reckoned / taken <= 1.5, f"{tasks} tasks take {taken} bytes, reckoned {reckoned}"
 
 
 def test_the_plan_cache_bounds_the_filters_it_keeps_plans_for() -> None:
