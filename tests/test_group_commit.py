@@ -590,3 +590,56 @@ def test_the_copy_puts_write_files_for_shares_the_schema_another_thread_caches_o
     metadata, arrow = _ForFiles()(table)
     assert hook.copies == 0 and metadata.schema() is table.metadata.schema() and not metadata.snapshots
     assert arrow.names == ["id", "ts", "value"] and table.metadata.snapshots
+
+
+def batch(writer: int, rows: int = 60_000) -> pa.Table:
+    """A pipeline's batch of `rows` feature rows (over 1 MiB of Arrow) for keys of its own, over four days."""
+    ids = range(writer * rows, (writer + 1) * rows)
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "ts": pa.array([T0 + dt.timedelta(hours=i % 96) for i in ids], pa.timestamp("us", "UTC")),
+            "value": pa.array([i / 3 for i in ids], pa.float64()),
+        }
+    )
+
+
+@pytest.mark.parametrize("shared_bytes", [group.MAX_SHARED_BYTES, 2 << 20], ids=["within", "past"])
+def test_batches_queued_together_share_one_file_a_partition(
+    properties: dict[str, str], monkeypatch: pytest.MonkeyPatch, shared_bytes: int
+) -> None:
+    """Three writers' batches (each over 1 MiB, one chunk of the write buffer) queue behind a commit in flight: their
+    group writes their rows into one file a partition, not one each, and each put counts the files that hold its
+    rows; past `MAX_SHARED_BYTES` of rows the rest wait for the next group."""
+    monkeypatch.setattr(group, "MAX_SHARED_BYTES", shared_bytes)
+    server = start_server(properties, write_chunk_bytes=64 << 20)  # each batch one chunk (the tests' chunks are small)
+    location = f"grpc://127.0.0.1:{server.port}"
+    name = f"group.batches_{uuid.uuid4().hex[:8]}"
+    try:
+        create(location, name)
+        groups = server.parts.writer._groups
+        identifier = groups.catalog.identifier(name)
+        assert all(batch(w).nbytes > 1 << 20 for w in range(4))
+
+        def put(writer: int) -> WriteResult:
+            with FeatureClient(location) as client:
+                return client.write(name, batch(writer))
+
+        with ThreadPoolExecutor(4) as pool:
+            with groups._locks(identifier):  # a commit in flight: the first put leads the next, the others queue
+                first = pool.submit(put, 0)
+                wait_until(lambda: groups.waiting(identifier) == 0, what="the first put to lead")
+                rest = [pool.submit(put, w) for w in (1, 2, 3)]
+                wait_until(lambda: groups.waiting(identifier) == 3, what="the batches to queue")
+            results = [first.result(), *(r.result() for r in rest)]
+        partitions = results[0].files
+        assert partitions > 1 and all(r.files == partitions and r.rows == 60_000 for r in results)
+        added = [int(s["added-data-files"]) for s in summaries(properties, name)[1:]]
+        if shared_bytes > 3 * batch(1).nbytes:
+            assert added == [partitions, partitions]  # the leader's, then the three batches' shared files
+            assert len({r.snapshot_id for r in results[1:]}) == 1
+        else:
+            assert added == [partitions] * 4  # each batch its own group
+        assert scanned(location, name) == Counter(range(-1, 240_000))
+    finally:
+        server.shutdown()

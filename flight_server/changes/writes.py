@@ -55,7 +55,6 @@ from flight_server.changes.files import (
     write_data_files,
 )
 from flight_server.changes.group import (
-    COALESCE_BYTES,
     LINGER_SECONDS,
     MAX_PUTS,
     GroupCommits,
@@ -255,10 +254,10 @@ class Writer:
             if rows == 0:
                 raise RequestError("the write stream is empty: nothing to write")
             unwritten = not files and writing is None  # no chunk flushed (nor being written in the background)
-            if unwritten and pending_bytes < COALESCE_BYTES and self._groups_small_puts(request, staged):
+            if unwritten and self._groups_rows(request, staged):  # the put fits in one chunk: its group writes it
                 data = pa.Table.from_batches(pending, schema=staged.target)
-                small = Rows(data, staged.metadata, staged.io, staged.spec)
-                return self._commit(request, staged, files, rows, small)
+                left = Rows(data, staged.metadata, staged.io, staged.spec)
+                return self._commit(request, staged, files, rows, left)
             flush(last=True)
             return self._commit(request, staged, files, rows)
         except CommitStateUnknownException:
@@ -352,16 +351,16 @@ class Writer:
             identifier, schema=schema, location=location, partition_spec=partitioning, properties=properties
         )
 
-    def _groups_small_puts(self, request: WriteRequest, staged: _Staged) -> bool:
-        """Whether a small put's rows go to its group's shared data files (`Rows`): a plain append to a table
-        whose puts share snapshots, on a server that groups them."""
+    def _groups_rows(self, request: WriteRequest, staged: _Staged) -> bool:
+        """Whether the rows of a put that fits in one chunk go to its group's shared data files (`Rows`): a plain
+        append to a table whose puts share snapshots, on a server that groups them."""
         plain = request.mode == "append" and staged.table is not None and not staged.evolved
         return plain and self._groups.max_puts > 1 and group_commit_enabled(staged.metadata)
 
     def _commit(
-        self, request: WriteRequest, staged: _Staged, files: list[DataFile], rows: int, small: Rows | None = None
+        self, request: WriteRequest, staged: _Staged, files: list[DataFile], rows: int, left: Rows | None = None
     ) -> WriteResult:
-        """Commit the files (or a small put's rows, which its group writes) in a snapshot; on a lost race, retry on
+        """Commit the files (or the put's rows, which its group writes: `left`) in a snapshot; on a lost race, retry on
         the new table state. A plain append shares its snapshot with the appends to the table queued while the
         commit before it ran (`GroupCommits`)."""
         deadline = time.monotonic() + self.commit_timeout
@@ -369,7 +368,7 @@ class Writer:
         if request.mode == "append" and staged.table is not None and not staged.evolved:  # only adds data files
             schema, spec_id = staged.metadata.schema(), staged.metadata.default_spec_id
             grouped = group_commit_enabled(staged.metadata)
-            put = Put(request.table, request.write_id, files, rows, schema, spec_id, deadline, grouped, small)
+            put = Put(request.table, request.write_id, files, rows, schema, spec_id, deadline, grouped, left)
             result = self._groups.commit(identifier, put)
             if result.duplicate:
                 delete_files(staged.io, [f.file_path for f in files])
