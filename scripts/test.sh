@@ -22,6 +22,8 @@ fi
 command -v docker-compose >/dev/null 2>&1 || install_package docker-compose "docker-compose is"
 # g++: tests/test_cpp_client.py builds a C++ Flight client against pyarrow's headers and libraries.
 command -v g++ >/dev/null 2>&1 || install_package g++ "g++ is"
+# libfaketime: tests/test_clocks.py runs replicas whose clocks are minutes behind or hours ahead of the others.
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || install_package faketime "libfaketime is"
 # Node.js and npm: tests/test_js_client.py runs a JavaScript Flight client, whose packages (pinned by
 # tests/clients/package-lock.json) npm installs into tests/clients/node_modules here, again only when the lock file
 # changed; the tests never reach the network.

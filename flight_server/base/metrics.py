@@ -16,6 +16,14 @@ COMMIT_RETRIES = Counter(
     registry=None,
 )
 
+COMMIT_CLOCK_BEHIND = Counter(
+    "flight_commit_clock_behind",
+    "Snapshots this process committed at the table's time rather than its own clock's, more than a second later: "
+    "the table was last updated (by another replica or engine) after this machine's now, so one of the clocks is "
+    "off. Snapshot times never go back; a clock ahead pushes every writer's commit times ahead with it.",
+    registry=None,
+)
+
 DUCKDB_REOPENED = Counter(
     "flight_duckdb_reopened",
     "DuckDB databases that a fatal error invalidated and that the server replaced by a new one (`reads/duck.py`); "
@@ -23,4 +31,5 @@ DUCKDB_REOPENED = Counter(
     registry=None,
 )
 
-COUNTERS = (COMMIT_RETRIES, DUCKDB_REOPENED)  # each published as the sum of the serving and the write process
+# Each published as the sum of the serving and the write process.
+COUNTERS = (COMMIT_RETRIES, COMMIT_CLOCK_BEHIND, DUCKDB_REOPENED)

@@ -461,7 +461,10 @@ def describe(table: Table, max_snapshots: int = 100) -> dict[str, Any]:
     metadata = table.metadata
     spec = FeatureSpec.from_properties(metadata.properties)
     current = table.current_snapshot()
-    snapshots = sorted(metadata.snapshots, key=lambda s: s.timestamp_ms)[-max_snapshots:]
+    # In commit order (the metadata's), not by time: a writer whose clock is behind another's stamps a later
+    # snapshot with an earlier time (Iceberg's Java writers allow a minute), which sorting by time would list
+    # before older ones, and could leave out of the last `max_snapshots`, the current one included.
+    snapshots = metadata.snapshots[-max_snapshots:]
     return {
         "table": table_name(table),
         "feature": spec.as_dict() if spec else None,

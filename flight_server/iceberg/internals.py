@@ -81,6 +81,7 @@ from pyiceberg.table.snapshots import (
     update_snapshot_summaries,
 )
 from pyiceberg.table.update import (
+    AddSnapshotUpdate,
     AssertTableUUID,
     TableRequirement,
     TableUpdate,
@@ -97,7 +98,7 @@ from pyiceberg.utils.schema_conversion import AvroSchemaConversion
 from sqlalchemy import Select, Update, bindparam, select, update
 
 from flight_server.base.buffers import aligned
-from flight_server.base.metrics import COMMIT_RETRIES
+from flight_server.base.metrics import COMMIT_CLOCK_BEHIND, COMMIT_RETRIES
 from flight_server.iceberg.metadata_files import write_metadata
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,10 @@ PRIVATE_API: dict[str, str] = {
     "pyiceberg.table.Transaction._table": (
         "transaction_io() (the staged table's FileIO) and RewriteFiles._validate_concurrency (the table's metadata "
         "as refreshed for a retry)"
+    ),
+    "pyiceberg.table.Transaction._stage": (
+        "MemoTransaction._stage: (updates, requirements=()) -> the transaction, through which _apply and the retry's "
+        "_rebuild_snapshot_updates stage every update (a snapshot's AddSnapshotUpdate among them)"
     ),
     "pyiceberg.table.Transaction._updates": (
         "MemoTransaction.table_metadata: the staged updates, a tuple that is replaced (never changed in place) "
@@ -234,6 +239,56 @@ class MemoTransaction(Transaction):
             memo = self._memo = (base, updates, updated_metadata(base, updates))
         return memo[2]
 
+    def _stage(self, updates: tuple[TableUpdate, ...], requirements: tuple[TableRequirement, ...] = ()) -> Transaction:
+        """Stage the updates, each new snapshot's commit time raised to follow the table's last update
+        (`ordered_snapshots`): every snapshot a producer makes passes here, on its first attempt and on pyiceberg's
+        retry alike, which rebuilds it on the newer metadata."""
+        return super()._stage(ordered_snapshots(self.table_metadata, updates), requirements)
+
+
+CLOCK_BEHIND_MS = 1000  # a commit time raised by more than this says this machine's clock is behind another writer's
+
+
+def commit_floor_ms(metadata: TableMetadata) -> int:
+    """The earliest time a commit on `metadata` may record: later than the table's last update and than the last
+    entries of its snapshot log and metadata log.
+
+    Iceberg's Java `TableMetadata` refuses to load metadata whose snapshot log or metadata log goes back in time by
+    more than a minute ("[BUG] Expected sorted snapshot log entries", "Invalid update timestamp"), and time travel by
+    time follows the snapshot log: a replica whose clock is behind another's would otherwise commit a snapshot that
+    Spark and Trino can no longer load the table past, and that moves earlier times' answers."""
+    floor = metadata.last_updated_ms
+    if metadata.snapshot_log:
+        floor = max(floor, metadata.snapshot_log[-1].timestamp_ms)
+    if metadata.metadata_log:
+        floor = max(floor, metadata.metadata_log[-1].timestamp_ms)
+    return floor + 1
+
+
+def ordered_snapshots(metadata: TableMetadata, updates: tuple[TableUpdate, ...]) -> tuple[TableUpdate, ...]:
+    """The updates with each added snapshot's `timestamp_ms` raised to at least `commit_floor_ms` of `metadata` (and
+    past the snapshot added before it), as a monotonic clock: pyiceberg stamps a snapshot with the committing
+    machine's clock and checks nothing. A snapshot lifted by more than `CLOCK_BEHIND_MS` is counted
+    (`flight_commit_clock_behind_total`): some writer's clock disagrees with this one's."""
+    floor, staged = commit_floor_ms(metadata), []
+    for change in updates:
+        if isinstance(change, AddSnapshotUpdate):
+            snapshot = change.snapshot
+            if snapshot.timestamp_ms < floor:
+                if floor - snapshot.timestamp_ms > CLOCK_BEHIND_MS:
+                    COMMIT_CLOCK_BEHIND.inc()
+                    log.warning(
+                        "snapshot %d of a table last updated %d ms after this machine's clock: committed at the "
+                        "table's time (is this clock, or another writer's, off?)",
+                        snapshot.snapshot_id,
+                        floor - 1 - snapshot.timestamp_ms,
+                    )
+                snapshot = snapshot.model_copy(update={"timestamp_ms": floor})
+                change = AddSnapshotUpdate(snapshot=snapshot)
+            floor = snapshot.timestamp_ms + 1
+        staged.append(change)
+    return tuple(staged)
+
 
 def updated_metadata(
     base: TableMetadata, updates: tuple[TableUpdate, ...], metadata_location: str | None = None
@@ -250,8 +305,8 @@ def updated_metadata(
     if context.has_changes():
         if metadata_location:
             metadata = _update_table_metadata_log(metadata, metadata_location, base.last_updated_ms)
-        if base.last_updated_ms == metadata.last_updated_ms:
-            now = datetime_to_millis(datetime.now().astimezone())
+        if base.last_updated_ms == metadata.last_updated_ms:  # no snapshot: the time of the change, after the last
+            now = max(datetime_to_millis(datetime.now().astimezone()), commit_floor_ms(base))
             metadata = metadata.model_copy(update={"last_updated_ms": now})
     metadata.spec().check_compatible(metadata.schema())
     metadata.sort_order().check_compatible(metadata.schema())
