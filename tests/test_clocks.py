@@ -245,3 +245,37 @@ def test_a_commit_is_ordered_after_the_tables_last_update_however_far_ahead(tmp_
     assert ordered_snapshots(metadata, (AddSnapshotUpdate(snapshot=later),))[0] == AddSnapshotUpdate(snapshot=later)
     properties_only = updated_metadata(metadata, (SetPropertiesUpdate(updates={"a": "b"}),))
     assert properties_only.last_updated_ms == ahead + 1
+
+
+def test_a_step_of_a_replicas_wall_clock_leaves_its_online_index_lag_alone(tmp_path: Path) -> None:
+    """NTP correcting a drifted clock, or a VM resumed, steps the wall clock: the online index's lag
+    (`flight_online_index_lag_seconds`, which FlightOnlineIndexStale alerts on) is measured on the monotonic clock,
+    so a step of two hours neither shows as two hours of lag nor hides one."""
+    offset = tmp_path / "offset"
+    offset.write_text("+0\n")
+    stepped = {**faketime("+0"), "FAKETIME_TIMESTAMP_FILE": str(offset), "FAKETIME_NO_CACHE": "1"}
+    del stepped["FAKETIME"]
+    port = free_ports(1)[0]
+    settings = {
+        **MANUAL,
+        **stepped,
+        "FLIGHT_SERVER_METRICS_PORT": str(port),
+        "FLIGHT_SERVER_ONLINE_REFRESH_SECONDS": "3600",  # no refresh of its own meanwhile
+    }
+    properties = sqlite_catalog(tmp_path)
+    with (
+        replica_processes(tmp_path, properties, lambda location, locations: settings, count=1) as [(location, _)],
+        FeatureClient(location) as client,
+    ):
+        client.write("clocks.lag", rows(range(5)), entity_keys=["id"], event_time="ts")
+        found = client.get_online_features({"id": [1]}, ["clocks.lag:value"], apply_ttl=False)
+        assert found.column("value").to_pylist() == [1.0]
+
+        def lag() -> float:
+            found = value(scrape(port), "flight_online_index_lag_seconds", table="clocks.lag")
+            assert found is not None
+            return found
+
+        assert lag() < 60
+        offset.write_text("+2h\n")
+        assert lag() < 60

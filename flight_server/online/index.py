@@ -196,7 +196,9 @@ class OnlineIndex:
         self.failure: str | None = None  # the same with its whole text (server paths and all), for the log
         self.appends = 0  # refreshes applied from appended files alone (past compactions)
         self.rebuilds = 0  # refreshes that rebuilt from the whole table
-        self.checked_at = time.time()  # when the index was last known to match its table's current snapshot
+        # When the index was last known to match its table's current snapshot (`time.monotonic`: its age is the
+        # lag /metrics shows, which a step of the wall clock, NTP's or a resumed VM's, must not move).
+        self.checked_at = time.monotonic()
 
     @property
     def spec(self) -> FeatureSpec:

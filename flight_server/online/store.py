@@ -436,7 +436,7 @@ class OnlineStore:
     def _refresh_one(self, name: str) -> None:
         index = self._indexes[name]
         try:
-            started = time.time()
+            started = time.monotonic()
             with self._building(name):
                 outcome = self.refresh(name)
             if index.failure is not None:  # the end of an outage is worth a line, as its start was

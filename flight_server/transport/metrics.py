@@ -305,7 +305,7 @@ def _memory(stats: dict[str, Any]) -> Iterator[Metric]:
 
 def _online(indexes: dict[str, OnlineIndex], nbytes: dict[str, int]) -> Iterator[Metric]:
     """Per online index: how stale it may be, its size, its refreshes."""
-    now = time.time()
+    now = time.monotonic()
     lag = GaugeMetricFamily(
         "flight_online_index_lag_seconds",
         "Seconds since the index was last known to match its table's current snapshot (its last successful "
