@@ -219,6 +219,13 @@ def test_another_writer_behind_leaves_a_log_out_of_order_that_describe_and_time_
         # Iceberg's rule: the last log entry at or before the time; the other engine's snapshot from its time on.
         assert client.scan(table, as_of=log[1]["timestamp-ms"]).read_all().num_rows == 6
         assert client.scan(table, as_of=log[0]["timestamp-ms"]).read_all().num_rows == 6
+        entities = {"id": [99], "event_timestamp": [T0 + dt.timedelta(days=1)]}
+        for entry in log:  # a training set as of a time: the same rule
+            trained = client.get_historical_features(entities, [f"{table}:value"], as_of=entry["timestamp-ms"])
+            assert json.loads(trained.schema.metadata[b"flight.snapshots"])["features"] == {
+                table: log[1]["snapshot-id"]
+            }
+            assert trained.column("value").to_pylist() == [9.0]
         # The next commit through this server is ordered after both.
         client.write(table, rows(range(5, 10)))
     times = [entry["timestamp-ms"] for entry in metadata_json(properties, table)["snapshot-log"]]

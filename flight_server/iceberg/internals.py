@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -248,6 +249,10 @@ class MemoTransaction(Transaction):
 
 CLOCK_BEHIND_MS = 1000  # a commit time raised by more than this says this machine's clock is behind another writer's
 
+CLOCK_LOG_SECONDS = 60.0  # a lifted commit time is logged at most this often (the counter counts each)
+
+_clock_logged = [-CLOCK_LOG_SECONDS]  # time.monotonic() of the last line (a race logs one line more at worst)
+
 
 def commit_floor_ms(metadata: TableMetadata) -> int:
     """The earliest time a commit on `metadata` may record: later than the table's last update and than the last
@@ -269,7 +274,7 @@ def ordered_snapshots(metadata: TableMetadata, updates: tuple[TableUpdate, ...])
     """The updates with each added snapshot's `timestamp_ms` raised to at least `commit_floor_ms` of `metadata` (and
     past the snapshot added before it), as a monotonic clock: pyiceberg stamps a snapshot with the committing
     machine's clock and checks nothing. A snapshot lifted by more than `CLOCK_BEHIND_MS` is counted
-    (`flight_commit_clock_behind_total`): some writer's clock disagrees with this one's."""
+    (`flight_commit_clock_behind_total`) and logged once a minute: some writer's clock disagrees with this one's."""
     floor, staged = commit_floor_ms(metadata), []
     for change in updates:
         if isinstance(change, AddSnapshotUpdate):
@@ -277,12 +282,15 @@ def ordered_snapshots(metadata: TableMetadata, updates: tuple[TableUpdate, ...])
             if snapshot.timestamp_ms < floor:
                 if floor - snapshot.timestamp_ms > CLOCK_BEHIND_MS:
                     COMMIT_CLOCK_BEHIND.inc()
-                    log.warning(
-                        "snapshot %d of a table last updated %d ms after this machine's clock: committed at the "
-                        "table's time (is this clock, or another writer's, off?)",
-                        snapshot.snapshot_id,
-                        floor - 1 - snapshot.timestamp_ms,
-                    )
+                    if (now := time.monotonic()) - _clock_logged[0] >= CLOCK_LOG_SECONDS:
+                        _clock_logged[0] = now
+                        log.warning(
+                            "the table at %s was last updated %.1f s after this machine's clock says now: its "
+                            "snapshot %d takes the table's time (is this clock, or another writer's, off?)",
+                            metadata.location,
+                            (floor - 1 - snapshot.timestamp_ms) / 1000,
+                            snapshot.snapshot_id,
+                        )
                 snapshot = snapshot.model_copy(update={"timestamp_ms": floor})
                 change = AddSnapshotUpdate(snapshot=snapshot)
             floor = snapshot.timestamp_ms + 1
