@@ -119,6 +119,8 @@ def test_a_replica_five_minutes_behind_commits_in_order(replicas: tuple[dict[str
     for key in ("snapshot-log", "metadata-log"):
         times = [entry["timestamp-ms"] for entry in metadata[key]]
         assert times == sorted(set(times)), key
+    stamped = {s["snapshot-id"]: s["timestamp-ms"] for s in metadata["snapshots"]}
+    assert all(stamped.get(e["snapshot-id"], e["timestamp-ms"]) == e["timestamp-ms"] for e in metadata["snapshot-log"])
     # The replica's clock was behind: the record its expiry left says so (the commit times do not).
     at = dt.datetime.fromisoformat(record["at"].replace("Z", "+00:00"))
     assert dt.timedelta(minutes=4) < dt.datetime.now(dt.timezone.utc) - at < dt.timedelta(minutes=6)
