@@ -32,7 +32,7 @@ from flight_client import ConflictError, FeatureClient, NotFoundError, Unavailab
 from flight_client.plans import Endpoint, ReadPlan
 from flight_client.torch import FlightDataset
 from flight_server.iceberg.catalog import FeatureCatalog
-from tests.conftest import replica_processes, sqlite_catalog, wait_until
+from tests.conftest import replica_processes, sqlite_catalog, start_server, wait_until
 from tests.services import postgres_server
 from tests.test_outages import admin, refuse_connections, sql_catalog
 
@@ -372,3 +372,42 @@ def test_memory_of_workers_and_server_stays_flat_over_epochs(tmp_path: Path) -> 
         warm, last = sizes[1], sizes[-1]
         growth = [(b - a) // 1024 for a, b in zip(warm, last, strict=True)]
         assert all(mb < 8 for mb in growth), f"MB grown per process (server, workers) from epoch 2 to 8: {growth}"
+
+
+@pytest.mark.parametrize("mode", ["copy-on-write", "merge-on-read"])
+def test_a_delete_planned_on_a_snapshot_another_replica_expired_plans_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A delete through one replica loads the table; before it reads the snapshot's manifests, a put lands and the
+    other replica's expiry (short, as a churn test sets it) expires that snapshot and deletes its files. The delete
+    plans again on the new snapshot, as after any lost race, and deletes its rows; it failed INTERNAL
+    before (DuckDB's `IOException` reading the expired metadata, or pyiceberg's `FileNotFoundError` its
+    manifests). Automatic compaction met the same race in the churn above, and failed its round."""
+    properties = sqlite_catalog(tmp_path)
+    a, b = start_server(properties), start_server(properties)
+    table = "churn.raced"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{a.port}") as first, FeatureClient(f"grpc://127.0.0.1:{b.port}") as other:
+            other.write(table, rows(0, 100), entity_keys=["id"], event_time="ts", partition_by=[])  # a never read it
+            set_properties(properties, table, SHORT_EXPIRY)
+            load = a.parts.catalog.load
+            loads: list[str] = []
+            raced: list[dict[str, Any]] = []
+
+            def load_then_race(name: str) -> Any:
+                loaded = load(name)
+                loads.append(name)
+                if len(loads) == 2:  # the table a delete plans on: the other replica expires it
+                    other.write(table, rows(100, 200))
+                    raced.append(other.expire_snapshots(table))
+                return loaded
+
+            monkeypatch.setattr(a.parts.catalog, "load", load_then_race)
+            done = first.delete(table, keys={"id": [1, 150]}, mode=mode)
+            assert raced and raced[0]["expired"], raced
+            assert done["rows_deleted"] == 2, done
+            ids = first.read_table(table).column("id").to_pylist()
+            assert sorted(ids) == [i for i in range(200) if i not in (1, 150)]
+    finally:
+        a.shutdown()
+        b.shutdown()
