@@ -33,6 +33,7 @@ from flight_client.plans import Endpoint, ReadPlan
 from flight_client.torch import FlightDataset
 from flight_server.iceberg.catalog import FeatureCatalog
 from tests.conftest import replica_processes, sqlite_catalog, start_server, wait_until
+from tests.feature_sets import TRIPS, write_training_set
 from tests.services import postgres_server
 from tests.test_outages import admin, refuse_connections, sql_catalog
 
@@ -414,3 +415,32 @@ def test_a_delete_planned_on_a_snapshot_another_replica_expired_plans_again(
     finally:
         a.shutdown()
         b.shutdown()
+
+
+def test_a_training_sets_next_epoch_reads_the_snapshots_it_planned(tmp_path: Path) -> None:
+    """A training set over an entity table on the server, read again the next epoch after both tables got a put
+    and a maintenance round with a short expiry. The feature table's snapshot stays (its index is cached for the
+    job's next epoch), and so must the entity table's: the next epoch gives the same rows."""
+    properties = sqlite_catalog(tmp_path)
+    manual = {"FLIGHT_SERVER_AUTO_MAINTENANCE": "false"}
+    with (
+        replica_processes(tmp_path, properties, lambda location, locations: manual, count=1) as [(location, _)],
+        FeatureClient(location) as client,
+    ):
+        if True:
+            trips, features = write_training_set(client)
+            drivers = features[0].split(":")[0]
+            for name in (trips, drivers):
+                set_properties(properties, name, SHORT_EXPIRY)
+            dataset = FlightDataset.training_set(
+                location, trips, features, columns=["trip_id", "rate"], partitions=4, format="arrow"
+            )
+            batches = loader(dataset)
+            first = pa.Table.from_batches(list(iter(batches))).sort_by("trip_id")
+            assert first.num_rows == TRIPS
+            client.write(trips, client.read_table(trips).slice(0, 1).set_column(0, "trip_id", pa.array([10**6])))
+            client.write(drivers, client.read_table(drivers).slice(0, 1))
+            rounds = {name: client.run_maintenance(name) for name in (trips, drivers)}
+            assert all(done["snapshots_expired"] for done in rounds.values()), rounds
+            second = pa.Table.from_batches(list(iter(batches))).sort_by("trip_id")
+            assert second.equals(first)
