@@ -15,7 +15,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,10 @@ from pyiceberg.catalog import load_catalog
 from torch.utils.data import DataLoader
 
 from flight_client import ConflictError, FeatureClient, NotFoundError, UnavailableError
-from flight_client.plans import Endpoint, ReadPlan
+from flight_client.plans import Endpoint, ReadPlan, plan_table
 from flight_client.torch import FlightDataset
 from flight_server.iceberg.catalog import FeatureCatalog
+from tests import ray_driver
 from tests.conftest import replica_processes, sqlite_catalog, start_server, wait_until
 from tests.feature_sets import TRIPS, write_training_set
 from tests.services import postgres_server
@@ -444,3 +445,44 @@ def test_a_training_sets_next_epoch_reads_the_snapshots_it_planned(tmp_path: Pat
             assert all(done["snapshots_expired"] for done in rounds.values()), rounds
             second = pa.Table.from_batches(list(iter(batches))).sort_by("trip_id")
             assert second.equals(first)
+
+
+def test_ray_reads_a_pinned_snapshot_under_churn_and_fails_not_found_once_it_expired(tmp_path: Path) -> None:
+    """`flight_client.ray` on a local Ray cluster: two reads of a pinned scan, each while a cycle of churn runs,
+    equal pyiceberg's read of the snapshot; once unpinned and expired, the read fails with the client's
+    `NotFoundError` (code NOT_FOUND) saying so."""
+    properties = sqlite_catalog(tmp_path)
+    manual = replicas_of(FLIGHT_SERVER_AUTO_MAINTENANCE="false", FLIGHT_SERVER_BATCH_ROWS="500")
+    table = f"churn.t_{uuid.uuid4().hex[:8]}"
+    spawn = multiprocessing.get_context("spawn")
+    with (
+        ProcessPoolExecutor(1, mp_context=spawn, initializer=ray_driver.start_ray) as driver,
+        replica_processes(tmp_path, properties, manual) as replicas,
+    ):
+        locations = [location for location, _ in replicas]
+        with FeatureClient(locations[0]) as client:
+            for start in range(0, 8_000, 2_000):
+                client.write(table, rows(start, start + 2_000), entity_keys=["id"], event_time="ts")
+            set_properties(properties, table, SHORT_EXPIRY)
+            client.delete(table, keys={"id": [3, 4]}, mode="merge-on-read")
+            pinned = client.describe(table)["current_snapshot_id"]
+            client.pin(table, pinned, name="job")
+            expected = reference(properties, table, pinned)
+            plan = plan_table(locations[0], table, columns=["id", "value"], snapshot_id=pinned, partitions=4)
+            with Churn(locations, table) as churn:
+                for _ in range(2):
+                    reading = driver.submit(ray_driver.read_plan_or_error, plan)
+                    churn.wait_for_cycle()
+                    got, error = reading.result()
+                    assert error is None and got is not None, error
+                    read_once(got.cast(PLAIN), expected)
+            assert churn.error is None, repr(churn.error)
+            client.unpin(table, "job")
+            for location in locations:
+                with FeatureClient(location) as replica:
+                    replica.run_maintenance(table)
+            assert pinned not in snapshots(client, table)
+            got, error = driver.submit(ray_driver.read_plan_or_error, plan).result()
+            assert got is None and error is not None
+            not_found, code, message = error
+            assert not_found and code == "NOT_FOUND" and f"has no snapshot {pinned}: it was expired" in message, error
