@@ -40,6 +40,10 @@ from tests.test_outages import admin, refuse_connections, sql_catalog
 
 TIME = pa.timestamp("us", "UTC")
 PLAIN = pa.schema([("id", pa.int64()), ("value", pa.float64())])  # as the loader's batches come
+# gRPC's flow-control window left at its 64 KiB, not grown to what a fast reader takes (its BDP probe): a call's
+# server then streams no further ahead of its reader than that, whatever the timing, and a test can stop a server
+# or expire a snapshot while a call is surely open.
+SMALL_WINDOW = {"generic_options": [("grpc.http2.bdp_probe", 0)]}
 SHORT_EXPIRY = {  # every snapshot but the newest expires at the next round; small files compact at once
     "history.expire.max-snapshot-age-ms": "1",
     "history.expire.min-snapshots-to-keep": "1",
@@ -109,14 +113,19 @@ def loader(dataset: FlightDataset) -> DataLoader[Any]:
 
 
 def epoch(
-    batches: Iterator[dict[str, torch.Tensor]], after_first: Any = None, into: list[pa.Table] | None = None
+    batches: Iterator[dict[str, torch.Tensor]],
+    after_first: Any = None,
+    into: list[pa.Table] | None = None,
+    batches_first: int = 1,
 ) -> pa.Table:
-    """One epoch's rows in the order the loader gave them; `after_first()` runs once the first batch is in (the
-    workers' calls open), before the rest is read. `into` gets each batch as it comes (for an epoch that fails)."""
+    """One epoch's rows in the order the loader gave them; `after_first()` runs once the first `batches_first`
+    batches are in, before the rest is read (the DataLoader gives its workers' batches in turn: the second comes
+    from the second worker, whose calls are then open). `into` gets each batch as it comes (for an epoch that
+    fails)."""
     got: list[pa.Table] = [] if into is None else into
     for batch in batches:
         got.append(arrow(batch))
-        if len(got) == 1 and after_first is not None:
+        if len(got) == batches_first and after_first is not None:
             after_first()
     return pa.concat_tables(got)
 
@@ -232,8 +241,8 @@ def test_a_read_keeps_its_snapshot_at_its_own_replica_only_and_an_expired_one_fa
     with replica_processes(tmp_path, properties, manual) as replicas:
         (planner, _), (streamer, _) = replicas
         with FeatureClient(planner) as a, FeatureClient(streamer) as b:
-            for start in range(0, 500_000, 250_000):  # parts of 6 MB: more than gRPC buffers of a call
-                a.write(table, rows(start, start + 250_000), entity_keys=["id"], event_time="ts", partition_by=[])
+            for start in range(0, 200_000, 100_000):  # parts of 2.4 MB, far more than a call's window
+                a.write(table, rows(start, start + 100_000), entity_keys=["id"], event_time="ts", partition_by=[])
             set_properties(properties, table, SHORT_EXPIRY)
             planned = a.describe(table)["current_snapshot_id"]
             expected = reference(properties, table, planned)
@@ -243,7 +252,12 @@ def test_a_read_keeps_its_snapshot_at_its_own_replica_only_and_an_expired_one_fa
             part = dataset.plan.endpoints[0]
             assert isinstance(part, Endpoint)
             at_b = ReadPlan(
-                streamer, dataset.plan.schema, (Endpoint(part.ticket, (streamer,)),), columns=("id", "value")
+                streamer,
+                dataset.plan.schema,
+                (Endpoint(part.ticket, (streamer,)),),
+                None,
+                ("id", "value"),
+                SMALL_WINDOW,
             )
             reading = at_b.batches(at_b.endpoints)
             got = [pa.Table.from_batches([next(reading)])]
@@ -277,13 +291,13 @@ def test_a_replica_stopped_mid_epoch(tmp_path: Path, stop: signal.Signals) -> No
     with replica_processes(tmp_path, properties, manual) as replicas:
         (a, _), (b, doomed) = replicas
         with FeatureClient(a) as client:
-            for start in range(0, 1_000_000, 250_000):  # a file and an endpoint each, of 6 MB: more than gRPC buffers
-                client.write(table, rows(start, start + 250_000), entity_keys=["id"], event_time="ts", partition_by=[])
+            for start in range(0, 400_000, 100_000):  # a file and an endpoint each, of 2.4 MB: far more than a window
+                client.write(table, rows(start, start + 100_000), entity_keys=["id"], event_time="ts", partition_by=[])
             pinned = client.describe(table)["current_snapshot_id"]
         expected = reference(properties, table, pinned)
         datasets = [
-            FlightDataset.table(a, table, snapshot_id=pinned, partitions=4, **options)
-            for options in ({}, {"client_options": {"retry_seconds": 30}})
+            FlightDataset.table(a, table, snapshot_id=pinned, partitions=4, client_options=options)
+            for options in (SMALL_WINDOW, {**SMALL_WINDOW, "retry_seconds": 30})
         ]
         # Endpoints alternate between the replicas: worker 1 reads its two, both first at b, at once.
         assert [e.locations[0] for e in datasets[0].plan.endpoints if isinstance(e, Endpoint)] == [a, b, a, b]
@@ -293,7 +307,7 @@ def test_a_replica_stopped_mid_epoch(tmp_path: Path, stop: signal.Signals) -> No
 
         got: list[pa.Table] = []
         try:
-            epoch(iter(loader(datasets[0])), after_first=kill, into=got)
+            epoch(iter(loader(datasets[0])), after_first=kill, into=got, batches_first=2)
         except UnavailableError as error:
             assert error.code == "UNAVAILABLE", error  # rebuilt from its message in the main process
             failed = True
