@@ -2,9 +2,11 @@
 (`FlightDataset`, 2 persistent workers) read a planned scan epoch after epoch against real replica processes while
 puts land (group commits), rows are deleted (merge-on-read and copy-on-write), the table is overwritten, and
 maintenance compacts and expires snapshots; while a replica is stopped (SIGTERM) or killed (SIGKILL); while the
-PostgreSQL catalog refuses connections. Every epoch must give exactly the rows of the pinned snapshot as pyiceberg
-reads them, none twice; what cannot be read must fail with a clear error of the right kind
-(docs/integrations.md, "Long training jobs")."""
+PostgreSQL catalog refuses connections; and Ray Data's reads under the same churn. Every epoch must give exactly
+the rows of the pinned snapshot as pyiceberg reads them, none twice; what cannot be read must fail with a clear
+error of the right kind (docs/integrations.md, "Long training jobs"). Also here: which replica's expiry keeps a
+snapshot a read streams, a training set's entity snapshot kept for the next epoch, and a delete planned on a
+snapshot another replica expired."""
 
 from __future__ import annotations
 
