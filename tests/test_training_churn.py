@@ -34,6 +34,7 @@ from flight_client import ConflictError, FeatureClient, NotFoundError, Unavailab
 from flight_client.plans import Endpoint, ReadPlan, plan_table
 from flight_client.torch import FlightDataset
 from flight_server.iceberg.catalog import FeatureCatalog
+from flight_server.reads import inuse
 from tests import ray_driver
 from tests.conftest import replica_processes, sqlite_catalog, start_server, wait_until
 from tests.feature_sets import TRIPS, write_training_set
@@ -502,3 +503,24 @@ def test_ray_reads_a_pinned_snapshot_under_churn_and_fails_not_found_once_it_exp
             assert got is None and error is not None
             not_found, code, message = error
             assert not_found and code == "NOT_FOUND" and f"has no snapshot {pinned}: it was expired" in message, error
+
+
+def test_remembered_snapshots_are_kept_ten_minutes_the_four_most_recent_per_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`SnapshotsInUse.remember`: expiry keeps (`kept`) the 4 snapshots of a table asked for most recently, for 10
+    minutes after each was last asked for, beside those running reads hold; older ones are forgotten."""
+    clock = [1000.0]
+    monkeypatch.setattr(inuse.time, "monotonic", lambda: clock[0])
+    in_use = inuse.SnapshotsInUse()
+    for snapshot in range(1, 7):
+        in_use.remember([("t", snapshot)])
+        clock[0] += 1
+    in_use.remember([("u", 9), ("t", None)])
+    assert in_use.kept("t") == {3, 4, 5, 6} and in_use.kept("u") == {9}
+    in_use.remember([("t", 1)])  # asked again: the most recent now
+    assert in_use.kept("t") == {1, 4, 5, 6}
+    clock[0] = 1005 + inuse.RECENT_SECONDS + 0.5  # 10 minutes after snapshot 6 was asked for, not after 1 or 9
+    with in_use.hold([("t", 2)]):
+        assert in_use.kept("t") == {1, 2}
+    assert in_use.kept("t") == {1} and len(in_use._asked) == 2

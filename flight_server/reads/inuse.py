@@ -66,17 +66,24 @@ class SnapshotsInUse:
                 if snapshot is not None:
                     self._asked.pop((uuid, snapshot), None)  # to the end: the dict is in the order last asked
                     self._asked[(uuid, snapshot)] = now
+            self._forget(now - RECENT_SECONDS)
 
     def kept(self, table_uuid: str) -> set[int]:
         """The snapshots of one table that snapshot expiry keeps for this server's reads: those a running read
         uses, and the `RECENT_PER_TABLE` remembered ones asked for most recently within `RECENT_SECONDS`."""
-        since = time.monotonic() - RECENT_SECONDS
         with self._lock:
-            for key in [key for key, when in self._asked.items() if when < since]:
-                del self._asked[key]
+            self._forget(time.monotonic() - RECENT_SECONDS)
             recent = [snapshot for (uuid, snapshot) in self._asked if uuid == table_uuid][-RECENT_PER_TABLE:]
             running = {snapshot for (uuid, snapshot) in self._counts if uuid == table_uuid}
         return running | set(recent)
+
+    def _forget(self, since: float) -> None:
+        """Drop the remembered snapshots last asked for before `since` (the oldest first in the dict)."""
+        while self._asked:
+            key, when = next(iter(self._asked.items()))
+            if when >= since:
+                return
+            del self._asked[key]
 
     @contextlib.contextmanager
     def hold(self, held: Iterable[tuple[str, int | None]]) -> Iterator[None]:
