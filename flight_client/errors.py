@@ -11,19 +11,28 @@ from flight_server.wire.errors import error_code, error_message
 
 
 class FeatureServerError(Exception):
-    """The server refused or failed a request; `code` says which kind (see docs/protocol.md)."""
+    """The server refused or failed a request; `code` says which kind (see docs/protocol.md).
 
-    def __init__(self, message: str, code: str = "INTERNAL"):
+    Without `code`, the class's own (`default_code`): an exception rebuilt from its message alone, as PyTorch's
+    DataLoader raises a worker's in the main process, keeps its kind."""
+
+    default_code = "INTERNAL"
+
+    def __init__(self, message: str, code: str | None = None):
         super().__init__(message)
-        self.code = code
+        self.code = code or self.default_code
 
 
 class InvalidRequestError(FeatureServerError, ValueError):
     """The request was wrong (malformed, mistyped, impossible): fix it, do not retry it."""
 
+    default_code = "INVALID_ARGUMENT"
+
 
 class NotFoundError(FeatureServerError, KeyError):
     """A table, column or snapshot the request names does not exist."""
+
+    default_code = "NOT_FOUND"
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
@@ -32,32 +41,45 @@ class NotFoundError(FeatureServerError, KeyError):
 class ConflictError(FeatureServerError):
     """The request lost a race with a concurrent change; nothing was done and a retry is safe."""
 
+    default_code = "CONFLICT"
+
 
 class ResourceExhaustedError(FeatureServerError):
     """The request would exceed a limit the server is configured with; the message names it."""
+
+    default_code = "RESOURCE_EXHAUSTED"
 
 
 class UnauthenticatedError(FeatureServerError):
     """The server requires a valid bearer token (`FeatureClient(..., token=...)`) and got none or a wrong one."""
 
+    default_code = "UNAUTHENTICATED"
+
 
 class PermissionDeniedError(FeatureServerError):
     """The token is valid but lacks the permission or namespace the request needs; the message says which."""
+
+    default_code = "PERMISSION_DENIED"
 
 
 class UnavailableError(FeatureServerError, ConnectionError):
     """The server could not be reached, or ended the call (shutting down, or the call was idle too long):
     retry, at another replica or once it is back."""
 
+    default_code = "UNAVAILABLE"
+
 
 _BY_CODE: dict[str, type[FeatureServerError]] = {
-    "INVALID_ARGUMENT": InvalidRequestError,
-    "NOT_FOUND": NotFoundError,
-    "CONFLICT": ConflictError,
-    "RESOURCE_EXHAUSTED": ResourceExhaustedError,
-    "UNAUTHENTICATED": UnauthenticatedError,
-    "PERMISSION_DENIED": PermissionDeniedError,
-    "UNAVAILABLE": UnavailableError,
+    kind.default_code: kind
+    for kind in (
+        InvalidRequestError,
+        NotFoundError,
+        ConflictError,
+        ResourceExhaustedError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        UnavailableError,
+    )
 }
 
 # What pyarrow's client raises for a server's error: Flight errors, and Arrow errors for INVALID_ARGUMENT and NOT_FOUND.

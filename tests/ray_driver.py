@@ -56,3 +56,14 @@ def read_training_set_tasks(location: str, entities: Any, features: list[str], *
     """`read_training_set`, and Ray's statistics of the read."""
     dataset = read_training_set(location, entities, features, **options)
     return _collect(dataset), dataset.stats()
+
+
+def read_plan_or_error(plan: ReadPlan) -> tuple[pa.Table | None, tuple[bool, str | None, str] | None]:
+    """The plan's rows read through `FlightDatasource`, or, when the read fails, whether its error is the client's
+    `NotFoundError` (Ray raises it as a subclass of it and of `RayTaskError`), its code and its message."""
+    from flight_client import NotFoundError
+
+    try:
+        return _collect(ray.data.read_datasource(FlightDatasource(plan))), None
+    except Exception as exc:
+        return None, (isinstance(exc, NotFoundError), getattr(exc, "code", None), str(exc))

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import duckdb
 import numpy as np
 import pyarrow as pa
+from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.manifest import DataFile, DataFileContent
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
@@ -258,8 +259,24 @@ class Rewriter(TableChanges):
         return self.until(table, what, lambda: self.rewrite_once(table, action, plan))
 
     def rewrite_once(self, name: str, action: str, plan: Callable[[SnapshotRows], Plan | None]) -> Rewritten:
-        """One attempt: a lost race raises (`CommitFailedException`, `ValidationException`) with nothing committed."""
+        """One attempt: a lost race raises (`CommitFailedException`, `ValidationException`) with nothing committed.
+        A snapshot planned on that another replica expired meanwhile is one too: its files are gone, and a commit
+        made it no longer the newest first (its files were those of the current snapshot when it was loaded)."""
         table = self.catalog.load(name)
+        try:
+            return self._rewrite_on(name, table, action, plan)
+        except (FileNotFoundError, duckdb.IOException) as exc:  # pyiceberg's reads (manifests), DuckDB's (data)
+            planned_on = table.current_snapshot()
+            now = self.catalog.load(name)
+            if planned_on is None or now.metadata.snapshot_by_id(planned_on.snapshot_id) is not None:
+                raise  # the files of a snapshot the table still has: lost, no race
+            raise CommitFailedException(
+                f"snapshot {planned_on.snapshot_id}, planned on, was expired meanwhile (by another replica)"
+            ) from exc
+
+    def _rewrite_on(
+        self, name: str, table: Table, action: str, plan: Callable[[SnapshotRows], Plan | None]
+    ) -> Rewritten:
         snapshot = table.current_snapshot()
         if snapshot is None:
             return Rewritten(table_name(table), None)

@@ -15,7 +15,10 @@ def resolve_snapshot(table: Table, snapshot_id: int | None, as_of: str | None) -
     """The snapshot a read uses: the one named, the one current at `as_of`, or the current one."""
     if snapshot_id is not None:
         if table.snapshot_by_id(snapshot_id) is None:
-            raise NotFoundError(f"table {table_name(table)!r} has no snapshot {snapshot_id}")
+            raise NotFoundError(
+                f"table {table_name(table)!r} has no snapshot {snapshot_id}: it was expired, or is not one of this "
+                "table's; a read that must outlast the table's snapshot expiry pins it first (FeatureClient.pin)"
+            )
         return snapshot_id
     if as_of is not None:
         when = parse_timestamp(as_of, "as_of")

@@ -4,12 +4,18 @@ A read holds its snapshot for as long as its result streams: `holding` wraps the
 reader is exhausted, closed or dropped (the client finished, cancelled or went away, or the stream never
 started). Counted per (table uuid, snapshot id): two reads of one snapshot hold it twice. Only this server's
 reads are known here; reads on other replicas are protected by expiry's age rule alone.
+
+Some snapshots are asked again soon after a read ends: the entity table of a training set over a table on the
+server, by the job's next epoch (its feature tables' snapshots stay with their cached indexes, `AsofCache`). Those
+are remembered (`remember`) and kept as the training-set cache keeps its indexes: the most recent few per table,
+for ten minutes (`kept`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -17,6 +23,9 @@ from collections.abc import Callable, Iterable, Iterator
 import pyarrow as pa
 
 Held = tuple[str, int]  # (table uuid, snapshot id)
+
+RECENT_SECONDS = 600.0  # a remembered snapshot is kept this long after it was last asked for (as the cache's indexes)
+RECENT_PER_TABLE = 4  # ... the most recently asked of a table's, at most
 
 
 class SnapshotsInUse:
@@ -26,6 +35,7 @@ class SnapshotsInUse:
         self._counts: Counter[Held] = Counter()
         self._lock = threading.Lock()
         self._quiet: list[Callable[[], None]] = []  # called once when the last running read ends
+        self._asked: dict[Held, float] = {}  # remembered snapshots: when last asked for (`time.monotonic`)
 
     def when_quiet(self, call: Callable[[], None]) -> None:
         """Call `call` once no read runs: now if none does, else when the last running one ends (once, however often
@@ -47,6 +57,33 @@ class SnapshotsInUse:
         """The snapshots of one table that a running read uses."""
         with self._lock:
             return {snapshot for (uuid, snapshot), count in self._counts.items() if uuid == table_uuid}
+
+    def remember(self, held: Iterable[tuple[str, int | None]]) -> None:
+        """Snapshots that the same job will ask for again (a training set's entity table): `kept` keeps them."""
+        now = time.monotonic()
+        with self._lock:
+            for uuid, snapshot in held:
+                if snapshot is not None:
+                    self._asked.pop((uuid, snapshot), None)  # to the end: the dict is in the order last asked
+                    self._asked[(uuid, snapshot)] = now
+            self._forget(now - RECENT_SECONDS)
+
+    def kept(self, table_uuid: str) -> set[int]:
+        """The snapshots of one table that snapshot expiry keeps for this server's reads: those a running read
+        uses, and the `RECENT_PER_TABLE` remembered ones asked for most recently within `RECENT_SECONDS`."""
+        with self._lock:
+            self._forget(time.monotonic() - RECENT_SECONDS)
+            recent = [snapshot for (uuid, snapshot) in self._asked if uuid == table_uuid][-RECENT_PER_TABLE:]
+            running = {snapshot for (uuid, snapshot) in self._counts if uuid == table_uuid}
+        return running | set(recent)
+
+    def _forget(self, since: float) -> None:
+        """Drop the remembered snapshots last asked for before `since` (the oldest first in the dict)."""
+        while self._asked:
+            key, when = next(iter(self._asked.items()))
+            if when >= since:
+                return
+            del self._asked[key]
 
     @contextlib.contextmanager
     def hold(self, held: Iterable[tuple[str, int | None]]) -> Iterator[None]:

@@ -81,6 +81,8 @@ class TrainingSets:
         is interrupted once `is_cancelled()` (the client cancelled or went away)."""
         plan, inline = plan_request(self.catalog, request)
         in_use, held = self.cache.caches.in_use, held_snapshots(plan)
+        if plan.entity_table is not None:  # the job's next epoch asks it again: kept as its feature tables' indexes
+            in_use.remember([(str(plan.entity_table.metadata.table_uuid), plan.entity_snapshot_id)])
         with in_use.hold(held):  # from planning until the stream ends, expiry keeps its snapshots
             return in_use.holding(held, self._open(plan, inline, is_cancelled))  # taken before `hold` lets go
 

@@ -88,7 +88,7 @@ class Components:
 
         def in_use(table_uuid: str) -> set[int]:
             """Snapshots that expiry keeps: those running reads and cached training sets use."""
-            return caches.in_use.snapshots(table_uuid) | cache.snapshots(table_uuid)
+            return caches.in_use.kept(table_uuid) | cache.snapshots(table_uuid)
 
         # With the write process, automatic maintenance compacts there (`OffloadedMaintenance`), beside the puts.
         maintenance = OffloadedMaintenance(catalog, engine, locks, *limits, in_use=in_use, writes=writes)
