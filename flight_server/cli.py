@@ -25,6 +25,9 @@ from flight_server.transport.auth import READ, WRITE, load_tokens
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from flight_client import FeatureClient
     from flight_server.transport.service import FeatureFlightServer
 
 GIL_SWITCH_SECONDS = 0.0005
@@ -190,20 +193,8 @@ def health(
     timeout: float,
 ) -> None:
     """Ask a server for its `health` action; exit 0 when it answers ok (for container health checks)."""
-    from flight_client import FeatureClient, FeatureServerError
-
-    try:
-        with FeatureClient(
-            location,
-            timeout=timeout,
-            token=token,
-            tls_root_certs=tls_root_certs,
-            cert_chain=tls_cert_chain,
-            private_key=tls_private_key,
-        ) as client:
-            status = client.health(catalog=catalog)
-    except (FeatureServerError, OSError) as exc:  # the client's one line (UnavailableError: nothing listens there)
-        raise click.ClickException(f"{location}: {exc}") from None
+    connection = (location, token, tls_root_certs, tls_cert_chain, tls_private_key, timeout)
+    status = _ask(*connection, lambda client: client.health(catalog=catalog))
     click.echo(json.dumps(status))
     if status.get("status") != "ok":
         sys.exit(1)
@@ -223,6 +214,25 @@ def calls(
 ) -> None:
     """List the calls a server is running now, the longest running first (its `calls` action; an admin token when
     the server requires authentication)."""
+    reply = _ask(location, token, tls_root_certs, tls_cert_chain, tls_private_key, timeout, lambda c: c.calls())
+    if as_json:
+        click.echo(json.dumps(reply))
+    elif not reply["tracked"]:
+        click.echo("the server does not track calls: start it with --metrics-port or --log-format json")
+    else:
+        click.echo(_calls_table(reply["calls"]))
+
+
+def _ask(
+    location: str,
+    token: str | None,
+    tls_root_certs: str | None,
+    tls_cert_chain: str | None,
+    tls_private_key: str | None,
+    timeout: float,
+    ask: Callable[[FeatureClient], dict[str, Any]],
+) -> dict[str, Any]:
+    """`ask` a running server over a client connected as the command's options say; its failure as one line."""
     from flight_client import FeatureClient, FeatureServerError
 
     try:
@@ -234,15 +244,9 @@ def calls(
             cert_chain=tls_cert_chain,
             private_key=tls_private_key,
         ) as client:
-            reply = client.calls()
-    except (FeatureServerError, OSError) as exc:
+            return ask(client)
+    except (FeatureServerError, OSError) as exc:  # the client's one line (UnavailableError: nothing listens there)
         raise click.ClickException(f"{location}: {exc}") from None
-    if as_json:
-        click.echo(json.dumps(reply))
-    elif not reply["tracked"]:
-        click.echo("the server does not track calls: start it with --metrics-port or --log-format json")
-    else:
-        click.echo(_calls_table(reply["calls"]))
 
 
 def _calls_table(calls: list[dict[str, Any]]) -> str:
