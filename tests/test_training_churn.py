@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from flight_client import ConflictError, FeatureClient, NotFoundError, UnavailableError
 from flight_client.plans import Endpoint, ReadPlan, plan_table
 from flight_client.torch import FlightDataset
+from flight_server.changes import group, writes
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.reads import inuse
 from tests import ray_driver
@@ -430,6 +431,49 @@ def test_a_delete_planned_on_a_snapshot_another_replica_expired_plans_again(
             assert done["rows_deleted"] == 2, done
             ids = first.read_table(table).column("id").to_pylist()
             assert sorted(ids) == [i for i in range(200) if i not in (1, 150)]
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["group-commit", "overwrite"])
+def test_a_put_whose_base_snapshot_another_replica_expired_commits_on_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grouped: bool
+) -> None:
+    """A put through one replica is about to commit on the snapshot it loaded; meanwhile another put lands through
+    the other replica, whose expiry (short) removes that snapshot and deletes its manifest list. The put commits on
+    the new snapshot, as after any lost race, its rows once; it failed INTERNAL (FileNotFoundError reading the
+    manifest list) before, which the churn above met now and then. An overwrite (the writer's own commit loop)
+    answers CONFLICT then, as after any race lost to an append."""
+    properties = sqlite_catalog(tmp_path)
+    a, b = start_server(properties), start_server(properties)
+    table = "churn.put_raced"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{a.port}") as first, FeatureClient(f"grpc://127.0.0.1:{b.port}") as other:
+            first.write(table, rows(0, 100), entity_keys=["id"], event_time="ts", partition_by=[])
+            set_properties(properties, table, SHORT_EXPIRY)
+            raced: list[dict[str, Any]] = []
+            module, name = (group, "commit_append") if grouped else (writes, "_commit_files")
+            real = getattr(module, name)
+            racing = threading.Event()  # the other replica's own commit (same module, same process) goes through
+
+            def race_then_commit(*args: Any) -> Any:
+                if not racing.is_set():  # the other replica commits and expires the snapshot this one is based on
+                    racing.set()
+                    other.write(table, rows(100, 200))
+                    raced.append(other.expire_snapshots(table))
+                return real(*args)
+
+            monkeypatch.setattr(module, name, race_then_commit)
+            if grouped:
+                done = first.write(table, rows(200, 300), write_id="raced")
+                assert done.rows == 100 and not done.duplicate
+                assert sorted(first.read_table(table).column("id").to_pylist()) == list(range(300))
+            else:  # an overwrite that lost its race to an append answers CONFLICT, as after any lost race
+                with pytest.raises(ConflictError, match="added rows"):
+                    first.write(table, rows(0, 50), mode="overwrite")
+                assert sorted(first.read_table(table).column("id").to_pylist()) == list(range(200))
+            assert raced and raced[0]["expired"], raced
     finally:
         a.shutdown()
         b.shutdown()

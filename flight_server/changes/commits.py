@@ -77,6 +77,18 @@ def commit_until(deadline: float, what: str, attempt: Callable[[], T]) -> T:
             log.info("%s: a concurrent commit won (%s); planning again", what, exc)
 
 
+def expired_under(catalog: FeatureCatalog, name: str, planned: Table) -> Table | None:
+    """The table as it is now, when the snapshot that was current in `planned` is gone from it: another replica
+    committed and then expired it meanwhile, deleting its manifest list, so that a change planned on it fails
+    reading its files (FileNotFoundError) where it would have lost its commit's race anyway: plan again on this.
+    None when the table still has that snapshot (its files are lost: no race)."""
+    base = planned.current_snapshot()
+    now = catalog.load(name)
+    if base is None or now.metadata.snapshot_by_id(base.snapshot_id) is not None:
+        return None
+    return now
+
+
 def delete_files(io: FileIO, paths: list[str]) -> None:
     """Delete files a failed change wrote (best effort: nothing references them)."""
     for path in paths:

@@ -58,7 +58,7 @@ from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.base.locks import LockPool
-from flight_server.changes.commits import delete_files
+from flight_server.changes.commits import delete_files, expired_under
 from flight_server.changes.files import partition_counts, partition_values, write_data_files
 from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
 from flight_server.iceberg.catalog import FeatureCatalog, FeatureSpec, table_name
@@ -306,6 +306,10 @@ class GroupCommits:
                     put.error = CommitStateUnknownException(str(exc))
                 return
             except Exception as exc:
+                if isinstance(exc, FileNotFoundError) and (now := expired_under(self.catalog, name, table)) is not None:
+                    live = [put for put in live if not _past_deadline(put)]  # a lost race: its base was expired
+                    table = now
+                    continue
                 shared.write([])  # not committed: the puts written into them are tried alone
                 self._each_alone(live, name, exc)
                 return

@@ -35,6 +35,7 @@ from flight_server.changes.commits import (
     TableChanges,
     commit_rewrite,
     delete_files,
+    expired_under,
     live_files,
 )
 from flight_server.changes.files import parquet_bytes_per_row, write_reader
@@ -266,13 +267,9 @@ class Rewriter(TableChanges):
         try:
             return self._rewrite_on(name, table, action, plan)
         except (FileNotFoundError, duckdb.IOException) as exc:  # pyiceberg's reads (manifests), DuckDB's (data)
-            planned_on = table.current_snapshot()
-            now = self.catalog.load(name)
-            if planned_on is None or now.metadata.snapshot_by_id(planned_on.snapshot_id) is not None:
+            if expired_under(self.catalog, name, table) is None:
                 raise  # the files of a snapshot the table still has: lost, no race
-            raise CommitFailedException(
-                f"snapshot {planned_on.snapshot_id}, planned on, was expired meanwhile (by another replica)"
-            ) from exc
+            raise CommitFailedException("the snapshot planned on was expired meanwhile (by another replica)") from exc
 
     def _rewrite_on(
         self, name: str, table: Table, action: str, plan: Callable[[SnapshotRows], Plan | None]

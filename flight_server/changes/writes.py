@@ -45,7 +45,7 @@ from pyiceberg.table.metadata import TableMetadata
 from flight_server.base.locks import LockPool
 from flight_server.base.schemas import Conformer, new_table_schema, table_arrow_schema
 from flight_server.base.streams import chunks, stream_schema
-from flight_server.changes.commits import delete_files, live_files
+from flight_server.changes.commits import delete_files, expired_under, live_files
 from flight_server.changes.files import (
     PARQUET_DEFAULTS,
     layout_key,
@@ -411,7 +411,11 @@ class Writer:
                     break
                 except TableAlreadyExistsError:
                     created_concurrently = True
-                except CommitFailedException:
+                except (CommitFailedException, FileNotFoundError) as exc:
+                    if isinstance(exc, FileNotFoundError) and (
+                        table is None or expired_under(self.catalog, request.table, table) is None
+                    ):
+                        raise  # the files of a snapshot the table still has: lost, no race
                     if time.monotonic() > deadline:
                         raise ConflictError(
                             f"could not commit to {request.table!r} within {self.commit_timeout:.0f}s "
