@@ -183,18 +183,9 @@ def _writer_token(tokens: list[dict[str, Any]]) -> str | None:
 
 @main.command()
 @options(HEALTH_SETTINGS)
-def health(
-    location: str,
-    token: str | None,
-    tls_root_certs: str | None,
-    tls_cert_chain: str | None,
-    tls_private_key: str | None,
-    catalog: bool,
-    timeout: float,
-) -> None:
+def health(catalog: bool, **connection: Any) -> None:
     """Ask a server for its `health` action; exit 0 when it answers ok (for container health checks)."""
-    connection = (location, token, tls_root_certs, tls_cert_chain, tls_private_key, timeout)
-    status = _ask(*connection, lambda client: client.health(catalog=catalog))
+    status = _ask(connection, lambda client: client.health(catalog=catalog))
     click.echo(json.dumps(status))
     if status.get("status") != "ok":
         sys.exit(1)
@@ -203,18 +194,10 @@ def health(
 @main.command()
 @options(CALLS_SETTINGS)
 @click.option("--json", "as_json", is_flag=True, help="Print the `calls` action's reply as JSON.")
-def calls(
-    location: str,
-    token: str | None,
-    tls_root_certs: str | None,
-    tls_cert_chain: str | None,
-    tls_private_key: str | None,
-    timeout: float,
-    as_json: bool,
-) -> None:
+def calls(as_json: bool, **connection: Any) -> None:
     """List the calls a server is running now, the longest running first (its `calls` action; an admin token when
     the server requires authentication)."""
-    reply = _ask(location, token, tls_root_certs, tls_cert_chain, tls_private_key, timeout, lambda c: c.calls())
+    reply = _ask(connection, lambda client: client.calls())
     if as_json:
         click.echo(json.dumps(reply))
     elif not reply["tracked"]:
@@ -223,26 +206,20 @@ def calls(
         click.echo(_calls_table(reply["calls"]))
 
 
-def _ask(
-    location: str,
-    token: str | None,
-    tls_root_certs: str | None,
-    tls_cert_chain: str | None,
-    tls_private_key: str | None,
-    timeout: float,
-    ask: Callable[[FeatureClient], dict[str, Any]],
-) -> dict[str, Any]:
-    """`ask` a running server over a client connected as the command's options say; its failure as one line."""
+def _ask(connection: dict[str, Any], ask: Callable[[FeatureClient], dict[str, Any]]) -> dict[str, Any]:
+    """`ask` a running server over a client connected as the command's options say (`CALLS_SETTINGS`: location,
+    token, TLS files, timeout); its failure as one line."""
     from flight_client import FeatureClient, FeatureServerError
 
+    location = connection["location"]
     try:
         with FeatureClient(
             location,
-            timeout=timeout,
-            token=token,
-            tls_root_certs=tls_root_certs,
-            cert_chain=tls_cert_chain,
-            private_key=tls_private_key,
+            timeout=connection["timeout"],
+            token=connection["token"],
+            tls_root_certs=connection["tls_root_certs"],
+            cert_chain=connection["tls_cert_chain"],
+            private_key=connection["tls_private_key"],
         ) as client:
             return ask(client)
     except (FeatureServerError, OSError) as exc:  # the client's one line (UnavailableError: nothing listens there)
