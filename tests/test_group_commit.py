@@ -521,6 +521,34 @@ def test_a_leader_waits_for_the_writers_of_the_last_group_but_no_longer_than_its
     assert scanned(servers[1], name) == Counter(range(-1, 4))
 
 
+def test_a_leader_waits_for_puts_still_arriving_a_share_of_its_own_arrival_at_most(
+    servers: list[str], properties: dict[str, str]
+) -> None:
+    """A leader waits for the puts to its table whose rows are still arriving (a batch from several writers at
+    once), so that they share its snapshot and files, instead of committing alone; no longer once none is arriving
+    (one that failed); not at all when its own rows arrived at once (a one-row put never waits for a big one)."""
+    name = "group.arriving"
+    catalog, locks, groups = own_group_commits(servers[0], properties, name)
+    identifier = catalog.identifier(name)
+    first, second, third, fourth = [small(catalog, name, k) for k in range(4)]
+    first.received = second.received = 600.0  # it may wait up to a quarter of that: the test's timeouts end sooner
+    with ThreadPoolExecutor(1) as pool:
+        with groups.receiving(identifier) as arriving:
+            leading = pool.submit(groups.commit, identifier, first)
+            wait_until(lambda: groups.waiting(identifier) == 1, what="the first put to lead and wait")
+            third.arrival = arriving  # its rows have come: it queues
+            assert groups.commit(identifier, third).snapshot_id == leading.result(timeout=30).snapshot_id
+        groups = GroupCommits(catalog, locks, WriteIds())  # not expecting the last group's two writers again
+        with groups.receiving(identifier):  # arriving, then failing before it queues
+            alone = pool.submit(groups.commit, identifier, second)
+            wait_until(lambda: groups.waiting(identifier) == 1, what="the second put to lead and wait")
+        assert alone.result(timeout=30).snapshot_id != leading.result().snapshot_id
+        with groups.receiving(identifier):  # its rows came at once: it does not wait
+            assert fourth.received == 0.0
+            assert groups.commit(identifier, fourth).snapshot_id != alone.result().snapshot_id
+    assert scanned(servers[1], name) == Counter(range(-1, 4))
+
+
 class _HeldCatalog(FeatureCatalog):
     """A catalog whose first `find_for_change` is held, once it has read the catalog, until `release` is set."""
 

@@ -13,7 +13,11 @@ With many writers, the puts a commit answers come back while the next commit run
 queued during the one before: groups would alternate between two halves of the writers, each half paying a
 whole commit. So a leader first waits (`linger`) until as many puts are queued as the last commit answered
 and left queued, but never longer than that commit took, nor than `linger`: a single writer, and writers
-that do not meet, never wait; a writer that stops costs the next put one commit's time at most.
+that do not meet, never wait; a writer that stops costs the next put one commit's time at most. A leader also
+waits for the puts to its table whose rows are still arriving (`receiving`: a batch several writers send at once,
+which seldom end together), at most a quarter of the time its own rows took to arrive (`RECEIVING_SHARE`), so that
+their rows share its files instead of the first to end committing its own: a put waits for others no longer than
+a fraction of its own transfer, and a one-row put never waits long for a big one.
 
 A put whose rows fit in one chunk of the write buffer (`--write-chunk-mb`: all but the largest puts) writes no
 data file of its own: its rows wait in the queue, and the leader writes the rows of all such puts its group
@@ -38,13 +42,14 @@ put's own snapshot, or whose puts must not wait for others' commits.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -77,6 +82,9 @@ ENABLED_PROPERTY = "flight.group-commit.enabled"  # a table's switch; the server
 # of the write buffer at most); the shared write sorts them into one copy.
 MAX_SHARED_BYTES = 512 << 20
 LINGER_SECONDS = 0.1  # the longest a leader waits for the writers of the table's last group (`_linger`)
+# A leader waits for puts to its table still being received at most this share of the time its own rows took to
+# arrive (`_linger`): puts of one batch from several writers then share one group, at a bounded cost in latency.
+RECEIVING_SHARE = 0.25
 MAX_TABLES = 1024  # tables whose last group size is remembered once their queue is dropped
 
 
@@ -104,6 +112,8 @@ class Put:
     grouped: bool = True  # whether the put may share its snapshot (the table's `ENABLED_PROPERTY`)
     rows_left: Rows | None = None  # the put's rows, for its group to write (`files` is empty then)
     shared_files: int = 0  # the data files of the shared write that hold the put's rows
+    received: float = 0.0  # seconds its rows took to arrive (`_linger`)
+    arrival: Arrival | None = None  # its registration as a put still being received (`GroupCommits.receiving`)
     result: WriteResult | None = None
     error: BaseException | None = None
     done: bool = False  # set (under the queue's lock) once `result` or `error` is final
@@ -123,6 +133,13 @@ class Put:
 
 
 @dataclass(eq=False)
+class Arrival:
+    """A put to a table registered while its rows are received (`GroupCommits.receiving`), until it queues."""
+
+    queued: bool = False
+
+
+@dataclass(eq=False)
 class _Queue:
     """One table's waiting puts, and whether one of them leads a commit now."""
 
@@ -131,6 +148,7 @@ class _Queue:
     waiting: list[Put] = field(default_factory=list)
     leading: bool = False
     users: int = 0  # puts using the queue: it is dropped when none is left
+    receiving: int = 0  # puts to the table whose rows are still arriving (`GroupCommits.receiving`)
     expected: int = 1  # puts the next group may expect (`GroupCommits._linger`)
     wanted: int = 0  # the queued puts a lingering leader waits for (0: none lingers), so only the last wakes it
     last_commit: float = 0.0  # seconds the last group's commit took
@@ -167,7 +185,10 @@ class GroupCommits:
         try:
             with queue.lock:
                 queue.waiting.append(put)
-                if queue.wanted and len(queue.waiting) >= queue.wanted:
+                if put.arrival is not None and not put.arrival.queued:
+                    put.arrival.queued = True
+                    queue.receiving -= 1
+                if queue.wanted and (len(queue.waiting) >= queue.wanted or queue.receiving == 0):
                     queue.arrived.notify()
                 leads = _lead(queue, put)
             while not leads:
@@ -202,6 +223,25 @@ class GroupCommits:
         finally:
             self._leave(identifier, queue)
 
+    @contextlib.contextmanager
+    def receiving(self, identifier: Hashable) -> Iterator[Arrival]:
+        """Register a put to the table whose rows are being received, until it queues for its commit (`Put.arrival`)
+        or fails: a leader may wait for it a while (`_linger`)."""
+        queue = self._enter(identifier)
+        arrival = Arrival()
+        with queue.lock:
+            queue.receiving += 1
+        try:
+            yield arrival
+        finally:
+            with queue.lock:
+                if not arrival.queued:  # failed before it queued: a leader waiting for it need not
+                    arrival.queued = True
+                    queue.receiving -= 1
+                    if queue.wanted and queue.receiving == 0:
+                        queue.arrived.notify()
+            self._leave(identifier, queue)
+
     def _enter(self, identifier: Hashable) -> _Queue:
         with self._queues_lock:
             queue = self._queues.get(identifier)
@@ -223,13 +263,21 @@ class GroupCommits:
 
     def _linger(self, queue: _Queue, leader: Put) -> None:
         """Before taking its group (the queue's lock held), wait for as many puts as the last commit answered and
-        left queued, at most as long as that commit took and `linger` (see the module's docstring)."""
-        if self.linger <= 0 or self.max_puts == 1 or not leader.grouped or queue.expected <= len(queue.waiting):
+        left queued, at most as long as that commit took and `linger`; or, while puts to the table are still being
+        received, for them, at most `RECEIVING_SHARE` of the time the leader's own rows took to arrive (see the
+        module's docstring)."""
+        if self.linger <= 0 or self.max_puts == 1 or not leader.grouped:
             return
-        deadline = time.monotonic() + min(self.linger, queue.last_commit)
-        queue.wanted = min(queue.expected, self.max_puts)
+        if queue.expected > len(queue.waiting):  # the last group's writers
+            deadline = time.monotonic() + min(self.linger, queue.last_commit)
+            queue.wanted, arriving = min(queue.expected, self.max_puts), False
+        elif queue.receiving and len(queue.waiting) < self.max_puts:  # puts still arriving
+            deadline = time.monotonic() + RECEIVING_SHARE * leader.received
+            queue.wanted, arriving = self.max_puts, True
+        else:
+            return
         try:
-            while len(queue.waiting) < queue.wanted:
+            while len(queue.waiting) < queue.wanted and not (arriving and not queue.receiving):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return

@@ -57,6 +57,7 @@ from flight_server.changes.files import (
 from flight_server.changes.group import (
     LINGER_SECONDS,
     MAX_PUTS,
+    Arrival,
     GroupCommits,
     Put,
     Rows,
@@ -195,6 +196,23 @@ class Writer:
         """Write the stream to `table` (as loaded for this put; None when it does not exist yet)."""
         schema = stream_schema(reader, "write")
         staged = self._stage(request, schema, table)
+        if not self._groups_rows(request, staged):
+            return self._receive(request, reader, is_cancelled, staged, schema, None)
+        with self._groups.receiving(self.catalog.identifier(request.table)) as arrival:
+            return self._receive(request, reader, is_cancelled, staged, schema, arrival)
+
+    def _receive(
+        self,
+        request: WriteRequest,
+        reader: flight.MetadataRecordBatchReader,
+        is_cancelled: Callable[[], bool],
+        staged: _Staged,
+        schema: pa.Schema,
+        arrival: Arrival | None,
+    ) -> WriteResult:
+        """Receive the stream's rows into data files (or, a put that fits in one chunk, for its group to write),
+        then commit them; `arrival`: the put's registration with group commit while it is received."""
+        started = time.monotonic()
         conform = Conformer(staged.target, schema)
         files: list[DataFile] = []
         write_uuid, counter = uuid.uuid4(), itertools.count()
@@ -254,12 +272,13 @@ class Writer:
             if rows == 0:
                 raise RequestError("the write stream is empty: nothing to write")
             unwritten = not files and writing is None  # no chunk flushed (nor being written in the background)
-            if unwritten and self._groups_rows(request, staged):  # the put fits in one chunk: its group writes it
+            received = time.monotonic() - started
+            if unwritten and arrival is not None:  # the put fits in one chunk: its group writes it
                 data = pa.Table.from_batches(pending, schema=staged.target)
                 left = Rows(data, staged.metadata, staged.io, staged.spec)
-                return self._commit(request, staged, files, rows, left)
+                return self._commit(request, staged, files, rows, left, arrival, received)
             flush(last=True)
-            return self._commit(request, staged, files, rows)
+            return self._commit(request, staged, files, rows, None, arrival, received)
         except CommitStateUnknownException:
             log.warning("commit to %s may have landed; keeping its %d data files", request.table, len(files))
             raise
@@ -352,23 +371,32 @@ class Writer:
         )
 
     def _groups_rows(self, request: WriteRequest, staged: _Staged) -> bool:
-        """Whether the rows of a put that fits in one chunk go to its group's shared data files (`Rows`): a plain
-        append to a table whose puts share snapshots, on a server that groups them."""
+        """Whether the put shares its snapshot and, if it fits in one chunk, its group writes its rows into shared
+        data files (`Rows`): a plain append to a table whose puts share snapshots, on a server that groups them.
+        A leader may wait for such a put while its rows arrive."""
         plain = request.mode == "append" and staged.table is not None and not staged.evolved
         return plain and self._groups.max_puts > 1 and group_commit_enabled(staged.metadata)
 
     def _commit(
-        self, request: WriteRequest, staged: _Staged, files: list[DataFile], rows: int, left: Rows | None = None
+        self,
+        request: WriteRequest,
+        staged: _Staged,
+        files: list[DataFile],
+        rows: int,
+        left: Rows | None,
+        arrival: Arrival | None,
+        received: float,
     ) -> WriteResult:
         """Commit the files (or the put's rows, which its group writes: `left`) in a snapshot; on a lost race, retry on
         the new table state. A plain append shares its snapshot with the appends to the table queued while the
-        commit before it ran (`GroupCommits`)."""
+        commit before it ran (`GroupCommits`; `arrival` and `received`, the seconds its rows took, for its leader)."""
         deadline = time.monotonic() + self.commit_timeout
         identifier = self.catalog.identifier(request.table)
         if request.mode == "append" and staged.table is not None and not staged.evolved:  # only adds data files
             schema, spec_id = staged.metadata.schema(), staged.metadata.default_spec_id
             grouped = group_commit_enabled(staged.metadata)
             put = Put(request.table, request.write_id, files, rows, schema, spec_id, deadline, grouped, left)
+            put.received, put.arrival = received, arrival
             result = self._groups.commit(identifier, put)
             if result.duplicate:
                 delete_files(staged.io, [f.file_path for f in files])
