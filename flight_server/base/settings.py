@@ -242,7 +242,8 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "Longest a put that is about to commit for its group waits for the writers of the table's last group to "
         "put again (never longer than that group's commit took; only when several writers met): with many "
         "writers, groups then take them all instead of alternating between two halves of them, each paying a "
-        "commit. A put of a writer that stops waits that long once. 0: commit at once.",
+        "commit. A put of a writer that stops waits that long once. (It also waits for puts to the table still "
+        "arriving, at most a quarter of the time its own rows took.) 0: commit at once, without either wait.",
         "group_commit_linger_seconds",
         click.FloatRange(0),
     ),
