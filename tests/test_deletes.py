@@ -319,7 +319,7 @@ def test_plans_are_kept_per_table_snapshot_and_filter(
     loaded = load(backend, table)
     snapshot = loaded.current_snapshot().snapshot_id  # type: ignore[union-attr]
     schema = loaded.schema()
-    plans = PlanCache(max_values=100_000)
+    plans = PlanCache(max_bytes=100_000 * VALUE_BYTES)
     first = plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema), plans)
     assert first is not None and plan_tasks(loaded, snapshot, parse_filter("driver_id < 10", schema), plans) is first
     # Kept without the statistics that pruned them: a task weighs 16, its file 8 (`files_weight`) and the task 8, its
@@ -329,7 +329,8 @@ def test_plans_are_kept_per_table_snapshot_and_filter(
     deletes = {id(d): d for t in first for d in t.delete_files}
     assert deletes and all(d.lower_bounds for d in deletes.values())  # the data file each applies to
     filter_weight = len(repr(parse_filter("driver_id < 10", schema))) // 70
-    assert plans.total == 4 + filter_weight + 16 * len(first) + files_weight(list(deletes.values()))
+    weight = 4 + filter_weight + 16 * len(first) + files_weight(list(deletes.values()))
+    assert plans.total == weight * VALUE_BYTES
     assert plan_tasks(loaded, snapshot, parse_filter("driver_id < 20", schema), plans) is not first
     parent = loaded.current_snapshot().parent_snapshot_id  # type: ignore[union-attr]
     older = plan_tasks(loaded, parent, parse_filter("driver_id < 10", schema), plans)
@@ -345,7 +346,7 @@ def test_plans_are_kept_per_table_snapshot_and_filter(
     create(client, table)
     again = load(backend, table)
     assert plan_tasks(again, snapshot, parse_filter("driver_id < 10", schema), plans) is not first
-    cache = PlanCache(max_values=8)  # a plan of no file weighs 4 (an entry; its filter is short)
+    cache = PlanCache(max_bytes=8 * VALUE_BYTES)  # a plan of no file weighs 4 values (an entry; its filter is short)
     cache.keep(("t", 1, 0, "a"), [])
     cache.keep(("t", 2, 0, "a"), None)  # a plan too (pyiceberg cannot plan it), no miss
     cache.keep(("t", 3, 0, "a"), first[:1])  # too heavy to keep: 4 and a task's 16
@@ -364,7 +365,7 @@ def test_the_plan_cache_weighs_its_plans_as_they_take_memory(
         create(client, table, rows(range(start, start + 8)))
     loaded = load(backend, table)
     snapshot = loaded.current_snapshot().snapshot_id  # type: ignore[union-attr]
-    plans = PlanCache(max_values=10_000_000)
+    plans = PlanCache(max_bytes=10_000_000 * VALUE_BYTES)
     gc.collect()
     tracemalloc.start()
     try:
@@ -378,20 +379,20 @@ def test_the_plan_cache_weighs_its_plans_as_they_take_memory(
     finally:
         tracemalloc.stop()
     assert tasks >= 200
-    reckoned = plans.total * VALUE_BYTES
+    reckoned = plans.total
     assert 0.75 <= reckoned / taken <= 1.5, f"{tasks} tasks take {taken} bytes, reckoned {reckoned}"
 
 
 def test_the_plan_cache_bounds_the_filters_it_keeps_plans_for() -> None:
     """Plans of no file under long filters (an IN list of absent keys) weigh their filters' text too: the cache keeps
     no more of it than its limit allows (review 22: each weighed 1, so 2M such plans could have been kept)."""
-    limit = 20_000  # values: about 1.4 MB at the ~70 bytes a value `PLAN_CACHE_VALUES` reckons with
+    limit = 20_000 * VALUE_BYTES  # about 1.4 MB
     plans = PlanCache(limit)
     in_list = ",".join(f"'{'n' * 40}{i}'" for i in range(1_000))
     for i in range(200):
         plans.keep(("table-uuid", 1, 0, f"In(term=Reference(name='name'), literals={{{in_list}}}) #{i}"), [])
     kept = sum(len(key[3]) for key, _ in plans.newest_first())
-    assert kept <= 70 * limit, f"{kept} bytes of filter text kept under a limit of {limit} values"
+    assert kept <= limit, f"{kept} bytes of filter text kept under a limit of {limit} bytes"
 
 
 def test_merge_on_read_needs_format_v2(client: FeatureClient, backend: dict[str, str], table: str) -> None:

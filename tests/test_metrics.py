@@ -138,7 +138,7 @@ def test_every_kind_of_call_is_counted(server: tuple[str, int, Path]) -> None:
     )
     assert plans[0] is not None and plans[1] is not None and plans[0] + plans[1] >= 2
     assert value(samples, "flight_cache_entries", cache="plans", process="serving") >= 1
-    assert value(samples, "flight_cache_weight", cache="plans", process="serving", unit="values") >= 1
+    assert value(samples, "flight_cache_bytes", cache="plans", process="serving") >= 1
     assert value(samples, "flight_cache_entries", cache="training_set", process="serving") == 1
     assert value(samples, "flight_cache_misses_total", cache="training_set", process="serving") == 1
     assert value(samples, "flight_cache_bytes", cache="online_index", process="serving") > 0

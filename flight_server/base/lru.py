@@ -6,7 +6,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
+
+from flight_server.base.memory import Account, MemoryBudget
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -15,14 +18,21 @@ V = TypeVar("V")
 class WeightedLru(Generic[K, V]):
     """`get` and `put` from any thread; past `limit` in total `weight`, the least recently used entries go.
 
-    An entry heavier than `limit` alone is not kept. `hits` and `misses` count `get`s, for metrics."""
+    An entry heavier than `limit` alone is not kept. `hits` and `misses` count `get`s, for metrics. With a `budget`
+    (weights in bytes), what it keeps also counts in the server's memory budget, as its account `name`: an entry of
+    another cache that needs room may evict its least recently used ones, and its own evict theirs (`base.memory`);
+    it then keeps its entries under the budget's lock."""
 
-    def __init__(self, limit: int, weight: Callable[[V], int]):
+    def __init__(self, limit: int, weight: Callable[[V], int], budget: MemoryBudget | None = None, name: str = ""):
         self.limit = limit
         self._weight = weight
         self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
         self._total = 0
-        self._lock = threading.Lock()
+        self._lock: AbstractContextManager[Any] = threading.Lock()
+        self._account: Account | None = None
+        if budget is not None:
+            self._account = budget.account(name, limit, self._forget)
+            self._lock = budget.lock
         self.hits = self.misses = 0
 
     def get(self, key: K, valid: Callable[[V], bool] | None = None) -> V | None:
@@ -34,6 +44,8 @@ class WeightedLru(Generic[K, V]):
                 self.misses += 1
                 return None
             self._entries.move_to_end(key)
+            if self._account is not None:
+                self._account.touch(key)
             self.hits += 1
             return entry[0]
 
@@ -41,10 +53,13 @@ class WeightedLru(Generic[K, V]):
         """Keep `value` under `key` (replacing what was kept), then forget the least recently used beyond `limit`."""
         weight = self._weight(value)
         with self._lock:
-            replaced = self._entries.pop(key, None)
-            if replaced is not None:
-                self._total -= replaced[1]
+            self._discard(key)
             if weight > self.limit:
+                return
+            if self._account is not None:  # it evicts what must go, of this cache or another, to make room
+                if self._account.admit(key, weight):
+                    self._entries[key] = (value, weight)
+                    self._total += weight
                 return
             self._entries[key] = (value, weight)
             self._total += weight
@@ -70,14 +85,23 @@ class WeightedLru(Generic[K, V]):
     def discard(self, key: K) -> None:
         """Forget `key`, if kept."""
         with self._lock:
-            entry = self._entries.pop(key, None)
-            if entry is not None:
-                self._total -= entry[1]
+            self._discard(key)
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
-            self._total = 0
+            for key in list(self._entries):
+                self._discard(key)
+
+    def _discard(self, key: K) -> None:
+        if self._account is not None:
+            self._account.discard(key)  # which forgets it here (`_forget`)
+        self._forget(key)
+
+    def _forget(self, key: Any) -> None:
+        """Drop `key`'s entry, if kept (the lock held; also the budget's eviction of it)."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._total -= entry[1]
 
     def __contains__(self, key: K) -> bool:
         """Whether `key` is kept (no use recorded)."""

@@ -216,8 +216,9 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         "--memory-budget-mb",
         "FLIGHT_SERVER_MEMORY_BUDGET_MB",
         "Memory and the engine",
-        "Memory the scan cache, the training-set indexes and the online indexes may take together (with the "
-        "files scans collect for the scan cache); each stays within its own cap too. When a cache needs room, "
+        "Memory the scan cache, the training-set indexes, the online indexes, read plans and deleted rows' "
+        "positions may take together (with the files scans collect for the scan cache); each stays within its own "
+        "cap too. When a cache needs room, "
         "the least recently used entry of any cache goes; online indexes are never evicted: the others make room.",
         "memory_budget_bytes",
         click.IntRange(1),

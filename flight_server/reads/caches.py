@@ -17,12 +17,12 @@ from flight_server.iceberg.lineage import VALUE_BYTES, files_weight
 from flight_server.reads.inuse import SnapshotsInUse
 
 # Plans of recent reads kept (by table, snapshot and filter), weighed as the appended files are (`files_weight`, in
-# values of about 70 bytes in memory) plus `TASK_WEIGHT` a task: about 140 MB. Their data files keep no statistics
-# (`plan_tasks`), so a task weighs `FILE_WEIGHT` (8) and `TASK_WEIGHT` (8) whatever its table's width (1,135 bytes
-# measured with tracemalloc: the task, its file's copy, the path and partition it shares with the file read):
-# 125,000 tasks. A soak filled 256 plans, the former count-bounded cap, with 28,000 files, which would have been
-# several GB of a wide table's with their statistics.
-PLAN_CACHE_VALUES = 2_000_000
+# values of `VALUE_BYTES`, about 70 bytes in memory) plus `TASK_WEIGHT` a task: 140 MB at most, within the memory
+# budget. Their data files keep no statistics (`plan_tasks`), so a task weighs `FILE_WEIGHT` (8) and `TASK_WEIGHT` (8)
+# whatever its table's width (1,135 bytes measured with tracemalloc: the task, its file's copy, the path and partition
+# it shares with the file read): 125,000 tasks. A soak filled 256 plans, the former count-bounded cap, with 28,000
+# files, which would have been several GB of a wide table's with their statistics.
+PLAN_CACHE_BYTES = 140 << 20
 TASK_WEIGHT = 8
 POSITION_CACHE_BYTES = 64 << 20
 
@@ -34,11 +34,11 @@ class PlanCache(WeightedLru[PlanKey, tuple[list[FileScanTask] | None, int]]):
     """Plans of recent reads by (table, snapshot, current schema, filter): a snapshot never changes, pyiceberg binds
     a filter's names in the table's current schema (which a schema change replaces without a snapshot), and
     planning reads every manifest in Python (10 delete manifests cost a scan of a 1M-row table 0.70x of copy-on-write).
-    Bounded by weight: its files' (`files_weight`) and its filter's text (`_plan_weight`). A plan is kept with that
-    text's length, so that a kept plan of None is no miss."""
+    Bounded by weight: its files' (`files_weight`) and its filter's text (`_plan_weight`), in bytes, within `budget`
+    too when given. A plan is kept with that text's length, so that a kept plan of None is no miss."""
 
-    def __init__(self, max_values: int):
-        super().__init__(max_values, _plan_weight)
+    def __init__(self, max_bytes: int, budget: MemoryBudget | None = None):
+        super().__init__(max_bytes, _plan_bytes, budget, "plans")
 
     def plan(self, key: PlanKey) -> tuple[bool, list[FileScanTask] | None]:
         """Whether a plan is kept for `key`, and the plan."""
@@ -47,6 +47,10 @@ class PlanCache(WeightedLru[PlanKey, tuple[list[FileScanTask] | None, int]]):
 
     def keep(self, key: PlanKey, tasks: list[FileScanTask] | None) -> None:
         self.put(key, (tasks, len(key[3])))
+
+
+def _plan_bytes(kept: tuple[list[FileScanTask] | None, int]) -> int:
+    return _plan_weight(kept) * VALUE_BYTES
 
 
 def _plan_weight(kept: tuple[list[FileScanTask] | None, int]) -> int:
@@ -63,11 +67,11 @@ def _plan_weight(kept: tuple[list[FileScanTask] | None, int]) -> int:
 
 class PositionCache(WeightedLru[tuple[str, str], np.ndarray]):
     """Row positions read from position delete files, by (delete file, data file); the least recently used
-    go past `max_bytes`. The files never change, and a table's readers read the same ones over and over
-    (Iceberg's Spark executors cache them likewise)."""
+    go past `max_bytes` (or when the memory `budget` needs room). The files never change, and a table's readers read
+    the same ones over and over (Iceberg's Spark executors cache them likewise)."""
 
-    def __init__(self, max_bytes: int):
-        super().__init__(max_bytes, lambda positions: positions.nbytes)
+    def __init__(self, max_bytes: int, budget: MemoryBudget | None = None):
+        super().__init__(max_bytes, lambda positions: positions.nbytes, budget, "positions")
 
 
 FileKey = tuple[str, tuple[str, ...], tuple[str, ...]]  # data file, columns, its position delete files
@@ -141,7 +145,7 @@ class FileCache:
 class ReadCaches:
     """The caches of one server's reads."""
 
-    plans: PlanCache = field(default_factory=lambda: PlanCache(PLAN_CACHE_VALUES))
+    plans: PlanCache = field(default_factory=lambda: PlanCache(PLAN_CACHE_BYTES))
     positions: PositionCache = field(default_factory=lambda: PositionCache(POSITION_CACHE_BYTES))
     files: FileCache = field(default_factory=lambda: FileCache(0))
     in_use: SnapshotsInUse = field(default_factory=SnapshotsInUse)  # what snapshot expiry must keep

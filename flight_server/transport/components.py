@@ -19,7 +19,14 @@ from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.iceberg.metadata_files import snapshot_json
 from flight_server.online.service import OnlineService
 from flight_server.online.store import OnlineStore
-from flight_server.reads.caches import FileCache, ReadCaches
+from flight_server.reads.caches import (
+    PLAN_CACHE_BYTES,
+    POSITION_CACHE_BYTES,
+    FileCache,
+    PlanCache,
+    PositionCache,
+    ReadCaches,
+)
 from flight_server.reads.duck import Engine, object_storage
 from flight_server.training.asof import AsofCache
 from flight_server.training.entities import EntitySplits
@@ -67,7 +74,11 @@ class Components:
         engine.use_storage(catalog.properties)
         budget = config.memory_budget_bytes
         memory = MemoryBudget(default_budget() if budget is None else budget)
-        caches = ReadCaches(files=FileCache(config.scan_cache_bytes, memory))
+        caches = ReadCaches(
+            PlanCache(PLAN_CACHE_BYTES, memory),
+            PositionCache(POSITION_CACHE_BYTES, memory),
+            FileCache(config.scan_cache_bytes, memory),
+        )
         # Deletes and maintenance commit through the same per-table locks as writes.
         locks = LockPool()
         limits = (config.write_chunk_bytes, config.commit_timeout_seconds, config.batch_rows)
@@ -136,7 +147,7 @@ class Components:
         training-set and online caches aside), by name: entries, hits and misses, and the weight each holds and may
         hold (`WeightedLru.stats`)."""
         return {
-            "plans": self.caches.plans.stats("values"),
+            "plans": self.caches.plans.stats("bytes"),
             "positions": self.caches.positions.stats("bytes"),
             **self.catalog.cache_stats(),
             "snapshot_json": snapshot_json.kept.stats("bytes"),  # JSON text: a character a byte
