@@ -160,10 +160,13 @@ def test_online_index_lag_stays_within_the_refresh_interval(server: tuple[str, i
     """The lag gauge is the time since the index was last checked against its table: the refresh thread
     (every 0.05 s here) keeps it small while refreshes succeed."""
     location, metrics_port, _ = server
+    table = "tests.lagged"
     with FeatureClient(location) as client:
-        client.get_online_features({"id": [1]}, [f"{TABLE}:value"])
+        row = {"id": [1], "ts": [dt.datetime(2026, 1, 1, tzinfo=UTC)], "value": [1.0]}
+        client.write(table, row, entity_keys=["id"], event_time="ts", partition_by=[])
+        client.get_online_features({"id": [1]}, [f"{table}:value"])
     wait_until(
-        lambda: (value(scrape(metrics_port), "flight_online_index_lag_seconds", table=TABLE) or 1e9) < 1.0,
+        lambda: (value(scrape(metrics_port), "flight_online_index_lag_seconds", table=table) or 1e9) < 1.0,
         what="a fresh online index",
     )
 
