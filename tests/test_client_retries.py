@@ -1,7 +1,7 @@
 """`FeatureClient(retry_seconds=...)`: reads, and puts with a `write_id` of rows held in memory, ride through a server
 that goes away and comes back on its address, as a replica does in a rolling restart; without it they fail at once.
-A put is sent again however its server went (before it answered, or between its commit and its answer) and lands
-exactly once."""
+A put is sent again however it was cut off (its server away, its write process killed, its commit unconfirmed by
+the catalog, its server killed between its commit and its answer) and lands exactly once."""
 
 from __future__ import annotations
 
@@ -198,6 +198,32 @@ def put_at_its_commit(
                 release()
     finally:
         lock.close()
+
+
+def test_a_put_whose_commit_the_catalog_did_not_confirm_is_sent_again_and_lands_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The catalog does not answer the put's commit in time (its SQLite database locked here past its busy timeout):
+    the commit's outcome is unknown, the server answers UNAVAILABLE saying to retry with the same write_id, and the
+    client does until the catalog answers again; the put commits once."""
+    properties = sqlite_catalog(tmp_path)
+    properties["uri"] += "?timeout=0.2"  # SQLite's busy timeout (pysqlite's `timeout`; 5 s by default)
+    caplog.set_level(logging.INFO, logger="flight_client.client")
+    server = start_server(properties)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}", retry_seconds=60) as client:
+            client.write(TABLE, drivers(2), **DEFINITION)
+            database = tmp_path / "catalog.db"
+            with put_at_its_commit(client, database, drivers(3, first=10), "w-unconfirmed") as (put, release):
+                wait_until(lambda: "did not confirm the commit" in caplog.text, what="the put answered UNAVAILABLE")
+                release()
+                result = put.result(timeout=60)
+            assert "Retry a put with the same write_id" in caplog.text
+            assert (result.duplicate, result.rows) == (False, 3)
+            assert recorded(properties, "w-unconfirmed") == [result.snapshot_id]
+            assert sorted(client.read_table(TABLE).column("driver_id").to_pylist()) == [0, 1, 10, 11, 12]
+    finally:
+        server.shutdown()
 
 
 def test_a_put_whose_write_process_died_at_its_commit_is_sent_again_and_lands_once(
