@@ -23,7 +23,7 @@ from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient, UnavailableError, WriteResult
 from flight_server.transport.service import FeatureFlightServer
-from tests.conftest import free_ports, listening, sqlite_catalog, start_server, wait_until
+from tests.conftest import catalog_env, free_ports, listening, sqlite_catalog, start_server, wait_until
 from tests.test_crash_group_commit import frozen_without_locks
 from tests.test_group_commit import committed_ids
 from tests.test_orphans import folder
@@ -226,6 +226,12 @@ def test_a_put_whose_commit_the_catalog_did_not_confirm_is_sent_again_and_lands_
         server.shutdown()
 
 
+def patient(tmp_path: Path) -> dict[str, str]:
+    """`serving`'s settings for a catalog whose commits wait up to 30 s for its SQLite database's lock (5 s by
+    default): the tests hold it while they stop or kill a process, which a busy machine may take seconds to do."""
+    return catalog_env({"uri": sqlite_catalog(tmp_path)["uri"] + "?timeout=30"})
+
+
 def test_a_put_whose_write_process_died_at_its_commit_is_sent_again_and_lands_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -233,7 +239,7 @@ def test_a_put_whose_write_process_died_at_its_commit_is_sent_again_and_lands_on
     put may have committed (it did not); the client sends it again and it commits once."""
     properties = sqlite_catalog(tmp_path)
     caplog.set_level(logging.INFO, logger="flight_client.client")
-    with serving(tmp_path) as (_, location), FeatureClient(location, retry_seconds=60) as client:
+    with serving(tmp_path, **patient(tmp_path)) as (_, location), FeatureClient(location, retry_seconds=60) as client:
         client.write(TABLE, drivers(2), **DEFINITION)
         child = listening(client)
         with put_at_its_commit(client, tmp_path / "catalog.db", drivers(3, first=10), "w-child") as (put, release):
@@ -257,7 +263,7 @@ def test_a_put_whose_server_died_between_its_commit_and_its_answer_is_answered_a
     properties = sqlite_catalog(tmp_path)
     port = free_ports(1)[0]
     with contextlib.ExitStack() as servers:
-        process, location = servers.enter_context(serving(tmp_path, port=port))
+        process, location = servers.enter_context(serving(tmp_path, port=port, **patient(tmp_path)))
         with FeatureClient(location, retry_seconds=60) as client:
             client.write(TABLE, drivers(2), **DEFINITION)
             listening(client)
@@ -269,7 +275,7 @@ def test_a_put_whose_server_died_between_its_commit_and_its_answer_is_answered_a
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait()
                 assert not put.done()
-                servers.enter_context(serving(tmp_path, port=port, log="server-2.log"))
+                servers.enter_context(serving(tmp_path, port=port, log="server-2.log", **patient(tmp_path)))
                 result = put.result(timeout=60)
             committed = recorded(properties, "w-lost")
             assert (result.duplicate, result.snapshot_id, result.rows) == (True, committed[0], 3)
