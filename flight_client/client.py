@@ -187,12 +187,23 @@ def older_server_explained(error: FeatureServerError, location: str) -> FeatureS
     )
 
 
+def _sent_once(write_id: str | None, data: Any) -> str | None:
+    """Why a put answered UNAVAILABLE is not sent again, or None when it may be: only a put with a `write_id` commits
+    once however often it is sent, and only rows held in memory can be sent again."""
+    if write_id is None:
+        return "a put without a write_id could commit twice; give it one to have it retried"
+    if inputs.is_stream(data):
+        return "its rows were a stream, read once; give a Table or DataFrame to have it retried"
+    return None
+
+
 RETRY_FIRST_PAUSE = 0.1  # seconds before the first retry of a call answered UNAVAILABLE; doubled at each next
 RETRY_MAX_PAUSE = 2.0
 
 
 class _Backoff:
-    """The pauses between attempts of a read the server answered UNAVAILABLE, for `seconds` after the first."""
+    """The pauses between attempts of a call the server answered UNAVAILABLE (a read, a put with a `write_id`), for
+    `seconds` after the first."""
 
     def __init__(self, seconds: float):
         self.deadline = time.monotonic() + seconds
@@ -224,12 +235,13 @@ class FeatureClient:
     networks slower than about 1 GB/s, at the server's and this process's CPU cost.
     A `location` without a scheme (`localhost:8815`) means `grpc://`.
     `request_id` is sent as `x-request-id` on every call: the server's log lines of those calls carry it.
-    `retry_seconds`: for how long reads the server answers UNAVAILABLE (a replica restarting, the catalog or object
+    `retry_seconds`: for how long calls the server answers UNAVAILABLE (a replica restarting, the catalog or object
     store away, nothing listening yet) are tried again, with pauses from 0.1 s doubling to 2 s, at each of an
     endpoint's replicas in turn: planning a scan or training set (`flight_info`, `training_set_info`), opening a
-    ticket (`read_endpoint`, and the readers of `flight_client.torch` and `flight_client.ray`), and reading one
-    whole (`read_table`); not a stream that has handed out rows, nor puts, lookups or actions. 0 (the default):
-    raise at once. A training job that should ride through a rolling restart or a catalog failover sets a minute.
+    ticket (`read_endpoint`, and the readers of `flight_client.torch` and `flight_client.ray`), reading one
+    whole (`read_table`), and a `write` with a `write_id` of rows held in memory (see `write`); not a stream that
+    has handed out rows, nor other puts, lookups or actions. 0 (the default): raise at once. A training job or a
+    pipeline that should ride through a rolling restart or a catalog failover sets a minute.
 
     Every method taking rows accepts polars, pandas and pyarrow data, DuckDB relations, anything
     exporting Arrow's C stream, a dict of lists or a list of dicts (`flight_client/inputs.py`).
@@ -319,9 +331,17 @@ class FeatureClient:
         """Write `data` as one Iceberg snapshot; creating the table needs `entity_keys` and `event_time`.
 
         `ttl` is a timedelta or seconds. A retry with the same `write_id` commits nothing new and
-        returns the original snapshot. `evolve=True` adds columns the table does not have yet.
+        returns the original snapshot (`duplicate` true). `evolve=True` adds columns the table does not have yet.
         `partition_by` takes transforms as `bucket(8, id)` or as `describe` prints them, `bucket[8](id)`.
         Readers and C streams (a DuckDB relation, say) are sent as they are read, never held whole.
+
+        With the client's `retry_seconds`, a put with a `write_id` that the server answers UNAVAILABLE (a replica
+        restarting, its write process restarting, the catalog away), before or while its rows stream or by going
+        away before its answer, is sent again until it is answered: it commits once whichever attempt landed, and
+        when an unanswered one had committed, the answer is that snapshot's, `duplicate` true. Only rows that can
+        be sent twice are: a Table, RecordBatch, DataFrame or dict of columns, held whole meanwhile; a reader or a
+        C stream is read once, and a put without `write_id` could commit twice: those raise at once, as without
+        `retry_seconds`.
         """
         ttl_seconds = int(ttl.total_seconds()) if isinstance(ttl, dt.timedelta) else ttl
         request = WriteRequest(
@@ -336,8 +356,26 @@ class FeatureClient:
             evolve=evolve,
             end_marker=True,
         )
-        schema, batches = inputs.stream(data)
         descriptor = flight.FlightDescriptor.for_command(request.to_bytes())
+        once = _sent_once(write_id, data) if self.retry_seconds else None
+        if not self.retry_seconds or once is not None:
+            try:
+                return self._put(descriptor, *inputs.stream(data))
+            except UnavailableError as error:
+                raise error if once is None else UnavailableError(f"{error} (not tried again: {once})") from None
+        rows = inputs.to_table(data)  # held: each attempt sends it again
+        backoff = _Backoff(self.retry_seconds)
+        while True:
+            try:
+                return self._put(descriptor, *inputs.stream(rows))
+            except UnavailableError as error:
+                if not backoff.again(error):
+                    raise
+
+    def _put(
+        self, descriptor: flight.FlightDescriptor, schema: pa.Schema, batches: Iterable[pa.RecordBatch]
+    ) -> WriteResult:
+        """One `do_put` of `batches`, ended with the end-of-stream marker; its errors as `FeatureServerError`s."""
         try:
             writer, results = self._client.do_put(descriptor, schema, self._options)
         except SERVER_ERRORS as exc:

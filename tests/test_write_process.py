@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 from pyiceberg.catalog import MetastoreCatalog
@@ -27,8 +28,10 @@ from flight_server.base.config import ServerConfig
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.reads.duck import Engine, object_storage
 from flight_server.reads.paths import files_relation
-from flight_server.transport.offload import child_config
+from flight_server.transport import offload
+from flight_server.transport.offload import WriteProcess, WriteProcessError, child_config
 from flight_server.transport.service import FeatureFlightServer
+from flight_server.wire.errors import ConflictError
 from tests.conftest import (
     catalog_env,
     healthy,
@@ -275,6 +278,28 @@ def test_a_write_process_killed_mid_put_fails_that_put_and_the_next_one_starts_a
         assert len(client.describe("kill.t")["snapshots"]) == snapshots + 1  # committed once
         restarted = listening(client)
         assert restarted != child and children(process.pid) == {restarted}
+
+
+def test_a_call_cut_off_from_a_write_process_that_runs_on_may_have_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC's own UNAVAILABLE (no kind) from a write process that still runs: the connection between the processes
+    broke, perhaps after the commit. A put or a relayed action answers UNAVAILABLE saying so and how to retry, not
+    CONFLICT (which says nothing was committed); the server's own calls (maintenance's) still give way as to a lost
+    race. No real part breaks that connection while both processes run, so the error is made here."""
+    monkeypatch.setattr(offload, "STOPPED_SECONDS", 0.1)  # how long a failed call waits to see the child stop
+    writes = WriteProcess(ServerConfig(port=0, catalog_properties=sqlite_catalog(tmp_path)))
+    cut = flight.FlightUnavailableError("Stream removed (Socket closed)")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        put = writes._failure(cut, child)
+        assert isinstance(put, WriteProcessError) and not getattr(put, "extra_info", None)  # UNAVAILABLE, no kind
+        assert "may have committed. Retry a put with the same write_id" in str(put)
+        assert "Run delete again" in str(writes._failure(cut, child, "delete"))
+        assert isinstance(writes._failure(cut, child, asked=False), ConflictError)
+    finally:
+        child.kill()
+        child.wait()
 
 
 PLANTED = 20_000  # old orphan files: deleting them keeps the write process busy long enough to be killed in it

@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 
 NICE = 5  # added to the child's OS niceness: a core both want goes to serving first
 START_TIMEOUT_SECONDS = 120.0  # for the child to import, open the catalog and listen
+STOPPED_SECONDS = 5.0  # for a child whose call failed with gRPC's own UNAVAILABLE to be seen to have stopped
 OOM_SCORE_ADJ = 500  # of 1000: the child before the serving process when the machine or container runs out of memory
 RETRY_START_SECONDS = 60.0  # after a failed start, writes stay in the serving process this long before another try
 SOCKET_PATH_MAX = 100  # bytes; gRPC refuses a Unix socket path over 107 (macOS's limit is 104)
@@ -143,7 +144,8 @@ class LaunchError(Exception):
 def relayed_error(exc: BaseException) -> Exception:
     """The exception that gives the client the child's error as the child sent it: same status, kind, message."""
     message, kind = error_message(exc), error_code(exc)
-    if kind == "UNAVAILABLE" and detail_code(exc) is None:  # gRPC's own, from a running child: a lost race
+    if kind == "UNAVAILABLE" and detail_code(exc) is None:  # gRPC's own, from a running child: for the server's
+        # own calls (`_failure`), a lost race
         kind = "CONFLICT"
     if kind in _KINDS:
         return _KINDS[kind](message)
@@ -291,7 +293,7 @@ class WriteProcess:
         try:
             results = list(client.do_action(flight.Action(PLAN_REFRESH, body), _PLANNING))
         except (flight.FlightError, pa.ArrowException, OSError) as exc:
-            failure = self._failure(exc, process)
+            failure = self._failure(exc, process, asked=False)
             if isinstance(failure, NotFoundError | LimitError):  # the table is gone or too big: the index is dropped
                 raise failure from None
             if isinstance(failure, flight.FlightUnavailableError) and detail_code(failure) is not None:
@@ -332,7 +334,7 @@ class WriteProcess:
         try:
             results = list(client.do_action(flight.Action(name, json.dumps(body).encode()), _tagged()))
         except (flight.FlightError, pa.ArrowException, OSError) as exc:
-            raise self._failure(exc, process) from None
+            raise self._failure(exc, process, asked=False) from None
         return results[0].body.to_pybytes()
 
     def ask(self, name: str) -> Any | None:
@@ -412,21 +414,31 @@ class WriteProcess:
             return closing
         return exc
 
-    def _failure(self, exc: BaseException, process: subprocess.Popen[bytes], action: str | None = None) -> Exception:
+    def _failure(
+        self, exc: BaseException, process: subprocess.Popen[bytes], action: str | None = None, asked: bool = True
+    ) -> Exception:
         """`exc` relayed, or `WriteProcessError` when the child stopped (gRPC then says only UNAVAILABLE), with the
-        advice for a put, or for the relayed `action`."""
+        advice for a put, or for the relayed `action`. For a client's call (`asked`; not the server's own: refresh
+        plans, maintenance), gRPC's own UNAVAILABLE from a child that runs on is a `WriteProcessError` too: the
+        connection broke, maybe after the commit, so it is no lost race (`relayed_error`'s CONFLICT, which says
+        nothing was committed)."""
         if isinstance(exc, flight.FlightUnavailableError | OSError) and detail_code(exc) is None:
+            retry = (
+                "Retry a put with the same write_id: it commits once whichever happened"
+                if action is None
+                else f"Run {action} again: it does what is left to do, or finds it done"
+            )
             try:
-                code = process.wait(timeout=5.0)
+                code = process.wait(timeout=STOPPED_SECONDS)
             except subprocess.TimeoutExpired:
-                pass
+                if asked and isinstance(exc, flight.FlightUnavailableError):
+                    log.warning("the connection to the write process broke during a call: %s", error_message(exc))
+                    return WriteProcessError(
+                        f"the connection to the server's write process broke during this call, which may have "
+                        f"committed. {retry}"
+                    )
             else:
                 log.warning("the write process stopped (exit code %s) during a call", code)
-                retry = (
-                    "Retry a put with the same write_id: it commits once whichever happened"
-                    if action is None
-                    else f"Run {action} again: it does what is left to do, or finds it done"
-                )
                 return WriteProcessError(
                     f"the server's write process stopped (exit code {code}) during this call, which may have "
                     f"committed; it starts again at the next write. {retry}"
