@@ -219,6 +219,7 @@ def test_a_put_whose_commit_the_catalog_did_not_confirm_is_sent_again_and_lands_
                 release()
                 result = put.result(timeout=60)
             assert "Retry a put with the same write_id" in caplog.text
+            assert "did not confirm the commit (database is locked)" in caplog.text  # why, through group commit too
             assert (result.duplicate, result.rows) == (False, 3)
             assert recorded(properties, "w-unconfirmed") == [result.snapshot_id]
             assert sorted(client.read_table(TABLE).column("driver_id").to_pylist()) == [0, 1, 10, 11, 12]

@@ -36,7 +36,7 @@ def outage(exc: BaseException) -> str | None:
         return (
             f"the catalog did not confirm the commit ({reason}), which may have landed; the files written for it "
             "were kept. Retry a put with the same write_id once the catalog answers: it commits once whichever "
-            "happened"
+            "happened (a delete or compaction: see whether it landed before running it again)"
         )
     for error in chain:
         if isinstance(error, OperationalError | InterfaceError | RequestsConnectionError | RequestsTimeout):

@@ -352,6 +352,7 @@ class GroupCommits:
             except CommitStateUnknownException as exc:
                 for put in live:  # each put keeps its files, and the shared ones stay: the table may reference them
                     put.error = CommitStateUnknownException(str(exc))
+                    put.error.__cause__ = exc  # why the catalog did not answer, for the client's message
                 return
             except Exception as exc:
                 if isinstance(exc, FileNotFoundError) and (now := expired_under(self.catalog, name, table)) is not None:
