@@ -197,6 +197,17 @@ def _sent_once(write_id: str | None, data: Any) -> str | None:
     return None
 
 
+def _maybe_committed(error: FeatureServerError, ended: bool) -> FeatureServerError:
+    """`error`, saying that the put may have committed when the connection went away (UNAVAILABLE from gRPC itself, not
+    the server's own words, which say so) after its whole stream had gone out."""
+    if not ended or not isinstance(error, UnavailableError) or "write_id" in str(error):
+        return error
+    return UnavailableError(
+        f"{error} (the connection went away after the whole put was sent: it may have committed; send it again "
+        "with the same write_id, which commits once)"
+    )
+
+
 RETRY_FIRST_PAUSE = 0.1  # seconds before the first retry of a call answered UNAVAILABLE; doubled at each next
 RETRY_MAX_PAUSE = 2.0
 
@@ -381,21 +392,23 @@ class FeatureClient:
         except SERVER_ERRORS as exc:
             raise from_flight_error(exc) from None
         rows = 0
+        ended = False  # the end-of-stream marker went out: the server may commit from then on
         try:
             for batch in batches:
                 writer.write_batch(batch)
                 rows += batch.num_rows
             writer.write_metadata(pa.py_buffer(end_marker(rows)))
+            ended = True
             writer.done_writing()
             reply = results.read()
             writer.close()
         except SERVER_ERRORS as exc:
-            # The server's explanation arrives when the call is closed.
+            error = from_flight_error(exc)
             try:
                 writer.close()
-            except SERVER_ERRORS as closed:
-                raise from_flight_error(closed) from None
-            raise from_flight_error(exc) from None
+            except SERVER_ERRORS as closed:  # the server's explanation arrives when the call is closed
+                error = from_flight_error(closed)
+            raise _maybe_committed(error, ended) from None
         if reply is None:
             raise FeatureServerError("the server closed the write without a result", "INTERNAL")
         return WriteResult.from_bytes(reply.to_pybytes())

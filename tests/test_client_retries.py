@@ -254,9 +254,14 @@ def test_a_put_whose_write_process_died_at_its_commit_is_sent_again_and_lands_on
         assert sorted(client.read_table(TABLE).column("driver_id").to_pylist()) == [0, 1, 10, 11, 12]
 
 
-def test_a_put_whose_server_died_between_its_commit_and_its_answer_is_answered_as_the_duplicate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("retry_seconds", [60, 0], ids=["retried", "by-hand"])
+def test_a_put_whose_server_died_between_its_commit_and_its_answer_is_answered_as_the_duplicate(
+    tmp_path: Path, retry_seconds: float
+) -> None:
     """The server SIGKILLed after the put's commit and before its answer, then started again on its address: the
     client, cut off, sends the put again and is answered with the snapshot of the first attempt, as a duplicate.
+    Without `retry_seconds`, the put fails UNAVAILABLE saying that it may have committed and to send it again with
+    the same write_id (gRPC's own words said only that the stream was removed); sent again, the same.
 
     Deterministic: the put commits in the write process, while the catalog's lock (held here) keeps its commit
     waiting; the serving process is stopped (SIGSTOP) before the lock is released, so the answer it would relay
@@ -265,7 +270,7 @@ def test_a_put_whose_server_died_between_its_commit_and_its_answer_is_answered_a
     port = free_ports(1)[0]
     with contextlib.ExitStack() as servers:
         process, location = servers.enter_context(serving(tmp_path, port=port, **patient(tmp_path)))
-        with FeatureClient(location, retry_seconds=60) as client:
+        with FeatureClient(location, retry_seconds=retry_seconds) as client:
             client.write(TABLE, drivers(2), **DEFINITION)
             listening(client)
             database = tmp_path / "catalog.db"
@@ -275,9 +280,16 @@ def test_a_put_whose_server_died_between_its_commit_and_its_answer_is_answered_a
                 wait_until(lambda: bool(recorded(properties, "w-lost")), what="the put's commit")
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait()
-                assert not put.done()
-                servers.enter_context(serving(tmp_path, port=port, log="server-2.log", **patient(tmp_path)))
-                result = put.result(timeout=60)
+                if retry_seconds:
+                    assert not put.done()
+                    servers.enter_context(serving(tmp_path, port=port, log="server-2.log", **patient(tmp_path)))
+                    result = put.result(timeout=60)
+                else:
+                    with pytest.raises(UnavailableError) as cut:
+                        put.result(timeout=60)
+                    assert "may have committed" in str(cut.value) and "same write_id" in str(cut.value), cut.value
+                    servers.enter_context(serving(tmp_path, port=port, log="server-2.log", **patient(tmp_path)))
+                    result = client.write(TABLE, drivers(3, first=10), write_id="w-lost")
             committed = recorded(properties, "w-lost")
             assert (result.duplicate, result.snapshot_id, result.rows) == (True, committed[0], 3)
             assert len(committed) == 1
