@@ -40,7 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from flight_server.base.config import CatalogError, catalog_failure, redact
 from flight_server.base.lru import WeightedLru
 from flight_server.base.outages import outage
-from flight_server.iceberg.internals import metadata_location_query, table_io
+from flight_server.iceberg.internals import metadata_location_query, metadata_locations_query, table_io
 from flight_server.iceberg.reparse import Parsed, metadata_text, parse
 from flight_server.wire.actions import DELETE_MODES
 from flight_server.wire.codec import parse_table_name
@@ -294,6 +294,19 @@ class FeatureCatalog:
         with self.catalog.engine.connect() as connection:
             bound = {"catalog": self.catalog.name, "namespace": ".".join(namespace), "table": name}
             return connection.execute(self._pointer, bound).scalar()
+
+    def metadata_locations(self) -> dict[str, str] | None:
+        """Where the catalog points each of its tables now (`ns.table` -> metadata file), in one query (SQL catalogs:
+        polling many tables costs one round trip, not one each); None where the catalog cannot say so cheaply."""
+        if self._pointers is None or not isinstance(self.catalog, SqlCatalog):
+            return None
+        with self.catalog.engine.connect() as connection:
+            rows = connection.execute(self._pointers, {"catalog": self.catalog.name})
+            return {f"{namespace}.{name}": location for namespace, name, location in rows if location}
+
+    @cached_property
+    def _pointers(self) -> Select[str, str, str | None] | None:
+        return metadata_locations_query(self.catalog) if isinstance(self.catalog, SqlCatalog) else None
 
     @cached_property
     def _pointer(self) -> Select[str | None] | None:

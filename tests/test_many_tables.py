@@ -1,0 +1,114 @@
+"""A catalog of many feature tables: what a server does per table in the background must not grow with their number
+where one query can do for all of them (docs/operations.md, "What grows with what")."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from pyiceberg.catalog import load_catalog
+from sqlalchemy import event
+
+from flight_client import FeatureClient
+from flight_server.transport.service import FeatureFlightServer
+from tests.conftest import sqlite_catalog, start_server, wait_until
+
+TABLES = 40
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def rows(i: int, value: float) -> pa.Table:
+    schema = pa.schema(
+        [
+            pa.field("id", pa.int64(), nullable=False),  # keys and event time: required in the tables the server makes
+            pa.field("ts", pa.timestamp("us", "UTC"), nullable=False),
+            pa.field(f"f{i}", pa.float64()),
+        ]
+    )
+    return pa.table([[1, 2], [NOW, NOW], [value, value]], schema=schema)
+
+
+def feature(i: int) -> str:
+    return f"many.t{i:02d}:f{i}"
+
+
+@pytest.fixture(scope="module")
+def properties(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return sqlite_catalog(tmp_path_factory.mktemp("many"))
+
+
+@pytest.fixture(scope="module")
+def server(properties: dict[str, str]) -> Iterator[FeatureFlightServer]:
+    # Polls only when a write through it wakes them: each poll below is one the test starts.
+    server = start_server(properties, online_refresh_seconds=3600.0)
+    with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+        for i in range(TABLES):
+            client.write(f"many.t{i:02d}", rows(i, 0.0), entity_keys="id", event_time="ts")
+        for start in range(0, TABLES, 20):
+            client.get_online_features({"id": [1]}, [feature(i) for i in range(start, start + 20)])
+    yield server
+    server.shutdown()
+
+
+class Statements:
+    """The SQL statements the server's catalog runs while counting."""
+
+    def __init__(self, server: FeatureFlightServer):
+        self.engine = server.parts.catalog.catalog.engine  # type: ignore[attr-defined]
+        self.count = 0
+        event.listen(self.engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, *args: Any) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._seen)
+
+
+def one_poll(server: FeatureFlightServer, table: str) -> None:
+    """Wake the online refresh (as a write through the server does) and wait until it has checked every index."""
+    store = server.parts.store
+    before = {name: index.checked_at for name, index in store.indexes().items()}
+    store.notify(table)
+    wait_until(
+        lambda: all(index.checked_at > before.get(name, 0.0) for name, index in store.indexes().items()),
+        what="a poll of every online index",
+    )
+
+
+def test_a_poll_of_unchanged_tables_asks_the_catalog_once(server: FeatureFlightServer) -> None:
+    assert len(server.parts.store.indexes()) == TABLES
+    statements = Statements(server)
+    try:
+        one_poll(server, "many.t00")
+        assert statements.count <= 2, f"a poll of {TABLES} unchanged tables ran {statements.count} statements"
+    finally:
+        statements.close()
+
+
+def test_a_table_changed_elsewhere_is_refreshed_alone(server: FeatureFlightServer, properties: dict[str, str]) -> None:
+    """A change through another replica (here: pyiceberg itself) is seen at the next poll, and only its table costs
+    more than the one query; a table dropped and created again under its name serves its new rows."""
+    catalog = load_catalog("default", **properties)
+    catalog.load_table(("many", "t01")).append(rows(1, 1.0))
+    definition = dict(catalog.load_table(("many", "t02")).properties)
+    catalog.drop_table(("many", "t02"))
+    catalog.create_table(("many", "t02"), rows(2, 2.0).schema, properties=definition).append(rows(2, 2.0))
+    one_poll(server, "many.t00")
+    with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+        answer = client.get_online_features({"id": [1]}, [feature(1), feature(2), feature(3)])
+    assert answer.column("f1").to_pylist() == [1.0]
+    assert answer.column("f2").to_pylist() == [2.0]
+    assert answer.column("f3").to_pylist() == [0.0]
+
+
+def test_catalog_pointers(server: FeatureFlightServer) -> None:
+    """`metadata_locations` names every table where the catalog points it, as `metadata_location` does one."""
+    catalog = server.parts.catalog
+    pointers = catalog.metadata_locations()
+    assert pointers is not None
+    assert {n for n in pointers if n.startswith("many.")} == {f"many.t{i:02d}" for i in range(TABLES)}
+    assert pointers["many.t05"] == catalog.metadata_location("many.t05")
