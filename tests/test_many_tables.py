@@ -112,3 +112,29 @@ def test_catalog_pointers(server: FeatureFlightServer) -> None:
     assert pointers is not None
     assert {n for n in pointers if n.startswith("many.")} == {f"many.t{i:02d}" for i in range(TABLES)}
     assert pointers["many.t05"] == catalog.metadata_location("many.t05")
+
+
+def test_a_round_of_training_set_refreshes_asks_the_catalog_once(
+    server: FeatureFlightServer, properties: dict[str, str]
+) -> None:
+    """The training-set indexes of the tables a training set joined at their current snapshots are brought forward
+    as their tables change: a round over 20 unchanged tables costs one query, and a table changed elsewhere is
+    still brought forward at the next."""
+    joined = range(20, 40)
+    entities = pa.table({"id": [1, 2], "event_timestamp": pa.array([NOW, NOW], pa.timestamp("us", "UTC"))})
+    with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+        client.get_historical_features(entities, [feature(i) for i in joined])
+    cache = server.parts.training.cache
+    assert cache.stats()["tables_followed"] == len(joined)
+    cache.refresh()  # the first round after a training set finds its indexes current
+    statements = Statements(server)
+    try:
+        cache.refresh()
+        assert statements.count <= 2, f"a round over {len(joined)} unchanged tables ran {statements.count} statements"
+    finally:
+        statements.close()
+    ahead = cache.refreshed_ahead
+    load_catalog("default", **properties).load_table(("many", "t21")).append(rows(21, 5.0))
+    cache.refresh()
+    assert cache.refreshed_ahead == ahead + 1
+    assert cache.stats()["tables_followed"] == len(joined)
