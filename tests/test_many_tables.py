@@ -13,6 +13,7 @@ from pyiceberg.catalog import load_catalog
 from sqlalchemy import event
 
 from flight_client import FeatureClient
+from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server, wait_until
 
@@ -138,3 +139,20 @@ def test_a_round_of_training_set_refreshes_asks_the_catalog_once(
     cache.refresh()
     assert cache.refreshed_ahead == ahead + 1
     assert cache.stats()["tables_followed"] == len(joined)
+
+
+def test_a_round_over_more_tables_than_ever_kept_before_reads_each_once(properties: dict[str, str]) -> None:
+    """Pipelines write hundreds of tables in turn, and every put and read goes through `read`: a second round over
+    300 unchanged tables finds each as the first left it (the cache once started over past 256 tables, so a round
+    over more parsed every table's metadata again, and held none of them for the next)."""
+    tables = 300
+    pyiceberg = load_catalog("default", **properties)
+    pyiceberg.create_namespace_if_not_exists("wide")
+    schema = rows(0, 0.0).schema
+    for i in range(tables):
+        pyiceberg.create_table(("wide", f"t{i:03d}"), schema)
+    catalog = FeatureCatalog("default", properties)
+    first = {i: catalog.read(f"wide.t{i:03d}") for i in range(tables)}
+    again = {i: catalog.read(f"wide.t{i:03d}") for i in range(tables)}
+    assert [i for i in range(tables) if again[i] is not first[i]] == []
+    assert catalog.cache_stats()["tables"]["entries"] >= tables

@@ -48,8 +48,12 @@ from flight_server.wire.errors import NotFoundError, RequestError
 
 log = logging.getLogger(__name__)
 
-READ_CACHE_TABLES = 256  # tables kept loaded for reading; past it, the cache starts over
-PARSED_SNAPSHOTS = 50_000  # snapshots whose raw JSON is kept to parse their tables' next files (`_load`)
+# Tables kept loaded for reading (`read`), and the raw JSON kept to parse their next metadata files (`_load`), each
+# weighed in snapshots (about 2.3 KiB each of models, as much again of JSON): the least recently used go first. Not a
+# count of tables: a server of hundreds of tables, each written every minute, goes through all of them in turn, and a
+# cap below them all would parse every table's metadata in full at each put and each read.
+READ_CACHE_SNAPSHOTS = 100_000
+PARSED_SNAPSHOTS = 100_000
 
 KEPT_LOCATIONS = 4096  # tables' locations by metadata file (`location`); past it, the cache starts over
 
@@ -256,7 +260,8 @@ class FeatureCatalog:
         self.properties = properties
         self.default_namespace = default_namespace
         self.catalog: Catalog = _load(name, properties)
-        self._read: dict[str, Table] = {}  # by table name: the last loaded for reading (see `read`)
+        # By table name: the last loaded for reading (see `read`).
+        self._read: WeightedLru[str, Table] = WeightedLru(READ_CACHE_SNAPSHOTS, lambda t: len(t.metadata.snapshots) + 1)
         self._locations: dict[str, str] = {}  # by metadata file: its table's location (see `location`)
         # By table name, for tables `read` keeps: the last file parsed (`_load`), its entries' raw JSON beside their
         # models (about as much again as the models), for the tables of `PARSED_SNAPSHOTS` snapshots in all at most.
@@ -266,7 +271,7 @@ class FeatureCatalog:
     def cache_stats(self) -> dict[str, dict[str, Any]]:
         """The tables `read` keeps, and what is kept to parse their next metadata files (weighed in snapshots), for
         metrics and `health`."""
-        return {"tables": {"entries": len(self._read)}, "parsed_metadata": self._parsed.stats("snapshots")}
+        return {"tables": self._read.stats("snapshots"), "parsed_metadata": self._parsed.stats("snapshots")}
 
     @property
     def names_metadata_files(self) -> bool:
@@ -330,13 +335,13 @@ class FeatureCatalog:
         pointer = self._locate(identifier)
         if pointer is None:
             loaded = self.load(table)
-            self._keep(name, loaded)  # not to read again (no pointer says it is current), but for `read_snapshot`
+            self._read.put(name, loaded)  # not to read again (no pointer says it is current), but for `read_snapshot`
             return loaded
-        cached = self._read.get(name)
-        if cached is not None and cached.metadata_location == pointer:
+        cached = self._read.get(name, lambda kept: kept.metadata_location == pointer)
+        if cached is not None:
             return cached
         loaded = self._load(identifier, pointer, keep=True)
-        self._keep(name, loaded)
+        self._read.put(name, loaded)
         return loaded
 
     def read_snapshot(self, table: str, snapshot_id: int | None) -> Table:
@@ -350,7 +355,7 @@ class FeatureCatalog:
         except Exception as exc:
             if snapshot_id is None or outage(exc) is None:
                 raise
-            kept = self._read.get(".".join(self.identifier(table)))
+            kept = self._read.peek(".".join(self.identifier(table)))
             if kept is None or kept.metadata.snapshot_by_id(snapshot_id) is None:
                 raise
             log.debug("table %r: snapshot %s read as last loaded, the catalog being unavailable", table, snapshot_id)
@@ -377,7 +382,7 @@ class FeatureCatalog:
         pyiceberg loads it, with its errors."""
         name = ".".join(identifier)
         if pointer is not None and (keep or name in self._parsed):
-            previous = self._read.get(name)
+            previous = self._read.peek(name)
             try:
                 io = previous.io if previous is not None else load_file_io(self.catalog.properties, pointer)
                 metadata, parsed = parse(metadata_text(io, pointer), self._parsed.get(name))
@@ -395,12 +400,6 @@ class FeatureCatalog:
         except (NoSuchTableError, NoSuchNamespaceError):
             raise NotFoundError(f"table {name!r} does not exist") from None
 
-    def _keep(self, name: str, table: Table) -> None:
-        if len(self._read) >= READ_CACHE_TABLES:
-            self._read.clear()
-            self._parsed.clear()
-        self._read[name] = table
-
     def find_for_change(self, table: str) -> Table | None:
         """The table to change, or None when it does not exist (yet): from the metadata `read` holds while the
         catalog still points at it (a put then parses no metadata file before its commit), as a `Table` of its
@@ -414,7 +413,7 @@ class FeatureCatalog:
         """Keep the table as a commit through this server left it for `read` (it points at what the commit
         wrote), so the next put or read of an unchanged table parses no metadata file."""
         if self._pointer is not None:
-            self._keep(".".join(self.identifier(table)), own_copy(committed))
+            self._read.put(".".join(self.identifier(table)), own_copy(committed))
 
     def ensure_namespace(self, namespace: tuple[str, ...]) -> None:
         """Create the namespace unless it exists, also when another replica creates it at the same moment:
