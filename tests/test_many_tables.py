@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -156,3 +157,35 @@ def test_a_round_over_more_tables_than_ever_kept_before_reads_each_once(properti
     again = {i: catalog.read(f"wide.t{i:03d}") for i in range(tables)}
     assert [i for i in range(tables) if again[i] is not first[i]] == []
     assert catalog.cache_stats()["tables"]["entries"] >= tables
+
+
+def test_a_pass_of_orphan_removals_reads_each_tables_location_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Orphan removal of a table leaves out the folders of the catalog's other tables located inside its own, so it
+    needs every other table's location: a pass of automatic maintenance over all the tables (after a start, then
+    daily) reads each table's once, not once per table of the pass (tables x tables metadata reads)."""
+    tables = 12
+    server = start_server(sqlite_catalog(tmp_path), auto_maintenance=True, maintenance_interval_seconds=3600.0)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            for i in range(tables):
+                client.write(f"many.t{i:02d}", rows(i, 0.0), entity_keys="id", event_time="ts")
+        catalog, upkeep = server.parts.catalog, server.parts.upkeep
+        asked: list[str] = []
+        location = catalog.location
+
+        def counted(table: str) -> str:
+            asked.append(table)
+            return location(table)
+
+        monkeypatch.setattr(catalog, "location", counted)
+        upkeep._pass()  # what the background thread does each interval (here: not within the test)
+        watched = upkeep.tables()
+        assert sorted(watched) == [f"many.t{i:02d}" for i in range(tables)]
+        assert all(
+            w.orphans_checked is not None and w.last is not None and w.last.error is None for w in watched.values()
+        )
+        assert sorted(asked) == sorted(set(asked)), f"locations read more than once: {len(asked)} reads"
+    finally:
+        server.shutdown()
