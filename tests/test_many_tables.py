@@ -1,5 +1,5 @@
 """A catalog of many feature tables: what a server does per table in the background must not grow with their number
-where one query can do for all of them (docs/operations.md, "What grows with what")."""
+where one query can do for all of them (docs/operations.md, "Many tables")."""
 
 from __future__ import annotations
 
