@@ -14,6 +14,8 @@ from pyiceberg.catalog import load_catalog
 from sqlalchemy import event
 
 from flight_client import FeatureClient
+from flight_server.changes import history
+from flight_server.changes.history import WRITE_ID_PROPERTY, WriteIds
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server, wait_until
@@ -142,21 +144,54 @@ def test_a_round_of_training_set_refreshes_asks_the_catalog_once(
     assert cache.stats()["tables_followed"] == len(joined)
 
 
-def test_a_round_over_more_tables_than_ever_kept_before_reads_each_once(properties: dict[str, str]) -> None:
+WIDE = 300  # more tables than the caches of tables once kept (256), before they started over
+
+
+@pytest.fixture(scope="module")
+def wide(properties: dict[str, str]) -> list[str]:
+    """`WIDE` tables of one snapshot each, committed by a put with a write id (as the server's puts record it)."""
+    pyiceberg = load_catalog("default", **properties)
+    pyiceberg.create_namespace_if_not_exists("wide")
+    names = []
+    for i in range(WIDE):
+        table = pyiceberg.create_table(("wide", f"t{i:03d}"), rows(0, 0.0).schema)
+        table.append(rows(0, float(i)), snapshot_properties={WRITE_ID_PROPERTY: f"put-{i}"})
+        names.append(f"wide.t{i:03d}")
+    return names
+
+
+def test_a_round_over_more_tables_than_ever_kept_before_reads_each_once(
+    properties: dict[str, str], wide: list[str]
+) -> None:
     """Pipelines write hundreds of tables in turn, and every put and read goes through `read`: a second round over
     300 unchanged tables finds each as the first left it (the cache once started over past 256 tables, so a round
     over more parsed every table's metadata again, and held none of them for the next)."""
-    tables = 300
-    pyiceberg = load_catalog("default", **properties)
-    pyiceberg.create_namespace_if_not_exists("wide")
-    schema = rows(0, 0.0).schema
-    for i in range(tables):
-        pyiceberg.create_table(("wide", f"t{i:03d}"), schema)
     catalog = FeatureCatalog("default", properties)
-    first = {i: catalog.read(f"wide.t{i:03d}") for i in range(tables)}
-    again = {i: catalog.read(f"wide.t{i:03d}") for i in range(tables)}
-    assert [i for i in range(tables) if again[i] is not first[i]] == []
-    assert catalog.cache_stats()["tables"]["entries"] >= tables
+    first = {name: catalog.read(name) for name in wide}
+    again = {name: catalog.read(name) for name in wide}
+    assert [name for name in wide if again[name] is not first[name]] == []
+    assert catalog.cache_stats()["tables"]["entries"] >= len(wide)
+
+
+def test_write_ids_of_more_tables_than_once_kept_are_read_once(
+    properties: dict[str, str], wide: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put with a write id looks for it in its table's history, read incrementally: a second round of puts over
+    300 tables reads no snapshot summary again (past 256 tables the ids once started over, and each put of a round
+    read its table's whole retained history again: 16 ms at 1,440 snapshots). They keep snapshot ids, not the
+    snapshots of tables no longer kept loaded."""
+    catalog = FeatureCatalog("default", properties)
+    tables = [catalog.read(name) for name in wide]
+    ids = WriteIds()
+    found = [ids.find(table, f"put-{i}") for i, table in enumerate(tables)]
+    assert [result.snapshot_id if result else None for result in found] == [
+        table.metadata.current_snapshot_id for table in tables
+    ]
+    read: list[int] = []
+    summaries = history._committed_ids
+    monkeypatch.setattr(history, "_committed_ids", lambda snapshot: read.append(1) or summaries(snapshot))
+    assert all(ids.find(table, f"put-{i}") is not None for i, table in enumerate(tables))
+    assert read == []
 
 
 def test_a_pass_of_orphan_removals_reads_each_tables_location_once(
@@ -189,3 +224,17 @@ def test_a_pass_of_orphan_removals_reads_each_tables_location_once(
         assert sorted(asked) == sorted(set(asked)), f"locations read more than once: {len(asked)} reads"
     finally:
         server.shutdown()
+
+
+def test_write_ids_past_their_cap_forget_the_least_recently_used_tables(
+    properties: dict[str, str], wide: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(history, "MAX_WRITE_IDS", 100)
+    catalog = FeatureCatalog("default", properties)
+    tables = [catalog.read(name) for name in wide]
+    ids = WriteIds()
+    for i, table in enumerate(tables):
+        assert ids.find(table, f"put-{i}") is not None
+    kept = ids._tables
+    assert len(kept) == 100 and ids._ids == sum(len(seen.ids) for seen in kept.values())
+    assert list(kept) == [str(table.metadata.table_uuid) for table in tables[-100:]]
