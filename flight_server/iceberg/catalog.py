@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -343,6 +344,22 @@ class FeatureCatalog:
         loaded = self._load(identifier, pointer, keep=True)
         self._read.put(name, loaded)
         return loaded
+
+    def current(self, tables: list[str]) -> Iterator[Table]:
+        """Each of `tables` as it is now, for listings: as `read` keeps it where the catalog still points there (SQL
+        catalogs say so for all in one query), else loaded (and not kept: a listing of every table would push the
+        tables in use out). A table dropped since it was listed is left out."""
+        pointers = self.metadata_locations()
+        for table in tables:
+            name = ".".join(self.identifier(table))
+            kept = self._read.peek(name)
+            if kept is not None and pointers is not None and pointers.get(name) == kept.metadata_location:
+                yield kept
+                continue
+            try:
+                yield self.load(table)
+            except NotFoundError:
+                continue
 
     def read_snapshot(self, table: str, snapshot_id: int | None) -> Table:
         """The table for reading `snapshot_id` (a pinned read: an endpoint ticket, time travel by id): as `read`,
