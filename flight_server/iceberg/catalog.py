@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -301,14 +301,21 @@ class FeatureCatalog:
             bound = {"catalog": self.catalog.name, "namespace": ".".join(namespace), "table": name}
             return connection.execute(self._pointer, bound).scalar()
 
-    def metadata_locations(self) -> dict[str, str] | None:
-        """Where the catalog points each of its tables now (`ns.table` -> metadata file), in one query (SQL catalogs:
-        polling many tables costs one round trip, not one each); None where the catalog cannot say so cheaply."""
+    def metadata_locations(self, tables: Collection[str]) -> dict[str, str] | None:
+        """Where the catalog points each of `tables` now (`ns.table` -> metadata file; a table it does not have is
+        left out), in one query (SQL catalogs: polling many tables costs one round trip, not one each, and reads the
+        rows of their namespaces alone, not those of a catalog shared with other engines); None where the catalog
+        cannot say so cheaply."""
         if self._pointers is None or not isinstance(self.catalog, SqlCatalog):
             return None
+        names = {".".join(self.identifier(table)) for table in tables}
+        if not names:
+            return {}
+        bound = {"catalog": self.catalog.name, "namespaces": sorted({name.rpartition(".")[0] for name in names})}
         with self.catalog.engine.connect() as connection:
-            rows = connection.execute(self._pointers, {"catalog": self.catalog.name})
-            return {f"{namespace}.{name}": location for namespace, name, location in rows if location}
+            rows = connection.execute(self._pointers, bound)
+            found = {f"{namespace}.{name}": location for namespace, name, location in rows if location}
+        return {name: location for name, location in found.items() if name in names}
 
     @cached_property
     def _pointers(self) -> Select[str, str, str | None] | None:
@@ -349,7 +356,7 @@ class FeatureCatalog:
         """Each of `tables` as it is now, for listings: as `read` keeps it where the catalog still points there (SQL
         catalogs say so for all in one query), else loaded (and not kept: a listing of every table would push the
         tables in use out). A table dropped since it was listed is left out."""
-        pointers = self.metadata_locations()
+        pointers = self.metadata_locations(tables)
         for table in tables:
             name = ".".join(self.identifier(table))
             kept = self._read.peek(name)

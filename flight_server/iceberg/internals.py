@@ -792,10 +792,11 @@ def metadata_location_query(catalog: SqlCatalog) -> Select[str | None]:
 
 
 def metadata_locations_query(catalog: SqlCatalog) -> Select[str, str, str | None]:
-    """The SQL catalog's query for every table's namespace, name and metadata location, bound by `catalog`: one
-    query however many tables, no metadata file read."""
+    """The SQL catalog's query for the namespace, name and metadata location of every table in some namespaces,
+    bound by `catalog` and `namespaces` (a list): one query however many tables, no metadata file read."""
     statement = select(IcebergTables.table_namespace, IcebergTables.table_name, IcebergTables.metadata_location).where(
-        IcebergTables.catalog_name == bindparam("catalog")
+        IcebergTables.catalog_name == bindparam("catalog"),
+        IcebergTables.table_namespace.in_(bindparam("namespaces", expanding=True)),
     )
     if (kind := catalog._iceberg_type_filter()) is not None:  # views share the table
         statement = statement.where(kind)

@@ -440,7 +440,7 @@ class OnlineStore:
         tables costs one round trip, not one each (nor, with a write process, one action each); None where the
         catalog cannot say so at once, or fails (each index then refreshes, and records the failure, on its own)."""
         try:
-            return self.catalog.metadata_locations()
+            return self.catalog.metadata_locations(list(self._indexes))
         except Exception as exc:
             log.debug("online refresh: the catalog's pointers not read at once: %s", exc)
             return None

@@ -1112,7 +1112,7 @@ class AsofCache:
         if self.catalog is None:
             return None
         try:
-            return self.catalog.metadata_locations()
+            return self.catalog.metadata_locations({name for name, _ in list(self._follow)})
         except Exception as exc:
             log.debug("training-set refresh: the catalog's pointers not read at once: %s", exc)
             return None
