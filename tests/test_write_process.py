@@ -392,8 +392,8 @@ def test_online_refreshes_are_planned_in_the_write_process(tmp_path: Path) -> No
                 online = client.get_online_features({"id": [1, 2]}, [f"{name}:value"], apply_ttl=False)
                 assert online.column("value").to_pylist() == [value + 1, 2.0]
                 assert index.appends >= 1 and index.rebuilds == 0
-                loaded = server.parts.catalog._read[name].metadata_location  # what the serving process parsed last
-                assert loaded not in (index.version or "")
+                kept = server.parts.catalog._read.peek(name)  # what the serving process parsed last
+                assert kept is not None and kept.metadata_location not in (index.version or "")
             assert opened == []
     finally:
         server.shutdown()

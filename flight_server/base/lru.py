@@ -49,6 +49,12 @@ class WeightedLru(Generic[K, V]):
             self.hits += 1
             return entry[0]
 
+    def peek(self, key: K) -> V | None:
+        """The value if kept, neither counted as a `get` nor made the most recently used."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return entry[0] if entry is not None else None
+
     def put(self, key: K, value: V) -> None:
         """Keep `value` under `key` (replacing what was kept), then forget the least recently used beyond `limit`."""
         weight = self._weight(value)

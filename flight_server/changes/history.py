@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -56,7 +57,10 @@ def put_summary(puts: Sequence[Committed]) -> dict[str, str]:
     return properties
 
 
-MAX_TABLES = 256  # tables whose write ids are remembered; past it, the memory starts over
+# Write ids remembered, of all tables (about 130 bytes each): past it, those of the least recently used tables go. Not
+# a count of tables: pipelines write hundreds in turn, and a table forgotten before its next put has its retained
+# snapshots' summaries read again (16 ms for 1,440 snapshots, a day of puts every minute).
+MAX_WRITE_IDS = 500_000
 
 
 def commit_append(transaction: Transaction, files: list[DataFile], properties: dict[str, str]) -> Table:
@@ -84,7 +88,7 @@ class _Seen:
 
     count: int = 0
     last: int | None = None  # the id of the snapshot at `count - 1`
-    ids: dict[str, tuple[Snapshot, Committed]] = field(default_factory=dict)
+    ids: dict[str, tuple[int, Committed]] = field(default_factory=dict)  # write id -> (snapshot id, its put)
 
 
 class WriteIds:
@@ -97,7 +101,10 @@ class WriteIds:
     """
 
     def __init__(self) -> None:
-        self._tables: dict[str, _Seen] = {}
+        # By table uuid, least recently used first; snapshot ids, not snapshots: the models of a table no longer
+        # kept loaded (`FeatureCatalog.read`) are not held here (about 1.7 KB each).
+        self._tables: OrderedDict[str, _Seen] = OrderedDict()
+        self._ids = 0  # write ids kept, of all tables
         self._lock = threading.Lock()
 
     def find(self, table: Table, write_id: str) -> WriteResult | None:
@@ -106,24 +113,28 @@ class WriteIds:
         with self._lock:
             seen = self._update(metadata)
             found = seen.ids.get(write_id)
-        if found is None or metadata.snapshot_by_id(found[0].snapshot_id) is None:
+        if found is None or metadata.snapshot_by_id(found[0]) is None:
             return None
-        snapshot, put = found
-        return WriteResult(table_name(table), snapshot.snapshot_id, put.rows, put.files, write_id, duplicate=True)
+        snapshot_id, put = found
+        return WriteResult(table_name(table), snapshot_id, put.rows, put.files, write_id, duplicate=True)
 
     def _update(self, metadata: TableMetadata) -> _Seen:
         uuid, snapshots = str(metadata.table_uuid), metadata.snapshots
         seen = self._tables.get(uuid)
         if seen is None or not _extends(seen, snapshots):
-            if len(self._tables) >= MAX_TABLES:
-                self._tables.clear()
+            self._ids -= len(seen.ids) if seen is not None else 0
             seen = self._tables[uuid] = _Seen()
+        self._tables.move_to_end(uuid)
+        before = len(seen.ids)
         for snapshot in snapshots[seen.count :]:
             for put in _committed_ids(snapshot):
                 if put.write_id is not None:
-                    seen.ids.setdefault(put.write_id, (snapshot, put))
+                    seen.ids.setdefault(put.write_id, (snapshot.snapshot_id, put))
         if len(snapshots) > seen.count:
             seen.count, seen.last = len(snapshots), snapshots[-1].snapshot_id
+        self._ids += len(seen.ids) - before
+        while self._ids > MAX_WRITE_IDS and len(self._tables) > 1:  # this table's stay: the put needs them
+            self._ids -= len(self._tables.popitem(last=False)[1].ids)
         return seen
 
 

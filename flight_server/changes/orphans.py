@@ -111,8 +111,13 @@ def pyarrow_io(io: FileIO) -> PyArrowFileIO:
     return io if isinstance(io, PyArrowFileIO) else PyArrowFileIO(io.properties)
 
 
-def remove_orphan_files(catalog: FeatureCatalog, request: OrphanFilesRequest) -> OrphanFilesResult:
-    """Delete (or with `dry_run` only list) the table's orphan files older than the request's margin."""
+def remove_orphan_files(
+    catalog: FeatureCatalog, request: OrphanFilesRequest, locations: dict[str, str] | None = None
+) -> OrphanFilesResult:
+    """Delete (or with `dry_run` only list) the table's orphan files older than the request's margin. `locations`
+    (table name -> location, filled as they are read) shares the other tables' locations between the tables of one
+    round of maintenance: each table's removal needs every other table's, and reading them afresh for each would
+    cost tables x tables metadata reads a round (those written since the last round parsed again)."""
     now = dt.datetime.now(dt.timezone.utc)
     if request.older_than is not None:
         older_than = parse_timestamp(request.older_than, "older_than")
@@ -122,7 +127,7 @@ def remove_orphan_files(catalog: FeatureCatalog, request: OrphanFilesRequest) ->
     io = pyarrow_io(table.io)
     location = table.metadata.location.rstrip("/")
     name = table_name(table)
-    others = _other_tables_folders(catalog, name, io, location)
+    others = _other_tables_folders(catalog, name, io, location, {} if locations is None else locations)
     stored = [
         file
         for folder in FOLDERS
@@ -168,17 +173,22 @@ def remove_orphan_files(catalog: FeatureCatalog, request: OrphanFilesRequest) ->
     )
 
 
-def _other_tables_folders(catalog: FeatureCatalog, name: str, io: PyArrowFileIO, location: str) -> list[str]:
+def _other_tables_folders(
+    catalog: FeatureCatalog, name: str, io: PyArrowFileIO, location: str, locations: dict[str, str]
+) -> list[str]:
     """The data and metadata folders (as file system paths ending in `/`) of the catalog's other tables located
     inside this table's location, whose files the listing finds but this table's metadata does not reference; a
-    `RequestError` when another table has the same location, or one cannot be read (it might)."""
+    `RequestError` when another table has the same location, or one cannot be read (it might). The catalog's tables
+    are listed afresh; their locations are taken from `locations` where given, else read (and added there)."""
     own = _key(io, location)
     folders: list[str] = []
     for other in catalog.table_names():
         if other == name:
             continue
         try:
-            where = _key(io, catalog.location(other).rstrip("/"))
+            if other not in locations:
+                locations[other] = catalog.location(other)
+            where = _key(io, locations[other].rstrip("/"))
         except NotFoundError:  # dropped since it was listed
             continue
         except Exception as exc:  # unreadable metadata (missing, corrupt, unreachable): it might share the folders

@@ -330,20 +330,26 @@ class Upkeep:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.config.maintenance_interval_seconds):
-            self._survey()
-            for name in self._due():
-                if self._stop.is_set():
-                    return
-                with self._working:
-                    try:
-                        self._round(name)
-                    except NotFoundError:
-                        pass  # dropped: no longer watched
-                    except Exception as exc:  # never let one table stop the thread
-                        if (down := outage(exc)) is not None:
-                            log.warning("maintenance of %s failed: %s", name, down)
-                        else:
-                            log.exception("maintenance of %s failed", name)
+            self._pass()
+
+    def _pass(self) -> None:
+        """One pass of the background thread: the survey, then a round on each table due. The tables' locations
+        that orphan removal reads are shared by the rounds of one pass (`remove_orphan_files`)."""
+        self._survey()
+        locations: dict[str, str] = {}
+        for name in self._due():
+            if self._stop.is_set():
+                return
+            with self._working:
+                try:
+                    self._round(name, locations)
+                except NotFoundError:
+                    pass  # dropped: no longer watched
+                except Exception as exc:  # never let one table stop the thread
+                    if (down := outage(exc)) is not None:
+                        log.warning("maintenance of %s failed: %s", name, down)
+                    else:
+                        log.exception("maintenance of %s failed", name)
 
     def _survey(self) -> None:
         """Watch the feature tables of the catalog that this server did not write since it started but that are due (a
@@ -389,8 +395,9 @@ class Upkeep:
         with self._lock:
             return [n for n, w in self._tables.items() if w.due or now - w.checked >= RECHECK_SECONDS]
 
-    def _round(self, name: str) -> MaintenanceResult:
-        """Compact, expire, remove orphans (when due): each step once, a lost race left to the next round."""
+    def _round(self, name: str, locations: dict[str, str] | None = None) -> MaintenanceResult:
+        """Compact, expire, remove orphans (when due): each step once, a lost race left to the next round. `locations`:
+        the other tables' locations as the pass's earlier rounds read them (`remove_orphan_files`)."""
         started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
         with self._lock:
             watched = self._watch(name)  # the action may name a table not written here
@@ -409,7 +416,7 @@ class Upkeep:
                 raise
             policy = Policy.of(metadata, self.config)  # properties only: no fresh parse
             if policy.enabled:
-                self._steps(name, policy, orphans_due, done)
+                self._steps(name, policy, orphans_due, done, locations)
                 if done.counts.get("data_files_added") or done.counts.get("snapshots_expired"):
                     metadata = done.step("reading the table", lambda: self.catalog.read(name).metadata) or metadata
         except NotFoundError:
@@ -421,7 +428,9 @@ class Upkeep:
         self._record(name, result, orphans_due and policy.enabled, TableFacts.of(metadata))
         return result
 
-    def _steps(self, name: str, policy: Policy, orphans_due: bool, done: _Round) -> None:
+    def _steps(
+        self, name: str, policy: Policy, orphans_due: bool, done: _Round, locations: dict[str, str] | None
+    ) -> None:
         compacted = done.step(
             "compaction",
             lambda: self.maintenance.compact_small_files(
@@ -448,7 +457,9 @@ class Upkeep:
                 bytes_freed=expired.bytes_deleted,
             )
         if orphans_due:
-            orphans = done.step("orphan removal", lambda: remove_orphan_files(self.catalog, OrphanFilesRequest(name)))
+            orphans = done.step(
+                "orphan removal", lambda: remove_orphan_files(self.catalog, OrphanFilesRequest(name), locations)
+            )
             if orphans is not None:
                 done.add(orphan_files_deleted=orphans.files_deleted, bytes_freed=orphans.bytes_deleted)
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import re
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -40,7 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from flight_server.base.config import CatalogError, catalog_failure, redact
 from flight_server.base.lru import WeightedLru
 from flight_server.base.outages import outage
-from flight_server.iceberg.internals import metadata_location_query, table_io
+from flight_server.iceberg.internals import metadata_location_query, metadata_locations_query, table_io
 from flight_server.iceberg.reparse import Parsed, metadata_text, parse
 from flight_server.wire.actions import DELETE_MODES
 from flight_server.wire.codec import parse_table_name
@@ -48,8 +49,12 @@ from flight_server.wire.errors import NotFoundError, RequestError
 
 log = logging.getLogger(__name__)
 
-READ_CACHE_TABLES = 256  # tables kept loaded for reading; past it, the cache starts over
-PARSED_SNAPSHOTS = 50_000  # snapshots whose raw JSON is kept to parse their tables' next files (`_load`)
+# Tables kept loaded for reading (`read`), and the raw JSON kept to parse their next metadata files (`_load`), each
+# weighed in snapshots (about 2.3 KiB each of models, as much again of JSON): the least recently used go first. Not a
+# count of tables: a server of hundreds of tables, each written every minute, goes through all of them in turn, and a
+# cap below them all would parse every table's metadata in full at each put and each read.
+READ_CACHE_SNAPSHOTS = 100_000
+PARSED_SNAPSHOTS = 100_000
 
 KEPT_LOCATIONS = 4096  # tables' locations by metadata file (`location`); past it, the cache starts over
 
@@ -256,7 +261,8 @@ class FeatureCatalog:
         self.properties = properties
         self.default_namespace = default_namespace
         self.catalog: Catalog = _load(name, properties)
-        self._read: dict[str, Table] = {}  # by table name: the last loaded for reading (see `read`)
+        # By table name: the last loaded for reading (see `read`).
+        self._read: WeightedLru[str, Table] = WeightedLru(READ_CACHE_SNAPSHOTS, lambda t: len(t.metadata.snapshots) + 1)
         self._locations: dict[str, str] = {}  # by metadata file: its table's location (see `location`)
         # By table name, for tables `read` keeps: the last file parsed (`_load`), its entries' raw JSON beside their
         # models (about as much again as the models), for the tables of `PARSED_SNAPSHOTS` snapshots in all at most.
@@ -266,7 +272,7 @@ class FeatureCatalog:
     def cache_stats(self) -> dict[str, dict[str, Any]]:
         """The tables `read` keeps, and what is kept to parse their next metadata files (weighed in snapshots), for
         metrics and `health`."""
-        return {"tables": {"entries": len(self._read)}, "parsed_metadata": self._parsed.stats("snapshots")}
+        return {"tables": self._read.stats("snapshots"), "parsed_metadata": self._parsed.stats("snapshots")}
 
     @property
     def names_metadata_files(self) -> bool:
@@ -295,6 +301,26 @@ class FeatureCatalog:
             bound = {"catalog": self.catalog.name, "namespace": ".".join(namespace), "table": name}
             return connection.execute(self._pointer, bound).scalar()
 
+    def metadata_locations(self, tables: Collection[str]) -> dict[str, str] | None:
+        """Where the catalog points each of `tables` now (`ns.table` -> metadata file; a table it does not have is
+        left out), in one query (SQL catalogs: polling many tables costs one round trip, not one each, and reads the
+        rows of their namespaces alone, not those of a catalog shared with other engines); None where the catalog
+        cannot say so cheaply."""
+        if self._pointers is None or not isinstance(self.catalog, SqlCatalog):
+            return None
+        names = {".".join(self.identifier(table)) for table in tables}
+        if not names:
+            return {}
+        bound = {"catalog": self.catalog.name, "namespaces": sorted({name.rpartition(".")[0] for name in names})}
+        with self.catalog.engine.connect() as connection:
+            rows = connection.execute(self._pointers, bound)
+            found = {f"{namespace}.{name}": location for namespace, name, location in rows if location}
+        return {name: location for name, location in found.items() if name in names}
+
+    @cached_property
+    def _pointers(self) -> Select[str, str, str | None] | None:
+        return metadata_locations_query(self.catalog) if isinstance(self.catalog, SqlCatalog) else None
+
     @cached_property
     def _pointer(self) -> Select[str | None] | None:
         """The SQL catalog's query for a table's metadata location (built once: building costs more than running)."""
@@ -317,14 +343,30 @@ class FeatureCatalog:
         pointer = self._locate(identifier)
         if pointer is None:
             loaded = self.load(table)
-            self._keep(name, loaded)  # not to read again (no pointer says it is current), but for `read_snapshot`
+            self._read.put(name, loaded)  # not to read again (no pointer says it is current), but for `read_snapshot`
             return loaded
-        cached = self._read.get(name)
-        if cached is not None and cached.metadata_location == pointer:
+        cached = self._read.get(name, lambda kept: kept.metadata_location == pointer)
+        if cached is not None:
             return cached
         loaded = self._load(identifier, pointer, keep=True)
-        self._keep(name, loaded)
+        self._read.put(name, loaded)
         return loaded
+
+    def current(self, tables: list[str]) -> Iterator[Table]:
+        """Each of `tables` as it is now, for listings: as `read` keeps it where the catalog still points there (SQL
+        catalogs say so for all in one query), else loaded (and not kept: a listing of every table would push the
+        tables in use out). A table dropped since it was listed is left out."""
+        pointers = self.metadata_locations(tables)
+        for table in tables:
+            name = ".".join(self.identifier(table))
+            kept = self._read.peek(name)
+            if kept is not None and pointers is not None and pointers.get(name) == kept.metadata_location:
+                yield kept
+                continue
+            try:
+                yield self.load(table)
+            except NotFoundError:
+                continue
 
     def read_snapshot(self, table: str, snapshot_id: int | None) -> Table:
         """The table for reading `snapshot_id` (a pinned read: an endpoint ticket, time travel by id): as `read`,
@@ -337,7 +379,7 @@ class FeatureCatalog:
         except Exception as exc:
             if snapshot_id is None or outage(exc) is None:
                 raise
-            kept = self._read.get(".".join(self.identifier(table)))
+            kept = self._read.peek(".".join(self.identifier(table)))
             if kept is None or kept.metadata.snapshot_by_id(snapshot_id) is None:
                 raise
             log.debug("table %r: snapshot %s read as last loaded, the catalog being unavailable", table, snapshot_id)
@@ -364,7 +406,7 @@ class FeatureCatalog:
         pyiceberg loads it, with its errors."""
         name = ".".join(identifier)
         if pointer is not None and (keep or name in self._parsed):
-            previous = self._read.get(name)
+            previous = self._read.peek(name)
             try:
                 io = previous.io if previous is not None else load_file_io(self.catalog.properties, pointer)
                 metadata, parsed = parse(metadata_text(io, pointer), self._parsed.get(name))
@@ -382,12 +424,6 @@ class FeatureCatalog:
         except (NoSuchTableError, NoSuchNamespaceError):
             raise NotFoundError(f"table {name!r} does not exist") from None
 
-    def _keep(self, name: str, table: Table) -> None:
-        if len(self._read) >= READ_CACHE_TABLES:
-            self._read.clear()
-            self._parsed.clear()
-        self._read[name] = table
-
     def find_for_change(self, table: str) -> Table | None:
         """The table to change, or None when it does not exist (yet): from the metadata `read` holds while the
         catalog still points at it (a put then parses no metadata file before its commit), as a `Table` of its
@@ -401,7 +437,7 @@ class FeatureCatalog:
         """Keep the table as a commit through this server left it for `read` (it points at what the commit
         wrote), so the next put or read of an unchanged table parses no metadata file."""
         if self._pointer is not None:
-            self._keep(".".join(self.identifier(table)), own_copy(committed))
+            self._read.put(".".join(self.identifier(table)), own_copy(committed))
 
     def ensure_namespace(self, namespace: tuple[str, ...]) -> None:
         """Create the namespace unless it exists, also when another replica creates it at the same moment:

@@ -145,7 +145,8 @@ PRIVATE_API: dict[str, str] = {
     ),
     "pyiceberg.io.pyarrow._pyarrow_to_schema_without_ids": "schema_without_ids(): (schema) -> Schema without ids",
     "pyiceberg.catalog.sql.SqlCatalog._iceberg_type_filter": (
-        "metadata_location_query(): () -> the condition that leaves views out, or None (v0 catalog tables)"
+        "metadata_location_query() and metadata_locations_query(): () -> the condition that leaves views out, or None "
+        "(v0 catalog tables)"
     ),
     "pyiceberg.typedef.Record._data": (
         "without_statistics(): a DataFile's fields as a list, column_sizes to upper_bounds at positions 6-11 "
@@ -156,8 +157,9 @@ PRIVATE_API: dict[str, str] = {
         "the catalog's properties overridden by the table's"
     ),
     "pyiceberg.catalog.sql.IcebergTables": (
-        "metadata_location_query() and _commit_sql(): the SQL catalog's ORM table (catalog_name, table_namespace, "
-        "table_name, metadata_location, previous_metadata_location), its storage layout rather than an API"
+        "metadata_location_query(), metadata_locations_query() and _commit_sql(): the SQL catalog's ORM table "
+        "(catalog_name, table_namespace, table_name, metadata_location, previous_metadata_location), its storage "
+        "layout rather than an API"
     ),
     "pyiceberg.catalog.MetastoreCatalog._parse_metadata_version": (
         "_commit_sql(): (metadata_location) -> its version, as SqlCatalog numbers the next metadata file"
@@ -783,6 +785,18 @@ def metadata_location_query(catalog: SqlCatalog) -> Select[str | None]:
         IcebergTables.catalog_name == bindparam("catalog"),
         IcebergTables.table_namespace == bindparam("namespace"),
         IcebergTables.table_name == bindparam("table"),
+    )
+    if (kind := catalog._iceberg_type_filter()) is not None:  # views share the table
+        statement = statement.where(kind)
+    return statement
+
+
+def metadata_locations_query(catalog: SqlCatalog) -> Select[str, str, str | None]:
+    """The SQL catalog's query for the namespace, name and metadata location of every table in some namespaces,
+    bound by `catalog` and `namespaces` (a list): one query however many tables, no metadata file read."""
+    statement = select(IcebergTables.table_namespace, IcebergTables.table_name, IcebergTables.metadata_location).where(
+        IcebergTables.catalog_name == bindparam("catalog"),
+        IcebergTables.table_namespace.in_(bindparam("namespaces", expanding=True)),
     )
     if (kind := catalog._iceberg_type_filter()) is not None:  # views share the table
         statement = statement.where(kind)

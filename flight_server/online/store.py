@@ -428,10 +428,35 @@ class OnlineStore:
         while not self._stop.is_set():
             self._wake.wait(self.refresh_seconds)
             self._wake.clear()
+            polled, pointers = time.monotonic(), self._pointers()
             for name in list(self._indexes):
                 if self._stop.is_set():
                     return
-                self._refresh_one(name)
+                if pointers is None or not self._unchanged(name, pointers, polled):
+                    self._refresh_one(name)
+
+    def _pointers(self) -> dict[str, str] | None:
+        """Where the catalog points every table now, in one query (SQL catalogs), so that a poll of many unchanged
+        tables costs one round trip, not one each (nor, with a write process, one action each); None where the
+        catalog cannot say so at once, or fails (each index then refreshes, and records the failure, on its own)."""
+        try:
+            return self.catalog.metadata_locations(list(self._indexes))
+        except Exception as exc:
+            log.debug("online refresh: the catalog's pointers not read at once: %s", exc)
+            return None
+
+    def _unchanged(self, name: str, pointers: dict[str, str], polled: float) -> bool:
+        """Whether the index was refreshed from the metadata file the catalog points its table at now (recorded as
+        checked then): a metadata file is never rewritten, and SQL catalogs name each one anew (`table_version`). A
+        failing index, or a table the catalog no longer has, is refreshed on its own (that says so)."""
+        index = self._indexes.get(name)
+        pointer = pointers.get(name)
+        if index is None or pointer is None or index.failure is not None or index.version is None:
+            return False
+        if index.version.partition(" ")[2] != pointer:
+            return False
+        index.checked_at = polled
+        return True
 
     def _refresh_one(self, name: str) -> None:
         index = self._indexes[name]

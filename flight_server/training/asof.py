@@ -553,6 +553,9 @@ class AsofCache:
         self._building = LockPool()  # one build per snapshot at a time: requests for it wait for the first
         # (table name, share) -> (uuid, spec) to bring forward
         self._follow: dict[tuple[str, KeyShare | None], tuple[str, FeatureSpec]] = {}
+        # A followed table -> what it was followed as and the metadata file its last refresh found: not refreshed
+        # again while the catalog points there (`refresh`)
+        self._polled: dict[tuple[str, KeyShare | None], tuple[str, FeatureSpec, str]] = {}
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         if catalog is not None and max_bytes > 0:
@@ -829,6 +832,7 @@ class AsofCache:
         self._asked.pop(key, None)
         self._unfolded.discard(key)
         self._not_beside.clear()  # room freed: refused indexes may fit now
+        self._polled.clear()  # ... and the followed tables are looked at again (an index gone unfollows its table)
         if self._current.get((key[0], key[2], key[3])) == key:
             del self._current[(key[0], key[2], key[3])]
         for older in [k for k, owner in self._owner.items() if owner == key]:
@@ -1083,15 +1087,35 @@ class AsofCache:
             self._fold_all()
 
     def refresh(self) -> None:
-        """Bring each followed table's index forward to its current snapshot now (one round of the thread)."""
+        """Bring each followed table's index forward to its current snapshot now (one round of the thread). Where the
+        catalog says where it points every table in one query (SQL catalogs), a table still at the metadata file its
+        last refresh found is left alone: a round over many unchanged tables costs that one query, not one each."""
+        pointers = self._pointers()
         for followed, (uuid, spec) in list(self._follow.items()):
             if self._stop.is_set():
                 return
+            pointer = pointers.get(followed[0]) if pointers is not None else None
+            if pointer is not None and self._polled.get(followed) == (uuid, spec, pointer):
+                continue
             try:
                 self._refresh(followed, uuid, spec)
             except Exception:
                 log.exception("training-set index of %s: not brought forward; requests will build it", followed[0])
                 self._unfollow(followed, uuid, spec)
+            with self._lock:
+                if pointer is not None and self._follow.get(followed) == (uuid, spec):
+                    self._polled[followed] = (uuid, spec, pointer)
+
+    def _pointers(self) -> dict[str, str] | None:
+        """Where the catalog points every table now (one query), or None when it cannot say so at once or fails
+        (each followed table is then refreshed on its own, as it says), or has no catalog (it follows nothing)."""
+        if self.catalog is None:
+            return None
+        try:
+            return self.catalog.metadata_locations({name for name, _ in list(self._follow)})
+        except Exception as exc:
+            log.debug("training-set refresh: the catalog's pointers not read at once: %s", exc)
+            return None
 
     def _fold_all(self) -> None:
         """Merge the runs of each index that has too many into one, while requests keep using the index as it
@@ -1259,3 +1283,4 @@ class AsofCache:
             if self._follow.get(followed) == (uuid, spec):
                 del self._follow[followed]
                 self._not_beside.clear()  # its index no longer kept beside the others': they may fit now
+                self._polled.clear()

@@ -109,7 +109,7 @@ def _calls(parts: Components, caller: Principal, request: None) -> Calls:
 
 
 def _list_tables(parts: Components, caller: Principal, request: None) -> list[Reply]:
-    return [table_summary(parts.catalog.load(name)) for name in visible_tables(parts.catalog, caller)]
+    return [table_summary(table) for table in parts.catalog.current(visible_tables(parts.catalog, caller))]
 
 
 def _describe(parts: Components, caller: Principal, request: TableRequest) -> TableDescription:

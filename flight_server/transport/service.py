@@ -19,6 +19,7 @@ import pyarrow.flight as flight
 
 from flight_server.base.config import ServerConfig
 from flight_server.base.outages import OutageLog, outage
+from flight_server.iceberg.catalog import table_name
 from flight_server.online.store import plan_results
 from flight_server.reads.plan import plan_table_scan
 from flight_server.transport.actions import ACTIONS, table_summary, visible_tables
@@ -324,21 +325,20 @@ class FeatureFlightServer(flight.FlightServerBase):
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> Iterator[flight.FlightInfo]:
         prefix = decode_text(criteria, "list_flights criteria")
         infos = []
-        for name in visible_tables(self.parts.catalog, principal(context)):
-            if name.startswith(prefix):
-                table = self.parts.catalog.load(name)
-                summary = table_summary(table)
-                plan = plan_table_scan(table, ScanRequest(table=name), self.parts.caches)
-                infos.append(
-                    flight.FlightInfo(
-                        scan_schema(plan),
-                        flight.FlightDescriptor.for_path(name),
-                        [flight.FlightEndpoint(ScanRequest(table=name).to_bytes(), [])],
-                        summary.rows,
-                        -1,
-                        app_metadata=summary.to_bytes(),
-                    )
+        names = [name for name in visible_tables(self.parts.catalog, principal(context)) if name.startswith(prefix)]
+        for table in self.parts.catalog.current(names):
+            name, summary = table_name(table), table_summary(table)
+            plan = plan_table_scan(table, ScanRequest(table=name), self.parts.caches)
+            infos.append(
+                flight.FlightInfo(
+                    scan_schema(plan),
+                    flight.FlightDescriptor.for_path(name),
+                    [flight.FlightEndpoint(ScanRequest(table=name).to_bytes(), [])],
+                    summary.rows,
+                    -1,
+                    app_metadata=summary.to_bytes(),
                 )
+            )
         return iter(infos)
 
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
