@@ -14,7 +14,9 @@ from pyiceberg.catalog import load_catalog
 from sqlalchemy import event
 
 from flight_client import FeatureClient
-from flight_server.changes import history
+from flight_server.base.lru import WeightedLru
+from flight_server.base.schemas import table_arrow_schema
+from flight_server.changes import files, history
 from flight_server.changes.history import WRITE_ID_PROPERTY, WriteIds
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.transport.service import FeatureFlightServer
@@ -257,3 +259,22 @@ def test_write_ids_past_their_cap_forget_the_least_recently_used_tables(
     kept = ids._tables
     assert len(kept) == 100 and ids._ids == sum(len(seen.ids) for seen in kept.values())
     assert list(kept) == [str(table.metadata.table_uuid) for table in tables[-100:]]
+
+
+def test_file_contexts_of_tables_written_in_turn_keep_the_recently_used(
+    server: FeatureFlightServer, properties: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What writing a table's files needs is kept per table layout, the least recently used going first: a table
+    written again keeps its context while others come and go (the first kept went first, however recently used, so
+    that more tables than kept, written in turn, worked every context out again at each chunk)."""
+    monkeypatch.setattr(files, "_CONTEXTS", WeightedLru(10, lambda _: 1))
+    catalog = FeatureCatalog("default", properties)
+    tables = [catalog.load(f"many.t{i:02d}") for i in range(11)]
+
+    def context(i: int) -> Any:
+        return files._FileContext.of(tables[i].metadata, table_arrow_schema(tables[i].schema()))
+
+    first = [context(i) for i in range(10)]
+    assert context(0) is first[0]  # used again: now the most recently used
+    context(10)  # one more than kept: the least recently used goes
+    assert context(0) is first[0] and context(1) is not first[1]

@@ -62,6 +62,7 @@ from pyiceberg.utils.properties import property_as_int
 from pyiceberg.utils.truncate import truncate_upper_bound_binary_string, truncate_upper_bound_text_string
 
 from flight_server.base.buffers import aligned
+from flight_server.base.lru import WeightedLru
 from flight_server.changes.commits import delete_files
 from flight_server.changes.dictionaries import dictionary_columns
 from flight_server.iceberg.catalog import FeatureSpec
@@ -502,9 +503,8 @@ class _FileContext:
     @staticmethod
     def of(metadata: TableMetadata, arrow: pa.Schema) -> _FileContext:
         key = (layout_key(metadata), arrow)
-        with _CONTEXTS_LOCK:
-            found = _CONTEXTS.get(key)
-        if found is not None and found.arrow.equals(arrow, check_metadata=True):  # field ids are metadata
+        found = _CONTEXTS.get(key, lambda kept: kept.arrow.equals(arrow, check_metadata=True))  # ids are metadata
+        if found is not None:
             return found
         batch_schema = pyarrow_to_schema(
             arrow, name_mapping=metadata.schema().name_mapping, format_version=metadata.format_version
@@ -514,10 +514,7 @@ class _FileContext:
         layout = StatisticsLayout.of(file_schema, metadata.properties)
         options = parquet_options(metadata.properties)
         context = _FileContext(metadata, arrow, file_schema, batch_schema, locations, layout, options, [], {})
-        with _CONTEXTS_LOCK:
-            _CONTEXTS[key] = context
-            while len(_CONTEXTS) > KEPT_CONTEXTS:
-                del _CONTEXTS[next(iter(_CONTEXTS))]
+        _CONTEXTS.put(key, context)
         return context
 
     def data_location(self, name: str, partition: PartitionKey | None) -> str:
@@ -548,7 +545,7 @@ class _FileContext:
         return projected
 
 
-KEPT_CONTEXTS = 64
+KEPT_CONTEXTS = 512  # table layouts whose file contexts are kept, the least recently used going first
 KEPT_PATHS = 4096  # partition paths a file context keeps
 _EXACT_KEYS = {int, str, bytes, bool, dt.date, dt.datetime, type(None)}  # equal only if they print alike
 
@@ -563,8 +560,7 @@ class _KnownPath(PartitionKey):
         return self.path
 
 
-_CONTEXTS: dict[tuple[Any, ...], _FileContext] = {}
-_CONTEXTS_LOCK = threading.Lock()
+_CONTEXTS: WeightedLru[tuple[Any, ...], _FileContext] = WeightedLru(KEPT_CONTEXTS, lambda _: 1)
 
 
 def _stored_as_is(batch: pa.RecordBatch, projected: pa.RecordBatch, batch_schema: Schema) -> bool:

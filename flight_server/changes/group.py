@@ -257,9 +257,9 @@ class GroupCommits:
             if queue.users == 0:
                 del self._queues[identifier]
                 if queue.expected > 1:  # its writers are likely to put again in a moment
-                    if len(self._expected) >= MAX_TABLES:
-                        self._expected.clear()
                     self._expected[identifier] = (queue.expected, queue.last_commit)
+                    if len(self._expected) > MAX_TABLES:  # the table whose writers met longest ago goes
+                        del self._expected[next(iter(self._expected))]
 
     def _linger(self, queue: _Queue, leader: Put) -> None:
         """Before taking its group (the queue's lock held), wait for as many puts as the last commit answered and
