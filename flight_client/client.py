@@ -40,6 +40,7 @@ from flight_server.wire.actions import (
     UnpinRequest,
 )
 from flight_server.wire.codec import REQUEST_ID_HEADER, decode_reply, encode, format_timestamp, unwrapped
+from flight_server.wire.errors import detail_code
 from flight_server.wire.reads import (
     COMPRESSIONS,
     MAX_INLINE_ENTITIES,
@@ -197,13 +198,18 @@ def _sent_once(write_id: str | None, data: Any) -> str | None:
     return None
 
 
-def _maybe_committed(error: FeatureServerError, ended: bool) -> FeatureServerError:
-    """`error`, saying that the put may have committed when the connection went away (UNAVAILABLE from gRPC itself, not
-    the server's own words, which say so) after its whole stream had gone out."""
-    if not ended or not isinstance(error, UnavailableError) or "write_id" in str(error):
+# gRPC's own words for a connection lost during a call (a server killed, a connection cut), never a server's answer.
+_CONNECTION_LOST = re.compile(r"Stream removed|Socket closed|Connection reset|Broken pipe|GOAWAY", re.IGNORECASE)
+
+
+def _maybe_committed(error: FeatureServerError, raw: Exception, ended: bool) -> FeatureServerError:
+    """`error`, saying that the put may have committed when the connection was lost (gRPC's own UNAVAILABLE, no answer
+    of the server's, which says so itself where it may have) after the put's whole stream had gone out."""
+    lost = detail_code(raw) is None and _CONNECTION_LOST.search(str(error)) is not None
+    if not ended or not lost or not isinstance(error, UnavailableError):
         return error
     return UnavailableError(
-        f"{error} (the connection went away after the whole put was sent: it may have committed; send it again "
+        f"{error} (the connection was lost after the whole put was sent: it may have committed; send it again "
         "with the same write_id, which commits once)"
     )
 
@@ -403,12 +409,12 @@ class FeatureClient:
             reply = results.read()
             writer.close()
         except SERVER_ERRORS as exc:
-            error = from_flight_error(exc)
+            raw = exc
             try:
                 writer.close()
             except SERVER_ERRORS as closed:  # the server's explanation arrives when the call is closed
-                error = from_flight_error(closed)
-            raise _maybe_committed(error, ended) from None
+                raw = closed
+            raise _maybe_committed(from_flight_error(raw), raw, ended) from None
         if reply is None:
             raise FeatureServerError("the server closed the write without a result", "INTERNAL")
         return WriteResult.from_bytes(reply.to_pybytes())
