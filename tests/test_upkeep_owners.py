@@ -15,7 +15,8 @@ import pytest
 
 from flight_client import FeatureClient
 from flight_server.base.shards import owner
-from tests.conftest import replica_processes, sqlite_catalog, wait_until
+from flight_server.changes.upkeep import TAKEOVER_INTERVALS
+from tests.conftest import replica_processes, sqlite_catalog, start_server, wait_until
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 TABLES = [f"owners.t{i}" for i in range(12)]
@@ -80,8 +81,15 @@ def test_each_table_is_maintained_by_its_owner_and_taken_over_when_the_owner_is_
                 owned = sum(mine[table] == location for table in TABLES)
                 assert figures["owned_tables"] == owned
                 assert figures["taken_over"] == 0 and figures["skipped_not_owned"] > 0
-            # A round asked for runs on a replica that does not own the table.
+            # A's table written through B alone: A sees the puts in its metadata and compacts them, B does not.
             table_of_a = of_a[0]
+            before = {table_of_a: compacted_at(client_a, table_of_a)}
+            client_b.write(table_of_a, rows(1000))
+            client_b.write(table_of_a, rows(1001))
+            wait_until(lambda: compacted_at(client_a, table_of_a) != before[table_of_a], timeout=20, what="A compacts")
+            assert client_a.describe(table_of_a)["maintenance"]["data_files_compacted"] >= 2
+            assert client_b.health(catalog=False)["maintenance"]["taken_over"] == 0
+            # A round asked for runs on a replica that does not own the table.
             asked = client_b.run_maintenance(table_of_a)
             assert asked["table"] == table_of_a and asked["error"] is None
             assert client_b.describe(table_of_a)["maintenance"] == asked
@@ -126,3 +134,51 @@ def test_without_sharing_every_replica_maintains_every_table_it_writes(tmp_path:
                 figures = client.health(catalog=False)["maintenance"]
                 assert figures["replicas"] == 1 and figures["owned_tables"] == len(tables)
                 assert (figures["skipped_not_owned"], figures["taken_over"]) == (0, 0)
+
+
+def test_another_replicas_table_is_taken_over_only_when_due_that_long_and_not_maintained_as_long(
+    tmp_path: Path,
+) -> None:
+    """The rule itself, on one server whose peer never answers and whose background never runs a pass (an hour's
+    interval): how long the table has been due is moved back instead of waited for."""
+    me, peer = "grpc://127.0.0.1:1", "grpc://127.0.0.1:2"
+    server = start_server(
+        sqlite_catalog(tmp_path),
+        advertise=me,
+        peers=[peer],
+        auto_maintenance=True,
+        maintenance_interval_seconds=3600.0,
+        compact_min_files=2,
+    )
+    wait = TAKEOVER_INTERVALS * 3600.0
+    upkeep = server.parts.upkeep
+    table = next(name for name in (f"owners.p{i}" for i in range(100)) if owner([me, peer], name) == 1)
+    assert not upkeep.owns(table)
+
+    def due_for(seconds: float) -> None:
+        watched = upkeep._tables[table]
+        assert watched.due_since is not None
+        watched.due_since -= seconds
+
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
+            client.write(table, rows(0), entity_keys=["id"], event_time="ts", partition_by=[])
+            assert not upkeep._runs(table)  # one file: not due
+            assert upkeep._tables[table].due_since is None
+            client.write(table, rows(1))
+            assert not upkeep._runs(table)  # due from now: its owner has its time
+            due_for(wait - 60)
+            assert not upkeep._runs(table)
+            due_for(60)
+            assert upkeep._runs(table)  # due that long, never maintained: taken over
+            assert upkeep._tables[table].due_since is None  # the next takeover waits as long again
+            assert client.run_maintenance(table)["data_files_compacted"] == 2  # records the compaction
+            client.write(table, rows(2))
+            client.write(table, rows(3))
+            assert not upkeep._runs(table)
+            due_for(wait)
+            assert not upkeep._runs(table)  # due that long, but compacted just now (by its owner, for all it knows)
+        figures = upkeep.stats()
+        assert (figures["taken_over"], figures["skipped_not_owned"], figures["owned_tables"]) == (1, 5, 0)
+    finally:
+        server.shutdown()
