@@ -17,6 +17,8 @@ from flight_client import FeatureClient
 from flight_server.base.shards import owner
 from flight_server.changes.upkeep import TAKEOVER_INTERVALS
 from tests.conftest import replica_processes, sqlite_catalog, start_server, wait_until
+from tests.services import free_ports
+from tests.test_metrics import scrape, value
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 TABLES = [f"owners.t{i}" for i in range(12)]
@@ -142,8 +144,10 @@ def test_another_replicas_table_is_taken_over_only_when_due_that_long_and_not_ma
     """The rule itself, on one server whose peer never answers and whose background never runs a pass (an hour's
     interval): how long the table has been due is moved back instead of waited for."""
     me, peer = "grpc://127.0.0.1:1", "grpc://127.0.0.1:2"
+    metrics_port = free_ports(1)[0]
     server = start_server(
         sqlite_catalog(tmp_path),
+        metrics_port=metrics_port,
         advertise=me,
         peers=[peer],
         auto_maintenance=True,
@@ -180,5 +184,8 @@ def test_another_replicas_table_is_taken_over_only_when_due_that_long_and_not_ma
             assert not upkeep._runs(table)  # due that long, but compacted just now (by its owner, for all it knows)
         figures = upkeep.stats()
         assert (figures["taken_over"], figures["skipped_not_owned"], figures["owned_tables"]) == (1, 5, 0)
+        samples = scrape(metrics_port)
+        assert value(samples, "flight_maintenance_taken_over_rounds_total") == 1
+        assert value(samples, "flight_maintenance_skipped_not_owned_rounds_total") == 5
     finally:
         server.shutdown()

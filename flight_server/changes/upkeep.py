@@ -356,8 +356,10 @@ class Upkeep:
         or there are none to share with."""
         return not self._replicas or self._replicas[owner(self._replicas, name)] == self.config.advertise
 
-    def figures(self) -> dict[str, int]:
-        """The background rounds skipped and taken over since start (`/metrics`)."""
+    def figures(self) -> dict[str, int] | None:
+        """The background rounds skipped and taken over since start (`/metrics`); None when no peers share them."""
+        if not self._replicas:
+            return None
         with self._lock:
             return {"skipped_not_owned": self._skipped, "taken_over": self._taken_over}
 
