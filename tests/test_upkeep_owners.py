@@ -86,10 +86,12 @@ def test_each_table_is_maintained_by_its_owner_and_taken_over_when_the_owner_is_
             # A's table written through B alone: A sees the puts in its metadata and compacts them, B does not.
             table_of_a = of_a[0]
             before = {table_of_a: compacted_at(client_a, table_of_a)}
+            last_round = client_a.describe(table_of_a)["maintenance"]["at"]
             client_b.write(table_of_a, rows(1000))
             client_b.write(table_of_a, rows(1001))
             wait_until(lambda: compacted_at(client_a, table_of_a) != before[table_of_a], timeout=20, what="A compacts")
-            assert client_a.describe(table_of_a)["maintenance"]["data_files_compacted"] >= 2
+            by_a = client_a.describe(table_of_a)["maintenance"]
+            assert by_a["at"] != last_round and by_a["data_files_compacted"] >= 2
             assert client_b.health(catalog=False)["maintenance"]["taken_over"] == 0
             # A round asked for runs on a replica that does not own the table.
             asked = client_b.run_maintenance(table_of_a)
@@ -142,7 +144,8 @@ def test_another_replicas_table_is_taken_over_only_when_due_that_long_and_not_ma
     tmp_path: Path,
 ) -> None:
     """The rule itself, on one server whose peer never answers and whose background never runs a pass (an hour's
-    interval): how long the table has been due is moved back instead of waited for."""
+    interval): how long the table has been due is moved back instead of waited for. No pointers: the table is looked
+    at because it was written here, or found due before."""
     me, peer = "grpc://127.0.0.1:1", "grpc://127.0.0.1:2"
     metrics_port = free_ports(1)[0]
     server = start_server(
@@ -167,21 +170,21 @@ def test_another_replicas_table_is_taken_over_only_when_due_that_long_and_not_ma
     try:
         with FeatureClient(f"grpc://127.0.0.1:{server.port}") as client:
             client.write(table, rows(0), entity_keys=["id"], event_time="ts", partition_by=[])
-            assert not upkeep._runs(table)  # one file: not due
+            assert not upkeep._runs(table, None)  # one file: not due
             assert upkeep._tables[table].due_since is None
             client.write(table, rows(1))
-            assert not upkeep._runs(table)  # due from now: its owner has its time
+            assert not upkeep._runs(table, None)  # due from now: its owner has its time
             due_for(wait - 60)
-            assert not upkeep._runs(table)
+            assert not upkeep._runs(table, None)
             due_for(60)
-            assert upkeep._runs(table)  # due that long, never maintained: taken over
+            assert upkeep._runs(table, None)  # due that long, never maintained: taken over
             assert upkeep._tables[table].due_since is None  # the next takeover waits as long again
             assert client.run_maintenance(table)["data_files_compacted"] == 2  # records the compaction
             client.write(table, rows(2))
             client.write(table, rows(3))
-            assert not upkeep._runs(table)
+            assert not upkeep._runs(table, None)
             due_for(wait)
-            assert not upkeep._runs(table)  # due that long, but compacted just now (by its owner, for all it knows)
+            assert not upkeep._runs(table, None)  # due that long, but compacted just now (by its owner, for all we see)
         figures = upkeep.stats()
         assert (figures["taken_over"], figures["skipped_not_owned"], figures["owned_tables"]) == (1, 5, 0)
         samples = scrape(metrics_port)

@@ -220,6 +220,7 @@ class Watched:
     succeeded_at: float | None = None  # ... of its last round whose every step ran (none failed or gave way)
     facts: TableFacts | None = None  # as its last round left it
     due_since: float | None = None  # time.monotonic() since when it is due, in the eyes of a replica not its owner
+    seen: str | None = None  # its metadata file when `_runs` last read it (with peers)
 
 
 @dataclass
@@ -377,12 +378,14 @@ class Upkeep:
         that orphan removal reads are shared by the rounds of one pass (`remove_orphan_files`)."""
         self._survey()
         locations: dict[str, str] = {}
-        for name in self._due():
+        names = self._due()
+        pointers = self._pointers(names)
+        for name in names:
             if self._stop.is_set():
                 return
             with self._working:
                 try:
-                    if self._runs(name):
+                    if self._runs(name, pointers):
                         self._round(name, locations)
                 except NotFoundError:  # dropped: no longer watched
                     with self._lock:
@@ -441,11 +444,23 @@ class Upkeep:
                 return list(self._tables)
             return [n for n, w in self._tables.items() if w.due or now - w.checked >= RECHECK_SECONDS]
 
-    def _runs(self, name: str) -> bool:
+    def _pointers(self, names: list[str]) -> dict[str, str] | None:
+        """With peers, where the catalog points each table now, in one query (SQL catalogs; None elsewhere, or when
+        the catalog is away): `_runs` reads again only the tables changed since it last read them."""
+        if not self._replicas:
+            return None
+        try:
+            return self.catalog.metadata_locations(names)
+        except Exception as exc:  # the catalog is away: the rounds of the tables written here say so too
+            log.warning("maintenance could not read where the catalog points its tables: %s", outage(exc) or exc)
+            return None
+
+    def _runs(self, name: str, pointers: dict[str, str] | None) -> bool:
         """Whether the background runs a round on the table now. Without peers, every table `_due` gives. With peers,
         a table this replica owns when written here or not looked at for `RECHECK_SECONDS` (as without), or else when
-        its metadata says it is due (`Policy.due`: written through another replica, snapshots aged). A table another
-        replica owns is taken over only once it has been due for `TAKEOVER_INTERVALS` intervals in this replica's
+        it changed since this replica last read it (`pointers`: written through another replica) and its metadata says
+        it is due (`Policy.due`). A table another replica owns is looked at likewise (and at every pass while found
+        due); it is taken over only once it has been due for `TAKEOVER_INTERVALS` intervals in this replica's
         eyes with no expiry nor compaction recorded in as long; the wait starts again after each takeover, so a table
         whose owner is away is maintained within about that long of becoming due (by each replica not its owner,
         racing as without owners), and one its owner keeps up never is."""
@@ -456,10 +471,17 @@ class Upkeep:
             watched = self._tables.get(name)
             if watched is None:
                 return False
-            if mine and (watched.due or time.monotonic() - watched.checked >= RECHECK_SECONDS):
+            written = watched.due or time.monotonic() - watched.checked >= RECHECK_SECONDS
+            if mine and written:
                 return True
-        metadata = self.catalog.read(name).metadata  # one catalog row while the table is unchanged (SQL catalogs)
+            changed = pointers is not None and pointers.get(name) != watched.seen
+            if not (written or changed or watched.due_since is not None):
+                return False
+        table = self.catalog.read(name)
+        metadata = table.metadata
         due = Policy.of(metadata, self.config).due(metadata, int(time.time() * 1000))
+        with self._lock:
+            self._watch(name).seen = table.metadata_location
         if mine:
             return due
         wait = TAKEOVER_INTERVALS * self.config.maintenance_interval_seconds
