@@ -92,6 +92,7 @@ class ServerConfig:
     # Automatic maintenance (changes/upkeep.py); a table's own properties override the last four.
     auto_maintenance: bool = True
     maintenance_interval_seconds: float = 60.0
+    shared_maintenance: bool = True  # with peers: each table maintained by its owner only (changes/upkeep.py)
     expire_snapshot_age_ms: int = 24 * 3600 * 1000
     expire_min_snapshots: int = 100
     expire_max_snapshots: int = 2000  # 0: no cap

@@ -470,6 +470,17 @@ SERVE_SETTINGS: tuple[Setting, ...] = (
         click.FloatRange(0.01),
     ),
     Setting(
+        "--shared-maintenance/--no-shared-maintenance",
+        "FLIGHT_SERVER_SHARED_MAINTENANCE",
+        "Automatic maintenance",
+        "With --peer, each table is maintained in the background by one replica, its owner (by rendezvous hashing of "
+        "its name over this server and its peers), and by another only once it has been due for 3 intervals with no "
+        "expiry nor compaction recorded (its owner away). Off: every replica maintains every table it watches. "
+        "No effect without peers; run_maintenance is never skipped.",
+        "shared_maintenance",
+        click.BOOL,
+    ),
+    Setting(
         "--expire-snapshot-age-hours",
         "FLIGHT_SERVER_EXPIRE_SNAPSHOT_AGE_HOURS",
         "Automatic maintenance",

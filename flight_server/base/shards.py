@@ -41,15 +41,21 @@ def key_slots(column: pa.Array | pa.ChunkedArray, slots: int) -> np.ndarray:
     return bucket(array, slots).cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
 
 
-def weight(replica: str, slot: int) -> int:
-    """The rendezvous weight of `replica` for `slot`: the same in every process."""
+def weight(replica: str, slot: int | str) -> int:
+    """The rendezvous weight of `replica` for `slot` (a slot of a key space, or a name: a table's, whose automatic
+    maintenance one replica owns): the same in every process."""
     return int.from_bytes(hashlib.blake2b(f"{replica}\x00{slot}".encode(), digest_size=8).digest(), "big")
 
 
 def owners(replicas: Sequence[str], slots: int) -> list[int]:
     """For each slot, the index in `replicas` of the replica that owns it (highest weight; the list's order
     does not matter)."""
-    return [max(range(len(replicas)), key=lambda r: (weight(replicas[r], slot), replicas[r])) for slot in range(slots)]
+    return [owner(replicas, slot) for slot in range(slots)]
+
+
+def owner(replicas: Sequence[str], slot: int | str) -> int:
+    """The index in `replicas` of the replica that owns `slot`: the highest weight (ties, never seen, by address)."""
+    return max(range(len(replicas)), key=lambda r: (weight(replicas[r], slot), replicas[r]))
 
 
 def owned(replicas: Sequence[str], slots: int) -> list[list[int]]:

@@ -18,7 +18,14 @@ one table at a time, and on each:
 A table's properties override the server's defaults (`--expire-snapshot-age-hours`, ...), and
 `flight.maintenance.enabled=false` leaves the table alone. Every step commits optimistically and tries once:
 when another commit wins (a replica doing the same maintenance, a put), the step gives way and the next round
-tries again. There is no lock across replicas and none is needed. Reads and lookups never wait for it: it
+tries again. There is no lock across replicas and none is needed.
+
+With peers (`--peer`, `--advertise`) each table has one owner among the replicas, by rendezvous hashing of its name
+(base/shards.py), and only its owner maintains it in the background: the others watch it, and take it over
+(`_runs`) only once it has been due in their eyes for `TAKEOVER_INTERVALS` intervals while the table records no
+expiry nor compaction that recent (its owner is away, or its maintenance off). The records alone would not do: a round
+with nothing to do records nothing, so an idle table would look abandoned; being due alone would not do either: a
+table written all the time is due again before every round of its owner. Reads and lookups never wait for it: it
 takes only the table's commit lock of this server, for its commits.
 
 Expiry and compaction record themselves in the table's properties, in their own commits (`describe` shows them
@@ -43,6 +50,7 @@ from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.base.config import ServerConfig
 from flight_server.base.outages import outage
+from flight_server.base.shards import owner
 from flight_server.changes.files import target_file_size
 from flight_server.changes.maintenance import (
     MAX_SNAPSHOT_AGE_PROPERTY,
@@ -52,9 +60,15 @@ from flight_server.changes.maintenance import (
     int_property,
 )
 from flight_server.changes.orphans import remove_orphan_files
-from flight_server.iceberg.catalog import FeatureSpec, pins
+from flight_server.iceberg.catalog import (
+    LAST_COMPACTION_PROPERTY,
+    LAST_EXPIRY_PROPERTY,
+    FeatureSpec,
+    maintenance_record,
+    pins,
+)
 from flight_server.wire.actions import ExpireRequest, MaintenanceResult, OrphanFilesRequest
-from flight_server.wire.codec import format_timestamp
+from flight_server.wire.codec import format_timestamp, parse_timestamp
 from flight_server.wire.errors import ConflictError, NotFoundError, RequestError
 
 log = logging.getLogger(__name__)
@@ -84,6 +98,10 @@ ORPHAN_SECONDS = 24 * 3600.0  # orphan removal of one table, at most this often 
 # Tables not written here whose metadata one round reads (in the serving process: up to ~0.1 s each for a long
 # history) to see whether they are due, at most: 600 an hour at the default interval.
 SURVEY_TABLES = 10
+
+# A table another replica owns is taken over once it has been due this many intervals with no expiry nor compaction
+# recorded in as long: its owner maintains a due table within one interval (two, behind a long round of others).
+TAKEOVER_INTERVALS = 3
 
 T = TypeVar("T")
 
@@ -201,6 +219,8 @@ class Watched:
     ran_at: float | None = None  # time.time() at the end of its last round
     succeeded_at: float | None = None  # ... of its last round whose every step ran (none failed or gave way)
     facts: TableFacts | None = None  # as its last round left it
+    due_since: float | None = None  # time.monotonic() since when it is due, in the eyes of a replica not its owner
+    seen: str | None = None  # its metadata file when `_runs` last read it (with peers)
 
 
 @dataclass
@@ -270,6 +290,11 @@ class Upkeep:
         self._stop = threading.Event()
         self._unseen: list[str] = []  # tables not watched yet, still to look at (`_survey`)
         self._listed: float | None = None  # time.monotonic() when the catalog's tables were last listed
+        # The replicas that share the tables' maintenance: none (this one maintains all it watches) without peers.
+        replicas = config.endpoint_locations() if config.shared_maintenance else []
+        self._replicas = replicas if len(replicas) > 1 else []
+        self._skipped = 0  # background rounds not run: the table is another replica's, which maintains it
+        self._taken_over = 0  # background rounds run on another replica's table, which it left due
         self._thread: threading.Thread | None = None
         if config.auto_maintenance:
             self._thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
@@ -314,6 +339,10 @@ class Upkeep:
                 "enabled": self.config.auto_maintenance,
                 "interval_seconds": self.config.maintenance_interval_seconds,
                 "tables": len(self._tables),
+                "replicas": len(self._replicas) or 1,
+                "owned_tables": sum(self.owns(name) for name in self._tables),
+                "skipped_not_owned": self._skipped,
+                "taken_over": self._taken_over,
                 **asdict(self._totals),
                 "last": asdict(last) if last is not None else None,
             }
@@ -322,6 +351,18 @@ class Upkeep:
         """Each table this server watches, as its last round left it (copies: for `/metrics`)."""
         with self._lock:
             return {name: replace(w, totals=replace(w.totals)) for name, w in self._tables.items()}
+
+    def owns(self, name: str) -> bool:
+        """Whether this replica maintains the table in the background: it is the table's owner among the replicas,
+        or there are none to share with."""
+        return not self._replicas or self._replicas[owner(self._replicas, name)] == self.config.advertise
+
+    def figures(self) -> dict[str, int] | None:
+        """The background rounds skipped and taken over since start (`/metrics`); None when no peers share them."""
+        if not self._replicas:
+            return None
+        with self._lock:
+            return {"skipped_not_owned": self._skipped, "taken_over": self._taken_over}
 
     def run(self, ref: str) -> MaintenanceResult:
         """One round on the table now, whatever the schedule (orphan removal keeps its own)."""
@@ -337,14 +378,18 @@ class Upkeep:
         that orphan removal reads are shared by the rounds of one pass (`remove_orphan_files`)."""
         self._survey()
         locations: dict[str, str] = {}
-        for name in self._due():
+        names = self._due()
+        pointers = self._pointers(names)
+        for name in names:
             if self._stop.is_set():
                 return
             with self._working:
                 try:
-                    self._round(name, locations)
-                except NotFoundError:
-                    pass  # dropped: no longer watched
+                    if self._runs(name, pointers):
+                        self._round(name, locations)
+                except NotFoundError:  # dropped: no longer watched
+                    with self._lock:
+                        self._tables.pop(name, None)
                 except Exception as exc:  # never let one table stop the thread
                     if (down := outage(exc)) is not None:
                         log.warning("maintenance of %s failed: %s", name, down)
@@ -391,9 +436,75 @@ class Upkeep:
                     self._watch(name)
 
     def _due(self) -> list[str]:
+        """The tables to look at: written here since their last round, or not looked at for `RECHECK_SECONDS`; with
+        peers, every table watched (`_runs` looks at each one's metadata: written through another replica, say)."""
         now = time.monotonic()
         with self._lock:
+            if self._replicas:
+                return list(self._tables)
             return [n for n, w in self._tables.items() if w.due or now - w.checked >= RECHECK_SECONDS]
+
+    def _pointers(self, names: list[str]) -> dict[str, str] | None:
+        """With peers, where the catalog points each table now, in one query (SQL catalogs; None elsewhere, or when
+        the catalog is away): `_runs` reads again only the tables changed since it last read them."""
+        if not self._replicas:
+            return None
+        try:
+            return self.catalog.metadata_locations(names)
+        except Exception as exc:  # the catalog is away: the rounds of the tables written here say so too
+            log.warning("maintenance could not read where the catalog points its tables: %s", outage(exc) or exc)
+            return None
+
+    def _runs(self, name: str, pointers: dict[str, str] | None) -> bool:
+        """Whether the background runs a round on the table now. Without peers, every table `_due` gives. With peers,
+        a table this replica owns when written here or not looked at for `RECHECK_SECONDS` (as without), or else when
+        it changed since this replica last read it (`pointers`: written through another replica) and its metadata says
+        it is due (`Policy.due`). A table another replica owns is looked at likewise (and at every pass while found
+        due); it is taken over only once it has been due for `TAKEOVER_INTERVALS` intervals in this replica's
+        eyes with no expiry nor compaction recorded in as long; the wait starts again after each takeover, so a table
+        whose owner is away is maintained within about that long of becoming due (by each replica not its owner,
+        racing as without owners), and one its owner keeps up never is."""
+        if not self._replicas:
+            return True
+        mine = self.owns(name)
+        with self._lock:
+            watched = self._tables.get(name)
+            if watched is None:
+                return False
+            written = watched.due or time.monotonic() - watched.checked >= RECHECK_SECONDS
+            if mine and written:
+                return True
+            changed = pointers is not None and pointers.get(name) != watched.seen
+            if not (written or changed or watched.due_since is not None):
+                return False
+        table = self.catalog.read(name)
+        metadata = table.metadata
+        due = Policy.of(metadata, self.config).due(metadata, int(time.time() * 1000))
+        with self._lock:
+            self._watch(name).seen = table.metadata_location
+        if mine:
+            return due
+        wait = TAKEOVER_INTERVALS * self.config.maintenance_interval_seconds
+        now = time.monotonic()
+        with self._lock:
+            watched = self._watch(name)
+            watched.due, watched.checked = False, now
+            if not due:
+                watched.due_since = None
+            elif watched.due_since is None:
+                watched.due_since = now
+            take = watched.due_since is not None and now - watched.due_since >= wait
+            take = take and time.time() - last_maintained(metadata) >= wait
+            if take:
+                watched.due_since = None
+                self._taken_over += 1
+            else:
+                self._skipped += 1
+        if take:
+            log.info(
+                "maintenance: %s, another replica's, has been due for %.0f s, unmaintained: taken over", name, wait
+            )
+        return take
 
     def _round(self, name: str, locations: dict[str, str] | None = None) -> MaintenanceResult:
         """Compact, expire, remove orphans (when due): each step once, a lost race left to the next round. `locations`:
@@ -502,6 +613,20 @@ class Upkeep:
             f"; failed: {result.error}" if result.error else "",
             result.seconds,
         )
+
+
+def last_maintained(metadata: TableMetadata) -> float:
+    """When the table's last expiry or compaction committed, as its records say (Unix time; 0 without a record that
+    reads as one). The recording replica's clock: replicas' clocks agree within far less than an interval."""
+    times = [0.0]
+    for key in (LAST_EXPIRY_PROPERTY, LAST_COMPACTION_PROPERTY):
+        record = maintenance_record(metadata, key)
+        if record is not None and isinstance(record.get("at"), str):
+            try:
+                times.append(parse_timestamp(record["at"], "at").timestamp())
+            except RequestError:  # another tool's value: no record of ours
+                continue
+    return max(times)
 
 
 def _ago(now: dt.datetime, ms: int) -> str:

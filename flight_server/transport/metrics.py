@@ -189,6 +189,18 @@ class PartsCollector(Collector):
         for counter in COUNTERS:
             yield _counted(self.parts, counter)
         yield from _maintenance(self.parts.upkeep.tables())
+        shared = self.parts.upkeep.figures()
+        if shared is not None:  # with peers only
+            yield CounterMetricFamily(
+                "flight_maintenance_skipped_not_owned_rounds",
+                "Background rounds not run on a table another replica owns and maintains (--shared-maintenance).",
+                value=shared["skipped_not_owned"],
+            )
+            yield CounterMetricFamily(
+                "flight_maintenance_taken_over_rounds",
+                "Background rounds run on a table another replica owns, which it had left due (its owner away).",
+                value=shared["taken_over"],
+            )
         if self.parts.writes is not None:
             yield from _write_process(child)
 
