@@ -134,6 +134,14 @@ def epoch(
     return pa.concat_tables(got)
 
 
+def log_tails(folder: Path, lines: int = 40) -> str:
+    """The last lines of the replicas' logs in `folder` (`replica_processes` writes them there): why a call failed."""
+    return "\n".join(
+        f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        for log in sorted(folder.glob("replica-*.log"))
+    )
+
+
 def snapshots(client: FeatureClient, table: str) -> set[int]:
     return {s["snapshot_id"] for s in client.describe(table)["snapshots"]}
 
@@ -147,6 +155,7 @@ class Churn:
         self.locations, self.table = locations, table
         self.cycles = 0
         self.expired = 0
+        self.step = ""  # what it was doing last (where its error came from)
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="churn")
@@ -163,7 +172,7 @@ class Churn:
         """Until one more whole cycle is done (or the churn failed: the test says why)."""
         done = self.cycles
         wait_until(lambda: self.cycles > done or self.error is not None, timeout=120, what="a cycle of churn")
-        assert self.error is None, repr(self.error)
+        assert self.error is None, f"{self.error!r} at {self.step}"
 
     def _run(self) -> None:
         clients = [FeatureClient(location) for location in self.locations]
@@ -171,15 +180,18 @@ class Churn:
             base = 100_000
             while not self._stop.is_set():
                 writer = clients[self.cycles % 2]  # two puts at once through one replica: a group commit, or two
+                self.step = f"cycle {self.cycles}: puts through replica {self.cycles % 2}"
                 with ThreadPoolExecutor(2) as pool:
                     for put in [
                         pool.submit(writer.write, self.table, rows(base + i * 50, base + i * 50 + 50)) for i in (0, 1)
                     ]:
                         put.result()
-                for client in clients:  # the puts' files beside the last overwrite's: always some to compact
+                for i, client in enumerate(clients):  # the puts' files beside the last overwrite's: some to compact
+                    self.step = f"cycle {self.cycles}: maintenance at replica {i}"
                     done = client.run_maintenance(self.table)
                     assert done["error"] is None, done
                     self.expired += done["snapshots_expired"]
+                self.step = f"cycle {self.cycles}: deletes and an overwrite"
                 with contextlib.suppress(ConflictError):  # lost a race with a compaction: a pipeline retries
                     clients[0].delete(self.table, keys={"id": [base]}, mode="merge-on-read")
                 with contextlib.suppress(ConflictError):
@@ -227,7 +239,7 @@ def test_epochs_under_churn_read_their_pinned_snapshot_identically(tmp_path: Pat
             with Churn(locations, table) as churn:
                 for _ in range(3):
                     read_once(epoch(iter(batches), after_first=churn.wait_for_cycle), expected)
-            assert churn.error is None, repr(churn.error)
+            assert churn.error is None, f"{churn.error!r} at {churn.step}\n{log_tails(tmp_path)}"
             described = client.describe(table)  # compactions and expiries, automatic or not, happened
             assert described["last_compaction"] is not None and described["last_expiry"] is not None, described
             assert churn.expired > 0
@@ -537,7 +549,7 @@ def test_ray_reads_a_pinned_snapshot_under_churn_and_fails_not_found_once_it_exp
                     got, error = reading.result()
                     assert error is None and got is not None, error
                     read_once(got.cast(PLAIN), expected)
-            assert churn.error is None, repr(churn.error)
+            assert churn.error is None, f"{churn.error!r} at {churn.step}\n{log_tails(tmp_path)}"
             client.unpin(table, "job")
             for location in locations:
                 with FeatureClient(location) as replica:
