@@ -379,7 +379,8 @@ class Upkeep:
         self._survey()
         locations: dict[str, str] = {}
         names = self._due()
-        pointers = self._pointers(names)
+        # With peers, where the catalog points each table now (one query): `_runs` reads only the tables changed since.
+        pointers = self.catalog.metadata_locations(names) if self._replicas else None
         for name in names:
             if self._stop.is_set():
                 return
@@ -443,17 +444,6 @@ class Upkeep:
             if self._replicas:
                 return list(self._tables)
             return [n for n, w in self._tables.items() if w.due or now - w.checked >= RECHECK_SECONDS]
-
-    def _pointers(self, names: list[str]) -> dict[str, str] | None:
-        """With peers, where the catalog points each table now, in one query (SQL catalogs; None elsewhere, or when
-        the catalog is away): `_runs` reads again only the tables changed since it last read them."""
-        if not self._replicas:
-            return None
-        try:
-            return self.catalog.metadata_locations(names)
-        except Exception as exc:  # the catalog is away: the rounds of the tables written here say so too
-            log.warning("maintenance could not read where the catalog points its tables: %s", outage(exc) or exc)
-            return None
 
     def _runs(self, name: str, pointers: dict[str, str] | None) -> bool:
         """Whether the background runs a round on the table now. Without peers, every table `_due` gives. With peers,

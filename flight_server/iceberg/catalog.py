@@ -305,16 +305,20 @@ class FeatureCatalog:
         """Where the catalog points each of `tables` now (`ns.table` -> metadata file; a table it does not have is
         left out), in one query (SQL catalogs: polling many tables costs one round trip, not one each, and reads the
         rows of their namespaces alone, not those of a catalog shared with other engines); None where the catalog
-        cannot say so cheaply."""
+        cannot say so cheaply, or fails (the pollers then look at each table on their own, which says why)."""
         if self._pointers is None or not isinstance(self.catalog, SqlCatalog):
             return None
         names = {".".join(self.identifier(table)) for table in tables}
         if not names:
             return {}
         bound = {"catalog": self.catalog.name, "namespaces": sorted({name.rpartition(".")[0] for name in names})}
-        with self.catalog.engine.connect() as connection:
-            rows = connection.execute(self._pointers, bound)
-            found = {f"{namespace}.{name}": location for namespace, name, location in rows if location}
+        try:
+            with self.catalog.engine.connect() as connection:
+                rows = connection.execute(self._pointers, bound)
+                found = {f"{namespace}.{name}": location for namespace, name, location in rows if location}
+        except Exception as exc:
+            log.debug("the catalog's pointers not read at once: %s", outage(exc) or exc)
+            return None
         return {name: location for name, location in found.items() if name in names}
 
     @cached_property

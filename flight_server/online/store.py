@@ -428,22 +428,12 @@ class OnlineStore:
         while not self._stop.is_set():
             self._wake.wait(self.refresh_seconds)
             self._wake.clear()
-            polled, pointers = time.monotonic(), self._pointers()
+            polled, pointers = time.monotonic(), self.catalog.metadata_locations(list(self._indexes))
             for name in list(self._indexes):
                 if self._stop.is_set():
                     return
                 if pointers is None or not self._unchanged(name, pointers, polled):
                     self._refresh_one(name)
-
-    def _pointers(self) -> dict[str, str] | None:
-        """Where the catalog points every table now, in one query (SQL catalogs), so that a poll of many unchanged
-        tables costs one round trip, not one each (nor, with a write process, one action each); None where the
-        catalog cannot say so at once, or fails (each index then refreshes, and records the failure, on its own)."""
-        try:
-            return self.catalog.metadata_locations(list(self._indexes))
-        except Exception as exc:
-            log.debug("online refresh: the catalog's pointers not read at once: %s", exc)
-            return None
 
     def _unchanged(self, name: str, pointers: dict[str, str], polled: float) -> bool:
         """Whether the index was refreshed from the metadata file the catalog points its table at now (recorded as

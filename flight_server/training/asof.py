@@ -1090,7 +1090,8 @@ class AsofCache:
         """Bring each followed table's index forward to its current snapshot now (one round of the thread). Where the
         catalog says where it points every table in one query (SQL catalogs), a table still at the metadata file its
         last refresh found is left alone: a round over many unchanged tables costs that one query, not one each."""
-        pointers = self._pointers()
+        # Where the catalog points every followed table now, in one query (None: it cannot say, or has no catalog).
+        pointers = None if self.catalog is None else self.catalog.metadata_locations({n for n, _ in list(self._follow)})
         for followed, (uuid, spec) in list(self._follow.items()):
             if self._stop.is_set():
                 return
@@ -1105,17 +1106,6 @@ class AsofCache:
             with self._lock:
                 if pointer is not None and self._follow.get(followed) == (uuid, spec):
                     self._polled[followed] = (uuid, spec, pointer)
-
-    def _pointers(self) -> dict[str, str] | None:
-        """Where the catalog points every table now (one query), or None when it cannot say so at once or fails
-        (each followed table is then refreshed on its own, as it says), or has no catalog (it follows nothing)."""
-        if self.catalog is None:
-            return None
-        try:
-            return self.catalog.metadata_locations({name for name, _ in list(self._follow)})
-        except Exception as exc:
-            log.debug("training-set refresh: the catalog's pointers not read at once: %s", exc)
-            return None
 
     def _fold_all(self) -> None:
         """Merge the runs of each index that has too many into one, while requests keep using the index as it
