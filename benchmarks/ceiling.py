@@ -1,4 +1,5 @@
-"""The raw Flight ceiling: a minimal server streaming an in-memory Arrow table, in its own process.
+"""The raw Flight ceiling: a minimal server streaming an in-memory Arrow table, in its own process; its `do_put`
+receives a put's rows and answers as the feature server does, committing nothing (the floor of a put).
 
 Its own process, like the feature server, so both pay the same process boundary and neither
 shares an allocator or gRPC threads with the client (in the benchmark's process the ceiling
@@ -18,6 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from flight_server.wire.writes import WriteResult
+
 START_TIMEOUT_SECONDS = 60.0
 
 
@@ -33,6 +36,22 @@ class MemoryFlightServer(flight.FlightServerBase):
 
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.RecordBatchStream:
         return flight.RecordBatchStream(self._table)
+
+    def do_put(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.FlightMetadataWriter,
+    ) -> None:
+        """Receive the rows (and the client's end-of-stream marker) and answer with a put's reply: what a put costs
+        without the work behind it."""
+        rows = reader.read_all().num_rows
+        writer.write(pa.py_buffer(WriteResult("ceiling", 0, rows, 0).to_bytes()))
+
+    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> Iterator[flight.Result]:
+        """Any action answered with an empty object: a client's `health` connects it before a timed run."""
+        yield flight.Result(b"{}")
 
     def do_exchange(
         self,

@@ -7,7 +7,8 @@ the resulting table against the same rows written in one put (the goal: at most 
 started server so no cache of the running one hides the cost, the metadata left on disk, and 16
 concurrent writers of one-row puts, which group commit lets share snapshots (the goal: 10x the puts/s
 of the same 16 writers with one snapshot per put, against a server started on the same catalog with
-`--no-group-commit`, in rounds that take turns; one writer's puts/s is shown for context). The baseline is
+`--no-group-commit`, in rounds that take turns; one writer's puts/s is shown for context, and the same writers'
+puts to a minimal Flight server that only receives them, the ceiling of a one-row put here). The baseline is
 pyiceberg's own `append` of one-row tables in a loop, in process, with and without its manifest merging
 (`commit.manifest-merge.enabled`, which makes `Table.append` a merge append in pyiceberg 0.12).
 """
@@ -29,7 +30,7 @@ import pyarrow as pa
 from pyiceberg.catalog import load_catalog
 from pyiceberg.table import Table, TableProperties
 
-from benchmarks import report
+from benchmarks import ceiling, report
 from benchmarks.baselines import CATALOG_NAME
 from benchmarks.datagen import CREATED_TIME, ENTITY_KEY, EVENT_TIME, TIMESTAMP, feature_names, feature_table
 from benchmarks.harness import Settings, Target, local_servers, table_name, writing
@@ -110,19 +111,25 @@ def rows_of(data: pa.Table) -> list[pa.Table]:
 
 
 def concurrent_puts(
-    location: str, pid: int | None, data: pa.Table, writers: int, puts_per_writer: int, group_commit: bool = True
+    location: str,
+    pid: int | None,
+    data: pa.Table,
+    writers: int,
+    puts_per_writer: int,
+    group_commit: bool | None = True,
 ) -> dict[str, Any]:
     """`writers` threads, each with its own client, making `puts_per_writer` one-row puts to one fresh table
-    through a server whose group commit is on or off, as `group_commit` says; with the server's CPU time per put
-    when it is a local process (`pid`: its serving process and its write process, which commits the puts), and
-    this process's (the clients': is the server the limit?). Each client
-    connects before the start line: opening a connection is no put, and the same cost on both sides weighed more
-    on the shorter run, the one with group commit."""
-    name = table_name(f"history_writers{writers}{'' if group_commit else '_alone'}")
+    through a server whose group commit is on or off, as `group_commit` says (None: the ceiling server, which
+    commits nothing); with the server's CPU time per put when it is a local process (`pid`: its serving process
+    and its write process, which commits the puts), and this process's (the clients': is the server the limit?).
+    Each client connects before the start line: opening a connection is no put, and the same cost on both sides
+    weighed more on the shorter run, the one with group commit."""
+    name = table_name(f"history_writers{writers}{'_alone' if group_commit is False else ''}")
     clients = [FeatureClient(location) for _ in range(writers)]
     try:
-        clients[0].write(name, data.slice(0, 1), **FEATURE_SPEC)
-        writing(clients[0])
+        if group_commit is not None:  # a feature server: the table exists, and its write process listens
+            clients[0].write(name, data.slice(0, 1), **FEATURE_SPEC)
+            writing(clients[0])
         start_line = threading.Barrier(writers + 1)
 
         def write(index: int) -> list[int]:
@@ -151,7 +158,7 @@ def concurrent_puts(
         "puts": puts,
         "seconds": elapsed,
         "puts_per_s": puts / elapsed,
-        "snapshots_per_put": len(set(snapshots)) / puts,
+        "snapshots_per_put": None if group_commit is None else len(set(snapshots)) / puts,
         "server_cpu_ms_per_put": None if cpu is None else cpu * 1000 / puts,
         "client_cpu_ms_per_put": client_cpu * 1000 / puts,
     }
@@ -159,16 +166,10 @@ def concurrent_puts(
 
 def _medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The rounds of one kind of concurrent writers as one entry: the median of each figure, and the rounds."""
-    cpu = [r["server_cpu_ms_per_put"] for r in rounds]
-    return {
-        **rounds[0],
-        **{
-            key: statistics.median(r[key] for r in rounds)
-            for key in ("seconds", "puts_per_s", "snapshots_per_put", "client_cpu_ms_per_put")
-        },
-        "server_cpu_ms_per_put": None if None in cpu else statistics.median(cpu),
-        "rounds": rounds,
-    }
+    keys = ("seconds", "puts_per_s", "snapshots_per_put", "client_cpu_ms_per_put", "server_cpu_ms_per_put")
+    figures = {key: [r[key] for r in rounds] for key in keys}  # None: not measured (the ceiling's server CPU)
+    medians = {key: None if None in found else statistics.median(found) for key, found in figures.items()}
+    return {**rounds[0], **medians, "rounds": rounds}
 
 
 @contextlib.contextmanager
@@ -187,14 +188,17 @@ def writer_runs(target: Target, data: pa.Table, puts_per_writer: int, writer_rou
     """One writer, then `writer_rounds` rounds of the concurrent writers with group commit and the same writers with
     one snapshot per put, on servers started on the target's catalog with `--no-auto-maintenance` (the second also
     with `--no-group-commit`; a server given by `--location` is measured as it is, without the second), taking
-    turns; each run the same number of puts, the concurrent writers' figures the medians of their rounds, with the
-    ratio to the one writer's and, for the grouped writers, to the same writers' without group commit (the goal). A
-    round with group commit takes a second or two, one without ten times that: a single pair measured them at
-    different moments of a busy machine's load (the same code gave 8.2x and 10.4x in two runs)."""
+    turns, and in each round the same writers' puts to the ceiling server (`ceiling.MemoryFlightServer.do_put`: the
+    rows received and answered, nothing committed; last); each run the same number of puts, the concurrent writers'
+    figures the medians of their rounds, with the ratio to the one writer's and, for the grouped writers, to the
+    same writers' without group commit (the goal) and to the ceiling. A round with group commit takes a second or
+    two, one without ten times that: a single pair measured them at different moments of a busy machine's load (the
+    same code gave 8.2x and 10.4x in two runs)."""
     many = WRITERS[-1]
     puts = puts_per_writer * many
-    rounds: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+    rounds: dict[bool | None, list[dict[str, Any]]] = {True: [], False: [], None: []}
     with contextlib.ExitStack() as stack:
+        floor = stack.enter_context(ceiling.ceiling_server(data.slice(0, 1)))
         alone = None
         grouped: Target = target
         if target.warehouse is not None:
@@ -212,11 +216,14 @@ def writer_runs(target: Target, data: pa.Table, puts_per_writer: int, writer_rou
                 rounds[False].append(
                     concurrent_puts(alone.location, alone.pid, data, many, puts_per_writer, group_commit=False)
                 )
-    runs += [_medians(rounds[on]) for on in (True, False) if rounds[on]]
+            rounds[None].append(concurrent_puts(floor, None, data, many, puts_per_writer, group_commit=None))
+    medians = {kind: _medians(found) for kind, found in rounds.items() if found}
+    runs += list(medians.values())
     for entry in runs:
         entry["vs_one_writer"] = entry["puts_per_s"] / runs[0]["puts_per_s"]
-    if len(runs) == 3:
-        runs[1]["vs_no_group_commit"] = runs[1]["puts_per_s"] / runs[2]["puts_per_s"]
+    if False in medians:
+        medians[True]["vs_no_group_commit"] = medians[True]["puts_per_s"] / medians[False]["puts_per_s"]
+    medians[True]["vs_ceiling"] = medians[True]["puts_per_s"] / medians[None]["puts_per_s"]
     return runs
 
 
@@ -499,7 +506,8 @@ def render(result: dict[str, Any]) -> str:
         f"started with --no-group-commit on the same catalog: one snapshot per put; both without automatic "
         f"maintenance); {WRITERS[-1]} writers: median "
         f"of {writer_rounds} rounds, on and off taking turns; goal: >= {goals['group_commit_speedup']}x the same "
-        f"writers' puts/s with group commit off",
+        f"writers' puts/s with group commit off; the ceiling: the same writers' puts to a minimal Flight server "
+        f"that receives the rows and answers, committing nothing",
         report.table(
             [
                 "writers",
@@ -511,18 +519,20 @@ def render(result: dict[str, Any]) -> str:
                 "clients' CPU ms per put",
                 "vs 1 writer",
                 "vs group commit off",
+                "vs ceiling",
             ],
             [
                 [
                     str(w["writers"]),
-                    "on" if w["group_commit"] else "off",
+                    {True: "on", False: "off", None: "ceiling"}[w["group_commit"]],
                     f"{w['puts']:,}",
                     f"{w['puts_per_s']:.1f}",
-                    f"{w['snapshots_per_put']:.2f}",
+                    "-" if w["snapshots_per_put"] is None else f"{w['snapshots_per_put']:.2f}",
                     "-" if w["server_cpu_ms_per_put"] is None else f"{w['server_cpu_ms_per_put']:.1f}",
                     f"{w['client_cpu_ms_per_put']:.2f}",
                     report.ratio(w["vs_one_writer"]),
                     report.ratio(w["vs_no_group_commit"]) if "vs_no_group_commit" in w else "-",
+                    report.ratio(w["vs_ceiling"]) if "vs_ceiling" in w else "-",
                 ]
                 for w in result["writers"]
             ],

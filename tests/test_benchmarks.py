@@ -388,16 +388,21 @@ def test_history_on_its_own_server(tmp_path: Path) -> None:
     assert (
         metadata["pyiceberg_fast"]["current_manifests"] == QUICK_PUTS > metadata["pyiceberg_merge"]["current_manifests"]
     )
-    # One writer, 16 with group commit, the same 16 on a server with it off: as many puts each, all on local servers.
+    # One writer, 16 with group commit, the same 16 on a server with it off, and to the ceiling server: as many puts
+    # each, all on local servers.
     writers = result["writers"]
     assert [(w["writers"], w["group_commit"], w["puts"]) for w in writers] == [
         (1, True, 32),
         (16, True, 32),
         (16, False, 32),
+        (16, None, 32),
     ]
-    assert all(positive(w["puts_per_s"], w["vs_one_writer"], w["server_cpu_ms_per_put"]) for w in writers)
+    assert all(positive(w["puts_per_s"], w["vs_one_writer"], w["client_cpu_ms_per_put"]) for w in writers)
+    assert all(positive(w["server_cpu_ms_per_put"]) for w in writers[:3])
+    assert writers[3]["server_cpu_ms_per_put"] is None and writers[3]["snapshots_per_put"] is None
     assert writers[2]["snapshots_per_put"] == 1 and 0 < writers[1]["snapshots_per_put"] <= 1
     assert writers[1]["vs_no_group_commit"] == writers[1]["puts_per_s"] / writers[2]["puts_per_s"]
+    assert writers[1]["vs_ceiling"] == writers[1]["puts_per_s"] / writers[3]["puts_per_s"]
 
 
 @pytest.fixture(scope="module")
