@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 from pyarrow.fs import FileSelector, FileType, S3FileSystem
 from pyiceberg.catalog import load_catalog
 from pyiceberg.table import Table
 
 from flight_client import FeatureClient
-from tests.conftest import replica_processes, wait_until
+from tests.conftest import replica_processes
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
 RUN = uuid.uuid4().hex[:8]
@@ -76,13 +78,22 @@ def referenced(table: Table) -> set[str]:
     return paths
 
 
-def settled(properties: dict[str, str], name: str) -> bool:
-    """Whether every object under the table is referenced (False while an expiry deletes what it reads meanwhile)."""
+def unreferenced(properties: dict[str, str], name: str) -> set[str] | None:
+    """The objects under the table its metadata does not name (None while an expiry deletes what this reads)."""
     table = load_catalog("check", **properties).load_table(name)
     try:
-        return not objects(properties, table.metadata.location) - referenced(table)
+        return objects(properties, table.metadata.location) - referenced(table)
     except FileNotFoundError:
-        return False
+        return None
+
+
+def wait_referenced(properties: dict[str, str], name: str, timeout: float = 90) -> None:
+    """Wait until every object under the table is referenced; fail naming those that are not."""
+    deadline = time.monotonic() + timeout
+    while (left := unreferenced(properties, name)) != set():
+        if time.monotonic() > deadline:
+            pytest.fail(f"objects of {name} that no metadata references after {timeout:.0f} s: {left and sorted(left)}")
+        time.sleep(0.5)
 
 
 def test_two_replicas_putting_to_one_table_on_rest_leave_every_object_referenced(
@@ -119,7 +130,7 @@ def test_two_replicas_putting_to_one_table_on_rest_leave_every_object_referenced
         assert not failures, failures
         # maintenance goes on committing a while (compactions, expiries): what it writes is referenced once committed
         for table in TABLES:
-            wait_until(lambda: settled(seaweedfs, table), timeout=90, what=f"every object of {table} referenced")  # noqa: B023
+            wait_referenced(seaweedfs, table)
         with FeatureClient(b) as client:
             for table in TABLES:
                 tags = client.read_table(table, columns=["tag"]).column("tag").to_pylist()
