@@ -408,7 +408,11 @@ class FeatureCatalog:
         """Where the catalog points each of `tables` now (`ns.table` -> metadata file; a table it does not have is
         left out), in one query (SQL catalogs: polling many tables costs one round trip, not one each, and reads the
         rows of their namespaces alone, not those of a catalog shared with other engines); None where the catalog
-        cannot say so cheaply, or fails (the pollers then look at each table on their own, which says why)."""
+        cannot say so cheaply, or fails (the pollers then look at each table on their own, which says why). None on
+        REST catalogs too: they answer one table a request, which is what each poller's own look (`read`) costs, and
+        an unchanged table costs no parse there either; a location alone would not tell a table created again under
+        its name from the dropped one there (`_Answer`), and with a write process the online refresh looks from it,
+        off the serving process."""
         if self._pointers is None or not isinstance(self.catalog, SqlCatalog):
             return None
         names = {".".join(self.identifier(table)) for table in tables}
