@@ -408,3 +408,28 @@ def test_online_lookups_on_rest_follow_another_replica_and_polls_keep_the_table(
     finally:
         serving.shutdown()
         writing.shutdown()
+
+
+# A put through a server on REST keeps the table as its commit left it (`FeatureCatalog.remember`): the next read, and
+# the next put, parse no metadata (the answer names the metadata file the commit wrote, of the same table).
+def test_a_put_on_rest_leaves_its_table_held_for_the_next_read(
+    seaweedfs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = f"tests.held_{uuid.uuid4().hex[:10]}"
+    server = start_server(seaweedfs)
+    parsed: list[str] = []
+    parse = catalog_module.parse_object
+    monkeypatch.setattr(catalog_module, "parse_object", lambda *args: parsed.append(table) or parse(*args))
+    try:
+        with client_of(server) as client:
+            client.write(table, rows(range(3)), entity_keys=["id"], event_time="ts", partition_by=[])
+            catalog = server.parts.catalog
+            held = catalog.read(table)
+            assert catalog.read(table) is held
+            count = len(parsed)
+            written = client.write(table, rows(range(3), minute=1))
+            after = catalog.read(table)
+            assert after is not held and after.current_snapshot().snapshot_id == written.snapshot_id
+            assert catalog.read(table) is after and len(parsed) == count  # the commit's table, not parsed again
+    finally:
+        server.shutdown()
