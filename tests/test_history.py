@@ -1,7 +1,7 @@
-"""Long histories: after many single-row puts a table's current snapshot still has few manifests, merges and lost
-races leave no file that nothing references, old metadata files are deleted, a scan returns every row once, and
-`write_id` stays exactly-once for as long as its snapshot is retained (and no longer: an id whose snapshot expired
-commits again)."""
+"""Long histories: after many single-row puts a table's current snapshot still has few manifests, a merge rewrites
+a bounded amount however large the table grows, merges and lost races leave no file that nothing references, old
+metadata files are deleted, a scan returns every row once, and `write_id` stays exactly-once for as long as its
+snapshot is retained (and no longer: an id whose snapshot expired commits again)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,51 @@ def test_manifests_stay_bounded(served: tuple[FeatureClient, FeatureCatalog], lo
     assert snapshot is not None
     limit = int(NEW_TABLE_HISTORY["commit.manifest.min-count-to-merge"])
     assert len(snapshot.manifests(table.io)) <= limit  # fast appends would have made PUTS of them
+
+
+MERGED_BYTES = 128 << 10  # the most a merge folds into one manifest on the tables the server creates
+
+
+def wide_rows(put: int) -> pa.Table:
+    """64 rows of 120 feature columns: about 2 KB a manifest entry, and a file in each of 16 buckets or so."""
+    ids = range(put * 64, (put + 1) * 64)
+    columns = {
+        "id": pa.array(ids, pa.int64()),
+        "ts": pa.array([T0 + dt.timedelta(minutes=i) for i in ids], pa.timestamp("us", "UTC")),
+    }
+    return pa.table(columns | {f"f{k}": pa.array([float(i * k) for i in ids]) for k in range(120)})
+
+
+def test_a_merge_rewrites_a_bounded_amount_however_large_the_table(
+    served: tuple[FeatureClient, FeatureCatalog],
+) -> None:
+    """Tables the server creates merge into manifests of at most `MERGED_BYTES`
+    (`commit.manifest.target-size-bytes`): a put's merge rewrites at most about that, however many files the table
+    has, where Iceberg's 8 MB made one manifest that each merge wrote again whole (every ninth put's cost grew with
+    the table). The manifests stay few all the same: one per target size of entries or so, and the small ones of
+    the last puts, fewer than `commit.manifest.min-count-to-merge`."""
+    client, catalog = served
+    name = "history.wide"
+    puts = 24
+    client.write(name, wide_rows(0), entity_keys=["id"], event_time="ts", partition_by=["bucket(16, id)"])
+    for put in range(1, puts):
+        client.write(name, wide_rows(put))
+    table = catalog.load(name)
+    written = []  # the bytes of the manifests each put wrote (its own, or the merged ones it folded it into)
+    for snapshot in table.snapshots():
+        manifests = snapshot.manifests(table.io)
+        written.append(sum(m.manifest_length for m in manifests if m.added_snapshot_id == snapshot.snapshot_id))
+    current = table.current_snapshot()
+    assert current is not None
+    manifests = current.manifests(table.io)
+    live = sum(m.manifest_length for m in manifests)
+    assert live > 4 * MERGED_BYTES  # a merge of them all would write more than twice the bound below
+    # A merge packs manifests, oldest first, into bins of at most the target size: a put rewrites at most the bin
+    # of the newest ones, and the older bin they filled.
+    assert max(written) <= 2 * MERGED_BYTES, written
+    limit = int(NEW_TABLE_HISTORY["commit.manifest.min-count-to-merge"])
+    assert len(manifests) <= live // (MERGED_BYTES // 2) + limit  # merged ones are over half full
+    assert client.describe(name)["rows"] == puts * 64
 
 
 def test_puts_that_merge_manifests_leave_no_manifest_that_nothing_references(

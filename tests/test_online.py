@@ -272,7 +272,7 @@ def test_refreshes_apply_appends_incrementally_and_rebuild_otherwise(server: str
 
 def test_the_catalog_pointer_polled_by_refreshes_and_reads_is_the_tables(server: str, backend: dict[str, str]) -> None:
     """SQL catalogs say where a table's metadata is without reading it (what each refresh poll asks
-    first); other catalogs say nothing, and refreshes load the table."""
+    first), REST catalogs in their loadTable answer, whose metadata is parsed only when it changed."""
     table = f"tests.pointer_{suffix()}"
     catalog = FeatureCatalog("default", backend)
     assert catalog.metadata_location(table) is None  # no such table yet
@@ -282,11 +282,11 @@ def test_the_catalog_pointer_polled_by_refreshes_and_reads_is_the_tables(server:
         write_drivers(client, table, driver_rows([1], 2, 1.0))
     second = catalog.load(table).metadata_location
     assert first != second
-    assert catalog.metadata_location(table) == (second if backend["type"] == "sql" else None)
-    # Reads reuse the loaded table while the pointer stands (SQL catalogs), and follow it when it moves.
+    assert catalog.metadata_location(table) == second
+    # Reads reuse the loaded table while the pointer stands, and follow it when it moves.
     read = catalog.read(table)
     assert read.metadata_location == second
-    assert (catalog.read(table) is read) == (backend["type"] == "sql")
+    assert catalog.read(table) is read
     with FeatureClient(server) as client:
         write_drivers(client, table, driver_rows([1], 3, 1.0))
     assert catalog.read(table).metadata_location == catalog.load(table).metadata_location != second

@@ -21,8 +21,12 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyiceberg
 import pytest
+import requests
+from pydantic_core import from_json
+from pyiceberg.catalog import load_catalog
+from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
+from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, TableAlreadyExistsError
 from pyiceberg.io import FileIO
 from pyiceberg.io.fileformat import FileFormatFactory
 from pyiceberg.io.pyarrow import pyarrow_to_schema
@@ -30,7 +34,7 @@ from pyiceberg.manifest import FileFormat, ManifestWriter
 from pyiceberg.partitioning import PartitionKey
 from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import Table, Transaction
-from pyiceberg.table.metadata import TableMetadata
+from pyiceberg.table.metadata import TableMetadata, TableMetadataUtil
 from pyiceberg.table.update import update_table_metadata
 from pyiceberg.table.update.snapshot import CommitWindow
 from pyiceberg.types import DoubleType
@@ -64,6 +68,7 @@ INSTANCE_ATTRIBUTES = {
     "pyiceberg.table.Transaction._table",
     "pyiceberg.table.Transaction._updates",
     "pyiceberg.table.Transaction._requirements",
+    "pyiceberg.catalog.rest.RestCatalog._session",  # `test_the_rest_wrappers_on_a_real_rest_catalog`
 }
 
 # The parameters internals.py passes, in order (by position or keyword), of each private callable.
@@ -91,6 +96,10 @@ PARAMETERS = {
     "pyiceberg.table.update.snapshot._OverwriteFiles": ("operation", "transaction", "io", "snapshot_properties"),
     "pyiceberg.manifest._inherit_from_manifest": ("entry", "manifest"),
     "pyiceberg.avro.file.AvroFile._read_header": ("self",),
+    "pyiceberg.catalog.rest.RestCatalog._check_endpoint": ("self", "endpoint"),
+    "pyiceberg.catalog.rest.RestCatalog._split_identifier_for_path": ("self", "identifier"),
+    "pyiceberg.catalog.rest.RestCatalog._response_to_table": ("self", "identifier_tuple", "table_response"),
+    "pyiceberg.catalog.rest.response._handle_non_200_response": ("exc", "error_handler"),
 }
 
 # What the snapshot producers override, call or read on `_SnapshotProducer` (see its entry in PRIVATE_API).
@@ -545,3 +554,25 @@ def test_without_statistics_drops_the_six_statistics_and_keeps_every_other_field
     kept = [n for n in dir(DataFile) if isinstance(getattr(DataFile, n), property) and n not in statistics]
     assert {n: getattr(slim, n) for n in kept} == {n: getattr(full, n) for n in kept}
     assert "record_count" in kept and "spec_id" in kept and slim == full  # equal by path, as pyiceberg compares
+
+
+def test_the_rest_wrappers_on_a_real_rest_catalog(seaweedfs: dict[str, str]) -> None:
+    """`rest_load_body` asks what `RestCatalog.load_table` asks, through its session, and `rest_table` makes of the
+    answer the table it makes; a table the catalog lacks raises what it raises."""
+    catalog = load_catalog("s3", **seaweedfs)
+    assert isinstance(catalog, RestCatalog) and isinstance(catalog._session, requests.Session)
+    catalog.create_namespace_if_not_exists("tests")
+    identifier = ("tests", f"internals_{uuid.uuid4().hex[:10]}")
+    created = catalog.create_table(identifier, pa.schema([pa.field("id", pa.int64())]))
+    created.append(pa.table({"id": pa.array([1, 2], pa.int64())}))
+    answer = from_json(internals.rest_load_body(catalog, identifier))
+    loaded = catalog.load_table(identifier)
+    assert answer["metadata-location"] == loaded.metadata_location
+    metadata = TableMetadataUtil.parse_obj(answer["metadata"])
+    table = internals.rest_table(catalog, identifier, answer, metadata)
+    assert table.metadata is metadata and table.metadata == loaded.metadata
+    assert table.name() == loaded.name() and table.metadata_location == loaded.metadata_location
+    assert type(table.io) is type(loaded.io) and table.io.properties.keys() == loaded.io.properties.keys()
+    assert table.scan().to_arrow()["id"].to_pylist() == [1, 2]
+    with pytest.raises(NoSuchTableError):
+        internals.rest_load_body(catalog, ("tests", "no_such_table"))

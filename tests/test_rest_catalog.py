@@ -23,11 +23,14 @@ from pyiceberg.table.sorting import UNSORTED_SORT_ORDER
 from pyiceberg.table.update import RemoveSnapshotsUpdate
 
 from flight_client import FeatureClient, FeatureServerError, NotFoundError
+from flight_server.iceberg import catalog as catalog_module
+from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.reads import duck
 from flight_server.reads.duck import Engine
 from flight_server.transport.service import FeatureFlightServer
+from flight_server.wire.errors import NotFoundError as TableNotFound
 from flight_server.wire.writes import WriteResult
-from tests.conftest import start_server
+from tests.conftest import start_server, wait_until
 
 UTC = dt.timezone.utc
 
@@ -297,3 +300,136 @@ def test_only_paths_read_for_an_earlier_table_are_copied(tmp_path: Path, monkeyp
     ):
         assert unwatched.metadata_file(f"{folder}/v1.metadata.json", old) == f"{folder}/v1.metadata.json"
         assert unwatched.metadata_file(f"{folder}/v1.metadata.json", new) == f"{folder}/v1.metadata.json"
+
+
+def appended_directly(properties: dict[str, str], table: str, minute: int) -> None:
+    """A commit by another writer: pyiceberg on the same REST catalog."""
+    load_catalog("s3", **properties).load_table(table).append(rows(range(3), minute))
+
+
+def new_table_of(properties: dict[str, str], table: str, commits: int) -> None:
+    """A table created by pyiceberg with `commits` appends."""
+    catalog = load_catalog("s3", **properties)
+    catalog.create_namespace_if_not_exists("tests")
+    created = catalog.create_table(table, rows(range(1)).schema)
+    for minute in range(commits):
+        created.append(rows(range(3), minute))
+
+
+# Polling an unchanged table on a REST catalog (every online refresh, training-set index and maintenance look) loaded
+# it whole: a loadTable request and its metadata parsed by pydantic, tens of ms of the GIL for a long history.
+# `FeatureCatalog.read` keeps the table while the answer is the same (`_fetch`), and follows every change.
+def test_an_unchanged_table_polled_on_rest_is_not_parsed_again(
+    seaweedfs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = f"tests.poll_{uuid.uuid4().hex[:10]}"
+    new_table_of(seaweedfs, table, 2)
+    catalog = FeatureCatalog("s3", seaweedfs)
+    parsed: list[str] = []
+    parse = catalog_module.parse_object
+    monkeypatch.setattr(catalog_module, "parse_object", lambda *args: parsed.append(table) or parse(*args))
+    first = catalog.read(table)
+    assert len(first.metadata.snapshots) == 2 and parsed == [table]
+    assert catalog.read(table) is first and catalog.read(table) is first
+    assert parsed == [table]  # polled twice, parsed once
+    assert catalog.metadata_location(table) == first.metadata_location
+    assert catalog.location(table) == first.metadata.location
+    loaded = catalog.load(table)  # a table of its own, on the same metadata
+    assert loaded is not first and loaded.metadata is first.metadata
+    assert list(catalog.current([table])) and parsed == [table]
+
+    appended_directly(seaweedfs, table, 5)  # another writer commits: seen at the next poll
+    second = catalog.read(table)
+    assert second is not first and len(second.metadata.snapshots) == 3 and parsed == [table] * 2
+    assert second.metadata_location != first.metadata_location
+    assert catalog.metadata_location(table) == second.metadata_location
+    assert catalog.read(table) is second and parsed == [table] * 2
+    # The table as pyiceberg loads it: the same metadata, and a FileIO as it configures it.
+    direct = load_catalog("s3", **seaweedfs).load_table(table)
+    assert second.metadata == direct.metadata and second.metadata_location == direct.metadata_location
+    assert second.io.properties.keys() == direct.io.properties.keys()
+    assert {k: v for k, v in second.io.properties.items() if isinstance(v, str)} == {
+        k: v for k, v in direct.io.properties.items() if isinstance(v, str)
+    }  # all but the catalogs' own auth managers
+    assert second.scan().to_arrow().sort_by("id").equals(direct.scan().to_arrow().sort_by("id"))
+
+    load_catalog("s3", **seaweedfs).drop_table(table)
+    with pytest.raises(TableNotFound):
+        catalog.read(table)
+    assert catalog.metadata_location(table) is None
+
+
+# A table dropped and created again under its name, with as many commits: SeaweedFS names its metadata files as the
+# dropped table's (`v<N>.metadata.json`, review 23), so the answer's `metadata-location` alone would say "unchanged"
+# and `read` would keep serving the dropped table. The table's uuid tells them apart.
+def test_a_table_created_again_under_its_name_on_rest_is_not_the_dropped_one(seaweedfs: dict[str, str]) -> None:
+    table = f"tests.again_{uuid.uuid4().hex[:10]}"
+    new_table_of(seaweedfs, table, 2)
+    catalog = FeatureCatalog("s3", seaweedfs)
+    dropped = catalog.read(table)
+    assert catalog.read(table) is dropped
+    load_catalog("s3", **seaweedfs).drop_table(table)
+    new_table_of(seaweedfs, table, 2)
+    assert catalog.metadata_location(table) == dropped.metadata_location  # the same name for another table
+    again = catalog.read(table)
+    assert again.metadata.table_uuid != dropped.metadata.table_uuid
+    assert {s.snapshot_id for s in again.metadata.snapshots}.isdisjoint(
+        s.snapshot_id for s in dropped.metadata.snapshots
+    )
+    assert catalog.read(table) is again
+    assert catalog.load(table).metadata.table_uuid == again.metadata.table_uuid
+
+
+# Online lookups of a replica that takes no puts follow the puts of another on REST through its refresh polls,
+# which no longer parse the unchanged table's metadata (the table `read` keeps is the same object between puts).
+def test_online_lookups_on_rest_follow_another_replica_and_polls_keep_the_table(seaweedfs: dict[str, str]) -> None:
+    table = f"tests.follow_{uuid.uuid4().hex[:10]}"
+    serving = start_server(seaweedfs, online_refresh_seconds=0.1)
+    writing = start_server(seaweedfs)
+    try:
+        with client_of(serving) as s, client_of(writing) as w:
+            w.write(table, rows(range(3)), entity_keys=["id"], event_time="ts", partition_by=[])
+            assert s.get_online_features({"id": [0, 1, 2]}, f"{table}:v")["v"].to_pylist() == [0.0, 1.0, 2.0]
+            kept = serving.parts.catalog.read(table)
+            polled = serving.parts.store.peek(table)
+            assert polled is not None
+            checked = polled.checked_at
+            wait_until(lambda: polled.checked_at > checked + 0.2, what="refresh polls of the unchanged table")
+            assert serving.parts.catalog.read(table) is kept  # polled, not loaded again
+            for value in (7.0, 8.0):
+                w.write(table, rows(range(3), minute=1).set_column(2, "v", pa.array([value] * 3)))
+                wait_until(
+                    lambda value=value: (
+                        s.get_online_features({"id": [0, 1, 2]}, f"{table}:v")["v"].to_pylist() == [value] * 3
+                    ),
+                    what="the other replica's put in online lookups",
+                )
+            assert serving.parts.catalog.read(table) is not kept
+    finally:
+        serving.shutdown()
+        writing.shutdown()
+
+
+# A put through a server on REST keeps the table as its commit left it (`FeatureCatalog.remember`): the next read, and
+# the next put, parse no metadata (the answer names the metadata file the commit wrote, of the same table).
+def test_a_put_on_rest_leaves_its_table_held_for_the_next_read(
+    seaweedfs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = f"tests.held_{uuid.uuid4().hex[:10]}"
+    server = start_server(seaweedfs)
+    parsed: list[str] = []
+    parse = catalog_module.parse_object
+    monkeypatch.setattr(catalog_module, "parse_object", lambda *args: parsed.append(table) or parse(*args))
+    try:
+        with client_of(server) as client:
+            client.write(table, rows(range(3)), entity_keys=["id"], event_time="ts", partition_by=[])
+            catalog = server.parts.catalog
+            held = catalog.read(table)
+            assert catalog.read(table) is held
+            count = len(parsed)
+            written = client.write(table, rows(range(3), minute=1))
+            after = catalog.read(table)
+            assert after is not held and after.current_snapshot().snapshot_id == written.snapshot_id
+            assert catalog.read(table) is after and len(parsed) == count  # the commit's table, not parsed again
+    finally:
+        server.shutdown()

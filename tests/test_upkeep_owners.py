@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -56,6 +57,12 @@ def write_through_both(a: str, b: str, tables: list[str], first: int) -> None:
 def compacted_at(client: FeatureClient, table: str) -> str | None:
     record = client.describe(table)["last_compaction"]
     return None if record is None else str(record["at"])
+
+
+def compacted_by(client: FeatureClient, table: str, after: str | None = None) -> bool:
+    """Whether the client's replica ran a round on the table since the one at `after` that compacted files."""
+    last = client.describe(table)["maintenance"]
+    return last is not None and last["at"] != after and last["data_files_compacted"] >= 2
 
 
 def test_each_table_is_maintained_by_its_owner_and_taken_over_when_the_owner_is_gone(tmp_path: Path) -> None:
@@ -192,3 +199,40 @@ def test_another_replicas_table_is_taken_over_only_when_due_that_long_and_not_ma
         assert value(samples, "flight_maintenance_skipped_not_owned_rounds_total") == 5
     finally:
         server.shutdown()
+
+
+def test_on_a_rest_catalog_the_owner_maintains_puts_made_through_another_replica(seaweedfs: dict[str, str]) -> None:
+    """On a REST catalog (SeaweedFS) too, the owner sees puts made through another replica at its next pass (one
+    loadTable request a watched table: `_changed`), not at its hourly look, and compacts them; the writing replica
+    never takes the table over (it would, 3 intervals after the puts, if the owner had not seen them)."""
+    ports = free_ports(2)
+    locations = [f"grpc://127.0.0.1:{port}" for port in ports]
+    servers = [
+        start_server(
+            seaweedfs,
+            port=port,
+            advertise=location,
+            peers=[other for other in locations if other != location],
+            auto_maintenance=True,
+            maintenance_interval_seconds=2.0,  # a takeover waits 6 s: room for a round on SeaweedFS
+            compact_min_files=2,
+        )
+        for port, location in zip(ports, locations, strict=True)
+    ]
+    a, b = locations
+    prefix = f"owners_rest.t{uuid.uuid4().hex[:8]}_"
+    table = next(name for name in (f"{prefix}{i}" for i in range(100)) if owner(locations, name) == 0)
+    try:
+        write_through_both(a, b, [table], 0)  # each replica watches it; A owns it
+        with FeatureClient(a) as client_a, FeatureClient(b) as client_b:
+            # A round's record follows its compaction's commit: the round is waited for, not the table's record.
+            wait_until(lambda: compacted_by(client_a, table), timeout=60, what="A compacts the first puts")
+            last_round = client_a.describe(table)["maintenance"]["at"]
+            client_b.write(table, rows(1000))
+            client_b.write(table, rows(1001))
+            wait_until(lambda: compacted_by(client_a, table, last_round), timeout=60, what="A compacts the puts via B")
+            assert client_b.health(catalog=False)["maintenance"]["taken_over"] == 0
+            assert client_b.describe(table)["maintenance"] is None  # B ran no round on it
+    finally:
+        for server in servers:
+            server.shutdown()

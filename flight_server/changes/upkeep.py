@@ -448,7 +448,7 @@ class Upkeep:
     def _runs(self, name: str, pointers: dict[str, str] | None) -> bool:
         """Whether the background runs a round on the table now. Without peers, every table `_due` gives. With peers,
         a table this replica owns when written here or not looked at for `RECHECK_SECONDS` (as without), or else when
-        it changed since this replica last read it (`pointers`: written through another replica) and its metadata says
+        it changed since this replica last read it (`_changed`: written through another replica) and its metadata says
         it is due (`Policy.due`). A table another replica owns is looked at likewise (and at every pass while found
         due); it is taken over only once it has been due for `TAKEOVER_INTERVALS` intervals in this replica's
         eyes with no expiry nor compaction recorded in as long; the wait starts again after each takeover, so a table
@@ -464,9 +464,9 @@ class Upkeep:
             written = watched.due or time.monotonic() - watched.checked >= RECHECK_SECONDS
             if mine and written:
                 return True
-            changed = pointers is not None and pointers.get(name) != watched.seen
-            if not (written or changed or watched.due_since is not None):
-                return False
+            seen, waiting = watched.seen, watched.due_since is not None
+        if not (written or waiting or self._changed(name, pointers, seen)):
+            return False
         table = self.catalog.read(name)
         metadata = table.metadata
         due = Policy.of(metadata, self.config).due(metadata, int(time.time() * 1000))
@@ -495,6 +495,20 @@ class Upkeep:
                 "maintenance: %s, another replica's, has been due for %.0f s, unmaintained: taken over", name, wait
             )
         return take
+
+    def _changed(self, name: str, pointers: dict[str, str] | None, seen: str | None) -> bool:
+        """Whether the catalog points the table elsewhere than when `_runs` last read it: from the pass's `pointers`
+        (SQL catalogs, one query for all; a table left out was dropped), else from one look at the table where the
+        catalog answers that cheaply (REST catalogs: one loadTable request, its metadata parsed only when it changed);
+        False where it cannot say (other catalogs, or the catalog away: the hourly look remains)."""
+        if pointers is not None:
+            return pointers.get(name) != seen
+        try:
+            pointer = self.catalog.metadata_location(name)
+        except Exception as exc:  # the catalog is away: the rounds of the tables written here say so
+            log.debug("maintenance could not see whether %s changed: %s", name, outage(exc) or exc)
+            return False
+        return pointer is not None and pointer != seen
 
     def _round(self, name: str, locations: dict[str, str] | None = None) -> MaintenanceResult:
         """Compact, expire, remove orphans (when due): each step once, a lost race left to the next round. `locations`:

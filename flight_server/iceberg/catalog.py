@@ -8,15 +8,19 @@ so every replica, and every other engine, sees the same definitions.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import re
+import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from pydantic_core import from_json
 from pyiceberg.catalog import Catalog, MetastoreCatalog, load_catalog
+from pyiceberg.catalog.rest import RestCatalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
 from pyiceberg.io import load_file_io
@@ -41,8 +45,14 @@ from sqlalchemy.exc import IntegrityError
 from flight_server.base.config import CatalogError, catalog_failure, redact
 from flight_server.base.lru import WeightedLru
 from flight_server.base.outages import outage
-from flight_server.iceberg.internals import metadata_location_query, metadata_locations_query, table_io
-from flight_server.iceberg.reparse import Parsed, metadata_text, parse
+from flight_server.iceberg.internals import (
+    metadata_location_query,
+    metadata_locations_query,
+    rest_load_body,
+    rest_table,
+    table_io,
+)
+from flight_server.iceberg.reparse import Parsed, metadata_text, parse, parse_object
 from flight_server.wire.actions import DELETE_MODES
 from flight_server.wire.codec import parse_table_name
 from flight_server.wire.errors import NotFoundError, RequestError
@@ -57,6 +67,8 @@ READ_CACHE_SNAPSHOTS = 100_000
 PARSED_SNAPSHOTS = 100_000
 
 KEPT_LOCATIONS = 4096  # tables' locations by metadata file (`location`); past it, the cache starts over
+
+KEPT_ANSWERS = 4096  # REST catalogs: the last loadTable answer's digest per table (`_Answer`), least recently used out
 
 # Table properties: the last snapshot expiry's and the last compaction's records (JSON of a few hundred bytes, each
 # replaced by the next), set by their own commits, so that every replica, a restarted one too, and any Iceberg tool
@@ -84,6 +96,10 @@ NEW_TABLE_HISTORY = {
     # each manifest (about 1.5 ms each), and a merge every few puts did not slow puts (docs/operations.md).
     "commit.manifest-merge.enabled": "true",
     "commit.manifest.min-count-to-merge": "10",
+    # ... into manifests of at most 128 KB: Iceberg's 8 MB made one, which every merge wrote again whole, so that a
+    # put's cost grew with the table's files. A merge now rewrites at most about this much (some 300 entries of an
+    # 11-column table), while planning pays about 1.2 ms a manifest on some 16 ms for a full one's entries.
+    "commit.manifest.target-size-bytes": "131072",
     # Each commit writes a metadata file; keep the last 100 and delete older ones as commits drop them from the log.
     "write.metadata.delete-after-commit.enabled": "true",
     "write.metadata.previous-versions-max": "100",
@@ -253,6 +269,23 @@ def sql_pool_settings(properties: dict[str, str]) -> dict[str, str]:
     return {**properties, "pool_pre_ping": "true"}
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """A REST catalog's last loadTable answer for a table `read` keeps, as the kept table was made of it: a body the
+    same to the byte (its digest) is the same table, nothing parsed. Else its metadata file and the table's uuid say
+    whether the metadata is the kept one (SeaweedFS names a table dropped and created again's files as the dropped
+    one's, review 23), and the answer's other keys (config, storage credentials) whether its FileIO is."""
+
+    digest: bytes
+    metadata_location: str
+    table_uuid: uuid.UUID
+    rest: dict[str, Any]
+
+    def made(self, table: Table) -> bool:
+        """Whether `table` is what this answer says (its metadata file, of the same table)."""
+        return table.metadata_location == self.metadata_location and table.metadata.table_uuid == self.table_uuid
+
+
 class FeatureCatalog:
     """The pyiceberg catalog, with the lookups and errors the server needs."""
 
@@ -267,6 +300,8 @@ class FeatureCatalog:
         # By table name, for tables `read` keeps: the last file parsed (`_load`), its entries' raw JSON beside their
         # models (about as much again as the models), for the tables of `PARSED_SNAPSHOTS` snapshots in all at most.
         self._parsed: WeightedLru[str, Parsed] = WeightedLru(PARSED_SNAPSHOTS, lambda kept: len(kept.snapshots) + 1)
+        # By table name, REST catalogs: what the catalog answered when `read` last made its table (see `_fetch`).
+        self._answers: WeightedLru[str, _Answer] = WeightedLru(KEPT_ANSWERS, lambda _: 1)
         log.info("catalog %r: %s", name, redact(properties))
 
     def cache_stats(self) -> dict[str, dict[str, Any]]:
@@ -287,11 +322,83 @@ class FeatureCatalog:
 
     def metadata_location(self, table: str) -> str | None:
         """Where the catalog points the table now, when it can say so cheaply (SQL catalogs: one indexed
-        row, no metadata file read); None otherwise, or when it has no such table (`load` to know).
+        row, no metadata file read; REST catalogs: one loadTable request, its metadata not parsed); None otherwise,
+        or when it has no such table (`load` to know).
 
-        Metadata files are never rewritten, so an unchanged pointer means an unchanged table (`read`).
+        Metadata files are never rewritten, so on SQL catalogs an unchanged pointer means an unchanged table (`read`);
+        a REST server may name a table dropped and created again's files as the dropped one's (`_Answer`).
         """
-        return self._locate(self.identifier(table))
+        identifier = self.identifier(table)
+        if self._rest is None:
+            return self._locate(identifier)
+        try:
+            _, kept, answer = self._answer(self._rest, identifier)
+        except NotFoundError:
+            return None
+        if kept is not None:
+            return kept.metadata_location
+        location = answer.get("metadata-location") if isinstance(answer, dict) else None
+        return location if isinstance(location, str) else None
+
+    @property
+    def _rest(self) -> RestCatalog | None:
+        return self.catalog if isinstance(self.catalog, RestCatalog) else None
+
+    def _answer(self, catalog: RestCatalog, identifier: tuple[str, ...]) -> tuple[bytes, Table | None, Any]:
+        """The REST catalog's loadTable answer for the table now: its body's digest, and either the table `read` keeps
+        when the body is the one it was made of, to the byte (`_Answer`), or else the body's JSON decoded (no pydantic;
+        None if it is no JSON). `NotFoundError` when the catalog has no such table; the catalog's other errors as
+        pyiceberg's `load_table` raises them."""
+        try:
+            body = rest_load_body(catalog, identifier)
+        except (NoSuchTableError, NoSuchNamespaceError):
+            raise NotFoundError(f"table {'.'.join(identifier)!r} does not exist") from None
+        digest = hashlib.sha1(body, usedforsecurity=False).digest()
+        name = ".".join(identifier)
+        kept, answer = self._read.peek(name), self._answers.peek(name)
+        if kept is not None and answer is not None and answer.digest == digest and answer.made(kept):
+            return digest, kept, None
+        try:
+            return digest, None, from_json(body)
+        except ValueError:
+            return digest, None, None
+
+    def _fetch(self, catalog: RestCatalog, identifier: tuple[str, ...], keep: bool) -> Table:
+        """The table as the REST catalog answers loadTable now (one request): the one `read` keeps when the answer is
+        the one it was made of (to the byte, or the same metadata file of the same table: nothing parsed), else made
+        of this answer, its metadata parsed reusing the entries of the last one parsed here (`reparse`) for a table
+        `read` keeps (`keep`) or had kept. An answer that does not read as a loadTable answer is loaded again by
+        pyiceberg, with its errors, as before."""
+        name = ".".join(identifier)
+        digest, same, answer = self._answer(catalog, identifier)
+        if same is not None:
+            return same
+        kept = self._read.peek(name)
+        try:
+            if not isinstance(answer, dict):
+                raise ValueError("the loadTable answer is no JSON object")
+            location, raw = answer["metadata-location"], answer["metadata"]
+            rest = {key: value for key, value in answer.items() if key != "metadata"}
+            seen = _Answer(digest, location, uuid.UUID(raw["table-uuid"]), rest)
+            if kept is not None and seen.made(kept):  # the same metadata; its FileIO too if the rest is the same
+                previous = self._answers.peek(name)
+                unchanged = previous is not None and previous.rest == rest
+                table = kept if unchanged else rest_table(catalog, identifier, answer, kept.metadata)
+            else:
+                reusing = keep or name in self._parsed
+                metadata, parsed = parse_object(raw, self._parsed.get(name) if reusing else None)
+                if reusing and parsed is None:
+                    self._parsed.discard(name)
+                elif reusing and parsed is not None:
+                    self._parsed.put(name, parsed)
+                table = rest_table(catalog, identifier, answer, metadata)
+        except Exception:  # pyiceberg's own load below says what is wrong, as it did before
+            log.debug("table %r: the catalog's answer loaded again by pyiceberg", name, exc_info=True)
+            self._answers.discard(name)
+            return self._load(identifier, None, keep=False)
+        if keep:
+            self._answers.put(name, seen)
+        return table
 
     def _locate(self, identifier: tuple[str, ...]) -> str | None:
         if self._pointer is None or not isinstance(self.catalog, SqlCatalog):
@@ -305,7 +412,11 @@ class FeatureCatalog:
         """Where the catalog points each of `tables` now (`ns.table` -> metadata file; a table it does not have is
         left out), in one query (SQL catalogs: polling many tables costs one round trip, not one each, and reads the
         rows of their namespaces alone, not those of a catalog shared with other engines); None where the catalog
-        cannot say so cheaply, or fails (the pollers then look at each table on their own, which says why)."""
+        cannot say so cheaply, or fails (the pollers then look at each table on their own, which says why). None on
+        REST catalogs too: they answer one table a request, which is what each poller's own look (`read`) costs, and
+        an unchanged table costs no parse there either; a location alone would not tell a table created again under
+        its name from the dropped one there (`_Answer`), and with a write process the online refresh looks from it,
+        off the serving process."""
         if self._pointers is None or not isinstance(self.catalog, SqlCatalog):
             return None
         names = {".".join(self.identifier(table)) for table in tables}
@@ -333,17 +444,26 @@ class FeatureCatalog:
     def load(self, table: str) -> Table:
         """The table, or `NotFoundError` naming it. A table of its own: a commit through it changes no other."""
         identifier = self.identifier(table)
+        if self._rest is not None:
+            loaded = self._fetch(self._rest, identifier, keep=False)
+            return own_copy(loaded) if loaded is self._read.peek(".".join(identifier)) else loaded
         reusing = ".".join(identifier) in self._parsed  # else no use for the pointer: pyiceberg reads it
         return self._load(identifier, self._locate(identifier) if reusing else None, keep=False)
 
     def read(self, table: str) -> Table:
         """The table for reading: the one loaded last while the catalog still points at the same metadata
-        file (SQL catalogs say so from one row), else loaded now. Shared between requests: never commit
+        file (SQL catalogs say so from one row; REST catalogs by their loadTable answer, one request whose
+        metadata is parsed only when it changed: `_fetch`), else loaded now. Shared between requests: never commit
         through it (`find_for_change` gives a copy to change). Reading a long history's metadata costs
         tens of milliseconds per request otherwise (30 ms for a table of 101 snapshots), and under the GIL
         (every online refresh poll)."""
         identifier = self.identifier(table)
         name = ".".join(identifier)
+        if self._rest is not None:
+            loaded = self._fetch(self._rest, identifier, keep=True)
+            if loaded is not self._read.peek(name):
+                self._read.put(name, loaded)
+            return loaded
         pointer = self._locate(identifier)
         if pointer is None:
             loaded = self.load(table)
@@ -358,8 +478,8 @@ class FeatureCatalog:
 
     def current(self, tables: list[str]) -> Iterator[Table]:
         """Each of `tables` as it is now, for listings: as `read` keeps it where the catalog still points there (SQL
-        catalogs say so for all in one query), else loaded (and not kept: a listing of every table would push the
-        tables in use out). A table dropped since it was listed is left out."""
+        catalogs say so for all in one query, REST catalogs table by table: `load`), else loaded (and not kept: a
+        listing of every table would push the tables in use out). A table dropped since it was listed is left out."""
         pointers = self.metadata_locations(tables)
         for table in tables:
             name = ".".join(self.identifier(table))
@@ -392,8 +512,17 @@ class FeatureCatalog:
     def location(self, table: str) -> str:
         """The table's location (or `NotFoundError`), loading its metadata only when the catalog points it at a
         metadata file not seen before (SQL catalogs say so from one row), and leaving `read`'s cache alone:
-        orphan removal asks this of every table of the catalog."""
+        orphan removal asks this of every table of the catalog. On REST catalogs: from the loadTable answer, its
+        metadata not parsed."""
         identifier = self.identifier(table)
+        if self._rest is not None:
+            _, kept, answer = self._answer(self._rest, identifier)
+            if kept is not None:
+                return kept.metadata.location
+            metadata = answer.get("metadata") if isinstance(answer, dict) else None
+            location = metadata.get("location") if isinstance(metadata, dict) else None
+            if isinstance(location, str):
+                return location
         pointer = self._locate(identifier)
         if pointer is not None and pointer in self._locations:
             return self._locations[pointer]
@@ -439,8 +568,9 @@ class FeatureCatalog:
 
     def remember(self, table: str, committed: Table) -> None:
         """Keep the table as a commit through this server left it for `read` (it points at what the commit
-        wrote), so the next put or read of an unchanged table parses no metadata file."""
-        if self._pointer is not None:
+        wrote), so the next put or read of an unchanged table parses no metadata file (on REST catalogs, the next
+        answer names its metadata file: `_fetch`)."""
+        if self._pointer is not None or self._rest is not None:
             self._read.put(".".join(self.identifier(table)), own_copy(committed))
 
     def ensure_namespace(self, namespace: tuple[str, ...]) -> None:

@@ -39,10 +39,20 @@ from pyiceberg.avro.reader import Reader
 from pyiceberg.avro.resolver import construct_writer, resolve_reader, resolve_writer
 from pyiceberg.avro.writer import Writer
 from pyiceberg.catalog import Catalog, MetastoreCatalog
+from pyiceberg.catalog.rest import (
+    _RETRY_ARGS,
+    SNAPSHOT_LOADING_MODE,
+    Capability,
+    Endpoints,
+    RestCatalog,
+    TableResponse,
+)
+from pyiceberg.catalog.rest.response import _handle_non_200_response
 from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
 from pyiceberg.exceptions import (
     CommitFailedException,
     CommitStateUnknownException,
+    NoSuchTableError,
     TableAlreadyExistsError,
     ValidationException,
 )
@@ -96,7 +106,9 @@ from pyiceberg.types import StructType
 from pyiceberg.utils.datetime import datetime_to_millis
 from pyiceberg.utils.properties import property_as_int
 from pyiceberg.utils.schema_conversion import AvroSchemaConversion
+from requests import HTTPError
 from sqlalchemy import Select, Update, bindparam, select, update
+from tenacity import retry
 
 from flight_server.base.buffers import aligned
 from flight_server.base.metrics import COMMIT_CLOCK_BEHIND, COMMIT_RETRIES
@@ -151,6 +163,27 @@ PRIVATE_API: dict[str, str] = {
     "pyiceberg.typedef.Record._data": (
         "without_statistics(): a DataFile's fields as a list, column_sizes to upper_bounds at positions 6-11 "
         "(DataFile's properties read them from there)"
+    ),
+    "pyiceberg.catalog.rest._RETRY_ARGS": (
+        "rest_load_body(): the retry RestCatalog.load_table is wrapped in (refresh the token and ask again once on "
+        "401 or 419), whose hook calls the first argument's _refresh_token()"
+    ),
+    "pyiceberg.catalog.rest.RestCatalog._session": (
+        "rest_load_body(): the requests Session RestCatalog.load_table sends through (auth, configured headers)"
+    ),
+    "pyiceberg.catalog.rest.RestCatalog._check_endpoint": (
+        "rest_load_body(): (endpoint) raises NotImplementedError when the server does not offer it, as load_table"
+    ),
+    "pyiceberg.catalog.rest.RestCatalog._split_identifier_for_path": (
+        "rest_load_body(): (identifier) -> the namespace and table parts of the url, as load_table fills it"
+    ),
+    "pyiceberg.catalog.rest.RestCatalog._response_to_table": (
+        "rest_table(): (identifier_tuple, table_response) -> the Table load_table returns for that response (its "
+        "FileIO from the metadata's properties, the response's config and its storage credentials)"
+    ),
+    "pyiceberg.catalog.rest.response._handle_non_200_response": (
+        "rest_load_body(): (exc, error_handler) raises the exception load_table raises for a status (404: "
+        "NoSuchTableError as load_table passes it)"
     ),
     "pyiceberg.catalog.Catalog._load_file_io": (
         "table_io(): (properties, location) -> the FileIO that SqlCatalog.load_table gives a table it loads, with "
@@ -801,6 +834,35 @@ def metadata_locations_query(catalog: SqlCatalog) -> Select[str, str, str | None
     if (kind := catalog._iceberg_type_filter()) is not None:  # views share the table
         statement = statement.where(kind)
     return statement
+
+
+@retry(**_RETRY_ARGS)  # type: ignore[call-overload]  # typed as dict[str, object] by pyiceberg
+def rest_load_body(catalog: RestCatalog, identifier: tuple[str, ...]) -> bytes:
+    """The body of the REST catalog's loadTable answer for the table, unparsed: the request `RestCatalog.load_table`
+    sends (its session's auth and headers, its url and prefix, its snapshot-loading-mode), and the errors it raises
+    (`NoSuchTableError` for 404, a `requests` error when the catalog does not answer), retried as it retries."""
+    catalog._check_endpoint(Capability.V1_LOAD_TABLE)
+    params = {}
+    if mode := catalog.properties.get(SNAPSHOT_LOADING_MODE):
+        if mode not in {"all", "refs"}:
+            raise ValueError(f"Invalid snapshot-loading-mode: {mode}")
+        params["snapshots"] = mode
+    url = catalog.url(Endpoints.load_table, prefixed=True, **catalog._split_identifier_for_path(identifier))
+    response = catalog._session.get(url, params=params)
+    try:
+        response.raise_for_status()
+    except HTTPError as exc:
+        _handle_non_200_response(exc, {404: NoSuchTableError})
+    return response.content
+
+
+def rest_table(
+    catalog: RestCatalog, identifier: tuple[str, ...], answer: dict[str, Any], metadata: TableMetadata
+) -> Table:
+    """The table `RestCatalog.load_table` makes of a loadTable answer (`answer`, its JSON decoded), on `metadata`
+    parsed from the answer's `metadata` already (pydantic takes the model as it is)."""
+    response = TableResponse.model_validate({**answer, "metadata": metadata})
+    return catalog._response_to_table(identifier, response)
 
 
 def table_io(catalog: Catalog, properties: dict[str, str], location: str) -> FileIO:

@@ -53,7 +53,12 @@ def parse(text: str, previous: Parsed | None) -> tuple[TableMetadata, Parsed | N
     for the entries it has unchanged, and what to keep for the next file (None: a file without a table uuid,
     nothing to check the next one against). Nothing is reused from another table (uuid) or format version.
     Raises what validation raises (the caller falls back to pyiceberg's own load and its errors)."""
-    data = from_json(text)  # as pydantic parses JSON for a full parse
+    return parse_object(from_json(text), previous)  # JSON decoded as pydantic decodes it for a full parse
+
+
+def parse_object(data: dict[str, Any], previous: Parsed | None) -> tuple[TableMetadata, Parsed | None]:
+    """`parse` of metadata JSON decoded already (a REST catalog's loadTable answer carries it), which it takes
+    over: its lists are replaced by models."""
     uuid, version = data.get("table-uuid"), data.get("format-version")
     if previous is not None and (previous.table_uuid != uuid or previous.format_version != version):
         previous = None
