@@ -470,14 +470,13 @@ class Upkeep:
         table = self.catalog.read(name)
         metadata = table.metadata
         due = Policy.of(metadata, self.config).due(metadata, int(time.time() * 1000))
-        with self._lock:
-            self._watch(name).seen = table.metadata_location
-        if mine:
-            return due
         wait = TAKEOVER_INTERVALS * self.config.maintenance_interval_seconds
         now = time.monotonic()
         with self._lock:
             watched = self._watch(name)
+            watched.seen = table.metadata_location
+            if mine:
+                return due
             watched.due, watched.checked = False, now
             if not due:
                 watched.due_since = None
