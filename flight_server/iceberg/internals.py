@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -56,6 +56,7 @@ from pyiceberg.exceptions import (
     TableAlreadyExistsError,
     ValidationException,
 )
+from pyiceberg.expressions.visitors import manifest_evaluator
 from pyiceberg.io import FileIO, OutputFile, load_file_io
 from pyiceberg.io.fileformat import FileFormatModel
 from pyiceberg.io.pyarrow import (
@@ -224,6 +225,11 @@ PRIVATE_API: dict[str, str] = {
     "pyiceberg.table.update.snapshot._OverwriteFiles": (
         "Overwrite: __init__(operation, transaction, io, snapshot_properties=) as UpdateSnapshot.overwrite makes it "
         "(OVERWRITE, or APPEND on a table without a snapshot)"
+    ),
+    "pyiceberg.table.update.snapshot._SnapshotProducer._build_manifest_evaluator": (
+        "Overwrite overrides it (spec_id -> callable(ManifestFile) -> bool), called through a KeyDefaultDict by "
+        "_OverwriteFiles._existing_manifests and, on the thread pool, _deleted_entries; it reads partition_filters "
+        "(the partition predicate of the files to delete) and _case_sensitive"
     ),
     "pyiceberg.table.update.snapshot._MergeAppendFiles": (
         "MergeAppend: as UpdateSnapshot.merge_append; its merge manager reads manifests through the producer's "
@@ -727,7 +733,26 @@ class ListingProducer(_SnapshotProducer[Any]):
 
 
 class Overwrite(ListingProducer, _OverwriteFiles):
-    """pyiceberg's overwrite (`UpdateSnapshot.overwrite`), keeping what it lists."""
+    """pyiceberg's overwrite (`UpdateSnapshot.overwrite`), keeping what it lists, each thread with manifest
+    evaluators of its own (`_build_manifest_evaluator`)."""
+
+    def _build_manifest_evaluator(self, spec_id: int) -> Callable[[ManifestFile], bool]:
+        """pyiceberg's manifest evaluator for the spec, one per thread. pyiceberg's `_deleted_entries` evaluates the
+        parent's manifests on its thread pool with one evaluator per spec, which keeps the manifest it is looking at
+        in an attribute (`_ManifestEvalVisitor.eval`): two threads at once evaluated one manifest's predicate against
+        another's partition bounds, skipped a manifest that held files to delete, and failed the overwrite
+        ("Missing required files to delete", an overwrite answered INTERNAL beside concurrent reads)."""
+        spec, schema = self.spec(spec_id), self.schema()
+        partition_filter, case_sensitive = self.partition_filters[spec_id], self._case_sensitive
+        local = threading.local()
+
+        def evaluate(manifest: ManifestFile) -> bool:
+            evaluator = getattr(local, "evaluator", None)
+            if evaluator is None:
+                evaluator = local.evaluator = manifest_evaluator(spec, schema, partition_filter, case_sensitive)
+            return bool(evaluator(manifest))
+
+        return evaluate
 
 
 class FastAppend(ListingProducer, _FastAppendFiles):
