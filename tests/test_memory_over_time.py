@@ -5,17 +5,21 @@ size after many distinct ids, not the resident memory, which the allocator and t
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient
 from flight_server.base import logs
 from flight_server.changes import upkeep
+from flight_server.reads import duck
+from flight_server.reads.duck import Engine
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server, wait_until
 from tests.services import free_ports
@@ -115,3 +119,34 @@ def test_per_call_registries_empty_between_calls(
             caller.write(table, rows(50 + number, 1), entity_keys=["id"], event_time="ts", write_id=f"w{number}")
     wait_until(lambda: not logs._CALLS, what="calls to unbind")
     assert not server.parts.writer._commit_locks._locks
+
+
+def cached_ranges(engine: Engine) -> int:
+    """The ranges of files the engine's current database has in its file cache, content evicted or not."""
+    with engine.cursor() as cursor:
+        row = cursor.execute("SELECT count(*) FROM duckdb_external_file_cache()").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_file_cache_forgets_files_of_versions_past(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table whose versions keep changing brings DuckDB new files to read with each (metadata, manifest lists,
+    manifests, data); its file cache never forgets one, even after evicting the content (~1 KB a range kept for
+    good). The engine reads through a new database once the cache knows more than `FILE_CACHE_MAX_RANGES` ranges,
+    and a reader of the old one streams to its end."""
+    monkeypatch.setattr(duck, "FILE_CACHE_MAX_RANGES", 40)
+    monkeypatch.setattr(duck, "FILE_CACHE_CHECK_SECONDS", 0.0)
+    engine = Engine(memory_limit="256MB", threads=1, temp_dir=str(tmp_path / "spill"), file_cache=True)
+    first = tmp_path / "0.parquet"
+    pq.write_table(pa.table({"id": pa.array(range(300_000), pa.int64())}), first, row_group_size=10_000)
+    streaming = engine.cursor().execute(f"SELECT id FROM '{first}'").to_arrow_reader(1000)
+    head = streaming.read_next_batch()
+    peak = 0
+    for number in range(1, 120):  # each file under another name: a new path, as a new table version's files are
+        path = tmp_path / f"{number}.parquet"
+        os.link(first, path)
+        with engine.cursor() as cursor:
+            assert cursor.execute(f"SELECT count(*) FROM '{path}' WHERE id < 5").fetchone() == (5,)
+        peak = max(peak, cached_ranges(engine))
+    assert 0 < peak <= 2 * duck.FILE_CACHE_MAX_RANGES, peak
+    assert head.num_rows + sum(batch.num_rows for batch in streaming) == 300_000
+    engine.close()
