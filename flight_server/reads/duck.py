@@ -126,9 +126,10 @@ def object_storage(properties: Mapping[str, str]) -> bool:
 
 # DuckDB's file cache forgets no file it read: content it evicts (past `memory_limit`) leaves its entry, ~1 KB a
 # cached range, and a table whose versions keep changing brings new files (metadata, manifest lists, manifests, data)
-# with each. Past this many ranges the engine reads through a new database, the old one freed once its last query
-# ends: a bound on that bookkeeping (~100 MB) and on the cached content of versions no read needs any more.
-FILE_CACHE_MAX_RANGES = 100_000
+# with each. Past this many evicted ranges the engine reads through a new database, the old one freed once its last
+# query ends: a bound on that bookkeeping (~100 MB). Ranges still in memory are not counted: `memory_limit` bounds
+# them, and a working set that fits is never dropped.
+FILE_CACHE_MAX_EVICTED = 100_000
 FILE_CACHE_CHECK_SECONDS = 60.0  # how often `Engine.cursor` counts them
 
 METADATA_NAMES_KEPT = 1000  # metadata file names `Engine.metadata_file` keeps of one table folder
@@ -152,9 +153,9 @@ class Engine:
     object store's files again (`object_storage`), but for an engine that reads each file once (the write
     process's refresh plans, compactions and deletes, whose files are then deleted) or reads local files, which
     the operating system's page cache holds already, it only grows. With it on, the engine moves to a new database
-    once the cache knows `FILE_CACHE_MAX_RANGES` ranges (`renew_file_cache`). `unique_metadata_names`: the catalog
-    names each metadata file with a uuid (`FeatureCatalog.names_metadata_files`), so that `metadata_file` need not
-    watch for a path that comes back with other content."""
+    once the cache keeps `FILE_CACHE_MAX_EVICTED` evicted ranges (`renew_file_cache`). `unique_metadata_names`: the
+    catalog names each metadata file with a uuid (`FeatureCatalog.names_metadata_files`), so that `metadata_file`
+    need not watch for a path that comes back with other content."""
 
     def __init__(
         self,
@@ -197,7 +198,7 @@ class Engine:
         """A cursor for one request (a DuckDB connection is not safe to share between threads). A database that a
         fatal error invalidated (DuckDB then refuses every query until a restart: an assertion of its iceberg
         extension on one table's files would fail every read of every table) is replaced by a new one first, and so
-        is one whose file cache holds more than `FILE_CACHE_MAX_RANGES` ranges (`renew_file_cache`)."""
+        is one whose file cache keeps more than `FILE_CACHE_MAX_EVICTED` evicted ranges (`renew_file_cache`)."""
         if self._file_cache and time.monotonic() >= self._next_count:
             self.renew_file_cache()
         con = self._con
@@ -215,22 +216,23 @@ class Engine:
         return cursor
 
     def renew_file_cache(self) -> bool:
-        """Read through a new database (an empty file cache) when the current one's file cache holds more than
-        `FILE_CACHE_MAX_RANGES` ranges; whether it did. The old database stays with the cursors and readers that
-        use it, and goes with the last of them (closing it would abort their queries)."""
+        """Read through a new database (an empty file cache) when the current one's file cache keeps more than
+        `FILE_CACHE_MAX_EVICTED` ranges whose content it evicted; whether it did. The old database stays with the
+        cursors and readers that use it, and goes with the last of them (closing it would abort their queries)."""
         with self._lock:
             if time.monotonic() < self._next_count:  # another thread just counted
                 return False
             self._next_count = time.monotonic() + FILE_CACHE_CHECK_SECONDS
             try:
                 with self._con.cursor() as counter:
-                    (ranges,) = counter.execute("SELECT count(*) FROM duckdb_external_file_cache()").fetchone() or (0,)
+                    found = counter.execute("SELECT count(*) FILTER (NOT loaded) FROM duckdb_external_file_cache()")
+                    (evicted,) = found.fetchone() or (0,)
             except duckdb.Error:  # an invalidated database: `cursor` replaces it
                 return False
-            if ranges <= FILE_CACHE_MAX_RANGES:
+            if evicted <= FILE_CACHE_MAX_EVICTED:
                 return False
             self._con, _ = self._connect()
-        log.info("DuckDB's file cache held %d ranges of files: reading through a new database", ranges)
+        log.info("DuckDB's file cache kept %d ranges of files it evicted: reading through a new database", evicted)
         return True
 
     def metadata_file(self, location: str, metadata: TableMetadata) -> str:
