@@ -5,17 +5,21 @@ size after many distinct ids, not the resident memory, which the allocator and t
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pyiceberg.catalog import load_catalog
 
 from flight_client import FeatureClient
 from flight_server.base import logs
 from flight_server.changes import upkeep
+from flight_server.reads import duck
+from flight_server.reads.duck import Engine
 from flight_server.transport.service import FeatureFlightServer
 from tests.conftest import sqlite_catalog, start_server, wait_until
 from tests.services import free_ports
@@ -115,3 +119,42 @@ def test_per_call_registries_empty_between_calls(
             caller.write(table, rows(50 + number, 1), entity_keys=["id"], event_time="ts", write_id=f"w{number}")
     wait_until(lambda: not logs._CALLS, what="calls to unbind")
     assert not server.parts.writer._commit_locks._locks
+
+
+def evicted_ranges(engine: Engine) -> int:
+    """The ranges of files the engine's current database keeps in its file cache with their content evicted."""
+    with engine.cursor() as cursor:
+        row = cursor.execute("SELECT count(*) FILTER (NOT loaded) FROM duckdb_external_file_cache()").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_file_cache_forgets_files_of_versions_past(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table whose versions keep changing brings DuckDB new files to read with each (metadata, manifest lists,
+    manifests, data); its file cache never forgets one: content evicted past the memory limit leaves its entry, ~1 KB
+    a range, for good. The engine reads through a new database once the cache keeps more than
+    `FILE_CACHE_MAX_EVICTED` such ranges (those in memory, the working set, are not counted), and a reader of the old
+    one streams to its end."""
+    monkeypatch.setattr(duck, "FILE_CACHE_MAX_EVICTED", 100)
+    monkeypatch.setattr(duck, "FILE_CACHE_CHECK_SECONDS", 0.0)
+    engine = Engine(memory_limit="8MB", threads=1, temp_dir=str(tmp_path / "spill"), file_cache=True)
+    first = tmp_path / "0.parquet"
+    pq.write_table(pa.table({"id": pa.array(range(300_000), pa.int64())}), first, row_group_size=10_000)
+    streaming = engine.cursor().execute(f"SELECT id FROM '{first}'").to_arrow_reader(1000)
+    head = streaming.read_next_batch()
+    peak = 0
+    for number in range(1, 80):  # the file under new names, as a new version's files are (62 ranges cached each)
+        path = tmp_path / f"{number}.parquet"
+        os.link(first, path)
+        with engine.cursor() as cursor:
+            assert cursor.execute(f"SELECT sum(id) FROM '{path}'").fetchone() == (44_999_850_000,)
+        peak = max(peak, evicted_ranges(engine))
+    assert 0 < peak <= 2 * duck.FILE_CACHE_MAX_EVICTED, peak
+    assert head.num_rows + sum(batch.num_rows for batch in streaming) == 300_000
+    engine.close()
+    # Ranges still in memory are the working set: however many, they stay.
+    monkeypatch.setattr(duck, "FILE_CACHE_MAX_EVICTED", 10)
+    engine = Engine(memory_limit="256MB", threads=1, temp_dir=str(tmp_path / "spill"), file_cache=True)
+    with engine.cursor() as cursor:
+        assert cursor.execute(f"SELECT sum(id) FROM '{first}'").fetchone() == (44_999_850_000,)
+    assert not engine.renew_file_cache()
+    engine.close()

@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,14 @@ def object_storage(properties: Mapping[str, str]) -> bool:
     return not local or any(key.startswith(("s3.", "gcs.", "adls.")) for key in properties)
 
 
+# DuckDB's file cache forgets no file it read: content it evicts (past `memory_limit`) leaves its entry, ~1 KB a
+# cached range, and a table whose versions keep changing brings new files (metadata, manifest lists, manifests, data)
+# with each. Past this many evicted ranges the engine reads through a new database, the old one freed once its last
+# query ends: a bound on that bookkeeping (~100 MB). Ranges still in memory are not counted: `memory_limit` bounds
+# them, and a working set that fits is never dropped.
+FILE_CACHE_MAX_EVICTED = 100_000
+FILE_CACHE_CHECK_SECONDS = 60.0  # how often `Engine.cursor` counts them
+
 METADATA_NAMES_KEPT = 1000  # metadata file names `Engine.metadata_file` keeps of one table folder
 
 
@@ -143,9 +152,10 @@ class Engine:
     ~20 KB each), deleted files too, until queries need the memory, i.e. up to `memory_limit`: it saves fetching an
     object store's files again (`object_storage`), but for an engine that reads each file once (the write
     process's refresh plans, compactions and deletes, whose files are then deleted) or reads local files, which
-    the operating system's page cache holds already, it only grows. `unique_metadata_names`: the catalog names each
-    metadata file with a uuid (`FeatureCatalog.names_metadata_files`), so that `metadata_file` need not watch for
-    a path that comes back with other content."""
+    the operating system's page cache holds already, it only grows. With it on, the engine moves to a new database
+    once the cache keeps `FILE_CACHE_MAX_EVICTED` evicted ranges (`renew_file_cache`). `unique_metadata_names`: the
+    catalog names each metadata file with a uuid (`FeatureCatalog.names_metadata_files`), so that `metadata_file`
+    need not watch for a path that comes back with other content."""
 
     def __init__(
         self,
@@ -167,6 +177,8 @@ class Engine:
         self._secrets: dict[str, str] = {}  # by fingerprint: the statement that made each (`use_storage`)
         self._con, spill = self._connect()
         self._lock = threading.Lock()
+        self._file_cache = file_cache
+        self._next_count = time.monotonic() + FILE_CACHE_CHECK_SECONDS
         self._cancel_watch = CancelWatch()
         self._watch_metadata = file_cache and not unique_metadata_names
         self._metadata_read: dict[str, _MetadataFolder] = {}  # by table folder (`metadata_file`)
@@ -185,7 +197,10 @@ class Engine:
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor for one request (a DuckDB connection is not safe to share between threads). A database that a
         fatal error invalidated (DuckDB then refuses every query until a restart: an assertion of its iceberg
-        extension on one table's files would fail every read of every table) is replaced by a new one first."""
+        extension on one table's files would fail every read of every table) is replaced by a new one first, and so
+        is one whose file cache keeps more than `FILE_CACHE_MAX_EVICTED` evicted ranges (`renew_file_cache`)."""
+        if self._file_cache and time.monotonic() >= self._next_count:
+            self.renew_file_cache()
         con = self._con
         try:
             cursor = con.cursor()
@@ -199,6 +214,26 @@ class Engine:
             cursor = self._con.cursor()
             cursor.execute("SET TimeZone = 'UTC'")
         return cursor
+
+    def renew_file_cache(self) -> bool:
+        """Read through a new database (an empty file cache) when the current one's file cache keeps more than
+        `FILE_CACHE_MAX_EVICTED` ranges whose content it evicted; whether it did. The old database stays with the
+        cursors and readers that use it, and goes with the last of them (closing it would abort their queries)."""
+        with self._lock:
+            if time.monotonic() < self._next_count:  # another thread just counted
+                return False
+            self._next_count = time.monotonic() + FILE_CACHE_CHECK_SECONDS
+            try:
+                with self._con.cursor() as counter:
+                    found = counter.execute("SELECT count(*) FILTER (NOT loaded) FROM duckdb_external_file_cache()")
+                    (evicted,) = found.fetchone() or (0,)
+            except duckdb.Error:  # an invalidated database: `cursor` replaces it
+                return False
+            if evicted <= FILE_CACHE_MAX_EVICTED:
+                return False
+            self._con, _ = self._connect()
+        log.info("DuckDB's file cache kept %d ranges of files it evicted: reading through a new database", evicted)
+        return True
 
     def metadata_file(self, location: str, metadata: TableMetadata) -> str:
         """Where `iceberg_scan` reads a table's metadata file (at `location`, loaded as `metadata`) from.
