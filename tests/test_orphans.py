@@ -21,10 +21,13 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 from pyiceberg.catalog import load_catalog
+from pyiceberg.manifest import ManifestFile
 
 from flight_client import FeatureClient, FeatureServerError, InvalidRequestError, NotFoundError, PermissionDeniedError
+from flight_server.changes import rewrite
 from flight_server.changes.orphans import holds_files
 from flight_server.cli import main
+from flight_server.iceberg.internals import RewriteFiles
 from flight_server.transport.actions import ACTIONS
 from flight_server.transport.auth import ADMIN
 from tests.conftest import healthy, sqlite_catalog, start_server, start_writing_server, wait_until
@@ -510,3 +513,81 @@ def test_a_put_that_fails_midway_leaves_no_objects(seaweedfs: dict[str, str]) ->
             assert scanned_ids(client, table) == list(range(10))
     finally:
         server.shutdown()
+
+
+def test_a_compaction_raced_by_another_replicas_compaction_and_expiry_leaves_no_manifests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compaction through one replica is about to commit on the snapshot it planned on; meanwhile the other replica
+    compacts the same files and its expiry deletes the manifests only that snapshot used. The first compaction's
+    commit had written its new manifest when it failed reading those: it gives way, and leaves no file behind (its
+    manifests stayed before, unreferenced: what two replicas racing on SeaweedFS left now and then)."""
+    properties = sqlite_catalog(tmp_path)
+    a, b = start_server(properties), start_server(properties)
+    table = "orphans.compaction_raced"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{a.port}") as first, FeatureClient(f"grpc://127.0.0.1:{b.port}") as other:
+            create(first, table, rows(range(0, 10)))
+            for start in range(10, 40, 10):
+                first.write(table, rows(range(start, start + 10)))
+            with load_catalog("default", **properties).load_table(table).transaction() as transaction:
+                transaction.set_properties({"history.expire.max-snapshot-age-ms": "1"})
+            raced: list[dict[str, object]] = []
+            racing = threading.Event()  # the other replica's own compaction (same module, same process) goes through
+            real = rewrite.commit_rewrite
+
+            def race_then_commit(*args: object, **kwargs: object) -> int:
+                if not racing.is_set():
+                    racing.set()
+                    raced.append(other.compact(table))
+                    raced.append(other.expire_snapshots(table))
+                return real(*args, **kwargs)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(rewrite, "commit_rewrite", race_then_commit)
+            assert first.compact(table)["compacted"] is False  # nothing left to do on the other's snapshot
+            assert raced[0]["compacted"] and raced[1]["expired"], raced
+            assert sorted(first.read_table(table).column("id").to_pylist()) == list(range(40))
+            assert stored(folder(first, table)) == referenced(properties, table)
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
+def test_a_compaction_whose_retry_finds_its_new_base_expired_leaves_no_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compaction's commit loses to the other replica's put, and pyiceberg builds its retry on that put's snapshot,
+    which the other replica's next put and expiry remove meanwhile (its manifest list deleted). No attempt landed:
+    every file the compaction wrote goes, and it plans again and commits. Taken for an unknown outcome before, its
+    data file, manifests and manifest lists stayed, unreferenced (seen on SeaweedFS with two replicas racing)."""
+    properties = sqlite_catalog(tmp_path)
+    a, b = start_server(properties), start_server(properties)
+    table = "orphans.compaction_retry_raced"
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{a.port}") as first, FeatureClient(f"grpc://127.0.0.1:{b.port}") as other:
+            create(first, table, rows(range(0, 10)))
+            for start in range(10, 40, 10):
+                first.write(table, rows(range(start, start + 10)))
+            with load_catalog("default", **properties).load_table(table).transaction() as transaction:
+                transaction.set_properties({"history.expire.max-snapshot-age-ms": "1"})
+            builds: list[int] = []  # the snapshot each build of the compaction's snapshot is based on
+            expired: list[dict[str, object]] = []
+            real = RewriteFiles._existing_manifests
+
+            def racing(producer: RewriteFiles) -> list[ManifestFile]:
+                builds.append(producer._parent_snapshot_id or 0)
+                if len(builds) == 1:  # the first attempt will lose to this put
+                    other.write(table, rows(range(40, 50)))
+                elif len(builds) == 2:  # the retry's base: replaced and expired before the retry reads it
+                    other.write(table, rows(range(50, 60)))
+                    expired.append(other.expire_snapshots(table))
+                return real(producer)
+
+            monkeypatch.setattr(RewriteFiles, "_existing_manifests", racing)
+            assert first.compact(table)["compacted"]
+            assert len(builds) == 3 and builds[1] in expired[0]["expired"], (builds, expired)  # type: ignore[operator]
+            assert sorted(first.read_table(table).column("id").to_pylist()) == list(range(60))
+            assert stored(folder(first, table)) == referenced(properties, table)
+    finally:
+        a.shutdown()
+        b.shutdown()

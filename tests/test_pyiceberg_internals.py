@@ -68,6 +68,7 @@ INSTANCE_ATTRIBUTES = {
     "pyiceberg.table.Transaction._table",
     "pyiceberg.table.Transaction._updates",
     "pyiceberg.table.Transaction._requirements",
+    "pyiceberg.table.Transaction._snapshot_producers",
     "pyiceberg.catalog.rest.RestCatalog._session",  # `test_the_rest_wrappers_on_a_real_rest_catalog`
 }
 
@@ -245,6 +246,10 @@ def test_a_real_transaction_and_producer(tmp_path: pathlib.Path) -> None:
     producer = internals.DropRemovedEntries(transaction, {})
     missing = [a for a in PRODUCER_ATTRIBUTES if a not in vars(producer)]
     assert not missing, f"_SnapshotProducer no longer sets {missing}; RewriteFiles and DropRemovedEntries read them"
+    producer.commit()  # registered (discard_written deletes what it wrote), though the transaction is not committed
+    assert transaction._snapshot_producers == [producer]
+    internals.discard_written(transaction)
+    assert not producer._written_manifest_lists
 
     rows = pa.table({"id": [1, 2, 3, 4], "city": ["a", "b", "c", "d"]}, schema=arrow)
     parts = internals.partitions(table.spec(), table.schema(), rows)

@@ -34,7 +34,13 @@ from pyiceberg.table.snapshots import Operation, Snapshot
 from flight_server.base.locks import LockPool
 from flight_server.base.metrics import COMMIT_RETRIES
 from flight_server.iceberg.catalog import FeatureCatalog, table_name
-from flight_server.iceberg.internals import DropRemovedEntries, MemoTransaction, RewriteFiles, commit_transaction
+from flight_server.iceberg.internals import (
+    DropRemovedEntries,
+    MemoTransaction,
+    RewriteFiles,
+    commit_transaction,
+    discard_written,
+)
 from flight_server.reads.duck import Engine
 from flight_server.wire.errors import ConflictError
 
@@ -113,14 +119,15 @@ def commit_rewrite(
     return the table's new current snapshot id; the `added` files are deleted when it surely did not commit. A
     failure of the catalog's commit other than a lost race or a refused change raises `CommitStateUnknownException`
     and keeps them: the catalog may have applied it (a dropped connection at COMMIT), and the table would then
-    reference deleted files. Added files in `sequences` keep the data sequence number it gives them
-    (`RewriteFiles`).
+    reference deleted files. The manifests and manifest lists it wrote go with the `added` files (`discard_written`),
+    also those of a snapshot whose writing failed midway. Added files in `sequences` keep the data sequence number it
+    gives them (`RewriteFiles`).
 
     With `tidy`, the same commit adds a `DropRemovedEntries` snapshot after it, which becomes current. The same
     commit sets `table_properties`, if any (what a compaction records of itself)."""
+    transaction = MemoTransaction(table)
     try:
         with lock:
-            transaction = MemoTransaction(table)
             RewriteFiles(transaction, operation, removed, added, properties, sequences or {}).commit()
             if tidy:
                 DropRemovedEntries(transaction, properties).commit()
@@ -136,6 +143,7 @@ def commit_rewrite(
         log.warning("a rewrite of %s may have committed; keeping its %d new files", table_name(table), len(added))
         raise
     except BaseException:
+        discard_written(transaction)
         delete_files(table.io, [f.file_path for f in added])
         raise
     assert snapshot is not None

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -125,7 +126,8 @@ PRIVATE_API: dict[str, str] = {
         "they override _manifests, _existing_manifests, _deleted_entries, _summary and _validate_concurrency "
         "(still called by commit()?); RewriteFiles._summary calls the base's with _operation set to OVERWRITE "
         "(it refuses REPLACE); commit_on_base() calls _commit() (the snapshot's updates and its "
-        "AssertRefSnapshotId requirement on the head it was built on) and _clean_all_uncommitted(); "
+        "AssertRefSnapshotId requirement on the head it was built on) and _clean_all_uncommitted() (every manifest "
+        "and manifest list it wrote, whichever attempt; discard_written() too); "
         "ListingProducer overrides _manifests (called once by _commit: the manifests the manifest list names); "
         "commit_on_base() deletes those of _written_manifests (every manifest path new_manifest_output() gave) "
         "that it does not name; "
@@ -137,6 +139,15 @@ PRIVATE_API: dict[str, str] = {
     "pyiceberg.table.Transaction._apply": (
         "commit_on_base(): (updates, requirements) stages a producer's snapshot without registering the producer "
         "for commit_transaction's retry, which rebuilds only registered producers"
+    ),
+    "pyiceberg.table.Transaction._snapshot_producers": (
+        "discard_written(): the producers whose commit() was called on the transaction, registered before their "
+        "_commit() writes anything (so a producer that failed midway is among them); emptied once committed"
+    ),
+    "pyiceberg.table.Table._do_commit": (
+        "commit_transaction(): the method Transaction.commit_transaction sends each attempt through (the catalog's "
+        "commit_table, then checks and deletes of old metadata files); an error raised from any other frame of "
+        "commit_transaction was raised before it sent an attempt (`_sent`)"
     ),
     "pyiceberg.table.Transaction._table": (
         "transaction_io() (the staged table's FileIO) and RewriteFiles._validate_concurrency (the table's metadata "
@@ -442,13 +453,27 @@ def commit_staged(transaction: Transaction) -> Table:
     return commit_transaction(transaction)
 
 
+def discard_written(transaction: Transaction) -> None:
+    """Delete the manifests and manifest lists that the snapshot producers of a transaction that surely did not commit
+    wrote. pyiceberg deletes them only when the commit it sent fails; a producer that fails while it writes its
+    snapshot (reading a parent's manifest that another replica's snapshot expiry deleted meanwhile, say) leaves those
+    it wrote before, as does any failure between the producers' writes and the commit. Nothing references them."""
+    for producer in transaction._snapshot_producers:
+        producer._clean_all_uncommitted()
+
+
 def commit_transaction(transaction: Transaction) -> Table:
     """pyiceberg's `commit_transaction` (which rebuilds registered producers' snapshots on a lost race, and deletes
     the manifests and manifest lists of the attempts that did not land), also deleting the metadata files the
     catalog wrote for those attempts: pyiceberg's SQL, Glue and Hive catalogs write the new metadata file before
     their compare-and-swap and leave it when the swap loses (`CommitFailedException`; `TableAlreadyExistsError` for
     a table created meanwhile). Those errors say the attempt surely did not land; after any other, nothing is
-    deleted. Once committed, every file written but the table's current and logged metadata files goes."""
+    deleted. Once committed, every file written but the table's current and logged metadata files goes.
+
+    An error raised elsewhere than in the catalog's commit (`_sent`) says no attempt landed: pyiceberg's retry failed
+    before it sent one (a manifest deleted meanwhile, say) after the commits before it surely lost. It raises
+    `CommitFailedException`, every file written deleted, rather than an error the caller takes for an unknown
+    outcome (keeping them all)."""
     catalog = transaction._table.catalog
     _record_metadata_writes(catalog)
     written: list[tuple[FileIO, str]] = []
@@ -458,11 +483,29 @@ def commit_transaction(transaction: Transaction) -> Table:
     except (CommitFailedException, TableAlreadyExistsError, ValidationException):
         _delete_metadata_files(written)
         raise
+    except Exception as exc:
+        if _sent(exc) or not transaction._snapshot_producers:  # it may have landed; or pyiceberg did not retry
+            raise
+        # pyiceberg lost a race and failed to build its retry on the new head (it read a manifest that another
+        # replica's snapshot expiry deleted meanwhile, say): no attempt landed, and it deleted none of their files
+        discard_written(transaction)
+        _delete_metadata_files(written)
+        raise CommitFailedException(f"a concurrent commit won and the retry failed: {type(exc).__name__}") from exc
     finally:
         _WRITTEN.files = outer
     kept = {table.metadata_location, *(entry.metadata_file for entry in table.metadata.metadata_log)}
     _delete_metadata_files([(io, path) for io, path in written if path not in kept])
     return table
+
+
+def _sent(exc: BaseException) -> bool:
+    """Whether `exc` came out of `Table._do_commit` (the catalog's commit and what follows it), after which the commit
+    may have landed; pyiceberg's `commit_transaction` raises every other error before it sends an attempt, or
+    before it sends the next one when those before surely lost (`CommitFailedException`)."""
+    return any(frame.f_code is _DO_COMMIT for frame, _ in traceback.walk_tb(exc.__traceback__))
+
+
+_DO_COMMIT = Table._do_commit.__code__
 
 
 class _MetadataWrites(threading.local):
