@@ -144,10 +144,10 @@ PRIVATE_API: dict[str, str] = {
         "discard_written(): the producers whose commit() was called on the transaction, registered before their "
         "_commit() writes anything (so a producer that failed midway is among them); emptied once committed"
     ),
-    "pyiceberg.table.Table._do_commit": (
-        "commit_transaction(): the method Transaction.commit_transaction sends each attempt through (the catalog's "
-        "commit_table, then checks and deletes of old metadata files); an error raised from any other frame of "
-        "commit_transaction was raised before it sent an attempt (`_sent`)"
+    "pyiceberg.table.Transaction._rebuild_snapshot_updates": (
+        "commit_transaction(): Transaction.commit_transaction calls it only after an attempt raised "
+        "CommitFailedException and the refreshed table holds none of the producers' snapshots; an error raised "
+        "from it was raised before another attempt was sent (`_rebuilding`)"
     ),
     "pyiceberg.table.Transaction._table": (
         "transaction_io() (the staged table's FileIO) and RewriteFiles._validate_concurrency (the table's metadata "
@@ -470,10 +470,12 @@ def commit_transaction(transaction: Transaction) -> Table:
     a table created meanwhile). Those errors say the attempt surely did not land; after any other, nothing is
     deleted. Once committed, every file written but the table's current and logged metadata files goes.
 
-    An error raised elsewhere than in the catalog's commit (`_sent`) says no attempt landed: pyiceberg's retry failed
-    before it sent one (a manifest deleted meanwhile, say) after the commits before it surely lost. It raises
-    `CommitFailedException`, every file written deleted, rather than an error the caller takes for an unknown
-    outcome (keeping them all)."""
+    An error raised while pyiceberg rebuilt its snapshots for a retry (`_rebuilding`) says no attempt landed: the
+    attempts before lost their race, and pyiceberg had just loaded the table and found none of their snapshots in it;
+    the rebuild failed before it sent another (it read a manifest that another replica's snapshot expiry deleted
+    meanwhile, say). It raises `CommitFailedException`, every file written deleted, rather than an error the caller
+    takes for an unknown outcome (keeping them all). Any other error keeps them: raised after an attempt was sent, or
+    while the table was loaded to check whether one landed, the commit may be the table's."""
     catalog = transaction._table.catalog
     _record_metadata_writes(catalog)
     written: list[tuple[FileIO, str]] = []
@@ -484,10 +486,10 @@ def commit_transaction(transaction: Transaction) -> Table:
         _delete_metadata_files(written)
         raise
     except Exception as exc:
-        if _sent(exc) or not transaction._snapshot_producers:  # it may have landed; or pyiceberg did not retry
+        if not _rebuilding(exc):  # it may have landed
             raise
-        # pyiceberg lost a race and failed to build its retry on the new head (it read a manifest that another
-        # replica's snapshot expiry deleted meanwhile, say): no attempt landed, and it deleted none of their files
+        # pyiceberg lost a race and failed to build its retry on the new head: no attempt landed, and it deleted
+        # none of their files
         discard_written(transaction)
         _delete_metadata_files(written)
         raise CommitFailedException(f"a concurrent commit won and the retry failed: {type(exc).__name__}") from exc
@@ -498,14 +500,14 @@ def commit_transaction(transaction: Transaction) -> Table:
     return table
 
 
-def _sent(exc: BaseException) -> bool:
-    """Whether `exc` came out of `Table._do_commit` (the catalog's commit and what follows it), after which the commit
-    may have landed; pyiceberg's `commit_transaction` raises every other error before it sends an attempt, or
-    before it sends the next one when those before surely lost (`CommitFailedException`)."""
-    return any(frame.f_code is _DO_COMMIT for frame, _ in traceback.walk_tb(exc.__traceback__))
+def _rebuilding(exc: BaseException) -> bool:
+    """Whether `exc` came out of `Transaction._rebuild_snapshot_updates`, which pyiceberg's `commit_transaction` calls
+    only after an attempt lost its race (`CommitFailedException`) and the table, loaded again, holds none of the
+    attempts' snapshots: nothing was sent since, so none landed."""
+    return any(frame.f_code is _REBUILD for frame, _ in traceback.walk_tb(exc.__traceback__))
 
 
-_DO_COMMIT = Table._do_commit.__code__
+_REBUILD = Transaction._rebuild_snapshot_updates.__code__
 
 
 class _MetadataWrites(threading.local):
