@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from pyiceberg.exceptions import CommitStateUnknownException, ServerError, ServiceUnavailableError
 
 from flight_client import FeatureClient, FeatureServerError, UnavailableError, WriteResult
-from flight_server.base.outages import OutageLog, outage
+from flight_server.base.outages import OutageLog, missing_file, outage
 from flight_server.cli import health
 from flight_server.iceberg import internals
 from flight_server.online.store import refresh_error
@@ -598,3 +598,16 @@ def test_calls_failing_for_an_outage_are_logged_once_a_minute_with_a_count(caplo
     log.every = 0.0  # as if the minute had passed
     log.failed("do_get", "the catalog is unavailable (connection refused)", error)
     assert "; 2 more call(s) failed so in the last 0 s" in caplog.records[-1].getMessage()
+
+
+def test_a_missing_file_is_told_apart_from_an_object_store_outage() -> None:
+    """`missing_file`: FileNotFoundError, and pyarrow's S3 "no such key" for an object deleted between its opening
+    and its reading (a plain OSError, as SeaweedFS answered a compaction whose base another replica expired), say a
+    file is gone (a race lost to an expiry, when the snapshot planned on is gone too); an unreachable store does not."""
+    assert missing_file(FileNotFoundError("Cannot open file, does not exist: s3://b/t/metadata/snap-1.avro"))
+    assert missing_file(OSError("AWS Error RESOURCE_NOT_FOUND during GetObject operation: "))
+    assert missing_file(OSError("AWS Error NO_SUCH_KEY during GetObject operation: The specified key does not exist."))
+    unreachable = OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7, Couldn't connect")
+    assert not missing_file(unreachable) and outage(unreachable) is not None
+    assert not missing_file(PermissionError("Cannot open file, access denied: s3://b/t/data/x.parquet"))
+    assert not missing_file(ValueError("AWS Error NO_SUCH_KEY"))

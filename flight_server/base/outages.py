@@ -51,6 +51,20 @@ def outage(exc: BaseException) -> str | None:
     return None
 
 
+# pyarrow's S3 filesystem opens an object with a HEAD request (a missing one raises FileNotFoundError), then reads it
+# with GETs: an object deleted in between (another replica's snapshot expiry, say) fails the read with one of these,
+# as a plain OSError.
+_MISSING_OBJECT = re.compile(r"AWS Error (RESOURCE_NOT_FOUND|NO_SUCH_KEY)\b")
+
+
+def missing_file(exc: BaseException) -> bool:
+    """Whether `exc` says that a file is not there (any more): `FileNotFoundError`, or an object store's "no such
+    key" for an object deleted between opening it and reading it."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    return isinstance(exc, OSError) and _MISSING_OBJECT.search(str(exc)) is not None
+
+
 OUTAGE_LOG_SECONDS = 60.0  # a call failing for the same outage is logged once in this long
 _OUTAGE_MESSAGES = 256  # distinct messages remembered; past it, the memory starts over
 

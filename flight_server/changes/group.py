@@ -63,6 +63,7 @@ from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.utils.properties import property_as_bool
 
 from flight_server.base.locks import LockPool
+from flight_server.base.outages import missing_file
 from flight_server.changes.commits import delete_files, expired_under
 from flight_server.changes.files import partition_counts, partition_values, write_data_files
 from flight_server.changes.history import Committed, WriteIds, commit_append, put_summary
@@ -355,7 +356,7 @@ class GroupCommits:
                     put.error.__cause__ = exc  # why the catalog did not answer, for the client's message
                 return
             except Exception as exc:
-                if isinstance(exc, FileNotFoundError) and (now := expired_under(self.catalog, name, table)) is not None:
+                if missing_file(exc) and (now := expired_under(self.catalog, name, table)) is not None:
                     live = [put for put in live if not _past_deadline(put)]  # a lost race: its base was expired
                     table = now
                     continue

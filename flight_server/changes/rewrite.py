@@ -29,6 +29,7 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation, Snapshot
 
 from flight_server.base.filters import quote
+from flight_server.base.outages import missing_file
 from flight_server.base.schemas import table_arrow_schema
 from flight_server.changes.commits import (
     OPERATION_PROPERTY,
@@ -266,8 +267,8 @@ class Rewriter(TableChanges):
         table = self.catalog.load(name)
         try:
             return self._rewrite_on(name, table, action, plan)
-        except (FileNotFoundError, duckdb.IOException) as exc:  # pyiceberg's reads (manifests), DuckDB's (data)
-            if expired_under(self.catalog, name, table) is None:
+        except (OSError, duckdb.IOException) as exc:  # pyiceberg's reads (manifests), DuckDB's (data)
+            if (isinstance(exc, OSError) and not missing_file(exc)) or expired_under(self.catalog, name, table) is None:
                 raise  # the files of a snapshot the table still has: lost, no race
             raise CommitFailedException("the snapshot planned on was expired meanwhile (by another replica)") from exc
 

@@ -43,6 +43,7 @@ from pyiceberg.table import Table, Transaction
 from pyiceberg.table.metadata import TableMetadata
 
 from flight_server.base.locks import LockPool
+from flight_server.base.outages import missing_file
 from flight_server.base.schemas import Conformer, new_table_schema, table_arrow_schema
 from flight_server.base.streams import chunks, stream_schema
 from flight_server.changes.commits import delete_files, expired_under, live_files
@@ -439,11 +440,13 @@ class Writer:
                     break
                 except TableAlreadyExistsError:
                     created_concurrently = True
-                except (CommitFailedException, FileNotFoundError) as exc:
-                    if isinstance(exc, FileNotFoundError) and (
-                        table is None or expired_under(self.catalog, request.table, table) is None
+                except (CommitFailedException, OSError) as exc:
+                    if isinstance(exc, OSError) and (
+                        not missing_file(exc)
+                        or table is None
+                        or expired_under(self.catalog, request.table, table) is None
                     ):
-                        raise  # the files of a snapshot the table still has: lost, no race
+                        raise  # not a missing file; or the files of a snapshot the table still has: lost, no race
                     if time.monotonic() > deadline:
                         raise ConflictError(
                             f"could not commit to {request.table!r} within {self.commit_timeout:.0f}s "

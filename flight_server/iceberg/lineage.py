@@ -22,6 +22,7 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation, Snapshot, ancestors_of
 
 from flight_server.base.lru import WeightedLru
+from flight_server.base.outages import missing_file
 from flight_server.iceberg.catalog import table_name
 
 
@@ -97,7 +98,9 @@ def _changes(table: Table, since: int, until: int, deletes: bool, through_replac
             added, removed = _own_entries(table, step)
             replace = through_replaces and step.summary is not None and step.summary.operation == Operation.REPLACE
             why = replace_changes_rows(table, step, added, removed) if replace else None
-        except FileNotFoundError:  # pyiceberg's FileIO says so for a missing object, local or in an object store
+        except OSError as exc:  # pyiceberg's FileIO, for a missing object, local or in an object store
+            if not missing_file(exc):
+                raise
             return Appended(since, until, None, step.snapshot_id, EXPIRED_MEANWHILE)
         if replace:
             if why is None:
