@@ -515,6 +515,15 @@ def test_a_put_that_fails_midway_leaves_no_objects(seaweedfs: dict[str, str]) ->
         server.shutdown()
 
 
+def four_puts_expiring_at_once(client: FeatureClient, properties: dict[str, str], table: str) -> None:
+    """A table of four puts of 10 rows (ids 0-39), small files to compact, whose old snapshots an expiry removes."""
+    create(client, table, rows(range(0, 10)))
+    for start in range(10, 40, 10):
+        client.write(table, rows(range(start, start + 10)))
+    with load_catalog("default", **properties).load_table(table).transaction() as transaction:
+        transaction.set_properties({"history.expire.max-snapshot-age-ms": "1"})
+
+
 def test_a_compaction_raced_by_another_replicas_compaction_and_expiry_leaves_no_manifests(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -527,11 +536,7 @@ def test_a_compaction_raced_by_another_replicas_compaction_and_expiry_leaves_no_
     table = "orphans.compaction_raced"
     try:
         with FeatureClient(f"grpc://127.0.0.1:{a.port}") as first, FeatureClient(f"grpc://127.0.0.1:{b.port}") as other:
-            create(first, table, rows(range(0, 10)))
-            for start in range(10, 40, 10):
-                first.write(table, rows(range(start, start + 10)))
-            with load_catalog("default", **properties).load_table(table).transaction() as transaction:
-                transaction.set_properties({"history.expire.max-snapshot-age-ms": "1"})
+            four_puts_expiring_at_once(first, properties, table)
             raced: list[dict[str, object]] = []
             racing = threading.Event()  # the other replica's own compaction (same module, same process) goes through
             real = rewrite.commit_rewrite
@@ -565,11 +570,7 @@ def test_a_compaction_whose_retry_finds_its_new_base_expired_leaves_no_files(
     table = "orphans.compaction_retry_raced"
     try:
         with FeatureClient(f"grpc://127.0.0.1:{a.port}") as first, FeatureClient(f"grpc://127.0.0.1:{b.port}") as other:
-            create(first, table, rows(range(0, 10)))
-            for start in range(10, 40, 10):
-                first.write(table, rows(range(start, start + 10)))
-            with load_catalog("default", **properties).load_table(table).transaction() as transaction:
-                transaction.set_properties({"history.expire.max-snapshot-age-ms": "1"})
+            four_puts_expiring_at_once(first, properties, table)
             builds: list[int] = []  # the snapshot each build of the compaction's snapshot is based on
             expired: list[dict[str, object]] = []
             real = RewriteFiles._existing_manifests
