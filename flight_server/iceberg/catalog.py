@@ -52,7 +52,7 @@ from flight_server.iceberg.internals import (
     rest_table,
     table_io,
 )
-from flight_server.iceberg.reparse import Parsed, metadata_text, parse, parse_object
+from flight_server.iceberg.reparse import Parsed, metadata_text, parse_object
 from flight_server.wire.actions import DELETE_MODES
 from flight_server.wire.codec import parse_table_name
 from flight_server.wire.errors import NotFoundError, RequestError
@@ -386,11 +386,7 @@ class FeatureCatalog:
                 table = kept if unchanged else rest_table(catalog, identifier, answer, kept.metadata)
             else:
                 reusing = keep or name in self._parsed
-                metadata, parsed = parse_object(raw, self._parsed.get(name) if reusing else None)
-                if reusing and parsed is None:
-                    self._parsed.discard(name)
-                elif reusing and parsed is not None:
-                    self._parsed.put(name, parsed)
+                metadata = self._reparse(name, raw) if reusing else parse_object(raw, None)[0]
                 table = rest_table(catalog, identifier, answer, metadata)
         except Exception:  # pyiceberg's own load below says what is wrong, as it did before
             log.debug("table %r: the catalog's answer loaded again by pyiceberg", name, exc_info=True)
@@ -542,20 +538,26 @@ class FeatureCatalog:
             previous = self._read.peek(name)
             try:
                 io = previous.io if previous is not None else load_file_io(self.catalog.properties, pointer)
-                metadata, parsed = parse(metadata_text(io, pointer), self._parsed.get(name))
+                metadata = self._reparse(name, from_json(metadata_text(io, pointer)))
             except Exception:  # pyiceberg's own load below says what is wrong, as it did before
                 log.debug("table %r: parsing %s again in full", name, pointer, exc_info=True)
             else:
-                if parsed is None:
-                    self._parsed.discard(name)
-                else:
-                    self._parsed.put(name, parsed)
                 io = table_io(self.catalog, metadata.properties, pointer)
                 return Table(identifier, metadata, pointer, io=io, catalog=self.catalog)
         try:
             return self.catalog.load_table(identifier)
         except (NoSuchTableError, NoSuchNamespaceError):
             raise NotFoundError(f"table {name!r} does not exist") from None
+
+    def _reparse(self, name: str, data: dict[str, Any]) -> TableMetadata:
+        """The table's metadata in `data` (JSON decoded), parsed reusing the entries of the last metadata parsed here
+        for it (`reparse`), which this one then stands for (`_load`, `_fetch`)."""
+        metadata, parsed = parse_object(data, self._parsed.get(name))
+        if parsed is None:
+            self._parsed.discard(name)
+        else:
+            self._parsed.put(name, parsed)
+        return metadata
 
     def find_for_change(self, table: str) -> Table | None:
         """The table to change, or None when it does not exist (yet): from the metadata `read` holds while the

@@ -4,7 +4,7 @@ Every commit writes a new metadata file that repeats the table's whole history (
 the metadata log), and pyiceberg validates all of it into models: 15-110 ms for 1,501 snapshots, holding the GIL,
 in every process that reads the table, each time the table changes. A commit adds entries and drops some but
 leaves nearly all as they were (pyiceberg's expiry does rewrite the snapshot whose parent it expires, without its
-parent), so `parse` validates only the entries that the previous file did not have exactly as this one has them,
+parent), so `parse_object` validates only the entries that the previous file did not have exactly as this one has them,
 and places the models already made for the others in the input, where pydantic takes them as they are
 (pyiceberg's models do not ask it to validate instances again). The table metadata's own validators never look
 into these lists (they check the current schema, spec and sort order, and add the main branch), so the result is
@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic_core import from_json
 from pyiceberg.io import FileIO
 from pyiceberg.serializers import Compressor
 from pyiceberg.table.metadata import TableMetadata, TableMetadataUtil
@@ -48,17 +47,13 @@ def metadata_text(io: FileIO, location: str) -> str:
         return plain.read().decode("utf-8")
 
 
-def parse(text: str, previous: Parsed | None) -> tuple[TableMetadata, Parsed | None]:
-    """The table metadata in `text`, with the models of `previous` (the last file of the same table parsed here)
-    for the entries it has unchanged, and what to keep for the next file (None: a file without a table uuid,
-    nothing to check the next one against). Nothing is reused from another table (uuid) or format version.
-    Raises what validation raises (the caller falls back to pyiceberg's own load and its errors)."""
-    return parse_object(from_json(text), previous)  # JSON decoded as pydantic decodes it for a full parse
-
-
 def parse_object(data: dict[str, Any], previous: Parsed | None) -> tuple[TableMetadata, Parsed | None]:
-    """`parse` of metadata JSON decoded already (a REST catalog's loadTable answer carries it), which it takes
-    over: its lists are replaced by models."""
+    """The table metadata in `data` (a metadata file's JSON decoded as pydantic decodes it for a full parse, or a REST
+    catalog's loadTable answer's `metadata`), with the models of `previous` (the last file of the same table parsed
+    here) for the entries it has unchanged, and what to keep for the next file (None: metadata without a table uuid,
+    nothing to check the next one against). Nothing is reused from another table (uuid) or format version. It takes
+    `data` over: its lists are replaced by models. Raises what validation raises (the caller falls back to
+    pyiceberg's own load and its errors)."""
     uuid, version = data.get("table-uuid"), data.get("format-version")
     if previous is not None and (previous.table_uuid != uuid or previous.format_version != version):
         previous = None
