@@ -84,6 +84,19 @@ def start_server(properties: dict[str, str], **overrides: object) -> FeatureFlig
     return server
 
 
+@contextlib.contextmanager
+def two_replicas(properties: dict[str, str]) -> Iterator[tuple[FeatureFlightServer, FeatureClient, FeatureClient]]:
+    """Two servers on one catalog in this process (replicas whose code a test can patch to provoke a race), and a
+    client of each; yields the first server and both clients, and stops both servers after."""
+    a, b = start_server(properties), start_server(properties)
+    try:
+        with FeatureClient(f"grpc://127.0.0.1:{a.port}") as first, FeatureClient(f"grpc://127.0.0.1:{b.port}") as other:
+            yield a, first, other
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
 def start_writing_server(properties: dict[str, str], **overrides: object) -> FeatureFlightServer:
     """`start_server` with its write process on and listening: a server starts it in the background at its first
     write, and runs the writes itself until it listens; tests of the write process's own path wait for it here."""

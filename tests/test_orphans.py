@@ -30,7 +30,7 @@ from flight_server.cli import main
 from flight_server.iceberg.internals import RewriteFiles
 from flight_server.transport.actions import ACTIONS
 from flight_server.transport.auth import ADMIN
-from tests.conftest import healthy, sqlite_catalog, start_server, start_writing_server, wait_until
+from tests.conftest import healthy, sqlite_catalog, start_server, start_writing_server, two_replicas, wait_until
 from tests.services import _stop_group, free_ports
 
 UTC = dt.timezone.utc
@@ -532,30 +532,25 @@ def test_a_compaction_raced_by_another_replicas_compaction_and_expiry_leaves_no_
     commit had written its new manifest when it failed reading those: it gives way, and leaves no file behind (its
     manifests stayed before, unreferenced: what two replicas racing on SeaweedFS left now and then)."""
     properties = sqlite_catalog(tmp_path)
-    a, b = start_server(properties), start_server(properties)
     table = "orphans.compaction_raced"
-    try:
-        with FeatureClient(f"grpc://127.0.0.1:{a.port}") as first, FeatureClient(f"grpc://127.0.0.1:{b.port}") as other:
-            four_puts_expiring_at_once(first, properties, table)
-            raced: list[dict[str, object]] = []
-            racing = threading.Event()  # the other replica's own compaction (same module, same process) goes through
-            real = rewrite.commit_rewrite
+    with two_replicas(properties) as (_, first, other):
+        four_puts_expiring_at_once(first, properties, table)
+        raced: list[dict[str, object]] = []
+        racing = threading.Event()  # the other replica's own compaction (same module, same process) goes through
+        real = rewrite.commit_rewrite
 
-            def race_then_commit(*args: object, **kwargs: object) -> int:
-                if not racing.is_set():
-                    racing.set()
-                    raced.append(other.compact(table))
-                    raced.append(other.expire_snapshots(table))
-                return real(*args, **kwargs)  # type: ignore[arg-type]
+        def race_then_commit(*args: object, **kwargs: object) -> int:
+            if not racing.is_set():
+                racing.set()
+                raced.append(other.compact(table))
+                raced.append(other.expire_snapshots(table))
+            return real(*args, **kwargs)  # type: ignore[arg-type]
 
-            monkeypatch.setattr(rewrite, "commit_rewrite", race_then_commit)
-            assert first.compact(table)["compacted"] is False  # nothing left to do on the other's snapshot
-            assert raced[0]["compacted"] and raced[1]["expired"], raced
-            assert sorted(first.read_table(table).column("id").to_pylist()) == list(range(40))
-            assert stored(folder(first, table)) == referenced(properties, table)
-    finally:
-        a.shutdown()
-        b.shutdown()
+        monkeypatch.setattr(rewrite, "commit_rewrite", race_then_commit)
+        assert first.compact(table)["compacted"] is False  # nothing left to do on the other's snapshot
+        assert raced[0]["compacted"] and raced[1]["expired"], raced
+        assert sorted(first.read_table(table).column("id").to_pylist()) == list(range(40))
+        assert stored(folder(first, table)) == referenced(properties, table)
 
 
 def test_a_compaction_whose_retry_finds_its_new_base_expired_leaves_no_files(
@@ -566,29 +561,24 @@ def test_a_compaction_whose_retry_finds_its_new_base_expired_leaves_no_files(
     every file the compaction wrote goes, and it plans again and commits. Taken for an unknown outcome before, its
     data file, manifests and manifest lists stayed, unreferenced (seen on SeaweedFS with two replicas racing)."""
     properties = sqlite_catalog(tmp_path)
-    a, b = start_server(properties), start_server(properties)
     table = "orphans.compaction_retry_raced"
-    try:
-        with FeatureClient(f"grpc://127.0.0.1:{a.port}") as first, FeatureClient(f"grpc://127.0.0.1:{b.port}") as other:
-            four_puts_expiring_at_once(first, properties, table)
-            builds: list[int] = []  # the snapshot each build of the compaction's snapshot is based on
-            expired: list[dict[str, object]] = []
-            real = RewriteFiles._existing_manifests
+    with two_replicas(properties) as (_, first, other):
+        four_puts_expiring_at_once(first, properties, table)
+        builds: list[int] = []  # the snapshot each build of the compaction's snapshot is based on
+        expired: list[dict[str, object]] = []
+        real = RewriteFiles._existing_manifests
 
-            def racing(producer: RewriteFiles) -> list[ManifestFile]:
-                builds.append(producer._parent_snapshot_id or 0)
-                if len(builds) == 1:  # the first attempt will lose to this put
-                    other.write(table, rows(range(40, 50)))
-                elif len(builds) == 2:  # the retry's base: replaced and expired before the retry reads it
-                    other.write(table, rows(range(50, 60)))
-                    expired.append(other.expire_snapshots(table))
-                return real(producer)
+        def racing(producer: RewriteFiles) -> list[ManifestFile]:
+            builds.append(producer._parent_snapshot_id or 0)
+            if len(builds) == 1:  # the first attempt will lose to this put
+                other.write(table, rows(range(40, 50)))
+            elif len(builds) == 2:  # the retry's base: replaced and expired before the retry reads it
+                other.write(table, rows(range(50, 60)))
+                expired.append(other.expire_snapshots(table))
+            return real(producer)
 
-            monkeypatch.setattr(RewriteFiles, "_existing_manifests", racing)
-            assert first.compact(table)["compacted"]
-            assert len(builds) == 3 and builds[1] in expired[0]["expired"], (builds, expired)  # type: ignore[operator]
-            assert sorted(first.read_table(table).column("id").to_pylist()) == list(range(60))
-            assert stored(folder(first, table)) == referenced(properties, table)
-    finally:
-        a.shutdown()
-        b.shutdown()
+        monkeypatch.setattr(RewriteFiles, "_existing_manifests", racing)
+        assert first.compact(table)["compacted"]
+        assert len(builds) == 3 and builds[1] in expired[0]["expired"], (builds, expired)  # type: ignore[operator]
+        assert sorted(first.read_table(table).column("id").to_pylist()) == list(range(60))
+        assert stored(folder(first, table)) == referenced(properties, table)

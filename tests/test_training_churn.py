@@ -37,7 +37,7 @@ from flight_server.changes import group, writes
 from flight_server.iceberg.catalog import FeatureCatalog
 from flight_server.reads import inuse
 from tests import ray_driver
-from tests.conftest import replica_processes, sqlite_catalog, start_server, wait_until
+from tests.conftest import replica_processes, sqlite_catalog, two_replicas, wait_until
 from tests.feature_sets import TRIPS, write_training_set
 from tests.services import postgres_server
 from tests.test_outages import admin, refuse_connections, sql_catalog
@@ -419,33 +419,28 @@ def test_a_delete_planned_on_a_snapshot_another_replica_expired_plans_again(
     before (DuckDB's `IOException` reading the expired metadata, or pyiceberg's `FileNotFoundError` its
     manifests). Automatic compaction met the same race in the churn above, and failed its round."""
     properties = sqlite_catalog(tmp_path)
-    a, b = start_server(properties), start_server(properties)
     table = "churn.raced"
-    try:
-        with FeatureClient(f"grpc://127.0.0.1:{a.port}") as first, FeatureClient(f"grpc://127.0.0.1:{b.port}") as other:
-            other.write(table, rows(0, 100), entity_keys=["id"], event_time="ts", partition_by=[])  # a never read it
-            set_properties(properties, table, SHORT_EXPIRY)
-            load = a.parts.catalog.load
-            loads: list[str] = []
-            raced: list[dict[str, Any]] = []
+    with two_replicas(properties) as (a, first, other):
+        other.write(table, rows(0, 100), entity_keys=["id"], event_time="ts", partition_by=[])  # a never read it
+        set_properties(properties, table, SHORT_EXPIRY)
+        load = a.parts.catalog.load
+        loads: list[str] = []
+        raced: list[dict[str, Any]] = []
 
-            def load_then_race(name: str) -> Any:
-                loaded = load(name)
-                loads.append(name)
-                if len(loads) == 2:  # the table a delete plans on: the other replica expires it
-                    other.write(table, rows(100, 200))
-                    raced.append(other.expire_snapshots(table))
-                return loaded
+        def load_then_race(name: str) -> Any:
+            loaded = load(name)
+            loads.append(name)
+            if len(loads) == 2:  # the table a delete plans on: the other replica expires it
+                other.write(table, rows(100, 200))
+                raced.append(other.expire_snapshots(table))
+            return loaded
 
-            monkeypatch.setattr(a.parts.catalog, "load", load_then_race)
-            done = first.delete(table, keys={"id": [1, 150]}, mode=mode)
-            assert raced and raced[0]["expired"], raced
-            assert done["rows_deleted"] == 2, done
-            ids = first.read_table(table).column("id").to_pylist()
-            assert sorted(ids) == [i for i in range(200) if i not in (1, 150)]
-    finally:
-        a.shutdown()
-        b.shutdown()
+        monkeypatch.setattr(a.parts.catalog, "load", load_then_race)
+        done = first.delete(table, keys={"id": [1, 150]}, mode=mode)
+        assert raced and raced[0]["expired"], raced
+        assert done["rows_deleted"] == 2, done
+        ids = first.read_table(table).column("id").to_pylist()
+        assert sorted(ids) == [i for i in range(200) if i not in (1, 150)]
 
 
 @pytest.mark.parametrize("store", ["local", "s3"])
@@ -460,42 +455,37 @@ def test_a_put_whose_base_snapshot_another_replica_expired_commits_on_the_new_on
     answers CONFLICT then, as after any race lost to an append. On S3 (`s3`) pyarrow says so as a plain OSError when
     the object went between opening it and reading it, as SeaweedFS did to a compaction: the same."""
     properties = sqlite_catalog(tmp_path)
-    a, b = start_server(properties), start_server(properties)
     table = "churn.put_raced"
-    try:
-        with FeatureClient(f"grpc://127.0.0.1:{a.port}") as first, FeatureClient(f"grpc://127.0.0.1:{b.port}") as other:
-            first.write(table, rows(0, 100), entity_keys=["id"], event_time="ts", partition_by=[])
-            set_properties(properties, table, SHORT_EXPIRY)
-            raced: list[dict[str, Any]] = []
-            module, name = (group, "commit_append") if grouped else (writes, "_commit_files")
-            real = getattr(module, name)
-            racing = threading.Event()  # the other replica's own commit (same module, same process) goes through
+    with two_replicas(properties) as (_, first, other):
+        first.write(table, rows(0, 100), entity_keys=["id"], event_time="ts", partition_by=[])
+        set_properties(properties, table, SHORT_EXPIRY)
+        raced: list[dict[str, Any]] = []
+        module, name = (group, "commit_append") if grouped else (writes, "_commit_files")
+        real = getattr(module, name)
+        racing = threading.Event()  # the other replica's own commit (same module, same process) goes through
 
-            def race_then_commit(*args: Any) -> Any:
-                if not racing.is_set():  # the other replica commits and expires the snapshot this one is based on
-                    racing.set()
-                    other.write(table, rows(100, 200))
-                    raced.append(other.expire_snapshots(table))
-                try:
-                    return real(*args)
-                except FileNotFoundError as exc:
-                    if store == "local":
-                        raise
-                    raise OSError("AWS Error RESOURCE_NOT_FOUND during GetObject operation: ") from exc
+        def race_then_commit(*args: Any) -> Any:
+            if not racing.is_set():  # the other replica commits and expires the snapshot this one is based on
+                racing.set()
+                other.write(table, rows(100, 200))
+                raced.append(other.expire_snapshots(table))
+            try:
+                return real(*args)
+            except FileNotFoundError as exc:
+                if store == "local":
+                    raise
+                raise OSError("AWS Error RESOURCE_NOT_FOUND during GetObject operation: ") from exc
 
-            monkeypatch.setattr(module, name, race_then_commit)
-            if grouped:
-                done = first.write(table, rows(200, 300), write_id="raced")
-                assert done.rows == 100 and not done.duplicate
-                assert sorted(first.read_table(table).column("id").to_pylist()) == list(range(300))
-            else:  # an overwrite that lost its race to an append answers CONFLICT, as after any lost race
-                with pytest.raises(ConflictError, match="added rows"):
-                    first.write(table, rows(0, 50), mode="overwrite")
-                assert sorted(first.read_table(table).column("id").to_pylist()) == list(range(200))
-            assert raced and raced[0]["expired"], raced
-    finally:
-        a.shutdown()
-        b.shutdown()
+        monkeypatch.setattr(module, name, race_then_commit)
+        if grouped:
+            done = first.write(table, rows(200, 300), write_id="raced")
+            assert done.rows == 100 and not done.duplicate
+            assert sorted(first.read_table(table).column("id").to_pylist()) == list(range(300))
+        else:  # an overwrite that lost its race to an append answers CONFLICT, as after any lost race
+            with pytest.raises(ConflictError, match="added rows"):
+                first.write(table, rows(0, 50), mode="overwrite")
+            assert sorted(first.read_table(table).column("id").to_pylist()) == list(range(200))
+        assert raced and raced[0]["expired"], raced
 
 
 def test_a_training_sets_next_epoch_reads_the_snapshots_it_planned(tmp_path: Path) -> None:
